@@ -1,0 +1,380 @@
+//! tally.toml: the meters, plans and customers that turn events into invoice lines.
+//!
+//! In: TOML text. Out: a [`Config`] that has passed every check in `validate.rs`, or a
+//! [`ConfigError`] listing every problem with where it is (`plans[pro].prices[1].tiers[2]`)
+//! and what to do. The `*Spec` structs mirror the file one to one and refuse unknown
+//! fields, so a typo is an error rather than a silently ignored setting. Every default is
+//! in `defaults.rs`.
+
+mod defaults;
+mod validate;
+mod values;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use defaults::Settings;
+pub use values::{ExactDecimal, HumanDuration, JsonPath, UpToInput};
+
+use crate::ids::Fingerprinter;
+use crate::money::RoundingMode;
+use crate::price::{PackageRounding, Plan, TiersMode};
+
+/// The whole file as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// What to measure: each meter turns events of one type into a quantity.
+    #[serde(default)]
+    pub meters: Vec<MeterSpec>,
+    /// What to charge: each plan prices meters in one currency.
+    #[serde(default)]
+    pub plans: Vec<PlanSpec>,
+    /// Who is billed: each customer (the CloudEvents `subject`) is on one plan.
+    #[serde(default)]
+    pub customers: Vec<CustomerSpec>,
+    /// Windowing and dedupe settings; see `defaults.rs`.
+    #[serde(default)]
+    pub aggregator: AggregatorSpec,
+    /// Event acceptance settings; see `defaults.rs`.
+    #[serde(default)]
+    pub events: EventsSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeterSpec {
+    /// Unique name that prices refer to, e.g. `tokens`.
+    pub slug: String,
+    /// The CloudEvents `type` this meter reads, e.g. `llm.tokens`.
+    pub event_type: String,
+    pub aggregation: AggregationKind,
+    /// JSONPath into `data` of the value to aggregate; required except for `count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_property: Option<JsonPath>,
+    /// Dimensions: name -> JSONPath into `data`, e.g. `{ model = "$.model" }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub group_by: BTreeMap<String, JsonPath>,
+    /// Free text for people reading invoices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregationKind {
+    /// Number of events.
+    Count,
+    /// Sum of the values.
+    Sum,
+    /// Largest value.
+    Max,
+    /// Number of distinct values.
+    UniqueCount,
+    /// Value of the event with the latest event time.
+    Latest,
+}
+
+impl AggregationKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AggregationKind::Count => "count",
+            AggregationKind::Sum => "sum",
+            AggregationKind::Max => "max",
+            AggregationKind::UniqueCount => "unique_count",
+            AggregationKind::Latest => "latest",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSpec {
+    pub id: String,
+    /// Lower-case ISO 4217 code, e.g. `usd`.
+    pub currency: String,
+    /// How each line is rounded to the currency's minor unit. Default `half_up`.
+    #[serde(default)]
+    pub rounding: RoundingMode,
+    #[serde(default)]
+    pub prices: Vec<PriceSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSpec {
+    /// Unique within the plan; names the invoice line.
+    pub id: String,
+    /// Slug of the meter whose usage this price bills.
+    pub meter: String,
+    pub billing_scheme: BillingScheme,
+    /// Required with `billing_scheme = "tiered"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiers_mode: Option<TiersMode>,
+    /// Required with `billing_scheme = "tiered"`; the last `up_to` is `"inf"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<Vec<TierSpec>>,
+    /// Price per unit in the currency's major unit, with `billing_scheme = "per_unit"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_amount: Option<ExactDecimal>,
+    /// Package pricing, with `billing_scheme = "per_unit"` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform_quantity: Option<TransformQuantitySpec>,
+    /// group_by name -> value the usage must have for this price to apply.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub filter: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BillingScheme {
+    PerUnit,
+    Tiered,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSpec {
+    pub up_to: UpToInput,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_amount: Option<ExactDecimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flat_amount: Option<ExactDecimal>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformQuantitySpec {
+    /// Units per package; a positive number.
+    pub divide_by: ExactDecimal,
+    pub round: PackageRounding,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerSpec {
+    /// The CloudEvents `subject` of this customer's events.
+    pub id: String,
+    /// Id of the plan the customer is subscribed to.
+    pub plan: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub discounts: Vec<DiscountSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscountSpec {
+    /// The price (line) discounted; omitted, every line of the customer's plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<String>,
+    /// Percentage off the line's rounded subtotal, 0 to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent_off: Option<ExactDecimal>,
+    /// Fixed amount off the line, in the plan's currency, capped at the subtotal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_off: Option<ExactDecimal>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<HumanDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedupe_horizon: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_future_skew: Option<HumanDuration>,
+}
+
+/// Index of a meter in [`Config::meters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MeterId(pub u32);
+
+/// Index of a plan in [`Config::plans`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PlanId(pub u32);
+
+/// A validated meter.
+#[derive(Debug, Clone)]
+pub struct Meter {
+    pub slug: String,
+    pub event_type: String,
+    pub aggregation: Aggregation,
+    /// Dimension names, sorted, with where to read them; series carry values in this order.
+    pub group_by: Vec<(String, JsonPath)>,
+}
+
+/// A validated aggregation: every kind but `Count` carries the value it reads, so a
+/// meter without its value cannot exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Aggregation {
+    Count,
+    Sum(JsonPath),
+    Max(JsonPath),
+    UniqueCount(JsonPath),
+    Latest(JsonPath),
+}
+
+impl Aggregation {
+    pub fn kind(&self) -> AggregationKind {
+        match self {
+            Aggregation::Count => AggregationKind::Count,
+            Aggregation::Sum(_) => AggregationKind::Sum,
+            Aggregation::Max(_) => AggregationKind::Max,
+            Aggregation::UniqueCount(_) => AggregationKind::UniqueCount,
+            Aggregation::Latest(_) => AggregationKind::Latest,
+        }
+    }
+
+    pub fn value_property(&self) -> Option<&JsonPath> {
+        match self {
+            Aggregation::Count => None,
+            Aggregation::Sum(p)
+            | Aggregation::Max(p)
+            | Aggregation::UniqueCount(p)
+            | Aggregation::Latest(p) => Some(p),
+        }
+    }
+}
+
+/// A validated customer.
+#[derive(Debug, Clone)]
+pub struct Customer {
+    pub id: String,
+    pub plan: PlanId,
+    /// Discount per price, by index into the plan's prices.
+    pub discounts: BTreeMap<usize, crate::price::Discount>,
+}
+
+/// A configuration that passed validation. Cheap to share behind an `Arc`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub meters: Vec<Meter>,
+    pub plans: Vec<Plan>,
+    pub customers: BTreeMap<String, Customer>,
+    pub settings: Settings,
+    /// Fingerprint of the price book (meters, plans, customers), printed on every line.
+    pub hash: ConfigHash,
+    meters_by_event_type: HashMap<String, Vec<MeterId>>,
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        file.validate().map_err(|issues| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            issues,
+        })
+    }
+
+    /// Meters that read events of this CloudEvents `type`.
+    pub fn meters_for(&self, event_type: &str) -> &[MeterId] {
+        self.meters_by_event_type
+            .get(event_type)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    pub fn meter(&self, id: MeterId) -> &Meter {
+        &self.meters[id.0 as usize]
+    }
+
+    pub fn plan(&self, id: PlanId) -> &Plan {
+        &self.plans[id.0 as usize]
+    }
+}
+
+/// Fingerprint of a price book's canonical form (comments and layout do not count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConfigHash(pub u64);
+
+impl ConfigHash {
+    fn of(file: &ConfigFile) -> Self {
+        #[derive(Serialize)]
+        struct PriceBook<'a> {
+            meters: &'a [MeterSpec],
+            plans: &'a [PlanSpec],
+            customers: &'a [CustomerSpec],
+        }
+        let canonical = serde_json::to_vec(&PriceBook {
+            meters: &file.meters,
+            plans: &file.plans,
+            customers: &file.customers,
+        })
+        .unwrap_or_default();
+        let digest = Fingerprinter::new(b"config").part(&canonical).finish();
+        ConfigHash(digest as u64)
+    }
+}
+
+impl fmt::Display for ConfigHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// One problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Where: `meters[tokens].value_property`, `plans[pro].prices[gpt].tiers[2].up_to`.
+    pub at: String,
+    /// What is wrong and what would be right.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{origin} is not valid TOML for tally: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{origin} has {} problem(s):\n{}", issues.len(), render_issues(issues))]
+    Invalid {
+        origin: String,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+fn render_issues(issues: &[ConfigIssue]) -> String {
+    issues
+        .iter()
+        .map(|i| format!("  - {i}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

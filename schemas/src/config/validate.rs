@@ -1,0 +1,468 @@
+//! From [`ConfigFile`] to [`Config`]: every rule a price book must satisfy, checked once.
+//! All problems are collected, so one run of `tally validate` shows them all.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rust_decimal::Decimal;
+
+use super::defaults::{default_dedupe_horizon, default_max_future_skew, default_window};
+use super::{
+    Aggregation, AggregationKind, BillingScheme, Config, ConfigFile, ConfigHash, ConfigIssue,
+    Customer, CustomerSpec, DiscountSpec, Meter, MeterId, MeterSpec, PlanId, PlanSpec, PriceSpec,
+    Settings, TierSpec,
+};
+use crate::money::Currency;
+use crate::price::{Discount, Package, Plan, Price, Rate, Tier, UpTo};
+use crate::time::WindowSize;
+
+/// Collects issues under a path prefix.
+struct Issues(Vec<ConfigIssue>);
+
+impl Issues {
+    fn add(&mut self, at: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigIssue {
+            at: at.into(),
+            message: message.into(),
+        });
+    }
+}
+
+impl ConfigFile {
+    /// Checks every rule and builds the validated configuration, or returns every issue.
+    pub fn validate(self) -> Result<Config, Vec<ConfigIssue>> {
+        let mut issues = Issues(Vec::new());
+        let settings = validate_settings(&self, &mut issues);
+        let meters = validate_meters(&self.meters, &mut issues);
+        let plans = validate_plans(&self.plans, &meters, &mut issues);
+        let customers = validate_customers(&self.customers, &plans, &mut issues);
+        if !issues.0.is_empty() {
+            return Err(issues.0);
+        }
+        let mut meters_by_event_type: HashMap<String, Vec<MeterId>> = HashMap::new();
+        for (i, m) in meters.iter().enumerate() {
+            meters_by_event_type
+                .entry(m.event_type.clone())
+                .or_default()
+                .push(MeterId(i as u32));
+        }
+        Ok(Config {
+            hash: ConfigHash::of(&self),
+            meters,
+            plans,
+            customers,
+            settings,
+            meters_by_event_type,
+        })
+    }
+}
+
+fn validate_settings(file: &ConfigFile, issues: &mut Issues) -> Settings {
+    let mut settings = Settings::default();
+    let window = file.aggregator.window.map_or(default_window(), |d| d.0);
+    match WindowSize::new(window) {
+        Some(w) => settings.window = w,
+        None => issues.add(
+            "aggregator.window",
+            format!(
+                "{} does not divide a day into whole windows; use e.g. \"1m\", \"15m\", \"1h\" or \"1d\"",
+                humantime::format_duration(window)
+            ),
+        ),
+    }
+    let horizon = file
+        .aggregator
+        .dedupe_horizon
+        .map_or(default_dedupe_horizon(), |d| d.0);
+    if horizon < std::time::Duration::from_secs(86_400) || horizon < window {
+        issues.add(
+            "aggregator.dedupe_horizon",
+            "must be at least one day and at least one window: retries arrive late",
+        );
+    }
+    settings.dedupe_horizon = horizon;
+    settings.max_future_skew = file
+        .events
+        .max_future_skew
+        .map_or(default_max_future_skew(), |d| d.0);
+    settings
+}
+
+fn validate_meters(specs: &[MeterSpec], issues: &mut Issues) -> Vec<Meter> {
+    let mut seen = HashSet::new();
+    let mut meters = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let at = if spec.slug.is_empty() {
+            format!("meters[{i}]")
+        } else {
+            format!("meters[{}]", spec.slug)
+        };
+        if spec.slug.trim().is_empty() {
+            issues.add(format!("{at}.slug"), "must not be empty");
+        } else if !seen.insert(spec.slug.as_str()) {
+            issues.add(format!("{at}.slug"), "duplicate meter slug; slugs must be unique");
+        }
+        if spec.event_type.trim().is_empty() {
+            issues.add(format!("{at}.event_type"), "must not be empty");
+        }
+        let aggregation = match (spec.aggregation, spec.value_property.clone()) {
+            (AggregationKind::Count, None) => Aggregation::Count,
+            (AggregationKind::Count, Some(_)) => {
+                issues.add(
+                    format!("{at}.value_property"),
+                    "a count meter counts events and reads no value; remove value_property",
+                );
+                Aggregation::Count
+            }
+            (kind, None) => {
+                issues.add(
+                    format!("{at}.value_property"),
+                    format!(
+                        "required for aggregation = \"{}\" (for example value_property = \"$.tokens\")",
+                        kind.as_str()
+                    ),
+                );
+                Aggregation::Count
+            }
+            (AggregationKind::Sum, Some(p)) => Aggregation::Sum(p),
+            (AggregationKind::Max, Some(p)) => Aggregation::Max(p),
+            (AggregationKind::UniqueCount, Some(p)) => Aggregation::UniqueCount(p),
+            (AggregationKind::Latest, Some(p)) => Aggregation::Latest(p),
+        };
+        for key in spec.group_by.keys() {
+            if key.trim().is_empty() {
+                issues.add(format!("{at}.group_by"), "dimension names must not be empty");
+            }
+        }
+        meters.push(Meter {
+            slug: spec.slug.clone(),
+            event_type: spec.event_type.clone(),
+            aggregation,
+            group_by: spec
+                .group_by
+                .iter()
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect(),
+        });
+    }
+    meters
+}
+
+fn validate_plans(specs: &[PlanSpec], meters: &[Meter], issues: &mut Issues) -> Vec<Plan> {
+    let mut seen = HashSet::new();
+    let mut plans = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let at = if spec.id.is_empty() {
+            format!("plans[{i}]")
+        } else {
+            format!("plans[{}]", spec.id)
+        };
+        if spec.id.trim().is_empty() {
+            issues.add(format!("{at}.id"), "must not be empty");
+        } else if !seen.insert(spec.id.as_str()) {
+            issues.add(format!("{at}.id"), "duplicate plan id; ids must be unique");
+        }
+        let currency = match Currency::from_code(&spec.currency) {
+            Some(c) => c,
+            None => {
+                let hint = match Currency::from_code(&spec.currency.to_ascii_lowercase()) {
+                    Some(c) => format!("write it in lower case: \"{c}\""),
+                    None => "expected a lower-case ISO 4217 code such as \"usd\", \"eur\" or \"jpy\"".into(),
+                };
+                issues.add(
+                    format!("{at}.currency"),
+                    format!("unknown currency {:?}; {hint}", spec.currency),
+                );
+                Currency::from_code("usd").expect("usd is in the table")
+            }
+        };
+        if spec.prices.is_empty() {
+            issues.add(format!("{at}.prices"), "a plan needs at least one price");
+        }
+        let mut price_ids = HashSet::new();
+        let prices = spec
+            .prices
+            .iter()
+            .enumerate()
+            .filter_map(|(j, p)| {
+                let at = if p.id.is_empty() {
+                    format!("{at}.prices[{j}]")
+                } else {
+                    format!("{at}.prices[{}]", p.id)
+                };
+                if p.id.trim().is_empty() {
+                    issues.add(format!("{at}.id"), "must not be empty");
+                } else if !price_ids.insert(p.id.as_str()) {
+                    issues.add(format!("{at}.id"), "duplicate price id within the plan");
+                }
+                validate_price(p, &at, meters, issues)
+            })
+            .collect();
+        plans.push(Plan {
+            id: spec.id.clone(),
+            currency,
+            rounding: spec.rounding,
+            prices,
+        });
+    }
+    plans
+}
+
+fn validate_price(spec: &PriceSpec, at: &str, meters: &[Meter], issues: &mut Issues) -> Option<Price> {
+    let meter_index = meters.iter().position(|m| m.slug == spec.meter);
+    if meter_index.is_none() {
+        let known: Vec<&str> = meters.iter().map(|m| m.slug.as_str()).collect();
+        issues.add(
+            format!("{at}.meter"),
+            format!("unknown meter {:?}; known meters: {}", spec.meter, known.join(", ")),
+        );
+    }
+    let meter = meter_index.map(|i| &meters[i]);
+    let mut filter = Vec::new();
+    if let Some(meter) = meter {
+        for (key, value) in &spec.filter {
+            match meter.group_by.iter().position(|(k, _)| k == key) {
+                Some(g) => filter.push((g, value.clone())),
+                None => issues.add(
+                    format!("{at}.filter.{key}"),
+                    format!("meter {:?} has no group_by dimension {key:?}", meter.slug),
+                ),
+            }
+        }
+        if matches!(meter.aggregation, Aggregation::UniqueCount(_)) && filter.len() < meter.group_by.len() {
+            issues.add(
+                format!("{at}.filter"),
+                format!(
+                    "meter {:?} counts unique values per group_by combination, and distinct counts of \
+                     different groups cannot be added; pin every dimension ({}) in the filter, or \
+                     meter the value without group_by",
+                    meter.slug,
+                    meter.group_by.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+    }
+    let rate = match spec.billing_scheme {
+        BillingScheme::PerUnit => {
+            if spec.tiers.is_some() || spec.tiers_mode.is_some() {
+                issues.add(
+                    at,
+                    "tiers and tiers_mode belong to billing_scheme = \"tiered\", not \"per_unit\"",
+                );
+            }
+            let unit_amount = match spec.unit_amount {
+                Some(a) => non_negative(a.0, &format!("{at}.unit_amount"), issues),
+                None => {
+                    issues.add(
+                        format!("{at}.unit_amount"),
+                        "required with billing_scheme = \"per_unit\"",
+                    );
+                    Decimal::ZERO
+                }
+            };
+            let package = spec.transform_quantity.as_ref().map(|t| {
+                if t.divide_by.0 <= Decimal::ZERO {
+                    issues.add(
+                        format!("{at}.transform_quantity.divide_by"),
+                        "must be a positive number of units per package",
+                    );
+                }
+                Package {
+                    divide_by: t.divide_by.0,
+                    round: t.round,
+                }
+            });
+            Rate::PerUnit {
+                unit_amount,
+                package,
+            }
+        }
+        BillingScheme::Tiered => {
+            if spec.unit_amount.is_some() {
+                issues.add(
+                    format!("{at}.unit_amount"),
+                    "a tiered price sets unit_amount per tier, not on the price",
+                );
+            }
+            if spec.transform_quantity.is_some() {
+                issues.add(
+                    format!("{at}.transform_quantity"),
+                    "transform_quantity does not combine with tiers (as in Stripe); use per_unit",
+                );
+            }
+            let mode = spec.tiers_mode.unwrap_or_else(|| {
+                issues.add(
+                    format!("{at}.tiers_mode"),
+                    "required with billing_scheme = \"tiered\": \"graduated\" or \"volume\"",
+                );
+                crate::price::TiersMode::Graduated
+            });
+            let tiers = validate_tiers(spec.tiers.as_deref().unwrap_or_default(), at, issues);
+            Rate::Tiered { mode, tiers }
+        }
+    };
+    Some(Price {
+        id: spec.id.clone(),
+        meter: MeterId(meter_index? as u32),
+        filter,
+        rate,
+    })
+}
+
+fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Vec<Tier> {
+    if specs.is_empty() {
+        issues.add(
+            format!("{at}.tiers"),
+            "a tiered price needs at least one tier, the last with up_to = \"inf\"",
+        );
+        return Vec::new();
+    }
+    let mut previous: Option<Decimal> = None;
+    let mut tiers = Vec::with_capacity(specs.len());
+    for (k, spec) in specs.iter().enumerate() {
+        let at = format!("{at}.tiers[{k}]");
+        let last = k + 1 == specs.len();
+        match (spec.up_to.0, last) {
+            (UpTo::Inf, false) => issues.add(
+                format!("{at}.up_to"),
+                "only the last tier may be \"inf\"",
+            ),
+            (UpTo::Finite(bound), true) => issues.add(
+                format!("{at}.up_to"),
+                format!("the last tier must have up_to = \"inf\" (found {bound}), so every quantity has a tier"),
+            ),
+            (UpTo::Finite(bound), false) => {
+                if bound <= Decimal::ZERO {
+                    issues.add(format!("{at}.up_to"), "must be positive");
+                } else if let Some(prev) = previous.filter(|p| bound <= *p) {
+                    issues.add(
+                        format!("{at}.up_to"),
+                        format!("tiers must strictly increase: {bound} follows {prev}"),
+                    );
+                }
+                previous = Some(bound);
+            }
+            (UpTo::Inf, true) => {}
+        }
+        if spec.unit_amount.is_none() && spec.flat_amount.is_none() {
+            issues.add(
+                &at,
+                "set unit_amount, flat_amount or both (use unit_amount = \"0\" for a free tier)",
+            );
+        }
+        tiers.push(Tier {
+            up_to: spec.up_to.0,
+            unit_amount: spec
+                .unit_amount
+                .map_or(Decimal::ZERO, |a| non_negative(a.0, &format!("{at}.unit_amount"), issues)),
+            flat_amount: spec
+                .flat_amount
+                .map_or(Decimal::ZERO, |a| non_negative(a.0, &format!("{at}.flat_amount"), issues)),
+        });
+    }
+    tiers
+}
+
+fn non_negative(amount: Decimal, at: &str, issues: &mut Issues) -> Decimal {
+    if amount.is_sign_negative() && !amount.is_zero() {
+        issues.add(at, format!("amounts must not be negative (found {amount})"));
+    }
+    amount
+}
+
+fn validate_customers(
+    specs: &[CustomerSpec],
+    plans: &[Plan],
+    issues: &mut Issues,
+) -> BTreeMap<String, Customer> {
+    let mut customers = BTreeMap::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let at = if spec.id.is_empty() {
+            format!("customers[{i}]")
+        } else {
+            format!("customers[{}]", spec.id)
+        };
+        if spec.id.trim().is_empty() {
+            issues.add(format!("{at}.id"), "must not be empty: it is the events' subject");
+            continue;
+        }
+        if customers.contains_key(&spec.id) {
+            issues.add(format!("{at}.id"), "duplicate customer id");
+            continue;
+        }
+        let Some(plan_index) = plans.iter().position(|p| p.id == spec.plan) else {
+            let known: Vec<&str> = plans.iter().map(|p| p.id.as_str()).collect();
+            issues.add(
+                format!("{at}.plan"),
+                format!("unknown plan {:?}; known plans: {}", spec.plan, known.join(", ")),
+            );
+            continue;
+        };
+        let plan = &plans[plan_index];
+        let mut discounts = BTreeMap::new();
+        for (k, d) in spec.discounts.iter().enumerate() {
+            let at = format!("{at}.discounts[{k}]");
+            let Some(discount) = validate_discount(d, &at, issues) else {
+                continue;
+            };
+            let targets: Vec<usize> = match &d.price {
+                Some(price) => match plan.prices.iter().position(|p| &p.id == price) {
+                    Some(j) => vec![j],
+                    None => {
+                        issues.add(
+                            format!("{at}.price"),
+                            format!("plan {:?} has no price {price:?}", plan.id),
+                        );
+                        continue;
+                    }
+                },
+                None => (0..plan.prices.len()).collect(),
+            };
+            for j in targets {
+                if discounts.insert(j, discount).is_some() {
+                    issues.add(
+                        &at,
+                        format!(
+                            "price {:?} already has a discount; one discount per line keeps invoices predictable",
+                            plan.prices[j].id
+                        ),
+                    );
+                }
+            }
+        }
+        customers.insert(
+            spec.id.clone(),
+            Customer {
+                id: spec.id.clone(),
+                plan: PlanId(plan_index as u32),
+                discounts,
+            },
+        );
+    }
+    customers
+}
+
+fn validate_discount(spec: &DiscountSpec, at: &str, issues: &mut Issues) -> Option<Discount> {
+    match (spec.percent_off, spec.amount_off) {
+        (Some(p), None) => {
+            if p.0 < Decimal::ZERO || p.0 > Decimal::ONE_HUNDRED {
+                issues.add(
+                    format!("{at}.percent_off"),
+                    format!("must be between 0 and 100 (found {})", p.0),
+                );
+                return None;
+            }
+            Some(Discount::PercentOff(p.0))
+        }
+        (None, Some(a)) => {
+            if a.0 < Decimal::ZERO {
+                issues.add(format!("{at}.amount_off"), "must not be negative");
+                return None;
+            }
+            Some(Discount::AmountOff(a.0))
+        }
+        _ => {
+            issues.add(at, "set exactly one of percent_off or amount_off");
+            None
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Value types of tally.toml that serde alone would get wrong: exact decimals (never
+//! through f64), tier bounds with `"inf"`, human durations and JSONPath selectors.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::price::UpTo;
+
+const FLOAT_HINT: &str =
+    "write decimal amounts as strings (for example \"0.89\"): TOML floats are binary and inexact";
+
+/// A decimal written as a TOML string (`"0.89"`) or integer (`100`). TOML floats are
+/// refused: `0.1` in binary is not 0.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExactDecimal(pub Decimal);
+
+impl Serialize for ExactDecimal {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0.normalize())
+    }
+}
+
+impl<'de> Deserialize<'de> for ExactDecimal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ExactDecimal;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a decimal string such as \"0.89\" or an integer")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(ExactDecimal(Decimal::from(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(ExactDecimal(Decimal::from(v)))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Err(E::custom(FLOAT_HINT))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                parse_decimal(v).map(ExactDecimal).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn parse_decimal(v: &str) -> Result<Decimal, String> {
+    let t = v.trim();
+    Decimal::from_str_exact(t)
+        .or_else(|_| Decimal::from_scientific(t))
+        .map_err(|_| format!("{v:?} is not a decimal number"))
+}
+
+/// A tier's `up_to`: an integer, a decimal string, or `"inf"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpToInput(pub UpTo);
+
+impl Serialize for UpToInput {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            UpTo::Finite(d) => s.collect_str(&d.normalize()),
+            UpTo::Inf => s.serialize_str("inf"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UpToInput {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = UpToInput;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an integer, a decimal string, or \"inf\" for the last tier")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(UpToInput(UpTo::Finite(Decimal::from(v))))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(UpToInput(UpTo::Finite(Decimal::from(v))))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Err(E::custom(FLOAT_HINT))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                if v == "inf" {
+                    return Ok(UpToInput(UpTo::Inf));
+                }
+                parse_decimal(v)
+                    .map(|d| UpToInput(UpTo::Finite(d)))
+                    .map_err(|e| E::custom(format!("{e}; use \"inf\" for an open-ended tier")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration written for people: `"1h"`, `"35d"`, `"5m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|e| de::Error::custom(format!("{text:?} is not a duration like \"1h\" or \"35d\": {e}")))
+    }
+}
+
+/// A JSONPath into an event's `data`, restricted to member access: `$.tokens`,
+/// `$.usage.input_tokens`, `$['model-name']`. That covers what meters need while keeping
+/// extraction a plain walk over object keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonPath {
+    text: String,
+    segments: Vec<String>,
+}
+
+impl JsonPath {
+    /// The keys to follow from `data`, outermost first.
+    pub fn segments(&self) -> &[String] {
+        &self.segments
+    }
+
+    /// The path as written, e.g. `$.tokens`.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// How the path is named in errors about an event: `data.tokens`.
+    pub fn field_name(&self) -> String {
+        let mut name = String::from("data");
+        for s in &self.segments {
+            name.push('.');
+            name.push_str(s);
+        }
+        name
+    }
+}
+
+impl FromStr for JsonPath {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| {
+            format!("{text:?} is not a supported JSONPath ({why}); write $.key, $.a.b or $['key']")
+        };
+        let mut rest = text.strip_prefix('$').ok_or_else(|| bad("it must start with $"))?;
+        let mut segments = Vec::new();
+        while !rest.is_empty() {
+            if let Some(after) = rest.strip_prefix("['") {
+                let end = after.find("']").ok_or_else(|| bad("unclosed ['"))?;
+                segments.push(after[..end].to_owned());
+                rest = &after[end + 2..];
+            } else if let Some(after) = rest.strip_prefix('.') {
+                let end = after.find(['.', '[']).unwrap_or(after.len());
+                let key = &after[..end];
+                if key.is_empty() || key == "*" {
+                    return Err(bad("empty or wildcard key"));
+                }
+                segments.push(key.to_owned());
+                rest = &after[end..];
+            } else {
+                return Err(bad("expected . or ['"));
+            }
+        }
+        if segments.is_empty() {
+            return Err(bad("it selects no key"));
+        }
+        Ok(JsonPath {
+            text: text.to_owned(),
+            segments,
+        })
+    }
+}
+
+impl Serialize for JsonPath {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_path_accepts_member_access_only() {
+        let p: JsonPath = "$.usage.input_tokens".parse().unwrap();
+        assert_eq!(p.segments(), ["usage", "input_tokens"]);
+        assert_eq!(p.field_name(), "data.usage.input_tokens");
+        let q: JsonPath = "$['model-name'].x".parse().unwrap();
+        assert_eq!(q.segments(), ["model-name", "x"]);
+        for bad in ["tokens", "$", "$.", "$..a", "$.a[0]", "$.*", "$['a'"] {
+            assert!(bad.parse::<JsonPath>().is_err(), "{bad}");
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Amount {
+        v: ExactDecimal,
+    }
+
+    #[test]
+    fn decimals_are_exact_and_floats_refused() {
+        let a: Amount = toml::from_str("v = \"5.001\"").unwrap();
+        assert_eq!(a.v.0.to_string(), "5.001");
+        let b: Amount = toml::from_str("v = 49").unwrap();
+        assert_eq!(b.v.0, Decimal::from(49));
+        let err = toml::from_str::<Amount>("v = 0.1").unwrap_err().to_string();
+        assert!(err.contains("write decimal amounts as strings"), "{err}");
+    }
+}

@@ -1,0 +1,557 @@
+//! Usage events: one CloudEvents 1.0 JSON object per line, decoded for the meters.
+//!
+//! In: the bytes of one line and the validated configuration. Out: a [`DecodedEvent`]
+//! (its `(source, id)` key, a payload fingerprint, UTC event time, customer, and one
+//! [`Reading`] per meter that reads its `type`), or an [`EventError`] naming the field
+//! and the reason. Numbers are read from their JSON text as exact decimals: `5.001`
+//! never passes through f64. Strings are borrowed from the line where they need no
+//! unescaping, so decoding allocates little.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::config::{Aggregation, Config, JsonPath, MeterId};
+use crate::ids::{EventKey, Fingerprinter, PayloadFingerprint};
+
+/// An event that passed validation, with what each meter reads from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedEvent<'a> {
+    /// Identity for dedupe: fingerprint of `(source, id)`.
+    pub key: EventKey,
+    /// Fingerprint of type, subject, time and data, to tell a conflicting retry.
+    pub payload: PayloadFingerprint,
+    /// Event time, normalised to UTC.
+    pub time: DateTime<Utc>,
+    /// The customer (CloudEvents `subject`).
+    pub subject: Cow<'a, str>,
+    /// CloudEvents `type`.
+    pub event_type: Cow<'a, str>,
+    /// One per meter of this type; empty when no meter reads the type.
+    pub readings: Vec<Reading<'a>>,
+}
+
+impl DecodedEvent<'_> {
+    /// Detaches the event from the line it was read from.
+    pub fn into_owned(self) -> DecodedEvent<'static> {
+        DecodedEvent {
+            key: self.key,
+            payload: self.payload,
+            time: self.time,
+            subject: Cow::Owned(self.subject.into_owned()),
+            event_type: Cow::Owned(self.event_type.into_owned()),
+            readings: self.readings.into_iter().map(Reading::into_owned).collect(),
+        }
+    }
+}
+
+/// What one meter reads from one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading<'a> {
+    pub meter: MeterId,
+    /// Values of the meter's group_by dimensions, in the meter's order; a missing or
+    /// null value is the empty string.
+    pub group: Vec<Cow<'a, str>>,
+    pub value: ReadingValue,
+}
+
+impl Reading<'_> {
+    fn into_owned(self) -> Reading<'static> {
+        Reading {
+            meter: self.meter,
+            group: self.group.into_iter().map(|g| Cow::Owned(g.into_owned())).collect(),
+            value: self.value,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadingValue {
+    /// A count meter: the event itself is the unit.
+    Event,
+    /// A non-negative exact number, for sum, max and latest.
+    Number(Decimal),
+    /// A fingerprint of a distinct value, for unique_count.
+    Distinct(u64),
+}
+
+/// Why an event line was rejected: the field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct EventError {
+    /// `time`, `data.tokens`, ... or `event` when the line as a whole is wrong.
+    pub field: String,
+    pub problem: Problem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    InvalidUtf8 { valid_up_to: usize },
+    InvalidJson(String),
+    NotAnObject,
+    DuplicateField,
+    Missing,
+    WrongType { expected: &'static str, found: &'static str },
+    Empty,
+    UnsupportedSpecVersion(String),
+    InvalidTime(String),
+    InFuture { skew: std::time::Duration },
+    NotANumber,
+    Negative,
+    TooPrecise,
+    NotAScalar,
+}
+
+impl Problem {
+    /// A short stable name, for counting rejects by reason (a bounded metric label).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Problem::InvalidUtf8 { .. } => "invalid_utf8",
+            Problem::InvalidJson(_) => "invalid_json",
+            Problem::NotAnObject => "not_an_object",
+            Problem::DuplicateField => "duplicate_field",
+            Problem::Missing => "missing_field",
+            Problem::WrongType { .. } => "wrong_type",
+            Problem::Empty => "empty_field",
+            Problem::UnsupportedSpecVersion(_) => "unsupported_specversion",
+            Problem::InvalidTime(_) => "invalid_time",
+            Problem::InFuture { .. } => "time_in_future",
+            Problem::NotANumber => "not_a_number",
+            Problem::Negative => "negative_value",
+            Problem::TooPrecise => "too_precise",
+            Problem::NotAScalar => "not_a_scalar",
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::InvalidUtf8 { valid_up_to } => {
+                write!(f, "line is not valid UTF-8 (first bad byte at offset {valid_up_to})")
+            }
+            Problem::InvalidJson(e) => write!(f, "invalid JSON: {e}"),
+            Problem::NotAnObject => f.write_str("expected a CloudEvent JSON object"),
+            Problem::DuplicateField => f.write_str("field appears twice; which one counts would be a guess"),
+            Problem::Missing => f.write_str("required field is missing"),
+            Problem::WrongType { expected, found } => write!(f, "expected {expected}, found {found}"),
+            Problem::Empty => f.write_str("must not be empty"),
+            Problem::UnsupportedSpecVersion(v) => {
+                write!(f, "specversion {v:?} is not supported; send \"1.0\"")
+            }
+            Problem::InvalidTime(e) => {
+                write!(f, "not an RFC 3339 timestamp such as 2026-11-24T10:15:00Z ({e})")
+            }
+            Problem::InFuture { skew } => write!(
+                f,
+                "event time is more than {} ahead of the clock; fix the sender's clock",
+                humantime::format_duration(*skew)
+            ),
+            Problem::NotANumber => f.write_str("expected a number (or a numeric string)"),
+            Problem::Negative => f.write_str("usage must not be negative"),
+            Problem::TooPrecise => {
+                f.write_str("number has more than 28 significant digits and cannot be kept exact")
+            }
+            Problem::NotAScalar => f.write_str("expected a string, number or boolean"),
+        }
+    }
+}
+
+fn error(field: impl Into<String>, problem: Problem) -> EventError {
+    EventError {
+        field: field.into(),
+        problem,
+    }
+}
+
+/// Decodes lines against one configuration and one notion of "now".
+#[derive(Debug, Clone, Copy)]
+pub struct EventDecoder<'c> {
+    config: &'c Config,
+    latest_allowed: DateTime<Utc>,
+}
+
+impl<'c> EventDecoder<'c> {
+    /// `now` is the caller's clock; events later than `now + max_future_skew` are rejected.
+    pub fn new(config: &'c Config, now: DateTime<Utc>) -> Self {
+        let skew = chrono::Duration::from_std(config.settings.max_future_skew)
+            .unwrap_or(chrono::Duration::MAX);
+        EventDecoder {
+            config,
+            latest_allowed: now.checked_add_signed(skew).unwrap_or(DateTime::<Utc>::MAX_UTC),
+        }
+    }
+
+    pub fn config(&self) -> &'c Config {
+        self.config
+    }
+
+    /// Decodes one line (without its newline).
+    pub fn decode<'a>(&self, line: &'a [u8]) -> Result<DecodedEvent<'a>, EventError> {
+        let text = std::str::from_utf8(line).map_err(|e| {
+            error("event", Problem::InvalidUtf8 { valid_up_to: e.valid_up_to() })
+        })?;
+        let envelope: Envelope<'a> = serde_json::from_str(text).map_err(|e| {
+            let problem = match e.classify() {
+                serde_json::error::Category::Data => Problem::NotAnObject,
+                _ => Problem::InvalidJson(e.to_string()),
+            };
+            error("event", problem)
+        })?;
+        if let Some(field) = envelope.duplicate {
+            return Err(error(field, Problem::DuplicateField));
+        }
+        let specversion = required_string(envelope.specversion, "specversion")?;
+        if specversion != "1.0" {
+            return Err(error(
+                "specversion",
+                Problem::UnsupportedSpecVersion(specversion.into_owned()),
+            ));
+        }
+        let id = required_string(envelope.id, "id")?;
+        let source = required_string(envelope.source, "source")?;
+        let event_type = required_string(envelope.event_type, "type")?;
+        let subject = required_string(envelope.subject, "subject")?;
+        let time_text = required_string(envelope.time, "time")?;
+        let time = DateTime::parse_from_rfc3339(&time_text)
+            .map_err(|e| error("time", Problem::InvalidTime(e.to_string())))?
+            .with_timezone(&Utc);
+        if time > self.latest_allowed {
+            return Err(error(
+                "time",
+                Problem::InFuture {
+                    skew: self.config.settings.max_future_skew,
+                },
+            ));
+        }
+        let data = envelope.data.filter(|d| d.get() != "null");
+        let readings = self.readings(&event_type, data)?;
+        let payload = payload_fingerprint(&event_type, &subject, time, data);
+        Ok(DecodedEvent {
+            key: EventKey::new(&source, &id),
+            payload,
+            time,
+            subject,
+            event_type,
+            readings,
+        })
+    }
+
+    fn readings<'a>(
+        &self,
+        event_type: &str,
+        data: Option<&'a RawValue>,
+    ) -> Result<Vec<Reading<'a>>, EventError> {
+        let meters = self.config.meters_for(event_type);
+        let mut readings = Vec::with_capacity(meters.len());
+        if meters.is_empty() {
+            return Ok(readings);
+        }
+        let members = match data {
+            Some(d) => Some(Members::of(d, "data")?),
+            None => None,
+        };
+        for &meter_id in meters {
+            let meter = self.config.meter(meter_id);
+            let mut group = Vec::with_capacity(meter.group_by.len());
+            for (_, path) in &meter.group_by {
+                group.push(match lookup(members.as_ref(), path)? {
+                    Some(raw) => group_value(raw, path)?,
+                    None => Cow::Borrowed(""),
+                });
+            }
+            let value = match &meter.aggregation {
+                Aggregation::Count => ReadingValue::Event,
+                Aggregation::Sum(p) | Aggregation::Max(p) | Aggregation::Latest(p) => {
+                    let raw = lookup(members.as_ref(), p)?
+                        .ok_or_else(|| error(p.field_name(), Problem::Missing))?;
+                    ReadingValue::Number(number(raw, p)?)
+                }
+                Aggregation::UniqueCount(p) => {
+                    let raw = lookup(members.as_ref(), p)?
+                        .ok_or_else(|| error(p.field_name(), Problem::Missing))?;
+                    ReadingValue::Distinct(distinct(raw, p)?)
+                }
+            };
+            readings.push(Reading {
+                meter: meter_id,
+                group,
+                value,
+            });
+        }
+        Ok(readings)
+    }
+}
+
+/// The CloudEvents attributes Tally reads, each kept as raw JSON until it is checked,
+/// so a wrong type is reported with the field's name. Other attributes (extensions,
+/// `datacontenttype`, ...) are accepted and ignored.
+#[derive(Default)]
+struct Envelope<'a> {
+    specversion: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    source: Option<&'a RawValue>,
+    event_type: Option<&'a RawValue>,
+    subject: Option<&'a RawValue>,
+    time: Option<&'a RawValue>,
+    data: Option<&'a RawValue>,
+    duplicate: Option<&'static str>,
+}
+
+impl<'de> Deserialize<'de> for Envelope<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Envelope<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a CloudEvent object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut e = Envelope::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let (slot, name) = match key.as_ref() {
+                        "specversion" => (&mut e.specversion, "specversion"),
+                        "id" => (&mut e.id, "id"),
+                        "source" => (&mut e.source, "source"),
+                        "type" => (&mut e.event_type, "type"),
+                        "subject" => (&mut e.subject, "subject"),
+                        "time" => (&mut e.time, "time"),
+                        "data" => (&mut e.data, "data"),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    let value = map.next_value::<&'de RawValue>()?;
+                    if slot.replace(value).is_some() && e.duplicate.is_none() {
+                        e.duplicate = Some(name);
+                    }
+                }
+                Ok(e)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// An object's members, in order, values still raw.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Members<'a> {
+    fn of(raw: &'a RawValue, field: &str) -> Result<Self, EventError> {
+        if !raw.get().starts_with('{') {
+            return Err(error(
+                field,
+                Problem::WrongType {
+                    expected: "an object",
+                    found: json_kind(raw),
+                },
+            ));
+        }
+        serde_json::from_str(raw.get())
+            .map_err(|e| error(field, Problem::InvalidJson(e.to_string())))
+    }
+
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+}
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if members.iter().any(|(k, _)| *k == key) {
+                        return Err(de::Error::custom(format!("duplicate key {key:?}")));
+                    }
+                    members.push((key, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Follows a path through `data`; `Ok(None)` when a key is absent or null on the way.
+fn lookup<'a>(data: Option<&Members<'a>>, path: &JsonPath) -> Result<Option<&'a RawValue>, EventError> {
+    let Some(data) = data else { return Ok(None) };
+    let segments = path.segments();
+    let mut current = match data.get(&segments[0]) {
+        Some(v) => v,
+        None => return Ok(None),
+    };
+    for (depth, key) in segments.iter().enumerate().skip(1) {
+        if current.get() == "null" {
+            return Ok(None);
+        }
+        let field = format!("data.{}", segments[..depth].join("."));
+        match Members::of(current, &field)?.get(key) {
+            Some(v) => current = v,
+            None => return Ok(None),
+        }
+    }
+    Ok((current.get() != "null").then_some(current))
+}
+
+fn json_kind(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'"') => "a string",
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// A JSON string's contents, borrowed when it has no escapes.
+fn json_str<'a>(raw: &'a RawValue) -> Option<Cow<'a, str>> {
+    let text = raw.get();
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+}
+
+fn required_string<'a>(raw: Option<&'a RawValue>, field: &str) -> Result<Cow<'a, str>, EventError> {
+    let raw = raw.filter(|r| r.get() != "null").ok_or_else(|| error(field, Problem::Missing))?;
+    let s = json_str(raw).ok_or_else(|| {
+        error(
+            field,
+            Problem::WrongType {
+                expected: "a string",
+                found: json_kind(raw),
+            },
+        )
+    })?;
+    if s.trim().is_empty() {
+        return Err(error(field, Problem::Empty));
+    }
+    Ok(s)
+}
+
+fn parse_number(text: &str) -> Option<Result<Decimal, Problem>> {
+    let first = text.as_bytes().first()?;
+    if !(first.is_ascii_digit() || *first == b'-' || *first == b'+' || *first == b'.') {
+        return None;
+    }
+    let parsed = if text.contains(['e', 'E']) {
+        Decimal::from_scientific(text)
+    } else {
+        Decimal::from_str_exact(text)
+    };
+    Some(parsed.map_err(|e| {
+        let digits = text.bytes().filter(u8::is_ascii_digit).count();
+        if digits > 28 || e.to_string().contains("precision") || e.to_string().contains("flow") {
+            Problem::TooPrecise
+        } else {
+            Problem::NotANumber
+        }
+    }))
+}
+
+/// An exact, non-negative number from a JSON number or a numeric string.
+fn number(raw: &RawValue, path: &JsonPath) -> Result<Decimal, EventError> {
+    let field = || path.field_name();
+    let text: Cow<str> = match json_str(raw) {
+        Some(s) => Cow::Owned(s.trim().to_owned()),
+        None => Cow::Borrowed(raw.get()),
+    };
+    let value = parse_number(&text)
+        .ok_or_else(|| error(field(), Problem::NotANumber))?
+        .map_err(|p| error(field(), p))?;
+    if value.is_sign_negative() && !value.is_zero() {
+        return Err(error(field(), Problem::Negative));
+    }
+    Ok(value)
+}
+
+/// A fingerprint of a value counted by unique_count. Numbers are normalised (`1` and
+/// `1.0` are one value, and equal to the string `"1"`); strings are compared exactly.
+fn distinct(raw: &RawValue, path: &JsonPath) -> Result<u64, EventError> {
+    let fp = |tag: &[u8], bytes: &[u8]| Fingerprinter::new(b"distinct").part(tag).part(bytes).finish() as u64;
+    if let Some(s) = json_str(raw) {
+        return Ok(fp(b"s", s.as_bytes()));
+    }
+    match parse_number(raw.get()) {
+        Some(Ok(n)) => Ok(fp(b"s", n.normalize().to_string().as_bytes())),
+        Some(Err(p)) => Err(error(path.field_name(), p)),
+        None => Err(error(
+            path.field_name(),
+            Problem::WrongType {
+                expected: "a string or number",
+                found: json_kind(raw),
+            },
+        )),
+    }
+}
+
+/// A group_by value as text: strings as they are, numbers normalised, booleans as
+/// `true`/`false`.
+fn group_value<'a>(raw: &'a RawValue, path: &JsonPath) -> Result<Cow<'a, str>, EventError> {
+    if let Some(s) = json_str(raw) {
+        return Ok(s);
+    }
+    match raw.get() {
+        "true" => Ok(Cow::Borrowed("true")),
+        "false" => Ok(Cow::Borrowed("false")),
+        text => match parse_number(text) {
+            Some(Ok(n)) => Ok(Cow::Owned(n.normalize().to_string())),
+            Some(Err(p)) => Err(error(path.field_name(), p)),
+            None => Err(error(path.field_name(), Problem::NotAScalar)),
+        },
+    }
+}
+
+/// Fingerprint of what the event says. `data` is compared with insignificant
+/// whitespace removed, so a re-serialised retry is not a conflict; a change of key order
+/// is (it cannot be told from a change of content without parsing everything).
+fn payload_fingerprint(
+    event_type: &str,
+    subject: &str,
+    time: DateTime<Utc>,
+    data: Option<&RawValue>,
+) -> PayloadFingerprint {
+    let mut fp = Fingerprinter::new(b"payload")
+        .part(event_type.as_bytes())
+        .part(subject.as_bytes())
+        .part(&time.timestamp_nanos_opt().unwrap_or(i64::MAX).to_le_bytes());
+    if let Some(data) = data {
+        let bytes = data.get().as_bytes();
+        let mut in_string = false;
+        let mut escaped = false;
+        let mut run_start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+            } else if b == b'"' {
+                in_string = true;
+            } else if b.is_ascii_whitespace() {
+                fp.raw(&bytes[run_start..i]);
+                run_start = i + 1;
+            }
+        }
+        fp.raw(&bytes[run_start..]);
+    }
+    PayloadFingerprint(fp.finish() as u32)
+}

@@ -1,0 +1,20 @@
+//! Tally's shared vocabulary, used by every stage of the pipeline and free of I/O.
+//!
+//! Layout:
+//! - [`event`]: decoding one CloudEvents JSON line into the readings meters take from it,
+//!   or a reject that says which field is wrong and why.
+//! - [`config`]: tally.toml, parsed strictly and validated once into a [`config::Config`].
+//! - [`price`]: validated price books (per_unit, tiered graduated|volume, packages,
+//!   discounts) in Stripe's vocabulary.
+//! - [`money`]: currencies with their ISO 4217 minor units, and rounding.
+//! - [`records`]: what stages hand each other: window usage and invoice lines.
+//! - [`time`]: billing periods (UTC calendar months) and tumbling windows.
+//! - [`ids`]: deterministic fingerprints, so replays reproduce the same records.
+
+pub mod config;
+pub mod event;
+pub mod ids;
+pub mod money;
+pub mod price;
+pub mod records;
+pub mod time;

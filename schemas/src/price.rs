@@ -1,0 +1,125 @@
+//! Validated price books: what a plan charges for each meter.
+//!
+//! The vocabulary is Stripe Billing's (per_unit, tiered graduated|volume, package via
+//! transform_quantity, flat and unit amounts per tier, line-item discounts). These types
+//! only hold tables that passed validation: tiers are non-empty and strictly increasing,
+//! only the last is open-ended, amounts are non-negative, a package divisor is positive.
+//! The arithmetic lives in the rater.
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::config::MeterId;
+use crate::money::{Currency, RoundingMode};
+
+/// A plan: a currency, a rounding mode and the prices every subscriber is billed.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub id: String,
+    pub currency: Currency,
+    pub rounding: RoundingMode,
+    pub prices: Vec<Price>,
+}
+
+/// One priced usage item of a plan; each subscribed customer gets one invoice line per
+/// price per period, zero usage included.
+#[derive(Debug, Clone)]
+pub struct Price {
+    pub id: String,
+    pub meter: MeterId,
+    /// `(group_by index, value)` pairs the usage must match; empty matches all usage.
+    pub filter: Vec<(usize, String)>,
+    pub rate: Rate,
+}
+
+impl Price {
+    /// Whether usage with these group_by values (in the meter's group_by order) counts
+    /// towards this price.
+    pub fn matches(&self, group: &[String]) -> bool {
+        self.filter
+            .iter()
+            .all(|(i, v)| group.get(*i).is_some_and(|g| g == v))
+    }
+}
+
+/// How a quantity turns into an amount.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rate {
+    /// `quantity * unit_amount`, or with a package, `round(quantity / divide_by) * unit_amount`.
+    PerUnit {
+        unit_amount: Decimal,
+        package: Option<Package>,
+    },
+    /// A tier table in graduated or volume mode.
+    Tiered { mode: TiersMode, tiers: Vec<Tier> },
+}
+
+/// Stripe's `transform_quantity`: bill whole packages of `divide_by` units.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Package {
+    /// Units per package; always positive.
+    pub divide_by: Decimal,
+    pub round: PackageRounding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PackageRounding {
+    /// A started package is billed whole (8 units in packages of 5 bill 2 packages).
+    Up,
+    /// Only complete packages are billed (8 units in packages of 5 bill 1 package).
+    Down,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TiersMode {
+    /// Each unit is priced at the tier it falls in; every tier reached adds its flat amount.
+    Graduated,
+    /// All units are priced at the tier the total falls in, plus that tier's flat amount.
+    Volume,
+}
+
+/// One row of a tier table. The tier covers quantities above the previous tier's
+/// `up_to` (or 0) up to and including its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tier {
+    pub up_to: UpTo,
+    pub unit_amount: Decimal,
+    pub flat_amount: Decimal,
+}
+
+/// Inclusive upper bound of a tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpTo {
+    Finite(Decimal),
+    Inf,
+}
+
+impl UpTo {
+    /// Whether a quantity lies at or below this bound.
+    pub fn covers(&self, quantity: Decimal) -> bool {
+        match self {
+            UpTo::Finite(bound) => quantity <= *bound,
+            UpTo::Inf => true,
+        }
+    }
+}
+
+impl std::fmt::Display for UpTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpTo::Finite(d) => write!(f, "{d}"),
+            UpTo::Inf => f.write_str("inf"),
+        }
+    }
+}
+
+/// A line-item discount, computed on the line's rounded subtotal.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Discount {
+    /// Between 0 and 100 inclusive.
+    PercentOff(Decimal),
+    /// In the plan's currency, capped at the subtotal.
+    AmountOff(Decimal),
+}

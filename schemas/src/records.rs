@@ -1,0 +1,115 @@
+//! What the stages hand each other.
+//!
+//! aggregator -> rater: [`WindowUsage`], one window of one series with the series'
+//! period-to-date value. rater -> store and people: [`InvoiceLine`], one per
+//! (customer, price, period), with its tier-by-tier breakdown so every cent can be
+//! explained. Decimals serialise as strings, instants as RFC 3339 UTC.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::EventKey;
+
+/// One customer's usage of one meter for one combination of group_by values.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SeriesKey {
+    /// The customer (events' `subject`).
+    pub customer: String,
+    /// The meter's slug.
+    pub meter: String,
+    /// group_by values in the order of the meter's (sorted) dimension names.
+    pub group: Vec<String>,
+}
+
+/// Where an event stands in event time, for `latest`: later time wins, and equal times
+/// are ordered by event key so the outcome never depends on arrival order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EventOrder {
+    pub time: DateTime<Utc>,
+    pub key: EventKey,
+}
+
+/// An aggregated value. `latest` is set for `latest` meters so values of several series
+/// can be combined by event time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeterValue {
+    pub value: Decimal,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<EventOrder>,
+}
+
+impl MeterValue {
+    pub const ZERO: MeterValue = MeterValue {
+        value: Decimal::ZERO,
+        latest: None,
+    };
+
+    /// The later of two `latest` values.
+    pub fn later(self, other: MeterValue) -> MeterValue {
+        match self.latest.cmp(&other.latest) {
+            Ordering::Less => other,
+            _ => self,
+        }
+    }
+}
+
+/// One event-time window of one series, as the aggregator emits it after a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowUsage {
+    pub series: Arc<SeriesKey>,
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    /// The window's own aggregate.
+    pub window_value: MeterValue,
+    /// Start of the billing period (calendar month) the window lies in.
+    pub period_start: DateTime<Utc>,
+    /// The series' aggregate over the period so far: what the rater prices.
+    pub period_to_date: MeterValue,
+    /// Counts the window's emissions, from 1; a consumer keeps the highest.
+    pub revision: u64,
+}
+
+/// One tier's share of a line, so finance can see how the subtotal was reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierCharge {
+    /// 1-based position in the price's tier table (1 for a per_unit price).
+    pub tier: usize,
+    /// The tier's inclusive upper bound, or `inf`.
+    pub up_to: String,
+    /// Units billed in this tier (packages, for a package price).
+    pub quantity: Decimal,
+    pub unit_amount: Decimal,
+    pub flat_amount: Decimal,
+    /// `quantity * unit_amount + flat_amount`, exact (unrounded).
+    pub amount: Decimal,
+}
+
+/// One invoice line: a customer's charge for one price in one period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoiceLine {
+    /// Deterministic: the same customer, price and period always give the same id, so a
+    /// re-rated line replaces its earlier version.
+    pub id: String,
+    /// Fingerprint of the price book the line was rated with.
+    pub config_hash: String,
+    pub customer: String,
+    pub plan: String,
+    pub price: String,
+    pub meter: String,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    /// Usage of the meter in the period, matching the price's filter.
+    pub quantity: Decimal,
+    /// Sum of the tier amounts, rounded to the currency's minor unit.
+    pub subtotal: Decimal,
+    /// Line-item discount on the rounded subtotal, rounded the same way.
+    pub discount: Decimal,
+    /// `subtotal - discount`: what the customer pays for this line.
+    pub amount: Decimal,
+    pub currency: String,
+    pub tiers: Vec<TierCharge>,
+}
