@@ -1,1 +1,17 @@
-//! placeholder
+//! The aggregator stage's core: usage events in, deduplicated window aggregates out.
+//!
+//! It sits between ingest (which validates and decodes events) and the rater (which
+//! prices period-to-date usage). Everything here is synchronous and free of I/O, so the
+//! Kafka service and the embedded pipeline run the same code and its state can be
+//! snapshotted and restored.
+//!
+//! Layout:
+//! - [`dedupe`]: the `(source, id)` set, at most 40 bytes per key held.
+//! - [`state`]: count, sum, max, unique_count and latest as order-independent states.
+//! - [`aggregator`]: dedupe, lateness and tumbling windows per (customer, meter, group).
+
+pub mod aggregator;
+pub mod dedupe;
+pub mod state;
+
+pub use aggregator::{Aggregator, Outcome, Snapshot};

@@ -1,0 +1,330 @@
+//! Pricing one quantity: `(rate, quantity) -> charge with its tier breakdown`.
+//!
+//! Stripe Billing's semantics, exactly:
+//! - per_unit: `quantity * unit_amount`; with `transform_quantity`, the quantity is
+//!   first divided by `divide_by` and rounded up or down to whole packages.
+//! - graduated: each unit is priced at the tier it falls in; every tier the quantity
+//!   reaches adds its flat amount, and the first tier is always reached, so its flat
+//!   amount is billed even at zero usage.
+//! - volume: every unit is priced at the tier the total falls in (zero falls in the
+//!   first), plus that tier's flat amount.
+//!
+//! `up_to` is inclusive and quantities may be fractional: with tiers up to 100 and up
+//! to 1000, 100.5 units put 100 in the first tier and 0.5 in the second. The charge is
+//! exact; rounding to the currency happens once per line (see `line.rs`).
+
+use rust_decimal::{Decimal, RoundingStrategy};
+use tally_schemas::price::{Package, PackageRounding, Rate, Tier, TiersMode, UpTo};
+use tally_schemas::records::TierCharge;
+
+/// An exact amount and how it was reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    /// Sum of the tier amounts, unrounded.
+    pub amount: Decimal,
+    pub tiers: Vec<TierCharge>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RateError {
+    #[error("quantity {quantity} times the price exceeds the largest exact decimal; check the meter's values")]
+    Overflow { quantity: Decimal },
+    #[error("quantity {0} is negative; usage quantities are never negative")]
+    NegativeQuantity(Decimal),
+}
+
+/// Prices a quantity.
+pub fn rate(rate: &Rate, quantity: Decimal) -> Result<Charge, RateError> {
+    if quantity.is_sign_negative() && !quantity.is_zero() {
+        return Err(RateError::NegativeQuantity(quantity));
+    }
+    match rate {
+        Rate::PerUnit {
+            unit_amount,
+            package,
+        } => per_unit(*unit_amount, package.as_ref(), quantity),
+        Rate::Tiered {
+            mode: TiersMode::Graduated,
+            tiers,
+        } => graduated(tiers, quantity),
+        Rate::Tiered {
+            mode: TiersMode::Volume,
+            tiers,
+        } => volume(tiers, quantity),
+    }
+}
+
+fn tier_charge(
+    position: usize,
+    tier: &Tier,
+    units: Decimal,
+    flat_amount: Decimal,
+    quantity: Decimal,
+) -> Result<TierCharge, RateError> {
+    let amount = units
+        .checked_mul(tier.unit_amount)
+        .and_then(|a| a.checked_add(flat_amount))
+        .ok_or(RateError::Overflow { quantity })?;
+    Ok(TierCharge {
+        tier: position + 1,
+        up_to: tier.up_to.to_string(),
+        quantity: units.normalize(),
+        unit_amount: tier.unit_amount.normalize(),
+        flat_amount: flat_amount.normalize(),
+        amount: amount.normalize(),
+    })
+}
+
+fn per_unit(unit_amount: Decimal, package: Option<&Package>, quantity: Decimal) -> Result<Charge, RateError> {
+    let units = match package {
+        None => quantity,
+        Some(p) => {
+            let strategy = match p.round {
+                PackageRounding::Up => RoundingStrategy::AwayFromZero,
+                PackageRounding::Down => RoundingStrategy::ToZero,
+            };
+            quantity
+                .checked_div(p.divide_by)
+                .ok_or(RateError::Overflow { quantity })?
+                .round_dp_with_strategy(0, strategy)
+        }
+    };
+    let tier = Tier {
+        up_to: UpTo::Inf,
+        unit_amount,
+        flat_amount: Decimal::ZERO,
+    };
+    let charge = tier_charge(0, &tier, units, Decimal::ZERO, quantity)?;
+    Ok(Charge {
+        amount: charge.amount,
+        tiers: vec![charge],
+    })
+}
+
+fn graduated(tiers: &[Tier], quantity: Decimal) -> Result<Charge, RateError> {
+    let mut lower = Decimal::ZERO;
+    let mut charges = Vec::new();
+    let mut total = Decimal::ZERO;
+    for (i, tier) in tiers.iter().enumerate() {
+        if i > 0 && quantity <= lower {
+            break;
+        }
+        let upper = match tier.up_to {
+            UpTo::Finite(bound) => bound.min(quantity),
+            UpTo::Inf => quantity,
+        };
+        let units = (upper - lower).max(Decimal::ZERO);
+        let charge = tier_charge(i, tier, units, tier.flat_amount, quantity)?;
+        total = total
+            .checked_add(charge.amount)
+            .ok_or(RateError::Overflow { quantity })?;
+        charges.push(charge);
+        match tier.up_to {
+            UpTo::Finite(bound) => lower = bound,
+            UpTo::Inf => break,
+        }
+    }
+    Ok(Charge {
+        amount: total.normalize(),
+        tiers: charges,
+    })
+}
+
+fn volume(tiers: &[Tier], quantity: Decimal) -> Result<Charge, RateError> {
+    // Validation guarantees a last tier up to "inf", so a tier always covers.
+    let Some((i, tier)) = tiers.iter().enumerate().find(|(_, t)| t.up_to.covers(quantity)) else {
+        return Ok(Charge {
+            amount: Decimal::ZERO,
+            tiers: Vec::new(),
+        });
+    };
+    let charge = tier_charge(i, tier, quantity, tier.flat_amount, quantity)?;
+    Ok(Charge {
+        amount: charge.amount,
+        tiers: vec![charge],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn tiers(rows: &[(&str, &str, &str)]) -> Vec<Tier> {
+        rows.iter()
+            .map(|(up_to, unit, flat)| Tier {
+                up_to: if *up_to == "inf" { UpTo::Inf } else { UpTo::Finite(d(up_to)) },
+                unit_amount: d(unit),
+                flat_amount: d(flat),
+            })
+            .collect()
+    }
+
+    fn tiered(mode: TiersMode, rows: &[(&str, &str, &str)]) -> Rate {
+        Rate::Tiered {
+            mode,
+            tiers: tiers(rows),
+        }
+    }
+
+    /// Stripe's published tiered-pricing example (docs: "Set up tiered pricing"):
+    /// 1-5 fonts at 7 USD, 6-10 at 6.50 USD, 11+ at 6 USD.
+    fn stripe_fonts(mode: TiersMode) -> Rate {
+        tiered(mode, &[("5", "7", "0"), ("10", "6.5", "0"), ("inf", "6", "0")])
+    }
+
+    #[test]
+    fn stripe_volume_example() {
+        // The table Stripe publishes for volume-based pricing.
+        let rate = stripe_fonts(TiersMode::Volume);
+        for (quantity, total) in [("1", "7"), ("5", "35"), ("6", "39"), ("20", "120"), ("25", "150")] {
+            assert_eq!(super::rate(&rate, d(quantity)).unwrap().amount, d(total), "{quantity} fonts");
+        }
+    }
+
+    #[test]
+    fn stripe_graduated_example() {
+        // Same tiers, graduated: 6 fonts = 5 x 7 + 1 x 6.50 = 41.50; 25 = 35 + 32.50 + 90.
+        let rate = stripe_fonts(TiersMode::Graduated);
+        for (quantity, total) in [("1", "7"), ("5", "35"), ("6", "41.5"), ("20", "127.5"), ("25", "157.5")] {
+            assert_eq!(super::rate(&rate, d(quantity)).unwrap().amount, d(total), "{quantity} fonts");
+        }
+    }
+
+    #[test]
+    fn graduated_flat_fees_add_per_tier_reached() {
+        // Stripe's "flat fee and overages" shape: 200 flat covers the first 1000 units,
+        // then 0.04 each; plus a flat 10 on reaching the third tier.
+        let rate = tiered(
+            TiersMode::Graduated,
+            &[("1000", "0", "200"), ("5000", "0.04", "0"), ("inf", "0.03", "10")],
+        );
+        let cases = [
+            ("0", "200"),
+            ("1000", "200"),
+            ("1001", "200.04"),
+            ("5000", "360"),
+            ("5001", "370.03"),
+        ];
+        for (quantity, total) in cases {
+            assert_eq!(super::rate(&rate, d(quantity)).unwrap().amount, d(total), "{quantity}");
+        }
+        let breakdown = super::rate(&rate, d("5001")).unwrap().tiers;
+        assert_eq!(breakdown.len(), 3);
+        assert_eq!(breakdown[1].quantity, d("4000"));
+        assert_eq!(breakdown[2].quantity, d("1"));
+        assert_eq!(breakdown[2].amount, d("10.03"));
+    }
+
+    #[test]
+    fn issue_example_resolutions_tiers() {
+        // 49 covers the first 100 resolutions, 0.89 up to 1000, 0.69 beyond.
+        let rate = tiered(
+            TiersMode::Graduated,
+            &[("100", "0", "49"), ("1000", "0.89", "0"), ("inf", "0.69", "0")],
+        );
+        assert_eq!(super::rate(&rate, d("0")).unwrap().amount, d("49"));
+        assert_eq!(super::rate(&rate, d("250")).unwrap().amount, d("182.5"));
+        assert_eq!(super::rate(&rate, d("1200")).unwrap().amount, d("988"));
+        assert_eq!(super::rate(&rate, d("100.5")).unwrap().amount, d("49.445"));
+    }
+
+    #[test]
+    fn volume_prices_every_unit_at_the_reached_tier_with_its_flat_fee() {
+        let rate = tiered(TiersMode::Volume, &[("10", "2", "5"), ("inf", "1", "20")]);
+        assert_eq!(super::rate(&rate, d("0")).unwrap().amount, d("5"));
+        assert_eq!(super::rate(&rate, d("10")).unwrap().amount, d("25"));
+        assert_eq!(super::rate(&rate, d("10.5")).unwrap().amount, d("30.5"));
+        let breakdown = super::rate(&rate, d("11")).unwrap().tiers;
+        assert_eq!(breakdown.len(), 1);
+        assert_eq!(breakdown[0].tier, 2);
+    }
+
+    #[test]
+    fn package_pricing_rounds_to_whole_packages() {
+        // Stripe's package example: 5 USD per package of 5 units.
+        let up = Rate::PerUnit {
+            unit_amount: d("5"),
+            package: Some(Package { divide_by: d("5"), round: PackageRounding::Up }),
+        };
+        let down = Rate::PerUnit {
+            unit_amount: d("5"),
+            package: Some(Package { divide_by: d("5"), round: PackageRounding::Down }),
+        };
+        assert_eq!(super::rate(&up, d("8")).unwrap().amount, d("10"));
+        assert_eq!(super::rate(&down, d("8")).unwrap().amount, d("5"));
+        assert_eq!(super::rate(&up, d("10")).unwrap().amount, d("10"));
+        assert_eq!(super::rate(&up, d("0")).unwrap().amount, d("0"));
+        // Tokens per thousand: 1500 tokens at 0.002 per 1000, rounded up, is 2 packages.
+        let tokens = Rate::PerUnit {
+            unit_amount: d("0.002"),
+            package: Some(Package { divide_by: d("1000"), round: PackageRounding::Up }),
+        };
+        let charge = super::rate(&tokens, d("1500")).unwrap();
+        assert_eq!(charge.amount, d("0.004"));
+        assert_eq!(charge.tiers[0].quantity, d("2"));
+    }
+
+    #[test]
+    fn per_unit_keeps_fractional_quantities_exact() {
+        let rate = Rate::PerUnit { unit_amount: d("0.1"), package: None };
+        assert_eq!(super::rate(&rate, d("5.001")).unwrap().amount, d("0.5001"));
+    }
+
+    #[test]
+    fn negative_quantities_and_overflow_are_errors() {
+        let rate = Rate::PerUnit { unit_amount: d("10"), package: None };
+        assert!(matches!(super::rate(&rate, d("-1")), Err(RateError::NegativeQuantity(_))));
+        assert!(matches!(super::rate(&rate, Decimal::MAX), Err(RateError::Overflow { .. })));
+    }
+
+    fn arb_tiers() -> impl Strategy<Value = Vec<Tier>> {
+        proptest::collection::vec((1u32..500, 0u32..1000, 0u32..5000), 1..5).prop_map(|rows| {
+            let mut bound = Decimal::ZERO;
+            let mut tiers: Vec<Tier> = rows
+                .iter()
+                .map(|&(step, unit, flat)| {
+                    bound += Decimal::from(step);
+                    Tier {
+                        up_to: UpTo::Finite(bound),
+                        unit_amount: Decimal::new(i64::from(unit), 3),
+                        flat_amount: Decimal::new(i64::from(flat), 2),
+                    }
+                })
+                .collect();
+            if let Some(last) = tiers.last_mut() {
+                last.up_to = UpTo::Inf;
+            }
+            tiers
+        })
+    }
+
+    proptest! {
+        /// Graduated totals never decrease as quantity grows.
+        #[test]
+        fn graduated_is_monotonic(tiers in arb_tiers(), a in 0u32..3000, b in 0u32..3000, scale in 0u32..3) {
+            let rate = Rate::Tiered { mode: TiersMode::Graduated, tiers };
+            let (lo, hi) = (a.min(b), a.max(b));
+            let lo = Decimal::new(i64::from(lo), scale);
+            let hi = Decimal::new(i64::from(hi), scale);
+            prop_assert!(super::rate(&rate, lo).unwrap().amount <= super::rate(&rate, hi).unwrap().amount);
+        }
+
+        /// The breakdown explains the charge: tier amounts add up to it, and graduated
+        /// tier quantities add up to the quantity.
+        #[test]
+        fn breakdown_adds_up(tiers in arb_tiers(), q in 0u32..3000, graduated in any::<bool>()) {
+            let mode = if graduated { TiersMode::Graduated } else { TiersMode::Volume };
+            let charge = super::rate(&Rate::Tiered { mode, tiers }, Decimal::from(q)).unwrap();
+            let sum: Decimal = charge.tiers.iter().map(|t| t.amount).sum();
+            prop_assert_eq!(sum, charge.amount);
+            let units: Decimal = charge.tiers.iter().map(|t| t.quantity).sum();
+            prop_assert_eq!(units, Decimal::from(q));
+        }
+    }
+}
