@@ -56,8 +56,9 @@ struct LineKey {
 struct LineState {
     /// Period-to-date value of each series the price selects.
     series: HashMap<Arc<SeriesKey>, MeterValue>,
+    /// The line as last rated; `None` until the first flush.
+    rated: Option<InvoiceLine>,
     revision: u64,
-    amount: Decimal,
     dirty: bool,
 }
 
@@ -116,8 +117,9 @@ impl Ledger {
             let line = price_line(&self.config, customer, key.1, state)?;
             state.dirty = false;
             state.revision += 1;
-            let delta = line.amount - state.amount;
-            state.amount = line.amount;
+            let previous = state.rated.as_ref().map_or(Decimal::ZERO, |l| l.amount);
+            let delta = line.amount - previous;
+            state.rated = Some(line.clone());
             rated.push(RatedLine {
                 line,
                 revision: state.revision,
@@ -127,17 +129,34 @@ impl Ledger {
         Ok(rated)
     }
 
-    /// Every line of the period: one per subscribed customer and price of their plan,
-    /// zero usage included, sorted by customer then price order in the plan.
-    pub fn close(&self, period: Period) -> Result<Vec<InvoiceLine>, RateError> {
-        let empty = LineState::default();
+    /// Every line of the period in its current revision: one per subscribed customer and
+    /// price of their plan, zero usage included, sorted by customer then by the price's
+    /// place in the plan. Pending changes are flushed first; a line that never had usage
+    /// gets its first revision here.
+    pub fn close(&mut self, period: Period) -> Result<Vec<RatedLine>, RateError> {
+        self.flush()?;
+        let config = Arc::clone(&self.config);
         let mut lines = Vec::new();
-        for customer in self.config.customers.values() {
-            let plan = self.config.plan(customer.plan);
+        for customer in config.customers.values() {
+            let plan = config.plan(customer.plan);
             for price_index in 0..plan.prices.len() {
                 let key = LineKey { price_index, period };
-                let state = self.lines.get(&(customer.id.clone(), key)).unwrap_or(&empty);
-                lines.push(price_line(&self.config, customer, key, state)?);
+                let state = self.lines.entry((customer.id.clone(), key)).or_default();
+                let (line, delta) = match &state.rated {
+                    Some(line) => (line.clone(), Decimal::ZERO),
+                    None => {
+                        let line = price_line(&config, customer, key, state)?;
+                        state.revision = 1;
+                        state.rated = Some(line.clone());
+                        let delta = line.amount;
+                        (line, delta)
+                    }
+                };
+                lines.push(RatedLine {
+                    line,
+                    revision: state.revision,
+                    delta,
+                });
             }
         }
         Ok(lines)

@@ -1,0 +1,281 @@
+//! `tally demo` and `tally generate`.
+//!
+//! `demo` writes a configuration and a realistic month of AI usage into a folder, runs
+//! it through the embedded pipeline (the same stages as the Kafka services), checks the
+//! result against `tally rate` on the same file, and shows finance what came out and
+//! where it is.
+
+mod generate;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{ensure, Context};
+use chrono::{Datelike, Utc};
+use clap::Args;
+use rust_decimal::Decimal;
+use tally_schemas::config::Config;
+use tally_schemas::records::InvoiceLine;
+use tally_schemas::time::Period;
+
+use crate::batch::{rate_events, BatchOptions};
+use crate::embedded::{self, store::Store};
+use crate::report::{tiers_text, write_csv};
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Folder for the demo's files; created if missing.
+    #[arg(long, default_value = "tally-demo")]
+    dir: PathBuf,
+    /// Events to generate.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Customers in the configuration.
+    #[arg(long, default_value_t = 400)]
+    customers: u32,
+    /// The month to simulate; default: last month.
+    #[arg(long)]
+    period: Option<Period>,
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Where to write the events (JSON lines).
+    #[arg(long)]
+    out: PathBuf,
+    /// Where to write the configuration that prices them.
+    #[arg(long)]
+    config_out: PathBuf,
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    #[arg(long, default_value_t = 400)]
+    customers: u32,
+    #[arg(long)]
+    period: Period,
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
+    /// Malformed lines to mix in.
+    #[arg(long, default_value_t = 0)]
+    malformed: u64,
+}
+
+pub fn generate_command(args: GenerateArgs) -> anyhow::Result<()> {
+    std::fs::write(&args.config_out, generate::config_toml(args.customers))
+        .with_context(|| format!("cannot write {}", args.config_out.display()))?;
+    let spec = generate::Spec {
+        period: args.period,
+        events: args.events,
+        customers: args.customers,
+        seed: args.seed,
+        malformed: args.malformed,
+    };
+    let mut out = BufWriter::with_capacity(1 << 20, create(&args.out)?);
+    let made = generate::generate(spec, &mut out, |_| {})?;
+    out.flush()?;
+    eprintln!(
+        "wrote {} lines ({} retries, {} conflicts, {} late, {} malformed) to {}",
+        made.lines,
+        made.retries,
+        made.conflicts,
+        made.late,
+        made.malformed,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn create(path: &Path) -> anyhow::Result<File> {
+    File::create(path).with_context(|| format!("cannot create {}", path.display()))
+}
+
+fn last_month() -> Period {
+    let now = Utc::now();
+    let first = Period::containing(now).start();
+    let previous = first - chrono::Duration::days(1);
+    Period::containing(previous.with_day(1).unwrap_or(previous))
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let period = args.period.unwrap_or_else(last_month);
+    ensure!(args.events >= 1000, "--events must be at least 1000 for a meaningful month");
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let path = |name: &str| args.dir.join(name);
+    let started = Instant::now();
+
+    println!("Tally demo: one month ({period}) of usage for an AI support product\n");
+    let config_path = path("tally.toml");
+    std::fs::write(&config_path, generate::config_toml(args.customers))?;
+    let config = Arc::new(Config::load(&config_path)?);
+    println!(
+        "1/4 configuration: {} meters, {} plans in usd, eur and jpy, {} customers -> {}",
+        config.meters.len(),
+        config.plans.len(),
+        config.customers.len(),
+        config_path.display()
+    );
+
+    let events_path = path("events.jsonl");
+    let spec = generate::Spec {
+        period,
+        events: args.events,
+        customers: args.customers,
+        seed: args.seed,
+        malformed: 24,
+    };
+    let mut out = BufWriter::with_capacity(1 << 20, create(&events_path)?);
+    let made = generate::generate(spec, &mut out, |n| {
+        eprint!("\r    generating events: {n} / {}", args.events);
+    })?;
+    out.flush()?;
+    eprint!("\r");
+    println!(
+        "2/4 events: {} lines with {} client retries, {} conflicting resends, {} late arrivals, {} malformed -> {}",
+        made.lines,
+        made.retries,
+        made.conflicts,
+        made.late,
+        made.malformed,
+        events_path.display()
+    );
+
+    let input = std::fs::read(&events_path)?;
+    let db_path = path("tally.db");
+    for stale in ["tally.db", "tally.db-wal", "tally.db-shm"] {
+        let _ = std::fs::remove_file(path(stale));
+    }
+    let mut store = Store::open(&db_path)?;
+    let now = Utc::now();
+    let pipeline_started = Instant::now();
+    let total = made.lines;
+    let run = embedded::run(&config, &input, period, now, &mut store, |n| {
+        if n % 100_000 < 4096 {
+            eprint!("\r    pipeline: {n} / {total} events through ingest -> aggregator -> rater");
+        }
+    })?;
+    eprint!("\r{:80}\r", "");
+    let elapsed = pipeline_started.elapsed();
+    println!(
+        "3/4 pipeline: {} events in {:.1?} ({} window updates, {} line revisions) -> {}",
+        run.summary.events_read,
+        elapsed,
+        run.window_updates,
+        run.line_revisions,
+        db_path.display()
+    );
+    print!("{}", indent(&run.summary.render()));
+
+    let lines: Vec<InvoiceLine> = run.lines.iter().map(|r| r.line.clone()).collect();
+    let csv_path = path("invoice_lines.csv");
+    let mut csv = BufWriter::new(create(&csv_path)?);
+    write_csv(&lines, &mut csv)?;
+    csv.flush()?;
+    let rejects_path = path("rejects.jsonl");
+    let mut rejects = BufWriter::new(create(&rejects_path)?);
+    for r in &run.rejects {
+        writeln!(rejects, "{}", r.to_json())?;
+    }
+    rejects.flush()?;
+
+    // The streaming stages and the batch rater must agree to the cent.
+    let batch = rate_events(
+        &config,
+        &input,
+        &BatchOptions {
+            period,
+            now,
+            workers: crate::default_threads(),
+            strict: false,
+        },
+        |_| Ok(()),
+    )?;
+    ensure!(
+        batch.lines == lines,
+        "the embedded pipeline and `tally rate` disagree; this is a bug, please report it"
+    );
+    println!(
+        "4/4 check: `tally rate --period {period}` on the same file gives the same {} lines, to the cent\n",
+        lines.len()
+    );
+
+    show_invoices(&lines, &config);
+    show_rejects(&run.rejects, &rejects_path);
+    println!("Where the data is:");
+    println!("  {}  invoice lines (one per customer and price), with tier breakdowns", csv_path.display());
+    println!("  {}  rejected lines with line number, field and reason", rejects_path.display());
+    println!("  {}  SQLite: tables window_usage, rated_lines (every revision), view invoice_lines", db_path.display());
+    println!("\nQuery it, for example:");
+    println!(
+        "  sqlite3 {} \"SELECT currency, SUM(amount_minor) FROM invoice_lines GROUP BY currency\"",
+        db_path.display()
+    );
+    println!(
+        "  python3 -c \"import sqlite3; print(sqlite3.connect('{}').execute('SELECT customer, price, quantity, amount, currency FROM invoice_lines LIMIT 5').fetchall())\"",
+        db_path.display()
+    );
+    println!(
+        "  tally rate --config {} --events {} --period {period} --format table",
+        config_path.display(),
+        events_path.display()
+    );
+    println!("\nDone in {:.1?}.", started.elapsed());
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+fn show_invoices(lines: &[InvoiceLine], config: &Config) {
+    let mut totals: BTreeMap<(&str, &str, &str), Decimal> = BTreeMap::new();
+    let mut by_currency: BTreeMap<&str, (Decimal, usize)> = BTreeMap::new();
+    for l in lines {
+        *totals.entry((&l.currency, &l.customer, &l.plan)).or_default() += l.amount;
+    }
+    for ((currency, _, _), total) in &totals {
+        let c = by_currency.entry(currency).or_default();
+        c.0 += *total;
+        c.1 += 1;
+    }
+    println!("Invoices ({} customers):", config.customers.len());
+    println!("  {:<10} {:>18} {:>10}", "currency", "total", "customers");
+    for (currency, (total, customers)) in &by_currency {
+        println!("  {currency:<10} {:>18} {customers:>10}", total.to_string());
+    }
+    let mut ranked: Vec<_> = totals.iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    println!("\n  Largest invoice per currency:");
+    println!("  {:<12} {:<14} {:>16}", "customer", "plan", "total");
+    for currency in by_currency.keys() {
+        if let Some(((_, customer, plan), total)) = ranked.iter().find(|((c, _, _), _)| c == currency) {
+            println!("  {customer:<12} {plan:<14} {:>12} {currency}", total.to_string());
+        }
+    }
+    if let Some(((_, customer, _), _)) = ranked.first() {
+        println!("\n  How {customer}'s invoice adds up:");
+        for l in lines.iter().filter(|l| &l.customer == customer) {
+            println!(
+                "    {:<16} quantity {:<12} subtotal {:>10}  discount {:>8}  amount {:>10} {}",
+                l.price, l.quantity.to_string(), l.subtotal.to_string(), l.discount.to_string(), l.amount.to_string(), l.currency
+            );
+            println!("      {}", tiers_text(&l.tiers));
+        }
+    }
+    println!();
+}
+
+fn show_rejects(rejects: &[tally_ingest::LineReject], path: &Path) {
+    println!("Rejected lines ({}, all kept in {}):", rejects.len(), path.display());
+    for r in rejects.iter().take(8) {
+        println!("  line {}: {}", r.line, r.error);
+    }
+    if rejects.len() > 8 {
+        println!("  ... {} more", rejects.len() - 8);
+    }
+    println!();
+}

@@ -1,0 +1,159 @@
+//! The embedded pipeline: ingest -> aggregator -> rater in one process.
+//!
+//! The stages are the ones the Kafka services run, joined by bounded in-process queues
+//! where Kafka topics would be, with SQLite in place of ClickHouse:
+//!
+//! ```text
+//! events file -> [ingest: decode, reject] -> events queue -> [aggregator: dedupe, windows]
+//!             -> windows queue -> [rater: ledger, flush] -> SQLite (window_usage, rated_lines)
+//! ```
+//!
+//! Each stage runs on its own thread and owns its state, so the hand-offs are the only
+//! shared points, as with Kafka. Bounded queues give backpressure: a slow store slows
+//! ingest instead of filling memory.
+
+pub mod store;
+
+use std::ops::ControlFlow;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use tally_aggregator::Aggregator;
+use tally_ingest::{decode_lines, Line, LineReject};
+use tally_rater::{Ledger, RatedLine, Recorded};
+use tally_schemas::config::Config;
+use tally_schemas::event::{DecodedEvent, EventDecoder};
+use tally_schemas::records::WindowUsage;
+use tally_schemas::time::Period;
+
+use crate::batch::{Summary, UnpricedUsage};
+use store::Store;
+
+/// Events per hand-off from ingest to the aggregator, like a Kafka poll batch.
+const EVENT_BATCH: usize = 4096;
+/// Batches a queue holds before its producer waits.
+const QUEUE_DEPTH: usize = 8;
+
+enum Ingested<'a> {
+    Event(DecodedEvent<'a>),
+    Rejected(LineReject),
+}
+
+/// What the pipeline produced.
+#[derive(Debug)]
+pub struct PipelineRun {
+    pub summary: Summary,
+    /// The period's lines in their final revision, zero usage included.
+    pub lines: Vec<RatedLine>,
+    pub rejects: Vec<LineReject>,
+    pub window_updates: u64,
+    pub line_revisions: u64,
+}
+
+/// Runs `input` through the three stages into `store`, then closes `period`.
+/// `progress` is called from the aggregator stage with the events processed so far.
+pub fn run(
+    config: &Arc<Config>,
+    input: &[u8],
+    period: Period,
+    now: DateTime<Utc>,
+    store: &mut Store,
+    progress: impl Fn(u64) + Send,
+) -> anyhow::Result<PipelineRun> {
+    let decode_workers = crate::default_threads().saturating_sub(1).max(1);
+    std::thread::scope(|scope| {
+        let (events_tx, events_rx) = mpsc::sync_channel::<Vec<Ingested<'_>>>(QUEUE_DEPTH);
+        let (windows_tx, windows_rx) = mpsc::sync_channel::<Vec<WindowUsage>>(QUEUE_DEPTH);
+
+        // Ingest: decode lines, hand events and rejects on in batches.
+        let ingest = scope.spawn(move || {
+            let decoder = EventDecoder::new(config, now);
+            let mut batch = Vec::with_capacity(EVENT_BATCH);
+            let flow = decode_lines(input, decoder, decode_workers, |line| {
+                batch.push(match line {
+                    Line::Event { event, .. } => Ingested::Event(event),
+                    Line::Rejected(reject) => Ingested::Rejected(reject),
+                });
+                if batch.len() == EVENT_BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(EVENT_BATCH));
+                    if events_tx.send(full).is_err() {
+                        return ControlFlow::Break(());
+                    }
+                }
+                ControlFlow::Continue(())
+            });
+            if flow.is_continue() && !batch.is_empty() {
+                let _ = events_tx.send(batch);
+            }
+        });
+
+        // Aggregator: dedupe and window each batch, then hand on what changed.
+        let aggregator = scope.spawn(move || {
+            let mut aggregator = Aggregator::streaming(config);
+            let mut summary = Summary {
+                period: period.to_string(),
+                ..Summary::default()
+            };
+            let mut rejects = Vec::new();
+            for batch in events_rx {
+                for item in batch {
+                    summary.events_read += 1;
+                    match item {
+                        Ingested::Event(event) => {
+                            let outcome = aggregator.apply(&event);
+                            summary.record(outcome, &event, period, config);
+                        }
+                        Ingested::Rejected(reject) => {
+                            summary.record_reject(&reject);
+                            rejects.push(reject);
+                        }
+                    }
+                }
+                progress(summary.events_read);
+                if windows_tx.send(aggregator.drain_updates()).is_err() {
+                    break;
+                }
+            }
+            (summary, rejects)
+        });
+
+        // Rater: price period-to-date usage and store windows and line revisions.
+        let mut ledger = Ledger::new(Arc::clone(config));
+        let mut window_updates = 0u64;
+        let mut line_revisions = 0u64;
+        let mut unpriced = std::collections::BTreeMap::new();
+        for updates in windows_rx {
+            for w in &updates {
+                let window_period = Period::containing(w.window_start);
+                let recorded = ledger.record(&w.series, window_period, w.period_to_date);
+                if recorded == Recorded::NotPriced && window_period == period {
+                    unpriced.insert(Arc::clone(&w.series), w.period_to_date.value);
+                }
+            }
+            let rated = ledger.flush().context("rating failed")?;
+            store.write(&updates, &rated)?;
+            window_updates += updates.len() as u64;
+            line_revisions += rated.len() as u64;
+        }
+        let lines = ledger.close(period).context("rating failed")?;
+        store.write(&[], &lines)?;
+
+        ingest.join().map_err(|_| anyhow::anyhow!("the ingest stage panicked"))?;
+        let (mut summary, rejects) = aggregator
+            .join()
+            .map_err(|_| anyhow::anyhow!("the aggregator stage panicked"))?;
+        summary.unpriced_usage = unpriced
+            .into_iter()
+            .map(|(series, quantity)| UnpricedUsage::new(&series, quantity))
+            .collect();
+        Ok(PipelineRun {
+            summary,
+            lines,
+            rejects,
+            window_updates,
+            line_revisions,
+        })
+    })
+}

@@ -1,0 +1,134 @@
+//! The embedded store: SQLite in place of ClickHouse.
+//!
+//! In: window updates and rated line revisions. Out: three tables a person can query.
+//! - `window_usage`: one row per (series, window), keeping the highest revision.
+//! - `rated_lines`: every revision of every invoice line, keyed by (id, revision), so a
+//!   replay writes nothing new.
+//! - `invoice_lines`: a view with the current revision of each line.
+//!
+//! Decimals are stored as TEXT, so nothing is rounded through floating point;
+//! `amount_minor` holds the amount in the currency's minor unit as an INTEGER, so
+//! `SUM(amount_minor)` is exact in SQL.
+
+use std::path::Path;
+
+use anyhow::Context;
+use rusqlite::{params, Connection};
+use tally_rater::RatedLine;
+use tally_schemas::records::WindowUsage;
+use tally_schemas::time::rfc3339;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS window_usage (
+    customer TEXT NOT NULL,
+    meter TEXT NOT NULL,
+    dimensions TEXT NOT NULL,
+    window_start TEXT NOT NULL,
+    window_end TEXT NOT NULL,
+    period_start TEXT NOT NULL,
+    value TEXT NOT NULL,
+    period_to_date TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (customer, meter, dimensions, window_start)
+);
+CREATE TABLE IF NOT EXISTS rated_lines (
+    id TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    config_hash TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    price TEXT NOT NULL,
+    meter TEXT NOT NULL,
+    period_start TEXT NOT NULL,
+    period_end TEXT NOT NULL,
+    quantity TEXT NOT NULL,
+    subtotal TEXT NOT NULL,
+    discount TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    amount_minor INTEGER NOT NULL,
+    delta TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    tiers TEXT NOT NULL,
+    PRIMARY KEY (id, revision)
+);
+CREATE VIEW IF NOT EXISTS invoice_lines AS
+    SELECT r.* FROM rated_lines r
+    WHERE r.revision = (SELECT MAX(revision) FROM rated_lines x WHERE x.id = r.id);
+";
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> anyhow::Result<Store> {
+        let conn = Connection::open(path).with_context(|| format!("cannot open SQLite database {}", path.display()))?;
+        // The store is rebuilt from the events file, so durability per commit is not
+        // needed; WAL keeps readers unblocked while the pipeline writes.
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;")?;
+        conn.execute_batch(SCHEMA).context("cannot create the store's tables")?;
+        Ok(Store { conn })
+    }
+
+    /// Writes one batch of window updates and line revisions in one transaction.
+    pub fn write(&mut self, windows: &[WindowUsage], lines: &[RatedLine]) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut upsert_window = tx.prepare_cached(
+                "INSERT INTO window_usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (customer, meter, dimensions, window_start) DO UPDATE SET
+                    value = excluded.value, period_to_date = excluded.period_to_date,
+                    revision = excluded.revision
+                 WHERE excluded.revision > window_usage.revision",
+            )?;
+            for w in windows {
+                upsert_window.execute(params![
+                    w.series.customer,
+                    w.series.meter,
+                    serde_json::to_string(&w.series.group)?,
+                    rfc3339(w.window_start),
+                    rfc3339(w.window_end),
+                    rfc3339(w.period_start),
+                    w.window_value.value.to_string(),
+                    w.period_to_date.value.to_string(),
+                    w.revision as i64,
+                ])?;
+            }
+            let mut insert_line = tx.prepare_cached(
+                "INSERT OR IGNORE INTO rated_lines VALUES
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            )?;
+            for r in lines {
+                let l = &r.line;
+                insert_line.execute(params![
+                    l.id,
+                    r.revision as i64,
+                    l.config_hash,
+                    l.customer,
+                    l.plan,
+                    l.price,
+                    l.meter,
+                    rfc3339(l.period_start),
+                    rfc3339(l.period_end),
+                    l.quantity.to_string(),
+                    l.subtotal.to_string(),
+                    l.discount.to_string(),
+                    l.amount.to_string(),
+                    minor_units(l.amount)?,
+                    r.delta.to_string(),
+                    l.currency,
+                    serde_json::to_string(&l.tiers)?,
+                ])?;
+            }
+        }
+        tx.commit().context("cannot commit to the store")?;
+        Ok(())
+    }
+}
+
+/// Rater amounts carry exactly their currency's minor digits (12.30 for usd, 1230 for
+/// jpy), so the mantissa is the amount in minor units.
+fn minor_units(amount: rust_decimal::Decimal) -> anyhow::Result<i64> {
+    i64::try_from(amount.mantissa()).context("amount does not fit a 64-bit count of minor units")
+}

@@ -1,0 +1,163 @@
+//! The `tally` command.
+//!
+//! Layout:
+//! - `validate`: lint a tally.toml ([`tally_schemas::config`]).
+//! - `rate`: batch-rate one month of events for finance (`batch.rs`, `report.rs`).
+//! - `demo`: generate a realistic month and run it through the embedded pipeline
+//!   (`demo/`, `embedded/`).
+//! - `generate`: the demo's deterministic event generator on its own, for benchmarks.
+
+mod batch;
+mod demo;
+mod embedded;
+mod report;
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use tally_schemas::config::Config;
+use tally_schemas::time::Period;
+
+use crate::batch::{rate_events, read_input, BatchOptions};
+use crate::report::{write_lines, Format};
+
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about = "Usage metering and rating for AI products")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a configuration and summarise what it defines.
+    Validate {
+        /// The configuration file.
+        #[arg(long, default_value = "tally.toml")]
+        config: PathBuf,
+    },
+    /// Rate one calendar month (UTC) of usage events into invoice lines.
+    Rate(RateArgs),
+    /// Generate a month of AI usage and run it through the embedded pipeline.
+    Demo(demo::DemoArgs),
+    /// Write a deterministic synthetic month of events and a configuration for it.
+    Generate(demo::GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+struct RateArgs {
+    /// The configuration file.
+    #[arg(long, default_value = "tally.toml")]
+    config: PathBuf,
+    /// CloudEvents JSON lines; `-` reads stdin.
+    #[arg(long)]
+    events: String,
+    /// The month to rate, e.g. 2026-11: [first day 00:00, first day of next month 00:00) UTC.
+    #[arg(long)]
+    period: Period,
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Where to write invoice lines; standard output if omitted.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Where rejected lines go, one JSON object each with line, field, code, reason and raw.
+    #[arg(long, default_value = "rejects.jsonl")]
+    rejects: PathBuf,
+    /// Also write the run's summary as JSON here.
+    #[arg(long)]
+    summary: Option<PathBuf>,
+    /// Stop with an error at the first bad line instead of rejecting it.
+    #[arg(long)]
+    strict: bool,
+    /// The clock events may not be ahead of (RFC 3339); default: now.
+    #[arg(long)]
+    now: Option<DateTime<Utc>>,
+    /// Decoding threads; default: the machine's cores.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate { config } => validate(&config),
+        Command::Rate(args) => rate(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Generate(args) => demo::generate_command(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn validate(path: &PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let prices: usize = config.plans.iter().map(|p| p.prices.len()).sum();
+    println!(
+        "{} is valid: {} meters, {} plans with {} prices, {} customers; price book hash {}",
+        path.display(),
+        config.meters.len(),
+        config.plans.len(),
+        prices,
+        config.customers.len(),
+        config.hash
+    );
+    Ok(())
+}
+
+/// Decoding threads to use when not told.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn rate(args: RateArgs) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load(&args.config)?);
+    let input = read_input(&args.events)?;
+    let options = BatchOptions {
+        period: args.period,
+        now: args.now.unwrap_or_else(Utc::now),
+        workers: args.threads.unwrap_or_else(default_threads),
+        strict: args.strict,
+    };
+    let rejects_path = args.rejects.display().to_string();
+    let mut rejects = BufWriter::new(
+        File::create(&args.rejects).with_context(|| format!("cannot create rejects file {rejects_path}"))?,
+    );
+    let result = rate_events(&config, &input, &options, |reject| {
+        writeln!(rejects, "{}", reject.to_json()).with_context(|| format!("cannot write {rejects_path}"))
+    })?;
+    rejects.flush().with_context(|| format!("cannot write {rejects_path}"))?;
+
+    match &args.output {
+        Some(path) => {
+            let mut out = BufWriter::new(
+                File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+            );
+            write_lines(args.format, &result.lines, &mut out)?;
+            out.flush()?;
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            write_lines(args.format, &result.lines, &mut out)?;
+            out.flush()?;
+        }
+    }
+    if let Some(path) = &args.summary {
+        std::fs::write(path, serde_json::to_string_pretty(&result.summary)?)
+            .with_context(|| format!("cannot write summary {}", path.display()))?;
+    }
+    eprint!("{}", result.summary.render());
+    eprintln!(
+        "{} invoice lines, price book {}; {} rejected lines in {rejects_path}",
+        result.lines.len(),
+        config.hash,
+        result.summary.rejected
+    );
+    Ok(())
+}

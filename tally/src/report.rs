@@ -1,0 +1,143 @@
+//! Invoice lines rendered for people and programs: JSON lines, CSV, or a table with
+//! per-customer totals.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+
+use clap::ValueEnum;
+use rust_decimal::Decimal;
+use tally_schemas::records::{InvoiceLine, TierCharge};
+use tally_schemas::time::rfc3339;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One JSON object per line, decimals as strings.
+    Json,
+    /// A header row, then one row per line; `tiers` as readable text.
+    Csv,
+    /// Aligned columns with a total per customer and per currency.
+    Table,
+}
+
+pub fn write_lines(format: Format, lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()> {
+    match format {
+        Format::Json => {
+            for line in lines {
+                serde_json::to_writer(&mut *out, line)?;
+                out.write_all(b"\n")?;
+            }
+            Ok(())
+        }
+        Format::Csv => write_csv(lines, out),
+        Format::Table => write_table(lines, out),
+    }
+}
+
+const CSV_HEADER: &str = "id,config_hash,customer,plan,price,meter,period_start,period_end,quantity,subtotal,discount,amount,currency,tiers";
+
+pub fn write_csv(lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()> {
+    writeln!(out, "{CSV_HEADER}")?;
+    for l in lines {
+        let fields = [
+            l.id.clone(),
+            l.config_hash.clone(),
+            l.customer.clone(),
+            l.plan.clone(),
+            l.price.clone(),
+            l.meter.clone(),
+            rfc3339(l.period_start),
+            rfc3339(l.period_end),
+            l.quantity.to_string(),
+            l.subtotal.to_string(),
+            l.discount.to_string(),
+            l.amount.to_string(),
+            l.currency.clone(),
+            tiers_text(&l.tiers),
+        ];
+        let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        writeln!(out, "{}", row.join(","))?;
+    }
+    Ok(())
+}
+
+fn csv_field(field: &str) -> String {
+    if field.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", field.replace('"', "\"\""))
+    } else {
+        field.to_owned()
+    }
+}
+
+/// `tier 1 (up to 100): 100 x 0 + 49 = 49; tier 2 (up to 1000): 150 x 0.89 = 133.5`
+pub fn tiers_text(tiers: &[TierCharge]) -> String {
+    tiers
+        .iter()
+        .map(|t| {
+            let flat = if t.flat_amount.is_zero() {
+                String::new()
+            } else {
+                format!(" + {}", t.flat_amount)
+            };
+            format!(
+                "tier {} (up to {}): {} x {}{} = {}",
+                t.tier, t.up_to, t.quantity, t.unit_amount, flat, t.amount
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+pub fn write_table(lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()> {
+    let mut by_customer: BTreeMap<&str, Vec<&InvoiceLine>> = BTreeMap::new();
+    for l in lines {
+        by_customer.entry(&l.customer).or_default().push(l);
+    }
+    let mut grand: BTreeMap<&str, (Decimal, usize)> = BTreeMap::new();
+    for (customer, lines) in &by_customer {
+        let first = lines[0];
+        writeln!(
+            out,
+            "{customer}  plan {}  {} to {}",
+            first.plan,
+            first.period_start.format("%Y-%m-%d"),
+            first.period_end.format("%Y-%m-%d")
+        )?;
+        writeln!(
+            out,
+            "  {:<20} {:<14} {:>16} {:>14} {:>12} {:>14}",
+            "price", "meter", "quantity", "subtotal", "discount", "amount"
+        )?;
+        let mut totals: BTreeMap<&str, Decimal> = BTreeMap::new();
+        for l in lines {
+            writeln!(
+                out,
+                "  {:<20} {:<14} {:>16} {:>14} {:>12} {:>14} {}",
+                l.price, l.meter, l.quantity, l.subtotal, l.discount, l.amount, l.currency
+            )?;
+            *totals.entry(&l.currency).or_default() += l.amount;
+        }
+        for (currency, total) in totals {
+            writeln!(out, "  {:<20} {:>74} {currency}", "total", total.to_string())?;
+            let g = grand.entry(currency).or_default();
+            g.0 += total;
+            g.1 += 1;
+        }
+        writeln!(out)?;
+    }
+    for (currency, (total, customers)) in grand {
+        writeln!(out, "all customers billed in {currency} ({customers}): {total} {currency}")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_only_what_needs_quoting() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
+}
