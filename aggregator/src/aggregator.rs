@@ -276,24 +276,31 @@ impl Aggregator {
     /// The whole state, for a snapshot. Pending (undrained) updates are not part of it:
     /// take a snapshot right after a drain, as the transaction that carries the updates
     /// commits.
+    /// Entries are sorted, so equal states give equal snapshots.
     pub fn snapshot(&self) -> Snapshot {
+        let mut dedupe: Vec<DedupeEntry> = self.dedupe.entries().copied().collect();
+        dedupe.sort_unstable();
+        let mut windows: Vec<_> = self
+            .windows
+            .iter()
+            .map(|(&(series, start), (state, w))| (series, start, state.clone(), w.revision))
+            .collect();
+        windows.sort_unstable_by_key(|w| (w.0, w.1));
+        let mut periods: Vec<_> = self
+            .periods
+            .iter()
+            .map(|(&(series, period), state)| (series, period, state.clone()))
+            .collect();
+        periods.sort_unstable_by_key(|p| (p.0, p.1));
         Snapshot {
-            dedupe: self.dedupe.entries().copied().collect(),
+            dedupe,
             series: self
                 .series
                 .iter()
                 .map(|(key, kind)| (SeriesKey::clone(key), *kind))
                 .collect(),
-            windows: self
-                .windows
-                .iter()
-                .map(|(&(series, start), (state, w))| (series, start, state.clone(), w.revision))
-                .collect(),
-            periods: self
-                .periods
-                .iter()
-                .map(|(&(series, period), state)| (series, period, state.clone()))
-                .collect(),
+            windows,
+            periods,
             watermark: self.watermark,
             expired_before_day: self.expired_before_day,
         }
@@ -350,4 +357,258 @@ pub struct Snapshot {
     periods: Vec<(SeriesId, Period, AggState)>,
     watermark: Option<DateTime<Utc>>,
     expired_before_day: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+    use std::str::FromStr;
+
+    use proptest::prelude::*;
+    use rust_decimal::Decimal;
+    use tally_schemas::config::MeterId;
+    use tally_schemas::event::{Reading, ReadingValue};
+    use tally_schemas::ids::{EventKey, PayloadFingerprint};
+
+    const CONFIG: &str = r#"
+        [[meters]]
+        slug = "tokens"
+        event_type = "llm.tokens"
+        aggregation = "sum"
+        value_property = "$.tokens"
+        group_by = { model = "$.model" }
+
+        [[meters]]
+        slug = "users"
+        event_type = "llm.tokens"
+        aggregation = "unique_count"
+        value_property = "$.user"
+
+        [[meters]]
+        slug = "seats"
+        event_type = "seats"
+        aggregation = "latest"
+        value_property = "$.seats"
+
+        [aggregator]
+        dedupe_horizon = "2d"
+    "#;
+
+    fn config() -> Config {
+        Config::parse(CONFIG, "test").unwrap()
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    /// A tokens event: `tokens` for `model`, by `user`.
+    fn tokens(id: &str, time: &str, model: &'static str, tokens: i64, user: u64) -> DecodedEvent<'static> {
+        DecodedEvent {
+            key: EventKey::new("gw", id),
+            payload: PayloadFingerprint(tokens as u32),
+            time: at(time),
+            subject: Cow::Borrowed("acme"),
+            event_type: Cow::Borrowed("llm.tokens"),
+            readings: vec![
+                Reading {
+                    meter: MeterId(0),
+                    group: vec![Cow::Borrowed(model)],
+                    value: ReadingValue::Number(Decimal::from(tokens)),
+                },
+                Reading {
+                    meter: MeterId(1),
+                    group: vec![],
+                    value: ReadingValue::Distinct(user),
+                },
+            ],
+        }
+    }
+
+    fn seats(id: &str, time: &str, seats: i64) -> DecodedEvent<'static> {
+        DecodedEvent {
+            key: EventKey::new("admin", id),
+            payload: PayloadFingerprint(0),
+            time: at(time),
+            subject: Cow::Borrowed("acme"),
+            event_type: Cow::Borrowed("seats"),
+            readings: vec![Reading {
+                meter: MeterId(2),
+                group: vec![],
+                value: ReadingValue::Number(Decimal::from(seats)),
+            }],
+        }
+    }
+
+    fn usage(agg: &Aggregator, period: &str, meter: &str) -> Vec<(Vec<String>, String)> {
+        agg.period_usage(Period::from_str(period).unwrap())
+            .into_iter()
+            .filter(|(s, _)| s.meter == meter)
+            .map(|(s, v)| (s.group.clone(), v.value.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn windows_are_hourly_per_series_and_periods_add_up() {
+        let mut agg = Aggregator::batch(&config());
+        agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1));
+        agg.apply(&tokens("2", "2026-11-01T00:50:00Z", "gpt", 50, 2));
+        agg.apply(&tokens("3", "2026-11-01T01:00:00Z", "gpt", 7, 1));
+        agg.apply(&tokens("4", "2026-11-01T01:00:00Z", "llama", 3, 1));
+        let updates = agg.drain_updates();
+        let tokens_windows: Vec<_> = updates
+            .iter()
+            .filter(|u| u.series.meter == "tokens")
+            .map(|u| (u.series.group[0].as_str(), u.window_start.format("%H:%M").to_string(), u.window_value.value.to_string(), u.period_to_date.value.to_string()))
+            .collect();
+        assert_eq!(
+            tokens_windows,
+            [
+                ("gpt", "00:00".into(), "150".into(), "157".into()),
+                ("gpt", "01:00".into(), "7".into(), "157".into()),
+                ("llama", "01:00".into(), "3".into(), "3".into()),
+            ]
+        );
+        assert_eq!(
+            usage(&agg, "2026-11", "tokens"),
+            [(vec!["gpt".to_string()], "157".to_string()), (vec!["llama".to_string()], "3".to_string())]
+        );
+    }
+
+    #[test]
+    fn a_periods_unique_count_is_not_the_sum_of_its_windows() {
+        let mut agg = Aggregator::batch(&config());
+        // User 1 in two different hours, user 2 once: 2 distinct users, 3 window-users.
+        agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 1, 1));
+        agg.apply(&tokens("2", "2026-11-01T05:10:00Z", "gpt", 1, 1));
+        agg.apply(&tokens("3", "2026-11-01T05:20:00Z", "gpt", 1, 2));
+        let windows: Decimal = agg
+            .drain_updates()
+            .iter()
+            .filter(|u| u.series.meter == "users")
+            .map(|u| u.window_value.value)
+            .sum();
+        assert_eq!(windows, Decimal::from(3));
+        assert_eq!(usage(&agg, "2026-11", "users"), [(vec![], "2".to_string())]);
+    }
+
+    #[test]
+    fn latest_is_the_value_of_the_latest_event_time_not_the_last_arrival() {
+        let mut agg = Aggregator::batch(&config());
+        agg.apply(&seats("a", "2026-11-20T00:00:00Z", 12));
+        agg.apply(&seats("b", "2026-11-03T00:00:00Z", 30)); // arrives later, happened earlier
+        assert_eq!(usage(&agg, "2026-11", "seats"), [(vec![], "12".to_string())]);
+    }
+
+    #[test]
+    fn retries_and_conflicts_are_dropped_and_told_apart() {
+        let mut agg = Aggregator::batch(&config());
+        assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)), Outcome::Accepted);
+        assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)), Outcome::Retry);
+        assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 999, 1)), Outcome::Conflict);
+        assert_eq!(usage(&agg, "2026-11", "tokens"), [(vec!["gpt".to_string()], "100".to_string())]);
+    }
+
+    #[test]
+    fn events_span_periods_by_their_utc_time() {
+        let mut agg = Aggregator::batch(&config());
+        agg.apply(&tokens("1", "2026-11-30T23:59:59Z", "gpt", 1, 1));
+        agg.apply(&tokens("2", "2026-12-01T00:00:00Z", "gpt", 2, 1));
+        assert_eq!(usage(&agg, "2026-11", "tokens")[0].1, "1");
+        assert_eq!(usage(&agg, "2026-12", "tokens")[0].1, "2");
+    }
+
+    #[test]
+    fn late_events_within_the_horizon_revise_their_window() {
+        let mut agg = Aggregator::streaming(&config());
+        agg.apply(&tokens("1", "2026-11-10T10:00:00Z", "gpt", 5, 1));
+        agg.apply(&tokens("2", "2026-11-11T10:00:00Z", "gpt", 5, 1));
+        assert_eq!(agg.drain_updates().len(), 4);
+        // A day late: within the 2-day horizon, so the 10th's window gets revision 2.
+        assert_eq!(agg.apply(&tokens("3", "2026-11-10T10:30:00Z", "gpt", 1, 1)), Outcome::Accepted);
+        let updates = agg.drain_updates();
+        let revised = updates.iter().find(|u| u.series.meter == "tokens").unwrap();
+        assert_eq!(revised.revision, 2);
+        assert_eq!(revised.window_value.value, Decimal::from(6));
+        assert_eq!(revised.period_to_date.value, Decimal::from(11));
+    }
+
+    #[test]
+    fn events_older_than_the_horizon_are_too_late_and_their_keys_forgotten() {
+        let mut agg = Aggregator::streaming(&config());
+        agg.apply(&tokens("old", "2026-11-01T10:00:00Z", "gpt", 5, 1));
+        assert_eq!(agg.dedupe_keys(), 1);
+        agg.apply(&tokens("new", "2026-11-05T10:00:00Z", "gpt", 5, 1));
+        // The 1st is more than 2 days before the 5th: its key is gone, and a retry of it
+        // is refused as too late rather than counted again.
+        assert_eq!(agg.dedupe_keys(), 1);
+        assert_eq!(agg.apply(&tokens("old", "2026-11-01T10:00:00Z", "gpt", 5, 1)), Outcome::TooLate);
+        assert_eq!(usage(&agg, "2026-11", "tokens")[0].1, "10");
+    }
+
+    #[test]
+    fn a_batch_aggregator_keeps_every_key_whatever_the_order() {
+        let mut agg = Aggregator::batch(&config());
+        agg.apply(&tokens("new", "2026-12-20T10:00:00Z", "gpt", 5, 1));
+        assert_eq!(agg.apply(&tokens("old", "2026-10-01T10:00:00Z", "gpt", 5, 1)), Outcome::Accepted);
+        assert_eq!(agg.apply(&tokens("old", "2026-10-01T10:00:00Z", "gpt", 5, 1)), Outcome::Retry);
+    }
+
+    #[test]
+    fn a_restored_snapshot_continues_exactly_where_the_original_was() {
+        let config = config();
+        let mut original = Aggregator::streaming(&config);
+        original.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1));
+        original.apply(&seats("s", "2026-11-01T00:10:00Z", 4));
+        original.drain_updates();
+        let json = serde_json::to_string(&original.snapshot()).unwrap();
+        let mut restored = Aggregator::streaming(&config).restore(serde_json::from_str(&json).unwrap());
+        for agg in [&mut original, &mut restored] {
+            assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)), Outcome::Retry);
+            assert_eq!(agg.apply(&tokens("2", "2026-11-01T00:20:00Z", "gpt", 1, 2)), Outcome::Accepted);
+        }
+        assert_eq!(original.drain_updates(), restored.drain_updates());
+        assert_eq!(original.snapshot(), restored.snapshot());
+    }
+
+    proptest! {
+        /// Replaying a stream, in any order, with any retries, gives the same period
+        /// totals as the stream once.
+        #[test]
+        fn totals_survive_replays_and_shuffles(
+            events in proptest::collection::vec((0u32..500, 0u32..720, 0u64..3, 1i64..1000, 0u64..5), 1..80),
+            seed in any::<u64>(),
+        ) {
+            let models = ["gpt", "claude", "llama"];
+            // Distinct ids: a stream's retries are then identical resends, the case whose
+            // outcome must not depend on order (for conflicts, arrival order decides).
+            let mut seen = std::collections::HashSet::new();
+            let stream: Vec<DecodedEvent<'static>> = events
+                .iter()
+                .filter(|e| seen.insert(e.0))
+                .map(|&(id, hour, model, n, user)| {
+                    let time = format!("2026-11-{:02}T{:02}:00:00Z", 1 + hour / 24, hour % 24);
+                    tokens(&id.to_string(), &time, models[model as usize], n + i64::from(id) * 1000, user)
+                })
+                .collect();
+            let mut once = Aggregator::batch(&config());
+            for e in &stream {
+                once.apply(e);
+            }
+            let mut replayed = stream.clone();
+            replayed.extend(stream.iter().cloned());
+            let mut s = seed;
+            for i in (1..replayed.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                replayed.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let mut twice = Aggregator::batch(&config());
+            for e in &replayed {
+                twice.apply(e);
+            }
+            let period = Period::from_str("2026-11").unwrap();
+            prop_assert_eq!(once.period_usage(period), twice.period_usage(period));
+        }
+    }
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tally_schemas::ids::{EventKey, PayloadFingerprint};
 
 /// One remembered event, 16 bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DedupeEntry {
     key_high: u64,
     key_low: u16,

@@ -110,8 +110,17 @@ impl Ledger {
 
     /// Re-rates every line changed since the last flush.
     pub fn flush(&mut self) -> Result<Vec<RatedLine>, RateError> {
-        let mut rated = Vec::with_capacity(self.dirty.len());
-        for key in std::mem::take(&mut self.dirty) {
+        self.flush_where(|_| true)
+    }
+
+    /// Re-rates the changed lines whose key passes `select`; the others stay pending.
+    fn flush_where(&mut self, select: impl Fn(&LineKey) -> bool) -> Result<Vec<RatedLine>, RateError> {
+        let (due, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dirty)
+            .into_iter()
+            .partition(|(_, key)| select(key));
+        self.dirty = pending;
+        let mut rated = Vec::with_capacity(due.len());
+        for key in due {
             let Some(state) = self.lines.get_mut(&key) else { continue };
             let customer = &self.config.customers[&key.0];
             let line = price_line(&self.config, customer, key.1, state)?;
@@ -131,10 +140,16 @@ impl Ledger {
 
     /// Every line of the period in its current revision: one per subscribed customer and
     /// price of their plan, zero usage included, sorted by customer then by the price's
-    /// place in the plan. Pending changes are flushed first; a line that never had usage
-    /// gets its first revision here.
+    /// place in the plan. The period's pending changes are flushed first (other periods'
+    /// stay pending), and a line that never had
+    /// usage gets its first revision here; `delta` is the change since the previous
+    /// flush (zero for lines that did not change).
     pub fn close(&mut self, period: Period) -> Result<Vec<RatedLine>, RateError> {
-        self.flush()?;
+        let flushed: HashMap<String, Decimal> = self
+            .flush_where(|key| key.period == period)?
+            .into_iter()
+            .map(|r| (r.line.id, r.delta))
+            .collect();
         let config = Arc::clone(&self.config);
         let mut lines = Vec::new();
         for customer in config.customers.values() {
@@ -143,7 +158,7 @@ impl Ledger {
                 let key = LineKey { price_index, period };
                 let state = self.lines.entry((customer.id.clone(), key)).or_default();
                 let (line, delta) = match &state.rated {
-                    Some(line) => (line.clone(), Decimal::ZERO),
+                    Some(line) => (line.clone(), flushed.get(&line.id).copied().unwrap_or_default()),
                     None => {
                         let line = price_line(&config, customer, key, state)?;
                         state.revision = 1;
@@ -183,4 +198,222 @@ fn combine(kind: AggregationKind, values: impl Iterator<Item = MeterValue>) -> M
         },
         AggregationKind::Latest => acc.later(v),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::str::FromStr;
+
+    const CONFIG: &str = r#"
+        [[meters]]
+        slug = "resolutions"
+        event_type = "ai.resolution"
+        aggregation = "count"
+
+        [[meters]]
+        slug = "tokens"
+        event_type = "llm.tokens"
+        aggregation = "sum"
+        value_property = "$.tokens"
+        group_by = { model = "$.model" }
+
+        [[meters]]
+        slug = "seats"
+        event_type = "seats"
+        aggregation = "max"
+        value_property = "$.seats"
+        group_by = { team = "$.team" }
+
+        [[plans]]
+        id = "pro"
+        currency = "usd"
+
+        [[plans.prices]]
+        id = "resolutions"
+        meter = "resolutions"
+        billing_scheme = "tiered"
+        tiers_mode = "graduated"
+        tiers = [
+          { up_to = 100, flat_amount = "49" },
+          { up_to = 1000, unit_amount = "0.89" },
+          { up_to = "inf", unit_amount = "0.69" },
+        ]
+
+        [[plans.prices]]
+        id = "gpt-tokens"
+        meter = "tokens"
+        billing_scheme = "per_unit"
+        unit_amount = "0.002"
+        transform_quantity = { divide_by = 1000, round = "up" }
+        filter = { model = "gpt-x" }
+
+        [[plans.prices]]
+        id = "all-tokens"
+        meter = "tokens"
+        billing_scheme = "tiered"
+        tiers_mode = "volume"
+        tiers = [
+          { up_to = 5000, unit_amount = "0.0003" },
+          { up_to = "inf", unit_amount = "0.0001", flat_amount = "0.5" },
+        ]
+
+        [[plans.prices]]
+        id = "seats"
+        meter = "seats"
+        billing_scheme = "per_unit"
+        unit_amount = "10"
+
+        [[customers]]
+        id = "acme"
+        plan = "pro"
+        discounts = [{ price = "resolutions", percent_off = "12.5" }]
+    "#;
+
+    fn config() -> Arc<Config> {
+        Arc::new(Config::parse(CONFIG, "test").unwrap())
+    }
+
+    fn series(meter: &str, group: &[&str]) -> Arc<SeriesKey> {
+        Arc::new(SeriesKey {
+            customer: "acme".into(),
+            meter: meter.into(),
+            group: group.iter().map(|g| g.to_string()).collect(),
+        })
+    }
+
+    fn value(v: i64) -> MeterValue {
+        MeterValue {
+            value: Decimal::from(v),
+            latest: None,
+        }
+    }
+
+    fn november() -> Period {
+        Period::from_str("2026-11").unwrap()
+    }
+
+    #[test]
+    fn a_line_combines_the_series_its_price_selects() {
+        let mut ledger = Ledger::new(config());
+        ledger.record(&series("tokens", &["gpt-x"]), november(), value(1500));
+        ledger.record(&series("tokens", &["llama"]), november(), value(4000));
+        ledger.record(&series("seats", &["a"]), november(), value(3));
+        ledger.record(&series("seats", &["b"]), november(), value(5));
+        let lines = ledger.close(november()).unwrap();
+        let by_price = |id: &str| lines.iter().find(|l| l.line.price == id).unwrap().line.clone();
+        // Filtered to gpt-x: 1500 tokens, 2 packages of 1000.
+        assert_eq!(by_price("gpt-tokens").quantity, Decimal::from(1500));
+        assert_eq!(by_price("gpt-tokens").amount.to_string(), "0.00");
+        // Unfiltered: 5500 tokens at volume tier 2: 0.55 + 0.5 = 1.05.
+        assert_eq!(by_price("all-tokens").quantity, Decimal::from(5500));
+        assert_eq!(by_price("all-tokens").amount.to_string(), "1.05");
+        // Max across teams is 5, not 8.
+        assert_eq!(by_price("seats").amount.to_string(), "50.00");
+        // No resolutions: the first tier's flat fee, less 12.5 %: 49 - 6.13 = 42.87.
+        let resolutions = by_price("resolutions");
+        assert_eq!(resolutions.quantity, Decimal::ZERO);
+        assert_eq!(
+            (resolutions.subtotal.to_string(), resolutions.discount.to_string(), resolutions.amount.to_string()),
+            ("49.00".into(), "6.13".into(), "42.87".into())
+        );
+    }
+
+    #[test]
+    fn usage_of_unknown_customers_and_unpriced_meters_is_reported() {
+        let mut ledger = Ledger::new(config());
+        let stranger = Arc::new(SeriesKey {
+            customer: "nobody".into(),
+            meter: "tokens".into(),
+            group: vec!["gpt-x".into()],
+        });
+        assert_eq!(ledger.record(&stranger, november(), value(1)), Recorded::UnknownCustomer);
+        assert_eq!(ledger.record(&series("tokens", &["gpt-x"]), november(), value(1)), Recorded::Billed(2));
+        assert_eq!(ledger.record(&series("unmetered", &[]), november(), value(1)), Recorded::NotPriced);
+    }
+
+    #[test]
+    fn revisions_count_up_and_deltas_follow_the_amount() {
+        let mut ledger = Ledger::new(config());
+        let res = series("resolutions", &[]);
+        ledger.record(&res, november(), value(150));
+        let first = ledger.flush().unwrap();
+        assert_eq!((first[0].revision, first[0].line.amount.to_string()), (1, "81.81".to_string()));
+        assert_eq!(first[0].delta, first[0].line.amount);
+        // The same value again changes nothing.
+        ledger.record(&res, november(), value(150));
+        assert!(ledger.flush().unwrap().is_empty());
+        ledger.record(&res, november(), value(151));
+        let second = ledger.flush().unwrap();
+        assert_eq!(second[0].revision, 2);
+        assert_eq!(second[0].delta.to_string(), "0.78");
+    }
+
+    proptest! {
+        /// Window usage added to period-to-date totals, in any order and flushed at any
+        /// points, ends at exactly the amount of rating the period total at once, and
+        /// the deltas of the revisions add up to it.
+        #[test]
+        fn incremental_rating_equals_rating_the_total(
+            windows in proptest::collection::vec((0usize..3, 0u32..5000), 1..40),
+            flush_mask in any::<u64>(),
+        ) {
+            let config = config();
+            let models = ["gpt-x", "claude", "llama"];
+            let mut ledger = Ledger::new(Arc::clone(&config));
+            let mut to_date = [Decimal::ZERO; 3];
+            let mut resolutions = Decimal::ZERO;
+            let mut deltas: HashMap<String, Decimal> = HashMap::new();
+            for (i, &(model, n)) in windows.iter().enumerate() {
+                to_date[model] += Decimal::from(n);
+                resolutions += Decimal::from(n % 7);
+                ledger.record(&series("tokens", &[models[model]]), november(), MeterValue { value: to_date[model], latest: None });
+                ledger.record(&series("resolutions", &[]), november(), MeterValue { value: resolutions, latest: None });
+                if flush_mask & (1 << (i % 64)) != 0 {
+                    for r in ledger.flush().unwrap() {
+                        *deltas.entry(r.line.price.clone()).or_default() += r.delta;
+                    }
+                }
+            }
+            let closed = ledger.close(november()).unwrap();
+            let customer = &config.customers["acme"];
+            let totals = [
+                ("resolutions", resolutions),
+                ("gpt-tokens", to_date[0]),
+                ("all-tokens", to_date.iter().copied().sum()),
+                ("seats", Decimal::ZERO),
+            ];
+            for (price, quantity) in totals {
+                let index = config.plan(customer.plan).prices.iter().position(|p| p.id == price).unwrap();
+                let at_once = invoice_line(&config, customer, index, november(), quantity).unwrap();
+                let rated = closed.iter().find(|r| r.line.price == price).unwrap();
+                prop_assert_eq!(&rated.line, &at_once);
+                let summed = deltas.get(price).copied().unwrap_or_default() + rated.delta;
+                prop_assert_eq!(summed, at_once.amount);
+            }
+        }
+
+        /// Each line is rounded once to the currency's minor unit, its amount is its
+        /// subtotal less a discount no larger than the subtotal, and the invoice total
+        /// is the exact sum of the lines.
+        #[test]
+        fn lines_are_rounded_once_and_add_up(
+            quantities in proptest::collection::vec(0u32..100_000, 4),
+            scale in 0u32..4,
+        ) {
+            let config = config();
+            let customer = &config.customers["acme"];
+            let mut total = Decimal::ZERO;
+            for (index, q) in quantities.iter().enumerate() {
+                let line = invoice_line(&config, customer, index, november(), Decimal::new(i64::from(*q), scale)).unwrap();
+                prop_assert_eq!(line.subtotal.scale(), 2);
+                prop_assert_eq!(line.amount.scale(), 2);
+                prop_assert!(line.discount >= Decimal::ZERO && line.discount <= line.subtotal);
+                prop_assert_eq!(line.amount, line.subtotal - line.discount);
+                total += line.amount;
+            }
+            prop_assert_eq!(total.round_dp(2), total);
+        }
+    }
 }
