@@ -5,7 +5,7 @@
 //! result against `tally rate` on the same file, and shows finance what came out and
 //! where it is.
 
-mod generate;
+pub(crate) mod generate;
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -157,3 +157,71 @@ pub fn run(
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{rate_events, BatchOptions};
+    use crate::demo::generate::{config_toml, generate, Spec};
+    use std::str::FromStr;
+
+    #[test]
+    fn the_embedded_pipeline_agrees_with_batch_rating_and_stores_one_current_row_per_line() {
+        let period = Period::from_str("2026-10").unwrap();
+        let now = DateTime::parse_from_rfc3339("2026-11-24T00:00:00Z").unwrap().with_timezone(&Utc);
+        let config = Arc::new(Config::parse(&config_toml(30), "demo").unwrap());
+        let mut input = Vec::new();
+        let spec = Spec {
+            period,
+            events: 40_000,
+            customers: 30,
+            seed: 7,
+            malformed: 16,
+        };
+        let made = generate(spec, &mut input, |_| {}).unwrap();
+        assert!(made.retries > 1000 && made.conflicts > 0 && made.late > 0);
+
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tally.db");
+        let mut store = Store::open(&db).unwrap();
+        let pipeline = run(&config, &input, period, now, &mut store, |_| {}).unwrap();
+        let options = BatchOptions {
+            period,
+            now,
+            workers: 2,
+            strict: false,
+        };
+        let batch = rate_events(&config, &input, &options, |_| Ok(())).unwrap();
+
+        let streamed: Vec<_> = pipeline.lines.iter().map(|r| r.line.clone()).collect();
+        assert_eq!(streamed, batch.lines);
+        assert_eq!(pipeline.summary, batch.summary);
+        assert_eq!(pipeline.summary.duplicates, made.retries);
+        assert_eq!(pipeline.summary.rejected, 16);
+        assert_eq!(pipeline.rejects.len(), 16);
+        // Customers cycle through the plans: 8 on starter (4 prices), 8 on pro, 7 on
+        // scale-eu and 7 on enterprise-jp (2 prices each): 32 + 16 + 14 + 14 lines.
+        assert_eq!(streamed.len(), 76);
+
+        // Replaying the same file into the same store adds no rows: every revision is
+        // keyed, and the view still holds exactly one current row per line.
+        let rows = |sql: &str| -> i64 {
+            rusqlite::Connection::open(&db).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+        };
+        let revisions = rows("SELECT COUNT(*) FROM rated_lines");
+        let mut again = Store::open(&db).unwrap();
+        run(&config, &input, period, now, &mut again, |_| {}).unwrap();
+        assert_eq!(rows("SELECT COUNT(*) FROM rated_lines"), revisions);
+        assert_eq!(rows("SELECT COUNT(*) FROM invoice_lines"), 76);
+        assert_eq!(rows("SELECT COUNT(DISTINCT id) FROM invoice_lines"), 76);
+        let usd_minor: i64 = streamed
+            .iter()
+            .filter(|l| l.currency == "usd")
+            .map(|l| i64::try_from(l.amount.mantissa()).unwrap())
+            .sum();
+        assert_eq!(
+            rows("SELECT SUM(amount_minor) FROM invoice_lines WHERE currency = 'usd'"),
+            usd_minor
+        );
+    }
+}
