@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use hashbrown::HashMap;
+use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
-use tally_schemas::config::{AggregationKind, Config};
-use tally_schemas::event::DecodedEvent;
-use tally_schemas::ids::Fingerprinter;
+use smallvec::SmallVec;
+use tally_schemas::config::{AggregationKind, Config, MeterId};
+use tally_schemas::event::{DecodedEvent, ReadingValue};
+use tally_schemas::ids::SeriesFingerprint;
 use tally_schemas::records::{EventOrder, MeterValue, SeriesKey, WindowUsage};
 use tally_schemas::time::{Period, WindowSize};
 
@@ -43,13 +44,75 @@ pub enum Outcome {
     Refused(StateError),
 }
 
-#[derive(Debug, Clone, Copy)]
-struct WindowState {
+/// One tumbling window of a series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Window {
+    /// Unix seconds.
+    start: i64,
+    state: AggState,
+    /// Emissions so far.
     revision: u64,
+    /// Changed since the last drain.
+    #[serde(skip)]
     dirty: bool,
 }
 
 type SeriesId = u32;
+
+/// One customer's usage of one meter for one combination of group_by values.
+#[derive(Debug, Clone)]
+struct Series {
+    key: Arc<SeriesKey>,
+    kind: AggregationKind,
+    /// The series' state per billing period; rarely more than two are open.
+    periods: Vec<(Period, AggState)>,
+    /// Sorted by start. Events arrive roughly in time order, so the window an event
+    /// belongs to is nearly always the last one: a series-local sorted list finds it
+    /// without touching a large shared hash table.
+    windows: Vec<Window>,
+}
+
+impl Series {
+    /// The index of the window starting at `start`, created if missing.
+    fn window_slot(&mut self, start: i64) -> usize {
+        match self.windows.last() {
+            Some(last) if last.start == start => return self.windows.len() - 1,
+            Some(last) if last.start > start => {}
+            _ => {
+                self.windows.push(Window::new(start, self.kind));
+                return self.windows.len() - 1;
+            }
+        }
+        match self.windows.binary_search_by_key(&start, |w| w.start) {
+            Ok(slot) => slot,
+            Err(slot) => {
+                self.windows.insert(slot, Window::new(start, self.kind));
+                slot
+            }
+        }
+    }
+
+    fn period_slot(&mut self, period: Period) -> usize {
+        match self.periods.iter().position(|(p, _)| *p == period) {
+            Some(slot) => slot,
+            None => {
+                self.periods.push((period, AggState::empty(self.kind)));
+                self.periods.len() - 1
+            }
+        }
+    }
+}
+
+impl Window {
+    fn new(start: i64, kind: AggregationKind) -> Self {
+        Window {
+            start,
+            state: AggState::empty(kind),
+            revision: 0,
+            dirty: false,
+        }
+    }
+}
 
 /// Dedupe and window state of one stream (one Kafka partition, or one batch run).
 #[derive(Debug, Clone)]
@@ -60,10 +123,9 @@ pub struct Aggregator {
     /// Per meter: slug and aggregation, by `MeterId`.
     meters: Vec<(String, AggregationKind)>,
     dedupe: DedupeSet,
-    series: Vec<(Arc<SeriesKey>, AggregationKind)>,
-    series_by_fingerprint: HashMap<u128, SeriesId>,
-    windows: HashMap<(SeriesId, i64), (AggState, WindowState)>,
-    periods: HashMap<(SeriesId, Period), AggState>,
+    series: Vec<Series>,
+    /// Finds a series by the fingerprint the decoder computed.
+    series_index: HashTable<(SeriesFingerprint, SeriesId)>,
     /// Windows changed since the last drain, in the order they first changed.
     dirty: Vec<(SeriesId, i64)>,
     watermark: Option<DateTime<Utc>>,
@@ -94,35 +156,29 @@ impl Aggregator {
                 .collect(),
             dedupe: DedupeSet::new(),
             series: Vec::new(),
-            series_by_fingerprint: HashMap::new(),
-            windows: HashMap::new(),
-            periods: HashMap::new(),
+            series_index: HashTable::new(),
             dirty: Vec::new(),
             watermark: None,
             expired_before_day: 0,
         }
     }
 
-    /// Dedupes one event and adds its readings to their windows and periods.
+    /// Dedupes one event and adds its readings to their windows and periods. Nothing
+    /// changes unless every reading can be added.
     pub fn apply(&mut self, event: &DecodedEvent<'_>) -> Outcome {
         if self.is_too_late(event.time) {
             return Outcome::TooLate;
         }
-        let order = EventOrder {
-            time: event.time,
-            key: event.key,
-        };
         let period = Period::containing(event.time);
-        let window_start = self.window.start_of(event.time.timestamp());
-        let mut targets = Vec::with_capacity(event.readings.len());
+        let mut targets: SmallVec<[(SeriesId, usize, ReadingValue); 2]> = SmallVec::new();
         for reading in &event.readings {
-            let series = self.series_id(&event.subject, reading);
-            if let Some(state) = self.periods.get(&(series, period)) {
-                if let Err(e) = state.check(reading.value) {
-                    return Outcome::Refused(e);
-                }
+            let id = self.series_id(reading.series, &event.subject, reading.meter, &reading.group);
+            let series = &mut self.series[id as usize];
+            let slot = series.period_slot(period);
+            if let Err(e) = series.periods[slot].1.check(reading.value) {
+                return Outcome::Refused(e);
             }
-            targets.push((series, reading.value));
+            targets.push((id, slot, reading.value));
         }
         match self.dedupe.observe(event.key, event.payload, day_of(event.time)) {
             Seen::First => {}
@@ -133,35 +189,25 @@ impl Aggregator {
         if targets.is_empty() {
             return Outcome::Unmetered;
         }
-        for (series, value) in targets {
-            let kind = self.series[series as usize].1;
-            let (window, state) = self
-                .windows
-                .entry((series, window_start))
-                .or_insert_with(|| {
-                    (
-                        AggState::empty(kind),
-                        WindowState {
-                            revision: 0,
-                            dirty: false,
-                        },
-                    )
-                });
-            // Checked above for the period, which bounds the window; a mismatch cannot
-            // happen for readings decoded with this aggregator's configuration.
-            if let Err(e) = window.add(value, order) {
+        let order = EventOrder {
+            time: event.time,
+            key: event.key,
+        };
+        let window_start = self.window.start_of(event.time.timestamp());
+        for (id, slot, value) in targets {
+            let series = &mut self.series[id as usize];
+            // Both adds were checked above: a period bounds its windows.
+            if let Err(e) = series.periods[slot].1.add(value, order) {
                 return Outcome::Refused(e);
             }
-            if !state.dirty {
-                state.dirty = true;
-                self.dirty.push((series, window_start));
-            }
-            let period_state = self
-                .periods
-                .entry((series, period))
-                .or_insert_with(|| AggState::empty(kind));
-            if let Err(e) = period_state.add(value, order) {
+            let slot = series.window_slot(window_start);
+            let window = &mut series.windows[slot];
+            if let Err(e) = window.state.add(value, order) {
                 return Outcome::Refused(e);
+            }
+            if !window.dirty {
+                window.dirty = true;
+                self.dirty.push((id, window_start));
             }
         }
         Outcome::Accepted
@@ -193,22 +239,32 @@ impl Aggregator {
         }
     }
 
-    fn series_id(&mut self, customer: &str, reading: &tally_schemas::event::Reading<'_>) -> SeriesId {
-        let (slug, kind) = &self.meters[reading.meter.0 as usize];
-        let fingerprint = series_fingerprint(customer, slug, reading.group.iter().map(|g| g.as_ref()));
-        if let Some(&id) = self.series_by_fingerprint.get(&fingerprint) {
+    fn series_id<S: AsRef<str>>(
+        &mut self,
+        fingerprint: SeriesFingerprint,
+        customer: &str,
+        meter: MeterId,
+        group: &[S],
+    ) -> SeriesId {
+        // The fingerprint is uniformly distributed: its low bits are a good hash.
+        let hash = fingerprint.0 as u64;
+        if let Some(&(_, id)) = self.series_index.find(hash, |(fp, _)| *fp == fingerprint) {
             return id;
         }
+        let (slug, kind) = &self.meters[meter.0 as usize];
         let id = self.series.len() as SeriesId;
-        self.series.push((
-            Arc::new(SeriesKey {
+        self.series.push(Series {
+            key: Arc::new(SeriesKey {
                 customer: customer.to_owned(),
                 meter: slug.clone(),
-                group: reading.group.iter().map(|g| g.to_string()).collect(),
+                group: group.iter().map(|g| g.as_ref().to_owned()).collect(),
             }),
-            *kind,
-        ));
-        self.series_by_fingerprint.insert(fingerprint, id);
+            kind: *kind,
+            periods: Vec::new(),
+            windows: Vec::new(),
+        });
+        self.series_index
+            .insert_unique(hash, (fingerprint, id), |(fp, _)| fp.0 as u64);
         id
     }
 
@@ -217,38 +273,44 @@ impl Aggregator {
     pub fn drain_updates(&mut self) -> Vec<WindowUsage> {
         let window_len = chrono::Duration::seconds(i64::from(self.window.seconds()));
         let mut updates = Vec::with_capacity(self.dirty.len());
-        for (series, start) in self.dirty.drain(..) {
-            let Some((window, state)) = self.windows.get_mut(&(series, start)) else {
+        for (id, start) in self.dirty.drain(..) {
+            let series = &mut self.series[id as usize];
+            let Ok(slot) = series.windows.binary_search_by_key(&start, |w| w.start) else {
                 continue;
             };
-            state.dirty = false;
-            state.revision += 1;
+            let window = &mut series.windows[slot];
+            window.dirty = false;
+            window.revision += 1;
+            let (window_value, revision) = (window.state.value(), window.revision);
             let window_start = Utc.timestamp_opt(start, 0).single().unwrap_or_default();
             let period = Period::containing(window_start);
-            let period_to_date = self
+            let period_to_date = series
                 .periods
-                .get(&(series, period))
-                .map_or(MeterValue::ZERO, AggState::value);
+                .iter()
+                .find(|(p, _)| *p == period)
+                .map_or(MeterValue::ZERO, |(_, state)| state.value());
             updates.push(WindowUsage {
-                series: Arc::clone(&self.series[series as usize].0),
+                series: Arc::clone(&series.key),
                 window_start,
                 window_end: window_start + window_len,
-                window_value: window.value(),
+                window_value,
                 period_start: period.start(),
                 period_to_date,
-                revision: state.revision,
+                revision,
             });
         }
         updates
     }
 
-    /// Each series' value over a whole period, for batch rating.
+    /// Each series' value over a whole period, for batch rating, sorted by series.
     pub fn period_usage(&self, period: Period) -> Vec<(Arc<SeriesKey>, MeterValue)> {
         let mut usage: Vec<_> = self
-            .periods
+            .series
             .iter()
-            .filter(|((_, p), _)| *p == period)
-            .map(|((series, _), state)| (Arc::clone(&self.series[*series as usize].0), state.value()))
+            .filter_map(|s| {
+                let (_, state) = s.periods.iter().find(|(p, _)| *p == period)?;
+                Some((Arc::clone(&s.key), state.value()))
+            })
             .collect();
         usage.sort_by(|a, b| a.0.cmp(&b.0));
         usage
@@ -266,7 +328,7 @@ impl Aggregator {
 
     /// Number of windows held.
     pub fn windows(&self) -> usize {
-        self.windows.len()
+        self.series.iter().map(|s| s.windows.len()).sum()
     }
 
     pub fn watermark(&self) -> Option<DateTime<Utc>> {
@@ -275,72 +337,55 @@ impl Aggregator {
 
     /// The whole state, for a snapshot. Pending (undrained) updates are not part of it:
     /// take a snapshot right after a drain, as the transaction that carries the updates
-    /// commits.
-    /// Entries are sorted, so equal states give equal snapshots.
+    /// commits. Entries are sorted, so equal states give equal snapshots.
     pub fn snapshot(&self) -> Snapshot {
         let mut dedupe: Vec<DedupeEntry> = self.dedupe.entries().copied().collect();
         dedupe.sort_unstable();
-        let mut windows: Vec<_> = self
-            .windows
-            .iter()
-            .map(|(&(series, start), (state, w))| (series, start, state.clone(), w.revision))
-            .collect();
-        windows.sort_unstable_by_key(|w| (w.0, w.1));
-        let mut periods: Vec<_> = self
-            .periods
-            .iter()
-            .map(|(&(series, period), state)| (series, period, state.clone()))
-            .collect();
-        periods.sort_unstable_by_key(|p| (p.0, p.1));
         Snapshot {
             dedupe,
             series: self
                 .series
                 .iter()
-                .map(|(key, kind)| (SeriesKey::clone(key), *kind))
+                .map(|s| SeriesSnapshot {
+                    key: SeriesKey::clone(&s.key),
+                    periods: s.periods.clone(),
+                    windows: s.windows.clone(),
+                })
                 .collect(),
-            windows,
-            periods,
             watermark: self.watermark,
             expired_before_day: self.expired_before_day,
         }
     }
 
     /// Loads a snapshot into a new aggregator made with the same configuration:
-    /// `Aggregator::streaming(&config).restore(snapshot)`.
-    pub fn restore(self, snapshot: Snapshot) -> Self {
+    /// `Aggregator::streaming(&config).restore(snapshot)?`.
+    pub fn restore(self, snapshot: Snapshot) -> Result<Self, RestoreError> {
         let mut aggregator = self;
         aggregator.dedupe = DedupeSet::from_entries(snapshot.dedupe);
-        for (key, kind) in snapshot.series {
-            let fingerprint =
-                series_fingerprint(&key.customer, &key.meter, key.group.iter().map(String::as_str));
-            let id = aggregator.series.len() as SeriesId;
-            aggregator.series_by_fingerprint.insert(fingerprint, id);
-            aggregator.series.push((Arc::new(key), kind));
-        }
-        for (series, start, state, revision) in snapshot.windows {
-            aggregator.windows.insert(
-                (series, start),
-                (state, WindowState { revision, dirty: false }),
-            );
-        }
-        for (series, period, state) in snapshot.periods {
-            aggregator.periods.insert((series, period), state);
+        for s in snapshot.series {
+            let meter = aggregator
+                .meters
+                .iter()
+                .position(|(slug, _)| *slug == s.key.meter)
+                .ok_or_else(|| RestoreError::UnknownMeter(s.key.meter.clone()))?;
+            let meter = MeterId(meter as u32);
+            let fingerprint = SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group);
+            let id = aggregator.series_id(fingerprint, &s.key.customer, meter, &s.key.group);
+            let series = &mut aggregator.series[id as usize];
+            series.periods = s.periods;
+            series.windows = s.windows;
         }
         aggregator.watermark = snapshot.watermark;
         aggregator.expired_before_day = snapshot.expired_before_day;
-        aggregator
+        Ok(aggregator)
     }
 }
 
-fn series_fingerprint<'g>(customer: &str, meter: &str, group: impl Iterator<Item = &'g str>) -> u128 {
-    let mut fp = Fingerprinter::new(b"series")
-        .part(customer.as_bytes())
-        .part(meter.as_bytes());
-    for g in group {
-        fp = fp.part(g.as_bytes());
-    }
-    fp.finish()
+/// Why a snapshot could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the snapshot has usage of meter {0:?}, which the configuration no longer has; restore with the configuration it was taken with")]
+    UnknownMeter(String),
 }
 
 /// Days since 1970-01-01, clamped to what a dedupe entry holds (until year 2149).
@@ -352,11 +397,17 @@ fn day_of(time: DateTime<Utc>) -> u16 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     dedupe: Vec<DedupeEntry>,
-    series: Vec<(SeriesKey, AggregationKind)>,
-    windows: Vec<(SeriesId, i64, AggState, u64)>,
-    periods: Vec<(SeriesId, Period, AggState)>,
+    /// In series-id order: restoring them in this order gives them the same ids.
+    series: Vec<SeriesSnapshot>,
     watermark: Option<DateTime<Utc>>,
     expired_before_day: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SeriesSnapshot {
+    key: SeriesKey,
+    periods: Vec<(Period, AggState)>,
+    windows: Vec<Window>,
 }
 
 #[cfg(test)]
@@ -367,8 +418,7 @@ mod tests {
 
     use proptest::prelude::*;
     use rust_decimal::Decimal;
-    use tally_schemas::config::MeterId;
-    use tally_schemas::event::{Reading, ReadingValue};
+    use tally_schemas::event::Reading;
     use tally_schemas::ids::{EventKey, PayloadFingerprint};
 
     const CONFIG: &str = r#"
@@ -411,15 +461,17 @@ mod tests {
             time: at(time),
             subject: Cow::Borrowed("acme"),
             event_type: Cow::Borrowed("llm.tokens"),
-            readings: vec![
+            readings: smallvec::smallvec![
                 Reading {
                     meter: MeterId(0),
-                    group: vec![Cow::Borrowed(model)],
+                    series: SeriesFingerprint::new("acme", "tokens", &[model]),
+                    group: smallvec::smallvec![Cow::Borrowed(model)],
                     value: ReadingValue::Number(Decimal::from(tokens)),
                 },
                 Reading {
                     meter: MeterId(1),
-                    group: vec![],
+                    series: SeriesFingerprint::new::<&str>("acme", "users", &[]),
+                    group: SmallVec::new(),
                     value: ReadingValue::Distinct(user),
                 },
             ],
@@ -433,9 +485,10 @@ mod tests {
             time: at(time),
             subject: Cow::Borrowed("acme"),
             event_type: Cow::Borrowed("seats"),
-            readings: vec![Reading {
+            readings: smallvec::smallvec![Reading {
                 meter: MeterId(2),
-                group: vec![],
+                series: SeriesFingerprint::new::<&str>("acme", "seats", &[]),
+                group: SmallVec::new(),
                 value: ReadingValue::Number(Decimal::from(seats)),
             }],
         }
@@ -563,7 +616,7 @@ mod tests {
         original.apply(&seats("s", "2026-11-01T00:10:00Z", 4));
         original.drain_updates();
         let json = serde_json::to_string(&original.snapshot()).unwrap();
-        let mut restored = Aggregator::streaming(&config).restore(serde_json::from_str(&json).unwrap());
+        let mut restored = Aggregator::streaming(&config).restore(serde_json::from_str(&json).unwrap()).unwrap();
         for agg in [&mut original, &mut restored] {
             assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)), Outcome::Retry);
             assert_eq!(agg.apply(&tokens("2", "2026-11-01T00:20:00Z", "gpt", 1, 2)), Outcome::Accepted);

@@ -14,4 +14,4 @@ pub mod aggregator;
 pub mod dedupe;
 pub mod state;
 
-pub use aggregator::{Aggregator, Outcome, Snapshot};
+pub use aggregator::{Aggregator, Outcome, RestoreError, Snapshot};

@@ -1,11 +1,11 @@
 //! JSON lines in, decoded events out, in file order, decoded on several threads.
 //!
 //! In: the bytes of a JSON-lines input (one CloudEvent per line; blank lines are
-//! skipped; a trailing `\r` is ignored). Out: a call of the sink per line, in file
-//! order, with either the decoded event or a [`LineReject`] that says which line, which
-//! field and why. The input is cut into chunks at line ends; worker threads decode
-//! chunks while the caller's thread consumes earlier ones, so aggregation overlaps
-//! decoding.
+//! skipped; a trailing `\r` is ignored). Out: batches of [`Line`]s in file order, each
+//! the decoded event or a [`LineReject`] that says which line, which field and why. The
+//! input is cut into chunks at line ends; worker threads decode chunks while the
+//! caller's thread consumes earlier ones, so aggregation overlaps decoding. A batch is
+//! handed over whole, so the consumer reads events in place instead of moving each.
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -54,22 +54,25 @@ impl LineReject {
 #[derive(Debug)]
 pub enum Line<'a> {
     Event { line: u64, event: DecodedEvent<'a> },
-    Rejected(LineReject),
+    /// Boxed: rejects are rare, and events should not pay for their size.
+    Rejected(Box<LineReject>),
 }
 
 struct DecodedChunk<'a> {
     index: usize,
-    lines: u64,
-    items: Vec<(u64, Result<DecodedEvent<'a>, LineReject>)>,
+    /// Lines in the chunk, blank ones included, so later chunks can number theirs.
+    line_count: u64,
+    /// Numbered from 1 within the chunk until handed over.
+    lines: Vec<Line<'a>>,
 }
 
-/// Decodes `input` with `workers` threads and feeds every non-blank line to `sink` in
-/// file order. The sink may stop early with `ControlFlow::Break`.
+/// Decodes `input` with `workers` threads and feeds every non-blank line to `sink`, a
+/// batch at a time, in file order. The sink may stop early with `ControlFlow::Break`.
 pub fn decode_lines<'a, B>(
     input: &'a [u8],
     decoder: EventDecoder<'_>,
     workers: usize,
-    sink: impl FnMut(Line<'a>) -> ControlFlow<B>,
+    sink: impl FnMut(Vec<Line<'a>>) -> ControlFlow<B>,
 ) -> ControlFlow<B> {
     decode_in_chunks(input, CHUNK_BYTES, decoder, workers, sink)
 }
@@ -79,7 +82,7 @@ fn decode_in_chunks<'a, B>(
     chunk_bytes: usize,
     decoder: EventDecoder<'_>,
     workers: usize,
-    mut sink: impl FnMut(Line<'a>) -> ControlFlow<B>,
+    mut sink: impl FnMut(Vec<Line<'a>>) -> ControlFlow<B>,
 ) -> ControlFlow<B> {
     let chunks = split_chunks(input, chunk_bytes);
     let workers = workers.clamp(1, chunks.len().max(1));
@@ -103,23 +106,20 @@ fn decode_in_chunks<'a, B>(
         let mut lines_before = 0u64;
         for chunk in rx {
             pending.insert(chunk.index, chunk);
-            while let Some(chunk) = pending.remove(&next) {
-                for (local, item) in chunk.items {
-                    let line = lines_before + local;
-                    let flow = match item {
-                        Ok(event) => sink(Line::Event { line, event }),
-                        Err(mut reject) => {
-                            reject.line = line;
-                            sink(Line::Rejected(reject))
-                        }
-                    };
-                    if flow.is_break() {
-                        // Dropping the receiver stops the workers at their next send.
-                        return flow;
+            while let Some(mut chunk) = pending.remove(&next) {
+                for line in &mut chunk.lines {
+                    match line {
+                        Line::Event { line, .. } => *line += lines_before,
+                        Line::Rejected(reject) => reject.line += lines_before,
                     }
                 }
-                lines_before += chunk.lines;
+                lines_before += chunk.line_count;
                 next += 1;
+                let flow = sink(chunk.lines);
+                if flow.is_break() {
+                    // Dropping the receiver stops the workers at their next send.
+                    return flow;
+                }
             }
         }
         ControlFlow::Continue(())
@@ -127,27 +127,39 @@ fn decode_in_chunks<'a, B>(
 }
 
 fn decode_chunk<'a>(index: usize, chunk: &'a [u8], decoder: EventDecoder<'_>) -> DecodedChunk<'a> {
-    let mut items = Vec::with_capacity(chunk.len() / 160);
-    let mut lines = 0u64;
-    for raw in chunk.split(|&b| b == b'\n') {
-        lines += 1;
+    let mut lines = Vec::with_capacity(chunk.len() / 160);
+    let mut line_count = 0u64;
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', chunk).chain(std::iter::once(chunk.len())) {
+        let raw = &chunk[start..end];
+        start = end + 1;
+        line_count += 1;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let item = decoder.decode(raw).map_err(|error| LineReject {
-            line: 0,
-            error,
-            raw: String::from_utf8_lossy(raw).into_owned(),
+        lines.push(match decoder.decode(raw) {
+            Ok(event) => Line::Event {
+                line: line_count,
+                event,
+            },
+            Err(error) => Line::Rejected(Box::new(LineReject {
+                line: line_count,
+                error,
+                raw: String::from_utf8_lossy(raw).into_owned(),
+            })),
         });
-        items.push((lines, item));
     }
     // A chunk ends with a newline (except maybe the last), which split counts as an
     // extra empty line.
     if chunk.ends_with(b"\n") {
-        lines -= 1;
+        line_count -= 1;
     }
-    DecodedChunk { index, lines, items }
+    DecodedChunk {
+        index,
+        line_count,
+        lines,
+    }
 }
 
 /// Cuts input into chunks of about `target` bytes, each ending just after a newline.
@@ -206,11 +218,11 @@ mod tests {
         for (chunk_bytes, workers) in [(1000, 3), (4096, 2), (1 << 20, 1)] {
             let mut seen = Vec::new();
             let flow: ControlFlow<()> =
-                decode_in_chunks(input.as_bytes(), chunk_bytes, decoder, workers, |line| {
-                    seen.push(match line {
-                        Line::Event { line, .. } => (line, true),
+                decode_in_chunks(input.as_bytes(), chunk_bytes, decoder, workers, |lines| {
+                    seen.extend(lines.iter().map(|line| match line {
+                        Line::Event { line, .. } => (*line, true),
                         Line::Rejected(r) => (r.line, false),
-                    });
+                    }));
                     ControlFlow::Continue(())
                 });
             assert!(flow.is_continue());

@@ -12,12 +12,11 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
-use serde_json::value::RawValue;
+use smallvec::SmallVec;
 
 use crate::config::{Aggregation, Config, JsonPath, MeterId};
-use crate::ids::{EventKey, Fingerprinter, PayloadFingerprint};
+use crate::ids::{EventKey, Fingerprinter, PayloadFingerprint, SeriesFingerprint};
+use crate::json::{self, Parsed};
 
 /// An event that passed validation, with what each meter reads from it.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,7 +32,7 @@ pub struct DecodedEvent<'a> {
     /// CloudEvents `type`.
     pub event_type: Cow<'a, str>,
     /// One per meter of this type; empty when no meter reads the type.
-    pub readings: Vec<Reading<'a>>,
+    pub readings: Readings<'a>,
 }
 
 impl DecodedEvent<'_> {
@@ -50,13 +49,22 @@ impl DecodedEvent<'_> {
     }
 }
 
+/// An event's readings, inline: most event types feed one or two meters, and decoding
+/// millions of events should not allocate for each.
+pub type Readings<'a> = SmallVec<[Reading<'a>; 2]>;
+
+/// A reading's group_by values, inline for up to two dimensions.
+pub type GroupValues<'a> = SmallVec<[Cow<'a, str>; 2]>;
+
 /// What one meter reads from one event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading<'a> {
     pub meter: MeterId,
+    /// The series this reading counts towards (customer, meter, group values).
+    pub series: SeriesFingerprint,
     /// Values of the meter's group_by dimensions, in the meter's order; a missing or
     /// null value is the empty string.
-    pub group: Vec<Cow<'a, str>>,
+    pub group: GroupValues<'a>,
     pub value: ReadingValue,
 }
 
@@ -64,6 +72,7 @@ impl Reading<'_> {
     fn into_owned(self) -> Reading<'static> {
         Reading {
             meter: self.meter,
+            series: self.series,
             group: self.group.into_iter().map(|g| Cow::Owned(g.into_owned())).collect(),
             value: self.value,
         }
@@ -155,7 +164,7 @@ impl fmt::Display for Problem {
             Problem::NotANumber => f.write_str("expected a number (or a numeric string)"),
             Problem::Negative => f.write_str("usage must not be negative"),
             Problem::TooPrecise => {
-                f.write_str("number has more than 28 significant digits and cannot be kept exact")
+                f.write_str("number cannot be held exactly in 28 significant digits")
             }
             Problem::NotAScalar => f.write_str("expected a string, number or boolean"),
         }
@@ -196,16 +205,12 @@ impl<'c> EventDecoder<'c> {
         let text = std::str::from_utf8(line).map_err(|e| {
             error("event", Problem::InvalidUtf8 { valid_up_to: e.valid_up_to() })
         })?;
-        let envelope: Envelope<'a> = serde_json::from_str(text).map_err(|e| {
-            let problem = match e.classify() {
-                serde_json::error::Category::Data => Problem::NotAnObject,
-                _ => Problem::InvalidJson(e.to_string()),
-            };
-            error("event", problem)
-        })?;
-        if let Some(field) = envelope.duplicate {
-            return Err(error(field, Problem::DuplicateField));
-        }
+        let members = match json::parse(text) {
+            Ok(Parsed::Object(members)) => members,
+            Ok(Parsed::Other) => return Err(error("event", Problem::NotAnObject)),
+            Err(e) => return Err(error("event", Problem::InvalidJson(e.to_string()))),
+        };
+        let envelope = Envelope::from_members(&members)?;
         let specversion = required_string(envelope.specversion, "specversion")?;
         if specversion != "1.0" {
             return Err(error(
@@ -229,8 +234,8 @@ impl<'c> EventDecoder<'c> {
                 },
             ));
         }
-        let data = envelope.data.filter(|d| d.get() != "null");
-        let readings = self.readings(&event_type, data)?;
+        let data = envelope.data.filter(|d| *d != "null");
+        let readings = self.readings(&subject, &event_type, data)?;
         let payload = payload_fingerprint(&event_type, &subject, time, data);
         Ok(DecodedEvent {
             key: EventKey::new(&source, &id),
@@ -244,21 +249,22 @@ impl<'c> EventDecoder<'c> {
 
     fn readings<'a>(
         &self,
+        subject: &str,
         event_type: &str,
-        data: Option<&'a RawValue>,
-    ) -> Result<Vec<Reading<'a>>, EventError> {
+        data: Option<&'a str>,
+    ) -> Result<Readings<'a>, EventError> {
         let meters = self.config.meters_for(event_type);
-        let mut readings = Vec::with_capacity(meters.len());
+        let mut readings = Readings::new();
         if meters.is_empty() {
             return Ok(readings);
         }
         let members = match data {
-            Some(d) => Some(Members::of(d, "data")?),
+            Some(d) => Some(object_members(d, "data")?),
             None => None,
         };
         for &meter_id in meters {
             let meter = self.config.meter(meter_id);
-            let mut group = Vec::with_capacity(meter.group_by.len());
+            let mut group = GroupValues::new();
             for (_, path) in &meter.group_by {
                 group.push(match lookup(members.as_ref(), path)? {
                     Some(raw) => group_value(raw, path)?,
@@ -280,6 +286,7 @@ impl<'c> EventDecoder<'c> {
             };
             readings.push(Reading {
                 meter: meter_id,
+                series: SeriesFingerprint::new(subject, &meter.slug, &group),
                 group,
                 value,
             });
@@ -288,126 +295,86 @@ impl<'c> EventDecoder<'c> {
     }
 }
 
-/// The CloudEvents attributes Tally reads, each kept as raw JSON until it is checked,
-/// so a wrong type is reported with the field's name. Other attributes (extensions,
-/// `datacontenttype`, ...) are accepted and ignored.
+/// The CloudEvents attributes Tally reads, each kept as its JSON text until it is
+/// checked, so a wrong type is reported with the field's name. Other attributes
+/// (extensions, `datacontenttype`, ...) are accepted and ignored.
 #[derive(Default)]
 struct Envelope<'a> {
-    specversion: Option<&'a RawValue>,
-    id: Option<&'a RawValue>,
-    source: Option<&'a RawValue>,
-    event_type: Option<&'a RawValue>,
-    subject: Option<&'a RawValue>,
-    time: Option<&'a RawValue>,
-    data: Option<&'a RawValue>,
-    duplicate: Option<&'static str>,
+    specversion: Option<&'a str>,
+    id: Option<&'a str>,
+    source: Option<&'a str>,
+    event_type: Option<&'a str>,
+    subject: Option<&'a str>,
+    time: Option<&'a str>,
+    data: Option<&'a str>,
 }
 
-impl<'de> Deserialize<'de> for Envelope<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Envelope<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a CloudEvent object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut e = Envelope::default();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    let (slot, name) = match key.as_ref() {
-                        "specversion" => (&mut e.specversion, "specversion"),
-                        "id" => (&mut e.id, "id"),
-                        "source" => (&mut e.source, "source"),
-                        "type" => (&mut e.event_type, "type"),
-                        "subject" => (&mut e.subject, "subject"),
-                        "time" => (&mut e.time, "time"),
-                        "data" => (&mut e.data, "data"),
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
-                            continue;
-                        }
-                    };
-                    let value = map.next_value::<&'de RawValue>()?;
-                    if slot.replace(value).is_some() && e.duplicate.is_none() {
-                        e.duplicate = Some(name);
-                    }
-                }
-                Ok(e)
+impl<'a> Envelope<'a> {
+    fn from_members(members: &json::Members<'a>) -> Result<Self, EventError> {
+        let mut e = Envelope::default();
+        for (key, value) in members {
+            let (slot, name) = match key.as_ref() {
+                "specversion" => (&mut e.specversion, "specversion"),
+                "id" => (&mut e.id, "id"),
+                "source" => (&mut e.source, "source"),
+                "type" => (&mut e.event_type, "type"),
+                "subject" => (&mut e.subject, "subject"),
+                "time" => (&mut e.time, "time"),
+                "data" => (&mut e.data, "data"),
+                _ => continue,
+            };
+            if slot.replace(value).is_some() {
+                return Err(error(name, Problem::DuplicateField));
             }
         }
-        d.deserialize_map(V)
+        Ok(e)
     }
 }
 
-/// An object's members, in order, values still raw.
-struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
-
-impl<'a> Members<'a> {
-    fn of(raw: &'a RawValue, field: &str) -> Result<Self, EventError> {
-        if !raw.get().starts_with('{') {
-            return Err(error(
-                field,
-                Problem::WrongType {
-                    expected: "an object",
-                    found: json_kind(raw),
-                },
-            ));
+/// The members of an object-valued field, refusing a key given twice.
+fn object_members<'a>(raw: &'a str, field: &str) -> Result<json::Members<'a>, EventError> {
+    if !raw.starts_with('{') {
+        return Err(error(
+            field,
+            Problem::WrongType {
+                expected: "an object",
+                found: json_kind(raw),
+            },
+        ));
+    }
+    let members = json::members(raw).map_err(|e| error(field, Problem::InvalidJson(e.to_string())))?;
+    for (i, (key, _)) in members.iter().enumerate() {
+        if members[..i].iter().any(|(k, _)| k == key) {
+            return Err(error(format!("{field}.{key}"), Problem::DuplicateField));
         }
-        serde_json::from_str(raw.get())
-            .map_err(|e| error(field, Problem::InvalidJson(e.to_string())))
     }
-
-    fn get(&self, key: &str) -> Option<&'a RawValue> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
-    }
-}
-
-impl<'de> Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::new();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    if members.iter().any(|(k, _)| *k == key) {
-                        return Err(de::Error::custom(format!("duplicate key {key:?}")));
-                    }
-                    members.push((key, map.next_value::<&'de RawValue>()?));
-                }
-                Ok(Members(members))
-            }
-        }
-        d.deserialize_map(V)
-    }
+    Ok(members)
 }
 
 /// Follows a path through `data`; `Ok(None)` when a key is absent or null on the way.
-fn lookup<'a>(data: Option<&Members<'a>>, path: &JsonPath) -> Result<Option<&'a RawValue>, EventError> {
+fn lookup<'a>(data: Option<&json::Members<'a>>, path: &JsonPath) -> Result<Option<&'a str>, EventError> {
     let Some(data) = data else { return Ok(None) };
+    let get = |members: &json::Members<'a>, key: &str| members.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
     let segments = path.segments();
-    let mut current = match data.get(&segments[0]) {
+    let mut current = match get(data, &segments[0]) {
         Some(v) => v,
         None => return Ok(None),
     };
     for (depth, key) in segments.iter().enumerate().skip(1) {
-        if current.get() == "null" {
+        if current == "null" {
             return Ok(None);
         }
         let field = format!("data.{}", segments[..depth].join("."));
-        match Members::of(current, &field)?.get(key) {
+        match get(&object_members(current, &field)?, key) {
             Some(v) => current = v,
             None => return Ok(None),
         }
     }
-    Ok((current.get() != "null").then_some(current))
+    Ok((current != "null").then_some(current))
 }
 
-fn json_kind(raw: &RawValue) -> &'static str {
-    match raw.get().as_bytes().first() {
+fn json_kind(raw: &str) -> &'static str {
+    match raw.as_bytes().first() {
         Some(b'"') => "a string",
         Some(b'{') => "an object",
         Some(b'[') => "an array",
@@ -417,19 +384,14 @@ fn json_kind(raw: &RawValue) -> &'static str {
     }
 }
 
-/// A JSON string's contents, borrowed when it has no escapes.
-fn json_str<'a>(raw: &'a RawValue) -> Option<Cow<'a, str>> {
-    let text = raw.get();
-    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
-    if !inner.contains('\\') {
-        return Some(Cow::Borrowed(inner));
-    }
-    serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+/// A string value's contents; `Ok(None)` when the value is not a string.
+fn string_at<'a>(raw: &'a str, field: &str) -> Result<Option<Cow<'a, str>>, EventError> {
+    json::string_contents(raw).map_err(|e| error(field, Problem::InvalidJson(e.what.to_owned())))
 }
 
-fn required_string<'a>(raw: Option<&'a RawValue>, field: &str) -> Result<Cow<'a, str>, EventError> {
-    let raw = raw.filter(|r| r.get() != "null").ok_or_else(|| error(field, Problem::Missing))?;
-    let s = json_str(raw).ok_or_else(|| {
+fn required_string<'a>(raw: Option<&'a str>, field: &str) -> Result<Cow<'a, str>, EventError> {
+    let raw = raw.filter(|r| *r != "null").ok_or_else(|| error(field, Problem::Missing))?;
+    let s = string_at(raw, field)?.ok_or_else(|| {
         error(
             field,
             Problem::WrongType {
@@ -444,32 +406,33 @@ fn required_string<'a>(raw: Option<&'a RawValue>, field: &str) -> Result<Cow<'a,
     Ok(s)
 }
 
+/// An exact decimal from text in JSON number syntax; `None` when it is not a number.
 fn parse_number(text: &str) -> Option<Result<Decimal, Problem>> {
-    let first = text.as_bytes().first()?;
-    if !(first.is_ascii_digit() || *first == b'-' || *first == b'+' || *first == b'.') {
+    if !json::is_number(text) {
         return None;
     }
     let parsed = if text.contains(['e', 'E']) {
         Decimal::from_scientific(text)
     } else {
-        Decimal::from_str_exact(text)
+        // Written as is when it fits (5.0010 keeps its scale); otherwise trailing
+        // fractional zeros, which carry no value, are dropped, so 1.000…0 with thirty
+        // zeros is still read exactly instead of refused for its length.
+        Decimal::from_str_exact(text).or_else(|e| match text.contains('.') {
+            true => Decimal::from_str_exact(text.trim_end_matches('0').trim_end_matches('.')),
+            false => Err(e),
+        })
     };
-    Some(parsed.map_err(|e| {
-        let digits = text.bytes().filter(u8::is_ascii_digit).count();
-        if digits > 28 || e.to_string().contains("precision") || e.to_string().contains("flow") {
-            Problem::TooPrecise
-        } else {
-            Problem::NotANumber
-        }
-    }))
+    // Valid JSON numbers fail only by not fitting 28 significant digits (too long,
+    // too large or too small to hold exactly).
+    Some(parsed.map_err(|_| Problem::TooPrecise))
 }
 
 /// An exact, non-negative number from a JSON number or a numeric string.
-fn number(raw: &RawValue, path: &JsonPath) -> Result<Decimal, EventError> {
+fn number(raw: &str, path: &JsonPath) -> Result<Decimal, EventError> {
     let field = || path.field_name();
-    let text: Cow<str> = match json_str(raw) {
+    let text: Cow<str> = match string_at(raw, &field())? {
         Some(s) => Cow::Owned(s.trim().to_owned()),
-        None => Cow::Borrowed(raw.get()),
+        None => Cow::Borrowed(raw),
     };
     let value = parse_number(&text)
         .ok_or_else(|| error(field(), Problem::NotANumber))?
@@ -482,12 +445,12 @@ fn number(raw: &RawValue, path: &JsonPath) -> Result<Decimal, EventError> {
 
 /// A fingerprint of a value counted by unique_count. Numbers are normalised (`1` and
 /// `1.0` are one value, and equal to the string `"1"`); strings are compared exactly.
-fn distinct(raw: &RawValue, path: &JsonPath) -> Result<u64, EventError> {
+fn distinct(raw: &str, path: &JsonPath) -> Result<u64, EventError> {
     let fp = |tag: &[u8], bytes: &[u8]| Fingerprinter::new(b"distinct").part(tag).part(bytes).finish() as u64;
-    if let Some(s) = json_str(raw) {
+    if let Some(s) = string_at(raw, &path.field_name())? {
         return Ok(fp(b"s", s.as_bytes()));
     }
-    match parse_number(raw.get()) {
+    match parse_number(raw) {
         Some(Ok(n)) => Ok(fp(b"s", n.normalize().to_string().as_bytes())),
         Some(Err(p)) => Err(error(path.field_name(), p)),
         None => Err(error(
@@ -502,11 +465,11 @@ fn distinct(raw: &RawValue, path: &JsonPath) -> Result<u64, EventError> {
 
 /// A group_by value as text: strings as they are, numbers normalised, booleans as
 /// `true`/`false`.
-fn group_value<'a>(raw: &'a RawValue, path: &JsonPath) -> Result<Cow<'a, str>, EventError> {
-    if let Some(s) = json_str(raw) {
+fn group_value<'a>(raw: &'a str, path: &JsonPath) -> Result<Cow<'a, str>, EventError> {
+    if let Some(s) = string_at(raw, &path.field_name())? {
         return Ok(s);
     }
-    match raw.get() {
+    match raw {
         "true" => Ok(Cow::Borrowed("true")),
         "false" => Ok(Cow::Borrowed("false")),
         text => match parse_number(text) {
@@ -524,34 +487,38 @@ fn payload_fingerprint(
     event_type: &str,
     subject: &str,
     time: DateTime<Utc>,
-    data: Option<&RawValue>,
+    data: Option<&str>,
 ) -> PayloadFingerprint {
-    let mut fp = Fingerprinter::new(b"payload")
-        .part(event_type.as_bytes())
+    let mut fp = Fingerprinter::new(b"payload");
+    fp.part(event_type.as_bytes())
         .part(subject.as_bytes())
         .part(&time.timestamp_nanos_opt().unwrap_or(i64::MAX).to_le_bytes());
     if let Some(data) = data {
-        let bytes = data.get().as_bytes();
-        let mut in_string = false;
-        let mut escaped = false;
-        let mut run_start = 0;
-        for (i, &b) in bytes.iter().enumerate() {
-            if in_string {
-                if escaped {
-                    escaped = false;
-                } else if b == b'\\' {
-                    escaped = true;
+        let bytes = data.as_bytes();
+        if !bytes.iter().any(u8::is_ascii_whitespace) {
+            fp.raw(bytes);
+        } else {
+            let mut in_string = false;
+            let mut escaped = false;
+            let mut run_start = 0;
+            for (i, &b) in bytes.iter().enumerate() {
+                if in_string {
+                    if escaped {
+                        escaped = false;
+                    } else if b == b'\\' {
+                        escaped = true;
+                    } else if b == b'"' {
+                        in_string = false;
+                    }
                 } else if b == b'"' {
-                    in_string = false;
+                    in_string = true;
+                } else if b.is_ascii_whitespace() {
+                    fp.raw(&bytes[run_start..i]);
+                    run_start = i + 1;
                 }
-            } else if b == b'"' {
-                in_string = true;
-            } else if b.is_ascii_whitespace() {
-                fp.raw(&bytes[run_start..i]);
-                run_start = i + 1;
             }
+            fp.raw(&bytes[run_start..]);
         }
-        fp.raw(&bytes[run_start..]);
     }
     PayloadFingerprint(fp.finish() as u32)
 }

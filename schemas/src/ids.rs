@@ -9,41 +9,63 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::xxh3_128;
 
-/// Hashes tagged, length-prefixed parts into 128 bits.
-pub struct Fingerprinter(Xxh3);
-
-impl fmt::Debug for Fingerprinter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Fingerprinter")
-    }
+/// Hashes tagged, length-prefixed parts into 128 bits. The parts are gathered in a
+/// buffer (on the stack for the usual couple of hundred bytes) and hashed in one call,
+/// which for short inputs is several times faster than XXH3's streaming state and
+/// gives the same digest.
+#[derive(Debug, Clone)]
+pub struct Fingerprinter {
+    inline: [u8; INLINE],
+    len: usize,
+    /// Everything, once the parts outgrow `inline`.
+    spilled: Vec<u8>,
 }
+
+const INLINE: usize = 240;
 
 impl Fingerprinter {
     /// Starts a fingerprint in the domain `tag` (e.g. `b"event"`, `b"line"`).
     pub fn new(tag: &[u8]) -> Self {
-        let mut hasher = Xxh3::new();
-        hasher.update(tag);
-        hasher.update(&[0]);
-        Fingerprinter(hasher)
+        let mut fp = Fingerprinter {
+            inline: [0; INLINE],
+            len: 0,
+            spilled: Vec::new(),
+        };
+        fp.raw(tag);
+        fp.raw(&[0]);
+        fp
     }
 
     /// Adds one part; parts are length-prefixed so boundaries cannot shift.
-    pub fn part(mut self, bytes: &[u8]) -> Self {
-        self.0.update(&(bytes.len() as u64).to_le_bytes());
-        self.0.update(bytes);
+    pub fn part(&mut self, bytes: &[u8]) -> &mut Self {
+        self.raw(&(bytes.len() as u64).to_le_bytes());
+        self.raw(bytes);
         self
     }
 
     /// Adds one part as raw bytes without a length prefix; for callers that feed a
     /// value in several pieces and add their own terminator.
     pub fn raw(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
+        let end = self.len + bytes.len();
+        if self.spilled.is_empty() && end <= INLINE {
+            self.inline[self.len..end].copy_from_slice(bytes);
+        } else {
+            if self.spilled.is_empty() {
+                self.spilled.extend_from_slice(&self.inline[..self.len]);
+            }
+            self.spilled.extend_from_slice(bytes);
+        }
+        self.len = end;
     }
 
-    pub fn finish(self) -> u128 {
-        self.0.digest128()
+    pub fn finish(&self) -> u128 {
+        if self.spilled.is_empty() {
+            xxh3_128(&self.inline[..self.len])
+        } else {
+            xxh3_128(&self.spilled)
+        }
     }
 }
 
@@ -59,6 +81,23 @@ impl EventKey {
                 .part(id.as_bytes())
                 .finish(),
         )
+    }
+}
+
+/// Identity of a usage series: a fingerprint of (customer, meter slug, group_by values).
+/// Computed where events are decoded, in parallel, so the aggregator finds a series
+/// with one lookup instead of comparing strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SeriesFingerprint(pub u128);
+
+impl SeriesFingerprint {
+    pub fn new<S: AsRef<str>>(customer: &str, meter: &str, group: &[S]) -> Self {
+        let mut fp = Fingerprinter::new(b"series");
+        fp.part(customer.as_bytes()).part(meter.as_bytes());
+        for g in group {
+            fp.part(g.as_ref().as_bytes());
+        }
+        SeriesFingerprint(fp.finish())
     }
 }
 
@@ -85,6 +124,18 @@ mod tests {
     fn event_key_depends_on_part_boundaries() {
         assert_ne!(EventKey::new("ab", "c"), EventKey::new("a", "bc"));
         assert_eq!(EventKey::new("svc", "e-1"), EventKey::new("svc", "e-1"));
+    }
+
+    #[test]
+    fn long_inputs_spill_without_changing_the_digest() {
+        let long = vec![7u8; 1000];
+        let mut split = Fingerprinter::new(b"t");
+        split.part(&long[..100]);
+        split.raw(&long[100..]);
+        let mut whole = Vec::from(&b"t\0"[..]);
+        whole.extend_from_slice(&100u64.to_le_bytes());
+        whole.extend_from_slice(&long);
+        assert_eq!(split.finish(), xxh3_128(&whole));
     }
 
     #[test]

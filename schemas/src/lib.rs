@@ -14,6 +14,7 @@
 pub mod config;
 pub mod event;
 pub mod ids;
+mod json;
 pub mod money;
 pub mod price;
 pub mod records;

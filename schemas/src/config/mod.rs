@@ -10,7 +10,7 @@ mod defaults;
 mod validate;
 mod values;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
@@ -270,6 +270,8 @@ pub struct Config {
     /// Fingerprint of the price book (meters, plans, customers), printed on every line.
     pub hash: ConfigHash,
     meters_by_event_type: HashMap<String, Vec<MeterId>>,
+    /// The customers' ids again, hashed: checked once per event.
+    customer_ids: HashSet<String>,
 }
 
 impl Config {
@@ -300,6 +302,11 @@ impl Config {
             .get(event_type)
             .map(Vec::as_slice)
             .unwrap_or(&[])
+    }
+
+    /// Whether events with this subject belong to a configured customer.
+    pub fn is_customer(&self, subject: &str) -> bool {
+        self.customer_ids.contains(subject)
     }
 
     pub fn meter(&self, id: MeterId) -> &Meter {

@@ -34,7 +34,7 @@ impl ConfigFile {
         let settings = validate_settings(&self, &mut issues);
         let meters = validate_meters(&self.meters, &mut issues);
         let plans = validate_plans(&self.plans, &meters, &mut issues);
-        let customers = validate_customers(&self.customers, &plans, &mut issues);
+        let customers = validate_customers(&self.customers, &self.plans, &plans, &mut issues);
         if !issues.0.is_empty() {
             return Err(issues.0);
         }
@@ -47,6 +47,7 @@ impl ConfigFile {
         }
         Ok(Config {
             hash: ConfigHash::of(&self),
+            customer_ids: customers.keys().cloned().collect(),
             meters,
             plans,
             customers,
@@ -371,6 +372,7 @@ fn non_negative(amount: Decimal, at: &str, issues: &mut Issues) -> Decimal {
 
 fn validate_customers(
     specs: &[CustomerSpec],
+    plan_specs: &[PlanSpec],
     plans: &[Plan],
     issues: &mut Issues,
 ) -> BTreeMap<String, Customer> {
@@ -408,10 +410,15 @@ fn validate_customers(
                 Some(price) => match plan.prices.iter().position(|p| &p.id == price) {
                     Some(j) => vec![j],
                     None => {
-                        issues.add(
-                            format!("{at}.price"),
-                            format!("plan {:?} has no price {price:?}", plan.id),
-                        );
+                        // A price that is in the file but failed validation has its
+                        // own issue already; only a price that is not there is news.
+                        let declared = plan_specs[plan_index].prices.iter().any(|p| &p.id == price);
+                        if !declared {
+                            issues.add(
+                                format!("{at}.price"),
+                                format!("plan {:?} has no price {price:?}", plan.id),
+                            );
+                        }
                         continue;
                     }
                 },

@@ -24,22 +24,16 @@ use tally_aggregator::Aggregator;
 use tally_ingest::{decode_lines, Line, LineReject};
 use tally_rater::{Ledger, RatedLine, Recorded};
 use tally_schemas::config::Config;
-use tally_schemas::event::{DecodedEvent, EventDecoder};
+use tally_schemas::event::EventDecoder;
 use tally_schemas::records::WindowUsage;
 use tally_schemas::time::Period;
 
 use crate::batch::{Summary, UnpricedUsage};
 use store::Store;
 
-/// Events per hand-off from ingest to the aggregator, like a Kafka poll batch.
-const EVENT_BATCH: usize = 4096;
-/// Batches a queue holds before its producer waits.
+/// Batches a queue holds before its producer waits. Ingest hands over the lines of one
+/// decoded chunk (about 2 MiB of input) at a time, like a Kafka poll batch.
 const QUEUE_DEPTH: usize = 8;
-
-enum Ingested<'a> {
-    Event(DecodedEvent<'a>),
-    Rejected(LineReject),
-}
 
 /// What the pipeline produced.
 #[derive(Debug)]
@@ -64,29 +58,17 @@ pub fn run(
 ) -> anyhow::Result<PipelineRun> {
     let decode_workers = crate::default_threads().saturating_sub(1).max(1);
     std::thread::scope(|scope| {
-        let (events_tx, events_rx) = mpsc::sync_channel::<Vec<Ingested<'_>>>(QUEUE_DEPTH);
+        let (events_tx, events_rx) = mpsc::sync_channel::<Vec<Line<'_>>>(QUEUE_DEPTH);
         let (windows_tx, windows_rx) = mpsc::sync_channel::<Vec<WindowUsage>>(QUEUE_DEPTH);
 
         // Ingest: decode lines, hand events and rejects on in batches.
         let ingest = scope.spawn(move || {
             let decoder = EventDecoder::new(config, now);
-            let mut batch = Vec::with_capacity(EVENT_BATCH);
-            let flow = decode_lines(input, decoder, decode_workers, |line| {
-                batch.push(match line {
-                    Line::Event { event, .. } => Ingested::Event(event),
-                    Line::Rejected(reject) => Ingested::Rejected(reject),
-                });
-                if batch.len() == EVENT_BATCH {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(EVENT_BATCH));
-                    if events_tx.send(full).is_err() {
-                        return ControlFlow::Break(());
-                    }
-                }
-                ControlFlow::Continue(())
+            // A failed send means the aggregator stopped; its error is reported there.
+            let _ = decode_lines(input, decoder, decode_workers, |lines| match events_tx.send(lines) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
             });
-            if flow.is_continue() && !batch.is_empty() {
-                let _ = events_tx.send(batch);
-            }
         });
 
         // Aggregator: dedupe and window each batch, then hand on what changed.
@@ -98,16 +80,16 @@ pub fn run(
             };
             let mut rejects = Vec::new();
             for batch in events_rx {
-                for item in batch {
+                for line in batch {
                     summary.events_read += 1;
-                    match item {
-                        Ingested::Event(event) => {
+                    match line {
+                        Line::Event { event, .. } => {
                             let outcome = aggregator.apply(&event);
                             summary.record(outcome, &event, period, config);
                         }
-                        Ingested::Rejected(reject) => {
+                        Line::Rejected(reject) => {
                             summary.record_reject(&reject);
-                            rejects.push(reject);
+                            rejects.push(*reject);
                         }
                     }
                 }

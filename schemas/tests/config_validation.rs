@@ -1,0 +1,801 @@
+//! tally.toml through `Config::parse`: what a valid price book becomes, and for every
+//! rule a bad one breaks, where the problem is reported (`at`) and what the message says.
+
+// Helpers panic on unexpected input: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use tally_schemas::config::{AggregationKind, Config, ConfigError};
+use tally_schemas::money::RoundingMode;
+use tally_schemas::price::{Discount, PackageRounding, Rate, TiersMode, UpTo};
+
+/// The issue's sample configuration.
+const BASE: &str = r#"
+[[meters]]
+slug = "resolutions"
+event_type = "ai.resolution"
+aggregation = "count"
+
+[[meters]]
+slug = "tokens"
+event_type = "llm.tokens"
+aggregation = "sum"
+value_property = "$.tokens"
+group_by = { model = "$.model" }
+
+[[plans]]
+id = "pro"
+currency = "usd"
+
+[[plans.prices]]
+id = "resolutions"
+meter = "resolutions"
+billing_scheme = "tiered"
+tiers_mode = "graduated"
+tiers = [
+  { up_to = 100, flat_amount = "49" },
+  { up_to = 1000, unit_amount = "0.89" },
+  { up_to = "inf", unit_amount = "0.69" },
+]
+
+[[plans.prices]]
+id = "gpt-tokens"
+meter = "tokens"
+billing_scheme = "per_unit"
+unit_amount = "0.002"
+transform_quantity = { divide_by = 1000, round = "up" }
+filter = { model = "gpt-x" }
+
+[[customers]]
+id = "cust_acme"
+plan = "pro"
+discounts = [{ price = "resolutions", percent_off = "12.5" }]
+"#;
+
+fn dec(text: &str) -> Decimal {
+    Decimal::from_str(text).unwrap()
+}
+
+/// BASE with one exact piece of text replaced (which must be there).
+fn with(old: &str, new: &str) -> String {
+    assert!(BASE.contains(old), "BASE has no {old:?}");
+    BASE.replacen(old, new, 1)
+}
+
+fn parse(text: &str) -> Config {
+    Config::parse(text, "tally.toml").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The `(at, message)` of every issue found in a file that is valid TOML.
+fn issues(text: &str) -> Vec<(String, String)> {
+    match Config::parse(text, "tally.toml") {
+        Ok(_) => panic!("expected validation issues in:\n{text}"),
+        Err(ConfigError::Invalid { origin, issues }) => {
+            assert_eq!(origin, "tally.toml");
+            issues.into_iter().map(|i| (i.at, i.message)).collect()
+        }
+        Err(other) => panic!("expected validation issues, got: {other}"),
+    }
+}
+
+/// Asserts the file has exactly one issue, at `at`, whose message contains `fragment`.
+fn assert_only_issue(text: &str, at: &str, fragment: &str) {
+    let found = issues(text);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one issue at {at}, found {found:#?}"
+    );
+    assert_eq!(found[0].0, at, "{found:#?}");
+    assert!(
+        found[0].1.contains(fragment),
+        "{:?} lacks {fragment:?}",
+        found[0].1
+    );
+}
+
+/// Asserts one of the issues is at `at` and its message contains `fragment`.
+fn assert_has_issue(text: &str, at: &str, fragment: &str) {
+    let found = issues(text);
+    assert!(
+        found.iter().any(|(a, m)| a == at && m.contains(fragment)),
+        "no issue at {at} containing {fragment:?} in {found:#?}"
+    );
+}
+
+/// The message of a file that is not valid TOML for tally.
+fn syntax_error(text: &str) -> String {
+    match Config::parse(text, "tally.toml") {
+        Err(e @ ConfigError::Syntax { .. }) => e.to_string(),
+        Err(other) => panic!("expected a syntax error, got: {other}"),
+        Ok(_) => panic!("expected a syntax error in:\n{text}"),
+    }
+}
+
+#[test]
+fn the_issue_sample_config_is_valid_and_means_what_it_says() {
+    let config = parse(BASE);
+    assert_eq!(config.meters.len(), 2);
+    assert_eq!(config.meters[0].slug, "resolutions");
+    assert_eq!(config.meters[0].aggregation.kind(), AggregationKind::Count);
+    assert_eq!(config.meters[1].aggregation.kind(), AggregationKind::Sum);
+    assert_eq!(
+        config.meters[1]
+            .aggregation
+            .value_property()
+            .unwrap()
+            .as_str(),
+        "$.tokens"
+    );
+    assert_eq!(config.meters[1].group_by.len(), 1);
+    assert_eq!(config.meters[1].group_by[0].0, "model");
+
+    let plan = &config.plans[0];
+    assert_eq!(plan.id, "pro");
+    assert_eq!(plan.currency.code(), "usd");
+    assert_eq!(plan.currency.minor_units(), 2);
+    assert_eq!(
+        plan.rounding,
+        RoundingMode::HalfUp,
+        "half_up is the default"
+    );
+    assert_eq!(plan.prices.len(), 2);
+    match &plan.prices[0].rate {
+        Rate::Tiered { mode, tiers } => {
+            assert_eq!(*mode, TiersMode::Graduated);
+            let rows: Vec<(UpTo, Decimal, Decimal)> = tiers
+                .iter()
+                .map(|t| (t.up_to, t.unit_amount, t.flat_amount))
+                .collect();
+            assert_eq!(
+                rows,
+                [
+                    (UpTo::Finite(dec("100")), dec("0"), dec("49")),
+                    (UpTo::Finite(dec("1000")), dec("0.89"), dec("0")),
+                    (UpTo::Inf, dec("0.69"), dec("0")),
+                ]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match &plan.prices[1].rate {
+        Rate::PerUnit {
+            unit_amount,
+            package: Some(p),
+        } => {
+            assert_eq!(*unit_amount, dec("0.002"));
+            assert_eq!(p.divide_by, dec("1000"));
+            assert_eq!(p.round, PackageRounding::Up);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(plan.prices[1].filter, [(0, "gpt-x".to_owned())]);
+    assert!(plan.prices[1].matches(&["gpt-x".to_owned()]));
+    assert!(!plan.prices[1].matches(&["gpt-y".to_owned()]));
+
+    let acme = &config.customers["cust_acme"];
+    assert_eq!(config.plan(acme.plan).id, "pro");
+    assert_eq!(acme.discounts.len(), 1);
+    assert_eq!(acme.discounts[&0], Discount::PercentOff(dec("12.5")));
+    assert_eq!(config.meters_for("llm.tokens").len(), 1);
+    assert!(config.meters_for("unknown").is_empty());
+}
+
+#[test]
+fn currencies_carry_their_iso_4217_minor_units() {
+    for (code, minor) in [("usd", 2), ("eur", 2), ("jpy", 0), ("kwd", 3)] {
+        let config = parse(&with(
+            r#"currency = "usd""#,
+            &format!("currency = \"{code}\""),
+        ));
+        assert_eq!(config.plans[0].currency.minor_units(), minor, "{code}");
+    }
+    let even = parse(&with(
+        r#"currency = "usd""#,
+        "currency = \"usd\"\nrounding = \"half_even\"",
+    ));
+    assert_eq!(even.plans[0].rounding, RoundingMode::HalfEven);
+}
+
+#[test]
+fn amounts_may_be_integers_or_decimal_strings() {
+    let config = parse(
+        &with(r#"unit_amount = "0.002""#, "unit_amount = 2")
+            .replace(r#"flat_amount = "49""#, "flat_amount = 49")
+            .replace("up_to = 100,", r#"up_to = "100.5","#)
+            .replace(r#"percent_off = "12.5""#, "percent_off = 10"),
+    );
+    let plan = &config.plans[0];
+    match &plan.prices[1].rate {
+        Rate::PerUnit { unit_amount, .. } => assert_eq!(*unit_amount, dec("2")),
+        other => panic!("{other:?}"),
+    }
+    match &plan.prices[0].rate {
+        Rate::Tiered { tiers, .. } => {
+            assert_eq!(tiers[0].up_to, UpTo::Finite(dec("100.5")));
+            assert_eq!(tiers[0].flat_amount, dec("49"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        config.customers["cust_acme"].discounts[&0],
+        Discount::PercentOff(dec("10"))
+    );
+}
+
+#[test]
+fn amount_off_discounts_and_plan_wide_discounts_are_supported() {
+    let config = parse(&with(
+        r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
+        r#"discounts = [{ amount_off = "5" }]"#,
+    ));
+    let acme = &config.customers["cust_acme"];
+    assert_eq!(
+        acme.discounts.len(),
+        2,
+        "a discount without price applies to every line"
+    );
+    assert_eq!(acme.discounts[&0], Discount::AmountOff(dec("5")));
+    assert_eq!(acme.discounts[&1], Discount::AmountOff(dec("5")));
+}
+
+#[test]
+fn the_config_hash_ignores_layout_and_comments_but_not_prices() {
+    let base = parse(BASE).hash;
+    let commented = BASE.replace("[[plans]]", "# the plans\n\n[[plans]]   # pro\n");
+    assert_eq!(parse(&commented).hash, base);
+    assert_eq!(
+        parse(&with(r#""0.89""#, r#""0.890""#)).hash,
+        base,
+        "0.89 and 0.890 are one price"
+    );
+    assert_ne!(parse(&with(r#""0.89""#, r#""0.88""#)).hash, base);
+    assert_ne!(
+        parse(&with(r#"percent_off = "12.5""#, r#"percent_off = "10""#)).hash,
+        base
+    );
+    assert_eq!(format!("{}", parse(BASE).hash).len(), 16);
+}
+
+#[test]
+fn tiers_must_strictly_increase() {
+    assert_only_issue(
+        &with("up_to = 1000,", "up_to = 100,"),
+        "plans[pro].prices[resolutions].tiers[1].up_to",
+        "tiers must strictly increase: 100 follows 100",
+    );
+    assert_only_issue(
+        &with("up_to = 1000,", "up_to = 50,"),
+        "plans[pro].prices[resolutions].tiers[1].up_to",
+        "tiers must strictly increase: 50 follows 100",
+    );
+}
+
+#[test]
+fn the_last_tier_must_be_inf_and_only_the_last() {
+    assert_only_issue(
+        &with(r#"up_to = "inf""#, "up_to = 5000"),
+        "plans[pro].prices[resolutions].tiers[2].up_to",
+        "the last tier must have up_to = \"inf\"",
+    );
+    assert_only_issue(
+        &with("up_to = 1000,", r#"up_to = "inf","#),
+        "plans[pro].prices[resolutions].tiers[1].up_to",
+        "only the last tier may be \"inf\"",
+    );
+    assert_only_issue(
+        &with("up_to = 100,", "up_to = 0,"),
+        "plans[pro].prices[resolutions].tiers[0].up_to",
+        "must be positive",
+    );
+    assert_only_issue(
+        &with(
+            "tiers = [\n  { up_to = 100, flat_amount = \"49\" },\n  { up_to = 1000, unit_amount = \"0.89\" },\n  { up_to = \"inf\", unit_amount = \"0.69\" },\n]",
+            "tiers = []",
+        ),
+        "plans[pro].prices[resolutions].tiers",
+        "at least one tier",
+    );
+    let not_inf = syntax_error(&with(r#"up_to = "inf""#, r#"up_to = "infinity""#));
+    assert!(
+        not_inf.contains("use \"inf\" for an open-ended tier"),
+        "{not_inf}"
+    );
+}
+
+#[test]
+fn a_tier_needs_an_amount() {
+    assert_only_issue(
+        &with(
+            r#"{ up_to = 1000, unit_amount = "0.89" }"#,
+            "{ up_to = 1000 }",
+        ),
+        "plans[pro].prices[resolutions].tiers[1]",
+        "set unit_amount, flat_amount or both",
+    );
+}
+
+#[test]
+fn amounts_must_not_be_negative() {
+    let cases = [
+        (
+            r#"unit_amount = "0.89""#,
+            r#"unit_amount = "-0.89""#,
+            "plans[pro].prices[resolutions].tiers[1].unit_amount",
+        ),
+        (
+            r#"flat_amount = "49""#,
+            r#"flat_amount = "-49""#,
+            "plans[pro].prices[resolutions].tiers[0].flat_amount",
+        ),
+        (
+            r#"unit_amount = "0.002""#,
+            "unit_amount = -2",
+            "plans[pro].prices[gpt-tokens].unit_amount",
+        ),
+    ];
+    for (old, new, at) in cases {
+        assert_only_issue(&with(old, new), at, "amounts must not be negative");
+    }
+    assert_only_issue(
+        &with(r#"percent_off = "12.5""#, r#"amount_off = "-5""#),
+        "customers[cust_acme].discounts[0].amount_off",
+        "must not be negative",
+    );
+}
+
+#[test]
+fn the_package_divisor_must_be_positive() {
+    for divisor in ["0", "-1000"] {
+        assert_only_issue(
+            &with("divide_by = 1000", &format!("divide_by = {divisor}")),
+            "plans[pro].prices[gpt-tokens].transform_quantity.divide_by",
+            "must be a positive number",
+        );
+    }
+}
+
+#[test]
+fn transform_quantity_does_not_combine_with_tiers() {
+    assert_only_issue(
+        &with(
+            r#"tiers_mode = "graduated""#,
+            "tiers_mode = \"graduated\"\ntransform_quantity = { divide_by = 10, round = \"down\" }",
+        ),
+        "plans[pro].prices[resolutions].transform_quantity",
+        "does not combine with tiers",
+    );
+}
+
+#[test]
+fn billing_schemes_need_their_own_fields() {
+    assert_only_issue(
+        &with("tiers_mode = \"graduated\"\n", ""),
+        "plans[pro].prices[resolutions].tiers_mode",
+        "required with billing_scheme = \"tiered\"",
+    );
+    assert_only_issue(
+        &with("unit_amount = \"0.002\"\n", ""),
+        "plans[pro].prices[gpt-tokens].unit_amount",
+        "required with billing_scheme = \"per_unit\"",
+    );
+    assert_only_issue(
+        &with(
+            r#"tiers_mode = "graduated""#,
+            "tiers_mode = \"graduated\"\nunit_amount = \"1\"",
+        ),
+        "plans[pro].prices[resolutions].unit_amount",
+        "sets unit_amount per tier",
+    );
+    assert_only_issue(
+        &with(
+            r#"billing_scheme = "tiered""#,
+            r#"billing_scheme = "per_unit""#,
+        )
+        .replacen(
+            "tiers_mode = \"graduated\"",
+            "unit_amount = \"1\"\ntiers_mode = \"graduated\"",
+            1,
+        ),
+        "plans[pro].prices[resolutions]",
+        "belong to billing_scheme = \"tiered\"",
+    );
+}
+
+#[test]
+fn prices_must_name_a_known_meter() {
+    let found = issues(&with(r#"meter = "tokens""#, r#"meter = "tokenz""#));
+    assert_eq!(found[0].0, "plans[pro].prices[gpt-tokens].meter");
+    assert_eq!(
+        found[0].1,
+        r#"unknown meter "tokenz"; known meters: resolutions, tokens"#
+    );
+}
+
+#[test]
+fn filters_must_name_a_group_by_dimension_of_the_meter() {
+    assert_only_issue(
+        &with(
+            r#"filter = { model = "gpt-x" }"#,
+            r#"filter = { modle = "gpt-x" }"#,
+        ),
+        "plans[pro].prices[gpt-tokens].filter.modle",
+        r#"meter "tokens" has no group_by dimension "modle""#,
+    );
+}
+
+#[test]
+fn unique_count_prices_must_pin_every_dimension() {
+    let text = with(
+        "[[plans]]",
+        "[[meters]]\nslug = \"users\"\nevent_type = \"app.active\"\naggregation = \"unique_count\"\nvalue_property = \"$.user\"\ngroup_by = { region = \"$.region\" }\n\n[[plans]]",
+    )
+    .replace(
+        "[[customers]]",
+        "[[plans.prices]]\nid = \"users\"\nmeter = \"users\"\nbilling_scheme = \"per_unit\"\nunit_amount = \"1\"\n\n[[customers]]",
+    );
+    assert_only_issue(
+        &text,
+        "plans[pro].prices[users].filter",
+        "pin every dimension (region)",
+    );
+    parse(&text.replace(
+        "unit_amount = \"1\"\n\n",
+        "unit_amount = \"1\"\nfilter = { region = \"eu\" }\n\n",
+    ));
+}
+
+#[test]
+fn value_property_is_required_except_for_count() {
+    for aggregation in ["sum", "max", "unique_count", "latest"] {
+        let text = with("value_property = \"$.tokens\"\n", "").replace(
+            r#"aggregation = "sum""#,
+            &format!("aggregation = \"{aggregation}\""),
+        );
+        let found = issues(&text);
+        assert_eq!(found[0].0, "meters[tokens].value_property", "{aggregation}");
+        assert!(
+            found[0]
+                .1
+                .contains(&format!("required for aggregation = \"{aggregation}\"")),
+            "{found:?}"
+        );
+    }
+    assert_only_issue(
+        &with(
+            r#"aggregation = "count""#,
+            "aggregation = \"count\"\nvalue_property = \"$.n\"",
+        ),
+        "meters[resolutions].value_property",
+        "a count meter counts events",
+    );
+}
+
+#[test]
+fn value_property_must_be_a_supported_jsonpath() {
+    for bad in ["tokens", "$", "$..tokens", "$.a[0]", "$.*"] {
+        let err = syntax_error(&with(r#""$.tokens""#, &format!("{bad:?}")));
+        assert!(err.contains("is not a supported JSONPath"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn percent_off_must_be_between_0_and_100() {
+    for bad in ["100.01", "150", "-5"] {
+        assert_only_issue(
+            &with(
+                r#"percent_off = "12.5""#,
+                &format!("percent_off = \"{bad}\""),
+            ),
+            "customers[cust_acme].discounts[0].percent_off",
+            "must be between 0 and 100",
+        );
+    }
+    for good in ["0", "100"] {
+        parse(&with(
+            r#"percent_off = "12.5""#,
+            &format!("percent_off = \"{good}\""),
+        ));
+    }
+}
+
+#[test]
+fn a_discount_sets_exactly_one_of_percent_off_or_amount_off() {
+    assert_only_issue(
+        &with(
+            r#"percent_off = "12.5""#,
+            r#"percent_off = "12.5", amount_off = "5""#,
+        ),
+        "customers[cust_acme].discounts[0]",
+        "set exactly one of percent_off or amount_off",
+    );
+    assert_only_issue(
+        &with(r#", percent_off = "12.5""#, ""),
+        "customers[cust_acme].discounts[0]",
+        "set exactly one of percent_off or amount_off",
+    );
+}
+
+#[test]
+fn a_line_gets_at_most_one_discount() {
+    assert_only_issue(
+        &with(
+            r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
+            r#"discounts = [{ price = "resolutions", percent_off = "12.5" }, { amount_off = "1" }]"#,
+        ),
+        "customers[cust_acme].discounts[1]",
+        "already has a discount",
+    );
+}
+
+#[test]
+fn discounts_and_customers_must_name_known_prices_and_plans() {
+    assert_only_issue(
+        &with(r#"price = "resolutions""#, r#"price = "resolution""#),
+        "customers[cust_acme].discounts[0].price",
+        r#"plan "pro" has no price "resolution""#,
+    );
+    assert_only_issue(
+        &with(r#"plan = "pro""#, r#"plan = "enterprise""#),
+        "customers[cust_acme].plan",
+        r#"unknown plan "enterprise"; known plans: pro"#,
+    );
+}
+
+#[test]
+fn ids_must_be_unique() {
+    let meter = "[[meters]]\nslug = \"tokens\"\nevent_type = \"other\"\naggregation = \"count\"\n\n[[plans]]";
+    assert_only_issue(
+        &with("[[plans]]", meter),
+        "meters[tokens].slug",
+        "duplicate meter slug",
+    );
+
+    let plan = "[[plans]]\nid = \"pro\"\ncurrency = \"eur\"\n[[plans.prices]]\nid = \"r\"\nmeter = \"resolutions\"\nbilling_scheme = \"per_unit\"\nunit_amount = \"1\"\n\n[[customers]]";
+    assert_only_issue(
+        &with("[[customers]]", plan),
+        "plans[pro].id",
+        "duplicate plan id",
+    );
+
+    let price = "[[plans.prices]]\nid = \"resolutions\"\nmeter = \"resolutions\"\nbilling_scheme = \"per_unit\"\nunit_amount = \"1\"\n\n[[customers]]";
+    assert_only_issue(
+        &with("[[customers]]", price),
+        "plans[pro].prices[resolutions].id",
+        "duplicate price id within the plan",
+    );
+
+    let customer = format!("{BASE}\n[[customers]]\nid = \"cust_acme\"\nplan = \"pro\"\n");
+    assert_only_issue(
+        &customer,
+        "customers[cust_acme].id",
+        "duplicate customer id",
+    );
+}
+
+#[test]
+fn empty_names_are_reported_by_position() {
+    assert_has_issue(
+        &with(r#"slug = "tokens""#, r#"slug = """#),
+        "meters[1].slug",
+        "must not be empty",
+    );
+    assert_has_issue(
+        &with(r#"id = "pro""#, r#"id = """#),
+        "plans[0].id",
+        "must not be empty",
+    );
+    assert_has_issue(
+        &with(r#"id = "cust_acme""#, r#"id = """#),
+        "customers[0].id",
+        "must not be empty",
+    );
+    assert_only_issue(
+        &with(r#"event_type = "llm.tokens""#, r#"event_type = " ""#),
+        "meters[tokens].event_type",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn a_plan_needs_at_least_one_price() {
+    let text = "[[meters]]\nslug = \"m\"\nevent_type = \"t\"\naggregation = \"count\"\n\n[[plans]]\nid = \"empty\"\ncurrency = \"usd\"\n";
+    assert_only_issue(text, "plans[empty].prices", "at least one price");
+}
+
+#[test]
+fn currencies_must_be_known_lower_case_iso_4217_codes() {
+    assert_only_issue(
+        &with(r#"currency = "usd""#, r#"currency = "USD""#),
+        "plans[pro].currency",
+        r#"unknown currency "USD"; write it in lower case: "usd""#,
+    );
+    for bad in ["xyz", "dollar", ""] {
+        assert_only_issue(
+            &with(r#"currency = "usd""#, &format!("currency = \"{bad}\"")),
+            "plans[pro].currency",
+            "expected a lower-case ISO 4217 code",
+        );
+    }
+}
+
+#[test]
+fn toml_floats_are_refused_for_amounts() {
+    let cases = [
+        (r#"unit_amount = "0.89""#, "unit_amount = 0.89"),
+        (r#"flat_amount = "49""#, "flat_amount = 49.0"),
+        ("up_to = 100,", "up_to = 100.0,"),
+        (r#"percent_off = "12.5""#, "percent_off = 12.5"),
+        ("divide_by = 1000", "divide_by = 1000.0"),
+    ];
+    for (old, new) in cases {
+        let err = syntax_error(&with(old, new));
+        assert!(
+            err.contains("write decimal amounts as strings"),
+            "{new}: {err}"
+        );
+    }
+}
+
+#[test]
+fn non_numeric_amount_strings_are_refused() {
+    let err = syntax_error(&with(r#"unit_amount = "0.89""#, r#"unit_amount = "cheap""#));
+    assert!(err.contains(r#""cheap" is not a decimal number"#), "{err}");
+}
+
+#[test]
+fn unknown_fields_are_refused_everywhere() {
+    let cases = [
+        (
+            r#"aggregation = "count""#,
+            "aggregation = \"count\"\ncolour = \"red\"",
+            "colour",
+        ),
+        (
+            r#"currency = "usd""#,
+            "currency = \"usd\"\ntax = \"20\"",
+            "tax",
+        ),
+        (
+            r#"billing_scheme = "tiered""#,
+            "billing_scheme = \"tiered\"\ntiers_mod = \"volume\"",
+            "tiers_mod",
+        ),
+        (
+            "{ up_to = 100, flat_amount",
+            "{ up_to = 100, flat = \"1\", flat_amount",
+            "flat",
+        ),
+        ("round = \"up\" }", "round = \"up\", step = 2 }", "step"),
+        (
+            r#"plan = "pro""#,
+            "plan = \"pro\"\nemail = \"a@b\"",
+            "email",
+        ),
+        (
+            r#"percent_off = "12.5""#,
+            r#"percent_off = "12.5", until = "2027""#,
+            "until",
+        ),
+    ];
+    for (old, new, field) in cases {
+        let err = syntax_error(&with(old, new));
+        assert!(
+            err.contains(&format!("unknown field `{field}`")),
+            "{field}: {err}"
+        );
+    }
+    let top = syntax_error(&format!("{BASE}\n[pricing]\nx = 1\n"));
+    assert!(top.contains("unknown field `pricing`"), "{top}");
+    let section = syntax_error(&format!("{BASE}\n[events]\nmax_skew = \"5m\"\n"));
+    assert!(section.contains("unknown field `max_skew`"), "{section}");
+}
+
+#[test]
+fn enumerations_refuse_unknown_values() {
+    let cases = [
+        (r#"aggregation = "count""#, r#"aggregation = "avg""#, "avg"),
+        (
+            r#"billing_scheme = "tiered""#,
+            r#"billing_scheme = "package""#,
+            "package",
+        ),
+        (
+            r#"tiers_mode = "graduated""#,
+            r#"tiers_mode = "stairstep""#,
+            "stairstep",
+        ),
+        (r#"round = "up""#, r#"round = "nearest""#, "nearest"),
+        (
+            r#"currency = "usd""#,
+            "currency = \"usd\"\nrounding = \"half_down\"",
+            "half_down",
+        ),
+    ];
+    for (old, new, value) in cases {
+        let err = syntax_error(&with(old, new));
+        assert!(
+            err.contains(&format!("unknown variant `{value}`")),
+            "{value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn settings_are_checked() {
+    assert_only_issue(
+        &format!("{BASE}\n[aggregator]\nwindow = \"7h\"\n"),
+        "aggregator.window",
+        "does not divide a day into whole windows",
+    );
+    assert_only_issue(
+        &format!("{BASE}\n[aggregator]\ndedupe_horizon = \"1h\"\n"),
+        "aggregator.dedupe_horizon",
+        "at least one day",
+    );
+    let err = syntax_error(&format!("{BASE}\n[events]\nmax_future_skew = \"soon\"\n"));
+    assert!(err.contains("is not a duration"), "{err}");
+    let config = parse(&format!("{BASE}\n[events]\nmax_future_skew = \"1h\"\n"));
+    assert_eq!(
+        config.settings.max_future_skew,
+        std::time::Duration::from_secs(3600)
+    );
+    assert_eq!(
+        parse(BASE).settings.max_future_skew,
+        std::time::Duration::from_secs(300)
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = with(r#"currency = "usd""#, r#"currency = "usdollar""#)
+        .replace("up_to = 1000,", "up_to = 10,")
+        .replace(r#"percent_off = "12.5""#, r#"percent_off = "120""#)
+        .replace(r#"meter = "tokens""#, r#"meter = "tokenz""#);
+    let ats: Vec<String> = issues(&text).into_iter().map(|(at, _)| at).collect();
+    assert_eq!(
+        ats,
+        [
+            "plans[pro].currency",
+            "plans[pro].prices[resolutions].tiers[1].up_to",
+            "plans[pro].prices[gpt-tokens].meter",
+            "customers[cust_acme].discounts[0].percent_off",
+        ]
+    );
+}
+
+#[test]
+fn errors_render_with_origin_place_and_message() {
+    let err =
+        Config::parse(&with("up_to = 1000,", "up_to = 100,"), "billing/tally.toml").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "billing/tally.toml has 1 problem(s):\n  - plans[pro].prices[resolutions].tiers[1].up_to: tiers must strictly increase: 100 follows 100"
+    );
+    let syntax = Config::parse("meters = 5", "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        syntax.starts_with("x.toml is not valid TOML for tally: "),
+        "{syntax}"
+    );
+}
+
+#[test]
+fn an_empty_file_is_a_valid_empty_price_book() {
+    let config = parse("");
+    assert!(config.meters.is_empty() && config.plans.is_empty() && config.customers.is_empty());
+}
+
+#[test]
+fn a_discount_on_a_price_with_an_unknown_meter_is_not_reported_as_an_unknown_price() {
+    let text = with(r#"meter = "tokens""#, r#"meter = "tokenz""#)
+        .replace(r#"price = "resolutions""#, r#"price = "gpt-tokens""#);
+    assert_only_issue(
+        &text,
+        "plans[pro].prices[gpt-tokens].meter",
+        r#"unknown meter "tokenz""#,
+    );
+}

@@ -1,0 +1,2004 @@
+//! Black-box tests of the `tally` binary: small files in a temporary directory, the real
+//! command, exact amounts.
+//!
+//! Every run passes `--now 2026-12-15T00:00:00Z` and uses event times in 2026-11 or
+//! earlier, so nothing depends on today's date. Expected amounts are worked out by hand
+//! in the comments.
+
+// Helpers panic on unexpected input: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+const NOW: &str = "2026-12-15T00:00:00Z";
+
+/// The issue's price book: a platform fee covering 100 resolutions, then graduated;
+/// tokens per thousand per model.
+const PRO: &str = r#"
+[[meters]]
+slug = "resolutions"
+event_type = "ai.resolution"
+aggregation = "count"
+
+[[meters]]
+slug = "tokens"
+event_type = "llm.tokens"
+aggregation = "sum"
+value_property = "$.tokens"
+group_by = { model = "$.model" }
+
+[[plans]]
+id = "pro"
+currency = "usd"
+
+[[plans.prices]]
+id = "resolutions"
+meter = "resolutions"
+billing_scheme = "tiered"
+tiers_mode = "graduated"
+tiers = [
+  { up_to = 100, flat_amount = "49" },
+  { up_to = 1000, unit_amount = "0.89" },
+  { up_to = "inf", unit_amount = "0.69" },
+]
+
+[[plans.prices]]
+id = "gpt-tokens"
+meter = "tokens"
+billing_scheme = "per_unit"
+unit_amount = "0.02"
+transform_quantity = { divide_by = 1000, round = "up" }
+filter = { model = "gpt-x" }
+
+[[plans.prices]]
+id = "claude-tokens"
+meter = "tokens"
+billing_scheme = "per_unit"
+unit_amount = "0.03"
+transform_quantity = { divide_by = 1000, round = "down" }
+filter = { model = "claude-y" }
+
+[[customers]]
+id = "cust_acme"
+plan = "pro"
+discounts = [{ price = "resolutions", percent_off = "12.5" }]
+
+[[customers]]
+id = "cust_idle"
+plan = "pro"
+"#;
+
+/// One customer, one price of `unit_amount` per event, in `currency` with `rounding`,
+/// and an optional discount line.
+fn per_event_config(currency: &str, rounding: &str, unit_amount: &str, discount: &str) -> String {
+    format!(
+        r#"
+[[meters]]
+slug = "calls"
+event_type = "api.call"
+aggregation = "count"
+
+[[plans]]
+id = "p"
+currency = "{currency}"
+rounding = "{rounding}"
+
+[[plans.prices]]
+id = "calls"
+meter = "calls"
+billing_scheme = "per_unit"
+unit_amount = "{unit_amount}"
+
+[[customers]]
+id = "c"
+plan = "p"
+{discount}
+"#
+    )
+}
+
+/// A CloudEvents line.
+fn event(id: &str, event_type: &str, subject: &str, time: &str, data: Option<Value>) -> String {
+    let mut e = json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "test",
+        "type": event_type,
+        "subject": subject,
+        "time": time,
+    });
+    if let Some(data) = data {
+        e["data"] = data;
+    }
+    e.to_string()
+}
+
+/// `n` resolutions of a customer in mid-November, ids `{prefix}-0..n`.
+fn resolutions(prefix: &str, subject: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            event(
+                &format!("{prefix}-{i}"),
+                "ai.resolution",
+                subject,
+                "2026-11-24T10:15:00Z",
+                Some(json!({"conversation_id": format!("c-{i}")})),
+            )
+        })
+        .collect()
+}
+
+fn tokens(id: &str, subject: &str, model: &str, n: Value) -> String {
+    event(
+        id,
+        "llm.tokens",
+        subject,
+        "2026-11-10T08:00:00Z",
+        Some(json!({"tokens": n, "model": model})),
+    )
+}
+
+/// The same JSON with whitespace between every token (pretty-printed on one line).
+fn respaced(line: &str) -> String {
+    let value: Value = serde_json::from_str(line).unwrap();
+    serde_json::to_string_pretty(&value)
+        .unwrap()
+        .replace('\n', " ")
+}
+
+fn calls(subject: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            event(
+                &format!("call-{i}"),
+                "api.call",
+                subject,
+                "2026-11-02T00:00:00Z",
+                None,
+            )
+        })
+        .collect()
+}
+
+/// A temporary directory holding tally.toml.
+struct Fixture {
+    dir: TempDir,
+}
+
+/// What one run of the binary did.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// Stdout as JSON lines.
+    fn lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    fn succeeded(self) -> Self {
+        assert_eq!(self.code, 0, "stderr:\n{}", self.stderr);
+        self
+    }
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().expect("exited"),
+            stdout: String::from_utf8(o.stdout).expect("utf-8 stdout"),
+            stderr: String::from_utf8(o.stderr).expect("utf-8 stderr"),
+        }
+    }
+}
+
+impl Fixture {
+    fn new(config: &str) -> Self {
+        let f = Fixture {
+            dir: TempDir::new().unwrap(),
+        };
+        f.write("tally.toml", config.as_bytes());
+        f
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) {
+        std::fs::write(self.path(name), bytes).unwrap();
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn tally(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
+        c.current_dir(self.dir.path());
+        c
+    }
+
+    /// `tally rate` on `events` (written to events.jsonl) for 2026-11 in JSON, with the
+    /// fixed clock, rejects in rejects.jsonl and the summary in summary.json.
+    fn rate_bytes(&self, events: &[u8], extra: &[&str]) -> Run {
+        self.write("events.jsonl", events);
+        let mut args = vec![
+            "rate",
+            "--config",
+            "tally.toml",
+            "--events",
+            "events.jsonl",
+            "--period",
+            "2026-11",
+            "--now",
+            NOW,
+            "--rejects",
+            "rejects.jsonl",
+            "--summary",
+            "summary.json",
+        ];
+        if !extra.contains(&"--format") {
+            args.extend(["--format", "json"]);
+        }
+        args.extend(extra);
+        self.tally().args(&args).output().unwrap().into()
+    }
+
+    fn rate(&self, events: &[String], extra: &[&str]) -> Run {
+        let mut text = events.join("\n");
+        text.push('\n');
+        self.rate_bytes(text.as_bytes(), extra)
+    }
+
+    fn summary(&self) -> Value {
+        serde_json::from_str(&self.read("summary.json")).unwrap()
+    }
+
+    fn rejects(&self) -> Vec<Value> {
+        self.read("rejects.jsonl")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn validate(&self) -> Run {
+        self.tally()
+            .args(["validate", "--config", "tally.toml"])
+            .output()
+            .unwrap()
+            .into()
+    }
+}
+
+/// The line of `customer` for `price`.
+fn line<'a>(lines: &'a [Value], customer: &str, price: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|l| l["customer"] == customer && l["price"] == price)
+        .unwrap_or_else(|| panic!("no line for {customer}/{price} in {lines:#?}"))
+}
+
+/// `[quantity, subtotal, discount, amount]` of a line, as printed.
+fn money(line: &Value) -> [&str; 4] {
+    ["quantity", "subtotal", "discount", "amount"].map(|k| {
+        line[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("{k} is not a string in {line}"))
+    })
+}
+
+fn concat(parts: &[Vec<String>]) -> Vec<String> {
+    parts.concat()
+}
+
+// ---------------------------------------------------------------------------------------
+// Rating: the issue's semantics, exact amounts
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn issue_example_250_resolutions_with_a_12_5_percent_discount() {
+    let f = Fixture::new(PRO);
+    let run = f.rate(&resolutions("r", "cust_acme", 250), &[]).succeeded();
+    let lines = run.lines();
+    let l = line(&lines, "cust_acme", "resolutions");
+    // 100 in tier 1 for the flat 49, 150 x 0.89 = 133.50: 182.50.
+    // 12.5 % of 182.50 = 22.8125 -> 22.81 (half_up); 182.50 - 22.81 = 159.69.
+    assert_eq!(money(l), ["250", "182.50", "22.81", "159.69"]);
+    assert_eq!(l["plan"], "pro");
+    assert_eq!(l["meter"], "resolutions");
+    assert_eq!(l["currency"], "usd");
+    assert_eq!(l["period_start"], "2026-11-01T00:00:00Z");
+    assert_eq!(l["period_end"], "2026-12-01T00:00:00Z");
+    assert_eq!(
+        l["tiers"],
+        json!([
+            {"tier": 1, "up_to": "100", "quantity": "100", "unit_amount": "0", "flat_amount": "49", "amount": "49"},
+            {"tier": 2, "up_to": "1000", "quantity": "150", "unit_amount": "0.89", "flat_amount": "0", "amount": "133.5"},
+        ])
+    );
+}
+
+#[test]
+fn every_json_line_has_the_documented_fields_with_decimals_as_strings() {
+    let f = Fixture::new(PRO);
+    let run = f.rate(&resolutions("r", "cust_acme", 3), &[]).succeeded();
+    for l in run.lines() {
+        let object = l.as_object().unwrap();
+        for key in [
+            "id",
+            "config_hash",
+            "customer",
+            "plan",
+            "price",
+            "meter",
+            "period_start",
+            "period_end",
+            "quantity",
+            "subtotal",
+            "discount",
+            "amount",
+            "currency",
+            "tiers",
+        ] {
+            assert!(object.contains_key(key), "{key} missing from {l}");
+        }
+        for key in ["quantity", "subtotal", "discount", "amount"] {
+            assert!(l[key].is_string(), "{key} is not a string in {l}");
+        }
+        for tier in l["tiers"].as_array().unwrap() {
+            for key in ["quantity", "unit_amount", "flat_amount", "amount"] {
+                assert!(tier[key].is_string(), "tiers.{key} is not a string in {l}");
+            }
+        }
+    }
+}
+
+#[test]
+fn graduated_tiers_across_all_three_tiers() {
+    let f = Fixture::new(PRO);
+    let run = f
+        .rate(&resolutions("r", "cust_idle", 1200), &[])
+        .succeeded();
+    // 49 + 900 x 0.89 (801) + 200 x 0.69 (138) = 988.
+    let l = line(&run.lines(), "cust_idle", "resolutions").clone();
+    assert_eq!(money(&l), ["1200", "988.00", "0.00", "988.00"]);
+    let quantities: Vec<&str> = l["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["quantity"].as_str().unwrap())
+        .collect();
+    assert_eq!(quantities, ["100", "900", "200"]);
+}
+
+#[test]
+fn graduated_flat_amounts_are_added_for_each_tier_reached() {
+    let config = PRO.replace(
+        r#"{ up_to = 1000, unit_amount = "0.89" }"#,
+        r#"{ up_to = 1000, unit_amount = "0.89", flat_amount = "10" }"#,
+    );
+    let f = Fixture::new(&config);
+    // 100 resolutions stay in tier 1 (up_to is inclusive): 49, tier 2 not reached.
+    let at_bound = f
+        .rate(&resolutions("r", "cust_idle", 100), &[])
+        .succeeded()
+        .lines();
+    let l = line(&at_bound, "cust_idle", "resolutions");
+    assert_eq!(money(l), ["100", "49.00", "0.00", "49.00"]);
+    assert_eq!(l["tiers"].as_array().unwrap().len(), 1);
+    // 101 reach tier 2: 49 + 1 x 0.89 + 10 = 59.89.
+    let past = f
+        .rate(&resolutions("r", "cust_idle", 101), &[])
+        .succeeded()
+        .lines();
+    let l = line(&past, "cust_idle", "resolutions");
+    assert_eq!(money(l), ["101", "59.89", "0.00", "59.89"]);
+    assert_eq!(
+        l["tiers"][1],
+        json!({"tier": 2, "up_to": "1000", "quantity": "1", "unit_amount": "0.89", "flat_amount": "10", "amount": "10.89"})
+    );
+}
+
+#[test]
+fn every_customer_gets_a_line_for_every_price_even_without_usage() {
+    let f = Fixture::new(PRO);
+    let run = f.rate(&[], &[]).succeeded();
+    let lines = run.lines();
+    let keys: Vec<(String, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["customer"].as_str().unwrap().to_owned(),
+                l["price"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("cust_acme", "resolutions"),
+        ("cust_acme", "gpt-tokens"),
+        ("cust_acme", "claude-tokens"),
+        ("cust_idle", "resolutions"),
+        ("cust_idle", "gpt-tokens"),
+        ("cust_idle", "claude-tokens"),
+    ]
+    .map(|(c, p)| (c.to_owned(), p.to_owned()));
+    assert_eq!(keys, expected);
+    // The first tier's flat amount is billed at zero usage: 49, less 12.5 % (6.125 ->
+    // 6.13 half_up) for acme = 42.87.
+    assert_eq!(
+        money(line(&lines, "cust_idle", "resolutions")),
+        ["0", "49.00", "0.00", "49.00"]
+    );
+    assert_eq!(
+        money(line(&lines, "cust_acme", "resolutions")),
+        ["0", "49.00", "6.13", "42.87"]
+    );
+    assert_eq!(
+        line(&lines, "cust_idle", "resolutions")["tiers"],
+        json!([{"tier": 1, "up_to": "100", "quantity": "0", "unit_amount": "0", "flat_amount": "49", "amount": "49"}])
+    );
+    for price in ["gpt-tokens", "claude-tokens"] {
+        assert_eq!(
+            money(line(&lines, "cust_idle", price)),
+            ["0", "0.00", "0.00", "0.00"]
+        );
+    }
+}
+
+#[test]
+fn token_packages_round_up_or_down_and_prices_filter_by_model() {
+    let f = Fixture::new(PRO);
+    let events = vec![
+        tokens("t1", "cust_acme", "gpt-x", json!(700)),
+        tokens("t2", "cust_acme", "gpt-x", json!(800)),
+        tokens("t3", "cust_acme", "claude-y", json!(1999)),
+        tokens("t4", "cust_idle", "gpt-x", json!(2000)),
+        tokens("t5", "cust_idle", "claude-y", json!(2000)),
+        tokens("t6", "cust_acme", "llama-z", json!(500)),
+    ];
+    let run = f.rate(&events, &[]).succeeded();
+    let lines = run.lines();
+    // gpt-x, round up: 1500 tokens are 2 packages x 0.02 = 0.04.
+    let gpt = line(&lines, "cust_acme", "gpt-tokens");
+    assert_eq!(money(gpt), ["1500", "0.04", "0.00", "0.04"]);
+    assert_eq!(gpt["tiers"][0]["quantity"], "2");
+    // claude-y, round down: 1999 tokens are 1 whole package x 0.03 = 0.03.
+    let claude = line(&lines, "cust_acme", "claude-tokens");
+    assert_eq!(money(claude), ["1999", "0.03", "0.00", "0.03"]);
+    assert_eq!(claude["tiers"][0]["quantity"], "1");
+    // An exact multiple is the same either way: 2 packages.
+    assert_eq!(
+        money(line(&lines, "cust_idle", "gpt-tokens")),
+        ["2000", "0.04", "0.00", "0.04"]
+    );
+    assert_eq!(
+        money(line(&lines, "cust_idle", "claude-tokens")),
+        ["2000", "0.06", "0.00", "0.06"]
+    );
+    // llama-z has no price in the plan: reported, not billed.
+    assert_eq!(
+        f.summary()["unpriced_usage"],
+        json!([{"customer": "cust_acme", "meter": "tokens", "group": ["llama-z"], "quantity": "500"}])
+    );
+    assert!(
+        run.stderr
+            .contains("unbilled: 500 of meter tokens [\"llama-z\"] for \"cust_acme\""),
+        "{}",
+        run.stderr
+    );
+}
+
+const VOLUME: &str = r#"
+[[meters]]
+slug = "seats"
+event_type = "seat.used"
+aggregation = "count"
+
+[[plans]]
+id = "vol"
+currency = "usd"
+
+[[plans.prices]]
+id = "seats"
+meter = "seats"
+billing_scheme = "tiered"
+tiers_mode = "volume"
+tiers = [
+  { up_to = 10, unit_amount = "2", flat_amount = "5" },
+  { up_to = "inf", unit_amount = "1", flat_amount = "20" },
+]
+
+[[customers]]
+id = "none"
+plan = "vol"
+
+[[customers]]
+id = "ten"
+plan = "vol"
+
+[[customers]]
+id = "eleven"
+plan = "vol"
+"#;
+
+#[test]
+fn volume_tiers_price_every_unit_at_the_tier_the_total_reaches() {
+    let f = Fixture::new(VOLUME);
+    let seat = |who: &str, n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                event(
+                    &format!("{who}-{i}"),
+                    "seat.used",
+                    who,
+                    "2026-11-15T12:00:00Z",
+                    None,
+                )
+            })
+            .collect()
+    };
+    let run = f
+        .rate(&concat(&[seat("ten", 10), seat("eleven", 11)]), &[])
+        .succeeded();
+    let lines = run.lines();
+    // 0 falls in the first tier: 0 x 2 + 5 = 5.
+    assert_eq!(
+        money(line(&lines, "none", "seats")),
+        ["0", "5.00", "0.00", "5.00"]
+    );
+    // 10 is the first tier's inclusive bound: 10 x 2 + 5 = 25.
+    assert_eq!(
+        money(line(&lines, "ten", "seats")),
+        ["10", "25.00", "0.00", "25.00"]
+    );
+    // 11 moves every unit to the second tier: 11 x 1 + 20 = 31.
+    let eleven = line(&lines, "eleven", "seats");
+    assert_eq!(money(eleven), ["11", "31.00", "0.00", "31.00"]);
+    assert_eq!(
+        eleven["tiers"],
+        json!([{"tier": 2, "up_to": "inf", "quantity": "11", "unit_amount": "1", "flat_amount": "20", "amount": "31"}])
+    );
+}
+
+#[test]
+fn yen_has_no_minor_unit_and_rounds_per_the_plan() {
+    // One call at 102.5 jpy: half_up 103, half_even 102 (2 is even).
+    let up = Fixture::new(&per_event_config("jpy", "half_up", "102.5", ""));
+    let l = up.rate(&calls("c", 1), &[]).succeeded().lines();
+    assert_eq!(money(&l[0]), ["1", "103", "0", "103"]);
+    assert_eq!(l[0]["currency"], "jpy");
+    let even = Fixture::new(&per_event_config("jpy", "half_even", "102.5", ""));
+    assert_eq!(
+        money(&even.rate(&calls("c", 1), &[]).succeeded().lines()[0]),
+        ["1", "102", "0", "102"]
+    );
+    // 3 calls: 307.5 -> 308 either way (8 is even).
+    assert_eq!(
+        money(&even.rate(&calls("c", 3), &[]).succeeded().lines()[0]),
+        ["3", "308", "0", "308"]
+    );
+}
+
+#[test]
+fn yen_discounts_round_to_whole_yen() {
+    // 103 jpy, 50 % off: 51.5 -> 52 (half_up); 103 - 52 = 51.
+    let f = Fixture::new(&per_event_config(
+        "jpy",
+        "half_up",
+        "103",
+        r#"discounts = [{ percent_off = "50" }]"#,
+    ));
+    assert_eq!(
+        money(&f.rate(&calls("c", 1), &[]).succeeded().lines()[0]),
+        ["1", "103", "52", "51"]
+    );
+    // half_even: 51.5 -> 52 as well (2 is even); 101 x 50 % = 50.5 -> 50.
+    let g = Fixture::new(&per_event_config(
+        "jpy",
+        "half_even",
+        "101",
+        r#"discounts = [{ percent_off = "50" }]"#,
+    ));
+    assert_eq!(
+        money(&g.rate(&calls("c", 1), &[]).succeeded().lines()[0]),
+        ["1", "101", "50", "51"]
+    );
+}
+
+#[test]
+fn kuwaiti_dinar_has_three_decimals() {
+    // One call at 0.0125 kwd: half_up 0.013, half_even 0.012.
+    let up = Fixture::new(&per_event_config("kwd", "half_up", "0.0125", ""));
+    assert_eq!(
+        money(&up.rate(&calls("c", 1), &[]).succeeded().lines()[0]),
+        ["1", "0.013", "0.000", "0.013"]
+    );
+    let even = Fixture::new(&per_event_config("kwd", "half_even", "0.0125", ""));
+    assert_eq!(
+        money(&even.rate(&calls("c", 1), &[]).succeeded().lines()[0]),
+        ["1", "0.012", "0.000", "0.012"]
+    );
+    // 4 calls: 0.05 exactly, printed with three decimals.
+    assert_eq!(
+        money(&even.rate(&calls("c", 4), &[]).succeeded().lines()[0]),
+        ["4", "0.050", "0.000", "0.050"]
+    );
+}
+
+#[test]
+fn half_even_and_half_up_differ_only_on_a_tie() {
+    let up = Fixture::new(&per_event_config("usd", "half_up", "0.125", ""));
+    let even = Fixture::new(&per_event_config("usd", "half_even", "0.125", ""));
+    // 1 x 0.125: a tie. half_up 0.13, half_even 0.12.
+    assert_eq!(
+        money(&up.rate(&calls("c", 1), &[]).succeeded().lines()[0])[1],
+        "0.13"
+    );
+    assert_eq!(
+        money(&even.rate(&calls("c", 1), &[]).succeeded().lines()[0])[1],
+        "0.12"
+    );
+    // 3 x 0.125 = 0.375: a tie towards an even digit, 0.38 both ways.
+    assert_eq!(
+        money(&up.rate(&calls("c", 3), &[]).succeeded().lines()[0])[1],
+        "0.38"
+    );
+    assert_eq!(
+        money(&even.rate(&calls("c", 3), &[]).succeeded().lines()[0])[1],
+        "0.38"
+    );
+    // 2 x 0.125 = 0.25: no rounding needed.
+    assert_eq!(
+        money(&up.rate(&calls("c", 2), &[]).succeeded().lines()[0])[1],
+        "0.25"
+    );
+    assert_eq!(
+        money(&even.rate(&calls("c", 2), &[]).succeeded().lines()[0])[1],
+        "0.25"
+    );
+}
+
+#[test]
+fn the_discount_is_taken_from_the_rounded_subtotal() {
+    // 0.125 rounds to a subtotal of 0.13; 50 % of 0.13 = 0.065 -> 0.07; amount 0.06.
+    // (50 % of the unrounded 0.125 would give 0.0625 -> 0.06 and an amount of 0.07.)
+    let f = Fixture::new(&per_event_config(
+        "usd",
+        "half_up",
+        "0.125",
+        r#"discounts = [{ percent_off = "50" }]"#,
+    ));
+    assert_eq!(
+        money(&f.rate(&calls("c", 1), &[]).succeeded().lines()[0]),
+        ["1", "0.13", "0.07", "0.06"]
+    );
+    // half_even: subtotal 0.12; 50 % = 0.06 exactly; amount 0.06.
+    let g = Fixture::new(&per_event_config(
+        "usd",
+        "half_even",
+        "0.125",
+        r#"discounts = [{ percent_off = "50" }]"#,
+    ));
+    assert_eq!(
+        money(&g.rate(&calls("c", 1), &[]).succeeded().lines()[0]),
+        ["1", "0.12", "0.06", "0.06"]
+    );
+    // half_even on the discount itself: subtotal 0.25 (2 calls), 50 % = 0.125 -> 0.12.
+    assert_eq!(
+        money(&g.rate(&calls("c", 2), &[]).succeeded().lines()[0]),
+        ["2", "0.25", "0.12", "0.13"]
+    );
+}
+
+#[test]
+fn a_full_percent_discount_leaves_nothing_to_pay() {
+    let f = Fixture::new(&per_event_config(
+        "usd",
+        "half_up",
+        "1.99",
+        r#"discounts = [{ percent_off = "100" }]"#,
+    ));
+    assert_eq!(
+        money(&f.rate(&calls("c", 3), &[]).succeeded().lines()[0]),
+        ["3", "5.97", "5.97", "0.00"]
+    );
+}
+
+#[test]
+fn amount_off_is_capped_at_the_subtotal() {
+    // 3 calls x 1.50 = 4.50, 2 off: 2.50.
+    let f = Fixture::new(&per_event_config(
+        "usd",
+        "half_up",
+        "1.50",
+        r#"discounts = [{ amount_off = "2" }]"#,
+    ));
+    assert_eq!(
+        money(&f.rate(&calls("c", 3), &[]).succeeded().lines()[0]),
+        ["3", "4.50", "2.00", "2.50"]
+    );
+    // 1 call = 1.50: the discount is capped at 1.50 and the amount is 0, never negative.
+    assert_eq!(
+        money(&f.rate(&calls("c", 1), &[]).succeeded().lines()[0]),
+        ["1", "1.50", "1.50", "0.00"]
+    );
+    // No usage: nothing to discount.
+    assert_eq!(
+        money(&f.rate(&[], &[]).succeeded().lines()[0]),
+        ["0", "0.00", "0.00", "0.00"]
+    );
+}
+
+#[test]
+fn a_plan_wide_amount_off_discounts_each_line_within_its_subtotal() {
+    let config = PRO.replace(
+        r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
+        r#"discounts = [{ amount_off = "60" }]"#,
+    );
+    let f = Fixture::new(&config);
+    let run = f
+        .rate(&[tokens("t1", "cust_acme", "gpt-x", json!(3000))], &[])
+        .succeeded();
+    let lines = run.lines();
+    // The 49 platform fee is wiped out (capped at 49), not carried to other lines.
+    assert_eq!(
+        money(line(&lines, "cust_acme", "resolutions")),
+        ["0", "49.00", "49.00", "0.00"]
+    );
+    assert_eq!(
+        money(line(&lines, "cust_acme", "gpt-tokens")),
+        ["3000", "0.06", "0.06", "0.00"]
+    );
+    assert_eq!(
+        money(line(&lines, "cust_acme", "claude-tokens")),
+        ["0", "0.00", "0.00", "0.00"]
+    );
+}
+
+const COMPUTE: &str = r#"
+[[meters]]
+slug = "seconds"
+event_type = "gpu.seconds"
+aggregation = "sum"
+value_property = "$.seconds"
+
+[[meters]]
+slug = "peak"
+event_type = "gpu.seconds"
+aggregation = "max"
+value_property = "$.seconds"
+
+[[meters]]
+slug = "users"
+event_type = "app.active"
+aggregation = "unique_count"
+value_property = "$.user"
+
+[[meters]]
+slug = "seats"
+event_type = "app.seats"
+aggregation = "latest"
+value_property = "$.seats"
+
+[[plans]]
+id = "metered"
+currency = "usd"
+
+[[plans.prices]]
+id = "seconds"
+meter = "seconds"
+billing_scheme = "per_unit"
+unit_amount = "1"
+
+[[plans.prices]]
+id = "peak"
+meter = "peak"
+billing_scheme = "per_unit"
+unit_amount = "1"
+
+[[plans.prices]]
+id = "users"
+meter = "users"
+billing_scheme = "per_unit"
+unit_amount = "10"
+
+[[plans.prices]]
+id = "seats"
+meter = "seats"
+billing_scheme = "per_unit"
+unit_amount = "3"
+
+[[customers]]
+id = "c"
+plan = "metered"
+"#;
+
+fn gpu(id: &str, seconds: Value) -> String {
+    event(
+        id,
+        "gpu.seconds",
+        "c",
+        "2026-11-05T00:00:00Z",
+        Some(json!({ "seconds": seconds })),
+    )
+}
+
+#[test]
+fn decimal_usage_stays_exact() {
+    let f = Fixture::new(COMPUTE);
+    // 5.001 stays 5.001; 0.1 + 0.2 is 0.3, not 0.30000000000000004. A numeric string
+    // and an exponent count too: 5.001 + 0.1 + 0.2 + 12 + 1000 = 1017.301.
+    let raw = [
+        r#"{"specversion":"1.0","id":"g1","source":"s","type":"gpu.seconds","subject":"c","time":"2026-11-05T00:00:00Z","data":{"seconds":5.001}}"#,
+        r#"{"specversion":"1.0","id":"g2","source":"s","type":"gpu.seconds","subject":"c","time":"2026-11-05T00:00:00Z","data":{"seconds":0.1}}"#,
+        r#"{"specversion":"1.0","id":"g3","source":"s","type":"gpu.seconds","subject":"c","time":"2026-11-05T00:00:00Z","data":{"seconds":0.2}}"#,
+        r#"{"specversion":"1.0","id":"g4","source":"s","type":"gpu.seconds","subject":"c","time":"2026-11-05T00:00:00Z","data":{"seconds":"12"}}"#,
+        r#"{"specversion":"1.0","id":"g5","source":"s","type":"gpu.seconds","subject":"c","time":"2026-11-05T00:00:00Z","data":{"seconds":1e3}}"#,
+    ];
+    let run = f.rate(&raw.map(String::from), &[]).succeeded();
+    let lines = run.lines();
+    assert_eq!(
+        money(line(&lines, "c", "seconds")),
+        ["1017.301", "1017.30", "0.00", "1017.30"]
+    );
+    assert_eq!(
+        line(&lines, "c", "seconds")["tiers"][0]["amount"],
+        "1017.301"
+    );
+
+    let one = f.rate(&[raw[0].to_owned()], &[]).succeeded();
+    let lines = one.lines();
+    assert_eq!(
+        money(line(&lines, "c", "seconds")),
+        ["5.001", "5.00", "0.00", "5.00"]
+    );
+    assert_eq!(
+        money(line(&lines, "c", "peak")),
+        ["5.001", "5.00", "0.00", "5.00"]
+    );
+}
+
+#[test]
+fn max_unique_count_and_latest_meters_through_the_binary() {
+    let f = Fixture::new(COMPUTE);
+    let active = |id: &str, user: Value| {
+        event(
+            id,
+            "app.active",
+            "c",
+            "2026-11-06T00:00:00Z",
+            Some(json!({ "user": user })),
+        )
+    };
+    let seats = |id: &str, time: &str, n: u32| {
+        event(id, "app.seats", "c", time, Some(json!({ "seats": n })))
+    };
+    let events = vec![
+        gpu("g1", json!(7)),
+        gpu("g2", json!(2.5)),
+        active("a1", json!("alice")),
+        active("a2", json!("bob")),
+        active("a3", json!("alice")),
+        active("a4", json!(1)),
+        active("a5", json!("1")),
+        // Latest by event time, not by position in the file: 12 seats on the 20th wins.
+        seats("s1", "2026-11-20T00:00:00Z", 12),
+        seats("s2", "2026-11-03T00:00:00Z", 40),
+    ];
+    let run = f.rate(&events, &[]).succeeded();
+    let lines = run.lines();
+    assert_eq!(
+        money(line(&lines, "c", "peak")),
+        ["7", "7.00", "0.00", "7.00"]
+    );
+    // alice, bob and 1 (the number 1 and the string "1" are one value): 3 x 10.
+    assert_eq!(
+        money(line(&lines, "c", "users")),
+        ["3", "30.00", "0.00", "30.00"]
+    );
+    assert_eq!(
+        money(line(&lines, "c", "seats")),
+        ["12", "36.00", "0.00", "36.00"]
+    );
+    assert_eq!(
+        money(line(&lines, "c", "seconds")),
+        ["9.5", "9.50", "0.00", "9.50"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The period: UTC calendar month, offsets normalised
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn event_times_are_normalised_to_utc_at_period_boundaries() {
+    let f = Fixture::new(PRO);
+    let at = |id: &str, time: &str| event(id, "ai.resolution", "cust_idle", time, None);
+    let events = vec![
+        at("in-1", "2026-11-01T00:00:00Z"), // first instant of the period
+        at("in-2", "2026-12-01T00:30:00+01:00"), // 2026-11-30T23:30:00Z
+        at("in-3", "2026-11-30T23:59:59.999999999Z"), // last instant
+        at("in-4", "2026-11-30T18:59:59-05:00"), // 2026-11-30T23:59:59Z
+        at("out-1", "2026-12-01T00:00:00Z"), // first instant of the next period
+        at("out-2", "2026-11-01T00:30:00+01:00"), // 2026-10-31T23:30:00Z
+        at("out-3", "2026-10-31T23:59:59.999Z"),
+        at("out-4", "2026-11-30T19:00:00-05:00"), // 2026-12-01T00:00:00Z
+        at("out-5", "2026-11-01T05:29:00+05:30"), // 2026-10-31T23:59:00Z
+        at("out-6", "2026-12-10T09:00:00Z"),      // December, before the clock
+    ];
+    let run = f.rate(&events, &[]).succeeded();
+    assert_eq!(
+        money(line(&run.lines(), "cust_idle", "resolutions"))[0],
+        "4"
+    );
+    let summary = f.summary();
+    assert_eq!(summary["accepted"], 4);
+    assert_eq!(summary["outside_period"], 6);
+    assert_eq!(summary["events_read"], 10);
+}
+
+#[test]
+fn other_periods_are_rated_with_their_own_bounds() {
+    let f = Fixture::new(PRO);
+    f.write(
+        "events.jsonl",
+        format!(
+            "{}\n{}\n",
+            event(
+                "a",
+                "ai.resolution",
+                "cust_idle",
+                "2026-10-31T23:30:00Z",
+                None
+            ),
+            event(
+                "b",
+                "ai.resolution",
+                "cust_idle",
+                "2026-11-01T00:30:00+01:00",
+                None
+            )
+        )
+        .as_bytes(),
+    );
+    let run: Run = f
+        .tally()
+        .args([
+            "rate",
+            "--config",
+            "tally.toml",
+            "--events",
+            "events.jsonl",
+            "--period",
+            "2026-10",
+        ])
+        .args(["--format", "json", "--now", NOW])
+        .output()
+        .unwrap()
+        .into();
+    let lines = run.succeeded().lines();
+    let l = line(&lines, "cust_idle", "resolutions");
+    assert_eq!(l["period_start"], "2026-10-01T00:00:00Z");
+    assert_eq!(l["period_end"], "2026-11-01T00:00:00Z");
+    assert_eq!(l["quantity"], "2");
+}
+
+// ---------------------------------------------------------------------------------------
+// Dedupe, summary, unknowns
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn duplicates_and_conflicts_are_counted_and_the_first_event_wins() {
+    let f = Fixture::new(PRO);
+    let first = tokens("t1", "cust_acme", "gpt-x", json!(1000));
+    let events = vec![
+        first.clone(),
+        // An identical resend.
+        first.clone(),
+        // The same event re-serialised with spaces and newlines turned into spaces:
+        // still a duplicate.
+        respaced(&first),
+        // Same (source, id), different payload: a conflict, dropped.
+        tokens("t1", "cust_acme", "gpt-x", json!(9000)),
+        // Same (source, id), different customer: a conflict too.
+        tokens("t1", "cust_idle", "gpt-x", json!(1000)),
+        // Same id from another source: a different event.
+        first.replace(r#""source":"test""#, r#""source":"other""#),
+        // Same time written with another offset: a duplicate.
+        first.replace("2026-11-10T08:00:00Z", "2026-11-10T09:00:00+01:00"),
+    ];
+    let run = f.rate(&events, &[]).succeeded();
+    let lines = run.lines();
+    // t1 from "test" and t1 from "other": 2000 tokens, 2 packages x 0.02.
+    assert_eq!(
+        money(line(&lines, "cust_acme", "gpt-tokens")),
+        ["2000", "0.04", "0.00", "0.04"]
+    );
+    assert_eq!(money(line(&lines, "cust_idle", "gpt-tokens"))[0], "0");
+    let s = f.summary();
+    assert_eq!(s["events_read"], 7);
+    assert_eq!(s["accepted"], 2);
+    assert_eq!(s["duplicates"], 3);
+    assert_eq!(s["conflicts"], 2);
+    assert!(
+        run.stderr.contains("3 duplicates + 2 conflicts"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn the_summary_reconciles_every_line_read() {
+    let f = Fixture::new(PRO);
+    let events = vec![
+        event(
+            "e1",
+            "ai.resolution",
+            "cust_acme",
+            "2026-11-02T00:00:00Z",
+            None,
+        ),
+        event(
+            "e1",
+            "ai.resolution",
+            "cust_acme",
+            "2026-11-02T00:00:00Z",
+            None,
+        ),
+        event(
+            "e1",
+            "ai.resolution",
+            "cust_acme",
+            "2026-11-03T00:00:00Z",
+            None,
+        ),
+        "{not json".to_owned(),
+        event(
+            "e2",
+            "ai.resolution",
+            "cust_acme",
+            "2026-10-02T00:00:00Z",
+            None,
+        ),
+        event(
+            "e3",
+            "ai.handoff",
+            "cust_acme",
+            "2026-11-02T00:00:00Z",
+            None,
+        ),
+        event(
+            "e4",
+            "ai.resolution",
+            "cust_ghost",
+            "2026-11-02T00:00:00Z",
+            None,
+        ),
+        event(
+            "e5",
+            "ai.resolution",
+            "cust_ghost",
+            "2026-11-03T00:00:00Z",
+            None,
+        ),
+        tokens("e6", "cust_acme", "llama-z", json!(10)),
+    ];
+    let run = f.rate(&events, &[]).succeeded();
+    assert_eq!(
+        f.summary(),
+        json!({
+            "period": "2026-11",
+            "events_read": 9,
+            "accepted": 2,
+            "duplicates": 1,
+            "conflicts": 1,
+            "rejected": 1,
+            "rejected_by_reason": {"invalid_json": 1},
+            "outside_period": 1,
+            "unknown_event_types": {"ai.handoff": 1},
+            "unknown_customers": {"cust_ghost": 2},
+            "too_late": 0,
+            "refused": 0,
+            "unpriced_usage": [{"customer": "cust_acme", "meter": "tokens", "group": ["llama-z"], "quantity": "10"}],
+        })
+    );
+    assert!(
+        run.stderr.contains(
+            "period 2026-11: 9 events read = 2 billed + 1 duplicates + 1 conflicts + 1 rejected + 1 outside the period + 1 of unknown types + 2 of unknown customers"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains(r#"unbilled: 1 event of type "ai.handoff", which no meter reads"#),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(
+            r#"unbilled: 2 events for customer "cust_ghost", who is not in the configuration"#
+        ),
+        "{}",
+        run.stderr
+    );
+    // Unknown customers get no lines.
+    assert!(run.lines().iter().all(|l| l["customer"] != "cust_ghost"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad lines
+// ---------------------------------------------------------------------------------------
+
+/// Every kind of bad line, one per line, with the field and code it is rejected with
+/// (`None` for the two good lines and the blank one).
+fn bad_lines() -> (Vec<u8>, Vec<(u64, &'static str, &'static str)>) {
+    let good = |id: &str| {
+        event(
+            id,
+            "llm.tokens",
+            "cust_acme",
+            "2026-11-10T08:00:00Z",
+            Some(json!({"tokens": 1000, "model": "gpt-x"})),
+        )
+    };
+    // A good line under id `bad-{n}` with one piece of text replaced.
+    let spoil = |n: u64, from: &str, to: &str| {
+        let line = good(&format!("bad-{n}"));
+        assert!(line.contains(from), "{line} has no {from}");
+        line.replacen(from, to, 1).into_bytes()
+    };
+    let mut not_utf8 = good("bad-3").into_bytes();
+    let underscore = not_utf8.windows(9).position(|w| w == b"cust_acme").unwrap() + 4;
+    not_utf8[underscore] = 0xff;
+    type Row = (Vec<u8>, Option<(&'static str, &'static str)>);
+    let rows: Vec<Row> = vec![
+        (good("good-1").into_bytes(), None),
+        (
+            b"{\"specversion\":\"1.0\", this is not json".to_vec(),
+            Some(("event", "invalid_json")),
+        ),
+        (not_utf8, Some(("event", "invalid_utf8"))),
+        (
+            spoil(4, r#""subject":"cust_acme","#, ""),
+            Some(("subject", "missing_field")),
+        ),
+        (
+            spoil(5, r#""id":"bad-5""#, r#""id":81"#),
+            Some(("id", "wrong_type")),
+        ),
+        (
+            spoil(6, "1000", r#""lots""#),
+            Some(("data.tokens", "not_a_number")),
+        ),
+        (
+            spoil(7, "1000", "-5"),
+            Some(("data.tokens", "negative_value")),
+        ),
+        (
+            spoil(8, "2026-11-10T08:00:00Z", "2099-01-01T00:00:00Z"),
+            Some(("time", "time_in_future")),
+        ),
+        (
+            spoil(9, r#""specversion":"1.0""#, r#""specversion":"0.3""#),
+            Some(("specversion", "unsupported_specversion")),
+        ),
+        (
+            spoil(
+                10,
+                r#""subject":"cust_acme""#,
+                r#""subject":"cust_acme","subject":"cust_idle""#,
+            ),
+            Some(("subject", "duplicate_field")),
+        ),
+        (Vec::new(), None),
+        (
+            spoil(12, "2026-11-10T08:00:00Z", "10 Nov 2026"),
+            Some(("time", "invalid_time")),
+        ),
+        (b"[]".to_vec(), Some(("event", "not_an_object"))),
+        (good("good-14").into_bytes(), None),
+    ];
+    let mut bytes = Vec::new();
+    let mut expected = Vec::new();
+    for (number, (line, reject)) in (1u64..).zip(rows) {
+        bytes.extend(line);
+        bytes.push(b'\n');
+        if let Some((field, code)) = reject {
+            expected.push((number, field, code));
+        }
+    }
+    (bytes, expected)
+}
+
+#[test]
+fn every_kind_of_bad_line_is_rejected_with_line_field_and_code_and_the_run_continues() {
+    let f = Fixture::new(PRO);
+    let (input, expected) = bad_lines();
+    let run = f.rate_bytes(&input, &[]).succeeded();
+    let rejects = f.rejects();
+    let got: Vec<(u64, String, String)> = rejects
+        .iter()
+        .map(|r| {
+            (
+                r["line"].as_u64().unwrap(),
+                r["field"].as_str().unwrap().to_owned(),
+                r["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(u64, String, String)> = expected
+        .iter()
+        .map(|(l, f, c)| (*l, f.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(got, expected);
+    for r in &rejects {
+        assert!(!r["reason"].as_str().unwrap().is_empty(), "{r}");
+        assert!(r["raw"].is_string(), "{r}");
+    }
+    assert_eq!(
+        rejects[0]["raw"],
+        "{\"specversion\":\"1.0\", this is not json"
+    );
+    assert_eq!(rejects[5]["reason"], "usage must not be negative");
+    // The raw line is kept, lossily; the reason gives the offset of the bad byte.
+    let raw = rejects[1]["raw"].as_str().unwrap();
+    assert!(raw.contains("\"subject\":\"cust\u{fffd}acme\""), "{raw}");
+    let offset = raw.find('\u{fffd}').unwrap();
+    assert_eq!(
+        rejects[1]["reason"],
+        format!("line is not valid UTF-8 (first bad byte at offset {offset})")
+    );
+    // The two good lines (1 and 14) are billed: 2000 tokens, 2 packages x 0.02.
+    assert_eq!(
+        money(line(&run.lines(), "cust_acme", "gpt-tokens")),
+        ["2000", "0.04", "0.00", "0.04"]
+    );
+    let s = f.summary();
+    assert_eq!(s["events_read"], 13, "the blank line is not an event");
+    assert_eq!(s["accepted"], 2);
+    assert_eq!(s["rejected"], 11);
+    assert_eq!(
+        s["rejected_by_reason"],
+        json!({
+            "duplicate_field": 1, "invalid_json": 1, "invalid_time": 1, "invalid_utf8": 1,
+            "missing_field": 1, "negative_value": 1, "not_a_number": 1, "not_an_object": 1,
+            "time_in_future": 1, "unsupported_specversion": 1, "wrong_type": 1,
+        })
+    );
+    assert!(
+        run.stderr.contains("11 rejected lines in rejects.jsonl"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("rejected invalid_utf8: 1"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn strict_mode_stops_at_the_first_bad_line_naming_it() {
+    let f = Fixture::new(PRO);
+    let (input, _) = bad_lines();
+    let run = f.rate_bytes(&input, &["--strict"]);
+    assert_eq!(run.code, 1);
+    assert_eq!(run.stdout, "", "no invoice lines on failure");
+    assert!(
+        run.stderr.contains("error: line 2: event: invalid JSON"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("--strict"), "{}", run.stderr);
+
+    let missing = event(
+        "x",
+        "ai.resolution",
+        "cust_acme",
+        "2026-11-10T08:00:00Z",
+        None,
+    )
+    .replace(r#""subject":"cust_acme","#, "");
+    let input = format!(
+        "{}\n\n{missing}\n",
+        event(
+            "ok",
+            "ai.resolution",
+            "cust_acme",
+            "2026-11-10T08:00:00Z",
+            None
+        )
+    );
+    let run = f.rate_bytes(input.as_bytes(), &["--strict"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("line 3: subject: required field is missing"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn strict_mode_on_clean_input_rates_normally() {
+    let f = Fixture::new(PRO);
+    let events = resolutions("r", "cust_acme", 250);
+    let strict = f.rate(&events, &["--strict"]).succeeded().stdout;
+    let lax = f.rate(&events, &[]).succeeded().stdout;
+    assert_eq!(strict, lax);
+}
+
+#[test]
+fn line_numbers_count_blank_lines_and_crlf_endings() {
+    let f = Fixture::new(PRO);
+    let good = event(
+        "g",
+        "ai.resolution",
+        "cust_acme",
+        "2026-11-10T08:00:00Z",
+        None,
+    );
+    let input = format!(
+        "{good}\r\n\r\n\n   \nnope\r\n{}\r\n",
+        good.replace(r#""g""#, r#""h""#)
+    );
+    let run = f.rate_bytes(input.as_bytes(), &[]).succeeded();
+    let rejects = f.rejects();
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(rejects[0]["line"], 5);
+    assert_eq!(rejects[0]["raw"], "nope");
+    assert_eq!(
+        line(&run.lines(), "cust_acme", "resolutions")["quantity"],
+        "2"
+    );
+}
+
+#[test]
+fn events_ahead_of_the_clock_by_more_than_the_skew_are_rejected() {
+    let f = Fixture::new(PRO);
+    let at = |id: &str, time: &str| event(id, "ai.resolution", "cust_acme", time, None);
+    // The clock is 2026-12-15T00:00:00Z; the default skew 5 minutes.
+    let events = vec![
+        at("a", "2026-12-15T00:04:59Z"),
+        at("b", "2026-12-15T00:05:00Z"),
+        at("c", "2026-12-15T00:05:01Z"),
+    ];
+    f.rate(&events, &[]).succeeded();
+    let rejects = f.rejects();
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(
+        (rejects[0]["line"].clone(), rejects[0]["code"].clone()),
+        (json!(3), json!("time_in_future"))
+    );
+    assert_eq!(f.summary()["outside_period"], 2);
+
+    let wide = Fixture::new(&format!("{PRO}\n[events]\nmax_future_skew = \"1h\"\n"));
+    let events = vec![
+        at("a", "2026-12-15T00:59:00Z"),
+        at("b", "2026-12-15T01:00:01Z"),
+    ];
+    wide.rate(&events, &[]).succeeded();
+    let rejects = wide.rejects();
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(rejects[0]["line"], 2);
+    assert_eq!(
+        rejects[0]["reason"],
+        "event time is more than 1h ahead of the clock; fix the sender's clock"
+    );
+}
+
+#[test]
+fn rejects_go_to_rejects_jsonl_in_the_working_directory_by_default() {
+    let f = Fixture::new(PRO);
+    f.write("events.jsonl", b"garbage\n");
+    let run: Run = f
+        .tally()
+        .args([
+            "rate",
+            "--config",
+            "tally.toml",
+            "--events",
+            "events.jsonl",
+            "--period",
+            "2026-11",
+            "--now",
+            NOW,
+        ])
+        .output()
+        .unwrap()
+        .into();
+    run.succeeded();
+    let rejects = f.rejects();
+    assert_eq!(rejects.len(), 1);
+    let r = &rejects[0];
+    let keys: Vec<&String> = r.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["code", "field", "line", "raw", "reason"]);
+    assert_eq!(
+        (&r["line"], &r["field"], &r["code"], &r["raw"]),
+        (
+            &json!(1),
+            &json!("event"),
+            &json!("invalid_json"),
+            &json!("garbage")
+        )
+    );
+    // The parser's own words follow; only the prefix is Tally's.
+    assert!(
+        r["reason"].as_str().unwrap().starts_with("invalid JSON: "),
+        "{r}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Input, output, formats
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn events_can_come_from_stdin() {
+    let f = Fixture::new(PRO);
+    let events = resolutions("r", "cust_acme", 250).join("\n");
+    let mut child = f
+        .tally()
+        .args([
+            "rate",
+            "--config",
+            "tally.toml",
+            "--events",
+            "-",
+            "--period",
+            "2026-11",
+        ])
+        .args(["--format", "json", "--now", NOW])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(events.as_bytes())
+        .unwrap();
+    let run: Run = child.wait_with_output().unwrap().into();
+    let from_stdin = run.succeeded().stdout;
+    assert_eq!(
+        money(line(
+            &Run {
+                code: 0,
+                stdout: from_stdin.clone(),
+                stderr: String::new()
+            }
+            .lines(),
+            "cust_acme",
+            "resolutions"
+        )),
+        ["250", "182.50", "22.81", "159.69"]
+    );
+    let from_file = f
+        .rate(&resolutions("r", "cust_acme", 250), &[])
+        .succeeded()
+        .stdout;
+    assert_eq!(from_stdin, from_file);
+}
+
+#[test]
+fn output_can_go_to_a_file() {
+    let f = Fixture::new(PRO);
+    let to_stdout = f
+        .rate(&resolutions("r", "cust_acme", 5), &[])
+        .succeeded()
+        .stdout;
+    let out = f.path("lines.jsonl");
+    let run = f
+        .rate(
+            &resolutions("r", "cust_acme", 5),
+            &["--output", out.to_str().unwrap()],
+        )
+        .succeeded();
+    assert_eq!(run.stdout, "");
+    assert_eq!(f.read("lines.jsonl"), to_stdout);
+}
+
+#[test]
+fn csv_has_a_header_and_one_row_per_line() {
+    let f = Fixture::new(PRO);
+    let run = f
+        .rate(&resolutions("r", "cust_acme", 250), &["--format", "csv"])
+        .succeeded();
+    let json = f
+        .rate(&resolutions("r", "cust_acme", 250), &[])
+        .succeeded()
+        .lines();
+    let rows: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(rows.len(), 7);
+    assert_eq!(
+        rows[0],
+        "id,config_hash,customer,plan,price,meter,period_start,period_end,quantity,subtotal,discount,amount,currency,tiers"
+    );
+    let acme = &json[0];
+    assert_eq!(
+        rows[1],
+        format!(
+            "{},{},cust_acme,pro,resolutions,resolutions,2026-11-01T00:00:00Z,2026-12-01T00:00:00Z,250,182.50,22.81,159.69,usd,tier 1 (up to 100): 100 x 0 + 49 = 49; tier 2 (up to 1000): 150 x 0.89 = 133.5",
+            acme["id"].as_str().unwrap(),
+            acme["config_hash"].as_str().unwrap()
+        )
+    );
+    assert!(rows[4].contains(",cust_idle,pro,resolutions,resolutions,2026-11-01T00:00:00Z,2026-12-01T00:00:00Z,0,49.00,0.00,49.00,usd,tier 1 (up to 100): 0 x 0 + 49 = 49"), "{}", rows[4]);
+}
+
+#[test]
+fn csv_quotes_fields_that_contain_commas() {
+    let config = PRO.replace(r#"id = "cust_idle""#, r#"id = "idle, inc""#);
+    let f = Fixture::new(&config);
+    let run = f.rate(&[], &["--format", "csv"]).succeeded();
+    let row = run.stdout.lines().find(|r| r.contains("idle")).unwrap();
+    assert!(row.contains(",\"idle, inc\",pro,"), "{row}");
+}
+
+#[test]
+fn table_shows_lines_with_a_total_per_customer_and_a_grand_total() {
+    let f = Fixture::new(PRO);
+    let events = concat(&[
+        resolutions("r", "cust_acme", 250),
+        vec![
+            tokens("t1", "cust_acme", "gpt-x", json!(1500)),
+            tokens("t2", "cust_acme", "claude-y", json!(1999)),
+        ],
+    ]);
+    let run = f.rate(&events, &["--format", "table"]).succeeded();
+    let rows: Vec<Vec<&str>> = run
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        ["cust_acme", "plan", "pro", "2026-11-01", "to", "2026-12-01"]
+    );
+    assert_eq!(
+        rows[1],
+        ["price", "meter", "quantity", "subtotal", "discount", "amount"]
+    );
+    assert_eq!(
+        rows[2],
+        [
+            "resolutions",
+            "resolutions",
+            "250",
+            "182.50",
+            "22.81",
+            "159.69",
+            "usd"
+        ]
+    );
+    assert_eq!(
+        rows[3],
+        [
+            "gpt-tokens",
+            "tokens",
+            "1500",
+            "0.04",
+            "0.00",
+            "0.04",
+            "usd"
+        ]
+    );
+    assert_eq!(
+        rows[4],
+        [
+            "claude-tokens",
+            "tokens",
+            "1999",
+            "0.03",
+            "0.00",
+            "0.03",
+            "usd"
+        ]
+    );
+    // 159.69 + 0.04 + 0.03 = 159.76.
+    assert_eq!(rows[5], ["total", "159.76", "usd"]);
+    assert_eq!(rows[6], Vec::<&str>::new());
+    assert_eq!(
+        rows[7],
+        ["cust_idle", "plan", "pro", "2026-11-01", "to", "2026-12-01"]
+    );
+    assert_eq!(
+        rows[9],
+        [
+            "resolutions",
+            "resolutions",
+            "0",
+            "49.00",
+            "0.00",
+            "49.00",
+            "usd"
+        ]
+    );
+    assert_eq!(rows[12], ["total", "49.00", "usd"]);
+    // 159.76 + 49.00 = 208.76 over two customers.
+    assert_eq!(
+        run.stdout.lines().last().unwrap(),
+        "all customers billed in usd (2): 208.76 usd"
+    );
+}
+
+#[test]
+fn table_totals_are_per_currency() {
+    let config = format!(
+        "{PRO}\n[[plans]]\nid = \"jp\"\ncurrency = \"jpy\"\n\n[[plans.prices]]\nid = \"resolutions\"\nmeter = \"resolutions\"\nbilling_scheme = \"per_unit\"\nunit_amount = \"120\"\n\n[[customers]]\nid = \"cust_tokyo\"\nplan = \"jp\"\n"
+    );
+    let f = Fixture::new(&config);
+    let run = f
+        .rate(&resolutions("r", "cust_tokyo", 3), &["--format", "table"])
+        .succeeded();
+    let tail: Vec<&str> = run.stdout.lines().rev().take(2).collect();
+    // 3 x 120 = 360 jpy; usd: 49 - 6.13 (acme) + 49 (idle) = 91.87.
+    assert_eq!(
+        tail,
+        [
+            "all customers billed in usd (2): 91.87 usd",
+            "all customers billed in jpy (1): 360 jpy"
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Determinism
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn two_runs_give_byte_identical_output_whatever_the_threads() {
+    let f = Fixture::new(PRO);
+    let events = concat(&[
+        resolutions("r", "cust_acme", 300),
+        resolutions("s", "cust_idle", 20),
+        (0..200)
+            .map(|i| {
+                tokens(
+                    &format!("t{i}"),
+                    "cust_acme",
+                    if i % 2 == 0 { "gpt-x" } else { "claude-y" },
+                    json!(i),
+                )
+            })
+            .collect(),
+    ]);
+    let a = f.rate(&events, &["--threads", "1"]).succeeded().stdout;
+    let b = f.rate(&events, &["--threads", "8"]).succeeded().stdout;
+    let c = f.rate(&events, &[]).succeeded().stdout;
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+    for format in ["csv", "table"] {
+        let x = f.rate(&events, &["--format", format]).succeeded().stdout;
+        let y = f
+            .rate(&events, &["--format", format, "--threads", "3"])
+            .succeeded()
+            .stdout;
+        assert_eq!(x, y, "{format}");
+    }
+}
+
+#[test]
+fn a_large_file_is_read_in_chunks_with_exact_line_numbers_and_totals() {
+    // About 4 MB: several decoding chunks, so several threads are really used.
+    let f = Fixture::new(PRO);
+    let mut events = resolutions("r", "cust_acme", 25_000);
+    for bad in [1, 7_777, 12_500, 24_999] {
+        events[bad - 1] = format!("broken line {bad}");
+    }
+    let run = f.rate(&events, &["--threads", "4"]).succeeded();
+    let numbers: Vec<u64> = f
+        .rejects()
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [1, 7_777, 12_500, 24_999]);
+    // 24 996 resolutions: 49 + 900 x 0.89 + 23 996 x 0.69 = 49 + 801 + 16 557.24
+    // = 17 407.24; 12.5 % = 2 175.905 -> 2 175.91; amount 15 231.33.
+    let lines = run.lines();
+    assert_eq!(
+        money(line(&lines, "cust_acme", "resolutions")),
+        ["24996", "17407.24", "2175.91", "15231.33"]
+    );
+    let single = f.rate(&events, &["--threads", "1"]).succeeded();
+    assert_eq!(single.stdout, run.stdout);
+}
+
+#[test]
+fn the_order_of_events_does_not_change_the_invoice() {
+    let f = Fixture::new(PRO);
+    let events = concat(&[
+        resolutions("r", "cust_acme", 120),
+        (0..50)
+            .map(|i| tokens(&format!("t{i}"), "cust_idle", "gpt-x", json!(i * 7)))
+            .collect(),
+    ]);
+    let forward = f.rate(&events, &[]).succeeded().stdout;
+    let mut reversed = events.clone();
+    reversed.reverse();
+    assert_eq!(f.rate(&reversed, &[]).succeeded().stdout, forward);
+}
+
+#[test]
+fn line_ids_are_per_customer_price_and_period_and_carry_the_config_hash() {
+    let f = Fixture::new(PRO);
+    let lines = f
+        .rate(&resolutions("r", "cust_acme", 10), &[])
+        .succeeded()
+        .lines();
+    let ids: Vec<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    for id in &ids {
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "{id}"
+        );
+    }
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "ids are distinct");
+
+    // The hash printed by validate is the one on every line.
+    let validate = f.validate().succeeded();
+    let hash = lines[0]["config_hash"].as_str().unwrap();
+    assert_eq!(hash.len(), 16);
+    assert!(
+        validate
+            .stdout
+            .ends_with(&format!("price book hash {hash}\n")),
+        "{}",
+        validate.stdout
+    );
+    assert!(lines.iter().all(|l| l["config_hash"] == hash));
+
+    // Different usage: same ids. A changed price: same ids (the line is replaced), new hash.
+    let more = f
+        .rate(&resolutions("r", "cust_acme", 400), &[])
+        .succeeded()
+        .lines();
+    assert_eq!(
+        more.iter().map(|l| l["id"].clone()).collect::<Vec<_>>(),
+        lines.iter().map(|l| l["id"].clone()).collect::<Vec<_>>()
+    );
+    let repriced = Fixture::new(&PRO.replace(r#""0.89""#, r#""0.79""#));
+    let again = repriced
+        .rate(&resolutions("r", "cust_acme", 10), &[])
+        .succeeded()
+        .lines();
+    assert_eq!(again[0]["id"], lines[0]["id"]);
+    assert_ne!(again[0]["config_hash"], lines[0]["config_hash"]);
+    // Another period: other ids.
+    repriced.write("events.jsonl", b"");
+    let december: Run = repriced
+        .tally()
+        .args([
+            "rate",
+            "--config",
+            "tally.toml",
+            "--events",
+            "events.jsonl",
+            "--period",
+            "2026-12",
+        ])
+        .args(["--format", "json", "--now", NOW])
+        .output()
+        .unwrap()
+        .into();
+    let december = december.succeeded().lines();
+    assert_ne!(december[0]["id"], lines[0]["id"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration checks and errors
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn validate_accepts_a_good_config_and_summarises_it() {
+    let f = Fixture::new(PRO);
+    let run = f.validate().succeeded();
+    let hash = run.stdout.trim_end().rsplit(' ').next().unwrap().to_owned();
+    assert_eq!(
+        run.stdout,
+        format!("tally.toml is valid: 2 meters, 1 plans with 3 prices, 2 customers; price book hash {hash}\n")
+    );
+}
+
+#[test]
+fn validate_names_the_place_of_every_problem_and_exits_1() {
+    let bad = PRO
+        .replace("up_to = 1000,", "up_to = 100,")
+        .replace(r#"up_to = "inf""#, "up_to = 5000")
+        .replacen(r#"meter = "tokens""#, r#"meter = "tokenz""#, 1)
+        .replace(r#"percent_off = "12.5""#, r#"percent_off = "112.5""#)
+        .replace(r#"currency = "usd""#, r#"currency = "dollars""#);
+    let f = Fixture::new(&bad);
+    let run = f.validate();
+    assert_eq!(run.code, 1);
+    assert_eq!(run.stdout, "");
+    for expected in [
+        "tally.toml has 5 problem(s):",
+        r#"  - plans[pro].currency: unknown currency "dollars""#,
+        "  - plans[pro].prices[resolutions].tiers[1].up_to: tiers must strictly increase: 100 follows 100",
+        r#"  - plans[pro].prices[resolutions].tiers[2].up_to: the last tier must have up_to = "inf" (found 5000)"#,
+        r#"  - plans[pro].prices[gpt-tokens].meter: unknown meter "tokenz"; known meters: resolutions, tokens"#,
+        "  - customers[cust_acme].discounts[0].percent_off: must be between 0 and 100 (found 112.5)",
+    ] {
+        assert!(run.stderr.contains(expected), "{expected:?} not in:\n{}", run.stderr);
+    }
+}
+
+#[test]
+fn validate_refuses_floats_unknown_fields_and_missing_value_properties() {
+    let cases = [
+        (
+            PRO.replace(r#"unit_amount = "0.89""#, "unit_amount = 0.89"),
+            "write decimal amounts as strings",
+        ),
+        (
+            PRO.replace(
+                r#"currency = "usd""#,
+                "currency = \"usd\"\ncolour = \"red\"",
+            ),
+            "unknown field `colour`",
+        ),
+        (
+            PRO.replace("value_property = \"$.tokens\"\n", ""),
+            r#"meters[tokens].value_property: required for aggregation = "sum""#,
+        ),
+        (
+            PRO.replace(r#"price = "resolutions""#, r#"price = "resolution""#),
+            r#"customers[cust_acme].discounts[0].price: plan "pro" has no price "resolution""#,
+        ),
+        (
+            format!("{PRO}\n[[customers]]\nid = \"cust_idle\"\nplan = \"pro\"\n"),
+            "customers[cust_idle].id: duplicate customer id",
+        ),
+        (
+            PRO.replace(r#"flat_amount = "49""#, r#"flat_amount = "-49""#),
+            "plans[pro].prices[resolutions].tiers[0].flat_amount: amounts must not be negative",
+        ),
+    ];
+    for (config, expected) in cases {
+        let run = Fixture::new(&config).validate();
+        assert_eq!(run.code, 1, "{expected}");
+        assert!(
+            run.stderr.contains(expected),
+            "{expected:?} not in:\n{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn validate_reports_a_missing_file() {
+    let f = Fixture::new(PRO);
+    let run: Run = f
+        .tally()
+        .args(["validate", "--config", "nope.toml"])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("cannot read configuration nope.toml"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn rate_validates_the_config_first() {
+    let f = Fixture::new(&PRO.replace("up_to = 1000,", "up_to = 100,"));
+    let run = f.rate(&resolutions("r", "cust_acme", 1), &[]);
+    assert_eq!(run.code, 1);
+    assert_eq!(run.stdout, "");
+    assert!(
+        run.stderr.contains(
+            "plans[pro].prices[resolutions].tiers[1].up_to: tiers must strictly increase"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(!f.path("summary.json").exists());
+}
+
+#[test]
+fn rate_fails_with_exit_1_on_a_missing_events_file() {
+    let f = Fixture::new(PRO);
+    let run: Run = f
+        .tally()
+        .args([
+            "rate",
+            "--config",
+            "tally.toml",
+            "--events",
+            "missing.jsonl",
+            "--period",
+            "2026-11",
+            "--now",
+            NOW,
+        ])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("events file missing.jsonl: No such file"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_malformed_period_or_clock_is_a_usage_error_with_exit_2() {
+    let f = Fixture::new(PRO);
+    f.write("events.jsonl", b"");
+    for (period, now) in [("2026-13", NOW), ("2026-11", "yesterday")] {
+        let run: Run = f
+            .tally()
+            .args([
+                "rate",
+                "--config",
+                "tally.toml",
+                "--events",
+                "events.jsonl",
+                "--period",
+                period,
+                "--now",
+                now,
+            ])
+            .output()
+            .unwrap()
+            .into();
+        // Like other command-line tools, tally exits 2 when its arguments are wrong and
+        // 1 when a run fails.
+        assert_eq!(run.code, 2, "--period {period} --now {now}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn rate_fails_with_exit_1_when_the_rejects_file_cannot_be_created() {
+    let f = Fixture::new(PRO);
+    f.write("events.jsonl", b"");
+    let run: Run = f
+        .tally()
+        .args([
+            "rate",
+            "--config",
+            "tally.toml",
+            "--events",
+            "events.jsonl",
+            "--period",
+            "2026-11",
+            "--now",
+            NOW,
+        ])
+        .args(["--rejects", "no/such/dir/rejects.jsonl"])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("cannot create rejects file no/such/dir/rejects.jsonl"),
+        "{}",
+        run.stderr
+    );
+}
