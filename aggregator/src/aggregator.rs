@@ -172,7 +172,12 @@ impl Aggregator {
         let period = Period::containing(event.time);
         let mut targets: SmallVec<[(SeriesId, usize, ReadingValue); 2]> = SmallVec::new();
         for reading in &event.readings {
-            let id = self.series_id(reading.series, &event.subject, reading.meter, &reading.group);
+            let id = self.series_id(
+                reading.series,
+                &event.subject,
+                reading.meter,
+                &reading.group,
+            );
             let series = &mut self.series[id as usize];
             let slot = series.period_slot(period);
             if let Err(e) = series.periods[slot].1.check(reading.value) {
@@ -180,7 +185,10 @@ impl Aggregator {
             }
             targets.push((id, slot, reading.value));
         }
-        match self.dedupe.observe(event.key, event.payload, day_of(event.time)) {
+        match self
+            .dedupe
+            .observe(event.key, event.payload, day_of(event.time))
+        {
             Seen::First => {}
             Seen::Retry => return Outcome::Retry,
             Seen::Conflict => return Outcome::Conflict,
@@ -217,7 +225,9 @@ impl Aggregator {
         match (self.horizon, self.watermark) {
             (Some(horizon), Some(watermark)) => {
                 let horizon = chrono::Duration::from_std(horizon).unwrap_or(chrono::Duration::MAX);
-                watermark.checked_sub_signed(horizon).is_some_and(|oldest| time < oldest)
+                watermark
+                    .checked_sub_signed(horizon)
+                    .is_some_and(|oldest| time < oldest)
             }
             _ => false,
         }
@@ -454,7 +464,13 @@ mod tests {
     }
 
     /// A tokens event: `tokens` for `model`, by `user`.
-    fn tokens(id: &str, time: &str, model: &'static str, tokens: i64, user: u64) -> DecodedEvent<'static> {
+    fn tokens(
+        id: &str,
+        time: &str,
+        model: &'static str,
+        tokens: i64,
+        user: u64,
+    ) -> DecodedEvent<'static> {
         DecodedEvent {
             key: EventKey::new("gw", id),
             payload: PayloadFingerprint(tokens as u32),
@@ -513,7 +529,14 @@ mod tests {
         let tokens_windows: Vec<_> = updates
             .iter()
             .filter(|u| u.series.meter == "tokens")
-            .map(|u| (u.series.group[0].as_str(), u.window_start.format("%H:%M").to_string(), u.window_value.value.to_string(), u.period_to_date.value.to_string()))
+            .map(|u| {
+                (
+                    u.series.group[0].as_str(),
+                    u.window_start.format("%H:%M").to_string(),
+                    u.window_value.value.to_string(),
+                    u.period_to_date.value.to_string(),
+                )
+            })
             .collect();
         assert_eq!(
             tokens_windows,
@@ -525,7 +548,10 @@ mod tests {
         );
         assert_eq!(
             usage(&agg, "2026-11", "tokens"),
-            [(vec!["gpt".to_string()], "157".to_string()), (vec!["llama".to_string()], "3".to_string())]
+            [
+                (vec!["gpt".to_string()], "157".to_string()),
+                (vec!["llama".to_string()], "3".to_string())
+            ]
         );
     }
 
@@ -551,16 +577,31 @@ mod tests {
         let mut agg = Aggregator::batch(&config());
         agg.apply(&seats("a", "2026-11-20T00:00:00Z", 12));
         agg.apply(&seats("b", "2026-11-03T00:00:00Z", 30)); // arrives later, happened earlier
-        assert_eq!(usage(&agg, "2026-11", "seats"), [(vec![], "12".to_string())]);
+        assert_eq!(
+            usage(&agg, "2026-11", "seats"),
+            [(vec![], "12".to_string())]
+        );
     }
 
     #[test]
     fn retries_and_conflicts_are_dropped_and_told_apart() {
         let mut agg = Aggregator::batch(&config());
-        assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)), Outcome::Accepted);
-        assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)), Outcome::Retry);
-        assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 999, 1)), Outcome::Conflict);
-        assert_eq!(usage(&agg, "2026-11", "tokens"), [(vec!["gpt".to_string()], "100".to_string())]);
+        assert_eq!(
+            agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)),
+            Outcome::Accepted
+        );
+        assert_eq!(
+            agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)),
+            Outcome::Retry
+        );
+        assert_eq!(
+            agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 999, 1)),
+            Outcome::Conflict
+        );
+        assert_eq!(
+            usage(&agg, "2026-11", "tokens"),
+            [(vec!["gpt".to_string()], "100".to_string())]
+        );
     }
 
     #[test]
@@ -579,7 +620,10 @@ mod tests {
         agg.apply(&tokens("2", "2026-11-11T10:00:00Z", "gpt", 5, 1));
         assert_eq!(agg.drain_updates().len(), 4);
         // A day late: within the 2-day horizon, so the 10th's window gets revision 2.
-        assert_eq!(agg.apply(&tokens("3", "2026-11-10T10:30:00Z", "gpt", 1, 1)), Outcome::Accepted);
+        assert_eq!(
+            agg.apply(&tokens("3", "2026-11-10T10:30:00Z", "gpt", 1, 1)),
+            Outcome::Accepted
+        );
         let updates = agg.drain_updates();
         let revised = updates.iter().find(|u| u.series.meter == "tokens").unwrap();
         assert_eq!(revised.revision, 2);
@@ -596,7 +640,10 @@ mod tests {
         // The 1st is more than 2 days before the 5th: its key is gone, and a retry of it
         // is refused as too late rather than counted again.
         assert_eq!(agg.dedupe_keys(), 1);
-        assert_eq!(agg.apply(&tokens("old", "2026-11-01T10:00:00Z", "gpt", 5, 1)), Outcome::TooLate);
+        assert_eq!(
+            agg.apply(&tokens("old", "2026-11-01T10:00:00Z", "gpt", 5, 1)),
+            Outcome::TooLate
+        );
         assert_eq!(usage(&agg, "2026-11", "tokens")[0].1, "10");
     }
 
@@ -604,8 +651,14 @@ mod tests {
     fn a_batch_aggregator_keeps_every_key_whatever_the_order() {
         let mut agg = Aggregator::batch(&config());
         agg.apply(&tokens("new", "2026-12-20T10:00:00Z", "gpt", 5, 1));
-        assert_eq!(agg.apply(&tokens("old", "2026-10-01T10:00:00Z", "gpt", 5, 1)), Outcome::Accepted);
-        assert_eq!(agg.apply(&tokens("old", "2026-10-01T10:00:00Z", "gpt", 5, 1)), Outcome::Retry);
+        assert_eq!(
+            agg.apply(&tokens("old", "2026-10-01T10:00:00Z", "gpt", 5, 1)),
+            Outcome::Accepted
+        );
+        assert_eq!(
+            agg.apply(&tokens("old", "2026-10-01T10:00:00Z", "gpt", 5, 1)),
+            Outcome::Retry
+        );
     }
 
     #[test]
@@ -616,10 +669,18 @@ mod tests {
         original.apply(&seats("s", "2026-11-01T00:10:00Z", 4));
         original.drain_updates();
         let json = serde_json::to_string(&original.snapshot()).unwrap();
-        let mut restored = Aggregator::streaming(&config).restore(serde_json::from_str(&json).unwrap()).unwrap();
+        let mut restored = Aggregator::streaming(&config)
+            .restore(serde_json::from_str(&json).unwrap())
+            .unwrap();
         for agg in [&mut original, &mut restored] {
-            assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)), Outcome::Retry);
-            assert_eq!(agg.apply(&tokens("2", "2026-11-01T00:20:00Z", "gpt", 1, 2)), Outcome::Accepted);
+            assert_eq!(
+                agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)),
+                Outcome::Retry
+            );
+            assert_eq!(
+                agg.apply(&tokens("2", "2026-11-01T00:20:00Z", "gpt", 1, 2)),
+                Outcome::Accepted
+            );
         }
         assert_eq!(original.drain_updates(), restored.drain_updates());
         assert_eq!(original.snapshot(), restored.snapshot());

@@ -141,7 +141,10 @@ mod tests {
         let mut set = DedupeSet::new();
         assert_eq!(set.observe(key(1), PayloadFingerprint(7), 10), Seen::First);
         assert_eq!(set.observe(key(1), PayloadFingerprint(7), 10), Seen::Retry);
-        assert_eq!(set.observe(key(1), PayloadFingerprint(8), 10), Seen::Conflict);
+        assert_eq!(
+            set.observe(key(1), PayloadFingerprint(8), 10),
+            Seen::Conflict
+        );
         assert_eq!(set.observe(key(2), PayloadFingerprint(7), 10), Seen::First);
         assert_eq!(set.len(), 2);
     }
@@ -185,7 +188,10 @@ mod tests {
         }
         let mut restored = DedupeSet::from_entries(set.entries().copied());
         for i in 0..1000 {
-            assert_eq!(restored.observe(key(i), PayloadFingerprint(i as u32), 5), Seen::Retry);
+            assert_eq!(
+                restored.observe(key(i), PayloadFingerprint(i as u32), 5),
+                Seen::Retry
+            );
         }
     }
 

@@ -30,7 +30,9 @@ pub enum AggState {
 /// decoded with another configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
-    #[error("reading {0:?} does not fit a {1} meter; was the event decoded with another configuration?")]
+    #[error(
+        "reading {0:?} does not fit a {1} meter; was the event decoded with another configuration?"
+    )]
     Mismatch(ReadingValue, &'static str),
     #[error("the sum exceeds the largest exact decimal (about 7.9e28)")]
     Overflow,
@@ -85,13 +87,11 @@ impl AggState {
             (AggState::UniqueCount(set), ReadingValue::Distinct(fp)) => {
                 set.insert(fp);
             }
-            (AggState::Latest(latest), ReadingValue::Number(v)) => {
-                match latest {
-                    Some(held) if held.0 >= order => {}
-                    Some(held) => **held = (order, v),
-                    None => *latest = Some(Box::new((order, v))),
-                }
-            }
+            (AggState::Latest(latest), ReadingValue::Number(v)) => match latest {
+                Some(held) if held.0 >= order => {}
+                Some(held) => **held = (order, v),
+                None => *latest = Some(Box::new((order, v))),
+            },
             (state, value) => return Err(StateError::Mismatch(value, state.kind_name())),
         }
         Ok(())
@@ -140,8 +140,15 @@ mod tests {
     #[test]
     fn each_aggregation_gives_its_value() {
         let n = |s: &str| ReadingValue::Number(s.parse().unwrap());
-        let readings = [(n("5.001"), order(10, 1)), (n("2"), order(30, 2)), (n("7"), order(20, 3))];
-        assert_eq!(fold(AggregationKind::Sum, &readings).value.to_string(), "14.001");
+        let readings = [
+            (n("5.001"), order(10, 1)),
+            (n("2"), order(30, 2)),
+            (n("7"), order(20, 3)),
+        ];
+        assert_eq!(
+            fold(AggregationKind::Sum, &readings).value.to_string(),
+            "14.001"
+        );
         assert_eq!(fold(AggregationKind::Max, &readings).value.to_string(), "7");
         let latest = fold(AggregationKind::Latest, &readings);
         assert_eq!(latest.value.to_string(), "2");
@@ -151,10 +158,21 @@ mod tests {
             (ReadingValue::Distinct(2), order(1, 2)),
             (ReadingValue::Distinct(1), order(1, 3)),
         ];
-        assert_eq!(fold(AggregationKind::UniqueCount, &distinct).value.to_string(), "2");
-        let events = [(ReadingValue::Event, order(1, 1)), (ReadingValue::Event, order(1, 2))];
+        assert_eq!(
+            fold(AggregationKind::UniqueCount, &distinct)
+                .value
+                .to_string(),
+            "2"
+        );
+        let events = [
+            (ReadingValue::Event, order(1, 1)),
+            (ReadingValue::Event, order(1, 2)),
+        ];
         assert_eq!(fold(AggregationKind::Count, &events).value.to_string(), "2");
-        assert_eq!(AggState::empty(AggregationKind::Max).value(), MeterValue::ZERO);
+        assert_eq!(
+            AggState::empty(AggregationKind::Max).value(),
+            MeterValue::ZERO
+        );
     }
 
     #[test]
@@ -165,15 +183,23 @@ mod tests {
     #[test]
     fn a_reading_of_the_wrong_kind_is_refused() {
         let mut state = AggState::empty(AggregationKind::Count);
-        assert!(state.add(ReadingValue::Number(Decimal::ONE), order(0, 0)).is_err());
+        assert!(state
+            .add(ReadingValue::Number(Decimal::ONE), order(0, 0))
+            .is_err());
         assert_eq!(state, AggState::Count(0));
     }
 
     #[test]
     fn sum_overflow_is_refused_not_wrapped() {
         let mut state = AggState::Sum(Decimal::MAX);
-        assert_eq!(state.check(ReadingValue::Number(Decimal::ONE)), Err(StateError::Overflow));
-        assert_eq!(state.add(ReadingValue::Number(Decimal::ONE), order(0, 0)), Err(StateError::Overflow));
+        assert_eq!(
+            state.check(ReadingValue::Number(Decimal::ONE)),
+            Err(StateError::Overflow)
+        );
+        assert_eq!(
+            state.add(ReadingValue::Number(Decimal::ONE), order(0, 0)),
+            Err(StateError::Overflow)
+        );
         assert_eq!(state, AggState::Sum(Decimal::MAX));
     }
 

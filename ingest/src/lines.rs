@@ -51,9 +51,15 @@ impl LineReject {
 }
 
 /// One line's fate.
+// Events are nearly every line: boxing them would cost an allocation per line, so the
+// rare rejects are boxed instead.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Line<'a> {
-    Event { line: u64, event: DecodedEvent<'a> },
+    Event {
+        line: u64,
+        event: DecodedEvent<'a>,
+    },
     /// Boxed: rejects are rare, and events should not pay for their size.
     Rejected(Box<LineReject>),
 }
@@ -94,7 +100,10 @@ fn decode_in_chunks<'a, B>(
             let chunks = &chunks;
             scope.spawn(move || {
                 for index in (worker..chunks.len()).step_by(workers) {
-                    if tx.send(decode_chunk(index, chunks[index], decoder)).is_err() {
+                    if tx
+                        .send(decode_chunk(index, chunks[index], decoder))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -201,7 +210,8 @@ mod tests {
     #[test]
     fn line_numbers_survive_chunking_blank_lines_and_crlf() {
         let config = Config::parse(CONFIG, "test").unwrap();
-        let decoder = EventDecoder::new(&config, Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap());
+        let decoder =
+            EventDecoder::new(&config, Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap());
         let mut input = String::new();
         for i in 1..=5000 {
             match i % 1000 {

@@ -80,18 +80,30 @@ impl Ledger {
     }
 
     /// Records a series' period-to-date value (the latest one wins).
-    pub fn record(&mut self, series: &Arc<SeriesKey>, period: Period, value: MeterValue) -> Recorded {
+    pub fn record(
+        &mut self,
+        series: &Arc<SeriesKey>,
+        period: Period,
+        value: MeterValue,
+    ) -> Recorded {
         let Some(customer) = self.config.customers.get(&series.customer) else {
             return Recorded::UnknownCustomer;
         };
         let plan = self.config.plan(customer.plan);
         let mut billed = 0;
         for (price_index, price) in plan.prices.iter().enumerate() {
-            if self.config.meter(price.meter).slug != series.meter || !price.matches(&series.group) {
+            if self.config.meter(price.meter).slug != series.meter || !price.matches(&series.group)
+            {
                 continue;
             }
             billed += 1;
-            let key = (customer.id.clone(), LineKey { price_index, period });
+            let key = (
+                customer.id.clone(),
+                LineKey {
+                    price_index,
+                    period,
+                },
+            );
             let state = self.lines.entry(key.clone()).or_default();
             if state.series.get(series) != Some(&value) {
                 state.series.insert(Arc::clone(series), value);
@@ -114,14 +126,19 @@ impl Ledger {
     }
 
     /// Re-rates the changed lines whose key passes `select`; the others stay pending.
-    fn flush_where(&mut self, select: impl Fn(&LineKey) -> bool) -> Result<Vec<RatedLine>, RateError> {
+    fn flush_where(
+        &mut self,
+        select: impl Fn(&LineKey) -> bool,
+    ) -> Result<Vec<RatedLine>, RateError> {
         let (due, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dirty)
             .into_iter()
             .partition(|(_, key)| select(key));
         self.dirty = pending;
         let mut rated = Vec::with_capacity(due.len());
         for key in due {
-            let Some(state) = self.lines.get_mut(&key) else { continue };
+            let Some(state) = self.lines.get_mut(&key) else {
+                continue;
+            };
             let customer = &self.config.customers[&key.0];
             let line = price_line(&self.config, customer, key.1, state)?;
             state.dirty = false;
@@ -155,10 +172,16 @@ impl Ledger {
         for customer in config.customers.values() {
             let plan = config.plan(customer.plan);
             for price_index in 0..plan.prices.len() {
-                let key = LineKey { price_index, period };
+                let key = LineKey {
+                    price_index,
+                    period,
+                };
                 let state = self.lines.entry((customer.id.clone(), key)).or_default();
                 let (line, delta) = match &state.rated {
-                    Some(line) => (line.clone(), flushed.get(&line.id).copied().unwrap_or_default()),
+                    Some(line) => (
+                        line.clone(),
+                        flushed.get(&line.id).copied().unwrap_or_default(),
+                    ),
                     None => {
                         let line = price_line(&config, customer, key, state)?;
                         state.revision = 1;
@@ -178,7 +201,12 @@ impl Ledger {
     }
 }
 
-fn price_line(config: &Config, customer: &Customer, key: LineKey, state: &LineState) -> Result<InvoiceLine, RateError> {
+fn price_line(
+    config: &Config,
+    customer: &Customer,
+    key: LineKey,
+    state: &LineState,
+) -> Result<InvoiceLine, RateError> {
     let plan = config.plan(customer.plan);
     let meter = config.meter(plan.prices[key.price_index].meter);
     let quantity = combine(meter.aggregation.kind(), state.series.values().copied()).value;
@@ -188,10 +216,12 @@ fn price_line(config: &Config, customer: &Customer, key: LineKey, state: &LineSt
 /// The value of several series of one meter taken together.
 fn combine(kind: AggregationKind, values: impl Iterator<Item = MeterValue>) -> MeterValue {
     values.fold(MeterValue::ZERO, |acc, v| match kind {
-        AggregationKind::Count | AggregationKind::Sum | AggregationKind::UniqueCount => MeterValue {
-            value: acc.value + v.value,
-            latest: None,
-        },
+        AggregationKind::Count | AggregationKind::Sum | AggregationKind::UniqueCount => {
+            MeterValue {
+                value: acc.value + v.value,
+                latest: None,
+            }
+        }
         AggregationKind::Max => MeterValue {
             value: acc.value.max(v.value),
             latest: None,
@@ -302,7 +332,14 @@ mod tests {
         ledger.record(&series("seats", &["a"]), november(), value(3));
         ledger.record(&series("seats", &["b"]), november(), value(5));
         let lines = ledger.close(november()).unwrap();
-        let by_price = |id: &str| lines.iter().find(|l| l.line.price == id).unwrap().line.clone();
+        let by_price = |id: &str| {
+            lines
+                .iter()
+                .find(|l| l.line.price == id)
+                .unwrap()
+                .line
+                .clone()
+        };
         // Filtered to gpt-x: 1500 tokens, 2 packages of 1000.
         assert_eq!(by_price("gpt-tokens").quantity, Decimal::from(1500));
         assert_eq!(by_price("gpt-tokens").amount.to_string(), "0.00");
@@ -315,7 +352,11 @@ mod tests {
         let resolutions = by_price("resolutions");
         assert_eq!(resolutions.quantity, Decimal::ZERO);
         assert_eq!(
-            (resolutions.subtotal.to_string(), resolutions.discount.to_string(), resolutions.amount.to_string()),
+            (
+                resolutions.subtotal.to_string(),
+                resolutions.discount.to_string(),
+                resolutions.amount.to_string()
+            ),
             ("49.00".into(), "6.13".into(), "42.87".into())
         );
     }
@@ -328,9 +369,18 @@ mod tests {
             meter: "tokens".into(),
             group: vec!["gpt-x".into()],
         });
-        assert_eq!(ledger.record(&stranger, november(), value(1)), Recorded::UnknownCustomer);
-        assert_eq!(ledger.record(&series("tokens", &["gpt-x"]), november(), value(1)), Recorded::Billed(2));
-        assert_eq!(ledger.record(&series("unmetered", &[]), november(), value(1)), Recorded::NotPriced);
+        assert_eq!(
+            ledger.record(&stranger, november(), value(1)),
+            Recorded::UnknownCustomer
+        );
+        assert_eq!(
+            ledger.record(&series("tokens", &["gpt-x"]), november(), value(1)),
+            Recorded::Billed(2)
+        );
+        assert_eq!(
+            ledger.record(&series("unmetered", &[]), november(), value(1)),
+            Recorded::NotPriced
+        );
     }
 
     #[test]
@@ -339,7 +389,10 @@ mod tests {
         let res = series("resolutions", &[]);
         ledger.record(&res, november(), value(150));
         let first = ledger.flush().unwrap();
-        assert_eq!((first[0].revision, first[0].line.amount.to_string()), (1, "81.81".to_string()));
+        assert_eq!(
+            (first[0].revision, first[0].line.amount.to_string()),
+            (1, "81.81".to_string())
+        );
         assert_eq!(first[0].delta, first[0].line.amount);
         // The same value again changes nothing.
         ledger.record(&res, november(), value(150));

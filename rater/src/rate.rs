@@ -75,7 +75,11 @@ fn tier_charge(
     })
 }
 
-fn per_unit(unit_amount: Decimal, package: Option<&Package>, quantity: Decimal) -> Result<Charge, RateError> {
+fn per_unit(
+    unit_amount: Decimal,
+    package: Option<&Package>,
+    quantity: Decimal,
+) -> Result<Charge, RateError> {
     let units = match package {
         None => quantity,
         Some(p) => {
@@ -132,7 +136,11 @@ fn graduated(tiers: &[Tier], quantity: Decimal) -> Result<Charge, RateError> {
 
 fn volume(tiers: &[Tier], quantity: Decimal) -> Result<Charge, RateError> {
     // Validation guarantees a last tier up to "inf", so a tier always covers.
-    let Some((i, tier)) = tiers.iter().enumerate().find(|(_, t)| t.up_to.covers(quantity)) else {
+    let Some((i, tier)) = tiers
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.up_to.covers(quantity))
+    else {
         return Ok(Charge {
             amount: Decimal::ZERO,
             tiers: Vec::new(),
@@ -158,7 +166,11 @@ mod tests {
     fn tiers(rows: &[(&str, &str, &str)]) -> Vec<Tier> {
         rows.iter()
             .map(|(up_to, unit, flat)| Tier {
-                up_to: if *up_to == "inf" { UpTo::Inf } else { UpTo::Finite(d(up_to)) },
+                up_to: if *up_to == "inf" {
+                    UpTo::Inf
+                } else {
+                    UpTo::Finite(d(up_to))
+                },
                 unit_amount: d(unit),
                 flat_amount: d(flat),
             })
@@ -175,15 +187,28 @@ mod tests {
     /// Stripe's published tiered-pricing example (docs: "Set up tiered pricing"):
     /// 1-5 fonts at 7 USD, 6-10 at 6.50 USD, 11+ at 6 USD.
     fn stripe_fonts(mode: TiersMode) -> Rate {
-        tiered(mode, &[("5", "7", "0"), ("10", "6.5", "0"), ("inf", "6", "0")])
+        tiered(
+            mode,
+            &[("5", "7", "0"), ("10", "6.5", "0"), ("inf", "6", "0")],
+        )
     }
 
     #[test]
     fn stripe_volume_example() {
         // The table Stripe publishes for volume-based pricing.
         let rate = stripe_fonts(TiersMode::Volume);
-        for (quantity, total) in [("1", "7"), ("5", "35"), ("6", "39"), ("20", "120"), ("25", "150")] {
-            assert_eq!(super::rate(&rate, d(quantity)).unwrap().amount, d(total), "{quantity} fonts");
+        for (quantity, total) in [
+            ("1", "7"),
+            ("5", "35"),
+            ("6", "39"),
+            ("20", "120"),
+            ("25", "150"),
+        ] {
+            assert_eq!(
+                super::rate(&rate, d(quantity)).unwrap().amount,
+                d(total),
+                "{quantity} fonts"
+            );
         }
     }
 
@@ -191,8 +216,18 @@ mod tests {
     fn stripe_graduated_example() {
         // Same tiers, graduated: 6 fonts = 5 x 7 + 1 x 6.50 = 41.50; 25 = 35 + 32.50 + 90.
         let rate = stripe_fonts(TiersMode::Graduated);
-        for (quantity, total) in [("1", "7"), ("5", "35"), ("6", "41.5"), ("20", "127.5"), ("25", "157.5")] {
-            assert_eq!(super::rate(&rate, d(quantity)).unwrap().amount, d(total), "{quantity} fonts");
+        for (quantity, total) in [
+            ("1", "7"),
+            ("5", "35"),
+            ("6", "41.5"),
+            ("20", "127.5"),
+            ("25", "157.5"),
+        ] {
+            assert_eq!(
+                super::rate(&rate, d(quantity)).unwrap().amount,
+                d(total),
+                "{quantity} fonts"
+            );
         }
     }
 
@@ -202,7 +237,11 @@ mod tests {
         // then 0.04 each; plus a flat 10 on reaching the third tier.
         let rate = tiered(
             TiersMode::Graduated,
-            &[("1000", "0", "200"), ("5000", "0.04", "0"), ("inf", "0.03", "10")],
+            &[
+                ("1000", "0", "200"),
+                ("5000", "0.04", "0"),
+                ("inf", "0.03", "10"),
+            ],
         );
         let cases = [
             ("0", "200"),
@@ -212,7 +251,11 @@ mod tests {
             ("5001", "370.03"),
         ];
         for (quantity, total) in cases {
-            assert_eq!(super::rate(&rate, d(quantity)).unwrap().amount, d(total), "{quantity}");
+            assert_eq!(
+                super::rate(&rate, d(quantity)).unwrap().amount,
+                d(total),
+                "{quantity}"
+            );
         }
         let breakdown = super::rate(&rate, d("5001")).unwrap().tiers;
         assert_eq!(breakdown.len(), 3);
@@ -226,7 +269,11 @@ mod tests {
         // 49 covers the first 100 resolutions, 0.89 up to 1000, 0.69 beyond.
         let rate = tiered(
             TiersMode::Graduated,
-            &[("100", "0", "49"), ("1000", "0.89", "0"), ("inf", "0.69", "0")],
+            &[
+                ("100", "0", "49"),
+                ("1000", "0.89", "0"),
+                ("inf", "0.69", "0"),
+            ],
         );
         assert_eq!(super::rate(&rate, d("0")).unwrap().amount, d("49"));
         assert_eq!(super::rate(&rate, d("250")).unwrap().amount, d("182.5"));
@@ -250,11 +297,17 @@ mod tests {
         // Stripe's package example: 5 USD per package of 5 units.
         let up = Rate::PerUnit {
             unit_amount: d("5"),
-            package: Some(Package { divide_by: d("5"), round: PackageRounding::Up }),
+            package: Some(Package {
+                divide_by: d("5"),
+                round: PackageRounding::Up,
+            }),
         };
         let down = Rate::PerUnit {
             unit_amount: d("5"),
-            package: Some(Package { divide_by: d("5"), round: PackageRounding::Down }),
+            package: Some(Package {
+                divide_by: d("5"),
+                round: PackageRounding::Down,
+            }),
         };
         assert_eq!(super::rate(&up, d("8")).unwrap().amount, d("10"));
         assert_eq!(super::rate(&down, d("8")).unwrap().amount, d("5"));
@@ -263,7 +316,10 @@ mod tests {
         // Tokens per thousand: 1500 tokens at 0.002 per 1000, rounded up, is 2 packages.
         let tokens = Rate::PerUnit {
             unit_amount: d("0.002"),
-            package: Some(Package { divide_by: d("1000"), round: PackageRounding::Up }),
+            package: Some(Package {
+                divide_by: d("1000"),
+                round: PackageRounding::Up,
+            }),
         };
         let charge = super::rate(&tokens, d("1500")).unwrap();
         assert_eq!(charge.amount, d("0.004"));
@@ -272,15 +328,27 @@ mod tests {
 
     #[test]
     fn per_unit_keeps_fractional_quantities_exact() {
-        let rate = Rate::PerUnit { unit_amount: d("0.1"), package: None };
+        let rate = Rate::PerUnit {
+            unit_amount: d("0.1"),
+            package: None,
+        };
         assert_eq!(super::rate(&rate, d("5.001")).unwrap().amount, d("0.5001"));
     }
 
     #[test]
     fn negative_quantities_and_overflow_are_errors() {
-        let rate = Rate::PerUnit { unit_amount: d("10"), package: None };
-        assert!(matches!(super::rate(&rate, d("-1")), Err(RateError::NegativeQuantity(_))));
-        assert!(matches!(super::rate(&rate, Decimal::MAX), Err(RateError::Overflow { .. })));
+        let rate = Rate::PerUnit {
+            unit_amount: d("10"),
+            package: None,
+        };
+        assert!(matches!(
+            super::rate(&rate, d("-1")),
+            Err(RateError::NegativeQuantity(_))
+        ));
+        assert!(matches!(
+            super::rate(&rate, Decimal::MAX),
+            Err(RateError::Overflow { .. })
+        ));
     }
 
     fn arb_tiers() -> impl Strategy<Value = Vec<Tier>> {

@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 
 use crate::config::{Aggregation, Config, JsonPath, MeterId};
 use crate::ids::{EventKey, Fingerprinter, PayloadFingerprint, SeriesFingerprint};
-use crate::json::{self, Parsed};
+use crate::json;
 
 /// An event that passed validation, with what each meter reads from it.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,12 +49,12 @@ impl DecodedEvent<'_> {
     }
 }
 
-/// An event's readings, inline: most event types feed one or two meters, and decoding
-/// millions of events should not allocate for each.
-pub type Readings<'a> = SmallVec<[Reading<'a>; 2]>;
+/// An event's readings, inline for the usual single meter: decoding millions of events
+/// should not allocate for each, and a small event is cheap to hand on.
+pub type Readings<'a> = SmallVec<[Reading<'a>; 1]>;
 
-/// A reading's group_by values, inline for up to two dimensions.
-pub type GroupValues<'a> = SmallVec<[Cow<'a, str>; 2]>;
+/// A reading's group_by values, inline for the usual single dimension.
+pub type GroupValues<'a> = SmallVec<[Cow<'a, str>; 1]>;
 
 /// What one meter reads from one event.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,7 +73,11 @@ impl Reading<'_> {
         Reading {
             meter: self.meter,
             series: self.series,
-            group: self.group.into_iter().map(|g| Cow::Owned(g.into_owned())).collect(),
+            group: self
+                .group
+                .into_iter()
+                .map(|g| Cow::Owned(g.into_owned()))
+                .collect(),
             value: self.value,
         }
     }
@@ -100,16 +104,23 @@ pub struct EventError {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
-    InvalidUtf8 { valid_up_to: usize },
+    InvalidUtf8 {
+        valid_up_to: usize,
+    },
     InvalidJson(String),
     NotAnObject,
     DuplicateField,
     Missing,
-    WrongType { expected: &'static str, found: &'static str },
+    WrongType {
+        expected: &'static str,
+        found: &'static str,
+    },
     Empty,
     UnsupportedSpecVersion(String),
     InvalidTime(String),
-    InFuture { skew: std::time::Duration },
+    InFuture {
+        skew: std::time::Duration,
+    },
     NotANumber,
     Negative,
     TooPrecise,
@@ -142,19 +153,29 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::InvalidUtf8 { valid_up_to } => {
-                write!(f, "line is not valid UTF-8 (first bad byte at offset {valid_up_to})")
+                write!(
+                    f,
+                    "line is not valid UTF-8 (first bad byte at offset {valid_up_to})"
+                )
             }
             Problem::InvalidJson(e) => write!(f, "invalid JSON: {e}"),
             Problem::NotAnObject => f.write_str("expected a CloudEvent JSON object"),
-            Problem::DuplicateField => f.write_str("field appears twice; which one counts would be a guess"),
+            Problem::DuplicateField => {
+                f.write_str("field appears twice; which one counts would be a guess")
+            }
             Problem::Missing => f.write_str("required field is missing"),
-            Problem::WrongType { expected, found } => write!(f, "expected {expected}, found {found}"),
+            Problem::WrongType { expected, found } => {
+                write!(f, "expected {expected}, found {found}")
+            }
             Problem::Empty => f.write_str("must not be empty"),
             Problem::UnsupportedSpecVersion(v) => {
                 write!(f, "specversion {v:?} is not supported; send \"1.0\"")
             }
             Problem::InvalidTime(e) => {
-                write!(f, "not an RFC 3339 timestamp such as 2026-11-24T10:15:00Z ({e})")
+                write!(
+                    f,
+                    "not an RFC 3339 timestamp such as 2026-11-24T10:15:00Z ({e})"
+                )
             }
             Problem::InFuture { skew } => write!(
                 f,
@@ -192,7 +213,9 @@ impl<'c> EventDecoder<'c> {
             .unwrap_or(chrono::Duration::MAX);
         EventDecoder {
             config,
-            latest_allowed: now.checked_add_signed(skew).unwrap_or(DateTime::<Utc>::MAX_UTC),
+            latest_allowed: now
+                .checked_add_signed(skew)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
         }
     }
 
@@ -203,11 +226,16 @@ impl<'c> EventDecoder<'c> {
     /// Decodes one line (without its newline).
     pub fn decode<'a>(&self, line: &'a [u8]) -> Result<DecodedEvent<'a>, EventError> {
         let text = std::str::from_utf8(line).map_err(|e| {
-            error("event", Problem::InvalidUtf8 { valid_up_to: e.valid_up_to() })
+            error(
+                "event",
+                Problem::InvalidUtf8 {
+                    valid_up_to: e.valid_up_to(),
+                },
+            )
         })?;
         let members = match json::parse(text) {
-            Ok(Parsed::Object(members)) => members,
-            Ok(Parsed::Other) => return Err(error("event", Problem::NotAnObject)),
+            Ok(Some(members)) => members,
+            Ok(None) => return Err(error("event", Problem::NotAnObject)),
             Err(e) => return Err(error("event", Problem::InvalidJson(e.to_string()))),
         };
         let envelope = Envelope::from_members(&members)?;
@@ -342,7 +370,8 @@ fn object_members<'a>(raw: &'a str, field: &str) -> Result<json::Members<'a>, Ev
             },
         ));
     }
-    let members = json::members(raw).map_err(|e| error(field, Problem::InvalidJson(e.to_string())))?;
+    let members =
+        json::members(raw).map_err(|e| error(field, Problem::InvalidJson(e.to_string())))?;
     for (i, (key, _)) in members.iter().enumerate() {
         if members[..i].iter().any(|(k, _)| k == key) {
             return Err(error(format!("{field}.{key}"), Problem::DuplicateField));
@@ -352,9 +381,14 @@ fn object_members<'a>(raw: &'a str, field: &str) -> Result<json::Members<'a>, Ev
 }
 
 /// Follows a path through `data`; `Ok(None)` when a key is absent or null on the way.
-fn lookup<'a>(data: Option<&json::Members<'a>>, path: &JsonPath) -> Result<Option<&'a str>, EventError> {
+fn lookup<'a>(
+    data: Option<&json::Members<'a>>,
+    path: &JsonPath,
+) -> Result<Option<&'a str>, EventError> {
     let Some(data) = data else { return Ok(None) };
-    let get = |members: &json::Members<'a>, key: &str| members.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+    let get = |members: &json::Members<'a>, key: &str| {
+        members.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    };
     let segments = path.segments();
     let mut current = match get(data, &segments[0]) {
         Some(v) => v,
@@ -390,7 +424,9 @@ fn string_at<'a>(raw: &'a str, field: &str) -> Result<Option<Cow<'a, str>>, Even
 }
 
 fn required_string<'a>(raw: Option<&'a str>, field: &str) -> Result<Cow<'a, str>, EventError> {
-    let raw = raw.filter(|r| *r != "null").ok_or_else(|| error(field, Problem::Missing))?;
+    let raw = raw
+        .filter(|r| *r != "null")
+        .ok_or_else(|| error(field, Problem::Missing))?;
     let s = string_at(raw, field)?.ok_or_else(|| {
         error(
             field,
@@ -446,7 +482,12 @@ fn number(raw: &str, path: &JsonPath) -> Result<Decimal, EventError> {
 /// A fingerprint of a value counted by unique_count. Numbers are normalised (`1` and
 /// `1.0` are one value, and equal to the string `"1"`); strings are compared exactly.
 fn distinct(raw: &str, path: &JsonPath) -> Result<u64, EventError> {
-    let fp = |tag: &[u8], bytes: &[u8]| Fingerprinter::new(b"distinct").part(tag).part(bytes).finish() as u64;
+    let fp = |tag: &[u8], bytes: &[u8]| {
+        Fingerprinter::new(b"distinct")
+            .part(tag)
+            .part(bytes)
+            .finish() as u64
+    };
     if let Some(s) = string_at(raw, &path.field_name())? {
         return Ok(fp(b"s", s.as_bytes()));
     }

@@ -33,23 +33,16 @@ impl fmt::Display for JsonError {
     }
 }
 
-/// What a text holds at the top level.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Parsed<'a> {
-    Object(Members<'a>),
-    /// Valid JSON, but not an object.
-    Other,
-}
-
-/// Scans `text` as exactly one JSON value, with optional surrounding whitespace.
-pub(crate) fn parse(text: &str) -> Result<Parsed<'_>, JsonError> {
+/// Scans `text` as exactly one JSON value, with optional surrounding whitespace: its
+/// members if it is an object, `None` if it is valid JSON of another kind.
+pub(crate) fn parse(text: &str) -> Result<Option<Members<'_>>, JsonError> {
     let mut c = Cursor { text, pos: 0 };
     c.whitespace();
     let parsed = if c.peek() == Some(b'{') {
-        Parsed::Object(c.object_members(0)?)
+        Some(c.object_members(0)?)
     } else {
         c.value(0)?;
-        Parsed::Other
+        None
     };
     c.whitespace();
     if c.pos != text.len() {
@@ -140,7 +133,10 @@ impl<'a> Cursor<'a> {
             }
             let key_text = self.string()?;
             let key = string_contents(key_text)
-                .map_err(|e| JsonError { offset: self.pos, what: e.what })?
+                .map_err(|e| JsonError {
+                    offset: self.pos,
+                    what: e.what,
+                })?
                 .unwrap_or_default();
             self.whitespace();
             self.expect(b':', "expected ':' after a key")?;
@@ -222,7 +218,9 @@ impl<'a> Cursor<'a> {
                 Some(b'\\') => {
                     self.pos += 1;
                     match self.peek() {
-                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.pos += 1,
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                            self.pos += 1
+                        }
                         Some(b'u') => {
                             let hex = self.bytes().get(self.pos + 1..self.pos + 5);
                             if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
@@ -292,13 +290,21 @@ mod tests {
 
     #[test]
     fn members_keep_their_values_text() {
-        let Parsed::Object(m) = parse(r#" {"a": 1.50, "b":"x\"y", "c" : {"d":[1, {"e":null}]}, "k\u00e9":true} "#).unwrap() else {
+        let Some(m) =
+            parse(r#" {"a": 1.50, "b":"x\"y", "c" : {"d":[1, {"e":null}]}, "k\u00e9":true} "#)
+                .unwrap()
+        else {
             panic!("an object")
         };
         let got: Vec<(&str, &str)> = m.iter().map(|(k, v)| (k.as_ref(), *v)).collect();
         assert_eq!(
             got,
-            [("a", "1.50"), ("b", r#""x\"y""#), ("c", r#"{"d":[1, {"e":null}]}"#), ("ké", "true")]
+            [
+                ("a", "1.50"),
+                ("b", r#""x\"y""#),
+                ("c", r#"{"d":[1, {"e":null}]}"#),
+                ("ké", "true")
+            ]
         );
         assert_eq!(string_contents(r#""x\"y""#).unwrap().unwrap(), "x\"y");
         assert_eq!(string_contents("12").unwrap(), None);
@@ -320,7 +326,7 @@ mod tests {
         ] {
             assert_eq!(parse(text).unwrap_err().offset, offset, "{text}");
         }
-        assert_eq!(parse("[1, 2]").unwrap(), Parsed::Other);
+        assert_eq!(parse("[1, 2]").unwrap(), None);
         let deep = "[".repeat(200) + &"]".repeat(200);
         assert!(parse(&deep).is_err());
     }
@@ -330,7 +336,10 @@ mod tests {
             Just(serde_json::Value::Null),
             any::<bool>().prop_map(serde_json::Value::Bool),
             any::<i64>().prop_map(|n| serde_json::json!(n)),
-            (any::<i32>(), 0u32..6).prop_map(|(n, s)| serde_json::from_str(&rust_decimal::Decimal::new(i64::from(n), s).to_string()).unwrap()),
+            (any::<i32>(), 0u32..6).prop_map(|(n, s)| serde_json::from_str(
+                &rust_decimal::Decimal::new(i64::from(n), s).to_string()
+            )
+            .unwrap()),
             "[a-z\"\\\\\u{e9}\u{1F600}\n ]{0,8}".prop_map(serde_json::Value::String),
         ];
         leaf.prop_recursive(4, 32, 6, |inner| {
@@ -353,7 +362,7 @@ mod tests {
         ) {
             let object = serde_json::Value::Object(members.into_iter().collect());
             let text = if pretty { serde_json::to_string_pretty(&object) } else { serde_json::to_string(&object) }.unwrap();
-            let Parsed::Object(scanned) = parse(&text).unwrap() else { panic!("an object") };
+            let Some(scanned) = parse(&text).unwrap() else { panic!("an object") };
             let serde_json::Value::Object(expected) = object else { unreachable!() };
             prop_assert_eq!(scanned.len(), expected.len());
             for (key, raw) in &scanned {

@@ -11,13 +11,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use serde::Serialize;
 use tally_aggregator::{Aggregator, Outcome};
 use tally_ingest::{decode_lines, Line, LineReject};
 use tally_rater::{Ledger, Recorded};
 use tally_schemas::config::Config;
 use tally_schemas::event::{DecodedEvent, EventDecoder};
-use rust_decimal::Decimal;
 use tally_schemas::records::{InvoiceLine, SeriesKey};
 use tally_schemas::time::Period;
 
@@ -84,7 +84,13 @@ impl UnpricedUsage {
 
 impl Summary {
     /// Puts one decoded event in its bucket, given what the aggregator made of it.
-    pub fn record(&mut self, outcome: Outcome, event: &DecodedEvent<'_>, period: Period, config: &Config) {
+    pub fn record(
+        &mut self,
+        outcome: Outcome,
+        event: &DecodedEvent<'_>,
+        period: Period,
+        config: &Config,
+    ) {
         match outcome {
             Outcome::Retry => self.duplicates += 1,
             Outcome::Conflict => self.conflicts += 1,
@@ -145,9 +151,18 @@ impl Summary {
         for (reason, n) in &self.rejected_by_reason {
             out.push_str(&format!("  rejected {reason}: {n}\n"));
         }
-        let events = |n: u64| if n == 1 { "1 event".to_owned() } else { format!("{n} events") };
+        let events = |n: u64| {
+            if n == 1 {
+                "1 event".to_owned()
+            } else {
+                format!("{n} events")
+            }
+        };
         for (event_type, n) in &self.unknown_event_types {
-            out.push_str(&format!("  unbilled: {} of type {event_type:?}, which no meter reads\n", events(*n)));
+            out.push_str(&format!(
+                "  unbilled: {} of type {event_type:?}, which no meter reads\n",
+                events(*n)
+            ));
         }
         for (customer, n) in self.unknown_customers.iter().take(LISTED) {
             out.push_str(&format!(
@@ -231,7 +246,9 @@ pub fn rate_events(
     let mut ledger = Ledger::new(Arc::clone(config));
     for (series, value) in aggregator.period_usage(period) {
         if ledger.record(&series, period, value) == Recorded::NotPriced {
-            summary.unpriced_usage.push(UnpricedUsage::new(&series, value.value));
+            summary
+                .unpriced_usage
+                .push(UnpricedUsage::new(&series, value.value));
         }
     }
     let lines = ledger
@@ -269,11 +286,16 @@ impl std::ops::Deref for Input {
 pub fn read_input(path: &str) -> anyhow::Result<Input> {
     if path == "-" {
         let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf).context("cannot read events from stdin")?;
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)
+            .context("cannot read events from stdin")?;
         return Ok(Input::Read(buf));
     }
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open events file {path}"))?;
-    let len = file.metadata().with_context(|| format!("cannot read events file {path}"))?.len();
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open events file {path}"))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot read events file {path}"))?
+        .len();
     if len == 0 {
         // An empty file cannot be mapped.
         return Ok(Input::Read(Vec::new()));
@@ -283,6 +305,7 @@ pub fn read_input(path: &str) -> anyhow::Result<Input> {
     // change under it: the README asks not to write to an events file while it is
     // being rated (as with any tool reading a file).
     #[allow(unsafe_code)]
-    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map events file {path}"))?;
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot map events file {path}"))?;
     Ok(Input::Mapped(map))
 }

@@ -14,7 +14,7 @@ mod report;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -27,7 +27,11 @@ use crate::batch::{rate_events, read_input, BatchOptions};
 use crate::report::{write_lines, Format};
 
 #[derive(Debug, Parser)]
-#[command(name = "tally", version, about = "Usage metering and rating for AI products")]
+#[command(
+    name = "tally",
+    version,
+    about = "Usage metering and rating for AI products"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,7 +100,7 @@ fn main() {
     }
 }
 
-fn validate(path: &PathBuf) -> anyhow::Result<()> {
+fn validate(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let prices: usize = config.plans.iter().map(|p| p.prices.len()).sum();
     println!(
@@ -127,12 +131,16 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
     };
     let rejects_path = args.rejects.display().to_string();
     let mut rejects = BufWriter::new(
-        File::create(&args.rejects).with_context(|| format!("cannot create rejects file {rejects_path}"))?,
+        File::create(&args.rejects)
+            .with_context(|| format!("cannot create rejects file {rejects_path}"))?,
     );
     let result = rate_events(&config, &input, &options, |reject| {
-        writeln!(rejects, "{}", reject.to_json()).with_context(|| format!("cannot write {rejects_path}"))
+        writeln!(rejects, "{}", reject.to_json())
+            .with_context(|| format!("cannot write {rejects_path}"))
     })?;
-    rejects.flush().with_context(|| format!("cannot write {rejects_path}"))?;
+    rejects
+        .flush()
+        .with_context(|| format!("cannot write {rejects_path}"))?;
 
     match &args.output {
         Some(path) => {

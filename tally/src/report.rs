@@ -117,7 +117,12 @@ pub fn write_table(lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()
             *totals.entry(&l.currency).or_default() += l.amount;
         }
         for (currency, total) in totals {
-            writeln!(out, "  {:<20} {:>74} {currency}", "total", total.to_string())?;
+            writeln!(
+                out,
+                "  {:<20} {:>74} {currency}",
+                "total",
+                total.to_string()
+            )?;
             let g = grand.entry(currency).or_default();
             g.0 += total;
             g.1 += 1;
@@ -125,7 +130,10 @@ pub fn write_table(lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()
         writeln!(out)?;
     }
     for (currency, (total, customers)) in grand {
-        writeln!(out, "all customers billed in {currency} ({customers}): {total} {currency}")?;
+        writeln!(
+            out,
+            "all customers billed in {currency} ({customers}): {total} {currency}"
+        )?;
     }
     Ok(())
 }

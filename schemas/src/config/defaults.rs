@@ -49,6 +49,9 @@ mod tests {
 
     #[test]
     fn default_window_is_the_default_window_size() {
-        assert_eq!(WindowSize::new(default_window()), Some(WindowSize::default()));
+        assert_eq!(
+            WindowSize::new(default_window()),
+            Some(WindowSize::default())
+        );
     }
 }

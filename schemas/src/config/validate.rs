@@ -100,7 +100,10 @@ fn validate_meters(specs: &[MeterSpec], issues: &mut Issues) -> Vec<Meter> {
         if spec.slug.trim().is_empty() {
             issues.add(format!("{at}.slug"), "must not be empty");
         } else if !seen.insert(spec.slug.as_str()) {
-            issues.add(format!("{at}.slug"), "duplicate meter slug; slugs must be unique");
+            issues.add(
+                format!("{at}.slug"),
+                "duplicate meter slug; slugs must be unique",
+            );
         }
         if spec.event_type.trim().is_empty() {
             issues.add(format!("{at}.event_type"), "must not be empty");
@@ -131,7 +134,10 @@ fn validate_meters(specs: &[MeterSpec], issues: &mut Issues) -> Vec<Meter> {
         };
         for key in spec.group_by.keys() {
             if key.trim().is_empty() {
-                issues.add(format!("{at}.group_by"), "dimension names must not be empty");
+                issues.add(
+                    format!("{at}.group_by"),
+                    "dimension names must not be empty",
+                );
             }
         }
         meters.push(Meter {
@@ -167,7 +173,10 @@ fn validate_plans(specs: &[PlanSpec], meters: &[Meter], issues: &mut Issues) -> 
             None => {
                 let hint = match Currency::from_code(&spec.currency.to_ascii_lowercase()) {
                     Some(c) => format!("write it in lower case: \"{c}\""),
-                    None => "expected a lower-case ISO 4217 code such as \"usd\", \"eur\" or \"jpy\"".into(),
+                    None => {
+                        "expected a lower-case ISO 4217 code such as \"usd\", \"eur\" or \"jpy\""
+                            .into()
+                    }
                 };
                 issues.add(
                     format!("{at}.currency"),
@@ -208,13 +217,22 @@ fn validate_plans(specs: &[PlanSpec], meters: &[Meter], issues: &mut Issues) -> 
     plans
 }
 
-fn validate_price(spec: &PriceSpec, at: &str, meters: &[Meter], issues: &mut Issues) -> Option<Price> {
+fn validate_price(
+    spec: &PriceSpec,
+    at: &str,
+    meters: &[Meter],
+    issues: &mut Issues,
+) -> Option<Price> {
     let meter_index = meters.iter().position(|m| m.slug == spec.meter);
     if meter_index.is_none() {
         let known: Vec<&str> = meters.iter().map(|m| m.slug.as_str()).collect();
         issues.add(
             format!("{at}.meter"),
-            format!("unknown meter {:?}; known meters: {}", spec.meter, known.join(", ")),
+            format!(
+                "unknown meter {:?}; known meters: {}",
+                spec.meter,
+                known.join(", ")
+            ),
         );
     }
     let meter = meter_index.map(|i| &meters[i]);
@@ -229,7 +247,9 @@ fn validate_price(spec: &PriceSpec, at: &str, meters: &[Meter], issues: &mut Iss
                 ),
             }
         }
-        if matches!(meter.aggregation, Aggregation::UniqueCount(_)) && filter.len() < meter.group_by.len() {
+        if matches!(meter.aggregation, Aggregation::UniqueCount(_))
+            && filter.len() < meter.group_by.len()
+        {
             issues.add(
                 format!("{at}.filter"),
                 format!(
@@ -352,12 +372,12 @@ fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Vec<Tier
         }
         tiers.push(Tier {
             up_to: spec.up_to.0,
-            unit_amount: spec
-                .unit_amount
-                .map_or(Decimal::ZERO, |a| non_negative(a.0, &format!("{at}.unit_amount"), issues)),
-            flat_amount: spec
-                .flat_amount
-                .map_or(Decimal::ZERO, |a| non_negative(a.0, &format!("{at}.flat_amount"), issues)),
+            unit_amount: spec.unit_amount.map_or(Decimal::ZERO, |a| {
+                non_negative(a.0, &format!("{at}.unit_amount"), issues)
+            }),
+            flat_amount: spec.flat_amount.map_or(Decimal::ZERO, |a| {
+                non_negative(a.0, &format!("{at}.flat_amount"), issues)
+            }),
         });
     }
     tiers
@@ -384,7 +404,10 @@ fn validate_customers(
             format!("customers[{}]", spec.id)
         };
         if spec.id.trim().is_empty() {
-            issues.add(format!("{at}.id"), "must not be empty: it is the events' subject");
+            issues.add(
+                format!("{at}.id"),
+                "must not be empty: it is the events' subject",
+            );
             continue;
         }
         if customers.contains_key(&spec.id) {
@@ -395,7 +418,11 @@ fn validate_customers(
             let known: Vec<&str> = plans.iter().map(|p| p.id.as_str()).collect();
             issues.add(
                 format!("{at}.plan"),
-                format!("unknown plan {:?}; known plans: {}", spec.plan, known.join(", ")),
+                format!(
+                    "unknown plan {:?}; known plans: {}",
+                    spec.plan,
+                    known.join(", ")
+                ),
             );
             continue;
         };

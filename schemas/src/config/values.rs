@@ -115,7 +115,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text)
             .map(HumanDuration)
-            .map_err(|e| de::Error::custom(format!("{text:?} is not a duration like \"1h\" or \"35d\": {e}")))
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "{text:?} is not a duration like \"1h\" or \"35d\": {e}"
+                ))
+            })
     }
 }
 
@@ -157,7 +161,9 @@ impl FromStr for JsonPath {
         let bad = |why: &str| {
             format!("{text:?} is not a supported JSONPath ({why}); write $.key, $.a.b or $['key']")
         };
-        let mut rest = text.strip_prefix('$').ok_or_else(|| bad("it must start with $"))?;
+        let mut rest = text
+            .strip_prefix('$')
+            .ok_or_else(|| bad("it must start with $"))?;
         let mut segments = Vec::new();
         while !rest.is_empty() {
             if let Some(after) = rest.strip_prefix("['") {

@@ -167,7 +167,10 @@ transform_quantity = { divide_by = 1000, round = "up" }
     );
     for c in 0..customers {
         let plan = PLANS[(c % 4) as usize];
-        toml.push_str(&format!("\n[[customers]]\nid = \"{}\"\nplan = \"{plan}\"\n", customer_id(c)));
+        toml.push_str(&format!(
+            "\n[[customers]]\nid = \"{}\"\nplan = \"{plan}\"\n",
+            customer_id(c)
+        ));
         if c % 10 == 3 {
             toml.push_str("discounts = [{ price = \"resolutions\", percent_off = \"12.5\" }]\n");
         } else if c % 10 == 7 && plan != "starter" {
@@ -204,7 +207,11 @@ impl Rng {
 }
 
 /// Writes the events; `progress` is called every 100,000 lines with the count so far.
-pub fn generate(spec: Spec, out: &mut impl Write, mut progress: impl FnMut(u64)) -> io::Result<Generated> {
+pub fn generate(
+    spec: Spec,
+    out: &mut impl Write,
+    mut progress: impl FnMut(u64),
+) -> io::Result<Generated> {
     let mut rng = Rng(spec.seed);
     // Customer i is drawn with weight 1/(i+8): a few heavy users, a long tail.
     let mut cumulative = Vec::with_capacity(spec.customers as usize);
@@ -216,7 +223,10 @@ pub fn generate(spec: Spec, out: &mut impl Write, mut progress: impl FnMut(u64))
     let start = spec.period.start();
     let month_ms = (spec.period.end() - start).num_milliseconds();
     let mut recent: Vec<String> = Vec::with_capacity(1024);
-    let malformed_every = if spec.malformed == 0 { u64::MAX } else { (spec.events / spec.malformed).max(1) };
+    let malformed_every = spec
+        .events
+        .checked_div(spec.malformed)
+        .map_or(u64::MAX, |every| every.max(1));
     let mut stats = Generated::default();
     let mut line = String::with_capacity(256);
     for i in 0..spec.events {
@@ -244,7 +254,15 @@ pub fn generate(spec: Spec, out: &mut impl Write, mut progress: impl FnMut(u64))
                 stats.late += 1;
             }
             let time = start + Duration::milliseconds(offset_ms.clamp(0, month_ms - 1));
-            write_event(&mut line, &mut rng, i, time, &cumulative, total, spec.customers);
+            write_event(
+                &mut line,
+                &mut rng,
+                i,
+                time,
+                &cumulative,
+                total,
+                spec.customers,
+            );
             if recent.len() < 1024 {
                 recent.push(line.clone());
             } else {
@@ -306,13 +324,29 @@ fn write_event(
 fn malformed_line(n: u64, start: DateTime<Utc>) -> String {
     let time = start.format("%Y-%m-%dT%H:%M:%SZ");
     match n % 8 {
-        0 => format!(r#"{{"specversion":"1.0","id":"bad-{n}","source":"llm-gateway","type":"llm.tokens","subject":"cust_00001","time":"{time}","data":{{"model":"gpt-x","tokens":"lots"}}}}"#),
-        1 => format!(r#"{{"specversion":"1.0","id":"bad-{n}","source":"fin-agent","type":"ai.resolution","time":"{time}"}}"#),
-        2 => format!(r#"{{"specversion":"1.0","id":"bad-{n}","source":"llm-gateway","type":"llm.tokens","subject":"cust_00002","time":"{time}","data":{{"model":"gpt-x","tokens":-40}}}}"#),
-        3 => format!(r#"{{"specversion":"1.0","id":"bad-{n}","source":"fin-agent","type":"ai.resolution","subject":"cust_00003","time":"2099-01-01T00:00:00Z"}}"#),
-        4 => format!(r#"{{"specversion":"1.0","id":"bad-{n}","source":"fin-agent","type":"ai.resolution","subject":"cust_00004","time":"yesterday"}}"#),
-        5 => format!(r#"{{"specversion":"1.0","id":"bad-{n}","source":"fin-agent","type":"ai.resolution","subject":"cust_00005","time":"{time}""#),
-        6 => format!(r#"{{"specversion":"0.3","id":"bad-{n}","source":"fin-agent","type":"ai.resolution","subject":"cust_00006","time":"{time}"}}"#),
-        _ => format!(r#"{{"specversion":"1.0","id":{n},"source":"llm-gateway","type":"llm.tokens","subject":"cust_00007","time":"{time}","data":{{"model":"gpt-x","tokens":10}}}}"#),
+        0 => format!(
+            r#"{{"specversion":"1.0","id":"bad-{n}","source":"llm-gateway","type":"llm.tokens","subject":"cust_00001","time":"{time}","data":{{"model":"gpt-x","tokens":"lots"}}}}"#
+        ),
+        1 => format!(
+            r#"{{"specversion":"1.0","id":"bad-{n}","source":"fin-agent","type":"ai.resolution","time":"{time}"}}"#
+        ),
+        2 => format!(
+            r#"{{"specversion":"1.0","id":"bad-{n}","source":"llm-gateway","type":"llm.tokens","subject":"cust_00002","time":"{time}","data":{{"model":"gpt-x","tokens":-40}}}}"#
+        ),
+        3 => format!(
+            r#"{{"specversion":"1.0","id":"bad-{n}","source":"fin-agent","type":"ai.resolution","subject":"cust_00003","time":"2099-01-01T00:00:00Z"}}"#
+        ),
+        4 => format!(
+            r#"{{"specversion":"1.0","id":"bad-{n}","source":"fin-agent","type":"ai.resolution","subject":"cust_00004","time":"yesterday"}}"#
+        ),
+        5 => format!(
+            r#"{{"specversion":"1.0","id":"bad-{n}","source":"fin-agent","type":"ai.resolution","subject":"cust_00005","time":"{time}""#
+        ),
+        6 => format!(
+            r#"{{"specversion":"0.3","id":"bad-{n}","source":"fin-agent","type":"ai.resolution","subject":"cust_00006","time":"{time}"}}"#
+        ),
+        _ => format!(
+            r#"{{"specversion":"1.0","id":{n},"source":"llm-gateway","type":"llm.tokens","subject":"cust_00007","time":"{time}","data":{{"model":"gpt-x","tokens":10}}}}"#
+        ),
     }
 }

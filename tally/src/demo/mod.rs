@@ -103,8 +103,12 @@ fn last_month() -> Period {
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let period = args.period.unwrap_or_else(last_month);
-    ensure!(args.events >= 1000, "--events must be at least 1000 for a meaningful month");
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    ensure!(
+        args.events >= 1000,
+        "--events must be at least 1000 for a meaningful month"
+    );
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let path = |name: &str| args.dir.join(name);
     let started = Instant::now();
 
@@ -206,9 +210,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     show_invoices(&lines, &config);
     show_rejects(&run.rejects, &rejects_path);
     println!("Where the data is:");
-    println!("  {}  invoice lines (one per customer and price), with tier breakdowns", csv_path.display());
-    println!("  {}  rejected lines with line number, field and reason", rejects_path.display());
-    println!("  {}  SQLite: tables window_usage, rated_lines (every revision), view invoice_lines", db_path.display());
+    println!(
+        "  {}  invoice lines (one per customer and price), with tier breakdowns",
+        csv_path.display()
+    );
+    println!(
+        "  {}  rejected lines with line number, field and reason",
+        rejects_path.display()
+    );
+    println!(
+        "  {}  SQLite: tables window_usage, rated_lines (every revision), view invoice_lines",
+        db_path.display()
+    );
     println!("\nQuery it, for example:");
     println!(
         "  sqlite3 {} \"SELECT currency, SUM(amount_minor) FROM invoice_lines GROUP BY currency\"",
@@ -235,7 +248,9 @@ fn show_invoices(lines: &[InvoiceLine], config: &Config) {
     let mut totals: BTreeMap<(&str, &str, &str), Decimal> = BTreeMap::new();
     let mut by_currency: BTreeMap<&str, (Decimal, usize)> = BTreeMap::new();
     for l in lines {
-        *totals.entry((&l.currency, &l.customer, &l.plan)).or_default() += l.amount;
+        *totals
+            .entry((&l.currency, &l.customer, &l.plan))
+            .or_default() += l.amount;
     }
     for ((currency, _, _), total) in &totals {
         let c = by_currency.entry(currency).or_default();
@@ -252,8 +267,13 @@ fn show_invoices(lines: &[InvoiceLine], config: &Config) {
     println!("\n  Largest invoice per currency:");
     println!("  {:<12} {:<14} {:>16}", "customer", "plan", "total");
     for currency in by_currency.keys() {
-        if let Some(((_, customer, plan), total)) = ranked.iter().find(|((c, _, _), _)| c == currency) {
-            println!("  {customer:<12} {plan:<14} {:>12} {currency}", total.to_string());
+        if let Some(((_, customer, plan), total)) =
+            ranked.iter().find(|((c, _, _), _)| c == currency)
+        {
+            println!(
+                "  {customer:<12} {plan:<14} {:>12} {currency}",
+                total.to_string()
+            );
         }
     }
     if let Some(((_, customer, _), _)) = ranked.first() {
@@ -261,7 +281,12 @@ fn show_invoices(lines: &[InvoiceLine], config: &Config) {
         for l in lines.iter().filter(|l| &l.customer == customer) {
             println!(
                 "    {:<16} quantity {:<12} subtotal {:>10}  discount {:>8}  amount {:>10} {}",
-                l.price, l.quantity.to_string(), l.subtotal.to_string(), l.discount.to_string(), l.amount.to_string(), l.currency
+                l.price,
+                l.quantity.to_string(),
+                l.subtotal.to_string(),
+                l.discount.to_string(),
+                l.amount.to_string(),
+                l.currency
             );
             println!("      {}", tiers_text(&l.tiers));
         }
@@ -270,7 +295,11 @@ fn show_invoices(lines: &[InvoiceLine], config: &Config) {
 }
 
 fn show_rejects(rejects: &[tally_ingest::LineReject], path: &Path) {
-    println!("Rejected lines ({}, all kept in {}):", rejects.len(), path.display());
+    println!(
+        "Rejected lines ({}, all kept in {}):",
+        rejects.len(),
+        path.display()
+    );
     for r in rejects.iter().take(8) {
         println!("  line {}: {}", r.line, r.error);
     }

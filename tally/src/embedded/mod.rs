@@ -65,9 +65,11 @@ pub fn run(
         let ingest = scope.spawn(move || {
             let decoder = EventDecoder::new(config, now);
             // A failed send means the aggregator stopped; its error is reported there.
-            let _ = decode_lines(input, decoder, decode_workers, |lines| match events_tx.send(lines) {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(_) => ControlFlow::Break(()),
+            let _ = decode_lines(input, decoder, decode_workers, |lines| {
+                match events_tx.send(lines) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(_) => ControlFlow::Break(()),
+                }
             });
         });
 
@@ -122,7 +124,9 @@ pub fn run(
         let lines = ledger.close(period).context("rating failed")?;
         store.write(&[], &lines)?;
 
-        ingest.join().map_err(|_| anyhow::anyhow!("the ingest stage panicked"))?;
+        ingest
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ingest stage panicked"))?;
         let (mut summary, rejects) = aggregator
             .join()
             .map_err(|_| anyhow::anyhow!("the aggregator stage panicked"))?;
@@ -150,7 +154,9 @@ mod tests {
     #[test]
     fn the_embedded_pipeline_agrees_with_batch_rating_and_stores_one_current_row_per_line() {
         let period = Period::from_str("2026-10").unwrap();
-        let now = DateTime::parse_from_rfc3339("2026-11-24T00:00:00Z").unwrap().with_timezone(&Utc);
+        let now = DateTime::parse_from_rfc3339("2026-11-24T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
         let config = Arc::new(Config::parse(&config_toml(30), "demo").unwrap());
         let mut input = Vec::new();
         let spec = Spec {
@@ -188,7 +194,10 @@ mod tests {
         // Replaying the same file into the same store adds no rows: every revision is
         // keyed, and the view still holds exactly one current row per line.
         let rows = |sql: &str| -> i64 {
-            rusqlite::Connection::open(&db).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+            rusqlite::Connection::open(&db)
+                .unwrap()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap()
         };
         let revisions = rows("SELECT COUNT(*) FROM rated_lines");
         let mut again = Store::open(&db).unwrap();

@@ -63,11 +63,13 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
-        let conn = Connection::open(path).with_context(|| format!("cannot open SQLite database {}", path.display()))?;
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open SQLite database {}", path.display()))?;
         // The store is rebuilt from the events file, so durability per commit is not
         // needed; WAL keeps readers unblocked while the pipeline writes.
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;")?;
-        conn.execute_batch(SCHEMA).context("cannot create the store's tables")?;
+        conn.execute_batch(SCHEMA)
+            .context("cannot create the store's tables")?;
         Ok(Store { conn })
     }
 
