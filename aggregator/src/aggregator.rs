@@ -64,8 +64,9 @@ type SeriesId = u32;
 struct Series {
     key: Arc<SeriesKey>,
     kind: AggregationKind,
-    /// The series' state per billing period; rarely more than two are open.
-    periods: Vec<(Period, AggState)>,
+    /// The series' state per billing period; rarely more than one is open, and keeping
+    /// it inline saves a memory access per event.
+    periods: SmallVec<[(Period, AggState); 1]>,
     /// Sorted by start. Events arrive roughly in time order, so the window an event
     /// belongs to is nearly always the last one: a series-local sorted list finds it
     /// without touching a large shared hash table.
@@ -126,8 +127,10 @@ pub struct Aggregator {
     series: Vec<Series>,
     /// Finds a series by the fingerprint the decoder computed.
     series_index: HashTable<(SeriesFingerprint, SeriesId)>,
-    /// Windows changed since the last drain, in the order they first changed.
+    /// Windows changed since the last drain, in the order they first changed; not kept
+    /// in batch runs, which read whole periods instead.
     dirty: Vec<(SeriesId, i64)>,
+    track_updates: bool,
     watermark: Option<DateTime<Utc>>,
     /// Keys dated before this day have been forgotten.
     expired_before_day: u16,
@@ -139,10 +142,14 @@ impl Aggregator {
         Self::new(config, Some(config.settings.dedupe_horizon))
     }
 
-    /// An aggregator for a batch run over a bounded input: every key is kept, so the
-    /// order of the file does not matter.
-    pub fn batch(config: &Config) -> Self {
-        Self::new(config, None)
+    /// An aggregator for a batch run over a bounded input of about `expected_events`:
+    /// every key is kept, so the order of the file does not matter, and results are
+    /// read with [`Aggregator::period_usage`] rather than drained as updates.
+    pub fn batch(config: &Config, expected_events: usize) -> Self {
+        let mut aggregator = Self::new(config, None);
+        aggregator.dedupe = DedupeSet::with_capacity(expected_events);
+        aggregator.track_updates = false;
+        aggregator
     }
 
     fn new(config: &Config, horizon: Option<Duration>) -> Self {
@@ -158,6 +165,7 @@ impl Aggregator {
             series: Vec::new(),
             series_index: HashTable::new(),
             dirty: Vec::new(),
+            track_updates: true,
             watermark: None,
             expired_before_day: 0,
         }
@@ -213,7 +221,7 @@ impl Aggregator {
             if let Err(e) = window.state.add(value, order) {
                 return Outcome::Refused(e);
             }
-            if !window.dirty {
+            if self.track_updates && !window.dirty {
                 window.dirty = true;
                 self.dirty.push((id, window_start));
             }
@@ -270,7 +278,7 @@ impl Aggregator {
                 group: group.iter().map(|g| g.as_ref().to_owned()).collect(),
             }),
             kind: *kind,
-            periods: Vec::new(),
+            periods: SmallVec::new(),
             windows: Vec::new(),
         });
         self.series_index
@@ -358,7 +366,7 @@ impl Aggregator {
                 .iter()
                 .map(|s| SeriesSnapshot {
                     key: SeriesKey::clone(&s.key),
-                    periods: s.periods.clone(),
+                    periods: s.periods.to_vec(),
                     windows: s.windows.clone(),
                 })
                 .collect(),
@@ -382,7 +390,7 @@ impl Aggregator {
             let fingerprint = SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group);
             let id = aggregator.series_id(fingerprint, &s.key.customer, meter, &s.key.group);
             let series = &mut aggregator.series[id as usize];
-            series.periods = s.periods;
+            series.periods = s.periods.into_iter().collect();
             series.windows = s.windows;
         }
         aggregator.watermark = snapshot.watermark;
@@ -476,6 +484,7 @@ mod tests {
             payload: PayloadFingerprint(tokens as u32),
             time: at(time),
             subject: Cow::Borrowed("acme"),
+            subscribed: true,
             event_type: Cow::Borrowed("llm.tokens"),
             readings: smallvec::smallvec![
                 Reading {
@@ -500,6 +509,7 @@ mod tests {
             payload: PayloadFingerprint(0),
             time: at(time),
             subject: Cow::Borrowed("acme"),
+            subscribed: true,
             event_type: Cow::Borrowed("seats"),
             readings: smallvec::smallvec![Reading {
                 meter: MeterId(2),
@@ -520,7 +530,7 @@ mod tests {
 
     #[test]
     fn windows_are_hourly_per_series_and_periods_add_up() {
-        let mut agg = Aggregator::batch(&config());
+        let mut agg = Aggregator::streaming(&config());
         agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1));
         agg.apply(&tokens("2", "2026-11-01T00:50:00Z", "gpt", 50, 2));
         agg.apply(&tokens("3", "2026-11-01T01:00:00Z", "gpt", 7, 1));
@@ -557,7 +567,7 @@ mod tests {
 
     #[test]
     fn a_periods_unique_count_is_not_the_sum_of_its_windows() {
-        let mut agg = Aggregator::batch(&config());
+        let mut agg = Aggregator::streaming(&config());
         // User 1 in two different hours, user 2 once: 2 distinct users, 3 window-users.
         agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 1, 1));
         agg.apply(&tokens("2", "2026-11-01T05:10:00Z", "gpt", 1, 1));
@@ -574,7 +584,7 @@ mod tests {
 
     #[test]
     fn latest_is_the_value_of_the_latest_event_time_not_the_last_arrival() {
-        let mut agg = Aggregator::batch(&config());
+        let mut agg = Aggregator::batch(&config(), 0);
         agg.apply(&seats("a", "2026-11-20T00:00:00Z", 12));
         agg.apply(&seats("b", "2026-11-03T00:00:00Z", 30)); // arrives later, happened earlier
         assert_eq!(
@@ -585,7 +595,7 @@ mod tests {
 
     #[test]
     fn retries_and_conflicts_are_dropped_and_told_apart() {
-        let mut agg = Aggregator::batch(&config());
+        let mut agg = Aggregator::batch(&config(), 0);
         assert_eq!(
             agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1)),
             Outcome::Accepted
@@ -606,7 +616,7 @@ mod tests {
 
     #[test]
     fn events_span_periods_by_their_utc_time() {
-        let mut agg = Aggregator::batch(&config());
+        let mut agg = Aggregator::batch(&config(), 0);
         agg.apply(&tokens("1", "2026-11-30T23:59:59Z", "gpt", 1, 1));
         agg.apply(&tokens("2", "2026-12-01T00:00:00Z", "gpt", 2, 1));
         assert_eq!(usage(&agg, "2026-11", "tokens")[0].1, "1");
@@ -649,7 +659,7 @@ mod tests {
 
     #[test]
     fn a_batch_aggregator_keeps_every_key_whatever_the_order() {
-        let mut agg = Aggregator::batch(&config());
+        let mut agg = Aggregator::batch(&config(), 0);
         agg.apply(&tokens("new", "2026-12-20T10:00:00Z", "gpt", 5, 1));
         assert_eq!(
             agg.apply(&tokens("old", "2026-10-01T10:00:00Z", "gpt", 5, 1)),
@@ -706,7 +716,7 @@ mod tests {
                     tokens(&id.to_string(), &time, models[model as usize], n + i64::from(id) * 1000, user)
                 })
                 .collect();
-            let mut once = Aggregator::batch(&config());
+            let mut once = Aggregator::batch(&config(), 0);
             for e in &stream {
                 once.apply(e);
             }
@@ -717,7 +727,7 @@ mod tests {
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 replayed.swap(i, (s >> 33) as usize % (i + 1));
             }
-            let mut twice = Aggregator::batch(&config());
+            let mut twice = Aggregator::batch(&config(), 0);
             for e in &replayed {
                 twice.apply(e);
             }

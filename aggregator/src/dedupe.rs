@@ -65,6 +65,13 @@ impl DedupeSet {
         Self::default()
     }
 
+    /// A set with room for `keys` keys, so a batch of known size never rehashes.
+    pub fn with_capacity(keys: usize) -> Self {
+        DedupeSet {
+            table: HashTable::with_capacity(keys),
+        }
+    }
+
     /// Records the event if its key is new, and says what it was.
     pub fn observe(&mut self, key: EventKey, payload: PayloadFingerprint, day: u16) -> Seen {
         let entry = DedupeEntry::new(key, payload, day);

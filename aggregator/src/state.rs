@@ -73,9 +73,8 @@ impl AggState {
         }
     }
 
-    /// Adds one reading; call [`AggState::check`] first.
+    /// Adds one reading; [`AggState::check`] tells beforehand whether it will succeed.
     pub fn add(&mut self, value: ReadingValue, order: EventOrder) -> Result<(), StateError> {
-        self.check(value)?;
         match (self, value) {
             (AggState::Count(n), ReadingValue::Event) => *n += 1,
             (AggState::Sum(total), ReadingValue::Number(v)) => {

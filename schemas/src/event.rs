@@ -29,6 +29,9 @@ pub struct DecodedEvent<'a> {
     pub time: DateTime<Utc>,
     /// The customer (CloudEvents `subject`).
     pub subject: Cow<'a, str>,
+    /// Whether the subject is a customer of the configuration (usage of others is
+    /// reported, not billed). Decided here, on the decoding threads, once per event.
+    pub subscribed: bool,
     /// CloudEvents `type`.
     pub event_type: Cow<'a, str>,
     /// One per meter of this type; empty when no meter reads the type.
@@ -43,6 +46,7 @@ impl DecodedEvent<'_> {
             payload: self.payload,
             time: self.time,
             subject: Cow::Owned(self.subject.into_owned()),
+            subscribed: self.subscribed,
             event_type: Cow::Owned(self.event_type.into_owned()),
             readings: self.readings.into_iter().map(Reading::into_owned).collect(),
         }
@@ -233,12 +237,15 @@ impl<'c> EventDecoder<'c> {
                 },
             )
         })?;
-        let members = match json::parse(text) {
-            Ok(Some(members)) => members,
-            Ok(None) => return Err(error("event", Problem::NotAnObject)),
+        let mut envelope = Envelope::default();
+        match json::parse(text, |key, value| envelope.set(key, value)) {
+            Ok(true) => {}
+            Ok(false) => return Err(error("event", Problem::NotAnObject)),
             Err(e) => return Err(error("event", Problem::InvalidJson(e.to_string()))),
-        };
-        let envelope = Envelope::from_members(&members)?;
+        }
+        if let Some(problem) = envelope.problem {
+            return Err(problem);
+        }
         let specversion = required_string(envelope.specversion, "specversion")?;
         if specversion != "1.0" {
             return Err(error(
@@ -266,6 +273,7 @@ impl<'c> EventDecoder<'c> {
         let readings = self.readings(&subject, &event_type, data)?;
         let payload = payload_fingerprint(&event_type, &subject, time, data);
         Ok(DecodedEvent {
+            subscribed: self.config.is_customer(&subject),
             key: EventKey::new(&source, &id),
             payload,
             time,
@@ -335,27 +343,36 @@ struct Envelope<'a> {
     subject: Option<&'a str>,
     time: Option<&'a str>,
     data: Option<&'a str>,
+    /// The first problem met while collecting: a field given twice, or a key that
+    /// cannot be unescaped.
+    problem: Option<EventError>,
 }
 
 impl<'a> Envelope<'a> {
-    fn from_members(members: &json::Members<'a>) -> Result<Self, EventError> {
-        let mut e = Envelope::default();
-        for (key, value) in members {
-            let (slot, name) = match key.as_ref() {
-                "specversion" => (&mut e.specversion, "specversion"),
-                "id" => (&mut e.id, "id"),
-                "source" => (&mut e.source, "source"),
-                "type" => (&mut e.event_type, "type"),
-                "subject" => (&mut e.subject, "subject"),
-                "time" => (&mut e.time, "time"),
-                "data" => (&mut e.data, "data"),
-                _ => continue,
-            };
-            if slot.replace(value).is_some() {
-                return Err(error(name, Problem::DuplicateField));
+    /// Takes one member of the event object (key text still quoted and escaped).
+    fn set(&mut self, key_text: &'a str, value: &'a str) {
+        let key = match json::string_contents(key_text) {
+            Ok(key) => key.unwrap_or_default(),
+            Err(e) => {
+                self.problem
+                    .get_or_insert_with(|| error("event", Problem::InvalidJson(e.what.to_owned())));
+                return;
             }
+        };
+        let (slot, name) = match key.as_ref() {
+            "specversion" => (&mut self.specversion, "specversion"),
+            "id" => (&mut self.id, "id"),
+            "source" => (&mut self.source, "source"),
+            "type" => (&mut self.event_type, "type"),
+            "subject" => (&mut self.subject, "subject"),
+            "time" => (&mut self.time, "time"),
+            "data" => (&mut self.data, "data"),
+            _ => return,
+        };
+        if slot.replace(value).is_some() {
+            self.problem
+                .get_or_insert_with(|| error(name, Problem::DuplicateField));
         }
-        Ok(e)
     }
 }
 

@@ -84,13 +84,7 @@ impl UnpricedUsage {
 
 impl Summary {
     /// Puts one decoded event in its bucket, given what the aggregator made of it.
-    pub fn record(
-        &mut self,
-        outcome: Outcome,
-        event: &DecodedEvent<'_>,
-        period: Period,
-        config: &Config,
-    ) {
+    pub fn record(&mut self, outcome: Outcome, event: &DecodedEvent<'_>, period: Period) {
         match outcome {
             Outcome::Retry => self.duplicates += 1,
             Outcome::Conflict => self.conflicts += 1,
@@ -103,7 +97,7 @@ impl Summary {
                     .entry(event.event_type.to_string())
                     .or_default() += 1;
             }
-            Outcome::Accepted if config.is_customer(&event.subject) => {
+            Outcome::Accepted if event.subscribed => {
                 self.accepted += 1;
             }
             Outcome::Accepted => {
@@ -205,7 +199,9 @@ pub fn rate_events(
     mut on_reject: impl FnMut(&LineReject) -> anyhow::Result<()>,
 ) -> anyhow::Result<BatchResult> {
     let decoder = EventDecoder::new(config, options.now);
-    let mut aggregator = Aggregator::batch(config);
+    // Event lines run to about 200 bytes; sizing dedupe for that avoids rehashing a
+    // table of millions of keys while it fills.
+    let mut aggregator = Aggregator::batch(config, input.len() / 200);
     let period = options.period;
     let mut summary = Summary {
         period: period.to_string(),
@@ -220,7 +216,7 @@ pub fn rate_events(
                     if let Outcome::Refused(e) = outcome {
                         eprintln!("line {line}: refused: {e}");
                     }
-                    summary.record(outcome, event, period, config);
+                    summary.record(outcome, event, period);
                 }
                 Line::Rejected(reject) => {
                     if options.strict {

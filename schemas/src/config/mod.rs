@@ -10,7 +10,11 @@ mod defaults;
 mod validate;
 mod values;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+// Looked up once or twice per event: a fast hasher matters, and keys come from the
+// configuration, not from senders.
+use hashbrown::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 

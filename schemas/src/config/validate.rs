@@ -1,7 +1,9 @@
 //! From [`ConfigFile`] to [`Config`]: every rule a price book must satisfy, checked once.
 //! All problems are collected, so one run of `tally validate` shows them all.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+
+use hashbrown::HashMap;
 
 use rust_decimal::Decimal;
 

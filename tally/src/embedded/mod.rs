@@ -87,7 +87,7 @@ pub fn run(
                     match line {
                         Line::Event { event, .. } => {
                             let outcome = aggregator.apply(&event);
-                            summary.record(outcome, &event, period, config);
+                            summary.record(outcome, &event, period);
                         }
                         Line::Rejected(reject) => {
                             summary.record_reject(&reject);
