@@ -69,6 +69,7 @@ fn tier_charge(
         tier: position + 1,
         up_to: tier.up_to.to_string(),
         quantity: units.normalize(),
+        package_size: None,
         unit_amount: tier.unit_amount.normalize(),
         flat_amount: flat_amount.normalize(),
         amount: amount.normalize(),
@@ -98,7 +99,8 @@ fn per_unit(
         unit_amount,
         flat_amount: Decimal::ZERO,
     };
-    let charge = tier_charge(0, &tier, units, Decimal::ZERO, quantity)?;
+    let mut charge = tier_charge(0, &tier, units, Decimal::ZERO, quantity)?;
+    charge.package_size = package.map(|p| p.divide_by.normalize());
     Ok(Charge {
         amount: charge.amount,
         tiers: vec![charge],
@@ -324,6 +326,7 @@ mod tests {
         let charge = super::rate(&tokens, d("1500")).unwrap();
         assert_eq!(charge.amount, d("0.004"));
         assert_eq!(charge.tiers[0].quantity, d("2"));
+        assert_eq!(charge.tiers[0].package_size, Some(d("1000")));
     }
 
     #[test]

@@ -82,6 +82,10 @@ pub struct TierCharge {
     pub up_to: String,
     /// Units billed in this tier (packages, for a package price).
     pub quantity: Decimal,
+    /// For a package price (`transform_quantity`): units per package; `quantity` is
+    /// then the usage divided by this and rounded to whole packages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_size: Option<Decimal>,
     pub unit_amount: Decimal,
     pub flat_amount: Decimal,
     /// `quantity * unit_amount + flat_amount`, exact (unrounded).

@@ -166,7 +166,7 @@ impl Summary {
         }
         if self.unknown_customers.len() > LISTED {
             out.push_str(&format!(
-                "  unbilled: ... and {} more unknown customers (see --summary)\n",
+                "  unbilled: ... and {} more unknown customers (all listed in the JSON summary)\n",
                 self.unknown_customers.len() - LISTED
             ));
         }
@@ -178,7 +178,7 @@ impl Summary {
         }
         if self.unpriced_usage.len() > LISTED {
             out.push_str(&format!(
-                "  unbilled: ... and {} more unpriced series (see --summary)\n",
+                "  unbilled: ... and {} more unpriced series (all listed in the JSON summary)\n",
                 self.unpriced_usage.len() - LISTED
             ));
         }

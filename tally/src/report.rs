@@ -68,7 +68,8 @@ fn csv_field(field: &str) -> String {
     }
 }
 
-/// `tier 1 (up to 100): 100 x 0 + 49 = 49; tier 2 (up to 1000): 150 x 0.89 = 133.5`
+/// `tier 1 (up to 100): 100 x 0 + 49 = 49; tier 2 (up to 1000): 150 x 0.89 = 133.5`,
+/// or for a package price `tier 1 (up to inf): 654 packages of 1000 x 0.002 = 1.308`.
 pub fn tiers_text(tiers: &[TierCharge]) -> String {
     tiers
         .iter()
@@ -78,9 +79,13 @@ pub fn tiers_text(tiers: &[TierCharge]) -> String {
             } else {
                 format!(" + {}", t.flat_amount)
             };
+            let units = match t.package_size {
+                Some(size) => format!("{} packages of {size}", t.quantity),
+                None => t.quantity.to_string(),
+            };
             format!(
-                "tier {} (up to {}): {} x {}{} = {}",
-                t.tier, t.up_to, t.quantity, t.unit_amount, flat, t.amount
+                "tier {} (up to {}): {units} x {}{} = {}",
+                t.tier, t.up_to, t.unit_amount, flat, t.amount
             )
         })
         .collect::<Vec<_>>()

@@ -179,6 +179,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut csv = BufWriter::new(create(&csv_path)?);
     write_csv(&lines, &mut csv)?;
     csv.flush()?;
+    let summary_path = path("summary.json");
+    std::fs::write(&summary_path, serde_json::to_string_pretty(&run.summary)?)?;
     let rejects_path = path("rejects.jsonl");
     let mut rejects = BufWriter::new(create(&rejects_path)?);
     for r in &run.rejects {
@@ -222,6 +224,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  {}  SQLite: tables window_usage, rated_lines (every revision), view invoice_lines",
         db_path.display()
     );
+    println!(
+        "  {}  where every event went, unbilled usage included",
+        summary_path.display()
+    );
     println!("\nQuery it, for example:");
     println!(
         "  sqlite3 {} \"SELECT currency, SUM(amount_minor) FROM invoice_lines GROUP BY currency\"",
@@ -231,8 +237,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  python3 -c \"import sqlite3; print(sqlite3.connect('{}').execute('SELECT customer, price, quantity, amount, currency FROM invoice_lines LIMIT 5').fetchall())\"",
         db_path.display()
     );
+    let tally = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("tally"));
     println!(
-        "  tally rate --config {} --events {} --period {period} --format table",
+        "  {} rate --config {} --events {} --period {period} --format table",
+        tally.display(),
         config_path.display(),
         events_path.display()
     );
@@ -262,8 +270,9 @@ fn show_invoices(lines: &[InvoiceLine], config: &Config) {
     for (currency, (total, customers)) in &by_currency {
         println!("  {currency:<10} {:>18} {customers:>10}", total.to_string());
     }
+    // Ranked within each currency: amounts in different currencies do not compare.
     let mut ranked: Vec<_> = totals.iter().collect();
-    ranked.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    ranked.sort_by(|a, b| a.0 .0.cmp(b.0 .0).then(b.1.cmp(a.1)).then(a.0.cmp(b.0)));
     println!("\n  Largest invoice per currency:");
     println!("  {:<12} {:<14} {:>16}", "customer", "plan", "total");
     for currency in by_currency.keys() {
@@ -276,7 +285,11 @@ fn show_invoices(lines: &[InvoiceLine], config: &Config) {
             );
         }
     }
-    if let Some(((_, customer, _), _)) = ranked.first() {
+    let walkthrough = ranked
+        .iter()
+        .find(|((currency, _, _), _)| *currency == "usd")
+        .or(ranked.first());
+    if let Some(((_, customer, _), _)) = walkthrough {
         println!("\n  How {customer}'s invoice adds up:");
         for l in lines.iter().filter(|l| &l.customer == customer) {
             println!(
