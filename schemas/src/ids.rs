@@ -6,66 +6,67 @@
 //! differ) with a domain tag per kind of id. The seed is fixed: ids are stored in
 //! changelogs and tables and must not change between versions.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_128;
 
 /// Hashes tagged, length-prefixed parts into 128 bits. The parts are gathered in a
-/// buffer (on the stack for the usual couple of hundred bytes) and hashed in one call,
-/// which for short inputs is several times faster than XXH3's streaming state and
-/// gives the same digest.
-#[derive(Debug, Clone)]
+/// buffer and hashed in one call, which for short inputs is several times faster than
+/// XXH3's streaming state and gives the same digest. The buffer is borrowed from a
+/// per-thread pool and given back on drop, so fingerprinting millions of events
+/// allocates nothing.
+#[derive(Debug)]
 pub struct Fingerprinter {
-    inline: [u8; INLINE],
-    len: usize,
-    /// Everything, once the parts outgrow `inline`.
-    spilled: Vec<u8>,
+    buf: Vec<u8>,
 }
 
-const INLINE: usize = 240;
+thread_local! {
+    static SPARE_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
 
 impl Fingerprinter {
     /// Starts a fingerprint in the domain `tag` (e.g. `b"event"`, `b"line"`).
     pub fn new(tag: &[u8]) -> Self {
-        let mut fp = Fingerprinter {
-            inline: [0; INLINE],
-            len: 0,
-            spilled: Vec::new(),
-        };
-        fp.raw(tag);
-        fp.raw(&[0]);
-        fp
+        let mut buf = SPARE_BUFFERS
+            .with(|spare| spare.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(256));
+        buf.extend_from_slice(tag);
+        buf.push(0);
+        Fingerprinter { buf }
     }
 
     /// Adds one part; parts are length-prefixed so boundaries cannot shift.
     pub fn part(&mut self, bytes: &[u8]) -> &mut Self {
-        self.raw(&(bytes.len() as u64).to_le_bytes());
-        self.raw(bytes);
+        self.buf
+            .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.buf.extend_from_slice(bytes);
         self
     }
 
     /// Adds one part as raw bytes without a length prefix; for callers that feed a
     /// value in several pieces and add their own terminator.
     pub fn raw(&mut self, bytes: &[u8]) {
-        let end = self.len + bytes.len();
-        if self.spilled.is_empty() && end <= INLINE {
-            self.inline[self.len..end].copy_from_slice(bytes);
-        } else {
-            if self.spilled.is_empty() {
-                self.spilled.extend_from_slice(&self.inline[..self.len]);
-            }
-            self.spilled.extend_from_slice(bytes);
-        }
-        self.len = end;
+        self.buf.extend_from_slice(bytes);
     }
 
     pub fn finish(&self) -> u128 {
-        if self.spilled.is_empty() {
-            xxh3_128(&self.inline[..self.len])
-        } else {
-            xxh3_128(&self.spilled)
-        }
+        xxh3_128(&self.buf)
+    }
+}
+
+impl Drop for Fingerprinter {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        // Nested fingerprints need a few buffers at most; beyond that, let them go.
+        SPARE_BUFFERS.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < 4 {
+                spare.push(buf);
+            }
+        });
     }
 }
 
