@@ -12,47 +12,7 @@ use tally_schemas::money::RoundingMode;
 use tally_schemas::price::{Discount, PackageRounding, Rate, TiersMode, UpTo};
 
 /// The issue's sample configuration.
-const BASE: &str = r#"
-[[meters]]
-slug = "resolutions"
-event_type = "ai.resolution"
-aggregation = "count"
-
-[[meters]]
-slug = "tokens"
-event_type = "llm.tokens"
-aggregation = "sum"
-value_property = "$.tokens"
-group_by = { model = "$.model" }
-
-[[plans]]
-id = "pro"
-currency = "usd"
-
-[[plans.prices]]
-id = "resolutions"
-meter = "resolutions"
-billing_scheme = "tiered"
-tiers_mode = "graduated"
-tiers = [
-  { up_to = 100, flat_amount = "49" },
-  { up_to = 1000, unit_amount = "0.89" },
-  { up_to = "inf", unit_amount = "0.69" },
-]
-
-[[plans.prices]]
-id = "gpt-tokens"
-meter = "tokens"
-billing_scheme = "per_unit"
-unit_amount = "0.002"
-transform_quantity = { divide_by = 1000, round = "up" }
-filter = { model = "gpt-x" }
-
-[[customers]]
-id = "cust_acme"
-plan = "pro"
-discounts = [{ price = "resolutions", percent_off = "12.5" }]
-"#;
+const BASE: &str = include_str!("../../examples/tally.toml");
 
 fn dec(text: &str) -> Decimal {
     Decimal::from_str(text).unwrap()

@@ -1,0 +1,89 @@
+//! The files in examples/ rate to the figures the README shows.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn the_example_price_book_rates_the_example_events_as_the_readme_shows() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let summary = dir.path().join("summary.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .current_dir(dir.path())
+        .args([
+            "rate",
+            "--period",
+            "2026-11",
+            "--now",
+            "2026-12-15T00:00:00Z",
+            "--config",
+        ])
+        .arg(root.join("examples/tally.toml"))
+        .arg("--events")
+        .arg(root.join("examples/events.jsonl"))
+        .arg("--summary")
+        .arg(&summary)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8(output.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|r: &Vec<&str>| {
+            r.first()
+                .is_some_and(|c| ["resolutions", "gpt-tokens", "total"].contains(c))
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            // 2 resolutions: the 49 platform fee, 12.5 % off (6.125 rounds half up).
+            vec![
+                "resolutions",
+                "resolutions",
+                "2",
+                "49.00",
+                "6.13",
+                "42.87",
+                "usd"
+            ],
+            // 1,750,000.5 gpt-x tokens: 1751 started packages of 1000 at 0.002.
+            vec![
+                "gpt-tokens",
+                "tokens",
+                "1750000.5",
+                "3.50",
+                "0.00",
+                "3.50",
+                "usd"
+            ],
+            vec!["total", "46.37", "usd"],
+        ]
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(summary).unwrap()).unwrap();
+    let counts: Vec<u64> = [
+        "events_read",
+        "accepted",
+        "duplicates",
+        "conflicts",
+        "rejected",
+        "outside_period",
+    ]
+    .iter()
+    .map(|k| summary[k].as_u64().unwrap())
+    .collect();
+    assert_eq!(counts, [10, 5, 1, 1, 1, 1]);
+    assert_eq!(summary["unknown_customers"]["cust_trial"], 1);
+    assert_eq!(summary["unpriced_usage"][0]["quantity"], "9000");
+    let rejects = std::fs::read_to_string(dir.path().join("rejects.jsonl")).unwrap();
+    assert!(
+        rejects.starts_with(r#"{"line":8,"field":"data.tokens","code":"negative_value""#),
+        "{rejects}"
+    );
+}
