@@ -4,25 +4,22 @@
 //! lines on worker threads, the aggregator core dedupes and windows them on this
 //! thread as they arrive, and the rater core prices each series' period total. Every
 //! line read ends in exactly one bucket of the [`Summary`], so the counts reconcile.
+//! The input is the events file mapped into memory, or stdin read whole.
 
-use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
-use serde::Serialize;
 use tally_aggregator::{Aggregator, Outcome};
 use tally_ingest::{decode_lines, Line, LineReject};
+
+use crate::summary::{Summary, UnpricedUsage};
 use tally_rater::{Ledger, Recorded};
 use tally_schemas::config::Config;
-use tally_schemas::event::{DecodedEvent, EventDecoder};
-use tally_schemas::records::{InvoiceLine, SeriesKey};
+use tally_schemas::event::EventDecoder;
+use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
-
-/// Unknown customers and unpriced series listed on stderr before "... and N more".
-const LISTED: usize = 10;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchOptions {
@@ -33,157 +30,6 @@ pub struct BatchOptions {
     pub workers: usize,
     /// Stop at the first bad line instead of rejecting it.
     pub strict: bool,
-}
-
-/// Where every line read went. `events_read` is the sum of the other buckets.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Summary {
-    pub period: String,
-    pub events_read: u64,
-    /// Valid, new, in the period, metered, for a known customer: billed.
-    pub accepted: u64,
-    /// Identical retries of an event already counted.
-    pub duplicates: u64,
-    /// Same (source, id) as an event already counted but different content; dropped.
-    pub conflicts: u64,
-    /// Lines that failed validation, by reason code; kept in the rejects file.
-    pub rejected: u64,
-    pub rejected_by_reason: BTreeMap<String, u64>,
-    /// Valid events dated outside the period.
-    pub outside_period: u64,
-    /// Valid events in the period whose type no meter reads, by type.
-    pub unknown_event_types: BTreeMap<String, u64>,
-    /// Metered events in the period for customers not in the configuration, by customer.
-    pub unknown_customers: BTreeMap<String, u64>,
-    /// Events older than the dedupe horizon (streaming only; a batch run keeps every key).
-    pub too_late: u64,
-    /// Events refused because a total would stop being exact.
-    pub refused: u64,
-    /// Usage of known customers that no price of their plan bills.
-    pub unpriced_usage: Vec<UnpricedUsage>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct UnpricedUsage {
-    pub customer: String,
-    pub meter: String,
-    pub group: Vec<String>,
-    pub quantity: String,
-}
-
-impl UnpricedUsage {
-    pub fn new(series: &SeriesKey, quantity: Decimal) -> Self {
-        UnpricedUsage {
-            customer: series.customer.clone(),
-            meter: series.meter.clone(),
-            group: series.group.clone(),
-            quantity: quantity.to_string(),
-        }
-    }
-}
-
-impl Summary {
-    /// Puts one decoded event in its bucket, given what the aggregator made of it.
-    pub fn record(&mut self, outcome: Outcome, event: &DecodedEvent<'_>, period: Period) {
-        match outcome {
-            Outcome::Retry => self.duplicates += 1,
-            Outcome::Conflict => self.conflicts += 1,
-            Outcome::Refused(_) => self.refused += 1,
-            Outcome::TooLate => self.too_late += 1,
-            _ if !period.contains(event.time) => self.outside_period += 1,
-            Outcome::Unmetered => {
-                *self
-                    .unknown_event_types
-                    .entry(event.event_type.to_string())
-                    .or_default() += 1;
-            }
-            Outcome::Accepted if event.subscribed => {
-                self.accepted += 1;
-            }
-            Outcome::Accepted => {
-                *self
-                    .unknown_customers
-                    .entry(event.subject.to_string())
-                    .or_default() += 1;
-            }
-        }
-    }
-
-    /// Counts a line that failed validation.
-    pub fn record_reject(&mut self, reject: &LineReject) {
-        self.rejected += 1;
-        *self
-            .rejected_by_reason
-            .entry(reject.error.problem.code().to_owned())
-            .or_default() += 1;
-    }
-
-    pub fn unknown_customer_events(&self) -> u64 {
-        self.unknown_customers.values().sum()
-    }
-
-    pub fn unknown_type_events(&self) -> u64 {
-        self.unknown_event_types.values().sum()
-    }
-
-    /// The lines finance reads on stderr.
-    pub fn render(&self) -> String {
-        let mut out = format!(
-            "period {}: {} events read = {} billed + {} duplicates + {} conflicts + {} rejected + {} outside the period + {} of unknown types + {} of unknown customers + {} too late + {} refused\n",
-            self.period,
-            self.events_read,
-            self.accepted,
-            self.duplicates,
-            self.conflicts,
-            self.rejected,
-            self.outside_period,
-            self.unknown_type_events(),
-            self.unknown_customer_events(),
-            self.too_late,
-            self.refused,
-        );
-        for (reason, n) in &self.rejected_by_reason {
-            out.push_str(&format!("  rejected {reason}: {n}\n"));
-        }
-        let events = |n: u64| {
-            if n == 1 {
-                "1 event".to_owned()
-            } else {
-                format!("{n} events")
-            }
-        };
-        for (event_type, n) in &self.unknown_event_types {
-            out.push_str(&format!(
-                "  unbilled: {} of type {event_type:?}, which no meter reads\n",
-                events(*n)
-            ));
-        }
-        for (customer, n) in self.unknown_customers.iter().take(LISTED) {
-            out.push_str(&format!(
-                "  unbilled: {} for customer {customer:?}, who is not in the configuration\n",
-                events(*n)
-            ));
-        }
-        if self.unknown_customers.len() > LISTED {
-            out.push_str(&format!(
-                "  unbilled: ... and {} more unknown customers (all listed in the JSON summary)\n",
-                self.unknown_customers.len() - LISTED
-            ));
-        }
-        for u in self.unpriced_usage.iter().take(LISTED) {
-            out.push_str(&format!(
-                "  unbilled: {} of meter {} {:?} for {:?}: no price of their plan matches\n",
-                u.quantity, u.meter, u.group, u.customer
-            ));
-        }
-        if self.unpriced_usage.len() > LISTED {
-            out.push_str(&format!(
-                "  unbilled: ... and {} more unpriced series (all listed in the JSON summary)\n",
-                self.unpriced_usage.len() - LISTED
-            ));
-        }
-        out
-    }
 }
 
 pub struct BatchResult {

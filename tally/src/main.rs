@@ -2,7 +2,8 @@
 //!
 //! Layout:
 //! - `validate`: lint a tally.toml ([`tally_schemas::config`]).
-//! - `rate`: batch-rate one month of events for finance (`batch.rs`, `report.rs`).
+//! - `rate`: batch-rate one month of events for finance (`batch.rs`, `summary.rs`,
+//!   `report.rs`).
 //! - `demo`: generate a realistic month and run it through the embedded pipeline
 //!   (`demo/`, `embedded/`).
 //! - `generate`: the demo's deterministic event generator on its own, for benchmarks.
@@ -11,6 +12,7 @@ mod batch;
 mod demo;
 mod embedded;
 mod report;
+mod summary;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};

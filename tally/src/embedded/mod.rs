@@ -28,7 +28,7 @@ use tally_schemas::event::EventDecoder;
 use tally_schemas::records::WindowUsage;
 use tally_schemas::time::Period;
 
-use crate::batch::{Summary, UnpricedUsage};
+use crate::summary::{Summary, UnpricedUsage};
 use store::Store;
 
 /// Batches a queue holds before its producer waits. Ingest hands over the lines of one
