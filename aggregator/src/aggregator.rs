@@ -19,7 +19,7 @@ use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use tally_schemas::config::{AggregationKind, Config, MeterId};
-use tally_schemas::event::{DecodedEvent, ReadingValue};
+use tally_schemas::event::DecodedEvent;
 use tally_schemas::ids::SeriesFingerprint;
 use tally_schemas::records::{EventOrder, MeterValue, SeriesKey, WindowUsage};
 use tally_schemas::time::{Period, WindowSize};
@@ -178,20 +178,17 @@ impl Aggregator {
             return Outcome::TooLate;
         }
         let period = Period::containing(event.time);
-        let mut targets: SmallVec<[(SeriesId, usize, ReadingValue); 2]> = SmallVec::new();
+        // Nothing changes until the event is known to be new and to fit: a retry or a
+        // refused event leaves no trace (not even an empty series).
         for reading in &event.readings {
-            let id = self.series_id(
-                reading.series,
-                &event.subject,
-                reading.meter,
-                &reading.group,
-            );
-            let series = &mut self.series[id as usize];
-            let slot = series.period_slot(period);
-            if let Err(e) = series.periods[slot].1.check(reading.value) {
-                return Outcome::Refused(e);
+            let held = self
+                .find_series(reading.series)
+                .and_then(|id| self.series[id as usize].periods.iter().find(|(p, _)| *p == period));
+            if let Some((_, state)) = held {
+                if let Err(e) = state.check(reading.value) {
+                    return Outcome::Refused(e);
+                }
             }
-            targets.push((id, slot, reading.value));
         }
         match self
             .dedupe
@@ -202,7 +199,7 @@ impl Aggregator {
             Seen::Conflict => return Outcome::Conflict,
         }
         self.advance_watermark(event.time);
-        if targets.is_empty() {
+        if event.readings.is_empty() {
             return Outcome::Unmetered;
         }
         let order = EventOrder {
@@ -210,9 +207,12 @@ impl Aggregator {
             key: event.key,
         };
         let window_start = self.window.start_of(event.time.timestamp());
-        for (id, slot, value) in targets {
+        for reading in &event.readings {
+            let id = self.series_id(reading.series, &event.subject, reading.meter, &reading.group);
             let series = &mut self.series[id as usize];
-            // Both adds were checked above: a period bounds its windows.
+            let slot = series.period_slot(period);
+            let value = reading.value;
+            // Checked above: a period bounds its windows.
             if let Err(e) = series.periods[slot].1.add(value, order) {
                 return Outcome::Refused(e);
             }
@@ -247,14 +247,22 @@ impl Aggregator {
         }
         self.watermark = Some(time);
         if let Some(horizon) = self.horizon {
-            let horizon_days = u16::try_from(horizon.as_secs() / 86_400).unwrap_or(u16::MAX);
-            // A key of day d is forgotten once all of day d is older than the horizon.
-            let keep_from = day_of(time).saturating_sub(horizon_days);
+            // A key of day d is forgotten once all of day d is older than the oldest
+            // acceptable time, so no event still accepted can have lost its key.
+            let horizon = chrono::Duration::from_std(horizon).unwrap_or(chrono::Duration::MAX);
+            let oldest = time.checked_sub_signed(horizon).unwrap_or(DateTime::<Utc>::MIN_UTC);
+            let keep_from = day_of(oldest);
             if keep_from > self.expired_before_day {
                 self.dedupe.expire_before(keep_from);
                 self.expired_before_day = keep_from;
             }
         }
+    }
+
+    fn find_series(&self, fingerprint: SeriesFingerprint) -> Option<SeriesId> {
+        self.series_index
+            .find(fingerprint.0 as u64, |(fp, _)| *fp == fingerprint)
+            .map(|&(_, id)| id)
     }
 
     fn series_id<S: AsRef<str>>(
@@ -264,9 +272,7 @@ impl Aggregator {
         meter: MeterId,
         group: &[S],
     ) -> SeriesId {
-        // The fingerprint is uniformly distributed: its low bits are a good hash.
-        let hash = fingerprint.0 as u64;
-        if let Some(&(_, id)) = self.series_index.find(hash, |(fp, _)| *fp == fingerprint) {
+        if let Some(id) = self.find_series(fingerprint) {
             return id;
         }
         let (slug, kind) = &self.meters[meter.0 as usize];
@@ -281,8 +287,9 @@ impl Aggregator {
             periods: SmallVec::new(),
             windows: Vec::new(),
         });
+        // The fingerprint is uniformly distributed: its low bits are a good hash.
         self.series_index
-            .insert_unique(hash, (fingerprint, id), |(fp, _)| fp.0 as u64);
+            .insert_unique(fingerprint.0 as u64, (fingerprint, id), |(fp, _)| fp.0 as u64);
         id
     }
 
@@ -436,7 +443,7 @@ mod tests {
 
     use proptest::prelude::*;
     use rust_decimal::Decimal;
-    use tally_schemas::event::Reading;
+    use tally_schemas::event::{Reading, ReadingValue};
     use tally_schemas::ids::{EventKey, PayloadFingerprint};
 
     const CONFIG: &str = r#"
@@ -655,6 +662,25 @@ mod tests {
             Outcome::TooLate
         );
         assert_eq!(usage(&agg, "2026-11", "tokens")[0].1, "10");
+    }
+
+    #[test]
+    fn a_retry_is_never_billed_twice_with_a_horizon_of_part_days() {
+        let config = Config::parse(&CONFIG.replace("\"2d\"", "\"36h\""), "test").unwrap();
+        let mut agg = Aggregator::streaming(&config);
+        agg.apply(&tokens("a", "2026-11-08T14:00:00Z", "gpt", 1, 1));
+        agg.apply(&tokens("b", "2026-11-10T01:00:00Z", "gpt", 1, 1));
+        // 35 hours before the newest event: still acceptable, so still remembered.
+        assert_eq!(agg.apply(&tokens("a", "2026-11-08T14:00:00Z", "gpt", 1, 1)), Outcome::Retry);
+        assert_eq!(usage(&agg, "2026-11", "tokens")[0].1, "2");
+    }
+
+    #[test]
+    fn retries_and_conflicts_leave_no_empty_series_behind() {
+        let mut agg = Aggregator::batch(&config(), 0);
+        agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1));
+        assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "other", 101, 1)), Outcome::Conflict);
+        assert_eq!(usage(&agg, "2026-11", "tokens"), [(vec!["gpt".to_string()], "100".to_string())]);
     }
 
     #[test]

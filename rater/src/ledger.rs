@@ -135,12 +135,22 @@ impl Ledger {
             .partition(|(_, key)| select(key));
         self.dirty = pending;
         let mut rated = Vec::with_capacity(due.len());
-        for key in due {
+        let mut due = due.into_iter();
+        while let Some(key) = due.next() {
             let Some(state) = self.lines.get_mut(&key) else {
                 continue;
             };
             let customer = &self.config.customers[&key.0];
-            let line = price_line(&self.config, customer, key.1, state)?;
+            let line = match price_line(&self.config, customer, key.1, state) {
+                Ok(line) => line,
+                Err(e) => {
+                    // The failed line and the ones not reached stay pending, so a later
+                    // flush rates them again instead of serving their old versions.
+                    self.dirty.push(key);
+                    self.dirty.extend(due);
+                    return Err(e);
+                }
+            };
             state.dirty = false;
             state.revision += 1;
             let previous = state.rated.as_ref().map_or(Decimal::ZERO, |l| l.amount);
@@ -209,24 +219,32 @@ fn price_line(
 ) -> Result<InvoiceLine, RateError> {
     let plan = config.plan(customer.plan);
     let meter = config.meter(plan.prices[key.price_index].meter);
-    let quantity = combine(meter.aggregation.kind(), state.series.values().copied()).value;
+    let quantity = combine(meter.aggregation.kind(), state.series.values().copied())?.value;
     invoice_line(config, customer, key.price_index, key.period, quantity)
 }
 
 /// The value of several series of one meter taken together.
-fn combine(kind: AggregationKind, values: impl Iterator<Item = MeterValue>) -> MeterValue {
-    values.fold(MeterValue::ZERO, |acc, v| match kind {
-        AggregationKind::Count | AggregationKind::Sum | AggregationKind::UniqueCount => {
-            MeterValue {
-                value: acc.value + v.value,
-                latest: None,
+fn combine(
+    kind: AggregationKind,
+    values: impl Iterator<Item = MeterValue>,
+) -> Result<MeterValue, RateError> {
+    values.into_iter().try_fold(MeterValue::ZERO, |acc, v| {
+        Ok(match kind {
+            AggregationKind::Count | AggregationKind::Sum | AggregationKind::UniqueCount => {
+                MeterValue {
+                    value: acc
+                        .value
+                        .checked_add(v.value)
+                        .ok_or(RateError::Overflow { quantity: acc.value })?,
+                    latest: None,
+                }
             }
-        }
-        AggregationKind::Max => MeterValue {
-            value: acc.value.max(v.value),
-            latest: None,
-        },
-        AggregationKind::Latest => acc.later(v),
+            AggregationKind::Max => MeterValue {
+                value: acc.value.max(v.value),
+                latest: None,
+            },
+            AggregationKind::Latest => acc.later(v),
+        })
     })
 }
 
@@ -401,6 +419,26 @@ mod tests {
         let second = ledger.flush().unwrap();
         assert_eq!(second[0].revision, 2);
         assert_eq!(second[0].delta.to_string(), "0.78");
+    }
+
+    #[test]
+    fn a_line_that_fails_to_rate_is_rated_again_later() {
+        let mut ledger = Ledger::new(config());
+        let res = series("resolutions", &[]);
+        ledger.record(&res, november(), value(100));
+        ledger.flush().unwrap();
+        let huge = MeterValue { value: Decimal::MAX, latest: None };
+        ledger.record(&res, november(), huge);
+        assert!(ledger.flush().is_err());
+        ledger.record(&res, november(), value(200));
+        let rated = ledger.flush().unwrap();
+        assert_eq!(rated.len(), 1);
+        assert_eq!(rated[0].line.quantity, Decimal::from(200));
+        // Two series whose sum overflows are an error, not a panic.
+        let mut ledger = Ledger::new(config());
+        ledger.record(&series("tokens", &["a"]), november(), huge);
+        ledger.record(&series("tokens", &["b"]), november(), huge);
+        assert!(matches!(ledger.flush(), Err(RateError::Overflow { .. })));
     }
 
     proptest! {

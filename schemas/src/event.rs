@@ -127,6 +127,7 @@ pub enum Problem {
     },
     NotANumber,
     Negative,
+    TooLarge,
     TooPrecise,
     NotAScalar,
 }
@@ -147,6 +148,7 @@ impl Problem {
             Problem::InFuture { .. } => "time_in_future",
             Problem::NotANumber => "not_a_number",
             Problem::Negative => "negative_value",
+            Problem::TooLarge => "too_large",
             Problem::TooPrecise => "too_precise",
             Problem::NotAScalar => "not_a_scalar",
         }
@@ -188,6 +190,10 @@ impl fmt::Display for Problem {
             ),
             Problem::NotANumber => f.write_str("expected a number (or a numeric string)"),
             Problem::Negative => f.write_str("usage must not be negative"),
+            Problem::TooLarge => write!(
+                f,
+                "usage values must be below 10^18 (a larger one is a unit error, and would put exact totals at risk)"
+            ),
             Problem::TooPrecise => {
                 f.write_str("number cannot be held exactly in 28 significant digits")
             }
@@ -480,6 +486,10 @@ fn parse_number(text: &str) -> Option<Result<Decimal, Problem>> {
     Some(parsed.map_err(|_| Problem::TooPrecise))
 }
 
+/// Usage values stay below this, so totals of even billions of events stay far inside
+/// the 28 digits an exact decimal holds.
+const MAX_VALUE: Decimal = Decimal::from_parts(0xA764_0000, 0x0DE0_B6B3, 0, false, 0);
+
 /// An exact, non-negative number from a JSON number or a numeric string.
 fn number(raw: &str, path: &JsonPath) -> Result<Decimal, EventError> {
     let field = || path.field_name();
@@ -492,6 +502,9 @@ fn number(raw: &str, path: &JsonPath) -> Result<Decimal, EventError> {
         .map_err(|p| error(field(), p))?;
     if value.is_sign_negative() && !value.is_zero() {
         return Err(error(field(), Problem::Negative));
+    }
+    if value >= MAX_VALUE {
+        return Err(error(field(), Problem::TooLarge));
     }
     Ok(value)
 }
@@ -579,4 +592,18 @@ fn payload_fingerprint(
         }
     }
     PayloadFingerprint(fp.finish() as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_value_bound_is_ten_to_the_eighteenth() {
+        assert_eq!(MAX_VALUE, Decimal::from(1_000_000_000_000_000_000_u64));
+        let path: JsonPath = "$.tokens".parse().unwrap();
+        assert_eq!(number("999999999999999999.5", &path).unwrap().to_string(), "999999999999999999.5");
+        assert_eq!(number("1e18", &path).unwrap_err().problem, Problem::TooLarge);
+        assert_eq!(number("\"7\"", &path).unwrap(), Decimal::from(7));
+    }
 }

@@ -78,7 +78,8 @@ impl FromStr for Period {
             input: s.to_owned(),
         };
         let (y, m) = s.split_once('-').ok_or_else(err)?;
-        if y.len() != 4 || m.len() != 2 {
+        let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+        if y.len() != 4 || m.len() != 2 || !digits(y) || !digits(m) {
             return Err(err());
         }
         let year: i32 = y.parse().map_err(|_| err())?;
@@ -145,7 +146,7 @@ mod tests {
 
     #[test]
     fn period_rejects_malformed_months() {
-        for bad in ["2026-13", "2026-1", "26-11", "2026/11", "", "2026-00"] {
+        for bad in ["2026-13", "2026-1", "26-11", "2026/11", "", "2026-00", "2026-+1", "+026-11"] {
             assert!(bad.parse::<Period>().is_err(), "{bad}");
         }
     }

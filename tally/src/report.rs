@@ -92,12 +92,41 @@ pub fn tiers_text(tiers: &[TierCharge]) -> String {
         .join("; ")
 }
 
+/// Invoice totals: per (currency, customer, plan), and per currency with the number of
+/// customers invoiced in it. Amounts are exact; a total past the largest exact decimal is
+/// an error rather than a wrong figure.
+#[derive(Debug, Default)]
+pub struct Totals<'a> {
+    pub per_customer: BTreeMap<(&'a str, &'a str, &'a str), Decimal>,
+    pub per_currency: BTreeMap<&'a str, (Decimal, usize)>,
+}
+
+impl<'a> Totals<'a> {
+    pub fn of(lines: &'a [InvoiceLine]) -> io::Result<Self> {
+        let overflow = || io::Error::other("an invoice total exceeds the largest exact decimal");
+        let mut totals = Totals::default();
+        for l in lines {
+            let t = totals
+                .per_customer
+                .entry((&l.currency, &l.customer, &l.plan))
+                .or_default();
+            *t = t.checked_add(l.amount).ok_or_else(overflow)?;
+        }
+        for ((currency, _, _), total) in &totals.per_customer {
+            let c = totals.per_currency.entry(currency).or_default();
+            c.0 = c.0.checked_add(*total).ok_or_else(overflow)?;
+            c.1 += 1;
+        }
+        Ok(totals)
+    }
+}
+
 pub fn write_table(lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()> {
+    let totals = Totals::of(lines)?;
     let mut by_customer: BTreeMap<&str, Vec<&InvoiceLine>> = BTreeMap::new();
     for l in lines {
         by_customer.entry(&l.customer).or_default().push(l);
     }
-    let mut grand: BTreeMap<&str, (Decimal, usize)> = BTreeMap::new();
     for (customer, lines) in &by_customer {
         let first = lines[0];
         writeln!(
@@ -112,29 +141,28 @@ pub fn write_table(lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()
             "  {:<20} {:<14} {:>16} {:>14} {:>12} {:>14}",
             "price", "meter", "quantity", "subtotal", "discount", "amount"
         )?;
-        let mut totals: BTreeMap<&str, Decimal> = BTreeMap::new();
         for l in lines {
             writeln!(
                 out,
                 "  {:<20} {:<14} {:>16} {:>14} {:>12} {:>14} {}",
                 l.price, l.meter, l.quantity, l.subtotal, l.discount, l.amount, l.currency
             )?;
-            *totals.entry(&l.currency).or_default() += l.amount;
         }
-        for (currency, total) in totals {
+        for ((currency, _, _), total) in totals
+            .per_customer
+            .iter()
+            .filter(|((_, c, _), _)| c == customer)
+        {
             writeln!(
                 out,
                 "  {:<20} {:>74} {currency}",
                 "total",
                 total.to_string()
             )?;
-            let g = grand.entry(currency).or_default();
-            g.0 += total;
-            g.1 += 1;
         }
         writeln!(out)?;
     }
-    for (currency, (total, customers)) in grand {
+    for (currency, (total, customers)) in &totals.per_currency {
         writeln!(
             out,
             "all customers billed in {currency} ({customers}): {total} {currency}"

@@ -435,6 +435,19 @@ fn validate_customers(
             let Some(discount) = validate_discount(d, &at, issues) else {
                 continue;
             };
+            if let Discount::AmountOff(off) = discount {
+                if off.normalize().scale() > plan.currency.minor_units() {
+                    issues.add(
+                        format!("{at}.amount_off"),
+                        format!(
+                            "{off} has more decimals than {} allows ({}); write it in whole minor units",
+                            plan.currency,
+                            plan.currency.minor_units()
+                        ),
+                    );
+                    continue;
+                }
+            }
             let targets: Vec<usize> = match &d.price {
                 Some(price) => match plan.prices.iter().position(|p| &p.id == price) {
                     Some(j) => vec![j],

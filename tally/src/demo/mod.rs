@@ -7,7 +7,6 @@
 
 pub(crate) mod generate;
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -17,14 +16,13 @@ use std::time::Instant;
 use anyhow::{ensure, Context};
 use chrono::{Datelike, Utc};
 use clap::Args;
-use rust_decimal::Decimal;
 use tally_schemas::config::Config;
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, BatchOptions};
 use crate::embedded::{self, store::Store};
-use crate::report::{tiers_text, write_csv};
+use crate::report::{tiers_text, write_csv, Totals};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -209,7 +207,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         lines.len()
     );
 
-    show_invoices(&lines, &config);
+    show_invoices(&lines, &config)?;
     show_rejects(&run.rejects, &rejects_path);
     println!("Where the data is:");
     println!(
@@ -252,19 +250,11 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()
 }
 
-fn show_invoices(lines: &[InvoiceLine], config: &Config) {
-    let mut totals: BTreeMap<(&str, &str, &str), Decimal> = BTreeMap::new();
-    let mut by_currency: BTreeMap<&str, (Decimal, usize)> = BTreeMap::new();
-    for l in lines {
-        *totals
-            .entry((&l.currency, &l.customer, &l.plan))
-            .or_default() += l.amount;
-    }
-    for ((currency, _, _), total) in &totals {
-        let c = by_currency.entry(currency).or_default();
-        c.0 += *total;
-        c.1 += 1;
-    }
+fn show_invoices(lines: &[InvoiceLine], config: &Config) -> std::io::Result<()> {
+    let Totals {
+        per_customer: totals,
+        per_currency: by_currency,
+    } = Totals::of(lines)?;
     println!("Invoices ({} customers):", config.customers.len());
     println!("  {:<10} {:>18} {:>10}", "currency", "total", "customers");
     for (currency, (total, customers)) in &by_currency {
@@ -305,6 +295,7 @@ fn show_invoices(lines: &[InvoiceLine], config: &Config) {
         }
     }
     println!();
+    Ok(())
 }
 
 fn show_rejects(rejects: &[tally_ingest::LineReject], path: &Path) {
