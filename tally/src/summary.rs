@@ -23,7 +23,9 @@ const LISTED: usize = 10;
 pub struct Summary {
     pub period: String,
     pub events_read: u64,
-    /// Valid, new, in the period, metered, for a known customer: billed.
+    /// Valid, new, in the period, metered, for a known customer: counted towards the
+    /// customer's usage (usage no price of their plan selects is listed in
+    /// `unpriced_usage`).
     pub accepted: u64,
     /// Identical retries of an event already counted.
     pub duplicates: u64,
@@ -112,7 +114,7 @@ impl Summary {
     /// The lines finance reads on stderr.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "period {}: {} events read = {} billed + {} duplicates + {} conflicts + {} rejected + {} outside the period + {} of unknown types + {} of unknown customers + {} too late + {} refused\n",
+            "period {}: {} events read = {} counted + {} duplicates + {} conflicts + {} rejected + {} outside the period + {} of unknown types + {} of unknown customers + {} too late + {} refused\n",
             self.period,
             self.events_read,
             self.accepted,

@@ -226,13 +226,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  {}  where every event went, unbilled usage included",
         summary_path.display()
     );
-    println!("\nQuery it, for example:");
+    let start = tally_schemas::time::rfc3339(period.start());
+    println!("\nQuery it, for example (amount_minor is the amount in cents, or yen):");
     println!(
-        "  sqlite3 {} \"SELECT currency, SUM(amount_minor) FROM invoice_lines GROUP BY currency\"",
+        "  sqlite3 {} \"SELECT currency, SUM(amount_minor) FROM invoice_lines WHERE period_start = '{start}' GROUP BY currency\"",
         db_path.display()
     );
     println!(
-        "  python3 -c \"import sqlite3; print(sqlite3.connect('{}').execute('SELECT customer, price, quantity, amount, currency FROM invoice_lines LIMIT 5').fetchall())\"",
+        "  python3 -c \"import sqlite3; print(sqlite3.connect('{}').execute('SELECT customer, price, quantity, amount, currency FROM invoice_lines WHERE period_start = ? LIMIT 5', ['{start}']).fetchall())\"",
         db_path.display()
     );
     let tally = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("tally"));

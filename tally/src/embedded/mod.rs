@@ -191,17 +191,15 @@ mod tests {
         // scale-eu and 7 on enterprise-jp (2 prices each): 32 + 16 + 14 + 14 lines.
         assert_eq!(streamed.len(), 76);
 
-        // Replaying the same file into the same store adds no rows: every revision is
-        // keyed, and the view still holds exactly one current row per line.
         let rows = |sql: &str| -> i64 {
             rusqlite::Connection::open(&db)
                 .unwrap()
                 .query_row(sql, [], |r| r.get(0))
                 .unwrap()
         };
+        // Writing the same revisions again adds nothing: every row is keyed.
         let revisions = rows("SELECT COUNT(*) FROM rated_lines");
-        let mut again = Store::open(&db).unwrap();
-        run(&config, &input, period, now, &mut again, |_| {}).unwrap();
+        store.write(&[], &pipeline.lines).unwrap();
         assert_eq!(rows("SELECT COUNT(*) FROM rated_lines"), revisions);
         assert_eq!(rows("SELECT COUNT(*) FROM invoice_lines"), 76);
         assert_eq!(rows("SELECT COUNT(DISTINCT id) FROM invoice_lines"), 76);
@@ -213,6 +211,34 @@ mod tests {
         assert_eq!(
             rows("SELECT SUM(amount_minor) FROM invoice_lines WHERE currency = 'usd'"),
             usd_minor
+        );
+
+        // Re-rating into the same store with a new price book: the new run's lines are
+        // current, one per line, with the new price book's hash and amounts.
+        let repriced = Arc::new(
+            Config::parse(
+                &config_toml(30).replace("unit_amount = \"0.99\"", "unit_amount = \"1.99\""),
+                "demo",
+            )
+            .unwrap(),
+        );
+        let mut later = Store::open(&db).unwrap();
+        let rerun = run(&repriced, &input, period, now, &mut later, |_| {}).unwrap();
+        assert_eq!(rows("SELECT COUNT(*) FROM invoice_lines"), 76);
+        assert_eq!(
+            rows("SELECT COUNT(DISTINCT config_hash) FROM invoice_lines"),
+            1
+        );
+        let rerun_usd: i64 = rerun
+            .lines
+            .iter()
+            .filter(|r| r.line.currency == "usd")
+            .map(|r| i64::try_from(r.line.amount.mantissa()).unwrap())
+            .sum();
+        assert!(rerun_usd > usd_minor);
+        assert_eq!(
+            rows("SELECT SUM(amount_minor) FROM invoice_lines WHERE currency = 'usd'"),
+            rerun_usd
         );
     }
 }

@@ -1,10 +1,14 @@
 //! The embedded store: SQLite in place of ClickHouse.
 //!
 //! In: window updates and rated line revisions. Out: three tables a person can query.
-//! - `window_usage`: one row per (series, window), keeping the highest revision.
-//! - `rated_lines`: every revision of every invoice line, keyed by (id, revision), so a
-//!   replay writes nothing new.
-//! - `invoice_lines`: a view with the current revision of each line.
+//! - `window_usage`: one row per (series, window), keeping the latest revision.
+//! - `rated_lines`: every revision of every invoice line, keyed by (id, run, revision):
+//!   writing the same revision again changes nothing, and a later run (re-rating with a
+//!   new price book, or corrected events) adds its own rows.
+//! - `invoice_lines`: a view with the current row of each line: the latest run's
+//!   latest revision.
+//!
+//! Each [`Store::open`] starts a new run, numbered after the ones already stored.
 //!
 //! Decimals are stored as TEXT, so nothing is rounded through floating point;
 //! `amount_minor` holds the amount in the currency's minor unit as an INTEGER, so
@@ -28,11 +32,13 @@ CREATE TABLE IF NOT EXISTS window_usage (
     period_start TEXT NOT NULL,
     value TEXT NOT NULL,
     period_to_date TEXT NOT NULL,
+    run INTEGER NOT NULL,
     revision INTEGER NOT NULL,
     PRIMARY KEY (customer, meter, dimensions, window_start)
 );
 CREATE TABLE IF NOT EXISTS rated_lines (
     id TEXT NOT NULL,
+    run INTEGER NOT NULL,
     revision INTEGER NOT NULL,
     config_hash TEXT NOT NULL,
     customer TEXT NOT NULL,
@@ -49,16 +55,21 @@ CREATE TABLE IF NOT EXISTS rated_lines (
     delta TEXT NOT NULL,
     currency TEXT NOT NULL,
     tiers TEXT NOT NULL,
-    PRIMARY KEY (id, revision)
+    PRIMARY KEY (id, run, revision)
 );
 CREATE VIEW IF NOT EXISTS invoice_lines AS
     SELECT r.* FROM rated_lines r
-    WHERE r.revision = (SELECT MAX(revision) FROM rated_lines x WHERE x.id = r.id);
+    WHERE NOT EXISTS (
+        SELECT 1 FROM rated_lines x
+        WHERE x.id = r.id AND (x.run > r.run OR (x.run = r.run AND x.revision > r.revision))
+    );
 ";
 
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// This run's number: one more than any run already stored.
+    run: i64,
 }
 
 impl Store {
@@ -70,7 +81,12 @@ impl Store {
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;")?;
         conn.execute_batch(SCHEMA)
             .context("cannot create the store's tables")?;
-        Ok(Store { conn })
+        let run = conn.query_row(
+            "SELECT COALESCE(MAX(run), 0) + 1 FROM rated_lines",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(Store { conn, run })
     }
 
     /// Writes one batch of window updates and line revisions in one transaction.
@@ -78,11 +94,12 @@ impl Store {
         let tx = self.conn.transaction()?;
         {
             let mut upsert_window = tx.prepare_cached(
-                "INSERT INTO window_usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                "INSERT INTO window_usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT (customer, meter, dimensions, window_start) DO UPDATE SET
                     value = excluded.value, period_to_date = excluded.period_to_date,
-                    revision = excluded.revision
-                 WHERE excluded.revision > window_usage.revision",
+                    run = excluded.run, revision = excluded.revision
+                 WHERE excluded.run > window_usage.run
+                    OR (excluded.run = window_usage.run AND excluded.revision > window_usage.revision)",
             )?;
             for w in windows {
                 upsert_window.execute(params![
@@ -94,17 +111,19 @@ impl Store {
                     rfc3339(w.period_start),
                     w.window_value.value.to_string(),
                     w.period_to_date.value.to_string(),
+                    self.run,
                     w.revision as i64,
                 ])?;
             }
             let mut insert_line = tx.prepare_cached(
                 "INSERT OR IGNORE INTO rated_lines VALUES
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             )?;
             for r in lines {
                 let l = &r.line;
                 insert_line.execute(params![
                     l.id,
+                    self.run,
                     r.revision as i64,
                     l.config_hash,
                     l.customer,
