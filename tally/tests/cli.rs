@@ -1115,7 +1115,7 @@ fn the_summary_reconciles_every_line_read() {
     );
     assert!(
         run.stderr.contains(
-            "period 2026-11: 9 events read = 2 billed + 1 duplicates + 1 conflicts + 1 rejected + 1 outside the period + 1 of unknown types + 2 of unknown customers"
+            "period 2026-11: 9 events read = 2 counted + 1 duplicates + 1 conflicts + 1 rejected + 1 outside the period + 1 of unknown types + 2 of unknown customers"
         ),
         "{}",
         run.stderr
