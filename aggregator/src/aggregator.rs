@@ -181,9 +181,12 @@ impl Aggregator {
         // Nothing changes until the event is known to be new and to fit: a retry or a
         // refused event leaves no trace (not even an empty series).
         for reading in &event.readings {
-            let held = self
-                .find_series(reading.series)
-                .and_then(|id| self.series[id as usize].periods.iter().find(|(p, _)| *p == period));
+            let held = self.find_series(reading.series).and_then(|id| {
+                self.series[id as usize]
+                    .periods
+                    .iter()
+                    .find(|(p, _)| *p == period)
+            });
             if let Some((_, state)) = held {
                 if let Err(e) = state.check(reading.value) {
                     return Outcome::Refused(e);
@@ -208,7 +211,12 @@ impl Aggregator {
         };
         let window_start = self.window.start_of(event.time.timestamp());
         for reading in &event.readings {
-            let id = self.series_id(reading.series, &event.subject, reading.meter, &reading.group);
+            let id = self.series_id(
+                reading.series,
+                &event.subject,
+                reading.meter,
+                &reading.group,
+            );
             let series = &mut self.series[id as usize];
             let slot = series.period_slot(period);
             let value = reading.value;
@@ -250,7 +258,9 @@ impl Aggregator {
             // A key of day d is forgotten once all of day d is older than the oldest
             // acceptable time, so no event still accepted can have lost its key.
             let horizon = chrono::Duration::from_std(horizon).unwrap_or(chrono::Duration::MAX);
-            let oldest = time.checked_sub_signed(horizon).unwrap_or(DateTime::<Utc>::MIN_UTC);
+            let oldest = time
+                .checked_sub_signed(horizon)
+                .unwrap_or(DateTime::<Utc>::MIN_UTC);
             let keep_from = day_of(oldest);
             if keep_from > self.expired_before_day {
                 self.dedupe.expire_before(keep_from);
@@ -289,7 +299,9 @@ impl Aggregator {
         });
         // The fingerprint is uniformly distributed: its low bits are a good hash.
         self.series_index
-            .insert_unique(fingerprint.0 as u64, (fingerprint, id), |(fp, _)| fp.0 as u64);
+            .insert_unique(fingerprint.0 as u64, (fingerprint, id), |(fp, _)| {
+                fp.0 as u64
+            });
         id
     }
 
@@ -346,20 +358,6 @@ impl Aggregator {
         self.dedupe.len()
     }
 
-    /// Heap bytes of the dedupe table.
-    pub fn dedupe_bytes(&self) -> usize {
-        self.dedupe.allocated_bytes()
-    }
-
-    /// Number of windows held.
-    pub fn windows(&self) -> usize {
-        self.series.iter().map(|s| s.windows.len()).sum()
-    }
-
-    pub fn watermark(&self) -> Option<DateTime<Utc>> {
-        self.watermark
-    }
-
     /// The whole state, for a snapshot. Pending (undrained) updates are not part of it:
     /// take a snapshot right after a drain, as the transaction that carries the updates
     /// commits. Entries are sorted, so equal states give equal snapshots.
@@ -393,6 +391,15 @@ impl Aggregator {
                 .iter()
                 .position(|(slug, _)| *slug == s.key.meter)
                 .ok_or_else(|| RestoreError::UnknownMeter(s.key.meter.clone()))?;
+            let kind = aggregator.meters[meter].1;
+            let states = s
+                .periods
+                .iter()
+                .map(|(_, st)| st)
+                .chain(s.windows.iter().map(|w| &w.state));
+            if states.into_iter().any(|st| st.kind() != kind) {
+                return Err(RestoreError::AggregationChanged(s.key.meter.clone()));
+            }
             let meter = MeterId(meter as u32);
             let fingerprint = SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group);
             let id = aggregator.series_id(fingerprint, &s.key.customer, meter, &s.key.group);
@@ -411,6 +418,8 @@ impl Aggregator {
 pub enum RestoreError {
     #[error("the snapshot has usage of meter {0:?}, which the configuration no longer has; restore with the configuration it was taken with")]
     UnknownMeter(String),
+    #[error("meter {0:?} aggregates differently than when the snapshot was taken; restore with the configuration it was taken with")]
+    AggregationChanged(String),
 }
 
 /// Days since 1970-01-01, clamped to what a dedupe entry holds (until year 2149).
@@ -671,7 +680,10 @@ mod tests {
         agg.apply(&tokens("a", "2026-11-08T14:00:00Z", "gpt", 1, 1));
         agg.apply(&tokens("b", "2026-11-10T01:00:00Z", "gpt", 1, 1));
         // 35 hours before the newest event: still acceptable, so still remembered.
-        assert_eq!(agg.apply(&tokens("a", "2026-11-08T14:00:00Z", "gpt", 1, 1)), Outcome::Retry);
+        assert_eq!(
+            agg.apply(&tokens("a", "2026-11-08T14:00:00Z", "gpt", 1, 1)),
+            Outcome::Retry
+        );
         assert_eq!(usage(&agg, "2026-11", "tokens")[0].1, "2");
     }
 
@@ -679,8 +691,14 @@ mod tests {
     fn retries_and_conflicts_leave_no_empty_series_behind() {
         let mut agg = Aggregator::batch(&config(), 0);
         agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1));
-        assert_eq!(agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "other", 101, 1)), Outcome::Conflict);
-        assert_eq!(usage(&agg, "2026-11", "tokens"), [(vec!["gpt".to_string()], "100".to_string())]);
+        assert_eq!(
+            agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "other", 101, 1)),
+            Outcome::Conflict
+        );
+        assert_eq!(
+            usage(&agg, "2026-11", "tokens"),
+            [(vec!["gpt".to_string()], "100".to_string())]
+        );
     }
 
     #[test]
@@ -720,6 +738,20 @@ mod tests {
         }
         assert_eq!(original.drain_updates(), restored.drain_updates());
         assert_eq!(original.snapshot(), restored.snapshot());
+
+        // A configuration whose meter aggregates differently cannot take the snapshot.
+        let changed = Config::parse(
+            &CONFIG.replace("aggregation = \"latest\"", "aggregation = \"max\""),
+            "test",
+        )
+        .unwrap();
+        let snapshot = original.snapshot();
+        assert_eq!(
+            Aggregator::streaming(&changed)
+                .restore(snapshot)
+                .unwrap_err(),
+            RestoreError::AggregationChanged("seats".into())
+        );
     }
 
     proptest! {

@@ -49,13 +49,14 @@ impl AggState {
         }
     }
 
-    fn kind_name(&self) -> &'static str {
+    /// The aggregation this state belongs to.
+    pub fn kind(&self) -> AggregationKind {
         match self {
-            AggState::Count(_) => "count",
-            AggState::Sum(_) => "sum",
-            AggState::Max(_) => "max",
-            AggState::UniqueCount(_) => "unique_count",
-            AggState::Latest(_) => "latest",
+            AggState::Count(_) => AggregationKind::Count,
+            AggState::Sum(_) => AggregationKind::Sum,
+            AggState::Max(_) => AggregationKind::Max,
+            AggState::UniqueCount(_) => AggregationKind::UniqueCount,
+            AggState::Latest(_) => AggregationKind::Latest,
         }
     }
 
@@ -69,7 +70,7 @@ impl AggState {
             }
             (AggState::Max(_) | AggState::Latest(_), ReadingValue::Number(_))
             | (AggState::UniqueCount(_), ReadingValue::Distinct(_)) => Ok(()),
-            (state, value) => Err(StateError::Mismatch(value, state.kind_name())),
+            (state, value) => Err(StateError::Mismatch(value, state.kind().as_str())),
         }
     }
 
@@ -91,7 +92,7 @@ impl AggState {
                 Some(held) => **held = (order, v),
                 None => *latest = Some(Box::new((order, v))),
             },
-            (state, value) => return Err(StateError::Mismatch(value, state.kind_name())),
+            (state, value) => return Err(StateError::Mismatch(value, state.kind().as_str())),
         }
         Ok(())
     }

@@ -7,7 +7,6 @@
 //! caller's thread consumes earlier ones, so aggregation overlaps decoding. A batch is
 //! handed over whole, so the consumer reads events in place instead of moving each.
 
-use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::mpsc;
 
@@ -65,7 +64,6 @@ pub enum Line<'a> {
 }
 
 struct DecodedChunk<'a> {
-    index: usize,
     /// Lines in the chunk, blank ones included, so later chunks can number theirs.
     line_count: u64,
     /// Numbered from 1 within the chunk until handed over.
@@ -93,49 +91,46 @@ fn decode_in_chunks<'a, B>(
     let chunks = split_chunks(input, chunk_bytes);
     let workers = workers.clamp(1, chunks.len().max(1));
     std::thread::scope(|scope| {
-        // Bounded, so decoding runs at most a few chunks ahead of the consumer.
-        let (tx, rx) = mpsc::sync_channel::<DecodedChunk<'a>>(workers * 2);
-        for worker in 0..workers {
-            let tx = tx.clone();
-            let chunks = &chunks;
-            scope.spawn(move || {
-                for index in (worker..chunks.len()).step_by(workers) {
-                    if tx
-                        .send(decode_chunk(index, chunks[index], decoder))
-                        .is_err()
-                    {
-                        return;
+        // Worker w decodes chunks w, w + workers, ... and hands them over on its own
+        // queue of two, so reading the queues in turn gives the chunks in file order, and
+        // no worker runs more than two chunks ahead of the consumer.
+        let queues: Vec<_> = (0..workers)
+            .map(|worker| {
+                let (tx, rx) = mpsc::sync_channel::<DecodedChunk<'a>>(2);
+                let chunks = &chunks;
+                scope.spawn(move || {
+                    for index in (worker..chunks.len()).step_by(workers) {
+                        if tx.send(decode_chunk(chunks[index], decoder)).is_err() {
+                            return;
+                        }
                     }
-                }
-            });
-        }
-        drop(tx);
-        let mut pending = BTreeMap::new();
-        let mut next = 0;
+                });
+                rx
+            })
+            .collect();
         let mut lines_before = 0u64;
-        for chunk in rx {
-            pending.insert(chunk.index, chunk);
-            while let Some(mut chunk) = pending.remove(&next) {
-                for line in &mut chunk.lines {
-                    match line {
-                        Line::Event { line, .. } => *line += lines_before,
-                        Line::Rejected(reject) => reject.line += lines_before,
-                    }
+        for index in 0..chunks.len() {
+            let Ok(mut chunk) = queues[index % workers].recv() else {
+                break;
+            };
+            for line in &mut chunk.lines {
+                match line {
+                    Line::Event { line, .. } => *line += lines_before,
+                    Line::Rejected(reject) => reject.line += lines_before,
                 }
-                lines_before += chunk.line_count;
-                next += 1;
-                let flow = sink(chunk.lines);
-                if flow.is_break() {
-                    // Dropping the receiver stops the workers at their next send.
-                    return flow;
-                }
+            }
+            lines_before += chunk.line_count;
+            let flow = sink(chunk.lines);
+            if flow.is_break() {
+                // Dropping the receivers stops the workers at their next send.
+                return flow;
             }
         }
         ControlFlow::Continue(())
     })
 }
 
-fn decode_chunk<'a>(index: usize, chunk: &'a [u8], decoder: EventDecoder<'_>) -> DecodedChunk<'a> {
+fn decode_chunk<'a>(chunk: &'a [u8], decoder: EventDecoder<'_>) -> DecodedChunk<'a> {
     let mut lines = Vec::with_capacity(chunk.len() / 160);
     let mut line_count = 0u64;
     let mut start = 0;
@@ -164,11 +159,7 @@ fn decode_chunk<'a>(index: usize, chunk: &'a [u8], decoder: EventDecoder<'_>) ->
     if chunk.ends_with(b"\n") {
         line_count -= 1;
     }
-    DecodedChunk {
-        index,
-        line_count,
-        lines,
-    }
+    DecodedChunk { line_count, lines }
 }
 
 /// Cuts input into chunks of about `target` bytes, each ending just after a newline.

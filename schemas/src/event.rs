@@ -229,10 +229,6 @@ impl<'c> EventDecoder<'c> {
         }
     }
 
-    pub fn config(&self) -> &'c Config {
-        self.config
-    }
-
     /// Decodes one line (without its newline).
     pub fn decode<'a>(&self, line: &'a [u8]) -> Result<DecodedEvent<'a>, EventError> {
         let text = std::str::from_utf8(line).map_err(|e| {
@@ -602,8 +598,14 @@ mod tests {
     fn the_value_bound_is_ten_to_the_eighteenth() {
         assert_eq!(MAX_VALUE, Decimal::from(1_000_000_000_000_000_000_u64));
         let path: JsonPath = "$.tokens".parse().unwrap();
-        assert_eq!(number("999999999999999999.5", &path).unwrap().to_string(), "999999999999999999.5");
-        assert_eq!(number("1e18", &path).unwrap_err().problem, Problem::TooLarge);
+        assert_eq!(
+            number("999999999999999999.5", &path).unwrap().to_string(),
+            "999999999999999999.5"
+        );
+        assert_eq!(
+            number("1e18", &path).unwrap_err().problem,
+            Problem::TooLarge
+        );
         assert_eq!(number("\"7\"", &path).unwrap(), Decimal::from(7));
     }
 }

@@ -146,7 +146,9 @@ mod tests {
 
     #[test]
     fn period_rejects_malformed_months() {
-        for bad in ["2026-13", "2026-1", "26-11", "2026/11", "", "2026-00", "2026-+1", "+026-11"] {
+        for bad in [
+            "2026-13", "2026-1", "26-11", "2026/11", "", "2026-00", "2026-+1", "+026-11",
+        ] {
             assert!(bad.parse::<Period>().is_err(), "{bad}");
         }
     }

@@ -55,6 +55,7 @@ pub struct MeterSpec {
     pub slug: String,
     /// The CloudEvents `type` this meter reads, e.g. `llm.tokens`.
     pub event_type: String,
+    /// How events become a quantity: `count`, `sum`, `max`, `unique_count` or `latest`.
     pub aggregation: AggregationKind,
     /// JSONPath into `data` of the value to aggregate; required except for `count`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,6 +98,7 @@ impl AggregationKind {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanSpec {
+    /// Unique name customers subscribe to.
     pub id: String,
     /// Lower-case ISO 4217 code, e.g. `usd`.
     pub currency: String,
@@ -146,9 +148,12 @@ pub enum BillingScheme {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierSpec {
+    /// Inclusive upper bound in the meter's unit, or `"inf"` for the last tier.
     pub up_to: UpToInput,
+    /// Price of each unit in the tier, in the currency's major unit; default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit_amount: Option<ExactDecimal>,
+    /// Fixed amount for reaching the tier, in the currency's major unit; default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flat_amount: Option<ExactDecimal>,
 }
@@ -158,6 +163,7 @@ pub struct TierSpec {
 pub struct TransformQuantitySpec {
     /// Units per package; a positive number.
     pub divide_by: ExactDecimal,
+    /// `up` bills a started package whole, `down` only complete ones.
     pub round: PackageRounding,
 }
 
@@ -191,8 +197,11 @@ pub struct DiscountSpec {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregatorSpec {
+    /// Tumbling window length, dividing a day; default `"1h"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<HumanDuration>,
+    /// How long, in event time, a `(source, id)` is remembered by the streaming
+    /// aggregator, and the oldest an event may be; at least a day, default `"35d"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedupe_horizon: Option<HumanDuration>,
 }
@@ -200,6 +209,7 @@ pub struct AggregatorSpec {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsSpec {
+    /// How far an event's time may run ahead of the clock; default `"5m"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_future_skew: Option<HumanDuration>,
 }

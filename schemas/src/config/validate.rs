@@ -76,10 +76,10 @@ fn validate_settings(file: &ConfigFile, issues: &mut Issues) -> Settings {
         .aggregator
         .dedupe_horizon
         .map_or(default_dedupe_horizon(), |d| d.0);
-    if horizon < std::time::Duration::from_secs(86_400) || horizon < window {
+    if horizon < std::time::Duration::from_secs(86_400) {
         issues.add(
             "aggregator.dedupe_horizon",
-            "must be at least one day and at least one window: retries arrive late",
+            "must be at least one day: retries arrive late",
         );
     }
     settings.dedupe_horizon = horizon;
