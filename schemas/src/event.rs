@@ -437,16 +437,20 @@ fn json_kind(raw: &str) -> &'static str {
     }
 }
 
-/// A string value's contents; `Ok(None)` when the value is not a string.
-fn string_at<'a>(raw: &'a str, field: &str) -> Result<Option<Cow<'a, str>>, EventError> {
-    json::string_contents(raw).map_err(|e| error(field, Problem::InvalidJson(e.what.to_owned())))
+/// A string value's contents; `Ok(None)` when the value is not a string. `field` is
+/// called only on failure: naming a nested field allocates.
+fn string_at<'a>(
+    raw: &'a str,
+    field: impl FnOnce() -> String,
+) -> Result<Option<Cow<'a, str>>, EventError> {
+    json::string_contents(raw).map_err(|e| error(field(), Problem::InvalidJson(e.what.to_owned())))
 }
 
 fn required_string<'a>(raw: Option<&'a str>, field: &str) -> Result<Cow<'a, str>, EventError> {
     let raw = raw
         .filter(|r| *r != "null")
         .ok_or_else(|| error(field, Problem::Missing))?;
-    let s = string_at(raw, field)?.ok_or_else(|| {
+    let s = string_at(raw, || field.to_owned())?.ok_or_else(|| {
         error(
             field,
             Problem::WrongType {
@@ -455,7 +459,7 @@ fn required_string<'a>(raw: Option<&'a str>, field: &str) -> Result<Cow<'a, str>
             },
         )
     })?;
-    if s.trim().is_empty() {
+    if s.bytes().all(|b| b.is_ascii_whitespace()) {
         return Err(error(field, Problem::Empty));
     }
     Ok(s)
@@ -489,7 +493,7 @@ const MAX_VALUE: Decimal = Decimal::from_parts(0xA764_0000, 0x0DE0_B6B3, 0, fals
 /// An exact, non-negative number from a JSON number or a numeric string.
 fn number(raw: &str, path: &JsonPath) -> Result<Decimal, EventError> {
     let field = || path.field_name();
-    let text: Cow<str> = match string_at(raw, &field())? {
+    let text: Cow<str> = match string_at(raw, field)? {
         Some(s) => Cow::Owned(s.trim().to_owned()),
         None => Cow::Borrowed(raw),
     };
@@ -514,7 +518,7 @@ fn distinct(raw: &str, path: &JsonPath) -> Result<u64, EventError> {
             .part(bytes)
             .finish() as u64
     };
-    if let Some(s) = string_at(raw, &path.field_name())? {
+    if let Some(s) = string_at(raw, || path.field_name())? {
         return Ok(fp(b"s", s.as_bytes()));
     }
     match parse_number(raw) {
@@ -533,7 +537,7 @@ fn distinct(raw: &str, path: &JsonPath) -> Result<u64, EventError> {
 /// A group_by value as text: strings as they are, numbers normalised, booleans as
 /// `true`/`false`.
 fn group_value<'a>(raw: &'a str, path: &JsonPath) -> Result<Cow<'a, str>, EventError> {
-    if let Some(s) = string_at(raw, &path.field_name())? {
+    if let Some(s) = string_at(raw, || path.field_name())? {
         return Ok(s);
     }
     match raw {
