@@ -232,10 +232,9 @@ fn combine(
         Ok(match kind {
             AggregationKind::Count | AggregationKind::Sum | AggregationKind::UniqueCount => {
                 MeterValue {
-                    value: acc
-                        .value
-                        .checked_add(v.value)
-                        .ok_or(RateError::Overflow { quantity: acc.value })?,
+                    value: acc.value.checked_add(v.value).ok_or(RateError::Overflow {
+                        quantity: acc.value,
+                    })?,
                     latest: None,
                 }
             }
@@ -427,7 +426,10 @@ mod tests {
         let res = series("resolutions", &[]);
         ledger.record(&res, november(), value(100));
         ledger.flush().unwrap();
-        let huge = MeterValue { value: Decimal::MAX, latest: None };
+        let huge = MeterValue {
+            value: Decimal::MAX,
+            latest: None,
+        };
         ledger.record(&res, november(), huge);
         assert!(ledger.flush().is_err());
         ledger.record(&res, november(), value(200));
