@@ -27,26 +27,56 @@ impl Serialize for ExactDecimal {
 
 impl<'de> Deserialize<'de> for ExactDecimal {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = ExactDecimal;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a decimal string such as \"0.89\" or an integer")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(ExactDecimal(Decimal::from(v)))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(ExactDecimal(Decimal::from(v)))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Err(E::custom(FLOAT_HINT))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                parse_decimal(v).map(ExactDecimal).map_err(E::custom)
-            }
+        match d.deserialize_any(DecimalVisitor { allow_inf: false })? {
+            UpTo::Finite(v) => Ok(ExactDecimal(v)),
+            UpTo::Inf => Err(de::Error::custom(
+                "\"inf\" is only allowed as a tier's up_to",
+            )),
         }
-        d.deserialize_any(V)
+    }
+}
+
+/// Reads a TOML integer or decimal string exactly, refusing floats; `"inf"` too when
+/// `allow_inf` (a tier bound).
+struct DecimalVisitor {
+    allow_inf: bool,
+}
+
+impl Visitor<'_> for DecimalVisitor {
+    type Value = UpTo;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if self.allow_inf {
+            f.write_str("an integer, a decimal string, or \"inf\" for the last tier")
+        } else {
+            f.write_str("a decimal string such as \"0.89\" or an integer")
+        }
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<UpTo, E> {
+        Ok(UpTo::Finite(Decimal::from(v)))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<UpTo, E> {
+        Ok(UpTo::Finite(Decimal::from(v)))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<UpTo, E> {
+        Err(E::custom(FLOAT_HINT))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<UpTo, E> {
+        if self.allow_inf && v == "inf" {
+            return Ok(UpTo::Inf);
+        }
+        let hint = if self.allow_inf {
+            "; use \"inf\" for an open-ended tier"
+        } else {
+            ""
+        };
+        parse_decimal(v)
+            .map(UpTo::Finite)
+            .map_err(|e| E::custom(format!("{e}{hint}")))
     }
 }
 
@@ -72,31 +102,8 @@ impl Serialize for UpToInput {
 
 impl<'de> Deserialize<'de> for UpToInput {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = UpToInput;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an integer, a decimal string, or \"inf\" for the last tier")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(UpToInput(UpTo::Finite(Decimal::from(v))))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(UpToInput(UpTo::Finite(Decimal::from(v))))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Err(E::custom(FLOAT_HINT))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                if v == "inf" {
-                    return Ok(UpToInput(UpTo::Inf));
-                }
-                parse_decimal(v)
-                    .map(|d| UpToInput(UpTo::Finite(d)))
-                    .map_err(|e| E::custom(format!("{e}; use \"inf\" for an open-ended tier")))
-            }
-        }
-        d.deserialize_any(V)
+        d.deserialize_any(DecimalVisitor { allow_inf: true })
+            .map(UpToInput)
     }
 }
 
