@@ -180,8 +180,10 @@ impl Aggregator {
         let period = Period::containing(event.time);
         // Nothing changes until the event is known to be new and to fit: a retry or a
         // refused event leaves no trace (not even an empty series).
+        let mut known: SmallVec<[Option<SeriesId>; 1]> = SmallVec::new();
         for reading in &event.readings {
-            let held = self.find_series(reading.series).and_then(|id| {
+            let id = self.find_series(reading.series);
+            let held = id.and_then(|id| {
                 self.series[id as usize]
                     .periods
                     .iter()
@@ -192,6 +194,7 @@ impl Aggregator {
                     return Outcome::Refused(e);
                 }
             }
+            known.push(id);
         }
         match self
             .dedupe
@@ -210,13 +213,16 @@ impl Aggregator {
             key: event.key,
         };
         let window_start = self.window.start_of(event.time.timestamp());
-        for reading in &event.readings {
-            let id = self.series_id(
-                reading.series,
-                &event.subject,
-                reading.meter,
-                &reading.group,
-            );
+        for (reading, known) in event.readings.iter().zip(known) {
+            let id = match known {
+                Some(id) => id,
+                None => self.new_series(
+                    reading.series,
+                    &event.subject,
+                    reading.meter,
+                    &reading.group,
+                ),
+            };
             let series = &mut self.series[id as usize];
             let slot = series.period_slot(period);
             let value = reading.value;
@@ -275,16 +281,14 @@ impl Aggregator {
             .map(|&(_, id)| id)
     }
 
-    fn series_id<S: AsRef<str>>(
+    /// Adds a series the index does not hold yet.
+    fn new_series<S: AsRef<str>>(
         &mut self,
         fingerprint: SeriesFingerprint,
         customer: &str,
         meter: MeterId,
         group: &[S],
     ) -> SeriesId {
-        if let Some(id) = self.find_series(fingerprint) {
-            return id;
-        }
         let (slug, kind) = &self.meters[meter.0 as usize];
         let id = self.series.len() as SeriesId;
         self.series.push(Series {
@@ -402,7 +406,10 @@ impl Aggregator {
             }
             let meter = MeterId(meter as u32);
             let fingerprint = SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group);
-            let id = aggregator.series_id(fingerprint, &s.key.customer, meter, &s.key.group);
+            let id = match aggregator.find_series(fingerprint) {
+                Some(id) => id,
+                None => aggregator.new_series(fingerprint, &s.key.customer, meter, &s.key.group),
+            };
             let series = &mut aggregator.series[id as usize];
             series.periods = s.periods.into_iter().collect();
             series.windows = s.windows;
