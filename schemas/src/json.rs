@@ -78,7 +78,8 @@ pub(crate) fn string_contents(text: &str) -> Result<Option<Cow<'_, str>>, JsonEr
     let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) else {
         return Ok(None);
     };
-    if memchr::memchr(b'\\', inner.as_bytes()).is_none() {
+    // Keys and values are short: a plain loop beats setting up a vectorised search.
+    if inner.bytes().all(|b| b != b'\\') {
         return Ok(Some(Cow::Borrowed(inner)));
     }
     // Escapes were validated by the scanner; serde_json does the unescaping, and
