@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: unit, property and fuzz-style tests of the
-# core crates, and black-box tests of the `tally` command. Then the lints.
-# Installs what it needs through the project's own scripts; needs no servers yet.
+# core crates, black-box tests of the `tally` command, and the tests against a real
+# ClickHouse server, which this script installs and starts on loopback through the
+# project's own scripts (scripts/services/). Then the lints.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/ensure-toolchain.sh
 
+echo "== services"
+scripts/services/up.sh clickhouse
+
 mkdir -p target
 echo "== tests"
-cargo test --workspace --all-targets --locked 2>&1 | tee target/test.log
+# --include-ignored: the tests that need a server are ignored by a plain `cargo test`.
+cargo test --workspace --all-targets --locked -- --include-ignored 2>&1 | tee target/test.log
 echo "== lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked --quiet -- -D warnings

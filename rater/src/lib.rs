@@ -1,15 +1,18 @@
-//! The rater stage's core: usage in, priced invoice lines out.
+//! The rater stage: usage in, priced invoice lines out, stored in ClickHouse.
 //!
 //! It takes period-to-date usage from the aggregator and applies the customer's plan.
-//! Everything here is synchronous and free of I/O; `tally rate`, the embedded pipeline
-//! and the Kafka rater run the same code.
+//! The core (`rate`, `line`, `ledger`) is synchronous and free of I/O; `tally rate`,
+//! the embedded pipeline and the Kafka rater run the same code. `clickhouse` is the one
+//! module that does I/O: it writes the lines where finance queries them.
 //!
 //! Layout:
 //! - [`rate`]: one quantity priced by one rate (per_unit, package, graduated, volume),
 //!   with its tier breakdown.
 //! - [`line`]: rounding, discounts and deterministic ids: one invoice line.
 //! - [`ledger`]: incremental rating of period-to-date usage into revised lines.
+//! - [`clickhouse`]: the store: idempotent, versioned rows and the `invoice_lines` view.
 
+pub mod clickhouse;
 pub mod ledger;
 pub mod line;
 pub mod rate;

@@ -13,6 +13,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::EventKey;
+use crate::money::Currency;
 
 /// One customer's usage of one meter for one combination of group_by values.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -116,4 +117,18 @@ pub struct InvoiceLine {
     pub amount: Decimal,
     pub currency: String,
     pub tiers: Vec<TierCharge>,
+}
+
+impl InvoiceLine {
+    /// The amount as a whole number of the currency's minor unit (cents for usd, yen for
+    /// jpy), for exact sums in SQL; `None` if it does not fit 64 bits.
+    pub fn amount_minor(&self) -> Option<i64> {
+        let minor = Currency::from_code(&self.currency)?.minor_units();
+        let mut amount = self.amount;
+        amount.rescale(minor);
+        if amount.scale() != minor {
+            return None;
+        }
+        i64::try_from(amount.mantissa()).ok()
+    }
 }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
+use tally_rater::clickhouse::ClickHouse;
 use tally_schemas::config::Config;
 use tally_schemas::time::Period;
 
@@ -86,6 +87,14 @@ struct RateArgs {
     /// Decoding threads; default: the machine's cores.
     #[arg(long)]
     threads: Option<usize>,
+    /// Also store the lines in ClickHouse, e.g. http://127.0.0.1:8123 (its HTTP
+    /// interface). Lines are keyed by id and versioned by the run's start, so the view
+    /// `invoice_lines` always shows the latest rating of each line.
+    #[arg(long, value_name = "URL")]
+    clickhouse: Option<String>,
+    /// The ClickHouse database the lines go to.
+    #[arg(long, default_value = "tally", requires = "clickhouse")]
+    clickhouse_database: String,
 }
 
 fn main() {
@@ -123,11 +132,17 @@ pub fn default_threads() -> usize {
 }
 
 fn rate(args: RateArgs) -> anyhow::Result<()> {
+    let started = Utc::now();
     let config = Arc::new(Config::load(&args.config)?);
+    let clickhouse = args
+        .clickhouse
+        .as_deref()
+        .map(|url| ClickHouse::new(url, &args.clickhouse_database))
+        .transpose()?;
     let input = read_input(&args.events)?;
     let options = BatchOptions {
         period: args.period,
-        now: args.now.unwrap_or_else(Utc::now),
+        now: args.now.unwrap_or(started),
         workers: args.threads.unwrap_or_else(default_threads),
         strict: args.strict,
     };
@@ -157,6 +172,17 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
             write_lines(args.format, &result.lines, &mut out)?;
             out.flush()?;
         }
+    }
+    if let Some(store) = &clickhouse {
+        // Later runs must win: the run's start in milliseconds orders them.
+        let version = u64::try_from(started.timestamp_millis()).unwrap_or_default();
+        store.ensure_schema()?;
+        store.insert_lines(version, &result.lines)?;
+        eprintln!(
+            "stored {} lines in ClickHouse database {} (version {version})",
+            result.lines.len(),
+            args.clickhouse_database
+        );
     }
     if let Some(path) = &args.summary {
         std::fs::write(path, serde_json::to_string_pretty(&result.summary)?)

@@ -136,7 +136,8 @@ impl Store {
                     l.subtotal.to_string(),
                     l.discount.to_string(),
                     l.amount.to_string(),
-                    minor_units(l.amount)?,
+                    l.amount_minor()
+                        .context("amount does not fit a 64-bit count of minor units")?,
                     r.delta.to_string(),
                     l.currency,
                     serde_json::to_string(&l.tiers)?,
@@ -146,10 +147,4 @@ impl Store {
         tx.commit().context("cannot commit to the store")?;
         Ok(())
     }
-}
-
-/// Rater amounts carry exactly their currency's minor digits (12.30 for usd, 1230 for
-/// jpy), so the mantissa is the amount in minor units.
-fn minor_units(amount: rust_decimal::Decimal) -> anyhow::Result<i64> {
-    i64::try_from(amount.mantissa()).context("amount does not fit a 64-bit count of minor units")
 }

@@ -1,0 +1,209 @@
+//! The rater's store: rated invoice lines into ClickHouse, over its HTTP interface.
+//!
+//! In: invoice lines and a version. Out: rows in `<database>.rated_lines`, a
+//! ReplacingMergeTree keyed by the line's deterministic id, and the view
+//! `<database>.invoice_lines` with the current (highest-version) row of each line, so
+//! writing the same lines again, or re-rating them, never double-counts:
+//!
+//! ```sql
+//! SELECT customer, price, quantity, amount, currency FROM tally.invoice_lines
+//! WHERE period_start = '2026-11-01 00:00:00'
+//! ```
+//!
+//! The SQL runs on ClickHouse 18.16 (Debian's) as well as current releases: plain
+//! `DateTime('UTC')`, no `DateTime64`, no `LowCardinality`. Decimal values are stored
+//! as the exact text `tally rate` prints (ClickHouse 18.16's JSON input refuses quoted
+//! decimals and its `sum` of decimals can overflow silently), with `amount_minor`, the
+//! amount in whole minor units, for exact sums in SQL.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tally_schemas::records::InvoiceLine;
+
+/// Where and why a write to ClickHouse failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClickHouseError {
+    #[error("cannot reach ClickHouse at {url} ({source}); is it running?")]
+    Unreachable { url: String, source: ureq::Error },
+    #[error("ClickHouse at {url} refused to {what}: HTTP {status}: {body}")]
+    Refused {
+        url: String,
+        what: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error(
+        "{0:?} is not a usable database name: use letters, digits and _, not starting with a digit"
+    )]
+    DatabaseName(String),
+    #[error("line {id}: amount {amount} {currency} does not fit a 64-bit count of minor units")]
+    AmountTooLarge {
+        id: String,
+        amount: String,
+        currency: String,
+    },
+}
+
+/// A ClickHouse server and the database Tally writes to.
+#[derive(Debug)]
+pub struct ClickHouse {
+    agent: ureq::Agent,
+    url: String,
+    database: String,
+}
+
+/// One row of `rated_lines`, as JSONEachRow.
+#[derive(Serialize)]
+struct Row<'a> {
+    id: &'a str,
+    version: u64,
+    config_hash: &'a str,
+    customer: &'a str,
+    plan: &'a str,
+    price: &'a str,
+    meter: &'a str,
+    period_start: String,
+    period_end: String,
+    quantity: String,
+    subtotal: String,
+    discount: String,
+    amount: String,
+    amount_minor: i64,
+    currency: &'a str,
+    tiers: String,
+}
+
+impl ClickHouse {
+    /// `url` is the HTTP interface, e.g. `http://127.0.0.1:8123`.
+    pub fn new(url: &str, database: &str) -> Result<Self, ClickHouseError> {
+        let valid = database
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(ClickHouseError::DatabaseName(database.to_owned()));
+        }
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Ok(ClickHouse {
+            agent,
+            url: url.trim_end_matches('/').to_owned(),
+            database: database.to_owned(),
+        })
+    }
+
+    /// Creates the database, the table and the view if they do not exist.
+    pub fn ensure_schema(&self) -> Result<(), ClickHouseError> {
+        let db = &self.database;
+        self.execute(
+            "create the database",
+            &format!("CREATE DATABASE IF NOT EXISTS {db}"),
+        )?;
+        self.execute(
+            "create the rated_lines table",
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {db}.rated_lines (
+                    id String, version UInt64, config_hash String,
+                    customer String, plan String, price String, meter String,
+                    period_start DateTime('UTC'), period_end DateTime('UTC'),
+                    quantity String, subtotal String, discount String, amount String,
+                    amount_minor Int64, currency String, tiers String
+                ) ENGINE = ReplacingMergeTree(version)
+                PARTITION BY toYYYYMM(period_start)
+                ORDER BY (period_start, customer, price, id)"
+            ),
+        )?;
+        self.execute(
+            "create the invoice_lines view",
+            &format!(
+                "CREATE VIEW IF NOT EXISTS {db}.invoice_lines AS SELECT * FROM {db}.rated_lines FINAL"
+            ),
+        )
+    }
+
+    /// Writes lines in one insert. A line's row with the highest `version` is current;
+    /// writing the same version again replaces nothing and adds nothing to the view.
+    pub fn insert_lines(&self, version: u64, lines: &[InvoiceLine]) -> Result<(), ClickHouseError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut body = Vec::with_capacity(lines.len() * 512);
+        for line in lines {
+            let amount_minor =
+                line.amount_minor()
+                    .ok_or_else(|| ClickHouseError::AmountTooLarge {
+                        id: line.id.clone(),
+                        amount: line.amount.to_string(),
+                        currency: line.currency.clone(),
+                    })?;
+            let row = Row {
+                id: &line.id,
+                version,
+                config_hash: &line.config_hash,
+                customer: &line.customer,
+                plan: &line.plan,
+                price: &line.price,
+                meter: &line.meter,
+                period_start: line.period_start.format("%Y-%m-%d %H:%M:%S").to_string(),
+                period_end: line.period_end.format("%Y-%m-%d %H:%M:%S").to_string(),
+                quantity: line.quantity.to_string(),
+                subtotal: line.subtotal.to_string(),
+                discount: line.discount.to_string(),
+                amount: line.amount.to_string(),
+                amount_minor,
+                currency: &line.currency,
+                tiers: serde_json::to_string(&line.tiers).unwrap_or_default(),
+            };
+            serde_json::to_writer(&mut body, &row).unwrap_or_default();
+            body.push(b'\n');
+        }
+        let query = format!(
+            "INSERT INTO {}.rated_lines FORMAT JSONEachRow",
+            self.database
+        );
+        self.post("insert rated lines", &query, body)
+    }
+
+    fn execute(&self, what: &'static str, sql: &str) -> Result<(), ClickHouseError> {
+        self.post(what, sql, Vec::new())
+    }
+
+    /// Sends `query` in the URL and `body` as the request body (the rows of an insert).
+    fn post(&self, what: &'static str, query: &str, body: Vec<u8>) -> Result<(), ClickHouseError> {
+        let unreachable = |source| ClickHouseError::Unreachable {
+            url: self.url.clone(),
+            source,
+        };
+        let (query, body) = if body.is_empty() {
+            (None, query.as_bytes().to_vec())
+        } else {
+            (Some(query), body)
+        };
+        let mut request = self.agent.post(&format!("{}/", self.url));
+        if let Some(query) = query {
+            request = request.query("query", query);
+        }
+        let mut response = request.send(&body[..]).map_err(unreachable)?;
+        let status = response.status().as_u16();
+        if status == 200 {
+            return Ok(());
+        }
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .unwrap_or_else(|e| format!("(no readable body: {e})"));
+        Err(ClickHouseError::Refused {
+            url: self.url.clone(),
+            what,
+            status,
+            body: body.trim().to_owned(),
+        })
+    }
+}
