@@ -134,6 +134,8 @@ pub struct Aggregator {
     watermark: Option<DateTime<Utc>>,
     /// Keys dated before this day have been forgotten.
     expired_before_day: u16,
+    /// Windows starting before this (Unix seconds) have been let go.
+    settled_before: i64,
 }
 
 impl Aggregator {
@@ -168,6 +170,7 @@ impl Aggregator {
             track_updates: true,
             watermark: None,
             expired_before_day: 0,
+            settled_before: i64::MIN,
         }
     }
 
@@ -243,16 +246,19 @@ impl Aggregator {
         Outcome::Accepted
     }
 
+    /// The oldest event time still accepted: the watermark less the horizon. `None`
+    /// in batch runs and before the first event.
+    fn oldest_acceptable(&self) -> Option<DateTime<Utc>> {
+        let horizon = chrono::Duration::from_std(self.horizon?).unwrap_or(chrono::Duration::MAX);
+        Some(
+            self.watermark?
+                .checked_sub_signed(horizon)
+                .unwrap_or(DateTime::<Utc>::MIN_UTC),
+        )
+    }
+
     fn is_too_late(&self, time: DateTime<Utc>) -> bool {
-        match (self.horizon, self.watermark) {
-            (Some(horizon), Some(watermark)) => {
-                let horizon = chrono::Duration::from_std(horizon).unwrap_or(chrono::Duration::MAX);
-                watermark
-                    .checked_sub_signed(horizon)
-                    .is_some_and(|oldest| time < oldest)
-            }
-            _ => false,
-        }
+        self.oldest_acceptable().is_some_and(|oldest| time < oldest)
     }
 
     fn advance_watermark(&mut self, time: DateTime<Utc>) {
@@ -260,18 +266,34 @@ impl Aggregator {
             return;
         }
         self.watermark = Some(time);
-        if let Some(horizon) = self.horizon {
-            // A key of day d is forgotten once all of day d is older than the oldest
-            // acceptable time, so no event still accepted can have lost its key.
-            let horizon = chrono::Duration::from_std(horizon).unwrap_or(chrono::Duration::MAX);
-            let oldest = time
-                .checked_sub_signed(horizon)
-                .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        // A key of day d is forgotten once all of day d is older than the oldest
+        // acceptable time, so no event still accepted can have lost its key.
+        if let Some(oldest) = self.oldest_acceptable() {
             let keep_from = day_of(oldest);
             if keep_from > self.expired_before_day {
                 self.dedupe.expire_before(keep_from);
                 self.expired_before_day = keep_from;
             }
+        }
+    }
+
+    /// Drops windows and period states no accepted event can change any more (they end
+    /// before the oldest acceptable time), so a long-running aggregator's state stays
+    /// bounded by the horizon. Called after a drain, so nothing pending is lost.
+    fn evict_settled(&mut self) {
+        let Some(oldest) = self.oldest_acceptable() else {
+            return;
+        };
+        let oldest_start = oldest.timestamp() - i64::from(self.window.seconds());
+        if oldest_start < self.settled_before {
+            return;
+        }
+        // Evict a window's worth at a time, not after every drain.
+        self.settled_before = oldest_start + i64::from(self.window.seconds());
+        for series in &mut self.series {
+            let settled = series.windows.partition_point(|w| w.start <= oldest_start);
+            series.windows.drain(..settled);
+            series.periods.retain(|(p, _)| p.end() > oldest);
         }
     }
 
@@ -310,7 +332,8 @@ impl Aggregator {
     }
 
     /// Every window changed since the last drain, with its series' period-to-date
-    /// value, each with its revision incremented.
+    /// value, each with its revision incremented. Then state older than the horizon is
+    /// let go (streaming only).
     pub fn drain_updates(&mut self) -> Vec<WindowUsage> {
         let window_len = chrono::Duration::seconds(i64::from(self.window.seconds()));
         let mut updates = Vec::with_capacity(self.dirty.len());
@@ -340,6 +363,7 @@ impl Aggregator {
                 revision,
             });
         }
+        self.evict_settled();
         updates
     }
 
@@ -705,6 +729,33 @@ mod tests {
         assert_eq!(
             usage(&agg, "2026-11", "tokens"),
             [(vec!["gpt".to_string()], "100".to_string())]
+        );
+    }
+
+    #[test]
+    fn settled_windows_and_periods_are_let_go_after_a_drain() {
+        let mut agg = Aggregator::streaming(&config());
+        agg.apply(&tokens("1", "2026-10-31T10:00:00Z", "gpt", 5, 1));
+        agg.apply(&tokens("2", "2026-11-01T10:00:00Z", "gpt", 5, 1));
+        agg.drain_updates();
+        let windows = |agg: &Aggregator| {
+            agg.snapshot()
+                .series
+                .iter()
+                .map(|s| s.windows.len())
+                .sum::<usize>()
+        };
+        assert_eq!(windows(&agg), 4);
+        // Three days on (horizon 2 days): October and its windows can no longer change.
+        agg.apply(&tokens("3", "2026-11-04T10:00:00Z", "gpt", 5, 1));
+        let updates = agg.drain_updates();
+        assert_eq!(updates.len(), 2);
+        assert_eq!(windows(&agg), 2);
+        assert!(usage(&agg, "2026-10", "tokens").is_empty());
+        assert_eq!(usage(&agg, "2026-11", "tokens")[0].1, "10");
+        assert_eq!(
+            agg.apply(&tokens("4", "2026-10-31T11:00:00Z", "gpt", 5, 1)),
+            Outcome::TooLate
         );
     }
 
