@@ -591,7 +591,7 @@ fn payload_fingerprint(
             fp.raw(&bytes[run_start..]);
         }
     }
-    PayloadFingerprint(fp.finish() as u32)
+    PayloadFingerprint(fp.finish_64() as u32)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_128;
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 /// Hashes tagged, length-prefixed parts into 128 bits. The parts are gathered in a
 /// buffer and hashed in one call, which for short inputs is several times faster than
@@ -53,6 +53,11 @@ impl Fingerprinter {
 
     pub fn finish(&self) -> u128 {
         xxh3_128(&self.buf)
+    }
+
+    /// A 64-bit digest, cheaper, for fingerprints that keep fewer bits.
+    pub fn finish_64(&self) -> u64 {
+        xxh3_64(&self.buf)
     }
 }
 

@@ -48,7 +48,9 @@ impl Period {
     }
 
     pub fn contains(&self, t: DateTime<Utc>) -> bool {
-        self.start() <= t && t < self.end()
+        // Comparing year and month is cheaper than building the two bounds, and checked
+        // once per event.
+        Period::containing(t) == *self
     }
 }
 
