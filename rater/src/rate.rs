@@ -14,7 +14,7 @@
 //! exact; rounding to the currency happens once per line (see `line.rs`).
 
 use rust_decimal::{Decimal, RoundingStrategy};
-use tally_schemas::price::{Package, PackageRounding, Rate, Tier, TiersMode, UpTo};
+use tally_schemas::price::{Package, PackageRounding, Rate, Tier, Tiers, TiersMode, UpTo};
 use tally_schemas::records::TierCharge;
 
 /// An exact amount and how it was reached.
@@ -136,18 +136,12 @@ fn graduated(tiers: &[Tier], quantity: Decimal) -> Result<Charge, RateError> {
     })
 }
 
-fn volume(tiers: &[Tier], quantity: Decimal) -> Result<Charge, RateError> {
-    // Validation guarantees a last tier up to "inf", so a tier always covers.
-    let Some((i, tier)) = tiers
+fn volume(tiers: &Tiers, quantity: Decimal) -> Result<Charge, RateError> {
+    let (i, tier) = tiers
         .iter()
         .enumerate()
         .find(|(_, t)| t.up_to.covers(quantity))
-    else {
-        return Ok(Charge {
-            amount: Decimal::ZERO,
-            tiers: Vec::new(),
-        });
-    };
+        .unwrap_or_else(|| tiers.last_tier());
     let charge = tier_charge(i, tier, quantity, tier.flat_amount, quantity)?;
     Ok(Charge {
         amount: charge.amount,
@@ -182,7 +176,7 @@ mod tests {
     fn tiered(mode: TiersMode, rows: &[(&str, &str, &str)]) -> Rate {
         Rate::Tiered {
             mode,
-            tiers: tiers(rows),
+            tiers: Tiers::new(tiers(rows)).unwrap(),
         }
     }
 
@@ -379,7 +373,7 @@ mod tests {
         /// Graduated totals never decrease as quantity grows.
         #[test]
         fn graduated_is_monotonic(tiers in arb_tiers(), a in 0u32..3000, b in 0u32..3000, scale in 0u32..3) {
-            let rate = Rate::Tiered { mode: TiersMode::Graduated, tiers };
+            let rate = Rate::Tiered { mode: TiersMode::Graduated, tiers: Tiers::new(tiers).unwrap() };
             let (lo, hi) = (a.min(b), a.max(b));
             let lo = Decimal::new(i64::from(lo), scale);
             let hi = Decimal::new(i64::from(hi), scale);
@@ -391,7 +385,7 @@ mod tests {
         #[test]
         fn breakdown_adds_up(tiers in arb_tiers(), q in 0u32..3000, graduated in any::<bool>()) {
             let mode = if graduated { TiersMode::Graduated } else { TiersMode::Volume };
-            let charge = super::rate(&Rate::Tiered { mode, tiers }, Decimal::from(q)).unwrap();
+            let charge = super::rate(&Rate::Tiered { mode, tiers: Tiers::new(tiers).unwrap() }, Decimal::from(q)).unwrap();
             let sum: Decimal = charge.tiers.iter().map(|t| t.amount).sum();
             prop_assert_eq!(sum, charge.amount);
             let units: Decimal = charge.tiers.iter().map(|t| t.quantity).sum();

@@ -51,7 +51,7 @@ pub enum Rate {
         package: Option<Package>,
     },
     /// A tier table in graduated or volume mode.
-    Tiered { mode: TiersMode, tiers: Vec<Tier> },
+    Tiered { mode: TiersMode, tiers: Tiers },
 }
 
 /// Stripe's `transform_quantity`: bill whole packages of `divide_by` units.
@@ -78,6 +78,44 @@ pub enum TiersMode {
     Graduated,
     /// All units are priced at the tier the total falls in, plus that tier's flat amount.
     Volume,
+}
+
+/// A tier table that can be rated: at least one tier, finite bounds positive and
+/// strictly increasing, only the last tier open-ended, no negative amount. Only
+/// [`Tiers::new`] makes one, so an impossible table cannot reach the rater.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tiers(Vec<Tier>);
+
+impl Tiers {
+    /// `None` when a rule is broken (validation reports which, and where).
+    pub fn new(tiers: Vec<Tier>) -> Option<Self> {
+        let (last, rest) = tiers.split_last()?;
+        let mut previous = Decimal::ZERO;
+        for tier in rest {
+            match tier.up_to {
+                UpTo::Finite(bound) if bound > previous => previous = bound,
+                _ => return None,
+            }
+        }
+        let amounts_ok = tiers
+            .iter()
+            .all(|t| t.unit_amount >= Decimal::ZERO && t.flat_amount >= Decimal::ZERO);
+        (last.up_to == UpTo::Inf && amounts_ok).then_some(Tiers(tiers))
+    }
+
+    /// The last tier, which covers every quantity above the others.
+    pub fn last_tier(&self) -> (usize, &Tier) {
+        let last = self.0.len() - 1;
+        (last, &self.0[last])
+    }
+}
+
+impl std::ops::Deref for Tiers {
+    type Target = [Tier];
+
+    fn deref(&self) -> &[Tier] {
+        &self.0
+    }
 }
 
 /// One row of a tier table. The tier covers quantities above the previous tier's
@@ -122,4 +160,44 @@ pub enum Discount {
     PercentOff(Decimal),
     /// In the plan's currency, capped at the subtotal.
     AmountOff(Decimal),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tier(up_to: Option<i64>, unit: i64) -> Tier {
+        Tier {
+            up_to: up_to.map_or(UpTo::Inf, |b| UpTo::Finite(Decimal::from(b))),
+            unit_amount: Decimal::from(unit),
+            flat_amount: Decimal::ZERO,
+        }
+    }
+
+    #[test]
+    fn only_rateable_tier_tables_can_be_made() {
+        assert!(Tiers::new(vec![tier(Some(10), 1), tier(None, 1)]).is_some());
+        assert!(Tiers::new(vec![tier(None, 0)]).is_some());
+        assert!(Tiers::new(vec![]).is_none(), "empty");
+        assert!(
+            Tiers::new(vec![tier(Some(10), 1)]).is_none(),
+            "last not inf"
+        );
+        assert!(
+            Tiers::new(vec![tier(None, 1), tier(None, 1)]).is_none(),
+            "inf before last"
+        );
+        assert!(
+            Tiers::new(vec![tier(Some(10), 1), tier(Some(10), 1), tier(None, 1)]).is_none(),
+            "not increasing"
+        );
+        assert!(
+            Tiers::new(vec![tier(Some(0), 1), tier(None, 1)]).is_none(),
+            "bound not positive"
+        );
+        assert!(
+            Tiers::new(vec![tier(None, -1)]).is_none(),
+            "negative amount"
+        );
+    }
 }

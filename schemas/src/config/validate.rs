@@ -14,7 +14,7 @@ use super::{
     Settings, TierSpec,
 };
 use crate::money::Currency;
-use crate::price::{Discount, Package, Plan, Price, Rate, Tier, UpTo};
+use crate::price::{Discount, Package, Plan, Price, Rate, Tier, Tiers, UpTo};
 use crate::time::WindowSize;
 
 /// Collects issues under a path prefix.
@@ -320,7 +320,11 @@ fn validate_price(
                 crate::price::TiersMode::Graduated
             });
             let tiers = validate_tiers(spec.tiers.as_deref().unwrap_or_default(), at, issues);
-            Rate::Tiered { mode, tiers }
+            // A table validate_tiers found wrong has its issues reported already.
+            Rate::Tiered {
+                mode,
+                tiers: Tiers::new(tiers)?,
+            }
         }
     };
     Some(Price {
