@@ -175,21 +175,17 @@ impl ClickHouse {
         self.post(what, sql, Vec::new())
     }
 
-    /// Sends `query` in the URL and `body` as the request body (the rows of an insert).
+    /// Sends `query` as the URL's query parameter and `body` (the rows of an insert,
+    /// or nothing) as the request body.
     fn post(&self, what: &'static str, query: &str, body: Vec<u8>) -> Result<(), ClickHouseError> {
         let unreachable = |source| ClickHouseError::Unreachable {
             url: self.url.clone(),
             source,
         };
-        let (query, body) = if body.is_empty() {
-            (None, query.as_bytes().to_vec())
-        } else {
-            (Some(query), body)
-        };
-        let mut request = self.agent.post(&format!("{}/", self.url));
-        if let Some(query) = query {
-            request = request.query("query", query);
-        }
+        let request = self
+            .agent
+            .post(&format!("{}/", self.url))
+            .query("query", query);
         let mut response = request.send(&body[..]).map_err(unreachable)?;
         let status = response.status().as_u16();
         if status == 200 {

@@ -34,6 +34,16 @@ pub struct Generated {
     pub malformed: u64,
 }
 
+impl Generated {
+    /// `1000 lines with 50 client retries, ...`, for the demo's and generate's output.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} lines with {} client retries, {} conflicting resends, {} late arrivals, {} malformed",
+            self.lines, self.retries, self.conflicts, self.late, self.malformed
+        )
+    }
+}
+
 const PLANS: [&str; 4] = ["starter", "pro", "scale-eu", "enterprise-jp"];
 const MODELS: [&str; 3] = ["gpt-x", "claude-y", "llama-z"];
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Context};
-use chrono::{Datelike, Utc};
+use chrono::Utc;
 use clap::Args;
 use tally_schemas::config::Config;
 use tally_schemas::records::InvoiceLine;
@@ -64,8 +64,6 @@ pub struct GenerateArgs {
 }
 
 pub fn generate_command(args: GenerateArgs) -> anyhow::Result<()> {
-    std::fs::write(&args.config_out, generate::config_toml(args.customers))
-        .with_context(|| format!("cannot write {}", args.config_out.display()))?;
     let spec = generate::Spec {
         period: args.period,
         events: args.events,
@@ -73,19 +71,25 @@ pub fn generate_command(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         malformed: args.malformed,
     };
-    let mut out = BufWriter::with_capacity(1 << 20, create(&args.out)?);
-    let made = generate::generate(spec, &mut out, |_| {})?;
-    out.flush()?;
-    eprintln!(
-        "wrote {} lines ({} retries, {} conflicts, {} late, {} malformed) to {}",
-        made.lines,
-        made.retries,
-        made.conflicts,
-        made.late,
-        made.malformed,
-        args.out.display()
-    );
+    let made = write_month(spec, &args.config_out, &args.out, |_| {})?;
+    eprintln!("wrote {} to {}", made.describe(), args.out.display());
     Ok(())
+}
+
+/// Writes the configuration and the generated events for `spec`.
+fn write_month(
+    spec: generate::Spec,
+    config_path: &Path,
+    events_path: &Path,
+    progress: impl FnMut(u64),
+) -> anyhow::Result<generate::Generated> {
+    std::fs::write(config_path, generate::config_toml(spec.customers))
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    let mut out = BufWriter::with_capacity(1 << 20, create(events_path)?);
+    let made = generate::generate(spec, &mut out, progress)?;
+    out.flush()
+        .with_context(|| format!("cannot write {}", events_path.display()))?;
+    Ok(made)
 }
 
 fn create(path: &Path) -> anyhow::Result<File> {
@@ -93,10 +97,7 @@ fn create(path: &Path) -> anyhow::Result<File> {
 }
 
 fn last_month() -> Period {
-    let now = Utc::now();
-    let first = Period::containing(now).start();
-    let previous = first - chrono::Duration::days(1);
-    Period::containing(previous.with_day(1).unwrap_or(previous))
+    Period::containing(Period::containing(Utc::now()).start() - chrono::Duration::days(1))
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -112,16 +113,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     println!("Tally demo: one month ({period}) of usage for an AI support product\n");
     let config_path = path("tally.toml");
-    std::fs::write(&config_path, generate::config_toml(args.customers))?;
-    let config = Arc::new(Config::load(&config_path)?);
-    println!(
-        "1/4 configuration: {} meters, {} plans in usd, eur and jpy, {} customers -> {}",
-        config.meters.len(),
-        config.plans.len(),
-        config.customers.len(),
-        config_path.display()
-    );
-
     let events_path = path("events.jsonl");
     let spec = generate::Spec {
         period,
@@ -130,19 +121,21 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         seed: args.seed,
         malformed: 24,
     };
-    let mut out = BufWriter::with_capacity(1 << 20, create(&events_path)?);
-    let made = generate::generate(spec, &mut out, |n| {
+    let made = write_month(spec, &config_path, &events_path, |n| {
         eprint!("\r    generating events: {n} / {}", args.events);
     })?;
-    out.flush()?;
     eprint!("\r");
+    let config = Arc::new(Config::load(&config_path)?);
     println!(
-        "2/4 events: {} lines with {} client retries, {} conflicting resends, {} late arrivals, {} malformed -> {}",
-        made.lines,
-        made.retries,
-        made.conflicts,
-        made.late,
-        made.malformed,
+        "1/4 configuration: {} meters, {} plans in usd, eur and jpy, {} customers -> {}",
+        config.meters.len(),
+        config.plans.len(),
+        config.customers.len(),
+        config_path.display()
+    );
+    println!(
+        "2/4 events: {} -> {}",
+        made.describe(),
         events_path.display()
     );
 
