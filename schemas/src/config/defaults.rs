@@ -25,6 +25,44 @@ pub const fn default_max_future_skew() -> Duration {
     Duration::from_secs(5 * 60)
 }
 
+/// `[aggregator] period_close_grace`: how long after a billing period ends (in event
+/// time) its usage may still change; later usage is carried into the next period as
+/// an adjustment.
+pub const DEFAULT_PERIOD_CLOSE_GRACE: Duration = Duration::from_secs(3600);
+/// `[aggregator] commit_interval`: the longest a Kafka transaction stays open, so the
+/// most an event waits before its window update is visible downstream.
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// `[aggregator] metrics_listen`.
+pub const DEFAULT_AGGREGATOR_METRICS_LISTEN: &str = "127.0.0.1:9102";
+/// `[rater] flush_interval`: the longest rated lines wait before they are written.
+pub const DEFAULT_RATER_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+/// `[rater] metrics_listen`.
+pub const DEFAULT_RATER_METRICS_LISTEN: &str = "127.0.0.1:9103";
+/// `[kafka] brokers`.
+pub const DEFAULT_KAFKA_BROKERS: &str = "127.0.0.1:9092";
+/// `[kafka] topic_prefix`.
+pub const DEFAULT_TOPIC_PREFIX: &str = "tally";
+/// `[kafka] partitions`, for the topics Tally creates.
+pub const DEFAULT_PARTITIONS: u32 = 6;
+/// `[kafka] replication_factor`, for the topics Tally creates; use 3 in production.
+pub const DEFAULT_REPLICATION_FACTOR: u16 = 1;
+/// `TALLY_INSTANCE_ID` when unset: fine for one aggregator; give each of several its own.
+pub const DEFAULT_INSTANCE_ID: &str = "0";
+/// `[clickhouse] url`.
+pub const DEFAULT_CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
+/// `[clickhouse] database`.
+pub const DEFAULT_CLICKHOUSE_DATABASE: &str = "tally";
+/// `[ingest] listen`: the HTTP API.
+pub const DEFAULT_INGEST_LISTEN: &str = "127.0.0.1:9101";
+/// `[ingest] max_body_bytes`: 1 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+/// `[ingest] max_batch_events`.
+pub const DEFAULT_MAX_BATCH_EVENTS: usize = 1000;
+/// `[ingest] rate_limit_per_second`, per API key.
+pub const DEFAULT_RATE_LIMIT_PER_SECOND: u32 = 100;
+/// `[ingest] rate_limit_burst`, per API key.
+pub const DEFAULT_RATE_LIMIT_BURST: u32 = 200;
+
 /// Validated runtime settings with defaults applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {

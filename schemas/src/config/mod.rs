@@ -7,6 +7,7 @@
 //! in `defaults.rs`.
 
 mod defaults;
+mod services;
 mod validate;
 mod values;
 
@@ -21,6 +22,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use defaults::Settings;
+pub use services::{
+    AggregatorServiceSettings, ApiKey, ApiKeySpec, ClickHouseSettings, ClickHouseSpec,
+    IngestSettings, IngestSpec, KafkaSettings, KafkaSpec, RaterSettings, RaterSpec,
+    ServiceSettings, Topic,
+};
 pub use values::{ExactDecimal, HumanDuration, JsonPath, UpToInput};
 
 use crate::ids::Fingerprinter;
@@ -46,6 +52,18 @@ pub struct ConfigFile {
     /// Event acceptance settings; see `defaults.rs`.
     #[serde(default)]
     pub events: EventsSpec,
+    /// The Kafka cluster the services use.
+    #[serde(default)]
+    pub kafka: KafkaSpec,
+    /// Where the rater writes rated usage.
+    #[serde(default)]
+    pub clickhouse: ClickHouseSpec,
+    /// The HTTP ingest service.
+    #[serde(default)]
+    pub ingest: IngestSpec,
+    /// The streaming rater.
+    #[serde(default)]
+    pub rater: RaterSpec,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -204,6 +222,15 @@ pub struct AggregatorSpec {
     /// aggregator, and the oldest an event may be; at least a day, default `"35d"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedupe_horizon: Option<HumanDuration>,
+    /// How long after a period's end its usage may still change; default `"1h"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_close_grace: Option<HumanDuration>,
+    /// Longest a Kafka transaction stays open; default `"200ms"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_interval: Option<HumanDuration>,
+    /// Address serving /metrics, /healthz and /readyz; default `"127.0.0.1:9102"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -286,6 +313,18 @@ pub struct Config {
     meters_by_event_type: HashMap<String, Vec<MeterId>>,
     /// The customers' ids again, hashed: checked once per event.
     customer_ids: HashSet<String>,
+    /// The services' sections as written: checked by [`Config::services`] when a
+    /// service starts, with its environment.
+    service_specs: ServiceSpecsOwned,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ServiceSpecsOwned {
+    kafka: KafkaSpec,
+    clickhouse: ClickHouseSpec,
+    ingest: IngestSpec,
+    aggregator: AggregatorSpec,
+    rater: RaterSpec,
 }
 
 impl Config {
@@ -321,6 +360,42 @@ impl Config {
     /// Whether events with this subject belong to a configured customer.
     pub fn is_customer(&self, subject: &str) -> bool {
         self.customer_ids.contains(subject)
+    }
+
+    /// The services' settings, with overrides and secrets from `env` (pass
+    /// `|name| std::env::var(name).ok()`); every problem is reported at once.
+    pub fn services(
+        &self,
+        origin: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ServiceSettings, ConfigError> {
+        let specs = &self.service_specs;
+        let mut found = Vec::new();
+        let settings = services::validate(
+            services::ServiceSpecs {
+                kafka: &specs.kafka,
+                clickhouse: &specs.clickhouse,
+                ingest: &specs.ingest,
+                aggregator: services::AggregatorStreamSpec {
+                    period_close_grace: specs.aggregator.period_close_grace.map(|d| d.0),
+                    commit_interval: specs.aggregator.commit_interval.map(|d| d.0),
+                    metrics_listen: specs.aggregator.metrics_listen.as_deref(),
+                },
+                rater: &specs.rater,
+            },
+            env,
+            &mut found,
+        );
+        if found.is_empty() {
+            return Ok(settings);
+        }
+        Err(ConfigError::Invalid {
+            origin: origin.to_owned(),
+            issues: found
+                .into_iter()
+                .map(|(at, message)| ConfigIssue { at, message })
+                .collect(),
+        })
     }
 
     pub fn meter(&self, id: MeterId) -> &Meter {

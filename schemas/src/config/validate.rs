@@ -49,6 +49,13 @@ impl ConfigFile {
         }
         Ok(Config {
             hash: ConfigHash::of(&self),
+            service_specs: super::ServiceSpecsOwned {
+                kafka: self.kafka,
+                clickhouse: self.clickhouse,
+                ingest: self.ingest,
+                aggregator: self.aggregator,
+                rater: self.rater,
+            },
             customer_ids: customers.keys().cloned().collect(),
             meters,
             plans,

@@ -1,0 +1,652 @@
+//! The services' part of tally.toml: `[kafka]`, `[clickhouse]`, `[ingest]`, `[rater]`
+//! and the streaming settings of `[aggregator]`.
+//!
+//! In: those sections as written, and an environment lookup for overrides and secrets.
+//! Out: [`ServiceSettings`], every default applied (each is in `defaults.rs`) and every
+//! value checked, or issues with where they are. None of this counts towards the price
+//! book's hash: moving a broker does not change what anyone is billed.
+//!
+//! Environment overrides, applied before validation (secrets belong here, not in the
+//! file): `TALLY_KAFKA_BROKERS`, `TALLY_KAFKA_TOPIC_PREFIX`, `TALLY_CLICKHOUSE_URL`,
+//! `TALLY_CLICKHOUSE_DATABASE`, `TALLY_CLICKHOUSE_USER`, `TALLY_CLICKHOUSE_PASSWORD`,
+//! `TALLY_INGEST_LISTEN`, `TALLY_AGGREGATOR_METRICS_LISTEN`, `TALLY_RATER_METRICS_LISTEN`,
+//! `TALLY_INSTANCE_ID`, and for the librdkafka secrets `TALLY_KAFKA_SASL_USERNAME`,
+//! `TALLY_KAFKA_SASL_PASSWORD` and `TALLY_KAFKA_SSL_KEY_PASSWORD` (they set
+//! `sasl.username`, `sasl.password` and `ssl.key.password`). An API key's secret is read
+//! from the variable its `key_env` names.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::defaults as d;
+use super::values::HumanDuration;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSpec {
+    /// Bootstrap servers, `host:port,host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    /// Topics are `<prefix>.events`, `.windows`, `.rejected`, `.rated` and
+    /// `.aggregator-changelog`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_prefix: Option<String>,
+    /// Partitions of topics Tally creates; the unit of scale-out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
+    /// Replicas of topics Tally creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<u16>,
+    /// librdkafka properties passed through to every client, e.g. TLS and SASL:
+    /// `"security.protocol" = "SASL_SSL"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseSpec {
+    /// HTTP interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Better set with `TALLY_CLICKHOUSE_PASSWORD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSpec {
+    /// Address of the HTTP API (which also serves /metrics, /healthz, /readyz).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Largest request body accepted, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<usize>,
+    /// Most events in one batch request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_events: Option<usize>,
+    /// Sustained requests per second allowed per API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_second: Option<u32>,
+    /// Requests a key may send at once above the sustained rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_burst: Option<u32>,
+    /// Who may send events. With none, every request is refused with 401.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<ApiKeySpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySpec {
+    /// Name of the environment variable holding the key (preferred).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+    /// The key itself, for local trials; exactly one of `key` and `key_env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Who the key belongs to; appears in logs instead of the key.
+    pub tenant: String,
+    /// CloudEvents `source`s this key may send; `"*"` allows any.
+    pub sources: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaterSpec {
+    /// Address serving /metrics, /healthz and /readyz.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+    /// Longest a rated line waits before its batch is written to ClickHouse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_interval: Option<HumanDuration>,
+}
+
+/// The streaming settings of `[aggregator]` (its `window` and `dedupe_horizon` are the
+/// price book's: they change what is billed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AggregatorStreamSpec<'a> {
+    pub period_close_grace: Option<Duration>,
+    pub commit_interval: Option<Duration>,
+    pub metrics_listen: Option<&'a str>,
+}
+
+/// Validated `[kafka]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topic_prefix: String,
+    pub partitions: u32,
+    pub replication_factor: u16,
+    pub properties: BTreeMap<String, String>,
+    /// Names this process among the aggregator instances: its transactional id is
+    /// derived from it, so a restarted instance fences its previous incarnation.
+    pub instance_id: String,
+}
+
+impl KafkaSettings {
+    pub fn topic(&self, topic: Topic) -> String {
+        format!("{}.{}", self.topic_prefix, topic.suffix())
+    }
+
+    /// Consumer group of a service: `<prefix>-aggregator`, `<prefix>-rater`.
+    pub fn group(&self, service: &str) -> String {
+        format!("{}-{service}", self.topic_prefix)
+    }
+}
+
+/// Properties may hold credentials: shown by name only.
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .field("instance_id", &self.instance_id)
+            .finish()
+    }
+}
+
+/// Tally's topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// CloudEvents as sent, keyed by `subject`.
+    Events,
+    /// Window aggregates with the period to date, from the aggregator.
+    Windows,
+    /// Events refused by the aggregator: original bytes, reason in headers.
+    Rejected,
+    /// Rated invoice lines, for downstream consumers.
+    Rated,
+    /// The aggregator's state changes, compacted, to restore a partition's state.
+    AggregatorChangelog,
+}
+
+impl Topic {
+    fn suffix(self) -> &'static str {
+        match self {
+            Topic::Events => "events",
+            Topic::Windows => "windows",
+            Topic::Rejected => "rejected",
+            Topic::Rated => "rated",
+            Topic::AggregatorChangelog => "aggregator-changelog",
+        }
+    }
+}
+
+/// Validated `[clickhouse]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClickHouseSettings {
+    pub url: String,
+    pub database: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for ClickHouseSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClickHouseSettings")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// A validated API key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub secret: String,
+    pub tenant: String,
+    /// `None`: any source.
+    pub sources: Option<Vec<String>>,
+}
+
+impl ApiKey {
+    pub fn may_send(&self, source: &str) -> bool {
+        self.sources
+            .as_ref()
+            .is_none_or(|allowed| allowed.iter().any(|s| s == source))
+    }
+}
+
+/// Never prints the secret.
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("tenant", &self.tenant)
+            .field("sources", &self.sources)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Validated `[ingest]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub max_batch_events: usize,
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+    pub api_keys: Vec<ApiKey>,
+}
+
+/// Validated streaming settings of `[aggregator]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AggregatorServiceSettings {
+    pub period_close_grace: Duration,
+    pub commit_interval: Duration,
+    pub metrics_listen: SocketAddr,
+}
+
+/// Validated `[rater]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaterSettings {
+    pub flush_interval: Duration,
+    pub metrics_listen: SocketAddr,
+}
+
+/// Everything the services need besides the price book.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSettings {
+    pub kafka: KafkaSettings,
+    pub clickhouse: ClickHouseSettings,
+    pub ingest: IngestSettings,
+    pub aggregator: AggregatorServiceSettings,
+    pub rater: RaterSettings,
+}
+
+/// The sections as written, borrowed from the file.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ServiceSpecs<'a> {
+    pub kafka: &'a KafkaSpec,
+    pub clickhouse: &'a ClickHouseSpec,
+    pub ingest: &'a IngestSpec,
+    pub aggregator: AggregatorStreamSpec<'a>,
+    pub rater: &'a RaterSpec,
+}
+
+/// Applies the environment overrides and checks every value; issues are `(at, message)`.
+pub(super) fn validate(
+    specs: ServiceSpecs<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+    issues: &mut Vec<(String, String)>,
+) -> ServiceSettings {
+    let mut issue = |at: &str, message: String| issues.push((at.to_owned(), message));
+    let var = |name: &str| env(name).filter(|v| !v.is_empty());
+
+    let mut properties = specs.kafka.properties.clone();
+    for name in ["sasl.username", "sasl.password", "ssl.key.password"] {
+        let env_name = format!(
+            "TALLY_KAFKA_{}",
+            name.replace('.', "_").to_uppercase()
+        );
+        if let Some(value) = var(&env_name) {
+            properties.insert(name.to_owned(), value);
+        }
+    }
+    let reserved = [
+        "bootstrap.servers",
+        "group.id",
+        "transactional.id",
+        "enable.idempotence",
+        "isolation.level",
+        "enable.auto.commit",
+    ];
+    for name in properties.keys().filter(|n| reserved.contains(&n.as_str())) {
+        issue(
+            &format!("kafka.properties.{name:?}"),
+            "is set by Tally itself (brokers come from kafka.brokers); remove it".to_owned(),
+        );
+    }
+    let brokers = var("TALLY_KAFKA_BROKERS")
+        .or_else(|| specs.kafka.brokers.clone())
+        .unwrap_or_else(|| d::DEFAULT_KAFKA_BROKERS.to_owned());
+    let topic_prefix = var("TALLY_KAFKA_TOPIC_PREFIX")
+        .or_else(|| specs.kafka.topic_prefix.clone())
+        .unwrap_or_else(|| d::DEFAULT_TOPIC_PREFIX.to_owned());
+    let topic_chars = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    if !topic_chars(&topic_prefix) {
+        issue(
+            "kafka.topic_prefix",
+            format!("{topic_prefix:?} cannot start a Kafka topic name: use letters, digits, '.', '_' and '-'"),
+        );
+    }
+    let partitions = specs.kafka.partitions.unwrap_or(d::DEFAULT_PARTITIONS);
+    if partitions == 0 {
+        issue("kafka.partitions", "must be at least 1".to_owned());
+    }
+    let replication_factor = specs
+        .kafka
+        .replication_factor
+        .unwrap_or(d::DEFAULT_REPLICATION_FACTOR);
+    if replication_factor == 0 {
+        issue("kafka.replication_factor", "must be at least 1".to_owned());
+    }
+    let instance_id = var("TALLY_INSTANCE_ID").unwrap_or_else(|| d::DEFAULT_INSTANCE_ID.to_owned());
+    if !topic_chars(&instance_id) {
+        issue(
+            "TALLY_INSTANCE_ID",
+            format!("{instance_id:?}: use letters, digits, '.', '_' and '-'"),
+        );
+    }
+
+    let url = var("TALLY_CLICKHOUSE_URL")
+        .or_else(|| specs.clickhouse.url.clone())
+        .unwrap_or_else(|| d::DEFAULT_CLICKHOUSE_URL.to_owned());
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        issue(
+            "clickhouse.url",
+            format!("{url:?} is not ClickHouse's HTTP interface: write e.g. \"http://127.0.0.1:8123\""),
+        );
+    }
+    let database = var("TALLY_CLICKHOUSE_DATABASE")
+        .or_else(|| specs.clickhouse.database.clone())
+        .unwrap_or_else(|| d::DEFAULT_CLICKHOUSE_DATABASE.to_owned());
+    let clickhouse = ClickHouseSettings {
+        url,
+        database,
+        user: var("TALLY_CLICKHOUSE_USER").or_else(|| specs.clickhouse.user.clone()),
+        password: var("TALLY_CLICKHOUSE_PASSWORD").or_else(|| specs.clickhouse.password.clone()),
+    };
+
+    let mut address = |at: &str, env_name: &str, written: Option<&str>, default: &str| {
+        let text = var(env_name).unwrap_or_else(|| written.unwrap_or(default).to_owned());
+        text.parse::<SocketAddr>().unwrap_or_else(|_| {
+            issue(
+                at,
+                format!("{text:?} is not an address to listen on: write ip:port, e.g. \"127.0.0.1:8080\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    };
+    let ingest_listen = address(
+        "ingest.listen",
+        "TALLY_INGEST_LISTEN",
+        specs.ingest.listen.as_deref(),
+        d::DEFAULT_INGEST_LISTEN,
+    );
+    let aggregator_listen = address(
+        "aggregator.metrics_listen",
+        "TALLY_AGGREGATOR_METRICS_LISTEN",
+        specs.aggregator.metrics_listen,
+        d::DEFAULT_AGGREGATOR_METRICS_LISTEN,
+    );
+    let rater_listen = address(
+        "rater.metrics_listen",
+        "TALLY_RATER_METRICS_LISTEN",
+        specs.rater.metrics_listen.as_deref(),
+        d::DEFAULT_RATER_METRICS_LISTEN,
+    );
+
+    let ingest = specs.ingest;
+    let positive = |at: &str, value: Option<usize>, default: usize, issue: &mut dyn FnMut(&str, String)| {
+        let value = value.unwrap_or(default);
+        if value == 0 {
+            issue(at, "must be at least 1".to_owned());
+        }
+        value
+    };
+    let max_body_bytes = positive(
+        "ingest.max_body_bytes",
+        ingest.max_body_bytes,
+        d::DEFAULT_MAX_BODY_BYTES,
+        &mut issue,
+    );
+    let max_batch_events = positive(
+        "ingest.max_batch_events",
+        ingest.max_batch_events,
+        d::DEFAULT_MAX_BATCH_EVENTS,
+        &mut issue,
+    );
+    let rate_limit_per_second = positive(
+        "ingest.rate_limit_per_second",
+        ingest.rate_limit_per_second.map(|v| v as usize),
+        d::DEFAULT_RATE_LIMIT_PER_SECOND as usize,
+        &mut issue,
+    ) as u32;
+    let rate_limit_burst = positive(
+        "ingest.rate_limit_burst",
+        ingest.rate_limit_burst.map(|v| v as usize),
+        d::DEFAULT_RATE_LIMIT_BURST as usize,
+        &mut issue,
+    ) as u32;
+    let mut api_keys = Vec::new();
+    for (i, key) in ingest.api_keys.iter().enumerate() {
+        let at = format!("ingest.api_keys[{i}]");
+        let secret = match (&key.key, &key.key_env) {
+            (Some(secret), None) => Some(secret.clone()),
+            (None, Some(name)) => {
+                let secret = var(name);
+                if secret.is_none() {
+                    issue(
+                        &format!("{at}.key_env"),
+                        format!("environment variable {name} is not set; export the key for tenant {:?} there", key.tenant),
+                    );
+                }
+                secret
+            }
+            _ => {
+                issue(&at, "set exactly one of key and key_env".to_owned());
+                None
+            }
+        };
+        if secret.as_ref().is_some_and(|s| s.len() < 16) {
+            issue(
+                &at,
+                "the key is shorter than 16 characters; use a long random key".to_owned(),
+            );
+        }
+        if key.sources.is_empty() {
+            issue(
+                &format!("{at}.sources"),
+                "lists no source: name the CloudEvents sources this key may send, or \"*\""
+                    .to_owned(),
+            );
+        }
+        if let Some(secret) = secret {
+            if api_keys.iter().any(|k: &ApiKey| k.secret == secret) {
+                issue(&at, "the same key is configured twice".to_owned());
+            }
+            api_keys.push(ApiKey {
+                secret,
+                tenant: key.tenant.clone(),
+                sources: (!key.sources.iter().any(|s| s == "*")).then(|| key.sources.clone()),
+            });
+        }
+    }
+
+    let commit_interval = specs
+        .aggregator
+        .commit_interval
+        .unwrap_or(d::DEFAULT_COMMIT_INTERVAL);
+    if commit_interval.is_zero() {
+        issue("aggregator.commit_interval", "must be above zero".to_owned());
+    }
+    let flush_interval = specs
+        .rater
+        .flush_interval
+        .map_or(d::DEFAULT_RATER_FLUSH_INTERVAL, |i| i.0);
+    if flush_interval.is_zero() {
+        issue("rater.flush_interval", "must be above zero".to_owned());
+    }
+
+    ServiceSettings {
+        kafka: KafkaSettings {
+            brokers,
+            topic_prefix,
+            partitions,
+            replication_factor,
+            properties,
+            instance_id,
+        },
+        clickhouse,
+        ingest: IngestSettings {
+            listen: ingest_listen,
+            max_body_bytes,
+            max_batch_events,
+            rate_limit_per_second,
+            rate_limit_burst,
+            api_keys,
+        },
+        aggregator: AggregatorServiceSettings {
+            period_close_grace: specs
+                .aggregator
+                .period_close_grace
+                .unwrap_or(d::DEFAULT_PERIOD_CLOSE_GRACE),
+            commit_interval,
+            metrics_listen: aggregator_listen,
+        },
+        rater: RaterSettings {
+            flush_interval,
+            metrics_listen: rater_listen,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    const PRICE_BOOK: &str = r#"
+[[meters]]
+slug = "calls"
+event_type = "api.call"
+aggregation = "count"
+"#;
+
+    fn services(
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Result<super::ServiceSettings, Vec<String>> {
+        let config = Config::parse(&format!("{PRICE_BOOK}\n{extra}"), "test.toml")
+            .map_err(|e| vec![e.to_string()])?;
+        let lookup = |name: &str| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        config.services("test.toml", &lookup).map_err(|e| match e {
+            ConfigError::Invalid { issues, .. } => issues.iter().map(|i| i.to_string()).collect(),
+            other => vec![other.to_string()],
+        })
+    }
+
+    #[test]
+    fn every_default_applies_to_an_empty_file() {
+        let s = services("", &[]).unwrap();
+        assert_eq!(s.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(s.kafka.topic(super::Topic::Events), "tally.events");
+        assert_eq!(s.kafka.group("aggregator"), "tally-aggregator");
+        assert_eq!(s.clickhouse.database, "tally");
+        assert_eq!(s.ingest.max_body_bytes, 1 << 20);
+        assert_eq!(s.ingest.max_batch_events, 1000);
+        assert!(s.ingest.api_keys.is_empty());
+        assert_eq!(s.aggregator.period_close_grace.as_secs(), 3600);
+        assert_eq!(s.rater.metrics_listen.port(), 9103);
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_supplies_secrets() {
+        let file = r#"
+[kafka]
+brokers = "kafka-a:9092"
+properties = { "security.protocol" = "SASL_SSL", "sasl.mechanism" = "SCRAM-SHA-512" }
+[clickhouse]
+url = "http://ch:8123"
+[[ingest.api_keys]]
+key_env = "SUPPORT_KEY"
+tenant = "support"
+sources = ["agent"]
+"#;
+        let s = services(
+            file,
+            &[
+                ("TALLY_KAFKA_BROKERS", "kafka-b:9093"),
+                ("TALLY_KAFKA_SASL_PASSWORD", "hunter2"),
+                ("TALLY_CLICKHOUSE_PASSWORD", "secret"),
+                ("SUPPORT_KEY", "0123456789abcdef0123"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.kafka.brokers, "kafka-b:9093");
+        assert_eq!(s.kafka.properties["sasl.password"], "hunter2");
+        assert_eq!(s.kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(s.clickhouse.url, "http://ch:8123");
+        assert_eq!(s.clickhouse.password.as_deref(), Some("secret"));
+        let key = &s.ingest.api_keys[0];
+        assert!(key.may_send("agent") && !key.may_send("other"));
+        let shown = format!("{s:?}");
+        for secret in ["hunter2", "secret\"", "0123456789abcdef0123"] {
+            assert!(!shown.contains(secret), "{secret} leaked into {shown}");
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_where_it_is() {
+        let file = r#"
+[kafka]
+topic_prefix = "bad prefix"
+partitions = 0
+properties = { "group.id" = "mine" }
+[clickhouse]
+url = "127.0.0.1:8123"
+[ingest]
+listen = "localhost"
+[[ingest.api_keys]]
+key_env = "MISSING_KEY"
+tenant = "a"
+sources = ["x"]
+[[ingest.api_keys]]
+key = "short"
+tenant = "b"
+sources = []
+"#;
+        let issues = services(file, &[]).unwrap_err();
+        for expected in [
+            "kafka.topic_prefix",
+            "kafka.partitions",
+            "kafka.properties.\"group.id\"",
+            "clickhouse.url",
+            "ingest.listen",
+            "ingest.api_keys[0].key_env: environment variable MISSING_KEY is not set",
+            "ingest.api_keys[1]: the key is shorter",
+            "ingest.api_keys[1].sources",
+        ] {
+            assert!(
+                issues.iter().any(|i| i.starts_with(expected)),
+                "no issue {expected:?} in {issues:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_service_settings_are_refused() {
+        let err = services("[kafka]\nbroker = \"x\"\n", &[]).unwrap_err();
+        assert!(err[0].contains("unknown field `broker`"), "{err:?}");
+    }
+
+    #[test]
+    fn service_sections_do_not_change_the_price_book_hash() {
+        let plain = Config::parse(PRICE_BOOK, "a").unwrap();
+        let with_kafka =
+            Config::parse(&format!("{PRICE_BOOK}\n[kafka]\nbrokers = \"x:1\"\n"), "b").unwrap();
+        assert_eq!(plain.hash, with_kafka.hash);
+    }
+}
