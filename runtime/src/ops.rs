@@ -1,0 +1,131 @@
+//! The operational endpoints every service serves: `/metrics` (Prometheus text format),
+//! `/healthz` (the process is alive: always 200) and `/readyz` (200 when the service
+//! can do its work, 503 with the reason when not, e.g. Kafka unreachable or a
+//! partition still restoring). The ingest service mounts the same routes on its API.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{Encoder, Registry, TextEncoder};
+
+use crate::Shutdown;
+
+/// Whether a service is ready, and if not, why.
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    not_ready: Arc<Mutex<Option<String>>>,
+}
+
+impl Readiness {
+    /// Not ready until [`Readiness::ready`] is called.
+    pub fn new(reason: &str) -> Self {
+        Readiness {
+            not_ready: Arc::new(Mutex::new(Some(reason.to_owned()))),
+        }
+    }
+
+    pub fn ready(&self) {
+        self.set(None);
+    }
+
+    pub fn not_ready(&self, reason: impl Into<String>) {
+        self.set(Some(reason.into()));
+    }
+
+    fn set(&self, value: Option<String>) {
+        match self.not_ready.lock() {
+            Ok(mut guard) => *guard = value,
+            Err(poisoned) => *poisoned.into_inner() = value,
+        }
+    }
+
+    /// `None` when ready, else the reason.
+    pub fn reason(&self) -> Option<String> {
+        match self.not_ready.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct OpsState {
+    registry: Registry,
+    readiness: Readiness,
+}
+
+/// `/metrics`, `/healthz` and `/readyz` for one service.
+pub fn router(registry: Registry, readiness: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(OpsState {
+            registry,
+            readiness,
+        })
+}
+
+async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
+    let mut body = Vec::new();
+    let encoder = TextEncoder::new();
+    match encoder.encode(&state.registry.gather(), &mut body) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, encoder.format_type().to_owned())],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain".to_owned())],
+            format!("cannot encode metrics: {e}\n").into_bytes(),
+        ),
+    }
+}
+
+async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
+    match state.readiness.reason() {
+        None => (StatusCode::OK, "ready\n".to_owned()),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+    }
+}
+
+/// Could not listen where configured.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for {what}: {source}; is another process using the port?")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub what: &'static str,
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` now (so a taken port fails at startup), then serves `router` until
+/// shutdown, letting requests in flight finish.
+pub async fn serve(
+    addr: SocketAddr,
+    what: &'static str,
+    router: Router,
+    shutdown: Shutdown,
+) -> Result<tokio::task::JoinHandle<()>, BindError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, what, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!(%local, what, "listening");
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.requested().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, what, "HTTP server stopped");
+        }
+    }))
+}
