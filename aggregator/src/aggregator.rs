@@ -6,6 +6,12 @@
 //! aggregator calls `drain_updates` once per transaction; `tally rate` reads
 //! [`Aggregator::period_usage`] once at the end. Both see the same state.
 //!
+//! State changes: a streaming aggregator also hands out, with each drain, a [`Snapshot`]
+//! of only what changed since the previous drain (new dedupe keys, changed windows and
+//! their series' periods, the watermark). The Kafka aggregator writes it to its
+//! changelog in the same transaction as the updates; [`Aggregator::merge`] applied to
+//! the changes in order rebuilds the state.
+//!
 //! Late events: the watermark is the newest event time seen. With a horizon set, an
 //! event older than `watermark - horizon` is refused as too late, and keys of events
 //! that old are forgotten; the two use one number, so a retry is never accepted after
@@ -131,6 +137,8 @@ pub struct Aggregator {
     /// in batch runs, which read whole periods instead.
     dirty: Vec<(SeriesId, i64)>,
     track_updates: bool,
+    /// Keys first seen since the last drain, for the changes it hands out.
+    new_keys: Vec<DedupeEntry>,
     watermark: Option<DateTime<Utc>>,
     /// Keys dated before this day have been forgotten.
     expired_before_day: u16,
@@ -168,6 +176,7 @@ impl Aggregator {
             series_index: HashTable::new(),
             dirty: Vec::new(),
             track_updates: true,
+            new_keys: Vec::new(),
             watermark: None,
             expired_before_day: 0,
             settled_before: i64::MIN,
@@ -199,11 +208,14 @@ impl Aggregator {
             }
             known.push(id);
         }
-        match self
-            .dedupe
-            .observe(event.key, event.payload, day_of(event.time))
-        {
-            Seen::First => {}
+        let day = day_of(event.time);
+        match self.dedupe.observe(event.key, event.payload, day) {
+            Seen::First => {
+                if self.track_updates {
+                    self.new_keys
+                        .push(DedupeEntry::new(event.key, event.payload, day));
+                }
+            }
             Seen::Retry => return Outcome::Retry,
             Seen::Conflict => return Outcome::Conflict,
         }
@@ -335,9 +347,21 @@ impl Aggregator {
     /// value, each with its revision incremented. Then state older than the horizon is
     /// let go (streaming only).
     pub fn drain_updates(&mut self) -> Vec<WindowUsage> {
+        self.drain().0
+    }
+
+    /// The updates of [`Aggregator::drain_updates`] and the state changes behind them:
+    /// merging the changes of every drain, in order, into a new aggregator rebuilds
+    /// this one's state.
+    pub fn drain(&mut self) -> (Vec<WindowUsage>, Snapshot) {
         let window_len = chrono::Duration::seconds(i64::from(self.window.seconds()));
         let mut updates = Vec::with_capacity(self.dirty.len());
-        for (id, start) in self.dirty.drain(..) {
+        let mut changed: Vec<SeriesSnapshot> = Vec::new();
+        let mut last_series: Option<SeriesId> = None;
+        let mut dirty = std::mem::take(&mut self.dirty);
+        // By series, so each changed series appears once in the changes.
+        dirty.sort_unstable();
+        for (id, start) in dirty {
             let series = &mut self.series[id as usize];
             let Ok(slot) = series.windows.binary_search_by_key(&start, |w| w.start) else {
                 continue;
@@ -346,6 +370,17 @@ impl Aggregator {
             window.dirty = false;
             window.revision += 1;
             let (window_value, revision) = (window.state.value(), window.revision);
+            if last_series != Some(id) {
+                last_series = Some(id);
+                changed.push(SeriesSnapshot {
+                    key: SeriesKey::clone(&series.key),
+                    periods: series.periods.to_vec(),
+                    windows: Vec::new(),
+                });
+            }
+            if let Some(record) = changed.last_mut() {
+                record.windows.push(series.windows[slot].clone());
+            }
             let window_start = Utc.timestamp_opt(start, 0).single().unwrap_or_default();
             let period = Period::containing(window_start);
             let period_to_date = series
@@ -363,8 +398,14 @@ impl Aggregator {
                 revision,
             });
         }
+        let changes = Snapshot {
+            dedupe: std::mem::take(&mut self.new_keys),
+            series: changed,
+            watermark: self.watermark,
+            expired_before_day: self.expired_before_day,
+        };
         self.evict_settled();
-        updates
+        (updates, changes)
     }
 
     /// Each series' value over a whole period, for batch rating, sorted by series.
@@ -412,14 +453,23 @@ impl Aggregator {
     /// `Aggregator::streaming(&config).restore(snapshot)?`.
     pub fn restore(self, snapshot: Snapshot) -> Result<Self, RestoreError> {
         let mut aggregator = self;
-        aggregator.dedupe = DedupeSet::from_entries(snapshot.dedupe);
-        for s in snapshot.series {
-            let meter = aggregator
+        aggregator.merge(snapshot)?;
+        Ok(aggregator)
+    }
+
+    /// Applies a snapshot or the changes of a drain: keys are added, the windows and
+    /// periods it holds replace their earlier versions, the watermark moves forward,
+    /// and whatever that puts beyond the horizon is let go. Nothing changes if the
+    /// snapshot does not fit this configuration.
+    pub fn merge(&mut self, snapshot: Snapshot) -> Result<(), RestoreError> {
+        let mut resolved = Vec::with_capacity(snapshot.series.len());
+        for s in &snapshot.series {
+            let meter = self
                 .meters
                 .iter()
                 .position(|(slug, _)| *slug == s.key.meter)
                 .ok_or_else(|| RestoreError::UnknownMeter(s.key.meter.clone()))?;
-            let kind = aggregator.meters[meter].1;
+            let kind = self.meters[meter].1;
             let states = s
                 .periods
                 .iter()
@@ -428,19 +478,32 @@ impl Aggregator {
             if states.into_iter().any(|st| st.kind() != kind) {
                 return Err(RestoreError::AggregationChanged(s.key.meter.clone()));
             }
-            let meter = MeterId(meter as u32);
-            let fingerprint = SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group);
-            let id = match aggregator.find_series(fingerprint) {
-                Some(id) => id,
-                None => aggregator.new_series(fingerprint, &s.key.customer, meter, &s.key.group),
-            };
-            let series = &mut aggregator.series[id as usize];
-            series.periods = s.periods.into_iter().collect();
-            series.windows = s.windows;
+            resolved.push(MeterId(meter as u32));
         }
-        aggregator.watermark = snapshot.watermark;
-        aggregator.expired_before_day = snapshot.expired_before_day;
-        Ok(aggregator)
+        self.dedupe.extend(snapshot.dedupe);
+        for (s, meter) in snapshot.series.into_iter().zip(resolved) {
+            let fingerprint = SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group);
+            let id = match self.find_series(fingerprint) {
+                Some(id) => id,
+                None => self.new_series(fingerprint, &s.key.customer, meter, &s.key.group),
+            };
+            let series = &mut self.series[id as usize];
+            for (period, state) in s.periods {
+                let slot = series.period_slot(period);
+                series.periods[slot].1 = state;
+            }
+            for window in s.windows {
+                let slot = series.window_slot(window.start);
+                series.windows[slot] = window;
+            }
+        }
+        self.watermark = self.watermark.max(snapshot.watermark);
+        if snapshot.expired_before_day > self.expired_before_day {
+            self.expired_before_day = snapshot.expired_before_day;
+            self.dedupe.expire_before(self.expired_before_day);
+        }
+        self.evict_settled();
+        Ok(())
     }
 }
 
@@ -849,6 +912,42 @@ mod tests {
             }
             let period = Period::from_str("2026-11").unwrap();
             prop_assert_eq!(once.period_usage(period), twice.period_usage(period));
+        }
+
+        /// Merging the changes of every drain, in order, into a new aggregator rebuilds
+        /// the original's state: the same keys, windows and periods, so the rebuilt one
+        /// treats the rest of the stream exactly as the original does.
+        #[test]
+        fn merged_changes_rebuild_the_state(
+            events in proptest::collection::vec((0u32..60, 0u32..1400, 0u64..3, 1i64..1000, 0u64..5, any::<bool>()), 1..120),
+            split in 0usize..120,
+        ) {
+            let models = ["gpt", "claude", "llama"];
+            let stream: Vec<DecodedEvent<'static>> = events
+                .iter()
+                .map(|&(id, hour, model, n, user, _)| {
+                    let time = format!("2026-{:02}-{:02}T{:02}:00:00Z", 10 + hour / 720, 1 + (hour % 720) / 24, hour % 24);
+                    tokens(&id.to_string(), &time, models[model as usize], n, user)
+                })
+                .collect();
+            let split = split.min(stream.len());
+            let mut original = Aggregator::streaming(&config());
+            let mut rebuilt = Aggregator::streaming(&config());
+            for (e, &(.., drain_after)) in stream[..split].iter().zip(&events) {
+                original.apply(e);
+                if drain_after {
+                    rebuilt.merge(original.drain().1).unwrap();
+                }
+            }
+            rebuilt.merge(original.drain().1).unwrap();
+            for e in &stream[split..] {
+                prop_assert_eq!(original.apply(e), rebuilt.apply(e));
+            }
+            prop_assert_eq!(original.drain_updates(), rebuilt.drain_updates());
+            for period in ["2026-10", "2026-11", "2026-12"] {
+                let period = Period::from_str(period).unwrap();
+                prop_assert_eq!(original.period_usage(period), rebuilt.period_usage(period));
+            }
         }
     }
 }

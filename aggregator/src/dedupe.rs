@@ -29,7 +29,7 @@ pub struct DedupeEntry {
 }
 
 impl DedupeEntry {
-    fn new(key: EventKey, payload: PayloadFingerprint, day: u16) -> Self {
+    pub(crate) fn new(key: EventKey, payload: PayloadFingerprint, day: u16) -> Self {
         DedupeEntry {
             key_high: (key.0 >> 64) as u64,
             key_low: key.0 as u16,
@@ -127,10 +127,21 @@ impl DedupeSet {
     /// Rebuilds a set from a snapshot's entries.
     pub fn from_entries(entries: impl IntoIterator<Item = DedupeEntry>) -> Self {
         let mut set = DedupeSet::new();
-        for e in entries {
-            set.table.insert_unique(e.key_high, e, |e| e.key_high);
-        }
+        set.extend(entries);
         set
+    }
+
+    /// Adds entries from a snapshot or a changelog record; a key already held keeps
+    /// its entry (the first event with a key wins).
+    pub fn extend(&mut self, entries: impl IntoIterator<Item = DedupeEntry>) {
+        for entry in entries {
+            if let hashbrown::hash_table::Entry::Vacant(slot) =
+                self.table
+                    .entry(entry.key_high, |e| e.same_key(&entry), |e| e.key_high)
+            {
+                slot.insert(entry);
+            }
+        }
     }
 }
 
