@@ -74,6 +74,26 @@ pub struct WindowUsage {
     pub revision: u64,
 }
 
+impl WindowUsage {
+    /// The Kafka record key of this window in `tally.windows`: one key per series and
+    /// window, so compaction keeps each window's latest revision (and with it every
+    /// series' latest period-to-date value). Fields are joined with the unit separator,
+    /// which no configured name contains.
+    pub fn record_key(&self) -> String {
+        let mut key = String::with_capacity(64);
+        key.push_str(&self.series.customer);
+        key.push('\u{1f}');
+        key.push_str(&self.series.meter);
+        for g in &self.series.group {
+            key.push('\u{1f}');
+            key.push_str(g);
+        }
+        key.push('\u{1f}');
+        key.push_str(&self.window_start.timestamp().to_string());
+        key
+    }
+}
+
 /// One tier's share of a line, so finance can see how the subtotal was reached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierCharge {

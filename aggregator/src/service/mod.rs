@@ -1,0 +1,707 @@
+//! The aggregator service: the aggregator core on Kafka, exactly once.
+//!
+//! In: CloudEvents from `<prefix>.events` (any producer: the ingest service or a
+//! product service writing straight to Kafka), as a member of consumer group
+//! `<prefix>-aggregator`. Out, per transaction: the changed windows (with their
+//! period-to-date values) to `<prefix>.windows`, refused events (original bytes, reason
+//! in headers) to `<prefix>.rejected`, the state changes to
+//! `<prefix>.aggregator-changelog`, and the offsets of the events they account for.
+//! The three topics and the offsets commit or abort together, so downstream
+//! `read_committed` consumers see every event's effect exactly once.
+//!
+//! Each partition has its own [`Aggregator`]; the windows and changes of events
+//! partition p go to partition p of the other two topics. On assignment a partition's
+//! state is rebuilt from its changelog before any of its events is read, and reading
+//! starts where that state ends; on revocation the open transaction is committed
+//! first. After any failed commit the transaction is aborted, the producer recreated
+//! (which fences a zombie of the same instance) and every owned partition's state
+//! rebuilt from its changelog, so memory never runs ahead of what Kafka holds.
+
+mod changelog;
+mod metrics;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset};
+use tally_runtime::ops::Readiness;
+use tally_runtime::{kafka::client_config, Shutdown};
+use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
+use tally_schemas::event::EventDecoder;
+
+pub use metrics::AggregatorMetrics;
+
+use crate::aggregator::{Aggregator, Outcome};
+use changelog::{delta_key, ChangelogRecord, Restored, SNAPSHOT_KEY};
+
+/// Most events in one transaction; with `commit_interval`, bounds its size.
+const MAX_TRANSACTION_EVENTS: usize = 100_000;
+/// A partition's changelog gets a snapshot once its deltas since the last one exceed
+/// this many bytes, so restoring never reads much more than one snapshot.
+const SNAPSHOT_AFTER_DELTA_BYTES: usize = 32 << 20;
+/// Timeout of each transactional call; a commit slower than this is aborted.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Where the aggregator service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    #[error("cannot {what}: {source}")]
+    Kafka { what: String, source: KafkaError },
+    #[error("restoring {topic}[{partition}] took longer than {timeout:?}; is the broker overloaded?")]
+    RestoreTimeout {
+        topic: String,
+        partition: i32,
+        timeout: Duration,
+    },
+    #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was the price book's meter list changed without a new topic prefix?")]
+    CorruptChangelog {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        problem: String,
+    },
+}
+
+/// Topic names, resolved once.
+#[derive(Debug, Clone)]
+struct Topics {
+    events: String,
+    windows: String,
+    rejected: String,
+    changelog: String,
+}
+
+/// One owned partition of the events topic.
+#[derive(Debug)]
+struct PartitionState {
+    aggregator: Aggregator,
+    /// Next offset to read; what the open transaction will commit.
+    next_offset: i64,
+    /// Read something since the last commit.
+    touched: bool,
+    /// Changelog deltas since the last snapshot, to tombstone after the next one.
+    deltas: Vec<String>,
+    delta_bytes: usize,
+}
+
+/// Everything the consume loop and the rebalance callback share.
+struct Worker {
+    config: Arc<Config>,
+    kafka: KafkaSettings,
+    topics: Topics,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    partitions: BTreeMap<i32, PartitionState>,
+    transaction_open: bool,
+    /// Kafka timestamp (ms) of the oldest event in the open transaction.
+    oldest_event_ms: Option<i64>,
+    transaction_events: usize,
+    transaction_started: Instant,
+    metrics: AggregatorMetrics,
+    readiness: Readiness,
+    /// A record of the open transaction could not be queued: it must not commit.
+    broken: Option<KafkaError>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("partitions", &self.partitions.keys().collect::<Vec<_>>())
+            .field("transaction_open", &self.transaction_open)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The consumer's context: rebalances run inside `poll`, on the loop's thread.
+struct RebalanceContext {
+    worker: Arc<Mutex<Worker>>,
+    /// A rebalance step that failed; the loop stops with it.
+    failure: Mutex<Option<AggregatorError>>,
+}
+
+type GroupConsumer = BaseConsumer<RebalanceContext>;
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    /// Takes over the rebalance so assignment can start each partition at the offset
+    /// its restored state accounts for, and revocation can commit first.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        let mut worker = lock(&self.worker);
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                worker.assign(consumer, partitions)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                worker.revoke(consumer, partitions)
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance failed");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            *lock(&self.failure) = Some(e);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs the aggregator until `shutdown`, then commits what it has read and leaves the
+/// group. Blocking: run it on its own thread. The topics must exist
+/// ([`tally_runtime::kafka::ensure_topics`]).
+pub fn run(
+    config: Arc<Config>,
+    settings: &ServiceSettings,
+    metrics: AggregatorMetrics,
+    readiness: Readiness,
+    shutdown: Shutdown,
+) -> Result<(), AggregatorError> {
+    let kafka = &settings.kafka;
+    let topics = Topics {
+        events: kafka.topic(Topic::Events),
+        windows: kafka.topic(Topic::Windows),
+        rejected: kafka.topic(Topic::Rejected),
+        changelog: kafka.topic(Topic::AggregatorChangelog),
+    };
+    let producer = new_producer(kafka)?;
+    let worker = Arc::new(Mutex::new(Worker {
+        config,
+        kafka: kafka.clone(),
+        topics: topics.clone(),
+        producer,
+        partitions: BTreeMap::new(),
+        transaction_open: false,
+        oldest_event_ms: None,
+        transaction_events: 0,
+        transaction_started: Instant::now(),
+        metrics,
+        readiness: readiness.clone(),
+        broken: None,
+    }));
+    let context = RebalanceContext {
+        worker: Arc::clone(&worker),
+        failure: Mutex::new(None),
+    };
+    let consumer: GroupConsumer = client_config(kafka)
+        .set("group.id", kafka.group("aggregator"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create_with_context(context)
+        .map_err(|source| AggregatorError::Kafka {
+            what: "create the events consumer".to_owned(),
+            source,
+        })?;
+    consumer
+        .subscribe(&[&topics.events])
+        .map_err(|source| AggregatorError::Kafka {
+            what: format!("subscribe to {}", topics.events),
+            source,
+        })?;
+    readiness.ready();
+    tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), "aggregator started");
+    let commit_interval = settings.aggregator.commit_interval;
+    let mut last_lag = Instant::now();
+    while !shutdown.is_requested() {
+        let polled = consumer.poll(Duration::from_millis(100));
+        if let Some(failure) = lock(&consumer.context().failure).take() {
+            return Err(failure);
+        }
+        let mut worker = lock(&worker);
+        match polled {
+            Some(Ok(message)) => worker.process(&message),
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
+            None => {}
+        }
+        let due = worker.broken.is_some()
+            || worker.transaction_open
+                && (worker.transaction_events >= MAX_TRANSACTION_EVENTS
+                || worker.transaction_started.elapsed() >= commit_interval);
+        if due {
+            worker.commit_or_recover(&consumer)?;
+        }
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            last_lag = Instant::now();
+            tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag);
+        }
+    }
+    tracing::info!("aggregator stopping: committing what was read");
+    lock(&worker).commit_or_recover(&consumer)?;
+    consumer.unsubscribe();
+    Ok(())
+}
+
+fn new_producer(
+    kafka: &KafkaSettings,
+) -> Result<ThreadedProducer<DefaultProducerContext>, AggregatorError> {
+    let transactional_id = format!("{}-aggregator-{}", kafka.topic_prefix, kafka.instance_id);
+    let producer: ThreadedProducer<DefaultProducerContext> = client_config(kafka)
+        .set("transactional.id", &transactional_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.max.bytes", "67108864")
+        .set("transaction.timeout.ms", "60000")
+        .create()
+        .map_err(|source| AggregatorError::Kafka {
+            what: "create the transactional producer".to_owned(),
+            source,
+        })?;
+    // Fences any earlier producer with this id (a previous run of this instance) and
+    // aborts its open transaction.
+    producer
+        .init_transactions(TRANSACTION_TIMEOUT)
+        .map_err(|source| AggregatorError::Kafka {
+            what: format!("initialise transactions as {transactional_id}"),
+            source,
+        })?;
+    Ok(producer)
+}
+
+impl Worker {
+    /// Restores each newly assigned partition, then assigns it at the offset its state
+    /// accounts for.
+    fn assign(
+        &mut self,
+        consumer: &GroupConsumer,
+        partitions: &mut TopicPartitionList,
+    ) -> Result<(), AggregatorError> {
+        self.readiness.not_ready("restoring partitions");
+        let committed = consumer
+            .committed_offsets(partitions.clone(), TRANSACTION_TIMEOUT)
+            .map_err(|source| AggregatorError::Kafka {
+                what: "read the committed offsets of the assigned partitions".to_owned(),
+                source,
+            })?;
+        let ids: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
+        for partition in ids {
+            let committed = committed
+                .find_partition(&self.topics.events, partition)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            let state = self.load(partition, committed)?;
+            let start = match state.next_offset {
+                0 => Offset::Beginning,
+                o => Offset::Offset(o),
+            };
+            partitions
+                .set_partition_offset(&self.topics.events, partition, start)
+                .map_err(|source| AggregatorError::Kafka {
+                    what: format!("start {}[{partition}]", self.topics.events),
+                    source,
+                })?;
+            self.partitions.insert(partition, state);
+        }
+        consumer
+            .incremental_assign(partitions)
+            .map_err(|source| AggregatorError::Kafka {
+                what: "take the assigned partitions".to_owned(),
+                source,
+            })?;
+        self.metrics
+            .assigned_partitions
+            .set(self.partitions.len() as i64);
+        self.readiness.ready();
+        Ok(())
+    }
+
+    /// Rebuilds a partition's state from its changelog and decides where to read from.
+    fn load(
+        &self,
+        partition: i32,
+        committed: Option<i64>,
+    ) -> Result<PartitionState, AggregatorError> {
+        let started = Instant::now();
+        let Restored {
+            aggregator,
+            next_offset,
+            deltas,
+            delta_bytes,
+            records,
+        } = changelog::restore(
+            &self.config,
+            client_config(&self.kafka),
+            &self.topics.changelog,
+            partition,
+            RESTORE_TIMEOUT,
+        )?;
+        let restored = next_offset.unwrap_or(0);
+        // The changelog and the offsets commit together, so they agree. An offset
+        // behind the state is an operator's reset to replay: the state's keys turn the
+        // replayed events into retries. An offset ahead of the state means changelog
+        // records were lost: read from where the state ends rather than skip events.
+        let next_offset = match committed {
+            Some(c) if c < restored => {
+                tracing::info!(partition, committed = c, state = restored, "offsets reset behind the state: replaying, duplicates will be dropped");
+                c
+            }
+            Some(c) if c > restored => {
+                tracing::error!(partition, committed = c, state = restored, "changelog ends before the committed offset; reading from where the state ends");
+                restored
+            }
+            _ => restored,
+        };
+        self.metrics
+            .restore_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            partition,
+            records,
+            next_offset,
+            dedupe_keys = aggregator.dedupe_keys(),
+            seconds = started.elapsed().as_secs_f64(),
+            "partition state restored from the changelog"
+        );
+        Ok(PartitionState {
+            aggregator,
+            next_offset,
+            touched: false,
+            deltas,
+            delta_bytes,
+        })
+    }
+
+    /// Commits the open transaction, then lets the revoked partitions go.
+    fn revoke(
+        &mut self,
+        consumer: &GroupConsumer,
+        partitions: &TopicPartitionList,
+    ) -> Result<(), AggregatorError> {
+        self.commit_or_recover(consumer)?;
+        for e in partitions.elements() {
+            self.partitions.remove(&e.partition());
+        }
+        self.metrics
+            .assigned_partitions
+            .set(self.partitions.len() as i64);
+        consumer
+            .incremental_unassign(partitions)
+            .map_err(|source| AggregatorError::Kafka {
+                what: "release the revoked partitions".to_owned(),
+                source,
+            })
+    }
+
+    /// Dedupes and aggregates one event; refused ones are written to the rejected
+    /// topic in the open transaction.
+    fn process(&mut self, message: &BorrowedMessage<'_>) {
+        let partition = message.partition();
+        if self.broken.is_some() {
+            return; // recovery rewinds to before this message
+        }
+        if let Err(e) = self.begin() {
+            self.broken = Some(e);
+            return;
+        }
+        let Some(state) = self.partitions.get_mut(&partition) else {
+            return; // revoked while the message was in flight
+        };
+        if message.offset() < state.next_offset {
+            return; // already counted before a recovery rewound the consumer
+        }
+        state.next_offset = message.offset() + 1;
+        state.touched = true;
+        let bytes = message.payload().unwrap_or_default();
+        let decoder = EventDecoder::new(&self.config, Utc::now());
+        let (outcome, rejection) = match decoder.decode(bytes) {
+            Err(e) => ("invalid", Some((e.problem.code(), e.to_string()))),
+            Ok(event) => match state.aggregator.apply(&event) {
+                Outcome::Accepted => ("accepted", None),
+                Outcome::Unmetered => ("unmetered", None),
+                Outcome::Retry => ("duplicate", None),
+                Outcome::Conflict => (
+                    "conflict",
+                    Some(("conflict", "an event with this source and id but different content was already counted; the first one wins".to_owned())),
+                ),
+                Outcome::TooLate => (
+                    "too_late",
+                    Some(("too_late", format!("the event's time {} is older than the dedupe horizon allows; it can no longer be deduplicated safely", event.time.to_rfc3339()))),
+                ),
+                Outcome::Refused(e) => ("refused", Some(("refused", e.to_string()))),
+            },
+        };
+        self.metrics.events.with_label_values(&[outcome]).inc();
+        self.transaction_events += 1;
+        if let Some(ms) = message.timestamp().to_millis() {
+            self.oldest_event_ms = Some(self.oldest_event_ms.map_or(ms, |o| o.min(ms)));
+        }
+        if let Some((code, reason)) = rejection {
+            self.metrics.rejected.with_label_values(&[code]).inc();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "tally.error.code",
+                    value: Some(code),
+                })
+                .insert(Header {
+                    key: "tally.error.reason",
+                    value: Some(&reason),
+                })
+                .insert(Header {
+                    key: "tally.source.topic",
+                    value: Some(message.topic()),
+                })
+                .insert(Header {
+                    key: "tally.source.partition",
+                    value: Some(&partition.to_string()),
+                })
+                .insert(Header {
+                    key: "tally.source.offset",
+                    value: Some(&message.offset().to_string()),
+                });
+            let mut record = BaseRecord::<[u8], [u8]>::to(&self.topics.rejected)
+                .payload(bytes)
+                .headers(headers);
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Err(e) = send(&self.producer, record) {
+                self.broken = Some(e);
+            }
+        }
+    }
+
+    fn begin(&mut self) -> Result<(), KafkaError> {
+        if !self.transaction_open {
+            self.producer.begin_transaction()?;
+            self.transaction_open = true;
+            self.transaction_started = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction; if that fails, aborts it, recreates the producer
+    /// and rebuilds every owned partition from its changelog, then rewinds the consumer
+    /// to match. Errors only if recovery itself fails.
+    fn commit_or_recover(&mut self, consumer: &GroupConsumer) -> Result<(), AggregatorError> {
+        if !self.transaction_open && self.broken.is_none() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match self.commit(consumer) {
+            Ok(()) => {
+                self.metrics
+                    .transactions
+                    .with_label_values(&["committed"])
+                    .inc();
+                self.metrics
+                    .transaction_duration
+                    .observe(started.elapsed().as_secs_f64());
+                if let Some(ms) = self.oldest_event_ms.take() {
+                    let age = (Utc::now().timestamp_millis() - ms).max(0);
+                    self.metrics.window_latency.observe(age as f64 / 1000.0);
+                }
+                self.metrics.dedupe_keys.set(
+                    self.partitions
+                        .values()
+                        .map(|p| p.aggregator.dedupe_keys() as i64)
+                        .sum(),
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .transactions
+                    .with_label_values(&["aborted"])
+                    .inc();
+                tracing::warn!(error = %e, "transaction failed; aborting and rebuilding state from the changelog");
+                self.recover(consumer)
+            }
+        }
+    }
+
+    fn commit(&mut self, consumer: &GroupConsumer) -> Result<(), KafkaError> {
+        if let Some(e) = self.broken.take() {
+            return Err(e);
+        }
+        let mut offsets = TopicPartitionList::new();
+        for (&partition, state) in &mut self.partitions {
+            if !state.touched {
+                continue;
+            }
+            let (updates, changes) = state.aggregator.drain();
+            for update in &updates {
+                let key = update.record_key();
+                let value = serde_json::to_vec(update).unwrap_or_default();
+                send(
+                    &self.producer,
+                    BaseRecord::to(&self.topics.windows)
+                        .partition(partition)
+                        .key(key.as_bytes())
+                        .payload(&value),
+                )?;
+            }
+            self.metrics.window_updates.inc_by(updates.len() as u64);
+            let record = ChangelogRecord {
+                next_offset: state.next_offset,
+                changes,
+            }
+            .encode();
+            let key = delta_key(state.next_offset);
+            send(
+                &self.producer,
+                BaseRecord::to(&self.topics.changelog)
+                    .partition(partition)
+                    .key(key.as_bytes())
+                    .payload(&record),
+            )?;
+            state.deltas.push(key);
+            state.delta_bytes += record.len();
+            if state.delta_bytes > SNAPSHOT_AFTER_DELTA_BYTES {
+                write_snapshot(&self.producer, &self.topics.changelog, partition, state)?;
+            }
+            offsets.add_partition_offset(
+                &self.topics.events,
+                partition,
+                Offset::Offset(state.next_offset),
+            )?;
+        }
+        let group = consumer
+            .group_metadata()
+            .ok_or(KafkaError::MessageProduction(RDKafkaErrorCode::State))?;
+        if offsets.count() > 0 {
+            self.producer
+                .send_offsets_to_transaction(&offsets, &group, TRANSACTION_TIMEOUT)?;
+        }
+        self.producer.commit_transaction(TRANSACTION_TIMEOUT)?;
+        self.transaction_open = false;
+        self.transaction_events = 0;
+        for state in self.partitions.values_mut() {
+            state.touched = false;
+        }
+        Ok(())
+    }
+
+    /// Back to exactly what Kafka holds: abort, new producer, states rebuilt, consumer
+    /// rewound to where each state ends.
+    fn recover(&mut self, consumer: &GroupConsumer) -> Result<(), AggregatorError> {
+        self.readiness.not_ready("recovering from a failed transaction");
+        if let Err(e) = self.producer.abort_transaction(TRANSACTION_TIMEOUT) {
+            tracing::warn!(error = %e, "abort failed; the new producer's fencing will abort it");
+        }
+        self.transaction_open = false;
+        self.transaction_events = 0;
+        self.oldest_event_ms = None;
+        self.broken = None;
+        let mut attempt = 0u32;
+        loop {
+            match new_producer(&self.kafka) {
+                Ok(producer) => {
+                    self.producer = producer;
+                    break;
+                }
+                Err(e) if attempt < 30 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "cannot recreate the producer yet; retrying");
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let partitions: Vec<i32> = self.partitions.keys().copied().collect();
+        let mut rewind = TopicPartitionList::new();
+        for partition in partitions {
+            let state = self.load(partition, None)?;
+            rewind
+                .add_partition_offset(
+                    &self.topics.events,
+                    partition,
+                    Offset::Offset(state.next_offset),
+                )
+                .map_err(|source| AggregatorError::Kafka {
+                    what: "rewind the consumer".to_owned(),
+                    source,
+                })?;
+            self.partitions.insert(partition, state);
+        }
+        if rewind.count() > 0 {
+            consumer
+                .seek_partitions(rewind, Duration::from_secs(10))
+                .map_err(|source| AggregatorError::Kafka {
+                    what: "rewind the consumer".to_owned(),
+                    source,
+                })?;
+        }
+        self.readiness.ready();
+        Ok(())
+    }
+}
+
+/// Writes the partition's whole state as the changelog's snapshot and tombstones the
+/// deltas it covers, in the open transaction.
+fn write_snapshot(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    partition: i32,
+    state: &mut PartitionState,
+) -> Result<(), KafkaError> {
+    let record = ChangelogRecord {
+        next_offset: state.next_offset,
+        changes: state.aggregator.snapshot(),
+    }
+    .encode();
+    send(
+        producer,
+        BaseRecord::to(topic)
+            .partition(partition)
+            .key(SNAPSHOT_KEY.as_bytes())
+            .payload(&record),
+    )?;
+    for key in state.deltas.drain(..) {
+        send(
+            producer,
+            BaseRecord::<[u8], [u8]>::to(topic)
+                .partition(partition)
+                .key(key.as_bytes()),
+        )?;
+    }
+    state.delta_bytes = 0;
+    Ok(())
+}
+
+/// Queues a record, waiting while the producer's queue is full. A record that cannot
+/// be queued fails the transaction; delivery failures surface when it commits.
+fn send<K, P>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, K, P>,
+) -> Result<(), KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
