@@ -1,12 +1,18 @@
 //! The ingest stage: usage events in, validated and decoded events out.
 //!
-//! Every event passes the same validation whether it comes from a file, stdin or (with
-//! the streaming services) HTTP. A bad line never stops a run: it becomes a reject that
-//! names the line, the field and the reason, and is kept.
+//! Every event passes the same validation whether it comes from a file, stdin or HTTP.
+//! A bad line never stops a run: it becomes a reject that names the line, the field and
+//! the reason, and is kept.
 //!
 //! Layout:
 //! - [`lines`]: JSON-lines input decoded on several threads, delivered in file order.
+//! - [`http`]: the HTTP ingest service (`tally serve ingest`): `POST /v1/events`
+//!   validates CloudEvents and produces them to Kafka, with API keys, per-key rate
+//!   limits, `/healthz`, `/readyz` and `/metrics`; entry points [`http::serve`] and
+//!   [`http::start`].
 
+pub mod http;
 pub mod lines;
 
+pub use http::IngestError;
 pub use lines::{decode_lines, Line, LineReject};

@@ -1,0 +1,211 @@
+//! The verdict on each event of a request, before anything reaches Kafka.
+//!
+//! In: the raw events of one request, the decoder `tally rate` uses and the caller's
+//! API key. Out: for each event, accept (with the key to produce it under), reject
+//! (with the decoder's error) or duplicate (of an earlier event of the same request);
+//! or, when any event names a `source` the key may not use, a refusal of the whole
+//! request. Pure: the handler produces what this accepts.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use tally_schemas::config::ApiKey;
+use tally_schemas::event::{EventDecoder, EventError, Problem};
+use tally_schemas::ids::EventKey;
+
+use super::request::identity;
+
+/// One event and what to do with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict<'a> {
+    /// The event as its sender wrote it: what is produced.
+    pub bytes: &'a [u8],
+    /// Its `id`, when it has one that is a string, to echo in the results.
+    pub id: Option<Cow<'a, str>>,
+    pub kind: VerdictKind<'a>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum VerdictKind<'a> {
+    /// Valid and new in this request: produce, keyed by `subject`.
+    Accept { subject: Cow<'a, str> },
+    /// Same `(source, id)` as the event at index `of`: not produced again.
+    Duplicate { of: usize },
+    /// Invalid, as `tally rate` would reject it.
+    Reject(EventError),
+}
+
+/// An event names a source the key may not send for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forbidden {
+    pub index: usize,
+    pub source: String,
+}
+
+/// Decides every event of a request. Every event whose `source` can be read is checked
+/// against the key, valid or not, so a refused source is reported as such rather than
+/// as a validation error; an event is accepted only when its source was read and
+/// allowed.
+pub fn check_events<'a>(
+    decoder: &EventDecoder<'_>,
+    key: &ApiKey,
+    events: &[&'a [u8]],
+) -> Result<Vec<Verdict<'a>>, Forbidden> {
+    let mut verdicts = Vec::with_capacity(events.len());
+    let mut first_index: HashMap<EventKey, usize> = HashMap::with_capacity(events.len());
+    for (index, &bytes) in events.iter().enumerate() {
+        let identity = identity(bytes);
+        if let Some(source) = &identity.source {
+            if !key.may_send(source) {
+                return Err(Forbidden {
+                    index,
+                    source: source.clone().into_owned(),
+                });
+            }
+        }
+        let kind = match decoder.decode(bytes) {
+            Err(error) => VerdictKind::Reject(error),
+            // The decoder accepted it, so it is an object with string `source` and
+            // `id`; a parser disagreement would land here, and such an event is not
+            // produced unchecked.
+            Ok(_) if identity.source.is_none() || identity.id.is_none() => {
+                VerdictKind::Reject(EventError {
+                    field: "event".to_owned(),
+                    problem: Problem::InvalidJson(
+                        "source and id cannot be read as JSON strings".to_owned(),
+                    ),
+                })
+            }
+            Ok(event) => match first_index.get(&event.key) {
+                Some(&of) => VerdictKind::Duplicate { of },
+                None => {
+                    first_index.insert(event.key, index);
+                    VerdictKind::Accept {
+                        subject: event.subject,
+                    }
+                }
+            },
+        };
+        verdicts.push(Verdict {
+            bytes,
+            id: identity.id,
+            kind,
+        });
+    }
+    Ok(verdicts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+    use tally_schemas::config::Config;
+
+    const CONFIG: &str = r#"
+[[meters]]
+slug = "tokens"
+event_type = "llm.tokens"
+aggregation = "sum"
+value_property = "$.tokens"
+"#;
+
+    fn event(id: &str, source: &str, tokens: &str) -> String {
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"{source}","type":"llm.tokens","subject":"cust_a","time":"2026-11-02T10:00:00Z","data":{{"tokens":{tokens}}}}}"#
+        )
+    }
+
+    fn key(sources: Option<&[&str]>) -> ApiKey {
+        ApiKey {
+            secret: "0123456789abcdef".to_owned(),
+            tenant: "t".to_owned(),
+            sources: sources.map(|s| s.iter().map(|s| (*s).to_owned()).collect()),
+        }
+    }
+
+    fn check<'a>(events: &[&'a [u8]], key: &ApiKey) -> Result<Vec<Verdict<'a>>, Forbidden> {
+        let config = Config::parse(CONFIG, "test.toml").unwrap();
+        let now = Utc.with_ymd_and_hms(2026, 11, 3, 0, 0, 0).unwrap();
+        check_events(&EventDecoder::new(&config, now), key, events)
+    }
+
+    #[test]
+    fn good_bad_and_repeated_events_each_get_their_verdict() {
+        let a = event("a", "s", "5");
+        let bad = event("b", "s", "-1");
+        let again = event("a", "s", "6");
+        let other_source = event("a", "t", "5");
+        let events = [
+            a.as_bytes(),
+            bad.as_bytes(),
+            again.as_bytes(),
+            other_source.as_bytes(),
+        ];
+        let verdicts = check(&events, &key(None)).unwrap();
+        let kinds: Vec<_> = verdicts.iter().map(|v| v.kind.clone()).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                VerdictKind::Accept {
+                    subject: "cust_a".into()
+                },
+                VerdictKind::Reject(EventError {
+                    field: "data.tokens".to_owned(),
+                    problem: Problem::Negative
+                }),
+                VerdictKind::Duplicate { of: 0 },
+                VerdictKind::Accept {
+                    subject: "cust_a".into()
+                },
+            ]
+        );
+        let ids: Vec<_> = verdicts.iter().map(|v| v.id.as_deref()).collect();
+        assert_eq!(ids, vec![Some("a"), Some("b"), Some("a"), Some("a")]);
+        assert_eq!(verdicts[3].bytes, other_source.as_bytes());
+    }
+
+    #[test]
+    fn a_rejected_event_does_not_make_a_later_one_a_duplicate() {
+        let bad = event("a", "s", "\"x\"");
+        let good = event("a", "s", "1");
+        let verdicts = check(&[bad.as_bytes(), good.as_bytes()], &key(None)).unwrap();
+        assert!(matches!(verdicts[0].kind, VerdictKind::Reject(_)));
+        assert!(matches!(verdicts[1].kind, VerdictKind::Accept { .. }));
+    }
+
+    #[test]
+    fn any_event_with_a_source_the_key_may_not_use_refuses_the_request() {
+        let allowed = event("a", "agent", "1");
+        let refused = event("b", "billing", "1");
+        let key = key(Some(&["agent"]));
+        assert_eq!(
+            check(&[allowed.as_bytes(), refused.as_bytes()], &key),
+            Err(Forbidden {
+                index: 1,
+                source: "billing".to_owned()
+            })
+        );
+        // Even when the event would have been rejected for another reason.
+        let refused_and_bad = event("c", "billing", "-5");
+        assert_eq!(
+            check(&[refused_and_bad.as_bytes()], &key)
+                .unwrap_err()
+                .index,
+            0
+        );
+    }
+
+    #[test]
+    fn an_event_without_a_readable_source_is_rejected_not_produced() {
+        let key = key(Some(&["agent"]));
+        let verdicts = check(
+            &[br#"{"specversion":"1.0","id":"a","source":7}"#.as_slice()],
+            &key,
+        )
+        .unwrap();
+        match &verdicts[0].kind {
+            VerdictKind::Reject(e) => assert_eq!(e.field, "source"),
+            other => panic!("expected a reject, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The ingest service's metrics, and one function per thing worth counting.
+//!
+//! Labels are bounded: `route` is a route template (`/v1/events`), `status` an HTTP
+//! status code, `outcome` one of three words and `reason` a decoder error code. No
+//! label ever holds a customer, a key, a tenant or an event id.
+
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramVec, IntCounterVec};
+use tally_runtime::metrics::Metrics;
+use tally_schemas::event::EventError;
+
+/// What happened to one event of a request that got an answer from Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    DuplicateInBatch,
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::DuplicateInBatch => "duplicate_in_batch",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestMetrics {
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    events: IntCounterVec,
+    rejected: IntCounterVec,
+    produce_duration: Histogram,
+}
+
+impl IngestMetrics {
+    pub fn new(metrics: &Metrics) -> Self {
+        let events = metrics.counter_vec(
+            "tally_ingest_events_total",
+            "Events of answered ingest requests, by outcome (accepted, duplicate_in_batch, rejected).",
+            &["outcome"],
+        );
+        // Every outcome is shown from the start, at zero, so rates need no absent().
+        for outcome in [
+            Outcome::Accepted,
+            Outcome::DuplicateInBatch,
+            Outcome::Rejected,
+        ] {
+            events.with_label_values(&[outcome.as_str()]);
+        }
+        IngestMetrics {
+            requests: metrics.counter_vec(
+                "tally_http_requests_total",
+                "HTTP requests answered, by route template and status code.",
+                &["route", "status"],
+            ),
+            request_duration: metrics.latency_vec(
+                "tally_http_request_duration_seconds",
+                "Time to answer an HTTP request, by route template.",
+                &["route"],
+            ),
+            events,
+            rejected: metrics.counter_vec(
+                "tally_ingest_rejected_events_total",
+                "Events refused by validation, by reason (the decoder's error code).",
+                &["reason"],
+            ),
+            produce_duration: metrics.latency(
+                "tally_ingest_kafka_produce_duration_seconds",
+                "Time from producing a request's events to Kafka acknowledging all of them.",
+            ),
+        }
+    }
+
+    /// One request answered.
+    pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
+        self.request_duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The events of one answered request: counted once per request, not per event.
+    pub fn events(&self, outcome: Outcome, count: usize) {
+        if count > 0 {
+            self.events
+                .with_label_values(&[outcome.as_str()])
+                .inc_by(count as u64);
+        }
+    }
+
+    /// One event refused by validation.
+    pub fn rejected(&self, error: &EventError) {
+        self.rejected
+            .with_label_values(&[error.problem.code()])
+            .inc();
+    }
+
+    /// Kafka acknowledged every event of a request after `elapsed`.
+    pub fn produced(&self, elapsed: Duration) {
+        self.produce_duration.observe(elapsed.as_secs_f64());
+    }
+}

@@ -1,0 +1,32 @@
+//! The HTTP ingest service: usage events in over HTTP, validated, into the events topic.
+//!
+//! Data flow: `POST /v1/events` (one CloudEvent or a batch) -> API key and its rate
+//! limit -> body size and shape -> every event's `source` checked against the key ->
+//! each event validated exactly as `tally rate` validates it -> valid, new events
+//! produced to `<prefix>.events` as their senders' bytes, keyed by `subject` -> once
+//! Kafka acknowledged all of them, a 202 with one result per event. `/healthz`,
+//! `/readyz` (Kafka answers and the topic exists) and `/metrics` are served beside it.
+//! The API is described in `ingest/openapi.json`.
+//!
+//! - `server`: routes, the handler, [`start`] and [`serve`].
+//! - `request`: content types and cutting a batch into its events' raw text.
+//! - `check`: the verdict on each event, and the source check, before Kafka.
+//! - `auth`: API keys, compared in constant time.
+//! - `rate_limit`: a token bucket per key.
+//! - `producer`: the idempotent Kafka producer and the readiness probe.
+//! - `response`: the JSON bodies.
+//! - `metrics`: the service's Prometheus metrics.
+//! - `error`: [`IngestError`], why the service could not start or stopped.
+
+mod auth;
+mod check;
+mod error;
+mod metrics;
+mod producer;
+mod rate_limit;
+mod request;
+mod response;
+mod server;
+
+pub use error::IngestError;
+pub use server::{serve, start, Running, EVENTS_ROUTE, ROUTES};

@@ -1,0 +1,229 @@
+//! Accepted events into the events topic, and whether Kafka can take them.
+//!
+//! Each event is produced with its sender's bytes as the value and its `subject` as
+//! the key, so one customer's events stay on one partition. The producer is
+//! idempotent with `acks=all`: an acknowledged event is on every in-sync replica and a
+//! retry inside the client cannot write it twice. A request is answered only once
+//! every one of its events is acknowledged, or failed; after a failure nothing of it is
+//! promised, and resending the whole request is safe because the aggregator dedupes on
+//! `(source, id)`.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tally_runtime::ops::Readiness;
+use tally_runtime::Shutdown;
+use tally_schemas::config::{KafkaSettings, Topic};
+
+use super::error::IngestError;
+
+/// librdkafka's `message.timeout.ms` unless `[kafka] properties` sets it: the longest
+/// an event may wait for its acknowledgement (retries included) before the request
+/// fails with 503. Short enough that a client is not left hanging when Kafka is down.
+const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Extra time on top of the acknowledgement timeout before the request gives up on its
+/// own, in case a delivery report never comes.
+const ACK_GRACE: Duration = Duration::from_secs(2);
+
+/// How often readiness asks Kafka for the events topic's metadata.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long one readiness probe waits for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The producer of the events topic.
+#[derive(Clone)]
+pub struct EventProducer {
+    producer: FutureProducer,
+    topic: String,
+    brokers: String,
+    /// The longest a request waits for all of its acknowledgements.
+    ack_timeout: Duration,
+}
+
+impl std::fmt::Debug for EventProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventProducer")
+            .field("topic", &self.topic)
+            .field("brokers", &self.brokers)
+            .field("ack_timeout", &self.ack_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request's events are not known to be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error("Kafka refused to queue an event: {0}")]
+    Enqueue(KafkaError),
+    #[error("Kafka did not store an event: {0}")]
+    Delivery(KafkaError),
+    #[error("the producer dropped an event without a delivery report")]
+    Cancelled,
+    #[error("Kafka did not acknowledge every event within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// One event to produce: its key (the subject) and its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+}
+
+impl EventProducer {
+    /// Creates the producer; it connects to the brokers in the background.
+    pub fn new(settings: &KafkaSettings) -> Result<Self, IngestError> {
+        let mut config = tally_runtime::kafka::client_config(settings);
+        config.set("enable.idempotence", "true").set("acks", "all");
+        // Tunables the operator may override in `[kafka] properties`.
+        let ack_timeout_ms = DEFAULT_ACK_TIMEOUT.as_millis().to_string();
+        for (name, default) in [
+            // A few ms of batching: a request's events travel in few produce requests.
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+            ("message.timeout.ms", ack_timeout_ms.as_str()),
+        ] {
+            if !settings.properties.contains_key(name) {
+                config.set(name, default);
+            }
+        }
+        let ack_timeout = settings
+            .properties
+            .get("message.timeout.ms")
+            .and_then(|ms| ms.trim().parse::<u64>().ok())
+            .map_or(DEFAULT_ACK_TIMEOUT, Duration::from_millis);
+        let producer: FutureProducer =
+            config
+                .create()
+                .map_err(|source| IngestError::KafkaProducer {
+                    brokers: settings.brokers.clone(),
+                    source,
+                })?;
+        Ok(EventProducer {
+            producer,
+            topic: settings.topic(Topic::Events),
+            brokers: settings.brokers.clone(),
+            ack_timeout,
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Produces every record, then waits until Kafka has acknowledged all of them.
+    /// All are queued before any is awaited, so they travel together.
+    pub async fn produce_all(&self, records: &[Record<'_>]) -> Result<(), ProduceError> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in records {
+            let delivery = self
+                .producer
+                .send_result(
+                    FutureRecord::to(&self.topic)
+                        .key(record.key)
+                        .payload(record.value),
+                )
+                .map_err(|(e, _)| ProduceError::Enqueue(e))?;
+            deliveries.push(delivery);
+        }
+        let limit = self.ack_timeout + ACK_GRACE;
+        let all = async {
+            for delivery in deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => return Err(ProduceError::Delivery(e)),
+                    Err(_) => return Err(ProduceError::Cancelled),
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(limit, all)
+            .await
+            .map_err(|_| ProduceError::TimedOut(limit))?
+    }
+
+    /// Waits (off the async threads) until every queued event is delivered or failed,
+    /// at most the acknowledgement timeout.
+    pub async fn flush(&self) {
+        let producer = self.producer.clone();
+        let timeout = self.ack_timeout + ACK_GRACE;
+        let started = Instant::now();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        match flushed {
+            Ok(Ok(())) => {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "kafka producer flushed"
+                )
+            }
+            Ok(Err(e)) => tracing::warn!(
+                error = %e,
+                "kafka producer not flushed on shutdown; events of requests answered 503 may or may not be stored"
+            ),
+            Err(e) => tracing::warn!(error = %e, "kafka producer flush task failed"),
+        }
+    }
+
+    /// Asks Kafka for the events topic (blocking): `Ok` when it exists with partitions,
+    /// else why not.
+    fn probe(&self) -> Result<(), String> {
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.topic), PROBE_TIMEOUT)
+            .map_err(|e| format!("Kafka at {} does not answer: {e}", self.brokers))?;
+        let topic = metadata.topics().iter().find(|t| t.name() == self.topic);
+        match topic {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+            Some(t) if t.error().is_some() => Err(format!(
+                "topic {} is not usable ({:?}); create Tally's topics first",
+                self.topic,
+                t.error()
+            )),
+            _ => Err(format!(
+                "topic {} does not exist on {}; create Tally's topics first",
+                self.topic, self.brokers
+            )),
+        }
+    }
+
+    /// Keeps `readiness` up to date until shutdown: ready while Kafka answers and the
+    /// events topic exists.
+    pub fn watch_readiness(
+        &self,
+        readiness: Readiness,
+        shutdown: Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        let producer = self.clone();
+        tokio::spawn(async move {
+            let mut was_ready = None;
+            loop {
+                let probing = producer.clone();
+                let result = tokio::task::spawn_blocking(move || probing.probe())
+                    .await
+                    .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")));
+                let ready = result.is_ok();
+                match result {
+                    Ok(()) => readiness.ready(),
+                    Err(reason) => {
+                        if was_ready != Some(false) {
+                            tracing::warn!(%reason, "ingest not ready");
+                        }
+                        readiness.not_ready(reason);
+                    }
+                }
+                if ready && was_ready != Some(true) {
+                    tracing::info!(topic = %producer.topic, "ingest ready: kafka answers");
+                }
+                was_ready = Some(ready);
+                tokio::select! {
+                    _ = shutdown.requested() => break,
+                    _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                }
+            }
+        })
+    }
+}

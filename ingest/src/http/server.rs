@@ -1,0 +1,390 @@
+//! The HTTP server: routes, the `POST /v1/events` handler, start and graceful stop.
+//!
+//! A request to `/v1/events` goes through, in order: the API key (401), the key's rate
+//! limit (429), the content type (415), the body size, first as announced by
+//! `Content-Length` and then as streamed (413), the body's shape (400, or 413 for too
+//! many events), every event's `source` against the key (403), validation of each
+//! event, and finally Kafka. The answer (202, or 422 for a single invalid event) is
+//! sent only after Kafka acknowledged every accepted event; if it does not, 503 and
+//! nothing is promised.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::post;
+use axum::Router;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use prometheus::Registry;
+use tally_runtime::metrics::Metrics;
+use tally_runtime::ops::{BindError, Readiness};
+use tally_runtime::Shutdown;
+use tally_schemas::config::{Config, ServiceSettings};
+use tally_schemas::event::EventDecoder;
+use tokio::task::JoinHandle;
+
+use super::auth::{ApiKeys, Caller};
+use super::check::{check_events, VerdictKind};
+use super::error::IngestError;
+use super::metrics::{IngestMetrics, Outcome};
+use super::producer::{EventProducer, Record};
+use super::rate_limit::{retry_after_seconds, RateLimiter};
+use super::request::{body_kind, split_events, BodyError, Events, ACCEPTED_TYPES};
+use super::response::{
+    json, with_retry_after, ErrorBody, EventResult, EventStatus, EventsResponse,
+};
+
+/// The events endpoint.
+pub const EVENTS_ROUTE: &str = "/v1/events";
+
+/// Every route the service serves (the API's and the operational ones), as the
+/// OpenAPI document must list them.
+pub const ROUTES: &[&str] = &[EVENTS_ROUTE, "/healthz", "/readyz", "/metrics"];
+
+/// What `Retry-After` says when Kafka did not acknowledge a request: long enough for a
+/// broker restart or leader election to finish, short enough not to build a backlog.
+const KAFKA_RETRY_AFTER_SECONDS: u64 = 5;
+
+/// What every request handler shares.
+#[derive(Debug)]
+struct App {
+    /// The price book the events are validated against.
+    config: Arc<Config>,
+    keys: ApiKeys,
+    /// One token bucket per key, indexed like `keys`.
+    limiter: RateLimiter,
+    producer: EventProducer,
+    metrics: IngestMetrics,
+    /// `[ingest] max_body_bytes`.
+    max_body_bytes: usize,
+    /// `[ingest] max_batch_events`.
+    max_batch_events: usize,
+}
+
+/// The service, started: where it listens, and the task that serves until shutdown.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound address (the real port when `listen` said port 0).
+    pub local_addr: SocketAddr,
+    /// Ends after shutdown was requested, requests in flight were answered and the
+    /// producer was flushed.
+    pub handle: JoinHandle<Result<(), IngestError>>,
+}
+
+impl Running {
+    /// Waits until the service has stopped.
+    pub async fn wait(self) -> Result<(), IngestError> {
+        match self.handle.await {
+            Ok(result) => result,
+            Err(source) => Err(IngestError::Task {
+                addr: self.local_addr,
+                source,
+            }),
+        }
+    }
+}
+
+/// Serves the ingest API on `settings.ingest.listen` until `shutdown` is requested,
+/// then stops accepting connections, lets requests in flight finish and flushes the
+/// Kafka producer. Fails at once when the address cannot be bound or the producer
+/// cannot be created.
+pub async fn serve(
+    config: Arc<Config>,
+    settings: ServiceSettings,
+    shutdown: Shutdown,
+) -> Result<(), IngestError> {
+    start(config, settings, shutdown).await?.wait().await
+}
+
+/// Starts the service and returns once it listens: [`serve`] without the waiting, so a
+/// caller (a test with `listen = "127.0.0.1:0"`) learns the bound address.
+pub async fn start(
+    config: Arc<Config>,
+    settings: ServiceSettings,
+    shutdown: Shutdown,
+) -> Result<Running, IngestError> {
+    let ingest = &settings.ingest;
+    let producer = EventProducer::new(&settings.kafka)?;
+    let listener = tokio::net::TcpListener::bind(ingest.listen)
+        .await
+        .map_err(|source| BindError {
+            addr: ingest.listen,
+            what: "the ingest API",
+            source,
+        })?;
+    let local_addr = listener.local_addr().unwrap_or(ingest.listen);
+
+    let registry = Registry::new();
+    let metrics = IngestMetrics::new(&Metrics::new(registry.clone()));
+    let readiness = Readiness::new("no answer from Kafka yet");
+    let probe = producer.watch_readiness(readiness.clone(), shutdown.clone());
+    if ingest.api_keys.is_empty() {
+        tracing::warn!(
+            "no [[ingest.api_keys]] configured: every POST /v1/events is refused with 401"
+        );
+    }
+    let app = Arc::new(App {
+        config,
+        keys: ApiKeys::new(ingest.api_keys.clone()),
+        limiter: RateLimiter::new(
+            ingest.api_keys.len(),
+            ingest.rate_limit_per_second,
+            ingest.rate_limit_burst,
+            Instant::now(),
+        ),
+        producer: producer.clone(),
+        metrics: metrics.clone(),
+        max_body_bytes: ingest.max_body_bytes,
+        max_batch_events: ingest.max_batch_events,
+    });
+    let router = router(app, registry, readiness);
+    tracing::info!(%local_addr, topic = producer.topic(), "ingest API listening");
+
+    let handle = tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.requested().await })
+            .await;
+        // Every request has been answered: what was accepted is acknowledged. The flush
+        // only waits for events of requests that failed with 503, which promised
+        // nothing, so they are not lost silently either.
+        producer.flush().await;
+        let _ = probe.await;
+        tracing::info!(%local_addr, "ingest API stopped");
+        served.map_err(|source| IngestError::Serve {
+            addr: local_addr,
+            source,
+        })
+    });
+    Ok(Running { local_addr, handle })
+}
+
+fn router(app: Arc<App>, registry: Registry, readiness: Readiness) -> Router {
+    let metrics = app.metrics.clone();
+    let max_body_bytes = app.max_body_bytes;
+    Router::new()
+        .route(EVENTS_ROUTE, post(post_events))
+        .with_state(app)
+        .merge(tally_runtime::ops::router(registry, readiness))
+        .route_layer(middleware::from_fn_with_state(metrics, track))
+        // The handler reads the body under its own cap; this one guards any extractor
+        // added later.
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// Counts and times every request by its route template.
+async fn track(State(metrics): State<IngestMetrics>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics.request(&route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn post_events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let Some(caller) = app.keys.authenticate(&headers) else {
+        tracing::debug!("events refused: no valid API key");
+        let mut response = ErrorBody::new(
+            "unauthorized",
+            "send a valid API key as `Authorization: Bearer <key>` or `X-Api-Key: <key>`",
+        )
+        .into_response(StatusCode::UNAUTHORIZED);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"tally\""),
+        );
+        return response;
+    };
+    let tenant = caller.key.tenant.as_str();
+    if let Err(wait) = app.limiter.check(caller.index, Instant::now()) {
+        let seconds = retry_after_seconds(wait);
+        tracing::debug!(tenant, retry_after = seconds, "events refused: rate limit");
+        let body = ErrorBody::new(
+            "rate_limited",
+            format!(
+                "this API key sent more requests than its rate limit allows; retry in {seconds} s"
+            ),
+        );
+        return with_retry_after(body.into_response(StatusCode::TOO_MANY_REQUESTS), seconds);
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let Some(kind) = body_kind(content_type) else {
+        return ErrorBody::new(
+            "unsupported_media_type",
+            format!(
+                "Content-Type {} is not accepted; send {ACCEPTED_TYPES}",
+                content_type.map_or_else(|| "(none)".to_owned(), |c| format!("{c:?}"))
+            ),
+        )
+        .into_response(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    };
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > app.max_body_bytes as u64) {
+        return too_large(app.max_body_bytes);
+    }
+    let bytes = match read_body(body, app.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(ReadError::TooLarge) => return too_large(app.max_body_bytes),
+        Err(ReadError::Failed(e)) => {
+            return ErrorBody::new(
+                "unreadable_body",
+                format!("the request body could not be read: {e}"),
+            )
+            .into_response(StatusCode::BAD_REQUEST)
+        }
+    };
+    let events = match split_events(kind, &bytes, app.max_batch_events) {
+        Ok(events) => events,
+        Err(e) => {
+            let (status, code) = match e {
+                BodyError::TooManyEvents { .. } => {
+                    (StatusCode::PAYLOAD_TOO_LARGE, "too_many_events")
+                }
+                BodyError::Empty => (StatusCode::BAD_REQUEST, "empty_body"),
+                BodyError::EmptyBatch => (StatusCode::BAD_REQUEST, "empty_batch"),
+                BodyError::NotAnArray => (StatusCode::BAD_REQUEST, "not_an_array"),
+                BodyError::InvalidBatch(_) => (StatusCode::BAD_REQUEST, "invalid_batch"),
+            };
+            return ErrorBody::new(code, e.to_string()).into_response(status);
+        }
+    };
+    ingest(&app, caller, &events).await
+}
+
+/// Checks, produces and answers for the events of one request.
+async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response {
+    let tenant = caller.key.tenant.as_str();
+    let decoder = EventDecoder::new(&app.config, chrono::Utc::now());
+    let verdicts = match check_events(&decoder, caller.key, events.as_slice()) {
+        Ok(verdicts) => verdicts,
+        Err(forbidden) => {
+            tracing::warn!(
+                tenant,
+                source = %forbidden.source,
+                index = forbidden.index,
+                "events refused: source not allowed for the key"
+            );
+            return ErrorBody::new(
+                "forbidden_source",
+                format!(
+                    "this API key may not send events with source {:?} (event {}); nothing of this request was stored",
+                    forbidden.source, forbidden.index
+                ),
+            )
+            .at(forbidden.index)
+            .into_response(StatusCode::FORBIDDEN);
+        }
+    };
+
+    let records: Vec<Record<'_>> = verdicts
+        .iter()
+        .filter_map(|v| match &v.kind {
+            VerdictKind::Accept { subject } => Some(Record {
+                key: subject.as_bytes(),
+                value: v.bytes,
+            }),
+            _ => None,
+        })
+        .collect();
+    if !records.is_empty() {
+        let started = Instant::now();
+        if let Err(e) = app.producer.produce_all(&records).await {
+            tracing::warn!(
+                tenant,
+                events = records.len(),
+                error = %e,
+                "events not acknowledged by kafka; answered 503"
+            );
+            let body = ErrorBody::new(
+                "kafka_unavailable",
+                format!(
+                    "{e}. Nothing from this request is guaranteed to be stored; retry the whole request later (resending is safe: events are deduplicated on (source, id))"
+                ),
+            );
+            return with_retry_after(
+                body.into_response(StatusCode::SERVICE_UNAVAILABLE),
+                KAFKA_RETRY_AFTER_SECONDS,
+            );
+        }
+        app.metrics.produced(started.elapsed());
+    }
+
+    let mut results = Vec::with_capacity(verdicts.len());
+    let (mut accepted, mut rejected, mut duplicates) = (0, 0, 0);
+    for (index, verdict) in verdicts.into_iter().enumerate() {
+        let status = match verdict.kind {
+            VerdictKind::Accept { .. } => {
+                accepted += 1;
+                EventStatus::Accepted
+            }
+            VerdictKind::Duplicate { of } => {
+                duplicates += 1;
+                EventStatus::DuplicateInBatch { duplicate_of: of }
+            }
+            VerdictKind::Reject(error) => {
+                rejected += 1;
+                app.metrics.rejected(&error);
+                tracing::debug!(tenant, index, field = %error.field, code = error.problem.code(), "event rejected");
+                EventStatus::rejected(&error)
+            }
+        };
+        results.push(EventResult {
+            index,
+            id: verdict.id,
+            status,
+        });
+    }
+    app.metrics.events(Outcome::Accepted, accepted);
+    app.metrics.events(Outcome::DuplicateInBatch, duplicates);
+    app.metrics.events(Outcome::Rejected, rejected);
+    tracing::debug!(tenant, accepted, rejected, duplicates, "events ingested");
+    let status = if events.is_single() && rejected > 0 {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::ACCEPTED
+    };
+    json(
+        status,
+        &EventsResponse {
+            accepted,
+            rejected,
+            duplicates,
+            results,
+        },
+    )
+}
+
+fn too_large(max_body_bytes: usize) -> Response {
+    ErrorBody::new(
+        "payload_too_large",
+        format!("the request body is larger than the {max_body_bytes} bytes allowed; send fewer events per request"),
+    )
+    .into_response(StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+enum ReadError {
+    TooLarge,
+    Failed(String),
+}
+
+/// Reads the body, stopping as soon as it passes `limit` bytes, whatever
+/// `Content-Length` said (or if it said nothing, as with chunked bodies).
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ReadError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ReadError::TooLarge),
+        Err(e) => Err(ReadError::Failed(e.to_string())),
+    }
+}
