@@ -51,6 +51,8 @@ pub struct ClickHouse {
     agent: ureq::Agent,
     url: String,
     database: String,
+    /// User and password, sent as ClickHouse's `X-ClickHouse-User`/`-Key` headers.
+    credentials: Option<(String, String)>,
 }
 
 /// One row of `rated_lines`, as JSONEachRow.
@@ -96,7 +98,24 @@ impl ClickHouse {
             agent,
             url: url.trim_end_matches('/').to_owned(),
             database: database.to_owned(),
+            credentials: None,
         })
+    }
+
+    /// Authenticates as `user` (ClickHouse's `default` when `None`).
+    pub fn with_credentials(mut self, user: Option<&str>, password: Option<&str>) -> Self {
+        if user.is_some() || password.is_some() {
+            self.credentials = Some((
+                user.unwrap_or("default").to_owned(),
+                password.unwrap_or_default().to_owned(),
+            ));
+        }
+        self
+    }
+
+    /// The HTTP interface's address, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// Creates the database, the table and the view if they do not exist.
@@ -128,14 +147,21 @@ impl ClickHouse {
         )
     }
 
-    /// Writes lines in one insert. A line's row with the highest `version` is current;
-    /// writing the same version again replaces nothing and adds nothing to the view.
+    /// Writes lines in one insert, all with one version. A line's row with the highest
+    /// `version` is current; writing the same version again replaces nothing and adds
+    /// nothing to the view.
     pub fn insert_lines(&self, version: u64, lines: &[InvoiceLine]) -> Result<(), ClickHouseError> {
+        let rows: Vec<_> = lines.iter().map(|line| (version, line)).collect();
+        self.insert_versioned(&rows)
+    }
+
+    /// Writes lines, each with its own version, in one insert.
+    pub fn insert_versioned(&self, lines: &[(u64, &InvoiceLine)]) -> Result<(), ClickHouseError> {
         if lines.is_empty() {
             return Ok(());
         }
         let mut body = Vec::with_capacity(lines.len() * 512);
-        for line in lines {
+        for &(version, line) in lines {
             let amount_minor =
                 line.amount_minor()
                     .ok_or_else(|| ClickHouseError::AmountTooLarge {
@@ -182,10 +208,15 @@ impl ClickHouse {
             url: self.url.clone(),
             source,
         };
-        let request = self
+        let mut request = self
             .agent
             .post(&format!("{}/", self.url))
             .query("query", query);
+        if let Some((user, password)) = &self.credentials {
+            request = request
+                .header("X-ClickHouse-User", user)
+                .header("X-ClickHouse-Key", password);
+        }
         let mut response = request.send(&body[..]).map_err(unreachable)?;
         let status = response.status().as_u16();
         if status == 200 {

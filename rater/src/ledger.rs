@@ -165,6 +165,27 @@ impl Ledger {
         Ok(rated)
     }
 
+    /// Every subscribed customer's line of every price of their plan, at zero usage:
+    /// what a period's lines are before any usage arrives. The streaming rater stores
+    /// these at the lowest version when it first sees a period, so a customer without
+    /// usage still has their lines (and flat fees) and one with usage has them replaced.
+    pub fn opening_lines(&self, period: Period) -> Result<Vec<InvoiceLine>, RateError> {
+        let mut lines = Vec::new();
+        for customer in self.config.customers.values() {
+            let plan = self.config.plan(customer.plan);
+            for price_index in 0..plan.prices.len() {
+                lines.push(invoice_line(
+                    &self.config,
+                    customer,
+                    price_index,
+                    period,
+                    Decimal::ZERO,
+                )?);
+            }
+        }
+        Ok(lines)
+    }
+
     /// Every line of the period in its current revision: one per subscribed customer and
     /// price of their plan, zero usage included, sorted by customer then by the price's
     /// place in the plan. The period's pending changes are flushed first (other periods'

@@ -6,6 +6,7 @@
 //! the same number of partitions: the aggregator writes partition p's windows and state
 //! changes to partition p, so a customer's usage stays in one partition end to end.
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use prometheus::IntGaugeVec;
@@ -13,8 +14,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Offset};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tally_schemas::config::{KafkaSettings, Topic};
 
 /// What went wrong talking to Kafka, and where.
@@ -143,15 +144,98 @@ pub fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, lag: &IntGauge
         else {
             continue;
         };
-        let position = positions
-            .find_partition(elem.topic(), elem.partition())
-            .and_then(|p| match p.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
-        if let Some(position) = position {
+        if let Some(position) = offset_of(&positions, elem.topic(), elem.partition()) {
             lag.with_label_values(&[elem.topic(), &elem.partition().to_string()])
                 .set((high - position).max(0));
         }
     }
+}
+
+/// A consumer-group member that owns partitions: told of each assignment and
+/// revocation, inside the consumer's `poll`, on the polling thread. Implementations
+/// restore state on assignment (and may choose where each partition starts, by setting
+/// its offset in the list) and finish their work on revocation.
+pub trait PartitionOwner: Send + Sized + 'static {
+    type Error: Send + 'static;
+
+    /// Called with the newly assigned partitions; must end by taking them with
+    /// `consumer.incremental_assign(partitions)`.
+    fn assign(
+        &mut self,
+        consumer: &BaseConsumer<GroupContext<Self>>,
+        partitions: &mut TopicPartitionList,
+    ) -> Result<(), Self::Error>;
+
+    /// Called with the partitions being taken away; must end by releasing them with
+    /// `consumer.incremental_unassign(partitions)`.
+    fn revoke(
+        &mut self,
+        consumer: &BaseConsumer<GroupContext<Self>>,
+        partitions: &TopicPartitionList,
+    ) -> Result<(), Self::Error>;
+}
+
+/// The consumer context of a [`PartitionOwner`] under the cooperative protocol.
+#[allow(missing_debug_implementations)] // holds the owner's whole state
+pub struct GroupContext<W: PartitionOwner> {
+    owner: Arc<Mutex<W>>,
+    /// A rebalance step that failed; the consume loop stops with it.
+    failure: Mutex<Option<W::Error>>,
+}
+
+impl<W: PartitionOwner> GroupContext<W> {
+    pub fn new(owner: Arc<Mutex<W>>) -> Self {
+        GroupContext {
+            owner,
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// The error of a failed assignment or revocation, once.
+    pub fn take_failure(&self) -> Option<W::Error> {
+        lock(&self.failure).take()
+    }
+}
+
+impl<W: PartitionOwner> ClientContext for GroupContext<W> {}
+
+impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        let mut owner = lock(&self.owner);
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                owner.assign(consumer, partitions)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                owner.revoke(consumer, partitions)
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance failed");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            *lock(&self.failure) = Some(e);
+        }
+    }
+}
+
+/// Locks, carrying on after a panic elsewhere: the guarded state is rebuilt from Kafka
+/// on any error anyway.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The offset of `partition` of `topic` in `list`, if it is a real offset.
+pub fn offset_of(list: &TopicPartitionList, topic: &str, partition: i32) -> Option<i64> {
+    list.find_partition(topic, partition)
+        .and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        })
 }

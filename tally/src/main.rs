@@ -7,11 +7,13 @@
 //! - `demo`: generate a realistic month and run it through the embedded pipeline
 //!   (`demo/`, `embedded/`).
 //! - `generate`: the demo's deterministic event generator on its own, for benchmarks.
+//! - `serve`: the streaming services on Kafka and ClickHouse (`serve.rs`).
 
 mod batch;
 mod demo;
 mod embedded;
 mod report;
+mod serve;
 mod summary;
 
 use std::fs::File;
@@ -54,6 +56,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Write a deterministic synthetic month of events and a configuration for it.
     Generate(demo::GenerateArgs),
+    /// Run a streaming service: ingest, aggregator, rater, or all three.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -104,6 +108,7 @@ fn main() {
         Command::Rate(args) => rate(args),
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => demo::generate_command(args),
+        Command::Serve(args) => serve::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -21,19 +21,19 @@ mod changelog;
 mod metrics;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::TopicPartitionList;
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset};
+use rdkafka::Offset;
+use tally_runtime::kafka::{client_config, lock, offset_of, GroupContext, PartitionOwner};
 use tally_runtime::ops::Readiness;
-use tally_runtime::{kafka::client_config, Shutdown};
+use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::event::EventDecoder;
 
@@ -120,49 +120,41 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-/// The consumer's context: rebalances run inside `poll`, on the loop's thread.
-struct RebalanceContext {
-    worker: Arc<Mutex<Worker>>,
-    /// A rebalance step that failed; the loop stops with it.
-    failure: Mutex<Option<AggregatorError>>,
-}
+type GroupConsumer = BaseConsumer<GroupContext<Worker>>;
 
-type GroupConsumer = BaseConsumer<RebalanceContext>;
+impl PartitionOwner for Worker {
+    type Error = AggregatorError;
 
-impl ClientContext for RebalanceContext {}
-
-impl ConsumerContext for RebalanceContext {
-    /// Takes over the rebalance so assignment can start each partition at the offset
-    /// its restored state accounts for, and revocation can commit first.
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
+    /// Restores each newly assigned partition, then assigns it at the offset its state
+    /// accounts for.
+    fn assign(
+        &mut self,
+        consumer: &GroupConsumer,
         partitions: &mut TopicPartitionList,
-    ) {
-        let mut worker = lock(&self.worker);
-        let result = match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                worker.assign(consumer, partitions)
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                worker.revoke(consumer, partitions)
-            }
-            other => {
-                tracing::error!(error = ?other, "rebalance failed");
-                Ok(())
-            }
-        };
-        if let Err(e) = result {
-            *lock(&self.failure) = Some(e);
-        }
+    ) -> Result<(), AggregatorError> {
+        self.assign_restored(consumer, partitions)
     }
-}
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Commits the open transaction, then lets the revoked partitions go.
+    fn revoke(
+        &mut self,
+        consumer: &GroupConsumer,
+        partitions: &TopicPartitionList,
+    ) -> Result<(), AggregatorError> {
+        self.commit_or_recover(consumer)?;
+        for e in partitions.elements() {
+            self.partitions.remove(&e.partition());
+        }
+        self.metrics
+            .assigned_partitions
+            .set(self.partitions.len() as i64);
+        consumer
+            .incremental_unassign(partitions)
+            .map_err(|source| AggregatorError::Kafka {
+                what: "release the revoked partitions".to_owned(),
+                source,
+            })
+    }
 }
 
 /// Runs the aggregator until `shutdown`, then commits what it has read and leaves the
@@ -197,10 +189,7 @@ pub fn run(
         readiness: readiness.clone(),
         broken: None,
     }));
-    let context = RebalanceContext {
-        worker: Arc::clone(&worker),
-        failure: Mutex::new(None),
-    };
+    let context = GroupContext::new(Arc::clone(&worker));
     let consumer: GroupConsumer = client_config(kafka)
         .set("group.id", kafka.group("aggregator"))
         .set("enable.auto.commit", "false")
@@ -227,7 +216,7 @@ pub fn run(
     let mut last_lag = Instant::now();
     while !shutdown.is_requested() {
         let polled = consumer.poll(Duration::from_millis(100));
-        if let Some(failure) = lock(&consumer.context().failure).take() {
+        if let Some(failure) = consumer.context().take_failure() {
             return Err(failure);
         }
         let mut worker = lock(&worker);
@@ -283,9 +272,7 @@ fn new_producer(
 }
 
 impl Worker {
-    /// Restores each newly assigned partition, then assigns it at the offset its state
-    /// accounts for.
-    fn assign(
+    fn assign_restored(
         &mut self,
         consumer: &GroupConsumer,
         partitions: &mut TopicPartitionList,
@@ -299,12 +286,7 @@ impl Worker {
             })?;
         let ids: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
         for partition in ids {
-            let committed = committed
-                .find_partition(&self.topics.events, partition)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                });
+            let committed = offset_of(&committed, &self.topics.events, partition);
             let state = self.load(partition, committed)?;
             let start = match state.next_offset {
                 0 => Offset::Beginning,
@@ -385,27 +367,6 @@ impl Worker {
             deltas,
             delta_bytes,
         })
-    }
-
-    /// Commits the open transaction, then lets the revoked partitions go.
-    fn revoke(
-        &mut self,
-        consumer: &GroupConsumer,
-        partitions: &TopicPartitionList,
-    ) -> Result<(), AggregatorError> {
-        self.commit_or_recover(consumer)?;
-        for e in partitions.elements() {
-            self.partitions.remove(&e.partition());
-        }
-        self.metrics
-            .assigned_partitions
-            .set(self.partitions.len() as i64);
-        consumer
-            .incremental_unassign(partitions)
-            .map_err(|source| AggregatorError::Kafka {
-                what: "release the revoked partitions".to_owned(),
-                source,
-            })
     }
 
     /// Dedupes and aggregates one event; refused ones are written to the rejected

@@ -1,0 +1,68 @@
+//! The rater service's Prometheus metrics. Names and labels are part of the product
+//! (dashboards and alerts use them): change them only with the dashboard.
+
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGaugeVec, Registry};
+use tally_runtime::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct RaterMetrics {
+    pub registry: Registry,
+    pub window_updates: IntCounter,
+    pub lines_rated: IntCounter,
+    /// `reason`: unknown_customer, not_priced.
+    pub unbilled: IntCounterVec,
+    /// From a window update reaching Kafka to its line being stored in ClickHouse.
+    pub rating_latency: Histogram,
+    pub insert_duration: Histogram,
+    pub inserted_rows: IntCounter,
+    pub insert_failures: IntCounter,
+    pub rating_failures: IntCounter,
+    pub consumer_lag: IntGaugeVec,
+}
+
+impl RaterMetrics {
+    pub fn new(registry: Registry) -> Self {
+        let m = Metrics::new(registry.clone());
+        RaterMetrics {
+            window_updates: m.counter(
+                "tally_rater_window_updates_total",
+                "Window updates read from the windows topic.",
+            ),
+            lines_rated: m.counter(
+                "tally_rater_lines_rated_total",
+                "Invoice line revisions rated and stored.",
+            ),
+            unbilled: m.counter_vec(
+                "tally_rater_unbilled_usage_total",
+                "Window updates that no line bills, by reason.",
+                &["reason"],
+            ),
+            rating_latency: m.latency(
+                "tally_rater_rating_latency_seconds",
+                "From a window update reaching Kafka to its rated line being stored.",
+            ),
+            insert_duration: m.latency(
+                "tally_clickhouse_insert_duration_seconds",
+                "Time of one batched insert into ClickHouse.",
+            ),
+            inserted_rows: m.counter(
+                "tally_clickhouse_inserted_rows_total",
+                "Rows inserted into ClickHouse.",
+            ),
+            insert_failures: m.counter(
+                "tally_clickhouse_insert_failures_total",
+                "Inserts into ClickHouse that failed (and were retried).",
+            ),
+            rating_failures: m.counter(
+                "tally_rater_rating_failures_total",
+                "Flushes in which a line could not be rated (it stays pending).",
+            ),
+            consumer_lag: m.gauge_vec(
+                "tally_kafka_consumer_lag_messages",
+                "Messages between a partition's position and its high watermark.",
+                &["topic", "partition"],
+            ),
+            registry,
+        }
+    }
+}

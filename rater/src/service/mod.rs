@@ -1,0 +1,535 @@
+//! The rater service: window aggregates from Kafka in, rated invoice lines out to
+//! ClickHouse and to `<prefix>.rated`.
+//!
+//! In: `<prefix>.windows`, read committed, as a member of group `<prefix>-rater`. Out:
+//! every changed line, rated with the rater core from its period-to-date usage, into
+//! `<database>.rated_lines` (see [`crate::clickhouse`]) in batched inserts, then to
+//! `<prefix>.rated` for downstream consumers; then the offsets, synchronously. Offsets
+//! are committed only after ClickHouse stored the lines they account for, so a crash
+//! re-reads, never skips; rows are versioned by the windows offset they account for,
+//! so re-reading writes the same rows again and nothing is counted twice.
+//!
+//! A line combines all of a customer's series its price selects, and a customer's
+//! windows all live in one windows partition (the aggregator writes partition p's
+//! windows to partition p). So each partition has its own [`Ledger`]. On assignment the
+//! ledger is rebuilt by reading the partition from the beginning up to the committed
+//! offset (the topic is compacted: each window's latest revision, which carries its
+//! series' latest period-to-date value, is kept). While ClickHouse is down the rater
+//! pauses its partitions, keeps the unwritten lines, and retries with backoff.
+
+mod metrics;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use tally_runtime::kafka::{client_config, lock, offset_of, GroupContext, PartitionOwner};
+use tally_runtime::ops::Readiness;
+use tally_runtime::Shutdown;
+use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
+use tally_schemas::records::{InvoiceLine, WindowUsage};
+use tally_schemas::time::Period;
+
+pub use metrics::RaterMetrics;
+
+use crate::clickhouse::{ClickHouse, ClickHouseError};
+use crate::ledger::{Ledger, RatedLine, Recorded};
+
+/// Most window updates read before their lines are written.
+const MAX_BATCH_UPDATES: usize = 200_000;
+const REBUILD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Where the rater service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RaterError {
+    #[error("cannot {what}: {source}")]
+    Kafka { what: String, source: KafkaError },
+    #[error(transparent)]
+    ClickHouse(#[from] ClickHouseError),
+    #[error("rebuilding {topic}[{partition}] took longer than {timeout:?}; is the broker overloaded?")]
+    RebuildTimeout {
+        topic: String,
+        partition: i32,
+        timeout: Duration,
+    },
+}
+
+/// A rated line as written to `<prefix>.rated`: the line, its revision and how much
+/// it moved, and the version its ClickHouse row has. Consumers keep the highest
+/// version per line id.
+#[derive(Debug, Serialize)]
+struct RatedRecord<'a> {
+    #[serde(flatten)]
+    line: &'a InvoiceLine,
+    revision: u64,
+    delta: rust_decimal::Decimal,
+    version: u64,
+}
+
+#[derive(Debug)]
+struct PartitionState {
+    ledger: Ledger,
+    /// Periods whose opening (zero-usage) lines this partition has stored.
+    opened: std::collections::BTreeSet<Period>,
+    /// Next offset to read.
+    next_offset: i64,
+    /// Offset to commit once the pending lines are stored.
+    uncommitted: bool,
+}
+
+/// Lines rated but not yet stored, with the offsets they account for.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Zero-usage lines of newly seen periods, stored at version 0.
+    opening: Vec<InvoiceLine>,
+    lines: Vec<(u64, RatedLine)>,
+    offsets: BTreeMap<i32, i64>,
+    /// Kafka timestamp (ms) of the oldest window update in the batch.
+    oldest_update_ms: Option<i64>,
+    updates: usize,
+    started: Option<Instant>,
+}
+
+struct Worker {
+    config: Arc<Config>,
+    topic: String,
+    rated_topic: String,
+    kafka: KafkaSettings,
+    clickhouse: ClickHouse,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    partitions: BTreeMap<i32, PartitionState>,
+    pending: Pending,
+    metrics: RaterMetrics,
+    readiness: Readiness,
+    /// While set, ClickHouse refused the last write: partitions are paused and the
+    /// write is retried at this time.
+    retry_at: Option<(Instant, Duration)>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("partitions", &self.partitions.keys().collect::<Vec<_>>())
+            .field("pending", &self.pending.lines.len())
+            .finish_non_exhaustive()
+    }
+}
+
+type GroupConsumer = BaseConsumer<GroupContext<Worker>>;
+
+impl PartitionOwner for Worker {
+    type Error = RaterError;
+
+    /// Rebuilds each new partition's ledger up to its committed offset.
+    fn assign(
+        &mut self,
+        consumer: &GroupConsumer,
+        partitions: &mut TopicPartitionList,
+    ) -> Result<(), RaterError> {
+        self.readiness.not_ready("rebuilding partitions");
+        let committed = consumer
+            .committed_offsets(partitions.clone(), Duration::from_secs(30))
+            .map_err(kafka("read the committed offsets of the assigned partitions"))?;
+        let ids: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
+        for partition in ids {
+            let committed = offset_of(&committed, &self.topic, partition).unwrap_or(0);
+            let (ledger, opened) = self.rebuild(partition, committed)?;
+            partitions
+                .set_partition_offset(&self.topic, partition, Offset::Offset(committed))
+                .map_err(kafka("start an assigned partition"))?;
+            self.partitions.insert(
+                partition,
+                PartitionState {
+                    ledger,
+                    opened,
+                    next_offset: committed,
+                    uncommitted: false,
+                },
+            );
+        }
+        consumer
+            .incremental_assign(partitions)
+            .map_err(kafka("take the assigned partitions"))?;
+        if self.retry_at.is_some() {
+            consumer
+                .pause(partitions)
+                .map_err(kafka("pause the assigned partitions"))?;
+        }
+        self.readiness.ready();
+        Ok(())
+    }
+
+    /// Stores what was read of the revoked partitions if ClickHouse allows, then lets
+    /// them go; what could not be stored is re-read by their next owner.
+    fn revoke(
+        &mut self,
+        consumer: &GroupConsumer,
+        partitions: &TopicPartitionList,
+    ) -> Result<(), RaterError> {
+        if let Err(e) = self.store(consumer) {
+            tracing::warn!(error = %e, "cannot store before giving partitions up; their next owner re-reads them");
+        }
+        for e in partitions.elements() {
+            self.partitions.remove(&e.partition());
+            self.pending.offsets.remove(&e.partition());
+        }
+        consumer
+            .incremental_unassign(partitions)
+            .map_err(kafka("release the revoked partitions"))
+    }
+}
+
+fn kafka(what: &'static str) -> impl Fn(KafkaError) -> RaterError {
+    move |source| RaterError::Kafka {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+/// Runs the rater until `shutdown`, then stores what it has read and leaves the group.
+/// Blocking: run it on its own thread. The topics must exist.
+pub fn run(
+    config: Arc<Config>,
+    settings: &ServiceSettings,
+    metrics: RaterMetrics,
+    readiness: Readiness,
+    shutdown: Shutdown,
+) -> Result<(), RaterError> {
+    let kafka_settings = &settings.kafka;
+    let clickhouse = ClickHouse::new(&settings.clickhouse.url, &settings.clickhouse.database)?
+        .with_credentials(
+            settings.clickhouse.user.as_deref(),
+            settings.clickhouse.password.as_deref(),
+        );
+    // ClickHouse may be starting too: wait for it rather than fail the service.
+    let mut wait = Duration::from_millis(200);
+    while let Err(e) = clickhouse.ensure_schema() {
+        if shutdown.is_requested() {
+            return Ok(());
+        }
+        readiness.not_ready(format!("ClickHouse: {e}"));
+        tracing::warn!(error = %e, "cannot create the ClickHouse schema yet; retrying");
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = client_config(kafka_settings)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .create()
+        .map_err(kafka("create the rated-lines producer"))?;
+    let topic = kafka_settings.topic(Topic::Windows);
+    let worker = Arc::new(Mutex::new(Worker {
+        config,
+        topic: topic.clone(),
+        rated_topic: kafka_settings.topic(Topic::Rated),
+        kafka: kafka_settings.clone(),
+        clickhouse,
+        producer,
+        partitions: BTreeMap::new(),
+        pending: Pending::default(),
+        metrics,
+        readiness: readiness.clone(),
+        retry_at: None,
+    }));
+    let consumer: GroupConsumer = client_config(kafka_settings)
+        .set("group.id", kafka_settings.group("rater"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create_with_context(GroupContext::new(Arc::clone(&worker)))
+        .map_err(kafka("create the windows consumer"))?;
+    consumer
+        .subscribe(&[&topic])
+        .map_err(kafka("subscribe to the windows topic"))?;
+    readiness.ready();
+    tracing::info!(%topic, group = %kafka_settings.group("rater"), "rater started");
+    let flush_interval = settings.rater.flush_interval;
+    let mut last_lag = Instant::now();
+    while !shutdown.is_requested() {
+        let polled = consumer.poll(Duration::from_millis(100));
+        if let Some(failure) = consumer.context().take_failure() {
+            return Err(failure);
+        }
+        let mut worker = lock(&worker);
+        match polled {
+            Some(Ok(message)) => worker.process(&message),
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
+            None => {}
+        }
+        if worker.store_due(flush_interval) {
+            // A failure is retried by `store` itself; the loop keeps polling so the
+            // group does not consider this member dead.
+            let _ = worker.store(&consumer);
+        }
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            last_lag = Instant::now();
+            tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag);
+        }
+    }
+    tracing::info!("rater stopping: storing what was read");
+    let mut worker = lock(&worker);
+    worker.store(&consumer)?;
+    if let Err(e) = worker.producer.flush(Duration::from_secs(10)) {
+        tracing::warn!(error = %e, "some rated lines may not have reached the rated topic");
+    }
+    drop(worker);
+    consumer.unsubscribe();
+    Ok(())
+}
+
+impl Worker {
+    /// Reads `[0, end)` of a windows partition into a new ledger: the state that the
+    /// lines already stored were rated from.
+    fn rebuild(
+        &self,
+        partition: i32,
+        end: i64,
+    ) -> Result<(Ledger, std::collections::BTreeSet<Period>), RaterError> {
+        let mut ledger = Ledger::new(Arc::clone(&self.config));
+        let mut opened = std::collections::BTreeSet::new();
+        if end == 0 {
+            return Ok((ledger, opened));
+        }
+        let started = Instant::now();
+        let reader: BaseConsumer = client_config(&self.kafka)
+            .set("group.id", "tally-rater-rebuild")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(kafka("create the rebuild reader"))?;
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&self.topic, partition, Offset::Beginning)
+            .map_err(kafka("assign the partition to rebuild"))?;
+        reader
+            .assign(&assignment)
+            .map_err(kafka("assign the partition to rebuild"))?;
+        let mut read = 0u64;
+        loop {
+            if started.elapsed() > REBUILD_TIMEOUT {
+                return Err(RaterError::RebuildTimeout {
+                    topic: self.topic.clone(),
+                    partition,
+                    timeout: REBUILD_TIMEOUT,
+                });
+            }
+            match reader.poll(Duration::from_millis(500)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(source)) => {
+                    return Err(RaterError::Kafka {
+                        what: format!("rebuild {}[{partition}]", self.topic),
+                        source,
+                    })
+                }
+                Some(Ok(message)) => {
+                    if message.offset() >= end {
+                        break;
+                    }
+                    if let Some(update) = decode(&message) {
+                        record(&mut ledger, &update);
+                        opened.insert(Period::containing(update.period_start));
+                        read += 1;
+                    }
+                    if message.offset() + 1 >= end {
+                        break;
+                    }
+                }
+            }
+        }
+        // Marks every line rated as of `end`; those lines are already stored.
+        if let Err(e) = ledger.flush() {
+            tracing::warn!(error = %e, partition, "a line could not be rated while rebuilding; it stays pending");
+        }
+        tracing::info!(
+            partition,
+            updates = read,
+            seconds = started.elapsed().as_secs_f64(),
+            "ledger rebuilt from the windows topic"
+        );
+        Ok((ledger, opened))
+    }
+
+    fn process(&mut self, message: &BorrowedMessage<'_>) {
+        let partition = message.partition();
+        let Some(state) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        if message.offset() < state.next_offset {
+            return;
+        }
+        state.next_offset = message.offset() + 1;
+        state.uncommitted = true;
+        self.metrics.window_updates.inc();
+        let Some(update) = decode(message) else {
+            return;
+        };
+        let period = Period::containing(update.period_start);
+        if state.opened.insert(period) {
+            match state.ledger.opening_lines(period) {
+                Ok(lines) => self.pending.opening.extend(lines),
+                Err(e) => tracing::error!(error = %e, %period, "cannot rate a period's opening lines"),
+            }
+        }
+        match record(&mut state.ledger, &update) {
+            Recorded::Billed(_) => {}
+            Recorded::UnknownCustomer => self
+                .metrics
+                .unbilled
+                .with_label_values(&["unknown_customer"])
+                .inc(),
+            Recorded::NotPriced => self
+                .metrics
+                .unbilled
+                .with_label_values(&["not_priced"])
+                .inc(),
+        }
+        let pending = &mut self.pending;
+        pending.updates += 1;
+        pending.started.get_or_insert_with(Instant::now);
+        if let Some(ms) = message.timestamp().to_millis() {
+            pending.oldest_update_ms = Some(pending.oldest_update_ms.map_or(ms, |o| o.min(ms)));
+        }
+    }
+
+    fn store_due(&self, flush_interval: Duration) -> bool {
+        if let Some((at, _)) = self.retry_at {
+            return Instant::now() >= at;
+        }
+        self.pending.updates >= MAX_BATCH_UPDATES
+            || self
+                .pending
+                .started
+                .is_some_and(|s| s.elapsed() >= flush_interval)
+    }
+
+    /// Rates the changed lines, writes them to ClickHouse and `rated`, then commits the
+    /// offsets they account for. If ClickHouse refuses, the lines are kept, the
+    /// partitions paused and the write retried later with backoff.
+    fn store(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
+        for (&partition, state) in &mut self.partitions {
+            if !state.uncommitted {
+                continue;
+            }
+            // The row version is the windows offset the line accounts for: a later
+            // state of a line always has a higher version, and re-reading writes the
+            // same version with the same content.
+            let version = u64::try_from(state.next_offset).unwrap_or_default();
+            match state.ledger.flush() {
+                Ok(lines) => self
+                    .pending
+                    .lines
+                    .extend(lines.into_iter().map(|l| (version, l))),
+                Err(e) => {
+                    self.metrics.rating_failures.inc();
+                    tracing::error!(error = %e, partition, "a line cannot be rated; it stays pending and is retried with the next update");
+                }
+            }
+            self.pending.offsets.insert(partition, state.next_offset);
+            state.uncommitted = false;
+        }
+        if self.pending.offsets.is_empty() {
+            self.pending = Pending::default();
+            return Ok(());
+        }
+        let started = Instant::now();
+        let rows: Vec<(u64, &InvoiceLine)> = (self.pending.opening.iter().map(|line| (0, line)))
+            .chain(self.pending.lines.iter().map(|(v, l)| (*v, &l.line)))
+            .collect();
+        let inserted = self.clickhouse.insert_versioned(&rows);
+        let rows = rows.len();
+        if let Err(e) = inserted {
+            self.metrics.insert_failures.inc();
+            let backoff = self
+                .retry_at
+                .map_or(Duration::from_millis(500), |(_, b)| (b * 2).min(Duration::from_secs(10)));
+            if self.retry_at.is_none() {
+                tracing::warn!(error = %e, "ClickHouse refused the write; pausing and retrying");
+                let _ = consumer.assignment().map(|a| consumer.pause(&a));
+            }
+            self.readiness.not_ready(format!("ClickHouse: {e}"));
+            self.retry_at = Some((Instant::now() + backoff, backoff));
+            return Err(e.into());
+        }
+        self.metrics
+            .insert_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.inserted_rows.inc_by(rows as u64);
+        self.metrics
+            .lines_rated
+            .inc_by(self.pending.lines.len() as u64);
+        if let Some(ms) = self.pending.oldest_update_ms {
+            let age = (Utc::now().timestamp_millis() - ms).max(0);
+            self.metrics.rating_latency.observe(age as f64 / 1000.0);
+        }
+        for (version, rated) in &self.pending.lines {
+            let value = serde_json::to_vec(&RatedRecord {
+                line: &rated.line,
+                revision: rated.revision,
+                delta: rated.delta,
+                version: *version,
+            })
+            .unwrap_or_default();
+            let record = BaseRecord::<str, [u8]>::to(&self.rated_topic)
+                .key(rated.line.id.as_str())
+                .payload(&value);
+            if let Err((e, _)) = self.producer.send(record) {
+                // Downstream copies are best effort; ClickHouse has the line.
+                tracing::warn!(error = %e, "cannot queue a rated line for the rated topic");
+            }
+        }
+        let mut offsets = TopicPartitionList::new();
+        for (&partition, &offset) in &self.pending.offsets {
+            offsets
+                .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
+                .map_err(kafka("list the offsets to commit"))?;
+        }
+        if self.retry_at.take().is_some() {
+            tracing::info!("ClickHouse accepts writes again; resuming");
+            let _ = consumer.assignment().map(|a| consumer.resume(&a));
+            self.readiness.ready();
+        }
+        self.pending = Pending::default();
+        consumer
+            .commit(&offsets, CommitMode::Sync)
+            .map_err(kafka("commit the windows offsets"))
+    }
+}
+
+fn decode(message: &BorrowedMessage<'_>) -> Option<WindowUsage> {
+    let payload = message.payload()?;
+    match serde_json::from_slice(payload) {
+        Ok(update) => Some(update),
+        Err(e) => {
+            tracing::error!(
+                partition = message.partition(),
+                offset = message.offset(),
+                error = %e,
+                "skipping a windows record that is not a window update"
+            );
+            None
+        }
+    }
+}
+
+fn record(ledger: &mut Ledger, update: &WindowUsage) -> Recorded {
+    ledger.record(
+        &update.series,
+        Period::containing(update.period_start),
+        update.period_to_date,
+    )
+}

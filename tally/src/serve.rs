@@ -1,0 +1,178 @@
+//! `tally serve`: the streaming services, one or all three in this process.
+//!
+//! Reads tally.toml (price book plus `[kafka]`, `[clickhouse]`, `[ingest]`,
+//! `[aggregator]`, `[rater]`) with environment overrides, creates the topics if
+//! missing, serves each service's `/metrics`, `/healthz` and `/readyz`, and runs until
+//! SIGINT or SIGTERM, when each service finishes its in-flight work: ingest answers
+//! the requests it has, the aggregator commits its transaction, the rater stores its
+//! lines.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use prometheus::Registry;
+use tally_aggregator::service::AggregatorMetrics;
+use tally_rater::service::RaterMetrics;
+use tally_runtime::ops::{self, Readiness};
+use tally_runtime::Shutdown;
+use tally_schemas::config::{Config, ServiceSettings};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Service {
+    /// HTTP API: CloudEvents in, to the events topic.
+    Ingest,
+    /// Dedupe and windows, exactly once, with Kafka transactions.
+    Aggregator,
+    /// Prices windows into invoice lines in ClickHouse.
+    Rater,
+    /// The three in one process, for small deployments.
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Which service to run.
+    #[arg(value_enum)]
+    service: Service,
+    /// The configuration file.
+    #[arg(long, default_value = "tally.toml")]
+    config: PathBuf,
+    /// Log lines as text or as JSON objects (one per line). Levels: RUST_LOG.
+    #[arg(long, value_enum, env = "TALLY_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format);
+    let config = Arc::new(Config::load(&args.config)?);
+    let origin = args.config.display().to_string();
+    let settings = config.services(&origin, &|name| std::env::var(name).ok())?;
+    tracing::info!(
+        service = ?args.service,
+        config = %origin,
+        price_book = %config.hash,
+        kafka = %settings.kafka.brokers,
+        topic_prefix = %settings.kafka.topic_prefix,
+        "starting"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(args.service, config, settings))
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn serve(
+    service: Service,
+    config: Arc<Config>,
+    settings: ServiceSettings,
+) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    shutdown.on_signals();
+    let runs = |s: Service| service == s || service == Service::All;
+    if runs(Service::Aggregator) || runs(Service::Rater) {
+        ensure_topics(&settings, &shutdown).await?;
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    if runs(Service::Ingest) {
+        let (config, settings, shutdown) = (Arc::clone(&config), settings.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            tally_ingest::http::serve(config, settings, shutdown)
+                .await
+                .context("ingest")
+        });
+    }
+    if runs(Service::Aggregator) {
+        let registry = Registry::new();
+        let readiness = Readiness::new("starting");
+        ops::serve(
+            settings.aggregator.metrics_listen,
+            "aggregator metrics",
+            ops::router(registry.clone(), readiness.clone()),
+            shutdown.clone(),
+        )
+        .await?;
+        let metrics = AggregatorMetrics::new(registry);
+        let (config, settings, shutdown) = (Arc::clone(&config), settings.clone(), shutdown.clone());
+        tasks.spawn_blocking(move || {
+            tally_aggregator::service::run(config, &settings, metrics, readiness, shutdown)
+                .context("aggregator")
+        });
+    }
+    if runs(Service::Rater) {
+        let registry = Registry::new();
+        let readiness = Readiness::new("starting");
+        ops::serve(
+            settings.rater.metrics_listen,
+            "rater metrics",
+            ops::router(registry.clone(), readiness.clone()),
+            shutdown.clone(),
+        )
+        .await?;
+        let metrics = RaterMetrics::new(registry);
+        let (config, settings, shutdown) = (Arc::clone(&config), settings.clone(), shutdown.clone());
+        tasks.spawn_blocking(move || {
+            tally_rater::service::run(config, &settings, metrics, readiness, shutdown)
+                .context("rater")
+        });
+    }
+    // The first service to stop, with or without an error, stops the others.
+    let mut outcome = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.context("a service panicked").and_then(|r| r);
+        if !shutdown.is_requested() {
+            tracing::info!("a service stopped; stopping the others");
+            shutdown.request();
+        }
+        if let Err(e) = result {
+            tracing::error!(error = format!("{e:#}"), "service failed");
+            if outcome.is_ok() {
+                outcome = Err(e);
+            }
+        }
+    }
+    tracing::info!("stopped");
+    outcome
+}
+
+/// Creates the topics, waiting for Kafka for up to two minutes (it may be starting
+/// alongside).
+async fn ensure_topics(settings: &ServiceSettings, shutdown: &Shutdown) -> anyhow::Result<()> {
+    let mut wait = Duration::from_millis(250);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match tally_runtime::kafka::ensure_topics(&settings.kafka).await {
+            Ok(()) => return Ok(()),
+            Err(e @ tally_runtime::kafka::KafkaSetupError::PartitionMismatch { .. }) => {
+                return Err(e.into())
+            }
+            Err(e) if tokio::time::Instant::now() < deadline && !shutdown.is_requested() => {
+                tracing::warn!(error = %e, "Kafka not ready; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).context("cannot prepare Kafka's topics"),
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! A streaming pipeline under test: real `tally serve` processes on the real Kafka and
+//! ClickHouse that `scripts/services/up.sh` starts, each test in its own topics
+//! (a topic prefix), consumer groups and ClickHouse database.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+use tally_schemas::config::{Config, ServiceSettings};
+
+pub const BROKERS: &str = "127.0.0.1:9092";
+pub const PARTITIONS: u32 = 4;
+
+pub fn clickhouse_url() -> String {
+    std::env::var("TALLY_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
+}
+
+/// The tests stop and restart shared servers and measure exact totals: one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One line of `invoice_lines`, as finance reads it.
+pub type Line = (String, String, String, String, String);
+
+pub struct Pipeline {
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+    pub database: String,
+    pub config: PathBuf,
+    pub events: PathBuf,
+    pub period: &'static str,
+    children: BTreeMap<String, Child>,
+    producer: BaseProducer,
+    pub settings: ServiceSettings,
+}
+
+impl Pipeline {
+    /// A generated month (October 2026) of `events` events of `customers` customers,
+    /// priced by the generated price book plus `extra` TOML, with the topics created.
+    pub fn new(name: &str, events: u64, customers: u32, extra: &str) -> Pipeline {
+        let dir = tempfile::tempdir().unwrap();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let unique = format!("{name}_{}_{nanos}", std::process::id());
+        let prefix = format!("test.{unique}");
+        let database = format!("tally_test_{unique}");
+        let events_path = dir.path().join("events.jsonl");
+        let config = dir.path().join("tally.toml");
+        let status = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["generate", "--period", "2026-10", "--seed", "7"])
+            .args(["--events", &events.to_string()])
+            .args(["--customers", &customers.to_string()])
+            .arg("--out")
+            .arg(&events_path)
+            .arg("--config-out")
+            .arg(&config)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "tally generate failed");
+        let mut file = fs::OpenOptions::new().append(true).open(&config).unwrap();
+        write!(
+            file,
+            r#"
+[kafka]
+brokers = "{BROKERS}"
+topic_prefix = "{prefix}"
+partitions = {PARTITIONS}
+
+[clickhouse]
+url = "{url}"
+database = "{database}"
+
+[rater]
+metrics_listen = "127.0.0.1:0"
+flush_interval = "200ms"
+{extra}
+"#,
+            url = clickhouse_url(),
+        )
+        .unwrap();
+        if !extra.contains("[aggregator]") {
+            writeln!(
+                file,
+                "\n[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\""
+            )
+            .unwrap();
+        }
+        drop(file);
+        let parsed = Config::load(&config).unwrap();
+        let settings = parsed.services("test", &|_| None).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(tally_runtime::kafka::ensure_topics(&settings.kafka))
+            .unwrap();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", BROKERS)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        Pipeline {
+            dir,
+            prefix,
+            database,
+            config,
+            events: events_path,
+            period: "2026-10",
+            children: BTreeMap::new(),
+            producer,
+            settings,
+        }
+    }
+
+    pub fn topic(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.prefix)
+    }
+
+    /// Starts `tally serve <service>` as instance `name`, logging to `<name>.log`.
+    pub fn start(&mut self, service: &str, name: &str) {
+        self.start_with(service, name, &[]);
+    }
+
+    pub fn start_with(&mut self, service: &str, name: &str, env: &[(&str, &str)]) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["serve", service, "--config"])
+            .arg(&self.config)
+            .env("TALLY_INSTANCE_ID", name)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.insert(name.to_owned(), child);
+    }
+
+    /// SIGKILL: no chance to commit, flush or leave the group.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(mut child) = self.children.remove(name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(&mut self, name: &str) {
+        if let Some(mut child) = self.children.remove(name) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "{name} exited with {status}:\n{}", self.log(name));
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{name} did not stop within 60 s");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Panics with its log if a started process has exited.
+    pub fn assert_running(&mut self) {
+        for (name, child) in &mut self.children {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "{name} exited with {status}:\n{}",
+                    fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// The events file's lines.
+    pub fn lines(&self) -> Vec<Vec<u8>> {
+        fs::read(&self.events)
+            .unwrap()
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
+    /// Produces raw messages to the events topic keyed by their `subject` (unkeyed when
+    /// there is none), as a product service writing straight to Kafka would.
+    pub fn produce(&self, lines: &[Vec<u8>]) {
+        let topic = self.topic("events");
+        for line in lines {
+            let subject = serde_json::from_slice::<Value>(line)
+                .ok()
+                .and_then(|v| v.get("subject")?.as_str().map(str::to_owned));
+            loop {
+                let mut record = BaseRecord::<str, [u8]>::to(&topic).payload(line);
+                if let Some(subject) = &subject {
+                    record = record.key(subject);
+                }
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err(_) => {
+                        self.producer.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+            self.producer.poll(Duration::ZERO);
+        }
+        self.producer.flush(Duration::from_secs(60)).unwrap();
+    }
+
+    /// `tally rate`'s lines for the period: what ClickHouse must end up with.
+    pub fn expected(&self) -> Vec<Line> {
+        let out = self.dir.path().join("expected.jsonl");
+        let status = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["rate", "--format", "json", "--period", self.period])
+            .args(["--now", "2026-11-01T00:00:00Z"])
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--events")
+            .arg(&self.events)
+            .arg("--output")
+            .arg(&out)
+            .arg("--rejects")
+            .arg(self.dir.path().join("rejects.jsonl"))
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "tally rate failed");
+        let mut lines: Vec<Line> = fs::read_to_string(out)
+            .unwrap()
+            .lines()
+            .map(|l| line_of(&serde_json::from_str(l).unwrap()))
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// The issue's query, as finance runs it.
+    pub fn invoice_lines(&self) -> Vec<Line> {
+        let sql = format!(
+            "SELECT customer, price, quantity, amount, currency FROM {}.invoice_lines \
+             WHERE period_start = '{}-01 00:00:00' ORDER BY customer, price FORMAT JSONEachRow",
+            self.database, self.period
+        );
+        let Ok(mut response) = ureq::post(&format!("{}/", clickhouse_url())).send(sql) else {
+            return Vec::new();
+        };
+        if response.status() != 200 {
+            return Vec::new();
+        }
+        let mut lines: Vec<Line> = response
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+            .lines()
+            .map(|l| line_of(&serde_json::from_str(l).unwrap()))
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// Waits until ClickHouse holds exactly `expected`, and stays so briefly (a late
+    /// double count would show), or fails with the difference.
+    pub fn wait_for(&mut self, expected: &[Line], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.assert_running();
+            let got = self.invoice_lines();
+            if got == expected {
+                std::thread::sleep(Duration::from_secs(2));
+                assert_eq!(self.invoice_lines(), expected, "lines changed after matching");
+                return;
+            }
+            if Instant::now() > deadline {
+                let missing: Vec<_> = expected.iter().filter(|l| !got.contains(l)).collect();
+                let extra: Vec<_> = got.iter().filter(|l| !expected.contains(l)).collect();
+                panic!(
+                    "ClickHouse did not converge in {timeout:?}: {} lines expected, {} found\nmissing (first 5): {:#?}\nunexpected (first 5): {:#?}\naggregator log tail:\n{}",
+                    expected.len(),
+                    got.len(),
+                    &missing[..missing.len().min(5)],
+                    &extra[..extra.len().min(5)],
+                    tail(&self.log("agg-a"), 30),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Every record of a topic (all partitions), read committed, with its headers.
+    pub fn read_topic(&self, suffix: &str) -> Vec<(Vec<u8>, BTreeMap<String, String>)> {
+        let topic = self.topic(suffix);
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", BROKERS)
+            .set("group.id", format!("{}-reader", self.prefix))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut ends = BTreeMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..PARTITIONS as i32 {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap();
+            if high > low {
+                ends.insert(p, high);
+                assignment
+                    .add_partition_offset(&topic, p, Offset::Beginning)
+                    .unwrap();
+            }
+        }
+        let mut records = Vec::new();
+        if ends.is_empty() {
+            return records;
+        }
+        consumer.assign(&assignment).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut done = std::collections::BTreeSet::new();
+        while done.len() < ends.len() && Instant::now() < deadline {
+            let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+                // Transaction markers at the end are never delivered: check positions.
+                let positions = consumer.position().unwrap();
+                for (p, end) in &ends {
+                    if let Offset::Offset(o) = positions
+                        .find_partition(&topic, *p)
+                        .map_or(Offset::Invalid, |e| e.offset())
+                    {
+                        if o >= *end - 1 {
+                            done.insert(*p);
+                        }
+                    }
+                }
+                continue;
+            };
+            let message = message.unwrap();
+            let mut headers = BTreeMap::new();
+            if let Some(h) = message.headers() {
+                for header in h.iter() {
+                    headers.insert(
+                        header.key.to_owned(),
+                        String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                    );
+                }
+            }
+            records.push((message.payload().unwrap_or_default().to_vec(), headers));
+            if message.offset() + 1 >= ends[&message.partition()] {
+                done.insert(message.partition());
+            }
+        }
+        records
+    }
+
+    /// Sets the aggregator group's offsets back to the beginning of every partition, as
+    /// an operator replaying would (`kafka-consumer-groups --reset-offsets
+    /// --to-earliest`); the group must have no members.
+    pub fn reset_group_to_earliest(&self, service: &str) {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", BROKERS)
+            .set("group.id", format!("{}-{service}", self.prefix))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut offsets = TopicPartitionList::new();
+        let topic = self.topic(if service == "aggregator" { "events" } else { "windows" });
+        for p in 0..PARTITIONS as i32 {
+            let (low, _) = consumer
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap();
+            offsets
+                .add_partition_offset(&topic, p, Offset::Offset(low))
+                .unwrap();
+        }
+        consumer
+            .commit(&offsets, rdkafka::consumer::CommitMode::Sync)
+            .unwrap();
+    }
+
+    pub fn query(&self, sql: &str) -> String {
+        let mut response = ureq::post(&format!("{}/", clickhouse_url()))
+            .send(sql.to_owned())
+            .unwrap();
+        response.body_mut().read_to_string().unwrap()
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.children.keys().cloned().collect();
+        for name in names {
+            self.kill(&name);
+        }
+        if std::thread::panicking() {
+            // Keep the logs of a failed test.
+            let kept = std::env::temp_dir().join(format!("{}-logs", self.prefix));
+            let _ = fs::create_dir_all(&kept);
+            for entry in fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+                if entry.path().extension().is_some_and(|e| e == "log") {
+                    let _ = fs::copy(entry.path(), kept.join(entry.file_name()));
+                }
+            }
+            eprintln!("service logs kept in {}", kept.display());
+        }
+        let _ = ureq::post(&format!("{}/", clickhouse_url()))
+            .send(format!("DROP DATABASE IF EXISTS {}", self.database));
+    }
+}
+
+fn line_of(v: &Value) -> Line {
+    let text = |k: &str| match &v[k] {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    (
+        text("customer"),
+        text("price"),
+        text("quantity"),
+        text("amount"),
+        text("currency"),
+    )
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The path of the repository's scripts.
+pub fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services")
+}
+
+impl Pipeline {
+    /// Waits until the service's group has committed every partition to its end.
+    pub fn wait_caught_up(&mut self, service: &str, timeout: Duration) {
+        let topic = self.topic(if service == "aggregator" { "events" } else { "windows" });
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", BROKERS)
+            .set("group.id", format!("{}-{service}", self.prefix))
+            .set("isolation.level", "read_committed")
+            .create()
+            .unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.assert_running();
+            let mut list = TopicPartitionList::new();
+            for p in 0..PARTITIONS as i32 {
+                list.add_partition(&topic, p);
+            }
+            let committed = consumer
+                .committed_offsets(list, Duration::from_secs(10))
+                .unwrap();
+            let behind = (0..PARTITIONS as i32).any(|p| {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .unwrap();
+                let at = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => 0,
+                };
+                at < high
+            });
+            if !behind {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{service} did not catch up in {timeout:?}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}

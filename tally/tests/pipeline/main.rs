@@ -1,0 +1,64 @@
+//! The streaming pipeline end to end: `tally serve aggregator` and `tally serve rater`
+//! as real processes on the real Kafka and ClickHouse that `scripts/services/up.sh`
+//! starts, checked against `tally rate` on the same events, to the minor unit.
+//! Each test has its own topics, groups and database; they run one at a time because
+//! some stop shared servers.
+
+#![allow(clippy::unwrap_used)] // a test: a failed call should fail it
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{serial, Pipeline};
+
+const NEEDS: &str = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse";
+
+/// Messages no producer should send, each refused for its own reason.
+fn poison() -> Vec<Vec<u8>> {
+    vec![
+        b"not json at all".to_vec(),
+        vec![0xff, 0xfe, 0x00, 0x01],
+        br#"{"specversion":"1.0","id":"x","source":"s","type":"llm.tokens"}"#.to_vec(),
+        br#"{"specversion":"1.0","id":"p-1","source":"llm-gateway","type":"llm.tokens","subject":"cust_00001","time":"2026-10-05T10:00:00Z","data":{"model":"gpt-x","tokens":"lots"}}"#.to_vec(),
+        Vec::new(),
+    ]
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
+    let _serial = serial();
+    let _ = NEEDS;
+    let mut p = Pipeline::new("equivalence", 20_000, 40, "");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let mut lines = p.lines();
+    let poison = poison();
+    for (i, bad) in poison.iter().enumerate() {
+        lines.insert(i * 3000 + 17, bad.clone());
+    }
+    p.produce(&lines);
+    let expected = p.expected();
+    assert!(expected.len() > 40, "a real month has many lines");
+    p.wait_for(&expected, Duration::from_secs(180));
+
+    // Every poison message is in the rejected topic, bytes intact, with its reason.
+    let rejected = p.read_topic("rejected");
+    for bad in &poison {
+        let (_, headers) = rejected
+            .iter()
+            .find(|(payload, _)| payload == bad)
+            .unwrap_or_else(|| panic!("{:?} not in the rejected topic", String::from_utf8_lossy(bad)));
+        assert!(!headers["tally.error.code"].is_empty(), "{headers:?}");
+        assert!(!headers["tally.error.reason"].is_empty(), "{headers:?}");
+        assert_eq!(headers["tally.source.topic"], p.topic("events"));
+    }
+
+    // Replaying the whole topic from the beginning changes nothing.
+    p.stop("agg-a");
+    p.reset_group_to_earliest("aggregator");
+    p.start("aggregator", "agg-a");
+    p.wait_caught_up("aggregator", Duration::from_secs(180));
+    p.wait_for(&expected, Duration::from_secs(60));
+}
