@@ -450,9 +450,13 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// The path of the repository's scripts.
-pub fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services")
+/// Runs `scripts/services/<name>.sh <action>` (stop, start, restart) and waits for it.
+pub fn service(name: &str, action: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/services")
+        .join(format!("{name}.sh"));
+    let status = Command::new(&script).arg(action).status().unwrap();
+    assert!(status.success(), "{} {action} failed", script.display());
 }
 
 impl Pipeline {

@@ -62,3 +62,107 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     p.wait_caught_up("aggregator", Duration::from_secs(180));
     p.wait_for(&expected, Duration::from_secs(60));
 }
+
+/// The events file with about 10 % of its lines sent again later: producer retries
+/// on top of the generator's own client retries.
+fn with_duplicates(mut lines: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let originals = lines.len();
+    for i in (0..originals).step_by(10) {
+        let copy = lines[i].clone();
+        let at = (i + 7919 * (i % 13) + 1).min(lines.len());
+        lines.insert(at, copy);
+    }
+    lines
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
+    let _serial = serial();
+    let mut p = Pipeline::new("kill9", 200_000, 200, "");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let lines = with_duplicates(p.lines());
+    assert!(lines.len() >= 220_000);
+    let (first, rest) = lines.split_at(lines.len() / 2);
+    p.produce(first);
+    for pause in [3, 2, 4] {
+        std::thread::sleep(Duration::from_secs(pause));
+        p.kill("agg-a");
+        p.start("aggregator", "agg-a");
+        if pause == 2 {
+            p.produce(rest);
+        }
+    }
+    let expected = p.expected();
+    p.wait_for(&expected, Duration::from_secs(300));
+    assert!(
+        p.log("agg-a").contains("partition state restored from the changelog"),
+        "the restarts restored from the changelog"
+    );
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_second_aggregator_joining_and_the_first_leaving_keep_totals_exact() {
+    let _serial = serial();
+    let mut p = Pipeline::new("rebalance", 100_000, 100, "");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let lines = with_duplicates(p.lines());
+    let (first, rest) = lines.split_at(lines.len() / 2);
+    p.produce(first);
+    std::thread::sleep(Duration::from_secs(2));
+    p.start("aggregator", "agg-b");
+    p.produce(rest);
+    std::thread::sleep(Duration::from_secs(3));
+    p.stop("agg-a");
+    let expected = p.expected();
+    p.wait_for(&expected, Duration::from_secs(300));
+    assert!(
+        p.log("agg-b").contains("partition state restored"),
+        "agg-b took partitions over"
+    );
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_broker_restart_mid_run_neither_loses_nor_hangs() {
+    let _serial = serial();
+    let mut p = Pipeline::new("broker_restart", 100_000, 100, "");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let lines = with_duplicates(p.lines());
+    let (first, rest) = lines.split_at(lines.len() / 2);
+    p.produce(first);
+    std::thread::sleep(Duration::from_secs(1));
+    harness::service("kafka", "restart");
+    p.produce(rest);
+    let expected = p.expected();
+    p.wait_for(&expected, Duration::from_secs(300));
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn clickhouse_down_for_30_seconds_delays_but_does_not_change_totals() {
+    let _serial = serial();
+    let mut p = Pipeline::new("clickhouse_down", 50_000, 60, "");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let lines = p.lines();
+    let (first, rest) = lines.split_at(lines.len() / 3);
+    p.produce(first);
+    std::thread::sleep(Duration::from_secs(2));
+    harness::service("clickhouse", "stop");
+    let stopped = std::time::Instant::now();
+    p.produce(rest);
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed()));
+    p.assert_running();
+    harness::service("clickhouse", "start");
+    let expected = p.expected();
+    p.wait_for(&expected, Duration::from_secs(180));
+    assert!(
+        p.log("rater-a").contains("ClickHouse refused the write"),
+        "the rater saw the outage"
+    );
+}
