@@ -388,3 +388,71 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ReadError> {
         Err(e) => Err(ReadError::Failed(e.to_string())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ROUTES;
+    use serde_json::Value;
+
+    fn document() -> Value {
+        serde_json::from_str(include_str!("../../openapi.json")).unwrap()
+    }
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes_served() {
+        let document = document();
+        assert_eq!(document["openapi"], "3.1.0");
+        let mut documented: Vec<&str> = document["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        documented.sort_unstable();
+        let mut served = ROUTES.to_vec();
+        served.sort_unstable();
+        assert_eq!(documented, served);
+    }
+
+    #[test]
+    fn the_openapi_document_describes_every_answer_of_post_events() {
+        let document = document();
+        let post = &document["paths"]["/v1/events"]["post"];
+        let mut statuses: Vec<&str> = post["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        statuses.sort_unstable();
+        assert_eq!(
+            statuses,
+            ["202", "400", "401", "403", "413", "415", "422", "429", "503"]
+        );
+        let content = post["requestBody"]["content"].as_object().unwrap();
+        for media_type in [
+            "application/cloudevents+json",
+            "application/cloudevents-batch+json",
+            "application/json",
+        ] {
+            assert!(content.contains_key(media_type), "{media_type}");
+        }
+        // Every error example uses a code the Error schema lists, and every status
+        // has an example.
+        let codes = &document["components"]["schemas"]["Error"]["properties"]["error"]["enum"];
+        for (status, response) in post["responses"].as_object().unwrap() {
+            let examples = response["content"]["application/json"]["examples"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{status} has no examples"));
+            assert!(!examples.is_empty(), "{status}");
+            for example in examples.values() {
+                if let Some(code) = example["value"].get("error") {
+                    assert!(codes.as_array().unwrap().contains(code), "{status}: {code}");
+                }
+            }
+        }
+        for scheme in ["bearer", "apiKeyHeader"] {
+            assert!(document["components"]["securitySchemes"][scheme].is_object());
+        }
+    }
+}

@@ -1,0 +1,870 @@
+//! The HTTP ingest service end to end: real HTTP requests to a service started on port
+//! 0, real Kafka behind it, and what landed read back from the events topic.
+//!
+//! Needs Kafka at `TALLY_KAFKA_BROKERS` (default 127.0.0.1:9092): `scripts/services/up.sh
+//! kafka` starts one. Each test uses topics of its own (a unique prefix), created at
+//! the start and deleted at the end. The tests that need no Kafka (an unreachable
+//! broker, a taken port) run everywhere.
+
+#![allow(clippy::unwrap_used)] // a test: a failed call should fail it
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use tally_ingest::http::{start, Running, ROUTES};
+use tally_ingest::IngestError;
+use tally_runtime::Shutdown;
+use tally_schemas::config::{Config, ServiceSettings, Topic};
+
+const NEEDS_KAFKA: &str = "needs Kafka: scripts/services/up.sh kafka";
+
+/// May send any source.
+const KEY: &str = "test-key-any-source-0001";
+/// May send source `agent` only.
+const AGENT_KEY: &str = "test-key-agent-only-0002";
+
+const PRICE_BOOK: &str = r#"
+[[meters]]
+slug = "tokens"
+event_type = "llm.tokens"
+aggregation = "sum"
+value_property = "$.tokens"
+
+[[meters]]
+slug = "resolutions"
+event_type = "ai.resolution"
+aggregation = "count"
+"#;
+
+fn brokers() -> String {
+    std::env::var("TALLY_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// What a test changes from the defaults.
+#[derive(Default)]
+struct Setup<'a> {
+    /// Extra lines of `[ingest]`.
+    ingest: &'a str,
+    /// Extra lines of `[kafka]`.
+    kafka: &'a str,
+    /// `[kafka] brokers`; the test Kafka when `None`.
+    brokers: Option<&'a str>,
+}
+
+fn settings(name: &str, setup: &Setup<'_>) -> (Arc<Config>, ServiceSettings) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let prefix = format!("test-ingest-{name}-{}-{nanos}", std::process::id());
+    let brokers = setup.brokers.map_or_else(brokers, str::to_owned);
+    let text = format!(
+        r#"{PRICE_BOOK}
+[kafka]
+brokers = "{brokers}"
+topic_prefix = "{prefix}"
+partitions = 2
+{kafka}
+
+[ingest]
+listen = "127.0.0.1:0"
+{ingest}
+
+[[ingest.api_keys]]
+key = "{KEY}"
+tenant = "platform"
+sources = ["*"]
+
+[[ingest.api_keys]]
+key = "{AGENT_KEY}"
+tenant = "agent-team"
+sources = ["agent"]
+"#,
+        kafka = setup.kafka,
+        ingest = setup.ingest,
+    );
+    let config = Config::parse(&text, "test.toml").unwrap();
+    let services = config.services("test.toml", &|_| None).unwrap();
+    (Arc::new(config), services)
+}
+
+/// An answer: status, headers (lower-case names) and body.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// A record read back from the events topic.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Stored {
+    key: String,
+    value: String,
+}
+
+/// The service under test, on its own runtime; stopped (and its topics deleted) on drop.
+struct Service {
+    runtime: tokio::runtime::Runtime,
+    running: Option<Running>,
+    shutdown: Shutdown,
+    settings: ServiceSettings,
+    agent: ureq::Agent,
+    /// Where the service listens (kept after it stopped).
+    addr: SocketAddr,
+    base: String,
+    /// Whether this test created topics to delete.
+    topics_created: bool,
+}
+
+impl Service {
+    /// Creates the test's topics, then starts the service.
+    fn with_kafka(name: &str, setup: Setup<'_>) -> Service {
+        let (config, settings) = settings(name, &setup);
+        let runtime = runtime();
+        // Freshly created topics can show no partitions in metadata for a moment, which
+        // ensure_topics reports as a mismatch: it is idempotent, so ask again.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = runtime.block_on(tally_runtime::kafka::ensure_topics(&settings.kafka)) {
+            assert!(Instant::now() < deadline, "{e} ({NEEDS_KAFKA})");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let mut service = Service::start_on(runtime, config, settings);
+        service.topics_created = true;
+        service
+    }
+
+    /// Starts the service without touching Kafka (for an unreachable broker).
+    fn without_kafka(name: &str, setup: Setup<'_>) -> Service {
+        let (config, settings) = settings(name, &setup);
+        Service::start_on(runtime(), config, settings)
+    }
+
+    fn start_on(
+        runtime: tokio::runtime::Runtime,
+        config: Arc<Config>,
+        settings: ServiceSettings,
+    ) -> Service {
+        let shutdown = Shutdown::new();
+        let running = runtime
+            .block_on(start(config, settings.clone(), shutdown.clone()))
+            .unwrap();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        Service {
+            addr: running.local_addr,
+            base: format!("http://{}", running.local_addr),
+            runtime,
+            running: Some(running),
+            shutdown,
+            settings,
+            agent,
+            topics_created: false,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn topic(&self) -> String {
+        self.settings.kafka.topic(Topic::Events)
+    }
+
+    /// `POST /v1/events` with `Authorization: Bearer <key>` when a key is given.
+    fn post(&self, content_type: Option<&str>, key: Option<&str>, body: &str) -> Reply {
+        let mut headers = Vec::new();
+        if let Some(ct) = content_type {
+            headers.push(("content-type", ct.to_owned()));
+        }
+        if let Some(key) = key {
+            headers.push(("authorization", format!("Bearer {key}")));
+        }
+        self.post_with(&headers, body)
+    }
+
+    fn post_with(&self, headers: &[(&str, String)], body: &str) -> Reply {
+        let mut request = self.agent.post(&format!("{}/v1/events", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        reply(request.send(body).unwrap())
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        reply(
+            self.agent
+                .get(&format!("{}{path}", self.base))
+                .call()
+                .unwrap(),
+        )
+    }
+
+    /// Everything in the events topic, read from the beginning up to the high
+    /// watermarks as they are now (every acknowledged event is below them).
+    fn stored(&self) -> Vec<Stored> {
+        let topic = self.topic();
+        let consumer: BaseConsumer = tally_runtime::kafka::client_config(&self.settings.kafka)
+            .set("group.id", format!("{topic}-reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        let partitions: Vec<i32> = metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .collect();
+        assert_eq!(partitions.len(), 2, "{topic}");
+        let mut assignment = TopicPartitionList::new();
+        let mut remaining = 0;
+        for &p in &partitions {
+            // A partition nothing was written to may still be electing its leader.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let (low, high) = loop {
+                match consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)) {
+                    Ok(marks) => break marks,
+                    Err(e) => assert!(Instant::now() < deadline, "{topic}[{p}]: {e}"),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            remaining += high - low;
+            assignment
+                .add_partition_offset(&topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let mut stored = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stored.len() < remaining as usize {
+            assert!(
+                Instant::now() < deadline,
+                "read {} of {remaining} records of {topic}",
+                stored.len()
+            );
+            if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+                let message = message.unwrap();
+                let text = |b: Option<&[u8]>| String::from_utf8(b.unwrap().to_vec()).unwrap();
+                stored.push(Stored {
+                    key: text(message.key()),
+                    value: text(message.payload()),
+                });
+            }
+        }
+        stored
+    }
+
+    /// Requests shutdown and waits for the service to stop.
+    fn stop(&mut self) -> Result<(), IngestError> {
+        self.shutdown.request();
+        match self.running.take() {
+            Some(running) => self.runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(30), running.wait())
+                    .await
+                    .expect("the service did not stop within 30 s")
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let stopped = self.stop();
+        if self.topics_created {
+            let kafka = &self.settings.kafka;
+            let names: Vec<String> = [
+                Topic::Events,
+                Topic::Windows,
+                Topic::Rejected,
+                Topic::Rated,
+                Topic::AggregatorChangelog,
+            ]
+            .into_iter()
+            .map(|t| kafka.topic(t))
+            .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            if let Ok(admin) = tally_runtime::kafka::client_config(kafka)
+                .create::<AdminClient<DefaultClientContext>>()
+            {
+                let _ = self
+                    .runtime
+                    .block_on(admin.delete_topics(&names, &AdminOptions::new()));
+            }
+        }
+        if !std::thread::panicking() {
+            stopped.unwrap();
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn reply(mut response: ureq::http::Response<ureq::Body>) -> Reply {
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+        .collect();
+    Reply {
+        status: response.status().as_u16(),
+        headers,
+        body: response.body_mut().read_to_string().unwrap(),
+    }
+}
+
+/// A valid event an hour old.
+fn event(id: &str, source: &str, subject: &str, tokens: u32) -> String {
+    let time = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    format!(
+        r#"{{"specversion":"1.0","id":"{id}","source":"{source}","type":"llm.tokens","subject":"{subject}","time":"{time}","data":{{"tokens":{tokens},"model":"gpt-x"}}}}"#
+    )
+}
+
+fn batch(events: &[&str]) -> String {
+    format!("[{}]", events.join(","))
+}
+
+const SINGLE: Option<&str> = Some("application/cloudevents+json");
+const BATCH: Option<&str> = Some("application/cloudevents-batch+json");
+const JSON: Option<&str> = Some("application/json");
+
+fn stored(key: &str, value: &str) -> Stored {
+    Stored {
+        key: key.to_owned(),
+        value: value.to_owned(),
+    }
+}
+
+fn sorted(mut v: Vec<Stored>) -> Vec<Stored> {
+    v.sort();
+    v
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_single_event_is_stored_as_sent_keyed_by_its_subject() {
+    let service = Service::with_kafka("single", Setup::default());
+    // Spaced out and with a trailing newline, as curl -d @file sends it.
+    let sent = event("evt-1", "agent", "cust_acme", 1200).replace(",\"", ", \"");
+    let reply = service.post(SINGLE, Some(KEY), &format!("{sent}\n"));
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    assert_eq!(
+        reply.json(),
+        json!({"accepted": 1, "rejected": 0, "duplicates": 0,
+               "results": [{"index": 0, "id": "evt-1", "status": "accepted"}]})
+    );
+    assert_eq!(service.stored(), vec![stored("cust_acme", &sent)]);
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn batches_of_either_content_type_are_stored_event_by_event() {
+    let service = Service::with_kafka("batch", Setup::default());
+    let first = [
+        event("b-1", "agent", "cust_a", 1),
+        event("b-2", "agent", "cust_b", 2),
+        event("b-3", "billing", "cust_a", 3),
+    ];
+    let body = format!("[\n  {},\n  {} ,{}\n]", first[0], first[1], first[2]);
+    let reply = service.post(BATCH, Some(KEY), &body);
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(
+        reply.json(),
+        json!({"accepted": 3, "rejected": 0, "duplicates": 0, "results": [
+            {"index": 0, "id": "b-1", "status": "accepted"},
+            {"index": 1, "id": "b-2", "status": "accepted"},
+            {"index": 2, "id": "b-3", "status": "accepted"},
+        ]})
+    );
+    // application/json with an array body is a batch too.
+    let second = [
+        event("j-1", "agent", "cust_c", 4),
+        event("j-2", "agent", "cust_a", 5),
+    ];
+    let reply = service.post(JSON, Some(KEY), &batch(&[&second[0], &second[1]]));
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(reply.json()["accepted"], 2);
+    // And application/json with an object body is one event.
+    let third = event("j-3", "agent", "cust_b", 6);
+    let reply = service.post(JSON, Some(KEY), &third);
+    assert_eq!(reply.status, 202, "{reply:?}");
+
+    assert_eq!(
+        sorted(service.stored()),
+        sorted(vec![
+            stored("cust_a", &first[0]),
+            stored("cust_b", &first[1]),
+            stored("cust_a", &first[2]),
+            stored("cust_c", &second[0]),
+            stored("cust_a", &second[1]),
+            stored("cust_b", &third),
+        ])
+    );
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
+    let service = Service::with_kafka("mixed", Setup::default());
+    let good_1 = event("m-1", "agent", "cust_a", 10);
+    let no_time = r#"{"specversion":"1.0","id":"m-2","source":"agent","type":"llm.tokens","subject":"cust_a","data":{"tokens":1}}"#;
+    let negative = event("m-3", "agent", "cust_a", 1).replace("\"tokens\":1", "\"tokens\":-4");
+    let good_2 = event("m-5", "agent", "cust_b", 20);
+    let body = batch(&[&good_1, no_time, &negative, "7", &good_2]);
+    let reply = service.post(BATCH, Some(KEY), &body);
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(
+        reply.json(),
+        json!({"accepted": 2, "rejected": 3, "duplicates": 0, "results": [
+            {"index": 0, "id": "m-1", "status": "accepted"},
+            {"index": 1, "id": "m-2", "status": "rejected", "field": "time",
+             "code": "missing_field", "reason": "required field is missing"},
+            {"index": 2, "id": "m-3", "status": "rejected", "field": "data.tokens",
+             "code": "negative_value", "reason": "usage must not be negative"},
+            {"index": 3, "status": "rejected", "field": "event",
+             "code": "not_an_object", "reason": "expected a CloudEvent JSON object"},
+            {"index": 4, "id": "m-5", "status": "accepted"},
+        ]})
+    );
+    assert_eq!(
+        sorted(service.stored()),
+        sorted(vec![stored("cust_a", &good_1), stored("cust_b", &good_2)])
+    );
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_repeated_source_and_id_in_one_batch_is_stored_once() {
+    let service = Service::with_kafka("duplicates", Setup::default());
+    let original = event("d-1", "agent", "cust_a", 1);
+    let other = event("d-2", "agent", "cust_a", 2);
+    let resent = event("d-1", "agent", "cust_a", 1);
+    let conflicting = event("d-1", "agent", "cust_a", 99);
+    let same_id_other_source = event("d-1", "billing", "cust_a", 1);
+    let body = batch(&[
+        &original,
+        &other,
+        &resent,
+        &conflicting,
+        &same_id_other_source,
+    ]);
+    let reply = service.post(JSON, Some(KEY), &body);
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(
+        reply.json(),
+        json!({"accepted": 3, "rejected": 0, "duplicates": 2, "results": [
+            {"index": 0, "id": "d-1", "status": "accepted"},
+            {"index": 1, "id": "d-2", "status": "accepted"},
+            {"index": 2, "id": "d-1", "status": "duplicate_in_batch", "duplicate_of": 0},
+            {"index": 3, "id": "d-1", "status": "duplicate_in_batch", "duplicate_of": 0},
+            {"index": 4, "id": "d-1", "status": "accepted"},
+        ]})
+    );
+    assert_eq!(
+        sorted(service.stored()),
+        sorted(vec![
+            stored("cust_a", &original),
+            stored("cust_a", &other),
+            stored("cust_a", &same_id_other_source),
+        ])
+    );
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_single_invalid_event_is_refused_with_422_and_its_reason() {
+    let service = Service::with_kafka("invalid", Setup::default());
+    let future = r#"{"specversion":"1.0","id":"f-1","source":"agent","type":"llm.tokens","subject":"cust_a","time":"2999-01-01T00:00:00Z","data":{"tokens":1}}"#;
+    let reply = service.post(SINGLE, Some(KEY), future);
+    assert_eq!(reply.status, 422, "{reply:?}");
+    let body = reply.json();
+    assert_eq!(
+        (body["accepted"].clone(), body["rejected"].clone()),
+        (json!(0), json!(1))
+    );
+    let result = &body["results"][0];
+    assert_eq!(result["id"], "f-1");
+    assert_eq!(result["status"], "rejected");
+    assert_eq!(result["field"], "time");
+    assert_eq!(result["code"], "time_in_future");
+    let reply = service.post(JSON, Some(KEY), "{\"id\":");
+    assert_eq!(reply.status, 422, "{reply:?}");
+    assert_eq!(reply.json()["results"][0]["code"], "invalid_json");
+    assert_eq!(service.stored(), vec![]);
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn requests_without_a_valid_key_get_401_and_a_bearer_challenge() {
+    let service = Service::with_kafka("unauthorized", Setup::default());
+    let body = event("u-1", "agent", "cust_a", 1);
+    let refused = [
+        service.post(SINGLE, None, &body),
+        service.post(SINGLE, Some("test-key-any-source-0009"), &body),
+        service.post(SINGLE, Some(&KEY[..KEY.len() - 1]), &body),
+        service.post_with(
+            &[
+                ("content-type", "application/cloudevents+json".to_owned()),
+                ("authorization", format!("Basic {KEY}")),
+            ],
+            &body,
+        ),
+    ];
+    for reply in &refused {
+        assert_eq!(reply.status, 401, "{reply:?}");
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("Bearer realm=\"tally\"")
+        );
+        assert_eq!(reply.json()["error"], "unauthorized");
+        assert!(!reply.body.contains(KEY));
+    }
+    // The same key in X-Api-Key is accepted.
+    let reply = service.post_with(
+        &[
+            ("content-type", "application/cloudevents+json".to_owned()),
+            ("x-api-key", KEY.to_owned()),
+        ],
+        &body,
+    );
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(service.stored(), vec![stored("cust_a", &body)]);
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_source_the_key_may_not_use_refuses_the_whole_request_and_stores_nothing() {
+    let service = Service::with_kafka("forbidden", Setup::default());
+    let allowed = event("s-1", "agent", "cust_a", 1);
+    let forbidden = event("s-2", "billing", "cust_a", 1);
+    let reply = service.post(BATCH, Some(AGENT_KEY), &batch(&[&allowed, &forbidden]));
+    assert_eq!(reply.status, 403, "{reply:?}");
+    let body = reply.json();
+    assert_eq!(body["error"], "forbidden_source");
+    assert_eq!(body["index"], 1);
+    assert!(
+        body["message"].as_str().unwrap().contains("\"billing\""),
+        "{body}"
+    );
+    let reply = service.post(SINGLE, Some(AGENT_KEY), &forbidden);
+    assert_eq!(reply.status, 403, "{reply:?}");
+    // A later allowed request lands alone: nothing of the refused ones reached Kafka.
+    let reply = service.post(SINGLE, Some(AGENT_KEY), &allowed);
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(service.stored(), vec![stored("cust_a", &allowed)]);
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn bodies_over_the_byte_or_event_limit_get_413_and_store_nothing() {
+    let service = Service::with_kafka(
+        "too-large",
+        Setup {
+            ingest: "max_body_bytes = 2048\nmax_batch_events = 3",
+            ..Setup::default()
+        },
+    );
+    let e = |i: u32| event(&format!("l-{i}"), "agent", "cust_a", i);
+    // Announced by Content-Length.
+    let big = batch(
+        &(0..20)
+            .map(e)
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(big.len() > 2048);
+    let reply = service.post(BATCH, Some(KEY), &big);
+    assert_eq!(reply.status, 413, "{reply:?}");
+    assert_eq!(reply.json()["error"], "payload_too_large");
+    assert!(reply.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("2048 bytes"));
+
+    // Streamed in chunks with no Content-Length: cut off once past the limit.
+    let reply = post_chunked(service.addr(), KEY, big.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("payload_too_large"), "{reply}");
+
+    // Small enough, but more events than a batch may hold.
+    let four = [e(1), e(2), e(3), e(4)];
+    let body = batch(&four.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(body.len() < 2048);
+    let reply = service.post(BATCH, Some(KEY), &body);
+    assert_eq!(reply.status, 413, "{reply:?}");
+    assert_eq!(
+        reply.json(),
+        json!({"error": "too_many_events",
+               "message": "the batch holds 4 events, more than the 3 allowed in one request; split it"})
+    );
+    assert_eq!(service.stored(), vec![]);
+}
+
+/// Sends `body` with `Transfer-Encoding: chunked` on a raw connection; returns the
+/// whole answer as text.
+fn post_chunked(addr: SocketAddr, key: &str, body: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    for chunk in body.chunks(500) {
+        // The server may answer and close before the whole body is sent.
+        if stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .and_then(|()| stream.write_all(chunk))
+            .and_then(|()| stream.write_all(b"\r\n"))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn other_content_types_get_415() {
+    let service = Service::with_kafka("media-type", Setup::default());
+    let body = event("c-1", "agent", "cust_a", 1);
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-ndjson"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let reply = service.post(content_type, Some(KEY), &body);
+        assert_eq!(reply.status, 415, "{content_type:?}: {reply:?}");
+        assert_eq!(reply.json()["error"], "unsupported_media_type");
+    }
+    assert_eq!(service.stored(), vec![]);
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn bodies_that_hold_no_events_get_400() {
+    let service = Service::with_kafka("bad-request", Setup::default());
+    for (content_type, body, error) in [
+        (BATCH, "[]", "empty_batch"),
+        (JSON, " [ ] ", "empty_batch"),
+        (JSON, "", "empty_body"),
+        (SINGLE, "  \n", "empty_body"),
+        (BATCH, "{}", "not_an_array"),
+        (BATCH, "[{\"id\":1},", "invalid_batch"),
+    ] {
+        let reply = service.post(content_type, Some(KEY), body);
+        assert_eq!(reply.status, 400, "{body:?}: {reply:?}");
+        assert_eq!(reply.json()["error"], error, "{body:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_key_over_its_rate_limit_gets_429_with_retry_after() {
+    let service = Service::with_kafka(
+        "rate-limit",
+        Setup {
+            ingest: "rate_limit_per_second = 1\nrate_limit_burst = 2",
+            ..Setup::default()
+        },
+    );
+    // Any request counts, whatever its answer: these are refused as empty, quickly.
+    for _ in 0..2 {
+        assert_eq!(service.post(BATCH, Some(KEY), "[]").status, 400);
+    }
+    let reply = service.post(BATCH, Some(KEY), "[]");
+    assert_eq!(reply.status, 429, "{reply:?}");
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(reply.json()["error"], "rate_limited");
+    // Another key has its own bucket.
+    assert_eq!(service.post(BATCH, Some(AGENT_KEY), "[]").status, 400);
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn health_and_readiness_answer_200_with_kafka_up() {
+    let service = Service::with_kafka("health", Setup::default());
+    let health = service.get("/healthz");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = service.get("/readyz");
+        if ready.status == 200 {
+            assert_eq!(ready.body, "ready\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready after 30 s: {ready:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn metrics_count_requests_events_and_acks_with_bounded_labels() {
+    let service = Service::with_kafka("metrics", Setup::default());
+    let good = event("x-1", "agent", "cust_secret_customer", 1);
+    let no_time = r#"{"specversion":"1.0","id":"x-2","source":"agent","type":"llm.tokens","subject":"cust_a","data":{"tokens":1}}"#;
+    let body = batch(&[&good, no_time, &good, &event("x-3", "agent", "cust_a", 2)]);
+    assert_eq!(service.post(BATCH, Some(KEY), &body).status, 202);
+    assert_eq!(service.post(BATCH, None, &body).status, 401);
+    assert_eq!(service.get("/healthz").status, 200);
+
+    let metrics = service.get("/metrics");
+    assert_eq!(metrics.status, 200);
+    let text = metrics.body;
+    for line in [
+        r#"tally_http_requests_total{route="/v1/events",status="202"} 1"#,
+        r#"tally_http_requests_total{route="/v1/events",status="401"} 1"#,
+        r#"tally_http_requests_total{route="/healthz",status="200"} 1"#,
+        r#"tally_http_request_duration_seconds_count{route="/v1/events"} 2"#,
+        r#"tally_ingest_events_total{outcome="accepted"} 2"#,
+        r#"tally_ingest_events_total{outcome="duplicate_in_batch"} 1"#,
+        r#"tally_ingest_events_total{outcome="rejected"} 1"#,
+        r#"tally_ingest_rejected_events_total{reason="missing_field"} 1"#,
+        "tally_ingest_kafka_produce_duration_seconds_count 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no line {line:?} in:\n{text}"
+        );
+    }
+    for secret in [KEY, "platform", "cust_secret_customer", "x-1"] {
+        assert!(!text.contains(secret), "{secret} appears in the metrics");
+    }
+}
+
+#[test]
+fn every_route_of_the_openapi_document_is_served() {
+    let document: Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    // Kafka need not be up: an unreachable broker still serves every route.
+    let service = Service::without_kafka(
+        "openapi",
+        Setup {
+            brokers: Some("127.0.0.1:1"),
+            ..Setup::default()
+        },
+    );
+    let paths = document["paths"].as_object().unwrap();
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    documented.sort_unstable();
+    let mut served = ROUTES.to_vec();
+    served.sort_unstable();
+    assert_eq!(documented, served);
+    for (path, operations) in paths {
+        for method in operations.as_object().unwrap().keys() {
+            let reply = match method.as_str() {
+                "get" => service.get(path),
+                "post" => service.post(SINGLE, None, "{}"),
+                other => panic!("{path}: unexpected method {other}"),
+            };
+            assert!(
+                ![404, 405].contains(&reply.status),
+                "{method} {path}: {reply:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn kafka_not_acknowledging_gets_503_with_retry_after_and_not_ready() {
+    let mut service = Service::without_kafka(
+        "unavailable",
+        Setup {
+            brokers: Some("127.0.0.1:1"),
+            kafka: r#"properties = { "message.timeout.ms" = "1000" }"#,
+            ..Setup::default()
+        },
+    );
+    let started = Instant::now();
+    let reply = service.post(SINGLE, Some(KEY), &event("k-1", "agent", "cust_a", 1));
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(reply.header("retry-after"), Some("5"));
+    let body = reply.json();
+    assert_eq!(body["error"], "kafka_unavailable");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("Nothing from this request is guaranteed to be stored"),
+        "{message}"
+    );
+    let ready = service.get("/readyz");
+    assert_eq!(ready.status, 503, "{ready:?}");
+    // Shutdown flushes what is left and returns.
+    service.stop().unwrap();
+    assert!(TcpStream::connect(service.addr()).is_err());
+}
+
+#[test]
+fn a_taken_port_fails_at_start_and_says_which() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let (config, mut settings) = settings("taken", &Setup::default());
+    settings.ingest.listen = listen.parse().unwrap();
+    let error = runtime()
+        .block_on(start(config, settings, Shutdown::new()))
+        .unwrap_err();
+    assert!(matches!(error, IngestError::Bind(_)), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains(&listen), "{message}");
+    assert!(message.contains("the ingest API"), "{message}");
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn shutdown_answers_what_was_sent_then_stops_listening() {
+    let mut service = Service::with_kafka("shutdown", Setup::default());
+    let sent = event("z-1", "agent", "cust_a", 1);
+    assert_eq!(service.post(SINGLE, Some(KEY), &sent).status, 202);
+    let addr = service.addr();
+    service.stop().unwrap();
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still listening on {addr}"
+    );
+    assert_eq!(service.stored(), vec![stored("cust_a", &sent)]);
+}
