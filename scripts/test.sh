@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: unit, property and fuzz-style tests of the
-# core crates, black-box tests of the `tally` command, and the tests against a real
-# ClickHouse server, which this script installs and starts on loopback through the
-# project's own scripts (scripts/services/). Then the lints.
+# core crates, black-box tests of the `tally` command, and the tests against real
+# Kafka, ClickHouse and Prometheus servers, which this script installs and starts on
+# loopback through the project's own scripts (scripts/services/). Then the lints.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/ensure-toolchain.sh
 
 echo "== services"
-scripts/services/up.sh clickhouse
+scripts/services/up.sh kafka clickhouse prometheus
 
 mkdir -p target
 echo "== tests"

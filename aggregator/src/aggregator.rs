@@ -12,6 +12,12 @@
 //! changelog in the same transaction as the updates; [`Aggregator::merge`] applied to
 //! the changes in order rebuilds the state.
 //!
+//! Period close (streaming, when set): a period closes once the watermark passes its
+//! end plus a grace. Usage of a closed period that still arrives (within the horizon)
+//! is not added to it: it is booked into the earliest open period, as a series of its
+//! own whose key names the closed period ([`SeriesKey::adjusts`]), windowed at that
+//! period's start. Closed periods never change; the rater prices the adjustment.
+//!
 //! Late events: the watermark is the newest event time seen. With a horizon set, an
 //! event older than `watermark - horizon` is refused as too late, and keys of events
 //! that old are forgotten; the two use one number, so a retry is never accepted after
@@ -38,6 +44,12 @@ use crate::state::{AggState, StateError};
 pub enum Outcome {
     /// Counted in its windows.
     Accepted,
+    /// Counted, in a window before the newest one: a late event that revises a window
+    /// already emitted.
+    Late,
+    /// Counted as an adjustment: its period had closed, so its usage was carried into
+    /// the earliest open period.
+    Adjusted,
     /// New, but no meter reads its type: remembered for dedupe, billed nowhere.
     Unmetered,
     /// An identical retry of an event already counted.
@@ -127,6 +139,8 @@ pub struct Aggregator {
     window: WindowSize,
     /// `None` keeps every key (batch runs over a bounded file).
     horizon: Option<Duration>,
+    /// How long after its end a period closes; `None`: periods never close.
+    period_close_grace: Option<chrono::Duration>,
     /// Per meter: slug and aggregation, by `MeterId`.
     meters: Vec<(String, AggregationKind)>,
     dedupe: DedupeSet,
@@ -162,10 +176,28 @@ impl Aggregator {
         aggregator
     }
 
+    /// Closes each period `grace` after its end (in event time); later usage of it
+    /// becomes an adjustment in the earliest open period.
+    pub fn with_period_close(mut self, grace: Duration) -> Self {
+        self.period_close_grace =
+            Some(chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX));
+        self
+    }
+
+    /// The open period usage of `period` goes to instead, if `period` has closed.
+    fn carried_into(&self, period: Period) -> Option<Period> {
+        let grace = self.period_close_grace?;
+        let watermark = self.watermark?;
+        let closes = period.end().checked_add_signed(grace)?;
+        (watermark >= closes)
+            .then(|| Period::containing(watermark.checked_sub_signed(grace).unwrap_or(watermark)))
+    }
+
     fn new(config: &Config, horizon: Option<Duration>) -> Self {
         Aggregator {
             window: config.settings.window,
             horizon,
+            period_close_grace: None,
             meters: config
                 .meters
                 .iter()
@@ -189,12 +221,19 @@ impl Aggregator {
         if self.is_too_late(event.time) {
             return Outcome::TooLate;
         }
-        let period = Period::containing(event.time);
+        let event_period = Period::containing(event.time);
+        let carried_into = self.carried_into(event_period);
+        let adjusts = carried_into.map(|_| event_period);
+        let period = carried_into.unwrap_or(event_period);
+        let fingerprint = |reading: &tally_schemas::event::Reading<'_>| match adjusts {
+            Some(closed) => reading.series.adjusting(closed.start().timestamp()),
+            None => reading.series,
+        };
         // Nothing changes until the event is known to be new and to fit: a retry or a
         // refused event leaves no trace (not even an empty series).
         let mut known: SmallVec<[Option<SeriesId>; 1]> = SmallVec::new();
         for reading in &event.readings {
-            let id = self.find_series(reading.series);
+            let id = self.find_series(fingerprint(reading));
             let held = id.and_then(|id| {
                 self.series[id as usize]
                     .periods
@@ -208,6 +247,11 @@ impl Aggregator {
             }
             known.push(id);
         }
+        // Judged before this event moves the watermark; batch runs have no notion of it.
+        let late = self.track_updates
+            && self.watermark.is_some_and(|w| {
+                self.window.start_of(event.time.timestamp()) < self.window.start_of(w.timestamp())
+            });
         let day = day_of(event.time);
         match self.dedupe.observe(event.key, event.payload, day) {
             Seen::First => {
@@ -227,15 +271,20 @@ impl Aggregator {
             time: event.time,
             key: event.key,
         };
-        let window_start = self.window.start_of(event.time.timestamp());
+        // An adjustment is windowed at the start of the period it is billed in.
+        let window_start = match carried_into {
+            Some(open) => open.start().timestamp(),
+            None => self.window.start_of(event.time.timestamp()),
+        };
         for (reading, known) in event.readings.iter().zip(known) {
             let id = match known {
                 Some(id) => id,
                 None => self.new_series(
-                    reading.series,
+                    fingerprint(reading),
                     &event.subject,
                     reading.meter,
                     &reading.group,
+                    adjusts,
                 ),
             };
             let series = &mut self.series[id as usize];
@@ -255,7 +304,11 @@ impl Aggregator {
                 self.dirty.push((id, window_start));
             }
         }
-        Outcome::Accepted
+        match (adjusts, late) {
+            (Some(_), _) => Outcome::Adjusted,
+            (None, true) => Outcome::Late,
+            (None, false) => Outcome::Accepted,
+        }
     }
 
     /// The oldest event time still accepted: the watermark less the horizon. `None`
@@ -322,6 +375,7 @@ impl Aggregator {
         customer: &str,
         meter: MeterId,
         group: &[S],
+        adjusts: Option<Period>,
     ) -> SeriesId {
         let (slug, kind) = &self.meters[meter.0 as usize];
         let id = self.series.len() as SeriesId;
@@ -330,6 +384,7 @@ impl Aggregator {
                 customer: customer.to_owned(),
                 meter: slug.clone(),
                 group: group.iter().map(|g| g.as_ref().to_owned()).collect(),
+                adjusts,
             }),
             kind: *kind,
             periods: SmallVec::new(),
@@ -482,10 +537,20 @@ impl Aggregator {
         }
         self.dedupe.extend(snapshot.dedupe);
         for (s, meter) in snapshot.series.into_iter().zip(resolved) {
-            let fingerprint = SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group);
+            let mut fingerprint =
+                SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group);
+            if let Some(closed) = s.key.adjusts {
+                fingerprint = fingerprint.adjusting(closed.start().timestamp());
+            }
             let id = match self.find_series(fingerprint) {
                 Some(id) => id,
-                None => self.new_series(fingerprint, &s.key.customer, meter, &s.key.group),
+                None => self.new_series(
+                    fingerprint,
+                    &s.key.customer,
+                    meter,
+                    &s.key.group,
+                    s.key.adjusts,
+                ),
             };
             let series = &mut self.series[id as usize];
             for (period, state) in s.periods {
@@ -742,13 +807,73 @@ mod tests {
         // A day late: within the 2-day horizon, so the 10th's window gets revision 2.
         assert_eq!(
             agg.apply(&tokens("3", "2026-11-10T10:30:00Z", "gpt", 1, 1)),
-            Outcome::Accepted
+            Outcome::Late
         );
         let updates = agg.drain_updates();
         let revised = updates.iter().find(|u| u.series.meter == "tokens").unwrap();
         assert_eq!(revised.revision, 2);
         assert_eq!(revised.window_value.value, Decimal::from(6));
         assert_eq!(revised.period_to_date.value, Decimal::from(11));
+    }
+
+    #[test]
+    fn usage_of_a_closed_period_is_carried_into_the_open_one_as_an_adjustment() {
+        let mut agg = Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
+        agg.apply(&tokens("1", "2026-10-31T23:00:00Z", "gpt", 5, 1));
+        // Within the grace: October is still open, so a late October event revises it.
+        agg.apply(&tokens("2", "2026-11-01T00:30:00Z", "gpt", 1, 1));
+        assert_eq!(
+            agg.apply(&tokens("3", "2026-10-31T23:10:00Z", "gpt", 2, 1)),
+            Outcome::Late
+        );
+        agg.drain_updates();
+        // The watermark passes November 1st 01:00: October closes.
+        agg.apply(&tokens("4", "2026-11-01T02:00:00Z", "gpt", 1, 1));
+        assert_eq!(
+            agg.apply(&tokens("5", "2026-10-31T23:20:00Z", "gpt", 7, 2)),
+            Outcome::Adjusted
+        );
+        let october = Period::from_str("2026-10").unwrap();
+        assert_eq!(
+            usage(&agg, "2026-10", "tokens"),
+            vec![(vec!["gpt".to_owned()], "7".to_owned())],
+            "a closed period never changes"
+        );
+        let updates = agg.drain_updates();
+        let adjustment = updates
+            .iter()
+            .find(|u| u.series.meter == "tokens" && u.series.adjusts == Some(october))
+            .unwrap();
+        assert_eq!(adjustment.period_start, at("2026-11-01T00:00:00Z"));
+        assert_eq!(adjustment.window_start, at("2026-11-01T00:00:00Z"));
+        assert_eq!(adjustment.period_to_date.value, Decimal::from(7));
+        assert_ne!(
+            adjustment.record_key(),
+            updates
+                .iter()
+                .find(|u| u.series.meter == "tokens" && u.series.adjusts.is_none())
+                .unwrap()
+                .record_key()
+        );
+        // A retry of the adjusted event is still a retry.
+        assert_eq!(
+            agg.apply(&tokens("5", "2026-10-31T23:20:00Z", "gpt", 7, 2)),
+            Outcome::Retry
+        );
+        // The adjustment survives a rebuild from the changes.
+        let mut rebuilt =
+            Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
+        rebuilt.merge(agg.snapshot()).unwrap();
+        assert_eq!(
+            rebuilt.apply(&tokens("6", "2026-10-31T23:30:00Z", "gpt", 1, 3)),
+            Outcome::Adjusted
+        );
+        let updates = rebuilt.drain_updates();
+        let adjustment = updates
+            .iter()
+            .find(|u| u.series.meter == "tokens" && u.series.adjusts == Some(october))
+            .unwrap();
+        assert_eq!(adjustment.period_to_date.value, Decimal::from(8));
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! WHERE period_start = '2026-11-01 00:00:00'
 //! ```
 //!
+//! An adjustment line (late usage of a closed period, billed in a later one) has
+//! `adjusts_period` set to that closed period (`YYYY-MM`); other lines have it empty.
+//!
 //! The SQL runs on ClickHouse 18.16 (Debian's) as well as current releases: plain
 //! `DateTime('UTC')`, no `DateTime64`, no `LowCardinality`. Decimal values are stored
 //! as the exact text `tally rate` prints (ClickHouse 18.16's JSON input refuses quoted
@@ -74,6 +77,7 @@ struct Row<'a> {
     amount_minor: i64,
     currency: &'a str,
     tiers: String,
+    adjusts_period: String,
 }
 
 impl ClickHouse {
@@ -133,7 +137,8 @@ impl ClickHouse {
                     customer String, plan String, price String, meter String,
                     period_start DateTime('UTC'), period_end DateTime('UTC'),
                     quantity String, subtotal String, discount String, amount String,
-                    amount_minor Int64, currency String, tiers String
+                    amount_minor Int64, currency String, tiers String,
+                    adjusts_period String
                 ) ENGINE = ReplacingMergeTree(version)
                 PARTITION BY toYYYYMM(period_start)
                 ORDER BY (period_start, customer, price, id)"
@@ -186,6 +191,10 @@ impl ClickHouse {
                 amount_minor,
                 currency: &line.currency,
                 tiers: serde_json::to_string(&line.tiers).unwrap_or_default(),
+                adjusts_period: line
+                    .adjusts_period
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
             };
             serde_json::to_writer(&mut body, &row).unwrap_or_default();
             body.push(b'\n');

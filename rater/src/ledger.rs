@@ -21,7 +21,7 @@ use tally_schemas::config::{AggregationKind, Config, Customer};
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey};
 use tally_schemas::time::Period;
 
-use crate::line::invoice_line;
+use crate::line::{adjustment_line, invoice_line};
 use crate::rate::RateError;
 
 /// A line as the streaming rater emits it: the line's current state, its revision and
@@ -49,7 +49,10 @@ pub enum Recorded {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct LineKey {
     price_index: usize,
+    /// The period the line is billed in.
     period: Period,
+    /// For an adjustment line: the closed period whose late usage it bills.
+    adjusts: Option<Period>,
 }
 
 #[derive(Debug, Default)]
@@ -102,6 +105,7 @@ impl Ledger {
                 LineKey {
                     price_index,
                     period,
+                    adjusts: series.adjusts,
                 },
             );
             let state = self.lines.entry(key.clone()).or_default();
@@ -137,11 +141,28 @@ impl Ledger {
         let mut rated = Vec::with_capacity(due.len());
         let mut due = due.into_iter();
         while let Some(key) = due.next() {
-            let Some(state) = self.lines.get_mut(&key) else {
+            let Some(state) = self.lines.get(&key) else {
                 continue;
             };
             let customer = &self.config.customers[&key.0];
-            let line = match price_line(&self.config, customer, key.1, state) {
+            let closed_line = key.1.adjusts.and_then(|closed| {
+                let closed_key = LineKey {
+                    period: closed,
+                    adjusts: None,
+                    ..key.1
+                };
+                self.lines.get(&(key.0.clone(), closed_key))
+            });
+            let priced = match key.1.adjusts {
+                None => price_line(&self.config, customer, key.1, state),
+                Some(closed) => {
+                    price_adjustment(&self.config, customer, key.1, closed, closed_line, state)
+                }
+            };
+            let Some(state) = self.lines.get_mut(&key) else {
+                continue;
+            };
+            let line = match priced {
                 Ok(line) => line,
                 Err(e) => {
                     // The failed line and the ones not reached stay pending, so a later
@@ -206,6 +227,7 @@ impl Ledger {
                 let key = LineKey {
                     price_index,
                     period,
+                    adjusts: None,
                 };
                 let state = self.lines.entry((customer.id.clone(), key)).or_default();
                 let (line, delta) = match &state.rated {
@@ -242,6 +264,42 @@ fn price_line(
     let meter = config.meter(plan.prices[key.price_index].meter);
     let quantity = combine(meter.aggregation.kind(), state.series.values().copied())?.value;
     invoice_line(config, customer, key.price_index, key.period, quantity)
+}
+
+/// An adjustment line: the closed period's line rated with and without the late usage
+/// of `adjustment`, the difference billed in `key.period`.
+fn price_adjustment(
+    config: &Config,
+    customer: &Customer,
+    key: LineKey,
+    closed: Period,
+    closed_line: Option<&LineState>,
+    adjustment: &LineState,
+) -> Result<InvoiceLine, RateError> {
+    let plan = config.plan(customer.plan);
+    let kind = config
+        .meter(plan.prices[key.price_index].meter)
+        .aggregation
+        .kind();
+    let billed = closed_line
+        .into_iter()
+        .flat_map(|l| l.series.values().copied());
+    let before = invoice_line(
+        config,
+        customer,
+        key.price_index,
+        closed,
+        combine(kind, billed.clone())?.value,
+    )?;
+    let with_late = billed.chain(adjustment.series.values().copied());
+    let after = invoice_line(
+        config,
+        customer,
+        key.price_index,
+        closed,
+        combine(kind, with_late)?.value,
+    )?;
+    Ok(adjustment_line(&before, &after, key.period))
 }
 
 /// The value of several series of one meter taken together.
@@ -348,7 +406,47 @@ mod tests {
             customer: "acme".into(),
             meter: meter.into(),
             group: group.iter().map(|g| g.to_string()).collect(),
+            adjusts: None,
         })
+    }
+
+    #[test]
+    fn an_adjustment_bills_what_late_usage_adds_to_the_closed_line() {
+        let october = Period::from_str("2026-10").unwrap();
+        let mut ledger = Ledger::new(config());
+        // October closed at 150 resolutions: 49 + 50 * 0.89 = 93.50, less 12.5 %.
+        ledger.record(&series("resolutions", &[]), october, value(150));
+        let closed = ledger.flush().unwrap();
+        assert_eq!(closed[0].line.amount.to_string(), "81.81");
+        // 900 late October resolutions arrive in November: 150 -> 1050 crosses into
+        // the third tier: 850 more at 0.89 and 50 at 0.69 = 791.00.
+        let late = Arc::new(SeriesKey {
+            adjusts: Some(october),
+            ..SeriesKey::clone(&series("resolutions", &[]))
+        });
+        ledger.record(&late, november(), value(900));
+        let adjustment = ledger.flush().unwrap().remove(0).line;
+        assert_eq!(adjustment.adjusts_period, Some(october));
+        assert_eq!(adjustment.period_start, november().start());
+        assert_eq!(adjustment.quantity, Decimal::from(900));
+        assert_eq!(adjustment.subtotal.to_string(), "791.00");
+        // The closed period would have billed 773.94 instead of 81.81.
+        assert_eq!(adjustment.amount.to_string(), "692.13");
+        assert_ne!(adjustment.id, closed[0].line.id);
+        let tiers: Vec<(usize, String, String)> = adjustment
+            .tiers
+            .iter()
+            .map(|t| (t.tier, t.quantity.to_string(), t.amount.to_string()))
+            .collect();
+        assert_eq!(
+            tiers,
+            vec![
+                (2, "850".into(), "756.5".into()),
+                (3, "50".into(), "34.5".into())
+            ]
+        );
+        // The closed line itself is untouched, and November's own line is separate.
+        assert!(ledger.flush().unwrap().is_empty());
     }
 
     fn value(v: i64) -> MeterValue {
@@ -406,6 +504,7 @@ mod tests {
             customer: "nobody".into(),
             meter: "tokens".into(),
             group: vec!["gpt-x".into()],
+            adjusts: None,
         });
         assert_eq!(
             ledger.record(&stranger, november(), value(1)),

@@ -72,5 +72,58 @@ pub fn invoice_line(
         amount: with_minor(subtotal - discount),
         currency: plan.currency.code().to_owned(),
         tiers: charge.tiers,
+        adjusts_period: None,
     })
+}
+
+/// The id of an adjustment line: late usage of `closed` billed in `period`.
+fn adjustment_line_id(customer: &str, price: &str, period: Period, closed: Period) -> String {
+    Hex128(
+        Fingerprinter::new(b"adjustment line")
+            .part(customer.as_bytes())
+            .part(price.as_bytes())
+            .part(&period.start().timestamp().to_le_bytes())
+            .part(&closed.start().timestamp().to_le_bytes())
+            .finish(),
+    )
+    .to_string()
+}
+
+/// An adjustment line in `period` for usage of a closed period that arrived after it
+/// closed: `before` is the closed period's line as billed, `after` the same line rated
+/// with the late usage included. The adjustment bills the difference, field by field,
+/// and its tiers show what changed in each tier, so finance can see that the late usage
+/// was priced where it would have been had it arrived on time.
+pub fn adjustment_line(before: &InvoiceLine, after: &InvoiceLine, period: Period) -> InvoiceLine {
+    let closed = Period::containing(before.period_start);
+    let mut tiers = Vec::new();
+    let most = before.tiers.len().max(after.tiers.len());
+    for i in 0..most {
+        let (b, a) = (before.tiers.get(i), after.tiers.get(i));
+        let Some(template) = a.or(b) else { continue };
+        let field = |f: fn(&tally_schemas::records::TierCharge) -> Decimal| {
+            a.map_or(Decimal::ZERO, f) - b.map_or(Decimal::ZERO, f)
+        };
+        let change = tally_schemas::records::TierCharge {
+            quantity: field(|t| t.quantity),
+            flat_amount: field(|t| t.flat_amount),
+            amount: field(|t| t.amount),
+            ..template.clone()
+        };
+        if !change.quantity.is_zero() || !change.amount.is_zero() {
+            tiers.push(change);
+        }
+    }
+    InvoiceLine {
+        id: adjustment_line_id(&after.customer, &after.price, period, closed),
+        period_start: period.start(),
+        period_end: period.end(),
+        quantity: (after.quantity - before.quantity).normalize(),
+        subtotal: after.subtotal - before.subtotal,
+        discount: after.discount - before.discount,
+        amount: after.amount - before.amount,
+        tiers,
+        adjusts_period: Some(closed),
+        ..after.clone()
+    }
 }

@@ -105,6 +105,17 @@ impl SeriesFingerprint {
         }
         SeriesFingerprint(fp.finish())
     }
+
+    /// The fingerprint of this series' adjustments to a closed period: late usage of
+    /// that period, carried into a later one, is a series of its own.
+    pub fn adjusting(self, start_of_closed_period: i64) -> Self {
+        SeriesFingerprint(
+            Fingerprinter::new(b"adjustment")
+                .part(&self.0.to_le_bytes())
+                .part(&start_of_closed_period.to_le_bytes())
+                .finish(),
+        )
+    }
 }
 
 /// A 32-bit fingerprint of what an event says (type, subject, time, data), used to tell

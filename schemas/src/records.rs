@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::EventKey;
 use crate::money::Currency;
+use crate::time::Period;
 
 /// One customer's usage of one meter for one combination of group_by values.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -24,6 +25,10 @@ pub struct SeriesKey {
     pub meter: String,
     /// group_by values in the order of the meter's (sorted) dimension names.
     pub group: Vec<String>,
+    /// Set on a series of late usage of a closed period, carried into a later period
+    /// as an adjustment: the closed period it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adjusts: Option<Period>,
 }
 
 /// Where an event stands in event time, for `latest`: later time wins, and equal times
@@ -88,6 +93,10 @@ impl WindowUsage {
             key.push('\u{1f}');
             key.push_str(g);
         }
+        if let Some(adjusts) = self.series.adjusts {
+            key.push_str("\u{1f}adjusts ");
+            key.push_str(&adjusts.to_string());
+        }
         key.push('\u{1f}');
         key.push_str(&self.window_start.timestamp().to_string());
         key
@@ -137,6 +146,11 @@ pub struct InvoiceLine {
     pub amount: Decimal,
     pub currency: String,
     pub tiers: Vec<TierCharge>,
+    /// Set on an adjustment line: usage of this closed period that arrived after it
+    /// closed, billed in `period_start`'s period. Its amounts are what the late usage
+    /// added to the closed period's line (tiers show the change per tier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adjusts_period: Option<Period>,
 }
 
 impl InvoiceLine {

@@ -96,7 +96,8 @@ async fn serve(
     }
     let mut tasks = tokio::task::JoinSet::new();
     if runs(Service::Ingest) {
-        let (config, settings, shutdown) = (Arc::clone(&config), settings.clone(), shutdown.clone());
+        let (config, settings, shutdown) =
+            (Arc::clone(&config), settings.clone(), shutdown.clone());
         tasks.spawn(async move {
             tally_ingest::http::serve(config, settings, shutdown)
                 .await
@@ -114,7 +115,8 @@ async fn serve(
         )
         .await?;
         let metrics = AggregatorMetrics::new(registry);
-        let (config, settings, shutdown) = (Arc::clone(&config), settings.clone(), shutdown.clone());
+        let (config, settings, shutdown) =
+            (Arc::clone(&config), settings.clone(), shutdown.clone());
         tasks.spawn_blocking(move || {
             tally_aggregator::service::run(config, &settings, metrics, readiness, shutdown)
                 .context("aggregator")
@@ -131,7 +133,8 @@ async fn serve(
         )
         .await?;
         let metrics = RaterMetrics::new(registry);
-        let (config, settings, shutdown) = (Arc::clone(&config), settings.clone(), shutdown.clone());
+        let (config, settings, shutdown) =
+            (Arc::clone(&config), settings.clone(), shutdown.clone());
         tasks.spawn_blocking(move || {
             tally_rater::service::run(config, &settings, metrics, readiness, shutdown)
                 .context("rater")

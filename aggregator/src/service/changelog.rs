@@ -15,15 +15,13 @@
 
 use std::time::{Duration, Instant};
 
+use crate::aggregator::{Aggregator, Snapshot};
+use crate::service::AggregatorError;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use tally_schemas::config::Config;
-
-use crate::aggregator::{Aggregator, Snapshot};
-use crate::service::AggregatorError;
 
 pub(super) const SNAPSHOT_KEY: &str = "snapshot";
 
@@ -63,9 +61,10 @@ pub(super) struct Restored {
 }
 
 /// Reads changelog partition `partition` to its end (committed records only) and
-/// rebuilds the state. `base` carries the brokers and pass-through properties.
+/// rebuilds the state on aggregators made by `fresh`. `base` carries the brokers and
+/// pass-through properties.
 pub(super) fn restore(
-    config: &Config,
+    fresh: impl Fn() -> Aggregator,
     mut base: ClientConfig,
     topic: &str,
     partition: i32,
@@ -82,7 +81,7 @@ pub(super) fn restore(
         .create()
         .map_err(kafka("create the changelog reader".to_owned()))?;
     let mut restored = Restored {
-        aggregator: Aggregator::streaming(config),
+        aggregator: fresh(),
         next_offset: None,
         deltas: Vec::new(),
         delta_bytes: 0,
@@ -142,7 +141,7 @@ pub(super) fn restore(
             problem,
         };
         if key == SNAPSHOT_KEY.as_bytes() {
-            restored.aggregator = Aggregator::streaming(config);
+            restored.aggregator = fresh();
             restored.deltas.clear();
             restored.delta_bytes = 0;
         } else {
@@ -163,6 +162,7 @@ pub(super) fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tally_schemas::config::Config;
     use tally_schemas::event::EventDecoder;
 
     #[test]

@@ -56,7 +56,9 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 pub enum AggregatorError {
     #[error("cannot {what}: {source}")]
     Kafka { what: String, source: KafkaError },
-    #[error("restoring {topic}[{partition}] took longer than {timeout:?}; is the broker overloaded?")]
+    #[error(
+        "restoring {topic}[{partition}] took longer than {timeout:?}; is the broker overloaded?"
+    )]
     RestoreTimeout {
         topic: String,
         partition: i32,
@@ -96,6 +98,7 @@ struct PartitionState {
 /// Everything the consume loop and the rebalance callback share.
 struct Worker {
     config: Arc<Config>,
+    period_close_grace: Duration,
     kafka: KafkaSettings,
     topics: Topics,
     producer: ThreadedProducer<DefaultProducerContext>,
@@ -177,6 +180,7 @@ pub fn run(
     let producer = new_producer(kafka)?;
     let worker = Arc::new(Mutex::new(Worker {
         config,
+        period_close_grace: settings.aggregator.period_close_grace,
         kafka: kafka.clone(),
         topics: topics.clone(),
         producer,
@@ -228,7 +232,7 @@ pub fn run(
         let due = worker.broken.is_some()
             || worker.transaction_open
                 && (worker.transaction_events >= MAX_TRANSACTION_EVENTS
-                || worker.transaction_started.elapsed() >= commit_interval);
+                    || worker.transaction_started.elapsed() >= commit_interval);
         if due {
             worker.commit_or_recover(&consumer)?;
         }
@@ -284,7 +288,11 @@ impl Worker {
                 what: "read the committed offsets of the assigned partitions".to_owned(),
                 source,
             })?;
-        let ids: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
+        let ids: Vec<i32> = partitions
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .collect();
         for partition in ids {
             let committed = offset_of(&committed, &self.topics.events, partition);
             let state = self.load(partition, committed)?;
@@ -327,7 +335,7 @@ impl Worker {
             delta_bytes,
             records,
         } = changelog::restore(
-            &self.config,
+            || Aggregator::streaming(&self.config).with_period_close(self.period_close_grace),
             client_config(&self.kafka),
             &self.topics.changelog,
             partition,
@@ -340,11 +348,21 @@ impl Worker {
         // records were lost: read from where the state ends rather than skip events.
         let next_offset = match committed {
             Some(c) if c < restored => {
-                tracing::info!(partition, committed = c, state = restored, "offsets reset behind the state: replaying, duplicates will be dropped");
+                tracing::info!(
+                    partition,
+                    committed = c,
+                    state = restored,
+                    "offsets reset behind the state: replaying, duplicates will be dropped"
+                );
                 c
             }
             Some(c) if c > restored => {
-                tracing::error!(partition, committed = c, state = restored, "changelog ends before the committed offset; reading from where the state ends");
+                tracing::error!(
+                    partition,
+                    committed = c,
+                    state = restored,
+                    "changelog ends before the committed offset; reading from where the state ends"
+                );
                 restored
             }
             _ => restored,
@@ -394,6 +412,14 @@ impl Worker {
             Err(e) => ("invalid", Some((e.problem.code(), e.to_string()))),
             Ok(event) => match state.aggregator.apply(&event) {
                 Outcome::Accepted => ("accepted", None),
+                Outcome::Late => {
+                    self.metrics.late.with_label_values(&["revised"]).inc();
+                    ("accepted", None)
+                }
+                Outcome::Adjusted => {
+                    self.metrics.late.with_label_values(&["adjusted"]).inc();
+                    ("accepted", None)
+                }
                 Outcome::Unmetered => ("unmetered", None),
                 Outcome::Retry => ("duplicate", None),
                 Outcome::Conflict => (
@@ -561,7 +587,8 @@ impl Worker {
     /// Back to exactly what Kafka holds: abort, new producer, states rebuilt, consumer
     /// rewound to where each state ends.
     fn recover(&mut self, consumer: &GroupConsumer) -> Result<(), AggregatorError> {
-        self.readiness.not_ready("recovering from a failed transaction");
+        self.readiness
+            .not_ready("recovering from a failed transaction");
         if let Err(e) = self.producer.abort_transaction(TRANSACTION_TIMEOUT) {
             tracing::warn!(error = %e, "abort failed; the new producer's fencing will abort it");
         }

@@ -53,7 +53,9 @@ pub enum RaterError {
     Kafka { what: String, source: KafkaError },
     #[error(transparent)]
     ClickHouse(#[from] ClickHouseError),
-    #[error("rebuilding {topic}[{partition}] took longer than {timeout:?}; is the broker overloaded?")]
+    #[error(
+        "rebuilding {topic}[{partition}] took longer than {timeout:?}; is the broker overloaded?"
+    )]
     RebuildTimeout {
         topic: String,
         partition: i32,
@@ -136,8 +138,14 @@ impl PartitionOwner for Worker {
         self.readiness.not_ready("rebuilding partitions");
         let committed = consumer
             .committed_offsets(partitions.clone(), Duration::from_secs(30))
-            .map_err(kafka("read the committed offsets of the assigned partitions"))?;
-        let ids: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
+            .map_err(kafka(
+                "read the committed offsets of the assigned partitions",
+            ))?;
+        let ids: Vec<i32> = partitions
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .collect();
         for partition in ids {
             let committed = offset_of(&committed, &self.topic, partition).unwrap_or(0);
             let (ledger, opened) = self.rebuild(partition, committed)?;
@@ -382,7 +390,9 @@ impl Worker {
         if state.opened.insert(period) {
             match state.ledger.opening_lines(period) {
                 Ok(lines) => self.pending.opening.extend(lines),
-                Err(e) => tracing::error!(error = %e, %period, "cannot rate a period's opening lines"),
+                Err(e) => {
+                    tracing::error!(error = %e, %period, "cannot rate a period's opening lines")
+                }
             }
         }
         match record(&mut state.ledger, &update) {
@@ -454,9 +464,9 @@ impl Worker {
         let rows = rows.len();
         if let Err(e) = inserted {
             self.metrics.insert_failures.inc();
-            let backoff = self
-                .retry_at
-                .map_or(Duration::from_millis(500), |(_, b)| (b * 2).min(Duration::from_secs(10)));
+            let backoff = self.retry_at.map_or(Duration::from_millis(500), |(_, b)| {
+                (b * 2).min(Duration::from_secs(10))
+            });
             if self.retry_at.is_none() {
                 tracing::warn!(error = %e, "ClickHouse refused the write; pausing and retrying");
                 let _ = consumer.assignment().map(|a| consumer.pause(&a));

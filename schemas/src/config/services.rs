@@ -289,10 +289,7 @@ pub(super) fn validate(
 
     let mut properties = specs.kafka.properties.clone();
     for name in ["sasl.username", "sasl.password", "ssl.key.password"] {
-        let env_name = format!(
-            "TALLY_KAFKA_{}",
-            name.replace('.', "_").to_uppercase()
-        );
+        let env_name = format!("TALLY_KAFKA_{}", name.replace('.', "_").to_uppercase());
         if let Some(value) = var(&env_name) {
             properties.insert(name.to_owned(), value);
         }
@@ -353,7 +350,9 @@ pub(super) fn validate(
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         issue(
             "clickhouse.url",
-            format!("{url:?} is not ClickHouse's HTTP interface: write e.g. \"http://127.0.0.1:8123\""),
+            format!(
+                "{url:?} is not ClickHouse's HTTP interface: write e.g. \"http://127.0.0.1:8123\""
+            ),
         );
     }
     let database = var("TALLY_CLICKHOUSE_DATABASE")
@@ -396,13 +395,14 @@ pub(super) fn validate(
     );
 
     let ingest = specs.ingest;
-    let positive = |at: &str, value: Option<usize>, default: usize, issue: &mut dyn FnMut(&str, String)| {
-        let value = value.unwrap_or(default);
-        if value == 0 {
-            issue(at, "must be at least 1".to_owned());
-        }
-        value
-    };
+    let positive =
+        |at: &str, value: Option<usize>, default: usize, issue: &mut dyn FnMut(&str, String)| {
+            let value = value.unwrap_or(default);
+            if value == 0 {
+                issue(at, "must be at least 1".to_owned());
+            }
+            value
+        };
     let max_body_bytes = positive(
         "ingest.max_body_bytes",
         ingest.max_body_bytes,
@@ -477,7 +477,10 @@ pub(super) fn validate(
         .commit_interval
         .unwrap_or(d::DEFAULT_COMMIT_INTERVAL);
     if commit_interval.is_zero() {
-        issue("aggregator.commit_interval", "must be above zero".to_owned());
+        issue(
+            "aggregator.commit_interval",
+            "must be above zero".to_owned(),
+        );
     }
     let flush_interval = specs
         .rater
@@ -531,10 +534,7 @@ event_type = "api.call"
 aggregation = "count"
 "#;
 
-    fn services(
-        extra: &str,
-        env: &[(&str, &str)],
-    ) -> Result<super::ServiceSettings, Vec<String>> {
+    fn services(extra: &str, env: &[(&str, &str)]) -> Result<super::ServiceSettings, Vec<String>> {
         let config = Config::parse(&format!("{PRICE_BOOK}\n{extra}"), "test.toml")
             .map_err(|e| vec![e.to_string()])?;
         let lookup = |name: &str| {

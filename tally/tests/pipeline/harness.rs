@@ -172,7 +172,11 @@ flush_interval = "200ms"
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 if let Some(status) = child.try_wait().unwrap() {
-                    assert!(status.success(), "{name} exited with {status}:\n{}", self.log(name));
+                    assert!(
+                        status.success(),
+                        "{name} exited with {status}:\n{}",
+                        self.log(name)
+                    );
                     return;
                 }
                 assert!(Instant::now() < deadline, "{name} did not stop within 60 s");
@@ -293,7 +297,11 @@ flush_interval = "200ms"
             let got = self.invoice_lines();
             if got == expected {
                 std::thread::sleep(Duration::from_secs(2));
-                assert_eq!(self.invoice_lines(), expected, "lines changed after matching");
+                assert_eq!(
+                    self.invoice_lines(),
+                    expected,
+                    "lines changed after matching"
+                );
                 return;
             }
             if Instant::now() > deadline {
@@ -387,7 +395,11 @@ flush_interval = "200ms"
             .create()
             .unwrap();
         let mut offsets = TopicPartitionList::new();
-        let topic = self.topic(if service == "aggregator" { "events" } else { "windows" });
+        let topic = self.topic(if service == "aggregator" {
+            "events"
+        } else {
+            "windows"
+        });
         for p in 0..PARTITIONS as i32 {
             let (low, _) = consumer
                 .fetch_watermarks(&topic, p, Duration::from_secs(10))
@@ -419,7 +431,11 @@ impl Drop for Pipeline {
             // Keep the logs of a failed test.
             let kept = std::env::temp_dir().join(format!("{}-logs", self.prefix));
             let _ = fs::create_dir_all(&kept);
-            for entry in fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            for entry in fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 if entry.path().extension().is_some_and(|e| e == "log") {
                     let _ = fs::copy(entry.path(), kept.join(entry.file_name()));
                 }
@@ -462,7 +478,11 @@ pub fn service(name: &str, action: &str) {
 impl Pipeline {
     /// Waits until the service's group has committed every partition to its end.
     pub fn wait_caught_up(&mut self, service: &str, timeout: Duration) {
-        let topic = self.topic(if service == "aggregator" { "events" } else { "windows" });
+        let topic = self.topic(if service == "aggregator" {
+            "events"
+        } else {
+            "windows"
+        });
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", BROKERS)
             .set("group.id", format!("{}-{service}", self.prefix))
@@ -492,7 +512,10 @@ impl Pipeline {
             if !behind {
                 return;
             }
-            assert!(Instant::now() < deadline, "{service} did not catch up in {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{service} did not catch up in {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(500));
         }
     }

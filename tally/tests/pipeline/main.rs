@@ -49,7 +49,12 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
         let (_, headers) = rejected
             .iter()
             .find(|(payload, _)| payload == bad)
-            .unwrap_or_else(|| panic!("{:?} not in the rejected topic", String::from_utf8_lossy(bad)));
+            .unwrap_or_else(|| {
+                panic!(
+                    "{:?} not in the rejected topic",
+                    String::from_utf8_lossy(bad)
+                )
+            });
         assert!(!headers["tally.error.code"].is_empty(), "{headers:?}");
         assert!(!headers["tally.error.reason"].is_empty(), "{headers:?}");
         assert_eq!(headers["tally.source.topic"], p.topic("events"));
@@ -97,7 +102,8 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(300));
     assert!(
-        p.log("agg-a").contains("partition state restored from the changelog"),
+        p.log("agg-a")
+            .contains("partition state restored from the changelog"),
         "the restarts restored from the changelog"
     );
 }
