@@ -239,14 +239,25 @@ flush_interval = "200ms"
 
     /// `tally rate`'s lines for the period: what ClickHouse must end up with.
     pub fn expected(&self) -> Vec<Line> {
+        self.rate(&self.events, self.period)
+    }
+
+    /// `tally rate`'s lines for `period` of these events.
+    pub fn expected_for(&self, lines: &[Vec<u8>], period: &str) -> Vec<Line> {
+        let path = self.dir.path().join("expected-events.jsonl");
+        fs::write(&path, lines.join(&b'\n')).unwrap();
+        self.rate(&path, period)
+    }
+
+    fn rate(&self, events: &Path, period: &str) -> Vec<Line> {
         let out = self.dir.path().join("expected.jsonl");
         let status = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args(["rate", "--format", "json", "--period", self.period])
+            .args(["rate", "--format", "json", "--period", period])
             .args(["--now", "2026-11-01T00:00:00Z"])
             .arg("--config")
             .arg(&self.config)
             .arg("--events")
-            .arg(&self.events)
+            .arg(events)
             .arg("--output")
             .arg(&out)
             .arg("--rejects")

@@ -172,3 +172,84 @@ fn clickhouse_down_for_30_seconds_delays_but_does_not_change_totals() {
         "the rater saw the outage"
     );
 }
+
+fn resolution(id: &str, customer: &str, time: &str) -> Vec<u8> {
+    format!(
+        r#"{{"specversion":"1.0","id":"{id}","source":"late-test","type":"ai.resolution","subject":"{customer}","time":"{time}","data":{{"conversation_id":"{id}"}}}}"#
+    )
+    .into_bytes()
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
+    let _serial = serial();
+    let mut p = Pipeline::new(
+        "late",
+        5_000,
+        10,
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\nperiod_close_grace = \"1h\"\ndedupe_horizon = \"35d\"",
+    );
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let customers: Vec<String> = (0..10).map(|i| format!("cust_{i:05}")).collect();
+    let each = |f: &dyn Fn(&str) -> Vec<u8>| -> Vec<Vec<u8>> {
+        customers.iter().map(|c| f(c)).collect()
+    };
+    let mut october = p.lines();
+    p.produce(&october);
+    // November 00:30: October's grace (1 h) has not passed, so late October usage
+    // still lands in October.
+    p.produce(&each(&|c| resolution(&format!("nov-{c}"), c, "2026-11-01T00:30:00Z")));
+    let in_grace = each(&|c| resolution(&format!("grace-{c}"), c, "2026-10-31T22:00:00Z"));
+    p.produce(&in_grace);
+    october.extend(in_grace);
+    // November 02:00 everywhere: October is closed in every partition.
+    p.produce(&each(&|c| resolution(&format!("close-{c}"), c, "2026-11-01T02:00:00Z")));
+    // Two late October resolutions per customer after the close: adjustments.
+    let mut after_close = each(&|c| resolution(&format!("late1-{c}"), c, "2026-10-31T23:00:00Z"));
+    after_close.extend(each(&|c| resolution(&format!("late2-{c}"), c, "2026-10-15T08:00:00Z")));
+    p.produce(&after_close);
+    // Older than the 35-day dedupe horizon: refused, with that reason.
+    let too_old = resolution("ancient", "cust_00001", "2026-09-01T00:00:00Z");
+    p.produce(std::slice::from_ref(&too_old));
+
+    let expected_october = p.expected_for(&october, "2026-10");
+    let billed: Vec<&String> = expected_october
+        .iter()
+        .filter(|l| l.1 == "resolutions")
+        .map(|l| &l.0)
+        .collect();
+    let sql = format!(
+        "SELECT customer, price, quantity, adjusts_period FROM {}.invoice_lines \
+         WHERE period_start = '2026-11-01 00:00:00' AND adjusts_period != '' \
+         ORDER BY customer FORMAT TSV",
+        p.database
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let adjustments = loop {
+        let rows = p.query(&sql);
+        if rows.lines().count() == billed.len() {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected {} adjustment lines, found:\n{rows}",
+            billed.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for (row, customer) in adjustments.lines().zip(&billed) {
+        assert_eq!(row, format!("{customer}\tresolutions\t2\t2026-10"));
+    }
+    // October itself is exactly what tally rate bills for the usage that arrived in
+    // time, and stays so.
+    p.period = "2026-10";
+    p.wait_for(&expected_october, Duration::from_secs(60));
+    let rejected = p.read_topic("rejected");
+    let (_, headers) = rejected
+        .iter()
+        .find(|(payload, _)| *payload == too_old)
+        .expect("the too-old event is in the rejected topic");
+    assert_eq!(headers["tally.error.code"], "too_late");
+}
