@@ -83,15 +83,18 @@ partitions = {PARTITIONS}
 [clickhouse]
 url = "{url}"
 database = "{database}"
-
-[rater]
-metrics_listen = "127.0.0.1:0"
-flush_interval = "200ms"
 {extra}
 "#,
             url = clickhouse_url(),
         )
         .unwrap();
+        if !extra.contains("[rater]") {
+            writeln!(
+                file,
+                "\n[rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\""
+            )
+            .unwrap();
+        }
         if !extra.contains("[aggregator]") {
             writeln!(
                 file,
@@ -479,11 +482,15 @@ fn tail(text: &str, lines: usize) -> String {
 
 /// Runs `scripts/services/<name>.sh <action>` (stop, start, restart) and waits for it.
 pub fn service(name: &str, action: &str) {
+    service_with(name, &[action]);
+}
+
+pub fn service_with(name: &str, args: &[&str]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../scripts/services")
         .join(format!("{name}.sh"));
-    let status = Command::new(&script).arg(action).status().unwrap();
-    assert!(status.success(), "{} {action} failed", script.display());
+    let status = Command::new(&script).args(args).status().unwrap();
+    assert!(status.success(), "{} {args:?} failed", script.display());
 }
 
 impl Pipeline {
@@ -530,4 +537,66 @@ impl Pipeline {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// A port free on loopback right now (the OS picks it; it is released for the caller).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub const API_KEY: &str = "pipeline-test-key-0123456789";
+
+/// `[ingest]` listening on `port`, with one key allowed any source and limits out of
+/// the way.
+pub fn ingest_section(port: u16) -> String {
+    format!(
+        "[ingest]\nlisten = \"127.0.0.1:{port}\"\nrate_limit_per_second = 100000\nrate_limit_burst = 100000\n\
+         [[ingest.api_keys]]\nkey = \"{API_KEY}\"\ntenant = \"pipeline-test\"\nsources = [\"*\"]\n"
+    )
+}
+
+/// Sends events to ingest in batches, as a product service would; returns how many
+/// it accepted. Retries while ingest starts.
+pub fn post_events(port: u16, lines: &[Vec<u8>], batch: usize) -> u64 {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("http://127.0.0.1:{port}/v1/events");
+    let mut accepted = 0;
+    for chunk in lines.chunks(batch) {
+        let mut body = b"[".to_vec();
+        body.extend(chunk.join(&b',')); 
+        body.push(b']');
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let sent = agent
+                .post(&url)
+                .header("Authorization", &format!("Bearer {API_KEY}"))
+                .header("Content-Type", "application/cloudevents-batch+json")
+                .send(&body[..]);
+            match sent {
+                Ok(mut response) if response.status() == 202 => {
+                    let reply: Value =
+                        serde_json::from_str(&response.body_mut().read_to_string().unwrap())
+                            .unwrap();
+                    accepted += reply["accepted"].as_u64().unwrap();
+                    break;
+                }
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "ingest did not accept a batch: {:?}",
+                        other.map(|mut r| (r.status(), r.body_mut().read_to_string().unwrap_or_default()))
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    accepted
 }

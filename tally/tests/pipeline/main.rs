@@ -253,3 +253,119 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
         .expect("the too-old event is in the rejected topic");
     assert_eq!(headers["tally.error.code"], "too_late");
 }
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
+    let _serial = serial();
+    let port = harness::free_port();
+    let mut p = Pipeline::new("http", 20_000, 40, &harness::ingest_section(port));
+    p.start("ingest", "ingest-a");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let lines = p.lines();
+    let accepted = harness::post_events(port, &lines, 500);
+    // Every line is valid; ingest drops only repeats within one batch.
+    assert!(accepted > 19_000 && accepted <= lines.len() as u64, "{accepted}");
+    let expected = p.expected();
+    p.wait_for(&expected, Duration::from_secs(180));
+}
+
+/// Prometheus's answer to an instant query: `(labels, value)` per series.
+fn prometheus(query: &str) -> Vec<(serde_json::Value, f64)> {
+    let url = format!(
+        "http://127.0.0.1:9090/api/v1/query?query={}",
+        query
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    );
+    let Ok(mut response) = ureq::get(&url).call() else {
+        return Vec::new();
+    };
+    let body: serde_json::Value =
+        serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+    body["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| {
+            let value = r["value"][1].as_str().unwrap().parse().unwrap();
+            (r["metric"].clone(), value)
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs Kafka, ClickHouse and Prometheus: scripts/services/up.sh"]
+fn prometheus_scrapes_every_service_of_serve_all() {
+    let _serial = serial();
+    let (ingest, aggregator, rater) = (
+        harness::free_port(),
+        harness::free_port(),
+        harness::free_port(),
+    );
+    let extra = format!(
+        "{}\n[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator}\"\ncommit_interval = \"100ms\"\n\
+         [rater]\nmetrics_listen = \"127.0.0.1:{rater}\"\nflush_interval = \"200ms\"\n",
+        harness::ingest_section(ingest)
+    );
+    let mut p = Pipeline::new("prometheus", 3_000, 10, &extra);
+    p.start("all", "all-a");
+    harness::service_with(
+        "prometheus",
+        &[
+            "targets",
+            &format!("ingest=127.0.0.1:{ingest},aggregator=127.0.0.1:{aggregator},rater=127.0.0.1:{rater}"),
+        ],
+    );
+    let lines = p.lines();
+    let accepted = harness::post_events(ingest, &lines, 250) as f64;
+    let expected = p.expected();
+    p.wait_for(&expected, Duration::from_secs(120));
+
+    let total = |query: &str| prometheus(query).iter().map(|(_, v)| v).sum::<f64>();
+    let checks: Vec<(String, Box<dyn Fn(f64) -> bool>)> = vec![
+        (r#"up{job=~"ingest|aggregator|rater"}"#.into(), Box::new(|v| v == 3.0)),
+        (format!(r#"tally_ingest_events_total{{job="ingest",outcome="accepted"}}"#), Box::new(move |v| v == accepted)),
+        (r#"tally_http_requests_total{job="ingest",route="/v1/events",status="202"}"#.into(), Box::new(|v| v >= 12.0)),
+        (r#"tally_http_request_duration_seconds_count{job="ingest"}"#.into(), Box::new(|v| v >= 12.0)),
+        // The aggregator reads every event ingest stored exactly once, whatever
+        // becomes of it.
+        (r#"tally_aggregator_events_total{job="aggregator"}"#.into(), Box::new(move |v| v == accepted)),
+        (r#"tally_aggregator_transactions_total{job="aggregator",result="committed"}"#.into(), Box::new(|v| v >= 1.0)),
+        (r#"tally_aggregator_window_latency_seconds_count{job="aggregator"}"#.into(), Box::new(|v| v >= 1.0)),
+        (r#"tally_aggregator_window_updates_total{job="aggregator"}"#.into(), Box::new(|v| v >= 1.0)),
+        (r#"tally_kafka_consumer_lag_messages{job="aggregator"}"#.into(), Box::new(|v| v >= 0.0)),
+        (r#"tally_rater_window_updates_total{job="rater"}"#.into(), Box::new(|v| v >= 1.0)),
+        (r#"tally_rater_lines_rated_total{job="rater"}"#.into(), Box::new(|v| v >= 1.0)),
+        (r#"tally_clickhouse_inserted_rows_total{job="rater"}"#.into(), Box::new(|v| v >= expected.len() as f64)),
+        (r#"tally_clickhouse_insert_duration_seconds_count{job="rater"}"#.into(), Box::new(|v| v >= 1.0)),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for (query, ok) in &checks {
+        loop {
+            let series = prometheus(query);
+            let value = total(query);
+            if !series.is_empty() && ok(value) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Prometheus: {query} = {value} ({} series)",
+                series.len()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    // No series is labelled with a customer, subject, key or event id.
+    let mut labels = ureq::get("http://127.0.0.1:9090/api/v1/labels").call().unwrap();
+    let labels = labels.body_mut().read_to_string().unwrap();
+    for forbidden in ["\"customer\"", "\"subject\"", "\"event_id\"", "\"id\"", "\"api_key\"", "\"tenant\""] {
+        assert!(!labels.contains(forbidden), "label {forbidden} in {labels}");
+    }
+}
