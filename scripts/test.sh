@@ -18,6 +18,8 @@ cargo test --workspace --all-targets --locked -- --include-ignored 2>&1 | tee ta
 echo "== lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
+echo "== docker-compose.yml"
+scripts/check-compose.sh
 # cargo prints one result line per test binary; add them up for one closing line.
 awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
      END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' target/test.log

@@ -48,11 +48,13 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
 
 /// Creates Tally's topics if they do not exist, then checks that the co-partitioned
 /// ones agree. Safe to run from every instance at every start.
-pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaSetupError> {
-    let fail = |what: &str, source| KafkaSetupError::Kafka {
-        what: what.to_owned(),
-        brokers: settings.brokers.clone(),
-        source,
+pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetupError>> {
+    let fail = |what: &str, source| {
+        Box::new(KafkaSetupError::Kafka {
+            what: what.to_owned(),
+            brokers: settings.brokers.clone(),
+            source,
+        })
     };
     let admin: AdminClient<DefaultClientContext> = client_config(settings)
         .create()
@@ -104,12 +106,23 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaSetupErr
             }
         }
     }
-    let count = |topic: &str| -> Result<usize, KafkaSetupError> {
-        let metadata = admin
-            .inner()
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(|e| fail(&format!("read the metadata of {topic}"), e))?;
-        Ok(metadata.topics().first().map_or(0, |t| t.partitions().len()))
+    // A topic just created can show no partitions for a moment: ask again briefly.
+    let count = |topic: &str| -> Result<usize, Box<KafkaSetupError>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let metadata = admin
+                .inner()
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .map_err(|e| fail(&format!("read the metadata of {topic}"), e))?;
+            let partitions = metadata
+                .topics()
+                .first()
+                .map_or(0, |t| t.partitions().len());
+            if partitions > 0 || std::time::Instant::now() > deadline {
+                return Ok(partitions);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     };
     let events = settings.topic(Topic::Events);
     let expected_count = count(&events)?;
@@ -117,12 +130,12 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaSetupErr
         let name = settings.topic(topic);
         let found = count(&name)?;
         if found != expected_count {
-            return Err(KafkaSetupError::PartitionMismatch {
+            return Err(Box::new(KafkaSetupError::PartitionMismatch {
                 topic: name,
                 found,
                 expected: events.clone(),
                 expected_count,
-            });
+            }));
         }
     }
     Ok(())

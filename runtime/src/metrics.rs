@@ -5,8 +5,8 @@
 //! bounded sets (outcome, reason, route, partition), never customer or event ids.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Latency buckets from 1 ms to 30 s, for everything Tally times.

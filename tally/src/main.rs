@@ -118,6 +118,10 @@ fn main() {
 
 fn validate(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    // The services' sections too, with this environment's overrides and secrets.
+    let services = config.services(&path.display().to_string(), &|name| {
+        std::env::var(name).ok()
+    })?;
     let prices: usize = config.plans.iter().map(|p| p.prices.len()).sum();
     println!(
         "{} is valid: {} meters, {} plans with {} prices, {} customers; price book hash {}",
@@ -128,6 +132,18 @@ fn validate(path: &Path) -> anyhow::Result<()> {
         config.customers.len(),
         config.hash
     );
+    println!(
+        "services: Kafka {} (topics {}.*), ClickHouse {} database {}, ingest on {} with {} API key(s)",
+        services.kafka.brokers,
+        services.kafka.topic_prefix,
+        services.clickhouse.url,
+        services.clickhouse.database,
+        services.ingest.listen,
+        services.ingest.api_keys.len()
+    );
+    for (at, message) in &services.ingest.unresolved_keys {
+        println!("warning: {at}: {message} (only `tally serve ingest` needs it)");
+    }
     Ok(())
 }
 

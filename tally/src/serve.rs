@@ -91,6 +91,18 @@ async fn serve(
     let shutdown = Shutdown::new();
     shutdown.on_signals();
     let runs = |s: Service| service == s || service == Service::All;
+    if runs(Service::Ingest) && !settings.ingest.unresolved_keys.is_empty() {
+        let problems: Vec<String> = settings
+            .ingest
+            .unresolved_keys
+            .iter()
+            .map(|(at, message)| format!("  - {at}: {message}"))
+            .collect();
+        anyhow::bail!(
+            "ingest cannot start: API keys are missing:\n{}",
+            problems.join("\n")
+        );
+    }
     if runs(Service::Aggregator) || runs(Service::Rater) {
         ensure_topics(&settings, &shutdown).await?;
     }
@@ -167,7 +179,12 @@ async fn ensure_topics(settings: &ServiceSettings, shutdown: &Shutdown) -> anyho
     loop {
         match tally_runtime::kafka::ensure_topics(&settings.kafka).await {
             Ok(()) => return Ok(()),
-            Err(e @ tally_runtime::kafka::KafkaSetupError::PartitionMismatch { .. }) => {
+            Err(e)
+                if matches!(
+                    *e,
+                    tally_runtime::kafka::KafkaSetupError::PartitionMismatch { .. }
+                ) =>
+            {
                 return Err(e.into())
             }
             Err(e) if tokio::time::Instant::now() < deadline && !shutdown.is_requested() => {

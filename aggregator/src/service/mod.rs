@@ -501,7 +501,9 @@ impl Worker {
                     .observe(started.elapsed().as_secs_f64());
                 if let Some(ms) = self.oldest_event_ms.take() {
                     let age = (Utc::now().timestamp_millis() - ms).max(0);
-                    self.metrics.window_latency.observe(age as f64 / 1000.0);
+                    self.metrics
+                        .window_latency
+                        .observe(Duration::from_millis(age.unsigned_abs()).as_secs_f64());
                 }
                 self.metrics.dedupe_keys.set(
                     self.partitions

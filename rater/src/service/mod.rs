@@ -484,7 +484,9 @@ impl Worker {
             .inc_by(self.pending.lines.len() as u64);
         if let Some(ms) = self.pending.oldest_update_ms {
             let age = (Utc::now().timestamp_millis() - ms).max(0);
-            self.metrics.rating_latency.observe(age as f64 / 1000.0);
+            self.metrics
+                .rating_latency
+                .observe(Duration::from_millis(age.unsigned_abs()).as_secs_f64());
         }
         for (version, rated) in &self.pending.lines {
             let value = serde_json::to_vec(&RatedRecord {

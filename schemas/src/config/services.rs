@@ -241,6 +241,9 @@ pub struct IngestSettings {
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
     pub api_keys: Vec<ApiKey>,
+    /// Keys whose `key_env` variable is not set, as `(at, message)`: only the ingest
+    /// service needs them, so only it refuses to start over them.
+    pub unresolved_keys: Vec<(String, String)>,
 }
 
 /// Validated streaming settings of `[aggregator]`.
@@ -428,6 +431,7 @@ pub(super) fn validate(
         &mut issue,
     ) as u32;
     let mut api_keys = Vec::new();
+    let mut unresolved_keys = Vec::new();
     for (i, key) in ingest.api_keys.iter().enumerate() {
         let at = format!("ingest.api_keys[{i}]");
         let secret = match (&key.key, &key.key_env) {
@@ -435,10 +439,10 @@ pub(super) fn validate(
             (None, Some(name)) => {
                 let secret = var(name);
                 if secret.is_none() {
-                    issue(
-                        &format!("{at}.key_env"),
+                    unresolved_keys.push((
+                        format!("{at}.key_env"),
                         format!("environment variable {name} is not set; export the key for tenant {:?} there", key.tenant),
-                    );
+                    ));
                 }
                 secret
             }
@@ -507,6 +511,7 @@ pub(super) fn validate(
             rate_limit_per_second,
             rate_limit_burst,
             api_keys,
+            unresolved_keys,
         },
         aggregator: AggregatorServiceSettings {
             period_close_grace: specs
@@ -625,7 +630,6 @@ sources = []
             "kafka.properties.\"group.id\"",
             "clickhouse.url",
             "ingest.listen",
-            "ingest.api_keys[0].key_env: environment variable MISSING_KEY is not set",
             "ingest.api_keys[1]: the key is shorter",
             "ingest.api_keys[1].sources",
         ] {
@@ -634,6 +638,18 @@ sources = []
                 "no issue {expected:?} in {issues:#?}"
             );
         }
+    }
+
+    #[test]
+    fn a_missing_key_variable_concerns_only_the_ingest_service() {
+        let file =
+            "[[ingest.api_keys]]\nkey_env = \"MISSING_KEY\"\ntenant = \"a\"\nsources = [\"*\"]\n";
+        let s = services(file, &[]).unwrap();
+        assert!(s.ingest.api_keys.is_empty());
+        assert_eq!(s.ingest.unresolved_keys[0].0, "ingest.api_keys[0].key_env");
+        assert!(s.ingest.unresolved_keys[0]
+            .1
+            .contains("MISSING_KEY is not set"));
     }
 
     #[test]

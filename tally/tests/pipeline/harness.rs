@@ -15,7 +15,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
-use tally_schemas::config::{Config, ServiceSettings};
+use tally_schemas::config::Config;
 
 pub const BROKERS: &str = "127.0.0.1:9092";
 pub const PARTITIONS: u32 = 4;
@@ -42,7 +42,6 @@ pub struct Pipeline {
     pub period: &'static str,
     children: BTreeMap<String, Child>,
     producer: BaseProducer,
-    pub settings: ServiceSettings,
 }
 
 impl Pipeline {
@@ -126,7 +125,6 @@ database = "{database}"
             period: "2026-10",
             children: BTreeMap::new(),
             producer,
-            settings,
         }
     }
 
@@ -570,7 +568,7 @@ pub fn post_events(port: u16, lines: &[Vec<u8>], batch: usize) -> u64 {
     let mut accepted = 0;
     for chunk in lines.chunks(batch) {
         let mut body = b"[".to_vec();
-        body.extend(chunk.join(&b',')); 
+        body.extend(chunk.join(&b','));
         body.push(b']');
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -591,7 +589,10 @@ pub fn post_events(port: u16, lines: &[Vec<u8>], batch: usize) -> u64 {
                     assert!(
                         Instant::now() < deadline,
                         "ingest did not accept a batch: {:?}",
-                        other.map(|mut r| (r.status(), r.body_mut().read_to_string().unwrap_or_default()))
+                        other.map(|mut r| (
+                            r.status(),
+                            r.body_mut().read_to_string().unwrap_or_default()
+                        ))
                     );
                     std::thread::sleep(Duration::from_millis(200));
                 }

@@ -193,22 +193,27 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let customers: Vec<String> = (0..10).map(|i| format!("cust_{i:05}")).collect();
-    let each = |f: &dyn Fn(&str) -> Vec<u8>| -> Vec<Vec<u8>> {
-        customers.iter().map(|c| f(c)).collect()
-    };
+    let each =
+        |f: &dyn Fn(&str) -> Vec<u8>| -> Vec<Vec<u8>> { customers.iter().map(|c| f(c)).collect() };
     let mut october = p.lines();
     p.produce(&october);
     // November 00:30: October's grace (1 h) has not passed, so late October usage
     // still lands in October.
-    p.produce(&each(&|c| resolution(&format!("nov-{c}"), c, "2026-11-01T00:30:00Z")));
+    p.produce(&each(&|c| {
+        resolution(&format!("nov-{c}"), c, "2026-11-01T00:30:00Z")
+    }));
     let in_grace = each(&|c| resolution(&format!("grace-{c}"), c, "2026-10-31T22:00:00Z"));
     p.produce(&in_grace);
     october.extend(in_grace);
     // November 02:00 everywhere: October is closed in every partition.
-    p.produce(&each(&|c| resolution(&format!("close-{c}"), c, "2026-11-01T02:00:00Z")));
+    p.produce(&each(&|c| {
+        resolution(&format!("close-{c}"), c, "2026-11-01T02:00:00Z")
+    }));
     // Two late October resolutions per customer after the close: adjustments.
     let mut after_close = each(&|c| resolution(&format!("late1-{c}"), c, "2026-10-31T23:00:00Z"));
-    after_close.extend(each(&|c| resolution(&format!("late2-{c}"), c, "2026-10-15T08:00:00Z")));
+    after_close.extend(each(&|c| {
+        resolution(&format!("late2-{c}"), c, "2026-10-15T08:00:00Z")
+    }));
     p.produce(&after_close);
     // Older than the 35-day dedupe horizon: refused, with that reason.
     let too_old = resolution("ancient", "cust_00001", "2026-09-01T00:00:00Z");
@@ -266,7 +271,10 @@ fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
     let lines = p.lines();
     let accepted = harness::post_events(port, &lines, 500);
     // Every line is valid; ingest drops only repeats within one batch.
-    assert!(accepted > 19_000 && accepted <= lines.len() as u64, "{accepted}");
+    assert!(
+        accepted > 19_000 && accepted <= lines.len() as u64,
+        "{accepted}"
+    );
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(180));
 }
@@ -278,7 +286,8 @@ fn prometheus(query: &str) -> Vec<(serde_json::Value, f64)> {
         query
             .bytes()
             .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' =>
+                    (b as char).to_string(),
                 _ => format!("%{b:02X}"),
             })
             .collect::<String>()
@@ -329,22 +338,63 @@ fn prometheus_scrapes_every_service_of_serve_all() {
     p.wait_for(&expected, Duration::from_secs(120));
 
     let total = |query: &str| prometheus(query).iter().map(|(_, v)| v).sum::<f64>();
-    let checks: Vec<(String, Box<dyn Fn(f64) -> bool>)> = vec![
-        (r#"up{job=~"ingest|aggregator|rater"}"#.into(), Box::new(|v| v == 3.0)),
-        (format!(r#"tally_ingest_events_total{{job="ingest",outcome="accepted"}}"#), Box::new(move |v| v == accepted)),
-        (r#"tally_http_requests_total{job="ingest",route="/v1/events",status="202"}"#.into(), Box::new(|v| v >= 12.0)),
-        (r#"tally_http_request_duration_seconds_count{job="ingest"}"#.into(), Box::new(|v| v >= 12.0)),
+    let lines_expected = expected.len() as f64;
+    type Check = (&'static str, Box<dyn Fn(f64) -> bool>);
+    let checks: Vec<Check> = vec![
+        (
+            r#"up{job=~"ingest|aggregator|rater"}"#,
+            Box::new(|v| v == 3.0),
+        ),
+        (
+            r#"tally_ingest_events_total{job="ingest",outcome="accepted"}"#,
+            Box::new(move |v| v == accepted),
+        ),
+        (
+            r#"tally_http_requests_total{job="ingest",route="/v1/events",status="202"}"#,
+            Box::new(|v| v >= 12.0),
+        ),
+        (
+            r#"tally_http_request_duration_seconds_count{job="ingest"}"#,
+            Box::new(|v| v >= 12.0),
+        ),
         // The aggregator reads every event ingest stored exactly once, whatever
         // becomes of it.
-        (r#"tally_aggregator_events_total{job="aggregator"}"#.into(), Box::new(move |v| v == accepted)),
-        (r#"tally_aggregator_transactions_total{job="aggregator",result="committed"}"#.into(), Box::new(|v| v >= 1.0)),
-        (r#"tally_aggregator_window_latency_seconds_count{job="aggregator"}"#.into(), Box::new(|v| v >= 1.0)),
-        (r#"tally_aggregator_window_updates_total{job="aggregator"}"#.into(), Box::new(|v| v >= 1.0)),
-        (r#"tally_kafka_consumer_lag_messages{job="aggregator"}"#.into(), Box::new(|v| v >= 0.0)),
-        (r#"tally_rater_window_updates_total{job="rater"}"#.into(), Box::new(|v| v >= 1.0)),
-        (r#"tally_rater_lines_rated_total{job="rater"}"#.into(), Box::new(|v| v >= 1.0)),
-        (r#"tally_clickhouse_inserted_rows_total{job="rater"}"#.into(), Box::new(|v| v >= expected.len() as f64)),
-        (r#"tally_clickhouse_insert_duration_seconds_count{job="rater"}"#.into(), Box::new(|v| v >= 1.0)),
+        (
+            r#"tally_aggregator_events_total{job="aggregator"}"#,
+            Box::new(move |v| v == accepted),
+        ),
+        (
+            r#"tally_aggregator_transactions_total{job="aggregator",result="committed"}"#,
+            Box::new(|v| v >= 1.0),
+        ),
+        (
+            r#"tally_aggregator_window_latency_seconds_count{job="aggregator"}"#,
+            Box::new(|v| v >= 1.0),
+        ),
+        (
+            r#"tally_aggregator_window_updates_total{job="aggregator"}"#,
+            Box::new(|v| v >= 1.0),
+        ),
+        (
+            r#"tally_kafka_consumer_lag_messages{job="aggregator"}"#,
+            Box::new(|v| v >= 0.0),
+        ),
+        (
+            r#"tally_rater_window_updates_total{job="rater"}"#,
+            Box::new(|v| v >= 1.0),
+        ),
+        (
+            r#"tally_rater_lines_rated_total{job="rater"}"#,
+            Box::new(|v| v >= 1.0),
+        ),
+        (
+            r#"tally_clickhouse_inserted_rows_total{job="rater"}"#,
+            Box::new(move |v| v >= lines_expected),
+        ),
+        (
+            r#"tally_clickhouse_insert_duration_seconds_count{job="rater"}"#,
+            Box::new(|v| v >= 1.0),
+        ),
     ];
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     for (query, ok) in &checks {
@@ -363,9 +413,18 @@ fn prometheus_scrapes_every_service_of_serve_all() {
         }
     }
     // No series is labelled with a customer, subject, key or event id.
-    let mut labels = ureq::get("http://127.0.0.1:9090/api/v1/labels").call().unwrap();
+    let mut labels = ureq::get("http://127.0.0.1:9090/api/v1/labels")
+        .call()
+        .unwrap();
     let labels = labels.body_mut().read_to_string().unwrap();
-    for forbidden in ["\"customer\"", "\"subject\"", "\"event_id\"", "\"id\"", "\"api_key\"", "\"tenant\""] {
+    for forbidden in [
+        "\"customer\"",
+        "\"subject\"",
+        "\"event_id\"",
+        "\"id\"",
+        "\"api_key\"",
+        "\"tenant\"",
+    ] {
         assert!(!labels.contains(forbidden), "label {forbidden} in {labels}");
     }
 }
