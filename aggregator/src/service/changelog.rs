@@ -6,11 +6,12 @@
 //! the partition's [`Aggregator`] and the input offset it has accounted for.
 //!
 //! Records of changelog partition p describe events partition p. Keys: `delta/<next
-//! offset>` for a transaction's changes; `snapshot` for the whole state, written now
-//! and then, after which the deltas it covers are tombstoned, so compaction keeps the
+//! offset>` for a transaction's changes; `snapshot/<part>` for the whole state, written
+//! now and then in parts small enough for a record, after which the deltas it covers
+//! (and parts of an older, larger snapshot) are tombstoned, so compaction keeps the
 //! topic near the size of one snapshot plus recent deltas. Restore reads the partition
-//! from the beginning: a snapshot resets the state, a delta is merged, a tombstone is
-//! skipped. Values are MessagePack (compact, and self-describing as decimals and
+//! from the beginning: part 0 of a snapshot resets the state, other parts and deltas
+//! are merged, tombstones are skipped. Values are MessagePack (compact, and self-describing as decimals and
 //! instants need).
 
 use std::time::{Duration, Instant};
@@ -23,7 +24,8 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-pub(super) const SNAPSHOT_KEY: &str = "snapshot";
+/// Dedupe keys or windows per snapshot part: a part stays near 10 MB.
+pub(super) const SNAPSHOT_PART_ENTRIES: usize = 400_000;
 
 /// One changelog record's value.
 #[derive(Debug, Serialize, Deserialize)]
@@ -48,6 +50,18 @@ pub(super) fn delta_key(next_offset: i64) -> String {
     format!("delta/{next_offset:020}")
 }
 
+pub(super) fn snapshot_key(part: usize) -> String {
+    format!("snapshot/{part:06}")
+}
+
+/// The part number of a snapshot key.
+fn snapshot_part(key: &[u8]) -> Option<usize> {
+    std::str::from_utf8(key.strip_prefix(b"snapshot/")?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// A partition's state as the changelog has it.
 #[derive(Debug)]
 pub(super) struct Restored {
@@ -57,6 +71,8 @@ pub(super) struct Restored {
     /// Keys of the deltas since the last snapshot, to tombstone after the next one.
     pub deltas: Vec<String>,
     pub delta_bytes: usize,
+    /// Parts of the last snapshot, so a smaller next one can tombstone the rest.
+    pub snapshot_parts: usize,
     pub records: u64,
 }
 
@@ -85,6 +101,7 @@ pub(super) fn restore(
         next_offset: None,
         deltas: Vec::new(),
         delta_bytes: 0,
+        snapshot_parts: 0,
         records: 0,
     };
     let (low, high) = consumer
@@ -140,10 +157,14 @@ pub(super) fn restore(
             offset: message.offset(),
             problem,
         };
-        if key == SNAPSHOT_KEY.as_bytes() {
-            restored.aggregator = fresh();
-            restored.deltas.clear();
-            restored.delta_bytes = 0;
+        if let Some(part) = snapshot_part(key) {
+            if part == 0 {
+                restored.aggregator = fresh();
+                restored.deltas.clear();
+                restored.delta_bytes = 0;
+                restored.snapshot_parts = 0;
+            }
+            restored.snapshot_parts += 1;
         } else {
             restored
                 .deltas

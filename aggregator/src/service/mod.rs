@@ -40,13 +40,10 @@ use tally_schemas::event::EventDecoder;
 pub use metrics::AggregatorMetrics;
 
 use crate::aggregator::{Aggregator, Outcome};
-use changelog::{delta_key, ChangelogRecord, Restored, SNAPSHOT_KEY};
+use changelog::{delta_key, snapshot_key, ChangelogRecord, Restored, SNAPSHOT_PART_ENTRIES};
 
 /// Most events in one transaction; with `commit_interval`, bounds its size.
 const MAX_TRANSACTION_EVENTS: usize = 100_000;
-/// A partition's changelog gets a snapshot once its deltas since the last one exceed
-/// this many bytes, so restoring never reads much more than one snapshot.
-const SNAPSHOT_AFTER_DELTA_BYTES: usize = 32 << 20;
 /// Timeout of each transactional call; a commit slower than this is aborted.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -93,12 +90,17 @@ struct PartitionState {
     /// Changelog deltas since the last snapshot, to tombstone after the next one.
     deltas: Vec<String>,
     delta_bytes: usize,
+    /// Parts of the partition's last snapshot in the changelog.
+    snapshot_parts: usize,
 }
 
 /// Everything the consume loop and the rebalance callback share.
 struct Worker {
     config: Arc<Config>,
     period_close_grace: Duration,
+    /// A partition's changelog gets a snapshot once its deltas since the last one
+    /// exceed this many bytes, so restoring never reads much more than one snapshot.
+    snapshot_after_bytes: usize,
     kafka: KafkaSettings,
     topics: Topics,
     producer: ThreadedProducer<DefaultProducerContext>,
@@ -181,6 +183,7 @@ pub fn run(
     let worker = Arc::new(Mutex::new(Worker {
         config,
         period_close_grace: settings.aggregator.period_close_grace,
+        snapshot_after_bytes: settings.aggregator.changelog_snapshot_bytes,
         kafka: kafka.clone(),
         topics: topics.clone(),
         producer,
@@ -333,6 +336,7 @@ impl Worker {
             next_offset,
             deltas,
             delta_bytes,
+            snapshot_parts,
             records,
         } = changelog::restore(
             || Aggregator::streaming(&self.config).with_period_close(self.period_close_grace),
@@ -384,6 +388,7 @@ impl Worker {
             touched: false,
             deltas,
             delta_bytes,
+            snapshot_parts,
         })
     }
 
@@ -561,7 +566,7 @@ impl Worker {
             )?;
             state.deltas.push(key);
             state.delta_bytes += record.len();
-            if state.delta_bytes > SNAPSHOT_AFTER_DELTA_BYTES {
+            if state.delta_bytes > self.snapshot_after_bytes {
                 write_snapshot(&self.producer, &self.topics.changelog, partition, state)?;
             }
             offsets.add_partition_offset(
@@ -642,27 +647,33 @@ impl Worker {
     }
 }
 
-/// Writes the partition's whole state as the changelog's snapshot and tombstones the
-/// deltas it covers, in the open transaction.
+/// Writes the partition's whole state as the changelog's snapshot, in parts, and
+/// tombstones the deltas it covers and any parts of the previous snapshot beyond this
+/// one's, in the open transaction.
 fn write_snapshot(
     producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
     partition: i32,
     state: &mut PartitionState,
 ) -> Result<(), KafkaError> {
-    let record = ChangelogRecord {
-        next_offset: state.next_offset,
-        changes: state.aggregator.snapshot(),
+    let parts = state.aggregator.snapshot().split(SNAPSHOT_PART_ENTRIES);
+    let count = parts.len();
+    for (i, changes) in parts.into_iter().enumerate() {
+        let record = ChangelogRecord {
+            next_offset: state.next_offset,
+            changes,
+        }
+        .encode();
+        send(
+            producer,
+            BaseRecord::to(topic)
+                .partition(partition)
+                .key(snapshot_key(i).as_bytes())
+                .payload(&record),
+        )?;
     }
-    .encode();
-    send(
-        producer,
-        BaseRecord::to(topic)
-            .partition(partition)
-            .key(SNAPSHOT_KEY.as_bytes())
-            .payload(&record),
-    )?;
-    for key in state.deltas.drain(..) {
+    let stale = (count..state.snapshot_parts).map(snapshot_key);
+    for key in state.deltas.drain(..).chain(stale) {
         send(
             producer,
             BaseRecord::<[u8], [u8]>::to(topic)
@@ -671,6 +682,7 @@ fn write_snapshot(
         )?;
     }
     state.delta_bytes = 0;
+    state.snapshot_parts = count;
     Ok(())
 }
 

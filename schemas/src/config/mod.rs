@@ -231,6 +231,10 @@ pub struct AggregatorSpec {
     /// Address serving /metrics, /healthz and /readyz; default `"127.0.0.1:9102"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// Changelog bytes written since a partition's last snapshot that trigger the
+    /// next one; default 32 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changelog_snapshot_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -380,6 +384,7 @@ impl Config {
                     period_close_grace: specs.aggregator.period_close_grace.map(|d| d.0),
                     commit_interval: specs.aggregator.commit_interval.map(|d| d.0),
                     metrics_listen: specs.aggregator.metrics_listen.as_deref(),
+                    changelog_snapshot_bytes: specs.aggregator.changelog_snapshot_bytes,
                 },
                 rater: &specs.rater,
             },

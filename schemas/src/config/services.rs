@@ -118,6 +118,7 @@ pub struct AggregatorStreamSpec<'a> {
     pub period_close_grace: Option<Duration>,
     pub commit_interval: Option<Duration>,
     pub metrics_listen: Option<&'a str>,
+    pub changelog_snapshot_bytes: Option<usize>,
 }
 
 /// Validated `[kafka]`.
@@ -252,6 +253,7 @@ pub struct AggregatorServiceSettings {
     pub period_close_grace: Duration,
     pub commit_interval: Duration,
     pub metrics_listen: SocketAddr,
+    pub changelog_snapshot_bytes: usize,
 }
 
 /// Validated `[rater]`.
@@ -520,6 +522,10 @@ pub(super) fn validate(
                 .unwrap_or(d::DEFAULT_PERIOD_CLOSE_GRACE),
             commit_interval,
             metrics_listen: aggregator_listen,
+            changelog_snapshot_bytes: specs
+                .aggregator
+                .changelog_snapshot_bytes
+                .unwrap_or(d::DEFAULT_CHANGELOG_SNAPSHOT_BYTES),
         },
         rater: RaterSettings {
             flush_interval,

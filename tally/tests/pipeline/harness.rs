@@ -30,6 +30,9 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A Kafka record: key, payload, headers.
+pub type Record = (Vec<u8>, Vec<u8>, BTreeMap<String, String>);
+
 /// One line of `invoice_lines`, as finance reads it.
 pub type Line = (String, String, String, String, String);
 
@@ -334,6 +337,14 @@ database = "{database}"
 
     /// Every record of a topic (all partitions), read committed, with its headers.
     pub fn read_topic(&self, suffix: &str) -> Vec<(Vec<u8>, BTreeMap<String, String>)> {
+        self.read_records(suffix)
+            .into_iter()
+            .map(|(_, payload, headers)| (payload, headers))
+            .collect()
+    }
+
+    /// Every record of a topic as (key, payload, headers); a tombstone has no payload.
+    pub fn read_records(&self, suffix: &str) -> Vec<Record> {
         let topic = self.topic(suffix);
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", BROKERS)
@@ -388,7 +399,11 @@ database = "{database}"
                     );
                 }
             }
-            records.push((message.payload().unwrap_or_default().to_vec(), headers));
+            records.push((
+                message.key().unwrap_or_default().to_vec(),
+                message.payload().unwrap_or_default().to_vec(),
+                headers,
+            ));
             if message.offset() + 1 >= ends[&message.partition()] {
                 done.insert(message.partition());
             }

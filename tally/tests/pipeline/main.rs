@@ -84,7 +84,13 @@ fn with_duplicates(mut lines: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
     let _serial = serial();
-    let mut p = Pipeline::new("kill9", 200_000, 200, "");
+    // Small snapshots: restores go through snapshot parts, tombstones and deltas.
+    let mut p = Pipeline::new(
+        "kill9",
+        200_000,
+        200,
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\nchangelog_snapshot_bytes = 200000",
+    );
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let lines = with_duplicates(p.lines());
