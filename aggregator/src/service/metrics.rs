@@ -4,15 +4,53 @@
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use tally_runtime::metrics::Metrics;
 
+/// What became of an event read from the events topic: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventOutcome {
+    Accepted,
+    Unmetered,
+    Duplicate,
+    Conflict,
+    TooLate,
+    Refused,
+    Invalid,
+}
+
+impl EventOutcome {
+    const ALL: [EventOutcome; 7] = [
+        EventOutcome::Accepted,
+        EventOutcome::Unmetered,
+        EventOutcome::Duplicate,
+        EventOutcome::Conflict,
+        EventOutcome::TooLate,
+        EventOutcome::Refused,
+        EventOutcome::Invalid,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            EventOutcome::Accepted => "accepted",
+            EventOutcome::Unmetered => "unmetered",
+            EventOutcome::Duplicate => "duplicate",
+            EventOutcome::Conflict => "conflict",
+            EventOutcome::TooLate => "too_late",
+            EventOutcome::Refused => "refused",
+            EventOutcome::Invalid => "invalid",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AggregatorMetrics {
     pub registry: Registry,
-    /// `outcome`: accepted, unmetered, duplicate, conflict, too_late, refused, invalid.
-    pub events: IntCounterVec,
+    /// By [`EventOutcome`], resolved once: counted per event.
+    events: [IntCounter; 7],
     /// `reason`: the code written to the rejected topic.
     pub rejected: IntCounterVec,
-    /// `outcome`: revised (a window already emitted changed).
-    pub late: IntCounterVec,
+    /// Late events that revised a window already emitted, and those carried into a
+    /// later period as adjustments.
+    pub late_revised: IntCounter,
+    pub late_adjusted: IntCounter,
     /// `result`: committed, aborted.
     pub transactions: IntCounterVec,
     pub transaction_duration: Histogram,
@@ -28,21 +66,24 @@ pub struct AggregatorMetrics {
 impl AggregatorMetrics {
     pub fn new(registry: Registry) -> Self {
         let m = Metrics::new(registry.clone());
+        let events = m.counter_vec(
+            "tally_aggregator_events_total",
+            "Events read from the events topic, by what became of them.",
+            &["outcome"],
+        );
+        let late = m.counter_vec(
+            "tally_aggregator_late_events_total",
+            "Events behind the watermark's window, by what was done with them.",
+            &["outcome"],
+        );
         AggregatorMetrics {
-            events: m.counter_vec(
-                "tally_aggregator_events_total",
-                "Events read from the events topic, by what became of them.",
-                &["outcome"],
-            ),
+            events: EventOutcome::ALL.map(|o| events.with_label_values(&[o.label()])),
+            late_revised: late.with_label_values(&["revised"]),
+            late_adjusted: late.with_label_values(&["adjusted"]),
             rejected: m.counter_vec(
                 "tally_aggregator_rejected_events_total",
                 "Events written to the rejected topic, by reason.",
                 &["reason"],
-            ),
-            late: m.counter_vec(
-                "tally_aggregator_late_events_total",
-                "Events that arrived after their window had been emitted, by what was done.",
-                &["outcome"],
             ),
             transactions: m.counter_vec(
                 "tally_aggregator_transactions_total",
@@ -80,5 +121,10 @@ impl AggregatorMetrics {
             ),
             registry,
         }
+    }
+
+    pub fn event(&self, outcome: EventOutcome) -> &IntCounter {
+        // `ALL` lists the variants in declaration order.
+        &self.events[outcome as usize]
     }
 }

@@ -37,7 +37,7 @@ use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::event::EventDecoder;
 
-pub use metrics::AggregatorMetrics;
+pub use metrics::{AggregatorMetrics, EventOutcome};
 
 use crate::aggregator::{Aggregator, Outcome};
 use changelog::{delta_key, snapshot_key, ChangelogRecord, Restored, SNAPSHOT_PART_ENTRIES};
@@ -68,6 +68,15 @@ pub enum AggregatorError {
         offset: i64,
         problem: String,
     },
+}
+
+/// Why an event goes to the rejected topic.
+#[derive(Debug)]
+struct Rejection {
+    code: &'static str,
+    /// The field at fault, or `event` for the message as a whole.
+    field: String,
+    reason: String,
 }
 
 /// Topic names, resolved once.
@@ -414,41 +423,72 @@ impl Worker {
         let bytes = message.payload().unwrap_or_default();
         let decoder = EventDecoder::new(&self.config, Utc::now());
         let (outcome, rejection) = match decoder.decode(bytes) {
-            Err(e) => ("invalid", Some((e.problem.code(), e.to_string()))),
+            Err(e) => (
+                EventOutcome::Invalid,
+                Some(Rejection {
+                    code: e.problem.code(),
+                    field: e.field.clone(),
+                    reason: e.to_string(),
+                }),
+            ),
             Ok(event) => match state.aggregator.apply(&event) {
-                Outcome::Accepted => ("accepted", None),
+                Outcome::Accepted => (EventOutcome::Accepted, None),
                 Outcome::Late => {
-                    self.metrics.late.with_label_values(&["revised"]).inc();
-                    ("accepted", None)
+                    self.metrics.late_revised.inc();
+                    (EventOutcome::Accepted, None)
                 }
                 Outcome::Adjusted => {
-                    self.metrics.late.with_label_values(&["adjusted"]).inc();
-                    ("accepted", None)
+                    self.metrics.late_adjusted.inc();
+                    (EventOutcome::Accepted, None)
                 }
-                Outcome::Unmetered => ("unmetered", None),
-                Outcome::Retry => ("duplicate", None),
+                Outcome::Unmetered => (EventOutcome::Unmetered, None),
+                Outcome::Retry => (EventOutcome::Duplicate, None),
                 Outcome::Conflict => (
-                    "conflict",
-                    Some(("conflict", "an event with this source and id but different content was already counted; the first one wins".to_owned())),
+                    EventOutcome::Conflict,
+                    Some(Rejection {
+                        code: "conflict",
+                        field: "id".to_owned(),
+                        reason: "an event with this source and id but different content was already counted; the first one wins".to_owned(),
+                    }),
                 ),
                 Outcome::TooLate => (
-                    "too_late",
-                    Some(("too_late", format!("the event's time {} is older than the dedupe horizon allows; it can no longer be deduplicated safely", event.time.to_rfc3339()))),
+                    EventOutcome::TooLate,
+                    Some(Rejection {
+                        code: "too_late",
+                        field: "time".to_owned(),
+                        reason: format!("the event's time {} is older than the dedupe horizon allows behind the newest event seen; it can no longer be deduplicated safely", event.time.to_rfc3339()),
+                    }),
                 ),
-                Outcome::Refused(e) => ("refused", Some(("refused", e.to_string()))),
+                Outcome::Refused(e) => (
+                    EventOutcome::Refused,
+                    Some(Rejection {
+                        code: "refused",
+                        field: "data".to_owned(),
+                        reason: e.to_string(),
+                    }),
+                ),
             },
         };
-        self.metrics.events.with_label_values(&[outcome]).inc();
+        self.metrics.event(outcome).inc();
         self.transaction_events += 1;
         if let Some(ms) = message.timestamp().to_millis() {
             self.oldest_event_ms = Some(self.oldest_event_ms.map_or(ms, |o| o.min(ms)));
         }
-        if let Some((code, reason)) = rejection {
+        if let Some(Rejection {
+            code,
+            field,
+            reason,
+        }) = rejection
+        {
             self.metrics.rejected.with_label_values(&[code]).inc();
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "tally.error.code",
                     value: Some(code),
+                })
+                .insert(Header {
+                    key: "tally.error.field",
+                    value: Some(&field),
                 })
                 .insert(Header {
                     key: "tally.error.reason",

@@ -57,6 +57,7 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
             });
         assert!(!headers["tally.error.code"].is_empty(), "{headers:?}");
         assert!(!headers["tally.error.reason"].is_empty(), "{headers:?}");
+        assert!(!headers["tally.error.field"].is_empty(), "{headers:?}");
         assert_eq!(headers["tally.source.topic"], p.topic("events"));
     }
 
