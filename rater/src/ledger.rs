@@ -124,52 +124,52 @@ impl Ledger {
         }
     }
 
-    /// Re-rates every line changed since the last flush.
+    /// Re-rates every line changed since the last flush; fails if any line cannot be
+    /// rated (it stays pending).
     pub fn flush(&mut self) -> Result<Vec<RatedLine>, RateError> {
+        match self.flush_available() {
+            (rated, failures) if failures.is_empty() => Ok(rated),
+            (_, mut failures) => Err(failures.swap_remove(0)),
+        }
+    }
+
+    /// Re-rates every changed line that can be rated; a line that cannot (its amount
+    /// overflows) stays pending, with its error returned, and does not hold up the
+    /// others.
+    pub fn flush_available(&mut self) -> (Vec<RatedLine>, Vec<RateError>) {
         self.flush_where(|_| true)
     }
 
-    /// Re-rates the changed lines whose key passes `select`; the others stay pending.
+    /// Re-rates the changed lines whose key passes `select`; the others, and those that
+    /// fail to rate, stay pending.
     fn flush_where(
         &mut self,
         select: impl Fn(&LineKey) -> bool,
-    ) -> Result<Vec<RatedLine>, RateError> {
+    ) -> (Vec<RatedLine>, Vec<RateError>) {
         let (due, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dirty)
             .into_iter()
             .partition(|(_, key)| select(key));
         self.dirty = pending;
         let mut rated = Vec::with_capacity(due.len());
-        let mut due = due.into_iter();
-        while let Some(key) = due.next() {
-            let Some(state) = self.lines.get(&key) else {
-                continue;
-            };
-            let customer = &self.config.customers[&key.0];
-            let closed_line = key.1.adjusts.and_then(|closed| {
-                let closed_key = LineKey {
-                    period: closed,
-                    adjusts: None,
-                    ..key.1
-                };
-                self.lines.get(&(key.0.clone(), closed_key))
-            });
+        let mut failures = Vec::new();
+        for key in due {
             let priced = match key.1.adjusts {
-                None => price_line(&self.config, customer, key.1, state),
-                Some(closed) => {
-                    price_adjustment(&self.config, customer, key.1, closed, closed_line, state)
-                }
+                None => self.lines.get(&key).map(|state| {
+                    price_line(&self.config, &self.config.customers[&key.0], key.1, state)
+                }),
+                Some(closed) => self.price_adjustment(&key.0, key.1, closed),
             };
-            let Some(state) = self.lines.get_mut(&key) else {
+            let (Some(priced), Some(state)) = (priced, self.lines.get_mut(&key)) else {
                 continue;
             };
             let line = match priced {
                 Ok(line) => line,
                 Err(e) => {
-                    // The failed line and the ones not reached stay pending, so a later
-                    // flush rates them again instead of serving their old versions.
+                    // Pending, so a later flush rates it again rather than serving its
+                    // old version.
                     self.dirty.push(key);
-                    self.dirty.extend(due);
-                    return Err(e);
+                    failures.push(e);
+                    continue;
                 }
             };
             state.dirty = false;
@@ -183,7 +183,60 @@ impl Ledger {
                 delta,
             });
         }
-        Ok(rated)
+        (rated, failures)
+    }
+
+    /// An adjustment line billed in `key.period` for late usage of `closed`: the closed
+    /// line re-rated with the late usage of every adjustment up to this one, less the
+    /// same with the adjustments before this one (each earlier one was billed already).
+    fn price_adjustment(
+        &self,
+        customer_id: &str,
+        key: LineKey,
+        closed: Period,
+    ) -> Option<Result<InvoiceLine, RateError>> {
+        let customer = &self.config.customers[customer_id];
+        let line = |period, adjusts| {
+            self.lines.get(&(
+                customer_id.to_owned(),
+                LineKey {
+                    period,
+                    adjusts,
+                    ..key
+                },
+            ))
+        };
+        let this = line(key.period, Some(closed))?;
+        let mut billed: Vec<MeterValue> = Vec::new();
+        let mut period = closed;
+        loop {
+            let state = if period == closed {
+                line(closed, None)
+            } else {
+                line(period, Some(closed))
+            };
+            billed.extend(state.into_iter().flat_map(|s| s.series.values().copied()));
+            period = period.next();
+            if period >= key.period {
+                break;
+            }
+        }
+        let plan = self.config.plan(customer.plan);
+        let kind = self
+            .config
+            .meter(plan.prices[key.price_index].meter)
+            .aggregation
+            .kind();
+        let rate_with = |values: &[MeterValue]| {
+            let quantity = combine(kind, values.iter().copied())?.value;
+            invoice_line(&self.config, customer, key.price_index, closed, quantity)
+        };
+        let priced = rate_with(&billed).and_then(|before| {
+            billed.extend(this.series.values().copied());
+            let after = rate_with(&billed)?;
+            Ok(adjustment_line(&before, &after, key.period))
+        });
+        Some(priced)
     }
 
     /// Every subscribed customer's line of every price of their plan, at zero usage:
@@ -214,11 +267,12 @@ impl Ledger {
     /// usage gets its first revision here; `delta` is the change since the previous
     /// flush (zero for lines that did not change).
     pub fn close(&mut self, period: Period) -> Result<Vec<RatedLine>, RateError> {
-        let flushed: HashMap<String, Decimal> = self
-            .flush_where(|key| key.period == period)?
-            .into_iter()
-            .map(|r| (r.line.id, r.delta))
-            .collect();
+        let (flushed, mut failures) = self.flush_where(|key| key.period == period);
+        if !failures.is_empty() {
+            return Err(failures.swap_remove(0));
+        }
+        let flushed: HashMap<String, Decimal> =
+            flushed.into_iter().map(|r| (r.line.id, r.delta)).collect();
         let config = Arc::clone(&self.config);
         let mut lines = Vec::new();
         for customer in config.customers.values() {
@@ -264,42 +318,6 @@ fn price_line(
     let meter = config.meter(plan.prices[key.price_index].meter);
     let quantity = combine(meter.aggregation.kind(), state.series.values().copied())?.value;
     invoice_line(config, customer, key.price_index, key.period, quantity)
-}
-
-/// An adjustment line: the closed period's line rated with and without the late usage
-/// of `adjustment`, the difference billed in `key.period`.
-fn price_adjustment(
-    config: &Config,
-    customer: &Customer,
-    key: LineKey,
-    closed: Period,
-    closed_line: Option<&LineState>,
-    adjustment: &LineState,
-) -> Result<InvoiceLine, RateError> {
-    let plan = config.plan(customer.plan);
-    let kind = config
-        .meter(plan.prices[key.price_index].meter)
-        .aggregation
-        .kind();
-    let billed = closed_line
-        .into_iter()
-        .flat_map(|l| l.series.values().copied());
-    let before = invoice_line(
-        config,
-        customer,
-        key.price_index,
-        closed,
-        combine(kind, billed.clone())?.value,
-    )?;
-    let with_late = billed.chain(adjustment.series.values().copied());
-    let after = invoice_line(
-        config,
-        customer,
-        key.price_index,
-        closed,
-        combine(kind, with_late)?.value,
-    )?;
-    Ok(adjustment_line(&before, &after, key.period))
 }
 
 /// The value of several series of one meter taken together.
@@ -408,6 +426,51 @@ mod tests {
             group: group.iter().map(|g| g.to_string()).collect(),
             adjusts: None,
         })
+    }
+
+    #[test]
+    fn a_second_adjustment_of_a_period_is_priced_after_the_first() {
+        let october = Period::from_str("2026-10").unwrap();
+        let december = Period::from_str("2026-12").unwrap();
+        let mut ledger = Ledger::new(config());
+        ledger.record(&series("resolutions", &[]), october, value(90));
+        ledger.flush().unwrap();
+        let late = Arc::new(SeriesKey {
+            adjusts: Some(october),
+            ..SeriesKey::clone(&series("resolutions", &[]))
+        });
+        // 20 late in November: 90 -> 110, ten of them past the first tier.
+        ledger.record(&late, november(), value(20));
+        let first = ledger.flush().unwrap().remove(0).line;
+        assert_eq!(first.subtotal.to_string(), "8.90");
+        // 20 more in December: 110 -> 130, all twenty in the second tier.
+        ledger.record(&late, december, value(20));
+        let second = ledger.flush().unwrap().remove(0).line;
+        assert_eq!(second.period_start, december.start());
+        assert_eq!(second.subtotal.to_string(), "17.80");
+        assert_ne!(first.id, second.id);
+    }
+
+    #[test]
+    fn a_line_that_cannot_be_rated_does_not_hold_up_the_others() {
+        let mut ledger = Ledger::new(config());
+        ledger.record(&series("resolutions", &[]), november(), value(5));
+        ledger.record(
+            &series("seats", &["a"]),
+            november(),
+            MeterValue {
+                value: Decimal::MAX,
+                latest: None,
+            },
+        );
+        let (rated, failures) = ledger.flush_available();
+        assert_eq!(rated.len(), 1);
+        assert_eq!(rated[0].line.price, "resolutions");
+        assert_eq!(failures.len(), 1);
+        // The failed line stays pending; the rated one does not come back.
+        let (rated, failures) = ledger.flush_available();
+        assert!(rated.is_empty());
+        assert_eq!(failures.len(), 1);
     }
 
     #[test]

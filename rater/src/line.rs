@@ -57,7 +57,7 @@ pub fn invoice_line(
         d.rescale(minor);
         d
     };
-    Ok(InvoiceLine {
+    let line = InvoiceLine {
         id: line_id(&customer.id, &price.id, period),
         config_hash: config.hash.to_string(),
         customer: customer.id.clone(),
@@ -73,7 +73,12 @@ pub fn invoice_line(
         currency: plan.currency.code().to_owned(),
         tiers: charge.tiers,
         adjusts_period: None,
-    })
+    };
+    // A line must be storable: its amount as a 64-bit count of minor units.
+    if line.amount_minor().is_none() {
+        return Err(RateError::Overflow { quantity });
+    }
+    Ok(line)
 }
 
 /// The id of an adjustment line: late usage of `closed` billed in `period`.

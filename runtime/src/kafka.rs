@@ -77,9 +77,17 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetu
             let topic_config: &[(&str, &str)] = match topic {
                 // Windows and state changes are read back in full on restore: compaction
                 // keeps the latest record per key. Snapshots of large partitions are big.
-                Topic::Windows => &[("cleanup.policy", "compact")],
+                // Segments roll hourly so compaction (which never touches the active
+                // segment) keeps up.
+                Topic::Windows => &[
+                    ("cleanup.policy", "compact"),
+                    ("segment.ms", "3600000"),
+                    ("max.message.bytes", "67108864"),
+                ],
                 Topic::AggregatorChangelog => &[
                     ("cleanup.policy", "compact"),
+                    ("segment.ms", "3600000"),
+                    ("min.cleanable.dirty.ratio", "0.1"),
                     ("max.message.bytes", "67108864"),
                 ],
                 _ => &[],
@@ -251,4 +259,77 @@ pub fn offset_of(list: &TopicPartitionList, topic: &str, partition: i32) -> Opti
             Offset::Offset(o) => Some(o),
             _ => None,
         })
+}
+
+/// Why a partition could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read {topic}[{partition}] on Kafka: {source}")]
+    Kafka {
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
+    #[error("reading {topic}[{partition}] took longer than {timeout:?}; it holds more than can be read in that time (compaction not keeping up?) or the broker is overloaded")]
+    Timeout {
+        topic: String,
+        partition: i32,
+        timeout: Duration,
+    },
+}
+
+/// Reads one partition from its beginning to its end as it is now, committed records
+/// only, handing each record to `on_record` in offset order. This is how state kept in
+/// Kafka (a changelog, a compacted topic) is rebuilt. `base` carries the brokers and
+/// pass-through properties; transient broker errors are retried until `timeout`.
+pub fn read_partition(
+    mut base: ClientConfig,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+    mut on_record: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<(), ReadError> {
+    let fail = |source| ReadError::Kafka {
+        topic: topic.to_owned(),
+        partition,
+        source,
+    };
+    let reader: BaseConsumer = base
+        .set("group.id", "tally-state-reader")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("fetch.max.bytes", "104857600")
+        .set("max.partition.fetch.bytes", "67108864")
+        .create()
+        .map_err(fail)?;
+    let (low, high) = reader
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(fail)?;
+    if low == high {
+        return Ok(());
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Beginning)
+        .map_err(fail)?;
+    reader.assign(&assignment).map_err(fail)?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if std::time::Instant::now() > deadline {
+            return Err(ReadError::Timeout {
+                topic: topic.to_owned(),
+                partition,
+                timeout,
+            });
+        }
+        match reader.poll(Duration::from_millis(500)) {
+            None => {}
+            Some(Ok(message)) => on_record(&message),
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(()),
+            Some(Err(e)) => {
+                tracing::warn!(topic, partition, error = %e, "reading to the end; retrying")
+            }
+        }
+    }
 }

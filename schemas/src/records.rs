@@ -82,22 +82,24 @@ pub struct WindowUsage {
 impl WindowUsage {
     /// The Kafka record key of this window in `tally.windows`: one key per series and
     /// window, so compaction keeps each window's latest revision (and with it every
-    /// series' latest period-to-date value). Fields are joined with the unit separator,
-    /// which no configured name contains.
+    /// series' latest period-to-date value). Each field is prefixed with its length,
+    /// so values containing any character cannot make two series share a key.
     pub fn record_key(&self) -> String {
         let mut key = String::with_capacity(64);
-        key.push_str(&self.series.customer);
-        key.push('\u{1f}');
-        key.push_str(&self.series.meter);
+        let mut field = |value: &str| {
+            key.push_str(&value.len().to_string());
+            key.push(':');
+            key.push_str(value);
+        };
+        field(&self.series.customer);
+        field(&self.series.meter);
         for g in &self.series.group {
-            key.push('\u{1f}');
-            key.push_str(g);
+            field(g);
         }
         if let Some(adjusts) = self.series.adjusts {
-            key.push_str("\u{1f}adjusts ");
-            key.push_str(&adjusts.to_string());
+            field(&format!("adjusts {adjusts}"));
         }
-        key.push('\u{1f}');
+        key.push('@');
         key.push_str(&self.window_start.timestamp().to_string());
         key
     }

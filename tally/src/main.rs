@@ -96,8 +96,9 @@ struct RateArgs {
     /// `invoice_lines` always shows the latest rating of each line.
     #[arg(long, value_name = "URL")]
     clickhouse: Option<String>,
-    /// The ClickHouse database the lines go to.
-    #[arg(long, default_value = "tally", requires = "clickhouse")]
+    /// The ClickHouse database the lines go to. Not the streaming rater's (`tally`):
+    /// batch rows are versioned by the run's start and would hide its updates.
+    #[arg(long, default_value = "tally_batch", requires = "clickhouse")]
     clickhouse_database: String,
 }
 

@@ -6,7 +6,7 @@
 //! the partition's [`Aggregator`] and the input offset it has accounted for.
 //!
 //! Records of changelog partition p describe events partition p. Keys: `delta/<next
-//! offset>` for a transaction's changes; `snapshot/<part>` for the whole state, written
+//! offset>/<owner generation>` for a transaction's changes; `snapshot/<part>` for the whole state, written
 //! now and then in parts small enough for a record, after which the deltas it covers
 //! (and parts of an older, larger snapshot) are tombstoned, so compaction keeps the
 //! topic near the size of one snapshot plus recent deltas. Restore reads the partition
@@ -14,18 +14,17 @@
 //! are merged, tombstones are skipped. Values are MessagePack (compact, and self-describing as decimals and
 //! instants need).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::aggregator::{Aggregator, Snapshot};
 use crate::service::AggregatorError;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
+use tally_runtime::kafka::read_partition;
 
-/// Dedupe keys or windows per snapshot part: a part stays near 10 MB.
-pub(super) const SNAPSHOT_PART_ENTRIES: usize = 400_000;
+/// Dedupe keys or windows per snapshot part: about 1 MB of keys, a few MB of windows.
+pub(super) const SNAPSHOT_PART_ENTRIES: usize = 50_000;
 
 /// One changelog record's value.
 #[derive(Debug, Serialize, Deserialize)]
@@ -46,8 +45,8 @@ impl ChangelogRecord {
     }
 }
 
-pub(super) fn delta_key(next_offset: i64) -> String {
-    format!("delta/{next_offset:020}")
+pub(super) fn delta_key(next_offset: i64, generation: u64) -> String {
+    format!("delta/{next_offset:020}/{generation:016x}")
 }
 
 pub(super) fn snapshot_key(part: usize) -> String {
@@ -81,21 +80,11 @@ pub(super) struct Restored {
 /// pass-through properties.
 pub(super) fn restore(
     fresh: impl Fn() -> Aggregator,
-    mut base: ClientConfig,
+    base: ClientConfig,
     topic: &str,
     partition: i32,
     timeout: Duration,
 ) -> Result<Restored, AggregatorError> {
-    let kafka = |what: String| move |source: KafkaError| AggregatorError::Kafka { what, source };
-    let consumer: BaseConsumer = base
-        .set("group.id", "tally-changelog-restore")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("fetch.max.bytes", "104857600")
-        .set("max.partition.fetch.bytes", "67108864")
-        .create()
-        .map_err(kafka("create the changelog reader".to_owned()))?;
     let mut restored = Restored {
         aggregator: fresh(),
         next_offset: None,
@@ -104,80 +93,52 @@ pub(super) fn restore(
         snapshot_parts: 0,
         records: 0,
     };
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(kafka(format!("read the offsets of {topic}[{partition}]")))?;
-    if low == high {
-        return Ok(restored);
-    }
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, partition, Offset::Beginning)
-        .map_err(kafka(format!("assign {topic}[{partition}]")))?;
-    consumer
-        .assign(&assignment)
-        .map_err(kafka(format!("assign {topic}[{partition}]")))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if Instant::now() > deadline {
-            return Err(AggregatorError::RestoreTimeout {
-                topic: topic.to_owned(),
-                partition,
-                timeout,
-            });
+    let mut corrupt = None;
+    read_partition(base, topic, partition, timeout, |message| {
+        if corrupt.is_some() {
+            return;
         }
-        let Some(polled) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let message = match polled {
-            Ok(message) => message,
-            Err(KafkaError::PartitionEOF(_)) => break,
-            Err(source) => {
-                return Err(AggregatorError::Kafka {
-                    what: format!("read {topic}[{partition}]"),
-                    source,
-                })
-            }
-        };
         restored.records += 1;
         let key = message.key().unwrap_or_default();
         let Some(value) = message.payload() else {
-            continue; // a tombstone: the delta it names is inside a later snapshot
+            return; // a tombstone: what it names is inside a later snapshot
         };
-        let record =
-            ChangelogRecord::decode(value).map_err(|e| AggregatorError::CorruptChangelog {
+        let applied = ChangelogRecord::decode(value)
+            .map_err(|e| e.to_string())
+            .and_then(|record| {
+                if let Some(part) = snapshot_part(key) {
+                    if part == 0 {
+                        restored.aggregator = fresh();
+                        restored.deltas.clear();
+                        restored.delta_bytes = 0;
+                        restored.snapshot_parts = 0;
+                    }
+                    restored.snapshot_parts += 1;
+                } else {
+                    restored
+                        .deltas
+                        .push(String::from_utf8_lossy(key).into_owned());
+                    restored.delta_bytes += value.len();
+                }
+                restored.next_offset = Some(record.next_offset);
+                restored
+                    .aggregator
+                    .merge(record.changes)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(problem) = applied {
+            corrupt = Some(AggregatorError::CorruptChangelog {
                 topic: topic.to_owned(),
                 partition,
                 offset: message.offset(),
-                problem: e.to_string(),
-            })?;
-        let corrupt = |problem: String| AggregatorError::CorruptChangelog {
-            topic: topic.to_owned(),
-            partition,
-            offset: message.offset(),
-            problem,
-        };
-        if let Some(part) = snapshot_part(key) {
-            if part == 0 {
-                restored.aggregator = fresh();
-                restored.deltas.clear();
-                restored.delta_bytes = 0;
-                restored.snapshot_parts = 0;
-            }
-            restored.snapshot_parts += 1;
-        } else {
-            restored
-                .deltas
-                .push(String::from_utf8_lossy(key).into_owned());
-            restored.delta_bytes += value.len();
+                problem,
+            });
         }
-        restored
-            .aggregator
-            .merge(record.changes)
-            .map_err(|e| corrupt(e.to_string()))?;
-        restored.next_offset = Some(record.next_offset);
+    })?;
+    match corrupt {
+        Some(e) => Err(e),
+        None => Ok(restored),
     }
-    Ok(restored)
 }
 
 #[cfg(test)]

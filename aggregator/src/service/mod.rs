@@ -53,15 +53,9 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 pub enum AggregatorError {
     #[error("cannot {what}: {source}")]
     Kafka { what: String, source: KafkaError },
-    #[error(
-        "restoring {topic}[{partition}] took longer than {timeout:?}; is the broker overloaded?"
-    )]
-    RestoreTimeout {
-        topic: String,
-        partition: i32,
-        timeout: Duration,
-    },
-    #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was the price book's meter list changed without a new topic prefix?")]
+    #[error("cannot restore a partition's state: {0}")]
+    Restore(#[from] tally_runtime::kafka::ReadError),
+    #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed or its aggregation changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
         topic: String,
         partition: i32,
@@ -101,6 +95,10 @@ struct PartitionState {
     delta_bytes: usize,
     /// Parts of the partition's last snapshot in the changelog.
     snapshot_parts: usize,
+    /// Tells this ownership's delta keys from an earlier one's: after a replay the same
+    /// offsets are committed again, and compaction must not let the new (empty) delta
+    /// replace the original under the same key.
+    generation: u64,
 }
 
 /// Everything the consume loop and the rebalance callback share.
@@ -215,6 +213,8 @@ pub fn run(
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
+        // Restores run inside `poll`: allow them time before the group gives up on us.
+        .set("max.poll.interval.ms", "900000")
         .create_with_context(context)
         .map_err(|source| AggregatorError::Kafka {
             what: "create the events consumer".to_owned(),
@@ -238,6 +238,12 @@ pub fn run(
         let mut worker = lock(&worker);
         match polled {
             Some(Ok(message)) => worker.process(&message),
+            Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                return Err(AggregatorError::Kafka {
+                    what: "consume the events topic".to_owned(),
+                    source: e,
+                })
+            }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
             None => {}
         }
@@ -257,6 +263,31 @@ pub fn run(
     lock(&worker).commit_or_recover(&consumer)?;
     consumer.unsubscribe();
     Ok(())
+}
+
+/// The group's committed offsets of `partitions`. A previous owner's transaction that
+/// is still open (it died mid-commit) keeps them unstable until it is aborted, at most
+/// `transaction.timeout.ms` (60 s): wait that out rather than fail.
+fn committed_offsets(
+    consumer: &GroupConsumer,
+    partitions: &TopicPartitionList,
+) -> Result<TopicPartitionList, AggregatorError> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match consumer.committed_offsets(partitions.clone(), TRANSACTION_TIMEOUT) {
+            Ok(offsets) => return Ok(offsets),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "committed offsets not available yet; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(source) => {
+                return Err(AggregatorError::Kafka {
+                    what: "read the committed offsets of the assigned partitions".to_owned(),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 fn new_producer(
@@ -293,13 +324,10 @@ impl Worker {
         consumer: &GroupConsumer,
         partitions: &mut TopicPartitionList,
     ) -> Result<(), AggregatorError> {
+        // Restoring can take a while: the open transaction must not time out meanwhile.
+        self.commit_or_recover(consumer)?;
         self.readiness.not_ready("restoring partitions");
-        let committed = consumer
-            .committed_offsets(partitions.clone(), TRANSACTION_TIMEOUT)
-            .map_err(|source| AggregatorError::Kafka {
-                what: "read the committed offsets of the assigned partitions".to_owned(),
-                source,
-            })?;
+        let committed = committed_offsets(consumer, partitions)?;
         let ids: Vec<i32> = partitions
             .elements()
             .iter()
@@ -340,6 +368,10 @@ impl Worker {
         committed: Option<i64>,
     ) -> Result<PartitionState, AggregatorError> {
         let started = Instant::now();
+        // A transaction's markers reach the changelog shortly after its commit returns:
+        // a restore right after a handover can end just before them. Read again until
+        // the state reaches the committed offset, for a few seconds.
+        let mut attempts = 0;
         let Restored {
             aggregator,
             next_offset,
@@ -347,13 +379,21 @@ impl Worker {
             delta_bytes,
             snapshot_parts,
             records,
-        } = changelog::restore(
-            || Aggregator::streaming(&self.config).with_period_close(self.period_close_grace),
-            client_config(&self.kafka),
-            &self.topics.changelog,
-            partition,
-            RESTORE_TIMEOUT,
-        )?;
+        } = loop {
+            let restored = changelog::restore(
+                || Aggregator::streaming(&self.config).with_period_close(self.period_close_grace),
+                client_config(&self.kafka),
+                &self.topics.changelog,
+                partition,
+                RESTORE_TIMEOUT,
+            )?;
+            let behind = committed.is_some_and(|c| c > restored.next_offset.unwrap_or(0));
+            attempts += 1;
+            if !behind || attempts >= 20 {
+                break restored;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
         let restored = next_offset.unwrap_or(0);
         // The changelog and the offsets commit together, so they agree. An offset
         // behind the state is an operator's reset to replay: the state's keys turn the
@@ -398,6 +438,9 @@ impl Worker {
             deltas,
             delta_bytes,
             snapshot_parts,
+            generation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
         })
     }
 
@@ -421,7 +464,14 @@ impl Worker {
         state.next_offset = message.offset() + 1;
         state.touched = true;
         let bytes = message.payload().unwrap_or_default();
-        let decoder = EventDecoder::new(&self.config, Utc::now());
+        // The event's "now" is when it reached Kafka, so a replay judges its time
+        // exactly as the first reading did.
+        let now = message
+            .timestamp()
+            .to_millis()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .unwrap_or_else(Utc::now);
+        let decoder = EventDecoder::new(&self.config, now);
         let (outcome, rejection) = match decoder.decode(bytes) {
             Err(e) => (
                 EventOutcome::Invalid,
@@ -429,6 +479,18 @@ impl Worker {
                     code: e.problem.code(),
                     field: e.field.clone(),
                     reason: e.to_string(),
+                }),
+            ),
+            Ok(event) if message.key() != Some(event.subject.as_bytes()) => (
+                EventOutcome::Invalid,
+                Some(Rejection {
+                    code: "wrong_key",
+                    field: "subject".to_owned(),
+                    reason: format!(
+                        "the Kafka message is keyed {:?}, not by the event's subject {:?}: key every event by its subject so a customer's events share a partition (and its dedupe)",
+                        message.key().map(String::from_utf8_lossy),
+                        event.subject
+                    ),
                 }),
             ),
             Ok(event) => match state.aggregator.apply(&event) {
@@ -596,7 +658,7 @@ impl Worker {
                 changes,
             }
             .encode();
-            let key = delta_key(state.next_offset);
+            let key = delta_key(state.next_offset, state.generation);
             send(
                 &self.producer,
                 BaseRecord::to(&self.topics.changelog)

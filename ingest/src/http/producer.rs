@@ -77,7 +77,12 @@ impl EventProducer {
     /// Creates the producer; it connects to the brokers in the background.
     pub fn new(settings: &KafkaSettings) -> Result<Self, IngestError> {
         let mut config = tally_runtime::kafka::client_config(settings);
-        config.set("enable.idempotence", "true").set("acks", "all");
+        // murmur2: the partitioner of Kafka's Java clients, so a customer's events land
+        // on the same partition whether ingest or a Java/Go service produced them.
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random");
         // Tunables the operator may override in `[kafka] properties`.
         let ack_timeout_ms = DEFAULT_ACK_TIMEOUT.as_millis().to_string();
         for (name, default) in [

@@ -19,7 +19,7 @@
 
 mod metrics;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,9 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
-use tally_runtime::kafka::{client_config, lock, offset_of, GroupContext, PartitionOwner};
+use tally_runtime::kafka::{
+    client_config, lock, offset_of, read_partition, GroupContext, PartitionOwner,
+};
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
@@ -53,14 +55,8 @@ pub enum RaterError {
     Kafka { what: String, source: KafkaError },
     #[error(transparent)]
     ClickHouse(#[from] ClickHouseError),
-    #[error(
-        "rebuilding {topic}[{partition}] took longer than {timeout:?}; is the broker overloaded?"
-    )]
-    RebuildTimeout {
-        topic: String,
-        partition: i32,
-        timeout: Duration,
-    },
+    #[error("cannot rebuild a partition's ledger: {0}")]
+    Rebuild(#[from] tally_runtime::kafka::ReadError),
 }
 
 /// A rated line as written to `<prefix>.rated`: the line, its revision and how much
@@ -75,14 +71,32 @@ struct RatedRecord<'a> {
     version: u64,
 }
 
+/// A window update read from the windows topic.
+#[derive(Debug)]
+struct Update {
+    offset: i64,
+    /// When it was appended to Kafka, for the latency metric.
+    appended_ms: Option<i64>,
+    update: WindowUsage,
+}
+
+/// A partition's ledger as of its committed offset, and the updates after it.
+#[derive(Debug)]
+struct Rebuilt {
+    ledger: Ledger,
+    opened: BTreeSet<Period>,
+    after_committed: Vec<Update>,
+}
+
 #[derive(Debug)]
 struct PartitionState {
     ledger: Ledger,
     /// Periods whose opening (zero-usage) lines this partition has stored.
-    opened: std::collections::BTreeSet<Period>,
+    opened: BTreeSet<Period>,
     /// Next offset to read.
     next_offset: i64,
-    /// Offset to commit once the pending lines are stored.
+    /// Read past the last commit: `next_offset` is to be committed once the lines it
+    /// accounts for are stored.
     uncommitted: bool,
 }
 
@@ -148,19 +162,26 @@ impl PartitionOwner for Worker {
             .collect();
         for partition in ids {
             let committed = offset_of(&committed, &self.topic, partition).unwrap_or(0);
-            let (ledger, opened) = self.rebuild(partition, committed)?;
-            partitions
-                .set_partition_offset(&self.topic, partition, Offset::Offset(committed))
-                .map_err(kafka("start an assigned partition"))?;
+            let rebuilt = self.rebuild(partition, committed)?;
             self.partitions.insert(
                 partition,
                 PartitionState {
-                    ledger,
-                    opened,
+                    ledger: rebuilt.ledger,
+                    opened: rebuilt.opened,
                     next_offset: committed,
                     uncommitted: false,
                 },
             );
+            for update in rebuilt.after_committed {
+                self.apply(partition, update);
+            }
+            let start = self
+                .partitions
+                .get(&partition)
+                .map_or(committed, |s| s.next_offset);
+            partitions
+                .set_partition_offset(&self.topic, partition, Offset::Offset(start))
+                .map_err(kafka("start an assigned partition"))?;
         }
         consumer
             .incremental_assign(partitions)
@@ -257,6 +278,8 @@ pub fn run(
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
+        // Rebuilds run inside `poll`: allow them time before the group gives up on us.
+        .set("max.poll.interval.ms", "900000")
         .create_with_context(GroupContext::new(Arc::clone(&worker)))
         .map_err(kafka("create the windows consumer"))?;
     consumer
@@ -274,6 +297,12 @@ pub fn run(
         let mut worker = lock(&worker);
         match polled {
             Some(Ok(message)) => worker.process(&message),
+            Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                return Err(RaterError::Kafka {
+                    what: "consume the windows topic".to_owned(),
+                    source: e,
+                })
+            }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
             None => {}
         }
@@ -299,93 +328,99 @@ pub fn run(
 }
 
 impl Worker {
-    /// Reads `[0, end)` of a windows partition into a new ledger: the state that the
-    /// lines already stored were rated from.
-    fn rebuild(
-        &self,
-        partition: i32,
-        end: i64,
-    ) -> Result<(Ledger, std::collections::BTreeSet<Period>), RaterError> {
-        let mut ledger = Ledger::new(Arc::clone(&self.config));
-        let mut opened = std::collections::BTreeSet::new();
-        if end == 0 {
-            return Ok((ledger, opened));
-        }
+    /// Reads a windows partition to its end. Records before `committed` build the
+    /// ledger the stored lines were rated from; the later ones are returned to be
+    /// processed as new. (Reading past `committed` matters: compaction may have removed
+    /// a record before it whose newer version lies after it.)
+    fn rebuild(&self, partition: i32, committed: i64) -> Result<Rebuilt, RaterError> {
         let started = Instant::now();
-        let reader: BaseConsumer = client_config(&self.kafka)
-            .set("group.id", "tally-rater-rebuild")
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .create()
-            .map_err(kafka("create the rebuild reader"))?;
-        let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(&self.topic, partition, Offset::Beginning)
-            .map_err(kafka("assign the partition to rebuild"))?;
-        reader
-            .assign(&assignment)
-            .map_err(kafka("assign the partition to rebuild"))?;
+        let mut rebuilt = Rebuilt {
+            ledger: Ledger::new(Arc::clone(&self.config)),
+            opened: BTreeSet::new(),
+            after_committed: Vec::new(),
+        };
         let mut read = 0u64;
-        loop {
-            if started.elapsed() > REBUILD_TIMEOUT {
-                return Err(RaterError::RebuildTimeout {
-                    topic: self.topic.clone(),
-                    partition,
-                    timeout: REBUILD_TIMEOUT,
-                });
-            }
-            match reader.poll(Duration::from_millis(500)) {
-                None => continue,
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(source)) => {
-                    return Err(RaterError::Kafka {
-                        what: format!("rebuild {}[{partition}]", self.topic),
-                        source,
-                    })
+        read_partition(
+            client_config(&self.kafka),
+            &self.topic,
+            partition,
+            REBUILD_TIMEOUT,
+            |message| {
+                let Some(update) = decode(message) else {
+                    return;
+                };
+                read += 1;
+                if message.offset() >= committed {
+                    rebuilt.after_committed.push(Update {
+                        offset: message.offset(),
+                        appended_ms: message.timestamp().to_millis(),
+                        update,
+                    });
+                } else {
+                    record(&mut rebuilt.ledger, &update);
+                    rebuilt
+                        .opened
+                        .insert(Period::containing(update.period_start));
                 }
-                Some(Ok(message)) => {
-                    if message.offset() >= end {
-                        break;
-                    }
-                    if let Some(update) = decode(&message) {
-                        record(&mut ledger, &update);
-                        opened.insert(Period::containing(update.period_start));
-                        read += 1;
-                    }
-                    if message.offset() + 1 >= end {
-                        break;
-                    }
-                }
-            }
-        }
-        // Marks every line rated as of `end`; those lines are already stored.
-        if let Err(e) = ledger.flush() {
-            tracing::warn!(error = %e, partition, "a line could not be rated while rebuilding; it stays pending");
+            },
+        )?;
+        // Marks the lines as stored as of `committed`; one that fails to rate stays
+        // pending and is retried with its next update.
+        let (_, failures) = rebuilt.ledger.flush_available();
+        if !failures.is_empty() {
+            tracing::warn!(
+                partition,
+                lines = failures.len(),
+                "lines could not be rated while rebuilding; they stay pending"
+            );
         }
         tracing::info!(
             partition,
             updates = read,
+            after_committed = rebuilt.after_committed.len(),
             seconds = started.elapsed().as_secs_f64(),
             "ledger rebuilt from the windows topic"
         );
-        Ok((ledger, opened))
+        Ok(rebuilt)
     }
 
     fn process(&mut self, message: &BorrowedMessage<'_>) {
-        let partition = message.partition();
+        let Some(update) = decode(message) else {
+            if let Some(state) = self.partitions.get_mut(&message.partition()) {
+                state.next_offset = state.next_offset.max(message.offset() + 1);
+                state.uncommitted = true;
+            }
+            return;
+        };
+        self.apply(
+            message.partition(),
+            Update {
+                offset: message.offset(),
+                appended_ms: message.timestamp().to_millis(),
+                update,
+            },
+        );
+    }
+
+    /// Records one window update in its partition's ledger.
+    fn apply(
+        &mut self,
+        partition: i32,
+        Update {
+            offset,
+            appended_ms,
+            update,
+        }: Update,
+    ) {
         let Some(state) = self.partitions.get_mut(&partition) else {
             return;
         };
-        if message.offset() < state.next_offset {
+        if offset < state.next_offset {
             return;
         }
-        state.next_offset = message.offset() + 1;
+        state.next_offset = offset + 1;
         state.uncommitted = true;
         self.metrics.window_updates.inc();
-        let Some(update) = decode(message) else {
-            return;
-        };
         let period = Period::containing(update.period_start);
         if state.opened.insert(period) {
             match state.ledger.opening_lines(period) {
@@ -411,7 +446,7 @@ impl Worker {
         let pending = &mut self.pending;
         pending.updates += 1;
         pending.started.get_or_insert_with(Instant::now);
-        if let Some(ms) = message.timestamp().to_millis() {
+        if let Some(ms) = appended_ms {
             pending.oldest_update_ms = Some(pending.oldest_update_ms.map_or(ms, |o| o.min(ms)));
         }
     }
@@ -439,21 +474,21 @@ impl Worker {
             // state of a line always has a higher version, and re-reading writes the
             // same version with the same content.
             let version = u64::try_from(state.next_offset).unwrap_or_default();
-            match state.ledger.flush() {
-                Ok(lines) => self
-                    .pending
-                    .lines
-                    .extend(lines.into_iter().map(|l| (version, l))),
-                Err(e) => {
-                    self.metrics.rating_failures.inc();
-                    tracing::error!(error = %e, partition, "a line cannot be rated; it stays pending and is retried with the next update");
-                }
+            let (lines, failures) = state.ledger.flush_available();
+            for e in failures {
+                self.metrics.rating_failures.inc();
+                tracing::error!(error = %e, partition, "a line cannot be rated; it stays pending, the partition's other lines go on");
             }
+            self.pending
+                .lines
+                .extend(lines.into_iter().map(|l| (version, l)));
             self.pending.offsets.insert(partition, state.next_offset);
             state.uncommitted = false;
         }
         if self.pending.offsets.is_empty() {
+            // Nothing left to store (what was pending belonged to revoked partitions).
             self.pending = Pending::default();
+            self.resume(consumer);
             return Ok(());
         }
         let started = Instant::now();
@@ -504,21 +539,36 @@ impl Worker {
                 tracing::warn!(error = %e, "cannot queue a rated line for the rated topic");
             }
         }
+        // At least once downstream: delivered before the offsets move on.
+        if let Err(e) = self.producer.flush(Duration::from_secs(30)) {
+            tracing::warn!(error = %e, "rated lines not confirmed by Kafka; they are sent again after a restart");
+            return Err(RaterError::Kafka {
+                what: "deliver rated lines to the rated topic".to_owned(),
+                source: e,
+            });
+        }
         let mut offsets = TopicPartitionList::new();
         for (&partition, &offset) in &self.pending.offsets {
             offsets
                 .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
                 .map_err(kafka("list the offsets to commit"))?;
         }
+        self.resume(consumer);
+        self.pending = Pending::default();
+        consumer
+            .commit(&offsets, CommitMode::Sync)
+            .map_err(kafka("commit the windows offsets"))
+    }
+}
+
+impl Worker {
+    /// Ends a pause for a ClickHouse outage, if there is one.
+    fn resume(&mut self, consumer: &GroupConsumer) {
         if self.retry_at.take().is_some() {
             tracing::info!("ClickHouse accepts writes again; resuming");
             let _ = consumer.assignment().map(|a| consumer.resume(&a));
             self.readiness.ready();
         }
-        self.pending = Pending::default();
-        consumer
-            .commit(&offsets, CommitMode::Sync)
-            .map_err(kafka("commit the windows offsets"))
     }
 }
 

@@ -341,11 +341,13 @@ pub(super) fn validate(
     if replication_factor == 0 {
         issue("kafka.replication_factor", "must be at least 1".to_owned());
     }
-    let instance_id = var("TALLY_INSTANCE_ID").unwrap_or_else(|| d::DEFAULT_INSTANCE_ID.to_owned());
+    let instance_id = var("TALLY_INSTANCE_ID")
+        .or_else(|| var("HOSTNAME"))
+        .unwrap_or_else(|| d::DEFAULT_INSTANCE_ID.to_owned());
     if !topic_chars(&instance_id) {
         issue(
             "TALLY_INSTANCE_ID",
-            format!("{instance_id:?}: use letters, digits, '.', '_' and '-'"),
+            format!("{instance_id:?} (from TALLY_INSTANCE_ID or HOSTNAME): use letters, digits, '.', '_' and '-'"),
         );
     }
 
