@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The benchmarks in benches/README.md, from the repo root: `benches/run.sh [rate|dedupe|all]`.
+# The benchmarks in benches/README.md, from the repo root:
+#   benches/run.sh [rate|dedupe|stream|stream-profile|all]
 #
 # Idempotent: builds tally (release), generates bench-data/events.jsonl and
 # bench-data/tally.toml unless already generated with the same arguments, and installs
 # DuckDB with pip into bench-data/venv unless present. bench-data/ is git-ignored.
+# `stream` also starts Kafka and ClickHouse on loopback (scripts/services/up.sh) unless
+# they run. `all` is rate, dedupe and stream.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -14,7 +17,7 @@ gen_args=(--events 2000000 --customers 2000 --period 2026-10 --seed 42 --malform
 
 mkdir -p "$data"
 
-rate() {
+data() {
     cargo build --release -p tally
     local stamp="$data/events.args"
     if [[ ! -f "$data/events.jsonl" || ! -f "$data/tally.toml" || "$(cat "$stamp" 2>/dev/null)" != "${gen_args[*]}" ]]; then
@@ -22,6 +25,10 @@ rate() {
         target/release/tally generate "${gen_args[@]}" --out "$data/events.jsonl" --config-out "$data/tally.toml"
         echo "${gen_args[*]}" > "$stamp"
     fi
+}
+
+rate() {
+    data
     if ! "$data/venv/bin/python" -c "import duckdb, sys; sys.exit(duckdb.__version__ != '$duckdb_version')" 2>/dev/null; then
         python3 -m venv "$data/venv"
         "$data/venv/bin/pip" install --quiet "duckdb==$duckdb_version"
@@ -33,9 +40,68 @@ dedupe() {
     cargo run --release -p tally-benches --bin dedupe_memory
 }
 
+# Kafka to ClickHouse through the services (benches/README.md, section 3). Settings:
+# RUNS (3), PARTITIONS (2), AGGREGATORS (1), LATENCY_SECONDS (40), LIMIT (all events).
+stream_args() {
+    stream_flags=(--runs "${RUNS:-3}" --partitions "${PARTITIONS:-2}"
+        --aggregators "${AGGREGATORS:-1}" --latency-seconds "${LATENCY_SECONDS:-40}")
+    if [[ -n "${LIMIT:-}" ]]; then stream_flags+=(--limit "$LIMIT"); fi
+}
+
+stream_prepare() {
+    data
+    cargo build --release -p tally-benches --bin stream_bench
+    scripts/services/up.sh kafka clickhouse
+}
+
+stream() {
+    stream_prepare
+    stream_args
+    target/release/stream_bench "${stream_flags[@]}" --out "$data/stream" --results "$data/stream.json"
+}
+
+# One throughput run with the aggregator under perf: where its main thread's wall time
+# goes (on CPU, waiting for a commit, waiting for messages), then its hottest functions.
+stream_profile() {
+    stream_prepare
+    command -v perf > /dev/null || { echo "needs perf (apt-get install linux-perf)" >&2; exit 1; }
+    local out="$data/stream-profile"
+    rm -rf "$out"
+    target/release/stream_bench --runs 1 --latency-seconds 0 --partitions "${PARTITIONS:-2}" \
+        --out "$out" --results "$data/stream-profile.json" > "$data/stream-profile.log" 2>&1 &
+    local bench=$!
+    local pid=""
+    for _ in $(seq 1 300); do
+        pid=$(pgrep -f "serve aggregator --config $out/run-1/tally.toml" | head -1 || true)
+        [[ -n "$pid" ]] && break
+        sleep 1
+    done
+    [[ -n "$pid" ]] || { echo "the aggregator did not start; see $data/stream-profile.log" >&2; exit 1; }
+    sleep 3
+    # The busiest thread is the consume loop.
+    local tid
+    tid=$(for t in /proc/"$pid"/task/*; do awk '{print $14 + $15, $1}' "$t/stat"; done | sort -n | tail -1 | cut -d' ' -f2)
+    perf record -q -a -e sched:sched_switch -o "$out/switches.data" -- sleep 4 > /dev/null 2>&1 &
+    local switches=$!
+    perf record -q -t "$tid" -e sched:sched_switch --call-graph dwarf,8192 -o "$out/sleeps.data" -- sleep 4 > /dev/null 2>&1
+    wait "$switches" || true
+    perf record -q -t "$tid" -F 499 --call-graph dwarf,16384 -o "$out/cpu.data" -- sleep 4 > /dev/null 2>&1
+    wait "$bench"
+    grep -v '^    ' "$data/stream-profile.log"
+    echo
+    echo "== the aggregator's consume loop (thread $tid): where its wall time went =="
+    python3 benches/aggregator_wall.py "$tid" "$out/switches.data" "$out/sleeps.data"
+    echo
+    echo "== its CPU, by function (inclusive, top) =="
+    perf report -i "$out/cpu.data" --children --sort symbol --stdio -g none 2> /dev/null \
+        | grep -E 'tally_|rd_kafka_|rdkafka|serde_json::ser|clock_gettime|malloc|free' | head -40 | cut -c1-160
+}
+
 case "$what" in
     rate) rate ;;
     dedupe) dedupe ;;
-    all) rate; dedupe ;;
-    *) echo "usage: benches/run.sh [rate|dedupe|all]" >&2; exit 2 ;;
+    stream) stream ;;
+    stream-profile) stream_profile ;;
+    all) rate; dedupe; stream ;;
+    *) echo "usage: benches/run.sh [rate|dedupe|stream|stream-profile|all]" >&2; exit 2 ;;
 esac
