@@ -3,7 +3,8 @@
 //! In: [`DecodedEvent`]s in arrival order. Out: an [`Outcome`] per event, and on
 //! [`Aggregator::drain_updates`] one [`WindowUsage`] per window changed since the last
 //! drain, carrying the window's value and its series' period-to-date value. The Kafka
-//! aggregator calls `drain_updates` once per transaction; `tally rate` reads
+//! aggregator calls [`Aggregator::drain`] (the updates and the state changes behind
+//! them) once per transaction; `tally rate` reads
 //! [`Aggregator::period_usage`] once at the end. Both see the same state.
 //!
 //! State changes: a streaming aggregator also hands out, with each drain, a [`Snapshot`]

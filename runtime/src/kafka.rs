@@ -333,3 +333,28 @@ pub fn read_partition(
         }
     }
 }
+
+/// A consumer-group member for a [`PartitionOwner`]: cooperative-sticky assignment,
+/// read committed, offsets committed only by the owner (never automatically), reading
+/// from the beginning when the group has no offsets, and subscribed to `topic`.
+pub fn group_consumer<W: PartitionOwner>(
+    settings: &KafkaSettings,
+    service: &str,
+    topic: &str,
+    owner: Arc<Mutex<W>>,
+) -> Result<BaseConsumer<GroupContext<W>>, KafkaError> {
+    let consumer: BaseConsumer<GroupContext<W>> = client_config(settings)
+        .set("group.id", settings.group(service))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        // Restores run inside `poll`: allow them time before the group gives up on us.
+        .set("max.poll.interval.ms", "900000")
+        .create_with_context(GroupContext::new(owner))?;
+    consumer.subscribe(&[topic])?;
+    Ok(consumer)
+}

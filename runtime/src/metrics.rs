@@ -67,6 +67,16 @@ impl Metrics {
         self.register(name, m)
     }
 
+    /// `tally_kafka_consumer_lag_messages{topic, partition}`, kept by
+    /// [`crate::kafka::record_lag`].
+    pub fn consumer_lag(&self) -> IntGaugeVec {
+        self.gauge_vec(
+            "tally_kafka_consumer_lag_messages",
+            "Messages between a partition's position and its high watermark.",
+            &["topic", "partition"],
+        )
+    }
+
     pub fn latency_vec(&self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
         let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
         let m = HistogramVec::new(opts, labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));

@@ -114,11 +114,7 @@ impl AggregatorMetrics {
                 "tally_aggregator_restore_duration_seconds",
                 "Time to restore a partition's state from the changelog.",
             ),
-            consumer_lag: m.gauge_vec(
-                "tally_kafka_consumer_lag_messages",
-                "Messages between a partition's position and its high watermark.",
-                &["topic", "partition"],
-            ),
+            consumer_lag: m.consumer_lag(),
             registry,
         }
     }

@@ -31,7 +31,9 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
-use tally_runtime::kafka::{client_config, lock, offset_of, GroupContext, PartitionOwner};
+use tally_runtime::kafka::{
+    client_config, group_consumer, lock, offset_of, GroupContext, PartitionOwner,
+};
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
@@ -203,29 +205,17 @@ pub fn run(
         readiness: readiness.clone(),
         broken: None,
     }));
-    let context = GroupContext::new(Arc::clone(&worker));
-    let consumer: GroupConsumer = client_config(kafka)
-        .set("group.id", kafka.group("aggregator"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        // Restores run inside `poll`: allow them time before the group gives up on us.
-        .set("max.poll.interval.ms", "900000")
-        .create_with_context(context)
-        .map_err(|source| AggregatorError::Kafka {
-            what: "create the events consumer".to_owned(),
-            source,
-        })?;
-    consumer
-        .subscribe(&[&topics.events])
-        .map_err(|source| AggregatorError::Kafka {
-            what: format!("subscribe to {}", topics.events),
-            source,
-        })?;
+    let consumer: GroupConsumer =
+        group_consumer(kafka, "aggregator", &topics.events, Arc::clone(&worker)).map_err(
+            |source| AggregatorError::Kafka {
+                what: format!(
+                    "join group {} on {}",
+                    kafka.group("aggregator"),
+                    topics.events
+                ),
+                source,
+            },
+        )?;
     readiness.ready();
     tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), "aggregator started");
     let commit_interval = settings.aggregator.commit_interval;

@@ -57,11 +57,7 @@ impl RaterMetrics {
                 "tally_rater_rating_failures_total",
                 "Flushes in which a line could not be rated (it stays pending).",
             ),
-            consumer_lag: m.gauge_vec(
-                "tally_kafka_consumer_lag_messages",
-                "Messages between a partition's position and its high watermark.",
-                &["topic", "partition"],
-            ),
+            consumer_lag: m.consumer_lag(),
             registry,
         }
     }

@@ -31,7 +31,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
-    client_config, lock, offset_of, read_partition, GroupContext, PartitionOwner,
+    client_config, group_consumer, lock, offset_of, read_partition, GroupContext, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -269,22 +269,9 @@ pub fn run(
         readiness: readiness.clone(),
         retry_at: None,
     }));
-    let consumer: GroupConsumer = client_config(kafka_settings)
-        .set("group.id", kafka_settings.group("rater"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        // Rebuilds run inside `poll`: allow them time before the group gives up on us.
-        .set("max.poll.interval.ms", "900000")
-        .create_with_context(GroupContext::new(Arc::clone(&worker)))
-        .map_err(kafka("create the windows consumer"))?;
-    consumer
-        .subscribe(&[&topic])
-        .map_err(kafka("subscribe to the windows topic"))?;
+    let consumer: GroupConsumer =
+        group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker))
+            .map_err(kafka("join the rater group on the windows topic"))?;
     readiness.ready();
     tracing::info!(%topic, group = %kafka_settings.group("rater"), "rater started");
     let flush_interval = settings.rater.flush_interval;
