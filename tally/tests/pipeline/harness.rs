@@ -312,7 +312,10 @@ database = "{database}"
             self.assert_running();
             let got = self.invoice_lines();
             if got == expected {
-                assert!(!expected.is_empty(), "nothing expected: a vacuous comparison");
+                assert!(
+                    !expected.is_empty(),
+                    "nothing expected: a vacuous comparison"
+                );
                 std::thread::sleep(Duration::from_secs(3));
                 assert_eq!(
                     self.invoice_lines(),
