@@ -2,8 +2,9 @@
 
     python3 benches/aggregator_wall.py TID SWITCHES.data SLEEPS.data
 
-SWITCHES.data: `perf record -a -e sched:sched_switch` (every context switch of the
-machine, so both when TID leaves a CPU and when it comes back). SLEEPS.data:
+SWITCHES.data: `perf record -a -e sched:sched_switch -e sched:sched_wakeup` (every
+context switch and wakeup of the machine: when TID leaves a CPU, and when it is woken
+or runs again). SLEEPS.data:
 `perf record -t TID -e sched:sched_switch --call-graph dwarf` (the stack TID had each
 time it left a CPU). Each interval off CPU is classified by that stack; `benches/run.sh
 stream-profile` makes both recordings of the aggregator's consume loop.
@@ -37,19 +38,33 @@ def perf_script(path, fields):
 
 def main():
     tid, switches, sleeps = sys.argv[1], sys.argv[2], sys.argv[3]
+    # (time, kind, state): "out" when the thread leaves a CPU (state S: sleeps, R:
+    # preempted), "in" when it gets one, "wake" when something wakes it.
     events = []
-    pattern = re.compile(
-        r"\s*([\d.]+): prev_comm=.* prev_pid=(\d+) .*prev_state=(\S+) ==> next_comm=.* next_pid=(\d+)"
+    switch = re.compile(
+        r"\s*([\d.]+): sched:sched_switch: prev_comm=.* prev_pid=(\d+) .*prev_state=(\S+) ==> next_comm=.* next_pid=(\d+)"
     )
-    for line in perf_script(switches, "time,trace").splitlines():
-        m = pattern.match(line)
+    wakeup = re.compile(r"\s*([\d.]+): sched:sched_wakeup: comm=.* pid=(\d+) ")
+    for line in perf_script(switches, "time,event,trace").splitlines():
+        m = switch.match(line)
         if m:
-            events.append((float(m[1]), m[2], m[3], m[4]))
-    stacks = {}
-    for block in perf_script(sleeps, "time,sym").split("\n\n"):
+            if m[2] == tid:
+                events.append((float(m[1]), "out", m[3]))
+            elif m[4] == tid:
+                events.append((float(m[1]), "in", ""))
+            continue
+        m = wakeup.match(line)
+        if m and m[2] == tid:
+            events.append((float(m[1]), "wake", ""))
+    events.sort()
+    # The stack at each "out", in the same order (the two sessions stamp the same switch
+    # a few microseconds apart).
+    stacks = []
+    for block in perf_script(sleeps, "time,ip,sym").split("\n\n"):
         lines = [l.strip() for l in block.strip().splitlines()]
         if lines:
-            stacks[round(float(lines[0].rstrip(":")), 6)] = lines[1:]
+            stacks.append((float(lines[0].rstrip(":")), lines[1:]))
+    stacks.sort()
     if not events:
         sys.exit("no context switches recorded")
 
@@ -64,22 +79,26 @@ def main():
         return "other: " + (user[0] if user else (stack[-1] if stack else "no stack"))
 
     off = collections.defaultdict(list)
-    on_cpu = 0.0
-    left = None
-    came_back = None
-    for t, prev, state, nxt in events:
-        if prev == tid:
-            if came_back is not None:
-                on_cpu += t - came_back
-            left = (t, state)
-        elif nxt == tid:
-            if left is not None:
-                cls = classify(stacks.get(round(left[0], 6), []), left[1])
-                off[cls].append(t - left[0])
-            came_back = t
+    pointer = 0
+    left = None  # (time, state, stack) of the last "out"
+    for t, kind, state in events:
+        if kind == "out":
+            while pointer < len(stacks) and stacks[pointer][0] < t - 1e-4:
+                pointer += 1
+            stack = []
+            if pointer < len(stacks) and stacks[pointer][0] <= t + 1e-4:
+                stack = stacks[pointer][1]
+                pointer += 1
+            left = (t, state, stack)
+        elif left is not None and (kind == "in" or not left[1].startswith("R")):
+            # A sleep ends when the thread is woken (or seen running); a preemption
+            # when it runs again.
+            off[classify(left[2], left[1])].append(t - left[0])
             left = None
     span = events[-1][0] - events[0][0]
-    print(f"{span:.2f} s recorded; thread {tid} on a CPU {on_cpu:.2f} s ({on_cpu / span:.0%})")
+    asleep = sum(sum(v) for v in off.values())
+    print(f"{span:.2f} s recorded; thread {tid} off a CPU {asleep:.2f} s ({asleep / span:.0%}), "
+          f"so on a CPU or about to run {span - asleep:.2f} s ({(span - asleep) / span:.0%})")
     print(f"{'off CPU':>8} {'share':>6} {'times':>7} {'median ms':>10} {'max ms':>8}  why")
     for cls, spans in sorted(off.items(), key=lambda kv: -sum(kv[1])):
         spans.sort()

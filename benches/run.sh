@@ -80,10 +80,13 @@ stream_profile() {
     sleep 3
     # The busiest thread is the consume loop.
     local tid
-    tid=$(for t in /proc/"$pid"/task/*; do awk '{print $14 + $15, $1}' "$t/stat"; done | sort -n | tail -1 | cut -d' ' -f2)
-    perf record -q -a -e sched:sched_switch -o "$out/switches.data" -- sleep 4 > /dev/null 2>&1 &
+    # (fields after the name, which may hold spaces: utime and stime are the 12th and 13th)
+    tid=$(for t in /proc/"$pid"/task/*; do
+        echo "$(sed 's/.*) //' "$t/stat" | awk '{print $12 + $13}') ${t##*/}"
+    done | sort -n | tail -1 | cut -d' ' -f2)
+    perf record -q -a -m 16M -e sched:sched_switch -e sched:sched_wakeup -o "$out/switches.data" -- sleep 4 > /dev/null 2>&1 &
     local switches=$!
-    perf record -q -t "$tid" -e sched:sched_switch --call-graph dwarf,8192 -o "$out/sleeps.data" -- sleep 4 > /dev/null 2>&1
+    perf record -q -t "$tid" -m 16M -e sched:sched_switch --call-graph dwarf,8192 -o "$out/sleeps.data" -- sleep 4 > /dev/null 2>&1
     wait "$switches" || true
     perf record -q -t "$tid" -F 499 --call-graph dwarf,16384 -o "$out/cpu.data" -- sleep 4 > /dev/null 2>&1
     wait "$bench"
@@ -94,7 +97,8 @@ stream_profile() {
     echo
     echo "== its CPU, by function (inclusive, top) =="
     perf report -i "$out/cpu.data" --children --sort symbol --stdio -g none 2> /dev/null \
-        | grep -E 'tally_|rd_kafka_|rdkafka|serde_json::ser|clock_gettime|malloc|free' | head -40 | cut -c1-160
+        | grep -E 'tally_|rd_kafka_|rdkafka|serde_json::ser|clock_gettime|malloc|free' \
+        | cut -c1-160 | sed -n 1,40p
 }
 
 case "$what" in

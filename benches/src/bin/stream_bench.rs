@@ -994,7 +994,7 @@ metrics_listen = "127.0.0.1:0"
         if before != 0 {
             bail!("the probe customer already has {before} resolutions");
         }
-        // The same settings as the ingest service's producer.
+        // Batching as the ingest service's producer does.
         let producer = producer(&args.brokers, "5")?;
         let metrics_before = services.metrics(&clickhouse.agent);
         let stop = Arc::new(AtomicBool::new(false));
@@ -1210,11 +1210,14 @@ metrics_listen = "127.0.0.1:0"
     }
 }
 
+/// As the ingest service's producer: idempotent, acks from all replicas, lz4, and
+/// Kafka's Java partitioner (murmur2) on the subject key.
 fn producer(brokers: &str, linger_ms: &str) -> Result<BaseProducer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        .set("partitioner", "murmur2_random")
         .set("compression.type", "lz4")
         .set("linger.ms", linger_ms)
         .set("queue.buffering.max.messages", "1000000")
