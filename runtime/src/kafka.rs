@@ -354,6 +354,9 @@ pub fn group_consumer<W: PartitionOwner>(
         .set("heartbeat.interval.ms", "1000")
         // Restores run inside `poll`: allow them time before the group gives up on us.
         .set("max.poll.interval.ms", "900000")
+        // Once its prefetch queue is full librdkafka waits this long before fetching
+        // again (default 1 s); a loop that drains the queue sooner would sit idle.
+        .set("fetch.queue.backoff.ms", "10")
         .create_with_context(GroupContext::new(owner))?;
     consumer.subscribe(&[topic])?;
     Ok(consumer)
