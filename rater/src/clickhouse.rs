@@ -117,11 +117,6 @@ impl ClickHouse {
         self
     }
 
-    /// The HTTP interface's address, for messages.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
     /// Creates the database, the table and the view if they do not exist.
     pub fn ensure_schema(&self) -> Result<(), ClickHouseError> {
         let db = &self.database;

@@ -66,6 +66,12 @@ pub enum AggregatorError {
     },
 }
 
+/// Maps a Kafka error to the service's, saying what was being done.
+fn kafka_error(what: impl Into<String>) -> impl FnOnce(KafkaError) -> AggregatorError {
+    let what = what.into();
+    move |source| AggregatorError::Kafka { what, source }
+}
+
 /// Why an event goes to the rejected topic.
 #[derive(Debug)]
 struct Rejection {
@@ -164,10 +170,7 @@ impl PartitionOwner for Worker {
             .set(self.partitions.len() as i64);
         consumer
             .incremental_unassign(partitions)
-            .map_err(|source| AggregatorError::Kafka {
-                what: "release the revoked partitions".to_owned(),
-                source,
-            })
+            .map_err(kafka_error("release the revoked partitions"))
     }
 }
 
@@ -207,14 +210,11 @@ pub fn run(
     }));
     let consumer: GroupConsumer =
         group_consumer(kafka, "aggregator", &topics.events, Arc::clone(&worker)).map_err(
-            |source| AggregatorError::Kafka {
-                what: format!(
-                    "join group {} on {}",
-                    kafka.group("aggregator"),
-                    topics.events
-                ),
-                source,
-            },
+            kafka_error(format!(
+                "join group {} on {}",
+                kafka.group("aggregator"),
+                topics.events
+            )),
         )?;
     readiness.ready();
     tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), "aggregator started");
@@ -293,18 +293,14 @@ fn new_producer(
         .set("message.max.bytes", "67108864")
         .set("transaction.timeout.ms", "60000")
         .create()
-        .map_err(|source| AggregatorError::Kafka {
-            what: "create the transactional producer".to_owned(),
-            source,
-        })?;
+        .map_err(kafka_error("create the transactional producer"))?;
     // Fences any earlier producer with this id (a previous run of this instance) and
     // aborts its open transaction.
     producer
         .init_transactions(TRANSACTION_TIMEOUT)
-        .map_err(|source| AggregatorError::Kafka {
-            what: format!("initialise transactions as {transactional_id}"),
-            source,
-        })?;
+        .map_err(kafka_error(format!(
+            "initialise transactions as {transactional_id}"
+        )))?;
     Ok(producer)
 }
 
@@ -332,18 +328,15 @@ impl Worker {
             };
             partitions
                 .set_partition_offset(&self.topics.events, partition, start)
-                .map_err(|source| AggregatorError::Kafka {
-                    what: format!("start {}[{partition}]", self.topics.events),
-                    source,
-                })?;
+                .map_err(kafka_error(format!(
+                    "start {}[{partition}]",
+                    self.topics.events
+                )))?;
             self.partitions.insert(partition, state);
         }
         consumer
             .incremental_assign(partitions)
-            .map_err(|source| AggregatorError::Kafka {
-                what: "take the assigned partitions".to_owned(),
-                source,
-            })?;
+            .map_err(kafka_error("take the assigned partitions"))?;
         self.metrics
             .assigned_partitions
             .set(self.partitions.len() as i64);
@@ -720,19 +713,13 @@ impl Worker {
                     partition,
                     Offset::Offset(state.next_offset),
                 )
-                .map_err(|source| AggregatorError::Kafka {
-                    what: "rewind the consumer".to_owned(),
-                    source,
-                })?;
+                .map_err(kafka_error("rewind the consumer"))?;
             self.partitions.insert(partition, state);
         }
         if rewind.count() > 0 {
             consumer
                 .seek_partitions(rewind, Duration::from_secs(10))
-                .map_err(|source| AggregatorError::Kafka {
-                    what: "rewind the consumer".to_owned(),
-                    source,
-                })?;
+                .map_err(kafka_error("rewind the consumer"))?;
         }
         self.readiness.ready();
         Ok(())
