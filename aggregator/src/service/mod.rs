@@ -28,11 +28,12 @@ use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, PurgeConfig};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    client_config, group_consumer, lock, offset_of, GroupContext, PartitionOwner,
+    client_config, group_consumer, lock, offset_of, send, GroupContext, PartitionOwner,
+    PolledProducer,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -118,7 +119,7 @@ struct Worker {
     snapshot_after_bytes: usize,
     kafka: KafkaSettings,
     topics: Topics,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: PolledProducer,
     partitions: BTreeMap<i32, PartitionState>,
     transaction_open: bool,
     /// Kafka timestamp (ms) of the oldest event in the open transaction.
@@ -280,11 +281,9 @@ fn committed_offsets(
     }
 }
 
-fn new_producer(
-    kafka: &KafkaSettings,
-) -> Result<ThreadedProducer<DefaultProducerContext>, AggregatorError> {
+fn new_producer(kafka: &KafkaSettings) -> Result<PolledProducer, AggregatorError> {
     let transactional_id = format!("{}-aggregator-{}", kafka.topic_prefix, kafka.instance_id);
-    let producer: ThreadedProducer<DefaultProducerContext> = client_config(kafka)
+    let producer: PolledProducer = client_config(kafka)
         .set("transactional.id", &transactional_id)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -681,6 +680,11 @@ impl Worker {
     fn recover(&mut self, consumer: &GroupConsumer) -> Result<(), AggregatorError> {
         self.readiness
             .not_ready("recovering from a failed transaction");
+        // librdkafka's abort waits for the delivery reports of every queued record,
+        // and only this thread serves them: drop the queued ones and serve the rest
+        // first.
+        self.producer.purge(PurgeConfig::default().queue());
+        let _ = self.producer.flush(TRANSACTION_TIMEOUT);
         if let Err(e) = self.producer.abort_transaction(TRANSACTION_TIMEOUT) {
             tracing::warn!(error = %e, "abort failed; the new producer's fencing will abort it");
         }
@@ -730,7 +734,7 @@ impl Worker {
 /// tombstones the deltas it covers and any parts of the previous snapshot beyond this
 /// one's, in the open transaction.
 fn write_snapshot(
-    producer: &ThreadedProducer<DefaultProducerContext>,
+    producer: &PolledProducer,
     topic: &str,
     partition: i32,
     state: &mut PartitionState,
@@ -763,26 +767,4 @@ fn write_snapshot(
     state.delta_bytes = 0;
     state.snapshot_parts = count;
     Ok(())
-}
-
-/// Queues a record, waiting while the producer's queue is full. A record that cannot
-/// be queued fails the transaction; delivery failures surface when it commits.
-fn send<K, P>(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    mut record: BaseRecord<'_, K, P>,
-) -> Result<(), KafkaError>
-where
-    K: rdkafka::message::ToBytes + ?Sized,
-    P: rdkafka::message::ToBytes + ?Sized,
-{
-    loop {
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                record = back;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => return Err(e),
-        }
-    }
 }

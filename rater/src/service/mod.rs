@@ -27,11 +27,12 @@ use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
-    client_config, group_consumer, lock, offset_of, read_partition, GroupContext, PartitionOwner,
+    client_config, group_consumer, lock, offset_of, read_partition, send, GroupContext,
+    PartitionOwner, PolledProducer,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -119,7 +120,7 @@ struct Worker {
     rated_topic: String,
     kafka: KafkaSettings,
     clickhouse: ClickHouse,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: PolledProducer,
     partitions: BTreeMap<i32, PartitionState>,
     pending: Pending,
     metrics: RaterMetrics,
@@ -248,7 +249,7 @@ pub fn run(
         std::thread::sleep(wait);
         wait = (wait * 2).min(Duration::from_secs(5));
     }
-    let producer: ThreadedProducer<DefaultProducerContext> = client_config(kafka_settings)
+    let producer: PolledProducer = client_config(kafka_settings)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "20")
@@ -521,7 +522,7 @@ impl Worker {
             let record = BaseRecord::<str, [u8]>::to(&self.rated_topic)
                 .key(rated.line.id.as_str())
                 .payload(&value);
-            if let Err((e, _)) = self.producer.send(record) {
+            if let Err(e) = send(&self.producer, record) {
                 // Downstream copies are best effort; ClickHouse has the line.
                 tracing::warn!(error = %e, "cannot queue a rated line for the rated topic");
             }
