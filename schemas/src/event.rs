@@ -260,9 +260,12 @@ impl<'c> EventDecoder<'c> {
         let event_type = required_string(envelope.event_type, "type")?;
         let subject = required_string(envelope.subject, "subject")?;
         let time_text = required_string(envelope.time, "time")?;
-        let time = DateTime::parse_from_rfc3339(&time_text)
-            .map_err(|e| error("time", Problem::InvalidTime(e.to_string())))?
-            .with_timezone(&Utc);
+        let time = match crate::time::parse_utc_fast(&time_text) {
+            Some(time) => time,
+            None => DateTime::parse_from_rfc3339(&time_text)
+                .map_err(|e| error("time", Problem::InvalidTime(e.to_string())))?
+                .with_timezone(&Utc),
+        };
         if time > self.latest_allowed {
             return Err(error(
                 "time",

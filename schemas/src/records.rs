@@ -35,6 +35,7 @@ pub struct SeriesKey {
 /// are ordered by event key so the outcome never depends on arrival order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EventOrder {
+    #[serde(with = "crate::time::rfc3339_serde")]
     pub time: DateTime<Utc>,
     pub key: EventKey,
 }
@@ -67,11 +68,14 @@ impl MeterValue {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowUsage {
     pub series: Arc<SeriesKey>,
+    #[serde(with = "crate::time::rfc3339_serde")]
     pub window_start: DateTime<Utc>,
+    #[serde(with = "crate::time::rfc3339_serde")]
     pub window_end: DateTime<Utc>,
     /// The window's own aggregate.
     pub window_value: MeterValue,
     /// Start of the billing period (calendar month) the window lies in.
+    #[serde(with = "crate::time::rfc3339_serde")]
     pub period_start: DateTime<Utc>,
     /// The series' aggregate over the period so far: what the rater prices.
     pub period_to_date: MeterValue,
@@ -136,7 +140,9 @@ pub struct InvoiceLine {
     pub plan: String,
     pub price: String,
     pub meter: String,
+    #[serde(with = "crate::time::rfc3339_serde")]
     pub period_start: DateTime<Utc>,
+    #[serde(with = "crate::time::rfc3339_serde")]
     pub period_end: DateTime<Utc>,
     /// Usage of the meter in the period, matching the price's filter.
     pub quantity: Decimal,

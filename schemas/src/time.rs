@@ -7,7 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeZone, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 
 /// A billing period: one calendar month in UTC, `[first day 00:00, first day of next month 00:00)`.
@@ -142,7 +142,112 @@ impl Default for WindowSize {
 
 /// Renders a UTC instant the way every Tally record does: RFC 3339 with `Z`.
 pub fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    match whole_second_text(t) {
+        Some(text) => String::from_utf8_lossy(&text).into_owned(),
+        None => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+    }
+}
+
+/// [`rfc3339`]'s text of a whole second in years 0 to 9999 (every window and period
+/// boundary), written without `fmt`: the aggregator writes three per window update.
+fn whole_second_text(t: DateTime<Utc>) -> Option<[u8; 20]> {
+    let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+    if t.nanosecond() != 0 {
+        return None;
+    }
+    let mut text = *b"0000-00-00T00:00:00Z";
+    let mut put = |at: usize, digits: usize, mut value: u32| {
+        for i in (at..at + digits).rev() {
+            text[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, t.month());
+    put(8, 2, t.day());
+    put(11, 2, t.hour());
+    put(14, 2, t.minute());
+    put(17, 2, t.second());
+    Some(text)
+}
+
+/// Reads the common shape of an RFC 3339 UTC timestamp,
+/// `YYYY-MM-DDTHH:MM:SS[.fraction of 1 to 9 digits]Z`, without chrono's general parser
+/// (the aggregator reads one per event, the rater three per window update). `None` for
+/// any other text, valid or not: callers then ask chrono, so the two never disagree.
+pub fn parse_utc_fast(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    let shaped = b.len() >= 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[b.len() - 1] == b'Z';
+    if !shaped {
+        return None;
+    }
+    let number = |digits: &[u8]| {
+        digits.iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    let nanosecond = match &b[19..b.len() - 1] {
+        [] => 0,
+        [b'.', fraction @ ..] if (1..=9).contains(&fraction.len()) => {
+            number(fraction)? * 10u32.pow(9 - fraction.len() as u32)
+        }
+        _ => return None,
+    };
+    let second = number(&b[17..19])?;
+    if second > 59 {
+        return None; // a leap second: chrono's business
+    }
+    let date = NaiveDate::from_ymd_opt(
+        i32::try_from(number(&b[0..4])?).ok()?,
+        number(&b[5..7])?,
+        number(&b[8..10])?,
+    )?;
+    let time =
+        NaiveTime::from_hms_nano_opt(number(&b[11..13])?, number(&b[14..16])?, second, nanosecond)?;
+    Some(date.and_time(time).and_utc())
+}
+
+/// Serde for the timestamps of Tally's records (`#[serde(with = ...)]`): the text of
+/// [`rfc3339`], as chrono's own serde writes it, but written and read through the fast
+/// paths above when it has their shape.
+pub mod rfc3339_serde {
+    use std::fmt;
+
+    use chrono::{DateTime, Utc};
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+        match super::whole_second_text(*t) {
+            Some(text) => serializer.serialize_str(std::str::from_utf8(&text).unwrap_or_default()),
+            None => serializer.serialize_str(&super::rfc3339(*t)),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<DateTime<Utc>, D::Error> {
+        struct Rfc3339;
+        impl Visitor<'_> for Rfc3339 {
+            type Value = DateTime<Utc>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                match super::parse_utc_fast(text) {
+                    Some(t) => Ok(t),
+                    None => text.parse().map_err(E::custom),
+                }
+            }
+        }
+        deserializer.deserialize_str(Rfc3339)
+    }
 }
 
 #[cfg(test)]
@@ -166,6 +271,52 @@ mod tests {
             "2026-13", "2026-1", "26-11", "2026/11", "", "2026-00", "2026-+1", "+026-11",
         ] {
             assert!(bad.parse::<Period>().is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_text_is_chronos(secs in -62_000_000_000i64..300_000_000_000, nanos in proptest::prop_oneof![proptest::strategy::Just(0u32), 0u32..1_000_000_000]) {
+            let t = DateTime::from_timestamp(secs, nanos).unwrap();
+            let text = rfc3339(t);
+            proptest::prop_assert_eq!(&text, &t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
+            let json = serde_json::to_string(&Stamp(t)).unwrap();
+            proptest::prop_assert_eq!(&json, &serde_json::to_string(&t).unwrap());
+            proptest::prop_assert_eq!(serde_json::from_str::<Stamp>(&json).unwrap().0, t);
+        }
+
+        #[test]
+        fn fast_parse_agrees_with_chrono(text in "[0-9]{2}[0-9]{2}-(0[0-9]|1[0-3])-([0-2][0-9]|3[0-2])T([01][0-9]|2[0-4]):[0-6][0-9]:[0-6][0-9](\\.[0-9]{0,11})?[Zz+]?") {
+            let chrono = DateTime::parse_from_rfc3339(&text).ok().map(|t| t.with_timezone(&Utc));
+            if let Some(fast) = parse_utc_fast(&text) {
+                proptest::prop_assert_eq!(Some(fast), chrono);
+            }
+        }
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Stamp(#[serde(with = "rfc3339_serde")] DateTime<Utc>);
+
+    #[test]
+    fn fast_parse_takes_the_common_shapes_and_leaves_the_rest_to_chrono() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        for common in [
+            "2026-10-01T00:08:15.546Z",
+            "2026-10-01T00:00:00Z",
+            "2028-02-29T23:59:59.123456789Z",
+        ] {
+            assert_eq!(parse_utc_fast(common), Some(at(common)), "{common}");
+        }
+        for other in [
+            "2026-10-01T02:00:00+02:00",
+            "2026-10-01t00:00:00z",
+            "2016-12-31T23:59:60Z",
+            "2026-02-30T00:00:00Z",
+            "2026-10-01T00:00:00.Z",
+            "2026-10-01T00:00:00.1234567891Z",
+            "2026-10-01 00:00:00Z",
+        ] {
+            assert_eq!(parse_utc_fast(other), None, "{other}");
         }
     }
 
