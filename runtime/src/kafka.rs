@@ -14,7 +14,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tally_schemas::config::{KafkaSettings, Topic};
@@ -248,10 +248,23 @@ impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
 }
 
 /// A producer whose delivery reports are served by the thread that produces, in
-/// [`send`] and in `flush`. Not a `ThreadedProducer`: its polling thread takes the
-/// reports a flush waits for, so every flush (and every transaction commit) sleeps out
-/// that thread's 100 ms poll; the aggregator measured 100 ms of each commit spent so.
+/// [`send`] and [`flush`].
 pub type PolledProducer = BaseProducer<DefaultProducerContext>;
+
+/// Waits until every queued record is delivered or failed, serving delivery reports.
+/// Not rust-rdkafka's `flush`: it polls in steps of 100 ms that each run to their end,
+/// so every flush (and every transaction commit, which flushes) took at least 100 ms,
+/// half of the aggregator's commit interval.
+pub fn flush(producer: &PolledProducer, timeout: Duration) -> Result<(), KafkaError> {
+    let deadline = std::time::Instant::now() + timeout;
+    while producer.in_flight_count() > 0 {
+        if std::time::Instant::now() >= deadline {
+            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+        }
+        producer.poll(Duration::from_millis(1));
+    }
+    Ok(())
+}
 
 /// Queues a record, serving delivery reports while the producer's queue is full.
 pub fn send<K, P>(

@@ -40,6 +40,22 @@ impl EventOutcome {
     }
 }
 
+/// Outcomes counted on a partition's processing thread, added to the shared counters
+/// once per batch rather than once per event.
+#[derive(Debug, Default)]
+pub(super) struct OutcomeCounts {
+    events: [u64; EventOutcome::ALL.len()],
+    pub late_revised: u64,
+    pub late_adjusted: u64,
+}
+
+impl OutcomeCounts {
+    pub fn add(&mut self, outcome: EventOutcome) {
+        // `ALL` lists the variants in declaration order.
+        self.events[outcome as usize] += 1;
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AggregatorMetrics {
     pub registry: Registry,
@@ -119,8 +135,11 @@ impl AggregatorMetrics {
         }
     }
 
-    pub fn event(&self, outcome: EventOutcome) -> &IntCounter {
-        // `ALL` lists the variants in declaration order.
-        &self.events[outcome as usize]
+    pub(super) fn count(&self, counts: &OutcomeCounts) {
+        for (counter, &n) in self.events.iter().zip(&counts.events) {
+            counter.inc_by(n);
+        }
+        self.late_revised.inc_by(counts.late_revised);
+        self.late_adjusted.inc_by(counts.late_adjusted);
     }
 }

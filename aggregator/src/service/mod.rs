@@ -32,7 +32,7 @@ use rdkafka::producer::{BaseRecord, Producer, PurgeConfig};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    client_config, group_consumer, lock, offset_of, send, GroupContext, PartitionOwner,
+    client_config, flush, group_consumer, lock, offset_of, send, GroupContext, PartitionOwner,
     PolledProducer,
 };
 use tally_runtime::ops::Readiness;
@@ -42,11 +42,15 @@ use tally_schemas::event::EventDecoder;
 
 pub use metrics::{AggregatorMetrics, EventOutcome};
 
+use metrics::OutcomeCounts;
+
 use crate::aggregator::{Aggregator, Outcome};
 use changelog::{delta_key, snapshot_key, ChangelogRecord, Restored, SNAPSHOT_PART_ENTRIES};
 
 /// Most events in one transaction; with `commit_interval`, bounds its size.
 const MAX_TRANSACTION_EVENTS: usize = 100_000;
+/// Most events read before they are processed, spread over the partitions' threads.
+const MAX_BATCH_EVENTS: usize = 20_000;
 /// Timeout of each transactional call; a commit slower than this is aborted.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -110,6 +114,189 @@ struct PartitionState {
     generation: u64,
 }
 
+/// What processing one partition's share of a batch produced, for the worker to add up.
+#[derive(Debug, Default)]
+struct Processed<'m> {
+    events: usize,
+    /// Kafka timestamp (ms) of the oldest event processed.
+    oldest_event_ms: Option<i64>,
+    outcomes: OutcomeCounts,
+    rejections: Vec<(&'m BorrowedMessage<'m>, Rejection)>,
+}
+
+impl PartitionState {
+    /// Dedupes and aggregates one event of this partition.
+    fn process<'m>(
+        &mut self,
+        config: &Config,
+        message: &'m BorrowedMessage<'m>,
+        processed: &mut Processed<'m>,
+    ) {
+        if message.offset() < self.next_offset {
+            return; // already counted before a recovery rewound the consumer
+        }
+        self.next_offset = message.offset() + 1;
+        self.touched = true;
+        processed.events += 1;
+        let timestamp = message.timestamp().to_millis();
+        if let Some(ms) = timestamp {
+            processed.oldest_event_ms = Some(processed.oldest_event_ms.map_or(ms, |o| o.min(ms)));
+        }
+        // The event's "now" is when it reached Kafka, so a replay judges its time
+        // exactly as the first reading did.
+        let now = timestamp
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .unwrap_or_else(Utc::now);
+        let (outcome, rejection) = match EventDecoder::new(config, now)
+            .decode(message.payload().unwrap_or_default())
+        {
+            Err(e) => (
+                EventOutcome::Invalid,
+                Some(Rejection {
+                    code: e.problem.code(),
+                    field: e.field.clone(),
+                    reason: e.to_string(),
+                }),
+            ),
+            Ok(event) if message.key() != Some(event.subject.as_bytes()) => (
+                EventOutcome::Invalid,
+                Some(Rejection {
+                    code: "wrong_key",
+                    field: "subject".to_owned(),
+                    reason: format!(
+                        "the Kafka message is keyed {:?}, not by the event's subject {:?}: key every event by its subject so a customer's events share a partition (and its dedupe)",
+                        message.key().map(String::from_utf8_lossy),
+                        event.subject
+                    ),
+                }),
+            ),
+            Ok(event) => match self.aggregator.apply(&event) {
+                Outcome::Accepted => (EventOutcome::Accepted, None),
+                Outcome::Late => {
+                    processed.outcomes.late_revised += 1;
+                    (EventOutcome::Accepted, None)
+                }
+                Outcome::Adjusted => {
+                    processed.outcomes.late_adjusted += 1;
+                    (EventOutcome::Accepted, None)
+                }
+                Outcome::Unmetered => (EventOutcome::Unmetered, None),
+                Outcome::Retry => (EventOutcome::Duplicate, None),
+                Outcome::Conflict => (
+                    EventOutcome::Conflict,
+                    Some(Rejection {
+                        code: "conflict",
+                        field: "id".to_owned(),
+                        reason: "an event with this source and id but different content was already counted; the first one wins".to_owned(),
+                    }),
+                ),
+                Outcome::TooLate => (
+                    EventOutcome::TooLate,
+                    Some(Rejection {
+                        code: "too_late",
+                        field: "time".to_owned(),
+                        reason: format!("the event's time {} is older than the dedupe horizon allows behind the newest event seen; it can no longer be deduplicated safely", event.time.to_rfc3339()),
+                    }),
+                ),
+                Outcome::Refused(e) => (
+                    EventOutcome::Refused,
+                    Some(Rejection {
+                        code: "refused",
+                        field: "data".to_owned(),
+                        reason: e.to_string(),
+                    }),
+                ),
+            },
+        };
+        processed.outcomes.add(outcome);
+        if let Some(rejection) = rejection {
+            processed.rejections.push((message, rejection));
+        }
+    }
+
+    /// Writes what changed since the last commit to the open transaction: the changed
+    /// windows, the changelog delta behind them and, when due, a snapshot. Returns the
+    /// number of window updates.
+    fn publish(
+        &mut self,
+        partition: i32,
+        producer: &PolledProducer,
+        topics: &Topics,
+        snapshot_after_bytes: usize,
+    ) -> Result<usize, KafkaError> {
+        let (updates, changes) = self.aggregator.drain();
+        let mut value = Vec::with_capacity(512);
+        for update in &updates {
+            let key = update.record_key();
+            value.clear();
+            serde_json::to_writer(&mut value, update).unwrap_or_default();
+            send(
+                producer,
+                BaseRecord::to(&topics.windows)
+                    .partition(partition)
+                    .key(key.as_bytes())
+                    .payload(&value),
+            )?;
+        }
+        let record = ChangelogRecord {
+            next_offset: self.next_offset,
+            changes,
+        }
+        .encode();
+        let key = delta_key(self.next_offset, self.generation);
+        send(
+            producer,
+            BaseRecord::to(&topics.changelog)
+                .partition(partition)
+                .key(key.as_bytes())
+                .payload(&record),
+        )?;
+        self.deltas.push(key);
+        self.delta_bytes += record.len();
+        if self.delta_bytes > snapshot_after_bytes {
+            write_snapshot(producer, &topics.changelog, partition, self)?;
+        }
+        Ok(updates.len())
+    }
+}
+
+/// Runs `f` on every item, spread over at most as many threads as the machine has
+/// cores (the calling thread is one of them); returns the results in item order.
+fn on_threads<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if items.len() <= 1 || threads <= 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let groups = items.len().min(threads);
+    let mut shares: Vec<Vec<(usize, T)>> = (0..groups).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        shares[i % groups].push((i, item));
+    }
+    let f = &f;
+    let run = move |share: Vec<(usize, T)>| -> Vec<(usize, R)> {
+        share.into_iter().map(|(i, item)| (i, f(item))).collect()
+    };
+    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let mut shares = shares.into_iter();
+        let own = shares.next().unwrap_or_default();
+        let spawned: Vec<_> = shares
+            .map(|share| scope.spawn(move || run(share)))
+            .collect();
+        let mut results = run(own);
+        for handle in spawned {
+            // A panic on a processing thread is a bug: carry it to this thread.
+            results.extend(
+                handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            );
+        }
+        results
+    });
+    results.sort_unstable_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
 /// Everything the consume loop and the rebalance callback share.
 struct Worker {
     config: Arc<Config>,
@@ -130,6 +317,8 @@ struct Worker {
     readiness: Readiness,
     /// A record of the open transaction could not be queued: it must not commit.
     broken: Option<KafkaError>,
+    /// Counts recoveries: messages read before one are read again after it.
+    epoch: u64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -208,6 +397,7 @@ pub fn run(
         metrics,
         readiness: readiness.clone(),
         broken: None,
+        epoch: 0,
     }));
     let consumer: GroupConsumer =
         group_consumer(kafka, "aggregator", &topics.events, Arc::clone(&worker)).map_err(
@@ -221,23 +411,39 @@ pub fn run(
     tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), "aggregator started");
     let commit_interval = settings.aggregator.commit_interval;
     let mut last_lag = Instant::now();
+    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH_EVENTS);
     while !shutdown.is_requested() {
-        let polled = consumer.poll(Duration::from_millis(100));
-        if let Some(failure) = consumer.context().take_failure() {
-            return Err(failure);
+        // Wait for a first message, then take what is ready, up to a batch.
+        let mut epoch = lock(&worker).epoch;
+        let mut wait = Duration::from_millis(100);
+        while batch.len() < MAX_BATCH_EVENTS {
+            let polled = consumer.poll(wait);
+            wait = Duration::ZERO;
+            if let Some(failure) = consumer.context().take_failure() {
+                return Err(failure);
+            }
+            // A recovery inside that poll (a revocation's commit failed) rebuilt the
+            // state and rewound the consumer: what was read before comes again.
+            let now = lock(&worker).epoch;
+            if now != epoch {
+                epoch = now;
+                batch.clear();
+            }
+            match polled {
+                Some(Ok(message)) => batch.push(message),
+                Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                    return Err(AggregatorError::Kafka {
+                        what: "consume the events topic".to_owned(),
+                        source: e,
+                    })
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
+                None => break,
+            }
         }
         let mut worker = lock(&worker);
-        match polled {
-            Some(Ok(message)) => worker.process(&message),
-            Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
-                return Err(AggregatorError::Kafka {
-                    what: "consume the events topic".to_owned(),
-                    source: e,
-                })
-            }
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
-            None => {}
-        }
+        worker.process(&batch);
+        batch.clear();
         let due = worker.broken.is_some()
             || worker.transaction_open
                 && (worker.transaction_events >= MAX_TRANSACTION_EVENTS
@@ -426,140 +632,98 @@ impl Worker {
         })
     }
 
-    /// Dedupes and aggregates one event; refused ones are written to the rejected
-    /// topic in the open transaction.
-    fn process(&mut self, message: &BorrowedMessage<'_>) {
-        let partition = message.partition();
-        if self.broken.is_some() {
-            return; // recovery rewinds to before this message
+    /// Dedupes and aggregates a batch of events, each partition's on its own thread
+    /// (in offset order); refused ones are written to the rejected topic in the open
+    /// transaction.
+    fn process(&mut self, batch: &[BorrowedMessage<'_>]) {
+        if batch.is_empty() || self.broken.is_some() {
+            return; // after a failure, recovery rewinds to before this batch
         }
         if let Err(e) = self.begin() {
             self.broken = Some(e);
             return;
         }
-        let Some(state) = self.partitions.get_mut(&partition) else {
-            return; // revoked while the message was in flight
-        };
-        if message.offset() < state.next_offset {
-            return; // already counted before a recovery rewound the consumer
+        let mut by_partition: BTreeMap<i32, Vec<&BorrowedMessage<'_>>> = BTreeMap::new();
+        for message in batch {
+            by_partition
+                .entry(message.partition())
+                .or_default()
+                .push(message);
         }
-        state.next_offset = message.offset() + 1;
-        state.touched = true;
-        let bytes = message.payload().unwrap_or_default();
-        // The event's "now" is when it reached Kafka, so a replay judges its time
-        // exactly as the first reading did.
-        let now = message
-            .timestamp()
-            .to_millis()
-            .and_then(chrono::DateTime::from_timestamp_millis)
-            .unwrap_or_else(Utc::now);
-        let decoder = EventDecoder::new(&self.config, now);
-        let (outcome, rejection) = match decoder.decode(bytes) {
-            Err(e) => (
-                EventOutcome::Invalid,
-                Some(Rejection {
-                    code: e.problem.code(),
-                    field: e.field.clone(),
-                    reason: e.to_string(),
-                }),
-            ),
-            Ok(event) if message.key() != Some(event.subject.as_bytes()) => (
-                EventOutcome::Invalid,
-                Some(Rejection {
-                    code: "wrong_key",
-                    field: "subject".to_owned(),
-                    reason: format!(
-                        "the Kafka message is keyed {:?}, not by the event's subject {:?}: key every event by its subject so a customer's events share a partition (and its dedupe)",
-                        message.key().map(String::from_utf8_lossy),
-                        event.subject
-                    ),
-                }),
-            ),
-            Ok(event) => match state.aggregator.apply(&event) {
-                Outcome::Accepted => (EventOutcome::Accepted, None),
-                Outcome::Late => {
-                    self.metrics.late_revised.inc();
-                    (EventOutcome::Accepted, None)
+        // Messages of a partition revoked while they were in flight are dropped.
+        let work: Vec<_> = self
+            .partitions
+            .iter_mut()
+            .filter_map(|(p, state)| Some((state, by_partition.remove(p)?)))
+            .collect();
+        let config = &*self.config;
+        let results = on_threads(work, |(state, messages)| {
+            let mut processed = Processed::default();
+            for message in messages {
+                state.process(config, message, &mut processed);
+            }
+            processed
+        });
+        for processed in results {
+            self.transaction_events += processed.events;
+            self.oldest_event_ms = match (self.oldest_event_ms, processed.oldest_event_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            self.metrics.count(&processed.outcomes);
+            for (message, rejection) in processed.rejections {
+                if let Err(e) = self.reject(message, rejection) {
+                    self.broken = Some(e);
                 }
-                Outcome::Adjusted => {
-                    self.metrics.late_adjusted.inc();
-                    (EventOutcome::Accepted, None)
-                }
-                Outcome::Unmetered => (EventOutcome::Unmetered, None),
-                Outcome::Retry => (EventOutcome::Duplicate, None),
-                Outcome::Conflict => (
-                    EventOutcome::Conflict,
-                    Some(Rejection {
-                        code: "conflict",
-                        field: "id".to_owned(),
-                        reason: "an event with this source and id but different content was already counted; the first one wins".to_owned(),
-                    }),
-                ),
-                Outcome::TooLate => (
-                    EventOutcome::TooLate,
-                    Some(Rejection {
-                        code: "too_late",
-                        field: "time".to_owned(),
-                        reason: format!("the event's time {} is older than the dedupe horizon allows behind the newest event seen; it can no longer be deduplicated safely", event.time.to_rfc3339()),
-                    }),
-                ),
-                Outcome::Refused(e) => (
-                    EventOutcome::Refused,
-                    Some(Rejection {
-                        code: "refused",
-                        field: "data".to_owned(),
-                        reason: e.to_string(),
-                    }),
-                ),
-            },
-        };
-        self.metrics.event(outcome).inc();
-        self.transaction_events += 1;
-        if let Some(ms) = message.timestamp().to_millis() {
-            self.oldest_event_ms = Some(self.oldest_event_ms.map_or(ms, |o| o.min(ms)));
+            }
         }
-        if let Some(Rejection {
+    }
+
+    /// Writes a refused event to the rejected topic: its original bytes, the reason in
+    /// headers.
+    fn reject(
+        &self,
+        message: &BorrowedMessage<'_>,
+        rejection: Rejection,
+    ) -> Result<(), KafkaError> {
+        let Rejection {
             code,
             field,
             reason,
-        }) = rejection
-        {
-            self.metrics.rejected.with_label_values(&[code]).inc();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "tally.error.code",
-                    value: Some(code),
-                })
-                .insert(Header {
-                    key: "tally.error.field",
-                    value: Some(&field),
-                })
-                .insert(Header {
-                    key: "tally.error.reason",
-                    value: Some(&reason),
-                })
-                .insert(Header {
-                    key: "tally.source.topic",
-                    value: Some(message.topic()),
-                })
-                .insert(Header {
-                    key: "tally.source.partition",
-                    value: Some(&partition.to_string()),
-                })
-                .insert(Header {
-                    key: "tally.source.offset",
-                    value: Some(&message.offset().to_string()),
-                });
-            let mut record = BaseRecord::<[u8], [u8]>::to(&self.topics.rejected)
-                .payload(bytes)
-                .headers(headers);
-            if let Some(key) = message.key() {
-                record = record.key(key);
-            }
-            if let Err(e) = send(&self.producer, record) {
-                self.broken = Some(e);
-            }
+        } = rejection;
+        self.metrics.rejected.with_label_values(&[code]).inc();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "tally.error.code",
+                value: Some(code),
+            })
+            .insert(Header {
+                key: "tally.error.field",
+                value: Some(&field),
+            })
+            .insert(Header {
+                key: "tally.error.reason",
+                value: Some(&reason),
+            })
+            .insert(Header {
+                key: "tally.source.topic",
+                value: Some(message.topic()),
+            })
+            .insert(Header {
+                key: "tally.source.partition",
+                value: Some(&message.partition().to_string()),
+            })
+            .insert(Header {
+                key: "tally.source.offset",
+                value: Some(&message.offset().to_string()),
+            });
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.topics.rejected)
+            .payload(message.payload().unwrap_or_default())
+            .headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
         }
+        send(&self.producer, record)
     }
 
     fn begin(&mut self) -> Result<(), KafkaError> {
@@ -617,46 +781,26 @@ impl Worker {
         if let Some(e) = self.broken.take() {
             return Err(e);
         }
+        let (producer, topics) = (&self.producer, &self.topics);
+        let snapshot_after_bytes = self.snapshot_after_bytes;
+        let touched: Vec<_> = self
+            .partitions
+            .iter_mut()
+            .filter(|(_, state)| state.touched)
+            .collect();
+        let published = on_threads(touched, |(&partition, state)| {
+            state
+                .publish(partition, producer, topics, snapshot_after_bytes)
+                .map(|updates| (partition, state.next_offset, updates))
+        });
         let mut offsets = TopicPartitionList::new();
-        for (&partition, state) in &mut self.partitions {
-            if !state.touched {
-                continue;
-            }
-            let (updates, changes) = state.aggregator.drain();
-            for update in &updates {
-                let key = update.record_key();
-                let value = serde_json::to_vec(update).unwrap_or_default();
-                send(
-                    &self.producer,
-                    BaseRecord::to(&self.topics.windows)
-                        .partition(partition)
-                        .key(key.as_bytes())
-                        .payload(&value),
-                )?;
-            }
-            self.metrics.window_updates.inc_by(updates.len() as u64);
-            let record = ChangelogRecord {
-                next_offset: state.next_offset,
-                changes,
-            }
-            .encode();
-            let key = delta_key(state.next_offset, state.generation);
-            send(
-                &self.producer,
-                BaseRecord::to(&self.topics.changelog)
-                    .partition(partition)
-                    .key(key.as_bytes())
-                    .payload(&record),
-            )?;
-            state.deltas.push(key);
-            state.delta_bytes += record.len();
-            if state.delta_bytes > self.snapshot_after_bytes {
-                write_snapshot(&self.producer, &self.topics.changelog, partition, state)?;
-            }
+        for result in published {
+            let (partition, next_offset, updates) = result?;
+            self.metrics.window_updates.inc_by(updates as u64);
             offsets.add_partition_offset(
                 &self.topics.events,
                 partition,
-                Offset::Offset(state.next_offset),
+                Offset::Offset(next_offset),
             )?;
         }
         let group = consumer
@@ -666,6 +810,7 @@ impl Worker {
             self.producer
                 .send_offsets_to_transaction(&offsets, &group, TRANSACTION_TIMEOUT)?;
         }
+        flush(&self.producer, TRANSACTION_TIMEOUT)?;
         self.producer.commit_transaction(TRANSACTION_TIMEOUT)?;
         self.transaction_open = false;
         self.transaction_events = 0;
@@ -684,7 +829,7 @@ impl Worker {
         // and only this thread serves them: drop the queued ones and serve the rest
         // first.
         self.producer.purge(PurgeConfig::default().queue());
-        let _ = self.producer.flush(TRANSACTION_TIMEOUT);
+        let _ = flush(&self.producer, TRANSACTION_TIMEOUT);
         if let Err(e) = self.producer.abort_transaction(TRANSACTION_TIMEOUT) {
             tracing::warn!(error = %e, "abort failed; the new producer's fencing will abort it");
         }
@@ -692,6 +837,7 @@ impl Worker {
         self.transaction_events = 0;
         self.oldest_event_ms = None;
         self.broken = None;
+        self.epoch += 1;
         let mut attempt = 0u32;
         loop {
             match new_producer(&self.kafka) {

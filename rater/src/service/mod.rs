@@ -27,11 +27,11 @@ use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::producer::BaseRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
-    client_config, group_consumer, lock, offset_of, read_partition, send, GroupContext,
+    client_config, flush, group_consumer, lock, offset_of, read_partition, send, GroupContext,
     PartitionOwner, PolledProducer,
 };
 use tally_runtime::ops::Readiness;
@@ -307,7 +307,7 @@ pub fn run(
     tracing::info!("rater stopping: storing what was read");
     let mut worker = lock(&worker);
     worker.store(&consumer)?;
-    if let Err(e) = worker.producer.flush(Duration::from_secs(10)) {
+    if let Err(e) = flush(&worker.producer, Duration::from_secs(10)) {
         tracing::warn!(error = %e, "some rated lines may not have reached the rated topic");
     }
     drop(worker);
@@ -528,7 +528,7 @@ impl Worker {
             }
         }
         // At least once downstream: delivered before the offsets move on.
-        if let Err(e) = self.producer.flush(Duration::from_secs(30)) {
+        if let Err(e) = flush(&self.producer, Duration::from_secs(30)) {
             tracing::warn!(error = %e, "rated lines not confirmed by Kafka; they are sent again after a restart");
             return Err(RaterError::Kafka {
                 what: "deliver rated lines to the rated topic".to_owned(),
