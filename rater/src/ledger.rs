@@ -55,6 +55,22 @@ struct LineKey {
     adjusts: Option<Period>,
 }
 
+/// A `lines` key by reference: hashes and compares as the owned `(String, LineKey)`.
+#[derive(Hash)]
+struct CustomerLine<'a>(&'a str, LineKey);
+
+impl hashbrown::Equivalent<(String, LineKey)> for CustomerLine<'_> {
+    fn equivalent(&self, (customer, line): &(String, LineKey)) -> bool {
+        self.0 == customer && self.1 == *line
+    }
+}
+
+impl From<&CustomerLine<'_>> for (String, LineKey) {
+    fn from(key: &CustomerLine<'_>) -> Self {
+        (key.0.to_owned(), key.1)
+    }
+}
+
 #[derive(Debug, Default)]
 struct LineState {
     /// Period-to-date value of each series the price selects.
@@ -100,21 +116,26 @@ impl Ledger {
                 continue;
             }
             billed += 1;
-            let key = (
-                customer.id.clone(),
-                LineKey {
-                    price_index,
-                    period,
-                    adjusts: series.adjusts,
-                },
-            );
-            let state = self.lines.entry(key.clone()).or_default();
-            if state.series.get(series) != Some(&value) {
-                state.series.insert(Arc::clone(series), value);
-                if !state.dirty {
-                    state.dirty = true;
-                    self.dirty.push(key);
+            let line = LineKey {
+                price_index,
+                period,
+                adjusts: series.adjusts,
+            };
+            // Looked up by reference: a window update for a known line allocates nothing.
+            let state = self
+                .lines
+                .entry_ref(&CustomerLine(&customer.id, line))
+                .or_default();
+            match state.series.get_mut(series) {
+                Some(held) if *held == value => continue,
+                Some(held) => *held = value,
+                None => {
+                    state.series.insert(Arc::clone(series), value);
                 }
+            }
+            if !state.dirty {
+                state.dirty = true;
+                self.dirty.push((customer.id.clone(), line));
             }
         }
         if billed == 0 {
