@@ -14,7 +14,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tally_schemas::config::{KafkaSettings, Topic};
@@ -247,28 +247,27 @@ impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
     }
 }
 
-/// A producer whose delivery reports are served by the thread that produces, in
-/// [`send`] and [`flush`].
-pub type PolledProducer = BaseProducer<DefaultProducerContext>;
+/// The services' producer: its own thread serves delivery reports as they arrive.
+pub type KafkaProducer = ThreadedProducer<DefaultProducerContext>;
 
-/// Waits until every queued record is delivered or failed, serving delivery reports.
-/// Not rust-rdkafka's `flush`: it polls in steps of 100 ms that each run to their end,
-/// so every flush (and every transaction commit, which flushes) took at least 100 ms,
-/// half of the aggregator's commit interval.
-pub fn flush(producer: &PolledProducer, timeout: Duration) -> Result<(), KafkaError> {
+/// Waits until every queued record is delivered or failed. Not rust-rdkafka's `flush`:
+/// that polls in 100 ms steps that each run to their end while the producer's own
+/// thread takes the reports, so every flush (and every transaction commit, which
+/// flushes first) took at least 100 ms, half of the aggregator's commit interval.
+pub fn flush(producer: &KafkaProducer, timeout: Duration) -> Result<(), KafkaError> {
     let deadline = std::time::Instant::now() + timeout;
     while producer.in_flight_count() > 0 {
         if std::time::Instant::now() >= deadline {
             return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
         }
-        producer.poll(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(1));
     }
     Ok(())
 }
 
-/// Queues a record, serving delivery reports while the producer's queue is full.
+/// Queues a record, waiting while the producer's queue is full.
 pub fn send<K, P>(
-    producer: &PolledProducer,
+    producer: &KafkaProducer,
     mut record: BaseRecord<'_, K, P>,
 ) -> Result<(), KafkaError>
 where
@@ -280,7 +279,7 @@ where
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
-                producer.poll(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(1));
             }
             Err((e, _)) => return Err(e),
         }

@@ -28,12 +28,12 @@ use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer, PurgeConfig};
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    client_config, flush, group_consumer, lock, offset_of, send, GroupContext, PartitionOwner,
-    PolledProducer,
+    client_config, flush, group_consumer, lock, offset_of, send, GroupContext, KafkaProducer,
+    PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -220,7 +220,7 @@ impl PartitionState {
     fn publish(
         &mut self,
         partition: i32,
-        producer: &PolledProducer,
+        producer: &KafkaProducer,
         topics: &Topics,
         snapshot_after_bytes: usize,
     ) -> Result<usize, KafkaError> {
@@ -306,7 +306,7 @@ struct Worker {
     snapshot_after_bytes: usize,
     kafka: KafkaSettings,
     topics: Topics,
-    producer: PolledProducer,
+    producer: KafkaProducer,
     partitions: BTreeMap<i32, PartitionState>,
     transaction_open: bool,
     /// Kafka timestamp (ms) of the oldest event in the open transaction.
@@ -487,9 +487,9 @@ fn committed_offsets(
     }
 }
 
-fn new_producer(kafka: &KafkaSettings) -> Result<PolledProducer, AggregatorError> {
+fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     let transactional_id = format!("{}-aggregator-{}", kafka.topic_prefix, kafka.instance_id);
-    let producer: PolledProducer = client_config(kafka)
+    let producer: KafkaProducer = client_config(kafka)
         .set("transactional.id", &transactional_id)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -825,11 +825,6 @@ impl Worker {
     fn recover(&mut self, consumer: &GroupConsumer) -> Result<(), AggregatorError> {
         self.readiness
             .not_ready("recovering from a failed transaction");
-        // librdkafka's abort waits for the delivery reports of every queued record,
-        // and only this thread serves them: drop the queued ones and serve the rest
-        // first.
-        self.producer.purge(PurgeConfig::default().queue());
-        let _ = flush(&self.producer, TRANSACTION_TIMEOUT);
         if let Err(e) = self.producer.abort_transaction(TRANSACTION_TIMEOUT) {
             tracing::warn!(error = %e, "abort failed; the new producer's fencing will abort it");
         }
@@ -880,7 +875,7 @@ impl Worker {
 /// tombstones the deltas it covers and any parts of the previous snapshot beyond this
 /// one's, in the open transaction.
 fn write_snapshot(
-    producer: &PolledProducer,
+    producer: &KafkaProducer,
     topic: &str,
     partition: i32,
     state: &mut PartitionState,

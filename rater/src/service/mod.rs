@@ -32,7 +32,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
     client_config, flush, group_consumer, lock, offset_of, read_partition, send, GroupContext,
-    PartitionOwner, PolledProducer,
+    KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -120,7 +120,7 @@ struct Worker {
     rated_topic: String,
     kafka: KafkaSettings,
     clickhouse: ClickHouse,
-    producer: PolledProducer,
+    producer: KafkaProducer,
     partitions: BTreeMap<i32, PartitionState>,
     pending: Pending,
     metrics: RaterMetrics,
@@ -249,7 +249,7 @@ pub fn run(
         std::thread::sleep(wait);
         wait = (wait * 2).min(Duration::from_secs(5));
     }
-    let producer: PolledProducer = client_config(kafka_settings)
+    let producer: KafkaProducer = client_config(kafka_settings)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "20")
