@@ -18,7 +18,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
 use tally_schemas::config::{AggregationKind, Config, Customer};
-use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey};
+use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesKeyRef};
 use tally_schemas::time::Period;
 
 use crate::line::{adjustment_line, invoice_line};
@@ -99,19 +99,20 @@ impl Ledger {
     }
 
     /// Records a series' period-to-date value (the latest one wins).
-    pub fn record(
+    pub fn record<'s>(
         &mut self,
-        series: &Arc<SeriesKey>,
+        series: impl Into<SeriesKeyRef<'s>>,
         period: Period,
         value: MeterValue,
     ) -> Recorded {
-        let Some(customer) = self.config.customers.get(&series.customer) else {
+        let series = series.into();
+        let Some(customer) = self.config.customers.get(&*series.customer) else {
             return Recorded::UnknownCustomer;
         };
         let plan = self.config.plan(customer.plan);
         let mut billed = 0;
         for (price_index, price) in plan.prices.iter().enumerate() {
-            if self.config.meter(price.meter).slug != series.meter || !price.matches(&series.group)
+            if self.config.meter(price.meter).slug != *series.meter || !price.matches(&series.group)
             {
                 continue;
             }
@@ -126,11 +127,11 @@ impl Ledger {
                 .lines
                 .entry_ref(&CustomerLine(&customer.id, line))
                 .or_default();
-            match state.series.get_mut(series) {
+            match state.series.get_mut(&series) {
                 Some(held) if *held == value => continue,
                 Some(held) => *held = value,
                 None => {
-                    state.series.insert(Arc::clone(series), value);
+                    state.series.insert(Arc::new(series.to_owned()), value);
                 }
             }
             if !state.dirty {

@@ -35,10 +35,10 @@ pub struct Price {
 impl Price {
     /// Whether usage with these group_by values (in the meter's group_by order) counts
     /// towards this price.
-    pub fn matches(&self, group: &[String]) -> bool {
+    pub fn matches<S: AsRef<str>>(&self, group: &[S]) -> bool {
         self.filter
             .iter()
-            .all(|(i, v)| group.get(*i).is_some_and(|g| g == v))
+            .all(|(i, v)| group.get(*i).is_some_and(|g| g.as_ref() == v))
     }
 }
 

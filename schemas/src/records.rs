@@ -31,6 +31,134 @@ pub struct SeriesKey {
     pub adjusts: Option<Period>,
 }
 
+/// A [`SeriesKey`] read from a record without copying its strings (unless they hold
+/// escapes). It hashes and compares like the owned key, so a map keyed by
+/// `Arc<SeriesKey>` is searched with it and allocates only for a series it lacks: the
+/// rater reads one per window update.
+#[derive(Debug, Clone, Hash, Deserialize)]
+pub struct SeriesKeyRef<'a> {
+    #[serde(borrow)]
+    pub customer: Text<'a>,
+    #[serde(borrow)]
+    pub meter: Text<'a>,
+    #[serde(borrow)]
+    pub group: Vec<Text<'a>>,
+    #[serde(default)]
+    pub adjusts: Option<Period>,
+}
+
+impl SeriesKeyRef<'_> {
+    /// The same key, holding its strings.
+    pub fn into_owned(self) -> SeriesKeyRef<'static> {
+        SeriesKeyRef {
+            customer: self.customer.into_owned(),
+            meter: self.meter.into_owned(),
+            group: self.group.into_iter().map(Text::into_owned).collect(),
+            adjusts: self.adjusts,
+        }
+    }
+
+    pub fn to_owned(&self) -> SeriesKey {
+        SeriesKey {
+            customer: self.customer.to_string(),
+            meter: self.meter.to_string(),
+            group: self.group.iter().map(|g| g.to_string()).collect(),
+            adjusts: self.adjusts,
+        }
+    }
+}
+
+impl<'a> From<&'a SeriesKey> for SeriesKeyRef<'a> {
+    fn from(key: &'a SeriesKey) -> Self {
+        SeriesKeyRef {
+            customer: Text::from(key.customer.as_str()),
+            meter: Text::from(key.meter.as_str()),
+            group: key.group.iter().map(|g| Text::from(g.as_str())).collect(),
+            adjusts: key.adjusts,
+        }
+    }
+}
+
+impl<'a> From<&'a Arc<SeriesKey>> for SeriesKeyRef<'a> {
+    fn from(key: &'a Arc<SeriesKey>) -> Self {
+        SeriesKeyRef::from(&**key)
+    }
+}
+
+impl hashbrown::Equivalent<Arc<SeriesKey>> for SeriesKeyRef<'_> {
+    fn equivalent(&self, key: &Arc<SeriesKey>) -> bool {
+        *self.customer == key.customer
+            && *self.meter == key.meter
+            && self.adjusts == key.adjusts
+            && self.group.len() == key.group.len()
+            && self.group.iter().zip(&key.group).all(|(a, b)| **a == *b)
+    }
+}
+
+/// A JSON string borrowed from the input, or owned when it held escapes. Hashes as
+/// `str`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text<'a>(std::borrow::Cow<'a, str>);
+
+impl Text<'_> {
+    pub fn into_owned(self) -> Text<'static> {
+        Text(std::borrow::Cow::Owned(self.0.into_owned()))
+    }
+}
+
+impl<'a> From<&'a str> for Text<'a> {
+    fn from(text: &'a str) -> Self {
+        Text(std::borrow::Cow::Borrowed(text))
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Text<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::hash::Hash for Text<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        str::hash(&self.0, state);
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                text: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Text::from(text))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(Text(std::borrow::Cow::Owned(text.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Visit)
+    }
+}
+
 /// Where an event stands in event time, for `latest`: later time wins, and equal times
 /// are ordered by event key so the outcome never depends on arrival order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -109,6 +237,28 @@ impl WindowUsage {
     }
 }
 
+/// What the rater prices of a [`WindowUsage`] record (its series' period-to-date
+/// value), read without copying strings; the record's other fields are skipped.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PeriodToDate<'a> {
+    #[serde(borrow)]
+    pub series: SeriesKeyRef<'a>,
+    #[serde(with = "crate::time::rfc3339_serde")]
+    pub period_start: DateTime<Utc>,
+    pub period_to_date: MeterValue,
+}
+
+impl PeriodToDate<'_> {
+    /// The same, holding its strings: to keep past the record it was read from.
+    pub fn into_owned(self) -> PeriodToDate<'static> {
+        PeriodToDate {
+            series: self.series.into_owned(),
+            period_start: self.period_start,
+            period_to_date: self.period_to_date,
+        }
+    }
+}
+
 /// One tier's share of a line, so finance can see how the subtotal was reached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierCharge {
@@ -172,5 +322,54 @@ impl InvoiceLine {
             return None;
         }
         i64::try_from(amount.mantissa()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher;
+
+    use super::*;
+
+    #[test]
+    fn a_window_update_is_read_back_without_copies_and_finds_its_owned_series() {
+        let series = Arc::new(SeriesKey {
+            customer: "cust \"quoted\"".to_owned(),
+            meter: "tokens".to_owned(),
+            group: vec!["gpt-x".to_owned(), String::new()],
+            adjusts: Some("2026-10".parse().unwrap()),
+        });
+        let start = DateTime::from_timestamp(1_793_491_200, 0).unwrap();
+        let update = WindowUsage {
+            series: Arc::clone(&series),
+            window_start: start,
+            window_end: start + chrono::Duration::hours(1),
+            window_value: MeterValue {
+                value: Decimal::new(15, 1),
+                latest: None,
+            },
+            period_start: start,
+            period_to_date: MeterValue {
+                value: Decimal::new(255, 1),
+                latest: None,
+            },
+            revision: 3,
+        };
+        let json = serde_json::to_vec(&update).unwrap();
+        let read: PeriodToDate<'_> = serde_json::from_slice(&json).unwrap();
+        assert_eq!(read.period_start, update.period_start);
+        assert_eq!(read.period_to_date, update.period_to_date);
+        assert_eq!(read.series.to_owned(), *series);
+        assert!(matches!(read.series.meter.0, std::borrow::Cow::Borrowed(_)));
+        let hasher = hashbrown::DefaultHashBuilder::default();
+        assert_eq!(hasher.hash_one(&read.series), hasher.hash_one(&series));
+        let mut map = hashbrown::HashMap::new();
+        map.insert(Arc::clone(&series), 1);
+        assert_eq!(map.get(&read.series), Some(&1));
+        let other = SeriesKeyRef {
+            adjusts: None,
+            ..read.series.clone()
+        };
+        assert_eq!(map.get(&other), None);
     }
 }

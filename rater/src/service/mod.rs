@@ -37,7 +37,7 @@ use tally_runtime::kafka::{
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
-use tally_schemas::records::{InvoiceLine, WindowUsage};
+use tally_schemas::records::{InvoiceLine, PeriodToDate};
 use tally_schemas::time::Period;
 
 pub use metrics::RaterMetrics;
@@ -74,11 +74,11 @@ struct RatedRecord<'a> {
 
 /// A window update read from the windows topic.
 #[derive(Debug)]
-struct Update {
+struct Update<'a> {
     offset: i64,
     /// When it was appended to Kafka, for the latency metric.
     appended_ms: Option<i64>,
-    update: WindowUsage,
+    update: PeriodToDate<'a>,
 }
 
 /// A partition's ledger as of its committed offset, and the updates after it.
@@ -86,7 +86,7 @@ struct Update {
 struct Rebuilt {
     ledger: Ledger,
     opened: BTreeSet<Period>,
-    after_committed: Vec<Update>,
+    after_committed: Vec<Update<'static>>,
 }
 
 #[derive(Debug)]
@@ -342,13 +342,13 @@ impl Worker {
                     rebuilt.after_committed.push(Update {
                         offset: message.offset(),
                         appended_ms: message.timestamp().to_millis(),
-                        update,
+                        update: update.into_owned(),
                     });
                 } else {
-                    record(&mut rebuilt.ledger, &update);
                     rebuilt
                         .opened
                         .insert(Period::containing(update.period_start));
+                    record(&mut rebuilt.ledger, update);
                 }
             },
         )?;
@@ -398,7 +398,7 @@ impl Worker {
             offset,
             appended_ms,
             update,
-        }: Update,
+        }: Update<'_>,
     ) {
         let Some(state) = self.partitions.get_mut(&partition) else {
             return;
@@ -418,7 +418,7 @@ impl Worker {
                 }
             }
         }
-        match record(&mut state.ledger, &update) {
+        match record(&mut state.ledger, update) {
             Recorded::Billed(_) => {}
             Recorded::UnknownCustomer => self
                 .metrics
@@ -560,7 +560,7 @@ impl Worker {
     }
 }
 
-fn decode(message: &BorrowedMessage<'_>) -> Option<WindowUsage> {
+fn decode<'m>(message: &'m BorrowedMessage<'_>) -> Option<PeriodToDate<'m>> {
     let payload = message.payload()?;
     match serde_json::from_slice(payload) {
         Ok(update) => Some(update),
@@ -576,9 +576,9 @@ fn decode(message: &BorrowedMessage<'_>) -> Option<WindowUsage> {
     }
 }
 
-fn record(ledger: &mut Ledger, update: &WindowUsage) -> Recorded {
+fn record(ledger: &mut Ledger, update: PeriodToDate<'_>) -> Recorded {
     ledger.record(
-        &update.series,
+        update.series,
         Period::containing(update.period_start),
         update.period_to_date,
     )
