@@ -397,6 +397,10 @@ pub fn group_consumer<W: PartitionOwner>(
         // Once its prefetch queue is full librdkafka waits this long before fetching
         // again (default 1 s); a loop that drains the queue sooner would sit idle.
         .set("fetch.queue.backoff.ms", "10")
+        // Partitions follow each other in the fetched stream in runs of at most this
+        // many bytes (default 1 MB, some 20,000 compressed events): smaller runs spread
+        // each batch the aggregator reads over its partitions' threads.
+        .set("max.partition.fetch.bytes", "262144")
         .create_with_context(GroupContext::new(owner))?;
     consumer.subscribe(&[topic])?;
     Ok(consumer)
