@@ -21,6 +21,7 @@ mod changelog;
 mod metrics;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -317,8 +318,9 @@ struct Worker {
     readiness: Readiness,
     /// A record of the open transaction could not be queued: it must not commit.
     broken: Option<KafkaError>,
-    /// Counts recoveries: messages read before one are read again after it.
-    epoch: u64,
+    /// Counts recoveries: messages read before one are read again after it. Read by
+    /// the consume loop without the lock, while a batch is processed.
+    epoch: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -397,7 +399,7 @@ pub fn run(
         metrics,
         readiness: readiness.clone(),
         broken: None,
-        epoch: 0,
+        epoch: Arc::new(AtomicU64::new(0)),
     }));
     let consumer: GroupConsumer =
         group_consumer(kafka, "aggregator", &topics.events, Arc::clone(&worker)).map_err(
@@ -410,56 +412,95 @@ pub fn run(
     readiness.ready();
     tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), "aggregator started");
     let commit_interval = settings.aggregator.commit_interval;
+    let epoch = Arc::clone(&lock(&worker).epoch);
     let mut last_lag = Instant::now();
-    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH_EVENTS);
-    while !shutdown.is_requested() {
-        // Wait for a first message, then take what is ready, up to a batch.
-        let mut epoch = lock(&worker).epoch;
-        let mut wait = Duration::from_millis(100);
-        while batch.len() < MAX_BATCH_EVENTS {
-            let polled = consumer.poll(wait);
-            wait = Duration::ZERO;
-            if let Some(failure) = consumer.context().take_failure() {
-                return Err(failure);
+    // One batch is processed on its own thread while the next is read.
+    std::thread::scope(|scope| -> Result<(), AggregatorError> {
+        let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH_EVENTS);
+        let mut processing: Option<std::thread::ScopedJoinHandle<'_, Vec<BorrowedMessage<'_>>>> =
+            None;
+        while !shutdown.is_requested() {
+            let read_in = read_batch(&consumer, &mut batch, &epoch)?;
+            let mut spare = match processing.take() {
+                Some(handle) => handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                None => Vec::with_capacity(MAX_BATCH_EVENTS),
+            };
+            spare.clear();
+            {
+                let mut worker = lock(&worker);
+                let due = worker.broken.is_some()
+                    || worker.transaction_open
+                        && (worker.transaction_events >= MAX_TRANSACTION_EVENTS
+                            || worker.transaction_started.elapsed() >= commit_interval);
+                if due {
+                    worker.commit_or_recover(&consumer)?;
+                }
+                if last_lag.elapsed() >= Duration::from_secs(5) {
+                    last_lag = Instant::now();
+                    tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag);
+                }
             }
-            // A recovery inside that poll (a revocation's commit failed) rebuilt the
-            // state and rewound the consumer: what was read before comes again.
-            let now = lock(&worker).epoch;
-            if now != epoch {
-                epoch = now;
+            // A recovery since the batch was read rewound the consumer to before it.
+            if epoch.load(Ordering::SeqCst) != read_in {
                 batch.clear();
             }
-            match polled {
-                Some(Ok(message)) => batch.push(message),
-                Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
-                    return Err(AggregatorError::Kafka {
-                        what: "consume the events topic".to_owned(),
-                        source: e,
-                    })
-                }
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
-                None => break,
-            }
+            let ready = std::mem::replace(&mut batch, spare);
+            let worker = &worker;
+            processing = Some(scope.spawn(move || {
+                lock(worker).process(&ready);
+                ready
+            }));
         }
-        let mut worker = lock(&worker);
-        worker.process(&batch);
-        batch.clear();
-        let due = worker.broken.is_some()
-            || worker.transaction_open
-                && (worker.transaction_events >= MAX_TRANSACTION_EVENTS
-                    || worker.transaction_started.elapsed() >= commit_interval);
-        if due {
-            worker.commit_or_recover(&consumer)?;
+        if let Some(handle) = processing.take() {
+            handle
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
         }
-        if last_lag.elapsed() >= Duration::from_secs(5) {
-            last_lag = Instant::now();
-            tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag);
-        }
-    }
+        Ok(())
+    })?;
     tracing::info!("aggregator stopping: committing what was read");
     lock(&worker).commit_or_recover(&consumer)?;
     consumer.unsubscribe();
     Ok(())
+}
+
+/// Reads the events that are ready into `batch`, up to [`MAX_BATCH_EVENTS`], waiting up
+/// to 100 ms for the first. Returns the recovery epoch the batch was read in: a recovery
+/// inside a poll (a revocation's commit failed) rebuilt the state and rewound the
+/// consumer, so what was read before it is dropped (it comes again).
+fn read_batch<'c>(
+    consumer: &'c GroupConsumer,
+    batch: &mut Vec<BorrowedMessage<'c>>,
+    epoch: &AtomicU64,
+) -> Result<u64, AggregatorError> {
+    let mut read_in = epoch.load(Ordering::SeqCst);
+    let mut wait = Duration::from_millis(100);
+    while batch.len() < MAX_BATCH_EVENTS {
+        let polled = consumer.poll(wait);
+        wait = Duration::ZERO;
+        if let Some(failure) = consumer.context().take_failure() {
+            return Err(failure);
+        }
+        let now = epoch.load(Ordering::SeqCst);
+        if now != read_in {
+            read_in = now;
+            batch.clear();
+        }
+        match polled {
+            Some(Ok(message)) => batch.push(message),
+            Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                return Err(AggregatorError::Kafka {
+                    what: "consume the events topic".to_owned(),
+                    source: e,
+                })
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
+            None => break,
+        }
+    }
+    Ok(read_in)
 }
 
 /// The group's committed offsets of `partitions`. A previous owner's transaction that
@@ -832,7 +873,7 @@ impl Worker {
         self.transaction_events = 0;
         self.oldest_event_ms = None;
         self.broken = None;
-        self.epoch += 1;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         let mut attempt = 0u32;
         loop {
             match new_producer(&self.kafka) {
