@@ -90,26 +90,36 @@ struct Series {
     /// belongs to is nearly always the last one: a series-local sorted list finds it
     /// without touching a large shared hash table.
     windows: Vec<Window>,
+    /// The slot [`Series::window_slot`] returned last.
+    recent: usize,
 }
 
 impl Series {
-    /// The index of the window starting at `start`, created if missing.
+    /// The index of the window starting at `start`, created if missing. In arrival
+    /// order an event's window is nearly always the newest one; late usage arriving in
+    /// order (a backfill, a replay) is in the window used last or the one after it.
     fn window_slot(&mut self, start: i64) -> usize {
-        match self.windows.last() {
-            Some(last) if last.start == start => return self.windows.len() - 1,
-            Some(last) if last.start > start => {}
-            _ => {
-                self.windows.push(Window::new(start, self.kind));
-                return self.windows.len() - 1;
-            }
-        }
-        match self.windows.binary_search_by_key(&start, |w| w.start) {
-            Ok(slot) => slot,
-            Err(slot) => {
-                self.windows.insert(slot, Window::new(start, self.kind));
-                slot
-            }
-        }
+        let newest = self.windows.len().checked_sub(1);
+        let slot = match self.windows.last() {
+            None => None,
+            Some(last) if last.start < start => None,
+            Some(_) => [newest, Some(self.recent), Some(self.recent + 1)]
+                .into_iter()
+                .flatten()
+                .find(|&s| self.windows.get(s).is_some_and(|w| w.start == start)),
+        };
+        let slot =
+            slot.unwrap_or_else(
+                || match self.windows.binary_search_by_key(&start, |w| w.start) {
+                    Ok(slot) => slot,
+                    Err(slot) => {
+                        self.windows.insert(slot, Window::new(start, self.kind));
+                        slot
+                    }
+                },
+            );
+        self.recent = slot;
+        slot
     }
 
     fn period_slot(&mut self, period: Period) -> usize {
@@ -150,7 +160,9 @@ pub struct Aggregator {
     series_index: HashTable<(SeriesFingerprint, SeriesId)>,
     /// Windows changed since the last drain, in the order they first changed; not kept
     /// in batch runs, which read whole periods instead.
-    dirty: Vec<(SeriesId, i64)>,
+    /// Windows changed since the last drain: series, window start, and the window's
+    /// slot when it changed (a hint: later inserts may move it).
+    dirty: Vec<(SeriesId, i64, usize)>,
     track_updates: bool,
     /// Keys first seen since the last drain, for the changes it hands out.
     new_keys: Vec<DedupeEntry>,
@@ -302,7 +314,7 @@ impl Aggregator {
             }
             if self.track_updates && !window.dirty {
                 window.dirty = true;
-                self.dirty.push((id, window_start));
+                self.dirty.push((id, window_start, slot));
             }
         }
         match (adjusts, late) {
@@ -390,6 +402,7 @@ impl Aggregator {
             kind: *kind,
             periods: SmallVec::new(),
             windows: Vec::new(),
+            recent: 0,
         });
         // The fingerprint is uniformly distributed: its low bits are a good hash.
         self.series_index
@@ -417,10 +430,14 @@ impl Aggregator {
         let mut dirty = std::mem::take(&mut self.dirty);
         // By series, so each changed series appears once in the changes.
         dirty.sort_unstable();
-        for (id, start) in dirty {
+        for (id, start, hint) in dirty {
             let series = &mut self.series[id as usize];
-            let Ok(slot) = series.windows.binary_search_by_key(&start, |w| w.start) else {
-                continue;
+            let slot = match series.windows.get(hint) {
+                Some(w) if w.start == start => hint,
+                _ => match series.windows.binary_search_by_key(&start, |w| w.start) {
+                    Ok(slot) => slot,
+                    Err(_) => continue,
+                },
             };
             let window = &mut series.windows[slot];
             window.dirty = false;

@@ -72,6 +72,8 @@ pub(super) struct Restored {
     pub delta_bytes: usize,
     /// Parts of the last snapshot, so a smaller next one can tombstone the rest.
     pub snapshot_parts: usize,
+    /// Size of the last snapshot's records.
+    pub snapshot_bytes: usize,
     pub records: u64,
 }
 
@@ -91,6 +93,7 @@ pub(super) fn restore(
         deltas: Vec::new(),
         delta_bytes: 0,
         snapshot_parts: 0,
+        snapshot_bytes: 0,
         records: 0,
     };
     let mut corrupt = None;
@@ -112,8 +115,10 @@ pub(super) fn restore(
                         restored.deltas.clear();
                         restored.delta_bytes = 0;
                         restored.snapshot_parts = 0;
+                        restored.snapshot_bytes = 0;
                     }
                     restored.snapshot_parts += 1;
+                    restored.snapshot_bytes += value.len();
                 } else {
                     restored
                         .deltas

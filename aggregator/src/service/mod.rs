@@ -52,6 +52,9 @@ use changelog::{delta_key, snapshot_key, ChangelogRecord, Restored, SNAPSHOT_PAR
 const MAX_TRANSACTION_EVENTS: usize = 100_000;
 /// Most events read before they are processed, spread over the partitions' threads.
 const MAX_BATCH_EVENTS: usize = 20_000;
+/// How long a batch keeps gathering after its first event: a trickle of events is
+/// processed in batches of some hundreds, not a thread handover per event.
+const BATCH_LINGER: Duration = Duration::from_millis(10);
 /// Timeout of each transactional call; a commit slower than this is aborted.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -107,8 +110,9 @@ struct PartitionState {
     /// Changelog deltas since the last snapshot, to tombstone after the next one.
     deltas: Vec<String>,
     delta_bytes: usize,
-    /// Parts of the partition's last snapshot in the changelog.
+    /// Parts of the partition's last snapshot in the changelog, and their size.
     snapshot_parts: usize,
+    snapshot_bytes: usize,
     /// Tells this ownership's delta keys from an earlier one's: after a replay the same
     /// offsets are committed again, and compaction must not let the new (empty) delta
     /// replace the original under the same key.
@@ -254,7 +258,10 @@ impl PartitionState {
         )?;
         self.deltas.push(key);
         self.delta_bytes += record.len();
-        if self.delta_bytes > snapshot_after_bytes {
+        // Past the setting, and past the last snapshot's own size: a large state is not
+        // rewritten more often than its changes would fill it again, and a restore
+        // still reads at most about two snapshots' worth.
+        if self.delta_bytes > snapshot_after_bytes.max(self.snapshot_bytes) {
             write_snapshot(producer, &topics.changelog, partition, self)?;
         }
         Ok(updates.len())
@@ -466,8 +473,8 @@ pub fn run(
     Ok(())
 }
 
-/// Reads the events that are ready into `batch`, up to [`MAX_BATCH_EVENTS`], waiting up
-/// to 100 ms for the first. Returns the recovery epoch the batch was read in: a recovery
+/// Reads events into `batch`: up to [`MAX_BATCH_EVENTS`], waiting up to 100 ms for the
+/// first and then up to [`BATCH_LINGER`] for more. Returns the recovery epoch the batch was read in: a recovery
 /// inside a poll (a revocation's commit failed) rebuilt the state and rewound the
 /// consumer, so what was read before it is dropped (it comes again).
 fn read_batch<'c>(
@@ -477,9 +484,9 @@ fn read_batch<'c>(
 ) -> Result<u64, AggregatorError> {
     let mut read_in = epoch.load(Ordering::SeqCst);
     let mut wait = Duration::from_millis(100);
+    let mut linger_until = None;
     while batch.len() < MAX_BATCH_EVENTS {
         let polled = consumer.poll(wait);
-        wait = Duration::ZERO;
         if let Some(failure) = consumer.context().take_failure() {
             return Err(failure);
         }
@@ -489,7 +496,10 @@ fn read_batch<'c>(
             batch.clear();
         }
         match polled {
-            Some(Ok(message)) => batch.push(message),
+            Some(Ok(message)) => {
+                batch.push(message);
+                wait = Duration::ZERO;
+            }
             Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
                 return Err(AggregatorError::Kafka {
                     what: "consume the events topic".to_owned(),
@@ -497,7 +507,15 @@ fn read_batch<'c>(
                 })
             }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
-            None => break,
+            None if batch.is_empty() => break,
+            None => {
+                // Nothing ready: wait once, briefly, for more.
+                let until = *linger_until.get_or_insert_with(|| Instant::now() + BATCH_LINGER);
+                wait = until.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    break;
+                }
+            }
         }
     }
     Ok(read_in)
@@ -607,6 +625,7 @@ impl Worker {
             deltas,
             delta_bytes,
             snapshot_parts,
+            snapshot_bytes,
             records,
         } = loop {
             let restored = changelog::restore(
@@ -667,6 +686,7 @@ impl Worker {
             deltas,
             delta_bytes,
             snapshot_parts,
+            snapshot_bytes,
             generation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
@@ -921,14 +941,17 @@ fn write_snapshot(
     partition: i32,
     state: &mut PartitionState,
 ) -> Result<(), KafkaError> {
+    let started = Instant::now();
     let parts = state.aggregator.snapshot().split(SNAPSHOT_PART_ENTRIES);
     let count = parts.len();
+    let mut bytes = 0;
     for (i, changes) in parts.into_iter().enumerate() {
         let record = ChangelogRecord {
             next_offset: state.next_offset,
             changes,
         }
         .encode();
+        bytes += record.len();
         send(
             producer,
             BaseRecord::to(topic)
@@ -946,7 +969,15 @@ fn write_snapshot(
                 .key(key.as_bytes()),
         )?;
     }
+    tracing::info!(
+        partition,
+        parts = count,
+        bytes,
+        seconds = started.elapsed().as_secs_f64(),
+        "changelog snapshot written"
+    );
     state.delta_bytes = 0;
     state.snapshot_parts = count;
+    state.snapshot_bytes = bytes;
     Ok(())
 }

@@ -33,7 +33,9 @@ pub const DEFAULT_PERIOD_CLOSE_GRACE: Duration = Duration::from_secs(3600);
 /// most an event waits before its window update is visible downstream.
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// `[aggregator] changelog_snapshot_bytes`: changelog written since a partition's last
-/// snapshot before the next; bounds restore time at about one snapshot plus this.
+/// snapshot before the next, or the last snapshot's own size if that is larger; bounds
+/// restore time at about two snapshots, and snapshots never cost more writing than the
+/// changes between them.
 pub const DEFAULT_CHANGELOG_SNAPSHOT_BYTES: usize = 32 << 20;
 /// `[aggregator] metrics_listen`.
 pub const DEFAULT_AGGREGATOR_METRICS_LISTEN: &str = "127.0.0.1:9102";
