@@ -60,8 +60,10 @@ stream() {
     target/release/stream_bench "${stream_flags[@]}" --out "$data/stream" --results "$data/stream.json"
 }
 
-# One throughput run with the aggregator under perf: where its main thread's wall time
-# goes (on CPU, waiting for a commit, waiting for messages), then its hottest functions.
+# One throughput run with the aggregator under perf: where its consume loop's wall time
+# goes (on CPU, waiting for a commit, for messages or for the batch being processed),
+# then the hottest functions of the whole process (batches are processed on threads
+# that live for one batch, so the process is sampled, not a thread).
 stream_profile() {
     stream_prepare
     command -v perf > /dev/null || { echo "needs perf (apt-get install linux-perf)" >&2; exit 1; }
@@ -81,24 +83,25 @@ stream_profile() {
     # The busiest thread is the consume loop.
     local tid
     # (fields after the name, which may hold spaces: utime and stime are the 12th and 13th)
+    # Batch threads come and go: skip any that ended while being listed.
     tid=$(for t in /proc/"$pid"/task/*; do
-        echo "$(sed 's/.*) //' "$t/stat" | awk '{print $12 + $13}') ${t##*/}"
+        stat=$(sed 's/.*) //' "$t/stat" 2> /dev/null) || continue
+        echo "$(awk '{print $12 + $13}' <<< "$stat") ${t##*/}"
     done | sort -n | tail -1 | cut -d' ' -f2)
     perf record -q -a -m 16M -e sched:sched_switch -e sched:sched_wakeup -o "$out/switches.data" -- sleep 4 > /dev/null 2>&1 &
     local switches=$!
     perf record -q -t "$tid" -m 16M -e sched:sched_switch --call-graph dwarf,8192 -o "$out/sleeps.data" -- sleep 4 > /dev/null 2>&1
     wait "$switches" || true
-    perf record -q -t "$tid" -F 499 --call-graph dwarf,16384 -o "$out/cpu.data" -- sleep 4 > /dev/null 2>&1
+    perf record -q -p "$pid" -F 499 -o "$out/cpu.data" -- sleep 4 > /dev/null 2>&1
     wait "$bench"
     grep -v '^    ' "$data/stream-profile.log"
     echo
     echo "== the aggregator's consume loop (thread $tid): where its wall time went =="
     python3 benches/aggregator_wall.py "$tid" "$out/switches.data" "$out/sleeps.data"
     echo
-    echo "== its CPU, by function (inclusive, top) =="
-    perf report -i "$out/cpu.data" --children --sort symbol --stdio -g none 2> /dev/null \
-        | grep -E 'tally_|rd_kafka_|rdkafka|serde_json::ser|clock_gettime|malloc|free' \
-        | cut -c1-160 | sed -n 1,40p
+    echo "== the aggregator process's CPU, by function (self, top 40) =="
+    perf report -i "$out/cpu.data" --no-children --sort symbol --stdio 2> /dev/null \
+        | grep -E '^ +[0-9]' | cut -c1-160 | sed -n 1,40p
 }
 
 case "$what" in
