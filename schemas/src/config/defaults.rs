@@ -29,8 +29,9 @@ pub const fn default_max_future_skew() -> Duration {
 /// time) its usage may still change; later usage is carried into the next period as
 /// an adjustment.
 pub const DEFAULT_PERIOD_CLOSE_GRACE: Duration = Duration::from_secs(3600);
-/// `[aggregator] commit_interval`: the longest a Kafka transaction stays open, so the
-/// most an event waits before its window update is visible downstream.
+/// `[aggregator] commit_interval`: how long a Kafka transaction stays open (give or
+/// take the reading of one batch, at most about 0.1 s), so about the most an event
+/// waits before its window update is visible downstream.
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// `[aggregator] changelog_snapshot_bytes`: changelog written since a partition's last
 /// snapshot before the next, or the last snapshot's own size if that is larger; bounds
