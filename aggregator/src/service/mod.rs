@@ -981,3 +981,26 @@ fn write_snapshot(
     state.snapshot_bytes = bytes;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::on_threads;
+
+    #[test]
+    fn on_threads_runs_every_item_once_and_keeps_their_order() {
+        let items: Vec<u64> = (0..7).collect();
+        let threads = std::sync::Mutex::new(std::collections::HashSet::new());
+        let results = on_threads(items, |n| {
+            threads.lock().unwrap().insert(std::thread::current().id());
+            n * n
+        });
+        assert_eq!(results, vec![0, 1, 4, 9, 16, 25, 36]);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let used = threads.into_inner().unwrap().len();
+        assert!(
+            used >= 1 && used <= cores.min(7),
+            "{used} threads for {cores} cores"
+        );
+        assert!(on_threads(Vec::<u8>::new(), |n| n).is_empty());
+    }
+}
