@@ -271,7 +271,10 @@ impl PartitionState {
 /// Runs `f` on every item, spread over at most as many threads as the machine has
 /// cores (the calling thread is one of them); returns the results in item order.
 fn on_threads<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Asked once: the answer reads cgroup files, and this runs for every batch.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads =
+        *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if items.len() <= 1 || threads <= 1 {
         return items.into_iter().map(f).collect();
     }
