@@ -1,8 +1,9 @@
 //! The aggregator core: dedupe, then event-time windows per series.
 //!
 //! In: [`DecodedEvent`]s in arrival order. Out: an [`Outcome`] per event, and on
-//! [`Aggregator::drain_updates`] one [`WindowUsage`] per window changed since the last
-//! drain, carrying the window's value and its series' period-to-date value. The Kafka
+//! [`Aggregator::drain_updates`] one [`UsageUpdate`] per series and period changed
+//! since the last drain, carrying the series' period-to-date value and the values of
+//! the windows that changed. The Kafka
 //! aggregator calls [`Aggregator::drain`] (the updates and the state changes behind
 //! them) once per transaction; `tally rate` reads
 //! [`Aggregator::period_usage`] once at the end. Both see the same state.
@@ -34,7 +35,7 @@ use smallvec::SmallVec;
 use tally_schemas::config::{AggregationKind, Config, MeterId};
 use tally_schemas::event::DecodedEvent;
 use tally_schemas::ids::SeriesFingerprint;
-use tally_schemas::records::{EventOrder, MeterValue, SeriesKey, WindowUsage};
+use tally_schemas::records::{EventOrder, MeterValue, SeriesKey, UsageUpdate, WindowUsage};
 use tally_schemas::time::{Period, WindowSize};
 
 use crate::dedupe::{DedupeEntry, DedupeSet, Seen};
@@ -412,23 +413,25 @@ impl Aggregator {
         id
     }
 
-    /// Every window changed since the last drain, with its series' period-to-date
-    /// value, each with its revision incremented. Then state older than the horizon is
-    /// let go (streaming only).
-    pub fn drain_updates(&mut self) -> Vec<WindowUsage> {
+    /// Every series and period with windows changed since the last drain: the period-to-
+    /// date value and the changed windows, each with its revision incremented. Then
+    /// state older than the horizon is let go (streaming only).
+    pub fn drain_updates(&mut self) -> Vec<UsageUpdate> {
         self.drain().0
     }
 
     /// The updates of [`Aggregator::drain_updates`] and the state changes behind them:
     /// merging the changes of every drain, in order, into a new aggregator rebuilds
     /// this one's state.
-    pub fn drain(&mut self) -> (Vec<WindowUsage>, Snapshot) {
+    pub fn drain(&mut self) -> (Vec<UsageUpdate>, Snapshot) {
         let window_len = chrono::Duration::seconds(i64::from(self.window.seconds()));
-        let mut updates = Vec::with_capacity(self.dirty.len());
+        let mut updates: Vec<UsageUpdate> = Vec::new();
+        let mut last_update: Option<(SeriesId, Period)> = None;
         let mut changed: Vec<SeriesSnapshot> = Vec::new();
         let mut last_series: Option<SeriesId> = None;
         let mut dirty = std::mem::take(&mut self.dirty);
-        // By series, so each changed series appears once in the changes.
+        // By series, then window start: each changed series appears once in the
+        // changes, and each of its periods once in the updates.
         dirty.sort_unstable();
         for (id, start, hint) in dirty {
             let series = &mut self.series[id as usize];
@@ -442,7 +445,7 @@ impl Aggregator {
             let window = &mut series.windows[slot];
             window.dirty = false;
             window.revision += 1;
-            let (window_value, revision) = (window.state.value(), window.revision);
+            let (value, revision) = (window.state.value(), window.revision);
             if last_series != Some(id) {
                 last_series = Some(id);
                 changed.push(SeriesSnapshot {
@@ -455,21 +458,30 @@ impl Aggregator {
                 record.windows.push(series.windows[slot].clone());
             }
             let window_start = Utc.timestamp_opt(start, 0).single().unwrap_or_default();
-            let period = Period::containing(window_start);
-            let period_to_date = series
-                .periods
-                .iter()
-                .find(|(p, _)| *p == period)
-                .map_or(MeterValue::ZERO, |(_, state)| state.value());
-            updates.push(WindowUsage {
-                series: Arc::clone(&series.key),
+            let window = WindowUsage {
                 window_start,
                 window_end: window_start + window_len,
-                window_value,
-                period_start: period.start(),
-                period_to_date,
+                value,
                 revision,
-            });
+            };
+            let period = Period::containing(window_start);
+            match updates.last_mut() {
+                Some(update) if last_update == Some((id, period)) => update.windows.push(window),
+                _ => {
+                    last_update = Some((id, period));
+                    let period_to_date = series
+                        .periods
+                        .iter()
+                        .find(|(p, _)| *p == period)
+                        .map_or(MeterValue::ZERO, |(_, state)| state.value());
+                    updates.push(UsageUpdate {
+                        series: Arc::clone(&series.key),
+                        period_start: period.start(),
+                        period_to_date,
+                        windows: vec![window],
+                    });
+                }
+            }
         }
         let changes = Snapshot {
             dedupe: std::mem::take(&mut self.new_keys),
@@ -756,6 +768,14 @@ mod tests {
             .collect()
     }
 
+    /// Each changed window with the update that carries it.
+    fn windows(updates: &[UsageUpdate]) -> Vec<(&UsageUpdate, &WindowUsage)> {
+        updates
+            .iter()
+            .flat_map(|u| u.windows.iter().map(move |w| (u, w)))
+            .collect()
+    }
+
     #[test]
     fn windows_are_hourly_per_series_and_periods_add_up() {
         let mut agg = Aggregator::streaming(&config());
@@ -764,18 +784,26 @@ mod tests {
         agg.apply(&tokens("3", "2026-11-01T01:00:00Z", "gpt", 7, 1));
         agg.apply(&tokens("4", "2026-11-01T01:00:00Z", "llama", 3, 1));
         let updates = agg.drain_updates();
-        let tokens_windows: Vec<_> = updates
-            .iter()
-            .filter(|u| u.series.meter == "tokens")
-            .map(|u| {
+        let tokens_windows: Vec<_> = windows(&updates)
+            .into_iter()
+            .filter(|(u, _)| u.series.meter == "tokens")
+            .map(|(u, w)| {
                 (
                     u.series.group[0].as_str(),
-                    u.window_start.format("%H:%M").to_string(),
-                    u.window_value.value.to_string(),
+                    w.window_start.format("%H:%M").to_string(),
+                    w.value.value.to_string(),
                     u.period_to_date.value.to_string(),
                 )
             })
             .collect();
+        assert_eq!(
+            updates
+                .iter()
+                .filter(|u| u.series.meter == "tokens")
+                .count(),
+            2,
+            "one update per series and period, whatever the windows"
+        );
         assert_eq!(
             tokens_windows,
             [
@@ -800,13 +828,13 @@ mod tests {
         agg.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 1, 1));
         agg.apply(&tokens("2", "2026-11-01T05:10:00Z", "gpt", 1, 1));
         agg.apply(&tokens("3", "2026-11-01T05:20:00Z", "gpt", 1, 2));
-        let windows: Decimal = agg
-            .drain_updates()
-            .iter()
-            .filter(|u| u.series.meter == "users")
-            .map(|u| u.window_value.value)
+        let updates = agg.drain_updates();
+        let window_users: Decimal = windows(&updates)
+            .into_iter()
+            .filter(|(u, _)| u.series.meter == "users")
+            .map(|(_, w)| w.value.value)
             .sum();
-        assert_eq!(windows, Decimal::from(3));
+        assert_eq!(window_users, Decimal::from(3));
         assert_eq!(usage(&agg, "2026-11", "users"), [(vec![], "2".to_string())]);
     }
 
@@ -856,17 +884,20 @@ mod tests {
         let mut agg = Aggregator::streaming(&config());
         agg.apply(&tokens("1", "2026-11-10T10:00:00Z", "gpt", 5, 1));
         agg.apply(&tokens("2", "2026-11-11T10:00:00Z", "gpt", 5, 1));
-        assert_eq!(agg.drain_updates().len(), 4);
+        assert_eq!(windows(&agg.drain_updates()).len(), 4);
         // A day late: within the 2-day horizon, so the 10th's window gets revision 2.
         assert_eq!(
             agg.apply(&tokens("3", "2026-11-10T10:30:00Z", "gpt", 1, 1)),
             Outcome::Late
         );
         let updates = agg.drain_updates();
-        let revised = updates.iter().find(|u| u.series.meter == "tokens").unwrap();
+        let (update, revised) = windows(&updates)
+            .into_iter()
+            .find(|(u, _)| u.series.meter == "tokens")
+            .unwrap();
         assert_eq!(revised.revision, 2);
-        assert_eq!(revised.window_value.value, Decimal::from(6));
-        assert_eq!(revised.period_to_date.value, Decimal::from(11));
+        assert_eq!(revised.value.value, Decimal::from(6));
+        assert_eq!(update.period_to_date.value, Decimal::from(11));
     }
 
     #[test]
@@ -898,7 +929,10 @@ mod tests {
             .find(|u| u.series.meter == "tokens" && u.series.adjusts == Some(october))
             .unwrap();
         assert_eq!(adjustment.period_start, at("2026-11-01T00:00:00Z"));
-        assert_eq!(adjustment.window_start, at("2026-11-01T00:00:00Z"));
+        assert_eq!(
+            adjustment.windows[0].window_start,
+            at("2026-11-01T00:00:00Z")
+        );
         assert_eq!(adjustment.period_to_date.value, Decimal::from(7));
         assert_ne!(
             adjustment.record_key(),
@@ -979,19 +1013,19 @@ mod tests {
         agg.apply(&tokens("1", "2026-10-31T10:00:00Z", "gpt", 5, 1));
         agg.apply(&tokens("2", "2026-11-01T10:00:00Z", "gpt", 5, 1));
         agg.drain_updates();
-        let windows = |agg: &Aggregator| {
+        let held_windows = |agg: &Aggregator| {
             agg.snapshot()
                 .series
                 .iter()
                 .map(|s| s.windows.len())
                 .sum::<usize>()
         };
-        assert_eq!(windows(&agg), 4);
+        assert_eq!(held_windows(&agg), 4);
         // Three days on (horizon 2 days): October and its windows can no longer change.
         agg.apply(&tokens("3", "2026-11-04T10:00:00Z", "gpt", 5, 1));
         let updates = agg.drain_updates();
-        assert_eq!(updates.len(), 2);
-        assert_eq!(windows(&agg), 2);
+        assert_eq!(windows(&updates).len(), 2);
+        assert_eq!(held_windows(&agg), 2);
         assert!(usage(&agg, "2026-10", "tokens").is_empty());
         assert_eq!(usage(&agg, "2026-11", "tokens")[0].1, "10");
         assert_eq!(

@@ -1,6 +1,6 @@
 //! Incremental rating: period-to-date usage in, revised invoice lines out.
 //!
-//! In: each series' period-to-date value (from the aggregator's window updates, in any
+//! In: each series' period-to-date value (from the aggregator's usage updates, in any
 //! order, any number of times). Out: on [`Ledger::flush`], one [`RatedLine`] per line
 //! whose usage changed, with a revision and the change in amount; on
 //! [`Ledger::close`], every line of a period, including zero-usage lines for every
@@ -122,7 +122,7 @@ impl Ledger {
                 period,
                 adjusts: series.adjusts,
             };
-            // Looked up by reference: a window update for a known line allocates nothing.
+            // Looked up by reference: a usage update for a known line allocates nothing.
             let state = self
                 .lines
                 .entry_ref(&CustomerLine(&customer.id, line))

@@ -1,7 +1,7 @@
 //! What the stages hand each other.
 //!
-//! aggregator -> rater: [`WindowUsage`], one window of one series with the series'
-//! period-to-date value. rater -> store and people: [`InvoiceLine`], one per
+//! aggregator -> rater: [`UsageUpdate`], one series' period-to-date value with the
+//! windows of the period that changed. rater -> store and people: [`InvoiceLine`], one per
 //! (customer, price, period), with its tier-by-tier breakdown so every cent can be
 //! explained. Decimals serialise as strings, instants as RFC 3339 UTC.
 
@@ -34,7 +34,7 @@ pub struct SeriesKey {
 /// A [`SeriesKey`] read from a record without copying its strings (unless they hold
 /// escapes). It hashes and compares like the owned key, so a map keyed by
 /// `Arc<SeriesKey>` is searched with it and allocates only for a series it lacks: the
-/// rater reads one per window update.
+/// rater reads one per usage update.
 #[derive(Debug, Clone, Hash, Deserialize)]
 pub struct SeriesKeyRef<'a> {
     #[serde(borrow)]
@@ -192,30 +192,40 @@ impl MeterValue {
     }
 }
 
-/// One event-time window of one series, as the aggregator emits it after a change.
+/// One series' usage in one billing period, as the aggregator emits it after a change:
+/// the period-to-date value the rater prices, and the windows of the period that
+/// changed since the series' last update. One record of `<prefix>.windows`: a series
+/// touched by many events in a transaction costs one record, not one per window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageUpdate {
+    pub series: Arc<SeriesKey>,
+    /// Start of the billing period (calendar month).
+    #[serde(with = "crate::time::rfc3339_serde")]
+    pub period_start: DateTime<Utc>,
+    /// The series' aggregate over the period so far: what the rater prices.
+    pub period_to_date: MeterValue,
+    /// The period's windows that changed, by start.
+    pub windows: Vec<WindowUsage>,
+}
+
+/// One event-time window of a series.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowUsage {
-    pub series: Arc<SeriesKey>,
     #[serde(with = "crate::time::rfc3339_serde")]
     pub window_start: DateTime<Utc>,
     #[serde(with = "crate::time::rfc3339_serde")]
     pub window_end: DateTime<Utc>,
     /// The window's own aggregate.
-    pub window_value: MeterValue,
-    /// Start of the billing period (calendar month) the window lies in.
-    #[serde(with = "crate::time::rfc3339_serde")]
-    pub period_start: DateTime<Utc>,
-    /// The series' aggregate over the period so far: what the rater prices.
-    pub period_to_date: MeterValue,
+    pub value: MeterValue,
     /// Counts the window's emissions, from 1; a consumer keeps the highest.
     pub revision: u64,
 }
 
-impl WindowUsage {
-    /// The Kafka record key of this window in `tally.windows`: one key per series and
-    /// window, so compaction keeps each window's latest revision (and with it every
-    /// series' latest period-to-date value). Each field is prefixed with its length,
-    /// so values containing any character cannot make two series share a key.
+impl UsageUpdate {
+    /// The Kafka record key of this update in `tally.windows`: one key per series and
+    /// period, so compaction keeps each series' latest period-to-date value of every
+    /// period. Each field is prefixed with its length, so values containing any
+    /// character cannot make two series share a key.
     pub fn record_key(&self) -> String {
         let mut key = String::with_capacity(64);
         let mut field = |value: &str| {
@@ -232,13 +242,13 @@ impl WindowUsage {
             field(&format!("adjusts {adjusts}"));
         }
         key.push('@');
-        key.push_str(&self.window_start.timestamp().to_string());
+        key.push_str(&self.period_start.timestamp().to_string());
         key
     }
 }
 
-/// What the rater prices of a [`WindowUsage`] record (its series' period-to-date
-/// value), read without copying strings; the record's other fields are skipped.
+/// What the rater prices of a [`UsageUpdate`] record (its series' period-to-date
+/// value), read without copying strings; the windows are skipped.
 #[derive(Debug, Clone, Deserialize)]
 pub struct PeriodToDate<'a> {
     #[serde(borrow)]
@@ -332,7 +342,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_window_update_is_read_back_without_copies_and_finds_its_owned_series() {
+    fn a_usage_update_is_read_back_without_copies_and_finds_its_owned_series() {
         let series = Arc::new(SeriesKey {
             customer: "cust \"quoted\"".to_owned(),
             meter: "tokens".to_owned(),
@@ -340,20 +350,22 @@ mod tests {
             adjusts: Some("2026-10".parse().unwrap()),
         });
         let start = DateTime::from_timestamp(1_793_491_200, 0).unwrap();
-        let update = WindowUsage {
+        let update = UsageUpdate {
             series: Arc::clone(&series),
-            window_start: start,
-            window_end: start + chrono::Duration::hours(1),
-            window_value: MeterValue {
-                value: Decimal::new(15, 1),
-                latest: None,
-            },
             period_start: start,
             period_to_date: MeterValue {
                 value: Decimal::new(255, 1),
                 latest: None,
             },
-            revision: 3,
+            windows: vec![WindowUsage {
+                window_start: start,
+                window_end: start + chrono::Duration::hours(1),
+                value: MeterValue {
+                    value: Decimal::new(15, 1),
+                    latest: None,
+                },
+                revision: 3,
+            }],
         };
         let json = serde_json::to_vec(&update).unwrap();
         let read: PeriodToDate<'_> = serde_json::from_slice(&json).unwrap();

@@ -149,7 +149,7 @@ pub fn rfc3339(t: DateTime<Utc>) -> String {
 }
 
 /// [`rfc3339`]'s text of a whole second in years 0 to 9999 (every window and period
-/// boundary), written without `fmt`: the aggregator writes three per window update.
+/// boundary), written without `fmt`: the aggregator writes two per window it emits.
 fn whole_second_text(t: DateTime<Utc>) -> Option<[u8; 20]> {
     let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
     if t.nanosecond() != 0 {
@@ -173,7 +173,7 @@ fn whole_second_text(t: DateTime<Utc>) -> Option<[u8; 20]> {
 
 /// Reads the common shape of an RFC 3339 UTC timestamp,
 /// `YYYY-MM-DDTHH:MM:SS[.fraction of 1 to 9 digits]Z`, without chrono's general parser
-/// (the aggregator reads one per event, the rater three per window update). `None` for
+/// (the aggregator reads one per event, the rater one per usage update). `None` for
 /// any other text, valid or not: callers then ask chrono, so the two never disagree.
 pub fn parse_utc_fast(text: &str) -> Option<DateTime<Utc>> {
     let b = text.as_bytes();

@@ -2,10 +2,11 @@
 //!
 //! In: CloudEvents from `<prefix>.events` (any producer: the ingest service or a
 //! product service writing straight to Kafka), as a member of consumer group
-//! `<prefix>-aggregator`. Out, per transaction: the changed windows (with their
-//! period-to-date values) to `<prefix>.windows`, refused events (original bytes, reason
-//! in headers) to `<prefix>.rejected`, the state changes to
-//! `<prefix>.aggregator-changelog`, and the offsets of the events they account for.
+//! `<prefix>-aggregator`. Out, per transaction: a usage update per changed series and
+//! period (its period-to-date value and changed windows) to `<prefix>.windows`,
+//! refused events (original bytes, reason in headers) to `<prefix>.rejected`, the
+//! state changes to `<prefix>.aggregator-changelog`, and the offsets of the events
+//! they account for.
 //! The three topics and the offsets commit or abort together, so downstream
 //! `read_committed` consumers see every event's effect exactly once.
 //!
@@ -219,9 +220,9 @@ impl PartitionState {
         }
     }
 
-    /// Writes what changed since the last commit to the open transaction: the changed
-    /// windows, the changelog delta behind them and, when due, a snapshot. Returns the
-    /// number of window updates.
+    /// Writes what changed since the last commit to the open transaction: a usage
+    /// update per changed series and period, the changelog delta behind them and, when
+    /// due, a snapshot. Returns the number of windows the updates carry.
     fn publish(
         &mut self,
         partition: i32,
@@ -231,7 +232,9 @@ impl PartitionState {
     ) -> Result<usize, KafkaError> {
         let (updates, changes) = self.aggregator.drain();
         let mut value = Vec::with_capacity(512);
+        let mut windows = 0;
         for update in &updates {
+            windows += update.windows.len();
             let key = update.record_key();
             value.clear();
             serde_json::to_writer(&mut value, update).unwrap_or_default();
@@ -264,7 +267,7 @@ impl PartitionState {
         if self.delta_bytes > snapshot_after_bytes.max(self.snapshot_bytes) {
             write_snapshot(producer, &topics.changelog, partition, self)?;
         }
-        Ok(updates.len())
+        Ok(windows)
     }
 }
 

@@ -507,7 +507,7 @@ impl Services {
                     "tally_aggregator_events_total",
                     "tally_aggregator_transactions_total",
                     "tally_aggregator_window_updates_total",
-                    "tally_rater_window_updates_total",
+                    "tally_rater_usage_updates_total",
                     "tally_rater_lines_rated_total",
                     "tally_clickhouse_inserted_rows_total",
                     "tally_clickhouse_insert_duration_seconds_sum",

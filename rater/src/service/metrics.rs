@@ -7,11 +7,11 @@ use tally_runtime::metrics::Metrics;
 #[derive(Debug, Clone)]
 pub struct RaterMetrics {
     pub registry: Registry,
-    pub window_updates: IntCounter,
+    pub usage_updates: IntCounter,
     pub lines_rated: IntCounter,
     /// `reason`: unknown_customer, not_priced.
     pub unbilled: IntCounterVec,
-    /// From a window update reaching Kafka to its line being stored in ClickHouse.
+    /// From a usage update reaching Kafka to its line being stored in ClickHouse.
     pub rating_latency: Histogram,
     pub insert_duration: Histogram,
     pub inserted_rows: IntCounter,
@@ -24,9 +24,9 @@ impl RaterMetrics {
     pub fn new(registry: Registry) -> Self {
         let m = Metrics::new(registry.clone());
         RaterMetrics {
-            window_updates: m.counter(
-                "tally_rater_window_updates_total",
-                "Window updates read from the windows topic.",
+            usage_updates: m.counter(
+                "tally_rater_usage_updates_total",
+                "Usage updates (a series' period-to-date value) read from the windows topic.",
             ),
             lines_rated: m.counter(
                 "tally_rater_lines_rated_total",
@@ -34,12 +34,12 @@ impl RaterMetrics {
             ),
             unbilled: m.counter_vec(
                 "tally_rater_unbilled_usage_total",
-                "Window updates that no line bills, by reason.",
+                "Usage updates that no line bills, by reason.",
                 &["reason"],
             ),
             rating_latency: m.latency(
                 "tally_rater_rating_latency_seconds",
-                "From a window update reaching Kafka to its rated line being stored.",
+                "From a usage update reaching Kafka to its rated line being stored.",
             ),
             insert_duration: m.latency(
                 "tally_clickhouse_insert_duration_seconds",

@@ -45,7 +45,7 @@ pub use metrics::RaterMetrics;
 use crate::clickhouse::{ClickHouse, ClickHouseError};
 use crate::ledger::{Ledger, RatedLine, Recorded};
 
-/// Most window updates read before their lines are written.
+/// Most usage updates read before their lines are written.
 const MAX_BATCH_UPDATES: usize = 200_000;
 const REBUILD_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -72,7 +72,7 @@ struct RatedRecord<'a> {
     version: u64,
 }
 
-/// A window update read from the windows topic.
+/// A usage update read from the windows topic.
 #[derive(Debug)]
 struct Update<'a> {
     offset: i64,
@@ -108,7 +108,7 @@ struct Pending {
     opening: Vec<InvoiceLine>,
     lines: Vec<(u64, RatedLine)>,
     offsets: BTreeMap<i32, i64>,
-    /// Kafka timestamp (ms) of the oldest window update in the batch.
+    /// Kafka timestamp (ms) of the oldest usage update in the batch.
     oldest_update_ms: Option<i64>,
     updates: usize,
     started: Option<Instant>,
@@ -390,7 +390,7 @@ impl Worker {
         );
     }
 
-    /// Records one window update in its partition's ledger.
+    /// Records one usage update in its partition's ledger.
     fn apply(
         &mut self,
         partition: i32,
@@ -408,7 +408,7 @@ impl Worker {
         }
         state.next_offset = offset + 1;
         state.uncommitted = true;
-        self.metrics.window_updates.inc();
+        self.metrics.usage_updates.inc();
         let period = Period::containing(update.period_start);
         if state.opened.insert(period) {
             match state.ledger.opening_lines(period) {
@@ -569,7 +569,7 @@ fn decode<'m>(message: &'m BorrowedMessage<'_>) -> Option<PeriodToDate<'m>> {
                 partition = message.partition(),
                 offset = message.offset(),
                 error = %e,
-                "skipping a windows record that is not a window update"
+                "skipping a windows record that is not a usage update"
             );
             None
         }

@@ -25,7 +25,7 @@ use tally_ingest::{decode_lines, Line, LineReject};
 use tally_rater::{Ledger, RatedLine, Recorded};
 use tally_schemas::config::Config;
 use tally_schemas::event::EventDecoder;
-use tally_schemas::records::WindowUsage;
+use tally_schemas::records::UsageUpdate;
 use tally_schemas::time::Period;
 
 use crate::summary::{Summary, UnpricedUsage};
@@ -59,7 +59,7 @@ pub fn run(
     let decode_workers = crate::default_threads().saturating_sub(1).max(1);
     std::thread::scope(|scope| {
         let (events_tx, events_rx) = mpsc::sync_channel::<Vec<Line<'_>>>(QUEUE_DEPTH);
-        let (windows_tx, windows_rx) = mpsc::sync_channel::<Vec<WindowUsage>>(QUEUE_DEPTH);
+        let (windows_tx, windows_rx) = mpsc::sync_channel::<Vec<UsageUpdate>>(QUEUE_DEPTH);
 
         // Ingest: decode lines, hand events and rejects on in batches.
         let ingest = scope.spawn(move || {
@@ -109,16 +109,16 @@ pub fn run(
         let mut line_revisions = 0u64;
         let mut unpriced = std::collections::BTreeMap::new();
         for updates in windows_rx {
-            for w in &updates {
-                let window_period = Period::containing(w.window_start);
-                let recorded = ledger.record(&w.series, window_period, w.period_to_date);
-                if recorded == Recorded::NotPriced && window_period == period {
-                    unpriced.insert(Arc::clone(&w.series), w.period_to_date.value);
+            for u in &updates {
+                let update_period = Period::containing(u.period_start);
+                let recorded = ledger.record(&u.series, update_period, u.period_to_date);
+                if recorded == Recorded::NotPriced && update_period == period {
+                    unpriced.insert(Arc::clone(&u.series), u.period_to_date.value);
                 }
+                window_updates += u.windows.len() as u64;
             }
             let rated = ledger.flush().context("rating failed")?;
             store.write(&updates, &rated)?;
-            window_updates += updates.len() as u64;
             line_revisions += rated.len() as u64;
         }
         let lines = ledger.close(period).context("rating failed")?;

@@ -1,6 +1,6 @@
 //! The embedded store: SQLite in place of ClickHouse.
 //!
-//! In: window updates and rated line revisions. Out: three tables a person can query.
+//! In: usage updates (with their changed windows) and rated line revisions. Out: three tables a person can query.
 //! - `window_usage`: one row per (series, window), keeping the latest revision.
 //! - `rated_lines`: every revision of every invoice line, keyed by (id, run, revision):
 //!   writing the same revision again changes nothing, and a later run (re-rating with a
@@ -19,7 +19,7 @@ use std::path::Path;
 use anyhow::Context;
 use rusqlite::{params, Connection};
 use tally_rater::RatedLine;
-use tally_schemas::records::WindowUsage;
+use tally_schemas::records::UsageUpdate;
 use tally_schemas::time::rfc3339;
 
 const SCHEMA: &str = "
@@ -89,8 +89,8 @@ impl Store {
         Ok(Store { conn, run })
     }
 
-    /// Writes one batch of window updates and line revisions in one transaction.
-    pub fn write(&mut self, windows: &[WindowUsage], lines: &[RatedLine]) -> anyhow::Result<()> {
+    /// Writes one batch of usage updates (each changed window a row) and line revisions in one transaction.
+    pub fn write(&mut self, updates: &[UsageUpdate], lines: &[RatedLine]) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
         {
             let mut upsert_window = tx.prepare_cached(
@@ -101,19 +101,22 @@ impl Store {
                  WHERE excluded.run > window_usage.run
                     OR (excluded.run = window_usage.run AND excluded.revision > window_usage.revision)",
             )?;
-            for w in windows {
-                upsert_window.execute(params![
-                    w.series.customer,
-                    w.series.meter,
-                    serde_json::to_string(&w.series.group)?,
-                    rfc3339(w.window_start),
-                    rfc3339(w.window_end),
-                    rfc3339(w.period_start),
-                    w.window_value.value.to_string(),
-                    w.period_to_date.value.to_string(),
-                    self.run,
-                    w.revision as i64,
-                ])?;
+            for u in updates {
+                let dimensions = serde_json::to_string(&u.series.group)?;
+                for w in &u.windows {
+                    upsert_window.execute(params![
+                        u.series.customer,
+                        u.series.meter,
+                        dimensions,
+                        rfc3339(w.window_start),
+                        rfc3339(w.window_end),
+                        rfc3339(u.period_start),
+                        w.value.value.to_string(),
+                        u.period_to_date.value.to_string(),
+                        self.run,
+                        w.revision as i64,
+                    ])?;
+                }
             }
             let mut insert_line = tx.prepare_cached(
                 "INSERT OR IGNORE INTO rated_lines VALUES

@@ -415,7 +415,7 @@ fn prometheus_scrapes_every_service_of_serve_all() {
             Box::new(|v| v >= 0.0),
         ),
         (
-            r#"tally_rater_window_updates_total{job="rater"}"#,
+            r#"tally_rater_usage_updates_total{job="rater"}"#,
             Box::new(|v| v >= 1.0),
         ),
         (
