@@ -608,27 +608,32 @@ impl Snapshot {
     /// the whole. Each part carries the watermark.
     pub fn split(self, entries: usize) -> Vec<Snapshot> {
         let entries = entries.max(1);
+        let Snapshot {
+            dedupe,
+            series: all_series,
+            watermark,
+            expired_before_day,
+        } = self;
         let part = |dedupe: Vec<DedupeEntry>, series: Vec<SeriesSnapshot>| Snapshot {
             dedupe,
             series,
-            watermark: self.watermark,
-            expired_before_day: self.expired_before_day,
+            watermark,
+            expired_before_day,
         };
-        let mut parts: Vec<Snapshot> = self
-            .dedupe
+        let mut parts: Vec<Snapshot> = dedupe
             .chunks(entries)
             .map(|keys| part(keys.to_vec(), Vec::new()))
             .collect();
         let mut series = Vec::new();
         let mut held = 0;
-        for s in &self.series {
+        for s in all_series {
             let size = s.windows.len() + s.periods.len();
             if held + size > entries && !series.is_empty() {
                 parts.push(part(Vec::new(), std::mem::take(&mut series)));
                 held = 0;
             }
             held += size;
-            series.push(s.clone());
+            series.push(s);
         }
         if !series.is_empty() || parts.is_empty() {
             parts.push(part(Vec::new(), series));
@@ -654,6 +659,7 @@ fn day_of(time: DateTime<Utc>) -> u16 {
 /// An aggregator's whole state, serialisable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
+    #[serde(with = "crate::dedupe::entries_as_bytes")]
     dedupe: Vec<DedupeEntry>,
     /// In series-id order: restoring them in this order gives them the same ids.
     series: Vec<SeriesSnapshot>,

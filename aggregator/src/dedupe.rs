@@ -15,11 +15,10 @@
 //! never its dedupe.
 
 use hashbrown::HashTable;
-use serde::{Deserialize, Serialize};
 use tally_schemas::ids::{EventKey, PayloadFingerprint};
 
 /// One remembered event, 16 bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DedupeEntry {
     key_high: u64,
     key_low: u16,
@@ -40,6 +39,75 @@ impl DedupeEntry {
 
     fn same_key(&self, other: &DedupeEntry) -> bool {
         self.key_high == other.key_high && self.key_low == other.key_low
+    }
+}
+
+/// Serialises entries as one byte string of 16 bytes each (little endian), not one
+/// structure each: a snapshot holds millions, and the changelog writes and restores
+/// them on the hot path of a commit.
+pub(crate) mod entries_as_bytes {
+    use super::DedupeEntry;
+    use serde::{Deserializer, Serializer};
+
+    const SIZE: usize = 16;
+
+    pub fn serialize<S: Serializer>(
+        entries: &[DedupeEntry],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(entries.len() * SIZE);
+        for e in entries {
+            bytes.extend_from_slice(&e.key_high.to_le_bytes());
+            bytes.extend_from_slice(&e.key_low.to_le_bytes());
+            bytes.extend_from_slice(&e.day.to_le_bytes());
+            bytes.extend_from_slice(&e.payload.to_le_bytes());
+        }
+        serializer.serialize_bytes(&bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<DedupeEntry>, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Vec<DedupeEntry>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "dedupe entries as a byte string of {SIZE} bytes each")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Self::Value, E> {
+                if bytes.len() % SIZE != 0 {
+                    return Err(E::invalid_length(bytes.len(), &self));
+                }
+                Ok(bytes
+                    .chunks_exact(SIZE)
+                    .map(|b| {
+                        let [k0, k1, k2, k3, k4, k5, k6, k7, l0, l1, d0, d1, p0, p1, p2, p3] =
+                            b.try_into().unwrap_or([0; SIZE]);
+                        DedupeEntry {
+                            key_high: u64::from_le_bytes([k0, k1, k2, k3, k4, k5, k6, k7]),
+                            key_low: u16::from_le_bytes([l0, l1]),
+                            day: u16::from_le_bytes([d0, d1]),
+                            payload: u32::from_le_bytes([p0, p1, p2, p3]),
+                        }
+                    })
+                    .collect())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<Self::Value, E> {
+                self.visit_bytes(&bytes)
+            }
+            /// Formats without byte strings (JSON) write them as arrays of numbers.
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(byte) = seq.next_element::<u8>()? {
+                    bytes.push(byte);
+                }
+                self.visit_bytes(&bytes)
+            }
+        }
+        deserializer.deserialize_bytes(Visit)
     }
 }
 
@@ -165,6 +233,29 @@ mod tests {
         );
         assert_eq!(set.observe(key(2), PayloadFingerprint(7), 10), Seen::First);
         assert_eq!(set.len(), 2);
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Entries(#[serde(with = "entries_as_bytes")] Vec<DedupeEntry>);
+
+    #[test]
+    fn entries_travel_as_sixteen_bytes_each_and_come_back_equal() {
+        let entries = Entries(
+            (0..1000u64)
+                .map(|i| DedupeEntry::new(key(i), PayloadFingerprint(i as u32 * 7919), i as u16))
+                .collect(),
+        );
+        let packed = rmp_serde::to_vec(&entries).unwrap();
+        // A MessagePack byte string: 3 bytes of header (bin 16), then the entries.
+        assert_eq!(packed.len(), 3 + 16 * 1000);
+        assert_eq!(rmp_serde::from_slice::<Entries>(&packed).unwrap(), entries);
+        let json = serde_json::to_string(&entries).unwrap();
+        assert_eq!(serde_json::from_str::<Entries>(&json).unwrap(), entries);
+        // One byte short of whole entries: refused, not read as other entries.
+        let mut cut = vec![0xc5, 0x3e, 0x7f]; // bin 16 of 15,999 bytes
+        cut.extend_from_slice(&packed[3..packed.len() - 1]);
+        let error = rmp_serde::from_slice::<Entries>(&cut).unwrap_err();
+        assert!(error.to_string().contains("16 bytes each"), "{error}");
     }
 
     #[test]

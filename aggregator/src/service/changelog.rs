@@ -23,7 +23,7 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use tally_runtime::kafka::read_partition;
 
-/// Dedupe keys or windows per snapshot part: about 1 MB of keys, a few MB of windows.
+/// Dedupe keys or windows per snapshot part: 800 KB of keys, a few MB of windows.
 pub(super) const SNAPSHOT_PART_ENTRIES: usize = 50_000;
 
 /// One changelog record's value.
