@@ -514,10 +514,11 @@ impl Aggregator {
 
     /// The whole state, for a snapshot. Pending (undrained) updates are not part of it:
     /// take a snapshot right after a drain, as the transaction that carries the updates
-    /// commits. Entries are sorted, so equal states give equal snapshots.
+    /// commits. Dedupe entries come in table order, not sorted: sorting millions of
+    /// them stalled the commit that writes the snapshot (snapshots compare equal
+    /// whatever the order).
     pub fn snapshot(&self) -> Snapshot {
-        let mut dedupe: Vec<DedupeEntry> = self.dedupe.entries().copied().collect();
-        dedupe.sort_unstable();
+        let dedupe: Vec<DedupeEntry> = self.dedupe.entries().copied().collect();
         Snapshot {
             dedupe,
             series: self
@@ -657,7 +658,7 @@ fn day_of(time: DateTime<Utc>) -> u16 {
 }
 
 /// An aggregator's whole state, serialisable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
     #[serde(with = "crate::dedupe::entries_as_bytes")]
     dedupe: Vec<DedupeEntry>,
@@ -665,6 +666,21 @@ pub struct Snapshot {
     series: Vec<SeriesSnapshot>,
     watermark: Option<DateTime<Utc>>,
     expired_before_day: u16,
+}
+
+/// Equal when they hold the same state: dedupe entries are a set, in any order.
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Snapshot) -> bool {
+        let sorted = |entries: &[DedupeEntry]| {
+            let mut entries = entries.to_vec();
+            entries.sort_unstable();
+            entries
+        };
+        self.series == other.series
+            && self.watermark == other.watermark
+            && self.expired_before_day == other.expired_before_day
+            && sorted(&self.dedupe) == sorted(&other.dedupe)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
