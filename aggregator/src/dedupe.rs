@@ -75,7 +75,7 @@ pub(crate) mod entries_as_bytes {
                 write!(f, "dedupe entries as a byte string of {SIZE} bytes each")
             }
             fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Self::Value, E> {
-                if bytes.len() % SIZE != 0 {
+                if !bytes.len().is_multiple_of(SIZE) {
                     return Err(E::invalid_length(bytes.len(), &self));
                 }
                 Ok(bytes
