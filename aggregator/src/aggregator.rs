@@ -3,9 +3,8 @@
 //! In: [`DecodedEvent`]s in arrival order. Out: an [`Outcome`] per event, and on
 //! [`Aggregator::drain_updates`] one [`UsageUpdate`] per series and period changed
 //! since the last drain, carrying the series' period-to-date value and the values of
-//! the windows that changed. The Kafka
-//! aggregator calls [`Aggregator::drain`] (the updates and the state changes behind
-//! them) once per transaction; `tally rate` reads
+//! the windows that changed. The Kafka aggregator calls [`Aggregator::drain`] (the
+//! updates and the state changes behind them) once per transaction; `tally rate` reads
 //! [`Aggregator::period_usage`] once at the end. Both see the same state.
 //!
 //! State changes: a streaming aggregator also hands out, with each drain, a [`Snapshot`]

@@ -92,9 +92,6 @@ pub(crate) mod entries_as_bytes {
                     })
                     .collect())
             }
-            fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<Self::Value, E> {
-                self.visit_bytes(&bytes)
-            }
             /// Formats without byte strings (JSON) write them as arrays of numbers.
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,

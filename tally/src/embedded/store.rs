@@ -1,6 +1,7 @@
 //! The embedded store: SQLite in place of ClickHouse.
 //!
-//! In: usage updates (with their changed windows) and rated line revisions. Out: three tables a person can query.
+//! In: usage updates (with their changed windows) and rated line revisions. Out: three
+//! tables a person can query.
 //! - `window_usage`: one row per (series, window), keeping the latest revision.
 //! - `rated_lines`: every revision of every invoice line, keyed by (id, run, revision):
 //!   writing the same revision again changes nothing, and a later run (re-rating with a
@@ -89,7 +90,8 @@ impl Store {
         Ok(Store { conn, run })
     }
 
-    /// Writes one batch of usage updates (each changed window a row) and line revisions in one transaction.
+    /// Writes one batch of usage updates (each changed window a row) and line revisions
+    /// in one transaction.
     pub fn write(&mut self, updates: &[UsageUpdate], lines: &[RatedLine]) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
         {
