@@ -101,8 +101,9 @@ impl Series {
     fn window_slot(&mut self, start: i64) -> usize {
         let newest = self.windows.len().checked_sub(1);
         let slot = match self.windows.last() {
-            None => None,
-            Some(last) if last.start < start => None,
+            // A new newest window, the commonest miss: no search needed.
+            None => Some(self.push_window(start)),
+            Some(last) if last.start < start => Some(self.push_window(start)),
             Some(_) => [newest, Some(self.recent), Some(self.recent + 1)]
                 .into_iter()
                 .flatten()
@@ -120,6 +121,11 @@ impl Series {
             );
         self.recent = slot;
         slot
+    }
+
+    fn push_window(&mut self, start: i64) -> usize {
+        self.windows.push(Window::new(start, self.kind));
+        self.windows.len() - 1
     }
 
     fn period_slot(&mut self, period: Period) -> usize {
