@@ -331,6 +331,9 @@ struct Worker {
     readiness: Readiness,
     /// A record of the open transaction could not be queued: it must not commit.
     broken: Option<KafkaError>,
+    /// The consume loop has ended: partitions assigned while the consumer closes go to
+    /// the group's next owner unrestored.
+    closing: bool,
     /// Counts recoveries: messages read before one are read again after it. Read by
     /// the consume loop without the lock, while a batch is processed.
     epoch: Arc<AtomicU64>,
@@ -357,6 +360,9 @@ impl PartitionOwner for Worker {
         consumer: &GroupConsumer,
         partitions: &mut TopicPartitionList,
     ) -> Result<(), AggregatorError> {
+        if self.closing {
+            return Ok(());
+        }
         self.assign_restored(consumer, partitions)
     }
 
@@ -412,6 +418,7 @@ pub fn run(
         metrics,
         readiness: readiness.clone(),
         broken: None,
+        closing: false,
         epoch: Arc::new(AtomicU64::new(0)),
     }));
     let consumer: GroupConsumer =
@@ -474,7 +481,11 @@ pub fn run(
         Ok(())
     })?;
     tracing::info!("aggregator stopping: committing what was read");
-    lock(&worker).commit_or_recover(&consumer)?;
+    {
+        let mut worker = lock(&worker);
+        worker.commit_or_recover(&consumer)?;
+        worker.closing = true;
+    }
     consumer.unsubscribe();
     Ok(())
 }
@@ -584,14 +595,15 @@ impl Worker {
         self.commit_or_recover(consumer)?;
         self.readiness.not_ready("restoring partitions");
         let committed = committed_offsets(consumer, partitions)?;
-        let ids: Vec<i32> = partitions
+        let wanted = partitions
             .elements()
             .iter()
-            .map(|e| e.partition())
+            .map(|e| {
+                let partition = e.partition();
+                (partition, offset_of(&committed, &self.topics.events, partition))
+            })
             .collect();
-        for partition in ids {
-            let committed = offset_of(&committed, &self.topics.events, partition);
-            let state = self.load(partition, committed)?;
+        for (partition, state) in self.load_all(wanted)? {
             let start = match state.next_offset {
                 0 => Offset::Beginning,
                 o => Offset::Offset(o),
@@ -612,6 +624,19 @@ impl Worker {
             .set(self.partitions.len() as i64);
         self.readiness.ready();
         Ok(())
+    }
+
+    /// [`Worker::load`] for several partitions at once: a restore mostly waits on the
+    /// broker, and a rebalance or recovery waits for all of them.
+    fn load_all(
+        &self,
+        wanted: Vec<(i32, Option<i64>)>,
+    ) -> Result<Vec<(i32, PartitionState)>, AggregatorError> {
+        on_threads(wanted, |(partition, committed)| {
+            self.load(partition, committed).map(|state| (partition, state))
+        })
+        .into_iter()
+        .collect()
     }
 
     /// Rebuilds a partition's state from its changelog and decides where to read from.
@@ -915,10 +940,9 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
-        let partitions: Vec<i32> = self.partitions.keys().copied().collect();
+        let wanted = self.partitions.keys().map(|&p| (p, None)).collect();
         let mut rewind = TopicPartitionList::new();
-        for partition in partitions {
-            let state = self.load(partition, None)?;
+        for (partition, state) in self.load_all(wanted)? {
             rewind
                 .add_partition_offset(
                     &self.topics.events,
