@@ -600,7 +600,10 @@ impl Worker {
             .iter()
             .map(|e| {
                 let partition = e.partition();
-                (partition, offset_of(&committed, &self.topics.events, partition))
+                (
+                    partition,
+                    offset_of(&committed, &self.topics.events, partition),
+                )
             })
             .collect();
         for (partition, state) in self.load_all(wanted)? {
@@ -633,7 +636,8 @@ impl Worker {
         wanted: Vec<(i32, Option<i64>)>,
     ) -> Result<Vec<(i32, PartitionState)>, AggregatorError> {
         on_threads(wanted, |(partition, committed)| {
-            self.load(partition, committed).map(|state| (partition, state))
+            self.load(partition, committed)
+                .map(|state| (partition, state))
         })
         .into_iter()
         .collect()
