@@ -220,15 +220,26 @@ impl PartitionState {
         }
     }
 
+    /// By how many bytes the changelog deltas since the last snapshot are past the size
+    /// that calls for a new one, if they are: past the setting, and past the last
+    /// snapshot's own size, so a large state is not rewritten more often than its
+    /// changes would fill it again, and a restore still reads at most about two
+    /// snapshots' worth.
+    fn snapshot_overdue(&self, snapshot_after_bytes: usize) -> Option<usize> {
+        self.delta_bytes
+            .checked_sub(snapshot_after_bytes.max(self.snapshot_bytes))
+            .filter(|&over| over > 0)
+    }
+
     /// Writes what changed since the last commit to the open transaction: a usage
-    /// update per changed series and period, the changelog delta behind them and, when
-    /// due, a snapshot. Returns the number of windows the updates carry.
+    /// update per changed series and period, the changelog delta behind them and, if
+    /// `with_snapshot`, a snapshot. Returns the number of windows the updates carry.
     fn publish(
         &mut self,
         partition: i32,
         producer: &KafkaProducer,
         topics: &Topics,
-        snapshot_after_bytes: usize,
+        with_snapshot: bool,
     ) -> Result<usize, KafkaError> {
         let (updates, changes) = self.aggregator.drain();
         let mut value = Vec::with_capacity(512);
@@ -261,10 +272,7 @@ impl PartitionState {
         )?;
         self.deltas.push(key);
         self.delta_bytes += record.len();
-        // Past the setting, and past the last snapshot's own size: a large state is not
-        // rewritten more often than its changes would fill it again, and a restore
-        // still reads at most about two snapshots' worth.
-        if self.delta_bytes > snapshot_after_bytes.max(self.snapshot_bytes) {
+        if with_snapshot {
             write_snapshot(producer, &topics.changelog, partition, self)?;
         }
         Ok(windows)
@@ -878,15 +886,27 @@ impl Worker {
             return Err(e);
         }
         let (producer, topics) = (&self.producer, &self.topics);
-        let snapshot_after_bytes = self.snapshot_after_bytes;
         let touched: Vec<_> = self
             .partitions
             .iter_mut()
             .filter(|(_, state)| state.touched)
             .collect();
+        // One snapshot per transaction at most, the most overdue: partitions with
+        // similar traffic come due together, and writing all their states in one
+        // commit stalled it for their sum.
+        let snapshot_partition = touched
+            .iter()
+            .filter_map(|(&p, state)| Some((state.snapshot_overdue(self.snapshot_after_bytes)?, p)))
+            .max()
+            .map(|(_, p)| p);
         let published = on_threads(touched, |(&partition, state)| {
             state
-                .publish(partition, producer, topics, snapshot_after_bytes)
+                .publish(
+                    partition,
+                    producer,
+                    topics,
+                    snapshot_partition == Some(partition),
+                )
                 .map(|updates| (partition, state.next_offset, updates))
         });
         let mut offsets = TopicPartitionList::new();
