@@ -377,6 +377,19 @@ pub fn read_partition(
     }
 }
 
+/// How the services' group consumers fetch: set on any consumer that should read a
+/// topic as fast as they do (the streaming benchmark's plain consumer too).
+pub fn tune_fetching(config: &mut ClientConfig) -> &mut ClientConfig {
+    config
+        // Once its prefetch queue is full librdkafka waits this long before fetching
+        // again (default 1 s); a loop that drains the queue sooner would sit idle.
+        .set("fetch.queue.backoff.ms", "10")
+        // Partitions follow each other in the fetched stream in runs of at most this
+        // many bytes (default 1 MB, some 20,000 compressed events): smaller runs spread
+        // each batch the aggregator reads over its partitions' threads.
+        .set("max.partition.fetch.bytes", "262144")
+}
+
 /// A consumer-group member for a [`PartitionOwner`]: cooperative-sticky assignment,
 /// read committed, offsets committed only by the owner (never automatically), reading
 /// from the beginning when the group has no offsets, and subscribed to `topic`.
@@ -386,25 +399,20 @@ pub fn group_consumer<W: PartitionOwner>(
     topic: &str,
     owner: Arc<Mutex<W>>,
 ) -> Result<BaseConsumer<GroupContext<W>>, KafkaError> {
-    let consumer: BaseConsumer<GroupContext<W>> = client_config(settings)
-        .set("group.id", settings.group(service))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        // Restores run inside `poll`: allow them time before the group gives up on us.
-        .set("max.poll.interval.ms", "900000")
-        // Once its prefetch queue is full librdkafka waits this long before fetching
-        // again (default 1 s); a loop that drains the queue sooner would sit idle.
-        .set("fetch.queue.backoff.ms", "10")
-        // Partitions follow each other in the fetched stream in runs of at most this
-        // many bytes (default 1 MB, some 20,000 compressed events): smaller runs spread
-        // each batch the aggregator reads over its partitions' threads.
-        .set("max.partition.fetch.bytes", "262144")
-        .create_with_context(GroupContext::new(owner))?;
+    let consumer: BaseConsumer<GroupContext<W>> = tune_fetching(
+        client_config(settings)
+            .set("group.id", settings.group(service))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            // Restores run inside `poll`: allow them time before the group gives up.
+            .set("max.poll.interval.ms", "900000"),
+    )
+    .create_with_context(GroupContext::new(owner))?;
     consumer.subscribe(&[topic])?;
     Ok(consumer)
 }
