@@ -6,6 +6,7 @@
 //! the same number of partitions: the aggregator writes partition p's windows and state
 //! changes to partition p, so a customer's usage stays in one partition end to end.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -203,6 +204,9 @@ pub struct GroupContext<W: PartitionOwner> {
     owner: Arc<Mutex<W>>,
     /// A rebalance step that failed; the consume loop stops with it.
     failure: Mutex<Option<W::Error>>,
+    /// Set by [`leave_group`]: partitions assigned while the consumer closes go to the
+    /// group's next owner without being restored here.
+    leaving: AtomicBool,
 }
 
 impl<W: PartitionOwner> GroupContext<W> {
@@ -210,6 +214,7 @@ impl<W: PartitionOwner> GroupContext<W> {
         GroupContext {
             owner,
             failure: Mutex::new(None),
+            leaving: AtomicBool::new(false),
         }
     }
 
@@ -230,6 +235,12 @@ impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
     ) {
         let mut owner = lock(&self.owner);
         let result = match err {
+            // Restoring would wait for committed offsets a leaving member cannot read.
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS
+                if self.leaving.load(Ordering::SeqCst) =>
+            {
+                Ok(())
+            }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 owner.assign(consumer, partitions)
             }
@@ -245,6 +256,13 @@ impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
             *lock(&self.failure) = Some(e);
         }
     }
+}
+
+/// Leaves the consumer group once the owner has finished its work: partitions still
+/// held are revoked as the consumer closes, and any assigned meanwhile are left alone.
+pub fn leave_group<W: PartitionOwner>(consumer: &BaseConsumer<GroupContext<W>>) {
+    consumer.context().leaving.store(true, Ordering::SeqCst);
+    consumer.unsubscribe();
 }
 
 /// The services' producer: its own thread serves delivery reports as they arrive.

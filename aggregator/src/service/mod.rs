@@ -34,8 +34,8 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    client_config, flush, group_consumer, lock, offset_of, send, GroupContext, KafkaProducer,
-    PartitionOwner,
+    client_config, flush, group_consumer, leave_group, lock, offset_of, send, GroupContext,
+    KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -339,9 +339,6 @@ struct Worker {
     readiness: Readiness,
     /// A record of the open transaction could not be queued: it must not commit.
     broken: Option<KafkaError>,
-    /// The consume loop has ended: partitions assigned while the consumer closes go to
-    /// the group's next owner unrestored.
-    closing: bool,
     /// Counts recoveries: messages read before one are read again after it. Read by
     /// the consume loop without the lock, while a batch is processed.
     epoch: Arc<AtomicU64>,
@@ -368,9 +365,6 @@ impl PartitionOwner for Worker {
         consumer: &GroupConsumer,
         partitions: &mut TopicPartitionList,
     ) -> Result<(), AggregatorError> {
-        if self.closing {
-            return Ok(());
-        }
         self.assign_restored(consumer, partitions)
     }
 
@@ -426,7 +420,6 @@ pub fn run(
         metrics,
         readiness: readiness.clone(),
         broken: None,
-        closing: false,
         epoch: Arc::new(AtomicU64::new(0)),
     }));
     let consumer: GroupConsumer =
@@ -489,12 +482,8 @@ pub fn run(
         Ok(())
     })?;
     tracing::info!("aggregator stopping: committing what was read");
-    {
-        let mut worker = lock(&worker);
-        worker.commit_or_recover(&consumer)?;
-        worker.closing = true;
-    }
-    consumer.unsubscribe();
+    lock(&worker).commit_or_recover(&consumer)?;
+    leave_group(&consumer);
     Ok(())
 }
 

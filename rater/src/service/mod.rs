@@ -31,8 +31,8 @@ use rdkafka::producer::BaseRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
-    client_config, flush, group_consumer, lock, offset_of, read_partition, send, GroupContext,
-    KafkaProducer, PartitionOwner,
+    client_config, flush, group_consumer, leave_group, lock, offset_of, read_partition, send,
+    GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -311,7 +311,7 @@ pub fn run(
         tracing::warn!(error = %e, "some rated lines may not have reached the rated topic");
     }
     drop(worker);
-    consumer.unsubscribe();
+    leave_group(&consumer);
     Ok(())
 }
 
