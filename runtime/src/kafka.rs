@@ -364,9 +364,10 @@ pub fn read_partition(
         .set("max.partition.fetch.bytes", "67108864")
         .create()
         .map_err(fail)?;
-    let (low, high) = reader
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(fail)?;
+    let (low, high) = retry_while_unavailable("read the partition's watermarks", timeout, || {
+        reader.fetch_watermarks(topic, partition, Duration::from_secs(10))
+    })
+    .map_err(fail)?;
     if low == high {
         return Ok(());
     }
@@ -393,6 +394,46 @@ pub fn read_partition(
             }
         }
     }
+}
+
+/// Runs a request to the brokers until it succeeds or `patience` runs out, waiting a
+/// little longer after each failure. For what a restore or an assignment must read
+/// before it can go on: while a broker restarts or a leader is elected these requests
+/// fail for seconds (unknown partition, transport failure, timed out), and giving up
+/// would stop the service over an outage it should ride out.
+pub fn retry_while_unavailable<T>(
+    what: &str,
+    patience: Duration,
+    mut request: impl FnMut() -> Result<T, KafkaError>,
+) -> Result<T, KafkaError> {
+    let deadline = std::time::Instant::now() + patience;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match request() {
+            Ok(value) => return Ok(value),
+            Err(e) if std::time::Instant::now() + wait < deadline => {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot {what} yet; retrying");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The group's committed offsets of `partitions`, waiting out what makes them
+/// unavailable for a while: a broker restart, or a previous owner's transaction still
+/// open because it died mid-commit (it keeps the offsets unstable until it is aborted,
+/// after at most `transaction.timeout.ms`).
+pub fn committed_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: &TopicPartitionList,
+) -> Result<TopicPartitionList, KafkaError> {
+    retry_while_unavailable(
+        "read the committed offsets",
+        Duration::from_secs(120),
+        || consumer.committed_offsets(partitions.clone(), Duration::from_secs(30)),
+    )
 }
 
 /// How the services' group consumers fetch: set on any consumer that should read a

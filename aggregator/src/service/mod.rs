@@ -34,8 +34,8 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    client_config, flush, group_consumer, leave_group, lock, offset_of, send, GroupContext,
-    KafkaProducer, PartitionOwner,
+    client_config, committed_offsets, flush, group_consumer, leave_group, lock, offset_of, send,
+    GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -535,31 +535,6 @@ fn read_batch<'c>(
     Ok(read_in)
 }
 
-/// The group's committed offsets of `partitions`. A previous owner's transaction that
-/// is still open (it died mid-commit) keeps them unstable until it is aborted, at most
-/// `transaction.timeout.ms` (60 s): wait that out rather than fail.
-fn committed_offsets(
-    consumer: &GroupConsumer,
-    partitions: &TopicPartitionList,
-) -> Result<TopicPartitionList, AggregatorError> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        match consumer.committed_offsets(partitions.clone(), TRANSACTION_TIMEOUT) {
-            Ok(offsets) => return Ok(offsets),
-            Err(e) if Instant::now() < deadline => {
-                tracing::warn!(error = %e, "committed offsets not available yet; retrying");
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            Err(source) => {
-                return Err(AggregatorError::Kafka {
-                    what: "read the committed offsets of the assigned partitions".to_owned(),
-                    source,
-                })
-            }
-        }
-    }
-}
-
 fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     let transactional_id = format!("{}-aggregator-{}", kafka.topic_prefix, kafka.instance_id);
     let producer: KafkaProducer = client_config(kafka)
@@ -591,7 +566,9 @@ impl Worker {
         // Restoring can take a while: the open transaction must not time out meanwhile.
         self.commit_or_recover(consumer)?;
         self.readiness.not_ready("restoring partitions");
-        let committed = committed_offsets(consumer, partitions)?;
+        let committed = committed_offsets(consumer, partitions).map_err(kafka_error(
+            "read the committed offsets of the assigned partitions",
+        ))?;
         let wanted = partitions
             .elements()
             .iter()

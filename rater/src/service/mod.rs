@@ -31,8 +31,8 @@ use rdkafka::producer::BaseRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
-    client_config, flush, group_consumer, leave_group, lock, offset_of, read_partition, send,
-    GroupContext, KafkaProducer, PartitionOwner,
+    client_config, committed_offsets, flush, group_consumer, leave_group, lock, offset_of,
+    read_partition, send, GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -48,6 +48,9 @@ use crate::ledger::{Ledger, RatedLine, Recorded};
 /// Most usage updates read before their lines are written.
 const MAX_BATCH_UPDATES: usize = 200_000;
 const REBUILD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest the loop waits for Kafka to confirm rated lines before it pauses and polls
+/// again: shorter than the group session, so a broker restart does not block it long.
+const DELIVERY_WAIT: Duration = Duration::from_secs(5);
 
 /// Where the rater service failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +115,9 @@ struct Pending {
     oldest_update_ms: Option<i64>,
     updates: usize,
     started: Option<Instant>,
+    /// Stored in ClickHouse and handed to the producer for `<prefix>.rated`: only their
+    /// delivery and the offsets' commit remain.
+    queued: bool,
 }
 
 struct Worker {
@@ -151,11 +157,9 @@ impl PartitionOwner for Worker {
         partitions: &mut TopicPartitionList,
     ) -> Result<(), RaterError> {
         self.readiness.not_ready("rebuilding partitions");
-        let committed = consumer
-            .committed_offsets(partitions.clone(), Duration::from_secs(30))
-            .map_err(kafka(
-                "read the committed offsets of the assigned partitions",
-            ))?;
+        let committed = committed_offsets(consumer, partitions).map_err(kafka(
+            "read the committed offsets of the assigned partitions",
+        ))?;
         let ids: Vec<i32> = partitions
             .elements()
             .iter()
@@ -197,13 +201,21 @@ impl PartitionOwner for Worker {
     }
 
     /// Stores what was read of the revoked partitions if ClickHouse allows, then lets
-    /// them go; what could not be stored is re-read by their next owner.
+    /// them go; what could not be stored is re-read by their next owner. Partitions
+    /// lost (this member's session expired, say during a broker outage) may have a new
+    /// owner already, and their offsets can no longer be committed: they are let go
+    /// without storing.
     fn revoke(
         &mut self,
         consumer: &GroupConsumer,
         partitions: &TopicPartitionList,
     ) -> Result<(), RaterError> {
-        if let Err(e) = self.store(consumer) {
+        if consumer.assignment_lost() {
+            tracing::warn!(
+                partitions = partitions.count(),
+                "partitions lost to the group; their next owner re-reads what was not stored"
+            );
+        } else if let Err(e) = self.store(consumer) {
             tracing::warn!(error = %e, "cannot store before giving partitions up; their next owner re-reads them");
         }
         for e in partitions.elements() {
@@ -254,6 +266,9 @@ pub fn run(
         .set("acks", "all")
         .set("linger.ms", "20")
         .set("compression.type", "lz4")
+        // Queued lines are sent until delivered, however long Kafka is away: one given
+        // up on would be missing downstream once its offset was committed.
+        .set("message.timeout.ms", "0")
         .create()
         .map_err(kafka("create the rated-lines producer"))?;
     let topic = kafka_settings.topic(Topic::Windows);
@@ -451,9 +466,59 @@ impl Worker {
     }
 
     /// Rates the changed lines, writes them to ClickHouse and `rated`, then commits the
-    /// offsets they account for. If ClickHouse refuses, the lines are kept, the
-    /// partitions paused and the write retried later with backoff.
+    /// offsets they account for. If ClickHouse refuses, or Kafka does not confirm the
+    /// rated lines in time, the partitions are paused and the step that failed is
+    /// retried later with backoff; nothing is written twice to `rated` by a retry.
     fn store(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
+        if !self.pending.queued {
+            self.collect_changed_lines();
+            if self.pending.offsets.is_empty() {
+                // Nothing left to store (what was pending belonged to revoked partitions).
+                self.pending = Pending::default();
+                self.resume(consumer);
+                return Ok(());
+            }
+            if let Err(e) = self.write_lines() {
+                self.metrics.insert_failures.inc();
+                self.hold(consumer, "ClickHouse refused the write", e.to_string());
+                return Err(e.into());
+            }
+            self.queue_rated_lines();
+            self.pending.queued = true;
+        }
+        // At least once downstream: delivered before the offsets move on. Not confirmed
+        // yet (a broker restart, say): librdkafka keeps the lines and keeps sending them.
+        if let Err(e) = flush(&self.producer, DELIVERY_WAIT) {
+            self.hold(
+                consumer,
+                "Kafka has not confirmed the rated lines",
+                e.to_string(),
+            );
+            return Err(RaterError::Kafka {
+                what: "deliver rated lines to the rated topic".to_owned(),
+                source: e,
+            });
+        }
+        let mut offsets = TopicPartitionList::new();
+        for (&partition, &offset) in &self.pending.offsets {
+            offsets
+                .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
+                .map_err(kafka("list the offsets to commit"))?;
+        }
+        self.resume(consumer);
+        self.pending = Pending::default();
+        if offsets.count() == 0 {
+            // The partitions were revoked meanwhile; their next owner re-reads them.
+            return Ok(());
+        }
+        consumer
+            .commit(&offsets, CommitMode::Sync)
+            .map_err(kafka("commit the windows offsets"))
+    }
+
+    /// Moves each partition's changed lines, rated, into the pending batch, with the
+    /// offset they account for.
+    fn collect_changed_lines(&mut self) {
         for (&partition, state) in &mut self.partitions {
             if !state.uncommitted {
                 continue;
@@ -473,35 +538,19 @@ impl Worker {
             self.pending.offsets.insert(partition, state.next_offset);
             state.uncommitted = false;
         }
-        if self.pending.offsets.is_empty() {
-            // Nothing left to store (what was pending belonged to revoked partitions).
-            self.pending = Pending::default();
-            self.resume(consumer);
-            return Ok(());
-        }
+    }
+
+    /// Inserts the pending lines into ClickHouse in one batch.
+    fn write_lines(&mut self) -> Result<(), ClickHouseError> {
         let started = Instant::now();
         let rows: Vec<(u64, &InvoiceLine)> = (self.pending.opening.iter().map(|line| (0, line)))
             .chain(self.pending.lines.iter().map(|(v, l)| (*v, &l.line)))
             .collect();
-        let inserted = self.clickhouse.insert_versioned(&rows);
-        let rows = rows.len();
-        if let Err(e) = inserted {
-            self.metrics.insert_failures.inc();
-            let backoff = self.retry_at.map_or(Duration::from_millis(500), |(_, b)| {
-                (b * 2).min(Duration::from_secs(10))
-            });
-            if self.retry_at.is_none() {
-                tracing::warn!(error = %e, "ClickHouse refused the write; pausing and retrying");
-                let _ = consumer.assignment().map(|a| consumer.pause(&a));
-            }
-            self.readiness.not_ready(format!("ClickHouse: {e}"));
-            self.retry_at = Some((Instant::now() + backoff, backoff));
-            return Err(e.into());
-        }
+        self.clickhouse.insert_versioned(&rows)?;
         self.metrics
             .insert_duration
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.inserted_rows.inc_by(rows as u64);
+        self.metrics.inserted_rows.inc_by(rows.len() as u64);
         self.metrics
             .lines_rated
             .inc_by(self.pending.lines.len() as u64);
@@ -511,6 +560,11 @@ impl Worker {
                 .rating_latency
                 .observe(Duration::from_millis(age.unsigned_abs()).as_secs_f64());
         }
+        Ok(())
+    }
+
+    /// Hands the pending lines to the producer for `<prefix>.rated`.
+    fn queue_rated_lines(&self) {
         for (version, rated) in &self.pending.lines {
             let value = serde_json::to_vec(&RatedRecord {
                 line: &rated.line,
@@ -527,33 +581,25 @@ impl Worker {
                 tracing::warn!(error = %e, "cannot queue a rated line for the rated topic");
             }
         }
-        // At least once downstream: delivered before the offsets move on.
-        if let Err(e) = flush(&self.producer, Duration::from_secs(30)) {
-            tracing::warn!(error = %e, "rated lines not confirmed by Kafka; they are sent again after a restart");
-            return Err(RaterError::Kafka {
-                what: "deliver rated lines to the rated topic".to_owned(),
-                source: e,
-            });
-        }
-        let mut offsets = TopicPartitionList::new();
-        for (&partition, &offset) in &self.pending.offsets {
-            offsets
-                .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
-                .map_err(kafka("list the offsets to commit"))?;
-        }
-        self.resume(consumer);
-        self.pending = Pending::default();
-        consumer
-            .commit(&offsets, CommitMode::Sync)
-            .map_err(kafka("commit the windows offsets"))
     }
-}
 
-impl Worker {
-    /// Ends a pause for a ClickHouse outage, if there is one.
+    /// Pauses the partitions until a retry, later each time, after a write failed.
+    fn hold(&mut self, consumer: &GroupConsumer, what: &str, error: String) {
+        let backoff = self.retry_at.map_or(Duration::from_millis(500), |(_, b)| {
+            (b * 2).min(Duration::from_secs(10))
+        });
+        if self.retry_at.is_none() {
+            tracing::warn!(%error, "{what}; pausing and retrying");
+            let _ = consumer.assignment().map(|a| consumer.pause(&a));
+        }
+        self.readiness.not_ready(format!("{what}: {error}"));
+        self.retry_at = Some((Instant::now() + backoff, backoff));
+    }
+
+    /// Ends a pause after a failed write, if there is one.
     fn resume(&mut self, consumer: &GroupConsumer) {
         if self.retry_at.take().is_some() {
-            tracing::info!("ClickHouse accepts writes again; resuming");
+            tracing::info!("lines stored again; resuming");
             let _ = consumer.assignment().map(|a| consumer.resume(&a));
             self.readiness.ready();
         }

@@ -459,8 +459,8 @@ impl Drop for Pipeline {
         for name in names {
             self.kill(&name);
         }
-        if std::thread::panicking() {
-            // Keep the logs of a failed test.
+        if std::thread::panicking() || std::env::var_os("TALLY_TEST_KEEP_LOGS").is_some() {
+            // Keep the logs of a failed test (or of every test, when asked).
             let kept = std::env::temp_dir().join(format!("{}-logs", self.prefix));
             let _ = fs::create_dir_all(&kept);
             for entry in fs::read_dir(self.dir.path())

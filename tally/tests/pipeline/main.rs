@@ -147,11 +147,21 @@ fn a_broker_restart_mid_run_neither_loses_nor_hangs() {
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let lines = with_duplicates(p.lines());
-    let (first, rest) = lines.split_at(lines.len() / 2);
+    let (first, rest) = lines.split_at(lines.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
     p.produce(first);
+    // A quick restart while the services start up and work.
     std::thread::sleep(Duration::from_secs(1));
     harness::service("kafka", "restart");
-    p.produce(rest);
+    p.produce(second);
+    // An outage longer than the group session (10 s): both services lose their
+    // partitions, rejoin and restore them once the broker is back.
+    std::thread::sleep(Duration::from_secs(2));
+    harness::service("kafka", "stop");
+    std::thread::sleep(Duration::from_secs(12));
+    p.assert_running();
+    harness::service("kafka", "start");
+    p.produce(third);
     p.wait_caught_up("aggregator", Duration::from_secs(300));
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(300));
