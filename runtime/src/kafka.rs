@@ -436,6 +436,18 @@ pub fn committed_offsets<C: ConsumerContext>(
     )
 }
 
+/// Logs an error a consumer's `poll` returned, which librdkafka retries by itself.
+/// Lost broker connections are left at debug: the client's error callback has logged
+/// them already, and during an outage every poll returns them again.
+pub fn log_consumer_error(error: &KafkaError) {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure) => {
+            tracing::debug!(%error, "consumer error; retrying");
+        }
+        _ => tracing::warn!(%error, "consumer error; retrying"),
+    }
+}
+
 /// How the services' group consumers fetch: set on any consumer that should read a
 /// topic as fast as they do (the streaming benchmark's plain consumer too).
 pub fn tune_fetching(config: &mut ClientConfig) -> &mut ClientConfig {

@@ -34,8 +34,8 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    client_config, committed_offsets, flush, group_consumer, leave_group, lock, offset_of, send,
-    GroupContext, KafkaProducer, PartitionOwner,
+    client_config, committed_offsets, flush, group_consumer, leave_group, lock, log_consumer_error,
+    offset_of, send, GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -520,7 +520,7 @@ fn read_batch<'c>(
                     source: e,
                 })
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
+            Some(Err(e)) => log_consumer_error(&e),
             None if batch.is_empty() => break,
             None => {
                 // Nothing ready: wait once, briefly, for more.

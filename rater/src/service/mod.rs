@@ -31,8 +31,8 @@ use rdkafka::producer::BaseRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
-    client_config, committed_offsets, flush, group_consumer, leave_group, lock, offset_of,
-    read_partition, send, GroupContext, KafkaProducer, PartitionOwner,
+    client_config, committed_offsets, flush, group_consumer, leave_group, lock, log_consumer_error,
+    offset_of, read_partition, send, GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -306,7 +306,7 @@ pub fn run(
                     source: e,
                 })
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
+            Some(Err(e)) => log_consumer_error(&e),
             None => {}
         }
         if worker.store_due(flush_interval) {

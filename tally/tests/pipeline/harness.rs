@@ -304,6 +304,55 @@ database = "{database}"
         lines
     }
 
+    /// The lines of the period as a consumer of `<prefix>.rated` sees them: the highest
+    /// version of each line id.
+    pub fn rated_topic_lines(&self) -> Vec<Line> {
+        let period_start = format!("{}-01T00:00:00Z", self.period);
+        let mut latest: BTreeMap<String, (u64, Value)> = BTreeMap::new();
+        for (payload, _) in self.read_topic("rated") {
+            let record: Value = serde_json::from_slice(&payload).unwrap();
+            if record["period_start"] != period_start.as_str() {
+                continue;
+            }
+            let id = record["id"].as_str().unwrap().to_owned();
+            let version = record["version"].as_u64().unwrap();
+            if latest.get(&id).is_none_or(|(v, _)| *v < version) {
+                latest.insert(id, (version, record));
+            }
+        }
+        let mut lines: Vec<Line> = latest.values().map(|(_, r)| line_of(r)).collect();
+        lines.sort();
+        lines
+    }
+
+    /// Waits until `<prefix>.rated` carries every line of `expected` that has usage
+    /// (lines of a period opened without usage are stored in ClickHouse only).
+    pub fn wait_for_rated(&self, expected: &[Line], timeout: Duration) {
+        let with_usage: Vec<Line> = expected
+            .iter()
+            .filter(|l| !l.2.parse::<rust_decimal::Decimal>().unwrap().is_zero())
+            .cloned()
+            .collect();
+        assert!(
+            !with_usage.is_empty(),
+            "nothing expected: a vacuous comparison"
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.rated_topic_lines();
+            if got == with_usage {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the rated topic did not converge in {timeout:?}: {} lines with usage expected, {} found",
+                with_usage.len(),
+                got.len()
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
     /// Waits until ClickHouse holds exactly `expected`, and stays so briefly (a late
     /// double count would show), or fails with the difference.
     pub fn wait_for(&mut self, expected: &[Line], timeout: Duration) {

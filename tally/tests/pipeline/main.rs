@@ -42,6 +42,7 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     let expected = p.expected();
     assert!(expected.len() > 40, "a real month has many lines");
     p.wait_for(&expected, Duration::from_secs(180));
+    p.wait_for_rated(&expected, Duration::from_secs(60));
 
     // Every poison message is in the rejected topic, bytes intact, with its reason.
     let rejected = p.read_topic("rejected");
@@ -165,6 +166,8 @@ fn a_broker_restart_mid_run_neither_loses_nor_hangs() {
     p.wait_caught_up("aggregator", Duration::from_secs(300));
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(300));
+    // Downstream consumers of the rated topic miss nothing either.
+    p.wait_for_rated(&expected, Duration::from_secs(60));
 }
 
 #[test]
@@ -216,6 +219,7 @@ fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
     p.wait_caught_up("aggregator", Duration::from_secs(300));
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(240));
+    p.wait_for_rated(&expected, Duration::from_secs(60));
 }
 
 fn resolution(id: &str, customer: &str, time: &str) -> Vec<u8> {
