@@ -41,7 +41,8 @@ dedupe() {
 }
 
 # Kafka to ClickHouse through the services (benches/README.md, section 3). Settings:
-# RUNS (3), PARTITIONS (2), AGGREGATORS (1), LATENCY_SECONDS (40), LIMIT (all events).
+# RUNS (3), PARTITIONS (2), AGGREGATORS (1), LATENCY_SECONDS (40), LIMIT (all events),
+# WARMUP (1: a short unreported run first).
 stream_args() {
     stream_flags=(--runs "${RUNS:-3}" --partitions "${PARTITIONS:-2}"
         --aggregators "${AGGREGATORS:-1}" --latency-seconds "${LATENCY_SECONDS:-40}")
@@ -57,6 +58,15 @@ stream_prepare() {
 stream() {
     stream_prepare
     stream_args
+    # A broker just started (its JIT, the page cache) made the first run up to 40 %
+    # slower than the next ones: one run without the latency phase, not reported,
+    # warms it up first.
+    if [[ "${WARMUP:-1}" != 0 ]]; then
+        echo "warming Kafka up with an unreported run (WARMUP=0 skips it); log in $data/stream-warmup.log"
+        target/release/stream_bench --runs 1 --latency-seconds 0 \
+            --partitions "${PARTITIONS:-2}" --out "$data/stream-warmup" \
+            --results "$data/stream-warmup.json" > "$data/stream-warmup.log" 2>&1
+    fi
     target/release/stream_bench "${stream_flags[@]}" --out "$data/stream" --results "$data/stream.json"
 }
 
