@@ -523,9 +523,18 @@ impl Aggregator {
     /// them stalled the commit that writes the snapshot (snapshots compare equal
     /// whatever the order).
     pub fn snapshot(&self) -> Snapshot {
-        let dedupe: Vec<DedupeEntry> = self.dedupe.entries().copied().collect();
         Snapshot {
-            dedupe,
+            dedupe: self.dedupe.entries().copied().collect(),
+            ..self.usage_snapshot()
+        }
+    }
+
+    /// The state without its dedupe keys: the series, the watermark and what has
+    /// expired. For a store that keeps the keys elsewhere (see
+    /// [`Snapshot::split_off_dedupe`]).
+    pub fn usage_snapshot(&self) -> Snapshot {
+        Snapshot {
+            dedupe: Vec::new(),
             series: self
                 .series
                 .iter()
@@ -538,6 +547,13 @@ impl Aggregator {
             watermark: self.watermark,
             expired_before_day: self.expired_before_day,
         }
+    }
+
+    /// Whether the keys of events on `day` (days since 1970-01-01, as
+    /// [`Snapshot::newest_dedupe_day`] gives) have been let go: they are past the dedupe
+    /// horizon and no event of that day is accepted any more.
+    pub fn has_forgotten_day(&self, day: u16) -> bool {
+        day < self.expired_before_day
     }
 
     /// Loads a snapshot into a new aggregator made with the same configuration:
@@ -571,7 +587,15 @@ impl Aggregator {
             }
             resolved.push(MeterId(meter as u32));
         }
-        self.dedupe.extend(snapshot.dedupe);
+        // Expiry first, and keys already expired are not taken: the result is the same
+        // in whatever order the keys come (a store may hand them over last).
+        if snapshot.expired_before_day > self.expired_before_day {
+            self.expired_before_day = snapshot.expired_before_day;
+            self.dedupe.expire_before(self.expired_before_day);
+        }
+        let keep_from = self.expired_before_day;
+        self.dedupe
+            .extend(snapshot.dedupe.into_iter().filter(|e| e.day() >= keep_from));
         for (s, meter) in snapshot.series.into_iter().zip(resolved) {
             let mut fingerprint =
                 SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group);
@@ -599,16 +623,33 @@ impl Aggregator {
             }
         }
         self.watermark = self.watermark.max(snapshot.watermark);
-        if snapshot.expired_before_day > self.expired_before_day {
-            self.expired_before_day = snapshot.expired_before_day;
-            self.dedupe.expire_before(self.expired_before_day);
-        }
         self.evict_settled();
         Ok(())
     }
 }
 
 impl Snapshot {
+    /// Takes the dedupe keys out, into a snapshot of their own (with the same watermark
+    /// and expiry). Keys never change once written; they only expire. A store can so
+    /// keep them in records that are dropped once they expire, instead of rewriting
+    /// millions of them into every snapshot: merging both halves, in any order, gives
+    /// what merging the whole did.
+    pub fn split_off_dedupe(&mut self) -> Snapshot {
+        Snapshot {
+            dedupe: std::mem::take(&mut self.dedupe),
+            series: Vec::new(),
+            watermark: self.watermark,
+            expired_before_day: self.expired_before_day,
+        }
+    }
+
+    /// The newest event day (days since 1970-01-01) among the dedupe keys, if there
+    /// are any: once the aggregator has forgotten that day
+    /// ([`Aggregator::has_forgotten_day`]), every key here is forgotten too.
+    pub fn newest_dedupe_day(&self) -> Option<u16> {
+        self.dedupe.iter().map(DedupeEntry::day).max()
+    }
+
     /// Cuts a snapshot into parts of at most `entries` dedupe keys and `entries` windows
     /// each, so no part outgrows a Kafka record; merging the parts, in any order, gives
     /// the whole. Each part carries the watermark.
@@ -1192,6 +1233,58 @@ mod tests {
                 let period = Period::from_str(period).unwrap();
                 prop_assert_eq!(original.period_usage(period), rebuilt.period_usage(period));
             }
+        }
+
+        /// The changelog's layout: each drain's keys kept apart from its usage changes,
+        /// the usage rewritten now and then as a snapshot that replaces the changes
+        /// before it, and a record of keys dropped once its newest day is forgotten.
+        /// Merging what is left, the keys last, treats the rest of the stream exactly
+        /// as the original does.
+        #[test]
+        fn usage_snapshots_with_keys_kept_apart_rebuild_the_state(
+            events in proptest::collection::vec((0u32..60, 0u32..1400, 0u64..3, 1i64..1000, 0u64..5, any::<bool>()), 1..120),
+            split in 0usize..120,
+            snapshot_every in 1usize..6,
+        ) {
+            let models = ["gpt", "claude", "llama"];
+            let stream: Vec<DecodedEvent<'static>> = events
+                .iter()
+                .map(|&(id, hour, model, n, user, _)| {
+                    let time = format!("2026-{:02}-{:02}T{:02}:00:00Z", 10 + hour / 720, 1 + (hour % 720) / 24, hour % 24);
+                    tokens(&id.to_string(), &time, models[model as usize], n, user)
+                })
+                .collect();
+            let split = split.min(stream.len());
+            let mut original = Aggregator::streaming(&config());
+            let mut usage: Vec<Snapshot> = Vec::new();
+            let mut keys: Vec<Snapshot> = Vec::new();
+            let mut drains = 0;
+            let mut commit = |original: &mut Aggregator| {
+                let mut changes = original.drain().1;
+                keys.push(changes.split_off_dedupe());
+                keys.retain(|k| k.newest_dedupe_day().is_some_and(|d| !original.has_forgotten_day(d)));
+                usage.push(changes);
+                drains += 1;
+                if drains % snapshot_every == 0 {
+                    usage = vec![original.usage_snapshot()];
+                }
+            };
+            for (e, &(.., drain_after)) in stream[..split].iter().zip(&events) {
+                original.apply(e);
+                if drain_after {
+                    commit(&mut original);
+                }
+            }
+            commit(&mut original);
+            let mut rebuilt = Aggregator::streaming(&config());
+            for record in usage.into_iter().chain(keys) {
+                rebuilt.merge(record).unwrap();
+            }
+            prop_assert_eq!(rebuilt.snapshot(), original.snapshot());
+            for e in &stream[split..] {
+                prop_assert_eq!(original.apply(e), rebuilt.apply(e));
+            }
+            prop_assert_eq!(original.drain_updates(), rebuilt.drain_updates());
         }
     }
 }

@@ -37,6 +37,11 @@ impl DedupeEntry {
         }
     }
 
+    /// Days since 1970-01-01 of the event's time.
+    pub(crate) fn day(&self) -> u16 {
+        self.day
+    }
+
     fn same_key(&self, other: &DedupeEntry) -> bool {
         self.key_high == other.key_high && self.key_low == other.key_low
     }

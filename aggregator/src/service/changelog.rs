@@ -2,18 +2,25 @@
 //! the window updates and the input offsets they account for, so the committed
 //! changelog always matches the committed offsets.
 //!
-//! In (writing): the changes of a drain, or a whole-state snapshot. Out (restoring):
-//! the partition's [`Aggregator`] and the input offset it has accounted for.
+//! In (writing): the changes of a drain, or a snapshot of the usage state. Out
+//! (restoring): the partition's [`Aggregator`] and the input offset it has accounted
+//! for.
 //!
-//! Records of changelog partition p describe events partition p. Keys: `delta/<next
-//! offset>/<owner generation>` for a transaction's changes; `snapshot/<part>` for the whole state, written
-//! now and then in parts small enough for a record, after which the deltas it covers
-//! (and parts of an older, larger snapshot) are tombstoned, so compaction keeps the
-//! topic near the size of one snapshot plus recent deltas. Restore reads the partition
-//! from the beginning: part 0 of a snapshot resets the state, other parts and deltas
-//! are merged, tombstones are skipped. Values are MessagePack (compact, and self-describing as decimals and
-//! instants need).
+//! Records of changelog partition p describe events partition p. A transaction writes
+//! its new dedupe keys under `keys/<next offset>/<owner generation>` and its usage
+//! changes under `delta/<next offset>/<owner generation>`. Usage is rewritten now and
+//! then as a snapshot, `snapshot/<part>`, in parts small enough for a record, after which
+//! the deltas it covers (and parts of an older, larger snapshot) are tombstoned. Keys
+//! are never rewritten: a key record is tombstoned once every key in it has expired
+//! past the dedupe horizon. (Keys are almost all of a partition's state; rewriting them
+//! into every snapshot made a snapshot tens of megabytes and stalled its commit.) So
+//! compaction keeps the topic near the size of the live keys, one usage snapshot and
+//! recent deltas. Restore reads the partition from the beginning: part 0 of a snapshot
+//! resets the usage, other parts and deltas are merged, key records are gathered and
+//! merged at the end, and a tombstone drops the key record it names. Values are
+//! MessagePack (compact, and self-describing as decimals and instants need).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::aggregator::{Aggregator, Snapshot};
@@ -49,6 +56,14 @@ pub(super) fn delta_key(next_offset: i64, generation: u64) -> String {
     format!("delta/{next_offset:020}/{generation:016x}")
 }
 
+pub(super) fn keys_key(next_offset: i64, generation: u64) -> String {
+    format!("keys/{next_offset:020}/{generation:016x}")
+}
+
+fn is_keys_key(key: &[u8]) -> bool {
+    key.starts_with(b"keys/")
+}
+
 pub(super) fn snapshot_key(part: usize) -> String {
     format!("snapshot/{part:06}")
 }
@@ -69,6 +84,8 @@ pub(super) struct Restored {
     pub next_offset: Option<i64>,
     /// Keys of the deltas since the last snapshot, to tombstone after the next one.
     pub deltas: Vec<String>,
+    /// Key records still live, with the newest event day of their keys.
+    pub key_records: Vec<(String, u16)>,
     pub delta_bytes: usize,
     /// Parts of the last snapshot, so a smaller next one can tombstone the rest.
     pub snapshot_parts: usize,
@@ -91,11 +108,14 @@ pub(super) fn restore(
         aggregator: fresh(),
         next_offset: None,
         deltas: Vec::new(),
+        key_records: Vec::new(),
         delta_bytes: 0,
         snapshot_parts: 0,
         snapshot_bytes: 0,
         records: 0,
     };
+    // Gathered apart from the usage, which a snapshot resets; merged at the end.
+    let mut keys: BTreeMap<Vec<u8>, Snapshot> = BTreeMap::new();
     let mut corrupt = None;
     read_partition(base, topic, partition, timeout, |message| {
         if corrupt.is_some() {
@@ -104,11 +124,19 @@ pub(super) fn restore(
         restored.records += 1;
         let key = message.key().unwrap_or_default();
         let Some(value) = message.payload() else {
-            return; // a tombstone: what it names is inside a later snapshot
+            // A tombstone: the keys it names expired; a delta it names is inside a
+            // later snapshot.
+            keys.remove(key);
+            return;
         };
         let applied = ChangelogRecord::decode(value)
             .map_err(|e| e.to_string())
             .and_then(|record| {
+                restored.next_offset = Some(record.next_offset);
+                if is_keys_key(key) {
+                    keys.insert(key.to_vec(), record.changes);
+                    return Ok(());
+                }
                 if let Some(part) = snapshot_part(key) {
                     if part == 0 {
                         restored.aggregator = fresh();
@@ -125,7 +153,6 @@ pub(super) fn restore(
                         .push(String::from_utf8_lossy(key).into_owned());
                     restored.delta_bytes += value.len();
                 }
-                restored.next_offset = Some(record.next_offset);
                 restored
                     .aggregator
                     .merge(record.changes)
@@ -140,10 +167,19 @@ pub(super) fn restore(
             });
         }
     })?;
-    match corrupt {
-        Some(e) => Err(e),
-        None => Ok(restored),
+    if let Some(e) = corrupt {
+        return Err(e);
     }
+    for (key, changes) in keys {
+        if let Some(day) = changes.newest_dedupe_day() {
+            restored
+                .key_records
+                .push((String::from_utf8_lossy(&key).into_owned(), day));
+        }
+        // Keys only: merging them cannot fail.
+        let _ = restored.aggregator.merge(changes);
+    }
+    Ok(restored)
 }
 
 #[cfg(test)]

@@ -46,8 +46,10 @@ pub use metrics::{AggregatorMetrics, EventOutcome};
 
 use metrics::OutcomeCounts;
 
-use crate::aggregator::{Aggregator, Outcome};
-use changelog::{delta_key, snapshot_key, ChangelogRecord, Restored, SNAPSHOT_PART_ENTRIES};
+use crate::aggregator::{Aggregator, Outcome, Snapshot};
+use changelog::{
+    delta_key, keys_key, snapshot_key, ChangelogRecord, Restored, SNAPSHOT_PART_ENTRIES,
+};
 
 /// Most events in one transaction; with `commit_interval`, bounds its size.
 const MAX_TRANSACTION_EVENTS: usize = 100_000;
@@ -110,6 +112,11 @@ struct PartitionState {
     touched: bool,
     /// Changelog deltas since the last snapshot, to tombstone after the next one.
     deltas: Vec<String>,
+    /// Changelog records of dedupe keys, with the newest event day of their keys: each
+    /// is tombstoned once the aggregator has forgotten that day.
+    key_records: Vec<(String, u16)>,
+    /// Bytes of the deltas since the last snapshot (key records not included: a
+    /// snapshot does not rewrite keys).
     delta_bytes: usize,
     /// Parts of the partition's last snapshot in the changelog, and their size.
     snapshot_parts: usize,
@@ -241,7 +248,8 @@ impl PartitionState {
         topics: &Topics,
         with_snapshot: bool,
     ) -> Result<usize, KafkaError> {
-        let (updates, changes) = self.aggregator.drain();
+        let (updates, mut changes) = self.aggregator.drain();
+        let keys = changes.split_off_dedupe();
         let mut value = Vec::with_capacity(512);
         let mut windows = 0;
         for update in &updates {
@@ -257,25 +265,58 @@ impl PartitionState {
                     .payload(&value),
             )?;
         }
+        if let Some(newest_day) = keys.newest_dedupe_day() {
+            let key = keys_key(self.next_offset, self.generation);
+            self.write_changelog(producer, &topics.changelog, partition, &key, keys)?;
+            self.key_records.push((key, newest_day));
+        }
+        let expired: Vec<String> = self
+            .key_records
+            .extract_if(.., |(_, day)| self.aggregator.has_forgotten_day(*day))
+            .map(|(key, _)| key)
+            .collect();
+        for key in expired {
+            send(
+                producer,
+                BaseRecord::<[u8], [u8]>::to(&topics.changelog)
+                    .partition(partition)
+                    .key(key.as_bytes()),
+            )?;
+        }
+        let key = delta_key(self.next_offset, self.generation);
+        self.delta_bytes +=
+            self.write_changelog(producer, &topics.changelog, partition, &key, changes)?;
+        self.deltas.push(key);
+        if with_snapshot {
+            write_snapshot(producer, &topics.changelog, partition, self)?;
+        }
+        Ok(windows)
+    }
+}
+
+impl PartitionState {
+    /// Writes one changelog record for the partition's next offset; returns its size.
+    fn write_changelog(
+        &self,
+        producer: &KafkaProducer,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        changes: Snapshot,
+    ) -> Result<usize, KafkaError> {
         let record = ChangelogRecord {
             next_offset: self.next_offset,
             changes,
         }
         .encode();
-        let key = delta_key(self.next_offset, self.generation);
         send(
             producer,
-            BaseRecord::to(&topics.changelog)
+            BaseRecord::to(topic)
                 .partition(partition)
                 .key(key.as_bytes())
                 .payload(&record),
         )?;
-        self.deltas.push(key);
-        self.delta_bytes += record.len();
-        if with_snapshot {
-            write_snapshot(producer, &topics.changelog, partition, self)?;
-        }
-        Ok(windows)
+        Ok(record.len())
     }
 }
 
@@ -632,6 +673,7 @@ impl Worker {
             aggregator,
             next_offset,
             deltas,
+            key_records,
             delta_bytes,
             snapshot_parts,
             snapshot_bytes,
@@ -693,6 +735,7 @@ impl Worker {
             next_offset,
             touched: false,
             deltas,
+            key_records,
             delta_bytes,
             snapshot_parts,
             snapshot_bytes,
@@ -962,23 +1005,14 @@ fn write_snapshot(
     state: &mut PartitionState,
 ) -> Result<(), KafkaError> {
     let started = Instant::now();
-    let parts = state.aggregator.snapshot().split(SNAPSHOT_PART_ENTRIES);
+    let parts = state
+        .aggregator
+        .usage_snapshot()
+        .split(SNAPSHOT_PART_ENTRIES);
     let count = parts.len();
     let mut bytes = 0;
     for (i, changes) in parts.into_iter().enumerate() {
-        let record = ChangelogRecord {
-            next_offset: state.next_offset,
-            changes,
-        }
-        .encode();
-        bytes += record.len();
-        send(
-            producer,
-            BaseRecord::to(topic)
-                .partition(partition)
-                .key(snapshot_key(i).as_bytes())
-                .payload(&record),
-        )?;
+        bytes += state.write_changelog(producer, topic, partition, &snapshot_key(i), changes)?;
     }
     let stale = (count..state.snapshot_parts).map(snapshot_key);
     for key in state.deltas.drain(..).chain(stale) {
