@@ -643,6 +643,30 @@ impl Snapshot {
         }
     }
 
+    /// How many dedupe keys it holds.
+    pub fn dedupe_len(&self) -> usize {
+        self.dedupe.len()
+    }
+
+    /// The dedupe keys of several snapshots in one (their usage is left out), with the
+    /// newest watermark and expiry among them: for a store that gathers many small
+    /// records of keys into a few large ones.
+    pub fn gather_dedupe(snapshots: Vec<Snapshot>) -> Snapshot {
+        let mut gathered = Snapshot {
+            dedupe: Vec::with_capacity(snapshots.iter().map(Snapshot::dedupe_len).sum()),
+            series: Vec::new(),
+            watermark: None,
+            expired_before_day: 0,
+        };
+        for snapshot in snapshots {
+            gathered.dedupe.extend(snapshot.dedupe);
+            gathered.watermark = gathered.watermark.max(snapshot.watermark);
+            gathered.expired_before_day =
+                gathered.expired_before_day.max(snapshot.expired_before_day);
+        }
+        gathered
+    }
+
     /// The newest event day (days since 1970-01-01) among the dedupe keys, if there
     /// are any: once the aggregator has forgotten that day
     /// ([`Aggregator::has_forgotten_day`]), every key here is forgotten too.
@@ -1237,7 +1261,8 @@ mod tests {
 
         /// The changelog's layout: each drain's keys kept apart from its usage changes,
         /// the usage rewritten now and then as a snapshot that replaces the changes
-        /// before it, and a record of keys dropped once its newest day is forgotten.
+        /// before it, records of keys gathered into one now and then, and a record of
+        /// keys dropped once its newest day is forgotten.
         /// Merging what is left, the keys last, treats the rest of the stream exactly
         /// as the original does.
         #[test]
@@ -1245,6 +1270,7 @@ mod tests {
             events in proptest::collection::vec((0u32..60, 0u32..1400, 0u64..3, 1i64..1000, 0u64..5, any::<bool>()), 1..120),
             split in 0usize..120,
             snapshot_every in 1usize..6,
+            gather_every in 1usize..6,
         ) {
             let models = ["gpt", "claude", "llama"];
             let stream: Vec<DecodedEvent<'static>> = events
@@ -1263,6 +1289,9 @@ mod tests {
                 let mut changes = original.drain().1;
                 keys.push(changes.split_off_dedupe());
                 keys.retain(|k| k.newest_dedupe_day().is_some_and(|d| !original.has_forgotten_day(d)));
+                if keys.len() >= gather_every {
+                    keys = vec![Snapshot::gather_dedupe(std::mem::take(&mut keys))];
+                }
                 usage.push(changes);
                 drains += 1;
                 if drains % snapshot_every == 0 {

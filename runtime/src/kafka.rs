@@ -364,6 +364,8 @@ pub fn read_partition(
         .set("max.partition.fetch.bytes", "67108864")
         .create()
         .map_err(fail)?;
+    // One deadline for the whole read, waiting for the broker included.
+    let deadline = std::time::Instant::now() + timeout;
     let (low, high) = retry_while_unavailable("read the partition's watermarks", timeout, || {
         reader.fetch_watermarks(topic, partition, Duration::from_secs(10))
     })
@@ -376,7 +378,6 @@ pub fn read_partition(
         .add_partition_offset(topic, partition, Offset::Beginning)
         .map_err(fail)?;
     reader.assign(&assignment).map_err(fail)?;
-    let deadline = std::time::Instant::now() + timeout;
     loop {
         if std::time::Instant::now() > deadline {
             return Err(ReadError::Timeout {

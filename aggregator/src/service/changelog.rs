@@ -11,7 +11,10 @@
 //! changes under `delta/<next offset>/<owner generation>`. Usage is rewritten now and
 //! then as a snapshot, `snapshot/<part>`, in parts small enough for a record, after which
 //! the deltas it covers (and parts of an older, larger snapshot) are tombstoned. Keys
-//! are never rewritten: a key record is tombstoned once every key in it has expired
+//! are not rewritten into snapshots: once the per-transaction key records hold a
+//! part's worth of keys (or [`MAX_UNGATHERED_KEY_RECORDS`] records), their keys are
+//! gathered into `keyset/<next offset>/<owner generation>/<part>` records and the small
+//! ones tombstoned, and any key record is tombstoned once every key in it has expired
 //! past the dedupe horizon. (Keys are almost all of a partition's state; rewriting them
 //! into every snapshot made a snapshot tens of megabytes and stalled its commit.) So
 //! compaction keeps the topic near the size of the live keys, one usage snapshot and
@@ -33,22 +36,44 @@ use tally_runtime::kafka::read_partition;
 /// Dedupe keys or windows per snapshot part: 800 KB of keys, a few MB of windows.
 pub(super) const SNAPSHOT_PART_ENTRIES: usize = 50_000;
 
-/// One changelog record's value.
+/// Per-transaction records of keys a partition may hold before they are gathered into
+/// parts: a restore reads at most this many small records of keys.
+pub(super) const MAX_UNGATHERED_KEY_RECORDS: usize = 1_000;
+
+/// One changelog record's value; written from a borrowed snapshot (`C = &Snapshot`).
 #[derive(Debug, Serialize, Deserialize)]
-pub(super) struct ChangelogRecord {
+pub(super) struct ChangelogRecord<C = Snapshot> {
     /// The next offset of the events partition to read once this record is applied.
     pub next_offset: i64,
-    pub changes: Snapshot,
+    pub changes: C,
 }
 
-impl ChangelogRecord {
+impl<C: Serialize> ChangelogRecord<C> {
     pub fn encode(&self) -> Vec<u8> {
         // Serialising plain data into a Vec cannot fail.
         rmp_serde::to_vec(self).unwrap_or_default()
     }
+}
 
+impl ChangelogRecord {
     fn decode(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
         rmp_serde::from_slice(bytes)
+    }
+}
+
+/// Keys written in per-transaction records and not gathered into parts yet: those
+/// records' names (tombstoned once their keys are gathered) and their keys.
+#[derive(Debug, Default)]
+pub(super) struct KeyBacklog {
+    pub records: Vec<String>,
+    pub keys: Vec<Snapshot>,
+    pub count: usize,
+}
+
+impl KeyBacklog {
+    /// Time to gather: a part's worth of keys, or many small records.
+    pub fn full(&self) -> bool {
+        self.count >= SNAPSHOT_PART_ENTRIES || self.records.len() >= MAX_UNGATHERED_KEY_RECORDS
     }
 }
 
@@ -60,8 +85,45 @@ pub(super) fn keys_key(next_offset: i64, generation: u64) -> String {
     format!("keys/{next_offset:020}/{generation:016x}")
 }
 
-fn is_keys_key(key: &[u8]) -> bool {
-    key.starts_with(b"keys/")
+pub(super) fn keyset_key(next_offset: i64, generation: u64, part: usize) -> String {
+    format!("keyset/{next_offset:020}/{generation:016x}/{part:06}")
+}
+
+/// What a changelog record is, by its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// One transaction's new dedupe keys.
+    Keys,
+    /// A part of gathered dedupe keys.
+    KeySet,
+    /// A part of a usage snapshot.
+    Snapshot(usize),
+    /// One transaction's usage changes.
+    Delta,
+}
+
+fn kind_of(key: &[u8]) -> Kind {
+    if key.starts_with(b"keys/") {
+        Kind::Keys
+    } else if key.starts_with(b"keyset/") {
+        Kind::KeySet
+    } else if let Some(part) = snapshot_part(key) {
+        Kind::Snapshot(part)
+    } else {
+        Kind::Delta
+    }
+}
+
+/// Refuses usage records that carry dedupe keys: a changelog written before keys got
+/// records of their own (2026-12-04). Restoring it would lose its keys at the next
+/// snapshot and bill retries twice.
+fn check_layout(kind: Kind, changes: &Snapshot) -> Result<(), String> {
+    match kind {
+        Kind::Snapshot(_) | Kind::Delta if changes.dedupe_len() > 0 => Err(
+            "a usage record holds dedupe keys: the changelog was written by a build before dedupe keys got records of their own (2026-12-04)".to_owned(),
+        ),
+        _ => Ok(()),
+    }
 }
 
 pub(super) fn snapshot_key(part: usize) -> String {
@@ -86,6 +148,8 @@ pub(super) struct Restored {
     pub deltas: Vec<String>,
     /// Key records still live, with the newest event day of their keys.
     pub key_records: Vec<(String, u16)>,
+    /// The per-transaction key records among them, with their keys.
+    pub backlog: KeyBacklog,
     pub delta_bytes: usize,
     /// Parts of the last snapshot, so a smaller next one can tombstone the rest.
     pub snapshot_parts: usize,
@@ -109,13 +173,14 @@ pub(super) fn restore(
         next_offset: None,
         deltas: Vec::new(),
         key_records: Vec::new(),
+        backlog: KeyBacklog::default(),
         delta_bytes: 0,
         snapshot_parts: 0,
         snapshot_bytes: 0,
         records: 0,
     };
     // Gathered apart from the usage, which a snapshot resets; merged at the end.
-    let mut keys: BTreeMap<Vec<u8>, Snapshot> = BTreeMap::new();
+    let mut keys: BTreeMap<Vec<u8>, (Kind, Snapshot)> = BTreeMap::new();
     let mut corrupt = None;
     read_partition(base, topic, partition, timeout, |message| {
         if corrupt.is_some() {
@@ -129,15 +194,17 @@ pub(super) fn restore(
             keys.remove(key);
             return;
         };
+        let kind = kind_of(key);
         let applied = ChangelogRecord::decode(value)
             .map_err(|e| e.to_string())
             .and_then(|record| {
+                check_layout(kind, &record.changes)?;
                 restored.next_offset = Some(record.next_offset);
-                if is_keys_key(key) {
-                    keys.insert(key.to_vec(), record.changes);
+                if let Kind::Keys | Kind::KeySet = kind {
+                    keys.insert(key.to_vec(), (kind, record.changes));
                     return Ok(());
                 }
-                if let Some(part) = snapshot_part(key) {
+                if let Kind::Snapshot(part) = kind {
                     if part == 0 {
                         restored.aggregator = fresh();
                         restored.deltas.clear();
@@ -170,11 +237,15 @@ pub(super) fn restore(
     if let Some(e) = corrupt {
         return Err(e);
     }
-    for (key, changes) in keys {
+    for (key, (kind, changes)) in keys {
+        let key = String::from_utf8_lossy(&key).into_owned();
         if let Some(day) = changes.newest_dedupe_day() {
-            restored
-                .key_records
-                .push((String::from_utf8_lossy(&key).into_owned(), day));
+            restored.key_records.push((key.clone(), day));
+        }
+        if kind == Kind::Keys {
+            restored.backlog.count += changes.dedupe_len();
+            restored.backlog.keys.push(changes.clone());
+            restored.backlog.records.push(key);
         }
         // Keys only: merging them cannot fail.
         let _ = restored.aggregator.merge(changes);
@@ -235,5 +306,23 @@ mod tests {
         let mut rebuilt = Aggregator::streaming(&config);
         rebuilt.merge(decoded.changes).unwrap();
         assert_eq!(rebuilt.snapshot(), aggregator.snapshot());
+
+        // Keys go to key records only: a usage record with keys is an older layout.
+        let mut usage = aggregator.snapshot();
+        let keys = usage.split_off_dedupe();
+        assert_eq!(keys.dedupe_len(), 3);
+        for key in [keys_key(42, 7), keyset_key(42, 7, 0)] {
+            let kind = kind_of(key.as_bytes());
+            assert!(check_layout(kind, &keys).is_ok(), "{key}");
+        }
+        for key in [delta_key(42, 7), snapshot_key(0)] {
+            let kind = kind_of(key.as_bytes());
+            assert!(check_layout(kind, &usage).is_ok(), "{key}");
+            let problem = check_layout(kind, &aggregator.snapshot()).unwrap_err();
+            assert!(
+                problem.contains("before dedupe keys got records of their own"),
+                "{key}: {problem}"
+            );
+        }
     }
 }

@@ -21,7 +21,7 @@
 mod changelog;
 mod metrics;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,7 +48,8 @@ use metrics::OutcomeCounts;
 
 use crate::aggregator::{Aggregator, Outcome, Snapshot};
 use changelog::{
-    delta_key, keys_key, snapshot_key, ChangelogRecord, Restored, SNAPSHOT_PART_ENTRIES,
+    delta_key, keys_key, keyset_key, snapshot_key, ChangelogRecord, KeyBacklog, Restored,
+    SNAPSHOT_PART_ENTRIES,
 };
 
 /// Most events in one transaction; with `commit_interval`, bounds its size.
@@ -115,6 +116,10 @@ struct PartitionState {
     /// Changelog records of dedupe keys, with the newest event day of their keys: each
     /// is tombstoned once the aggregator has forgotten that day.
     key_records: Vec<(String, u16)>,
+    /// The per-transaction records of keys among them, gathered into parts now and
+    /// then so a partition does not collect one record per transaction for the whole
+    /// dedupe horizon.
+    backlog: KeyBacklog,
     /// Bytes of the deltas since the last snapshot (key records not included: a
     /// snapshot does not rewrite keys).
     delta_bytes: usize,
@@ -266,9 +271,17 @@ impl PartitionState {
             )?;
         }
         if let Some(newest_day) = keys.newest_dedupe_day() {
-            let key = keys_key(self.next_offset, self.generation);
-            self.write_changelog(producer, &topics.changelog, partition, &key, keys)?;
-            self.key_records.push((key, newest_day));
+            self.backlog.count += keys.dedupe_len();
+            if self.backlog.full() {
+                self.backlog.keys.push(keys);
+                self.gather_keys(producer, &topics.changelog, partition)?;
+            } else {
+                let key = keys_key(self.next_offset, self.generation);
+                self.write_changelog(producer, &topics.changelog, partition, &key, &keys)?;
+                self.key_records.push((key.clone(), newest_day));
+                self.backlog.records.push(key);
+                self.backlog.keys.push(keys);
+            }
         }
         let expired: Vec<String> = self
             .key_records
@@ -276,16 +289,11 @@ impl PartitionState {
             .map(|(key, _)| key)
             .collect();
         for key in expired {
-            send(
-                producer,
-                BaseRecord::<[u8], [u8]>::to(&topics.changelog)
-                    .partition(partition)
-                    .key(key.as_bytes()),
-            )?;
+            tombstone(producer, &topics.changelog, partition, &key)?;
         }
         let key = delta_key(self.next_offset, self.generation);
         self.delta_bytes +=
-            self.write_changelog(producer, &topics.changelog, partition, &key, changes)?;
+            self.write_changelog(producer, &topics.changelog, partition, &key, &changes)?;
         self.deltas.push(key);
         if with_snapshot {
             write_snapshot(producer, &topics.changelog, partition, self)?;
@@ -295,6 +303,37 @@ impl PartitionState {
 }
 
 impl PartitionState {
+    /// Writes the keys of the backlog's small records as parts of up to
+    /// [`SNAPSHOT_PART_ENTRIES`] keys and tombstones those records, in the open
+    /// transaction. Each key is so written twice at most, not once per snapshot.
+    fn gather_keys(
+        &mut self,
+        producer: &KafkaProducer,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(), KafkaError> {
+        let backlog = std::mem::take(&mut self.backlog);
+        let gathered = Snapshot::gather_dedupe(backlog.keys);
+        for (i, part) in gathered
+            .split(SNAPSHOT_PART_ENTRIES)
+            .into_iter()
+            .enumerate()
+        {
+            let Some(newest_day) = part.newest_dedupe_day() else {
+                continue;
+            };
+            let key = keyset_key(self.next_offset, self.generation, i);
+            self.write_changelog(producer, topic, partition, &key, &part)?;
+            self.key_records.push((key, newest_day));
+        }
+        let small: BTreeSet<&String> = backlog.records.iter().collect();
+        self.key_records.retain(|(key, _)| !small.contains(key));
+        for key in &backlog.records {
+            tombstone(producer, topic, partition, key)?;
+        }
+        Ok(())
+    }
+
     /// Writes one changelog record for the partition's next offset; returns its size.
     fn write_changelog(
         &self,
@@ -302,7 +341,7 @@ impl PartitionState {
         topic: &str,
         partition: i32,
         key: &str,
-        changes: Snapshot,
+        changes: &Snapshot,
     ) -> Result<usize, KafkaError> {
         let record = ChangelogRecord {
             next_offset: self.next_offset,
@@ -318,6 +357,21 @@ impl PartitionState {
         )?;
         Ok(record.len())
     }
+}
+
+/// Deletes a changelog record (compaction drops it), in the open transaction.
+fn tombstone(
+    producer: &KafkaProducer,
+    topic: &str,
+    partition: i32,
+    key: &str,
+) -> Result<(), KafkaError> {
+    send(
+        producer,
+        BaseRecord::<[u8], [u8]>::to(topic)
+            .partition(partition)
+            .key(key.as_bytes()),
+    )
 }
 
 /// Runs `f` on every item, spread over at most as many threads as the machine has
@@ -674,6 +728,7 @@ impl Worker {
             next_offset,
             deltas,
             key_records,
+            backlog,
             delta_bytes,
             snapshot_parts,
             snapshot_bytes,
@@ -736,6 +791,7 @@ impl Worker {
             touched: false,
             deltas,
             key_records,
+            backlog,
             delta_bytes,
             snapshot_parts,
             snapshot_bytes,
@@ -1012,7 +1068,7 @@ fn write_snapshot(
     let count = parts.len();
     let mut bytes = 0;
     for (i, changes) in parts.into_iter().enumerate() {
-        bytes += state.write_changelog(producer, topic, partition, &snapshot_key(i), changes)?;
+        bytes += state.write_changelog(producer, topic, partition, &snapshot_key(i), &changes)?;
     }
     let stale = (count..state.snapshot_parts).map(snapshot_key);
     for key in state.deltas.drain(..).chain(stale) {

@@ -115,9 +115,6 @@ struct Pending {
     oldest_update_ms: Option<i64>,
     updates: usize,
     started: Option<Instant>,
-    /// Stored in ClickHouse and handed to the producer for `<prefix>.rated`: only their
-    /// delivery and the offsets' commit remain.
-    queued: bool,
 }
 
 struct Worker {
@@ -129,6 +126,10 @@ struct Worker {
     producer: KafkaProducer,
     partitions: BTreeMap<i32, PartitionState>,
     pending: Pending,
+    /// The offsets of a batch stored in ClickHouse and handed to the producer for
+    /// `<prefix>.rated`: they are committed once Kafka confirms the batch's lines.
+    /// Meanwhile new updates gather in `pending`.
+    awaiting_delivery: Option<BTreeMap<i32, i64>>,
     metrics: RaterMetrics,
     readiness: Readiness,
     /// While set, ClickHouse refused the last write: partitions are paused and the
@@ -191,10 +192,16 @@ impl PartitionOwner for Worker {
         consumer
             .incremental_assign(partitions)
             .map_err(kafka("take the assigned partitions"))?;
+        // Pausing outlives an assignment in librdkafka: a partition paused for a retry
+        // and then lost comes back paused unless it is resumed here.
         if self.retry_at.is_some() {
             consumer
                 .pause(partitions)
                 .map_err(kafka("pause the assigned partitions"))?;
+        } else {
+            consumer
+                .resume(partitions)
+                .map_err(kafka("resume the assigned partitions"))?;
         }
         self.readiness.ready();
         Ok(())
@@ -221,6 +228,9 @@ impl PartitionOwner for Worker {
         for e in partitions.elements() {
             self.partitions.remove(&e.partition());
             self.pending.offsets.remove(&e.partition());
+            if let Some(offsets) = &mut self.awaiting_delivery {
+                offsets.remove(&e.partition());
+            }
         }
         consumer
             .incremental_unassign(partitions)
@@ -281,6 +291,7 @@ pub fn run(
         producer,
         partitions: BTreeMap::new(),
         pending: Pending::default(),
+        awaiting_delivery: None,
         metrics,
         readiness: readiness.clone(),
         retry_at: None,
@@ -470,24 +481,31 @@ impl Worker {
     /// rated lines in time, the partitions are paused and the step that failed is
     /// retried later with backoff; nothing is written twice to `rated` by a retry.
     fn store(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
-        if !self.pending.queued {
-            self.collect_changed_lines();
-            if self.pending.offsets.is_empty() {
-                // Nothing left to store (what was pending belonged to revoked partitions).
-                self.pending = Pending::default();
-                self.resume(consumer);
-                return Ok(());
-            }
-            if let Err(e) = self.write_lines() {
-                self.metrics.insert_failures.inc();
-                self.hold(consumer, "ClickHouse refused the write", e.to_string());
-                return Err(e.into());
-            }
-            self.queue_rated_lines();
-            self.pending.queued = true;
+        if self.awaiting_delivery.is_some() {
+            self.deliver_and_commit(consumer)?;
         }
-        // At least once downstream: delivered before the offsets move on. Not confirmed
-        // yet (a broker restart, say): librdkafka keeps the lines and keeps sending them.
+        self.collect_changed_lines();
+        if self.pending.offsets.is_empty() {
+            // Nothing left to store (what was pending belonged to revoked partitions).
+            self.pending = Pending::default();
+            self.resume(consumer);
+            return Ok(());
+        }
+        if let Err(e) = self.write_lines() {
+            self.metrics.insert_failures.inc();
+            self.hold(consumer, "ClickHouse refused the write", e.to_string());
+            return Err(e.into());
+        }
+        self.queue_rated_lines();
+        self.awaiting_delivery = Some(std::mem::take(&mut self.pending).offsets);
+        self.deliver_and_commit(consumer)
+    }
+
+    /// Waits for Kafka to confirm the rated lines of the batch awaiting delivery, then
+    /// commits its offsets. At least once downstream: delivered before the offsets move
+    /// on. Not confirmed yet (a broker restart, say): librdkafka keeps the lines and
+    /// keeps sending them, and the wait is retried later.
+    fn deliver_and_commit(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
         if let Err(e) = flush(&self.producer, DELIVERY_WAIT) {
             self.hold(
                 consumer,
@@ -500,13 +518,12 @@ impl Worker {
             });
         }
         let mut offsets = TopicPartitionList::new();
-        for (&partition, &offset) in &self.pending.offsets {
+        for (partition, offset) in self.awaiting_delivery.take().unwrap_or_default() {
             offsets
                 .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
                 .map_err(kafka("list the offsets to commit"))?;
         }
         self.resume(consumer);
-        self.pending = Pending::default();
         if offsets.count() == 0 {
             // The partitions were revoked meanwhile; their next owner re-reads them.
             return Ok(());
