@@ -12,7 +12,8 @@
 //! then as a snapshot, `snapshot/<part>`, in parts small enough for a record, after which
 //! the deltas it covers (and parts of an older, larger snapshot) are tombstoned. Keys
 //! are not rewritten into snapshots: once the per-transaction key records hold a
-//! part's worth of keys (or [`MAX_UNGATHERED_KEY_RECORDS`] records), their keys are
+//! part's worth of keys (fewer if `changelog_snapshot_bytes` is small, or
+//! [`MAX_UNGATHERED_KEY_RECORDS`] records), their keys are
 //! gathered into `keyset/<next offset>/<owner generation>/<part>` records and the small
 //! ones tombstoned, and any key record is tombstoned once every key in it has expired
 //! past the dedupe horizon. (Keys are almost all of a partition's state; rewriting them
@@ -71,9 +72,10 @@ pub(super) struct KeyBacklog {
 }
 
 impl KeyBacklog {
-    /// Time to gather: a part's worth of keys, or many small records.
-    pub fn full(&self) -> bool {
-        self.count >= SNAPSHOT_PART_ENTRIES || self.records.len() >= MAX_UNGATHERED_KEY_RECORDS
+    /// Time to gather: `max_keys` keys (at most a part's worth), or many small records.
+    pub fn full(&self, max_keys: usize) -> bool {
+        self.count >= max_keys.min(SNAPSHOT_PART_ENTRIES)
+            || self.records.len() >= MAX_UNGATHERED_KEY_RECORDS
     }
 }
 

@@ -252,6 +252,7 @@ impl PartitionState {
         producer: &KafkaProducer,
         topics: &Topics,
         with_snapshot: bool,
+        gather_after_keys: usize,
     ) -> Result<usize, KafkaError> {
         let (updates, mut changes) = self.aggregator.drain();
         let keys = changes.split_off_dedupe();
@@ -272,7 +273,7 @@ impl PartitionState {
         }
         if let Some(newest_day) = keys.newest_dedupe_day() {
             self.backlog.count += keys.dedupe_len();
-            if self.backlog.full() {
+            if self.backlog.full(gather_after_keys) {
                 self.backlog.keys.push(keys);
                 self.gather_keys(producer, &topics.changelog, partition)?;
             } else {
@@ -964,6 +965,8 @@ impl Worker {
             .filter_map(|(&p, state)| Some((state.snapshot_overdue(self.snapshot_after_bytes)?, p)))
             .max()
             .map(|(_, p)| p);
+        // Keys travel as 16 bytes each: gather them once they would fill the setting.
+        let gather_after_keys = (self.snapshot_after_bytes / 16).max(1);
         let published = on_threads(touched, |(&partition, state)| {
             state
                 .publish(
@@ -971,6 +974,7 @@ impl Worker {
                     producer,
                     topics,
                     snapshot_partition == Some(partition),
+                    gather_after_keys,
                 )
                 .map(|updates| (partition, state.next_offset, updates))
         });

@@ -86,7 +86,8 @@ fn with_duplicates(mut lines: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
     let _serial = serial();
-    // Small snapshots: restores go through snapshot parts, tombstones and deltas.
+    // Small snapshots: restores go through snapshot parts, tombstones, deltas and
+    // dedupe keys both in per-transaction records and gathered into key sets.
     let mut p = Pipeline::new(
         "kill9",
         200_000,
@@ -114,6 +115,13 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
             .contains("partition state restored from the changelog"),
         "the restarts restored from the changelog"
     );
+    let changelog = p.read_records("aggregator-changelog");
+    for kind in ["snapshot/", "delta/", "keys/", "keyset/"] {
+        assert!(
+            changelog.iter().any(|(key, ..)| key.starts_with(kind.as_bytes())),
+            "the changelog has {kind} records"
+        );
+    }
 }
 
 #[test]
