@@ -244,8 +244,10 @@ impl PartitionState {
     }
 
     /// Writes what changed since the last commit to the open transaction: a usage
-    /// update per changed series and period, the changelog delta behind them and, if
-    /// `with_snapshot`, a snapshot. Returns the number of windows the updates carry.
+    /// update per changed series and period, the changelog delta behind them, the new
+    /// dedupe keys (gathered with earlier ones once `gather_after_keys` are waiting),
+    /// tombstones for expired key records and, if `with_snapshot`, a usage snapshot.
+    /// Returns the number of windows the updates carry.
     fn publish(
         &mut self,
         partition: i32,
@@ -1055,7 +1057,7 @@ impl Worker {
     }
 }
 
-/// Writes the partition's whole state as the changelog's snapshot, in parts, and
+/// Writes the partition's usage state (no dedupe keys) as the changelog's snapshot, in parts, and
 /// tombstones the deltas it covers and any parts of the previous snapshot beyond this
 /// one's, in the open transaction.
 fn write_snapshot(

@@ -118,7 +118,9 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
     let changelog = p.read_records("aggregator-changelog");
     for kind in ["snapshot/", "delta/", "keys/", "keyset/"] {
         assert!(
-            changelog.iter().any(|(key, ..)| key.starts_with(kind.as_bytes())),
+            changelog
+                .iter()
+                .any(|(key, ..)| key.starts_with(kind.as_bytes())),
             "the changelog has {kind} records"
         );
     }
