@@ -15,7 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tally_schemas::config::{KafkaSettings, Topic};
@@ -266,7 +266,34 @@ pub fn leave_group<W: PartitionOwner>(consumer: &BaseConsumer<GroupContext<W>>) 
 }
 
 /// The services' producer: its own thread serves delivery reports as they arrive.
-pub type KafkaProducer = ThreadedProducer<DefaultProducerContext>;
+/// Create it with `create_with_context(DeliveryReports::default())`.
+pub type KafkaProducer = ThreadedProducer<DeliveryReports>;
+
+/// A producer context that keeps the first record Kafka refused for good, so that a
+/// caller who waited for the queue to empty can tell delivered from given up on.
+#[derive(Debug, Default)]
+pub struct DeliveryReports {
+    failure: std::sync::OnceLock<KafkaError>,
+}
+
+impl DeliveryReports {
+    /// The first delivery failure, if a record was ever refused.
+    pub fn failure(&self) -> Option<&KafkaError> {
+        self.failure.get()
+    }
+}
+
+impl ClientContext for DeliveryReports {}
+
+impl ProducerContext for DeliveryReports {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            let _ = self.failure.set(error.clone());
+        }
+    }
+}
 
 /// Waits until every queued record is delivered or failed. Not rust-rdkafka's `flush`:
 /// that polls in 100 ms steps that each run to their end while the producer's own

@@ -35,7 +35,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, leave_group, lock, log_consumer_error,
-    offset_of, send, GroupContext, KafkaProducer, PartitionOwner,
+    offset_of, send, DeliveryReports, GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -643,7 +643,7 @@ fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError>
         .set("compression.type", "lz4")
         .set("message.max.bytes", "67108864")
         .set("transaction.timeout.ms", "60000")
-        .create()
+        .create_with_context(DeliveryReports::default())
         .map_err(kafka_error("create the transactional producer"))?;
     // Fences any earlier producer with this id (a previous run of this instance) and
     // aborts its open transaction.

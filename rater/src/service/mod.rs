@@ -27,12 +27,12 @@ use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::BaseRecord;
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, leave_group, lock, log_consumer_error,
-    offset_of, read_partition, send, GroupContext, KafkaProducer, PartitionOwner,
+    offset_of, read_partition, send, DeliveryReports, GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -61,6 +61,8 @@ pub enum RaterError {
     ClickHouse(#[from] ClickHouseError),
     #[error("cannot rebuild a partition's ledger: {0}")]
     Rebuild(#[from] tally_runtime::kafka::ReadError),
+    #[error("Kafka refused a rated line for {topic} ({source}); the offsets of its batch were not committed, so the rater stops and a restart writes the batch again. Check that {topic} exists, that the rater may write to it and that its max.message.bytes allows the lines")]
+    Undelivered { topic: String, source: KafkaError },
 }
 
 /// A rated line as written to `<prefix>.rated`: the line, its revision and how much
@@ -279,7 +281,7 @@ pub fn run(
         // Queued lines are sent until delivered, however long Kafka is away: one given
         // up on would be missing downstream once its offset was committed.
         .set("message.timeout.ms", "0")
-        .create()
+        .create_with_context(DeliveryReports::default())
         .map_err(kafka("create the rated-lines producer"))?;
     let topic = kafka_settings.topic(Topic::Windows);
     let worker = Arc::new(Mutex::new(Worker {
@@ -324,6 +326,9 @@ pub fn run(
             // A failure is retried by `store` itself; the loop keeps polling so the
             // group does not consider this member dead.
             let _ = worker.store(&consumer);
+        }
+        if let Some(refused) = worker.undelivered() {
+            return Err(refused);
         }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
@@ -506,7 +511,11 @@ impl Worker {
     /// on. Not confirmed yet (a broker restart, say): librdkafka keeps the lines and
     /// keeps sending them, and the wait is retried later.
     fn deliver_and_commit(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
-        if let Err(e) = flush(&self.producer, DELIVERY_WAIT) {
+        let flushed = flush(&self.producer, DELIVERY_WAIT);
+        if let Some(refused) = self.undelivered() {
+            return Err(refused);
+        }
+        if let Err(e) = flushed {
             self.hold(
                 consumer,
                 "Kafka has not confirmed the rated lines",
@@ -598,6 +607,16 @@ impl Worker {
                 tracing::warn!(error = %e, "cannot queue a rated line for the rated topic");
             }
         }
+    }
+
+    /// Set for good once Kafka refused a rated line (not just delayed it): the rater
+    /// must stop before any later offset of that line's partition is committed.
+    fn undelivered(&self) -> Option<RaterError> {
+        let source = self.producer.context().failure()?.clone();
+        Some(RaterError::Undelivered {
+            topic: self.rated_topic.clone(),
+            source,
+        })
     }
 
     /// Pauses the partitions until a retry, later each time, after a write failed.

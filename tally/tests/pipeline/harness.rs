@@ -195,6 +195,81 @@ database = "{database}"
     }
 
     /// Panics with its log if a started process has exited.
+    /// Waits for `name` to exit on its own and returns how it ended and its log.
+    pub fn wait_exit(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        let mut child = self.children.remove(name).unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, self.log(name));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "{name} still running after {timeout:?}:\n{}",
+                    self.log(name)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Sets a topic's configuration (replacing its dynamic settings), as an operator
+    /// would with `kafka-configs`.
+    pub fn set_topic_config(&self, suffix: &str, name: &str, value: &str) {
+        use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", BROKERS)
+            .create()
+            .unwrap();
+        let topic = self.topic(suffix);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let results = runtime
+            .block_on(admin.alter_configs(
+                &[AlterConfig::new(ResourceSpecifier::Topic(&topic)).set(name, value)],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+            ))
+            .unwrap();
+        for result in results {
+            result.unwrap();
+        }
+    }
+
+    /// The offsets the service's group has committed, by partition.
+    pub fn committed(&self, service: &str) -> BTreeMap<i32, i64> {
+        let topic = self.topic(if service == "aggregator" {
+            "events"
+        } else {
+            "windows"
+        });
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", BROKERS)
+            .set("group.id", format!("{}-{service}", self.prefix))
+            .create()
+            .unwrap();
+        let mut list = TopicPartitionList::new();
+        for p in 0..PARTITIONS as i32 {
+            list.add_partition(&topic, p);
+        }
+        consumer
+            .committed_offsets(list, Duration::from_secs(10))
+            .unwrap()
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn assert_running(&mut self) {
         for (name, child) in &mut self.children {
             if let Some(status) = child.try_wait().unwrap() {

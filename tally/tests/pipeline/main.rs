@@ -232,6 +232,35 @@ fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
     p.wait_for_rated(&expected, Duration::from_secs(60));
 }
 
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_rated_topic_refusing_lines_stops_the_rater_until_a_restart_delivers_them() {
+    let _serial = serial();
+    let mut p = Pipeline::new("rated_refused", 5_000, 20, "");
+    // Every rated line is larger than this: Kafka refuses them for good.
+    p.set_topic_config("rated", "max.message.bytes", "200");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(&p.lines());
+    let (status, log) = p.wait_exit("rater-a", Duration::from_secs(120));
+    assert!(!status.success(), "the rater stopped with an error");
+    let topic = p.topic("rated");
+    assert!(
+        log.contains(&format!("Kafka refused a rated line for {topic}")),
+        "the rater says why it stopped:\n{log}"
+    );
+    assert!(
+        p.committed("rater").is_empty(),
+        "no offset was committed past the refused lines"
+    );
+    p.set_topic_config("rated", "max.message.bytes", "1048588");
+    p.start("rater", "rater-a");
+    p.wait_caught_up("aggregator", Duration::from_secs(120));
+    let expected = p.expected();
+    p.wait_for(&expected, Duration::from_secs(120));
+    p.wait_for_rated(&expected, Duration::from_secs(60));
+}
+
 fn resolution(id: &str, customer: &str, time: &str) -> Vec<u8> {
     format!(
         r#"{{"specversion":"1.0","id":"{id}","source":"late-test","type":"ai.resolution","subject":"{customer}","time":"{time}","data":{{"conversation_id":"{id}"}}}}"#
