@@ -1179,6 +1179,24 @@ mod tests {
         );
     }
 
+    /// Events of October to December 2026 from generated (id, hour, model, tokens,
+    /// user, _) tuples.
+    fn quarter_of_events(events: &[(u32, u32, u64, i64, u64, bool)]) -> Vec<DecodedEvent<'static>> {
+        let models = ["gpt", "claude", "llama"];
+        events
+            .iter()
+            .map(|&(id, hour, model, n, user, _)| {
+                let time = format!(
+                    "2026-{:02}-{:02}T{:02}:00:00Z",
+                    10 + hour / 720,
+                    1 + (hour % 720) / 24,
+                    hour % 24
+                );
+                tokens(&id.to_string(), &time, models[model as usize], n, user)
+            })
+            .collect()
+    }
+
     proptest! {
         /// Replaying a stream, in any order, with any retries, gives the same period
         /// totals as the stream once.
@@ -1226,14 +1244,7 @@ mod tests {
             events in proptest::collection::vec((0u32..60, 0u32..1400, 0u64..3, 1i64..1000, 0u64..5, any::<bool>()), 1..120),
             split in 0usize..120,
         ) {
-            let models = ["gpt", "claude", "llama"];
-            let stream: Vec<DecodedEvent<'static>> = events
-                .iter()
-                .map(|&(id, hour, model, n, user, _)| {
-                    let time = format!("2026-{:02}-{:02}T{:02}:00:00Z", 10 + hour / 720, 1 + (hour % 720) / 24, hour % 24);
-                    tokens(&id.to_string(), &time, models[model as usize], n, user)
-                })
-                .collect();
+            let stream = quarter_of_events(&events);
             let split = split.min(stream.len());
             let mut original = Aggregator::streaming(&config());
             let mut rebuilt = Aggregator::streaming(&config());
@@ -1272,14 +1283,7 @@ mod tests {
             snapshot_every in 1usize..6,
             gather_every in 1usize..6,
         ) {
-            let models = ["gpt", "claude", "llama"];
-            let stream: Vec<DecodedEvent<'static>> = events
-                .iter()
-                .map(|&(id, hour, model, n, user, _)| {
-                    let time = format!("2026-{:02}-{:02}T{:02}:00:00Z", 10 + hour / 720, 1 + (hour % 720) / 24, hour % 24);
-                    tokens(&id.to_string(), &time, models[model as usize], n, user)
-                })
-                .collect();
+            let stream = quarter_of_events(&events);
             let split = split.min(stream.len());
             let mut original = Aggregator::streaming(&config());
             let mut usage: Vec<Snapshot> = Vec::new();

@@ -68,13 +68,13 @@ impl ChangelogRecord {
 pub(super) struct KeyBacklog {
     pub records: Vec<String>,
     pub keys: Vec<Snapshot>,
-    pub count: usize,
 }
 
 impl KeyBacklog {
     /// Time to gather: `max_keys` keys (at most a part's worth), or many small records.
     pub fn full(&self, max_keys: usize) -> bool {
-        self.count >= max_keys.min(SNAPSHOT_PART_ENTRIES)
+        let count: usize = self.keys.iter().map(Snapshot::dedupe_len).sum();
+        count >= max_keys.min(SNAPSHOT_PART_ENTRIES)
             || self.records.len() >= MAX_UNGATHERED_KEY_RECORDS
     }
 }
@@ -245,7 +245,6 @@ pub(super) fn restore(
             restored.key_records.push((key.clone(), day));
         }
         if kind == Kind::Keys {
-            restored.backlog.count += changes.dedupe_len();
             restored.backlog.keys.push(changes.clone());
             restored.backlog.records.push(key);
         }

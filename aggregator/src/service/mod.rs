@@ -274,16 +274,16 @@ impl PartitionState {
             )?;
         }
         if let Some(newest_day) = keys.newest_dedupe_day() {
-            self.backlog.count += keys.dedupe_len();
+            self.backlog.keys.push(keys);
             if self.backlog.full(gather_after_keys) {
-                self.backlog.keys.push(keys);
                 self.gather_keys(producer, &topics.changelog, partition)?;
             } else {
                 let key = keys_key(self.next_offset, self.generation);
-                self.write_changelog(producer, &topics.changelog, partition, &key, &keys)?;
+                if let Some(keys) = self.backlog.keys.last() {
+                    self.write_changelog(producer, &topics.changelog, partition, &key, keys)?;
+                }
                 self.key_records.push((key.clone(), newest_day));
                 self.backlog.records.push(key);
-                self.backlog.keys.push(keys);
             }
         }
         let expired: Vec<String> = self
@@ -303,9 +303,7 @@ impl PartitionState {
         }
         Ok(windows)
     }
-}
 
-impl PartitionState {
     /// Writes the keys of the backlog's small records as parts of up to
     /// [`SNAPSHOT_PART_ENTRIES`] keys and tombstones those records, in the open
     /// transaction. Each key is so written twice at most, not once per snapshot.
@@ -1078,12 +1076,7 @@ fn write_snapshot(
     }
     let stale = (count..state.snapshot_parts).map(snapshot_key);
     for key in state.deltas.drain(..).chain(stale) {
-        send(
-            producer,
-            BaseRecord::<[u8], [u8]>::to(topic)
-                .partition(partition)
-                .key(key.as_bytes()),
-        )?;
+        tombstone(producer, topic, partition, &key)?;
     }
     tracing::info!(
         partition,

@@ -337,10 +337,8 @@ pub fn run(
     }
     tracing::info!("rater stopping: storing what was read");
     let mut worker = lock(&worker);
+    // Stores what is pending and waits for its rated lines: nothing is left in flight.
     worker.store(&consumer)?;
-    if let Err(e) = flush(&worker.producer, Duration::from_secs(10)) {
-        tracing::warn!(error = %e, "some rated lines may not have reached the rated topic");
-    }
     drop(worker);
     leave_group(&consumer);
     Ok(())

@@ -244,30 +244,24 @@ database = "{database}"
 
     /// The offsets the service's group has committed, by partition.
     pub fn committed(&self, service: &str) -> BTreeMap<i32, i64> {
+        let (topic, client) = self.group_client(service);
+        committed_on(&client, &topic).unwrap()
+    }
+
+    /// The topic the service's group reads, and a client of that group to ask about it.
+    fn group_client(&self, service: &str) -> (String, BaseConsumer) {
         let topic = self.topic(if service == "aggregator" {
             "events"
         } else {
             "windows"
         });
-        let consumer: BaseConsumer = ClientConfig::new()
+        let client = ClientConfig::new()
             .set("bootstrap.servers", BROKERS)
             .set("group.id", format!("{}-{service}", self.prefix))
+            .set("isolation.level", "read_committed")
             .create()
             .unwrap();
-        let mut list = TopicPartitionList::new();
-        for p in 0..PARTITIONS as i32 {
-            list.add_partition(&topic, p);
-        }
-        consumer
-            .committed_offsets(list, Duration::from_secs(10))
-            .unwrap()
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((e.partition(), o)),
-                _ => None,
-            })
-            .collect()
+        (topic, client)
     }
 
     pub fn assert_running(&mut self) {
@@ -638,35 +632,17 @@ pub fn service_with(name: &str, args: &[&str]) {
 impl Pipeline {
     /// Waits until the service's group has committed every partition to its end.
     pub fn wait_caught_up(&mut self, service: &str, timeout: Duration) {
-        let topic = self.topic(if service == "aggregator" {
-            "events"
-        } else {
-            "windows"
-        });
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", BROKERS)
-            .set("group.id", format!("{}-{service}", self.prefix))
-            .set("isolation.level", "read_committed")
-            .create()
-            .unwrap();
+        let (topic, client) = self.group_client(service);
         let deadline = Instant::now() + timeout;
         loop {
             self.assert_running();
-            let mut list = TopicPartitionList::new();
-            for p in 0..PARTITIONS as i32 {
-                list.add_partition(&topic, p);
-            }
             // Right after a broker restart the group coordinator may still be loading:
             // an error is "not yet", like being behind.
-            let behind = consumer
-                .committed_offsets(list, Duration::from_secs(10))
+            let behind = committed_on(&client, &topic)
                 .map(|committed| {
                     (0..PARTITIONS as i32).any(|p| {
-                        let at = match committed.find_partition(&topic, p).map(|e| e.offset()) {
-                            Some(Offset::Offset(o)) => o,
-                            _ => 0,
-                        };
-                        consumer
+                        let at = committed.get(&p).copied().unwrap_or(0);
+                        client
                             .fetch_watermarks(&topic, p, Duration::from_secs(10))
                             .map_or(true, |(_, high)| at < high)
                     })
@@ -682,6 +658,26 @@ impl Pipeline {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// What `client`'s group has committed on `topic`, by partition.
+fn committed_on(
+    client: &BaseConsumer,
+    topic: &str,
+) -> rdkafka::error::KafkaResult<BTreeMap<i32, i64>> {
+    let mut list = TopicPartitionList::new();
+    for p in 0..PARTITIONS as i32 {
+        list.add_partition(topic, p);
+    }
+    Ok(client
+        .committed_offsets(list, Duration::from_secs(10))?
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// A port free on loopback right now (the OS picks it; it is released for the caller).
