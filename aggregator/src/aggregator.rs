@@ -17,7 +17,9 @@
 //! end plus a grace. Usage of a closed period that still arrives (within the horizon)
 //! is not added to it: it is booked into the earliest open period, as a series of its
 //! own whose key names the closed period ([`SeriesKey::adjusts`]), windowed at that
-//! period's start. Closed periods never change; the rater prices the adjustment.
+//! period's start. Closed periods never change; the rater prices the adjustment. A
+//! unique count's adjustment leaves out values the closed period counted, so the two
+//! add up to the count of their union.
 //!
 //! Late events: the watermark is the newest event time seen. With a horizon set, an
 //! event older than `watermark - horizon` is refused as too late, and keys of events
@@ -251,20 +253,23 @@ impl Aggregator {
         // Nothing changes until the event is known to be new and to fit: a retry or a
         // refused event leaves no trace (not even an empty series).
         let mut known: SmallVec<[Option<SeriesId>; 1]> = SmallVec::new();
+        let mut adds: SmallVec<[bool; 1]> = SmallVec::new();
         for reading in &event.readings {
             let id = self.find_series(fingerprint(reading));
-            let held = id.and_then(|id| {
-                self.series[id as usize]
-                    .periods
-                    .iter()
-                    .find(|(p, _)| *p == period)
-            });
-            if let Some((_, state)) = held {
+            if let Some(state) = id.and_then(|id| self.period_state(id, period)) {
                 if let Err(e) = state.check(reading.value) {
                     return Outcome::Refused(e);
                 }
             }
             known.push(id);
+            // The closed period plus its adjustment must be the union: a distinct value
+            // the closed period already counted adds nothing to the adjustment.
+            let counted_when_closed = adjusts.is_some_and(|closed| {
+                self.find_series(reading.series)
+                    .and_then(|id| self.period_state(id, closed))
+                    .is_some_and(|state| state.counts(reading.value))
+            });
+            adds.push(!counted_when_closed);
         }
         // Judged before this event moves the watermark; batch runs have no notion of it.
         let late = self.track_updates
@@ -295,7 +300,13 @@ impl Aggregator {
             Some(open) => open.start().timestamp(),
             None => self.window.start_of(event.time.timestamp()),
         };
-        for (reading, known) in event.readings.iter().zip(known) {
+        for ((reading, known), _) in event
+            .readings
+            .iter()
+            .zip(known)
+            .zip(adds)
+            .filter(|(_, adds)| *adds)
+        {
             let id = match known {
                 Some(id) => id,
                 None => self.new_series(
@@ -379,6 +390,14 @@ impl Aggregator {
             series.windows.drain(..settled);
             series.periods.retain(|(p, _)| p.end() > oldest);
         }
+    }
+
+    fn period_state(&self, id: SeriesId, period: Period) -> Option<&AggState> {
+        self.series[id as usize]
+            .periods
+            .iter()
+            .find(|(p, _)| *p == period)
+            .map(|(_, state)| state)
     }
 
     fn find_series(&self, fingerprint: SeriesFingerprint) -> Option<SeriesId> {
@@ -1053,6 +1072,49 @@ mod tests {
             .find(|u| u.series.meter == "tokens" && u.series.adjusts == Some(october))
             .unwrap();
         assert_eq!(adjustment.period_to_date.value, Decimal::from(8));
+    }
+
+    #[test]
+    fn a_unique_count_adjustment_adds_only_values_the_closed_period_had_not_counted() {
+        let october = Period::from_str("2026-10").unwrap();
+        let users_adjustment = |agg: &Aggregator| {
+            agg.period_usage(Period::from_str("2026-11").unwrap())
+                .into_iter()
+                .find(|(key, _)| key.meter == "users" && key.adjusts == Some(october))
+                .map(|(_, usage)| usage.value.to_string())
+        };
+        let mut agg = Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
+        agg.apply(&tokens("1", "2026-10-30T10:00:00Z", "gpt", 1, 1));
+        agg.apply(&tokens("2", "2026-10-31T23:00:00Z", "gpt", 1, 2));
+        agg.apply(&tokens("3", "2026-11-01T02:00:00Z", "gpt", 1, 9));
+        // October closed with users 1 and 2. Late October usage by user 1 bills its
+        // tokens, but user 1 was counted already: October's users stay 2 in total.
+        assert_eq!(
+            agg.apply(&tokens("4", "2026-10-31T23:30:00Z", "gpt", 5, 1)),
+            Outcome::Adjusted
+        );
+        assert_eq!(users_adjustment(&agg), None, "no empty series either");
+        // User 3 is new to October: one more, once however often it comes.
+        agg.apply(&tokens("5", "2026-10-31T23:40:00Z", "gpt", 1, 3));
+        agg.apply(&tokens("6", "2026-10-31T23:50:00Z", "gpt", 1, 3));
+        agg.apply(&tokens("7", "2026-10-31T23:55:00Z", "gpt", 1, 2));
+        assert_eq!(users_adjustment(&agg).as_deref(), Some("1"));
+        // The union holds after a rebuild from the changes.
+        let mut rebuilt =
+            Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
+        rebuilt.merge(agg.snapshot()).unwrap();
+        rebuilt.apply(&tokens("8", "2026-10-31T23:56:00Z", "gpt", 1, 1));
+        rebuilt.apply(&tokens("9", "2026-10-31T23:57:00Z", "gpt", 1, 4));
+        assert_eq!(users_adjustment(&rebuilt).as_deref(), Some("2"));
+        assert_eq!(
+            usage(&rebuilt, "2026-10", "users"),
+            vec![(vec![], "2".to_owned())]
+        );
+        assert_eq!(
+            usage(&rebuilt, "2026-10", "tokens"),
+            vec![(vec!["gpt".to_owned()], "2".to_owned())],
+            "a closed period never changes"
+        );
     }
 
     #[test]

@@ -74,6 +74,15 @@ impl AggState {
         }
     }
 
+    /// Whether the state already counts `value`, so adding it would change nothing: a
+    /// distinct value a unique count has seen. Other states change with every reading.
+    pub fn counts(&self, value: ReadingValue) -> bool {
+        match (self, value) {
+            (AggState::UniqueCount(set), ReadingValue::Distinct(fp)) => set.contains(&fp),
+            _ => false,
+        }
+    }
+
     /// Adds one reading; [`AggState::check`] tells beforehand whether it will succeed.
     pub fn add(&mut self, value: ReadingValue, order: EventOrder) -> Result<(), StateError> {
         match (self, value) {
