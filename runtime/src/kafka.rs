@@ -428,7 +428,8 @@ pub fn read_partition(
 /// little longer after each failure. For what a restore or an assignment must read
 /// before it can go on: while a broker restarts or a leader is elected these requests
 /// fail for seconds (unknown partition, transport failure, timed out), and giving up
-/// would stop the service over an outage it should ride out.
+/// would stop the service over an outage it should ride out. An error no wait can
+/// mend ([`is_permanent`]) is returned at once.
 pub fn retry_while_unavailable<T>(
     what: &str,
     patience: Duration,
@@ -439,13 +440,41 @@ pub fn retry_while_unavailable<T>(
     loop {
         match request() {
             Ok(value) => return Ok(value),
-            Err(e) if std::time::Instant::now() + wait < deadline => {
+            Err(e) if !is_permanent(&e) && std::time::Instant::now() + wait < deadline => {
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot {what} yet; retrying");
                 std::thread::sleep(wait);
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Whether `error` stays until someone changes the configuration, the credentials or
+/// the cluster: retrying it would only delay the message that says so. Anything else
+/// (unknown partitions and leaders during an election, lost connections, time-outs) can
+/// pass by itself.
+pub fn is_permanent(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as Code;
+    match error {
+        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) | KafkaError::Nul(_) => true,
+        _ => matches!(
+            error.rdkafka_error_code(),
+            Some(
+                Code::Authentication
+                    | Code::SaslAuthenticationFailed
+                    | Code::TopicAuthorizationFailed
+                    | Code::GroupAuthorizationFailed
+                    | Code::ClusterAuthorizationFailed
+                    | Code::TransactionalIdAuthorizationFailed
+                    | Code::InvalidArgument
+                    | Code::InvalidConfig
+                    | Code::UnsupportedFeature
+                    | Code::UnsupportedVersion
+                    | Code::NotImplemented
+                    | Code::Fatal
+            )
+        ),
     }
 }
 
@@ -514,4 +543,32 @@ pub fn group_consumer<W: PartitionOwner>(
     .create_with_context(GroupContext::new(owner))?;
     consumer.subscribe(&[topic])?;
     Ok(consumer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn calls_until_returned(errors: &[KafkaError]) -> (usize, Result<(), KafkaError>) {
+        let calls = Cell::new(0);
+        let result = retry_while_unavailable("test", Duration::from_secs(60), || {
+            calls.set(calls.get() + 1);
+            errors.get(calls.get() - 1).cloned().map_or(Ok(()), Err)
+        });
+        (calls.get(), result)
+    }
+
+    #[test]
+    fn outages_are_waited_out_and_permanent_errors_returned_at_once() {
+        let (calls, result) = calls_until_returned(&[
+            KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownPartition),
+            KafkaError::OffsetFetch(RDKafkaErrorCode::AllBrokersDown),
+        ]);
+        assert_eq!((calls, result), (3, Ok(())));
+
+        let denied = KafkaError::OffsetFetch(RDKafkaErrorCode::GroupAuthorizationFailed);
+        let (calls, result) = calls_until_returned(&[denied.clone(), denied.clone()]);
+        assert_eq!((calls, result), (1, Err(denied)));
+    }
 }
