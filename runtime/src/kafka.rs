@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use prometheus::IntGaugeVec;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -36,6 +36,54 @@ pub enum KafkaSetupError {
         expected: String,
         expected_count: usize,
     },
+    #[error("topic {topic} has {setting}={found}, but Tally needs {needed}: {why}. Change it with kafka-configs.sh --bootstrap-server {brokers} --alter --entity-type topics --entity-name {topic} --add-config {setting}={needed}")]
+    TopicSetting {
+        topic: String,
+        setting: &'static str,
+        found: String,
+        needed: String,
+        why: &'static str,
+        brokers: String,
+    },
+}
+
+impl KafkaSetupError {
+    /// Whether waiting could mend it (Kafka still starting), rather than an operator.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, KafkaSetupError::Kafka { .. })
+    }
+}
+
+/// The largest record Tally's producers write (a changelog snapshot part, a delta of a
+/// large transaction); the topics they write to must accept it.
+pub const MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A topic setting the pipeline's correctness rests on: set when Tally creates the
+/// topic, checked when an operator created it beforehand.
+struct NeededSetting {
+    setting: &'static str,
+    needed: String,
+    why: &'static str,
+    met_by: fn(&str) -> bool,
+}
+
+/// What the topics read back in full on restore need: the aggregator's state and the
+/// rater's ledger are rebuilt from them.
+fn state_topic_settings() -> [NeededSetting; 2] {
+    [
+        NeededSetting {
+            setting: "cleanup.policy",
+            needed: "compact".to_owned(),
+            why: "partitions' state is rebuilt from this topic, and deleting old records by age would lose state still in use (dedupe keys, open periods), so events would be billed twice or not at all",
+            met_by: |found| found == "compact",
+        },
+        NeededSetting {
+            setting: "max.message.bytes",
+            needed: MAX_RECORD_BYTES.to_string(),
+            why: "the aggregator writes records up to this size, and a transaction with a larger one than the topic accepts fails again on every retry",
+            met_by: |found| found.parse::<u64>().is_ok_and(|bytes| bytes >= MAX_RECORD_BYTES),
+        },
+    ]
 }
 
 /// Brokers and pass-through properties; each client adds its own settings.
@@ -71,33 +119,33 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetu
     .into_iter()
     .map(|t| (settings.topic(t), t))
     .collect();
+    let needed = state_topic_settings();
     let replicas = i32::from(settings.replication_factor);
     let partitions = i32::try_from(settings.partitions).unwrap_or(i32::MAX);
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|(name, topic)| {
-            let topic_config: &[(&str, &str)] = match topic {
-                // Windows and state changes are read back in full on restore: compaction
-                // keeps the latest record per key. Snapshots of large partitions are big.
-                // Segments roll hourly so compaction (which never touches the active
-                // segment) keeps up.
-                Topic::Windows => &[
-                    ("cleanup.policy", "compact"),
-                    ("segment.ms", "3600000"),
-                    ("max.message.bytes", "67108864"),
-                ],
+            // Segments roll hourly so compaction (which never touches the active
+            // segment) keeps up; the changelog is compacted eagerly, as it is rewritten
+            // most.
+            let tuning: &[(&str, &str)] = match topic {
+                Topic::Windows => &[("segment.ms", "3600000")],
                 Topic::AggregatorChangelog => &[
-                    ("cleanup.policy", "compact"),
                     ("segment.ms", "3600000"),
                     ("min.cleanable.dirty.ratio", "0.1"),
-                    ("max.message.bytes", "67108864"),
                 ],
                 _ => &[],
             };
-            topic_config.iter().fold(
+            let new = tuning.iter().fold(
                 NewTopic::new(name, partitions, TopicReplication::Fixed(replicas)),
                 |t, (k, v)| t.set(k, v),
-            )
+            );
+            match topic {
+                Topic::Windows | Topic::AggregatorChangelog => {
+                    needed.iter().fold(new, |t, n| t.set(n.setting, &n.needed))
+                }
+                _ => new,
+            }
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -146,6 +194,36 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetu
                 expected: events.clone(),
                 expected_count,
             }));
+        }
+        let described = admin
+            .describe_configs(&[ResourceSpecifier::Topic(&name)], &options)
+            .await
+            .map_err(|e| fail(&format!("read the settings of {name}"), e))?;
+        let resource = match described.into_iter().next() {
+            Some(Ok(resource)) => resource,
+            Some(Err(code)) => {
+                return Err(fail(
+                    &format!("read the settings of {name}"),
+                    KafkaError::AdminOp(code),
+                ))
+            }
+            None => continue,
+        };
+        for n in &needed {
+            let found = resource
+                .get(n.setting)
+                .and_then(|entry| entry.value.clone())
+                .unwrap_or_default();
+            if !(n.met_by)(&found) {
+                return Err(Box::new(KafkaSetupError::TopicSetting {
+                    topic: name,
+                    setting: n.setting,
+                    found,
+                    needed: n.needed.clone(),
+                    why: n.why,
+                    brokers: settings.brokers.clone(),
+                }));
+            }
         }
     }
     Ok(())

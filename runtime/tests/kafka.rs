@@ -1,6 +1,7 @@
 //! The runtime's Kafka helpers against the real broker that `scripts/services/up.sh`
-//! starts, including while it is down: restores and rebuilds run inside rebalances,
-//! and one that gave up during a broker restart stopped its whole service.
+//! starts: reading a partition while the broker is down (restores and rebuilds run
+//! inside rebalances, and one that gave up during a broker restart stopped its whole
+//! service), and the topic setup every service runs at start.
 
 #![allow(clippy::unwrap_used)] // a test: a failed call should fail it
 
@@ -8,11 +9,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
-use tally_runtime::kafka::read_partition;
+use tally_runtime::kafka::{ensure_topics, read_partition, KafkaSetupError};
+use tally_schemas::config::{KafkaSettings, Topic};
 
 const BROKERS: &str = "127.0.0.1:9092";
 
@@ -28,28 +32,39 @@ fn config() -> ClientConfig {
     config
 }
 
-#[test]
-#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
-fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
+/// A name no other test run uses.
+fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let topic = format!("test.runtime_read_{}_{nanos}", std::process::id());
-    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    format!("test.runtime_{name}_{}_{nanos}", std::process::id())
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    for created in runtime
-        .block_on(admin.create_topics(
-            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
         .unwrap()
-    {
+        .block_on(future)
+}
+
+fn options() -> AdminOptions {
+    AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))
+}
+
+fn create_topic(admin: &AdminClient<DefaultClientContext>, topic: NewTopic<'_>) {
+    for created in block_on(admin.create_topics(&[topic], &options())).unwrap() {
         created.unwrap();
     }
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
+    let topic = unique("read");
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    create_topic(&admin, NewTopic::new(&topic, 1, TopicReplication::Fixed(1)));
     drop(admin);
     let producer: BaseProducer = config().set("acks", "all").create().unwrap();
     for i in 0..1000 {
@@ -80,4 +95,61 @@ fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
     assert_eq!(keys.len(), 1000, "every record read once");
     assert_eq!(keys.first().unwrap(), b"k0");
     assert_eq!(keys.last().unwrap(), b"k999");
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn state_topics_an_operator_made_without_compaction_or_room_for_large_records_are_refused() {
+    let settings = KafkaSettings {
+        brokers: BROKERS.to_owned(),
+        topic_prefix: unique("setup"),
+        partitions: 2,
+        replication_factor: 1,
+        properties: Default::default(),
+        instance_id: "0".to_owned(),
+    };
+    let windows = settings.topic(Topic::Windows);
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    // Made by hand with the broker's defaults: deleted after a week, records up to 1 MB.
+    create_topic(
+        &admin,
+        NewTopic::new(&windows, 2, TopicReplication::Fixed(1)),
+    );
+    let refusal = |setting: &str| match *block_on(ensure_topics(&settings)).unwrap_err() {
+        KafkaSetupError::TopicSetting {
+            topic,
+            setting: refused,
+            found,
+            ..
+        } => {
+            assert_eq!((topic.as_str(), refused), (windows.as_str(), setting));
+            found
+        }
+        other => panic!("expected {windows}'s {setting} refused, got {other}"),
+    };
+    assert_eq!(refusal("cleanup.policy"), "delete");
+    let alter = |settings: &[(&str, &str)]| {
+        let change = settings.iter().fold(
+            AlterConfig::new(ResourceSpecifier::Topic(&windows)),
+            |c, (k, v)| c.set(k, v),
+        );
+        for altered in block_on(admin.alter_configs(&[change], &options())).unwrap() {
+            altered.unwrap();
+        }
+    };
+    alter(&[("cleanup.policy", "compact")]);
+    assert_eq!(refusal("max.message.bytes"), "1048588");
+    alter(&[
+        ("cleanup.policy", "compact"),
+        ("max.message.bytes", "67108864"),
+    ]);
+    block_on(ensure_topics(&settings)).unwrap();
+
+    // Topics Tally creates itself pass.
+    let fresh = KafkaSettings {
+        topic_prefix: unique("setup_fresh"),
+        ..settings
+    };
+    block_on(ensure_topics(&fresh)).unwrap();
+    block_on(ensure_topics(&fresh)).unwrap();
 }

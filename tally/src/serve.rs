@@ -180,14 +180,7 @@ async fn ensure_topics(settings: &ServiceSettings, shutdown: &Shutdown) -> anyho
     loop {
         match tally_runtime::kafka::ensure_topics(&settings.kafka).await {
             Ok(()) => return Ok(()),
-            Err(e)
-                if matches!(
-                    *e,
-                    tally_runtime::kafka::KafkaSetupError::PartitionMismatch { .. }
-                ) =>
-            {
-                return Err(e.into())
-            }
+            Err(e) if !e.is_unavailable() => return Err(e.into()),
             Err(e) if tokio::time::Instant::now() < deadline && !shutdown.is_requested() => {
                 tracing::warn!(error = %e, "Kafka not ready; retrying");
                 tokio::time::sleep(wait).await;

@@ -36,6 +36,7 @@ use rdkafka::Offset;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, leave_group, lock, log_consumer_error,
     offset_of, send, DeliveryReports, GroupContext, KafkaProducer, PartitionOwner,
+    MAX_RECORD_BYTES,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
@@ -639,7 +640,7 @@ fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError>
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("message.max.bytes", "67108864")
+        .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
         .set("transaction.timeout.ms", "60000")
         .create_with_context(DeliveryReports::default())
         .map_err(kafka_error("create the transactional producer"))?;
