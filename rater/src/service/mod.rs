@@ -36,7 +36,7 @@ use tally_runtime::kafka::{
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
-use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
+use tally_schemas::config::{Config, KafkaSettings, RaterSettings, ServiceSettings, Topic};
 use tally_schemas::records::{InvoiceLine, PeriodToDate};
 use tally_schemas::time::Period;
 
@@ -51,6 +51,12 @@ const REBUILD_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest the loop waits for Kafka to confirm rated lines before it pauses and polls
 /// again: shorter than the group session, so a broker restart does not block it long.
 const DELIVERY_WAIT: Duration = Duration::from_secs(5);
+/// How long a poll waits for the next update with nothing pending.
+const IDLE_POLL_WAIT: Duration = Duration::from_millis(100);
+/// How long a poll waits for more with lines pending: no update this soon means the
+/// rater has read what the aggregators committed so far (the next commit is
+/// `commit_interval` away) and may store.
+const CATCH_UP_POLL_WAIT: Duration = Duration::from_millis(10);
 
 /// Where the rater service failed.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +143,7 @@ struct Worker {
     /// While set, ClickHouse refused the last write: partitions are paused and the
     /// write is retried at this time.
     retry_at: Option<(Instant, Duration)>,
+    last_insert: Option<Instant>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -297,16 +304,18 @@ pub fn run(
         metrics,
         readiness: readiness.clone(),
         retry_at: None,
+        last_insert: None,
     }));
     let consumer: GroupConsumer =
         group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker))
             .map_err(kafka("join the rater group on the windows topic"))?;
     readiness.ready();
     tracing::info!(%topic, group = %kafka_settings.group("rater"), "rater started");
-    let flush_interval = settings.rater.flush_interval;
     let mut last_lag = Instant::now();
+    let mut poll_wait = IDLE_POLL_WAIT;
     while !shutdown.is_requested() {
-        let polled = consumer.poll(Duration::from_millis(100));
+        let polled = consumer.poll(poll_wait);
+        let caught_up = polled.is_none();
         if let Some(failure) = consumer.context().take_failure() {
             return Err(failure);
         }
@@ -322,7 +331,7 @@ pub fn run(
             Some(Err(e)) => log_consumer_error(&e),
             None => {}
         }
-        if worker.store_due(flush_interval) {
+        if worker.store_due(&settings.rater, caught_up) {
             // A failure is retried by `store` itself; the loop keeps polling so the
             // group does not consider this member dead.
             let _ = worker.store(&consumer);
@@ -330,6 +339,10 @@ pub fn run(
         if let Some(refused) = worker.undelivered() {
             return Err(refused);
         }
+        poll_wait = match worker.pending.started {
+            Some(_) => CATCH_UP_POLL_WAIT,
+            None => IDLE_POLL_WAIT,
+        };
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
             tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag);
@@ -468,15 +481,23 @@ impl Worker {
         }
     }
 
-    fn store_due(&self, flush_interval: Duration) -> bool {
+    /// Whether to store the pending batch now: when it is full, when its oldest line
+    /// has waited `flush_interval`, or when the rater has read everything available
+    /// (`caught_up`) and its last insert is `min_insert_interval` ago. Under load the
+    /// batches stay large; with a trickle, lines do not sit out the whole interval.
+    fn store_due(&self, settings: &RaterSettings, caught_up: bool) -> bool {
         if let Some((at, _)) = self.retry_at {
             return Instant::now() >= at;
         }
+        let Some(started) = self.pending.started else {
+            return false;
+        };
         self.pending.updates >= MAX_BATCH_UPDATES
-            || self
-                .pending
-                .started
-                .is_some_and(|s| s.elapsed() >= flush_interval)
+            || started.elapsed() >= settings.flush_interval
+            || caught_up
+                && self
+                    .last_insert
+                    .is_none_or(|at| at.elapsed() >= settings.min_insert_interval)
     }
 
     /// Rates the changed lines, writes them to ClickHouse and `rated`, then commits the
@@ -567,6 +588,7 @@ impl Worker {
     /// Inserts the pending lines into ClickHouse in one batch.
     fn write_lines(&mut self) -> Result<(), ClickHouseError> {
         let started = Instant::now();
+        self.last_insert = Some(started);
         let rows: Vec<(u64, &InvoiceLine)> = (self.pending.opening.iter().map(|line| (0, line)))
             .chain(self.pending.lines.iter().map(|(v, l)| (*v, &l.line)))
             .collect();

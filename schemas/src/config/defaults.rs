@@ -42,6 +42,11 @@ pub const DEFAULT_CHANGELOG_SNAPSHOT_BYTES: usize = 32 << 20;
 pub const DEFAULT_AGGREGATOR_METRICS_LISTEN: &str = "127.0.0.1:9102";
 /// `[rater] flush_interval`: the longest rated lines wait before they are written.
 pub const DEFAULT_RATER_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+/// `[rater] min_insert_interval`: once it has read everything available, the rater
+/// writes what it has without waiting for `flush_interval`, but no sooner than this
+/// after its previous insert, so it inserts at most five times a second however many
+/// aggregators commit (each insert is a part ClickHouse merges later).
+pub const DEFAULT_RATER_MIN_INSERT_INTERVAL: Duration = Duration::from_millis(200);
 /// `[rater] metrics_listen`.
 pub const DEFAULT_RATER_METRICS_LISTEN: &str = "127.0.0.1:9103";
 /// `[kafka] brokers`.

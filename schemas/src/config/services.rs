@@ -109,6 +109,9 @@ pub struct RaterSpec {
     /// Longest a rated line waits before its batch is written to ClickHouse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flush_interval: Option<HumanDuration>,
+    /// Least time between two inserts when the rater writes as soon as it has caught up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_insert_interval: Option<HumanDuration>,
 }
 
 /// The streaming settings of `[aggregator]` (its `window` and `dedupe_horizon` are the
@@ -260,6 +263,7 @@ pub struct AggregatorServiceSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RaterSettings {
     pub flush_interval: Duration,
+    pub min_insert_interval: Duration,
     pub metrics_listen: SocketAddr,
 }
 
@@ -497,6 +501,19 @@ pub(super) fn validate(
     if flush_interval.is_zero() {
         issue("rater.flush_interval", "must be above zero".to_owned());
     }
+    let min_insert_interval = specs
+        .rater
+        .min_insert_interval
+        .map_or(d::DEFAULT_RATER_MIN_INSERT_INTERVAL, |i| i.0);
+    if min_insert_interval > flush_interval {
+        issue(
+            "rater.min_insert_interval",
+            format!(
+                "must not exceed rater.flush_interval ({}), the longest a line may wait",
+                humantime::format_duration(flush_interval)
+            ),
+        );
+    }
 
     ServiceSettings {
         kafka: KafkaSettings {
@@ -531,6 +548,7 @@ pub(super) fn validate(
         },
         rater: RaterSettings {
             flush_interval,
+            min_insert_interval,
             metrics_listen: rater_listen,
         },
     }
@@ -573,6 +591,8 @@ aggregation = "count"
         assert!(s.ingest.api_keys.is_empty());
         assert_eq!(s.aggregator.period_close_grace.as_secs(), 3600);
         assert_eq!(s.rater.metrics_listen.port(), 9103);
+        assert_eq!(s.rater.flush_interval.as_millis(), 500);
+        assert_eq!(s.rater.min_insert_interval.as_millis(), 200);
     }
 
     #[test]
@@ -630,10 +650,13 @@ sources = ["x"]
 key = "short"
 tenant = "b"
 sources = []
+[rater]
+flush_interval = "100ms"
+min_insert_interval = "1s"
 "#;
         let issues = services(file, &[]).unwrap_err();
         for expected in [
-            "kafka.topic_prefix",
+            "rater.min_insert_interval: must not exceed rater.flush_interval (100ms)",
             "kafka.partitions",
             "kafka.properties.\"group.id\"",
             "clickhouse.url",
