@@ -1,10 +1,12 @@
 //! What Tally's services share, and nothing stage-specific: Kafka client settings and
 //! the topic layout ([`kafka`]), Prometheus metrics and the `/metrics`, `/healthz` and
-//! `/readyz` endpoints ([`ops`]), and orderly shutdown ([`shutdown`]).
+//! `/readyz` endpoints ([`ops`]), orderly shutdown ([`shutdown`]), and work spread over
+//! the cores ([`threads`]).
 
 pub mod kafka;
 pub mod metrics;
 pub mod ops;
 pub mod shutdown;
+pub mod threads;
 
 pub use shutdown::Shutdown;

@@ -35,6 +35,7 @@ use tally_runtime::kafka::{
     offset_of, read_partition, send, DeliveryReports, GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
+use tally_runtime::threads::on_threads;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, RaterSettings, ServiceSettings, Topic};
 use tally_schemas::records::{InvoiceLine, PeriodToDate};
@@ -160,7 +161,8 @@ type GroupConsumer = BaseConsumer<GroupContext<Worker>>;
 impl PartitionOwner for Worker {
     type Error = RaterError;
 
-    /// Rebuilds each new partition's ledger up to its committed offset.
+    /// Rebuilds each new partition's ledger up to its committed offset, the partitions
+    /// side by side.
     fn assign(
         &mut self,
         consumer: &GroupConsumer,
@@ -170,14 +172,21 @@ impl PartitionOwner for Worker {
         let committed = committed_offsets(consumer, partitions).map_err(kafka(
             "read the committed offsets of the assigned partitions",
         ))?;
-        let ids: Vec<i32> = partitions
+        let wanted: Vec<(i32, i64)> = partitions
             .elements()
             .iter()
-            .map(|e| e.partition())
+            .map(|e| {
+                let partition = e.partition();
+                let committed = offset_of(&committed, &self.topic, partition).unwrap_or(0);
+                (partition, committed)
+            })
             .collect();
-        for partition in ids {
-            let committed = offset_of(&committed, &self.topic, partition).unwrap_or(0);
-            let rebuilt = self.rebuild(partition, committed)?;
+        let rebuilt_all = on_threads(wanted, |(partition, committed)| {
+            self.rebuild(partition, committed)
+                .map(|rebuilt| (partition, committed, rebuilt))
+        });
+        for rebuilt in rebuilt_all {
+            let (partition, committed, rebuilt) = rebuilt?;
             self.partitions.insert(
                 partition,
                 PartitionState {
