@@ -95,6 +95,10 @@ struct Args {
     /// Keep each run's topics and database instead of deleting them.
     #[arg(long)]
     keep: bool,
+    /// The rater's `min_insert_interval` (e.g. `500ms`) instead of its default: the
+    /// trade between fresher lines and fewer inserts.
+    #[arg(long)]
+    rater_min_insert_interval: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -592,8 +596,9 @@ impl Run {
         fs::create_dir_all(&dir)?;
         let mut text = fs::read_to_string(&args.config)
             .with_context(|| format!("cannot read {}", args.config.display()))?;
-        // The default commit and flush intervals (200 ms, 500 ms) are kept: the
-        // figures are for the configuration a deployment gets.
+        // The default commit, flush and insert intervals (200 ms, 500 ms, 200 ms) are
+        // kept unless asked otherwise: the figures are for the configuration a
+        // deployment gets.
         write!(
             text,
             r#"
@@ -617,7 +622,12 @@ metrics_listen = "127.0.0.1:0"
 
 [rater]
 metrics_listen = "127.0.0.1:0"
-"#,
+{min_insert_interval}"#,
+            min_insert_interval = args
+                .rater_min_insert_interval
+                .as_ref()
+                .map(|i| format!("min_insert_interval = \"{i}\"\n"))
+                .unwrap_or_default(),
             brokers = args.brokers,
             partitions = args.partitions,
             clickhouse = args.clickhouse,
