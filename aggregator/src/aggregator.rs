@@ -14,7 +14,9 @@
 //! the changes in order rebuilds the state.
 //!
 //! Period close (streaming, when set): a period closes once the watermark passes its
-//! end plus a grace. Usage of a closed period that still arrives (within the horizon)
+//! end plus a grace, or once [`Aggregator::close_through`] closes it (finance closing
+//! a month, through a control record in the events topic, also where a partition has
+//! had no newer events to move its watermark). Usage of a closed period that still arrives (within the horizon)
 //! is not added to it: it is booked into the earliest open period, as a series of its
 //! own whose key names the closed period ([`SeriesKey::adjusts`]), windowed at that
 //! period's start. Closed periods never change; the rater prices the adjustment. A
@@ -160,6 +162,9 @@ pub struct Aggregator {
     horizon: Option<Duration>,
     /// How long after its end a period closes; `None`: periods never close.
     period_close_grace: Option<chrono::Duration>,
+    /// Periods ending at or before this have been closed explicitly, whatever the
+    /// watermark.
+    closed_before: Option<DateTime<Utc>>,
     /// Per meter: slug and aggregation, by `MeterId`.
     meters: Vec<(String, AggregationKind)>,
     dedupe: DedupeSet,
@@ -205,13 +210,23 @@ impl Aggregator {
         self
     }
 
-    /// The open period usage of `period` goes to instead, if `period` has closed.
+    /// Closes `period` and every period before it now, whatever the watermark: their
+    /// usage arriving from here on becomes an adjustment in the period after `period`
+    /// (or a later open one).
+    pub fn close_through(&mut self, period: Period) {
+        self.closed_before = self.closed_before.max(Some(period.end()));
+    }
+
+    /// The open period usage of `period` goes to instead, if `period` has closed. Every
+    /// period ending at or before the close boundary is closed: the watermark less the
+    /// grace, or an explicit close if that is later.
     fn carried_into(&self, period: Period) -> Option<Period> {
-        let grace = self.period_close_grace?;
-        let watermark = self.watermark?;
-        let closes = period.end().checked_add_signed(grace)?;
-        (watermark >= closes)
-            .then(|| Period::containing(watermark.checked_sub_signed(grace).unwrap_or(watermark)))
+        let by_watermark = self
+            .period_close_grace
+            .zip(self.watermark)
+            .map(|(grace, watermark)| watermark.checked_sub_signed(grace).unwrap_or(watermark));
+        let boundary = by_watermark.max(self.closed_before)?;
+        (period.end() <= boundary).then(|| Period::containing(boundary))
     }
 
     fn new(config: &Config, horizon: Option<Duration>) -> Self {
@@ -219,6 +234,7 @@ impl Aggregator {
             window: config.settings.window,
             horizon,
             period_close_grace: None,
+            closed_before: None,
             meters: config
                 .meters
                 .iter()
@@ -512,6 +528,7 @@ impl Aggregator {
             series: changed,
             watermark: self.watermark,
             expired_before_day: self.expired_before_day,
+            closed_before: self.closed_before,
         };
         self.evict_settled();
         (updates, changes)
@@ -565,6 +582,7 @@ impl Aggregator {
                 .collect(),
             watermark: self.watermark,
             expired_before_day: self.expired_before_day,
+            closed_before: self.closed_before,
         }
     }
 
@@ -642,6 +660,7 @@ impl Aggregator {
             }
         }
         self.watermark = self.watermark.max(snapshot.watermark);
+        self.closed_before = self.closed_before.max(snapshot.closed_before);
         self.evict_settled();
         Ok(())
     }
@@ -659,6 +678,7 @@ impl Snapshot {
             series: Vec::new(),
             watermark: self.watermark,
             expired_before_day: self.expired_before_day,
+            closed_before: self.closed_before,
         }
     }
 
@@ -676,12 +696,14 @@ impl Snapshot {
             series: Vec::new(),
             watermark: None,
             expired_before_day: 0,
+            closed_before: None,
         };
         for snapshot in snapshots {
             gathered.dedupe.extend(snapshot.dedupe);
             gathered.watermark = gathered.watermark.max(snapshot.watermark);
             gathered.expired_before_day =
                 gathered.expired_before_day.max(snapshot.expired_before_day);
+            gathered.closed_before = gathered.closed_before.max(snapshot.closed_before);
         }
         gathered
     }
@@ -703,12 +725,14 @@ impl Snapshot {
             series: all_series,
             watermark,
             expired_before_day,
+            closed_before,
         } = self;
         let part = |dedupe: Vec<DedupeEntry>, series: Vec<SeriesSnapshot>| Snapshot {
             dedupe,
             series,
             watermark,
             expired_before_day,
+            closed_before,
         };
         let mut parts: Vec<Snapshot> = dedupe
             .chunks(entries)
@@ -755,6 +779,10 @@ pub struct Snapshot {
     series: Vec<SeriesSnapshot>,
     watermark: Option<DateTime<Utc>>,
     expired_before_day: u16,
+    /// Last, and empty when missing: changelogs written before explicit closes existed
+    /// still read.
+    #[serde(default)]
+    closed_before: Option<DateTime<Utc>>,
 }
 
 /// Equal when they hold the same state: dedupe entries are a set, in any order.
@@ -768,6 +796,7 @@ impl PartialEq for Snapshot {
         self.series == other.series
             && self.watermark == other.watermark
             && self.expired_before_day == other.expired_before_day
+            && self.closed_before == other.closed_before
             && sorted(&self.dedupe) == sorted(&other.dedupe)
     }
 }
@@ -1072,6 +1101,73 @@ mod tests {
             .find(|u| u.series.meter == "tokens" && u.series.adjusts == Some(october))
             .unwrap();
         assert_eq!(adjustment.period_to_date.value, Decimal::from(8));
+    }
+
+    #[test]
+    fn an_explicit_close_turns_later_usage_into_adjustments_whatever_the_watermark() {
+        let october = Period::from_str("2026-10").unwrap();
+        let tokens_of = |agg: &Aggregator, period: &str, adjusts: Option<Period>| {
+            agg.period_usage(Period::from_str(period).unwrap())
+                .into_iter()
+                .find(|(key, _)| key.meter == "tokens" && key.adjusts == adjusts)
+                .map(|(_, usage)| usage.value.to_string())
+        };
+        let mut agg = Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
+        agg.apply(&tokens("1", "2026-10-31T20:00:00Z", "gpt", 5, 1));
+        // No event of November yet: by its watermark October is open.
+        assert_eq!(
+            agg.apply(&tokens("2", "2026-10-31T21:00:00Z", "gpt", 1, 1)),
+            Outcome::Accepted
+        );
+        agg.close_through(october);
+        assert_eq!(
+            agg.apply(&tokens("3", "2026-10-31T22:00:00Z", "gpt", 2, 1)),
+            Outcome::Adjusted
+        );
+        assert_eq!(tokens_of(&agg, "2026-10", None).as_deref(), Some("6"));
+        assert_eq!(
+            tokens_of(&agg, "2026-11", Some(october)).as_deref(),
+            Some("2")
+        );
+        // Closing an earlier period again changes nothing; the close survives a
+        // rebuild from the changes, and from a snapshot.
+        agg.close_through(Period::from_str("2026-09").unwrap());
+        let mut rebuilt =
+            Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
+        rebuilt.merge(agg.drain().1).unwrap();
+        let restored = Aggregator::streaming(&config())
+            .with_period_close(Duration::from_secs(3600))
+            .restore(agg.snapshot())
+            .unwrap();
+        for mut agg in [rebuilt, restored] {
+            assert_eq!(
+                agg.apply(&tokens("4", "2026-10-31T23:00:00Z", "gpt", 3, 1)),
+                Outcome::Adjusted
+            );
+            assert_eq!(
+                tokens_of(&agg, "2026-11", Some(october)).as_deref(),
+                Some("5")
+            );
+            // November itself stays open.
+            assert_eq!(
+                agg.apply(&tokens("5", "2026-11-02T00:00:00Z", "gpt", 1, 1)),
+                Outcome::Accepted
+            );
+        }
+    }
+
+    #[test]
+    fn a_snapshot_written_before_explicit_closes_existed_still_reads() {
+        let mut agg = Aggregator::streaming(&config());
+        agg.apply(&tokens("1", "2026-10-31T20:00:00Z", "gpt", 5, 1));
+        agg.drain();
+        let snapshot = agg.snapshot();
+        let mut bytes = rmp_serde::to_vec(&snapshot).unwrap();
+        // The same array without its last member (no close yet: nil), as before.
+        assert_eq!((bytes[0], bytes.pop()), (0x95, Some(0xc0)));
+        bytes[0] = 0x94;
+        let old: Snapshot = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(old, snapshot);
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! windows of the period that changed. rater -> store and people: [`InvoiceLine`], one per
 //! (customer, price, period), with its tier-by-tier breakdown so every cent can be
 //! explained. Decimals serialise as strings, instants as RFC 3339 UTC.
+//!
+//! operator -> aggregator: a control record in the events topic, told from events by
+//! the header [`CLOSE_PERIOD_HEADER`].
 
 use std::cmp::Ordering;
 use std::sync::Arc;
@@ -15,6 +18,12 @@ use serde::{Deserialize, Serialize};
 use crate::ids::EventKey;
 use crate::money::Currency;
 use crate::time::Period;
+
+/// Kafka header of a control record in the events topic: its value, a period like
+/// `2026-10`, closes that period and every earlier one for the partition the record is
+/// in, at that point of the partition's order. `tally close-period` writes one to
+/// every partition. Usage of a closed period read afterwards becomes an adjustment.
+pub const CLOSE_PERIOD_HEADER: &str = "tally-close-period";
 
 /// One customer's usage of one meter for one combination of group_by values.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -8,6 +8,7 @@
 //!   (`demo/`, `embedded/`).
 //! - `generate`: the demo's deterministic event generator on its own, for benchmarks.
 //! - `serve`: the streaming services on Kafka and ClickHouse (`serve.rs`).
+//! - `close-period`: close a billing month in the streaming pipeline.
 
 mod batch;
 mod demo;
@@ -58,6 +59,16 @@ enum Command {
     Generate(demo::GenerateArgs),
     /// Run a streaming service: ingest, aggregator, rater, or all three.
     Serve(serve::ServeArgs),
+    /// Close a month in the streaming pipeline now, whatever the events' times: its usage
+    /// read afterwards is billed as an adjustment in a later month.
+    ClosePeriod {
+        /// The configuration file (its `[kafka]` section).
+        #[arg(long, default_value = "tally.toml")]
+        config: PathBuf,
+        /// The month to close, with every earlier one, e.g. 2026-10. It must have ended.
+        #[arg(long)]
+        period: Period,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -110,6 +121,7 @@ fn main() {
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => demo::generate_command(args),
         Command::Serve(args) => serve::run(args),
+        Command::ClosePeriod { config, period } => close_period(&config, period),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -145,6 +157,24 @@ fn validate(path: &Path) -> anyhow::Result<()> {
     for (at, message) in &services.ingest.unresolved_keys {
         println!("warning: {at}: {message} (only `tally serve ingest` needs it)");
     }
+    Ok(())
+}
+
+fn close_period(path: &Path, period: Period) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let settings = config.services(&path.display().to_string(), &|name| {
+        std::env::var(name).ok()
+    })?;
+    anyhow::ensure!(
+        period.end() <= Utc::now(),
+        "{period} has not ended yet (it ends {}); only a month that has ended can be closed",
+        period.end().to_rfc3339()
+    );
+    let partitions = tally_aggregator::service::close_period(&settings.kafka, period)?;
+    println!(
+        "closed {period} and every month before it: a control record is in each of the {partitions} partitions of {}; usage of those months the aggregators read after it is billed as an adjustment in a later month",
+        settings.kafka.topic(tally_schemas::config::Topic::Events)
+    );
     Ok(())
 }
 

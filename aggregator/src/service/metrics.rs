@@ -14,10 +14,12 @@ pub enum EventOutcome {
     TooLate,
     Refused,
     Invalid,
+    /// Not an event: a control record (a period close).
+    Control,
 }
 
 impl EventOutcome {
-    const ALL: [EventOutcome; 7] = [
+    const ALL: [EventOutcome; 8] = [
         EventOutcome::Accepted,
         EventOutcome::Unmetered,
         EventOutcome::Duplicate,
@@ -25,6 +27,7 @@ impl EventOutcome {
         EventOutcome::TooLate,
         EventOutcome::Refused,
         EventOutcome::Invalid,
+        EventOutcome::Control,
     ];
 
     fn label(self) -> &'static str {
@@ -36,6 +39,7 @@ impl EventOutcome {
             EventOutcome::TooLate => "too_late",
             EventOutcome::Refused => "refused",
             EventOutcome::Invalid => "invalid",
+            EventOutcome::Control => "control",
         }
     }
 }
@@ -60,7 +64,7 @@ impl OutcomeCounts {
 pub struct AggregatorMetrics {
     pub registry: Registry,
     /// By [`EventOutcome`], resolved once: counted per event.
-    events: [IntCounter; 7],
+    events: [IntCounter; EventOutcome::ALL.len()],
     /// `reason`: the code written to the rejected topic.
     pub rejected: IntCounterVec,
     /// Late events that revised a window already emitted, and those carried into a

@@ -2,7 +2,8 @@
 //!
 //! In: CloudEvents from `<prefix>.events` (any producer: the ingest service or a
 //! product service writing straight to Kafka), as a member of consumer group
-//! `<prefix>-aggregator`. Out, per transaction: a usage update per changed series and
+//! `<prefix>-aggregator`, and control records among them (a period close that
+//! [`close_period`] writes). Out, per transaction: a usage update per changed series and
 //! period (its period-to-date value and changed windows) to `<prefix>.windows`,
 //! refused events (original bytes, reason in headers) to `<prefix>.rejected`, the
 //! state changes to `<prefix>.aggregator-changelog`, and the offsets of the events
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
@@ -43,6 +44,8 @@ use tally_runtime::threads::on_threads;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::event::EventDecoder;
+use tally_schemas::records::CLOSE_PERIOD_HEADER;
+use tally_schemas::time::Period;
 
 pub use metrics::{AggregatorMetrics, EventOutcome};
 
@@ -162,6 +165,15 @@ impl PartitionState {
         if let Some(ms) = timestamp {
             processed.oldest_event_ms = Some(processed.oldest_event_ms.map_or(ms, |o| o.min(ms)));
         }
+        if let Some(value) = close_period_header(message) {
+            let rejection = self.close_period(message, value);
+            processed.outcomes.add(match rejection {
+                Some(_) => EventOutcome::Invalid,
+                None => EventOutcome::Control,
+            });
+            processed.rejections.extend(rejection.map(|r| (message, r)));
+            return;
+        }
         // The event's "now" is when it reached Kafka, so a replay judges its time
         // exactly as the first reading did.
         let now = timestamp
@@ -231,6 +243,30 @@ impl PartitionState {
         processed.outcomes.add(outcome);
         if let Some(rejection) = rejection {
             processed.rejections.push((message, rejection));
+        }
+    }
+
+    /// Closes the period a control record names, or tells why it cannot.
+    fn close_period(&mut self, message: &BorrowedMessage<'_>, value: &[u8]) -> Option<Rejection> {
+        match std::str::from_utf8(value).map(str::parse::<Period>) {
+            Ok(Ok(period)) => {
+                self.aggregator.close_through(period);
+                tracing::info!(
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    %period,
+                    "period closed by a control record; its later usage becomes adjustments"
+                );
+                None
+            }
+            _ => Some(Rejection {
+                code: "invalid_control",
+                field: format!("header {CLOSE_PERIOD_HEADER}"),
+                reason: format!(
+                    "{:?} is not a period like 2026-10; the control record closes nothing",
+                    String::from_utf8_lossy(value)
+                ),
+            }),
         }
     }
 
@@ -359,6 +395,67 @@ impl PartitionState {
                 .payload(&record),
         )?;
         Ok(record.len())
+    }
+}
+
+/// The value of a control record's close-period header, if the message is one.
+fn close_period_header<'m>(message: &'m BorrowedMessage<'_>) -> Option<&'m [u8]> {
+    let header = message
+        .headers()?
+        .iter()
+        .find(|h| h.key == CLOSE_PERIOD_HEADER)?;
+    Some(header.value.unwrap_or_default())
+}
+
+/// Closes `period` and every earlier one in every partition of the events topic: writes
+/// a control record ([`CLOSE_PERIOD_HEADER`]) to each partition and waits until Kafka
+/// has them all. Each partition's aggregator closes the period where it reads the
+/// record, so the close has one place in the partition's order and a replay closes it
+/// at the same place. Returns how many partitions were written to.
+pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, AggregatorError> {
+    let topic = kafka.topic(Topic::Events);
+    let producer: KafkaProducer = client_config(kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create_with_context(DeliveryReports::default())
+        .map_err(kafka_error("create a producer for the control records"))?;
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(&topic), Duration::from_secs(30))
+        .map_err(kafka_error(format!("read the partitions of {topic}")))?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len());
+    if partitions == 0 {
+        return Err(kafka_error(format!(
+            "find {topic} (is the topic prefix the pipeline's?)"
+        ))(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopic,
+        )));
+    }
+    let value = period.to_string();
+    for partition in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
+        send(
+            &producer,
+            BaseRecord::<str, [u8]>::to(&topic)
+                .partition(partition)
+                .key("tally-control")
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: CLOSE_PERIOD_HEADER,
+                    value: Some(&value),
+                })),
+        )
+        .map_err(kafka_error(format!("write a control record to {topic}")))?;
+    }
+    flush(&producer, TRANSACTION_TIMEOUT).map_err(kafka_error(format!(
+        "deliver the control records to {topic}"
+    )))?;
+    match producer.context().failure() {
+        Some(refused) => {
+            Err(kafka_error(format!("write the control records to {topic}"))(refused.clone()))
+        }
+        None => Ok(partitions),
     }
 }
 

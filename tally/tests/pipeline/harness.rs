@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
@@ -309,6 +309,31 @@ database = "{database}"
             self.producer.poll(Duration::ZERO);
         }
         self.producer.flush(Duration::from_secs(60)).unwrap();
+    }
+
+    /// Produces a message with one header and no payload to `partition` of the events
+    /// topic: a control record, as `tally close-period` writes them.
+    pub fn produce_header(&self, partition: i32, name: &str, value: &str) {
+        let topic = self.topic("events");
+        let record = BaseRecord::<str, [u8]>::to(&topic)
+            .partition(partition)
+            .key("tally-control")
+            .headers(OwnedHeaders::new().insert(Header {
+                key: name,
+                value: Some(value),
+            }));
+        self.producer.send(record).map_err(|(e, _)| e).unwrap();
+        self.producer.flush(Duration::from_secs(60)).unwrap();
+    }
+
+    /// Runs `tally <args> --config <this pipeline's configuration>`, as an operator would.
+    pub fn tally(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap()
     }
 
     /// `tally rate`'s lines for the period: what ClickHouse must end up with.

@@ -349,6 +349,86 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_partition() {
+    let _serial = serial();
+    let mut p = Pipeline::new(
+        "close",
+        3_000,
+        10,
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\nperiod_close_grace = \"1h\"",
+    );
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    // October only: no partition's watermark reaches November, so by event time
+    // October stays open everywhere.
+    let october = p.lines();
+    p.produce(&october);
+
+    let early = p.tally(&["close-period", "--period", "2099-01"]);
+    assert!(!early.status.success());
+    assert!(String::from_utf8_lossy(&early.stderr).contains("2099-01 has not ended yet"));
+    let closed = p.tally(&["close-period", "--period", "2026-10"]);
+    let said = String::from_utf8_lossy(&closed.stdout);
+    assert!(closed.status.success(), "{closed:?}");
+    assert!(
+        said.contains(&format!("each of the {} partitions", harness::PARTITIONS)),
+        "{said}"
+    );
+    // A control record naming no period is refused; its partition goes on.
+    p.produce_header(1, "tally-close-period", "October");
+    let customers: Vec<String> = (0..10).map(|i| format!("cust_{i:05}")).collect();
+    let late: Vec<Vec<u8>> = customers
+        .iter()
+        .map(|c| resolution(&format!("after-close-{c}"), c, "2026-10-31T23:30:00Z"))
+        .collect();
+    p.produce(&late);
+
+    let expected_october = p.expected_for(&october, "2026-10");
+    let billed: Vec<&String> = expected_october
+        .iter()
+        .filter(|l| l.1 == "resolutions")
+        .map(|l| &l.0)
+        .collect();
+    let sql = format!(
+        "SELECT customer, price, quantity, adjusts_period FROM {}.invoice_lines \
+         WHERE period_start = '2026-11-01 00:00:00' AND adjusts_period != '' \
+         ORDER BY customer FORMAT TSV",
+        p.database
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let adjustments = loop {
+        let rows = p.query(&sql);
+        if rows.lines().count() == billed.len() {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected {} adjustment lines, found:\n{rows}",
+            billed.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for (row, customer) in adjustments.lines().zip(&billed) {
+        assert_eq!(row, format!("{customer}\tresolutions\t1\t2026-10"));
+    }
+    // October is what arrived before the close, and stays so.
+    p.wait_for(&expected_october, Duration::from_secs(60));
+    let refused: Vec<_> = p
+        .read_topic("rejected")
+        .into_iter()
+        .filter(|(_, headers)| headers["tally.error.code"] == "invalid_control")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].1["tally.error.reason"].contains("\"October\" is not a period"));
+    assert!(
+        p.log("agg-a").contains("period closed by a control record"),
+        "{}",
+        p.log("agg-a")
+    );
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
     let _serial = serial();
     let port = harness::free_port();
