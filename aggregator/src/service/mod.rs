@@ -972,21 +972,33 @@ impl Worker {
             return Ok(());
         }
         let started = Instant::now();
+        let (events, open_for) = (self.transaction_events, self.transaction_started.elapsed());
         match self.commit(consumer) {
             Ok(()) => {
+                let took = started.elapsed();
                 self.metrics
                     .transactions
                     .with_label_values(&["committed"])
                     .inc();
                 self.metrics
                     .transaction_duration
-                    .observe(started.elapsed().as_secs_f64());
-                if let Some(ms) = self.oldest_event_ms.take() {
-                    let age = (Utc::now().timestamp_millis() - ms).max(0);
+                    .observe(took.as_secs_f64());
+                let oldest_age_ms = self
+                    .oldest_event_ms
+                    .take()
+                    .map(|ms| (Utc::now().timestamp_millis() - ms).max(0));
+                if let Some(age) = oldest_age_ms {
                     self.metrics
                         .window_latency
                         .observe(Duration::from_millis(age.unsigned_abs()).as_secs_f64());
                 }
+                tracing::debug!(
+                    events,
+                    open_ms = open_for.as_millis() as u64,
+                    commit_ms = took.as_millis() as u64,
+                    oldest_event_age_ms = oldest_age_ms,
+                    "transaction committed"
+                );
                 self.metrics.dedupe_keys.set(
                     self.partitions
                         .values()

@@ -99,6 +99,10 @@ struct Args {
     /// trade between fresher lines and fewer inserts.
     #[arg(long)]
     rater_min_insert_interval: Option<String>,
+    /// The services' log filter (`RUST_LOG`), e.g. `info,tally_aggregator=debug` to
+    /// log every transaction the aggregator commits.
+    #[arg(long, default_value = "info")]
+    service_log: String,
 }
 
 fn main() -> Result<()> {
@@ -900,7 +904,7 @@ metrics_listen = "127.0.0.1:0"
             .env("TALLY_INSTANCE_ID", name)
             .env("TALLY_AGGREGATOR_METRICS_LISTEN", &listen)
             .env("TALLY_RATER_METRICS_LISTEN", &listen)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &args.service_log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
