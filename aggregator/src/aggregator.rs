@@ -132,6 +132,13 @@ impl Series {
         self.windows.len() - 1
     }
 
+    fn period_state(&self, period: Period) -> Option<&AggState> {
+        self.periods
+            .iter()
+            .find(|(p, _)| *p == period)
+            .map(|(_, state)| state)
+    }
+
     fn period_slot(&mut self, period: Period) -> usize {
         match self.periods.iter().position(|(p, _)| *p == period) {
             Some(slot) => slot,
@@ -271,21 +278,31 @@ impl Aggregator {
         let mut known: SmallVec<[Option<SeriesId>; 1]> = SmallVec::new();
         let mut adds: SmallVec<[bool; 1]> = SmallVec::new();
         for reading in &event.readings {
-            let id = self.find_series(fingerprint(reading));
-            if let Some(state) = id.and_then(|id| self.period_state(id, period)) {
+            let series = self
+                .find_series(fingerprint(reading))
+                .map(|id| (id, &self.series[id as usize]));
+            if let Some(state) = series.and_then(|(_, s)| s.period_state(period)) {
                 if let Err(e) = state.check(reading.value) {
                     return Outcome::Refused(e);
                 }
             }
-            known.push(id);
-            // The closed period plus its adjustment must be the union: a distinct value
-            // the closed period already counted adds nothing to the adjustment.
-            let counted_when_closed = adjusts.is_some_and(|closed| {
-                self.find_series(reading.series)
-                    .and_then(|id| self.period_state(id, closed))
-                    .is_some_and(|state| state.counts(reading.value))
+            known.push(series.map(|(id, _)| id));
+            // A closed period and its adjustments must add up to the union: a distinct
+            // value the closed period, or an earlier adjustment of it (billed in a
+            // period since closed too), already counted adds nothing.
+            let counted_before = adjusts.is_some_and(|closed| {
+                let in_closed = self
+                    .find_series(reading.series)
+                    .and_then(|id| self.series[id as usize].period_state(closed));
+                let in_adjustments = series
+                    .into_iter()
+                    .flat_map(|(_, s)| s.periods.iter().map(|(_, state)| state));
+                in_closed
+                    .into_iter()
+                    .chain(in_adjustments)
+                    .any(|state| state.counts(reading.value))
             });
-            adds.push(!counted_when_closed);
+            adds.push(!counted_before);
         }
         // Judged before this event moves the watermark; batch runs have no notion of it.
         let late = self.track_updates
@@ -408,14 +425,6 @@ impl Aggregator {
         }
     }
 
-    fn period_state(&self, id: SeriesId, period: Period) -> Option<&AggState> {
-        self.series[id as usize]
-            .periods
-            .iter()
-            .find(|(p, _)| *p == period)
-            .map(|(_, state)| state)
-    }
-
     fn find_series(&self, fingerprint: SeriesFingerprint) -> Option<SeriesId> {
         self.series_index
             .find(fingerprint.0 as u64, |(fp, _)| *fp == fingerprint)
@@ -510,10 +519,8 @@ impl Aggregator {
                 _ => {
                     last_update = Some((id, period));
                     let period_to_date = series
-                        .periods
-                        .iter()
-                        .find(|(p, _)| *p == period)
-                        .map_or(MeterValue::ZERO, |(_, state)| state.value());
+                        .period_state(period)
+                        .map_or(MeterValue::ZERO, AggState::value);
                     updates.push(UsageUpdate {
                         series: Arc::clone(&series.key),
                         period_start: period.start(),
@@ -539,10 +546,7 @@ impl Aggregator {
         let mut usage: Vec<_> = self
             .series
             .iter()
-            .filter_map(|s| {
-                let (_, state) = s.periods.iter().find(|(p, _)| *p == period)?;
-                Some((Arc::clone(&s.key), state.value()))
-            })
+            .filter_map(|s| Some((Arc::clone(&s.key), s.period_state(period)?.value())))
             .collect();
         usage.sort_by(|a, b| a.0.cmp(&b.0));
         usage
@@ -779,9 +783,9 @@ pub struct Snapshot {
     series: Vec<SeriesSnapshot>,
     watermark: Option<DateTime<Utc>>,
     expired_before_day: u16,
-    /// Last, and empty when missing: changelogs written before explicit closes existed
-    /// still read.
-    #[serde(default)]
+    /// Last, left out until a period is closed explicitly and empty when missing:
+    /// records of builds from before explicit closes and of this one read both ways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     closed_before: Option<DateTime<Utc>>,
 }
 
@@ -1157,28 +1161,33 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_written_before_explicit_closes_existed_still_reads() {
+    fn snapshots_without_an_explicit_close_keep_the_layout_of_earlier_builds() {
         let mut agg = Aggregator::streaming(&config());
         agg.apply(&tokens("1", "2026-10-31T20:00:00Z", "gpt", 5, 1));
         agg.drain();
-        let snapshot = agg.snapshot();
-        let mut bytes = rmp_serde::to_vec(&snapshot).unwrap();
-        // The same array without its last member (no close yet: nil), as before.
-        assert_eq!((bytes[0], bytes.pop()), (0x95, Some(0xc0)));
-        bytes[0] = 0x94;
-        let old: Snapshot = rmp_serde::from_slice(&bytes).unwrap();
-        assert_eq!(old, snapshot);
+        let round_trip = |snapshot: &Snapshot| {
+            let bytes = rmp_serde::to_vec(snapshot).unwrap();
+            let read: Snapshot = rmp_serde::from_slice(&bytes).unwrap();
+            assert_eq!(&read, snapshot);
+            bytes[0]
+        };
+        // A MessagePack array of the 4 members earlier builds write and read...
+        assert_eq!(round_trip(&agg.snapshot()), 0x94);
+        // ...and of 5 once a period was closed by hand.
+        agg.close_through(Period::from_str("2026-09").unwrap());
+        assert_eq!(round_trip(&agg.snapshot()), 0x95);
     }
 
     #[test]
     fn a_unique_count_adjustment_adds_only_values_the_closed_period_had_not_counted() {
         let october = Period::from_str("2026-10").unwrap();
-        let users_adjustment = |agg: &Aggregator| {
-            agg.period_usage(Period::from_str("2026-11").unwrap())
+        let users_adjustment_in = |agg: &Aggregator, billed_in: &str| {
+            agg.period_usage(Period::from_str(billed_in).unwrap())
                 .into_iter()
                 .find(|(key, _)| key.meter == "users" && key.adjusts == Some(october))
                 .map(|(_, usage)| usage.value.to_string())
         };
+        let users_adjustment = |agg: &Aggregator| users_adjustment_in(agg, "2026-11");
         let mut agg = Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
         agg.apply(&tokens("1", "2026-10-30T10:00:00Z", "gpt", 1, 1));
         agg.apply(&tokens("2", "2026-10-31T23:00:00Z", "gpt", 1, 2));
@@ -1195,7 +1204,7 @@ mod tests {
         agg.apply(&tokens("6", "2026-10-31T23:50:00Z", "gpt", 1, 3));
         agg.apply(&tokens("7", "2026-10-31T23:55:00Z", "gpt", 1, 2));
         assert_eq!(users_adjustment(&agg).as_deref(), Some("1"));
-        // The union holds after a rebuild from the changes.
+        // The union holds after a restore from a snapshot.
         let mut rebuilt =
             Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
         rebuilt.merge(agg.snapshot()).unwrap();
@@ -1211,6 +1220,17 @@ mod tests {
             vec![(vec!["gpt".to_owned()], "2".to_owned())],
             "a closed period never changes"
         );
+        // November closes too, so later October usage is billed in December: a user
+        // November's adjustment counted is not counted again there.
+        rebuilt.close_through(Period::from_str("2026-11").unwrap());
+        rebuilt.apply(&tokens("10", "2026-10-31T23:58:00Z", "gpt", 1, 3));
+        assert_eq!(users_adjustment_in(&rebuilt, "2026-12"), None);
+        rebuilt.apply(&tokens("11", "2026-10-31T23:59:00Z", "gpt", 1, 5));
+        assert_eq!(
+            users_adjustment_in(&rebuilt, "2026-12").as_deref(),
+            Some("1")
+        );
+        assert_eq!(users_adjustment(&rebuilt).as_deref(), Some("2"));
     }
 
     #[test]

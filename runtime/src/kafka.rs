@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use prometheus::IntGaugeVec;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -50,7 +50,10 @@ pub enum KafkaSetupError {
 impl KafkaSetupError {
     /// Whether waiting could mend it (Kafka still starting), rather than an operator.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, KafkaSetupError::Kafka { .. })
+        match self {
+            KafkaSetupError::Kafka { source, .. } => !is_permanent(source),
+            _ => false,
+        }
     }
 }
 
@@ -164,22 +167,18 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetu
             }
         }
     }
-    // A topic just created can show no partitions for a moment: ask again briefly.
+    // A topic just created can be unknown or show no partitions for a moment: ask
+    // again briefly.
     let count = |topic: &str| -> Result<usize, Box<KafkaSetupError>> {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let metadata = admin
-                .inner()
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-                .map_err(|e| fail(&format!("read the metadata of {topic}"), e))?;
-            let partitions = metadata
-                .topics()
-                .first()
-                .map_or(0, |t| t.partitions().len());
-            if partitions > 0 || std::time::Instant::now() > deadline {
-                return Ok(partitions);
+            match partition_count(admin.inner(), topic) {
+                Ok(partitions) if partitions > 0 => return Ok(partitions),
+                counted if std::time::Instant::now() > deadline => {
+                    return counted.map_err(|e| fail(&format!("read the metadata of {topic}"), e))
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
     };
     let events = settings.topic(Topic::Events);
@@ -227,6 +226,24 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetu
         }
     }
     Ok(())
+}
+
+/// How many partitions `topic` has, by the brokers' metadata; an error if the topic
+/// does not exist (a producer or admin client asking for it must not create it:
+/// `allow.auto.create.topics` is false for those).
+pub fn partition_count<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+) -> Result<usize, KafkaError> {
+    let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let found = metadata
+        .topics()
+        .first()
+        .ok_or(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopic))?;
+    match found.error() {
+        Some(error) => Err(KafkaError::MetadataFetch(error.into())),
+        None => Ok(found.partitions().len()),
+    }
 }
 
 /// Sets `lag{topic, partition}` to how far each assigned partition's position is
@@ -466,7 +483,7 @@ pub fn read_partition(
         // the broker otherwise holds for 500 ms in case records arrive.
         .set("fetch.wait.max.ms", "10")
         .set("fetch.max.bytes", "104857600")
-        .set("max.partition.fetch.bytes", "67108864")
+        .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
         .create()
         .map_err(fail)?;
     // One deadline for the whole read, waiting for the broker included.
@@ -534,26 +551,30 @@ pub fn retry_while_unavailable<T>(
 /// pass by itself.
 pub fn is_permanent(error: &KafkaError) -> bool {
     use RDKafkaErrorCode as Code;
-    match error {
-        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) | KafkaError::Nul(_) => true,
-        _ => matches!(
-            error.rdkafka_error_code(),
-            Some(
-                Code::Authentication
-                    | Code::SaslAuthenticationFailed
-                    | Code::TopicAuthorizationFailed
-                    | Code::GroupAuthorizationFailed
-                    | Code::ClusterAuthorizationFailed
-                    | Code::TransactionalIdAuthorizationFailed
-                    | Code::InvalidArgument
-                    | Code::InvalidConfig
-                    | Code::UnsupportedFeature
-                    | Code::UnsupportedVersion
-                    | Code::NotImplemented
-                    | Code::Fatal
-            )
-        ),
-    }
+    let code = match error {
+        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) | KafkaError::Nul(_) => {
+            return true
+        }
+        KafkaError::AdminOp(code) => Some(*code),
+        _ => error.rdkafka_error_code(),
+    };
+    matches!(
+        code,
+        Some(
+            Code::Authentication
+                | Code::SaslAuthenticationFailed
+                | Code::TopicAuthorizationFailed
+                | Code::GroupAuthorizationFailed
+                | Code::ClusterAuthorizationFailed
+                | Code::TransactionalIdAuthorizationFailed
+                | Code::InvalidArgument
+                | Code::InvalidConfig
+                | Code::UnsupportedFeature
+                | Code::UnsupportedVersion
+                | Code::NotImplemented
+                | Code::Fatal
+        )
+    )
 }
 
 /// The group's committed offsets of `partitions`, waiting out what makes them

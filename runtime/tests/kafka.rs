@@ -15,7 +15,7 @@ use rdkafka::admin::{
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
-use tally_runtime::kafka::{ensure_topics, read_partition, KafkaSetupError};
+use tally_runtime::kafka::{ensure_topics, read_partition, KafkaSetupError, MAX_RECORD_BYTES};
 use tally_schemas::config::{KafkaSettings, Topic};
 
 const BROKERS: &str = "127.0.0.1:9092";
@@ -24,6 +24,14 @@ fn kafka(action: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services/kafka.sh");
     let status = Command::new(&script).arg(action).status().unwrap();
     assert!(status.success(), "{} {action} failed", script.display());
+}
+
+/// One test at a time: one of them stops the broker.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn config() -> ClientConfig {
@@ -62,6 +70,7 @@ fn create_topic(admin: &AdminClient<DefaultClientContext>, topic: NewTopic<'_>) 
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
+    let _serial = serial();
     let topic = unique("read");
     let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
     create_topic(&admin, NewTopic::new(&topic, 1, TopicReplication::Fixed(1)));
@@ -100,6 +109,7 @@ fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn state_topics_an_operator_made_without_compaction_or_room_for_large_records_are_refused() {
+    let _serial = serial();
     let settings = KafkaSettings {
         brokers: BROKERS.to_owned(),
         topic_prefix: unique("setup"),
@@ -136,12 +146,27 @@ fn state_topics_an_operator_made_without_compaction_or_room_for_large_records_ar
         for altered in block_on(admin.alter_configs(&[change], &options())).unwrap() {
             altered.unwrap();
         }
+        // The broker applies a change a moment after it acknowledged it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !settings.iter().all(|(name, value)| {
+            let described =
+                block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&windows)], &options()))
+                    .unwrap();
+            let resource = described.into_iter().next().unwrap().unwrap();
+            resource.get(name).and_then(|e| e.value.as_deref()) == Some(*value)
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{settings:?} never applied"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     };
     alter(&[("cleanup.policy", "compact")]);
     assert_eq!(refusal("max.message.bytes"), "1048588");
     alter(&[
         ("cleanup.policy", "compact"),
-        ("max.message.bytes", "67108864"),
+        ("max.message.bytes", &MAX_RECORD_BYTES.to_string()),
     ]);
     block_on(ensure_topics(&settings)).unwrap();
 

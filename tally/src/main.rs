@@ -124,9 +124,25 @@ fn main() {
         Command::ClosePeriod { config, period } => close_period(&config, period),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", describe(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, each cause left out when a message before it already
+/// says it (many errors quote their source), so nothing is printed twice.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&said);
+        }
+    }
+    text
 }
 
 fn validate(path: &Path) -> anyhow::Result<()> {
@@ -248,4 +264,38 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
         result.summary.rejected
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    #[test]
+    fn a_cause_its_error_already_quotes_is_printed_once() {
+        let read = io::Error::other("disk gone");
+        let quoting = QuotingError(format!("cannot read events.jsonl: {read}"), read);
+        let error = anyhow::Error::new(quoting).context("rating failed");
+        assert_eq!(
+            super::describe(&error),
+            "rating failed: cannot read events.jsonl: disk gone"
+        );
+        let plain = anyhow::anyhow!("disk gone").context("cannot rate");
+        assert_eq!(super::describe(&plain), "cannot rate: disk gone");
+    }
+
+    /// An error whose message quotes its source, the common thiserror shape.
+    #[derive(Debug)]
+    struct QuotingError(String, io::Error);
+
+    impl std::fmt::Display for QuotingError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for QuotingError {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.1)
+        }
+    }
 }

@@ -36,7 +36,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, leave_group, lock, log_consumer_error,
-    offset_of, send, DeliveryReports, GroupContext, KafkaProducer, PartitionOwner,
+    offset_of, partition_count, send, DeliveryReports, GroupContext, KafkaProducer, PartitionOwner,
     MAX_RECORD_BYTES,
 };
 use tally_runtime::ops::Readiness;
@@ -165,8 +165,13 @@ impl PartitionState {
         if let Some(ms) = timestamp {
             processed.oldest_event_ms = Some(processed.oldest_event_ms.map_or(ms, |o| o.min(ms)));
         }
+        // The event's "now" is when it reached Kafka, so a replay judges its time
+        // exactly as the first reading did.
+        let now = timestamp
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .unwrap_or_else(Utc::now);
         if let Some(value) = close_period_header(message) {
-            let rejection = self.close_period(message, value);
+            let rejection = self.close_period(message, value, now);
             processed.outcomes.add(match rejection {
                 Some(_) => EventOutcome::Invalid,
                 None => EventOutcome::Control,
@@ -174,11 +179,6 @@ impl PartitionState {
             processed.rejections.extend(rejection.map(|r| (message, r)));
             return;
         }
-        // The event's "now" is when it reached Kafka, so a replay judges its time
-        // exactly as the first reading did.
-        let now = timestamp
-            .and_then(chrono::DateTime::from_timestamp_millis)
-            .unwrap_or_else(Utc::now);
         let (outcome, rejection) = match EventDecoder::new(config, now)
             .decode(message.payload().unwrap_or_default())
         {
@@ -246,9 +246,27 @@ impl PartitionState {
         }
     }
 
-    /// Closes the period a control record names, or tells why it cannot.
-    fn close_period(&mut self, message: &BorrowedMessage<'_>, value: &[u8]) -> Option<Rejection> {
+    /// Closes the period a control record names, or tells why it cannot. A close cannot
+    /// be undone, so one naming a period that had not ended when it was written (`now`)
+    /// is refused, the same on a replay.
+    fn close_period(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        value: &[u8],
+        now: chrono::DateTime<Utc>,
+    ) -> Option<Rejection> {
+        let refuse = |reason: String| {
+            Some(Rejection {
+                code: "invalid_control",
+                field: format!("header {CLOSE_PERIOD_HEADER}"),
+                reason,
+            })
+        };
         match std::str::from_utf8(value).map(str::parse::<Period>) {
+            Ok(Ok(period)) if period.end() > now => refuse(format!(
+                "{period} had not ended when the control record was written ({}); only a period that has ended can be closed",
+                now.to_rfc3339()
+            )),
             Ok(Ok(period)) => {
                 self.aggregator.close_through(period);
                 tracing::info!(
@@ -259,14 +277,10 @@ impl PartitionState {
                 );
                 None
             }
-            _ => Some(Rejection {
-                code: "invalid_control",
-                field: format!("header {CLOSE_PERIOD_HEADER}"),
-                reason: format!(
-                    "{:?} is not a period like 2026-10; the control record closes nothing",
-                    String::from_utf8_lossy(value)
-                ),
-            }),
+            _ => refuse(format!(
+                "{:?} is not a period like 2026-10; the control record closes nothing",
+                String::from_utf8_lossy(value)
+            )),
         }
     }
 
@@ -417,23 +431,13 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
     let producer: KafkaProducer = client_config(kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // A mistyped prefix must fail, not create a topic no aggregator reads.
+        .set("allow.auto.create.topics", "false")
         .create_with_context(DeliveryReports::default())
         .map_err(kafka_error("create a producer for the control records"))?;
-    let metadata = producer
-        .client()
-        .fetch_metadata(Some(&topic), Duration::from_secs(30))
-        .map_err(kafka_error(format!("read the partitions of {topic}")))?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map_or(0, |t| t.partitions().len());
-    if partitions == 0 {
-        return Err(kafka_error(format!(
-            "find {topic} (is the topic prefix the pipeline's?)"
-        ))(KafkaError::MetadataFetch(
-            RDKafkaErrorCode::UnknownTopic,
-        )));
-    }
+    let partitions = partition_count(producer.client(), &topic).map_err(kafka_error(format!(
+        "find topic {topic} (is the topic prefix the pipeline's?)"
+    )))?;
     let value = period.to_string();
     for partition in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
         send(

@@ -54,9 +54,10 @@ const REBUILD_TIMEOUT: Duration = Duration::from_secs(600);
 const DELIVERY_WAIT: Duration = Duration::from_secs(5);
 /// How long a poll waits for the next update with nothing pending.
 const IDLE_POLL_WAIT: Duration = Duration::from_millis(100);
-/// How long a poll waits for more with lines pending: no update this soon means the
-/// rater has read what the aggregators committed so far (the next commit is
-/// `commit_interval` away) and may store.
+/// How long a poll waits for more with lines pending. Nothing this soon means the rater
+/// has read what its consumer had fetched: usually all an aggregator's commit made
+/// visible, the next being `commit_interval` away (under load the fetch queue may also
+/// run dry between two fetches of one commit's records).
 const CATCH_UP_POLL_WAIT: Duration = Duration::from_millis(10);
 
 /// Where the rater service failed.
@@ -348,9 +349,10 @@ pub fn run(
         if let Some(refused) = worker.undelivered() {
             return Err(refused);
         }
-        poll_wait = match worker.pending.started {
-            Some(_) => CATCH_UP_POLL_WAIT,
-            None => IDLE_POLL_WAIT,
+        // Paused for a retry, nothing arrives: no reason to poll more often.
+        poll_wait = match (worker.pending.started, worker.retry_at) {
+            (Some(_), None) => CATCH_UP_POLL_WAIT,
+            _ => IDLE_POLL_WAIT,
         };
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
@@ -491,9 +493,10 @@ impl Worker {
     }
 
     /// Whether to store the pending batch now: when it is full, when its oldest line
-    /// has waited `flush_interval`, or when the rater has read everything available
-    /// (`caught_up`) and its last insert is `min_insert_interval` ago. Under load the
-    /// batches stay large; with a trickle, lines do not sit out the whole interval.
+    /// has waited `flush_interval`, or when a poll found nothing more to read
+    /// (`caught_up`) and the last insert is `min_insert_interval` ago. Lines then reach
+    /// ClickHouse soon after the commit that made them visible, and inserts stay at
+    /// most one per `min_insert_interval` however many aggregators commit.
     fn store_due(&self, settings: &RaterSettings, caught_up: bool) -> bool {
         if let Some((at, _)) = self.retry_at {
             return Instant::now() >= at;

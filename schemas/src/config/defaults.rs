@@ -45,7 +45,8 @@ pub const DEFAULT_RATER_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 /// `[rater] min_insert_interval`: once it has read everything available, the rater
 /// writes what it has without waiting for `flush_interval`, but no sooner than this
 /// after its previous insert, so it inserts at most five times a second however many
-/// aggregators commit (each insert is a part ClickHouse merges later).
+/// aggregators commit (each insert is a part ClickHouse merges later); never more than
+/// `flush_interval`, which a shorter one sets it to.
 pub const DEFAULT_RATER_MIN_INSERT_INTERVAL: Duration = Duration::from_millis(200);
 /// `[rater] metrics_listen`.
 pub const DEFAULT_RATER_METRICS_LISTEN: &str = "127.0.0.1:9103";

@@ -501,10 +501,11 @@ pub(super) fn validate(
     if flush_interval.is_zero() {
         issue("rater.flush_interval", "must be above zero".to_owned());
     }
-    let min_insert_interval = specs
-        .rater
-        .min_insert_interval
-        .map_or(d::DEFAULT_RATER_MIN_INSERT_INTERVAL, |i| i.0);
+    // Unset, it follows a shorter flush_interval down.
+    let min_insert_interval = specs.rater.min_insert_interval.map_or(
+        d::DEFAULT_RATER_MIN_INSERT_INTERVAL.min(flush_interval),
+        |i| i.0,
+    );
     if min_insert_interval > flush_interval {
         issue(
             "rater.min_insert_interval",
@@ -593,6 +594,8 @@ aggregation = "count"
         assert_eq!(s.rater.metrics_listen.port(), 9103);
         assert_eq!(s.rater.flush_interval.as_millis(), 500);
         assert_eq!(s.rater.min_insert_interval.as_millis(), 200);
+        let short = services("[rater]\nflush_interval = \"100ms\"\n", &[]).unwrap();
+        assert_eq!(short.rater.min_insert_interval.as_millis(), 100);
     }
 
     #[test]
@@ -657,6 +660,7 @@ min_insert_interval = "1s"
         let issues = services(file, &[]).unwrap_err();
         for expected in [
             "rater.min_insert_interval: must not exceed rater.flush_interval (100ms)",
+            "kafka.topic_prefix",
             "kafka.partitions",
             "kafka.properties.\"group.id\"",
             "clickhouse.url",

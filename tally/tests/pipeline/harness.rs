@@ -326,12 +326,14 @@ database = "{database}"
         self.producer.flush(Duration::from_secs(60)).unwrap();
     }
 
-    /// Runs `tally <args> --config <this pipeline's configuration>`, as an operator would.
-    pub fn tally(&self, args: &[&str]) -> std::process::Output {
+    /// Runs `tally <args> --config <this pipeline's configuration>` with `env` set, as
+    /// an operator would.
+    pub fn tally(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_tally"))
             .args(args)
             .arg("--config")
             .arg(&self.config)
+            .envs(env.iter().copied())
             .output()
             .unwrap()
     }

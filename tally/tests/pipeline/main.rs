@@ -364,18 +364,30 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
     let october = p.lines();
     p.produce(&october);
 
-    let early = p.tally(&["close-period", "--period", "2099-01"]);
+    let early = p.tally(&["close-period", "--period", "2099-01"], &[]);
     assert!(!early.status.success());
     assert!(String::from_utf8_lossy(&early.stderr).contains("2099-01 has not ended yet"));
-    let closed = p.tally(&["close-period", "--period", "2026-10"]);
+    // A mistyped prefix fails rather than create a topic no aggregator reads.
+    let prefix = format!("{}-typo", p.prefix);
+    let astray = p.tally(
+        &["close-period", "--period", "2026-10"],
+        &[("TALLY_KAFKA_TOPIC_PREFIX", &prefix)],
+    );
+    assert!(!astray.status.success());
+    assert!(
+        String::from_utf8_lossy(&astray.stderr).contains(&format!("find topic {prefix}.events"))
+    );
+    let closed = p.tally(&["close-period", "--period", "2026-10"], &[]);
     let said = String::from_utf8_lossy(&closed.stdout);
     assert!(closed.status.success(), "{closed:?}");
     assert!(
         said.contains(&format!("each of the {} partitions", harness::PARTITIONS)),
         "{said}"
     );
-    // A control record naming no period is refused; its partition goes on.
+    // Control records naming no period, or one that has not ended, are refused (a
+    // close cannot be undone); their partitions go on.
     p.produce_header(1, "tally-close-period", "October");
+    p.produce_header(2, "tally-close-period", "2099-01");
     let customers: Vec<String> = (0..10).map(|i| format!("cust_{i:05}")).collect();
     let late: Vec<Vec<u8>> = customers
         .iter()
@@ -418,8 +430,15 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
         .into_iter()
         .filter(|(_, headers)| headers["tally.error.code"] == "invalid_control")
         .collect();
-    assert_eq!(refused.len(), 1, "{refused:?}");
-    assert!(refused[0].1["tally.error.reason"].contains("\"October\" is not a period"));
+    let reasons: Vec<&str> = refused
+        .iter()
+        .map(|(_, headers)| headers["tally.error.reason"].as_str())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons
+        .iter()
+        .any(|r| r.contains("\"October\" is not a period")));
+    assert!(reasons.iter().any(|r| r.contains("2099-01 had not ended")));
     assert!(
         p.log("agg-a").contains("period closed by a control record"),
         "{}",
