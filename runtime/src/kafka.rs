@@ -512,6 +512,7 @@ pub fn read_partition(
             None => {}
             Some(Ok(message)) => on_record(&message),
             Some(Err(KafkaError::PartitionEOF(_))) => return Ok(()),
+            Some(Err(e)) if is_permanent(&e) => return Err(fail(e)),
             Some(Err(e)) => {
                 tracing::warn!(topic, partition, error = %e, "reading to the end; retrying")
             }
