@@ -224,15 +224,25 @@ impl Aggregator {
         self.closed_before = self.closed_before.max(Some(period.end()));
     }
 
-    /// The open period usage of `period` goes to instead, if `period` has closed. Every
-    /// period ending at or before the close boundary is closed: the watermark less the
-    /// grace, or an explicit close if that is later.
-    fn carried_into(&self, period: Period) -> Option<Period> {
+    /// Every period ending at or before this is closed: the watermark less the grace,
+    /// or an explicit close if that is later. `None` before the first event, or when
+    /// periods never close.
+    pub fn closed_before(&self) -> Option<DateTime<Utc>> {
         let by_watermark = self
             .period_close_grace
             .zip(self.watermark)
             .map(|(grace, watermark)| watermark.checked_sub_signed(grace).unwrap_or(watermark));
-        let boundary = by_watermark.max(self.closed_before)?;
+        by_watermark.max(self.closed_before)
+    }
+
+    /// The newest event time seen, if any.
+    pub fn watermark(&self) -> Option<DateTime<Utc>> {
+        self.watermark
+    }
+
+    /// The open period usage of `period` goes to instead, if `period` has closed.
+    fn carried_into(&self, period: Period) -> Option<Period> {
+        let boundary = self.closed_before()?;
         (period.end() <= boundary).then(|| Period::containing(boundary))
     }
 
@@ -1123,7 +1133,10 @@ mod tests {
             agg.apply(&tokens("2", "2026-10-31T21:00:00Z", "gpt", 1, 1)),
             Outcome::Accepted
         );
+        // By the watermark (21:00) less the grace, periods ending by 20:00 are closed.
+        assert_eq!(agg.closed_before(), Some(at("2026-10-31T20:00:00Z")));
         agg.close_through(october);
+        assert_eq!(agg.closed_before(), Some(at("2026-11-01T00:00:00Z")));
         assert_eq!(
             agg.apply(&tokens("3", "2026-10-31T22:00:00Z", "gpt", 2, 1)),
             Outcome::Adjusted

@@ -81,6 +81,10 @@ pub struct AggregatorMetrics {
     pub assigned_partitions: IntGauge,
     pub restore_duration: Histogram,
     pub consumer_lag: IntGaugeVec,
+    /// `partition`: the newest event time seen, and the time periods ending at or
+    /// before which are closed; Unix seconds.
+    pub watermark: IntGaugeVec,
+    pub closed_before: IntGaugeVec,
 }
 
 impl AggregatorMetrics {
@@ -135,6 +139,16 @@ impl AggregatorMetrics {
                 "Time to restore a partition's state from the changelog.",
             ),
             consumer_lag: m.consumer_lag(),
+            watermark: m.gauge_vec(
+                "tally_aggregator_watermark_timestamp_seconds",
+                "Per owned partition of the events topic: the newest event time seen.",
+                &["partition"],
+            ),
+            closed_before: m.gauge_vec(
+                "tally_aggregator_closed_before_timestamp_seconds",
+                "Per owned partition: periods ending at or before this time are closed (the watermark less period_close_grace, or a later tally close-period).",
+                &["partition"],
+            ),
             registry,
         }
     }

@@ -1009,6 +1009,7 @@ impl Worker {
                         .map(|p| p.aggregator.dedupe_keys() as i64)
                         .sum(),
                 );
+                self.record_event_time();
                 Ok(())
             }
             Err(e) => {
@@ -1018,6 +1019,26 @@ impl Worker {
                     .inc();
                 tracing::warn!(error = %e, "transaction failed; aborting and rebuilding state from the changelog");
                 self.recover(consumer)
+            }
+        }
+    }
+
+    /// Sets each owned partition's watermark and close boundary gauges; partitions no
+    /// longer owned drop out.
+    fn record_event_time(&self) {
+        let metrics = &self.metrics;
+        metrics.watermark.reset();
+        metrics.closed_before.reset();
+        for (partition, state) in &self.partitions {
+            let label = [partition.to_string()];
+            let gauges = [
+                (&metrics.watermark, state.aggregator.watermark()),
+                (&metrics.closed_before, state.aggregator.closed_before()),
+            ];
+            for (gauge, time) in gauges {
+                if let Some(time) = time {
+                    gauge.with_label_values(&label).set(time.timestamp());
+                }
             }
         }
     }

@@ -566,6 +566,15 @@ fn prometheus_scrapes_every_service_of_serve_all() {
             r#"tally_kafka_consumer_lag_messages{job="aggregator"}"#,
             Box::new(|v| v >= 0.0),
         ),
+        // Every partition's newest event time is in the generated month, October 2026.
+        (
+            r#"count(tally_aggregator_watermark_timestamp_seconds{job="aggregator"})"#,
+            Box::new(|v| v == f64::from(harness::PARTITIONS)),
+        ),
+        (
+            r#"min(tally_aggregator_watermark_timestamp_seconds{job="aggregator"}) >= 1790812800 and max(tally_aggregator_watermark_timestamp_seconds{job="aggregator"}) < 1793491200"#,
+            Box::new(|v| v > 0.0),
+        ),
         (
             r#"tally_rater_usage_updates_total{job="rater"}"#,
             Box::new(|v| v >= 1.0),
