@@ -285,8 +285,8 @@ impl Aggregator {
         };
         // Nothing changes until the event is known to be new and to fit: a retry or a
         // refused event leaves no trace (not even an empty series).
-        let mut known: SmallVec<[Option<SeriesId>; 1]> = SmallVec::new();
-        let mut adds: SmallVec<[bool; 1]> = SmallVec::new();
+        // Per reading: its series if it exists, and whether the reading adds anything.
+        let mut known: SmallVec<[(Option<SeriesId>, bool); 1]> = SmallVec::new();
         for reading in &event.readings {
             let series = self
                 .find_series(fingerprint(reading))
@@ -296,7 +296,6 @@ impl Aggregator {
                     return Outcome::Refused(e);
                 }
             }
-            known.push(series.map(|(id, _)| id));
             // A closed period and its adjustments must add up to the union: a distinct
             // value the closed period, or an earlier adjustment of it (billed in a
             // period since closed too), already counted adds nothing.
@@ -312,7 +311,7 @@ impl Aggregator {
                     .chain(in_adjustments)
                     .any(|state| state.counts(reading.value))
             });
-            adds.push(!counted_before);
+            known.push((series.map(|(id, _)| id), !counted_before));
         }
         // Judged before this event moves the watermark; batch runs have no notion of it.
         let late = self.track_updates
@@ -343,13 +342,10 @@ impl Aggregator {
             Some(open) => open.start().timestamp(),
             None => self.window.start_of(event.time.timestamp()),
         };
-        for ((reading, known), _) in event
-            .readings
-            .iter()
-            .zip(known)
-            .zip(adds)
-            .filter(|(_, adds)| *adds)
-        {
+        for (reading, (known, adds)) in event.readings.iter().zip(known) {
+            if !adds {
+                continue;
+            }
             let id = match known {
                 Some(id) => id,
                 None => self.new_series(
@@ -540,13 +536,8 @@ impl Aggregator {
                 }
             }
         }
-        let changes = Snapshot {
-            dedupe: std::mem::take(&mut self.new_keys),
-            series: changed,
-            watermark: self.watermark,
-            expired_before_day: self.expired_before_day,
-            closed_before: self.closed_before,
-        };
+        let new_keys = std::mem::take(&mut self.new_keys);
+        let changes = self.snapshot_of(new_keys, changed);
         self.evict_settled();
         (updates, changes)
     }
@@ -583,17 +574,23 @@ impl Aggregator {
     /// expired. For a store that keeps the keys elsewhere (see
     /// [`Snapshot::split_off_dedupe`]).
     pub fn usage_snapshot(&self) -> Snapshot {
+        let series = self
+            .series
+            .iter()
+            .map(|s| SeriesSnapshot {
+                key: SeriesKey::clone(&s.key),
+                periods: s.periods.to_vec(),
+                windows: s.windows.clone(),
+            })
+            .collect();
+        self.snapshot_of(Vec::new(), series)
+    }
+
+    /// `dedupe` and `series` with this aggregator's progress: watermark, expiry, close.
+    fn snapshot_of(&self, dedupe: Vec<DedupeEntry>, series: Vec<SeriesSnapshot>) -> Snapshot {
         Snapshot {
-            dedupe: Vec::new(),
-            series: self
-                .series
-                .iter()
-                .map(|s| SeriesSnapshot {
-                    key: SeriesKey::clone(&s.key),
-                    periods: s.periods.to_vec(),
-                    windows: s.windows.clone(),
-                })
-                .collect(),
+            dedupe,
+            series,
             watermark: self.watermark,
             expired_before_day: self.expired_before_day,
             closed_before: self.closed_before,
@@ -687,12 +684,16 @@ impl Snapshot {
     /// millions of them into every snapshot: merging both halves, in any order, gives
     /// what merging the whole did.
     pub fn split_off_dedupe(&mut self) -> Snapshot {
+        let dedupe = std::mem::take(&mut self.dedupe);
+        self.with_contents(dedupe, Vec::new())
+    }
+
+    /// `dedupe` and `series` with this snapshot's progress: watermark, expiry, close.
+    fn with_contents(&self, dedupe: Vec<DedupeEntry>, series: Vec<SeriesSnapshot>) -> Snapshot {
         Snapshot {
-            dedupe: std::mem::take(&mut self.dedupe),
-            series: Vec::new(),
-            watermark: self.watermark,
-            expired_before_day: self.expired_before_day,
-            closed_before: self.closed_before,
+            dedupe,
+            series,
+            ..*self
         }
     }
 
@@ -707,10 +708,7 @@ impl Snapshot {
     pub fn gather_dedupe(snapshots: Vec<Snapshot>) -> Snapshot {
         let mut gathered = Snapshot {
             dedupe: Vec::with_capacity(snapshots.iter().map(Snapshot::dedupe_len).sum()),
-            series: Vec::new(),
-            watermark: None,
-            expired_before_day: 0,
-            closed_before: None,
+            ..Snapshot::default()
         };
         for snapshot in snapshots {
             gathered.dedupe.extend(snapshot.dedupe);
@@ -734,20 +732,10 @@ impl Snapshot {
     /// the whole. Each part carries the watermark.
     pub fn split(self, entries: usize) -> Vec<Snapshot> {
         let entries = entries.max(1);
-        let Snapshot {
-            dedupe,
-            series: all_series,
-            watermark,
-            expired_before_day,
-            closed_before,
-        } = self;
-        let part = |dedupe: Vec<DedupeEntry>, series: Vec<SeriesSnapshot>| Snapshot {
-            dedupe,
-            series,
-            watermark,
-            expired_before_day,
-            closed_before,
-        };
+        let mut progress = self;
+        let dedupe = std::mem::take(&mut progress.dedupe);
+        let all_series = std::mem::take(&mut progress.series);
+        let part = |dedupe, series| progress.with_contents(dedupe, series);
         let mut parts: Vec<Snapshot> = dedupe
             .chunks(entries)
             .map(|keys| part(keys.to_vec(), Vec::new()))
@@ -785,7 +773,7 @@ fn day_of(time: DateTime<Utc>) -> u16 {
 }
 
 /// An aggregator's whole state, serialisable.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     #[serde(with = "crate::dedupe::entries_as_bytes")]
     dedupe: Vec<DedupeEntry>,

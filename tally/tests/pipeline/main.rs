@@ -268,6 +268,38 @@ fn resolution(id: &str, customer: &str, time: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Waits for October's adjustment lines billed in November: one `resolutions` line of
+/// `quantity` for each customer `expected_october` bills resolutions to.
+fn assert_resolution_adjustments(p: &Pipeline, expected_october: &[harness::Line], quantity: u32) {
+    let billed: Vec<&String> = expected_october
+        .iter()
+        .filter(|l| l.1 == "resolutions")
+        .map(|l| &l.0)
+        .collect();
+    let sql = format!(
+        "SELECT customer, price, quantity, adjusts_period FROM {}.invoice_lines \
+         WHERE period_start = '2026-11-01 00:00:00' AND adjusts_period != '' \
+         ORDER BY customer FORMAT TSV",
+        p.database
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let adjustments = loop {
+        let rows = p.query(&sql);
+        if rows.lines().count() == billed.len() {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected {} adjustment lines, found:\n{rows}",
+            billed.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for (row, customer) in adjustments.lines().zip(&billed) {
+        assert_eq!(row, format!("{customer}\tresolutions\t{quantity}\t2026-10"));
+    }
+}
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
@@ -308,33 +340,7 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
     p.produce(std::slice::from_ref(&too_old));
 
     let expected_october = p.expected_for(&october, "2026-10");
-    let billed: Vec<&String> = expected_october
-        .iter()
-        .filter(|l| l.1 == "resolutions")
-        .map(|l| &l.0)
-        .collect();
-    let sql = format!(
-        "SELECT customer, price, quantity, adjusts_period FROM {}.invoice_lines \
-         WHERE period_start = '2026-11-01 00:00:00' AND adjusts_period != '' \
-         ORDER BY customer FORMAT TSV",
-        p.database
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let adjustments = loop {
-        let rows = p.query(&sql);
-        if rows.lines().count() == billed.len() {
-            break rows;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "expected {} adjustment lines, found:\n{rows}",
-            billed.len()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    for (row, customer) in adjustments.lines().zip(&billed) {
-        assert_eq!(row, format!("{customer}\tresolutions\t2\t2026-10"));
-    }
+    assert_resolution_adjustments(&p, &expected_october, 2);
     // October itself is exactly what tally rate bills for the usage that arrived in
     // time, and stays so.
     p.period = "2026-10";
@@ -396,33 +402,7 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
     p.produce(&late);
 
     let expected_october = p.expected_for(&october, "2026-10");
-    let billed: Vec<&String> = expected_october
-        .iter()
-        .filter(|l| l.1 == "resolutions")
-        .map(|l| &l.0)
-        .collect();
-    let sql = format!(
-        "SELECT customer, price, quantity, adjusts_period FROM {}.invoice_lines \
-         WHERE period_start = '2026-11-01 00:00:00' AND adjusts_period != '' \
-         ORDER BY customer FORMAT TSV",
-        p.database
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let adjustments = loop {
-        let rows = p.query(&sql);
-        if rows.lines().count() == billed.len() {
-            break rows;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "expected {} adjustment lines, found:\n{rows}",
-            billed.len()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    for (row, customer) in adjustments.lines().zip(&billed) {
-        assert_eq!(row, format!("{customer}\tresolutions\t1\t2026-10"));
-    }
+    assert_resolution_adjustments(&p, &expected_october, 1);
     // October is what arrived before the close, and stays so.
     p.wait_for(&expected_october, Duration::from_secs(60));
     let refused: Vec<_> = p
