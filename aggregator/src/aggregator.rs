@@ -178,10 +178,9 @@ pub struct Aggregator {
     series: Vec<Series>,
     /// Finds a series by the fingerprint the decoder computed.
     series_index: HashTable<(SeriesFingerprint, SeriesId)>,
-    /// Windows changed since the last drain, in the order they first changed; not kept
-    /// in batch runs, which read whole periods instead.
     /// Windows changed since the last drain: series, window start, and the window's
-    /// slot when it changed (a hint: later inserts may move it).
+    /// slot when it changed (a hint: later inserts may move it). Not kept in batch runs,
+    /// which read whole periods instead.
     dirty: Vec<(SeriesId, i64, usize)>,
     track_updates: bool,
     /// Keys first seen since the last drain, for the changes it hands out.
@@ -191,6 +190,8 @@ pub struct Aggregator {
     expired_before_day: u16,
     /// Windows starting before this (Unix seconds) have been let go.
     settled_before: i64,
+    /// Series and periods let go since [`Aggregator::take_settled`] last took them.
+    settled: Vec<(Arc<SeriesKey>, Period)>,
 }
 
 impl Aggregator {
@@ -266,6 +267,7 @@ impl Aggregator {
             watermark: None,
             expired_before_day: 0,
             settled_before: i64::MIN,
+            settled: Vec::new(),
         }
     }
 
@@ -412,8 +414,10 @@ impl Aggregator {
     }
 
     /// Drops windows and period states no accepted event can change any more (they end
-    /// before the oldest acceptable time), so a long-running aggregator's state stays
-    /// bounded by the horizon. Called after a drain, so nothing pending is lost.
+    /// before the oldest acceptable time), and series left with neither, so a
+    /// long-running aggregator's state stays bounded by the horizon. The periods let go
+    /// are kept for [`Aggregator::take_settled`]. Called after a drain, so nothing
+    /// pending is lost.
     fn evict_settled(&mut self) {
         let Some(oldest) = self.oldest_acceptable() else {
             return;
@@ -427,8 +431,53 @@ impl Aggregator {
         for series in &mut self.series {
             let settled = series.windows.partition_point(|w| w.start <= oldest_start);
             series.windows.drain(..settled);
-            series.periods.retain(|(p, _)| p.end() > oldest);
+            series.periods.retain(|(period, _)| {
+                let open = period.end() > oldest;
+                if !open {
+                    self.settled.push((Arc::clone(&series.key), *period));
+                }
+                open
+            });
         }
+        self.drop_empty_series();
+    }
+
+    /// Removes the series holding no period and no window (a customer gone quiet, a
+    /// dimension value no longer seen), renumbering the rest. Only between drains:
+    /// pending changes refer to series by number.
+    fn drop_empty_series(&mut self) {
+        let is_empty = |s: &Series| s.periods.is_empty() && s.windows.is_empty();
+        if !self.dirty.is_empty() || !self.series.iter().any(is_empty) {
+            return;
+        }
+        let mut kept: SeriesId = 0;
+        let renumbered: Vec<Option<SeriesId>> = self
+            .series
+            .iter()
+            .map(|s| {
+                (!is_empty(s)).then(|| {
+                    kept += 1;
+                    kept - 1
+                })
+            })
+            .collect();
+        self.series.retain(|s| !is_empty(s));
+        self.series_index
+            .retain(|(_, id)| match renumbered[*id as usize] {
+                Some(new) => {
+                    *id = new;
+                    true
+                }
+                None => false,
+            });
+    }
+
+    /// Each series' periods let go since the last call: no event can change them any
+    /// more (all of them are too late), so their records can be deleted downstream.
+    /// The same period may come again after a restore, which reads it back from
+    /// changes written before it was let go.
+    pub fn take_settled(&mut self) -> Vec<(Arc<SeriesKey>, Period)> {
+        std::mem::take(&mut self.settled)
     }
 
     fn find_series(&self, fingerprint: SeriesFingerprint) -> Option<SeriesId> {
@@ -556,6 +605,11 @@ impl Aggregator {
     /// Number of `(source, id)` keys remembered for dedupe.
     pub fn dedupe_keys(&self) -> usize {
         self.dedupe.len()
+    }
+
+    /// Number of series held: those with a window or a period not yet let go.
+    pub fn series_count(&self) -> usize {
+        self.series.len()
     }
 
     /// The whole state, for a snapshot. Pending (undrained) updates are not part of it:
@@ -1303,6 +1357,47 @@ mod tests {
             agg.apply(&tokens("4", "2026-10-31T11:00:00Z", "gpt", 5, 1)),
             Outcome::TooLate
         );
+    }
+
+    #[test]
+    fn settled_periods_are_reported_once_and_series_left_empty_are_dropped() {
+        let mut agg = Aggregator::streaming(&config());
+        agg.apply(&tokens("1", "2026-10-31T10:00:00Z", "claude", 5, 1));
+        agg.apply(&tokens("2", "2026-10-31T11:00:00Z", "gpt", 5, 1));
+        agg.apply(&tokens("3", "2026-11-01T10:00:00Z", "gpt", 5, 2));
+        agg.drain_updates();
+        assert!(agg.take_settled().is_empty());
+        // Three days on (horizon 2 days): October can no longer change.
+        agg.apply(&tokens("4", "2026-11-04T10:00:00Z", "gpt", 5, 2));
+        agg.drain_updates();
+        let mut settled: Vec<String> = agg
+            .take_settled()
+            .iter()
+            .map(|(series, period)| format!("{} {:?} {period}", series.meter, series.group))
+            .collect();
+        settled.sort();
+        assert_eq!(
+            settled,
+            [
+                r#"tokens ["claude"] 2026-10"#,
+                r#"tokens ["gpt"] 2026-10"#,
+                "users [] 2026-10"
+            ]
+        );
+        assert!(agg.take_settled().is_empty());
+        // claude's series held only October and is gone; the others are still found by
+        // their fingerprints, and claude's comes back with new usage.
+        assert_eq!(agg.series_count(), 2);
+        agg.apply(&tokens("5", "2026-11-04T11:00:00Z", "gpt", 5, 3));
+        agg.apply(&tokens("6", "2026-11-04T12:00:00Z", "claude", 7, 3));
+        agg.drain_updates();
+        assert_eq!(agg.series_count(), 3);
+        let owned = |group: &str, value: &str| (vec![group.to_owned()], value.to_owned());
+        assert_eq!(
+            usage(&agg, "2026-11", "tokens"),
+            [owned("claude", "7"), owned("gpt", "15")]
+        );
+        assert_eq!(usage(&agg, "2026-11", "users")[0].1, "2");
     }
 
     #[test]

@@ -78,6 +78,7 @@ pub struct AggregatorMetrics {
     /// From an event's append to Kafka to the commit carrying its window.
     pub window_latency: Histogram,
     pub dedupe_keys: IntGauge,
+    pub series: IntGauge,
     pub assigned_partitions: IntGauge,
     pub restore_duration: Histogram,
     pub consumer_lag: IntGaugeVec,
@@ -129,6 +130,10 @@ impl AggregatorMetrics {
             dedupe_keys: m.gauge(
                 "tally_aggregator_dedupe_keys",
                 "(source, id) keys held for dedupe across assigned partitions.",
+            ),
+            series: m.gauge(
+                "tally_aggregator_series",
+                "Series (customer, meter, group values) held across assigned partitions; those whose every period has settled are let go.",
             ),
             assigned_partitions: m.gauge(
                 "tally_aggregator_assigned_partitions",

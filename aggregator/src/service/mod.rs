@@ -4,7 +4,8 @@
 //! product service writing straight to Kafka), as a member of consumer group
 //! `<prefix>-aggregator`, and control records among them (a period close that
 //! [`close_period`] writes). Out, per transaction: a usage update per changed series and
-//! period (its period-to-date value and changed windows) to `<prefix>.windows`,
+//! period (its period-to-date value and changed windows) to `<prefix>.windows`, and a
+//! tombstone there for each series' period that settled (past the dedupe horizon),
 //! refused events (original bytes, reason in headers) to `<prefix>.rejected`, the
 //! state changes to `<prefix>.aggregator-changelog`, and the offsets of the events
 //! they account for.
@@ -44,7 +45,7 @@ use tally_runtime::threads::on_threads;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::event::EventDecoder;
-use tally_schemas::records::CLOSE_PERIOD_HEADER;
+use tally_schemas::records::{windows_record_key, CLOSE_PERIOD_HEADER};
 use tally_schemas::time::Period;
 
 pub use metrics::{AggregatorMetrics, EventOutcome};
@@ -296,7 +297,9 @@ impl PartitionState {
     }
 
     /// Writes what changed since the last commit to the open transaction: a usage
-    /// update per changed series and period, the changelog delta behind them, the new
+    /// update per changed series and period, a tombstone for each series' period that
+    /// can no longer change (so compaction drops it and the rater lets its lines go),
+    /// the changelog delta behind them, the new
     /// dedupe keys (gathered with earlier ones once `gather_after_keys` are waiting),
     /// tombstones for expired key records and, if `with_snapshot`, a usage snapshot.
     /// Returns the number of windows the updates carry.
@@ -323,6 +326,15 @@ impl PartitionState {
                     .partition(partition)
                     .key(key.as_bytes())
                     .payload(&value),
+            )?;
+        }
+        // After the updates: the period's last update is read before its tombstone.
+        for (series, period) in self.aggregator.take_settled() {
+            tombstone(
+                producer,
+                &topics.windows,
+                partition,
+                &windows_record_key(&series, period),
             )?;
         }
         if let Some(newest_day) = keys.newest_dedupe_day() {
@@ -463,7 +475,7 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
     }
 }
 
-/// Deletes a changelog record (compaction drops it), in the open transaction.
+/// Deletes a record of a compacted topic (compaction drops it), in the open transaction.
 fn tombstone(
     producer: &KafkaProducer,
     topic: &str,
@@ -1003,12 +1015,14 @@ impl Worker {
                     oldest_event_age_ms = oldest_age_ms,
                     "transaction committed"
                 );
-                self.metrics.dedupe_keys.set(
+                let held = |count: fn(&Aggregator) -> usize| {
                     self.partitions
                         .values()
-                        .map(|p| p.aggregator.dedupe_keys() as i64)
-                        .sum(),
-                );
+                        .map(|p| count(&p.aggregator) as i64)
+                        .sum()
+                };
+                self.metrics.dedupe_keys.set(held(Aggregator::dedupe_keys));
+                self.metrics.series.set(held(Aggregator::series_count));
                 self.record_event_time();
                 Ok(())
             }
