@@ -1,9 +1,10 @@
 //! Incremental rating: period-to-date usage in, revised invoice lines out.
 //!
 //! In: each series' period-to-date value (from the aggregator's usage updates, in any
-//! order, any number of times). Out: on [`Ledger::flush`], one [`RatedLine`] per line
-//! whose usage changed, with a revision and the change in amount; on
-//! [`Ledger::close`], every line of a period, including zero-usage lines for every
+//! order, any number of times), and the periods that settled (can no longer change).
+//! Out: on [`Ledger::flush`], one [`RatedLine`] per line whose usage changed, with a
+//! revision and the change in amount, after which settled periods' lines are let go;
+//! on [`Ledger::close`], every line of a period, including zero-usage lines for every
 //! subscribed customer and price.
 //!
 //! A line's quantity combines the values of the series its price selects (meter and
@@ -87,6 +88,8 @@ pub struct Ledger {
     config: Arc<Config>,
     lines: HashMap<(String, LineKey), LineState>,
     dirty: Vec<(String, LineKey)>,
+    /// Periods whose lines are let go at the next [`Ledger::flush_available`].
+    settled: Vec<Period>,
 }
 
 impl Ledger {
@@ -95,7 +98,23 @@ impl Ledger {
             config,
             lines: HashMap::new(),
             dirty: Vec::new(),
+            settled: Vec::new(),
         }
+    }
+
+    /// Marks `period` settled: no usage of it can change any more (the aggregator let it
+    /// go: all its events are past the dedupe horizon). Its lines, and adjustment lines
+    /// billed in it, are rated one last time and let go at the next
+    /// [`Ledger::flush_available`], so a long-running ledger holds the open periods only.
+    pub fn settle(&mut self, period: Period) {
+        if !self.settled.contains(&period) {
+            self.settled.push(period);
+        }
+    }
+
+    /// How many lines the ledger holds.
+    pub fn lines_held(&self) -> usize {
+        self.lines.len()
     }
 
     /// Records a series' period-to-date value (the latest one wins).
@@ -158,8 +177,17 @@ impl Ledger {
     /// Re-rates every changed line that can be rated; a line that cannot (its amount
     /// overflows) stays pending, with its error returned, and does not hold up the
     /// others.
+    /// Then the lines of settled periods are let go, a line that failed included: its
+    /// usage no longer changes, so it would fail again.
     pub fn flush_available(&mut self) -> (Vec<RatedLine>, Vec<RateError>) {
-        self.flush_where(|_| true)
+        let flushed = self.flush_where(|_| true);
+        if !self.settled.is_empty() {
+            let settled = std::mem::take(&mut self.settled);
+            self.lines
+                .retain(|(_, key), _| !settled.contains(&key.period));
+            self.dirty.retain(|(_, key)| !settled.contains(&key.period));
+        }
+        flushed
     }
 
     /// Re-rates the changed lines whose key passes `select`; the others, and those that
@@ -493,6 +521,39 @@ mod tests {
         let (rated, failures) = ledger.flush_available();
         assert!(rated.is_empty());
         assert_eq!(failures.len(), 1);
+    }
+
+    #[test]
+    fn a_settled_period_is_rated_one_last_time_then_let_go() {
+        let october = Period::from_str("2026-10").unwrap();
+        let resolutions = series("resolutions", &[]);
+        let mut ledger = Ledger::new(config());
+        ledger.record(&resolutions, october, value(10));
+        ledger.record(&resolutions, november(), value(3));
+        ledger.flush().unwrap();
+        let both = ledger.lines_held();
+        assert!(both >= 2 && both.is_multiple_of(2), "{both}");
+        // October's last update and its settling come in one batch: the update is
+        // still rated before the lines go.
+        ledger.record(&resolutions, october, value(12));
+        ledger.settle(october);
+        let last = ledger.flush().unwrap();
+        assert!(!last.is_empty());
+        for rated in &last {
+            assert_eq!(rated.line.period_start, october.start());
+            assert_eq!(rated.line.quantity, Decimal::from(12));
+        }
+        assert_eq!(ledger.lines_held(), both / 2);
+        // November goes on where it was.
+        ledger.record(&resolutions, november(), value(5));
+        let next = ledger.flush().unwrap();
+        assert_eq!(next.len(), last.len());
+        for rated in &next {
+            assert_eq!(rated.line.period_start, november().start());
+            assert_eq!(rated.line.quantity, Decimal::from(5));
+            assert_eq!(rated.revision, 2);
+        }
+        assert_eq!(ledger.lines_held(), both / 2);
     }
 
     #[test]

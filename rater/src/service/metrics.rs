@@ -1,7 +1,7 @@
 //! The rater service's Prometheus metrics. Names and labels are part of the product
 //! (dashboards and alerts use them): change them only with the dashboard.
 
-use prometheus::{Histogram, IntCounter, IntCounterVec, IntGaugeVec, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use tally_runtime::metrics::Metrics;
 
 #[derive(Debug, Clone)]
@@ -17,6 +17,8 @@ pub struct RaterMetrics {
     pub inserted_rows: IntCounter,
     pub insert_failures: IntCounter,
     pub rating_failures: IntCounter,
+    /// Lines held in the assigned partitions' ledgers: the open periods'.
+    pub ledger_lines: IntGauge,
     pub consumer_lag: IntGaugeVec,
 }
 
@@ -56,6 +58,10 @@ impl RaterMetrics {
             rating_failures: m.counter(
                 "tally_rater_rating_failures_total",
                 "Flushes in which a line could not be rated (it stays pending).",
+            ),
+            ledger_lines: m.gauge(
+                "tally_rater_ledger_lines",
+                "Invoice lines held in memory across assigned partitions; a settled period's are let go.",
             ),
             consumer_lag: m.consumer_lag(),
             registry,

@@ -13,8 +13,9 @@
 //! windows all live in one windows partition (the aggregator writes partition p's
 //! windows to partition p). So each partition has its own [`Ledger`]. On assignment the
 //! ledger is rebuilt by reading the partition from the beginning up to the committed
-//! offset (the topic is compacted: each window's latest revision, which carries its
-//! series' latest period-to-date value, is kept). While ClickHouse is down the rater
+//! offset (the topic is compacted: each series' latest period-to-date value of each
+//! period is kept). A tombstone says a series' period settled: the partition's lines of
+//! that period are rated one last time and let go, so a ledger holds open periods only. While ClickHouse is down the rater
 //! pauses its partitions, keeps the unwritten lines, and retries with backoff.
 
 mod metrics;
@@ -38,7 +39,7 @@ use tally_runtime::ops::Readiness;
 use tally_runtime::threads::on_threads;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, RaterSettings, ServiceSettings, Topic};
-use tally_schemas::records::{InvoiceLine, PeriodToDate};
+use tally_schemas::records::{windows_record_period, InvoiceLine, PeriodToDate};
 use tally_schemas::time::Period;
 
 pub use metrics::RaterMetrics;
@@ -85,13 +86,32 @@ struct RatedRecord<'a> {
     version: u64,
 }
 
-/// A usage update read from the windows topic.
+/// A record read from the windows topic.
 #[derive(Debug)]
 struct Update<'a> {
     offset: i64,
     /// When it was appended to Kafka, for the latency metric.
     appended_ms: Option<i64>,
-    update: PeriodToDate<'a>,
+    change: Change<'a>,
+}
+
+/// What a windows record says.
+#[derive(Debug)]
+enum Change<'a> {
+    /// A series' period-to-date usage.
+    Usage(PeriodToDate<'a>),
+    /// A tombstone: the aggregator let a series' period go, as no event can change it
+    /// any more; the period's lines are final.
+    Settled(Period),
+}
+
+impl Change<'_> {
+    fn into_owned(self) -> Change<'static> {
+        match self {
+            Change::Usage(update) => Change::Usage(update.into_owned()),
+            Change::Settled(period) => Change::Settled(period),
+        }
+    }
 }
 
 /// A partition's ledger as of its committed offset, and the updates after it.
@@ -208,6 +228,7 @@ impl PartitionOwner for Worker {
                 .set_partition_offset(&self.topic, partition, Offset::Offset(start))
                 .map_err(kafka("start an assigned partition"))?;
         }
+        self.count_held_lines();
         consumer
             .incremental_assign(partitions)
             .map_err(kafka("take the assigned partitions"))?;
@@ -251,6 +272,7 @@ impl PartitionOwner for Worker {
                 offsets.remove(&e.partition());
             }
         }
+        self.count_held_lines();
         consumer
             .incremental_unassign(partitions)
             .map_err(kafka("release the revoked partitions"))
@@ -387,7 +409,7 @@ impl Worker {
             partition,
             REBUILD_TIMEOUT,
             |message| {
-                let Some(update) = decode(message) else {
+                let Some(change) = decode(message) else {
                     return;
                 };
                 read += 1;
@@ -395,18 +417,23 @@ impl Worker {
                     rebuilt.after_committed.push(Update {
                         offset: message.offset(),
                         appended_ms: message.timestamp().to_millis(),
-                        update: update.into_owned(),
+                        change: change.into_owned(),
                     });
-                } else {
-                    rebuilt
-                        .opened
-                        .insert(Period::containing(update.period_start));
-                    record(&mut rebuilt.ledger, update);
+                    return;
+                }
+                match change {
+                    Change::Usage(update) => {
+                        rebuilt
+                            .opened
+                            .insert(Period::containing(update.period_start));
+                        record(&mut rebuilt.ledger, update);
+                    }
+                    Change::Settled(period) => rebuilt.ledger.settle(period),
                 }
             },
         )?;
-        // Marks the lines as stored as of `committed`; one that fails to rate stays
-        // pending and is retried with its next update.
+        // Marks the lines as stored as of `committed` and lets settled periods go; one
+        // that fails to rate stays pending and is retried with its next update.
         let (_, failures) = rebuilt.ledger.flush_available();
         if !failures.is_empty() {
             tracing::warn!(
@@ -417,7 +444,8 @@ impl Worker {
         }
         tracing::info!(
             partition,
-            updates = read,
+            records = read,
+            lines = rebuilt.ledger.lines_held(),
             after_committed = rebuilt.after_committed.len(),
             seconds = started.elapsed().as_secs_f64(),
             "ledger rebuilt from the windows topic"
@@ -426,7 +454,7 @@ impl Worker {
     }
 
     fn process(&mut self, message: &BorrowedMessage<'_>) {
-        let Some(update) = decode(message) else {
+        let Some(change) = decode(message) else {
             if let Some(state) = self.partitions.get_mut(&message.partition()) {
                 state.next_offset = state.next_offset.max(message.offset() + 1);
                 state.uncommitted = true;
@@ -438,19 +466,19 @@ impl Worker {
             Update {
                 offset: message.offset(),
                 appended_ms: message.timestamp().to_millis(),
-                update,
+                change,
             },
         );
     }
 
-    /// Records one usage update in its partition's ledger.
+    /// Records one usage update, or a settled period, in its partition's ledger.
     fn apply(
         &mut self,
         partition: i32,
         Update {
             offset,
             appended_ms,
-            update,
+            change,
         }: Update<'_>,
     ) {
         let Some(state) = self.partitions.get_mut(&partition) else {
@@ -461,6 +489,19 @@ impl Worker {
         }
         state.next_offset = offset + 1;
         state.uncommitted = true;
+        let pending = &mut self.pending;
+        pending.updates += 1;
+        pending.started.get_or_insert_with(Instant::now);
+        if let Some(ms) = appended_ms {
+            pending.oldest_update_ms = Some(pending.oldest_update_ms.map_or(ms, |o| o.min(ms)));
+        }
+        let update = match change {
+            Change::Usage(update) => update,
+            Change::Settled(period) => {
+                state.ledger.settle(period);
+                return;
+            }
+        };
         self.metrics.usage_updates.inc();
         let period = Period::containing(update.period_start);
         if state.opened.insert(period) {
@@ -483,12 +524,6 @@ impl Worker {
                 .unbilled
                 .with_label_values(&["not_priced"])
                 .inc(),
-        }
-        let pending = &mut self.pending;
-        pending.updates += 1;
-        pending.started.get_or_insert_with(Instant::now);
-        if let Some(ms) = appended_ms {
-            pending.oldest_update_ms = Some(pending.oldest_update_ms.map_or(ms, |o| o.min(ms)));
         }
     }
 
@@ -584,7 +619,16 @@ impl Worker {
             // state of a line always has a higher version, and re-reading writes the
             // same version with the same content.
             let version = u64::try_from(state.next_offset).unwrap_or_default();
+            let held = state.ledger.lines_held();
             let (lines, failures) = state.ledger.flush_available();
+            if state.ledger.lines_held() < held {
+                tracing::info!(
+                    partition,
+                    let_go = held - state.ledger.lines_held(),
+                    held = state.ledger.lines_held(),
+                    "lines of settled periods rated one last time and let go"
+                );
+            }
             for e in failures {
                 self.metrics.rating_failures.inc();
                 tracing::error!(error = %e, partition, "a line cannot be rated; it stays pending, the partition's other lines go on");
@@ -595,6 +639,16 @@ impl Worker {
             self.pending.offsets.insert(partition, state.next_offset);
             state.uncommitted = false;
         }
+        self.count_held_lines();
+    }
+
+    fn count_held_lines(&self) {
+        let held: usize = self
+            .partitions
+            .values()
+            .map(|p| p.ledger.lines_held())
+            .sum();
+        self.metrics.ledger_lines.set(held as i64);
     }
 
     /// Inserts the pending lines into ClickHouse in one batch.
@@ -674,15 +728,24 @@ impl Worker {
     }
 }
 
-fn decode<'m>(message: &'m BorrowedMessage<'_>) -> Option<PeriodToDate<'m>> {
-    let payload = message.payload()?;
-    match serde_json::from_slice(payload) {
-        Ok(update) => Some(update),
-        Err(e) => {
+fn decode<'m>(message: &'m BorrowedMessage<'_>) -> Option<Change<'m>> {
+    let decoded = match message.payload() {
+        Some(payload) => serde_json::from_slice(payload)
+            .map(Change::Usage)
+            .map_err(|e| e.to_string()),
+        None => message
+            .key()
+            .and_then(windows_record_period)
+            .map(Change::Settled)
+            .ok_or_else(|| "a tombstone whose key names no period".to_owned()),
+    };
+    match decoded {
+        Ok(change) => Some(change),
+        Err(error) => {
             tracing::error!(
                 partition = message.partition(),
                 offset = message.offset(),
-                error = %e,
+                %error,
                 "skipping a windows record that is not a usage update"
             );
             None
