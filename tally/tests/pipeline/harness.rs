@@ -778,3 +778,30 @@ pub fn restored_some_state(log: &str) -> bool {
     log.lines()
         .any(|l| l.contains("partition state restored") && !l.contains("records=0 "))
 }
+
+/// A metric's value as a service serves it on `/metrics` (summed over its label sets),
+/// if the service answers and has it.
+pub fn metric(port: u16, name: &str) -> Option<f64> {
+    let mut response = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .ok()?;
+    let text = response.body_mut().read_to_string().ok()?;
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// Waits until `check` holds, or fails saying what did not happen.
+pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

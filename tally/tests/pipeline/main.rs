@@ -8,9 +8,12 @@
 
 mod harness;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use harness::{serial, Pipeline};
+use tally_schemas::records::windows_record_period;
+use tally_schemas::time::Period;
 
 const NEEDS: &str = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse";
 
@@ -351,6 +354,117 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
         .find(|(payload, _)| *payload == too_old)
         .expect("the too-old event is in the rejected topic");
     assert_eq!(headers["tally.error.code"], "too_late");
+}
+
+/// Waits until November's lines with usage are one `resolutions` line per customer:
+/// `first` for the first customer, 1 for the others.
+fn wait_for_november_resolutions(p: &Pipeline, customers: &[String], first: u32) {
+    let sql = format!(
+        "SELECT customer, price, quantity FROM {}.invoice_lines \
+         WHERE period_start = '2026-11-01 00:00:00' AND quantity != '0' ORDER BY customer FORMAT TSV",
+        p.database
+    );
+    let expected: String = customers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{c}\tresolutions\t{}\n", if i == 0 { first } else { 1 }))
+        .collect();
+    harness::eventually(
+        &format!("November's lines with usage: {expected}"),
+        Duration::from_secs(60),
+        || p.query(&sql) == expected,
+    );
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_settled_month_is_tombstoned_and_let_go_while_its_lines_stay() {
+    let _serial = serial();
+    let (aggregator_port, rater_port) = (harness::free_port(), harness::free_port());
+    // A 5-day horizon (the generated month has events up to 4 days late): October
+    // settles in a partition once its events reach November 6, 01:00.
+    let mut p = Pipeline::new(
+        "settle",
+        3_000,
+        10,
+        &format!(
+            "[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_port}\"\ncommit_interval = \"100ms\"\ndedupe_horizon = \"5d\"\n\
+             [rater]\nmetrics_listen = \"127.0.0.1:{rater_port}\"\nflush_interval = \"200ms\"\n"
+        ),
+    );
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let october = p.lines();
+    p.produce(&october);
+    let expected_october = p.expected();
+    p.wait_for(&expected_october, Duration::from_secs(120));
+    let gauge = |port: u16, name: &str| harness::metric(port, name).unwrap_or(-1.0);
+    let october_series = gauge(aggregator_port, "tally_aggregator_series");
+    let october_lines = gauge(rater_port, "tally_rater_ledger_lines");
+    assert!(
+        october_series > 10.0 && october_lines > 10.0,
+        "{october_series} series, {october_lines} lines"
+    );
+
+    // One resolution per customer on November 7, in every partition: October can no
+    // longer change anywhere. Each customer has one resolutions series and line left.
+    let customers: Vec<String> = (0..10).map(|i| format!("cust_{i:05}")).collect();
+    let november: Vec<Vec<u8>> = customers
+        .iter()
+        .map(|c| resolution(&format!("nov-{c}"), c, "2026-11-07T00:00:00Z"))
+        .collect();
+    p.produce(&november);
+    harness::eventually(
+        "the aggregator and the rater hold November only",
+        Duration::from_secs(120),
+        || {
+            gauge(aggregator_port, "tally_aggregator_series") == 10.0
+                && gauge(rater_port, "tally_rater_ledger_lines") == 10.0
+        },
+    );
+    // Every October record of the windows topic ends in a tombstone, for compaction
+    // to drop; November's are live.
+    let october_period: Period = "2026-10".parse().unwrap();
+    let mut latest: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    for (key, payload, _) in p.read_records("windows") {
+        latest.insert(key, payload);
+    }
+    let (settled, live): (Vec<_>, Vec<_>) = latest
+        .iter()
+        .partition(|(key, _)| windows_record_period(key) == Some(october_period));
+    assert_eq!(settled.len() as f64, october_series);
+    assert!(settled.iter().all(|(_, payload)| payload.is_empty()));
+    assert_eq!(live.len(), 10);
+    assert!(live.iter().all(|(_, payload)| !payload.is_empty()));
+    // The stored lines stay: October's as tally rate bills it, November's with usage.
+    p.wait_for(&expected_october, Duration::from_secs(30));
+    wait_for_november_resolutions(&p, &customers, 1);
+
+    // A new rater rebuilds from the windows topic: the tombstones let October go
+    // there too, and November goes on.
+    p.stop("rater-a");
+    p.start("rater", "rater-b");
+    harness::eventually(
+        "the rebuilt ledger holds November only",
+        Duration::from_secs(120),
+        || {
+            p.log("rater-b").matches("ledger rebuilt").count() == harness::PARTITIONS as usize
+                && gauge(rater_port, "tally_rater_ledger_lines") == 10.0
+        },
+    );
+    let late_october = resolution("late-oct", "cust_00001", "2026-10-31T23:00:00Z");
+    p.produce(&[
+        resolution("nov-again", "cust_00000", "2026-11-07T01:00:00Z"),
+        late_october.clone(),
+    ]);
+    wait_for_november_resolutions(&p, &customers, 2);
+    let rejected = p.read_topic("rejected");
+    let (_, headers) = rejected
+        .iter()
+        .find(|(payload, _)| *payload == late_october)
+        .expect("the late October event is in the rejected topic");
+    assert_eq!(headers["tally.error.code"], "too_late");
+    p.wait_for(&expected_october, Duration::from_secs(30));
 }
 
 #[test]
