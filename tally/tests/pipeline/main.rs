@@ -670,8 +670,16 @@ fn prometheus_scrapes_every_service_of_serve_all() {
             Box::new(|v| v > 0.0),
         ),
         (
+            r#"tally_aggregator_series{job="aggregator"}"#,
+            Box::new(|v| v >= 10.0),
+        ),
+        (
             r#"tally_rater_usage_updates_total{job="rater"}"#,
             Box::new(|v| v >= 1.0),
+        ),
+        (
+            r#"tally_rater_ledger_lines{job="rater"}"#,
+            Box::new(|v| v >= 10.0),
         ),
         (
             r#"tally_rater_lines_rated_total{job="rater"}"#,
