@@ -26,7 +26,9 @@
 //! Late events: the watermark is the newest event time seen. With a horizon set, an
 //! event older than `watermark - horizon` is refused as too late, and keys of events
 //! that old are forgotten; the two use one number, so a retry is never accepted after
-//! its original was forgotten. Without a horizon (batch runs) every key is kept.
+//! its original was forgotten. Without a horizon (batch runs) every key is kept. A
+//! period whose end is that far behind has settled: its state and its adjustments' are
+//! let go, and [`Aggregator::take_settled`] tells a store it can let go of them too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -190,8 +192,10 @@ pub struct Aggregator {
     expired_before_day: u16,
     /// Windows starting before this (Unix seconds) have been let go.
     settled_before: i64,
-    /// Series and periods let go since [`Aggregator::take_settled`] last took them.
-    settled: Vec<(Arc<SeriesKey>, Period)>,
+    /// Every period up to this one has settled (see [`Aggregator::take_settled`]).
+    settled_through: Option<Period>,
+    /// `settled_through` as [`Aggregator::take_settled`] last handed it out.
+    settled_taken: Option<Period>,
 }
 
 impl Aggregator {
@@ -267,7 +271,8 @@ impl Aggregator {
             watermark: None,
             expired_before_day: 0,
             settled_before: i64::MIN,
-            settled: Vec::new(),
+            settled_through: None,
+            settled_taken: None,
         }
     }
 
@@ -414,10 +419,9 @@ impl Aggregator {
     }
 
     /// Drops windows and period states no accepted event can change any more (they end
-    /// before the oldest acceptable time), and series left with neither, so a
-    /// long-running aggregator's state stays bounded by the horizon. The periods let go
-    /// are kept for [`Aggregator::take_settled`]. Called after a drain, so nothing
-    /// pending is lost.
+    /// before the oldest acceptable time), adjustment series of periods that settled
+    /// so, and series left with nothing, so a long-running aggregator's state stays
+    /// bounded by the horizon. Called after a drain, so nothing pending is lost.
     fn evict_settled(&mut self) {
         let Some(oldest) = self.oldest_acceptable() else {
             return;
@@ -428,16 +432,21 @@ impl Aggregator {
         }
         // Evict a window's worth at a time, not after every drain.
         self.settled_before = oldest_start + i64::from(self.window.seconds());
+        // Periods ending at or before `oldest`: the one before the period it falls in,
+        // or before the one it starts.
+        let current = Period::containing(oldest);
+        let settled = Period::containing(current.start() - chrono::Duration::seconds(1));
+        self.settled_through = self.settled_through.max(Some(settled));
         for series in &mut self.series {
+            if series.key.adjusts.is_some_and(|closed| closed <= settled) {
+                // Late usage of a settled period: no event can add to it any more.
+                series.windows.clear();
+                series.periods.clear();
+                continue;
+            }
             let settled = series.windows.partition_point(|w| w.start <= oldest_start);
             series.windows.drain(..settled);
-            series.periods.retain(|(period, _)| {
-                let open = period.end() > oldest;
-                if !open {
-                    self.settled.push((Arc::clone(&series.key), *period));
-                }
-                open
-            });
+            series.periods.retain(|(p, _)| p.end() > oldest);
         }
         self.drop_empty_series();
     }
@@ -472,12 +481,16 @@ impl Aggregator {
             });
     }
 
-    /// Each series' periods let go since the last call: no event can change them any
-    /// more (all of them are too late), so their records can be deleted downstream.
-    /// The same period may come again after a restore, which reads it back from
-    /// changes written before it was let go.
-    pub fn take_settled(&mut self) -> Vec<(Arc<SeriesKey>, Period)> {
-        std::mem::take(&mut self.settled)
+    /// The latest period settled since the last call, if one did: that period and every
+    /// earlier one end more than the horizon before the watermark, so every event of
+    /// them, late usage (adjustments) included, is refused as too late, and their usage
+    /// can no longer change. (The same period may come again after a restore.)
+    pub fn take_settled(&mut self) -> Option<Period> {
+        let new = self
+            .settled_through
+            .filter(|&p| Some(p) > self.settled_taken)?;
+        self.settled_taken = Some(new);
+        Some(new)
     }
 
     fn find_series(&self, fingerprint: SeriesFingerprint) -> Option<SeriesId> {
@@ -1360,33 +1373,32 @@ mod tests {
     }
 
     #[test]
-    fn settled_periods_are_reported_once_and_series_left_empty_are_dropped() {
-        let mut agg = Aggregator::streaming(&config());
+    fn a_settled_month_is_reported_once_and_let_go_with_its_adjustments_and_empty_series() {
+        let october = Period::from_str("2026-10").unwrap();
+        let mut agg = Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
         agg.apply(&tokens("1", "2026-10-31T10:00:00Z", "claude", 5, 1));
         agg.apply(&tokens("2", "2026-10-31T11:00:00Z", "gpt", 5, 1));
         agg.apply(&tokens("3", "2026-11-01T10:00:00Z", "gpt", 5, 2));
+        // October has closed: late usage of it is billed in November, in series of their
+        // own (tokens for gpt, and users).
+        assert_eq!(
+            agg.apply(&tokens("late", "2026-10-31T12:00:00Z", "gpt", 4, 3)),
+            Outcome::Adjusted
+        );
         agg.drain_updates();
-        assert!(agg.take_settled().is_empty());
-        // Three days on (horizon 2 days): October can no longer change.
+        // Only September, which had no usage here, has settled.
+        let september = Period::from_str("2026-09").unwrap();
+        assert_eq!(agg.take_settled(), Some(september));
+        assert_eq!(agg.series_count(), 5);
+        // Three days on (horizon 2 days): October can no longer change, nor can its
+        // adjustments.
         agg.apply(&tokens("4", "2026-11-04T10:00:00Z", "gpt", 5, 2));
         agg.drain_updates();
-        let mut settled: Vec<String> = agg
-            .take_settled()
-            .iter()
-            .map(|(series, period)| format!("{} {:?} {period}", series.meter, series.group))
-            .collect();
-        settled.sort();
-        assert_eq!(
-            settled,
-            [
-                r#"tokens ["claude"] 2026-10"#,
-                r#"tokens ["gpt"] 2026-10"#,
-                "users [] 2026-10"
-            ]
-        );
-        assert!(agg.take_settled().is_empty());
-        // claude's series held only October and is gone; the others are still found by
-        // their fingerprints, and claude's comes back with new usage.
+        assert_eq!(agg.take_settled(), Some(october));
+        assert_eq!(agg.take_settled(), None);
+        // claude's series held only October and the adjustment series only October's
+        // late usage: gone. The others are still found by their fingerprints, and
+        // claude's comes back with new usage.
         assert_eq!(agg.series_count(), 2);
         agg.apply(&tokens("5", "2026-11-04T11:00:00Z", "gpt", 5, 3));
         agg.apply(&tokens("6", "2026-11-04T12:00:00Z", "claude", 7, 3));

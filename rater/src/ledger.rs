@@ -88,8 +88,9 @@ pub struct Ledger {
     config: Arc<Config>,
     lines: HashMap<(String, LineKey), LineState>,
     dirty: Vec<(String, LineKey)>,
-    /// Periods whose lines are let go at the next [`Ledger::flush_available`].
-    settled: Vec<Period>,
+    /// Lines of this period and earlier ones are let go at the next
+    /// [`Ledger::flush_available`].
+    settled_through: Option<Period>,
 }
 
 impl Ledger {
@@ -98,18 +99,17 @@ impl Ledger {
             config,
             lines: HashMap::new(),
             dirty: Vec::new(),
-            settled: Vec::new(),
+            settled_through: None,
         }
     }
 
-    /// Marks `period` settled: no usage of it can change any more (the aggregator let it
-    /// go: all its events are past the dedupe horizon). Its lines, and adjustment lines
-    /// billed in it, are rated one last time and let go at the next
-    /// [`Ledger::flush_available`], so a long-running ledger holds the open periods only.
-    pub fn settle(&mut self, period: Period) {
-        if !self.settled.contains(&period) {
-            self.settled.push(period);
-        }
+    /// Marks `period` and every earlier one settled: no usage of them can change any more
+    /// (all their events are past the aggregator's dedupe horizon), late usage billed as
+    /// adjustments included. Their lines, and adjustment lines for them (billed in a
+    /// later period), are rated one last time and let go at the next
+    /// [`Ledger::flush_available`], so a long-running ledger holds open periods only.
+    pub fn settle_through(&mut self, period: Period) {
+        self.settled_through = self.settled_through.max(Some(period));
     }
 
     /// How many lines the ledger holds.
@@ -178,14 +178,16 @@ impl Ledger {
     /// overflows) stays pending, with its error returned, and does not hold up the
     /// others.
     /// Then the lines of settled periods are let go, a line that failed included: its
-    /// usage no longer changes, so it would fail again.
+    /// usage no longer changes, so it would fail again (its error is among those
+    /// returned).
     pub fn flush_available(&mut self) -> (Vec<RatedLine>, Vec<RateError>) {
         let flushed = self.flush_where(|_| true);
-        if !self.settled.is_empty() {
-            let settled = std::mem::take(&mut self.settled);
-            self.lines
-                .retain(|(_, key), _| !settled.contains(&key.period));
-            self.dirty.retain(|(_, key)| !settled.contains(&key.period));
+        if let Some(settled) = self.settled_through.take() {
+            let open = |key: &LineKey| {
+                key.period > settled && key.adjusts.is_none_or(|closed| closed > settled)
+            };
+            self.lines.retain(|(_, key), _| open(key));
+            self.dirty.retain(|(_, key)| open(key));
         }
         flushed
     }
@@ -524,36 +526,46 @@ mod tests {
     }
 
     #[test]
-    fn a_settled_period_is_rated_one_last_time_then_let_go() {
+    fn settled_periods_are_rated_one_last_time_then_let_go_with_their_adjustments() {
+        let september = Period::from_str("2026-09").unwrap();
         let october = Period::from_str("2026-10").unwrap();
         let resolutions = series("resolutions", &[]);
+        let late_october = Arc::new(SeriesKey {
+            adjusts: Some(october),
+            ..SeriesKey::clone(&resolutions)
+        });
         let mut ledger = Ledger::new(config());
+        ledger.record(&resolutions, september, value(2));
         ledger.record(&resolutions, october, value(10));
+        ledger.record(&late_october, november(), value(1));
         ledger.record(&resolutions, november(), value(3));
         ledger.flush().unwrap();
-        let both = ledger.lines_held();
-        assert!(both >= 2 && both.is_multiple_of(2), "{both}");
+        // The same prices bill each period and the adjustment.
+        let per_period = ledger.lines_held() / 4;
+        assert!(per_period >= 1 && ledger.lines_held() == 4 * per_period);
         // October's last update and its settling come in one batch: the update is
         // still rated before the lines go.
         ledger.record(&resolutions, october, value(12));
-        ledger.settle(october);
+        ledger.settle_through(october);
         let last = ledger.flush().unwrap();
-        assert!(!last.is_empty());
+        assert_eq!(last.len(), per_period);
         for rated in &last {
             assert_eq!(rated.line.period_start, october.start());
             assert_eq!(rated.line.quantity, Decimal::from(12));
         }
-        assert_eq!(ledger.lines_held(), both / 2);
-        // November goes on where it was.
+        // September, October and October's adjustment in November are gone; November's
+        // own lines go on where they were.
+        assert_eq!(ledger.lines_held(), per_period);
         ledger.record(&resolutions, november(), value(5));
         let next = ledger.flush().unwrap();
-        assert_eq!(next.len(), last.len());
+        assert_eq!(next.len(), per_period);
         for rated in &next {
             assert_eq!(rated.line.period_start, november().start());
+            assert_eq!(rated.line.adjusts_period, None);
             assert_eq!(rated.line.quantity, Decimal::from(5));
             assert_eq!(rated.revision, 2);
         }
-        assert_eq!(ledger.lines_held(), both / 2);
+        assert_eq!(ledger.lines_held(), per_period);
     }
 
     #[test]

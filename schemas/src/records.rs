@@ -6,7 +6,8 @@
 //! explained. Decimals serialise as strings, instants as RFC 3339 UTC.
 //!
 //! operator -> aggregator: a control record in the events topic, told from events by
-//! the header [`CLOSE_PERIOD_HEADER`].
+//! the header [`CLOSE_PERIOD_HEADER`]. aggregator -> rater: a control record in the
+//! windows topic, told from usage updates by the header [`SETTLED_HEADER`].
 
 use std::cmp::Ordering;
 use std::sync::Arc;
@@ -24,6 +25,13 @@ use crate::time::Period;
 /// in, at that point of the partition's order. `tally close-period` writes one to
 /// every partition. Usage of a closed period read afterwards becomes an adjustment.
 pub const CLOSE_PERIOD_HEADER: &str = "tally-close-period";
+
+/// Kafka header of a control record in the windows topic: its value, a period like
+/// `2026-10`, says that period and every earlier one have settled in the partition the
+/// record is in: the watermark is the dedupe horizon past their end, so no event can
+/// change their usage or their adjustments any more, and no update of them follows.
+/// The aggregator writes one, keyed `tally-settled/<period>`, each time a month settles.
+pub const SETTLED_HEADER: &str = "tally-settled";
 
 /// One customer's usage of one meter for one combination of group_by values.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -231,46 +239,29 @@ pub struct WindowUsage {
 }
 
 impl UsageUpdate {
-    /// The Kafka record key of this update in `tally.windows`: see [`windows_record_key`].
+    /// The Kafka record key of this update in `tally.windows`: one key per series and
+    /// period, so compaction keeps each series' latest period-to-date value of every
+    /// period. Each field is prefixed with its length, so values containing any
+    /// character cannot make two series share a key.
     pub fn record_key(&self) -> String {
-        windows_record_key(&self.series, Period::containing(self.period_start))
+        let mut key = String::with_capacity(64);
+        let mut field = |value: &str| {
+            key.push_str(&value.len().to_string());
+            key.push(':');
+            key.push_str(value);
+        };
+        field(&self.series.customer);
+        field(&self.series.meter);
+        for g in &self.series.group {
+            field(g);
+        }
+        if let Some(adjusts) = self.series.adjusts {
+            field(&format!("adjusts {adjusts}"));
+        }
+        key.push('@');
+        key.push_str(&self.period_start.timestamp().to_string());
+        key
     }
-}
-
-/// The Kafka record key of a series' usage in a period in `tally.windows`: one key per
-/// series and period, so compaction keeps each series' latest period-to-date value of
-/// every period, and a tombstone under it (once the period can no longer change) lets
-/// compaction drop it. Each field is prefixed with its length, so values containing any
-/// character cannot make two series share a key; the period's start (Unix seconds)
-/// follows the last `@`, where [`windows_record_period`] reads it back.
-pub fn windows_record_key(series: &SeriesKey, period: Period) -> String {
-    let mut key = String::with_capacity(64);
-    let mut field = |value: &str| {
-        key.push_str(&value.len().to_string());
-        key.push(':');
-        key.push_str(value);
-    };
-    field(&series.customer);
-    field(&series.meter);
-    for g in &series.group {
-        field(g);
-    }
-    if let Some(adjusts) = series.adjusts {
-        field(&format!("adjusts {adjusts}"));
-    }
-    key.push('@');
-    key.push_str(&period.start().timestamp().to_string());
-    key
-}
-
-/// The period a `tally.windows` record key names ([`windows_record_key`]); `None` for a
-/// key not made that way.
-pub fn windows_record_period(key: &[u8]) -> Option<Period> {
-    let at = key.iter().rposition(|&b| b == b'@')?;
-    let seconds: i64 = std::str::from_utf8(&key[at + 1..]).ok()?.parse().ok()?;
-    let start = DateTime::from_timestamp(seconds, 0)?;
-    let period = Period::containing(start);
-    (period.start() == start).then_some(period)
 }
 
 /// What the rater prices of a [`UsageUpdate`] record (its series' period-to-date
@@ -366,28 +357,6 @@ mod tests {
     use std::hash::BuildHasher;
 
     use super::*;
-
-    #[test]
-    fn a_windows_key_names_its_period_whatever_the_series_holds() {
-        let october: Period = "2026-10".parse().unwrap();
-        let series = SeriesKey {
-            customer: "cust@1793491200".to_owned(),
-            meter: "tokens".to_owned(),
-            group: vec!["a@b".to_owned()],
-            adjusts: Some("2026-09".parse().unwrap()),
-        };
-        let key = windows_record_key(&series, october);
-        assert_eq!(windows_record_period(key.as_bytes()), Some(october));
-        let plain = SeriesKey {
-            adjusts: None,
-            ..series.clone()
-        };
-        assert_ne!(windows_record_key(&plain, october), key);
-        // Not a windows key, or not a period's start: no period.
-        assert_eq!(windows_record_period(b"tally-control"), None);
-        assert_eq!(windows_record_period(b"5:cust1@1793491201"), None);
-        assert_eq!(windows_record_period(b"5:cust1@"), None);
-    }
 
     #[test]
     fn a_usage_update_is_read_back_without_copies_and_finds_its_owned_series() {

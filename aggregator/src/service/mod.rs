@@ -5,7 +5,7 @@
 //! `<prefix>-aggregator`, and control records among them (a period close that
 //! [`close_period`] writes). Out, per transaction: a usage update per changed series and
 //! period (its period-to-date value and changed windows) to `<prefix>.windows`, and a
-//! tombstone there for each series' period that settled (past the dedupe horizon),
+//! control record there when a month has settled (see [`SETTLED_HEADER`]),
 //! refused events (original bytes, reason in headers) to `<prefix>.rejected`, the
 //! state changes to `<prefix>.aggregator-changelog`, and the offsets of the events
 //! they account for.
@@ -45,7 +45,7 @@ use tally_runtime::threads::on_threads;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::event::EventDecoder;
-use tally_schemas::records::{windows_record_key, CLOSE_PERIOD_HEADER};
+use tally_schemas::records::{CLOSE_PERIOD_HEADER, SETTLED_HEADER};
 use tally_schemas::time::Period;
 
 pub use metrics::{AggregatorMetrics, EventOutcome};
@@ -297,9 +297,8 @@ impl PartitionState {
     }
 
     /// Writes what changed since the last commit to the open transaction: a usage
-    /// update per changed series and period, a tombstone for each series' period that
-    /// can no longer change (so compaction drops it and the rater lets its lines go),
-    /// the changelog delta behind them, the new
+    /// update per changed series and period, then a settled record when a month has
+    /// settled (so the rater lets its lines go), the changelog delta behind them, the new
     /// dedupe keys (gathered with earlier ones once `gather_after_keys` are waiting),
     /// tombstones for expired key records and, if `with_snapshot`, a usage snapshot.
     /// Returns the number of windows the updates carry.
@@ -328,13 +327,19 @@ impl PartitionState {
                     .payload(&value),
             )?;
         }
-        // After the updates: the period's last update is read before its tombstone.
-        for (series, period) in self.aggregator.take_settled() {
-            tombstone(
+        if let Some(period) = self.aggregator.take_settled() {
+            let period = period.to_string();
+            send(
                 producer,
-                &topics.windows,
-                partition,
-                &windows_record_key(&series, period),
+                BaseRecord::to(&topics.windows)
+                    .partition(partition)
+                    // One key per period: compaction keeps every month's record.
+                    .key(&format!("tally-settled/{period}"))
+                    .payload(&format!(r#"{{"settled_through":"{period}"}}"#))
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: SETTLED_HEADER,
+                        value: Some(&period),
+                    })),
             )?;
         }
         if let Some(newest_day) = keys.newest_dedupe_day() {
@@ -475,7 +480,7 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
     }
 }
 
-/// Deletes a record of a compacted topic (compaction drops it), in the open transaction.
+/// Deletes a changelog record (compaction drops it), in the open transaction.
 fn tombstone(
     producer: &KafkaProducer,
     topic: &str,
@@ -549,9 +554,7 @@ impl PartitionOwner for Worker {
         for e in partitions.elements() {
             self.partitions.remove(&e.partition());
         }
-        self.metrics
-            .assigned_partitions
-            .set(self.partitions.len() as i64);
+        self.record_held_state();
         consumer
             .incremental_unassign(partitions)
             .map_err(kafka_error("release the revoked partitions"))
@@ -767,9 +770,7 @@ impl Worker {
         consumer
             .incremental_assign(partitions)
             .map_err(kafka_error("take the assigned partitions"))?;
-        self.metrics
-            .assigned_partitions
-            .set(self.partitions.len() as i64);
+        self.record_held_state();
         self.readiness.ready();
         Ok(())
     }
@@ -1015,15 +1016,7 @@ impl Worker {
                     oldest_event_age_ms = oldest_age_ms,
                     "transaction committed"
                 );
-                let held = |count: fn(&Aggregator) -> usize| {
-                    self.partitions
-                        .values()
-                        .map(|p| count(&p.aggregator) as i64)
-                        .sum()
-                };
-                self.metrics.dedupe_keys.set(held(Aggregator::dedupe_keys));
-                self.metrics.series.set(held(Aggregator::series_count));
-                self.record_event_time();
+                self.record_held_state();
                 Ok(())
             }
             Err(e) => {
@@ -1037,10 +1030,22 @@ impl Worker {
         }
     }
 
-    /// Sets each owned partition's watermark and close boundary gauges; partitions no
-    /// longer owned drop out.
-    fn record_event_time(&self) {
+    /// Sets the gauges of what the owned partitions hold: their number, dedupe keys and
+    /// series, and each one's watermark and close boundary (partitions no longer owned
+    /// drop out).
+    fn record_held_state(&self) {
         let metrics = &self.metrics;
+        let held = |count: fn(&Aggregator) -> usize| {
+            self.partitions
+                .values()
+                .map(|p| count(&p.aggregator) as i64)
+                .sum()
+        };
+        metrics
+            .assigned_partitions
+            .set(self.partitions.len() as i64);
+        metrics.dedupe_keys.set(held(Aggregator::dedupe_keys));
+        metrics.series.set(held(Aggregator::series_count));
         metrics.watermark.reset();
         metrics.closed_before.reset();
         for (partition, state) in &self.partitions {

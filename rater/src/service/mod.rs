@@ -14,8 +14,9 @@
 //! windows to partition p). So each partition has its own [`Ledger`]. On assignment the
 //! ledger is rebuilt by reading the partition from the beginning up to the committed
 //! offset (the topic is compacted: each series' latest period-to-date value of each
-//! period is kept). A tombstone says a series' period settled: the partition's lines of
-//! that period are rated one last time and let go, so a ledger holds open periods only. While ClickHouse is down the rater
+//! period is kept). A settled record ([`SETTLED_HEADER`]) says a month and those before
+//! it can no longer change: the partition's lines of them are rated one last time and
+//! let go, so a ledger holds open periods only, also while it is rebuilt. While ClickHouse is down the rater
 //! pauses its partitions, keeps the unwritten lines, and retries with backoff.
 
 mod metrics;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -39,7 +40,7 @@ use tally_runtime::ops::Readiness;
 use tally_runtime::threads::on_threads;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, RaterSettings, ServiceSettings, Topic};
-use tally_schemas::records::{windows_record_period, InvoiceLine, PeriodToDate};
+use tally_schemas::records::{InvoiceLine, PeriodToDate, SETTLED_HEADER};
 use tally_schemas::time::Period;
 
 pub use metrics::RaterMetrics;
@@ -100,8 +101,7 @@ struct Update<'a> {
 enum Change<'a> {
     /// A series' period-to-date usage.
     Usage(PeriodToDate<'a>),
-    /// A tombstone: the aggregator let a series' period go, as no event can change it
-    /// any more; the period's lines are final.
+    /// The period and every earlier one have settled: no update of them follows.
     Settled(Period),
 }
 
@@ -428,7 +428,11 @@ impl Worker {
                             .insert(Period::containing(update.period_start));
                         record(&mut rebuilt.ledger, update);
                     }
-                    Change::Settled(period) => rebuilt.ledger.settle(period),
+                    Change::Settled(period) => {
+                        // Rated and let go now: a rebuild holds open periods only.
+                        rebuilt.ledger.settle_through(period);
+                        rebuilt.ledger.flush_available();
+                    }
                 }
             },
         )?;
@@ -498,7 +502,7 @@ impl Worker {
         let update = match change {
             Change::Usage(update) => update,
             Change::Settled(period) => {
-                state.ledger.settle(period);
+                state.ledger.settle_through(period);
                 return;
             }
         };
@@ -653,11 +657,16 @@ impl Worker {
 
     /// Inserts the pending lines into ClickHouse in one batch.
     fn write_lines(&mut self) -> Result<(), ClickHouseError> {
-        let started = Instant::now();
-        self.last_insert = Some(started);
         let rows: Vec<(u64, &InvoiceLine)> = (self.pending.opening.iter().map(|line| (0, line)))
             .chain(self.pending.lines.iter().map(|(v, l)| (*v, &l.line)))
             .collect();
+        if rows.is_empty() {
+            // Records that changed no line (a settled record, usage of unknown
+            // customers): their offsets move on without an insert.
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.last_insert = Some(started);
         self.clickhouse.insert_versioned(&rows)?;
         self.metrics
             .insert_duration
@@ -729,15 +738,17 @@ impl Worker {
 }
 
 fn decode<'m>(message: &'m BorrowedMessage<'_>) -> Option<Change<'m>> {
-    let decoded = match message.payload() {
-        Some(payload) => serde_json::from_slice(payload)
+    let settled = message
+        .headers()
+        .and_then(|headers| headers.iter().find(|h| h.key == SETTLED_HEADER));
+    let decoded = match settled {
+        Some(header) => std::str::from_utf8(header.value.unwrap_or_default())
+            .map_err(|e| e.to_string())
+            .and_then(|value| value.parse::<Period>().map_err(|e| e.to_string()))
+            .map(Change::Settled),
+        None => serde_json::from_slice(message.payload().unwrap_or_default())
             .map(Change::Usage)
             .map_err(|e| e.to_string()),
-        None => message
-            .key()
-            .and_then(windows_record_period)
-            .map(Change::Settled)
-            .ok_or_else(|| "a tombstone whose key names no period".to_owned()),
     };
     match decoded {
         Ok(change) => Some(change),
@@ -746,7 +757,7 @@ fn decode<'m>(message: &'m BorrowedMessage<'_>) -> Option<Change<'m>> {
                 partition = message.partition(),
                 offset = message.offset(),
                 %error,
-                "skipping a windows record that is not a usage update"
+                "skipping a windows record that is neither a usage update nor a settled record"
             );
             None
         }

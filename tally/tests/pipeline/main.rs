@@ -8,12 +8,9 @@
 
 mod harness;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use harness::{serial, Pipeline};
-use tally_schemas::records::windows_record_period;
-use tally_schemas::time::Period;
 
 const NEEDS: &str = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse";
 
@@ -356,19 +353,21 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
     assert_eq!(headers["tally.error.code"], "too_late");
 }
 
-/// Waits until November's lines with usage are one `resolutions` line per customer:
-/// `first` for the first customer, 1 for the others.
+/// Waits until November's lines with usage are two `resolutions` per customer (`first`
+/// for the first customer) and the first customer's adjustment for one late October
+/// resolution.
 fn wait_for_november_resolutions(p: &Pipeline, customers: &[String], first: u32) {
     let sql = format!(
-        "SELECT customer, price, quantity FROM {}.invoice_lines \
-         WHERE period_start = '2026-11-01 00:00:00' AND quantity != '0' ORDER BY customer FORMAT TSV",
+        "SELECT customer, price, quantity, adjusts_period FROM {}.invoice_lines \
+         WHERE period_start = '2026-11-01 00:00:00' AND quantity != '0' \
+         ORDER BY customer, adjusts_period FORMAT TSV",
         p.database
     );
-    let expected: String = customers
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("{c}\tresolutions\t{}\n", if i == 0 { first } else { 1 }))
-        .collect();
+    let mut expected = format!("{}\tresolutions\t{first}\t\n", customers[0]);
+    expected.push_str(&format!("{}\tresolutions\t1\t2026-10\n", customers[0]));
+    for c in &customers[1..] {
+        expected.push_str(&format!("{c}\tresolutions\t2\t\n"));
+    }
     harness::eventually(
         &format!("November's lines with usage: {expected}"),
         Duration::from_secs(60),
@@ -378,7 +377,7 @@ fn wait_for_november_resolutions(p: &Pipeline, customers: &[String], first: u32)
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
-fn a_settled_month_is_tombstoned_and_let_go_while_its_lines_stay() {
+fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_stay() {
     let _serial = serial();
     let (aggregator_port, rater_port) = (harness::free_port(), harness::free_port());
     // A 5-day horizon (the generated month has events up to 4 days late): October
@@ -406,14 +405,26 @@ fn a_settled_month_is_tombstoned_and_let_go_while_its_lines_stay() {
         "{october_series} series, {october_lines} lines"
     );
 
-    // One resolution per customer on November 7, in every partition: October can no
-    // longer change anywhere. Each customer has one resolutions series and line left.
+    // A resolution per customer on November 2 closes October everywhere (grace 1 h);
+    // a late October one then becomes an adjustment billed in November.
     let customers: Vec<String> = (0..10).map(|i| format!("cust_{i:05}")).collect();
-    let november: Vec<Vec<u8>> = customers
-        .iter()
-        .map(|c| resolution(&format!("nov-{c}"), c, "2026-11-07T00:00:00Z"))
-        .collect();
-    p.produce(&november);
+    let on = |day: &str| -> Vec<Vec<u8>> {
+        customers
+            .iter()
+            .map(|c| {
+                resolution(
+                    &format!("{day}-{c}"),
+                    c,
+                    &format!("2026-11-{day}T00:00:00Z"),
+                )
+            })
+            .collect()
+    };
+    p.produce(&on("02"));
+    p.produce(&[resolution("late-1", "cust_00000", "2026-10-31T23:00:00Z")]);
+    // One on November 7, in every partition: October can no longer change anywhere,
+    // nor can its adjustment. Each customer has one resolutions series and line left.
+    p.produce(&on("07"));
     harness::eventually(
         "the aggregator and the rater hold November only",
         Duration::from_secs(120),
@@ -422,26 +433,32 @@ fn a_settled_month_is_tombstoned_and_let_go_while_its_lines_stay() {
                 && gauge(rater_port, "tally_rater_ledger_lines") == 10.0
         },
     );
-    // Every October record of the windows topic ends in a tombstone, for compaction
-    // to drop; November's are live.
-    let october_period: Period = "2026-10".parse().unwrap();
-    let mut latest: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-    for (key, payload, _) in p.read_records("windows") {
-        latest.insert(key, payload);
-    }
-    let (settled, live): (Vec<_>, Vec<_>) = latest
-        .iter()
-        .partition(|(key, _)| windows_record_period(key) == Some(october_period));
-    assert_eq!(settled.len() as f64, october_series);
-    assert!(settled.iter().all(|(_, payload)| payload.is_empty()));
-    assert_eq!(live.len(), 10);
-    assert!(live.iter().all(|(_, payload)| !payload.is_empty()));
+    // Each partition told the rater, after its last October update, that October has
+    // settled; nothing was deleted from the windows topic.
+    let settled: Vec<String> = p
+        .read_records("windows")
+        .into_iter()
+        .filter_map(|(key, payload, headers)| {
+            assert!(!payload.is_empty(), "a tombstone in the windows topic");
+            let period = headers.get("tally-settled")?;
+            assert_eq!(
+                String::from_utf8(key).unwrap(),
+                format!("tally-settled/{period}")
+            );
+            Some(period.clone())
+        })
+        .collect();
+    assert_eq!(
+        settled.iter().filter(|p| *p == "2026-10").count(),
+        harness::PARTITIONS as usize,
+        "{settled:?}"
+    );
     // The stored lines stay: October's as tally rate bills it, November's with usage.
     p.wait_for(&expected_october, Duration::from_secs(30));
-    wait_for_november_resolutions(&p, &customers, 1);
+    wait_for_november_resolutions(&p, &customers, 2);
 
-    // A new rater rebuilds from the windows topic: the tombstones let October go
-    // there too, and November goes on.
+    // A new rater rebuilds from the windows topic: the settled records let October
+    // and its adjustment go there too, and November goes on.
     p.stop("rater-a");
     p.start("rater", "rater-b");
     harness::eventually(
@@ -452,12 +469,12 @@ fn a_settled_month_is_tombstoned_and_let_go_while_its_lines_stay() {
                 && gauge(rater_port, "tally_rater_ledger_lines") == 10.0
         },
     );
-    let late_october = resolution("late-oct", "cust_00001", "2026-10-31T23:00:00Z");
+    let late_october = resolution("late-2", "cust_00001", "2026-10-31T23:00:00Z");
     p.produce(&[
         resolution("nov-again", "cust_00000", "2026-11-07T01:00:00Z"),
         late_october.clone(),
     ]);
-    wait_for_november_resolutions(&p, &customers, 2);
+    wait_for_november_resolutions(&p, &customers, 3);
     let rejected = p.read_topic("rejected");
     let (_, headers) = rejected
         .iter()
