@@ -45,6 +45,9 @@ pub enum Recorded {
     UnknownCustomer,
     /// The customer's plan has no price for this meter and these dimensions.
     NotPriced,
+    /// The period, or the closed period it adjusts, has settled: this repeats usage
+    /// already billed (an aggregator replaying after it lost its state) and is left out.
+    SettledPeriod,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,9 +91,11 @@ pub struct Ledger {
     config: Arc<Config>,
     lines: HashMap<(String, LineKey), LineState>,
     dirty: Vec<(String, LineKey)>,
+    /// This period and earlier ones have settled: usage of them is refused.
+    settled_through: Option<Period>,
     /// Lines of this period and earlier ones are let go at the next
     /// [`Ledger::flush_available`].
-    settled_through: Option<Period>,
+    let_go_through: Option<Period>,
 }
 
 impl Ledger {
@@ -100,6 +105,7 @@ impl Ledger {
             lines: HashMap::new(),
             dirty: Vec::new(),
             settled_through: None,
+            let_go_through: None,
         }
     }
 
@@ -108,8 +114,11 @@ impl Ledger {
     /// adjustments included. Their lines, and adjustment lines for them (billed in a
     /// later period), are rated one last time and let go at the next
     /// [`Ledger::flush_available`], so a long-running ledger holds open periods only.
+    /// Usage of them recorded afterwards is refused ([`Recorded::SettledPeriod`]): with
+    /// the other series of its lines gone, it would re-bill them with part of their usage.
     pub fn settle_through(&mut self, period: Period) {
         self.settled_through = self.settled_through.max(Some(period));
+        self.let_go_through = self.let_go_through.max(Some(period));
     }
 
     /// How many lines the ledger holds.
@@ -125,6 +134,11 @@ impl Ledger {
         value: MeterValue,
     ) -> Recorded {
         let series = series.into();
+        if self.settled_through.is_some_and(|settled| {
+            period <= settled || series.adjusts.is_some_and(|closed| closed <= settled)
+        }) {
+            return Recorded::SettledPeriod;
+        }
         let Some(customer) = self.config.customers.get(&*series.customer) else {
             return Recorded::UnknownCustomer;
         };
@@ -177,12 +191,13 @@ impl Ledger {
     /// Re-rates every changed line that can be rated; a line that cannot (its amount
     /// overflows) stays pending, with its error returned, and does not hold up the
     /// others.
+    ///
     /// Then the lines of settled periods are let go, a line that failed included: its
     /// usage no longer changes, so it would fail again (its error is among those
     /// returned).
     pub fn flush_available(&mut self) -> (Vec<RatedLine>, Vec<RateError>) {
         let flushed = self.flush_where(|_| true);
-        if let Some(settled) = self.settled_through.take() {
+        if let Some(settled) = self.let_go_through.take() {
             let open = |key: &LineKey| {
                 key.period > settled && key.adjusts.is_none_or(|closed| closed > settled)
             };
@@ -554,8 +569,17 @@ mod tests {
             assert_eq!(rated.line.quantity, Decimal::from(12));
         }
         // September, October and October's adjustment in November are gone; November's
-        // own lines go on where they were.
+        // own lines go on where they were. October's usage repeated (an aggregator
+        // replaying) bills nothing: its line would lack the other series' usage.
         assert_eq!(ledger.lines_held(), per_period);
+        assert_eq!(
+            ledger.record(&resolutions, october, value(7)),
+            Recorded::SettledPeriod
+        );
+        assert_eq!(
+            ledger.record(&late_october, november(), value(1)),
+            Recorded::SettledPeriod
+        );
         ledger.record(&resolutions, november(), value(5));
         let next = ledger.flush().unwrap();
         assert_eq!(next.len(), per_period);

@@ -15,6 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
@@ -430,6 +431,13 @@ where
 /// on any error anyway.
 pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The value of a message's header `key` (empty if the header has none), if the message
+/// has that header: how Tally's control records are told from data.
+pub fn header_value<'m, M: Message>(message: &'m M, key: &str) -> Option<&'m [u8]> {
+    let header = message.headers()?.iter().find(|h| h.key == key)?;
+    Some(header.value.unwrap_or_default())
 }
 
 /// The offset of `partition` of `topic` in `list`, if it is a real offset.

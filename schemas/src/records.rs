@@ -30,8 +30,17 @@ pub const CLOSE_PERIOD_HEADER: &str = "tally-close-period";
 /// `2026-10`, says that period and every earlier one have settled in the partition the
 /// record is in: the watermark is the dedupe horizon past their end, so no event can
 /// change their usage or their adjustments any more, and no update of them follows.
-/// The aggregator writes one, keyed `tally-settled/<period>`, each time a month settles.
+/// The aggregator writes one ([`settled_record`]) each time a month settles.
 pub const SETTLED_HEADER: &str = "tally-settled";
+
+/// Key and value of the windows-topic record saying `period` has settled (its header is
+/// [`SETTLED_HEADER`]): one key per period, so compaction keeps every month's record.
+pub fn settled_record(period: Period) -> (String, String) {
+    (
+        format!("tally-settled/{period}"),
+        format!(r#"{{"settled_through":"{period}"}}"#),
+    )
+}
 
 /// One customer's usage of one meter for one combination of group_by values.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

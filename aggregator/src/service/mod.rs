@@ -31,21 +31,21 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    client_config, committed_offsets, flush, group_consumer, leave_group, lock, log_consumer_error,
-    offset_of, partition_count, send, DeliveryReports, GroupContext, KafkaProducer, PartitionOwner,
-    MAX_RECORD_BYTES,
+    client_config, committed_offsets, flush, group_consumer, header_value, leave_group, lock,
+    log_consumer_error, offset_of, partition_count, send, DeliveryReports, GroupContext,
+    KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::on_threads;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::event::EventDecoder;
-use tally_schemas::records::{CLOSE_PERIOD_HEADER, SETTLED_HEADER};
+use tally_schemas::records::{settled_record, CLOSE_PERIOD_HEADER, SETTLED_HEADER};
 use tally_schemas::time::Period;
 
 pub use metrics::{AggregatorMetrics, EventOutcome};
@@ -171,7 +171,7 @@ impl PartitionState {
         let now = timestamp
             .and_then(chrono::DateTime::from_timestamp_millis)
             .unwrap_or_else(Utc::now);
-        if let Some(value) = close_period_header(message) {
+        if let Some(value) = header_value(message, CLOSE_PERIOD_HEADER) {
             let rejection = self.close_period(message, value, now);
             processed.outcomes.add(match rejection {
                 Some(_) => EventOutcome::Invalid,
@@ -328,17 +328,16 @@ impl PartitionState {
             )?;
         }
         if let Some(period) = self.aggregator.take_settled() {
-            let period = period.to_string();
+            let (key, value) = settled_record(period);
             send(
                 producer,
                 BaseRecord::to(&topics.windows)
                     .partition(partition)
-                    // One key per period: compaction keeps every month's record.
-                    .key(&format!("tally-settled/{period}"))
-                    .payload(&format!(r#"{{"settled_through":"{period}"}}"#))
+                    .key(&key)
+                    .payload(&value)
                     .headers(OwnedHeaders::new().insert(Header {
                         key: SETTLED_HEADER,
-                        value: Some(&period),
+                        value: Some(&period.to_string()),
                     })),
             )?;
         }
@@ -427,15 +426,6 @@ impl PartitionState {
         )?;
         Ok(record.len())
     }
-}
-
-/// The value of a control record's close-period header, if the message is one.
-fn close_period_header<'m>(message: &'m BorrowedMessage<'_>) -> Option<&'m [u8]> {
-    let header = message
-        .headers()?
-        .iter()
-        .find(|h| h.key == CLOSE_PERIOD_HEADER)?;
-    Some(header.value.unwrap_or_default())
 }
 
 /// Closes `period` and every earlier one in every partition of the events topic: writes

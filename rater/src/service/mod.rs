@@ -16,8 +16,10 @@
 //! offset (the topic is compacted: each series' latest period-to-date value of each
 //! period is kept). A settled record ([`SETTLED_HEADER`]) says a month and those before
 //! it can no longer change: the partition's lines of them are rated one last time and
-//! let go, so a ledger holds open periods only, also while it is rebuilt. While ClickHouse is down the rater
-//! pauses its partitions, keeps the unwritten lines, and retries with backoff.
+//! let go, so a ledger holds open periods only (while rebuilt too, up to the committed
+//! offset), and later usage of them (an aggregator replaying) is refused. While
+//! ClickHouse is down the rater pauses its partitions, keeps the unwritten lines, and
+//! retries with backoff.
 
 mod metrics;
 
@@ -28,13 +30,14 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
-    client_config, committed_offsets, flush, group_consumer, leave_group, lock, log_consumer_error,
-    offset_of, read_partition, send, DeliveryReports, GroupContext, KafkaProducer, PartitionOwner,
+    client_config, committed_offsets, flush, group_consumer, header_value, leave_group, lock,
+    log_consumer_error, offset_of, read_partition, send, DeliveryReports, GroupContext,
+    KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::on_threads;
@@ -516,19 +519,13 @@ impl Worker {
                 }
             }
         }
-        match record(&mut state.ledger, update) {
-            Recorded::Billed(_) => {}
-            Recorded::UnknownCustomer => self
-                .metrics
-                .unbilled
-                .with_label_values(&["unknown_customer"])
-                .inc(),
-            Recorded::NotPriced => self
-                .metrics
-                .unbilled
-                .with_label_values(&["not_priced"])
-                .inc(),
-        }
+        let unbilled = match record(&mut state.ledger, update) {
+            Recorded::Billed(_) => return,
+            Recorded::UnknownCustomer => "unknown_customer",
+            Recorded::NotPriced => "not_priced",
+            Recorded::SettledPeriod => "settled_period",
+        };
+        self.metrics.unbilled.with_label_values(&[unbilled]).inc();
     }
 
     /// Whether to store the pending batch now: when it is full, when its oldest line
@@ -738,11 +735,8 @@ impl Worker {
 }
 
 fn decode<'m>(message: &'m BorrowedMessage<'_>) -> Option<Change<'m>> {
-    let settled = message
-        .headers()
-        .and_then(|headers| headers.iter().find(|h| h.key == SETTLED_HEADER));
-    let decoded = match settled {
-        Some(header) => std::str::from_utf8(header.value.unwrap_or_default())
+    let decoded = match header_value(message, SETTLED_HEADER) {
+        Some(value) => std::str::from_utf8(value)
             .map_err(|e| e.to_string())
             .and_then(|value| value.parse::<Period>().map_err(|e| e.to_string()))
             .map(Change::Settled),
