@@ -90,9 +90,9 @@ struct RatedRecord<'a> {
     version: u64,
 }
 
-/// A record read from the windows topic.
+/// A record read from the windows topic, where it was.
 #[derive(Debug)]
-struct Update<'a> {
+struct WindowsRecord<'a> {
     offset: i64,
     /// When it was appended to Kafka, for the latency metric.
     appended_ms: Option<i64>,
@@ -122,7 +122,7 @@ impl Change<'_> {
 struct Rebuilt {
     ledger: Ledger,
     opened: BTreeSet<Period>,
-    after_committed: Vec<Update<'static>>,
+    after_committed: Vec<WindowsRecord<'static>>,
 }
 
 #[derive(Debug)]
@@ -417,7 +417,7 @@ impl Worker {
                 };
                 read += 1;
                 if message.offset() >= committed {
-                    rebuilt.after_committed.push(Update {
+                    rebuilt.after_committed.push(WindowsRecord {
                         offset: message.offset(),
                         appended_ms: message.timestamp().to_millis(),
                         change: change.into_owned(),
@@ -470,7 +470,7 @@ impl Worker {
         };
         self.apply(
             message.partition(),
-            Update {
+            WindowsRecord {
                 offset: message.offset(),
                 appended_ms: message.timestamp().to_millis(),
                 change,
@@ -482,11 +482,11 @@ impl Worker {
     fn apply(
         &mut self,
         partition: i32,
-        Update {
+        WindowsRecord {
             offset,
             appended_ms,
             change,
-        }: Update<'_>,
+        }: WindowsRecord<'_>,
     ) {
         let Some(state) = self.partitions.get_mut(&partition) else {
             return;
