@@ -418,10 +418,10 @@ impl Aggregator {
         }
     }
 
-    /// Drops windows and period states no accepted event can change any more (they end
-    /// before the oldest acceptable time), adjustment series of periods that settled
-    /// so, and series left with nothing, so a long-running aggregator's state stays
-    /// bounded by the horizon. Called after a drain, so nothing pending is lost.
+    /// Drops what no accepted event can change any more, so a long-running aggregator's
+    /// state stays bounded by the horizon: windows and period states ending before the
+    /// oldest acceptable time, adjustment series of periods ending before it, and series
+    /// left with nothing. Called after a drain, so nothing pending is lost.
     fn evict_settled(&mut self) {
         let Some(oldest) = self.oldest_acceptable() else {
             return;
@@ -435,17 +435,21 @@ impl Aggregator {
         // Periods ending at or before `oldest`: the one before the period it falls in,
         // or before the one it starts.
         let current = Period::containing(oldest);
-        let settled = Period::containing(current.start() - chrono::Duration::seconds(1));
-        self.settled_through = self.settled_through.max(Some(settled));
+        let settled_month = Period::containing(current.start() - chrono::Duration::seconds(1));
+        self.settled_through = self.settled_through.max(Some(settled_month));
         for series in &mut self.series {
-            if series.key.adjusts.is_some_and(|closed| closed <= settled) {
+            if series
+                .key
+                .adjusts
+                .is_some_and(|closed| closed <= settled_month)
+            {
                 // Late usage of a settled period: no event can add to it any more.
                 series.windows.clear();
                 series.periods.clear();
                 continue;
             }
-            let settled = series.windows.partition_point(|w| w.start <= oldest_start);
-            series.windows.drain(..settled);
+            let gone = series.windows.partition_point(|w| w.start <= oldest_start);
+            series.windows.drain(..gone);
             series.periods.retain(|(p, _)| p.end() > oldest);
         }
         self.drop_empty_series();
