@@ -268,6 +268,29 @@ fn resolution(id: &str, customer: &str, time: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The customers of a pipeline made with 10 customers.
+fn customers() -> Vec<String> {
+    (0..10).map(|i| format!("cust_{i:05}")).collect()
+}
+
+/// One resolution for each of [`customers`] at `time`, with ids `<prefix>-<customer>`.
+fn resolution_each(prefix: &str, time: &str) -> Vec<Vec<u8>> {
+    customers()
+        .iter()
+        .map(|c| resolution(&format!("{prefix}-{c}"), c, time))
+        .collect()
+}
+
+/// The reason code the rejected topic gives `payload`.
+fn rejection_code(p: &Pipeline, payload: &[u8]) -> String {
+    let rejected = p.read_topic("rejected");
+    let (_, headers) = rejected
+        .iter()
+        .find(|(rejected, _)| rejected == payload)
+        .expect("the event is in the rejected topic");
+    headers["tally.error.code"].clone()
+}
+
 /// Waits for October's adjustment lines billed in November: one `resolutions` line of
 /// `quantity` for each customer `expected_october` bills resolutions to.
 fn assert_resolution_adjustments(p: &Pipeline, expected_october: &[harness::Line], quantity: u32) {
@@ -312,28 +335,19 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
     );
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
-    let customers: Vec<String> = (0..10).map(|i| format!("cust_{i:05}")).collect();
-    let each =
-        |f: &dyn Fn(&str) -> Vec<u8>| -> Vec<Vec<u8>> { customers.iter().map(|c| f(c)).collect() };
     let mut october = p.lines();
     p.produce(&october);
     // November 00:30: October's grace (1 h) has not passed, so late October usage
     // still lands in October.
-    p.produce(&each(&|c| {
-        resolution(&format!("nov-{c}"), c, "2026-11-01T00:30:00Z")
-    }));
-    let in_grace = each(&|c| resolution(&format!("grace-{c}"), c, "2026-10-31T22:00:00Z"));
+    p.produce(&resolution_each("nov", "2026-11-01T00:30:00Z"));
+    let in_grace = resolution_each("grace", "2026-10-31T22:00:00Z");
     p.produce(&in_grace);
     october.extend(in_grace);
     // November 02:00 everywhere: October is closed in every partition.
-    p.produce(&each(&|c| {
-        resolution(&format!("close-{c}"), c, "2026-11-01T02:00:00Z")
-    }));
+    p.produce(&resolution_each("close", "2026-11-01T02:00:00Z"));
     // Two late October resolutions per customer after the close: adjustments.
-    let mut after_close = each(&|c| resolution(&format!("late1-{c}"), c, "2026-10-31T23:00:00Z"));
-    after_close.extend(each(&|c| {
-        resolution(&format!("late2-{c}"), c, "2026-10-15T08:00:00Z")
-    }));
+    let mut after_close = resolution_each("late1", "2026-10-31T23:00:00Z");
+    after_close.extend(resolution_each("late2", "2026-10-15T08:00:00Z"));
     p.produce(&after_close);
     // Older than the 35-day dedupe horizon: refused, with that reason.
     let too_old = resolution("ancient", "cust_00001", "2026-09-01T00:00:00Z");
@@ -345,18 +359,14 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
     // time, and stays so.
     p.period = "2026-10";
     p.wait_for(&expected_october, Duration::from_secs(60));
-    let rejected = p.read_topic("rejected");
-    let (_, headers) = rejected
-        .iter()
-        .find(|(payload, _)| *payload == too_old)
-        .expect("the too-old event is in the rejected topic");
-    assert_eq!(headers["tally.error.code"], "too_late");
+    assert_eq!(rejection_code(&p, &too_old), "too_late");
 }
 
 /// Waits until November's lines with usage are two `resolutions` per customer (`first`
 /// for the first customer) and the first customer's adjustment for one late October
 /// resolution.
-fn wait_for_november_resolutions(p: &Pipeline, customers: &[String], first: u32) {
+fn wait_for_november_resolutions(p: &Pipeline, first: u32) {
+    let customers = customers();
     let sql = format!(
         "SELECT customer, price, quantity, adjusts_period FROM {}.invoice_lines \
          WHERE period_start = '2026-11-01 00:00:00' AND quantity != '0' \
@@ -407,24 +417,11 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
 
     // A resolution per customer on November 2 closes October everywhere (grace 1 h);
     // a late October one then becomes an adjustment billed in November.
-    let customers: Vec<String> = (0..10).map(|i| format!("cust_{i:05}")).collect();
-    let on = |day: &str| -> Vec<Vec<u8>> {
-        customers
-            .iter()
-            .map(|c| {
-                resolution(
-                    &format!("{day}-{c}"),
-                    c,
-                    &format!("2026-11-{day}T00:00:00Z"),
-                )
-            })
-            .collect()
-    };
-    p.produce(&on("02"));
+    p.produce(&resolution_each("02", "2026-11-02T00:00:00Z"));
     p.produce(&[resolution("late-1", "cust_00000", "2026-10-31T23:00:00Z")]);
     // One on November 7, in every partition: October can no longer change anywhere,
     // nor can its adjustment. Each customer has one resolutions series and line left.
-    p.produce(&on("07"));
+    p.produce(&resolution_each("07", "2026-11-07T00:00:00Z"));
     harness::eventually(
         "the aggregator and the rater hold November only",
         Duration::from_secs(120),
@@ -455,7 +452,7 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
     );
     // The stored lines stay: October's as tally rate bills it, November's with usage.
     p.wait_for(&expected_october, Duration::from_secs(30));
-    wait_for_november_resolutions(&p, &customers, 2);
+    wait_for_november_resolutions(&p, 2);
 
     // A new rater rebuilds from the windows topic: the settled records let October
     // and its adjustment go there too, and November goes on.
@@ -474,13 +471,8 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
         resolution("nov-again", "cust_00000", "2026-11-07T01:00:00Z"),
         late_october.clone(),
     ]);
-    wait_for_november_resolutions(&p, &customers, 3);
-    let rejected = p.read_topic("rejected");
-    let (_, headers) = rejected
-        .iter()
-        .find(|(payload, _)| *payload == late_october)
-        .expect("the late October event is in the rejected topic");
-    assert_eq!(headers["tally.error.code"], "too_late");
+    wait_for_november_resolutions(&p, 3);
+    assert_eq!(rejection_code(&p, &late_october), "too_late");
     p.wait_for(&expected_october, Duration::from_secs(30));
 }
 
@@ -525,12 +517,7 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
     // close cannot be undone); their partitions go on.
     p.produce_header(1, "tally-close-period", "October");
     p.produce_header(2, "tally-close-period", "2099-01");
-    let customers: Vec<String> = (0..10).map(|i| format!("cust_{i:05}")).collect();
-    let late: Vec<Vec<u8>> = customers
-        .iter()
-        .map(|c| resolution(&format!("after-close-{c}"), c, "2026-10-31T23:30:00Z"))
-        .collect();
-    p.produce(&late);
+    p.produce(&resolution_each("after-close", "2026-10-31T23:30:00Z"));
 
     let expected_october = p.expected_for(&october, "2026-10");
     assert_resolution_adjustments(&p, &expected_october, 1);
