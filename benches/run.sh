@@ -42,13 +42,17 @@ dedupe() {
 
 # Kafka to ClickHouse through the services (benches/README.md, section 3). Settings:
 # RUNS (3), PARTITIONS (2), AGGREGATORS (1), LATENCY_SECONDS (40), LIMIT (all events),
-# WARMUP (1: a short unreported run first), RATER_MIN_INSERT_INTERVAL (the default).
+# WARMUP (1: a short unreported run first), RATER_MIN_INSERT_INTERVAL and
+# AGGREGATOR_COMMIT_INTERVAL (the defaults).
 stream_args() {
     stream_flags=(--runs "${RUNS:-3}" --partitions "${PARTITIONS:-2}"
         --aggregators "${AGGREGATORS:-1}" --latency-seconds "${LATENCY_SECONDS:-40}")
     if [[ -n "${LIMIT:-}" ]]; then stream_flags+=(--limit "$LIMIT"); fi
     if [[ -n "${RATER_MIN_INSERT_INTERVAL:-}" ]]; then
         stream_flags+=(--rater-min-insert-interval "$RATER_MIN_INSERT_INTERVAL")
+    fi
+    if [[ -n "${AGGREGATOR_COMMIT_INTERVAL:-}" ]]; then
+        stream_flags+=(--aggregator-commit-interval "$AGGREGATOR_COMMIT_INTERVAL")
     fi
 }
 

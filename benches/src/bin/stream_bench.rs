@@ -10,11 +10,14 @@
 //!    producer;
 //! 2. ceiling: a plain rdkafka consumer in its own group reads the same events and
 //!    only counts them;
-//! 3. throughput: the rater and the aggregator start; the aggregator group's committed
+//! 3. core bound: one thread per partition, each with its own consumer, reads, decodes,
+//!    dedupes and windows every event with the aggregator's core, and writes nothing:
+//!    the most any exactly-once aggregator built on that core could do here;
+//! 4. throughput: the rater and the aggregator start; the aggregator group's committed
 //!    offsets are polled until they reach the end of the events topic, then
 //!    `invoice_lines` until it equals `tally rate`'s lines for the same file;
-//! 4. latency: with both services still running, events are produced at half the rate
-//!    of step 3, and every 100 ms a probe event for the customer `bench_probe`, whose
+//! 5. latency: with both services still running, events are produced at half the rate
+//!    of step 4, and every 100 ms a probe event for the customer `bench_probe`, whose
 //!    resolutions line therefore counts the probes; `invoice_lines` is polled every
 //!    50 ms and each probe's delay is from its send to the first poll whose quantity
 //!    includes it.
@@ -40,9 +43,13 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value};
+use tally_aggregator::{Aggregator, Outcome};
+use tally_schemas::config::Config;
+use tally_schemas::event::EventDecoder;
 
 const PERIOD: &str = "2026-10";
 const PERIOD_START: &str = "2026-10-01 00:00:00";
@@ -50,6 +57,9 @@ const PROBE_CUSTOMER: &str = "bench_probe";
 const PROBE_PRICE: &str = "resolutions";
 /// In the benchmark month, so the probes land in the same period as the load.
 const PROBE_TIME: &str = "2026-10-15T12:00:00.000Z";
+/// How often the core bound drains its aggregator's changes: about what the
+/// aggregator's threads process per partition between two commits.
+const CORE_BOUND_DRAIN_EVENTS: i64 = 20_000;
 /// Clock ticks per second of /proc (USER_HZ, 100 on Linux).
 const TICKS: f64 = 100.0;
 
@@ -99,6 +109,10 @@ struct Args {
     /// trade between fresher lines and fewer inserts.
     #[arg(long)]
     rater_min_insert_interval: Option<String>,
+    /// The aggregator's `commit_interval` (e.g. `1s`) instead of its default: the
+    /// trade between fewer commits and fresher lines.
+    #[arg(long)]
+    aggregator_commit_interval: Option<String>,
     /// The services' log filter (`RUST_LOG`), e.g. `info,tally_aggregator=debug` to
     /// log every transaction the aggregator commits.
     #[arg(long, default_value = "info")]
@@ -623,15 +637,12 @@ database = "{database}"
 
 [aggregator]
 metrics_listen = "127.0.0.1:0"
-
+{commit_interval}
 [rater]
 metrics_listen = "127.0.0.1:0"
 {min_insert_interval}"#,
-            min_insert_interval = args
-                .rater_min_insert_interval
-                .as_ref()
-                .map(|i| format!("min_insert_interval = \"{i}\"\n"))
-                .unwrap_or_default(),
+            commit_interval = setting("commit_interval", &args.aggregator_commit_interval),
+            min_insert_interval = setting("min_insert_interval", &args.rater_min_insert_interval),
             brokers = args.brokers,
             partitions = args.partitions,
             clickhouse = args.clickhouse,
@@ -717,7 +728,8 @@ metrics_listen = "127.0.0.1:0"
             tracked.push(("clickhouse".to_owned(), pid));
         }
         let waited = wait_idle(&tracked);
-        let settings = tally_schemas::config::Config::load(&self.config)?
+        let config = Config::load(&self.config)?;
+        let settings = config
             .services("bench", &|_| None)
             .map_err(|e| anyhow!("{e}"))?;
         tokio::runtime::Builder::new_current_thread()
@@ -751,7 +763,20 @@ metrics_listen = "127.0.0.1:0"
             n / (ceiling_total - ceiling_first)
         );
 
-        // 3. Throughput, exactly once.
+        // 3. Core bound.
+        let a = sample(&tracked, None);
+        let core = self.core_bound(args, &config, settings.aggregator.period_close_grace)?;
+        let b = sample(&tracked, None);
+        let core_cpu = cpu_between(&a, &b);
+        eprintln!(
+            "core bound: {:.2} s, {:.0} events/s ({:.3} of the ceiling); {}",
+            core.seconds,
+            n / core.seconds,
+            ceiling_total / core.seconds,
+            core.outcomes
+        );
+
+        // 4. Throughput, exactly once.
         let mut services = Services {
             children: Vec::new(),
         };
@@ -833,7 +858,7 @@ metrics_listen = "127.0.0.1:0"
         // The steady rate: between 10 % and 90 % of the events committed.
         let steady = steady_rate(&timeline, total);
 
-        // 4. Latency at half the sustained rate.
+        // 5. Latency at half the sustained rate.
         let rows_rate = n / lines_done;
         let latency = if args.latency_seconds > 0 {
             let rate = args.latency_rate.unwrap_or((rows_rate / 2.0) as u64).max(1);
@@ -863,6 +888,13 @@ metrics_listen = "127.0.0.1:0"
                 "events_per_s": round(n / ceiling_total, 0),
                 "events_per_s_from_first_message": round(n / (ceiling_total - ceiling_first), 0),
                 "cpu": ceiling_cpu,
+            },
+            "core_bound": {
+                "seconds": round(core.seconds, 3),
+                "events_per_s": round(n / core.seconds, 0),
+                "ratio_to_ceiling": round(ceiling_total / core.seconds, 3),
+                "outcomes": core.outcomes,
+                "cpu": core_cpu,
             },
             "throughput": {
                 "first_commit_s": first_commit.map(|s| round(s, 3)),
@@ -986,6 +1018,108 @@ metrics_listen = "127.0.0.1:0"
         }
         consumer.unsubscribe();
         Ok((total, first.unwrap_or(0.0)))
+    }
+
+    /// Reads every event of the topic with the aggregator's core on one thread per
+    /// partition, each with its own consumer (fetching tuned as the aggregator's), and
+    /// writes nothing. Each thread decodes and applies every event and drains the
+    /// changes every [`CORE_BOUND_DRAIN_EVENTS`] events as a commit would, without
+    /// encoding or sending them: what is left out (transactions, the windows and
+    /// changelog records, the rater) is work any exactly-once aggregator adds on top.
+    fn core_bound(&self, args: &Args, config: &Config, grace: Duration) -> Result<CoreBound> {
+        let started = Instant::now();
+        let reader = self.group_reader(args, "core-bound")?;
+        let ends = watermarks(&reader, &self.events_topic, args.partitions)?;
+        let counted: Vec<BTreeMap<&'static str, u64>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..)
+                .zip(&ends)
+                .map(|(partition, &end)| {
+                    scope.spawn(move || self.core_partition(args, config, grace, partition, end))
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect::<Result<_>>()
+        })?;
+        let seconds = started.elapsed().as_secs_f64();
+        let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
+        for (outcome, count) in counted.into_iter().flatten() {
+            *outcomes.entry(outcome).or_default() += count;
+        }
+        let read: u64 = outcomes.values().sum();
+        let stored: u64 = ends.iter().map(|&e| e.unsigned_abs()).sum();
+        if read != stored {
+            bail!("the core bound read {read} events of {stored}");
+        }
+        Ok(CoreBound {
+            seconds,
+            outcomes: json!(outcomes),
+        })
+    }
+
+    /// One partition of [`Run::core_bound`], from its first offset to `end`; returns
+    /// how many events had each outcome.
+    fn core_partition(
+        &self,
+        args: &Args,
+        config: &Config,
+        grace: Duration,
+        partition: i32,
+        end: i64,
+    ) -> Result<BTreeMap<&'static str, u64>> {
+        let consumer: BaseConsumer = tally_runtime::kafka::tune_fetching(
+            ClientConfig::new()
+                .set("bootstrap.servers", &args.brokers)
+                .set("group.id", format!("{}-core-bound", self.prefix))
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", "read_uncommitted"),
+        )
+        .create()?;
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&self.events_topic, partition, Offset::Beginning)?;
+        consumer.assign(&assignment)?;
+        let mut aggregator = Aggregator::streaming(config).with_period_close(grace);
+        let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut next = 0;
+        let started = Instant::now();
+        while next < end {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => {
+                    next = message.offset() + 1;
+                    let now = message
+                        .timestamp()
+                        .to_millis()
+                        .and_then(chrono::DateTime::from_timestamp_millis)
+                        .unwrap_or_else(chrono::Utc::now);
+                    let outcome = match EventDecoder::new(config, now)
+                        .decode(message.payload().unwrap_or_default())
+                    {
+                        Err(_) => "invalid",
+                        Ok(event) => match aggregator.apply(&event) {
+                            Outcome::Accepted | Outcome::Late | Outcome::Adjusted => "counted",
+                            Outcome::Unmetered => "unmetered",
+                            Outcome::Retry => "retry",
+                            Outcome::Conflict => "conflict",
+                            Outcome::TooLate => "too_late",
+                            Outcome::Refused(_) => "refused",
+                        },
+                    };
+                    *outcomes.entry(outcome).or_default() += 1;
+                    if next % CORE_BOUND_DRAIN_EVENTS == 0 {
+                        drop(aggregator.drain());
+                    }
+                }
+                Some(Err(e)) => eprintln!("core bound consumer: {e}"),
+                // Only here: a clock read per event costs about 5 % of this loop.
+                None if started.elapsed() > Duration::from_secs(300) => {
+                    bail!("the core bound read {next} of {end} in 300 s on partition {partition}");
+                }
+                None => {}
+            }
+        }
+        drop(aggregator.drain());
+        Ok(outcomes)
     }
 
     /// A consumer with a group's id, to read its committed offsets (never subscribes).
@@ -1259,6 +1393,21 @@ fn send(producer: &BaseProducer, topic: &str, key: Option<&[u8]>, payload: &[u8]
     }
 }
 
+/// A `name = "value"` line for the run's configuration, or nothing for the default.
+fn setting(name: &str, value: &Option<String>) -> String {
+    value
+        .as_ref()
+        .map(|v| format!("{name} = \"{v}\"\n"))
+        .unwrap_or_default()
+}
+
+/// What [`Run::core_bound`] measured.
+struct CoreBound {
+    seconds: f64,
+    /// Events per outcome, over all partitions.
+    outcomes: Value,
+}
+
 fn watermarks(consumer: &BaseConsumer, topic: &str, partitions: u32) -> Result<Vec<i64>> {
     (0..partitions as i32)
         .map(|p| {
@@ -1319,6 +1468,8 @@ const FIGURES: &[(&str, &[&str])] = &[
         "ceiling events/s from first message",
         &["ceiling", "events_per_s_from_first_message"],
     ),
+    ("core bound events/s", &["core_bound", "events_per_s"]),
+    ("core bound / ceiling", &["core_bound", "ratio_to_ceiling"]),
     (
         "aggregator first commit s",
         &["throughput", "first_commit_s"],
@@ -1373,6 +1524,7 @@ fn print_run(result: &Value) {
     };
     cpu("preload", &result["preload"]["cpu"]);
     cpu("ceiling", &result["ceiling"]["cpu"]);
+    cpu("core bound", &result["core_bound"]["cpu"]);
     cpu("aggregating", &result["throughput"]["cpu_aggregating"]);
     eprintln!(
         "    aggregator threads: {}",
