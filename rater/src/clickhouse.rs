@@ -185,13 +185,14 @@ impl ClickHouse {
                 amount: line.amount.to_string(),
                 amount_minor,
                 currency: &line.currency,
-                tiers: serde_json::to_string(&line.tiers).unwrap_or_default(),
+                tiers: serde_json::to_string(&line.tiers).expect("tiers serialise"),
                 adjusts_period: line
                     .adjusts_period
                     .map(|p| p.to_string())
                     .unwrap_or_default(),
             };
-            serde_json::to_writer(&mut body, &row).unwrap_or_default();
+            // Plain data: a failure is a bug, never a row written empty.
+            serde_json::to_writer(&mut body, &row).expect("a row serialises");
             body.push(b'\n');
         }
         let query = format!(

@@ -53,6 +53,7 @@ use crate::ledger::{Ledger, RatedLine, Recorded};
 
 /// Most usage updates read before their lines are written.
 const MAX_BATCH_UPDATES: usize = 200_000;
+/// Longest a partition's ledger rebuild may read the windows topic.
 const REBUILD_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest the loop waits for Kafka to confirm rated lines before it pauses and polls
 /// again: shorter than the group session, so a broker restart does not block it long.
@@ -367,9 +368,13 @@ pub fn run(
             None => {}
         }
         if worker.store_due(&settings.rater, caught_up) {
-            // A failure is retried by `store` itself; the loop keeps polling so the
-            // group does not consider this member dead.
-            let _ = worker.store(&consumer);
+            match worker.store(&consumer) {
+                Err(refused @ RaterError::Undelivered { .. }) => return Err(refused),
+                // Any other failure paused the partitions (`hold` logged it) and is
+                // retried at its backoff; the loop keeps polling so the group does not
+                // consider this member dead.
+                Err(_) | Ok(()) => {}
+            }
         }
         if let Some(refused) = worker.undelivered() {
             return Err(refused);
@@ -568,7 +573,7 @@ impl Worker {
             self.hold(consumer, "ClickHouse refused the write", e.to_string());
             return Err(e.into());
         }
-        self.queue_rated_lines();
+        self.queue_rated_lines()?;
         self.awaiting_delivery = Some(std::mem::take(&mut self.pending).offsets);
         self.deliver_and_commit(consumer)
     }
@@ -594,19 +599,24 @@ impl Worker {
             });
         }
         let mut offsets = TopicPartitionList::new();
-        for (partition, offset) in self.awaiting_delivery.take().unwrap_or_default() {
+        for (&partition, &offset) in self.awaiting_delivery.iter().flatten() {
             offsets
                 .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
                 .map_err(kafka("list the offsets to commit"))?;
         }
-        self.resume(consumer);
-        if offsets.count() == 0 {
-            // The partitions were revoked meanwhile; their next owner re-reads them.
-            return Ok(());
+        // The partitions may have been revoked meanwhile (nothing to commit then):
+        // their next owner re-reads them.
+        if offsets.count() > 0 {
+            if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
+                // Kept awaiting: a partition with no later updates would otherwise
+                // stay behind its stored lines until the rater restarts.
+                self.hold(consumer, "Kafka refused the windows offsets", e.to_string());
+                return Err(kafka("commit the windows offsets")(e));
+            }
         }
-        consumer
-            .commit(&offsets, CommitMode::Sync)
-            .map_err(kafka("commit the windows offsets"))
+        self.awaiting_delivery = None;
+        self.resume(consumer);
+        Ok(())
     }
 
     /// Moves each partition's changed lines, rated, into the pending batch, with the
@@ -681,8 +691,10 @@ impl Worker {
         Ok(())
     }
 
-    /// Hands the pending lines to the producer for `<prefix>.rated`.
-    fn queue_rated_lines(&self) {
+    /// Hands the pending lines to the producer for `<prefix>.rated`. A line the
+    /// producer will not take (too large, a fatal producer error) stops the rater
+    /// before its batch's offsets are committed, as a line Kafka refuses does.
+    fn queue_rated_lines(&self) -> Result<(), RaterError> {
         for (version, rated) in &self.pending.lines {
             let value = serde_json::to_vec(&RatedRecord {
                 line: &rated.line,
@@ -690,15 +702,16 @@ impl Worker {
                 delta: rated.delta,
                 version: *version,
             })
-            .unwrap_or_default();
+            .expect("a rated line serialises");
             let record = BaseRecord::<str, [u8]>::to(&self.rated_topic)
                 .key(rated.line.id.as_str())
                 .payload(&value);
-            if let Err(e) = send(&self.producer, record) {
-                // Downstream copies are best effort; ClickHouse has the line.
-                tracing::warn!(error = %e, "cannot queue a rated line for the rated topic");
-            }
+            send(&self.producer, record).map_err(|source| RaterError::Undelivered {
+                topic: self.rated_topic.clone(),
+                source,
+            })?;
         }
+        Ok(())
     }
 
     /// Set for good once Kafka refused a rated line (not just delayed it): the rater
