@@ -51,8 +51,9 @@ pub(super) struct ChangelogRecord<C = Snapshot> {
 
 impl<C: Serialize> ChangelogRecord<C> {
     pub fn encode(&self) -> Vec<u8> {
-        // Serialising plain data into a Vec cannot fail.
-        rmp_serde::to_vec(self).unwrap_or_default()
+        // Plain data into a Vec: a failure is a bug in a Serialize impl, and an empty
+        // record committed in its place would corrupt the changelog for good.
+        rmp_serde::to_vec(self).expect("a changelog record serialises")
     }
 }
 

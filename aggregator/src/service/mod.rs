@@ -67,6 +67,8 @@ const MAX_BATCH_EVENTS: usize = 20_000;
 const BATCH_LINGER: Duration = Duration::from_millis(10);
 /// Timeout of each transactional call; a commit slower than this is aborted.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a partition's restore may read its changelog; well inside the consumer's
+/// `max.poll.interval.ms` (15 min), as restores run in the rebalance callback.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Where the aggregator service failed.
@@ -318,7 +320,9 @@ impl PartitionState {
             windows += update.windows.len();
             let key = update.record_key();
             value.clear();
-            serde_json::to_writer(&mut value, update).unwrap_or_default();
+            // Plain data with string keys: a failure is a bug, and an empty record
+            // committed in its place would leave the usage unbilled.
+            serde_json::to_writer(&mut value, update).expect("a usage update serialises");
             send(
                 producer,
                 BaseRecord::to(&topics.windows)
@@ -489,8 +493,9 @@ fn tombstone(
 struct Worker {
     config: Arc<Config>,
     period_close_grace: Duration,
-    /// A partition's changelog gets a snapshot once its deltas since the last one
-    /// exceed this many bytes, so restoring never reads much more than one snapshot.
+    /// A partition's changelog is due a snapshot once its deltas since the last one
+    /// exceed this many bytes and the last snapshot's size
+    /// ([`PartitionState::snapshot_overdue`]).
     snapshot_after_bytes: usize,
     kafka: KafkaSettings,
     topics: Topics,
@@ -540,9 +545,14 @@ impl PartitionOwner for Worker {
         consumer: &GroupConsumer,
         partitions: &TopicPartitionList,
     ) -> Result<(), AggregatorError> {
-        self.commit_or_recover(consumer)?;
-        for e in partitions.elements() {
-            self.partitions.remove(&e.partition());
+        let revoked: Vec<i32> = partitions
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        self.commit_or_recover(consumer, &revoked)?;
+        for partition in &revoked {
+            self.partitions.remove(partition);
         }
         self.record_held_state();
         consumer
@@ -620,7 +630,7 @@ pub fn run(
                         && (worker.transaction_events >= MAX_TRANSACTION_EVENTS
                             || worker.transaction_started.elapsed() >= commit_interval);
                 if due {
-                    worker.commit_or_recover(&consumer)?;
+                    worker.commit_or_recover(&consumer, &[])?;
                 }
                 if last_lag.elapsed() >= Duration::from_secs(5) {
                     last_lag = Instant::now();
@@ -646,7 +656,7 @@ pub fn run(
         Ok(())
     })?;
     tracing::info!("aggregator stopping: committing what was read");
-    lock(&worker).commit_or_recover(&consumer)?;
+    lock(&worker).commit_or_recover(&consumer, &[])?;
     leave_group(&consumer);
     Ok(())
 }
@@ -728,7 +738,7 @@ impl Worker {
         partitions: &mut TopicPartitionList,
     ) -> Result<(), AggregatorError> {
         // Restoring can take a while: the open transaction must not time out meanwhile.
-        self.commit_or_recover(consumer)?;
+        self.commit_or_recover(consumer, &[])?;
         self.readiness.not_ready("restoring partitions");
         let committed = committed_offsets(consumer, partitions).map_err(kafka_error(
             "read the committed offsets of the assigned partitions",
@@ -972,9 +982,14 @@ impl Worker {
     }
 
     /// Commits the open transaction; if that fails, aborts it, recreates the producer
-    /// and rebuilds every owned partition from its changelog, then rewinds the consumer
-    /// to match. Errors only if recovery itself fails.
-    fn commit_or_recover(&mut self, consumer: &GroupConsumer) -> Result<(), AggregatorError> {
+    /// and rebuilds every owned partition but those `leaving` (being revoked: their next
+    /// owner restores them) from its changelog, then rewinds the consumer to match.
+    /// Errors only if recovery itself fails.
+    fn commit_or_recover(
+        &mut self,
+        consumer: &GroupConsumer,
+        leaving: &[i32],
+    ) -> Result<(), AggregatorError> {
         if !self.transaction_open && self.broken.is_none() {
             return Ok(());
         }
@@ -1015,6 +1030,9 @@ impl Worker {
                     .with_label_values(&["aborted"])
                     .inc();
                 tracing::warn!(error = %e, "transaction failed; aborting and rebuilding state from the changelog");
+                for partition in leaving {
+                    self.partitions.remove(partition);
+                }
                 self.recover(consumer)
             }
         }
