@@ -18,9 +18,9 @@ use tally_schemas::config::{KafkaSettings, Topic};
 
 use super::error::IngestError;
 
-/// librdkafka's `message.timeout.ms` unless `[kafka] properties` sets it: the longest
-/// an event may wait for its acknowledgement (retries included) before the request
-/// fails with 503. Short enough that a client is not left hanging when Kafka is down.
+/// librdkafka's `message.timeout.ms` unless `[kafka] properties` sets it (or its alias
+/// `delivery.timeout.ms`): the longest an event may wait for its acknowledgement
+/// (retries included) before the request fails with 503. Short enough that a client is not left hanging when Kafka is down.
 const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Extra time on top of the acknowledgement timeout before the request gives up on its
@@ -84,20 +84,28 @@ impl EventProducer {
             .set("acks", "all")
             .set("partitioner", "murmur2_random");
         // Tunables the operator may override in `[kafka] properties`.
-        let ack_timeout_ms = DEFAULT_ACK_TIMEOUT.as_millis().to_string();
         for (name, default) in [
             // A few ms of batching: a request's events travel in few produce requests.
             ("linger.ms", "5"),
             ("compression.type", "lz4"),
-            ("message.timeout.ms", ack_timeout_ms.as_str()),
         ] {
             if !settings.properties.contains_key(name) {
                 config.set(name, default);
             }
         }
-        let ack_timeout = settings
-            .properties
-            .get("message.timeout.ms")
+        // How long a request waits for Kafka's acknowledgement, under either of
+        // librdkafka's two names for it: setting the default beside an operator's
+        // `delivery.timeout.ms` would leave which one applies to chance.
+        let configured_ack_timeout = ["message.timeout.ms", "delivery.timeout.ms"]
+            .into_iter()
+            .find_map(|name| settings.properties.get(name));
+        if configured_ack_timeout.is_none() {
+            config.set(
+                "message.timeout.ms",
+                DEFAULT_ACK_TIMEOUT.as_millis().to_string(),
+            );
+        }
+        let ack_timeout = configured_ack_timeout
             .and_then(|ms| ms.trim().parse::<u64>().ok())
             .map_or(DEFAULT_ACK_TIMEOUT, Duration::from_millis);
         let producer: FutureProducer =
@@ -230,5 +238,43 @@ impl EventProducer {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(properties: &[(&str, &str)]) -> KafkaSettings {
+        KafkaSettings {
+            // Creating a producer connects in the background: no broker needed here.
+            brokers: "127.0.0.1:1".to_owned(),
+            topic_prefix: "tally".to_owned(),
+            partitions: 1,
+            replication_factor: 1,
+            properties: properties
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            instance_id: "0".to_owned(),
+        }
+    }
+
+    #[test]
+    fn the_ack_timeout_follows_either_name_of_the_setting_and_defaults_to_ten_seconds() {
+        let ack_timeout = |properties: &[(&str, &str)]| {
+            EventProducer::new(&settings(properties))
+                .map(|p| p.ack_timeout)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(ack_timeout(&[]), Ok(DEFAULT_ACK_TIMEOUT));
+        assert_eq!(
+            ack_timeout(&[("message.timeout.ms", "2500")]),
+            Ok(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            ack_timeout(&[("delivery.timeout.ms", "30000")]),
+            Ok(Duration::from_secs(30))
+        );
     }
 }
