@@ -1,8 +1,11 @@
 //! Kafka clients as every service configures them, and the topic layout.
 //!
 //! In: [`KafkaSettings`]. Out: client configurations (brokers plus the pass-through
-//! librdkafka properties, so TLS and SASL work everywhere alike) and, on start, the
-//! topics created if missing. `events`, `windows` and `aggregator-changelog` must have
+//! librdkafka properties, so TLS and SASL work everywhere alike); on start, the topics
+//! created if missing; group membership for a service that owns partitions
+//! ([`PartitionOwner`], [`group_consumer`]); producing that waits out a full queue and
+//! keeps delivery failures ([`send`], [`flush`], [`DeliveryReports`]); and reading a
+//! partition to its end ([`read_partition`]), for restores and rebuilds. `events`, `windows` and `aggregator-changelog` must have
 //! the same number of partitions: the aggregator writes partition p's windows and state
 //! changes to partition p, so a customer's usage stays in one partition end to end.
 
@@ -247,7 +250,7 @@ pub fn partition_count<C: ClientContext>(
     }
 }
 
-/// Sets `lag{topic, partition}` to how far each assigned partition's position is
+/// Sets `lag{topic, partition}` (a service's `*_consumer_lag_messages`) to how far each assigned partition's position is
 /// behind its high watermark. Cheap enough to call every few seconds.
 pub fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, lag: &IntGaugeVec) {
     let Ok(assignment) = consumer.assignment() else {

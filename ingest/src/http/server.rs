@@ -176,7 +176,8 @@ fn router(app: Arc<App>, registry: Registry, readiness: Readiness) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
-/// Counts and times every request by its route template.
+/// Counts and times every request to a route, by its template (as a route layer, it
+/// does not see requests that match no route).
 async fn track(State(metrics): State<IngestMetrics>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
