@@ -288,15 +288,14 @@ impl Ledger {
                 break;
             }
         }
-        let plan = self.config.plan(customer.plan);
-        let kind = self
-            .config
-            .meter(plan.prices[key.price_index].meter)
-            .aggregation
-            .kind();
         let rate_with = |values: &[MeterValue]| {
-            let quantity = combine(kind, values.iter().copied())?.value;
-            invoice_line(&self.config, customer, key.price_index, closed, quantity)
+            rate_values(
+                &self.config,
+                customer,
+                key.price_index,
+                closed,
+                values.iter().copied(),
+            )
         };
         let priced = rate_with(&billed).and_then(|before| {
             billed.extend(this.series.values().copied());
@@ -311,20 +310,11 @@ impl Ledger {
     /// these at the lowest version when it first sees a period, so a customer without
     /// usage still has their lines (and flat fees) and one with usage has them replaced.
     pub fn opening_lines(&self, period: Period) -> Result<Vec<InvoiceLine>, RateError> {
-        let mut lines = Vec::new();
-        for customer in self.config.customers.values() {
-            let plan = self.config.plan(customer.plan);
-            for price_index in 0..plan.prices.len() {
-                lines.push(invoice_line(
-                    &self.config,
-                    customer,
-                    price_index,
-                    period,
-                    Decimal::ZERO,
-                )?);
-            }
-        }
-        Ok(lines)
+        subscribed_prices(&self.config)
+            .map(|(customer, price_index)| {
+                invoice_line(&self.config, customer, price_index, period, Decimal::ZERO)
+            })
+            .collect()
     }
 
     /// Every line of the period in its current revision: one per subscribed customer and
@@ -342,37 +332,42 @@ impl Ledger {
             flushed.into_iter().map(|r| (r.line.id, r.delta)).collect();
         let config = Arc::clone(&self.config);
         let mut lines = Vec::new();
-        for customer in config.customers.values() {
-            let plan = config.plan(customer.plan);
-            for price_index in 0..plan.prices.len() {
-                let key = LineKey {
-                    price_index,
-                    period,
-                    adjusts: None,
-                };
-                let state = self.lines.entry((customer.id.clone(), key)).or_default();
-                let (line, delta) = match &state.rated {
-                    Some(line) => (
-                        line.clone(),
-                        flushed.get(&line.id).copied().unwrap_or_default(),
-                    ),
-                    None => {
-                        let line = price_line(&config, customer, key, state)?;
-                        state.revision = 1;
-                        state.rated = Some(line.clone());
-                        let delta = line.amount;
-                        (line, delta)
-                    }
-                };
-                lines.push(RatedLine {
-                    line,
-                    revision: state.revision,
-                    delta,
-                });
-            }
+        for (customer, price_index) in subscribed_prices(&config) {
+            let key = LineKey {
+                price_index,
+                period,
+                adjusts: None,
+            };
+            let state = self.lines.entry((customer.id.clone(), key)).or_default();
+            let (line, delta) = match &state.rated {
+                Some(line) => (
+                    line.clone(),
+                    flushed.get(&line.id).copied().unwrap_or_default(),
+                ),
+                None => {
+                    let line = price_line(&config, customer, key, state)?;
+                    state.revision = 1;
+                    state.rated = Some(line.clone());
+                    let delta = line.amount;
+                    (line, delta)
+                }
+            };
+            lines.push(RatedLine {
+                line,
+                revision: state.revision,
+                delta,
+            });
         }
         Ok(lines)
     }
+}
+
+/// Every subscribed customer with the index of each price of their plan, in plan
+/// order: one invoice line each per period.
+fn subscribed_prices(config: &Config) -> impl Iterator<Item = (&Customer, usize)> {
+    config.customers.values().flat_map(|customer| {
+        (0..config.plan(customer.plan).prices.len()).map(move |price_index| (customer, price_index))
+    })
 }
 
 fn price_line(
@@ -381,10 +376,31 @@ fn price_line(
     key: LineKey,
     state: &LineState,
 ) -> Result<InvoiceLine, RateError> {
+    rate_values(
+        config,
+        customer,
+        key.price_index,
+        key.period,
+        state.series.values().copied(),
+    )
+}
+
+/// The customer's line of one price for `period`, its meter's `values` (one per
+/// series) taken together as the quantity.
+fn rate_values(
+    config: &Config,
+    customer: &Customer,
+    price_index: usize,
+    period: Period,
+    values: impl Iterator<Item = MeterValue>,
+) -> Result<InvoiceLine, RateError> {
     let plan = config.plan(customer.plan);
-    let meter = config.meter(plan.prices[key.price_index].meter);
-    let quantity = combine(meter.aggregation.kind(), state.series.values().copied())?.value;
-    invoice_line(config, customer, key.price_index, key.period, quantity)
+    let kind = config
+        .meter(plan.prices[price_index].meter)
+        .aggregation
+        .kind();
+    let quantity = combine(kind, values)?.value;
+    invoice_line(config, customer, price_index, period, quantity)
 }
 
 /// The value of several series of one meter taken together.
