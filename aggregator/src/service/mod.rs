@@ -150,6 +150,47 @@ struct Processed<'m> {
     rejections: Vec<(&'m BorrowedMessage<'m>, Rejection)>,
 }
 
+/// An outcome that sends the message to the rejected topic, saying why.
+fn refused(
+    outcome: EventOutcome,
+    code: &'static str,
+    field: impl Into<String>,
+    reason: String,
+) -> (EventOutcome, Option<Rejection>) {
+    let field = field.into();
+    (
+        outcome,
+        Some(Rejection {
+            code,
+            field,
+            reason,
+        }),
+    )
+}
+
+/// How an event the core has applied is counted, and why it goes to the rejected
+/// topic if it does. `time` is the event's, for the too-late reason.
+fn verdict(outcome: Outcome, time: chrono::DateTime<Utc>) -> (EventOutcome, Option<Rejection>) {
+    match outcome {
+        Outcome::Accepted | Outcome::Late | Outcome::Adjusted => (EventOutcome::Accepted, None),
+        Outcome::Unmetered => (EventOutcome::Unmetered, None),
+        Outcome::Retry => (EventOutcome::Duplicate, None),
+        Outcome::Conflict => refused(
+            EventOutcome::Conflict,
+            "conflict",
+            "id",
+            "an event with this source and id but different content was already counted; the first one wins".to_owned(),
+        ),
+        Outcome::TooLate => refused(
+            EventOutcome::TooLate,
+            "too_late",
+            "time",
+            format!("the event's time {} is older than the dedupe horizon allows behind the newest event seen; it can no longer be deduplicated safely", time.to_rfc3339()),
+        ),
+        Outcome::Refused(e) => refused(EventOutcome::Refused, "refused", "data", e.to_string()),
+    }
+}
+
 impl PartitionState {
     /// Dedupes and aggregates one event of this partition.
     fn process<'m>(
@@ -185,63 +226,31 @@ impl PartitionState {
         let (outcome, rejection) = match EventDecoder::new(config, now)
             .decode(message.payload().unwrap_or_default())
         {
-            Err(e) => (
+            Err(e) => refused(
                 EventOutcome::Invalid,
-                Some(Rejection {
-                    code: e.problem.code(),
-                    field: e.field.clone(),
-                    reason: e.to_string(),
-                }),
+                e.problem.code(),
+                e.field.clone(),
+                e.to_string(),
             ),
-            Ok(event) if message.key() != Some(event.subject.as_bytes()) => (
+            Ok(event) if message.key() != Some(event.subject.as_bytes()) => refused(
                 EventOutcome::Invalid,
-                Some(Rejection {
-                    code: "wrong_key",
-                    field: "subject".to_owned(),
-                    reason: format!(
-                        "the Kafka message is keyed {:?}, not by the event's subject {:?}: key every event by its subject so a customer's events share a partition (and its dedupe)",
-                        message.key().map(String::from_utf8_lossy),
-                        event.subject
-                    ),
-                }),
+                "wrong_key",
+                "subject",
+                format!(
+                    "the Kafka message is keyed {:?}, not by the event's subject {:?}: key every event by its subject so a customer's events share a partition (and its dedupe)",
+                    message.key().map(String::from_utf8_lossy),
+                    event.subject
+                ),
             ),
-            Ok(event) => match self.aggregator.apply(&event) {
-                Outcome::Accepted => (EventOutcome::Accepted, None),
-                Outcome::Late => {
-                    processed.outcomes.late_revised += 1;
-                    (EventOutcome::Accepted, None)
+            Ok(event) => {
+                let outcome = self.aggregator.apply(&event);
+                match outcome {
+                    Outcome::Late => processed.outcomes.late_revised += 1,
+                    Outcome::Adjusted => processed.outcomes.late_adjusted += 1,
+                    _ => {}
                 }
-                Outcome::Adjusted => {
-                    processed.outcomes.late_adjusted += 1;
-                    (EventOutcome::Accepted, None)
-                }
-                Outcome::Unmetered => (EventOutcome::Unmetered, None),
-                Outcome::Retry => (EventOutcome::Duplicate, None),
-                Outcome::Conflict => (
-                    EventOutcome::Conflict,
-                    Some(Rejection {
-                        code: "conflict",
-                        field: "id".to_owned(),
-                        reason: "an event with this source and id but different content was already counted; the first one wins".to_owned(),
-                    }),
-                ),
-                Outcome::TooLate => (
-                    EventOutcome::TooLate,
-                    Some(Rejection {
-                        code: "too_late",
-                        field: "time".to_owned(),
-                        reason: format!("the event's time {} is older than the dedupe horizon allows behind the newest event seen; it can no longer be deduplicated safely", event.time.to_rfc3339()),
-                    }),
-                ),
-                Outcome::Refused(e) => (
-                    EventOutcome::Refused,
-                    Some(Rejection {
-                        code: "refused",
-                        field: "data".to_owned(),
-                        reason: e.to_string(),
-                    }),
-                ),
-            },
+                verdict(outcome, event.time)
+            }
         };
         processed.outcomes.add(outcome);
         if let Some(rejection) = rejection {
@@ -1212,4 +1221,52 @@ fn write_snapshot(
     state.snapshot_parts = count;
     state.snapshot_bytes = bytes;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StateError;
+
+    #[test]
+    fn each_outcome_is_counted_once_and_only_refusals_go_to_the_rejected_topic() {
+        let time = chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap_or_default();
+        let table = [
+            (Outcome::Accepted, EventOutcome::Accepted, None),
+            (Outcome::Late, EventOutcome::Accepted, None),
+            (Outcome::Adjusted, EventOutcome::Accepted, None),
+            (Outcome::Unmetered, EventOutcome::Unmetered, None),
+            (Outcome::Retry, EventOutcome::Duplicate, None),
+            (
+                Outcome::Conflict,
+                EventOutcome::Conflict,
+                Some(("conflict", "id")),
+            ),
+            (
+                Outcome::TooLate,
+                EventOutcome::TooLate,
+                Some(("too_late", "time")),
+            ),
+            (
+                Outcome::Refused(StateError::Overflow),
+                EventOutcome::Refused,
+                Some(("refused", "data")),
+            ),
+        ];
+        for (outcome, counted, rejected) in table {
+            let name = format!("{outcome:?}");
+            let (got, rejection) = verdict(outcome, time);
+            assert_eq!(got, counted, "{name}");
+            assert_eq!(
+                rejection.as_ref().map(|r| (r.code, r.field.as_str())),
+                rejected,
+                "{name}"
+            );
+        }
+        let (_, too_late) = verdict(Outcome::TooLate, time);
+        assert!(
+            too_late.is_some_and(|r| r.reason.contains(&time.to_rfc3339())),
+            "the too-late reason names the event's time"
+        );
+    }
 }
