@@ -14,6 +14,17 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Observes, in seconds, how long ago a Kafka timestamp (ms since the epoch) was, and
+/// returns that age in ms; a timestamp from a clock ahead of this one counts as now.
+pub fn observe_age(histogram: &Histogram, timestamp_ms: i64) -> u64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let age_ms = now_ms.saturating_sub(timestamp_ms).max(0).unsigned_abs();
+    histogram.observe(std::time::Duration::from_millis(age_ms).as_secs_f64());
+    age_ms
+}
+
 /// Registers metrics in one registry. Registration only fails for a name registered
 /// twice or an invalid name, both programming errors caught by every test that starts
 /// a service; those panic with the name.
@@ -81,5 +92,25 @@ impl Metrics {
         let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
         let m = HistogramVec::new(opts, labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
         self.register(name, m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_age_is_observed_in_seconds_and_a_timestamp_from_ahead_counts_as_now() {
+        let histogram = Histogram::with_opts(HistogramOpts::new("age", "age")).unwrap();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let age = observe_age(&histogram, now_ms - 1_500);
+        assert!((1_500..60_000).contains(&age), "{age} ms");
+        assert_eq!(observe_age(&histogram, now_ms + 60_000), 0);
+        assert_eq!(histogram.get_sample_count(), 2);
+        let sum = histogram.get_sample_sum();
+        assert!((1.5..60.0).contains(&sum), "{sum} s");
     }
 }

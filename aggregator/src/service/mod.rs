@@ -40,6 +40,7 @@ use tally_runtime::kafka::{
     log_consumer_error, offset_of, partition_count, send, DeliveryReports, GroupContext,
     KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
+use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::on_threads;
 use tally_runtime::Shutdown;
@@ -206,9 +207,7 @@ impl PartitionState {
         self.touched = true;
         processed.events += 1;
         let timestamp = message.timestamp().to_millis();
-        if let Some(ms) = timestamp {
-            processed.oldest_event_ms = Some(processed.oldest_event_ms.map_or(ms, |o| o.min(ms)));
-        }
+        processed.oldest_event_ms = processed.oldest_event_ms.into_iter().chain(timestamp).min();
         // The event's "now" is when it reached Kafka, so a replay judges its time
         // exactly as the first reading did.
         let now = timestamp
@@ -921,10 +920,9 @@ impl Worker {
         });
         for processed in results {
             self.transaction_events += processed.events;
-            self.oldest_event_ms = match (self.oldest_event_ms, processed.oldest_event_ms) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            self.oldest_event_ms = (self.oldest_event_ms.into_iter())
+                .chain(processed.oldest_event_ms)
+                .min();
             self.metrics.count(&processed.outcomes);
             for (message, rejection) in processed.rejections {
                 if let Err(e) = self.reject(message, rejection) {
@@ -1014,15 +1012,8 @@ impl Worker {
                 self.metrics
                     .transaction_duration
                     .observe(took.as_secs_f64());
-                let oldest_age_ms = self
-                    .oldest_event_ms
-                    .take()
-                    .map(|ms| (Utc::now().timestamp_millis() - ms).max(0));
-                if let Some(age) = oldest_age_ms {
-                    self.metrics
-                        .window_latency
-                        .observe(Duration::from_millis(age.unsigned_abs()).as_secs_f64());
-                }
+                let oldest_age_ms = (self.oldest_event_ms.take())
+                    .map(|ms| observe_age(&self.metrics.window_latency, ms));
                 tracing::debug!(
                     events,
                     open_ms = open_for.as_millis() as u64,

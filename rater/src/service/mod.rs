@@ -27,7 +27,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -39,6 +38,7 @@ use tally_runtime::kafka::{
     log_consumer_error, offset_of, read_partition, send, DeliveryReports, GroupContext,
     KafkaProducer, PartitionOwner,
 };
+use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::on_threads;
 use tally_runtime::Shutdown;
@@ -368,12 +368,11 @@ pub fn run(
             None => {}
         }
         if worker.store_due(&settings.rater, caught_up) {
-            match worker.store(&consumer) {
-                Err(refused @ RaterError::Undelivered { .. }) => return Err(refused),
-                // Any other failure paused the partitions (`hold` logged it) and is
-                // retried at its backoff; the loop keeps polling so the group does not
-                // consider this member dead.
-                Err(_) | Ok(()) => {}
+            // Any other failure paused the partitions (`hold` logged it) and is retried
+            // at its backoff; the loop keeps polling so the group does not consider
+            // this member dead.
+            if let Err(refused @ RaterError::Undelivered { .. }) = worker.store(&consumer) {
+                return Err(refused);
             }
         }
         if let Some(refused) = worker.undelivered() {
@@ -504,9 +503,11 @@ impl Worker {
         let pending = &mut self.pending;
         pending.updates += 1;
         pending.started.get_or_insert_with(Instant::now);
-        if let Some(ms) = appended_ms {
-            pending.oldest_update_ms = Some(pending.oldest_update_ms.map_or(ms, |o| o.min(ms)));
-        }
+        pending.oldest_update_ms = pending
+            .oldest_update_ms
+            .into_iter()
+            .chain(appended_ms)
+            .min();
         let update = match change {
             Change::Usage(update) => update,
             Change::Settled(period) => {
@@ -683,10 +684,7 @@ impl Worker {
             .lines_rated
             .inc_by(self.pending.lines.len() as u64);
         if let Some(ms) = self.pending.oldest_update_ms {
-            let age = (Utc::now().timestamp_millis() - ms).max(0);
-            self.metrics
-                .rating_latency
-                .observe(Duration::from_millis(age.unsigned_abs()).as_secs_f64());
+            observe_age(&self.metrics.rating_latency, ms);
         }
         Ok(())
     }
