@@ -103,19 +103,67 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+type Admin = AdminClient<DefaultClientContext>;
+
 /// Creates Tally's topics if they do not exist, then checks that the co-partitioned
-/// ones agree. Safe to run from every instance at every start.
+/// ones agree and that the state topics keep what a restore needs. Safe to run from
+/// every instance at every start.
 pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetupError>> {
-    let fail = |what: &str, source| {
+    let admin: Admin = client_config(settings)
+        .create()
+        .map_err(setup_error(settings, "create an admin client"))?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    create_topics(&admin, settings, &options).await?;
+    let events = settings.topic(Topic::Events);
+    let expected_count = partitions_once_known(&admin, &events)
+        .await
+        .map_err(setup_error(
+            settings,
+            &format!("read the metadata of {events}"),
+        ))?;
+    for topic in [Topic::Windows, Topic::AggregatorChangelog] {
+        let name = settings.topic(topic);
+        let found = partitions_once_known(&admin, &name)
+            .await
+            .map_err(setup_error(
+                settings,
+                &format!("read the metadata of {name}"),
+            ))?;
+        if found != expected_count {
+            return Err(Box::new(KafkaSetupError::PartitionMismatch {
+                topic: name,
+                found,
+                expected: events,
+                expected_count,
+            }));
+        }
+        check_state_topic(&admin, settings, &options, name).await?;
+    }
+    Ok(())
+}
+
+/// Maps a Kafka error to a setup error, saying what was being done.
+fn setup_error<'s>(
+    settings: &'s KafkaSettings,
+    what: &str,
+) -> impl FnOnce(KafkaError) -> Box<KafkaSetupError> + 's {
+    let what = what.to_owned();
+    move |source| {
         Box::new(KafkaSetupError::Kafka {
-            what: what.to_owned(),
+            what,
             brokers: settings.brokers.clone(),
             source,
         })
-    };
-    let admin: AdminClient<DefaultClientContext> = client_config(settings)
-        .create()
-        .map_err(|e| fail("create an admin client", e))?;
+    }
+}
+
+/// Creates every topic of the pipeline that does not exist yet, the state topics with
+/// the settings they need.
+async fn create_topics(
+    admin: &Admin,
+    settings: &KafkaSettings,
+    options: &AdminOptions,
+) -> Result<(), Box<KafkaSetupError>> {
     let names: Vec<(String, Topic)> = [
         Topic::Events,
         Topic::Windows,
@@ -155,78 +203,75 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetu
             }
         })
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
-        .create_topics(&topics, &options)
+        .create_topics(&topics, options)
         .await
-        .map_err(|e| fail("create topics", e))?;
+        .map_err(setup_error(settings, "create topics"))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(fail(
-                    &format!("create topic {topic}"),
+                return Err(setup_error(settings, &format!("create topic {topic}"))(
                     KafkaError::AdminOp(code),
                 ))
             }
         }
     }
-    // A topic just created can be unknown or show no partitions for a moment: ask
-    // again briefly.
-    let count = |topic: &str| -> Result<usize, Box<KafkaSetupError>> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match partition_count(admin.inner(), topic) {
-                Ok(partitions) if partitions > 0 => return Ok(partitions),
-                counted if std::time::Instant::now() > deadline => {
-                    return counted.map_err(|e| fail(&format!("read the metadata of {topic}"), e))
-                }
-                _ => std::thread::sleep(Duration::from_millis(100)),
-            }
+    Ok(())
+}
+
+/// The partitions of `topic`, asking again for up to 30 s while there are none: a topic
+/// just created can be unknown or show no partitions for a moment.
+async fn partitions_once_known(admin: &Admin, topic: &str) -> Result<usize, KafkaError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match partition_count(admin.inner(), topic) {
+            Ok(partitions) if partitions > 0 => return Ok(partitions),
+            counted if tokio::time::Instant::now() > deadline => return counted,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+/// Refuses a state topic (read back in full on restore) without the settings that
+/// needs, as an operator may have created it beforehand with the broker's defaults.
+async fn check_state_topic(
+    admin: &Admin,
+    settings: &KafkaSettings,
+    options: &AdminOptions,
+    name: String,
+) -> Result<(), Box<KafkaSetupError>> {
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(&name)], options)
+        .await
+        .map_err(setup_error(
+            settings,
+            &format!("read the settings of {name}"),
+        ))?;
+    let resource = match described.into_iter().next() {
+        Some(Ok(resource)) => resource,
+        Some(Err(code)) => {
+            return Err(setup_error(
+                settings,
+                &format!("read the settings of {name}"),
+            )(KafkaError::AdminOp(code)))
+        }
+        None => return Ok(()),
     };
-    let events = settings.topic(Topic::Events);
-    let expected_count = count(&events)?;
-    for topic in [Topic::Windows, Topic::AggregatorChangelog] {
-        let name = settings.topic(topic);
-        let found = count(&name)?;
-        if found != expected_count {
-            return Err(Box::new(KafkaSetupError::PartitionMismatch {
+    for n in state_topic_settings() {
+        let found = resource
+            .get(n.setting)
+            .and_then(|entry| entry.value.clone())
+            .unwrap_or_default();
+        if !(n.met_by)(&found) {
+            return Err(Box::new(KafkaSetupError::TopicSetting {
                 topic: name,
+                setting: n.setting,
                 found,
-                expected: events.clone(),
-                expected_count,
+                needed: n.needed,
+                why: n.why,
+                brokers: settings.brokers.clone(),
             }));
-        }
-        let described = admin
-            .describe_configs(&[ResourceSpecifier::Topic(&name)], &options)
-            .await
-            .map_err(|e| fail(&format!("read the settings of {name}"), e))?;
-        let resource = match described.into_iter().next() {
-            Some(Ok(resource)) => resource,
-            Some(Err(code)) => {
-                return Err(fail(
-                    &format!("read the settings of {name}"),
-                    KafkaError::AdminOp(code),
-                ))
-            }
-            None => continue,
-        };
-        for n in &needed {
-            let found = resource
-                .get(n.setting)
-                .and_then(|entry| entry.value.clone())
-                .unwrap_or_default();
-            if !(n.met_by)(&found) {
-                return Err(Box::new(KafkaSetupError::TopicSetting {
-                    topic: name,
-                    setting: n.setting,
-                    found,
-                    needed: n.needed.clone(),
-                    why: n.why,
-                    brokers: settings.brokers.clone(),
-                }));
-            }
         }
     }
     Ok(())
