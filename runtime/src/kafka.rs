@@ -9,8 +9,9 @@
 //! the same number of partitions: the aggregator writes partition p's windows and state
 //! changes to partition p, so a customer's usage stays in one partition end to end.
 
+use crate::threads::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::IntGaugeVec;
@@ -473,12 +474,6 @@ where
             Err((e, _)) => return Err(e),
         }
     }
-}
-
-/// Locks, carrying on after a panic elsewhere: the guarded state is rebuilt from Kafka
-/// on any error anyway.
-pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The value of a message's header `key` (empty if the header has none), if the message

@@ -1,6 +1,16 @@
 //! Work spread over the machine's cores: the aggregator processes each partition's
 //! share of a batch and restores partitions this way, the rater rebuilds partitions'
-//! ledgers. In: items and a function; out: the results, in item order.
+//! ledgers. In: items and a function; out: the results, in item order. Also how the
+//! services lock state shared between threads ([`lock`]).
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Locks, carrying on after a panic elsewhere. Every state Tally shares this way stays
+/// usable after one: the services' is rebuilt from Kafka on any error, a rate limit's
+/// bucket is at worst stale.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Runs `f` on every item, spread over at most as many threads as the machine has
 /// cores (the calling thread is one of them); returns the results in item order.

@@ -36,13 +36,13 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    client_config, committed_offsets, flush, group_consumer, header_value, leave_group, lock,
+    client_config, committed_offsets, flush, group_consumer, header_value, leave_group,
     log_consumer_error, offset_of, partition_count, send, DeliveryReports, GroupContext,
     KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
-use tally_runtime::threads::on_threads;
+use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::event::EventDecoder;

@@ -9,6 +9,7 @@
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tally_runtime::threads::lock;
 
 /// Tokens are counted in billionths, so refills at any rate stay exact integers: one
 /// nanosecond at `r` tokens a second adds exactly `r` billionths.
@@ -84,11 +85,7 @@ impl RateLimiter {
     /// Takes a token from key `key`'s bucket, or says how long until one is there. An
     /// index past the keys is allowed (there is no bucket to take from).
     pub fn check(&self, key: usize, now: Instant) -> Result<(), Duration> {
-        let mut buckets = match self.buckets.lock() {
-            Ok(guard) => guard,
-            // A panic mid-arithmetic leaves at worst one stale bucket: keep going.
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut buckets = lock(&self.buckets);
         match buckets.get_mut(key) {
             Some(bucket) => bucket.try_take(now),
             None => Ok(()),

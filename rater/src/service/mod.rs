@@ -34,13 +34,13 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
-    client_config, committed_offsets, flush, group_consumer, header_value, leave_group, lock,
+    client_config, committed_offsets, flush, group_consumer, header_value, leave_group,
     log_consumer_error, offset_of, read_partition, send, DeliveryReports, GroupContext,
     KafkaProducer, PartitionOwner,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
-use tally_runtime::threads::on_threads;
+use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, RaterSettings, ServiceSettings, Topic};
 use tally_schemas::records::{InvoiceLine, PeriodToDate, SETTLED_HEADER};
