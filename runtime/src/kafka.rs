@@ -19,7 +19,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
@@ -644,10 +644,34 @@ pub fn committed_offsets<C: ConsumerContext>(
     )
 }
 
+/// One poll of a [`group_consumer`]. `Ok(Some)`: a message; `Ok(None)`: nothing within
+/// `wait`, or a consumer error that passes (logged; librdkafka retries). `Err`: what
+/// ends the consume loop, a rebalance step the owner failed, or a fatal consumer error
+/// made the owner's by `fatal`.
+pub fn poll_group<'c, O: PartitionOwner>(
+    consumer: &'c BaseConsumer<GroupContext<O>>,
+    wait: Duration,
+    fatal: impl FnOnce(KafkaError) -> O::Error,
+) -> Result<Option<BorrowedMessage<'c>>, O::Error> {
+    let polled = consumer.poll(wait);
+    if let Some(failure) = consumer.context().take_failure() {
+        return Err(failure);
+    }
+    match polled {
+        Some(Ok(message)) => Ok(Some(message)),
+        Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => Err(fatal(e)),
+        Some(Err(e)) => {
+            log_consumer_error(&e);
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
 /// Logs an error a consumer's `poll` returned, which librdkafka retries by itself.
 /// Lost broker connections are left at debug: the client's error callback has logged
 /// them already, and during an outage every poll returns them again.
-pub fn log_consumer_error(error: &KafkaError) {
+fn log_consumer_error(error: &KafkaError) {
     match error.rdkafka_error_code() {
         Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure) => {
             tracing::debug!(%error, "consumer error; retrying");

@@ -36,9 +36,9 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    client_config, committed_offsets, flush, group_consumer, header_value, leave_group,
-    log_consumer_error, offset_of, partition_count, send, DeliveryReports, GroupContext,
-    KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
+    client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
+    partition_count, poll_group, send, DeliveryReports, GroupContext, KafkaProducer,
+    PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -682,27 +682,17 @@ fn read_batch<'c>(
     let mut wait = Duration::from_millis(100);
     let mut linger_until = None;
     while batch.len() < MAX_BATCH_EVENTS {
-        let polled = consumer.poll(wait);
-        if let Some(failure) = consumer.context().take_failure() {
-            return Err(failure);
-        }
+        let polled = poll_group(consumer, wait, kafka_error("consume the events topic"))?;
         let now = epoch.load(Ordering::SeqCst);
         if now != read_in {
             read_in = now;
             batch.clear();
         }
         match polled {
-            Some(Ok(message)) => {
+            Some(message) => {
                 batch.push(message);
                 wait = Duration::ZERO;
             }
-            Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
-                return Err(AggregatorError::Kafka {
-                    what: "consume the events topic".to_owned(),
-                    source: e,
-                })
-            }
-            Some(Err(e)) => log_consumer_error(&e),
             None if batch.is_empty() => break,
             None => {
                 // Nothing ready: wait once, briefly, for more.

@@ -34,9 +34,8 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
-    client_config, committed_offsets, flush, group_consumer, header_value, leave_group,
-    log_consumer_error, offset_of, read_partition, send, DeliveryReports, GroupContext,
-    KafkaProducer, PartitionOwner,
+    client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
+    poll_group, read_partition, send, DeliveryReports, GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -350,22 +349,11 @@ pub fn run(
     let mut last_lag = Instant::now();
     let mut poll_wait = IDLE_POLL_WAIT;
     while !shutdown.is_requested() {
-        let polled = consumer.poll(poll_wait);
+        let polled = poll_group(&consumer, poll_wait, kafka("consume the windows topic"))?;
         let caught_up = polled.is_none();
-        if let Some(failure) = consumer.context().take_failure() {
-            return Err(failure);
-        }
         let mut worker = lock(&worker);
-        match polled {
-            Some(Ok(message)) => worker.process(&message),
-            Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
-                return Err(RaterError::Kafka {
-                    what: "consume the windows topic".to_owned(),
-                    source: e,
-                })
-            }
-            Some(Err(e)) => log_consumer_error(&e),
-            None => {}
+        if let Some(message) = polled {
+            worker.process(&message);
         }
         if worker.store_due(&settings.rater, caught_up) {
             // Any other failure paused the partitions (`hold` logged it) and is retried
