@@ -116,20 +116,10 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetu
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     create_topics(&admin, settings, &options).await?;
     let events = settings.topic(Topic::Events);
-    let expected_count = partitions_once_known(&admin, &events)
-        .await
-        .map_err(setup_error(
-            settings,
-            &format!("read the metadata of {events}"),
-        ))?;
+    let expected_count = partitions_once_known(&admin, settings, &events).await?;
     for topic in [Topic::Windows, Topic::AggregatorChangelog] {
         let name = settings.topic(topic);
-        let found = partitions_once_known(&admin, &name)
-            .await
-            .map_err(setup_error(
-                settings,
-                &format!("read the metadata of {name}"),
-            ))?;
+        let found = partitions_once_known(&admin, settings, &name).await?;
         if found != expected_count {
             return Err(Box::new(KafkaSetupError::PartitionMismatch {
                 topic: name,
@@ -223,12 +213,21 @@ async fn create_topics(
 
 /// The partitions of `topic`, asking again for up to 30 s while there are none: a topic
 /// just created can be unknown or show no partitions for a moment.
-async fn partitions_once_known(admin: &Admin, topic: &str) -> Result<usize, KafkaError> {
+async fn partitions_once_known(
+    admin: &Admin,
+    settings: &KafkaSettings,
+    topic: &str,
+) -> Result<usize, Box<KafkaSetupError>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match partition_count(admin.inner(), topic) {
             Ok(partitions) if partitions > 0 => return Ok(partitions),
-            counted if tokio::time::Instant::now() > deadline => return counted,
+            counted if tokio::time::Instant::now() > deadline => {
+                return counted.map_err(setup_error(
+                    settings,
+                    &format!("read the metadata of {topic}"),
+                ))
+            }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
