@@ -1109,13 +1109,14 @@ metrics_listen = "127.0.0.1:0"
                     if next % CORE_BOUND_DRAIN_EVENTS == 0 {
                         drop(aggregator.drain());
                     }
+                    // No clock read per event: it cost about 5 % of this loop.
+                    continue;
                 }
                 Some(Err(e)) => eprintln!("core bound consumer: {e}"),
-                // Only here: a clock read per event costs about 5 % of this loop.
-                None if started.elapsed() > Duration::from_secs(300) => {
-                    bail!("the core bound read {next} of {end} in 300 s on partition {partition}");
-                }
                 None => {}
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("the core bound read {next} of {end} in 300 s on partition {partition}");
             }
         }
         drop(aggregator.drain());
