@@ -5,11 +5,12 @@
 //! created if missing; group membership for a service that owns partitions
 //! ([`PartitionOwner`], [`group_consumer`]); producing that waits out a full queue and
 //! keeps delivery failures ([`send`], [`flush`], [`DeliveryReports`]); and reading a
-//! partition to its end ([`read_partition`]), for restores and rebuilds. `events`, `windows` and `aggregator-changelog` must have
-//! the same number of partitions: the aggregator writes partition p's windows and state
-//! changes to partition p, so a customer's usage stays in one partition end to end.
+//! partition to its end ([`read_partition`]), for restores and rebuilds.
+//!
+//! `events`, `windows` and `aggregator-changelog` must have the same number of
+//! partitions: the aggregator writes partition p's windows and state changes to
+//! partition p, so a customer's usage stays in one partition end to end.
 
-use crate::threads::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +25,8 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tally_schemas::config::{KafkaSettings, Topic};
+
+use crate::threads::lock;
 
 /// What went wrong talking to Kafka, and where.
 #[derive(Debug, thiserror::Error)]
@@ -241,21 +244,14 @@ async fn check_state_topic(
     options: &AdminOptions,
     name: String,
 ) -> Result<(), Box<KafkaSetupError>> {
+    let reading = format!("read the settings of {name}");
     let described = admin
         .describe_configs(&[ResourceSpecifier::Topic(&name)], options)
         .await
-        .map_err(setup_error(
-            settings,
-            &format!("read the settings of {name}"),
-        ))?;
+        .map_err(setup_error(settings, &reading))?;
     let resource = match described.into_iter().next() {
         Some(Ok(resource)) => resource,
-        Some(Err(code)) => {
-            return Err(setup_error(
-                settings,
-                &format!("read the settings of {name}"),
-            )(KafkaError::AdminOp(code)))
-        }
+        Some(Err(code)) => return Err(setup_error(settings, &reading)(KafkaError::AdminOp(code))),
         None => return Ok(()),
     };
     for n in state_topic_settings() {
@@ -295,8 +291,9 @@ pub fn partition_count<C: ClientContext>(
     }
 }
 
-/// Sets `lag{topic, partition}` (a service's `*_consumer_lag_messages`) to how far each assigned partition's position is
-/// behind its high watermark. Cheap enough to call every few seconds.
+/// Sets `lag{topic, partition}` (a service's `*_consumer_lag_messages`) to how far
+/// each assigned partition's position is behind its high watermark. Cheap enough to
+/// call every few seconds.
 pub fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, lag: &IntGaugeVec) {
     let Ok(assignment) = consumer.assignment() else {
         return;

@@ -158,12 +158,11 @@ fn refused(
     field: impl Into<String>,
     reason: String,
 ) -> (EventOutcome, Option<Rejection>) {
-    let field = field.into();
     (
         outcome,
         Some(Rejection {
             code,
-            field,
+            field: field.into(),
             reason,
         }),
     )

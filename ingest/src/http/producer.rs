@@ -20,7 +20,8 @@ use super::error::IngestError;
 
 /// librdkafka's `message.timeout.ms` unless `[kafka] properties` sets it (or its alias
 /// `delivery.timeout.ms`): the longest an event may wait for its acknowledgement
-/// (retries included) before the request fails with 503. Short enough that a client is not left hanging when Kafka is down.
+/// (retries included) before the request fails with 503. Short enough that a client
+/// is not left hanging when Kafka is down.
 const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Extra time on top of the acknowledgement timeout before the request gives up on its

@@ -9,6 +9,7 @@
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
 use tally_runtime::threads::lock;
 
 /// Tokens are counted in billionths, so refills at any rate stay exact integers: one

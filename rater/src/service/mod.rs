@@ -692,10 +692,7 @@ impl Worker {
             let record = BaseRecord::<str, [u8]>::to(&self.rated_topic)
                 .key(rated.line.id.as_str())
                 .payload(&value);
-            send(&self.producer, record).map_err(|source| RaterError::Undelivered {
-                topic: self.rated_topic.clone(),
-                source,
-            })?;
+            send(&self.producer, record).map_err(|source| self.refused_line(source))?;
         }
         Ok(())
     }
@@ -704,10 +701,16 @@ impl Worker {
     /// must stop before any later offset of that line's partition is committed.
     fn undelivered(&self) -> Option<RaterError> {
         let source = self.producer.context().failure()?.clone();
-        Some(RaterError::Undelivered {
+        Some(self.refused_line(source))
+    }
+
+    /// The error that stops the rater when Kafka, or the producer itself, refuses a
+    /// rated line.
+    fn refused_line(&self, source: KafkaError) -> RaterError {
+        RaterError::Undelivered {
             topic: self.rated_topic.clone(),
             source,
-        })
+        }
     }
 
     /// Pauses the partitions until a retry, later each time, after a write failed.
