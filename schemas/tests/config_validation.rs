@@ -186,19 +186,51 @@ fn amounts_may_be_integers_or_decimal_strings() {
 }
 
 #[test]
-fn amount_off_discounts_and_plan_wide_discounts_are_supported() {
+fn plan_wide_percent_off_applies_to_every_line_and_amount_off_names_its_line() {
     let config = parse(&with(
         r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
-        r#"discounts = [{ amount_off = "5" }]"#,
+        r#"discounts = [{ percent_off = "10" }]"#,
     ));
     let acme = &config.customers["cust_acme"];
     assert_eq!(
         acme.discounts.len(),
         2,
-        "a discount without price applies to every line"
+        "a percent_off without price applies to every line"
     );
+    assert_eq!(acme.discounts[&0], Discount::PercentOff(dec("10")));
+    assert_eq!(acme.discounts[&1], Discount::PercentOff(dec("10")));
+
+    let config = parse(&with(
+        r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
+        r#"discounts = [{ price = "resolutions", amount_off = "5" }]"#,
+    ));
+    let acme = &config.customers["cust_acme"];
+    assert_eq!(acme.discounts.len(), 1);
     assert_eq!(acme.discounts[&0], Discount::AmountOff(dec("5")));
-    assert_eq!(acme.discounts[&1], Discount::AmountOff(dec("5")));
+}
+
+#[test]
+fn an_amount_off_without_a_price_is_refused_rather_than_taken_off_every_line() {
+    assert_only_issue(
+        &with(
+            r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
+            r#"discounts = [{ amount_off = "5" }]"#,
+        ),
+        "customers[cust_acme].discounts[0].price",
+        "an amount_off needs the price it applies to",
+    );
+}
+
+#[test]
+fn an_amount_off_finer_than_the_currency_is_refused_in_major_units() {
+    assert_only_issue(
+        &with(
+            r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
+            r#"discounts = [{ price = "resolutions", amount_off = "4.995" }]"#,
+        ),
+        "customers[cust_acme].discounts[0].amount_off",
+        "4.995 has more decimals than usd allows (2); amounts are in the currency's major unit, so round it to 2 decimals",
+    );
 }
 
 #[test]
@@ -483,7 +515,7 @@ fn a_line_gets_at_most_one_discount() {
     assert_only_issue(
         &with(
             r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
-            r#"discounts = [{ price = "resolutions", percent_off = "12.5" }, { amount_off = "1" }]"#,
+            r#"discounts = [{ price = "resolutions", percent_off = "12.5" }, { percent_off = "1" }]"#,
         ),
         "customers[cust_acme].discounts[1]",
         "already has a discount",

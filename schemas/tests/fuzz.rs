@@ -116,7 +116,7 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
 [[customers]]
 id = "cust_kw"
 plan = "kw"
-discounts = [{ amount_off = 1 }]
+discounts = [{ price = "resolutions", amount_off = 1 }]
 
 [aggregator]
 window = "1h"

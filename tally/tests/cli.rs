@@ -722,7 +722,7 @@ fn amount_off_is_capped_at_the_subtotal() {
         "usd",
         "half_up",
         "1.50",
-        r#"discounts = [{ amount_off = "2" }]"#,
+        r#"discounts = [{ price = "calls", amount_off = "2" }]"#,
     ));
     assert_eq!(
         money(&f.rate(&calls("c", 3), &[]).succeeded().lines()[0]),
@@ -741,28 +741,45 @@ fn amount_off_is_capped_at_the_subtotal() {
 }
 
 #[test]
-fn a_plan_wide_amount_off_discounts_each_line_within_its_subtotal() {
+fn an_amount_off_larger_than_its_line_is_not_carried_to_other_lines() {
     let config = PRO.replace(
         r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
-        r#"discounts = [{ amount_off = "60" }]"#,
+        r#"discounts = [{ price = "resolutions", amount_off = "60" }]"#,
     );
     let f = Fixture::new(&config);
     let run = f
         .rate(&[tokens("t1", "cust_acme", "gpt-x", json!(3000))], &[])
         .succeeded();
     let lines = run.lines();
-    // The 49 platform fee is wiped out (capped at 49), not carried to other lines.
+    // The 49 platform fee is wiped out (capped at 49); the other 11 is not carried.
     assert_eq!(
         money(line(&lines, "cust_acme", "resolutions")),
         ["0", "49.00", "49.00", "0.00"]
     );
     assert_eq!(
         money(line(&lines, "cust_acme", "gpt-tokens")),
-        ["3000", "0.06", "0.06", "0.00"]
+        ["3000", "0.06", "0.00", "0.06"]
     );
-    assert_eq!(
-        money(line(&lines, "cust_acme", "claude-tokens")),
-        ["0", "0.00", "0.00", "0.00"]
+}
+
+#[test]
+fn an_amount_off_without_a_price_stops_rating_with_where_and_why() {
+    let config = PRO.replace(
+        r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
+        r#"discounts = [{ amount_off = "60" }]"#,
+    );
+    let f = Fixture::new(&config);
+    let run = f.rate(&[], &[]);
+    assert_eq!(run.code, 1);
+    assert!(run.stdout.is_empty());
+    assert!(
+        run.stderr
+            .contains("customers[cust_acme].discounts[0].price")
+            && run
+                .stderr
+                .contains("an amount_off needs the price it applies to"),
+        "{}",
+        run.stderr
     );
 }
 

@@ -73,7 +73,7 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
 [[customers]]
 id = "cust_b"
 plan = "pro"
-discounts = [{ amount_off = "50" }]
+discounts = [{ price = "gpt-tokens", amount_off = "50" }]
 
 [[customers]]
 id = "cust_jp"

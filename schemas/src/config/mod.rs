@@ -201,13 +201,15 @@ pub struct CustomerSpec {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscountSpec {
-    /// The price (line) discounted; omitted, every line of the customer's plan.
+    /// The price (line) discounted; omitted, every line of the customer's plan
+    /// (`percent_off` only: an `amount_off` must name its price).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<String>,
     /// Percentage off the line's rounded subtotal, 0 to 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent_off: Option<ExactDecimal>,
-    /// Fixed amount off the line, in the plan's currency, capped at the subtotal.
+    /// Fixed amount off the line, in the plan's currency's major unit (at most its
+    /// minor-unit decimals), capped at the line's subtotal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount_off: Option<ExactDecimal>,
 }

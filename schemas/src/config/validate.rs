@@ -451,10 +451,20 @@ fn validate_customers(
                     issues.add(
                         format!("{at}.amount_off"),
                         format!(
-                            "{off} has more decimals than {} allows ({}); write it in whole minor units",
+                            "{off} has more decimals than {} allows ({}); amounts are in the currency's major unit, so round it to {} decimals",
                             plan.currency,
+                            plan.currency.minor_units(),
                             plan.currency.minor_units()
                         ),
+                    );
+                    continue;
+                }
+                // Discounts apply line by line; an amount off every line would take
+                // the amount once per price, not once per invoice as finance reads it.
+                if d.price.is_none() {
+                    issues.add(
+                        format!("{at}.price"),
+                        "an amount_off needs the price it applies to: discounts are per invoice line, so one without a price would be taken off every line; name the price (percent_off may omit it)",
                     );
                     continue;
                 }
