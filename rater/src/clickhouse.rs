@@ -3,7 +3,10 @@
 //! In: invoice lines and a version. Out: rows in `<database>.rated_lines`, a
 //! ReplacingMergeTree keyed by the line's deterministic id, and the view
 //! `<database>.invoice_lines` with the current (highest-version) row of each line, so
-//! writing the same lines again, or re-rating them, never double-counts:
+//! writing the same lines again, or re-rating them, never double-counts. A batch run
+//! that rates a whole period also retires the period's lines it no longer makes (a
+//! customer removed, a price renamed): their current row becomes a `superseded` one,
+//! which the view leaves out.
 //!
 //! ```sql
 //! SELECT customer, price, quantity, amount, currency FROM tally.invoice_lines
@@ -21,8 +24,10 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tally_schemas::records::InvoiceLine;
+use tally_schemas::time::Period;
 
 /// Where and why a write to ClickHouse failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,28 @@ pub struct ClickHouse {
     credentials: Option<(String, String)>,
 }
 
+/// `rated_lines`' columns and types, in order, but for `superseded`. The view shows
+/// these; a tombstone copies them.
+const COLUMNS: [(&str, &str); 17] = [
+    ("id", "String"),
+    ("version", "UInt64"),
+    ("config_hash", "String"),
+    ("customer", "String"),
+    ("plan", "String"),
+    ("price", "String"),
+    ("meter", "String"),
+    ("period_start", "DateTime('UTC')"),
+    ("period_end", "DateTime('UTC')"),
+    ("quantity", "String"),
+    ("subtotal", "String"),
+    ("discount", "String"),
+    ("amount", "String"),
+    ("amount_minor", "Int64"),
+    ("currency", "String"),
+    ("tiers", "String"),
+    ("adjusts_period", "String"),
+];
+
 /// One row of `rated_lines`, as JSONEachRow.
 #[derive(Serialize)]
 struct Row<'a> {
@@ -78,6 +105,8 @@ struct Row<'a> {
     currency: &'a str,
     tiers: String,
     adjusts_period: String,
+    /// 1 on a tombstone: the line's current rating is that it is no longer billed.
+    superseded: u8,
 }
 
 impl ClickHouse {
@@ -124,35 +153,62 @@ impl ClickHouse {
             "create the database",
             &format!("CREATE DATABASE IF NOT EXISTS {db}"),
         )?;
+        let columns: Vec<String> = COLUMNS
+            .iter()
+            .map(|(name, kind)| format!("{name} {kind}"))
+            .collect();
         self.execute(
             "create the rated_lines table",
             &format!(
-                "CREATE TABLE IF NOT EXISTS {db}.rated_lines (
-                    id String, version UInt64, config_hash String,
-                    customer String, plan String, price String, meter String,
-                    period_start DateTime('UTC'), period_end DateTime('UTC'),
-                    quantity String, subtotal String, discount String, amount String,
-                    amount_minor Int64, currency String, tiers String,
-                    adjusts_period String
-                ) ENGINE = ReplacingMergeTree(version)
+                "CREATE TABLE IF NOT EXISTS {db}.rated_lines ({}, superseded UInt8)
+                ENGINE = ReplacingMergeTree(version)
                 PARTITION BY toYYYYMM(period_start)
-                ORDER BY (period_start, customer, price, id)"
+                ORDER BY (period_start, customer, price, id)",
+                columns.join(", ")
             ),
         )?;
+        // FINAL in a subquery, so `superseded` is filtered after the rows of a line are
+        // merged: filtered first (as a PREWHERE may be), a retired line would show its
+        // older row instead.
         self.execute(
             "create the invoice_lines view",
             &format!(
-                "CREATE VIEW IF NOT EXISTS {db}.invoice_lines AS SELECT * FROM {db}.rated_lines FINAL"
+                "CREATE VIEW IF NOT EXISTS {db}.invoice_lines AS SELECT {} \
+                 FROM (SELECT * FROM {db}.rated_lines FINAL) WHERE superseded = 0",
+                column_names(|name| name.to_owned())
             ),
         )
     }
 
-    /// Writes lines in one insert, all with one version. A line's row with the highest
-    /// `version` is current; writing the same version again replaces nothing and adds
-    /// nothing to the view.
-    pub fn insert_lines(&self, version: u64, lines: &[InvoiceLine]) -> Result<(), ClickHouseError> {
+    /// Writes a run's lines of `period`, all with one version, in one insert, then
+    /// retires the period's lines the run did not make: each gets a `superseded` row
+    /// at this version. A line's row with the highest `version` is current; writing
+    /// the same version again replaces nothing and adds nothing to the view.
+    pub fn replace_period(
+        &self,
+        version: u64,
+        period: Period,
+        lines: &[InvoiceLine],
+    ) -> Result<(), ClickHouseError> {
         let rows: Vec<_> = lines.iter().map(|line| (version, line)).collect();
-        self.insert_versioned(&rows)
+        self.insert_versioned(&rows)?;
+        let db = &self.database;
+        // INSERT ... SELECT reads FINAL in a subquery: ClickHouse 18.16 inserts nothing
+        // from a direct `SELECT ... FINAL WHERE`.
+        let tombstone = column_names(|name| match name {
+            "version" => format!("toUInt64({version})"),
+            name => name.to_owned(),
+        });
+        self.execute(
+            "retire the lines this run no longer makes",
+            &format!(
+                "INSERT INTO {db}.rated_lines SELECT {tombstone}, toUInt8(1) \
+                 FROM (SELECT * FROM {db}.rated_lines FINAL) \
+                 WHERE period_start = toDateTime('{}', 'UTC') AND version < {version} \
+                 AND superseded = 0",
+                clickhouse_time(period.start())
+            ),
+        )
     }
 
     /// Writes lines, each with its own version, in one insert.
@@ -177,8 +233,8 @@ impl ClickHouse {
                 plan: &line.plan,
                 price: &line.price,
                 meter: &line.meter,
-                period_start: line.period_start.format("%Y-%m-%d %H:%M:%S").to_string(),
-                period_end: line.period_end.format("%Y-%m-%d %H:%M:%S").to_string(),
+                period_start: clickhouse_time(line.period_start),
+                period_end: clickhouse_time(line.period_end),
                 quantity: line.quantity.to_string(),
                 subtotal: line.subtotal.to_string(),
                 discount: line.discount.to_string(),
@@ -190,6 +246,7 @@ impl ClickHouse {
                     .adjusts_period
                     .map(|p| p.to_string())
                     .unwrap_or_default(),
+                superseded: 0,
             };
             // Plain data: a failure is a bug, never a row written empty.
             serde_json::to_writer(&mut body, &row).expect("a row serialises");
@@ -238,4 +295,18 @@ impl ClickHouse {
             body: body.trim().to_owned(),
         })
     }
+}
+
+/// The column list, each name mapped by `select` (a name, or what to select in its place).
+fn column_names(select: impl Fn(&str) -> String) -> String {
+    COLUMNS
+        .iter()
+        .map(|(name, _)| select(name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A time as ClickHouse's `DateTime('UTC')` reads it.
+fn clickhouse_time(time: DateTime<Utc>) -> String {
+    time.format("%Y-%m-%d %H:%M:%S").to_string()
 }

@@ -13,7 +13,8 @@
 #   scripts/services/clickhouse.sh query 'SQL'   # runs SQL over HTTP, prints the result
 #   scripts/services/clickhouse.sh selftest  # the SQL the rater will need, on a scratch database
 #
-# User `default`, no password, from 127.0.0.1 only. Settings (environment):
+# User `default`, no password, and `tally_test`, password `tally-test-password` (for the
+# tests that send credentials), from 127.0.0.1 only. Settings (environment):
 # CLICKHOUSE_HTTP_PORT (8123), CLICKHOUSE_TCP_PORT (9000), TALLY_SERVICES_DIR (.services),
 # TALLY_START_TIMEOUT (90), TALLY_STOP_TIMEOUT (30).
 #
@@ -88,7 +89,8 @@ EOF
   mv "$CONFIG.new" "$CONFIG"
   cat >"$DIR/users.xml.new" <<'EOF'
 <?xml version="1.0"?>
-<!-- Written by scripts/services/clickhouse.sh: user default, no password, loopback only. -->
+<!-- Written by scripts/services/clickhouse.sh, loopback only: user default with no
+     password, and tally_test with one, for the tests of credentials. -->
 <yandex>
     <profiles>
         <default>
@@ -107,6 +109,15 @@ EOF
             <profile>default</profile>
             <quota>default</quota>
         </default>
+        <tally_test>
+            <password>tally-test-password</password>
+            <networks>
+                <ip>127.0.0.1</ip>
+                <ip>::1</ip>
+            </networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </tally_test>
     </users>
     <quotas>
         <default>

@@ -104,7 +104,9 @@ struct RateArgs {
     threads: Option<usize>,
     /// Also store the lines in ClickHouse, e.g. http://127.0.0.1:8123 (its HTTP
     /// interface). Lines are keyed by id and versioned by the run's start, so the view
-    /// `invoice_lines` always shows the latest rating of each line.
+    /// `invoice_lines` always shows the latest run's lines of the period, and none it
+    /// no longer makes. The user and password are tally.toml's [clickhouse] ones, or
+    /// TALLY_CLICKHOUSE_USER and TALLY_CLICKHOUSE_PASSWORD.
     #[arg(long, value_name = "URL")]
     clickhouse: Option<String>,
     /// The ClickHouse database the lines go to. Not the streaming rater's (`tally`):
@@ -202,11 +204,21 @@ pub fn default_threads() -> usize {
 fn rate(args: RateArgs) -> anyhow::Result<()> {
     let started = Utc::now();
     let config = Arc::new(Config::load(&args.config)?);
-    let clickhouse = args
-        .clickhouse
-        .as_deref()
-        .map(|url| ClickHouse::new(url, &args.clickhouse_database))
-        .transpose()?;
+    let clickhouse = match args.clickhouse.as_deref() {
+        Some(url) => {
+            // The user and password of the services' [clickhouse] section and
+            // environment; the URL and database are the flags'.
+            let settings = config.services(&args.config.display().to_string(), &|name| {
+                std::env::var(name).ok()
+            })?;
+            let credentials = &settings.clickhouse;
+            Some(
+                ClickHouse::new(url, &args.clickhouse_database)?
+                    .with_credentials(credentials.user.as_deref(), credentials.password.as_deref()),
+            )
+        }
+        None => None,
+    };
     let input = read_input(&args.events)?;
     let options = BatchOptions {
         period: args.period,
@@ -245,7 +257,7 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
         // Later runs must win: the run's start in milliseconds orders them.
         let version = u64::try_from(started.timestamp_millis()).unwrap_or_default();
         store.ensure_schema()?;
-        store.insert_lines(version, &result.lines)?;
+        store.replace_period(version, options.period, &result.lines)?;
         eprintln!(
             "stored {} lines in ClickHouse database {} (version {version})",
             result.lines.len(),

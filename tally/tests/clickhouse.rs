@@ -55,10 +55,10 @@ fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
-/// Rates the example events with `config` into `db`; returns tally's JSON lines.
-fn rate_into(db: &Database, config: &Path) -> Vec<Value> {
+/// Runs `tally rate` on the example events with `config` into `db`, with `env` set.
+fn run_rate(db: &Database, config: &Path, env: &[(&str, &str)]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+    Command::new(env!("CARGO_BIN_EXE_tally"))
         .current_dir(dir.path())
         .args([
             "rate",
@@ -74,8 +74,14 @@ fn rate_into(db: &Database, config: &Path) -> Vec<Value> {
         .arg("--events")
         .arg(examples().join("events.jsonl"))
         .args(["--clickhouse", &url(), "--clickhouse-database", &db.0])
+        .envs(env.iter().copied())
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Rates the example events with `config` into `db`; returns tally's JSON lines.
+fn rate_into(db: &Database, config: &Path) -> Vec<Value> {
+    let output = run_rate(db, config, &[]);
     assert!(
         output.status.success(),
         "{}",
@@ -86,6 +92,15 @@ fn rate_into(db: &Database, config: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The example config with `old` replaced by `new`, in `dir`.
+fn example_config_with(dir: &Path, old: &str, new: &str) -> PathBuf {
+    let text = std::fs::read_to_string(examples().join("tally.toml")).unwrap();
+    assert!(text.contains(old), "examples/tally.toml has no {old:?}");
+    let path = dir.join("tally.toml");
+    std::fs::write(&path, text.replace(old, new)).unwrap();
+    path
 }
 
 /// The query, as finance would run it.
@@ -126,13 +141,8 @@ fn clickhouse_invoice_lines_equal_tally_rate_and_rerating_replaces_them() {
     // Re-rated with a new discount: the view shows the new amounts, one row per line,
     // and the minor-unit column sums exactly.
     let dir = tempfile::tempdir().unwrap();
-    let repriced = dir.path().join("tally.toml");
-    let text = std::fs::read_to_string(examples().join("tally.toml")).unwrap();
-    std::fs::write(
-        &repriced,
-        text.replace("percent_off = \"12.5\"", "percent_off = \"50\""),
-    )
-    .unwrap();
+    let repriced =
+        example_config_with(dir.path(), "percent_off = \"12.5\"", "percent_off = \"50\"");
     let rerated = rate_into(&db, &repriced);
     assert_eq!(rerated[0]["amount"], "24.50");
     assert_eq!(invoice_rows(&db), expected_rows(&rerated));
@@ -141,4 +151,79 @@ fn clickhouse_invoice_lines_equal_tally_rate_and_rerating_replaces_them() {
         db.0
     ));
     assert_eq!(sum[0]["cents"], "2800");
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
+fn a_rerun_retires_the_lines_it_no_longer_makes() {
+    let db = Database::new("retire");
+    let lines = rate_into(&db, &examples().join("tally.toml"));
+    assert_eq!(invoice_rows(&db), expected_rows(&lines));
+
+    // The price renamed: its old line is no longer billed, the new one is.
+    let dir = tempfile::tempdir().unwrap();
+    let renamed = example_config_with(dir.path(), "id = \"gpt-tokens\"", "id = \"gpt-x-tokens\"");
+    let rerated = rate_into(&db, &renamed);
+    let prices: Vec<&Value> = rerated.iter().map(|l| &l["price"]).collect();
+    assert_eq!(prices, ["resolutions", "gpt-x-tokens"]);
+    assert_eq!(invoice_rows(&db), expected_rows(&rerated));
+    // The old line is kept, superseded, for the record.
+    let retired = db.query(&format!(
+        "SELECT price, superseded FROM {}.rated_lines FINAL WHERE price = 'gpt-tokens'",
+        db.0
+    ));
+    assert_eq!(
+        retired,
+        [serde_json::json!({"price": "gpt-tokens", "superseded": 1})]
+    );
+
+    // Back to the first price book: the first line is current again, the renamed one retired.
+    rate_into(&db, &examples().join("tally.toml"));
+    assert_eq!(invoice_rows(&db), expected_rows(&lines));
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
+fn tally_rate_sends_the_configured_clickhouse_credentials() {
+    // scripts/services/clickhouse.sh creates user tally_test with this password.
+    let db = Database::new("credentials");
+    let config = examples().join("tally.toml");
+    let user = ("TALLY_CLICKHOUSE_USER", "tally_test");
+    let refused = run_rate(
+        &db,
+        &config,
+        &[user, ("TALLY_CLICKHOUSE_PASSWORD", "wrong")],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("refused to create the database: HTTP 401")
+            && stderr.contains("Wrong password for user tally_test"),
+        "{stderr}"
+    );
+    let created = db.query(&format!(
+        "SELECT count() AS n FROM system.databases WHERE name = '{}'",
+        db.0
+    ));
+    assert_eq!(
+        created[0]["n"], "0",
+        "nothing is written without the password"
+    );
+
+    let accepted = run_rate(
+        &db,
+        &config,
+        &[user, ("TALLY_CLICKHOUSE_PASSWORD", "tally-test-password")],
+    );
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(accepted.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(invoice_rows(&db), expected_rows(&lines));
 }
