@@ -130,6 +130,8 @@ pub fn run(
         let (mut summary, rejects) = aggregator
             .join()
             .map_err(|_| anyhow::anyhow!("the aggregator stage panicked"))?;
+        // Only a run that read the whole file becomes the store's current one.
+        store.finish()?;
         summary.unpriced_usage = unpriced
             .into_iter()
             .map(|(series, quantity)| UnpricedUsage::new(&series, quantity))
@@ -240,5 +242,68 @@ mod tests {
             rows("SELECT SUM(amount_minor) FROM invoice_lines WHERE currency = 'usd'"),
             rerun_usd
         );
+    }
+
+    #[test]
+    fn the_store_shows_the_latest_finished_run_and_only_the_lines_it_made() {
+        let period = Period::from_str("2026-10").unwrap();
+        let now = DateTime::parse_from_rfc3339("2026-11-24T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let spec = Spec {
+            period,
+            events: 5_000,
+            customers: 30,
+            seed: 11,
+            malformed: 0,
+        };
+        let mut input = Vec::new();
+        generate(spec, &mut input, |_| {}).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tally.db");
+        let current_ids = || -> Vec<String> {
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            let mut query = conn
+                .prepare("SELECT id FROM invoice_lines ORDER BY id")
+                .unwrap();
+            let ids = query.query_map([], |r| r.get(0)).unwrap();
+            ids.map(Result::unwrap).collect()
+        };
+        let ids = |run: &PipelineRun| -> Vec<String> {
+            let mut ids: Vec<_> = run.lines.iter().map(|r| r.line.id.clone()).collect();
+            ids.sort();
+            ids
+        };
+
+        let all = Arc::new(Config::parse(&config_toml(30), "demo").unwrap());
+        let first = run(
+            &all,
+            &input,
+            period,
+            now,
+            &mut Store::open(&db).unwrap(),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(current_ids(), ids(&first));
+
+        // One customer fewer in the price book: that customer's lines are not current.
+        let fewer = Arc::new(Config::parse(&config_toml(29), "demo").unwrap());
+        let second = run(
+            &fewer,
+            &input,
+            period,
+            now,
+            &mut Store::open(&db).unwrap(),
+            |_| {},
+        )
+        .unwrap();
+        assert!(second.lines.len() < first.lines.len());
+        assert_eq!(current_ids(), ids(&second));
+
+        // A run that stops before it finishes never becomes current.
+        let mut unfinished = Store::open(&db).unwrap();
+        unfinished.write(&[], &first.lines).unwrap();
+        assert_eq!(current_ids(), ids(&second));
     }
 }

@@ -6,10 +6,13 @@
 //! - `rated_lines`: every revision of every invoice line, keyed by (id, run, revision):
 //!   writing the same revision again changes nothing, and a later run (re-rating with a
 //!   new price book, or corrected events) adds its own rows.
-//! - `invoice_lines`: a view with the current row of each line: the latest run's
-//!   latest revision.
+//! - `invoice_lines`: a view with the current row of each line: the latest finished
+//!   run's latest revision. A run rates the whole events file, so a line it does not
+//!   make (a customer removed, a price renamed) is not current, and a run that stopped
+//!   half way never shows.
 //!
-//! Each [`Store::open`] starts a new run, numbered after the ones already stored.
+//! Each [`Store::open`] starts a new run, numbered after the ones already stored, and
+//! [`Store::finish`] makes it the current one.
 //!
 //! Decimals are stored as TEXT, so nothing is rounded through floating point;
 //! `amount_minor` holds the amount in the currency's minor unit as an INTEGER, so
@@ -18,6 +21,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use chrono::Utc;
 use rusqlite::{params, Connection};
 use tally_rater::RatedLine;
 use tally_schemas::records::UsageUpdate;
@@ -58,11 +62,18 @@ CREATE TABLE IF NOT EXISTS rated_lines (
     tiers TEXT NOT NULL,
     PRIMARY KEY (id, run, revision)
 );
-CREATE VIEW IF NOT EXISTS invoice_lines AS
+CREATE TABLE IF NOT EXISTS runs (
+    run INTEGER PRIMARY KEY,
+    started TEXT NOT NULL,
+    finished TEXT
+);
+DROP VIEW IF EXISTS invoice_lines;
+CREATE VIEW invoice_lines AS
     SELECT r.* FROM rated_lines r
-    WHERE NOT EXISTS (
+    WHERE r.run = (SELECT MAX(run) FROM runs WHERE finished IS NOT NULL)
+    AND NOT EXISTS (
         SELECT 1 FROM rated_lines x
-        WHERE x.id = r.id AND (x.run > r.run OR (x.run = r.run AND x.revision > r.revision))
+        WHERE x.id = r.id AND x.run = r.run AND x.revision > r.revision
     );
 ";
 
@@ -83,11 +94,23 @@ impl Store {
         conn.execute_batch(SCHEMA)
             .context("cannot create the store's tables")?;
         let run = conn.query_row(
-            "SELECT COALESCE(MAX(run), 0) + 1 FROM rated_lines",
-            [],
+            "INSERT INTO runs (run, started) \
+             SELECT COALESCE(MAX(run), 0) + 1, ?1 FROM runs RETURNING run",
+            [rfc3339(Utc::now())],
             |r| r.get(0),
         )?;
         Ok(Store { conn, run })
+    }
+
+    /// Marks this run finished: its lines become `invoice_lines`.
+    pub fn finish(&mut self) -> anyhow::Result<()> {
+        self.conn
+            .execute(
+                "UPDATE runs SET finished = ?1 WHERE run = ?2",
+                params![rfc3339(Utc::now()), self.run],
+            )
+            .context("cannot mark the run finished in the store")?;
+        Ok(())
     }
 
     /// Writes one batch of usage updates (each changed window a row) and line revisions
