@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 
 use crate::config::{Aggregation, Config, JsonPath, MeterId};
 use crate::ids::{EventKey, Fingerprinter, PayloadFingerprint, SeriesFingerprint};
-use crate::json;
+use crate::{decimal, json};
 
 /// An event that passed validation, with what each meter reads from it.
 #[derive(Debug, Clone, PartialEq)]
@@ -473,20 +473,9 @@ fn parse_number(text: &str) -> Option<Result<Decimal, Problem>> {
     if !json::is_number(text) {
         return None;
     }
-    let parsed = if text.contains(['e', 'E']) {
-        Decimal::from_scientific(text)
-    } else {
-        // Written as is when it fits (5.0010 keeps its scale); otherwise trailing
-        // fractional zeros, which carry no value, are dropped, so 1.000…0 with thirty
-        // zeros is still read exactly instead of refused for its length.
-        Decimal::from_str_exact(text).or_else(|e| match text.contains('.') {
-            true => Decimal::from_str_exact(text.trim_end_matches('0').trim_end_matches('.')),
-            false => Err(e),
-        })
-    };
     // Valid JSON numbers fail only by not fitting 28 significant digits (too long,
     // too large or too small to hold exactly).
-    Some(parsed.map_err(|_| Problem::TooPrecise))
+    Some(decimal::parse_exact(text).map_err(|_| Problem::TooPrecise))
 }
 
 /// Usage values stay below this, so totals of even billions of events stay far inside

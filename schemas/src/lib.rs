@@ -6,12 +6,14 @@
 //! - [`config`]: tally.toml, parsed strictly and validated once into a [`config::Config`].
 //! - [`price`]: validated price books (per_unit, tiered graduated|volume, packages,
 //!   discounts) in Stripe's vocabulary.
+//! - [`decimal`]: exact decimals from text, never rounded.
 //! - [`money`]: currencies with their ISO 4217 minor units, and rounding.
 //! - [`records`]: what stages hand each other: window usage and invoice lines.
 //! - [`time`]: billing periods (UTC calendar months) and tumbling windows.
 //! - [`ids`]: deterministic fingerprints, so replays reproduce the same records.
 
 pub mod config;
+pub mod decimal;
 pub mod event;
 pub mod ids;
 mod json;

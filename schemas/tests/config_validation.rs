@@ -638,6 +638,18 @@ fn non_numeric_amount_strings_are_refused() {
 }
 
 #[test]
+fn amounts_in_exponent_form_are_read_exactly_or_refused() {
+    let config = parse(&with(r#"unit_amount = "0.89""#, r#"unit_amount = "89e-2""#));
+    assert_eq!(config.hash, parse(BASE).hash, "89e-2 is 0.89 exactly");
+    let too_long = r#"unit_amount = "8.90000000000000000000000000001e-1""#;
+    let err = syntax_error(&with(r#"unit_amount = "0.89""#, too_long));
+    assert!(
+        err.contains("needs more than the 28 significant digits an exact decimal holds"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_fields_are_refused_everywhere() {
     let cases = [
         (

@@ -265,6 +265,9 @@ fn numbers_that_cannot_stay_exact_are_rejected_as_too_precise() {
     for raw in [
         "1234567890123456789012345678901",
         "0.1234567890123456789012345678901",
+        // The same in exponent form, which must not be rounded to fit either.
+        "1.00000000000000000000000000001e2",
+        "1.234567890123456789012345678901e5",
     ] {
         assert_eq!(
             reject(&tokens(raw)),

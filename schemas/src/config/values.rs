@@ -9,6 +9,7 @@ use rust_decimal::Decimal;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::decimal;
 use crate::price::UpTo;
 
 const FLOAT_HINT: &str =
@@ -81,10 +82,7 @@ impl Visitor<'_> for DecimalVisitor {
 }
 
 fn parse_decimal(v: &str) -> Result<Decimal, String> {
-    let t = v.trim();
-    Decimal::from_str_exact(t)
-        .or_else(|_| Decimal::from_scientific(t))
-        .map_err(|_| format!("{v:?} is not a decimal number"))
+    decimal::parse_exact(v.trim()).map_err(|e| format!("{v:?} {e}"))
 }
 
 /// A tier's `up_to`: an integer, a decimal string, or `"inf"`.
