@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use tally_schemas::config::ClickHouseSettings;
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
@@ -41,9 +42,7 @@ pub enum ClickHouseError {
         status: u16,
         body: String,
     },
-    #[error(
-        "{0:?} is not a usable database name: use letters, digits and _, not starting with a digit"
-    )]
+    #[error("{0:?} is not a usable database name: {rule}", rule = ClickHouseSettings::DATABASE_NAME_RULE)]
     DatabaseName(String),
     #[error("line {id}: amount {amount} {currency} does not fit a 64-bit count of minor units")]
     AmountTooLarge {
@@ -112,14 +111,7 @@ struct Row<'a> {
 impl ClickHouse {
     /// `url` is the HTTP interface, e.g. `http://127.0.0.1:8123`.
     pub fn new(url: &str, database: &str) -> Result<Self, ClickHouseError> {
-        let valid = database
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && database
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
+        if !ClickHouseSettings::is_database_name(database) {
             return Err(ClickHouseError::DatabaseName(database.to_owned()));
         }
         let agent = ureq::Agent::config_builder()

@@ -213,7 +213,8 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
             })?;
             let credentials = &settings.clickhouse;
             Some(
-                ClickHouse::new(url, &args.clickhouse_database)?
+                ClickHouse::new(url, &args.clickhouse_database)
+                    .context("--clickhouse-database")?
                     .with_credentials(credentials.user.as_deref(), credentials.password.as_deref()),
             )
         }

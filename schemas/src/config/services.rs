@@ -198,6 +198,19 @@ pub struct ClickHouseSettings {
     pub password: Option<String>,
 }
 
+impl ClickHouseSettings {
+    pub const DATABASE_NAME_RULE: &str = "use letters, digits and _, not starting with a digit";
+
+    /// Whether `name` can be written into SQL unquoted as a database name
+    /// ([`Self::DATABASE_NAME_RULE`]).
+    pub fn is_database_name(name: &str) -> bool {
+        name.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+}
+
 impl fmt::Debug for ClickHouseSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClickHouseSettings")
@@ -366,9 +379,26 @@ pub(super) fn validate(
             ),
         );
     }
-    let database = var("TALLY_CLICKHOUSE_DATABASE")
-        .or_else(|| specs.clickhouse.database.clone())
-        .unwrap_or_else(|| d::DEFAULT_CLICKHOUSE_DATABASE.to_owned());
+    let (database, database_at) = match var("TALLY_CLICKHOUSE_DATABASE") {
+        Some(name) => (name, "TALLY_CLICKHOUSE_DATABASE"),
+        None => (
+            specs
+                .clickhouse
+                .database
+                .clone()
+                .unwrap_or_else(|| d::DEFAULT_CLICKHOUSE_DATABASE.to_owned()),
+            "clickhouse.database",
+        ),
+    };
+    if !ClickHouseSettings::is_database_name(&database) {
+        issue(
+            database_at,
+            format!(
+                "{database:?} is not a usable database name: {}",
+                ClickHouseSettings::DATABASE_NAME_RULE
+            ),
+        );
+    }
     let clickhouse = ClickHouseSettings {
         url,
         database,
@@ -657,8 +687,9 @@ sources = []
 flush_interval = "100ms"
 min_insert_interval = "1s"
 "#;
-        let issues = services(file, &[]).unwrap_err();
+        let issues = services(file, &[("TALLY_CLICKHOUSE_DATABASE", "tally-prod")]).unwrap_err();
         for expected in [
+            "TALLY_CLICKHOUSE_DATABASE: \"tally-prod\" is not a usable database name",
             "rater.min_insert_interval: must not exceed rater.flush_interval (100ms)",
             "kafka.topic_prefix",
             "kafka.partitions",
@@ -672,6 +703,18 @@ min_insert_interval = "1s"
                 issues.iter().any(|i| i.starts_with(expected)),
                 "no issue {expected:?} in {issues:#?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_database_name_sql_cannot_take_unquoted_is_refused_where_it_is_written() {
+        let issues = services("[clickhouse]\ndatabase = \"1st; DROP\"\n", &[]).unwrap_err();
+        assert_eq!(
+            issues,
+            ["clickhouse.database: \"1st; DROP\" is not a usable database name: use letters, digits and _, not starting with a digit"]
+        );
+        for good in ["tally", "_t", "tally_2026"] {
+            assert!(super::ClickHouseSettings::is_database_name(good), "{good}");
         }
     }
 
