@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use tally_aggregator::{Aggregator, Outcome};
-use tally_ingest::{decode_lines, Line, LineReject};
+use tally_aggregator::Aggregator;
+use tally_ingest::{decode_lines, LineReject};
 
-use crate::summary::{Summary, UnpricedUsage};
+use crate::summary::{BadLine, Summary, UnpricedUsage};
 use tally_rater::{Ledger, Recorded};
 use tally_schemas::config::Config;
 use tally_schemas::event::EventDecoder;
@@ -55,28 +55,23 @@ pub fn rate_events(
     };
     let flow = decode_lines(input, decoder, options.workers, |lines| {
         for line in &lines {
-            summary.events_read += 1;
-            match line {
-                Line::Event { line, event } => {
-                    let outcome = aggregator.apply(event);
-                    if let Outcome::Refused(e) = outcome {
-                        eprintln!("line {line}: refused: {e}");
-                    }
-                    summary.record(outcome, event, period);
+            let Some(bad) = summary.count_line(&mut aggregator, line, period) else {
+                continue;
+            };
+            if options.strict {
+                return ControlFlow::Break(Err(anyhow::anyhow!(
+                    "{bad} (--strict stops at the first bad line)"
+                )));
+            }
+            let kept = match bad {
+                BadLine::Rejected(reject) => on_reject(reject),
+                BadLine::Refused { .. } => {
+                    eprintln!("{bad}");
+                    Ok(())
                 }
-                Line::Rejected(reject) => {
-                    if options.strict {
-                        return ControlFlow::Break(Err(anyhow::anyhow!(
-                            "line {}: {} (--strict stops at the first bad line)",
-                            reject.line,
-                            reject.error
-                        )));
-                    }
-                    summary.record_reject(reject);
-                    if let Err(e) = on_reject(reject) {
-                        return ControlFlow::Break(Err(e));
-                    }
-                }
+            };
+            if let Err(e) = kept {
+                return ControlFlow::Break(Err(e));
             }
         }
         ControlFlow::Continue(())

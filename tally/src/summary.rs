@@ -6,11 +6,13 @@
 //! the embedded pipeline count the same way.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use rust_decimal::Decimal;
 use serde::Serialize;
-use tally_aggregator::Outcome;
-use tally_ingest::LineReject;
+use tally_aggregator::state::StateError;
+use tally_aggregator::{Aggregator, Outcome};
+use tally_ingest::{Line, LineReject};
 use tally_schemas::event::DecodedEvent;
 use tally_schemas::records::SeriesKey;
 use tally_schemas::time::Period;
@@ -67,9 +69,51 @@ impl UnpricedUsage {
     }
 }
 
+/// A line that counted as bad: rejected by validation, or refused by the aggregator.
+#[derive(Debug)]
+pub enum BadLine<'l> {
+    Rejected(&'l LineReject),
+    Refused { line: u64, error: StateError },
+}
+
+impl fmt::Display for BadLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadLine::Rejected(reject) => write!(f, "line {}: {}", reject.line, reject.error),
+            BadLine::Refused { line, error } => write!(f, "line {line}: refused: {error}"),
+        }
+    }
+}
+
 impl Summary {
+    /// Applies one decoded line to `aggregator` (an event) and puts it in its bucket;
+    /// returns it when it was bad, for the caller to keep or stop at.
+    pub fn count_line<'l>(
+        &mut self,
+        aggregator: &mut Aggregator,
+        line: &'l Line<'_>,
+        period: Period,
+    ) -> Option<BadLine<'l>> {
+        self.events_read += 1;
+        match line {
+            Line::Event { line, event } => {
+                let outcome = aggregator.apply(event);
+                let refused = match outcome {
+                    Outcome::Refused(error) => Some(BadLine::Refused { line: *line, error }),
+                    _ => None,
+                };
+                self.record(outcome, event, period);
+                refused
+            }
+            Line::Rejected(reject) => {
+                self.record_reject(reject);
+                Some(BadLine::Rejected(reject))
+            }
+        }
+    }
+
     /// Puts one decoded event in its bucket, given what the aggregator made of it.
-    pub fn record(&mut self, outcome: Outcome, event: &DecodedEvent<'_>, period: Period) {
+    fn record(&mut self, outcome: Outcome, event: &DecodedEvent<'_>, period: Period) {
         match outcome {
             Outcome::Retry => self.duplicates += 1,
             Outcome::Conflict => self.conflicts += 1,
@@ -97,7 +141,7 @@ impl Summary {
     }
 
     /// Counts a line that failed validation.
-    pub fn record_reject(&mut self, reject: &LineReject) {
+    fn record_reject(&mut self, reject: &LineReject) {
         self.rejected += 1;
         *self
             .rejected_by_reason
@@ -170,5 +214,53 @@ impl Summary {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use chrono::{DateTime, Utc};
+    use tally_schemas::config::Config;
+    use tally_schemas::event::EventDecoder;
+
+    use super::*;
+
+    fn config(aggregation: &str) -> Config {
+        let value = if aggregation == "sum" {
+            "value_property = \"$.tokens\"\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "[[meters]]\nslug = \"tokens\"\nevent_type = \"llm.tokens\"\naggregation = \"{aggregation}\"\n{value}"
+        );
+        Config::parse(&text, "tally.toml").unwrap()
+    }
+
+    #[test]
+    fn an_event_the_aggregator_refuses_is_counted_and_returned_as_bad() {
+        // Decoded for a sum meter, applied to a count meter's state: refused.
+        let period = Period::from_str("2026-11").unwrap();
+        let now = DateTime::parse_from_rfc3339("2026-12-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let (sum, count) = (config("sum"), config("count"));
+        let raw = br#"{"specversion":"1.0","id":"e1","source":"app","type":"llm.tokens","subject":"c","time":"2026-11-02T00:00:00Z","data":{"tokens":5}}"#;
+        let event = EventDecoder::new(&sum, now).decode(raw).unwrap();
+        let line = Line::Event { line: 7, event };
+        let mut aggregator = Aggregator::batch(&std::sync::Arc::new(count), 1);
+        let mut summary = Summary::default();
+
+        let bad = summary.count_line(&mut aggregator, &line, period);
+        let Some(bad @ BadLine::Refused { line: 7, .. }) = bad else {
+            panic!("expected a refusal, got {bad:?}");
+        };
+        assert!(
+            bad.to_string().starts_with("line 7: refused: reading"),
+            "{bad}"
+        );
+        assert_eq!((summary.events_read, summary.refused), (1, 1));
     }
 }

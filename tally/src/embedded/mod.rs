@@ -28,7 +28,7 @@ use tally_schemas::event::EventDecoder;
 use tally_schemas::records::UsageUpdate;
 use tally_schemas::time::Period;
 
-use crate::summary::{Summary, UnpricedUsage};
+use crate::summary::{BadLine, Summary, UnpricedUsage};
 use store::Store;
 
 /// Batches a queue holds before its producer waits. Ingest hands over the lines of one
@@ -82,17 +82,11 @@ pub fn run(
             };
             let mut rejects = Vec::new();
             for batch in events_rx {
-                for line in batch {
-                    summary.events_read += 1;
-                    match line {
-                        Line::Event { event, .. } => {
-                            let outcome = aggregator.apply(&event);
-                            summary.record(outcome, &event, period);
-                        }
-                        Line::Rejected(reject) => {
-                            summary.record_reject(&reject);
-                            rejects.push(*reject);
-                        }
+                for line in &batch {
+                    if let Some(BadLine::Rejected(reject)) =
+                        summary.count_line(&mut aggregator, line, period)
+                    {
+                        rejects.push(reject.clone());
                     }
                 }
                 progress(summary.events_read);
