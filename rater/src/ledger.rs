@@ -22,7 +22,7 @@ use tally_schemas::config::{AggregationKind, Config, Customer};
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesKeyRef};
 use tally_schemas::time::Period;
 
-use crate::line::{adjustment_line, invoice_line};
+use crate::line::{adjustment_line, invoice_line, LineError};
 use crate::rate::RateError;
 
 /// A line as the streaming rater emits it: the line's current state, its revision and
@@ -181,7 +181,7 @@ impl Ledger {
 
     /// Re-rates every line changed since the last flush; fails if any line cannot be
     /// rated (it stays pending).
-    pub fn flush(&mut self) -> Result<Vec<RatedLine>, RateError> {
+    pub fn flush(&mut self) -> Result<Vec<RatedLine>, LineError> {
         match self.flush_available() {
             (rated, failures) if failures.is_empty() => Ok(rated),
             (_, mut failures) => Err(failures.swap_remove(0)),
@@ -195,7 +195,7 @@ impl Ledger {
     /// Then the lines of settled periods are let go, a line that failed included: its
     /// usage no longer changes, so it would fail again (its error is among those
     /// returned).
-    pub fn flush_available(&mut self) -> (Vec<RatedLine>, Vec<RateError>) {
+    pub fn flush_available(&mut self) -> (Vec<RatedLine>, Vec<LineError>) {
         let flushed = self.flush_where(|_| true);
         if let Some(settled) = self.let_go_through.take() {
             let open = |key: &LineKey| {
@@ -212,7 +212,7 @@ impl Ledger {
     fn flush_where(
         &mut self,
         select: impl Fn(&LineKey) -> bool,
-    ) -> (Vec<RatedLine>, Vec<RateError>) {
+    ) -> (Vec<RatedLine>, Vec<LineError>) {
         let (due, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dirty)
             .into_iter()
             .partition(|(_, key)| select(key));
@@ -261,7 +261,7 @@ impl Ledger {
         customer_id: &str,
         key: LineKey,
         closed: Period,
-    ) -> Option<Result<InvoiceLine, RateError>> {
+    ) -> Option<Result<InvoiceLine, LineError>> {
         let customer = &self.config.customers[customer_id];
         let line = |period, adjusts| {
             self.lines.get(&(
@@ -309,7 +309,7 @@ impl Ledger {
     /// what a period's lines are before any usage arrives. The streaming rater stores
     /// these at the lowest version when it first sees a period, so a customer without
     /// usage still has their lines (and flat fees) and one with usage has them replaced.
-    pub fn opening_lines(&self, period: Period) -> Result<Vec<InvoiceLine>, RateError> {
+    pub fn opening_lines(&self, period: Period) -> Result<Vec<InvoiceLine>, LineError> {
         subscribed_prices(&self.config)
             .map(|(customer, price_index)| {
                 invoice_line(&self.config, customer, price_index, period, Decimal::ZERO)
@@ -323,7 +323,7 @@ impl Ledger {
     /// stay pending), and a line that never had
     /// usage gets its first revision here; `delta` is the change since the previous
     /// flush (zero for lines that did not change).
-    pub fn close(&mut self, period: Period) -> Result<Vec<RatedLine>, RateError> {
+    pub fn close(&mut self, period: Period) -> Result<Vec<RatedLine>, LineError> {
         let (flushed, mut failures) = self.flush_where(|key| key.period == period);
         if !failures.is_empty() {
             return Err(failures.swap_remove(0));
@@ -375,7 +375,7 @@ fn price_line(
     customer: &Customer,
     key: LineKey,
     state: &LineState,
-) -> Result<InvoiceLine, RateError> {
+) -> Result<InvoiceLine, LineError> {
     rate_values(
         config,
         customer,
@@ -393,13 +393,12 @@ fn rate_values(
     price_index: usize,
     period: Period,
     values: impl Iterator<Item = MeterValue>,
-) -> Result<InvoiceLine, RateError> {
-    let plan = config.plan(customer.plan);
-    let kind = config
-        .meter(plan.prices[price_index].meter)
-        .aggregation
-        .kind();
-    let quantity = combine(kind, values)?.value;
+) -> Result<InvoiceLine, LineError> {
+    let price = &config.plan(customer.plan).prices[price_index];
+    let kind = config.meter(price.meter).aggregation.kind();
+    let quantity = combine(kind, values)
+        .map_err(|e| LineError::new(customer, price, period, e))?
+        .value;
     invoice_line(config, customer, price_index, period, quantity)
 }
 
@@ -758,7 +757,15 @@ mod tests {
         let mut ledger = Ledger::new(config());
         ledger.record(&series("tokens", &["a"]), november(), huge);
         ledger.record(&series("tokens", &["b"]), november(), huge);
-        assert!(matches!(ledger.flush(), Err(RateError::Overflow { .. })));
+        let error = ledger.flush().unwrap_err();
+        assert!(matches!(error.source, RateError::Overflow { .. }));
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "cannot rate customer \"acme\"'s line for price \"all-tokens\" in 2026-11: {}",
+                error.source
+            )
+        );
     }
 
     proptest! {

@@ -20,4 +20,5 @@ pub mod rate;
 pub mod service;
 
 pub use ledger::{Ledger, RatedLine, Recorded};
+pub use line::LineError;
 pub use rate::{rate, Charge, RateError};

@@ -15,6 +15,32 @@ use tally_schemas::time::Period;
 
 use crate::rate::{rate, RateError};
 
+/// A line that cannot be rated, and which line it is.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot rate customer {customer:?}'s line for price {price:?} in {period}: {source}")]
+pub struct LineError {
+    pub customer: String,
+    pub price: String,
+    pub period: Period,
+    pub source: RateError,
+}
+
+impl LineError {
+    pub(crate) fn new(
+        customer: &Customer,
+        price: &Price,
+        period: Period,
+        source: RateError,
+    ) -> Self {
+        LineError {
+            customer: customer.id.clone(),
+            price: price.id.clone(),
+            period,
+            source,
+        }
+    }
+}
+
 /// The id of a customer's line for a price in a period. The plan and the price book's
 /// version are left out on purpose: re-rating after a price change replaces the line.
 pub fn line_id(customer: &str, price: &str, period: Period) -> String {
@@ -36,10 +62,11 @@ pub fn invoice_line(
     price_index: usize,
     period: Period,
     quantity: Decimal,
-) -> Result<InvoiceLine, RateError> {
+) -> Result<InvoiceLine, LineError> {
     let plan = config.plan(customer.plan);
     let price: &Price = &plan.prices[price_index];
-    let charge = rate(&price.rate, quantity)?;
+    let failed = |source| LineError::new(customer, price, period, source);
+    let charge = rate(&price.rate, quantity).map_err(failed)?;
     let minor = plan.currency.minor_units();
     let subtotal = plan.currency.round(charge.amount, plan.rounding);
     let discount = match customer.discounts.get(&price_index) {
@@ -47,7 +74,7 @@ pub fn invoice_line(
         Some(Discount::PercentOff(percent)) => {
             let off = subtotal
                 .checked_mul(*percent)
-                .ok_or(RateError::Overflow { quantity })?
+                .ok_or(failed(RateError::Overflow { quantity }))?
                 / Decimal::ONE_HUNDRED;
             plan.currency.round(off, plan.rounding)
         }
@@ -76,7 +103,7 @@ pub fn invoice_line(
     };
     // A line must be storable: its amount as a 64-bit count of minor units.
     if line.amount_minor().is_none() {
-        return Err(RateError::Overflow { quantity });
+        return Err(failed(RateError::Overflow { quantity }));
     }
     Ok(line)
 }
