@@ -286,10 +286,8 @@ impl Aggregator {
         let carried_into = self.carried_into(event_period);
         let adjusts = carried_into.map(|_| event_period);
         let period = carried_into.unwrap_or(event_period);
-        let fingerprint = |reading: &tally_schemas::event::Reading<'_>| match adjusts {
-            Some(closed) => reading.series.adjusting(closed.start().timestamp()),
-            None => reading.series,
-        };
+        let fingerprint =
+            |reading: &tally_schemas::event::Reading<'_>| reading.series.adjusting(adjusts);
         // Nothing changes until the event is known to be new and to fit: a retry or a
         // refused event leaves no trace (not even an empty series).
         // Per reading: its series if it exists, and whether the reading adds anything.
@@ -716,11 +714,8 @@ impl Aggregator {
         self.dedupe
             .extend(snapshot.dedupe.into_iter().filter(|e| e.day() >= keep_from));
         for (s, meter) in snapshot.series.into_iter().zip(resolved) {
-            let mut fingerprint =
-                SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group);
-            if let Some(closed) = s.key.adjusts {
-                fingerprint = fingerprint.adjusting(closed.start().timestamp());
-            }
+            let fingerprint = SeriesFingerprint::new(&s.key.customer, &s.key.meter, &s.key.group)
+                .adjusting(s.key.adjusts);
             let id = match self.find_series(fingerprint) {
                 Some(id) => id,
                 None => self.new_series(

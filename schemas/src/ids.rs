@@ -12,6 +12,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
+use crate::time::Period;
+
 /// Hashes tagged, length-prefixed parts into 128 bits. The parts are gathered in a
 /// buffer and hashed in one call, which for short inputs is several times faster than
 /// XXH3's streaming state and gives the same digest. The buffer is borrowed from a
@@ -106,13 +108,17 @@ impl SeriesFingerprint {
         SeriesFingerprint(fp.finish())
     }
 
-    /// The fingerprint of this series' adjustments to a closed period: late usage of
-    /// that period, carried into a later one, is a series of its own.
-    pub fn adjusting(self, start_of_closed_period: i64) -> Self {
+    /// The fingerprint of this series' adjustments to `closed`, a closed period: late
+    /// usage of that period, carried into a later one, is a series of its own. `None`
+    /// (usage of its own period) is this series.
+    pub fn adjusting(self, closed: Option<Period>) -> Self {
+        let Some(closed) = closed else {
+            return self;
+        };
         SeriesFingerprint(
             Fingerprinter::new(b"adjustment")
                 .part(&self.0.to_le_bytes())
-                .part(&start_of_closed_period.to_le_bytes())
+                .part(&closed.start().timestamp().to_le_bytes())
                 .finish(),
         )
     }
