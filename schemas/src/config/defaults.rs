@@ -6,24 +6,18 @@ use std::time::Duration;
 use crate::time::WindowSize;
 
 /// Length of the event-time tumbling windows usage is grouped into: `[aggregator] window`.
-pub const fn default_window() -> Duration {
-    Duration::from_secs(3600)
-}
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(3600);
 
 /// How long, in event time, an event's `(source, id)` is remembered for dedupe, and so
 /// the oldest an event may be (relative to the newest event time seen) and still be
 /// accepted: `[aggregator] dedupe_horizon`. 35 days covers a calendar month plus a few
 /// days of late retries. The two are one setting so that a late retry can never outlive
 /// the memory of its original.
-pub const fn default_dedupe_horizon() -> Duration {
-    Duration::from_secs(35 * 86_400)
-}
+pub const DEFAULT_DEDUPE_HORIZON: Duration = Duration::from_secs(35 * 86_400);
 
 /// How far past the wall clock an event's `time` may be before it is rejected as a
 /// clock error: `[events] max_future_skew`.
-pub const fn default_max_future_skew() -> Duration {
-    Duration::from_secs(5 * 60)
-}
+pub const DEFAULT_MAX_FUTURE_SKEW: Duration = Duration::from_secs(5 * 60);
 
 /// `[aggregator] period_close_grace`: how long after a billing period ends (in event
 /// time) its usage may still change; later usage is carried into the next period as
@@ -88,8 +82,8 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             window: WindowSize::default(),
-            dedupe_horizon: default_dedupe_horizon(),
-            max_future_skew: default_max_future_skew(),
+            dedupe_horizon: DEFAULT_DEDUPE_HORIZON,
+            max_future_skew: DEFAULT_MAX_FUTURE_SKEW,
         }
     }
 }
@@ -100,9 +94,6 @@ mod tests {
 
     #[test]
     fn default_window_is_the_default_window_size() {
-        assert_eq!(
-            WindowSize::new(default_window()),
-            Some(WindowSize::default())
-        );
+        assert_eq!(WindowSize::new(DEFAULT_WINDOW), Some(WindowSize::default()));
     }
 }

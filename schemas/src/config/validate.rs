@@ -7,7 +7,7 @@ use hashbrown::HashMap;
 
 use rust_decimal::Decimal;
 
-use super::defaults::{default_dedupe_horizon, default_max_future_skew, default_window};
+use super::defaults::{DEFAULT_DEDUPE_HORIZON, DEFAULT_MAX_FUTURE_SKEW, DEFAULT_WINDOW};
 use super::{
     Aggregation, AggregationKind, BillingScheme, Config, ConfigFile, ConfigHash, ConfigIssue,
     Customer, CustomerSpec, DiscountSpec, Meter, MeterId, MeterSpec, PlanId, PlanSpec, PriceSpec,
@@ -68,7 +68,7 @@ impl ConfigFile {
 
 fn validate_settings(file: &ConfigFile, issues: &mut Issues) -> Settings {
     let mut settings = Settings::default();
-    let window = file.aggregator.window.map_or(default_window(), |d| d.0);
+    let window = file.aggregator.window.map_or(DEFAULT_WINDOW, |d| d.0);
     match WindowSize::new(window) {
         Some(w) => settings.window = w,
         None => issues.add(
@@ -82,7 +82,7 @@ fn validate_settings(file: &ConfigFile, issues: &mut Issues) -> Settings {
     let horizon = file
         .aggregator
         .dedupe_horizon
-        .map_or(default_dedupe_horizon(), |d| d.0);
+        .map_or(DEFAULT_DEDUPE_HORIZON, |d| d.0);
     if horizon < std::time::Duration::from_secs(86_400) {
         issues.add(
             "aggregator.dedupe_horizon",
@@ -93,7 +93,7 @@ fn validate_settings(file: &ConfigFile, issues: &mut Issues) -> Settings {
     settings.max_future_skew = file
         .events
         .max_future_skew
-        .map_or(default_max_future_skew(), |d| d.0);
+        .map_or(DEFAULT_MAX_FUTURE_SKEW, |d| d.0);
     settings
 }
 
