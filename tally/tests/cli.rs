@@ -2024,3 +2024,59 @@ fn rate_fails_with_exit_1_when_the_rejects_file_cannot_be_created() {
         run.stderr
     );
 }
+
+#[test]
+fn the_demo_writes_its_files_and_its_store_agrees_with_its_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let run = |seed: &str| -> Run {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["demo", "--events", "5000", "--customers", "12"])
+            .args(["--period", "2026-10", "--seed", seed])
+            .arg("--dir")
+            .arg(&demo)
+            .output()
+            .unwrap()
+            .into()
+    };
+    let first = run("1").succeeded();
+    assert!(
+        first
+            .stdout
+            .contains("4/4 check: `tally rate --period 2026-10` on the same file"),
+        "{}",
+        first.stdout
+    );
+    for file in [
+        "tally.toml",
+        "events.jsonl",
+        "invoice_lines.csv",
+        "rejects.jsonl",
+        "summary.json",
+        "tally.db",
+    ] {
+        assert!(demo.join(file).is_file(), "{file} missing");
+    }
+    // The CSV has a header line.
+    let csv_lines = || {
+        let csv = std::fs::read_to_string(demo.join("invoice_lines.csv")).unwrap();
+        i64::try_from(csv.lines().count() - 1).unwrap()
+    };
+    let stored = || -> i64 {
+        rusqlite::Connection::open(demo.join("tally.db"))
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM invoice_lines", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(stored(), csv_lines());
+    let rejected = std::fs::read_to_string(demo.join("rejects.jsonl")).unwrap();
+    assert_eq!(
+        rejected.lines().count(),
+        24,
+        "the demo mixes in 24 bad lines"
+    );
+
+    // Run again in the same folder: a fresh store, not one run on top of another.
+    run("2").succeeded();
+    assert_eq!(stored(), csv_lines());
+}

@@ -21,7 +21,7 @@ use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, BatchOptions};
-use crate::embedded::{self, store::Store};
+use crate::embedded::{self, store::Store, PipelineRun};
 use crate::report::{tiers_text, write_csv, Totals};
 
 #[derive(Debug, Args)]
@@ -166,18 +166,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     print!("{}", indent(&run.summary.render()));
 
     let lines: Vec<InvoiceLine> = run.lines.iter().map(|r| r.line.clone()).collect();
-    let csv_path = path("invoice_lines.csv");
-    let mut csv = BufWriter::new(create(&csv_path)?);
-    write_csv(&lines, &mut csv)?;
-    csv.flush()?;
-    let summary_path = path("summary.json");
-    std::fs::write(&summary_path, serde_json::to_string_pretty(&run.summary)?)?;
-    let rejects_path = path("rejects.jsonl");
-    let mut rejects = BufWriter::new(create(&rejects_path)?);
-    for r in &run.rejects {
-        writeln!(rejects, "{}", r.to_json())?;
-    }
-    rejects.flush()?;
+    write_results(&args.dir, &lines, &run)?;
 
     // The streaming stages and the batch rater must agree to the cent.
     let batch = rate_events(
@@ -201,43 +190,68 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     show_invoices(&lines, &config)?;
-    show_rejects(&run.rejects, &rejects_path);
+    show_rejects(&run.rejects, &path(REJECTS));
+    show_where_the_data_is(&args.dir, period);
+    println!("\nDone in {:.1?}.", started.elapsed());
+    Ok(())
+}
+
+/// The files the demo leaves in its folder, besides tally.toml, events.jsonl and
+/// tally.db.
+const LINES_CSV: &str = "invoice_lines.csv";
+const REJECTS: &str = "rejects.jsonl";
+const SUMMARY: &str = "summary.json";
+
+fn write_results(dir: &Path, lines: &[InvoiceLine], run: &PipelineRun) -> anyhow::Result<()> {
+    let mut csv = BufWriter::new(create(&dir.join(LINES_CSV))?);
+    write_csv(lines, &mut csv)?;
+    csv.flush()?;
+    std::fs::write(
+        dir.join(SUMMARY),
+        serde_json::to_string_pretty(&run.summary)?,
+    )?;
+    let mut rejects = BufWriter::new(create(&dir.join(REJECTS))?);
+    for r in &run.rejects {
+        writeln!(rejects, "{}", r.to_json())?;
+    }
+    rejects.flush()?;
+    Ok(())
+}
+
+fn show_where_the_data_is(dir: &Path, period: Period) {
+    let shown = |name: &str| dir.join(name).display().to_string();
+    let db = shown("tally.db");
     println!("Where the data is:");
     println!(
         "  {}  invoice lines (one per customer and price), with tier breakdowns",
-        csv_path.display()
+        shown(LINES_CSV)
     );
     println!(
         "  {}  rejected lines with line number, field and reason",
-        rejects_path.display()
+        shown(REJECTS)
     );
     println!(
-        "  {}  SQLite: tables window_usage, rated_lines (every revision), view invoice_lines",
-        db_path.display()
+        "  {db}  SQLite: tables window_usage, rated_lines (every revision), runs; view invoice_lines (the latest finished run's)"
     );
     println!(
         "  {}  where every event went, unbilled usage included",
-        summary_path.display()
+        shown(SUMMARY)
     );
     let start = tally_schemas::time::rfc3339(period.start());
     println!("\nQuery it, for example (amount_minor is the amount in cents, or yen):");
     println!(
-        "  sqlite3 {} \"SELECT currency, SUM(amount_minor) FROM invoice_lines WHERE period_start = '{start}' GROUP BY currency\"",
-        db_path.display()
+        "  sqlite3 {db} \"SELECT currency, SUM(amount_minor) FROM invoice_lines WHERE period_start = '{start}' GROUP BY currency\""
     );
     println!(
-        "  python3 -c \"import sqlite3; print(sqlite3.connect('{}').execute('SELECT customer, price, quantity, amount, currency FROM invoice_lines WHERE period_start = ? LIMIT 5', ['{start}']).fetchall())\"",
-        db_path.display()
+        "  python3 -c \"import sqlite3; print(sqlite3.connect('{db}').execute('SELECT customer, price, quantity, amount, currency FROM invoice_lines WHERE period_start = ? LIMIT 5', ['{start}']).fetchall())\""
     );
     let tally = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("tally"));
     println!(
         "  {} rate --config {} --events {} --period {period} --format table",
         tally.display(),
-        config_path.display(),
-        events_path.display()
+        shown("tally.toml"),
+        shown("events.jsonl")
     );
-    println!("\nDone in {:.1?}.", started.elapsed());
-    Ok(())
 }
 
 fn indent(text: &str) -> String {
