@@ -244,33 +244,58 @@ fn validate_price(
             ),
         );
     }
-    let meter = meter_index.map(|i| &meters[i]);
+    let filter =
+        meter_index.map_or_else(Vec::new, |i| validate_filter(spec, at, &meters[i], issues));
+    let rate = validate_rate(spec, at, issues);
+    Some(Price {
+        id: spec.id.clone(),
+        meter: MeterId(meter_index? as u32),
+        filter,
+        rate: rate?,
+    })
+}
+
+/// The price's filter as (group_by index, value) pairs of its meter.
+fn validate_filter(
+    spec: &PriceSpec,
+    at: &str,
+    meter: &Meter,
+    issues: &mut Issues,
+) -> Vec<(usize, String)> {
     let mut filter = Vec::new();
-    if let Some(meter) = meter {
-        for (key, value) in &spec.filter {
-            match meter.group_by.iter().position(|(k, _)| k == key) {
-                Some(g) => filter.push((g, value.clone())),
-                None => issues.add(
-                    format!("{at}.filter.{key}"),
-                    format!("meter {:?} has no group_by dimension {key:?}", meter.slug),
-                ),
-            }
-        }
-        if matches!(meter.aggregation, Aggregation::UniqueCount(_))
-            && filter.len() < meter.group_by.len()
-        {
-            issues.add(
-                format!("{at}.filter"),
-                format!(
-                    "meter {:?} counts unique values per group_by combination, and distinct counts of \
-                     different groups cannot be added; pin every dimension ({}) in the filter, or \
-                     meter the value without group_by",
-                    meter.slug,
-                    meter.group_by.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-            );
+    for (key, value) in &spec.filter {
+        match meter.group_by.iter().position(|(k, _)| k == key) {
+            Some(g) => filter.push((g, value.clone())),
+            None => issues.add(
+                format!("{at}.filter.{key}"),
+                format!("meter {:?} has no group_by dimension {key:?}", meter.slug),
+            ),
         }
     }
+    if matches!(meter.aggregation, Aggregation::UniqueCount(_))
+        && filter.len() < meter.group_by.len()
+    {
+        issues.add(
+            format!("{at}.filter"),
+            format!(
+                "meter {:?} counts unique values per group_by combination, and distinct counts of \
+                 different groups cannot be added; pin every dimension ({}) in the filter, or \
+                 meter the value without group_by",
+                meter.slug,
+                meter
+                    .group_by
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+    filter
+}
+
+/// The price's billing scheme and amounts; `None` when its tiers are unusable.
+fn validate_rate(spec: &PriceSpec, at: &str, issues: &mut Issues) -> Option<Rate> {
     let rate = match spec.billing_scheme {
         BillingScheme::PerUnit => {
             if spec.tiers.is_some() || spec.tiers_mode.is_some() {
@@ -334,12 +359,7 @@ fn validate_price(
             }
         }
     };
-    Some(Price {
-        id: spec.id.clone(),
-        meter: MeterId(meter_index? as u32),
-        filter,
-        rate,
-    })
+    Some(rate)
 }
 
 fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Vec<Tier> {
