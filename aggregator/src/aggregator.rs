@@ -69,6 +69,10 @@ pub enum Outcome {
     Refused(StateError),
 }
 
+/// Per reading of an event: its series if it exists, and whether the reading adds
+/// anything to it. One reading is the common case.
+type KnownReadings = SmallVec<[(Option<SeriesId>, bool); 1]>;
+
 /// One tumbling window of a series.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Window {
@@ -286,38 +290,12 @@ impl Aggregator {
         let carried_into = self.carried_into(event_period);
         let adjusts = carried_into.map(|_| event_period);
         let period = carried_into.unwrap_or(event_period);
-        let fingerprint =
-            |reading: &tally_schemas::event::Reading<'_>| reading.series.adjusting(adjusts);
         // Nothing changes until the event is known to be new and to fit: a retry or a
         // refused event leaves no trace (not even an empty series).
-        // Per reading: its series if it exists, and whether the reading adds anything.
-        let mut known: SmallVec<[(Option<SeriesId>, bool); 1]> = SmallVec::new();
-        for reading in &event.readings {
-            let series = self
-                .find_series(fingerprint(reading))
-                .map(|id| (id, &self.series[id as usize]));
-            if let Some(state) = series.and_then(|(_, s)| s.period_state(period)) {
-                if let Err(e) = state.check(reading.value) {
-                    return Outcome::Refused(e);
-                }
-            }
-            // A closed period and its adjustments must add up to the union: a distinct
-            // value the closed period, or an earlier adjustment of it (billed in a
-            // period since closed too), already counted adds nothing.
-            let counted_before = adjusts.is_some_and(|closed| {
-                let in_closed = self
-                    .find_series(reading.series)
-                    .and_then(|id| self.series[id as usize].period_state(closed));
-                let in_adjustments = series
-                    .into_iter()
-                    .flat_map(|(_, s)| s.periods.iter().map(|(_, state)| state));
-                in_closed
-                    .into_iter()
-                    .chain(in_adjustments)
-                    .any(|state| state.counts(reading.value))
-            });
-            known.push((series.map(|(id, _)| id), !counted_before));
-        }
+        let known = match self.check_readings(event, period, adjusts) {
+            Ok(known) => known,
+            Err(e) => return Outcome::Refused(e),
+        };
         // Judged before this event moves the watermark; batch runs have no notion of it.
         let late = self.track_updates
             && self.watermark.is_some_and(|w| {
@@ -338,23 +316,79 @@ impl Aggregator {
         if event.readings.is_empty() {
             return Outcome::Unmetered;
         }
-        let order = EventOrder {
-            time: event.time,
-            key: event.key,
-        };
         // An adjustment is windowed at the start of the period it is billed in.
         let window_start = match carried_into {
             Some(open) => open.start().timestamp(),
             None => self.window.start_of(event.time.timestamp()),
         };
-        for (reading, (known, adds)) in event.readings.iter().zip(known) {
+        if let Err(e) = self.add_readings(event, &known, period, adjusts, window_start) {
+            return Outcome::Refused(e);
+        }
+        match (adjusts, late) {
+            (Some(_), _) => Outcome::Adjusted,
+            (None, true) => Outcome::Late,
+            (None, false) => Outcome::Accepted,
+        }
+    }
+
+    /// Per reading of `event`: its series if it exists, and whether the reading adds
+    /// anything to it; or why a reading does not fit its series' state. Changes nothing.
+    fn check_readings(
+        &self,
+        event: &DecodedEvent<'_>,
+        period: Period,
+        adjusts: Option<Period>,
+    ) -> Result<KnownReadings, StateError> {
+        let mut known = KnownReadings::new();
+        for reading in &event.readings {
+            let series = self
+                .find_series(reading.series.adjusting(adjusts))
+                .map(|id| (id, &self.series[id as usize]));
+            if let Some(state) = series.and_then(|(_, s)| s.period_state(period)) {
+                state.check(reading.value)?;
+            }
+            // A closed period and its adjustments must add up to the union: a distinct
+            // value the closed period, or an earlier adjustment of it (billed in a
+            // period since closed too), already counted adds nothing.
+            let counted_before = adjusts.is_some_and(|closed| {
+                let in_closed = self
+                    .find_series(reading.series)
+                    .and_then(|id| self.series[id as usize].period_state(closed));
+                let in_adjustments = series
+                    .into_iter()
+                    .flat_map(|(_, s)| s.periods.iter().map(|(_, state)| state));
+                in_closed
+                    .into_iter()
+                    .chain(in_adjustments)
+                    .any(|state| state.counts(reading.value))
+            });
+            known.push((series.map(|(id, _)| id), !counted_before));
+        }
+        Ok(known)
+    }
+
+    /// Adds a new event's readings that add something to their series' `period` and
+    /// the window starting at `window_start`, making the series that do not exist yet.
+    fn add_readings(
+        &mut self,
+        event: &DecodedEvent<'_>,
+        known: &KnownReadings,
+        period: Period,
+        adjusts: Option<Period>,
+        window_start: i64,
+    ) -> Result<(), StateError> {
+        let order = EventOrder {
+            time: event.time,
+            key: event.key,
+        };
+        for (reading, &(known, adds)) in event.readings.iter().zip(known) {
             if !adds {
                 continue;
             }
             let id = match known {
                 Some(id) => id,
                 None => self.new_series(
-                    fingerprint(reading),
+                    reading.series.adjusting(adjusts),
                     &event.subject,
                     reading.meter,
                     &reading.group,
@@ -363,26 +397,18 @@ impl Aggregator {
             };
             let series = &mut self.series[id as usize];
             let slot = series.period_slot(period);
-            let value = reading.value;
-            // Checked above: a period bounds its windows.
-            if let Err(e) = series.periods[slot].1.add(value, order) {
-                return Outcome::Refused(e);
-            }
+            // Checked before: a period bounds its windows, so neither add can fail
+            // once the period's check passed; still, an error is returned, not ignored.
+            series.periods[slot].1.add(reading.value, order)?;
             let slot = series.window_slot(window_start);
             let window = &mut series.windows[slot];
-            if let Err(e) = window.state.add(value, order) {
-                return Outcome::Refused(e);
-            }
+            window.state.add(reading.value, order)?;
             if self.track_updates && !window.dirty {
                 window.dirty = true;
                 self.dirty.push((id, window_start, slot));
             }
         }
-        match (adjusts, late) {
-            (Some(_), _) => Outcome::Adjusted,
-            (None, true) => Outcome::Late,
-            (None, false) => Outcome::Accepted,
-        }
+        Ok(())
     }
 
     /// The oldest event time still accepted: the watermark less the horizon. `None`
