@@ -186,7 +186,9 @@ impl ClickHouse {
         self.insert_versioned(&rows)?;
         let db = &self.database;
         // INSERT ... SELECT reads FINAL in a subquery: ClickHouse 18.16 inserts nothing
-        // from a direct `SELECT ... FINAL WHERE`.
+        // from a direct `SELECT ... FINAL WHERE`. The period is chosen inside, before
+        // the merge, which is safe: it leads the sorting key, so a line's rows all
+        // share it; whether the merged row is current and live is judged after.
         let tombstone = column_names(|name| match name {
             "version" => format!("toUInt64({version})"),
             name => name.to_owned(),
@@ -195,9 +197,9 @@ impl ClickHouse {
             "retire the lines this run no longer makes",
             &format!(
                 "INSERT INTO {db}.rated_lines SELECT {tombstone}, toUInt8(1) \
-                 FROM (SELECT * FROM {db}.rated_lines FINAL) \
-                 WHERE period_start = toDateTime('{}', 'UTC') AND version < {version} \
-                 AND superseded = 0",
+                 FROM (SELECT * FROM {db}.rated_lines FINAL \
+                 WHERE period_start = toDateTime('{}', 'UTC')) \
+                 WHERE version < {version} AND superseded = 0",
                 clickhouse_time(period.start())
             ),
         )

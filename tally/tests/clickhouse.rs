@@ -55,15 +55,25 @@ fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
-/// Runs `tally rate` on the example events with `config` into `db`, with `env` set.
+/// Runs `tally rate` for November on the example events with `config` into `db`, with
+/// `env` set.
 fn run_rate(db: &Database, config: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    run_rate_for(db, config, "2026-11", env)
+}
+
+fn run_rate_for(
+    db: &Database,
+    config: &Path,
+    period: &str,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     Command::new(env!("CARGO_BIN_EXE_tally"))
         .current_dir(dir.path())
         .args([
             "rate",
             "--period",
-            "2026-11",
+            period,
             "--now",
             "2026-12-15T00:00:00Z",
             "--format",
@@ -157,6 +167,10 @@ fn clickhouse_invoice_lines_equal_tally_rate_and_rerating_replaces_them() {
 #[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
 fn a_rerun_retires_the_lines_it_no_longer_makes() {
     let db = Database::new("retire");
+    // October first: its lines (no usage, the flat fee) are another period's, which a
+    // run for November leaves alone.
+    let october = run_rate_for(&db, &examples().join("tally.toml"), "2026-10", &[]);
+    assert!(october.status.success());
     let lines = rate_into(&db, &examples().join("tally.toml"));
     assert_eq!(invoice_rows(&db), expected_rows(&lines));
 
@@ -169,7 +183,8 @@ fn a_rerun_retires_the_lines_it_no_longer_makes() {
     assert_eq!(invoice_rows(&db), expected_rows(&rerated));
     // The old line is kept, superseded, for the record.
     let retired = db.query(&format!(
-        "SELECT price, superseded FROM {}.rated_lines FINAL WHERE price = 'gpt-tokens'",
+        "SELECT price, superseded FROM {}.rated_lines FINAL \
+         WHERE price = 'gpt-tokens' AND period_start = '2026-11-01 00:00:00'",
         db.0
     ));
     assert_eq!(
@@ -180,6 +195,17 @@ fn a_rerun_retires_the_lines_it_no_longer_makes() {
     // Back to the first price book: the first line is current again, the renamed one retired.
     rate_into(&db, &examples().join("tally.toml"));
     assert_eq!(invoice_rows(&db), expected_rows(&lines));
+    let october_prices = db.query(&format!(
+        "SELECT price FROM {}.invoice_lines WHERE period_start = '2026-10-01 00:00:00' ORDER BY price",
+        db.0
+    ));
+    assert_eq!(
+        october_prices,
+        [
+            serde_json::json!({"price": "gpt-tokens"}),
+            serde_json::json!({"price": "resolutions"})
+        ]
+    );
 }
 
 #[test]
