@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tally_schemas::config::ClickHouseSettings;
+use tally_schemas::config::{ClickHouseCredentials, ClickHouseSettings};
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
@@ -127,12 +127,13 @@ impl ClickHouse {
         })
     }
 
-    /// Authenticates as `user` (ClickHouse's `default` when `None`).
-    pub fn with_credentials(mut self, user: Option<&str>, password: Option<&str>) -> Self {
+    /// Authenticates as `credentials.user` (ClickHouse's `default` when `None`).
+    pub fn with_credentials(mut self, credentials: &ClickHouseCredentials) -> Self {
+        let ClickHouseCredentials { user, password } = credentials;
         if user.is_some() || password.is_some() {
             self.credentials = Some((
-                user.unwrap_or("default").to_owned(),
-                password.unwrap_or_default().to_owned(),
+                user.clone().unwrap_or_else(|| "default".to_owned()),
+                password.clone().unwrap_or_default(),
             ));
         }
         self
@@ -159,6 +160,20 @@ impl ClickHouse {
                 columns.join(", ")
             ),
         )?;
+        // A database made before `superseded` existed: its view, which shows retired
+        // lines, goes first, then the table gains the column, then the view below is
+        // made anew; a start stopped half way finds one of those steps still to do.
+        // ClickHouse 18.16 has no ADD COLUMN IF NOT EXISTS.
+        if !self.has_column("rated_lines", "superseded")? {
+            self.execute(
+                "drop the invoice_lines view of an earlier version",
+                &format!("DROP TABLE IF EXISTS {db}.invoice_lines"),
+            )?;
+            self.execute(
+                "add the superseded column to rated_lines",
+                &format!("ALTER TABLE {db}.rated_lines ADD COLUMN superseded UInt8"),
+            )?;
+        }
         // FINAL in a subquery, so `superseded` is filtered after the rows of a line are
         // merged: filtered first (as a PREWHERE may be), a retired line would show its
         // older row instead.
@@ -185,10 +200,10 @@ impl ClickHouse {
         let rows: Vec<_> = lines.iter().map(|line| (version, line)).collect();
         self.insert_versioned(&rows)?;
         let db = &self.database;
-        // INSERT ... SELECT reads FINAL in a subquery: ClickHouse 18.16 inserts nothing
-        // from a direct `SELECT ... FINAL WHERE`. The period is chosen inside, before
-        // the merge, which is safe: it leads the sorting key, so a line's rows all
-        // share it; whether the merged row is current and live is judged after.
+        // The period is chosen inside FINAL, before the merge, which is safe: it leads
+        // the sorting key, so a line's rows all share it. Whether the merged row is
+        // current and live is judged outside, where `version` is the stored one (not
+        // the tombstone's new value, as a SELECT alias of that name would make it).
         let tombstone = column_names(|name| match name {
             "version" => format!("toUInt64({version})"),
             name => name.to_owned(),
@@ -250,16 +265,35 @@ impl ClickHouse {
             "INSERT INTO {}.rated_lines FORMAT JSONEachRow",
             self.database
         );
-        self.post("insert rated lines", &query, body)
+        self.post("insert rated lines", &query, body).map(drop)
     }
 
     fn execute(&self, what: &'static str, sql: &str) -> Result<(), ClickHouseError> {
-        self.post(what, sql, Vec::new())
+        self.post(what, sql, Vec::new()).map(drop)
+    }
+
+    /// Whether `table` of this database exists and has `column`.
+    fn has_column(&self, table: &str, column: &str) -> Result<bool, ClickHouseError> {
+        let found = self.post(
+            "read the schema",
+            &format!(
+                "SELECT count() FROM system.columns \
+                 WHERE database = '{}' AND table = '{table}' AND name = '{column}'",
+                self.database
+            ),
+            Vec::new(),
+        )?;
+        Ok(found.trim() != "0")
     }
 
     /// Sends `query` as the URL's query parameter and `body` (the rows of an insert,
-    /// or nothing) as the request body.
-    fn post(&self, what: &'static str, query: &str, body: Vec<u8>) -> Result<(), ClickHouseError> {
+    /// or nothing) as the request body; returns what ClickHouse answered.
+    fn post(
+        &self,
+        what: &'static str,
+        query: &str,
+        body: Vec<u8>,
+    ) -> Result<String, ClickHouseError> {
         let unreachable = |source| ClickHouseError::Unreachable {
             url: self.url.clone(),
             source,
@@ -275,13 +309,11 @@ impl ClickHouse {
         }
         let mut response = request.send(&body[..]).map_err(unreachable)?;
         let status = response.status().as_u16();
+        let answer = response.body_mut().read_to_string();
         if status == 200 {
-            return Ok(());
+            return answer.map_err(unreachable);
         }
-        let body = response
-            .body_mut()
-            .read_to_string()
-            .unwrap_or_else(|e| format!("(no readable body: {e})"));
+        let body = answer.unwrap_or_else(|e| format!("(no readable body: {e})"));
         Err(ClickHouseError::Refused {
             url: self.url.clone(),
             what,

@@ -206,16 +206,13 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(&args.config)?);
     let clickhouse = match args.clickhouse.as_deref() {
         Some(url) => {
-            // The user and password of the services' [clickhouse] section and
-            // environment; the URL and database are the flags'.
-            let settings = config.services(&args.config.display().to_string(), &|name| {
-                std::env::var(name).ok()
-            })?;
-            let credentials = &settings.clickhouse;
+            // The URL and database are the flags'; the user and password the
+            // [clickhouse] section's or the environment's.
+            let credentials = config.clickhouse_credentials(&|name| std::env::var(name).ok());
             Some(
                 ClickHouse::new(url, &args.clickhouse_database)
                     .context("--clickhouse-database")?
-                    .with_credentials(credentials.user.as_deref(), credentials.password.as_deref()),
+                    .with_credentials(&credentials),
             )
         }
         None => None,

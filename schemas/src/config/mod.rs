@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 
 pub use defaults::Settings;
 pub use services::{
-    AggregatorServiceSettings, ApiKey, ApiKeySpec, ClickHouseSettings, ClickHouseSpec,
-    IngestSettings, IngestSpec, KafkaSettings, KafkaSpec, RaterSettings, RaterSpec,
+    AggregatorServiceSettings, ApiKey, ApiKeySpec, ClickHouseCredentials, ClickHouseSettings,
+    ClickHouseSpec, IngestSettings, IngestSpec, KafkaSettings, KafkaSpec, RaterSettings, RaterSpec,
     ServiceSettings, Topic,
 };
 pub use values::{ExactDecimal, HumanDuration, JsonPath, UpToInput};
@@ -370,6 +370,15 @@ impl Config {
 
     /// The services' settings, with overrides and secrets from `env` (pass
     /// `|name| std::env::var(name).ok()`); every problem is reported at once.
+    /// The ClickHouse user and password, from the environment or `[clickhouse]`; the
+    /// rest of the services' sections is not read.
+    pub fn clickhouse_credentials(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> ClickHouseCredentials {
+        self.service_specs.clickhouse.credentials(env)
+    }
+
     pub fn services(
         &self,
         origin: &str,

@@ -194,8 +194,36 @@ impl Topic {
 pub struct ClickHouseSettings {
     pub url: String,
     pub database: String,
+    pub credentials: ClickHouseCredentials,
+}
+
+/// Who Tally is to ClickHouse; both `None`, ClickHouse's `default` user.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ClickHouseCredentials {
     pub user: Option<String>,
     pub password: Option<String>,
+}
+
+impl fmt::Debug for ClickHouseCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClickHouseCredentials")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl ClickHouseSpec {
+    /// The user and password: `TALLY_CLICKHOUSE_USER` and `TALLY_CLICKHOUSE_PASSWORD`,
+    /// else the section's. Nothing else of the services is read, so a batch run that
+    /// only stores lines needs nothing else to be valid.
+    pub fn credentials(&self, env: &dyn Fn(&str) -> Option<String>) -> ClickHouseCredentials {
+        let var = |name: &str| env(name).filter(|v| !v.is_empty());
+        ClickHouseCredentials {
+            user: var("TALLY_CLICKHOUSE_USER").or_else(|| self.user.clone()),
+            password: var("TALLY_CLICKHOUSE_PASSWORD").or_else(|| self.password.clone()),
+        }
+    }
 }
 
 impl ClickHouseSettings {
@@ -216,8 +244,7 @@ impl fmt::Debug for ClickHouseSettings {
         f.debug_struct("ClickHouseSettings")
             .field("url", &self.url)
             .field("database", &self.database)
-            .field("user", &self.user)
-            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("credentials", &self.credentials)
             .finish()
     }
 }
@@ -402,8 +429,7 @@ pub(super) fn validate(
     let clickhouse = ClickHouseSettings {
         url,
         database,
-        user: var("TALLY_CLICKHOUSE_USER").or_else(|| specs.clickhouse.user.clone()),
-        password: var("TALLY_CLICKHOUSE_PASSWORD").or_else(|| specs.clickhouse.password.clone()),
+        credentials: specs.clickhouse.credentials(env),
     };
 
     let mut address = |at: &str, env_name: &str, written: Option<&str>, default: &str| {
@@ -655,7 +681,7 @@ sources = ["agent"]
         assert_eq!(s.kafka.properties["sasl.password"], "hunter2");
         assert_eq!(s.kafka.properties["security.protocol"], "SASL_SSL");
         assert_eq!(s.clickhouse.url, "http://ch:8123");
-        assert_eq!(s.clickhouse.password.as_deref(), Some("secret"));
+        assert_eq!(s.clickhouse.credentials.password.as_deref(), Some("secret"));
         let key = &s.ingest.api_keys[0];
         assert!(key.may_send("agent") && !key.may_send("other"));
         let shown = format!("{s:?}");
