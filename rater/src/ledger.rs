@@ -302,7 +302,7 @@ impl Ledger {
             let after = rate_with(&billed)?;
             Ok(adjustment_line(&before, &after, key.period))
         });
-        Some(priced)
+        Some(priced.map_err(|e| e.adjustment_billed_in(key.period)))
     }
 
     /// Every subscribed customer's line of every price of their plan, at zero usage:
@@ -531,6 +531,37 @@ mod tests {
         assert_eq!(second.period_start, december.start());
         assert_eq!(second.subtotal.to_string(), "17.80");
         assert_ne!(first.id, second.id);
+    }
+
+    #[test]
+    fn an_adjustment_that_cannot_be_rated_is_named_by_both_its_periods() {
+        let october = Period::from_str("2026-10").unwrap();
+        let huge = MeterValue {
+            value: Decimal::MAX,
+            latest: None,
+        };
+        let mut ledger = Ledger::new(config());
+        ledger.record(&series("resolutions", &[]), october, huge);
+        let late = Arc::new(SeriesKey {
+            adjusts: Some(october),
+            ..SeriesKey::clone(&series("resolutions", &[]))
+        });
+        ledger.record(&late, november(), huge);
+        let (_, failures) = ledger.flush_available();
+        let adjustment = failures
+            .iter()
+            .find(|e| e.adjusts.is_some())
+            .expect("the adjustment fails: October's usage and the late usage overflow");
+        assert_eq!(
+            (adjustment.period, adjustment.adjusts),
+            (november(), Some(october))
+        );
+        assert!(
+            adjustment.to_string().starts_with(
+                "cannot rate customer \"acme\"'s line for price \"resolutions\" in 2026-11 (adjusting 2026-10): "
+            ),
+            "{adjustment}"
+        );
     }
 
     #[test]

@@ -17,11 +17,17 @@ use crate::rate::{rate, RateError};
 
 /// A line that cannot be rated, and which line it is.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot rate customer {customer:?}'s line for price {price:?} in {period}: {source}")]
+#[error(
+    "cannot rate customer {customer:?}'s line for price {price:?} in {period}{}: {source}",
+    adjusting(.adjusts)
+)]
 pub struct LineError {
     pub customer: String,
     pub price: String,
+    /// The period the line is billed in.
     pub period: Period,
+    /// For an adjustment line, the closed period it adjusts.
+    pub adjusts: Option<Period>,
     pub source: RateError,
 }
 
@@ -36,9 +42,24 @@ impl LineError {
             customer: customer.id.clone(),
             price: price.id.clone(),
             period,
+            adjusts: None,
             source,
         }
     }
+
+    /// The error as the adjustment line's, billed in `period`: rating it prices the
+    /// closed period the error names now.
+    pub(crate) fn adjustment_billed_in(self, period: Period) -> Self {
+        LineError {
+            adjusts: Some(self.period),
+            period,
+            ..self
+        }
+    }
+}
+
+fn adjusting(adjusts: &Option<Period>) -> String {
+    adjusts.map_or_else(String::new, |closed| format!(" (adjusting {closed})"))
 }
 
 /// The id of a customer's line for a price in a period. The plan and the price book's
@@ -74,7 +95,7 @@ pub fn invoice_line(
         Some(Discount::PercentOff(percent)) => {
             let off = subtotal
                 .checked_mul(*percent)
-                .ok_or(failed(RateError::Overflow { quantity }))?
+                .ok_or_else(|| failed(RateError::Overflow { quantity }))?
                 / Decimal::ONE_HUNDRED;
             plan.currency.round(off, plan.rounding)
         }

@@ -1,8 +1,10 @@
 //! Exact decimals from text: the one parser for event values and config amounts.
 //!
 //! In: a number as text, plain or with an exponent (`12`, `-0.5`, `1.25e3`). Out: the
-//! [`Decimal`] with exactly that value, or an error when it has none. rust_decimal's
-//! `from_scientific` rounds a mantissa longer than 28 digits; this never rounds.
+//! [`Decimal`] with exactly that value, or an error: the digits before the exponent
+//! must fit a Decimal's 28 significant digits (trailing fractional zeros aside), and
+//! the value its range. rust_decimal's `from_scientific` rounds a mantissa longer than
+//! 28 digits; this never rounds.
 
 use rust_decimal::Decimal;
 
@@ -16,6 +18,8 @@ pub enum DecimalError {
     Syntax,
     #[error("needs more than the 28 significant digits an exact decimal holds")]
     TooPrecise,
+    #[error("is beyond the largest exact decimal (about 7.9e28)")]
+    TooLarge,
 }
 
 /// Reads `text` exactly: digits with an optional sign, fraction and exponent.
@@ -58,7 +62,8 @@ fn parse_exponent(text: &str) -> Result<i64, DecimalError> {
     }))
 }
 
-/// `value × 10^exponent`, exactly, or `TooPrecise` when that has no Decimal form.
+/// `value × 10^exponent`, exactly: `TooPrecise` when it needs more than 28 fractional
+/// digits, `TooLarge` when it is past the largest Decimal.
 fn with_exponent(value: Decimal, exponent: i64) -> Result<Decimal, DecimalError> {
     let mut mantissa = value.mantissa();
     let mut scale = i64::from(value.scale()) - exponent;
@@ -79,14 +84,12 @@ fn with_exponent(value: Decimal, exponent: i64) -> Result<Decimal, DecimalError>
             .ok()
             .filter(|&e| e <= 29)
             .and_then(|e| 10_i128.checked_pow(e))
-            .ok_or(DecimalError::TooPrecise)?;
-        mantissa = mantissa
-            .checked_mul(factor)
-            .ok_or(DecimalError::TooPrecise)?;
+            .ok_or(DecimalError::TooLarge)?;
+        mantissa = mantissa.checked_mul(factor).ok_or(DecimalError::TooLarge)?;
         scale = 0;
     }
     let scale = u32::try_from(scale).map_err(|_| DecimalError::TooPrecise)?;
-    Decimal::try_from_i128_with_scale(mantissa, scale).map_err(|_| DecimalError::TooPrecise)
+    Decimal::try_from_i128_with_scale(mantissa, scale).map_err(|_| DecimalError::TooLarge)
 }
 
 #[cfg(test)]
@@ -129,12 +132,13 @@ mod tests {
             "1.00000000000000000000000000001e2",
             "1.23456789012345678901234567891e0",
             "1.5e-30",
-            "1e29",
-            "8e28",
-            "1e99999999999999999999999",
+            "1e-99999999999999999999999",
             "123456789012345678901234567890",
         ] {
             assert_eq!(parse_exact(text), Err(DecimalError::TooPrecise), "{text}");
+        }
+        for text in ["1e29", "8e28", "-8e28", "1e99999999999999999999999"] {
+            assert_eq!(parse_exact(text), Err(DecimalError::TooLarge), "{text}");
         }
     }
 

@@ -222,6 +222,22 @@ fn an_amount_off_without_a_price_is_refused_rather_than_taken_off_every_line() {
 }
 
 #[test]
+fn an_amount_off_with_two_problems_reports_both() {
+    let found = issues(&with(
+        r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
+        r#"discounts = [{ amount_off = "4.995" }]"#,
+    ));
+    let at: Vec<&str> = found.iter().map(|(at, _)| at.as_str()).collect();
+    assert_eq!(
+        at,
+        [
+            "customers[cust_acme].discounts[0].amount_off",
+            "customers[cust_acme].discounts[0].price"
+        ]
+    );
+}
+
+#[test]
 fn an_amount_off_finer_than_the_currency_is_refused_in_major_units() {
     assert_only_issue(
         &with(
@@ -635,6 +651,20 @@ fn toml_floats_are_refused_for_amounts() {
 fn non_numeric_amount_strings_are_refused() {
     let err = syntax_error(&with(r#"unit_amount = "0.89""#, r#"unit_amount = "cheap""#));
     assert!(err.contains(r#""cheap" is not a decimal number"#), "{err}");
+}
+
+#[test]
+fn amounts_are_plain_decimals_with_digits_on_both_sides_of_the_point() {
+    for text in [".5", "5.", "1_000"] {
+        let err = syntax_error(&with(
+            r#"unit_amount = "0.89""#,
+            &format!("unit_amount = \"{text}\""),
+        ));
+        assert!(
+            err.contains(&format!("{text:?} is not a decimal number")),
+            "{text}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -467,6 +467,7 @@ fn validate_customers(
                 continue;
             };
             if let Discount::AmountOff(off) = discount {
+                let mut usable = true;
                 if off.normalize().scale() > plan.currency.minor_units() {
                     issues.add(
                         format!("{at}.amount_off"),
@@ -477,7 +478,7 @@ fn validate_customers(
                             plan.currency.minor_units()
                         ),
                     );
-                    continue;
+                    usable = false;
                 }
                 // Discounts apply line by line; an amount off every line would take
                 // the amount once per price, not once per invoice as finance reads it.
@@ -486,6 +487,9 @@ fn validate_customers(
                         format!("{at}.price"),
                         "an amount_off needs the price it applies to: discounts are per invoice line, so one without a price would be taken off every line; name the price (percent_off may omit it)",
                     );
+                    usable = false;
+                }
+                if !usable {
                     continue;
                 }
             }

@@ -93,9 +93,14 @@ impl Store {
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;")?;
         conn.execute_batch(SCHEMA)
             .context("cannot create the store's tables")?;
+        // Numbered after every run the store holds rows of, those of a store made
+        // before `runs` existed included.
         let run = conn.query_row(
-            "INSERT INTO runs (run, started) \
-             SELECT COALESCE(MAX(run), 0) + 1, ?1 FROM runs RETURNING run",
+            "INSERT INTO runs (run, started) SELECT MAX( \
+                (SELECT COALESCE(MAX(run), 0) FROM runs), \
+                (SELECT COALESCE(MAX(run), 0) FROM rated_lines), \
+                (SELECT COALESCE(MAX(run), 0) FROM window_usage)) + 1, ?1 \
+             RETURNING run",
             [rfc3339(Utc::now())],
             |r| r.get(0),
         )?;
@@ -174,5 +179,29 @@ impl Store {
         }
         tx.commit().context("cannot commit to the store")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_made_before_runs_were_recorded_numbers_its_next_run_after_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tally.db");
+        let first = Store::open(&path).unwrap();
+        assert_eq!(first.run, 1);
+        // Rows of run 5 and no `runs` rows: what an earlier build left.
+        first
+            .conn
+            .execute_batch(
+                "INSERT INTO rated_lines VALUES ('l', 5, 1, 'h', 'c', 'p', 'pr', 'm', \
+                 '2026-11-01T00:00:00Z', '2026-12-01T00:00:00Z', '1', '1.00', '0.00', \
+                 '1.00', 100, '1.00', 'usd', '[]'); DELETE FROM runs;",
+            )
+            .unwrap();
+        drop(first);
+        assert_eq!(Store::open(&path).unwrap().run, 6);
     }
 }
