@@ -147,12 +147,18 @@ mod tests {
     use crate::demo::generate::{config_toml, generate, Spec};
     use std::str::FromStr;
 
+    /// The period the tests rate, and the clock they rate it by.
+    fn october_rated_in_november() -> (Period, DateTime<Utc>) {
+        let now = DateTime::parse_from_rfc3339("2026-11-24T00:00:00Z").unwrap();
+        (
+            Period::from_str("2026-10").unwrap(),
+            now.with_timezone(&Utc),
+        )
+    }
+
     #[test]
     fn the_embedded_pipeline_agrees_with_batch_rating_and_stores_one_current_row_per_line() {
-        let period = Period::from_str("2026-10").unwrap();
-        let now = DateTime::parse_from_rfc3339("2026-11-24T00:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
+        let (period, now) = october_rated_in_november();
         let config = Arc::new(Config::parse(&config_toml(30), "demo").unwrap());
         let mut input = Vec::new();
         let spec = Spec {
@@ -240,10 +246,7 @@ mod tests {
 
     #[test]
     fn the_store_shows_the_latest_finished_run_and_only_the_lines_it_made() {
-        let period = Period::from_str("2026-10").unwrap();
-        let now = DateTime::parse_from_rfc3339("2026-11-24T00:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
+        let (period, now) = october_rated_in_november();
         let spec = Spec {
             period,
             events: 5_000,
@@ -269,29 +272,17 @@ mod tests {
             ids
         };
 
-        let all = Arc::new(Config::parse(&config_toml(30), "demo").unwrap());
-        let first = run(
-            &all,
-            &input,
-            period,
-            now,
-            &mut Store::open(&db).unwrap(),
-            |_| {},
-        )
-        .unwrap();
+        // A run into a new Store, so a run of its own, with `customers` in the price book.
+        let run_with = |customers: u32| {
+            let config = Arc::new(Config::parse(&config_toml(customers), "demo").unwrap());
+            let mut store = Store::open(&db).unwrap();
+            run(&config, &input, period, now, &mut store, |_| {}).unwrap()
+        };
+        let first = run_with(30);
         assert_eq!(current_ids(), ids(&first));
 
         // One customer fewer in the price book: that customer's lines are not current.
-        let fewer = Arc::new(Config::parse(&config_toml(29), "demo").unwrap());
-        let second = run(
-            &fewer,
-            &input,
-            period,
-            now,
-            &mut Store::open(&db).unwrap(),
-            |_| {},
-        )
-        .unwrap();
+        let second = run_with(29);
         assert!(second.lines.len() < first.lines.len());
         assert_eq!(current_ids(), ids(&second));
 
