@@ -58,8 +58,8 @@ pub struct ClickHouse {
     agent: ureq::Agent,
     url: String,
     database: String,
-    /// User and password, sent as ClickHouse's `X-ClickHouse-User`/`-Key` headers.
-    credentials: Option<(String, String)>,
+    /// Sent as ClickHouse's `X-ClickHouse-User`/`-Key` headers when either is set.
+    credentials: ClickHouseCredentials,
 }
 
 /// `rated_lines`' columns and types, in order, but for `superseded`. The view shows
@@ -123,19 +123,13 @@ impl ClickHouse {
             agent,
             url: url.trim_end_matches('/').to_owned(),
             database: database.to_owned(),
-            credentials: None,
+            credentials: ClickHouseCredentials::default(),
         })
     }
 
     /// Authenticates as `credentials.user` (ClickHouse's `default` when `None`).
     pub fn with_credentials(mut self, credentials: &ClickHouseCredentials) -> Self {
-        let ClickHouseCredentials { user, password } = credentials;
-        if user.is_some() || password.is_some() {
-            self.credentials = Some((
-                user.clone().unwrap_or_else(|| "default".to_owned()),
-                password.clone().unwrap_or_default(),
-            ));
-        }
+        self.credentials = credentials.clone();
         self
     }
 
@@ -302,10 +296,11 @@ impl ClickHouse {
             .agent
             .post(&format!("{}/", self.url))
             .query("query", query);
-        if let Some((user, password)) = &self.credentials {
+        let ClickHouseCredentials { user, password } = &self.credentials;
+        if user.is_some() || password.is_some() {
             request = request
-                .header("X-ClickHouse-User", user)
-                .header("X-ClickHouse-Key", password);
+                .header("X-ClickHouse-User", user.as_deref().unwrap_or("default"))
+                .header("X-ClickHouse-Key", password.as_deref().unwrap_or_default());
         }
         let mut response = request.send(&body[..]).map_err(unreachable)?;
         let status = response.status().as_u16();

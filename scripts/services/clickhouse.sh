@@ -41,6 +41,22 @@ cmd_install() {
   log "installed: clickhouse-server $(dpkg-query -W -f='${Version}' clickhouse-server)"
 }
 
+# loopback_user NAME PASSWORD: a users.xml entry for a user who may connect from this
+# machine only, with the default profile and quota.
+loopback_user() {
+  cat <<EOF
+        <$1>
+            <password>$2</password>
+            <networks>
+                <ip>127.0.0.1</ip>
+                <ip>::1</ip>
+            </networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </$1>
+EOF
+}
+
 write_config() {
   mkdir -p "$DIR/data" "$DIR/tmp" "$DIR/user_files" "$DIR/format_schemas"
   # Written on every start, so a change here takes effect at the next start.
@@ -87,7 +103,8 @@ write_config() {
 </yandex>
 EOF
   mv "$CONFIG.new" "$CONFIG"
-  cat >"$DIR/users.xml.new" <<'EOF'
+  {
+    cat <<'EOF'
 <?xml version="1.0"?>
 <!-- Written by scripts/services/clickhouse.sh, loopback only: user default with no
      password, and tally_test with one, for the tests of credentials. -->
@@ -100,24 +117,10 @@ EOF
         </default>
     </profiles>
     <users>
-        <default>
-            <password></password>
-            <networks>
-                <ip>127.0.0.1</ip>
-                <ip>::1</ip>
-            </networks>
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-        <tally_test>
-            <password>tally-test-password</password>
-            <networks>
-                <ip>127.0.0.1</ip>
-                <ip>::1</ip>
-            </networks>
-            <profile>default</profile>
-            <quota>default</quota>
-        </tally_test>
+EOF
+    loopback_user default ""
+    loopback_user tally_test tally-test-password
+    cat <<'EOF'
     </users>
     <quotas>
         <default>
@@ -133,6 +136,7 @@ EOF
     </quotas>
 </yandex>
 EOF
+  } >"$DIR/users.xml.new"
   mv "$DIR/users.xml.new" "$DIR/users.xml"
 }
 

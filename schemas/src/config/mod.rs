@@ -368,8 +368,6 @@ impl Config {
         self.customer_ids.contains(subject)
     }
 
-    /// The services' settings, with overrides and secrets from `env` (pass
-    /// `|name| std::env::var(name).ok()`); every problem is reported at once.
     /// The ClickHouse user and password, from the environment or `[clickhouse]`; the
     /// rest of the services' sections is not read.
     pub fn clickhouse_credentials(
@@ -379,6 +377,8 @@ impl Config {
         self.service_specs.clickhouse.credentials(env)
     }
 
+    /// The services' settings, with overrides and secrets from `env` (pass
+    /// `|name| std::env::var(name).ok()`); every problem is reported at once.
     pub fn services(
         &self,
         origin: &str,

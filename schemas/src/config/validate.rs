@@ -468,14 +468,13 @@ fn validate_customers(
             };
             if let Discount::AmountOff(off) = discount {
                 let mut usable = true;
-                if off.normalize().scale() > plan.currency.minor_units() {
+                let decimals = plan.currency.minor_units();
+                if off.normalize().scale() > decimals {
                     issues.add(
                         format!("{at}.amount_off"),
                         format!(
-                            "{off} has more decimals than {} allows ({}); amounts are in the currency's major unit, so round it to {} decimals",
+                            "{off} has more decimals than {} allows ({decimals}); amounts are in the currency's major unit, so round it to {decimals} decimals",
                             plan.currency,
-                            plan.currency.minor_units(),
-                            plan.currency.minor_units()
                         ),
                     );
                     usable = false;
