@@ -22,7 +22,7 @@ use tally_schemas::config::{AggregationKind, Config, Customer};
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesKeyRef};
 use tally_schemas::time::Period;
 
-use crate::line::{adjustment_line, invoice_line, LineError};
+use crate::line::{adjustment_line, invoice_line, line_id, LineError};
 use crate::rate::RateError;
 
 /// A line as the streaming rater emits it: the line's current state, its revision and
@@ -124,6 +124,36 @@ impl Ledger {
     /// How many lines the ledger holds.
     pub fn lines_held(&self) -> usize {
         self.lines.len()
+    }
+
+    /// The latest settled period, if any: later ones are open.
+    pub fn settled_through(&self) -> Option<Period> {
+        self.settled_through
+    }
+
+    /// The ids of the lines the ledger holds, which its flushes rate: after
+    /// [`Ledger::rerate_all`], the lines that replace what an earlier price book made.
+    pub fn line_ids(&self) -> impl Iterator<Item = String> + '_ {
+        self.lines.keys().map(|(customer, key)| {
+            let plan = self.config.plan(self.config.customers[customer].plan);
+            line_id(
+                customer,
+                &plan.prices[key.price_index].id,
+                key.period,
+                key.adjusts,
+            )
+        })
+    }
+
+    /// Marks every held line changed, so the next flush rates each one again: after the
+    /// price book changed, its lines rated with the earlier book are replaced.
+    pub fn rerate_all(&mut self) {
+        for (key, state) in &mut self.lines {
+            if !state.dirty {
+                state.dirty = true;
+                self.dirty.push(key.clone());
+            }
+        }
     }
 
     /// Records a series' period-to-date value (the latest one wins).
@@ -766,6 +796,38 @@ mod tests {
         let second = ledger.flush().unwrap();
         assert_eq!(second[0].revision, 2);
         assert_eq!(second[0].delta.to_string(), "0.78");
+    }
+
+    #[test]
+    fn rerating_all_flushes_every_held_line_once_with_the_ids_it_lists() {
+        let october = Period::from_str("2026-10").unwrap();
+        let mut ledger = Ledger::new(config());
+        ledger.record(&series("resolutions", &[]), october, value(90));
+        ledger.record(&series("tokens", &["gpt-x"]), november(), value(1500));
+        let late = Arc::new(SeriesKey {
+            adjusts: Some(october),
+            ..SeriesKey::clone(&series("resolutions", &[]))
+        });
+        ledger.record(&late, november(), value(20));
+        let first = ledger.flush().unwrap();
+        assert!(ledger.flush().unwrap().is_empty());
+
+        ledger.rerate_all();
+        let again = ledger.flush().unwrap();
+        let ids = |lines: &[RatedLine]| {
+            let mut ids: Vec<String> = lines.iter().map(|l| l.line.id.clone()).collect();
+            ids.sort();
+            ids
+        };
+        let mut listed: Vec<String> = ledger.line_ids().collect();
+        listed.sort();
+        // October's resolutions, the October adjustment billed in November, November's
+        // gpt-x tokens under two prices.
+        assert_eq!(listed.len(), 4);
+        assert_eq!(ids(&again), listed);
+        assert_eq!(ids(&first), listed);
+        assert!(again.iter().all(|l| l.revision == 2 && l.delta.is_zero()));
+        assert!(ledger.flush().unwrap().is_empty(), "each line once");
     }
 
     #[test]

@@ -62,18 +62,24 @@ fn adjusting(adjusts: &Option<Period>) -> String {
     adjusts.map_or_else(String::new, |closed| format!(" (adjusting {closed})"))
 }
 
-/// The id of a customer's line for a price in a period. The plan and the price book's
-/// version are left out on purpose: re-rating after a price change replaces the line.
-pub fn line_id(customer: &str, price: &str, period: Period) -> String {
-    let start = period.start().timestamp();
-    Hex128(
-        Fingerprinter::new(b"line")
-            .part(customer.as_bytes())
-            .part(price.as_bytes())
-            .part(&start.to_le_bytes())
-            .finish(),
-    )
-    .to_string()
+/// The id of a customer's line for a price billed in `period`; `adjusts` names the
+/// closed period whose late usage an adjustment line bills. The plan and the price
+/// book's version are left out on purpose: re-rating after a price change replaces
+/// the line.
+pub fn line_id(customer: &str, price: &str, period: Period, adjusts: Option<Period>) -> String {
+    let start = period.start().timestamp().to_le_bytes();
+    let mut fingerprint = match adjusts {
+        None => Fingerprinter::new(b"line"),
+        Some(_) => Fingerprinter::new(b"adjustment line"),
+    };
+    fingerprint
+        .part(customer.as_bytes())
+        .part(price.as_bytes())
+        .part(&start);
+    if let Some(closed) = adjusts {
+        fingerprint.part(&closed.start().timestamp().to_le_bytes());
+    }
+    Hex128(fingerprint.finish()).to_string()
 }
 
 /// Prices one line. `price_index` indexes the customer's plan's prices.
@@ -106,7 +112,7 @@ pub fn invoice_line(
         d
     };
     let line = InvoiceLine {
-        id: line_id(&customer.id, &price.id, period),
+        id: line_id(&customer.id, &price.id, period, None),
         config_hash: config.hash.to_string(),
         customer: customer.id.clone(),
         plan: plan.id.clone(),
@@ -127,19 +133,6 @@ pub fn invoice_line(
         return Err(failed(RateError::Overflow { quantity }));
     }
     Ok(line)
-}
-
-/// The id of an adjustment line: late usage of `closed` billed in `period`.
-fn adjustment_line_id(customer: &str, price: &str, period: Period, closed: Period) -> String {
-    Hex128(
-        Fingerprinter::new(b"adjustment line")
-            .part(customer.as_bytes())
-            .part(price.as_bytes())
-            .part(&period.start().timestamp().to_le_bytes())
-            .part(&closed.start().timestamp().to_le_bytes())
-            .finish(),
-    )
-    .to_string()
 }
 
 /// An adjustment line in `period` for usage of a closed period that arrived after it
@@ -168,7 +161,7 @@ pub fn adjustment_line(before: &InvoiceLine, after: &InvoiceLine, period: Period
         }
     }
     InvoiceLine {
-        id: adjustment_line_id(&after.customer, &after.price, period, closed),
+        id: line_id(&after.customer, &after.price, period, Some(closed)),
         period_start: period.start(),
         period_end: period.end(),
         quantity: (after.quantity - before.quantity).normalize(),
