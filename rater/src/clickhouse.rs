@@ -3,10 +3,11 @@
 //! In: invoice lines and a version. Out: rows in `<database>.rated_lines`, a
 //! ReplacingMergeTree keyed by the line's deterministic id, and the view
 //! `<database>.invoice_lines` with the current (highest-version) row of each line, so
-//! writing the same lines again, or re-rating them, never double-counts. A batch run
-//! that rates a whole period also retires the period's lines it no longer makes (a
-//! customer removed, a price renamed): their current row becomes a `superseded` one,
-//! which the view leaves out.
+//! writing the same lines again, or re-rating them, never double-counts. Lines a
+//! changed price book no longer makes (a customer removed, a price renamed) are
+//! retired: their current row is copied as a `superseded` one, which the view leaves
+//! out. A batch run retires the lines of its period it did not make; the streaming
+//! rater, the stale lines of open periods it finds after a restart with a new book.
 //!
 //! ```sql
 //! SELECT customer, price, quantity, amount, currency FROM tally.invoice_lines
@@ -44,6 +45,8 @@ pub enum ClickHouseError {
     },
     #[error("{0:?} is not a usable database name: {rule}", rule = ClickHouseSettings::DATABASE_NAME_RULE)]
     DatabaseName(String),
+    #[error("ClickHouse at {url} returned a row of rated_lines Tally cannot read: {row}")]
+    Unreadable { url: String, row: String },
     #[error("line {id}: amount {amount} {currency} does not fit a 64-bit count of minor units")]
     AmountTooLarge {
         id: String,
@@ -214,6 +217,63 @@ impl ClickHouse {
         )
     }
 
+    /// The current rows of lines billed in `from` or later that a price book other than
+    /// the one hashed `config_hash` rated (`from: None`: of every period).
+    pub fn lines_rated_with_another_book(
+        &self,
+        config_hash: &str,
+        from: Option<Period>,
+    ) -> Result<Vec<StoredLine>, ClickHouseError> {
+        let db = &self.database;
+        // As in `replace_period`: the periods are chosen inside FINAL, whether a row is
+        // current, live and stale outside it.
+        let periods = from.map_or_else(String::new, |period| {
+            format!(
+                "WHERE period_start >= toDateTime('{}', 'UTC')",
+                clickhouse_time(period.start())
+            )
+        });
+        let answer = self.post(
+            "read the lines an earlier price book rated",
+            &format!(
+                "SELECT * FROM (SELECT * FROM {db}.rated_lines FINAL {periods}) \
+                 WHERE superseded = 0 AND config_hash != '{}' FORMAT JSONEachRow",
+                config_hash
+            ),
+            Vec::new(),
+        )?;
+        answer
+            .lines()
+            .map(|row| {
+                StoredLine::parse(row).ok_or_else(|| ClickHouseError::Unreadable {
+                    url: self.url.clone(),
+                    row: row.to_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// Retires lines: each gets a `superseded` row, a copy of its current one at the
+    /// given version, which the view leaves out.
+    pub fn retire(&self, lines: &[(u64, StoredLine)]) -> Result<(), ClickHouseError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut body = Vec::with_capacity(lines.len() * 512);
+        for (version, line) in lines {
+            let mut row = line.row.clone();
+            row.insert("version".into(), (*version).into());
+            row.insert("superseded".into(), 1.into());
+            serde_json::to_writer(&mut body, &row).expect("a row serialises");
+            body.push(b'\n');
+        }
+        let query = format!(
+            "INSERT INTO {}.rated_lines FORMAT JSONEachRow",
+            self.database
+        );
+        self.post("retire lines", &query, body).map(drop)
+    }
+
     /// Writes lines, each with its own version, in one insert.
     pub fn insert_versioned(&self, lines: &[(u64, &InvoiceLine)]) -> Result<(), ClickHouseError> {
         if lines.is_empty() {
@@ -295,7 +355,10 @@ impl ClickHouse {
         let mut request = self
             .agent
             .post(&format!("{}/", self.url))
-            .query("query", query);
+            .query("query", query)
+            // 64-bit integers as JSON numbers, as `Row` writes them and JSONEachRow
+            // input reads them on every release.
+            .query("output_format_json_quote_64bit_integers", "0");
         let ClickHouseCredentials { user, password } = &self.credentials;
         if user.is_some() || password.is_some() {
             request = request
@@ -314,6 +377,43 @@ impl ClickHouse {
             what,
             status,
             body: body.trim().to_owned(),
+        })
+    }
+}
+
+/// A current row of `rated_lines` as ClickHouse returned it, every column kept, so it
+/// can be retired as it is.
+#[derive(Debug, Clone)]
+pub struct StoredLine {
+    row: serde_json::Map<String, serde_json::Value>,
+    pub id: String,
+    pub customer: String,
+    pub price: String,
+    pub version: u64,
+    /// The period the line is billed in.
+    pub period: Period,
+    /// For an adjustment line, the closed period it adjusts.
+    pub adjusts: Option<Period>,
+}
+
+impl StoredLine {
+    fn parse(text: &str) -> Option<StoredLine> {
+        let row: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).ok()?;
+        let text_of = |column: &str| row.get(column)?.as_str();
+        // `YYYY-MM-DD hh:mm:ss`, always the first of a month.
+        let period = text_of("period_start")?.get(..7)?.parse().ok()?;
+        let adjusts = match text_of("adjusts_period")? {
+            "" => None,
+            closed => Some(closed.parse().ok()?),
+        };
+        Some(StoredLine {
+            id: text_of("id")?.to_owned(),
+            customer: text_of("customer")?.to_owned(),
+            price: text_of("price")?.to_owned(),
+            version: row.get("version")?.as_u64()?,
+            period,
+            adjusts,
+            row,
         })
     }
 }
