@@ -17,6 +17,8 @@ pub struct RaterMetrics {
     pub inserted_rows: IntCounter,
     pub insert_failures: IntCounter,
     pub rating_failures: IntCounter,
+    /// Stored lines retired after a price-book change no longer makes them.
+    pub lines_retired: IntCounter,
     /// Lines held in the assigned partitions' ledgers: the open periods'.
     pub ledger_lines: IntGauge,
     pub consumer_lag: IntGaugeVec,
@@ -58,6 +60,10 @@ impl RaterMetrics {
             rating_failures: m.counter(
                 "tally_rater_rating_failures_total",
                 "Flushes in which a line could not be rated (it stays pending).",
+            ),
+            lines_retired: m.counter(
+                "tally_rater_lines_retired_total",
+                "Stored invoice lines retired because the current price book no longer makes them.",
             ),
             ledger_lines: m.gauge(
                 "tally_rater_ledger_lines",

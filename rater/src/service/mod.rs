@@ -17,13 +17,15 @@
 //! period is kept). A settled record ([`SETTLED_HEADER`]) says a month and those before
 //! it can no longer change: the partition's lines of them are rated one last time and
 //! let go, so a ledger holds open periods only (while rebuilt too, up to the committed
-//! offset), and later usage of them (an aggregator replaying) is refused. While
-//! ClickHouse is down the rater pauses its partitions, keeps the unwritten lines, and
-//! retries with backoff.
+//! offset), and later usage of them (an aggregator replaying) is refused. A rebuilt
+//! partition whose stored lines of open periods another price book rated is re-rated
+//! with the current one, and its stale lines that book no longer makes are retired
+//! (`Worker::check_price_book`). While ClickHouse is down the rater pauses its
+//! partitions, keeps the unwritten lines, and retries with backoff.
 
 mod metrics;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,7 +49,7 @@ use tally_schemas::time::Period;
 
 pub use metrics::RaterMetrics;
 
-use crate::clickhouse::{ClickHouse, ClickHouseError};
+use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine};
 use crate::ledger::{Ledger, RatedLine, Recorded};
 
 /// Most usage updates read before their lines are written.
@@ -80,7 +82,7 @@ pub enum RaterError {
 
 /// A rated line as written to `<prefix>.rated`: the line, its revision and how much
 /// it moved, and the version its ClickHouse row has. Consumers keep the highest
-/// version per line id.
+/// version per line id, and drop a line whose highest is a [`RetiredRecord`].
 #[derive(Debug, Serialize)]
 struct RatedRecord<'a> {
     #[serde(flatten)]
@@ -88,6 +90,22 @@ struct RatedRecord<'a> {
     revision: u64,
     delta: rust_decimal::Decimal,
     version: u64,
+    superseded: bool,
+}
+
+/// A line retired, as written to `<prefix>.rated`: the price book no longer makes it,
+/// so from this version on it is not billed.
+#[derive(Debug, Serialize)]
+struct RetiredRecord<'a> {
+    id: &'a str,
+    customer: &'a str,
+    price: &'a str,
+    #[serde(with = "tally_schemas::time::rfc3339_serde")]
+    period_start: chrono::DateTime<chrono::Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adjusts_period: Option<Period>,
+    version: u64,
+    superseded: bool,
 }
 
 /// A record read from the windows topic, where it was.
@@ -123,6 +141,8 @@ struct Rebuilt {
     ledger: Ledger,
     opened: BTreeSet<Period>,
     after_committed: Vec<WindowsRecord<'static>>,
+    /// Every customer with usage in the partition, known to the price book or not.
+    customers: HashSet<String>,
 }
 
 #[derive(Debug)]
@@ -135,6 +155,9 @@ struct PartitionState {
     /// Read past the last commit: `next_offset` is to be committed once the lines it
     /// accounts for are stored.
     uncommitted: bool,
+    /// From assignment until the partition's stored lines were checked against the
+    /// price book ([`Worker::check_price_book`]): the customers whose lines it owns.
+    unchecked: Option<HashSet<String>>,
 }
 
 /// Lines rated but not yet stored, with the offsets they account for.
@@ -143,6 +166,8 @@ struct Pending {
     /// Zero-usage lines of newly seen periods, stored at version 0.
     opening: Vec<InvoiceLine>,
     lines: Vec<(u64, RatedLine)>,
+    /// Stored lines the price book no longer makes, to retire at these versions.
+    retired: Vec<(u64, StoredLine)>,
     offsets: BTreeMap<i32, i64>,
     /// Kafka timestamp (ms) of the oldest usage update in the batch.
     oldest_update_ms: Option<i64>,
@@ -218,8 +243,11 @@ impl PartitionOwner for Worker {
                     opened: rebuilt.opened,
                     next_offset: committed,
                     uncommitted: false,
+                    unchecked: Some(rebuilt.customers),
                 },
             );
+            // A store is due soon: it checks the price book first.
+            self.pending.started.get_or_insert_with(Instant::now);
             for update in rebuilt.after_committed {
                 self.apply(partition, update);
             }
@@ -393,6 +421,7 @@ impl Worker {
             ledger: Ledger::new(Arc::clone(&self.config)),
             opened: BTreeSet::new(),
             after_committed: Vec::new(),
+            customers: HashSet::new(),
         };
         let mut read = 0u64;
         read_partition(
@@ -405,6 +434,11 @@ impl Worker {
                     return;
                 };
                 read += 1;
+                if let Change::Usage(update) = &change {
+                    if !rebuilt.customers.contains(&*update.series.customer) {
+                        rebuilt.customers.insert(update.series.customer.to_string());
+                    }
+                }
                 if message.offset() >= committed {
                     rebuilt.after_committed.push(WindowsRecord {
                         offset: message.offset(),
@@ -547,6 +581,14 @@ impl Worker {
         if self.awaiting_delivery.is_some() {
             self.deliver_and_commit(consumer)?;
         }
+        if let Err(e) = self.check_price_book() {
+            self.hold(
+                consumer,
+                "cannot check the stored lines against the price book",
+                e.to_string(),
+            );
+            return Err(e.into());
+        }
         self.collect_changed_lines();
         if self.pending.offsets.is_empty() {
             // Nothing left to store (what was pending belonged to revoked partitions).
@@ -605,6 +647,83 @@ impl Worker {
         Ok(())
     }
 
+    /// Checks the stored lines of newly assigned partitions against the price book. A
+    /// partition whose open periods have lines an earlier book rated is re-rated: every
+    /// line it holds, and the zero-usage lines of those periods (version 0, as when a
+    /// period opens), go with the next batch; stale lines the book no longer makes (a
+    /// customer removed, a price renamed) are retired: zero-usage ones by any
+    /// partition, others by the partition whose customer they bill, at the batch's
+    /// version. Lines of settled periods stay as they were billed.
+    fn check_price_book(&mut self) -> Result<(), ClickHouseError> {
+        let checking: Vec<i32> = (self.partitions.iter())
+            .filter(|(_, state)| state.unchecked.is_some())
+            .map(|(&partition, _)| partition)
+            .collect();
+        let Some(oldest_open) = (checking.iter())
+            .map(|p| {
+                self.partitions[p]
+                    .ledger
+                    .settled_through()
+                    .map(|s| s.next())
+            })
+            .min()
+        else {
+            return Ok(());
+        };
+        let hash = self.config.hash.to_string();
+        let stale = self
+            .clickhouse
+            .lines_rated_with_another_book(&hash, oldest_open)?;
+        for partition in checking {
+            let state = self.partitions.get_mut(&partition).expect("listed above");
+            let owned = state.unchecked.take().unwrap_or_default();
+            let settled = state.ledger.settled_through();
+            let open = |period: Period| settled.is_none_or(|settled| period > settled);
+            let stale: Vec<&StoredLine> = (stale.iter())
+                .filter(|line| open(line.period) && line.adjusts.is_none_or(open))
+                .collect();
+            if stale.is_empty() {
+                continue;
+            }
+            state.ledger.rerate_all();
+            state.uncommitted = true;
+            let mut remade: HashSet<String> = state.ledger.line_ids().collect();
+            let periods: BTreeSet<Period> = stale.iter().map(|line| line.period).collect();
+            for &period in &periods {
+                match state.ledger.opening_lines(period) {
+                    Ok(lines) => {
+                        remade.extend(lines.iter().map(|line| line.id.clone()));
+                        self.pending.opening.extend(lines);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, %period, "cannot rate a period's opening lines")
+                    }
+                }
+            }
+            let version = u64::try_from(state.next_offset).unwrap_or_default();
+            let before = self.pending.retired.len();
+            for line in stale.iter().filter(|line| !remade.contains(&line.id)) {
+                let retire_at = if line.version == 0 {
+                    0
+                } else if owned.contains(&line.customer) && line.version <= version {
+                    version
+                } else {
+                    // Another partition's customer: its owner retires it.
+                    continue;
+                };
+                self.pending.retired.push((retire_at, (*line).clone()));
+            }
+            tracing::info!(
+                partition,
+                stale = stale.len(),
+                rerated = state.ledger.lines_held(),
+                retired = self.pending.retired.len() - before,
+                "lines an earlier price book rated: re-rating the partition's open periods"
+            );
+        }
+        Ok(())
+    }
+
     /// Moves each partition's changed lines, rated, into the pending batch, with the
     /// offset they account for.
     fn collect_changed_lines(&mut self) {
@@ -653,7 +772,7 @@ impl Worker {
         let rows: Vec<(u64, &InvoiceLine)> = (self.pending.opening.iter().map(|line| (0, line)))
             .chain(self.pending.lines.iter().map(|(v, l)| (*v, &l.line)))
             .collect();
-        if rows.is_empty() {
+        if rows.is_empty() && self.pending.retired.is_empty() {
             // Records that changed no line (a settled record, usage of unknown
             // customers): their offsets move on without an insert.
             return Ok(());
@@ -661,10 +780,17 @@ impl Worker {
         let started = Instant::now();
         self.last_insert = Some(started);
         self.clickhouse.insert_versioned(&rows)?;
+        // After the lines: a retry after a failure here writes both again, unchanged.
+        self.clickhouse.retire(&self.pending.retired)?;
         self.metrics
             .insert_duration
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.inserted_rows.inc_by(rows.len() as u64);
+        self.metrics
+            .inserted_rows
+            .inc_by((rows.len() + self.pending.retired.len()) as u64);
+        self.metrics
+            .lines_retired
+            .inc_by(self.pending.retired.len() as u64);
         self.metrics
             .lines_rated
             .inc_by(self.pending.lines.len() as u64);
@@ -678,16 +804,32 @@ impl Worker {
     /// producer will not take (too large, a fatal producer error) stops the rater
     /// before its batch's offsets are committed, as a line Kafka refuses does.
     fn queue_rated_lines(&self) -> Result<(), RaterError> {
-        for (version, rated) in &self.pending.lines {
-            let value = serde_json::to_vec(&RatedRecord {
+        let rated = self.pending.lines.iter().map(|(version, rated)| {
+            let record = RatedRecord {
                 line: &rated.line,
                 revision: rated.revision,
                 delta: rated.delta,
                 version: *version,
-            })
-            .expect("a rated line serialises");
+                superseded: false,
+            };
+            (&rated.line.id, serde_json::to_vec(&record))
+        });
+        let retired = self.pending.retired.iter().map(|(version, line)| {
+            let record = RetiredRecord {
+                id: &line.id,
+                customer: &line.customer,
+                price: &line.price,
+                period_start: line.period.start(),
+                adjusts_period: line.adjusts,
+                version: *version,
+                superseded: true,
+            };
+            (&line.id, serde_json::to_vec(&record))
+        });
+        for (id, value) in rated.chain(retired) {
+            let value = value.expect("a rated line serialises");
             let record = BaseRecord::<str, [u8]>::to(&self.rated_topic)
-                .key(rated.line.id.as_str())
+                .key(id.as_str())
                 .payload(&value);
             send(&self.producer, record).map_err(|source| self.refused_line(source))?;
         }

@@ -401,7 +401,7 @@ database = "{database}"
     }
 
     /// The lines of the period as a consumer of `<prefix>.rated` sees them: the highest
-    /// version of each line id.
+    /// version of each line id, unless that record retired the line.
     pub fn rated_topic_lines(&self) -> Vec<Line> {
         let period_start = format!("{}-01T00:00:00Z", self.period);
         let mut latest: BTreeMap<String, (u64, Value)> = BTreeMap::new();
@@ -412,11 +412,16 @@ database = "{database}"
             }
             let id = record["id"].as_str().unwrap().to_owned();
             let version = record["version"].as_u64().unwrap();
-            if latest.get(&id).is_none_or(|(v, _)| *v < version) {
+            // A line's records share a partition (keyed by id): at equal versions the
+            // later one is current, as in ClickHouse.
+            if latest.get(&id).is_none_or(|(v, _)| *v <= version) {
                 latest.insert(id, (version, record));
             }
         }
-        let mut lines: Vec<Line> = latest.values().map(|(_, r)| line_of(r)).collect();
+        let mut lines: Vec<Line> = (latest.values())
+            .filter(|(_, r)| r["superseded"] == false)
+            .map(|(_, r)| line_of(r))
+            .collect();
         lines.sort();
         lines
     }

@@ -455,8 +455,13 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
     wait_for_november_resolutions(&p, 2);
 
     // A new rater rebuilds from the windows topic: the settled records let October
-    // and its adjustment go there too, and November goes on.
+    // and its adjustment go there too, and November goes on. It starts with the
+    // starter plan's resolutions repriced: November's lines are re-rated, settled
+    // October's, and the adjustment of it billed in November, stay as billed.
     p.stop("rater-a");
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let book = edited(&book, r#"unit_amount = "0.99""#, r#"unit_amount = "1.09""#);
+    std::fs::write(&p.config, book).unwrap();
     p.start("rater", "rater-b");
     harness::eventually(
         "the rebuilt ledger holds November only",
@@ -474,6 +479,13 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
     wait_for_november_resolutions(&p, 3);
     assert_eq!(rejection_code(&p, &late_october), "too_late");
     p.wait_for(&expected_october, Duration::from_secs(30));
+    let first_customer = p.query(&format!(
+        "SELECT plan, amount, adjusts_period FROM {}.invoice_lines \
+         WHERE period_start = '2026-11-01 00:00:00' AND customer = 'cust_00000' \
+         AND price = 'resolutions' ORDER BY adjusts_period FORMAT TSV",
+        p.database
+    ));
+    assert_eq!(first_customer, "starter\t3.27\t\nstarter\t0.99\t2026-10\n");
 }
 
 #[test]
@@ -542,6 +554,84 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
         "{}",
         p.log("agg-a")
     );
+}
+
+/// `book` with `from` replaced by `to` once; `from` must be there.
+fn edited(book: &str, from: &str, to: &str) -> String {
+    assert!(book.contains(from), "{from:?} not in the price book");
+    book.replacen(from, to, 1)
+}
+
+/// The line of `customer` for `price` among `lines`.
+fn line_for<'a>(lines: &'a [harness::Line], customer: &str, price: &str) -> &'a harness::Line {
+    lines
+        .iter()
+        .find(|l| l.0 == customer && l.1 == price)
+        .unwrap_or_else(|| panic!("no {price} line for {customer}"))
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_the_rest() {
+    let _serial = serial();
+    let mut p = Pipeline::new("reprice", 20_000, 40, "");
+    p.produce(&p.lines());
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let before = p.expected();
+    p.wait_for(&before, Duration::from_secs(180));
+    p.stop("rater-a");
+
+    // What finance changes: the starter plan's resolution price goes up, its gpt-x
+    // token price gets a new id, a customer leaves and one joins.
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let book = edited(&book, r#"unit_amount = "0.99""#, r#"unit_amount = "1.09""#);
+    let book = edited(
+        &book,
+        r#"id = "gpt-x-tokens""#,
+        r#"id = "gpt-x-tokens-2027""#,
+    );
+    let book = edited(
+        &book,
+        "[[customers]]\nid = \"cust_00002\"\nplan = \"scale-eu\"\n",
+        "",
+    );
+    std::fs::write(
+        &p.config,
+        book + "\n[[customers]]\nid = \"cust_new\"\nplan = \"pro\"\n",
+    )
+    .unwrap();
+    let after = p.expected();
+    // Each change shows in what `tally rate` makes of the same month.
+    let starter = |lines| line_for(lines, "cust_00000", "resolutions").3.clone();
+    assert_ne!(starter(&before), starter(&after));
+    line_for(&before, "cust_00000", "gpt-x-tokens");
+    line_for(&after, "cust_00000", "gpt-x-tokens-2027");
+    assert!(after.iter().all(|l| l.1 != "gpt-x-tokens"));
+    line_for(&before, "cust_00002", "resolutions");
+    assert!(after.iter().all(|l| l.0 != "cust_00002"));
+    assert_eq!(line_for(&after, "cust_new", "resolutions").3, "49.00");
+
+    p.start("rater", "rater-b");
+    p.wait_for(&after, Duration::from_secs(120));
+    p.wait_for_rated(&after, Duration::from_secs(60));
+    assert!(
+        p.log("rater-b")
+            .contains("lines an earlier price book rated"),
+        "{}",
+        p.log("rater-b")
+    );
+
+    // The same book again: nothing is stale, nothing changes.
+    p.stop("rater-b");
+    p.start("rater", "rater-c");
+    harness::eventually(
+        "rater-c has rebuilt its partitions",
+        Duration::from_secs(60),
+        || p.log("rater-c").matches("ledger rebuilt").count() == harness::PARTITIONS as usize,
+    );
+    p.wait_for(&after, Duration::from_secs(30));
+    assert!(!p.log("rater-c").contains("earlier price book"));
 }
 
 #[test]
