@@ -26,7 +26,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tally_schemas::config::{ClickHouseCredentials, ClickHouseSettings};
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
@@ -45,8 +45,14 @@ pub enum ClickHouseError {
     },
     #[error("{0:?} is not a usable database name: {rule}", rule = ClickHouseSettings::DATABASE_NAME_RULE)]
     DatabaseName(String),
-    #[error("ClickHouse at {url} returned a row of rated_lines Tally cannot read: {row}")]
-    Unreadable { url: String, row: String },
+    #[error(
+        "ClickHouse at {url} returned a row of rated_lines Tally cannot read ({error}): {row}"
+    )]
+    Unreadable {
+        url: String,
+        row: String,
+        error: String,
+    },
     #[error("line {id}: amount {amount} {currency} does not fit a 64-bit count of minor units")]
     AmountTooLarge {
         id: String,
@@ -86,6 +92,9 @@ const COLUMNS: [(&str, &str); 17] = [
     ("tiers", "String"),
     ("adjusts_period", "String"),
 ];
+
+/// Most lines retired by one statement.
+const RETIRE_CHUNK: usize = 2000;
 
 /// One row of `rated_lines`, as JSONEachRow.
 #[derive(Serialize)]
@@ -217,8 +226,8 @@ impl ClickHouse {
         )
     }
 
-    /// The current rows of lines billed in `from` or later that a price book other than
-    /// the one hashed `config_hash` rated (`from: None`: of every period).
+    /// The current lines billed in `from` or later that a price book other than the
+    /// one hashed `config_hash` rated (`from: None`: of every period).
     pub fn lines_rated_with_another_book(
         &self,
         config_hash: &str,
@@ -236,42 +245,57 @@ impl ClickHouse {
         let answer = self.post(
             "read the lines an earlier price book rated",
             &format!(
-                "SELECT * FROM (SELECT * FROM {db}.rated_lines FINAL {periods}) \
-                 WHERE superseded = 0 AND config_hash != '{}' FORMAT JSONEachRow",
-                config_hash
+                "SELECT id, customer, price, version, \
+                 substring(toString(period_start), 1, 7) AS period, adjusts_period \
+                 FROM (SELECT * FROM {db}.rated_lines FINAL {periods}) \
+                 WHERE superseded = 0 AND config_hash != '{config_hash}' FORMAT JSONEachRow"
             ),
-            Vec::new(),
         )?;
         answer
             .lines()
             .map(|row| {
-                StoredLine::parse(row).ok_or_else(|| ClickHouseError::Unreadable {
+                serde_json::from_str(row).map_err(|e| ClickHouseError::Unreadable {
                     url: self.url.clone(),
                     row: row.to_owned(),
+                    error: e.to_string(),
                 })
             })
             .collect()
     }
 
-    /// Retires lines: each gets a `superseded` row, a copy of its current one at the
-    /// given version, which the view leaves out.
-    pub fn retire(&self, lines: &[(u64, StoredLine)]) -> Result<(), ClickHouseError> {
-        if lines.is_empty() {
-            return Ok(());
+    /// Retires lines at `version`: each whose current row is live and not newer gets a
+    /// `superseded` copy of that row, which the view leaves out.
+    pub fn retire<'l>(
+        &self,
+        version: u64,
+        lines: impl IntoIterator<Item = &'l StoredLine>,
+    ) -> Result<(), ClickHouseError> {
+        let db = &self.database;
+        let tombstone = column_names(|name| match name {
+            "version" => format!("toUInt64({version})"),
+            name => name.to_owned(),
+        });
+        let lines: Vec<&StoredLine> = lines.into_iter().collect();
+        // Ids are 32 characters: a chunk's query stays well inside ClickHouse's
+        // max_query_size (256 KiB by default).
+        for chunk in lines.chunks(RETIRE_CHUNK) {
+            let ids: Vec<String> = chunk.iter().map(|line| format!("'{}'", line.id)).collect();
+            let from = chunk.iter().map(|line| line.period).min().expect("a chunk");
+            // A line's rows share its id and period, which lead the sorting key: both
+            // may be chosen inside FINAL.
+            self.execute(
+                "retire lines the price book no longer makes",
+                &format!(
+                    "INSERT INTO {db}.rated_lines SELECT {tombstone}, toUInt8(1) \
+                     FROM (SELECT * FROM {db}.rated_lines FINAL \
+                     WHERE period_start >= toDateTime('{}', 'UTC') AND id IN ({})) \
+                     WHERE version <= {version} AND superseded = 0",
+                    clickhouse_time(from.start()),
+                    ids.join(",")
+                ),
+            )?;
         }
-        let mut body = Vec::with_capacity(lines.len() * 512);
-        for (version, line) in lines {
-            let mut row = line.row.clone();
-            row.insert("version".into(), (*version).into());
-            row.insert("superseded".into(), 1.into());
-            serde_json::to_writer(&mut body, &row).expect("a row serialises");
-            body.push(b'\n');
-        }
-        let query = format!(
-            "INSERT INTO {}.rated_lines FORMAT JSONEachRow",
-            self.database
-        );
-        self.post("retire lines", &query, body).map(drop)
+        Ok(())
     }
 
     /// Writes lines, each with its own version, in one insert.
@@ -319,11 +343,12 @@ impl ClickHouse {
             "INSERT INTO {}.rated_lines FORMAT JSONEachRow",
             self.database
         );
-        self.post("insert rated lines", &query, body).map(drop)
+        self.send("insert rated lines", Some(&query), body)
+            .map(drop)
     }
 
     fn execute(&self, what: &'static str, sql: &str) -> Result<(), ClickHouseError> {
-        self.post(what, sql, Vec::new()).map(drop)
+        self.post(what, sql).map(drop)
     }
 
     /// Whether `table` of this database exists and has `column`.
@@ -335,17 +360,22 @@ impl ClickHouse {
                  WHERE database = '{}' AND table = '{table}' AND name = '{column}'",
                 self.database
             ),
-            Vec::new(),
         )?;
         Ok(found.trim() != "0")
     }
 
-    /// Sends `query` as the URL's query parameter and `body` (the rows of an insert,
-    /// or nothing) as the request body; returns what ClickHouse answered.
-    fn post(
+    /// Runs one statement, sent as the request body (long ones, such as a list of
+    /// ids, fit there and not in a URL); returns what ClickHouse answered.
+    fn post(&self, what: &'static str, sql: &str) -> Result<String, ClickHouseError> {
+        self.send(what, None, sql.as_bytes().to_vec())
+    }
+
+    /// Sends `insert` (if any) as the URL's query parameter and `body` as the request
+    /// body: an insert's rows, or the whole statement.
+    fn send(
         &self,
         what: &'static str,
-        query: &str,
+        insert: Option<&str>,
         body: Vec<u8>,
     ) -> Result<String, ClickHouseError> {
         let unreachable = |source| ClickHouseError::Unreachable {
@@ -355,10 +385,11 @@ impl ClickHouse {
         let mut request = self
             .agent
             .post(&format!("{}/", self.url))
-            .query("query", query)
-            // 64-bit integers as JSON numbers, as `Row` writes them and JSONEachRow
-            // input reads them on every release.
+            // 64-bit integers as JSON numbers, as `StoredLine` reads them.
             .query("output_format_json_quote_64bit_integers", "0");
+        if let Some(insert) = insert {
+            request = request.query("query", insert);
+        }
         let ClickHouseCredentials { user, password } = &self.credentials;
         if user.is_some() || password.is_some() {
             request = request
@@ -381,11 +412,9 @@ impl ClickHouse {
     }
 }
 
-/// A current row of `rated_lines` as ClickHouse returned it, every column kept, so it
-/// can be retired as it is.
-#[derive(Debug, Clone)]
+/// A stored line, by what identifies it.
+#[derive(Debug, Clone, Deserialize)]
 pub struct StoredLine {
-    row: serde_json::Map<String, serde_json::Value>,
     pub id: String,
     pub customer: String,
     pub price: String,
@@ -393,28 +422,17 @@ pub struct StoredLine {
     /// The period the line is billed in.
     pub period: Period,
     /// For an adjustment line, the closed period it adjusts.
+    #[serde(rename = "adjusts_period", deserialize_with = "period_or_empty")]
     pub adjusts: Option<Period>,
 }
 
-impl StoredLine {
-    fn parse(text: &str) -> Option<StoredLine> {
-        let row: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).ok()?;
-        let text_of = |column: &str| row.get(column)?.as_str();
-        // `YYYY-MM-DD hh:mm:ss`, always the first of a month.
-        let period = text_of("period_start")?.get(..7)?.parse().ok()?;
-        let adjusts = match text_of("adjusts_period")? {
-            "" => None,
-            closed => Some(closed.parse().ok()?),
-        };
-        Some(StoredLine {
-            id: text_of("id")?.to_owned(),
-            customer: text_of("customer")?.to_owned(),
-            price: text_of("price")?.to_owned(),
-            version: row.get("version")?.as_u64()?,
-            period,
-            adjusts,
-            row,
-        })
+/// `adjusts_period` as stored: `YYYY-MM`, or empty.
+fn period_or_empty<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Period>, D::Error> {
+    match <&str>::deserialize(deserializer)? {
+        "" => Ok(None),
+        period => period.parse().map(Some).map_err(serde::de::Error::custom),
     }
 }
 

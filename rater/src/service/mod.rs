@@ -781,13 +781,17 @@ impl Worker {
         self.last_insert = Some(started);
         self.clickhouse.insert_versioned(&rows)?;
         // After the lines: a retry after a failure here writes both again, unchanged.
-        self.clickhouse.retire(&self.pending.retired)?;
+        let mut retired: BTreeMap<u64, Vec<&StoredLine>> = BTreeMap::new();
+        for (version, line) in &self.pending.retired {
+            retired.entry(*version).or_default().push(line);
+        }
+        for (version, lines) in retired {
+            self.clickhouse.retire(version, lines)?;
+        }
         self.metrics
             .insert_duration
             .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .inserted_rows
-            .inc_by((rows.len() + self.pending.retired.len()) as u64);
+        self.metrics.inserted_rows.inc_by(rows.len() as u64);
         self.metrics
             .lines_retired
             .inc_by(self.pending.retired.len() as u64);

@@ -1,0 +1,116 @@
+//! The rater's ClickHouse store against a real server: finding the lines another price
+//! book rated and retiring them.
+//!
+//! Needs ClickHouse's HTTP interface at `TALLY_CLICKHOUSE_URL` (default
+//! http://127.0.0.1:8123); `scripts/test.sh` starts one (`scripts/services/up.sh
+//! clickhouse`). The test works in a database of its own.
+
+#![allow(clippy::unwrap_used)] // a test: a failed call should fail it
+
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use tally_rater::clickhouse::ClickHouse;
+use tally_rater::line::line_id;
+use tally_schemas::records::InvoiceLine;
+use tally_schemas::time::Period;
+
+fn url() -> String {
+    std::env::var("TALLY_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
+}
+
+fn query(sql: &str) -> String {
+    ureq::post(&format!("{}/", url()))
+        .send(sql)
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+/// The line of `customer` for price `resolutions` in `period`, rated by book `hash`.
+fn line(customer: &str, period: Period, adjusts: Option<Period>, hash: &str) -> InvoiceLine {
+    InvoiceLine {
+        id: line_id(customer, "resolutions", period, adjusts),
+        config_hash: hash.into(),
+        customer: customer.into(),
+        plan: "pro".into(),
+        price: "resolutions".into(),
+        meter: "resolutions".into(),
+        period_start: period.start(),
+        period_end: period.end(),
+        quantity: Decimal::from(3),
+        subtotal: Decimal::new(300, 2),
+        discount: Decimal::ZERO,
+        amount: Decimal::new(300, 2),
+        currency: "usd".into(),
+        tiers: Vec::new(),
+        adjusts_period: adjusts,
+    }
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
+fn stale_lines_are_found_by_book_and_period_and_retired_in_chunks() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let database = format!("tally_test_store_{}_{nanos}", std::process::id());
+    let store = ClickHouse::new(&url(), &database).unwrap();
+    store.ensure_schema().unwrap();
+    let (october, november) = (
+        Period::from_str("2026-10").unwrap(),
+        Period::from_str("2026-11").unwrap(),
+    );
+    // 2,500 November lines of the old book (more than one retirement statement holds),
+    // an adjustment of October billed in November, October's line of the old book,
+    // and one November line the current book rated.
+    let mut lines: Vec<InvoiceLine> = (0..2500)
+        .map(|i| line(&format!("cust_{i:05}"), november, None, "old"))
+        .collect();
+    lines.push(line("cust_00000", november, Some(october), "old"));
+    lines.push(line("cust_00000", october, None, "old"));
+    lines.push(line("cust_current", november, None, "current"));
+    let rows: Vec<(u64, &InvoiceLine)> = lines.iter().map(|l| (7, l)).collect();
+    store.insert_versioned(&rows).unwrap();
+
+    let stale = store
+        .lines_rated_with_another_book("current", Some(november))
+        .unwrap();
+    assert_eq!(stale.len(), 2501, "November's old-book lines only");
+    let adjustment = stale.iter().find(|l| l.adjusts.is_some()).unwrap();
+    assert_eq!(
+        (adjustment.customer.as_str(), adjustment.price.as_str()),
+        ("cust_00000", "resolutions")
+    );
+    assert_eq!(
+        (adjustment.period, adjustment.adjusts, adjustment.version),
+        (november, Some(october), 7)
+    );
+    assert_eq!(
+        store
+            .lines_rated_with_another_book("current", None)
+            .unwrap()
+            .len(),
+        2502,
+        "every period's"
+    );
+
+    // A version older than the rows retires nothing; the rows' own version does.
+    store.retire(6, &stale).unwrap();
+    let live = |period: &str| {
+        query(&format!(
+            "SELECT count() FROM {database}.invoice_lines WHERE period_start = '{period}-01 00:00:00'"
+        ))
+    };
+    assert_eq!(live("2026-11").trim(), "2502");
+    store.retire(7, &stale).unwrap();
+    assert_eq!(live("2026-11").trim(), "1", "the current book's line stays");
+    assert_eq!(live("2026-10").trim(), "1", "October's was not asked for");
+    assert!(store
+        .lines_rated_with_another_book("current", Some(november))
+        .unwrap()
+        .is_empty());
+    query(&format!("DROP DATABASE {database}"));
+}
