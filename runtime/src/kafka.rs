@@ -452,9 +452,21 @@ pub fn flush(producer: &KafkaProducer, timeout: Duration) -> Result<(), KafkaErr
 }
 
 /// Queues a record, waiting while the producer's queue is full.
-pub fn send<K, P>(
+pub fn send<K, P>(producer: &KafkaProducer, record: BaseRecord<'_, K, P>) -> Result<(), KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    send_until(producer, record, None)
+}
+
+/// Queues a record, waiting while the producer's queue is full, until `deadline` if
+/// there is one: then it fails with `QueueFull` (Kafka has taken nothing for a while,
+/// and waiting on would stop the caller from polling).
+pub fn send_until<K, P>(
     producer: &KafkaProducer,
     mut record: BaseRecord<'_, K, P>,
+    deadline: Option<std::time::Instant>,
 ) -> Result<(), KafkaError>
 where
     K: rdkafka::message::ToBytes + ?Sized,
@@ -463,7 +475,10 @@ where
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+            Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                if deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline) {
+                    return Err(e);
+                }
                 record = back;
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -728,6 +743,26 @@ mod tests {
             errors.get(calls.get() - 1).cloned().map_or(Ok(()), Err)
         });
         (calls.get(), result)
+    }
+
+    #[test]
+    fn a_full_queue_is_waited_on_until_the_deadline() {
+        // No broker listens on port 1: nothing leaves the one-record queue.
+        let producer: KafkaProducer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("queue.buffering.max.messages", "1")
+            .create_with_context(DeliveryReports::default())
+            .unwrap();
+        let record = || BaseRecord::<str, str>::to("t").key("k").payload("v");
+        send(&producer, record()).unwrap();
+        let started = std::time::Instant::now();
+        let deadline = started + Duration::from_millis(200);
+        let full = send_until(&producer, record(), Some(deadline));
+        assert_eq!(
+            full,
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
+        );
+        assert!(started.elapsed() >= Duration::from_millis(200));
     }
 
     #[test]

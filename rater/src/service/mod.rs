@@ -30,14 +30,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
-    poll_group, read_partition, send, DeliveryReports, GroupContext, KafkaProducer, PartitionOwner,
+    poll_group, read_partition, send_until, DeliveryReports, GroupContext, KafkaProducer,
+    PartitionOwner,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -601,7 +602,16 @@ impl Worker {
             self.hold(consumer, "ClickHouse refused the write", e.to_string());
             return Err(e.into());
         }
-        self.queue_rated_lines()?;
+        if let Err(e) = self.queue_rated_lines() {
+            if !matches!(e, RaterError::Undelivered { .. }) {
+                self.hold(
+                    consumer,
+                    "Kafka has not taken the rated lines",
+                    e.to_string(),
+                );
+            }
+            return Err(e);
+        }
         self.awaiting_delivery = Some(std::mem::take(&mut self.pending).offsets);
         self.deliver_and_commit(consumer)
     }
@@ -806,8 +816,13 @@ impl Worker {
 
     /// Hands the pending lines to the producer for `<prefix>.rated`. A line the
     /// producer will not take (too large, a fatal producer error) stops the rater
-    /// before its batch's offsets are committed, as a line Kafka refuses does.
+    /// before its batch's offsets are committed, as a line Kafka refuses does. If the
+    /// producer's queue stays full for `DELIVERY_WAIT` (Kafka away during a batch
+    /// larger than the queue), it fails so the loop can pause and poll; the retry
+    /// queues the batch from its start, and consumers see those lines twice, at the
+    /// same version.
     fn queue_rated_lines(&self) -> Result<(), RaterError> {
+        let deadline = Instant::now() + DELIVERY_WAIT;
         let rated = self.pending.lines.iter().map(|(version, rated)| {
             let record = RatedRecord {
                 line: &rated.line,
@@ -835,7 +850,13 @@ impl Worker {
             let record = BaseRecord::<str, [u8]>::to(&self.rated_topic)
                 .key(id.as_str())
                 .payload(&value);
-            send(&self.producer, record).map_err(|source| self.refused_line(source))?;
+            match send_until(&self.producer, record, Some(deadline)) {
+                Ok(()) => {}
+                Err(full @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                    return Err(kafka("queue rated lines: the producer's queue stayed full")(full))
+                }
+                Err(refused) => return Err(self.refused_line(refused)),
+            }
         }
         Ok(())
     }
