@@ -574,7 +574,15 @@ fn line_for<'a>(lines: &'a [harness::Line], customer: &str, price: &str) -> &'a 
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_the_rest() {
     let _serial = serial();
-    let mut p = Pipeline::new("reprice", 20_000, 40, "");
+    let rater_port = harness::free_port();
+    let mut p = Pipeline::new(
+        "reprice",
+        20_000,
+        40,
+        &format!(
+            "[rater]\nmetrics_listen = \"127.0.0.1:{rater_port}\"\nflush_interval = \"200ms\"\n"
+        ),
+    );
     p.produce(&p.lines());
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
@@ -621,6 +629,15 @@ fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_th
         "{}",
         p.log("rater-b")
     );
+    // Every line the new book no longer makes was retired (a zero-usage one by each
+    // partition that saw it stale, so possibly more than once).
+    let gone = before
+        .iter()
+        .filter(|b| !after.iter().any(|a| (&a.0, &a.1) == (&b.0, &b.1)))
+        .count();
+    assert!(gone > 10, "{gone}");
+    let retired = harness::metric(rater_port, "tally_rater_lines_retired_total").unwrap();
+    assert!(retired >= gone as f64, "{retired} retired, {gone} gone");
 
     // The same book again: nothing is stale, nothing changes.
     p.stop("rater-b");
