@@ -25,7 +25,7 @@
 
 mod metrics;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -697,13 +697,14 @@ impl Worker {
             }
             state.ledger.rerate_all();
             state.uncommitted = true;
-            let mut remade: HashSet<String> = state.ledger.line_ids().collect();
+            let with_usage: HashSet<String> = state.ledger.line_ids().collect();
             let periods: BTreeSet<Period> = stale.iter().map(|line| line.period).collect();
+            let mut zero_usage: HashMap<String, InvoiceLine> = HashMap::new();
             for &period in &periods {
                 match state.ledger.opening_lines(period) {
                     Ok(lines) => {
-                        remade.extend(lines.iter().map(|line| line.id.clone()));
-                        self.pending.opening.extend(lines);
+                        self.pending.opening.extend(lines.iter().cloned());
+                        zero_usage.extend(lines.into_iter().map(|line| (line.id.clone(), line)));
                     }
                     Err(e) => {
                         tracing::error!(error = %e, %period, "cannot rate a period's opening lines")
@@ -712,16 +713,30 @@ impl Worker {
             }
             let version = u64::try_from(state.next_offset).unwrap_or_default();
             let before = self.pending.retired.len();
-            for line in stale.iter().filter(|line| !remade.contains(&line.id)) {
-                let retire_at = if line.version == 0 {
+            for line in stale.iter().filter(|line| !with_usage.contains(&line.id)) {
+                let at = if line.version == 0 {
                     0
                 } else if owned.contains(&line.customer) && line.version <= version {
                     version
                 } else {
-                    // Another partition's customer: its owner retires it.
+                    // Another partition's customer: its owner replaces it.
                     continue;
                 };
-                self.pending.retired.push((retire_at, (*line).clone()));
+                match zero_usage.get(&line.id) {
+                    // Replaced by the opening line written above.
+                    Some(_) if at == 0 => {}
+                    // Usage the book no longer prices on this line (its filter or
+                    // meter changed): the line is now at zero usage.
+                    Some(zero) => self.pending.lines.push((
+                        at,
+                        RatedLine {
+                            line: zero.clone(),
+                            revision: 1,
+                            delta: zero.amount,
+                        },
+                    )),
+                    None => self.pending.retired.push((at, (*line).clone())),
+                }
             }
             tracing::info!(
                 partition,

@@ -599,6 +599,12 @@ fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_th
         r#"id = "gpt-x-tokens""#,
         r#"id = "gpt-x-tokens-2027""#,
     );
+    // ...and its claude-y token price now selects a model nobody uses.
+    let book = edited(
+        &book,
+        r#"filter = { model = "claude-y" }"#,
+        r#"filter = { model = "claude-y2" }"#,
+    );
     let book = edited(
         &book,
         "[[customers]]\nid = \"cust_00002\"\nplan = \"scale-eu\"\n",
@@ -616,6 +622,9 @@ fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_th
     line_for(&before, "cust_00000", "gpt-x-tokens");
     line_for(&after, "cust_00000", "gpt-x-tokens-2027");
     assert!(after.iter().all(|l| l.1 != "gpt-x-tokens"));
+    let claude = |lines| line_for(lines, "cust_00000", "claude-y-tokens").2.clone();
+    assert_ne!(claude(&before), "0");
+    assert_eq!(claude(&after), "0");
     line_for(&before, "cust_00002", "resolutions");
     assert!(after.iter().all(|l| l.0 != "cust_00002"));
     assert_eq!(line_for(&after, "cust_new", "resolutions").3, "49.00");
