@@ -660,10 +660,11 @@ impl Worker {
     /// Checks the stored lines of newly assigned partitions against the price book. A
     /// partition whose open periods have lines an earlier book rated is re-rated: every
     /// line it holds, and the zero-usage lines of those periods (version 0, as when a
-    /// period opens), go with the next batch; stale lines the book no longer makes (a
-    /// customer removed, a price renamed) are retired: zero-usage ones by any
-    /// partition, others by the partition whose customer they bill, at the batch's
-    /// version. Lines of settled periods stay as they were billed.
+    /// period opens), go with the next batch. Each other stale line is replaced, by any
+    /// partition if it never had usage (version 0), else by the partition whose
+    /// customer it bills, at the batch's version: with its zero-usage line if the book
+    /// still makes it (its usage no longer priced there), or else retired (a customer
+    /// removed, a price renamed). Lines of settled periods stay as they were billed.
     fn check_price_book(&mut self) -> Result<(), ClickHouseError> {
         let checking: Vec<i32> = (self.partitions.iter())
             .filter(|(_, state)| state.unchecked.is_some())
@@ -726,7 +727,8 @@ impl Worker {
                     // Replaced by the opening line written above.
                     Some(_) if at == 0 => {}
                     // Usage the book no longer prices on this line (its filter or
-                    // meter changed): the line is now at zero usage.
+                    // meter changed): the line is now at zero usage, its first
+                    // revision as far as the ledger knows.
                     Some(zero) => self.pending.lines.push((
                         at,
                         RatedLine {
