@@ -281,8 +281,8 @@ impl ClickHouse {
         for chunk in lines.chunks(RETIRE_CHUNK) {
             let ids: Vec<String> = chunk.iter().map(|line| format!("'{}'", line.id)).collect();
             let from = chunk.iter().map(|line| line.period).min().expect("a chunk");
-            // A line's rows share its id and period, which lead the sorting key: both
-            // may be chosen inside FINAL.
+            // A line's rows share its id and period, both in the sorting key: both may
+            // be chosen inside FINAL.
             self.execute(
                 "retire lines the price book no longer makes",
                 &format!(

@@ -145,10 +145,17 @@ impl Ledger {
         })
     }
 
-    /// Marks every held line changed, so the next flush rates each one again: after the
-    /// price book changed, its lines rated with the earlier book are replaced.
+    /// Marks every held line of an open period changed, so the next flush rates each
+    /// one again: after the price book changed, its lines rated with the earlier book
+    /// are replaced. Lines of settled periods not yet let go stay as billed.
     pub fn rerate_all(&mut self) {
+        let settled = self.settled_through;
+        let open = |period: Period| settled.is_none_or(|settled| period > settled);
         for (key, state) in &mut self.lines {
+            let (_, line) = key;
+            if !open(line.period) || line.adjusts.is_some_and(|closed| !open(closed)) {
+                continue;
+            }
             if !state.dirty {
                 state.dirty = true;
                 self.dirty.push(key.clone());
@@ -828,6 +835,16 @@ mod tests {
         assert_eq!(ids(&first), listed);
         assert!(again.iter().all(|l| l.revision == 2 && l.delta.is_zero()));
         assert!(ledger.flush().unwrap().is_empty(), "each line once");
+
+        // October settles; until the next flush lets its lines go, they are held but
+        // not re-rated: a settled month stays as billed.
+        ledger.settle_through(october);
+        ledger.rerate_all();
+        let open_only = ledger.flush().unwrap();
+        assert_eq!(open_only.len(), 2, "November's two token lines");
+        assert!(open_only
+            .iter()
+            .all(|l| l.line.period_start == november().start() && l.line.adjusts_period.is_none()));
     }
 
     #[test]

@@ -462,7 +462,8 @@ where
 
 /// Queues a record, waiting while the producer's queue is full, until `deadline` if
 /// there is one: then it fails with `QueueFull` (Kafka has taken nothing for a while,
-/// and waiting on would stop the caller from polling).
+/// and waiting on would stop the caller from polling). Callers queueing many records
+/// move the deadline on after each one queued, so it bounds a stall, not the batch.
 pub fn send_until<K, P>(
     producer: &KafkaProducer,
     mut record: BaseRecord<'_, K, P>,

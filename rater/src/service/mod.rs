@@ -720,7 +720,8 @@ impl Worker {
                 } else if owned.contains(&line.customer) && line.version <= version {
                     version
                 } else {
-                    // Another partition's customer: its owner replaces it.
+                    // Another partition's customer (or a row newer than this
+                    // partition's offsets): its owner replaces it.
                     continue;
                 };
                 match zero_usage.get(&line.id) {
@@ -839,7 +840,7 @@ impl Worker {
     /// queues the batch from its start, and consumers see those lines twice, at the
     /// same version.
     fn queue_rated_lines(&self) -> Result<(), RaterError> {
-        let deadline = Instant::now() + DELIVERY_WAIT;
+        let mut deadline = Instant::now() + DELIVERY_WAIT;
         let rated = self.pending.lines.iter().map(|(version, rated)| {
             let record = RatedRecord {
                 line: &rated.line,
@@ -868,7 +869,8 @@ impl Worker {
                 .key(id.as_str())
                 .payload(&value);
             match send_until(&self.producer, record, Some(deadline)) {
-                Ok(()) => {}
+                // The wait bounds a stall of the queue, not the whole batch.
+                Ok(()) => deadline = Instant::now() + DELIVERY_WAIT,
                 Err(full @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                     return Err(kafka("queue rated lines: the producer's queue stayed full")(full))
                 }

@@ -486,6 +486,15 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
         p.database
     ));
     assert_eq!(first_customer, "starter\t3.27\t\nstarter\t0.99\t2026-10\n");
+    // The other starter customers had no usage since the restart: only the price-book
+    // check re-rated their two November resolutions at the new price.
+    let other_starters = p.query(&format!(
+        "SELECT DISTINCT amount FROM {}.invoice_lines \
+         WHERE period_start = '2026-11-01 00:00:00' AND plan = 'starter' \
+         AND customer != 'cust_00000' AND price = 'resolutions' FORMAT TSV",
+        p.database
+    ));
+    assert_eq!(other_starters, "2.18\n");
 }
 
 #[test]
