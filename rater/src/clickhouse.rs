@@ -205,24 +205,15 @@ impl ClickHouse {
     ) -> Result<(), ClickHouseError> {
         let rows: Vec<_> = lines.iter().map(|line| (version, line)).collect();
         self.insert_versioned(&rows)?;
-        let db = &self.database;
-        // The period is chosen inside FINAL, before the merge, which is safe: it leads
-        // the sorting key, so a line's rows all share it. Whether the merged row is
-        // current and live is judged outside, where `version` is the stored one (not
-        // the tombstone's new value, as a SELECT alias of that name would make it).
-        let tombstone = column_names(|name| match name {
-            "version" => format!("toUInt64({version})"),
-            name => name.to_owned(),
-        });
-        self.execute(
+        // The run's own lines are at `version`: only older ones are retired.
+        self.supersede(
             "retire the lines this run no longer makes",
+            version,
             &format!(
-                "INSERT INTO {db}.rated_lines SELECT {tombstone}, toUInt8(1) \
-                 FROM (SELECT * FROM {db}.rated_lines FINAL \
-                 WHERE period_start = toDateTime('{}', 'UTC')) \
-                 WHERE version < {version} AND superseded = 0",
+                "period_start = toDateTime('{}', 'UTC')",
                 clickhouse_time(period.start())
             ),
+            "<",
         )
     }
 
@@ -234,7 +225,7 @@ impl ClickHouse {
         from: Option<Period>,
     ) -> Result<Vec<StoredLine>, ClickHouseError> {
         let db = &self.database;
-        // As in `replace_period`: the periods are chosen inside FINAL, whether a row is
+        // As in `supersede`: the periods are chosen inside FINAL, whether a row is
         // current, live and stale outside it.
         let periods = from.map_or_else(String::new, |period| {
             format!(
@@ -270,32 +261,53 @@ impl ClickHouse {
         version: u64,
         lines: impl IntoIterator<Item = &'l StoredLine>,
     ) -> Result<(), ClickHouseError> {
-        let db = &self.database;
-        let tombstone = column_names(|name| match name {
-            "version" => format!("toUInt64({version})"),
-            name => name.to_owned(),
-        });
         let lines: Vec<&StoredLine> = lines.into_iter().collect();
         // Ids are 32 characters: a chunk's query stays well inside ClickHouse's
         // max_query_size (256 KiB by default).
         for chunk in lines.chunks(RETIRE_CHUNK) {
             let ids: Vec<String> = chunk.iter().map(|line| format!("'{}'", line.id)).collect();
             let from = chunk.iter().map(|line| line.period).min().expect("a chunk");
-            // A line's rows share its id and period, both in the sorting key: both may
-            // be chosen inside FINAL.
-            self.execute(
+            self.supersede(
                 "retire lines the price book no longer makes",
+                version,
                 &format!(
-                    "INSERT INTO {db}.rated_lines SELECT {tombstone}, toUInt8(1) \
-                     FROM (SELECT * FROM {db}.rated_lines FINAL \
-                     WHERE period_start >= toDateTime('{}', 'UTC') AND id IN ({})) \
-                     WHERE version <= {version} AND superseded = 0",
+                    "period_start >= toDateTime('{}', 'UTC') AND id IN ({})",
                     clickhouse_time(from.start()),
                     ids.join(",")
                 ),
+                "<=",
             )?;
         }
         Ok(())
+    }
+
+    /// Retires the lines `chosen` selects whose current row is live and has a version
+    /// `compared` (`<` or `<=`) to `version`: each gets a `superseded` copy of that row
+    /// at `version`, which the view leaves out. `chosen` may test only what all rows of
+    /// a line share (`period_start`, `id`): it is applied inside FINAL, before the
+    /// merge. Whether the merged row is current and live is judged outside, where
+    /// `version` is the stored one (not the tombstone's new value, as a SELECT alias of
+    /// that name would make it).
+    fn supersede(
+        &self,
+        what: &'static str,
+        version: u64,
+        chosen: &str,
+        compared: &str,
+    ) -> Result<(), ClickHouseError> {
+        let db = &self.database;
+        let tombstone = column_names(|name| match name {
+            "version" => format!("toUInt64({version})"),
+            name => name.to_owned(),
+        });
+        self.execute(
+            what,
+            &format!(
+                "INSERT INTO {db}.rated_lines SELECT {tombstone}, toUInt8(1) \
+                 FROM (SELECT * FROM {db}.rated_lines FINAL WHERE {chosen}) \
+                 WHERE version {compared} {version} AND superseded = 0"
+            ),
+        )
     }
 
     /// Writes lines, each with its own version, in one insert.

@@ -150,10 +150,9 @@ impl Ledger {
     /// are replaced. Lines of settled periods not yet let go stay as billed.
     pub fn rerate_all(&mut self) {
         let settled = self.settled_through;
-        let open = |period: Period| settled.is_none_or(|settled| period > settled);
         for (key, state) in &mut self.lines {
             let (_, line) = key;
-            if !open(line.period) || line.adjusts.is_some_and(|closed| !open(closed)) {
+            if !line_open(settled, line.period, line.adjusts) {
                 continue;
             }
             if !state.dirty {
@@ -235,9 +234,7 @@ impl Ledger {
     pub fn flush_available(&mut self) -> (Vec<RatedLine>, Vec<LineError>) {
         let flushed = self.flush_where(|_| true);
         if let Some(settled) = self.let_go_through.take() {
-            let open = |key: &LineKey| {
-                key.period > settled && key.adjusts.is_none_or(|closed| closed > settled)
-            };
+            let open = |key: &LineKey| line_open(Some(settled), key.period, key.adjusts);
             self.lines.retain(|(_, key), _| open(key));
             self.dirty.retain(|(_, key)| open(key));
         }
@@ -397,6 +394,13 @@ impl Ledger {
         }
         Ok(lines)
     }
+}
+
+/// Whether a line billed in `period`, adjusting `adjusts` if it is an adjustment, is
+/// still open once every period up to `settled` has settled: neither period has.
+pub fn line_open(settled: Option<Period>, period: Period, adjusts: Option<Period>) -> bool {
+    let open = |period: Period| settled.is_none_or(|settled| period > settled);
+    open(period) && adjusts.is_none_or(open)
 }
 
 /// Every subscribed customer with the index of each price of their plan, in plan

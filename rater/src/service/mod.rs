@@ -51,7 +51,7 @@ use tally_schemas::time::Period;
 pub use metrics::RaterMetrics;
 
 use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine};
-use crate::ledger::{Ledger, RatedLine, Recorded};
+use crate::ledger::{line_open, Ledger, RatedLine, Recorded};
 
 /// Most usage updates read before their lines are written.
 const MAX_BATCH_UPDATES: usize = 200_000;
@@ -159,6 +159,15 @@ struct PartitionState {
     /// From assignment until the partition's stored lines were checked against the
     /// price book ([`Worker::check_price_book`]): the customers whose lines it owns.
     unchecked: Option<HashSet<String>>,
+}
+
+impl PartitionState {
+    /// The version of the rows the partition stores next: the windows offset they
+    /// account for, so a later state of a line always has a higher version, and
+    /// re-reading writes the same version with the same content.
+    fn row_version(&self) -> u64 {
+        u64::try_from(self.next_offset).unwrap_or_default()
+    }
 }
 
 /// Lines rated but not yet stored, with the offsets they account for.
@@ -687,11 +696,10 @@ impl Worker {
             .lines_rated_with_another_book(&hash, oldest_open)?;
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
-            let owned = state.unchecked.take().unwrap_or_default();
+            let owned = state.unchecked.take().expect("listed as unchecked");
             let settled = state.ledger.settled_through();
-            let open = |period: Period| settled.is_none_or(|settled| period > settled);
             let stale: Vec<&StoredLine> = (stale.iter())
-                .filter(|line| open(line.period) && line.adjusts.is_none_or(open))
+                .filter(|line| line_open(settled, line.period, line.adjusts))
                 .collect();
             if stale.is_empty() {
                 continue;
@@ -712,7 +720,7 @@ impl Worker {
                     }
                 }
             }
-            let version = u64::try_from(state.next_offset).unwrap_or_default();
+            let version = state.row_version();
             let before = self.pending.retired.len();
             for line in stale.iter().filter(|line| !with_usage.contains(&line.id)) {
                 let at = if line.version == 0 {
@@ -759,10 +767,7 @@ impl Worker {
             if !state.uncommitted {
                 continue;
             }
-            // The row version is the windows offset the line accounts for: a later
-            // state of a line always has a higher version, and re-reading writes the
-            // same version with the same content.
-            let version = u64::try_from(state.next_offset).unwrap_or_default();
+            let version = state.row_version();
             let held = state.ledger.lines_held();
             let (lines, failures) = state.ledger.flush_available();
             if state.ledger.lines_held() < held {
