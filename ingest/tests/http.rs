@@ -563,6 +563,63 @@ fn requests_without_a_valid_key_get_401_and_a_bearer_challenge() {
     assert_eq!(service.stored(), vec![stored("cust_a", &body)]);
 }
 
+/// A refusal answered before the body is read must still leave the connection usable:
+/// clients pool connections, and one closed under them loses their next request. Half
+/// of each refused body is sent before the rest, so a server that answers without
+/// reading it closes the connection with the body unfinished.
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_connection_stays_usable_after_requests_refused_before_their_body() {
+    let service = Service::with_kafka("keep-alive", Setup::default());
+    let addr = service.addr();
+    let body = event("k-1", "agent", "cust_a", 1);
+    let request = |content_type: &str, key: &str, close: bool| {
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n{}\r\n",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        )
+    };
+    let (first_half, second_half) = body.as_bytes().split_at(body.len() / 2);
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    for refused in [
+        request("application/cloudevents+json", "not-a-key", false),
+        request("text/plain", KEY, false),
+    ] {
+        // Writes fail once the server has closed the connection; the answers say so.
+        let _ = stream
+            .write_all(refused.as_bytes())
+            .and_then(|()| stream.write_all(first_half));
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = stream.write_all(second_half);
+    }
+    let _ = stream
+        .write_all(request("application/cloudevents+json", KEY, true).as_bytes())
+        .and_then(|()| stream.write_all(body.as_bytes()));
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    // Answers follow one another with no line break after a body.
+    let statuses: Vec<&str> = answer
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .filter_map(|answer| answer.lines().next())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "401 Unauthorized",
+            "415 Unsupported Media Type",
+            "202 Accepted"
+        ],
+        "{answer}"
+    );
+    assert_eq!(service.stored(), vec![stored("cust_a", &body)]);
+}
+
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_source_the_key_may_not_use_refuses_the_whole_request_and_stores_nothing() {
@@ -610,6 +667,8 @@ fn bodies_over_the_byte_or_event_limit_get_413_and_store_nothing() {
     let reply = service.post(BATCH, Some(KEY), &big);
     assert_eq!(reply.status, 413, "{reply:?}");
     assert_eq!(reply.json()["error"], "payload_too_large");
+    // The body is left unread, so the connection ends with the answer.
+    assert_eq!(reply.header("connection"), Some("close"));
     assert!(reply.json()["message"]
         .as_str()
         .unwrap()

@@ -6,7 +6,9 @@
 //! many events), every event's `source` against the key (403), validation of each
 //! event, and finally Kafka. The answer (202, or 422 for a single invalid event) is
 //! sent only after Kafka acknowledged every accepted event; if it does not, 503 and
-//! nothing is promised.
+//! nothing is promised. A request refused on its headers (401, 429, 415) is answered
+//! once its body is read and dropped, so the client's connection stays usable; a 413
+//! closes it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,7 +36,7 @@ use super::error::IngestError;
 use super::metrics::{IngestMetrics, Outcome};
 use super::producer::{EventProducer, Record};
 use super::rate_limit::{retry_after_seconds, RateLimiter};
-use super::request::{body_kind, split_events, BodyError, Events, ACCEPTED_TYPES};
+use super::request::{body_kind, split_events, BodyError, BodyKind, Events, ACCEPTED_TYPES};
 use super::response::{
     json, with_retry_after, ErrorBody, EventResult, EventStatus, EventsResponse,
 };
@@ -190,51 +192,13 @@ async fn track(State(metrics): State<IngestMetrics>, request: Request, next: Nex
 }
 
 async fn post_events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    let Some(caller) = app.keys.authenticate(&headers) else {
-        tracing::debug!("events refused: no valid API key");
-        let mut response = ErrorBody::new(
-            "unauthorized",
-            "send a valid API key as `Authorization: Bearer <key>` or `X-Api-Key: <key>`",
-        )
-        .into_response(StatusCode::UNAUTHORIZED);
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"tally\""),
-        );
-        return response;
+    let (caller, kind) = match admit(&app, &headers) {
+        Ok(admitted) => admitted,
+        Err(Refusal::BodyUnread(response)) => {
+            return discard_body(body, app.max_body_bytes, *response).await
+        }
+        Err(Refusal::BodyTooLarge) => return too_large(app.max_body_bytes),
     };
-    let tenant = caller.key.tenant.as_str();
-    if let Err(wait) = app.limiter.check(caller.index, Instant::now()) {
-        let seconds = retry_after_seconds(wait);
-        tracing::debug!(tenant, retry_after = seconds, "events refused: rate limit");
-        let body = ErrorBody::new(
-            "rate_limited",
-            format!(
-                "this API key sent more requests than its rate limit allows; retry in {seconds} s"
-            ),
-        );
-        return with_retry_after(body.into_response(StatusCode::TOO_MANY_REQUESTS), seconds);
-    }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let Some(kind) = body_kind(content_type) else {
-        return ErrorBody::new(
-            "unsupported_media_type",
-            format!(
-                "Content-Type {} is not accepted; send {ACCEPTED_TYPES}",
-                content_type.map_or_else(|| "(none)".to_owned(), |c| format!("{c:?}"))
-            ),
-        )
-        .into_response(StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    };
-    let announced = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if announced.is_some_and(|n| n > app.max_body_bytes as u64) {
-        return too_large(app.max_body_bytes);
-    }
     let bytes = match read_body(body, app.max_body_bytes).await {
         Ok(bytes) => bytes,
         Err(ReadError::TooLarge) => return too_large(app.max_body_bytes),
@@ -262,6 +226,90 @@ async fn post_events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         }
     };
     ingest(&app, caller, &events).await
+}
+
+/// Why a request is refused on its headers alone.
+enum Refusal {
+    /// Answered once the body is read and thrown away.
+    BodyUnread(Box<Response>),
+    /// `Content-Length` announces more than the limit: answered at once, on a
+    /// connection then closed.
+    BodyTooLarge,
+}
+
+/// The checks a request's headers decide: key, rate limit, content type and announced
+/// size.
+fn admit<'a>(app: &'a App, headers: &HeaderMap) -> Result<(Caller<'a>, BodyKind), Refusal> {
+    let Some(caller) = app.keys.authenticate(headers) else {
+        tracing::debug!("events refused: no valid API key");
+        let mut response = ErrorBody::new(
+            "unauthorized",
+            "send a valid API key as `Authorization: Bearer <key>` or `X-Api-Key: <key>`",
+        )
+        .into_response(StatusCode::UNAUTHORIZED);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"tally\""),
+        );
+        return Err(Refusal::BodyUnread(Box::new(response)));
+    };
+    let tenant = caller.key.tenant.as_str();
+    if let Err(wait) = app.limiter.check(caller.index, Instant::now()) {
+        let seconds = retry_after_seconds(wait);
+        tracing::debug!(tenant, retry_after = seconds, "events refused: rate limit");
+        let body = ErrorBody::new(
+            "rate_limited",
+            format!(
+                "this API key sent more requests than its rate limit allows; retry in {seconds} s"
+            ),
+        );
+        return Err(Refusal::BodyUnread(Box::new(with_retry_after(
+            body.into_response(StatusCode::TOO_MANY_REQUESTS),
+            seconds,
+        ))));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let Some(kind) = body_kind(content_type) else {
+        return Err(Refusal::BodyUnread(Box::new(
+            ErrorBody::new(
+                "unsupported_media_type",
+                format!(
+                    "Content-Type {} is not accepted; send {ACCEPTED_TYPES}",
+                    content_type.map_or_else(|| "(none)".to_owned(), |c| format!("{c:?}"))
+                ),
+            )
+            .into_response(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        )));
+    };
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > app.max_body_bytes as u64) {
+        return Err(Refusal::BodyTooLarge);
+    }
+    Ok((caller, kind))
+}
+
+/// Answers a request refused before its body was read, after reading that body (up to
+/// `limit`) and throwing it away. Answering first and leaving the body unread would
+/// close the connection under the client: its pool would hand the closed connection to
+/// the next request, which then fails.
+async fn discard_body(body: Body, limit: usize, mut response: Response) -> Response {
+    if read_body(body, limit).await.is_err() {
+        close_after(&mut response);
+    }
+    response
+}
+
+/// Tells the client the connection ends with this answer, so it does not send another
+/// request on it.
+fn close_after(response: &mut Response) {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// Checks, produces and answers for the events of one request.
@@ -367,12 +415,16 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
     )
 }
 
+/// 413 for a body over the limit. The rest of the body stays unread, so the connection
+/// is closed after the answer.
 fn too_large(max_body_bytes: usize) -> Response {
-    ErrorBody::new(
+    let mut response = ErrorBody::new(
         "payload_too_large",
         format!("the request body is larger than the {max_body_bytes} bytes allowed; send fewer events per request"),
     )
-    .into_response(StatusCode::PAYLOAD_TOO_LARGE)
+    .into_response(StatusCode::PAYLOAD_TOO_LARGE);
+    close_after(&mut response);
+    response
 }
 
 enum ReadError {
