@@ -273,6 +273,43 @@ async fn check_state_topic(
     Ok(())
 }
 
+/// The partition a key goes to under the partitioner of Kafka's Java clients (and
+/// librdkafka's `murmur2_random`, which ingest uses): murmur2 of the key's bytes, made
+/// positive, modulo the partition count. A customer's events are keyed by its id, so
+/// this names the partition that holds them. `partitions` must not be zero.
+pub fn partition_for_key(key: &[u8], partitions: usize) -> i32 {
+    let positive = usize::try_from(murmur2(key) & 0x7fff_ffff).expect("31 bits fit a usize");
+    i32::try_from(positive % partitions).expect("below a partition count, an i32")
+}
+
+/// Kafka's variant of MurmurHash2 (32 bits, its own seed), as
+/// `org.apache.kafka.common.utils.Utils.murmur2` computes it.
+fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    // Java hashes the length as an int; a key longer than that cannot be sent anyway.
+    let mut h = SEED ^ u32::try_from(data.len()).unwrap_or(u32::MAX);
+    let mut blocks = data.chunks_exact(4);
+    for block in &mut blocks {
+        let mut k = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let tail = blocks.remainder();
+    if !tail.is_empty() {
+        for (i, &byte) in tail.iter().enumerate().rev() {
+            h ^= u32::from(byte) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
+}
+
 /// How many partitions `topic` has, by the brokers' metadata; an error if the topic
 /// does not exist (a producer or admin client asking for it must not create it:
 /// `allow.auto.create.topics` is false for those).
@@ -735,6 +772,32 @@ pub fn group_consumer<W: PartitionOwner>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn murmur2_agrees_with_kafkas_java_clients() {
+        // Utils.murmur2 and Utils.toPositive(..) % n of kafka-clients 4.4.0, for keys of
+        // every tail length, a non-ASCII one among them.
+        let cases: [(&str, i32, i32, i32); 8] = [
+            ("21", -973_932_308, 0, 3),
+            ("foobar", -790_332_482, 2, 0),
+            ("a-little-bit-long-string", -985_981_536, 0, 1),
+            ("a-little-bit-longer-string", -1_486_304_829, 3, 0),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+                1,
+                3,
+            ),
+            ("abc", 479_470_107, 3, 4),
+            ("cust_new", -1_454_799_670, 2, 0),
+            ("\u{e9}", 186_971_271, 3, 4),
+        ];
+        for (key, hash, of_four, of_seven) in cases {
+            assert_eq!(murmur2(key.as_bytes()).cast_signed(), hash, "{key}");
+            assert_eq!(partition_for_key(key.as_bytes(), 4), of_four, "{key}");
+            assert_eq!(partition_for_key(key.as_bytes(), 7), of_seven, "{key}");
+        }
+    }
     use std::cell::Cell;
 
     fn calls_until_returned(errors: &[KafkaError]) -> (usize, Result<(), KafkaError>) {

@@ -1,7 +1,8 @@
 //! The runtime's Kafka helpers against the real broker that `scripts/services/up.sh`
 //! starts: reading a partition while the broker is down (restores and rebuilds run
 //! inside rebalances, and one that gave up during a broker restart stopped its whole
-//! service), and the topic setup every service runs at start.
+//! service), the topic setup every service runs at start, and the partition a key goes
+//! to.
 
 #![allow(clippy::unwrap_used)] // a test: a failed call should fail it
 
@@ -13,9 +14,11 @@ use rdkafka::admin::{
     AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
 };
 use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
-use tally_runtime::kafka::{ensure_topics, read_partition, KafkaSetupError, MAX_RECORD_BYTES};
+use tally_runtime::kafka::{
+    ensure_topics, partition_for_key, read_partition, KafkaSetupError, MAX_RECORD_BYTES,
+};
 use tally_schemas::config::{KafkaSettings, Topic};
 
 const BROKERS: &str = "127.0.0.1:9092";
@@ -177,4 +180,40 @@ fn state_topics_an_operator_made_without_compaction_or_room_for_large_records_ar
     };
     block_on(ensure_topics(&fresh)).unwrap();
     block_on(ensure_topics(&fresh)).unwrap();
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn partition_for_key_names_the_partition_the_murmur2_partitioner_chose() {
+    let topic = unique("partitioner");
+    let partitions = 7;
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    create_topic(
+        &admin,
+        NewTopic::new(&topic, partitions, TopicReplication::Fixed(1)),
+    );
+    let producer: FutureProducer = config()
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    let keys: Vec<String> = (0..300)
+        .map(|i| format!("cust_{i:05}"))
+        .chain(["\u{e9}t\u{e9}".to_owned(), "a".repeat(1000)])
+        .collect();
+    let mut used = std::collections::BTreeSet::new();
+    for key in &keys {
+        let delivered = block_on(producer.send(
+            FutureRecord::<str, str>::to(&topic).key(key).payload("x"),
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+        assert_eq!(
+            partition_for_key(key.as_bytes(), 7),
+            delivered.partition,
+            "{key}"
+        );
+        used.insert(delivered.partition);
+    }
+    assert_eq!(used.len(), 7, "the keys reach every partition");
+    block_on(admin.delete_topics(&[&topic], &options())).unwrap();
 }
