@@ -63,7 +63,7 @@ impl RaterMetrics {
             ),
             lines_retired: m.counter(
                 "tally_rater_lines_retired_total",
-                "Stored invoice lines retired because the current price book no longer makes them (a zero-usage line once by each partition that finds it).",
+                "Stored invoice lines retired because the current price book no longer makes them.",
             ),
             ledger_lines: m.gauge(
                 "tally_rater_ledger_lines",

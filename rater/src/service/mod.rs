@@ -37,8 +37,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
-    poll_group, read_partition, send_until, DeliveryReports, GroupContext, KafkaProducer,
-    PartitionOwner,
+    partition_count, partition_for_key, poll_group, read_partition, send_until, DeliveryReports,
+    GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -193,6 +193,9 @@ struct Worker {
     clickhouse: ClickHouse,
     producer: KafkaProducer,
     partitions: BTreeMap<i32, PartitionState>,
+    /// The windows topic's partition count, read at each assignment: with Kafka's
+    /// partitioner it names the partition a customer's events go to.
+    partition_count: usize,
     pending: Pending,
     /// The offsets of a batch stored in ClickHouse and handed to the producer for
     /// `<prefix>.rated`: they are committed once Kafka confirms the batch's lines.
@@ -231,6 +234,8 @@ impl PartitionOwner for Worker {
         let committed = committed_offsets(consumer, partitions).map_err(kafka(
             "read the committed offsets of the assigned partitions",
         ))?;
+        self.partition_count = partition_count(consumer.client(), &self.topic)
+            .map_err(kafka("read the windows topic's partition count"))?;
         let wanted: Vec<(i32, i64)> = partitions
             .elements()
             .iter()
@@ -369,6 +374,7 @@ pub fn run(
         clickhouse,
         producer,
         partitions: BTreeMap::new(),
+        partition_count: 0,
         pending: Pending::default(),
         awaiting_delivery: None,
         metrics,
@@ -668,12 +674,14 @@ impl Worker {
 
     /// Checks the stored lines of newly assigned partitions against the price book. A
     /// partition whose open periods have lines an earlier book rated is re-rated: every
-    /// line it holds, and the zero-usage lines of those periods (version 0, as when a
-    /// period opens), go with the next batch. Each other stale line is replaced, by any
-    /// partition if it never had usage (version 0), else by the partition whose
-    /// customer it bills, at the batch's version: with its zero-usage line if the book
-    /// still makes it (its usage no longer priced there), or else retired (a customer
-    /// removed, a price renamed). Lines of settled periods stay as they were billed.
+    /// line it holds, and the zero-usage lines of those periods of the customers whose
+    /// events Kafka's partitioner sends it (version 0, as when a period opens), go with
+    /// the next batch. Each other stale line is replaced by its customer's partition:
+    /// if it never had usage (version 0), the one the partitioner names, at version 0;
+    /// else the one that saw the customer's usage, at the batch's version. It is
+    /// replaced with its zero-usage line if the book still makes it (its usage no
+    /// longer priced there), or else retired (a customer removed, a price renamed).
+    /// Lines of periods settled in that partition stay as they were billed.
     fn check_price_book(&mut self) -> Result<(), ClickHouseError> {
         let checking: Vec<i32> = (self.partitions.iter())
             .filter(|(_, state)| state.unchecked.is_some())
@@ -697,6 +705,11 @@ impl Worker {
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
             let owned = state.unchecked.take().expect("listed as unchecked");
+            // A customer's zero-usage lines belong to the partition its events go to:
+            // judged by that partition's open periods, and written once.
+            let count = self.partition_count;
+            let owns_zero_usage =
+                |customer: &str| partition_for_key(customer.as_bytes(), count) == partition;
             let settled = state.ledger.settled_through();
             let stale: Vec<&StoredLine> = (stale.iter())
                 .filter(|line| line_open(settled, line.period, line.adjusts))
@@ -712,7 +725,8 @@ impl Worker {
             for &period in &periods {
                 match state.ledger.opening_lines(period) {
                     Ok(lines) => {
-                        self.pending.opening.extend(lines.iter().cloned());
+                        let owned_lines = lines.iter().filter(|l| owns_zero_usage(&l.customer));
+                        self.pending.opening.extend(owned_lines.cloned());
                         zero_usage.extend(lines.into_iter().map(|line| (line.id.clone(), line)));
                     }
                     Err(e) => {
@@ -724,6 +738,9 @@ impl Worker {
             let before = self.pending.retired.len();
             for line in stale.iter().filter(|line| !with_usage.contains(&line.id)) {
                 let at = if line.version == 0 {
+                    if !owns_zero_usage(&line.customer) {
+                        continue;
+                    }
                     0
                 } else if owned.contains(&line.customer) && line.version <= version {
                     version
