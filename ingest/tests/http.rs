@@ -620,6 +620,34 @@ fn a_connection_stays_usable_after_requests_refused_before_their_body() {
     assert_eq!(service.stored(), vec![stored("cust_a", &body)]);
 }
 
+/// A refused request whose body is held back for `100 Continue`, or does not come,
+/// is answered anyway (at once, or after a short wait), closing the connection.
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_refused_request_whose_body_does_not_come_is_answered_and_its_connection_closed() {
+    let service = Service::with_kafka("held-back", Setup::default());
+    let addr = service.addr();
+    let head = |extra: &str| {
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/cloudevents+json\r\nAuthorization: Bearer not-a-key\r\nContent-Length: 100\r\n{extra}\r\n"
+        )
+    };
+    for (extra, part_of_body) in [("Expect: 100-continue\r\n", ""), ("", "{\"specversion\"")] {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream.write_all(head(extra).as_bytes()).unwrap();
+        stream.write_all(part_of_body.as_bytes()).unwrap();
+        // Ends only once the server closes the connection.
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+    }
+}
+
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_source_the_key_may_not_use_refuses_the_whole_request_and_stores_nothing() {

@@ -7,12 +7,13 @@
 //! event, and finally Kafka. The answer (202, or 422 for a single invalid event) is
 //! sent only after Kafka acknowledged every accepted event; if it does not, 503 and
 //! nothing is promised. A request refused on its headers (401, 429, 415) is answered
-//! once its body is read and dropped, so the client's connection stays usable; a 413
-//! closes it.
+//! once its body is read and dropped, so the client's connection stays usable; one
+//! whose body is too large, slow (5 s) or held back for `100 Continue`, and a 413, are
+//! answered at once and close the connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -51,6 +52,11 @@ pub const ROUTES: &[&str] = &[EVENTS_ROUTE, "/healthz", "/readyz", "/metrics"];
 /// What `Retry-After` says when Kafka did not acknowledge a request: long enough for a
 /// broker restart or leader election to finish, short enough not to build a backlog.
 const KAFKA_RETRY_AFTER_SECONDS: u64 = 5;
+
+/// Longest the body of a request refused on its headers is waited for (so the
+/// connection stays usable) before the answer goes out and closes the connection: a
+/// client without a valid key cannot hold a handler longer than this.
+const DISCARD_BODY_WAIT: Duration = Duration::from_secs(5);
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -195,7 +201,7 @@ async fn post_events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
     let (caller, kind) = match admit(&app, &headers) {
         Ok(admitted) => admitted,
         Err(Refusal::BodyUnread(response)) => {
-            return discard_body(body, app.max_body_bytes, *response).await
+            return discard_body(&headers, body, app.max_body_bytes, *response).await
         }
         Err(Refusal::BodyTooLarge) => return too_large(app.max_body_bytes),
     };
@@ -283,25 +289,61 @@ fn admit<'a>(app: &'a App, headers: &HeaderMap) -> Result<(Caller<'a>, BodyKind)
             .into_response(StatusCode::UNSUPPORTED_MEDIA_TYPE),
         )));
     };
-    let announced = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if announced.is_some_and(|n| n > app.max_body_bytes as u64) {
+    if announced_over(headers, app.max_body_bytes) {
         return Err(Refusal::BodyTooLarge);
     }
     Ok((caller, kind))
 }
 
-/// Answers a request refused before its body was read, after reading that body (up to
-/// `limit`) and throwing it away. Answering first and leaving the body unread would
-/// close the connection under the client: its pool would hand the closed connection to
-/// the next request, which then fails.
-async fn discard_body(body: Body, limit: usize, mut response: Response) -> Response {
-    if read_body(body, limit).await.is_err() {
+/// Whether `Content-Length` announces more than `limit` bytes.
+fn announced_over(headers: &HeaderMap, limit: usize) -> bool {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > limit as u64)
+}
+
+/// Answers a request refused before its body was read, after reading that body and
+/// throwing it away. Answering first and leaving the body unread would close the
+/// connection under the client: its pool would hand the closed connection to the next
+/// request, which then fails. A body not worth waiting for (over `limit`, not there
+/// within [`DISCARD_BODY_WAIT`], or held back for a `100 Continue` the refusal makes
+/// pointless) is not read: the answer comes at once and closes the connection.
+async fn discard_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    mut response: Response,
+) -> Response {
+    let waits_for_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let discarded = !waits_for_continue
+        && !announced_over(headers, limit)
+        && tokio::time::timeout(DISCARD_BODY_WAIT, drain(body, limit))
+            .await
+            .unwrap_or(false);
+    if !discarded {
         close_after(&mut response);
     }
     response
+}
+
+/// Reads a body to its end, dropping each piece as it comes; false once it passes
+/// `limit` bytes or cannot be read.
+async fn drain(mut body: Body, limit: usize) -> bool {
+    let mut seen = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return false;
+        };
+        seen += frame.data_ref().map_or(0, Bytes::len);
+        if seen > limit {
+            return false;
+        }
+    }
+    true
 }
 
 /// Tells the client the connection ends with this answer, so it does not send another
