@@ -11,6 +11,7 @@
 //! partitions: the aggregator writes partition p's windows and state changes to
 //! partition p, so a customer's usage stays in one partition end to end.
 
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -110,9 +111,9 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
 type Admin = AdminClient<DefaultClientContext>;
 
 /// Creates Tally's topics if they do not exist, then checks that the co-partitioned
-/// ones agree and that the state topics keep what a restore needs. Safe to run from
-/// every instance at every start.
-pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetupError>> {
+/// ones agree and that the state topics keep what a restore needs. Returns their
+/// partition count. Safe to run from every instance at every start.
+pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box<KafkaSetupError>> {
     let admin: Admin = client_config(settings)
         .create()
         .map_err(setup_error(settings, "create an admin client"))?;
@@ -126,14 +127,14 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), Box<KafkaSetu
         if found != expected_count {
             return Err(Box::new(KafkaSetupError::PartitionMismatch {
                 topic: name,
-                found,
+                found: found.get(),
                 expected: events,
-                expected_count,
+                expected_count: expected_count.get(),
             }));
         }
         check_state_topic(&admin, settings, &options, name).await?;
     }
-    Ok(())
+    Ok(expected_count)
 }
 
 /// Maps a Kafka error to a setup error, saying what was being done.
@@ -220,19 +221,24 @@ async fn partitions_once_known(
     admin: &Admin,
     settings: &KafkaSettings,
     topic: &str,
-) -> Result<usize, Box<KafkaSetupError>> {
+) -> Result<NonZeroUsize, Box<KafkaSetupError>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match partition_count(admin.inner(), topic) {
-            Ok(partitions) if partitions > 0 => return Ok(partitions),
-            counted if tokio::time::Instant::now() > deadline => {
-                return counted.map_err(setup_error(
-                    settings,
-                    &format!("read the metadata of {topic}"),
-                ))
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        let counted = partition_count(admin.inner(), topic).map(NonZeroUsize::new);
+        if let Ok(Some(partitions)) = counted {
+            return Ok(partitions);
         }
+        if tokio::time::Instant::now() > deadline {
+            // Still no partitions: as good as unknown.
+            let error = counted.err().unwrap_or(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+            ));
+            return Err(setup_error(
+                settings,
+                &format!("read the metadata of {topic}"),
+            )(error));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -276,8 +282,8 @@ async fn check_state_topic(
 /// The partition a key goes to under the partitioner of Kafka's Java clients (and
 /// librdkafka's `murmur2_random`, which ingest uses): murmur2 of the key's bytes, made
 /// positive, modulo the partition count. A customer's events are keyed by its id, so
-/// this names the partition that holds them. `partitions` must not be zero.
-pub fn partition_for_key(key: &[u8], partitions: usize) -> i32 {
+/// this names the partition that holds them.
+pub fn partition_for_key(key: &[u8], partitions: NonZeroUsize) -> i32 {
     let positive = usize::try_from(murmur2(key) & 0x7fff_ffff).expect("31 bits fit a usize");
     i32::try_from(positive % partitions).expect("below a partition count, an i32")
 }
@@ -772,6 +778,7 @@ pub fn group_consumer<W: PartitionOwner>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
 
     #[test]
     fn murmur2_agrees_with_kafkas_java_clients() {
@@ -794,11 +801,19 @@ mod tests {
         ];
         for (key, hash, of_four, of_seven) in cases {
             assert_eq!(murmur2(key.as_bytes()).cast_signed(), hash, "{key}");
-            assert_eq!(partition_for_key(key.as_bytes(), 4), of_four, "{key}");
-            assert_eq!(partition_for_key(key.as_bytes(), 7), of_seven, "{key}");
+            let partitions = |n| NonZeroUsize::new(n).unwrap();
+            assert_eq!(
+                partition_for_key(key.as_bytes(), partitions(4)),
+                of_four,
+                "{key}"
+            );
+            assert_eq!(
+                partition_for_key(key.as_bytes(), partitions(7)),
+                of_seven,
+                "{key}"
+            );
         }
     }
-    use std::cell::Cell;
 
     fn calls_until_returned(errors: &[KafkaError]) -> (usize, Result<(), KafkaError>) {
         let calls = Cell::new(0);

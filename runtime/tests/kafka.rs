@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)] // a test: a failed call should fail it
 
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -208,7 +209,7 @@ fn partition_for_key_names_the_partition_the_murmur2_partitioner_chose() {
         ))
         .unwrap();
         assert_eq!(
-            partition_for_key(key.as_bytes(), 7),
+            partition_for_key(key.as_bytes(), NonZeroUsize::new(7).unwrap()),
             delivered.partition,
             "{key}"
         );

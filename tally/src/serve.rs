@@ -7,6 +7,7 @@
 //! the requests it has, the aggregator commits its transaction, the rater stores its
 //! lines.
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,9 +105,11 @@ async fn serve(
             problems.join("\n")
         );
     }
-    if runs(Service::Aggregator) || runs(Service::Rater) {
-        ensure_topics(&settings, &shutdown).await?;
-    }
+    let partition_count = if runs(Service::Aggregator) || runs(Service::Rater) {
+        Some(ensure_topics(&settings, &shutdown).await?)
+    } else {
+        None
+    };
     let mut tasks = tokio::task::JoinSet::new();
     if runs(Service::Ingest) {
         let (config, settings, shutdown) =
@@ -135,7 +138,7 @@ async fn serve(
                 .context("aggregator")
         });
     }
-    if runs(Service::Rater) {
+    if let (true, Some(partition_count)) = (runs(Service::Rater), partition_count) {
         let registry = Registry::new();
         let readiness = Readiness::new("starting");
         ops::serve(
@@ -149,8 +152,15 @@ async fn serve(
         let (config, settings, shutdown) =
             (Arc::clone(&config), settings.clone(), shutdown.clone());
         tasks.spawn_blocking(move || {
-            tally_rater::service::run(config, &settings, metrics, readiness, shutdown)
-                .context("rater")
+            tally_rater::service::run(
+                config,
+                &settings,
+                partition_count,
+                metrics,
+                readiness,
+                shutdown,
+            )
+            .context("rater")
         });
     }
     // The first service to stop, with or without an error, stops the others.
@@ -173,13 +183,16 @@ async fn serve(
 }
 
 /// Creates the topics, waiting for Kafka for up to two minutes (it may be starting
-/// alongside).
-async fn ensure_topics(settings: &ServiceSettings, shutdown: &Shutdown) -> anyhow::Result<()> {
+/// alongside); returns their partition count.
+async fn ensure_topics(
+    settings: &ServiceSettings,
+    shutdown: &Shutdown,
+) -> anyhow::Result<NonZeroUsize> {
     let mut wait = Duration::from_millis(250);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         match tally_runtime::kafka::ensure_topics(&settings.kafka).await {
-            Ok(()) => return Ok(()),
+            Ok(partitions) => return Ok(partitions),
             Err(e) if !e.is_unavailable() => return Err(e.into()),
             Err(e) if tokio::time::Instant::now() < deadline && !shutdown.is_requested() => {
                 tracing::warn!(error = %e, "Kafka not ready; retrying");

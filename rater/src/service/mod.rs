@@ -26,6 +26,7 @@
 mod metrics;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,8 +38,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
-    partition_count, partition_for_key, poll_group, read_partition, send_until, DeliveryReports,
-    GroupContext, KafkaProducer, PartitionOwner,
+    partition_for_key, poll_group, read_partition, send_until, DeliveryReports, GroupContext,
+    KafkaProducer, PartitionOwner,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -157,7 +158,8 @@ struct PartitionState {
     /// accounts for are stored.
     uncommitted: bool,
     /// From assignment until the partition's stored lines were checked against the
-    /// price book ([`Worker::check_price_book`]): the customers whose lines it owns.
+    /// price book ([`Worker::check_price_book`]): the customers with usage in the
+    /// partition, whose lines with usage it replaces if stale.
     unchecked: Option<HashSet<String>>,
 }
 
@@ -193,9 +195,9 @@ struct Worker {
     clickhouse: ClickHouse,
     producer: KafkaProducer,
     partitions: BTreeMap<i32, PartitionState>,
-    /// The windows topic's partition count, read at each assignment: with Kafka's
+    /// The windows topic's partition count (the events topic's): with Kafka's
     /// partitioner it names the partition a customer's events go to.
-    partition_count: usize,
+    partition_count: NonZeroUsize,
     pending: Pending,
     /// The offsets of a batch stored in ClickHouse and handed to the producer for
     /// `<prefix>.rated`: they are committed once Kafka confirms the batch's lines.
@@ -234,8 +236,6 @@ impl PartitionOwner for Worker {
         let committed = committed_offsets(consumer, partitions).map_err(kafka(
             "read the committed offsets of the assigned partitions",
         ))?;
-        self.partition_count = partition_count(consumer.client(), &self.topic)
-            .map_err(kafka("read the windows topic's partition count"))?;
         let wanted: Vec<(i32, i64)> = partitions
             .elements()
             .iter()
@@ -333,10 +333,12 @@ fn kafka(what: &'static str) -> impl Fn(KafkaError) -> RaterError {
 }
 
 /// Runs the rater until `shutdown`, then stores what it has read and leaves the group.
-/// Blocking: run it on its own thread. The topics must exist.
+/// Blocking: run it on its own thread. The topics must exist, with `partition_count`
+/// partitions ([`tally_runtime::kafka::ensure_topics`] says how many).
 pub fn run(
     config: Arc<Config>,
     settings: &ServiceSettings,
+    partition_count: NonZeroUsize,
     metrics: RaterMetrics,
     readiness: Readiness,
     shutdown: Shutdown,
@@ -374,7 +376,7 @@ pub fn run(
         clickhouse,
         producer,
         partitions: BTreeMap::new(),
-        partition_count: 0,
+        partition_count,
         pending: Pending::default(),
         awaiting_delivery: None,
         metrics,
@@ -704,7 +706,7 @@ impl Worker {
             .lines_rated_with_another_book(&hash, oldest_open)?;
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
-            let owned = state.unchecked.take().expect("listed as unchecked");
+            let customers_with_usage = state.unchecked.take().expect("listed as unchecked");
             // A customer's zero-usage lines belong to the partition its events go to:
             // judged by that partition's open periods, and written once.
             let count = self.partition_count;
@@ -742,7 +744,7 @@ impl Worker {
                         continue;
                     }
                     0
-                } else if owned.contains(&line.customer) && line.version <= version {
+                } else if customers_with_usage.contains(&line.customer) && line.version <= version {
                     version
                 } else {
                     // Another partition's customer (or a row newer than this

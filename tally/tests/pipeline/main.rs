@@ -687,8 +687,8 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
         book + "\n[[customers]]\nid = \"cust_idle\"\nplan = \"pro\"\n",
     )
     .unwrap();
-    let partition_of =
-        |customer: &str| partition_for_key(customer.as_bytes(), harness::PARTITIONS as usize);
+    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
+    let partition_of = |customer: &str| partition_for_key(customer.as_bytes(), partitions);
     let idle_partition = partition_of("cust_idle");
     assert!(
         customers()
