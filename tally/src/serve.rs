@@ -120,7 +120,7 @@ async fn serve(
                 .context("ingest")
         });
     }
-    if runs(Service::Aggregator) {
+    if let (true, Some(partition_count)) = (runs(Service::Aggregator), partition_count) {
         let registry = Registry::new();
         let readiness = Readiness::new("starting");
         ops::serve(
@@ -134,8 +134,15 @@ async fn serve(
         let (config, settings, shutdown) =
             (Arc::clone(&config), settings.clone(), shutdown.clone());
         tasks.spawn_blocking(move || {
-            tally_aggregator::service::run(config, &settings, metrics, readiness, shutdown)
-                .context("aggregator")
+            tally_aggregator::service::run(
+                config,
+                &settings,
+                partition_count,
+                metrics,
+                readiness,
+                shutdown,
+            )
+            .context("aggregator")
         });
     }
     if let (true, Some(partition_count)) = (runs(Service::Rater), partition_count) {

@@ -51,6 +51,9 @@ pub(super) struct OutcomeCounts {
     events: [u64; EventOutcome::ALL.len()],
     pub late_revised: u64,
     pub late_adjusted: u64,
+    /// Accepted events on another partition than the one Kafka's Java partitioner
+    /// gives their subject.
+    pub misplaced: u64,
 }
 
 impl OutcomeCounts {
@@ -71,6 +74,7 @@ pub struct AggregatorMetrics {
     /// later period as adjustments.
     pub late_revised: IntCounter,
     pub late_adjusted: IntCounter,
+    pub misplaced: IntCounter,
     /// `result`: committed, aborted.
     pub transactions: IntCounterVec,
     pub transaction_duration: Histogram,
@@ -105,6 +109,10 @@ impl AggregatorMetrics {
             events: EventOutcome::ALL.map(|o| events.with_label_values(&[o.label()])),
             late_revised: late.with_label_values(&["revised"]),
             late_adjusted: late.with_label_values(&["adjusted"]),
+            misplaced: m.counter(
+                "tally_aggregator_misplaced_events_total",
+                "Events keyed by their subject but on another partition than Kafka's Java partitioner (murmur2) gives it: their producer partitions otherwise (librdkafka's default, say). They are billed, but a price-book change then judges their customer's zero-usage lines by another partition; set partitioner=murmur2_random.",
+            ),
             rejected: m.counter_vec(
                 "tally_aggregator_rejected_events_total",
                 "Events written to the rejected topic, by reason.",
@@ -164,5 +172,6 @@ impl AggregatorMetrics {
         }
         self.late_revised.inc_by(counts.late_revised);
         self.late_adjusted.inc_by(counts.late_adjusted);
+        self.misplaced.inc_by(counts.misplaced);
     }
 }

@@ -24,6 +24,7 @@ mod changelog;
 mod metrics;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,8 +38,8 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
-    partition_count, poll_group, send, DeliveryReports, GroupContext, KafkaProducer,
-    PartitionOwner, MAX_RECORD_BYTES,
+    partition_count, partition_for_key, poll_group, send, DeliveryReports, GroupContext,
+    KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -196,6 +197,7 @@ impl PartitionState {
     fn process<'m>(
         &mut self,
         config: &Config,
+        partition_count: NonZeroUsize,
         message: &'m BorrowedMessage<'m>,
         processed: &mut Processed<'m>,
     ) {
@@ -241,6 +243,13 @@ impl PartitionState {
                 ),
             ),
             Ok(event) => {
+                // Billed all the same; counted because the rater finds a customer's
+                // zero-usage lines by the partitioner's choice.
+                if partition_for_key(event.subject.as_bytes(), partition_count)
+                    != message.partition()
+                {
+                    processed.outcomes.misplaced += 1;
+                }
                 let outcome = self.aggregator.apply(&event);
                 match outcome {
                     Outcome::Late => processed.outcomes.late_revised += 1,
@@ -499,6 +508,8 @@ fn tombstone(
 /// Everything the consume loop and the rebalance callback share.
 struct Worker {
     config: Arc<Config>,
+    /// The events topic's partition count.
+    partition_count: NonZeroUsize,
     period_close_grace: Duration,
     /// A partition's changelog is due a snapshot once its deltas since the last one
     /// exceed this many bytes and the last snapshot's size
@@ -569,11 +580,12 @@ impl PartitionOwner for Worker {
 }
 
 /// Runs the aggregator until `shutdown`, then commits what it has read and leaves the
-/// group. Blocking: run it on its own thread. The topics must exist
-/// ([`tally_runtime::kafka::ensure_topics`]).
+/// group. Blocking: run it on its own thread. The topics must exist, with
+/// `partition_count` partitions ([`tally_runtime::kafka::ensure_topics`] says how many).
 pub fn run(
     config: Arc<Config>,
     settings: &ServiceSettings,
+    partition_count: NonZeroUsize,
     metrics: AggregatorMetrics,
     readiness: Readiness,
     shutdown: Shutdown,
@@ -588,6 +600,7 @@ pub fn run(
     let producer = new_producer(kafka)?;
     let worker = Arc::new(Mutex::new(Worker {
         config,
+        partition_count,
         period_close_grace: settings.aggregator.period_close_grace,
         snapshot_after_bytes: settings.aggregator.changelog_snapshot_bytes,
         kafka: kafka.clone(),
@@ -899,11 +912,11 @@ impl Worker {
             .iter_mut()
             .filter_map(|(p, state)| Some((state, by_partition.remove(p)?)))
             .collect();
-        let config = &*self.config;
+        let (config, partition_count) = (&*self.config, self.partition_count);
         let results = on_threads(work, |(state, messages)| {
             let mut processed = Processed::default();
             for message in messages {
-                state.process(config, message, &mut processed);
+                state.process(config, partition_count, message, &mut processed);
             }
             processed
         });

@@ -311,6 +311,18 @@ database = "{database}"
         self.producer.flush(Duration::from_secs(60)).unwrap();
     }
 
+    /// Produces `payload` keyed by `key` to `partition` of the events topic, whatever a
+    /// partitioner would choose: a producer that partitions its own way.
+    pub fn produce_to(&self, partition: i32, key: &str, payload: &[u8]) {
+        let topic = self.topic("events");
+        let record = BaseRecord::<str, [u8]>::to(&topic)
+            .partition(partition)
+            .key(key)
+            .payload(payload);
+        self.producer.send(record).map_err(|(e, _)| e).unwrap();
+        self.producer.flush(Duration::from_secs(60)).unwrap();
+    }
+
     /// Produces a message with one header and no payload to `partition` of the events
     /// topic: a control record, as `tally close-period` writes them.
     pub fn produce_header(&self, partition: i32, name: &str, value: &str) {

@@ -31,7 +31,15 @@ fn poison() -> Vec<Vec<u8>> {
 fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     let _serial = serial();
     let _ = NEEDS;
-    let mut p = Pipeline::new("equivalence", 20_000, 40, "");
+    let aggregator_port = harness::free_port();
+    let mut p = Pipeline::new(
+        "equivalence",
+        20_000,
+        40,
+        &format!(
+            "[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_port}\"\ncommit_interval = \"100ms\""
+        ),
+    );
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let mut lines = p.lines();
@@ -62,6 +70,24 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
         assert!(!headers["tally.error.field"].is_empty(), "{headers:?}");
         assert_eq!(headers["tally.source.topic"], p.topic("events"));
     }
+
+    // An event a producer put on another partition than Kafka's Java partitioner
+    // would (of a customer the book does not bill, so the lines stay as they are) is
+    // counted as misplaced; the month's events were all where it puts them.
+    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
+    let elsewhere =
+        (partition_for_key(b"cust_elsewhere", partitions) + 1) % harness::PARTITIONS as i32;
+    p.produce_to(
+        elsewhere,
+        "cust_elsewhere",
+        &resolution("misplaced-1", "cust_elsewhere", "2026-10-20T10:00:00Z"),
+    );
+    harness::eventually(
+        "the aggregator counts the misplaced event",
+        Duration::from_secs(30),
+        || harness::metric(aggregator_port, "tally_aggregator_misplaced_events_total") == Some(1.0),
+    );
+    p.wait_for(&expected, Duration::from_secs(30));
 
     // Replaying the whole topic from the beginning changes nothing.
     p.stop("agg-a");
