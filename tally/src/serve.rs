@@ -7,6 +7,7 @@
 //! the requests it has, the aggregator commits its transaction, the rater stores its
 //! lines.
 
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -120,55 +121,34 @@ async fn serve(
                 .context("ingest")
         });
     }
-    if let (true, Some(partition_count)) = (runs(Service::Aggregator), partition_count) {
-        let registry = Registry::new();
-        let readiness = Readiness::new("starting");
-        ops::serve(
-            settings.aggregator.metrics_listen,
-            "aggregator metrics",
-            ops::router(registry.clone(), readiness.clone()),
-            shutdown.clone(),
-        )
-        .await?;
-        let metrics = AggregatorMetrics::new(registry);
-        let (config, settings, shutdown) =
-            (Arc::clone(&config), settings.clone(), shutdown.clone());
-        tasks.spawn_blocking(move || {
-            tally_aggregator::service::run(
-                config,
-                &settings,
-                partition_count,
-                metrics,
-                readiness,
-                shutdown,
-            )
-            .context("aggregator")
-        });
-    }
-    if let (true, Some(partition_count)) = (runs(Service::Rater), partition_count) {
-        let registry = Registry::new();
-        let readiness = Readiness::new("starting");
-        ops::serve(
-            settings.rater.metrics_listen,
-            "rater metrics",
-            ops::router(registry.clone(), readiness.clone()),
-            shutdown.clone(),
-        )
-        .await?;
-        let metrics = RaterMetrics::new(registry);
-        let (config, settings, shutdown) =
-            (Arc::clone(&config), settings.clone(), shutdown.clone());
-        tasks.spawn_blocking(move || {
-            tally_rater::service::run(
-                config,
-                &settings,
-                partition_count,
-                metrics,
-                readiness,
-                shutdown,
-            )
-            .context("rater")
-        });
+    if let Some(partition_count) = partition_count {
+        let stream = StreamServiceContext {
+            config: &config,
+            settings: &settings,
+            partition_count,
+            shutdown: &shutdown,
+        };
+        if runs(Service::Aggregator) {
+            let listen = settings.aggregator.metrics_listen;
+            let (metrics, run) = (AggregatorMetrics::new, tally_aggregator::service::run);
+            stream
+                .spawn(
+                    &mut tasks,
+                    "aggregator",
+                    "aggregator metrics",
+                    listen,
+                    metrics,
+                    run,
+                )
+                .await?;
+        }
+        if runs(Service::Rater) {
+            let listen = settings.rater.metrics_listen;
+            let (metrics, run) = (RaterMetrics::new, tally_rater::service::run);
+            stream
+                .spawn(&mut tasks, "rater", "rater metrics", listen, metrics, run)
+                .await?;
+        }
     }
     // The first service to stop, with or without an error, stops the others.
     let mut outcome = Ok(());
@@ -187,6 +167,66 @@ async fn serve(
     }
     tracing::info!("stopped");
     outcome
+}
+
+/// What the Kafka services (the aggregator and the rater) start from.
+struct StreamServiceContext<'a> {
+    config: &'a Arc<Config>,
+    settings: &'a ServiceSettings,
+    /// The topics' partitions, from [`ensure_topics`].
+    partition_count: NonZeroUsize,
+    shutdown: &'a Shutdown,
+}
+
+/// A Kafka service's entry point: runs it on the calling thread until shutdown.
+type RunService<M, E> =
+    fn(Arc<Config>, &ServiceSettings, NonZeroUsize, M, Readiness, Shutdown) -> Result<(), E>;
+
+impl StreamServiceContext<'_> {
+    /// Serves the service's metrics and health (`endpoint`) on `metrics_listen`, then
+    /// runs it on a blocking thread of `tasks`.
+    async fn spawn<M, E>(
+        &self,
+        tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+        name: &'static str,
+        endpoint: &'static str,
+        metrics_listen: SocketAddr,
+        new_metrics: fn(Registry) -> M,
+        run: RunService<M, E>,
+    ) -> anyhow::Result<()>
+    where
+        M: Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let registry = Registry::new();
+        let readiness = Readiness::new("starting");
+        ops::serve(
+            metrics_listen,
+            endpoint,
+            ops::router(registry.clone(), readiness.clone()),
+            self.shutdown.clone(),
+        )
+        .await?;
+        let metrics = new_metrics(registry);
+        let (config, settings, partition_count, shutdown) = (
+            Arc::clone(self.config),
+            self.settings.clone(),
+            self.partition_count,
+            self.shutdown.clone(),
+        );
+        tasks.spawn_blocking(move || {
+            run(
+                config,
+                &settings,
+                partition_count,
+                metrics,
+                readiness,
+                shutdown,
+            )
+            .context(name)
+        });
+        Ok(())
+    }
 }
 
 /// Creates the topics, waiting for Kafka for up to two minutes (it may be starting
