@@ -51,8 +51,8 @@ pub(super) struct OutcomeCounts {
     events: [u64; EventOutcome::ALL.len()],
     pub late_revised: u64,
     pub late_adjusted: u64,
-    /// Accepted events on another partition than the one Kafka's Java partitioner
-    /// gives their subject.
+    /// Events counted (accepted, late or adjusted) on another partition than the one
+    /// Kafka's Java partitioner gives their subject.
     pub misplaced: u64,
 }
 
@@ -111,7 +111,7 @@ impl AggregatorMetrics {
             late_adjusted: late.with_label_values(&["adjusted"]),
             misplaced: m.counter(
                 "tally_aggregator_misplaced_events_total",
-                "Events keyed by their subject but on another partition than Kafka's Java partitioner (murmur2) gives it: their producer partitions otherwise (librdkafka's default, say). They are billed, but a price-book change then judges their customer's zero-usage lines by another partition; set partitioner=murmur2_random.",
+                "Events counted (accepted, late or adjusted) on another partition than Kafka's Java partitioner (murmur2) gives their subject: their producer partitions otherwise (librdkafka's default, say). They are billed, but a price-book change then judges their customer's zero-usage lines by another partition; set partitioner=murmur2_random. Like the events counter, it counts again what a recovery re-reads.",
             ),
             rejected: m.counter_vec(
                 "tally_aggregator_rejected_events_total",

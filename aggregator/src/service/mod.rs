@@ -243,18 +243,21 @@ impl PartitionState {
                 ),
             ),
             Ok(event) => {
-                // Billed all the same; counted because the rater finds a customer's
-                // zero-usage lines by the partitioner's choice.
-                if partition_for_key(event.subject.as_bytes(), partition_count)
-                    != message.partition()
-                {
-                    processed.outcomes.misplaced += 1;
-                }
                 let outcome = self.aggregator.apply(&event);
                 match outcome {
                     Outcome::Late => processed.outcomes.late_revised += 1,
                     Outcome::Adjusted => processed.outcomes.late_adjusted += 1,
                     _ => {}
+                }
+                // Billed all the same; counted because the rater finds a customer's
+                // zero-usage lines by the partitioner's choice.
+                if matches!(
+                    outcome,
+                    Outcome::Accepted | Outcome::Late | Outcome::Adjusted
+                ) && partition_for_key(event.subject.as_bytes(), partition_count)
+                    != message.partition()
+                {
+                    processed.outcomes.misplaced += 1;
                 }
                 verdict(outcome, event.time)
             }

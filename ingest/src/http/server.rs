@@ -7,9 +7,10 @@
 //! event, and finally Kafka. The answer (202, or 422 for a single invalid event) is
 //! sent only after Kafka acknowledged every accepted event; if it does not, 503 and
 //! nothing is promised. A request refused on its headers (401, 429, 415) is answered
-//! once its body is read and dropped, so the client's connection stays usable; one
-//! whose body is too large, slow (5 s) or held back for `100 Continue`, and a 413, are
-//! answered at once and close the connection.
+//! once its body is read and dropped, so the client's connection stays usable. One
+//! whose body is announced too large or held back for `100 Continue` is answered at
+//! once, one whose body takes over 5 s after 5 s; both, and a 413, close the
+//! connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -95,6 +95,11 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     p.start("aggregator", "agg-a");
     p.wait_caught_up("aggregator", Duration::from_secs(180));
     p.wait_for(&expected, Duration::from_secs(60));
+    // The misplaced event came back as a duplicate: counted once, by the first reading.
+    assert_eq!(
+        harness::metric(aggregator_port, "tally_aggregator_misplaced_events_total"),
+        Some(0.0)
+    );
 }
 
 /// The events file with about 10 % of its lines sent again later: producer retries
