@@ -17,10 +17,10 @@
 //! period is kept). A settled record ([`SETTLED_HEADER`]) says a month and those before
 //! it can no longer change: the partition's lines of them are rated one last time and
 //! let go, so a ledger holds open periods only (while rebuilt too, up to the committed
-//! offset), and later usage of them (an aggregator replaying) is refused. A rebuilt
-//! partition whose stored lines of open periods another price book rated is re-rated
-//! with the current one, and its stale lines that book no longer makes are retired
-//! (`Worker::check_price_book`). While ClickHouse is down the rater pauses its
+//! offset), and later usage of them (an aggregator replaying) is refused. A partition
+//! whose stored lines of open periods another price book rated (checked once rebuilt,
+//! and every `price_book_check_interval`) is re-rated with the current one, and its
+//! stale lines that book no longer makes are retired (`Worker::check_price_book`). While ClickHouse is down the rater pauses its
 //! partitions, keeps the unwritten lines, and retries with backoff.
 
 mod metrics;
@@ -157,10 +157,12 @@ struct PartitionState {
     /// Read past the last commit: `next_offset` is to be committed once the lines it
     /// accounts for are stored.
     uncommitted: bool,
-    /// From assignment until the partition's stored lines were checked against the
-    /// price book ([`Worker::check_price_book`]): the customers with usage in the
-    /// partition, whose lines with usage it replaces if stale.
-    unchecked: Option<HashSet<String>>,
+    /// Every customer with usage in the partition (known to the price book or not):
+    /// the partition replaces their stale lines with usage.
+    customers_with_usage: HashSet<String>,
+    /// From assignment, or a scheduled check, until the partition's stored lines were
+    /// checked against the price book ([`Worker::check_price_book`]).
+    unchecked: bool,
 }
 
 impl PartitionState {
@@ -209,6 +211,8 @@ struct Worker {
     /// write is retried at this time.
     retry_at: Option<(Instant, Duration)>,
     last_insert: Option<Instant>,
+    /// When every held partition was last scheduled for a price-book check.
+    check_scheduled: Instant,
 }
 
 impl std::fmt::Debug for Worker {
@@ -258,7 +262,8 @@ impl PartitionOwner for Worker {
                     opened: rebuilt.opened,
                     next_offset: committed,
                     uncommitted: false,
-                    unchecked: Some(rebuilt.customers),
+                    customers_with_usage: rebuilt.customers,
+                    unchecked: true,
                 },
             );
             // A store is due soon: it checks the price book first.
@@ -325,6 +330,13 @@ impl PartitionOwner for Worker {
     }
 }
 
+/// Adds `customer` to `customers`, allocating only for a new one.
+fn note_customer(customers: &mut HashSet<String>, customer: &str) {
+    if !customers.contains(customer) {
+        customers.insert(customer.to_owned());
+    }
+}
+
 fn kafka(what: &'static str) -> impl Fn(KafkaError) -> RaterError {
     move |source| RaterError::Kafka {
         what: what.to_owned(),
@@ -383,6 +395,7 @@ pub fn run(
         readiness: readiness.clone(),
         retry_at: None,
         last_insert: None,
+        check_scheduled: Instant::now(),
     }));
     let consumer: GroupConsumer =
         group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker))
@@ -398,6 +411,7 @@ pub fn run(
         if let Some(message) = polled {
             worker.process(&message);
         }
+        worker.schedule_price_book_check(settings.rater.price_book_check_interval);
         if worker.store_due(&settings.rater, caught_up) {
             // Any other failure paused the partitions (`hold` logged it) and is retried
             // at its backoff; the loop keeps polling so the group does not consider
@@ -453,9 +467,7 @@ impl Worker {
                 };
                 read += 1;
                 if let Change::Usage(update) = &change {
-                    if !rebuilt.customers.contains(&*update.series.customer) {
-                        rebuilt.customers.insert(update.series.customer.to_string());
-                    }
+                    note_customer(&mut rebuilt.customers, &update.series.customer);
                 }
                 if message.offset() >= committed {
                     rebuilt.after_committed.push(WindowsRecord {
@@ -552,6 +564,7 @@ impl Worker {
                 return;
             }
         };
+        note_customer(&mut state.customers_with_usage, &update.series.customer);
         self.metrics.usage_updates.inc();
         let period = Period::containing(update.period_start);
         if state.opened.insert(period) {
@@ -569,6 +582,21 @@ impl Worker {
             Recorded::SettledPeriod => "settled_period",
         };
         self.metrics.unbilled.with_label_values(&[unbilled]).inc();
+    }
+
+    /// Schedules every held partition for a price-book check once `interval` has
+    /// passed since the last time, and a store to run it: lines another rater wrote
+    /// with another book meanwhile (a rolling restart, say) are then re-rated, even in
+    /// partitions that stayed here.
+    fn schedule_price_book_check(&mut self, interval: Duration) {
+        if self.check_scheduled.elapsed() < interval || self.partitions.is_empty() {
+            return;
+        }
+        self.check_scheduled = Instant::now();
+        for state in self.partitions.values_mut() {
+            state.unchecked = true;
+        }
+        self.pending.started.get_or_insert_with(Instant::now);
     }
 
     /// Whether to store the pending batch now: when it is full, when its oldest line
@@ -686,7 +714,7 @@ impl Worker {
     /// Lines of periods settled in that partition stay as they were billed.
     fn check_price_book(&mut self) -> Result<(), ClickHouseError> {
         let checking: Vec<i32> = (self.partitions.iter())
-            .filter(|(_, state)| state.unchecked.is_some())
+            .filter(|(_, state)| state.unchecked)
             .map(|(&partition, _)| partition)
             .collect();
         let Some(oldest_open) = (checking.iter())
@@ -706,7 +734,8 @@ impl Worker {
             .lines_rated_with_another_book(&hash, oldest_open)?;
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
-            let customers_with_usage = state.unchecked.take().expect("listed as unchecked");
+            state.unchecked = false;
+            let customers_with_usage = &state.customers_with_usage;
             // A customer's zero-usage lines belong to the partition its events go to:
             // judged by that partition's open periods, and written once.
             let count = self.partition_count;

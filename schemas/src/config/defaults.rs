@@ -42,6 +42,12 @@ pub const DEFAULT_RATER_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 /// aggregators commit (each insert is a part ClickHouse merges later); never more than
 /// `flush_interval`, which a shorter one sets it to.
 pub const DEFAULT_RATER_MIN_INSERT_INTERVAL: Duration = Duration::from_millis(200);
+/// `[rater] price_book_check_interval`: how often a rater checks the stored lines of
+/// every partition it holds against its price book again (one ClickHouse query over
+/// the open periods' lines), besides when a partition is assigned: lines written with
+/// another book by a rater running it meanwhile (a rolling restart) are re-rated within
+/// this much time.
+pub const DEFAULT_RATER_PRICE_BOOK_CHECK_INTERVAL: Duration = Duration::from_secs(600);
 /// `[rater] metrics_listen`.
 pub const DEFAULT_RATER_METRICS_LISTEN: &str = "127.0.0.1:9103";
 /// `[kafka] brokers`.

@@ -112,6 +112,10 @@ pub struct RaterSpec {
     /// Least time between two inserts when the rater writes as soon as it has caught up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_insert_interval: Option<HumanDuration>,
+    /// How often the stored lines of every held partition are checked against the
+    /// price book again (each partition is also checked when assigned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_book_check_interval: Option<HumanDuration>,
 }
 
 /// The streaming settings of `[aggregator]` (its `window` and `dedupe_horizon` are the
@@ -304,6 +308,7 @@ pub struct AggregatorServiceSettings {
 pub struct RaterSettings {
     pub flush_interval: Duration,
     pub min_insert_interval: Duration,
+    pub price_book_check_interval: Duration,
     pub metrics_listen: SocketAddr,
 }
 
@@ -571,6 +576,16 @@ pub(super) fn validate(
             ),
         );
     }
+    let price_book_check_interval = specs
+        .rater
+        .price_book_check_interval
+        .map_or(d::DEFAULT_RATER_PRICE_BOOK_CHECK_INTERVAL, |i| i.0);
+    if price_book_check_interval.is_zero() {
+        issue(
+            "rater.price_book_check_interval",
+            "must be above zero".to_owned(),
+        );
+    }
 
     ServiceSettings {
         kafka: KafkaSettings {
@@ -606,6 +621,7 @@ pub(super) fn validate(
         rater: RaterSettings {
             flush_interval,
             min_insert_interval,
+            price_book_check_interval,
             metrics_listen: rater_listen,
         },
     }
@@ -650,6 +666,7 @@ aggregation = "count"
         assert_eq!(s.rater.metrics_listen.port(), 9103);
         assert_eq!(s.rater.flush_interval.as_millis(), 500);
         assert_eq!(s.rater.min_insert_interval.as_millis(), 200);
+        assert_eq!(s.rater.price_book_check_interval.as_secs(), 600);
         let short = services("[rater]\nflush_interval = \"100ms\"\n", &[]).unwrap();
         assert_eq!(short.rater.min_insert_interval.as_millis(), 100);
     }
@@ -712,11 +729,13 @@ sources = []
 [rater]
 flush_interval = "100ms"
 min_insert_interval = "1s"
+price_book_check_interval = "0s"
 "#;
         let issues = services(file, &[("TALLY_CLICKHOUSE_DATABASE", "tally-prod")]).unwrap_err();
         for expected in [
             "TALLY_CLICKHOUSE_DATABASE: \"tally-prod\" is not a usable database name",
             "rater.min_insert_interval: must not exceed rater.flush_interval (100ms)",
+            "rater.price_book_check_interval: must be above zero",
             "kafka.topic_prefix",
             "kafka.partitions",
             "kafka.properties.\"group.id\"",

@@ -798,6 +798,110 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
     p.wait_for(&expected, Duration::from_secs(60));
 }
 
+/// The partitions `rater` says it rebuilt, from its log.
+fn rebuilt_partitions(p: &Pipeline, rater: &str) -> std::collections::BTreeSet<i32> {
+    p.log(rater)
+        .lines()
+        .filter(|line| line.contains("ledger rebuilt"))
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(" partition=")?;
+            rest.split(' ').next()?.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
+    let _serial = serial();
+    let mut p = Pipeline::new(
+        "rolling_book",
+        3_000,
+        10,
+        "[rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\"\nprice_book_check_interval = \"2s\"\n",
+    );
+    // A pro customer without usage in every partition: whichever partitions a rater
+    // holds, some customers of theirs have zero-usage lines only (the platform fee).
+    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
+    let partition_of = |customer: &str| partition_for_key(customer.as_bytes(), partitions);
+    let idle: std::collections::BTreeSet<String> = (0..harness::PARTITIONS as i32)
+        .map(|partition| {
+            (0..)
+                .map(|i| format!("cust_idle_{i}"))
+                .find(|c| partition_of(c) == partition)
+                .unwrap()
+        })
+        .collect();
+    let mut book = std::fs::read_to_string(&p.config).unwrap();
+    for customer in &idle {
+        book.push_str(&format!(
+            "\n[[customers]]\nid = \"{customer}\"\nplan = \"pro\"\n"
+        ));
+    }
+    std::fs::write(&p.config, book).unwrap();
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-old");
+    p.produce(&p.lines());
+    let before = p.expected();
+    p.wait_for(&before, Duration::from_secs(120));
+
+    // A rolling restart: a rater with a new book (the starter resolution price and the
+    // pro platform fee up) joins and takes some partitions; the old one holds the rest.
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let book = edited(&book, r#"unit_amount = "0.99""#, r#"unit_amount = "1.09""#);
+    let book = edited(&book, r#"flat_amount = "49""#, r#"flat_amount = "59""#);
+    std::fs::write(&p.config, book).unwrap();
+    p.start("rater", "rater-new");
+    harness::eventually(
+        "the new rater checked the partitions it took",
+        Duration::from_secs(120),
+        || {
+            p.log("rater-new")
+                .contains("lines an earlier price book rated")
+        },
+    );
+    let taken = rebuilt_partitions(&p, "rater-new");
+    assert!(
+        !taken.is_empty() && taken.len() < harness::PARTITIONS as usize,
+        "{taken:?}"
+    );
+    // November opens in the old rater's partitions only: it writes every customer's
+    // zero-usage lines of November with the old book, those of the new rater's
+    // partitions' customers included.
+    let november: Vec<Vec<u8>> = customers()
+        .iter()
+        .filter(|c| !taken.contains(&partition_of(c)))
+        .map(|c| resolution(&format!("nov-{c}"), c, "2026-11-02T00:00:00Z"))
+        .collect();
+    p.produce(&november);
+    let idle_november_fees = format!(
+        "SELECT customer, amount FROM {}.invoice_lines WHERE period_start = '2026-11-01 00:00:00' \
+         AND customer LIKE 'cust_idle_%' AND price = 'resolutions' ORDER BY customer FORMAT TSV",
+        p.database
+    );
+    let fees =
+        |amount: &str| -> String { idle.iter().map(|c| format!("{c}\t{amount}\n")).collect() };
+    let written = |amount: &str| p.query(&idle_november_fees).matches(amount).count();
+    harness::eventually(
+        "the old rater wrote November's platform fees",
+        Duration::from_secs(60),
+        || written("\t49.00") + written("\t59.00") == idle.len(),
+    );
+
+    // Once the old rater stops, every line is the new book's: October's, and the
+    // November fees of customers whose partitions stayed with the new rater (re-rated
+    // by its scheduled check, not by an assignment).
+    p.stop("rater-old");
+    let after = p.expected();
+    assert_ne!(before, after);
+    p.wait_for(&after, Duration::from_secs(120));
+    harness::eventually(
+        "every November platform fee at the new price",
+        Duration::from_secs(60),
+        || p.query(&idle_november_fees) == fees("59.00"),
+    );
+}
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
