@@ -20,8 +20,9 @@
 //! offset), and later usage of them (an aggregator replaying) is refused. A partition
 //! whose stored lines of open periods another price book rated (checked once rebuilt,
 //! and every `price_book_check_interval`) is re-rated with the current one, and its
-//! stale lines that book no longer makes are retired (`Worker::check_price_book`). While ClickHouse is down the rater pauses its
-//! partitions, keeps the unwritten lines, and retries with backoff.
+//! stale lines that book no longer makes are retired (`Worker::check_price_book`).
+//! While ClickHouse is down the rater pauses its partitions, keeps the unwritten
+//! lines, and retries with backoff.
 
 mod metrics;
 
@@ -702,16 +703,16 @@ impl Worker {
         Ok(())
     }
 
-    /// Checks the stored lines of newly assigned partitions against the price book. A
-    /// partition whose open periods have lines an earlier book rated is re-rated: every
-    /// line it holds, and the zero-usage lines of those periods of the customers whose
-    /// events Kafka's partitioner sends it (version 0, as when a period opens), go with
-    /// the next batch. Each other stale line is replaced by its customer's partition:
-    /// if it never had usage (version 0), the one the partitioner names, at version 0;
-    /// else the one that saw the customer's usage, at the batch's version. It is
-    /// replaced with its zero-usage line if the book still makes it (its usage no
-    /// longer priced there), or else retired (a customer removed, a price renamed).
-    /// Lines of periods settled in that partition stay as they were billed.
+    /// Checks the stored lines of partitions newly assigned, or scheduled for a check,
+    /// against the price book. A stale line (rated by another book, in an open period)
+    /// is its customer's partition's: if it never had usage (version 0), the one Kafka's
+    /// partitioner names; else the one that saw the customer's usage. A partition with
+    /// stale lines of its own is re-rated: every line it holds, and the zero-usage lines
+    /// of those periods of its partitioner-named customers (version 0, as when a period
+    /// opens), go with the next batch. Each of its other stale lines is replaced, at
+    /// version 0 or the batch's version, with its zero-usage line if the book still
+    /// makes it (its usage no longer priced there), or else retired (a customer removed,
+    /// a price renamed). Lines of periods settled in their partition stay as billed.
     fn check_price_book(&mut self) -> Result<(), ClickHouseError> {
         let checking: Vec<i32> = (self.partitions.iter())
             .filter(|(_, state)| state.unchecked)
@@ -742,8 +743,17 @@ impl Worker {
             let owns_zero_usage =
                 |customer: &str| partition_for_key(customer.as_bytes(), count) == partition;
             let settled = state.ledger.settled_through();
+            // This partition's stale lines: another's would have it re-rate everything
+            // at every check without fixing them (one settled in its own partition, say).
             let stale: Vec<&StoredLine> = (stale.iter())
                 .filter(|line| line_open(settled, line.period, line.adjusts))
+                .filter(|line| {
+                    if line.version == 0 {
+                        owns_zero_usage(&line.customer)
+                    } else {
+                        customers_with_usage.contains(&line.customer)
+                    }
+                })
                 .collect();
             if stale.is_empty() {
                 continue;
@@ -769,15 +779,11 @@ impl Worker {
             let before = self.pending.retired.len();
             for line in stale.iter().filter(|line| !with_usage.contains(&line.id)) {
                 let at = if line.version == 0 {
-                    if !owns_zero_usage(&line.customer) {
-                        continue;
-                    }
                     0
-                } else if customers_with_usage.contains(&line.customer) && line.version <= version {
+                } else if line.version <= version {
                     version
                 } else {
-                    // Another partition's customer (or a row newer than this
-                    // partition's offsets): its owner replaces it.
+                    // A row newer than this partition's offsets: not its to replace.
                     continue;
                 };
                 match zero_usage.get(&line.id) {

@@ -709,7 +709,8 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
         "reprice_settled",
         3_000,
         10,
-        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\ndedupe_horizon = \"5d\"\n",
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\ndedupe_horizon = \"5d\"\n\
+         [rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\"\nprice_book_check_interval = \"1s\"\n",
     );
     // A pro customer without usage: its lines are zero-usage lines, one the platform fee.
     let book = std::fs::read_to_string(&p.config).unwrap();
@@ -796,6 +797,16 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
         || p.query(&idle_november_fee) == "59.00\n",
     );
     p.wait_for(&expected, Duration::from_secs(60));
+    // The stale lines left (settled October's, in the customers' own partitions) are
+    // no partition's to re-rate: the checks every second find nothing to do.
+    let rerates = || {
+        p.log("rater-b")
+            .matches("lines an earlier price book rated")
+            .count()
+    };
+    let settled_down = rerates();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(rerates(), settled_down, "{}", p.log("rater-b"));
 }
 
 /// The partitions `rater` says it rebuilt, from its log.
