@@ -158,8 +158,9 @@ struct PartitionState {
     /// Read past the last commit: `next_offset` is to be committed once the lines it
     /// accounts for are stored.
     uncommitted: bool,
-    /// Every customer with usage in the partition (known to the price book or not):
-    /// the partition replaces their stale lines with usage.
+    /// Every customer with usage in the partition when it was assigned (known to the
+    /// price book or not): the partition replaces their stale lines with usage. Lines
+    /// with usage written since are this rater's, rated with its book.
     customers_with_usage: HashSet<String>,
     /// From assignment, or a scheduled check, until the partition's stored lines were
     /// checked against the price book ([`Worker::check_price_book`]).
@@ -331,13 +332,6 @@ impl PartitionOwner for Worker {
     }
 }
 
-/// Adds `customer` to `customers`, allocating only for a new one.
-fn note_customer(customers: &mut HashSet<String>, customer: &str) {
-    if !customers.contains(customer) {
-        customers.insert(customer.to_owned());
-    }
-}
-
 fn kafka(what: &'static str) -> impl Fn(KafkaError) -> RaterError {
     move |source| RaterError::Kafka {
         what: what.to_owned(),
@@ -468,7 +462,9 @@ impl Worker {
                 };
                 read += 1;
                 if let Change::Usage(update) = &change {
-                    note_customer(&mut rebuilt.customers, &update.series.customer);
+                    if !rebuilt.customers.contains(&*update.series.customer) {
+                        rebuilt.customers.insert(update.series.customer.to_string());
+                    }
                 }
                 if message.offset() >= committed {
                     rebuilt.after_committed.push(WindowsRecord {
@@ -565,7 +561,6 @@ impl Worker {
                 return;
             }
         };
-        note_customer(&mut state.customers_with_usage, &update.series.customer);
         self.metrics.usage_updates.inc();
         let period = Period::containing(update.period_start);
         if state.opened.insert(period) {
@@ -733,13 +728,13 @@ impl Worker {
         let stale = self
             .clickhouse
             .lines_rated_with_another_book(&hash, oldest_open)?;
+        let count = self.partition_count;
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
             state.unchecked = false;
             let customers_with_usage = &state.customers_with_usage;
             // A customer's zero-usage lines belong to the partition its events go to:
             // judged by that partition's open periods, and written once.
-            let count = self.partition_count;
             let owns_zero_usage =
                 |customer: &str| partition_for_key(customer.as_bytes(), count) == partition;
             let settled = state.ledger.settled_through();
