@@ -19,6 +19,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
 use tally_schemas::config::{AggregationKind, Config, Customer};
+use tally_schemas::price::Plan;
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesKeyRef};
 use tally_schemas::time::Period;
 
@@ -52,11 +53,20 @@ pub enum Recorded {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct LineKey {
+    /// Into the prices of the customer's plan in the period the line rates
+    /// ([`LineKey::rated_in`]).
     price_index: usize,
     /// The period the line is billed in.
     period: Period,
     /// For an adjustment line: the closed period whose late usage it bills.
     adjusts: Option<Period>,
+}
+
+impl LineKey {
+    /// The period whose plan prices the line: the closed one for an adjustment.
+    fn rated_in(&self) -> Period {
+        self.adjusts.unwrap_or(self.period)
+    }
 }
 
 /// A `lines` key by reference: hashes and compares as the owned `(String, LineKey)`.
@@ -135,7 +145,11 @@ impl Ledger {
     /// [`Ledger::rerate_all`], the lines that replace what an earlier price book made.
     pub fn line_ids(&self) -> impl Iterator<Item = String> + '_ {
         self.lines.keys().map(|(customer, key)| {
-            let plan = self.config.plan(self.config.customers[customer].plan);
+            let plan = plan_of(
+                &self.config,
+                &self.config.customers[customer],
+                key.rated_in(),
+            );
             line_id(
                 customer,
                 &plan.prices[key.price_index].id,
@@ -178,7 +192,8 @@ impl Ledger {
         let Some(customer) = self.config.customers.get(&*series.customer) else {
             return Recorded::UnknownCustomer;
         };
-        let plan = self.config.plan(customer.plan);
+        // An adjustment's usage is priced as the closed period's plan would have.
+        let plan = plan_of(&self.config, customer, series.adjusts.unwrap_or(period));
         let mut billed = 0;
         for (price_index, price) in plan.prices.iter().enumerate() {
             if self.config.meter(price.meter).slug != *series.meter || !price.matches(&series.group)
@@ -344,7 +359,7 @@ impl Ledger {
     /// these at the lowest version when it first sees a period, so a customer without
     /// usage still has their lines (and flat fees) and one with usage has them replaced.
     pub fn opening_lines(&self, period: Period) -> Result<Vec<InvoiceLine>, LineError> {
-        subscribed_prices(&self.config)
+        subscribed_prices(&self.config, period)
             .map(|(customer, price_index)| {
                 invoice_line(&self.config, customer, price_index, period, Decimal::ZERO)
             })
@@ -366,7 +381,7 @@ impl Ledger {
             flushed.into_iter().map(|r| (r.line.id, r.delta)).collect();
         let config = Arc::clone(&self.config);
         let mut lines = Vec::new();
-        for (customer, price_index) in subscribed_prices(&config) {
+        for (customer, price_index) in subscribed_prices(&config, period) {
             let key = LineKey {
                 price_index,
                 period,
@@ -403,12 +418,18 @@ pub fn line_open(settled: Option<Period>, period: Period, adjusts: Option<Period
     open(period) && adjusts.is_none_or(open)
 }
 
-/// Every subscribed customer with the index of each price of their plan, in plan
-/// order: one invoice line each per period.
-fn subscribed_prices(config: &Config) -> impl Iterator<Item = (&Customer, usize)> {
-    config.customers.values().flat_map(|customer| {
-        (0..config.plan(customer.plan).prices.len()).map(move |price_index| (customer, price_index))
+/// Every subscribed customer with the index of each price of their plan in `period`,
+/// in plan order: one invoice line each.
+fn subscribed_prices(config: &Config, period: Period) -> impl Iterator<Item = (&Customer, usize)> {
+    config.customers.values().flat_map(move |customer| {
+        (0..plan_of(config, customer, period).prices.len())
+            .map(move |price_index| (customer, price_index))
     })
+}
+
+/// The customer's plan in `period`.
+fn plan_of<'c>(config: &'c Config, customer: &Customer, period: Period) -> &'c Plan {
+    config.plan(customer.subscription(period).plan)
 }
 
 fn price_line(
@@ -435,7 +456,7 @@ fn rate_values(
     period: Period,
     values: impl Iterator<Item = MeterValue>,
 ) -> Result<InvoiceLine, LineError> {
-    let price = &config.plan(customer.plan).prices[price_index];
+    let price = &plan_of(config, customer, period).prices[price_index];
     let kind = config.meter(price.meter).aggregation.kind();
     let quantity = combine(kind, values)
         .map_err(|e| LineError::new(customer, price, period, e))?
@@ -549,6 +570,157 @@ mod tests {
             group: group.iter().map(|g| g.to_string()).collect(),
             adjusts: None,
         })
+    }
+
+    #[test]
+    fn a_plan_change_prices_each_period_and_late_usage_by_its_own_plan() {
+        let december = Period::from_str("2026-12").unwrap();
+        let config = Arc::new(
+            Config::parse(
+                &format!(
+                    r#"{CONFIG}
+        [[customers.plan_changes]]
+        from = "2026-12"
+        plan = "team"
+
+        [[plans]]
+        id = "team"
+        currency = "usd"
+
+        [[plans.prices]]
+        id = "resolutions"
+        meter = "resolutions"
+        billing_scheme = "per_unit"
+        unit_amount = "0.99"
+
+        [[plans.prices]]
+        id = "platform"
+        meter = "seats"
+        billing_scheme = "tiered"
+        tiers_mode = "volume"
+        tiers = [{{ up_to = "inf", flat_amount = "20" }}]
+    "#
+                ),
+                "test",
+            )
+            .unwrap(),
+        );
+        let mut ledger = Ledger::new(config);
+        let prices = |lines: Vec<InvoiceLine>| -> Vec<(String, String, String)> {
+            (lines.into_iter())
+                .map(|l| (l.plan, l.price, l.amount.to_string()))
+                .collect()
+        };
+        let owned = |rows: &[(&str, &str, &str)]| -> Vec<(String, String, String)> {
+            (rows.iter())
+                .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            prices(ledger.opening_lines(november()).unwrap()),
+            owned(&[
+                ("pro", "resolutions", "42.87"),
+                ("pro", "gpt-tokens", "0.00"),
+                ("pro", "all-tokens", "0.00"),
+                ("pro", "seats", "0.00"),
+            ])
+        );
+        assert_eq!(
+            prices(ledger.opening_lines(december).unwrap()),
+            owned(&[
+                ("team", "resolutions", "0.00"),
+                ("team", "platform", "20.00")
+            ])
+        );
+
+        let resolutions = series("resolutions", &[]);
+        assert_eq!(
+            ledger.record(&resolutions, november(), value(90)),
+            Recorded::Billed(1)
+        );
+        assert_eq!(
+            ledger.record(&resolutions, december, value(10)),
+            Recorded::Billed(1)
+        );
+        // Tokens are priced by pro, not by team.
+        let tokens = series("tokens", &["gpt-x"]);
+        assert_eq!(
+            ledger.record(&tokens, november(), value(2000)),
+            Recorded::Billed(2)
+        );
+        assert_eq!(
+            ledger.record(&tokens, december, value(2000)),
+            Recorded::NotPriced
+        );
+        // November's usage arriving after November closed, billed in December as
+        // pro would have priced it: 90 -> 110, ten past pro's first tier at 0.89,
+        // 12.5 % off (pro's discount; team has none).
+        let late = Arc::new(SeriesKey {
+            adjusts: Some(november()),
+            ..SeriesKey::clone(&resolutions)
+        });
+        assert_eq!(
+            ledger.record(&late, december, value(20)),
+            Recorded::Billed(1)
+        );
+        let mut rated: Vec<InvoiceLine> = ledger
+            .flush()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.line)
+            .collect();
+        rated.sort_by_key(|l| (l.period_start, l.adjusts_period, l.price.clone()));
+        let rows: Vec<_> = (rated.iter())
+            .map(|l| {
+                (
+                    Period::containing(l.period_start).to_string(),
+                    l.adjusts_period.map(|p| p.to_string()),
+                    l.plan.as_str(),
+                    l.price.as_str(),
+                    l.subtotal.to_string(),
+                    l.amount.to_string(),
+                )
+            })
+            .collect();
+        let row =
+            |period: &str, adjusts: Option<&str>, plan, price, subtotal: &str, amount: &str| {
+                (
+                    period.to_owned(),
+                    adjusts.map(str::to_owned),
+                    plan,
+                    price,
+                    subtotal.to_owned(),
+                    amount.to_owned(),
+                )
+            };
+        assert_eq!(
+            rows,
+            [
+                row("2026-11", None, "pro", "all-tokens", "0.60", "0.60"),
+                row("2026-11", None, "pro", "gpt-tokens", "0.00", "0.00"),
+                row("2026-11", None, "pro", "resolutions", "49.00", "42.87"),
+                row("2026-12", None, "team", "resolutions", "9.90", "9.90"),
+                row(
+                    "2026-12",
+                    Some("2026-11"),
+                    "pro",
+                    "resolutions",
+                    "8.90",
+                    "7.79"
+                ),
+            ]
+        );
+        // December's invoice: team's lines, the platform fee included.
+        let december_lines: Vec<_> = (ledger.close(december).unwrap().into_iter())
+            .map(|r| (r.line.plan, r.line.price, r.line.amount.to_string()))
+            .collect();
+        assert_eq!(
+            december_lines,
+            owned(&[
+                ("team", "resolutions", "9.90"),
+                ("team", "platform", "20.00")
+            ])
+        );
     }
 
     #[test]
@@ -917,7 +1089,7 @@ mod tests {
                 ("seats", Decimal::ZERO),
             ];
             for (price, quantity) in totals {
-                let index = config.plan(customer.plan).prices.iter().position(|p| p.id == price).unwrap();
+                let index = plan_of(&config, customer, november()).prices.iter().position(|p| p.id == price).unwrap();
                 let at_once = invoice_line(&config, customer, index, november(), quantity).unwrap();
                 let rated = closed.iter().find(|r| r.line.price == price).unwrap();
                 prop_assert_eq!(&rated.line, &at_once);

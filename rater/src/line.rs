@@ -82,7 +82,7 @@ pub fn line_id(customer: &str, price: &str, period: Period, adjusts: Option<Peri
     Hex128(fingerprint.finish()).to_string()
 }
 
-/// Prices one line. `price_index` indexes the customer's plan's prices.
+/// Prices one line. `price_index` indexes the prices of the customer's plan in `period`.
 pub fn invoice_line(
     config: &Config,
     customer: &Customer,
@@ -90,13 +90,14 @@ pub fn invoice_line(
     period: Period,
     quantity: Decimal,
 ) -> Result<InvoiceLine, LineError> {
-    let plan = config.plan(customer.plan);
+    let subscription = customer.subscription(period);
+    let plan = config.plan(subscription.plan);
     let price: &Price = &plan.prices[price_index];
     let failed = |source| LineError::new(customer, price, period, source);
     let charge = rate(&price.rate, quantity).map_err(failed)?;
     let minor = plan.currency.minor_units();
     let subtotal = plan.currency.round(charge.amount, plan.rounding);
-    let discount = match customer.discounts.get(&price_index) {
+    let discount = match subscription.discounts.get(&price_index) {
         None => Decimal::ZERO,
         Some(Discount::PercentOff(percent)) => {
             let off = subtotal

@@ -10,6 +10,12 @@ use rust_decimal::Decimal;
 use tally_schemas::config::{AggregationKind, Config, ConfigError};
 use tally_schemas::money::RoundingMode;
 use tally_schemas::price::{Discount, PackageRounding, Rate, TiersMode, UpTo};
+use tally_schemas::time::Period;
+
+/// A period the sample customer is billed in.
+fn november() -> Period {
+    "2026-11".parse().unwrap()
+}
 
 /// The issue's sample configuration.
 const BASE: &str = include_str!("../../examples/tally.toml");
@@ -135,7 +141,7 @@ fn the_issue_sample_config_is_valid_and_means_what_it_says() {
     assert!(plan.prices[1].matches(&["gpt-x".to_owned()]));
     assert!(!plan.prices[1].matches(&["gpt-y".to_owned()]));
 
-    let acme = &config.customers["cust_acme"];
+    let acme = config.customers["cust_acme"].subscription(november());
     assert_eq!(config.plan(acme.plan).id, "pro");
     assert_eq!(acme.discounts.len(), 1);
     assert_eq!(acme.discounts[&0], Discount::PercentOff(dec("12.5")));
@@ -180,7 +186,9 @@ fn amounts_may_be_integers_or_decimal_strings() {
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        config.customers["cust_acme"].discounts[&0],
+        config.customers["cust_acme"]
+            .subscription(november())
+            .discounts[&0],
         Discount::PercentOff(dec("10"))
     );
 }
@@ -191,7 +199,7 @@ fn plan_wide_percent_off_applies_to_every_line_and_amount_off_names_its_line() {
         r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
         r#"discounts = [{ percent_off = "10" }]"#,
     ));
-    let acme = &config.customers["cust_acme"];
+    let acme = config.customers["cust_acme"].subscription(november());
     assert_eq!(
         acme.discounts.len(),
         2,
@@ -204,7 +212,7 @@ fn plan_wide_percent_off_applies_to_every_line_and_amount_off_names_its_line() {
         r#"discounts = [{ price = "resolutions", percent_off = "12.5" }]"#,
         r#"discounts = [{ price = "resolutions", amount_off = "5" }]"#,
     ));
-    let acme = &config.customers["cust_acme"];
+    let acme = config.customers["cust_acme"].subscription(november());
     assert_eq!(acme.discounts.len(), 1);
     assert_eq!(acme.discounts[&0], Discount::AmountOff(dec("5")));
 }
@@ -832,4 +840,117 @@ fn a_discount_on_a_price_with_an_unknown_meter_is_not_reported_as_an_unknown_pri
         "plans[pro].prices[gpt-tokens].meter",
         r#"unknown meter "tokenz""#,
     );
+}
+
+/// BASE with two more plans, `pro_2027` (usd) and `euro` (eur), and `cust_acme` given
+/// the plan changes in `changes` (TOML array-of-tables entries).
+fn with_plan_changes(changes: &str) -> String {
+    let plans = r#"
+[[plans]]
+id = "pro_2027"
+currency = "usd"
+
+[[plans.prices]]
+id = "resolutions"
+meter = "resolutions"
+billing_scheme = "per_unit"
+unit_amount = "0.99"
+
+[[plans]]
+id = "euro"
+currency = "eur"
+
+[[plans.prices]]
+id = "resolutions"
+meter = "resolutions"
+billing_scheme = "per_unit"
+unit_amount = "0.89"
+"#;
+    format!("{BASE}\n{changes}\n").replacen("[[customers]]", &format!("{plans}\n[[customers]]"), 1)
+}
+
+#[test]
+fn a_plan_change_bills_its_plan_and_discounts_from_its_period_on() {
+    let config = parse(&with_plan_changes(
+        r#"
+[[customers.plan_changes]]
+from = "2026-12"
+plan = "pro_2027"
+discounts = [{ price = "resolutions", amount_off = "5" }]
+
+[[customers.plan_changes]]
+from = "2027-03"
+plan = "pro"
+"#,
+    ));
+    let acme = &config.customers["cust_acme"];
+    let on = |period: &str| {
+        let subscription = acme.subscription(period.parse().unwrap());
+        (
+            config.plan(subscription.plan).id.as_str(),
+            subscription.discounts.values().copied().collect::<Vec<_>>(),
+        )
+    };
+    let twelve_and_a_half = vec![Discount::PercentOff(dec("12.5"))];
+    assert_eq!(on("2020-01"), ("pro", twelve_and_a_half));
+    assert_eq!(
+        on("2026-11"),
+        ("pro", vec![Discount::PercentOff(dec("12.5"))])
+    );
+    assert_eq!(
+        on("2026-12"),
+        ("pro_2027", vec![Discount::AmountOff(dec("5"))])
+    );
+    assert_eq!(
+        on("2027-02"),
+        ("pro_2027", vec![Discount::AmountOff(dec("5"))])
+    );
+    // Discounts do not carry over: the change back lists none.
+    assert_eq!(on("2027-03"), ("pro", vec![]));
+    assert_eq!(on("2099-12"), ("pro", vec![]));
+
+    // A scheduled change is part of the price book, so it changes the hash.
+    assert_ne!(config.hash, parse(BASE).hash);
+    let unchanged = parse(&with_plan_changes(""));
+    assert_ne!(config.hash, unchanged.hash);
+}
+
+#[test]
+fn plan_changes_are_checked_like_the_plan_they_follow() {
+    assert_only_issue(
+        &with_plan_changes("[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"team\""),
+        "customers[cust_acme].plan_changes[0].plan",
+        r#"unknown plan "team"; known plans: pro, pro_2027, euro"#,
+    );
+    assert_only_issue(
+        &with_plan_changes(
+            "[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"pro_2027\"\ndiscounts = [{ price = \"gpt-tokens\", percent_off = \"10\" }]",
+        ),
+        "customers[cust_acme].plan_changes[0].discounts[0].price",
+        r#"plan "pro_2027" has no price "gpt-tokens""#,
+    );
+    assert_only_issue(
+        &with_plan_changes("[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"euro\""),
+        "customers[cust_acme].plan_changes[0].plan",
+        r#"plan "euro" bills in eur, but the customer is billed in usd (plan "pro"); a customer keeps one currency"#,
+    );
+    let twice = "[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"pro_2027\"\n\n[[customers.plan_changes]]\nfrom = \"FROM\"\nplan = \"pro\"";
+    for (from, found) in [("2026-12", "2026-12"), ("2026-07", "2026-07")] {
+        assert_only_issue(
+            &with_plan_changes(&twice.replace("FROM", from)),
+            "customers[cust_acme].plan_changes[1].from",
+            &format!("{found} is not after the change before it (2026-12): list plan changes in the order they take effect"),
+        );
+    }
+    let day = syntax_error(&with_plan_changes(
+        "[[customers.plan_changes]]\nfrom = \"2026-12-15\"\nplan = \"pro_2027\"",
+    ));
+    assert!(
+        day.contains(r#"period "2026-12-15" is not a month written as YYYY-MM"#),
+        "{day}"
+    );
+    let field = syntax_error(&with_plan_changes(
+        "[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"pro_2027\"\nprorate = true",
+    ));
+    assert!(field.contains("unknown field `prorate`"), "{field}");
 }

@@ -277,7 +277,10 @@ fn check_parse(text: &str) {
                 }
             }
             for customer in config.customers.values() {
-                assert!((customer.plan.0 as usize) < config.plans.len());
+                for period in ["1970-01", "2026-11", "2200-12"] {
+                    let subscription = customer.subscription(period.parse().unwrap());
+                    assert!((subscription.plan.0 as usize) < config.plans.len());
+                }
             }
         }
         Err(ConfigError::Invalid { issues, .. }) => {

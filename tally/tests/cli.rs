@@ -989,6 +989,92 @@ fn other_periods_are_rated_with_their_own_bounds() {
     assert_eq!(l["quantity"], "2");
 }
 
+#[test]
+fn a_plan_change_rates_each_period_with_the_plan_of_that_period() {
+    // From November cust_acme is on pro_2027, resolutions at 0.50 each without the
+    // platform fee and without pro's discount; cust_idle stays on pro.
+    let f = Fixture::new(&format!(
+        r#"{PRO}
+[[plans]]
+id = "pro_2027"
+currency = "usd"
+
+[[plans.prices]]
+id = "resolutions"
+meter = "resolutions"
+billing_scheme = "per_unit"
+unit_amount = "0.50"
+
+[[customers]]
+id = "cust_moved"
+plan = "pro"
+discounts = [{{ price = "resolutions", percent_off = "12.5" }}]
+
+[[customers.plan_changes]]
+from = "2026-11"
+plan = "pro_2027"
+"#
+    ));
+    let events: Vec<String> = ["2026-10-20T10:00:00Z", "2026-11-03T10:00:00Z"]
+        .iter()
+        .enumerate()
+        .flat_map(|(month, time)| {
+            (0..3).map(move |i| {
+                event(
+                    &format!("{month}-{i}"),
+                    "ai.resolution",
+                    "cust_moved",
+                    time,
+                    None,
+                )
+            })
+        })
+        .collect();
+    f.write(
+        "events.jsonl",
+        format!("{}\n", events.join("\n")).as_bytes(),
+    );
+    let rate = |period: &str| -> Vec<Value> {
+        let run: Run = (f.tally())
+            .args(["rate", "--config", "tally.toml", "--events", "events.jsonl"])
+            .args(["--period", period, "--format", "json", "--now", NOW])
+            .output()
+            .unwrap()
+            .into();
+        run.succeeded().lines()
+    };
+    let prices = |lines: &[Value], customer: &str| -> Vec<(String, String)> {
+        (lines.iter())
+            .filter(|l| l["customer"] == customer)
+            .map(|l| (l["plan"].to_string(), l["price"].to_string()))
+            .collect()
+    };
+    let pro = [
+        ("\"pro\"".to_owned(), "\"resolutions\"".to_owned()),
+        ("\"pro\"".to_owned(), "\"gpt-tokens\"".to_owned()),
+        ("\"pro\"".to_owned(), "\"claude-tokens\"".to_owned()),
+    ];
+
+    let october = rate("2026-10");
+    assert_eq!(prices(&october, "cust_moved"), pro);
+    // 3 resolutions within pro's platform fee of 49.00, 12.5 % off: 6.125 rounds to 6.13.
+    assert_eq!(
+        money(line(&october, "cust_moved", "resolutions")),
+        ["3", "49.00", "6.13", "42.87"]
+    );
+
+    let november = rate("2026-11");
+    assert_eq!(
+        prices(&november, "cust_moved"),
+        [("\"pro_2027\"".to_owned(), "\"resolutions\"".to_owned())]
+    );
+    assert_eq!(
+        money(line(&november, "cust_moved", "resolutions")),
+        ["3", "1.50", "0.00", "1.50"]
+    );
+    assert_eq!(prices(&november, "cust_idle"), pro);
+}
+
 // ---------------------------------------------------------------------------------------
 // Dedupe, summary, unknowns
 // ---------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ pub use values::{ExactDecimal, HumanDuration, JsonPath, UpToInput};
 use crate::ids::Fingerprinter;
 use crate::money::RoundingMode;
 use crate::price::{PackageRounding, Plan, TiersMode};
+use crate::time::Period;
 
 /// The whole file as written.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -43,7 +44,8 @@ pub struct ConfigFile {
     /// What to charge: each plan prices meters in one currency.
     #[serde(default)]
     pub plans: Vec<PlanSpec>,
-    /// Who is billed: each customer (the CloudEvents `subject`) is on one plan.
+    /// Who is billed: each customer (the CloudEvents `subject`) is on one plan per
+    /// period.
     #[serde(default)]
     pub customers: Vec<CustomerSpec>,
     /// Windowing and dedupe settings; see `defaults.rs`.
@@ -190,12 +192,29 @@ pub struct TransformQuantitySpec {
 pub struct CustomerSpec {
     /// The CloudEvents `subject` of this customer's events.
     pub id: String,
-    /// Id of the plan the customer is subscribed to.
+    /// Id of the plan the customer is subscribed to (until its first plan change).
     pub plan: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub discounts: Vec<DiscountSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Later subscriptions, in order, each billing every period from its `from` on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan_changes: Vec<PlanChangeSpec>,
+}
+
+/// A customer's move to another plan (or the same plan with other discounts) at the
+/// start of a period: a cohort migrated, a price change scheduled ahead.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanChangeSpec {
+    /// The first period billed on `plan`, like `"2026-12"`.
+    pub from: Period,
+    /// Id of the plan billed from then on; its currency must be the customer's.
+    pub plan: String,
+    /// The discounts from then on; those of earlier subscriptions do not carry over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub discounts: Vec<DiscountSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -298,13 +317,31 @@ impl Aggregation {
     }
 }
 
-/// A validated customer.
+/// A validated customer: on one subscription per period.
 #[derive(Debug, Clone)]
 pub struct Customer {
     pub id: String,
+    /// Billed until the first change, or always.
+    first: Subscription,
+    /// Each later subscription with the first period it bills, in ascending order.
+    changes: Vec<(Period, Subscription)>,
+}
+
+/// A plan with the customer's discounts on it.
+#[derive(Debug, Clone)]
+pub struct Subscription {
     pub plan: PlanId,
     /// Discount per price, by index into the plan's prices.
     pub discounts: BTreeMap<usize, crate::price::Discount>,
+}
+
+impl Customer {
+    /// What the customer is billed by in `period`.
+    pub fn subscription(&self, period: Period) -> &Subscription {
+        (self.changes.iter().rev())
+            .find(|(from, _)| *from <= period)
+            .map_or(&self.first, |(_, subscription)| subscription)
+    }
 }
 
 /// A configuration that passed validation. Cheap to share behind an `Arc`.

@@ -11,7 +11,7 @@ use super::defaults::{DEFAULT_DEDUPE_HORIZON, DEFAULT_MAX_FUTURE_SKEW, DEFAULT_W
 use super::{
     Aggregation, AggregationKind, BillingScheme, Config, ConfigFile, ConfigHash, ConfigIssue,
     Customer, CustomerSpec, DiscountSpec, Meter, MeterId, MeterSpec, PlanId, PlanSpec, PriceSpec,
-    Settings, TierSpec,
+    Settings, Subscription, TierSpec,
 };
 use crate::money::Currency;
 use crate::price::{Discount, Package, Plan, Price, Rate, Tier, Tiers, UpTo};
@@ -447,91 +447,151 @@ fn validate_customers(
             issues.add(format!("{at}.id"), "duplicate customer id");
             continue;
         }
-        let Some(plan_index) = plans.iter().position(|p| p.id == spec.plan) else {
-            let known: Vec<&str> = plans.iter().map(|p| p.id.as_str()).collect();
-            issues.add(
-                format!("{at}.plan"),
-                format!(
-                    "unknown plan {:?}; known plans: {}",
-                    spec.plan,
-                    known.join(", ")
-                ),
-            );
-            continue;
+        let subscribe = |plan: &str, discounts: &[DiscountSpec], at: &str, issues: &mut Issues| {
+            validate_subscription(plan, discounts, at, plan_specs, plans, issues)
         };
-        let plan = &plans[plan_index];
-        let mut discounts = BTreeMap::new();
-        for (k, d) in spec.discounts.iter().enumerate() {
-            let at = format!("{at}.discounts[{k}]");
-            let Some(discount) = validate_discount(d, &at, issues) else {
-                continue;
-            };
-            if let Discount::AmountOff(off) = discount {
-                let mut usable = true;
-                let decimals = plan.currency.minor_units();
-                if off.normalize().scale() > decimals {
+        let first = subscribe(&spec.plan, &spec.discounts, &at, issues);
+        let mut changes = Vec::with_capacity(spec.plan_changes.len());
+        for (k, change) in spec.plan_changes.iter().enumerate() {
+            let at = format!("{at}.plan_changes[{k}]");
+            if let Some(&(previous, _)) = changes.last() {
+                if change.from <= previous {
                     issues.add(
-                        format!("{at}.amount_off"),
+                        format!("{at}.from"),
                         format!(
-                            "{off} has more decimals than {} allows ({decimals}); amounts are in the currency's major unit, so round it to {decimals} decimals",
-                            plan.currency,
+                            "{} is not after the change before it ({previous}): list plan changes in the order they take effect, one per period",
+                            change.from
                         ),
                     );
-                    usable = false;
-                }
-                // Discounts apply line by line; an amount off every line would take
-                // the amount once per price, not once per invoice as finance reads it.
-                if d.price.is_none() {
-                    issues.add(
-                        format!("{at}.price"),
-                        "an amount_off needs the price it applies to: discounts are per invoice line, so one without a price would be taken off every line; name the price (percent_off may omit it)",
-                    );
-                    usable = false;
-                }
-                if !usable {
                     continue;
                 }
             }
-            let targets: Vec<usize> = match &d.price {
-                Some(price) => match plan.prices.iter().position(|p| &p.id == price) {
-                    Some(j) => vec![j],
-                    None => {
-                        // A price that is in the file but failed validation has its
-                        // own issue already; only a price that is not there is news.
-                        let declared = plan_specs[plan_index].prices.iter().any(|p| &p.id == price);
-                        if !declared {
-                            issues.add(
-                                format!("{at}.price"),
-                                format!("plan {:?} has no price {price:?}", plan.id),
-                            );
-                        }
-                        continue;
-                    }
-                },
-                None => (0..plan.prices.len()).collect(),
+            let Some(subscription) = subscribe(&change.plan, &change.discounts, &at, issues) else {
+                continue;
             };
-            for j in targets {
-                if discounts.insert(j, discount).is_some() {
-                    issues.add(
-                        &at,
-                        format!(
-                            "price {:?} already has a discount; one discount per line keeps invoices predictable",
-                            plan.prices[j].id
-                        ),
-                    );
-                }
+            // One currency per customer: an invoice has one, and usage of a closed
+            // period arriving late is billed on a later period's invoice.
+            let currency = |s: &Subscription| plans[s.plan.0 as usize].currency;
+            if let Some(first) = first
+                .as_ref()
+                .filter(|f| currency(f) != currency(&subscription))
+            {
+                issues.add(
+                    format!("{at}.plan"),
+                    format!(
+                        "plan {:?} bills in {}, but the customer is billed in {} (plan {:?}); a customer keeps one currency, so move it to a plan in {}",
+                        change.plan,
+                        currency(&subscription),
+                        currency(first),
+                        spec.plan,
+                        currency(first),
+                    ),
+                );
+                continue;
             }
+            changes.push((change.from, subscription));
         }
-        customers.insert(
-            spec.id.clone(),
-            Customer {
-                id: spec.id.clone(),
-                plan: PlanId(plan_index as u32),
-                discounts,
-            },
-        );
+        if let Some(first) = first {
+            customers.insert(
+                spec.id.clone(),
+                Customer {
+                    id: spec.id.clone(),
+                    first,
+                    changes,
+                },
+            );
+        }
     }
     customers
+}
+
+/// A customer's `plan` and its `discounts` (at `at`), as one subscription.
+fn validate_subscription(
+    plan_id: &str,
+    discount_specs: &[DiscountSpec],
+    at: &str,
+    plan_specs: &[PlanSpec],
+    plans: &[Plan],
+    issues: &mut Issues,
+) -> Option<Subscription> {
+    let Some(plan_index) = plans.iter().position(|p| p.id == plan_id) else {
+        let known: Vec<&str> = plans.iter().map(|p| p.id.as_str()).collect();
+        issues.add(
+            format!("{at}.plan"),
+            format!(
+                "unknown plan {plan_id:?}; known plans: {}",
+                known.join(", ")
+            ),
+        );
+        return None;
+    };
+    let plan = &plans[plan_index];
+    let mut discounts = BTreeMap::new();
+    for (k, d) in discount_specs.iter().enumerate() {
+        let at = format!("{at}.discounts[{k}]");
+        let Some(discount) = validate_discount(d, &at, issues) else {
+            continue;
+        };
+        if let Discount::AmountOff(off) = discount {
+            let mut usable = true;
+            let decimals = plan.currency.minor_units();
+            if off.normalize().scale() > decimals {
+                issues.add(
+                    format!("{at}.amount_off"),
+                    format!(
+                        "{off} has more decimals than {} allows ({decimals}); amounts are in the currency's major unit, so round it to {decimals} decimals",
+                        plan.currency,
+                    ),
+                );
+                usable = false;
+            }
+            // Discounts apply line by line; an amount off every line would take
+            // the amount once per price, not once per invoice as finance reads it.
+            if d.price.is_none() {
+                issues.add(
+                    format!("{at}.price"),
+                    "an amount_off needs the price it applies to: discounts are per invoice line, so one without a price would be taken off every line; name the price (percent_off may omit it)",
+                );
+                usable = false;
+            }
+            if !usable {
+                continue;
+            }
+        }
+        let targets: Vec<usize> = match &d.price {
+            Some(price) => match plan.prices.iter().position(|p| &p.id == price) {
+                Some(j) => vec![j],
+                None => {
+                    // A price that is in the file but failed validation has its
+                    // own issue already; only a price that is not there is news.
+                    let declared = plan_specs[plan_index].prices.iter().any(|p| &p.id == price);
+                    if !declared {
+                        issues.add(
+                            format!("{at}.price"),
+                            format!("plan {:?} has no price {price:?}", plan.id),
+                        );
+                    }
+                    continue;
+                }
+            },
+            None => (0..plan.prices.len()).collect(),
+        };
+        for j in targets {
+            if discounts.insert(j, discount).is_some() {
+                issues.add(
+                    &at,
+                    format!(
+                        "price {:?} already has a discount; one discount per line keeps invoices predictable",
+                        plan.prices[j].id
+                    ),
+                );
+            }
+        }
+    }
+    Some(Subscription {
+        plan: PlanId(plan_index as u32),
+        discounts,
+    })
 }
 
 fn validate_discount(spec: &DiscountSpec, at: &str, issues: &mut Issues) -> Option<Discount> {
