@@ -365,6 +365,11 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
         10,
         "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\nperiod_close_grace = \"1h\"\ndedupe_horizon = \"35d\"",
     );
+    // cust_00000 moves from starter to pro in November.
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let moved = "[[customers]]\nid = \"cust_00000\"\nplan = \"starter\"\n";
+    let change = "\n[[customers.plan_changes]]\nfrom = \"2026-11\"\nplan = \"pro\"\n";
+    std::fs::write(&p.config, edited(&book, moved, &format!("{moved}{change}"))).unwrap();
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let mut october = p.lines();
@@ -386,7 +391,31 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
     p.produce(std::slice::from_ref(&too_old));
 
     let expected_october = p.expected_for(&october, "2026-10");
+    // October is rated on starter (a price pro does not have).
+    line_for(&expected_october, "cust_00000", "gpt-x-tokens");
     assert_resolution_adjustments(&p, &expected_october, 2);
+    // The customer who moved: November's lines are pro's (its platform fee covers
+    // both November resolutions), while the two late October resolutions are priced
+    // as October's plan, starter, would have (0.99 each).
+    let moved_lines = format!(
+        "SELECT plan, price, quantity, amount, adjusts_period FROM {}.invoice_lines \
+         WHERE customer = 'cust_00000' AND period_start = '2026-11-01 00:00:00' \
+         ORDER BY adjusts_period, price FORMAT TSV",
+        p.database
+    );
+    let expected_moved = "pro\tresolutions\t2\t49.00\t\npro\ttokens\t0\t0.00\t\nstarter\tresolutions\t2\t1.98\t2026-10\n";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = p.query(&moved_lines);
+        if found == expected_moved {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cust_00000's November lines, expected:\n{expected_moved}found:\n{found}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     // October itself is exactly what tally rate bills for the usage that arrived in
     // time, and stays so.
     p.period = "2026-10";
