@@ -46,6 +46,9 @@ pub enum Recorded {
     UnknownCustomer,
     /// The customer's plan has no price for this meter and these dimensions.
     NotPriced,
+    /// The customer is not billed in the period (before its `from`, after its
+    /// `through`): unbilled, to be reported.
+    NotSubscribed,
     /// The period, or the closed period it adjusts, has settled: this repeats usage
     /// already billed (an aggregator replaying after it lost its state) and is left out.
     SettledPeriod,
@@ -192,8 +195,13 @@ impl Ledger {
         let Some(customer) = self.config.customers.get(&*series.customer) else {
             return Recorded::UnknownCustomer;
         };
-        // An adjustment's usage is priced as the closed period's plan would have.
-        let plan = plan_of(&self.config, customer, series.adjusts.unwrap_or(period));
+        // An adjustment's usage is priced as the closed period's plan would have, and
+        // billed if that period was, wherever the customer is now.
+        let rated_in = series.adjusts.unwrap_or(period);
+        if !customer.bills(rated_in) {
+            return Recorded::NotSubscribed;
+        }
+        let plan = plan_of(&self.config, customer, rated_in);
         let mut billed = 0;
         for (price_index, price) in plan.prices.iter().enumerate() {
             if self.config.meter(price.meter).slug != *series.meter || !price.matches(&series.group)
@@ -418,10 +426,11 @@ pub fn line_open(settled: Option<Period>, period: Period, adjusts: Option<Period
     open(period) && adjusts.is_none_or(open)
 }
 
-/// Every subscribed customer with the index of each price of their plan in `period`,
+/// Every customer billed in `period` with the index of each price of their plan then,
 /// in plan order: one invoice line each.
 fn subscribed_prices(config: &Config, period: Period) -> impl Iterator<Item = (&Customer, usize)> {
-    config.customers.values().flat_map(move |customer| {
+    let billed = config.customers.values().filter(move |c| c.bills(period));
+    billed.flat_map(move |customer| {
         (0..plan_of(config, customer, period).prices.len())
             .map(move |price_index| (customer, price_index))
     })
@@ -720,6 +729,63 @@ mod tests {
                 ("team", "resolutions", "9.90"),
                 ("team", "platform", "20.00")
             ])
+        );
+    }
+
+    #[test]
+    fn a_customer_has_lines_and_billed_usage_only_from_its_first_period_through_its_last() {
+        let period = |p: &str| Period::from_str(p).unwrap();
+        let bounded = CONFIG.replacen(
+            "plan = \"pro\"\n",
+            "plan = \"pro\"\n        from = \"2026-11\"\n        through = \"2026-12\"\n",
+            1,
+        );
+        let mut ledger = Ledger::new(Arc::new(Config::parse(&bounded, "test").unwrap()));
+        let resolutions = series("resolutions", &[]);
+        for (month, lines, recorded) in [
+            ("2026-10", 0, Recorded::NotSubscribed),
+            ("2026-11", 4, Recorded::Billed(1)),
+            ("2026-12", 4, Recorded::Billed(1)),
+            ("2027-01", 0, Recorded::NotSubscribed),
+        ] {
+            let opening = ledger.opening_lines(period(month)).unwrap();
+            assert_eq!(opening.len(), lines, "{month}");
+            assert_eq!(
+                ledger.record(&resolutions, period(month), value(1)),
+                recorded,
+                "{month}"
+            );
+        }
+        // December's usage arriving after it closed is billed in January, where the
+        // customer has no lines of its own.
+        let late = Arc::new(SeriesKey {
+            adjusts: Some(period("2026-12")),
+            ..SeriesKey::clone(&resolutions)
+        });
+        assert_eq!(
+            ledger.record(&late, period("2027-01"), value(1)),
+            Recorded::Billed(1)
+        );
+        let adjustments: Vec<_> = (ledger.flush().unwrap().into_iter())
+            .filter(|r| r.line.adjusts_period.is_some())
+            .map(|r| (r.line.period_start, r.line.adjusts_period, r.line.quantity))
+            .collect();
+        assert_eq!(
+            adjustments,
+            [(
+                period("2027-01").start(),
+                Some(period("2026-12")),
+                Decimal::ONE
+            )]
+        );
+        assert!(ledger.close(period("2027-01")).unwrap().is_empty());
+        let october = Arc::new(SeriesKey {
+            adjusts: Some(period("2026-10")),
+            ..SeriesKey::clone(&resolutions)
+        });
+        assert_eq!(
+            ledger.record(&october, period("2026-11"), value(1)),
+            Recorded::NotSubscribed
         );
     }
 

@@ -954,3 +954,58 @@ fn plan_changes_are_checked_like_the_plan_they_follow() {
     ));
     assert!(field.contains("unknown field `prorate`"), "{field}");
 }
+
+#[test]
+fn a_customer_is_billed_from_its_first_period_through_its_last() {
+    let bills = |config: &Config, period: &str| {
+        config.customers["cust_acme"].bills(period.parse().unwrap())
+    };
+    let always = parse(BASE);
+    assert!(bills(&always, "1970-01") && bills(&always, "2200-12"));
+
+    let bounded = with(
+        "plan = \"pro\"\n",
+        "plan = \"pro\"\nfrom = \"2026-11\"\nthrough = \"2027-01\"\n",
+    );
+    let config = parse(&bounded);
+    let billed: Vec<bool> = ["2026-10", "2026-11", "2026-12", "2027-01", "2027-02"]
+        .iter()
+        .map(|period| bills(&config, period))
+        .collect();
+    assert_eq!(billed, [false, true, true, true, false]);
+    assert_ne!(config.hash, always.hash);
+    let open_ended = parse(&with(
+        "plan = \"pro\"\n",
+        "plan = \"pro\"\nfrom = \"2026-11\"\n",
+    ));
+    assert!(!bills(&open_ended, "2026-10") && bills(&open_ended, "2200-12"));
+
+    assert_only_issue(
+        &with(
+            "plan = \"pro\"\n",
+            "plan = \"pro\"\nfrom = \"2026-11\"\nthrough = \"2026-10\"\n",
+        ),
+        "customers[cust_acme].through",
+        "2026-10 is before from (2026-11)",
+    );
+    let bounded_changes = |changes: &str| {
+        with_plan_changes(changes).replacen(
+            "plan = \"pro\"\ndiscounts",
+            "plan = \"pro\"\nfrom = \"2026-11\"\nthrough = \"2027-01\"\ndiscounts",
+            1,
+        )
+    };
+    assert_only_issue(
+        &bounded_changes("[[customers.plan_changes]]\nfrom = \"2026-11\"\nplan = \"pro_2027\""),
+        "customers[cust_acme].plan_changes[0].from",
+        "2026-11 is not after the customer's first period (2026-11)",
+    );
+    assert_only_issue(
+        &bounded_changes("[[customers.plan_changes]]\nfrom = \"2027-02\"\nplan = \"pro_2027\""),
+        "customers[cust_acme].plan_changes[0].from",
+        "2027-02 is after the customer's last period (2027-01): the change would never bill",
+    );
+    parse(&bounded_changes(
+        "[[customers.plan_changes]]\nfrom = \"2027-01\"\nplan = \"pro_2027\"",
+    ));
+}

@@ -14,8 +14,8 @@ use chrono::{DateTime, Utc};
 use tally_aggregator::Aggregator;
 use tally_ingest::{decode_lines, LineReject};
 
-use crate::summary::{BadLine, Summary, UnpricedUsage};
-use tally_rater::{Ledger, Recorded};
+use crate::summary::{BadLine, Summary};
+use tally_rater::Ledger;
 use tally_schemas::config::Config;
 use tally_schemas::event::EventDecoder;
 use tally_schemas::records::InvoiceLine;
@@ -82,11 +82,8 @@ pub fn rate_events(
 
     let mut ledger = Ledger::new(Arc::clone(config));
     for (series, value) in aggregator.period_usage(period) {
-        if ledger.record(&series, period, value) == Recorded::NotPriced {
-            summary
-                .unpriced_usage
-                .push(UnpricedUsage::new(&series, value.value));
-        }
+        let recorded = ledger.record(&series, period, value);
+        summary.note_unbilled(recorded, &series, value.value);
     }
     let lines = ledger
         .close(period)

@@ -13,6 +13,7 @@ use serde::Serialize;
 use tally_aggregator::state::StateError;
 use tally_aggregator::{Aggregator, Outcome};
 use tally_ingest::{Line, LineReject};
+use tally_rater::Recorded;
 use tally_schemas::event::DecodedEvent;
 use tally_schemas::records::SeriesKey;
 use tally_schemas::time::Period;
@@ -47,20 +48,23 @@ pub struct Summary {
     /// Events refused because a total would stop being exact.
     pub refused: u64,
     /// Usage of known customers that no price of their plan bills.
-    pub unpriced_usage: Vec<UnpricedUsage>,
+    pub unpriced_usage: Vec<UnbilledUsage>,
+    /// Usage of known customers in a period they are not billed in (before their
+    /// `from`, after their `through`).
+    pub unsubscribed_usage: Vec<UnbilledUsage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct UnpricedUsage {
+pub struct UnbilledUsage {
     pub customer: String,
     pub meter: String,
     pub group: Vec<String>,
     pub quantity: String,
 }
 
-impl UnpricedUsage {
+impl UnbilledUsage {
     pub fn new(series: &SeriesKey, quantity: Decimal) -> Self {
-        UnpricedUsage {
+        UnbilledUsage {
             customer: series.customer.clone(),
             meter: series.meter.clone(),
             group: series.group.clone(),
@@ -86,6 +90,17 @@ impl fmt::Display for BadLine<'_> {
 }
 
 impl Summary {
+    /// Lists a series' usage the ledger did not bill (`recorded`), where finance looks
+    /// for it; unknown customers' events are counted as they are read.
+    pub fn note_unbilled(&mut self, recorded: Recorded, series: &SeriesKey, quantity: Decimal) {
+        let list = match recorded {
+            Recorded::NotPriced => &mut self.unpriced_usage,
+            Recorded::NotSubscribed => &mut self.unsubscribed_usage,
+            Recorded::Billed(_) | Recorded::UnknownCustomer | Recorded::SettledPeriod => return,
+        };
+        list.push(UnbilledUsage::new(series, quantity));
+    }
+
     /// Applies one decoded line to `aggregator` (an event) and puts it in its bucket;
     /// returns it when it was bad, for the caller to keep or stop at.
     pub fn count_line<'l>(
@@ -211,6 +226,19 @@ impl Summary {
             out.push_str(&format!(
                 "  unbilled: ... and {} more unpriced series (all listed in the JSON summary)\n",
                 self.unpriced_usage.len() - LISTED
+            ));
+        }
+        for u in self.unsubscribed_usage.iter().take(LISTED) {
+            out.push_str(&format!(
+                "  unbilled: {} of meter {} {:?} for {:?}: not billed in {} (before its from or after its through)\n",
+                u.quantity, u.meter, u.group, u.customer, self.period
+            ));
+        }
+        if self.unsubscribed_usage.len() > LISTED {
+            out.push_str(&format!(
+                "  unbilled: ... and {} more series of customers not billed in {} (all listed in the JSON summary)\n",
+                self.unsubscribed_usage.len() - LISTED,
+                self.period
             ));
         }
         out

@@ -1121,7 +1121,10 @@ fn duplicates_and_conflicts_are_counted_and_the_first_event_wins() {
 
 #[test]
 fn the_summary_reconciles_every_line_read() {
-    let f = Fixture::new(PRO);
+    // cust_later is billed from December on.
+    let f = Fixture::new(&format!(
+        "{PRO}\n[[customers]]\nid = \"cust_later\"\nplan = \"pro\"\nfrom = \"2026-12\"\n"
+    ));
     let events = vec![
         event(
             "e1",
@@ -1174,14 +1177,21 @@ fn the_summary_reconciles_every_line_read() {
             None,
         ),
         tokens("e6", "cust_acme", "llama-z", json!(10)),
+        event(
+            "e7",
+            "ai.resolution",
+            "cust_later",
+            "2026-11-03T00:00:00Z",
+            None,
+        ),
     ];
     let run = f.rate(&events, &[]).succeeded();
     assert_eq!(
         f.summary(),
         json!({
             "period": "2026-11",
-            "events_read": 9,
-            "accepted": 2,
+            "events_read": 10,
+            "accepted": 3,
             "duplicates": 1,
             "conflicts": 1,
             "rejected": 1,
@@ -1192,11 +1202,12 @@ fn the_summary_reconciles_every_line_read() {
             "too_late": 0,
             "refused": 0,
             "unpriced_usage": [{"customer": "cust_acme", "meter": "tokens", "group": ["llama-z"], "quantity": "10"}],
+            "unsubscribed_usage": [{"customer": "cust_later", "meter": "resolutions", "group": [], "quantity": "1"}],
         })
     );
     assert!(
         run.stderr.contains(
-            "period 2026-11: 9 events read = 2 counted + 1 duplicates + 1 conflicts + 1 rejected + 1 outside the period + 1 of unknown types + 2 of unknown customers"
+            "period 2026-11: 10 events read = 3 counted + 1 duplicates + 1 conflicts + 1 rejected + 1 outside the period + 1 of unknown types + 2 of unknown customers"
         ),
         "{}",
         run.stderr
@@ -1214,8 +1225,17 @@ fn the_summary_reconciles_every_line_read() {
         "{}",
         run.stderr
     );
-    // Unknown customers get no lines.
-    assert!(run.lines().iter().all(|l| l["customer"] != "cust_ghost"));
+    assert!(
+        run.stderr.contains(
+            r#"unbilled: 1 of meter resolutions [] for "cust_later": not billed in 2026-11 (before its from or after its through)"#
+        ),
+        "{}",
+        run.stderr
+    );
+    // Unknown customers, and customers not billed in the period, get no lines.
+    let lines = run.lines();
+    assert!(lines.iter().all(|l| l["customer"] != "cust_ghost"));
+    assert!(lines.iter().all(|l| l["customer"] != "cust_later"));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ pub struct RaterMetrics {
     pub registry: Registry,
     pub usage_updates: IntCounter,
     pub lines_rated: IntCounter,
-    /// `reason`: unknown_customer, not_priced, settled_period.
+    /// `reason`: unknown_customer, not_priced, not_subscribed, settled_period.
     pub unbilled: IntCounterVec,
     /// From a usage update reaching Kafka to its line being stored in ClickHouse.
     pub rating_latency: Histogram,

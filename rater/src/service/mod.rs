@@ -575,6 +575,7 @@ impl Worker {
             Recorded::Billed(_) => return,
             Recorded::UnknownCustomer => "unknown_customer",
             Recorded::NotPriced => "not_priced",
+            Recorded::NotSubscribed => "not_subscribed",
             Recorded::SettledPeriod => "settled_period",
         };
         self.metrics.unbilled.with_label_values(&[unbilled]).inc();

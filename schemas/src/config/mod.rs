@@ -198,6 +198,12 @@ pub struct CustomerSpec {
     pub discounts: Vec<DiscountSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The first period billed, like `"2026-11"`; omitted, every period up to `through`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Period>,
+    /// The last period billed; omitted, no end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub through: Option<Period>,
     /// Later subscriptions, in order, each billing every period from its `from` on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plan_changes: Vec<PlanChangeSpec>,
@@ -317,13 +323,19 @@ impl Aggregation {
     }
 }
 
-/// A validated customer: on one subscription per period.
+/// A validated customer: billed in the periods from `from` through `through`, on one
+/// subscription per period.
 #[derive(Debug, Clone)]
 pub struct Customer {
     pub id: String,
+    /// The first period billed, if not every one.
+    from: Option<Period>,
+    /// The last period billed, if any.
+    through: Option<Period>,
     /// Billed until the first change, or always.
     first: Subscription,
-    /// Each later subscription with the first period it bills, in ascending order.
+    /// Each later subscription with the first period it bills, in ascending order,
+    /// after `from` and not after `through`.
     changes: Vec<(Period, Subscription)>,
 }
 
@@ -336,7 +348,14 @@ pub struct Subscription {
 }
 
 impl Customer {
-    /// What the customer is billed by in `period`.
+    /// Whether the customer is billed in `period`: it has lines (flat fees included)
+    /// and its usage is billed only then.
+    pub fn bills(&self, period: Period) -> bool {
+        self.from.is_none_or(|from| from <= period)
+            && self.through.is_none_or(|through| period <= through)
+    }
+
+    /// What the customer is billed by in `period` (if [`Customer::bills`] it).
     pub fn subscription(&self, period: Period) -> &Subscription {
         (self.changes.iter().rev())
             .find(|(from, _)| *from <= period)

@@ -451,9 +451,37 @@ fn validate_customers(
             validate_subscription(plan, discounts, at, plan_specs, plans, issues)
         };
         let first = subscribe(&spec.plan, &spec.discounts, &at, issues);
+        if let (Some(from), Some(through)) = (spec.from, spec.through) {
+            if through < from {
+                issues.add(
+                    format!("{at}.through"),
+                    format!("{through} is before from ({from}): through is the last period billed, from the first"),
+                );
+            }
+        }
         let mut changes = Vec::with_capacity(spec.plan_changes.len());
         for (k, change) in spec.plan_changes.iter().enumerate() {
             let at = format!("{at}.plan_changes[{k}]");
+            if let Some(from) = spec.from.filter(|&from| change.from <= from) {
+                issues.add(
+                    format!("{at}.from"),
+                    format!(
+                        "{} is not after the customer's first period ({from}): bill the first period's plan as the customer's plan",
+                        change.from
+                    ),
+                );
+                continue;
+            }
+            if let Some(through) = spec.through.filter(|&through| change.from > through) {
+                issues.add(
+                    format!("{at}.from"),
+                    format!(
+                        "{} is after the customer's last period ({through}): the change would never bill",
+                        change.from
+                    ),
+                );
+                continue;
+            }
             if let Some(&(previous, _)) = changes.last() {
                 if change.from <= previous {
                     issues.add(
@@ -496,6 +524,8 @@ fn validate_customers(
                 spec.id.clone(),
                 Customer {
                     id: spec.id.clone(),
+                    from: spec.from,
+                    through: spec.through,
                     first,
                     changes,
                 },

@@ -28,7 +28,7 @@ use tally_schemas::event::EventDecoder;
 use tally_schemas::records::UsageUpdate;
 use tally_schemas::time::Period;
 
-use crate::summary::{BadLine, Summary, UnpricedUsage};
+use crate::summary::{BadLine, Summary};
 use store::Store;
 
 /// Batches a queue holds before its producer waits. Ingest hands over the lines of one
@@ -101,13 +101,14 @@ pub fn run(
         let mut ledger = Ledger::new(Arc::clone(config));
         let mut window_updates = 0u64;
         let mut line_revisions = 0u64;
-        let mut unpriced = std::collections::BTreeMap::new();
+        // Each unbilled series of the period with its latest value.
+        let mut unbilled = std::collections::BTreeMap::new();
         for updates in windows_rx {
             for u in &updates {
                 let update_period = Period::containing(u.period_start);
                 let recorded = ledger.record(&u.series, update_period, u.period_to_date);
-                if recorded == Recorded::NotPriced && update_period == period {
-                    unpriced.insert(Arc::clone(&u.series), u.period_to_date.value);
+                if !matches!(recorded, Recorded::Billed(_)) && update_period == period {
+                    unbilled.insert(Arc::clone(&u.series), (recorded, u.period_to_date.value));
                 }
                 window_updates += u.windows.len() as u64;
             }
@@ -126,10 +127,9 @@ pub fn run(
             .map_err(|_| anyhow::anyhow!("the aggregator stage panicked"))?;
         // Only a run that read the whole file becomes the store's current one.
         store.finish()?;
-        summary.unpriced_usage = unpriced
-            .into_iter()
-            .map(|(series, quantity)| UnpricedUsage::new(&series, quantity))
-            .collect();
+        for (series, (recorded, quantity)) in unbilled {
+            summary.note_unbilled(recorded, &series, quantity);
+        }
         Ok(PipelineRun {
             summary,
             lines,

@@ -359,17 +359,22 @@ fn assert_resolution_adjustments(p: &Pipeline, expected_october: &[harness::Line
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
     let _serial = serial();
+    let rater_port = harness::free_port();
     let mut p = Pipeline::new(
         "late",
         5_000,
         10,
-        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\nperiod_close_grace = \"1h\"\ndedupe_horizon = \"35d\"",
+        &format!("[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\nperiod_close_grace = \"1h\"\ndedupe_horizon = \"35d\"\n[rater]\nmetrics_listen = \"127.0.0.1:{rater_port}\"\nflush_interval = \"200ms\""),
     );
-    // cust_00000 moves from starter to pro in November.
+    // cust_00000 moves from starter to pro in November; cust_00001 leaves after
+    // October.
     let book = std::fs::read_to_string(&p.config).unwrap();
     let moved = "[[customers]]\nid = \"cust_00000\"\nplan = \"starter\"\n";
     let change = "\n[[customers.plan_changes]]\nfrom = \"2026-11\"\nplan = \"pro\"\n";
-    std::fs::write(&p.config, edited(&book, moved, &format!("{moved}{change}"))).unwrap();
+    let book = edited(&book, moved, &format!("{moved}{change}"));
+    let leaving = "[[customers]]\nid = \"cust_00001\"\nplan = \"pro\"\n";
+    let book = edited(&book, leaving, &format!("{leaving}through = \"2026-10\"\n"));
+    std::fs::write(&p.config, book).unwrap();
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let mut october = p.lines();
@@ -404,18 +409,31 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
         p.database
     );
     let expected_moved = "pro\tresolutions\t2\t49.00\t\npro\ttokens\t0\t0.00\t\nstarter\tresolutions\t2\t1.98\t2026-10\n";
+    // The customer who left: no November lines (no platform fee), its November
+    // usage unbilled and counted, its late October usage billed.
+    let left_lines = format!(
+        "SELECT price, quantity, adjusts_period FROM {}.invoice_lines \
+         WHERE customer = 'cust_00001' AND period_start = '2026-11-01 00:00:00' FORMAT TSV",
+        p.database
+    );
+    let expected_left = "resolutions\t2\t2026-10\n";
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let found = p.query(&moved_lines);
-        if found == expected_moved {
+        let (moved, left) = (p.query(&moved_lines), p.query(&left_lines));
+        if (moved.as_str(), left.as_str()) == (expected_moved, expected_left) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "cust_00000's November lines, expected:\n{expected_moved}found:\n{found}"
+            "cust_00000's November lines, expected:\n{expected_moved}found:\n{moved}\ncust_00001's, expected:\n{expected_left}found:\n{left}"
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    let unsubscribed = harness::metric(
+        rater_port,
+        "tally_rater_unbilled_usage_total{reason=\"not_subscribed\"}",
+    );
+    assert!(unsubscribed.is_some_and(|n| n >= 1.0), "{unsubscribed:?}");
     // October itself is exactly what tally rate bills for the usage that arrived in
     // time, and stays so.
     p.period = "2026-10";
