@@ -1,4 +1,5 @@
-//! The rater's store: rated invoice lines into ClickHouse, over its HTTP interface.
+//! The rater's store: rated invoice lines, and usage windows, into ClickHouse over its
+//! HTTP interface.
 //!
 //! In: invoice lines and a version. Out: rows in `<database>.rated_lines`, a
 //! ReplacingMergeTree keyed by the line's deterministic id, and the view
@@ -14,6 +15,11 @@
 //! WHERE period_start = '2026-11-01 00:00:00'
 //! ```
 //!
+//! The streaming rater also stores each series' event-time windows in
+//! `<database>.window_revisions` (a ReplacingMergeTree versioned by the windows offset)
+//! and the view `<database>.window_usage` with each window's latest value, so finance
+//! can see when the usage behind a line happened.
+//!
 //! An adjustment line (late usage of a closed period, billed in a later one) has
 //! `adjusts_period` set to that closed period (`YYYY-MM`); other lines have it empty.
 //!
@@ -23,12 +29,13 @@
 //! decimals and its `sum` of decimals can overflow silently), with `amount_minor`, the
 //! amount in whole minor units, for exact sums in SQL.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tally_schemas::config::{ClickHouseCredentials, ClickHouseSettings};
-use tally_schemas::records::InvoiceLine;
+use tally_schemas::records::{InvoiceLine, SeriesKey, WindowUsage};
 use tally_schemas::time::Period;
 
 /// Where and why a write to ClickHouse failed.
@@ -93,6 +100,20 @@ const COLUMNS: [(&str, &str); 17] = [
     ("adjusts_period", "String"),
 ];
 
+/// `window_revisions`' columns and types, in order, but for `version`; the
+/// `window_usage` view shows these.
+const WINDOW_COLUMNS: [(&str, &str); 9] = [
+    ("customer", "String"),
+    ("meter", "String"),
+    ("dimensions", "String"),
+    ("period_start", "DateTime('UTC')"),
+    ("adjusts_period", "String"),
+    ("window_start", "DateTime('UTC')"),
+    ("window_end", "DateTime('UTC')"),
+    ("value", "String"),
+    ("revision", "UInt64"),
+];
+
 /// Most lines retired by one statement.
 const RETIRE_CHUNK: usize = 2000;
 
@@ -118,6 +139,36 @@ struct Row<'a> {
     adjusts_period: String,
     /// 1 on a tombstone: the line's current rating is that it is no longer billed.
     superseded: u8,
+}
+
+/// One event-time window of a series as the streaming rater stores it, so finance can
+/// see when the usage behind a line happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWindow {
+    /// Shared by the windows of one usage update.
+    pub series: Arc<SeriesKey>,
+    /// The period the series' usage is billed in (for late usage of a closed period,
+    /// `series.adjusts` names that one).
+    pub period_start: DateTime<Utc>,
+    pub window: WindowUsage,
+    /// The windows offset the row accounts for: a window's latest state has the
+    /// highest.
+    pub version: u64,
+}
+
+/// One row of `window_revisions`, as JSONEachRow.
+#[derive(Serialize)]
+struct WindowRow<'a> {
+    customer: &'a str,
+    meter: &'a str,
+    dimensions: String,
+    period_start: String,
+    adjusts_period: String,
+    window_start: String,
+    window_end: String,
+    value: String,
+    revision: u64,
+    version: u64,
 }
 
 impl ClickHouse {
@@ -180,6 +231,29 @@ impl ClickHouse {
                 &format!("ALTER TABLE {db}.rated_lines ADD COLUMN superseded UInt8"),
             )?;
         }
+        let window_columns: Vec<String> = WINDOW_COLUMNS
+            .iter()
+            .map(|(name, kind)| format!("{name} {kind}"))
+            .collect();
+        self.execute(
+            "create the window_revisions table",
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {db}.window_revisions ({}, version UInt64)
+                ENGINE = ReplacingMergeTree(version)
+                PARTITION BY toYYYYMM(period_start)
+                ORDER BY (period_start, customer, meter, dimensions, adjusts_period, window_start)",
+                window_columns.join(", ")
+            ),
+        )?;
+        let window_names: Vec<&str> = WINDOW_COLUMNS.iter().map(|(name, _)| *name).collect();
+        self.execute(
+            "create the window_usage view",
+            &format!(
+                "CREATE VIEW IF NOT EXISTS {db}.window_usage AS SELECT {} \
+                 FROM {db}.window_revisions FINAL",
+                window_names.join(", ")
+            ),
+        )?;
         // FINAL in a subquery, so `superseded` is filtered after the rows of a line are
         // merged: filtered first (as a PREWHERE may be), a retired line would show its
         // older row instead.
@@ -357,6 +431,36 @@ impl ClickHouse {
         );
         self.send("insert rated lines", Some(&query), body)
             .map(drop)
+    }
+
+    /// Writes windows, each row with its version, in one insert.
+    pub fn insert_windows(&self, windows: &[StoredWindow]) -> Result<(), ClickHouseError> {
+        if windows.is_empty() {
+            return Ok(());
+        }
+        let mut body = Vec::with_capacity(windows.len() * 256);
+        for stored in windows {
+            let series = &stored.series;
+            let row = WindowRow {
+                customer: &series.customer,
+                meter: &series.meter,
+                dimensions: serde_json::to_string(&series.group).expect("strings serialise"),
+                period_start: clickhouse_time(stored.period_start),
+                adjusts_period: series.adjusts.map(|p| p.to_string()).unwrap_or_default(),
+                window_start: clickhouse_time(stored.window.window_start),
+                window_end: clickhouse_time(stored.window.window_end),
+                value: stored.window.value.value.to_string(),
+                revision: stored.window.revision,
+                version: stored.version,
+            };
+            serde_json::to_writer(&mut body, &row).expect("a row serialises");
+            body.push(b'\n');
+        }
+        let query = format!(
+            "INSERT INTO {}.window_revisions FORMAT JSONEachRow",
+            self.database
+        );
+        self.send("insert windows", Some(&query), body).map(drop)
     }
 
     fn execute(&self, what: &'static str, sql: &str) -> Result<(), ClickHouseError> {

@@ -1,5 +1,5 @@
 //! The rater's ClickHouse store against a real server: finding the lines another price
-//! book rated and retiring them.
+//! book rated and retiring them; storing usage windows.
 //!
 //! Needs ClickHouse's HTTP interface at `TALLY_CLICKHOUSE_URL` (default
 //! http://127.0.0.1:8123); `scripts/test.sh` starts one (`scripts/services/up.sh
@@ -10,9 +10,11 @@
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
-use tally_rater::clickhouse::ClickHouse;
+use std::sync::Arc;
+
+use tally_rater::clickhouse::{ClickHouse, StoredWindow};
 use tally_rater::line::line_id;
-use tally_schemas::records::InvoiceLine;
+use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, WindowUsage};
 use tally_schemas::time::Period;
 
 fn url() -> String {
@@ -49,16 +51,22 @@ fn line(customer: &str, period: Period, adjusts: Option<Period>, hash: &str) -> 
     }
 }
 
-#[test]
-#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
-fn stale_lines_are_found_by_book_and_period_and_retired_in_chunks() {
+/// A store in a new database of its own, named after `test`.
+fn store(test: &str) -> (ClickHouse, String) {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let database = format!("tally_test_store_{}_{nanos}", std::process::id());
+    let database = format!("tally_test_{test}_{}_{nanos}", std::process::id());
     let store = ClickHouse::new(&url(), &database).unwrap();
     store.ensure_schema().unwrap();
+    (store, database)
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
+fn stale_lines_are_found_by_book_and_period_and_retired_in_chunks() {
+    let (store, database) = store("store");
     let (october, november) = (
         Period::from_str("2026-10").unwrap(),
         Period::from_str("2026-11").unwrap(),
@@ -112,5 +120,72 @@ fn stale_lines_are_found_by_book_and_period_and_retired_in_chunks() {
         .lines_rated_with_another_book("current", Some(november))
         .unwrap()
         .is_empty());
+    query(&format!("DROP DATABASE {database}"));
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
+fn each_window_shows_its_latest_value_and_late_usage_stays_apart() {
+    let (store, database) = store("windows");
+    let (october, november) = (
+        Period::from_str("2026-10").unwrap(),
+        Period::from_str("2026-11").unwrap(),
+    );
+    let tokens = Arc::new(SeriesKey {
+        customer: "cust_acme".into(),
+        meter: "tokens".into(),
+        group: vec!["gpt-x".into()],
+        adjusts: None,
+    });
+    let late = Arc::new(SeriesKey {
+        adjusts: Some(october),
+        ..SeriesKey::clone(&tokens)
+    });
+    let hour = |start: &str| -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) {
+        let start = chrono::DateTime::parse_from_rfc3339(start)
+            .unwrap()
+            .to_utc();
+        (start, start + chrono::Duration::hours(1))
+    };
+    let window =
+        |series: &Arc<SeriesKey>, period: Period, start: &str, value: &str, revision, version| {
+            let (window_start, window_end) = hour(start);
+            StoredWindow {
+                series: Arc::clone(series),
+                period_start: period.start(),
+                window: WindowUsage {
+                    window_start,
+                    window_end,
+                    value: MeterValue {
+                        value: Decimal::from_str(value).unwrap(),
+                        latest: None,
+                    },
+                    revision,
+                },
+                version,
+            }
+        };
+    let windows = [
+        window(&tokens, october, "2026-10-31T23:00:00Z", "1200.5", 1, 10),
+        window(&tokens, october, "2026-10-31T23:00:00Z", "1800.25", 2, 14),
+        window(&tokens, november, "2026-11-01T00:00:00Z", "300", 1, 14),
+        // The same hour's usage arriving after October closed: billed in November as
+        // an adjustment of October, its own row.
+        window(&late, november, "2026-10-31T23:00:00Z", "40", 1, 20),
+    ];
+    store.insert_windows(&windows).unwrap();
+    // A replay writes the same rows again: nothing changes.
+    store.insert_windows(&windows[1..]).unwrap();
+    let usage = query(&format!(
+        "SELECT period_start, adjusts_period, window_start, window_end, value, revision \
+         FROM {database}.window_usage WHERE customer = 'cust_acme' AND meter = 'tokens' \
+         AND dimensions = '[\"gpt-x\"]' ORDER BY period_start, adjusts_period, window_start FORMAT TSV"
+    ));
+    assert_eq!(
+        usage,
+        "2026-10-01 00:00:00\t\t2026-10-31 23:00:00\t2026-11-01 00:00:00\t1800.25\t2\n\
+         2026-11-01 00:00:00\t\t2026-11-01 00:00:00\t2026-11-01 01:00:00\t300\t1\n\
+         2026-11-01 00:00:00\t2026-10\t2026-10-31 23:00:00\t2026-11-01 00:00:00\t40\t1\n"
+    );
     query(&format!("DROP DATABASE {database}"));
 }

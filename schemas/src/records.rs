@@ -273,24 +273,31 @@ impl UsageUpdate {
     }
 }
 
-/// What the rater prices of a [`UsageUpdate`] record (its series' period-to-date
-/// value), read without copying strings; the windows are skipped.
+/// What the rater reads of a [`UsageUpdate`] record: its series' period-to-date
+/// value, which it prices, read without copying strings, and the changed windows as
+/// `W`: `Vec<WindowUsage>` to store them, [`IgnoredAny`] to skip them (rebuilding a
+/// ledger from records already stored).
 #[derive(Debug, Clone, Deserialize)]
-pub struct PeriodToDate<'a> {
+pub struct PeriodToDate<'a, W = Vec<WindowUsage>> {
     #[serde(borrow)]
     pub series: SeriesKeyRef<'a>,
     #[serde(with = "crate::time::rfc3339_serde")]
     pub period_start: DateTime<Utc>,
     pub period_to_date: MeterValue,
+    pub windows: W,
 }
 
-impl PeriodToDate<'_> {
+/// Skips what it is read from.
+pub use serde::de::IgnoredAny;
+
+impl<W> PeriodToDate<'_, W> {
     /// The same, holding its strings: to keep past the record it was read from.
-    pub fn into_owned(self) -> PeriodToDate<'static> {
+    pub fn into_owned(self) -> PeriodToDate<'static, W> {
         PeriodToDate {
             series: self.series.into_owned(),
             period_start: self.period_start,
             period_to_date: self.period_to_date,
+            windows: self.windows,
         }
     }
 }

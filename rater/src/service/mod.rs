@@ -3,9 +3,10 @@
 //!
 //! In: `<prefix>.windows`, read committed, as a member of group `<prefix>-rater`. Out:
 //! every changed line, rated with the rater core from its period-to-date usage, into
-//! `<database>.rated_lines` (see [`crate::clickhouse`]) in batched inserts, then to
+//! `<database>.rated_lines` (see [`crate::clickhouse`]) in batched inserts, with the
+//! windows the updates changed into `<database>.window_revisions`, then to
 //! `<prefix>.rated` for downstream consumers; then the offsets, synchronously. Offsets
-//! are committed only after ClickHouse stored the lines they account for, so a crash
+//! are committed only after ClickHouse stored the rows they account for, so a crash
 //! re-reads, never skips; rows are versioned by the windows offset they account for,
 //! so re-reading writes the same rows again and nothing is counted twice.
 //!
@@ -36,7 +37,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
     partition_for_key, poll_group, read_partition, send_until, DeliveryReports, GroupContext,
@@ -47,12 +48,12 @@ use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, RaterSettings, ServiceSettings, Topic};
-use tally_schemas::records::{InvoiceLine, PeriodToDate, SETTLED_HEADER};
+use tally_schemas::records::{IgnoredAny, InvoiceLine, PeriodToDate, WindowUsage, SETTLED_HEADER};
 use tally_schemas::time::Period;
 
 pub use metrics::RaterMetrics;
 
-use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine};
+use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine, StoredWindow};
 use crate::ledger::{line_open, Ledger, RatedLine, Recorded};
 
 /// Most usage updates read before their lines are written.
@@ -120,20 +121,29 @@ struct WindowsRecord<'a> {
     change: Change<'a>,
 }
 
-/// What a windows record says.
+/// What a windows record says, with its changed windows read as `W` (skipped with
+/// [`IgnoredAny`]).
 #[derive(Debug)]
-enum Change<'a> {
+enum Change<'a, W = Vec<WindowUsage>> {
     /// A series' period-to-date usage.
-    Usage(PeriodToDate<'a>),
+    Usage(PeriodToDate<'a, W>),
     /// The period and every earlier one have settled: no update of them follows.
     Settled(Period),
 }
 
-impl Change<'_> {
-    fn into_owned(self) -> Change<'static> {
+impl<W> Change<'_, W> {
+    fn into_owned(self) -> Change<'static, W> {
         match self {
             Change::Usage(update) => Change::Usage(update.into_owned()),
             Change::Settled(period) => Change::Settled(period),
+        }
+    }
+
+    /// The customer whose usage the record carries.
+    fn customer(&self) -> Option<&str> {
+        match self {
+            Change::Usage(update) => Some(&update.series.customer),
+            Change::Settled(_) => None,
         }
     }
 }
@@ -181,6 +191,8 @@ impl PartitionState {
 struct Pending {
     /// Zero-usage lines of newly seen periods, stored at version 0.
     opening: Vec<InvoiceLine>,
+    /// The windows the batch's usage updates changed.
+    windows: Vec<StoredWindow>,
     lines: Vec<(u64, RatedLine)>,
     /// Stored lines the price book no longer makes, to retire at these versions.
     retired: Vec<(u64, StoredLine)>,
@@ -457,16 +469,18 @@ impl Worker {
             partition,
             REBUILD_TIMEOUT,
             |message| {
-                let Some(change) = decode(message) else {
-                    return;
-                };
-                read += 1;
-                if let Change::Usage(update) = &change {
-                    if !rebuilt.customers.contains(&*update.series.customer) {
-                        rebuilt.customers.insert(update.series.customer.to_string());
+                let mut note_customer = |customer: Option<&str>| {
+                    read += 1;
+                    if let Some(customer) = customer.filter(|c| !rebuilt.customers.contains(*c)) {
+                        rebuilt.customers.insert(customer.to_owned());
                     }
-                }
+                };
                 if message.offset() >= committed {
+                    // Not stored yet: its windows are, with its lines.
+                    let Some(change) = decode::<Vec<WindowUsage>>(message) else {
+                        return;
+                    };
+                    note_customer(change.customer());
                     rebuilt.after_committed.push(WindowsRecord {
                         offset: message.offset(),
                         appended_ms: message.timestamp().to_millis(),
@@ -474,6 +488,10 @@ impl Worker {
                     });
                     return;
                 }
+                let Some(change) = decode::<IgnoredAny>(message) else {
+                    return;
+                };
+                note_customer(change.customer());
                 match change {
                     Change::Usage(update) => {
                         rebuilt
@@ -554,7 +572,7 @@ impl Worker {
             .into_iter()
             .chain(appended_ms)
             .min();
-        let update = match change {
+        let mut update = match change {
             Change::Usage(update) => update,
             Change::Settled(period) => {
                 state.ledger.settle_through(period);
@@ -562,6 +580,19 @@ impl Worker {
             }
         };
         self.metrics.usage_updates.inc();
+        let windows = std::mem::take(&mut update.windows);
+        if !windows.is_empty() {
+            let series = Arc::new(update.series.to_owned());
+            let version = state.row_version();
+            self.pending
+                .windows
+                .extend(windows.into_iter().map(|window| StoredWindow {
+                    series: Arc::clone(&series),
+                    period_start: update.period_start,
+                    window,
+                    version,
+                }));
+        }
         let period = Period::containing(update.period_start);
         if state.opened.insert(period) {
             match state.ledger.opening_lines(period) {
@@ -855,13 +886,14 @@ impl Worker {
         let rows: Vec<(u64, &InvoiceLine)> = (self.pending.opening.iter().map(|line| (0, line)))
             .chain(self.pending.lines.iter().map(|(v, l)| (*v, &l.line)))
             .collect();
-        if rows.is_empty() && self.pending.retired.is_empty() {
-            // Records that changed no line (a settled record, usage of unknown
-            // customers): their offsets move on without an insert.
+        if rows.is_empty() && self.pending.retired.is_empty() && self.pending.windows.is_empty() {
+            // Records that changed nothing stored (settled records): their offsets
+            // move on without an insert.
             return Ok(());
         }
         let started = Instant::now();
         self.last_insert = Some(started);
+        self.clickhouse.insert_windows(&self.pending.windows)?;
         self.clickhouse.insert_versioned(&rows)?;
         // After the lines: a retry after a failure here writes both again, unchanged.
         let mut retired: BTreeMap<u64, Vec<&StoredLine>> = BTreeMap::new();
@@ -874,7 +906,8 @@ impl Worker {
         self.metrics
             .insert_duration
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.inserted_rows.inc_by(rows.len() as u64);
+        let inserted = rows.len() + self.pending.windows.len();
+        self.metrics.inserted_rows.inc_by(inserted as u64);
         self.metrics
             .lines_retired
             .inc_by(self.pending.retired.len() as u64);
@@ -974,7 +1007,7 @@ impl Worker {
     }
 }
 
-fn decode<'m>(message: &'m BorrowedMessage<'_>) -> Option<Change<'m>> {
+fn decode<'m, W: Deserialize<'m>>(message: &'m BorrowedMessage<'_>) -> Option<Change<'m, W>> {
     let decoded = match header_value(message, SETTLED_HEADER) {
         Some(value) => std::str::from_utf8(value)
             .map_err(|e| e.to_string())
@@ -998,7 +1031,7 @@ fn decode<'m>(message: &'m BorrowedMessage<'_>) -> Option<Change<'m>> {
     }
 }
 
-fn record(ledger: &mut Ledger, update: PeriodToDate<'_>) -> Recorded {
+fn record<W>(ledger: &mut Ledger, update: PeriodToDate<'_, W>) -> Recorded {
     ledger.record(
         update.series,
         Period::containing(update.period_start),

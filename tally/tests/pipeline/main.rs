@@ -52,6 +52,7 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     assert!(expected.len() > 40, "a real month has many lines");
     p.wait_for(&expected, Duration::from_secs(180));
     p.wait_for_rated(&expected, Duration::from_secs(60));
+    assert_windows_add_up_to_lines(&p, &expected);
 
     // Every poison message is in the rejected topic, bytes intact, with its reason.
     let rejected = p.read_topic("rejected");
@@ -100,6 +101,36 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
         harness::metric(aggregator_port, "tally_aggregator_misplaced_events_total"),
         Some(0.0)
     );
+    assert_windows_add_up_to_lines(&p, &expected);
+}
+
+/// Each customer's hourly `resolutions` windows in ClickHouse's `window_usage` add up
+/// to the quantity of its `resolutions` line: finance can see when a line's usage
+/// happened.
+fn assert_windows_add_up_to_lines(p: &Pipeline, expected: &[harness::Line]) {
+    let billed: String = (expected.iter())
+        .filter(|l| l.1 == "resolutions" && l.2 != "0")
+        .map(|l| format!("{}\t{}\n", l.0, l.2))
+        .collect();
+    let windows = p.query(&format!(
+        "SELECT customer, sum(toUInt64(value)) FROM {}.window_usage \
+         WHERE meter = 'resolutions' AND period_start = '2026-10-01 00:00:00' \
+         AND adjusts_period = '' AND customer LIKE 'cust_0%' \
+         GROUP BY customer ORDER BY customer FORMAT TSV",
+        p.database
+    ));
+    assert_eq!(windows, billed);
+    let hours = p.query(&format!(
+        "SELECT count(), countIf(window_end - window_start = 3600), uniqExact(window_start) \
+         FROM {}.window_usage WHERE meter = 'resolutions' FORMAT TSV",
+        p.database
+    ));
+    let counts: Vec<u64> = hours
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(counts[0], counts[1], "hourly windows: {hours}");
+    assert!(counts[2] > 24 * 20, "a month of hours: {hours}");
 }
 
 /// The events file with about 10 % of its lines sent again later: producer retries
