@@ -43,7 +43,8 @@ dedupe() {
 # Kafka to ClickHouse through the services (benches/README.md, section 3). Settings:
 # RUNS (3), PARTITIONS (2), AGGREGATORS (1), LATENCY_SECONDS (40), LIMIT (all events),
 # WARMUP (1: a short unreported run first), RATER_MIN_INSERT_INTERVAL and
-# AGGREGATOR_COMMIT_INTERVAL (the defaults).
+# AGGREGATOR_COMMIT_INTERVAL (the defaults), RATER_STORE_WINDOWS (1: the rater stores
+# windows too).
 stream_args() {
     stream_flags=(--runs "${RUNS:-3}" --partitions "${PARTITIONS:-2}"
         --aggregators "${AGGREGATORS:-1}" --latency-seconds "${LATENCY_SECONDS:-40}")
@@ -54,6 +55,7 @@ stream_args() {
     if [[ -n "${AGGREGATOR_COMMIT_INTERVAL:-}" ]]; then
         stream_flags+=(--aggregator-commit-interval "$AGGREGATOR_COMMIT_INTERVAL")
     fi
+    if [[ "${RATER_STORE_WINDOWS:-0}" == 1 ]]; then stream_flags+=(--rater-store-windows); fi
 }
 
 stream_prepare() {

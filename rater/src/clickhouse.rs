@@ -434,11 +434,11 @@ impl ClickHouse {
     }
 
     /// Writes windows, each row with its version, in one insert.
-    pub fn insert_windows(&self, windows: &[StoredWindow]) -> Result<(), ClickHouseError> {
-        if windows.is_empty() {
-            return Ok(());
-        }
-        let mut body = Vec::with_capacity(windows.len() * 256);
+    pub fn insert_windows<'w>(
+        &self,
+        windows: impl IntoIterator<Item = &'w StoredWindow>,
+    ) -> Result<(), ClickHouseError> {
+        let mut body = Vec::new();
         for stored in windows {
             let series = &stored.series;
             let row = WindowRow {
@@ -455,6 +455,9 @@ impl ClickHouse {
             };
             serde_json::to_writer(&mut body, &row).expect("a row serialises");
             body.push(b'\n');
+        }
+        if body.is_empty() {
+            return Ok(());
         }
         let query = format!(
             "INSERT INTO {}.window_revisions FORMAT JSONEachRow",

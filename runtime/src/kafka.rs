@@ -177,9 +177,14 @@ async fn create_topics(
         .map(|(name, topic)| {
             // Segments roll hourly so compaction (which never touches the active
             // segment) keeps up; the changelog is compacted eagerly, as it is rewritten
-            // most.
+            // most. A windows record stays at least an hour, so a rater up to an hour
+            // behind stores every record's windows (a later record of the series
+            // carries only the windows its transaction changed).
             let tuning: &[(&str, &str)] = match topic {
-                Topic::Windows => &[("segment.ms", "3600000")],
+                Topic::Windows => &[
+                    ("segment.ms", "3600000"),
+                    ("min.compaction.lag.ms", "3600000"),
+                ],
                 Topic::AggregatorChangelog => &[
                     ("segment.ms", "3600000"),
                     ("min.cleanable.dirty.ratio", "0.1"),

@@ -113,6 +113,9 @@ struct Args {
     /// trade between fewer commits and fresher lines.
     #[arg(long)]
     aggregator_commit_interval: Option<String>,
+    /// Run the rater with `store_windows = true`: the windows go to ClickHouse too.
+    #[arg(long)]
+    rater_store_windows: bool,
     /// The services' log filter (`RUST_LOG`), e.g. `info,tally_aggregator=debug` to
     /// log every transaction the aggregator commits.
     #[arg(long, default_value = "info")]
@@ -640,9 +643,11 @@ metrics_listen = "127.0.0.1:0"
 {commit_interval}
 [rater]
 metrics_listen = "127.0.0.1:0"
+store_windows = {store_windows}
 {min_insert_interval}"#,
             commit_interval = setting("commit_interval", &args.aggregator_commit_interval),
             min_insert_interval = setting("min_insert_interval", &args.rater_min_insert_interval),
+            store_windows = args.rater_store_windows,
             brokers = args.brokers,
             partitions = args.partitions,
             clickhouse = args.clickhouse,

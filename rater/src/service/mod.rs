@@ -48,7 +48,9 @@ use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, RaterSettings, ServiceSettings, Topic};
-use tally_schemas::records::{IgnoredAny, InvoiceLine, PeriodToDate, WindowUsage, SETTLED_HEADER};
+use tally_schemas::records::{
+    IgnoredAny, InvoiceLine, PeriodToDate, SeriesKey, WindowUsage, SETTLED_HEADER,
+};
 use tally_schemas::time::Period;
 
 pub use metrics::RaterMetrics;
@@ -191,8 +193,9 @@ impl PartitionState {
 struct Pending {
     /// Zero-usage lines of newly seen periods, stored at version 0.
     opening: Vec<InvoiceLine>,
-    /// The windows the batch's usage updates changed.
-    windows: Vec<StoredWindow>,
+    /// The windows the batch's usage updates changed, each in its latest state
+    /// (`[rater] store_windows`).
+    windows: HashMap<(Arc<SeriesKey>, chrono::DateTime<chrono::Utc>), StoredWindow>,
     lines: Vec<(u64, RatedLine)>,
     /// Stored lines the price book no longer makes, to retire at these versions.
     retired: Vec<(u64, StoredLine)>,
@@ -227,6 +230,8 @@ struct Worker {
     last_insert: Option<Instant>,
     /// When every held partition was last scheduled for a price-book check.
     check_scheduled: Instant,
+    /// `[rater] store_windows`: the updates' windows go to ClickHouse too.
+    store_windows: bool,
 }
 
 impl std::fmt::Debug for Worker {
@@ -403,6 +408,7 @@ pub fn run(
         retry_at: None,
         last_insert: None,
         check_scheduled: Instant::now(),
+        store_windows: settings.rater.store_windows,
     }));
     let consumer: GroupConsumer =
         group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker))
@@ -477,7 +483,7 @@ impl Worker {
                 };
                 if message.offset() >= committed {
                     // Not stored yet: its windows are, with its lines.
-                    let Some(change) = decode::<Vec<WindowUsage>>(message) else {
+                    let Some(change) = decode_with_windows(message, self.store_windows) else {
                         return;
                     };
                     note_customer(change.customer());
@@ -529,7 +535,7 @@ impl Worker {
     }
 
     fn process(&mut self, message: &BorrowedMessage<'_>) {
-        let Some(change) = decode(message) else {
+        let Some(change) = decode_with_windows(message, self.store_windows) else {
             if let Some(state) = self.partitions.get_mut(&message.partition()) {
                 state.next_offset = state.next_offset.max(message.offset() + 1);
                 state.uncommitted = true;
@@ -584,14 +590,17 @@ impl Worker {
         if !windows.is_empty() {
             let series = Arc::new(update.series.to_owned());
             let version = state.row_version();
-            self.pending
-                .windows
-                .extend(windows.into_iter().map(|window| StoredWindow {
+            for window in windows {
+                let stored = StoredWindow {
                     series: Arc::clone(&series),
                     period_start: update.period_start,
                     window,
                     version,
-                }));
+                };
+                // A later record's state of a window replaces an earlier one's.
+                let key = (Arc::clone(&series), stored.window.window_start);
+                self.pending.windows.insert(key, stored);
+            }
         }
         let period = Period::containing(update.period_start);
         if state.opened.insert(period) {
@@ -893,7 +902,6 @@ impl Worker {
         }
         let started = Instant::now();
         self.last_insert = Some(started);
-        self.clickhouse.insert_windows(&self.pending.windows)?;
         self.clickhouse.insert_versioned(&rows)?;
         // After the lines: a retry after a failure here writes both again, unchanged.
         let mut retired: BTreeMap<u64, Vec<&StoredLine>> = BTreeMap::new();
@@ -903,6 +911,9 @@ impl Worker {
         for (version, lines) in retired {
             self.clickhouse.retire(version, lines)?;
         }
+        // Last, so the lines are not held up by them.
+        self.clickhouse
+            .insert_windows(self.pending.windows.values())?;
         self.metrics
             .insert_duration
             .observe(started.elapsed().as_secs_f64());
@@ -1005,6 +1016,23 @@ impl Worker {
             self.readiness.ready();
         }
     }
+}
+
+/// A record as `apply` takes it: with its windows if they are stored, without
+/// reading them if not.
+fn decode_with_windows<'m>(message: &'m BorrowedMessage<'_>, windows: bool) -> Option<Change<'m>> {
+    if windows {
+        return decode(message);
+    }
+    decode::<IgnoredAny>(message).map(|change| match change {
+        Change::Usage(update) => Change::Usage(PeriodToDate {
+            series: update.series,
+            period_start: update.period_start,
+            period_to_date: update.period_to_date,
+            windows: Vec::new(),
+        }),
+        Change::Settled(period) => Change::Settled(period),
+    })
 }
 
 fn decode<'m, W: Deserialize<'m>>(message: &'m BorrowedMessage<'_>) -> Option<Change<'m, W>> {

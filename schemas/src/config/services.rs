@@ -116,6 +116,9 @@ pub struct RaterSpec {
     /// price book again (each partition is also checked when assigned).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_book_check_interval: Option<HumanDuration>,
+    /// Whether the windows of each usage update are stored in ClickHouse too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_windows: Option<bool>,
 }
 
 /// The streaming settings of `[aggregator]` (its `window` and `dedupe_horizon` are the
@@ -309,6 +312,7 @@ pub struct RaterSettings {
     pub flush_interval: Duration,
     pub min_insert_interval: Duration,
     pub price_book_check_interval: Duration,
+    pub store_windows: bool,
     pub metrics_listen: SocketAddr,
 }
 
@@ -622,6 +626,10 @@ pub(super) fn validate(
             flush_interval,
             min_insert_interval,
             price_book_check_interval,
+            store_windows: specs
+                .rater
+                .store_windows
+                .unwrap_or(d::DEFAULT_RATER_STORE_WINDOWS),
             metrics_listen: rater_listen,
         },
     }
@@ -667,6 +675,7 @@ aggregation = "count"
         assert_eq!(s.rater.flush_interval.as_millis(), 500);
         assert_eq!(s.rater.min_insert_interval.as_millis(), 200);
         assert_eq!(s.rater.price_book_check_interval.as_secs(), 600);
+        assert!(!s.rater.store_windows);
         let short = services("[rater]\nflush_interval = \"100ms\"\n", &[]).unwrap();
         assert_eq!(short.rater.min_insert_interval.as_millis(), 100);
     }

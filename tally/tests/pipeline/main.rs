@@ -37,7 +37,8 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
         20_000,
         40,
         &format!(
-            "[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_port}\"\ncommit_interval = \"100ms\""
+            "[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_port}\"\ncommit_interval = \"100ms\"\n\
+             [rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\"\nstore_windows = true"
         ),
     );
     p.start("aggregator", "agg-a");
@@ -465,6 +466,9 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
         "tally_rater_unbilled_usage_total{reason=\"not_subscribed\"}",
     );
     assert!(unsubscribed.is_some_and(|n| n >= 1.0), "{unsubscribed:?}");
+    // Windows are stored only when asked for (`[rater] store_windows`).
+    let windows = p.query(&format!("SELECT count() FROM {}.window_usage", p.database));
+    assert_eq!(windows.trim(), "0");
     // October itself is exactly what tally rate bills for the usage that arrived in
     // time, and stays so.
     p.period = "2026-10";
