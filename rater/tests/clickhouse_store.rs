@@ -169,23 +169,33 @@ fn each_window_shows_its_latest_value_and_late_usage_stays_apart() {
         window(&tokens, october, "2026-10-31T23:00:00Z", "1200.5", 1, 10),
         window(&tokens, october, "2026-10-31T23:00:00Z", "1800.25", 2, 14),
         window(&tokens, november, "2026-11-01T00:00:00Z", "300", 1, 14),
-        // The same hour's usage arriving after October closed: billed in November as
-        // an adjustment of October, its own row.
-        window(&late, november, "2026-10-31T23:00:00Z", "40", 1, 20),
+        // October's usage arriving after it closed: billed in November as an
+        // adjustment of October, windowed at November's start, a row of its own.
+        window(&late, november, "2026-11-01T00:00:00Z", "40", 1, 20),
     ];
     store.insert_windows(&windows).unwrap();
-    // A replay writes the same rows again: nothing changes.
+    // A replay writes the same rows again, and a batch left from a revoked partition
+    // its older state: nothing changes.
     store.insert_windows(&windows[1..]).unwrap();
-    let usage = query(&format!(
-        "SELECT period_start, adjusts_period, window_start, window_end, value, revision \
-         FROM {database}.window_usage WHERE customer = 'cust_acme' AND meter = 'tokens' \
-         AND dimensions = '[\"gpt-x\"]' ORDER BY period_start, adjusts_period, window_start FORMAT TSV"
-    ));
+    store.insert_windows(&windows[..1]).unwrap();
+    let usage = |filter: &str| {
+        query(&format!(
+            "SELECT period_start, adjusts_period, window_start, window_end, value, revision \
+             FROM {database}.window_usage WHERE customer = 'cust_acme' AND meter = 'tokens' \
+             AND dimensions = '[\"gpt-x\"]' {filter} \
+             ORDER BY period_start, adjusts_period, window_start FORMAT TSV"
+        ))
+    };
     assert_eq!(
-        usage,
+        usage(""),
         "2026-10-01 00:00:00\t\t2026-10-31 23:00:00\t2026-11-01 00:00:00\t1800.25\t2\n\
          2026-11-01 00:00:00\t\t2026-11-01 00:00:00\t2026-11-01 01:00:00\t300\t1\n\
-         2026-11-01 00:00:00\t2026-10\t2026-10-31 23:00:00\t2026-11-01 00:00:00\t40\t1\n"
+         2026-11-01 00:00:00\t2026-10\t2026-11-01 00:00:00\t2026-11-01 01:00:00\t40\t1\n"
+    );
+    // A filter on a column outside the sorting key sees the current rows only.
+    assert_eq!(
+        usage("AND revision = 1 AND period_start = '2026-10-01 00:00:00'"),
+        ""
     );
     query(&format!("DROP DATABASE {database}"));
 }

@@ -275,25 +275,22 @@ impl UsageUpdate {
 
 /// What the rater reads of a [`UsageUpdate`] record: its series' period-to-date
 /// value, which it prices, read without copying strings, and the changed windows as
-/// `W`: `Vec<WindowUsage>` to store them, [`IgnoredAny`] to skip them (rebuilding a
-/// ledger from records already stored).
+/// `W`: `Vec<WindowUsage>` to store them, `serde::de::IgnoredAny` to skip them.
 #[derive(Debug, Clone, Deserialize)]
-pub struct PeriodToDate<'a, W = Vec<WindowUsage>> {
+pub struct UsageRecord<'a, W = Vec<WindowUsage>> {
     #[serde(borrow)]
     pub series: SeriesKeyRef<'a>,
     #[serde(with = "crate::time::rfc3339_serde")]
     pub period_start: DateTime<Utc>,
     pub period_to_date: MeterValue,
+    #[serde(default)]
     pub windows: W,
 }
 
-/// Skips what it is read from.
-pub use serde::de::IgnoredAny;
-
-impl<W> PeriodToDate<'_, W> {
+impl<W> UsageRecord<'_, W> {
     /// The same, holding its strings: to keep past the record it was read from.
-    pub fn into_owned(self) -> PeriodToDate<'static, W> {
-        PeriodToDate {
+    pub fn into_owned(self) -> UsageRecord<'static, W> {
+        UsageRecord {
             series: self.series.into_owned(),
             period_start: self.period_start,
             period_to_date: self.period_to_date,
@@ -401,9 +398,13 @@ mod tests {
             }],
         };
         let json = serde_json::to_vec(&update).unwrap();
-        let read: PeriodToDate<'_> = serde_json::from_slice(&json).unwrap();
+        let read: UsageRecord<'_> = serde_json::from_slice(&json).unwrap();
         assert_eq!(read.period_start, update.period_start);
         assert_eq!(read.period_to_date, update.period_to_date);
+        assert_eq!(read.windows, update.windows);
+        let skipped: UsageRecord<'_, serde::de::IgnoredAny> =
+            serde_json::from_slice(&json).unwrap();
+        assert_eq!(skipped.period_to_date, update.period_to_date);
         assert_eq!(read.series.to_owned(), *series);
         assert!(matches!(read.series.meter.0, std::borrow::Cow::Borrowed(_)));
         let hasher = hashbrown::DefaultHashBuilder::default();

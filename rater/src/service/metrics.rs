@@ -14,7 +14,8 @@ pub struct RaterMetrics {
     /// From a usage update reaching Kafka to its line being stored in ClickHouse.
     pub rating_latency: Histogram,
     pub insert_duration: Histogram,
-    pub inserted_rows: IntCounter,
+    /// `table`: rated_lines, window_revisions.
+    pub inserted_rows: IntCounterVec,
     pub insert_failures: IntCounter,
     pub rating_failures: IntCounter,
     /// Stored lines retired after a price-book change no longer makes them.
@@ -49,9 +50,10 @@ impl RaterMetrics {
                 "tally_clickhouse_insert_duration_seconds",
                 "Time of one batched insert into ClickHouse.",
             ),
-            inserted_rows: m.counter(
+            inserted_rows: m.counter_vec(
                 "tally_clickhouse_inserted_rows_total",
-                "Rows inserted into ClickHouse.",
+                "Rows inserted into ClickHouse, by table.",
+                &["table"],
             ),
             insert_failures: m.counter(
                 "tally_clickhouse_insert_failures_total",

@@ -37,6 +37,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
@@ -48,9 +49,7 @@ use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, RaterSettings, ServiceSettings, Topic};
-use tally_schemas::records::{
-    IgnoredAny, InvoiceLine, PeriodToDate, SeriesKey, WindowUsage, SETTLED_HEADER,
-};
+use tally_schemas::records::{InvoiceLine, SeriesKey, UsageRecord, WindowUsage, SETTLED_HEADER};
 use tally_schemas::time::Period;
 
 pub use metrics::RaterMetrics;
@@ -128,7 +127,7 @@ struct WindowsRecord<'a> {
 #[derive(Debug)]
 enum Change<'a, W = Vec<WindowUsage>> {
     /// A series' period-to-date usage.
-    Usage(PeriodToDate<'a, W>),
+    Usage(UsageRecord<'a, W>),
     /// The period and every earlier one have settled: no update of them follows.
     Settled(Period),
 }
@@ -586,22 +585,6 @@ impl Worker {
             }
         };
         self.metrics.usage_updates.inc();
-        let windows = std::mem::take(&mut update.windows);
-        if !windows.is_empty() {
-            let series = Arc::new(update.series.to_owned());
-            let version = state.row_version();
-            for window in windows {
-                let stored = StoredWindow {
-                    series: Arc::clone(&series),
-                    period_start: update.period_start,
-                    window,
-                    version,
-                };
-                // A later record's state of a window replaces an earlier one's.
-                let key = (Arc::clone(&series), stored.window.window_start);
-                self.pending.windows.insert(key, stored);
-            }
-        }
         let period = Period::containing(update.period_start);
         if state.opened.insert(period) {
             match state.ledger.opening_lines(period) {
@@ -611,7 +594,27 @@ impl Worker {
                 }
             }
         }
-        let unbilled = match record(&mut state.ledger, update) {
+        let version = state.row_version();
+        let windows = std::mem::take(&mut update.windows);
+        let series = (!windows.is_empty()).then(|| Arc::new(update.series.to_owned()));
+        let period_start = update.period_start;
+        let recorded = record(&mut state.ledger, update);
+        // Usage of a settled month is an aggregator replaying what it had billed:
+        // left out of the lines, and of the windows too.
+        if let Some(series) = series.filter(|_| recorded != Recorded::SettledPeriod) {
+            for window in windows {
+                // A later record's state of a window replaces an earlier one's.
+                let key = (Arc::clone(&series), window.window_start);
+                let stored = StoredWindow {
+                    series: Arc::clone(&series),
+                    period_start,
+                    window,
+                    version,
+                };
+                self.pending.windows.insert(key, stored);
+            }
+        }
+        let unbilled = match recorded {
             Recorded::Billed(_) => return,
             Recorded::UnknownCustomer => "unknown_customer",
             Recorded::NotPriced => "not_priced",
@@ -679,7 +682,7 @@ impl Worker {
             self.resume(consumer);
             return Ok(());
         }
-        if let Err(e) = self.write_lines() {
+        if let Err(e) = self.write_batch() {
             self.metrics.insert_failures.inc();
             self.hold(consumer, "ClickHouse refused the write", e.to_string());
             return Err(e.into());
@@ -891,7 +894,7 @@ impl Worker {
     }
 
     /// Inserts the pending lines into ClickHouse in one batch.
-    fn write_lines(&mut self) -> Result<(), ClickHouseError> {
+    fn write_batch(&mut self) -> Result<(), ClickHouseError> {
         let rows: Vec<(u64, &InvoiceLine)> = (self.pending.opening.iter().map(|line| (0, line)))
             .chain(self.pending.lines.iter().map(|(v, l)| (*v, &l.line)))
             .collect();
@@ -917,8 +920,11 @@ impl Worker {
         self.metrics
             .insert_duration
             .observe(started.elapsed().as_secs_f64());
-        let inserted = rows.len() + self.pending.windows.len();
-        self.metrics.inserted_rows.inc_by(inserted as u64);
+        let inserted = |table: &str, rows: usize| {
+            (self.metrics.inserted_rows.with_label_values(&[table])).inc_by(rows as u64)
+        };
+        inserted("rated_lines", rows.len());
+        inserted("window_revisions", self.pending.windows.len());
         self.metrics
             .lines_retired
             .inc_by(self.pending.retired.len() as u64);
@@ -1019,13 +1025,22 @@ impl Worker {
 }
 
 /// A record as `apply` takes it: with its windows if they are stored, without
-/// reading them if not.
+/// reading them if not. Windows that cannot be read are logged and left out; the
+/// usage is rated all the same.
 fn decode_with_windows<'m>(message: &'m BorrowedMessage<'_>, windows: bool) -> Option<Change<'m>> {
-    if windows {
-        return decode(message);
+    if windows && header_value(message, SETTLED_HEADER).is_none() {
+        match serde_json::from_slice(message.payload().unwrap_or_default()) {
+            Ok(update) => return Some(Change::Usage(update)),
+            Err(error) => tracing::error!(
+                partition = message.partition(),
+                offset = message.offset(),
+                %error,
+                "a windows record's windows cannot be read; its usage is rated without them"
+            ),
+        }
     }
     decode::<IgnoredAny>(message).map(|change| match change {
-        Change::Usage(update) => Change::Usage(PeriodToDate {
+        Change::Usage(update) => Change::Usage(UsageRecord {
             series: update.series,
             period_start: update.period_start,
             period_to_date: update.period_to_date,
@@ -1035,7 +1050,9 @@ fn decode_with_windows<'m>(message: &'m BorrowedMessage<'_>, windows: bool) -> O
     })
 }
 
-fn decode<'m, W: Deserialize<'m>>(message: &'m BorrowedMessage<'_>) -> Option<Change<'m, W>> {
+fn decode<'m, W: Deserialize<'m> + Default>(
+    message: &'m BorrowedMessage<'_>,
+) -> Option<Change<'m, W>> {
     let decoded = match header_value(message, SETTLED_HEADER) {
         Some(value) => std::str::from_utf8(value)
             .map_err(|e| e.to_string())
@@ -1059,7 +1076,7 @@ fn decode<'m, W: Deserialize<'m>>(message: &'m BorrowedMessage<'_>) -> Option<Ch
     }
 }
 
-fn record<W>(ledger: &mut Ledger, update: PeriodToDate<'_, W>) -> Recorded {
+fn record<W>(ledger: &mut Ledger, update: UsageRecord<'_, W>) -> Recorded {
     ledger.record(
         update.series,
         Period::containing(update.period_start),

@@ -455,45 +455,36 @@ fn validate_customers(
             if through < from {
                 issues.add(
                     format!("{at}.through"),
-                    format!("{through} is before from ({from}): through is the last period billed, from the first"),
+                    format!("{through} is before from ({from}): through is the last period billed and from the first; set through to {from} or later, or leave it out"),
                 );
             }
         }
         let mut changes = Vec::with_capacity(spec.plan_changes.len());
         for (k, change) in spec.plan_changes.iter().enumerate() {
             let at = format!("{at}.plan_changes[{k}]");
-            if let Some(from) = spec.from.filter(|&from| change.from <= from) {
-                issues.add(
-                    format!("{at}.from"),
+            let previous = k.checked_sub(1).map(|p| spec.plan_changes[p].from);
+            let misplaced = if let Some(from) = spec.from.filter(|&from| change.from <= from) {
+                Some(format!(
+                    "{} is not after the customer's first period ({from}): bill the first period's plan as the customer's plan",
+                    change.from
+                ))
+            } else if let Some(through) = spec.through.filter(|&through| change.from > through) {
+                Some(format!(
+                    "{} is after the customer's last period ({through}): the change would never bill; remove it or move through",
+                    change.from
+                ))
+            } else {
+                previous.filter(|&previous| change.from <= previous).map(|previous| {
                     format!(
-                        "{} is not after the customer's first period ({from}): bill the first period's plan as the customer's plan",
+                        "{} is not after the change before it ({previous}): list plan changes in the order they take effect, one per period",
                         change.from
-                    ),
-                );
-                continue;
+                    )
+                })
+            };
+            if let Some(message) = &misplaced {
+                issues.add(format!("{at}.from"), message);
             }
-            if let Some(through) = spec.through.filter(|&through| change.from > through) {
-                issues.add(
-                    format!("{at}.from"),
-                    format!(
-                        "{} is after the customer's last period ({through}): the change would never bill",
-                        change.from
-                    ),
-                );
-                continue;
-            }
-            if let Some(&(previous, _)) = changes.last() {
-                if change.from <= previous {
-                    issues.add(
-                        format!("{at}.from"),
-                        format!(
-                            "{} is not after the change before it ({previous}): list plan changes in the order they take effect, one per period",
-                            change.from
-                        ),
-                    );
-                    continue;
-                }
-            }
+            // Checked wherever it falls, so one run shows every problem.
             let Some(subscription) = subscribe(&change.plan, &change.discounts, &at, issues) else {
                 continue;
             };
@@ -517,7 +508,9 @@ fn validate_customers(
                 );
                 continue;
             }
-            changes.push((change.from, subscription));
+            if misplaced.is_none() {
+                changes.push((change.from, subscription));
+            }
         }
         if let Some(first) = first {
             customers.insert(

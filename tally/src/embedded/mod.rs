@@ -107,7 +107,8 @@ pub fn run(
             for u in &updates {
                 let update_period = Period::containing(u.period_start);
                 let recorded = ledger.record(&u.series, update_period, u.period_to_date);
-                if !matches!(recorded, Recorded::Billed(_)) && update_period == period {
+                let listed = matches!(recorded, Recorded::NotPriced | Recorded::NotSubscribed);
+                if listed && update_period == period {
                     unbilled.insert(Arc::clone(&u.series), (recorded, u.period_to_date.value));
                 }
                 window_updates += u.windows.len() as u64;

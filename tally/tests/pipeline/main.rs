@@ -733,6 +733,13 @@ fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_th
         "[[customers]]\nid = \"cust_00002\"\nplan = \"scale-eu\"\n",
         "",
     );
+    // ...a starter customer moves to pro from October, and a pro customer's last
+    // month was September.
+    let moved = "[[customers]]\nid = \"cust_00004\"\nplan = \"starter\"\n";
+    let change = "\n[[customers.plan_changes]]\nfrom = \"2026-10\"\nplan = \"pro\"\n";
+    let book = edited(&book, moved, &format!("{moved}{change}"));
+    let left = "[[customers]]\nid = \"cust_00005\"\nplan = \"pro\"\n";
+    let book = edited(&book, left, &format!("{left}through = \"2026-09\"\n"));
     std::fs::write(
         &p.config,
         book + "\n[[customers]]\nid = \"cust_new\"\nplan = \"pro\"\n",
@@ -751,6 +758,15 @@ fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_th
     line_for(&before, "cust_00002", "resolutions");
     assert!(after.iter().all(|l| l.0 != "cust_00002"));
     assert_eq!(line_for(&after, "cust_new", "resolutions").3, "49.00");
+    line_for(&before, "cust_00004", "gpt-x-tokens");
+    line_for(&after, "cust_00004", "tokens");
+    assert_eq!(
+        after.iter().filter(|l| l.0 == "cust_00004").count(),
+        2,
+        "pro's two prices"
+    );
+    line_for(&before, "cust_00005", "resolutions");
+    assert!(after.iter().all(|l| l.0 != "cust_00005"));
 
     p.start("rater", "rater-b");
     p.wait_for(&after, Duration::from_secs(120));
@@ -1141,7 +1157,7 @@ fn prometheus_scrapes_every_service_of_serve_all() {
             Box::new(|v| v >= 1.0),
         ),
         (
-            r#"tally_clickhouse_inserted_rows_total{job="rater"}"#,
+            r#"tally_clickhouse_inserted_rows_total{job="rater",table="rated_lines"}"#,
             Box::new(move |v| v >= lines_expected),
         ),
         (
