@@ -203,10 +203,6 @@ impl ClickHouse {
             "create the database",
             &format!("CREATE DATABASE IF NOT EXISTS {db}"),
         )?;
-        let columns: Vec<String> = COLUMNS
-            .iter()
-            .map(|(name, kind)| format!("{name} {kind}"))
-            .collect();
         self.execute(
             "create the rated_lines table",
             &format!(
@@ -214,7 +210,7 @@ impl ClickHouse {
                 ENGINE = ReplacingMergeTree(version)
                 PARTITION BY toYYYYMM(period_start)
                 ORDER BY (period_start, customer, price, id)",
-                columns.join(", ")
+                definitions(&COLUMNS)
             ),
         )?;
         // A database made before `superseded` existed: its view, which shows retired
@@ -231,10 +227,6 @@ impl ClickHouse {
                 &format!("ALTER TABLE {db}.rated_lines ADD COLUMN superseded UInt8"),
             )?;
         }
-        let window_columns: Vec<String> = WINDOW_COLUMNS
-            .iter()
-            .map(|(name, kind)| format!("{name} {kind}"))
-            .collect();
         self.execute(
             "create the window_revisions table",
             &format!(
@@ -242,7 +234,7 @@ impl ClickHouse {
                 ENGINE = ReplacingMergeTree(version)
                 PARTITION BY toYYYYMM(period_start)
                 ORDER BY (period_start, customer, meter, dimensions, adjusts_period, window_start)",
-                window_columns.join(", ")
+                definitions(&WINDOW_COLUMNS)
             ),
         )?;
         let window_names: Vec<&str> = WINDOW_COLUMNS.iter().map(|(name, _)| *name).collect();
@@ -567,6 +559,14 @@ fn column_names(select: impl Fn(&str) -> String) -> String {
 }
 
 /// A time as ClickHouse's `DateTime('UTC')` reads it.
+/// `name type, ...` of a table's columns.
+fn definitions(columns: &[(&str, &str)]) -> String {
+    let definitions: Vec<String> = (columns.iter())
+        .map(|(name, kind)| format!("{name} {kind}"))
+        .collect();
+    definitions.join(", ")
+}
+
 fn clickhouse_time(time: DateTime<Utc>) -> String {
     time.format("%Y-%m-%d %H:%M:%S").to_string()
 }
