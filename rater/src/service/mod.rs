@@ -893,14 +893,15 @@ impl Worker {
         self.metrics.ledger_lines.set(held as i64);
     }
 
-    /// Inserts the pending lines into ClickHouse in one batch.
+    /// Inserts the pending lines into ClickHouse in one batch, retires the stale ones,
+    /// then inserts the pending windows.
     fn write_batch(&mut self) -> Result<(), ClickHouseError> {
         let rows: Vec<(u64, &InvoiceLine)> = (self.pending.opening.iter().map(|line| (0, line)))
             .chain(self.pending.lines.iter().map(|(v, l)| (*v, &l.line)))
             .collect();
         if rows.is_empty() && self.pending.retired.is_empty() && self.pending.windows.is_empty() {
-            // Records that changed nothing stored (settled records): their offsets
-            // move on without an insert.
+            // Records that changed nothing stored (a settled record, usage of unknown
+            // customers without its windows): their offsets move on without an insert.
             return Ok(());
         }
         let started = Instant::now();
@@ -1028,18 +1029,24 @@ impl Worker {
 /// reading them if not. Windows that cannot be read are logged and left out; the
 /// usage is rated all the same.
 fn decode_with_windows<'m>(message: &'m BorrowedMessage<'_>, windows: bool) -> Option<Change<'m>> {
+    let mut windows_error = None;
     if windows && header_value(message, SETTLED_HEADER).is_none() {
         match serde_json::from_slice(message.payload().unwrap_or_default()) {
             Ok(update) => return Some(Change::Usage(update)),
-            Err(error) => tracing::error!(
-                partition = message.partition(),
-                offset = message.offset(),
-                %error,
-                "a windows record's windows cannot be read; its usage is rated without them"
-            ),
+            Err(error) => windows_error = Some(error),
         }
     }
-    decode::<IgnoredAny>(message).map(|change| match change {
+    // Logs a record that cannot be read at all.
+    let change = decode::<IgnoredAny>(message)?;
+    if let Some(error) = windows_error {
+        tracing::error!(
+            partition = message.partition(),
+            offset = message.offset(),
+            %error,
+            "a windows record's windows cannot be read; its usage is rated without them"
+        );
+    }
+    Some(match change {
         Change::Usage(update) => Change::Usage(UsageRecord {
             series: update.series,
             period_start: update.period_start,
