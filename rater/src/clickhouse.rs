@@ -443,7 +443,8 @@ impl ClickHouse {
                 adjusts_period: series.adjusts.map(|p| p.to_string()).unwrap_or_default(),
                 window_start: clickhouse_time(stored.window.window_start),
                 window_end: clickhouse_time(stored.window.window_end),
-                value: stored.window.value.value.to_string(),
+                // No trailing zeros: as few decimals as the value has, for casts.
+                value: stored.window.value.value.normalize().to_string(),
                 revision: stored.window.revision,
                 version: stored.version,
             };
@@ -558,7 +559,6 @@ fn column_names(select: impl Fn(&str) -> String) -> String {
         .join(", ")
 }
 
-/// A time as ClickHouse's `DateTime('UTC')` reads it.
 /// `name type, ...` of a table's columns.
 fn definitions(columns: &[(&str, &str)]) -> String {
     let definitions: Vec<String> = (columns.iter())
@@ -567,6 +567,7 @@ fn definitions(columns: &[(&str, &str)]) -> String {
     definitions.join(", ")
 }
 
+/// A time as ClickHouse's `DateTime('UTC')` reads it.
 fn clickhouse_time(time: DateTime<Utc>) -> String {
     time.format("%Y-%m-%d %H:%M:%S").to_string()
 }

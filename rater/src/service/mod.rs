@@ -915,7 +915,8 @@ impl Worker {
         for (version, lines) in retired {
             self.clickhouse.retire(version, lines)?;
         }
-        // Last, so the lines are not held up by them.
+        // After the lines, so those are queryable without waiting for the windows
+        // (the copies to `rated`, the commit and the next batch still wait).
         self.clickhouse
             .insert_windows(self.pending.windows.values())?;
         self.metrics

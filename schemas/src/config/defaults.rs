@@ -52,7 +52,7 @@ pub const DEFAULT_RATER_PRICE_BOOK_CHECK_INTERVAL: Duration = Duration::from_sec
 /// rows for ClickHouse where its lines are at most one (about five times the rows,
 /// inserts four to five times as long and a p99 of 2.9 s instead of 1.3 s in the
 /// benchmark's month); on, finance sees when the usage behind a line happened
-/// (`window_usage`).
+/// (`window_usage`), complete for the months that begin after it was turned on.
 pub const DEFAULT_RATER_STORE_WINDOWS: bool = false;
 /// `[rater] metrics_listen`.
 pub const DEFAULT_RATER_METRICS_LISTEN: &str = "127.0.0.1:9103";
