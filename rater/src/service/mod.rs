@@ -474,7 +474,8 @@ impl Worker {
             partition,
             REBUILD_TIMEOUT,
             |message| {
-                let mut note_customer = |customer: Option<&str>| {
+                // Counts a record read and notes whose usage it carries.
+                let mut count_record = |customer: Option<&str>| {
                     read += 1;
                     if let Some(customer) = customer.filter(|c| !rebuilt.customers.contains(*c)) {
                         rebuilt.customers.insert(customer.to_owned());
@@ -485,7 +486,7 @@ impl Worker {
                     let Some(change) = decode_with_windows(message, self.store_windows) else {
                         return;
                     };
-                    note_customer(change.customer());
+                    count_record(change.customer());
                     rebuilt.after_committed.push(WindowsRecord {
                         offset: message.offset(),
                         appended_ms: message.timestamp().to_millis(),
@@ -496,7 +497,7 @@ impl Worker {
                 let Some(change) = decode::<IgnoredAny>(message) else {
                     return;
                 };
-                note_customer(change.customer());
+                count_record(change.customer());
                 match change {
                     Change::Usage(update) => {
                         rebuilt
