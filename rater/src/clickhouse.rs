@@ -304,7 +304,7 @@ impl ClickHouse {
         let answer = self.post(
             "read the lines an earlier price book rated",
             &format!(
-                "SELECT id, customer, price, version, \
+                "SELECT id, customer, price, version, amount, \
                  substring(toString(period_start), 1, 7) AS period, adjusts_period \
                  FROM (SELECT * FROM {db}.rated_lines FINAL {periods}) \
                  WHERE superseded = 0 AND config_hash != '{config_hash}' FORMAT JSONEachRow"
@@ -533,6 +533,8 @@ pub struct StoredLine {
     pub customer: String,
     pub price: String,
     pub version: u64,
+    /// The amount the row bills.
+    pub amount: rust_decimal::Decimal,
     /// The period the line is billed in.
     pub period: Period,
     /// For an adjustment line, the closed period it adjusts.

@@ -5,14 +5,15 @@
 //! Out: on [`Ledger::flush`], one [`RatedLine`] per line whose usage changed, with a
 //! revision and the change in amount, after which settled periods' lines are let go;
 //! on [`Ledger::close`], every line of a period, including zero-usage lines for every
-//! subscribed customer and price.
+//! subscribed customer and price (revision 0, the opening line).
 //!
 //! A line's quantity combines the values of the series its price selects (meter and
 //! filter): sums for count and sum meters, the largest for max, the latest by event
 //! time for latest (unique_count prices select one series; validation sees to that).
 //! Because a line is always re-rated from its full period-to-date quantity, its final
 //! amount equals rating the period's total at once, whatever order updates came in;
-//! the deltas of successive revisions add up to it.
+//! the deltas of successive revisions, from the opening line's amount (zero usage) for
+//! a period's line or from nothing for an adjustment, add up to it.
 
 use std::sync::Arc;
 
@@ -31,9 +32,12 @@ use crate::rate::RateError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RatedLine {
     pub line: InvoiceLine,
-    /// 1 for a line's first version, then counting.
+    /// 0 for a period's line at zero usage (its opening line, flat fees only), then 1
+    /// for its first revision with usage and counting; an adjustment line starts at 1.
     pub revision: u64,
-    /// Change of `amount` since the previous revision (the whole amount for the first).
+    /// Change of `amount` since the previous revision. A period's line starts from its
+    /// opening line's amount, an adjustment line from nothing, so the opening line's
+    /// amount (for a period's line) and the deltas add up to the amount.
     pub delta: Decimal,
 }
 
@@ -283,11 +287,15 @@ impl Ledger {
                 }),
                 Some(closed) => self.price_adjustment(&key.0, key.1, closed),
             };
-            let (Some(priced), Some(state)) = (priced, self.lines.get_mut(&key)) else {
+            let Some(priced) = priced else {
                 continue;
             };
-            let line = match priced {
-                Ok(line) => line,
+            let priced = priced.and_then(|line| Ok((line, self.last_amount(&key)?)));
+            let Some(state) = self.lines.get_mut(&key) else {
+                continue;
+            };
+            let (line, previous) = match priced {
+                Ok(priced) => priced,
                 Err(e) => {
                     // Pending, so a later flush rates it again rather than serving its
                     // old version.
@@ -298,7 +306,6 @@ impl Ledger {
             };
             state.dirty = false;
             state.revision += 1;
-            let previous = state.rated.as_ref().map_or(Decimal::ZERO, |l| l.amount);
             let delta = line.amount - previous;
             state.rated = Some(line.clone());
             rated.push(RatedLine {
@@ -308,6 +315,28 @@ impl Ledger {
             });
         }
         (rated, failures)
+    }
+
+    /// The amount a line's next revision moves from: its last revision's, or for a
+    /// period's line not rated yet, its opening line's (at zero usage: flat fees).
+    fn last_amount(&self, line: &(String, LineKey)) -> Result<Decimal, LineError> {
+        let (customer, key) = line;
+        let last = self.lines.get(line).and_then(|state| state.rated.as_ref());
+        match (last, key.adjusts) {
+            (Some(rated), _) => Ok(rated.amount),
+            (None, Some(_)) => Ok(Decimal::ZERO),
+            (None, None) => {
+                let customer = &self.config.customers[customer];
+                Ok(invoice_line(
+                    &self.config,
+                    customer,
+                    key.price_index,
+                    key.period,
+                    Decimal::ZERO,
+                )?
+                .amount)
+            }
+        }
     }
 
     /// An adjustment line billed in `key.period` for late usage of `closed`: the closed
@@ -377,9 +406,9 @@ impl Ledger {
     /// Every line of the period in its current revision: one per subscribed customer and
     /// price of their plan, zero usage included, sorted by customer then by the price's
     /// place in the plan. The period's pending changes are flushed first (other periods'
-    /// stay pending), and a line that never had
-    /// usage gets its first revision here; `delta` is the change since the previous
-    /// flush (zero for lines that did not change).
+    /// stay pending). A line that never had usage is its opening line, at revision 0
+    /// with its whole amount as `delta`; for the others `delta` is the change since the
+    /// previous flush (zero for lines that did not change).
     pub fn close(&mut self, period: Period) -> Result<Vec<RatedLine>, LineError> {
         let (flushed, mut failures) = self.flush_where(|key| key.period == period);
         if !failures.is_empty() {
@@ -403,7 +432,6 @@ impl Ledger {
                 ),
                 None => {
                     let line = price_line(&config, customer, key, state)?;
-                    state.revision = 1;
                     state.rated = Some(line.clone());
                     let delta = line.amount;
                     (line, delta)
@@ -1037,7 +1065,12 @@ mod tests {
             (first[0].revision, first[0].line.amount.to_string()),
             (1, "81.81".to_string())
         );
-        assert_eq!(first[0].delta, first[0].line.amount);
+        // The first revision moves from the opening line: the flat fee of the first
+        // tier, less the discount.
+        let opening = ledger.opening_lines(november()).unwrap();
+        let opening = opening.iter().find(|l| l.id == first[0].line.id).unwrap();
+        assert_eq!(opening.amount.to_string(), "42.87");
+        assert_eq!(first[0].delta.to_string(), "38.94");
         // The same value again changes nothing.
         ledger.record(&res, november(), value(150));
         assert!(ledger.flush().unwrap().is_empty());
@@ -1123,7 +1156,7 @@ mod tests {
     proptest! {
         /// Window usage added to period-to-date totals, in any order and flushed at any
         /// points, ends at exactly the amount of rating the period total at once, and
-        /// the deltas of the revisions add up to it.
+        /// the opening line's amount and the deltas of the revisions add up to it.
         #[test]
         fn incremental_rating_equals_rating_the_total(
             windows in proptest::collection::vec((0usize..3, 0u32..5000), 1..40),
@@ -1160,7 +1193,14 @@ mod tests {
                 let rated = closed.iter().find(|r| r.line.price == price).unwrap();
                 prop_assert_eq!(&rated.line, &at_once);
                 let summed = deltas.get(price).copied().unwrap_or_default() + rated.delta;
-                prop_assert_eq!(summed, at_once.amount);
+                if rated.revision == 0 {
+                    // Never used: the opening line, its whole amount the delta.
+                    prop_assert!(!deltas.contains_key(price));
+                    prop_assert_eq!(summed, at_once.amount);
+                } else {
+                    let opening = invoice_line(&config, customer, index, november(), Decimal::ZERO).unwrap();
+                    prop_assert_eq!(opening.amount + summed, at_once.amount);
+                }
             }
         }
 

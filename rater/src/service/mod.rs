@@ -37,6 +37,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use rust_decimal::Decimal;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use tally_runtime::kafka::{
@@ -85,15 +86,16 @@ pub enum RaterError {
     Undelivered { topic: String, source: KafkaError },
 }
 
-/// A rated line as written to `<prefix>.rated`: the line, its revision and how much
-/// it moved, and the version its ClickHouse row has. Consumers keep the highest
+/// A rated line as written to `<prefix>.rated`: the line, its revision (0 for an
+/// opening line, at zero usage) and how much it moved since the line's previous record,
+/// and the version its ClickHouse row has. Consumers keep the highest
 /// version per line id, and drop a line whose highest is a [`RetiredRecord`].
 #[derive(Debug, Serialize)]
 struct RatedRecord<'a> {
     #[serde(flatten)]
     line: &'a InvoiceLine,
     revision: u64,
-    delta: rust_decimal::Decimal,
+    delta: Decimal,
     version: u64,
     superseded: bool,
 }
@@ -176,6 +178,9 @@ struct PartitionState {
     /// From assignment, or a scheduled check, until the partition's stored lines were
     /// checked against the price book ([`Worker::check_price_book`]).
     unchecked: bool,
+    /// Lines with usage another price book rated, by id, with the amount stored: their
+    /// next revision's delta moves from it (the rebuilt ledger holds this book's).
+    restated: HashMap<String, Decimal>,
 }
 
 impl PartitionState {
@@ -190,7 +195,8 @@ impl PartitionState {
 /// Lines rated but not yet stored, with the offsets they account for.
 #[derive(Debug, Default)]
 struct Pending {
-    /// Zero-usage lines of newly seen periods, stored at version 0.
+    /// Zero-usage lines of newly seen periods, stored (and copied to `<prefix>.rated`)
+    /// at version 0.
     opening: Vec<InvoiceLine>,
     /// The windows the batch's usage updates changed, each in its latest state
     /// (`[rater] store_windows`).
@@ -282,6 +288,7 @@ impl PartitionOwner for Worker {
                     uncommitted: false,
                     customers_with_usage: rebuilt.customers,
                     unchecked: true,
+                    restated: HashMap::new(),
                 },
             );
             // A store is due soon: it checks the price book first.
@@ -806,7 +813,10 @@ impl Worker {
             for &period in &periods {
                 match state.ledger.opening_lines(period) {
                     Ok(lines) => {
-                        let owned_lines = lines.iter().filter(|l| owns_zero_usage(&l.customer));
+                        // A line with usage is re-rated above a version 0 row.
+                        let owned_lines = (lines.iter()).filter(|l| {
+                            owns_zero_usage(&l.customer) && !with_usage.contains(&l.id)
+                        });
                         self.pending.opening.extend(owned_lines.cloned());
                         zero_usage.extend(lines.into_iter().map(|line| (line.id.clone(), line)));
                     }
@@ -817,7 +827,12 @@ impl Worker {
             }
             let version = state.row_version();
             let before = self.pending.retired.len();
-            for line in stale.iter().filter(|line| !with_usage.contains(&line.id)) {
+            let stale_lines = stale.len();
+            let (restated, stale): (Vec<&StoredLine>, Vec<&StoredLine>) = stale
+                .into_iter()
+                .partition(|line| with_usage.contains(&line.id));
+            (state.restated).extend(restated.iter().map(|line| (line.id.clone(), line.amount)));
+            for line in stale {
                 let at = if line.version == 0 {
                     0
                 } else if line.version <= version {
@@ -830,14 +845,13 @@ impl Worker {
                     // Replaced by the opening line written above.
                     Some(_) if at == 0 => {}
                     // Usage the book no longer prices on this line (its filter or
-                    // meter changed): the line is now at zero usage, its first
-                    // revision as far as the ledger knows.
+                    // meter changed): the line is now its opening line, at zero usage.
                     Some(zero) => self.pending.lines.push((
                         at,
                         RatedLine {
                             line: zero.clone(),
-                            revision: 1,
-                            delta: zero.amount,
+                            revision: 0,
+                            delta: zero.amount - line.amount,
                         },
                     )),
                     None => self.pending.retired.push((at, (*line).clone())),
@@ -845,7 +859,7 @@ impl Worker {
             }
             tracing::info!(
                 partition,
-                stale = stale.len(),
+                stale = stale_lines,
                 rerated = state.ledger.lines_held(),
                 retired = self.pending.retired.len() - before,
                 "lines an earlier price book rated: re-rating the partition's open periods"
@@ -876,9 +890,15 @@ impl Worker {
                 self.metrics.rating_failures.inc();
                 tracing::error!(error = %e, partition, "a line cannot be rated; it stays pending, the partition's other lines go on");
             }
+            let restated = &mut state.restated;
             self.pending
                 .lines
-                .extend(lines.into_iter().map(|l| (version, l)));
+                .extend(lines.into_iter().map(|mut rated| {
+                    if let Some(stored) = restated.remove(&rated.line.id) {
+                        rated.delta = rated.line.amount - stored;
+                    }
+                    (version, rated)
+                }));
             self.pending.offsets.insert(partition, state.next_offset);
             state.uncommitted = false;
         }
@@ -949,16 +969,27 @@ impl Worker {
     /// same version.
     fn queue_rated_lines(&self) -> Result<(), RaterError> {
         let mut deadline = Instant::now() + DELIVERY_WAIT;
-        let rated = self.pending.lines.iter().map(|(version, rated)| {
-            let record = RatedRecord {
+        // Stored at version 0, as they are in ClickHouse.
+        let opening = self.pending.opening.iter().map(|line| RatedRecord {
+            line,
+            revision: 0,
+            delta: line.amount,
+            version: 0,
+            superseded: false,
+        });
+        let rated = self
+            .pending
+            .lines
+            .iter()
+            .map(|(version, rated)| RatedRecord {
                 line: &rated.line,
                 revision: rated.revision,
                 delta: rated.delta,
                 version: *version,
                 superseded: false,
-            };
-            (&rated.line.id, serde_json::to_vec(&record))
-        });
+            });
+        let rated =
+            (opening.chain(rated)).map(|record| (&record.line.id, serde_json::to_vec(&record)));
         let retired = self.pending.retired.iter().map(|(version, line)| {
             let record = RetiredRecord {
                 id: &line.id,

@@ -412,9 +412,9 @@ database = "{database}"
         lines
     }
 
-    /// The lines of the period as a consumer of `<prefix>.rated` sees them: the highest
-    /// version of each line id, unless that record retired the line.
-    pub fn rated_topic_lines(&self) -> Vec<Line> {
+    /// The records of the period's lines as a consumer of `<prefix>.rated` keeps them:
+    /// the highest version of each line id, unless that record retired the line.
+    pub fn rated_topic_records(&self) -> Vec<Value> {
         let period_start = format!("{}-01T00:00:00Z", self.period);
         let mut latest: BTreeMap<String, (u64, Value)> = BTreeMap::new();
         for (payload, _) in self.read_topic("rated") {
@@ -430,41 +430,41 @@ database = "{database}"
                 latest.insert(id, (version, record));
             }
         }
-        let mut lines: Vec<Line> = (latest.values())
-            .filter(|(_, r)| r["superseded"] == false)
-            .map(|(_, r)| line_of(r))
-            .collect();
+        (latest.into_values())
+            .map(|(_, record)| record)
+            .filter(|record| record["superseded"] == false)
+            .collect()
+    }
+
+    /// The lines of [`Pipeline::rated_topic_records`].
+    pub fn rated_topic_lines(&self) -> Vec<Line> {
+        let mut lines: Vec<Line> = self.rated_topic_records().iter().map(line_of).collect();
         lines.sort();
         lines
     }
 
-    /// Waits until `<prefix>.rated` carries every line of `expected` that has usage,
-    /// and nothing `expected` does not have (lines of a period opened without usage
-    /// are stored in ClickHouse only; a line re-rated to zero usage is in both).
+    /// Waits until the current lines of `<prefix>.rated` are `expected`, zero-usage
+    /// lines included, as in ClickHouse.
     pub fn wait_for_rated(&self, expected: &[Line], timeout: Duration) {
-        let with_usage: Vec<Line> = expected
-            .iter()
-            .filter(|l| !l.2.parse::<rust_decimal::Decimal>().unwrap().is_zero())
-            .cloned()
-            .collect();
         assert!(
-            !with_usage.is_empty(),
+            !expected.is_empty(),
             "nothing expected: a vacuous comparison"
         );
         let deadline = Instant::now() + timeout;
         loop {
             let got = self.rated_topic_lines();
-            if with_usage.iter().all(|l| got.contains(l))
-                && got.iter().all(|l| expected.contains(l))
-            {
+            if got == expected {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the rated topic did not converge in {timeout:?}: {} lines with usage expected, {} found",
-                with_usage.len(),
-                got.len()
-            );
+            if Instant::now() > deadline {
+                let missing: Vec<_> = expected.iter().filter(|l| !got.contains(l)).collect();
+                let extra: Vec<_> = got.iter().filter(|l| !expected.contains(l)).collect();
+                panic!(
+                    "the rated topic did not converge in {timeout:?}: {} lines expected, {} found; missing {missing:?}, extra {extra:?}",
+                    expected.len(),
+                    got.len()
+                );
+            }
             std::thread::sleep(Duration::from_secs(1));
         }
     }

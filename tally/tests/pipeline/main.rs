@@ -11,6 +11,7 @@ mod harness;
 use std::time::Duration;
 
 use harness::{serial, Pipeline};
+use rust_decimal::Decimal;
 use tally_runtime::kafka::partition_for_key;
 
 const NEEDS: &str = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse";
@@ -273,7 +274,14 @@ fn clickhouse_down_for_30_seconds_delays_but_does_not_change_totals() {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
     let _serial = serial();
-    let mut p = Pipeline::new("rater_faults", 60_000, 80, "");
+    // With windows stored: they are written, like the lines, by whichever rater holds
+    // the partition, after a rebuild, and again after a failed insert.
+    let mut p = Pipeline::new(
+        "rater_faults",
+        60_000,
+        80,
+        "[rater]\nmetrics_listen = \"127.0.0.1:0\"\nstore_windows = true",
+    );
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let lines = p.lines();
@@ -294,6 +302,7 @@ fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(240));
     p.wait_for_rated(&expected, Duration::from_secs(60));
+    assert_windows_add_up_to_lines(&p, &expected);
 }
 
 #[test]
@@ -771,6 +780,47 @@ fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_th
     p.start("rater", "rater-b");
     p.wait_for(&after, Duration::from_secs(120));
     p.wait_for_rated(&after, Duration::from_secs(60));
+    // A consumer of the rated topic sees how much each line moved: from the amount the
+    // earlier book billed, or, for a line never used, from nothing.
+    let records = p.rated_topic_records();
+    let current = |customer: &str, price: &str| {
+        let mut found =
+            (records.iter()).filter(|r| r["customer"] == customer && r["price"] == price);
+        let record = found.next().unwrap_or_else(|| panic!("{customer} {price}"));
+        assert!(found.next().is_none(), "one line of {customer} {price}");
+        let decimal = |field: &str| record[field].as_str().unwrap().parse::<Decimal>().unwrap();
+        (
+            record["revision"].as_u64().unwrap(),
+            decimal("delta"),
+            decimal("amount"),
+        )
+    };
+    let amount = |lines, customer, price| {
+        line_for(lines, customer, price)
+            .3
+            .parse::<Decimal>()
+            .unwrap()
+    };
+    let moved =
+        |customer, price| amount(&after, customer, price) - amount(&before, customer, price);
+    let (_, delta, _) = current("cust_00000", "resolutions");
+    assert_eq!(delta, moved("cust_00000", "resolutions"));
+    assert!(delta > Decimal::ZERO);
+    let (revision, delta, _) = current("cust_00000", "claude-y-tokens");
+    assert_eq!(
+        (revision, delta),
+        (0, moved("cust_00000", "claude-y-tokens"))
+    );
+    assert!(delta < Decimal::ZERO);
+    // Moved from starter to pro: pro's resolutions line replaces starter's.
+    assert_eq!(
+        current("cust_00004", "resolutions").1,
+        moved("cust_00004", "resolutions")
+    );
+    assert_eq!(
+        current("cust_new", "resolutions"),
+        (0, Decimal::from(49), Decimal::from(49))
+    );
     assert!(
         p.log("rater-b")
             .contains("lines an earlier price book rated"),
