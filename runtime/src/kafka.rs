@@ -569,14 +569,16 @@ pub enum ReadError {
     },
 }
 
-/// Reads one partition from its beginning to its end as it is now, committed records
-/// only, handing each record to `on_record` in offset order. This is how state kept in
-/// Kafka (a changelog, a compacted topic) is rebuilt. `base` carries the brokers and
-/// pass-through properties; transient broker errors are retried until `timeout`.
+/// Reads one partition from offset `from` (its beginning, if that is earlier) to its
+/// end as it is now, committed records only, handing each record to `on_record` in
+/// offset order. This is how state kept in Kafka (a changelog, a compacted topic) is
+/// rebuilt. `base` carries the brokers and pass-through properties; transient broker
+/// errors are retried until `timeout`.
 pub fn read_partition(
     mut base: ClientConfig,
     topic: &str,
     partition: i32,
+    from: i64,
     timeout: Duration,
     mut on_record: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> Result<(), ReadError> {
@@ -603,12 +605,15 @@ pub fn read_partition(
         reader.fetch_watermarks(topic, partition, Duration::from_secs(10))
     })
     .map_err(fail)?;
-    if low == high {
+    // Records are read until the end-of-partition event, which comes only for a fetch
+    // within the partition (librdkafka resets an offset out of range).
+    let from = from.max(low);
+    if from >= high {
         return Ok(());
     }
     let mut assignment = TopicPartitionList::new();
     assignment
-        .add_partition_offset(topic, partition, Offset::Beginning)
+        .add_partition_offset(topic, partition, Offset::Offset(from))
         .map_err(fail)?;
     reader.assign(&assignment).map_err(fail)?;
     loop {

@@ -94,7 +94,7 @@ fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
         let topic = topic.clone();
         std::thread::spawn(move || {
             let mut keys = Vec::new();
-            let read = read_partition(config(), &topic, 0, Duration::from_secs(120), |m| {
+            let read = read_partition(config(), &topic, 0, 0, Duration::from_secs(120), |m| {
                 keys.push(rdkafka::Message::key(m).unwrap().to_vec());
             });
             (read, keys)
@@ -108,6 +108,20 @@ fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
     assert_eq!(keys.len(), 1000, "every record read once");
     assert_eq!(keys.first().unwrap(), b"k0");
     assert_eq!(keys.last().unwrap(), b"k999");
+
+    // From an offset: the records from there on; from the end or past it, none.
+    let read_from = |from: i64| {
+        let mut offsets = Vec::new();
+        read_partition(config(), &topic, 0, from, Duration::from_secs(60), |m| {
+            offsets.push(rdkafka::Message::offset(m));
+        })
+        .unwrap();
+        offsets
+    };
+    assert_eq!(read_from(990), (990..1000).collect::<Vec<i64>>());
+    assert!(read_from(1000).is_empty());
+    assert!(read_from(5000).is_empty());
+    assert_eq!(read_from(-3).len(), 1000);
 }
 
 #[test]

@@ -185,7 +185,7 @@ pub(super) fn restore(
     // Gathered apart from the usage, which a snapshot resets; merged at the end.
     let mut keys: BTreeMap<Vec<u8>, (Kind, Snapshot)> = BTreeMap::new();
     let mut corrupt = None;
-    read_partition(base, topic, partition, timeout, |message| {
+    read_partition(base, topic, partition, 0, timeout, |message| {
         if corrupt.is_some() {
             return;
         }

@@ -13,9 +13,10 @@
 //! A line combines all of a customer's series its price selects, and a customer's
 //! windows all live in one windows partition (the aggregator writes partition p's
 //! windows to partition p). So each partition has its own [`Ledger`]. On assignment the
-//! ledger is rebuilt by reading the partition from the beginning up to the committed
-//! offset (the topic is compacted: each series' latest period-to-date value of each
-//! period is kept). A settled record ([`SETTLED_HEADER`]) says a month and those before
+//! ledger is rebuilt by reading the partition up to the committed offset (the topic is
+//! compacted: each series' latest period-to-date value of each period is kept), from
+//! where the commit's metadata says the oldest open month's records begin
+//! ([`rebuild_point`]; from the beginning for a commit without it). A settled record ([`SETTLED_HEADER`]) says a month and those before
 //! it can no longer change: the partition's lines of them are rated one last time and
 //! let go, so a ledger holds open periods only (while rebuilt too, up to the committed
 //! offset), and later usage of them (an aggregator replaying) is refused. A partition
@@ -26,6 +27,7 @@
 //! lines, and retries with backoff.
 
 mod metrics;
+mod rebuild_point;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::num::NonZeroUsize;
@@ -57,6 +59,7 @@ pub use metrics::RaterMetrics;
 
 use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine, StoredWindow};
 use crate::ledger::{line_open, Ledger, RatedLine, Recorded};
+use rebuild_point::{FirstOffsets, RebuildPoint};
 
 /// Most usage updates read before their lines are written.
 const MAX_BATCH_UPDATES: usize = 200_000;
@@ -157,8 +160,10 @@ struct Rebuilt {
     ledger: Ledger,
     opened: BTreeSet<Period>,
     after_committed: Vec<WindowsRecord<'static>>,
-    /// Every customer with usage in the partition, known to the price book or not.
+    /// Every customer with usage in the partition's open periods, known to the price
+    /// book or not.
     customers: HashSet<String>,
+    first_offsets: FirstOffsets,
 }
 
 #[derive(Debug)]
@@ -181,6 +186,8 @@ struct PartitionState {
     /// Lines with usage another price book rated, by id, with the amount stored: their
     /// next revision's delta moves from it (the rebuilt ledger holds this book's).
     restated: HashMap<String, Decimal>,
+    /// Where the records of the open periods begin: committed with the offsets.
+    first_offsets: FirstOffsets,
 }
 
 impl PartitionState {
@@ -189,6 +196,11 @@ impl PartitionState {
     /// re-reading writes the same version with the same content.
     fn row_version(&self) -> u64 {
         u64::try_from(self.next_offset).unwrap_or_default()
+    }
+
+    /// Where the partition's next owner rebuilds its ledger from, as of `next_offset`.
+    fn rebuild_point(&self) -> RebuildPoint {
+        (self.first_offsets).point(self.ledger.settled_through(), self.next_offset)
     }
 }
 
@@ -204,7 +216,7 @@ struct Pending {
     lines: Vec<(u64, RatedLine)>,
     /// Stored lines the price book no longer makes, to retire at these versions.
     retired: Vec<(u64, StoredLine)>,
-    offsets: BTreeMap<i32, i64>,
+    offsets: BTreeMap<i32, (i64, RebuildPoint)>,
     /// Kafka timestamp (ms) of the oldest usage update in the batch.
     oldest_update_ms: Option<i64>,
     updates: usize,
@@ -226,7 +238,7 @@ struct Worker {
     /// The offsets of a batch stored in ClickHouse and handed to the producer for
     /// `<prefix>.rated`: they are committed once Kafka confirms the batch's lines.
     /// Meanwhile new updates gather in `pending`.
-    awaiting_delivery: Option<BTreeMap<i32, i64>>,
+    awaiting_delivery: Option<BTreeMap<i32, (i64, RebuildPoint)>>,
     metrics: RaterMetrics,
     readiness: Readiness,
     /// While set, ClickHouse refused the last write: partitions are paused and the
@@ -264,17 +276,25 @@ impl PartitionOwner for Worker {
         let committed = committed_offsets(consumer, partitions).map_err(kafka(
             "read the committed offsets of the assigned partitions",
         ))?;
-        let wanted: Vec<(i32, i64)> = partitions
-            .elements()
-            .iter()
+        let wanted: Vec<(i32, i64, Option<RebuildPoint>)> = (partitions.elements().iter())
             .map(|e| {
                 let partition = e.partition();
-                let committed = offset_of(&committed, &self.topic, partition).unwrap_or(0);
-                (partition, committed)
+                let offset = offset_of(&committed, &self.topic, partition);
+                let metadata = (committed.find_partition(&self.topic, partition))
+                    .map(|e| e.metadata().to_owned())
+                    .unwrap_or_default();
+                let point = match RebuildPoint::from_metadata(&metadata) {
+                    Ok(point) => point.filter(|_| offset.is_some()),
+                    Err(error) => {
+                        tracing::warn!(partition, metadata, %error, "the committed offset's rebuild point cannot be read; rebuilding the ledger from the partition's beginning");
+                        None
+                    }
+                };
+                (partition, offset.unwrap_or(0), point)
             })
             .collect();
-        let rebuilt_all = on_threads(wanted, |(partition, committed)| {
-            self.rebuild(partition, committed)
+        let rebuilt_all = on_threads(wanted, |(partition, committed, point)| {
+            self.rebuild(partition, committed, point)
                 .map(|rebuilt| (partition, committed, rebuilt))
         });
         for rebuilt in rebuilt_all {
@@ -289,6 +309,7 @@ impl PartitionOwner for Worker {
                     customers_with_usage: rebuilt.customers,
                     unchecked: true,
                     restated: HashMap::new(),
+                    first_offsets: rebuilt.first_offsets,
                 },
             );
             // A store is due soon: it checks the price book first.
@@ -462,23 +483,37 @@ pub fn run(
 }
 
 impl Worker {
-    /// Reads a windows partition to its end. Records before `committed` build the
-    /// ledger the stored lines were rated from; the later ones are returned to be
-    /// processed as new. (Reading past `committed` matters: compaction may have removed
-    /// a record before it whose newer version lies after it.)
-    fn rebuild(&self, partition: i32, committed: i64) -> Result<Rebuilt, RaterError> {
+    /// Reads a windows partition to its end, from the committed `point` if there is
+    /// one (its settled periods settled in the ledger from the start), else from its
+    /// beginning. Records before `committed` build the ledger the stored lines were
+    /// rated from; the later ones are returned to be processed as new. (Reading past
+    /// `committed` matters: compaction may have removed a record before it whose newer
+    /// version lies after it.)
+    fn rebuild(
+        &self,
+        partition: i32,
+        committed: i64,
+        point: Option<RebuildPoint>,
+    ) -> Result<Rebuilt, RaterError> {
         let started = Instant::now();
         let mut rebuilt = Rebuilt {
             ledger: Ledger::new(Arc::clone(&self.config)),
             opened: BTreeSet::new(),
             after_committed: Vec::new(),
             customers: HashSet::new(),
+            first_offsets: FirstOffsets::default(),
         };
+        if let Some(settled) = point.and_then(|point| point.settled_through) {
+            rebuilt.ledger.settle_through(settled);
+            rebuilt.first_offsets.settle_through(settled);
+        }
+        let from = point.map_or(0, |point| point.from.min(committed));
         let mut read = 0u64;
         read_partition(
             client_config(&self.kafka),
             &self.topic,
             partition,
+            from,
             REBUILD_TIMEOUT,
             |message| {
                 // Counts a record read and notes whose usage it carries.
@@ -510,12 +545,14 @@ impl Worker {
                         rebuilt
                             .opened
                             .insert(Period::containing(update.period_start));
+                        rebuilt.first_offsets.note(&update, message.offset());
                         record(&mut rebuilt.ledger, update);
                     }
                     Change::Settled(period) => {
                         // Rated and let go now: a rebuild holds open periods only.
                         rebuilt.ledger.settle_through(period);
                         rebuilt.ledger.flush_available();
+                        rebuilt.first_offsets.settle_through(period);
                     }
                 }
             },
@@ -532,6 +569,7 @@ impl Worker {
         }
         tracing::info!(
             partition,
+            from,
             records = read,
             lines = rebuilt.ledger.lines_held(),
             after_committed = rebuilt.after_committed.len(),
@@ -589,12 +627,16 @@ impl Worker {
             Change::Usage(update) => update,
             Change::Settled(period) => {
                 state.ledger.settle_through(period);
+                state.first_offsets.settle_through(period);
                 return;
             }
         };
         self.metrics.usage_updates.inc();
+        state.first_offsets.note(&update, offset);
         let period = Period::containing(update.period_start);
-        if state.opened.insert(period) {
+        // A settled period's usage read again is refused below; its lines stay as billed.
+        let open = (state.ledger.settled_through()).is_none_or(|settled| period > settled);
+        if open && state.opened.insert(period) {
             match state.ledger.opening_lines(period) {
                 Ok(lines) => self.pending.opening.extend(lines),
                 Err(e) => {
@@ -730,10 +772,11 @@ impl Worker {
             });
         }
         let mut offsets = TopicPartitionList::new();
-        for (&partition, &offset) in self.awaiting_delivery.iter().flatten() {
-            offsets
-                .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
+        for (&partition, &(offset, point)) in self.awaiting_delivery.iter().flatten() {
+            let mut committing = offsets.add_partition(&self.topic, partition);
+            (committing.set_offset(Offset::Offset(offset)))
                 .map_err(kafka("list the offsets to commit"))?;
+            committing.set_metadata(point.to_metadata());
         }
         // The partitions may have been revoked meanwhile (nothing to commit then):
         // their next owner re-reads them.
@@ -899,7 +942,7 @@ impl Worker {
                     }
                     (version, rated)
                 }));
-            self.pending.offsets.insert(partition, state.next_offset);
+            (self.pending.offsets).insert(partition, (state.next_offset, state.rebuild_point()));
             state.uncommitted = false;
         }
         self.count_held_lines();

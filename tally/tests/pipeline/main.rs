@@ -576,6 +576,12 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
     // The stored lines stay: October's as tally rate bills it, November's with usage.
     p.wait_for(&expected_october, Duration::from_secs(30));
     wait_for_november_resolutions(&p, 2);
+    let windows = p.read_topic("windows");
+    let october_usage = (windows.iter())
+        .filter_map(|(payload, _)| serde_json::from_slice::<serde_json::Value>(payload).ok())
+        .filter(|r| r["period_start"] == "2026-10-01T00:00:00Z")
+        .count();
+    assert!(october_usage > 20, "{october_usage} October records");
 
     // A new rater rebuilds from the windows topic: the settled records let October
     // and its adjustment go there too, and November goes on. It starts with the
@@ -593,6 +599,21 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
             p.log("rater-b").matches("ledger rebuilt").count() == harness::PARTITIONS as usize
                 && gauge(rater_port, "tally_rater_ledger_lines") == 10.0
         },
+    );
+    // ...reading each partition from its first November record, which the offsets
+    // rater-a committed say, not from the beginning: October's records are not read.
+    let rebuilds: Vec<(i64, usize)> = (p.log("rater-b").lines())
+        .filter(|line| line.contains("ledger rebuilt"))
+        .map(|line| (log_field(line, "from"), log_field(line, "records") as usize))
+        .collect();
+    assert_eq!(rebuilds.len(), harness::PARTITIONS as usize);
+    assert!(rebuilds.iter().all(|(from, _)| *from > 0), "{rebuilds:?}");
+    let read: usize = rebuilds.iter().map(|(_, records)| records).sum();
+    assert!(read > 0);
+    assert!(
+        read + october_usage <= windows.len(),
+        "{read} records read of {}, {october_usage} of them October's",
+        windows.len()
     );
     let late_october = resolution("late-2", "cust_00001", "2026-10-31T23:00:00Z");
     p.produce(&[
@@ -958,14 +979,18 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
 }
 
 /// The partitions `rater` says it rebuilt, from its log.
+/// The number a service's log line gives `name` (`name=123`).
+fn log_field(line: &str, name: &str) -> i64 {
+    let (_, rest) =
+        (line.split_once(&format!(" {name}="))).unwrap_or_else(|| panic!("no {name} in {line}"));
+    rest.split(' ').next().unwrap().parse().unwrap()
+}
+
 fn rebuilt_partitions(p: &Pipeline, rater: &str) -> std::collections::BTreeSet<i32> {
     p.log(rater)
         .lines()
         .filter(|line| line.contains("ledger rebuilt"))
-        .filter_map(|line| {
-            let (_, rest) = line.split_once(" partition=")?;
-            rest.split(' ').next()?.parse().ok()
-        })
+        .map(|line| log_field(line, "partition") as i32)
         .collect()
 }
 
