@@ -34,6 +34,22 @@ impl Period {
         self.next().start()
     }
 
+    /// The latest period that had ended by `t`: the one before the period `t` is in.
+    pub fn latest_ended_by(t: DateTime<Utc>) -> Self {
+        let Period { year, month } = Period::containing(t);
+        if month == 1 {
+            Period {
+                year: year - 1,
+                month: 12,
+            }
+        } else {
+            Period {
+                year,
+                month: month - 1,
+            }
+        }
+    }
+
     pub fn next(&self) -> Self {
         if self.month == 12 {
             Period {
@@ -263,6 +279,15 @@ mod tests {
         assert_eq!(rfc3339(feb.end()), "2028-03-01T00:00:00Z");
         assert!(!p.contains(p.end()));
         assert!(p.contains(p.start()));
+    }
+
+    #[test]
+    fn the_latest_period_ended_by_a_time_is_the_month_before_it() {
+        let at = |t: &str| Period::latest_ended_by(t.parse().unwrap()).to_string();
+        assert_eq!(at("2026-12-05T02:00:00Z"), "2026-11");
+        assert_eq!(at("2026-12-01T00:00:00Z"), "2026-11");
+        assert_eq!(at("2026-11-30T23:59:59Z"), "2026-10");
+        assert_eq!(at("2027-01-01T00:00:00Z"), "2026-12");
     }
 
     #[test]

@@ -69,6 +69,9 @@ const MAX_BATCH_EVENTS: usize = 20_000;
 const BATCH_LINGER: Duration = Duration::from_millis(10);
 /// Timeout of each transactional call; a commit slower than this is aborted.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the consume loop waits for Kafka to take an idle partition's close record:
+/// it holds the loop, and is tried again seconds later.
+const IDLE_CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// Longest a partition's restore may read its changelog; well inside the consumer's
 /// `max.poll.interval.ms` (15 min), as restores run in the rebalance callback.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -140,6 +143,11 @@ struct PartitionState {
     /// offsets are committed again, and compaction must not let the new (empty) delta
     /// replace the original under the same key.
     generation: u64,
+    /// When the partition last read a record (or was restored): it is idle from then.
+    last_read: Instant,
+    /// The period a control record was written to close, once the partition idled
+    /// past it ([`Worker::close_idle_partitions`]).
+    close_requested: Option<Period>,
 }
 
 /// What processing one partition's share of a batch produced, for the worker to add up.
@@ -458,21 +466,41 @@ impl PartitionState {
 /// at the same place. Returns how many partitions were written to.
 pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, AggregatorError> {
     let topic = kafka.topic(Topic::Events);
-    let producer: KafkaProducer = client_config(kafka)
+    let producer = control_producer(kafka)?;
+    let partitions = partition_count(producer.client(), &topic).map_err(kafka_error(format!(
+        "find topic {topic} (is the topic prefix the pipeline's?)"
+    )))?;
+    let all = 0..i32::try_from(partitions).unwrap_or(i32::MAX);
+    write_close_records(&producer, &topic, period, all, TRANSACTION_TIMEOUT)?;
+    Ok(partitions)
+}
+
+/// A producer for control records, outside any transaction: they are input, as an
+/// event is.
+fn control_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
+    client_config(kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         // A mistyped prefix must fail, not create a topic no aggregator reads.
         .set("allow.auto.create.topics", "false")
         .create_with_context(DeliveryReports::default())
-        .map_err(kafka_error("create a producer for the control records"))?;
-    let partitions = partition_count(producer.client(), &topic).map_err(kafka_error(format!(
-        "find topic {topic} (is the topic prefix the pipeline's?)"
-    )))?;
+        .map_err(kafka_error("create a producer for the control records"))
+}
+
+/// Writes the control record that closes `period` to each of `partitions` of the events
+/// `topic`, and waits up to `wait` until Kafka has them all.
+fn write_close_records(
+    producer: &KafkaProducer,
+    topic: &str,
+    period: Period,
+    partitions: impl IntoIterator<Item = i32>,
+    wait: Duration,
+) -> Result<(), AggregatorError> {
     let value = period.to_string();
-    for partition in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
+    for partition in partitions {
         send(
-            &producer,
-            BaseRecord::<str, [u8]>::to(&topic)
+            producer,
+            BaseRecord::<str, [u8]>::to(topic)
                 .partition(partition)
                 .key("tally-control")
                 .headers(OwnedHeaders::new().insert(Header {
@@ -482,14 +510,14 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
         )
         .map_err(kafka_error(format!("write a control record to {topic}")))?;
     }
-    flush(&producer, TRANSACTION_TIMEOUT).map_err(kafka_error(format!(
+    flush(producer, wait).map_err(kafka_error(format!(
         "deliver the control records to {topic}"
     )))?;
     match producer.context().failure() {
         Some(refused) => {
             Err(kafka_error(format!("write the control records to {topic}"))(refused.clone()))
         }
-        None => Ok(partitions),
+        None => Ok(()),
     }
 }
 
@@ -514,6 +542,8 @@ struct Worker {
     /// The events topic's partition count.
     partition_count: NonZeroUsize,
     period_close_grace: Duration,
+    /// `[aggregator] close_idle_after`.
+    close_idle_after: Option<Duration>,
     /// A partition's changelog is due a snapshot once its deltas since the last one
     /// exceed this many bytes and the last snapshot's size
     /// ([`PartitionState::snapshot_overdue`]).
@@ -605,6 +635,7 @@ pub fn run(
         config,
         partition_count,
         period_close_grace: settings.aggregator.period_close_grace,
+        close_idle_after: settings.aggregator.close_idle_after,
         snapshot_after_bytes: settings.aggregator.changelog_snapshot_bytes,
         kafka: kafka.clone(),
         topics: topics.clone(),
@@ -658,6 +689,7 @@ pub fn run(
                 if last_lag.elapsed() >= Duration::from_secs(5) {
                     last_lag = Instant::now();
                     tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag);
+                    worker.close_idle_partitions(Utc::now());
                 }
             }
             // A recovery since the batch was read rewound the consumer to before it.
@@ -888,6 +920,8 @@ impl Worker {
             generation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
+            last_read: Instant::now(),
+            close_requested: None,
         })
     }
 
@@ -910,10 +944,15 @@ impl Worker {
                 .push(message);
         }
         // Messages of a partition revoked while they were in flight are dropped.
+        let now = Instant::now();
         let work: Vec<_> = self
             .partitions
             .iter_mut()
-            .filter_map(|(p, state)| Some((state, by_partition.remove(p)?)))
+            .filter_map(|(p, state)| {
+                let messages = by_partition.remove(p)?;
+                state.last_read = now;
+                Some((state, messages))
+            })
             .collect();
         let (config, partition_count) = (&*self.config, self.partition_count);
         let results = on_threads(work, |(state, messages)| {
@@ -1131,6 +1170,54 @@ impl Worker {
             state.touched = false;
         }
         Ok(())
+    }
+
+    /// Closes, in each held partition that has read nothing for `close_idle_after`, the
+    /// periods that ended at least the grace and that long before `now`, by writing
+    /// `tally close-period`'s control record to it. A busy partition closes a month
+    /// once its events pass the grace; a quiet one would keep it open, its late usage
+    /// still changing a month finance has invoiced. The close is a record in the
+    /// partition, as a busy one's is an event, so a replay closes at the same place.
+    /// A failure is logged and tried again at the next call.
+    fn close_idle_partitions(&mut self, now: chrono::DateTime<Utc>) {
+        let Some(idle_after) = self.close_idle_after else {
+            return;
+        };
+        let wait = chrono::Duration::from_std(self.period_close_grace + idle_after)
+            .unwrap_or(chrono::Duration::MAX);
+        let Some(due) = now.checked_sub_signed(wait).map(Period::latest_ended_by) else {
+            return;
+        };
+        let idle: Vec<i32> = (self.partitions.iter())
+            .filter(|(_, state)| {
+                state.last_read.elapsed() >= idle_after
+                    && state
+                        .close_requested
+                        .is_none_or(|requested| requested < due)
+                    && (state.aggregator.closed_before()).is_none_or(|closed| closed < due.end())
+            })
+            .map(|(&partition, _)| partition)
+            .collect();
+        if idle.is_empty() {
+            return;
+        }
+        let topic = &self.topics.events;
+        let written = control_producer(&self.kafka).and_then(|producer| {
+            write_close_records(&producer, topic, due, idle.iter().copied(), IDLE_CLOSE_WAIT)
+        });
+        match written {
+            Ok(()) => {
+                tracing::info!(partitions = ?idle, period = %due, idle_seconds = idle_after.as_secs(), "idle partitions: closing the periods that ended by a control record");
+                for partition in &idle {
+                    if let Some(state) = self.partitions.get_mut(partition) {
+                        state.close_requested = Some(due);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, partitions = ?idle, period = %due, "cannot close the ended periods of idle partitions; trying again shortly")
+            }
+        }
     }
 
     /// Back to exactly what Kafka holds: abort, new producer, states rebuilt, consumer

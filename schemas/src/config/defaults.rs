@@ -32,6 +32,11 @@ pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// restore time at about two snapshots, and snapshots never cost more writing than the
 /// changes between them.
 pub const DEFAULT_CHANGELOG_SNAPSHOT_BYTES: usize = 32 << 20;
+/// `[aggregator] close_idle_after`: none, so periods close by event time (an event past
+/// the grace) or by `tally close-period` only. Set, a partition that has read no event
+/// for that long closes every period that ended at least the grace and that long ago
+/// by writing `tally close-period`'s control record to itself.
+pub const DEFAULT_CLOSE_IDLE_AFTER: Option<Duration> = None;
 /// `[aggregator] metrics_listen`.
 pub const DEFAULT_AGGREGATOR_METRICS_LISTEN: &str = "127.0.0.1:9102";
 /// `[rater] flush_interval`: the longest rated lines wait before they are written.

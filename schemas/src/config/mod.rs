@@ -262,6 +262,11 @@ pub struct AggregatorSpec {
     /// next one; default 32 MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changelog_snapshot_bytes: Option<usize>,
+    /// How long a partition must have read no event (wall clock) before it closes the
+    /// periods that ended at least `period_close_grace` and this long ago; default: it
+    /// does not (periods close by event time or `tally close-period`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_idle_after: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -452,6 +457,7 @@ impl Config {
                     commit_interval: specs.aggregator.commit_interval.map(|d| d.0),
                     metrics_listen: specs.aggregator.metrics_listen.as_deref(),
                     changelog_snapshot_bytes: specs.aggregator.changelog_snapshot_bytes,
+                    close_idle_after: specs.aggregator.close_idle_after.map(|d| d.0),
                 },
                 rater: &specs.rater,
             },

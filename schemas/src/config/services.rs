@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 use super::defaults as d;
 use super::values::HumanDuration;
 
+/// The shortest `[aggregator] close_idle_after`.
+const MIN_CLOSE_IDLE_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSpec {
@@ -129,6 +132,7 @@ pub struct AggregatorStreamSpec<'a> {
     pub commit_interval: Option<Duration>,
     pub metrics_listen: Option<&'a str>,
     pub changelog_snapshot_bytes: Option<usize>,
+    pub close_idle_after: Option<Duration>,
 }
 
 /// Validated `[kafka]`.
@@ -304,6 +308,8 @@ pub struct AggregatorServiceSettings {
     pub commit_interval: Duration,
     pub metrics_listen: SocketAddr,
     pub changelog_snapshot_bytes: usize,
+    /// Close ended periods in partitions idle this long (`None`: never by the clock).
+    pub close_idle_after: Option<Duration>,
 }
 
 /// Validated `[rater]`.
@@ -559,6 +565,16 @@ pub(super) fn validate(
             "must be above zero".to_owned(),
         );
     }
+    let close_idle_after = (specs.aggregator.close_idle_after).or(d::DEFAULT_CLOSE_IDLE_AFTER);
+    if close_idle_after.is_some_and(|idle| idle < MIN_CLOSE_IDLE_AFTER) {
+        issue(
+            "aggregator.close_idle_after",
+            format!(
+                "must be at least {}s: a partition is idle only once it has read nothing for a while (leave it out to close periods by event time only)",
+                MIN_CLOSE_IDLE_AFTER.as_secs()
+            ),
+        );
+    }
     let flush_interval = specs
         .rater
         .flush_interval
@@ -621,6 +637,7 @@ pub(super) fn validate(
                 .aggregator
                 .changelog_snapshot_bytes
                 .unwrap_or(d::DEFAULT_CHANGELOG_SNAPSHOT_BYTES),
+            close_idle_after,
         },
         rater: RaterSettings {
             flush_interval,
@@ -671,6 +688,7 @@ aggregation = "count"
         assert_eq!(s.ingest.max_batch_events, 1000);
         assert!(s.ingest.api_keys.is_empty());
         assert_eq!(s.aggregator.period_close_grace.as_secs(), 3600);
+        assert_eq!(s.aggregator.close_idle_after, None);
         assert_eq!(s.rater.metrics_listen.port(), 9103);
         assert_eq!(s.rater.flush_interval.as_millis(), 500);
         assert_eq!(s.rater.min_insert_interval.as_millis(), 200);
@@ -678,6 +696,11 @@ aggregation = "count"
         assert!(!s.rater.store_windows);
         let short = services("[rater]\nflush_interval = \"100ms\"\n", &[]).unwrap();
         assert_eq!(short.rater.min_insert_interval.as_millis(), 100);
+        let idle = services("[aggregator]\nclose_idle_after = \"30m\"\n", &[]).unwrap();
+        assert_eq!(
+            idle.aggregator.close_idle_after.map(|d| d.as_secs()),
+            Some(1800)
+        );
     }
 
     #[test]
@@ -735,6 +758,8 @@ sources = ["x"]
 key = "short"
 tenant = "b"
 sources = []
+[aggregator]
+close_idle_after = "0s"
 [rater]
 flush_interval = "100ms"
 min_insert_interval = "1s"
@@ -745,6 +770,7 @@ price_book_check_interval = "0s"
             "TALLY_CLICKHOUSE_DATABASE: \"tally-prod\" is not a usable database name",
             "rater.min_insert_interval: must not exceed rater.flush_interval (100ms)",
             "rater.price_book_check_interval: must be above zero",
+            "aggregator.close_idle_after: must be at least 1s",
             "kafka.topic_prefix",
             "kafka.partitions",
             "kafka.properties.\"group.id\"",

@@ -709,6 +709,72 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
     );
 }
 
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn idle_partitions_close_the_months_that_ended_by_themselves() {
+    let _serial = serial();
+    let mut p = Pipeline::new(
+        "idle_close",
+        3_000,
+        10,
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\nclose_idle_after = \"3s\"",
+    );
+    // October's events, none past its grace: by event time October stays open. In the
+    // topic before the aggregator starts, so no partition is idle before reading them.
+    let october = p.lines();
+    p.produce(&october);
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let expected_october = p.expected();
+    p.wait_for(&expected_october, Duration::from_secs(120));
+
+    // Once idle for 3 s, each partition writes itself the control record that closes
+    // every month ended an hour (the grace) and 3 s ago: by the clock, October and
+    // each month since up to the last one.
+    let ended = tally_schemas::time::Period::latest_ended_by(
+        chrono::Utc::now() - chrono::Duration::hours(1),
+    );
+    let closes = |p: &Pipeline| {
+        (p.read_topic("events").into_iter())
+            .filter_map(|(_, headers)| headers.get("tally-close-period").cloned())
+            .collect::<Vec<_>>()
+    };
+    harness::eventually(
+        "every partition has a close record",
+        Duration::from_secs(60),
+        || closes(&p).len() >= harness::PARTITIONS as usize,
+    );
+    assert!(
+        closes(&p).iter().all(|period| *period >= ended.to_string()),
+        "{:?}",
+        closes(&p)
+    );
+    harness::eventually("the aggregator read them", Duration::from_secs(30), || {
+        p.log("agg-a")
+            .matches("period closed by a control record")
+            .count()
+            >= harness::PARTITIONS as usize
+    });
+    // Late October usage is now an adjustment, billed in the month the clock is in;
+    // October's lines stay as they were.
+    p.produce(&resolution_each("after-idle", "2026-10-31T23:30:00Z"));
+    let open = ended.next().start().format("%Y-%m-%d %H:%M:%S");
+    let customers = (expected_october.iter())
+        .filter(|l| l.1 == "resolutions")
+        .count();
+    let sql = format!(
+        "SELECT count() FROM {}.invoice_lines WHERE period_start = '{open}' \
+         AND adjusts_period = '2026-10' AND price = 'resolutions' AND quantity = '1' FORMAT TSV",
+        p.database
+    );
+    harness::eventually(
+        "an adjustment per customer in the open month",
+        Duration::from_secs(60),
+        || p.query(&sql).trim() == customers.to_string(),
+    );
+    p.wait_for(&expected_october, Duration::from_secs(30));
+}
+
 /// `book` with `from` replaced by `to` once; `from` must be there.
 fn edited(book: &str, from: &str, to: &str) -> String {
     assert!(book.contains(from), "{from:?} not in the price book");
