@@ -73,11 +73,15 @@ write_targets() {
 write_config() {
   mkdir -p "$DIR/data"
   cat >"$CONFIG.new" <<EOF
-# Written by scripts/services/prometheus.sh: scrapes the Tally services every second.
+# Written by scripts/services/prometheus.sh: scrapes the Tally services every second
+# and evaluates the alerting rules users get (deploy/prometheus/alerts.yml).
 global:
   scrape_interval: 1s
   scrape_timeout: 1s
   evaluation_interval: 1s
+
+rule_files:
+  - '$REPO_ROOT/deploy/prometheus/alerts.yml'
 
 scrape_configs:
   # One scrape config for every Tally service; each target's job label (ingest,

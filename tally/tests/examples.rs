@@ -1,4 +1,5 @@
-//! The files in examples/ rate to the figures the README shows.
+//! The files in examples/ rate to the figures the README shows, and the alerting rules
+//! in deploy/ pass their tests.
 
 use std::path::Path;
 use std::process::Command;
@@ -86,4 +87,29 @@ fn the_example_price_book_rates_the_example_events_as_the_readme_shows() {
         rejects.starts_with(r#"{"line":8,"field":"data.tokens","code":"negative_value""#),
         "{rejects}"
     );
+}
+
+/// The alerting rules users get fire as their tests say. promtool comes with Debian's
+/// prometheus package, which `scripts/services/up.sh prometheus` installs.
+#[test]
+#[ignore = "needs promtool: scripts/services/up.sh prometheus"]
+fn the_alerting_rules_fire_as_their_tests_say() {
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let output = Command::new("promtool")
+            .current_dir(&rules)
+            .args(args)
+            .output()
+            .expect("promtool: scripts/services/up.sh prometheus installs it");
+        assert!(
+            output.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }

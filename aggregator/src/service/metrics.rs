@@ -75,8 +75,10 @@ pub struct AggregatorMetrics {
     pub late_revised: IntCounter,
     pub late_adjusted: IntCounter,
     pub misplaced: IntCounter,
-    /// `result`: committed, aborted.
-    pub transactions: IntCounterVec,
+    /// `tally_aggregator_transactions_total`, `result` committed and aborted: both
+    /// exported from the start, so an alert's `increase` sees the first abort.
+    pub transactions_committed: IntCounter,
+    pub transactions_aborted: IntCounter,
     pub transaction_duration: Histogram,
     pub window_updates: IntCounter,
     /// From an event's append to Kafka to the commit carrying its window.
@@ -105,6 +107,11 @@ impl AggregatorMetrics {
             "Events behind the watermark's window, by what was done with them.",
             &["outcome"],
         );
+        let transactions = m.counter_vec(
+            "tally_aggregator_transactions_total",
+            "Kafka transactions, by result.",
+            &["result"],
+        );
         AggregatorMetrics {
             events: EventOutcome::ALL.map(|o| events.with_label_values(&[o.label()])),
             late_revised: late.with_label_values(&["revised"]),
@@ -118,11 +125,8 @@ impl AggregatorMetrics {
                 "Events written to the rejected topic, by reason.",
                 &["reason"],
             ),
-            transactions: m.counter_vec(
-                "tally_aggregator_transactions_total",
-                "Kafka transactions, by result.",
-                &["result"],
-            ),
+            transactions_committed: transactions.with_label_values(&["committed"]),
+            transactions_aborted: transactions.with_label_values(&["aborted"]),
             transaction_duration: m.latency(
                 "tally_aggregator_transaction_duration_seconds",
                 "Time to commit a transaction (produce, send offsets, commit).",

@@ -1049,10 +1049,7 @@ impl Worker {
         match self.commit(consumer) {
             Ok(()) => {
                 let took = started.elapsed();
-                self.metrics
-                    .transactions
-                    .with_label_values(&["committed"])
-                    .inc();
+                self.metrics.transactions_committed.inc();
                 self.metrics
                     .transaction_duration
                     .observe(took.as_secs_f64());
@@ -1069,10 +1066,7 @@ impl Worker {
                 Ok(())
             }
             Err(e) => {
-                self.metrics
-                    .transactions
-                    .with_label_values(&["aborted"])
-                    .inc();
+                self.metrics.transactions_aborted.inc();
                 tracing::warn!(error = %e, "transaction failed; aborting and rebuilding state from the changelog");
                 for partition in leaving {
                     self.partitions.remove(partition);

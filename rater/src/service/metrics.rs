@@ -4,13 +4,24 @@
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use tally_runtime::metrics::Metrics;
 
+use crate::Recorded;
+
+/// Why usage is not billed, as the `reason` label of `tally_rater_unbilled_usage_total`.
+const UNBILLED_REASONS: [(Recorded, &str); 4] = [
+    (Recorded::UnknownCustomer, "unknown_customer"),
+    (Recorded::NotPriced, "not_priced"),
+    (Recorded::NotSubscribed, "not_subscribed"),
+    (Recorded::SettledPeriod, "settled_period"),
+];
+
 #[derive(Debug, Clone)]
 pub struct RaterMetrics {
     pub registry: Registry,
     pub usage_updates: IntCounter,
     pub lines_rated: IntCounter,
-    /// `reason`: unknown_customer, not_priced, not_subscribed, settled_period.
-    pub unbilled: IntCounterVec,
+    /// By [`UNBILLED_REASONS`], each exported from the start, so an alert's `increase`
+    /// sees the first unbilled update ([`RaterMetrics::count_unbilled`]).
+    unbilled: [IntCounter; UNBILLED_REASONS.len()],
     /// From a usage update reaching Kafka to its line being stored in ClickHouse.
     pub rating_latency: Histogram,
     pub insert_duration: Histogram,
@@ -37,11 +48,14 @@ impl RaterMetrics {
                 "tally_rater_lines_rated_total",
                 "Invoice line revisions rated and stored.",
             ),
-            unbilled: m.counter_vec(
-                "tally_rater_unbilled_usage_total",
-                "Usage updates that no line bills, by reason.",
-                &["reason"],
-            ),
+            unbilled: {
+                let unbilled = m.counter_vec(
+                    "tally_rater_unbilled_usage_total",
+                    "Usage updates that no line bills, by reason.",
+                    &["reason"],
+                );
+                UNBILLED_REASONS.map(|(_, reason)| unbilled.with_label_values(&[reason]))
+            },
             rating_latency: m.latency(
                 "tally_rater_rating_latency_seconds",
                 "From a usage update reaching Kafka to its rated line being stored.",
@@ -73,6 +87,14 @@ impl RaterMetrics {
             ),
             consumer_lag: m.consumer_lag(),
             registry,
+        }
+    }
+
+    /// Counts a usage update by what became of it, if no line bills it.
+    pub fn count_unbilled(&self, recorded: Recorded) {
+        let reason = UNBILLED_REASONS.iter().position(|(r, _)| *r == recorded);
+        if let Some(counter) = reason.map(|i| &self.unbilled[i]) {
+            counter.inc();
         }
     }
 }

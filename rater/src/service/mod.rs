@@ -664,14 +664,7 @@ impl Worker {
                 self.pending.windows.insert(key, stored);
             }
         }
-        let unbilled = match recorded {
-            Recorded::Billed(_) => return,
-            Recorded::UnknownCustomer => "unknown_customer",
-            Recorded::NotPriced => "not_priced",
-            Recorded::NotSubscribed => "not_subscribed",
-            Recorded::SettledPeriod => "settled_period",
-        };
-        self.metrics.unbilled.with_label_values(&[unbilled]).inc();
+        self.metrics.count_unbilled(recorded);
     }
 
     /// Schedules every held partition for a price-book check once `interval` has

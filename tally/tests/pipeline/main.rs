@@ -1337,4 +1337,48 @@ fn prometheus_scrapes_every_service_of_serve_all() {
     ] {
         assert!(!labels.contains(forbidden), "label {forbidden} in {labels}");
     }
+
+    // The alerting rules users get (deploy/prometheus/alerts.yml, which the test
+    // Prometheus loads) evaluate without error against the services' real series, and
+    // every metric they name is one the services export.
+    let get = |path: &str| -> serde_json::Value {
+        let mut response = ureq::get(&format!("http://127.0.0.1:9090{path}"))
+            .call()
+            .unwrap();
+        serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap()
+    };
+    let rules_file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yml");
+    let rules_text = std::fs::read_to_string(rules_file).unwrap();
+    harness::eventually(
+        "every alerting rule evaluated, without error",
+        Duration::from_secs(30),
+        || {
+            let rules = get("/api/v1/rules");
+            let rules: Vec<&serde_json::Value> = (rules["data"]["groups"].as_array())
+                .into_iter()
+                .flatten()
+                .flat_map(|group| group["rules"].as_array().into_iter().flatten())
+                .collect();
+            rules.len() == rules_text.matches("- alert:").count()
+                && rules.iter().all(|rule| {
+                    rule["health"] == "ok" && rule["lastEvaluation"] != "0001-01-01T00:00:00Z"
+                })
+        },
+    );
+    let exported = get("/api/v1/label/__name__/values");
+    let exported: Vec<&str> = (exported["data"].as_array().unwrap().iter())
+        .filter_map(|name| name.as_str())
+        .collect();
+    let named: std::collections::BTreeSet<&str> = rules_text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("tally_"))
+        .collect();
+    assert!(named.len() >= 8, "{named:?}");
+    for name in named {
+        assert!(
+            exported.contains(&name),
+            "the rules name {name}, which no service exports"
+        );
+    }
 }
