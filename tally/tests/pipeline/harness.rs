@@ -457,8 +457,7 @@ database = "{database}"
                 return;
             }
             if Instant::now() > deadline {
-                let missing: Vec<_> = expected.iter().filter(|l| !got.contains(l)).collect();
-                let extra: Vec<_> = got.iter().filter(|l| !expected.contains(l)).collect();
+                let (missing, extra) = difference(expected, &got);
                 panic!(
                     "the rated topic did not converge in {timeout:?}: {} lines expected, {} found; missing {missing:?}, extra {extra:?}",
                     expected.len(),
@@ -490,8 +489,7 @@ database = "{database}"
                 return;
             }
             if Instant::now() > deadline {
-                let missing: Vec<_> = expected.iter().filter(|l| !got.contains(l)).collect();
-                let extra: Vec<_> = got.iter().filter(|l| !expected.contains(l)).collect();
+                let (missing, extra) = difference(expected, &got);
                 panic!(
                     "ClickHouse did not converge in {timeout:?}: {} lines expected, {} found\nmissing (first 5): {:#?}\nunexpected (first 5): {:#?}\naggregator log tail:\n{}",
                     expected.len(),
@@ -642,6 +640,13 @@ impl Drop for Pipeline {
         let _ = ureq::post(&format!("{}/", clickhouse_url()))
             .send(format!("DROP DATABASE IF EXISTS {}", self.database));
     }
+}
+
+/// The lines of `expected` not in `got`, and those of `got` not in `expected`.
+fn difference<'a>(expected: &'a [Line], got: &'a [Line]) -> (Vec<&'a Line>, Vec<&'a Line>) {
+    let missing = expected.iter().filter(|l| !got.contains(l)).collect();
+    let extra = got.iter().filter(|l| !expected.contains(l)).collect();
+    (missing, extra)
 }
 
 fn line_of(v: &Value) -> Line {
