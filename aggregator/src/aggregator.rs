@@ -456,10 +456,7 @@ impl Aggregator {
         }
         // Evict a window's worth at a time, not after every drain.
         self.settled_before = oldest_start + i64::from(self.window.seconds());
-        // Periods ending at or before `oldest`: the one before the period it falls in,
-        // or before the one it starts.
-        let current = Period::containing(oldest);
-        let settled_month = Period::containing(current.start() - chrono::Duration::seconds(1));
+        let settled_month = Period::latest_ended_by(oldest);
         self.settled_through = self.settled_through.max(Some(settled_month));
         for series in &mut self.series {
             if series

@@ -70,8 +70,10 @@ const BATCH_LINGER: Duration = Duration::from_millis(10);
 /// Timeout of each transactional call; a commit slower than this is aborted.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest the consume loop waits for Kafka to take an idle partition's close record:
-/// it holds the loop, and is tried again seconds later.
+/// it holds the loop (and after a failure, the next attempt waits [`IDLE_CLOSE_BACKOFF`]).
 const IDLE_CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long after a failed attempt the next one waits.
+const IDLE_CLOSE_BACKOFF: Duration = Duration::from_secs(60);
 /// Longest a partition's restore may read its changelog; well inside the consumer's
 /// `max.poll.interval.ms` (15 min), as restores run in the rebalance callback.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -544,6 +546,9 @@ struct Worker {
     period_close_grace: Duration,
     /// `[aggregator] close_idle_after`.
     close_idle_after: Option<Duration>,
+    /// After a failed attempt to write idle partitions' close records, none before
+    /// this: each attempt holds the consume loop up to [`IDLE_CLOSE_WAIT`].
+    idle_close_not_before: Option<Instant>,
     /// A partition's changelog is due a snapshot once its deltas since the last one
     /// exceed this many bytes and the last snapshot's size
     /// ([`PartitionState::snapshot_overdue`]).
@@ -636,6 +641,7 @@ pub fn run(
         partition_count,
         period_close_grace: settings.aggregator.period_close_grace,
         close_idle_after: settings.aggregator.close_idle_after,
+        idle_close_not_before: None,
         snapshot_after_bytes: settings.aggregator.changelog_snapshot_bytes,
         kafka: kafka.clone(),
         topics: topics.clone(),
@@ -1177,6 +1183,9 @@ impl Worker {
         let Some(idle_after) = self.close_idle_after else {
             return;
         };
+        if (self.idle_close_not_before).is_some_and(|at| Instant::now() < at) {
+            return;
+        }
         let wait = chrono::Duration::from_std(self.period_close_grace + idle_after)
             .unwrap_or(chrono::Duration::MAX);
         let Some(due) = now.checked_sub_signed(wait).map(Period::latest_ended_by) else {
@@ -1209,7 +1218,8 @@ impl Worker {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, partitions = ?idle, period = %due, "cannot close the ended periods of idle partitions; trying again shortly")
+                self.idle_close_not_before = Some(Instant::now() + IDLE_CLOSE_BACKOFF);
+                tracing::warn!(error = %e, partitions = ?idle, period = %due, "cannot close the ended periods of idle partitions; trying again in a minute")
             }
         }
     }

@@ -176,8 +176,9 @@ struct PartitionState {
     /// Read past the last commit: `next_offset` is to be committed once the lines it
     /// accounts for are stored.
     uncommitted: bool,
-    /// Every customer with usage in the partition when it was assigned (known to the
-    /// price book or not): the partition replaces their stale lines with usage. Lines
+    /// Every customer with usage in the partition's unsettled months when it was
+    /// assigned (known to the price book or not): the partition replaces their stale
+    /// lines with usage (only open months' lines are checked). Lines
     /// with usage written since are this rater's, rated with its book.
     customers_with_usage: HashSet<String>,
     /// From assignment, or a scheduled check, until the partition's stored lines were

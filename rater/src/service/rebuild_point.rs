@@ -7,8 +7,8 @@
 //! rebuild from its beginning reads the pipeline's whole history. A settled month's
 //! records can no longer change a line, though: the ledger refuses them. So a rebuild
 //! needs only the records from the first one of the oldest open month on, and to know
-//! which months have settled; the point says both, and the rebuild's read stays about
-//! two months long however old the pipeline is.
+//! which months have settled; the point says both, and the rebuild's read starts at the
+//! oldest unsettled month however old the pipeline is.
 
 use std::collections::BTreeMap;
 
@@ -17,8 +17,8 @@ use tally_schemas::records::UsageRecord;
 use tally_schemas::time::Period;
 
 /// Where a partition's ledger, as of its committed offset, can be rebuilt from.
+/// Fields a later build may add are ignored, so rolling back keeps bounded rebuilds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RebuildPoint {
     /// The first offset of a usage record of a period still open (the committed offset
     /// when there is none): every record before it is of a settled period.
@@ -147,6 +147,8 @@ mod tests {
         );
         assert_eq!(RebuildPoint::from_metadata("").unwrap(), None);
         assert!(RebuildPoint::from_metadata("checkpoint 7").is_err());
-        assert!(RebuildPoint::from_metadata(r#"{"from":1,"until":2}"#).is_err());
+        assert!(RebuildPoint::from_metadata(r#"{"until":2}"#).is_err());
+        let later = RebuildPoint::from_metadata(r#"{"from":7,"until":2}"#).unwrap();
+        assert_eq!(later.map(|point| point.from), Some(7));
     }
 }
