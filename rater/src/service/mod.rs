@@ -16,10 +16,11 @@
 //! ledger is rebuilt by reading the partition up to the committed offset (the topic is
 //! compacted: each series' latest period-to-date value of each period is kept), from
 //! where the commit's metadata says the oldest open month's records begin
-//! ([`rebuild_point`]; from the beginning for a commit without it). A settled record ([`SETTLED_HEADER`]) says a month and those before
-//! it can no longer change: the partition's lines of them are rated one last time and
-//! let go, so a ledger holds open periods only (while rebuilt too, up to the committed
-//! offset), and later usage of them (an aggregator replaying) is refused. A partition
+//! ([`rebuild_point`]; from the beginning for a commit without it). A settled record
+//! ([`SETTLED_HEADER`]) says a month and those before it can no longer change: the
+//! partition's lines of them are rated one last time and let go, so a ledger holds
+//! open periods only (while rebuilt too, up to the committed offset), and later usage
+//! of them (an aggregator replaying) is refused. A partition
 //! whose stored lines of open periods another price book rated (checked once rebuilt,
 //! and every `price_book_check_interval`) is re-rated with the current one, and its
 //! stale lines that book no longer makes are retired (`Worker::check_price_book`).
@@ -636,7 +637,7 @@ impl Worker {
         state.first_offsets.note(&update, offset);
         let period = Period::containing(update.period_start);
         // A settled period's usage read again is refused below; its lines stay as billed.
-        let open = (state.ledger.settled_through()).is_none_or(|settled| period > settled);
+        let open = line_open(state.ledger.settled_through(), period, None);
         if open && state.opened.insert(period) {
             match state.ledger.opening_lines(period) {
                 Ok(lines) => self.pending.opening.extend(lines),
@@ -865,11 +866,12 @@ impl Worker {
             let version = state.row_version();
             let before = self.pending.retired.len();
             let stale_lines = stale.len();
-            let (restated, stale): (Vec<&StoredLine>, Vec<&StoredLine>) = stale
+            // Those with usage the ledger re-rates; the others are replaced or retired.
+            let (restated, without_usage): (Vec<&StoredLine>, Vec<&StoredLine>) = stale
                 .into_iter()
                 .partition(|line| with_usage.contains(&line.id));
             (state.restated).extend(restated.iter().map(|line| (line.id.clone(), line.amount)));
-            for line in stale {
+            for line in without_usage {
                 let at = if line.version == 0 {
                     0
                 } else if line.version <= version {

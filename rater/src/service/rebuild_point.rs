@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use tally_schemas::records::UsageRecord;
 use tally_schemas::time::Period;
 
+use crate::ledger::line_open;
+
 /// Where a partition's ledger, as of its committed offset, can be rebuilt from.
 /// Fields a later build may add are ignored, so rolling back keeps bounded rebuilds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,8 +67,7 @@ impl FirstOffsets {
     /// The point of a ledger that settled through `settled_through` and has read up to
     /// `next_offset`.
     pub fn point(&self, settled_through: Option<Period>, next_offset: i64) -> RebuildPoint {
-        let open = (self.0.iter())
-            .filter(|(period, _)| settled_through.is_none_or(|settled| **period > settled));
+        let open = (self.0.iter()).filter(|(period, _)| line_open(settled_through, **period, None));
         RebuildPoint {
             from: open.map(|(_, offset)| *offset).min().unwrap_or(next_offset),
             settled_through,
