@@ -2,13 +2,13 @@
 //! ClickHouse and to `<prefix>.rated`.
 //!
 //! In: `<prefix>.windows`, read committed, as a member of group `<prefix>-rater`. Out:
-//! every changed line, rated with the rater core from its period-to-date usage, into
-//! `<database>.rated_lines` (see [`crate::clickhouse`]) in batched inserts, with the
-//! windows the updates changed into `<database>.window_revisions`, then to
-//! `<prefix>.rated` for downstream consumers; then the offsets, synchronously. Offsets
-//! are committed only after ClickHouse stored the rows they account for, so a crash
-//! re-reads, never skips; rows are versioned by the windows offset they account for,
-//! so re-reading writes the same rows again and nothing is counted twice.
+//! every changed line, rated with the rater core from its period-to-date usage, to
+//! `<prefix>.rated` for downstream consumers, then into `<database>.rated_lines` (see
+//! [`crate::clickhouse`]) in batched inserts, with the windows the updates changed
+//! into `<database>.window_revisions`; then the offsets, synchronously. Offsets are
+//! committed only after Kafka confirmed and ClickHouse stored the rows they account
+//! for, so a crash re-reads, never skips; rows are versioned by the windows offset they
+//! account for, so re-reading writes the same rows again and nothing is counted twice.
 //!
 //! A line combines all of a customer's series its price selects, and a customer's
 //! windows all live in one windows partition (the aggregator writes partition p's
@@ -225,6 +225,19 @@ struct Pending {
     started: Option<Instant>,
 }
 
+/// A batch on its way out: its lines go to `<prefix>.rated`, then to ClickHouse, then
+/// the offsets they account for are committed. Kafka first: a line ClickHouse holds is
+/// on the topic too, so a rater that dies in between leaves nothing the topic lacks
+/// (the lines a price-book check re-rated would otherwise be missed there for good: a
+/// restarted rater finds them current in ClickHouse and does not rate them again).
+/// A step that fails is retried from that step.
+#[derive(Debug)]
+struct InFlight {
+    batch: Pending,
+    /// ClickHouse holds the batch: only its offsets are left to commit.
+    stored: bool,
+}
+
 struct Worker {
     config: Arc<Config>,
     topic: String,
@@ -237,10 +250,9 @@ struct Worker {
     /// partitioner it names the partition a customer's events go to.
     partition_count: NonZeroUsize,
     pending: Pending,
-    /// The offsets of a batch stored in ClickHouse and handed to the producer for
-    /// `<prefix>.rated`: they are committed once Kafka confirms the batch's lines.
-    /// Meanwhile new updates gather in `pending`.
-    awaiting_delivery: Option<BTreeMap<i32, (i64, RebuildPoint)>>,
+    /// A batch taken from `pending` and handed to the producer for `<prefix>.rated`,
+    /// until its offsets are committed. Meanwhile new updates gather in `pending`.
+    in_flight: Option<InFlight>,
     metrics: RaterMetrics,
     readiness: Readiness,
     /// While set, ClickHouse refused the last write: partitions are paused and the
@@ -367,8 +379,8 @@ impl PartitionOwner for Worker {
         for e in partitions.elements() {
             self.partitions.remove(&e.partition());
             self.pending.offsets.remove(&e.partition());
-            if let Some(offsets) = &mut self.awaiting_delivery {
-                offsets.remove(&e.partition());
+            if let Some(in_flight) = &mut self.in_flight {
+                in_flight.batch.offsets.remove(&e.partition());
             }
         }
         self.count_held_lines();
@@ -431,7 +443,7 @@ pub fn run(
         partitions: BTreeMap::new(),
         partition_count,
         pending: Pending::default(),
-        awaiting_delivery: None,
+        in_flight: None,
         metrics,
         readiness: readiness.clone(),
         retry_at: None,
@@ -704,14 +716,12 @@ impl Worker {
                     .is_none_or(|at| at.elapsed() >= settings.min_insert_interval)
     }
 
-    /// Rates the changed lines, writes them to ClickHouse and `rated`, then commits the
-    /// offsets they account for. If ClickHouse refuses, or Kafka does not confirm the
-    /// rated lines in time, the partitions are paused and the step that failed is
-    /// retried later with backoff; nothing is written twice to `rated` by a retry.
+    /// Rates the changed lines, writes them to `rated` and ClickHouse, then commits the
+    /// offsets they account for. If Kafka does not confirm the rated lines in time, or
+    /// ClickHouse refuses, the partitions are paused and the step that failed is retried
+    /// later with backoff; nothing is written twice to `rated` by a retry.
     fn store(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
-        if self.awaiting_delivery.is_some() {
-            self.deliver_and_commit(consumer)?;
-        }
+        self.finish(consumer)?;
         if let Err(e) = self.check_price_book() {
             self.hold(
                 consumer,
@@ -727,12 +737,7 @@ impl Worker {
             self.resume(consumer);
             return Ok(());
         }
-        if let Err(e) = self.write_batch() {
-            self.metrics.insert_failures.inc();
-            self.hold(consumer, "ClickHouse refused the write", e.to_string());
-            return Err(e.into());
-        }
-        if let Err(e) = self.queue_rated_lines() {
+        if let Err(e) = self.queue_rated_lines(&self.pending) {
             if !matches!(e, RaterError::Undelivered { .. }) {
                 self.hold(
                     consumer,
@@ -742,15 +747,36 @@ impl Worker {
             }
             return Err(e);
         }
-        self.awaiting_delivery = Some(std::mem::take(&mut self.pending).offsets);
-        self.deliver_and_commit(consumer)
+        self.in_flight = Some(InFlight {
+            batch: std::mem::take(&mut self.pending),
+            stored: false,
+        });
+        self.finish(consumer)
     }
 
-    /// Waits for Kafka to confirm the rated lines of the batch awaiting delivery, then
-    /// commits its offsets. At least once downstream: delivered before the offsets move
-    /// on. Not confirmed yet (a broker restart, say): librdkafka keeps the lines and
-    /// keeps sending them, and the wait is retried later.
-    fn deliver_and_commit(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
+    /// Takes the batch in flight, if any, through its remaining steps ([`InFlight`]);
+    /// on a failure it stays in flight for the retry.
+    fn finish(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
+        let Some(mut in_flight) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let finished = self.deliver_store_commit(consumer, &mut in_flight);
+        if finished.is_err() {
+            self.in_flight = Some(in_flight);
+        }
+        finished
+    }
+
+    /// Waits for Kafka to confirm the batch's rated lines, stores the batch in
+    /// ClickHouse, then commits its offsets. At least once downstream: delivered before
+    /// stored, stored before the offsets move on. Not confirmed yet (a broker restart,
+    /// say): librdkafka keeps the lines and keeps sending them, and the wait is retried
+    /// later.
+    fn deliver_store_commit(
+        &mut self,
+        consumer: &GroupConsumer,
+        in_flight: &mut InFlight,
+    ) -> Result<(), RaterError> {
         let flushed = flush(&self.producer, DELIVERY_WAIT);
         if let Some(refused) = self.undelivered() {
             return Err(refused);
@@ -766,8 +792,16 @@ impl Worker {
                 source: e,
             });
         }
+        if !in_flight.stored {
+            if let Err(e) = self.write_batch(&in_flight.batch) {
+                self.metrics.insert_failures.inc();
+                self.hold(consumer, "ClickHouse refused the write", e.to_string());
+                return Err(e.into());
+            }
+            in_flight.stored = true;
+        }
         let mut offsets = TopicPartitionList::new();
-        for (&partition, &(offset, point)) in self.awaiting_delivery.iter().flatten() {
+        for (&partition, &(offset, point)) in &in_flight.batch.offsets {
             let mut committing = offsets.add_partition(&self.topic, partition);
             (committing.set_offset(Offset::Offset(offset)))
                 .map_err(kafka("list the offsets to commit"))?;
@@ -777,13 +811,12 @@ impl Worker {
         // their next owner re-reads them.
         if offsets.count() > 0 {
             if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
-                // Kept awaiting: a partition with no later updates would otherwise
+                // Kept in flight: a partition with no later updates would otherwise
                 // stay behind its stored lines until the rater restarts.
                 self.hold(consumer, "Kafka refused the windows offsets", e.to_string());
                 return Err(kafka("commit the windows offsets")(e));
             }
         }
-        self.awaiting_delivery = None;
         self.resume(consumer);
         Ok(())
     }
@@ -953,13 +986,13 @@ impl Worker {
         self.metrics.ledger_lines.set(held as i64);
     }
 
-    /// Inserts the pending lines into ClickHouse in one batch, retires the stale ones,
-    /// then inserts the pending windows.
-    fn write_batch(&mut self) -> Result<(), ClickHouseError> {
-        let rows: Vec<(u64, &InvoiceLine)> = (self.pending.opening.iter().map(|line| (0, line)))
-            .chain(self.pending.lines.iter().map(|(v, l)| (*v, &l.line)))
+    /// Inserts the batch's lines into ClickHouse in one insert, retires the stale ones,
+    /// then inserts the batch's windows.
+    fn write_batch(&mut self, batch: &Pending) -> Result<(), ClickHouseError> {
+        let rows: Vec<(u64, &InvoiceLine)> = (batch.opening.iter().map(|line| (0, line)))
+            .chain(batch.lines.iter().map(|(v, l)| (*v, &l.line)))
             .collect();
-        if rows.is_empty() && self.pending.retired.is_empty() && self.pending.windows.is_empty() {
+        if rows.is_empty() && batch.retired.is_empty() && batch.windows.is_empty() {
             // Records that changed nothing stored (a settled record, usage of unknown
             // customers without its windows): their offsets move on without an insert.
             return Ok(());
@@ -969,16 +1002,15 @@ impl Worker {
         self.clickhouse.insert_versioned(&rows)?;
         // After the lines: a retry after a failure here writes both again, unchanged.
         let mut retired: BTreeMap<u64, Vec<&StoredLine>> = BTreeMap::new();
-        for (version, line) in &self.pending.retired {
+        for (version, line) in &batch.retired {
             retired.entry(*version).or_default().push(line);
         }
         for (version, lines) in retired {
             self.clickhouse.retire(version, lines)?;
         }
         // After the lines, so those are queryable without waiting for the windows
-        // (the copies to `rated`, the commit and the next batch still wait).
-        self.clickhouse
-            .insert_windows(self.pending.windows.values())?;
+        // (the commit and the next batch still wait).
+        self.clickhouse.insert_windows(batch.windows.values())?;
         self.metrics
             .insert_duration
             .observe(started.elapsed().as_secs_f64());
@@ -986,30 +1018,28 @@ impl Worker {
             (self.metrics.inserted_rows.with_label_values(&[table])).inc_by(rows as u64)
         };
         inserted("rated_lines", rows.len());
-        inserted("window_revisions", self.pending.windows.len());
+        inserted("window_revisions", batch.windows.len());
         self.metrics
             .lines_retired
-            .inc_by(self.pending.retired.len() as u64);
-        self.metrics
-            .lines_rated
-            .inc_by(self.pending.lines.len() as u64);
-        if let Some(ms) = self.pending.oldest_update_ms {
+            .inc_by(batch.retired.len() as u64);
+        self.metrics.lines_rated.inc_by(batch.lines.len() as u64);
+        if let Some(ms) = batch.oldest_update_ms {
             observe_age(&self.metrics.rating_latency, ms);
         }
         Ok(())
     }
 
-    /// Hands the pending lines to the producer for `<prefix>.rated`. A line the
+    /// Hands the batch's lines to the producer for `<prefix>.rated`. A line the
     /// producer will not take (too large, a fatal producer error) stops the rater
     /// before its batch's offsets are committed, as a line Kafka refuses does. If the
     /// producer's queue stays full for `DELIVERY_WAIT` (Kafka away during a batch
     /// larger than the queue), it fails so the loop can pause and poll; the retry
     /// queues the batch from its start, and consumers see those lines twice, at the
     /// same version.
-    fn queue_rated_lines(&self) -> Result<(), RaterError> {
+    fn queue_rated_lines(&self, batch: &Pending) -> Result<(), RaterError> {
         let mut deadline = Instant::now() + DELIVERY_WAIT;
         // Stored at version 0, as they are in ClickHouse.
-        let opening = self.pending.opening.iter().map(|line| RatedRecord {
+        let opening = batch.opening.iter().map(|line| RatedRecord {
             line,
             revision: 0,
             delta: line.amount,
@@ -1029,7 +1059,7 @@ impl Worker {
             });
         let rated =
             (opening.chain(rated)).map(|record| (&record.line.id, serde_json::to_vec(&record)));
-        let retired = self.pending.retired.iter().map(|(version, line)| {
+        let retired = batch.retired.iter().map(|(version, line)| {
             let record = RetiredRecord {
                 id: &line.id,
                 customer: &line.customer,

@@ -940,6 +940,43 @@ fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_th
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_repricing_the_rated_topic_refuses_is_stored_and_delivered_after_a_restart() {
+    let _serial = serial();
+    let mut p = Pipeline::new("reprice_refused", 5_000, 20, "");
+    p.produce(&p.lines());
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let before = p.expected();
+    p.wait_for(&before, Duration::from_secs(120));
+    p.wait_for_rated(&before, Duration::from_secs(60));
+    p.stop("rater-a");
+
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(
+        &p.config,
+        edited(&book, r#"unit_amount = "0.99""#, r#"unit_amount = "1.09""#),
+    )
+    .unwrap();
+    let after = p.expected();
+    assert_ne!(before, after);
+    // The re-rated lines are larger than this: Kafka refuses them for good.
+    p.set_topic_config("rated", "max.message.bytes", "200");
+    p.start("rater", "rater-b");
+    let (status, log) = p.wait_exit("rater-b", Duration::from_secs(120));
+    assert!(!status.success(), "the rater stopped with an error:\n{log}");
+    assert!(log.contains("lines an earlier price book rated"), "{log}");
+    // Nothing the rated topic did not take was stored: the restarted rater still finds
+    // the earlier book's lines, and re-rates them again.
+    assert_eq!(p.invoice_lines(), before);
+
+    p.set_topic_config("rated", "max.message.bytes", "1048588");
+    p.start("rater", "rater-c");
+    p.wait_for(&after, Duration::from_secs(120));
+    p.wait_for_rated(&after, Duration::from_secs(60));
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_billed() {
     let _serial = serial();
     let mut p = Pipeline::new(
