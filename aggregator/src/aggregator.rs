@@ -86,6 +86,22 @@ struct Window {
     dirty: bool,
 }
 
+impl Window {
+    /// The window as records carry it, `length` long.
+    fn usage(&self, length: chrono::Duration) -> WindowUsage {
+        let window_start = Utc
+            .timestamp_opt(self.start, 0)
+            .single()
+            .unwrap_or_default();
+        WindowUsage {
+            window_start,
+            window_end: window_start + length,
+            value: self.state.value(),
+            revision: self.revision,
+        }
+    }
+}
+
 type SeriesId = u32;
 
 /// One customer's usage of one meter for one combination of group_by values.
@@ -587,7 +603,7 @@ impl Aggregator {
             let window = &mut series.windows[slot];
             window.dirty = false;
             window.revision += 1;
-            let (value, revision) = (window.state.value(), window.revision);
+            let window = window.usage(window_len);
             if last_series != Some(id) {
                 last_series = Some(id);
                 changed.push(SeriesSnapshot {
@@ -599,14 +615,7 @@ impl Aggregator {
             if let Some(record) = changed.last_mut() {
                 record.windows.push(series.windows[slot].clone());
             }
-            let window_start = Utc.timestamp_opt(start, 0).single().unwrap_or_default();
-            let window = WindowUsage {
-                window_start,
-                window_end: window_start + window_len,
-                value,
-                revision,
-            };
-            let period = Period::containing(window_start);
+            let period = Period::containing(window.window_start);
             match updates.last_mut() {
                 Some(update) if last_update == Some((id, period)) => update.windows.push(window),
                 _ => {
@@ -638,6 +647,28 @@ impl Aggregator {
             .collect();
         usage.sort_by(|a, b| a.0.cmp(&b.0));
         usage
+    }
+
+    /// A customer's series with usage in `period`, each with its windows of the period,
+    /// sorted by series: where its lines' quantities come from, for `tally explain`.
+    pub fn windows_of(
+        &self,
+        customer: &str,
+        period: Period,
+    ) -> Vec<(Arc<SeriesKey>, Vec<WindowUsage>)> {
+        let window_len = chrono::Duration::seconds(i64::from(self.window.seconds()));
+        let mut found: Vec<_> = (self.series.iter())
+            .filter(|s| s.key.customer == customer && s.period_state(period).is_some())
+            .map(|s| {
+                let windows = (s.windows.iter())
+                    .map(|w| w.usage(window_len))
+                    .filter(|w| period.contains(w.window_start))
+                    .collect();
+                (Arc::clone(&s.key), windows)
+            })
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
     }
 
     /// Number of `(source, id)` keys remembered for dedupe.
@@ -1005,6 +1036,45 @@ mod tests {
             .iter()
             .flat_map(|u| u.windows.iter().map(move |w| (u, w)))
             .collect()
+    }
+
+    #[test]
+    fn a_customers_windows_of_a_period_are_listed_by_series() {
+        let mut agg = Aggregator::batch(&config(), 16);
+        agg.apply(&tokens("1", "2026-10-31T23:10:00Z", "gpt", 1000, 1));
+        agg.apply(&tokens("2", "2026-11-01T00:10:00Z", "gpt", 100, 1));
+        agg.apply(&tokens("3", "2026-11-01T00:50:00Z", "gpt", 50, 2));
+        agg.apply(&tokens("4", "2026-11-02T05:00:00Z", "llama", 3, 1));
+        // `meter group: window start = value, ...` per series.
+        let listed: Vec<String> = agg
+            .windows_of("acme", Period::from_str("2026-11").unwrap())
+            .into_iter()
+            .map(|(series, windows)| {
+                let windows: Vec<String> = (windows.iter())
+                    .map(|w| {
+                        assert_eq!(w.window_end - w.window_start, chrono::Duration::hours(1));
+                        format!("{} = {}", w.window_start.format("%d %H:%M"), w.value.value)
+                    })
+                    .collect();
+                format!(
+                    "{} {}: {}",
+                    series.meter,
+                    series.group.join(","),
+                    windows.join(", ")
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                "tokens gpt: 01 00:00 = 150",
+                "tokens llama: 02 05:00 = 3",
+                "users : 01 00:00 = 2, 02 05:00 = 1",
+            ]
+        );
+        assert!(agg
+            .windows_of("someone else", Period::from_str("2026-11").unwrap())
+            .is_empty());
     }
 
     #[test]

@@ -14,14 +14,14 @@ use chrono::{DateTime, Utc};
 use tally_aggregator::Aggregator;
 use tally_ingest::{decode_lines, LineReject};
 
-use crate::summary::{BadLine, Summary};
+use crate::summary::{BadLine, CustomerEvents, Summary};
 use tally_rater::Ledger;
 use tally_schemas::config::Config;
 use tally_schemas::event::EventDecoder;
-use tally_schemas::records::InvoiceLine;
+use tally_schemas::records::{InvoiceLine, SeriesKey, WindowUsage};
 use tally_schemas::time::Period;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BatchOptions {
     pub period: Period,
     /// The clock events may not be ahead of (by more than `max_future_skew`).
@@ -30,11 +30,16 @@ pub struct BatchOptions {
     pub workers: usize,
     /// Stop at the first bad line instead of rejecting it.
     pub strict: bool,
+    /// Also count this customer's events (`summary.customer`) and keep its windows
+    /// (`explained_usage`): for `tally explain`.
+    pub explained_customer: Option<String>,
 }
 
 pub struct BatchResult {
     pub lines: Vec<InvoiceLine>,
     pub summary: Summary,
+    /// The explained customer's series of the period with their windows.
+    pub explained_usage: Vec<(Arc<SeriesKey>, Vec<WindowUsage>)>,
 }
 
 /// Rates one period of `input`. Rejected lines go to `on_reject` as they are found.
@@ -51,6 +56,7 @@ pub fn rate_events(
     let period = options.period;
     let mut summary = Summary {
         period: period.to_string(),
+        customer: options.explained_customer.clone().map(CustomerEvents::new),
         ..Summary::default()
     };
     let flow = decode_lines(input, decoder, options.workers, |lines| {
@@ -91,7 +97,14 @@ pub fn rate_events(
         .into_iter()
         .map(|rated| rated.line)
         .collect();
-    Ok(BatchResult { lines, summary })
+    let explained_usage = (options.explained_customer.as_deref())
+        .map(|customer| aggregator.windows_of(customer, period))
+        .unwrap_or_default();
+    Ok(BatchResult {
+        lines,
+        summary,
+        explained_usage,
+    })
 }
 
 /// The bytes of an events input: a file mapped into memory, or what stdin gave.

@@ -4,6 +4,7 @@
 //! - `validate`: lint a tally.toml ([`tally_schemas::config`]).
 //! - `rate`: batch-rate one month of events for finance (`batch.rs`, `summary.rs`,
 //!   `report.rs`).
+//! - `explain`: one customer's invoice of a month worked through (`explain.rs`).
 //! - `demo`: generate a realistic month and run it through the embedded pipeline
 //!   (`demo/`, `embedded/`).
 //! - `generate`: the demo's deterministic event generator on its own, for benchmarks.
@@ -13,6 +14,7 @@
 mod batch;
 mod demo;
 mod embedded;
+mod explain;
 mod report;
 mod serve;
 mod summary;
@@ -53,6 +55,9 @@ enum Command {
     },
     /// Rate one calendar month (UTC) of usage events into invoice lines.
     Rate(RateArgs),
+    /// Show how one customer's invoice of a month adds up: events, usage by day, each
+    /// tier, rounding and discount.
+    Explain(ExplainArgs),
     /// Generate a month of AI usage and run it through the embedded pipeline.
     Demo(demo::DemoArgs),
     /// Write a deterministic synthetic month of events and a configuration for it.
@@ -115,11 +120,38 @@ struct RateArgs {
     clickhouse_database: String,
 }
 
+#[derive(Debug, Args)]
+struct ExplainArgs {
+    /// The configuration file.
+    #[arg(long, default_value = "tally.toml")]
+    config: PathBuf,
+    /// CloudEvents JSON lines, the file `tally rate` rated; `-` reads stdin.
+    #[arg(long)]
+    events: String,
+    /// The month, e.g. 2026-11.
+    #[arg(long)]
+    period: Period,
+    /// The customer whose invoice to explain.
+    #[arg(long)]
+    customer: String,
+    /// Only this price's line.
+    #[arg(long)]
+    price: Option<String>,
+    /// The clock events may not be ahead of (RFC 3339); default: now. Pass the one
+    /// `tally rate` had, if it was given one.
+    #[arg(long)]
+    now: Option<DateTime<Utc>>,
+    /// Decoding threads; default: the machine's cores.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate { config } => validate(&config),
         Command::Rate(args) => rate(args),
+        Command::Explain(args) => explain(args),
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => demo::generate_command(args),
         Command::Serve(args) => serve::run(args),
@@ -223,6 +255,7 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
         now: args.now.unwrap_or(started),
         workers: args.threads.unwrap_or_else(default_threads),
         strict: args.strict,
+        explained_customer: None,
     };
     let rejects_path = args.rejects.display().to_string();
     let mut rejects = BufWriter::new(
@@ -273,6 +306,73 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
         config.hash,
         result.summary.rejected
     );
+    Ok(())
+}
+
+/// Rates the whole file as `tally rate` does (dedupe spans customers), then works
+/// through the customer's lines.
+fn explain(args: ExplainArgs) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load(&args.config)?);
+    let customer = config.customers.get(&args.customer).with_context(|| {
+        format!(
+            "customer {:?} is not among the {} customers of {}",
+            args.customer,
+            config.customers.len(),
+            args.config.display()
+        )
+    })?;
+    if let Some(price) = &args.price {
+        anyhow::ensure!(
+            customer.bills(args.period),
+            "customer {:?} is not billed in {}: it has no {price:?} line (leave out --price to see its events)",
+            args.customer,
+            args.period
+        );
+        let plan = config.plan(customer.subscription(args.period).plan);
+        anyhow::ensure!(
+            plan.prices.iter().any(|p| &p.id == price),
+            "plan {:?} of customer {:?} has no price {price:?}; its prices are {}",
+            plan.id,
+            args.customer,
+            (plan.prices.iter().map(|p| p.id.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let input = read_input(&args.events)?;
+    let options = BatchOptions {
+        period: args.period,
+        now: args.now.unwrap_or_else(Utc::now),
+        workers: args.threads.unwrap_or_else(default_threads),
+        strict: false,
+        explained_customer: Some(args.customer.clone()),
+    };
+    let result = rate_events(&config, &input, &options, |_| Ok(()))?;
+    let events =
+        (result.summary.customer.as_ref()).context("the customer's events were counted")?;
+    let explanation = explain::Explanation {
+        config: &config,
+        period: args.period,
+        customer,
+        source: if args.events == "-" {
+            "stdin"
+        } else {
+            &args.events
+        },
+        events,
+        lines: (result.lines.iter())
+            .filter(|l| l.customer == args.customer)
+            .filter(|l| args.price.as_ref().is_none_or(|p| &l.price == p))
+            .collect(),
+        usage: &result.explained_usage,
+        unbilled: (result.summary.unpriced_usage.iter())
+            .chain(&result.summary.unsubscribed_usage)
+            .filter(|u| u.customer == args.customer && args.price.is_none())
+            .collect(),
+    };
+    let mut out = std::io::stdout().lock();
+    explain::write_explanation(&mut out, &explanation)?;
+    out.flush()?;
     Ok(())
 }
 

@@ -71,25 +71,24 @@ fn csv_field(field: &str) -> String {
 /// `tier 1 (up to 100): 100 x 0 + 49 = 49; tier 2 (up to 1000): 150 x 0.89 = 133.5`,
 /// or for a package price `tier 1 (up to inf): 654 packages of 1000 x 0.002 = 1.308`.
 pub fn tiers_text(tiers: &[TierCharge]) -> String {
-    tiers
-        .iter()
-        .map(|t| {
-            let flat = if t.flat_amount.is_zero() {
-                String::new()
-            } else {
-                format!(" + {}", t.flat_amount)
-            };
-            let units = match t.package_size {
-                Some(size) => format!("{} packages of {size}", t.quantity),
-                None => t.quantity.to_string(),
-            };
-            format!(
-                "tier {} (up to {}): {units} x {}{} = {}",
-                t.tier, t.up_to, t.unit_amount, flat, t.amount
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
+    tiers.iter().map(tier_text).collect::<Vec<_>>().join("; ")
+}
+
+/// One tier of [`tiers_text`].
+pub fn tier_text(tier: &TierCharge) -> String {
+    let flat = if tier.flat_amount.is_zero() {
+        String::new()
+    } else {
+        format!(" + {}", tier.flat_amount)
+    };
+    let units = match tier.package_size {
+        Some(size) => format!("{} packages of {size}", tier.quantity),
+        None => tier.quantity.to_string(),
+    };
+    format!(
+        "tier {} (up to {}): {units} x {}{} = {}",
+        tier.tier, tier.up_to, tier.unit_amount, flat, tier.amount
+    )
 }
 
 /// Invoice totals: per (currency, customer, plan), and per currency with the number of

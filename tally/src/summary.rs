@@ -52,6 +52,84 @@ pub struct Summary {
     /// Usage of known customers in a period they are not billed in (before their
     /// `from`, after their `through`).
     pub unsubscribed_usage: Vec<UnbilledUsage>,
+    /// One customer's events again, when asked for (`tally explain`).
+    #[serde(skip)]
+    pub customer: Option<CustomerEvents>,
+}
+
+/// One customer's valid events by what became of them (bad lines name no customer
+/// anyone can trust, so they are not attributed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CustomerEvents {
+    pub customer: String,
+    /// Counted towards the period's usage, by event type.
+    pub counted: BTreeMap<String, u64>,
+    pub duplicates: u64,
+    pub conflicts: u64,
+    pub outside_period: u64,
+    /// In the period, of a type no meter reads.
+    pub unmetered: u64,
+    /// Refused because a total would stop being exact.
+    pub refused: u64,
+}
+
+impl CustomerEvents {
+    pub fn new(customer: String) -> Self {
+        CustomerEvents {
+            customer,
+            ..CustomerEvents::default()
+        }
+    }
+
+    fn record(&mut self, bucket: Bucket, event: &DecodedEvent<'_>) {
+        match bucket {
+            Bucket::Duplicate => self.duplicates += 1,
+            Bucket::Conflict => self.conflicts += 1,
+            Bucket::Refused => self.refused += 1,
+            Bucket::OutsidePeriod => self.outside_period += 1,
+            Bucket::Unmetered => self.unmetered += 1,
+            Bucket::Counted => {
+                *self
+                    .counted
+                    .entry(event.event_type.to_string())
+                    .or_default() += 1;
+            }
+            // A batch run keeps every key, and the customer is one the book knows.
+            Bucket::TooLate | Bucket::UnknownCustomer => {}
+        }
+    }
+}
+
+/// What became of a valid event: the summary's buckets.
+#[derive(Debug, Clone, Copy)]
+enum Bucket {
+    Duplicate,
+    Conflict,
+    Refused,
+    TooLate,
+    OutsidePeriod,
+    Unmetered,
+    Counted,
+    UnknownCustomer,
+}
+
+impl Bucket {
+    fn of(outcome: &Outcome, event: &DecodedEvent<'_>, period: Period) -> Bucket {
+        match outcome {
+            Outcome::Retry => Bucket::Duplicate,
+            Outcome::Conflict => Bucket::Conflict,
+            Outcome::Refused(_) => Bucket::Refused,
+            Outcome::TooLate => Bucket::TooLate,
+            _ if !period.contains(event.time) => Bucket::OutsidePeriod,
+            Outcome::Unmetered => Bucket::Unmetered,
+            // Batch runs close no periods and emit no windows early: every counted
+            // event is Accepted; the other two arms only keep the match honest.
+            Outcome::Accepted | Outcome::Late | Outcome::Adjusted if event.subscribed => {
+                Bucket::Counted
+            }
+            Outcome::Accepted | Outcome::Late | Outcome::Adjusted => Bucket::UnknownCustomer,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -129,28 +207,30 @@ impl Summary {
 
     /// Puts one decoded event in its bucket, given what the aggregator made of it.
     fn record(&mut self, outcome: Outcome, event: &DecodedEvent<'_>, period: Period) {
-        match outcome {
-            Outcome::Retry => self.duplicates += 1,
-            Outcome::Conflict => self.conflicts += 1,
-            Outcome::Refused(_) => self.refused += 1,
-            Outcome::TooLate => self.too_late += 1,
-            _ if !period.contains(event.time) => self.outside_period += 1,
-            Outcome::Unmetered => {
+        let bucket = Bucket::of(&outcome, event, period);
+        match bucket {
+            Bucket::Duplicate => self.duplicates += 1,
+            Bucket::Conflict => self.conflicts += 1,
+            Bucket::Refused => self.refused += 1,
+            Bucket::TooLate => self.too_late += 1,
+            Bucket::OutsidePeriod => self.outside_period += 1,
+            Bucket::Unmetered => {
                 *self
                     .unknown_event_types
                     .entry(event.event_type.to_string())
                     .or_default() += 1;
             }
-            // Batch runs close no periods and emit no windows early: every counted
-            // event is Accepted; the other two arms only keep the match honest.
-            Outcome::Accepted | Outcome::Late | Outcome::Adjusted if event.subscribed => {
-                self.accepted += 1;
-            }
-            Outcome::Accepted | Outcome::Late | Outcome::Adjusted => {
+            Bucket::Counted => self.accepted += 1,
+            Bucket::UnknownCustomer => {
                 *self
                     .unknown_customers
                     .entry(event.subject.to_string())
                     .or_default() += 1;
+            }
+        }
+        if let Some(customer) = &mut self.customer {
+            if customer.customer == event.subject {
+                customer.record(bucket, event);
             }
         }
     }

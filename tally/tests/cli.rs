@@ -2169,3 +2169,190 @@ fn the_demo_writes_its_files_and_its_store_agrees_with_its_csv() {
         .unwrap();
     assert_eq!(runs, 1);
 }
+
+/// One line as `tally explain` shows it: (price, amount, currency, line id, quantity,
+/// the sum of its usage by day).
+type ExplainedLine = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<rust_decimal::Decimal>,
+);
+
+/// The lines and the total of an explanation.
+fn explained_lines(text: &str) -> (Vec<ExplainedLine>, String) {
+    let mut lines: Vec<ExplainedLine> = Vec::new();
+    let mut total = String::new();
+    let mut in_days = false;
+    for row in text.lines() {
+        if let Some((head, id)) = row.split_once("   (line ") {
+            let (price, amount) = head.split_once(": ").unwrap();
+            let (amount, currency) = amount.split_once(' ').unwrap();
+            let id = id.trim_end_matches(')').to_owned();
+            let (price, amount, currency) =
+                (price.to_owned(), amount.to_owned(), currency.to_owned());
+            lines.push((price, amount, currency, id, String::new(), None));
+        } else if let Some(rest) = row.strip_prefix("  quantity  ") {
+            lines.last_mut().unwrap().4 = rest.split_once(':').unwrap().0.to_owned();
+        } else if let Some(rest) = row.strip_prefix("total ") {
+            total = rest.split(" (").next().unwrap().to_owned();
+        }
+        let days = row.trim_start().strip_prefix("by day:");
+        in_days = days.is_some() || (in_days && row.starts_with("                    "));
+        if in_days {
+            let days = days.unwrap_or(row);
+            let line = lines.last_mut().unwrap();
+            for day in days.split(", ") {
+                let value: rust_decimal::Decimal = day.rsplit(' ').next().unwrap().parse().unwrap();
+                *line.5.get_or_insert_default() += value;
+            }
+        }
+    }
+    (lines, total)
+}
+
+#[test]
+fn explain_shows_each_customers_lines_as_rate_makes_them_with_usage_adding_up() {
+    let f = Fixture::new("");
+    let generated = f
+        .tally()
+        .args([
+            "generate",
+            "--out",
+            "events.jsonl",
+            "--config-out",
+            "tally.toml",
+            "--period",
+            "2026-11",
+            "--events",
+            "20000",
+            "--customers",
+            "12",
+            "--malformed",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    Run::from(generated).succeeded();
+    let events = std::fs::read(f.path("events.jsonl")).unwrap();
+    let rated = f.rate_bytes(&events, &[]).succeeded().lines();
+    let mut customers: Vec<&str> = rated
+        .iter()
+        .map(|l| l["customer"].as_str().unwrap())
+        .collect();
+    customers.dedup();
+    assert_eq!(customers.len(), 12);
+    for customer in customers {
+        let run: Run = f
+            .tally()
+            .args([
+                "explain",
+                "--config",
+                "tally.toml",
+                "--events",
+                "events.jsonl",
+                "--period",
+                "2026-11",
+                "--now",
+                NOW,
+                "--customer",
+                customer,
+            ])
+            .output()
+            .unwrap()
+            .into();
+        let run = run.succeeded();
+        let (explained, total) = explained_lines(&run.stdout);
+        let expected: Vec<&Value> = rated.iter().filter(|l| l["customer"] == customer).collect();
+        assert_eq!(explained.len(), expected.len(), "{}", run.stdout);
+        let mut sum = rust_decimal::Decimal::ZERO;
+        for (line, rate) in explained.iter().zip(&expected) {
+            let field = |name: &str| rate[name].as_str().unwrap().to_owned();
+            let (price, amount, currency, id, quantity, by_day) = line;
+            assert_eq!(
+                (price, amount, currency, id, quantity),
+                (
+                    &field("price"),
+                    &field("amount"),
+                    &field("currency"),
+                    &field("id"),
+                    &field("quantity")
+                ),
+                "{}",
+                run.stdout
+            );
+            // Count and sum meters: the days add up to the month.
+            let quantity: rust_decimal::Decimal = quantity.parse().unwrap();
+            assert_eq!(
+                by_day.unwrap_or_default(),
+                quantity,
+                "{price}:\n{}",
+                run.stdout
+            );
+            sum += amount.parse::<rust_decimal::Decimal>().unwrap();
+        }
+        assert_eq!(total, format!("{sum} {}", explained[0].2), "{}", run.stdout);
+    }
+}
+
+#[test]
+fn explain_names_what_it_cannot_find() {
+    let f = Fixture::new(PRO);
+    f.write("events.jsonl", b"");
+    let explain = |extra: &[&str]| -> Run {
+        let mut args = vec![
+            "explain",
+            "--config",
+            "tally.toml",
+            "--events",
+            "events.jsonl",
+            "--period",
+            "2026-11",
+        ];
+        args.extend(extra);
+        f.tally().args(&args).output().unwrap().into()
+    };
+    let unknown = explain(&["--customer", "cust_nobody"]);
+    assert_eq!(unknown.code, 1);
+    assert!(
+        unknown
+            .stderr
+            .contains("customer \"cust_nobody\" is not among the 2 customers of tally.toml"),
+        "{}",
+        unknown.stderr
+    );
+    let price = explain(&["--customer", "cust_acme", "--price", "tokens"]);
+    assert_eq!(price.code, 1);
+    assert!(
+        price.stderr.contains(
+            "plan \"pro\" of customer \"cust_acme\" has no price \"tokens\"; its prices are resolutions, gpt-tokens, claude-tokens"
+        ),
+        "{}",
+        price.stderr
+    );
+    // A customer without events: its flat fee, explained.
+    let idle = explain(&["--customer", "cust_idle", "--price", "resolutions"]).succeeded();
+    assert!(
+        idle.stdout.contains("    counted              0\n"),
+        "{}",
+        idle.stdout
+    );
+    assert!(
+        idle.stdout.contains("            no usage in the month\n"),
+        "{}",
+        idle.stdout
+    );
+    assert!(
+        idle.stdout
+            .contains("            tier 1 (up to 100): 0 x 0 + 49 = 49\n"),
+        "{}",
+        idle.stdout
+    );
+    assert!(
+        idle.stdout.ends_with("total 49.00 usd (49.00)\n"),
+        "{}",
+        idle.stdout
+    );
+}

@@ -1,8 +1,51 @@
-//! The files in examples/ rate to the figures the README shows, and the alerting rules
-//! in deploy/ pass their tests.
+//! The files in examples/ rate to the figures the README shows, `tally explain` prints
+//! what the README shows of them, and the alerting rules in deploy/ pass their tests.
 
 use std::path::Path;
 use std::process::Command;
+
+#[test]
+fn the_example_invoice_is_explained_as_the_readme_shows() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .current_dir(&root)
+        .args([
+            "explain",
+            "--config",
+            "examples/tally.toml",
+            "--events",
+            "examples/events.jsonl",
+            "--period",
+            "2026-11",
+            "--customer",
+            "cust_acme",
+            "--now",
+            "2026-12-15T00:00:00Z",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let explained = String::from_utf8(output.stdout).unwrap();
+    // The worked figures of the rate test below: the 49 platform fee with 12.5 % off
+    // (6.125 rounds half up), and 1751 started packages of gpt-x tokens.
+    for figure in [
+        "  discount  12.5 % of 49.00 = 6.125, rounded half_up = 6.13\n",
+        "1750000.5 / 1000 = 1750.0005 -> 1751 packages\n",
+        "  meter tokens model = llama-z: 9000\n",
+        "total 46.37 usd (42.87 + 3.50)\n",
+    ] {
+        assert!(explained.contains(figure), "{figure:?} in:\n{explained}");
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("```text\n{explained}```")),
+        "the README shows this output of `tally explain`:\n{explained}"
+    );
+}
 
 #[test]
 fn the_example_price_book_rates_the_example_events_as_the_readme_shows() {

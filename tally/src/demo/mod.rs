@@ -177,6 +177,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             now,
             workers: crate::default_threads(),
             strict: false,
+            explained_customer: None,
         },
         |_| Ok(()),
     )?;

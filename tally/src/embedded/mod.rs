@@ -181,6 +181,7 @@ mod tests {
             now,
             workers: 2,
             strict: false,
+            explained_customer: None,
         };
         let batch = rate_events(&config, &input, &options, |_| Ok(())).unwrap();
 
