@@ -76,8 +76,9 @@ enum Command {
     },
 }
 
+/// What `tally rate` and `tally explain` rate, and how.
 #[derive(Debug, Args)]
-struct RateArgs {
+struct RatedMonth {
     /// The configuration file.
     #[arg(long, default_value = "tally.toml")]
     config: PathBuf,
@@ -87,6 +88,37 @@ struct RateArgs {
     /// The month to rate, e.g. 2026-11: [first day 00:00, first day of next month 00:00) UTC.
     #[arg(long)]
     period: Period,
+    /// The clock events may not be ahead of (RFC 3339); default: now. `tally explain`
+    /// gives the lines `tally rate` gave only with the same clock.
+    #[arg(long)]
+    now: Option<DateTime<Utc>>,
+    /// Decoding threads; default: the machine's cores.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl RatedMonth {
+    /// The batch run's options; `started` is the clock when `--now` is not given.
+    fn options(
+        &self,
+        started: DateTime<Utc>,
+        strict: bool,
+        explained_customer: Option<String>,
+    ) -> BatchOptions {
+        BatchOptions {
+            period: self.period,
+            now: self.now.unwrap_or(started),
+            workers: self.threads.unwrap_or_else(default_threads),
+            strict,
+            explained_customer,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct RateArgs {
+    #[command(flatten)]
+    month: RatedMonth,
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
     /// Where to write invoice lines; standard output if omitted.
@@ -101,12 +133,6 @@ struct RateArgs {
     /// Stop with an error at the first bad line instead of rejecting it.
     #[arg(long)]
     strict: bool,
-    /// The clock events may not be ahead of (RFC 3339); default: now.
-    #[arg(long)]
-    now: Option<DateTime<Utc>>,
-    /// Decoding threads; default: the machine's cores.
-    #[arg(long)]
-    threads: Option<usize>,
     /// Also store the lines in ClickHouse, e.g. http://127.0.0.1:8123 (its HTTP
     /// interface). Lines are keyed by id and versioned by the run's start, so the view
     /// `invoice_lines` always shows the latest run's lines of the period, and none it
@@ -122,28 +148,14 @@ struct RateArgs {
 
 #[derive(Debug, Args)]
 struct ExplainArgs {
-    /// The configuration file.
-    #[arg(long, default_value = "tally.toml")]
-    config: PathBuf,
-    /// CloudEvents JSON lines, the file `tally rate` rated; `-` reads stdin.
-    #[arg(long)]
-    events: String,
-    /// The month, e.g. 2026-11.
-    #[arg(long)]
-    period: Period,
+    #[command(flatten)]
+    month: RatedMonth,
     /// The customer whose invoice to explain.
     #[arg(long)]
     customer: String,
     /// Only this price's line.
     #[arg(long)]
     price: Option<String>,
-    /// The clock events may not be ahead of (RFC 3339); default: now. Pass the one
-    /// `tally rate` had, if it was given one.
-    #[arg(long)]
-    now: Option<DateTime<Utc>>,
-    /// Decoding threads; default: the machine's cores.
-    #[arg(long)]
-    threads: Option<usize>,
 }
 
 fn main() {
@@ -235,7 +247,7 @@ pub fn default_threads() -> usize {
 
 fn rate(args: RateArgs) -> anyhow::Result<()> {
     let started = Utc::now();
-    let config = Arc::new(Config::load(&args.config)?);
+    let config = Arc::new(Config::load(&args.month.config)?);
     let clickhouse = match args.clickhouse.as_deref() {
         Some(url) => {
             // The URL and database are the flags'; the user and password the
@@ -249,14 +261,8 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let input = read_input(&args.events)?;
-    let options = BatchOptions {
-        period: args.period,
-        now: args.now.unwrap_or(started),
-        workers: args.threads.unwrap_or_else(default_threads),
-        strict: args.strict,
-        explained_customer: None,
-    };
+    let input = read_input(&args.month.events)?;
+    let options = args.month.options(started, args.strict, None);
     let rejects_path = args.rejects.display().to_string();
     let mut rejects = BufWriter::new(
         File::create(&args.rejects)
@@ -312,23 +318,24 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
 /// Rates the whole file as `tally rate` does (dedupe spans customers), then works
 /// through the customer's lines.
 fn explain(args: ExplainArgs) -> anyhow::Result<()> {
-    let config = Arc::new(Config::load(&args.config)?);
+    let month = &args.month;
+    let config = Arc::new(Config::load(&month.config)?);
     let customer = config.customers.get(&args.customer).with_context(|| {
         format!(
             "customer {:?} is not among the {} customers of {}",
             args.customer,
             config.customers.len(),
-            args.config.display()
+            month.config.display()
         )
     })?;
     if let Some(price) = &args.price {
         anyhow::ensure!(
-            customer.bills(args.period),
+            customer.bills(month.period),
             "customer {:?} is not billed in {}: it has no {price:?} line (leave out --price to see its events)",
             args.customer,
-            args.period
+            month.period
         );
-        let plan = config.plan(customer.subscription(args.period).plan);
+        let plan = config.plan(customer.subscription(month.period).plan);
         anyhow::ensure!(
             plan.prices.iter().any(|p| &p.id == price),
             "plan {:?} of customer {:?} has no price {price:?}; its prices are {}",
@@ -339,25 +346,19 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
                 .join(", ")
         );
     }
-    let input = read_input(&args.events)?;
-    let options = BatchOptions {
-        period: args.period,
-        now: args.now.unwrap_or_else(Utc::now),
-        workers: args.threads.unwrap_or_else(default_threads),
-        strict: false,
-        explained_customer: Some(args.customer.clone()),
-    };
+    let input = read_input(&month.events)?;
+    let options = month.options(Utc::now(), false, Some(args.customer.clone()));
     let result = rate_events(&config, &input, &options, |_| Ok(()))?;
     let events =
         (result.summary.customer.as_ref()).context("the customer's events were counted")?;
     let explanation = explain::Explanation {
         config: &config,
-        period: args.period,
+        period: month.period,
         customer,
-        source: if args.events == "-" {
+        source: if month.events == "-" {
             "stdin"
         } else {
-            &args.events
+            &month.events
         },
         events,
         lines: (result.lines.iter())

@@ -165,6 +165,22 @@ fn calls(subject: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// `command` (rate, explain) over events.jsonl for 2026-11 by tally.toml, with the
+/// fixed clock.
+fn month_args(command: &str) -> Vec<&str> {
+    vec![
+        command,
+        "--config",
+        "tally.toml",
+        "--events",
+        "events.jsonl",
+        "--period",
+        "2026-11",
+        "--now",
+        NOW,
+    ]
+}
+
 /// A temporary directory holding tally.toml.
 struct Fixture {
     dir: TempDir,
@@ -233,24 +249,19 @@ impl Fixture {
     /// fixed clock, rejects in rejects.jsonl and the summary in summary.json.
     fn rate_bytes(&self, events: &[u8], extra: &[&str]) -> Run {
         self.write("events.jsonl", events);
-        let mut args = vec![
-            "rate",
-            "--config",
-            "tally.toml",
-            "--events",
-            "events.jsonl",
-            "--period",
-            "2026-11",
-            "--now",
-            NOW,
-            "--rejects",
-            "rejects.jsonl",
-            "--summary",
-            "summary.json",
-        ];
+        let mut args = month_args("rate");
+        args.extend(["--rejects", "rejects.jsonl", "--summary", "summary.json"]);
         if !extra.contains(&"--format") {
             args.extend(["--format", "json"]);
         }
+        args.extend(extra);
+        self.tally().args(&args).output().unwrap().into()
+    }
+
+    /// `tally explain` of `customer` in events.jsonl for 2026-11, with the fixed clock.
+    fn explain(&self, customer: &str, extra: &[&str]) -> Run {
+        let mut args = month_args("explain");
+        args.extend(["--customer", customer]);
         args.extend(extra);
         self.tally().args(&args).output().unwrap().into()
     }
@@ -2245,25 +2256,7 @@ fn explain_shows_each_customers_lines_as_rate_makes_them_with_usage_adding_up() 
     customers.dedup();
     assert_eq!(customers.len(), 12);
     for customer in customers {
-        let run: Run = f
-            .tally()
-            .args([
-                "explain",
-                "--config",
-                "tally.toml",
-                "--events",
-                "events.jsonl",
-                "--period",
-                "2026-11",
-                "--now",
-                NOW,
-                "--customer",
-                customer,
-            ])
-            .output()
-            .unwrap()
-            .into();
-        let run = run.succeeded();
+        let run = f.explain(customer, &[]).succeeded();
         let (explained, total) = explained_lines(&run.stdout);
         let expected: Vec<&Value> = rated.iter().filter(|l| l["customer"] == customer).collect();
         assert_eq!(explained.len(), expected.len(), "{}", run.stdout);
@@ -2301,20 +2294,7 @@ fn explain_shows_each_customers_lines_as_rate_makes_them_with_usage_adding_up() 
 fn explain_names_what_it_cannot_find() {
     let f = Fixture::new(PRO);
     f.write("events.jsonl", b"");
-    let explain = |extra: &[&str]| -> Run {
-        let mut args = vec![
-            "explain",
-            "--config",
-            "tally.toml",
-            "--events",
-            "events.jsonl",
-            "--period",
-            "2026-11",
-        ];
-        args.extend(extra);
-        f.tally().args(&args).output().unwrap().into()
-    };
-    let unknown = explain(&["--customer", "cust_nobody"]);
+    let unknown = f.explain("cust_nobody", &[]);
     assert_eq!(unknown.code, 1);
     assert!(
         unknown
@@ -2323,7 +2303,7 @@ fn explain_names_what_it_cannot_find() {
         "{}",
         unknown.stderr
     );
-    let price = explain(&["--customer", "cust_acme", "--price", "tokens"]);
+    let price = f.explain("cust_acme", &["--price", "tokens"]);
     assert_eq!(price.code, 1);
     assert!(
         price.stderr.contains(
@@ -2333,7 +2313,9 @@ fn explain_names_what_it_cannot_find() {
         price.stderr
     );
     // A customer without events: its flat fee, explained.
-    let idle = explain(&["--customer", "cust_idle", "--price", "resolutions"]).succeeded();
+    let idle = f
+        .explain("cust_idle", &["--price", "resolutions"])
+        .succeeded();
     assert!(
         idle.stdout.contains("    counted              0\n"),
         "{}",
