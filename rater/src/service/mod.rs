@@ -209,8 +209,8 @@ impl PartitionState {
 /// Lines rated but not yet stored, with the offsets they account for.
 #[derive(Debug, Default)]
 struct Pending {
-    /// Zero-usage lines of newly seen periods, stored (and copied to `<prefix>.rated`)
-    /// at version 0.
+    /// Zero-usage lines of newly seen periods, written (to `<prefix>.rated` and
+    /// ClickHouse) at version 0.
     opening: Vec<InvoiceLine>,
     /// The windows the batch's usage updates changed, each in its latest state
     /// (`[rater] store_windows`).
@@ -255,8 +255,8 @@ struct Worker {
     in_flight: Option<InFlight>,
     metrics: RaterMetrics,
     readiness: Readiness,
-    /// While set, ClickHouse refused the last write: partitions are paused and the
-    /// write is retried at this time.
+    /// While set, a step of storing failed (Kafka's confirmation, ClickHouse's insert,
+    /// the offset commit): partitions are paused and the step is retried at this time.
     retry_at: Option<(Instant, Duration)>,
     last_insert: Option<Instant>,
     /// When every held partition was last scheduled for a price-book check.
@@ -382,6 +382,13 @@ impl PartitionOwner for Worker {
             if let Some(in_flight) = &mut self.in_flight {
                 in_flight.batch.offsets.remove(&e.partition());
             }
+        }
+        // A batch not stored yet whose partitions have all left is for their new owners
+        // to store (its lines are with the producer already, and a repeat on the topic
+        // is harmless): stored from here, it could overwrite rows a new owner with
+        // another price book wrote at the same versions.
+        if (self.in_flight.as_ref()).is_some_and(|f| !f.stored && f.batch.offsets.is_empty()) {
+            self.in_flight = None;
         }
         self.count_held_lines();
         consumer
@@ -1046,17 +1053,13 @@ impl Worker {
             version: 0,
             superseded: false,
         });
-        let rated = self
-            .pending
-            .lines
-            .iter()
-            .map(|(version, rated)| RatedRecord {
-                line: &rated.line,
-                revision: rated.revision,
-                delta: rated.delta,
-                version: *version,
-                superseded: false,
-            });
+        let rated = batch.lines.iter().map(|(version, rated)| RatedRecord {
+            line: &rated.line,
+            revision: rated.revision,
+            delta: rated.delta,
+            version: *version,
+            superseded: false,
+        });
         let rated =
             (opening.chain(rated)).map(|record| (&record.line.id, serde_json::to_vec(&record)));
         let retired = batch.retired.iter().map(|(version, line)| {
