@@ -40,7 +40,9 @@ use smallvec::SmallVec;
 use tally_schemas::config::{AggregationKind, Config, MeterId};
 use tally_schemas::event::DecodedEvent;
 use tally_schemas::ids::SeriesFingerprint;
-use tally_schemas::records::{EventOrder, MeterValue, SeriesKey, UsageUpdate, WindowUsage};
+use tally_schemas::records::{
+    EventOrder, MeterValue, SeriesKey, SeriesWindows, UsageUpdate, WindowUsage,
+};
 use tally_schemas::time::{Period, WindowSize};
 
 use crate::dedupe::{DedupeEntry, DedupeSet, Seen};
@@ -651,11 +653,7 @@ impl Aggregator {
 
     /// A customer's series with usage in `period`, each with its windows of the period,
     /// sorted by series: where its lines' quantities come from, for `tally explain`.
-    pub fn windows_of(
-        &self,
-        customer: &str,
-        period: Period,
-    ) -> Vec<(Arc<SeriesKey>, Vec<WindowUsage>)> {
+    pub fn windows_of(&self, customer: &str, period: Period) -> Vec<SeriesWindows> {
         let window_len = chrono::Duration::seconds(i64::from(self.window.seconds()));
         let mut found: Vec<_> = (self.series.iter())
             .filter(|s| s.key.customer == customer && s.period_state(period).is_some())

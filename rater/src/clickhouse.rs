@@ -35,7 +35,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tally_schemas::config::{ClickHouseCredentials, ClickHouseSettings};
-use tally_schemas::records::{InvoiceLine, SeriesKey, WindowUsage};
+use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
 /// Where and why a write to ClickHouse failed.
@@ -52,11 +52,10 @@ pub enum ClickHouseError {
     },
     #[error("{0:?} is not a usable database name: {rule}", rule = ClickHouseSettings::DATABASE_NAME_RULE)]
     DatabaseName(String),
-    #[error(
-        "ClickHouse at {url} returned a row of rated_lines Tally cannot read ({error}): {row}"
-    )]
+    #[error("ClickHouse at {url} returned a row of {table} Tally cannot read ({error}): {row}")]
     Unreadable {
         url: String,
+        table: &'static str,
         row: String,
         error: String,
     },
@@ -310,11 +309,131 @@ impl ClickHouse {
                  WHERE superseded = 0 AND config_hash != '{config_hash}' FORMAT JSONEachRow"
             ),
         )?;
+        self.rows("rated_lines", &answer)
+    }
+
+    /// A customer's current lines billed in `period` (adjustments of closed periods
+    /// included), as `invoice_lines` shows them.
+    pub fn lines_of(
+        &self,
+        customer: &str,
+        period: Period,
+    ) -> Result<Vec<InvoiceLine>, ClickHouseError> {
+        let answer = self.post(
+            "read a customer's lines",
+            &format!(
+                "SELECT {} FROM {}.invoice_lines WHERE customer = {} \
+                 AND period_start = toDateTime('{}', 'UTC') FORMAT JSONEachRow",
+                column_names(|name| match name {
+                    "period_start" | "period_end" => format!("toUnixTimestamp({name}) AS {name}"),
+                    name => name.to_owned(),
+                }),
+                self.database,
+                string_literal(customer),
+                clickhouse_time(period.start())
+            ),
+        )?;
+        let rows: Vec<LineRow> = self.rows("invoice_lines", &answer)?;
+        rows.into_iter()
+            .map(|row| {
+                let unreadable = |error: String| ClickHouseError::Unreadable {
+                    url: self.url.clone(),
+                    table: "invoice_lines",
+                    row: format!("line {}", row.id),
+                    error,
+                };
+                let time = |seconds: i64| {
+                    DateTime::from_timestamp(seconds, 0)
+                        .ok_or_else(|| unreadable(format!("{seconds} is not a time")))
+                };
+                Ok(InvoiceLine {
+                    period_start: time(row.period_start)?,
+                    period_end: time(row.period_end)?,
+                    tiers: serde_json::from_str(&row.tiers)
+                        .map_err(|e| unreadable(format!("tiers: {e}")))?,
+                    id: row.id,
+                    config_hash: row.config_hash,
+                    customer: row.customer,
+                    plan: row.plan,
+                    price: row.price,
+                    meter: row.meter,
+                    quantity: row.quantity,
+                    subtotal: row.subtotal,
+                    discount: row.discount,
+                    amount: row.amount,
+                    currency: row.currency,
+                    adjusts_period: row.adjusts_period,
+                })
+            })
+            .collect()
+    }
+
+    /// A customer's stored windows of usage billed in `period`, by series, each
+    /// series' in time order (none unless the rater stores windows).
+    pub fn windows_of(
+        &self,
+        customer: &str,
+        period: Period,
+    ) -> Result<Vec<SeriesWindows>, ClickHouseError> {
+        let answer = self.post(
+            "read a customer's windows",
+            &format!(
+                "SELECT meter, dimensions, adjusts_period, \
+                 toUnixTimestamp(window_start) AS window_start, \
+                 toUnixTimestamp(window_end) AS window_end, value, revision \
+                 FROM {}.window_usage WHERE customer = {} \
+                 AND period_start = toDateTime('{}', 'UTC') \
+                 ORDER BY meter, dimensions, adjusts_period, window_start FORMAT JSONEachRow",
+                self.database,
+                string_literal(customer),
+                clickhouse_time(period.start())
+            ),
+        )?;
+        let rows: Vec<WindowRowRead> = self.rows("window_usage", &answer)?;
+        let mut series: Vec<SeriesWindows> = Vec::new();
+        for row in rows {
+            let group: Vec<String> =
+                serde_json::from_str(&row.dimensions).map_err(|e| ClickHouseError::Unreadable {
+                    url: self.url.clone(),
+                    table: "window_usage",
+                    row: row.dimensions.clone(),
+                    error: e.to_string(),
+                })?;
+            let key = SeriesKey {
+                customer: customer.to_owned(),
+                meter: row.meter,
+                group,
+                adjusts: row.adjusts_period,
+            };
+            let window = WindowUsage {
+                window_start: DateTime::from_timestamp(row.window_start, 0).unwrap_or_default(),
+                window_end: DateTime::from_timestamp(row.window_end, 0).unwrap_or_default(),
+                value: MeterValue {
+                    value: row.value,
+                    latest: None,
+                },
+                revision: row.revision,
+            };
+            match series.last_mut() {
+                Some((last, windows)) if **last == key => windows.push(window),
+                _ => series.push((Arc::new(key), vec![window])),
+            }
+        }
+        Ok(series)
+    }
+
+    /// Each JSONEachRow row of `answer`, read from `table`.
+    fn rows<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &'static str,
+        answer: &str,
+    ) -> Result<Vec<T>, ClickHouseError> {
         answer
             .lines()
             .map(|row| {
                 serde_json::from_str(row).map_err(|e| ClickHouseError::Unreadable {
                     url: self.url.clone(),
+                    table,
                     row: row.to_owned(),
                     error: e.to_string(),
                 })
@@ -526,6 +645,44 @@ impl ClickHouse {
     }
 }
 
+/// A row of `invoice_lines` as [`ClickHouse::lines_of`] reads it.
+#[derive(Deserialize)]
+struct LineRow {
+    id: String,
+    config_hash: String,
+    customer: String,
+    plan: String,
+    price: String,
+    meter: String,
+    /// Unix seconds.
+    period_start: i64,
+    period_end: i64,
+    quantity: rust_decimal::Decimal,
+    subtotal: rust_decimal::Decimal,
+    discount: rust_decimal::Decimal,
+    amount: rust_decimal::Decimal,
+    currency: String,
+    /// JSON, as written.
+    tiers: String,
+    #[serde(deserialize_with = "period_or_empty")]
+    adjusts_period: Option<Period>,
+}
+
+/// A row of `window_usage` as [`ClickHouse::windows_of`] reads it.
+#[derive(Deserialize)]
+struct WindowRowRead {
+    meter: String,
+    /// The series' group values, a JSON array.
+    dimensions: String,
+    #[serde(deserialize_with = "period_or_empty")]
+    adjusts_period: Option<Period>,
+    /// Unix seconds.
+    window_start: i64,
+    window_end: i64,
+    value: rust_decimal::Decimal,
+    revision: u64,
+}
+
 /// A stored line, by what identifies it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct StoredLine {
@@ -567,6 +724,11 @@ fn definitions(columns: &[(&str, &str)]) -> String {
         .map(|(name, kind)| format!("{name} {kind}"))
         .collect();
     definitions.join(", ")
+}
+
+/// `text` as a ClickHouse string literal, quoted and escaped.
+fn string_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// A time as ClickHouse's `DateTime('UTC')` reads it.

@@ -501,8 +501,9 @@ fn rate_values(
     invoice_line(config, customer, price_index, period, quantity)
 }
 
-/// The value of several series of one meter taken together.
-fn combine(
+/// The value of several series of one meter taken together (also several windows of
+/// one series, for the meters whose windows add up to their period: count, sum, max).
+pub fn combine(
     kind: AggregationKind,
     values: impl Iterator<Item = MeterValue>,
 ) -> Result<MeterValue, RateError> {

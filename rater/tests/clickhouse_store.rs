@@ -1,5 +1,6 @@
 //! The rater's ClickHouse store against a real server: finding the lines another price
-//! book rated and retiring them; storing usage windows.
+//! book rated and retiring them; storing usage windows; reading a customer's lines and
+//! windows back (`tally explain --pipeline`).
 //!
 //! Needs ClickHouse's HTTP interface at `TALLY_CLICKHOUSE_URL` (default
 //! http://127.0.0.1:8123); `scripts/test.sh` starts one (`scripts/services/up.sh
@@ -196,6 +197,112 @@ fn each_window_shows_its_latest_value_and_late_usage_stays_apart() {
     assert_eq!(
         usage("AND revision = 1 AND period_start = '2026-10-01 00:00:00'"),
         ""
+    );
+    query(&format!("DROP DATABASE {database}"));
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
+fn a_customers_current_lines_and_windows_read_back_as_written() {
+    let (store, database) = store("read_back");
+    let (october, november) = (
+        Period::from_str("2026-10").unwrap(),
+        Period::from_str("2026-11").unwrap(),
+    );
+    // Quotes and backslashes in an id must not break (or escape) the query.
+    let customer = r"o'brien\co";
+    let mut first = line(customer, november, None, "book");
+    first.tiers = vec![tally_schemas::records::TierCharge {
+        tier: 1,
+        up_to: "inf".into(),
+        quantity: Decimal::from(3),
+        package_size: None,
+        unit_amount: Decimal::ONE,
+        flat_amount: Decimal::ZERO,
+        amount: Decimal::from(3),
+    }];
+    let mut revised = first.clone();
+    revised.quantity = Decimal::from(4);
+    revised.amount = Decimal::new(400, 2);
+    let adjustment = line(customer, november, Some(october), "book");
+    let other = line("cust_other", november, None, "book");
+    let october_line = line(customer, october, None, "book");
+    store
+        .insert_versioned(&[
+            (3, &first),
+            (5, &revised),
+            (5, &adjustment),
+            (5, &other),
+            (5, &october_line),
+        ])
+        .unwrap();
+    let mut lines = store.lines_of(customer, november).unwrap();
+    lines.sort_by_key(|l| l.adjusts_period);
+    assert_eq!(lines, [revised, adjustment]);
+    assert!(store.lines_of("o'", november).unwrap().is_empty());
+
+    let series = |group: &str, adjusts| {
+        Arc::new(SeriesKey {
+            customer: customer.into(),
+            meter: "tokens".into(),
+            group: vec![group.into()],
+            adjusts,
+        })
+    };
+    let window = |series: &Arc<SeriesKey>, hour: u32, value: i64| {
+        let window_start = november.start() + chrono::Duration::hours(i64::from(hour));
+        StoredWindow {
+            series: Arc::clone(series),
+            period_start: november.start(),
+            window: WindowUsage {
+                window_start,
+                window_end: window_start + chrono::Duration::hours(1),
+                value: MeterValue {
+                    value: Decimal::from(value),
+                    latest: None,
+                },
+                revision: 1,
+            },
+            version: 5,
+        }
+    };
+    let (gpt, llama, late) = (
+        series("gpt-x", None),
+        series("llama-z", None),
+        series("gpt-x", Some(october)),
+    );
+    let written = [
+        window(&llama, 2, 7),
+        window(&gpt, 5, 30),
+        window(&gpt, 1, 10),
+        window(&late, 0, 4),
+    ];
+    store.insert_windows(&written).unwrap();
+    let read: Vec<(SeriesKey, Vec<(u32, String)>)> = store
+        .windows_of(customer, november)
+        .unwrap()
+        .into_iter()
+        .map(|(key, windows)| {
+            let windows = (windows.iter())
+                .map(|w| {
+                    let hour = (w.window_start - november.start()).num_hours();
+                    assert_eq!(w.window_end - w.window_start, chrono::Duration::hours(1));
+                    (u32::try_from(hour).unwrap(), w.value.value.to_string())
+                })
+                .collect();
+            (SeriesKey::clone(&key), windows)
+        })
+        .collect();
+    assert_eq!(
+        read,
+        [
+            (
+                SeriesKey::clone(&gpt),
+                vec![(1, "10".to_owned()), (5, "30".to_owned())]
+            ),
+            (SeriesKey::clone(&late), vec![(0, "4".to_owned())]),
+            (SeriesKey::clone(&llama), vec![(2, "7".to_owned())]),
+        ]
     );
     query(&format!("DROP DATABASE {database}"));
 }

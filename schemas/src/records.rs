@@ -247,6 +247,9 @@ pub struct WindowUsage {
     pub revision: u64,
 }
 
+/// A series and windows of it, in time order.
+pub type SeriesWindows = (Arc<SeriesKey>, Vec<WindowUsage>);
+
 impl UsageUpdate {
     /// The Kafka record key of this update in `tally.windows`: one key per series and
     /// period, so compaction keeps each series' latest period-to-date value of every

@@ -18,7 +18,7 @@ use crate::summary::{BadLine, CustomerEvents, Summary};
 use tally_rater::Ledger;
 use tally_schemas::config::Config;
 use tally_schemas::event::EventDecoder;
-use tally_schemas::records::{InvoiceLine, SeriesKey, WindowUsage};
+use tally_schemas::records::{InvoiceLine, SeriesWindows};
 use tally_schemas::time::Period;
 
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ pub struct BatchResult {
     pub lines: Vec<InvoiceLine>,
     pub summary: Summary,
     /// The explained customer's series of the period with their windows.
-    pub explained_usage: Vec<(Arc<SeriesKey>, Vec<WindowUsage>)>,
+    pub explained_usage: Vec<SeriesWindows>,
 }
 
 /// Rates one period of `input`. Rejected lines go to `on_reject` as they are found.

@@ -1,26 +1,150 @@
 //! `tally explain`: one customer's invoice of a month, worked through so that finance
 //! and support can redo every figure by hand.
 //!
-//! In: the lines `tally rate` makes of an events file, the customer's events by what
-//! became of them, its usage windows and its unbilled usage. Out: text, per line where
-//! the quantity comes from (the meter, the series it adds up, the usage per day), each
+//! In: the customer's lines and usage windows, either as `tally rate` makes them of an
+//! events file (with what became of the customer's events and its unbilled usage), or
+//! as the streaming rater stored them in ClickHouse. Out: text, per line where the
+//! quantity comes from (the meter, the series it adds up, the usage per day), each
 //! tier's arithmetic, the rounding, the discount and the amount; then the invoice's
-//! total. Every figure shown is the line's own, so it is `tally rate`'s to the cent.
+//! total. Every figure shown is the line's own, so it is the cent that was billed.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use chrono::NaiveDate;
+use anyhow::Context;
+use chrono::{NaiveDate, Utc};
+use clap::Args;
 use rust_decimal::Decimal;
 use serde::Serialize;
+use tally_rater::clickhouse::ClickHouse;
+use tally_rater::ledger::combine;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
 use tally_schemas::price::{Discount, Price, Rate, TiersMode};
-use tally_schemas::records::{InvoiceLine, SeriesKey, WindowUsage};
+use tally_schemas::records::{InvoiceLine, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
+use crate::batch::{rate_events, read_input};
 use crate::report::{tier_text, Totals};
 use crate::summary::{CustomerEvents, UnbilledUsage};
+use crate::RatedMonth;
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    month: RatedMonth,
+    /// The customer whose invoice to explain.
+    #[arg(long)]
+    customer: String,
+    /// Only this price's line (and its adjustments).
+    #[arg(long)]
+    price: Option<String>,
+    /// CloudEvents JSON lines, rated as `tally rate` rates them; `-` reads stdin.
+    #[arg(long, required_unless_present = "pipeline")]
+    events: Option<String>,
+    /// Explain the lines the streaming rater stored instead: read from the ClickHouse
+    /// of the configuration's `[clickhouse]` section (`invoice_lines`, and the usage
+    /// from `window_usage` when the rater stores windows).
+    #[arg(long, conflicts_with = "events")]
+    pipeline: bool,
+}
+
+/// Checks the customer and price asked for, gets the lines (rating the whole file as
+/// `tally rate` does, dedupe spanning customers, or reading the pipeline's), and works
+/// through them.
+pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
+    let month = &args.month;
+    let config = Arc::new(Config::load(&month.config)?);
+    let customer = config.customers.get(&args.customer).with_context(|| {
+        format!(
+            "customer {:?} is not among the {} customers of {}",
+            args.customer,
+            config.customers.len(),
+            month.config.display()
+        )
+    })?;
+    if let Some(price) = &args.price {
+        anyhow::ensure!(
+            customer.bills(month.period),
+            "customer {:?} is not billed in {}: it has no {price:?} line (leave out --price to see its events)",
+            args.customer,
+            month.period
+        );
+        let plan = config.plan(customer.subscription(month.period).plan);
+        anyhow::ensure!(
+            plan.prices.iter().any(|p| &p.id == price),
+            "plan {:?} of customer {:?} has no price {price:?}; its prices are {}",
+            plan.id,
+            args.customer,
+            (plan.prices.iter().map(|p| p.id.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let asked = |line: &&InvoiceLine| args.price.as_ref().is_none_or(|p| &line.price == p);
+    let mut out = std::io::stdout().lock();
+    match &args.events {
+        Some(events) => {
+            let input = read_input(events)?;
+            let options = month.options(Utc::now(), false, Some(args.customer.clone()));
+            let result = rate_events(&config, &input, &options, |_| Ok(()))?;
+            let counted =
+                (result.summary.customer.as_ref()).context("the customer's events were counted")?;
+            let explanation = Explanation {
+                config: &config,
+                period: month.period,
+                customer,
+                source: Source::Events {
+                    name: if events == "-" { "stdin" } else { events },
+                    events: counted,
+                    unbilled: (result.summary.unpriced_usage.iter())
+                        .chain(&result.summary.unsubscribed_usage)
+                        .filter(|u| u.customer == args.customer && args.price.is_none())
+                        .collect(),
+                },
+                lines: (result.lines.iter())
+                    .filter(|l| l.customer == args.customer)
+                    .filter(asked)
+                    .collect(),
+                usage: &result.explained_usage,
+            };
+            write_explanation(&mut out, &explanation)?;
+        }
+        None => {
+            let settings = config.services(&month.config.display().to_string(), &|name| {
+                std::env::var(name).ok()
+            })?;
+            let store = &settings.clickhouse;
+            let clickhouse =
+                ClickHouse::new(&store.url, &store.database)?.with_credentials(&store.credentials);
+            let mut lines = clickhouse.lines_of(&args.customer, month.period)?;
+            // As `tally rate` lists them: the period's own, then adjustments, each in
+            // its plan's price order.
+            let position = |line: &InvoiceLine| {
+                let plan = config.plans.iter().find(|p| p.id == line.plan);
+                plan.and_then(|p| p.prices.iter().position(|price| price.id == line.price))
+            };
+            lines.sort_by_cached_key(|line| {
+                (line.adjusts_period, position(line), line.price.clone())
+            });
+            let usage = clickhouse.windows_of(&args.customer, month.period)?;
+            let explanation = Explanation {
+                config: &config,
+                period: month.period,
+                customer,
+                source: Source::Pipeline {
+                    url: &store.url,
+                    database: &store.database,
+                },
+                lines: lines.iter().filter(asked).collect(),
+                usage: &usage,
+            };
+            write_explanation(&mut out, &explanation)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
 
 /// Days listed on one row of a line's usage by day.
 const DAYS_PER_ROW: usize = 5;
@@ -31,14 +155,28 @@ pub struct Explanation<'a> {
     pub config: &'a Config,
     pub period: Period,
     pub customer: &'a Customer,
-    /// Where the events came from, as the user named it.
-    pub source: &'a str,
-    pub events: &'a CustomerEvents,
-    /// The customer's lines to explain (all of them, or the one price asked for).
+    pub source: Source<'a>,
+    /// The customer's lines to explain (all of them, or the one price asked for), its
+    /// own before adjustments of closed periods, each in its plan's price order.
     pub lines: Vec<&'a InvoiceLine>,
-    pub usage: &'a [(Arc<SeriesKey>, Vec<WindowUsage>)],
-    /// The customer's usage of the period that no line bills.
-    pub unbilled: Vec<&'a UnbilledUsage>,
+    pub usage: &'a [SeriesWindows],
+}
+
+/// Where the lines come from.
+#[derive(Debug)]
+pub enum Source<'a> {
+    /// Rated from an events file as `tally rate` rates it.
+    Events {
+        /// The file as the user named it.
+        name: &'a str,
+        /// What became of the customer's events in it.
+        events: &'a CustomerEvents,
+        /// The customer's usage of the period that no line bills.
+        unbilled: Vec<&'a UnbilledUsage>,
+    },
+    /// Stored by the streaming rater: `invoice_lines` and `window_usage` of this
+    /// ClickHouse database.
+    Pipeline { url: &'a str, database: &'a str },
 }
 
 pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
@@ -56,7 +194,7 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
             out,
             "  plan {}, {}; each line rounded {} to {} decimals",
             plan.id,
-            e.lines.first().map_or("", |l| l.currency.as_str()),
+            plan.currency.code(),
             snake_case(plan.rounding),
             plan.currency.minor_units()
         )?;
@@ -67,18 +205,41 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
         )?;
     }
     writeln!(out, "  price book {}", e.config.hash)?;
-    write_events(out, e)?;
+    let unbilled = match &e.source {
+        Source::Events {
+            name,
+            events,
+            unbilled,
+        } => {
+            write_events(out, name, events)?;
+            unbilled.as_slice()
+        }
+        Source::Pipeline { url, database } => {
+            writeln!(
+                out,
+                "  lines as the streaming rater stored them: {database}.invoice_lines at {url}, usage from {database}.window_usage"
+            )?;
+            &[]
+        }
+    };
+    if e.lines.is_empty() {
+        writeln!(out, "  no lines")?;
+    }
     for line in &e.lines {
         writeln!(out)?;
         write_line(out, e, line)?;
     }
-    if !e.unbilled.is_empty() {
+    if !unbilled.is_empty() {
         writeln!(out)?;
-        writeln!(
-            out,
-            "usage no line bills (no price of the plan selects it):"
-        )?;
-        for usage in &e.unbilled {
+        if e.customer.bills(period) {
+            writeln!(
+                out,
+                "usage no line bills (no price of the plan selects it):"
+            )?;
+        } else {
+            writeln!(out, "usage of the month, unbilled:")?;
+        }
+        for usage in unbilled {
             writeln!(
                 out,
                 "  meter {}{}: {}",
@@ -99,9 +260,8 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
 }
 
 /// What became of the customer's events in the file.
-fn write_events(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
-    let events = e.events;
-    writeln!(out, "  events in {}:", e.source)?;
+fn write_events(out: &mut impl Write, name: &str, events: &CustomerEvents) -> io::Result<()> {
+    writeln!(out, "  events in {name}:")?;
     let counted: u64 = events.counted.values().sum();
     let by_type: Vec<String> = (events.counted.iter())
         .map(|(kind, n)| format!("{kind} {n}"))
@@ -142,17 +302,33 @@ fn write_events(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
 }
 
 fn write_line(out: &mut impl Write, e: &Explanation<'_>, line: &InvoiceLine) -> io::Result<()> {
-    let plan = e.config.plan(e.customer.subscription(e.period).plan);
-    let Some((index, price)) = (plan.prices.iter().enumerate()).find(|(_, p)| p.id == line.price)
+    let amount = format!("{} {}   (line {})", line.amount, line.currency, line.id);
+    match line.adjusts_period {
+        None => writeln!(out, "{}: {amount}", line.price)?,
+        Some(closed) => writeln!(out, "{}, late usage of {closed}: {amount}", line.price)?,
+    }
+    // An adjustment is priced as its closed period's line was.
+    let priced_in = line.adjusts_period.unwrap_or(e.period);
+    let subscription = e.customer.subscription(priced_in);
+    let plan = e.config.plan(subscription.plan);
+    let Some((index, price)) = (plan.prices.iter().enumerate())
+        .find(|(_, p)| p.id == line.price)
+        .filter(|_| plan.id == line.plan)
     else {
-        return writeln!(out, "{}: not a price of plan {}", line.price, plan.id);
+        return writeln!(
+            out,
+            "  plan {} (price {}) is not the customer's in this configuration for {priced_in}: rated by another price book ({})",
+            line.plan, line.price, line.config_hash
+        );
     };
+    if line.config_hash != e.config.hash.to_string() {
+        writeln!(
+            out,
+            "  rated with price book {}, not this configuration's: the figures are the line's, the rules named below this configuration's",
+            line.config_hash
+        )?;
+    }
     let meter = e.config.meter(price.meter);
-    writeln!(
-        out,
-        "{}: {} {}   (line {})",
-        line.price, line.amount, line.currency, line.id
-    )?;
     writeln!(
         out,
         "  quantity  {}: {}{}",
@@ -160,8 +336,15 @@ fn write_line(out: &mut impl Write, e: &Explanation<'_>, line: &InvoiceLine) -> 
         meter_text(meter),
         filter_text(meter, price)
     )?;
-    write_usage(out, e, meter, price)?;
+    write_usage(out, e, meter, price, line)?;
     write_charge(out, price, line)?;
+    if let Some(closed) = line.adjusts_period {
+        return writeln!(
+            out,
+            "  amount    what the late usage adds to {closed}'s line: that line rated again with it, less the line as billed (subtotal {}, discount {}) = {} {}",
+            line.subtotal, line.discount, line.amount, line.currency
+        );
+    }
     let charge: Decimal = line
         .tiers
         .iter()
@@ -175,7 +358,7 @@ fn write_line(out: &mut impl Write, e: &Explanation<'_>, line: &InvoiceLine) -> 
         plan.currency.minor_units(),
         line.subtotal
     )?;
-    let discount = match e.customer.subscription(e.period).discounts.get(&index) {
+    let discount = match subscription.discounts.get(&index) {
         None => "none".to_owned(),
         Some(Discount::PercentOff(percent)) => format!(
             "{percent} % of {} = {}, rounded {} = {}",
@@ -203,22 +386,32 @@ fn write_usage(
     e: &Explanation<'_>,
     meter: &Meter,
     price: &Price,
+    line: &InvoiceLine,
 ) -> io::Result<()> {
-    let series: Vec<&(Arc<SeriesKey>, Vec<WindowUsage>)> = (e.usage.iter())
+    let series: Vec<&SeriesWindows> = (e.usage.iter())
         .filter(|(key, _)| key.meter == meter.slug && price.matches(&key.group))
+        .filter(|(key, _)| key.adjusts == line.adjusts_period)
         .collect();
     if series.is_empty() {
-        return writeln!(out, "            no usage in the month");
+        return if line.quantity.is_zero() {
+            writeln!(out, "            no usage in the month")
+        } else {
+            writeln!(
+                out,
+                "            no windows stored (the streaming rater stores them with `[rater] store_windows = true`)"
+            )
+        };
     }
-    // Meters whose days add up, or whose largest day is the month's.
-    let combine: Option<fn(Decimal, Decimal) -> Decimal> = match meter.aggregation {
-        Aggregation::Count | Aggregation::Sum(_) => Some(|a, b| a + b),
-        Aggregation::Max(_) => Some(Decimal::max),
-        Aggregation::UniqueCount(_) | Aggregation::Latest(_) => None,
+    // Meters whose windows add up to their days and month, as the rater combines them.
+    let additive = match meter.aggregation {
+        Aggregation::Count | Aggregation::Sum(_) | Aggregation::Max(_) => true,
+        Aggregation::UniqueCount(_) | Aggregation::Latest(_) => false,
     };
     let values = |windows: &[&WindowUsage]| {
-        let combine = combine?;
-        (windows.iter().map(|w| w.value.value)).reduce(combine)
+        let kind = meter.aggregation.kind();
+        let combined = combine(kind, windows.iter().map(|w| w.value)).ok()?;
+        // Normalised: stored windows are written without trailing zeros.
+        additive.then(|| combined.value.normalize())
     };
     if !meter.group_by.is_empty() {
         for (key, windows) in &series {
@@ -240,7 +433,7 @@ fn write_usage(
             }
         }
     }
-    if combine.is_none() {
+    if !additive {
         return writeln!(
             out,
             "            (a month's {} is not made of its days', so none are listed)",

@@ -56,8 +56,9 @@ enum Command {
     /// Rate one calendar month (UTC) of usage events into invoice lines.
     Rate(RateArgs),
     /// Show how one customer's invoice of a month adds up: events, usage by day, each
-    /// tier, rounding and discount.
-    Explain(ExplainArgs),
+    /// tier, rounding and discount; from an events file or the streaming pipeline's
+    /// ClickHouse.
+    Explain(explain::ExplainArgs),
     /// Generate a month of AI usage and run it through the embedded pipeline.
     Demo(demo::DemoArgs),
     /// Write a deterministic synthetic month of events and a configuration for it.
@@ -78,16 +79,13 @@ enum Command {
 
 /// What `tally rate` and `tally explain` rate, and how.
 #[derive(Debug, Args)]
-struct RatedMonth {
+pub struct RatedMonth {
     /// The configuration file.
     #[arg(long, default_value = "tally.toml")]
-    config: PathBuf,
-    /// CloudEvents JSON lines; `-` reads stdin.
-    #[arg(long)]
-    events: String,
+    pub config: PathBuf,
     /// The month to rate, e.g. 2026-11: [first day 00:00, first day of next month 00:00) UTC.
     #[arg(long)]
-    period: Period,
+    pub period: Period,
     /// The clock events may not be ahead of (RFC 3339); default: now. `tally explain`
     /// gives the lines `tally rate` gave only with the same clock.
     #[arg(long)]
@@ -99,7 +97,7 @@ struct RatedMonth {
 
 impl RatedMonth {
     /// The batch run's options; `started` is the clock when `--now` is not given.
-    fn options(
+    pub fn options(
         &self,
         started: DateTime<Utc>,
         strict: bool,
@@ -119,6 +117,9 @@ impl RatedMonth {
 struct RateArgs {
     #[command(flatten)]
     month: RatedMonth,
+    /// CloudEvents JSON lines; `-` reads stdin.
+    #[arg(long)]
+    events: String,
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
     /// Where to write invoice lines; standard output if omitted.
@@ -146,24 +147,12 @@ struct RateArgs {
     clickhouse_database: String,
 }
 
-#[derive(Debug, Args)]
-struct ExplainArgs {
-    #[command(flatten)]
-    month: RatedMonth,
-    /// The customer whose invoice to explain.
-    #[arg(long)]
-    customer: String,
-    /// Only this price's line.
-    #[arg(long)]
-    price: Option<String>,
-}
-
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate { config } => validate(&config),
         Command::Rate(args) => rate(args),
-        Command::Explain(args) => explain(args),
+        Command::Explain(args) => explain::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => demo::generate_command(args),
         Command::Serve(args) => serve::run(args),
@@ -261,7 +250,7 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let input = read_input(&args.month.events)?;
+    let input = read_input(&args.events)?;
     let options = args.month.options(started, args.strict, None);
     let rejects_path = args.rejects.display().to_string();
     let mut rejects = BufWriter::new(
@@ -312,68 +301,6 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
         config.hash,
         result.summary.rejected
     );
-    Ok(())
-}
-
-/// Rates the whole file as `tally rate` does (dedupe spans customers), then works
-/// through the customer's lines.
-fn explain(args: ExplainArgs) -> anyhow::Result<()> {
-    let month = &args.month;
-    let config = Arc::new(Config::load(&month.config)?);
-    let customer = config.customers.get(&args.customer).with_context(|| {
-        format!(
-            "customer {:?} is not among the {} customers of {}",
-            args.customer,
-            config.customers.len(),
-            month.config.display()
-        )
-    })?;
-    if let Some(price) = &args.price {
-        anyhow::ensure!(
-            customer.bills(month.period),
-            "customer {:?} is not billed in {}: it has no {price:?} line (leave out --price to see its events)",
-            args.customer,
-            month.period
-        );
-        let plan = config.plan(customer.subscription(month.period).plan);
-        anyhow::ensure!(
-            plan.prices.iter().any(|p| &p.id == price),
-            "plan {:?} of customer {:?} has no price {price:?}; its prices are {}",
-            plan.id,
-            args.customer,
-            (plan.prices.iter().map(|p| p.id.as_str()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    let input = read_input(&month.events)?;
-    let options = month.options(Utc::now(), false, Some(args.customer.clone()));
-    let result = rate_events(&config, &input, &options, |_| Ok(()))?;
-    let events =
-        (result.summary.customer.as_ref()).context("the customer's events were counted")?;
-    let explanation = explain::Explanation {
-        config: &config,
-        period: month.period,
-        customer,
-        source: if month.events == "-" {
-            "stdin"
-        } else {
-            &month.events
-        },
-        events,
-        lines: (result.lines.iter())
-            .filter(|l| l.customer == args.customer)
-            .filter(|l| args.price.as_ref().is_none_or(|p| &l.price == p))
-            .collect(),
-        usage: &result.explained_usage,
-        unbilled: (result.summary.unpriced_usage.iter())
-            .chain(&result.summary.unsubscribed_usage)
-            .filter(|u| u.customer == args.customer && args.price.is_none())
-            .collect(),
-    };
-    let mut out = std::io::stdout().lock();
-    explain::write_explanation(&mut out, &explanation)?;
-    out.flush()?;
     Ok(())
 }
 

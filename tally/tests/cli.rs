@@ -2338,3 +2338,129 @@ fn explain_names_what_it_cannot_find() {
         idle.stdout
     );
 }
+
+#[test]
+fn explain_lists_days_only_for_meters_whose_days_make_the_month() {
+    let f = Fixture::new(COMPUTE);
+    let active = |id: &str, user: &str| {
+        let data = Some(json!({ "user": user }));
+        event(id, "app.active", "c", "2026-11-06T00:00:00Z", data)
+    };
+    let events = [
+        gpu("g1", json!(7)),
+        gpu("g2", json!(2.5)),
+        event(
+            "g3",
+            "gpu.seconds",
+            "c",
+            "2026-11-06T10:00:00Z",
+            Some(json!({ "seconds": 3 })),
+        ),
+        active("a1", "alice"),
+        active("a2", "bob"),
+        event(
+            "s1",
+            "app.seats",
+            "c",
+            "2026-11-20T00:00:00Z",
+            Some(json!({ "seats": 12 })),
+        ),
+    ];
+    // From stdin, as `tally rate --events -` reads it.
+    let mut child = f
+        .tally()
+        .args(["explain", "--config", "tally.toml", "--events", "-"])
+        .args(["--period", "2026-11", "--now", NOW, "--customer", "c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(events.join("\n").as_bytes())
+        .unwrap();
+    let run = Run::from(child.wait_with_output().unwrap()).succeeded();
+    let text = &run.stdout;
+    for shown in [
+        "  events in stdin:\n    counted              6 (app.active 2, app.seats 1, gpu.seconds 3)\n",
+        // Sums add up by day; the month's max is its largest day's.
+        "seconds: 12.50 usd",
+        "  quantity  12.5: meter seconds sums $.seconds of gpu.seconds events\n            by day: Nov 05: 9.5, Nov 06: 3\n",
+        "  quantity  7: meter peak takes the largest $.seconds of gpu.seconds events\n            by day: Nov 05: 7, Nov 06: 3\n",
+        // Distinct users and the latest seat count are not made of days.
+        "  quantity  2: meter users counts the distinct values of $.user of app.active events\n            (a month's unique_count is not made of its days', so none are listed)\n",
+        "  quantity  12: meter seats takes $.seats of the latest app.seats event\n            (a month's latest is not made of its days', so none are listed)\n",
+        "total 75.50 usd (12.50 + 7.00 + 20.00 + 36.00)\n",
+    ] {
+        assert!(text.contains(shown), "{shown:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn explain_shows_volume_tiers_amounts_off_and_customers_not_billed() {
+    let f = Fixture::new(
+        r#"
+[[meters]]
+slug = "calls"
+event_type = "api.call"
+aggregation = "count"
+
+[[plans]]
+id = "jp"
+currency = "jpy"
+
+[[plans.prices]]
+id = "calls"
+meter = "calls"
+billing_scheme = "tiered"
+tiers_mode = "volume"
+tiers = [
+  { up_to = 2, unit_amount = "100" },
+  { up_to = "inf", unit_amount = "80", flat_amount = "500" },
+]
+
+[[customers]]
+id = "c"
+plan = "jp"
+discounts = [{ price = "calls", amount_off = "50" }]
+
+[[customers]]
+id = "gone"
+plan = "jp"
+through = "2026-10"
+"#,
+    );
+    let mut events = calls("c", 3);
+    events.push(event(
+        "gone-1",
+        "api.call",
+        "gone",
+        "2026-11-02T00:00:00Z",
+        None,
+    ));
+    f.rate(&events, &[]).succeeded();
+    let c = f.explain("c", &[]).succeeded().stdout;
+    for shown in [
+        "  plan jp, jpy; each line rounded half_up to 0 decimals\n",
+        // All three calls at the tier the total falls in, plus its flat fee.
+        "  charge    volume: every unit at the price of the tier the whole quantity falls in, plus that tier's flat fee\n            tier 2 (up to inf): 3 x 80 + 500 = 740\n",
+        "  subtotal  740 rounded half_up to 0 decimals = 740\n",
+        "  discount  50 off, at most the subtotal = 50\n",
+        "  amount    740 - 50 = 690 jpy\n",
+        "total 690 jpy (690)\n",
+    ] {
+        assert!(c.contains(shown), "{shown:?} in:\n{c}");
+    }
+    let gone = f.explain("gone", &[]).succeeded().stdout;
+    for shown in [
+        "  not billed in 2026-11",
+        "  no lines\n",
+        "usage of the month, unbilled:\n  meter calls: 1\n",
+    ] {
+        assert!(gone.contains(shown), "{shown:?} in:\n{gone}");
+    }
+    assert!(!gone.contains("total"), "{gone}");
+}

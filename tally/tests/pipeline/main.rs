@@ -334,6 +334,70 @@ fn a_rated_topic_refusing_lines_stops_the_rater_until_a_restart_delivers_them() 
     p.wait_for_rated(&expected, Duration::from_secs(60));
 }
 
+/// An explanation's lines and total: what `tally explain` shows alike whether it
+/// rated an events file or read the pipeline's lines (the events and unbilled usage
+/// only a file shows left out).
+fn worked_lines(explanation: &str) -> String {
+    let mut kept = String::new();
+    let mut unbilled = false;
+    for row in explanation.lines().skip_while(|l| !l.contains("   (line ")) {
+        unbilled = row.starts_with("usage no line bills") || (unbilled && !row.is_empty());
+        if !unbilled {
+            kept.push_str(row);
+            kept.push('\n');
+        }
+    }
+    kept
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn the_pipelines_lines_are_explained_as_tally_rate_explains_the_same_events() {
+    let _serial = serial();
+    let mut p = Pipeline::new(
+        "explain",
+        5_000,
+        8,
+        "[rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\"\nstore_windows = true",
+    );
+    p.produce(&p.lines());
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let expected = p.expected();
+    p.wait_for(&expected, Duration::from_secs(120));
+    let events = p.events.display().to_string();
+    let explain = |customer: &str, source: &[&str]| -> String {
+        let mut args = vec!["explain", "--period", p.period, "--customer", customer];
+        args.extend(source);
+        let output = p.tally(&args, &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    // One customer of each of the generated book's four plans.
+    for customer in customers().iter().take(4) {
+        let rated = explain(
+            customer,
+            &["--events", &events, "--now", "2026-11-01T00:00:00Z"],
+        );
+        assert!(rated.contains("   (line "), "{rated}");
+        assert!(rated.contains("by day:"), "{rated}");
+        // Windows are stored just after their batch's lines.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let stored = loop {
+            let stored = explain(customer, &["--pipeline"]);
+            if worked_lines(&stored) == worked_lines(&rated) || std::time::Instant::now() > deadline
+            {
+                break stored;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        assert_eq!(worked_lines(&stored), worked_lines(&rated));
+        let source = format!("{}.invoice_lines at", p.database);
+        assert!(stored.contains(&source), "{stored}");
+    }
+}
+
 fn resolution(id: &str, customer: &str, time: &str) -> Vec<u8> {
     format!(
         r#"{{"specversion":"1.0","id":"{id}","source":"late-test","type":"ai.resolution","subject":"{customer}","time":"{time}","data":{{"conversation_id":"{id}"}}}}"#
