@@ -2296,47 +2296,40 @@ fn explain_names_what_it_cannot_find() {
     f.write("events.jsonl", b"");
     let unknown = f.explain("cust_nobody", &[]);
     assert_eq!(unknown.code, 1);
-    assert!(
-        unknown
-            .stderr
-            .contains("customer \"cust_nobody\" is not among the 2 customers of tally.toml"),
-        "{}",
-        unknown.stderr
+    assert_shows(
+        &unknown.stderr,
+        &["customer \"cust_nobody\" is not among the 2 customers of tally.toml"],
     );
     let price = f.explain("cust_acme", &["--price", "tokens"]);
     assert_eq!(price.code, 1);
-    assert!(
-        price.stderr.contains(
-            "plan \"pro\" of customer \"cust_acme\" has no price \"tokens\"; its prices are resolutions, gpt-tokens, claude-tokens"
-        ),
-        "{}",
-        price.stderr
+    assert_shows(
+        &price.stderr,
+        &["plan \"pro\" of customer \"cust_acme\" has no price \"tokens\"; its prices are resolutions, gpt-tokens, claude-tokens"],
     );
     // A customer without events: its flat fee, explained.
     let idle = f
         .explain("cust_idle", &["--price", "resolutions"])
         .succeeded();
-    assert!(
-        idle.stdout.contains("    counted              0\n"),
-        "{}",
-        idle.stdout
-    );
-    assert!(
-        idle.stdout.contains("            no usage in the month\n"),
-        "{}",
-        idle.stdout
-    );
-    assert!(
-        idle.stdout
-            .contains("            tier 1 (up to 100): 0 x 0 + 49 = 49\n"),
-        "{}",
-        idle.stdout
+    assert_shows(
+        &idle.stdout,
+        &[
+            "    counted              0\n",
+            "            no usage in the month\n",
+            "            tier 1 (up to 100): 0 x 0 + 49 = 49\n",
+        ],
     );
     assert!(
         idle.stdout.ends_with("total 49.00 usd (49.00)\n"),
         "{}",
         idle.stdout
     );
+}
+
+/// Fails unless `text` contains each of `shown`.
+fn assert_shows(text: &str, shown: &[&str]) {
+    for part in shown {
+        assert!(text.contains(part), "{part:?} in:\n{text}");
+    }
 }
 
 #[test]
@@ -2383,8 +2376,9 @@ fn explain_lists_days_only_for_meters_whose_days_make_the_month() {
         .write_all(events.join("\n").as_bytes())
         .unwrap();
     let run = Run::from(child.wait_with_output().unwrap()).succeeded();
-    let text = &run.stdout;
-    for shown in [
+    assert_shows(
+        &run.stdout,
+        &[
         "  events in stdin:\n    counted              6 (app.active 2, app.seats 1, gpu.seconds 3)\n",
         // Sums add up by day; the month's max is its largest day's.
         "seconds: 12.50 usd",
@@ -2394,9 +2388,8 @@ fn explain_lists_days_only_for_meters_whose_days_make_the_month() {
         "  quantity  2: meter users counts the distinct values of $.user of app.active events\n            (a month's unique_count is not made of its days', so none are listed)\n",
         "  quantity  12: meter seats takes $.seats of the latest app.seats event\n            (a month's latest is not made of its days', so none are listed)\n",
         "total 75.50 usd (12.50 + 7.00 + 20.00 + 36.00)\n",
-    ] {
-        assert!(text.contains(shown), "{shown:?} in:\n{text}");
-    }
+        ],
+    );
 }
 
 #[test]
@@ -2443,7 +2436,9 @@ through = "2026-10"
     ));
     f.rate(&events, &[]).succeeded();
     let c = f.explain("c", &[]).succeeded().stdout;
-    for shown in [
+    assert_shows(
+        &c,
+        &[
         "  plan jp, jpy; each line rounded half_up to 0 decimals\n",
         // All three calls at the tier the total falls in, plus its flat fee.
         "  charge    volume: every unit at the price of the tier the whole quantity falls in, plus that tier's flat fee\n            tier 2 (up to inf): 3 x 80 + 500 = 740\n",
@@ -2451,16 +2446,16 @@ through = "2026-10"
         "  discount  50 off, at most the subtotal = 50\n",
         "  amount    740 - 50 = 690 jpy\n",
         "total 690 jpy (690)\n",
-    ] {
-        assert!(c.contains(shown), "{shown:?} in:\n{c}");
-    }
+        ],
+    );
     let gone = f.explain("gone", &[]).succeeded().stdout;
-    for shown in [
-        "  not billed in 2026-11",
-        "  no lines\n",
-        "usage of the month, unbilled:\n  meter calls: 1\n",
-    ] {
-        assert!(gone.contains(shown), "{shown:?} in:\n{gone}");
-    }
+    assert_shows(
+        &gone,
+        &[
+            "  not billed in 2026-11",
+            "  no lines\n",
+            "usage of the month, unbilled:\n  meter calls: 1\n",
+        ],
+    );
     assert!(!gone.contains("total"), "{gone}");
 }
