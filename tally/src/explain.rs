@@ -24,7 +24,7 @@ use tally_schemas::price::{Discount, Price, Rate, TiersMode};
 use tally_schemas::records::{InvoiceLine, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
-use crate::batch::{rate_events, read_input};
+use crate::batch::{rate_events, read_input, BatchResult};
 use crate::report::{tier_text, Totals};
 use crate::summary::{CustomerEvents, UnbilledUsage};
 use crate::RatedMonth;
@@ -88,26 +88,15 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             let input = read_input(events)?;
             let options = month.options(Utc::now(), false, Some(args.customer.clone()));
             let result = rate_events(&config, &input, &options, |_| Ok(()))?;
-            let counted =
-                (result.summary.customer.as_ref()).context("the customer's events were counted")?;
-            let explanation = Explanation {
-                config: &config,
-                period: month.period,
+            let name = if events == "-" { "stdin" } else { events };
+            let explanation = Explanation::of_batch(
+                &config,
+                month.period,
                 customer,
-                source: Source::Events {
-                    name: if events == "-" { "stdin" } else { events },
-                    events: counted,
-                    unbilled: (result.summary.unpriced_usage.iter())
-                        .chain(&result.summary.unsubscribed_usage)
-                        .filter(|u| u.customer == args.customer && args.price.is_none())
-                        .collect(),
-                },
-                lines: (result.lines.iter())
-                    .filter(|l| l.customer == args.customer)
-                    .filter(asked)
-                    .collect(),
-                usage: &result.explained_usage,
-            };
+                name,
+                &result,
+                args.price.as_deref(),
+            )?;
             write_explanation(&mut out, &explanation)?;
         }
         None => {
@@ -160,6 +149,41 @@ pub struct Explanation<'a> {
     /// own before adjustments of closed periods, each in its plan's price order.
     pub lines: Vec<&'a InvoiceLine>,
     pub usage: &'a [SeriesWindows],
+}
+
+impl<'a> Explanation<'a> {
+    /// `customer`'s lines (of `price`, if given) of a batch run over the events file
+    /// `name` that counted the customer's events (`explained_customer`).
+    pub fn of_batch(
+        config: &'a Config,
+        period: Period,
+        customer: &'a Customer,
+        name: &'a str,
+        result: &'a BatchResult,
+        price: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let events = (result.summary.customer.as_ref())
+            .filter(|events| events.customer == customer.id)
+            .context("the batch run did not count the customer's events")?;
+        Ok(Explanation {
+            config,
+            period,
+            customer,
+            source: Source::Events {
+                name,
+                events,
+                unbilled: (result.summary.unpriced_usage.iter())
+                    .chain(&result.summary.unsubscribed_usage)
+                    .filter(|u| u.customer == customer.id && price.is_none())
+                    .collect(),
+            },
+            lines: (result.lines.iter())
+                .filter(|l| l.customer == customer.id)
+                .filter(|l| price.is_none_or(|p| l.price == p))
+                .collect(),
+            usage: &result.explained_usage,
+        })
+    }
 }
 
 /// Where the lines come from.

@@ -2152,6 +2152,29 @@ fn the_demo_writes_its_files_and_its_store_agrees_with_its_csv() {
     ] {
         assert!(demo.join(file).is_file(), "{file} missing");
     }
+    // It works one invoice through as `tally explain` does on its files.
+    let (_, rest) = first.stdout.split_once("  How ").unwrap();
+    let (customer, _) = rest.split_once("'s invoice adds up").unwrap();
+    let explained: Run = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["explain", "--period", "2026-10", "--customer", customer])
+        .arg("--config")
+        .arg(demo.join("tally.toml"))
+        .arg("--events")
+        .arg(demo.join("events.jsonl"))
+        .output()
+        .unwrap()
+        .into();
+    let indented: String = (explained.succeeded().stdout.lines())
+        .map(|l| match l {
+            "" => "\n".to_owned(),
+            l => format!("    {l}\n"),
+        })
+        .collect();
+    assert!(
+        first.stdout.contains(&indented),
+        "{indented}\nin:\n{}",
+        first.stdout
+    );
     // The CSV has a header line.
     let csv_lines = || {
         let csv = std::fs::read_to_string(demo.join("invoice_lines.csv")).unwrap();

@@ -7,6 +7,7 @@
 
 pub(crate) mod generate;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -16,13 +17,15 @@ use std::time::Instant;
 use anyhow::{ensure, Context};
 use chrono::Utc;
 use clap::Args;
+use rust_decimal::Decimal;
 use tally_schemas::config::Config;
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, BatchOptions};
 use crate::embedded::{self, store::Store, PipelineRun};
-use crate::report::{tiers_text, write_csv, Totals};
+use crate::explain::{write_explanation, Explanation};
+use crate::report::{write_csv, Totals};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -167,6 +170,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let lines: Vec<InvoiceLine> = run.lines.iter().map(|r| r.line.clone()).collect();
     write_results(&args.dir, &lines, &run)?;
+    let totals = Totals::of(&lines)?;
+    let largest = largest_invoices(&totals);
+    // Worked through below: the largest invoice in usd, or in any currency.
+    let walkthrough = (largest.get("usd").or_else(|| largest.values().next()))
+        .and_then(|(customer, _, _)| config.customers.get(*customer));
 
     // The streaming stages and the batch rater must agree to the cent.
     let batch = rate_events(
@@ -177,7 +185,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             now,
             workers: crate::default_threads(),
             strict: false,
-            explained_customer: None,
+            explained_customer: walkthrough.map(|customer| customer.id.clone()),
         },
         |_| Ok(()),
     )?;
@@ -190,7 +198,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         lines.len()
     );
 
-    show_invoices(&lines, &config)?;
+    show_invoices(&totals, &largest, config.customers.len());
+    if let Some(customer) = walkthrough {
+        let name = events_path.display().to_string();
+        let explanation = Explanation::of_batch(&config, period, customer, &name, &batch, None)?;
+        let mut text = Vec::new();
+        write_explanation(&mut text, &explanation)?;
+        println!("  How {}'s invoice adds up (`tally explain`):", customer.id);
+        print!("{}", indent(&String::from_utf8_lossy(&text)));
+        println!();
+    }
     show_rejects(&run.rejects, &path(REJECTS));
     show_where_the_data_is(&args.dir, period);
     println!("\nDone in {:.1?}.", started.elapsed());
@@ -253,58 +270,55 @@ fn show_where_the_data_is(dir: &Path, period: Period) {
         shown("tally.toml"),
         shown("events.jsonl")
     );
+    println!(
+        "  {} explain --config {} --events {} --period {period} --customer <id>",
+        tally.display(),
+        shown("tally.toml"),
+        shown("events.jsonl")
+    );
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("    {l}\n")).collect()
+    (text.lines())
+        .map(|l| match l {
+            "" => "\n".to_owned(),
+            l => format!("    {l}\n"),
+        })
+        .collect()
 }
 
-fn show_invoices(lines: &[InvoiceLine], config: &Config) -> std::io::Result<()> {
-    let Totals {
-        per_customer: totals,
-        per_currency: by_currency,
-    } = Totals::of(lines)?;
-    println!("Invoices ({} customers):", config.customers.len());
+/// Each currency's largest invoice: customer, plan and total (the first customer of
+/// equal ones).
+fn largest_invoices<'a>(totals: &Totals<'a>) -> BTreeMap<&'a str, (&'a str, &'a str, Decimal)> {
+    let mut largest: BTreeMap<&str, (&str, &str, Decimal)> = BTreeMap::new();
+    for (&(currency, customer, plan), &total) in &totals.per_customer {
+        let entry = largest.entry(currency).or_insert((customer, plan, total));
+        if total > entry.2 {
+            *entry = (customer, plan, total);
+        }
+    }
+    largest
+}
+
+fn show_invoices(
+    totals: &Totals<'_>,
+    largest: &BTreeMap<&str, (&str, &str, Decimal)>,
+    customers: usize,
+) {
+    println!("Invoices ({customers} customers):");
     println!("  {:<10} {:>18} {:>10}", "currency", "total", "customers");
-    for (currency, (total, customers)) in &by_currency {
+    for (currency, (total, customers)) in &totals.per_currency {
         println!("  {currency:<10} {:>18} {customers:>10}", total.to_string());
     }
-    // Ranked within each currency: amounts in different currencies do not compare.
-    let mut ranked: Vec<_> = totals.iter().collect();
-    ranked.sort_by(|a, b| a.0 .0.cmp(b.0 .0).then(b.1.cmp(a.1)).then(a.0.cmp(b.0)));
     println!("\n  Largest invoice per currency:");
     println!("  {:<12} {:<14} {:>16}", "customer", "plan", "total");
-    for currency in by_currency.keys() {
-        if let Some(((_, customer, plan), total)) =
-            ranked.iter().find(|((c, _, _), _)| c == currency)
-        {
-            println!(
-                "  {customer:<12} {plan:<14} {:>12} {currency}",
-                total.to_string()
-            );
-        }
-    }
-    let walkthrough = ranked
-        .iter()
-        .find(|((currency, _, _), _)| *currency == "usd")
-        .or(ranked.first());
-    if let Some(((_, customer, _), _)) = walkthrough {
-        println!("\n  How {customer}'s invoice adds up:");
-        for l in lines.iter().filter(|l| &l.customer == customer) {
-            println!(
-                "    {:<16} quantity {:<12} subtotal {:>10}  discount {:>8}  amount {:>10} {}",
-                l.price,
-                l.quantity.to_string(),
-                l.subtotal.to_string(),
-                l.discount.to_string(),
-                l.amount.to_string(),
-                l.currency
-            );
-            println!("      {}", tiers_text(&l.tiers));
-        }
+    for (currency, (customer, plan, total)) in largest {
+        println!(
+            "  {customer:<12} {plan:<14} {:>12} {currency}",
+            total.to_string()
+        );
     }
     println!();
-    Ok(())
 }
 
 fn show_rejects(rejects: &[tally_ingest::LineReject], path: &Path) {
