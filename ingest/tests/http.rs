@@ -935,6 +935,54 @@ fn kafka_not_acknowledging_gets_503_with_retry_after_and_not_ready() {
 }
 
 #[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_batch_the_producers_queue_cannot_hold_gets_503_and_later_requests_are_stored() {
+    // A queue of 5 events: a batch of 20 cannot all be handed to the producer.
+    let service = Service::with_kafka(
+        "full-queue",
+        Setup {
+            kafka: r#"properties = { "queue.buffering.max.messages" = "5" }"#,
+            ..Setup::default()
+        },
+    );
+    let events: Vec<String> = (0..20)
+        .map(|i| event(&format!("q-{i}"), "agent", "cust_a", i))
+        .collect();
+    let all: Vec<&str> = events.iter().map(String::as_str).collect();
+    let reply = service.post(BATCH, Some(KEY), &batch(&all));
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert_eq!(reply.header("retry-after"), Some("5"));
+    let body = reply.json();
+    assert_eq!(body["error"], "kafka_unavailable");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("Kafka refused to queue an event"),
+        "{message}"
+    );
+    assert!(message.contains("Queue full"), "{message}");
+    assert!(
+        message.contains("retry the whole request later"),
+        "{message}"
+    );
+    // Once the events queued before the refusal are delivered, a request the queue
+    // holds is stored; a client retrying after Retry-After gets there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        let reply = service.post(BATCH, Some(KEY), &batch(&all[15..]));
+        if reply.status != 503 || Instant::now() > deadline {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(reply.json()["accepted"], 5);
+    let in_topic = service.stored();
+    for sent in &events[15..] {
+        assert!(in_topic.contains(&stored("cust_a", sent)), "{sent} stored");
+    }
+}
+
+#[test]
 fn a_taken_port_fails_at_start_and_says_which() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
