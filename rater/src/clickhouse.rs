@@ -312,24 +312,26 @@ impl ClickHouse {
         self.rows("rated_lines", &answer)
     }
 
-    /// A customer's current lines billed in `period` (adjustments of closed periods
-    /// included), as `invoice_lines` shows them.
-    pub fn lines_of(
+    /// The current lines billed in `period` (adjustments of closed periods included),
+    /// as `invoice_lines` shows them: one customer's, or every customer's.
+    pub fn lines(
         &self,
-        customer: &str,
         period: Period,
+        customer: Option<&str>,
     ) -> Result<Vec<InvoiceLine>, ClickHouseError> {
+        let of_customer = customer
+            .map(|c| format!("AND customer = {}", string_literal(c)))
+            .unwrap_or_default();
         let answer = self.post(
-            "read a customer's lines",
+            "read invoice lines",
             &format!(
-                "SELECT {} FROM {}.invoice_lines WHERE customer = {} \
-                 AND period_start = toDateTime('{}', 'UTC') FORMAT JSONEachRow",
+                "SELECT {} FROM {}.invoice_lines \
+                 WHERE period_start = toDateTime('{}', 'UTC') {of_customer} FORMAT JSONEachRow",
                 column_names(|name| match name {
                     "period_start" | "period_end" => format!("toUnixTimestamp({name}) AS {name}"),
                     name => name.to_owned(),
                 }),
                 self.database,
-                string_literal(customer),
                 clickhouse_time(period.start())
             ),
         )?;
@@ -645,7 +647,7 @@ impl ClickHouse {
     }
 }
 
-/// A row of `invoice_lines` as [`ClickHouse::lines_of`] reads it.
+/// A row of `invoice_lines` as [`ClickHouse::lines`] reads it.
 #[derive(Deserialize)]
 struct LineRow {
     id: String,

@@ -203,7 +203,7 @@ fn each_window_shows_its_latest_value_and_late_usage_stays_apart() {
 
 #[test]
 #[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
-fn a_customers_current_lines_and_windows_read_back_as_written() {
+fn current_lines_and_a_customers_windows_read_back_as_written() {
     let (store, database) = store("read_back");
     let (october, november) = (
         Period::from_str("2026-10").unwrap(),
@@ -236,10 +236,14 @@ fn a_customers_current_lines_and_windows_read_back_as_written() {
             (5, &october_line),
         ])
         .unwrap();
-    let mut lines = store.lines_of(customer, november).unwrap();
+    let mut lines = store.lines(november, Some(customer)).unwrap();
     lines.sort_by_key(|l| l.adjusts_period);
-    assert_eq!(lines, [revised, adjustment]);
-    assert!(store.lines_of("o'", november).unwrap().is_empty());
+    assert_eq!(lines, [revised.clone(), adjustment.clone()]);
+    assert!(store.lines(november, Some("o'")).unwrap().is_empty());
+    let mut every_customers = store.lines(november, None).unwrap();
+    every_customers
+        .sort_by(|a, b| (&a.customer, a.adjusts_period).cmp(&(&b.customer, b.adjusts_period)));
+    assert_eq!(every_customers, [other, revised, adjustment]);
 
     let series = |group: &str, adjusts| {
         Arc::new(SeriesKey {

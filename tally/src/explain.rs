@@ -106,7 +106,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             let store = &settings.clickhouse;
             let clickhouse =
                 ClickHouse::new(&store.url, &store.database)?.with_credentials(&store.credentials);
-            let mut lines = clickhouse.lines_of(&args.customer, month.period)?;
+            let mut lines = clickhouse.lines(month.period, Some(&args.customer))?;
             // As `tally rate` lists them: the period's own, then adjustments, each in
             // its plan's price order.
             let position = |line: &InvoiceLine| {
