@@ -5,6 +5,7 @@
 //! - `rate`: batch-rate one month of events for finance (`batch.rs`, `summary.rs`,
 //!   `report.rs`).
 //! - `explain`: one customer's invoice of a month worked through (`explain.rs`).
+//! - `reconcile`: two sets of a month's invoice lines compared (`reconcile.rs`).
 //! - `demo`: generate a realistic month and run it through the embedded pipeline
 //!   (`demo/`, `embedded/`).
 //! - `generate`: the demo's deterministic event generator on its own, for benchmarks.
@@ -15,6 +16,7 @@ mod batch;
 mod demo;
 mod embedded;
 mod explain;
+mod reconcile;
 mod report;
 mod serve;
 mod summary;
@@ -22,6 +24,7 @@ mod summary;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -59,6 +62,10 @@ enum Command {
     /// tier, rounding and discount; from an events file or the streaming pipeline's
     /// ClickHouse.
     Explain(explain::ExplainArgs),
+    /// Compare two sets of a month's invoice lines (files of another biller or of
+    /// `tally rate`, or ClickHouse) line by line. Exit status 0 when they agree, 1 when
+    /// they differ, 2 on an error.
+    Reconcile(reconcile::ReconcileArgs),
     /// Generate a month of AI usage and run it through the embedded pipeline.
     Demo(demo::DemoArgs),
     /// Write a deterministic synthetic month of events and a configuration for it.
@@ -147,21 +154,27 @@ struct RateArgs {
     clickhouse_database: String,
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Validate { config } => validate(&config),
-        Command::Rate(args) => rate(args),
-        Command::Explain(args) => explain::run(args),
-        Command::Demo(args) => demo::run(args),
-        Command::Generate(args) => demo::generate_command(args),
-        Command::Serve(args) => serve::run(args),
-        Command::ClosePeriod { config, period } => close_period(&config, period),
+    let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
+    let (result, on_error) = match cli.command {
+        Command::Validate { config } => (done(validate(&config)), 1),
+        Command::Rate(args) => (done(rate(args)), 1),
+        Command::Explain(args) => (done(explain::run(args)), 1),
+        // `diff`'s convention: 1 says the two differ, so an error must say 2.
+        Command::Reconcile(args) => (
+            reconcile::run(&args).map(|agree| ExitCode::from(u8::from(!agree))),
+            2,
+        ),
+        Command::Demo(args) => (done(demo::run(args)), 1),
+        Command::Generate(args) => (done(demo::generate_command(args)), 1),
+        Command::Serve(args) => (done(serve::run(args)), 1),
+        Command::ClosePeriod { config, period } => (done(close_period(&config, period)), 1),
     };
-    if let Err(e) = result {
+    result.unwrap_or_else(|e| {
         eprintln!("error: {}", describe(&e));
-        std::process::exit(1);
-    }
+        ExitCode::from(on_error)
+    })
 }
 
 /// The error and its causes, each cause left out when a message before it already

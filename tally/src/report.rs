@@ -60,7 +60,7 @@ pub fn write_csv(lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()> 
     Ok(())
 }
 
-fn csv_field(field: &str) -> String {
+pub fn csv_field(field: &str) -> String {
     if field.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", field.replace('"', "\"\""))
     } else {

@@ -227,6 +227,35 @@ impl Fixture {
         f
     }
 
+    /// `tally generate`'s November of 20,000 events (three of them malformed) for
+    /// `customers` customers, in events.jsonl with its tally.toml.
+    fn generated(customers: usize) -> Self {
+        let f = Fixture::new("");
+        let customers = customers.to_string();
+        let generated = f
+            .tally()
+            .args([
+                "generate",
+                "--out",
+                "events.jsonl",
+                "--config-out",
+                "tally.toml",
+            ])
+            .args([
+                "--period",
+                "2026-11",
+                "--events",
+                "20000",
+                "--customers",
+                &customers,
+            ])
+            .args(["--malformed", "3"])
+            .output()
+            .unwrap();
+        Run::from(generated).succeeded();
+        f
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -2249,27 +2278,7 @@ fn explained_lines(text: &str) -> (Vec<ExplainedLine>, String) {
 
 #[test]
 fn explain_shows_each_customers_lines_as_rate_makes_them_with_usage_adding_up() {
-    let f = Fixture::new("");
-    let generated = f
-        .tally()
-        .args([
-            "generate",
-            "--out",
-            "events.jsonl",
-            "--config-out",
-            "tally.toml",
-            "--period",
-            "2026-11",
-            "--events",
-            "20000",
-            "--customers",
-            "12",
-            "--malformed",
-            "3",
-        ])
-        .output()
-        .unwrap();
-    Run::from(generated).succeeded();
+    let f = Fixture::generated(12);
     let events = std::fs::read(f.path("events.jsonl")).unwrap();
     let rated = f.rate_bytes(&events, &[]).succeeded().lines();
     let mut customers: Vec<&str> = rated
@@ -2481,4 +2490,139 @@ through = "2026-10"
         ],
     );
     assert!(!gone.contains("total"), "{gone}");
+}
+
+/// `tally reconcile` for November.
+fn reconcile(f: &Fixture, sources: &[&str]) -> Run {
+    let mut args = vec!["reconcile", "--period", "2026-11"];
+    args.extend(sources);
+    f.tally().args(args).output().unwrap().into()
+}
+
+#[test]
+fn reconcile_agrees_on_tally_rates_own_formats_and_lists_what_another_biller_bills_differently() {
+    let f = Fixture::generated(9);
+    // A customer without usage: its lines are zero, which the old biller leaves out.
+    let config =
+        f.read("tally.toml") + "\n[[customers]]\nid = \"cust_quiet\"\nplan = \"starter\"\n";
+    f.write("tally.toml", config.as_bytes());
+    let events = std::fs::read(f.path("events.jsonl")).unwrap();
+    let rated = f.rate_bytes(&events, &[]);
+    f.write("tally.jsonl", rated.succeeded().stdout.as_bytes());
+    let csv = f.rate_bytes(&events, &["--format", "csv", "--output", "tally.csv"]);
+    csv.succeeded();
+    let lines: Vec<Value> = (f.read("tally.jsonl").lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let same = reconcile(&f, &["tally.jsonl", "tally.csv"]).succeeded();
+    assert_shows(
+        &same.stdout,
+        &[
+            &format!("  expected tally.jsonl: {} lines", lines.len()),
+            &format!("  actual   tally.csv: {} lines", lines.len()),
+            &format!("Agree: {} lines. Differ: 0 lines.", lines.len()),
+            "The two agree on every line.",
+        ],
+    );
+
+    // The old biller's export of the same month: its own column order, upper-case
+    // currencies, amounts to four places, no zero lines; it billed one line a cent
+    // more, missed one and billed a customer Tally does not know.
+    let text = |line: &Value, field: &str| line[field].as_str().unwrap().to_owned();
+    let zero = |line: &&Value| {
+        let figure = |field| text(line, field).parse::<rust_decimal::Decimal>().unwrap();
+        figure("quantity").is_zero() && figure("amount").is_zero()
+    };
+    let billed: Vec<&Value> = lines.iter().filter(|l| !zero(l)).collect();
+    assert_eq!(
+        lines.len() - billed.len(),
+        4,
+        "cust_quiet's four starter lines"
+    );
+    let (more, missed) = (billed[1], billed[3]);
+    let mut export = String::from("currency,customer,price,amount,quantity,period_start\n");
+    for line in &billed {
+        let mut amount: rust_decimal::Decimal = text(line, "amount").parse().unwrap();
+        if std::ptr::eq(*line, more) {
+            amount += rust_decimal::Decimal::new(1, 2);
+        }
+        if std::ptr::eq(*line, missed) {
+            continue;
+        }
+        amount.rescale(4);
+        let currency = text(line, "currency").to_uppercase();
+        let (customer, price, quantity) = (
+            text(line, "customer"),
+            text(line, "price"),
+            text(line, "quantity"),
+        );
+        export.push_str(&format!(
+            "{currency},{customer},{price},{amount},{quantity},2026-11\n"
+        ));
+    }
+    export.push_str("USD,cust_unknown,resolutions,10.0000,10,2026-11\n");
+    export.push_str("USD,cust_unknown,resolutions,99.0000,99,2026-10\n");
+    f.write("old-biller.csv", export.as_bytes());
+
+    let run = reconcile(
+        &f,
+        &[
+            "old-biller.csv",
+            "tally.jsonl",
+            "--differences",
+            "differences.csv",
+        ],
+    );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let agreeing = lines.len() - 2;
+    let zero_lines = lines.len() - billed.len();
+    assert_shows(
+        &run.stdout,
+        &[
+            &format!("  expected old-biller.csv: {} lines; 1 line of other months left out", billed.len()),
+            &format!("Agree: {agreeing} lines ({zero_lines} of them zero lines only one source has). Differ: 3 lines."),
+            "They differ in 3 lines.",
+        ],
+    );
+    let differences = f.read("differences.csv");
+    let rows: Vec<Vec<&str>> = differences
+        .lines()
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows[0].join(","), "customer,price,adjusts_period,what,expected_quantity,actual_quantity,expected_amount,expected_currency,actual_amount,actual_currency,amount_difference,expected_at,actual_at");
+    let row_of = |line: &Value| {
+        (rows.iter())
+            .find(|r| r[0] == text(line, "customer") && r[1] == text(line, "price"))
+            .unwrap_or_else(|| panic!("no row for {line}:\n{differences}"))
+    };
+    let more_row = row_of(more);
+    assert_eq!(
+        (more_row[3], more_row[9], more_row[10]),
+        ("amount", text(more, "currency").as_str(), "-0.0100")
+    );
+    assert_eq!(more_row[8], text(more, "amount"));
+    let missed_row = row_of(missed);
+    assert_eq!(
+        (missed_row[3], missed_row[10]),
+        ("only_actual", text(missed, "amount").as_str())
+    );
+    assert_eq!(missed_row[11], "");
+    let unknown = rows.iter().find(|r| r[0] == "cust_unknown").unwrap();
+    assert_eq!(
+        (unknown[3], unknown[6], unknown[7], unknown[10], unknown[11]),
+        (
+            "only_expected",
+            "10.0000",
+            "usd",
+            "-10.0000",
+            // The header, the billed lines but the missed one, then this.
+            format!("old-biller.csv line {}", billed.len() + 1).as_str()
+        )
+    );
+    assert_eq!(rows.len(), 4, "{differences}");
+
+    // Trouble is 2, never mistaken for a difference.
+    let missing = reconcile(&f, &["old-biller.csv", "nowhere.jsonl"]);
+    assert_eq!(missing.code, 2);
+    assert_shows(&missing.stderr, &["error: cannot read nowhere.jsonl"]);
 }

@@ -316,3 +316,68 @@ fn a_database_made_before_superseded_existed_is_brought_up_to_date() {
     // The retired line is gone from the view: the old view would still show it.
     assert_eq!(invoice_rows(&db), expected_rows(&rerated));
 }
+
+/// `tally reconcile` of `expected` against `actual` for November, with the example
+/// configuration's `[clickhouse]` pointed at the test server and `db`.
+fn reconcile(db: &Database, dir: &Path, expected: &str, actual: &str) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .current_dir(dir)
+        .args(["reconcile", "--period", "2026-11", expected, actual])
+        .arg("--config")
+        .arg(examples().join("tally.toml"))
+        .env("TALLY_CLICKHOUSE_URL", url())
+        .env("TALLY_CLICKHOUSE_DATABASE", &db.0)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    (output.status.code().unwrap(), format!("{stdout}{stderr}"))
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
+fn reconcile_checks_a_file_of_lines_against_those_stored_in_clickhouse() {
+    let db = Database::new("reconcile");
+    let dir = tempfile::tempdir().unwrap();
+    let lines = rate_into(&db, &examples().join("tally.toml"));
+    let as_rated: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.path().join("rated.jsonl"), as_rated).unwrap();
+
+    // The configuration's database, and the same named outright.
+    let place = format!("ClickHouse {}.invoice_lines at {}", db.0, url());
+    for source in ["clickhouse".to_owned(), format!("clickhouse:{}", db.0)] {
+        let (code, shown) = reconcile(&db, dir.path(), "rated.jsonl", &source);
+        assert_eq!(code, 0, "{shown}");
+        assert!(
+            shown.contains(&format!("actual   {place}: 2 lines")),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("Agree: 2 lines. Differ: 0 lines."),
+            "{shown}"
+        );
+    }
+
+    // Re-rated with a larger discount: the stored resolutions line no longer agrees.
+    let repriced =
+        example_config_with(dir.path(), "percent_off = \"12.5\"", "percent_off = \"50\"");
+    let rerated = rate_into(&db, &repriced);
+    let (was, now) = (&lines[0]["amount"], &rerated[0]["amount"]);
+    assert_eq!((was.as_str(), now.as_str()), (Some("42.87"), Some("24.50")));
+    let (code, shown) = reconcile(&db, dir.path(), "rated.jsonl", "clickhouse");
+    assert_eq!(code, 1, "{shown}");
+    assert!(shown.contains("Agree: 1 line. Differ: 1 line."), "{shown}");
+    assert!(
+        shown.contains(concat!(
+            "  customer   price        what    expected quantity  actual quantity  expected amount  actual amount  amount difference\n",
+            "  cust_acme  resolutions  amount  2                  2                42.87 usd        24.50 usd      -18.37 usd\n",
+        )),
+        "{shown}"
+    );
+    assert!(shown.ends_with("They differ in 1 line.\n"), "{shown}");
+
+    // A database that does not exist is an error (2), not a difference.
+    let (code, shown) = reconcile(&db, dir.path(), "rated.jsonl", "clickhouse:tally_nowhere");
+    assert_eq!(code, 2, "{shown}");
+    assert!(shown.starts_with("error: "), "{shown}");
+}

@@ -1,5 +1,6 @@
-//! The files in examples/ rate to the figures the README shows, `tally explain` prints
-//! what the README shows of them, and the alerting rules in deploy/ pass their tests.
+//! The files in examples/ rate to the figures the README shows, `tally explain` and
+//! `tally reconcile` print what the README shows of them, and the alerting rules in
+//! deploy/ pass their tests.
 
 use std::path::Path;
 use std::process::Command;
@@ -44,6 +45,64 @@ fn the_example_invoice_is_explained_as_the_readme_shows() {
     assert!(
         readme.contains(&format!("```text\n{explained}```")),
         "the README shows this output of `tally explain`:\n{explained}"
+    );
+}
+
+#[test]
+fn the_example_reconciliation_with_another_biller_is_as_the_readme_shows() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let tally = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The README's commands, run from a copy of the repository's examples/.
+    std::fs::create_dir(dir.path().join("examples")).unwrap();
+    for file in ["tally.toml", "events.jsonl", "old-biller.csv"] {
+        let example = Path::new("examples").join(file);
+        std::fs::copy(root.join(&example), dir.path().join(&example)).unwrap();
+    }
+    let rated = tally(&[
+        "rate",
+        "--config",
+        "examples/tally.toml",
+        "--events",
+        "examples/events.jsonl",
+        "--period",
+        "2026-11",
+        "--now",
+        "2026-12-15T00:00:00Z",
+        "--format",
+        "json",
+        "--output",
+        "lines.jsonl",
+    ]);
+    assert!(
+        rated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rated.stderr)
+    );
+    let reconciled = tally(&[
+        "reconcile",
+        "--period",
+        "2026-11",
+        "examples/old-biller.csv",
+        "lines.jsonl",
+    ]);
+    // The old biller rounded the discount's tie half to even: a cent apart.
+    assert_eq!(reconciled.status.code(), Some(1));
+    let report = String::from_utf8(reconciled.stdout).unwrap();
+    assert!(
+        report.contains("  cust_acme  resolutions  amount  2                  2                42.88 usd        42.87 usd      -0.01 usd\n"),
+        "{report}"
+    );
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("```text\n{report}```")),
+        "the README shows this output of `tally reconcile`:\n{report}"
     );
 }
 

@@ -350,6 +350,22 @@ database = "{database}"
             .unwrap()
     }
 
+    /// `tally reconcile` of the lines `tally rate` last wrote for the period (by
+    /// [`Pipeline::expected`]) against the pipeline's `invoice_lines`, as finance runs
+    /// it: the exit status and the report.
+    pub fn reconcile_with_expected(&self) -> (Option<i32>, String) {
+        let expected = self.dir.path().join("expected.jsonl");
+        let expected = expected.to_str().unwrap();
+        let period = self.period;
+        let output = self.tally(
+            &["reconcile", "--period", period, expected, "clickhouse"],
+            &[],
+        );
+        let report =
+            String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+        (output.status.code(), report.into_owned())
+    }
+
     /// `tally rate`'s lines for the period: what ClickHouse must end up with.
     pub fn expected(&self) -> Vec<Line> {
         self.rate(&self.events, self.period)

@@ -55,6 +55,11 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     p.wait_for(&expected, Duration::from_secs(180));
     p.wait_for_rated(&expected, Duration::from_secs(60));
     assert_windows_add_up_to_lines(&p, &expected);
+    // Finance's own check says the same.
+    let (code, report) = p.reconcile_with_expected();
+    assert_eq!(code, Some(0), "{report}");
+    let agree = format!("Agree: {} lines. Differ: 0 lines.", expected.len());
+    assert!(report.contains(&agree), "{report}");
 
     // Every poison message is in the rejected topic, bytes intact, with its reason.
     let rejected = p.read_topic("rejected");

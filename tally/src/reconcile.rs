@@ -1,0 +1,921 @@
+//! `tally reconcile`: two sets of one month's invoice lines compared line by line, for
+//! finance running two billing systems side by side while customers move over, or
+//! checking the streaming pipeline against a batch run of the same events.
+//!
+//! In: two sources of lines, each a file (JSON lines as `tally rate --format json`
+//! writes them, or CSV with a header row, as `--format csv` writes them or another
+//! biller exports them) or a ClickHouse database's `invoice_lines`. Lines are matched on
+//! (customer, price, the closed month an adjustment is for). Out: the lines whose
+//! quantity, amount or currency differ, the lines only one source has, and the totals
+//! per currency of both; the exit status says whether they agree.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, NaiveDateTime, Utc};
+use clap::Args;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tally_rater::clickhouse::ClickHouse;
+use tally_schemas::config::Config;
+use tally_schemas::decimal::parse_exact;
+use tally_schemas::records::InvoiceLine;
+use tally_schemas::time::Period;
+
+use crate::report::csv_field;
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The month whose lines to compare, e.g. 2026-11. Lines of other months in a file
+    /// (by its `period_start`) are left out and counted.
+    #[arg(long)]
+    period: Period,
+    /// The reference lines (the biller customers were invoiced by, say): a file
+    /// (`.csv`, otherwise JSON lines; `-` reads stdin), `clickhouse` (the
+    /// `invoice_lines` of the configuration's `[clickhouse]` database) or
+    /// `clickhouse:DATABASE` (another database on that server, e.g. `tally_batch`).
+    expected: String,
+    /// The lines to check against them, in the same forms.
+    actual: String,
+    /// The configuration whose `[clickhouse]` section (with its environment overrides)
+    /// a `clickhouse` source reads; only read for one.
+    #[arg(long, default_value = "tally.toml")]
+    config: PathBuf,
+    /// Also write every line that does not agree to this CSV file.
+    #[arg(long, value_name = "PATH")]
+    differences: Option<PathBuf>,
+}
+
+/// Compares the two sources and prints the report; `Ok(false)` when they differ.
+pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
+    let expected = read_source(&args.expected, args.period, &args.config)?;
+    let actual = read_source(&args.actual, args.period, &args.config)?;
+    let reconciliation = Reconciliation::of(&expected, &actual)?;
+    let mut out = io::stdout().lock();
+    reconciliation.write_report(&mut out, args.period, &expected, &actual)?;
+    out.flush()?;
+    if let Some(path) = &args.differences {
+        let mut file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        reconciliation
+            .write_differences(&mut file)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(reconciliation.agrees())
+}
+
+/// What identifies a line across billers.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct LineKey {
+    customer: String,
+    price: String,
+    /// The closed month an adjustment line bills late usage of.
+    adjusts: Option<Period>,
+}
+
+/// What must agree, and where the line was read (for the report).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Figures {
+    quantity: Decimal,
+    amount: Decimal,
+    /// Lowercase ISO 4217, so `USD` and `usd` agree.
+    currency: String,
+    at: String,
+}
+
+impl Figures {
+    fn is_zero(&self) -> bool {
+        self.quantity.is_zero() && self.amount.is_zero()
+    }
+
+    fn agrees_with(&self, other: &Figures) -> bool {
+        // Decimal equality is by value: 12.5 and 12.50 agree.
+        self.quantity == other.quantity
+            && self.amount == other.amount
+            && self.currency == other.currency
+    }
+}
+
+/// One source's lines of the month.
+#[derive(Debug, Default)]
+struct Lines {
+    /// How the report names the source.
+    name: String,
+    by_key: BTreeMap<LineKey, Figures>,
+    /// Lines of other months, left out.
+    other_periods: usize,
+}
+
+impl Lines {
+    fn named(name: String) -> Self {
+        Lines {
+            name,
+            ..Lines::default()
+        }
+    }
+
+    fn add(&mut self, key: LineKey, figures: Figures) -> anyhow::Result<()> {
+        if let Some(first) = self.by_key.get(&key) {
+            bail!(
+                "{}: a second line for customer {:?}, price {:?}{} (the first is {}); a source has one line per customer and price of the month",
+                figures.at,
+                key.customer,
+                key.price,
+                adjusts_text(key.adjusts),
+                first.at
+            );
+        }
+        self.by_key.insert(key, figures);
+        Ok(())
+    }
+
+    fn add_invoice_line(&mut self, line: InvoiceLine, at: String) -> anyhow::Result<()> {
+        let key = LineKey {
+            customer: line.customer,
+            price: line.price,
+            adjusts: line.adjusts_period,
+        };
+        let figures = Figures {
+            quantity: line.quantity,
+            amount: line.amount,
+            currency: line.currency.to_ascii_lowercase(),
+            at,
+        };
+        self.add(key, figures)
+    }
+}
+
+fn adjusts_text(adjusts: Option<Period>) -> String {
+    adjusts.map_or_else(String::new, |p| format!(", adjusting {p}"))
+}
+
+fn read_source(source: &str, period: Period, config: &Path) -> anyhow::Result<Lines> {
+    match source.strip_prefix("clickhouse") {
+        Some(rest) if rest.is_empty() || rest.starts_with(':') => {
+            read_clickhouse(rest.strip_prefix(':'), period, config)
+        }
+        _ => read_file(source, period),
+    }
+}
+
+/// The current lines billed in `period` of `invoice_lines`, in the configuration's
+/// database or `database` on the same server.
+fn read_clickhouse(database: Option<&str>, period: Period, config: &Path) -> anyhow::Result<Lines> {
+    let shown = config.display().to_string();
+    let config = Config::load(config)?;
+    let settings = config.services(&shown, &|name| std::env::var(name).ok())?;
+    let store = &settings.clickhouse;
+    let database = database.unwrap_or(&store.database);
+    let clickhouse = ClickHouse::new(&store.url, database)
+        .with_context(|| format!("database {database:?}"))?
+        .with_credentials(&store.credentials);
+    let place = format!("{database}.invoice_lines at {}", store.url);
+    let mut lines = Lines::named(format!("ClickHouse {place}"));
+    for line in clickhouse.lines(period, None)? {
+        let at = format!("{place}, line {}", line.id);
+        lines.add_invoice_line(line, at)?;
+    }
+    Ok(lines)
+}
+
+fn read_file(path: &str, period: Period) -> anyhow::Result<Lines> {
+    let mut text = String::new();
+    if path == "-" {
+        io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read lines from stdin")?;
+    } else {
+        text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+    }
+    let name = if path == "-" { "stdin" } else { path };
+    let format = match path.to_ascii_lowercase().ends_with(".csv") {
+        true => FileFormat::Csv,
+        false => FileFormat::JsonLines,
+    };
+    lines_of_text(name, &text, format, period)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum FileFormat {
+    JsonLines,
+    Csv,
+}
+
+/// A file's lines of `period`, named `name` in the report and in errors.
+fn lines_of_text(
+    name: &str,
+    text: &str,
+    format: FileFormat,
+    period: Period,
+) -> anyhow::Result<Lines> {
+    let mut lines = Lines::named(name.to_owned());
+    let rows = match format {
+        FileFormat::Csv => csv_rows(name, text)?,
+        FileFormat::JsonLines => json_rows(name, text)?,
+    };
+    for (at, row) in rows {
+        let in_period = match given(&row.period_start) {
+            None => true,
+            Some(start) => {
+                let start =
+                    period_of(start).with_context(|| format!("{at}: period_start {start:?}"))?;
+                start == period
+            }
+        };
+        if !in_period {
+            lines.other_periods += 1;
+            continue;
+        }
+        let key = LineKey {
+            customer: row.customer,
+            price: row.price,
+            adjusts: match given(&row.adjusts_period) {
+                None => None,
+                Some(p) => Some(
+                    Period::from_str(p).with_context(|| format!("{at}: adjusts_period {p:?}"))?,
+                ),
+            },
+        };
+        let figures = Figures {
+            quantity: decimal(&row.quantity).with_context(|| format!("{at}: quantity"))?,
+            amount: decimal(&row.amount).with_context(|| format!("{at}: amount"))?,
+            currency: row.currency.trim().to_ascii_lowercase(),
+            at,
+        };
+        lines.add(key, figures)?;
+    }
+    Ok(lines)
+}
+
+/// A line as a file gives it, its figures still text.
+#[derive(Debug, Deserialize)]
+struct Row {
+    customer: String,
+    price: String,
+    quantity: String,
+    amount: String,
+    currency: String,
+    /// The month the line is billed in: RFC 3339, `2026-11-01 00:00:00` or `2026-11`.
+    period_start: Option<String>,
+    adjusts_period: Option<String>,
+}
+
+/// The columns a CSV file must have.
+const REQUIRED_COLUMNS: [&str; 5] = ["customer", "price", "quantity", "amount", "currency"];
+
+/// A row and where it was read.
+type NumberedRow = (String, Row);
+
+/// A header row naming at least customer, price, quantity, amount and currency (in any
+/// order; other columns are ignored), then one row per line.
+fn csv_rows(name: &str, text: &str) -> anyhow::Result<Vec<NumberedRow>> {
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let headers = (reader.headers())
+        .with_context(|| format!("{name}: cannot read the header row"))?
+        .clone();
+    let missing: Vec<&str> = (REQUIRED_COLUMNS.iter().copied())
+        .filter(|column| !headers.iter().any(|h| h == *column))
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{name}: the header row has no column {}; it needs {} (other columns are ignored), and has {}",
+        missing.join(", "),
+        REQUIRED_COLUMNS.join(", "),
+        headers.iter().collect::<Vec<_>>().join(", ")
+    );
+    let mut rows = Vec::new();
+    let mut record = csv::StringRecord::new();
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(false) => return Ok(rows),
+            Ok(true) => {
+                let at = format!("{name} line {}", record.position().map_or(0, |p| p.line()));
+                match record.deserialize::<Row>(Some(&headers)) {
+                    Ok(row) => rows.push((at, row)),
+                    Err(e) => bail!("{at}: {}", csv_error(&e, &headers)),
+                }
+            }
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                match e.kind() {
+                    csv::ErrorKind::UnequalLengths {
+                        expected_len, len, ..
+                    } => bail!(
+                        "{name} line {line}: {len} fields where the header row has {expected_len}"
+                    ),
+                    _ => bail!("{name} line {line}: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// The error with the column it is in named by its header.
+fn csv_error(error: &csv::Error, headers: &csv::StringRecord) -> String {
+    match error.kind() {
+        csv::ErrorKind::Deserialize { err, .. } => {
+            match err
+                .field()
+                .and_then(|f| headers.get(usize::try_from(f).ok()?))
+            {
+                Some(column) => format!("column {column}: {}", err.kind()),
+                None => err.kind().to_string(),
+            }
+        }
+        _ => error.to_string(),
+    }
+}
+
+/// One JSON object per line; figures as decimal strings or JSON numbers, read exactly.
+fn json_rows(name: &str, text: &str) -> anyhow::Result<Vec<NumberedRow>> {
+    #[derive(Deserialize)]
+    struct JsonRow<'a> {
+        customer: String,
+        price: String,
+        #[serde(borrow)]
+        quantity: &'a RawValue,
+        #[serde(borrow)]
+        amount: &'a RawValue,
+        currency: String,
+        period_start: Option<String>,
+        adjusts_period: Option<String>,
+    }
+    // A JSON string's contents, or a number's own digits: never through f64.
+    let figure = |raw: &RawValue| -> String {
+        serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_owned())
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(index, line)| {
+            let at = format!("{name} line {}", index + 1);
+            let row: JsonRow = serde_json::from_str(line).with_context(|| at.clone())?;
+            let row = Row {
+                customer: row.customer,
+                price: row.price,
+                quantity: figure(row.quantity),
+                amount: figure(row.amount),
+                currency: row.currency,
+                period_start: row.period_start,
+                adjusts_period: row.adjusts_period,
+            };
+            Ok((at, row))
+        })
+        .collect()
+}
+
+/// A cell's text, `None` when empty: CSV has no null.
+fn given(cell: &Option<String>) -> Option<&str> {
+    cell.as_deref().map(str::trim).filter(|c| !c.is_empty())
+}
+
+fn decimal(text: &str) -> anyhow::Result<Decimal> {
+    parse_exact(text.trim()).map_err(|e| anyhow::anyhow!("{text:?} {e}"))
+}
+
+/// The month a `period_start` names.
+fn period_of(text: &str) -> anyhow::Result<Period> {
+    let text = text.trim();
+    if let Ok(period) = Period::from_str(text) {
+        return Ok(period);
+    }
+    let start = DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|_| NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S").map(|t| t.and_utc()))
+        .map_err(|_| {
+            anyhow::anyhow!("is not a month (2026-11) or a time (RFC 3339 or 2026-11-01 00:00:00)")
+        })?;
+    let period = Period::containing(start);
+    anyhow::ensure!(period.start() == start, "is not the start of a month (UTC)");
+    Ok(period)
+}
+
+/// `1 line`, `2 lines`.
+fn count(n: usize, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
+/// A line whose figures disagree, or that one source has and the other does not.
+#[derive(Debug, PartialEq, Eq)]
+struct Difference<'l> {
+    key: &'l LineKey,
+    expected: Option<&'l Figures>,
+    actual: Option<&'l Figures>,
+}
+
+/// What the two sources agree and disagree on.
+#[derive(Debug)]
+struct Reconciliation<'l> {
+    agreed: usize,
+    /// Lines with zero quantity and amount that only one source has: a biller that
+    /// leaves out zero lines agrees with one that writes them.
+    zero_on_one_side: usize,
+    differences: Vec<Difference<'l>>,
+    /// Per currency: the expected and the actual total.
+    totals: BTreeMap<&'l str, (Decimal, Decimal)>,
+}
+
+impl<'l> Reconciliation<'l> {
+    fn of(expected: &'l Lines, actual: &'l Lines) -> anyhow::Result<Self> {
+        let mut reconciliation = Reconciliation {
+            agreed: 0,
+            zero_on_one_side: 0,
+            differences: Vec::new(),
+            totals: BTreeMap::new(),
+        };
+        for (key, figures) in &expected.by_key {
+            reconciliation.add_to_totals(figures, |totals| &mut totals.0)?;
+            match actual.by_key.get(key) {
+                Some(other) if figures.agrees_with(other) => reconciliation.agreed += 1,
+                None if figures.is_zero() => reconciliation.zero_on_one_side += 1,
+                other => reconciliation.differences.push(Difference {
+                    key,
+                    expected: Some(figures),
+                    actual: other,
+                }),
+            }
+        }
+        for (key, figures) in &actual.by_key {
+            reconciliation.add_to_totals(figures, |totals| &mut totals.1)?;
+            if !expected.by_key.contains_key(key) {
+                match figures.is_zero() {
+                    true => reconciliation.zero_on_one_side += 1,
+                    false => reconciliation.differences.push(Difference {
+                        key,
+                        expected: None,
+                        actual: Some(figures),
+                    }),
+                }
+            }
+        }
+        reconciliation.differences.sort_by_key(|d| d.key);
+        Ok(reconciliation)
+    }
+
+    fn add_to_totals(
+        &mut self,
+        figures: &'l Figures,
+        side: fn(&mut (Decimal, Decimal)) -> &mut Decimal,
+    ) -> anyhow::Result<()> {
+        let totals =
+            (self.totals.entry(&figures.currency)).or_insert((Decimal::ZERO, Decimal::ZERO));
+        let total = side(totals);
+        *total = total.checked_add(figures.amount).with_context(|| {
+            format!(
+                "{}: the {} amounts add up past the largest exact decimal (about 7.9e28)",
+                figures.at, figures.currency
+            )
+        })?;
+        Ok(())
+    }
+
+    fn agrees(&self) -> bool {
+        self.differences.is_empty()
+    }
+
+    fn write_report(
+        &self,
+        out: &mut impl Write,
+        period: Period,
+        expected: &Lines,
+        actual: &Lines,
+    ) -> io::Result<()> {
+        writeln!(out, "Reconciling {period}")?;
+        for (role, lines) in [("expected", expected), ("actual", actual)] {
+            let left_out = match lines.other_periods {
+                0 => String::new(),
+                n => format!("; {} of other months left out", count(n, "line")),
+            };
+            let read = count(lines.by_key.len(), "line");
+            writeln!(out, "  {role:<8} {}: {read}{left_out}", lines.name)?;
+        }
+        writeln!(out)?;
+        let zero = match self.zero_on_one_side {
+            0 => String::new(),
+            n => format!(" ({n} of them zero lines only one source has)"),
+        };
+        writeln!(
+            out,
+            "Agree: {}{zero}. Differ: {}.",
+            count(self.agreed + self.zero_on_one_side, "line"),
+            count(self.differences.len(), "line"),
+        )?;
+        if !self.differences.is_empty() {
+            writeln!(out)?;
+            self.write_difference_table(out)?;
+        }
+        writeln!(out)?;
+        writeln!(out, "Totals (actual - expected):")?;
+        for (currency, (expected, actual)) in &self.totals {
+            let difference = (actual.checked_sub(*expected)).map_or_else(
+                || "past the largest exact decimal".into(),
+                |d| d.to_string(),
+            );
+            writeln!(
+                out,
+                "  {currency}  expected {expected}  actual {actual}  difference {difference}"
+            )?;
+        }
+        writeln!(out)?;
+        match self.agrees() {
+            true => writeln!(out, "The two agree on every line."),
+            false => writeln!(
+                out,
+                "They differ in {}.",
+                count(self.differences.len(), "line")
+            ),
+        }
+    }
+
+    fn write_difference_table(&self, out: &mut impl Write) -> io::Result<()> {
+        let header = [
+            "customer",
+            "price",
+            "adjusts",
+            "what",
+            "expected quantity",
+            "actual quantity",
+            "expected amount",
+            "actual amount",
+            "amount difference",
+        ];
+        let rows: Vec<[String; 9]> = self.differences.iter().map(Difference::table_row).collect();
+        // The adjusted month's column only when a line adjusts one.
+        const ADJUSTS: usize = 2;
+        let shown =
+            |column: usize| column != ADJUSTS || rows.iter().any(|r| !r[ADJUSTS].is_empty());
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let mut write_row = |cells: &[&str]| -> io::Result<()> {
+            let text: Vec<String> = (cells.iter().zip(widths).enumerate())
+                .filter(|(column, _)| shown(*column))
+                .map(|(_, (cell, width))| format!("{cell:<width$}"))
+                .collect();
+            writeln!(out, "  {}", text.join("  ").trim_end())
+        };
+        write_row(&header)?;
+        for row in &rows {
+            write_row(&row.each_ref().map(String::as_str))?;
+        }
+        Ok(())
+    }
+
+    fn write_differences(&self, out: &mut impl Write) -> io::Result<()> {
+        writeln!(out, "{DIFFERENCES_HEADER}")?;
+        for difference in &self.differences {
+            let row = difference.csv_row().map(|cell| csv_field(&cell));
+            writeln!(out, "{}", row.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// The columns of `--differences`: the line, what differs (`only_expected`,
+/// `only_actual`, `currency`, `quantity` or `amount`), both sides' figures, actual minus
+/// expected amount (empty when the currencies differ), and where each side was read.
+const DIFFERENCES_HEADER: &str = "customer,price,adjusts_period,what,expected_quantity,actual_quantity,expected_amount,expected_currency,actual_amount,actual_currency,amount_difference,expected_at,actual_at";
+
+impl Difference<'_> {
+    /// What differs, in words.
+    fn what(&self) -> &'static str {
+        match (self.expected, self.actual) {
+            (Some(_), None) => "only expected",
+            (None, Some(_)) => "only actual",
+            (Some(e), Some(a)) if e.currency != a.currency => "currency",
+            (Some(e), Some(a)) if e.quantity != a.quantity => "quantity",
+            _ => "amount",
+        }
+    }
+
+    /// Actual minus expected amount (a missing line counting zero), in their one
+    /// currency; `None` when the two are in different currencies (or the difference is
+    /// past the largest exact decimal).
+    fn amount_difference(&self) -> Option<(Decimal, &str)> {
+        match (self.expected, self.actual) {
+            (Some(e), Some(a)) if e.currency != a.currency => None,
+            (Some(e), Some(a)) => Some((a.amount.checked_sub(e.amount)?, &a.currency)),
+            (Some(e), None) => Some((-e.amount, &e.currency)),
+            (None, Some(a)) => Some((a.amount, &a.currency)),
+            (None, None) => None,
+        }
+    }
+
+    /// The report's cells: customer, price, adjusted month, what differs, both
+    /// quantities, both amounts and their difference, each with its currency.
+    fn table_row(&self) -> [String; 9] {
+        let missing = || "-".to_owned();
+        let quantity = |f: Option<&Figures>| f.map_or_else(missing, |f| f.quantity.to_string());
+        let amount = |f: Option<&Figures>| {
+            f.map_or_else(missing, |f| format!("{} {}", f.amount, f.currency))
+        };
+        [
+            self.key.customer.clone(),
+            self.key.price.clone(),
+            self.key.adjusts.map_or_else(String::new, |p| p.to_string()),
+            self.what().to_owned(),
+            quantity(self.expected),
+            quantity(self.actual),
+            amount(self.expected),
+            amount(self.actual),
+            (self.amount_difference())
+                .map_or_else(missing, |(amount, currency)| format!("{amount} {currency}")),
+        ]
+    }
+
+    /// The CSV file's cells, one value each (see [`DIFFERENCES_HEADER`]).
+    fn csv_row(&self) -> [String; 13] {
+        let (expected, actual) = (self.expected, self.actual);
+        let cell = |f: Option<&Figures>, of: fn(&Figures) -> String| f.map_or_else(String::new, of);
+        let quantity = |f: &Figures| f.quantity.to_string();
+        let amount = |f: &Figures| f.amount.to_string();
+        let currency = |f: &Figures| f.currency.clone();
+        let at = |f: &Figures| f.at.clone();
+        [
+            self.key.customer.clone(),
+            self.key.price.clone(),
+            self.key.adjusts.map_or_else(String::new, |p| p.to_string()),
+            self.what().replace(' ', "_"),
+            cell(expected, quantity),
+            cell(actual, quantity),
+            cell(expected, amount),
+            cell(expected, currency),
+            cell(actual, amount),
+            cell(actual, currency),
+            (self.amount_difference()).map_or_else(String::new, |(amount, _)| amount.to_string()),
+            cell(expected, at),
+            cell(actual, at),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn november() -> Period {
+        Period::from_str("2026-11").unwrap()
+    }
+
+    fn json(text: &str) -> Lines {
+        lines_of_text("a.jsonl", text, FileFormat::JsonLines, november()).unwrap()
+    }
+
+    fn csv(text: &str) -> Lines {
+        lines_of_text("b.csv", text, FileFormat::Csv, november()).unwrap()
+    }
+
+    fn error(name: &str, text: &str, format: FileFormat) -> String {
+        let error = lines_of_text(name, text, format, november()).unwrap_err();
+        format!("{error:#}")
+    }
+
+    fn report(expected: &Lines, actual: &Lines) -> String {
+        let mut out = Vec::new();
+        (Reconciliation::of(expected, actual).unwrap())
+            .write_report(&mut out, november(), expected, actual)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn figures_agree_by_value_whatever_their_form_and_zero_lines_one_side_leaves_out_agree() {
+        let expected = json(concat!(
+            r#"{"customer":"acme","price":"tokens","quantity":"1200","amount":"12.50","currency":"usd","tiers":[]}"#,
+            "\n\n",
+            r#"{"customer":"acme","price":"seats","quantity":0,"amount":"0","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"acme","price":"tokens","quantity":"7","amount":1.5,"currency":"usd","adjusts_period":"2026-10"}"#,
+            "\n",
+        ));
+        let actual = csv(concat!(
+            "amount,currency,customer,price,quantity,note,adjusts_period\n",
+            "12.5,USD,acme,tokens,1200.000,\"from the old biller, rounded\",\n",
+            "1.50,usd,acme,tokens,7,,2026-10\n",
+        ));
+        let reconciliation = Reconciliation::of(&expected, &actual).unwrap();
+        assert!(reconciliation.agrees());
+        assert_eq!(
+            (reconciliation.agreed, reconciliation.zero_on_one_side),
+            (2, 1)
+        );
+        let shown = report(&expected, &actual);
+        assert!(
+            shown.contains(
+                "Agree: 3 lines (1 of them zero lines only one source has). Differ: 0 lines."
+            ),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("usd  expected 14.00  actual 14.00  difference 0.00"),
+            "{shown}"
+        );
+        assert!(shown.ends_with("The two agree on every line.\n"), "{shown}");
+    }
+
+    #[test]
+    fn each_kind_of_difference_is_listed_once_with_both_sides_and_the_amount_it_moves() {
+        let line = |customer: &str, quantity: &str, amount: &str, currency: &str| {
+            format!(
+                r#"{{"customer":"{customer}","price":"tokens","quantity":"{quantity}","amount":"{amount}","currency":"{currency}"}}"#
+            )
+        };
+        let expected = json(
+            &[
+                line("a_same", "1", "1.00", "usd"),
+                line("b_amount", "10", "2.00", "usd"),
+                line("c_quantity", "10", "2.00", "usd"),
+                line("d_currency", "10", "200", "jpy"),
+                line("e_gone", "5", "3.10", "usd"),
+            ]
+            .join("\n"),
+        );
+        let actual = json(
+            &[
+                line("a_same", "1", "1", "usd"),
+                line("b_amount", "10", "2.01", "usd"),
+                line("c_quantity", "11", "2.00", "usd"),
+                line("d_currency", "10", "200", "eur"),
+                line("f_new", "0", "4", "usd"),
+            ]
+            .join("\n"),
+        );
+        let reconciliation = Reconciliation::of(&expected, &actual).unwrap();
+        assert!(!reconciliation.agrees());
+        let rows: Vec<[String; 13]> = (reconciliation.differences.iter())
+            .map(Difference::csv_row)
+            .collect();
+        let expected_rows = [
+            [
+                "b_amount", "amount", "10", "10", "2.00", "usd", "2.01", "usd", "0.01",
+            ],
+            [
+                "c_quantity",
+                "quantity",
+                "10",
+                "11",
+                "2.00",
+                "usd",
+                "2.00",
+                "usd",
+                "0.00",
+            ],
+            [
+                "d_currency",
+                "currency",
+                "10",
+                "10",
+                "200",
+                "jpy",
+                "200",
+                "eur",
+                "",
+            ],
+            [
+                "e_gone",
+                "only_expected",
+                "5",
+                "",
+                "3.10",
+                "usd",
+                "",
+                "",
+                "-3.10",
+            ],
+            ["f_new", "only_actual", "", "0", "", "", "4", "usd", "4"],
+        ];
+        assert_eq!(rows.len(), expected_rows.len());
+        for (row, wanted) in rows.iter().zip(expected_rows) {
+            let shown: Vec<&str> = [0, 3, 4, 5, 6, 7, 8, 9, 10]
+                .iter()
+                .map(|&i| row[i].as_str())
+                .collect();
+            assert_eq!(shown, wanted);
+        }
+        assert_eq!(rows[0][11], "a.jsonl line 2");
+        assert_eq!(rows[4][12], "a.jsonl line 5");
+        assert_eq!(
+            reconciliation.totals,
+            BTreeMap::from([
+                ("eur", (Decimal::ZERO, Decimal::from(200))),
+                ("jpy", (Decimal::from(200), Decimal::ZERO)),
+                ("usd", (Decimal::new(810, 2), Decimal::new(901, 2))),
+            ])
+        );
+        let shown = report(&expected, &actual);
+        assert!(shown.contains("Agree: 1 line. Differ: 5 lines."), "{shown}");
+        assert!(
+            shown.contains("  e_gone      tokens  only expected  5                  -                3.10 usd         -              -3.10 usd"),
+            "{shown}"
+        );
+        assert!(shown.ends_with("They differ in 5 lines.\n"), "{shown}");
+    }
+
+    #[test]
+    fn an_adjustment_is_its_own_line_and_the_table_names_the_month_it_adjusts() {
+        let expected = json(concat!(
+            r#"{"customer":"acme","price":"tokens","quantity":"10","amount":"1.00","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"acme","price":"tokens","quantity":"2","amount":"0.20","currency":"usd","adjusts_period":"2026-10"}"#,
+        ));
+        let actual = json(
+            r#"{"customer":"acme","price":"tokens","quantity":"10","amount":"1.00","currency":"usd","adjusts_period":null}"#,
+        );
+        let shown = report(&expected, &actual);
+        assert!(
+            shown.contains(concat!(
+                "  customer  price   adjusts  what           expected quantity  actual quantity  expected amount  actual amount  amount difference\n",
+                "  acme      tokens  2026-10  only expected  2                  -                0.20 usd         -              -0.20 usd\n",
+            )),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn json_numbers_are_read_digit_for_digit() {
+        let lines = json(
+            r#"{"customer":"acme","price":"tokens","quantity":12345678901234567.891,"amount":0.1000000000000000000000000001,"currency":"usd"}"#,
+        );
+        let figures = lines.by_key.values().next().unwrap();
+        assert_eq!(figures.quantity.to_string(), "12345678901234567.891");
+        assert_eq!(figures.amount.to_string(), "0.1000000000000000000000000001");
+    }
+
+    #[test]
+    fn lines_of_other_months_are_left_out_and_counted_and_adjustments_kept_apart() {
+        let lines = csv(concat!(
+            "customer,price,quantity,amount,currency,period_start,adjusts_period\n",
+            "acme,tokens,1,1,usd,2026-11-01T00:00:00Z,\n",
+            "acme,tokens,2,2,usd,2026-11-01 00:00:00,2026-10\n",
+            "acme,seats,3,3,usd,2026-11,\n",
+            "acme,tokens,4,4,usd,2026-10-01T00:00:00Z,\n",
+            "acme,tokens,5,5,usd,2026-12-01 00:00:00,\n",
+        ));
+        assert_eq!(lines.other_periods, 2);
+        let keys: Vec<(&str, Option<String>)> = (lines.by_key.keys())
+            .map(|k| (k.price.as_str(), k.adjusts.map(|p| p.to_string())))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("seats", None),
+                ("tokens", None),
+                ("tokens", Some("2026-10".to_owned()))
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_input_is_refused_saying_where_and_why() {
+        let csv_error = |text: &str| error("old.csv", text, FileFormat::Csv);
+        assert_eq!(
+            csv_error("customer,price,qty,amount\nacme,tokens,1,1\n"),
+            "old.csv: the header row has no column quantity, currency; it needs customer, price, quantity, amount, currency (other columns are ignored), and has customer, price, qty, amount"
+        );
+        assert_eq!(
+            csv_error("customer,price,quantity,amount,currency\nacme,tokens,1,1,usd\nacme,seats,1,\"12,5\",usd\n"),
+            "old.csv line 3: amount: \"12,5\" is not a decimal number"
+        );
+        assert_eq!(
+            csv_error("customer,price,quantity,amount,currency\nacme,tokens,1,1,usd\nacme,tokens,2,2,usd\n"),
+            "old.csv line 3: a second line for customer \"acme\", price \"tokens\" (the first is old.csv line 2); a source has one line per customer and price of the month"
+        );
+        assert_eq!(
+            csv_error("customer,price,quantity,amount,currency,period_start\nacme,tokens,1,1,usd,2026-11-15 00:00:00\n"),
+            "old.csv line 2: period_start \"2026-11-15 00:00:00\": is not the start of a month (UTC)"
+        );
+        assert_eq!(
+            csv_error("customer,price,quantity,amount,currency\nacme,tokens,1,1\n"),
+            "old.csv line 2: 4 fields where the header row has 5"
+        );
+        let json_error = error(
+            "new.jsonl",
+            r#"{"customer":"acme","price":"tokens","quantity":"1","currency":"usd"}"#,
+            FileFormat::JsonLines,
+        );
+        assert!(
+            json_error.starts_with("new.jsonl line 1: missing field `amount`"),
+            "{json_error}"
+        );
+        let huge = json(concat!(
+            r#"{"customer":"a","price":"p","quantity":"1","amount":"70000000000000000000000000000","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"b","price":"p","quantity":"1","amount":"70000000000000000000000000000","currency":"usd"}"#,
+        ));
+        let refused = Reconciliation::of(&huge, &huge).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "a.jsonl line 2: the usd amounts add up past the largest exact decimal (about 7.9e28)"
+        );
+    }
+}
