@@ -276,6 +276,11 @@ fn show_where_the_data_is(dir: &Path, period: Period) {
         shown("tally.toml"),
         shown("events.jsonl")
     );
+    println!(
+        "  {} reconcile --period {period} <another biller's export.csv> {}",
+        tally.display(),
+        shown(LINES_CSV)
+    );
 }
 
 fn indent(text: &str) -> String {
