@@ -215,3 +215,52 @@ fn the_alerting_rules_fire_as_their_tests_say() {
         );
     }
 }
+
+/// docker-compose.yml's deployment cannot run here (no Docker engine), but its
+/// tally.toml must pass the validation every service runs at start, with the
+/// environment the compose file gives the services (its `x-tally` block, defaults
+/// substituted as compose does when the variables are unset).
+#[test]
+fn the_compose_deployments_configuration_is_valid_with_the_environment_compose_sets() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
+    let block = compose
+        .split_once("  environment: &tally-env\n")
+        .expect("docker-compose.yml has the x-tally environment block")
+        .1;
+    let environment: Vec<(&str, &str)> = block
+        .lines()
+        .take_while(|line| line.starts_with("    "))
+        .map(|line| {
+            let (name, value) = line.trim().split_once(": ").unwrap();
+            // `${NAME:-default}` is its default when NAME is unset.
+            let value = match value.strip_prefix("${") {
+                Some(variable) => variable.split_once(":-").unwrap().1.trim_end_matches('}'),
+                None => value,
+            };
+            (name, value)
+        })
+        .collect();
+    assert!(
+        environment.iter().any(|(name, _)| *name == "TALLY_API_KEY"),
+        "{environment:?}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .current_dir(&root)
+        .args(["validate", "--config", "deploy/compose/tally.toml"])
+        .env_clear()
+        .envs(environment)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        shown.contains("services: Kafka kafka:29092 (topics tally.*), ClickHouse http://clickhouse:8123 database tally, ingest on 0.0.0.0:9101 with 1 API key(s)"),
+        "{shown}"
+    );
+    assert!(!shown.contains("warning"), "{shown}");
+}

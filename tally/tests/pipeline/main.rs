@@ -1333,8 +1333,15 @@ fn prometheus_scrapes_every_service_of_serve_all() {
             &format!("ingest=127.0.0.1:{ingest},aggregator=127.0.0.1:{aggregator},rater=127.0.0.1:{rater}"),
         ],
     );
-    let lines = p.lines();
+    let mut lines = p.lines();
+    // One event without an id among the posted ones (ingest refuses it, the rest of its
+    // batch goes on), and a message that is not JSON straight into the topic (the
+    // aggregator refuses it): the rejected counters the dashboard shows by reason.
+    let mut no_id: serde_json::Value = serde_json::from_slice(&lines[0]).unwrap();
+    no_id.as_object_mut().unwrap().remove("id");
+    lines.insert(7, no_id.to_string().into_bytes());
     let accepted = harness::post_events(ingest, &lines, 250) as f64;
+    p.produce(&[b"{not json".to_vec()]);
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(120));
 
@@ -1358,11 +1365,19 @@ fn prometheus_scrapes_every_service_of_serve_all() {
             r#"tally_http_request_duration_seconds_count{job="ingest"}"#,
             Box::new(|v| v >= 12.0),
         ),
-        // The aggregator reads every event ingest stored exactly once, whatever
-        // becomes of it.
+        (
+            r#"tally_ingest_rejected_events_total{job="ingest",reason="missing_field"}"#,
+            Box::new(|v| v == 1.0),
+        ),
+        // The aggregator reads every event ingest stored, and the message produced
+        // beside it, exactly once, whatever becomes of them.
         (
             r#"tally_aggregator_events_total{job="aggregator"}"#,
-            Box::new(move |v| v == accepted),
+            Box::new(move |v| v == accepted + 1.0),
+        ),
+        (
+            r#"tally_aggregator_rejected_events_total{job="aggregator",reason="invalid_json"}"#,
+            Box::new(|v| v == 1.0),
         ),
         (
             r#"tally_aggregator_transactions_total{job="aggregator",result="committed"}"#,
@@ -1478,15 +1493,28 @@ fn prometheus_scrapes_every_service_of_serve_all() {
     let exported: Vec<&str> = (exported["data"].as_array().unwrap().iter())
         .filter_map(|name| name.as_str())
         .collect();
-    let named: std::collections::BTreeSet<&str> = rules_text
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|word| word.starts_with("tally_"))
-        .collect();
-    assert!(named.len() >= 8, "{named:?}");
-    for name in named {
+    let metric_names = |text: &str| -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("tally_"))
+            .map(str::to_owned)
+            .collect()
+    };
+    // And the Grafana dashboard's panels query only series the services export.
+    let dashboard_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/grafana/dashboards/tally-pipeline.json");
+    let dashboard_text = std::fs::read_to_string(dashboard_file).unwrap();
+    for (what, text, at_least) in [
+        ("the rules", &rules_text, 8),
+        ("the Grafana dashboard", &dashboard_text, 25),
+    ] {
+        let named = metric_names(text);
+        assert!(named.len() >= at_least, "{what}: {named:?}");
+        let missing: Vec<&String> = (named.iter())
+            .filter(|name| !exported.contains(&name.as_str()))
+            .collect();
         assert!(
-            exported.contains(&name),
-            "the rules name {name}, which no service exports"
+            missing.is_empty(),
+            "{what} name series no service exports: {missing:?}"
         );
     }
 }
