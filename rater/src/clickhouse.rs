@@ -38,7 +38,7 @@ use tally_schemas::config::{ClickHouseCredentials, ClickHouseSettings};
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
-/// Where and why a write to ClickHouse failed.
+/// Where and why a read or write of ClickHouse failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClickHouseError {
     #[error("cannot reach ClickHouse at {url} ({source}); is it running?")]
@@ -372,10 +372,10 @@ impl ClickHouse {
 
     /// A customer's stored windows of usage billed in `period`, by series, each
     /// series' in time order (none unless the rater stores windows).
-    pub fn windows_of(
+    pub fn windows(
         &self,
-        customer: &str,
         period: Period,
+        customer: &str,
     ) -> Result<Vec<SeriesWindows>, ClickHouseError> {
         let answer = self.post(
             "read a customer's windows",
@@ -394,27 +394,35 @@ impl ClickHouse {
         let rows: Vec<WindowRowRead> = self.rows("window_usage", &answer)?;
         let mut series: Vec<SeriesWindows> = Vec::new();
         for row in rows {
-            let group: Vec<String> =
-                serde_json::from_str(&row.dimensions).map_err(|e| ClickHouseError::Unreadable {
-                    url: self.url.clone(),
-                    table: "window_usage",
-                    row: row.dimensions.clone(),
-                    error: e.to_string(),
-                })?;
-            let key = SeriesKey {
-                customer: customer.to_owned(),
-                meter: row.meter,
-                group,
-                adjusts: row.adjusts_period,
+            let unreadable = |error: String| ClickHouseError::Unreadable {
+                url: self.url.clone(),
+                table: "window_usage",
+                row: format!(
+                    "meter {}, dimensions {}, window from {}",
+                    row.meter, row.dimensions, row.window_start
+                ),
+                error,
+            };
+            let time = |seconds: i64| {
+                DateTime::from_timestamp(seconds, 0)
+                    .ok_or_else(|| unreadable(format!("{seconds} is not a time")))
             };
             let window = WindowUsage {
-                window_start: DateTime::from_timestamp(row.window_start, 0).unwrap_or_default(),
-                window_end: DateTime::from_timestamp(row.window_end, 0).unwrap_or_default(),
+                window_start: time(row.window_start)?,
+                window_end: time(row.window_end)?,
                 value: MeterValue {
                     value: row.value,
                     latest: None,
                 },
                 revision: row.revision,
+            };
+            let group: Vec<String> = serde_json::from_str(&row.dimensions)
+                .map_err(|e| unreadable(format!("dimensions: {e}")))?;
+            let key = SeriesKey {
+                customer: customer.to_owned(),
+                meter: row.meter,
+                group,
+                adjusts: row.adjusts_period,
             };
             match series.last_mut() {
                 Some((last, windows)) if **last == key => windows.push(window),
@@ -670,7 +678,7 @@ struct LineRow {
     adjusts_period: Option<Period>,
 }
 
-/// A row of `window_usage` as [`ClickHouse::windows_of`] reads it.
+/// A row of `window_usage` as [`ClickHouse::windows`] reads it.
 #[derive(Deserialize)]
 struct WindowRowRead {
     meter: String,

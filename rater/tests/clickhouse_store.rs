@@ -239,13 +239,17 @@ fn current_lines_and_a_customers_windows_read_back_as_written() {
     let mut lines = store.lines(november, Some(customer)).unwrap();
     lines.sort_by_key(|l| l.adjusts_period);
     assert_eq!(lines, [revised.clone(), adjustment.clone()]);
+    // Decimals compare by value: their scale ("4.00", not "4") is checked as text.
+    let figures =
+        |l: &InvoiceLine| [l.quantity, l.subtotal, l.discount, l.amount].map(|d| d.to_string());
+    assert_eq!(figures(&lines[0]), ["4", "3.00", "0", "4.00"]);
     assert!(store.lines(november, Some("o'")).unwrap().is_empty());
     let mut every_customers = store.lines(november, None).unwrap();
     every_customers
         .sort_by(|a, b| (&a.customer, a.adjusts_period).cmp(&(&b.customer, b.adjusts_period)));
     assert_eq!(every_customers, [other, revised, adjustment]);
 
-    let series = |group: &str, adjusts| {
+    let series_of = |customer: &str, group: &str, adjusts| {
         Arc::new(SeriesKey {
             customer: customer.into(),
             meter: "tokens".into(),
@@ -253,11 +257,12 @@ fn current_lines_and_a_customers_windows_read_back_as_written() {
             adjusts,
         })
     };
-    let window = |series: &Arc<SeriesKey>, hour: u32, value: i64| {
-        let window_start = november.start() + chrono::Duration::hours(i64::from(hour));
+    let series = |group: &str, adjusts| series_of(customer, group, adjusts);
+    let window_in = |period: Period, series: &Arc<SeriesKey>, hour: u32, value: i64| {
+        let window_start = period.start() + chrono::Duration::hours(i64::from(hour));
         StoredWindow {
             series: Arc::clone(series),
-            period_start: november.start(),
+            period_start: period.start(),
             window: WindowUsage {
                 window_start,
                 window_end: window_start + chrono::Duration::hours(1),
@@ -270,6 +275,8 @@ fn current_lines_and_a_customers_windows_read_back_as_written() {
             version: 5,
         }
     };
+    let window =
+        |series: &Arc<SeriesKey>, hour: u32, value: i64| window_in(november, series, hour, value);
     let (gpt, llama, late) = (
         series("gpt-x", None),
         series("llama-z", None),
@@ -280,10 +287,14 @@ fn current_lines_and_a_customers_windows_read_back_as_written() {
         window(&gpt, 5, 30),
         window(&gpt, 1, 10),
         window(&late, 0, 4),
+        // Another customer's (whose id the customer's is a prefix of) and another
+        // month's windows: not the customer's November.
+        window(&series_of(&format!("{customer}x"), "gpt-x", None), 3, 99),
+        window_in(october, &gpt, 3, 98),
     ];
     store.insert_windows(&written).unwrap();
     let read: Vec<(SeriesKey, Vec<(u32, String)>)> = store
-        .windows_of(customer, november)
+        .windows(november, customer)
         .unwrap()
         .into_iter()
         .map(|(key, windows)| {

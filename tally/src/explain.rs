@@ -19,13 +19,14 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use tally_rater::clickhouse::ClickHouse;
 use tally_rater::ledger::combine;
+use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
-use tally_schemas::price::{Discount, Price, Rate, TiersMode};
+use tally_schemas::price::{Discount, Plan, Price, Rate, TiersMode};
 use tally_schemas::records::{InvoiceLine, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchResult};
-use crate::report::{tier_text, Totals};
+use crate::report::tier_text;
 use crate::summary::{CustomerEvents, UnbilledUsage};
 use crate::RatedMonth;
 
@@ -45,7 +46,7 @@ pub struct ExplainArgs {
     /// Explain the lines the streaming rater stored instead: read from the ClickHouse
     /// of the configuration's `[clickhouse]` section (`invoice_lines`, and the usage
     /// from `window_usage` when the rater stores windows).
-    #[arg(long, conflicts_with = "events")]
+    #[arg(long, conflicts_with_all = ["events", "now", "threads"])]
     pipeline: bool,
 }
 
@@ -64,22 +65,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
         )
     })?;
     if let Some(price) = &args.price {
-        anyhow::ensure!(
-            customer.bills(month.period),
-            "customer {:?} is not billed in {}: it has no {price:?} line (leave out --price to see its events)",
-            args.customer,
-            month.period
-        );
-        let plan = config.plan(customer.subscription(month.period).plan);
-        anyhow::ensure!(
-            plan.prices.iter().any(|p| &p.id == price),
-            "plan {:?} of customer {:?} has no price {price:?}; its prices are {}",
-            plan.id,
-            args.customer,
-            (plan.prices.iter().map(|p| p.id.as_str()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        check_price(&config, customer, month.period, price, args.pipeline)?;
     }
     let asked = |line: &&InvoiceLine| args.price.as_ref().is_none_or(|p| &line.price == p);
     let mut out = std::io::stdout().lock();
@@ -116,7 +102,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             lines.sort_by_cached_key(|line| {
                 (line.adjusts_period, position(line), line.price.clone())
             });
-            let usage = clickhouse.windows_of(&args.customer, month.period)?;
+            let usage = clickhouse.windows(month.period, &args.customer)?;
             let explanation = Explanation {
                 config: &config,
                 period: month.period,
@@ -133,6 +119,46 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// Refuses a price the customer's lines of `period` cannot have. The pipeline's lines
+/// include adjustments, priced on the plan of the month they adjust, and are stored
+/// even for a month the customer is no longer billed in; a batch run has neither.
+fn check_price(
+    config: &Config,
+    customer: &Customer,
+    period: Period,
+    price: &str,
+    pipeline: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        pipeline || customer.bills(period),
+        "customer {:?} is not billed in {period}: it has no {price:?} line (leave out --price to see its events)",
+        customer.id
+    );
+    let plans: Vec<&Plan> = match pipeline {
+        true => (customer.subscriptions_until(period))
+            .map(|s| config.plan(s.plan))
+            .collect(),
+        false => vec![config.plan(customer.subscription(period).plan)],
+    };
+    if plans
+        .iter()
+        .any(|plan| plan.prices.iter().any(|p| p.id == price))
+    {
+        return Ok(());
+    }
+    let named: Vec<String> = (plans.iter())
+        .map(|plan| {
+            let prices: Vec<&str> = plan.prices.iter().map(|p| p.id.as_str()).collect();
+            format!("plan {:?}: {}", plan.id, prices.join(", "))
+        })
+        .collect();
+    anyhow::bail!(
+        "customer {:?} has no price {price:?} in {period}; its prices are those of {}",
+        customer.id,
+        named.join("; ")
+    )
 }
 
 /// Days listed on one row of a line's usage by day.
@@ -222,10 +248,15 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
             snake_case(plan.rounding),
             plan.currency.minor_units()
         )?;
-    } else {
+    } else if e.lines.is_empty() {
         writeln!(
             out,
             "  not billed in {period} (its `from` or `through` in the price book): it has no lines, and its usage of the month is unbilled"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "  not billed in {period} (its `from` or `through` in the price book): its usage of the month is unbilled; the lines below bill late usage of months it was billed in"
         )?;
     }
     writeln!(out, "  price book {}", e.config.hash)?;
@@ -247,7 +278,13 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
         }
     };
     if e.lines.is_empty() {
-        writeln!(out, "  no lines")?;
+        match &e.source {
+            Source::Events { .. } => writeln!(out, "  no lines")?,
+            Source::Pipeline { database, .. } => writeln!(
+                out,
+                "  no lines of {period} in {database}.invoice_lines: the streaming rater has not rated this customer's month yet, or the configuration names another database"
+            )?,
+        }
     }
     for line in &e.lines {
         writeln!(out)?;
@@ -273,10 +310,17 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
             )?;
         }
     }
-    // A customer's lines of a month are in its plan's one currency.
-    let lines: Vec<InvoiceLine> = e.lines.iter().map(|l| (*l).clone()).collect();
-    let amounts: Vec<String> = lines.iter().map(|l| l.amount.to_string()).collect();
-    for ((currency, _, _), total) in Totals::of(&lines)?.per_customer {
+    // A customer keeps one currency across its plans, so this is one total; an
+    // adjustment's plan (the adjusted month's) may differ from the month's.
+    let mut totals: BTreeMap<&str, (Decimal, Vec<String>)> = BTreeMap::new();
+    for line in &e.lines {
+        let (total, amounts) = totals.entry(&line.currency).or_default();
+        *total = (total.checked_add(line.amount)).ok_or_else(|| {
+            io::Error::other("an invoice total exceeds the largest exact decimal")
+        })?;
+        amounts.push(line.amount.to_string());
+    }
+    for (currency, (total, amounts)) in totals {
         writeln!(out)?;
         writeln!(out, "total {total} {currency} ({})", amounts.join(" + "))?;
     }
@@ -331,24 +375,66 @@ fn write_line(out: &mut impl Write, e: &Explanation<'_>, line: &InvoiceLine) -> 
         None => writeln!(out, "{}: {amount}", line.price)?,
         Some(closed) => writeln!(out, "{}, late usage of {closed}: {amount}", line.price)?,
     }
-    // An adjustment is priced as its closed period's line was.
-    let priced_in = line.adjusts_period.unwrap_or(e.period);
-    let subscription = e.customer.subscription(priced_in);
-    let plan = e.config.plan(subscription.plan);
-    let Some((index, price)) = (plan.prices.iter().enumerate())
-        .find(|(_, p)| p.id == line.price)
-        .filter(|_| plan.id == line.plan)
-    else {
-        return writeln!(
-            out,
-            "  plan {} (price {}) is not the customer's in this configuration for {priced_in}: rated by another price book ({})",
-            line.plan, line.price, line.config_hash
-        );
-    };
+    match Rules::of(e, line) {
+        Some(rules) => write_worked_line(out, e, line, &rules),
+        None => write_stored_line(out, e, line),
+    }
+}
+
+/// This configuration's rules for a line, when they make the line's figures: then
+/// each step can be shown with them.
+struct Rules<'c> {
+    plan: &'c Plan,
+    price: &'c Price,
+    discount: Option<&'c Discount>,
+}
+
+impl<'c> Rules<'c> {
+    fn of(e: &Explanation<'c>, line: &InvoiceLine) -> Option<Self> {
+        // An adjustment is priced as its closed period's line was.
+        let priced_in = line.adjusts_period.unwrap_or(e.period);
+        let subscription = e.customer.subscription(priced_in);
+        let plan = e.config.plan(subscription.plan);
+        let (index, price) = (plan.prices.iter().enumerate())
+            .find(|(_, p)| p.id == line.price)
+            .filter(|_| plan.id == line.plan)?;
+        let current = e.config.hash.to_string() == line.config_hash;
+        let same_figures = || {
+            let rated = invoice_line(e.config, e.customer, index, priced_in, line.quantity).ok()?;
+            let figures = |l: &InvoiceLine| (l.subtotal, l.discount, l.amount, l.tiers.clone());
+            (figures(&rated) == figures(line)).then_some(())
+        };
+        // An adjustment's figures are differences, which its quantity alone does not
+        // make: only the book that rated it explains it.
+        match (current, line.adjusts_period) {
+            (true, _) => Some(()),
+            (false, None) => same_figures(),
+            (false, Some(_)) => None,
+        }?;
+        Some(Rules {
+            plan,
+            price,
+            discount: subscription.discounts.get(&index),
+        })
+    }
+}
+
+/// A line worked through with the rules that made it.
+fn write_worked_line(
+    out: &mut impl Write,
+    e: &Explanation<'_>,
+    line: &InvoiceLine,
+    rules: &Rules<'_>,
+) -> io::Result<()> {
+    let Rules {
+        plan,
+        price,
+        discount,
+    } = rules;
     if line.config_hash != e.config.hash.to_string() {
         writeln!(
             out,
-            "  rated with price book {}, not this configuration's: the figures are the line's, the rules named below this configuration's",
+            "  rated with price book {}, which rates this line as this configuration does",
             line.config_hash
         )?;
     }
@@ -363,11 +449,7 @@ fn write_line(out: &mut impl Write, e: &Explanation<'_>, line: &InvoiceLine) -> 
     write_usage(out, e, meter, price, line)?;
     write_charge(out, price, line)?;
     if let Some(closed) = line.adjusts_period {
-        return writeln!(
-            out,
-            "  amount    what the late usage adds to {closed}'s line: that line rated again with it, less the line as billed (subtotal {}, discount {}) = {} {}",
-            line.subtotal, line.discount, line.amount, line.currency
-        );
+        return write_adjustment_amount(out, line, closed);
     }
     let charge: Decimal = line
         .tiers
@@ -382,12 +464,12 @@ fn write_line(out: &mut impl Write, e: &Explanation<'_>, line: &InvoiceLine) -> 
         plan.currency.minor_units(),
         line.subtotal
     )?;
-    let discount = match subscription.discounts.get(&index) {
+    let discount = match discount {
         None => "none".to_owned(),
         Some(Discount::PercentOff(percent)) => format!(
             "{percent} % of {} = {}, rounded {} = {}",
             line.subtotal,
-            (line.subtotal * percent / Decimal::ONE_HUNDRED).normalize(),
+            (line.subtotal * *percent / Decimal::ONE_HUNDRED).normalize(),
             snake_case(plan.rounding),
             line.discount
         ),
@@ -399,6 +481,56 @@ fn write_line(out: &mut impl Write, e: &Explanation<'_>, line: &InvoiceLine) -> 
     writeln!(
         out,
         "  amount    {} - {} = {} {}",
+        line.subtotal, line.discount, line.amount, line.currency
+    )
+}
+
+/// A line this configuration would not rate as it was rated (another price book's
+/// prices, discounts or plans): its own stored figures, without rules it was not
+/// rated by.
+fn write_stored_line(
+    out: &mut impl Write,
+    e: &Explanation<'_>,
+    line: &InvoiceLine,
+) -> io::Result<()> {
+    writeln!(
+        out,
+        "  rated with price book {}, which rates it otherwise than this configuration ({}): the line's own figures follow",
+        line.config_hash, e.config.hash
+    )?;
+    writeln!(out, "  quantity  {}: meter {}", line.quantity, line.meter)?;
+    writeln!(
+        out,
+        "  charge    by the tiers of plan {}, price {}:",
+        line.plan, line.price
+    )?;
+    for tier in &line.tiers {
+        writeln!(out, "            {}", tier_text(tier))?;
+    }
+    if let Some(closed) = line.adjusts_period {
+        return write_adjustment_amount(out, line, closed);
+    }
+    writeln!(
+        out,
+        "  subtotal  {} ({} rounded)",
+        line.subtotal, line.currency
+    )?;
+    writeln!(out, "  discount  {}", line.discount)?;
+    writeln!(
+        out,
+        "  amount    {} - {} = {} {}",
+        line.subtotal, line.discount, line.amount, line.currency
+    )
+}
+
+fn write_adjustment_amount(
+    out: &mut impl Write,
+    line: &InvoiceLine,
+    closed: Period,
+) -> io::Result<()> {
+    writeln!(
+        out,
+        "  amount    what the late usage adds to {closed}'s line: that line rated again with it, less the line as billed (subtotal {}, discount {}) = {} {}",
         line.subtotal, line.discount, line.amount, line.currency
     )
 }
@@ -422,26 +554,25 @@ fn write_usage(
         } else {
             writeln!(
                 out,
-                "            no windows stored (the streaming rater stores them with `[rater] store_windows = true`)"
+                "            no windows stored for this usage (the streaming rater stores them from when `[rater] store_windows = true` is set)"
             )
         };
     }
     // Meters whose windows add up to their days and month, as the rater combines them.
-    let additive = match meter.aggregation {
-        Aggregation::Count | Aggregation::Sum(_) | Aggregation::Max(_) => true,
-        Aggregation::UniqueCount(_) | Aggregation::Latest(_) => false,
-    };
-    let values = |windows: &[&WindowUsage]| {
-        let kind = meter.aggregation.kind();
-        let combined = combine(kind, windows.iter().map(|w| w.value)).ok()?;
+    let kind = meter.aggregation.kind();
+    let additive = matches!(
+        meter.aggregation,
+        Aggregation::Count | Aggregation::Sum(_) | Aggregation::Max(_)
+    );
+    let combined = |windows: &mut dyn Iterator<Item = &WindowUsage>| {
+        let combined = combine(kind, windows.map(|w| w.value)).ok()?;
         // Normalised: stored windows are written without trailing zeros.
-        additive.then(|| combined.value.normalize())
+        Some(combined.value.normalize())
     };
     if !meter.group_by.is_empty() {
         for (key, windows) in &series {
             let group = group_text(e.config, &key.meter, &key.group);
-            let windows: Vec<&WindowUsage> = windows.iter().collect();
-            match values(&windows) {
+            match combined(&mut windows.iter()).filter(|_| additive) {
                 Some(value) => writeln!(
                     out,
                     "            {}: {value} in {} windows",
@@ -461,19 +592,47 @@ fn write_usage(
         return writeln!(
             out,
             "            (a month's {} is not made of its days', so none are listed)",
-            meter.aggregation.kind().as_str()
+            kind.as_str()
+        );
+    }
+    let all = || series.iter().flat_map(|(_, windows)| windows);
+    let month = combined(&mut all());
+    if let Some(closed) = line.adjusts_period {
+        // Late usage is kept in one window at the start of the month it is billed in,
+        // not on the days it happened.
+        let total = month.map_or_else(String::new, |m| m.to_string());
+        let max_note = match meter.aggregation {
+            Aggregation::Max(_) => {
+                format!("; the quantity is how much it raised {closed}'s billed maximum")
+            }
+            _ => String::new(),
+        };
+        return writeln!(
+            out,
+            "            late usage of {closed}, read after it closed: {total} (its days are not kept){max_note}"
         );
     }
     let mut by_day: BTreeMap<NaiveDate, Vec<&WindowUsage>> = BTreeMap::new();
-    for window in series.iter().flat_map(|(_, windows)| windows) {
+    for window in all() {
         (by_day.entry(window.window_start.date_naive()).or_default()).push(window);
     }
     let days: Vec<String> = (by_day.iter())
-        .filter_map(|(day, windows)| Some(format!("{} {}", day.format("%b %d:"), values(windows)?)))
+        .filter_map(|(day, windows)| {
+            let value = combined(&mut windows.iter().copied())?;
+            Some(format!("{} {value}", day.format("%b %d:")))
+        })
         .collect();
     for (row, chunk) in days.chunks(DAYS_PER_ROW).enumerate() {
         let label = if row == 0 { "by day:" } else { "" };
         writeln!(out, "            {label:<8}{}", chunk.join(", "))?;
+    }
+    if month.is_some_and(|m| m != line.quantity.normalize()) {
+        writeln!(
+            out,
+            "            the stored windows make {}, not the line's {}: windows are stored from when `store_windows` is set, and while the month is open they can be a batch ahead of its line",
+            month.unwrap_or_default(),
+            line.quantity
+        )?;
     }
     Ok(())
 }
@@ -482,6 +641,14 @@ fn write_usage(
 fn write_charge(out: &mut impl Write, price: &Price, line: &InvoiceLine) -> io::Result<()> {
     let how = match &price.rate {
         Rate::PerUnit { package: None, .. } => "per unit".to_owned(),
+        Rate::PerUnit {
+            package: Some(package),
+            ..
+        } if line.adjusts_period.is_some() => format!(
+            "in packages of {}, rounded {}: the tiers below are the packages and amounts the late usage adds",
+            package.divide_by,
+            snake_case(package.round)
+        ),
         Rate::PerUnit {
             package: Some(package),
             ..
@@ -563,5 +730,203 @@ fn snake_case(value: impl Serialize) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(name)) => name,
         _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use tally_rater::line::adjustment_line;
+    use tally_schemas::records::{MeterValue, SeriesKey};
+
+    use super::*;
+
+    /// cust_acme moves from starter to pro (12.5 % off its resolutions) in November;
+    /// cust_gone is billed until October.
+    const BOOK: &str = r#"
+[[meters]]
+slug = "resolutions"
+event_type = "ai.resolution"
+aggregation = "count"
+
+[[plans]]
+id = "starter"
+currency = "usd"
+
+[[plans.prices]]
+id = "resolutions"
+meter = "resolutions"
+billing_scheme = "per_unit"
+unit_amount = "0.99"
+
+[[plans]]
+id = "pro"
+currency = "usd"
+
+[[plans.prices]]
+id = "resolutions"
+meter = "resolutions"
+billing_scheme = "tiered"
+tiers_mode = "graduated"
+tiers = [{ up_to = 100, flat_amount = "49" }, { up_to = "inf", unit_amount = "0.89" }]
+
+[[customers]]
+id = "cust_acme"
+plan = "starter"
+
+[[customers.plan_changes]]
+from = "2026-11"
+plan = "pro"
+discounts = [{ price = "resolutions", percent_off = "12.5" }]
+
+[[customers]]
+id = "cust_gone"
+plan = "starter"
+through = "2026-10"
+"#;
+
+    fn config() -> Config {
+        Config::parse(BOOK, "test.toml").unwrap()
+    }
+
+    fn month(text: &str) -> Period {
+        Period::from_str(text).unwrap()
+    }
+
+    /// The customer's resolutions line of `period` for `quantity`, as the rater makes it.
+    fn line(config: &Config, customer: &str, period: &str, quantity: i64) -> InvoiceLine {
+        let customer = &config.customers[customer];
+        invoice_line(config, customer, 0, month(period), Decimal::from(quantity)).unwrap()
+    }
+
+    /// What late usage of October adds to its line, billed in November.
+    fn adjustment(config: &Config, customer: &str, before: i64, after: i64) -> InvoiceLine {
+        let (before, after) = (
+            line(config, customer, "2026-10", before),
+            line(config, customer, "2026-10", after),
+        );
+        adjustment_line(&before, &after, month("2026-11"))
+    }
+
+    fn explained(
+        config: &Config,
+        customer: &str,
+        lines: &[InvoiceLine],
+        usage: &[SeriesWindows],
+    ) -> String {
+        let explanation = Explanation {
+            config,
+            period: month("2026-11"),
+            customer: &config.customers[customer],
+            source: Source::Pipeline {
+                url: "http://clickhouse:8123",
+                database: "tally",
+            },
+            lines: lines.iter().collect(),
+            usage,
+        };
+        let mut out = Vec::new();
+        write_explanation(&mut out, &explanation).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn an_invoice_with_an_adjustment_on_the_earlier_plan_has_one_total_of_every_line() {
+        let config = config();
+        let lines = [
+            line(&config, "cust_acme", "2026-11", 2),
+            adjustment(&config, "cust_acme", 10, 12),
+        ];
+        let shown = explained(&config, "cust_acme", &lines, &[]);
+        assert!(
+            shown.contains("resolutions, late usage of 2026-10: 1.98 usd"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("  discount  12.5 % of 49.00 = 6.125, rounded half_up = 6.13\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.ends_with("\ntotal 44.85 usd (42.87 + 1.98)\n"),
+            "{shown}"
+        );
+        assert_eq!(shown.matches("\ntotal ").count(), 1, "{shown}");
+    }
+
+    #[test]
+    fn a_customer_no_longer_billed_shows_the_late_usage_it_is_still_billed_for() {
+        let config = config();
+        let lines = [adjustment(&config, "cust_gone", 3, 4)];
+        let shown = explained(&config, "cust_gone", &lines, &[]);
+        assert!(
+            shown.contains("  not billed in 2026-11 (its `from` or `through` in the price book): its usage of the month is unbilled; the lines below bill late usage of months it was billed in\n"),
+            "{shown}"
+        );
+        assert!(shown.ends_with("\ntotal 0.99 usd (0.99)\n"), "{shown}");
+        let gone = &config.customers["cust_gone"];
+        check_price(&config, gone, month("2026-11"), "resolutions", true).unwrap();
+        let refused = check_price(&config, gone, month("2026-11"), "resolutions", false);
+        assert!(refused.is_err());
+        let unknown = check_price(&config, gone, month("2026-11"), "seats", true).unwrap_err();
+        assert_eq!(
+            unknown.to_string(),
+            "customer \"cust_gone\" has no price \"seats\" in 2026-11; its prices are those of plan \"starter\": resolutions"
+        );
+    }
+
+    #[test]
+    fn a_line_of_an_earlier_book_is_worked_through_only_where_this_book_rates_it_the_same() {
+        let config = config();
+        let mut same = line(&config, "cust_acme", "2026-11", 2);
+        same.config_hash = "0123456789abcdef".to_owned();
+        let shown = explained(&config, "cust_acme", &[same.clone()], &[]);
+        assert!(
+            shown.contains("  rated with price book 0123456789abcdef, which rates this line as this configuration does\n"),
+            "{shown}"
+        );
+        assert!(shown.contains("  discount  12.5 % of 49.00"), "{shown}");
+
+        // The earlier book gave 10 % off: its figures are shown, not this book's rules.
+        let mut other = same;
+        (other.discount, other.amount) = (Decimal::new(490, 2), Decimal::new(4410, 2));
+        let shown = explained(&config, "cust_acme", &[other], &[]);
+        for expected in [
+            "  rated with price book 0123456789abcdef, which rates it otherwise than this configuration",
+            "  quantity  2: meter resolutions\n",
+            "  discount  4.90\n",
+            "  amount    49.00 - 4.90 = 44.10 usd\n",
+        ] {
+            assert!(shown.contains(expected), "{expected:?} in:\n{shown}");
+        }
+        assert!(!shown.contains("12.5 %"), "{shown}");
+    }
+
+    #[test]
+    fn stored_windows_that_do_not_make_the_quantity_are_pointed_out() {
+        let config = config();
+        let lines = [line(&config, "cust_acme", "2026-11", 3)];
+        let series = Arc::new(SeriesKey {
+            customer: "cust_acme".to_owned(),
+            meter: "resolutions".to_owned(),
+            group: Vec::new(),
+            adjusts: None,
+        });
+        let start = month("2026-11").start() + chrono::Duration::hours(30);
+        let window = WindowUsage {
+            window_start: start,
+            window_end: start + chrono::Duration::hours(1),
+            value: MeterValue {
+                value: Decimal::TWO,
+                latest: None,
+            },
+            revision: 1,
+        };
+        let shown = explained(&config, "cust_acme", &lines, &[(series, vec![window])]);
+        assert!(shown.contains("            by day: Nov 02: 2\n"), "{shown}");
+        assert!(
+            shown.contains("            the stored windows make 2, not the line's 3: windows are stored from when `store_windows` is set, and while the month is open they can be a batch ahead of its line\n"),
+            "{shown}"
+        );
     }
 }

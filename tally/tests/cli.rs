@@ -2336,7 +2336,7 @@ fn explain_names_what_it_cannot_find() {
     assert_eq!(price.code, 1);
     assert_shows(
         &price.stderr,
-        &["plan \"pro\" of customer \"cust_acme\" has no price \"tokens\"; its prices are resolutions, gpt-tokens, claude-tokens"],
+        &["customer \"cust_acme\" has no price \"tokens\" in 2026-11; its prices are those of plan \"pro\": resolutions, gpt-tokens, claude-tokens"],
     );
     // A customer without events: its flat fee, explained.
     let idle = f

@@ -360,6 +360,13 @@ impl Customer {
             && self.through.is_none_or(|through| period <= through)
     }
 
+    /// Every subscription the customer has had up to `period`: the plans its lines of
+    /// `period` can be on, adjustments of earlier months included.
+    pub fn subscriptions_until(&self, period: Period) -> impl Iterator<Item = &Subscription> {
+        let changes = self.changes.iter().filter(move |(from, _)| *from <= period);
+        std::iter::once(&self.first).chain(changes.map(|(_, subscription)| subscription))
+    }
+
     /// What the customer is billed by in `period` (if [`Customer::bills`] it).
     pub fn subscription(&self, period: Period) -> &Subscription {
         (self.changes.iter().rev())

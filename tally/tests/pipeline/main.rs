@@ -371,14 +371,15 @@ fn the_pipelines_lines_are_explained_as_tally_rate_explains_the_same_events() {
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(120));
     let events = p.events.display().to_string();
-    let explain = |customer: &str, source: &[&str]| -> String {
-        let mut args = vec!["explain", "--period", p.period, "--customer", customer];
+    let explain_in = |period: &str, customer: &str, source: &[&str]| -> String {
+        let mut args = vec!["explain", "--period", period, "--customer", customer];
         args.extend(source);
         let output = p.tally(&args, &[]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "{stderr}");
         String::from_utf8(output.stdout).unwrap()
     };
+    let explain = |customer: &str, source: &[&str]| explain_in(p.period, customer, source);
     // One customer of each of the generated book's four plans.
     for customer in customers().iter().take(4) {
         let rated = explain(
@@ -401,6 +402,55 @@ fn the_pipelines_lines_are_explained_as_tally_rate_explains_the_same_events() {
         let source = format!("{}.invoice_lines at", p.database);
         assert!(stored.contains(&source), "{stored}");
     }
+
+    // October closed, then a late resolution and late gpt-x tokens of the starter
+    // customer: adjustments billed in November, explained as what the late usage
+    // added to October (not as usage of November's first day), with one total.
+    p.produce(&resolution_each("close", "2026-11-01T02:00:00Z"));
+    let late_tokens = r#"{"specversion":"1.0","id":"late-tokens","source":"late-test","type":"llm.tokens","subject":"cust_00000","time":"2026-10-20T08:00:00Z","data":{"tokens":600,"model":"gpt-x"}}"#;
+    p.produce(&[
+        resolution("late-1", "cust_00000", "2026-10-15T08:00:00Z"),
+        late_tokens.as_bytes().to_vec(),
+    ]);
+    let count_lines = format!(
+        "SELECT count() FROM {}.invoice_lines WHERE customer = 'cust_00000' \
+         AND period_start = '2026-11-01 00:00:00'",
+        p.database
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let november = loop {
+        let november = explain_in("2026-11", "cust_00000", &["--pipeline"]);
+        let both = ["resolutions", "gpt-x-tokens"]
+            .iter()
+            .all(|price| november.contains(&format!("{price}, late usage of 2026-10: ")));
+        if both || std::time::Instant::now() > deadline {
+            break november;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    for shown in [
+        "            late usage of 2026-10, read after it closed: 1 (its days are not kept)\n",
+        "            late usage of 2026-10, read after it closed: 600 (its days are not kept)\n",
+        "  charge    in packages of 1000, rounded up: the tiers below are the packages and amounts the late usage adds\n",
+    ] {
+        assert!(november.contains(shown), "{shown:?} in:\n{november}");
+    }
+    assert!(!november.contains("rated with price book"), "{november}");
+    let totals: Vec<&str> = november
+        .lines()
+        .filter(|l| l.starts_with("total "))
+        .collect();
+    assert_eq!(totals.len(), 1, "{november}");
+    let (total, parts) = totals[0]
+        .strip_prefix("total ")
+        .and_then(|t| t.split_once(" usd ("))
+        .unwrap();
+    let parts: Vec<rust_decimal::Decimal> = (parts.trim_end_matches(')').split(" + "))
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert_eq!(parts.len().to_string(), p.query(&count_lines).trim());
+    let sum: rust_decimal::Decimal = parts.iter().sum();
+    assert_eq!(total, sum.to_string(), "{november}");
 }
 
 fn resolution(id: &str, customer: &str, time: &str) -> Vec<u8> {
