@@ -306,7 +306,8 @@ impl ClickHouse {
                 "SELECT id, customer, price, version, amount, \
                  substring(toString(period_start), 1, 7) AS period, adjusts_period \
                  FROM (SELECT * FROM {db}.rated_lines FINAL {periods}) \
-                 WHERE superseded = 0 AND config_hash != '{config_hash}' FORMAT JSONEachRow"
+                 WHERE superseded = 0 AND config_hash != {} FORMAT JSONEachRow",
+                string_literal(config_hash)
             ),
         )?;
         self.rows("rated_lines", &answer)
@@ -322,11 +323,15 @@ impl ClickHouse {
         let of_customer = customer
             .map(|c| format!("AND customer = {}", string_literal(c)))
             .unwrap_or_default();
+        // `invoice_lines`' rows, read from its table: the sorting key's leading
+        // columns filter inside FINAL (which they cannot change), so only the period's
+        // (and customer's) rows are merged, not the whole table's as through the view.
         let answer = self.post(
             "read invoice lines",
             &format!(
-                "SELECT {} FROM {}.invoice_lines \
-                 WHERE period_start = toDateTime('{}', 'UTC') {of_customer} FORMAT JSONEachRow",
+                "SELECT {} FROM (SELECT * FROM {}.rated_lines FINAL \
+                 WHERE period_start = toDateTime('{}', 'UTC') {of_customer}) \
+                 WHERE superseded = 0 FORMAT JSONEachRow",
                 column_names(|name| match name {
                     "period_start" | "period_end" => format!("toUnixTimestamp({name}) AS {name}"),
                     name => name.to_owned(),
@@ -371,7 +376,8 @@ impl ClickHouse {
     }
 
     /// A customer's stored windows of usage billed in `period`, by series, each
-    /// series' in time order (none unless the rater stores windows).
+    /// series' in time order (none unless the rater stores windows): `window_usage`'s
+    /// rows, read from its table with the filter inside FINAL, as [`ClickHouse::lines`].
     pub fn windows(
         &self,
         period: Period,
@@ -383,7 +389,7 @@ impl ClickHouse {
                 "SELECT meter, dimensions, adjusts_period, \
                  toUnixTimestamp(window_start) AS window_start, \
                  toUnixTimestamp(window_end) AS window_end, value, revision \
-                 FROM {}.window_usage WHERE customer = {} \
+                 FROM {}.window_revisions FINAL WHERE customer = {} \
                  AND period_start = toDateTime('{}', 'UTC') \
                  ORDER BY meter, dimensions, adjusts_period, window_start FORMAT JSONEachRow",
                 self.database,
@@ -462,7 +468,7 @@ impl ClickHouse {
         // Ids are 32 characters: a chunk's query stays well inside ClickHouse's
         // max_query_size (256 KiB by default).
         for chunk in lines.chunks(RETIRE_CHUNK) {
-            let ids: Vec<String> = chunk.iter().map(|line| format!("'{}'", line.id)).collect();
+            let ids: Vec<String> = chunk.iter().map(|line| string_literal(&line.id)).collect();
             let from = chunk.iter().map(|line| line.period).min().expect("a chunk");
             self.supersede(
                 "retire lines the price book no longer makes",
@@ -600,8 +606,10 @@ impl ClickHouse {
             "read the schema",
             &format!(
                 "SELECT count() FROM system.columns \
-                 WHERE database = '{}' AND table = '{table}' AND name = '{column}'",
-                self.database
+                 WHERE database = {} AND table = {} AND name = {}",
+                string_literal(&self.database),
+                string_literal(table),
+                string_literal(column)
             ),
         )?;
         Ok(found.trim() != "0")

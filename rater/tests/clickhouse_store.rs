@@ -117,6 +117,11 @@ fn stale_lines_are_found_by_book_and_period_and_retired_in_chunks() {
     store.retire(7, &stale).unwrap();
     assert_eq!(live("2026-11").trim(), "1", "the current book's line stays");
     assert_eq!(live("2026-10").trim(), "1", "October's was not asked for");
+    // The reader `tally explain` and `tally reconcile` use agrees with the view.
+    let read = store.lines(november, None).unwrap();
+    let customers: Vec<&str> = read.iter().map(|l| l.customer.as_str()).collect();
+    assert_eq!(customers, ["cust_current"]);
+    assert_eq!(store.lines(october, None).unwrap().len(), 1);
     assert!(store
         .lines_rated_with_another_book("current", Some(november))
         .unwrap()
