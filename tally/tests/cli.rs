@@ -2492,6 +2492,60 @@ through = "2026-10"
     assert!(!gone.contains("total"), "{gone}");
 }
 
+#[test]
+fn explain_splits_a_customers_usage_into_utc_days() {
+    let f = Fixture::new(&per_event_config(
+        "usd",
+        "half_up",
+        "0.50",
+        r#"discounts = [{ price = "calls", amount_off = "0.25" }]"#,
+    ));
+    let events = [
+        event("a", "api.call", "c", "2026-11-02T23:59:59Z", None),
+        // 23:30 UTC, written in another offset.
+        event("b", "api.call", "c", "2026-11-03T00:30:00+01:00", None),
+        event("c", "api.call", "c", "2026-11-03T00:00:00Z", None),
+    ];
+    f.rate(&events, &[]).succeeded();
+    let shown = f.explain("c", &[]).succeeded().stdout;
+    assert_shows(
+        &shown,
+        &[
+            "            by day: Nov 02: 2, Nov 03: 1\n",
+            "  subtotal  1.5 rounded half_up to 2 decimals = 1.50\n",
+            "  discount  0.25 off, at most the subtotal = 0.25\n",
+            "  amount    1.50 - 0.25 = 1.25 usd\n",
+        ],
+    );
+}
+
+#[test]
+fn explain_pipeline_names_the_clickhouse_it_cannot_reach() {
+    let config = per_event_config("usd", "half_up", "0.50", "")
+        + "\n[clickhouse]\nurl = \"http://127.0.0.1:9\"\ndatabase = \"tally\"\n";
+    let f = Fixture::new(&config);
+    let run: Run = (f.tally())
+        .args([
+            "explain",
+            "--pipeline",
+            "--period",
+            "2026-11",
+            "--customer",
+            "c",
+        ])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_shows(
+        &run.stderr,
+        &[
+            "error: cannot reach ClickHouse at http://127.0.0.1:9",
+            "is it running?",
+        ],
+    );
+}
+
 /// `tally reconcile` for November.
 fn reconcile(f: &Fixture, sources: &[&str]) -> Run {
     let mut args = vec!["reconcile", "--period", "2026-11"];
