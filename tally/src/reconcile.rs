@@ -6,8 +6,9 @@
 //! writes them, or CSV with a header row, as `--format csv` writes them or another
 //! biller exports them) or a ClickHouse database's `invoice_lines`. Lines are matched on
 //! (customer, price, the closed month an adjustment is for). Out: the lines whose
-//! quantity, amount or currency differ, the lines only one source has, and the totals
-//! per currency of both; the exit status says whether they agree.
+//! quantity, amount or currency differ, the lines only one source has, the invoices
+//! (a customer's lines in one currency) and currencies whose totals differ; the exit
+//! status says whether they agree.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -394,6 +395,27 @@ fn period_of(text: &str) -> anyhow::Result<Period> {
     Ok(period)
 }
 
+/// Aligned columns under `header`, each row indented by two spaces.
+fn write_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut write_row = |cells: &mut dyn Iterator<Item = &str>| -> io::Result<()> {
+        let text: Vec<String> = (cells.zip(&widths))
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        writeln!(out, "  {}", text.join("  ").trim_end())
+    };
+    write_row(&mut header.iter().copied())?;
+    for row in rows {
+        write_row(&mut row.iter().map(String::as_str))?;
+    }
+    Ok(())
+}
+
 /// `1 line`, `2 lines`.
 fn count(n: usize, noun: &str) -> String {
     match n {
@@ -420,6 +442,8 @@ struct Reconciliation<'l> {
     differences: Vec<Difference<'l>>,
     /// Per currency: the expected and the actual total.
     totals: BTreeMap<&'l str, (Decimal, Decimal)>,
+    /// Per invoice (a customer's lines in one currency): both totals.
+    invoices: BTreeMap<(&'l str, &'l str), (Decimal, Decimal)>,
 }
 
 impl<'l> Reconciliation<'l> {
@@ -429,9 +453,10 @@ impl<'l> Reconciliation<'l> {
             zero_on_one_side: 0,
             differences: Vec::new(),
             totals: BTreeMap::new(),
+            invoices: BTreeMap::new(),
         };
         for (key, figures) in &expected.by_key {
-            reconciliation.add_to_totals(figures, |totals| &mut totals.0)?;
+            reconciliation.add_to_totals(key, figures, |totals| &mut totals.0)?;
             match actual.by_key.get(key) {
                 Some(other) if figures.agrees_with(other) => reconciliation.agreed += 1,
                 None if figures.is_zero() => reconciliation.zero_on_one_side += 1,
@@ -443,7 +468,7 @@ impl<'l> Reconciliation<'l> {
             }
         }
         for (key, figures) in &actual.by_key {
-            reconciliation.add_to_totals(figures, |totals| &mut totals.1)?;
+            reconciliation.add_to_totals(key, figures, |totals| &mut totals.1)?;
             if !expected.by_key.contains_key(key) {
                 match figures.is_zero() {
                     true => reconciliation.zero_on_one_side += 1,
@@ -459,20 +484,27 @@ impl<'l> Reconciliation<'l> {
         Ok(reconciliation)
     }
 
+    /// Adds a line's amount to its side of its currency's and its invoice's totals.
     fn add_to_totals(
         &mut self,
+        key: &'l LineKey,
         figures: &'l Figures,
         side: fn(&mut (Decimal, Decimal)) -> &mut Decimal,
     ) -> anyhow::Result<()> {
-        let totals =
-            (self.totals.entry(&figures.currency)).or_insert((Decimal::ZERO, Decimal::ZERO));
-        let total = side(totals);
-        *total = total.checked_add(figures.amount).with_context(|| {
-            format!(
-                "{}: the {} amounts add up past the largest exact decimal (about 7.9e28)",
-                figures.at, figures.currency
-            )
-        })?;
+        let currency = figures.currency.as_str();
+        let invoice = (key.customer.as_str(), currency);
+        for totals in [
+            self.totals.entry(currency).or_default(),
+            self.invoices.entry(invoice).or_default(),
+        ] {
+            let total = side(totals);
+            *total = total.checked_add(figures.amount).with_context(|| {
+                format!(
+                    "{}: the {currency} amounts add up past the largest exact decimal (about 7.9e28)",
+                    figures.at
+                )
+            })?;
+        }
         Ok(())
     }
 
@@ -511,6 +543,31 @@ impl<'l> Reconciliation<'l> {
             writeln!(out)?;
             self.write_difference_table(out)?;
         }
+        let differing: Vec<Vec<String>> = (self.invoices.iter())
+            .filter(|(_, (expected, actual))| expected != actual)
+            .map(|((customer, currency), (expected, actual))| {
+                let difference = (actual.checked_sub(*expected))
+                    .map_or_else(|| "-".to_owned(), |d| d.to_string());
+                vec![
+                    customer.to_string(),
+                    currency.to_string(),
+                    expected.to_string(),
+                    actual.to_string(),
+                    difference,
+                ]
+            })
+            .collect();
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Invoices (a customer's lines in one currency): {} agree, {} differ.",
+            self.invoices.len() - differing.len(),
+            differing.len()
+        )?;
+        if !differing.is_empty() {
+            let header = ["customer", "currency", "expected", "actual", "difference"];
+            write_table(out, &header, &differing)?;
+        }
         writeln!(out)?;
         writeln!(out, "Totals (actual - expected):")?;
         for (currency, (expected, actual)) in &self.totals {
@@ -535,7 +592,7 @@ impl<'l> Reconciliation<'l> {
     }
 
     fn write_difference_table(&self, out: &mut impl Write) -> io::Result<()> {
-        let header = [
+        let mut header = vec![
             "customer",
             "price",
             "adjusts",
@@ -546,29 +603,18 @@ impl<'l> Reconciliation<'l> {
             "actual amount",
             "amount difference",
         ];
-        let rows: Vec<[String; 9]> = self.differences.iter().map(Difference::table_row).collect();
+        let mut rows: Vec<Vec<String>> = (self.differences.iter())
+            .map(|d| d.table_row().to_vec())
+            .collect();
         // The adjusted month's column only when a line adjusts one.
         const ADJUSTS: usize = 2;
-        let shown =
-            |column: usize| column != ADJUSTS || rows.iter().any(|r| !r[ADJUSTS].is_empty());
-        let mut widths = header.map(str::len);
-        for row in &rows {
-            for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.chars().count());
+        if rows.iter().all(|row| row[ADJUSTS].is_empty()) {
+            header.remove(ADJUSTS);
+            for row in &mut rows {
+                row.remove(ADJUSTS);
             }
         }
-        let mut write_row = |cells: &[&str]| -> io::Result<()> {
-            let text: Vec<String> = (cells.iter().zip(widths).enumerate())
-                .filter(|(column, _)| shown(*column))
-                .map(|(_, (cell, width))| format!("{cell:<width$}"))
-                .collect();
-            writeln!(out, "  {}", text.join("  ").trim_end())
-        };
-        write_row(&header)?;
-        for row in &rows {
-            write_row(&row.each_ref().map(String::as_str))?;
-        }
-        Ok(())
+        write_table(out, &header, &rows)
     }
 
     fn write_differences(&self, out: &mut impl Write) -> io::Result<()> {
@@ -814,6 +860,15 @@ mod tests {
         );
         let shown = report(&expected, &actual);
         assert!(shown.contains("Agree: 1 line. Differ: 5 lines."), "{shown}");
+        // c_quantity's line differs, its invoice does not; d_currency has two.
+        assert!(
+            shown.contains("Invoices (a customer's lines in one currency): 2 agree, 5 differ.\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("  d_currency  eur       0         200     200\n  d_currency  jpy       200       0       -200\n"),
+            "{shown}"
+        );
         assert!(
             shown.contains("  e_gone      tokens  only expected  5                  -                3.10 usd         -              -3.10 usd"),
             "{shown}"
