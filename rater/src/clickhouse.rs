@@ -349,10 +349,7 @@ impl ClickHouse {
                     row: format!("line {}", row.id),
                     error,
                 };
-                let time = |seconds: i64| {
-                    DateTime::from_timestamp(seconds, 0)
-                        .ok_or_else(|| unreadable(format!("{seconds} is not a time")))
-                };
+                let time = |seconds| unix_time(seconds).map_err(unreadable);
                 Ok(InvoiceLine {
                     period_start: time(row.period_start)?,
                     period_end: time(row.period_end)?,
@@ -409,10 +406,7 @@ impl ClickHouse {
                 ),
                 error,
             };
-            let time = |seconds: i64| {
-                DateTime::from_timestamp(seconds, 0)
-                    .ok_or_else(|| unreadable(format!("{seconds} is not a time")))
-            };
+            let time = |seconds| unix_time(seconds).map_err(unreadable);
             let window = WindowUsage {
                 window_start: time(row.window_start)?,
                 window_end: time(row.window_end)?,
@@ -661,6 +655,11 @@ impl ClickHouse {
             body: body.trim().to_owned(),
         })
     }
+}
+
+/// A time the readers select as `toUnixTimestamp`, or why it is not one.
+fn unix_time(seconds: i64) -> Result<DateTime<Utc>, String> {
+    DateTime::from_timestamp(seconds, 0).ok_or_else(|| format!("{seconds} is not a time"))
 }
 
 /// A row of `invoice_lines` as [`ClickHouse::lines`] reads it.

@@ -17,7 +17,6 @@ use chrono::{NaiveDate, Utc};
 use clap::Args;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use tally_rater::clickhouse::ClickHouse;
 use tally_rater::ledger::combine;
 use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
@@ -28,7 +27,7 @@ use tally_schemas::time::Period;
 use crate::batch::{rate_events, read_input, BatchResult};
 use crate::report::tier_text;
 use crate::summary::{CustomerEvents, UnbilledUsage};
-use crate::RatedMonth;
+use crate::{ConfiguredClickHouse, RatedMonth};
 
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
@@ -86,12 +85,8 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             write_explanation(&mut out, &explanation)?;
         }
         None => {
-            let settings = config.services(&month.config.display().to_string(), &|name| {
-                std::env::var(name).ok()
-            })?;
-            let store = &settings.clickhouse;
-            let clickhouse =
-                ClickHouse::new(&store.url, &store.database)?.with_credentials(&store.credentials);
+            let store = ConfiguredClickHouse::of(&config, &month.config, None)?;
+            let clickhouse = &store.client;
             let mut lines = clickhouse.lines(month.period, Some(&args.customer))?;
             // As `tally rate` lists them: the period's own, then adjustments, each in
             // its plan's price order.
@@ -478,11 +473,7 @@ fn write_worked_line(
         }
     };
     writeln!(out, "  discount  {discount}")?;
-    writeln!(
-        out,
-        "  amount    {} - {} = {} {}",
-        line.subtotal, line.discount, line.amount, line.currency
-    )
+    write_amount(out, line)
 }
 
 /// A line this configuration would not rate as it was rated (another price book's
@@ -516,6 +507,10 @@ fn write_stored_line(
         line.subtotal, line.currency
     )?;
     writeln!(out, "  discount  {}", line.discount)?;
+    write_amount(out, line)
+}
+
+fn write_amount(out: &mut impl Write, line: &InvoiceLine) -> io::Result<()> {
     writeln!(
         out,
         "  amount    {} - {} = {} {}",

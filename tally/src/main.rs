@@ -242,6 +242,35 @@ fn close_period(path: &Path, period: Period) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ClickHouse a configuration's `[clickhouse]` section names, with this
+/// environment's overrides and credentials, for the commands that read what the
+/// pipeline (or `tally rate --clickhouse`) stored.
+#[derive(Debug)]
+pub struct ConfiguredClickHouse {
+    pub client: ClickHouse,
+    pub url: String,
+    pub database: String,
+}
+
+impl ConfiguredClickHouse {
+    /// `config`, loaded from `path`; `database` instead of the section's, if given.
+    pub fn of(config: &Config, path: &Path, database: Option<&str>) -> anyhow::Result<Self> {
+        let settings = config.services(&path.display().to_string(), &|name| {
+            std::env::var(name).ok()
+        })?;
+        let store = settings.clickhouse;
+        let database = database.map_or(store.database, str::to_owned);
+        let client = ClickHouse::new(&store.url, &database)
+            .with_context(|| format!("database {database:?}"))?
+            .with_credentials(&store.credentials);
+        Ok(ConfiguredClickHouse {
+            client,
+            url: store.url,
+            database,
+        })
+    }
+}
+
 /// Decoding threads to use when not told.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())

@@ -21,13 +21,13 @@ use clap::Args;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tally_rater::clickhouse::ClickHouse;
 use tally_schemas::config::Config;
 use tally_schemas::decimal::parse_exact;
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
 use crate::report::csv_field;
+use crate::ConfiguredClickHouse;
 
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
@@ -166,17 +166,10 @@ fn read_source(source: &str, period: Period, config: &Path) -> anyhow::Result<Li
 /// The current lines billed in `period` of `invoice_lines`, in the configuration's
 /// database or `database` on the same server.
 fn read_clickhouse(database: Option<&str>, period: Period, config: &Path) -> anyhow::Result<Lines> {
-    let shown = config.display().to_string();
-    let config = Config::load(config)?;
-    let settings = config.services(&shown, &|name| std::env::var(name).ok())?;
-    let store = &settings.clickhouse;
-    let database = database.unwrap_or(&store.database);
-    let clickhouse = ClickHouse::new(&store.url, database)
-        .with_context(|| format!("database {database:?}"))?
-        .with_credentials(&store.credentials);
-    let place = format!("{database}.invoice_lines at {}", store.url);
+    let store = ConfiguredClickHouse::of(&Config::load(config)?, config, database)?;
+    let place = format!("{}.invoice_lines at {}", store.database, store.url);
     let mut lines = Lines::named(format!("ClickHouse {place}"));
-    for line in clickhouse.lines(period, None)? {
+    for line in store.client.lines(period, None)? {
         let at = format!("{place}, line {}", line.id);
         lines.add_invoice_line(line, at)?;
     }
