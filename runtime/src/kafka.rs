@@ -587,7 +587,7 @@ pub fn read_partition(
         partition,
         source,
     };
-    let reader: BaseConsumer = base
+    let reader: BaseConsumer<EndIsNoError> = base
         .set("group.id", "tally-state-reader")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
@@ -597,7 +597,7 @@ pub fn read_partition(
         .set("fetch.wait.max.ms", "10")
         .set("fetch.max.bytes", "104857600")
         .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
-        .create()
+        .create_with_context(EndIsNoError)
         .map_err(fail)?;
     // One deadline for the whole read, waiting for the broker included.
     let deadline = std::time::Instant::now() + timeout;
@@ -635,6 +635,23 @@ pub fn read_partition(
         }
     }
 }
+
+/// The context of [`read_partition`]'s reader. Reaching the end of the partition is
+/// what the reader is for, yet librdkafka also reports it to the client's error
+/// callback, whose default logs an ERROR: one for every restore, alarming operators.
+struct EndIsNoError;
+
+impl ClientContext for EndIsNoError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::debug!(reason, "state reader reached the end of the partition");
+        } else {
+            tracing::error!(%error, reason, "librdkafka");
+        }
+    }
+}
+
+impl ConsumerContext for EndIsNoError {}
 
 /// Runs a request to the brokers until it succeeds or `patience` runs out, waiting a
 /// little longer after each failure. For what a restore or an assignment must read

@@ -190,6 +190,17 @@ database = "{database}"
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to a started process: `STOP` freezes it as
+    /// a long pause or a partition from the network would, without it knowing.
+    pub fn signal(&self, name: &str, signal: &str) {
+        let child = &self.children[name];
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {name}");
+    }
+
     pub fn log(&self, name: &str) -> String {
         fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
