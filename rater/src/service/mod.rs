@@ -469,8 +469,9 @@ pub fn run(
         let polled = poll_group(&consumer, poll_wait, kafka("consume the windows topic"))?;
         let caught_up = polled.is_none();
         let mut worker = lock(&worker);
-        if let Some(message) = polled {
-            worker.process(&message);
+        match polled {
+            Some(message) => worker.process(&message),
+            None => worker.step_over_markers(&consumer),
         }
         worker.schedule_price_book_check(settings.rater.price_book_check_interval);
         if worker.store_due(&settings.rater, caught_up) {
@@ -616,6 +617,25 @@ impl Worker {
                 change,
             },
         );
+    }
+
+    /// Moves each partition's next offset up to the consumer's position where that is
+    /// ahead. librdkafka steps over transaction markers (and aborted records) without
+    /// delivering them, while every record it delivers is processed at once: the gap
+    /// holds nothing to store. Committed, the position leaves no lag of one marker per
+    /// partition in the group's offsets, where lag monitors look.
+    fn step_over_markers(&mut self, consumer: &GroupConsumer) {
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        for (&partition, state) in &mut self.partitions {
+            let position = offset_of(&positions, &self.topic, partition);
+            if let Some(position) = position.filter(|&p| p > state.next_offset) {
+                state.next_offset = position;
+                state.uncommitted = true;
+                self.pending.started.get_or_insert_with(Instant::now);
+            }
+        }
     }
 
     /// Records one usage update, or a settled period, in its partition's ledger.

@@ -33,13 +33,14 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     let _serial = serial();
     let _ = NEEDS;
     let aggregator_port = harness::free_port();
+    let rater_port = harness::free_port();
     let mut p = Pipeline::new(
         "equivalence",
         20_000,
         40,
         &format!(
             "[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_port}\"\ncommit_interval = \"100ms\"\n\
-             [rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\"\nstore_windows = true"
+             [rater]\nmetrics_listen = \"127.0.0.1:{rater_port}\"\nflush_interval = \"200ms\"\nstore_windows = true"
         ),
     );
     p.start("aggregator", "agg-a");
@@ -107,6 +108,24 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     assert_eq!(
         harness::metric(aggregator_port, "tally_aggregator_misplaced_events_total"),
         Some(0.0)
+    );
+    assert_windows_add_up_to_lines(&p, &expected);
+
+    // So does the rater's: it reads every usage update again and writes the same rows.
+    p.stop("rater-a");
+    p.reset_group_to_earliest("rater");
+    p.start("rater", "rater-a");
+    p.wait_caught_up("rater", Duration::from_secs(180));
+    p.wait_for(&expected, Duration::from_secs(60));
+    let updates = (p.read_records("windows").iter())
+        .filter(|(_, payload, headers)| {
+            !payload.is_empty() && !headers.contains_key(tally_schemas::records::SETTLED_HEADER)
+        })
+        .count();
+    assert_eq!(
+        harness::metric(rater_port, "tally_rater_usage_updates_total"),
+        Some(updates as f64),
+        "the restarted rater read every usage update again"
     );
     assert_windows_add_up_to_lines(&p, &expected);
 }
