@@ -88,7 +88,7 @@ pub struct IngestSpec {
     pub api_keys: Vec<ApiKeySpec>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeySpec {
     /// Name of the environment variable holding the key (preferred).
@@ -101,6 +101,18 @@ pub struct ApiKeySpec {
     pub tenant: String,
     /// CloudEvents `source`s this key may send; `"*"` allows any.
     pub sources: Vec<String>,
+}
+
+/// Never prints the key: a configuration logged or shown in an error stays safe.
+impl fmt::Debug for ApiKeySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeySpec")
+            .field("key_env", &self.key_env)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("tenant", &self.tenant)
+            .field("sources", &self.sources)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -736,6 +748,22 @@ sources = ["agent"]
         let shown = format!("{s:?}");
         for secret in ["hunter2", "secret\"", "0123456789abcdef0123"] {
             assert!(!shown.contains(secret), "{secret} leaked into {shown}");
+        }
+    }
+
+    #[test]
+    fn a_key_written_in_the_file_is_not_shown_by_the_configuration_or_its_settings() {
+        let file = format!(
+            "{PRICE_BOOK}\n[[ingest.api_keys]]\nkey = \"local-trial-key-0123456789\"\ntenant = \"support\"\nsources = [\"*\"]\n"
+        );
+        let config = Config::parse(&file, "test.toml").unwrap();
+        let settings = config.services("test.toml", &|_| None).unwrap();
+        for shown in [format!("{config:?}"), format!("{settings:?}")] {
+            assert!(!shown.contains("local-trial-key"), "{shown}");
+            assert!(
+                shown.contains("support"),
+                "the key's tenant is shown: {shown}"
+            );
         }
     }
 
