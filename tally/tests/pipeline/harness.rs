@@ -43,7 +43,9 @@ pub struct Pipeline {
     pub config: PathBuf,
     pub events: PathBuf,
     pub period: &'static str,
-    children: BTreeMap<String, Child>,
+    /// The started services by name; behind a lock so a test can start and kill them
+    /// while another thread produces.
+    children: Mutex<BTreeMap<String, Child>>,
     producer: BaseProducer,
 }
 
@@ -127,7 +129,7 @@ database = "{database}"
             config,
             events: events_path,
             period: "2026-10",
-            children: BTreeMap::new(),
+            children: Mutex::new(BTreeMap::new()),
             producer,
         }
     }
@@ -137,11 +139,11 @@ database = "{database}"
     }
 
     /// Starts `tally serve <service>` as instance `name`, logging to `<name>.log`.
-    pub fn start(&mut self, service: &str, name: &str) {
+    pub fn start(&self, service: &str, name: &str) {
         self.start_with(service, name, &[]);
     }
 
-    pub fn start_with(&mut self, service: &str, name: &str, env: &[(&str, &str)]) {
+    pub fn start_with(&self, service: &str, name: &str, env: &[(&str, &str)]) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -157,20 +159,22 @@ database = "{database}"
             .stderr(log)
             .spawn()
             .unwrap();
-        self.children.insert(name.to_owned(), child);
+        self.processes().insert(name.to_owned(), child);
     }
 
     /// SIGKILL: no chance to commit, flush or leave the group.
-    pub fn kill(&mut self, name: &str) {
-        if let Some(mut child) = self.children.remove(name) {
+    pub fn kill(&self, name: &str) {
+        let removed = self.processes().remove(name);
+        if let Some(mut child) = removed {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
     /// SIGTERM, then waits for a clean exit.
-    pub fn stop(&mut self, name: &str) {
-        if let Some(mut child) = self.children.remove(name) {
+    pub fn stop(&self, name: &str) {
+        let removed = self.processes().remove(name);
+        if let Some(mut child) = removed {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
@@ -193,9 +197,9 @@ database = "{database}"
     /// Sends `signal` (`STOP`, `CONT`, ...) to a started process: `STOP` freezes it as
     /// a long pause or a partition from the network would, without it knowing.
     pub fn signal(&self, name: &str, signal: &str) {
-        let child = &self.children[name];
+        let pid = self.processes()[name].id();
         let status = Command::new("kill")
-            .args([&format!("-{signal}"), &child.id().to_string()])
+            .args([&format!("-{signal}"), &pid.to_string()])
             .status()
             .unwrap();
         assert!(status.success(), "kill -{signal} {name}");
@@ -205,15 +209,10 @@ database = "{database}"
         fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    /// Panics with its log if a started process has exited.
     /// Waits for `name` to exit on its own and returns how it ended and its log.
-    pub fn wait_exit(
-        &mut self,
-        name: &str,
-        timeout: Duration,
-    ) -> (std::process::ExitStatus, String) {
+    pub fn wait_exit(&self, name: &str, timeout: Duration) -> (std::process::ExitStatus, String) {
         let deadline = Instant::now() + timeout;
-        let mut child = self.children.remove(name).unwrap();
+        let mut child = self.processes().remove(name).unwrap();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return (status, self.log(name));
@@ -275,16 +274,21 @@ database = "{database}"
         (topic, client)
     }
 
-    pub fn assert_running(&mut self) {
-        for (name, child) in &mut self.children {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "{name} exited with {status}:\n{}",
-                    fs::read_to_string(self.dir.path().join(format!("{name}.log")))
-                        .unwrap_or_default()
-                );
-            }
+    /// Panics with its log if a started process has exited.
+    pub fn assert_running(&self) {
+        let exited = (self.processes().iter_mut())
+            .find_map(|(name, child)| Some((name.clone(), child.try_wait().unwrap()?)));
+        if let Some((name, status)) = exited {
+            panic!("{name} exited with {status}:\n{}", self.log(&name));
         }
+    }
+
+    fn processes(&self) -> MutexGuard<'_, BTreeMap<String, Child>> {
+        // A test that failed while holding the lock poisoned it: the processes are
+        // still to be killed.
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The events file's lines.
@@ -497,7 +501,7 @@ database = "{database}"
 
     /// Waits until ClickHouse holds exactly `expected`, and stays so briefly (a late
     /// double count would show), or fails with the difference.
-    pub fn wait_for(&mut self, expected: &[Line], timeout: Duration) {
+    pub fn wait_for(&self, expected: &[Line], timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             self.assert_running();
@@ -540,11 +544,17 @@ database = "{database}"
 
     /// Every record of a topic as (key, payload, headers); a tombstone has no payload.
     pub fn read_records(&self, suffix: &str) -> Vec<Record> {
+        self.read_records_in(suffix, "read_committed")
+    }
+
+    /// [`Pipeline::read_records`] at an isolation level: `read_uncommitted` includes
+    /// what aborted transactions wrote.
+    pub fn read_records_in(&self, suffix: &str, isolation: &str) -> Vec<Record> {
         let topic = self.topic(suffix);
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", BROKERS)
             .set("group.id", format!("{}-reader", self.prefix))
-            .set("isolation.level", "read_committed")
+            .set("isolation.level", isolation)
             .set("enable.auto.commit", "false")
             .create()
             .unwrap();
@@ -645,7 +655,7 @@ database = "{database}"
 
 impl Drop for Pipeline {
     fn drop(&mut self) {
-        let names: Vec<String> = self.children.keys().cloned().collect();
+        let names: Vec<String> = self.processes().keys().cloned().collect();
         for name in names {
             self.kill(&name);
         }
@@ -710,7 +720,7 @@ pub fn service_with(name: &str, args: &[&str]) {
 
 impl Pipeline {
     /// Waits until the service's group has committed every partition to its end.
-    pub fn wait_caught_up(&mut self, service: &str, timeout: Duration) {
+    pub fn wait_caught_up(&self, service: &str, timeout: Duration) {
         let (topic, client) = self.group_client(service);
         let deadline = Instant::now() + timeout;
         loop {

@@ -34,7 +34,7 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     let _ = NEEDS;
     let aggregator_port = harness::free_port();
     let rater_port = harness::free_port();
-    let mut p = Pipeline::new(
+    let p = Pipeline::new(
         "equivalence",
         20_000,
         40,
@@ -176,32 +176,55 @@ fn with_duplicates(mut lines: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
     let _serial = serial();
     // Small snapshots: restores go through snapshot parts, tombstones, deltas and
-    // dedupe keys both in per-transaction records and gathered into key sets.
-    let mut p = Pipeline::new(
+    // dedupe keys both in per-transaction records and gathered into key sets. Commits
+    // a second apart: a kill all but surely catches a transaction open.
+    let p = Pipeline::new(
         "kill9",
         200_000,
         200,
-        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\nchangelog_snapshot_bytes = 200000",
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"1s\"\nchangelog_snapshot_bytes = 200000",
     );
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let lines = with_duplicates(p.lines());
     assert!(lines.len() >= 220_000);
-    let (first, rest) = lines.split_at(lines.len() / 2);
-    p.produce(first);
-    for pause in [3, 2, 4] {
-        std::thread::sleep(Duration::from_secs(pause));
-        p.kill("agg-a");
-        p.start("aggregator", "agg-a");
-        if pause == 2 {
-            p.produce(rest);
+    let committed = || p.committed("aggregator").values().sum::<i64>();
+    std::thread::scope(|scope| {
+        // A steady stream of some 20 s, through every kill and restart.
+        let producing = scope.spawn(|| {
+            for chunk in lines.chunks(2_000) {
+                p.produce(chunk);
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        });
+        for kill in 1..=3 {
+            // Each start has restored, read and committed before it is killed.
+            let before = committed();
+            harness::eventually(
+                "agg-a commits what it read since its start",
+                Duration::from_secs(120),
+                || committed() > before,
+            );
+            std::thread::sleep(Duration::from_millis(700));
+            assert!(
+                !producing.is_finished(),
+                "kill {kill} came after the last event: nothing was in flight"
+            );
+            p.kill("agg-a");
+            p.start("aggregator", "agg-a");
         }
-    }
+    });
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(300));
     assert!(
         harness::restored_some_state(&p.log("agg-a")),
         "the restarts restored state from the changelog"
+    );
+    // What the killed transactions wrote is in the topics, aborted: never read.
+    let windows = |isolation| p.read_records_in("windows", isolation).len();
+    assert!(
+        windows("read_uncommitted") > windows("read_committed"),
+        "a kill aborted an open transaction's window updates"
     );
     let changelog = p.read_records("aggregator-changelog");
     for kind in ["snapshot/", "delta/", "keys/", "keyset/"] {
@@ -218,7 +241,7 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_second_aggregator_joining_and_the_first_leaving_keep_totals_exact() {
     let _serial = serial();
-    let mut p = Pipeline::new("rebalance", 100_000, 100, "");
+    let p = Pipeline::new("rebalance", 100_000, 100, "");
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let lines = with_duplicates(p.lines());
@@ -243,7 +266,7 @@ fn a_second_aggregator_joining_and_the_first_leaving_keep_totals_exact() {
 fn an_aggregator_frozen_past_its_session_is_fenced_when_it_wakes_and_totals_stay_exact() {
     let _serial = serial();
     // Transactions held open for two seconds: the freeze all but surely catches one.
-    let mut p = Pipeline::new(
+    let p = Pipeline::new(
         "zombie",
         100_000,
         100,
@@ -303,7 +326,7 @@ fn an_aggregator_frozen_past_its_session_is_fenced_when_it_wakes_and_totals_stay
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_broker_restart_mid_run_neither_loses_nor_hangs() {
     let _serial = serial();
-    let mut p = Pipeline::new("broker_restart", 100_000, 100, "");
+    let p = Pipeline::new("broker_restart", 100_000, 100, "");
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let lines = with_duplicates(p.lines());
@@ -333,7 +356,7 @@ fn a_broker_restart_mid_run_neither_loses_nor_hangs() {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn clickhouse_down_for_30_seconds_delays_but_does_not_change_totals() {
     let _serial = serial();
-    let mut p = Pipeline::new("clickhouse_down", 50_000, 60, "");
+    let p = Pipeline::new("clickhouse_down", 50_000, 60, "");
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let lines = p.lines();
@@ -360,7 +383,7 @@ fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
     let _serial = serial();
     // With windows stored: they are written, like the lines, by whichever rater holds
     // the partition, after a rebuild, and again after a failed insert.
-    let mut p = Pipeline::new(
+    let p = Pipeline::new(
         "rater_faults",
         60_000,
         80,
@@ -393,7 +416,7 @@ fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rated_topic_refusing_lines_stops_the_rater_until_a_restart_delivers_them() {
     let _serial = serial();
-    let mut p = Pipeline::new("rated_refused", 5_000, 20, "");
+    let p = Pipeline::new("rated_refused", 5_000, 20, "");
     // Every rated line is larger than this: Kafka refuses them for good.
     p.set_topic_config("rated", "max.message.bytes", "200");
     p.start("aggregator", "agg-a");
@@ -438,7 +461,7 @@ fn worked_lines(explanation: &str) -> String {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn the_pipelines_lines_are_explained_as_tally_rate_explains_the_same_events() {
     let _serial = serial();
-    let mut p = Pipeline::new(
+    let p = Pipeline::new(
         "explain",
         5_000,
         8,
@@ -713,7 +736,7 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
     let (aggregator_port, rater_port) = (harness::free_port(), harness::free_port());
     // A 5-day horizon (the generated month has events up to 4 days late): October
     // settles in a partition once its events reach November 6, 01:00.
-    let mut p = Pipeline::new(
+    let p = Pipeline::new(
         "settle",
         3_000,
         10,
@@ -843,7 +866,7 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_partition() {
     let _serial = serial();
-    let mut p = Pipeline::new(
+    let p = Pipeline::new(
         "close",
         3_000,
         10,
@@ -911,7 +934,7 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn idle_partitions_close_the_months_that_ended_by_themselves() {
     let _serial = serial();
-    let mut p = Pipeline::new(
+    let p = Pipeline::new(
         "idle_close",
         3_000,
         10,
@@ -994,7 +1017,7 @@ fn line_for<'a>(lines: &'a [harness::Line], customer: &str, price: &str) -> &'a 
 fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_the_rest() {
     let _serial = serial();
     let rater_port = harness::free_port();
-    let mut p = Pipeline::new(
+    let p = Pipeline::new(
         "reprice",
         20_000,
         40,
@@ -1140,7 +1163,7 @@ fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_th
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_repricing_the_rated_topic_refuses_is_stored_and_delivered_after_a_restart() {
     let _serial = serial();
-    let mut p = Pipeline::new("reprice_refused", 5_000, 20, "");
+    let p = Pipeline::new("reprice_refused", 5_000, 20, "");
     p.produce(&p.lines());
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
@@ -1177,7 +1200,7 @@ fn a_repricing_the_rated_topic_refuses_is_stored_and_delivered_after_a_restart()
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_billed() {
     let _serial = serial();
-    let mut p = Pipeline::new(
+    let p = Pipeline::new(
         "reprice_settled",
         3_000,
         10,
@@ -1301,7 +1324,7 @@ fn rebuilt_partitions(p: &Pipeline, rater: &str) -> std::collections::BTreeSet<i
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
     let _serial = serial();
-    let mut p = Pipeline::new(
+    let p = Pipeline::new(
         "rolling_book",
         3_000,
         10,
@@ -1394,8 +1417,16 @@ fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
 fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
     let _serial = serial();
     let port = harness::free_port();
-    let mut p = Pipeline::new("http", 20_000, 40, &harness::ingest_section(port));
-    p.start("ingest", "ingest-a");
+    let p = Pipeline::new("http", 20_000, 40, &harness::ingest_section(port));
+    // JSON logs, with each request's outcome (debug), as a log pipeline would take them.
+    p.start_with(
+        "ingest",
+        "ingest-a",
+        &[
+            ("TALLY_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,tally_ingest=debug"),
+        ],
+    );
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
     let lines = p.lines();
@@ -1405,8 +1436,48 @@ fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
         accepted > 19_000 && accepted <= lines.len() as u64,
         "{accepted}"
     );
+    let guessed = "guessed-key-0123456789";
+    let refused = ureq::post(&format!("http://127.0.0.1:{port}/v1/events"))
+        .header("Authorization", &format!("Bearer {guessed}"))
+        .header("Content-Type", "application/cloudevents+json")
+        .send(&lines[0][..]);
+    assert!(
+        matches!(refused, Err(ureq::Error::StatusCode(401))),
+        "{refused:?}"
+    );
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(180));
+
+    p.stop("ingest-a");
+    let log = p.log("ingest-a");
+    let records: Vec<serde_json::Value> = (log.lines())
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"))
+        })
+        .collect();
+    for message in [
+        "ingest API listening",
+        "events ingested",
+        "events refused: no valid API key",
+        "ingest API stopped",
+    ] {
+        let record = (records.iter())
+            .find(|r| r["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} record in\n{log}"));
+        assert!(
+            record["timestamp"].is_string() && record["level"].is_string(),
+            "{record}"
+        );
+    }
+    assert!(
+        (records.iter())
+            .any(|r| r["message"] == "events ingested" && r["tenant"] == "pipeline-test"),
+        "requests are logged by tenant:\n{log}"
+    );
+    for key in [harness::API_KEY, guessed] {
+        assert!(!log.contains(key), "an API key in the log:\n{log}");
+    }
 }
 
 /// Prometheus's answer to an instant query: `(labels, value)` per series.
@@ -1453,7 +1524,7 @@ fn prometheus_scrapes_every_service_of_serve_all() {
          [rater]\nmetrics_listen = \"127.0.0.1:{rater}\"\nflush_interval = \"200ms\"\n",
         harness::ingest_section(ingest)
     );
-    let mut p = Pipeline::new("prometheus", 3_000, 10, &extra);
+    let p = Pipeline::new("prometheus", 3_000, 10, &extra);
     p.start("all", "all-a");
     harness::service_with(
         "prometheus",
