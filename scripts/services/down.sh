@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stops the servers started by scripts/services/up.sh (all three, or those named):
+# Stops the servers started by scripts/services/up.sh (all, or those named):
 #   scripts/services/down.sh
 #   scripts/services/down.sh kafka
 # Data stays under .services/ for the next start; `scripts/services/<name>.sh reset`
@@ -8,13 +8,13 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
 services=("$@")
-[ ${#services[@]} -gt 0 ] || services=(prometheus clickhouse kafka)
+[ ${#services[@]} -gt 0 ] || services=(prometheus clickhouse-current clickhouse kafka)
 rc=0
 for s in "${services[@]}"; do
   case "$s" in
-  kafka | clickhouse | prometheus) "$here/$s.sh" stop || rc=1 ;;
+  kafka | clickhouse | prometheus | clickhouse-current) "$here/$s.sh" stop || rc=1 ;;
   *)
-    echo "[down] unknown service '$s' (kafka, clickhouse, prometheus)" >&2
+    echo "[down] unknown service '$s' (kafka, clickhouse, prometheus, clickhouse-current)" >&2
     rc=2
     ;;
   esac

@@ -4,6 +4,8 @@
 #   Kafka 4.x (KRaft)   127.0.0.1:9092 (controller 127.0.0.1:9093)
 #   ClickHouse 18.16    127.0.0.1:8123 (HTTP), 127.0.0.1:9000 (native)
 #   Prometheus 2.42     127.0.0.1:9090
+#   clickhouse-current  127.0.0.1:8124 (HTTP): a current ClickHouse engine (chDB), only
+#                       when named, for checking the SQL there too
 #
 #   scripts/services/up.sh                      # all three
 #   scripts/services/up.sh kafka clickhouse     # only those
@@ -21,8 +23,8 @@ services=("$@")
 [ ${#services[@]} -gt 0 ] || services=(kafka clickhouse prometheus)
 for s in "${services[@]}"; do
   case "$s" in
-  kafka | clickhouse | prometheus) ;;
-  *) die "unknown service '$s' (kafka, clickhouse, prometheus)" ;;
+  kafka | clickhouse | prometheus | clickhouse-current) ;;
+  *) die "unknown service '$s' (kafka, clickhouse, prometheus, clickhouse-current)" ;;
   esac
 done
 
@@ -50,5 +52,6 @@ for s in "${services[@]}"; do
   kafka) printf '  %-11s %-40s log %s\n' kafka "bootstrap 127.0.0.1:${KAFKA_PORT:-9092}" "$SERVICES_DIR/kafka/server.log" ;;
   clickhouse) printf '  %-11s %-40s log %s\n' clickhouse "http://127.0.0.1:${CLICKHOUSE_HTTP_PORT:-8123}/ native 127.0.0.1:${CLICKHOUSE_TCP_PORT:-9000}" "$SERVICES_DIR/clickhouse/server.log" ;;
   prometheus) printf '  %-11s %-40s log %s\n' prometheus "http://127.0.0.1:${PROMETHEUS_PORT:-9090}/" "$SERVICES_DIR/prometheus/server.log" ;;
+  clickhouse-current) printf '  %-11s %-40s log %s\n' clickhouse-current "http://127.0.0.1:${CLICKHOUSE_CURRENT_PORT:-8124}/ (chDB)" "$SERVICES_DIR/clickhouse-current/server.log" ;;
   esac
 done
