@@ -4,13 +4,15 @@
 //!
 //! In: two sources of lines, each a file (JSON lines as `tally rate --format json`
 //! writes them, or CSV with a header row, as `--format csv` writes them or another
-//! biller exports them) or a ClickHouse database's `invoice_lines`. Lines are matched on
-//! (customer, price, the closed month an adjustment is for). Out: the lines whose
+//! biller exports them) or a ClickHouse database's `invoice_lines`, the other biller's
+//! customer and price ids translated by an optional map (`--map`), and optionally only
+//! the customers one source bills (`--customers`: the cohort still on the other biller).
+//! Lines are matched on (customer, price, the closed month an adjustment is for). Out: the lines whose
 //! quantity, amount or currency differ, the lines only one source has, the invoices
 //! (a customer's lines in one currency) and currencies whose totals differ; the exit
 //! status says whether they agree.
 
-use std::collections::BTreeMap;
+use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -49,12 +51,35 @@ pub struct ReconcileArgs {
     /// Also write every line that does not agree to this CSV file.
     #[arg(long, value_name = "PATH")]
     differences: Option<PathBuf>,
+    /// The other biller's customer and price ids as Tally's: a CSV file with the header
+    /// `kind,from,to` (`kind` is `customer` or `price`), applied to both sources. Lines
+    /// the map gives one customer and price are added together.
+    #[arg(long, value_name = "PATH")]
+    map: Option<PathBuf>,
+    /// Which customers to compare: all, or only those with lines in `expected`, in
+    /// `actual`, or in `both` (a cohort still on the other biller, say); the others'
+    /// lines are left out and counted.
+    #[arg(long, value_enum, default_value = "all")]
+    customers: CustomerScope,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CustomerScope {
+    All,
+    Expected,
+    Actual,
+    Both,
 }
 
 /// Compares the two sources and prints the report; `Ok(false)` when they differ.
 pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
-    let expected = read_source(&args.expected, args.period, &args.config)?;
-    let actual = read_source(&args.actual, args.period, &args.config)?;
+    let map = match &args.map {
+        Some(path) => IdMap::read(path)?,
+        None => IdMap::default(),
+    };
+    let mut expected = read_source(&args.expected, args.period, &args.config, &map)?;
+    let mut actual = read_source(&args.actual, args.period, &args.config, &map)?;
+    keep_customers(args.customers, &mut expected, &mut actual);
     let reconciliation = Reconciliation::of(&expected, &actual)?;
     let mut out = io::stdout().lock();
     reconciliation.write_report(&mut out, args.period, &expected, &actual)?;
@@ -86,6 +111,8 @@ struct Figures {
     /// Lowercase ISO 4217, so `USD` and `usd` agree.
     currency: String,
     at: String,
+    /// Whether the map gave the line its customer or price.
+    mapped: bool,
 }
 
 impl Figures {
@@ -109,6 +136,12 @@ struct Lines {
     by_key: BTreeMap<LineKey, Figures>,
     /// Lines of other months, left out.
     other_periods: usize,
+    /// Lines the map renamed, and how many of them were added to another.
+    mapped: usize,
+    added_together: usize,
+    /// Lines of customers `--customers` leaves out, and those customers.
+    other_customers_lines: usize,
+    other_customers: BTreeSet<String>,
 }
 
 impl Lines {
@@ -119,22 +152,65 @@ impl Lines {
         }
     }
 
-    fn add(&mut self, key: LineKey, figures: Figures) -> anyhow::Result<()> {
-        if let Some(first) = self.by_key.get(&key) {
+    /// Adds a line under its key as `map` renames it. A line keyed as one already
+    /// there is added to it if the map renamed either (another biller's two lines of
+    /// one Tally price, say); otherwise it is an error: a source bills a customer's
+    /// price once a month.
+    fn add(&mut self, mut key: LineKey, mut figures: Figures, map: &IdMap) -> anyhow::Result<()> {
+        figures.mapped = map.rename(&mut key);
+        self.mapped += usize::from(figures.mapped);
+        let first = match self.by_key.entry(key) {
+            btree_map::Entry::Vacant(entry) => {
+                entry.insert(figures);
+                return Ok(());
+            }
+            btree_map::Entry::Occupied(entry) => entry,
+        };
+        let (key, first) = (first.key().clone(), first.into_mut());
+        let place = format!(
+            "customer {:?}, price {:?}{}",
+            key.customer,
+            key.price,
+            adjusts_text(key.adjusts)
+        );
+        if !(figures.mapped || first.mapped) {
             bail!(
-                "{}: a second line for customer {:?}, price {:?}{} (the first is {}); a source has one line per customer and price of the month",
+                "{}: a second line for {place} (the first is {}); a source has one line per customer and price of the month",
                 figures.at,
-                key.customer,
-                key.price,
-                adjusts_text(key.adjusts),
                 first.at
             );
         }
-        self.by_key.insert(key, figures);
+        anyhow::ensure!(
+            figures.currency == first.currency,
+            "{}: the map makes it a line of {place} with {} (in {}), but it is in {} and that one in {}; lines in two currencies cannot be added",
+            figures.at,
+            first.at,
+            first.currency,
+            figures.currency,
+            first.currency
+        );
+        let sum = |a: Decimal, b: Decimal, what: &str| {
+            a.checked_add(b).with_context(|| {
+                format!(
+                    "{}: adding its {what} to {}'s goes past the largest exact decimal",
+                    figures.at, first.at
+                )
+            })
+        };
+        first.quantity = sum(first.quantity, figures.quantity, "quantity")?;
+        first.amount = sum(first.amount, figures.amount, "amount")?;
+        first.at = format!("{} + {}", first.at, figures.at);
+        first.mapped = true;
+        self.added_together += 1;
         Ok(())
     }
 
-    fn add_invoice_line(&mut self, line: InvoiceLine, at: String) -> anyhow::Result<()> {
+    fn add_invoice_line(
+        &mut self,
+        line: InvoiceLine,
+        at: String,
+        map: &IdMap,
+    ) -> anyhow::Result<()> {
         let key = LineKey {
             customer: line.customer,
             price: line.price,
@@ -145,8 +221,121 @@ impl Lines {
             amount: line.amount,
             currency: line.currency.to_ascii_lowercase(),
             at,
+            mapped: false,
         };
-        self.add(key, figures)
+        self.add(key, figures, map)
+    }
+
+    fn customers(&self) -> BTreeSet<String> {
+        self.by_key.keys().map(|key| key.customer.clone()).collect()
+    }
+
+    /// Leaves out, and counts, the lines of customers not in `compared`.
+    fn keep_customers(&mut self, compared: &BTreeSet<String>) {
+        let (kept, left_out) = std::mem::take(&mut self.by_key)
+            .into_iter()
+            .partition(|(key, _)| compared.contains(&key.customer));
+        self.by_key = kept;
+        let left_out: BTreeMap<LineKey, Figures> = left_out;
+        self.other_customers_lines += left_out.len();
+        (self.other_customers).extend(left_out.into_keys().map(|key| key.customer));
+    }
+}
+
+/// Narrows both sources to the customers `scope` names.
+fn keep_customers(scope: CustomerScope, expected: &mut Lines, actual: &mut Lines) {
+    let compared = match scope {
+        CustomerScope::All => return,
+        CustomerScope::Expected => expected.customers(),
+        CustomerScope::Actual => actual.customers(),
+        CustomerScope::Both => (expected.customers())
+            .intersection(&actual.customers())
+            .cloned()
+            .collect(),
+    };
+    expected.keep_customers(&compared);
+    actual.keep_customers(&compared);
+}
+
+/// Another biller's customer and price ids, as Tally's.
+#[derive(Debug, Default)]
+struct IdMap {
+    customers: HashMap<String, String>,
+    prices: HashMap<String, String>,
+}
+
+impl IdMap {
+    fn read(path: &Path) -> anyhow::Result<IdMap> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the map {}", path.display()))?;
+        IdMap::parse(&path.display().to_string(), &text)
+    }
+
+    /// A CSV file with the header `kind,from,to`; `kind` is `customer` or `price`.
+    fn parse(name: &str, text: &str) -> anyhow::Result<IdMap> {
+        #[derive(Deserialize)]
+        struct Entry {
+            kind: String,
+            from: String,
+            to: String,
+        }
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let headers = (reader.headers())
+            .with_context(|| format!("{name}: cannot read the header row"))?
+            .clone();
+        anyhow::ensure!(
+            ["kind", "from", "to"]
+                .iter()
+                .all(|c| headers.iter().any(|h| h == *c)),
+            "{name}: the header row must name kind, from and to (it has {})",
+            headers.iter().collect::<Vec<_>>().join(", ")
+        );
+        let mut map = IdMap::default();
+        // Where each id was mapped, for naming a contradiction.
+        let mut first_at: HashMap<(String, String), String> = HashMap::new();
+        for record in reader.records() {
+            let record = record.with_context(|| format!("{name}: unreadable row"))?;
+            let at = format!("{name} line {}", record.position().map_or(0, |p| p.line()));
+            let entry: Entry = (record.deserialize(Some(&headers)))
+                .map_err(|e| anyhow::anyhow!("{at}: {}", csv_error(&e, &headers)))?;
+            let (from, to) = (entry.from.trim(), entry.to.trim());
+            anyhow::ensure!(
+                !from.is_empty() && !to.is_empty(),
+                "{at}: from and to must both be given"
+            );
+            let ids = match entry.kind.trim() {
+                "customer" => &mut map.customers,
+                "price" => &mut map.prices,
+                other => bail!("{at}: kind {other:?} is neither customer nor price"),
+            };
+            match ids.get(from) {
+                Some(earlier) if earlier != to => bail!(
+                    "{at}: {} {from:?} is mapped to {to:?} here and to {earlier:?} at {}",
+                    entry.kind.trim(),
+                    first_at[&(entry.kind.trim().to_owned(), from.to_owned())]
+                ),
+                _ => {
+                    ids.insert(from.to_owned(), to.to_owned());
+                    first_at.insert((entry.kind.trim().to_owned(), from.to_owned()), at);
+                }
+            }
+        }
+        Ok(map)
+    }
+
+    /// Renames the key's customer and price where the map says; whether it did.
+    fn rename(&self, key: &mut LineKey) -> bool {
+        let mut renamed = false;
+        for (id, ids) in [
+            (&mut key.customer, &self.customers),
+            (&mut key.price, &self.prices),
+        ] {
+            if let Some(to) = ids.get(id.as_str()) {
+                renamed |= to != id;
+                id.clone_from(to);
+            }
+        }
+        renamed
     }
 }
 
@@ -154,29 +343,34 @@ fn adjusts_text(adjusts: Option<Period>) -> String {
     adjusts.map_or_else(String::new, |p| format!(", adjusting {p}"))
 }
 
-fn read_source(source: &str, period: Period, config: &Path) -> anyhow::Result<Lines> {
+fn read_source(source: &str, period: Period, config: &Path, map: &IdMap) -> anyhow::Result<Lines> {
     match source.strip_prefix("clickhouse") {
         Some(rest) if rest.is_empty() || rest.starts_with(':') => {
-            read_clickhouse(rest.strip_prefix(':'), period, config)
+            read_clickhouse(rest.strip_prefix(':'), period, config, map)
         }
-        _ => read_file(source, period),
+        _ => read_file(source, period, map),
     }
 }
 
 /// The current lines billed in `period` of `invoice_lines`, in the configuration's
 /// database or `database` on the same server.
-fn read_clickhouse(database: Option<&str>, period: Period, config: &Path) -> anyhow::Result<Lines> {
+fn read_clickhouse(
+    database: Option<&str>,
+    period: Period,
+    config: &Path,
+    map: &IdMap,
+) -> anyhow::Result<Lines> {
     let store = ConfiguredClickHouse::of(&Config::load(config)?, config, database)?;
     let place = format!("{}.invoice_lines at {}", store.database, store.url);
     let mut lines = Lines::named(format!("ClickHouse {place}"));
     for line in store.client.lines(period, None)? {
         let at = format!("{place}, line {}", line.id);
-        lines.add_invoice_line(line, at)?;
+        lines.add_invoice_line(line, at, map)?;
     }
     Ok(lines)
 }
 
-fn read_file(path: &str, period: Period) -> anyhow::Result<Lines> {
+fn read_file(path: &str, period: Period, map: &IdMap) -> anyhow::Result<Lines> {
     let mut text = String::new();
     if path == "-" {
         io::stdin()
@@ -190,7 +384,7 @@ fn read_file(path: &str, period: Period) -> anyhow::Result<Lines> {
         true => FileFormat::Csv,
         false => FileFormat::JsonLines,
     };
-    lines_of_text(name, &text, format, period)
+    lines_of_text(name, &text, format, period, map)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -205,6 +399,7 @@ fn lines_of_text(
     text: &str,
     format: FileFormat,
     period: Period,
+    map: &IdMap,
 ) -> anyhow::Result<Lines> {
     let mut lines = Lines::named(name.to_owned());
     let rows = match format {
@@ -239,8 +434,9 @@ fn lines_of_text(
             amount: decimal(&row.amount).with_context(|| format!("{at}: amount"))?,
             currency: row.currency.trim().to_ascii_lowercase(),
             at,
+            mapped: false,
         };
-        lines.add(key, figures)?;
+        lines.add(key, figures, map)?;
     }
     Ok(lines)
 }
@@ -514,12 +710,33 @@ impl<'l> Reconciliation<'l> {
     ) -> io::Result<()> {
         writeln!(out, "Reconciling {period}")?;
         for (role, lines) in [("expected", expected), ("actual", actual)] {
-            let left_out = match lines.other_periods {
-                0 => String::new(),
-                n => format!("; {} of other months left out", count(n, "line")),
-            };
+            let mut notes = Vec::new();
+            if lines.mapped > 0 {
+                let added = match lines.added_together {
+                    0 => String::new(),
+                    n => format!(", {n} of them added to another line"),
+                };
+                notes.push(format!(
+                    "{} renamed by the map{added}",
+                    count(lines.mapped, "line")
+                ));
+            }
+            if lines.other_periods > 0 {
+                notes.push(format!(
+                    "{} of other months left out",
+                    count(lines.other_periods, "line")
+                ));
+            }
+            if lines.other_customers_lines > 0 {
+                notes.push(format!(
+                    "{} of {} not compared (--customers) left out",
+                    count(lines.other_customers_lines, "line"),
+                    count(lines.other_customers.len(), "customer")
+                ));
+            }
             let read = count(lines.by_key.len(), "line");
-            writeln!(out, "  {role:<8} {}: {read}{left_out}", lines.name)?;
+            let notes: String = notes.iter().map(|note| format!("; {note}")).collect();
+            writeln!(out, "  {role:<8} {}: {read}{notes}", lines.name)?;
         }
         writeln!(out)?;
         let zero = match self.zero_on_one_side {
@@ -707,15 +924,29 @@ mod tests {
     }
 
     fn json(text: &str) -> Lines {
-        lines_of_text("a.jsonl", text, FileFormat::JsonLines, november()).unwrap()
+        lines_of_text(
+            "a.jsonl",
+            text,
+            FileFormat::JsonLines,
+            november(),
+            &IdMap::default(),
+        )
+        .unwrap()
     }
 
     fn csv(text: &str) -> Lines {
-        lines_of_text("b.csv", text, FileFormat::Csv, november()).unwrap()
+        lines_of_text(
+            "b.csv",
+            text,
+            FileFormat::Csv,
+            november(),
+            &IdMap::default(),
+        )
+        .unwrap()
     }
 
     fn error(name: &str, text: &str, format: FileFormat) -> String {
-        let error = lines_of_text(name, text, format, november()).unwrap_err();
+        let error = lines_of_text(name, text, format, november(), &IdMap::default()).unwrap_err();
         format!("{error:#}")
     }
 
@@ -964,6 +1195,131 @@ mod tests {
         assert_eq!(
             refused.to_string(),
             "a.jsonl line 2: the usd amounts add up past the largest exact decimal (about 7.9e28)"
+        );
+    }
+
+    const OLD_BILLER_MAP: &str = "kind,from,to\n\
+        customer,ACCT-1001,cust_acme\n\
+        price,AI resolutions (included),resolutions\n\
+        price,AI resolutions (overage),resolutions\n\
+        price,Tokens,gpt-tokens\n";
+
+    fn mapped_csv(text: &str, map: &str) -> anyhow::Result<Lines> {
+        let map = IdMap::parse("map.csv", map)?;
+        lines_of_text("old.csv", text, FileFormat::Csv, november(), &map)
+    }
+
+    #[test]
+    fn the_map_renames_another_billers_ids_and_adds_up_the_lines_it_makes_one() {
+        let old = mapped_csv(
+            "customer,price,quantity,amount,currency\n\
+             ACCT-1001,AI resolutions (included),100,49.00,USD\n\
+             ACCT-1001,AI resolutions (overage),20,17.80,USD\n\
+             ACCT-1001,Tokens,12,0.024,USD\n\
+             cust_zed,resolutions,1,49.00,USD\n",
+            OLD_BILLER_MAP,
+        )
+        .unwrap();
+        let tally = json(concat!(
+            r#"{"customer":"cust_acme","price":"resolutions","quantity":"120","amount":"66.80","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"cust_acme","price":"gpt-tokens","quantity":"12","amount":"0.024","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"cust_zed","price":"resolutions","quantity":"1","amount":"49.00","currency":"usd"}"#,
+        ));
+        let shown = report(&old, &tally);
+        assert!(
+            Reconciliation::of(&old, &tally).unwrap().agrees(),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("expected old.csv: 3 lines; 3 lines renamed by the map, 1 of them added to another line"),
+            "{shown}"
+        );
+        let resolutions = &old.by_key[&LineKey {
+            customer: "cust_acme".into(),
+            price: "resolutions".into(),
+            adjusts: None,
+        }];
+        assert_eq!(resolutions.at, "old.csv line 2 + old.csv line 3");
+        assert_eq!(resolutions.amount, Decimal::new(6680, 2));
+
+        // Lines the map did not bring together are still one too many.
+        let twice = "customer,price,quantity,amount,currency\ncust_zed,resolutions,1,1,usd\ncust_zed,resolutions,1,1,usd\n";
+        let refused = mapped_csv(twice, OLD_BILLER_MAP).err().unwrap().to_string();
+        assert!(
+            refused.starts_with("old.csv line 3: a second line for"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_map_that_cannot_be_followed_is_refused_saying_where() {
+        let refused = |map: &str| IdMap::parse("map.csv", map).unwrap_err().to_string();
+        assert_eq!(
+            refused("kind,old,new\ncustomer,a,b\n"),
+            "map.csv: the header row must name kind, from and to (it has kind, old, new)"
+        );
+        assert_eq!(
+            refused("kind,from,to\nplan,a,b\n"),
+            "map.csv line 2: kind \"plan\" is neither customer nor price"
+        );
+        assert_eq!(
+            refused("kind,from,to\ncustomer,a,\n"),
+            "map.csv line 2: from and to must both be given"
+        );
+        assert_eq!(
+            refused("kind,from,to\ncustomer,a,b\nprice,a,c\ncustomer,a,c\n"),
+            "map.csv line 4: customer \"a\" is mapped to \"c\" here and to \"b\" at map.csv line 2"
+        );
+        let two_currencies = mapped_csv(
+            "customer,price,quantity,amount,currency\n\
+             ACCT-1001,AI resolutions (included),100,49.00,usd\n\
+             ACCT-1001,AI resolutions (overage),20,17.80,eur\n",
+            OLD_BILLER_MAP,
+        );
+        assert_eq!(
+            two_currencies.err().unwrap().to_string(),
+            "old.csv line 3: the map makes it a line of customer \"cust_acme\", price \"resolutions\" with old.csv line 2 (in usd), but it is in eur and that one in usd; lines in two currencies cannot be added"
+        );
+    }
+
+    #[test]
+    fn only_the_customers_of_the_chosen_source_are_compared_and_the_rest_counted() {
+        let line = |customer: &str| {
+            format!(
+                r#"{{"customer":"{customer}","price":"p","quantity":"1","amount":"1.00","currency":"usd"}}"#
+            )
+        };
+        let sources = || {
+            // The other biller still bills a and b; Tally rates everyone, and c wrongly.
+            let old = json(&[line("a"), line("b")].join("\n"));
+            let mut tally = json(&[line("a"), line("c"), line("d")].join("\n"));
+            tally.name = "tally.jsonl".into();
+            (old, tally)
+        };
+        let compared = |scope| {
+            let (mut old, mut tally) = sources();
+            keep_customers(scope, &mut old, &mut tally);
+            let differing: Vec<String> = (Reconciliation::of(&old, &tally).unwrap().differences)
+                .iter()
+                .map(|d| d.key.customer.clone())
+                .collect();
+            (differing, report(&old, &tally))
+        };
+        assert_eq!(compared(CustomerScope::All).0, ["b", "c", "d"]);
+        let (differing, shown) = compared(CustomerScope::Expected);
+        assert_eq!(differing, ["b"]);
+        assert!(
+            shown.contains("actual   tally.jsonl: 1 line; 2 lines of 2 customers not compared (--customers) left out"),
+            "{shown}"
+        );
+        assert_eq!(compared(CustomerScope::Actual).0, ["c", "d"]);
+        let (differing, shown) = compared(CustomerScope::Both);
+        assert!(differing.is_empty(), "{shown}");
+        assert!(
+            shown.contains("expected a.jsonl: 1 line; 1 line of 1 customer not compared (--customers) left out"),
+            "{shown}"
         );
     }
 }

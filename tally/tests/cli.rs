@@ -2680,3 +2680,103 @@ fn reconcile_agrees_on_tally_rates_own_formats_and_lists_what_another_biller_bil
     assert_eq!(missing.code, 2);
     assert_shows(&missing.stderr, &["error: cannot read nowhere.jsonl"]);
 }
+
+#[test]
+fn reconcile_maps_another_billers_ids_and_compares_only_the_cohort_it_still_bills() {
+    let f = Fixture::generated(9);
+    let events = std::fs::read(f.path("events.jsonl")).unwrap();
+    f.write(
+        "tally.jsonl",
+        f.rate_bytes(&events, &[]).succeeded().stdout.as_bytes(),
+    );
+    let lines: Vec<Value> = (f.read("tally.jsonl").lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let text = |line: &Value, field: &str| line[field].as_str().unwrap().to_owned();
+    let mut customers: Vec<String> = lines.iter().map(|l| text(l, "customer")).collect();
+    customers.sort();
+    customers.dedup();
+    let cohort = &customers[..3];
+    assert!(
+        customers.len() > cohort.len(),
+        "customers outside the cohort"
+    );
+
+    // The old biller knows the cohort by its own account numbers and prices by product
+    // names, and bills each price's usage as two lines: the first unit, and the rest.
+    let mut map = String::from("kind,from,to\n");
+    let mut prices: Vec<String> = lines.iter().map(|l| text(l, "price")).collect();
+    prices.sort();
+    prices.dedup();
+    for price in &prices {
+        map.push_str(&format!(
+            "price,{price} (first unit),{price}\nprice,{price} (rest),{price}\n"
+        ));
+    }
+    let mut export = String::from("customer,price,quantity,amount,currency\n");
+    let mut compared = 0;
+    for (n, customer) in cohort.iter().enumerate() {
+        map.push_str(&format!("customer,ACCT-{n},{customer}\n"));
+        for line in lines.iter().filter(|l| text(l, "customer") == *customer) {
+            let figure = |field| text(line, field).parse::<rust_decimal::Decimal>().unwrap();
+            let (quantity, amount) = (figure("quantity"), figure("amount"));
+            let (first_amount, first_quantity) = (
+                amount / rust_decimal::Decimal::from(3),
+                quantity.min(1.into()),
+            );
+            let (price, currency) = (text(line, "price"), text(line, "currency"));
+            export.push_str(&format!(
+                "ACCT-{n},{price} (first unit),{first_quantity},{first_amount},{currency}\n"
+            ));
+            export.push_str(&format!(
+                "ACCT-{n},{price} (rest),{},{},{currency}\n",
+                quantity - first_quantity,
+                amount - first_amount
+            ));
+            compared += 1;
+        }
+    }
+    f.write("old-biller.csv", export.as_bytes());
+    f.write("map.csv", map.as_bytes());
+
+    let agreed = reconcile(
+        &f,
+        &[
+            "old-biller.csv",
+            "tally.jsonl",
+            "--map",
+            "map.csv",
+            "--customers",
+            "expected",
+        ],
+    )
+    .succeeded();
+    assert_shows(
+        &agreed.stdout,
+        &[
+            &format!(
+                "  expected old-biller.csv: {compared} lines; {} lines renamed by the map, {compared} of them added to another line",
+                2 * compared
+            ),
+            &format!(
+                "  actual   tally.jsonl: {compared} lines; {} lines of {} customers not compared (--customers) left out",
+                lines.len() - compared,
+                customers.len() - cohort.len()
+            ),
+            "The two agree on every line.",
+        ],
+    );
+    // Every customer compared: Tally's lines of the others are only Tally's.
+    let everyone = reconcile(&f, &["old-biller.csv", "tally.jsonl", "--map", "map.csv"]);
+    assert_eq!(everyone.code, 1, "{}", everyone.stdout);
+    assert_shows(&everyone.stdout, &["only actual"]);
+    // Without the map no line of the old biller's matches one of Tally's.
+    let unmapped = reconcile(&f, &["old-biller.csv", "tally.jsonl"]);
+    assert_eq!(unmapped.code, 1, "{}{}", unmapped.stdout, unmapped.stderr);
+    let no_map = reconcile(
+        &f,
+        &["old-biller.csv", "tally.jsonl", "--map", "nowhere.csv"],
+    );
+    assert_eq!(no_map.code, 2);
+    assert_shows(&no_map.stderr, &["error: cannot read the map nowhere.csv"]);
+}
