@@ -379,7 +379,8 @@ pub trait PartitionOwner: Send + Sized + 'static {
     ) -> Result<(), Self::Error>;
 
     /// Called with the partitions being taken away; must end by releasing them with
-    /// `consumer.incremental_unassign(partitions)`.
+    /// `consumer.incremental_unassign(partitions)` (on an error the context releases
+    /// them).
     fn revoke(
         &mut self,
         consumer: &BaseConsumer<GroupContext<Self>>,
@@ -434,7 +435,15 @@ impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
                 owner.assign(consumer, partitions)
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                owner.revoke(consumer, partitions)
+                let revoked = owner.revoke(consumer, partitions);
+                // The owner stops on its error, but the partitions must go all the
+                // same: closing the consumer waits for them, and would wait forever.
+                if revoked.is_err() {
+                    if let Err(e) = consumer.incremental_unassign(partitions) {
+                        tracing::debug!(error = %e, "releasing partitions after a failed revocation");
+                    }
+                }
+                revoked
             }
             other => {
                 tracing::error!(error = ?other, "rebalance failed");

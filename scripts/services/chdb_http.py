@@ -44,11 +44,16 @@ class Engine:
         self.lock = threading.Lock()
 
     def run(self, statement, database, settings):
+        """Runs one statement; the settings apply to it alone, as ClickHouse's do."""
         with self.lock:
-            for name, value in settings:
-                self.session.query(f"SET {name} = {setting_value(value)}")
-            self.session.query(f"USE {database}")
-            return self.session.query(statement, "TabSeparated").bytes()
+            try:
+                for name, value in settings:
+                    self.session.query(f"SET {name} = {setting_value(value)}")
+                self.session.query(f"USE `{database}`")
+                return self.session.query(statement, "TabSeparated").bytes()
+            finally:
+                for name, _ in settings:
+                    self.session.query(f"SET {name} = DEFAULT")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -63,14 +68,24 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        if urlsplit(self.path).path in ("/", "/ping"):
+        url = urlsplit(self.path)
+        if url.path in ("/", "/ping") and not url.query:
             self.answer(200, b"Ok.\n")
         else:
-            self.answer(404, b"only / and /ping answer GET\n")
+            self.answer(400, b"only POST runs statements; GET answers / and /ping\n")
 
     def do_POST(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length).decode("utf-8")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self.answer(411, b"send the body with a Content-Length\n")
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length).decode("utf-8")
+        except ValueError as error:
+            self.close_connection = True
+            self.answer(400, f"unreadable request: {error}\n".encode())
+            return
         query, database, settings = None, "default", []
         for name, value in parse_qsl(urlsplit(self.path).query, keep_blank_values=True):
             if name == "query":

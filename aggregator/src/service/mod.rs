@@ -18,7 +18,9 @@
 //! starts where that state ends; on revocation the open transaction is committed
 //! first. After any failed commit the transaction is aborted, the producer recreated
 //! (which fences a zombie of the same instance) and every owned partition's state
-//! rebuilt from its changelog, so memory never runs ahead of what Kafka holds.
+//! rebuilt from its changelog, so memory never runs ahead of what Kafka holds. Fenced
+//! twice within [`FENCED_AGAIN_WITHIN`], the service stops: another live process has
+//! its instance id, and recovering would only fence that one in turn.
 
 mod changelog;
 mod metrics;
@@ -77,6 +79,9 @@ const IDLE_CLOSE_BACKOFF: Duration = Duration::from_secs(60);
 /// Longest a partition's restore may read its changelog; well inside the consumer's
 /// `max.poll.interval.ms` (15 min), as restores run in the rebalance callback.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A producer fenced again this soon after the last time was fenced by another live
+/// process with its transactional id, not by a transaction the broker timed out.
+const FENCED_AGAIN_WITHIN: Duration = Duration::from_secs(600);
 
 /// Where the aggregator service failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +90,11 @@ pub enum AggregatorError {
     Kafka { what: String, source: KafkaError },
     #[error("cannot restore a partition's state: {0}")]
     Restore(#[from] tally_runtime::kafka::ReadError),
+    #[error("fenced twice within {} minutes: another process initialised transactions as {transactional_id}, so another aggregator runs with TALLY_INSTANCE_ID {instance_id} (a newer run of this instance, or a second one configured alike). This one stops, so the two do not abort each other's transactions in turn; if both should run, give each its own TALLY_INSTANCE_ID (the default, HOSTNAME, differs per host).", FENCED_AGAIN_WITHIN.as_secs() / 60)]
+    Fenced {
+        transactional_id: String,
+        instance_id: String,
+    },
     #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed or its aggregation changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
         topic: String,
@@ -566,6 +576,9 @@ struct Worker {
     readiness: Readiness,
     /// A record of the open transaction could not be queued: it must not commit.
     broken: Option<KafkaError>,
+    /// When the producer was last fenced: another producer initialised transactions
+    /// with its transactional id, or the broker timed a transaction out.
+    fenced_at: Option<Instant>,
     /// Counts recoveries: messages read before one are read again after it. Read by
     /// the consume loop without the lock, while a batch is processed.
     epoch: Arc<AtomicU64>,
@@ -654,6 +667,7 @@ pub fn run(
         metrics,
         readiness: readiness.clone(),
         broken: None,
+        fenced_at: None,
         epoch: Arc::new(AtomicU64::new(0)),
     }));
     let consumer: GroupConsumer =
@@ -760,8 +774,12 @@ fn read_batch<'c>(
     Ok(read_in)
 }
 
+fn transactional_id(kafka: &KafkaSettings) -> String {
+    format!("{}-aggregator-{}", kafka.topic_prefix, kafka.instance_id)
+}
+
 fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
-    let transactional_id = format!("{}-aggregator-{}", kafka.topic_prefix, kafka.instance_id);
+    let transactional_id = transactional_id(kafka);
     let producer: KafkaProducer = client_config(kafka)
         .set("transactional.id", &transactional_id)
         .set("enable.idempotence", "true")
@@ -1074,12 +1092,41 @@ impl Worker {
             Err(e) => {
                 self.metrics.transactions_aborted.inc();
                 tracing::warn!(error = %e, "transaction failed; aborting and rebuilding state from the changelog");
+                self.note_fencing(&e)?;
                 for partition in leaving {
                     self.partitions.remove(partition);
                 }
                 self.recover(consumer)
             }
         }
+    }
+
+    /// After a transaction failed with `error`: if the producer was fenced, and was
+    /// fenced before within [`FENCED_AGAIN_WITHIN`], another live process has this
+    /// instance's transactional id. Recovering would fence that one in turn, and each
+    /// would keep aborting the other's transactions: this one stops instead. A single
+    /// fence (a newer run of this instance that then stopped, or a transaction the
+    /// broker timed out during an outage) is recovered from.
+    fn note_fencing(&mut self, error: &KafkaError) -> Result<(), AggregatorError> {
+        let fenced = error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fenced)
+            || (self.producer.client().fatal_error())
+                .is_some_and(|(code, _)| code == RDKafkaErrorCode::Fenced);
+        if !fenced {
+            return Ok(());
+        }
+        if (self.fenced_at).is_some_and(|at| at.elapsed() < FENCED_AGAIN_WITHIN) {
+            return Err(AggregatorError::Fenced {
+                transactional_id: transactional_id(&self.kafka),
+                instance_id: self.kafka.instance_id.clone(),
+            });
+        }
+        self.fenced_at = Some(Instant::now());
+        tracing::warn!(
+            transactional_id = transactional_id(&self.kafka),
+            "fenced: another producer initialised transactions with this instance's id; recovering, which fences it in turn (a second fence within {} minutes stops this process)",
+            FENCED_AGAIN_WITHIN.as_secs() / 60
+        );
+        Ok(())
     }
 
     /// Sets the gauges of what the owned partitions hold: their number, dedupe keys and

@@ -211,19 +211,33 @@ database = "{database}"
 
     /// Waits for `name` to exit on its own and returns how it ended and its log.
     pub fn wait_exit(&self, name: &str, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let (_, status, log) = self.wait_first_exit(&[name], timeout);
+        (status, log)
+    }
+
+    /// Waits for the first of `names` to exit on its own; returns its name, how it
+    /// ended and its log. The others keep running.
+    pub fn wait_first_exit(
+        &self,
+        names: &[&str],
+        timeout: Duration,
+    ) -> (String, std::process::ExitStatus, String) {
         let deadline = Instant::now() + timeout;
-        let mut child = self.processes().remove(name).unwrap();
         loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return (status, self.log(name));
+            let exited = names.iter().find_map(|name| {
+                let mut processes = self.processes();
+                let status = processes.get_mut(*name)?.try_wait().unwrap()?;
+                processes.remove(*name);
+                Some((name.to_string(), status))
+            });
+            if let Some((name, status)) = exited {
+                let log = self.log(&name);
+                return (name, status, log);
             }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "{name} still running after {timeout:?}:\n{}",
-                    self.log(name)
-                );
-            }
+            assert!(
+                Instant::now() < deadline,
+                "none of {names:?} exited within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }

@@ -8,6 +8,7 @@
 
 mod harness;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use harness::{serial, Pipeline};
@@ -177,7 +178,7 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
     let _serial = serial();
     // Small snapshots: restores go through snapshot parts, tombstones, deltas and
     // dedupe keys both in per-transaction records and gathered into key sets. Commits
-    // a second apart: a kill all but surely catches a transaction open.
+    // a second apart: a kill mostly finds a transaction open, and always events unread.
     let p = Pipeline::new(
         "kill9",
         200_000,
@@ -189,42 +190,50 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
     let lines = with_duplicates(p.lines());
     assert!(lines.len() >= 220_000);
     let committed = || p.committed("aggregator").values().sum::<i64>();
+    let kills_done = AtomicBool::new(false);
+    let produced = AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        // A steady stream of some 20 s, through every kill and restart.
-        let producing = scope.spawn(|| {
-            for chunk in lines.chunks(2_000) {
+        // A steady stream through every kill and restart (some 3,000 events a second
+        // would last a minute), then the rest at once.
+        scope.spawn(|| {
+            for chunk in lines.chunks(500) {
                 p.produce(chunk);
-                std::thread::sleep(Duration::from_millis(150));
+                produced.fetch_add(chunk.len(), Ordering::SeqCst);
+                if !kills_done.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(150));
+                }
             }
         });
+        let restores = || p.log("agg-a").matches("partition state restored").count();
+        // The restores logged by earlier runs of agg-a.
+        let mut restores_before = 0;
         for kill in 1..=3 {
-            // Each start has restored, read and committed before it is killed.
+            // Each run has restored its partitions and committed since, by itself.
+            harness::eventually("agg-a restores", Duration::from_secs(120), || {
+                restores() > restores_before
+            });
             let before = committed();
             harness::eventually(
-                "agg-a commits what it read since its start",
+                "agg-a commits after restoring",
                 Duration::from_secs(120),
                 || committed() > before,
             );
             std::thread::sleep(Duration::from_millis(700));
             assert!(
-                !producing.is_finished(),
+                produced.load(Ordering::SeqCst) < lines.len(),
                 "kill {kill} came after the last event: nothing was in flight"
             );
+            restores_before = restores();
             p.kill("agg-a");
             p.start("aggregator", "agg-a");
         }
+        kills_done.store(true, Ordering::SeqCst);
     });
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(300));
     assert!(
         harness::restored_some_state(&p.log("agg-a")),
         "the restarts restored state from the changelog"
-    );
-    // What the killed transactions wrote is in the topics, aborted: never read.
-    let windows = |isolation| p.read_records_in("windows", isolation).len();
-    assert!(
-        windows("read_uncommitted") > windows("read_committed"),
-        "a kill aborted an open transaction's window updates"
     );
     let changelog = p.read_records("aggregator-changelog");
     for kind in ["snapshot/", "delta/", "keys/", "keyset/"] {
@@ -320,6 +329,53 @@ fn an_aggregator_frozen_past_its_session_is_fenced_when_it_wakes_and_totals_stay
         !successor.lines().any(|l| l.contains(" ERROR ")),
         "a member that only restored and aggregated logs no error:\n{successor}"
     );
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn of_two_aggregators_with_one_instance_id_one_stops_and_totals_stay_exact() {
+    let _serial = serial();
+    let p = Pipeline::new(
+        "same_id",
+        100_000,
+        100,
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"1s\"",
+    );
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    harness::eventually("agg-a holds partitions", Duration::from_secs(60), || {
+        p.log("agg-a").contains("partition state restored")
+    });
+    let lines = with_duplicates(p.lines());
+    std::thread::scope(|scope| {
+        // Some 25 s of events, on before the freeze and after the thaw.
+        scope.spawn(|| {
+            for chunk in lines.chunks(500) {
+                p.produce(chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        // Its host unreachable, agg-a is replaced by a new run of the same instance,
+        // which fences it and, once its session expires, takes its partitions.
+        p.signal("agg-a", "STOP");
+        p.start_with("aggregator", "agg-b", &[("TALLY_INSTANCE_ID", "agg-a")]);
+        std::thread::sleep(Duration::from_secs(15));
+        // Back, agg-a recovers, fencing agg-b, which recovers and fences it in turn:
+        // one of them stops rather than go on aborting the other's transactions.
+        p.signal("agg-a", "CONT");
+    });
+    // Which of the two stops depends on how their recoveries interleave (one recovery
+    // can fence the other twice); either way one goes on alone.
+    let (stopped, status, log) = p.wait_first_exit(&["agg-a", "agg-b"], Duration::from_secs(120));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("fenced twice within 10 minutes")
+            && log.contains("another aggregator runs with TALLY_INSTANCE_ID agg-a"),
+        "{stopped}:\n{log}"
+    );
+    let expected = p.expected();
+    p.wait_for(&expected, Duration::from_secs(300));
 }
 
 #[test]
