@@ -19,7 +19,7 @@
 //! first. After any failed commit the transaction is aborted, the producer recreated
 //! (which fences a zombie of the same instance) and every owned partition's state
 //! rebuilt from its changelog, so memory never runs ahead of what Kafka holds. Fenced
-//! twice within [`FENCED_AGAIN_WITHIN`], the service stops: another live process has
+//! twice within ten minutes, the service stops: another live process has
 //! its instance id, and recovering would only fence that one in turn.
 
 mod changelog;
