@@ -340,6 +340,23 @@ database = "{database}"
         self.producer.flush(Duration::from_secs(60)).unwrap();
     }
 
+    /// [`Pipeline::produce`] in chunks of `chunk` lines, each followed by the pause
+    /// `pause_after` gives (none: the next at once): a steady stream for a test to act
+    /// during.
+    pub fn produce_paced(
+        &self,
+        lines: &[Vec<u8>],
+        chunk: usize,
+        mut pause_after: impl FnMut() -> Option<Duration>,
+    ) {
+        for chunk in lines.chunks(chunk) {
+            self.produce(chunk);
+            if let Some(pause) = pause_after() {
+                std::thread::sleep(pause);
+            }
+        }
+    }
+
     /// Produces `payload` keyed by `key` to `partition` of the events topic, whatever a
     /// partitioner would choose: a producer that partitions its own way.
     pub fn produce_to(&self, partition: i32, key: &str, payload: &[u8]) {

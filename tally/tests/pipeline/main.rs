@@ -191,18 +191,15 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
     assert!(lines.len() >= 220_000);
     let committed = || p.committed("aggregator").values().sum::<i64>();
     let kills_done = AtomicBool::new(false);
-    let produced = AtomicUsize::new(0);
+    let (chunk, chunks_sent) = (500, AtomicUsize::new(0));
     std::thread::scope(|scope| {
         // A steady stream through every kill and restart (some 3,000 events a second
         // would last a minute), then the rest at once.
         scope.spawn(|| {
-            for chunk in lines.chunks(500) {
-                p.produce(chunk);
-                produced.fetch_add(chunk.len(), Ordering::SeqCst);
-                if !kills_done.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(150));
-                }
-            }
+            p.produce_paced(&lines, chunk, || {
+                chunks_sent.fetch_add(1, Ordering::SeqCst);
+                (!kills_done.load(Ordering::SeqCst)).then_some(Duration::from_millis(150))
+            })
         });
         let restores = || p.log("agg-a").matches("partition state restored").count();
         // The restores logged by earlier runs of agg-a.
@@ -220,7 +217,7 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
             );
             std::thread::sleep(Duration::from_millis(700));
             assert!(
-                produced.load(Ordering::SeqCst) < lines.len(),
+                chunks_sent.load(Ordering::SeqCst) < lines.len().div_ceil(chunk),
                 "kill {kill} came after the last event: nothing was in flight"
             );
             restores_before = restores();
@@ -296,12 +293,7 @@ fn an_aggregator_frozen_past_its_session_is_fenced_when_it_wakes_and_totals_stay
     let lines = with_duplicates(p.lines());
     std::thread::scope(|scope| {
         // Events keep coming, to both members' partitions, before, during and after.
-        scope.spawn(|| {
-            for chunk in lines.chunks(1_000) {
-                p.produce(chunk);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
+        scope.spawn(|| p.produce_paced(&lines, 1_000, || Some(Duration::from_millis(100))));
         std::thread::sleep(Duration::from_secs(3));
         // Frozen mid-transaction, agg-a misses its heartbeats: after the 10 s session
         // the group gives its partitions to agg-b, which restores them from the
@@ -349,12 +341,7 @@ fn of_two_aggregators_with_one_instance_id_one_stops_and_totals_stay_exact() {
     let lines = with_duplicates(p.lines());
     std::thread::scope(|scope| {
         // Some 25 s of events, on before the freeze and after the thaw.
-        scope.spawn(|| {
-            for chunk in lines.chunks(500) {
-                p.produce(chunk);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
+        scope.spawn(|| p.produce_paced(&lines, 500, || Some(Duration::from_millis(100))));
         std::thread::sleep(Duration::from_secs(3));
         // Its host unreachable, agg-a is replaced by a new run of the same instance,
         // which fences it and, once its session expires, takes its partitions.
