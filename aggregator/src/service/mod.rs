@@ -716,6 +716,11 @@ pub fn run(
             if epoch.load(Ordering::SeqCst) != read_in {
                 batch.clear();
             }
+            if batch.is_empty() {
+                // Every record delivered so far is processed: any gap to the
+                // consumer's position is transaction markers.
+                lock(&worker).step_over_markers(&consumer);
+            }
             let ready = std::mem::replace(&mut batch, spare);
             let worker = &worker;
             processing = Some(scope.spawn(move || {
@@ -1054,6 +1059,33 @@ impl Worker {
             self.transaction_started = Instant::now();
         }
         Ok(())
+    }
+
+    /// Moves each partition's next offset up to the consumer's position where that is
+    /// ahead, once every record delivered is processed. Events a product service wrote
+    /// in Kafka transactions end in markers that librdkafka steps over without
+    /// delivering (and aborted events are never delivered): without this, the offsets
+    /// committed would stay one short of the end, a lag monitors never see go. The
+    /// partition is committed with the next transaction, its changelog delta carrying
+    /// the new offset.
+    fn step_over_markers(&mut self, consumer: &GroupConsumer) {
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        let mut stepped = false;
+        for (&partition, state) in &mut self.partitions {
+            let position = offset_of(&positions, &self.topics.events, partition);
+            if let Some(position) = position.filter(|&p| p > state.next_offset) {
+                state.next_offset = position;
+                state.touched = true;
+                stepped = true;
+            }
+        }
+        if stepped {
+            if let Err(e) = self.begin() {
+                self.broken = Some(e);
+            }
+        }
     }
 
     /// Commits the open transaction; if that fails, aborts it, recreates the producer

@@ -318,26 +318,30 @@ database = "{database}"
     /// Produces raw messages to the events topic keyed by their `subject` (unkeyed when
     /// there is none), as a product service writing straight to Kafka would.
     pub fn produce(&self, lines: &[Vec<u8>]) {
-        let topic = self.topic("events");
-        for line in lines {
-            let subject = serde_json::from_slice::<Value>(line)
-                .ok()
-                .and_then(|v| v.get("subject")?.as_str().map(str::to_owned));
-            loop {
-                let mut record = BaseRecord::<str, [u8]>::to(&topic).payload(line);
-                if let Some(subject) = &subject {
-                    record = record.key(subject);
-                }
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err(_) => {
-                        self.producer.poll(Duration::from_millis(10));
-                    }
-                }
-            }
-            self.producer.poll(Duration::ZERO);
-        }
+        send_keyed(&self.producer, &self.topic("events"), lines);
         self.producer.flush(Duration::from_secs(60)).unwrap();
+    }
+
+    /// [`Pipeline::produce`] in one Kafka transaction, committed or aborted, as a
+    /// product service with a transactional producer would.
+    pub fn produce_in_transaction(&self, lines: &[Vec<u8>], commit: bool) {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", BROKERS)
+            .set("transactional.id", format!("{}-product", self.prefix))
+            .set("partitioner", "murmur2_random")
+            .create()
+            .unwrap();
+        let timeout = Duration::from_secs(30);
+        producer.init_transactions(timeout).unwrap();
+        producer.begin_transaction().unwrap();
+        send_keyed(&producer, &self.topic("events"), lines);
+        match commit {
+            true => producer.commit_transaction(timeout).unwrap(),
+            false => {
+                producer.flush(timeout).unwrap();
+                producer.abort_transaction(timeout).unwrap();
+            }
+        }
     }
 
     /// [`Pipeline::produce`] in chunks of `chunk` lines, each followed by the pause
@@ -777,6 +781,28 @@ impl Pipeline {
             );
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+}
+
+/// Queues each line to `topic` keyed by its `subject` (unkeyed when there is none).
+fn send_keyed(producer: &BaseProducer, topic: &str, lines: &[Vec<u8>]) {
+    for line in lines {
+        let subject = serde_json::from_slice::<Value>(line)
+            .ok()
+            .and_then(|v| v.get("subject")?.as_str().map(str::to_owned));
+        loop {
+            let mut record = BaseRecord::<str, [u8]>::to(topic).payload(line);
+            if let Some(subject) = &subject {
+                record = record.key(subject);
+            }
+            match producer.send(record) {
+                Ok(()) => break,
+                Err(_) => {
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
     }
 }
 
