@@ -561,6 +561,28 @@ pub fn offset_of(list: &TopicPartitionList, topic: &str, partition: i32) -> Opti
         })
 }
 
+/// For each `(partition, next_offset)` of `topic`, the consumer's position where it is
+/// past `next_offset`. Called once every record the consumer delivered is processed,
+/// the gap holds only what librdkafka steps over without delivering: transaction
+/// markers and aborted records (a seek or a new assignment resets the position). A
+/// consumer that commits its next offset rather than this position stays one short
+/// of the end of a topic written in transactions, a lag monitors never see go.
+pub fn positions_ahead<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    next_offsets: impl IntoIterator<Item = (i32, i64)>,
+) -> Vec<(i32, i64)> {
+    let Ok(positions) = consumer.position() else {
+        return Vec::new();
+    };
+    (next_offsets.into_iter())
+        .filter_map(|(partition, next)| {
+            let position = offset_of(&positions, topic, partition)?;
+            (position > next).then_some((partition, position))
+        })
+        .collect()
+}
+
 /// Why a partition could not be read to its end.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {

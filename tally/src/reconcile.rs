@@ -77,8 +77,8 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
         Some(path) => IdMap::read(path)?,
         None => IdMap::default(),
     };
-    let mut expected = read_source(&args.expected, args.period, &args.config, &map)?;
-    let mut actual = read_source(&args.actual, args.period, &args.config, &map)?;
+    let mut expected = read_source(&args.expected, args.period, &args.config)?.renamed(&map)?;
+    let mut actual = read_source(&args.actual, args.period, &args.config)?.renamed(&map)?;
     keep_customers(args.customers, &mut expected, &mut actual);
     let reconciliation = Reconciliation::of(&expected, &actual)?;
     let mut out = io::stdout().lock();
@@ -111,8 +111,6 @@ struct Figures {
     /// Lowercase ISO 4217, so `USD` and `usd` agree.
     currency: String,
     at: String,
-    /// Whether the map gave the line its customer or price.
-    mapped: bool,
 }
 
 impl Figures {
@@ -152,65 +150,41 @@ impl Lines {
         }
     }
 
-    /// Adds a line under its key as `map` renames it. A line keyed as one already
-    /// there is added to it if the map renamed either (another biller's two lines of
-    /// one Tally price, say); otherwise it is an error: a source bills a customer's
-    /// price once a month.
-    fn add(&mut self, mut key: LineKey, mut figures: Figures, map: &IdMap) -> anyhow::Result<()> {
-        figures.mapped = map.rename(&mut key);
-        self.mapped += usize::from(figures.mapped);
-        let first = match self.by_key.entry(key) {
-            btree_map::Entry::Vacant(entry) => {
-                entry.insert(figures);
-                return Ok(());
-            }
-            btree_map::Entry::Occupied(entry) => entry,
-        };
-        let (key, first) = (first.key().clone(), first.into_mut());
-        let place = format!(
-            "customer {:?}, price {:?}{}",
-            key.customer,
-            key.price,
-            adjusts_text(key.adjusts)
-        );
-        if !(figures.mapped || first.mapped) {
+    fn add(&mut self, key: LineKey, figures: Figures) -> anyhow::Result<()> {
+        if let Some(first) = self.by_key.get(&key) {
             bail!(
-                "{}: a second line for {place} (the first is {}); a source has one line per customer and price of the month",
+                "{}: a second line for {} (the first is {}); a source has one line per customer and price of the month",
                 figures.at,
+                place(&key),
                 first.at
             );
         }
-        anyhow::ensure!(
-            figures.currency == first.currency,
-            "{}: the map makes it a line of {place} with {} (in {}), but it is in {} and that one in {}; lines in two currencies cannot be added",
-            figures.at,
-            first.at,
-            first.currency,
-            figures.currency,
-            first.currency
-        );
-        let sum = |a: Decimal, b: Decimal, what: &str| {
-            a.checked_add(b).with_context(|| {
-                format!(
-                    "{}: adding its {what} to {}'s goes past the largest exact decimal",
-                    figures.at, first.at
-                )
-            })
-        };
-        first.quantity = sum(first.quantity, figures.quantity, "quantity")?;
-        first.amount = sum(first.amount, figures.amount, "amount")?;
-        first.at = format!("{} + {}", first.at, figures.at);
-        first.mapped = true;
-        self.added_together += 1;
+        self.by_key.insert(key, figures);
         Ok(())
     }
 
-    fn add_invoice_line(
-        &mut self,
-        line: InvoiceLine,
-        at: String,
-        map: &IdMap,
-    ) -> anyhow::Result<()> {
+    /// The lines with their customers and prices as `map` renames them. Lines it
+    /// gives one key are added together (another biller's two lines of one Tally
+    /// price, say): a source's own keys are unique, so only the map brings lines
+    /// together.
+    fn renamed(mut self, map: &IdMap) -> anyhow::Result<Lines> {
+        for (mut key, figures) in std::mem::take(&mut self.by_key) {
+            self.mapped += usize::from(map.rename(&mut key));
+            match self.by_key.entry(key) {
+                btree_map::Entry::Vacant(entry) => {
+                    entry.insert(figures);
+                }
+                btree_map::Entry::Occupied(entry) => {
+                    let key = entry.key().clone();
+                    add_to(entry.into_mut(), figures, &key)?;
+                    self.added_together += 1;
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    fn add_invoice_line(&mut self, line: InvoiceLine, at: String) -> anyhow::Result<()> {
         let key = LineKey {
             customer: line.customer,
             price: line.price,
@@ -221,9 +195,8 @@ impl Lines {
             amount: line.amount,
             currency: line.currency.to_ascii_lowercase(),
             at,
-            mapped: false,
         };
-        self.add(key, figures, map)
+        self.add(key, figures)
     }
 
     fn customers(&self) -> BTreeSet<String> {
@@ -339,38 +312,69 @@ impl IdMap {
     }
 }
 
+/// Adds `figures` to `first`, the line the map gave the same `key`.
+fn add_to(first: &mut Figures, figures: Figures, key: &LineKey) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        figures.currency == first.currency,
+        "{}: the map makes it a line of {} with {} (in {}), but it is in {} and that one in {}; lines in two currencies cannot be added",
+        figures.at,
+        place(key),
+        first.at,
+        first.currency,
+        figures.currency,
+        first.currency
+    );
+    let sum = |a: Decimal, b: Decimal, what: &str| {
+        a.checked_add(b).with_context(|| {
+            format!(
+                "{}: adding its {what} to {}'s goes past the largest exact decimal",
+                figures.at, first.at
+            )
+        })
+    };
+    first.quantity = sum(first.quantity, figures.quantity, "quantity")?;
+    first.amount = sum(first.amount, figures.amount, "amount")?;
+    first.at = format!("{} + {}", first.at, figures.at);
+    Ok(())
+}
+
+/// How errors name a line's key.
+fn place(key: &LineKey) -> String {
+    format!(
+        "customer {:?}, price {:?}{}",
+        key.customer,
+        key.price,
+        adjusts_text(key.adjusts)
+    )
+}
+
 fn adjusts_text(adjusts: Option<Period>) -> String {
     adjusts.map_or_else(String::new, |p| format!(", adjusting {p}"))
 }
 
-fn read_source(source: &str, period: Period, config: &Path, map: &IdMap) -> anyhow::Result<Lines> {
+fn read_source(source: &str, period: Period, config: &Path) -> anyhow::Result<Lines> {
     match source.strip_prefix("clickhouse") {
         Some(rest) if rest.is_empty() || rest.starts_with(':') => {
-            read_clickhouse(rest.strip_prefix(':'), period, config, map)
+            read_clickhouse(rest.strip_prefix(':'), period, config)
         }
-        _ => read_file(source, period, map),
+        _ => read_file(source, period),
     }
 }
 
 /// The current lines billed in `period` of `invoice_lines`, in the configuration's
 /// database or `database` on the same server.
-fn read_clickhouse(
-    database: Option<&str>,
-    period: Period,
-    config: &Path,
-    map: &IdMap,
-) -> anyhow::Result<Lines> {
+fn read_clickhouse(database: Option<&str>, period: Period, config: &Path) -> anyhow::Result<Lines> {
     let store = ConfiguredClickHouse::of(&Config::load(config)?, config, database)?;
     let place = format!("{}.invoice_lines at {}", store.database, store.url);
     let mut lines = Lines::named(format!("ClickHouse {place}"));
     for line in store.client.lines(period, None)? {
         let at = format!("{place}, line {}", line.id);
-        lines.add_invoice_line(line, at, map)?;
+        lines.add_invoice_line(line, at)?;
     }
     Ok(lines)
 }
 
-fn read_file(path: &str, period: Period, map: &IdMap) -> anyhow::Result<Lines> {
+fn read_file(path: &str, period: Period) -> anyhow::Result<Lines> {
     let mut text = String::new();
     if path == "-" {
         io::stdin()
@@ -384,7 +388,7 @@ fn read_file(path: &str, period: Period, map: &IdMap) -> anyhow::Result<Lines> {
         true => FileFormat::Csv,
         false => FileFormat::JsonLines,
     };
-    lines_of_text(name, &text, format, period, map)
+    lines_of_text(name, &text, format, period)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -399,7 +403,6 @@ fn lines_of_text(
     text: &str,
     format: FileFormat,
     period: Period,
-    map: &IdMap,
 ) -> anyhow::Result<Lines> {
     let mut lines = Lines::named(name.to_owned());
     let rows = match format {
@@ -434,9 +437,8 @@ fn lines_of_text(
             amount: decimal(&row.amount).with_context(|| format!("{at}: amount"))?,
             currency: row.currency.trim().to_ascii_lowercase(),
             at,
-            mapped: false,
         };
-        lines.add(key, figures, map)?;
+        lines.add(key, figures)?;
     }
     Ok(lines)
 }
@@ -924,29 +926,15 @@ mod tests {
     }
 
     fn json(text: &str) -> Lines {
-        lines_of_text(
-            "a.jsonl",
-            text,
-            FileFormat::JsonLines,
-            november(),
-            &IdMap::default(),
-        )
-        .unwrap()
+        lines_of_text("a.jsonl", text, FileFormat::JsonLines, november()).unwrap()
     }
 
     fn csv(text: &str) -> Lines {
-        lines_of_text(
-            "b.csv",
-            text,
-            FileFormat::Csv,
-            november(),
-            &IdMap::default(),
-        )
-        .unwrap()
+        lines_of_text("b.csv", text, FileFormat::Csv, november()).unwrap()
     }
 
     fn error(name: &str, text: &str, format: FileFormat) -> String {
-        let error = lines_of_text(name, text, format, november(), &IdMap::default()).unwrap_err();
+        let error = lines_of_text(name, text, format, november()).unwrap_err();
         format!("{error:#}")
     }
 
@@ -1206,7 +1194,7 @@ mod tests {
 
     fn mapped_csv(text: &str, map: &str) -> anyhow::Result<Lines> {
         let map = IdMap::parse("map.csv", map)?;
-        lines_of_text("old.csv", text, FileFormat::Csv, november(), &map)
+        lines_of_text("old.csv", text, FileFormat::Csv, november())?.renamed(&map)
     }
 
     #[test]

@@ -40,8 +40,8 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
-    partition_count, partition_for_key, poll_group, send, DeliveryReports, GroupContext,
-    KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
+    partition_count, partition_for_key, poll_group, positions_ahead, send, DeliveryReports,
+    GroupContext, KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -1062,26 +1062,20 @@ impl Worker {
     }
 
     /// Moves each partition's next offset up to the consumer's position where that is
-    /// ahead, once every record delivered is processed. Events a product service wrote
-    /// in Kafka transactions end in markers that librdkafka steps over without
-    /// delivering (and aborted events are never delivered): without this, the offsets
-    /// committed would stay one short of the end, a lag monitors never see go. The
-    /// partition is committed with the next transaction, its changelog delta carrying
-    /// the new offset.
+    /// ahead ([`positions_ahead`]; called once every event delivered is processed), so
+    /// the offsets pass the markers of events a product service wrote in transactions.
+    /// The partition is committed with the next transaction, its changelog delta
+    /// carrying the new offset.
     fn step_over_markers(&mut self, consumer: &GroupConsumer) {
-        let Ok(positions) = consumer.position() else {
-            return;
-        };
-        let mut stepped = false;
-        for (&partition, state) in &mut self.partitions {
-            let position = offset_of(&positions, &self.topics.events, partition);
-            if let Some(position) = position.filter(|&p| p > state.next_offset) {
-                state.next_offset = position;
+        let next_offsets = (self.partitions.iter()).map(|(&p, state)| (p, state.next_offset));
+        let ahead = positions_ahead(consumer, &self.topics.events, next_offsets);
+        for (partition, position) in &ahead {
+            if let Some(state) = self.partitions.get_mut(partition) {
+                state.next_offset = *position;
                 state.touched = true;
-                stepped = true;
             }
         }
-        if stepped {
+        if !ahead.is_empty() {
             if let Err(e) = self.begin() {
                 self.broken = Some(e);
             }

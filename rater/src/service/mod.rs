@@ -45,8 +45,8 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
-    partition_for_key, poll_group, read_partition, send_until, DeliveryReports, GroupContext,
-    KafkaProducer, PartitionOwner,
+    partition_for_key, poll_group, positions_ahead, read_partition, send_until, DeliveryReports,
+    GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -620,17 +620,11 @@ impl Worker {
     }
 
     /// Moves each partition's next offset up to the consumer's position where that is
-    /// ahead. librdkafka steps over transaction markers (and aborted records) without
-    /// delivering them, while every record it delivers is processed at once: the gap
-    /// holds nothing to store. Committed, the position leaves no lag of one marker per
-    /// partition in the group's offsets, where lag monitors look.
+    /// ahead ([`positions_ahead`]): every record delivered is processed at once.
     fn step_over_markers(&mut self, consumer: &GroupConsumer) {
-        let Ok(positions) = consumer.position() else {
-            return;
-        };
-        for (&partition, state) in &mut self.partitions {
-            let position = offset_of(&positions, &self.topic, partition);
-            if let Some(position) = position.filter(|&p| p > state.next_offset) {
+        let next_offsets = (self.partitions.iter()).map(|(&p, state)| (p, state.next_offset));
+        for (partition, position) in positions_ahead(consumer, &self.topic, next_offsets) {
+            if let Some(state) = self.partitions.get_mut(&partition) {
                 state.next_offset = position;
                 state.uncommitted = true;
                 self.pending.started.get_or_insert_with(Instant::now);

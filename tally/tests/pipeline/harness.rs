@@ -651,7 +651,7 @@ database = "{database}"
         records
     }
 
-    /// Sets the aggregator group's offsets back to the beginning of every partition, as
+    /// Sets the service's group offsets back to the beginning of every partition, as
     /// an operator replaying would (`kafka-consumer-groups --reset-offsets
     /// --to-earliest`); the group must have no members.
     pub fn reset_group_to_earliest(&self, service: &str) {
