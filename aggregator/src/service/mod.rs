@@ -724,7 +724,16 @@ pub fn run(
             let ready = std::mem::replace(&mut batch, spare);
             let worker = &worker;
             processing = Some(scope.spawn(move || {
-                lock(worker).process(&ready);
+                let mut worker = lock(worker);
+                // The next read's rebalance callbacks can take the lock first. A
+                // recovery there rebuilt the state and rewound the consumer to where
+                // the state ends, before this batch: applied now, the batch would move
+                // the offsets past the events between (they come again and would be
+                // skipped as counted). The epoch moves only under this lock.
+                if worker.epoch.load(Ordering::SeqCst) == read_in {
+                    worker.process(&ready);
+                }
+                drop(worker);
                 ready
             }));
         }
@@ -1310,6 +1319,10 @@ impl Worker {
         self.oldest_event_ms = None;
         self.broken = None;
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        // The states hold the aborted transaction's changes: none of them may be
+        // committed, even if rebuilding fails below and the service stops (closing the
+        // consumer revokes, and a revocation commits what the partitions hold).
+        let owned: Vec<i32> = std::mem::take(&mut self.partitions).into_keys().collect();
         let mut attempt = 0u32;
         loop {
             match new_producer(&self.kafka) {
@@ -1325,7 +1338,7 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
-        let wanted = self.partitions.keys().map(|&p| (p, None)).collect();
+        let wanted = owned.into_iter().map(|p| (p, None)).collect();
         let mut rewind = TopicPartitionList::new();
         for (partition, state) in self.load_all(wanted)? {
             rewind
