@@ -22,8 +22,9 @@
 //! open periods only (while rebuilt too, up to the committed offset), and later usage
 //! of them (an aggregator replaying) is refused. A partition
 //! whose stored lines of open periods another price book rated (checked once rebuilt,
-//! and every `price_book_check_interval`) is re-rated with the current one, and its
-//! stale lines that book no longer makes are retired (`Worker::check_price_book`).
+//! and every `price_book_check_interval`), or whose last commit names another book, is
+//! re-rated with the current one, and its stale lines that book no longer makes are
+//! retired (`Worker::check_price_book`).
 //! While ClickHouse is down the rater pauses its partitions, keeps the unwritten
 //! lines, and retries with backoff.
 
@@ -52,7 +53,9 @@ use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
-use tally_schemas::config::{Config, KafkaSettings, RaterSettings, ServiceSettings, Topic};
+use tally_schemas::config::{
+    Config, ConfigHash, KafkaSettings, RaterSettings, ServiceSettings, Topic,
+};
 use tally_schemas::records::{InvoiceLine, SeriesKey, UsageRecord, WindowUsage, SETTLED_HEADER};
 use tally_schemas::time::Period;
 
@@ -185,6 +188,12 @@ struct PartitionState {
     /// From assignment, or a scheduled check, until the partition's stored lines were
     /// checked against the price book ([`Worker::check_price_book`]).
     unchecked: bool,
+    /// Its committed lines were stored with another price book (or by a build that did
+    /// not say which): the check re-rates all of them, and writes its customers'
+    /// opening lines, also where no stale row shows it. A line the old book never
+    /// stored (a customer the new book adds, whose usage the old one left unbilled)
+    /// has no row to be found stale.
+    stored_with_another_book: bool,
     /// Lines with usage another price book rated, by id, with the amount stored: their
     /// next revision's delta moves from it (the rebuilt ledger holds this book's).
     restated: HashMap<String, Decimal>,
@@ -200,9 +209,11 @@ impl PartitionState {
         u64::try_from(self.next_offset).unwrap_or_default()
     }
 
-    /// Where the partition's next owner rebuilds its ledger from, as of `next_offset`.
-    fn rebuild_point(&self) -> RebuildPoint {
-        (self.first_offsets).point(self.ledger.settled_through(), self.next_offset)
+    /// Where the partition's next owner rebuilds its ledger from, as of `next_offset`,
+    /// its lines stored with price book `book`.
+    fn rebuild_point(&self, book: ConfigHash) -> RebuildPoint {
+        let settled = self.ledger.settled_through();
+        (self.first_offsets).point(settled, self.next_offset, book.to_string())
     }
 }
 
@@ -307,12 +318,16 @@ impl PartitionOwner for Worker {
                 (partition, offset.unwrap_or(0), point)
             })
             .collect();
+        let book = self.config.hash.to_string();
         let rebuilt_all = on_threads(wanted, |(partition, committed, point)| {
+            // Nothing committed, nothing stored: every line is new to this rater.
+            let another_book = committed > 0
+                && point.as_ref().and_then(|p| p.book.as_deref()) != Some(book.as_str());
             self.rebuild(partition, committed, point)
-                .map(|rebuilt| (partition, committed, rebuilt))
+                .map(|rebuilt| (partition, committed, another_book, rebuilt))
         });
         for rebuilt in rebuilt_all {
-            let (partition, committed, rebuilt) = rebuilt?;
+            let (partition, committed, stored_with_another_book, rebuilt) = rebuilt?;
             self.partitions.insert(
                 partition,
                 PartitionState {
@@ -322,6 +337,7 @@ impl PartitionOwner for Worker {
                     uncommitted: false,
                     customers_with_usage: rebuilt.customers,
                     unchecked: true,
+                    stored_with_another_book,
                     restated: HashMap::new(),
                     first_offsets: rebuilt.first_offsets,
                 },
@@ -525,7 +541,7 @@ impl Worker {
             customers: HashSet::new(),
             first_offsets: FirstOffsets::default(),
         };
-        if let Some(settled) = point.and_then(|point| point.settled_through) {
+        if let Some(settled) = point.as_ref().and_then(|point| point.settled_through) {
             rebuilt.ledger.settle_through(settled);
             rebuilt.first_offsets.settle_through(settled);
         }
@@ -822,9 +838,9 @@ impl Worker {
             in_flight.stored = true;
         }
         let mut offsets = TopicPartitionList::new();
-        for (&partition, &(offset, point)) in &in_flight.batch.offsets {
+        for (&partition, (offset, point)) in &in_flight.batch.offsets {
             let mut committing = offsets.add_partition(&self.topic, partition);
-            (committing.set_offset(Offset::Offset(offset)))
+            (committing.set_offset(Offset::Offset(*offset)))
                 .map_err(kafka("list the offsets to commit"))?;
             committing.set_metadata(point.to_metadata());
         }
@@ -876,6 +892,7 @@ impl Worker {
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
             state.unchecked = false;
+            let another_book = std::mem::take(&mut state.stored_with_another_book);
             let customers_with_usage = &state.customers_with_usage;
             // A customer's zero-usage lines belong to the partition its events go to:
             // judged by that partition's open periods, and written once.
@@ -894,13 +911,17 @@ impl Worker {
                     }
                 })
                 .collect();
-            if stale.is_empty() {
+            if stale.is_empty() && !another_book {
                 continue;
             }
             state.ledger.rerate_all();
             state.uncommitted = true;
             let with_usage: HashSet<String> = state.ledger.line_ids().collect();
-            let periods: BTreeSet<Period> = stale.iter().map(|line| line.period).collect();
+            let mut periods: BTreeSet<Period> = stale.iter().map(|line| line.period).collect();
+            if another_book {
+                let open = (state.opened.iter()).filter(|&&p| line_open(settled, p, None));
+                periods.extend(open);
+            }
             let mut zero_usage: HashMap<String, InvoiceLine> = HashMap::new();
             for &period in &periods {
                 match state.ledger.opening_lines(period) {
@@ -953,6 +974,7 @@ impl Worker {
             tracing::info!(
                 partition,
                 stale = stale_lines,
+                stored_with_another_book = another_book,
                 rerated = state.ledger.lines_held(),
                 retired = self.pending.retired.len() - before,
                 "lines an earlier price book rated: re-rating the partition's open periods"
@@ -992,7 +1014,8 @@ impl Worker {
                     }
                     (version, rated)
                 }));
-            (self.pending.offsets).insert(partition, (state.next_offset, state.rebuild_point()));
+            let point = state.rebuild_point(self.config.hash);
+            (self.pending.offsets).insert(partition, (state.next_offset, point));
             state.uncommitted = false;
         }
         self.count_held_lines();

@@ -1486,6 +1486,53 @@ fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_customer_added_to_the_price_book_is_billed_its_usage_of_the_open_month() {
+    let _serial = serial();
+    // A book of one customer: the other partitions hold no customer of it, so none of
+    // their stored lines is stale once the book changes.
+    let p = Pipeline::new("added_customer", 10, 1, "");
+    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
+    let partition_of = |customer: &str| partition_for_key(customer.as_bytes(), partitions);
+    let known = "cust_00000";
+    let added = (0..)
+        .map(|i| format!("cust_added_{i}"))
+        .find(|c| partition_of(c) != partition_of(known))
+        .unwrap();
+    let events: Vec<Vec<u8>> = [known, added.as_str()]
+        .iter()
+        .flat_map(|c| {
+            (0..3).map(move |i| resolution(&format!("{c}-{i}"), c, "2026-10-05T10:00:00Z"))
+        })
+        .collect();
+    p.start("aggregator", "agg");
+    p.start("rater", "rater-old");
+    p.produce(&events);
+    let before = p.expected_for(&events, p.period);
+    assert!(before.iter().all(|line| line.0 == known), "{before:?}");
+    p.wait_for(&before, Duration::from_secs(120));
+    // Its usage read, left unbilled (a customer the book does not know), committed.
+    p.wait_caught_up("rater", Duration::from_secs(60));
+    p.stop("rater-old");
+
+    // Finance adds the customer, whose October usage is in the pipeline already.
+    let mut book = std::fs::read_to_string(&p.config).unwrap();
+    book.push_str(&format!(
+        "\n[[customers]]\nid = \"{added}\"\nplan = \"pro\"\n"
+    ));
+    std::fs::write(&p.config, book).unwrap();
+    p.start("rater", "rater-new");
+    let after = p.expected_for(&events, p.period);
+    assert!(
+        after
+            .iter()
+            .any(|line| line.0 == added && line.1 == "resolutions"),
+        "{after:?}"
+    );
+    p.wait_for(&after, Duration::from_secs(120));
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
     let _serial = serial();
     let port = harness::free_port();
