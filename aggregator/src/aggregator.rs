@@ -9,9 +9,10 @@
 //!
 //! State changes: a streaming aggregator also hands out, with each drain, a [`Snapshot`]
 //! of only what changed since the previous drain (new dedupe keys, changed windows and
-//! their series' periods, the watermark). The Kafka aggregator writes it to its
-//! changelog in the same transaction as the updates; [`Aggregator::merge`] applied to
-//! the changes in order rebuilds the state.
+//! their series' periods, the watermark; of a unique count, only the values it counted
+//! since, not the period's whole set, which can run to millions). The Kafka aggregator
+//! writes it to its changelog in the same transaction as the updates;
+//! [`Aggregator::merge`] applied to the changes in order rebuilds the state.
 //!
 //! Period close (streaming, when set): a period closes once the watermark passes its
 //! end plus a grace, or once [`Aggregator::close_through`] closes it (finance closing
@@ -30,6 +31,7 @@
 //! period whose end is that far behind has settled: its state and its adjustments' are
 //! let go, and [`Aggregator::take_settled`] tells a store it can let go of them too.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +40,7 @@ use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use tally_schemas::config::{AggregationKind, Config, MeterId};
-use tally_schemas::event::DecodedEvent;
+use tally_schemas::event::{DecodedEvent, ReadingValue};
 use tally_schemas::ids::SeriesFingerprint;
 use tally_schemas::records::{
     EventOrder, MeterValue, SeriesKey, SeriesWindows, UsageUpdate, WindowUsage,
@@ -206,6 +208,11 @@ pub struct Aggregator {
     /// slot when it changed (a hint: later inserts may move it). Not kept in batch runs,
     /// which read whole periods instead.
     dirty: Vec<(SeriesId, i64, usize)>,
+    /// Distinct values read since the last drain, with their series, period and window
+    /// start: a drain's changes carry these of a unique count (some may have been
+    /// counted before; adding them again changes nothing). Not kept in batch runs, like
+    /// `dirty`.
+    distinct_added: Vec<(SeriesId, Period, i64, u64)>,
     track_updates: bool,
     /// Keys first seen since the last drain, for the changes it hands out.
     new_keys: Vec<DedupeEntry>,
@@ -288,6 +295,7 @@ impl Aggregator {
             series: Vec::new(),
             series_index: HashTable::new(),
             dirty: Vec::new(),
+            distinct_added: Vec::new(),
             track_updates: true,
             new_keys: Vec::new(),
             watermark: None,
@@ -421,9 +429,14 @@ impl Aggregator {
             let slot = series.window_slot(window_start);
             let window = &mut series.windows[slot];
             window.state.add(reading.value, order)?;
-            if self.track_updates && !window.dirty {
-                window.dirty = true;
-                self.dirty.push((id, window_start, slot));
+            if self.track_updates {
+                if !window.dirty {
+                    window.dirty = true;
+                    self.dirty.push((id, window_start, slot));
+                }
+                if let ReadingValue::Distinct(value) = reading.value {
+                    self.distinct_added.push((id, period, window_start, value));
+                }
             }
         }
         Ok(())
@@ -593,6 +606,12 @@ impl Aggregator {
         // By series, then window start: each changed series appears once in the
         // changes, and each of its periods once in the updates.
         dirty.sort_unstable();
+        let mut period_added: HashMap<(SeriesId, Period), HashSet<u64>> = HashMap::new();
+        let mut window_added: HashMap<(SeriesId, i64), HashSet<u64>> = HashMap::new();
+        for (id, period, start, value) in std::mem::take(&mut self.distinct_added) {
+            period_added.entry((id, period)).or_default().insert(value);
+            window_added.entry((id, start)).or_default().insert(value);
+        }
         for (id, start, hint) in dirty {
             let series = &mut self.series[id as usize];
             let slot = match series.windows.get(hint) {
@@ -608,14 +627,25 @@ impl Aggregator {
             let window = window.usage(window_len);
             if last_series != Some(id) {
                 last_series = Some(id);
+                let periods = (series.periods.iter())
+                    .map(|(period, state)| {
+                        let added = || period_added.remove(&(id, *period)).unwrap_or_default();
+                        (*period, state.change(added))
+                    })
+                    .collect();
                 changed.push(SeriesSnapshot {
                     key: SeriesKey::clone(&series.key),
-                    periods: series.periods.to_vec(),
+                    periods,
                     windows: Vec::new(),
                 });
             }
             if let Some(record) = changed.last_mut() {
-                record.windows.push(series.windows[slot].clone());
+                let held = &series.windows[slot];
+                let added = || window_added.remove(&(id, start)).unwrap_or_default();
+                record.windows.push(Window {
+                    state: held.state.change(added),
+                    ..*held
+                });
             }
             let period = Period::containing(window.window_start);
             match updates.last_mut() {
@@ -734,8 +764,9 @@ impl Aggregator {
     }
 
     /// Applies a snapshot or the changes of a drain: keys are added, the windows and
-    /// periods it holds replace their earlier versions, the watermark moves forward,
-    /// and whatever that puts beyond the horizon is let go. Nothing changes if the
+    /// periods it holds replace their earlier versions (a unique count's values are
+    /// added to those held, [`AggState::merge`]), the watermark moves forward, and
+    /// whatever that puts beyond the horizon is let go. Nothing changes if the
     /// snapshot does not fit this configuration.
     pub fn merge(&mut self, snapshot: Snapshot) -> Result<(), RestoreError> {
         let mut resolved = Vec::with_capacity(snapshot.series.len());
@@ -781,11 +812,14 @@ impl Aggregator {
             let series = &mut self.series[id as usize];
             for (period, state) in s.periods {
                 let slot = series.period_slot(period);
-                series.periods[slot].1 = state;
+                series.periods[slot].1.merge(state);
             }
             for window in s.windows {
                 let slot = series.window_slot(window.start);
-                series.windows[slot] = window;
+                let held = &mut series.windows[slot];
+                held.revision = window.revision;
+                held.dirty = window.dirty;
+                held.state.merge(window.state);
             }
         }
         self.watermark = self.watermark.max(snapshot.watermark);
@@ -845,9 +879,9 @@ impl Snapshot {
         self.dedupe.iter().map(DedupeEntry::day).max()
     }
 
-    /// Cuts a snapshot into parts of at most `entries` dedupe keys and `entries` windows
-    /// each, so no part outgrows a Kafka record; merging the parts, in any order, gives
-    /// the whole. Each part carries the watermark.
+    /// Cuts a snapshot into parts of at most `entries` dedupe keys and `entries` windows,
+    /// periods and distinct values each, so no part outgrows a Kafka record; merging the
+    /// parts, in any order, gives the whole. Each part carries the watermark.
     pub fn split(self, entries: usize) -> Vec<Snapshot> {
         let entries = entries.max(1);
         let mut progress = self;
@@ -860,8 +894,8 @@ impl Snapshot {
             .collect();
         let mut series = Vec::new();
         let mut held = 0;
-        for s in all_series {
-            let size = s.windows.len() + s.periods.len();
+        for s in all_series.into_iter().flat_map(|s| s.pieces(entries)) {
+            let size = s.entries();
             if held + size > entries && !series.is_empty() {
                 parts.push(part(Vec::new(), std::mem::take(&mut series)));
                 held = 0;
@@ -926,6 +960,73 @@ struct SeriesSnapshot {
     key: SeriesKey,
     periods: Vec<(Period, AggState)>,
     windows: Vec<Window>,
+}
+
+impl SeriesSnapshot {
+    /// Its size in a snapshot part: its windows, periods and unique counts' values.
+    fn entries(&self) -> usize {
+        let states = (self.periods.iter().map(|(_, state)| state))
+            .chain(self.windows.iter().map(|window| &window.state));
+        let distinct: usize = states
+            .map(|state| match state {
+                AggState::UniqueCount(set) => set.len(),
+                _ => 0,
+            })
+            .sum();
+        self.windows.len() + self.periods.len() + distinct
+    }
+
+    /// The series in pieces of about `entries` entries that merge back into it, in any
+    /// order: the first has its windows and periods with their unique counts' sets
+    /// emptied, the others the values, `entries` at a time. A month's set of millions
+    /// of values would not fit one Kafka record.
+    fn pieces(mut self, entries: usize) -> Vec<SeriesSnapshot> {
+        if self.entries() <= entries {
+            return vec![self];
+        }
+        // Each value with its state: period i, or window i less the periods.
+        let mut values: Vec<(usize, u64)> = Vec::new();
+        let states = (self.periods.iter_mut().map(|(_, state)| state))
+            .chain(self.windows.iter_mut().map(|window| &mut window.state));
+        for (i, state) in states.enumerate() {
+            if let AggState::UniqueCount(set) = state {
+                values.extend(std::mem::take(&mut **set).into_iter().map(|v| (i, v)));
+            }
+        }
+        let distinct = |value: u64| AggState::UniqueCount(Box::new(HashSet::from([value])));
+        let mut pieces = Vec::with_capacity(values.len() / entries + 2);
+        for chunk in values.chunks(entries.max(1)) {
+            let mut piece = SeriesSnapshot {
+                key: self.key.clone(),
+                periods: Vec::new(),
+                windows: Vec::new(),
+            };
+            let mut last = None;
+            for &(i, value) in chunk {
+                if last == Some(i) {
+                    let state = match i.checked_sub(self.periods.len()) {
+                        None => piece.periods.last_mut().map(|(_, state)| state),
+                        Some(_) => piece.windows.last_mut().map(|window| &mut window.state),
+                    };
+                    if let Some(AggState::UniqueCount(set)) = state {
+                        set.insert(value);
+                    }
+                    continue;
+                }
+                last = Some(i);
+                match i.checked_sub(self.periods.len()) {
+                    None => piece.periods.push((self.periods[i].0, distinct(value))),
+                    Some(w) => piece.windows.push(Window {
+                        state: distinct(value),
+                        ..self.windows[w]
+                    }),
+                }
+            }
+            pieces.push(piece);
+        }
+        pieces.insert(0, self);
+        pieces
+    }
 }
 
 #[cfg(test)]
@@ -1118,6 +1219,79 @@ mod tests {
                 (vec!["llama".to_string()], "3".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn a_drains_changes_carry_only_the_distinct_values_counted_since_the_last() {
+        let mut original = Aggregator::streaming(&config());
+        for user in 0..1000 {
+            let event = tokens(&format!("a{user}"), "2026-11-02T10:00:00Z", "gpt", 1, user);
+            original.apply(&event);
+        }
+        let mut rebuilt = Aggregator::streaming(&config());
+        rebuilt.merge(original.drain().1).unwrap();
+        // One user counted before (read again, it is in the changes too), two new ones,
+        // in two windows.
+        original.apply(&tokens("b1", "2026-11-02T11:00:00Z", "gpt", 1, 5));
+        original.apply(&tokens("b2", "2026-11-02T11:00:00Z", "gpt", 1, 1000));
+        original.apply(&tokens("b3", "2026-11-03T11:00:00Z", "gpt", 1, 1001));
+        let changes = original.drain().1;
+        let users = (changes.series.iter())
+            .find(|s| s.key.meter == "users")
+            .unwrap();
+        let sizes = |states: Vec<&AggState>| -> Vec<usize> {
+            (states.into_iter())
+                .map(|state| match state {
+                    AggState::UniqueCount(set) => set.len(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(sizes(users.periods.iter().map(|(_, s)| s).collect()), [3]);
+        assert_eq!(
+            sizes(users.windows.iter().map(|w| &w.state).collect()),
+            [2, 1]
+        );
+        rebuilt.merge(changes).unwrap();
+        assert_eq!(rebuilt.snapshot(), original.snapshot());
+        let november = Period::from_str("2026-11").unwrap();
+        let counted = rebuilt.period_usage(november);
+        let (_, users) = (counted.iter().find(|(key, _)| key.meter == "users")).unwrap();
+        assert_eq!(users.value, Decimal::from(1002));
+    }
+
+    #[test]
+    fn a_snapshot_cuts_a_large_unique_count_into_parts_that_merge_back_in_any_order() {
+        let mut original = Aggregator::streaming(&config());
+        for user in 0..1000 {
+            let time = format!("2026-11-02T{:02}:00:00Z", user % 24);
+            original.apply(&tokens(&format!("u{user}"), &time, "gpt", 1, user));
+        }
+        // 1000 users in the month's set, 1000 in the hours' sets, 24 windows, 1 period.
+        let parts = original.snapshot().split(100);
+        assert!(parts.len() >= 20, "{} parts", parts.len());
+        for part in &parts {
+            let entries: usize = part.series.iter().map(SeriesSnapshot::entries).sum();
+            // A piece's 100 values, and the few windows and periods they belong to.
+            assert!(entries <= 110, "{entries}");
+        }
+        let mut in_order = Aggregator::streaming(&config());
+        let mut reversed = Aggregator::streaming(&config());
+        for part in &parts {
+            in_order.merge(part.clone()).unwrap();
+        }
+        for part in parts.into_iter().rev() {
+            reversed.merge(part).unwrap();
+        }
+        assert_eq!(in_order.snapshot(), original.snapshot());
+        // Merged in another order, the keys and series are held in another order.
+        let november = Period::from_str("2026-11").unwrap();
+        assert_eq!(
+            reversed.period_usage(november),
+            original.period_usage(november)
+        );
+        let windows = |a: &Aggregator| a.windows_of("acme", november);
+        assert_eq!(windows(&reversed), windows(&original));
     }
 
     #[test]

@@ -106,6 +106,29 @@ impl AggState {
         Ok(())
     }
 
+    /// What a drain's changes carry of this state: all of it, but of a unique count only
+    /// `added()`, the values it read since the last drain ([`AggState::merge`] adds
+    /// them to the set held). A month's set can hold millions of values; writing it
+    /// whole with every change would make each commit's changes grow with the month.
+    pub fn change(&self, added: impl FnOnce() -> HashSet<u64>) -> AggState {
+        match self {
+            AggState::UniqueCount(_) => AggState::UniqueCount(Box::new(added())),
+            state => state.clone(),
+        }
+    }
+
+    /// Takes in `later`, a later state of the same readings or a drain's change of it:
+    /// it replaces this one, but a unique count's values are added to the set held (a
+    /// change carries only the new ones; a set only grows, so adding a whole set, as
+    /// a snapshot holds it, is the same as taking it).
+    pub fn merge(&mut self, later: AggState) {
+        if let (AggState::UniqueCount(held), AggState::UniqueCount(added)) = (&mut *self, &later) {
+            held.extend(added.iter());
+            return;
+        }
+        *self = later;
+    }
+
     pub fn value(&self) -> MeterValue {
         let (value, latest) = match self {
             AggState::Count(n) => (Decimal::from(*n), None),

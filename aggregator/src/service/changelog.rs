@@ -34,7 +34,8 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use tally_runtime::kafka::read_partition;
 
-/// Dedupe keys or windows per snapshot part: 800 KB of keys, a few MB of windows.
+/// Dedupe keys, or windows, periods and unique counts' values, per snapshot part: 800 KB
+/// of keys, a few MB of windows.
 pub(super) const SNAPSHOT_PART_ENTRIES: usize = 50_000;
 
 /// Per-transaction records of keys a partition may hold before they are gathered into
