@@ -243,6 +243,102 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
     }
 }
 
+/// A price book of one unique-count meter: active users a month, 2.50 each.
+const ACTIVE_USERS_BOOK: &str = r#"
+[[meters]]
+slug = "active_users"
+event_type = "app.active"
+aggregation = "unique_count"
+value_property = "$.user"
+
+[[plans]]
+id = "per_user"
+currency = "usd"
+
+[[plans.prices]]
+id = "active-users"
+meter = "active_users"
+billing_scheme = "per_unit"
+unit_amount = "2.5"
+"#;
+
+/// `user` of `customer` active on October `day` (at an hour of the user's).
+fn active(id: &str, customer: &str, user: u32, day: u32) -> Vec<u8> {
+    format!(
+        r#"{{"specversion":"1.0","id":"{id}","source":"app","type":"app.active","subject":"{customer}","time":"2026-10-{day:02}T{:02}:00:00Z","data":{{"user":"user-{user}"}}}}"#,
+        user % 24
+    )
+    .into_bytes()
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn unique_counts_restored_from_the_changelog_count_each_user_once() {
+    let _serial = serial();
+    // Small snapshots: the big customer's set (60,000 users) is snapshotted in parts.
+    let p = Pipeline::new(
+        "unique",
+        10,
+        1,
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\nchangelog_snapshot_bytes = 300000",
+    );
+    let generated = std::fs::read_to_string(&p.config).unwrap();
+    let services = &generated[generated.find("[kafka]").unwrap()..];
+    let customers = [("cust_big", 60_000), ("cust_a", 500), ("cust_b", 500)];
+    let book: String = customers
+        .iter()
+        .map(|(c, _)| format!("\n[[customers]]\nid = \"{c}\"\nplan = \"per_user\"\n"))
+        .collect();
+    std::fs::write(&p.config, format!("{ACTIVE_USERS_BOOK}{book}\n{services}")).unwrap();
+
+    // October 5: each customer's users, every one active twice.
+    let mut month: Vec<Vec<u8>> = Vec::new();
+    for (customer, users) in customers {
+        for round in 0..2 {
+            month.extend(
+                (0..users).map(|u| active(&format!("{customer}-{round}-{u}"), customer, u, 5)),
+            );
+        }
+    }
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(&month);
+    p.wait_for(&p.expected_for(&month, p.period), Duration::from_secs(180));
+
+    // Restarted from its changelog, the aggregator counts a user seen before once.
+    p.kill("agg-a");
+    p.start("aggregator", "agg-a");
+    let mut later: Vec<Vec<u8>> = Vec::new();
+    for (customer, users) in customers {
+        let (seen, new) = (0..1000.min(users), users..users + 1000);
+        later.extend(
+            (seen.chain(new)).map(|u| active(&format!("{customer}-later-{u}"), customer, u, 6)),
+        );
+    }
+    p.produce(&later);
+    month.extend(later);
+    let expected = p.expected_for(&month, p.period);
+    assert!(
+        expected.contains(&(
+            "cust_big".into(),
+            "active-users".into(),
+            "61000".into(),
+            "152500.00".into(),
+            "usd".into()
+        )),
+        "{expected:?}"
+    );
+    p.wait_for(&expected, Duration::from_secs(180));
+    assert!(harness::restored_some_state(&p.log("agg-a")));
+    let changelog = p.read_records("aggregator-changelog");
+    assert!(
+        changelog
+            .iter()
+            .any(|(key, ..)| key.starts_with(b"snapshot/000002")),
+        "a snapshot in three parts or more"
+    );
+}
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_second_aggregator_joining_and_the_first_leaving_keep_totals_exact() {
