@@ -220,6 +220,19 @@ impl PartitionState {
 /// Lines rated but not yet stored, with the offsets they account for.
 #[derive(Debug, Default)]
 struct Pending {
+    /// By partition: the rows of a partition given up before they are stored leave
+    /// with it ([`Pending::let_go`]).
+    rows: BTreeMap<i32, PartitionRows>,
+    offsets: BTreeMap<i32, (i64, RebuildPoint)>,
+    /// Kafka timestamp (ms) of the oldest usage update in the batch.
+    oldest_update_ms: Option<i64>,
+    updates: usize,
+    started: Option<Instant>,
+}
+
+/// One partition's rows of a batch.
+#[derive(Debug, Default)]
+struct PartitionRows {
     /// Zero-usage lines of newly seen periods, written (to `<prefix>.rated` and
     /// ClickHouse) at version 0.
     opening: Vec<InvoiceLine>,
@@ -229,11 +242,37 @@ struct Pending {
     lines: Vec<(u64, RatedLine)>,
     /// Stored lines the price book no longer makes, to retire at these versions.
     retired: Vec<(u64, StoredLine)>,
-    offsets: BTreeMap<i32, (i64, RebuildPoint)>,
-    /// Kafka timestamp (ms) of the oldest usage update in the batch.
-    oldest_update_ms: Option<i64>,
-    updates: usize,
-    started: Option<Instant>,
+}
+
+impl Pending {
+    /// `partition`'s rows, to add to.
+    fn rows(&mut self, partition: i32) -> &mut PartitionRows {
+        self.rows.entry(partition).or_default()
+    }
+
+    fn opening(&self) -> impl Iterator<Item = &InvoiceLine> {
+        self.rows.values().flat_map(|rows| &rows.opening)
+    }
+
+    fn windows(&self) -> impl Iterator<Item = &StoredWindow> {
+        self.rows.values().flat_map(|rows| rows.windows.values())
+    }
+
+    fn lines(&self) -> impl Iterator<Item = &(u64, RatedLine)> {
+        self.rows.values().flat_map(|rows| &rows.lines)
+    }
+
+    fn retired(&self) -> impl Iterator<Item = &(u64, StoredLine)> {
+        self.rows.values().flat_map(|rows| &rows.retired)
+    }
+
+    /// Leaves out a partition given up before its rows were stored: its next owner
+    /// rates them again, perhaps with another price book, at the same versions, and
+    /// rows stored from here later would win over that owner's.
+    fn let_go(&mut self, partition: i32) {
+        self.rows.remove(&partition);
+        self.offsets.remove(&partition);
+    }
 }
 
 /// A batch on its way out: its lines go to `<prefix>.rated`, then to ClickHouse, then
@@ -280,7 +319,7 @@ impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
             .field("partitions", &self.partitions.keys().collect::<Vec<_>>())
-            .field("pending", &self.pending.lines.len())
+            .field("pending", &self.pending.lines().count())
             .finish_non_exhaustive()
     }
 }
@@ -392,17 +431,17 @@ impl PartitionOwner for Worker {
         } else if let Err(e) = self.store(consumer) {
             tracing::warn!(error = %e, "cannot store before giving partitions up; their next owner re-reads them");
         }
+        // Rows not stored yet of the partitions leaving are for their new owners to
+        // store (those in flight are with the producer already, and a repeat on the
+        // topic is harmless): stored from here, they could overwrite rows a new owner
+        // with another price book wrote at the same versions.
         for e in partitions.elements() {
             self.partitions.remove(&e.partition());
-            self.pending.offsets.remove(&e.partition());
+            self.pending.let_go(e.partition());
             if let Some(in_flight) = &mut self.in_flight {
-                in_flight.batch.offsets.remove(&e.partition());
+                in_flight.batch.let_go(e.partition());
             }
         }
-        // A batch not stored yet whose partitions have all left is for their new owners
-        // to store (its lines are with the producer already, and a repeat on the topic
-        // is harmless): stored from here, it could overwrite rows a new owner with
-        // another price book wrote at the same versions.
         if (self.in_flight.as_ref()).is_some_and(|f| !f.stored && f.batch.offsets.is_empty()) {
             self.in_flight = None;
         }
@@ -689,7 +728,7 @@ impl Worker {
         let open = line_open(state.ledger.settled_through(), period, None);
         if open && state.opened.insert(period) {
             match state.ledger.opening_lines(period) {
-                Ok(lines) => self.pending.opening.extend(lines),
+                Ok(lines) => self.pending.rows(partition).opening.extend(lines),
                 Err(e) => {
                     tracing::error!(error = %e, %period, "cannot rate a period's opening lines")
                 }
@@ -712,7 +751,7 @@ impl Worker {
                     window,
                     version,
                 };
-                self.pending.windows.insert(key, stored);
+                self.pending.rows(partition).windows.insert(key, stored);
             }
         }
         self.metrics.count_unbilled(recorded);
@@ -930,7 +969,10 @@ impl Worker {
                         let owned_lines = (lines.iter()).filter(|l| {
                             owns_zero_usage(&l.customer) && !with_usage.contains(&l.id)
                         });
-                        self.pending.opening.extend(owned_lines.cloned());
+                        self.pending
+                            .rows(partition)
+                            .opening
+                            .extend(owned_lines.cloned());
                         zero_usage.extend(lines.into_iter().map(|line| (line.id.clone(), line)));
                     }
                     Err(e) => {
@@ -939,7 +981,8 @@ impl Worker {
                 }
             }
             let version = state.row_version();
-            let before = self.pending.retired.len();
+            let rows = self.pending.rows(partition);
+            let before = rows.retired.len();
             let stale_lines = stale.len();
             // Those with usage the ledger re-rates; the others are replaced or retired.
             let (restated, without_usage): (Vec<&StoredLine>, Vec<&StoredLine>) = stale
@@ -960,7 +1003,7 @@ impl Worker {
                     Some(_) if at == 0 => {}
                     // Usage the book no longer prices on this line (its filter or
                     // meter changed): the line is now its opening line, at zero usage.
-                    Some(zero) => self.pending.lines.push((
+                    Some(zero) => rows.lines.push((
                         at,
                         RatedLine {
                             line: zero.clone(),
@@ -968,7 +1011,7 @@ impl Worker {
                             delta: zero.amount - line.amount,
                         },
                     )),
-                    None => self.pending.retired.push((at, (*line).clone())),
+                    None => rows.retired.push((at, (*line).clone())),
                 }
             }
             tracing::info!(
@@ -976,7 +1019,7 @@ impl Worker {
                 stale = stale_lines,
                 stored_with_another_book = another_book,
                 rerated = state.ledger.lines_held(),
-                retired = self.pending.retired.len() - before,
+                retired = rows.retired.len() - before,
                 "lines an earlier price book rated: re-rating the partition's open periods"
             );
         }
@@ -1007,6 +1050,7 @@ impl Worker {
             }
             let restated = &mut state.restated;
             self.pending
+                .rows(partition)
                 .lines
                 .extend(lines.into_iter().map(|mut rated| {
                     if let Some(stored) = restated.remove(&rated.line.id) {
@@ -1033,10 +1077,12 @@ impl Worker {
     /// Inserts the batch's lines into ClickHouse in one insert, retires the stale ones,
     /// then inserts the batch's windows.
     fn write_batch(&mut self, batch: &Pending) -> Result<(), ClickHouseError> {
-        let rows: Vec<(u64, &InvoiceLine)> = (batch.opening.iter().map(|line| (0, line)))
-            .chain(batch.lines.iter().map(|(v, l)| (*v, &l.line)))
+        let rows: Vec<(u64, &InvoiceLine)> = (batch.opening().map(|line| (0, line)))
+            .chain(batch.lines().map(|(v, l)| (*v, &l.line)))
             .collect();
-        if rows.is_empty() && batch.retired.is_empty() && batch.windows.is_empty() {
+        let retiring = batch.retired().count();
+        let windows = batch.windows().count();
+        if rows.is_empty() && retiring == 0 && windows == 0 {
             // Records that changed nothing stored (a settled record, usage of unknown
             // customers without its windows): their offsets move on without an insert.
             return Ok(());
@@ -1046,7 +1092,7 @@ impl Worker {
         self.clickhouse.insert_versioned(&rows)?;
         // After the lines: a retry after a failure here writes both again, unchanged.
         let mut retired: BTreeMap<u64, Vec<&StoredLine>> = BTreeMap::new();
-        for (version, line) in &batch.retired {
+        for (version, line) in batch.retired() {
             retired.entry(*version).or_default().push(line);
         }
         for (version, lines) in retired {
@@ -1054,7 +1100,7 @@ impl Worker {
         }
         // After the lines, so those are queryable without waiting for the windows
         // (the commit and the next batch still wait).
-        self.clickhouse.insert_windows(batch.windows.values())?;
+        self.clickhouse.insert_windows(batch.windows())?;
         self.metrics
             .insert_duration
             .observe(started.elapsed().as_secs_f64());
@@ -1062,11 +1108,9 @@ impl Worker {
             (self.metrics.inserted_rows.with_label_values(&[table])).inc_by(rows as u64)
         };
         inserted("rated_lines", rows.len());
-        inserted("window_revisions", batch.windows.len());
-        self.metrics
-            .lines_retired
-            .inc_by(batch.retired.len() as u64);
-        self.metrics.lines_rated.inc_by(batch.lines.len() as u64);
+        inserted("window_revisions", windows);
+        self.metrics.lines_retired.inc_by(retiring as u64);
+        (self.metrics.lines_rated).inc_by(batch.lines().count() as u64);
         if let Some(ms) = batch.oldest_update_ms {
             observe_age(&self.metrics.rating_latency, ms);
         }
@@ -1083,14 +1127,14 @@ impl Worker {
     fn queue_rated_lines(&self, batch: &Pending) -> Result<(), RaterError> {
         let mut deadline = Instant::now() + DELIVERY_WAIT;
         // Stored at version 0, as they are in ClickHouse.
-        let opening = batch.opening.iter().map(|line| RatedRecord {
+        let opening = batch.opening().map(|line| RatedRecord {
             line,
             revision: 0,
             delta: line.amount,
             version: 0,
             superseded: false,
         });
-        let rated = batch.lines.iter().map(|(version, rated)| RatedRecord {
+        let rated = batch.lines().map(|(version, rated)| RatedRecord {
             line: &rated.line,
             revision: rated.revision,
             delta: rated.delta,
@@ -1099,7 +1143,7 @@ impl Worker {
         });
         let rated =
             (opening.chain(rated)).map(|record| (&record.line.id, serde_json::to_vec(&record)));
-        let retired = batch.retired.iter().map(|(version, line)| {
+        let retired = batch.retired().map(|(version, line)| {
             let record = RetiredRecord {
                 id: &line.id,
                 customer: &line.customer,
@@ -1231,4 +1275,56 @@ fn record<W>(ledger: &mut Ledger, update: UsageRecord<'_, W>) -> Recorded {
         Period::containing(update.period_start),
         update.period_to_date,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(book: &str, period: Period) -> Vec<InvoiceLine> {
+        let config = Arc::new(Config::parse(book, "test").unwrap());
+        Ledger::new(config).opening_lines(period).unwrap()
+    }
+
+    #[test]
+    fn a_partition_let_go_takes_its_rows_and_offset_out_of_the_batch() {
+        let book = include_str!("../../../examples/tally.toml");
+        let period: Period = "2026-11".parse().unwrap();
+        let mut batch = Pending::default();
+        for (partition, version) in [(0, 10), (1, 20)] {
+            let lines = lines_of(book, period);
+            let rows = batch.rows(partition);
+            rows.opening.extend(lines.clone());
+            rows.lines.extend(lines.iter().map(|line| {
+                let rated = RatedLine {
+                    line: line.clone(),
+                    revision: 1,
+                    delta: Decimal::ONE,
+                };
+                (version, rated)
+            }));
+            rows.retired.extend(lines.iter().map(|line| {
+                let stored = StoredLine {
+                    id: line.id.clone(),
+                    customer: line.customer.clone(),
+                    price: line.price.clone(),
+                    version,
+                    amount: line.amount,
+                    period,
+                    adjusts: None,
+                };
+                (version, stored)
+            }));
+            let point = FirstOffsets::default().point(None, version as i64, "b00c".into());
+            batch.offsets.insert(partition, (version as i64, point));
+        }
+        let per_partition = lines_of(book, period).len();
+        assert_eq!(batch.lines().count(), 2 * per_partition);
+        batch.let_go(1);
+        assert_eq!(batch.opening().count(), per_partition);
+        assert!(batch.lines().all(|(version, _)| *version == 10));
+        assert!(batch.retired().all(|(version, _)| *version == 10));
+        assert_eq!(batch.lines().count(), per_partition);
+        assert_eq!(batch.offsets.keys().collect::<Vec<_>>(), [&0]);
+    }
 }
