@@ -69,6 +69,10 @@ use rebuild_point::{FirstOffsets, RebuildPoint};
 const MAX_BATCH_UPDATES: usize = 200_000;
 /// Longest a partition's ledger rebuild may read the windows topic.
 const REBUILD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest a partition's price-book check waits for its position to pass a stored row
+/// of it (see [`Worker::check_price_book`]); then it goes ahead, leaving such rows to
+/// the next scheduled check.
+const MAX_CHECK_DEFERRAL: Duration = Duration::from_secs(30);
 /// Longest the loop waits for Kafka to confirm rated lines before it pauses and polls
 /// again: shorter than the group session, so a broker restart does not block it long.
 const DELIVERY_WAIT: Duration = Duration::from_secs(5);
@@ -194,6 +198,9 @@ struct PartitionState {
     /// stored (a customer the new book adds, whose usage the old one left unbilled)
     /// has no row to be found stale.
     stored_with_another_book: bool,
+    /// Since when the check has waited for the partition's position to pass a stored
+    /// row of it ([`MAX_CHECK_DEFERRAL`]).
+    check_deferred: Option<Instant>,
     /// Lines with usage another price book rated, by id, with the amount stored: their
     /// next revision's delta moves from it (the rebuilt ledger holds this book's).
     restated: HashMap<String, Decimal>,
@@ -377,6 +384,7 @@ impl PartitionOwner for Worker {
                     customers_with_usage: rebuilt.customers,
                     unchecked: true,
                     stored_with_another_book,
+                    check_deferred: None,
                     restated: HashMap::new(),
                     first_offsets: rebuilt.first_offsets,
                 },
@@ -907,6 +915,9 @@ impl Worker {
     /// version 0 or the batch's version, with its zero-usage line if the book still
     /// makes it (its usage no longer priced there), or else retired (a customer removed,
     /// a price renamed). Lines of periods settled in their partition stay as billed.
+    /// A partition whose last commit names another book is re-rated as well. One with
+    /// a stale row past its position waits (up to [`MAX_CHECK_DEFERRAL`]) until it has
+    /// read that far, so its rows are not older than the row they replace.
     fn check_price_book(&mut self) -> Result<(), ClickHouseError> {
         let checking: Vec<i32> = (self.partitions.iter())
             .filter(|(_, state)| state.unchecked)
@@ -928,6 +939,7 @@ impl Worker {
             .clickhouse
             .lines_rated_with_another_book(&hash, oldest_open)?;
         let count = self.partition_count;
+        let mut deferred = false;
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
             state.unchecked = false;
@@ -950,6 +962,24 @@ impl Worker {
                     }
                 })
                 .collect();
+            // A stale row newer than the partition's position: a rater before this one
+            // stored it and stopped before committing (its versions count the
+            // transaction markers it had stepped over). Rated now, this book's rows
+            // would be older and lose to it: the check waits for the position to pass.
+            let version = state.row_version();
+            if stale.iter().any(|line| line.version > version) {
+                if state.check_deferred.is_none() {
+                    tracing::info!(partition, position = version, "stored lines newer than the partition's position (a rater before this one stored them and stopped before committing): checking the price book once it has read that far");
+                }
+                let since = *state.check_deferred.get_or_insert_with(Instant::now);
+                if since.elapsed() < MAX_CHECK_DEFERRAL {
+                    state.unchecked = true;
+                    state.stored_with_another_book = another_book;
+                    deferred = true;
+                    continue;
+                }
+            }
+            state.check_deferred = None;
             if stale.is_empty() && !another_book {
                 continue;
             }
@@ -980,7 +1010,6 @@ impl Worker {
                     }
                 }
             }
-            let version = state.row_version();
             let rows = self.pending.rows(partition);
             let before = rows.retired.len();
             let stale_lines = stale.len();
@@ -1022,6 +1051,10 @@ impl Worker {
                 retired = rows.retired.len() - before,
                 "lines an earlier price book rated: re-rating the partition's open periods"
             );
+        }
+        if deferred {
+            // Checked again at the next store, which this makes due.
+            self.pending.started.get_or_insert_with(Instant::now);
         }
         Ok(())
     }

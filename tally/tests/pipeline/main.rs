@@ -1629,6 +1629,84 @@ fn a_customer_added_to_the_price_book_is_billed_its_usage_of_the_open_month() {
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_changed_book_rerates_a_row_stored_past_the_committed_offset() {
+    let _serial = serial();
+    // No scheduled check within the test: only the check after assignment re-rates.
+    let p = Pipeline::new(
+        "rows_ahead",
+        3_000,
+        10,
+        "[rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\"\nprice_book_check_interval = \"1h\"\n",
+    );
+    p.start("aggregator", "agg");
+    p.start("rater", "rater-old");
+    let lines = p.lines();
+    p.produce(&lines);
+    let before = p.expected();
+    p.wait_for(&before, Duration::from_secs(120));
+    p.wait_caught_up("rater", Duration::from_secs(60));
+    p.stop("rater-old");
+
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let book = edited(&book, r#"unit_amount = "0.99""#, r#"unit_amount = "1.09""#);
+    let book = edited(&book, r#"flat_amount = "49""#, r#"flat_amount = "59""#);
+    std::fs::write(&p.config, book).unwrap();
+    // A line the new book changes, of a customer with a neighbour in its partition.
+    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
+    let partition_of = |customer: &str| partition_for_key(customer.as_bytes(), partitions);
+    let changed = p
+        .expected()
+        .into_iter()
+        .filter(|line| !before.contains(line));
+    let (line, neighbour) = changed
+        .filter_map(|line| {
+            let neighbour = (customers().into_iter())
+                .find(|c| *c != line.0 && partition_of(c) == partition_of(&line.0))?;
+            Some((line, neighbour))
+        })
+        .next()
+        .expect("a changed line with a neighbour");
+    // What a rater leaves that stored its batch and died before committing: a row
+    // (here, the old book's row again) at a version past the committed offset.
+    let partition = partition_of(&line.0);
+    let committed = p.committed("rater")[&partition];
+    let columns = "id, version, config_hash, customer, plan, price, meter, period_start, \
+                   period_end, quantity, subtotal, discount, amount, amount_minor, currency, \
+                   tiers, adjusts_period, superseded";
+    p.query(&format!(
+        "INSERT INTO {db}.rated_lines ({columns}) SELECT {} FROM (SELECT * FROM \
+         {db}.rated_lines FINAL WHERE customer = '{}' AND price = '{}' AND \
+         period_start = toDateTime('2026-10-01 00:00:00', 'UTC')) WHERE superseded = 0",
+        columns.replacen("version", &format!("toUInt64({})", committed + 1), 1),
+        line.0,
+        line.1,
+        db = p.database,
+    ));
+    p.start("rater", "rater-new");
+    harness::eventually(
+        "the new rater checked its partitions",
+        Duration::from_secs(60),
+        || {
+            let log = p.log("rater-new");
+            log.contains("lines an earlier price book rated")
+                || log.contains("stored lines newer than the partition's position")
+        },
+    );
+    // The neighbour's usage moves the partition past that version.
+    let event = resolution("neighbour-1", &neighbour, "2026-10-20T00:00:00Z");
+    p.produce(std::slice::from_ref(&event));
+    let mut all = lines;
+    all.push(event);
+    let after = p.expected_for(&all, p.period);
+    assert!(after.contains(&line), "{line:?}");
+    p.wait_for(&after, Duration::from_secs(90));
+    assert!(p
+        .log("rater-new")
+        .contains("stored lines newer than the partition's position"));
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
     let _serial = serial();
     let port = harness::free_port();
