@@ -967,62 +967,36 @@ impl SeriesSnapshot {
     fn entries(&self) -> usize {
         let states = (self.periods.iter().map(|(_, state)| state))
             .chain(self.windows.iter().map(|window| &window.state));
-        let distinct: usize = states
-            .map(|state| match state {
-                AggState::UniqueCount(set) => set.len(),
-                _ => 0,
-            })
-            .sum();
-        self.windows.len() + self.periods.len() + distinct
+        self.windows.len() + self.periods.len() + states.map(AggState::distinct_len).sum::<usize>()
     }
 
-    /// The series in pieces of about `entries` entries that merge back into it, in any
-    /// order: the first has its windows and periods with their unique counts' sets
-    /// emptied, the others the values, `entries` at a time. A month's set of millions
+    /// The series in pieces that merge back into it, in any order: the first has its
+    /// windows and periods with their unique counts' sets emptied, each other one a
+    /// period or window with at most `entries` of its values. A month's set of millions
     /// of values would not fit one Kafka record.
     fn pieces(mut self, entries: usize) -> Vec<SeriesSnapshot> {
         if self.entries() <= entries {
             return vec![self];
         }
-        // Each value with its state: period i, or window i less the periods.
-        let mut values: Vec<(usize, u64)> = Vec::new();
-        let states = (self.periods.iter_mut().map(|(_, state)| state))
-            .chain(self.windows.iter_mut().map(|window| &mut window.state));
-        for (i, state) in states.enumerate() {
-            if let AggState::UniqueCount(set) = state {
-                values.extend(std::mem::take(&mut **set).into_iter().map(|v| (i, v)));
+        let piece = |periods, windows| SeriesSnapshot {
+            key: self.key.clone(),
+            periods,
+            windows,
+        };
+        let mut pieces = Vec::new();
+        for (period, state) in &mut self.periods {
+            for values in state.take_distinct(entries) {
+                pieces.push(piece(vec![(*period, values)], Vec::new()));
             }
         }
-        let distinct = |value: u64| AggState::UniqueCount(Box::new(HashSet::from([value])));
-        let mut pieces = Vec::with_capacity(values.len() / entries + 2);
-        for chunk in values.chunks(entries.max(1)) {
-            let mut piece = SeriesSnapshot {
-                key: self.key.clone(),
-                periods: Vec::new(),
-                windows: Vec::new(),
-            };
-            let mut last = None;
-            for &(i, value) in chunk {
-                if last == Some(i) {
-                    let state = match i.checked_sub(self.periods.len()) {
-                        None => piece.periods.last_mut().map(|(_, state)| state),
-                        Some(_) => piece.windows.last_mut().map(|window| &mut window.state),
-                    };
-                    if let Some(AggState::UniqueCount(set)) = state {
-                        set.insert(value);
-                    }
-                    continue;
-                }
-                last = Some(i);
-                match i.checked_sub(self.periods.len()) {
-                    None => piece.periods.push((self.periods[i].0, distinct(value))),
-                    Some(w) => piece.windows.push(Window {
-                        state: distinct(value),
-                        ..self.windows[w]
-                    }),
-                }
+        for window in &mut self.windows {
+            for values in window.state.take_distinct(entries) {
+                let values = Window {
+                    state: values,
+                    ..*window
+                };
+                pieces.push(piece(Vec::new(), vec![values]));
             }
-            pieces.push(piece);
         }
         pieces.insert(0, self);
         pieces

@@ -117,6 +117,26 @@ impl AggState {
         }
     }
 
+    /// How many distinct values a unique count holds (0 for the other states).
+    pub fn distinct_len(&self) -> usize {
+        match self {
+            AggState::UniqueCount(set) => set.len(),
+            _ => 0,
+        }
+    }
+
+    /// Takes a unique count's values out, in states of at most `most` values each, which
+    /// [`AggState::merge`] adds back; the other states give none and keep theirs.
+    pub fn take_distinct(&mut self, most: usize) -> Vec<AggState> {
+        let AggState::UniqueCount(set) = self else {
+            return Vec::new();
+        };
+        let values: Vec<u64> = std::mem::take(&mut **set).into_iter().collect();
+        (values.chunks(most.max(1)))
+            .map(|chunk| AggState::UniqueCount(Box::new(chunk.iter().copied().collect())))
+            .collect()
+    }
+
     /// Takes in `later`, a later state of the same readings or a drain's change of it:
     /// it replaces this one, but a unique count's values are added to the set held (a
     /// change carries only the new ones; a set only grows, so adding a whole set, as

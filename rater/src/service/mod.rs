@@ -53,9 +53,7 @@ use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
-use tally_schemas::config::{
-    Config, ConfigHash, KafkaSettings, RaterSettings, ServiceSettings, Topic,
-};
+use tally_schemas::config::{Config, KafkaSettings, RaterSettings, ServiceSettings, Topic};
 use tally_schemas::records::{InvoiceLine, SeriesKey, UsageRecord, WindowUsage, SETTLED_HEADER};
 use tally_schemas::time::Period;
 
@@ -218,9 +216,9 @@ impl PartitionState {
 
     /// Where the partition's next owner rebuilds its ledger from, as of `next_offset`,
     /// its lines stored with price book `book`.
-    fn rebuild_point(&self, book: ConfigHash) -> RebuildPoint {
+    fn rebuild_point(&self, book: &str) -> RebuildPoint {
         let settled = self.ledger.settled_through();
-        (self.first_offsets).point(settled, self.next_offset, book.to_string())
+        (self.first_offsets).point(settled, self.next_offset, book.to_owned())
     }
 }
 
@@ -297,6 +295,9 @@ struct InFlight {
 
 struct Worker {
     config: Arc<Config>,
+    /// The price book's hash as rows and commits name it (`config_hash`, a rebuild
+    /// point's `book`).
+    book: String,
     topic: String,
     rated_topic: String,
     kafka: KafkaSettings,
@@ -364,11 +365,10 @@ impl PartitionOwner for Worker {
                 (partition, offset.unwrap_or(0), point)
             })
             .collect();
-        let book = self.config.hash.to_string();
         let rebuilt_all = on_threads(wanted, |(partition, committed, point)| {
             // Nothing committed, nothing stored: every line is new to this rater.
             let another_book = committed > 0
-                && point.as_ref().and_then(|p| p.book.as_deref()) != Some(book.as_str());
+                && point.as_ref().and_then(|p| p.book.as_deref()) != Some(self.book.as_str());
             self.rebuild(partition, committed, point)
                 .map(|rebuilt| (partition, committed, another_book, rebuilt))
         });
@@ -504,6 +504,7 @@ pub fn run(
         .map_err(kafka("create the rated-lines producer"))?;
     let topic = kafka_settings.topic(Topic::Windows);
     let worker = Arc::new(Mutex::new(Worker {
+        book: config.hash.to_string(),
         config,
         topic: topic.clone(),
         rated_topic: kafka_settings.topic(Topic::Rated),
@@ -934,16 +935,11 @@ impl Worker {
         else {
             return Ok(());
         };
-        let hash = self.config.hash.to_string();
-        let stale = self
-            .clickhouse
-            .lines_rated_with_another_book(&hash, oldest_open)?;
+        let stale = (self.clickhouse).lines_rated_with_another_book(&self.book, oldest_open)?;
         let count = self.partition_count;
         let mut deferred = false;
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
-            state.unchecked = false;
-            let another_book = std::mem::take(&mut state.stored_with_another_book);
             let customers_with_usage = &state.customers_with_usage;
             // A customer's zero-usage lines belong to the partition its events go to:
             // judged by that partition's open periods, and written once.
@@ -973,13 +969,13 @@ impl Worker {
                 }
                 let since = *state.check_deferred.get_or_insert_with(Instant::now);
                 if since.elapsed() < MAX_CHECK_DEFERRAL {
-                    state.unchecked = true;
-                    state.stored_with_another_book = another_book;
                     deferred = true;
                     continue;
                 }
             }
             state.check_deferred = None;
+            state.unchecked = false;
+            let another_book = std::mem::take(&mut state.stored_with_another_book);
             if stale.is_empty() && !another_book {
                 continue;
             }
@@ -1091,7 +1087,7 @@ impl Worker {
                     }
                     (version, rated)
                 }));
-            let point = state.rebuild_point(self.config.hash);
+            let point = state.rebuild_point(&self.book);
             (self.pending.offsets).insert(partition, (state.next_offset, point));
             state.uncommitted = false;
         }

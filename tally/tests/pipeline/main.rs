@@ -1172,6 +1172,14 @@ fn edited(book: &str, from: &str, to: &str) -> String {
     book.replacen(from, to, 1)
 }
 
+/// Edits `p`'s price book: the starter resolution price and the pro platform fee go up.
+fn raise_prices(p: &Pipeline) {
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let book = edited(&book, r#"unit_amount = "0.99""#, r#"unit_amount = "1.09""#);
+    let book = edited(&book, r#"flat_amount = "49""#, r#"flat_amount = "59""#);
+    std::fs::write(&p.config, book).unwrap();
+}
+
 /// The line of `customer` for `price` among `lines`.
 fn line_for<'a>(lines: &'a [harness::Line], customer: &str, price: &str) -> &'a harness::Line {
     lines
@@ -1427,11 +1435,7 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
     );
     p.stop("rater-a");
 
-    // The starter resolution price and the pro platform fee go up.
-    let book = std::fs::read_to_string(&p.config).unwrap();
-    let book = edited(&book, r#"unit_amount = "0.99""#, r#"unit_amount = "1.09""#);
-    let book = edited(&book, r#"flat_amount = "49""#, r#"flat_amount = "59""#);
-    std::fs::write(&p.config, book).unwrap();
+    raise_prices(&p);
     let repriced = p.expected();
     assert_eq!(line_for(&repriced, "cust_idle", "resolutions").3, "59.00");
     p.start("rater", "rater-b");
@@ -1525,10 +1529,7 @@ fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
 
     // A rolling restart: a rater with a new book (the starter resolution price and the
     // pro platform fee up) joins and takes some partitions; the old one holds the rest.
-    let book = std::fs::read_to_string(&p.config).unwrap();
-    let book = edited(&book, r#"unit_amount = "0.99""#, r#"unit_amount = "1.09""#);
-    let book = edited(&book, r#"flat_amount = "49""#, r#"flat_amount = "59""#);
-    std::fs::write(&p.config, book).unwrap();
+    raise_prices(&p);
     p.start("rater", "rater-new");
     harness::eventually(
         "the new rater checked the partitions it took",
@@ -1647,10 +1648,7 @@ fn a_changed_book_rerates_a_row_stored_past_the_committed_offset() {
     p.wait_caught_up("rater", Duration::from_secs(60));
     p.stop("rater-old");
 
-    let book = std::fs::read_to_string(&p.config).unwrap();
-    let book = edited(&book, r#"unit_amount = "0.99""#, r#"unit_amount = "1.09""#);
-    let book = edited(&book, r#"flat_amount = "49""#, r#"flat_amount = "59""#);
-    std::fs::write(&p.config, book).unwrap();
+    raise_prices(&p);
     // A line the new book changes, of a customer with a neighbour in its partition.
     let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
     let partition_of = |customer: &str| partition_for_key(customer.as_bytes(), partitions);
