@@ -1351,9 +1351,20 @@ impl Worker {
             self.partitions.insert(partition, state);
         }
         if rewind.count() > 0 {
-            consumer
+            let sought = consumer
                 .seek_partitions(rewind, Duration::from_secs(10))
                 .map_err(kafka_error("rewind the consumer"))?;
+            // A partition left where it was would go on past the events its rebuilt
+            // state has not counted, and they would never be billed: stop instead, and
+            // the restarted service resumes from the committed offsets.
+            for element in sought.elements() {
+                element.error().map_err(kafka_error(format!(
+                    "rewind {}[{}] to {:?}; the aggregator stops, and restarted it resumes from the committed offsets",
+                    element.topic(),
+                    element.partition(),
+                    element.offset()
+                )))?;
+            }
         }
         self.readiness.ready();
         Ok(())
