@@ -37,8 +37,8 @@ pub struct ReconcileArgs {
     /// (by its `period_start`) are left out and counted.
     #[arg(long)]
     period: Period,
-    /// The reference lines (the biller customers were invoiced by, say): a file
-    /// (`.csv`, otherwise JSON lines; `-` reads stdin), `clickhouse` (the
+    /// The reference lines (the biller customers were invoiced by, say): a file (JSON
+    /// lines when it starts with `{`, otherwise CSV; `-` reads stdin), `clickhouse` (the
     /// `invoice_lines` of the configuration's `[clickhouse]` database) or
     /// `clickhouse:DATABASE` (another database on that server, e.g. `tally_batch`).
     expected: String,
@@ -52,15 +52,26 @@ pub struct ReconcileArgs {
     #[arg(long, value_name = "PATH")]
     differences: Option<PathBuf>,
     /// The other biller's customer and price ids as Tally's: a CSV file with the header
-    /// `kind,from,to` (`kind` is `customer` or `price`), applied to both sources. Lines
-    /// the map gives one customer and price are added together.
+    /// `kind,from,to` (`kind` is `customer` or `price`), applied to the source
+    /// `--map-applies-to` names. Lines the map gives one customer and price are added
+    /// together.
     #[arg(long, value_name = "PATH")]
     map: Option<PathBuf>,
+    /// The source whose ids `--map` translates: the other biller's. Only that one, so
+    /// that a Tally id that happens to be one of the other biller's is left alone.
+    #[arg(long, value_enum, default_value = "expected", requires = "map")]
+    map_applies_to: Side,
     /// Which customers to compare: all, or only those with lines in `expected`, in
     /// `actual`, or in `both` (a cohort still on the other biller, say); the others'
     /// lines are left out and counted.
     #[arg(long, value_enum, default_value = "all")]
     customers: CustomerScope,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Side {
+    Expected,
+    Actual,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -77,9 +88,13 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
         Some(path) => IdMap::read(path)?,
         None => IdMap::default(),
     };
-    let mut expected = read_source(&args.expected, args.period, &args.config)?.renamed(&map)?;
-    let mut actual = read_source(&args.actual, args.period, &args.config)?.renamed(&map)?;
-    keep_customers(args.customers, &mut expected, &mut actual);
+    let mut expected = read_source(&args.expected, args.period, &args.config)?;
+    let mut actual = read_source(&args.actual, args.period, &args.config)?;
+    match args.map_applies_to {
+        Side::Expected => expected = expected.renamed(&map)?,
+        Side::Actual => actual = actual.renamed(&map)?,
+    }
+    keep_customers(args.customers, &mut expected, &mut actual)?;
     let reconciliation = Reconciliation::of(&expected, &actual)?;
     let mut out = io::stdout().lock();
     reconciliation.write_report(&mut out, args.period, &expected, &actual)?;
@@ -137,6 +152,10 @@ struct Lines {
     /// Lines the map renamed, and how many of them were added to another.
     mapped: usize,
     added_together: usize,
+    /// Lines added to another invoice's line of the same key (a credit note, say).
+    netted: usize,
+    /// The invoices each key's lines were read from (`None`: a line naming none).
+    invoices: BTreeMap<LineKey, BTreeSet<Option<String>>>,
     /// Lines of customers `--customers` leaves out, and those customers.
     other_customers_lines: usize,
     other_customers: BTreeSet<String>,
@@ -150,16 +169,29 @@ impl Lines {
         }
     }
 
-    fn add(&mut self, key: LineKey, figures: Figures) -> anyhow::Result<()> {
-        if let Some(first) = self.by_key.get(&key) {
-            bail!(
-                "{}: a second line for {} (the first is {}); a source has one line per customer and price of the month",
+    /// Adds a line read from `invoice` (when the source names invoices). Lines of one
+    /// key from different invoices (a credit note, a second invoice) are added
+    /// together: what the month billed is their sum.
+    fn add(&mut self, key: LineKey, figures: Figures, invoice: Option<&str>) -> anyhow::Result<()> {
+        let invoices = self.invoices.entry(key.clone()).or_default();
+        let new_invoice = invoices.insert(invoice.map(str::to_owned));
+        let another_invoice = new_invoice && !invoices.contains(&None);
+        match self.by_key.entry(key) {
+            btree_map::Entry::Vacant(entry) => {
+                entry.insert(figures);
+            }
+            btree_map::Entry::Occupied(entry) if another_invoice => {
+                let key = entry.key().clone();
+                add_to(entry.into_mut(), figures, &key, "another invoice's line of")?;
+                self.netted += 1;
+            }
+            btree_map::Entry::Occupied(entry) => bail!(
+                "{}: a second line for {} (the first is {}); a source has one line per customer and price of the month, or one per invoice when an `invoice` column tells them apart (a credit note, say)",
                 figures.at,
-                place(&key),
-                first.at
-            );
+                place(entry.key()),
+                entry.get().at
+            ),
         }
-        self.by_key.insert(key, figures);
         Ok(())
     }
 
@@ -176,7 +208,12 @@ impl Lines {
                 }
                 btree_map::Entry::Occupied(entry) => {
                     let key = entry.key().clone();
-                    add_to(entry.into_mut(), figures, &key)?;
+                    add_to(
+                        entry.into_mut(),
+                        figures,
+                        &key,
+                        "the map makes it a line of",
+                    )?;
                     self.added_together += 1;
                 }
             }
@@ -196,7 +233,7 @@ impl Lines {
             currency: line.currency.to_ascii_lowercase(),
             at,
         };
-        self.add(key, figures)
+        self.add(key, figures, None)
     }
 
     fn customers(&self) -> BTreeSet<String> {
@@ -215,10 +252,15 @@ impl Lines {
     }
 }
 
-/// Narrows both sources to the customers `scope` names.
-fn keep_customers(scope: CustomerScope, expected: &mut Lines, actual: &mut Lines) {
+/// Narrows both sources to the customers `scope` names; none is an error, as
+/// nothing would be compared.
+fn keep_customers(
+    scope: CustomerScope,
+    expected: &mut Lines,
+    actual: &mut Lines,
+) -> anyhow::Result<()> {
     let compared = match scope {
-        CustomerScope::All => return,
+        CustomerScope::All => return Ok(()),
         CustomerScope::Expected => expected.customers(),
         CustomerScope::Actual => actual.customers(),
         CustomerScope::Both => (expected.customers())
@@ -226,8 +268,35 @@ fn keep_customers(scope: CustomerScope, expected: &mut Lines, actual: &mut Lines
             .cloned()
             .collect(),
     };
+    if compared.is_empty() {
+        let some = |lines: &Lines| {
+            let customers = lines.customers();
+            format!(
+                "{} has {} ({})",
+                lines.name,
+                count(customers.len(), "customer"),
+                listed(&customers)
+            )
+        };
+        bail!(
+            "no customer has lines in both sources, so nothing would be compared: {}, {}. Do the two name customers differently? --map translates the other biller's ids",
+            some(expected),
+            some(actual)
+        );
+    }
     expected.keep_customers(&compared);
     actual.keep_customers(&compared);
+    Ok(())
+}
+
+/// Up to five of `names`, then how many more.
+fn listed(names: &BTreeSet<String>) -> String {
+    const SHOWN: usize = 5;
+    let shown: Vec<&str> = names.iter().take(SHOWN).map(String::as_str).collect();
+    match names.len().saturating_sub(SHOWN) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
 }
 
 /// Another biller's customer and price ids, as Tally's.
@@ -312,11 +381,12 @@ impl IdMap {
     }
 }
 
-/// Adds `figures` to `first`, the line the map gave the same `key`.
-fn add_to(first: &mut Figures, figures: Figures, key: &LineKey) -> anyhow::Result<()> {
+/// Adds `figures` to `first`, a line of the same `key`; `how` says why they share it
+/// ("the map makes it a line of").
+fn add_to(first: &mut Figures, figures: Figures, key: &LineKey, how: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         figures.currency == first.currency,
-        "{}: the map makes it a line of {} with {} (in {}), but it is in {} and that one in {}; lines in two currencies cannot be added",
+        "{}: {how} {} with {} (in {}), but it is in {} and that one in {}; lines in two currencies cannot be added",
         figures.at,
         place(key),
         first.at,
@@ -352,13 +422,26 @@ fn adjusts_text(adjusts: Option<Period>) -> String {
     adjusts.map_or_else(String::new, |p| format!(", adjusting {p}"))
 }
 
+/// A source's lines of `period`; none is an error (a mistyped month, the wrong file),
+/// which would otherwise agree with another empty source.
 fn read_source(source: &str, period: Period, config: &Path) -> anyhow::Result<Lines> {
-    match source.strip_prefix("clickhouse") {
+    let lines = match source.strip_prefix("clickhouse") {
         Some(rest) if rest.is_empty() || rest.starts_with(':') => {
-            read_clickhouse(rest.strip_prefix(':'), period, config)
+            read_clickhouse(rest.strip_prefix(':'), period, config)?
         }
-        _ => read_file(source, period),
+        _ => read_file(source, period)?,
+    };
+    if lines.by_key.is_empty() {
+        let others = match lines.other_periods {
+            0 => String::new(),
+            n => format!(" (only {} of other months)", count(n, "line")),
+        };
+        bail!(
+            "{} has no line of {period}{others}: is --period right, and is this the source you meant?",
+            lines.name
+        );
     }
+    Ok(lines)
 }
 
 /// The current lines billed in `period` of `invoice_lines`, in the configuration's
@@ -384,17 +467,25 @@ fn read_file(path: &str, period: Period) -> anyhow::Result<Lines> {
         text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
     }
     let name = if path == "-" { "stdin" } else { path };
-    let format = match path.to_ascii_lowercase().ends_with(".csv") {
-        true => FileFormat::Csv,
-        false => FileFormat::JsonLines,
-    };
-    lines_of_text(name, &text, format, period)
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    lines_of_text(name, text, FileFormat::of(text), period)
 }
 
 #[derive(Debug, Clone, Copy)]
 enum FileFormat {
     JsonLines,
     Csv,
+}
+
+impl FileFormat {
+    /// Told by the content, not the name: JSON lines start with an object, a CSV file
+    /// with its header row (an empty file has no lines either way).
+    fn of(text: &str) -> FileFormat {
+        match text.trim_start().chars().next() {
+            Some('{') | None => FileFormat::JsonLines,
+            Some(_) => FileFormat::Csv,
+        }
+    }
 }
 
 /// A file's lines of `period`, named `name` in the report and in errors.
@@ -423,8 +514,8 @@ fn lines_of_text(
             continue;
         }
         let key = LineKey {
-            customer: row.customer,
-            price: row.price,
+            customer: row.customer.trim().to_owned(),
+            price: row.price.trim().to_owned(),
             adjusts: match given(&row.adjusts_period) {
                 None => None,
                 Some(p) => Some(
@@ -438,7 +529,7 @@ fn lines_of_text(
             currency: row.currency.trim().to_ascii_lowercase(),
             at,
         };
-        lines.add(key, figures)?;
+        lines.add(key, figures, given(&row.invoice))?;
     }
     Ok(lines)
 }
@@ -454,6 +545,8 @@ struct Row {
     /// The month the line is billed in: RFC 3339, `2026-11-01 00:00:00` or `2026-11`.
     period_start: Option<String>,
     adjusts_period: Option<String>,
+    /// The invoice (or credit note) the line is on, where the source names it.
+    invoice: Option<String>,
 }
 
 /// The columns a CSV file must have.
@@ -535,6 +628,7 @@ fn json_rows(name: &str, text: &str) -> anyhow::Result<Vec<NumberedRow>> {
         currency: String,
         period_start: Option<String>,
         adjusts_period: Option<String>,
+        invoice: Option<String>,
     }
     // A JSON string's contents, or a number's own digits: never through f64.
     let figure = |raw: &RawValue| -> String {
@@ -554,6 +648,7 @@ fn json_rows(name: &str, text: &str) -> anyhow::Result<Vec<NumberedRow>> {
                 currency: row.currency,
                 period_start: row.period_start,
                 adjusts_period: row.adjusts_period,
+                invoice: row.invoice,
             };
             Ok((at, row))
         })
@@ -723,6 +818,12 @@ impl<'l> Reconciliation<'l> {
                     count(lines.mapped, "line")
                 ));
             }
+            if lines.netted > 0 {
+                notes.push(format!(
+                    "{} added to another invoice's line of the same customer and price",
+                    count(lines.netted, "line")
+                ));
+            }
             if lines.other_periods > 0 {
                 notes.push(format!(
                     "{} of other months left out",
@@ -731,9 +832,10 @@ impl<'l> Reconciliation<'l> {
             }
             if lines.other_customers_lines > 0 {
                 notes.push(format!(
-                    "{} of {} not compared (--customers) left out",
+                    "{} of {} not compared (--customers) left out: {}",
                     count(lines.other_customers_lines, "line"),
-                    count(lines.other_customers.len(), "customer")
+                    count(lines.other_customers.len(), "customer"),
+                    listed(&lines.other_customers)
                 ));
             }
             let read = count(lines.by_key.len(), "line");
@@ -1155,7 +1257,7 @@ mod tests {
         );
         assert_eq!(
             csv_error("customer,price,quantity,amount,currency\nacme,tokens,1,1,usd\nacme,tokens,2,2,usd\n"),
-            "old.csv line 3: a second line for customer \"acme\", price \"tokens\" (the first is old.csv line 2); a source has one line per customer and price of the month"
+            "old.csv line 3: a second line for customer \"acme\", price \"tokens\" (the first is old.csv line 2); a source has one line per customer and price of the month, or one per invoice when an `invoice` column tells them apart (a credit note, say)"
         );
         assert_eq!(
             csv_error("customer,price,quantity,amount,currency,period_start\nacme,tokens,1,1,usd,2026-11-15 00:00:00\n"),
@@ -1288,7 +1390,7 @@ mod tests {
         };
         let compared = |scope| {
             let (mut old, mut tally) = sources();
-            keep_customers(scope, &mut old, &mut tally);
+            keep_customers(scope, &mut old, &mut tally).unwrap();
             let differing: Vec<String> = (Reconciliation::of(&old, &tally).unwrap().differences)
                 .iter()
                 .map(|d| d.key.customer.clone())
@@ -1306,8 +1408,86 @@ mod tests {
         let (differing, shown) = compared(CustomerScope::Both);
         assert!(differing.is_empty(), "{shown}");
         assert!(
-            shown.contains("expected a.jsonl: 1 line; 1 line of 1 customer not compared (--customers) left out"),
+            shown.contains("expected a.jsonl: 1 line; 1 line of 1 customer not compared (--customers) left out: b\n"),
             "{shown}"
+        );
+        assert!(
+            shown.contains("actual   tally.jsonl: 1 line; 2 lines of 2 customers not compared (--customers) left out: c, d\n"),
+            "{shown}"
+        );
+
+        // No customer in common: nothing would be compared, which is not agreement.
+        let mut old = json(&line("ACCT-1"));
+        let mut tally = json(&[line("a"), line("b")].join("\n"));
+        tally.name = "tally.jsonl".into();
+        let refused = keep_customers(CustomerScope::Both, &mut old, &mut tally).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "no customer has lines in both sources, so nothing would be compared: a.jsonl has 1 customer (ACCT-1), tally.jsonl has 2 customers (a, b). Do the two name customers differently? --map translates the other biller's ids"
+        );
+        let many: BTreeSet<String> = (0..7).map(|n| format!("c{n}")).collect();
+        assert_eq!(listed(&many), "c0, c1, c2, c3, c4 and 2 more");
+    }
+
+    #[test]
+    fn lines_of_one_key_on_different_invoices_are_added_together_and_others_refused() {
+        let header = "invoice,customer,price,quantity,amount,currency\n";
+        let netted = csv(&format!(
+            "{header}INV-42,cust_acme,resolutions,2,42.88,USD\nCN-7,cust_acme,resolutions,0,-0.01,USD\nINV-42,cust_acme,seats,1,10,USD\n"
+        ));
+        let resolutions = &netted.by_key[&LineKey {
+            customer: "cust_acme".into(),
+            price: "resolutions".into(),
+            adjusts: None,
+        }];
+        assert_eq!(
+            (resolutions.quantity, resolutions.amount),
+            (Decimal::from(2), Decimal::new(4287, 2))
+        );
+        assert_eq!(resolutions.at, "b.csv line 2 + b.csv line 3");
+        assert_eq!((netted.by_key.len(), netted.netted), (2, 1));
+        let shown = report(&netted, &netted);
+        assert!(
+            shown.contains("expected b.csv: 2 lines; 1 line added to another invoice's line of the same customer and price"),
+            "{shown}"
+        );
+
+        let refused = |rows: &str| error("old.csv", &format!("{header}{rows}"), FileFormat::Csv);
+        // One invoice, or a line naming none, cannot tell two lines apart.
+        for rows in [
+            "INV-1,a,p,1,1,usd\nINV-1,a,p,1,1,usd\n",
+            "INV-1,a,p,1,1,usd\n,a,p,1,1,usd\n",
+            ",a,p,1,1,usd\nINV-2,a,p,1,1,usd\n",
+        ] {
+            assert!(
+                refused(rows).starts_with("old.csv line 3: a second line for customer \"a\""),
+                "{rows}: {}",
+                refused(rows)
+            );
+        }
+        assert_eq!(
+            refused("INV-1,a,p,1,1,usd\nCN-1,a,p,0,-1,eur\n"),
+            "old.csv line 3: another invoice's line of customer \"a\", price \"p\" with old.csv line 2 (in usd), but it is in eur and that one in usd; lines in two currencies cannot be added"
+        );
+    }
+
+    #[test]
+    fn a_files_format_is_told_by_its_content_and_ids_are_trimmed() {
+        assert!(matches!(
+            FileFormat::of("  {\"customer\":\"a\"}"),
+            FileFormat::JsonLines
+        ));
+        assert!(matches!(FileFormat::of(""), FileFormat::JsonLines));
+        assert!(matches!(
+            FileFormat::of("customer,price\n"),
+            FileFormat::Csv
+        ));
+        let lines =
+            csv("customer,price,quantity,amount,currency\n cust_acme , resolutions,2,42.87,USD\n");
+        let key = lines.by_key.keys().next().unwrap();
+        assert_eq!(
+            (key.customer.as_str(), key.price.as_str()),
+            ("cust_acme", "resolutions")
         );
     }
 }

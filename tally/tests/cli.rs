@@ -2780,3 +2780,87 @@ fn reconcile_maps_another_billers_ids_and_compares_only_the_cohort_it_still_bill
     assert_eq!(no_map.code, 2);
     assert_shows(&no_map.stderr, &["error: cannot read the map nowhere.csv"]);
 }
+
+#[test]
+fn reconcile_maps_only_the_other_billers_ids_and_never_calls_nothing_compared_agreement() {
+    let f = Fixture::new("");
+    // The old biller's customer "b" is Tally's "a"; Tally also has a customer "b".
+    f.write(
+        "old.txt",
+        b"\xef\xbb\xbfcustomer,price,quantity,amount,currency\nb,fee,1,10.00,USD\n",
+    );
+    f.write(
+        "tally.jsonl",
+        concat!(
+            r#"{"customer":"a","price":"fee","quantity":"1","amount":"10.00","currency":"usd","period_start":"2026-11-01T00:00:00Z"}"#,
+            "\n",
+            r#"{"customer":"b","price":"fee","quantity":"1","amount":"5.00","currency":"usd","period_start":"2026-11-01T00:00:00Z"}"#,
+            "\n",
+        )
+        .as_bytes(),
+    );
+    f.write("map.csv", b"kind,from,to\ncustomer,b,a\n");
+    let cohort = reconcile(
+        &f,
+        &[
+            "old.txt",
+            "tally.jsonl",
+            "--map",
+            "map.csv",
+            "--customers",
+            "expected",
+        ],
+    )
+    .succeeded();
+    assert_shows(
+        &cohort.stdout,
+        &[
+            "  expected old.txt: 1 line; 1 line renamed by the map",
+            "  actual   tally.jsonl: 1 line; 1 line of 1 customer not compared (--customers) left out: b",
+            "The two agree on every line.",
+        ],
+    );
+    // The same with the sources the other way round.
+    let swapped = reconcile(
+        &f,
+        &[
+            "tally.jsonl",
+            "old.txt",
+            "--map",
+            "map.csv",
+            "--map-applies-to",
+            "actual",
+            "--customers",
+            "actual",
+        ],
+    );
+    swapped.succeeded();
+
+    // A month neither source has, or no customer in common, is an error, not agreement.
+    let december = Run::from(
+        f.tally()
+            .args(["reconcile", "--period", "2026-12", "tally.jsonl", "old.txt"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(december.code, 2);
+    assert_shows(
+        &december.stderr,
+        &["error: tally.jsonl has no line of 2026-12 (only 2 lines of other months): is --period right, and is this the source you meant?"],
+    );
+    let unmapped = reconcile(&f, &["old.txt", "tally.jsonl", "--customers", "both"]);
+    assert_eq!(unmapped.code, 1, "b's lines differ: {}", unmapped.stdout);
+    f.write(
+        "renumbered.csv",
+        b"customer,price,quantity,amount,currency\nACCT-1,fee,1,10.00,usd\n",
+    );
+    let nothing_in_common = reconcile(
+        &f,
+        &["renumbered.csv", "tally.jsonl", "--customers", "both"],
+    );
+    assert_eq!(nothing_in_common.code, 2, "{}", nothing_in_common.stdout);
+    assert_shows(
+        &nothing_in_common.stderr,
+        &["error: no customer has lines in both sources, so nothing would be compared"],
+    );
+}
