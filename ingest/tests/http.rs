@@ -773,7 +773,79 @@ fn other_content_types_get_415() {
         assert_eq!(reply.status, 415, "{content_type:?}: {reply:?}");
         assert_eq!(reply.json()["error"], "unsupported_media_type");
     }
+    // JSON is UTF-8, and a compressed body is not read as JSON.
+    let key = ("authorization", format!("Bearer {KEY}"));
+    let utf16 = service.post_with(
+        &[
+            (
+                "content-type",
+                "application/json; charset=utf-16".to_owned(),
+            ),
+            key.clone(),
+        ],
+        &body,
+    );
+    assert_eq!(utf16.status, 415, "{utf16:?}");
+    let gzip = service.post_with(
+        &[
+            ("content-type", "application/json".to_owned()),
+            ("content-encoding", "gzip".to_owned()),
+            key.clone(),
+        ],
+        &body,
+    );
+    assert_eq!(gzip.status, 415, "{gzip:?}");
+    assert_eq!(gzip.header("accept-encoding"), Some("identity"));
+    assert!(
+        gzip.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding \"gzip\""),
+        "{gzip:?}"
+    );
     assert_eq!(service.stored(), vec![]);
+    // Identity is no coding at all.
+    let identity = service.post_with(
+        &[
+            ("content-type", "application/json".to_owned()),
+            ("content-encoding", "identity".to_owned()),
+            key,
+        ],
+        &body,
+    );
+    assert_eq!(identity.status, 202, "{identity:?}");
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn an_event_larger_than_a_kafka_message_is_rejected_as_such_not_retried() {
+    let service = Service::with_kafka("huge-event", Setup::default());
+    // Within the 1 MiB body limit, past librdkafka's 1,000,000-byte message limit.
+    let huge = event("h-1", "agent", "cust_a", 1).replacen(
+        '{',
+        &format!("{{\"note\":\"{}\",", "x".repeat(1_000_000)),
+        1,
+    );
+    let small = event("h-2", "agent", "cust_a", 2);
+    let reply = service.post(SINGLE, Some(KEY), &huge);
+    assert_eq!(reply.status, 422, "{}", reply.body);
+    let reply = service.post(BATCH, Some(KEY), &batch(&[&huge, &small]));
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let body = reply.json();
+    assert_eq!(
+        (body["accepted"].clone(), body["rejected"].clone()),
+        (json!(1), json!(1))
+    );
+    let rejected = &body["results"][0];
+    assert_eq!(rejected["code"], "event_too_large", "{rejected}");
+    assert!(
+        rejected["reason"]
+            .as_str()
+            .unwrap()
+            .contains("message.max.bytes"),
+        "{rejected}"
+    );
+    assert_eq!(service.stored(), vec![stored("cust_a", &small)]);
 }
 
 #[test]
@@ -996,6 +1068,42 @@ fn a_taken_port_fails_at_start_and_says_which() {
     let message = error.to_string();
     assert!(message.contains(&listen), "{message}");
     assert!(message.contains("the ingest API"), "{message}");
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_client_that_stalls_mid_request_does_not_hold_up_shutdown() {
+    // Requests get the 1 s acknowledgement timeout, its 2 s grace and 5 s for a body.
+    let mut service = Service::with_kafka(
+        "stalled",
+        Setup {
+            kafka: r#"properties = { "message.timeout.ms" = "1000" }"#,
+            ..Setup::default()
+        },
+    );
+    let sent = event("s-1", "agent", "cust_a", 1);
+    assert_eq!(service.post(SINGLE, Some(KEY), &sent).status, 202);
+    // Headers begun, never finished; and a keyed request whose body stops halfway.
+    let mut half_headers = TcpStream::connect(service.addr()).unwrap();
+    half_headers
+        .write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut half_body = TcpStream::connect(service.addr()).unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 500\r\n\r\n{{\"specversion\""
+    );
+    half_body.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // `stop` fails the test if the service is not down within 30 s.
+    let started = Instant::now();
+    service.stop().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "the open requests were not given their time: {:?}",
+        started.elapsed()
+    );
+    assert!(TcpStream::connect(service.addr()).is_err());
+    assert_eq!(service.stored(), vec![stored("cust_a", &sent)]);
 }
 
 #[test]

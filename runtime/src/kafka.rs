@@ -102,6 +102,10 @@ fn state_topic_settings() -> [NeededSetting; 2] {
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.brokers);
+    // Tally creates its topics with the partitions and retention they need
+    // (`ensure_topics`); a producer must not have the broker make one with its defaults
+    // (librdkafka lets producers do so unless told otherwise).
+    config.set("allow.auto.create.topics", "false");
     for (name, value) in &settings.properties {
         config.set(name, value);
     }

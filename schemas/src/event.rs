@@ -130,6 +130,11 @@ pub enum Problem {
     TooLarge,
     TooPrecise,
     NotAScalar,
+    /// Larger than one Kafka message may be (ingest's check, not the decoder's).
+    TooLargeForKafka {
+        bytes: usize,
+        limit: usize,
+    },
 }
 
 impl Problem {
@@ -151,6 +156,7 @@ impl Problem {
             Problem::TooLarge => "too_large",
             Problem::TooPrecise => "too_precise",
             Problem::NotAScalar => "not_a_scalar",
+            Problem::TooLargeForKafka { .. } => "event_too_large",
         }
     }
 }
@@ -198,6 +204,10 @@ impl fmt::Display for Problem {
                 f.write_str("number cannot be held exactly in 28 significant digits")
             }
             Problem::NotAScalar => f.write_str("expected a string, number or boolean"),
+            Problem::TooLargeForKafka { bytes, limit } => write!(
+                f,
+                "the event is {bytes} bytes with its subject, and a Kafka message may hold at most {limit} (librdkafka's message.max.bytes less the record's framing); send less in data"
+            ),
         }
     }
 }

@@ -40,7 +40,8 @@ impl ApiKeys {
 }
 
 /// The key in `Authorization: Bearer <key>` (scheme case-insensitive), else in
-/// `X-Api-Key`. An `Authorization` header of another scheme presents no key.
+/// `X-Api-Key`: the two are alternatives, so an `Authorization` header of another
+/// scheme (a gateway's Basic credentials, say) leaves `X-Api-Key` to present the key.
 pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let value = value.as_bytes();
@@ -49,7 +50,6 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
             let key = value[scheme.len()..].trim_ascii();
             return (!key.is_empty()).then_some(key);
         }
-        return None;
     }
     let key = headers.get("x-api-key")?.as_bytes().trim_ascii();
     (!key.is_empty()).then_some(key)
@@ -104,6 +104,12 @@ mod tests {
         assert_eq!(presented_key(&lower), Some(b"k-2".as_slice()));
         let x = headers(&[("x-api-key", "k-3")]);
         assert_eq!(presented_key(&x), Some(b"k-3".as_slice()));
+        // Another scheme's credentials (a gateway's) leave the key to X-Api-Key.
+        let behind_a_gateway = headers(&[
+            ("authorization", "Basic dXNlcjpwYXNz"),
+            ("x-api-key", "k-4"),
+        ]);
+        assert_eq!(presented_key(&behind_a_gateway), Some(b"k-4".as_slice()));
         for none in [
             headers(&[]),
             headers(&[("authorization", "Basic dXNlcjpwYXNz")]),

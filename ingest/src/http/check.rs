@@ -1,8 +1,9 @@
 //! The verdict on each event of a request, before anything reaches Kafka.
 //!
-//! In: the raw events of one request, the decoder `tally rate` uses and the caller's
-//! API key. Out: for each event, accept (with the key to produce it under), reject
-//! (with the decoder's error) or duplicate (of an earlier event of the same request);
+//! In: the raw events of one request, the decoder `tally rate` uses, the caller's API
+//! key and the largest event a Kafka message can hold. Out: for each event, accept
+//! (with the key to produce it under), reject (with the decoder's error, or as too
+//! large for Kafka) or duplicate (of an earlier event of the same request);
 //! or, when any event names a `source` the key may not use, a refusal of the whole
 //! request. Pure: the handler produces what this accepts.
 
@@ -49,6 +50,7 @@ pub struct Forbidden {
 pub fn check_events<'a>(
     decoder: &EventDecoder<'_>,
     key: &ApiKey,
+    max_record_bytes: usize,
     events: &[&'a [u8]],
 ) -> Result<Vec<Verdict<'a>>, Forbidden> {
     let mut verdicts = Vec::with_capacity(events.len());
@@ -74,6 +76,17 @@ pub fn check_events<'a>(
                     problem: Problem::InvalidJson(
                         "source and id cannot be read as JSON strings".to_owned(),
                     ),
+                })
+            }
+            // Kafka would refuse it on every retry: a 503 would have the sender retry
+            // forever, so it is this event's fault, said as such.
+            Ok(event) if event.subject.len() + bytes.len() > max_record_bytes => {
+                VerdictKind::Reject(EventError {
+                    field: "event".to_owned(),
+                    problem: Problem::TooLargeForKafka {
+                        bytes: event.subject.len() + bytes.len(),
+                        limit: max_record_bytes,
+                    },
                 })
             }
             Ok(event) => match first_index.get(&event.key) {
@@ -126,7 +139,7 @@ value_property = "$.tokens"
     fn check<'a>(events: &[&'a [u8]], key: &ApiKey) -> Result<Vec<Verdict<'a>>, Forbidden> {
         let config = Config::parse(CONFIG, "test.toml").unwrap();
         let now = Utc.with_ymd_and_hms(2026, 11, 3, 0, 0, 0).unwrap();
-        check_events(&EventDecoder::new(&config, now), key, events)
+        check_events(&EventDecoder::new(&config, now), key, 4096, events)
     }
 
     #[test]
@@ -162,6 +175,28 @@ value_property = "$.tokens"
         let ids: Vec<_> = verdicts.iter().map(|v| v.id.as_deref()).collect();
         assert_eq!(ids, vec![Some("a"), Some("b"), Some("a"), Some("a")]);
         assert_eq!(verdicts[3].bytes, other_source.as_bytes());
+    }
+
+    #[test]
+    fn an_event_too_large_for_a_kafka_message_is_rejected_with_the_limit() {
+        let padded = event("big", "s", "1").replacen(
+            "{",
+            &format!("{{\"note\":\"{}\",", "x".repeat(4096)),
+            1,
+        );
+        let small = event("small", "s", "1");
+        let verdicts = check(&[padded.as_bytes(), small.as_bytes()], &key(None)).unwrap();
+        assert_eq!(
+            verdicts[0].kind,
+            VerdictKind::Reject(EventError {
+                field: "event".to_owned(),
+                problem: Problem::TooLargeForKafka {
+                    bytes: padded.len() + "cust_a".len(),
+                    limit: 4096
+                }
+            })
+        );
+        assert!(matches!(verdicts[1].kind, VerdictKind::Accept { .. }));
     }
 
     #[test]

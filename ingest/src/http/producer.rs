@@ -28,6 +28,13 @@ const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// own, in case a delivery report never comes.
 const ACK_GRACE: Duration = Duration::from_secs(2);
 
+/// librdkafka's `message.max.bytes` unless `[kafka] properties` sets it.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// What librdkafka adds to a record's key and value when it checks them against
+/// `message.max.bytes` (its largest v2 record framing is 36 bytes), with room to spare.
+const RECORD_FRAMING_BYTES: usize = 64;
+
 /// How often readiness asks Kafka for the events topic's metadata.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -42,6 +49,9 @@ pub struct EventProducer {
     brokers: String,
     /// The longest a request waits for all of its acknowledgements.
     ack_timeout: Duration,
+    /// The most an event's key and value may hold together: librdkafka refuses a
+    /// larger record at once, on every retry.
+    max_record_bytes: usize,
 }
 
 impl std::fmt::Debug for EventProducer {
@@ -50,6 +60,7 @@ impl std::fmt::Debug for EventProducer {
             .field("topic", &self.topic)
             .field("brokers", &self.brokers)
             .field("ack_timeout", &self.ack_timeout)
+            .field("max_record_bytes", &self.max_record_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -109,6 +120,17 @@ impl EventProducer {
         let ack_timeout = configured_ack_timeout
             .and_then(|ms| ms.trim().parse::<u64>().ok())
             .map_or(DEFAULT_ACK_TIMEOUT, Duration::from_millis);
+        if ack_timeout.is_zero() {
+            // librdkafka reads 0 as "wait forever": requests would time out at once
+            // while their events went on being retried, and shutdown could not flush.
+            return Err(IngestError::UnboundedAckTimeout);
+        }
+        let max_record_bytes = settings
+            .properties
+            .get("message.max.bytes")
+            .and_then(|bytes| bytes.trim().parse::<usize>().ok())
+            .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
+            .saturating_sub(RECORD_FRAMING_BYTES);
         let producer: FutureProducer =
             config
                 .create()
@@ -121,11 +143,22 @@ impl EventProducer {
             topic: settings.topic(Topic::Events),
             brokers: settings.brokers.clone(),
             ack_timeout,
+            max_record_bytes,
         })
     }
 
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// The most an event and its key may hold together.
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_record_bytes
+    }
+
+    /// The longest a request waits for Kafka, the delivery report's grace included.
+    pub fn request_timeout(&self) -> Duration {
+        self.ack_timeout + ACK_GRACE
     }
 
     /// Produces every record, then waits until Kafka has acknowledged all of them.
@@ -276,6 +309,23 @@ mod tests {
         assert_eq!(
             ack_timeout(&[("delivery.timeout.ms", "30000")]),
             Ok(Duration::from_secs(30))
+        );
+        assert!(ack_timeout(&[("message.timeout.ms", "0")])
+            .unwrap_err()
+            .contains("message.timeout.ms"));
+    }
+
+    #[test]
+    fn the_largest_record_follows_message_max_bytes_less_the_framing() {
+        let largest = |properties: &[(&str, &str)]| {
+            EventProducer::new(&settings(properties))
+                .unwrap()
+                .max_record_bytes()
+        };
+        assert_eq!(largest(&[]), 1_000_000 - RECORD_FRAMING_BYTES);
+        assert_eq!(
+            largest(&[("message.max.bytes", "2000000")]),
+            2_000_000 - RECORD_FRAMING_BYTES
         );
     }
 }

@@ -25,11 +25,20 @@ pub const ACCEPTED_TYPES: &str =
     "application/cloudevents+json, application/cloudevents-batch+json or application/json";
 
 /// The kind of body a `Content-Type` announces; `None` for any other media type (or
-/// none). Parameters such as `charset=utf-8` are ignored; the names are
-/// case-insensitive.
+/// none), or a charset other than UTF-8 (JSON's only one). Other parameters are
+/// ignored; names and values are case-insensitive.
 pub fn body_kind(content_type: Option<&str>) -> Option<BodyKind> {
-    let essence = content_type?.split(';').next()?.trim();
-    if essence.eq_ignore_ascii_case("application/cloudevents+json") {
+    let mut parts = content_type?.split(';');
+    let essence = parts.next()?.trim();
+    let other_charset = parts
+        .filter_map(|p| p.split_once('='))
+        .any(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("charset")
+                && !value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+        });
+    if other_charset {
+        None
+    } else if essence.eq_ignore_ascii_case("application/cloudevents+json") {
         Some(BodyKind::Single)
     } else if essence.eq_ignore_ascii_case("application/cloudevents-batch+json") {
         Some(BodyKind::Batch)
@@ -170,6 +179,10 @@ mod tests {
             body_kind(Some(" application/json ;charset=UTF-8")),
             Some(BodyKind::Either)
         );
+        assert_eq!(
+            body_kind(Some("application/json; charset=\"utf-8\"; profile=x")),
+            Some(BodyKind::Either)
+        );
         for other in [
             None,
             Some(""),
@@ -177,6 +190,8 @@ mod tests {
             Some("application/x-ndjson"),
             Some("application/jsonl"),
             Some("multipart/form-data; boundary=x"),
+            Some("application/json; charset=utf-16"),
+            Some("application/cloudevents+json; charset=\"ISO-8859-1\""),
         ] {
             assert_eq!(body_kind(other), None, "{other:?}");
         }

@@ -1,7 +1,7 @@
 //! The HTTP server: routes, the `POST /v1/events` handler, start and graceful stop.
 //!
 //! A request to `/v1/events` goes through, in order: the API key (401), the key's rate
-//! limit (429), the content type (415), the body size, first as announced by
+//! limit (429), the content type and coding (415), the body size, first as announced by
 //! `Content-Length` and then as streamed (413), the body's shape (400, or 413 for too
 //! many events), every event's `source` against the key (403), validation of each
 //! event, and finally Kafka. The answer (202, or 422 for a single invalid event) is
@@ -10,7 +10,9 @@
 //! once its body is read and dropped, so the client's connection stays usable. One
 //! whose body is announced too large or held back for `100 Continue` is answered at
 //! once, one whose body takes over 5 s after 5 s; both, and a 413, close the
-//! connection.
+//! connection. On shutdown, requests in flight get [`shutdown_drain`] to finish; then
+//! their connections are dropped and the producer flushed, so a stalled client cannot
+//! hold the service up.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,6 +60,16 @@ const KAFKA_RETRY_AFTER_SECONDS: u64 = 5;
 /// connection stays usable) before the answer goes out and closes the connection: a
 /// client without a valid key cannot hold a handler longer than this.
 const DISCARD_BODY_WAIT: Duration = Duration::from_secs(5);
+
+/// How long requests in flight may take to finish once shutdown is requested: a
+/// request that waits on Kafka takes at most its acknowledgement timeout, and a body
+/// gets the time a refused one would.
+fn shutdown_drain(producer: &EventProducer) -> Duration {
+    producer.request_timeout() + DISCARD_BODY_WAIT
+}
+
+/// Longest a rejected `source` is written to the log: it is the sender's text.
+const LOGGED_SOURCE_CHARS: usize = 200;
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -154,13 +166,28 @@ pub async fn start(
     let router = router(app, registry, readiness);
     tracing::info!(%local_addr, topic = producer.topic(), "ingest API listening");
 
+    let drain = shutdown_drain(&producer);
     let handle = tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.requested().await })
-            .await;
-        // Every request has been answered: what was accepted is acknowledged. The flush
-        // only waits for events of requests that failed with 503, which promised
-        // nothing, so they are not lost silently either.
+        let served = tokio::select! {
+            served = axum::serve(listener, router).with_graceful_shutdown({
+                let shutdown = shutdown.clone();
+                async move { shutdown.requested().await }
+            }) => served,
+            () = async {
+                shutdown.requested().await;
+                tokio::time::sleep(drain).await;
+            } => {
+                tracing::warn!(
+                    seconds = drain.as_secs(),
+                    "requests still open after shutdown was requested; closing their connections"
+                );
+                Ok(())
+            }
+        };
+        // Every request has been answered, or given up on after the drain: what was
+        // acknowledged is stored. The flush waits for events of requests that failed
+        // with 503 or were given up on, which promised nothing, so they are not lost
+        // silently either (a resend is deduplicated).
         producer.flush().await;
         let _ = probe.await;
         tracing::info!(%local_addr, "ingest API stopped");
@@ -283,13 +310,33 @@ fn admit<'a>(app: &'a App, headers: &HeaderMap) -> Result<(Caller<'a>, BodyKind)
             ErrorBody::new(
                 "unsupported_media_type",
                 format!(
-                    "Content-Type {} is not accepted; send {ACCEPTED_TYPES}",
+                    "Content-Type {} is not accepted; send {ACCEPTED_TYPES}, in UTF-8",
                     content_type.map_or_else(|| "(none)".to_owned(), |c| format!("{c:?}"))
                 ),
             )
             .into_response(StatusCode::UNSUPPORTED_MEDIA_TYPE),
         )));
     };
+    if let Some(coding) = (headers.get(header::CONTENT_ENCODING)).filter(|coding| {
+        !coding
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"identity")
+    }) {
+        let mut response = ErrorBody::new(
+            "unsupported_media_type",
+            format!(
+                "Content-Encoding {:?} is not accepted; send the body uncompressed",
+                String::from_utf8_lossy(coding.as_bytes())
+            ),
+        )
+        .into_response(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        response.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        return Err(Refusal::BodyUnread(Box::new(response)));
+    }
     if announced_over(headers, app.max_body_bytes) {
         return Err(Refusal::BodyTooLarge);
     }
@@ -359,12 +406,14 @@ fn close_after(response: &mut Response) {
 async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response {
     let tenant = caller.key.tenant.as_str();
     let decoder = EventDecoder::new(&app.config, chrono::Utc::now());
-    let verdicts = match check_events(&decoder, caller.key, events.as_slice()) {
+    let largest = app.producer.max_record_bytes();
+    let verdicts = match check_events(&decoder, caller.key, largest, events.as_slice()) {
         Ok(verdicts) => verdicts,
         Err(forbidden) => {
+            let logged: String = forbidden.source.chars().take(LOGGED_SOURCE_CHARS).collect();
             tracing::warn!(
                 tenant,
-                source = %forbidden.source,
+                source = %logged,
                 index = forbidden.index,
                 "events refused: source not allowed for the key"
             );

@@ -525,10 +525,12 @@ pub(super) fn validate(
     let mut unresolved_keys = Vec::new();
     for (i, key) in ingest.api_keys.iter().enumerate() {
         let at = format!("ingest.api_keys[{i}]");
+        // Surrounding whitespace (a secret file's newline) is never part of a key: a
+        // request's header cannot carry it, so such a key could never match.
         let secret = match (&key.key, &key.key_env) {
-            (Some(secret), None) => Some(secret.clone()),
+            (Some(secret), None) => Some(secret.trim().to_owned()),
             (None, Some(name)) => {
-                let secret = var(name);
+                let secret = var(name).map(|s| s.trim().to_owned());
                 if secret.is_none() {
                     unresolved_keys.push((
                         format!("{at}.key_env"),
@@ -734,7 +736,8 @@ sources = ["agent"]
                 ("TALLY_KAFKA_BROKERS", "kafka-b:9093"),
                 ("TALLY_KAFKA_SASL_PASSWORD", "hunter2"),
                 ("TALLY_CLICKHOUSE_PASSWORD", "secret"),
-                ("SUPPORT_KEY", "0123456789abcdef0123"),
+                // As a secret mounted from a file gives it: with its newline.
+                ("SUPPORT_KEY", "0123456789abcdef0123\n"),
             ],
         )
         .unwrap();
@@ -744,6 +747,7 @@ sources = ["agent"]
         assert_eq!(s.clickhouse.url, "http://ch:8123");
         assert_eq!(s.clickhouse.credentials.password.as_deref(), Some("secret"));
         let key = &s.ingest.api_keys[0];
+        assert_eq!(key.secret, "0123456789abcdef0123");
         assert!(key.may_send("agent") && !key.may_send("other"));
         let shown = format!("{s:?}");
         for secret in ["hunter2", "secret\"", "0123456789abcdef0123"] {
