@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use rust_decimal::Decimal;
 use smallvec::SmallVec;
 
@@ -130,6 +130,8 @@ pub enum Problem {
     TooLarge,
     TooPrecise,
     NotAScalar,
+    /// Before [`crate::time::FIRST_YEAR`].
+    BeforeFirstYear,
     /// Larger than one Kafka message may be (ingest's check, not the decoder's).
     TooLargeForKafka {
         bytes: usize,
@@ -156,6 +158,7 @@ impl Problem {
             Problem::TooLarge => "too_large",
             Problem::TooPrecise => "too_precise",
             Problem::NotAScalar => "not_a_scalar",
+            Problem::BeforeFirstYear => "time_before_1970",
             Problem::TooLargeForKafka { .. } => "event_too_large",
         }
     }
@@ -204,6 +207,11 @@ impl fmt::Display for Problem {
                 f.write_str("number cannot be held exactly in 28 significant digits")
             }
             Problem::NotAScalar => f.write_str("expected a string, number or boolean"),
+            Problem::BeforeFirstYear => write!(
+                f,
+                "event time is before {}-01-01T00:00:00Z; is the sender's timestamp unset (a zero time such as 0001-01-01)?",
+                crate::time::FIRST_YEAR
+            ),
             Problem::TooLargeForKafka { bytes, limit } => write!(
                 f,
                 "the event is {bytes} bytes with its subject, and a Kafka message may hold at most {limit} (librdkafka's message.max.bytes less the record's framing); send less in data"
@@ -276,6 +284,9 @@ impl<'c> EventDecoder<'c> {
                 .map_err(|e| error("time", Problem::InvalidTime(e.to_string())))?
                 .with_timezone(&Utc),
         };
+        if time.year() < crate::time::FIRST_YEAR {
+            return Err(error("time", Problem::BeforeFirstYear));
+        }
         if time > self.latest_allowed {
             return Err(error(
                 "time",

@@ -10,6 +10,11 @@ use std::time::Duration;
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeZone, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 
+/// The first year with billing periods: events before it are refused (an unset
+/// timestamp, such as Go's zero time 0001-01-01, is the usual cause), so every period
+/// that holds usage can be written and read back.
+pub const FIRST_YEAR: i32 = 1970;
+
 /// A billing period: one calendar month in UTC, `[first day 00:00, first day of next month 00:00)`.
 /// Serialised as `"YYYY-MM"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -116,7 +121,7 @@ impl FromStr for Period {
         }
         let year: i32 = y.parse().map_err(|_| err())?;
         let month: u32 = m.parse().map_err(|_| err())?;
-        if !(1..=12).contains(&month) || !(1970..=2200).contains(&year) {
+        if !(1..=12).contains(&month) || !(FIRST_YEAR..=2200).contains(&year) {
             return Err(err());
         }
         Ok(Period { year, month })

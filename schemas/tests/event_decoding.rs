@@ -888,3 +888,25 @@ fn rfc_3339_variants_are_accepted_and_leap_seconds_stay_in_their_minute() {
     assert!(at("2026-11-24T10:15Z").is_err());
     assert!(at("2026-11-24T10:15:00+24:00").is_err());
 }
+
+#[test]
+fn events_before_1970_are_refused_as_an_unset_time() {
+    // Go's zero time.Time, and an instant offset back across the year.
+    let at = |t: &str| SAMPLE.replace("2026-11-24T10:15:00Z", t);
+    for time in [
+        "0001-01-01T00:00:00Z",
+        "1969-12-31T23:59:59Z",
+        "1970-01-01T00:30:00+01:00",
+    ] {
+        assert_eq!(
+            reject(&at(time)),
+            ("time".to_owned(), "time_before_1970"),
+            "{time}"
+        );
+    }
+    assert_eq!(
+        decode(&at("0001-01-01T00:00:00Z")).unwrap_err().to_string(),
+        "time: event time is before 1970-01-01T00:00:00Z; is the sender's timestamp unset (a zero time such as 0001-01-01)?"
+    );
+    assert!(decode(&at("1970-01-01T00:00:00Z")).is_ok());
+}
