@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tally_schemas::config::AggregationKind;
+use tally_schemas::decimal::exact_add;
 use tally_schemas::event::ReadingValue;
 use tally_schemas::records::{EventOrder, MeterValue};
 
@@ -34,7 +35,7 @@ pub enum StateError {
         "reading {0:?} does not fit a {1} meter; was the event decoded with another configuration?"
     )]
     Mismatch(ReadingValue, &'static str),
-    #[error("the sum exceeds the largest exact decimal (about 7.9e28)")]
+    #[error("the sum would exceed the largest exact decimal (about 7.9e28) or need more than its 28 significant digits, so it cannot be held exactly")]
     Overflow,
 }
 
@@ -66,7 +67,7 @@ impl AggState {
         match (self, value) {
             (AggState::Count(_), ReadingValue::Event) => Ok(()),
             (AggState::Sum(total), ReadingValue::Number(n)) => {
-                total.checked_add(n).map(|_| ()).ok_or(StateError::Overflow)
+                exact_add(*total, n).map(|_| ()).ok_or(StateError::Overflow)
             }
             (AggState::Max(_) | AggState::Latest(_), ReadingValue::Number(_))
             | (AggState::UniqueCount(_), ReadingValue::Distinct(_)) => Ok(()),
@@ -88,7 +89,7 @@ impl AggState {
         match (self, value) {
             (AggState::Count(n), ReadingValue::Event) => *n += 1,
             (AggState::Sum(total), ReadingValue::Number(v)) => {
-                *total = total.checked_add(v).ok_or(StateError::Overflow)?;
+                *total = exact_add(*total, v).ok_or(StateError::Overflow)?;
             }
             (AggState::Max(max), ReadingValue::Number(v)) => {
                 *max = Some(max.map_or(v, |m| m.max(v)));
@@ -253,6 +254,16 @@ mod tests {
             Err(StateError::Overflow)
         );
         assert_eq!(state, AggState::Sum(Decimal::MAX));
+
+        // Within range, but a 30-digit sum: refused rather than rounded.
+        let mut big = AggState::Sum(Decimal::from(800_000_000_000_000_000_u64));
+        let tiny = ReadingValue::Number(Decimal::new(1, 12));
+        assert_eq!(big.check(tiny), Err(StateError::Overflow));
+        assert_eq!(big.add(tiny, order(0, 0)), Err(StateError::Overflow));
+        assert_eq!(
+            big,
+            AggState::Sum(Decimal::from(800_000_000_000_000_000_u64))
+        );
     }
 
     proptest! {

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
 use tally_schemas::config::{AggregationKind, Config, Customer};
+use tally_schemas::decimal::exact_add;
 use tally_schemas::price::Plan;
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesKeyRef};
 use tally_schemas::time::Period;
@@ -511,7 +512,7 @@ pub fn combine(
         Ok(match kind {
             AggregationKind::Count | AggregationKind::Sum | AggregationKind::UniqueCount => {
                 MeterValue {
-                    value: acc.value.checked_add(v.value).ok_or(RateError::Overflow {
+                    value: exact_add(acc.value, v.value).ok_or(RateError::Overflow {
                         quantity: acc.value,
                     })?,
                     latest: None,
@@ -1151,6 +1152,21 @@ mod tests {
                 "cannot rate customer \"acme\"'s line for price \"all-tokens\" in 2026-11: {}",
                 error.source
             )
+        );
+        // Nor is a sum that would need more than 28 significant digits rounded.
+        let mut ledger = Ledger::new(config());
+        let exact = |value: Decimal| MeterValue {
+            value,
+            latest: None,
+        };
+        let large = exact(Decimal::from(500_000_000_000_000_000_000_u128));
+        ledger.record(&series("tokens", &["a"]), november(), large);
+        let tiny = exact(Decimal::new(1, 9));
+        ledger.record(&series("tokens", &["b"]), november(), tiny);
+        let error = ledger.flush().unwrap_err();
+        assert!(
+            matches!(error.source, RateError::Overflow { .. }),
+            "{error}"
         );
     }
 

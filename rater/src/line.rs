@@ -131,7 +131,9 @@ pub fn invoice_line(
     };
     // A line must be storable: its amount as a 64-bit count of minor units.
     if line.amount_minor().is_none() {
-        return Err(failed(RateError::Overflow { quantity }));
+        return Err(failed(RateError::AmountTooLarge {
+            amount: line.amount,
+        }));
     }
     Ok(line)
 }

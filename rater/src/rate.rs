@@ -13,7 +13,8 @@
 //! to 1000, 100.5 units put 100 in the first tier and 0.5 in the second. The charge is
 //! exact; rounding to the currency happens once per line (see `line.rs`).
 
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
+use tally_schemas::decimal::whole_packages;
 use tally_schemas::price::{Package, PackageRounding, Rate, Tier, Tiers, TiersMode, UpTo};
 use tally_schemas::records::TierCharge;
 
@@ -27,8 +28,10 @@ pub struct Charge {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RateError {
-    #[error("quantity {quantity} times the price exceeds the largest exact decimal; check the meter's values")]
+    #[error("quantity {quantity}: a total or amount cannot be held exactly (it would need more than 28 significant digits, or pass about 7.9e28); check the meter's values")]
     Overflow { quantity: Decimal },
+    #[error("amount {amount} is more minor units than a line can store (a 64-bit count: about 9.2e18 minor units); check the meter's values and the prices")]
+    AmountTooLarge { amount: Decimal },
     #[error("quantity {0} is negative; usage quantities are never negative")]
     NegativeQuantity(Decimal),
 }
@@ -83,16 +86,8 @@ fn per_unit(
 ) -> Result<Charge, RateError> {
     let units = match package {
         None => quantity,
-        Some(p) => {
-            let strategy = match p.round {
-                PackageRounding::Up => RoundingStrategy::AwayFromZero,
-                PackageRounding::Down => RoundingStrategy::ToZero,
-            };
-            quantity
-                .checked_div(p.divide_by)
-                .ok_or(RateError::Overflow { quantity })?
-                .round_dp_with_strategy(0, strategy)
-        }
+        Some(p) => whole_packages(quantity, p.divide_by, p.round == PackageRounding::Up)
+            .ok_or(RateError::Overflow { quantity })?,
     };
     let tier = Tier {
         up_to: UpTo::Inf,
@@ -321,6 +316,17 @@ mod tests {
         assert_eq!(charge.amount, d("0.004"));
         assert_eq!(charge.tiers[0].quantity, d("2"));
         assert_eq!(charge.tiers[0].package_size, Some(d("1000")));
+        // A quantity a hair over a package boundary starts one more package, however
+        // many digits the quotient would need.
+        let thirds = Rate::PerUnit {
+            unit_amount: d("1"),
+            package: Some(Package {
+                divide_by: d("3"),
+                round: PackageRounding::Up,
+            }),
+        };
+        let charge = super::rate(&thirds, d("300000000000000000000.00000001")).unwrap();
+        assert_eq!(charge.tiers[0].quantity, d("100000000000000000001"));
     }
 
     #[test]

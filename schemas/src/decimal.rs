@@ -4,7 +4,9 @@
 //! [`Decimal`] with exactly that value, or an error: the digits before the exponent
 //! must fit a Decimal's 28 significant digits (trailing fractional zeros aside), and
 //! the value its range. rust_decimal's `from_scientific` rounds a mantissa longer than
-//! 28 digits; this never rounds.
+//! 28 digits; this never rounds. Also the exact sum and package count that totals use:
+//! rust_decimal's `checked_add` and `checked_div` round once a result needs more than
+//! 28 significant digits, where a total must be refused instead.
 
 use rust_decimal::Decimal;
 
@@ -20,6 +22,27 @@ pub enum DecimalError {
     TooPrecise,
     #[error("is beyond the largest exact decimal (about 7.9e28)")]
     TooLarge,
+}
+
+/// `a + b` exactly, or `None` when the sum is beyond the largest decimal or needs more
+/// than 28 significant digits (rust_decimal would round it). A sum whose digits fit
+/// keeps the larger scale of the two, so a smaller one means digits were dropped.
+pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    let sum = a.checked_add(b)?;
+    (sum.scale() >= a.scale().max(b.scale())).then_some(sum)
+}
+
+/// How many whole packages of `size` hold `quantity` (both positive), rounded up or
+/// down, without the rounding of a 28-digit quotient: the whole packages come from
+/// exact remainder arithmetic, so a quantity a hair over a package boundary still
+/// needs one more. `None` past the largest decimal.
+pub fn whole_packages(quantity: Decimal, size: Decimal, round_up: bool) -> Option<Decimal> {
+    let remainder = quantity.checked_rem(size)?;
+    let whole = quantity.checked_sub(remainder)?.checked_div(size)?.trunc();
+    match round_up && !remainder.is_zero() {
+        true => whole.checked_add(Decimal::ONE),
+        false => Some(whole),
+    }
 }
 
 /// Reads `text` exactly: digits with an optional sign, fraction and exponent.
@@ -149,6 +172,71 @@ mod tests {
             "NaN",
         ] {
             assert_eq!(parse_exact(text), Err(DecimalError::Syntax), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn sums_that_would_round_are_refused() {
+        assert_eq!(exact_add(dec("1.5"), dec("2.25")), Some(dec("3.75")));
+        assert_eq!(exact_add(dec("1.5"), dec("2.25")).unwrap().scale(), 2);
+        // 29 and 30 significant digits: rust_decimal would drop the small parts.
+        assert_eq!(
+            exact_add(dec("800000000000000000"), dec("0.000000000001")),
+            None
+        );
+        assert_eq!(
+            exact_add(dec("500000000000000000000"), dec("0.000000001")),
+            None
+        );
+        assert_eq!(exact_add(Decimal::MAX, Decimal::ONE), None);
+        assert_eq!(
+            exact_add(dec("800000000000000000"), dec("0.0000000001")),
+            Some(dec("800000000000000000.0000000001"))
+        );
+    }
+
+    #[test]
+    fn packages_are_counted_exactly_at_any_size() {
+        let up = |q: &str, size: &str| whole_packages(dec(q), dec(size), true).unwrap();
+        let down = |q: &str, size: &str| whole_packages(dec(q), dec(size), false).unwrap();
+        assert_eq!(up("1001", "1000"), dec("2"));
+        assert_eq!(down("1001", "1000"), dec("1"));
+        assert_eq!(up("1000", "1000"), dec("1"));
+        assert_eq!(up("0", "1000"), dec("0"));
+        assert_eq!(up("2.5", "0.5"), dec("5"));
+        // The quotient 100000000000000000000.0000000033... rounds to a whole number
+        // at 28 digits; the package it starts is still counted.
+        assert_eq!(
+            up("300000000000000000000.00000001", "3"),
+            dec("100000000000000000001")
+        );
+        assert_eq!(
+            down("300000000000000000000.00000001", "3"),
+            dec("100000000000000000000")
+        );
+    }
+
+    proptest! {
+        /// An exact sum minus either part gives the other; none is ever rounded.
+        #[test]
+        fn exact_sums_give_back_their_parts(a in any::<i64>(), sa in 0u32..=28, b in any::<i64>(), sb in 0u32..=28) {
+            let (a, b) = (Decimal::new(a, sa), Decimal::new(b, sb));
+            if let Some(sum) = exact_add(a, b) {
+                prop_assert_eq!(sum - b, a);
+                prop_assert_eq!(sum - a, b);
+            }
+        }
+
+        /// Whole packages hold the quantity (rounded up) or fit in it (rounded down),
+        /// with less than one package to spare.
+        #[test]
+        fn whole_packages_bracket_the_quantity(q in 0i64..=i64::MAX, sq in 0u32..=12, size in 1i64..=1_000_000, ss in 0u32..=6) {
+            let (q, size) = (Decimal::new(q, sq), Decimal::new(size, ss));
+            let up = whole_packages(q, size, true).unwrap();
+            let down = whole_packages(q, size, false).unwrap();
+            prop_assert!(up * size >= q && (up - Decimal::ONE) * size < q || q.is_zero());
+            prop_assert!(down * size <= q && (down + Decimal::ONE) * size > q);
+            prop_assert_eq!(up.scale(), 0);
         }
     }
 

@@ -24,7 +24,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tally_schemas::config::Config;
-use tally_schemas::decimal::parse_exact;
+use tally_schemas::decimal::{exact_add, parse_exact};
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
@@ -395,9 +395,9 @@ fn add_to(first: &mut Figures, figures: Figures, key: &LineKey, how: &str) -> an
         first.currency
     );
     let sum = |a: Decimal, b: Decimal, what: &str| {
-        a.checked_add(b).with_context(|| {
+        exact_add(a, b).with_context(|| {
             format!(
-                "{}: adding its {what} to {}'s goes past the largest exact decimal",
+                "{}: adding its {what} to {}'s cannot be done exactly (past 28 significant digits or the largest decimal)",
                 figures.at, first.at
             )
         })
