@@ -986,6 +986,53 @@ mod tests {
         assert!(ledger.flush().unwrap().is_empty());
     }
 
+    #[test]
+    fn a_volume_adjustment_takes_back_the_old_tier_and_bills_the_new_one() {
+        let october = Period::from_str("2026-10").unwrap();
+        let mut ledger = Ledger::new(config());
+        // October closed at 4000 tokens, volume tier 1: 4000 * 0.0003 = 1.20.
+        ledger.record(&series("tokens", &["llama"]), october, value(4000));
+        ledger.flush().unwrap();
+        // 2000 late tokens put all 6000 in tier 2: 6000 * 0.0001 + 0.5 = 1.10.
+        let late = Arc::new(SeriesKey {
+            adjusts: Some(october),
+            ..SeriesKey::clone(&series("tokens", &["llama"]))
+        });
+        ledger.record(&late, november(), value(2000));
+        let lines = ledger.flush().unwrap();
+        let adjustment = &lines
+            .iter()
+            .find(|l| l.line.price == "all-tokens")
+            .unwrap()
+            .line;
+        assert_eq!(adjustment.amount.to_string(), "-0.10");
+        let tiers: Vec<(usize, String, String, String)> = (adjustment.tiers.iter())
+            .map(|t| {
+                let figure = |d: Decimal| d.normalize().to_string();
+                (
+                    t.tier,
+                    figure(t.quantity),
+                    figure(t.flat_amount),
+                    figure(t.amount),
+                )
+            })
+            .collect();
+        assert_eq!(
+            tiers,
+            vec![
+                (1, "-4000".into(), "0".into(), "-1.2".into()),
+                (2, "6000".into(), "0.5".into(), "1.1".into())
+            ]
+        );
+        // Each tier's change is its quantity times its unit price plus its flat change.
+        for tier in &adjustment.tiers {
+            assert_eq!(
+                tier.quantity * tier.unit_amount + tier.flat_amount,
+                tier.amount
+            );
+        }
+    }
+
     fn value(v: i64) -> MeterValue {
         MeterValue {
             value: Decimal::from(v),

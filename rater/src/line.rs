@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use tally_schemas::config::{Config, Customer};
 use tally_schemas::ids::{Fingerprinter, Hex128};
 use tally_schemas::price::{Discount, Price};
-use tally_schemas::records::InvoiceLine;
+use tally_schemas::records::{InvoiceLine, TierCharge};
 use tally_schemas::time::Period;
 
 use crate::rate::{rate, RateError};
@@ -146,18 +146,27 @@ pub fn invoice_line(
 pub fn adjustment_line(before: &InvoiceLine, after: &InvoiceLine, period: Period) -> InvoiceLine {
     let closed = Period::containing(before.period_start);
     let mut tiers = Vec::new();
-    let most = before.tiers.len().max(after.tiers.len());
-    for i in 0..most {
-        let (b, a) = (before.tiers.get(i), after.tiers.get(i));
-        let Some(template) = a.or(b) else { continue };
-        let field = |f: fn(&tally_schemas::records::TierCharge) -> Decimal| {
-            a.map_or(Decimal::ZERO, f) - b.map_or(Decimal::ZERO, f)
+    // By tier, not by position: in volume mode the whole quantity moves to another
+    // tier, and the change is the old tier's charge taken back and the new one's added.
+    let tier_numbers: std::collections::BTreeSet<usize> = (before.tiers.iter().chain(&after.tiers))
+        .map(|t| t.tier)
+        .collect();
+    for number in tier_numbers {
+        let in_tier = |line: &InvoiceLine| -> Option<TierCharge> {
+            line.tiers.iter().find(|t| t.tier == number).cloned()
         };
-        let change = tally_schemas::records::TierCharge {
+        let (b, a) = (in_tier(before), in_tier(after));
+        let Some(template) = a.clone().or_else(|| b.clone()) else {
+            continue;
+        };
+        let field = |f: fn(&TierCharge) -> Decimal| {
+            a.as_ref().map_or(Decimal::ZERO, f) - b.as_ref().map_or(Decimal::ZERO, f)
+        };
+        let change = TierCharge {
             quantity: field(|t| t.quantity),
             flat_amount: field(|t| t.flat_amount),
             amount: field(|t| t.amount),
-            ..template.clone()
+            ..template
         };
         if !change.quantity.is_zero() || !change.amount.is_zero() {
             tiers.push(change);
