@@ -25,11 +25,29 @@ pub enum DecimalError {
 }
 
 /// `a + b` exactly, or `None` when the sum is beyond the largest decimal or needs more
-/// than 28 significant digits (rust_decimal would round it). A sum whose digits fit
-/// keeps the larger scale of the two, so a smaller one means digits were dropped.
+/// than 28 significant digits (rust_decimal would round it).
 pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
     let sum = a.checked_add(b)?;
-    (sum.scale() >= a.scale().max(b.scale())).then_some(sum)
+    // A sum whose digits fit keeps the larger scale of the two.
+    if sum.scale() >= a.scale().max(b.scale()) {
+        return Some(sum);
+    }
+    // rust_decimal dropped digits to fit: the sum is exact only if they were zeros
+    // (31.666…667 + 63.333…333 is 95). Redo it in whole numbers: with both parts'
+    // trailing zeros gone, a part that cannot be scaled up in an i128 has more digits
+    // than any decimal holds, and its sum's last digit is the other part's, not zero.
+    let (a, b) = (a.normalize(), b.normalize());
+    let mut scale = a.scale().max(b.scale());
+    let aligned = |d: Decimal| {
+        d.mantissa()
+            .checked_mul(10i128.checked_pow(scale - d.scale())?)
+    };
+    let mut mantissa = aligned(a)?.checked_add(aligned(b)?)?;
+    while scale > 0 && mantissa % 10 == 0 {
+        mantissa /= 10;
+        scale -= 1;
+    }
+    Decimal::try_from_i128_with_scale(mantissa, scale).ok()
 }
 
 /// How many whole packages of `size` hold `quantity` (both positive), rounded up or
@@ -189,6 +207,21 @@ mod tests {
             None
         );
         assert_eq!(exact_add(Decimal::MAX, Decimal::ONE), None);
+        // Digits rust_decimal drops to fit that are all zeros: the sum is exact.
+        assert_eq!(
+            exact_add(
+                dec("31.666666666666666666666666667"),
+                dec("63.333333333333333333333333333")
+            ),
+            Some(dec("95"))
+        );
+        assert_eq!(
+            exact_add(
+                dec("500000000000000000000"),
+                dec("0.0000000000000000000000000001")
+            ),
+            None
+        );
         assert_eq!(
             exact_add(dec("800000000000000000"), dec("0.0000000001")),
             Some(dec("800000000000000000.0000000001"))
@@ -219,11 +252,18 @@ mod tests {
     proptest! {
         /// An exact sum minus either part gives the other; none is ever rounded.
         #[test]
-        fn exact_sums_give_back_their_parts(a in any::<i64>(), sa in 0u32..=28, b in any::<i64>(), sb in 0u32..=28) {
-            let (a, b) = (Decimal::new(a, sa), Decimal::new(b, sb));
-            if let Some(sum) = exact_add(a, b) {
-                prop_assert_eq!(sum - b, a);
-                prop_assert_eq!(sum - a, b);
+        fn exact_sums_give_back_their_parts(a in (any::<i64>(), any::<u32>()), sa in 0u32..=28, b in (any::<i64>(), any::<u32>()), sb in 0u32..=28) {
+            // Mantissas of up to 95 bits, so sums often need more than 28 digits.
+            let wide = |(high, low): (i64, u32)| (i128::from(high) << 32) | i128::from(low);
+            let a = Decimal::from_i128_with_scale(wide(a), sa);
+            let b = Decimal::from_i128_with_scale(wide(b), sb);
+            match exact_add(a, b) {
+                Some(sum) => {
+                    prop_assert_eq!(sum - b, a);
+                    prop_assert_eq!(sum - a, b);
+                }
+                // Refused only when rust_decimal could not add them exactly either.
+                None => prop_assert!(a.checked_add(b).is_none_or(|rounded| rounded - b != a || rounded - a != b)),
             }
         }
 

@@ -237,7 +237,7 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
         let plan = e.config.plan(e.customer.subscription(period).plan);
         writeln!(
             out,
-            "  plan {}, {}; each line rounded {} to {} decimals",
+            "  plan {}, {}; each line of the month rounded {} to {} decimals",
             plan.id,
             plan.currency.code(),
             snake_case(plan.rounding),
@@ -444,7 +444,7 @@ fn write_worked_line(
     write_usage(out, e, meter, price, line)?;
     write_charge(out, price, line)?;
     if let Some(closed) = line.adjusts_period {
-        return write_adjustment_amount(out, line, closed);
+        return write_adjustment_amount(out, line, closed, Some(plan));
     }
     let charge: Decimal = line
         .tiers
@@ -499,7 +499,7 @@ fn write_stored_line(
         writeln!(out, "            {}", tier_text(tier))?;
     }
     if let Some(closed) = line.adjusts_period {
-        return write_adjustment_amount(out, line, closed);
+        return write_adjustment_amount(out, line, closed, None);
     }
     writeln!(
         out,
@@ -518,14 +518,26 @@ fn write_amount(out: &mut impl Write, line: &InvoiceLine) -> io::Result<()> {
     )
 }
 
+/// An adjustment's amount; `plan` (the adjusted month's, when this configuration
+/// rated the line) says how both of the closed line's figures were rounded, which may
+/// differ from the month's own plan in the heading.
 fn write_adjustment_amount(
     out: &mut impl Write,
     line: &InvoiceLine,
     closed: Period,
+    plan: Option<&Plan>,
 ) -> io::Result<()> {
+    let rounded = plan.map_or_else(String::new, |plan| {
+        format!(
+            ", each rounded {} to {} decimals as plan {} rounds",
+            snake_case(plan.rounding),
+            plan.currency.minor_units(),
+            plan.id
+        )
+    });
     writeln!(
         out,
-        "  amount    what the late usage adds to {closed}'s line: that line rated again with it, less the line as billed (subtotal {}, discount {}) = {} {}",
+        "  amount    what the late usage adds to {closed}'s line: that line rated again with it, less the line as billed{rounded} (subtotal {}, discount {}) = {} {}",
         line.subtotal, line.discount, line.amount, line.currency
     )
 }
@@ -748,6 +760,7 @@ aggregation = "count"
 [[plans]]
 id = "starter"
 currency = "usd"
+rounding = "half_even"
 
 [[plans.prices]]
 id = "resolutions"
@@ -844,6 +857,17 @@ through = "2026-10"
         );
         assert!(
             shown.ends_with("\ntotal 44.85 usd (42.87 + 1.98)\n"),
+            "{shown}"
+        );
+        // The month's lines are rounded as pro rounds; the adjustment as starter does.
+        assert!(
+            shown.contains(
+                "  plan pro, usd; each line of the month rounded half_up to 2 decimals\n"
+            ),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("less the line as billed, each rounded half_even to 2 decimals as plan starter rounds (subtotal 1.98, discount 0.00) = 1.98 usd\n"),
             "{shown}"
         );
         assert_eq!(shown.matches("\ntotal ").count(), 1, "{shown}");

@@ -2471,7 +2471,7 @@ through = "2026-10"
     assert_shows(
         &c,
         &[
-        "  plan jp, jpy; each line rounded half_up to 0 decimals\n",
+        "  plan jp, jpy; each line of the month rounded half_up to 0 decimals\n",
         // All three calls at the tier the total falls in, plus its flat fee.
         "  charge    volume: every unit at the price of the tier the whole quantity falls in, plus that tier's flat fee\n            tier 2 (up to inf): 3 x 80 + 500 = 740\n",
         "  subtotal  740 rounded half_up to 0 decimals = 740\n",
