@@ -9,9 +9,12 @@ use prometheus::{
     Registry,
 };
 
-/// Latency buckets from 1 ms to 30 s, for everything Tally times.
+/// Latency buckets from 1 ms to 1 h, for everything Tally times: requests and inserts
+/// take milliseconds, but a restore or the age of usage behind a backlog can take
+/// minutes, and a quantile must not stop at the last bucket just when it matters.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
 
 /// Observes, in seconds, how long ago a Kafka timestamp (ms since the epoch) was, and

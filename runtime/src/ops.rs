@@ -11,8 +11,9 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 
+use crate::metrics::Metrics;
 use crate::Shutdown;
 
 /// Whether a service is ready, and if not, why.
@@ -57,10 +58,18 @@ impl Readiness {
 struct OpsState {
     registry: Registry,
     readiness: Readiness,
+    /// `tally_service_ready`, set from `readiness` at each scrape.
+    ready: IntGauge,
 }
 
-/// `/metrics`, `/healthz` and `/readyz` for one service.
+/// `/metrics`, `/healthz` and `/readyz` for one service; `/metrics` also shows the
+/// readiness as `tally_service_ready`, so an alert sees a service that is up but stuck
+/// (a rater waiting for ClickHouse at start, say), which `up` does not.
 pub fn router(registry: Registry, readiness: Readiness) -> Router {
+    let ready = Metrics::new(registry.clone()).gauge(
+        "tally_service_ready",
+        "1 while the service is ready (/readyz answers 200), else 0; /readyz and the log say why not.",
+    );
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -68,10 +77,14 @@ pub fn router(registry: Registry, readiness: Readiness) -> Router {
         .with_state(OpsState {
             registry,
             readiness,
+            ready,
         })
 }
 
 async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
+    state
+        .ready
+        .set(i64::from(state.readiness.reason().is_none()));
     let mut body = Vec::new();
     let encoder = TextEncoder::new();
     match encoder.encode(&state.registry.gather(), &mut body) {

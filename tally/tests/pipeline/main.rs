@@ -1845,6 +1845,10 @@ fn prometheus_scrapes_every_service_of_serve_all() {
             Box::new(|v| v == 3.0),
         ),
         (
+            r#"tally_service_ready{job=~"ingest|aggregator|rater"}"#,
+            Box::new(|v| v == 3.0),
+        ),
+        (
             r#"tally_ingest_events_total{job="ingest",outcome="accepted"}"#,
             Box::new(move |v| v == accepted),
         ),
