@@ -58,6 +58,8 @@ pub enum Line<'a> {
     Event {
         line: u64,
         event: DecodedEvent<'a>,
+        /// The line as read, for a reject should a later stage refuse the event.
+        raw: &'a [u8],
     },
     /// Boxed: rejects are rare, and events should not pay for their size.
     Rejected(Box<LineReject>),
@@ -78,6 +80,8 @@ pub fn decode_lines<'a, B>(
     workers: usize,
     sink: impl FnMut(Vec<Line<'a>>) -> ControlFlow<B>,
 ) -> ControlFlow<B> {
+    // A byte-order mark (an export from a Windows tool) is not part of the first line.
+    let input = input.strip_prefix(b"\xef\xbb\xbf").unwrap_or(input);
     decode_in_chunks(input, CHUNK_BYTES, decoder, workers, sink)
 }
 
@@ -146,6 +150,7 @@ fn decode_chunk<'a>(chunk: &'a [u8], decoder: EventDecoder<'_>) -> DecodedChunk<
             Ok(event) => Line::Event {
                 line: line_count,
                 event,
+                raw,
             },
             Err(error) => Line::Rejected(Box::new(LineReject {
                 line: line_count,

@@ -132,6 +132,9 @@ pub enum Problem {
     NotAScalar,
     /// Before [`crate::time::FIRST_YEAR`].
     BeforeFirstYear,
+    /// Valid, but refused by the aggregator (its sum could not be held exactly, say):
+    /// the aggregator's reason.
+    Refused(String),
     /// Larger than one Kafka message may be (ingest's check, not the decoder's).
     TooLargeForKafka {
         bytes: usize,
@@ -159,6 +162,7 @@ impl Problem {
             Problem::TooPrecise => "too_precise",
             Problem::NotAScalar => "not_a_scalar",
             Problem::BeforeFirstYear => "time_before_1970",
+            Problem::Refused(_) => "refused",
             Problem::TooLargeForKafka { .. } => "event_too_large",
         }
     }
@@ -212,6 +216,7 @@ impl fmt::Display for Problem {
                 "event time is before {}-01-01T00:00:00Z; is the sender's timestamp unset (a zero time such as 0001-01-01)?",
                 crate::time::FIRST_YEAR
             ),
+            Problem::Refused(reason) => f.write_str(reason),
             Problem::TooLargeForKafka { bytes, limit } => write!(
                 f,
                 "the event is {bytes} bytes with its subject, and a Kafka message may hold at most {limit} (librdkafka's message.max.bytes less the record's framing); send less in data"

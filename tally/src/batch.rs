@@ -69,14 +69,11 @@ pub fn rate_events(
                     "{bad} (--strict stops at the first bad line)"
                 )));
             }
-            let kept = match bad {
-                BadLine::Rejected(reject) => on_reject(reject),
-                BadLine::Refused { .. } => {
-                    eprintln!("{bad}");
-                    Ok(())
-                }
-            };
-            if let Err(e) = kept {
+            if let BadLine::Refused(_) = bad {
+                // Rare, and unlike a rejected line it is valid: say so as it happens.
+                eprintln!("{bad}");
+            }
+            if let Err(e) = on_reject(bad.reject()) {
                 return ControlFlow::Break(Err(e));
             }
         }
@@ -126,33 +123,67 @@ impl std::ops::Deref for Input {
 
 /// Opens the events argument: a path, or `-` for stdin.
 ///
-/// A file is mapped rather than read: a month of events is hundreds of megabytes, and
-/// copying it into fresh memory before decoding can start costs more than a third of a
-/// second on its own; mapped, its pages are decoded straight from the page cache by the
-/// decoding threads.
+/// A regular file is mapped rather than read: a month of events is hundreds of
+/// megabytes, and copying it into fresh memory before decoding can start costs more
+/// than a third of a second on its own; mapped, its pages are decoded straight from the
+/// page cache by the decoding threads. A pipe (`<(zcat events.jsonl.gz)`,
+/// `/dev/stdin`) has no length to map and is read to its end. Compressed or UTF-16
+/// input is refused with what to do, rather than rejected line by line.
 pub fn read_input(path: &str) -> anyhow::Result<Input> {
-    if path == "-" {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)
-            .context("cannot read events from stdin")?;
-        return Ok(Input::Read(buf));
+    let input = if path == "-" {
+        read_stream(std::io::stdin().lock(), "stdin")?
+    } else {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open events file {path}"))?;
+        let metadata = file
+            .metadata()
+            .with_context(|| format!("cannot read events file {path}"))?;
+        if metadata.is_dir() {
+            anyhow::bail!("events file {path} is a directory; give a file of JSON lines");
+        }
+        if !metadata.is_file() {
+            read_stream(file, path)?
+        } else if metadata.len() == 0 {
+            // An empty file cannot be mapped.
+            Input::Read(Vec::new())
+        } else {
+            // SAFETY: the mapping is only read, and lives as long as the returned
+            // value. Were another process to change the file while it is mapped, what
+            // a run sees could change under it: the README asks not to write to an
+            // events file while it is being rated, and `tally rate` refuses to write
+            // its own outputs over it.
+            #[allow(unsafe_code)]
+            let map = unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("cannot map events file {path}"))?;
+            Input::Mapped(map)
+        }
+    };
+    if let Some(problem) = not_json_lines(&input) {
+        anyhow::bail!("events file {path} {problem}");
     }
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open events file {path}"))?;
-    let len = file
-        .metadata()
-        .with_context(|| format!("cannot read events file {path}"))?
-        .len();
-    if len == 0 {
-        // An empty file cannot be mapped.
-        return Ok(Input::Read(Vec::new()));
+    Ok(input)
+}
+
+fn read_stream(mut stream: impl std::io::Read, name: &str) -> anyhow::Result<Input> {
+    let mut buf = Vec::new();
+    stream
+        .read_to_end(&mut buf)
+        .with_context(|| format!("cannot read events from {name}"))?;
+    Ok(Input::Read(buf))
+}
+
+/// What makes `input` plainly not UTF-8 JSON lines, by its first bytes.
+fn not_json_lines(input: &[u8]) -> Option<&'static str> {
+    const COMPRESSED: [(&[u8], &str); 4] = [
+        (b"\x1f\x8b", "is gzip-compressed: decompress it first, e.g. --events <(zcat FILE) or zcat FILE | tally rate --events -"),
+        (b"\x28\xb5\x2f\xfd", "is zstd-compressed: decompress it first, e.g. --events <(zstdcat FILE)"),
+        (b"\xfd7zXZ\x00", "is xz-compressed: decompress it first, e.g. --events <(xzcat FILE)"),
+        (b"BZh", "is bzip2-compressed: decompress it first, e.g. --events <(bzcat FILE)"),
+    ];
+    if input.starts_with(b"\xff\xfe") || input.starts_with(b"\xfe\xff") {
+        return Some("is UTF-16; events must be UTF-8 JSON lines (iconv -f UTF-16 -t UTF-8 FILE)");
     }
-    // SAFETY: the mapping is only read, and lives as long as the returned value. Were
-    // another process to change the file while it is mapped, what a run sees could
-    // change under it: the README asks not to write to an events file while it is
-    // being rated (as with any tool reading a file).
-    #[allow(unsafe_code)]
-    let map = unsafe { memmap2::Mmap::map(&file) }
-        .with_context(|| format!("cannot map events file {path}"))?;
-    Ok(Input::Mapped(map))
+    (COMPRESSED.iter())
+        .find(|(magic, _)| input.starts_with(magic))
+        .map(|(_, problem)| *problem)
 }

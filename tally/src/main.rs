@@ -271,6 +271,25 @@ impl ConfiguredClickHouse {
     }
 }
 
+/// Refuses outputs that name the events file: it is read (mapped) while they are
+/// written, so writing one would destroy the input mid-run.
+fn refuse_to_overwrite(events: &str, outputs: &[(&str, Option<&Path>)]) -> anyhow::Result<()> {
+    let Ok(events_file) = std::fs::canonicalize(events) else {
+        return Ok(());
+    };
+    for (flag, path) in outputs {
+        if let Some(path) = path {
+            if std::fs::canonicalize(path).is_ok_and(|p| p == events_file) {
+                anyhow::bail!(
+                    "{flag} {} is the events file, which would be overwritten while it is read; write it elsewhere",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Decoding threads to use when not told.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -292,6 +311,14 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    refuse_to_overwrite(
+        &args.events,
+        &[
+            ("--rejects", Some(args.rejects.as_path())),
+            ("--output", args.output.as_deref()),
+            ("--summary", args.summary.as_deref()),
+        ],
+    )?;
     let input = read_input(&args.events)?;
     let options = args.month.options(started, args.strict, None);
     let rejects_path = args.rejects.display().to_string();
@@ -337,11 +364,15 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write summary {}", path.display()))?;
     }
     eprint!("{}", result.summary.render());
+    let kept = result.summary.rejected + result.summary.refused;
     eprintln!(
-        "{} invoice lines, price book {}; {} rejected lines in {rejects_path}",
+        "{} invoice lines, price book {}; {kept} rejected lines in {rejects_path}{}",
         result.lines.len(),
         config.hash,
-        result.summary.rejected
+        match result.summary.refused {
+            0 => String::new(),
+            n => format!(" ({n} of them valid but refused: see their reasons)"),
+        }
     );
     Ok(())
 }

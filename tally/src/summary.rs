@@ -10,11 +10,10 @@ use std::fmt;
 
 use rust_decimal::Decimal;
 use serde::Serialize;
-use tally_aggregator::state::StateError;
 use tally_aggregator::{Aggregator, Outcome};
 use tally_ingest::{Line, LineReject};
 use tally_rater::Recorded;
-use tally_schemas::event::DecodedEvent;
+use tally_schemas::event::{DecodedEvent, EventError, Problem};
 use tally_schemas::records::SeriesKey;
 use tally_schemas::time::Period;
 
@@ -151,18 +150,31 @@ impl UnbilledUsage {
     }
 }
 
-/// A line that counted as bad: rejected by validation, or refused by the aggregator.
+/// A line that counted as bad: rejected by validation, or refused by the aggregator
+/// (as a reject with code `refused`, field `data`, as the streaming aggregator sends
+/// it to the rejected topic). Either way it goes to the rejects file.
 #[derive(Debug)]
 pub enum BadLine<'l> {
     Rejected(&'l LineReject),
-    Refused { line: u64, error: StateError },
+    Refused(LineReject),
+}
+
+impl BadLine<'_> {
+    pub fn reject(&self) -> &LineReject {
+        match self {
+            BadLine::Rejected(reject) => reject,
+            BadLine::Refused(reject) => reject,
+        }
+    }
 }
 
 impl fmt::Display for BadLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BadLine::Rejected(reject) => write!(f, "line {}: {}", reject.line, reject.error),
-            BadLine::Refused { line, error } => write!(f, "line {line}: refused: {error}"),
+            BadLine::Refused(reject) => {
+                write!(f, "line {}: refused: {}", reject.line, reject.error.problem)
+            }
         }
     }
 }
@@ -189,10 +201,17 @@ impl Summary {
     ) -> Option<BadLine<'l>> {
         self.events_read += 1;
         match line {
-            Line::Event { line, event } => {
+            Line::Event { line, event, raw } => {
                 let outcome = aggregator.apply(event);
                 let refused = match outcome {
-                    Outcome::Refused(error) => Some(BadLine::Refused { line: *line, error }),
+                    Outcome::Refused(error) => Some(BadLine::Refused(LineReject {
+                        line: *line,
+                        error: EventError {
+                            field: "data".to_owned(),
+                            problem: Problem::Refused(error.to_string()),
+                        },
+                        raw: String::from_utf8_lossy(raw).into_owned(),
+                    })),
                     _ => None,
                 };
                 self.record(outcome, event, period);
@@ -357,18 +376,33 @@ mod tests {
         let (sum, count) = (config("sum"), config("count"));
         let raw = br#"{"specversion":"1.0","id":"e1","source":"app","type":"llm.tokens","subject":"c","time":"2026-11-02T00:00:00Z","data":{"tokens":5}}"#;
         let event = EventDecoder::new(&sum, now).decode(raw).unwrap();
-        let line = Line::Event { line: 7, event };
+        let line = Line::Event {
+            line: 7,
+            event,
+            raw,
+        };
         let mut aggregator = Aggregator::batch(&std::sync::Arc::new(count), 1);
         let mut summary = Summary::default();
 
         let bad = summary.count_line(&mut aggregator, &line, period);
-        let Some(bad @ BadLine::Refused { line: 7, .. }) = bad else {
+        let Some(bad @ BadLine::Refused(_)) = bad else {
             panic!("expected a refusal, got {bad:?}");
         };
         assert!(
             bad.to_string().starts_with("line 7: refused: reading"),
             "{bad}"
         );
+        // Kept as the streaming aggregator keeps it: the raw line, code `refused`.
+        let row: serde_json::Value = serde_json::from_str(&bad.reject().to_json()).unwrap();
+        assert_eq!(
+            (
+                row["line"].as_u64(),
+                row["field"].as_str(),
+                row["code"].as_str()
+            ),
+            (Some(7), Some("data"), Some("refused"))
+        );
+        assert_eq!(row["raw"].as_str().unwrap().as_bytes(), raw.as_slice());
         assert_eq!((summary.events_read, summary.refused), (1, 1));
     }
 }

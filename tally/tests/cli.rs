@@ -2864,3 +2864,107 @@ fn reconcile_maps_only_the_other_billers_ids_and_never_calls_nothing_compared_ag
         &["error: no customer has lines in both sources, so nothing would be compared"],
     );
 }
+
+#[test]
+fn rate_reads_pipes_skips_a_bom_and_refuses_inputs_it_would_misread_or_destroy() {
+    let f = Fixture::new(PRO);
+    let events = resolutions("r", "cust_acme", 3).join("\n") + "\n";
+    let from_file = f.rate_bytes(events.as_bytes(), &[]).succeeded().stdout;
+
+    // Through a pipe (`<(zcat ...)`, /dev/stdin): the same lines as from the file.
+    let mut args = month_args("rate");
+    args[4] = "/dev/stdin";
+    args.extend(["--format", "json"]);
+    let mut child = f
+        .tally()
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(events.as_bytes())
+        .unwrap();
+    let piped = Run::from(child.wait_with_output().unwrap()).succeeded();
+    assert_eq!(piped.stdout, from_file);
+
+    // A byte-order mark is not part of the first event.
+    let with_bom = [b"\xef\xbb\xbf".as_slice(), events.as_bytes()].concat();
+    let bom = f.rate_bytes(&with_bom, &[]).succeeded();
+    assert_eq!(bom.stdout, from_file);
+    assert_eq!(f.read("rejects.jsonl"), "");
+
+    // Compressed input is refused with what to do, not rejected line by line.
+    let gzipped = [b"\x1f\x8b\x08\x00".as_slice(), &[0u8; 16]].concat();
+    let refused = f.rate_bytes(&gzipped, &[]);
+    assert_eq!(refused.code, 1);
+    assert_shows(
+        &refused.stderr,
+        &["error: events file events.jsonl is gzip-compressed: decompress it first"],
+    );
+
+    // An output naming the events file would wipe it while it is read.
+    f.write("events.jsonl", events.as_bytes());
+    let mut args = month_args("rate");
+    args.extend(["--rejects", "events.jsonl"]);
+    let overwrite = Run::from(f.tally().args(&args).output().unwrap());
+    assert_eq!(overwrite.code, 1);
+    assert_shows(
+        &overwrite.stderr,
+        &["error: --rejects events.jsonl is the events file, which would be overwritten while it is read"],
+    );
+    assert_eq!(f.read("events.jsonl"), events);
+
+    let mut args = month_args("rate");
+    args[4] = ".";
+    let directory = Run::from(f.tally().args(&args).output().unwrap());
+    assert_shows(
+        &directory.stderr,
+        &["error: events file . is a directory; give a file of JSON lines"],
+    );
+}
+
+#[test]
+fn an_event_the_aggregator_refuses_is_kept_in_the_rejects_file_with_its_line() {
+    let f = Fixture::new(PRO);
+    // The second would make a total of 29 significant digits: refused, not rounded.
+    let events = [
+        tokens("t-1", "cust_acme", "gpt-x", json!("999999999999999999")),
+        tokens(
+            "t-2",
+            "cust_acme",
+            "gpt-x",
+            json!("0.0000000000000000000000000001"),
+        ),
+    ];
+    let run = f.rate(&events, &[]).succeeded();
+    assert_shows(
+        &run.stderr,
+        &["1 rejected lines in rejects.jsonl (1 of them valid but refused: see their reasons)"],
+    );
+    let rejects: Vec<Value> = (f.read("rejects.jsonl").lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert_eq!(
+        (
+            &rejects[0]["line"],
+            &rejects[0]["field"],
+            &rejects[0]["code"]
+        ),
+        (&json!(2), &json!("data"), &json!("refused"))
+    );
+    assert_eq!(rejects[0]["raw"], json!(events[1]));
+    assert!(
+        rejects[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("28 significant digits"),
+        "{}",
+        rejects[0]
+    );
+}

@@ -28,7 +28,7 @@ use tally_schemas::event::EventDecoder;
 use tally_schemas::records::UsageUpdate;
 use tally_schemas::time::Period;
 
-use crate::summary::{BadLine, Summary};
+use crate::summary::Summary;
 use store::Store;
 
 /// Batches a queue holds before its producer waits. Ingest hands over the lines of one
@@ -83,10 +83,8 @@ pub fn run(
             let mut rejects = Vec::new();
             for batch in events_rx {
                 for line in &batch {
-                    if let Some(BadLine::Rejected(reject)) =
-                        summary.count_line(&mut aggregator, line, period)
-                    {
-                        rejects.push(reject.clone());
+                    if let Some(bad) = summary.count_line(&mut aggregator, line, period) {
+                        rejects.push(bad.reject().clone());
                     }
                 }
                 progress(summary.events_read);
