@@ -265,7 +265,10 @@ impl Aggregator {
         let by_watermark = self
             .period_close_grace
             .zip(self.watermark)
-            .map(|(grace, watermark)| watermark.checked_sub_signed(grace).unwrap_or(watermark));
+            // A grace reaching back past the calendar's start closes nothing.
+            .map(|(grace, watermark)| {
+                (watermark.checked_sub_signed(grace)).unwrap_or(DateTime::<Utc>::MIN_UTC)
+            });
         by_watermark.max(self.closed_before)
     }
 
@@ -1345,6 +1348,19 @@ mod tests {
         assert_eq!(revised.revision, 2);
         assert_eq!(revised.value.value, Decimal::from(6));
         assert_eq!(update.period_to_date.value, Decimal::from(11));
+    }
+
+    #[test]
+    fn a_grace_longer_than_the_calendar_closes_nothing() {
+        // "Never close by event time", written as a huge grace: no period closes.
+        let mut agg =
+            Aggregator::streaming(&config()).with_period_close(Duration::from_secs(u64::MAX));
+        agg.apply(&tokens("1", "2026-10-31T23:00:00Z", "gpt", 5, 1));
+        agg.apply(&tokens("2", "2026-11-01T02:00:00Z", "gpt", 1, 1));
+        assert_eq!(
+            agg.apply(&tokens("3", "2026-10-31T23:10:00Z", "gpt", 2, 1)),
+            Outcome::Late
+        );
     }
 
     #[test]

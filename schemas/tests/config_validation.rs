@@ -151,7 +151,8 @@ fn the_issue_sample_config_is_valid_and_means_what_it_says() {
 
 #[test]
 fn currencies_carry_their_iso_4217_minor_units() {
-    for (code, minor) in [("usd", 2), ("eur", 2), ("jpy", 0), ("kwd", 3)] {
+    // xcg: the Caribbean guilder, in ISO 4217 since 2025.
+    for (code, minor) in [("usd", 2), ("eur", 2), ("jpy", 0), ("kwd", 3), ("xcg", 2)] {
         let config = parse(&with(
             r#"currency = "usd""#,
             &format!("currency = \"{code}\""),
@@ -1007,5 +1008,34 @@ fn a_customer_is_billed_from_its_first_period_through_its_last() {
     );
     parse(&bounded_changes(
         "[[customers.plan_changes]]\nfrom = \"2027-01\"\nplan = \"pro_2027\"",
+    ));
+}
+
+#[test]
+fn a_flat_fee_a_line_could_not_store_is_refused_with_the_limit() {
+    // A typo of a few zeros: 1e19 yen is more than a 64-bit count of minor units.
+    let huge = with(r#"currency = "usd""#, r#"currency = "jpy""#).replacen(
+        r#"flat_amount = "49""#,
+        r#"flat_amount = "10000000000000000000""#,
+        1,
+    );
+    assert_only_issue(
+        &huge,
+        "plans[pro].prices[resolutions].tiers",
+        "flat amounts of up to 10000000000000000000 jpy could not be stored on a line (at most 9223372036854775807 jpy",
+    );
+    // In usd, cents count: the same limit is 100 times smaller.
+    let cents = with(
+        r#"flat_amount = "49""#,
+        r#"flat_amount = "92233720368547759""#,
+    );
+    assert_has_issue(
+        &cents,
+        "plans[pro].prices[resolutions].tiers",
+        "at most 92233720368547758 usd",
+    );
+    parse(&with(
+        r#"flat_amount = "49""#,
+        r#"flat_amount = "92233720368547758""#,
     ));
 }

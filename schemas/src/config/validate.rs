@@ -14,7 +14,7 @@ use super::{
     Settings, Subscription, TierSpec,
 };
 use crate::money::Currency;
-use crate::price::{Discount, Package, Plan, Price, Rate, Tier, Tiers, UpTo};
+use crate::price::{Discount, Package, Plan, Price, Rate, Tier, Tiers, TiersMode, UpTo};
 use crate::time::WindowSize;
 
 /// Collects issues under a path prefix.
@@ -216,6 +216,9 @@ fn validate_plans(specs: &[PlanSpec], meters: &[Meter], issues: &mut Issues) -> 
                 validate_price(p, &at, meters, issues)
             })
             .collect();
+        for price in &prices {
+            check_flat_amounts_storable(price, currency, &at, issues);
+        }
         plans.push(Plan {
             id: spec.id.clone(),
             currency,
@@ -349,7 +352,7 @@ fn validate_rate(spec: &PriceSpec, at: &str, issues: &mut Issues) -> Option<Rate
                     format!("{at}.tiers_mode"),
                     "required with billing_scheme = \"tiered\": \"graduated\" or \"volume\"",
                 );
-                crate::price::TiersMode::Graduated
+                TiersMode::Graduated
             });
             let tiers = validate_tiers(spec.tiers.as_deref().unwrap_or_default(), at, issues);
             // A table validate_tiers found wrong has its issues reported already.
@@ -414,6 +417,31 @@ fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Vec<Tier
         });
     }
     tiers
+}
+
+/// A price's flat fees, billed even without usage, must fit a line: its amount is
+/// stored as a 64-bit count of minor units. Found at rating time instead, one such
+/// price would stop the period's opening lines for every customer.
+fn check_flat_amounts_storable(price: &Price, currency: Currency, at: &str, issues: &mut Issues) {
+    let Rate::Tiered { mode, tiers } = &price.rate else {
+        return;
+    };
+    let mut flat = tiers.iter().map(|t| t.flat_amount);
+    let most = match mode {
+        TiersMode::Graduated => flat.try_fold(Decimal::ZERO, Decimal::checked_add),
+        TiersMode::Volume => flat.max(),
+    };
+    let storable = Decimal::from(i64::MAX) / Decimal::from(10i64.pow(currency.minor_units()));
+    if most.is_none_or(|most| most > storable) {
+        issues.add(
+            format!("{at}.prices[{}].tiers", price.id),
+            format!(
+                "flat amounts of up to {} {currency} could not be stored on a line (at most {} {currency}, a 64-bit count of minor units); is a digit too many?",
+                most.map_or_else(|| "more than".to_owned(), |m| m.to_string()),
+                storable.trunc()
+            ),
+        );
+    }
 }
 
 fn non_negative(amount: Decimal, at: &str, issues: &mut Issues) -> Decimal {
