@@ -2,7 +2,10 @@
 //!
 //! In: usage updates (with their changed windows) and rated line revisions. Out: three
 //! tables a person can query.
-//! - `window_usage`: one row per (series, window), keeping the latest revision.
+//! - `window_usage`: one row per (series, window), keeping the latest revision. Late
+//!   usage of a closed month is kept in a window at the start of the month that bills
+//!   it, so `adjusts_period` (empty for a month's own usage) is part of the key, as in
+//!   ClickHouse.
 //! - `rated_lines`: every revision of every invoice line, keyed by (id, run, revision):
 //!   writing the same revision again changes nothing, and a later run (re-rating with a
 //!   new price book, or corrected events) adds its own rows.
@@ -39,7 +42,8 @@ CREATE TABLE IF NOT EXISTS window_usage (
     period_to_date TEXT NOT NULL,
     run INTEGER NOT NULL,
     revision INTEGER NOT NULL,
-    PRIMARY KEY (customer, meter, dimensions, window_start)
+    adjusts_period TEXT NOT NULL,
+    PRIMARY KEY (customer, meter, dimensions, adjusts_period, window_start)
 );
 CREATE TABLE IF NOT EXISTS rated_lines (
     id TEXT NOT NULL,
@@ -91,6 +95,18 @@ impl Store {
         // The store is rebuilt from the events file, so durability per commit is not
         // needed; WAL keeps readers unblocked while the pipeline writes.
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;")?;
+        // An earlier build keyed windows without the month an adjustment is for, so a
+        // month's first window and late usage of the month before overwrote each
+        // other. Every run writes all of its windows again: the old table can go.
+        let keyed_by_adjusted_month: bool = conn.query_row(
+            "SELECT COUNT(*) = 0 OR SUM(name = 'adjusts_period') > 0 \
+             FROM pragma_table_info('window_usage')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !keyed_by_adjusted_month {
+            conn.execute_batch("DROP TABLE window_usage")?;
+        }
         conn.execute_batch(SCHEMA)
             .context("cannot create the store's tables")?;
         // Numbered after every run the store holds rows of, those of a store made
@@ -124,8 +140,8 @@ impl Store {
         let tx = self.conn.transaction()?;
         {
             let mut upsert_window = tx.prepare_cached(
-                "INSERT INTO window_usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                 ON CONFLICT (customer, meter, dimensions, window_start) DO UPDATE SET
+                "INSERT INTO window_usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT (customer, meter, dimensions, adjusts_period, window_start) DO UPDATE SET
                     value = excluded.value, period_to_date = excluded.period_to_date,
                     run = excluded.run, revision = excluded.revision
                  WHERE excluded.run > window_usage.run
@@ -133,6 +149,7 @@ impl Store {
             )?;
             for u in updates {
                 let dimensions = serde_json::to_string(&u.series.group)?;
+                let adjusts = u.series.adjusts.map_or_else(String::new, |p| p.to_string());
                 for w in &u.windows {
                     upsert_window.execute(params![
                         u.series.customer,
@@ -145,6 +162,7 @@ impl Store {
                         u.period_to_date.value.to_string(),
                         self.run,
                         w.revision as i64,
+                        adjusts,
                     ])?;
                 }
             }
@@ -203,5 +221,68 @@ mod tests {
             .unwrap();
         drop(first);
         assert_eq!(Store::open(&path).unwrap().run, 6);
+    }
+
+    #[test]
+    fn late_usage_of_a_closed_month_and_the_months_first_window_are_two_rows() {
+        use std::str::FromStr;
+        use std::sync::Arc;
+
+        use rust_decimal::Decimal;
+        use tally_schemas::records::{MeterValue, SeriesKey, WindowUsage};
+        use tally_schemas::time::Period;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tally.db");
+        // A table as an earlier build made it, without the adjusted month.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE window_usage (customer TEXT, meter TEXT, dimensions TEXT, \
+                 window_start TEXT, window_end TEXT, period_start TEXT, value TEXT, \
+                 period_to_date TEXT, run INTEGER, revision INTEGER, \
+                 PRIMARY KEY (customer, meter, dimensions, window_start))",
+            )
+            .unwrap();
+        let mut store = Store::open(&path).unwrap();
+        let november = Period::from_str("2026-11").unwrap();
+        let value = |v: i64| MeterValue {
+            value: Decimal::from(v),
+            latest: None,
+        };
+        let update = |adjusts: Option<Period>, v: i64| UsageUpdate {
+            series: Arc::new(SeriesKey {
+                customer: "c".into(),
+                meter: "calls".into(),
+                group: Vec::new(),
+                adjusts,
+            }),
+            period_start: november.start(),
+            period_to_date: value(v),
+            windows: vec![WindowUsage {
+                window_start: november.start(),
+                window_end: november.start() + chrono::Duration::hours(1),
+                value: value(v),
+                revision: 1,
+            }],
+        };
+        let october = Period::from_str("2026-10").unwrap();
+        store
+            .write(&[update(None, 3), update(Some(october), 2)], &[])
+            .unwrap();
+        let rows: Vec<(String, String)> = (store.conn)
+            .prepare("SELECT adjusts_period, value FROM window_usage ORDER BY adjusts_period")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            [
+                ("".to_owned(), "3".to_owned()),
+                ("2026-10".to_owned(), "2".to_owned())
+            ]
+        );
     }
 }
