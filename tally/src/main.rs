@@ -303,11 +303,12 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
             // The URL and database are the flags'; the user and password the
             // [clickhouse] section's or the environment's.
             let credentials = config.clickhouse_credentials(&|name| std::env::var(name).ok());
-            Some(
-                ClickHouse::new(url, &args.clickhouse_database)
-                    .context("--clickhouse-database")?
-                    .with_credentials(&credentials),
-            )
+            let store = ClickHouse::new(url, &args.clickhouse_database)
+                .context("--clickhouse-database")?
+                .with_credentials(&credentials);
+            // Before rating: a wrong URL or password should not cost a month's run.
+            store.ensure_schema()?;
+            Some(store)
         }
         None => None,
     };
@@ -351,7 +352,6 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
     if let Some(store) = &clickhouse {
         // Later runs must win: the run's start in milliseconds orders them.
         let version = u64::try_from(started.timestamp_millis()).unwrap_or_default();
-        store.ensure_schema()?;
         store.replace_period(version, options.period, &result.lines)?;
         eprintln!(
             "stored {} lines in ClickHouse database {} (version {version})",
