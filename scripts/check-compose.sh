@@ -80,3 +80,10 @@ echo "check-compose: docker-compose.yml is valid"
 
 python3 -m json.tool deploy/grafana/dashboards/tally-pipeline.json > /dev/null
 echo "check-compose: deploy/grafana/dashboards/tally-pipeline.json is valid JSON"
+
+# Prometheus's configuration as compose mounts it (its rule file path is the
+# container's, so syntax only; the rules themselves are checked by promtool test rules).
+if command -v promtool > /dev/null; then
+    promtool check config --syntax-only deploy/compose/prometheus.yml > /dev/null
+    echo "check-compose: deploy/compose/prometheus.yml is valid Prometheus configuration"
+fi
