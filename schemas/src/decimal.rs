@@ -53,10 +53,13 @@ pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
 /// How many whole packages of `size` hold `quantity` (both positive), rounded up or
 /// down, without the rounding of a 28-digit quotient: the whole packages come from
 /// exact remainder arithmetic, so a quantity a hair over a package boundary still
-/// needs one more. `None` past the largest decimal.
+/// needs one more. `None` past the largest decimal, or for a quantity of about 29
+/// digits, whose remainder cannot be taken off exactly.
 pub fn whole_packages(quantity: Decimal, size: Decimal, round_up: bool) -> Option<Decimal> {
     let remainder = quantity.checked_rem(size)?;
-    let whole = quantity.checked_sub(remainder)?.checked_div(size)?.trunc();
+    // Exactly a multiple of `size`, so the quotient is a whole number; a subtraction
+    // that would round (a quantity of about 29 digits) is refused instead.
+    let whole = exact_add(quantity, -remainder)?.checked_div(size)?.trunc();
     match round_up && !remainder.is_zero() {
         true => whole.checked_add(Decimal::ONE),
         false => Some(whole),
@@ -246,6 +249,11 @@ mod tests {
         assert_eq!(
             down("300000000000000000000.00000001", "3"),
             dec("100000000000000000000")
+        );
+        // Where taking the remainder off would round, there is no exact count.
+        assert_eq!(
+            whole_packages(dec("10000000000000000000000000001"), dec("0.3"), true),
+            None
         );
     }
 

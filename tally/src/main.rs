@@ -271,15 +271,23 @@ impl ConfiguredClickHouse {
     }
 }
 
-/// Refuses outputs that name the events file: it is read (mapped) while they are
-/// written, so writing one would destroy the input mid-run.
+/// Refuses outputs that are the events file (by any name or link): it is read
+/// (mapped) while they are written, so writing one would destroy the input mid-run.
+/// Only a regular file can be: `/dev/null` or a terminal may serve both.
 fn refuse_to_overwrite(events: &str, outputs: &[(&str, Option<&Path>)]) -> anyhow::Result<()> {
-    let Ok(events_file) = std::fs::canonicalize(events) else {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |path: &Path| {
+        std::fs::metadata(path)
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| (m.dev(), m.ino()))
+    };
+    let Some(events_file) = identity(Path::new(events)) else {
         return Ok(());
     };
     for (flag, path) in outputs {
         if let Some(path) = path {
-            if std::fs::canonicalize(path).is_ok_and(|p| p == events_file) {
+            if identity(path) == Some(events_file) {
                 anyhow::bail!(
                     "{flag} {} is the events file, which would be overwritten while it is read; write it elsewhere",
                     path.display()

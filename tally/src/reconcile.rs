@@ -90,6 +90,7 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
     };
     let mut expected = read_source(&args.expected, args.period, &args.config)?;
     let mut actual = read_source(&args.actual, args.period, &args.config)?;
+    ensure_something_to_compare(args.period, [&expected, &actual])?;
     match args.map_applies_to {
         Side::Expected => expected = expected.renamed(&map)?,
         Side::Actual => actual = actual.renamed(&map)?,
@@ -422,26 +423,36 @@ fn adjusts_text(adjusts: Option<Period>) -> String {
     adjusts.map_or_else(String::new, |p| format!(", adjusting {p}"))
 }
 
-/// A source's lines of `period`; none is an error (a mistyped month, the wrong file),
-/// which would otherwise agree with another empty source.
 fn read_source(source: &str, period: Period, config: &Path) -> anyhow::Result<Lines> {
-    let lines = match source.strip_prefix("clickhouse") {
+    match source.strip_prefix("clickhouse") {
         Some(rest) if rest.is_empty() || rest.starts_with(':') => {
-            read_clickhouse(rest.strip_prefix(':'), period, config)?
+            read_clickhouse(rest.strip_prefix(':'), period, config)
         }
-        _ => read_file(source, period)?,
-    };
-    if lines.by_key.is_empty() {
-        let others = match lines.other_periods {
-            0 => String::new(),
-            n => format!(" (only {} of other months)", count(n, "line")),
-        };
+        _ => read_file(source, period),
+    }
+}
+
+/// Refuses to compare nothing, which would "agree": a source with lines of other
+/// months only (a mistyped `--period`), or two sources without a line of the month.
+/// One empty source is fine: a biller that leaves out zero lines may bill nothing.
+fn ensure_something_to_compare(period: Period, sources: [&Lines; 2]) -> anyhow::Result<()> {
+    for lines in sources {
+        if lines.by_key.is_empty() && lines.other_periods > 0 {
+            bail!(
+                "{} has no line of {period} (only {} of other months): is --period right?",
+                lines.name,
+                count(lines.other_periods, "line")
+            );
+        }
+    }
+    if sources.iter().all(|lines| lines.by_key.is_empty()) {
         bail!(
-            "{} has no line of {period}{others}: is --period right, and is this the source you meant?",
-            lines.name
+            "neither {} nor {} has a line of {period}, so nothing would be compared: is --period right, and are these the sources you meant?",
+            sources[0].name,
+            sources[1].name
         );
     }
-    Ok(lines)
+    Ok(())
 }
 
 /// The current lines billed in `period` of `invoice_lines`, in the configuration's
@@ -628,7 +639,9 @@ fn json_rows(name: &str, text: &str) -> anyhow::Result<Vec<NumberedRow>> {
         currency: String,
         period_start: Option<String>,
         adjusts_period: Option<String>,
-        invoice: Option<String>,
+        /// A string or a number: billers number their invoices.
+        #[serde(borrow)]
+        invoice: Option<&'a RawValue>,
     }
     // A JSON string's contents, or a number's own digits: never through f64.
     let figure = |raw: &RawValue| -> String {
@@ -648,7 +661,7 @@ fn json_rows(name: &str, text: &str) -> anyhow::Result<Vec<NumberedRow>> {
                 currency: row.currency,
                 period_start: row.period_start,
                 adjusts_period: row.adjusts_period,
-                invoice: row.invoice,
+                invoice: row.invoice.map(figure),
             };
             Ok((at, row))
         })
@@ -1468,6 +1481,41 @@ mod tests {
         assert_eq!(
             refused("INV-1,a,p,1,1,usd\nCN-1,a,p,0,-1,eur\n"),
             "old.csv line 3: another invoice's line of customer \"a\", price \"p\" with old.csv line 2 (in usd), but it is in eur and that one in usd; lines in two currencies cannot be added"
+        );
+    }
+
+    #[test]
+    fn a_numbered_invoice_is_read_and_only_comparing_nothing_is_refused() {
+        let line = |invoice: &str, amount: &str| {
+            format!(
+                r#"{{"customer":"a","price":"p","quantity":"1","amount":"{amount}","currency":"usd","invoice":{invoice}}}"#
+            )
+        };
+        let netted = json(&[line("1001", "10"), line("\"CN-7\"", "-1")].join("\n"));
+        assert_eq!(
+            netted.by_key.values().next().unwrap().amount,
+            Decimal::from(9)
+        );
+
+        // A biller that billed nothing against Tally's zero lines: compared, and agreed.
+        let nothing = csv("customer,price,quantity,amount,currency\n");
+        let zero =
+            json(r#"{"customer":"a","price":"p","quantity":"0","amount":"0","currency":"usd"}"#);
+        ensure_something_to_compare(november(), [&nothing, &zero]).unwrap();
+        assert!(Reconciliation::of(&nothing, &zero).unwrap().agrees());
+        // Two empty sources, or one with lines of other months only: nothing to compare.
+        let refused = ensure_something_to_compare(november(), [&nothing, &nothing]);
+        assert!(refused
+            .unwrap_err()
+            .to_string()
+            .starts_with("neither b.csv nor b.csv has a line of 2026-11"));
+        let october =
+            csv("customer,price,quantity,amount,currency,period_start\na,p,1,1,usd,2026-10\n");
+        assert_eq!(
+            ensure_something_to_compare(november(), [&october, &zero])
+                .unwrap_err()
+                .to_string(),
+            "b.csv has no line of 2026-11 (only 1 line of other months): is --period right?"
         );
     }
 

@@ -2846,7 +2846,7 @@ fn reconcile_maps_only_the_other_billers_ids_and_never_calls_nothing_compared_ag
     assert_eq!(december.code, 2);
     assert_shows(
         &december.stderr,
-        &["error: tally.jsonl has no line of 2026-12 (only 2 lines of other months): is --period right, and is this the source you meant?"],
+        &["error: tally.jsonl has no line of 2026-12 (only 2 lines of other months): is --period right?"],
     );
     let unmapped = reconcile(&f, &["old.txt", "tally.jsonl", "--customers", "both"]);
     assert_eq!(unmapped.code, 1, "b's lines differ: {}", unmapped.stdout);
@@ -2918,6 +2918,18 @@ fn rate_reads_pipes_skips_a_bom_and_refuses_inputs_it_would_misread_or_destroy()
         &["error: --rejects events.jsonl is the events file, which would be overwritten while it is read"],
     );
     assert_eq!(f.read("events.jsonl"), events);
+    // By another name, too.
+    std::fs::hard_link(f.path("events.jsonl"), f.path("linked.jsonl")).unwrap();
+    let mut args = month_args("rate");
+    args.extend(["--rejects", "linked.jsonl"]);
+    let linked = Run::from(f.tally().args(&args).output().unwrap());
+    assert_eq!(linked.code, 1, "{}", linked.stderr);
+    assert_eq!(f.read("events.jsonl"), events);
+    // A device is no file to destroy: /dev/null may be both.
+    let mut args = month_args("rate");
+    args[4] = "/dev/null";
+    args.extend(["--rejects", "/dev/null"]);
+    Run::from(f.tally().args(&args).output().unwrap()).succeeded();
 
     let mut args = month_args("rate");
     args[4] = ".";

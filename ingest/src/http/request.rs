@@ -25,16 +25,20 @@ pub const ACCEPTED_TYPES: &str =
     "application/cloudevents+json, application/cloudevents-batch+json or application/json";
 
 /// The kind of body a `Content-Type` announces; `None` for any other media type (or
-/// none), or a charset other than UTF-8 (JSON's only one). Other parameters are
-/// ignored; names and values are case-insensitive.
+/// none), or a charset other than UTF-8 (JSON's only one; `utf8` and its subset
+/// `us-ascii` are UTF-8 too). Other parameters are ignored; names and values are
+/// case-insensitive.
 pub fn body_kind(content_type: Option<&str>) -> Option<BodyKind> {
     let mut parts = content_type?.split(';');
     let essence = parts.next()?.trim();
     let other_charset = parts
         .filter_map(|p| p.split_once('='))
         .any(|(name, value)| {
+            let value = value.trim().trim_matches('"');
             name.trim().eq_ignore_ascii_case("charset")
-                && !value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+                && !["utf-8", "utf8", "us-ascii"]
+                    .iter()
+                    .any(|utf8| value.eq_ignore_ascii_case(utf8))
         });
     if other_charset {
         None
@@ -179,10 +183,13 @@ mod tests {
             body_kind(Some(" application/json ;charset=UTF-8")),
             Some(BodyKind::Either)
         );
-        assert_eq!(
-            body_kind(Some("application/json; charset=\"utf-8\"; profile=x")),
-            Some(BodyKind::Either)
-        );
+        for utf8 in [
+            "application/json; charset=\"utf-8\"; profile=x",
+            "application/json; charset=utf8",
+            "application/json; charset=US-ASCII",
+        ] {
+            assert_eq!(body_kind(Some(utf8)), Some(BodyKind::Either), "{utf8}");
+        }
         for other in [
             None,
             Some(""),

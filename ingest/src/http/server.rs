@@ -11,8 +11,8 @@
 //! whose body is announced too large or held back for `100 Continue` is answered at
 //! once, one whose body takes over 5 s after 5 s; both, and a 413, close the
 //! connection. On shutdown, requests in flight get [`shutdown_drain`] to finish; then
-//! their connections are dropped and the producer flushed, so a stalled client cannot
-//! hold the service up.
+//! the service stops waiting for them (their connections end with the process) and
+//! flushes the producer, so a stalled client cannot hold the service up.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -179,7 +179,7 @@ pub async fn start(
             } => {
                 tracing::warn!(
                     seconds = drain.as_secs(),
-                    "requests still open after shutdown was requested; closing their connections"
+                    "requests still open after shutdown was requested; no longer waiting for them"
                 );
                 Ok(())
             }
