@@ -75,6 +75,8 @@ pub struct AggregatorMetrics {
     pub late_revised: IntCounter,
     pub late_adjusted: IntCounter,
     pub misplaced: IntCounter,
+    /// Events Kafka deleted (retention) before this partition's state counted them.
+    pub lost_to_retention: IntCounter,
     /// `tally_aggregator_transactions_total`, `result` committed and aborted: both
     /// exported from the start, so an alert's `increase` sees the first abort.
     pub transactions_committed: IntCounter,
@@ -119,6 +121,10 @@ impl AggregatorMetrics {
             misplaced: m.counter(
                 "tally_aggregator_misplaced_events_total",
                 "Events counted (accepted, late or adjusted) on another partition than Kafka's Java partitioner (murmur2) gives their subject: their producer partitions otherwise (librdkafka's default, say). They are billed, but a price-book change then judges their customer's zero-usage lines by another partition; set partitioner=murmur2_random. Like the events counter, it counts again what a recovery re-reads.",
+            ),
+            lost_to_retention: m.counter(
+                "tally_aggregator_events_lost_to_retention_total",
+                "Events the events topic no longer held when a partition's state resumed (deleted by retention while the aggregator was down or behind): never billed. Raise the topic's retention.ms above the longest outage.",
             ),
             rejected: m.counter_vec(
                 "tally_aggregator_rejected_events_total",

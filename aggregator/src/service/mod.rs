@@ -838,6 +838,7 @@ impl Worker {
             })
             .collect();
         for (partition, state) in self.load_all(wanted)? {
+            self.check_retention(consumer, partition, state.next_offset);
             let start = match state.next_offset {
                 0 => Offset::Beginning,
                 o => Offset::Offset(o),
@@ -856,6 +857,34 @@ impl Worker {
         self.record_held_state();
         self.readiness.ready();
         Ok(())
+    }
+
+    /// Says, loudly, when the events a partition's state resumes at are gone: Kafka's
+    /// retention deleted them while the aggregator was down or behind, and the consumer
+    /// will start at the oldest it still holds. Nothing can bill them any more, but
+    /// finance must hear of it (an error log, a counter and its alert), not find a
+    /// quiet gap.
+    fn check_retention(&self, consumer: &GroupConsumer, partition: i32, next_offset: i64) {
+        let topic = &self.topics.events;
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok((oldest, _)) if oldest > next_offset => {
+                let lost = oldest - next_offset;
+                self.metrics.lost_to_retention.inc_by(lost.unsigned_abs());
+                tracing::error!(
+                    partition,
+                    resumes_at = next_offset,
+                    oldest_held = oldest,
+                    lost,
+                    "{lost} events of {topic}[{partition}] were deleted by the topic's retention before they were counted: they will not be billed. Raise retention.ms of {topic} above the longest outage"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                partition,
+                error = %e,
+                "cannot read the oldest offset {topic} holds; events deleted by retention would go unreported"
+            ),
+        }
     }
 
     /// [`Worker::load`] for several partitions at once: a restore mostly waits on the
@@ -1341,6 +1370,7 @@ impl Worker {
         let wanted = owned.into_iter().map(|p| (p, None)).collect();
         let mut rewind = TopicPartitionList::new();
         for (partition, state) in self.load_all(wanted)? {
+            self.check_retention(consumer, partition, state.next_offset);
             rewind
                 .add_partition_offset(
                     &self.topics.events,

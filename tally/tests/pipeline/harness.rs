@@ -373,6 +373,37 @@ database = "{database}"
         self.producer.flush(Duration::from_secs(60)).unwrap();
     }
 
+    /// Deletes the events topic's records of `partition` before `offset`, as its
+    /// retention would; returns the offset the partition now starts at.
+    pub fn delete_events_before(&self, partition: i32, offset: i64) -> i64 {
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            ClientConfig::new()
+                .set("bootstrap.servers", BROKERS)
+                .create()
+                .unwrap();
+        let mut offsets = TopicPartitionList::new();
+        offsets
+            .add_partition_offset(&self.topic("events"), partition, Offset::Offset(offset))
+            .unwrap();
+        let deleted = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(admin.delete_records(&offsets, &rdkafka::admin::AdminOptions::new()))
+            .unwrap();
+        let elements = deleted.elements();
+        elements[0].error().unwrap();
+        elements[0].offset().to_raw().unwrap()
+    }
+
+    /// The events topic's `(oldest, next)` offsets of `partition`.
+    pub fn event_offsets(&self, partition: i32) -> (i64, i64) {
+        self.producer
+            .client()
+            .fetch_watermarks(&self.topic("events"), partition, Duration::from_secs(10))
+            .unwrap()
+    }
+
     /// Produces a message with one header and no payload to `partition` of the events
     /// topic: a control record, as `tally close-period` writes them.
     pub fn produce_header(&self, partition: i32, name: &str, value: &str) {

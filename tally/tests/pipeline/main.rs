@@ -2013,3 +2013,51 @@ fn prometheus_scrapes_every_service_of_serve_all() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn events_deleted_by_retention_before_they_were_counted_are_reported_not_skipped_quietly() {
+    let _serial = serial();
+    let aggregator_port = harness::free_port();
+    let p = Pipeline::new(
+        "retention",
+        3_000,
+        10,
+        &format!(
+            "[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_port}\"\ncommit_interval = \"100ms\"\n"
+        ),
+    );
+    // The month reaches Kafka while no aggregator runs, and retention takes the first
+    // half of partition 0 before one starts.
+    p.produce(&p.lines());
+    let (oldest, next) = p.event_offsets(0);
+    assert!(next - oldest > 10, "partition 0 holds events");
+    let cut = oldest + (next - oldest) / 2;
+    assert_eq!(p.delete_events_before(0, cut), cut);
+    let lost = (cut - oldest) as f64;
+
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    // What is billed is what the topic still holds, and what it no longer holds is
+    // counted and logged as never billed.
+    let held: Vec<Vec<u8>> = p
+        .read_topic("events")
+        .into_iter()
+        .map(|(payload, _)| payload)
+        .collect();
+    let expected = p.expected_for(&held, p.period);
+    assert_ne!(expected, p.expected(), "the deleted events were billable");
+    p.wait_for(&expected, Duration::from_secs(120));
+    assert_eq!(
+        harness::metric(
+            aggregator_port,
+            "tally_aggregator_events_lost_to_retention_total"
+        ),
+        Some(lost)
+    );
+    let log = p.log("agg-a");
+    assert!(
+        log.contains("were deleted by the topic's retention before they were counted"),
+        "{log}"
+    );
+}
