@@ -175,6 +175,10 @@ async fn create_topics(
     .collect();
     let needed = state_topic_settings();
     let replicas = i32::from(settings.replication_factor);
+    // With three or more replicas a write (acks=all, a transaction's commit) needs two
+    // of them, so losing the leader cannot lose what it acknowledged; with fewer, one
+    // (Kafka's default), or every write would stop while one replica is down.
+    let min_insync = if replicas >= 3 { "2" } else { "1" };
     let partitions = i32::try_from(settings.partitions).unwrap_or(i32::MAX);
     let topics: Vec<NewTopic<'_>> = names
         .iter()
@@ -196,7 +200,8 @@ async fn create_topics(
                 _ => &[],
             };
             let new = tuning.iter().fold(
-                NewTopic::new(name, partitions, TopicReplication::Fixed(replicas)),
+                NewTopic::new(name, partitions, TopicReplication::Fixed(replicas))
+                    .set("min.insync.replicas", min_insync),
                 |t, (k, v)| t.set(k, v),
             );
             match topic {

@@ -128,26 +128,38 @@ async fn serve(
             partition_count,
             shutdown: &shutdown,
         };
-        if runs(Service::Aggregator) {
-            let listen = settings.aggregator.metrics_listen;
-            let (metrics, run) = (AggregatorMetrics::new, tally_aggregator::service::run);
-            stream
-                .spawn(
-                    &mut tasks,
-                    "aggregator",
-                    "aggregator metrics",
-                    listen,
-                    metrics,
-                    run,
-                )
-                .await?;
+        let started = async {
+            if runs(Service::Aggregator) {
+                let listen = settings.aggregator.metrics_listen;
+                let (metrics, run) = (AggregatorMetrics::new, tally_aggregator::service::run);
+                stream
+                    .spawn(
+                        &mut tasks,
+                        "aggregator",
+                        "aggregator metrics",
+                        listen,
+                        metrics,
+                        run,
+                    )
+                    .await?;
+            }
+            if runs(Service::Rater) {
+                let listen = settings.rater.metrics_listen;
+                let (metrics, run) = (RaterMetrics::new, tally_rater::service::run);
+                stream
+                    .spawn(&mut tasks, "rater", "rater metrics", listen, metrics, run)
+                    .await?;
+            }
+            anyhow::Ok(())
         }
-        if runs(Service::Rater) {
-            let listen = settings.rater.metrics_listen;
-            let (metrics, run) = (RaterMetrics::new, tally_rater::service::run);
-            stream
-                .spawn(&mut tasks, "rater", "rater metrics", listen, metrics, run)
-                .await?;
+        .await;
+        if let Err(e) = started {
+            // The services already running (on blocking threads, which nothing else
+            // can stop) are stopped and waited for, so the error is reported and the
+            // process ends rather than running on half started.
+            shutdown.request();
+            while tasks.join_next().await.is_some() {}
+            return Err(e);
         }
     }
     // The first service to stop, with or without an error, stops the others.

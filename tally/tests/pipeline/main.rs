@@ -2061,3 +2061,30 @@ fn events_deleted_by_retention_before_they_were_counted_are_reported_not_skipped
         "{log}"
     );
 }
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn serve_all_whose_rater_cannot_listen_stops_the_started_aggregator_and_exits_with_the_error() {
+    let _serial = serial();
+    // The rater's metrics port is taken; the aggregator starts before the rater binds.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let p = Pipeline::new(
+        "taken_port",
+        100,
+        2,
+        &format!(
+            "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\n[rater]\nmetrics_listen = \"127.0.0.1:{port}\"\n"
+        ),
+    );
+    p.start("all", "all-a");
+    let (status, log) = p.wait_exit("all-a", Duration::from_secs(60));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "cannot listen on 127.0.0.1:{port} for rater metrics"
+        )),
+        "{log}"
+    );
+    drop(taken);
+}
