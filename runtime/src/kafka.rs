@@ -112,6 +112,39 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// A `[kafka] properties` entry librdkafka refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("[kafka] properties.\"{name}\": {description} (its value is not shown: it may be a secret); fix or remove it")]
+pub struct PropertyError {
+    pub name: String,
+    pub description: String,
+}
+
+/// Checks every `[kafka] properties` entry with librdkafka, without creating a client,
+/// so a mistyped or unsupported property is refused at start. librdkafka's own error
+/// would print the value, and a mistyped `sasl.password` holds the password.
+pub fn check_properties(settings: &KafkaSettings) -> Result<(), PropertyError> {
+    for (name, value) in &settings.properties {
+        let mut one = ClientConfig::new();
+        one.set(name, value);
+        if let Err(e) = one.create_native_config() {
+            let description = match e {
+                KafkaError::ClientConfig(_, description, _, _) => description,
+                other => other.to_string(),
+            };
+            let description = match value.is_empty() {
+                true => description,
+                false => description.replace(value.as_str(), "…"),
+            };
+            return Err(PropertyError {
+                name: name.clone(),
+                description,
+            });
+        }
+    }
+    Ok(())
+}
+
 type Admin = AdminClient<DefaultClientContext>;
 
 /// Creates Tally's topics if they do not exist, then checks that the co-partitioned

@@ -199,6 +199,7 @@ fn validate(path: &Path) -> anyhow::Result<()> {
     let services = config.services(&path.display().to_string(), &|name| {
         std::env::var(name).ok()
     })?;
+    tally_runtime::kafka::check_properties(&services.kafka)?;
     let prices: usize = config.plans.iter().map(|p| p.prices.len()).sum();
     println!(
         "{} is valid: {} meters, {} plans with {} prices, {} customers; price book hash {}",

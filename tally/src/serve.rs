@@ -58,6 +58,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(&args.config)?);
     let origin = args.config.display().to_string();
     let settings = config.services(&origin, &|name| std::env::var(name).ok())?;
+    tally_runtime::kafka::check_properties(&settings.kafka)?;
     tracing::info!(
         service = ?args.service,
         config = %origin,

@@ -2980,3 +2980,28 @@ fn an_event_the_aggregator_refuses_is_kept_in_the_rejects_file_with_its_line() {
         rejects[0]
     );
 }
+
+#[test]
+fn validate_refuses_a_kafka_property_librdkafka_refuses_without_showing_its_value() {
+    for (property, shown) in [
+        (
+            r#""sasl.pasword" = "hunter2-secret""#,
+            r#"[kafka] properties."sasl.pasword": No such configuration property: "sasl.pasword""#,
+        ),
+        (
+            r#"acks = "hunter2-secret""#,
+            r#"[kafka] properties."acks": Invalid value for configuration property "request.required.acks""#,
+        ),
+    ] {
+        let f = Fixture::new(&format!("{PRO}\n[kafka]\nproperties = {{ {property} }}\n"));
+        let run = Run::from(
+            f.tally()
+                .args(["validate", "--config", "tally.toml"])
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(run.code, 1, "{}", run.stdout);
+        assert_shows(&run.stderr, &[shown, "its value is not shown"]);
+        assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+    }
+}
