@@ -39,30 +39,54 @@ impl Shutdown {
         let _ = receiver.wait_for(|requested| *requested).await;
     }
 
-    /// Requests shutdown on SIGINT or SIGTERM. Call from within a Tokio runtime.
+    /// Requests shutdown on SIGINT or SIGTERM, and stops the process at once on a
+    /// second one: finishing in-flight work can take minutes (a restore, a rebuild), and
+    /// an operator who signals again means it. Stopping then is as safe as a crash:
+    /// what was not committed is read again on restart. Call from within a Tokio
+    /// runtime.
     pub fn on_signals(&self) {
         let shutdown = self.clone();
         tokio::spawn(async move {
-            let interrupt = tokio::signal::ctrl_c();
-            #[cfg(unix)]
-            {
-                use tokio::signal::unix::{signal, SignalKind};
-                match signal(SignalKind::terminate()) {
-                    Ok(mut terminate) => {
-                        tokio::select! {
-                            _ = interrupt => {}
-                            _ = terminate.recv() => {}
-                        }
-                    }
-                    Err(_) => {
-                        let _ = interrupt.await;
-                    }
-                }
-            }
-            #[cfg(not(unix))]
-            let _ = interrupt.await;
-            tracing::info!("shutdown requested by signal; finishing in-flight work");
+            let mut signals = Signals::new();
+            signals.next().await;
+            tracing::info!(
+                "shutdown requested by signal; finishing in-flight work (signal again to stop at once)"
+            );
             shutdown.request();
+            signals.next().await;
+            tracing::warn!(
+                "second signal: stopping at once; what was not committed is read again on restart"
+            );
+            std::process::exit(130);
         });
+    }
+}
+
+/// SIGINT and, on Unix, SIGTERM, one after another.
+struct Signals {
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Signals {
+            #[cfg(unix)]
+            terminate: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .ok(),
+        }
+    }
+
+    async fn next(&mut self) {
+        let interrupt = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        if let Some(terminate) = &mut self.terminate {
+            tokio::select! {
+                _ = interrupt => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+        let _ = interrupt.await;
     }
 }

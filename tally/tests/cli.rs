@@ -11,6 +11,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -3004,4 +3005,63 @@ fn validate_refuses_a_kafka_property_librdkafka_refuses_without_showing_its_valu
         assert_shows(&run.stderr, &[shown, "its value is not shown"]);
         assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
     }
+}
+
+#[test]
+fn a_second_signal_stops_a_service_that_is_still_finishing_its_work() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // No Kafka is needed to listen: ingest connects in the background.
+    let f = Fixture::new(&format!(
+        "{PRO}\n[kafka]\nbrokers = \"127.0.0.1:1\"\n[ingest]\nlisten = \"127.0.0.1:{port}\"\n\
+         [[ingest.api_keys]]\nkey = \"cli-test-key-0123456789\"\ntenant = \"t\"\nsources = [\"*\"]\n"
+    ));
+    let mut child = f
+        .tally()
+        .args(["serve", "ingest", "--config", "tally.toml"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stalled = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("ingest did not listen: {e}"),
+        }
+    };
+    // A request begun and never finished: the first SIGTERM waits for it.
+    stalled
+        .write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let signal = |child: &std::process::Child| {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still finishing its work"
+    );
+    signal(&child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "a second signal did not stop it");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130));
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("second signal: stopping at once"), "{log}");
 }
