@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tally_schemas::config::AggregationKind;
 use tally_schemas::decimal::exact_add;
-use tally_schemas::event::ReadingValue;
+use tally_schemas::event::{EventError, Problem, ReadingValue};
 use tally_schemas::records::{EventOrder, MeterValue};
 
 /// Large variants are boxed so that the common ones (count, sum, max) keep a window at
@@ -37,6 +37,17 @@ pub enum StateError {
     Mismatch(ReadingValue, &'static str),
     #[error("the sum would exceed the largest exact decimal (about 7.9e28) or need more than its 28 significant digits, so it cannot be held exactly")]
     Overflow,
+}
+
+impl StateError {
+    /// The refusal as an event's error, one way for the rejects file and the rejected
+    /// topic alike: field `data`, code `refused`, this error's reason.
+    pub fn as_event_error(&self) -> EventError {
+        EventError {
+            field: "data".to_owned(),
+            problem: Problem::Refused(self.to_string()),
+        }
+    }
 }
 
 impl AggState {

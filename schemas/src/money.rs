@@ -36,6 +36,16 @@ impl Currency {
         self.minor_units
     }
 
+    /// `amount` as a whole number of minor units (cents for usd, yen for jpy), as a line
+    /// stores it; `None` if that does not fit 64 bits.
+    pub fn to_minor(&self, mut amount: Decimal) -> Option<i64> {
+        amount.rescale(self.minor_units);
+        if amount.scale() != self.minor_units {
+            return None;
+        }
+        i64::try_from(amount.mantissa()).ok()
+    }
+
     /// Rounds an exact amount to this currency's minor unit.
     pub fn round(&self, amount: Decimal, mode: RoundingMode) -> Decimal {
         amount.round_dp_with_strategy(self.minor_units, mode.strategy())

@@ -358,13 +358,7 @@ impl InvoiceLine {
     /// The amount as a whole number of the currency's minor unit (cents for usd, yen for
     /// jpy), for exact sums in SQL; `None` if it does not fit 64 bits.
     pub fn amount_minor(&self) -> Option<i64> {
-        let minor = Currency::from_code(&self.currency)?.minor_units();
-        let mut amount = self.amount;
-        amount.rescale(minor);
-        if amount.scale() != minor {
-            return None;
-        }
-        i64::try_from(amount.mantissa()).ok()
+        Currency::from_code(&self.currency)?.to_minor(self.amount)
     }
 }
 

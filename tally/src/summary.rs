@@ -13,7 +13,7 @@ use serde::Serialize;
 use tally_aggregator::{Aggregator, Outcome};
 use tally_ingest::{Line, LineReject};
 use tally_rater::Recorded;
-use tally_schemas::event::{DecodedEvent, EventError, Problem};
+use tally_schemas::event::DecodedEvent;
 use tally_schemas::records::SeriesKey;
 use tally_schemas::time::Period;
 
@@ -206,10 +206,7 @@ impl Summary {
                 let refused = match outcome {
                     Outcome::Refused(error) => Some(BadLine::Refused(LineReject {
                         line: *line,
-                        error: EventError {
-                            field: "data".to_owned(),
-                            problem: Problem::Refused(error.to_string()),
-                        },
+                        error: error.as_event_error(),
                         raw: String::from_utf8_lossy(raw).into_owned(),
                     })),
                     _ => None,

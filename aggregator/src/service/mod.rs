@@ -48,7 +48,7 @@ use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
-use tally_schemas::event::EventDecoder;
+use tally_schemas::event::{EventDecoder, EventError};
 use tally_schemas::records::{settled_record, CLOSE_PERIOD_HEADER, SETTLED_HEADER};
 use tally_schemas::time::Period;
 
@@ -208,7 +208,10 @@ fn verdict(outcome: Outcome, time: chrono::DateTime<Utc>) -> (EventOutcome, Opti
             "time",
             format!("the event's time {} is older than the dedupe horizon allows behind the newest event seen; it can no longer be deduplicated safely", time.to_rfc3339()),
         ),
-        Outcome::Refused(e) => refused(EventOutcome::Refused, "refused", "data", e.to_string()),
+        Outcome::Refused(e) => {
+            let EventError { field, problem } = e.as_event_error();
+            refused(EventOutcome::Refused, problem.code(), field, problem.to_string())
+        }
     }
 }
 

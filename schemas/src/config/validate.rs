@@ -431,8 +431,8 @@ fn check_flat_amounts_storable(price: &Price, currency: Currency, at: &str, issu
         TiersMode::Graduated => flat.try_fold(Decimal::ZERO, Decimal::checked_add),
         TiersMode::Volume => flat.max(),
     };
-    let storable = Decimal::from(i64::MAX) / Decimal::from(10i64.pow(currency.minor_units()));
-    if most.is_none_or(|most| most > storable) {
+    if most.and_then(|most| currency.to_minor(most)).is_none() {
+        let storable = Decimal::new(i64::MAX, currency.minor_units());
         issues.add(
             format!("{at}.prices[{}].tiers", price.id),
             format!(
