@@ -8,6 +8,7 @@
 
 use rust_decimal::Decimal;
 use tally_schemas::config::{Config, Customer};
+use tally_schemas::decimal::exact_mul;
 use tally_schemas::ids::{Fingerprinter, Hex128};
 use tally_schemas::price::{Discount, Price};
 use tally_schemas::records::{InvoiceLine, TierCharge};
@@ -100,10 +101,9 @@ pub fn invoice_line(
     let discount = match subscription.discounts.get(&price_index) {
         None => Decimal::ZERO,
         Some(Discount::PercentOff(percent)) => {
-            let off = subtotal
-                .checked_mul(*percent)
-                .ok_or_else(|| failed(RateError::Overflow { quantity }))?
-                / Decimal::ONE_HUNDRED;
+            let off = exact_mul(subtotal, *percent)
+                .and_then(|off| exact_mul(off, Decimal::new(1, 2)))
+                .ok_or_else(|| failed(RateError::Overflow { quantity }))?;
             plan.currency.round(off, plan.rounding)
         }
         Some(Discount::AmountOff(off)) => plan.currency.round(*off, plan.rounding).min(subtotal),

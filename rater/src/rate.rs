@@ -11,10 +11,11 @@
 //!
 //! `up_to` is inclusive and quantities may be fractional: with tiers up to 100 and up
 //! to 1000, 100.5 units put 100 in the first tier and 0.5 in the second. The charge is
-//! exact; rounding to the currency happens once per line (see `line.rs`).
+//! exact: one that would need more than a Decimal's 28 significant digits is an error,
+//! never rounded; rounding to the currency happens once per line (see `line.rs`).
 
 use rust_decimal::Decimal;
-use tally_schemas::decimal::whole_packages;
+use tally_schemas::decimal::{exact_add, exact_mul, whole_packages};
 use tally_schemas::price::{Package, PackageRounding, Rate, Tier, Tiers, TiersMode, UpTo};
 use tally_schemas::records::TierCharge;
 
@@ -64,9 +65,8 @@ fn tier_charge(
     flat_amount: Decimal,
     quantity: Decimal,
 ) -> Result<TierCharge, RateError> {
-    let amount = units
-        .checked_mul(tier.unit_amount)
-        .and_then(|a| a.checked_add(flat_amount))
+    let amount = exact_mul(units, tier.unit_amount)
+        .and_then(|a| exact_add(a, flat_amount))
         .ok_or(RateError::Overflow { quantity })?;
     Ok(TierCharge {
         tier: position + 1,
@@ -116,9 +116,7 @@ fn graduated(tiers: &[Tier], quantity: Decimal) -> Result<Charge, RateError> {
         };
         let units = (upper - lower).max(Decimal::ZERO);
         let charge = tier_charge(i, tier, units, tier.flat_amount, quantity)?;
-        total = total
-            .checked_add(charge.amount)
-            .ok_or(RateError::Overflow { quantity })?;
+        total = exact_add(total, charge.amount).ok_or(RateError::Overflow { quantity })?;
         charges.push(charge);
         match tier.up_to {
             UpTo::Finite(bound) => lower = bound,
@@ -352,6 +350,35 @@ mod tests {
             super::rate(&rate, Decimal::MAX),
             Err(RateError::Overflow { .. })
         ));
+    }
+
+    #[test]
+    fn a_charge_that_would_need_rounding_is_an_error_not_rounded() {
+        // 1234567.891234567891234567891 x 0.0123 needs 33 significant digits;
+        // rust_decimal's product ends ...185059 where the exact one ends ...1850593.
+        let rate = Rate::PerUnit {
+            unit_amount: d("0.0123"),
+            package: None,
+        };
+        assert_eq!(
+            super::rate(&rate, d("1234567.891234567891234567891")),
+            Err(RateError::Overflow {
+                quantity: d("1234567.891234567891234567891")
+            })
+        );
+        // A graduated total whose sum of tier amounts would round.
+        let tiers = tiered(
+            TiersMode::Graduated,
+            &[
+                ("1", "5000000000", "0"),
+                ("inf", "0.0000000000000000000000000001", "0"),
+            ],
+        );
+        assert!(matches!(
+            super::rate(&tiers, d("2")),
+            Err(RateError::Overflow { .. })
+        ));
+        assert_eq!(super::rate(&tiers, d("1")).unwrap().amount, d("5000000000"));
     }
 
     fn arb_tiers() -> impl Strategy<Value = Vec<Tier>> {

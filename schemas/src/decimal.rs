@@ -4,9 +4,11 @@
 //! [`Decimal`] with exactly that value, or an error: the digits before the exponent
 //! must fit a Decimal's 28 significant digits (trailing fractional zeros aside), and
 //! the value its range. rust_decimal's `from_scientific` rounds a mantissa longer than
-//! 28 digits; this never rounds. Also the exact sum and package count that totals use:
-//! rust_decimal's `checked_add` and `checked_div` round once a result needs more than
-//! 28 significant digits, where a total must be refused instead.
+//! 28 digits; this never rounds. Also the exact sum, product and package count that
+//! totals and charges use:
+//! rust_decimal's `checked_add`, `checked_mul` and `checked_div` round once a result
+//! needs more than 28 significant digits, where a total or a charge must be refused
+//! instead.
 
 use rust_decimal::Decimal;
 
@@ -48,6 +50,89 @@ pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
         scale -= 1;
     }
     Decimal::try_from_i128_with_scale(mantissa, scale).ok()
+}
+
+/// `a × b` exactly, or `None` when the product is beyond the largest decimal or needs
+/// more than 28 fractional digits or 96 bits of digits (rust_decimal would round it).
+pub fn exact_mul(a: Decimal, b: Decimal) -> Option<Decimal> {
+    if a.is_zero() || b.is_zero() {
+        return Some(Decimal::ZERO);
+    }
+    // A product that was not rounded keeps the sum of the scales.
+    if let Some(product) = a.checked_mul(b) {
+        if product.scale() == a.scale() + b.scale() {
+            return Some(product);
+        }
+    }
+    // Rounded, or too large at its scale: the product is exact only if the digits it
+    // lost were trailing zeros. Redo it in whole numbers of up to 192 bits.
+    let mut digits = Wide::product(a.mantissa().unsigned_abs(), b.mantissa().unsigned_abs());
+    let mut scale = a.scale() + b.scale();
+    while scale > 0 {
+        let Some(tenth) = digits.exact_tenth() else {
+            break;
+        };
+        digits = tenth;
+        scale -= 1;
+    }
+    let magnitude = i128::try_from(digits.to_u128()?).ok()?;
+    let signed = match a.is_sign_negative() == b.is_sign_negative() {
+        true => magnitude,
+        false => -magnitude,
+    };
+    Decimal::try_from_i128_with_scale(signed, scale).ok()
+}
+
+/// An unsigned whole number of up to 192 bits, as six 32-bit limbs, least significant
+/// first: the exact product of two decimal mantissas (96 bits each).
+#[derive(Clone, Copy)]
+struct Wide([u32; 6]);
+
+impl Wide {
+    fn product(a: u128, b: u128) -> Wide {
+        let limbs = |n: u128| {
+            [
+                n as u32,
+                (n >> 32) as u32,
+                (n >> 64) as u32,
+                (n >> 96) as u32,
+            ]
+        };
+        let (a, b) = (limbs(a), limbs(b));
+        let mut out = [0u32; 6];
+        for (i, &x) in a.iter().enumerate().take(3) {
+            let mut carry = 0u64;
+            for (j, &y) in b.iter().enumerate().take(3) {
+                let sum = u64::from(x) * u64::from(y) + u64::from(out[i + j]) + carry;
+                out[i + j] = sum as u32;
+                carry = sum >> 32;
+            }
+            out[i + 3] = carry as u32;
+        }
+        Wide(out)
+    }
+
+    /// The number divided by ten, if it is a multiple of ten.
+    fn exact_tenth(self) -> Option<Wide> {
+        let mut out = [0u32; 6];
+        let mut remainder = 0u64;
+        for i in (0..6).rev() {
+            let current = (remainder << 32) | u64::from(self.0[i]);
+            out[i] = (current / 10) as u32;
+            remainder = current % 10;
+        }
+        (remainder == 0).then_some(Wide(out))
+    }
+
+    /// The number, if it fits in 128 bits.
+    fn to_u128(self) -> Option<u128> {
+        (self.0[4] == 0 && self.0[5] == 0).then(|| {
+            self.0[..4]
+                .iter()
+                .rev()
+                .fold(0u128, |n, &limb| (n << 32) | u128::from(limb))
+        })
+    }
 }
 
 /// How many whole packages of `size` hold `quantity` (both positive), rounded up or
@@ -232,6 +317,31 @@ mod tests {
     }
 
     #[test]
+    fn products_that_would_round_are_refused() {
+        assert_eq!(exact_mul(dec("1.5"), dec("-2.25")), Some(dec("-3.375")));
+        assert_eq!(exact_mul(dec("0"), dec("123.45")), Some(dec("0")));
+        // 33 significant digits: rust_decimal gives ...185059 where it is ...1850593.
+        assert_eq!(
+            exact_mul(dec("1234567.891234567891234567891"), dec("0.0123")),
+            None
+        );
+        // A scale past 28 whose extra digits are zeros: exact.
+        assert_eq!(
+            exact_mul(dec("0.20000000000000000000000000"), dec("0.5000")),
+            Some(dec("0.1"))
+        );
+        // 1e-15 × 1e-15 needs 30 fractional digits.
+        assert_eq!(
+            exact_mul(dec("0.000000000000001"), dec("0.000000000000001")),
+            None
+        );
+        assert_eq!(exact_mul(Decimal::MAX, dec("2")), None);
+        assert_eq!(exact_mul(Decimal::MAX, dec("1.0")), Some(Decimal::MAX));
+        // Both mantissas of 96 bits, product of 192: its low digits are not zeros.
+        assert_eq!(exact_mul(Decimal::MAX, Decimal::MAX), None);
+    }
+
+    #[test]
     fn packages_are_counted_exactly_at_any_size() {
         let up = |q: &str, size: &str| whole_packages(dec(q), dec(size), true).unwrap();
         let down = |q: &str, size: &str| whole_packages(dec(q), dec(size), false).unwrap();
@@ -273,6 +383,23 @@ mod tests {
                 // Refused only when rust_decimal could not add them exactly either.
                 None => prop_assert!(a.checked_add(b).is_none_or(|rounded| rounded - b != a || rounded - a != b)),
             }
+        }
+
+        /// A product is given exactly, and refused exactly when it has no exact Decimal:
+        /// checked against i128 arithmetic on mantissas of up to 63 bits.
+        #[test]
+        fn exact_products_match_whole_number_arithmetic(a in any::<i64>(), sa in 0u32..=28, b in any::<i64>(), sb in 0u32..=28) {
+            let expected = {
+                let mut mantissa = i128::from(a) * i128::from(b);
+                let mut scale = sa + sb;
+                while scale > 0 && mantissa % 10 == 0 {
+                    mantissa /= 10;
+                    scale -= 1;
+                }
+                Decimal::try_from_i128_with_scale(mantissa, scale).ok()
+            };
+            let product = exact_mul(Decimal::new(a, sa), Decimal::new(b, sb));
+            prop_assert_eq!(product, expected);
         }
 
         /// Whole packages hold the quantity (rounded up) or fit in it (rounded down),

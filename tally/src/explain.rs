@@ -20,6 +20,7 @@ use serde::Serialize;
 use tally_rater::ledger::combine;
 use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
+use tally_schemas::decimal::exact_add;
 use tally_schemas::price::{Discount, Plan, Price, Rate, TiersMode};
 use tally_schemas::records::{InvoiceLine, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
@@ -310,8 +311,8 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
     let mut totals: BTreeMap<&str, (Decimal, Vec<String>)> = BTreeMap::new();
     for line in &e.lines {
         let (total, amounts) = totals.entry(&line.currency).or_default();
-        *total = (total.checked_add(line.amount)).ok_or_else(|| {
-            io::Error::other("an invoice total exceeds the largest exact decimal")
+        *total = exact_add(*total, line.amount).ok_or_else(|| {
+            io::Error::other("an invoice total cannot be held exactly (more than 28 significant digits, or past about 7.9e28)")
         })?;
         amounts.push(line.amount.to_string());
     }

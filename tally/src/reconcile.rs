@@ -797,9 +797,9 @@ impl<'l> Reconciliation<'l> {
             self.invoices.entry(invoice).or_default(),
         ] {
             let total = side(totals);
-            *total = total.checked_add(figures.amount).with_context(|| {
+            *total = exact_add(*total, figures.amount).with_context(|| {
                 format!(
-                    "{}: the {currency} amounts add up past the largest exact decimal (about 7.9e28)",
+                    "{}: the {currency} amounts add up to more than an exact decimal holds (28 significant digits, about 7.9e28 at most); check this line's amount",
                     figures.at
                 )
             })?;
@@ -873,7 +873,7 @@ impl<'l> Reconciliation<'l> {
         let differing: Vec<Vec<String>> = (self.invoices.iter())
             .filter(|(_, (expected, actual))| expected != actual)
             .map(|((customer, currency), (expected, actual))| {
-                let difference = (actual.checked_sub(*expected))
+                let difference = exact_add(*actual, -*expected)
                     .map_or_else(|| "-".to_owned(), |d| d.to_string());
                 vec![
                     customer.to_string(),
@@ -898,8 +898,8 @@ impl<'l> Reconciliation<'l> {
         writeln!(out)?;
         writeln!(out, "Totals (actual - expected):")?;
         for (currency, (expected, actual)) in &self.totals {
-            let difference = (actual.checked_sub(*expected)).map_or_else(
-                || "past the largest exact decimal".into(),
+            let difference = exact_add(*actual, -*expected).map_or_else(
+                || "more than an exact decimal holds".into(),
                 |d| d.to_string(),
             );
             writeln!(
@@ -973,11 +973,11 @@ impl Difference<'_> {
 
     /// Actual minus expected amount (a missing line counting zero), in their one
     /// currency; `None` when the two are in different currencies (or the difference is
-    /// past the largest exact decimal).
+    /// more than an exact decimal holds).
     fn amount_difference(&self) -> Option<(Decimal, &str)> {
         match (self.expected, self.actual) {
             (Some(e), Some(a)) if e.currency != a.currency => None,
-            (Some(e), Some(a)) => Some((a.amount.checked_sub(e.amount)?, &a.currency)),
+            (Some(e), Some(a)) => Some((exact_add(a.amount, -e.amount)?, &a.currency)),
             (Some(e), None) => Some((-e.amount, &e.currency)),
             (None, Some(a)) => Some((a.amount, &a.currency)),
             (None, None) => None,
@@ -1297,7 +1297,20 @@ mod tests {
         let refused = Reconciliation::of(&huge, &huge).unwrap_err();
         assert_eq!(
             refused.to_string(),
-            "a.jsonl line 2: the usd amounts add up past the largest exact decimal (about 7.9e28)"
+            "a.jsonl line 2: the usd amounts add up to more than an exact decimal holds (28 significant digits, about 7.9e28 at most); check this line's amount"
+        );
+        // 38 significant digits: rust_decimal would round the second amount away.
+        let precise = json(concat!(
+            r#"{"customer":"a","price":"p","quantity":"1","amount":"5000000000","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"b","price":"p","quantity":"1","amount":"0.0000000000000000000000000001","currency":"usd"}"#,
+        ));
+        let refused = Reconciliation::of(&precise, &precise).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .starts_with("a.jsonl line 2: the usd amounts add up to more than"),
+            "{refused}"
         );
     }
 

@@ -6,6 +6,7 @@ use std::io::{self, Write};
 
 use clap::ValueEnum;
 use rust_decimal::Decimal;
+use tally_schemas::decimal::exact_add;
 use tally_schemas::records::{InvoiceLine, TierCharge};
 use tally_schemas::time::rfc3339;
 
@@ -102,18 +103,20 @@ pub struct Totals<'a> {
 
 impl<'a> Totals<'a> {
     pub fn of(lines: &'a [InvoiceLine]) -> io::Result<Self> {
-        let overflow = || io::Error::other("an invoice total exceeds the largest exact decimal");
+        let overflow = || {
+            io::Error::other("an invoice total cannot be held exactly (more than 28 significant digits, or past about 7.9e28)")
+        };
         let mut totals = Totals::default();
         for l in lines {
             let t = totals
                 .per_customer
                 .entry((&l.currency, &l.customer, &l.plan))
                 .or_default();
-            *t = t.checked_add(l.amount).ok_or_else(overflow)?;
+            *t = exact_add(*t, l.amount).ok_or_else(overflow)?;
         }
         for ((currency, _, _), total) in &totals.per_customer {
             let c = totals.per_currency.entry(currency).or_default();
-            c.0 = c.0.checked_add(*total).ok_or_else(overflow)?;
+            c.0 = exact_add(c.0, *total).ok_or_else(overflow)?;
             c.1 += 1;
         }
         Ok(totals)

@@ -13,6 +13,7 @@ use super::{
     Customer, CustomerSpec, DiscountSpec, Meter, MeterId, MeterSpec, PlanId, PlanSpec, PriceSpec,
     Settings, Subscription, TierSpec,
 };
+use crate::decimal::exact_add;
 use crate::money::Currency;
 use crate::price::{Discount, Package, Plan, Price, Rate, Tier, Tiers, TiersMode, UpTo};
 use crate::time::WindowSize;
@@ -428,7 +429,7 @@ fn check_flat_amounts_storable(price: &Price, currency: Currency, at: &str, issu
     };
     let mut flat = tiers.iter().map(|t| t.flat_amount);
     let most = match mode {
-        TiersMode::Graduated => flat.try_fold(Decimal::ZERO, Decimal::checked_add),
+        TiersMode::Graduated => flat.try_fold(Decimal::ZERO, exact_add),
         TiersMode::Volume => flat.max(),
     };
     if most.and_then(|most| currency.to_minor(most)).is_none() {
