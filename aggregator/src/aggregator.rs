@@ -712,11 +712,11 @@ impl Aggregator {
         self.series.len()
     }
 
-    /// The whole state, for a snapshot. Pending (undrained) updates are not part of it:
-    /// take a snapshot right after a drain, as the transaction that carries the updates
-    /// commits. Dedupe entries come in table order, not sorted: sorting millions of
-    /// them stalled the commit that writes the snapshot (snapshots compare equal
-    /// whatever the order).
+    /// The whole state, dedupe keys included, for tests that compare a rebuilt state
+    /// with the original (snapshots compare equal whatever the keys' order). Pending
+    /// (undrained) updates are not part of it. The service stores the keys apart from
+    /// [`Aggregator::usage_snapshot`] instead.
+    #[cfg(test)]
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             dedupe: self.dedupe.entries().copied().collect(),

@@ -41,10 +41,6 @@ impl Metrics {
         Metrics { registry }
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     fn register<M: prometheus::core::Collector + Clone + 'static>(&self, name: &str, m: M) -> M {
         if let Err(e) = self.registry.register(Box::new(m.clone())) {
             panic!("metric {name} cannot be registered: {e}");

@@ -609,6 +609,12 @@ fn empty_names_are_reported_by_position() {
         "customers[0].id",
         "must not be empty",
     );
+    // A blank id is no name either: the position says which item it is.
+    assert_has_issue(
+        &with(r#"id = "cust_acme""#, r#"id = " ""#),
+        "customers[0].id",
+        "must not be empty",
+    );
     assert_only_issue(
         &with(r#"event_type = "llm.tokens""#, r#"event_type = " ""#),
         "meters[tokens].event_type",

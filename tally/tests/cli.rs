@@ -2014,7 +2014,7 @@ fn validate_refuses_floats_unknown_fields_and_missing_value_properties() {
         ),
         (
             format!("{PRO}\n[[customers]]\nid = \"cust_idle\"\nplan = \"pro\"\n"),
-            "customers[cust_idle].id: duplicate customer id",
+            "customers[cust_idle].id: duplicate customer id; ids must be unique",
         ),
         (
             PRO.replace(r#"flat_amount = "49""#, r#"flat_amount = "-49""#),

@@ -98,23 +98,69 @@ fn validate_settings(file: &ConfigFile, issues: &mut Issues) -> Settings {
     settings
 }
 
+/// What an item's id is called and what is said when it is missing or taken twice.
+struct IdRule {
+    field: &'static str,
+    empty: &'static str,
+    duplicate: &'static str,
+}
+
+const METER_SLUG: IdRule = IdRule {
+    field: "slug",
+    empty: "must not be empty",
+    duplicate: "duplicate meter slug; slugs must be unique",
+};
+const PLAN_ID: IdRule = IdRule {
+    field: "id",
+    empty: "must not be empty",
+    duplicate: "duplicate plan id; ids must be unique",
+};
+const PRICE_ID: IdRule = IdRule {
+    field: "id",
+    empty: "must not be empty",
+    duplicate: "duplicate price id within the plan",
+};
+const CUSTOMER_ID: IdRule = IdRule {
+    field: "id",
+    empty: "must not be empty: it is the events' subject",
+    duplicate: "duplicate customer id; ids must be unique",
+};
+
+/// Where an item of a list is, for messages: by its id, or by its index while the id
+/// is blank.
+fn item_at(list: &str, index: usize, id: &str) -> String {
+    match id.trim().is_empty() {
+        true => format!("{list}[{index}]"),
+        false => format!("{list}[{id}]"),
+    }
+}
+
+/// Checks that an item's id is set and not taken by an earlier item; false when it is
+/// not usable.
+fn check_id<'a>(
+    id: &'a str,
+    at: &str,
+    rule: &IdRule,
+    seen: &mut HashSet<&'a str>,
+    issues: &mut Issues,
+) -> bool {
+    let problem = if id.trim().is_empty() {
+        rule.empty
+    } else if !seen.insert(id) {
+        rule.duplicate
+    } else {
+        return true;
+    };
+    issues.add(format!("{at}.{}", rule.field), problem);
+    false
+}
+
 fn validate_meters(specs: &[MeterSpec], issues: &mut Issues) -> Vec<Meter> {
     let mut seen = HashSet::new();
     let mut meters = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
-        let at = if spec.slug.is_empty() {
-            format!("meters[{i}]")
-        } else {
-            format!("meters[{}]", spec.slug)
-        };
-        if spec.slug.trim().is_empty() {
-            issues.add(format!("{at}.slug"), "must not be empty");
-        } else if !seen.insert(spec.slug.as_str()) {
-            issues.add(
-                format!("{at}.slug"),
-                "duplicate meter slug; slugs must be unique",
-            );
-        }
+        let at = item_at("meters", i, &spec.slug);
+        check_id(&spec.slug, &at, &METER_SLUG, &mut seen, issues);
         if spec.event_type.trim().is_empty() {
             issues.add(format!("{at}.event_type"), "must not be empty");
         }
@@ -168,16 +214,8 @@ fn validate_plans(specs: &[PlanSpec], meters: &[Meter], issues: &mut Issues) -> 
     let mut seen = HashSet::new();
     let mut plans = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
-        let at = if spec.id.is_empty() {
-            format!("plans[{i}]")
-        } else {
-            format!("plans[{}]", spec.id)
-        };
-        if spec.id.trim().is_empty() {
-            issues.add(format!("{at}.id"), "must not be empty");
-        } else if !seen.insert(spec.id.as_str()) {
-            issues.add(format!("{at}.id"), "duplicate plan id; ids must be unique");
-        }
+        let at = item_at("plans", i, &spec.id);
+        check_id(&spec.id, &at, &PLAN_ID, &mut seen, issues);
         let currency = match Currency::from_code(&spec.currency) {
             Some(c) => c,
             None => {
@@ -204,16 +242,8 @@ fn validate_plans(specs: &[PlanSpec], meters: &[Meter], issues: &mut Issues) -> 
             .iter()
             .enumerate()
             .filter_map(|(j, p)| {
-                let at = if p.id.is_empty() {
-                    format!("{at}.prices[{j}]")
-                } else {
-                    format!("{at}.prices[{}]", p.id)
-                };
-                if p.id.trim().is_empty() {
-                    issues.add(format!("{at}.id"), "must not be empty");
-                } else if !price_ids.insert(p.id.as_str()) {
-                    issues.add(format!("{at}.id"), "duplicate price id within the plan");
-                }
+                let at = item_at(&format!("{at}.prices"), j, &p.id);
+                check_id(&p.id, &at, &PRICE_ID, &mut price_ids, issues);
                 validate_price(p, &at, meters, issues)
             })
             .collect();
@@ -459,21 +489,10 @@ fn validate_customers(
     issues: &mut Issues,
 ) -> BTreeMap<String, Customer> {
     let mut customers = BTreeMap::new();
+    let mut seen = HashSet::new();
     for (i, spec) in specs.iter().enumerate() {
-        let at = if spec.id.is_empty() {
-            format!("customers[{i}]")
-        } else {
-            format!("customers[{}]", spec.id)
-        };
-        if spec.id.trim().is_empty() {
-            issues.add(
-                format!("{at}.id"),
-                "must not be empty: it is the events' subject",
-            );
-            continue;
-        }
-        if customers.contains_key(&spec.id) {
-            issues.add(format!("{at}.id"), "duplicate customer id");
+        let at = item_at("customers", i, &spec.id);
+        if !check_id(&spec.id, &at, &CUSTOMER_ID, &mut seen, issues) {
             continue;
         }
         let subscribe = |plan: &str, discounts: &[DiscountSpec], at: &str, issues: &mut Issues| {
