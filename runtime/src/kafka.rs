@@ -112,6 +112,14 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// [`client_config`] for a producer that writes each record once, in order, to every
+/// in-sync replica: what every Tally producer needs, as money rides on its records.
+pub fn idempotent_producer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = client_config(settings);
+    config.set("enable.idempotence", "true").set("acks", "all");
+    config
+}
+
 /// A `[kafka] properties` entry librdkafka refuses.
 #[derive(Debug, thiserror::Error)]
 #[error("[kafka] properties.\"{name}\": {description} (its value is not shown: it may be a secret); fix or remove it")]

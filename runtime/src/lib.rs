@@ -1,6 +1,6 @@
 //! What Tally's services share, and nothing stage-specific: Kafka client settings and
-//! the topic layout ([`kafka`]), Prometheus metrics and the `/metrics`, `/healthz` and
-//! `/readyz` endpoints ([`ops`]), orderly shutdown ([`shutdown`]), and work spread over
+//! the topic layout ([`kafka`]), Prometheus metrics ([`metrics`]) and the `/metrics`,
+//! `/healthz` and `/readyz` endpoints ([`ops`]), orderly shutdown ([`shutdown`]), and work spread over
 //! the cores ([`threads`]).
 
 pub mod kafka;

@@ -52,6 +52,71 @@ pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
     Decimal::try_from_i128_with_scale(mantissa, scale).ok()
 }
 
+/// A sum of many decimals, exact whatever their order: the whole parts and the
+/// fractions (in units of 1e-28) are added apart in 128-bit integers, so adding
+/// 16.666…667 three times and 0.000…001 once gives 50.000…002 even though no running
+/// Decimal holds 33.333…334. Only the final total must fit a Decimal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExactSum {
+    whole: i128,
+    /// Always in `0..10^28` after an addition.
+    fraction: i128,
+    /// The largest scale added: the total keeps it, as a Decimal sum would (1.50 +
+    /// 2.50 is 4.00).
+    scale: u32,
+    /// Past what 128 bits hold (billions of the largest amounts); the total is `None`.
+    overflowed: bool,
+}
+
+const FRACTION_UNIT: i128 = 10i128.pow(MAX_SCALE as u32);
+
+impl ExactSum {
+    pub fn add(&mut self, d: Decimal) {
+        let scale_up = 10i128.pow(MAX_SCALE as u32 - d.scale());
+        let power = 10i128.pow(d.scale());
+        let (whole, fraction) = (d.mantissa() / power, d.mantissa() % power * scale_up);
+        let sum = (|| {
+            let fraction = self.fraction.checked_add(fraction)?;
+            let whole =
+                (self.whole.checked_add(whole)?).checked_add(fraction.div_euclid(FRACTION_UNIT))?;
+            Some((whole, fraction.rem_euclid(FRACTION_UNIT)))
+        })();
+        match sum {
+            Some((whole, fraction)) => (self.whole, self.fraction) = (whole, fraction),
+            None => self.overflowed = true,
+        }
+        self.scale = self.scale.max(d.scale());
+    }
+
+    /// The exact total, or `None` when it needs more than a Decimal's 28 significant
+    /// digits or is past its range.
+    pub fn total(&self) -> Option<Decimal> {
+        if self.overflowed {
+            return None;
+        }
+        let (mut fraction, mut fewest) = (self.fraction, MAX_SCALE as u32);
+        while fewest > 0 && fraction % 10 == 0 {
+            fraction /= 10;
+            fewest -= 1;
+        }
+        let digits = (self.whole.checked_mul(10i128.pow(fewest))?).checked_add(fraction)?;
+        // The largest scale up to the parts' that fits, as rust_decimal drops trailing
+        // zeros only to fit.
+        (fewest..=self.scale.max(fewest)).rev().find_map(|scale| {
+            let mantissa = digits.checked_mul(10i128.pow(scale - fewest))?;
+            Decimal::try_from_i128_with_scale(mantissa, scale).ok()
+        })
+    }
+}
+
+impl FromIterator<Decimal> for ExactSum {
+    fn from_iter<I: IntoIterator<Item = Decimal>>(items: I) -> Self {
+        let mut sum = ExactSum::default();
+        items.into_iter().for_each(|d| sum.add(d));
+        sum
+    }
+}
+
 /// `a × b` exactly, or `None` when the product is beyond the largest decimal or needs
 /// more than 28 fractional digits or 96 bits of digits (rust_decimal would round it).
 pub fn exact_mul(a: Decimal, b: Decimal) -> Option<Decimal> {
@@ -342,6 +407,37 @@ mod tests {
     }
 
     #[test]
+    fn sums_of_many_are_exact_whatever_the_order() {
+        let third = dec("16.666666666666666666666666667");
+        let rest = dec("33.333333333333333333333333333");
+        // No running Decimal holds 2 x third (29 digits); the total is still exact.
+        let sum: ExactSum = [third, third, rest, rest].into_iter().collect();
+        assert_eq!(sum.total(), Some(dec("100")));
+        let sum: ExactSum = [
+            dec("-1.5"),
+            dec("0.25"),
+            dec("-0.0000000000000000000000000001"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(sum.total(), Some(dec("-1.2500000000000000000000000001")));
+        assert_eq!(ExactSum::default().total(), Some(Decimal::ZERO));
+        let sum: ExactSum = [dec("1.50"), dec("2.50")].into_iter().collect();
+        assert_eq!(sum.total().unwrap().to_string(), "4.00");
+        // A total that needs 38 digits has no exact Decimal.
+        let sum: ExactSum = [dec("5000000000"), dec("0.0000000000000000000000000001")]
+            .into_iter()
+            .collect();
+        assert_eq!(sum.total(), None);
+        let sum: ExactSum = [Decimal::MAX, Decimal::MAX, -Decimal::MAX]
+            .into_iter()
+            .collect();
+        assert_eq!(sum.total(), Some(Decimal::MAX));
+        let sum: ExactSum = [Decimal::MAX, Decimal::ONE].into_iter().collect();
+        assert_eq!(sum.total(), None);
+    }
+
+    #[test]
     fn packages_are_counted_exactly_at_any_size() {
         let up = |q: &str, size: &str| whole_packages(dec(q), dec(size), true).unwrap();
         let down = |q: &str, size: &str| whole_packages(dec(q), dec(size), false).unwrap();
@@ -400,6 +496,23 @@ mod tests {
             };
             let product = exact_mul(Decimal::new(a, sa), Decimal::new(b, sb));
             prop_assert_eq!(product, expected);
+        }
+
+        /// A sum in any order is the sum of exact pairwise additions, where those hold.
+        #[test]
+        fn exact_sums_of_many_match_pairwise_sums(parts in proptest::collection::vec((any::<i64>(), 0u32..=28), 0..12), rotate in 0usize..12) {
+            let mut parts: Vec<Decimal> = parts.into_iter().map(|(m, s)| Decimal::new(m, s)).collect();
+            let pairwise = parts.iter().try_fold(Decimal::ZERO, |a, &b| exact_add(a, b));
+            let forward: ExactSum = parts.iter().copied().collect();
+            if !parts.is_empty() {
+                let by = rotate % parts.len();
+                parts.rotate_left(by);
+            }
+            let rotated: ExactSum = parts.iter().copied().collect();
+            prop_assert_eq!(forward.total(), rotated.total());
+            if let Some(pairwise) = pairwise {
+                prop_assert_eq!(forward.total(), Some(pairwise));
+            }
         }
 
         /// Whole packages hold the quantity (rounded up) or fit in it (rounded down),

@@ -24,7 +24,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tally_schemas::config::Config;
-use tally_schemas::decimal::{exact_add, parse_exact};
+use tally_schemas::decimal::{exact_add, parse_exact, ExactSum};
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
@@ -745,6 +745,54 @@ struct Reconciliation<'l> {
     invoices: BTreeMap<(&'l str, &'l str), (Decimal, Decimal)>,
 }
 
+/// Both sources' amounts added up per currency and per invoice, exact in any order.
+#[derive(Default)]
+struct Sums<'l> {
+    per_currency: BTreeMap<&'l str, (ExactSum, ExactSum)>,
+    per_invoice: BTreeMap<(&'l str, &'l str), (ExactSum, ExactSum)>,
+}
+
+impl<'l> Sums<'l> {
+    /// Adds a line's amount to its side of its currency's and its invoice's sums.
+    fn add(
+        &mut self,
+        key: &'l LineKey,
+        figures: &'l Figures,
+        side: fn(&mut (ExactSum, ExactSum)) -> &mut ExactSum,
+    ) {
+        let currency = figures.currency.as_str();
+        side(self.per_currency.entry(currency).or_default()).add(figures.amount);
+        let invoice = (key.customer.as_str(), currency);
+        side(self.per_invoice.entry(invoice).or_default()).add(figures.amount);
+    }
+}
+
+/// The sums' totals, or an error naming the first that no exact decimal holds.
+fn totals<K: Ord + Copy>(
+    sums: BTreeMap<K, (ExactSum, ExactSum)>,
+    name: impl Fn(K) -> String,
+) -> anyhow::Result<BTreeMap<K, (Decimal, Decimal)>> {
+    let total = |sum: ExactSum, key: K, source: &str| {
+        sum.total().with_context(|| {
+            format!(
+                "the {source} {} amounts add up to more than an exact decimal holds (28 significant digits, about 7.9e28 at most); check that source's amounts",
+                name(key)
+            )
+        })
+    };
+    (sums.into_iter())
+        .map(|(key, (expected, actual))| {
+            Ok((
+                key,
+                (
+                    total(expected, key, "expected")?,
+                    total(actual, key, "actual")?,
+                ),
+            ))
+        })
+        .collect()
+}
+
 impl<'l> Reconciliation<'l> {
     fn of(expected: &'l Lines, actual: &'l Lines) -> anyhow::Result<Self> {
         let mut reconciliation = Reconciliation {
@@ -754,8 +802,9 @@ impl<'l> Reconciliation<'l> {
             totals: BTreeMap::new(),
             invoices: BTreeMap::new(),
         };
+        let mut sums = Sums::default();
         for (key, figures) in &expected.by_key {
-            reconciliation.add_to_totals(key, figures, |totals| &mut totals.0)?;
+            sums.add(key, figures, |sums| &mut sums.0);
             match actual.by_key.get(key) {
                 Some(other) if figures.agrees_with(other) => reconciliation.agreed += 1,
                 None if figures.is_zero() => reconciliation.zero_on_one_side += 1,
@@ -767,7 +816,7 @@ impl<'l> Reconciliation<'l> {
             }
         }
         for (key, figures) in &actual.by_key {
-            reconciliation.add_to_totals(key, figures, |totals| &mut totals.1)?;
+            sums.add(key, figures, |sums| &mut sums.1);
             if !expected.by_key.contains_key(key) {
                 match figures.is_zero() {
                     true => reconciliation.zero_on_one_side += 1,
@@ -780,31 +829,11 @@ impl<'l> Reconciliation<'l> {
             }
         }
         reconciliation.differences.sort_by_key(|d| d.key);
+        reconciliation.totals = totals(sums.per_currency, |currency| currency.to_string())?;
+        reconciliation.invoices = totals(sums.per_invoice, |(customer, currency)| {
+            format!("customer {customer}'s {currency}")
+        })?;
         Ok(reconciliation)
-    }
-
-    /// Adds a line's amount to its side of its currency's and its invoice's totals.
-    fn add_to_totals(
-        &mut self,
-        key: &'l LineKey,
-        figures: &'l Figures,
-        side: fn(&mut (Decimal, Decimal)) -> &mut Decimal,
-    ) -> anyhow::Result<()> {
-        let currency = figures.currency.as_str();
-        let invoice = (key.customer.as_str(), currency);
-        for totals in [
-            self.totals.entry(currency).or_default(),
-            self.invoices.entry(invoice).or_default(),
-        ] {
-            let total = side(totals);
-            *total = exact_add(*total, figures.amount).with_context(|| {
-                format!(
-                    "{}: the {currency} amounts add up to more than an exact decimal holds (28 significant digits, about 7.9e28 at most); check this line's amount",
-                    figures.at
-                )
-            })?;
-        }
-        Ok(())
     }
 
     fn agrees(&self) -> bool {
@@ -1297,7 +1326,7 @@ mod tests {
         let refused = Reconciliation::of(&huge, &huge).unwrap_err();
         assert_eq!(
             refused.to_string(),
-            "a.jsonl line 2: the usd amounts add up to more than an exact decimal holds (28 significant digits, about 7.9e28 at most); check this line's amount"
+            "the expected usd amounts add up to more than an exact decimal holds (28 significant digits, about 7.9e28 at most); check that source's amounts"
         );
         // 38 significant digits: rust_decimal would round the second amount away.
         let precise = json(concat!(
@@ -1309,9 +1338,19 @@ mod tests {
         assert!(
             refused
                 .to_string()
-                .starts_with("a.jsonl line 2: the usd amounts add up to more than"),
+                .starts_with("the expected usd amounts add up to more than"),
             "{refused}"
         );
+        // Amounts whose running sum no decimal holds, but whose total one does.
+        let thirds = json(concat!(
+            r#"{"customer":"a","price":"p","quantity":"1","amount":"16.666666666666666666666666667","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"b","price":"p","quantity":"1","amount":"16.666666666666666666666666667","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"c","price":"p","quantity":"1","amount":"16.666666666666666666666666666","currency":"usd"}"#,
+        ));
+        let agreed = Reconciliation::of(&thirds, &thirds).unwrap();
+        assert_eq!(agreed.totals["usd"], (Decimal::from(50), Decimal::from(50)));
     }
 
     const OLD_BILLER_MAP: &str = "kind,from,to\n\

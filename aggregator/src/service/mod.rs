@@ -39,9 +39,10 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
-    partition_count, partition_for_key, poll_group, positions_ahead, send, DeliveryReports,
-    GroupContext, KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
+    client_config, committed_offsets, flush, group_consumer, header_value,
+    idempotent_producer_config, leave_group, offset_of, partition_count, partition_for_key,
+    poll_group, positions_ahead, send, DeliveryReports, GroupContext, KafkaProducer,
+    PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -493,10 +494,9 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
 /// A producer for control records, outside any transaction: they are input, as an
 /// event is.
 fn control_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
-    client_config(kafka)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        // A mistyped prefix must fail, not create a topic no aggregator reads.
+    idempotent_producer_config(kafka)
+        // A mistyped prefix must fail, not create a topic no aggregator reads, whatever
+        // `[kafka] properties` says.
         .set("allow.auto.create.topics", "false")
         .create_with_context(DeliveryReports::default())
         .map_err(kafka_error("create a producer for the control records"))
@@ -797,10 +797,8 @@ fn transactional_id(kafka: &KafkaSettings) -> String {
 
 fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     let transactional_id = transactional_id(kafka);
-    let producer: KafkaProducer = client_config(kafka)
+    let producer: KafkaProducer = idempotent_producer_config(kafka)
         .set("transactional.id", &transactional_id)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
         .set("message.max.bytes", MAX_RECORD_BYTES.to_string())

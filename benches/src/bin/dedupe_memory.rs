@@ -49,7 +49,7 @@ fn removed(bytes: usize) {
     LIVE.fetch_sub(bytes, Ordering::Relaxed);
 }
 
-// The one place this crate needs unsafe code: see the [lints] comment in Cargo.toml.
+// The one place the benchmarks need unsafe code: see the [lints] comment in Cargo.toml.
 // Every method forwards to `System` with the caller's arguments unchanged, so the
 // caller's obligations pass straight through; the counters only see sizes.
 #[allow(unsafe_code)]

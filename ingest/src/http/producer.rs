@@ -88,13 +88,10 @@ pub struct Record<'a> {
 impl EventProducer {
     /// Creates the producer; it connects to the brokers in the background.
     pub fn new(settings: &KafkaSettings) -> Result<Self, IngestError> {
-        let mut config = tally_runtime::kafka::client_config(settings);
+        let mut config = tally_runtime::kafka::idempotent_producer_config(settings);
         // murmur2: the partitioner of Kafka's Java clients, so a customer's events land
         // on the same partition whether ingest or a Java/Go service produced them.
-        config
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random");
+        config.set("partitioner", "murmur2_random");
         // Tunables the operator may override in `[kafka] properties`.
         for (name, default) in [
             // A few ms of batching: a request's events travel in few produce requests.

@@ -45,9 +45,10 @@ use rust_decimal::Decimal;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use tally_runtime::kafka::{
-    client_config, committed_offsets, flush, group_consumer, header_value, leave_group, offset_of,
-    partition_for_key, poll_group, positions_ahead, read_partition, send_until, DeliveryReports,
-    GroupContext, KafkaProducer, PartitionOwner,
+    client_config, committed_offsets, flush, group_consumer, header_value,
+    idempotent_producer_config, leave_group, offset_of, partition_for_key, poll_group,
+    positions_ahead, read_partition, send_until, DeliveryReports, GroupContext, KafkaProducer,
+    PartitionOwner,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -492,9 +493,7 @@ pub fn run(
         std::thread::sleep(wait);
         wait = (wait * 2).min(Duration::from_secs(5));
     }
-    let producer: KafkaProducer = client_config(kafka_settings)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
+    let producer: KafkaProducer = idempotent_producer_config(kafka_settings)
         .set("linger.ms", "20")
         .set("compression.type", "lz4")
         // Queued lines are sent until delivered, however long Kafka is away: one given
