@@ -643,7 +643,13 @@ impl ClickHouse {
         }
         let mut response = request.send(&body[..]).map_err(unreachable)?;
         let status = response.status().as_u16();
-        let answer = response.body_mut().read_to_string();
+        // No cap on the answer's size: ureq's default (10 MiB) would fail every check
+        // of a large book's stale lines, the same way on every retry.
+        let answer = response
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_string();
         if status == 200 {
             return answer.map_err(unreachable);
         }
