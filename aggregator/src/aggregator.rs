@@ -67,7 +67,8 @@ pub enum Outcome {
     Retry,
     /// Same `(source, id)` as an event already counted, different content; dropped.
     Conflict,
-    /// Older than the dedupe horizon allows; refused.
+    /// Older than the dedupe horizon allows, or of a day whose keys are forgotten;
+    /// refused.
     TooLate,
     /// Refused: counting it would break an exact total.
     Refused(StateError),
@@ -456,8 +457,12 @@ impl Aggregator {
         )
     }
 
+    /// Older than the horizon, or of a day whose keys are already forgotten: after a
+    /// restore with a longer horizon than the state was built with, the horizon alone
+    /// would take back retries whose keys are gone.
     fn is_too_late(&self, time: DateTime<Utc>) -> bool {
         self.oldest_acceptable().is_some_and(|oldest| time < oldest)
+            || self.has_forgotten_day(day_of(time))
     }
 
     fn advance_watermark(&mut self, time: DateTime<Utc>) {
@@ -1569,6 +1574,30 @@ mod tests {
             Outcome::TooLate
         );
         assert_eq!(usage(&agg, "2026-11", "tokens")[0].1, "10");
+    }
+
+    #[test]
+    fn a_longer_horizon_after_a_restore_does_not_take_back_forgotten_retries() {
+        let mut agg = Aggregator::streaming(&config());
+        agg.apply(&tokens("old", "2026-11-01T10:00:00Z", "gpt", 5, 1));
+        agg.apply(&tokens("new", "2026-11-05T10:00:00Z", "gpt", 5, 1));
+        agg.drain_updates();
+        // The operator raises the horizon from 2 to 7 days and restarts: the 1st is
+        // within the new horizon, but its keys went with the old one.
+        let longer = Config::parse(&CONFIG.replace("\"2d\"", "\"7d\""), "test").unwrap();
+        let mut restored = Aggregator::streaming(&longer)
+            .restore(agg.snapshot())
+            .unwrap();
+        assert_eq!(
+            restored.apply(&tokens("old", "2026-11-01T10:00:00Z", "gpt", 5, 1)),
+            Outcome::TooLate
+        );
+        // Days whose keys are still held are taken with the longer horizon.
+        assert_eq!(
+            restored.apply(&tokens("day4", "2026-11-04T10:00:00Z", "gpt", 5, 1)),
+            Outcome::Late
+        );
+        assert_eq!(usage(&restored, "2026-11", "tokens")[0].1, "15");
     }
 
     #[test]
