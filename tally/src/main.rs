@@ -193,12 +193,25 @@ fn describe(error: &anyhow::Error) -> String {
     text
 }
 
+/// The process's environment as the configuration reads it. `HOSTNAME`, the default
+/// instance id, falls back to the kernel's host name when unset: shells export it,
+/// systemd and some container runtimes do not, and every host would otherwise share
+/// the id `0` (and so one transactional id).
+pub fn environment(name: &str) -> Option<String> {
+    let set = std::env::var(name).ok().filter(|value| !value.is_empty());
+    set.or_else(|| match name {
+        "HOSTNAME" => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|host| host.trim().to_owned())
+            .filter(|host| !host.is_empty()),
+        _ => None,
+    })
+}
+
 fn validate(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     // The services' sections too, with this environment's overrides and secrets.
-    let services = config.services(&path.display().to_string(), &|name| {
-        std::env::var(name).ok()
-    })?;
+    let services = config.services(&path.display().to_string(), &environment)?;
     tally_runtime::kafka::check_properties(&services.kafka)?;
     let prices: usize = config.plans.iter().map(|p| p.prices.len()).sum();
     println!(
@@ -211,13 +224,14 @@ fn validate(path: &Path) -> anyhow::Result<()> {
         config.hash
     );
     println!(
-        "services: Kafka {} (topics {}.*), ClickHouse {} database {}, ingest on {} with {} API key(s)",
+        "services: Kafka {} (topics {}.*), ClickHouse {} database {}, ingest on {} with {} API key(s), instance id {}",
         services.kafka.brokers,
         services.kafka.topic_prefix,
         services.clickhouse.url,
         services.clickhouse.database,
         services.ingest.listen,
-        services.ingest.api_keys.len()
+        services.ingest.api_keys.len(),
+        services.kafka.instance_id,
     );
     for (at, message) in &services.ingest.unresolved_keys {
         println!("warning: {at}: {message} (only `tally serve ingest` needs it)");
@@ -227,9 +241,7 @@ fn validate(path: &Path) -> anyhow::Result<()> {
 
 fn close_period(path: &Path, period: Period) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let settings = config.services(&path.display().to_string(), &|name| {
-        std::env::var(name).ok()
-    })?;
+    let settings = config.services(&path.display().to_string(), &environment)?;
     anyhow::ensure!(
         period.end() <= Utc::now(),
         "{period} has not ended yet (it ends {}); only a month that has ended can be closed",
@@ -256,9 +268,7 @@ pub struct ConfiguredClickHouse {
 impl ConfiguredClickHouse {
     /// `config`, loaded from `path`; `database` instead of the section's, if given.
     pub fn of(config: &Config, path: &Path, database: Option<&str>) -> anyhow::Result<Self> {
-        let settings = config.services(&path.display().to_string(), &|name| {
-            std::env::var(name).ok()
-        })?;
+        let settings = config.services(&path.display().to_string(), &environment)?;
         let store = settings.clickhouse;
         let database = database.map_or(store.database, str::to_owned);
         let client = ClickHouse::new(&store.url, &database)
@@ -311,7 +321,7 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
         Some(url) => {
             // The URL and database are the flags'; the user and password the
             // [clickhouse] section's or the environment's.
-            let credentials = config.clickhouse_credentials(&|name| std::env::var(name).ok());
+            let credentials = config.clickhouse_credentials(&environment);
             let store = ClickHouse::new(url, &args.clickhouse_database)
                 .context("--clickhouse-database")?
                 .with_credentials(&credentials);

@@ -57,7 +57,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logs(args.log_format);
     let config = Arc::new(Config::load(&args.config)?);
     let origin = args.config.display().to_string();
-    let settings = config.services(&origin, &|name| std::env::var(name).ok())?;
+    let settings = config.services(&origin, &crate::environment)?;
     tally_runtime::kafka::check_properties(&settings.kafka)?;
     tracing::info!(
         service = ?args.service,

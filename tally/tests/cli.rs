@@ -316,6 +316,7 @@ impl Fixture {
     fn validate(&self) -> Run {
         self.tally()
             .args(["validate", "--config", "tally.toml"])
+            .env("TALLY_INSTANCE_ID", "agg-1")
             .output()
             .unwrap()
             .into()
@@ -1961,9 +1962,40 @@ fn validate_accepts_a_good_config_and_summarises_it() {
         format!(
             "tally.toml is valid: 2 meters, 1 plans with 3 prices, 2 customers; price book hash {hash}\n\
              services: Kafka 127.0.0.1:9092 (topics tally.*), ClickHouse http://127.0.0.1:8123 database tally, \
-             ingest on 127.0.0.1:9101 with 0 API key(s)\n"
+             ingest on 127.0.0.1:9101 with 0 API key(s), instance id agg-1\n"
         )
     );
+}
+
+#[test]
+fn the_instance_id_defaults_to_the_host_name_even_where_hostname_is_not_exported() {
+    // systemd exports no HOSTNAME: every host would share the id `0`, and so one
+    // transactional id, fencing each other's aggregators.
+    let f = Fixture::new(PRO);
+    let run: Run = (f.tally())
+        .args(["validate", "--config", "tally.toml"])
+        .env_remove("TALLY_INSTANCE_ID")
+        .env_remove("HOSTNAME")
+        .output()
+        .unwrap()
+        .into();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let shown = run.succeeded().stdout;
+    assert!(
+        shown.ends_with(&format!("instance id {}\n", host.trim())),
+        "{shown}"
+    );
+    let run: Run = (f.tally())
+        .args(["validate", "--config", "tally.toml"])
+        .env_remove("TALLY_INSTANCE_ID")
+        .env("HOSTNAME", "exported-host")
+        .output()
+        .unwrap()
+        .into();
+    assert!(run
+        .succeeded()
+        .stdout
+        .ends_with("instance id exported-host\n"));
 }
 
 #[test]

@@ -91,7 +91,7 @@ pub enum AggregatorError {
     Kafka { what: String, source: KafkaError },
     #[error("cannot restore a partition's state: {0}")]
     Restore(#[from] tally_runtime::kafka::ReadError),
-    #[error("fenced twice within {} minutes: another process initialised transactions as {transactional_id}, so another aggregator runs with TALLY_INSTANCE_ID {instance_id} (a newer run of this instance, or a second one configured alike). This one stops, so the two do not abort each other's transactions in turn; if both should run, give each its own TALLY_INSTANCE_ID (the default, HOSTNAME, differs per host).", FENCED_AGAIN_WITHIN.as_secs() / 60)]
+    #[error("fenced twice within {} minutes: another process initialised transactions as {transactional_id}, so another aggregator runs with TALLY_INSTANCE_ID {instance_id} (a newer run of this instance, or a second one configured alike). This one stops, so the two do not abort each other's transactions in turn; if both should run, give each its own TALLY_INSTANCE_ID (the default, the host name, differs per host).", FENCED_AGAIN_WITHIN.as_secs() / 60)]
     Fenced {
         transactional_id: String,
         instance_id: String,
@@ -682,7 +682,7 @@ pub fn run(
             )),
         )?;
     readiness.ready();
-    tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), "aggregator started");
+    tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), transactional_id = %transactional_id(kafka), "aggregator started");
     let commit_interval = settings.aggregator.commit_interval;
     let epoch = Arc::clone(&lock(&worker).epoch);
     let mut last_lag = Instant::now();

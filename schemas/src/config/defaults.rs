@@ -69,8 +69,10 @@ pub const DEFAULT_TOPIC_PREFIX: &str = "tally";
 pub const DEFAULT_PARTITIONS: u32 = 6;
 /// `[kafka] replication_factor`, for the topics Tally creates; use 3 in production.
 pub const DEFAULT_REPLICATION_FACTOR: u16 = 1;
-/// `TALLY_INSTANCE_ID` when neither it nor `HOSTNAME` is set: fine for one aggregator;
-/// each of several needs its own (two with one id fence each other's transactions).
+/// `TALLY_INSTANCE_ID` when neither it nor `HOSTNAME` is set (the `tally` binary falls
+/// back from `HOSTNAME` to the kernel's host name, so this is rare): fine for one
+/// aggregator; each of several needs its own (two with one id fence each other's
+/// transactions).
 pub const DEFAULT_INSTANCE_ID: &str = "0";
 /// `[clickhouse] url`.
 pub const DEFAULT_CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
