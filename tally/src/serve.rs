@@ -55,6 +55,7 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logs(args.log_format);
+    abort_on_panic();
     let config = Arc::new(Config::load(&args.config)?);
     let origin = args.config.display().to_string();
     let settings = config.services(&origin, &crate::environment)?;
@@ -74,9 +75,24 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(args.service, config, settings))
 }
 
+/// A panic in a service stops the process at once, as a crash does. Unwinding would
+/// drop the aggregator's Kafka consumer, whose revoke callback commits the open
+/// transaction: with the panicking event's offset in it and its changes perhaps half
+/// made. After a crash the transaction is aborted and the partition restored instead.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}
+
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // An empty RUST_LOG would be a filter with no directives, logging nothing.
+    let filter = (std::env::var("RUST_LOG").ok())
+        .filter(|directives| !directives.trim().is_empty())
+        .and_then(|directives| tracing_subscriber::EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -3054,6 +3054,8 @@ fn a_second_signal_stops_a_service_that_is_still_finishing_its_work() {
     let mut child = f
         .tally()
         .args(["serve", "ingest", "--config", "tally.toml"])
+        // Empty counts as unset: logs at info, not a filter that logs nothing.
+        .env("RUST_LOG", "")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
