@@ -14,9 +14,6 @@ pub enum IngestError {
     /// librdkafka refused the configuration (a bad `[kafka] properties` entry, say).
     #[error("cannot create the Kafka producer for {brokers}: {source}; check [kafka] brokers and properties in tally.toml")]
     KafkaProducer { brokers: String, source: KafkaError },
-    /// `message.timeout.ms` (or `delivery.timeout.ms`) of 0, librdkafka's "forever".
-    #[error("[kafka] properties set message.timeout.ms (or delivery.timeout.ms) to 0, which librdkafka reads as waiting forever for Kafka's acknowledgement; a request must get its answer, so set a bound such as 10000")]
-    UnboundedAckTimeout,
     /// The listener failed while serving.
     #[error("the ingest HTTP server on {addr} stopped with an error: {source}")]
     Serve {

@@ -117,11 +117,6 @@ impl EventProducer {
         let ack_timeout = configured_ack_timeout
             .and_then(|ms| ms.trim().parse::<u64>().ok())
             .map_or(DEFAULT_ACK_TIMEOUT, Duration::from_millis);
-        if ack_timeout.is_zero() {
-            // librdkafka reads 0 as "wait forever": requests would time out at once
-            // while their events went on being retried, and shutdown could not flush.
-            return Err(IngestError::UnboundedAckTimeout);
-        }
         let max_record_bytes = settings
             .properties
             .get("message.max.bytes")

@@ -384,6 +384,16 @@ pub(super) fn validate(
             "is set by Tally itself (brokers come from kafka.brokers); remove it".to_owned(),
         );
     }
+    for name in ["message.timeout.ms", "delivery.timeout.ms"] {
+        // librdkafka reads 0 as "wait forever": ingest's requests would time out while
+        // their events went on being retried, and its shutdown could not flush.
+        if properties.get(name).is_some_and(|ms| ms.trim() == "0") {
+            issue(
+                &format!("kafka.properties.{name:?}"),
+                "0 is librdkafka's \"wait forever\" for Kafka's acknowledgement, and an ingest request must get its answer; set a bound such as \"10000\"".to_owned(),
+            );
+        }
+    }
     let brokers = var("TALLY_KAFKA_BROKERS")
         .or_else(|| specs.kafka.brokers.clone())
         .unwrap_or_else(|| d::DEFAULT_KAFKA_BROKERS.to_owned());
@@ -777,7 +787,7 @@ sources = ["agent"]
 [kafka]
 topic_prefix = "bad prefix"
 partitions = 0
-properties = { "group.id" = "mine" }
+properties = { "group.id" = "mine", "delivery.timeout.ms" = "0" }
 [clickhouse]
 url = "127.0.0.1:8123"
 [ingest]
@@ -806,6 +816,7 @@ price_book_check_interval = "0s"
             "kafka.topic_prefix",
             "kafka.partitions",
             "kafka.properties.\"group.id\"",
+            "kafka.properties.\"delivery.timeout.ms\": 0 is librdkafka's \"wait forever\"",
             "clickhouse.url",
             "ingest.listen",
             "ingest.api_keys[1]: the key is shorter",
