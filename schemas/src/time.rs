@@ -102,17 +102,26 @@ impl fmt::Display for Period {
 
 /// Why a period could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("period {input:?} is not a month written as YYYY-MM (for example 2026-11)")]
+#[error("period {input:?} is not a month written as YYYY-MM (for example 2026-11){hint}")]
 pub struct PeriodParseError {
     input: String,
+    hint: &'static str,
 }
 
 impl FromStr for Period {
     type Err = PeriodParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || PeriodParseError {
+        // A day where a month belongs is likely a mid-month change that was meant.
+        let names_a_day = s.len() == 10 && s.as_bytes()[7] == b'-';
+        let err = || {
+            PeriodParseError {
             input: s.to_owned(),
+            hint: match names_a_day {
+                true => "; billing periods are calendar months, so plan changes, `from` and `through` take effect at a month's start (Tally does not prorate within a month)",
+                false => "",
+            },
+        }
         };
         let (y, m) = s.split_once('-').ok_or_else(err)?;
         let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());

@@ -953,7 +953,7 @@ fn plan_changes_are_checked_like_the_plan_they_follow() {
         "[[customers.plan_changes]]\nfrom = \"2026-12-15\"\nplan = \"pro_2027\"",
     ));
     assert!(
-        day.contains(r#"period "2026-12-15" is not a month written as YYYY-MM"#),
+        day.contains(r#"period "2026-12-15" is not a month written as YYYY-MM (for example 2026-11); billing periods are calendar months, so plan changes, `from` and `through` take effect at a month's start (Tally does not prorate within a month)"#),
         "{day}"
     );
     let field = syntax_error(&with_plan_changes(

@@ -284,6 +284,13 @@ impl Summary {
             self.too_late,
             self.refused,
         );
+        if self.accepted == 0 && self.outside_period > 0 {
+            // Likely a mistyped --period: the run still bills every flat fee.
+            out.push_str(&format!(
+                "  warning: no event of {} was counted ({} outside the period); is {} the month to bill?\n",
+                self.period, self.outside_period, self.period
+            ));
+        }
         for (reason, n) in &self.rejected_by_reason {
             out.push_str(&format!("  rejected {reason}: {n}\n"));
         }

@@ -1589,6 +1589,29 @@ fn rejects_go_to_rejects_jsonl_in_the_working_directory_by_default() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
+fn a_month_with_none_of_the_files_events_is_rated_with_a_warning() {
+    let f = Fixture::new(PRO);
+    let october = event(
+        "oct-1",
+        "ai.resolution",
+        "cust_acme",
+        "2026-10-24T10:15:00Z",
+        Some(json!({"conversation_id": "c-1"})),
+    );
+    let run = f.rate(&[october], &[]).succeeded();
+    assert!(
+        run.stderr.contains(
+            "warning: no event of 2026-11 was counted (1 outside the period); is 2026-11 the month to bill?"
+        ),
+        "{}",
+        run.stderr
+    );
+    // A month with its events says nothing of the kind.
+    let run = f.rate(&resolutions("nov", "cust_acme", 2), &[]).succeeded();
+    assert!(!run.stderr.contains("warning"), "{}", run.stderr);
+}
+
+#[test]
 fn events_can_come_from_stdin() {
     let f = Fixture::new(PRO);
     let events = resolutions("r", "cust_acme", 250).join("\n");
