@@ -230,6 +230,11 @@ async fn create_topics(
             // behind stores every record's windows (a later record of the series
             // carries only the windows its transaction changed).
             let tuning: &[(&str, &str)] = match topic {
+                // An event's "now" is its record's timestamp (the same on a replay).
+                // The broker's clock sets it, not the sender's: a sender's clock ahead
+                // would let its events through as on time and move their partition's
+                // watermark ahead with them.
+                Topic::Events => &[("message.timestamp.type", "LogAppendTime")],
                 Topic::Windows => &[
                     ("segment.ms", "3600000"),
                     ("min.compaction.lag.ms", "3600000"),

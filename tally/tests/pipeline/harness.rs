@@ -373,6 +373,19 @@ database = "{database}"
         self.producer.flush(Duration::from_secs(60)).unwrap();
     }
 
+    /// Produces `payload` keyed by `key` to `partition` of the events topic with the
+    /// record timestamp `timestamp_ms`, as a producer with a wrong clock would stamp it.
+    pub fn produce_stamped(&self, partition: i32, key: &str, payload: &[u8], timestamp_ms: i64) {
+        let topic = self.topic("events");
+        let record = BaseRecord::<str, [u8]>::to(&topic)
+            .partition(partition)
+            .key(key)
+            .payload(payload)
+            .timestamp(timestamp_ms);
+        self.producer.send(record).map_err(|(e, _)| e).unwrap();
+        self.producer.flush(Duration::from_secs(60)).unwrap();
+    }
+
     /// Deletes the events topic's records of `partition` before `offset`, as its
     /// retention would; returns the offset the partition now starts at.
     pub fn delete_events_before(&self, partition: i32, offset: i64) -> i64 {

@@ -2064,6 +2064,42 @@ fn events_deleted_by_retention_before_they_were_counted_are_reported_not_skipped
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn an_event_its_producer_stamps_ahead_is_judged_by_the_brokers_clock() {
+    let _serial = serial();
+    let p = Pipeline::new(
+        "stamped",
+        2_000,
+        10,
+        "[aggregator]\ncommit_interval = \"100ms\"\n",
+    );
+    // A sender whose clock is 50 minutes ahead stamps its records and its events alike
+    // (Kafka 4 refuses records stamped more than an hour ahead; older brokers take any).
+    // Judged by its own stamp such an event would be on time, and would move its
+    // partition's watermark (and the month's close) ahead with it.
+    let ahead = chrono::Utc::now() + chrono::Duration::minutes(50);
+    let time = ahead.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let stamped: Vec<Vec<u8>> = (0..harness::PARTITIONS)
+        .map(|partition| resolution(&format!("ahead-{partition}"), "cust_00000", &time))
+        .collect();
+    for (partition, event) in stamped.iter().enumerate() {
+        p.produce_stamped(
+            partition as i32,
+            "cust_00000",
+            event,
+            ahead.timestamp_millis(),
+        );
+    }
+    p.produce(&p.lines());
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.wait_for(&p.expected(), Duration::from_secs(120));
+    for event in &stamped {
+        assert_eq!(rejection_code(&p, event), "time_in_future");
+    }
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn serve_all_whose_rater_cannot_listen_stops_the_started_aggregator_and_exits_with_the_error() {
     let _serial = serial();
     // The rater's metrics port is taken; the aggregator starts before the rater binds.
