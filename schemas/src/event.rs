@@ -135,6 +135,9 @@ pub enum Problem {
     /// Valid, but refused by the aggregator (its sum could not be held exactly, say):
     /// the aggregator's reason.
     Refused(String),
+    /// Valid, but its `(source, id)` was already counted with other content: dropped
+    /// (the aggregator's verdict, kept where rejects are so it can be traced).
+    Conflict,
     /// Larger than one Kafka message may be (ingest's check, not the decoder's).
     TooLargeForKafka {
         bytes: usize,
@@ -163,6 +166,7 @@ impl Problem {
             Problem::NotAScalar => "not_a_scalar",
             Problem::BeforeFirstYear => "time_before_1970",
             Problem::Refused(_) => "refused",
+            Problem::Conflict => "conflict",
             Problem::TooLargeForKafka { .. } => "event_too_large",
         }
     }
@@ -217,6 +221,9 @@ impl fmt::Display for Problem {
                 crate::time::FIRST_YEAR
             ),
             Problem::Refused(reason) => f.write_str(reason),
+            Problem::Conflict => f.write_str(
+                "an event with this source and id but different content was already counted; the first one wins (send a correction under a new id)",
+            ),
             Problem::TooLargeForKafka { bytes, limit } => write!(
                 f,
                 "the event is {bytes} bytes with its subject, and a Kafka message may hold at most {limit} (librdkafka's message.max.bytes less the record's framing); send less in data"

@@ -383,14 +383,23 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write summary {}", path.display()))?;
     }
     eprint!("{}", result.summary.render());
-    let kept = result.summary.rejected + result.summary.refused;
+    let summary = &result.summary;
+    let kept = summary.rejected + summary.refused + summary.conflicts;
+    let valid: Vec<String> = [
+        (summary.refused, "valid but refused: see their reasons"),
+        (summary.conflicts, "conflicting resends of counted events"),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} of them {what}"))
+    .collect();
     eprintln!(
         "{} invoice lines, price book {}; {kept} rejected lines in {rejects_path}{}",
         result.lines.len(),
         config.hash,
-        match result.summary.refused {
-            0 => String::new(),
-            n => format!(" ({n} of them valid but refused: see their reasons)"),
+        match valid.is_empty() {
+            true => String::new(),
+            false => format!(" ({})", valid.join("; ")),
         }
     );
     Ok(())

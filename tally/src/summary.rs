@@ -13,7 +13,7 @@ use serde::Serialize;
 use tally_aggregator::{Aggregator, Outcome};
 use tally_ingest::{Line, LineReject};
 use tally_rater::Recorded;
-use tally_schemas::event::DecodedEvent;
+use tally_schemas::event::{DecodedEvent, EventError, Problem};
 use tally_schemas::records::SeriesKey;
 use tally_schemas::time::Period;
 
@@ -150,20 +150,22 @@ impl UnbilledUsage {
     }
 }
 
-/// A line that counted as bad: rejected by validation, or refused by the aggregator
-/// (as a reject with code `refused`, field `data`, as the streaming aggregator sends
-/// it to the rejected topic). Either way it goes to the rejects file.
+/// A line that counted as bad: rejected by validation, refused by the aggregator (as a
+/// reject with code `refused`, field `data`), or a conflicting resend of a counted
+/// event (code `conflict`, field `id`), as the streaming aggregator sends them to the
+/// rejected topic. Each goes to the rejects file.
 #[derive(Debug)]
 pub enum BadLine<'l> {
     Rejected(&'l LineReject),
     Refused(LineReject),
+    Conflict(LineReject),
 }
 
 impl BadLine<'_> {
     pub fn reject(&self) -> &LineReject {
         match self {
             BadLine::Rejected(reject) => reject,
-            BadLine::Refused(reject) => reject,
+            BadLine::Refused(reject) | BadLine::Conflict(reject) => reject,
         }
     }
 }
@@ -172,8 +174,9 @@ impl fmt::Display for BadLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BadLine::Rejected(reject) => write!(f, "line {}: {}", reject.line, reject.error),
-            BadLine::Refused(reject) => {
-                write!(f, "line {}: refused: {}", reject.line, reject.error.problem)
+            BadLine::Refused(reject) | BadLine::Conflict(reject) => {
+                let code = reject.error.problem.code();
+                write!(f, "line {}: {code}: {}", reject.line, reject.error.problem)
             }
         }
     }
@@ -203,16 +206,21 @@ impl Summary {
         match line {
             Line::Event { line, event, raw } => {
                 let outcome = aggregator.apply(event);
-                let refused = match outcome {
-                    Outcome::Refused(error) => Some(BadLine::Refused(LineReject {
-                        line: *line,
-                        error: error.as_event_error(),
-                        raw: String::from_utf8_lossy(raw).into_owned(),
-                    })),
+                let kept = |error| LineReject {
+                    line: *line,
+                    error,
+                    raw: String::from_utf8_lossy(raw).into_owned(),
+                };
+                let bad = match outcome {
+                    Outcome::Refused(error) => Some(BadLine::Refused(kept(error.as_event_error()))),
+                    Outcome::Conflict => Some(BadLine::Conflict(kept(EventError {
+                        field: "id".to_owned(),
+                        problem: Problem::Conflict,
+                    }))),
                     _ => None,
                 };
                 self.record(outcome, event, period);
-                refused
+                bad
             }
             Line::Rejected(reject) => {
                 self.record_reject(reject);

@@ -1159,6 +1159,27 @@ fn duplicates_and_conflicts_are_counted_and_the_first_event_wins() {
         "{}",
         run.stderr
     );
+    // The conflicting resends are kept where rejects are, so support can tell which
+    // event was dropped; identical resends are not.
+    let rejects = f.rejects();
+    let kept: Vec<(&Value, &Value, &Value)> = (rejects.iter())
+        .map(|r| (&r["line"], &r["field"], &r["code"]))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            (&json!(4), &json!("id"), &json!("conflict")),
+            (&json!(5), &json!("id"), &json!("conflict"))
+        ]
+    );
+    assert_eq!(rejects[0]["raw"], json!(events[3]));
+    assert!(
+        run.stderr.contains(
+            "2 rejected lines in rejects.jsonl (2 of them conflicting resends of counted events)"
+        ),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]

@@ -185,8 +185,14 @@ fn the_example_price_book_rates_the_example_events_as_the_readme_shows() {
     assert_eq!(summary["unknown_customers"]["cust_trial"], 1);
     assert_eq!(summary["unpriced_usage"][0]["quantity"], "9000");
     let rejects = std::fs::read_to_string(dir.path().join("rejects.jsonl")).unwrap();
+    let kept: Vec<&str> = rejects.lines().collect();
+    assert_eq!(kept.len(), 2, "{rejects}");
     assert!(
-        rejects.starts_with(r#"{"line":8,"field":"data.tokens","code":"negative_value""#),
+        kept[0].starts_with(r#"{"line":4,"field":"id","code":"conflict""#),
+        "{rejects}"
+    );
+    assert!(
+        kept[1].starts_with(r#"{"line":8,"field":"data.tokens","code":"negative_value""#),
         "{rejects}"
     );
 }

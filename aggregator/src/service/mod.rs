@@ -49,7 +49,7 @@ use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
-use tally_schemas::event::{EventDecoder, EventError};
+use tally_schemas::event::{EventDecoder, EventError, Problem};
 use tally_schemas::records::{settled_record, CLOSE_PERIOD_HEADER, SETTLED_HEADER};
 use tally_schemas::time::Period;
 
@@ -199,9 +199,9 @@ fn verdict(outcome: Outcome, time: chrono::DateTime<Utc>) -> (EventOutcome, Opti
         Outcome::Retry => (EventOutcome::Duplicate, None),
         Outcome::Conflict => refused(
             EventOutcome::Conflict,
-            "conflict",
+            Problem::Conflict.code(),
             "id",
-            "an event with this source and id but different content was already counted; the first one wins".to_owned(),
+            Problem::Conflict.to_string(),
         ),
         Outcome::TooLate => refused(
             EventOutcome::TooLate,

@@ -188,7 +188,14 @@ mod tests {
         assert_eq!(pipeline.summary, batch.summary);
         assert_eq!(pipeline.summary.duplicates, made.retries);
         assert_eq!(pipeline.summary.rejected, 16);
-        assert_eq!(pipeline.rejects.len(), 16);
+        assert_eq!(pipeline.summary.conflicts, made.conflicts);
+        // Conflicting resends are kept with the rejected lines, as in the rejected topic.
+        let conflicts = pipeline
+            .rejects
+            .iter()
+            .filter(|r| r.error.problem.code() == "conflict");
+        assert_eq!(conflicts.count() as u64, made.conflicts);
+        assert_eq!(pipeline.rejects.len() as u64, 16 + made.conflicts);
         // Customers cycle through the plans: 8 on starter (4 prices), 8 on pro, 7 on
         // scale-eu and 7 on enterprise-jp (2 prices each): 32 + 16 + 14 + 14 lines.
         assert_eq!(streamed.len(), 76);
