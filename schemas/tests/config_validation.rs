@@ -923,6 +923,41 @@ plan = "pro"
 }
 
 #[test]
+fn a_plan_change_that_ends_discounts_without_saying_so_is_warned_about() {
+    // cust_acme has 12.5 % off resolutions on pro.
+    let warnings = |changes: &str| -> Vec<(String, String)> {
+        (parse(&with_plan_changes(changes)).warnings.into_iter())
+            .map(|w| (w.at, w.message))
+            .collect()
+    };
+    let silent = "[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"pro_2027\"\n";
+    assert_eq!(
+        warnings(silent),
+        [(
+            "customers[cust_acme].plan_changes[0].discounts".to_owned(),
+            "the discounts before this change (resolutions) end with it, as discounts do not carry over to a new plan; list them here again to keep them, or write discounts = [] to end them and silence this".to_owned()
+        )]
+    );
+    // Ended on purpose, or listed again: nothing to warn about.
+    assert!(warnings(&format!("{silent}discounts = []\n")).is_empty());
+    let kept =
+        format!("{silent}discounts = [{{ price = \"resolutions\", percent_off = \"12.5\" }}]\n");
+    assert!(warnings(&kept).is_empty());
+    // A later change is judged against the one before it.
+    let later = "[[customers.plan_changes]]\nfrom = \"2027-03\"\nplan = \"pro\"\n";
+    let at: Vec<String> = warnings(&format!("{kept}\n{later}"))
+        .into_iter()
+        .map(|(at, _)| at)
+        .collect();
+    assert_eq!(at, ["customers[cust_acme].plan_changes[1].discounts"]);
+    // Writing `[]` does not change the price book's hash: it says what leaving it out did.
+    assert_eq!(
+        parse(&with_plan_changes(&format!("{silent}discounts = []\n"))).hash,
+        parse(&with_plan_changes(silent)).hash
+    );
+}
+
+#[test]
 fn plan_changes_are_checked_like_the_plan_they_follow() {
     assert_only_issue(
         &with_plan_changes("[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"team\""),

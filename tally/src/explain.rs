@@ -55,7 +55,7 @@ pub struct ExplainArgs {
 /// through them.
 pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
     let month = &args.month;
-    let config = Arc::new(Config::load(&month.config)?);
+    let config = Arc::new(crate::load_config(&month.config)?);
     let customer = config.customers.get(&args.customer).with_context(|| {
         format!(
             "customer {:?} is not among the {} customers of {}",

@@ -236,11 +236,24 @@ fn validate(path: &Path) -> anyhow::Result<()> {
     for (at, message) in &services.ingest.unresolved_keys {
         println!("warning: {at}: {message} (only `tally serve ingest` needs it)");
     }
+    for warning in &config.warnings {
+        println!("warning: {warning}");
+    }
     Ok(())
 }
 
-fn close_period(path: &Path, period: Period) -> anyhow::Result<()> {
+/// Reads and validates a configuration for a command, saying on stderr what it warns
+/// about (`tally validate` lists the warnings with its summary, `serve` logs them).
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     let config = Config::load(path)?;
+    for warning in &config.warnings {
+        eprintln!("warning: {}: {warning}", path.display());
+    }
+    Ok(config)
+}
+
+fn close_period(path: &Path, period: Period) -> anyhow::Result<()> {
+    let config = load_config(path)?;
     let settings = config.services(&path.display().to_string(), &environment)?;
     anyhow::ensure!(
         period.end() <= Utc::now(),
@@ -316,7 +329,7 @@ pub fn default_threads() -> usize {
 
 fn rate(args: RateArgs) -> anyhow::Result<()> {
     let started = Utc::now();
-    let config = Arc::new(Config::load(&args.month.config)?);
+    let config = Arc::new(load_config(&args.month.config)?);
     let clickhouse = match args.clickhouse.as_deref() {
         Some(url) => {
             // The URL and database are the flags'; the user and password the

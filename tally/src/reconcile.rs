@@ -23,7 +23,6 @@ use clap::Args;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tally_schemas::config::Config;
 use tally_schemas::decimal::{exact_add, parse_exact, ExactSum};
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
@@ -458,7 +457,7 @@ fn ensure_something_to_compare(period: Period, sources: [&Lines; 2]) -> anyhow::
 /// The current lines billed in `period` of `invoice_lines`, in the configuration's
 /// database or `database` on the same server.
 fn read_clickhouse(database: Option<&str>, period: Period, config: &Path) -> anyhow::Result<Lines> {
-    let store = ConfiguredClickHouse::of(&Config::load(config)?, config, database)?;
+    let store = ConfiguredClickHouse::of(&crate::load_config(config)?, config, database)?;
     let place = format!("{}.invoice_lines at {}", store.database, store.url);
     let mut lines = Lines::named(format!("ClickHouse {place}"));
     for line in store.client.lines(period, None)? {

@@ -57,6 +57,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logs(args.log_format);
     abort_on_panic();
     let config = Arc::new(Config::load(&args.config)?);
+    for warning in &config.warnings {
+        tracing::warn!(at = %warning.at, "{}", warning.message);
+    }
     let origin = args.config.display().to_string();
     let settings = config.services(&origin, &crate::environment)?;
     tally_runtime::kafka::check_properties(&settings.kafka)?;

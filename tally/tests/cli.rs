@@ -1099,6 +1099,20 @@ plan = "pro_2027"
 
     let october = rate("2026-10");
     assert_eq!(prices(&october, "cust_moved"), pro);
+    let warned = Run::from(
+        (f.tally())
+            .args(["validate", "--config", "tally.toml"])
+            .output()
+            .unwrap(),
+    )
+    .succeeded();
+    assert!(
+        warned.stdout.contains(
+            "warning: customers[cust_moved].plan_changes[0].discounts: the discounts before this change (resolutions) end with it"
+        ),
+        "{}",
+        warned.stdout
+    );
     // 3 resolutions within pro's platform fee of 49.00, 12.5 % off: 6.125 rounds to 6.13.
     assert_eq!(
         money(line(&october, "cust_moved", "resolutions")),

@@ -219,8 +219,14 @@ pub struct PlanChangeSpec {
     /// Id of the plan billed from then on; its currency must be the customer's.
     pub plan: String,
     /// The discounts from then on; those of earlier subscriptions do not carry over.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub discounts: Vec<DiscountSpec>,
+    /// Left out while earlier ones exist, validation warns (`[]` says they end).
+    // Hashed as before this was optional: left out and `[]` alike are not written.
+    #[serde(default, skip_serializing_if = "no_discounts")]
+    pub discounts: Option<Vec<DiscountSpec>>,
+}
+
+fn no_discounts(discounts: &Option<Vec<DiscountSpec>>) -> bool {
+    discounts.as_ref().is_none_or(Vec::is_empty)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -384,6 +390,9 @@ pub struct Config {
     pub settings: Settings,
     /// Fingerprint of the price book (meters, plans, customers), printed on every line.
     pub hash: ConfigHash,
+    /// What is valid but likely not meant (a plan change that ends discounts without
+    /// saying so): shown by every command that loads the file.
+    pub warnings: Vec<ConfigIssue>,
     meters_by_event_type: HashMap<String, Vec<MeterId>>,
     /// The customers' ids again, hashed: checked once per event.
     customer_ids: HashSet<String>,

@@ -37,7 +37,14 @@ impl ConfigFile {
         let settings = validate_settings(&self, &mut issues);
         let meters = validate_meters(&self.meters, &mut issues);
         let plans = validate_plans(&self.plans, &meters, &mut issues);
-        let customers = validate_customers(&self.customers, &self.plans, &plans, &mut issues);
+        let mut warnings = Issues(Vec::new());
+        let customers = validate_customers(
+            &self.customers,
+            &self.plans,
+            &plans,
+            &mut issues,
+            &mut warnings,
+        );
         if !issues.0.is_empty() {
             return Err(issues.0);
         }
@@ -58,6 +65,7 @@ impl ConfigFile {
                 rater: self.rater,
             },
             customer_ids: customers.keys().cloned().collect(),
+            warnings: warnings.0,
             meters,
             plans,
             customers,
@@ -487,6 +495,7 @@ fn validate_customers(
     plan_specs: &[PlanSpec],
     plans: &[Plan],
     issues: &mut Issues,
+    warnings: &mut Issues,
 ) -> BTreeMap<String, Customer> {
     let mut customers = BTreeMap::new();
     let mut seen = HashSet::new();
@@ -532,8 +541,28 @@ fn validate_customers(
             if let Some(message) = &misplaced {
                 issues.add(format!("{at}.from"), message);
             }
+            let before = match k {
+                0 => spec.discounts.as_slice(),
+                _ => spec.plan_changes[k - 1]
+                    .discounts
+                    .as_deref()
+                    .unwrap_or_default(),
+            };
+            if change.discounts.is_none() && !before.is_empty() {
+                let prices: Vec<&str> = (before.iter())
+                    .map(|d| d.price.as_deref().unwrap_or("every price"))
+                    .collect();
+                warnings.add(
+                    format!("{at}.discounts"),
+                    format!(
+                        "the discounts before this change ({}) end with it, as discounts do not carry over to a new plan; list them here again to keep them, or write discounts = [] to end them and silence this",
+                        prices.join(", ")
+                    ),
+                );
+            }
             // Checked wherever it falls, so one run shows every problem.
-            let Some(subscription) = subscribe(&change.plan, &change.discounts, &at, issues) else {
+            let discounts = change.discounts.as_deref().unwrap_or_default();
+            let Some(subscription) = subscribe(&change.plan, discounts, &at, issues) else {
                 continue;
             };
             // One currency per customer: an invoice has one, and usage of a closed
