@@ -935,6 +935,7 @@ impl Worker {
             return Ok(());
         };
         let stale = (self.clickhouse).lines_rated_with_another_book(&self.book, oldest_open)?;
+        let stale_ids: HashSet<&str> = stale.iter().map(|line| line.id.as_str()).collect();
         let count = self.partition_count;
         let mut deferred = false;
         for partition in checking {
@@ -990,14 +991,21 @@ impl Worker {
             for &period in &periods {
                 match state.ledger.opening_lines(period) {
                     Ok(lines) => {
-                        // A line with usage is re-rated above a version 0 row.
-                        let owned_lines = (lines.iter()).filter(|l| {
-                            owns_zero_usage(&l.customer) && !with_usage.contains(&l.id)
+                        // The partition's own customers', and any customer's that no
+                        // book has stored yet: one the book added may belong to a
+                        // partition that has read nothing of the period. A stored line
+                        // of another partition's customer is that partition's to
+                        // judge (it may be settled there); a line with usage here is
+                        // re-rated above version 0 instead.
+                        let opening = lines.iter().filter(|l| {
+                            !with_usage.contains(&l.id)
+                                && (owns_zero_usage(&l.customer)
+                                    || !stale_ids.contains(l.id.as_str()))
                         });
                         self.pending
                             .rows(partition)
                             .opening
-                            .extend(owned_lines.cloned());
+                            .extend(opening.cloned());
                         zero_usage.extend(lines.into_iter().map(|line| (line.id.clone(), line)));
                     }
                     Err(e) => {

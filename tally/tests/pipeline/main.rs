@@ -1611,11 +1611,19 @@ fn a_customer_added_to_the_price_book_is_billed_its_usage_of_the_open_month() {
     p.wait_caught_up("rater", Duration::from_secs(60));
     p.stop("rater-old");
 
-    // Finance adds the customer, whose October usage is in the pipeline already.
+    // Finance adds the customer, whose October usage is in the pipeline already, and
+    // one without usage whose partition has read nothing of October: its platform fee
+    // is billed all the same.
+    let quiet = (0..)
+        .map(|i| format!("cust_quiet_{i}"))
+        .find(|c| ![partition_of(known), partition_of(&added)].contains(&partition_of(c)))
+        .unwrap();
     let mut book = std::fs::read_to_string(&p.config).unwrap();
-    book.push_str(&format!(
-        "\n[[customers]]\nid = \"{added}\"\nplan = \"pro\"\n"
-    ));
+    for customer in [&added, &quiet] {
+        book.push_str(&format!(
+            "\n[[customers]]\nid = \"{customer}\"\nplan = \"pro\"\n"
+        ));
+    }
     std::fs::write(&p.config, book).unwrap();
     p.start("rater", "rater-new");
     let after = p.expected_for(&events, p.period);
@@ -1623,6 +1631,10 @@ fn a_customer_added_to_the_price_book_is_billed_its_usage_of_the_open_month() {
         after
             .iter()
             .any(|line| line.0 == added && line.1 == "resolutions"),
+        "{after:?}"
+    );
+    assert!(
+        after.iter().any(|line| line.0 == quiet && line.3 != "0.00"),
         "{after:?}"
     );
     p.wait_for(&after, Duration::from_secs(120));
