@@ -284,6 +284,19 @@ impl ClickHouse {
         )
     }
 
+    /// Whether any line of `period` was ever stored, current or not.
+    pub fn has_lines(&self, period: Period) -> Result<bool, ClickHouseError> {
+        let answer = self.post(
+            "check for stored lines of a period",
+            &format!(
+                "SELECT count() FROM {}.rated_lines WHERE period_start = toDateTime('{}', 'UTC')",
+                self.database,
+                clickhouse_time(period.start())
+            ),
+        )?;
+        Ok(answer.trim() != "0")
+    }
+
     /// The current lines billed in `from` or later that a price book other than the
     /// one hashed `config_hash` rated (`from: None`: of every period).
     pub fn lines_rated_with_another_book(

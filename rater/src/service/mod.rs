@@ -171,6 +171,28 @@ struct Rebuilt {
     /// book or not.
     customers: HashSet<String>,
     first_offsets: FirstOffsets,
+    /// Where the partition is read from after the rebuild: the committed offset, or
+    /// past the months a replay found already billed.
+    resume_at: i64,
+}
+
+impl Rebuilt {
+    /// Adds a record whose lines are stored already to the ledger.
+    fn stored<W>(&mut self, change: Change<'_, W>, offset: i64) {
+        match change {
+            Change::Usage(update) => {
+                self.opened.insert(Period::containing(update.period_start));
+                self.first_offsets.note(&update, offset);
+                record(&mut self.ledger, update);
+            }
+            Change::Settled(period) => {
+                // Rated and let go now: a rebuild holds open periods only.
+                self.ledger.settle_through(period);
+                self.ledger.flush_available();
+                self.first_offsets.settle_through(period);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -380,7 +402,7 @@ impl PartitionOwner for Worker {
                 PartitionState {
                     ledger: rebuilt.ledger,
                     opened: rebuilt.opened,
-                    next_offset: committed,
+                    next_offset: rebuilt.resume_at,
                     uncommitted: false,
                     customers_with_usage: rebuilt.customers,
                     unchecked: true,
@@ -587,6 +609,7 @@ impl Worker {
             after_committed: Vec::new(),
             customers: HashSet::new(),
             first_offsets: FirstOffsets::default(),
+            resume_at: committed,
         };
         if let Some(settled) = point.as_ref().and_then(|point| point.settled_through) {
             rebuilt.ledger.settle_through(settled);
@@ -625,23 +648,12 @@ impl Worker {
                     return;
                 };
                 count_record(change.customer());
-                match change {
-                    Change::Usage(update) => {
-                        rebuilt
-                            .opened
-                            .insert(Period::containing(update.period_start));
-                        rebuilt.first_offsets.note(&update, message.offset());
-                        record(&mut rebuilt.ledger, update);
-                    }
-                    Change::Settled(period) => {
-                        // Rated and let go now: a rebuild holds open periods only.
-                        rebuilt.ledger.settle_through(period);
-                        rebuilt.ledger.flush_available();
-                        rebuilt.first_offsets.settle_through(period);
-                    }
-                }
+                rebuilt.stored(change, message.offset());
             },
         )?;
+        if committed == 0 {
+            self.skip_billed_months(partition, &mut rebuilt)?;
+        }
         // Marks the lines as stored as of `committed` and lets settled periods go; one
         // that fails to rate stays pending and is retried with its next update.
         let (_, failures) = rebuilt.ledger.flush_available();
@@ -662,6 +674,40 @@ impl Worker {
             "ledger rebuilt from the windows topic"
         );
         Ok(rebuilt)
+    }
+
+    /// A partition with nothing committed (a new group, offsets expired, or reset to
+    /// the earliest) whose records settle months ClickHouse already bills: a replay.
+    /// Those months stay as they were billed, whatever book this rater has, so the
+    /// records through the last settled month's count as stored, as a rebuild counts
+    /// them. Into an empty database every record is rated, settled months included.
+    fn skip_billed_months(&self, partition: i32, rebuilt: &mut Rebuilt) -> Result<(), RaterError> {
+        let last_settled =
+            (rebuilt.after_committed.iter().enumerate().rev()).find_map(|(i, record)| match record
+                .change
+            {
+                Change::Settled(period) => Some((i, period)),
+                Change::Usage(_) => None,
+            });
+        let Some((last_settled, period)) = last_settled else {
+            return Ok(());
+        };
+        if !self.clickhouse.has_lines(period)? {
+            return Ok(());
+        }
+        let replayed: Vec<WindowsRecord<'static>> =
+            rebuilt.after_committed.drain(..=last_settled).collect();
+        rebuilt.resume_at = replayed.last().map_or(0, |record| record.offset + 1);
+        tracing::info!(
+            partition,
+            settled_through = %period,
+            records = replayed.len(),
+            "nothing committed, and ClickHouse bills the months this partition settled: a replay; those months stay as billed"
+        );
+        for record in replayed {
+            rebuilt.stored(record.change, record.offset);
+        }
+        Ok(())
     }
 
     fn process(&mut self, message: &BorrowedMessage<'_>) {

@@ -500,10 +500,15 @@ database = "{database}"
 
     /// The issue's query, as finance runs it.
     pub fn invoice_lines(&self) -> Vec<Line> {
+        self.invoice_lines_of(self.period)
+    }
+
+    /// The issue's query for `period` (`YYYY-MM`).
+    pub fn invoice_lines_of(&self, period: &str) -> Vec<Line> {
         let sql = format!(
             "SELECT customer, price, quantity, amount, currency FROM {}.invoice_lines \
-             WHERE period_start = '{}-01 00:00:00' ORDER BY customer, price FORMAT JSONEachRow",
-            self.database, self.period
+             WHERE period_start = '{period}-01 00:00:00' ORDER BY customer, price FORMAT JSONEachRow",
+            self.database
         );
         let Ok(mut response) = ureq::post(&format!("{}/", clickhouse_url())).send(sql) else {
             return Vec::new();

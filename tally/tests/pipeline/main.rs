@@ -1583,6 +1583,73 @@ fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_as_billed() {
+    let _serial = serial();
+    let p = Pipeline::new(
+        "replay_settled",
+        3_000,
+        10,
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\ndedupe_horizon = \"5d\"\n\
+         [rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\"\n",
+    );
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(&p.lines());
+    let october = p.expected();
+    p.wait_for(&october, Duration::from_secs(120));
+    // Resolutions on November 7 in every partition: October settles everywhere.
+    let november = resolution_each("07", "2026-11-07T00:00:00Z");
+    p.produce(&november);
+    harness::eventually(
+        "October settled in every partition",
+        Duration::from_secs(120),
+        || {
+            let settled = (p.read_records("windows").into_iter())
+                .filter(|(_, _, headers)| {
+                    headers.get("tally-settled").map(String::as_str) == Some("2026-10")
+                })
+                .count();
+            settled == harness::PARTITIONS as usize
+        },
+    );
+    p.wait_caught_up("rater", Duration::from_secs(60));
+    let fee = |p: &Pipeline| {
+        let lines = p.invoice_lines_of("2026-11");
+        line_for(&lines, "cust_00001", "resolutions").3.clone()
+    };
+    assert_eq!(fee(&p), "49.00");
+    p.stop("rater-a");
+
+    // New prices, and the rater's group replays the windows topic from its start (an
+    // operator's reset, or offsets expired while no rater ran).
+    raise_prices(&p);
+    p.reset_group_to_earliest("rater");
+    p.start("rater", "rater-b");
+    // November is still open: re-rated at the new prices (a pro customer's platform
+    // fee from 49.00 to 59.00).
+    harness::eventually(
+        "November re-rated at the new prices",
+        Duration::from_secs(120),
+        || fee(&p) == "59.00",
+    );
+    // Settled October stays as it was billed: the replay neither re-prices it nor
+    // takes it back.
+    assert_ne!(
+        p.expected(),
+        october,
+        "the new book prices October differently"
+    );
+    assert_eq!(p.invoice_lines(), october);
+    assert!(
+        p.log("rater-b")
+            .contains("a replay; those months stay as billed"),
+        "{}",
+        p.log("rater-b")
+    );
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_customer_added_to_the_price_book_is_billed_its_usage_of_the_open_month() {
     let _serial = serial();
     // A book of one customer: the other partitions hold no customer of it, so none of
