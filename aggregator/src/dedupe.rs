@@ -309,36 +309,38 @@ mod tests {
     }
 
     proptest! {
-        /// Replaying and shuffling a stream never lets a key through twice, and the first
-        /// occurrence of each key is the one that passes.
+        /// Replaying and shuffling a stream never lets a key through twice: the first
+        /// occurrence of each key passes, a later one with its payload is a retry and
+        /// one with another payload a conflict, whatever the day it is seen on.
         #[test]
         fn dedupe_is_idempotent_under_replays_and_shuffles(
-            ids in proptest::collection::vec(0u64..50, 1..200),
+            events in proptest::collection::vec((0u64..50, 0u32..3, 0u16..3), 1..200),
             seed in any::<u64>(),
         ) {
             let mut set = DedupeSet::new();
-            let mut passed = Vec::new();
-            for &i in ids.iter().chain(ids.iter()) {
-                if set.observe(key(i), PayloadFingerprint(0), 0) == Seen::First {
-                    passed.push(i);
-                }
+            let mut first: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+            for &(i, payload, day) in events.iter().chain(events.iter()) {
+                let seen = set.observe(key(i), PayloadFingerprint(payload), day);
+                let expected = match first.get(&i) {
+                    None => Seen::First,
+                    Some(&p) if p == payload => Seen::Retry,
+                    Some(_) => Seen::Conflict,
+                };
+                prop_assert_eq!(seen, expected, "event {} with payload {}", i, payload);
+                first.entry(i).or_insert(payload);
             }
-            let mut distinct = ids.clone();
-            distinct.sort_unstable();
-            distinct.dedup();
-            let mut sorted = passed.clone();
-            sorted.sort_unstable();
-            prop_assert_eq!(&sorted, &distinct);
 
             // A shuffled replay of everything already seen passes nothing.
-            let mut shuffled = ids.clone();
+            let mut shuffled = events.clone();
             let mut s = seed;
             for i in (1..shuffled.len()).rev() {
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 shuffled.swap(i, (s >> 33) as usize % (i + 1));
             }
-            for &i in &shuffled {
-                prop_assert_eq!(set.observe(key(i), PayloadFingerprint(0), 0), Seen::Retry);
+            for &(i, payload, day) in &shuffled {
+                let seen = set.observe(key(i), PayloadFingerprint(payload), day);
+                prop_assert_ne!(seen, Seen::First);
+                prop_assert_eq!(seen == Seen::Retry, first[&i] == payload);
             }
         }
     }

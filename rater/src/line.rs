@@ -185,3 +185,89 @@ pub fn adjustment_line(before: &InvoiceLine, after: &InvoiceLine, period: Period
         ..after.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+        [[meters]]
+        slug = "tokens"
+        event_type = "llm.tokens"
+        aggregation = "sum"
+        value_property = "$.tokens"
+
+        [[plans]]
+        id = "usd"
+        currency = "usd"
+        [[plans.prices]]
+        id = "tokens"
+        meter = "tokens"
+        billing_scheme = "tiered"
+        tiers_mode = "graduated"
+        tiers = [
+          { up_to = 1, unit_amount = "0.0125" },
+          { up_to = "inf", unit_amount = "0.0135" },
+        ]
+
+        [[plans]]
+        id = "yen"
+        currency = "jpy"
+        [[plans.prices]]
+        id = "tokens"
+        meter = "tokens"
+        billing_scheme = "per_unit"
+        unit_amount = "1000"
+
+        [[customers]]
+        id = "acme"
+        plan = "usd"
+        discounts = [{ price = "tokens", percent_off = "50" }]
+
+        [[customers]]
+        id = "kobe"
+        plan = "yen"
+    "#;
+
+    fn line(customer: &str, quantity: &str) -> Result<InvoiceLine, LineError> {
+        let config = Config::parse(CONFIG, "test").unwrap();
+        let period = Period::from_str("2026-11").unwrap();
+        let quantity = Decimal::from_str(quantity).unwrap();
+        invoice_line(&config, &config.customers[customer], 0, period, quantity)
+    }
+
+    #[test]
+    fn a_line_is_rounded_once_not_tier_by_tier() {
+        // 0.0125 + 0.0135 = 0.026, rounded half up: 0.03. Rounding each tier first
+        // (0.01 + 0.01) would bill 0.02.
+        let line = line("acme", "2").unwrap();
+        assert_eq!(line.subtotal.to_string(), "0.03");
+        // Half of the rounded subtotal, 0.015, rounded half up.
+        assert_eq!(line.discount.to_string(), "0.02");
+        assert_eq!(line.amount.to_string(), "0.01");
+    }
+
+    #[test]
+    fn a_line_too_large_to_store_is_an_error() {
+        // 10^16 units at 1000 yen: 10^19 yen, more than a 64-bit count of minor units.
+        let error = line("kobe", "10000000000000000").unwrap_err();
+        assert_eq!(
+            error.source,
+            RateError::AmountTooLarge {
+                amount: Decimal::from_str("10000000000000000000").unwrap()
+            }
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("more minor units than a line can store"),
+            "{error}"
+        );
+        assert_eq!(
+            line("kobe", "1000000000000000").unwrap().amount.to_string(),
+            "1000000000000000000"
+        );
+    }
+}
