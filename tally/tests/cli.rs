@@ -1864,25 +1864,41 @@ fn table_totals_are_per_currency() {
 #[test]
 fn two_runs_give_byte_identical_output_whatever_the_threads() {
     let f = Fixture::new(PRO);
-    let events = concat(&[
-        resolutions("r", "cust_acme", 300),
-        resolutions("s", "cust_idle", 20),
-        (0..200)
+    // About 7 MB, so several 2 MiB decoding chunks go to several threads, with
+    // retries and conflicting resends of the first chunk's events in the last one.
+    let tokens_of = |prefix: &str, n: i64| -> Vec<String> {
+        (0..n)
             .map(|i| {
                 tokens(
-                    &format!("t{i}"),
-                    "cust_acme",
+                    &format!("{prefix}{i}"),
+                    if i % 3 == 0 { "cust_idle" } else { "cust_acme" },
                     if i % 2 == 0 { "gpt-x" } else { "claude-y" },
                     json!(i),
                 )
             })
+            .collect()
+    };
+    let events = concat(&[
+        resolutions("r", "cust_acme", 300),
+        resolutions("s", "cust_idle", 20),
+        tokens_of("t", 40_000),
+        tokens_of("t", 200),
+        (0..100)
+            .map(|i| tokens(&format!("t{i}"), "cust_acme", "gpt-x", json!(i + 1)))
             .collect(),
     ]);
+    assert!(events.iter().map(String::len).sum::<usize>() > 4 << 20);
     let a = f.rate(&events, &["--threads", "1"]).succeeded().stdout;
+    let summary = f.summary();
+    assert_eq!(
+        (&summary["duplicates"], &summary["conflicts"]),
+        (&json!(200), &json!(100))
+    );
     let b = f.rate(&events, &["--threads", "8"]).succeeded().stdout;
     let c = f.rate(&events, &[]).succeeded().stdout;
     assert_eq!(a, b);
     assert_eq!(a, c);
+    assert_eq!(f.summary(), summary);
     for format in ["csv", "table"] {
         let x = f.rate(&events, &["--format", format]).succeeded().stdout;
         let y = f
