@@ -622,7 +622,19 @@ impl PartitionOwner for Worker {
             .iter()
             .map(|e| e.partition())
             .collect();
-        self.commit_or_recover(consumer, &revoked)?;
+        if consumer.assignment_lost() && (self.transaction_open || self.broken.is_some()) {
+            // The group gave the partitions away (this member missed its session):
+            // their new owner may be reading them already. The open transaction is
+            // aborted, not offered to the broker to refuse.
+            tracing::warn!(partitions = ?revoked, "partitions lost to the group; aborting the open transaction");
+            self.metrics.transactions_aborted.inc();
+            for partition in &revoked {
+                self.partitions.remove(partition);
+            }
+            self.recover(consumer)?;
+        } else {
+            self.commit_or_recover(consumer, &revoked)?;
+        }
         for partition in &revoked {
             self.partitions.remove(partition);
         }
