@@ -1746,6 +1746,17 @@ mod tests {
                 .unwrap_err(),
             RestoreError::AggregationChanged("seats".into())
         );
+        // Nor one that no longer has a meter the snapshot has usage of.
+        let seats = CONFIG.find("[[meters]]\n        slug = \"seats\"").unwrap();
+        let aggregator = CONFIG.find("[aggregator]").unwrap();
+        let removed = format!("{}{}", &CONFIG[..seats], &CONFIG[aggregator..]);
+        let removed = Config::parse(&removed, "test").unwrap();
+        assert_eq!(
+            Aggregator::streaming(&removed)
+                .restore(original.snapshot())
+                .unwrap_err(),
+            RestoreError::UnknownMeter("seats".into())
+        );
     }
 
     /// Events of October to December 2026 from generated (id, hour, model, tokens,

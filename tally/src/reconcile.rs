@@ -65,6 +65,18 @@ pub struct ReconcileArgs {
     /// lines are left out and counted.
     #[arg(long, value_enum, default_value = "all")]
     customers: CustomerScope,
+    /// Compare amounts and currencies only, not quantities: for a biller whose
+    /// quantities count something else (a platform fee as 1, a discount as a line of
+    /// its own). Quantities are still shown.
+    #[arg(long)]
+    amounts_only: bool,
+}
+
+/// What two lines of one customer and price must agree on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compared {
+    QuantitiesAndAmounts,
+    Amounts,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -95,7 +107,11 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
         Side::Actual => actual = actual.renamed(&map)?,
     }
     keep_customers(args.customers, &mut expected, &mut actual)?;
-    let reconciliation = Reconciliation::of(&expected, &actual)?;
+    let compared = match args.amounts_only {
+        true => Compared::Amounts,
+        false => Compared::QuantitiesAndAmounts,
+    };
+    let reconciliation = Reconciliation::of(&expected, &actual, compared)?;
     let mut out = io::stdout().lock();
     reconciliation.write_report(&mut out, args.period, &expected, &actual)?;
     out.flush()?;
@@ -129,13 +145,13 @@ struct Figures {
 }
 
 impl Figures {
-    fn is_zero(&self) -> bool {
-        self.quantity.is_zero() && self.amount.is_zero()
+    fn is_zero(&self, compared: Compared) -> bool {
+        (self.quantity.is_zero() || compared == Compared::Amounts) && self.amount.is_zero()
     }
 
-    fn agrees_with(&self, other: &Figures) -> bool {
+    fn agrees_with(&self, other: &Figures, compared: Compared) -> bool {
         // Decimal equality is by value: 12.5 and 12.50 agree.
-        self.quantity == other.quantity
+        (self.quantity == other.quantity || compared == Compared::Amounts)
             && self.amount == other.amount
             && self.currency == other.currency
     }
@@ -728,11 +744,13 @@ struct Difference<'l> {
     key: &'l LineKey,
     expected: Option<&'l Figures>,
     actual: Option<&'l Figures>,
+    compared: Compared,
 }
 
 /// What the two sources agree and disagree on.
 #[derive(Debug)]
 struct Reconciliation<'l> {
+    compared: Compared,
     agreed: usize,
     /// Lines with zero quantity and amount that only one source has: a biller that
     /// leaves out zero lines agrees with one that writes them.
@@ -793,8 +811,9 @@ fn totals<K: Ord + Copy>(
 }
 
 impl<'l> Reconciliation<'l> {
-    fn of(expected: &'l Lines, actual: &'l Lines) -> anyhow::Result<Self> {
+    fn of(expected: &'l Lines, actual: &'l Lines, compared: Compared) -> anyhow::Result<Self> {
         let mut reconciliation = Reconciliation {
+            compared,
             agreed: 0,
             zero_on_one_side: 0,
             differences: Vec::new(),
@@ -805,24 +824,26 @@ impl<'l> Reconciliation<'l> {
         for (key, figures) in &expected.by_key {
             sums.add(key, figures, |sums| &mut sums.0);
             match actual.by_key.get(key) {
-                Some(other) if figures.agrees_with(other) => reconciliation.agreed += 1,
-                None if figures.is_zero() => reconciliation.zero_on_one_side += 1,
+                Some(other) if figures.agrees_with(other, compared) => reconciliation.agreed += 1,
+                None if figures.is_zero(compared) => reconciliation.zero_on_one_side += 1,
                 other => reconciliation.differences.push(Difference {
                     key,
                     expected: Some(figures),
                     actual: other,
+                    compared,
                 }),
             }
         }
         for (key, figures) in &actual.by_key {
             sums.add(key, figures, |sums| &mut sums.1);
             if !expected.by_key.contains_key(key) {
-                match figures.is_zero() {
+                match figures.is_zero(compared) {
                     true => reconciliation.zero_on_one_side += 1,
                     false => reconciliation.differences.push(Difference {
                         key,
                         expected: None,
                         actual: Some(figures),
+                        compared,
                     }),
                 }
             }
@@ -882,6 +903,9 @@ impl<'l> Reconciliation<'l> {
             let read = count(lines.by_key.len(), "line");
             let notes: String = notes.iter().map(|note| format!("; {note}")).collect();
             writeln!(out, "  {role:<8} {}: {read}{notes}", lines.name)?;
+        }
+        if self.compared == Compared::Amounts {
+            writeln!(out, "  compared: amounts and currencies (--amounts-only)")?;
         }
         writeln!(out)?;
         let zero = match self.zero_on_one_side {
@@ -994,7 +1018,11 @@ impl Difference<'_> {
             (Some(_), None) => "only expected",
             (None, Some(_)) => "only actual",
             (Some(e), Some(a)) if e.currency != a.currency => "currency",
-            (Some(e), Some(a)) if e.quantity != a.quantity => "quantity",
+            (Some(e), Some(a))
+                if e.quantity != a.quantity && self.compared == Compared::QuantitiesAndAmounts =>
+            {
+                "quantity"
+            }
             _ => "amount",
         }
     }
@@ -1083,10 +1111,46 @@ mod tests {
 
     fn report(expected: &Lines, actual: &Lines) -> String {
         let mut out = Vec::new();
-        (Reconciliation::of(expected, actual).unwrap())
+        (Reconciliation::of(expected, actual, Compared::QuantitiesAndAmounts).unwrap())
             .write_report(&mut out, november(), expected, actual)
             .unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn amounts_only_leaves_quantities_that_count_something_else_alone() {
+        // The other biller bills the platform fee as quantity 1 and leaves out a
+        // line of no amount whose quantity Tally counts.
+        let other = json(concat!(
+            r#"{"customer":"a","price":"resolutions","quantity":"1","amount":"49.00","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"b","price":"resolutions","quantity":"1","amount":"49.00","currency":"usd"}"#,
+        ));
+        let tally = json(concat!(
+            r#"{"customer":"a","price":"resolutions","quantity":"13","amount":"49.00","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"b","price":"resolutions","quantity":"70","amount":"61.50","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"b","price":"tokens","quantity":"900","amount":"0.00","currency":"usd"}"#,
+        ));
+        let all = Reconciliation::of(&other, &tally, Compared::QuantitiesAndAmounts).unwrap();
+        let what: Vec<&str> = all.differences.iter().map(Difference::what).collect();
+        assert_eq!(what, ["quantity", "quantity", "only actual"]);
+        let amounts = Reconciliation::of(&other, &tally, Compared::Amounts).unwrap();
+        let what: Vec<(&str, &str)> = (amounts.differences.iter())
+            .map(|d| (d.key.customer.as_str(), d.what()))
+            .collect();
+        assert_eq!(what, [("b", "amount")]);
+        assert_eq!((amounts.agreed, amounts.zero_on_one_side), (1, 1));
+        let mut out = Vec::new();
+        amounts
+            .write_report(&mut out, november(), &other, &tally)
+            .unwrap();
+        let shown = String::from_utf8(out).unwrap();
+        assert!(
+            shown.contains("compared: amounts and currencies (--amounts-only)"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -1104,7 +1168,8 @@ mod tests {
             "12.5,USD,acme,tokens,1200.000,\"from the old biller, rounded\",\n",
             "1.50,usd,acme,tokens,7,,2026-10\n",
         ));
-        let reconciliation = Reconciliation::of(&expected, &actual).unwrap();
+        let reconciliation =
+            Reconciliation::of(&expected, &actual, Compared::QuantitiesAndAmounts).unwrap();
         assert!(reconciliation.agrees());
         assert_eq!(
             (reconciliation.agreed, reconciliation.zero_on_one_side),
@@ -1151,7 +1216,8 @@ mod tests {
             ]
             .join("\n"),
         );
-        let reconciliation = Reconciliation::of(&expected, &actual).unwrap();
+        let reconciliation =
+            Reconciliation::of(&expected, &actual, Compared::QuantitiesAndAmounts).unwrap();
         assert!(!reconciliation.agrees());
         let rows: Vec<[String; 13]> = (reconciliation.differences.iter())
             .map(Difference::csv_row)
@@ -1322,7 +1388,7 @@ mod tests {
             "\n",
             r#"{"customer":"b","price":"p","quantity":"1","amount":"70000000000000000000000000000","currency":"usd"}"#,
         ));
-        let refused = Reconciliation::of(&huge, &huge).unwrap_err();
+        let refused = Reconciliation::of(&huge, &huge, Compared::QuantitiesAndAmounts).unwrap_err();
         assert_eq!(
             refused.to_string(),
             "the expected usd amounts add up to more than an exact decimal holds (28 significant digits, about 7.9e28 at most); check that source's amounts"
@@ -1333,7 +1399,8 @@ mod tests {
             "\n",
             r#"{"customer":"b","price":"p","quantity":"1","amount":"0.0000000000000000000000000001","currency":"usd"}"#,
         ));
-        let refused = Reconciliation::of(&precise, &precise).unwrap_err();
+        let refused =
+            Reconciliation::of(&precise, &precise, Compared::QuantitiesAndAmounts).unwrap_err();
         assert!(
             refused
                 .to_string()
@@ -1348,7 +1415,7 @@ mod tests {
             "\n",
             r#"{"customer":"c","price":"p","quantity":"1","amount":"16.666666666666666666666666666","currency":"usd"}"#,
         ));
-        let agreed = Reconciliation::of(&thirds, &thirds).unwrap();
+        let agreed = Reconciliation::of(&thirds, &thirds, Compared::QuantitiesAndAmounts).unwrap();
         assert_eq!(agreed.totals["usd"], (Decimal::from(50), Decimal::from(50)));
     }
 
@@ -1383,7 +1450,9 @@ mod tests {
         ));
         let shown = report(&old, &tally);
         assert!(
-            Reconciliation::of(&old, &tally).unwrap().agrees(),
+            Reconciliation::of(&old, &tally, Compared::QuantitiesAndAmounts)
+                .unwrap()
+                .agrees(),
             "{shown}"
         );
         assert!(
@@ -1455,10 +1524,13 @@ mod tests {
         let compared = |scope| {
             let (mut old, mut tally) = sources();
             keep_customers(scope, &mut old, &mut tally).unwrap();
-            let differing: Vec<String> = (Reconciliation::of(&old, &tally).unwrap().differences)
-                .iter()
-                .map(|d| d.key.customer.clone())
-                .collect();
+            let differing: Vec<String> =
+                (Reconciliation::of(&old, &tally, Compared::QuantitiesAndAmounts)
+                    .unwrap()
+                    .differences)
+                    .iter()
+                    .map(|d| d.key.customer.clone())
+                    .collect();
             (differing, report(&old, &tally))
         };
         assert_eq!(compared(CustomerScope::All).0, ["b", "c", "d"]);
@@ -1553,7 +1625,11 @@ mod tests {
         let zero =
             json(r#"{"customer":"a","price":"p","quantity":"0","amount":"0","currency":"usd"}"#);
         ensure_something_to_compare(november(), [&nothing, &zero]).unwrap();
-        assert!(Reconciliation::of(&nothing, &zero).unwrap().agrees());
+        assert!(
+            Reconciliation::of(&nothing, &zero, Compared::QuantitiesAndAmounts)
+                .unwrap()
+                .agrees()
+        );
         // Two empty sources, or one with lines of other months only: nothing to compare.
         let refused = ensure_something_to_compare(november(), [&nothing, &nothing]);
         assert!(refused

@@ -1374,6 +1374,13 @@ fn a_repricing_the_rated_topic_refuses_is_stored_and_delivered_after_a_restart()
     p.wait_for_rated(&after, Duration::from_secs(60));
 }
 
+/// How many partitions of the windows topic carry the record settling `period`.
+fn partitions_settled(p: &Pipeline, period: &str) -> usize {
+    (p.read_records("windows").into_iter())
+        .filter(|(_, _, headers)| headers.get("tally-settled").map(String::as_str) == Some(period))
+        .count()
+}
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_billed() {
@@ -1424,16 +1431,7 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
     harness::eventually(
         "October settled in every partition but the quiet one",
         Duration::from_secs(120),
-        || {
-            let settled = p
-                .read_records("windows")
-                .into_iter()
-                .filter(|(_, _, headers)| {
-                    headers.get("tally-settled").map(String::as_str) == Some("2026-10")
-                })
-                .count();
-            settled == harness::PARTITIONS as usize - 1
-        },
+        || partitions_settled(&p, "2026-10") == harness::PARTITIONS as usize - 1,
     );
     p.stop("rater-a");
 
@@ -1605,14 +1603,7 @@ fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_
     harness::eventually(
         "October settled in every partition",
         Duration::from_secs(120),
-        || {
-            let settled = (p.read_records("windows").into_iter())
-                .filter(|(_, _, headers)| {
-                    headers.get("tally-settled").map(String::as_str) == Some("2026-10")
-                })
-                .count();
-            settled == harness::PARTITIONS as usize
-        },
+        || partitions_settled(&p, "2026-10") == harness::PARTITIONS as usize,
     );
     p.wait_caught_up("rater", Duration::from_secs(60));
     let fee = |p: &Pipeline| {
