@@ -232,6 +232,18 @@ impl fmt::Display for Problem {
     }
 }
 
+/// Why a time is not RFC 3339, in words: chrono's for a time without a zone is
+/// "premature end of input".
+fn time_problem(text: &str, error: chrono::ParseError) -> String {
+    let local = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .any(|format| chrono::NaiveDateTime::parse_from_str(text, format).is_ok());
+    match local {
+        true => "it has no time zone: end it with Z for UTC or an offset such as +01:00".into(),
+        false => error.to_string(),
+    }
+}
+
 fn error(field: impl Into<String>, problem: Problem) -> EventError {
     EventError {
         field: field.into(),
@@ -293,7 +305,7 @@ impl<'c> EventDecoder<'c> {
         let time = match crate::time::parse_utc_fast(&time_text) {
             Some(time) => time,
             None => DateTime::parse_from_rfc3339(&time_text)
-                .map_err(|e| error("time", Problem::InvalidTime(e.to_string())))?
+                .map_err(|e| error("time", Problem::InvalidTime(time_problem(&time_text, e))))?
                 .with_timezone(&Utc),
         };
         if time.year() < crate::time::FIRST_YEAR {

@@ -541,6 +541,20 @@ fn invalid_utf8_is_rejected_with_the_offset_of_the_first_bad_byte() {
 }
 
 #[test]
+fn a_time_without_a_zone_is_told_so() {
+    for local in ["2026-11-24T10:15:00", "2026-11-24 10:15:00.5"] {
+        let err = decode(&SAMPLE.replace("2026-11-24T10:15:00Z", local)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "time: not an RFC 3339 timestamp such as 2026-11-24T10:15:00Z (it has no time zone: end it with Z for UTC or an offset such as +01:00)",
+            "{local}"
+        );
+    }
+    let err = decode(&SAMPLE.replace("2026-11-24T10:15:00Z", "yesterday")).unwrap_err();
+    assert!(!err.to_string().contains("time zone"), "{err}");
+}
+
+#[test]
 fn errors_read_as_field_then_reason() {
     let err = decode(&tokens(r#""many""#)).unwrap_err();
     assert_eq!(
