@@ -57,11 +57,16 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
     let month = &args.month;
     let config = Arc::new(crate::load_config(&month.config)?);
     let customer = config.customers.get(&args.customer).with_context(|| {
+        // Ids are exact; one that differs only in case or spaces is likely meant.
+        let asked = args.customer.trim();
+        let near = (config.customers.keys()).find(|id| id.eq_ignore_ascii_case(asked));
         format!(
-            "customer {:?} is not among the {} customers of {}",
+            "customer {:?} is not among the {} customers of {}{}",
             args.customer,
             config.customers.len(),
-            month.config.display()
+            month.config.display(),
+            near.map(|id| format!("; did you mean {id:?}?"))
+                .unwrap_or_default()
         )
     })?;
     if let Some(price) = &args.price {
@@ -235,7 +240,8 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
         period.end().format("%Y-%m-%d %H:%M")
     )?;
     if e.customer.bills(period) {
-        let plan = e.config.plan(e.customer.subscription(period).plan);
+        let subscription = e.customer.subscription(period);
+        let plan = e.config.plan(subscription.plan);
         writeln!(
             out,
             "  plan {}, {}; each line of the month rounded {} to {} decimals",
@@ -244,6 +250,21 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
             snake_case(plan.rounding),
             plan.currency.minor_units()
         )?;
+        // Why this month's invoice may look unlike the last one's.
+        let before = Period::latest_ended_by(period.start());
+        if e.customer.bills(before) {
+            let earlier = e.customer.subscription(before);
+            if earlier.plan != subscription.plan {
+                writeln!(
+                    out,
+                    "  moved to plan {} this month by a plan change; {before} was billed on plan {}",
+                    plan.id,
+                    e.config.plan(earlier.plan).id
+                )?;
+            } else if earlier.discounts != subscription.discounts {
+                writeln!(out, "  its discounts changed this month by a plan change")?;
+            }
+        }
     } else if e.lines.is_empty() {
         writeln!(
             out,

@@ -1120,6 +1120,11 @@ plan = "pro_2027"
     );
 
     let november = rate("2026-11");
+    let explained = f.explain("cust_moved", &[]).succeeded().stdout;
+    assert!(
+        explained.contains("  plan pro_2027, usd; each line of the month rounded half_up to 2 decimals\n  moved to plan pro_2027 this month by a plan change; 2026-10 was billed on plan pro\n"),
+        "{explained}"
+    );
     assert_eq!(
         prices(&november, "cust_moved"),
         [("\"pro_2027\"".to_owned(), "\"resolutions\"".to_owned())]
@@ -2438,6 +2443,16 @@ fn explain_names_what_it_cannot_find() {
     assert_shows(
         &unknown.stderr,
         &["customer \"cust_nobody\" is not among the 2 customers of tally.toml"],
+    );
+    assert!(
+        !unknown.stderr.contains("did you mean"),
+        "{}",
+        unknown.stderr
+    );
+    let near = f.explain(" CUST_Acme", &[]);
+    assert_shows(
+        &near.stderr,
+        &["customer \" CUST_Acme\" is not among the 2 customers of tally.toml; did you mean \"cust_acme\"?"],
     );
     let price = f.explain("cust_acme", &["--price", "tokens"]);
     assert_eq!(price.code, 1);
