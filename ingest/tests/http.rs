@@ -1098,8 +1098,8 @@ fn a_client_that_stalls_mid_request_does_not_hold_up_shutdown() {
     let started = Instant::now();
     service.stop().unwrap();
     assert!(
-        started.elapsed() >= Duration::from_secs(5),
-        "the open requests were not given their time: {:?}",
+        started.elapsed() >= Duration::from_secs(8),
+        "the open requests were not given their 8 s: {:?}",
         started.elapsed()
     );
     assert!(TcpStream::connect(service.addr()).is_err());

@@ -688,6 +688,10 @@ pub fn read_partition(
     // One deadline for the whole read, waiting for the broker included.
     let deadline = std::time::Instant::now() + timeout;
     let (low, high) = retry_while_unavailable("read the partition's watermarks", timeout, || {
+        // The topic's metadata asked for again on every try: a client whose first
+        // answer lacked the partition (a broker restarting while the topic was made)
+        // otherwise keeps answering "unknown partition" from its cache.
+        reader.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         reader.fetch_watermarks(topic, partition, Duration::from_secs(10))
     })
     .map_err(fail)?;
