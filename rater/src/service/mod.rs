@@ -682,13 +682,12 @@ impl Worker {
     /// records through the last settled month's count as stored, as a rebuild counts
     /// them. Into an empty database every record is rated, settled months included.
     fn skip_billed_months(&self, partition: i32, rebuilt: &mut Rebuilt) -> Result<(), RaterError> {
-        let last_settled =
-            (rebuilt.after_committed.iter().enumerate().rev()).find_map(|(i, record)| match record
-                .change
-            {
-                Change::Settled(period) => Some((i, period)),
-                Change::Usage(_) => None,
-            });
+        let settled_at = |(i, record): (usize, &WindowsRecord<'_>)| match record.change {
+            Change::Settled(period) => Some((i, period)),
+            Change::Usage(_) => None,
+        };
+        let records = rebuilt.after_committed.iter().enumerate();
+        let last_settled = records.rev().find_map(settled_at);
         let Some((last_settled, period)) = last_settled else {
             return Ok(());
         };
