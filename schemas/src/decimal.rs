@@ -53,9 +53,9 @@ pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
 }
 
 /// A sum of many decimals, exact whatever their order: the whole parts and the
-/// fractions (in units of 1e-28) are added apart in 128-bit integers, so adding
-/// 16.666…667 three times and 0.000…001 once gives 50.000…002 even though no running
-/// Decimal holds 33.333…334. Only the final total must fit a Decimal.
+/// fractions (in units of 1e-28) are added apart in 128-bit integers, so 66.666…667 +
+/// 66.666…667 + 66.666…666 (27 decimals each) gives 200 although no Decimal holds the
+/// running sum 133.333…334. Only the final total must fit a Decimal.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExactSum {
     whole: i128,
@@ -408,11 +408,16 @@ mod tests {
 
     #[test]
     fn sums_of_many_are_exact_whatever_the_order() {
-        let third = dec("16.666666666666666666666666667");
-        let rest = dec("33.333333333333333333333333333");
-        // No running Decimal holds 2 x third (29 digits); the total is still exact.
-        let sum: ExactSum = [third, third, rest, rest].into_iter().collect();
-        assert_eq!(sum.total(), Some(dec("100")));
+        let (up, down) = (
+            dec("66.666666666666666666666666667"),
+            dec("66.666666666666666666666666666"),
+        );
+        // No Decimal holds the running sum 133.333…334 (30 digits); the total is exact.
+        assert_eq!(exact_add(up, up), None);
+        let sum: ExactSum = [up, up, down].into_iter().collect();
+        assert_eq!(sum.total(), Some(dec("200")));
+        let sum: ExactSum = [down, up, up].into_iter().collect();
+        assert_eq!(sum.total(), Some(dec("200")));
         let sum: ExactSum = [
             dec("-1.5"),
             dec("0.25"),

@@ -1409,14 +1409,17 @@ mod tests {
         );
         // Amounts whose running sum no decimal holds, but whose total one does.
         let thirds = json(concat!(
-            r#"{"customer":"a","price":"p","quantity":"1","amount":"16.666666666666666666666666667","currency":"usd"}"#,
+            r#"{"customer":"a","price":"p","quantity":"1","amount":"66.666666666666666666666666667","currency":"usd"}"#,
             "\n",
-            r#"{"customer":"b","price":"p","quantity":"1","amount":"16.666666666666666666666666667","currency":"usd"}"#,
+            r#"{"customer":"b","price":"p","quantity":"1","amount":"66.666666666666666666666666667","currency":"usd"}"#,
             "\n",
-            r#"{"customer":"c","price":"p","quantity":"1","amount":"16.666666666666666666666666666","currency":"usd"}"#,
+            r#"{"customer":"c","price":"p","quantity":"1","amount":"66.666666666666666666666666666","currency":"usd"}"#,
         ));
         let agreed = Reconciliation::of(&thirds, &thirds, Compared::QuantitiesAndAmounts).unwrap();
-        assert_eq!(agreed.totals["usd"], (Decimal::from(50), Decimal::from(50)));
+        assert_eq!(
+            agreed.totals["usd"],
+            (Decimal::from(200), Decimal::from(200))
+        );
     }
 
     const OLD_BILLER_MAP: &str = "kind,from,to\n\
