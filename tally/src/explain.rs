@@ -26,7 +26,7 @@ use tally_schemas::records::{InvoiceLine, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchResult};
-use crate::report::tier_text;
+use crate::report::{tier_text, total_too_large};
 use crate::summary::{CustomerEvents, UnbilledUsage};
 use crate::{ConfiguredClickHouse, RatedMonth};
 
@@ -332,9 +332,7 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
     let mut totals: BTreeMap<&str, (Decimal, Vec<String>)> = BTreeMap::new();
     for line in &e.lines {
         let (total, amounts) = totals.entry(&line.currency).or_default();
-        *total = exact_add(*total, line.amount).ok_or_else(|| {
-            io::Error::other("an invoice total cannot be held exactly (more than 28 significant digits, or past about 7.9e28)")
-        })?;
+        *total = exact_add(*total, line.amount).ok_or_else(total_too_large)?;
         amounts.push(line.amount.to_string());
     }
     for (currency, (total, amounts)) in totals {

@@ -101,22 +101,24 @@ pub struct Totals<'a> {
     pub per_currency: BTreeMap<&'a str, (Decimal, usize)>,
 }
 
+/// The error of an invoice total no exact decimal holds, wherever totals are made.
+pub fn total_too_large() -> io::Error {
+    io::Error::other("an invoice total cannot be held exactly (more than 28 significant digits, or past about 7.9e28)")
+}
+
 impl<'a> Totals<'a> {
     pub fn of(lines: &'a [InvoiceLine]) -> io::Result<Self> {
-        let overflow = || {
-            io::Error::other("an invoice total cannot be held exactly (more than 28 significant digits, or past about 7.9e28)")
-        };
         let mut totals = Totals::default();
         for l in lines {
             let t = totals
                 .per_customer
                 .entry((&l.currency, &l.customer, &l.plan))
                 .or_default();
-            *t = exact_add(*t, l.amount).ok_or_else(overflow)?;
+            *t = exact_add(*t, l.amount).ok_or_else(total_too_large)?;
         }
         for ((currency, _, _), total) in &totals.per_customer {
             let c = totals.per_currency.entry(currency).or_default();
-            c.0 = exact_add(c.0, *total).ok_or_else(overflow)?;
+            c.0 = exact_add(c.0, *total).ok_or_else(total_too_large)?;
             c.1 += 1;
         }
         Ok(totals)
