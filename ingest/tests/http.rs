@@ -434,6 +434,82 @@ fn batches_of_either_content_type_are_stored_event_by_event() {
     );
 }
 
+/// The headers of a binary-mode request for `llm.tokens` of `cust_acme`, sent with
+/// [`AGENT_KEY`], as the CloudEvents SDKs send an event by default.
+fn binary_headers(id: &str, source: &str, time: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("authorization", format!("Bearer {AGENT_KEY}")),
+        ("ce-specversion", "1.0".to_owned()),
+        ("ce-id", id.to_owned()),
+        ("ce-source", source.to_owned()),
+        ("ce-type", "llm.tokens".to_owned()),
+        ("ce-subject", "cust_acme".to_owned()),
+        ("ce-time", time.to_owned()),
+        ("content-type", "application/json".to_owned()),
+    ]
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn an_event_in_binary_mode_is_checked_and_stored_structured() {
+    let service = Service::with_kafka("binary", Setup::default());
+    let time = "2026-11-24T10:15:00Z";
+    let reply = service.post_with(
+        &binary_headers("bin-1", "agent", time),
+        "{\"tokens\": 1200}",
+    );
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(
+        reply.json(),
+        json!({"accepted": 1, "rejected": 0, "duplicates": 0,
+               "results": [{"index": 0, "id": "bin-1", "status": "accepted"}]})
+    );
+    // The attributes are checked as a structured event's are, by the same names.
+    let reply = service.post_with(
+        &binary_headers("bin-2", "agent", "yesterday"),
+        "{\"tokens\": 1}",
+    );
+    assert_eq!(reply.status, 422, "{reply:?}");
+    assert_eq!(reply.json()["results"][0]["id"], "bin-2");
+    assert_eq!(reply.json()["results"][0]["field"], "time");
+    let reply = service.post_with(&binary_headers("bin-3", "agent", time), "{\"tokens\": -1}");
+    assert_eq!(reply.status, 422, "{reply:?}");
+    assert_eq!(reply.json()["results"][0]["code"], "negative_value");
+    // The key's sources hold for ce-source too.
+    let reply = service.post_with(&binary_headers("bin-4", "billing", time), "{\"tokens\": 1}");
+    assert_eq!(reply.status, 403, "{reply:?}");
+    assert_eq!(reply.json()["error"], "forbidden_source");
+    // A body that is not JSON, or data of another type, stores nothing.
+    let reply = service.post_with(&binary_headers("bin-5", "agent", time), "tokens=1");
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(reply.json()["error"], "invalid_data");
+    let mut text = binary_headers("bin-6", "agent", time);
+    text.pop();
+    text.push(("content-type", "text/plain".to_owned()));
+    let reply = service.post_with(&text, "1200");
+    assert_eq!(reply.status, 415, "{reply:?}");
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("binary-mode"),
+        "{reply:?}"
+    );
+    let mut twice = binary_headers("bin-7", "agent", time);
+    twice.push(("ce-id", "bin-8".to_owned()));
+    let reply = service.post_with(&twice, "{\"tokens\": 1}");
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(reply.json()["error"], "invalid_header");
+
+    assert_eq!(
+        service.stored(),
+        vec![stored(
+            "cust_acme",
+            r#"{"id":"bin-1","source":"agent","specversion":"1.0","subject":"cust_acme","time":"2026-11-24T10:15:00Z","type":"llm.tokens","datacontenttype":"application/json","data":{"tokens": 1200}}"#
+        )]
+    );
+}
+
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {

@@ -1,15 +1,17 @@
 //! The HTTP ingest service: usage events in over HTTP, validated, into the events topic.
 //!
-//! Data flow: `POST /v1/events` (one CloudEvent or a batch) -> API key and its rate
-//! limit -> body size and shape -> every event's `source` checked against the key ->
-//! each event validated exactly as `tally rate` validates it -> valid, new events
-//! produced to `<prefix>.events` as their senders' bytes, keyed by `subject` -> once
+//! Data flow: `POST /v1/events` (one CloudEvent, a batch, or one event in binary
+//! mode) -> API key and its rate limit -> body size and shape -> every event's
+//! `source` checked against the key -> each event validated exactly as `tally rate`
+//! validates it -> valid, new events produced to `<prefix>.events` as their senders'
+//! bytes (a binary-mode event structured), keyed by `subject` -> once
 //! Kafka acknowledged all of them, a 202 with one result per event. `/healthz`,
 //! `/readyz` (Kafka answers and the topic exists) and `/metrics` are served beside it.
 //! The API is described in `ingest/openapi.json`.
 //!
 //! - `server`: routes, the handler, [`start`] and [`serve`].
-//! - `request`: content types and cutting a batch into its events' raw text.
+//! - `request`: content types, cutting a batch into its events' raw text, and the
+//!   structured event a binary-mode request stands for.
 //! - `check`: the verdict on each event, and the source check, before Kafka.
 //! - `auth`: API keys, compared in constant time.
 //! - `rate_limit`: a token bucket per key.

@@ -3,7 +3,7 @@
 //! A request to `/v1/events` goes through, in order: the API key (401), the key's rate
 //! limit (429), the content type and coding (415), the body size, first as announced by
 //! `Content-Length` and then as streamed (413), the body's shape (400, or 413 for too
-//! many events), every event's `source` against the key (403), validation of each
+//! many events; a binary-mode request's headers and body, 400 if they make no event), every event's `source` against the key (403), validation of each
 //! event, and finally Kafka. The answer (202, or 422 for a single invalid event) is
 //! sent only after Kafka acknowledged every accepted event; if it does not, 503 and
 //! nothing is promised. A request refused on its headers (401, 429, 415) is answered
@@ -40,7 +40,10 @@ use super::error::IngestError;
 use super::metrics::{IngestMetrics, Outcome};
 use super::producer::{EventProducer, Record};
 use super::rate_limit::{retry_after_seconds, RateLimiter};
-use super::request::{body_kind, split_events, BodyError, BodyKind, Events, ACCEPTED_TYPES};
+use super::request::{
+    binary_event, body_kind, is_binary_mode, split_events, BodyError, BodyKind, Events,
+    ACCEPTED_TYPES, BINARY_DATA_TYPES,
+};
 use super::response::{
     json, with_retry_after, ErrorBody, EventResult, EventStatus, EventsResponse,
 };
@@ -244,7 +247,21 @@ async fn post_events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
             .into_response(StatusCode::BAD_REQUEST)
         }
     };
-    let events = match split_events(kind, &bytes, app.max_batch_events) {
+    let binary;
+    let body = match kind {
+        BodyKind::Binary => match binary_event(&headers, &bytes) {
+            Ok(event) => {
+                binary = event;
+                &binary[..]
+            }
+            Err(e) => {
+                return ErrorBody::new(e.code(), e.to_string())
+                    .into_response(StatusCode::BAD_REQUEST)
+            }
+        },
+        _ => &bytes[..],
+    };
+    let events = match split_events(kind, body, app.max_batch_events) {
         Ok(events) => events,
         Err(e) => {
             let (status, code) = match e {
@@ -302,19 +319,19 @@ fn admit<'a>(app: &'a App, headers: &HeaderMap) -> Result<(Caller<'a>, BodyKind)
             seconds,
         ))));
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let Some(kind) = body_kind(content_type) else {
+    let Some(kind) = body_kind(headers) else {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()));
+        let content_type = content_type.map_or_else(|| "(none)".to_owned(), |c| format!("{c:?}"));
+        let message = if is_binary_mode(headers) {
+            format!("Content-Type {content_type} is not accepted for the data of a binary-mode event (ce- headers); send {BINARY_DATA_TYPES}, in UTF-8, or the event structured as {ACCEPTED_TYPES}")
+        } else {
+            format!("Content-Type {content_type} is not accepted; send {ACCEPTED_TYPES}, in UTF-8, or one event in binary mode (ce- headers)")
+        };
         return Err(Refusal::BodyUnread(Box::new(
-            ErrorBody::new(
-                "unsupported_media_type",
-                format!(
-                    "Content-Type {} is not accepted; send {ACCEPTED_TYPES}, in UTF-8",
-                    content_type.map_or_else(|| "(none)".to_owned(), |c| format!("{c:?}"))
-                ),
-            )
-            .into_response(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ErrorBody::new("unsupported_media_type", message)
+                .into_response(StatusCode::UNSUPPORTED_MEDIA_TYPE),
         )));
     };
     if let Some(coding) = (headers.get(header::CONTENT_ENCODING)).filter(|coding| {
