@@ -8,7 +8,7 @@
 
 use rust_decimal::Decimal;
 use tally_schemas::config::{Config, Customer};
-use tally_schemas::decimal::exact_mul;
+use tally_schemas::decimal::ExactAmount;
 use tally_schemas::ids::{Fingerprinter, Hex128};
 use tally_schemas::price::{Discount, Price};
 use tally_schemas::records::{InvoiceLine, TierCharge};
@@ -97,15 +97,15 @@ pub fn invoice_line(
     let failed = |source| LineError::new(customer, price, period, source);
     let charge = rate(&price.rate, quantity).map_err(failed)?;
     let minor = plan.currency.minor_units();
-    let subtotal = plan.currency.round(charge.amount, plan.rounding);
+    let too_large = || failed(RateError::Overflow { quantity });
+    let subtotal = (charge.amount)
+        .round(minor, plan.rounding)
+        .ok_or_else(too_large)?;
     let discount = match subscription.discounts.get(&price_index) {
         None => Decimal::ZERO,
-        Some(Discount::PercentOff(percent)) => {
-            let off = exact_mul(subtotal, *percent)
-                .and_then(|off| exact_mul(off, Decimal::new(1, 2)))
-                .ok_or_else(|| failed(RateError::Overflow { quantity }))?;
-            plan.currency.round(off, plan.rounding)
-        }
+        Some(Discount::PercentOff(percent)) => ExactAmount::percent_of(subtotal, *percent)
+            .round(minor, plan.rounding)
+            .ok_or_else(too_large)?,
         Some(Discount::AmountOff(off)) => plan.currency.round(*off, plan.rounding).min(subtotal),
     };
     let with_minor = |mut d: Decimal| {

@@ -11,19 +11,20 @@
 //!
 //! `up_to` is inclusive and quantities may be fractional: with tiers up to 100 and up
 //! to 1000, 100.5 units put 100 in the first tier and 0.5 in the second. The charge is
-//! exact: one that would need more than a Decimal's 28 significant digits is an error,
-//! never rounded; rounding to the currency happens once per line (see `line.rs`).
+//! exact, at any number of digits (an [`ExactAmount`]); rounding to the currency happens
+//! once per line (see `line.rs`). A tier's amount in the breakdown is exact too, unless
+//! it has more than 28 decimals: it is then shown to 28, or as many as fit.
 
 use rust_decimal::Decimal;
-use tally_schemas::decimal::{exact_add, exact_mul, whole_packages};
+use tally_schemas::decimal::{whole_packages, ExactAmount};
 use tally_schemas::price::{Package, PackageRounding, Rate, Tier, Tiers, TiersMode, UpTo};
 use tally_schemas::records::TierCharge;
 
 /// An exact amount and how it was reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Charge {
-    /// Sum of the tier amounts, unrounded.
-    pub amount: Decimal,
+    /// Sum of the tier amounts, exact and unrounded.
+    pub amount: ExactAmount,
     pub tiers: Vec<TierCharge>,
 }
 
@@ -58,25 +59,29 @@ pub fn rate(rate: &Rate, quantity: Decimal) -> Result<Charge, RateError> {
     }
 }
 
+/// A tier's charge, exact, and as the breakdown shows it.
 fn tier_charge(
     position: usize,
     tier: &Tier,
     units: Decimal,
     flat_amount: Decimal,
     quantity: Decimal,
-) -> Result<TierCharge, RateError> {
-    let amount = exact_mul(units, tier.unit_amount)
-        .and_then(|a| exact_add(a, flat_amount))
+) -> Result<(ExactAmount, TierCharge), RateError> {
+    let mut amount = ExactAmount::product(units, tier.unit_amount);
+    amount.add(&flat_amount.into());
+    let shown = amount
+        .nearest_decimal()
         .ok_or(RateError::Overflow { quantity })?;
-    Ok(TierCharge {
+    let charge = TierCharge {
         tier: position + 1,
         up_to: tier.up_to.to_string(),
         quantity: units.normalize(),
         package_size: None,
         unit_amount: tier.unit_amount.normalize(),
         flat_amount: flat_amount.normalize(),
-        amount: amount.normalize(),
-    })
+        amount: shown.normalize(),
+    };
+    Ok((amount, charge))
 }
 
 fn per_unit(
@@ -94,10 +99,10 @@ fn per_unit(
         unit_amount,
         flat_amount: Decimal::ZERO,
     };
-    let mut charge = tier_charge(0, &tier, units, Decimal::ZERO, quantity)?;
+    let (amount, mut charge) = tier_charge(0, &tier, units, Decimal::ZERO, quantity)?;
     charge.package_size = package.map(|p| p.divide_by.normalize());
     Ok(Charge {
-        amount: charge.amount,
+        amount,
         tiers: vec![charge],
     })
 }
@@ -105,7 +110,7 @@ fn per_unit(
 fn graduated(tiers: &[Tier], quantity: Decimal) -> Result<Charge, RateError> {
     let mut lower = Decimal::ZERO;
     let mut charges = Vec::new();
-    let mut total = Decimal::ZERO;
+    let mut total = ExactAmount::default();
     for (i, tier) in tiers.iter().enumerate() {
         if i > 0 && quantity <= lower {
             break;
@@ -115,8 +120,8 @@ fn graduated(tiers: &[Tier], quantity: Decimal) -> Result<Charge, RateError> {
             UpTo::Inf => quantity,
         };
         let units = (upper - lower).max(Decimal::ZERO);
-        let charge = tier_charge(i, tier, units, tier.flat_amount, quantity)?;
-        total = exact_add(total, charge.amount).ok_or(RateError::Overflow { quantity })?;
+        let (amount, charge) = tier_charge(i, tier, units, tier.flat_amount, quantity)?;
+        total.add(&amount);
         charges.push(charge);
         match tier.up_to {
             UpTo::Finite(bound) => lower = bound,
@@ -124,7 +129,7 @@ fn graduated(tiers: &[Tier], quantity: Decimal) -> Result<Charge, RateError> {
         }
     }
     Ok(Charge {
-        amount: total.normalize(),
+        amount: total,
         tiers: charges,
     })
 }
@@ -135,9 +140,9 @@ fn volume(tiers: &Tiers, quantity: Decimal) -> Result<Charge, RateError> {
         .enumerate()
         .find(|(_, t)| t.up_to.covers(quantity))
         .unwrap_or_else(|| tiers.last_tier());
-    let charge = tier_charge(i, tier, quantity, tier.flat_amount, quantity)?;
+    let (amount, charge) = tier_charge(i, tier, quantity, tier.flat_amount, quantity)?;
     Ok(Charge {
-        amount: charge.amount,
+        amount,
         tiers: vec![charge],
     })
 }
@@ -147,6 +152,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::str::FromStr;
+    use tally_schemas::money::RoundingMode;
 
     fn d(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()
@@ -194,7 +200,11 @@ mod tests {
             ("25", "150"),
         ] {
             assert_eq!(
-                super::rate(&rate, d(quantity)).unwrap().amount,
+                super::rate(&rate, d(quantity))
+                    .unwrap()
+                    .amount
+                    .to_decimal()
+                    .unwrap(),
                 d(total),
                 "{quantity} fonts"
             );
@@ -213,7 +223,11 @@ mod tests {
             ("25", "157.5"),
         ] {
             assert_eq!(
-                super::rate(&rate, d(quantity)).unwrap().amount,
+                super::rate(&rate, d(quantity))
+                    .unwrap()
+                    .amount
+                    .to_decimal()
+                    .unwrap(),
                 d(total),
                 "{quantity} fonts"
             );
@@ -241,7 +255,11 @@ mod tests {
         ];
         for (quantity, total) in cases {
             assert_eq!(
-                super::rate(&rate, d(quantity)).unwrap().amount,
+                super::rate(&rate, d(quantity))
+                    .unwrap()
+                    .amount
+                    .to_decimal()
+                    .unwrap(),
                 d(total),
                 "{quantity}"
             );
@@ -264,18 +282,67 @@ mod tests {
                 ("inf", "0.69", "0"),
             ],
         );
-        assert_eq!(super::rate(&rate, d("0")).unwrap().amount, d("49"));
-        assert_eq!(super::rate(&rate, d("250")).unwrap().amount, d("182.5"));
-        assert_eq!(super::rate(&rate, d("1200")).unwrap().amount, d("988"));
-        assert_eq!(super::rate(&rate, d("100.5")).unwrap().amount, d("49.445"));
+        assert_eq!(
+            super::rate(&rate, d("0"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("49")
+        );
+        assert_eq!(
+            super::rate(&rate, d("250"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("182.5")
+        );
+        assert_eq!(
+            super::rate(&rate, d("1200"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("988")
+        );
+        assert_eq!(
+            super::rate(&rate, d("100.5"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("49.445")
+        );
     }
 
     #[test]
     fn volume_prices_every_unit_at_the_reached_tier_with_its_flat_fee() {
         let rate = tiered(TiersMode::Volume, &[("10", "2", "5"), ("inf", "1", "20")]);
-        assert_eq!(super::rate(&rate, d("0")).unwrap().amount, d("5"));
-        assert_eq!(super::rate(&rate, d("10")).unwrap().amount, d("25"));
-        assert_eq!(super::rate(&rate, d("10.5")).unwrap().amount, d("30.5"));
+        assert_eq!(
+            super::rate(&rate, d("0"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("5")
+        );
+        assert_eq!(
+            super::rate(&rate, d("10"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("25")
+        );
+        assert_eq!(
+            super::rate(&rate, d("10.5"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("30.5")
+        );
         let breakdown = super::rate(&rate, d("11")).unwrap().tiers;
         assert_eq!(breakdown.len(), 1);
         assert_eq!(breakdown[0].tier, 2);
@@ -298,10 +365,38 @@ mod tests {
                 round: PackageRounding::Down,
             }),
         };
-        assert_eq!(super::rate(&up, d("8")).unwrap().amount, d("10"));
-        assert_eq!(super::rate(&down, d("8")).unwrap().amount, d("5"));
-        assert_eq!(super::rate(&up, d("10")).unwrap().amount, d("10"));
-        assert_eq!(super::rate(&up, d("0")).unwrap().amount, d("0"));
+        assert_eq!(
+            super::rate(&up, d("8"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("10")
+        );
+        assert_eq!(
+            super::rate(&down, d("8"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("5")
+        );
+        assert_eq!(
+            super::rate(&up, d("10"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("10")
+        );
+        assert_eq!(
+            super::rate(&up, d("0"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("0")
+        );
         // Tokens per thousand: 1500 tokens at 0.002 per 1000, rounded up, is 2 packages.
         let tokens = Rate::PerUnit {
             unit_amount: d("0.002"),
@@ -311,7 +406,7 @@ mod tests {
             }),
         };
         let charge = super::rate(&tokens, d("1500")).unwrap();
-        assert_eq!(charge.amount, d("0.004"));
+        assert_eq!(charge.amount.to_decimal(), Some(d("0.004")));
         assert_eq!(charge.tiers[0].quantity, d("2"));
         assert_eq!(charge.tiers[0].package_size, Some(d("1000")));
         // A quantity a hair over a package boundary starts one more package, however
@@ -333,7 +428,14 @@ mod tests {
             unit_amount: d("0.1"),
             package: None,
         };
-        assert_eq!(super::rate(&rate, d("5.001")).unwrap().amount, d("0.5001"));
+        assert_eq!(
+            super::rate(&rate, d("5.001"))
+                .unwrap()
+                .amount
+                .to_decimal()
+                .unwrap(),
+            d("0.5001")
+        );
     }
 
     #[test]
@@ -353,20 +455,39 @@ mod tests {
     }
 
     #[test]
-    fn a_charge_that_would_need_rounding_is_an_error_not_rounded() {
+    fn a_charge_finer_than_28_decimals_is_kept_exact_and_rounded_once() {
         // 1234567.891234567891234567891 x 0.0123 needs 33 significant digits;
         // rust_decimal's product ends ...185059 where the exact one ends ...1850593.
         let rate = Rate::PerUnit {
             unit_amount: d("0.0123"),
             package: None,
         };
+        let charge = super::rate(&rate, d("1234567.891234567891234567891")).unwrap();
+        assert_eq!(charge.amount.to_decimal(), None);
         assert_eq!(
-            super::rate(&rate, d("1234567.891234567891234567891")),
-            Err(RateError::Overflow {
-                quantity: d("1234567.891234567891234567891")
-            })
+            charge.amount.round(2, RoundingMode::HalfUp),
+            Some(d("15185.19"))
         );
-        // A graduated total whose sum of tier amounts would round.
+        // The breakdown shows the nearest decimal that fits.
+        assert_eq!(charge.tiers[0].amount, d("15185.185062185185062185185059"));
+        // A float's text priced per GB-second: 30 decimals, a fraction of a cent.
+        let lambda = Rate::PerUnit {
+            unit_amount: d("0.0000166667"),
+            package: None,
+        };
+        let charge = super::rate(&lambda, d("0.00002777777777777778")).unwrap();
+        assert_eq!(charge.amount.round(2, RoundingMode::HalfUp), Some(d("0")));
+        assert_eq!(charge.tiers[0].amount, d("0.0000000004629638888888889259"));
+        // Rounded to 28 decimals first, 0.004999…9 (30 decimals) would become the tie
+        // 0.005 and round up a cent; rounded once, it is 0.00.
+        let cent = Rate::PerUnit {
+            unit_amount: d("0.01"),
+            package: None,
+        };
+        let charge = super::rate(&cent, d("0.4999999999999999999999999999")).unwrap();
+        assert_eq!(charge.amount.round(2, RoundingMode::HalfUp), Some(d("0")));
+        assert_eq!(charge.tiers[0].amount, d("0.0050000000000000000000000000"));
+        // A graduated total whose exact sum no decimal holds.
         let tiers = tiered(
             TiersMode::Graduated,
             &[
@@ -374,11 +495,13 @@ mod tests {
                 ("inf", "0.0000000000000000000000000001", "0"),
             ],
         );
-        assert!(matches!(
-            super::rate(&tiers, d("2")),
-            Err(RateError::Overflow { .. })
-        ));
-        assert_eq!(super::rate(&tiers, d("1")).unwrap().amount, d("5000000000"));
+        let charge = super::rate(&tiers, d("2")).unwrap();
+        assert_eq!(charge.amount.to_decimal(), None);
+        assert_eq!(
+            charge.amount.round(2, RoundingMode::HalfEven),
+            Some(d("5000000000"))
+        );
+        assert_eq!(charge.tiers[1].amount, d("0.0000000000000000000000000001"));
     }
 
     fn arb_tiers() -> impl Strategy<Value = Vec<Tier>> {
@@ -410,7 +533,7 @@ mod tests {
             let (lo, hi) = (a.min(b), a.max(b));
             let lo = Decimal::new(i64::from(lo), scale);
             let hi = Decimal::new(i64::from(hi), scale);
-            prop_assert!(super::rate(&rate, lo).unwrap().amount <= super::rate(&rate, hi).unwrap().amount);
+            prop_assert!(super::rate(&rate, lo).unwrap().amount.to_decimal().unwrap() <= super::rate(&rate, hi).unwrap().amount.to_decimal().unwrap());
         }
 
         /// The breakdown explains the charge: tier amounts add up to it, and graduated
@@ -420,7 +543,7 @@ mod tests {
             let mode = if graduated { TiersMode::Graduated } else { TiersMode::Volume };
             let charge = super::rate(&Rate::Tiered { mode, tiers: Tiers::new(tiers).unwrap() }, Decimal::from(q)).unwrap();
             let sum: Decimal = charge.tiers.iter().map(|t| t.amount).sum();
-            prop_assert_eq!(sum, charge.amount);
+            prop_assert_eq!(Some(sum), charge.amount.to_decimal());
             let units: Decimal = charge.tiers.iter().map(|t| t.quantity).sum();
             prop_assert_eq!(units, Decimal::from(q));
         }

@@ -4,13 +4,18 @@
 //! [`Decimal`] with exactly that value, or an error: the digits before the exponent
 //! must fit a Decimal's 28 significant digits (trailing fractional zeros aside), and
 //! the value its range. rust_decimal's `from_scientific` rounds a mantissa longer than
-//! 28 digits; this never rounds. Also the exact sum, product and package count that
-//! totals and charges use:
-//! rust_decimal's `checked_add`, `checked_mul` and `checked_div` round once a result
-//! needs more than 28 significant digits, where a total or a charge must be refused
-//! instead.
+//! 28 digits; this never rounds. Also the exact sums and package counts totals use
+//! (rust_decimal's `checked_add` and `checked_div` round once a result needs more than
+//! 28 significant digits, where a total must be refused instead), and
+//! [`ExactAmount`], a charge exact at any number of digits until its line rounds it
+//! once to the currency.
 
+use std::cmp::Ordering;
+
+use num_bigint::{BigInt, Sign};
 use rust_decimal::Decimal;
+
+use crate::money::RoundingMode;
 
 /// The most fractional digits a [`Decimal`] holds.
 const MAX_SCALE: i64 = 28;
@@ -117,85 +122,110 @@ impl FromIterator<Decimal> for ExactSum {
     }
 }
 
-/// `a × b` exactly, or `None` when the product is beyond the largest decimal or needs
-/// more than 28 fractional digits or 96 bits of digits (rust_decimal would round it).
-pub fn exact_mul(a: Decimal, b: Decimal) -> Option<Decimal> {
-    if a.is_zero() || b.is_zero() {
-        return Some(Decimal::ZERO);
-    }
-    // A product that was not rounded keeps the sum of the scales.
-    if let Some(product) = a.checked_mul(b) {
-        if product.scale() == a.scale() + b.scale() {
-            return Some(product);
-        }
-    }
-    // Rounded, or too large at its scale: the product is exact only if the digits it
-    // lost were trailing zeros. Redo it in whole numbers of up to 192 bits.
-    let mut digits = Wide::product(a.mantissa().unsigned_abs(), b.mantissa().unsigned_abs());
-    let mut scale = a.scale() + b.scale();
-    while scale > 0 {
-        let Some(tenth) = digits.exact_tenth() else {
-            break;
-        };
-        digits = tenth;
-        scale -= 1;
-    }
-    let magnitude = i128::try_from(digits.to_u128()?).ok()?;
-    let signed = match a.is_sign_negative() == b.is_sign_negative() {
-        true => magnitude,
-        false => -magnitude,
-    };
-    Decimal::try_from_i128_with_scale(signed, scale).ok()
+/// An exact decimal of any number of digits: a charge before it is rounded to the
+/// currency. A tier's quantity times its unit amount can need more than a Decimal's 28
+/// fractional digits (0.00002777777777777778 GB-s, a float's text, at 0.0000166667
+/// needs 30) although it is a fraction of a cent: held exactly, it is rounded once and
+/// correctly, where rounding it to 28 digits first could move a tie.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExactAmount {
+    /// The value times 10^scale.
+    digits: BigInt,
+    scale: u32,
 }
 
-/// An unsigned whole number of up to 192 bits, as six 32-bit limbs, least significant
-/// first: the exact product of two decimal mantissas (96 bits each).
-#[derive(Clone, Copy)]
-struct Wide([u32; 6]);
+impl From<Decimal> for ExactAmount {
+    fn from(d: Decimal) -> Self {
+        ExactAmount {
+            digits: BigInt::from(d.mantissa()),
+            scale: d.scale(),
+        }
+    }
+}
 
-impl Wide {
-    fn product(a: u128, b: u128) -> Wide {
-        let limbs = |n: u128| {
-            [
-                n as u32,
-                (n >> 32) as u32,
-                (n >> 64) as u32,
-                (n >> 96) as u32,
-            ]
-        };
-        let (a, b) = (limbs(a), limbs(b));
-        let mut out = [0u32; 6];
-        for (i, &x) in a.iter().enumerate().take(3) {
-            let mut carry = 0u64;
-            for (j, &y) in b.iter().enumerate().take(3) {
-                let sum = u64::from(x) * u64::from(y) + u64::from(out[i + j]) + carry;
-                out[i + j] = sum as u32;
-                carry = sum >> 32;
+impl ExactAmount {
+    /// `a × b`, exactly.
+    pub fn product(a: Decimal, b: Decimal) -> ExactAmount {
+        ExactAmount {
+            digits: BigInt::from(a.mantissa()) * BigInt::from(b.mantissa()),
+            scale: a.scale() + b.scale(),
+        }
+    }
+
+    /// `percent` % of `amount`, exactly.
+    pub fn percent_of(amount: Decimal, percent: Decimal) -> ExactAmount {
+        let mut share = ExactAmount::product(amount, percent);
+        share.scale += 2;
+        share
+    }
+
+    /// Adds `other`, exactly; the sum keeps the larger scale (1.50 + 2.5 is 4.00).
+    pub fn add(&mut self, other: &ExactAmount) {
+        let scale = self.scale.max(other.scale);
+        self.digits = self.digits_at(scale) + other.digits_at(scale);
+        self.scale = scale;
+    }
+
+    /// The value times 10^scale, for a scale of at least its own.
+    fn digits_at(&self, scale: u32) -> BigInt {
+        &self.digits * BigInt::from(10u32).pow(scale - self.scale)
+    }
+
+    /// The value rounded to `places` fractional digits, ties as `mode` says; `None`
+    /// when that is beyond the largest decimal.
+    pub fn round(&self, places: u32, mode: RoundingMode) -> Option<Decimal> {
+        let mantissa = match self.scale.checked_sub(places) {
+            None | Some(0) => self.digits_at(places),
+            Some(dropped) => {
+                let divisor = BigInt::from(10u32).pow(dropped);
+                let (quotient, remainder) = (&self.digits / &divisor, &self.digits % &divisor);
+                let away = match (remainder.magnitude() * 2u32).cmp(divisor.magnitude()) {
+                    Ordering::Less => false,
+                    Ordering::Greater => true,
+                    Ordering::Equal => match mode {
+                        RoundingMode::HalfUp => true,
+                        RoundingMode::HalfEven => quotient.magnitude().bit(0),
+                    },
+                };
+                match (away, self.digits.sign()) {
+                    (false, _) => quotient,
+                    (true, Sign::Minus) => quotient - 1,
+                    (true, _) => quotient + 1,
+                }
             }
-            out[i + 3] = carry as u32;
-        }
-        Wide(out)
+        };
+        Decimal::try_from_i128_with_scale(i128::try_from(&mantissa).ok()?, places).ok()
     }
 
-    /// The number divided by ten, if it is a multiple of ten.
-    fn exact_tenth(self) -> Option<Wide> {
-        let mut out = [0u32; 6];
-        let mut remainder = 0u64;
-        for i in (0..6).rev() {
-            let current = (remainder << 32) | u64::from(self.0[i]);
-            out[i] = (current / 10) as u32;
-            remainder = current % 10;
+    /// The value as a decimal, exactly: at its own scale, or with as few of its
+    /// trailing zeros dropped as make it fit. `None` when no decimal holds it.
+    pub fn to_decimal(&self) -> Option<Decimal> {
+        let (mut digits, mut scale) = (self.digits.clone(), self.scale);
+        loop {
+            let fits = (scale <= MAX_SCALE as u32)
+                .then(|| i128::try_from(&digits).ok())
+                .flatten()
+                .and_then(|m| Decimal::try_from_i128_with_scale(m, scale).ok());
+            if fits.is_some() {
+                return fits;
+            }
+            let ten = BigInt::from(10u32);
+            if scale == 0 || (&digits % &ten).sign() != Sign::NoSign {
+                return None;
+            }
+            digits /= ten;
+            scale -= 1;
         }
-        (remainder == 0).then_some(Wide(out))
     }
 
-    /// The number, if it fits in 128 bits.
-    fn to_u128(self) -> Option<u128> {
-        (self.0[4] == 0 && self.0[5] == 0).then(|| {
-            self.0[..4]
-                .iter()
+    /// The value itself when a decimal holds it, else the nearest decimal with as many
+    /// fractional digits as fit (ties to even): what a breakdown can show of an amount
+    /// finer than 28 decimals. `None` past the largest decimal.
+    pub fn nearest_decimal(&self) -> Option<Decimal> {
+        self.to_decimal().or_else(|| {
+            (0..=self.scale.min(MAX_SCALE as u32))
                 .rev()
-                .fold(0u128, |n, &limb| (n << 32) | u128::from(limb))
+                .find_map(|places| self.round(places, RoundingMode::HalfEven))
         })
     }
 }
@@ -382,28 +412,79 @@ mod tests {
     }
 
     #[test]
-    fn products_that_would_round_are_refused() {
-        assert_eq!(exact_mul(dec("1.5"), dec("-2.25")), Some(dec("-3.375")));
-        assert_eq!(exact_mul(dec("0"), dec("123.45")), Some(dec("0")));
-        // 33 significant digits: rust_decimal gives ...185059 where it is ...1850593.
+    fn exact_amounts_hold_every_digit_until_rounded_once() {
+        let product = |a: &str, b: &str| ExactAmount::product(dec(a), dec(b));
+        assert_eq!(product("1.5", "-2.25").to_decimal(), Some(dec("-3.375")));
+        assert_eq!(product("0", "123.45").to_decimal(), Some(dec("0")));
+        // A scale past 28 whose extra digits are zeros fits.
+        let fifth = product("0.20000000000000000000000000", "0.5000");
+        assert_eq!(fifth.to_decimal(), Some(dec("0.1")));
+        // 33 significant digits: rust_decimal's product ends ...185059 where it is
+        // ...1850593.
+        let long = product("1234567.891234567891234567891", "0.0123");
+        assert_eq!(long.to_decimal(), None);
         assert_eq!(
-            exact_mul(dec("1234567.891234567891234567891"), dec("0.0123")),
+            long.nearest_decimal(),
+            Some(dec("15185.185062185185062185185059"))
+        );
+        // 1e-15 × 1e-15 needs 30 fractional digits; the nearest that fit is zero.
+        let tiny = product("0.000000000000001", "0.000000000000001");
+        assert_eq!(tiny.to_decimal(), None);
+        assert_eq!(tiny.nearest_decimal(), Some(dec("0")));
+        assert_eq!(tiny.round(2, RoundingMode::HalfUp), Some(dec("0")));
+        assert_eq!(
+            product("79228162514264337593543950335", "2").to_decimal(),
             None
         );
-        // A scale past 28 whose extra digits are zeros: exact.
         assert_eq!(
-            exact_mul(dec("0.20000000000000000000000000"), dec("0.5000")),
-            Some(dec("0.1"))
-        );
-        // 1e-15 × 1e-15 needs 30 fractional digits.
-        assert_eq!(
-            exact_mul(dec("0.000000000000001"), dec("0.000000000000001")),
+            product("79228162514264337593543950335", "2").nearest_decimal(),
             None
         );
-        assert_eq!(exact_mul(Decimal::MAX, dec("2")), None);
-        assert_eq!(exact_mul(Decimal::MAX, dec("1.0")), Some(Decimal::MAX));
-        // Both mantissas of 96 bits, product of 192: its low digits are not zeros.
-        assert_eq!(exact_mul(Decimal::MAX, Decimal::MAX), None);
+        assert_eq!(
+            product("79228162514264337593543950335", "1.0").to_decimal(),
+            Some(Decimal::MAX)
+        );
+    }
+
+    #[test]
+    fn exact_amounts_round_ties_by_the_mode_on_either_side_of_zero() {
+        let amount = |a: &str| ExactAmount::from(dec(a));
+        for (value, half_up, half_even) in [
+            ("0.125", "0.13", "0.12"),
+            ("0.135", "0.14", "0.14"),
+            ("-0.125", "-0.13", "-0.12"),
+            ("0.1250000000000000000000000001", "0.13", "0.13"),
+            ("0.1249999999999999999999999999", "0.12", "0.12"),
+            ("7", "7", "7"),
+        ] {
+            assert_eq!(
+                amount(value).round(2, RoundingMode::HalfUp),
+                Some(dec(half_up)),
+                "{value}"
+            );
+            assert_eq!(
+                amount(value).round(2, RoundingMode::HalfEven),
+                Some(dec(half_even)),
+                "{value}"
+            );
+        }
+        // Past 28 decimals: 0.004999…9 (30 decimals) is under the tie, 0.0050…01 over it.
+        let under = ExactAmount::product(dec("0.4999999999999999999999999999"), dec("0.01"));
+        assert_eq!(under.round(2, RoundingMode::HalfUp), Some(dec("0")));
+        let mut over = ExactAmount::from(dec("0.005"));
+        over.add(&ExactAmount::product(
+            dec("0.000000000000001"),
+            dec("0.000000000000001"),
+        ));
+        assert_eq!(over.round(2, RoundingMode::HalfEven), Some(dec("0.01")));
+        assert_eq!(over.to_decimal(), None);
+        // A percentage is exact too: 33.333 % of 15.25.
+        let share = ExactAmount::percent_of(dec("15.25"), dec("33.333"));
+        assert_eq!(share.to_decimal(), Some(dec("5.08328250")));
+        assert_eq!(
+            ExactAmount::from(Decimal::MAX).round(2, RoundingMode::HalfUp),
+            None
+        );
     }
 
     #[test]
@@ -486,21 +567,54 @@ mod tests {
             }
         }
 
-        /// A product is given exactly, and refused exactly when it has no exact Decimal:
-        /// checked against i128 arithmetic on mantissas of up to 63 bits.
+        /// A product is exact, and is a Decimal exactly when one holds it: checked
+        /// against i128 arithmetic on mantissas of up to 63 bits. Rounded, it agrees with
+        /// the same rounding done on the whole numbers.
         #[test]
-        fn exact_products_match_whole_number_arithmetic(a in any::<i64>(), sa in 0u32..=28, b in any::<i64>(), sb in 0u32..=28) {
+        fn exact_products_match_whole_number_arithmetic(a in any::<i64>(), sa in 0u32..=28, b in any::<i64>(), sb in 0u32..=28, places in 0u32..=4, half_even in any::<bool>()) {
+            let whole = i128::from(a) * i128::from(b);
             let expected = {
-                let mut mantissa = i128::from(a) * i128::from(b);
-                let mut scale = sa + sb;
+                let (mut mantissa, mut scale) = (whole, sa + sb);
                 while scale > 0 && mantissa % 10 == 0 {
                     mantissa /= 10;
                     scale -= 1;
                 }
                 Decimal::try_from_i128_with_scale(mantissa, scale).ok()
             };
-            let product = exact_mul(Decimal::new(a, sa), Decimal::new(b, sb));
-            prop_assert_eq!(product, expected);
+            let product = ExactAmount::product(Decimal::new(a, sa), Decimal::new(b, sb));
+            prop_assert_eq!(product.to_decimal(), expected);
+            let mode = if half_even { RoundingMode::HalfEven } else { RoundingMode::HalfUp };
+            let rounded = match (sa + sb).checked_sub(places) {
+                None => whole.checked_mul(10i128.pow(places - sa - sb)),
+                // |whole| < 2^126 < 10^38 / 2: nothing but zero rounds from it.
+                Some(dropped) if dropped > 38 => Some(0),
+                Some(dropped) => {
+                    let divisor = 10i128.pow(dropped);
+                    let (quotient, remainder) = (whole / divisor, (whole % divisor).abs());
+                    let away = match (remainder * 2).cmp(&divisor) {
+                        Ordering::Less => false,
+                        Ordering::Greater => true,
+                        Ordering::Equal => !half_even || quotient % 2 != 0,
+                    };
+                    Some(quotient + if away { whole.signum() } else { 0 })
+                }
+            };
+            let rounded = rounded.and_then(|m| Decimal::try_from_i128_with_scale(m, places).ok());
+            prop_assert_eq!(product.round(places, mode), rounded);
+        }
+
+        /// Exact amounts add as exact decimal sums do, where those hold.
+        #[test]
+        fn exact_amounts_add_as_decimals_do(a in any::<i64>(), sa in 0u32..=28, b in any::<i64>(), sb in 0u32..=28) {
+            let (a, b) = (Decimal::new(a, sa), Decimal::new(b, sb));
+            let mut sum = ExactAmount::from(a);
+            sum.add(&b.into());
+            if let Some(expected) = exact_add(a, b) {
+                prop_assert_eq!(sum.to_decimal(), Some(expected));
+            }
+            let mut back = sum.clone();
+            back.add(&(-b).into());
+            prop_assert_eq!(back.to_decimal(), Some(a));
         }
 
         /// A sum in any order is the sum of exact pairwise additions, where those hold.

@@ -317,7 +317,9 @@ pub struct TierCharge {
     pub package_size: Option<Decimal>,
     pub unit_amount: Decimal,
     pub flat_amount: Decimal,
-    /// `quantity * unit_amount + flat_amount`, exact (unrounded).
+    /// `quantity * unit_amount + flat_amount`, exact (unrounded); one that needs more
+    /// than 28 decimals is the nearest decimal with as many as fit (the line's subtotal
+    /// is rounded from the exact charge, not from these).
     pub amount: Decimal,
 }
 

@@ -659,6 +659,70 @@ fn yen_discounts_round_to_whole_yen() {
 }
 
 #[test]
+fn a_charge_past_28_decimals_is_rounded_once_not_refused() {
+    // A price per GB-second and a float's text as usage: customer a's charge,
+    // 0.000000000462963888888888925926, needs 30 decimals.
+    let f = Fixture::new(
+        r#"
+[[meters]]
+slug = "gbs"
+event_type = "fn.run"
+aggregation = "sum"
+value_property = "$.gb_seconds"
+
+[[plans]]
+id = "p"
+currency = "usd"
+
+[[plans.prices]]
+id = "compute"
+meter = "gbs"
+billing_scheme = "per_unit"
+unit_amount = "0.0000166667"
+
+[[customers]]
+id = "a"
+plan = "p"
+
+[[customers]]
+id = "b"
+plan = "p"
+"#,
+    );
+    let time = "2026-11-10T10:00:00Z";
+    let runs = [
+        event(
+            "r1",
+            "fn.run",
+            "a",
+            time,
+            Some(json!({"gb_seconds": 2.777777777777778e-05})),
+        ),
+        event(
+            "r2",
+            "fn.run",
+            "b",
+            time,
+            Some(json!({"gb_seconds": 360000})),
+        ),
+    ];
+    let lines = f.rate(&runs, &[]).succeeded().lines();
+    assert_eq!(
+        money(line(&lines, "a", "compute")),
+        ["0.00002777777777777778", "0.00", "0.00", "0.00"]
+    );
+    assert_eq!(
+        money(line(&lines, "b", "compute")),
+        ["360000", "6.00", "0.00", "6.00"]
+    );
+    // The breakdown shows a's tier amount to the 28 decimals a line's figures hold.
+    assert_eq!(
+        line(&lines, "a", "compute")["tiers"][0]["amount"],
+        "0.0000000004629638888888889259"
+    );
+}
+
+#[test]
 fn kuwaiti_dinar_has_three_decimals() {
     // One call at 0.0125 kwd: half_up 0.013, half_even 0.012.
     let up = Fixture::new(&per_event_config("kwd", "half_up", "0.0125", ""));
