@@ -80,7 +80,10 @@ impl RoundingMode {
     }
 }
 
-/// Active ISO 4217 codes with their minor units (the standard's "E" column).
+/// Active ISO 4217 codes with their minor units (the standard's "E" column), except
+/// mga: ISO lists 2, but its subunit is a fifth, not a hundredth, and Stripe bills it
+/// in whole ariary, so Tally does too (an `amount_minor` sent to Stripe must mean the
+/// same).
 #[rustfmt::skip]
 const ISO_4217: &[(&str, u32)] = &[
     ("aed", 2), ("afn", 2), ("all", 2), ("amd", 2), ("ang", 2), ("aoa", 2), ("ars", 2),
@@ -95,7 +98,7 @@ const ISO_4217: &[(&str, u32)] = &[
     ("isk", 0), ("jmd", 2), ("jod", 3), ("jpy", 0), ("kes", 2), ("kgs", 2), ("khr", 2),
     ("kmf", 0), ("kpw", 2), ("krw", 0), ("kwd", 3), ("kyd", 2), ("kzt", 2), ("lak", 2),
     ("lbp", 2), ("lkr", 2), ("lrd", 2), ("lsl", 2), ("lyd", 3), ("mad", 2), ("mdl", 2),
-    ("mga", 2), ("mkd", 2), ("mmk", 2), ("mnt", 2), ("mop", 2), ("mru", 2), ("mur", 2),
+    ("mga", 0), ("mkd", 2), ("mmk", 2), ("mnt", 2), ("mop", 2), ("mru", 2), ("mur", 2),
     ("mvr", 2), ("mwk", 2), ("mxn", 2), ("myr", 2), ("mzn", 2), ("nad", 2), ("ngn", 2),
     ("nio", 2), ("nok", 2), ("npr", 2), ("nzd", 2), ("omr", 3), ("pab", 2), ("pen", 2),
     ("pgk", 2), ("php", 2), ("pkr", 2), ("pln", 2), ("pyg", 0), ("qar", 2), ("ron", 2),
@@ -118,10 +121,12 @@ mod tests {
     }
 
     #[test]
-    fn minor_units_follow_iso_4217() {
+    fn minor_units_follow_iso_4217_and_stripe() {
         assert_eq!(Currency::from_code("usd").unwrap().minor_units(), 2);
         assert_eq!(Currency::from_code("jpy").unwrap().minor_units(), 0);
         assert_eq!(Currency::from_code("kwd").unwrap().minor_units(), 3);
+        // Not ISO's 2: whole ariary, as Stripe bills it.
+        assert_eq!(Currency::from_code("mga").unwrap().minor_units(), 0);
         assert!(Currency::from_code("USD").is_none());
         assert!(Currency::from_code("xyz").is_none());
     }

@@ -320,6 +320,12 @@ fn the_last_tier_must_be_inf_and_only_the_last() {
         not_inf.contains("use \"inf\" for an open-ended tier"),
         "{not_inf}"
     );
+    // TOML's bare inf says the same as "inf", down to the price book's hash; -inf and
+    // other floats are refused.
+    let bare = parse(&with(r#"up_to = "inf""#, "up_to = inf"));
+    assert_eq!(bare.hash, parse(BASE).hash);
+    let negative = syntax_error(&with(r#"up_to = "inf""#, "up_to = -inf"));
+    assert!(negative.contains("TOML floats"), "{negative}");
 }
 
 #[test]
@@ -441,6 +447,38 @@ fn filters_must_name_a_group_by_dimension_of_the_meter() {
         "plans[pro].prices[gpt-tokens].filter.modle",
         r#"meter "tokens" has no group_by dimension "modle""#,
     );
+}
+
+#[test]
+fn filter_values_no_json_number_or_boolean_reads_as_are_warned_about() {
+    let warnings = |value: &str| -> Vec<(String, String)> {
+        let text = with(
+            r#"filter = { model = "gpt-x" }"#,
+            &format!("filter = {{ model = {value:?} }}"),
+        );
+        (parse(&text).warnings.into_iter())
+            .map(|w| (w.at, w.message))
+            .collect()
+    };
+    assert_eq!(
+        warnings("1.0"),
+        [(
+            "plans[pro].prices[gpt-tokens].filter.model".to_owned(),
+            r#""1.0" matches only events whose value is that string: a JSON number in an event reads as "1"; write "1" to match it"#.to_owned()
+        )]
+    );
+    assert_eq!(
+        warnings("True")[0].1,
+        r#""True" matches only events whose value is that string: a JSON boolean in an event reads as "true"; write "true" to match it"#
+    );
+    assert_eq!(
+        warnings("1e3")[0].1.split(';').nth(1),
+        Some(r#" write "1000" to match it"#)
+    );
+    // What an event's number or boolean reads as, and plain strings, are fine.
+    for value in ["1", "0.5", "true", "false", "gpt-x", "v1.0"] {
+        assert!(warnings(value).is_empty(), "{value}");
+    }
 }
 
 #[test]

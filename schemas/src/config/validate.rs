@@ -13,7 +13,7 @@ use super::{
     Customer, CustomerSpec, DiscountSpec, Meter, MeterId, MeterSpec, PlanId, PlanSpec, PriceSpec,
     Settings, Subscription, TierSpec,
 };
-use crate::decimal::exact_add;
+use crate::decimal::{exact_add, parse_exact};
 use crate::money::Currency;
 use crate::price::{Discount, Package, Plan, Price, Rate, Tier, Tiers, TiersMode, UpTo};
 use crate::time::WindowSize;
@@ -38,6 +38,7 @@ impl ConfigFile {
         let meters = validate_meters(&self.meters, &mut issues);
         let plans = validate_plans(&self.plans, &meters, &mut issues);
         let mut warnings = Issues(Vec::new());
+        check_filter_values(&self.plans, &mut warnings);
         let customers = validate_customers(
             &self.customers,
             &self.plans,
@@ -266,6 +267,36 @@ fn validate_plans(specs: &[PlanSpec], meters: &[Meter], issues: &mut Issues) -> 
         });
     }
     plans
+}
+
+/// Warns of filter values that no JSON number or boolean in an event matches: events'
+/// numbers and booleans are compared as their normalised text (`1`, `true`), so a
+/// filter written `"1.0"` or `"True"` matches only events sending that very string.
+fn check_filter_values(plans: &[PlanSpec], warnings: &mut Issues) {
+    for (i, plan) in plans.iter().enumerate() {
+        let at = format!("{}.prices", item_at("plans", i, &plan.id));
+        for (j, price) in plan.prices.iter().enumerate() {
+            let at = item_at(&at, j, &price.id);
+            for (key, value) in &price.filter {
+                let (kind, reads_as) = if ["true", "false"]
+                    .iter()
+                    .any(|b| value.eq_ignore_ascii_case(b))
+                {
+                    ("boolean", value.to_ascii_lowercase())
+                } else if let Ok(number) = parse_exact(value.trim()) {
+                    ("number", number.normalize().to_string())
+                } else {
+                    continue;
+                };
+                if reads_as != *value {
+                    warnings.add(
+                        format!("{at}.filter.{key}"),
+                        format!("{value:?} matches only events whose value is that string: a JSON {kind} in an event reads as {reads_as:?}; write {reads_as:?} to match it"),
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn validate_price(

@@ -37,8 +37,8 @@ impl<'de> Deserialize<'de> for ExactDecimal {
     }
 }
 
-/// Reads a TOML integer or decimal string exactly, refusing floats; `"inf"` too when
-/// `allow_inf` (a tier bound).
+/// Reads a TOML integer or decimal string exactly, refusing floats; `"inf"` (or TOML's
+/// bare `inf`) too when `allow_inf` (a tier bound).
 struct DecimalVisitor {
     allow_inf: bool,
 }
@@ -62,7 +62,11 @@ impl Visitor<'_> for DecimalVisitor {
         Ok(UpTo::Finite(Decimal::from(v)))
     }
 
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<UpTo, E> {
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<UpTo, E> {
+        // TOML's bare `inf` is exact, and means what "inf" does.
+        if self.allow_inf && v == f64::INFINITY {
+            return Ok(UpTo::Inf);
+        }
         Err(E::custom(FLOAT_HINT))
     }
 
