@@ -126,6 +126,47 @@ fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
 
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn records_compressed_with_every_codec_kafka_offers_are_read() {
+    let _serial = serial();
+    // A product service producing to the events topic directly chooses its codec;
+    // Tally's consumers must decompress every one, or the partition stalls.
+    let topic = unique("codecs");
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    create_topic(&admin, NewTopic::new(&topic, 1, TopicReplication::Fixed(1)));
+    drop(admin);
+    let codecs = ["none", "gzip", "snappy", "lz4", "zstd"];
+    for codec in codecs {
+        let producer: BaseProducer = config()
+            .set("compression.codec", codec)
+            .set("linger.ms", "50")
+            .create()
+            .unwrap();
+        for i in 0..100 {
+            let payload = format!("{codec} {i} {}", "usage ".repeat(20));
+            producer
+                .send(BaseRecord::<(), _>::to(&topic).payload(&payload))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+    let mut read = Vec::new();
+    read_partition(config(), &topic, 0, 0, Duration::from_secs(60), |m| {
+        let payload = rdkafka::Message::payload(m).unwrap();
+        read.push(String::from_utf8(payload.to_vec()).unwrap());
+    })
+    .unwrap();
+    assert_eq!(read.len(), codecs.len() * 100);
+    for (i, codec) in codecs.iter().enumerate() {
+        assert!(
+            read[i * 100].starts_with(&format!("{codec} 0 ")),
+            "{}",
+            read[i * 100]
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn state_topics_an_operator_made_without_compaction_or_room_for_large_records_are_refused() {
     let _serial = serial();
     let settings = KafkaSettings {
