@@ -29,6 +29,7 @@
 //! decimals and its `sum` of decimals can overflow silently), with `amount_minor`, the
 //! amount in whole minor units, for exact sums in SQL.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,12 +38,17 @@ use serde::{Deserialize, Serialize};
 use tally_schemas::config::{ClickHouseCredentials, ClickHouseSettings};
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
+use ureq::tls::{parse_pem, Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 
 /// Where and why a read or write of ClickHouse failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClickHouseError {
-    #[error("cannot reach ClickHouse at {url} ({source}); is it running?")]
+    #[error("cannot reach ClickHouse at {url} ({source}); {}", reach_hint(.url))]
     Unreachable { url: String, source: ureq::Error },
+    #[error("cannot use {} as clickhouse.ca_file (or TALLY_CLICKHOUSE_CA_FILE): {why}; name a PEM file of the certificate authorities to trust", .path.display())]
+    CaFile { path: PathBuf, why: String },
+    #[error("clickhouse.ca_file (or TALLY_CLICKHOUSE_CA_FILE) is set, but {url} is not an https:// url; write it with https://, or leave ca_file out")]
+    CaFileWithoutTls { url: String },
     #[error("ClickHouse at {url} refused to {what}: HTTP {status}: {body}")]
     Refused {
         url: String,
@@ -65,6 +71,13 @@ pub enum ClickHouseError {
         amount: String,
         currency: String,
     },
+}
+
+fn reach_hint(url: &str) -> &'static str {
+    match url.starts_with("https://") {
+        true => "is it running, and is its certificate signed by an authority Tally trusts (the system's, or clickhouse.ca_file's)?",
+        false => "is it running?",
+    }
 }
 
 /// A ClickHouse server and the database Tally writes to.
@@ -176,23 +189,31 @@ impl ClickHouse {
         if !ClickHouseSettings::is_database_name(database) {
             return Err(ClickHouseError::DatabaseName(database.to_owned()));
         }
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
         Ok(ClickHouse {
-            agent,
+            agent: agent(RootCerts::PlatformVerifier),
             url: url.trim_end_matches('/').to_owned(),
             database: database.to_owned(),
             credentials: ClickHouseCredentials::default(),
         })
     }
 
-    /// Authenticates as `credentials.user` (ClickHouse's `default` when `None`).
-    pub fn with_credentials(mut self, credentials: &ClickHouseCredentials) -> Self {
+    /// Authenticates as `credentials.user` (ClickHouse's `default` when `None`), and
+    /// over https trusts the authorities of `credentials.ca_file` instead of the
+    /// system's.
+    pub fn with_credentials(
+        mut self,
+        credentials: &ClickHouseCredentials,
+    ) -> Result<Self, ClickHouseError> {
+        if let Some(path) = &credentials.ca_file {
+            if !self.url.starts_with("https://") {
+                return Err(ClickHouseError::CaFileWithoutTls {
+                    url: self.url.clone(),
+                });
+            }
+            self.agent = agent(RootCerts::Specific(Arc::new(authorities(path)?)));
+        }
         self.credentials = credentials.clone();
-        self
+        Ok(self)
     }
 
     /// Creates the database, the table and the view if they do not exist.
@@ -648,7 +669,7 @@ impl ClickHouse {
         if let Some(insert) = insert {
             request = request.query("query", insert);
         }
-        let ClickHouseCredentials { user, password } = &self.credentials;
+        let ClickHouseCredentials { user, password, .. } = &self.credentials;
         if user.is_some() || password.is_some() {
             request = request
                 .header("X-ClickHouse-User", user.as_deref().unwrap_or("default"))
@@ -674,6 +695,43 @@ impl ClickHouse {
             body: body.trim().to_owned(),
         })
     }
+}
+
+/// The HTTP client: statuses are answers, not errors, and TLS goes through the system's
+/// OpenSSL, trusting `roots`.
+fn agent(roots: RootCerts) -> ureq::Agent {
+    let tls = TlsConfig::builder()
+        .provider(TlsProvider::NativeTls)
+        .root_certs(roots)
+        .build();
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .tls_config(tls)
+        .build()
+        .into()
+}
+
+/// The certificates of a PEM file of certificate authorities.
+fn authorities(path: &Path) -> Result<Vec<Certificate<'static>>, ClickHouseError> {
+    let failed = |why: String| ClickHouseError::CaFile {
+        path: path.to_owned(),
+        why,
+    };
+    let pem = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
+    let mut certificates = Vec::new();
+    for item in parse_pem(&pem) {
+        match item {
+            Ok(PemItem::Certificate(certificate)) => certificates.push(certificate),
+            // Keys, or what a later ureq may read: not an authority.
+            Ok(_) => {}
+            Err(e) => return Err(failed(format!("it is not PEM ({e})"))),
+        }
+    }
+    if certificates.is_empty() {
+        return Err(failed("it holds no PEM certificate".to_owned()));
+    }
+    Ok(certificates)
 }
 
 /// A time the readers select as `toUnixTimestamp`, or why it is not one.

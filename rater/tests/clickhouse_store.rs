@@ -13,8 +13,9 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use std::sync::Arc;
 
-use tally_rater::clickhouse::{ClickHouse, StoredWindow};
+use tally_rater::clickhouse::{ClickHouse, ClickHouseError, StoredWindow};
 use tally_rater::line::line_id;
+use tally_schemas::config::ClickHouseCredentials;
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, WindowUsage};
 use tally_schemas::time::Period;
 
@@ -354,4 +355,62 @@ fn current_lines_and_a_customers_windows_read_back_as_written() {
         ]
     );
     query(&format!("DROP DATABASE {database}"));
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
+fn tls_trusts_the_authorities_of_the_ca_file_and_says_what_is_wrong_with_one() {
+    // scripts/services/clickhouse.sh serves HTTPS on 8443 with a certificate of its
+    // own test CA (chDB serves no TLS; scripts/test.sh skips tests named tls there).
+    let https = std::env::var("TALLY_CLICKHOUSE_HTTPS_URL")
+        .unwrap_or_else(|_| "https://127.0.0.1:8443".into());
+    let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.services/clickhouse/tls");
+    let trusting = |ca_file: &str| {
+        ClickHouse::new(&https, "tally_test_tls")
+            .unwrap()
+            .with_credentials(&ClickHouseCredentials {
+                ca_file: Some(tls.join(ca_file)),
+                ..ClickHouseCredentials::default()
+            })
+    };
+    let store = trusting("ca.pem").unwrap();
+    store.ensure_schema().unwrap();
+    let november = Period::from_str("2026-11").unwrap();
+    let billed = line("cust_tls", november, None, "old");
+    store.insert_versioned(&[(1, &billed)]).unwrap();
+    let stale = store
+        .lines_rated_with_another_book("current", Some(november))
+        .unwrap();
+    assert_eq!(stale.len(), 1);
+    query("DROP DATABASE tally_test_tls");
+
+    // The system's roots do not hold the test CA.
+    let untrusted = ClickHouse::new(&https, "tally_test_tls").unwrap();
+    let error = untrusted.ensure_schema().unwrap_err();
+    assert!(
+        matches!(error, ClickHouseError::Unreachable { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("certificate"), "{error}");
+    assert!(error.to_string().contains("clickhouse.ca_file"), "{error}");
+    // A key is no authority, a missing file no file.
+    for (file, why) in [
+        ("server.key", "holds no PEM certificate"),
+        ("missing.pem", "No such file"),
+    ] {
+        let error = trusting(file).unwrap_err();
+        assert!(matches!(error, ClickHouseError::CaFile { .. }), "{error}");
+        assert!(error.to_string().contains(why), "{error}");
+    }
+    // A CA file says the url is meant to be https.
+    let plain = ClickHouse::new(&url(), "tally_test_tls")
+        .unwrap()
+        .with_credentials(&ClickHouseCredentials {
+            ca_file: Some(tls.join("ca.pem")),
+            ..ClickHouseCredentials::default()
+        });
+    assert!(matches!(
+        plain,
+        Err(ClickHouseError::CaFileWithoutTls { .. })
+    ));
 }

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # ClickHouse for integration tests: Debian's clickhouse-server package (18.16 on Debian
 # 12), run as a plain background process with our own configuration and data under
-# .services/clickhouse/, HTTP on 127.0.0.1:8123 and native TCP on 127.0.0.1:9000 only.
-# No systemd or init script: the package's own service is never started.
+# .services/clickhouse/, HTTP on 127.0.0.1:8123, HTTPS on 127.0.0.1:8443 and native TCP
+# on 127.0.0.1:9000 only. No systemd or init script: the package's own service is never
+# started. HTTPS serves a certificate for localhost and 127.0.0.1 signed by a test CA
+# made on first start, .services/clickhouse/tls/ca.pem (what clickhouse.ca_file names
+# in the TLS tests).
 #
 #   scripts/services/clickhouse.sh install   # apt-get install clickhouse-server curl (if missing)
 #   scripts/services/clickhouse.sh start     # install if needed, start, wait for SELECT 1
@@ -15,7 +18,8 @@
 #
 # User `default`, no password, and `tally_test`, password `tally-test-password` (for the
 # tests that send credentials), from 127.0.0.1 only. Settings (environment):
-# CLICKHOUSE_HTTP_PORT (8123), CLICKHOUSE_TCP_PORT (9000), TALLY_SERVICES_DIR (.services),
+# CLICKHOUSE_HTTP_PORT (8123), CLICKHOUSE_HTTPS_PORT (8443), CLICKHOUSE_TCP_PORT (9000),
+# TALLY_SERVICES_DIR (.services),
 # TALLY_START_TIMEOUT (90), TALLY_STOP_TIMEOUT (30).
 #
 # Runs as the user that calls it (root in CI): ClickHouse 18.16 has no objection to root
@@ -27,7 +31,9 @@ SERVICE=clickhouse
 
 CH_HTTP_PORT="${CLICKHOUSE_HTTP_PORT:-8123}"
 CH_TCP_PORT="${CLICKHOUSE_TCP_PORT:-9000}"
+CH_HTTPS_PORT="${CLICKHOUSE_HTTPS_PORT:-8443}"
 DIR="$SERVICES_DIR/clickhouse"
+TLS="$DIR/tls"
 CONFIG="$DIR/config.xml"
 LOGFILE="$DIR/server.log"
 PIDFILE="$DIR/clickhouse.pid"
@@ -36,7 +42,7 @@ MARKER="$CONFIG"
 URL="http://127.0.0.1:$CH_HTTP_PORT/"
 
 cmd_install() {
-  apt_install clickhouse-server curl
+  apt_install clickhouse-server curl openssl
   [ -x "$BIN" ] || die "$BIN missing after installing clickhouse-server"
   log "installed: clickhouse-server $(dpkg-query -W -f='${Version}' clickhouse-server)"
 }
@@ -57,8 +63,23 @@ loopback_user() {
 EOF
 }
 
+# A test CA and, signed by it, a certificate for localhost and 127.0.0.1; made once.
+make_certificates() {
+  [ -s "$TLS/server.pem" ] && [ -s "$TLS/ca.pem" ] && return 0
+  mkdir -p "$TLS"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=Tally test CA" \
+    -keyout "$TLS/ca.key" -out "$TLS/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$TLS/server.key" -out "$TLS/server.csr" 2>/dev/null
+  printf 'subjectAltName = DNS:localhost, IP:127.0.0.1\n' >"$TLS/server.ext"
+  openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$TLS/server.ext" -out "$TLS/server.pem" 2>/dev/null
+  log "made a test CA ($TLS/ca.pem) and ClickHouse's certificate for localhost, 127.0.0.1"
+}
+
 write_config() {
   mkdir -p "$DIR/data" "$DIR/tmp" "$DIR/user_files" "$DIR/format_schemas"
+  make_certificates
   # Written on every start, so a change here takes effect at the next start.
   cat >"$CONFIG.new" <<EOF
 <?xml version="1.0"?>
@@ -71,7 +92,19 @@ write_config() {
     <listen_host>127.0.0.1</listen_host>
     <http_port>$CH_HTTP_PORT</http_port>
     <tcp_port>$CH_TCP_PORT</tcp_port>
-    <!-- No interserver (replication) port, no TLS ports, no MySQL port. -->
+    <https_port>$CH_HTTPS_PORT</https_port>
+    <openSSL>
+        <server>
+            <certificateFile>$TLS/server.pem</certificateFile>
+            <privateKeyFile>$TLS/server.key</privateKeyFile>
+            <verificationMode>none</verificationMode>
+            <loadDefaultCAFile>false</loadDefaultCAFile>
+            <cacheSessions>true</cacheSessions>
+            <disableProtocols>sslv2,sslv3</disableProtocols>
+            <preferServerCiphers>true</preferServerCiphers>
+        </server>
+    </openSSL>
+    <!-- No interserver (replication) port, no native TLS port, no MySQL port. -->
     <max_connections>1024</max_connections>
     <keep_alive_timeout>3</keep_alive_timeout>
     <max_concurrent_queries>100</max_concurrent_queries>
@@ -157,7 +190,7 @@ answers() {
 }
 
 print_where() {
-  log "ClickHouse $(curl -s --max-time 5 "${URL}?query=SELECT%20version()" || echo '?') running: pid $1, HTTP $URL, native 127.0.0.1:$CH_TCP_PORT, data $DIR/data, log $LOGFILE"
+  log "ClickHouse $(curl -s --max-time 5 "${URL}?query=SELECT%20version()" || echo '?') running: pid $1, HTTP $URL, HTTPS https://127.0.0.1:$CH_HTTPS_PORT/ (CA $TLS/ca.pem), native 127.0.0.1:$CH_TCP_PORT, data $DIR/data, log $LOGFILE"
 }
 
 cmd_start() {
@@ -169,9 +202,9 @@ cmd_start() {
     print_where "$pid"
     return 0
   fi
-  require_free_ports "$CH_HTTP_PORT" "$CH_TCP_PORT"
+  require_free_ports "$CH_HTTP_PORT" "$CH_HTTPS_PORT" "$CH_TCP_PORT"
   write_config
-  log "starting ClickHouse on 127.0.0.1:$CH_HTTP_PORT (HTTP) and 127.0.0.1:$CH_TCP_PORT (native), log $LOGFILE"
+  log "starting ClickHouse on 127.0.0.1:$CH_HTTP_PORT (HTTP), 127.0.0.1:$CH_HTTPS_PORT (HTTPS) and 127.0.0.1:$CH_TCP_PORT (native), log $LOGFILE"
   # Run from $DIR: the server may write files (status, preprocessed configs) next to it.
   (cd "$DIR" && launch "$PIDFILE" "$LOGFILE" "$BIN" --config-file="$CONFIG")
   wait_ready ClickHouse "$PIDFILE" "$MARKER" "$LOGFILE" answers

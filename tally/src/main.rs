@@ -286,7 +286,7 @@ impl ConfiguredClickHouse {
         let database = database.map_or(store.database, str::to_owned);
         let client = ClickHouse::new(&store.url, &database)
             .with_context(|| format!("database {database:?}"))?
-            .with_credentials(&store.credentials);
+            .with_credentials(&store.credentials)?;
         Ok(ConfiguredClickHouse {
             client,
             url: store.url,
@@ -332,12 +332,12 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
     let config = Arc::new(load_config(&args.month.config)?);
     let clickhouse = match args.clickhouse.as_deref() {
         Some(url) => {
-            // The URL and database are the flags'; the user and password the
-            // [clickhouse] section's or the environment's.
+            // The URL and database are the flags'; the user, password and CA file
+            // the [clickhouse] section's or the environment's.
             let credentials = config.clickhouse_credentials(&environment);
             let store = ClickHouse::new(url, &args.clickhouse_database)
                 .context("--clickhouse-database")?
-                .with_credentials(&credentials);
+                .with_credentials(&credentials)?;
             // Before rating: a wrong URL or password should not cost a month's run.
             store.ensure_schema()?;
             Some(store)

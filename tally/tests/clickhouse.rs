@@ -67,6 +67,17 @@ fn run_rate_for(
     period: &str,
     env: &[(&str, &str)],
 ) -> std::process::Output {
+    run_rate_at(&url(), db, config, period, env)
+}
+
+/// `tally rate --clickhouse clickhouse`, as [`run_rate_for`].
+fn run_rate_at(
+    clickhouse: &str,
+    db: &Database,
+    config: &Path,
+    period: &str,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     Command::new(env!("CARGO_BIN_EXE_tally"))
         .current_dir(dir.path())
@@ -83,7 +94,7 @@ fn run_rate_for(
         .arg(config)
         .arg("--events")
         .arg(examples().join("events.jsonl"))
-        .args(["--clickhouse", &url(), "--clickhouse-database", &db.0])
+        .args(["--clickhouse", clickhouse, "--clickhouse-database", &db.0])
         .envs(env.iter().copied())
         .output()
         .unwrap()
@@ -282,6 +293,67 @@ fn tally_rate_takes_clickhouse_credentials_from_the_config_file() {
         Some(1),
         "the file's password is the one sent"
     );
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
+fn tally_rate_stores_over_tls_trusting_the_configured_ca_file() {
+    // scripts/services/clickhouse.sh serves HTTPS on 8443 with a certificate of its
+    // own test CA. Not on chDB, which serves no TLS: the test's name says tls.
+    let https = std::env::var("TALLY_CLICKHOUSE_HTTPS_URL")
+        .unwrap_or_else(|_| "https://localhost:8443".into());
+    let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.services/clickhouse/tls/ca.pem");
+    let db = Database::new("tls");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tally.toml");
+    let text = std::fs::read_to_string(examples().join("tally.toml")).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{text}\n[clickhouse]\nca_file = {:?}\n",
+            ca.display().to_string()
+        ),
+    )
+    .unwrap();
+    let output = run_rate_at(&https, &db, &config, "2026-11", &[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(invoice_rows(&db), expected_rows(&lines));
+
+    // Without the CA file, the system's roots do not know the test CA.
+    let untrusted = run_rate_at(&https, &db, &examples().join("tally.toml"), "2026-11", &[]);
+    assert_eq!(untrusted.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(
+        stderr.contains("certificate") && stderr.contains("clickhouse.ca_file"),
+        "{stderr}"
+    );
+    // The environment's CA file counts as the section's; over plain HTTP it is refused.
+    let ca = ca.display().to_string();
+    let from_env = run_rate_at(
+        &https,
+        &db,
+        &examples().join("tally.toml"),
+        "2026-11",
+        &[("TALLY_CLICKHOUSE_CA_FILE", &ca)],
+    );
+    assert!(
+        from_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_env.stderr)
+    );
+    let plain = run_rate(&db, &config, &[]);
+    assert_eq!(plain.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(stderr.contains("is not an https:// url"), "{stderr}");
 }
 
 #[test]

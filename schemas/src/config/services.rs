@@ -9,6 +9,7 @@
 //! Environment overrides, applied before validation (secrets belong here, not in the
 //! file): `TALLY_KAFKA_BROKERS`, `TALLY_KAFKA_TOPIC_PREFIX`, `TALLY_CLICKHOUSE_URL`,
 //! `TALLY_CLICKHOUSE_DATABASE`, `TALLY_CLICKHOUSE_USER`, `TALLY_CLICKHOUSE_PASSWORD`,
+//! `TALLY_CLICKHOUSE_CA_FILE`,
 //! `TALLY_INGEST_LISTEN`, `TALLY_AGGREGATOR_METRICS_LISTEN`, `TALLY_RATER_METRICS_LISTEN`,
 //! `TALLY_INSTANCE_ID`, and for the librdkafka secrets `TALLY_KAFKA_SASL_USERNAME`,
 //! `TALLY_KAFKA_SASL_PASSWORD` and `TALLY_KAFKA_SSL_KEY_PASSWORD` (they set
@@ -18,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -63,6 +65,10 @@ pub struct ClickHouseSpec {
     /// Better set with `TALLY_CLICKHOUSE_PASSWORD`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// For an `https://` url: a PEM file of the certificate authorities to trust,
+    /// instead of the system's (a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -220,11 +226,14 @@ pub struct ClickHouseSettings {
     pub credentials: ClickHouseCredentials,
 }
 
-/// Who Tally is to ClickHouse; both `None`, ClickHouse's `default` user.
+/// Who Tally is to ClickHouse (user and password; both `None`, ClickHouse's `default`
+/// user), and, as a TLS client's credentials go, whom it trusts to be ClickHouse
+/// (`ca_file`; `None`, the system's roots).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ClickHouseCredentials {
     pub user: Option<String>,
     pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for ClickHouseCredentials {
@@ -232,19 +241,23 @@ impl fmt::Debug for ClickHouseCredentials {
         f.debug_struct("ClickHouseCredentials")
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
 
 impl ClickHouseSpec {
-    /// The user and password: `TALLY_CLICKHOUSE_USER` and `TALLY_CLICKHOUSE_PASSWORD`,
-    /// else the section's. Nothing else of the services is read, so a batch run that
-    /// only stores lines needs nothing else to be valid.
+    /// The user, password and CA file: `TALLY_CLICKHOUSE_USER`,
+    /// `TALLY_CLICKHOUSE_PASSWORD` and `TALLY_CLICKHOUSE_CA_FILE`, else the section's.
+    /// Nothing else of the services is read, so a batch run that only stores lines
+    /// needs nothing else to be valid.
     pub fn credentials(&self, env: &dyn Fn(&str) -> Option<String>) -> ClickHouseCredentials {
         let var = |name: &str| env(name).filter(|v| !v.is_empty());
         ClickHouseCredentials {
             user: var("TALLY_CLICKHOUSE_USER").or_else(|| self.user.clone()),
             password: var("TALLY_CLICKHOUSE_PASSWORD").or_else(|| self.password.clone()),
+            ca_file: (var("TALLY_CLICKHOUSE_CA_FILE").or_else(|| self.ca_file.clone()))
+                .map(PathBuf::from),
         }
     }
 }
