@@ -11,11 +11,13 @@
 //! partitions: the aggregator writes partition p's windows and state changes to
 //! partition p, so a customer's usage stays in one partition end to end.
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::IntGaugeVec;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::{Client, DefaultClientContext};
@@ -395,8 +397,11 @@ pub fn partition_count<C: ClientContext>(
 }
 
 /// Sets `lag{topic, partition}` (a service's `*_consumer_lag_messages`) to how far
-/// each assigned partition's position is behind its high watermark. Cheap enough to
-/// call every few seconds.
+/// each assigned partition's position is behind its high watermark, and removes the
+/// series of partitions no longer assigned. A partition whose watermark cannot be read
+/// this time keeps its last value: a scrape never sees a held partition vanish and come
+/// back, which would restart a lag alert's `for`. Cheap enough to call every few
+/// seconds.
 pub fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, lag: &IntGaugeVec) {
     let Ok(assignment) = consumer.assignment() else {
         return;
@@ -404,7 +409,24 @@ pub fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, lag: &IntGauge
     let Ok(positions) = consumer.position() else {
         return;
     };
-    lag.reset();
+    let held: HashSet<(String, String)> = (assignment.elements().iter())
+        .map(|elem| (elem.topic().to_owned(), elem.partition().to_string()))
+        .collect();
+    let mut exported = Vec::new();
+    for family in Collector::collect(lag) {
+        for metric in family.get_metric() {
+            let label = |name: &str| {
+                (metric.get_label().iter())
+                    .find(|pair| pair.name() == name)
+                    .map_or_else(String::new, |pair| pair.value().to_owned())
+            };
+            exported.push((label("topic"), label("partition")));
+        }
+    }
+    for gone in exported.iter().filter(|series| !held.contains(series)) {
+        // Cannot fail: the labels are the series' own.
+        let _ = lag.remove_label_values(&[&gone.0, &gone.1]);
+    }
     for elem in assignment.elements() {
         let Ok((_, high)) =
             consumer.fetch_watermarks(elem.topic(), elem.partition(), Duration::from_secs(1))

@@ -18,7 +18,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use tally_runtime::kafka::{
-    ensure_topics, partition_for_key, read_partition, KafkaSetupError, MAX_RECORD_BYTES,
+    ensure_topics, partition_for_key, read_partition, record_lag, KafkaSetupError, MAX_RECORD_BYTES,
 };
 use tally_schemas::config::{KafkaSettings, Topic};
 
@@ -122,6 +122,66 @@ fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
     assert!(read_from(1000).is_empty());
     assert!(read_from(5000).is_empty());
     assert_eq!(read_from(-3).len(), 1000);
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn lag_is_kept_while_the_broker_is_away_and_dropped_for_partitions_let_go() {
+    let _serial = serial();
+    let topic = unique("lag");
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    create_topic(&admin, NewTopic::new(&topic, 1, TopicReplication::Fixed(1)));
+    drop(admin);
+    let producer: BaseProducer = config().create().unwrap();
+    for _ in 0..10 {
+        producer
+            .send(BaseRecord::<(), _>::to(&topic).payload("v"))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let consumer: rdkafka::consumer::BaseConsumer = config()
+        .set("group.id", unique("lag-group"))
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    assignment
+        .add_partition_offset(&topic, 0, rdkafka::Offset::Offset(0))
+        .unwrap();
+    rdkafka::consumer::Consumer::assign(&consumer, &assignment).unwrap();
+    // Read 4 of the 10: the position is 4.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut read = 0;
+    while read < 4 {
+        assert!(std::time::Instant::now() < deadline, "read {read} of 4");
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            message.unwrap();
+            read += 1;
+        }
+    }
+    let registry = prometheus::Registry::new();
+    let lag = tally_runtime::metrics::Metrics::new(registry.clone()).consumer_lag();
+    // A partition this consumer held before: its series goes.
+    lag.with_label_values(&["tally.windows", "3"]).set(7);
+    let exported = || {
+        let families = registry.gather();
+        (families[0].get_metric().iter())
+            .map(|m| {
+                (
+                    m.get_label()[1].value().to_owned(),
+                    m.get_gauge().get_value(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    record_lag(&consumer, &lag);
+    assert_eq!(exported(), [(topic.clone(), 6.0)]);
+
+    // With the broker away, no watermark can be read: the last value stays.
+    kafka("stop");
+    record_lag(&consumer, &lag);
+    let kept = exported();
+    kafka("start");
+    assert_eq!(kept, [(topic.clone(), 6.0)]);
 }
 
 #[test]

@@ -28,6 +28,7 @@ pub struct RaterMetrics {
     /// `table`: rated_lines, window_revisions.
     pub inserted_rows: IntCounterVec,
     pub insert_failures: IntCounter,
+    pub query_failures: IntCounter,
     pub rating_failures: IntCounter,
     /// Stored lines retired after a price-book change no longer makes them.
     pub lines_retired: IntCounter,
@@ -73,6 +74,10 @@ impl RaterMetrics {
                 "tally_clickhouse_insert_failures_total",
                 "Inserts into ClickHouse that failed (and were retried).",
             ),
+            query_failures: m.counter(
+                "tally_clickhouse_query_failures_total",
+                "Price-book checks of the stored lines in ClickHouse that failed (and were retried).",
+            ),
             rating_failures: m.counter(
                 "tally_rater_rating_failures_total",
                 "Flushes in which a line could not be rated (it stays pending).",
@@ -97,4 +102,12 @@ impl RaterMetrics {
             counter.inc();
         }
     }
+}
+
+/// The `reason` label of usage no line bills; `None` for billed usage.
+pub(super) fn unbilled_reason(recorded: Recorded) -> Option<&'static str> {
+    UNBILLED_REASONS
+        .iter()
+        .find(|(r, _)| *r == recorded)
+        .map(|&(_, reason)| reason)
 }

@@ -30,6 +30,7 @@
 
 mod metrics;
 mod rebuild_point;
+mod unbilled;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::num::NonZeroUsize;
@@ -63,6 +64,7 @@ pub use metrics::RaterMetrics;
 use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine, StoredWindow};
 use crate::ledger::{line_open, Ledger, RatedLine, Recorded};
 use rebuild_point::{FirstOffsets, RebuildPoint};
+use unbilled::UnbilledLog;
 
 /// Most usage updates read before their lines are written.
 const MAX_BATCH_UPDATES: usize = 200_000;
@@ -335,6 +337,8 @@ struct Worker {
     /// until its offsets are committed. Meanwhile new updates gather in `pending`.
     in_flight: Option<InFlight>,
     metrics: RaterMetrics,
+    /// Names the customers and meters whose usage no line bills.
+    unbilled: UnbilledLog,
     readiness: Readiness,
     /// While set, a step of storing failed (Kafka's confirmation, ClickHouse's insert,
     /// the offset commit): partitions are paused and the step is retried at this time.
@@ -537,6 +541,7 @@ pub fn run(
         pending: Pending::default(),
         in_flight: None,
         metrics,
+        unbilled: UnbilledLog::default(),
         readiness: readiness.clone(),
         retry_at: None,
         last_insert: None,
@@ -791,7 +796,11 @@ impl Worker {
         let windows = std::mem::take(&mut update.windows);
         let series = (!windows.is_empty()).then(|| Arc::new(update.series.to_owned()));
         let period_start = update.period_start;
+        // Borrowed strings: only the dimensions' list is copied.
+        let key = update.series.clone();
         let recorded = record(&mut state.ledger, update);
+        self.unbilled
+            .note(recorded, &key, Period::containing(period_start));
         // Usage of a settled month is an aggregator replaying what it had billed:
         // left out of the lines, and of the windows too.
         if let Some(series) = series.filter(|_| recorded != Recorded::SettledPeriod) {
@@ -852,6 +861,7 @@ impl Worker {
     fn store(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
         self.finish(consumer)?;
         if let Err(e) = self.check_price_book() {
+            self.metrics.query_failures.inc();
             self.hold(
                 consumer,
                 "cannot check the stored lines against the price book",

@@ -1,0 +1,114 @@
+//! Usage no line bills, named in the log: `tally_rater_unbilled_usage_total` says how
+//! much, and whoever answers the alert needs to know whose. In: what became of each
+//! usage update ([`Recorded`]) and its series. Out: a warning the first time this
+//! process sees a (reason, customer, meter), up to [`MOST_LOGGED`] of them, so a
+//! customer sending usage all day is one line, and a flood of unknown ones cannot fill
+//! the log or the memory.
+
+use std::collections::HashSet;
+
+use tally_schemas::records::SeriesKeyRef;
+use tally_schemas::time::Period;
+
+use super::metrics::unbilled_reason;
+use crate::Recorded;
+
+/// Distinct (reason, customer, meter) logged per process; later ones are only counted.
+const MOST_LOGGED: usize = 1000;
+
+#[derive(Debug, Default)]
+pub(super) struct UnbilledLog {
+    logged: HashSet<(&'static str, String, String)>,
+    /// Whether the log said it stops naming them.
+    full: bool,
+}
+
+impl UnbilledLog {
+    /// Logs `series`' usage of `period` if no line bills it and it is new here; true
+    /// when it was logged.
+    pub(super) fn note(
+        &mut self,
+        recorded: Recorded,
+        series: &SeriesKeyRef<'_>,
+        period: Period,
+    ) -> bool {
+        let why = match recorded {
+            Recorded::UnknownCustomer => "the customer is not in the price book",
+            Recorded::NotPriced => {
+                "the customer's plan has no price for this meter and these dimensions"
+            }
+            Recorded::NotSubscribed => "the month is outside the customer's from and through",
+            // Billed, or a settled month's usage an aggregator replays: nothing to add.
+            Recorded::Billed(_) | Recorded::SettledPeriod => return false,
+        };
+        let Some(reason) = unbilled_reason(recorded) else {
+            return false;
+        };
+        if self.logged.len() >= MOST_LOGGED {
+            if !std::mem::replace(&mut self.full, true) {
+                tracing::warn!(
+                    "{MOST_LOGGED} customers' and meters' unbilled usage logged; more is counted in tally_rater_unbilled_usage_total, not logged"
+                );
+            }
+            return false;
+        }
+        let key = (
+            reason,
+            series.customer.to_string(),
+            series.meter.to_string(),
+        );
+        if !self.logged.insert(key) {
+            return false;
+        }
+        tracing::warn!(
+            reason,
+            customer = %series.customer,
+            meter = %series.meter,
+            dimensions = ?series.group.iter().map(|g| &**g).collect::<Vec<&str>>(),
+            %period,
+            "usage no invoice line bills: {why}; add the customer or the price to bill it (logged once per customer, meter and reason)"
+        );
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series<'a>(customer: &'a str, meter: &'a str) -> SeriesKeyRef<'a> {
+        SeriesKeyRef {
+            customer: customer.into(),
+            meter: meter.into(),
+            group: vec!["gpt-x".into()],
+            adjusts: None,
+        }
+    }
+
+    #[test]
+    fn each_customer_meter_and_reason_is_logged_once_up_to_a_bound() {
+        let november = "2026-11".parse().unwrap();
+        let mut log = UnbilledLog::default();
+        let trial = series("trial_1", "tokens");
+        assert!(log.note(Recorded::UnknownCustomer, &trial, november));
+        assert!(!log.note(Recorded::UnknownCustomer, &trial, november));
+        assert!(log.note(Recorded::NotPriced, &trial, november));
+        assert!(log.note(
+            Recorded::UnknownCustomer,
+            &series("trial_1", "calls"),
+            november
+        ));
+        // Billed usage, and a settled month's replay, are not unbilled usage to report.
+        assert!(!log.note(Recorded::Billed(1), &series("acme", "tokens"), november));
+        assert!(!log.note(Recorded::SettledPeriod, &series("acme", "tokens"), november));
+        for i in 0..MOST_LOGGED * 2 {
+            log.note(
+                Recorded::UnknownCustomer,
+                &series(&format!("c{i}"), "tokens"),
+                november,
+            );
+        }
+        assert_eq!(log.logged.len(), MOST_LOGGED);
+        assert!(log.full);
+    }
+}
