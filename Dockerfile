@@ -4,7 +4,7 @@
 # streaming services (`tally serve ingest|aggregator|rater`); any other subcommand runs
 # too: `docker run --rm tally:local validate --config /etc/tally/tally.toml`.
 #
-#   docker build -t tally:local .
+#   docker build -t tally:local --build-arg TALLY_COMMIT=$(git rev-parse --short=12 HEAD) .
 
 # --- build -----------------------------------------------------------------------
 # Same Debian release as the runtime stage, so the binary links against the libssl3
@@ -21,6 +21,11 @@ RUN apt-get update \
 
 WORKDIR /src
 COPY . .
+
+# The commit the binary reports (`tally --version`, tally_build_info); the context has
+# no .git: docker build --build-arg TALLY_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG TALLY_COMMIT=unknown
+ENV TALLY_COMMIT=${TALLY_COMMIT}
 
 # The registry and target directories are BuildKit cache mounts: a rebuild after a
 # source change recompiles Tally's crates, not librdkafka and every dependency. The

@@ -10,3 +10,9 @@ pub mod shutdown;
 pub mod threads;
 
 pub use shutdown::Shutdown;
+
+/// The release, from the workspace's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The commit the build is from (`build.rs`): git's, `TALLY_COMMIT`'s, or `unknown`.
+pub const COMMIT: &str = env!("TALLY_COMMIT");

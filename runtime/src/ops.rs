@@ -64,12 +64,22 @@ struct OpsState {
 
 /// `/metrics`, `/healthz` and `/readyz` for one service; `/metrics` also shows the
 /// readiness as `tally_service_ready`, so an alert sees a service that is up but stuck
-/// (a rater waiting for ClickHouse at start, say), which `up` does not.
+/// (a rater waiting for ClickHouse at start, say), which `up` does not, and the build
+/// as `tally_build_info`, since upgrade rules are stated per build.
 pub fn router(registry: Registry, readiness: Readiness) -> Router {
-    let ready = Metrics::new(registry.clone()).gauge(
+    let gauges = Metrics::new(registry.clone());
+    let ready = gauges.gauge(
         "tally_service_ready",
         "1 while the service is ready (/readyz answers 200), else 0; /readyz and the log say why not.",
     );
+    gauges
+        .gauge_vec(
+            "tally_build_info",
+            "1, labelled with the release and the commit the service was built from.",
+            &["version", "commit"],
+        )
+        .with_label_values(&[crate::VERSION, crate::COMMIT])
+        .set(1);
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))

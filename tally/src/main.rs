@@ -37,10 +37,19 @@ use tally_schemas::time::Period;
 use crate::batch::{rate_events, read_input, BatchOptions};
 use crate::report::{write_lines, Format};
 
+/// The release and the commit it was built from.
+pub static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (commit {})",
+        tally_runtime::VERSION,
+        tally_runtime::COMMIT
+    )
+});
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tally",
-    version,
+    version = VERSION.as_str(),
     about = "Usage metering and rating for AI products"
 )]
 struct Cli {

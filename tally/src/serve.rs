@@ -65,6 +65,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     tally_runtime::kafka::check_properties(&settings.kafka)?;
     tracing::info!(
         service = ?args.service,
+        version = %*crate::VERSION,
         config = %origin,
         price_book = %config.hash,
         kafka = %settings.kafka.brokers,

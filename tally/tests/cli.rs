@@ -349,6 +349,28 @@ fn concat(parts: &[Vec<String>]) -> Vec<String> {
 // ---------------------------------------------------------------------------------------
 
 #[test]
+fn version_names_the_commit_the_binary_was_built_from() {
+    let version = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(head.status.success(), "the tests run in a git checkout");
+    assert_eq!(
+        String::from_utf8(version.stdout).unwrap(),
+        format!(
+            "tally {} (commit {})\n",
+            env!("CARGO_PKG_VERSION"),
+            String::from_utf8(head.stdout).unwrap().trim()
+        )
+    );
+}
+
+#[test]
 fn issue_example_250_resolutions_with_a_12_5_percent_discount() {
     let f = Fixture::new(PRO);
     let run = f.rate(&resolutions("r", "cust_acme", 250), &[]).succeeded();

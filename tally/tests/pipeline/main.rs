@@ -1910,6 +1910,24 @@ fn prometheus_scrapes_every_service_of_serve_all() {
 
     let total = |query: &str| prometheus(query).iter().map(|(_, v)| v).sum::<f64>();
     let lines_expected = expected.len() as f64;
+    let version = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8(version.stdout).unwrap();
+    let commit = version
+        .split("(commit ")
+        .nth(1)
+        .unwrap()
+        .trim_end()
+        .trim_end_matches(')');
+    let build_info: &'static str = Box::leak(
+        format!(
+            r#"tally_build_info{{job=~"ingest|aggregator|rater",version="{}",commit="{commit}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        )
+        .into_boxed_str(),
+    );
     type Check = (&'static str, Box<dyn Fn(f64) -> bool>);
     let checks: Vec<Check> = vec![
         (
@@ -1920,6 +1938,8 @@ fn prometheus_scrapes_every_service_of_serve_all() {
             r#"tally_service_ready{job=~"ingest|aggregator|rater"}"#,
             Box::new(|v| v == 3.0),
         ),
+        // Each service says which build it is, as `tally --version` does.
+        (build_info, Box::new(|v| v == 3.0)),
         (
             r#"tally_ingest_events_total{job="ingest",outcome="accepted"}"#,
             Box::new(move |v| v == accepted),
