@@ -1,9 +1,9 @@
 //! Names the commit Tally is built from (`tally_runtime::COMMIT`), for `tally
-//! --version`, the services' start log and `tally_build_info`: upgrade and rollback rules are stated per build,
-//! so an operator must be able to tell which one runs. `TALLY_COMMIT` when set (a
-//! Docker build, whose context has no `.git`), else git's; `unknown` without either.
+//! --version`, the services' start log and `tally_build_info`: upgrade and rollback
+//! rules are stated per build, so an operator must be able to tell which one runs.
+//! `TALLY_COMMIT` when set (a Docker build, whose context has no `.git`), else git's;
+//! `unknown` without either.
 
-use std::path::Path;
 use std::process::Command;
 
 fn main() {
@@ -16,30 +16,39 @@ fn main() {
     println!("cargo:rustc-env=TALLY_COMMIT={}", commit.trim());
 }
 
+fn git(args: &[&str]) -> Option<String> {
+    let output = Command::new("git").args(args).output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8(output.stdout).ok())?
+}
+
 fn git_commit() -> Option<String> {
-    let output = Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())?;
-    // Built again when HEAD moves: a new commit on the branch, or another branch. Only
-    // files that exist are named, or cargo would rerun this on every build.
-    let git_dir = Command::new("git")
-        .args(["rev-parse", "--absolute-git-dir"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())?;
-    let git_dir = Path::new(git_dir.trim());
-    let head = git_dir.join("HEAD");
-    let mut watched = vec![head.clone(), git_dir.join("packed-refs")];
-    if let Some(branch) = std::fs::read_to_string(&head)
-        .ok()
-        .and_then(|h| h.strip_prefix("ref: ").map(|r| r.trim().to_owned()))
-    {
-        watched.push(git_dir.join(branch));
+    let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
+    // Built again when HEAD moves: HEAD itself (another branch), its log (every commit,
+    // in a worktree too), and the branches wherever git keeps them (loose or packed, in
+    // the common directory a worktree shares). Only paths that exist are named, or
+    // cargo would run this on every build.
+    let mut watched = Vec::new();
+    for path in ["HEAD", "logs/HEAD"] {
+        watched.extend(git(&[
+            "rev-parse",
+            "--path-format=absolute",
+            "--git-path",
+            path,
+        ]));
     }
-    for path in watched.iter().filter(|p| p.exists()) {
-        println!("cargo:rerun-if-changed={}", path.display());
+    if let Some(common) = git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]) {
+        let common = std::path::Path::new(common.trim());
+        for path in ["refs/heads", "packed-refs"] {
+            watched.push(common.join(path).display().to_string());
+        }
     }
-    String::from_utf8(output.stdout).ok()
+    for path in watched.iter().map(|p| p.trim()) {
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    Some(commit)
 }

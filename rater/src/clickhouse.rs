@@ -43,7 +43,7 @@ use ureq::tls::{parse_pem, Certificate, PemItem, RootCerts, TlsConfig, TlsProvid
 /// Where and why a read or write of ClickHouse failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClickHouseError {
-    #[error("cannot reach ClickHouse at {url} ({source}); {}", reach_hint(.url))]
+    #[error("cannot reach ClickHouse at {url} ({source}); {}", reach_hint(.source))]
     Unreachable { url: String, source: ureq::Error },
     #[error("cannot use {} as clickhouse.ca_file (or TALLY_CLICKHOUSE_CA_FILE): {why}; name a PEM file of the certificate authorities to trust", .path.display())]
     CaFile { path: PathBuf, why: String },
@@ -73,10 +73,12 @@ pub enum ClickHouseError {
     },
 }
 
-fn reach_hint(url: &str) -> &'static str {
-    match url.starts_with("https://") {
-        true => "is it running, and is its certificate signed by an authority Tally trusts (the system's, or clickhouse.ca_file's)?",
-        false => "is it running?",
+fn reach_hint(error: &ureq::Error) -> &'static str {
+    match error {
+        ureq::Error::NativeTls(_) | ureq::Error::Tls(_) => {
+            "is its certificate signed by an authority Tally trusts (the system's, or clickhouse.ca_file's), for its name?"
+        }
+        _ => "is it running?",
     }
 }
 

@@ -97,7 +97,11 @@ pub fn invoice_line(
     let failed = |source| LineError::new(customer, price, period, source);
     let charge = rate(&price.rate, quantity).map_err(failed)?;
     let minor = plan.currency.minor_units();
-    let too_large = || failed(RateError::Overflow { quantity });
+    // Rounded to the minor unit, an amount past about 7.9e26 (usd) has no decimal.
+    let too_large = || {
+        let amount = charge.amount.nearest_decimal().unwrap_or(Decimal::MAX);
+        failed(RateError::AmountTooLarge { amount })
+    };
     let subtotal = (charge.amount)
         .round(minor, plan.rounding)
         .ok_or_else(too_large)?;
@@ -264,6 +268,15 @@ mod tests {
                 .to_string()
                 .contains("more minor units than a line can store"),
             "{error}"
+        );
+        // 7 x 10^28 units at about a cent: 9.45e26 usd, which no decimal holds in
+        // cents (9.45e28 of them); the error shows the nearest decimal.
+        let error = line("acme", "70000000000000000000000000000").unwrap_err();
+        assert_eq!(
+            error.source,
+            RateError::AmountTooLarge {
+                amount: Decimal::from_str("945000000000000000000000000").unwrap()
+            }
         );
         assert_eq!(
             line("kobe", "1000000000000000").unwrap().amount.to_string(),

@@ -126,7 +126,9 @@ impl FromIterator<Decimal> for ExactSum {
 /// currency. A tier's quantity times its unit amount can need more than a Decimal's 28
 /// fractional digits (0.00002777777777777778 GB-s, a float's text, at 0.0000166667
 /// needs 30) although it is a fraction of a cent: held exactly, it is rounded once and
-/// correctly, where rounding it to 28 digits first could move a tie.
+/// correctly, where rounding it to 28 digits first could move a tie. Equality is of
+/// digits and scale, as written (1.50 is not 1.5): compare values through
+/// [`ExactAmount::to_decimal`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExactAmount {
     /// The value times 10^scale.

@@ -67,13 +67,19 @@ EOF
 make_certificates() {
   [ -s "$TLS/server.pem" ] && [ -s "$TLS/ca.pem" ] && return 0
   mkdir -p "$TLS"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=Tally test CA" \
-    -keyout "$TLS/ca.key" -out "$TLS/ca.pem" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
-    -keyout "$TLS/server.key" -out "$TLS/server.csr" 2>/dev/null
+  local out="$TLS/openssl.log"
   printf 'subjectAltName = DNS:localhost, IP:127.0.0.1\n' >"$TLS/server.ext"
-  openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" \
-    -CAcreateserial -days 3650 -extfile "$TLS/server.ext" -out "$TLS/server.pem" 2>/dev/null
+  if ! {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=Tally test CA" \
+      -keyout "$TLS/ca.key" -out "$TLS/ca.pem" &&
+      openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout "$TLS/server.key" -out "$TLS/server.csr" &&
+      openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" \
+        -CAcreateserial -days 3650 -extfile "$TLS/server.ext" -out "$TLS/server.pem"
+  } >"$out" 2>&1; then
+    rm -f "$TLS/ca.pem" "$TLS/server.pem"
+    die "openssl could not make the test CA and ClickHouse's certificate in $TLS: see $out"
+  fi
   log "made a test CA ($TLS/ca.pem) and ClickHouse's certificate for localhost, 127.0.0.1"
 }
 
@@ -197,10 +203,15 @@ cmd_start() {
   cmd_install
   local pid
   if pid="$(pid_of "$PIDFILE" "$MARKER")"; then
-    log "already running (pid $pid)"
-    wait_ready ClickHouse "$PIDFILE" "$MARKER" "$LOGFILE" answers
-    print_where "$pid"
-    return 0
+    if grep -q "<https_port>$CH_HTTPS_PORT</https_port>" "$CONFIG"; then
+      log "already running (pid $pid)"
+      wait_ready ClickHouse "$PIDFILE" "$MARKER" "$LOGFILE" answers
+      print_where "$pid"
+      return 0
+    fi
+    # Started by an earlier version of this script, without HTTPS on this port.
+    log "running (pid $pid) without HTTPS on $CH_HTTPS_PORT: restarting it with this configuration"
+    cmd_stop
   fi
   require_free_ports "$CH_HTTP_PORT" "$CH_HTTPS_PORT" "$CH_TCP_PORT"
   write_config

@@ -50,7 +50,7 @@ echo "running (state under $SERVICES_DIR):"
 for s in "${services[@]}"; do
   case "$s" in
   kafka) printf '  %-11s %-40s log %s\n' kafka "bootstrap 127.0.0.1:${KAFKA_PORT:-9092}" "$SERVICES_DIR/kafka/server.log" ;;
-  clickhouse) printf '  %-11s %-40s log %s\n' clickhouse "http://127.0.0.1:${CLICKHOUSE_HTTP_PORT:-8123}/ native 127.0.0.1:${CLICKHOUSE_TCP_PORT:-9000}" "$SERVICES_DIR/clickhouse/server.log" ;;
+  clickhouse) printf '  %-11s %-40s log %s\n' clickhouse "http://127.0.0.1:${CLICKHOUSE_HTTP_PORT:-8123}/ https :${CLICKHOUSE_HTTPS_PORT:-8443} native :${CLICKHOUSE_TCP_PORT:-9000}" "$SERVICES_DIR/clickhouse/server.log" ;;
   prometheus) printf '  %-11s %-40s log %s\n' prometheus "http://127.0.0.1:${PROMETHEUS_PORT:-9090}/" "$SERVICES_DIR/prometheus/server.log" ;;
   clickhouse-current) printf '  %-11s %-40s log %s\n' clickhouse-current "http://127.0.0.1:${CLICKHOUSE_CURRENT_PORT:-8124}/ (chDB)" "$SERVICES_DIR/clickhouse-current/server.log" ;;
   esac

@@ -34,10 +34,16 @@ pub const ACCEPTED_TYPES: &str =
 /// The media types accepted for the data of a binary-mode request, for error messages.
 pub const BINARY_DATA_TYPES: &str = "application/json or another +json type";
 
-/// Whether a request is in binary mode: it has a `ce-specversion` header, as the HTTP
-/// binding says.
+/// Whether a request is in binary mode, as the HTTP binding tells: a `ce-specversion`
+/// header, and a `Content-Type` that is not one of CloudEvents' own
+/// (`application/cloudevents...`, structured mode).
 pub fn is_binary_mode(headers: &HeaderMap) -> bool {
-    headers.contains_key("ce-specversion")
+    const STRUCTURED: &str = "application/cloudevents";
+    let structured = (headers.get(axum::http::header::CONTENT_TYPE))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| c.trim_start().get(..STRUCTURED.len()))
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(STRUCTURED));
+    headers.contains_key("ce-specversion") && !structured
 }
 
 /// The kind of body a request's headers announce; `None` for a media type not
@@ -45,7 +51,8 @@ pub fn is_binary_mode(headers: &HeaderMap) -> bool {
 /// `us-ascii` are UTF-8 too). Other parameters are ignored; names and values are
 /// case-insensitive. The CloudEvents content types mean structured mode whatever else
 /// is sent; otherwise a `ce-specversion` header means binary mode, whose data Tally
-/// reads as JSON (or no body, and then no `Content-Type` is needed).
+/// reads as JSON: `application/json`, another `+json` type, or no `Content-Type` at all
+/// (the CloudEvents SDKs send none for JSON data).
 pub fn body_kind(headers: &HeaderMap) -> Option<BodyKind> {
     let binary = is_binary_mode(headers);
     let content_type = headers
@@ -171,6 +178,12 @@ pub fn binary_event(headers: &HeaderMap, body: &[u8]) -> Result<Vec<u8>, BinaryE
             "" => Some("an attribute header is ce- followed by the attribute's name"),
             "data" | "data_base64" => Some("send the data as the request body"),
             "datacontenttype" => Some("in binary mode the Content-Type header says it"),
+            name if !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) =>
+            {
+                Some("CloudEvents attribute names are letters a to z and digits only")
+            }
             _ => None,
         };
         if let Some(instead) = instead {
@@ -400,7 +413,8 @@ mod tests {
                 "{data_type:?}"
             );
         }
-        // The CloudEvents media types are structured mode, headers or not.
+        // The CloudEvents media types are structured mode, headers or not; one Tally
+        // does not read is refused as such, not as binary-mode data.
         assert_eq!(
             binary_kind(Some("application/cloudevents+json")),
             Some(BodyKind::Single)
@@ -409,6 +423,12 @@ mod tests {
             binary_kind(Some("application/cloudevents-batch+json")),
             Some(BodyKind::Batch)
         );
+        let xml = headers(&[
+            ("ce-specversion", "1.0"),
+            ("content-type", "application/cloudevents+xml"),
+        ]);
+        assert!(!is_binary_mode(&xml));
+        assert_eq!(body_kind(&xml), None);
         // Tally's meters read JSON data; other data, or other charsets, are refused.
         for other in [
             "text/plain",
@@ -501,7 +521,14 @@ mod tests {
                 "{value}"
             );
         }
-        for header in ["ce-data", "ce-data_base64", "ce-datacontenttype", "ce-"] {
+        for header in [
+            "ce-data",
+            "ce-data_base64",
+            "ce-datacontenttype",
+            "ce-",
+            "ce-trace-id",
+            "ce-trace_id",
+        ] {
             assert!(
                 matches!(
                     with((header, "x"), ""),

@@ -3,8 +3,9 @@
 //! A request to `/v1/events` goes through, in order: the API key (401), the key's rate
 //! limit (429), the content type and coding (415), the body size, first as announced by
 //! `Content-Length` and then as streamed (413), the body's shape (400, or 413 for too
-//! many events; a binary-mode request's headers and body, 400 if they make no event), every event's `source` against the key (403), validation of each
-//! event, and finally Kafka. The answer (202, or 422 for a single invalid event) is
+//! many events; a binary-mode request's headers and body, 400 if they make no event),
+//! every event's `source` against the key (403), validation of each event, and finally
+//! Kafka. The answer (202, or 422 for a single invalid event) is
 //! sent only after Kafka acknowledged every accepted event; if it does not, 503 and
 //! nothing is promised. A request refused on its headers (401, 429, 415) is answered
 //! once its body is read and dropped, so the client's connection stays usable. One

@@ -97,17 +97,17 @@ impl RaterMetrics {
 
     /// Counts a usage update by what became of it, if no line bills it.
     pub fn count_unbilled(&self, recorded: Recorded) {
-        let reason = UNBILLED_REASONS.iter().position(|(r, _)| *r == recorded);
-        if let Some(counter) = reason.map(|i| &self.unbilled[i]) {
-            counter.inc();
+        if let Some(i) = unbilled_index(recorded) {
+            self.unbilled[i].inc();
         }
     }
 }
 
 /// The `reason` label of usage no line bills; `None` for billed usage.
 pub(super) fn unbilled_reason(recorded: Recorded) -> Option<&'static str> {
-    UNBILLED_REASONS
-        .iter()
-        .find(|(r, _)| *r == recorded)
-        .map(|&(_, reason)| reason)
+    unbilled_index(recorded).map(|i| UNBILLED_REASONS[i].1)
+}
+
+fn unbilled_index(recorded: Recorded) -> Option<usize> {
+    UNBILLED_REASONS.iter().position(|(r, _)| *r == recorded)
 }

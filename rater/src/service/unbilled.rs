@@ -32,17 +32,17 @@ impl UnbilledLog {
         series: &SeriesKeyRef<'_>,
         period: Period,
     ) -> bool {
+        let Some(reason) = unbilled_reason(recorded) else {
+            return false;
+        };
         let why = match recorded {
             Recorded::UnknownCustomer => "the customer is not in the price book",
             Recorded::NotPriced => {
                 "the customer's plan has no price for this meter and these dimensions"
             }
             Recorded::NotSubscribed => "the month is outside the customer's from and through",
-            // Billed, or a settled month's usage an aggregator replays: nothing to add.
-            Recorded::Billed(_) | Recorded::SettledPeriod => return false,
-        };
-        let Some(reason) = unbilled_reason(recorded) else {
-            return false;
+            // A settled month's usage an aggregator replays: billed already.
+            Recorded::SettledPeriod | Recorded::Billed(_) => return false,
         };
         if self.logged.len() >= MOST_LOGGED {
             if !std::mem::replace(&mut self.full, true) {
