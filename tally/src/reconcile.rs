@@ -175,6 +175,8 @@ struct Lines {
     /// Lines of customers `--customers` leaves out, and those customers.
     other_customers_lines: usize,
     other_customers: BTreeSet<String>,
+    /// How a CSV file was read, when not as Tally writes it.
+    dialect: Option<Dialect>,
 }
 
 impl Lines {
@@ -522,9 +524,25 @@ fn lines_of_text(
     period: Period,
 ) -> anyhow::Result<Lines> {
     let mut lines = Lines::named(name.to_owned());
-    let rows = match format {
-        FileFormat::Csv => csv_rows(name, text)?,
-        FileFormat::JsonLines => json_rows(name, text)?,
+    let (rows, dialect) = match format {
+        FileFormat::Csv => {
+            let (rows, dialect) = csv_rows(name, text)?;
+            (rows, Some(dialect))
+        }
+        FileFormat::JsonLines => (json_rows(name, text)?, None),
+    };
+    lines.dialect = dialect.filter(|d| *d != Dialect::TALLYS);
+    let figure = |text: &str| {
+        match dialect {
+        Some(dialect) => match dialect.plain_figure(text) {
+            Some(plain) => decimal(&plain),
+            None => bail!(
+                "{text:?} is not a number as this file writes them (decimal {}, whole digits grouped by three if at all)",
+                if dialect.decimal_comma { "commas" } else { "points" }
+            ),
+        },
+        None => decimal(text),
+    }
     };
     for (at, row) in rows {
         let in_period = match given(&row.period_start) {
@@ -550,8 +568,8 @@ fn lines_of_text(
             },
         };
         let figures = Figures {
-            quantity: decimal(&row.quantity).with_context(|| format!("{at}: quantity"))?,
-            amount: decimal(&row.amount).with_context(|| format!("{at}: amount"))?,
+            quantity: figure(&row.quantity).with_context(|| format!("{at}: quantity"))?,
+            amount: figure(&row.amount).with_context(|| format!("{at}: amount"))?,
             currency: row.currency.trim().to_ascii_lowercase(),
             at,
         };
@@ -581,13 +599,106 @@ const REQUIRED_COLUMNS: [&str; 5] = ["customer", "price", "quantity", "amount", 
 /// A row and where it was read.
 type NumberedRow = (String, Row);
 
+/// How a CSV file writes its rows: the separator between its cells, and whether its
+/// figures have a decimal comma. Tally writes `,` and decimal points; a spreadsheet's
+/// export in much of Europe has `;` and `1.234,56`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Dialect {
+    separator: u8,
+    decimal_comma: bool,
+}
+
+impl Dialect {
+    const TALLYS: Dialect = Dialect {
+        separator: b',',
+        decimal_comma: false,
+    };
+
+    /// The separators a header row is tried with, in this order.
+    const SEPARATORS: [u8; 3] = [b',', b';', b'\t'];
+
+    fn describe(&self) -> String {
+        let separator = match self.separator {
+            b'\t' => "tabs".to_owned(),
+            other => format!("'{}'", char::from(other)),
+        };
+        let mark = if self.decimal_comma {
+            "commas"
+        } else {
+            "points"
+        };
+        format!("read as CSV separated by {separator}, with decimal {mark}")
+    }
+
+    /// A figure as a spreadsheet writes it, as plain decimal text: its decimal mark
+    /// made a point, and the grouping of its whole digits dropped (spaces,
+    /// apostrophes, or the mark that is not the decimal one, between groups of three:
+    /// `1.234,56`, `1 234,56`, `1,234.56`). `None` for digits grouped any other way
+    /// (`2.5` where the decimal mark is a comma), refused rather than guessed at.
+    fn plain_figure(&self, text: &str) -> Option<String> {
+        let text = text.trim();
+        let (decimal, grouping) = match self.decimal_comma {
+            true => (',', '.'),
+            false => ('.', ','),
+        };
+        let (whole, fraction) = match text.rfind(decimal) {
+            Some(at) => (&text[..at], Some(&text[at + 1..])),
+            None => (text, None),
+        };
+        let (sign, digits) = whole.split_at(usize::from(whole.starts_with(['-', '+'])));
+        let groups: Vec<&str> = digits
+            .split(|c: char| c == grouping || c == '\'' || c.is_whitespace())
+            .collect();
+        let grouped =
+            (1..=3).contains(&groups[0].len()) && groups[1..].iter().all(|g| g.len() == 3);
+        if groups.len() > 1 && !grouped {
+            return None;
+        }
+        let mut plain = format!("{sign}{}", groups.concat());
+        if let Some(fraction) = fraction {
+            plain.push('.');
+            plain.push_str(fraction);
+        }
+        Some(plain)
+    }
+}
+
 /// A header row naming at least customer, price, quantity, amount and currency (in any
-/// order; other columns are ignored), then one row per line.
-fn csv_rows(name: &str, text: &str) -> anyhow::Result<Vec<NumberedRow>> {
-    let mut reader = csv::Reader::from_reader(text.as_bytes());
-    let headers = (reader.headers())
-        .with_context(|| format!("{name}: cannot read the header row"))?
-        .clone();
+/// order and case; other columns are ignored), then one row per line. The separator
+/// is the first of `,`, `;` and tab that splits the header row into those columns; a
+/// file separated otherwise than by `,` has decimal commas if any of its figures has a
+/// comma.
+fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect)> {
+    let header_row = |separator: u8| -> anyhow::Result<csv::StringRecord> {
+        let mut reader = csv::ReaderBuilder::new()
+            .delimiter(separator)
+            .from_reader(text.as_bytes());
+        let headers =
+            (reader.headers()).with_context(|| format!("{name}: cannot read the header row"))?;
+        Ok(headers
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .collect())
+    };
+    let has_columns = |headers: &csv::StringRecord| {
+        REQUIRED_COLUMNS
+            .iter()
+            .all(|column| headers.iter().any(|h| h == *column))
+    };
+    let mut separator = Dialect::TALLYS.separator;
+    let mut headers = header_row(separator)?;
+    for other in &Dialect::SEPARATORS[1..] {
+        if has_columns(&headers) {
+            break;
+        }
+        let tried = header_row(*other)?;
+        if has_columns(&tried) {
+            (separator, headers) = (*other, tried);
+        }
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(separator)
+        .from_reader(text.as_bytes());
     let missing: Vec<&str> = (REQUIRED_COLUMNS.iter().copied())
         .filter(|column| !headers.iter().any(|h| h == *column))
         .collect();
@@ -598,11 +709,20 @@ fn csv_rows(name: &str, text: &str) -> anyhow::Result<Vec<NumberedRow>> {
         REQUIRED_COLUMNS.join(", "),
         headers.iter().collect::<Vec<_>>().join(", ")
     );
-    let mut rows = Vec::new();
+    let mut rows: Vec<NumberedRow> = Vec::new();
     let mut record = csv::StringRecord::new();
     loop {
         match reader.read_record(&mut record) {
-            Ok(false) => return Ok(rows),
+            Ok(false) => {
+                let decimal_comma = separator != b','
+                    && (rows.iter())
+                        .any(|(_, r)| r.quantity.contains(',') || r.amount.contains(','));
+                let dialect = Dialect {
+                    separator,
+                    decimal_comma,
+                };
+                return Ok((rows, dialect));
+            }
             Ok(true) => {
                 let at = format!("{name} line {}", record.position().map_or(0, |p| p.line()));
                 match record.deserialize::<Row>(Some(&headers)) {
@@ -869,7 +989,7 @@ impl<'l> Reconciliation<'l> {
     ) -> io::Result<()> {
         writeln!(out, "Reconciling {period}")?;
         for (role, lines) in [("expected", expected), ("actual", actual)] {
-            let mut notes = Vec::new();
+            let mut notes: Vec<String> = lines.dialect.iter().map(Dialect::describe).collect();
             if lines.mapped > 0 {
                 let added = match lines.added_together {
                     0 => String::new(),
@@ -1360,7 +1480,7 @@ mod tests {
         );
         assert_eq!(
             csv_error("customer,price,quantity,amount,currency\nacme,tokens,1,1,usd\nacme,seats,1,\"12,5\",usd\n"),
-            "old.csv line 3: amount: \"12,5\" is not a decimal number"
+            "old.csv line 3: amount: \"12,5\" is not a number as this file writes them (decimal points, whole digits grouped by three if at all)"
         );
         assert_eq!(
             csv_error("customer,price,quantity,amount,currency\nacme,tokens,1,1,usd\nacme,tokens,2,2,usd\n"),
@@ -1647,6 +1767,67 @@ mod tests {
                 .to_string(),
             "b.csv has no line of 2026-11 (only 1 line of other months): is --period right?"
         );
+    }
+
+    #[test]
+    fn a_spreadsheets_export_is_read_with_its_separator_decimal_comma_and_grouping() {
+        let figures = |lines: &Lines| -> Vec<(String, String)> {
+            (lines.by_key.values())
+                .map(|f| (f.quantity.to_string(), f.amount.to_string()))
+                .collect()
+        };
+        // Excel in much of Europe: `;`, decimal commas, points or spaces grouping
+        // thousands, headers in any case.
+        let semicolons = csv("Customer;Price;Quantity;Amount;Currency\n\
+             cust_a;resolutions;1.234;1.234,56;EUR\n\
+             cust_b;resolutions;2;\u{a0}1\u{a0}049,5 ;eur\n\
+             cust_c;resolutions;0;-0,01;EUR\n");
+        assert_eq!(
+            figures(&semicolons),
+            [
+                ("1234".into(), "1234.56".into()),
+                ("2".into(), "1049.5".into()),
+                ("0".into(), "-0.01".into())
+            ]
+        );
+        assert_eq!(
+            semicolons.dialect.unwrap().describe(),
+            "read as CSV separated by ';', with decimal commas"
+        );
+        let tabs = csv("customer\tprice\tquantity\tamount\tcurrency\ncust_a\tr\t3\t12.50\tusd\n");
+        assert_eq!(figures(&tabs), [("3".into(), "12.50".into())]);
+        assert_eq!(
+            tabs.dialect.unwrap().describe(),
+            "read as CSV separated by tabs, with decimal points"
+        );
+        // Tally's own form, and grouping with a decimal point.
+        let commas =
+            csv("customer,price,quantity,amount,currency\ncust_a,r,\"1,000\",\"1,234.50\",usd\n");
+        assert_eq!(figures(&commas), [("1000".into(), "1234.50".into())]);
+        assert!(commas.dialect.is_none());
+        // Digits grouped otherwise are refused, never guessed at.
+        for (text, figure) in [
+            (
+                "customer,price,quantity,amount,currency\na,r,1,\"12,5\",usd\n",
+                "\"12,5\"",
+            ),
+            (
+                "customer;price;quantity;amount;currency\na;r;1;1.2345,6;eur\n",
+                "\"1.2345,6\"",
+            ),
+            (
+                "customer;price;quantity;amount;currency\na;r;1;1,5;eur\nb;r;1;2.5;eur\n",
+                "\"2.5\"",
+            ),
+        ] {
+            let error = error("x.csv", text, FileFormat::Csv);
+            assert!(
+                error.contains(&format!(
+                    "{figure} is not a number as this file writes them"
+                )),
+                "{error}"
+            );
+        }
     }
 
     #[test]
