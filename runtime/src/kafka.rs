@@ -838,6 +838,93 @@ pub fn committed_offsets<C: ConsumerContext>(
     )
 }
 
+/// Why a consumer group was not found caught up with a topic.
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    #[error("cannot {what}: {source}")]
+    Kafka { what: String, source: KafkaError },
+    #[error(
+        "group {group} has not read and committed all of {topic} within {}: {}; is it running?",
+        humantime::format_duration(*.patience),
+        short_partitions(.short)
+    )]
+    Behind {
+        group: String,
+        topic: String,
+        patience: Duration,
+        /// `(partition, records short)`.
+        short: Vec<(i32, i64)>,
+    },
+}
+
+fn short_partitions(short: &[(i32, i64)]) -> String {
+    let named: Vec<String> = (short.iter())
+        .map(|(partition, records)| format!("partition {partition} is {records} records short"))
+        .collect();
+    named.join(", ")
+}
+
+/// Waits until consumer group `group` has committed, on every partition of `topic`,
+/// the end the partition had when this was called (its high watermark): everything
+/// written to the topic before then is read, and what the group makes of it stored
+/// (Tally's services commit only what they stored). An empty partition counts as read.
+/// The group is only asked, never joined. `Behind` after `patience`.
+pub fn wait_until_caught_up(
+    settings: &KafkaSettings,
+    group: &str,
+    topic: &str,
+    patience: Duration,
+) -> Result<(), CatchUpError> {
+    let failed = |what: &str| {
+        let what = what.to_owned();
+        move |source| CatchUpError::Kafka { what, source }
+    };
+    let consumer: BaseConsumer = client_config(settings)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(failed("create a consumer to read committed offsets"))?;
+    let partitions = partition_count(consumer.client(), topic)
+        .map_err(failed(&format!("find topic {topic}")))?;
+    let mut ends = Vec::new();
+    let mut asked = TopicPartitionList::new();
+    for partition in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
+        let (low, high) = retry_while_unavailable("read a partition's end", patience, || {
+            consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))
+        })
+        .map_err(failed(&format!(
+            "read the end of {topic} partition {partition}"
+        )))?;
+        if high > low {
+            ends.push((partition, high));
+            asked.add_partition(topic, partition);
+        }
+    }
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let committed = committed_offsets(&consumer, &asked)
+            .map_err(failed(&format!("read group {group}'s committed offsets")))?;
+        let short: Vec<(i32, i64)> = (ends.iter())
+            .filter_map(|&(partition, end)| {
+                let at = offset_of(&committed, topic, partition).unwrap_or(0);
+                (at < end).then_some((partition, end - at))
+            })
+            .collect();
+        if short.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CatchUpError::Behind {
+                group: group.to_owned(),
+                topic: topic.to_owned(),
+                patience,
+                short,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// One poll of a [`group_consumer`]. `Ok(Some)`: a message; `Ok(None)`: nothing within
 /// `wait`, or a consumer error that passes (logged; librdkafka retries). `Err`: what
 /// ends the consume loop, a rebalance step the owner failed, or a fatal consumer error

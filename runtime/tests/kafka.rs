@@ -18,7 +18,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use tally_runtime::kafka::{
-    ensure_topics, partition_for_key, read_partition, record_lag, KafkaSetupError, MAX_RECORD_BYTES,
+    ensure_topics, partition_for_key, read_partition, record_lag, wait_until_caught_up,
+    CatchUpError, KafkaSetupError, MAX_RECORD_BYTES,
 };
 use tally_schemas::config::{KafkaSettings, Topic};
 
@@ -182,6 +183,59 @@ fn lag_is_kept_while_the_broker_is_away_and_dropped_for_partitions_let_go() {
     let kept = exported();
     kafka("start");
     assert_eq!(kept, [(topic.clone(), 6.0)]);
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_group_is_caught_up_once_it_committed_each_partitions_end() {
+    let _serial = serial();
+    let topic = unique("caught_up");
+    let group = unique("caught-up-group");
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    // Partition 1 stays empty: nothing to read there.
+    create_topic(&admin, NewTopic::new(&topic, 2, TopicReplication::Fixed(1)));
+    drop(admin);
+    let producer: BaseProducer = config().create().unwrap();
+    for _ in 0..5 {
+        producer
+            .send(BaseRecord::<(), _>::to(&topic).partition(0).payload("v"))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let settings = KafkaSettings {
+        brokers: BROKERS.to_owned(),
+        topic_prefix: unique("caught_up"),
+        partitions: 2,
+        replication_factor: 1,
+        properties: Default::default(),
+        instance_id: "0".to_owned(),
+    };
+    let consumer: rdkafka::consumer::BaseConsumer =
+        config().set("group.id", &group).create().unwrap();
+    let commit = |offset: i64| {
+        let mut offsets = rdkafka::TopicPartitionList::new();
+        offsets
+            .add_partition_offset(&topic, 0, rdkafka::Offset::Offset(offset))
+            .unwrap();
+        rdkafka::consumer::Consumer::commit(
+            &consumer,
+            &offsets,
+            rdkafka::consumer::CommitMode::Sync,
+        )
+        .unwrap();
+    };
+    commit(3);
+    let behind = wait_until_caught_up(&settings, &group, &topic, Duration::from_secs(1));
+    match behind {
+        Err(CatchUpError::Behind { short, .. }) => assert_eq!(short, [(0, 2)]),
+        other => panic!("{other:?}"),
+    }
+    let error = wait_until_caught_up(&settings, &group, &topic, Duration::from_millis(300))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("partition 0 is 2 records short"), "{error}");
+    commit(5);
+    wait_until_caught_up(&settings, &group, &topic, Duration::from_secs(10)).unwrap();
 }
 
 #[test]

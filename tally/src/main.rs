@@ -90,6 +90,12 @@ enum Command {
         /// The month to close, with every earlier one, e.g. 2026-10. It must have ended.
         #[arg(long)]
         period: Period,
+        /// Then wait, at most this long (10m when no limit is given), until the
+        /// aggregators have read the close and the raters have stored all they wrote
+        /// before it: the month's invoice lines in ClickHouse then hold every event
+        /// that arrived before the close. Exit status 1 if they have not by then.
+        #[arg(long, value_name = "LIMIT", num_args = 0..=1, default_missing_value = "10m")]
+        wait: Option<humantime::Duration>,
     },
 }
 
@@ -178,7 +184,11 @@ fn main() -> ExitCode {
         Command::Demo(args) => (done(demo::run(args)), 1),
         Command::Generate(args) => (done(demo::generate_command(args)), 1),
         Command::Serve(args) => (done(serve::run(args)), 1),
-        Command::ClosePeriod { config, period } => (done(close_period(&config, period)), 1),
+        Command::ClosePeriod {
+            config,
+            period,
+            wait,
+        } => (done(close_period(&config, period, wait.map(Into::into))), 1),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {}", describe(&e));
@@ -261,7 +271,13 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn close_period(path: &Path, period: Period) -> anyhow::Result<()> {
+fn close_period(
+    path: &Path,
+    period: Period,
+    wait: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    use tally_runtime::kafka::wait_until_caught_up;
+    use tally_schemas::config::Topic;
     let config = load_config(path)?;
     let settings = config.services(&path.display().to_string(), &environment)?;
     anyhow::ensure!(
@@ -269,10 +285,38 @@ fn close_period(path: &Path, period: Period) -> anyhow::Result<()> {
         "{period} has not ended yet (it ends {}); only a month that has ended can be closed",
         period.end().to_rfc3339()
     );
-    let partitions = tally_aggregator::service::close_period(&settings.kafka, period)?;
+    let kafka = &settings.kafka;
+    let partitions = tally_aggregator::service::close_period(kafka, period)?;
     println!(
         "closed {period} and every month before it: a control record is in each of the {partitions} partitions of {}; usage of those months the aggregators read after it is billed as an adjustment in a later month",
-        settings.kafka.topic(tally_schemas::config::Topic::Events)
+        kafka.topic(Topic::Events)
+    );
+    let Some(limit) = wait else {
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + limit;
+    // The close is in the events topic: once the aggregators committed past it, what
+    // they wrote for the month is in the windows topic, and once the raters committed
+    // past that, stored.
+    for (group, topic, done) in [
+        (
+            "aggregator",
+            Topic::Events,
+            "the aggregators have read the close",
+        ),
+        (
+            "rater",
+            Topic::Windows,
+            "the raters have stored what the aggregators wrote before it",
+        ),
+    ] {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        wait_until_caught_up(kafka, &kafka.group(group), &kafka.topic(topic), left)?;
+        println!("{done}");
+    }
+    println!(
+        "{period}'s invoice lines in ClickHouse database {} hold every event that arrived before the close",
+        settings.clickhouse.database
     );
     Ok(())
 }

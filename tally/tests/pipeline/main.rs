@@ -1062,20 +1062,29 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
     assert!(
         String::from_utf8_lossy(&astray.stderr).contains(&format!("find topic {prefix}.events"))
     );
-    let closed = p.tally(&["close-period", "--period", "2026-10"], &[]);
+    // With --wait it returns once October's lines hold every event before the close.
+    let closed = p.tally(
+        &["close-period", "--period", "2026-10", "--wait", "2m"],
+        &[],
+    );
     let said = String::from_utf8_lossy(&closed.stdout);
     assert!(closed.status.success(), "{closed:?}");
     assert!(
         said.contains(&format!("each of the {} partitions", harness::PARTITIONS)),
         "{said}"
     );
+    assert!(
+        said.contains("2026-10's invoice lines in ClickHouse"),
+        "{said}"
+    );
+    let expected_october = p.expected_for(&october, "2026-10");
+    assert_eq!(p.invoice_lines_of("2026-10"), expected_october);
     // Control records naming no period, or one that has not ended, are refused (a
     // close cannot be undone); their partitions go on.
     p.produce_header(1, "tally-close-period", "October");
     p.produce_header(2, "tally-close-period", "2099-01");
     p.produce(&resolution_each("after-close", "2026-10-31T23:30:00Z"));
 
-    let expected_october = p.expected_for(&october, "2026-10");
     assert_resolution_adjustments(&p, &expected_october, 1);
     // October is what arrived before the close, and stays so.
     p.wait_for(&expected_october, Duration::from_secs(60));
