@@ -172,6 +172,13 @@ mod tests {
             .collect()
     }
 
+    fn unit_priced(unit_amount: &str) -> Rate {
+        Rate::PerUnit {
+            unit_amount: d(unit_amount),
+            package: None,
+        }
+    }
+
     fn tiered(mode: TiersMode, rows: &[(&str, &str, &str)]) -> Rate {
         Rate::Tiered {
             mode,
@@ -424,10 +431,7 @@ mod tests {
 
     #[test]
     fn per_unit_keeps_fractional_quantities_exact() {
-        let rate = Rate::PerUnit {
-            unit_amount: d("0.1"),
-            package: None,
-        };
+        let rate = unit_priced("0.1");
         assert_eq!(
             super::rate(&rate, d("5.001"))
                 .unwrap()
@@ -440,10 +444,7 @@ mod tests {
 
     #[test]
     fn negative_quantities_and_overflow_are_errors() {
-        let rate = Rate::PerUnit {
-            unit_amount: d("10"),
-            package: None,
-        };
+        let rate = unit_priced("10");
         assert!(matches!(
             super::rate(&rate, d("-1")),
             Err(RateError::NegativeQuantity(_))
@@ -458,10 +459,7 @@ mod tests {
     fn a_charge_finer_than_28_decimals_is_kept_exact_and_rounded_once() {
         // 1234567.891234567891234567891 x 0.0123 needs 33 significant digits;
         // rust_decimal's product ends ...185059 where the exact one ends ...1850593.
-        let rate = Rate::PerUnit {
-            unit_amount: d("0.0123"),
-            package: None,
-        };
+        let rate = unit_priced("0.0123");
         let charge = super::rate(&rate, d("1234567.891234567891234567891")).unwrap();
         assert_eq!(charge.amount.to_decimal(), None);
         assert_eq!(
@@ -471,19 +469,13 @@ mod tests {
         // The breakdown shows the nearest decimal that fits.
         assert_eq!(charge.tiers[0].amount, d("15185.185062185185062185185059"));
         // A float's text priced per GB-second: 30 decimals, a fraction of a cent.
-        let lambda = Rate::PerUnit {
-            unit_amount: d("0.0000166667"),
-            package: None,
-        };
+        let lambda = unit_priced("0.0000166667");
         let charge = super::rate(&lambda, d("0.00002777777777777778")).unwrap();
         assert_eq!(charge.amount.round(2, RoundingMode::HalfUp), Some(d("0")));
         assert_eq!(charge.tiers[0].amount, d("0.0000000004629638888888889259"));
         // Rounded to 28 decimals first, 0.004999…9 (30 decimals) would become the tie
         // 0.005 and round up a cent; rounded once, it is 0.00.
-        let cent = Rate::PerUnit {
-            unit_amount: d("0.01"),
-            package: None,
-        };
+        let cent = unit_priced("0.01");
         let charge = super::rate(&cent, d("0.4999999999999999999999999999")).unwrap();
         assert_eq!(charge.amount.round(2, RoundingMode::HalfUp), Some(d("0")));
         assert_eq!(charge.tiers[0].amount, d("0.0050000000000000000000000000"));
