@@ -359,23 +359,52 @@ fn write_events(out: &mut impl Write, name: &str, events: &CustomerEvents) -> io
             by_type.join(", ")
         )?;
     }
-    for (n, what, why) in [
+    // Which resends were dropped, by line, so support can show the customer.
+    let conflict_lines = match events.conflicts.as_slice() {
+        [] => String::new(),
+        lines => {
+            let shown: Vec<String> = lines.iter().take(10).map(u64::to_string).collect();
+            let more = match lines.len().saturating_sub(shown.len()) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            format!(": line {}{more}", shown.join(", "))
+        }
+    };
+    for (n, what, why, lines) in [
         (
             events.duplicates,
             "retries",
             "same (source, id) and content as a counted event",
+            "",
         ),
         (
-            events.conflicts,
+            events.conflicts.len() as u64,
             "conflicting resends",
             "same (source, id) as a counted event, other content: the first one counts",
+            conflict_lines.as_str(),
         ),
-        (events.outside_period, "outside the month", "by event time"),
-        (events.unmetered, "unmetered", "of a type no meter reads"),
-        (events.refused, "refused", "a total would stop being exact"),
+        (
+            events.outside_period,
+            "outside the month",
+            "by event time",
+            "",
+        ),
+        (
+            events.unmetered,
+            "unmetered",
+            "of a type no meter reads",
+            "",
+        ),
+        (
+            events.refused,
+            "refused",
+            "a total would stop being exact",
+            "",
+        ),
     ] {
         if n > 0 {
-            writeln!(out, "    {what:<20} {n} ({why}; not counted)")?;
+            writeln!(out, "    {what:<20} {n} ({why}; not counted){lines}")?;
         }
     }
     writeln!(

@@ -64,7 +64,8 @@ pub struct CustomerEvents {
     /// Counted towards the period's usage, by event type.
     pub counted: BTreeMap<String, u64>,
     pub duplicates: u64,
-    pub conflicts: u64,
+    /// The lines of the conflicting resends (the file's, from 1), for support to look up.
+    pub conflicts: Vec<u64>,
     pub outside_period: u64,
     /// In the period, of a type no meter reads.
     pub unmetered: u64,
@@ -80,10 +81,10 @@ impl CustomerEvents {
         }
     }
 
-    fn record(&mut self, bucket: Bucket, event: &DecodedEvent<'_>) {
+    fn record(&mut self, bucket: Bucket, event: &DecodedEvent<'_>, line: u64) {
         match bucket {
             Bucket::Duplicate => self.duplicates += 1,
-            Bucket::Conflict => self.conflicts += 1,
+            Bucket::Conflict => self.conflicts.push(line),
             Bucket::Refused => self.refused += 1,
             Bucket::OutsidePeriod => self.outside_period += 1,
             Bucket::Unmetered => self.unmetered += 1,
@@ -219,7 +220,7 @@ impl Summary {
                     }))),
                     _ => None,
                 };
-                self.record(outcome, event, period);
+                self.record(outcome, event, period, *line);
                 bad
             }
             Line::Rejected(reject) => {
@@ -230,7 +231,7 @@ impl Summary {
     }
 
     /// Puts one decoded event in its bucket, given what the aggregator made of it.
-    fn record(&mut self, outcome: Outcome, event: &DecodedEvent<'_>, period: Period) {
+    fn record(&mut self, outcome: Outcome, event: &DecodedEvent<'_>, period: Period, line: u64) {
         let bucket = Bucket::of(&outcome, event, period);
         match bucket {
             Bucket::Duplicate => self.duplicates += 1,
@@ -254,7 +255,7 @@ impl Summary {
         }
         if let Some(customer) = &mut self.customer {
             if customer.customer == event.subject {
-                customer.record(bucket, event);
+                customer.record(bucket, event, line);
             }
         }
     }

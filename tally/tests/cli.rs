@@ -2528,6 +2528,31 @@ fn explain_shows_each_customers_lines_as_rate_makes_them_with_usage_adding_up() 
 }
 
 #[test]
+fn explain_names_the_lines_of_the_conflicting_resends_it_dropped() {
+    let f = Fixture::new(&per_event_config("usd", "half_up", "1", ""));
+    // Line 1 counts; lines 2 to 13 resend its id with other content.
+    let mut lines = calls("c", 1);
+    for n in 0..12 {
+        let data = json!({ "attempt": n });
+        lines.push(event(
+            "call-0",
+            "api.call",
+            "c",
+            "2026-11-02T00:00:00Z",
+            Some(data),
+        ));
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    f.write("events.jsonl", text.as_bytes());
+    let explained = f.explain("c", &[]).succeeded();
+    assert_shows(
+        &explained.stdout,
+        &["conflicting resends  12 (same (source, id) as a counted event, other content: the first one counts; not counted): line 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 2 more"],
+    );
+}
+
+#[test]
 fn explain_names_what_it_cannot_find() {
     let f = Fixture::new(PRO);
     f.write("events.jsonl", b"");
