@@ -542,11 +542,11 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
 
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
-fn a_repeated_source_and_id_in_one_batch_is_stored_once() {
+fn a_repeated_source_and_id_in_one_batch_is_stored_once_and_other_content_refused() {
     let service = Service::with_kafka("duplicates", Setup::default());
     let original = event("d-1", "agent", "cust_a", 1);
     let other = event("d-2", "agent", "cust_a", 2);
-    let resent = event("d-1", "agent", "cust_a", 1);
+    let resent = original.clone();
     let conflicting = event("d-1", "agent", "cust_a", 99);
     let same_id_other_source = event("d-1", "billing", "cust_a", 1);
     let body = batch(&[
@@ -558,13 +558,16 @@ fn a_repeated_source_and_id_in_one_batch_is_stored_once() {
     ]);
     let reply = service.post(JSON, Some(KEY), &body);
     assert_eq!(reply.status, 202, "{reply:?}");
+    // The resend with other content is a conflict: the first counts, as the aggregator
+    // would have it, and the sender is told.
     assert_eq!(
         reply.json(),
-        json!({"accepted": 3, "rejected": 0, "duplicates": 2, "results": [
+        json!({"accepted": 3, "rejected": 1, "duplicates": 1, "results": [
             {"index": 0, "id": "d-1", "status": "accepted"},
             {"index": 1, "id": "d-2", "status": "accepted"},
             {"index": 2, "id": "d-1", "status": "duplicate_in_batch", "duplicate_of": 0},
-            {"index": 3, "id": "d-1", "status": "duplicate_in_batch", "duplicate_of": 0},
+            {"index": 3, "id": "d-1", "status": "rejected", "field": "id", "code": "conflict",
+             "reason": "an event with this source and id but different content was already counted; the first one wins (send a correction under a new id)"},
             {"index": 4, "id": "d-1", "status": "accepted"},
         ]})
     );

@@ -2,8 +2,9 @@
 //!
 //! In: the raw events of one request, the decoder `tally rate` uses, the caller's API
 //! key and the largest event a Kafka message can hold. Out: for each event, accept
-//! (with the key to produce it under), reject (with the decoder's error, or as too
-//! large for Kafka) or duplicate (of an earlier event of the same request);
+//! (with the key to produce it under), reject (with the decoder's error, as too large
+//! for Kafka, or as a conflicting resend of an earlier event of the same request) or
+//! duplicate (of an earlier event of the same request, content and all);
 //! or, when any event names a `source` the key may not use, a refusal of the whole
 //! request. Pure: the handler produces what this accepts.
 
@@ -12,7 +13,7 @@ use std::collections::HashMap;
 
 use tally_schemas::config::ApiKey;
 use tally_schemas::event::{EventDecoder, EventError, Problem};
-use tally_schemas::ids::EventKey;
+use tally_schemas::ids::{EventKey, PayloadFingerprint};
 
 use super::request::identity;
 
@@ -30,7 +31,8 @@ pub struct Verdict<'a> {
 pub enum VerdictKind<'a> {
     /// Valid and new in this request: produce, keyed by `subject`.
     Accept { subject: Cow<'a, str> },
-    /// Same `(source, id)` as the event at index `of`: not produced again.
+    /// Same `(source, id)` and content as the event at index `of`: not produced again.
+    /// (Other content is a conflict, rejected.)
     Duplicate { of: usize },
     /// Invalid, as `tally rate` would reject it.
     Reject(EventError),
@@ -54,7 +56,8 @@ pub fn check_events<'a>(
     events: &[&'a [u8]],
 ) -> Result<Vec<Verdict<'a>>, Forbidden> {
     let mut verdicts = Vec::with_capacity(events.len());
-    let mut first_index: HashMap<EventKey, usize> = HashMap::with_capacity(events.len());
+    let mut first_index: HashMap<EventKey, (usize, PayloadFingerprint)> =
+        HashMap::with_capacity(events.len());
     for (index, &bytes) in events.iter().enumerate() {
         let identity = identity(bytes);
         if let Some(source) = &identity.source {
@@ -90,9 +93,15 @@ pub fn check_events<'a>(
                 })
             }
             Ok(event) => match first_index.get(&event.key) {
-                Some(&of) => VerdictKind::Duplicate { of },
+                Some(&(of, payload)) if payload == event.payload => VerdictKind::Duplicate { of },
+                // Other content under an id already used in this request: the first
+                // counts, as the aggregator would have it, and the sender is told.
+                Some(_) => VerdictKind::Reject(EventError {
+                    field: "id".to_owned(),
+                    problem: Problem::Conflict,
+                }),
                 None => {
-                    first_index.insert(event.key, index);
+                    first_index.insert(event.key, (index, event.payload));
                     VerdictKind::Accept {
                         subject: event.subject,
                     }
@@ -146,13 +155,15 @@ value_property = "$.tokens"
     fn good_bad_and_repeated_events_each_get_their_verdict() {
         let a = event("a", "s", "5");
         let bad = event("b", "s", "-1");
-        let again = event("a", "s", "6");
+        let again = event("a", "s", "5").replace(",\"", ", \"");
         let other_source = event("a", "t", "5");
+        let conflicting = event("a", "s", "6");
         let events = [
             a.as_bytes(),
             bad.as_bytes(),
             again.as_bytes(),
             other_source.as_bytes(),
+            conflicting.as_bytes(),
         ];
         let verdicts = check(&events, &key(None)).unwrap();
         let kinds: Vec<_> = verdicts.iter().map(|v| v.kind.clone()).collect();
@@ -170,10 +181,17 @@ value_property = "$.tokens"
                 VerdictKind::Accept {
                     subject: "cust_a".into()
                 },
+                VerdictKind::Reject(EventError {
+                    field: "id".to_owned(),
+                    problem: Problem::Conflict
+                }),
             ]
         );
         let ids: Vec<_> = verdicts.iter().map(|v| v.id.as_deref()).collect();
-        assert_eq!(ids, vec![Some("a"), Some("b"), Some("a"), Some("a")]);
+        assert_eq!(
+            ids,
+            vec![Some("a"), Some("b"), Some("a"), Some("a"), Some("a")]
+        );
         assert_eq!(verdicts[3].bytes, other_source.as_bytes());
     }
 

@@ -1803,7 +1803,8 @@ fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
     p.start("rater", "rater-a");
     let lines = p.lines();
     let accepted = harness::post_events(port, &lines, 500);
-    // Every line is valid; ingest drops only repeats within one batch.
+    // Every line is valid; ingest drops only repeats within one batch, and refuses
+    // conflicting resends of an earlier event of the batch.
     assert!(
         accepted > 19_000 && accepted <= lines.len() as u64,
         "{accepted}"
