@@ -172,7 +172,7 @@ fn read_stream(mut stream: impl std::io::Read, name: &str) -> anyhow::Result<Inp
     Ok(Input::Read(buf))
 }
 
-/// What makes `input` plainly not UTF-8 JSON lines, by its first bytes.
+/// What makes `input` plainly not UTF-8 JSON lines, by its first bytes and line.
 fn not_json_lines(input: &[u8]) -> Option<&'static str> {
     const COMPRESSED: [(&[u8], &str); 4] = [
         (b"\x1f\x8b", "is gzip-compressed: decompress it first, e.g. --events <(zcat FILE) or zcat FILE | tally rate --events -"),
@@ -183,7 +183,20 @@ fn not_json_lines(input: &[u8]) -> Option<&'static str> {
     if input.starts_with(b"\xff\xfe") || input.starts_with(b"\xfe\xff") {
         return Some("is UTF-16; events must be UTF-8 JSON lines (iconv -f UTF-16 -t UTF-8 FILE)");
     }
-    (COMPRESSED.iter())
+    if let Some((_, problem)) = COMPRESSED
+        .iter()
         .find(|(magic, _)| input.starts_with(magic))
-        .map(|(_, problem)| *problem)
+    {
+        return Some(problem);
+    }
+    // JSON in another shape: every event would be rejected, and the month billed empty.
+    let text = input.strip_prefix(b"\xef\xbb\xbf").unwrap_or(input);
+    let first_line = text.trim_ascii_start().split(|&b| b == b'\n').next()?;
+    if first_line.starts_with(b"[") {
+        Some("is a JSON array (an HTTP batch's body); tally rate reads JSON Lines, one event per line: jq -c '.[]' FILE writes it so")
+    } else if first_line.trim_ascii() == b"{" {
+        Some("is pretty-printed JSON (its first line is a lone {); tally rate reads JSON Lines, one event per line: jq -c . FILE writes it so")
+    } else {
+        None
+    }
 }

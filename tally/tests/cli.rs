@@ -3147,6 +3147,26 @@ fn rate_reads_pipes_skips_a_bom_and_refuses_inputs_it_would_misread_or_destroy()
         &["error: events file events.jsonl is gzip-compressed: decompress it first"],
     );
 
+    // JSON of another shape too: an array (an HTTP batch's body), or pretty-printed.
+    let first: Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    for (text, shape) in [
+        (
+            format!("[{}]\n", events.lines().collect::<Vec<_>>().join(",")),
+            "is a JSON array",
+        ),
+        (
+            serde_json::to_string_pretty(&first).unwrap(),
+            "is pretty-printed JSON",
+        ),
+    ] {
+        let refused = f.rate_bytes(text.as_bytes(), &[]);
+        assert_eq!(refused.code, 1);
+        assert_shows(
+            &refused.stderr,
+            &[&format!("error: events file events.jsonl {shape}")],
+        );
+    }
+
     // An output naming the events file would wipe it while it is read.
     f.write("events.jsonl", events.as_bytes());
     let mut args = month_args("rate");
