@@ -25,7 +25,7 @@ const MAX_SCALE: i64 = 28;
 pub enum DecimalError {
     #[error("is not a decimal number")]
     Syntax,
-    #[error("needs more than the 28 significant digits an exact decimal holds")]
+    #[error("needs more digits than an exact decimal holds (28 significant digits, at most 28 after the decimal point)")]
     TooPrecise,
     #[error("is beyond the largest exact decimal (about 7.9e28)")]
     TooLarge,

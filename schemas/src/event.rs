@@ -212,7 +212,7 @@ impl fmt::Display for Problem {
                 "usage values must be below 10^18 (a larger one is a unit error, and would put exact totals at risk)"
             ),
             Problem::TooPrecise => {
-                f.write_str("number cannot be held exactly in 28 significant digits")
+                f.write_str("number cannot be held exactly: a value has at most 28 significant digits, and at most 28 of them after the decimal point")
             }
             Problem::NotAScalar => f.write_str("expected a string, number or boolean"),
             Problem::BeforeFirstYear => write!(

@@ -727,7 +727,7 @@ fn amounts_in_exponent_form_are_read_exactly_or_refused() {
     let too_long = r#"unit_amount = "8.90000000000000000000000000001e-1""#;
     let err = syntax_error(&with(r#"unit_amount = "0.89""#, too_long));
     assert!(
-        err.contains("needs more than the 28 significant digits an exact decimal holds"),
+        err.contains("needs more digits than an exact decimal holds (28 significant digits, at most 28 after the decimal point)"),
         "{err}"
     );
 }
