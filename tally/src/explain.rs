@@ -770,13 +770,17 @@ fn filter_text(meter: &Meter, price: &Price) -> String {
 }
 
 /// ` model = gpt-x` for a series' group values, or nothing for a meter without
-/// dimensions.
+/// dimensions; a value the events did not send (or sent as null) is said so, as it is
+/// the likeliest reason no price selects the usage.
 fn group_text(config: &Config, meter: &str, group: &[String]) -> String {
     let Some(meter) = config.meters.iter().find(|m| m.slug == meter) else {
         return String::new();
     };
     (meter.group_by.iter().zip(group))
-        .map(|((name, _), value)| format!(" {name} = {value}"))
+        .map(|((name, path), value)| match value.is_empty() {
+            true => format!(" {name} = (missing: the events have no {})", path.as_str()),
+            false => format!(" {name} = {value}"),
+        })
         .collect::<Vec<_>>()
         .join(",")
 }

@@ -329,8 +329,12 @@ impl Summary {
             ));
         }
         for u in self.unpriced_usage.iter().take(LISTED) {
+            let missing = match u.group.iter().any(String::is_empty) {
+                true => " (\"\": its events did not send that dimension, or sent null)",
+                false => "",
+            };
             out.push_str(&format!(
-                "  unbilled: {} of meter {} {:?} for {:?}: no price of their plan matches\n",
+                "  unbilled: {} of meter {} {:?} for {:?}: no price of their plan matches{missing}\n",
                 u.quantity, u.meter, u.group, u.customer
             ));
         }

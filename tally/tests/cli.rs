@@ -2553,6 +2553,29 @@ fn explain_names_the_lines_of_the_conflicting_resends_it_dropped() {
 }
 
 #[test]
+fn usage_without_a_dimension_its_prices_filter_on_is_named_as_missing() {
+    let f = Fixture::new(PRO);
+    let no_model = event(
+        "t-1",
+        "llm.tokens",
+        "cust_acme",
+        "2026-11-03T10:00:00Z",
+        Some(json!({"tokens": 1000})),
+    );
+    let rated = f.rate(std::slice::from_ref(&no_model), &[]).succeeded();
+    assert_shows(
+        &rated.stderr,
+        &["unbilled: 1000 of meter tokens [\"\"] for \"cust_acme\": no price of their plan matches (\"\": its events did not send that dimension, or sent null)"],
+    );
+    f.write("events.jsonl", format!("{no_model}\n").as_bytes());
+    let explained = f.explain("cust_acme", &[]).succeeded();
+    assert_shows(
+        &explained.stdout,
+        &["meter tokens model = (missing: the events have no $.model): 1000"],
+    );
+}
+
+#[test]
 fn explain_names_what_it_cannot_find() {
     let f = Fixture::new(PRO);
     f.write("events.jsonl", b"");
