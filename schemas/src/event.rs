@@ -238,9 +238,14 @@ fn time_problem(text: &str, error: chrono::ParseError) -> String {
     let local = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
         .iter()
         .any(|format| chrono::NaiveDateTime::parse_from_str(text, format).is_ok());
-    match local {
-        true => "it has no time zone: end it with Z for UTC or an offset such as +01:00".into(),
-        false => error.to_string(),
+    // `+0100`, as strftime's %z and Java's Z write it.
+    let colonless = chrono::DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z").is_ok();
+    if local {
+        "it has no time zone: end it with Z for UTC or an offset such as +01:00".into()
+    } else if colonless {
+        "its offset has no colon: RFC 3339 writes +01:00, not +0100".into()
+    } else {
+        error.to_string()
     }
 }
 

@@ -552,6 +552,13 @@ fn a_time_without_a_zone_is_told_so() {
     }
     let err = decode(&SAMPLE.replace("2026-11-24T10:15:00Z", "yesterday")).unwrap_err();
     assert!(!err.to_string().contains("time zone"), "{err}");
+    let err =
+        decode(&SAMPLE.replace("2026-11-24T10:15:00Z", "2026-11-24T11:15:00+0100")).unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("(its offset has no colon: RFC 3339 writes +01:00, not +0100)"),
+        "{err}"
+    );
 }
 
 #[test]
