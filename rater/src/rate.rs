@@ -172,6 +172,15 @@ mod tests {
             .collect()
     }
 
+    /// The exact charge of `quantity`, when a decimal holds it.
+    fn charged(rate: &Rate, quantity: &str) -> Decimal {
+        super::rate(rate, d(quantity))
+            .unwrap()
+            .amount
+            .to_decimal()
+            .unwrap()
+    }
+
     fn unit_priced(unit_amount: &str) -> Rate {
         Rate::PerUnit {
             unit_amount: d(unit_amount),
@@ -206,15 +215,7 @@ mod tests {
             ("20", "120"),
             ("25", "150"),
         ] {
-            assert_eq!(
-                super::rate(&rate, d(quantity))
-                    .unwrap()
-                    .amount
-                    .to_decimal()
-                    .unwrap(),
-                d(total),
-                "{quantity} fonts"
-            );
+            assert_eq!(charged(&rate, quantity), d(total), "{quantity} fonts");
         }
     }
 
@@ -229,15 +230,7 @@ mod tests {
             ("20", "127.5"),
             ("25", "157.5"),
         ] {
-            assert_eq!(
-                super::rate(&rate, d(quantity))
-                    .unwrap()
-                    .amount
-                    .to_decimal()
-                    .unwrap(),
-                d(total),
-                "{quantity} fonts"
-            );
+            assert_eq!(charged(&rate, quantity), d(total), "{quantity} fonts");
         }
     }
 
@@ -261,15 +254,7 @@ mod tests {
             ("5001", "370.03"),
         ];
         for (quantity, total) in cases {
-            assert_eq!(
-                super::rate(&rate, d(quantity))
-                    .unwrap()
-                    .amount
-                    .to_decimal()
-                    .unwrap(),
-                d(total),
-                "{quantity}"
-            );
+            assert_eq!(charged(&rate, quantity), d(total), "{quantity}");
         }
         let breakdown = super::rate(&rate, d("5001")).unwrap().tiers;
         assert_eq!(breakdown.len(), 3);
@@ -289,67 +274,18 @@ mod tests {
                 ("inf", "0.69", "0"),
             ],
         );
-        assert_eq!(
-            super::rate(&rate, d("0"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("49")
-        );
-        assert_eq!(
-            super::rate(&rate, d("250"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("182.5")
-        );
-        assert_eq!(
-            super::rate(&rate, d("1200"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("988")
-        );
-        assert_eq!(
-            super::rate(&rate, d("100.5"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("49.445")
-        );
+        assert_eq!(charged(&rate, "0"), d("49"));
+        assert_eq!(charged(&rate, "250"), d("182.5"));
+        assert_eq!(charged(&rate, "1200"), d("988"));
+        assert_eq!(charged(&rate, "100.5"), d("49.445"));
     }
 
     #[test]
     fn volume_prices_every_unit_at_the_reached_tier_with_its_flat_fee() {
         let rate = tiered(TiersMode::Volume, &[("10", "2", "5"), ("inf", "1", "20")]);
-        assert_eq!(
-            super::rate(&rate, d("0"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("5")
-        );
-        assert_eq!(
-            super::rate(&rate, d("10"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("25")
-        );
-        assert_eq!(
-            super::rate(&rate, d("10.5"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("30.5")
-        );
+        assert_eq!(charged(&rate, "0"), d("5"));
+        assert_eq!(charged(&rate, "10"), d("25"));
+        assert_eq!(charged(&rate, "10.5"), d("30.5"));
         let breakdown = super::rate(&rate, d("11")).unwrap().tiers;
         assert_eq!(breakdown.len(), 1);
         assert_eq!(breakdown[0].tier, 2);
@@ -372,38 +308,10 @@ mod tests {
                 round: PackageRounding::Down,
             }),
         };
-        assert_eq!(
-            super::rate(&up, d("8"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("10")
-        );
-        assert_eq!(
-            super::rate(&down, d("8"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("5")
-        );
-        assert_eq!(
-            super::rate(&up, d("10"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("10")
-        );
-        assert_eq!(
-            super::rate(&up, d("0"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("0")
-        );
+        assert_eq!(charged(&up, "8"), d("10"));
+        assert_eq!(charged(&down, "8"), d("5"));
+        assert_eq!(charged(&up, "10"), d("10"));
+        assert_eq!(charged(&up, "0"), d("0"));
         // Tokens per thousand: 1500 tokens at 0.002 per 1000, rounded up, is 2 packages.
         let tokens = Rate::PerUnit {
             unit_amount: d("0.002"),
@@ -432,14 +340,7 @@ mod tests {
     #[test]
     fn per_unit_keeps_fractional_quantities_exact() {
         let rate = unit_priced("0.1");
-        assert_eq!(
-            super::rate(&rate, d("5.001"))
-                .unwrap()
-                .amount
-                .to_decimal()
-                .unwrap(),
-            d("0.5001")
-        );
+        assert_eq!(charged(&rate, "5.001"), d("0.5001"));
     }
 
     #[test]
@@ -525,7 +426,7 @@ mod tests {
             let (lo, hi) = (a.min(b), a.max(b));
             let lo = Decimal::new(i64::from(lo), scale);
             let hi = Decimal::new(i64::from(hi), scale);
-            prop_assert!(super::rate(&rate, lo).unwrap().amount.to_decimal().unwrap() <= super::rate(&rate, hi).unwrap().amount.to_decimal().unwrap());
+            prop_assert!(charged(&rate, &lo.to_string()) <= charged(&rate, &hi.to_string()));
         }
 
         /// The breakdown explains the charge: tier amounts add up to it, and graduated
