@@ -35,7 +35,7 @@ pub enum StateError {
         "reading {0:?} does not fit a {1} meter; was the event decoded with another configuration?"
     )]
     Mismatch(ReadingValue, &'static str),
-    #[error("the sum would exceed the largest exact decimal (about 7.9e28) or need more than its 28 significant digits, so it cannot be held exactly")]
+    #[error("the meter's total would exceed the largest exact decimal (about 7.9e28) or need more than its 28 significant digits, so it cannot be held exactly and this event is not counted; send values with fewer decimal places, or in a larger unit")]
     Overflow,
 }
 

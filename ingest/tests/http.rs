@@ -1161,7 +1161,17 @@ fn a_client_that_stalls_mid_request_does_not_hold_up_shutdown() {
         },
     );
     let sent = event("s-1", "agent", "cust_a", 1);
-    assert_eq!(service.post(SINGLE, Some(KEY), &sent).status, 202);
+    // The topic was just created: its partition may take longer than this test's 1 s
+    // timeout to take a first write (503), which is not what is tested here.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = service.post(SINGLE, Some(KEY), &sent).status;
+        if status == 202 {
+            break;
+        }
+        assert!(status == 503 && Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Headers begun, never finished; and a keyed request whose body stops halfway.
     let mut half_headers = TcpStream::connect(service.addr()).unwrap();
     half_headers
@@ -1182,7 +1192,12 @@ fn a_client_that_stalls_mid_request_does_not_hold_up_shutdown() {
         started.elapsed()
     );
     assert!(TcpStream::connect(service.addr()).is_err());
-    assert_eq!(service.stored(), vec![stored("cust_a", &sent)]);
+    // A send answered 503 may have been stored all the same: the same record again.
+    let kept = service.stored();
+    assert!(
+        !kept.is_empty() && kept.iter().all(|k| *k == stored("cust_a", &sent)),
+        "{kept:?}"
+    );
 }
 
 #[test]
