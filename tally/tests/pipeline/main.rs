@@ -689,23 +689,25 @@ fn the_pipelines_lines_are_explained_as_tally_rate_explains_the_same_events() {
          AND period_start = '2026-11-01 00:00:00'",
         p.database
     );
+    let shown = [
+        "resolutions, late usage of 2026-10: ",
+        "gpt-x-tokens, late usage of 2026-10: ",
+        "            late usage of 2026-10, read after it closed: 1 (its days are not kept)\n",
+        "            late usage of 2026-10, read after it closed: 600 (its days are not kept)\n",
+        "  charge    in packages of 1000, rounded up: the tiers below are the packages and amounts the late usage adds\n",
+    ];
+    // Windows are stored just after their batch's lines: wait for both.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let november = loop {
         let november = explain_in("2026-11", "cust_00000", &["--pipeline"]);
-        let both = ["resolutions", "gpt-x-tokens"]
-            .iter()
-            .all(|price| november.contains(&format!("{price}, late usage of 2026-10: ")));
-        if both || std::time::Instant::now() > deadline {
+        let all = shown.iter().all(|text| november.contains(text));
+        if all || std::time::Instant::now() > deadline {
             break november;
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    for shown in [
-        "            late usage of 2026-10, read after it closed: 1 (its days are not kept)\n",
-        "            late usage of 2026-10, read after it closed: 600 (its days are not kept)\n",
-        "  charge    in packages of 1000, rounded up: the tiers below are the packages and amounts the late usage adds\n",
-    ] {
-        assert!(november.contains(shown), "{shown:?} in:\n{november}");
+    for text in shown {
+        assert!(november.contains(text), "{text:?} in:\n{november}");
     }
     assert!(!november.contains("rated with price book"), "{november}");
     let totals: Vec<&str> = november
