@@ -434,10 +434,18 @@ impl<'a> Envelope<'a> {
 /// The members of an object-valued field, refusing a key given twice.
 fn object_members<'a>(raw: &'a str, field: &str) -> Result<json::Members<'a>, EventError> {
     if !raw.starts_with('{') {
+        // A serializer run twice writes an object as the JSON text of one.
+        let encoded = raw
+            .strip_prefix('"')
+            .is_some_and(|s| s.trim_start().starts_with('{'));
+        let expected = match encoded {
+            true => "an object (send it as a JSON object, not as JSON text in a string)",
+            false => "an object",
+        };
         return Err(error(
             field,
             Problem::WrongType {
-                expected: "an object",
+                expected,
                 found: json_kind(raw),
             },
         ));

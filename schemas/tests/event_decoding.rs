@@ -562,6 +562,19 @@ fn a_time_without_a_zone_is_told_so() {
 }
 
 #[test]
+fn data_sent_as_json_text_in_a_string_is_told_so() {
+    let encoded = SAMPLE.replace(
+        r#""data":{"#,
+        r#""data":"{\"conversation_id\":\"c\"}","x":{"#,
+    );
+    let err = decode(&encoded).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "data: expected an object (send it as a JSON object, not as JSON text in a string), found a string"
+    );
+}
+
+#[test]
 fn errors_read_as_field_then_reason() {
     let err = decode(&tokens(r#""many""#)).unwrap_err();
     assert_eq!(
