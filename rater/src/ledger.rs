@@ -191,7 +191,17 @@ impl Ledger {
         period: Period,
         value: MeterValue,
     ) -> Recorded {
-        let series = series.into();
+        self.record_ref(&series.into(), period, value)
+    }
+
+    /// [`Ledger::record`] of a borrowed key, which the caller keeps (to report what
+    /// became of it).
+    pub fn record_ref(
+        &mut self,
+        series: &SeriesKeyRef<'_>,
+        period: Period,
+        value: MeterValue,
+    ) -> Recorded {
         if self.settled_through.is_some_and(|settled| {
             period <= settled || series.adjusts.is_some_and(|closed| closed <= settled)
         }) {
@@ -224,7 +234,7 @@ impl Ledger {
                 .lines
                 .entry_ref(&CustomerLine(&customer.id, line))
                 .or_default();
-            match state.series.get_mut(&series) {
+            match state.series.get_mut(series) {
                 Some(held) if *held == value => continue,
                 Some(held) => *held = value,
                 None => {

@@ -185,7 +185,7 @@ impl Rebuilt {
             Change::Usage(update) => {
                 self.opened.insert(Period::containing(update.period_start));
                 self.first_offsets.note(&update, offset);
-                record(&mut self.ledger, update);
+                record(&mut self.ledger, &update);
             }
             Change::Settled(period) => {
                 // Rated and let go now: a rebuild holds open periods only.
@@ -796,11 +796,9 @@ impl Worker {
         let windows = std::mem::take(&mut update.windows);
         let series = (!windows.is_empty()).then(|| Arc::new(update.series.to_owned()));
         let period_start = update.period_start;
-        // Borrowed strings: only the dimensions' list is copied.
-        let key = update.series.clone();
-        let recorded = record(&mut state.ledger, update);
+        let recorded = record(&mut state.ledger, &update);
         self.unbilled
-            .note(recorded, &key, Period::containing(period_start));
+            .note(recorded, &update.series, Period::containing(period_start));
         // Usage of a settled month is an aggregator replaying what it had billed:
         // left out of the lines, and of the windows too.
         if let Some(series) = series.filter(|_| recorded != Recorded::SettledPeriod) {
@@ -1360,9 +1358,9 @@ fn decode<'m, W: Deserialize<'m> + Default>(
     }
 }
 
-fn record<W>(ledger: &mut Ledger, update: UsageRecord<'_, W>) -> Recorded {
-    ledger.record(
-        update.series,
+fn record<W>(ledger: &mut Ledger, update: &UsageRecord<'_, W>) -> Recorded {
+    ledger.record_ref(
+        &update.series,
         Period::containing(update.period_start),
         update.period_to_date,
     )
