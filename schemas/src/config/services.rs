@@ -373,13 +373,90 @@ pub(super) fn validate(
     env: &dyn Fn(&str) -> Option<String>,
     issues: &mut Vec<(String, String)>,
 ) -> ServiceSettings {
-    let mut issue = |at: &str, message: String| issues.push((at.to_owned(), message));
-    let var = |name: &str| env(name).filter(|v| !v.is_empty());
+    let mut check = Check { env, issues };
+    ServiceSettings {
+        kafka: kafka(&mut check, specs.kafka),
+        clickhouse: clickhouse(&mut check, specs.clickhouse),
+        ingest: ingest(&mut check, specs.ingest),
+        aggregator: aggregator(&mut check, specs.aggregator),
+        rater: rater(&mut check, specs.rater),
+    }
+}
 
-    let mut properties = specs.kafka.properties.clone();
+/// One validation's environment and the issues it found so far.
+struct Check<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+    issues: &'a mut Vec<(String, String)>,
+}
+
+impl Check<'_> {
+    fn issue(&mut self, at: &str, message: impl Into<String>) {
+        self.issues.push((at.to_owned(), message.into()));
+    }
+
+    /// An environment override; set but empty counts as unset.
+    fn var(&self, name: &str) -> Option<String> {
+        (self.env)(name).filter(|v| !v.is_empty())
+    }
+
+    /// The environment's value, else the file's, else the default.
+    fn setting(&self, env_name: &str, written: Option<&str>, default: &str) -> String {
+        self.var(env_name)
+            .unwrap_or_else(|| written.unwrap_or(default).to_owned())
+    }
+
+    fn listen_address(
+        &mut self,
+        at: &str,
+        env_name: &str,
+        written: Option<&str>,
+        default: &str,
+    ) -> SocketAddr {
+        let text = self.setting(env_name, written, default);
+        text.parse::<SocketAddr>().unwrap_or_else(|_| {
+            self.issue(
+                at,
+                format!("{text:?} is not an address to listen on: write ip:port, e.g. \"127.0.0.1:8080\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn at_least_one<T: Copy + Default + PartialEq>(
+        &mut self,
+        at: &str,
+        written: Option<T>,
+        default: T,
+    ) -> T {
+        let value = written.unwrap_or(default);
+        if value == T::default() {
+            self.issue(at, "must be at least 1");
+        }
+        value
+    }
+
+    fn above_zero(&mut self, at: &str, written: Option<Duration>, default: Duration) -> Duration {
+        let value = written.unwrap_or(default);
+        if value.is_zero() {
+            self.issue(at, "must be above zero");
+        }
+        value
+    }
+}
+
+/// Kafka topic names (and so prefixes and the instance id in transactional ids) take
+/// these characters only.
+fn is_topic_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn kafka(check: &mut Check<'_>, spec: &KafkaSpec) -> KafkaSettings {
+    let mut properties = spec.properties.clone();
     for name in ["sasl.username", "sasl.password", "ssl.key.password"] {
         let env_name = format!("TALLY_KAFKA_{}", name.replace('.', "_").to_uppercase());
-        if let Some(value) = var(&env_name) {
+        if let Some(value) = check.var(&env_name) {
             properties.insert(name.to_owned(), value);
         }
     }
@@ -392,83 +469,87 @@ pub(super) fn validate(
         "enable.auto.commit",
     ];
     for name in properties.keys().filter(|n| reserved.contains(&n.as_str())) {
-        issue(
+        check.issue(
             &format!("kafka.properties.{name:?}"),
-            "is set by Tally itself (brokers come from kafka.brokers); remove it".to_owned(),
+            "is set by Tally itself (brokers come from kafka.brokers); remove it",
         );
     }
     for name in ["message.timeout.ms", "delivery.timeout.ms"] {
         // librdkafka reads 0 as "wait forever": ingest's requests would time out while
         // their events went on being retried, and its shutdown could not flush.
         if properties.get(name).is_some_and(|ms| ms.trim() == "0") {
-            issue(
+            check.issue(
                 &format!("kafka.properties.{name:?}"),
-                "0 is librdkafka's \"wait forever\" for Kafka's acknowledgement, and an ingest request must get its answer; set a bound such as \"10000\"".to_owned(),
+                "0 is librdkafka's \"wait forever\" for Kafka's acknowledgement, and an ingest request must get its answer; set a bound such as \"10000\"",
             );
         }
     }
-    let brokers = var("TALLY_KAFKA_BROKERS")
-        .or_else(|| specs.kafka.brokers.clone())
-        .unwrap_or_else(|| d::DEFAULT_KAFKA_BROKERS.to_owned());
-    let topic_prefix = var("TALLY_KAFKA_TOPIC_PREFIX")
-        .or_else(|| specs.kafka.topic_prefix.clone())
-        .unwrap_or_else(|| d::DEFAULT_TOPIC_PREFIX.to_owned());
-    let topic_chars = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    };
-    if !topic_chars(&topic_prefix) {
-        issue(
+    let brokers = check.setting(
+        "TALLY_KAFKA_BROKERS",
+        spec.brokers.as_deref(),
+        d::DEFAULT_KAFKA_BROKERS,
+    );
+    let topic_prefix = check.setting(
+        "TALLY_KAFKA_TOPIC_PREFIX",
+        spec.topic_prefix.as_deref(),
+        d::DEFAULT_TOPIC_PREFIX,
+    );
+    if !is_topic_name(&topic_prefix) {
+        check.issue(
             "kafka.topic_prefix",
             format!("{topic_prefix:?} cannot start a Kafka topic name: use letters, digits, '.', '_' and '-'"),
         );
     }
-    let partitions = specs.kafka.partitions.unwrap_or(d::DEFAULT_PARTITIONS);
-    if partitions == 0 {
-        issue("kafka.partitions", "must be at least 1".to_owned());
-    }
-    let replication_factor = specs
-        .kafka
-        .replication_factor
-        .unwrap_or(d::DEFAULT_REPLICATION_FACTOR);
-    if replication_factor == 0 {
-        issue("kafka.replication_factor", "must be at least 1".to_owned());
-    }
-    let instance_id = var("TALLY_INSTANCE_ID")
-        .or_else(|| var("HOSTNAME"))
+    let instance_id = check
+        .var("TALLY_INSTANCE_ID")
+        .or_else(|| check.var("HOSTNAME"))
         .unwrap_or_else(|| d::DEFAULT_INSTANCE_ID.to_owned());
-    if !topic_chars(&instance_id) {
-        issue(
+    if !is_topic_name(&instance_id) {
+        check.issue(
             "TALLY_INSTANCE_ID",
             format!("{instance_id:?} (from TALLY_INSTANCE_ID or HOSTNAME): use letters, digits, '.', '_' and '-'"),
         );
     }
+    KafkaSettings {
+        brokers,
+        topic_prefix,
+        partitions: check.at_least_one("kafka.partitions", spec.partitions, d::DEFAULT_PARTITIONS),
+        replication_factor: check.at_least_one(
+            "kafka.replication_factor",
+            spec.replication_factor,
+            d::DEFAULT_REPLICATION_FACTOR,
+        ),
+        properties,
+        instance_id,
+    }
+}
 
-    let url = var("TALLY_CLICKHOUSE_URL")
-        .or_else(|| specs.clickhouse.url.clone())
-        .unwrap_or_else(|| d::DEFAULT_CLICKHOUSE_URL.to_owned());
+fn clickhouse(check: &mut Check<'_>, spec: &ClickHouseSpec) -> ClickHouseSettings {
+    let url = check.setting(
+        "TALLY_CLICKHOUSE_URL",
+        spec.url.as_deref(),
+        d::DEFAULT_CLICKHOUSE_URL,
+    );
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        issue(
+        check.issue(
             "clickhouse.url",
             format!(
                 "{url:?} is not ClickHouse's HTTP interface: write e.g. \"http://127.0.0.1:8123\""
             ),
         );
     }
-    let (database, database_at) = match var("TALLY_CLICKHOUSE_DATABASE") {
-        Some(name) => (name, "TALLY_CLICKHOUSE_DATABASE"),
-        None => (
-            specs
-                .clickhouse
-                .database
-                .clone()
-                .unwrap_or_else(|| d::DEFAULT_CLICKHOUSE_DATABASE.to_owned()),
-            "clickhouse.database",
-        ),
+    let database_at = if check.var("TALLY_CLICKHOUSE_DATABASE").is_some() {
+        "TALLY_CLICKHOUSE_DATABASE"
+    } else {
+        "clickhouse.database"
     };
+    let database = check.setting(
+        "TALLY_CLICKHOUSE_DATABASE",
+        spec.database.as_deref(),
+        d::DEFAULT_CLICKHOUSE_DATABASE,
+    );
     if !ClickHouseSettings::is_database_name(&database) {
-        issue(
+        check.issue(
             database_at,
             format!(
                 "{database:?} is not a usable database name: {}",
@@ -476,84 +557,59 @@ pub(super) fn validate(
             ),
         );
     }
-    let clickhouse = ClickHouseSettings {
+    ClickHouseSettings {
         url,
         database,
-        credentials: specs.clickhouse.credentials(env),
-    };
+        credentials: spec.credentials(check.env),
+    }
+}
 
-    let mut address = |at: &str, env_name: &str, written: Option<&str>, default: &str| {
-        let text = var(env_name).unwrap_or_else(|| written.unwrap_or(default).to_owned());
-        text.parse::<SocketAddr>().unwrap_or_else(|_| {
-            issue(
-                at,
-                format!("{text:?} is not an address to listen on: write ip:port, e.g. \"127.0.0.1:8080\""),
-            );
-            SocketAddr::from(([127, 0, 0, 1], 0))
-        })
-    };
-    let ingest_listen = address(
-        "ingest.listen",
-        "TALLY_INGEST_LISTEN",
-        specs.ingest.listen.as_deref(),
-        d::DEFAULT_INGEST_LISTEN,
-    );
-    let aggregator_listen = address(
-        "aggregator.metrics_listen",
-        "TALLY_AGGREGATOR_METRICS_LISTEN",
-        specs.aggregator.metrics_listen,
-        d::DEFAULT_AGGREGATOR_METRICS_LISTEN,
-    );
-    let rater_listen = address(
-        "rater.metrics_listen",
-        "TALLY_RATER_METRICS_LISTEN",
-        specs.rater.metrics_listen.as_deref(),
-        d::DEFAULT_RATER_METRICS_LISTEN,
-    );
+fn ingest(check: &mut Check<'_>, spec: &IngestSpec) -> IngestSettings {
+    let (api_keys, unresolved_keys) = api_keys(check, &spec.api_keys);
+    IngestSettings {
+        listen: check.listen_address(
+            "ingest.listen",
+            "TALLY_INGEST_LISTEN",
+            spec.listen.as_deref(),
+            d::DEFAULT_INGEST_LISTEN,
+        ),
+        max_body_bytes: check.at_least_one(
+            "ingest.max_body_bytes",
+            spec.max_body_bytes,
+            d::DEFAULT_MAX_BODY_BYTES,
+        ),
+        max_batch_events: check.at_least_one(
+            "ingest.max_batch_events",
+            spec.max_batch_events,
+            d::DEFAULT_MAX_BATCH_EVENTS,
+        ),
+        rate_limit_per_second: check.at_least_one(
+            "ingest.rate_limit_per_second",
+            spec.rate_limit_per_second,
+            d::DEFAULT_RATE_LIMIT_PER_SECOND,
+        ),
+        rate_limit_burst: check.at_least_one(
+            "ingest.rate_limit_burst",
+            spec.rate_limit_burst,
+            d::DEFAULT_RATE_LIMIT_BURST,
+        ),
+        api_keys,
+        unresolved_keys,
+    }
+}
 
-    let ingest = specs.ingest;
-    let positive =
-        |at: &str, value: Option<usize>, default: usize, issue: &mut dyn FnMut(&str, String)| {
-            let value = value.unwrap_or(default);
-            if value == 0 {
-                issue(at, "must be at least 1".to_owned());
-            }
-            value
-        };
-    let max_body_bytes = positive(
-        "ingest.max_body_bytes",
-        ingest.max_body_bytes,
-        d::DEFAULT_MAX_BODY_BYTES,
-        &mut issue,
-    );
-    let max_batch_events = positive(
-        "ingest.max_batch_events",
-        ingest.max_batch_events,
-        d::DEFAULT_MAX_BATCH_EVENTS,
-        &mut issue,
-    );
-    let rate_limit_per_second = positive(
-        "ingest.rate_limit_per_second",
-        ingest.rate_limit_per_second.map(|v| v as usize),
-        d::DEFAULT_RATE_LIMIT_PER_SECOND as usize,
-        &mut issue,
-    ) as u32;
-    let rate_limit_burst = positive(
-        "ingest.rate_limit_burst",
-        ingest.rate_limit_burst.map(|v| v as usize),
-        d::DEFAULT_RATE_LIMIT_BURST as usize,
-        &mut issue,
-    ) as u32;
-    let mut api_keys = Vec::new();
+/// The keys that resolved, and those whose `key_env` variable is not set (`(at, message)`).
+fn api_keys(check: &mut Check<'_>, specs: &[ApiKeySpec]) -> (Vec<ApiKey>, Vec<(String, String)>) {
+    let mut api_keys: Vec<ApiKey> = Vec::new();
     let mut unresolved_keys = Vec::new();
-    for (i, key) in ingest.api_keys.iter().enumerate() {
+    for (i, key) in specs.iter().enumerate() {
         let at = format!("ingest.api_keys[{i}]");
         // Surrounding whitespace (a secret file's newline) is never part of a key: a
         // request's header cannot carry it, so such a key could never match.
         let secret = match (&key.key, &key.key_env) {
             (Some(secret), None) => Some(secret.trim().to_owned()),
             (None, Some(name)) => {
-                let secret = var(name).map(|s| s.trim().to_owned());
+                let secret = check.var(name).map(|s| s.trim().to_owned());
                 if secret.is_none() {
                     unresolved_keys.push((
                         format!("{at}.key_env"),
@@ -563,26 +619,25 @@ pub(super) fn validate(
                 secret
             }
             _ => {
-                issue(&at, "set exactly one of key and key_env".to_owned());
+                check.issue(&at, "set exactly one of key and key_env");
                 None
             }
         };
         if secret.as_ref().is_some_and(|s| s.len() < 16) {
-            issue(
+            check.issue(
                 &at,
-                "the key is shorter than 16 characters; use a long random key".to_owned(),
+                "the key is shorter than 16 characters; use a long random key",
             );
         }
         if key.sources.is_empty() {
-            issue(
+            check.issue(
                 &format!("{at}.sources"),
-                "lists no source: name the CloudEvents sources this key may send, or \"*\""
-                    .to_owned(),
+                "lists no source: name the CloudEvents sources this key may send, or \"*\"",
             );
         }
         if let Some(secret) = secret {
-            if api_keys.iter().any(|k: &ApiKey| k.secret == secret) {
-                issue(&at, "the same key is configured twice".to_owned());
+            if api_keys.iter().any(|k| k.secret == secret) {
+                check.issue(&at, "the same key is configured twice");
             }
             api_keys.push(ApiKey {
                 secret,
@@ -591,20 +646,13 @@ pub(super) fn validate(
             });
         }
     }
+    (api_keys, unresolved_keys)
+}
 
-    let commit_interval = specs
-        .aggregator
-        .commit_interval
-        .unwrap_or(d::DEFAULT_COMMIT_INTERVAL);
-    if commit_interval.is_zero() {
-        issue(
-            "aggregator.commit_interval",
-            "must be above zero".to_owned(),
-        );
-    }
-    let close_idle_after = (specs.aggregator.close_idle_after).or(d::DEFAULT_CLOSE_IDLE_AFTER);
+fn aggregator(check: &mut Check<'_>, spec: AggregatorStreamSpec<'_>) -> AggregatorServiceSettings {
+    let close_idle_after = spec.close_idle_after.or(d::DEFAULT_CLOSE_IDLE_AFTER);
     if close_idle_after.is_some_and(|idle| idle < MIN_CLOSE_IDLE_AFTER) {
-        issue(
+        check.issue(
             "aggregator.close_idle_after",
             format!(
                 "must be at least {}s: a partition is idle only once it has read nothing for a while (leave it out to close periods by event time only)",
@@ -612,20 +660,41 @@ pub(super) fn validate(
             ),
         );
     }
-    let flush_interval = specs
-        .rater
-        .flush_interval
-        .map_or(d::DEFAULT_RATER_FLUSH_INTERVAL, |i| i.0);
-    if flush_interval.is_zero() {
-        issue("rater.flush_interval", "must be above zero".to_owned());
+    AggregatorServiceSettings {
+        period_close_grace: spec
+            .period_close_grace
+            .unwrap_or(d::DEFAULT_PERIOD_CLOSE_GRACE),
+        commit_interval: check.above_zero(
+            "aggregator.commit_interval",
+            spec.commit_interval,
+            d::DEFAULT_COMMIT_INTERVAL,
+        ),
+        metrics_listen: check.listen_address(
+            "aggregator.metrics_listen",
+            "TALLY_AGGREGATOR_METRICS_LISTEN",
+            spec.metrics_listen,
+            d::DEFAULT_AGGREGATOR_METRICS_LISTEN,
+        ),
+        changelog_snapshot_bytes: spec
+            .changelog_snapshot_bytes
+            .unwrap_or(d::DEFAULT_CHANGELOG_SNAPSHOT_BYTES),
+        close_idle_after,
     }
+}
+
+fn rater(check: &mut Check<'_>, spec: &RaterSpec) -> RaterSettings {
+    let flush_interval = check.above_zero(
+        "rater.flush_interval",
+        spec.flush_interval.map(|i| i.0),
+        d::DEFAULT_RATER_FLUSH_INTERVAL,
+    );
     // Unset, it follows a shorter flush_interval down.
-    let min_insert_interval = specs.rater.min_insert_interval.map_or(
+    let min_insert_interval = spec.min_insert_interval.map_or(
         d::DEFAULT_RATER_MIN_INSERT_INTERVAL.min(flush_interval),
         |i| i.0,
     );
     if min_insert_interval > flush_interval {
-        issue(
+        check.issue(
             "rater.min_insert_interval",
             format!(
                 "must not exceed rater.flush_interval ({}), the longest a line may wait",
@@ -633,59 +702,21 @@ pub(super) fn validate(
             ),
         );
     }
-    let price_book_check_interval = specs
-        .rater
-        .price_book_check_interval
-        .map_or(d::DEFAULT_RATER_PRICE_BOOK_CHECK_INTERVAL, |i| i.0);
-    if price_book_check_interval.is_zero() {
-        issue(
+    RaterSettings {
+        flush_interval,
+        min_insert_interval,
+        price_book_check_interval: check.above_zero(
             "rater.price_book_check_interval",
-            "must be above zero".to_owned(),
-        );
-    }
-
-    ServiceSettings {
-        kafka: KafkaSettings {
-            brokers,
-            topic_prefix,
-            partitions,
-            replication_factor,
-            properties,
-            instance_id,
-        },
-        clickhouse,
-        ingest: IngestSettings {
-            listen: ingest_listen,
-            max_body_bytes,
-            max_batch_events,
-            rate_limit_per_second,
-            rate_limit_burst,
-            api_keys,
-            unresolved_keys,
-        },
-        aggregator: AggregatorServiceSettings {
-            period_close_grace: specs
-                .aggregator
-                .period_close_grace
-                .unwrap_or(d::DEFAULT_PERIOD_CLOSE_GRACE),
-            commit_interval,
-            metrics_listen: aggregator_listen,
-            changelog_snapshot_bytes: specs
-                .aggregator
-                .changelog_snapshot_bytes
-                .unwrap_or(d::DEFAULT_CHANGELOG_SNAPSHOT_BYTES),
-            close_idle_after,
-        },
-        rater: RaterSettings {
-            flush_interval,
-            min_insert_interval,
-            price_book_check_interval,
-            store_windows: specs
-                .rater
-                .store_windows
-                .unwrap_or(d::DEFAULT_RATER_STORE_WINDOWS),
-            metrics_listen: rater_listen,
-        },
+            spec.price_book_check_interval.map(|i| i.0),
+            d::DEFAULT_RATER_PRICE_BOOK_CHECK_INTERVAL,
+        ),
+        store_windows: spec.store_windows.unwrap_or(d::DEFAULT_RATER_STORE_WINDOWS),
+        metrics_listen: check.listen_address(
+            "rater.metrics_listen",
+            "TALLY_RATER_METRICS_LISTEN",
+            spec.metrics_listen.as_deref(),
+            d::DEFAULT_RATER_METRICS_LISTEN,
+        ),
     }
 }
 
