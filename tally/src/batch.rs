@@ -56,14 +56,17 @@ pub fn rate_events(
     let period = options.period;
     let mut summary = Summary {
         period: period.to_string(),
+        unfinished: period.end() > options.now,
         customer: options.explained_customer.clone().map(CustomerEvents::new),
         ..Summary::default()
     };
+    let mut first_bad = None;
     let flow = decode_lines(input, decoder, options.workers, |lines| {
         for line in &lines {
             let Some(bad) = summary.count_line(&mut aggregator, line, period) else {
                 continue;
             };
+            first_bad.get_or_insert_with(|| bad.to_string());
             if options.strict {
                 return ControlFlow::Break(Err(anyhow::anyhow!(
                     "{bad} (--strict stops at the first bad line)"
@@ -81,6 +84,19 @@ pub fn rate_events(
     });
     if let ControlFlow::Break(result) = flow {
         result?;
+    }
+    if summary.events_read > 0 && summary.rejected == summary.events_read {
+        // A wrong file (an export, another tool's output) would otherwise bill every
+        // customer its flat fees alone, and look like a quiet month.
+        let reasons: Vec<String> = (summary.rejected_by_reason.iter())
+            .map(|(reason, n)| format!("{n} {reason}"))
+            .collect();
+        anyhow::bail!(
+            "none of the {} lines read is a valid usage event ({}), so nothing would be billed but flat fees; the first: {}. Is it the events file (CloudEvents, one JSON object a line)?",
+            summary.events_read,
+            reasons.join(", "),
+            first_bad.unwrap_or_default()
+        );
     }
 
     let mut ledger = Ledger::new(Arc::clone(config));

@@ -24,6 +24,9 @@ const LISTED: usize = 10;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Summary {
     pub period: String,
+    /// The period had not ended at the run's clock (`--now`): its lines bill the usage
+    /// so far, not the month.
+    pub unfinished: bool,
     pub events_read: u64,
     /// Valid, new, in the period, metered, for a known customer: counted towards the
     /// customer's usage (usage no price of their plan selects is listed in
@@ -293,6 +296,18 @@ impl Summary {
             self.too_late,
             self.refused,
         );
+        if self.unfinished {
+            out.push_str(&format!(
+                "  warning: {} has not ended: these lines bill its usage so far, not the month (to bill last month, give its --period)\n",
+                self.period
+            ));
+        }
+        if self.accepted > 0 && self.rejected > self.events_read / 10 {
+            out.push_str(&format!(
+                "  warning: {} of the {} lines read were rejected (reasons below): is the file the one that should be billed?\n",
+                self.rejected, self.events_read
+            ));
+        }
         if self.accepted == 0 && self.outside_period > 0 {
             // Likely a mistyped --period: the run still bills every flat fee.
             out.push_str(&format!(

@@ -1365,6 +1365,7 @@ fn the_summary_reconciles_every_line_read() {
         f.summary(),
         json!({
             "period": "2026-11",
+            "unfinished": false,
             "events_read": 10,
             "accepted": 3,
             "duplicates": 1,
@@ -1678,7 +1679,9 @@ fn events_ahead_of_the_clock_by_more_than_the_skew_are_rejected() {
 #[test]
 fn rejects_go_to_rejects_jsonl_in_the_working_directory_by_default() {
     let f = Fixture::new(PRO);
-    f.write("events.jsonl", b"garbage\n");
+    let mut events = resolutions("r", "cust_acme", 1);
+    events.push("garbage".to_owned());
+    f.write("events.jsonl", events.join("\n").as_bytes());
     let run: Run = f
         .tally()
         .args([
@@ -1704,7 +1707,7 @@ fn rejects_go_to_rejects_jsonl_in_the_working_directory_by_default() {
     assert_eq!(
         (&r["line"], &r["field"], &r["code"], &r["raw"]),
         (
-            &json!(1),
+            &json!(2),
             &json!("event"),
             &json!("invalid_json"),
             &json!("garbage")
@@ -1742,6 +1745,67 @@ fn a_month_with_none_of_the_files_events_is_rated_with_a_warning() {
     // A month with its events says nothing of the kind.
     let run = f.rate(&resolutions("nov", "cust_acme", 2), &[]).succeeded();
     assert!(!run.stderr.contains("warning"), "{}", run.stderr);
+}
+
+#[test]
+fn a_file_of_which_no_line_is_an_event_bills_nothing_and_says_so() {
+    let f = Fixture::new(PRO);
+    // The old biller's export given as the events file.
+    let export = "customer,price,quantity,amount\ncust_acme,resolutions,250,250.00\n";
+    let run = f.rate_bytes(export.as_bytes(), &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_shows(
+        &run.stderr,
+        &["error: none of the 2 lines read is a valid usage event (2 invalid_json), so nothing would be billed but flat fees; the first: line 1: event: invalid JSON"],
+    );
+    assert_eq!(run.stdout, "", "no invoice lines");
+    assert_eq!(f.rejects().len(), 2, "each line is kept with its reason");
+
+    // A file with events among bad lines is rated, with a warning once many are bad.
+    let mut mixed = resolutions("r", "cust_acme", 2);
+    mixed.push("not an event".to_owned());
+    let run = f.rate(&mixed, &[]).succeeded();
+    assert_shows(
+        &run.stderr,
+        &["warning: 1 of the 3 lines read were rejected (reasons below)"],
+    );
+    // An empty file is a month without usage, not a mistake.
+    let run = f.rate_bytes(b"", &[]).succeeded();
+    assert!(!run.stderr.contains("warning"), "{}", run.stderr);
+}
+
+#[test]
+fn rating_a_month_that_has_not_ended_warns_that_it_bills_the_usage_so_far() {
+    let f = Fixture::new(PRO);
+    let events = resolutions("r", "cust_acme", 3).join("\n");
+    f.write("events.jsonl", events.as_bytes());
+    let rate = |now: &str| -> Run {
+        let args = [
+            "rate",
+            "--config",
+            "tally.toml",
+            "--events",
+            "events.jsonl",
+            "--period",
+            "2026-11",
+            "--now",
+            now,
+            "--summary",
+            "summary.json",
+            "--rejects",
+            "rejects.jsonl",
+        ];
+        f.tally().args(args).output().unwrap().into()
+    };
+    let run = rate("2026-11-25T00:00:00Z").succeeded();
+    assert_shows(
+        &run.stderr,
+        &["warning: 2026-11 has not ended: these lines bill its usage so far, not the month"],
+    );
+    assert_eq!(f.summary()["unfinished"], true);
+    let run = rate("2026-12-01T00:00:00Z").succeeded();
+    assert!(!run.stderr.contains("warning"), "{}", run.stderr);
+    assert_eq!(f.summary()["unfinished"], false);
 }
 
 #[test]
