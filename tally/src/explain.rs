@@ -27,7 +27,7 @@ use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchResult};
 use crate::report::{tier_text, total_too_large};
-use crate::summary::{CustomerEvents, UnbilledUsage};
+use crate::summary::{likely_meant, CustomerEvents, UnbilledUsage};
 use crate::{ConfiguredClickHouse, RatedMonth};
 
 #[derive(Debug, Args)]
@@ -57,9 +57,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
     let month = &args.month;
     let config = Arc::new(crate::load_config(&month.config)?);
     let customer = config.customers.get(&args.customer).with_context(|| {
-        // Ids are exact; one that differs only in case or spaces is likely meant.
-        let asked = args.customer.trim();
-        let near = (config.customers.keys()).find(|id| id.eq_ignore_ascii_case(asked));
+        let near = likely_meant(&args.customer, config.customers.keys().map(String::as_str));
         format!(
             "customer {:?} is not among the {} customers of {}{}",
             args.customer,
@@ -114,6 +112,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 },
                 lines: lines.iter().filter(asked).collect(),
                 usage: &usage,
+                unfinished: month.period.end() > Utc::now(),
             };
             write_explanation(&mut out, &explanation)?;
         }
@@ -176,6 +175,8 @@ pub struct Explanation<'a> {
     /// own before adjustments of closed periods, each in its plan's price order.
     pub lines: Vec<&'a InvoiceLine>,
     pub usage: &'a [SeriesWindows],
+    /// The period had not ended at the clock: the lines bill its usage so far.
+    pub unfinished: bool,
 }
 
 impl<'a> Explanation<'a> {
@@ -209,6 +210,7 @@ impl<'a> Explanation<'a> {
                 .filter(|l| price.is_none_or(|p| l.price == p))
                 .collect(),
             usage: &result.explained_usage,
+            unfinished: result.summary.unfinished,
         })
     }
 }
@@ -239,6 +241,12 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
         period.start().format("%Y-%m-%d %H:%M"),
         period.end().format("%Y-%m-%d %H:%M")
     )?;
+    if e.unfinished {
+        writeln!(
+            out,
+            "  {period} has not ended: the lines bill its usage so far, not the month"
+        )?;
+    }
     if e.customer.bills(period) {
         let subscription = e.customer.subscription(period);
         let plan = e.config.plan(subscription.plan);
@@ -360,11 +368,11 @@ fn write_events(out: &mut impl Write, name: &str, events: &CustomerEvents) -> io
         )?;
     }
     // Which resends were dropped, by line, so support can show the customer.
-    let conflict_lines = match events.conflicts.as_slice() {
-        [] => String::new(),
-        lines => {
-            let shown: Vec<String> = lines.iter().take(10).map(u64::to_string).collect();
-            let more = match lines.len().saturating_sub(shown.len()) {
+    let conflict_lines = match listed(&events.conflicts) {
+        None => String::new(),
+        Some((shown, more)) => {
+            let shown: Vec<String> = shown.iter().map(u64::to_string).collect();
+            let more = match more {
                 0 => String::new(),
                 n => format!(" and {n} more"),
             };
@@ -407,10 +415,31 @@ fn write_events(out: &mut impl Write, name: &str, events: &CustomerEvents) -> io
             writeln!(out, "    {what:<20} {n} ({why}; not counted){lines}")?;
         }
     }
+    if let Some((shown, more)) = listed(&events.rejected) {
+        writeln!(
+            out,
+            "    {:<20} {} (name this customer but fail validation; not counted):",
+            "rejected",
+            events.rejected.len()
+        )?;
+        for (line, why) in shown {
+            writeln!(out, "      line {line}: {why}")?;
+        }
+        if more > 0 {
+            writeln!(out, "      and {more} more")?;
+        }
+    }
     writeln!(
         out,
-        "    lines that fail validation name no customer: `tally rate` lists them in its rejects file"
+        "    `tally rate` lists every line that fails validation in its rejects file (one whose subject cannot be read names no customer)"
     )
+}
+
+/// The first of `items` to show, and how many more there are; `None` when empty.
+fn listed<T>(items: &[T]) -> Option<(&[T], usize)> {
+    const SHOWN: usize = 10;
+    let shown = items.get(..SHOWN).unwrap_or(items);
+    (!items.is_empty()).then_some((shown, items.len() - shown.len()))
 }
 
 fn write_line(out: &mut impl Write, e: &Explanation<'_>, line: &InvoiceLine) -> io::Result<()> {
@@ -886,6 +915,7 @@ through = "2026-10"
             },
             lines: lines.iter().collect(),
             usage,
+            unfinished: false,
         };
         let mut out = Vec::new();
         write_explanation(&mut out, &explanation).unwrap();

@@ -54,16 +54,22 @@ pub struct Summary {
     /// Usage of known customers in a period they are not billed in (before their
     /// `from`, after their `through`).
     pub unsubscribed_usage: Vec<UnbilledUsage>,
+    /// For unknown customers listed on stderr, the configured id each likely meant.
+    #[serde(skip)]
+    pub likely_meant: BTreeMap<String, String>,
     /// One customer's events again, when asked for (`tally explain`).
     #[serde(skip)]
     pub customer: Option<CustomerEvents>,
 }
 
-/// One customer's valid events by what became of them (bad lines name no customer
-/// anyone can trust, so they are not attributed).
+/// One customer's events by what became of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CustomerEvents {
     pub customer: String,
+    /// Lines that failed validation but name the customer as their subject, as
+    /// (line, why): usage support may have to account for, though nothing else in
+    /// such a line can be trusted.
+    pub rejected: Vec<(u64, String)>,
     /// Counted towards the period's usage, by event type.
     pub counted: BTreeMap<String, u64>,
     pub duplicates: u64,
@@ -270,6 +276,20 @@ impl Summary {
             .rejected_by_reason
             .entry(reject.error.problem.code().to_owned())
             .or_default() += 1;
+        if let Some(customer) = &mut self.customer {
+            if subject_of(&reject.raw).is_some_and(|subject| subject == customer.customer) {
+                (customer.rejected).push((reject.line, reject.error.to_string()));
+            }
+        }
+    }
+
+    /// Notes which configured customer each listed unknown one likely meant.
+    pub fn suggest_customers<'a>(&mut self, known: impl Iterator<Item = &'a str> + Clone) {
+        for unknown in self.unknown_customers.keys().take(LISTED) {
+            if let Some(id) = likely_meant(unknown, known.clone()) {
+                (self.likely_meant).insert(unknown.clone(), id.to_owned());
+            }
+        }
     }
 
     pub fn unknown_customer_events(&self) -> u64 {
@@ -332,8 +352,12 @@ impl Summary {
             ));
         }
         for (customer, n) in self.unknown_customers.iter().take(LISTED) {
+            let meant = match self.likely_meant.get(customer) {
+                Some(id) => format!(" (did you mean {id:?}?)"),
+                None => String::new(),
+            };
             out.push_str(&format!(
-                "  unbilled: {} for customer {customer:?}, who is not in the configuration\n",
+                "  unbilled: {} for customer {customer:?}, who is not in the configuration{meant}\n",
                 events(*n)
             ));
         }
@@ -376,6 +400,60 @@ impl Summary {
     }
 }
 
+/// The one id of `known` that `asked` is most likely a slip of: the same but for case,
+/// `-` for `_` or surrounding spaces, or else the one nearest within two edits (and a
+/// third of its length, so short ids are not matched to anything).
+pub fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let normal = |id: &str| -> Vec<char> {
+        (id.trim().chars())
+            .map(|c| match c {
+                '-' | ' ' => '_',
+                c => c.to_ascii_lowercase(),
+            })
+            .collect()
+    };
+    let asked = normal(asked);
+    let limit = (asked.len() / 3).min(2);
+    let mut best: Option<(usize, &str)> = None;
+    let mut tied = false;
+    for id in known {
+        let distance = edit_distance(&asked, &normal(id));
+        match best {
+            _ if distance > limit => {}
+            Some((nearest, _)) if distance > nearest => {}
+            Some((nearest, _)) if distance == nearest => tied = true,
+            _ => {
+                best = Some((distance, id));
+                tied = false;
+            }
+        }
+    }
+    best.filter(|_| !tied).map(|(_, id)| id)
+}
+
+/// Levenshtein distance: insertions, deletions and substitutions.
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = previous[j] + usize::from(ca != cb);
+            current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+/// The `subject` of a line that failed validation, if it is JSON with one.
+fn subject_of(raw: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Subject {
+        subject: String,
+    }
+    serde_json::from_str::<Subject>(raw).ok().map(|s| s.subject)
+}
+
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
@@ -396,6 +474,21 @@ mod tests {
             "[[meters]]\nslug = \"tokens\"\nevent_type = \"llm.tokens\"\naggregation = \"{aggregation}\"\n{value}"
         );
         Config::parse(&text, "tally.toml").unwrap()
+    }
+
+    #[test]
+    fn a_mistyped_customer_id_is_matched_to_the_one_it_likely_meant() {
+        let known = ["initech_us", "initech_uk", "acme_se", "globex_de", "ab"];
+        let meant = |asked: &str| likely_meant(asked, known.iter().copied());
+        assert_eq!(meant("initech-us"), Some("initech_us"));
+        assert_eq!(meant(" Initech_US "), Some("initech_us"));
+        assert_eq!(meant("acme_sw"), Some("acme_se"));
+        assert_eq!(meant("globex_deu"), Some("globex_de"));
+        // Nearest to two alike: no guess.
+        assert_eq!(meant("initech_u"), None);
+        // Too far, or too short to tell.
+        assert_eq!(meant("umbrella"), None);
+        assert_eq!(meant("ax"), None);
     }
 
     #[test]

@@ -2617,6 +2617,60 @@ fn explain_names_the_lines_of_the_conflicting_resends_it_dropped() {
 }
 
 #[test]
+fn explain_lists_the_customers_lines_that_failed_validation_and_an_unfinished_month() {
+    let f = Fixture::new(PRO);
+    let mut lines = resolutions("r", "cust_acme", 1);
+    // A number with thousands separators, and a line that is not JSON at all.
+    lines.push(tokens("t-1", "cust_acme", "gpt-4o", json!("1,500,000")));
+    lines.push(tokens("t-2", "cust_idle", "gpt-4o", json!("1,000")));
+    lines.push("{\"subject\": \"cust_acme\", oops".to_owned());
+    f.write("events.jsonl", (lines.join("\n") + "\n").as_bytes());
+    let explained = f.explain("cust_acme", &[]).succeeded();
+    assert_shows(
+        &explained.stdout,
+        &[
+            "rejected             1 (name this customer but fail validation; not counted):\n      line 2: data.tokens: ",
+            "`tally rate` lists every line that fails validation in its rejects file (one whose subject cannot be read names no customer)",
+        ],
+    );
+    assert!(!explained.stdout.contains("line 3"), "{}", explained.stdout);
+    assert!(
+        !explained.stdout.contains("has not ended"),
+        "{}",
+        explained.stdout
+    );
+
+    let args = [
+        "explain",
+        "--config",
+        "tally.toml",
+        "--events",
+        "events.jsonl",
+        "--period",
+        "2026-11",
+        "--now",
+        "2026-11-25T00:00:00Z",
+        "--customer",
+        "cust_acme",
+    ];
+    let early = Run::from(f.tally().args(args).output().unwrap()).succeeded();
+    assert_shows(
+        &early.stdout,
+        &["2026-11 has not ended: the lines bill its usage so far, not the month"],
+    );
+}
+
+#[test]
+fn an_unknown_customers_events_name_the_customer_they_likely_meant() {
+    let f = Fixture::new(PRO);
+    let run = f.rate(&resolutions("r", "cust-acme", 2), &[]).succeeded();
+    assert_shows(
+        &run.stderr,
+        &["unbilled: 2 events for customer \"cust-acme\", who is not in the configuration (did you mean \"cust_acme\"?)"],
+    );
+}
+
+#[test]
 fn usage_without_a_dimension_its_prices_filter_on_is_named_as_missing() {
     let f = Fixture::new(PRO);
     let no_model = event(
@@ -2659,6 +2713,10 @@ fn explain_names_what_it_cannot_find() {
         &near.stderr,
         &["customer \" CUST_Acme\" is not among the 2 customers of tally.toml; did you mean \"cust_acme\"?"],
     );
+    for slip in ["cust-acme", "cust_acm", "cust_acne"] {
+        let near = f.explain(slip, &[]);
+        assert_shows(&near.stderr, &["; did you mean \"cust_acme\"?"]);
+    }
     let price = f.explain("cust_acme", &["--price", "tokens"]);
     assert_eq!(price.code, 1);
     assert_shows(
