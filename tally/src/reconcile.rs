@@ -18,16 +18,17 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Context};
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use clap::Args;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tally_schemas::decimal::{exact_add, parse_exact, ExactSum};
+use tally_schemas::money::Currency;
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
-use crate::report::csv_field;
+use crate::report::{csv_field, CSV_HEADER};
 use crate::ConfiguredClickHouse;
 
 #[derive(Debug, Args)]
@@ -177,6 +178,12 @@ struct Lines {
     other_customers: BTreeSet<String>,
     /// How a CSV file was read, when not as Tally writes it.
     dialect: Option<Dialect>,
+    /// A CSV file's columns that are neither read nor Tally's own.
+    ignored_columns: Vec<String>,
+    /// Rows naming neither customer nor price (a total row), left out.
+    unnamed_rows: usize,
+    /// Map entries (`kind id`) that renamed none of the source's lines.
+    unused_map_entries: BTreeSet<String>,
 }
 
 impl Lines {
@@ -218,8 +225,9 @@ impl Lines {
     /// price, say): a source's own keys are unique, so only the map brings lines
     /// together.
     fn renamed(mut self, map: &IdMap) -> anyhow::Result<Lines> {
+        let mut used = BTreeSet::new();
         for (mut key, figures) in std::mem::take(&mut self.by_key) {
-            self.mapped += usize::from(map.rename(&mut key));
+            self.mapped += usize::from(map.rename(&mut key, &mut used));
             match self.by_key.entry(key) {
                 btree_map::Entry::Vacant(entry) => {
                     entry.insert(figures);
@@ -236,6 +244,7 @@ impl Lines {
                 }
             }
         }
+        self.unused_map_entries = map.entries().filter(|e| !used.contains(e)).collect();
         Ok(self)
     }
 
@@ -355,7 +364,7 @@ impl IdMap {
         let mut first_at: HashMap<(String, String), String> = HashMap::new();
         for record in reader.records() {
             let record = record.with_context(|| format!("{name}: unreadable row"))?;
-            let at = format!("{name} line {}", record.position().map_or(0, |p| p.line()));
+            let at = format!("{name} line {}", line_of(text, record.position()));
             let entry: Entry = (record.deserialize(Some(&headers)))
                 .map_err(|e| anyhow::anyhow!("{at}: {}", csv_error(&e, &headers)))?;
             let (from, to) = (entry.from.trim(), entry.to.trim());
@@ -383,19 +392,27 @@ impl IdMap {
         Ok(map)
     }
 
-    /// Renames the key's customer and price where the map says; whether it did.
-    fn rename(&self, key: &mut LineKey) -> bool {
+    /// Renames the key's customer and price where the map says; whether it did. The
+    /// entries it followed go into `used`, as [`IdMap::entries`] names them.
+    fn rename(&self, key: &mut LineKey, used: &mut BTreeSet<String>) -> bool {
         let mut renamed = false;
-        for (id, ids) in [
-            (&mut key.customer, &self.customers),
-            (&mut key.price, &self.prices),
+        for (kind, id, ids) in [
+            ("customer", &mut key.customer, &self.customers),
+            ("price", &mut key.price, &self.prices),
         ] {
             if let Some(to) = ids.get(id.as_str()) {
+                used.insert(format!("{kind} {id}"));
                 renamed |= to != id;
                 id.clone_from(to);
             }
         }
         renamed
+    }
+
+    /// Every entry, as `customer ID` or `price ID` (its `from`).
+    fn entries(&self) -> impl Iterator<Item = String> + '_ {
+        let named = |kind: &'static str| move |id: &String| format!("{kind} {id}");
+        (self.customers.keys().map(named("customer"))).chain(self.prices.keys().map(named("price")))
     }
 }
 
@@ -526,7 +543,8 @@ fn lines_of_text(
     let mut lines = Lines::named(name.to_owned());
     let (rows, dialect) = match format {
         FileFormat::Csv => {
-            let (rows, dialect) = csv_rows(name, text)?;
+            let (rows, dialect, ignored) = csv_rows(name, text)?;
+            lines.ignored_columns = ignored;
             (rows, Some(dialect))
         }
         FileFormat::JsonLines => (json_rows(name, text)?, None),
@@ -557,9 +575,26 @@ fn lines_of_text(
             lines.other_periods += 1;
             continue;
         }
+        let (customer, price) = (row.customer.trim(), row.price.trim());
+        if customer.is_empty() && price.is_empty() {
+            lines.unnamed_rows += 1;
+            continue;
+        }
+        for (column, id) in [("customer", customer), ("price", price)] {
+            anyhow::ensure!(
+                !id.is_empty(),
+                "{at}: no {column}; each line names the customer and the price it bills"
+            );
+        }
+        let currency = row.currency.trim().to_ascii_lowercase();
+        anyhow::ensure!(
+            Currency::from_code(&currency).is_some(),
+            "{at}: currency {:?} is not an ISO 4217 code (such as SEK, EUR or USD); write the code of the currency the line is billed in",
+            row.currency.trim()
+        );
         let key = LineKey {
-            customer: row.customer.trim().to_owned(),
-            price: row.price.trim().to_owned(),
+            customer: customer.to_owned(),
+            price: price.to_owned(),
             adjusts: match given(&row.adjusts_period) {
                 None => None,
                 Some(p) => Some(
@@ -570,7 +605,7 @@ fn lines_of_text(
         let figures = Figures {
             quantity: figure(&row.quantity).with_context(|| format!("{at}: quantity"))?,
             amount: figure(&row.amount).with_context(|| format!("{at}: amount"))?,
-            currency: row.currency.trim().to_ascii_lowercase(),
+            currency,
             at,
         };
         lines.add(key, figures, given(&row.invoice))?;
@@ -595,6 +630,9 @@ struct Row {
 
 /// The columns a CSV file must have.
 const REQUIRED_COLUMNS: [&str; 5] = ["customer", "price", "quantity", "amount", "currency"];
+
+/// The columns a CSV file may have besides those: the rest are not read.
+const OPTIONAL_COLUMNS: [&str; 3] = ["period_start", "adjusts_period", "invoice"];
 
 /// A row and where it was read.
 type NumberedRow = (String, Row);
@@ -667,8 +705,8 @@ impl Dialect {
 /// order and case; other columns are ignored), then one row per line. The separator
 /// is the first of `,`, `;` and tab that splits the header row into those columns; a
 /// file separated otherwise than by `,` has decimal commas if any of its figures has a
-/// comma.
-fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect)> {
+/// comma. Also returns the columns not read, but for those of Tally's own CSV.
+fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect, Vec<String>)> {
     let header_row = |separator: u8| -> anyhow::Result<csv::StringRecord> {
         let mut reader = csv::ReaderBuilder::new()
             .delimiter(separator)
@@ -721,17 +759,34 @@ fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect
                     separator,
                     decimal_comma,
                 };
-                return Ok((rows, dialect));
+                let known = |column: &str| {
+                    (REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| *c == column)
+                        || CSV_HEADER.split(',').any(|c| c == column)
+                };
+                // A month under another name would let other months' lines in.
+                let has_month = headers.iter().any(|c| c == "period_start");
+                let ignored = (headers.iter())
+                    .filter(|column| !known(column))
+                    .map(
+                        |column| match column.contains("period") || column.contains("month") {
+                            true if !has_month => {
+                                format!("{column} (if it is the month, name it period_start)")
+                            }
+                            _ => column.to_owned(),
+                        },
+                    )
+                    .collect();
+                return Ok((rows, dialect, ignored));
             }
             Ok(true) => {
-                let at = format!("{name} line {}", record.position().map_or(0, |p| p.line()));
+                let at = format!("{name} line {}", line_of(text, record.position()));
                 match record.deserialize::<Row>(Some(&headers)) {
                     Ok(row) => rows.push((at, row)),
                     Err(e) => bail!("{at}: {}", csv_error(&e, &headers)),
                 }
             }
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
+                let line = line_of(text, e.position());
                 match e.kind() {
                     csv::ErrorKind::UnequalLengths {
                         expected_len, len, ..
@@ -743,6 +798,19 @@ fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect
             }
         }
     }
+}
+
+/// The line of `text` a CSV record starts on, counted from 1. Not the reader's own
+/// count: after a `\r\n` (a Windows export's line ending) the reader places the next
+/// record at its `\n`, a line early.
+fn line_of(text: &str, position: Option<&csv::Position>) -> usize {
+    let bytes = text.as_bytes();
+    let mut start = position.map_or(0, |p| usize::try_from(p.byte()).unwrap_or(usize::MAX));
+    start = start.min(bytes.len());
+    while bytes.get(start).is_some_and(|b| matches!(b, b'\r' | b'\n')) {
+        start += 1;
+    }
+    bytes[..start].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 /// The error with the column it is in named by its header.
@@ -821,8 +889,9 @@ fn period_of(text: &str) -> anyhow::Result<Period> {
     let start = DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
         .or_else(|_| NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S").map(|t| t.and_utc()))
+        .or_else(|_| NaiveDate::parse_from_str(text, "%Y-%m-%d").map(|d| d.and_time(NaiveTime::MIN).and_utc()))
         .map_err(|_| {
-            anyhow::anyhow!("is not a month (2026-11) or a time (RFC 3339 or 2026-11-01 00:00:00)")
+            anyhow::anyhow!("is not a month (2026-11), a day (2026-11-01) or a time (RFC 3339 or 2026-11-01 00:00:00)")
         })?;
     let period = Period::containing(start);
     anyhow::ensure!(period.start() == start, "is not the start of a month (UTC)");
@@ -1012,6 +1081,25 @@ impl<'l> Reconciliation<'l> {
                     count(lines.other_periods, "line")
                 ));
             }
+            if lines.unnamed_rows > 0 {
+                notes.push(format!(
+                    "{} naming neither customer nor price (totals) left out",
+                    count(lines.unnamed_rows, "row")
+                ));
+            }
+            if !lines.ignored_columns.is_empty() {
+                notes.push(format!(
+                    "columns not read: {}",
+                    lines.ignored_columns.join(", ")
+                ));
+            }
+            if !lines.unused_map_entries.is_empty() {
+                notes.push(format!(
+                    "map entries matching none of its lines ({}): {}",
+                    lines.unused_map_entries.len(),
+                    listed(&lines.unused_map_entries)
+                ));
+            }
             if lines.other_customers_lines > 0 {
                 notes.push(format!(
                     "{} of {} not compared (--customers) left out: {}",
@@ -1127,7 +1215,7 @@ impl<'l> Reconciliation<'l> {
 }
 
 /// The columns of `--differences`: the line, what differs (`only_expected`,
-/// `only_actual`, `currency`, `quantity` or `amount`), both sides' figures, actual minus
+/// `only_actual`, `currency`, `quantity`, `quantity_and_amount` or `amount`), both sides' figures, actual minus
 /// expected amount (empty when the currencies differ), and where each side was read.
 const DIFFERENCES_HEADER: &str = "customer,price,adjusts_period,what,expected_quantity,actual_quantity,expected_amount,expected_currency,actual_amount,actual_currency,amount_difference,expected_at,actual_at";
 
@@ -1141,7 +1229,10 @@ impl Difference<'_> {
             (Some(e), Some(a))
                 if e.quantity != a.quantity && self.compared == Compared::QuantitiesAndAmounts =>
             {
-                "quantity"
+                match e.amount == a.amount {
+                    true => "quantity",
+                    false => "quantity and amount",
+                }
             }
             _ => "amount",
         }
@@ -1255,7 +1346,8 @@ mod tests {
         ));
         let all = Reconciliation::of(&other, &tally, Compared::QuantitiesAndAmounts).unwrap();
         let what: Vec<&str> = all.differences.iter().map(Difference::what).collect();
-        assert_eq!(what, ["quantity", "quantity", "only actual"]);
+        // b's amount differs as well: a filter on amounts must not miss it.
+        assert_eq!(what, ["quantity", "quantity and amount", "only actual"]);
         let amounts = Reconciliation::of(&other, &tally, Compared::Amounts).unwrap();
         let what: Vec<(&str, &str)> = (amounts.differences.iter())
             .map(|d| (d.key.customer.as_str(), d.what()))
@@ -1472,6 +1564,27 @@ mod tests {
     }
 
     #[test]
+    fn what_a_file_holds_besides_lines_is_left_out_and_named_in_the_report() {
+        let export = csv(concat!(
+            "customer,price,quantity,amount,currency,period,notes,period_end\n",
+            "acme,tokens,1,1.00,SEK,Nov,,\n",
+            ",,,12.00,,,total,\n",
+        ));
+        assert_eq!(export.unnamed_rows, 1);
+        let tallys = json(
+            r#"{"customer":"acme","price":"tokens","quantity":"1","amount":"1.00","currency":"sek"}"#,
+        );
+        let shown = report(&export, &tallys);
+        assert!(
+            shown.contains("  expected b.csv: 1 line; 1 row naming neither customer nor price (totals) left out; columns not read: period (if it is the month, name it period_start), notes\n"),
+            "{shown}"
+        );
+        // A day is a month's start as well as its midnight is.
+        let by_day = csv("customer,price,quantity,amount,currency,period_start\nacme,tokens,1,1,usd,2026-11-01\nacme,tokens,1,1,usd,2026-10-01\n");
+        assert_eq!((by_day.by_key.len(), by_day.other_periods), (1, 1));
+    }
+
+    #[test]
     fn bad_input_is_refused_saying_where_and_why() {
         let csv_error = |text: &str| error("old.csv", text, FileFormat::Csv);
         assert_eq!(
@@ -1493,6 +1606,19 @@ mod tests {
         assert_eq!(
             csv_error("customer,price,quantity,amount,currency\nacme,tokens,1,1\n"),
             "old.csv line 2: 4 fields where the header row has 5"
+        );
+        // Line numbers count a Windows export's \r\n as one line ending.
+        assert_eq!(
+            csv_error("customer,price,quantity,amount,currency\r\nacme,tokens,1,1,usd\r\nacme,tokens,1\r\n"),
+            "old.csv line 3: 3 fields where the header row has 5"
+        );
+        assert_eq!(
+            csv_error("customer,price,quantity,amount,currency\nacme,tokens,1,1,kr\n"),
+            "old.csv line 2: currency \"kr\" is not an ISO 4217 code (such as SEK, EUR or USD); write the code of the currency the line is billed in"
+        );
+        assert_eq!(
+            csv_error("customer,price,quantity,amount,currency\nacme,,1,1,usd\n"),
+            "old.csv line 2: no price; each line names the customer and the price it bills"
         );
         let json_error = error(
             "new.jsonl",
@@ -1581,6 +1707,18 @@ mod tests {
         assert!(
             shown.contains("expected old.csv: 3 lines; 3 lines renamed by the map, 1 of them added to another line"),
             "{shown}"
+        );
+        // An entry no line used (a mistyped id, or a customer of another cohort).
+        let map = format!("{OLD_BILLER_MAP}customer,ACCT-1O02,cust_beta\n");
+        let unused = mapped_csv(
+            "customer,price,quantity,amount,currency\ncust_zed,resolutions,1,49.00,usd\n",
+            &map,
+        )
+        .unwrap();
+        assert!(
+            report(&unused, &tally).contains("map entries matching none of its lines (5): customer ACCT-1001, customer ACCT-1O02, price AI resolutions (included), price AI resolutions (overage), price Tokens\n"),
+            "{}",
+            report(&unused, &tally)
         );
         let resolutions = &old.by_key[&LineKey {
             customer: "cust_acme".into(),

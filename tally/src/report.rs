@@ -34,7 +34,8 @@ pub fn write_lines(format: Format, lines: &[InvoiceLine], out: &mut impl Write) 
     }
 }
 
-const CSV_HEADER: &str = "id,config_hash,customer,plan,price,meter,period_start,period_end,quantity,subtotal,discount,amount,currency,tiers";
+/// The columns of `--format csv`.
+pub const CSV_HEADER: &str = "id,config_hash,customer,plan,price,meter,period_start,period_end,quantity,subtotal,discount,amount,currency,tiers";
 
 pub fn write_csv(lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()> {
     writeln!(out, "{CSV_HEADER}")?;
