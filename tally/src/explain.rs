@@ -26,7 +26,7 @@ use tally_schemas::records::{InvoiceLine, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchResult};
-use crate::report::{tier_text, total_too_large};
+use crate::report::{packages, tier_arithmetic, tier_text, total_too_large};
 use crate::summary::{likely_meant, CustomerEvents, UnbilledUsage};
 use crate::{ConfiguredClickHouse, RatedMonth};
 
@@ -738,14 +738,15 @@ fn write_charge(out: &mut impl Write, price: &Price, line: &InvoiceLine) -> io::
             package: Some(package),
             ..
         } => {
-            let packages = line.tiers.first().map_or(Decimal::ZERO, |t| t.quantity);
+            let counted = line.tiers.first().map_or(Decimal::ZERO, |t| t.quantity);
             format!(
-                "in packages of {}, rounded {}: {} / {} = {} -> {packages} packages",
+                "in packages of {}, rounded {}: {} / {} = {} -> {}",
                 package.divide_by,
                 snake_case(package.round),
                 line.quantity,
                 package.divide_by,
-                (line.quantity / package.divide_by).normalize()
+                (line.quantity / package.divide_by).normalize(),
+                packages(counted)
             )
         }
         Rate::Tiered {
@@ -758,8 +759,14 @@ fn write_charge(out: &mut impl Write, price: &Price, line: &InvoiceLine) -> io::
         } => "volume: every unit at the price of the tier the whole quantity falls in, plus that tier's flat fee".to_owned(),
     };
     writeln!(out, "  charge    {how}")?;
+    // A per-unit price is one tier up to infinity: its tier number says nothing.
+    let tiered = matches!(price.rate, Rate::Tiered { .. });
     for tier in &line.tiers {
-        writeln!(out, "            {}", tier_text(tier))?;
+        let text = match tiered {
+            true => tier_text(tier),
+            false => tier_arithmetic(tier),
+        };
+        writeln!(out, "            {text}")?;
     }
     Ok(())
 }

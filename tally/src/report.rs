@@ -78,19 +78,34 @@ pub fn tiers_text(tiers: &[TierCharge]) -> String {
 
 /// One tier of [`tiers_text`].
 pub fn tier_text(tier: &TierCharge) -> String {
+    format!(
+        "tier {} (up to {}): {}",
+        tier.tier,
+        tier.up_to,
+        tier_arithmetic(tier)
+    )
+}
+
+/// A tier's charge worked out: `654 packages of 1000 x 0.002 = 1.308`, `3 x 0 + 49 = 49`.
+pub fn tier_arithmetic(tier: &TierCharge) -> String {
     let flat = if tier.flat_amount.is_zero() {
         String::new()
     } else {
         format!(" + {}", tier.flat_amount)
     };
     let units = match tier.package_size {
-        Some(size) => format!("{} packages of {size}", tier.quantity),
+        Some(size) => format!("{} of {size}", packages(tier.quantity)),
         None => tier.quantity.to_string(),
     };
-    format!(
-        "tier {} (up to {}): {units} x {}{} = {}",
-        tier.tier, tier.up_to, tier.unit_amount, flat, tier.amount
-    )
+    format!("{units} x {}{flat} = {}", tier.unit_amount, tier.amount)
+}
+
+/// `1 package`, `3 packages`.
+pub fn packages(n: Decimal) -> String {
+    match n == Decimal::ONE {
+        true => "1 package".to_owned(),
+        false => format!("{n} packages"),
+    }
 }
 
 /// Invoice totals: per (currency, customer, plan), and per currency with the number of
@@ -185,5 +200,30 @@ mod tests {
         assert_eq!(csv_field("plain"), "plain");
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
+
+    #[test]
+    fn a_tier_is_worked_out_in_words_that_agree_with_its_numbers() {
+        let tier = |quantity: i64, package_size: Option<i64>, flat: i64| TierCharge {
+            tier: 2,
+            up_to: "inf".to_owned(),
+            quantity: Decimal::from(quantity),
+            package_size: package_size.map(Decimal::from),
+            unit_amount: Decimal::new(2, 3),
+            flat_amount: Decimal::from(flat),
+            amount: Decimal::new(2, 3) * Decimal::from(quantity) + Decimal::from(flat),
+        };
+        assert_eq!(
+            tier_text(&tier(1, Some(1000), 0)),
+            "tier 2 (up to inf): 1 package of 1000 x 0.002 = 0.002"
+        );
+        assert_eq!(
+            tier_arithmetic(&tier(3, Some(1000), 0)),
+            "3 packages of 1000 x 0.002 = 0.006"
+        );
+        assert_eq!(
+            tier_arithmetic(&tier(3, None, 49)),
+            "3 x 0.002 + 49 = 49.006"
+        );
     }
 }
