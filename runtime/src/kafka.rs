@@ -100,6 +100,16 @@ fn state_topic_settings() -> [NeededSetting; 2] {
     ]
 }
 
+/// What the events topic needs: the aggregator's clock is its records' timestamps.
+fn events_topic_settings() -> [NeededSetting; 1] {
+    [NeededSetting {
+        setting: "message.timestamp.type",
+        needed: "LogAppendTime".to_owned(),
+        why: "the aggregator's clock is its events' record timestamps, and with CreateTime a sender whose clock runs ahead sets them: its partition's months would close early and on-time events be refused as too late",
+        met_by: |found| found == "LogAppendTime",
+    }]
+}
+
 /// Brokers and pass-through properties; each client adds its own settings.
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -168,6 +178,14 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box
     create_topics(&admin, settings, &options).await?;
     let events = settings.topic(Topic::Events);
     let expected_count = partitions_once_known(&admin, settings, &events).await?;
+    check_topic(
+        &admin,
+        settings,
+        &options,
+        &events,
+        &events_topic_settings(),
+    )
+    .await?;
     for topic in [Topic::Windows, Topic::AggregatorChangelog] {
         let name = settings.topic(topic);
         let found = partitions_once_known(&admin, settings, &name).await?;
@@ -179,7 +197,7 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box
                 expected_count: expected_count.get(),
             }));
         }
-        check_state_topic(&admin, settings, &options, name).await?;
+        check_topic(&admin, settings, &options, &name, &state_topic_settings()).await?;
     }
     Ok(expected_count)
 }
@@ -304,17 +322,18 @@ async fn partitions_once_known(
     }
 }
 
-/// Refuses a state topic (read back in full on restore) without the settings that
-/// needs, as an operator may have created it beforehand with the broker's defaults.
-async fn check_state_topic(
+/// Refuses a topic without the settings it `needs`, as an operator may have created it
+/// beforehand with the broker's defaults.
+async fn check_topic(
     admin: &Admin,
     settings: &KafkaSettings,
     options: &AdminOptions,
-    name: String,
+    name: &str,
+    needs: &[NeededSetting],
 ) -> Result<(), Box<KafkaSetupError>> {
     let reading = format!("read the settings of {name}");
     let described = admin
-        .describe_configs(&[ResourceSpecifier::Topic(&name)], options)
+        .describe_configs(&[ResourceSpecifier::Topic(name)], options)
         .await
         .map_err(setup_error(settings, &reading))?;
     let resource = match described.into_iter().next() {
@@ -322,17 +341,17 @@ async fn check_state_topic(
         Some(Err(code)) => return Err(setup_error(settings, &reading)(KafkaError::AdminOp(code))),
         None => return Ok(()),
     };
-    for n in state_topic_settings() {
+    for n in needs {
         let found = resource
             .get(n.setting)
             .and_then(|entry| entry.value.clone())
             .unwrap_or_default();
         if !(n.met_by)(&found) {
             return Err(Box::new(KafkaSetupError::TopicSetting {
-                topic: name,
+                topic: name.to_owned(),
                 setting: n.setting,
                 found,
-                needed: n.needed,
+                needed: n.needed.clone(),
                 why: n.why,
                 brokers: settings.brokers.clone(),
             }));
@@ -983,8 +1002,15 @@ pub fn group_consumer<W: PartitionOwner>(
     topic: &str,
     owner: Arc<Mutex<W>>,
 ) -> Result<BaseConsumer<GroupContext<W>>, KafkaError> {
+    let mut config = client_config(settings);
+    // Restores and rebuilds run in the rebalance callback, after `poll` returned its
+    // event, so they count against this: allow them time before the group gives up on
+    // the member. `[kafka] properties` may raise it for states that take longer.
+    if config.get("max.poll.interval.ms").is_none() {
+        config.set("max.poll.interval.ms", "900000");
+    }
     let consumer: BaseConsumer<GroupContext<W>> = tune_fetching(
-        client_config(settings)
+        config
             .set("group.id", settings.group(service))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -992,9 +1018,7 @@ pub fn group_consumer<W: PartitionOwner>(
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            // Restores run inside `poll`: allow them time before the group gives up.
-            .set("max.poll.interval.ms", "900000"),
+            .set("heartbeat.interval.ms", "1000"),
     )
     .create_with_context(GroupContext::new(owner))?;
     consumer.subscribe(&[topic])?;

@@ -281,7 +281,7 @@ fn records_compressed_with_every_codec_kafka_offers_are_read() {
 
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
-fn state_topics_an_operator_made_without_compaction_or_room_for_large_records_are_refused() {
+fn topics_an_operator_made_without_the_settings_tally_needs_are_refused() {
     let _serial = serial();
     let settings = KafkaSettings {
         brokers: BROKERS.to_owned(),
@@ -291,29 +291,32 @@ fn state_topics_an_operator_made_without_compaction_or_room_for_large_records_ar
         properties: Default::default(),
         instance_id: "0".to_owned(),
     };
-    let windows = settings.topic(Topic::Windows);
-    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
-    // Made by hand with the broker's defaults: deleted after a week, records up to 1 MB.
-    create_topic(
-        &admin,
-        NewTopic::new(&windows, 2, TopicReplication::Fixed(1)),
+    let (events, windows) = (
+        settings.topic(Topic::Events),
+        settings.topic(Topic::Windows),
     );
-    let refusal = |setting: &str| match *block_on(ensure_topics(&settings)).unwrap_err() {
-        KafkaSetupError::TopicSetting {
-            topic,
-            setting: refused,
-            found,
-            ..
-        } => {
-            assert_eq!((topic.as_str(), refused), (windows.as_str(), setting));
-            found
-        }
-        other => panic!("expected {windows}'s {setting} refused, got {other}"),
-    };
-    assert_eq!(refusal("cleanup.policy"), "delete");
-    let alter = |settings: &[(&str, &str)]| {
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    // Made by hand with the broker's defaults: timestamps the producer's clock sets,
+    // deleted after a week, records up to 1 MB.
+    for topic in [&events, &windows] {
+        create_topic(&admin, NewTopic::new(topic, 2, TopicReplication::Fixed(1)));
+    }
+    let refusal =
+        |topic: &str, setting: &str| match *block_on(ensure_topics(&settings)).unwrap_err() {
+            KafkaSetupError::TopicSetting {
+                topic: refused_topic,
+                setting: refused,
+                found,
+                ..
+            } => {
+                assert_eq!((refused_topic.as_str(), refused), (topic, setting));
+                found
+            }
+            other => panic!("expected {topic}'s {setting} refused, got {other}"),
+        };
+    let alter = |topic: &str, settings: &[(&str, &str)]| {
         let change = settings.iter().fold(
-            AlterConfig::new(ResourceSpecifier::Topic(&windows)),
+            AlterConfig::new(ResourceSpecifier::Topic(topic)),
             |c, (k, v)| c.set(k, v),
         );
         for altered in block_on(admin.alter_configs(&[change], &options())).unwrap() {
@@ -323,7 +326,7 @@ fn state_topics_an_operator_made_without_compaction_or_room_for_large_records_ar
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !settings.iter().all(|(name, value)| {
             let described =
-                block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&windows)], &options()))
+                block_on(admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &options()))
                     .unwrap();
             let resource = described.into_iter().next().unwrap().unwrap();
             resource.get(name).and_then(|e| e.value.as_deref()) == Some(*value)
@@ -335,12 +338,18 @@ fn state_topics_an_operator_made_without_compaction_or_room_for_large_records_ar
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    alter(&[("cleanup.policy", "compact")]);
-    assert_eq!(refusal("max.message.bytes"), "1048588");
-    alter(&[
-        ("cleanup.policy", "compact"),
-        ("max.message.bytes", &MAX_RECORD_BYTES.to_string()),
-    ]);
+    assert_eq!(refusal(&events, "message.timestamp.type"), "CreateTime");
+    alter(&events, &[("message.timestamp.type", "LogAppendTime")]);
+    assert_eq!(refusal(&windows, "cleanup.policy"), "delete");
+    alter(&windows, &[("cleanup.policy", "compact")]);
+    assert_eq!(refusal(&windows, "max.message.bytes"), "1048588");
+    alter(
+        &windows,
+        &[
+            ("cleanup.policy", "compact"),
+            ("max.message.bytes", &MAX_RECORD_BYTES.to_string()),
+        ],
+    );
     block_on(ensure_topics(&settings)).unwrap();
 
     // Topics Tally creates itself pass.

@@ -77,8 +77,9 @@ const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// How long after a failed attempt the next one waits.
 const IDLE_CLOSE_BACKOFF: Duration = Duration::from_secs(60);
-/// Longest a partition's restore may read its changelog; well inside the consumer's
-/// `max.poll.interval.ms` (15 min), as restores run in the rebalance callback.
+/// Longest a partition's restore may read its changelog; inside the consumer's
+/// default `max.poll.interval.ms` (15 min), as restores run in the rebalance callback
+/// (several of them one after another on a thread, which may add up to more).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// A producer fenced again this soon after the last time was fenced by another live
 /// process with its transactional id, not by a transaction the broker timed out.
@@ -273,7 +274,9 @@ impl PartitionState {
                     Outcome::Adjusted => processed.outcomes.late_adjusted += 1,
                     _ => {}
                 }
-                // Billed all the same; counted because the rater finds a customer's
+                // Billed right only while all of the customer's events share this
+                // partition (its line is this partition's total); counted because
+                // that is up to the producers, and the rater finds a customer's
                 // zero-usage lines by the partitioner's choice.
                 if matches!(
                     outcome,
