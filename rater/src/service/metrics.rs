@@ -22,7 +22,8 @@ pub struct RaterMetrics {
     /// By [`UNBILLED_REASONS`], each exported from the start, so an alert's `increase`
     /// sees the first unbilled update ([`RaterMetrics::count_unbilled`]).
     unbilled: [IntCounter; UNBILLED_REASONS.len()],
-    /// From a usage update reaching Kafka to its line being stored in ClickHouse.
+    /// Per stored batch: from its oldest usage update reaching Kafka to the batch being
+    /// stored in ClickHouse.
     pub rating_latency: Histogram,
     pub insert_duration: Histogram,
     /// `table`: rated_lines, window_revisions.
@@ -59,11 +60,11 @@ impl RaterMetrics {
             },
             rating_latency: m.latency(
                 "tally_rater_rating_latency_seconds",
-                "From a usage update reaching Kafka to its rated line being stored.",
+                "Per stored batch, from its oldest usage update reaching Kafka to the batch's lines being stored.",
             ),
             insert_duration: m.latency(
                 "tally_clickhouse_insert_duration_seconds",
-                "Time of one batched insert into ClickHouse.",
+                "Time to store one batch in ClickHouse: its lines, retired lines and windows.",
             ),
             inserted_rows: m.counter_vec(
                 "tally_clickhouse_inserted_rows_total",
