@@ -736,6 +736,76 @@ fn a_refused_request_whose_body_does_not_come_is_answered_and_its_connection_clo
     }
 }
 
+/// Clients that hold a connection without sending (nothing, headers a little at a
+/// time, a keep-alive connection left idle, a keyed request's body that stops) are cut
+/// off: 10 s for headers, 10 s for an admitted body.
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn idle_and_trickling_clients_are_cut_off_after_the_servers_wait() {
+    let service = Service::with_kafka("idle", Setup::default());
+    let addr = service.addr();
+    let event = event("i-1", "agent", "cust_a", 1);
+    let keyed_head = |length: usize| {
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/cloudevents+json\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    // Each client in a thread of its own, so the waits overlap; each returns what it
+    // read until the server closed the connection, and when that was.
+    let client = |script: Box<dyn FnOnce(&mut TcpStream) + Send>| {
+        std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(40)))
+                .unwrap();
+            let opened = Instant::now();
+            script(&mut stream);
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).unwrap();
+            (
+                String::from_utf8_lossy(&answer).into_owned(),
+                opened.elapsed(),
+            )
+        })
+    };
+    let silent = client(Box::new(|_| {}));
+    let trickling = client(Box::new(|stream| {
+        for part in ["POST /v1/", "events HTTP/1.1\r\n", "Host: x\r\n"] {
+            stream.write_all(part.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }));
+    let head = keyed_head(event.len());
+    let request = format!("{head}{event}");
+    let kept_alive = client(Box::new(move |stream| {
+        stream.write_all(request.as_bytes()).unwrap();
+    }));
+    let head = keyed_head(event.len());
+    let half = event[..event.len() / 2].to_owned();
+    let stalled_body = client(Box::new(move |stream| {
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(half.as_bytes()).unwrap();
+    }));
+
+    for (name, client) in [("silent", silent), ("trickling", trickling)] {
+        let (answer, after) = client.join().unwrap();
+        assert_eq!(answer, "", "{name}");
+        assert!(
+            (Duration::from_secs(9)..Duration::from_secs(30)).contains(&after),
+            "{name}: closed after {after:?}"
+        );
+    }
+    // Answered, then closed once idle for the header wait.
+    let (answer, after) = kept_alive.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    assert!(after >= Duration::from_secs(9), "closed after {after:?}");
+    let (answer, _) = stalled_body.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"error\":\"body_too_slow\""), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert_eq!(service.stored(), [stored("cust_a", &event)]);
+}
+
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_source_the_key_may_not_use_refuses_the_whole_request_and_stores_nothing() {
@@ -1152,7 +1222,7 @@ fn a_taken_port_fails_at_start_and_says_which() {
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_client_that_stalls_mid_request_does_not_hold_up_shutdown() {
-    // Requests get the 1 s acknowledgement timeout, its 2 s grace and 5 s for a body.
+    // Requests get the 1 s acknowledgement timeout, its 2 s grace and 10 s for a body.
     let mut service = Service::with_kafka(
         "stalled",
         Setup {

@@ -14,12 +14,6 @@ pub enum IngestError {
     /// librdkafka refused the configuration (a bad `[kafka] properties` entry, say).
     #[error("cannot create the Kafka producer for {brokers}: {source}; check [kafka] brokers and properties in tally.toml")]
     KafkaProducer { brokers: String, source: KafkaError },
-    /// The listener failed while serving.
-    #[error("the ingest HTTP server on {addr} stopped with an error: {source}")]
-    Serve {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
     /// The server task panicked or was cancelled.
     #[error("the ingest server task on {addr} ended abnormally: {source}; see the log above for the panic")]
     Task {

@@ -10,6 +10,7 @@
 //! The API is described in `ingest/openapi.json`.
 //!
 //! - `server`: routes, the handler, [`start`] and [`serve`].
+//! - `connections`: the accept loop, with its header-read timeout and connection cap.
 //! - `request`: content types, cutting a batch into its events' raw text, and the
 //!   structured event a binary-mode request stands for.
 //! - `check`: the verdict on each event, and the source check, before Kafka.
@@ -22,6 +23,7 @@
 
 mod auth;
 mod check;
+mod connections;
 mod error;
 mod metrics;
 mod producer;

@@ -37,6 +37,7 @@ use tokio::task::JoinHandle;
 
 use super::auth::{ApiKeys, Caller};
 use super::check::{check_events, VerdictKind};
+use super::connections::serve_connections;
 use super::error::IngestError;
 use super::metrics::{IngestMetrics, Outcome};
 use super::producer::{EventProducer, Record};
@@ -65,11 +66,16 @@ const KAFKA_RETRY_AFTER_SECONDS: u64 = 5;
 /// client without a valid key cannot hold a handler longer than this.
 const DISCARD_BODY_WAIT: Duration = Duration::from_secs(5);
 
+/// Longest the body of an admitted request may take to arrive: a sender with a valid
+/// key cannot hold the memory of a part-sent body longer (1 MiB in this time is
+/// 100 KiB/s, far below any service's link).
+const BODY_READ_WAIT: Duration = Duration::from_secs(10);
+
 /// How long requests in flight may take to finish once shutdown is requested: a
-/// request that waits on Kafka takes at most its acknowledgement timeout, and a body
-/// gets the time a refused one would.
+/// request that waits on Kafka takes at most its acknowledgement timeout, after its
+/// body took at most the time it is given.
 fn shutdown_drain(producer: &EventProducer) -> Duration {
-    producer.request_timeout() + DISCARD_BODY_WAIT
+    producer.request_timeout() + BODY_READ_WAIT.max(DISCARD_BODY_WAIT)
 }
 
 /// Longest a rejected `source` is written to the log: it is the sender's text.
@@ -172,11 +178,11 @@ pub async fn start(
 
     let drain = shutdown_drain(&producer);
     let handle = tokio::spawn(async move {
-        let served = tokio::select! {
-            served = axum::serve(listener, router).with_graceful_shutdown({
+        tokio::select! {
+            () = serve_connections(listener, router, {
                 let shutdown = shutdown.clone();
                 async move { shutdown.requested().await }
-            }) => served,
+            }) => {}
             () = async {
                 shutdown.requested().await;
                 tokio::time::sleep(drain).await;
@@ -185,7 +191,6 @@ pub async fn start(
                     seconds = drain.as_secs(),
                     "requests still open after shutdown was requested; no longer waiting for them"
                 );
-                Ok(())
             }
         };
         // Every request has been answered, or given up on after the drain: what was
@@ -195,10 +200,7 @@ pub async fn start(
         producer.flush().await;
         let _ = probe.await;
         tracing::info!(%local_addr, "ingest API stopped");
-        served.map_err(|source| IngestError::Serve {
-            addr: local_addr,
-            source,
-        })
+        Ok(())
     });
     Ok(Running { local_addr, handle })
 }
@@ -240,6 +242,18 @@ async fn post_events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
     let bytes = match read_body(body, app.max_body_bytes).await {
         Ok(bytes) => bytes,
         Err(ReadError::TooLarge) => return too_large(app.max_body_bytes),
+        Err(ReadError::TooSlow) => {
+            let mut response = ErrorBody::new(
+                "body_too_slow",
+                format!(
+                    "the request body did not arrive within {} s; send it in one go",
+                    BODY_READ_WAIT.as_secs()
+                ),
+            )
+            .into_response(StatusCode::REQUEST_TIMEOUT);
+            close_after(&mut response);
+            return response;
+        }
         Err(ReadError::Failed(e)) => {
             return ErrorBody::new(
                 "unreadable_body",
@@ -429,9 +443,11 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
         Ok(verdicts) => verdicts,
         Err(forbidden) => {
             let logged: String = forbidden.source.chars().take(LOGGED_SOURCE_CHARS).collect();
+            // Debug-quoted: the sender's text must not write lines of its own into the
+            // log (a newline, a terminal's escape codes).
             tracing::warn!(
                 tenant,
-                source = %logged,
+                source = ?logged,
                 index = forbidden.index,
                 "events refused: source not allowed for the key"
             );
@@ -539,16 +555,19 @@ fn too_large(max_body_bytes: usize) -> Response {
 
 enum ReadError {
     TooLarge,
+    TooSlow,
     Failed(String),
 }
 
 /// Reads the body, stopping as soon as it passes `limit` bytes, whatever
-/// `Content-Length` said (or if it said nothing, as with chunked bodies).
+/// `Content-Length` said (or if it said nothing, as with chunked bodies), or once it
+/// has taken [`BODY_READ_WAIT`].
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ReadError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ReadError::TooLarge),
-        Err(e) => Err(ReadError::Failed(e.to_string())),
+    match tokio::time::timeout(BODY_READ_WAIT, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ReadError::TooSlow),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ReadError::TooLarge),
+        Ok(Err(e)) => Err(ReadError::Failed(e.to_string())),
     }
 }
 
@@ -590,7 +609,7 @@ mod tests {
         statuses.sort_unstable();
         assert_eq!(
             statuses,
-            ["202", "400", "401", "403", "413", "415", "422", "429", "503"]
+            ["202", "400", "401", "403", "408", "413", "415", "422", "429", "503"]
         );
         let content = post["requestBody"]["content"].as_object().unwrap();
         for media_type in [
