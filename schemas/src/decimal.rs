@@ -271,7 +271,13 @@ fn parse_plain(text: &str) -> Result<Decimal, DecimalError> {
             true => Decimal::from_str_exact(text.trim_end_matches('0').trim_end_matches('.')),
             false => Err(e),
         })
-        .map_err(|_| DecimalError::TooPrecise)
+        .map_err(|_| {
+            // 29 whole digits reach past the largest decimal (about 7.9e28).
+            match whole.trim_start_matches('0').len() > 28 {
+                true => DecimalError::TooLarge,
+                false => DecimalError::TooPrecise,
+            }
+        })
 }
 
 fn parse_exponent(text: &str) -> Result<i64, DecimalError> {
@@ -359,11 +365,17 @@ mod tests {
             "1.23456789012345678901234567891e0",
             "1.5e-30",
             "1e-99999999999999999999999",
-            "123456789012345678901234567890",
+            "1234567890123456789012345678.91",
         ] {
             assert_eq!(parse_exact(text), Err(DecimalError::TooPrecise), "{text}");
         }
-        for text in ["1e29", "8e28", "-8e28", "1e99999999999999999999999"] {
+        for text in [
+            "1e29",
+            "8e28",
+            "-8e28",
+            "1e99999999999999999999999",
+            "123456789012345678901234567890",
+        ] {
             assert_eq!(parse_exact(text), Err(DecimalError::TooLarge), "{text}");
         }
     }

@@ -531,9 +531,12 @@ fn parse_number(text: &str) -> Option<Result<Decimal, Problem>> {
     if !json::is_number(text) {
         return None;
     }
-    // Valid JSON numbers fail only by not fitting 28 significant digits (too long,
-    // too large or too small to hold exactly).
-    Some(decimal::parse_exact(text).map_err(|_| Problem::TooPrecise))
+    // Valid JSON numbers fail only by not fitting: past the largest decimal (a usage
+    // value far past its bound), or needing more digits than 28.
+    Some(decimal::parse_exact(text).map_err(|e| match e {
+        decimal::DecimalError::TooLarge => Problem::TooLarge,
+        _ => Problem::TooPrecise,
+    }))
 }
 
 /// Usage values stay below this, so totals of even billions of events stay far inside

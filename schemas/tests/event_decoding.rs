@@ -263,7 +263,6 @@ fn negative_values_are_rejected() {
 fn numbers_that_cannot_stay_exact_are_rejected_as_too_precise() {
     // 31 significant digits: more than a 96-bit decimal keeps.
     for raw in [
-        "1234567890123456789012345678901",
         "0.1234567890123456789012345678901",
         // The same in exponent form, which must not be rounded to fit either.
         "1.00000000000000000000000000001e2",
@@ -272,6 +271,17 @@ fn numbers_that_cannot_stay_exact_are_rejected_as_too_precise() {
         assert_eq!(
             reject(&tokens(raw)),
             ("data.tokens".to_owned(), "too_precise"),
+            "tokens = {raw}"
+        );
+    }
+}
+
+#[test]
+fn numbers_past_the_largest_decimal_are_too_large_like_any_value_past_the_bound() {
+    for raw in ["1e20", "1e29", "1e400", "1234567890123456789012345678901"] {
+        assert_eq!(
+            reject(&tokens(raw)),
+            ("data.tokens".to_owned(), "too_large"),
             "tokens = {raw}"
         );
     }
