@@ -15,12 +15,12 @@ use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::core::Collector;
 use prometheus::IntGaugeVec;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::{Client, DefaultClientContext};
+use rdkafka::client::Client;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -124,6 +124,58 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// How often one kind of client error is logged while it keeps coming.
+const CLIENT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// librdkafka's error callback, logged without flooding: while the brokers are out of
+/// reach it reports "all brokers down" many times a second, and the services'
+/// readiness already says so. Each kind of error (its code) is logged at most once
+/// every [`CLIENT_ERROR_LOG_INTERVAL`], with how many like it were left out since.
+#[derive(Debug, Default)]
+pub struct ClientErrors {
+    /// Per error code: when it was last logged, and how many were left out since.
+    logged: Mutex<Vec<(Option<RDKafkaErrorCode>, Instant, u64)>>,
+}
+
+impl ClientErrors {
+    pub fn log(&self, error: &KafkaError, reason: &str) {
+        if let Some(left_out) = self.due(error.rdkafka_error_code(), Instant::now()) {
+            tracing::error!(%error, reason, left_out, "librdkafka error (each kind at most once a minute; left_out: as many since)");
+        }
+    }
+
+    /// Whether an error of `code` is to be logged `now`, with how many of its kind
+    /// were left out since the last that was; `None` to leave this one out.
+    fn due(&self, code: Option<RDKafkaErrorCode>, now: Instant) -> Option<u64> {
+        let mut logged = lock(&self.logged);
+        match logged.iter_mut().find(|(c, _, _)| *c == code) {
+            Some((_, at, left_out)) if now.duration_since(*at) < CLIENT_ERROR_LOG_INTERVAL => {
+                *left_out += 1;
+                None
+            }
+            Some((_, at, left_out)) => {
+                *at = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                logged.push((code, now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// A client's context that only logs its errors, through [`ClientErrors`]: for
+/// clients with nothing else to handle (an admin client, ingest's producer).
+#[derive(Debug, Default)]
+pub struct QuietErrors(ClientErrors);
+
+impl ClientContext for QuietErrors {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.log(&error, reason);
+    }
+}
+
 /// [`client_config`] for a producer that writes each record once, in order, to every
 /// in-sync replica: what every Tally producer needs, as money rides on its records.
 pub fn idempotent_producer_config(settings: &KafkaSettings) -> ClientConfig {
@@ -165,14 +217,14 @@ pub fn check_properties(settings: &KafkaSettings) -> Result<(), PropertyError> {
     Ok(())
 }
 
-type Admin = AdminClient<DefaultClientContext>;
+type Admin = AdminClient<QuietErrors>;
 
 /// Creates Tally's topics if they do not exist, then checks that the co-partitioned
 /// ones agree and that the state topics keep what a restore needs. Returns their
 /// partition count. Safe to run from every instance at every start.
 pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box<KafkaSetupError>> {
     let admin: Admin = client_config(settings)
-        .create()
+        .create_with_context(QuietErrors::default())
         .map_err(setup_error(settings, "create an admin client"))?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     create_topics(&admin, settings, &options).await?;
@@ -493,6 +545,7 @@ pub struct GroupContext<W: PartitionOwner> {
     /// Set by [`leave_group`]: partitions assigned while the consumer closes go to the
     /// group's next owner without being restored here.
     leaving: AtomicBool,
+    errors: ClientErrors,
 }
 
 impl<W: PartitionOwner> GroupContext<W> {
@@ -501,6 +554,7 @@ impl<W: PartitionOwner> GroupContext<W> {
             owner,
             failure: Mutex::new(None),
             leaving: AtomicBool::new(false),
+            errors: ClientErrors::default(),
         }
     }
 
@@ -510,7 +564,11 @@ impl<W: PartitionOwner> GroupContext<W> {
     }
 }
 
-impl<W: PartitionOwner> ClientContext for GroupContext<W> {}
+impl<W: PartitionOwner> ClientContext for GroupContext<W> {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.log(&error, reason);
+    }
+}
 
 impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
     fn rebalance(
@@ -568,6 +626,7 @@ pub type KafkaProducer = ThreadedProducer<DeliveryReports>;
 #[derive(Debug, Default)]
 pub struct DeliveryReports {
     failure: std::sync::OnceLock<KafkaError>,
+    errors: ClientErrors,
 }
 
 impl DeliveryReports {
@@ -577,7 +636,11 @@ impl DeliveryReports {
     }
 }
 
-impl ClientContext for DeliveryReports {}
+impl ClientContext for DeliveryReports {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.log(&error, reason);
+    }
+}
 
 impl ProducerContext for DeliveryReports {
     type DeliveryOpaque = ();
@@ -724,7 +787,7 @@ pub fn read_partition(
         .set("fetch.wait.max.ms", "10")
         .set("fetch.max.bytes", "104857600")
         .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
-        .create_with_context(EndIsNoError)
+        .create_with_context(EndIsNoError::default())
         .map_err(fail)?;
     // One deadline for the whole read, waiting for the broker included.
     let deadline = std::time::Instant::now() + timeout;
@@ -770,14 +833,15 @@ pub fn read_partition(
 /// The context of [`read_partition`]'s reader. Reaching the end of the partition is
 /// what the reader is for, yet librdkafka also reports it to the client's error
 /// callback, whose default logs an ERROR: one for every restore, alarming operators.
-struct EndIsNoError;
+#[derive(Default)]
+struct EndIsNoError(ClientErrors);
 
 impl ClientContext for EndIsNoError {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
             tracing::debug!(reason, "state reader reached the end of the partition");
         } else {
-            tracing::error!(%error, reason, "librdkafka");
+            self.0.log(&error, reason);
         }
     }
 }
@@ -1027,6 +1091,22 @@ pub fn group_consumer<W: PartitionOwner>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_client_error_that_keeps_coming_is_logged_once_a_minute_with_how_many_were_left_out() {
+        use rdkafka::error::RDKafkaErrorCode::{AllBrokersDown, BrokerTransportFailure};
+        let errors = super::ClientErrors::default();
+        let start = std::time::Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        assert_eq!(errors.due(Some(AllBrokersDown), at(0)), Some(0));
+        for second in 1..40 {
+            assert_eq!(errors.due(Some(AllBrokersDown), at(second)), None);
+        }
+        // Another kind is logged on its own schedule.
+        assert_eq!(errors.due(Some(BrokerTransportFailure), at(40)), Some(0));
+        assert_eq!(errors.due(Some(AllBrokersDown), at(60)), Some(39));
+        assert_eq!(errors.due(Some(AllBrokersDown), at(61)), None);
+    }
+
     use super::*;
     use std::cell::Cell;
 

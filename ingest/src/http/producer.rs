@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tally_runtime::kafka::QuietErrors;
 use tally_runtime::ops::Readiness;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{KafkaSettings, Topic};
@@ -44,7 +45,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The producer of the events topic.
 #[derive(Clone)]
 pub struct EventProducer {
-    producer: FutureProducer,
+    producer: FutureProducer<QuietErrors>,
     topic: String,
     brokers: String,
     /// The longest a request waits for all of its acknowledgements.
@@ -123,13 +124,12 @@ impl EventProducer {
             .and_then(|bytes| bytes.trim().parse::<usize>().ok())
             .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
             .saturating_sub(RECORD_FRAMING_BYTES);
-        let producer: FutureProducer =
-            config
-                .create()
-                .map_err(|source| IngestError::KafkaProducer {
-                    brokers: settings.brokers.clone(),
-                    source,
-                })?;
+        let producer: FutureProducer<QuietErrors> = config
+            .create_with_context(QuietErrors::default())
+            .map_err(|source| IngestError::KafkaProducer {
+                brokers: settings.brokers.clone(),
+                source,
+            })?;
         Ok(EventProducer {
             producer,
             topic: settings.topic(Topic::Events),
