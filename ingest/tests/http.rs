@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tally_ingest::http::{start, Running, ROUTES};
@@ -225,6 +226,14 @@ impl Service {
     /// Everything in the events topic, read from the beginning up to the high
     /// watermarks as they are now (every acknowledged event is below them).
     fn stored(&self) -> Vec<Stored> {
+        self.stored_with_tenants()
+            .into_iter()
+            .map(|(stored, _)| stored)
+            .collect()
+    }
+
+    /// The records with their `tally.tenant` headers.
+    fn stored_with_tenants(&self) -> Vec<(Stored, Option<String>)> {
         let topic = self.topic();
         let consumer: BaseConsumer = tally_runtime::kafka::client_config(&self.settings.kafka)
             .set("group.id", format!("{topic}-reader"))
@@ -269,10 +278,17 @@ impl Service {
             if let Some(message) = consumer.poll(Duration::from_millis(200)) {
                 let message = message.unwrap();
                 let text = |b: Option<&[u8]>| String::from_utf8(b.unwrap().to_vec()).unwrap();
-                stored.push(Stored {
-                    key: text(message.key()),
-                    value: text(message.payload()),
-                });
+                let tenant = (message.headers().into_iter())
+                    .flat_map(|headers| headers.iter())
+                    .find(|header| header.key == "tally.tenant")
+                    .map(|header| text(header.value));
+                stored.push((
+                    Stored {
+                        key: text(message.key()),
+                        value: text(message.payload()),
+                    },
+                    tenant,
+                ));
             }
         }
         stored
@@ -385,7 +401,11 @@ fn a_single_event_is_stored_as_sent_keyed_by_its_subject() {
         json!({"accepted": 1, "rejected": 0, "duplicates": 0,
                "results": [{"index": 0, "id": "evt-1", "status": "accepted"}]})
     );
-    assert_eq!(service.stored(), vec![stored("cust_acme", &sent)]);
+    // With the tenant of the key that sent it, for audit.
+    assert_eq!(
+        service.stored_with_tenants(),
+        vec![(stored("cust_acme", &sent), Some("platform".to_owned()))]
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tally_runtime::kafka::QuietErrors;
 use tally_runtime::ops::Readiness;
@@ -84,7 +85,14 @@ pub enum ProduceError {
 pub struct Record<'a> {
     pub key: &'a [u8],
     pub value: &'a [u8],
+    /// The tenant of the API key that sent it, for audit: written as the record's
+    /// [`TENANT_HEADER`].
+    pub tenant: &'a str,
 }
+
+/// The header naming the tenant whose API key sent an event (the aggregator ignores
+/// it; a billing dispute or a key's misuse can be traced by it).
+pub const TENANT_HEADER: &str = "tally.tenant";
 
 impl EventProducer {
     /// Creates the producer; it connects to the brokers in the background.
@@ -163,7 +171,11 @@ impl EventProducer {
                 .send_result(
                     FutureRecord::to(&self.topic)
                         .key(record.key)
-                        .payload(record.value),
+                        .payload(record.value)
+                        .headers(OwnedHeaders::new().insert(Header {
+                            key: TENANT_HEADER,
+                            value: Some(record.tenant),
+                        })),
                 )
                 .map_err(|(e, _)| ProduceError::Enqueue(e))?;
             deliveries.push(delivery);

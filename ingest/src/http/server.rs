@@ -469,6 +469,7 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
             VerdictKind::Accept { subject } => Some(Record {
                 key: subject.as_bytes(),
                 value: v.bytes,
+                tenant,
             }),
             _ => None,
         })
