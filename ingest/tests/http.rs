@@ -538,12 +538,14 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
     let no_time = r#"{"specversion":"1.0","id":"m-2","source":"agent","type":"llm.tokens","subject":"cust_a","data":{"tokens":1}}"#;
     let negative = event("m-3", "agent", "cust_a", 1).replace("\"tokens\":1", "\"tokens\":-4");
     let good_2 = event("m-5", "agent", "cust_b", 20);
-    let body = batch(&[&good_1, no_time, &negative, "7", &good_2]);
+    // Valid, but of a type no meter reads: stored, with a warning.
+    let misspelt = event("m-6", "agent", "cust_b", 1).replace("llm.tokens", "llm.token");
+    let body = batch(&[&good_1, no_time, &negative, "7", &good_2, &misspelt]);
     let reply = service.post(BATCH, Some(KEY), &body);
     assert_eq!(reply.status, 202, "{reply:?}");
     assert_eq!(
         reply.json(),
-        json!({"accepted": 2, "rejected": 3, "duplicates": 0, "results": [
+        json!({"accepted": 3, "rejected": 3, "duplicates": 0, "results": [
             {"index": 0, "id": "m-1", "status": "accepted"},
             {"index": 1, "id": "m-2", "status": "rejected", "field": "time",
              "code": "missing_field", "reason": "required field is missing"},
@@ -552,11 +554,17 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
             {"index": 3, "status": "rejected", "field": "event",
              "code": "not_an_object", "reason": "expected a CloudEvent JSON object"},
             {"index": 4, "id": "m-5", "status": "accepted"},
+            {"index": 5, "id": "m-6", "status": "accepted", "warning": "unmetered_type",
+             "reason": "no meter reads type \"llm.token\": the event is stored, but bills nothing unless a meter for that type is added (a misspelt type?)"},
         ]})
     );
     assert_eq!(
         sorted(service.stored()),
-        sorted(vec![stored("cust_a", &good_1), stored("cust_b", &good_2)])
+        sorted(vec![
+            stored("cust_a", &good_1),
+            stored("cust_b", &good_2),
+            stored("cust_b", &misspelt)
+        ])
     );
 }
 

@@ -29,8 +29,12 @@ pub struct Verdict<'a> {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum VerdictKind<'a> {
-    /// Valid and new in this request: produce, keyed by `subject`.
-    Accept { subject: Cow<'a, str> },
+    /// Valid and new in this request: produce, keyed by `subject`. `unmetered` names
+    /// its type when no meter reads it (stored all the same, billing nothing).
+    Accept {
+        subject: Cow<'a, str>,
+        unmetered: Option<Cow<'a, str>>,
+    },
     /// Same `(source, id)` and content as the event at index `of`: not produced again.
     /// (Other content is a conflict, rejected.)
     Duplicate { of: usize },
@@ -104,6 +108,7 @@ pub fn check_events<'a>(
                     first_index.insert(event.key, (index, event.payload));
                     VerdictKind::Accept {
                         subject: event.subject,
+                        unmetered: event.readings.is_empty().then_some(event.event_type),
                     }
                 }
             },
@@ -171,7 +176,8 @@ value_property = "$.tokens"
             kinds,
             vec![
                 VerdictKind::Accept {
-                    subject: "cust_a".into()
+                    subject: "cust_a".into(),
+                    unmetered: None,
                 },
                 VerdictKind::Reject(EventError {
                     field: "data.tokens".to_owned(),
@@ -179,7 +185,8 @@ value_property = "$.tokens"
                 }),
                 VerdictKind::Duplicate { of: 0 },
                 VerdictKind::Accept {
-                    subject: "cust_a".into()
+                    subject: "cust_a".into(),
+                    unmetered: None,
                 },
                 VerdictKind::Reject(EventError {
                     field: "id".to_owned(),
@@ -191,6 +198,18 @@ value_property = "$.tokens"
         assert_eq!(
             ids,
             vec![Some("a"), Some("b"), Some("a"), Some("a"), Some("a")]
+        );
+        // A type no meter reads (a typo, say) is stored all the same, and named.
+        let typo = a
+            .replace("llm.tokens", "llm.tokns")
+            .replace("\"a\"", "\"c\"");
+        let typo_verdicts = check(&[typo.as_bytes()], &key(None)).unwrap();
+        assert_eq!(
+            typo_verdicts[0].kind,
+            VerdictKind::Accept {
+                subject: "cust_a".into(),
+                unmetered: Some("llm.tokns".into()),
+            }
         );
         assert_eq!(verdicts[3].bytes, other_source.as_bytes());
     }

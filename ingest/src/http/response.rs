@@ -39,7 +39,15 @@ pub struct EventResult<'a> {
 #[derive(Debug, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum EventStatus {
-    Accepted,
+    Accepted {
+        /// Set when the event is stored but bills nothing as things stand
+        /// (`unmetered_type`: no meter reads its `type`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        warning: Option<&'static str>,
+        /// Why, for people, with the warning.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     Rejected {
         /// `time`, `data.tokens`, ... or `event` when the event as a whole is wrong.
         field: String,
@@ -135,14 +143,17 @@ mod tests {
             problem: Problem::Missing,
         };
         let body = EventsResponse {
-            accepted: 1,
+            accepted: 2,
             rejected: 1,
             duplicates: 1,
             results: vec![
                 EventResult {
                     index: 0,
                     id: Some("a".into()),
-                    status: EventStatus::Accepted,
+                    status: EventStatus::Accepted {
+                        warning: None,
+                        reason: None,
+                    },
                 },
                 EventResult {
                     index: 1,
@@ -154,11 +165,19 @@ mod tests {
                     id: Some("a".into()),
                     status: EventStatus::DuplicateInBatch { duplicate_of: 0 },
                 },
+                EventResult {
+                    index: 3,
+                    id: Some("b".into()),
+                    status: EventStatus::Accepted {
+                        warning: Some("unmetered_type"),
+                        reason: Some("no meter reads it".into()),
+                    },
+                },
             ],
         };
         assert_eq!(
             serde_json::to_string(&body).unwrap(),
-            r#"{"accepted":1,"rejected":1,"duplicates":1,"results":[{"index":0,"id":"a","status":"accepted"},{"index":1,"status":"rejected","field":"time","code":"missing_field","reason":"required field is missing"},{"index":2,"id":"a","status":"duplicate_in_batch","duplicate_of":0}]}"#
+            r#"{"accepted":2,"rejected":1,"duplicates":1,"results":[{"index":0,"id":"a","status":"accepted"},{"index":1,"status":"rejected","field":"time","code":"missing_field","reason":"required field is missing"},{"index":2,"id":"a","status":"duplicate_in_batch","duplicate_of":0},{"index":3,"id":"b","status":"accepted","warning":"unmetered_type","reason":"no meter reads it"}]}"#
         );
     }
 

@@ -466,7 +466,7 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
     let records: Vec<Record<'_>> = verdicts
         .iter()
         .filter_map(|v| match &v.kind {
-            VerdictKind::Accept { subject } => Some(Record {
+            VerdictKind::Accept { subject, .. } => Some(Record {
                 key: subject.as_bytes(),
                 value: v.bytes,
                 tenant,
@@ -501,9 +501,14 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
     let (mut accepted, mut rejected, mut duplicates) = (0, 0, 0);
     for (index, verdict) in verdicts.into_iter().enumerate() {
         let status = match verdict.kind {
-            VerdictKind::Accept { .. } => {
+            VerdictKind::Accept { unmetered, .. } => {
                 accepted += 1;
-                EventStatus::Accepted
+                EventStatus::Accepted {
+                    warning: unmetered.is_some().then_some("unmetered_type"),
+                    reason: unmetered.map(|kind| {
+                        format!("no meter reads type {kind:?}: the event is stored, but bills nothing unless a meter for that type is added (a misspelt type?)")
+                    }),
+                }
             }
             VerdictKind::Duplicate { of } => {
                 duplicates += 1;
