@@ -168,6 +168,8 @@ struct Lines {
     other_periods: usize,
     /// Lines the map renamed, and how many of them were added to another.
     mapped: usize,
+    /// Lines of prices the map leaves out.
+    left_out_by_map: usize,
     added_together: usize,
     /// Lines added to another invoice's line of the same key (a credit note, say).
     netted: usize,
@@ -227,6 +229,11 @@ impl Lines {
     fn renamed(mut self, map: &IdMap) -> anyhow::Result<Lines> {
         let mut used = BTreeSet::new();
         for (mut key, figures) in std::mem::take(&mut self.by_key) {
+            if map.left_out_prices.contains(&key.price) {
+                used.insert(format!("price {}", key.price));
+                self.left_out_by_map += 1;
+                continue;
+            }
             self.mapped += usize::from(map.rename(&mut key, &mut used));
             match self.by_key.entry(key) {
                 btree_map::Entry::Vacant(entry) => {
@@ -331,6 +338,9 @@ fn listed(names: &BTreeSet<String>) -> String {
 struct IdMap {
     customers: HashMap<String, String>,
     prices: HashMap<String, String>,
+    /// The other biller's prices Tally does not bill (tax, a rounding line): their
+    /// lines are left out.
+    left_out_prices: BTreeSet<String>,
 }
 
 impl IdMap {
@@ -340,7 +350,8 @@ impl IdMap {
         IdMap::parse(&path.display().to_string(), &text)
     }
 
-    /// A CSV file with the header `kind,from,to`; `kind` is `customer` or `price`.
+    /// A CSV file with the header `kind,from,to`; `kind` is `customer` or `price`, and
+    /// a price with no `to` is left out.
     fn parse(name: &str, text: &str) -> anyhow::Result<IdMap> {
         #[derive(Deserialize)]
         struct Entry {
@@ -368,9 +379,24 @@ impl IdMap {
             let entry: Entry = (record.deserialize(Some(&headers)))
                 .map_err(|e| anyhow::anyhow!("{at}: {}", csv_error(&e, &headers)))?;
             let (from, to) = (entry.from.trim(), entry.to.trim());
+            anyhow::ensure!(!from.is_empty(), "{at}: from must be given");
+            let is_price = entry.kind.trim() == "price";
+            if to.is_empty() {
+                anyhow::ensure!(
+                    is_price,
+                    "{at}: to must be given for a {}; only a price may be left out (no to), as one Tally does not bill",
+                    entry.kind.trim()
+                );
+                anyhow::ensure!(
+                    !map.prices.contains_key(from),
+                    "{at}: price {from:?} is both mapped and left out"
+                );
+                map.left_out_prices.insert(from.to_owned());
+                continue;
+            }
             anyhow::ensure!(
-                !from.is_empty() && !to.is_empty(),
-                "{at}: from and to must both be given"
+                !(is_price && map.left_out_prices.contains(from)),
+                "{at}: price {from:?} is both mapped and left out"
             );
             let ids = match entry.kind.trim() {
                 "customer" => &mut map.customers,
@@ -412,7 +438,9 @@ impl IdMap {
     /// Every entry, as `customer ID` or `price ID` (its `from`).
     fn entries(&self) -> impl Iterator<Item = String> + '_ {
         let named = |kind: &'static str| move |id: &String| format!("{kind} {id}");
-        (self.customers.keys().map(named("customer"))).chain(self.prices.keys().map(named("price")))
+        (self.customers.keys().map(named("customer")))
+            .chain(self.prices.keys().map(named("price")))
+            .chain(self.left_out_prices.iter().map(named("price")))
     }
 }
 
@@ -1067,6 +1095,12 @@ impl<'l> Reconciliation<'l> {
                 notes.push(format!(
                     "{} renamed by the map{added}",
                     count(lines.mapped, "line")
+                ));
+            }
+            if lines.left_out_by_map > 0 {
+                notes.push(format!(
+                    "{} of prices the map leaves out",
+                    count(lines.left_out_by_map, "line")
                 ));
             }
             if lines.netted > 0 {
@@ -1738,6 +1772,41 @@ mod tests {
     }
 
     #[test]
+    fn a_price_the_map_leaves_out_is_not_compared_and_counted() {
+        let map = "kind,from,to\ncustomer,ACCT-1001,cust_acme\nprice,VAT 25%,\n";
+        let old = mapped_csv(
+            "customer,price,quantity,amount,currency\n\
+             ACCT-1001,resolutions,2,42.87,SEK\n\
+             ACCT-1001,VAT 25%,1,10.72,SEK\n",
+            map,
+        )
+        .unwrap();
+        let tally = json(
+            r#"{"customer":"cust_acme","price":"resolutions","quantity":"2","amount":"42.87","currency":"sek"}"#,
+        );
+        let shown = report(&old, &tally);
+        assert!(shown.contains("Differ: 0 lines."), "{shown}");
+        assert!(
+            shown.contains("expected old.csv: 1 line; 1 line renamed by the map; 1 line of prices the map leaves out"),
+            "{shown}"
+        );
+        let both = IdMap::parse("map.csv", "kind,from,to\nprice,VAT,\nprice,VAT,tax\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            both,
+            "map.csv line 3: price \"VAT\" is both mapped and left out"
+        );
+        let customer = IdMap::parse("map.csv", "kind,from,to\ncustomer,ACCT-1,\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            customer.starts_with("map.csv line 2: to must be given for a customer"),
+            "{customer}"
+        );
+    }
+
+    #[test]
     fn a_map_that_cannot_be_followed_is_refused_saying_where() {
         let refused = |map: &str| IdMap::parse("map.csv", map).unwrap_err().to_string();
         assert_eq!(
@@ -1749,8 +1818,8 @@ mod tests {
             "map.csv line 2: kind \"plan\" is neither customer nor price"
         );
         assert_eq!(
-            refused("kind,from,to\ncustomer,a,\n"),
-            "map.csv line 2: from and to must both be given"
+            refused("kind,from,to\ncustomer,,b\n"),
+            "map.csv line 2: from must be given"
         );
         assert_eq!(
             refused("kind,from,to\ncustomer,a,b\nprice,a,c\ncustomer,a,c\n"),
