@@ -73,7 +73,7 @@ impl KafkaSetupError {
 pub const MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A topic setting the pipeline's correctness rests on: set when Tally creates the
-/// topic, checked when an operator created it beforehand.
+/// topic, checked at every start (an operator may have created it beforehand).
 struct NeededSetting {
     setting: &'static str,
     needed: String,
@@ -100,7 +100,8 @@ fn state_topic_settings() -> [NeededSetting; 2] {
     ]
 }
 
-/// What the events topic needs: the aggregator's clock is its records' timestamps.
+/// What the events topic needs: an event's "now" is its record's timestamp (the same
+/// on a replay), which the broker's clock must set, not the sender's.
 fn events_topic_settings() -> [NeededSetting; 1] {
     [NeededSetting {
         setting: "message.timestamp.type",
@@ -286,7 +287,7 @@ async fn create_topics(
     .into_iter()
     .map(|t| (settings.topic(t), t))
     .collect();
-    let needed = state_topic_settings();
+    let (events_needs, state_needs) = (events_topic_settings(), state_topic_settings());
     let replicas = i32::from(settings.replication_factor);
     // With three or more replicas a write (acks=all, a transaction's commit) needs two
     // of them, so losing the leader cannot lose what it acknowledged; with fewer, one
@@ -302,11 +303,6 @@ async fn create_topics(
             // behind stores every record's windows (a later record of the series
             // carries only the windows its transaction changed).
             let tuning: &[(&str, &str)] = match topic {
-                // An event's "now" is its record's timestamp (the same on a replay).
-                // The broker's clock sets it, not the sender's: a sender's clock ahead
-                // would let its events through as on time and move their partition's
-                // watermark ahead with them.
-                Topic::Events => &[("message.timestamp.type", "LogAppendTime")],
                 Topic::Windows => &[
                     ("segment.ms", "3600000"),
                     ("min.compaction.lag.ms", "3600000"),
@@ -322,12 +318,12 @@ async fn create_topics(
                     .set("min.insync.replicas", min_insync),
                 |t, (k, v)| t.set(k, v),
             );
-            match topic {
-                Topic::Windows | Topic::AggregatorChangelog => {
-                    needed.iter().fold(new, |t, n| t.set(n.setting, &n.needed))
-                }
-                _ => new,
-            }
+            let needed: &[NeededSetting] = match topic {
+                Topic::Events => &events_needs,
+                Topic::Windows | Topic::AggregatorChangelog => &state_needs,
+                _ => &[],
+            };
+            needed.iter().fold(new, |t, n| t.set(n.setting, &n.needed))
         })
         .collect();
     let results = admin

@@ -25,7 +25,10 @@ use tokio::sync::Semaphore;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections served at once. Past it the listener stops accepting until one closes
-/// (new ones wait in the kernel's backlog), well below a usual file-descriptor limit.
+/// (new ones wait in the kernel's backlog). The process's file-descriptor limit must
+/// be above it, with room for Kafka's sockets: a container's usually is (Docker's
+/// default is 1,048,576); systemd's default soft limit of 1024 is not (raise
+/// `LimitNOFILE`), or accepting fails, and is retried, once descriptors run out.
 pub const MAX_CONNECTIONS: usize = 10_000;
 
 /// How long accepting pauses after it failed (out of file descriptors, say).
@@ -52,6 +55,12 @@ pub async fn serve_connections(
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
+                // That client's connection failed before it was taken: the next one
+                // is no concern of it.
+                Err(error) if is_connection_error(&error) => {
+                    tracing::debug!(%error, "a connection ended before it was accepted");
+                    continue;
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot accept a connection; retrying");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -72,4 +81,14 @@ pub async fn serve_connections(
     }
     drop(listener);
     open.shutdown().await;
+}
+
+/// Whether an accept error concerns one connection only, rather than the listener
+/// (out of file descriptors, say).
+fn is_connection_error(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    )
 }

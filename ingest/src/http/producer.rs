@@ -151,9 +151,12 @@ impl EventProducer {
         &self.topic
     }
 
-    /// The most an event and its key may hold together.
-    pub fn max_record_bytes(&self) -> usize {
-        self.max_record_bytes
+    /// The most an event and its key may hold together, sent by `tenant`: its
+    /// [`TENANT_HEADER`] counts against the record's size too (a length each for its
+    /// name and value, and the header count, up to 5 bytes apiece).
+    pub fn max_record_bytes(&self, tenant: &str) -> usize {
+        let header = TENANT_HEADER.len() + tenant.len() + 3 * 5;
+        self.max_record_bytes.saturating_sub(header)
     }
 
     /// The longest a request waits for Kafka, the delivery report's grace included.
@@ -322,12 +325,16 @@ mod tests {
         let largest = |properties: &[(&str, &str)]| {
             EventProducer::new(&settings(properties))
                 .unwrap()
-                .max_record_bytes()
+                .max_record_bytes("platform")
         };
-        assert_eq!(largest(&[]), 1_000_000 - RECORD_FRAMING_BYTES);
+        let tenant_header = "tally.tenant".len() + "platform".len() + 15;
+        assert_eq!(
+            largest(&[]),
+            1_000_000 - RECORD_FRAMING_BYTES - tenant_header
+        );
         assert_eq!(
             largest(&[("message.max.bytes", "2000000")]),
-            2_000_000 - RECORD_FRAMING_BYTES
+            2_000_000 - RECORD_FRAMING_BYTES - tenant_header
         );
     }
 }

@@ -438,7 +438,7 @@ fn close_after(response: &mut Response) {
 async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response {
     let tenant = caller.key.tenant.as_str();
     let decoder = EventDecoder::new(&app.config, chrono::Utc::now());
-    let largest = app.producer.max_record_bytes();
+    let largest = app.producer.max_record_bytes(tenant);
     let verdicts = match check_events(&decoder, caller.key, largest, events.as_slice()) {
         Ok(verdicts) => verdicts,
         Err(forbidden) => {
