@@ -250,9 +250,36 @@ pub fn whole_packages(quantity: Decimal, size: Decimal, round_up: bool) -> Optio
 
 /// Reads `text` exactly: digits with an optional sign, fraction and exponent.
 pub fn parse_exact(text: &str) -> Result<Decimal, DecimalError> {
-    match text.find(['e', 'E']) {
-        Some(at) => with_exponent(parse_plain(&text[..at])?, parse_exponent(&text[at + 1..])?),
-        None => parse_plain(text),
+    let (digits, exponent) = match text.find(['e', 'E']) {
+        Some(at) => (&text[..at], Some(parse_exponent(&text[at + 1..])?)),
+        None => (text, None),
+    };
+    // Digits no decimal holds are too many, unless the number is past the largest
+    // decimal (about 7.9e28, 29 whole digits) anyway.
+    let value = parse_plain(digits).map_err(|e| match e {
+        DecimalError::TooPrecise
+            if magnitude(digits).saturating_add(exponent.unwrap_or(0)) > 29 =>
+        {
+            DecimalError::TooLarge
+        }
+        other => other,
+    })?;
+    match exponent {
+        Some(exponent) => with_exponent(value, exponent),
+        None => Ok(value),
+    }
+}
+
+/// How many whole digits `digits` has, leading zeros aside, or for a number below 1
+/// minus the zeros after its point: 3 for 123.4, 0 for 0.5, -2 for 0.00123.
+fn magnitude(digits: &str) -> i64 {
+    let unsigned = digits.trim_start_matches(['-', '+']);
+    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+    let whole = whole.trim_start_matches('0');
+    let count = |s: &str| i64::try_from(s.len()).unwrap_or(i64::MAX);
+    match whole.is_empty() {
+        false => count(whole),
+        true => -(count(fraction) - count(fraction.trim_start_matches('0'))),
     }
 }
 
@@ -271,13 +298,7 @@ fn parse_plain(text: &str) -> Result<Decimal, DecimalError> {
             true => Decimal::from_str_exact(text.trim_end_matches('0').trim_end_matches('.')),
             false => Err(e),
         })
-        .map_err(|_| {
-            // 29 whole digits reach past the largest decimal (about 7.9e28).
-            match whole.trim_start_matches('0').len() > 28 {
-                true => DecimalError::TooLarge,
-                false => DecimalError::TooPrecise,
-            }
-        })
+        .map_err(|_| DecimalError::TooPrecise)
 }
 
 fn parse_exponent(text: &str) -> Result<i64, DecimalError> {
@@ -366,6 +387,10 @@ mod tests {
             "1.5e-30",
             "1e-99999999999999999999999",
             "1234567890123456789012345678.91",
+            // Many digits, but a small number: too precise, not too large.
+            "1234567890123456789012345678901e-30",
+            "0.0000000000000000000000000000001234",
+            "10000000000000000000000000000.5",
         ] {
             assert_eq!(parse_exact(text), Err(DecimalError::TooPrecise), "{text}");
         }
@@ -375,6 +400,8 @@ mod tests {
             "-8e28",
             "1e99999999999999999999999",
             "123456789012345678901234567890",
+            "1234567890123456789012345678901.5",
+            "1.234567890123456789012345678901e40",
         ] {
             assert_eq!(parse_exact(text), Err(DecimalError::TooLarge), "{text}");
         }

@@ -229,12 +229,14 @@ impl Lines {
     fn renamed(mut self, map: &IdMap) -> anyhow::Result<Lines> {
         let mut used = BTreeSet::new();
         for (mut key, figures) in std::mem::take(&mut self.by_key) {
+            // Its customer is renamed all the same, so the entry counts as used.
+            let renamed = map.rename(&mut key, &mut used);
             if map.left_out_prices.contains(&key.price) {
                 used.insert(format!("price {}", key.price));
                 self.left_out_by_map += 1;
                 continue;
             }
-            self.mapped += usize::from(map.rename(&mut key, &mut used));
+            self.mapped += usize::from(renamed);
             match self.by_key.entry(key) {
                 btree_map::Entry::Vacant(entry) => {
                     entry.insert(figures);
@@ -373,19 +375,23 @@ impl IdMap {
         let mut map = IdMap::default();
         // Where each id was mapped, for naming a contradiction.
         let mut first_at: HashMap<(String, String), String> = HashMap::new();
+        let mut lines = LineNumbers::of(text);
         for record in reader.records() {
             let record = record.with_context(|| format!("{name}: unreadable row"))?;
-            let at = format!("{name} line {}", line_of(text, record.position()));
+            let at = format!("{name} line {}", lines.at(record.position()));
             let entry: Entry = (record.deserialize(Some(&headers)))
                 .map_err(|e| anyhow::anyhow!("{at}: {}", csv_error(&e, &headers)))?;
-            let (from, to) = (entry.from.trim(), entry.to.trim());
+            let (kind, from, to) = (entry.kind.trim(), entry.from.trim(), entry.to.trim());
+            anyhow::ensure!(
+                matches!(kind, "customer" | "price"),
+                "{at}: kind {kind:?} is neither customer nor price"
+            );
             anyhow::ensure!(!from.is_empty(), "{at}: from must be given");
-            let is_price = entry.kind.trim() == "price";
+            let is_price = kind == "price";
             if to.is_empty() {
                 anyhow::ensure!(
                     is_price,
-                    "{at}: to must be given for a {}; only a price may be left out (no to), as one Tally does not bill",
-                    entry.kind.trim()
+                    "{at}: to must be given for a customer; only a price may be left out (no to), as one Tally does not bill"
                 );
                 anyhow::ensure!(
                     !map.prices.contains_key(from),
@@ -398,20 +404,18 @@ impl IdMap {
                 !(is_price && map.left_out_prices.contains(from)),
                 "{at}: price {from:?} is both mapped and left out"
             );
-            let ids = match entry.kind.trim() {
-                "customer" => &mut map.customers,
-                "price" => &mut map.prices,
-                other => bail!("{at}: kind {other:?} is neither customer nor price"),
+            let ids = match is_price {
+                true => &mut map.prices,
+                false => &mut map.customers,
             };
             match ids.get(from) {
                 Some(earlier) if earlier != to => bail!(
-                    "{at}: {} {from:?} is mapped to {to:?} here and to {earlier:?} at {}",
-                    entry.kind.trim(),
-                    first_at[&(entry.kind.trim().to_owned(), from.to_owned())]
+                    "{at}: {kind} {from:?} is mapped to {to:?} here and to {earlier:?} at {}",
+                    first_at[&(kind.to_owned(), from.to_owned())]
                 ),
                 _ => {
                     ids.insert(from.to_owned(), to.to_owned());
-                    first_at.insert((entry.kind.trim().to_owned(), from.to_owned()), at);
+                    first_at.insert((kind.to_owned(), from.to_owned()), at);
                 }
             }
         }
@@ -777,6 +781,7 @@ fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect
     );
     let mut rows: Vec<NumberedRow> = Vec::new();
     let mut record = csv::StringRecord::new();
+    let mut lines = LineNumbers::of(text);
     loop {
         match reader.read_record(&mut record) {
             Ok(false) => {
@@ -787,34 +792,34 @@ fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect
                     separator,
                     decimal_comma,
                 };
-                let known = |column: &str| {
-                    (REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| *c == column)
-                        || CSV_HEADER.split(',').any(|c| c == column)
-                };
-                // A month under another name would let other months' lines in.
+                // A month under another name (even Tally's period_end) would let other
+                // months' lines in.
                 let has_month = headers.iter().any(|c| c == "period_start");
                 let ignored = (headers.iter())
-                    .filter(|column| !known(column))
-                    .map(
-                        |column| match column.contains("period") || column.contains("month") {
-                            true if !has_month => {
-                                format!("{column} (if it is the month, name it period_start)")
-                            }
-                            _ => column.to_owned(),
-                        },
-                    )
+                    .filter(|column| {
+                        !(REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| c == column)
+                    })
+                    .filter_map(|column| {
+                        if !has_month && (column.contains("period") || column.contains("month")) {
+                            return Some(format!(
+                                "{column} (if it is the month, name it period_start)"
+                            ));
+                        }
+                        let tallys = CSV_HEADER.split(',').any(|c| c == column);
+                        (!tallys).then(|| column.to_owned())
+                    })
                     .collect();
                 return Ok((rows, dialect, ignored));
             }
             Ok(true) => {
-                let at = format!("{name} line {}", line_of(text, record.position()));
+                let at = format!("{name} line {}", lines.at(record.position()));
                 match record.deserialize::<Row>(Some(&headers)) {
                     Ok(row) => rows.push((at, row)),
                     Err(e) => bail!("{at}: {}", csv_error(&e, &headers)),
                 }
             }
             Err(e) => {
-                let line = line_of(text, e.position());
+                let line = lines.at(e.position());
                 match e.kind() {
                     csv::ErrorKind::UnequalLengths {
                         expected_len, len, ..
@@ -828,17 +833,40 @@ fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect
     }
 }
 
-/// The line of `text` a CSV record starts on, counted from 1. Not the reader's own
-/// count: after a `\r\n` (a Windows export's line ending) the reader places the next
-/// record at its `\n`, a line early.
-fn line_of(text: &str, position: Option<&csv::Position>) -> usize {
-    let bytes = text.as_bytes();
-    let mut start = position.map_or(0, |p| usize::try_from(p.byte()).unwrap_or(usize::MAX));
-    start = start.min(bytes.len());
-    while bytes.get(start).is_some_and(|b| matches!(b, b'\r' | b'\n')) {
-        start += 1;
+/// The lines CSV records start on, counted from 1, for records read in order: each is
+/// counted on from the last, so a file is scanned once. Not the reader's own count:
+/// after a `\r\n` (a Windows export's line ending) the reader places the next record
+/// at its `\n`, a line early.
+struct LineNumbers<'t> {
+    text: &'t [u8],
+    /// Where the last record started, and its line.
+    byte: usize,
+    line: usize,
+}
+
+impl<'t> LineNumbers<'t> {
+    fn of(text: &'t str) -> Self {
+        LineNumbers {
+            text: text.as_bytes(),
+            byte: 0,
+            line: 1,
+        }
     }
-    bytes[..start].iter().filter(|&&b| b == b'\n').count() + 1
+
+    fn at(&mut self, position: Option<&csv::Position>) -> usize {
+        let bytes = self.text;
+        let mut start = position.map_or(0, |p| usize::try_from(p.byte()).unwrap_or(usize::MAX));
+        start = start.clamp(self.byte, bytes.len());
+        while bytes.get(start).is_some_and(|b| matches!(b, b'\r' | b'\n')) {
+            start += 1;
+        }
+        self.line += bytes[self.byte..start]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        self.byte = start;
+        self.line
+    }
 }
 
 /// The error with the column it is in named by its header.
@@ -1610,8 +1638,14 @@ mod tests {
         );
         let shown = report(&export, &tallys);
         assert!(
-            shown.contains("  expected b.csv: 1 line; 1 row naming neither customer nor price (totals) left out; columns not read: period (if it is the month, name it period_start), notes\n"),
+            shown.contains("  expected b.csv: 1 line; 1 row naming neither customer nor price (totals) left out; columns not read: period (if it is the month, name it period_start), notes, period_end (if it is the month, name it period_start)\n"),
             "{shown}"
+        );
+        // Even a column of Tally's own CSV, when it is the only month there is.
+        let by_end = csv("customer,price,quantity,amount,currency,period_end\nacme,tokens,1,1.00,sek,2026-12-01\n");
+        assert_eq!(
+            by_end.ignored_columns,
+            ["period_end (if it is the month, name it period_start)"]
         );
         // A day is a month's start as well as its midnight is.
         let by_day = csv("customer,price,quantity,amount,currency,period_start\nacme,tokens,1,1,usd,2026-11-01\nacme,tokens,1,1,usd,2026-10-01\n");
@@ -1790,6 +1824,17 @@ mod tests {
             shown.contains("expected old.csv: 1 line; 1 line renamed by the map; 1 line of prices the map leaves out"),
             "{shown}"
         );
+        // A customer whose only line is left out was still mapped: not an unused entry.
+        let only_tax = mapped_csv(
+            "customer,price,quantity,amount,currency\nACCT-1001,VAT 25%,1,10.72,SEK\n",
+            map,
+        )
+        .unwrap();
+        assert!(
+            only_tax.unused_map_entries.is_empty(),
+            "{:?}",
+            only_tax.unused_map_entries
+        );
         let both = IdMap::parse("map.csv", "kind,from,to\nprice,VAT,\nprice,VAT,tax\n")
             .unwrap_err()
             .to_string();
@@ -1803,6 +1848,13 @@ mod tests {
         assert!(
             customer.starts_with("map.csv line 2: to must be given for a customer"),
             "{customer}"
+        );
+        let plan = IdMap::parse("map.csv", "kind,from,to\nplan,a,\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            plan,
+            "map.csv line 2: kind \"plan\" is neither customer nor price"
         );
     }
 

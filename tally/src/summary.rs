@@ -322,7 +322,7 @@ impl Summary {
                 self.period
             ));
         }
-        if self.accepted > 0 && self.rejected > self.events_read / 10 {
+        if self.rejected > self.events_read / 10 {
             out.push_str(&format!(
                 "  warning: {} of the {} lines read were rejected (reasons below): is the file the one that should be billed?\n",
                 self.rejected, self.events_read
@@ -333,6 +333,11 @@ impl Summary {
             out.push_str(&format!(
                 "  warning: no event of {} was counted ({} outside the period); is {} the month to bill?\n",
                 self.period, self.outside_period, self.period
+            ));
+        } else if self.accepted == 0 && self.events_read > 0 {
+            out.push_str(&format!(
+                "  warning: no event of {} was counted: the lines below say where each went\n",
+                self.period
             ));
         }
         for (reason, n) in &self.rejected_by_reason {

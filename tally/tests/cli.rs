@@ -1769,6 +1769,18 @@ fn a_file_of_which_no_line_is_an_event_bills_nothing_and_says_so() {
         &run.stderr,
         &["warning: 1 of the 3 lines read were rejected (reasons below)"],
     );
+    // Nothing counted, though not every line was bad: said so, with where they went.
+    let mut uncounted = resolutions("u", "cust_nobody", 1);
+    uncounted.extend((0..9).map(|i| format!("garbage {i}")));
+    let run = f.rate(&uncounted, &[]).succeeded();
+    assert_shows(
+        &run.stderr,
+        &[
+            "warning: 9 of the 10 lines read were rejected (reasons below)",
+            "warning: no event of 2026-11 was counted: the lines below say where each went",
+            "unbilled: 1 event for customer \"cust_nobody\"",
+        ],
+    );
     // An empty file is a month without usage, not a mistake.
     let run = f.rate_bytes(b"", &[]).succeeded();
     assert!(!run.stderr.contains("warning"), "{}", run.stderr);
