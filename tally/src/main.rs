@@ -191,8 +191,22 @@ fn main() -> ExitCode {
         } => (done(close_period(&config, period, wait.map(Into::into))), 1),
     };
     result.unwrap_or_else(|e| {
+        if is_broken_pipe(&e) {
+            // The reader went away (`| head`): say nothing, and fail as a process
+            // killed by SIGPIPE would, since what was left was not written.
+            return ExitCode::from(141);
+        }
         eprintln!("error: {}", describe(&e));
         ExitCode::from(on_error)
+    })
+}
+
+/// Whether writing the output failed because whoever read it closed the pipe.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
 

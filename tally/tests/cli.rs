@@ -2604,6 +2604,28 @@ fn explain_shows_each_customers_lines_as_rate_makes_them_with_usage_adding_up() 
 }
 
 #[test]
+fn output_cut_short_by_its_reader_ends_quietly_with_sigpipes_status() {
+    let f = Fixture::new(PRO);
+    f.write(
+        "events.jsonl",
+        (resolutions("r", "cust_acme", 3).join("\n") + "\n").as_bytes(),
+    );
+    let mut args = month_args("explain");
+    args.extend(["--customer", "cust_acme"]);
+    let mut child = f
+        .tally()
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before anything is written, as `| head` does after its lines.
+    drop(child.stdout.take());
+    let run = Run::from(child.wait_with_output().unwrap());
+    assert_eq!((run.code, run.stderr.as_str()), (141, ""));
+}
+
+#[test]
 fn explain_names_the_lines_of_the_conflicting_resends_it_dropped() {
     let f = Fixture::new(&per_event_config("usd", "half_up", "1", ""));
     // Line 1 counts; lines 2 to 13 resend its id with other content.
@@ -3276,8 +3298,8 @@ fn rate_reads_pipes_skips_a_bom_and_refuses_inputs_it_would_misread_or_destroy()
         .tally()
         .args(&args)
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     child
