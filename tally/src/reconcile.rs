@@ -142,7 +142,17 @@ struct Figures {
     amount: Decimal,
     /// Lowercase ISO 4217, so `USD` and `usd` agree.
     currency: String,
+    /// The amount's parts, where the source gives them (Tally's lines do): not compared,
+    /// but they tell an amount that differs by its discount alone.
+    parts: Option<AmountParts>,
     at: String,
+}
+
+/// A line's subtotal and the discount taken off it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AmountParts {
+    subtotal: Decimal,
+    discount: Decimal,
 }
 
 impl Figures {
@@ -267,6 +277,10 @@ impl Lines {
             quantity: line.quantity,
             amount: line.amount,
             currency: line.currency.to_ascii_lowercase(),
+            parts: Some(AmountParts {
+                subtotal: line.subtotal,
+                discount: line.discount,
+            }),
             at,
         };
         self.add(key, figures, None)
@@ -471,6 +485,13 @@ fn add_to(first: &mut Figures, figures: Figures, key: &LineKey, how: &str) -> an
     };
     first.quantity = sum(first.quantity, figures.quantity, "quantity")?;
     first.amount = sum(first.amount, figures.amount, "amount")?;
+    first.parts = match (first.parts, figures.parts) {
+        (Some(a), Some(b)) => Some(AmountParts {
+            subtotal: sum(a.subtotal, b.subtotal, "subtotal")?,
+            discount: sum(a.discount, b.discount, "discount")?,
+        }),
+        _ => None,
+    };
     first.at = format!("{} + {}", first.at, figures.at);
     Ok(())
 }
@@ -634,10 +655,23 @@ fn lines_of_text(
                 ),
             },
         };
+        let part = |cell: &Option<String>, name: &str| -> anyhow::Result<Option<Decimal>> {
+            given(cell)
+                .map(|text| figure(text).with_context(|| format!("{at}: {name}")))
+                .transpose()
+        };
+        let parts = match (
+            part(&row.subtotal, "subtotal")?,
+            part(&row.discount, "discount")?,
+        ) {
+            (Some(subtotal), Some(discount)) => Some(AmountParts { subtotal, discount }),
+            _ => None,
+        };
         let figures = Figures {
             quantity: figure(&row.quantity).with_context(|| format!("{at}: quantity"))?,
             amount: figure(&row.amount).with_context(|| format!("{at}: amount"))?,
             currency,
+            parts,
             at,
         };
         lines.add(key, figures, given(&row.invoice))?;
@@ -658,13 +692,22 @@ struct Row {
     adjusts_period: Option<String>,
     /// The invoice (or credit note) the line is on, where the source names it.
     invoice: Option<String>,
+    /// The amount before its discount, and the discount, where the source gives them.
+    subtotal: Option<String>,
+    discount: Option<String>,
 }
 
 /// The columns a CSV file must have.
 const REQUIRED_COLUMNS: [&str; 5] = ["customer", "price", "quantity", "amount", "currency"];
 
 /// The columns a CSV file may have besides those: the rest are not read.
-const OPTIONAL_COLUMNS: [&str; 3] = ["period_start", "adjusts_period", "invoice"];
+const OPTIONAL_COLUMNS: [&str; 5] = [
+    "period_start",
+    "adjusts_period",
+    "invoice",
+    "subtotal",
+    "discount",
+];
 
 /// A row and where it was read.
 type NumberedRow = (String, Row);
@@ -901,6 +944,10 @@ fn json_rows(name: &str, text: &str) -> anyhow::Result<Vec<NumberedRow>> {
         /// A string or a number: billers number their invoices.
         #[serde(borrow)]
         invoice: Option<&'a RawValue>,
+        #[serde(borrow)]
+        subtotal: Option<&'a RawValue>,
+        #[serde(borrow)]
+        discount: Option<&'a RawValue>,
     }
     // A JSON string's contents, or a number's own digits: never through f64.
     let figure = |raw: &RawValue| -> String {
@@ -921,6 +968,8 @@ fn json_rows(name: &str, text: &str) -> anyhow::Result<Vec<NumberedRow>> {
                 period_start: row.period_start,
                 adjusts_period: row.adjusts_period,
                 invoice: row.invoice.map(figure),
+                subtotal: row.subtotal.map(figure),
+                discount: row.discount.map(figure),
             };
             Ok((at, row))
         })
@@ -1277,7 +1326,8 @@ impl<'l> Reconciliation<'l> {
 }
 
 /// The columns of `--differences`: the line, what differs (`only_expected`,
-/// `only_actual`, `currency`, `quantity`, `quantity_and_amount` or `amount`), both sides' figures, actual minus
+/// `only_actual`, `currency`, `quantity`, `quantity_and_amount`, `discount` or
+/// `amount`), both sides' figures, actual minus
 /// expected amount (empty when the currencies differ), and where each side was read.
 const DIFFERENCES_HEADER: &str = "customer,price,adjusts_period,what,expected_quantity,actual_quantity,expected_amount,expected_currency,actual_amount,actual_currency,amount_difference,expected_at,actual_at";
 
@@ -1295,6 +1345,14 @@ impl Difference<'_> {
                     true => "quantity",
                     false => "quantity and amount",
                 }
+            }
+            // Where both give the amount's parts: the same subtotal, another discount.
+            (Some(e), Some(a))
+                if e.parts
+                    .zip(a.parts)
+                    .is_some_and(|(e, a)| e.subtotal == a.subtotal && e.discount != a.discount) =>
+            {
+                "discount"
             }
             _ => "amount",
         }
@@ -1803,6 +1861,31 @@ mod tests {
             refused.starts_with("old.csv line 3: a second line for"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn an_amount_that_differs_by_its_discount_alone_is_named_so() {
+        let old = csv(
+            "customer,price,quantity,subtotal,discount,amount,currency\n\
+             acme,resolutions,250,250.00,31.25,218.75,usd\n\
+             beta,resolutions,10,10.00,1.25,8.75,usd\n",
+        );
+        let tally = json(concat!(
+            r#"{"customer":"acme","price":"resolutions","quantity":"250","subtotal":"250.00","discount":"31.26","amount":"218.74","currency":"usd"}"#,
+            "\n",
+            r#"{"customer":"beta","price":"resolutions","quantity":"10","subtotal":"10.01","discount":"1.25","amount":"8.76","currency":"usd"}"#,
+        ));
+        let reconciled = Reconciliation::of(&old, &tally, Compared::QuantitiesAndAmounts).unwrap();
+        let what: Vec<(&str, &str)> = (reconciled.differences.iter())
+            .map(|d| (d.key.customer.as_str(), d.what()))
+            .collect();
+        assert_eq!(what, [("acme", "discount"), ("beta", "amount")]);
+        // Without the parts on one side, an amount is all that can be said.
+        let plain =
+            csv("customer,price,quantity,amount,currency\nacme,resolutions,250,218.75,usd\n");
+        let reconciled =
+            Reconciliation::of(&plain, &tally, Compared::QuantitiesAndAmounts).unwrap();
+        assert_eq!(reconciled.differences[0].what(), "amount");
     }
 
     #[test]
