@@ -232,7 +232,8 @@ pub enum Source<'a> {
     Pipeline { url: &'a str, database: &'a str },
 }
 
-pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
+/// Whose month it is, whether it has ended, and the plan (or why none bills it).
+fn write_heading(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
     let customer = &e.customer.id;
     let period = e.period;
     writeln!(
@@ -284,6 +285,12 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
             "  not billed in {period} (its `from` or `through` in the price book): its usage of the month is unbilled; the lines below bill late usage of months it was billed in"
         )?;
     }
+    Ok(())
+}
+
+pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
+    write_heading(out, e)?;
+    let period = e.period;
     writeln!(out, "  price book {}", e.config.hash)?;
     let unbilled = match &e.source {
         Source::Events {

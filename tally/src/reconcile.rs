@@ -286,6 +286,68 @@ impl Lines {
         self.add(key, figures, None)
     }
 
+    /// How the source was read, and what of it was left out or changed on the way, for
+    /// the report.
+    fn notes(&self) -> Vec<String> {
+        let mut notes: Vec<String> = self.dialect.iter().map(Dialect::describe).collect();
+        if self.mapped > 0 {
+            let added = match self.added_together {
+                0 => String::new(),
+                n => format!(", {n} of them added to another line"),
+            };
+            notes.push(format!(
+                "{} renamed by the map{added}",
+                count(self.mapped, "line")
+            ));
+        }
+        if self.left_out_by_map > 0 {
+            notes.push(format!(
+                "{} of prices the map leaves out",
+                count(self.left_out_by_map, "line")
+            ));
+        }
+        if self.netted > 0 {
+            notes.push(format!(
+                "{} added to another invoice's line of the same customer and price",
+                count(self.netted, "line")
+            ));
+        }
+        if self.other_periods > 0 {
+            notes.push(format!(
+                "{} of other months left out",
+                count(self.other_periods, "line")
+            ));
+        }
+        if self.unnamed_rows > 0 {
+            notes.push(format!(
+                "{} naming neither customer nor price (totals) left out",
+                count(self.unnamed_rows, "row")
+            ));
+        }
+        if !self.ignored_columns.is_empty() {
+            notes.push(format!(
+                "columns not read: {}",
+                self.ignored_columns.join(", ")
+            ));
+        }
+        if !self.unused_map_entries.is_empty() {
+            notes.push(format!(
+                "map entries matching none of its lines ({}): {}",
+                self.unused_map_entries.len(),
+                listed(&self.unused_map_entries)
+            ));
+        }
+        if self.other_customers_lines > 0 {
+            notes.push(format!(
+                "{} of {} not compared (--customers) left out: {}",
+                count(self.other_customers_lines, "line"),
+                count(self.other_customers.len(), "customer"),
+                listed(&self.other_customers)
+            ));
+        }
+        notes
+    }
+
     fn customers(&self) -> BTreeSet<String> {
         self.by_key.keys().map(|key| key.customer.clone()).collect()
     }
@@ -1163,64 +1225,10 @@ impl<'l> Reconciliation<'l> {
     ) -> io::Result<()> {
         writeln!(out, "Reconciling {period}")?;
         for (role, lines) in [("expected", expected), ("actual", actual)] {
-            let mut notes: Vec<String> = lines.dialect.iter().map(Dialect::describe).collect();
-            if lines.mapped > 0 {
-                let added = match lines.added_together {
-                    0 => String::new(),
-                    n => format!(", {n} of them added to another line"),
-                };
-                notes.push(format!(
-                    "{} renamed by the map{added}",
-                    count(lines.mapped, "line")
-                ));
-            }
-            if lines.left_out_by_map > 0 {
-                notes.push(format!(
-                    "{} of prices the map leaves out",
-                    count(lines.left_out_by_map, "line")
-                ));
-            }
-            if lines.netted > 0 {
-                notes.push(format!(
-                    "{} added to another invoice's line of the same customer and price",
-                    count(lines.netted, "line")
-                ));
-            }
-            if lines.other_periods > 0 {
-                notes.push(format!(
-                    "{} of other months left out",
-                    count(lines.other_periods, "line")
-                ));
-            }
-            if lines.unnamed_rows > 0 {
-                notes.push(format!(
-                    "{} naming neither customer nor price (totals) left out",
-                    count(lines.unnamed_rows, "row")
-                ));
-            }
-            if !lines.ignored_columns.is_empty() {
-                notes.push(format!(
-                    "columns not read: {}",
-                    lines.ignored_columns.join(", ")
-                ));
-            }
-            if !lines.unused_map_entries.is_empty() {
-                notes.push(format!(
-                    "map entries matching none of its lines ({}): {}",
-                    lines.unused_map_entries.len(),
-                    listed(&lines.unused_map_entries)
-                ));
-            }
-            if lines.other_customers_lines > 0 {
-                notes.push(format!(
-                    "{} of {} not compared (--customers) left out: {}",
-                    count(lines.other_customers_lines, "line"),
-                    count(lines.other_customers.len(), "customer"),
-                    listed(&lines.other_customers)
-                ));
-            }
+            let notes: String = (lines.notes().iter())
+                .map(|note| format!("; {note}"))
+                .collect();
             let read = count(lines.by_key.len(), "line");
-            let notes: String = notes.iter().map(|note| format!("; {note}")).collect();
             writeln!(out, "  {role:<8} {}: {read}{notes}", lines.name)?;
         }
         if self.compared == Compared::Amounts {

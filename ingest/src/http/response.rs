@@ -63,6 +63,16 @@ pub enum EventStatus {
 }
 
 impl EventStatus {
+    /// Accepted; with a warning when no meter reads its type (`unmetered`).
+    pub fn accepted(unmetered: Option<&str>) -> Self {
+        EventStatus::Accepted {
+            warning: unmetered.is_some().then_some("unmetered_type"),
+            reason: unmetered.map(|kind| {
+                format!("no meter reads type {kind:?}: the event is stored, but bills nothing unless a meter for that type is added (a misspelt type?)")
+            }),
+        }
+    }
+
     pub fn rejected(error: &EventError) -> Self {
         EventStatus::Rejected {
             field: error.field.clone(),

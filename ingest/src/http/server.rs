@@ -36,7 +36,7 @@ use tally_schemas::event::EventDecoder;
 use tokio::task::JoinHandle;
 
 use super::auth::{ApiKeys, Caller};
-use super::check::{check_events, VerdictKind};
+use super::check::{check_events, Forbidden, VerdictKind};
 use super::connections::serve_connections;
 use super::error::IngestError;
 use super::metrics::{IngestMetrics, Outcome};
@@ -441,26 +441,7 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
     let largest = app.producer.max_record_bytes(tenant);
     let verdicts = match check_events(&decoder, caller.key, largest, events.as_slice()) {
         Ok(verdicts) => verdicts,
-        Err(forbidden) => {
-            let logged: String = forbidden.source.chars().take(LOGGED_SOURCE_CHARS).collect();
-            // Debug-quoted: the sender's text must not write lines of its own into the
-            // log (a newline, a terminal's escape codes).
-            tracing::warn!(
-                tenant,
-                source = ?logged,
-                index = forbidden.index,
-                "events refused: source not allowed for the key"
-            );
-            return ErrorBody::new(
-                "forbidden_source",
-                format!(
-                    "this API key may not send events with source {:?} (event {}); nothing of this request was stored",
-                    forbidden.source, forbidden.index
-                ),
-            )
-            .at(forbidden.index)
-            .into_response(StatusCode::FORBIDDEN);
-        }
+        Err(forbidden) => return forbidden_source(tenant, &forbidden),
     };
 
     let records: Vec<Record<'_>> = verdicts
@@ -503,12 +484,7 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
         let status = match verdict.kind {
             VerdictKind::Accept { unmetered, .. } => {
                 accepted += 1;
-                EventStatus::Accepted {
-                    warning: unmetered.is_some().then_some("unmetered_type"),
-                    reason: unmetered.map(|kind| {
-                        format!("no meter reads type {kind:?}: the event is stored, but bills nothing unless a meter for that type is added (a misspelt type?)")
-                    }),
-                }
+                EventStatus::accepted(unmetered.as_deref())
             }
             VerdictKind::Duplicate { of } => {
                 duplicates += 1;
@@ -545,6 +521,29 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
             results,
         },
     )
+}
+
+/// 403 for a request with an event of a source its key may not send: logged with the
+/// key's tenant, as a sender on the wrong key is an operator's to find.
+fn forbidden_source(tenant: &str, forbidden: &Forbidden) -> Response {
+    let logged: String = forbidden.source.chars().take(LOGGED_SOURCE_CHARS).collect();
+    // Debug-quoted: the sender's text must not write lines of its own into the log (a
+    // newline, a terminal's escape codes).
+    tracing::warn!(
+        tenant,
+        source = ?logged,
+        index = forbidden.index,
+        "events refused: source not allowed for the key"
+    );
+    ErrorBody::new(
+        "forbidden_source",
+        format!(
+            "this API key may not send events with source {:?} (event {}); nothing of this request was stored",
+            forbidden.source, forbidden.index
+        ),
+    )
+    .at(forbidden.index)
+    .into_response(StatusCode::FORBIDDEN)
 }
 
 /// 413 for a body over the limit. The rest of the body stays unread, so the connection
