@@ -1211,6 +1211,27 @@ fn kafka_not_acknowledging_gets_503_with_retry_after_and_not_ready() {
     );
     let ready = service.get("/readyz");
     assert_eq!(ready.status, 503, "{ready:?}");
+    // Once readiness has found Kafka away, requests are not made to wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !service.get("/readyz").body.contains("does not answer") {
+        assert!(Instant::now() < deadline, "readiness never found Kafka away");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    let reply = service.post(SINGLE, Some(KEY), &event("k-2", "agent", "cust_a", 1));
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(reply.header("retry-after"), Some("5"));
+    let message = reply.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message
+            .starts_with("not sent, as Kafka cannot be used: Kafka at 127.0.0.1:1 does not answer"),
+        "{message}"
+    );
     // Shutdown flushes what is left and returns.
     service.stop().unwrap();
     assert!(TcpStream::connect(service.addr()).is_err());

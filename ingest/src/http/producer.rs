@@ -8,6 +8,7 @@
 //! promised, and resending the whole request is safe because the aggregator dedupes on
 //! `(source, id)`.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
@@ -15,6 +16,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tally_runtime::kafka::QuietErrors;
 use tally_runtime::ops::Readiness;
+use tally_runtime::threads::lock;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{KafkaSettings, Topic};
 
@@ -40,6 +42,9 @@ const RECORD_FRAMING_BYTES: usize = 64;
 /// How often readiness asks Kafka for the events topic's metadata.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often while the last probe failed: requests are refused until one succeeds.
+const PROBE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long one readiness probe waits for an answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -54,6 +59,9 @@ pub struct EventProducer {
     /// The most an event's key and value may hold together: librdkafka refuses a
     /// larger record at once, on every retry.
     max_record_bytes: usize,
+    /// Why the last readiness probe failed, until one succeeds: requests are then
+    /// answered 503 at once rather than after the acknowledgement timeout.
+    unreachable: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for EventProducer {
@@ -78,6 +86,9 @@ pub enum ProduceError {
     Cancelled,
     #[error("Kafka did not acknowledge every event within {0:?}")]
     TimedOut(Duration),
+    /// Not tried: the last readiness probe failed (`/readyz` says the same).
+    #[error("not sent, as Kafka cannot be used: {0}")]
+    Unreachable(String),
 }
 
 /// One event to produce: its key (the subject) and its bytes.
@@ -144,6 +155,7 @@ impl EventProducer {
             brokers: settings.brokers.clone(),
             ack_timeout,
             max_record_bytes,
+            unreachable: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -167,6 +179,9 @@ impl EventProducer {
     /// Produces every record, then waits until Kafka has acknowledged all of them.
     /// All are queued before any is awaited, so they travel together.
     pub async fn produce_all(&self, records: &[Record<'_>]) -> Result<(), ProduceError> {
+        if let Some(reason) = lock(&self.unreachable).clone() {
+            return Err(ProduceError::Unreachable(reason));
+        }
         let mut deliveries = Vec::with_capacity(records.len());
         for record in records {
             let delivery = self
@@ -260,6 +275,7 @@ impl EventProducer {
                     .await
                     .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")));
                 let ready = result.is_ok();
+                *lock(&producer.unreachable) = result.as_ref().err().cloned();
                 match result {
                     Ok(()) => readiness.ready(),
                     Err(reason) => {
@@ -273,9 +289,10 @@ impl EventProducer {
                     tracing::info!(topic = %producer.topic, "ingest ready: kafka answers");
                 }
                 was_ready = Some(ready);
+                let interval = if ready { PROBE_INTERVAL } else { PROBE_RETRY_INTERVAL };
                 tokio::select! {
                     _ = shutdown.requested() => break,
-                    _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                    _ = tokio::time::sleep(interval) => {}
                 }
             }
         })
