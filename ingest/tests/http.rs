@@ -1214,7 +1214,10 @@ fn kafka_not_acknowledging_gets_503_with_retry_after_and_not_ready() {
     // Once readiness has found Kafka away, requests are not made to wait for it.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !service.get("/readyz").body.contains("does not answer") {
-        assert!(Instant::now() < deadline, "readiness never found Kafka away");
+        assert!(
+            Instant::now() < deadline,
+            "readiness never found Kafka away"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let started = Instant::now();

@@ -169,6 +169,11 @@ fn calls(subject: &str, n: usize) -> Vec<String> {
 /// `command` (rate, explain) over events.jsonl for 2026-11 by tally.toml, with the
 /// fixed clock.
 fn month_args(command: &str) -> Vec<&str> {
+    month_args_at(command, NOW)
+}
+
+/// [`month_args`] with another clock.
+fn month_args_at<'a>(command: &'a str, now: &'a str) -> Vec<&'a str> {
     vec![
         command,
         "--config",
@@ -178,7 +183,7 @@ fn month_args(command: &str) -> Vec<&str> {
         "--period",
         "2026-11",
         "--now",
-        NOW,
+        now,
     ]
 }
 
@@ -1792,21 +1797,8 @@ fn rating_a_month_that_has_not_ended_warns_that_it_bills_the_usage_so_far() {
     let events = resolutions("r", "cust_acme", 3).join("\n");
     f.write("events.jsonl", events.as_bytes());
     let rate = |now: &str| -> Run {
-        let args = [
-            "rate",
-            "--config",
-            "tally.toml",
-            "--events",
-            "events.jsonl",
-            "--period",
-            "2026-11",
-            "--now",
-            now,
-            "--summary",
-            "summary.json",
-            "--rejects",
-            "rejects.jsonl",
-        ];
+        let mut args = month_args_at("rate", now);
+        args.extend(["--summary", "summary.json", "--rejects", "rejects.jsonl"]);
         f.tally().args(args).output().unwrap().into()
     };
     let run = rate("2026-11-25T00:00:00Z").succeeded();
@@ -2674,19 +2666,8 @@ fn explain_lists_the_customers_lines_that_failed_validation_and_an_unfinished_mo
         explained.stdout
     );
 
-    let args = [
-        "explain",
-        "--config",
-        "tally.toml",
-        "--events",
-        "events.jsonl",
-        "--period",
-        "2026-11",
-        "--now",
-        "2026-11-25T00:00:00Z",
-        "--customer",
-        "cust_acme",
-    ];
+    let mut args = month_args_at("explain", "2026-11-25T00:00:00Z");
+    args.extend(["--customer", "cust_acme"]);
     let early = Run::from(f.tally().args(args).output().unwrap()).succeeded();
     assert_shows(
         &early.stdout,

@@ -289,7 +289,11 @@ impl EventProducer {
                     tracing::info!(topic = %producer.topic, "ingest ready: kafka answers");
                 }
                 was_ready = Some(ready);
-                let interval = if ready { PROBE_INTERVAL } else { PROBE_RETRY_INTERVAL };
+                let interval = if ready {
+                    PROBE_INTERVAL
+                } else {
+                    PROBE_RETRY_INTERVAL
+                };
                 tokio::select! {
                     _ = shutdown.requested() => break,
                     _ = tokio::time::sleep(interval) => {}
