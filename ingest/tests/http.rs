@@ -563,7 +563,7 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
              "code": "not_an_object", "reason": "expected a CloudEvent JSON object"},
             {"index": 4, "id": "m-5", "status": "accepted"},
             {"index": 5, "id": "m-6", "status": "accepted", "warning": "unmetered_type",
-             "reason": "no meter reads type \"llm.token\": the event is stored, but bills nothing unless a meter for that type is added (a misspelt type?)"},
+             "reason": "no meter reads type \"llm.token\": the event is stored, but bills nothing, even if such a meter is added later (a misspelt type?)"},
         ]})
     );
     assert_eq!(

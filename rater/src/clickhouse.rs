@@ -320,6 +320,31 @@ impl ClickHouse {
         Ok(answer.trim() != "0")
     }
 
+    /// How many of the lines `ids` name have a row in `rated_lines`, current or not.
+    pub fn lines_stored_of(&self, ids: &[String]) -> Result<u64, ClickHouseError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let listed: Vec<String> = ids.iter().map(|id| string_literal(id)).collect();
+        let answer = self.post(
+            "check that stored lines are there",
+            &format!(
+                "SELECT uniqExact(id) FROM {}.rated_lines WHERE id IN ({})",
+                self.database,
+                listed.join(", ")
+            ),
+        )?;
+        answer
+            .trim()
+            .parse()
+            .map_err(|e: std::num::ParseIntError| ClickHouseError::Unreadable {
+                url: self.url.clone(),
+                table: "rated_lines",
+                row: answer.trim().to_owned(),
+                error: e.to_string(),
+            })
+    }
+
     /// The current lines billed in `from` or later that a price book other than the
     /// one hashed `config_hash` rated (`from: None`: of every period).
     pub fn lines_rated_with_another_book(
@@ -822,6 +847,21 @@ fn definitions(columns: &[(&str, &str)]) -> String {
     definitions.join(", ")
 }
 
+impl ClickHouseError {
+    /// Whether ClickHouse answered that the database or a table does not exist
+    /// (`UNKNOWN_DATABASE`, `UNKNOWN_TABLE`): dropped while Tally ran.
+    pub fn is_missing_table(&self) -> bool {
+        match self {
+            ClickHouseError::Refused { body, .. } => ["Code: 60", "Code: 81"].iter().any(|code| {
+                body.match_indices(code).any(|(at, _)| {
+                    !body[at + code.len()..].starts_with(|c: char| c.is_ascii_digit())
+                })
+            }),
+            _ => false,
+        }
+    }
+}
+
 /// `text` as a ClickHouse string literal, quoted and escaped.
 fn string_literal(text: &str) -> String {
     format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
@@ -830,4 +870,33 @@ fn string_literal(text: &str) -> String {
 /// A time as ClickHouse's `DateTime('UTC')` reads it.
 fn clickhouse_time(time: DateTime<Utc>) -> String {
     time.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClickHouseError;
+
+    #[test]
+    fn a_dropped_database_or_table_is_told_from_other_refusals() {
+        let refused = |body: &str| ClickHouseError::Refused {
+            url: "http://ch:8123".to_owned(),
+            what: "insert rated lines",
+            status: 404,
+            body: body.to_owned(),
+        };
+        // ClickHouse 18.16's words, and a current release's.
+        for gone in [
+            "Code: 81, e.displayText() = DB::Exception: Database tally doesn't exist, e.what() = DB::Exception",
+            "Code: 60. DB::Exception: Table tally.rated_lines does not exist. (UNKNOWN_TABLE)",
+        ] {
+            assert!(refused(gone).is_missing_table(), "{gone}");
+        }
+        for other in [
+            "Code: 241. DB::Exception: Memory limit exceeded",
+            "Code: 605, e.displayText() = something else",
+            "Code: 6",
+        ] {
+            assert!(!refused(other).is_missing_table(), "{other}");
+        }
+    }
 }

@@ -917,6 +917,12 @@ pub fn committed_offsets<C: ConsumerContext>(
     )
 }
 
+/// `duration` to the nearest second, for people (what is left of a deadline has
+/// nanoseconds).
+fn whole_seconds(duration: Duration) -> Duration {
+    Duration::from_secs(duration.as_secs() + u64::from(duration.subsec_millis() >= 500))
+}
+
 /// Why a consumer group was not found caught up with a topic.
 #[derive(Debug, thiserror::Error)]
 pub enum CatchUpError {
@@ -924,7 +930,7 @@ pub enum CatchUpError {
     Kafka { what: String, source: KafkaError },
     #[error(
         "group {group} has not read and committed all of {topic} within {}: {}; is it running?",
-        humantime::format_duration(*.patience),
+        humantime::format_duration(whole_seconds(*.patience)),
         short_partitions(.short)
     )]
     Behind {
@@ -1087,6 +1093,22 @@ pub fn group_consumer<W: PartitionOwner>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_group_behind_is_told_in_whole_seconds() {
+        let behind = super::CatchUpError::Behind {
+            group: "g".to_owned(),
+            topic: "t".to_owned(),
+            patience: Duration::from_nanos(19_523_503_197),
+            short: vec![(0, 3)],
+        };
+        assert!(
+            behind
+                .to_string()
+                .starts_with("group g has not read and committed all of t within 20s: "),
+            "{behind}"
+        );
+    }
+
     #[test]
     fn a_client_error_that_keeps_coming_is_logged_once_a_minute_with_how_many_were_left_out() {
         use rdkafka::error::RDKafkaErrorCode::{AllBrokersDown, BrokerTransportFailure};

@@ -68,7 +68,7 @@ impl EventStatus {
         EventStatus::Accepted {
             warning: unmetered.is_some().then_some("unmetered_type"),
             reason: unmetered.map(|kind| {
-                format!("no meter reads type {kind:?}: the event is stored, but bills nothing unless a meter for that type is added (a misspelt type?)")
+                format!("no meter reads type {kind:?}: the event is stored, but bills nothing, even if such a meter is added later (a misspelt type?)")
             }),
         }
     }

@@ -33,6 +33,9 @@ pub struct RaterMetrics {
     pub rating_failures: IntCounter,
     /// Stored lines retired after a price-book change no longer makes them.
     pub lines_retired: IntCounter,
+    /// Partitions rated again from their beginning because ClickHouse had lost their
+    /// stored lines.
+    pub lost_line_replays: IntCounter,
     /// Lines held in the assigned partitions' ledgers: the open periods'.
     pub ledger_lines: IntGauge,
     pub consumer_lag: IntGaugeVec,
@@ -86,6 +89,10 @@ impl RaterMetrics {
             lines_retired: m.counter(
                 "tally_rater_lines_retired_total",
                 "Stored invoice lines retired because the current price book no longer makes them.",
+            ),
+            lost_line_replays: m.counter(
+                "tally_rater_lost_line_replays_total",
+                "Partitions rated again from their beginning because ClickHouse had none of their stored lines (a database dropped, emptied or restored from an older backup).",
             ),
             ledger_lines: m.gauge(
                 "tally_rater_ledger_lines",

@@ -85,6 +85,19 @@ const IDLE_POLL_WAIT: Duration = Duration::from_millis(100);
 /// run dry between two fetches of one commit's records).
 const CATCH_UP_POLL_WAIT: Duration = Duration::from_millis(10);
 
+/// Stored lines a new owner looks up in ClickHouse to tell they are there.
+const LOST_LINES_SAMPLE: usize = 100;
+
+/// What a rebuild from a partition's beginning does with months ClickHouse already
+/// bills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BilledMonths {
+    /// Leaves settled ones as they were billed (a replay after offsets were reset).
+    Skip,
+    /// Rates them again: the partition's stored lines are gone.
+    Rate,
+}
+
 /// Where the rater service failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RaterError {
@@ -96,6 +109,8 @@ pub enum RaterError {
     Rebuild(#[from] tally_runtime::kafka::ReadError),
     #[error("Kafka refused a rated line for {topic} ({source}); the offsets of its batch were not committed, so the rater stops and a restart writes the batch again. Check that {topic} exists, that the rater may write to it and that its max.message.bytes allows the lines")]
     Undelivered { topic: String, source: KafkaError },
+    #[error("ClickHouse's tables are gone ({0}): the rater stops, as the lines they held are lost; started again it makes the tables and rates again every partition whose stored lines are missing")]
+    TablesGone(ClickHouseError),
 }
 
 /// A rated line as written to `<prefix>.rated`: the line, its revision (0 for an
@@ -392,13 +407,25 @@ impl PartitionOwner for Worker {
                 (partition, offset.unwrap_or(0), point)
             })
             .collect();
-        let rebuilt_all = on_threads(wanted, |(partition, committed, point)| {
-            // Nothing committed, nothing stored: every line is new to this rater.
-            let another_book = committed > 0
-                && point.as_ref().and_then(|p| p.book.as_deref()) != Some(self.book.as_str());
-            self.rebuild(partition, committed, point)
-                .map(|rebuilt| (partition, committed, another_book, rebuilt))
-        });
+        let rebuilt_all = on_threads(
+            wanted,
+            |(partition, committed, point)| -> Result<_, RaterError> {
+                // Nothing committed, nothing stored: every line is new to this rater.
+                let another_book = committed > 0
+                    && point.as_ref().and_then(|p| p.book.as_deref()) != Some(self.book.as_str());
+                let rebuilt = self.rebuild(partition, committed, point, BilledMonths::Skip)?;
+                // With another book, stored lines may have other ids: the check of the
+                // price book sees to those.
+                if committed > 0
+                    && !another_book
+                    && self.stored_lines_lost(partition, &rebuilt.ledger)
+                {
+                    let replayed = self.rebuild(partition, 0, None, BilledMonths::Rate)?;
+                    return Ok((partition, 0, false, replayed));
+                }
+                Ok((partition, committed, another_book, rebuilt))
+            },
+        );
         for rebuilt in rebuilt_all {
             let (partition, committed, stored_with_another_book, rebuilt) = rebuilt?;
             self.partitions.insert(
@@ -568,8 +595,10 @@ pub fn run(
             // Any other failure paused the partitions (`hold` logged it) and is retried
             // at its backoff; the loop keeps polling so the group does not consider
             // this member dead.
-            if let Err(refused @ RaterError::Undelivered { .. }) = worker.store(&consumer) {
-                return Err(refused);
+            if let Err(stop @ (RaterError::Undelivered { .. } | RaterError::TablesGone(_))) =
+                worker.store(&consumer)
+            {
+                return Err(stop);
             }
         }
         if let Some(refused) = worker.undelivered() {
@@ -606,6 +635,7 @@ impl Worker {
         partition: i32,
         committed: i64,
         point: Option<RebuildPoint>,
+        billed_months: BilledMonths,
     ) -> Result<Rebuilt, RaterError> {
         let started = Instant::now();
         let mut rebuilt = Rebuilt {
@@ -656,7 +686,7 @@ impl Worker {
                 rebuilt.stored(change, message.offset());
             },
         )?;
-        if committed == 0 {
+        if committed == 0 && billed_months == BilledMonths::Skip {
             self.skip_billed_months(partition, &mut rebuilt)?;
         }
         // Marks the lines as stored as of `committed` and lets settled periods go; one
@@ -679,6 +709,32 @@ impl Worker {
             "ledger rebuilt from the windows topic"
         );
         Ok(rebuilt)
+    }
+
+    /// Whether ClickHouse has none of the lines `ledger` holds as stored (a sample of
+    /// them): its database was dropped, emptied or restored from an older backup while
+    /// the group's offsets stayed, so those lines would never be written again.
+    fn stored_lines_lost(&self, partition: i32, ledger: &Ledger) -> bool {
+        let sample: Vec<String> = ledger.line_ids().take(LOST_LINES_SAMPLE).collect();
+        if sample.is_empty() {
+            return false;
+        }
+        match self.clickhouse.lines_stored_of(&sample) {
+            Ok(0) => {
+                self.metrics.lost_line_replays.inc();
+                tracing::error!(
+                    partition,
+                    sampled = sample.len(),
+                    "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped, emptied or restored from an older backup): rating the partition's whole history again, settled months included, with this rater's price book"
+                );
+                true
+            }
+            Ok(_) => false,
+            Err(error) => {
+                tracing::warn!(partition, %error, "cannot check that the partition's stored lines are in ClickHouse; going on as if they were");
+                false
+            }
+        }
     }
 
     /// A partition with nothing committed (a new group, offsets expired, or reset to
@@ -932,6 +988,9 @@ impl Worker {
         if !in_flight.stored {
             if let Err(e) = self.write_batch(&in_flight.batch) {
                 self.metrics.insert_failures.inc();
+                if e.is_missing_table() {
+                    return Err(RaterError::TablesGone(e));
+                }
                 self.hold(consumer, "ClickHouse refused the write", e.to_string());
                 return Err(e.into());
             }

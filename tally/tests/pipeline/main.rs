@@ -1201,6 +1201,51 @@ fn line_for<'a>(lines: &'a [harness::Line], customer: &str, price: &str) -> &'a 
         .unwrap_or_else(|| panic!("no {price} line for {customer}"))
 }
 
+/// ClickHouse's database is lost while the group's offsets stay (dropped by mistake,
+/// restored from an older backup): the rater stops at its next write, and started
+/// again rates every partition whose stored lines are missing, so `invoice_lines`
+/// holds every line again, not only those of customers with later usage.
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_rater_restarted_after_its_database_was_lost_stores_every_line_again() {
+    let _serial = serial();
+    let p = Pipeline::new(
+        "lostdb",
+        10_000,
+        20,
+        "[rater]\nflush_interval = \"200ms\"\n",
+    );
+    let mut lines = p.lines();
+    p.produce(&lines);
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.wait_for(&p.expected(), Duration::from_secs(180));
+
+    p.query(&format!("DROP DATABASE {}", p.database));
+    // Later usage of a few customers: the rater's next write finds no table.
+    let later: Vec<Vec<u8>> = (lines.iter().take(5))
+        .map(|line| {
+            let text = String::from_utf8(line.clone()).unwrap();
+            text.replacen("\"id\":\"", "\"id\":\"later-", 1)
+                .into_bytes()
+        })
+        .collect();
+    p.produce(&later);
+    let (status, log) = p.wait_exit("rater-a", Duration::from_secs(120));
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("ClickHouse's tables are gone"), "{log}");
+
+    p.start("rater", "rater-b");
+    lines.extend(later);
+    p.wait_for(&p.expected_for(&lines, p.period), Duration::from_secs(180));
+    assert!(
+        p.log("rater-b")
+            .contains("rating the partition's whole history again"),
+        "{}",
+        p.log("rater-b")
+    );
+}
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_the_rest() {
