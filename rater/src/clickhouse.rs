@@ -320,16 +320,29 @@ impl ClickHouse {
         Ok(answer.trim() != "0")
     }
 
-    /// How many of the lines `ids` name have a row in `rated_lines`, current or not.
-    pub fn lines_stored_of(&self, ids: &[String]) -> Result<u64, ClickHouseError> {
+    /// How many of the lines `ids` name, billed in `from` or later, have a row in
+    /// `rated_lines`, current or not.
+    pub fn lines_stored_of(
+        &self,
+        ids: &[String],
+        from: Option<Period>,
+    ) -> Result<u64, ClickHouseError> {
         if ids.is_empty() {
             return Ok(0);
         }
         let listed: Vec<String> = ids.iter().map(|id| string_literal(id)).collect();
+        // The months first: they lead the sorting key and the partitioning, so only
+        // open months' parts are read.
+        let months = from.map_or_else(String::new, |period| {
+            format!(
+                "period_start >= toDateTime('{}', 'UTC') AND ",
+                clickhouse_time(period.start())
+            )
+        });
         let answer = self.post(
             "check that stored lines are there",
             &format!(
-                "SELECT uniqExact(id) FROM {}.rated_lines WHERE id IN ({})",
+                "SELECT uniqExact(id) FROM {}.rated_lines WHERE {months}id IN ({})",
                 self.database,
                 listed.join(", ")
             ),

@@ -201,13 +201,14 @@ fn main() -> ExitCode {
     })
 }
 
-/// Whether writing the output failed because whoever read it closed the pipe.
+/// Whether writing the output failed because whoever read it closed the pipe: an
+/// I/O error returned as it was, as the commands return their stdout's. A broken pipe
+/// in a cause (a ClickHouse connection, a file named in the error's context) is an
+/// error like any other.
 fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// The error and its causes, each cause left out when a message before it already

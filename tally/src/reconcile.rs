@@ -717,15 +717,10 @@ fn lines_of_text(
                 ),
             },
         };
-        let part = |cell: &Option<String>, name: &str| -> anyhow::Result<Option<Decimal>> {
-            given(cell)
-                .map(|text| figure(text).with_context(|| format!("{at}: {name}")))
-                .transpose()
-        };
-        let parts = match (
-            part(&row.subtotal, "subtotal")?,
-            part(&row.discount, "discount")?,
-        ) {
+        // Read when both are figures; otherwise (a percentage, a coupon code) left out,
+        // as they are not compared.
+        let part = |cell: &Option<String>| given(cell).and_then(|text| figure(text).ok());
+        let parts = match (part(&row.subtotal), part(&row.discount)) {
             (Some(subtotal), Some(discount)) => Some(AmountParts { subtotal, discount }),
             _ => None,
         };
@@ -1354,11 +1349,14 @@ impl Difference<'_> {
                     false => "quantity and amount",
                 }
             }
-            // Where both give the amount's parts: the same subtotal, another discount.
+            // Where both give the amount's parts: the same subtotal, and amounts apart
+            // by just what the discounts are.
             (Some(e), Some(a))
-                if e.parts
-                    .zip(a.parts)
-                    .is_some_and(|(e, a)| e.subtotal == a.subtotal && e.discount != a.discount) =>
+                if e.parts.zip(a.parts).is_some_and(|(ep, ap)| {
+                    ep.subtotal == ap.subtotal
+                        && ep.discount != ap.discount
+                        && exact_add(a.amount, -e.amount) == exact_add(ep.discount, -ap.discount)
+                }) =>
             {
                 "discount"
             }
@@ -1888,6 +1886,20 @@ mod tests {
             .map(|d| (d.key.customer.as_str(), d.what()))
             .collect();
         assert_eq!(what, [("acme", "discount"), ("beta", "amount")]);
+        // Parts that are not figures are left out; an amount apart by more than the
+        // discounts (tax in it) is an amount.
+        let taxed = csv(
+            "customer,price,quantity,subtotal,discount,amount,currency\n\
+             acme,resolutions,250,250.00,31.25,273.44,usd\n\
+             beta,resolutions,10,10.00,12.5%,8.75,usd\n",
+        );
+        assert_eq!(
+            taxed.by_key.values().filter(|f| f.parts.is_none()).count(),
+            1
+        );
+        let reconciled =
+            Reconciliation::of(&taxed, &tally, Compared::QuantitiesAndAmounts).unwrap();
+        assert_eq!(reconciled.differences[0].what(), "amount");
         // Without the parts on one side, an amount is all that can be said.
         let plain =
             csv("customer,price,quantity,amount,currency\nacme,resolutions,250,218.75,usd\n");

@@ -42,8 +42,12 @@ const RECORD_FRAMING_BYTES: usize = 64;
 /// How often readiness asks Kafka for the events topic's metadata.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// How often while the last probe failed: requests are refused until one succeeds.
+/// How often while the last probe failed.
 const PROBE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Failed probes in a row after which requests are refused at once: one probe can time
+/// out behind a busy broker's produce requests while Kafka still acknowledges them.
+const PROBES_TO_FAIL_FAST: u32 = 2;
 
 /// How long one readiness probe waits for an answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -59,8 +63,9 @@ pub struct EventProducer {
     /// The most an event's key and value may hold together: librdkafka refuses a
     /// larger record at once, on every retry.
     max_record_bytes: usize,
-    /// Why the last readiness probe failed, until one succeeds: requests are then
-    /// answered 503 at once rather than after the acknowledgement timeout.
+    /// Why the readiness probe failed, once it failed [`PROBES_TO_FAIL_FAST`] times in
+    /// a row, until one succeeds: requests are then answered 503 at once rather than
+    /// after the acknowledgement timeout.
     unreachable: Arc<Mutex<Option<String>>>,
 }
 
@@ -269,13 +274,18 @@ impl EventProducer {
         let producer = self.clone();
         tokio::spawn(async move {
             let mut was_ready = None;
+            let mut failed_in_a_row = 0;
             loop {
                 let probing = producer.clone();
                 let result = tokio::task::spawn_blocking(move || probing.probe())
                     .await
                     .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")));
                 let ready = result.is_ok();
-                *lock(&producer.unreachable) = result.as_ref().err().cloned();
+                failed_in_a_row = if ready { 0 } else { failed_in_a_row + 1 };
+                *lock(&producer.unreachable) = match &result {
+                    Err(reason) if failed_in_a_row >= PROBES_TO_FAIL_FAST => Some(reason.clone()),
+                    _ => None,
+                };
                 match result {
                     Ok(()) => readiness.ready(),
                     Err(reason) => {

@@ -40,7 +40,7 @@ use super::check::{check_events, Forbidden, VerdictKind};
 use super::connections::serve_connections;
 use super::error::IngestError;
 use super::metrics::{IngestMetrics, Outcome};
-use super::producer::{EventProducer, Record};
+use super::producer::{EventProducer, ProduceError, Record};
 use super::rate_limit::{retry_after_seconds, RateLimiter};
 use super::request::{
     binary_event, body_kind, is_binary_mode, split_events, BodyError, BodyKind, Events,
@@ -458,12 +458,17 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
     if !records.is_empty() {
         let started = Instant::now();
         if let Err(e) = app.producer.produce_all(&records).await {
-            tracing::warn!(
-                tenant,
-                events = records.len(),
-                error = %e,
-                "events not acknowledged by kafka; answered 503"
-            );
+            // While Kafka is away the readiness probe has said so once already.
+            if let ProduceError::Unreachable(_) = e {
+                tracing::debug!(tenant, events = records.len(), error = %e, "answered 503");
+            } else {
+                tracing::warn!(
+                    tenant,
+                    events = records.len(),
+                    error = %e,
+                    "events not acknowledged by kafka; answered 503"
+                );
+            }
             let body = ErrorBody::new(
                 "kafka_unavailable",
                 format!(

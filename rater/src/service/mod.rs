@@ -88,16 +88,6 @@ const CATCH_UP_POLL_WAIT: Duration = Duration::from_millis(10);
 /// Stored lines a new owner looks up in ClickHouse to tell they are there.
 const LOST_LINES_SAMPLE: usize = 100;
 
-/// What a rebuild from a partition's beginning does with months ClickHouse already
-/// bills.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BilledMonths {
-    /// Leaves settled ones as they were billed (a replay after offsets were reset).
-    Skip,
-    /// Rates them again: the partition's stored lines are gone.
-    Rate,
-}
-
 /// Where the rater service failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RaterError {
@@ -413,14 +403,14 @@ impl PartitionOwner for Worker {
                 // Nothing committed, nothing stored: every line is new to this rater.
                 let another_book = committed > 0
                     && point.as_ref().and_then(|p| p.book.as_deref()) != Some(self.book.as_str());
-                let rebuilt = self.rebuild(partition, committed, point, BilledMonths::Skip)?;
+                let rebuilt = self.rebuild(partition, committed, point)?;
                 // With another book, stored lines may have other ids: the check of the
                 // price book sees to those.
                 if committed > 0
                     && !another_book
-                    && self.stored_lines_lost(partition, &rebuilt.ledger)
+                    && self.stored_lines_lost(partition, &rebuilt.ledger)?
                 {
-                    let replayed = self.rebuild(partition, 0, None, BilledMonths::Rate)?;
+                    let replayed = self.rebuild(partition, 0, None)?;
                     return Ok((partition, 0, false, replayed));
                 }
                 Ok((partition, committed, another_book, rebuilt))
@@ -635,7 +625,6 @@ impl Worker {
         partition: i32,
         committed: i64,
         point: Option<RebuildPoint>,
-        billed_months: BilledMonths,
     ) -> Result<Rebuilt, RaterError> {
         let started = Instant::now();
         let mut rebuilt = Rebuilt {
@@ -686,7 +675,7 @@ impl Worker {
                 rebuilt.stored(change, message.offset());
             },
         )?;
-        if committed == 0 && billed_months == BilledMonths::Skip {
+        if committed == 0 {
             self.skip_billed_months(partition, &mut rebuilt)?;
         }
         // Marks the lines as stored as of `committed` and lets settled periods go; one
@@ -712,27 +701,30 @@ impl Worker {
     }
 
     /// Whether ClickHouse has none of the lines `ledger` holds as stored (a sample of
-    /// them): its database was dropped, emptied or restored from an older backup while
-    /// the group's offsets stayed, so those lines would never be written again.
-    fn stored_lines_lost(&self, partition: i32, ledger: &Ledger) -> bool {
+    /// them): its database was dropped or emptied while the group's offsets stayed, so
+    /// those lines would never be written again. The tables gone altogether stop the
+    /// rater ([`RaterError::TablesGone`]): its restart makes them and checks again.
+    fn stored_lines_lost(&self, partition: i32, ledger: &Ledger) -> Result<bool, RaterError> {
         let sample: Vec<String> = ledger.line_ids().take(LOST_LINES_SAMPLE).collect();
         if sample.is_empty() {
-            return false;
+            return Ok(false);
         }
-        match self.clickhouse.lines_stored_of(&sample) {
+        let oldest_open = ledger.settled_through().map(|settled| settled.next());
+        match self.clickhouse.lines_stored_of(&sample, oldest_open) {
             Ok(0) => {
                 self.metrics.lost_line_replays.inc();
                 tracing::error!(
                     partition,
                     sampled = sample.len(),
-                    "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped, emptied or restored from an older backup): rating the partition's whole history again, settled months included, with this rater's price book"
+                    "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped or emptied): rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
                 );
-                true
+                Ok(true)
             }
-            Ok(_) => false,
+            Ok(_) => Ok(false),
+            Err(error) if error.is_missing_table() => Err(RaterError::TablesGone(error)),
             Err(error) => {
                 tracing::warn!(partition, %error, "cannot check that the partition's stored lines are in ClickHouse; going on as if they were");
-                false
+                Ok(false)
             }
         }
     }
@@ -916,6 +908,9 @@ impl Worker {
         self.finish(consumer)?;
         if let Err(e) = self.check_price_book() {
             self.metrics.query_failures.inc();
+            if e.is_missing_table() {
+                return Err(RaterError::TablesGone(e));
+            }
             self.hold(
                 consumer,
                 "cannot check the stored lines against the price book",

@@ -1240,7 +1240,7 @@ fn a_rater_restarted_after_its_database_was_lost_stores_every_line_again() {
     p.wait_for(&p.expected_for(&lines, p.period), Duration::from_secs(180));
     assert!(
         p.log("rater-b")
-            .contains("rating the partition's whole history again"),
+            .contains("rating the partition again from its beginning"),
         "{}",
         p.log("rater-b")
     );
