@@ -435,7 +435,8 @@ fn reconcile_checks_a_file_of_lines_against_those_stored_in_clickhouse() {
         );
     }
 
-    // Re-rated with a larger discount: the stored resolutions line no longer agrees.
+    // Re-rated with a larger discount: the stored resolutions line no longer agrees, by
+    // its discount alone.
     let repriced =
         example_config_with(dir.path(), "percent_off = \"12.5\"", "percent_off = \"50\"");
     let rerated = rate_into(&db, &repriced);
@@ -446,8 +447,8 @@ fn reconcile_checks_a_file_of_lines_against_those_stored_in_clickhouse() {
     assert!(shown.contains("Agree: 1 line. Differ: 1 line."), "{shown}");
     assert!(
         shown.contains(concat!(
-            "  customer   price        what    expected quantity  actual quantity  expected amount  actual amount  amount difference\n",
-            "  cust_acme  resolutions  amount  2                  2                42.87 usd        24.50 usd      -18.37 usd\n",
+            "  customer   price        what      expected quantity  actual quantity  expected amount  actual amount  amount difference\n",
+            "  cust_acme  resolutions  discount  2                  2                42.87 usd        24.50 usd      -18.37 usd\n",
         )),
         "{shown}"
     );
