@@ -334,10 +334,7 @@ impl ClickHouse {
         // The months first: they lead the sorting key and the partitioning, so only
         // open months' parts are read.
         let months = from.map_or_else(String::new, |period| {
-            format!(
-                "period_start >= toDateTime('{}', 'UTC') AND ",
-                clickhouse_time(period.start())
-            )
+            format!("{} AND ", billed_from(period))
         });
         let answer = self.post(
             "check that stored lines are there",
@@ -369,10 +366,7 @@ impl ClickHouse {
         // As in `supersede`: the periods are chosen inside FINAL, whether a row is
         // current, live and stale outside it.
         let periods = from.map_or_else(String::new, |period| {
-            format!(
-                "WHERE period_start >= toDateTime('{}', 'UTC')",
-                clickhouse_time(period.start())
-            )
+            format!("WHERE {}", billed_from(period))
         });
         let answer = self.post(
             "read the lines an earlier price book rated",
@@ -873,6 +867,14 @@ impl ClickHouseError {
             _ => false,
         }
     }
+}
+
+/// The condition of rows billed in `period` or later.
+fn billed_from(period: Period) -> String {
+    format!(
+        "period_start >= toDateTime('{}', 'UTC')",
+        clickhouse_time(period.start())
+    )
 }
 
 /// `text` as a ClickHouse string literal, quoted and escaped.
