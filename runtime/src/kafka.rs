@@ -166,14 +166,11 @@ impl ClientErrors {
     }
 }
 
-/// A client's context that only logs its errors, through [`ClientErrors`]: for
-/// clients with nothing else to handle (an admin client, ingest's producer).
-#[derive(Debug, Default)]
-pub struct QuietErrors(ClientErrors);
-
-impl ClientContext for QuietErrors {
+/// The context of clients with nothing else to handle (an admin client, ingest's
+/// producer): their errors, logged as above.
+impl ClientContext for ClientErrors {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.0.log(&error, reason);
+        self.log(&error, reason);
     }
 }
 
@@ -218,14 +215,14 @@ pub fn check_properties(settings: &KafkaSettings) -> Result<(), PropertyError> {
     Ok(())
 }
 
-type Admin = AdminClient<QuietErrors>;
+type Admin = AdminClient<ClientErrors>;
 
 /// Creates Tally's topics if they do not exist, then checks that the co-partitioned
 /// ones agree and that the state topics keep what a restore needs. Returns their
 /// partition count. Safe to run from every instance at every start.
 pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box<KafkaSetupError>> {
     let admin: Admin = client_config(settings)
-        .create_with_context(QuietErrors::default())
+        .create_with_context(ClientErrors::default())
         .map_err(setup_error(settings, "create an admin client"))?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     create_topics(&admin, settings, &options).await?;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tally_runtime::kafka::QuietErrors;
+use tally_runtime::kafka::ClientErrors;
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::lock;
 use tally_runtime::Shutdown;
@@ -55,7 +55,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The producer of the events topic.
 #[derive(Clone)]
 pub struct EventProducer {
-    producer: FutureProducer<QuietErrors>,
+    producer: FutureProducer<ClientErrors>,
     topic: String,
     brokers: String,
     /// The longest a request waits for all of its acknowledgements.
@@ -148,8 +148,8 @@ impl EventProducer {
             .and_then(|bytes| bytes.trim().parse::<usize>().ok())
             .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
             .saturating_sub(RECORD_FRAMING_BYTES);
-        let producer: FutureProducer<QuietErrors> = config
-            .create_with_context(QuietErrors::default())
+        let producer: FutureProducer<ClientErrors> = config
+            .create_with_context(ClientErrors::default())
             .map_err(|source| IngestError::KafkaProducer {
                 brokers: settings.brokers.clone(),
                 source,
