@@ -250,6 +250,162 @@ impl PartitionState {
         let settled = self.ledger.settled_through();
         (self.first_offsets).point(settled, self.next_offset, book.to_owned())
     }
+
+    /// This partition's lines among `stale`: another's would have it re-rate everything
+    /// at every check without fixing them (one settled in its own partition, say).
+    fn own_stale_lines<'a>(
+        &self,
+        stale: &'a [StoredLine],
+        judge: ZeroUsageJudge,
+    ) -> Vec<&'a StoredLine> {
+        let settled = self.ledger.settled_through();
+        (stale.iter())
+            .filter(|line| line_open(settled, line.period, line.adjusts))
+            .filter(|line| {
+                if line.version == 0 {
+                    judge.owns(&line.customer)
+                } else {
+                    self.customers_with_usage.contains(&line.customer)
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the price-book check waits: a stale row newer than the partition's
+    /// position was stored by a rater before this one that stopped before committing
+    /// (its versions count the transaction markers it had stepped over). Rated now,
+    /// this book's rows would be older and lose to it, so the check waits for the
+    /// position to pass, for [`MAX_CHECK_DEFERRAL`] at most.
+    fn check_waits_for_position(&mut self, partition: i32, stale: &[&StoredLine]) -> bool {
+        let version = self.row_version();
+        if !stale.iter().any(|line| line.version > version) {
+            return false;
+        }
+        if self.check_deferred.is_none() {
+            tracing::info!(partition, position = version, "stored lines newer than the partition's position (a rater before this one stored them and stopped before committing): checking the price book once it has read that far");
+        }
+        let since = *self.check_deferred.get_or_insert_with(Instant::now);
+        since.elapsed() < MAX_CHECK_DEFERRAL
+    }
+
+    /// Re-rates the partition's open periods with this rater's book
+    /// ([`Worker::check_price_book`]): every line it holds, the opening lines of the
+    /// periods concerned, and each stale line without usage here replaced by its
+    /// zero-usage line or retired, all into `rows`.
+    fn rerate_for_book(&mut self, rerate: Rerate<'_>, rows: &mut PartitionRows) {
+        let settled = self.ledger.settled_through();
+        let version = self.row_version();
+        self.ledger.rerate_all();
+        self.uncommitted = true;
+        let with_usage: HashSet<String> = self.ledger.line_ids().collect();
+        let mut periods: BTreeSet<Period> = rerate.stale.iter().map(|line| line.period).collect();
+        if rerate.stored_with_another_book {
+            let open = (self.opened.iter()).filter(|&&p| line_open(settled, p, None));
+            periods.extend(open);
+        }
+        let zero_usage = self.queue_opening_lines(&periods, &with_usage, &rerate, rows);
+        let before = rows.retired.len();
+        let stale_lines = rerate.stale.len();
+        // Those with usage the ledger re-rates; the others are replaced or retired.
+        let (restated, without_usage): (Vec<&StoredLine>, Vec<&StoredLine>) = (rerate.stale)
+            .into_iter()
+            .partition(|line| with_usage.contains(&line.id));
+        (self.restated).extend(restated.iter().map(|line| (line.id.clone(), line.amount)));
+        for line in without_usage {
+            let at = if line.version == 0 {
+                0
+            } else if line.version <= version {
+                version
+            } else {
+                // A row newer than this partition's offsets: not its to replace.
+                continue;
+            };
+            match zero_usage.get(&line.id) {
+                // Replaced by the opening line queued above.
+                Some(_) if at == 0 => {}
+                // Usage the book no longer prices on this line (its filter or
+                // meter changed): the line is now its opening line, at zero usage.
+                Some(zero) => rows.lines.push((
+                    at,
+                    RatedLine {
+                        line: zero.clone(),
+                        revision: 0,
+                        delta: zero.amount - line.amount,
+                    },
+                )),
+                None => rows.retired.push((at, (*line).clone())),
+            }
+        }
+        tracing::info!(
+            partition = rerate.judge.partition,
+            stale = stale_lines,
+            stored_with_another_book = rerate.stored_with_another_book,
+            rerated = self.ledger.lines_held(),
+            retired = rows.retired.len() - before,
+            "lines an earlier price book rated: re-rating the partition's open periods"
+        );
+    }
+
+    /// Queues the opening (zero-usage) lines of `periods` that are this partition's to
+    /// write, and returns every opening line of them by id.
+    fn queue_opening_lines(
+        &self,
+        periods: &BTreeSet<Period>,
+        with_usage: &HashSet<String>,
+        rerate: &Rerate<'_>,
+        rows: &mut PartitionRows,
+    ) -> HashMap<String, InvoiceLine> {
+        let mut zero_usage = HashMap::new();
+        for &period in periods {
+            match self.ledger.opening_lines(period) {
+                Ok(lines) => {
+                    // The partition's own customers', and any customer's that no book
+                    // has stored yet: one the book added may belong to a partition that
+                    // has read nothing of the period. A stored line of another
+                    // partition's customer is that partition's to judge (it may be
+                    // settled there); a line with usage here is re-rated above version
+                    // 0 instead.
+                    let opening = lines.iter().filter(|l| {
+                        !with_usage.contains(&l.id)
+                            && (rerate.judge.owns(&l.customer)
+                                || !rerate.all_stale_ids.contains(l.id.as_str()))
+                    });
+                    rows.opening.extend(opening.cloned());
+                    zero_usage.extend(lines.into_iter().map(|line| (line.id.clone(), line)));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, %period, "cannot rate a period's opening lines")
+                }
+            }
+        }
+        zero_usage
+    }
+}
+
+/// Which partition judges a customer's zero-usage lines: the one Kafka's partitioner
+/// sends its events to, so they are judged by that partition's open periods and
+/// written once.
+#[derive(Debug, Clone, Copy)]
+struct ZeroUsageJudge {
+    partition: i32,
+    partition_count: NonZeroUsize,
+}
+
+impl ZeroUsageJudge {
+    fn owns(&self, customer: &str) -> bool {
+        partition_for_key(customer.as_bytes(), self.partition_count) == self.partition
+    }
+}
+
+/// What a partition's price-book check found to re-rate.
+struct Rerate<'a> {
+    /// The partition's own lines another book rated.
+    stale: Vec<&'a StoredLine>,
+    /// Its last commit names another book.
+    stored_with_another_book: bool,
+    /// Every partition's stale lines, by id.
+    all_stale_ids: &'a HashSet<&'a str>,
+    judge: ZeroUsageJudge,
 }
 
 /// Lines rated but not yet stored, with the offsets they account for.
@@ -1043,124 +1199,31 @@ impl Worker {
         };
         let stale = (self.clickhouse).lines_rated_with_another_book(&self.book, oldest_open)?;
         let stale_ids: HashSet<&str> = stale.iter().map(|line| line.id.as_str()).collect();
-        let count = self.partition_count;
         let mut deferred = false;
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
-            let customers_with_usage = &state.customers_with_usage;
-            // A customer's zero-usage lines belong to the partition its events go to:
-            // judged by that partition's open periods, and written once.
-            let owns_zero_usage =
-                |customer: &str| partition_for_key(customer.as_bytes(), count) == partition;
-            let settled = state.ledger.settled_through();
-            // This partition's stale lines: another's would have it re-rate everything
-            // at every check without fixing them (one settled in its own partition, say).
-            let stale: Vec<&StoredLine> = (stale.iter())
-                .filter(|line| line_open(settled, line.period, line.adjusts))
-                .filter(|line| {
-                    if line.version == 0 {
-                        owns_zero_usage(&line.customer)
-                    } else {
-                        customers_with_usage.contains(&line.customer)
-                    }
-                })
-                .collect();
-            // A stale row newer than the partition's position: a rater before this one
-            // stored it and stopped before committing (its versions count the
-            // transaction markers it had stepped over). Rated now, this book's rows
-            // would be older and lose to it: the check waits for the position to pass.
-            let version = state.row_version();
-            if stale.iter().any(|line| line.version > version) {
-                if state.check_deferred.is_none() {
-                    tracing::info!(partition, position = version, "stored lines newer than the partition's position (a rater before this one stored them and stopped before committing): checking the price book once it has read that far");
-                }
-                let since = *state.check_deferred.get_or_insert_with(Instant::now);
-                if since.elapsed() < MAX_CHECK_DEFERRAL {
-                    deferred = true;
-                    continue;
-                }
+            let judge = ZeroUsageJudge {
+                partition,
+                partition_count: self.partition_count,
+            };
+            let own_stale = state.own_stale_lines(&stale, judge);
+            if state.check_waits_for_position(partition, &own_stale) {
+                deferred = true;
+                continue;
             }
             state.check_deferred = None;
             state.unchecked = false;
             let another_book = std::mem::take(&mut state.stored_with_another_book);
-            if stale.is_empty() && !another_book {
+            if own_stale.is_empty() && !another_book {
                 continue;
             }
-            state.ledger.rerate_all();
-            state.uncommitted = true;
-            let with_usage: HashSet<String> = state.ledger.line_ids().collect();
-            let mut periods: BTreeSet<Period> = stale.iter().map(|line| line.period).collect();
-            if another_book {
-                let open = (state.opened.iter()).filter(|&&p| line_open(settled, p, None));
-                periods.extend(open);
-            }
-            let mut zero_usage: HashMap<String, InvoiceLine> = HashMap::new();
-            for &period in &periods {
-                match state.ledger.opening_lines(period) {
-                    Ok(lines) => {
-                        // The partition's own customers', and any customer's that no
-                        // book has stored yet: one the book added may belong to a
-                        // partition that has read nothing of the period. A stored line
-                        // of another partition's customer is that partition's to
-                        // judge (it may be settled there); a line with usage here is
-                        // re-rated above version 0 instead.
-                        let opening = lines.iter().filter(|l| {
-                            !with_usage.contains(&l.id)
-                                && (owns_zero_usage(&l.customer)
-                                    || !stale_ids.contains(l.id.as_str()))
-                        });
-                        self.pending
-                            .rows(partition)
-                            .opening
-                            .extend(opening.cloned());
-                        zero_usage.extend(lines.into_iter().map(|line| (line.id.clone(), line)));
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, %period, "cannot rate a period's opening lines")
-                    }
-                }
-            }
-            let rows = self.pending.rows(partition);
-            let before = rows.retired.len();
-            let stale_lines = stale.len();
-            // Those with usage the ledger re-rates; the others are replaced or retired.
-            let (restated, without_usage): (Vec<&StoredLine>, Vec<&StoredLine>) = stale
-                .into_iter()
-                .partition(|line| with_usage.contains(&line.id));
-            (state.restated).extend(restated.iter().map(|line| (line.id.clone(), line.amount)));
-            for line in without_usage {
-                let at = if line.version == 0 {
-                    0
-                } else if line.version <= version {
-                    version
-                } else {
-                    // A row newer than this partition's offsets: not its to replace.
-                    continue;
-                };
-                match zero_usage.get(&line.id) {
-                    // Replaced by the opening line written above.
-                    Some(_) if at == 0 => {}
-                    // Usage the book no longer prices on this line (its filter or
-                    // meter changed): the line is now its opening line, at zero usage.
-                    Some(zero) => rows.lines.push((
-                        at,
-                        RatedLine {
-                            line: zero.clone(),
-                            revision: 0,
-                            delta: zero.amount - line.amount,
-                        },
-                    )),
-                    None => rows.retired.push((at, (*line).clone())),
-                }
-            }
-            tracing::info!(
-                partition,
-                stale = stale_lines,
-                stored_with_another_book = another_book,
-                rerated = state.ledger.lines_held(),
-                retired = rows.retired.len() - before,
-                "lines an earlier price book rated: re-rating the partition's open periods"
-            );
+            let rerate = Rerate {
+                stale: own_stale,
+                stored_with_another_book: another_book,
+                all_stale_ids: &stale_ids,
+                judge,
+            };
+            state.rerate_for_book(rerate, self.pending.rows(partition));
         }
         if deferred {
             // Checked again at the next store, which this makes due.
