@@ -550,47 +550,11 @@ fn validate_customers(
         let mut changes = Vec::with_capacity(spec.plan_changes.len());
         for (k, change) in spec.plan_changes.iter().enumerate() {
             let at = format!("{at}.plan_changes[{k}]");
-            let previous = k.checked_sub(1).map(|p| spec.plan_changes[p].from);
-            let misplaced = if let Some(from) = spec.from.filter(|&from| change.from <= from) {
-                Some(format!(
-                    "{} is not after the customer's first period ({from}): bill the first period's plan as the customer's plan",
-                    change.from
-                ))
-            } else if let Some(through) = spec.through.filter(|&through| change.from > through) {
-                Some(format!(
-                    "{} is after the customer's last period ({through}): the change would never bill; remove it or move through",
-                    change.from
-                ))
-            } else {
-                previous.filter(|&previous| change.from <= previous).map(|previous| {
-                    format!(
-                        "{} is not after the change before it ({previous}): list plan changes in the order they take effect, one per period",
-                        change.from
-                    )
-                })
-            };
+            let misplaced = misplaced_plan_change(spec, k);
             if let Some(message) = &misplaced {
                 issues.add(format!("{at}.from"), message);
             }
-            let before = match k {
-                0 => spec.discounts.as_slice(),
-                _ => spec.plan_changes[k - 1]
-                    .discounts
-                    .as_deref()
-                    .unwrap_or_default(),
-            };
-            if change.discounts.is_none() && !before.is_empty() {
-                let prices: Vec<&str> = (before.iter())
-                    .map(|d| d.price.as_deref().unwrap_or("every price"))
-                    .collect();
-                warnings.add(
-                    format!("{at}.discounts"),
-                    format!(
-                        "the discounts before this change ({}) end with it, as discounts do not carry over to a new plan; list them here again to keep them, or write discounts = [] to end them and silence this",
-                        prices.join(", ")
-                    ),
-                );
-            }
+            warn_if_discounts_end(spec, k, &at, warnings);
             // Checked wherever it falls, so one run shows every problem.
             let discounts = change.discounts.as_deref().unwrap_or_default();
             let Some(subscription) = subscribe(&change.plan, discounts, &at, issues) else {
@@ -634,6 +598,56 @@ fn validate_customers(
         }
     }
     customers
+}
+
+/// Why the customer's plan change `k` cannot take effect where it is, if it cannot: at
+/// or before the customer's first period, after its last, or not after the change
+/// before it.
+fn misplaced_plan_change(spec: &CustomerSpec, k: usize) -> Option<String> {
+    let change = &spec.plan_changes[k];
+    let previous = k.checked_sub(1).map(|p| spec.plan_changes[p].from);
+    if let Some(from) = spec.from.filter(|&from| change.from <= from) {
+        Some(format!(
+            "{} is not after the customer's first period ({from}): bill the first period's plan as the customer's plan",
+            change.from
+        ))
+    } else if let Some(through) = spec.through.filter(|&through| change.from > through) {
+        Some(format!(
+            "{} is after the customer's last period ({through}): the change would never bill; remove it or move through",
+            change.from
+        ))
+    } else {
+        previous.filter(|&previous| change.from <= previous).map(|previous| {
+            format!(
+                "{} is not after the change before it ({previous}): list plan changes in the order they take effect, one per period",
+                change.from
+            )
+        })
+    }
+}
+
+/// Warns when plan change `k` (at `at`) says nothing of discounts while the plan
+/// before it had some: they end with it, which a reader of the book may not expect.
+fn warn_if_discounts_end(spec: &CustomerSpec, k: usize, at: &str, warnings: &mut Issues) {
+    let before = match k {
+        0 => spec.discounts.as_slice(),
+        _ => spec.plan_changes[k - 1]
+            .discounts
+            .as_deref()
+            .unwrap_or_default(),
+    };
+    if spec.plan_changes[k].discounts.is_none() && !before.is_empty() {
+        let prices: Vec<&str> = (before.iter())
+            .map(|d| d.price.as_deref().unwrap_or("every price"))
+            .collect();
+        warnings.add(
+            format!("{at}.discounts"),
+            format!(
+                "the discounts before this change ({}) end with it, as discounts do not carry over to a new plan; list them here again to keep them, or write discounts = [] to end them and silence this",
+                prices.join(", ")
+            ),
+        );
+    }
 }
 
 /// A customer's `plan` and its `discounts` (at `at`), as one subscription.
