@@ -15,14 +15,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Context};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use clap::Args;
 use rust_decimal::Decimal;
-use tally_schemas::config::Config;
+use tally_schemas::config::{Config, Customer};
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
-use crate::batch::{rate_events, BatchOptions};
+use crate::batch::{rate_events, BatchOptions, BatchResult};
 use crate::embedded::{self, store::Store, PipelineRun};
 use crate::explain::{write_explanation, Explanation};
 use crate::report::{write_csv, Totals};
@@ -176,23 +176,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let walkthrough = (largest.get("usd").or_else(|| largest.values().next()))
         .and_then(|(customer, _, _)| config.customers.get(*customer));
 
-    // The streaming stages and the batch rater must agree to the cent.
-    let batch = rate_events(
-        &config,
-        &input,
-        &BatchOptions {
-            period,
-            now,
-            workers: crate::default_threads(),
-            strict: false,
-            explained_customer: walkthrough.map(|customer| customer.id.clone()),
-        },
-        |_| Ok(()),
-    )?;
-    ensure!(
-        batch.lines == lines,
-        "the embedded pipeline and `tally rate` disagree; this is a bug, please report it"
-    );
+    let batch = check_against_batch(&config, &input, period, now, walkthrough, &lines)?;
     println!(
         "4/4 check: `tally rate --period {period}` on the same file gives the same {} lines, to the cent\n",
         lines.len()
@@ -200,17 +184,59 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     show_invoices(&totals, &largest, config.customers.len());
     if let Some(customer) = walkthrough {
-        let name = events_path.display().to_string();
-        let explanation = Explanation::of_batch(&config, period, customer, &name, &batch, None)?;
-        let mut text = Vec::new();
-        write_explanation(&mut text, &explanation)?;
-        println!("  How {}'s invoice adds up (`tally explain`):", customer.id);
-        print!("{}", indent(&String::from_utf8_lossy(&text)));
-        println!();
+        show_walkthrough(&config, period, customer, &events_path, &batch)?;
     }
     show_rejects(&run.rejects, &path(REJECTS));
     show_where_the_data_is(&args.dir, period);
     println!("\nDone in {:.1?}.", started.elapsed());
+    Ok(())
+}
+
+/// Rates the same events with `tally rate`'s batch path, which must give the lines the
+/// streaming stages gave, to the cent; `explained` is the customer whose events the
+/// result keeps for an explanation.
+fn check_against_batch(
+    config: &Arc<Config>,
+    input: &[u8],
+    period: Period,
+    now: DateTime<Utc>,
+    explained: Option<&Customer>,
+    lines: &[InvoiceLine],
+) -> anyhow::Result<BatchResult> {
+    let batch = rate_events(
+        config,
+        input,
+        &BatchOptions {
+            period,
+            now,
+            workers: crate::default_threads(),
+            strict: false,
+            explained_customer: explained.map(|customer| customer.id.clone()),
+        },
+        |_| Ok(()),
+    )?;
+    ensure!(
+        batch.lines == lines,
+        "the embedded pipeline and `tally rate` disagree; this is a bug, please report it"
+    );
+    Ok(batch)
+}
+
+/// Prints how `customer`'s invoice adds up, as `tally explain` would.
+fn show_walkthrough(
+    config: &Config,
+    period: Period,
+    customer: &Customer,
+    events_path: &Path,
+    batch: &BatchResult,
+) -> anyhow::Result<()> {
+    let name = events_path.display().to_string();
+    let explanation = Explanation::of_batch(config, period, customer, &name, batch, None)?;
+    let mut text = Vec::new();
+    write_explanation(&mut text, &explanation)?;
+    println!("  How {}'s invoice adds up (`tally explain`):", customer.id);
+    print!("{}", indent(&String::from_utf8_lossy(&text)));
+    println!();
     Ok(())
 }
 
