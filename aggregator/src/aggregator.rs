@@ -1759,19 +1759,19 @@ mod tests {
         );
     }
 
-    /// Events of October to December 2026 from generated (id, hour, model, tokens,
-    /// user, _) tuples.
+    /// Hours in October to December 2026 (92 days).
+    const QUARTER_HOURS: u32 = 92 * 24;
+
+    /// Events of October to December 2026 from generated (id, hour of the quarter,
+    /// model, tokens, user, _) tuples.
     fn quarter_of_events(events: &[(u32, u32, u64, i64, u64, bool)]) -> Vec<DecodedEvent<'static>> {
         let models = ["gpt", "claude", "llama"];
+        let start: DateTime<Utc> = "2026-10-01T00:00:00Z".parse().unwrap();
         events
             .iter()
             .map(|&(id, hour, model, n, user, _)| {
-                let time = format!(
-                    "2026-{:02}-{:02}T{:02}:00:00Z",
-                    10 + hour / 720,
-                    1 + (hour % 720) / 24,
-                    hour % 24
-                );
+                let time = start + chrono::Duration::hours(i64::from(hour));
+                let time = time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
                 tokens(&id.to_string(), &time, models[model as usize], n, user)
             })
             .collect()
@@ -1821,7 +1821,7 @@ mod tests {
         /// treats the rest of the stream exactly as the original does.
         #[test]
         fn merged_changes_rebuild_the_state(
-            events in proptest::collection::vec((0u32..60, 0u32..1400, 0u64..3, 1i64..1000, 0u64..5, any::<bool>()), 1..120),
+            events in proptest::collection::vec((0u32..60, 0u32..QUARTER_HOURS, 0u64..3, 1i64..1000, 0u64..5, any::<bool>()), 1..120),
             split in 0usize..120,
         ) {
             let stream = quarter_of_events(&events);
@@ -1858,7 +1858,7 @@ mod tests {
         /// as the original does.
         #[test]
         fn usage_snapshots_with_keys_kept_apart_rebuild_the_state(
-            events in proptest::collection::vec((0u32..60, 0u32..1400, 0u64..3, 1i64..1000, 0u64..5, any::<bool>()), 1..120),
+            events in proptest::collection::vec((0u32..60, 0u32..QUARTER_HOURS, 0u64..3, 1i64..1000, 0u64..5, any::<bool>()), 1..120),
             split in 0usize..120,
             snapshot_every in 1usize..6,
             gather_every in 1usize..6,

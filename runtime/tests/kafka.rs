@@ -364,6 +364,8 @@ fn topics_an_operator_made_without_the_settings_tally_needs_are_refused() {
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn partition_for_key_names_the_partition_the_murmur2_partitioner_chose() {
+    // Other tests stop the broker.
+    let _serial = serial();
     let topic = unique("partitioner");
     let partitions = 7;
     let admin: AdminClient<DefaultClientContext> = config().create().unwrap();

@@ -1459,7 +1459,7 @@ mod tests {
     use crate::state::StateError;
 
     #[test]
-    fn each_outcome_is_counted_once_and_only_refusals_go_to_the_rejected_topic() {
+    fn each_core_outcome_maps_to_one_counted_outcome_and_refusals_to_a_rejection_reason() {
         let time = chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap_or_default();
         let table = [
             (Outcome::Accepted, EventOutcome::Accepted, None),
