@@ -26,6 +26,16 @@ use crate::time::Period;
 /// every partition. Usage of a closed period read afterwards becomes an adjustment.
 pub const CLOSE_PERIOD_HEADER: &str = "tally-close-period";
 
+/// Kafka header of an event the aggregator forwarded from another partition than Kafka's
+/// Java partitioner (murmur2) gives its subject: where it was read, as
+/// `<partition>@<offset>`.
+pub const FORWARDED_FROM_HEADER: &str = "tally-forwarded-from";
+
+/// Kafka header of a forwarded event: the timestamp (ms) of the record it was
+/// forwarded from, its "now" where it is counted, so the event is judged as when it
+/// first reached Kafka (and a replay that forwards it again, alike).
+pub const FORWARDED_TIMESTAMP_HEADER: &str = "tally-forwarded-timestamp";
+
 /// Kafka header of a control record in the windows topic: its value, a period like
 /// `2026-10`, says that period and every earlier one have settled in the partition the
 /// record is in: the watermark is the dedupe horizon past their end, so no event can

@@ -16,10 +16,13 @@ pub enum EventOutcome {
     Invalid,
     /// Not an event: a control record (a period close).
     Control,
+    /// Read on another partition than Kafka's Java partitioner gives its subject, and
+    /// forwarded to that one, where it is counted.
+    Forwarded,
 }
 
 impl EventOutcome {
-    const ALL: [EventOutcome; 8] = [
+    const ALL: [EventOutcome; 9] = [
         EventOutcome::Accepted,
         EventOutcome::Unmetered,
         EventOutcome::Duplicate,
@@ -28,6 +31,7 @@ impl EventOutcome {
         EventOutcome::Refused,
         EventOutcome::Invalid,
         EventOutcome::Control,
+        EventOutcome::Forwarded,
     ];
 
     fn label(self) -> &'static str {
@@ -40,6 +44,7 @@ impl EventOutcome {
             EventOutcome::Refused => "refused",
             EventOutcome::Invalid => "invalid",
             EventOutcome::Control => "control",
+            EventOutcome::Forwarded => "forwarded",
         }
     }
 }
@@ -51,9 +56,6 @@ pub(super) struct OutcomeCounts {
     events: [u64; EventOutcome::ALL.len()],
     pub late_revised: u64,
     pub late_adjusted: u64,
-    /// Events counted (accepted, late or adjusted) on another partition than the one
-    /// Kafka's Java partitioner gives their subject.
-    pub misplaced: u64,
 }
 
 impl OutcomeCounts {
@@ -74,7 +76,6 @@ pub struct AggregatorMetrics {
     /// later period as adjustments.
     pub late_revised: IntCounter,
     pub late_adjusted: IntCounter,
-    pub misplaced: IntCounter,
     /// Events Kafka deleted (retention) before this partition's state counted them.
     pub lost_to_retention: IntCounter,
     /// `tally_aggregator_transactions_total`, `result` committed and aborted: both
@@ -101,7 +102,7 @@ impl AggregatorMetrics {
         let m = Metrics::new(registry.clone());
         let events = m.counter_vec(
             "tally_aggregator_events_total",
-            "Events read from the events topic, by what became of them.",
+            "Events read from the events topic, by what became of them. `forwarded`: read on another partition than Kafka's Java partitioner (murmur2) gives their subject (their producer partitions otherwise, as librdkafka's default does) and written to that one, where they are counted again; set partitioner=murmur2_random in that producer.",
             &["outcome"],
         );
         let late = m.counter_vec(
@@ -118,10 +119,6 @@ impl AggregatorMetrics {
             events: EventOutcome::ALL.map(|o| events.with_label_values(&[o.label()])),
             late_revised: late.with_label_values(&["revised"]),
             late_adjusted: late.with_label_values(&["adjusted"]),
-            misplaced: m.counter(
-                "tally_aggregator_misplaced_events_total",
-                "Events counted (accepted, late or adjusted) on another partition than Kafka's Java partitioner (murmur2) gives their subject: their producer partitions otherwise (librdkafka's default, say). They are billed, but a price-book change then judges their customer's zero-usage lines by another partition; set partitioner=murmur2_random. Like the events counter, it counts again what a recovery re-reads.",
-            ),
             lost_to_retention: m.counter(
                 "tally_aggregator_events_lost_to_retention_total",
                 "Events the events topic no longer held when a partition's state resumed (deleted by retention while the aggregator was down or behind): never billed. Raise the topic's retention.ms above the longest outage.",
@@ -182,6 +179,5 @@ impl AggregatorMetrics {
         }
         self.late_revised.inc_by(counts.late_revised);
         self.late_adjusted.inc_by(counts.late_adjusted);
-        self.misplaced.inc_by(counts.misplaced);
     }
 }

@@ -6,10 +6,12 @@
 //! [`close_period`] writes). Out, per transaction: a usage update per changed series and
 //! period (its period-to-date value and changed windows) to `<prefix>.windows`, and a
 //! control record there when a month has settled (see [`SETTLED_HEADER`]),
-//! refused events (original bytes, reason in headers) to `<prefix>.rejected`, the
+//! refused events (original bytes, reason in headers) to `<prefix>.rejected`, events
+//! read on another partition than Kafka's Java partitioner gives their subject back to
+//! `<prefix>.events`, on that partition (see [`FORWARDED_FROM_HEADER`]), the
 //! state changes to `<prefix>.aggregator-changelog`, and the offsets of the events
 //! they account for.
-//! The three topics and the offsets commit or abort together, so downstream
+//! The topics and the offsets commit or abort together, so downstream
 //! `read_committed` consumers see every event's effect exactly once.
 //!
 //! Each partition has its own [`Aggregator`]; the windows and changes of events
@@ -34,7 +36,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
@@ -50,7 +52,10 @@ use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::event::{EventDecoder, EventError, Problem};
-use tally_schemas::records::{settled_record, CLOSE_PERIOD_HEADER, SETTLED_HEADER};
+use tally_schemas::records::{
+    settled_record, CLOSE_PERIOD_HEADER, FORWARDED_FROM_HEADER, FORWARDED_TIMESTAMP_HEADER,
+    SETTLED_HEADER,
+};
 use tally_schemas::time::Period;
 
 pub use metrics::{AggregatorMetrics, EventOutcome};
@@ -172,6 +177,40 @@ struct Processed<'m> {
     oldest_event_ms: Option<i64>,
     outcomes: OutcomeCounts,
     rejections: Vec<(&'m BorrowedMessage<'m>, Rejection)>,
+    /// Events read on another partition than their subject's, with that partition and
+    /// the "now" they were judged by here.
+    forwards: Vec<(&'m BorrowedMessage<'m>, i32, i64)>,
+}
+
+impl<'m> Processed<'m> {
+    /// Counts an event's outcome, and sends it to the rejected topic if it is refused.
+    fn count(
+        &mut self,
+        message: &'m BorrowedMessage<'m>,
+        (outcome, rejection): (EventOutcome, Option<Rejection>),
+    ) {
+        self.outcomes.add(outcome);
+        if let Some(rejection) = rejection {
+            self.rejections.push((message, rejection));
+        }
+    }
+}
+
+/// The most a forwarded event may hold, headers included: librdkafka's default
+/// `message.max.bytes`, below the broker's default topic limit. A larger one could be
+/// refused by the broker at commit, stopping the partition.
+const MAX_FORWARDED_BYTES: usize = 1_000_000;
+
+/// The bytes of `message` forwarded: key, payload, headers and the forward's own, with
+/// a few bytes of framing apiece.
+fn forwarded_bytes(message: &BorrowedMessage<'_>) -> usize {
+    let headers: usize = (message.headers().into_iter())
+        .flat_map(|h| h.iter())
+        .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 10)
+        .sum();
+    let key = message.key().map_or(0, <[u8]>::len);
+    let forward = FORWARDED_FROM_HEADER.len() + FORWARDED_TIMESTAMP_HEADER.len() + 2 * (20 + 10);
+    message.payload().map_or(0, <[u8]>::len) + key + headers + forward
 }
 
 /// An outcome that sends the message to the rejected topic, saying why.
@@ -234,9 +273,12 @@ impl PartitionState {
         processed.events += 1;
         let timestamp = message.timestamp().to_millis();
         processed.oldest_event_ms = processed.oldest_event_ms.into_iter().chain(timestamp).min();
-        // The event's "now" is when it reached Kafka, so a replay judges its time
-        // exactly as the first reading did.
-        let now = timestamp
+        // The event's "now" is when it reached Kafka (first, if it was forwarded), so a
+        // replay judges its time exactly as the first reading did.
+        let received_ms = header_value(message, FORWARDED_TIMESTAMP_HEADER)
+            .and_then(|value| std::str::from_utf8(value).ok()?.parse::<i64>().ok())
+            .or(timestamp);
+        let now = received_ms
             .and_then(chrono::DateTime::from_timestamp_millis)
             .unwrap_or_else(Utc::now);
         if let Some(value) = header_value(message, CLOSE_PERIOD_HEADER) {
@@ -268,31 +310,35 @@ impl PartitionState {
                 ),
             ),
             Ok(event) => {
+                // A customer's line is its partition's total, and the rater finds its
+                // zero-usage lines by the partitioner's choice: an event of another
+                // partition (a producer partitioning otherwise) is counted there.
+                let home = partition_for_key(event.subject.as_bytes(), partition_count);
+                if home != message.partition() {
+                    let bytes = forwarded_bytes(message);
+                    if bytes > MAX_FORWARDED_BYTES {
+                        return processed.count(message, refused(
+                            EventOutcome::Invalid,
+                            "wrong_partition",
+                            "subject",
+                            format!("the event is on partition {} but Kafka's Java partitioner (murmur2) gives its subject partition {home}, and at {bytes} bytes it is too large to forward there: produce with partitioner=murmur2_random", message.partition()),
+                        ));
+                    }
+                    let received_ms = received_ms.unwrap_or_else(|| now.timestamp_millis());
+                    processed.forwards.push((message, home, received_ms));
+                    processed.outcomes.add(EventOutcome::Forwarded);
+                    return;
+                }
                 let outcome = self.aggregator.apply(&event);
                 match outcome {
                     Outcome::Late => processed.outcomes.late_revised += 1,
                     Outcome::Adjusted => processed.outcomes.late_adjusted += 1,
                     _ => {}
                 }
-                // Billed right only while all of the customer's events share this
-                // partition (its line is this partition's total); counted because
-                // that is up to the producers, and the rater finds a customer's
-                // zero-usage lines by the partitioner's choice.
-                if matches!(
-                    outcome,
-                    Outcome::Accepted | Outcome::Late | Outcome::Adjusted
-                ) && partition_for_key(event.subject.as_bytes(), partition_count)
-                    != message.partition()
-                {
-                    processed.outcomes.misplaced += 1;
-                }
                 verdict(outcome, event.time)
             }
         };
-        processed.outcomes.add(outcome);
-        if let Some(rejection) = rejection {
-            processed.rejections.push((message, rejection));
-        }
+        processed.count(message, (outcome, rejection));
     }
 
     /// Closes the period a control record names, or tells why it cannot. A close cannot
@@ -1056,6 +1102,11 @@ impl Worker {
                     self.broken = Some(e);
                 }
             }
+            for (message, home, received_ms) in processed.forwards {
+                if let Err(e) = self.forward(message, home, received_ms) {
+                    self.broken = Some(e);
+                }
+            }
         }
     }
 
@@ -1098,6 +1149,41 @@ impl Worker {
                 value: Some(&message.offset().to_string()),
             });
         let mut record = BaseRecord::<[u8], [u8]>::to(&self.topics.rejected)
+            .payload(message.payload().unwrap_or_default())
+            .headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        send(&self.producer, record)
+    }
+
+    /// Writes an event read on another partition than its subject's to that one, in
+    /// the open transaction, with its key, payload and headers, and where and when it
+    /// was read here; it is counted there, so a customer's events share one
+    /// partition's dedupe and totals.
+    fn forward(
+        &self,
+        message: &BorrowedMessage<'_>,
+        home: i32,
+        received_ms: i64,
+    ) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new();
+        for header in message.headers().into_iter().flat_map(|h| h.iter()) {
+            if header.key != FORWARDED_FROM_HEADER && header.key != FORWARDED_TIMESTAMP_HEADER {
+                headers = headers.insert(header);
+            }
+        }
+        let headers = headers
+            .insert(Header {
+                key: FORWARDED_FROM_HEADER,
+                value: Some(&format!("{}@{}", message.partition(), message.offset())),
+            })
+            .insert(Header {
+                key: FORWARDED_TIMESTAMP_HEADER,
+                value: Some(&received_ms.to_string()),
+            });
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.topics.events)
+            .partition(home)
             .payload(message.payload().unwrap_or_default())
             .headers(headers);
         if let Some(key) = message.key() {
