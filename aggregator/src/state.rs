@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tally_schemas::config::AggregationKind;
-use tally_schemas::decimal::exact_add;
+use tally_schemas::decimal::add_fitting;
 use tally_schemas::event::{EventError, Problem, ReadingValue};
 use tally_schemas::records::{EventOrder, MeterValue};
 
@@ -35,7 +35,7 @@ pub enum StateError {
         "reading {0:?} does not fit a {1} meter; was the event decoded with another configuration?"
     )]
     Mismatch(ReadingValue, &'static str),
-    #[error("the meter's total would exceed the largest exact decimal (about 7.9e28) or need more than its 28 significant digits, so it cannot be held exactly and this event is not counted; send values with fewer decimal places, or in a larger unit")]
+    #[error("the meter's total would exceed the largest decimal (about 7.9e28), so this event is not counted; send values in a larger unit")]
     Overflow,
 }
 
@@ -77,9 +77,9 @@ impl AggState {
     pub fn check(&self, value: ReadingValue) -> Result<(), StateError> {
         match (self, value) {
             (AggState::Count(_), ReadingValue::Event) => Ok(()),
-            (AggState::Sum(total), ReadingValue::Number(n)) => {
-                exact_add(*total, n).map(|_| ()).ok_or(StateError::Overflow)
-            }
+            (AggState::Sum(total), ReadingValue::Number(n)) => add_fitting(*total, n)
+                .map(|_| ())
+                .ok_or(StateError::Overflow),
             (AggState::Max(_) | AggState::Latest(_), ReadingValue::Number(_))
             | (AggState::UniqueCount(_), ReadingValue::Distinct(_)) => Ok(()),
             (state, value) => Err(StateError::Mismatch(value, state.kind().as_str())),
@@ -100,7 +100,7 @@ impl AggState {
         match (self, value) {
             (AggState::Count(n), ReadingValue::Event) => *n += 1,
             (AggState::Sum(total), ReadingValue::Number(v)) => {
-                *total = exact_add(*total, v).ok_or(StateError::Overflow)?;
+                *total = add_fitting(*total, v).ok_or(StateError::Overflow)?;
             }
             (AggState::Max(max), ReadingValue::Number(v)) => {
                 *max = Some(max.map_or(v, |m| m.max(v)));
@@ -254,7 +254,7 @@ mod tests {
     }
 
     #[test]
-    fn sum_overflow_is_refused_not_wrapped() {
+    fn sum_past_the_largest_decimal_is_refused_and_a_long_one_rounded() {
         let mut state = AggState::Sum(Decimal::MAX);
         assert_eq!(
             state.check(ReadingValue::Number(Decimal::ONE)),
@@ -266,15 +266,14 @@ mod tests {
         );
         assert_eq!(state, AggState::Sum(Decimal::MAX));
 
-        // Within range, but a 30-digit sum: refused rather than rounded.
-        let mut big = AggState::Sum(Decimal::from(800_000_000_000_000_000_u64));
-        let tiny = ReadingValue::Number(Decimal::new(1, 12));
-        assert_eq!(big.check(tiny), Err(StateError::Overflow));
-        assert_eq!(big.add(tiny, order(0, 0)), Err(StateError::Overflow));
-        assert_eq!(
-            big,
-            AggState::Sum(Decimal::from(800_000_000_000_000_000_u64))
-        );
+        // Within range, a sum that needs more digits than a decimal holds is counted,
+        // rounded at its last digit: the event is billed, not refused.
+        let mut big = AggState::Sum(Decimal::from(5000));
+        let precise = ReadingValue::Number("0.1234567890123456789012345678".parse().unwrap());
+        assert_eq!(big.check(precise), Ok(()));
+        assert_eq!(big.add(precise, order(0, 0)), Ok(()));
+        let rounded = "5000.1234567890123456789012346".parse().unwrap();
+        assert_eq!(big, AggState::Sum(rounded));
     }
 
     proptest! {

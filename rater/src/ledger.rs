@@ -20,7 +20,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
 use tally_schemas::config::{AggregationKind, Config, Customer};
-use tally_schemas::decimal::exact_add;
+use tally_schemas::decimal::ExactSum;
 use tally_schemas::price::Plan;
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesKeyRef};
 use tally_schemas::time::Period;
@@ -518,23 +518,23 @@ pub fn combine(
     kind: AggregationKind,
     values: impl Iterator<Item = MeterValue>,
 ) -> Result<MeterValue, RateError> {
-    values.into_iter().try_fold(MeterValue::ZERO, |acc, v| {
-        Ok(match kind {
-            AggregationKind::Count | AggregationKind::Sum | AggregationKind::UniqueCount => {
-                MeterValue {
-                    value: exact_add(acc.value, v.value).ok_or(RateError::Overflow {
-                        quantity: acc.value,
-                    })?,
-                    latest: None,
-                }
-            }
-            AggregationKind::Max => MeterValue {
-                value: acc.value.max(v.value),
+    match kind {
+        // Exact whatever the order the series come in, rounded only past a decimal's
+        // digits, so the same series always make the same quantity.
+        AggregationKind::Count | AggregationKind::Sum | AggregationKind::UniqueCount => {
+            let sum: ExactSum = values.map(|v| v.value).collect();
+            let value = sum.fitted_total().ok_or(RateError::TotalTooLarge)?;
+            Ok(MeterValue {
+                value,
                 latest: None,
-            },
-            AggregationKind::Latest => acc.later(v),
-        })
-    })
+            })
+        }
+        AggregationKind::Max => Ok(values.fold(MeterValue::ZERO, |acc, v| MeterValue {
+            value: acc.value.max(v.value),
+            latest: None,
+        })),
+        AggregationKind::Latest => Ok(values.fold(MeterValue::ZERO, MeterValue::later)),
+    }
 }
 
 #[cfg(test)]
@@ -1202,7 +1202,7 @@ mod tests {
         ledger.record(&series("tokens", &["a"]), november(), huge);
         ledger.record(&series("tokens", &["b"]), november(), huge);
         let error = ledger.flush().unwrap_err();
-        assert!(matches!(error.source, RateError::Overflow { .. }));
+        assert!(matches!(error.source, RateError::TotalTooLarge));
         assert_eq!(
             error.to_string(),
             format!(
@@ -1210,21 +1210,23 @@ mod tests {
                 error.source
             )
         );
-        // Nor is a sum that would need more than 28 significant digits rounded.
-        let mut ledger = Ledger::new(config());
-        let exact = |value: Decimal| MeterValue {
-            value,
+        // A sum of series that needs more digits than a decimal holds is rated,
+        // rounded at its last digit, the same whichever series comes first.
+        let exact = |value: &str| MeterValue {
+            value: value.parse().unwrap(),
             latest: None,
         };
-        let large = exact(Decimal::from(500_000_000_000_000_000_000_u128));
-        ledger.record(&series("tokens", &["a"]), november(), large);
-        let tiny = exact(Decimal::new(1, 9));
-        ledger.record(&series("tokens", &["b"]), november(), tiny);
-        let error = ledger.flush().unwrap_err();
-        assert!(
-            matches!(error.source, RateError::Overflow { .. }),
-            "{error}"
-        );
+        let (large, precise) = (exact("5000"), exact("0.1234567890123456789012345678"));
+        for (a, b) in [(large, precise), (precise, large)] {
+            let mut ledger = Ledger::new(config());
+            ledger.record(&series("tokens", &["a"]), november(), a);
+            ledger.record(&series("tokens", &["b"]), november(), b);
+            let rated = ledger.flush().unwrap();
+            assert_eq!(
+                rated[0].line.quantity.to_string(),
+                "5000.1234567890123456789012346"
+            );
+        }
     }
 
     proptest! {

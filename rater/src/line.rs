@@ -96,19 +96,19 @@ pub fn invoice_line(
     let price: &Price = &plan.prices[price_index];
     let failed = |source| LineError::new(customer, price, period, source);
     let charge = rate(&price.rate, quantity).map_err(failed)?;
-    let minor = plan.currency.minor_units();
+    let (billed, minor) = (plan.currency.decimals(), plan.currency.minor_units());
     // Rounded to the minor unit, an amount past about 7.9e26 (usd) has no decimal.
     let too_large = || {
         let amount = charge.amount.nearest_decimal().unwrap_or(Decimal::MAX);
         failed(RateError::AmountTooLarge { amount })
     };
     let subtotal = (charge.amount)
-        .round(minor, plan.rounding)
+        .round(billed, plan.rounding)
         .ok_or_else(too_large)?;
     let discount = match subscription.discounts.get(&price_index) {
         None => Decimal::ZERO,
         Some(Discount::PercentOff(percent)) => ExactAmount::percent_of(subtotal, *percent)
-            .round(minor, plan.rounding)
+            .round(billed, plan.rounding)
             .ok_or_else(too_large)?,
         Some(Discount::AmountOff(off)) => plan.currency.round(*off, plan.rounding).min(subtotal),
     };

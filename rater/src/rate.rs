@@ -30,8 +30,10 @@ pub struct Charge {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RateError {
-    #[error("quantity {quantity}: a usage total, package count or amount is beyond an exact decimal (28 significant digits, at most about 7.9e28); check the meter's values")]
+    #[error("quantity {quantity}: its package count or amount is beyond an exact decimal (28 significant digits, at most about 7.9e28); check the meter's values")]
     Overflow { quantity: Decimal },
+    #[error("the line's series add up past the largest decimal (about 7.9e28); check the meter's values")]
+    TotalTooLarge,
     #[error("amount {amount} is more minor units than a line can store (a 64-bit count: about 9.2e18 minor units); check the meter's values and the prices")]
     AmountTooLarge { amount: Decimal },
     #[error("quantity {0} is negative; usage quantities are never negative")]

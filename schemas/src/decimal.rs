@@ -4,11 +4,12 @@
 //! [`Decimal`] with exactly that value, or an error: the digits before the exponent
 //! must fit a Decimal's 28 significant digits (trailing fractional zeros aside), and
 //! the value its range. rust_decimal's `from_scientific` rounds a mantissa longer than
-//! 28 digits; this never rounds. Also the exact sums and package counts totals use
-//! (rust_decimal's `checked_add` and `checked_div` round once a result needs more than
-//! 28 significant digits, where a total must be refused instead), and
-//! [`ExactAmount`], a charge exact at any number of digits until its line rounds it
-//! once to the currency.
+//! 28 digits; this never rounds. Also the sums and package counts totals use: exact
+//! whenever the result fits a decimal (rust_decimal's `checked_add` and `checked_div`
+//! round silently), a usage total that does not rounded half to even at its last
+//! digit, said so, rather than an event refused ([`add_fitting`],
+//! [`ExactSum::fitted_total`]); and [`ExactAmount`], a charge exact at any number of
+//! digits until its line rounds it once to the currency.
 
 use std::cmp::Ordering;
 
@@ -55,6 +56,16 @@ pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
         scale -= 1;
     }
     Decimal::try_from_i128_with_scale(mantissa, scale).ok()
+}
+
+/// `a + b`: exact when its digits fit a decimal, else rounded half to even at the last
+/// of the 28 or so significant digits a decimal holds (5000 +
+/// 0.1234567890123456789012345678 is 5000.1234567890123456789012346), a difference far
+/// below any price's precision. `None` only past the largest decimal (about 7.9e28).
+/// Rounding a running total depends on the order it is added in: Tally's are added in
+/// a partition's order, which every replay keeps.
+pub fn add_fitting(a: Decimal, b: Decimal) -> Option<Decimal> {
+    exact_add(a, b).or_else(|| a.checked_add(b))
 }
 
 /// A sum of many decimals, exact whatever their order: the whole parts and the
@@ -110,6 +121,29 @@ impl ExactSum {
         (fewest..=self.scale.max(fewest)).rev().find_map(|scale| {
             let mantissa = digits.checked_mul(10i128.pow(scale - fewest))?;
             Decimal::try_from_i128_with_scale(mantissa, scale).ok()
+        })
+    }
+}
+
+impl ExactSum {
+    /// The total, exact when it fits a decimal ([`ExactSum::total`]), else rounded half
+    /// to even to the digits a decimal holds; either way the same whatever the order of
+    /// the parts. `None` only past the largest decimal (about 7.9e28).
+    pub fn fitted_total(&self) -> Option<Decimal> {
+        if self.overflowed {
+            return None;
+        }
+        self.total().or_else(|| {
+            // The most decimals that fit, the fraction rounded to them.
+            (0..MAX_SCALE as u32).rev().find_map(|scale| {
+                let dropped = 10i128.pow(MAX_SCALE as u32 - scale);
+                let (kept, rest) = (self.fraction / dropped, self.fraction % dropped);
+                let truncated = (self.whole.checked_mul(10i128.pow(scale))?).checked_add(kept)?;
+                let half = dropped / 2;
+                let up = rest > half || (rest == half && truncated % 2 != 0);
+                let mantissa = truncated.checked_add(i128::from(up))?;
+                Decimal::try_from_i128_with_scale(mantissa, scale).ok()
+            })
         })
     }
 }
@@ -562,6 +596,39 @@ mod tests {
         assert_eq!(sum.total(), Some(Decimal::MAX));
         let sum: ExactSum = [Decimal::MAX, Decimal::ONE].into_iter().collect();
         assert_eq!(sum.total(), None);
+    }
+
+    #[test]
+    fn a_total_past_28_digits_keeps_its_most_significant_rounded_half_to_even() {
+        let fitted = |parts: &[&str]| {
+            let sum: ExactSum = parts.iter().map(|p| dec(p)).collect();
+            sum.fitted_total()
+        };
+        let (small, large) = ("0.1234567890123456789012345678", "5000");
+        let expected = Some(dec("5000.1234567890123456789012346"));
+        assert_eq!(fitted(&[small, large]), expected);
+        assert_eq!(fitted(&[large, small]), expected);
+        assert_eq!(add_fitting(dec(small), dec(large)), expected);
+        // Exact whenever it fits, trailing zeros kept as a sum keeps them.
+        assert_eq!(fitted(&["1.50", "2.50"]).unwrap().to_string(), "4.00");
+        // Ties go to the even digit, up or down.
+        let tie_down = ["50000000000000000000000000000", "0.2", "0.3"];
+        assert_eq!(
+            fitted(&tie_down),
+            Some(dec("50000000000000000000000000000"))
+        );
+        let tie_up = ["50000000000000000000000000001", "0.5"];
+        assert_eq!(fitted(&tie_up), Some(dec("50000000000000000000000000002")));
+        let above = ["50000000000000000000000000000", "0.5", "0.0000000001"];
+        assert_eq!(fitted(&above), Some(dec("50000000000000000000000000001")));
+        let negative = ["-50000000000000000000000000000", "-0.6"];
+        assert_eq!(
+            fitted(&negative),
+            Some(dec("-50000000000000000000000000001"))
+        );
+        // Only past the largest decimal is there no total.
+        assert_eq!(fitted(&["79228162514264337593543950335", "1"]), None);
+        assert_eq!(add_fitting(Decimal::MAX, Decimal::ONE), None);
     }
 
     #[test]

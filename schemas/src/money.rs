@@ -1,8 +1,10 @@
 //! Currencies and rounding: where an exact amount becomes a payable one.
 //!
 //! In: a lower-case ISO 4217 code and a rounding mode from the plan.
-//! Out: amounts rounded to the currency's minor unit (cents for usd, none for jpy,
-//! thousandths for kwd). Rounding happens once per invoice line, never per event.
+//! Out: amounts rounded to what the currency is billed in (cents for usd, none for jpy,
+//! hundredths for kwd, whose card payments must end in a zero fils), written in its
+//! minor unit as Stripe's API counts it (thousandths for kwd). Rounding happens once
+//! per invoice line, never per event.
 
 use std::fmt;
 
@@ -14,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub struct Currency {
     code: &'static str,
     minor_units: u32,
+    decimals: u32,
 }
 
 impl Currency {
@@ -23,7 +26,14 @@ impl Currency {
         ISO_4217
             .iter()
             .find(|(c, _)| *c == code)
-            .map(|&(code, minor_units)| Currency { code, minor_units })
+            .map(|&(code, minor_units)| Currency {
+                code,
+                minor_units,
+                decimals: BILLED_DECIMALS
+                    .iter()
+                    .find(|(c, _)| *c == code)
+                    .map_or(minor_units, |&(_, decimals)| decimals),
+            })
     }
 
     /// The lower-case ISO 4217 code, e.g. `eur`.
@@ -31,9 +41,16 @@ impl Currency {
         self.code
     }
 
-    /// Digits after the decimal point in the currency's minor unit (usd 2, jpy 0, kwd 3).
+    /// Digits after the decimal point in the currency's minor unit, as Stripe's API
+    /// counts `amount` (usd 2, jpy 0, kwd 3, isk 2); amounts are written with as many.
     pub fn minor_units(&self) -> u32 {
         self.minor_units
+    }
+
+    /// Digits after the decimal point an amount is billed to (usd 2, jpy 0, kwd 2,
+    /// isk 0): the minor unit's, except where card payments allow only coarser ones.
+    pub fn decimals(&self) -> u32 {
+        self.decimals
     }
 
     /// `amount` as a whole number of minor units (cents for usd, yen for jpy), as a line
@@ -46,9 +63,9 @@ impl Currency {
         i64::try_from(amount.mantissa()).ok()
     }
 
-    /// Rounds an exact amount to this currency's minor unit.
+    /// Rounds an exact amount to what this currency is billed in ([`Currency::decimals`]).
     pub fn round(&self, amount: Decimal, mode: RoundingMode) -> Decimal {
-        amount.round_dp_with_strategy(self.minor_units, mode.strategy())
+        amount.round_dp_with_strategy(self.decimals, mode.strategy())
     }
 }
 
@@ -81,9 +98,10 @@ impl RoundingMode {
 }
 
 /// Active ISO 4217 codes with their minor units (the standard's "E" column), except
-/// mga: ISO lists 2, but its subunit is a fifth, not a hundredth, and Stripe bills it
-/// in whole ariary, so Tally does too (an `amount_minor` sent to Stripe must mean the
-/// same).
+/// where Stripe's API counts amounts otherwise, as an `amount_minor` sent to Stripe
+/// must mean the same: mga (ISO lists 2, but its subunit is a fifth, not a hundredth,
+/// and Stripe bills whole ariary) and isk (ISO lists 0; Stripe's API keeps 2, an
+/// amount of 100 being one króna).
 #[rustfmt::skip]
 const ISO_4217: &[(&str, u32)] = &[
     ("aed", 2), ("afn", 2), ("all", 2), ("amd", 2), ("ang", 2), ("aoa", 2), ("ars", 2),
@@ -95,7 +113,7 @@ const ISO_4217: &[(&str, u32)] = &[
     ("etb", 2), ("eur", 2), ("fjd", 2), ("fkp", 2), ("gbp", 2), ("gel", 2), ("ghs", 2),
     ("gip", 2), ("gmd", 2), ("gnf", 0), ("gtq", 2), ("gyd", 2), ("hkd", 2), ("hnl", 2),
     ("htg", 2), ("huf", 2), ("idr", 2), ("ils", 2), ("inr", 2), ("iqd", 3), ("irr", 2),
-    ("isk", 0), ("jmd", 2), ("jod", 3), ("jpy", 0), ("kes", 2), ("kgs", 2), ("khr", 2),
+    ("isk", 2), ("jmd", 2), ("jod", 3), ("jpy", 0), ("kes", 2), ("kgs", 2), ("khr", 2),
     ("kmf", 0), ("kpw", 2), ("krw", 0), ("kwd", 3), ("kyd", 2), ("kzt", 2), ("lak", 2),
     ("lbp", 2), ("lkr", 2), ("lrd", 2), ("lsl", 2), ("lyd", 3), ("mad", 2), ("mdl", 2),
     ("mga", 0), ("mkd", 2), ("mmk", 2), ("mnt", 2), ("mop", 2), ("mru", 2), ("mur", 2),
@@ -109,6 +127,18 @@ const ISO_4217: &[(&str, u32)] = &[
     ("ugx", 0), ("usd", 2), ("uyi", 0), ("uyu", 2), ("uyw", 4), ("uzs", 2), ("ves", 2),
     ("ved", 2), ("vnd", 0), ("vuv", 0), ("wst", 2), ("xaf", 0), ("xcd", 2), ("xcg", 2), ("xof", 0),
     ("xpf", 0), ("yer", 2), ("zar", 2), ("zmw", 2), ("zwg", 2),
+];
+
+/// Currencies billed to fewer decimals than their minor unit, as Stripe requires of card
+/// payments: whole krónur (since April 2023), and the three-decimal dinars and rial
+/// rounded to ten fils or baisa (their last digit zero).
+const BILLED_DECIMALS: &[(&str, u32)] = &[
+    ("isk", 0),
+    ("bhd", 2),
+    ("jod", 2),
+    ("kwd", 2),
+    ("omr", 2),
+    ("tnd", 2),
 ];
 
 #[cfg(test)]
@@ -127,8 +157,26 @@ mod tests {
         assert_eq!(Currency::from_code("kwd").unwrap().minor_units(), 3);
         // Not ISO's 2: whole ariary, as Stripe bills it.
         assert_eq!(Currency::from_code("mga").unwrap().minor_units(), 0);
+        // Not ISO's 0: Stripe's API counts krónur in hundredths.
+        assert_eq!(Currency::from_code("isk").unwrap().minor_units(), 2);
         assert!(Currency::from_code("USD").is_none());
         assert!(Currency::from_code("xyz").is_none());
+    }
+
+    #[test]
+    fn card_rules_bill_isk_and_the_dinars_to_fewer_decimals_than_their_minor_unit() {
+        let currency = |code| Currency::from_code(code).unwrap();
+        let half_up = RoundingMode::HalfUp;
+        // 5.124 kwd is billed 5.12, 5120 fils; 0.0125 kwd is 0.01.
+        assert_eq!(currency("kwd").round(d("5.124"), half_up), d("5.12"));
+        assert_eq!(currency("kwd").to_minor(d("5.12")), Some(5120));
+        assert_eq!(currency("bhd").round(d("0.0125"), half_up), d("0.01"));
+        // 40.10 isk is billed 40, written 4000 (Stripe's hundredths).
+        assert_eq!(currency("isk").round(d("40.10"), half_up), d("40"));
+        assert_eq!(currency("isk").to_minor(d("40")), Some(4000));
+        // Elsewhere billed to the minor unit.
+        assert_eq!(currency("iqd").round(d("1.2345"), half_up), d("1.235"));
+        assert_eq!(currency("usd").decimals(), 2);
     }
 
     #[test]

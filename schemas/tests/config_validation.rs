@@ -254,7 +254,7 @@ fn an_amount_off_finer_than_the_currency_is_refused_in_major_units() {
             r#"discounts = [{ price = "resolutions", amount_off = "4.995" }]"#,
         ),
         "customers[cust_acme].discounts[0].amount_off",
-        "4.995 has more decimals than usd allows (2); amounts are in the currency's major unit, so round it to 2 decimals",
+        "4.995 has more decimals than usd is billed in (2); amounts are in the currency's major unit, so round it to 2 decimals",
     );
 }
 

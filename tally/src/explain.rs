@@ -257,7 +257,7 @@ fn write_heading(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
             plan.id,
             plan.currency.code(),
             snake_case(plan.rounding),
-            plan.currency.minor_units()
+            plan.currency.decimals()
         )?;
         // Why this month's invoice may look unlike the last one's.
         let before = Period::latest_ended_by(period.start());
@@ -414,7 +414,7 @@ fn write_events(out: &mut impl Write, name: &str, events: &CustomerEvents) -> io
         (
             events.refused,
             "refused",
-            "a total would stop being exact",
+            "a total would pass the largest decimal",
             "",
         ),
     ] {
@@ -541,7 +541,7 @@ fn write_worked_line(
         out,
         "  subtotal  {charge} rounded {} to {} decimals = {}",
         snake_case(plan.rounding),
-        plan.currency.minor_units(),
+        plan.currency.decimals(),
         line.subtotal
     )?;
     let discount = match discount {
@@ -616,7 +616,7 @@ fn write_adjustment_amount(
         format!(
             ", each rounded {} to {} decimals as plan {} rounds",
             snake_case(plan.rounding),
-            plan.currency.minor_units(),
+            plan.currency.decimals(),
             plan.id
         )
     });

@@ -47,7 +47,7 @@ pub struct Summary {
     pub unknown_customers: BTreeMap<String, u64>,
     /// Events older than the dedupe horizon (streaming only; a batch run keeps every key).
     pub too_late: u64,
-    /// Events refused because a total would stop being exact.
+    /// Events refused because a total would pass the largest decimal.
     pub refused: u64,
     /// Usage of known customers that no price of their plan bills.
     pub unpriced_usage: Vec<UnbilledUsage>,
@@ -78,7 +78,7 @@ pub struct CustomerEvents {
     pub outside_period: u64,
     /// In the period, of a type no meter reads.
     pub unmetered: u64,
-    /// Refused because a total would stop being exact.
+    /// Refused because a total would pass the largest decimal.
     pub refused: u64,
 }
 

@@ -667,6 +667,17 @@ fn yen_has_no_minor_unit_and_rounds_per_the_plan() {
 }
 
 #[test]
+fn icelandic_krona_is_billed_in_whole_kronur_as_card_payments_allow() {
+    // 40.10 isk a call: billed 40, written in Stripe's hundredths (`amount_minor`
+    // 4000); 3 calls, 120.30, are billed 120.
+    let isk = Fixture::new(&per_event_config("isk", "half_up", "40.10", ""));
+    let l = isk.rate(&calls("c", 1), &[]).succeeded().lines();
+    assert_eq!(money(&l[0]), ["1", "40.00", "0.00", "40.00"]);
+    let l = isk.rate(&calls("c", 3), &[]).succeeded().lines();
+    assert_eq!(money(&l[0]), ["3", "120.00", "0.00", "120.00"]);
+}
+
+#[test]
 fn yen_discounts_round_to_whole_yen() {
     // 103 jpy, 50 % off: 51.5 -> 52 (half_up); 103 - 52 = 51.
     let f = Fixture::new(&per_event_config(
@@ -757,22 +768,36 @@ plan = "p"
 }
 
 #[test]
-fn kuwaiti_dinar_has_three_decimals() {
-    // One call at 0.0125 kwd: half_up 0.013, half_even 0.012.
-    let up = Fixture::new(&per_event_config("kwd", "half_up", "0.0125", ""));
+fn kuwaiti_dinar_is_written_to_the_fils_and_billed_to_ten_fils() {
+    // Card payments in kwd must end in a zero fils: one call at 0.025 kwd is billed
+    // 0.030 half_up, 0.020 half_even (2 is even), written with three decimals.
+    let up = Fixture::new(&per_event_config("kwd", "half_up", "0.025", ""));
     assert_eq!(
         money(&up.rate(&calls("c", 1), &[]).succeeded().lines()[0]),
-        ["1", "0.013", "0.000", "0.013"]
+        ["1", "0.030", "0.000", "0.030"]
     );
-    let even = Fixture::new(&per_event_config("kwd", "half_even", "0.0125", ""));
+    let even = Fixture::new(&per_event_config("kwd", "half_even", "0.025", ""));
     assert_eq!(
         money(&even.rate(&calls("c", 1), &[]).succeeded().lines()[0]),
-        ["1", "0.012", "0.000", "0.012"]
+        ["1", "0.020", "0.000", "0.020"]
     );
-    // 4 calls: 0.05 exactly, printed with three decimals.
+    // 4 calls: 0.1 exactly.
     assert_eq!(
         money(&even.rate(&calls("c", 4), &[]).succeeded().lines()[0]),
-        ["4", "0.050", "0.000", "0.050"]
+        ["4", "0.100", "0.000", "0.100"]
+    );
+    // An amount off of one fils is finer than a card payment can take off.
+    let refused = Fixture::new(&per_event_config(
+        "kwd",
+        "half_up",
+        "1",
+        r#"discounts = [{ price = "calls", amount_off = "0.005" }]"#,
+    ));
+    let run = refused.rate(&calls("c", 1), &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_shows(
+        &run.stderr,
+        &["0.005 has more decimals than kwd is billed in (2)"],
     );
 }
 
@@ -3361,10 +3386,11 @@ fn rate_reads_pipes_skips_a_bom_and_refuses_inputs_it_would_misread_or_destroy()
 }
 
 #[test]
-fn an_event_the_aggregator_refuses_is_kept_in_the_rejects_file_with_its_line() {
+fn a_total_needing_more_digits_than_a_decimal_bills_every_event_rounded_at_its_last_digit() {
     let f = Fixture::new(PRO);
-    // The second would make a total of 29 significant digits: refused, not rounded.
-    let events = [
+    // Together they need 46 significant digits: every event is counted, and the total
+    // keeps the 28 a decimal holds, rounded half to even, in either order.
+    let mut events = vec![
         tokens("t-1", "cust_acme", "gpt-x", json!("999999999999999999")),
         tokens(
             "t-2",
@@ -3372,33 +3398,18 @@ fn an_event_the_aggregator_refuses_is_kept_in_the_rejects_file_with_its_line() {
             "gpt-x",
             json!("0.0000000000000000000000000001"),
         ),
+        tokens("t-3", "cust_acme", "gpt-x", json!("0.00000000006")),
     ];
-    let run = f.rate(&events, &[]).succeeded();
-    assert_shows(
-        &run.stderr,
-        &["1 rejected lines in rejects.jsonl (1 of them valid but refused: see their reasons)"],
-    );
-    let rejects: Vec<Value> = (f.read("rejects.jsonl").lines())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(rejects.len(), 1, "{rejects:?}");
-    assert_eq!(
-        (
-            &rejects[0]["line"],
-            &rejects[0]["field"],
-            &rejects[0]["code"]
-        ),
-        (&json!(2), &json!("data"), &json!("refused"))
-    );
-    assert_eq!(rejects[0]["raw"], json!(events[1]));
-    assert!(
-        rejects[0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("28 significant digits"),
-        "{}",
-        rejects[0]
-    );
+    for _ in 0..2 {
+        let run = f.rate(&events, &[]).succeeded();
+        assert_shows(&run.stderr, &["3 counted", "0 refused", "0 rejected lines"]);
+        let quantities: Vec<Value> = (run.lines().iter())
+            .filter(|line| line["customer"] == "cust_acme" && line["quantity"] != "0")
+            .map(|line| line["quantity"].clone())
+            .collect();
+        assert_eq!(quantities, [json!("999999999999999999.0000000001")]);
+        events.reverse();
+    }
 }
 
 #[test]

@@ -679,12 +679,12 @@ fn validate_subscription(
         };
         if let Discount::AmountOff(off) = discount {
             let mut usable = true;
-            let decimals = plan.currency.minor_units();
+            let decimals = plan.currency.decimals();
             if off.normalize().scale() > decimals {
                 issues.add(
                     format!("{at}.amount_off"),
                     format!(
-                        "{off} has more decimals than {} allows ({decimals}); amounts are in the currency's major unit, so round it to {decimals} decimals",
+                        "{off} has more decimals than {} is billed in ({decimals}); amounts are in the currency's major unit, so round it to {decimals} decimals",
                         plan.currency,
                     ),
                 );
