@@ -8,8 +8,9 @@
 //! subscribed customer and price (revision 0, the opening line).
 //!
 //! A line's quantity combines the values of the series its price selects (meter and
-//! filter): sums for count and sum meters, the largest for max, the latest by event
-//! time for latest (unique_count prices select one series; validation sees to that).
+//! filter): sums for count and sum meters, the largest for max, the sum of each
+//! series' latest value for latest (one gauge per group: team a's 50 seats and team
+//! b's 2 are 52), and for unique_count the one series validation lets a price select.
 //! Because a line is always re-rated from its full period-to-date quantity, its final
 //! amount equals rating the period's total at once, whatever order updates came in;
 //! the deltas of successive revisions, from the opening line's amount (zero usage) for
@@ -521,7 +522,11 @@ pub fn combine(
     match kind {
         // Exact whatever the order the series come in, rounded only past a decimal's
         // digits, so the same series always make the same quantity.
-        AggregationKind::Count | AggregationKind::Sum | AggregationKind::UniqueCount => {
+        // A latest meter's series are one gauge per group, each at its latest value.
+        AggregationKind::Count
+        | AggregationKind::Sum
+        | AggregationKind::UniqueCount
+        | AggregationKind::Latest => {
             let sum: ExactSum = values.map(|v| v.value).collect();
             let value = sum.fitted_total().ok_or(RateError::TotalTooLarge)?;
             Ok(MeterValue {
@@ -533,7 +538,6 @@ pub fn combine(
             value: acc.value.max(v.value),
             latest: None,
         })),
-        AggregationKind::Latest => Ok(values.fold(MeterValue::ZERO, MeterValue::later)),
     }
 }
 
@@ -1052,6 +1056,24 @@ mod tests {
 
     fn november() -> Period {
         Period::from_str("2026-11").unwrap()
+    }
+
+    #[test]
+    fn a_latest_line_adds_up_each_series_latest_value() {
+        use tally_schemas::ids::EventKey;
+        use tally_schemas::records::EventOrder;
+        let reading = |day: &str, seats: i64| MeterValue {
+            value: Decimal::from(seats),
+            latest: Some(EventOrder {
+                time: format!("2026-11-{day}T09:00:00Z").parse().unwrap(),
+                key: EventKey::new("seats", day),
+            }),
+        };
+        // Team a's 50 seats of the 10th and team b's 2 of the 20th are 52 seats, not
+        // the later reading's 2.
+        let teams = [reading("10", 50), reading("20", 2)];
+        let combined = combine(AggregationKind::Latest, teams.into_iter()).unwrap();
+        assert_eq!(combined.value, Decimal::from(52));
     }
 
     #[test]

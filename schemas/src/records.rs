@@ -204,7 +204,7 @@ pub struct EventOrder {
     pub key: EventKey,
 }
 
-/// An aggregated value. `latest` is set for `latest` meters so values of several series
+/// An aggregated value. `latest` is set for `latest` meters so the windows of a series
 /// can be combined by event time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeterValue {

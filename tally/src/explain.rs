@@ -22,7 +22,7 @@ use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
 use tally_schemas::decimal::exact_add;
 use tally_schemas::price::{Discount, Plan, Price, Rate, TiersMode};
-use tally_schemas::records::{InvoiceLine, SeriesWindows, WindowUsage};
+use tally_schemas::records::{InvoiceLine, MeterValue, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchResult};
@@ -650,6 +650,9 @@ fn write_usage(
             )
         };
     }
+    if let Aggregation::Latest(_) = meter.aggregation {
+        return write_latest_values(out, e, &series);
+    }
     // Meters whose windows add up to their days and month, as the rater combines them.
     let kind = meter.aggregation.kind();
     let additive = matches!(
@@ -793,8 +796,12 @@ fn meter_text(meter: &Meter) -> String {
             "meter {slug} counts the distinct values of {} of {events} events",
             path.as_str()
         ),
-        Aggregation::Latest(path) => format!(
+        Aggregation::Latest(path) if meter.group_by.is_empty() => format!(
             "meter {slug} takes {} of the latest {events} event",
+            path.as_str()
+        ),
+        Aggregation::Latest(path) => format!(
+            "meter {slug} takes {} of the latest {events} event of each group, added up",
             path.as_str()
         ),
     }
@@ -810,6 +817,35 @@ fn filter_text(meter: &Meter, price: &Price) -> String {
     } else {
         format!(", where {}", conditions.join(" and "))
     }
+}
+
+/// Each series' latest value, and the event that set it: the line adds them up, one
+/// gauge per group.
+fn write_latest_values(
+    out: &mut impl Write,
+    e: &Explanation<'_>,
+    series: &[&SeriesWindows],
+) -> io::Result<()> {
+    for (key, windows) in series {
+        let latest = (windows.iter()).fold(MeterValue::ZERO, |held, w| held.later(w.value));
+        let group = group_text(e.config, &key.meter, &key.group);
+        let group = match group.trim_start() {
+            "" => "latest".to_owned(),
+            group => group.to_owned(),
+        };
+        let when = (latest.latest).map_or_else(String::new, |order| {
+            format!(", set by the event of {}", order.time.to_rfc3339())
+        });
+        writeln!(
+            out,
+            "            {group}: {}{when}",
+            latest.value.normalize()
+        )?;
+    }
+    if series.len() > 1 {
+        writeln!(out, "            (each group's latest value, added up)")?;
+    }
+    Ok(())
 }
 
 /// ` model = gpt-x` for a series' group values, or nothing for a meter without

@@ -1077,6 +1077,53 @@ fn max_unique_count_and_latest_meters_through_the_binary() {
     );
 }
 
+#[test]
+fn a_latest_meter_by_group_bills_each_groups_latest_value_added_up() {
+    let f = Fixture::new(
+        r#"
+[[meters]]
+slug = "seats"
+event_type = "app.seats"
+aggregation = "latest"
+value_property = "$.seats"
+group_by = { team = "$.team" }
+
+[[plans]]
+id = "teams"
+currency = "usd"
+
+[[plans.prices]]
+id = "seats"
+meter = "seats"
+billing_scheme = "per_unit"
+unit_amount = "10"
+
+[[customers]]
+id = "c"
+plan = "teams"
+"#,
+    );
+    let seats = |id: &str, team: &str, day: &str, n: u32| {
+        let time = format!("2026-11-{day}T09:00:00Z");
+        let data = json!({ "team": team, "seats": n });
+        event(id, "app.seats", "c", &time, Some(data))
+    };
+    // Team a has 50 seats (its 40 of the 3rd replaced on the 10th), team b 2: 52.
+    let events = vec![
+        seats("s1", "a", "03", 40),
+        seats("s2", "a", "10", 50),
+        seats("s3", "b", "20", 2),
+    ];
+    let lines = f.rate(&events, &[]).succeeded().lines();
+    assert_eq!(money(&lines[0]), ["52", "520.00", "0.00", "520.00"]);
+    // `rate` left the events in events.jsonl, which `explain` reads.
+    let run = f.explain("c", &[]).succeeded();
+    assert_shows(
+        &run.stdout,
+        &["  quantity  52: meter seats takes $.seats of the latest app.seats event of each group, added up\n            team = a: 50, set by the event of 2026-11-10T09:00:00+00:00\n            team = b: 2, set by the event of 2026-11-20T09:00:00+00:00\n            (each group's latest value, added up)\n"],
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // The period: UTC calendar month, offsets normalised
 // ---------------------------------------------------------------------------------------
@@ -2841,9 +2888,9 @@ fn explain_lists_days_only_for_meters_whose_days_make_the_month() {
         "seconds: 12.50 usd",
         "  quantity  12.5: meter seconds sums $.seconds of gpu.seconds events\n            by day: Nov 05: 9.5, Nov 06: 3\n",
         "  quantity  7: meter peak takes the largest $.seconds of gpu.seconds events\n            by day: Nov 05: 7, Nov 06: 3\n",
-        // Distinct users and the latest seat count are not made of days.
+        // Distinct users are not made of days; the latest seat count names its event.
         "  quantity  2: meter users counts the distinct values of $.user of app.active events\n            (a month's unique_count is not made of its days', so none are listed)\n",
-        "  quantity  12: meter seats takes $.seats of the latest app.seats event\n            (a month's latest is not made of its days', so none are listed)\n",
+        "  quantity  12: meter seats takes $.seats of the latest app.seats event\n            latest: 12, set by the event of 2026-11-20T00:00:00+00:00\n",
         "total 75.50 usd (12.50 + 7.00 + 20.00 + 36.00)\n",
         ],
     );
