@@ -12,6 +12,7 @@
 //! digits until its line rounds it once to the currency.
 
 use std::cmp::Ordering;
+use std::fmt;
 
 use num_bigint::{BigInt, Sign};
 use rust_decimal::Decimal;
@@ -263,6 +264,27 @@ impl ExactAmount {
                 .rev()
                 .find_map(|places| self.round(places, RoundingMode::HalfEven))
         })
+    }
+}
+
+/// The exact value, every digit, without trailing fractional zeros (`0.004999…9`,
+/// `12.5`): what an explanation shows of an unrounded amount.
+impl fmt::Display for ExactAmount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scale = self.scale as usize;
+        let digits = self.digits.magnitude().to_string();
+        let digits = format!("{digits:0>width$}", width = scale + 1);
+        let (whole, fraction) = digits.split_at(digits.len() - scale);
+        let fraction = fraction.trim_end_matches('0');
+        let sign = if self.digits.sign() == Sign::Minus {
+            "-"
+        } else {
+            ""
+        };
+        match fraction {
+            "" => write!(f, "{sign}{whole}"),
+            fraction => write!(f, "{sign}{whole}.{fraction}"),
+        }
     }
 }
 
@@ -556,6 +578,12 @@ mod tests {
         // A percentage is exact too: 33.333 % of 15.25.
         let share = ExactAmount::percent_of(dec("15.25"), dec("33.333"));
         assert_eq!(share.to_decimal(), Some(dec("5.08328250")));
+        assert_eq!(share.to_string(), "5.0832825");
+        // Shown with every digit, where a decimal would round it to a tie.
+        let under = ExactAmount::percent_of(dec("0.01"), dec("49.99999999999999999999999999"));
+        assert_eq!(under.to_string(), "0.004999999999999999999999999999");
+        assert_eq!(ExactAmount::from(dec("-12.50")).to_string(), "-12.5");
+        assert_eq!(ExactAmount::from(dec("0.0")).to_string(), "0");
         assert_eq!(
             ExactAmount::from(Decimal::MAX).round(2, RoundingMode::HalfUp),
             None

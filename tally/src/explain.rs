@@ -20,7 +20,7 @@ use serde::Serialize;
 use tally_rater::ledger::combine;
 use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
-use tally_schemas::decimal::exact_add;
+use tally_schemas::decimal::{exact_add, ExactAmount};
 use tally_schemas::price::{Discount, Plan, Price, Rate, TiersMode};
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
@@ -531,12 +531,10 @@ fn write_worked_line(
     if let Some(closed) = line.adjusts_period {
         return write_adjustment_amount(out, line, closed, Some(plan));
     }
-    let charge: Decimal = line
-        .tiers
-        .iter()
-        .map(|t| t.amount)
-        .sum::<Decimal>()
-        .normalize();
+    let mut charge = ExactAmount::default();
+    for tier in &line.tiers {
+        charge.add(&ExactAmount::from(tier.amount));
+    }
     writeln!(
         out,
         "  subtotal  {charge} rounded {} to {} decimals = {}",
@@ -549,7 +547,7 @@ fn write_worked_line(
         Some(Discount::PercentOff(percent)) => format!(
             "{percent} % of {} = {}, rounded {} = {}",
             line.subtotal,
-            (line.subtotal * *percent / Decimal::ONE_HUNDRED).normalize(),
+            ExactAmount::percent_of(line.subtotal, *percent),
             snake_case(plan.rounding),
             line.discount
         ),
