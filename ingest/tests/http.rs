@@ -46,6 +46,38 @@ value_property = "$.tokens"
 slug = "resolutions"
 event_type = "ai.resolution"
 aggregation = "count"
+
+[[plans]]
+id = "pro"
+currency = "usd"
+
+[[plans.prices]]
+id = "tokens"
+meter = "tokens"
+billing_scheme = "per_unit"
+unit_amount = "0.001"
+
+[[plans.prices]]
+id = "resolutions"
+meter = "resolutions"
+billing_scheme = "per_unit"
+unit_amount = "0.99"
+
+[[customers]]
+id = "cust_a"
+plan = "pro"
+
+[[customers]]
+id = "cust_b"
+plan = "pro"
+
+[[customers]]
+id = "cust_c"
+plan = "pro"
+
+[[customers]]
+id = "cust_acme"
+plan = "pro"
 "#;
 
 fn brokers() -> String {
@@ -548,12 +580,16 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
     let good_2 = event("m-5", "agent", "cust_b", 20);
     // Valid, but of a type no meter reads: stored, with a warning.
     let misspelt = event("m-6", "agent", "cust_b", 1).replace("llm.tokens", "llm.token");
-    let body = batch(&[&good_1, no_time, &negative, "7", &good_2, &misspelt]);
+    // Valid, but for no customer of the price book: stored, with a warning.
+    let stranger = event("m-7", "agent", "cust-b", 1);
+    let body = batch(&[
+        &good_1, no_time, &negative, "7", &good_2, &misspelt, &stranger,
+    ]);
     let reply = service.post(BATCH, Some(KEY), &body);
     assert_eq!(reply.status, 202, "{reply:?}");
     assert_eq!(
         reply.json(),
-        json!({"accepted": 3, "rejected": 3, "duplicates": 0, "results": [
+        json!({"accepted": 4, "rejected": 3, "duplicates": 0, "results": [
             {"index": 0, "id": "m-1", "status": "accepted"},
             {"index": 1, "id": "m-2", "status": "rejected", "field": "time",
              "code": "missing_field", "reason": "required field is missing"},
@@ -564,6 +600,8 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
             {"index": 4, "id": "m-5", "status": "accepted"},
             {"index": 5, "id": "m-6", "status": "accepted", "warning": "unmetered_type",
              "reason": "no meter reads type \"llm.token\": the event is stored, but bills nothing, even if such a meter is added later (a misspelt type?)"},
+            {"index": 6, "id": "m-7", "status": "accepted", "warning": "unknown_customer",
+             "reason": "subject \"cust-b\" is no customer of the price book (did you mean \"cust_b\"?): the event is stored, and billed only if the customer is added while its month is open"},
         ]})
     );
     assert_eq!(
@@ -571,7 +609,8 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
         sorted(vec![
             stored("cust_a", &good_1),
             stored("cust_b", &good_2),
-            stored("cust_b", &misspelt)
+            stored("cust_b", &misspelt),
+            stored("cust-b", &stranger)
         ])
     );
 }

@@ -99,7 +99,7 @@ pub fn rate_events(
         );
     }
 
-    summary.suggest_customers(config.customers.keys().map(String::as_str));
+    summary.suggest_customers(config);
     let mut ledger = Ledger::new(Arc::clone(config));
     for (series, value) in aggregator.period_usage(period) {
         let recorded = ledger.record(&series, period, value);

@@ -27,7 +27,7 @@ use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchResult};
 use crate::report::{packages, tier_arithmetic, tier_text, total_too_large};
-use crate::summary::{likely_meant, CustomerEvents, UnbilledUsage};
+use crate::summary::{CustomerEvents, UnbilledUsage};
 use crate::{ConfiguredClickHouse, RatedMonth};
 
 #[derive(Debug, Args)]
@@ -57,7 +57,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
     let month = &args.month;
     let config = Arc::new(crate::load_config(&month.config)?);
     let customer = config.customers.get(&args.customer).with_context(|| {
-        let near = likely_meant(&args.customer, config.customers.keys().map(String::as_str));
+        let near = config.likely_customer(&args.customer);
         format!(
             "customer {:?} is not among the {} customers of {}{}",
             args.customer,

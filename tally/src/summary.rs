@@ -13,6 +13,7 @@ use serde::Serialize;
 use tally_aggregator::{Aggregator, Outcome};
 use tally_ingest::{Line, LineReject};
 use tally_rater::Recorded;
+use tally_schemas::config::Config;
 use tally_schemas::event::{DecodedEvent, EventError, Problem};
 use tally_schemas::records::SeriesKey;
 use tally_schemas::time::Period;
@@ -283,10 +284,10 @@ impl Summary {
         }
     }
 
-    /// Notes which configured customer each listed unknown one likely meant.
-    pub fn suggest_customers<'a>(&mut self, known: impl Iterator<Item = &'a str> + Clone) {
+    /// Notes which customer of `config` each listed unknown one likely meant.
+    pub fn suggest_customers(&mut self, config: &Config) {
         for unknown in self.unknown_customers.keys().take(LISTED) {
-            if let Some(id) = likely_meant(unknown, known.clone()) {
+            if let Some(id) = config.likely_customer(unknown) {
                 (self.likely_meant).insert(unknown.clone(), id.to_owned());
             }
         }
@@ -405,51 +406,6 @@ impl Summary {
     }
 }
 
-/// The one id of `known` that `asked` is most likely a slip of: the same but for case,
-/// `-` for `_` or surrounding spaces, or else the one nearest within two edits (and a
-/// third of its length, so short ids are not matched to anything).
-pub fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let normal = |id: &str| -> Vec<char> {
-        (id.trim().chars())
-            .map(|c| match c {
-                '-' | ' ' => '_',
-                c => c.to_ascii_lowercase(),
-            })
-            .collect()
-    };
-    let asked = normal(asked);
-    let limit = (asked.len() / 3).min(2);
-    let mut best: Option<(usize, &str)> = None;
-    let mut tied = false;
-    for id in known {
-        let distance = edit_distance(&asked, &normal(id));
-        match best {
-            _ if distance > limit => {}
-            Some((nearest, _)) if distance > nearest => {}
-            Some((nearest, _)) if distance == nearest => tied = true,
-            _ => {
-                best = Some((distance, id));
-                tied = false;
-            }
-        }
-    }
-    best.filter(|_| !tied).map(|(_, id)| id)
-}
-
-/// Levenshtein distance: insertions, deletions and substitutions.
-fn edit_distance(a: &[char], b: &[char]) -> usize {
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut current = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = previous[j] + usize::from(ca != cb);
-            current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
-        }
-        previous = current;
-    }
-    previous[b.len()]
-}
-
 /// The `subject` of a line that failed validation, if it is JSON with one.
 fn subject_of(raw: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
@@ -479,21 +435,6 @@ mod tests {
             "[[meters]]\nslug = \"tokens\"\nevent_type = \"llm.tokens\"\naggregation = \"{aggregation}\"\n{value}"
         );
         Config::parse(&text, "tally.toml").unwrap()
-    }
-
-    #[test]
-    fn a_mistyped_customer_id_is_matched_to_the_one_it_likely_meant() {
-        let known = ["initech_us", "initech_uk", "acme_se", "globex_de", "ab"];
-        let meant = |asked: &str| likely_meant(asked, known.iter().copied());
-        assert_eq!(meant("initech-us"), Some("initech_us"));
-        assert_eq!(meant(" Initech_US "), Some("initech_us"));
-        assert_eq!(meant("acme_sw"), Some("acme_se"));
-        assert_eq!(meant("globex_deu"), Some("globex_de"));
-        // Nearest to two alike: no guess.
-        assert_eq!(meant("initech_u"), None);
-        // Too far, or too short to tell.
-        assert_eq!(meant("umbrella"), None);
-        assert_eq!(meant("ax"), None);
     }
 
     #[test]

@@ -4,18 +4,20 @@
 //! key and the largest event a Kafka message can hold. Out: for each event, accept
 //! (with the key to produce it under), reject (with the decoder's error, as too large
 //! for Kafka, or as a conflicting resend of an earlier event of the same request) or
-//! duplicate (of an earlier event of the same request, content and all);
+//! duplicate (of an earlier event of the same request, content and all), an accepted
+//! one with why it would bill nothing as the price book stands, if it would;
 //! or, when any event names a `source` the key may not use, a refusal of the whole
 //! request. Pure: the handler produces what this accepts.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use tally_schemas::config::ApiKey;
+use tally_schemas::config::{ApiKey, Config};
 use tally_schemas::event::{EventDecoder, EventError, Problem};
 use tally_schemas::ids::{EventKey, PayloadFingerprint};
 
 use super::request::identity;
+use super::unbilled::Unbilled;
 
 /// One event and what to do with it.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,11 +31,12 @@ pub struct Verdict<'a> {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum VerdictKind<'a> {
-    /// Valid and new in this request: produce, keyed by `subject`. `unmetered` names
-    /// its type when no meter reads it (stored all the same, billing nothing).
+    /// Valid and new in this request: produce, keyed by `subject`. `unbilled` says
+    /// why it would bill nothing as the price book stands, if it would (it is stored
+    /// all the same).
     Accept {
         subject: Cow<'a, str>,
-        unmetered: Option<Cow<'a, str>>,
+        unbilled: Option<Unbilled>,
     },
     /// Same `(source, id)` and content as the event at index `of`: not produced again.
     /// (Other content is a conflict, rejected.)
@@ -54,6 +57,7 @@ pub struct Forbidden {
 /// as a validation error; an event is accepted only when its source was read and
 /// allowed.
 pub fn check_events<'a>(
+    config: &Config,
     decoder: &EventDecoder<'_>,
     key: &ApiKey,
     max_record_bytes: usize,
@@ -107,8 +111,8 @@ pub fn check_events<'a>(
                 None => {
                     first_index.insert(event.key, (index, event.payload));
                     VerdictKind::Accept {
+                        unbilled: Unbilled::of(config, &event),
                         subject: event.subject,
-                        unmetered: event.readings.is_empty().then_some(event.event_type),
                     }
                 }
             },
@@ -134,6 +138,20 @@ slug = "tokens"
 event_type = "llm.tokens"
 aggregation = "sum"
 value_property = "$.tokens"
+
+[[plans]]
+id = "pro"
+currency = "usd"
+
+[[plans.prices]]
+id = "tokens"
+meter = "tokens"
+billing_scheme = "per_unit"
+unit_amount = "0.001"
+
+[[customers]]
+id = "cust_a"
+plan = "pro"
 "#;
 
     fn event(id: &str, source: &str, tokens: &str) -> String {
@@ -153,7 +171,7 @@ value_property = "$.tokens"
     fn check<'a>(events: &[&'a [u8]], key: &ApiKey) -> Result<Vec<Verdict<'a>>, Forbidden> {
         let config = Config::parse(CONFIG, "test.toml").unwrap();
         let now = Utc.with_ymd_and_hms(2026, 11, 3, 0, 0, 0).unwrap();
-        check_events(&EventDecoder::new(&config, now), key, 4096, events)
+        check_events(&config, &EventDecoder::new(&config, now), key, 4096, events)
     }
 
     #[test]
@@ -177,7 +195,7 @@ value_property = "$.tokens"
             vec![
                 VerdictKind::Accept {
                     subject: "cust_a".into(),
-                    unmetered: None,
+                    unbilled: None,
                 },
                 VerdictKind::Reject(EventError {
                     field: "data.tokens".to_owned(),
@@ -186,7 +204,7 @@ value_property = "$.tokens"
                 VerdictKind::Duplicate { of: 0 },
                 VerdictKind::Accept {
                     subject: "cust_a".into(),
-                    unmetered: None,
+                    unbilled: None,
                 },
                 VerdictKind::Reject(EventError {
                     field: "id".to_owned(),
@@ -208,7 +226,9 @@ value_property = "$.tokens"
             typo_verdicts[0].kind,
             VerdictKind::Accept {
                 subject: "cust_a".into(),
-                unmetered: Some("llm.tokns".into()),
+                unbilled: Some(Unbilled::UnmeteredType {
+                    event_type: "llm.tokns".to_owned()
+                }),
             }
         );
         assert_eq!(verdicts[3].bytes, other_source.as_bytes());

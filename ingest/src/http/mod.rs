@@ -14,6 +14,7 @@
 //! - `request`: content types, cutting a batch into its events' raw text, and the
 //!   structured event a binary-mode request stands for.
 //! - `check`: the verdict on each event, and the source check, before Kafka.
+//! - `unbilled`: why an accepted event would bill nothing, for its warning.
 //! - `auth`: API keys, compared in constant time.
 //! - `rate_limit`: a token bucket per key.
 //! - `producer`: the idempotent Kafka producer and the readiness probe.
@@ -31,6 +32,7 @@ mod rate_limit;
 mod request;
 mod response;
 mod server;
+mod unbilled;
 
 pub use error::IngestError;
 pub use server::{serve, start, Running, EVENTS_ROUTE, ROUTES};

@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tally_schemas::event::EventError;
 
+use super::unbilled::Unbilled;
+
 /// The answer to a request whose events were validated and whose accepted events Kafka
 /// acknowledged.
 #[derive(Debug, Serialize)]
@@ -40,8 +42,8 @@ pub struct EventResult<'a> {
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum EventStatus {
     Accepted {
-        /// Set when the event is stored but bills nothing as things stand
-        /// (`unmetered_type`: no meter reads its `type`).
+        /// Set when the event is stored but bills nothing as the price book stands:
+        /// `unmetered_type`, `unknown_customer`, `not_subscribed` or `not_priced`.
         #[serde(skip_serializing_if = "Option::is_none")]
         warning: Option<&'static str>,
         /// Why, for people, with the warning.
@@ -63,13 +65,11 @@ pub enum EventStatus {
 }
 
 impl EventStatus {
-    /// Accepted; with a warning when no meter reads its type (`unmetered`).
-    pub fn accepted(unmetered: Option<&str>) -> Self {
+    /// Accepted; with a warning when it would bill nothing as the price book stands.
+    pub fn accepted(unbilled: Option<&Unbilled>) -> Self {
         EventStatus::Accepted {
-            warning: unmetered.is_some().then_some("unmetered_type"),
-            reason: unmetered.map(|kind| {
-                format!("no meter reads type {kind:?}: the event is stored, but bills nothing, even if such a meter is added later (a misspelt type?)")
-            }),
+            warning: unbilled.map(Unbilled::code),
+            reason: unbilled.map(Unbilled::reason),
         }
     }
 

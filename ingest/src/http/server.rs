@@ -439,7 +439,13 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
     let tenant = caller.key.tenant.as_str();
     let decoder = EventDecoder::new(&app.config, chrono::Utc::now());
     let largest = app.producer.max_record_bytes(tenant);
-    let verdicts = match check_events(&decoder, caller.key, largest, events.as_slice()) {
+    let verdicts = match check_events(
+        &app.config,
+        &decoder,
+        caller.key,
+        largest,
+        events.as_slice(),
+    ) {
         Ok(verdicts) => verdicts,
         Err(forbidden) => return forbidden_source(tenant, &forbidden),
     };
@@ -487,9 +493,9 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
     let (mut accepted, mut rejected, mut duplicates) = (0, 0, 0);
     for (index, verdict) in verdicts.into_iter().enumerate() {
         let status = match verdict.kind {
-            VerdictKind::Accept { unmetered, .. } => {
+            VerdictKind::Accept { unbilled, .. } => {
                 accepted += 1;
-                EventStatus::accepted(unmetered.as_deref())
+                EventStatus::accepted(unbilled.as_ref())
             }
             VerdictKind::Duplicate { of } => {
                 duplicates += 1;

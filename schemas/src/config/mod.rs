@@ -7,6 +7,7 @@
 //! in `defaults.rs`.
 
 mod defaults;
+mod likely;
 mod services;
 mod validate;
 mod values;

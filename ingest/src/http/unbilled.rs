@@ -1,0 +1,182 @@
+//! Why a valid event would bill nothing as the price book stands, told to its sender.
+//!
+//! In: the price book and one decoded event. Out: nothing when some price of the
+//! customer's plan bills its usage, else the reason: no meter reads its type, its
+//! subject is no customer (with the id it likely meant), the customer is not billed in
+//! its month, or no price of the plan selects its usage (a misspelt dimension value,
+//! say). The event is accepted all the same: the book may change while its month is
+//! open, and ingest does not judge usage by it. Pure.
+
+use tally_schemas::config::Config;
+use tally_schemas::event::DecodedEvent;
+use tally_schemas::time::Period;
+
+/// Why an accepted event bills nothing as things stand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unbilled {
+    /// No meter reads its `type`.
+    UnmeteredType { event_type: String },
+    /// Its `subject` is no customer of the price book.
+    UnknownCustomer {
+        subject: String,
+        likely_meant: Option<String>,
+    },
+    /// The customer is not billed in the event's month (its `from` or `through`).
+    NotSubscribed { customer: String, period: Period },
+    /// No price of the customer's plan selects the event's usage.
+    NotPriced {
+        customer: String,
+        plan: String,
+        usage: String,
+    },
+}
+
+impl Unbilled {
+    /// Why `event` would bill nothing under `config`, if it would.
+    pub fn of(config: &Config, event: &DecodedEvent<'_>) -> Option<Unbilled> {
+        if event.readings.is_empty() {
+            let event_type = event.event_type.clone().into_owned();
+            return Some(Unbilled::UnmeteredType { event_type });
+        }
+        let Some(customer) = config.customers.get(&*event.subject) else {
+            return Some(Unbilled::UnknownCustomer {
+                subject: event.subject.clone().into_owned(),
+                likely_meant: config.likely_customer(&event.subject).map(str::to_owned),
+            });
+        };
+        let period = Period::containing(event.time);
+        if !customer.bills(period) {
+            let customer = customer.id.clone();
+            return Some(Unbilled::NotSubscribed { customer, period });
+        }
+        let plan = config.plan(customer.subscription(period).plan);
+        let priced = (event.readings.iter()).any(|reading| {
+            (plan.prices.iter()).any(|p| p.meter == reading.meter && p.matches(&reading.group))
+        });
+        if priced {
+            return None;
+        }
+        let usage: Vec<String> = (event.readings.iter())
+            .map(|reading| {
+                let meter = config.meter(reading.meter);
+                let dimensions = (meter.group_by.iter().zip(&reading.group))
+                    .map(|((name, _), value)| format!(" {name} = {value:?}"));
+                format!("meter {}{}", meter.slug, dimensions.collect::<String>())
+            })
+            .collect();
+        Some(Unbilled::NotPriced {
+            customer: customer.id.clone(),
+            plan: plan.id.clone(),
+            usage: usage.join(", "),
+        })
+    }
+
+    /// A stable code for programs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Unbilled::UnmeteredType { .. } => "unmetered_type",
+            Unbilled::UnknownCustomer { .. } => "unknown_customer",
+            Unbilled::NotSubscribed { .. } => "not_subscribed",
+            Unbilled::NotPriced { .. } => "not_priced",
+        }
+    }
+
+    /// Why, for people.
+    pub fn reason(&self) -> String {
+        match self {
+            Unbilled::UnmeteredType { event_type } => format!(
+                "no meter reads type {event_type:?}: the event is stored, but bills nothing, even if such a meter is added later (a misspelt type?)"
+            ),
+            Unbilled::UnknownCustomer {
+                subject,
+                likely_meant,
+            } => {
+                let meant = likely_meant
+                    .as_ref()
+                    .map_or_else(String::new, |id| format!(" (did you mean {id:?}?)"));
+                format!(
+                    "subject {subject:?} is no customer of the price book{meant}: the event is stored, and billed only if the customer is added while its month is open"
+                )
+            }
+            Unbilled::NotSubscribed { customer, period } => format!(
+                "customer {customer:?} is not billed in {period} (its from or through): the event is stored, but bills nothing"
+            ),
+            Unbilled::NotPriced {
+                customer,
+                plan,
+                usage,
+            } => format!(
+                "no price of customer {customer:?}'s plan {plan:?} bills this usage ({usage}): the event is stored, but bills nothing (a misspelt dimension value?)"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+    use tally_schemas::event::EventDecoder;
+
+    const CONFIG: &str = r#"
+[[meters]]
+slug = "tokens"
+event_type = "llm.tokens"
+aggregation = "sum"
+value_property = "$.tokens"
+group_by = { model = "$.model" }
+
+[[plans]]
+id = "pro"
+currency = "usd"
+
+[[plans.prices]]
+id = "gpt"
+meter = "tokens"
+billing_scheme = "per_unit"
+unit_amount = "0.001"
+filter = { model = "gpt-x" }
+
+[[customers]]
+id = "cust_acme"
+plan = "pro"
+
+[[customers]]
+id = "cust_gone"
+plan = "pro"
+through = "2026-10"
+"#;
+
+    fn unbilled(event_type: &str, subject: &str, model: &str) -> Option<String> {
+        let config = Config::parse(CONFIG, "tally.toml").unwrap();
+        let now = Utc.with_ymd_and_hms(2026, 11, 3, 0, 0, 0).unwrap();
+        let raw = format!(
+            r#"{{"specversion":"1.0","id":"e","source":"s","type":"{event_type}","subject":"{subject}","time":"2026-11-02T10:00:00Z","data":{{"tokens":5,"model":"{model}"}}}}"#
+        );
+        let event = EventDecoder::new(&config, now)
+            .decode(raw.as_bytes())
+            .unwrap();
+        Unbilled::of(&config, &event).map(|u| format!("{}: {}", u.code(), u.reason()))
+    }
+
+    #[test]
+    fn an_event_no_price_bills_is_told_why() {
+        assert_eq!(unbilled("llm.tokens", "cust_acme", "gpt-x"), None);
+        assert_eq!(
+            unbilled("llm.token", "cust_acme", "gpt-x").unwrap(),
+            "unmetered_type: no meter reads type \"llm.token\": the event is stored, but bills nothing, even if such a meter is added later (a misspelt type?)"
+        );
+        assert_eq!(
+            unbilled("llm.tokens", "cust-acme", "gpt-x").unwrap(),
+            "unknown_customer: subject \"cust-acme\" is no customer of the price book (did you mean \"cust_acme\"?): the event is stored, and billed only if the customer is added while its month is open"
+        );
+        assert_eq!(
+            unbilled("llm.tokens", "cust_gone", "gpt-x").unwrap(),
+            "not_subscribed: customer \"cust_gone\" is not billed in 2026-11 (its from or through): the event is stored, but bills nothing"
+        );
+        assert_eq!(
+            unbilled("llm.tokens", "cust_acme", "GPT-X").unwrap(),
+            "not_priced: no price of customer \"cust_acme\"'s plan \"pro\" bills this usage (meter tokens model = \"GPT-X\"): the event is stored, but bills nothing (a misspelt dimension value?)"
+        );
+    }
+}
