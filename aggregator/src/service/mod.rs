@@ -293,22 +293,36 @@ impl PartitionState {
         let (outcome, rejection) = match EventDecoder::new(config, now)
             .decode(message.payload().unwrap_or_default())
         {
-            Err(e) => refused(
-                EventOutcome::Invalid,
-                e.problem.code(),
-                e.field.clone(),
-                e.to_string(),
-            ),
-            Ok(event) if message.key() != Some(event.subject.as_bytes()) => refused(
-                EventOutcome::Invalid,
-                "wrong_key",
-                "subject",
-                format!(
-                    "the Kafka message is keyed {:?}, not by the event's subject {:?}: key every event by its subject so a customer's events share a partition (and its dedupe)",
-                    message.key().map(String::from_utf8_lossy),
-                    event.subject
-                ),
-            ),
+            Err(e) => {
+                // A CloudEvents SDK's Kafka binary mode puts the attributes in headers.
+                let binary = header_value(message, "ce_specversion").is_some();
+                let hint = if binary {
+                    "; the record has ce_ headers (CloudEvents binary mode), which Tally does not read: produce each event as structured JSON, the whole event as the record's value (the SDKs' to_structured)"
+                } else {
+                    ""
+                };
+                refused(
+                    EventOutcome::Invalid,
+                    e.problem.code(),
+                    e.field.clone(),
+                    format!("{e}{hint}"),
+                )
+            }
+            Ok(event) if message.key() != Some(event.subject.as_bytes()) => {
+                let keyed = message.key().map_or_else(
+                    || "not keyed".to_owned(),
+                    |key| format!("keyed {:?}", String::from_utf8_lossy(key)),
+                );
+                refused(
+                    EventOutcome::Invalid,
+                    "wrong_key",
+                    "subject",
+                    format!(
+                        "the Kafka message is {keyed}, not by the event's subject {:?}: key every event by its subject so a customer's events share a partition (and its dedupe)",
+                        event.subject
+                    ),
+                )
+            }
             Ok(event) => {
                 // A customer's line is its partition's total, and the rater finds its
                 // zero-usage lines by the partitioner's choice: an event of another

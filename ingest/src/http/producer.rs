@@ -11,7 +11,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tally_runtime::kafka::ClientErrors;
@@ -250,15 +250,14 @@ impl EventProducer {
             .fetch_metadata(Some(&self.topic), PROBE_TIMEOUT)
             .map_err(|e| format!("Kafka at {} does not answer: {e}", self.brokers))?;
         let topic = metadata.topics().iter().find(|t| t.name() == self.topic);
-        match topic {
-            Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
-            Some(t) if t.error().is_some() => Err(format!(
-                "topic {} is not usable ({:?}); create Tally's topics first",
-                self.topic,
-                t.error()
-            )),
+        let error = topic.and_then(|t| t.error()).map(RDKafkaErrorCode::from);
+        match (topic, error) {
+            (Some(t), None) if !t.partitions().is_empty() => Ok(()),
+            (Some(_), Some(error)) if error != RDKafkaErrorCode::UnknownTopicOrPartition => {
+                Err(format!("topic {} is not usable: {error}", self.topic))
+            }
             _ => Err(format!(
-                "topic {} does not exist on {}; create Tally's topics first",
+                "topic {} does not exist on {}: start the aggregator or the rater once (they create Tally's topics), or create them as the README says",
                 self.topic, self.brokers
             )),
         }

@@ -373,6 +373,24 @@ database = "{database}"
         self.producer.flush(Duration::from_secs(60)).unwrap();
     }
 
+    /// Produces `payload` keyed by `key` with `headers`, as a CloudEvents SDK in Kafka
+    /// binary mode would (the attributes in `ce_` headers, the data as the value).
+    pub fn produce_with_headers(&self, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
+        let topic = self.topic("events");
+        let headers = (headers.iter()).fold(OwnedHeaders::new(), |all, (key, value)| {
+            all.insert(Header {
+                key,
+                value: Some(*value),
+            })
+        });
+        let record = BaseRecord::<str, [u8]>::to(&topic)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
+        self.producer.send(record).map_err(|(e, _)| e).unwrap();
+        self.producer.flush(Duration::from_secs(60)).unwrap();
+    }
+
     /// Produces `payload` keyed by `key` to `partition` of the events topic with the
     /// record timestamp `timestamp_ms`, as a producer with a wrong clock would stamp it.
     pub fn produce_stamped(&self, partition: i32, key: &str, payload: &[u8], timestamp_ms: i64) {

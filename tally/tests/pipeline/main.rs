@@ -19,13 +19,22 @@ use tally_runtime::kafka::partition_for_key;
 const NEEDS: &str = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse";
 
 /// Messages no producer should send, each refused for its own reason.
-fn poison() -> Vec<Vec<u8>> {
+/// Messages no event can be read from, with the code and field each is rejected with.
+fn poison() -> Vec<(Vec<u8>, &'static str, &'static str)> {
     vec![
-        b"not json at all".to_vec(),
-        vec![0xff, 0xfe, 0x00, 0x01],
-        br#"{"specversion":"1.0","id":"x","source":"s","type":"llm.tokens"}"#.to_vec(),
-        br#"{"specversion":"1.0","id":"p-1","source":"llm-gateway","type":"llm.tokens","subject":"cust_00001","time":"2026-10-05T10:00:00Z","data":{"model":"gpt-x","tokens":"lots"}}"#.to_vec(),
-        Vec::new(),
+        (b"not json at all".to_vec(), "invalid_json", "event"),
+        (vec![0xff, 0xfe, 0x00, 0x01], "invalid_utf8", "event"),
+        (
+            br#"{"specversion":"1.0","id":"x","source":"s","type":"llm.tokens"}"#.to_vec(),
+            "missing_field",
+            "subject",
+        ),
+        (
+            br#"{"specversion":"1.0","id":"p-1","source":"llm-gateway","type":"llm.tokens","subject":"cust_00001","time":"2026-10-05T10:00:00Z","data":{"model":"gpt-x","tokens":"lots"}}"#.to_vec(),
+            "not_a_number",
+            "data.tokens",
+        ),
+        (Vec::new(), "invalid_json", "event"),
     ]
 }
 
@@ -49,7 +58,7 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     p.start("rater", "rater-a");
     let mut lines = p.lines();
     let poison = poison();
-    for (i, bad) in poison.iter().enumerate() {
+    for (i, (bad, ..)) in poison.iter().enumerate() {
         lines.insert(i * 3000 + 17, bad.clone());
     }
     p.produce(&lines);
@@ -64,23 +73,52 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     let agree = format!("Agree: {} lines. Differ: 0 lines.", expected.len());
     assert!(report.contains(&agree), "{report}");
 
+    // An event a CloudEvents SDK wrote in Kafka binary mode (attributes in headers) is
+    // rejected, saying why.
+    let binary = br#"{"model":"gpt-x","tokens":5}"#;
+    p.produce_with_headers(
+        "cust_00001",
+        binary,
+        &[
+            ("ce_specversion", "1.0"),
+            ("ce_id", "b-1"),
+            ("ce_type", "llm.tokens"),
+        ],
+    );
+    harness::eventually(
+        "the binary-mode event is rejected",
+        Duration::from_secs(30),
+        || (p.read_topic("rejected").iter()).any(|(payload, _)| payload == binary),
+    );
+
     // Every poison message is in the rejected topic, bytes intact, with its reason.
     let rejected = p.read_topic("rejected");
-    for bad in &poison {
-        let (_, headers) = rejected
-            .iter()
+    let headers_of = |bad: &[u8]| {
+        let (_, headers) = (rejected.iter())
             .find(|(payload, _)| payload == bad)
             .unwrap_or_else(|| {
-                panic!(
-                    "{:?} not in the rejected topic",
-                    String::from_utf8_lossy(bad)
-                )
+                let bad = String::from_utf8_lossy(bad);
+                panic!("{bad:?} not in the rejected topic")
             });
-        assert!(!headers["tally.error.code"].is_empty(), "{headers:?}");
+        headers
+    };
+    for (bad, code, field) in &poison {
+        let headers = headers_of(bad);
+        assert_eq!(
+            (
+                &*headers["tally.error.code"],
+                &*headers["tally.error.field"]
+            ),
+            (*code, *field),
+            "{headers:?}"
+        );
         assert!(!headers["tally.error.reason"].is_empty(), "{headers:?}");
-        assert!(!headers["tally.error.field"].is_empty(), "{headers:?}");
         assert_eq!(headers["tally.source.topic"], p.topic("events"));
     }
+    let headers = headers_of(binary);
+    assert_eq!(headers["tally.error.code"], "missing_field");
+    let reason = &headers["tally.error.reason"];
+    assert!(reason.contains("the record has ce_ headers"), "{reason}");
 
     // An event a producer put on another partition than Kafka's Java partitioner
     // would is forwarded to that one, and billed there with the customer's others.
