@@ -511,6 +511,36 @@ fn binary_headers(id: &str, source: &str, time: &str) -> Vec<(&'static str, Stri
 
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_single_event_sent_in_the_wrong_mode_is_told_how_to_send_it() {
+    let service = Service::with_kafka("modes", Setup::default());
+    let reason = |reply: &Reply| {
+        assert_eq!(reply.status, 422, "{reply:?}");
+        reply.json()["results"][0]["reason"].as_str().unwrap().to_owned()
+    };
+    // Binary-mode headers with the structured content type: the body is the event.
+    let headers = [
+        ("content-type", "application/cloudevents+json".to_owned()),
+        ("authorization", format!("Bearer {KEY}")),
+        ("ce-specversion", "1.0".to_owned()),
+        ("ce-id", "w-1".to_owned()),
+    ];
+    let reply = service.post_with(&headers, r#"{"tokens":5,"model":"gpt-x"}"#);
+    assert!(
+        reason(&reply).ends_with("; the ce- headers were not read: with Content-Type application/cloudevents+json the body is the whole event; for binary mode send the data as application/json"),
+        "{reply:?}"
+    );
+    // A batch sent as one event.
+    let body = batch(&[&event("w-2", "agent", "cust_a", 1)]);
+    let reply = service.post(SINGLE, Some(KEY), &body);
+    assert_eq!(
+        reason(&reply),
+        "expected a CloudEvent JSON object; the body is a JSON array: send a batch as application/cloudevents-batch+json (or application/json)"
+    );
+    assert!(service.stored().is_empty());
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn an_event_in_binary_mode_is_checked_and_stored_structured() {
     let service = Service::with_kafka("binary", Setup::default());
     let time = "2026-11-24T10:15:00Z";
@@ -696,13 +726,22 @@ fn requests_without_a_valid_key_get_401_and_a_bearer_challenge() {
             &body,
         ),
     ];
-    for reply in &refused {
+    // Each says what was wrong, never with the key.
+    let why = [
+        "no API key was sent",
+        "the API key sent is not one of the configured keys (rotated, or mistyped?)",
+        "the API key sent is not one of the configured keys (rotated, or mistyped?)",
+        "the Authorization header is not `Bearer <key>` (is the `Bearer ` before the key missing?)",
+    ];
+    for (reply, why) in refused.iter().zip(why) {
         assert_eq!(reply.status, 401, "{reply:?}");
         assert_eq!(
             reply.header("www-authenticate"),
             Some("Bearer realm=\"tally\"")
         );
         assert_eq!(reply.json()["error"], "unauthorized");
+        let message = reply.json()["message"].as_str().unwrap().to_owned();
+        assert!(message.starts_with(why), "{message}");
         assert!(!reply.body.contains(KEY));
     }
     // The same key in X-Api-Key is accepted.

@@ -55,6 +55,17 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     (!key.is_empty()).then_some(key)
 }
 
+/// Why a request has no valid key, for its 401: never the key itself.
+pub fn why_unauthorized(headers: &HeaderMap) -> &'static str {
+    match presented_key(headers) {
+        Some(_) => "the API key sent is not one of the configured keys (rotated, or mistyped?)",
+        None if headers.contains_key(header::AUTHORIZATION) => {
+            "the Authorization header is not `Bearer <key>` (is the `Bearer ` before the key missing?)"
+        }
+        None => "no API key was sent",
+    }
+}
+
 /// Whether `presented` equals `secret`, in time that depends on `presented`'s length
 /// only: every byte is compared and differences are accumulated, never branched on.
 fn constant_time_eq(presented: &[u8], secret: &[u8]) -> bool {

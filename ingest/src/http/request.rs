@@ -37,6 +37,22 @@ pub const BINARY_DATA_TYPES: &str = "application/json or another +json type";
 /// Whether a request is in binary mode, as the HTTP binding tells: a `ce-specversion`
 /// header, and a `Content-Type` that is not one of CloudEvents' own
 /// (`application/cloudevents...`, structured mode).
+/// What a single event's rejection should add when the request looks like a mix-up of
+/// modes: `ce-` headers beside a structured content type (not read: the body is the
+/// whole event), or a JSON array sent as one event.
+pub fn single_event_hint(kind: BodyKind, headers: &HeaderMap, body: &[u8]) -> Option<&'static str> {
+    if kind != BodyKind::Single {
+        return None;
+    }
+    if headers.contains_key("ce-specversion") {
+        Some("the ce- headers were not read: with Content-Type application/cloudevents+json the body is the whole event; for binary mode send the data as application/json")
+    } else if body.trim_ascii().starts_with(b"[") {
+        Some("the body is a JSON array: send a batch as application/cloudevents-batch+json (or application/json)")
+    } else {
+        None
+    }
+}
+
 pub fn is_binary_mode(headers: &HeaderMap) -> bool {
     const STRUCTURED: &str = "application/cloudevents";
     let structured = (headers.get(axum::http::header::CONTENT_TYPE))

@@ -73,11 +73,16 @@ impl EventStatus {
         }
     }
 
-    pub fn rejected(error: &EventError) -> Self {
+    /// Rejected, with `hint` after the reason when the request's shape explains it.
+    pub fn rejected(error: &EventError, hint: Option<&str>) -> Self {
+        let reason = error.problem.to_string();
         EventStatus::Rejected {
             field: error.field.clone(),
             code: error.problem.code(),
-            reason: error.problem.to_string(),
+            reason: match hint {
+                Some(hint) => format!("{reason}; {hint}"),
+                None => reason,
+            },
         }
     }
 }
@@ -168,7 +173,7 @@ mod tests {
                 EventResult {
                     index: 1,
                     id: None,
-                    status: EventStatus::rejected(&error),
+                    status: EventStatus::rejected(&error, None),
                 },
                 EventResult {
                     index: 2,

@@ -35,7 +35,7 @@ use tally_schemas::config::{Config, ServiceSettings};
 use tally_schemas::event::EventDecoder;
 use tokio::task::JoinHandle;
 
-use super::auth::{ApiKeys, Caller};
+use super::auth::{why_unauthorized, ApiKeys, Caller};
 use super::check::{check_events, Forbidden, VerdictKind};
 use super::connections::serve_connections;
 use super::error::IngestError;
@@ -43,8 +43,8 @@ use super::metrics::{IngestMetrics, Outcome};
 use super::producer::{EventProducer, ProduceError, Record};
 use super::rate_limit::{retry_after_seconds, RateLimiter};
 use super::request::{
-    binary_event, body_kind, is_binary_mode, split_events, BodyError, BodyKind, Events,
-    ACCEPTED_TYPES, BINARY_DATA_TYPES,
+    binary_event, body_kind, is_binary_mode, single_event_hint, split_events, BodyError, BodyKind,
+    Events, ACCEPTED_TYPES, BINARY_DATA_TYPES,
 };
 use super::response::{
     json, with_retry_after, ErrorBody, EventResult, EventStatus, EventsResponse,
@@ -291,7 +291,8 @@ async fn post_events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
             return ErrorBody::new(code, e.to_string()).into_response(status);
         }
     };
-    ingest(&app, caller, &events).await
+    let hint = single_event_hint(kind, &headers, body);
+    ingest(&app, caller, &events, hint).await
 }
 
 /// Why a request is refused on its headers alone.
@@ -307,10 +308,11 @@ enum Refusal {
 /// size.
 fn admit<'a>(app: &'a App, headers: &HeaderMap) -> Result<(Caller<'a>, BodyKind), Refusal> {
     let Some(caller) = app.keys.authenticate(headers) else {
-        tracing::debug!("events refused: no valid API key");
+        let why = why_unauthorized(headers);
+        tracing::debug!(why, "events refused: no valid API key");
         let mut response = ErrorBody::new(
             "unauthorized",
-            "send a valid API key as `Authorization: Bearer <key>` or `X-Api-Key: <key>`",
+            format!("{why}: send a valid API key as `Authorization: Bearer <key>` or `X-Api-Key: <key>`"),
         )
         .into_response(StatusCode::UNAUTHORIZED);
         response.headers_mut().insert(
@@ -326,7 +328,7 @@ fn admit<'a>(app: &'a App, headers: &HeaderMap) -> Result<(Caller<'a>, BodyKind)
         let body = ErrorBody::new(
             "rate_limited",
             format!(
-                "this API key sent more requests than its rate limit allows; retry in {seconds} s"
+                "this API key sent more requests than its rate limit allows; retry in {seconds} s (the limit counts requests, not events: send many events per request, as a batch)"
             ),
         );
         return Err(Refusal::BodyUnread(Box::new(with_retry_after(
@@ -435,7 +437,13 @@ fn close_after(response: &mut Response) {
 }
 
 /// Checks, produces and answers for the events of one request.
-async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response {
+/// `hint` is added to a single event's rejection (see [`single_event_hint`]).
+async fn ingest(
+    app: &App,
+    caller: Caller<'_>,
+    events: &Events<'_>,
+    hint: Option<&str>,
+) -> Response {
     let tenant = caller.key.tenant.as_str();
     let decoder = EventDecoder::new(&app.config, chrono::Utc::now());
     let largest = app.producer.max_record_bytes(tenant);
@@ -505,7 +513,7 @@ async fn ingest(app: &App, caller: Caller<'_>, events: &Events<'_>) -> Response 
                 rejected += 1;
                 app.metrics.rejected(&error);
                 tracing::debug!(tenant, index, field = %error.field, code = error.problem.code(), "event rejected");
-                EventStatus::rejected(&error)
+                EventStatus::rejected(&error, hint)
             }
         };
         results.push(EventResult {
