@@ -515,7 +515,10 @@ fn a_single_event_sent_in_the_wrong_mode_is_told_how_to_send_it() {
     let service = Service::with_kafka("modes", Setup::default());
     let reason = |reply: &Reply| {
         assert_eq!(reply.status, 422, "{reply:?}");
-        reply.json()["results"][0]["reason"].as_str().unwrap().to_owned()
+        reply.json()["results"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     };
     // Binary-mode headers with the structured content type: the body is the event.
     let headers = [

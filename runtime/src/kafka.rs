@@ -30,6 +30,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tally_schemas::config::{KafkaSettings, Topic};
 
 use crate::threads::lock;
+use crate::throttle::LogThrottle;
 
 /// What went wrong talking to Kafka, and where.
 #[derive(Debug, thiserror::Error)]
@@ -125,43 +126,19 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
-/// How often one kind of client error is logged while it keeps coming.
-const CLIENT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
-
 /// librdkafka's error callback, logged without flooding: while the brokers are out of
 /// reach it reports "all brokers down" many times a second, and the services'
-/// readiness already says so. Each kind of error (its code) is logged at most once
-/// every [`CLIENT_ERROR_LOG_INTERVAL`], with how many like it were left out since.
+/// readiness already says so. Each kind of error (its code) is logged at most once a
+/// minute ([`LogThrottle`]), with how many like it were left out since.
 #[derive(Debug, Default)]
 pub struct ClientErrors {
-    /// Per error code: when it was last logged, and how many were left out since.
-    logged: Mutex<Vec<(Option<RDKafkaErrorCode>, Instant, u64)>>,
+    logged: LogThrottle<Option<RDKafkaErrorCode>>,
 }
 
 impl ClientErrors {
     pub fn log(&self, error: &KafkaError, reason: &str) {
-        if let Some(left_out) = self.due(error.rdkafka_error_code(), Instant::now()) {
+        if let Some(left_out) = (self.logged).due(error.rdkafka_error_code(), Instant::now()) {
             tracing::error!(%error, reason, left_out, "librdkafka error (each kind at most once a minute; left_out: as many since)");
-        }
-    }
-
-    /// Whether an error of `code` is to be logged `now`, with how many of its kind
-    /// were left out since the last that was; `None` to leave this one out.
-    fn due(&self, code: Option<RDKafkaErrorCode>, now: Instant) -> Option<u64> {
-        let mut logged = lock(&self.logged);
-        match logged.iter_mut().find(|(c, _, _)| *c == code) {
-            Some((_, at, left_out)) if now.duration_since(*at) < CLIENT_ERROR_LOG_INTERVAL => {
-                *left_out += 1;
-                None
-            }
-            Some((_, at, left_out)) => {
-                *at = now;
-                Some(std::mem::take(left_out))
-            }
-            None => {
-                logged.push((code, now, 0));
-                Some(0)
-            }
         }
     }
 }
@@ -1104,22 +1081,6 @@ mod tests {
                 .starts_with("group g has not read and committed all of t within 20s: "),
             "{behind}"
         );
-    }
-
-    #[test]
-    fn a_client_error_that_keeps_coming_is_logged_once_a_minute_with_how_many_were_left_out() {
-        use rdkafka::error::RDKafkaErrorCode::{AllBrokersDown, BrokerTransportFailure};
-        let errors = super::ClientErrors::default();
-        let start = std::time::Instant::now();
-        let at = |seconds: u64| start + Duration::from_secs(seconds);
-        assert_eq!(errors.due(Some(AllBrokersDown), at(0)), Some(0));
-        for second in 1..40 {
-            assert_eq!(errors.due(Some(AllBrokersDown), at(second)), None);
-        }
-        // Another kind is logged on its own schedule.
-        assert_eq!(errors.due(Some(BrokerTransportFailure), at(40)), Some(0));
-        assert_eq!(errors.due(Some(AllBrokersDown), at(60)), Some(39));
-        assert_eq!(errors.due(Some(AllBrokersDown), at(61)), None);
     }
 
     use super::*;

@@ -1,13 +1,14 @@
 //! What Tally's services share, and nothing stage-specific: Kafka client settings and
 //! the topic layout ([`kafka`]), Prometheus metrics ([`metrics`]) and the `/metrics`,
-//! `/healthz` and `/readyz` endpoints ([`ops`]), orderly shutdown ([`shutdown`]), and work spread over
-//! the cores ([`threads`]).
+//! `/healthz` and `/readyz` endpoints ([`ops`]), orderly shutdown ([`shutdown`]), work spread over
+//! the cores ([`threads`]), and logs of what repeats, throttled ([`throttle`]).
 
 pub mod kafka;
 pub mod metrics;
 pub mod ops;
 pub mod shutdown;
 pub mod threads;
+pub mod throttle;
 
 pub use shutdown::Shutdown;
 

@@ -49,6 +49,7 @@ use tally_runtime::kafka::{
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
+use tally_runtime::throttle::LogThrottle;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::event::{EventDecoder, EventError, Problem};
@@ -645,6 +646,9 @@ struct Worker {
     /// When the producer was last fenced: another producer initialised transactions
     /// with its transactional id, or the broker timed a transaction out.
     fenced_at: Option<Instant>,
+    /// Refused events are logged, each code at most once a minute: a sender's bug
+    /// can refuse every event it sends.
+    refusals_logged: LogThrottle<&'static str>,
     /// Counts recoveries: messages read before one are read again after it. Read by
     /// the consume loop without the lock, while a batch is processed.
     epoch: Arc<AtomicU64>,
@@ -746,6 +750,7 @@ pub fn run(
         readiness: readiness.clone(),
         broken: None,
         fenced_at: None,
+        refusals_logged: LogThrottle::default(),
         epoch: Arc::new(AtomicU64::new(0)),
     }));
     let consumer: GroupConsumer =
@@ -1137,6 +1142,17 @@ impl Worker {
             reason,
         } = rejection;
         self.metrics.rejected.with_label_values(&[code]).inc();
+        if let Some(left_out) = self.refusals_logged.due(code, Instant::now()) {
+            tracing::warn!(
+                code,
+                field,
+                reason,
+                partition = message.partition(),
+                offset = message.offset(),
+                left_out,
+                "event refused, kept in the rejected topic (each code logged at most once a minute; left_out: as many since)"
+            );
+        }
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "tally.error.code",

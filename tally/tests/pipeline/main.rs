@@ -119,6 +119,18 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     assert_eq!(headers["tally.error.code"], "missing_field");
     let reason = &headers["tally.error.reason"];
     assert!(reason.contains("the record has ce_ headers"), "{reason}");
+    // The log says so too, once per code: two invalid_json messages, one line.
+    let log = p.log("agg-a");
+    let refused = |code: &str| {
+        (log.lines())
+            .filter(|line| line.contains("event refused") && line.contains(code))
+            .count()
+    };
+    assert_eq!(
+        ["invalid_json", "invalid_utf8", "not_a_number"].map(refused),
+        [1, 1, 1],
+        "{log}"
+    );
 
     // An event a producer put on another partition than Kafka's Java partitioner
     // would is forwarded to that one, and billed there with the customer's others.
