@@ -112,16 +112,30 @@ fn events_topic_settings() -> [NeededSetting; 1] {
     }]
 }
 
-/// Brokers and pass-through properties; each client adds its own settings.
+/// Brokers and pass-through properties; each client adds its own settings: those Tally
+/// needs for correctness with `set` (validation refuses them in `[kafka] properties`),
+/// tunables with [`tunable`], which leaves an operator's value in place.
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
+    for (name, value) in &settings.properties {
+        config.set(name, value);
+    }
     config.set("bootstrap.servers", &settings.brokers);
     // Tally creates its topics with the partitions and retention they need
     // (`ensure_topics`); a producer must not have the broker make one with its defaults
     // (librdkafka lets producers do so unless told otherwise).
     config.set("allow.auto.create.topics", "false");
-    for (name, value) in &settings.properties {
-        config.set(name, value);
+    config
+}
+
+/// Sets Tally's default for a tunable, unless `[kafka] properties` set it.
+pub fn tunable<'c>(
+    config: &'c mut ClientConfig,
+    name: &str,
+    default: &str,
+) -> &'c mut ClientConfig {
+    if config.get(name).is_none() {
+        config.set(name, default);
     }
     config
 }
@@ -1023,14 +1037,13 @@ fn log_consumer_error(error: &KafkaError) {
 /// How the services' group consumers fetch: set on any consumer that should read a
 /// topic as fast as they do (the streaming benchmark's plain consumer too).
 pub fn tune_fetching(config: &mut ClientConfig) -> &mut ClientConfig {
-    config
-        // Once its prefetch queue is full librdkafka waits this long before fetching
-        // again (default 1 s); a loop that drains the queue sooner would sit idle.
-        .set("fetch.queue.backoff.ms", "10")
-        // Partitions follow each other in the fetched stream in runs of at most this
-        // many bytes (default 1 MB, some 20,000 compressed events): smaller runs spread
-        // each batch the aggregator reads over its partitions' threads.
-        .set("max.partition.fetch.bytes", "262144")
+    // Once its prefetch queue is full librdkafka waits this long before fetching again
+    // (default 1 s); a loop that drains the queue sooner would sit idle.
+    tunable(config, "fetch.queue.backoff.ms", "10");
+    // Partitions follow each other in the fetched stream in runs of at most this many
+    // bytes (default 1 MB, some 20,000 compressed events): smaller runs spread each
+    // batch the aggregator reads over its partitions' threads.
+    tunable(config, "max.partition.fetch.bytes", "262144")
 }
 
 /// A consumer-group member for a [`PartitionOwner`]: cooperative-sticky assignment,
@@ -1046,9 +1059,10 @@ pub fn group_consumer<W: PartitionOwner>(
     // Restores and rebuilds run in the rebalance callback, after `poll` returned its
     // event, so they count against this: allow them time before the group gives up on
     // the member. `[kafka] properties` may raise it for states that take longer.
-    if config.get("max.poll.interval.ms").is_none() {
-        config.set("max.poll.interval.ms", "900000");
-    }
+    tunable(&mut config, "max.poll.interval.ms", "900000");
+    // A member that died is noticed within 10 s, its partitions moved on.
+    tunable(&mut config, "session.timeout.ms", "10000");
+    tunable(&mut config, "heartbeat.interval.ms", "1000");
     let consumer: BaseConsumer<GroupContext<W>> = tune_fetching(
         config
             .set("group.id", settings.group(service))
@@ -1056,9 +1070,7 @@ pub fn group_consumer<W: PartitionOwner>(
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000"),
+            .set("partition.assignment.strategy", "cooperative-sticky"),
     )
     .create_with_context(GroupContext::new(owner))?;
     consumer.subscribe(&[topic])?;
@@ -1085,6 +1097,27 @@ mod tests {
 
     use super::*;
     use std::cell::Cell;
+
+    #[test]
+    fn a_tunable_keeps_the_operators_value_and_tallys_own_settings_win() {
+        let settings = KafkaSettings {
+            properties: [("linger.ms", "50"), ("allow.auto.create.topics", "true")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            brokers: "127.0.0.1:9092".to_owned(),
+            topic_prefix: "tally".to_owned(),
+            partitions: 1,
+            replication_factor: 1,
+            instance_id: "0".to_owned(),
+        };
+        let mut config = client_config(&settings);
+        tunable(&mut config, "linger.ms", "5");
+        tunable(&mut config, "compression.type", "lz4");
+        assert_eq!(config.get("linger.ms"), Some("50"));
+        assert_eq!(config.get("compression.type"), Some("lz4"));
+        assert_eq!(config.get("allow.auto.create.topics"), Some("false"));
+    }
 
     #[test]
     fn murmur2_agrees_with_kafkas_java_clients() {

@@ -213,7 +213,7 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 
 /// The error and its causes, each cause left out when a message before it already
 /// says it (many errors quote their source), so nothing is printed twice.
-fn describe(error: &anyhow::Error) -> String {
+pub fn describe(error: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in error.chain() {
         let said = cause.to_string();

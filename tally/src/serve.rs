@@ -192,7 +192,7 @@ async fn serve(
             shutdown.request();
         }
         if let Err(e) = result {
-            tracing::error!(error = format!("{e:#}"), "service failed");
+            tracing::error!(error = crate::describe(&e), "service failed");
             if outcome.is_ok() {
                 outcome = Err(e);
             }

@@ -3467,8 +3467,8 @@ fn validate_refuses_a_kafka_property_librdkafka_refuses_without_showing_its_valu
             r#"[kafka] properties."sasl.pasword": No such configuration property: "sasl.pasword""#,
         ),
         (
-            r#"acks = "hunter2-secret""#,
-            r#"[kafka] properties."acks": Invalid value for configuration property "request.required.acks""#,
+            r#""socket.timeout.ms" = "hunter2-secret""#,
+            r#"[kafka] properties."socket.timeout.ms": Invalid value for configuration property "socket.timeout.ms""#,
         ),
     ] {
         let f = Fixture::new(&format!("{PRO}\n[kafka]\nproperties = {{ {property} }}\n"));
@@ -3512,7 +3512,21 @@ fn a_second_signal_stops_a_service_that_is_still_finishing_its_work() {
             Err(e) => panic!("ingest did not listen: {e}"),
         }
     };
-    // A request begun and never finished: the first SIGTERM waits for it.
+    // A request answered first, so the connection is one ingest serves; then one begun
+    // and never finished: the first SIGTERM waits for it.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stalled
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"ok\n") {
+        let mut buffer = [0; 256];
+        let read = std::io::Read::read(&mut stalled, &mut buffer).unwrap();
+        assert!(read > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buffer[..read]);
+    }
     stalled
         .write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
@@ -3523,6 +3537,7 @@ fn a_second_signal_stops_a_service_that_is_still_finishing_its_work() {
             .unwrap();
         assert!(sent.success());
     };
+    // Time for ingest to read what was written, on a connection it is serving.
     std::thread::sleep(Duration::from_millis(300));
     signal(&child);
     std::thread::sleep(Duration::from_secs(1));

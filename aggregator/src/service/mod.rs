@@ -43,7 +43,7 @@ use rdkafka::Offset;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value,
     idempotent_producer_config, leave_group, offset_of, partition_count, partition_for_key,
-    poll_group, positions_ahead, send, DeliveryReports, GroupContext, KafkaProducer,
+    poll_group, positions_ahead, send, tunable, DeliveryReports, GroupContext, KafkaProducer,
     PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
@@ -558,10 +558,9 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
 /// A producer for control records, outside any transaction: they are input, as an
 /// event is.
 fn control_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
+    // A mistyped prefix fails rather than create a topic no aggregator reads: no
+    // Tally client may create topics.
     idempotent_producer_config(kafka)
-        // A mistyped prefix must fail, not create a topic no aggregator reads, whatever
-        // `[kafka] properties` says.
-        .set("allow.auto.create.topics", "false")
         .create_with_context(DeliveryReports::default())
         .map_err(kafka_error("create a producer for the control records"))
 }
@@ -701,6 +700,7 @@ impl PartitionOwner for Worker {
             self.recover(consumer)?;
         } else {
             self.commit_or_recover(consumer, &revoked)?;
+            tracing::info!(partitions = ?revoked, "partitions revoked, the open transaction committed first");
         }
         for partition in &revoked {
             self.partitions.remove(partition);
@@ -877,10 +877,11 @@ fn transactional_id(kafka: &KafkaSettings) -> String {
 
 fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     let transactional_id = transactional_id(kafka);
-    let producer: KafkaProducer = idempotent_producer_config(kafka)
+    let mut config = idempotent_producer_config(kafka);
+    tunable(&mut config, "linger.ms", "5");
+    tunable(&mut config, "compression.type", "lz4");
+    let producer: KafkaProducer = config
         .set("transactional.id", &transactional_id)
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
         .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
         .set("transaction.timeout.ms", "60000")
         .create_with_context(DeliveryReports::default())

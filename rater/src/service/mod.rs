@@ -48,8 +48,8 @@ use serde::{Deserialize, Serialize};
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value,
     idempotent_producer_config, leave_group, offset_of, partition_for_key, poll_group,
-    positions_ahead, read_partition, send_until, DeliveryReports, GroupContext, KafkaProducer,
-    PartitionOwner,
+    positions_ahead, read_partition, send_until, tunable, DeliveryReports, GroupContext,
+    KafkaProducer, PartitionOwner,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -692,9 +692,10 @@ pub fn run(
         std::thread::sleep(wait);
         wait = (wait * 2).min(Duration::from_secs(5));
     }
-    let producer: KafkaProducer = idempotent_producer_config(kafka_settings)
-        .set("linger.ms", "20")
-        .set("compression.type", "lz4")
+    let mut producer_config = idempotent_producer_config(kafka_settings);
+    tunable(&mut producer_config, "linger.ms", "20");
+    tunable(&mut producer_config, "compression.type", "lz4");
+    let producer: KafkaProducer = producer_config
         // Queued lines are sent until delivered, however long Kafka is away: one given
         // up on would be missing downstream once its offset was committed.
         .set("message.timeout.ms", "0")

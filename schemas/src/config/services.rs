@@ -460,18 +460,26 @@ fn kafka(check: &mut Check<'_>, spec: &KafkaSpec) -> KafkaSettings {
             properties.insert(name.to_owned(), value);
         }
     }
+    // What Tally sets itself because exactly-once or its topics depend on it.
     let reserved = [
         "bootstrap.servers",
         "group.id",
         "transactional.id",
         "enable.idempotence",
+        "acks",
         "isolation.level",
         "enable.auto.commit",
+        "enable.auto.offset.store",
+        "auto.offset.reset",
+        "partition.assignment.strategy",
+        "partitioner",
+        "allow.auto.create.topics",
+        "transaction.timeout.ms",
     ];
     for name in properties.keys().filter(|n| reserved.contains(&n.as_str())) {
         check.issue(
             &format!("kafka.properties.{name:?}"),
-            "is set by Tally itself (brokers come from kafka.brokers); remove it",
+            "is set by Tally itself, as exactly-once or its topics depend on it (brokers come from kafka.brokers); remove it",
         );
     }
     for name in ["message.timeout.ms", "delivery.timeout.ms"] {
@@ -769,6 +777,28 @@ aggregation = "count"
             idle.aggregator.close_idle_after.map(|d| d.as_secs()),
             Some(1800)
         );
+    }
+
+    #[test]
+    fn kafka_properties_tally_sets_itself_are_refused_and_tunables_kept() {
+        let issues = services(
+            "[kafka]\nproperties = { acks = \"1\", \"auto.offset.reset\" = \"latest\", \"session.timeout.ms\" = \"45000\" }\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            issues,
+            [
+                "kafka.properties.\"acks\": is set by Tally itself, as exactly-once or its topics depend on it (brokers come from kafka.brokers); remove it",
+                "kafka.properties.\"auto.offset.reset\": is set by Tally itself, as exactly-once or its topics depend on it (brokers come from kafka.brokers); remove it",
+            ]
+        );
+        let tuned = services(
+            "[kafka]\nproperties = { \"session.timeout.ms\" = \"45000\", \"linger.ms\" = \"50\" }\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(tuned.kafka.properties["session.timeout.ms"], "45000");
     }
 
     #[test]
