@@ -1188,16 +1188,10 @@ fn health_and_readiness_answer_200_with_kafka_up() {
     let service = Service::with_kafka("health", Setup::default());
     let health = service.get("/healthz");
     assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually("ready", || {
         let ready = service.get("/readyz");
-        if ready.status == 200 {
-            assert_eq!(ready.body, "ready\n");
-            break;
-        }
-        assert!(Instant::now() < deadline, "not ready after 30 s: {ready:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        ready.status == 200 && ready.body == "ready\n"
+    });
 }
 
 #[test]
@@ -1331,6 +1325,71 @@ fn kafka_not_acknowledging_gets_503_with_retry_after_and_not_ready() {
 
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn with_the_events_topic_missing_ingest_is_not_ready_refuses_with_503_and_creates_nothing() {
+    // Kafka answers, but nobody made Tally's topics.
+    let service = Service::without_kafka("no_topic", Setup::default());
+    let topic = service.topic();
+    let missing = format!(
+        "topic {topic} does not exist on {}: start the aggregator or the rater once (they create Tally's topics), or create them as the README says",
+        brokers()
+    );
+    eventually("readiness names the missing topic", || {
+        let ready = service.get("/readyz");
+        ready.status == 503 && ready.body.contains(&missing)
+    });
+    // Once readiness has found it missing twice in a row, requests are refused with
+    // that reason, nothing sent.
+    eventually("requests are refused with the probe's reason", || {
+        let reply = service.post(SINGLE, Some(KEY), &event("t-1", "agent", "cust_a", 1));
+        assert_eq!(reply.status, 503, "{reply:?}");
+        reply.json()["message"].as_str().is_some_and(|m| {
+            m.starts_with(&format!("not sent, as Kafka cannot be used: {missing}"))
+        })
+    });
+    // Neither the probes nor the requests made the topic.
+    let consumer: BaseConsumer = tally_runtime::kafka::client_config(&service.settings.kafka)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        (metadata.topics().iter()).all(|t| t.name() != topic || t.partitions().is_empty()),
+        "{topic} was created"
+    );
+}
+
+/// A connection to `addr` on which the service has answered a `GET /healthz`: one it
+/// has accepted and serves, kept alive for the next request.
+fn served_connection(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0; 256];
+    while !answer.ends_with(b"ok\n") {
+        let read = stream.read(&mut buffer).unwrap();
+        assert!(read > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    stream
+}
+
+/// Waits up to 30 s until `check` holds, or fails saying what did not happen.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_batch_the_producers_queue_cannot_hold_gets_503_and_later_requests_are_stored() {
     // A queue of 5 events: a batch of 20 cannot all be handed to the producer.
     let service = Service::with_kafka(
@@ -1407,25 +1466,23 @@ fn a_client_that_stalls_mid_request_does_not_hold_up_shutdown() {
     let sent = event("s-1", "agent", "cust_a", 1);
     // The topic was just created: its partition may take longer than this test's 1 s
     // timeout to take a first write (503), which is not what is tested here.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually("a first write stored", || {
         let status = service.post(SINGLE, Some(KEY), &sent).status;
-        if status == 202 {
-            break;
-        }
-        assert!(status == 503 && Instant::now() < deadline, "{status}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // Headers begun, never finished; and a keyed request whose body stops halfway.
-    let mut half_headers = TcpStream::connect(service.addr()).unwrap();
+        assert!(status == 202 || status == 503, "{status}");
+        status == 202
+    });
+    // Headers begun, never finished; and a keyed request whose body stops halfway; each
+    // on a connection the service has served a request on, so it holds it.
+    let mut half_headers = served_connection(service.addr());
     half_headers
         .write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
-    let mut half_body = TcpStream::connect(service.addr()).unwrap();
+    let mut half_body = served_connection(service.addr());
     let head = format!(
         "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 500\r\n\r\n{{\"specversion\""
     );
     half_body.write_all(head.as_bytes()).unwrap();
+    // Time for the service to read what was written, on connections it is serving.
     std::thread::sleep(Duration::from_millis(300));
     // `stop` fails the test if the service is not down within 30 s.
     let started = Instant::now();

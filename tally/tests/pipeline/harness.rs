@@ -272,6 +272,20 @@ database = "{database}"
         committed_on(&client, &topic).unwrap()
     }
 
+    /// The offsets the service's group has committed, summed over the partitions,
+    /// once the broker answers (it may be restarting), within 60 s.
+    pub fn committed_total(&self, service: &str) -> i64 {
+        let (topic, client) = self.group_client(service);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match committed_on(&client, &topic) {
+                Ok(committed) => return committed.values().sum(),
+                Err(e) => assert!(Instant::now() < deadline, "committed offsets: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// The topic the service's group reads, and a client of that group to ask about it.
     fn group_client(&self, service: &str) -> (String, BaseConsumer) {
         let topic = self.topic(if service == "aggregator" {
@@ -521,28 +535,33 @@ database = "{database}"
         self.invoice_lines_of(self.period)
     }
 
-    /// The issue's query for `period` (`YYYY-MM`).
+    /// The issue's query for `period` (`YYYY-MM`); fails the test if ClickHouse does
+    /// not answer it.
     pub fn invoice_lines_of(&self, period: &str) -> Vec<Line> {
+        self.query_invoice_lines(period)
+            .unwrap_or_else(|e| panic!("invoice_lines of {period}: {e}"))
+    }
+
+    /// The issue's query for `period`, or why ClickHouse did not answer it (while it is
+    /// stopped, say).
+    fn query_invoice_lines(&self, period: &str) -> Result<Vec<Line>, String> {
         let sql = format!(
             "SELECT customer, price, quantity, amount, currency FROM {}.invoice_lines \
              WHERE period_start = '{period}-01 00:00:00' ORDER BY customer, price FORMAT JSONEachRow",
             self.database
         );
-        let Ok(mut response) = ureq::post(&format!("{}/", clickhouse_url())).send(sql) else {
-            return Vec::new();
-        };
-        if response.status() != 200 {
-            return Vec::new();
-        }
-        let mut lines: Vec<Line> = response
+        let mut response = ureq::post(&format!("{}/", clickhouse_url()))
+            .send(sql)
+            .map_err(|e| e.to_string())?;
+        let body = response
             .body_mut()
             .read_to_string()
-            .unwrap()
-            .lines()
+            .map_err(|e| e.to_string())?;
+        let mut lines: Vec<Line> = (body.lines())
             .map(|l| line_of(&serde_json::from_str(l).unwrap()))
             .collect();
         lines.sort();
-        lines
+        Ok(lines)
     }
 
     /// The records of the period's lines as a consumer of `<prefix>.rated` keeps them:
@@ -607,7 +626,11 @@ database = "{database}"
         let deadline = Instant::now() + timeout;
         loop {
             self.assert_running();
-            let got = self.invoice_lines();
+            // ClickHouse may be stopped on purpose: not answering is not converged yet.
+            let (got, unanswered) = match self.query_invoice_lines(self.period) {
+                Ok(lines) => (lines, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
             if got == expected {
                 assert!(
                     !expected.is_empty(),
@@ -623,8 +646,11 @@ database = "{database}"
             }
             if Instant::now() > deadline {
                 let (missing, extra) = difference(expected, &got);
+                let unanswered = unanswered.map_or_else(String::new, |e| {
+                    format!(" (the last query was not answered: {e})")
+                });
                 panic!(
-                    "ClickHouse did not converge in {timeout:?}: {} lines expected, {} found\nmissing (first 5): {:#?}\nunexpected (first 5): {:#?}\naggregator log tail:\n{}",
+                    "ClickHouse did not converge in {timeout:?}{unanswered}: {} lines expected, {} found\nmissing (first 5): {:#?}\nunexpected (first 5): {:#?}\naggregator log tail:\n{}",
                     expected.len(),
                     got.len(),
                     &missing[..missing.len().min(5)],
@@ -680,22 +706,32 @@ database = "{database}"
         consumer.assign(&assignment).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut done = std::collections::BTreeSet::new();
-        while done.len() < ends.len() && Instant::now() < deadline {
+        let mut last_read = Instant::now();
+        while done.len() < ends.len() {
+            assert!(
+                Instant::now() < deadline,
+                "reading {topic}: {} of {} partitions not read to their end within 60 s",
+                ends.len() - done.len(),
+                ends.len()
+            );
             let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-                // Transaction markers at the end are never delivered: check positions.
+                // Transaction markers are never delivered: a partition whose position
+                // stays one short of its end, with nothing read for 2 s, ends in one.
+                let quiet = last_read.elapsed() >= Duration::from_secs(2);
                 let positions = consumer.position().unwrap();
                 for (p, end) in &ends {
                     if let Offset::Offset(o) = positions
                         .find_partition(&topic, *p)
                         .map_or(Offset::Invalid, |e| e.offset())
                     {
-                        if o >= *end - 1 {
+                        if o >= *end || (quiet && o == *end - 1) {
                             done.insert(*p);
                         }
                     }
                 }
                 continue;
             };
+            last_read = Instant::now();
             let message = message.unwrap();
             let mut headers = BTreeMap::new();
             if let Some(h) = message.headers() {

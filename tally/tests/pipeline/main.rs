@@ -246,9 +246,18 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
     );
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
-    let lines = with_duplicates(p.lines());
+    let mut lines = with_duplicates(p.lines());
     assert!(lines.len() >= 220_000);
-    let committed = || p.committed("aggregator").values().sum::<i64>();
+    // A message no event can be read from in every 500: refused as it is read, so the
+    // rejected topic is written to inside every transaction, and a kill that finds one
+    // open leaves aborted records there.
+    let poison: Vec<Vec<u8>> = (0..lines.len() / 500)
+        .map(|i| format!("poison {i}").into_bytes())
+        .collect();
+    for (i, bad) in poison.iter().enumerate() {
+        lines.insert(i * 501 + 250, bad.clone());
+    }
+    let committed = || p.committed_total("aggregator");
     let kills_done = AtomicBool::new(false);
     let (chunk, chunks_sent) = (500, AtomicUsize::new(0));
     std::thread::scope(|scope| {
@@ -291,6 +300,25 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
         harness::restored_some_state(&p.log("agg-a")),
         "the restarts restored state from the changelog"
     );
+    // Kills found transactions open (their records are in the log, aborted), and each
+    // refusal was committed once all the same.
+    let refused = |isolation: &str| {
+        let records = p.read_records_in("rejected", isolation);
+        let count = |bad: &Vec<u8>| {
+            records
+                .iter()
+                .filter(|(_, payload, _)| payload == bad)
+                .count()
+        };
+        poison.iter().map(count).collect::<Vec<usize>>()
+    };
+    assert_eq!(refused("read_committed"), vec![1; poison.len()]);
+    let written: usize = refused("read_uncommitted").iter().sum();
+    assert!(
+        written > poison.len(),
+        "no kill found a transaction with records written: {written} refusals written for {} refused",
+        poison.len()
+    );
     let changelog = p.read_records("aggregator-changelog");
     for kind in ["snapshot/", "delta/", "keys/", "keyset/"] {
         assert!(
@@ -320,6 +348,18 @@ meter = "active_users"
 billing_scheme = "per_unit"
 unit_amount = "2.5"
 "#;
+
+/// Starts a service again when dropped, so a test that fails while it is stopped does
+/// not leave it down for the next.
+struct Restart(&'static str);
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            harness::service(self.0, "start");
+        }
+    }
+}
 
 /// `user` of `customer` active on October `day` (at an hour of the user's).
 fn active(id: &str, customer: &str, user: u32, day: u32) -> Vec<u8> {
@@ -408,10 +448,21 @@ fn a_second_aggregator_joining_and_the_first_leaving_keep_totals_exact() {
     let lines = with_duplicates(p.lines());
     let (first, rest) = lines.split_at(lines.len() / 2);
     p.produce(first);
-    std::thread::sleep(Duration::from_secs(2));
+    // agg-a has committed state on every partition, so whichever agg-b takes comes
+    // with some.
+    harness::eventually(
+        "agg-a commits on every partition",
+        Duration::from_secs(120),
+        || p.committed("aggregator").len() == harness::PARTITIONS as usize,
+    );
     p.start("aggregator", "agg-b");
     p.produce(rest);
-    std::thread::sleep(Duration::from_secs(3));
+    // Both run: agg-a gave agg-b some partitions, which agg-b took with their state.
+    harness::eventually("the rebalance", Duration::from_secs(60), || {
+        p.log("agg-a")
+            .contains("partitions revoked, the open transaction committed first")
+            && harness::restored_some_state(&p.log("agg-b"))
+    });
     p.stop("agg-a");
     p.wait_caught_up("aggregator", Duration::from_secs(300));
     let expected = p.expected();
@@ -449,12 +500,21 @@ fn an_aggregator_frozen_past_its_session_is_fenced_when_it_wakes_and_totals_stay
     std::thread::scope(|scope| {
         // Events keep coming, to both members' partitions, before, during and after.
         scope.spawn(|| p.produce_paced(&lines, 1_000, || Some(Duration::from_millis(100))));
-        std::thread::sleep(Duration::from_secs(3));
+        let committed = || p.committed_total("aggregator");
+        harness::eventually("both commit events", Duration::from_secs(60), || {
+            committed() > 0
+        });
         // Frozen mid-transaction, agg-a misses its heartbeats: after the 10 s session
         // the group gives its partitions to agg-b, which restores them from the
         // changelog, without what agg-a's open transaction wrote.
+        let restores = || p.log("agg-b").matches("partition state restored").count();
+        let restored_before = restores();
         p.signal("agg-a", "STOP");
-        std::thread::sleep(Duration::from_secs(20));
+        harness::eventually(
+            "agg-b takes agg-a's partitions",
+            Duration::from_secs(60),
+            || restores() > restored_before,
+        );
         // Awake, agg-a either learns first that its partitions were lost and aborts,
         // or commits with a stale generation, which the broker refuses: either way
         // nothing it did while frozen counts.
@@ -499,12 +559,18 @@ fn of_two_aggregators_with_one_instance_id_one_stops_and_totals_stay_exact() {
     std::thread::scope(|scope| {
         // Some 25 s of events, on before the freeze and after the thaw.
         scope.spawn(|| p.produce_paced(&lines, 500, || Some(Duration::from_millis(100))));
-        std::thread::sleep(Duration::from_secs(3));
+        harness::eventually("agg-a commits events", Duration::from_secs(60), || {
+            p.committed_total("aggregator") > 0
+        });
         // Its host unreachable, agg-a is replaced by a new run of the same instance,
         // which fences it and, once its session expires, takes its partitions.
         p.signal("agg-a", "STOP");
         p.start_with("aggregator", "agg-b", &[("TALLY_INSTANCE_ID", "agg-a")]);
-        std::thread::sleep(Duration::from_secs(15));
+        harness::eventually(
+            "agg-b takes agg-a's partitions",
+            Duration::from_secs(60),
+            || p.log("agg-b").contains("partition state restored"),
+        );
         // Back, agg-a recovers, fencing agg-b, which recovers and fences it in turn:
         // one of them stops rather than go on aborting the other's transactions.
         p.signal("agg-a", "CONT");
@@ -562,13 +628,22 @@ fn a_broker_restart_mid_run_neither_loses_nor_hangs() {
     let (first, rest) = lines.split_at(lines.len() / 3);
     let (second, third) = rest.split_at(rest.len() / 2);
     p.produce(first);
-    // A quick restart while the services start up and work.
-    std::thread::sleep(Duration::from_secs(1));
+    // A quick restart while the services work.
+    let committed = || p.committed_total("aggregator");
+    harness::eventually("the aggregator commits", Duration::from_secs(60), || {
+        committed() > 0
+    });
     harness::service("kafka", "restart");
+    let before = committed();
     p.produce(second);
-    // An outage longer than the group session (10 s): both services lose their
-    // partitions, rejoin and restore them once the broker is back.
-    std::thread::sleep(Duration::from_secs(2));
+    // Once they work again, an outage longer than the group session (10 s): both
+    // services lose their partitions, rejoin and restore them once the broker is back.
+    harness::eventually(
+        "the aggregator commits after the restart",
+        Duration::from_secs(120),
+        || committed() > before,
+    );
+    let _kafka_back = Restart("kafka");
     harness::service("kafka", "stop");
     std::thread::sleep(Duration::from_secs(12));
     p.assert_running();
@@ -592,6 +667,7 @@ fn clickhouse_down_for_30_seconds_delays_but_does_not_change_totals() {
     let (first, rest) = lines.split_at(lines.len() / 3);
     p.produce(first);
     std::thread::sleep(Duration::from_secs(2));
+    let _clickhouse_back = Restart("clickhouse");
     harness::service("clickhouse", "stop");
     let stopped = std::time::Instant::now();
     p.produce(rest);
@@ -623,16 +699,44 @@ fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
     let lines = p.lines();
     let (first, rest) = lines.split_at(lines.len() / 2);
     p.produce(first);
-    std::thread::sleep(Duration::from_secs(2));
+    // Killed once it has stored and committed some of it.
+    harness::eventually("rater-a commits", Duration::from_secs(60), || {
+        !p.committed("rater").is_empty()
+    });
+    let rebuilds = |name: &str| {
+        (p.log(name))
+            .matches("ledger rebuilt from the windows topic")
+            .count()
+    };
+    // rater-a killed, restarted; rater-b joins; both rebuild what they hold.
+    let rebuilt_before = rebuilds("rater-a");
     p.kill("rater-a");
     p.start("rater", "rater-a");
+    p.start("rater", "rater-b");
+    harness::eventually(
+        "both raters hold partitions",
+        Duration::from_secs(60),
+        || rebuilds("rater-a") > rebuilt_before && rebuilds("rater-b") > 0,
+    );
+    // ClickHouse goes down while both hold lines they cannot store.
+    let _clickhouse_back = Restart("clickhouse");
     harness::service("clickhouse", "stop");
     p.produce(rest);
-    // A second rater joins while ClickHouse is down: partitions move away from a
-    // rater holding unwritten lines, and the new owner starts paused.
-    p.start("rater", "rater-b");
-    std::thread::sleep(Duration::from_secs(8));
+    let refused = "ClickHouse refused the write; pausing and retrying";
+    harness::eventually(
+        "both raters hold lines ClickHouse refused",
+        Duration::from_secs(60),
+        || p.log("rater-a").contains(refused) && p.log("rater-b").contains(refused),
+    );
+    // rater-a dies with unwritten lines: rater-b takes its partitions during the
+    // outage, rebuilds them from the windows topic, and waits paused as well.
+    let rebuilt_before = rebuilds("rater-b");
     p.kill("rater-a");
+    harness::eventually(
+        "rater-b takes rater-a's partitions",
+        Duration::from_secs(60),
+        || rebuilds("rater-b") > rebuilt_before,
+    );
     harness::service("clickhouse", "start");
     p.wait_caught_up("aggregator", Duration::from_secs(300));
     let expected = p.expected();
