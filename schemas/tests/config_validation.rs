@@ -482,6 +482,31 @@ fn filter_values_no_json_number_or_boolean_reads_as_are_warned_about() {
 }
 
 #[test]
+fn two_prices_that_bill_the_same_usage_are_warned_about() {
+    let warnings = |filter: &str| -> Vec<(String, String)> {
+        // A second price on tokens beside gpt-tokens (filtered to gpt-x).
+        let text = with(
+            r#"filter = { model = "gpt-x" }"#,
+            &format!(
+                "filter = {{ model = \"gpt-x\" }}\n\n[[plans.prices]]\nid = \"more-tokens\"\nmeter = \"tokens\"\nbilling_scheme = \"per_unit\"\nunit_amount = \"0.001\"\n{filter}"
+            ),
+        );
+        (parse(&text).warnings.into_iter())
+            .map(|w| (w.at, w.message))
+            .collect()
+    };
+    let twice = [(
+        "plans[pro].prices[gpt-tokens]".to_owned(),
+        r#"prices "gpt-tokens" and "more-tokens" both bill usage of meter tokens that their filters both select, so it is billed twice (a surcharge?); pin a dimension to different values in their filters if each should bill its own"#.to_owned(),
+    )];
+    // Unfiltered, or filtered alike: gpt-x usage is billed by both.
+    assert_eq!(warnings(""), twice);
+    assert_eq!(warnings(r#"filter = { model = "gpt-x" }"#), twice);
+    // Another model: each bills its own.
+    assert!(warnings(r#"filter = { model = "claude" }"#).is_empty());
+}
+
+#[test]
 fn unique_count_prices_must_pin_every_dimension() {
     let text = with(
         "[[plans]]",

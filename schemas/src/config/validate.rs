@@ -39,6 +39,7 @@ impl ConfigFile {
         let plans = validate_plans(&self.plans, &meters, &mut issues);
         let mut warnings = Issues(Vec::new());
         check_filter_values(&self.plans, &mut warnings);
+        check_overlapping_prices(&plans, &meters, &mut warnings);
         let customers = validate_customers(
             &self.customers,
             &self.plans,
@@ -267,6 +268,33 @@ fn validate_plans(specs: &[PlanSpec], meters: &[Meter], issues: &mut Issues) -> 
         });
     }
     plans
+}
+
+/// Warns of two prices of a plan on one meter whose filters can both select the same
+/// usage (none pins a dimension to another value than the other does): that usage is
+/// billed twice, which a surcharge means but a forgotten filter does not.
+fn check_overlapping_prices(plans: &[Plan], meters: &[Meter], warnings: &mut Issues) {
+    for (i, plan) in plans.iter().enumerate() {
+        let at = format!("{}.prices", item_at("plans", i, &plan.id));
+        for (j, first) in plan.prices.iter().enumerate() {
+            for second in &plan.prices[j + 1..] {
+                let disjoint = (first.filter.iter()).any(|(dimension, value)| {
+                    (second.filter.iter()).any(|(d, v)| d == dimension && v != value)
+                });
+                if first.meter != second.meter || disjoint {
+                    continue;
+                }
+                let meter = &meters[first.meter.0 as usize].slug;
+                warnings.add(
+                    item_at(&at, j, &first.id),
+                    format!(
+                        "prices {:?} and {:?} both bill usage of meter {meter} that their filters both select, so it is billed twice (a surcharge?); pin a dimension to different values in their filters if each should bill its own",
+                        first.id, second.id
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Warns of filter values that no JSON number or boolean in an event matches: events'
