@@ -372,7 +372,7 @@ impl Ledger {
             ))
         };
         let this = line(key.period, Some(closed))?;
-        let mut billed: Vec<MeterValue> = Vec::new();
+        let mut billed: Vec<(&[String], MeterValue)> = Vec::new();
         let mut period = closed;
         loop {
             let state = if period == closed {
@@ -380,23 +380,27 @@ impl Ledger {
             } else {
                 line(period, Some(closed))
             };
-            billed.extend(state.into_iter().flat_map(|s| s.series.values().copied()));
+            let values = state.into_iter().flat_map(|s| &s.series);
+            billed.extend(values.map(|(series, value)| (series.group.as_slice(), *value)));
             period = period.next();
             if period >= key.period {
                 break;
             }
         }
-        let rate_with = |values: &[MeterValue]| {
+        let price = &plan_of(&self.config, customer, closed).prices[key.price_index];
+        let latest = self.config.meter(price.meter).aggregation.kind() == AggregationKind::Latest;
+        let rate_with = |values: &[(&[String], MeterValue)]| {
             rate_values(
                 &self.config,
                 customer,
                 key.price_index,
                 closed,
-                values.iter().copied(),
+                group_values(values, latest).into_iter(),
             )
         };
         let priced = rate_with(&billed).and_then(|before| {
-            billed.extend(this.series.values().copied());
+            let late = this.series.iter();
+            billed.extend(late.map(|(series, value)| (series.group.as_slice(), *value)));
             let after = rate_with(&billed)?;
             Ok(adjustment_line(&before, &after, key.period))
         });
@@ -511,6 +515,21 @@ fn rate_values(
         .map_err(|e| LineError::new(customer, price, period, e))?
         .value;
     invoice_line(config, customer, price_index, period, quantity)
+}
+
+/// The values a line of a closed month is rated from: each series', but for a latest
+/// meter one per group, the later reading, so late usage of a group replaces its
+/// month's value instead of adding to it.
+fn group_values(values: &[(&[String], MeterValue)], latest: bool) -> Vec<MeterValue> {
+    if !latest {
+        return values.iter().map(|(_, value)| *value).collect();
+    }
+    let mut by_group: HashMap<&[String], MeterValue> = HashMap::new();
+    for &(group, value) in values {
+        let held = by_group.entry(group).or_insert(value);
+        *held = held.later(value);
+    }
+    by_group.into_values().collect()
 }
 
 /// The value of several series of one meter taken together (also several windows of
@@ -854,6 +873,62 @@ mod tests {
         assert_eq!(second.period_start, december.start());
         assert_eq!(second.subtotal.to_string(), "17.80");
         assert_ne!(first.id, second.id);
+    }
+
+    #[test]
+    fn a_late_latest_reading_replaces_its_groups_value_in_the_adjustment() {
+        use tally_schemas::ids::EventKey;
+        use tally_schemas::records::EventOrder;
+        let config = Arc::new(
+            Config::parse(
+                r#"
+                [[meters]]
+                slug = "seats"
+                event_type = "seats"
+                aggregation = "latest"
+                value_property = "$.seats"
+                group_by = { team = "$.team" }
+
+                [[plans]]
+                id = "teams"
+                currency = "usd"
+
+                [[plans.prices]]
+                id = "seats"
+                meter = "seats"
+                billing_scheme = "per_unit"
+                unit_amount = "10"
+
+                [[customers]]
+                id = "acme"
+                plan = "teams"
+                "#,
+                "test",
+            )
+            .unwrap(),
+        );
+        let october = Period::from_str("2026-10").unwrap();
+        let reading = |day: &str, seats: i64| MeterValue {
+            value: Decimal::from(seats),
+            latest: Some(EventOrder {
+                time: format!("2026-10-{day}T09:00:00Z").parse().unwrap(),
+                key: EventKey::new("seats", day),
+            }),
+        };
+        let mut ledger = Ledger::new(config);
+        ledger.record(&series("seats", &["a"]), october, reading("10", 50));
+        ledger.record(&series("seats", &["b"]), october, reading("12", 2));
+        let closed = ledger.flush().unwrap().remove(0).line;
+        assert_eq!(closed.quantity, Decimal::from(52));
+        // Team a's reading of the 25th arrives after October closed: 55 seats, not 105.
+        let late = Arc::new(SeriesKey {
+            adjusts: Some(october),
+            ..SeriesKey::clone(&series("seats", &["a"]))
+        });
+        ledger.record(&late, november(), reading("25", 55));
+        let adjustment = ledger.flush().unwrap().remove(0).line;
+        assert_eq!(adjustment.quantity, Decimal::from(5));
+        assert_eq!(adjustment.subtotal.to_string(), "50.00");
     }
 
     #[test]
