@@ -707,6 +707,15 @@ impl Aggregator {
         found
     }
 
+    /// What `event` would be to this state's dedupe, without counting it: a retry or a
+    /// conflict of an event it counted, or `None` if it counted none with its key.
+    pub fn counted_before(&self, event: &DecodedEvent<'_>) -> Option<Outcome> {
+        Some(match self.dedupe.seen(event.key, event.payload)? {
+            Seen::Conflict => Outcome::Conflict,
+            Seen::First | Seen::Retry => Outcome::Retry,
+        })
+    }
+
     /// Number of `(source, id)` keys remembered for dedupe.
     pub fn dedupe_keys(&self) -> usize {
         self.dedupe.len()
@@ -1291,6 +1300,21 @@ mod tests {
             .sum();
         assert_eq!(window_users, Decimal::from(3));
         assert_eq!(usage(&agg, "2026-11", "users"), [(vec![], "2".to_string())]);
+    }
+
+    #[test]
+    fn counted_before_tells_a_retry_or_conflict_without_counting() {
+        let mut agg = Aggregator::streaming(&config());
+        let first = tokens("e1", "2026-11-02T10:00:00Z", "gpt", 5, 1);
+        assert_eq!(agg.counted_before(&first), None);
+        assert_eq!(agg.apply(&first), Outcome::Accepted);
+        assert_eq!(agg.counted_before(&first), Some(Outcome::Retry));
+        let other = tokens("e1", "2026-11-02T10:00:00Z", "gpt", 6, 1);
+        assert_eq!(agg.counted_before(&other), Some(Outcome::Conflict));
+        // Asking counted nothing: a new key is still new.
+        let new = tokens("e2", "2026-11-02T10:00:00Z", "gpt", 5, 1);
+        assert_eq!(agg.counted_before(&new), None);
+        assert_eq!(agg.apply(&new), Outcome::Accepted);
     }
 
     #[test]

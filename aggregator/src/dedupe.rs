@@ -164,6 +164,17 @@ impl DedupeSet {
         }
     }
 
+    /// What an event with `key` and `payload` would be, without recording it: `None` when
+    /// the key is new.
+    pub fn seen(&self, key: EventKey, payload: PayloadFingerprint) -> Option<Seen> {
+        let probe = DedupeEntry::new(key, payload, 0);
+        let held = self.table.find(probe.key_high, |e| e.same_key(&probe))?;
+        Some(match held.payload == probe.payload {
+            true => Seen::Retry,
+            false => Seen::Conflict,
+        })
+    }
+
     /// Forgets keys of events dated before `day`, returning how many, and gives the
     /// memory back so the per-key bound holds after expiry too.
     pub fn expire_before(&mut self, day: u16) -> usize {

@@ -274,16 +274,23 @@ impl PartitionState {
         processed.events += 1;
         let timestamp = message.timestamp().to_millis();
         processed.oldest_event_ms = processed.oldest_event_ms.into_iter().chain(timestamp).min();
-        // The event's "now" is when it reached Kafka (first, if it was forwarded), so a
-        // replay judges its time exactly as the first reading did.
-        let received_ms = header_value(message, FORWARDED_TIMESTAMP_HEADER)
-            .and_then(|value| std::str::from_utf8(value).ok()?.parse::<i64>().ok())
-            .or(timestamp);
-        let now = received_ms
-            .and_then(chrono::DateTime::from_timestamp_millis)
-            .unwrap_or_else(Utc::now);
+        // The event's "now" is when it reached Kafka, so a replay judges its time exactly
+        // as the first reading did. A forwarded event's is when it first reached Kafka,
+        // never later than this record's, so a forged header cannot move the clock on.
+        let forwarded_ms = header_value(message, FORWARDED_TIMESTAMP_HEADER)
+            .and_then(|value| std::str::from_utf8(value).ok()?.parse::<i64>().ok());
+        let received_ms = match (forwarded_ms, timestamp) {
+            (Some(first), Some(this)) => Some(first.min(this)),
+            (first, this) => this.or(first),
+        };
+        let at = |ms: Option<i64>| {
+            ms.and_then(chrono::DateTime::from_timestamp_millis)
+                .unwrap_or_else(Utc::now)
+        };
+        let now = at(received_ms);
         if let Some(value) = header_value(message, CLOSE_PERIOD_HEADER) {
-            let rejection = self.close_period(message, value, now);
+            // A control record is judged by its own record's time alone.
+            let rejection = self.close_period(message, value, at(timestamp));
             processed.outcomes.add(match rejection {
                 Some(_) => EventOutcome::Invalid,
                 None => EventOutcome::Control,
@@ -329,6 +336,14 @@ impl PartitionState {
                 // zero-usage lines by the partitioner's choice: an event of another
                 // partition (a producer partitioning otherwise) is counted there.
                 let home = partition_for_key(event.subject.as_bytes(), partition_count);
+                // A build before forwarding counted misplaced events where they were
+                // read: a retry of one is a retry here, not an event to forward.
+                let counted_here = (home != message.partition())
+                    .then(|| self.aggregator.counted_before(&event))
+                    .flatten();
+                if let Some(outcome) = counted_here {
+                    return processed.count(message, verdict(outcome, event.time));
+                }
                 if home != message.partition() {
                     let bytes = forwarded_bytes(message);
                     if bytes > MAX_FORWARDED_BYTES {
@@ -700,7 +715,7 @@ impl PartitionOwner for Worker {
             self.recover(consumer)?;
         } else {
             self.commit_or_recover(consumer, &revoked)?;
-            tracing::info!(partitions = ?revoked, "partitions revoked, the open transaction committed first");
+            tracing::info!(partitions = ?revoked, "partitions revoked, the open transaction ended first (committed, or aborted and the state rebuilt)");
         }
         for partition in &revoked {
             self.partitions.remove(partition);

@@ -502,7 +502,15 @@ impl Config {
     }
 }
 
-/// Fingerprint of a price book's canonical form (comments and layout do not count).
+/// The version of the rating rules, how a price book turns usage into amounts: part of
+/// every book's hash, so lines an earlier build stored count as rated by another book,
+/// and the rater re-rates the open months by these rules. Change it with any change to
+/// what a book bills (2026-12-07: latest meters add up their groups; isk and the
+/// three-decimal currencies billed as card payments allow).
+const RATING_RULES: &[u8] = b"2026-12-07";
+
+/// Fingerprint of a price book's canonical form (comments and layout do not count) and
+/// of the [`RATING_RULES`] it is rated by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConfigHash(pub u64);
 
@@ -522,7 +530,10 @@ impl ConfigHash {
         // Plain data with string keys: a failure is a bug, never every price book
         // hashing alike.
         .expect("a price book serialises");
-        let digest = Fingerprinter::new(b"config").part(&canonical).finish();
+        let digest = Fingerprinter::new(b"config")
+            .part(RATING_RULES)
+            .part(&canonical)
+            .finish();
         ConfigHash(digest as u64)
     }
 }

@@ -1001,6 +1001,20 @@ pub fn restored_some_state(log: &str) -> bool {
         .any(|l| l.contains("partition state restored") && !l.contains("records=0 "))
 }
 
+/// The port a service's log says it serves `what` on (`listening local=...
+/// what="aggregator metrics"`), for a service given port 0.
+pub fn metrics_port(log: &str, what: &str) -> u16 {
+    let line = (log.lines())
+        .find(|l| l.contains("listening") && l.contains(&format!("what=\"{what}\"")))
+        .unwrap_or_else(|| panic!("no {what} in:\n{log}"));
+    let address = line
+        .split("local=")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next());
+    (address.and_then(|a| a.rsplit(':').next()?.parse().ok()))
+        .unwrap_or_else(|| panic!("no port in {line}"))
+}
+
 /// A metric's value as a service serves it on `/metrics` (summed over its label sets),
 /// if the service answers and has it.
 pub fn metric(port: u16, name: &str) -> Option<f64> {

@@ -85,11 +85,29 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
             ("ce_type", "llm.tokens"),
         ],
     );
-    harness::eventually(
-        "the binary-mode event is rejected",
-        Duration::from_secs(30),
-        || (p.read_topic("rejected").iter()).any(|(payload, _)| payload == binary),
+    // A forged forwarding timestamp does not move the clock on: an event of 2030 is
+    // still ahead of it.
+    let forged = resolution("forged-1", "cust_00001", "2030-01-01T00:00:00Z");
+    let year_2030_ms = "1893456000000";
+    p.produce_with_headers(
+        "cust_00001",
+        &forged,
+        &[(
+            tally_schemas::records::FORWARDED_TIMESTAMP_HEADER,
+            year_2030_ms,
+        )],
     );
+    harness::eventually(
+        "the binary-mode and forged events are rejected",
+        Duration::from_secs(30),
+        || {
+            let rejected = p.read_topic("rejected");
+            [&binary[..], &forged[..]]
+                .iter()
+                .all(|bad| rejected.iter().any(|(payload, _)| payload == bad))
+        },
+    );
+    assert_eq!(rejection_code(&p, &forged), "time_in_future");
 
     // Every poison message is in the rejected topic, bytes intact, with its reason.
     let rejected = p.read_topic("rejected");
@@ -165,9 +183,21 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     p.stop("agg-a");
     p.reset_group_to_earliest("aggregator");
     p.start("aggregator", "agg-a");
+    // The replay forwards the event again; once that copy is in the topic and read,
+    // its partition has taken it for a retry, and the lines are as they were.
+    let copies = || {
+        (p.read_topic("events").iter())
+            .filter(|(payload, _)| *payload == misplaced)
+            .count()
+    };
+    harness::eventually(
+        "the replay's forwarded copy",
+        Duration::from_secs(180),
+        || copies() == 3,
+    );
     p.wait_caught_up("aggregator", Duration::from_secs(180));
+    p.wait_caught_up("rater", Duration::from_secs(60));
     p.wait_for(&expected, Duration::from_secs(60));
-    // The replay forwarded the event again; its partition took the copy for a retry.
     assert_eq!(harness::metric(aggregator_port, forwarded), Some(1.0));
     assert_windows_add_up_to_lines(&p, &expected);
 
@@ -460,7 +490,7 @@ fn a_second_aggregator_joining_and_the_first_leaving_keep_totals_exact() {
     // Both run: agg-a gave agg-b some partitions, which agg-b took with their state.
     harness::eventually("the rebalance", Duration::from_secs(60), || {
         p.log("agg-a")
-            .contains("partitions revoked, the open transaction committed first")
+            .contains("partitions revoked, the open transaction ended first")
             && harness::restored_some_state(&p.log("agg-b"))
     });
     p.stop("agg-a");
@@ -507,13 +537,15 @@ fn an_aggregator_frozen_past_its_session_is_fenced_when_it_wakes_and_totals_stay
         // Frozen mid-transaction, agg-a misses its heartbeats: after the 10 s session
         // the group gives its partitions to agg-b, which restores them from the
         // changelog, without what agg-a's open transaction wrote.
-        let restores = || p.log("agg-b").matches("partition state restored").count();
-        let restored_before = restores();
+        let port = harness::metrics_port(&p.log("agg-b"), "aggregator metrics");
         p.signal("agg-a", "STOP");
         harness::eventually(
-            "agg-b takes agg-a's partitions",
+            "agg-b holds every partition",
             Duration::from_secs(60),
-            || restores() > restored_before,
+            || {
+                harness::metric(port, "tally_aggregator_assigned_partitions")
+                    == Some(f64::from(harness::PARTITIONS))
+            },
         );
         // Awake, agg-a either learns first that its partitions were lost and aborts,
         // or commits with a stale generation, which the broker refuses: either way
