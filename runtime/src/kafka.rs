@@ -128,13 +128,23 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
-/// Sets Tally's default for a tunable, unless `[kafka] properties` set it.
+/// librdkafka's other names for the tunables: set under either, a value is the
+/// operator's.
+const TUNABLE_ALIASES: &[(&str, &str)] = &[
+    ("linger.ms", "queue.buffering.max.ms"),
+    ("compression.type", "compression.codec"),
+    ("max.partition.fetch.bytes", "fetch.message.max.bytes"),
+];
+
+/// Sets Tally's default for a tunable, unless `[kafka] properties` set it (under
+/// either of its names).
 pub fn tunable<'c>(
     config: &'c mut ClientConfig,
     name: &str,
     default: &str,
 ) -> &'c mut ClientConfig {
-    if config.get(name).is_none() {
+    let alias = (TUNABLE_ALIASES.iter()).find_map(|&(n, alias)| (n == name).then_some(alias));
+    if config.get(name).is_none() && alias.and_then(|a| config.get(a)).is_none() {
         config.set(name, default);
     }
     config
@@ -1101,10 +1111,14 @@ mod tests {
     #[test]
     fn a_tunable_keeps_the_operators_value_and_tallys_own_settings_win() {
         let settings = KafkaSettings {
-            properties: [("linger.ms", "50"), ("allow.auto.create.topics", "true")]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
+            properties: [
+                ("linger.ms", "50"),
+                ("compression.codec", "zstd"),
+                ("allow.auto.create.topics", "true"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
             brokers: "127.0.0.1:9092".to_owned(),
             topic_prefix: "tally".to_owned(),
             partitions: 1,
@@ -1115,7 +1129,11 @@ mod tests {
         tunable(&mut config, "linger.ms", "5");
         tunable(&mut config, "compression.type", "lz4");
         assert_eq!(config.get("linger.ms"), Some("50"));
-        assert_eq!(config.get("compression.type"), Some("lz4"));
+        // Given under its other name, it is not set twice.
+        assert_eq!(config.get("compression.type"), None);
+        assert_eq!(config.get("compression.codec"), Some("zstd"));
+        tunable(&mut config, "session.timeout.ms", "10000");
+        assert_eq!(config.get("session.timeout.ms"), Some("10000"));
         assert_eq!(config.get("allow.auto.create.topics"), Some("false"));
     }
 

@@ -66,6 +66,7 @@ pub fn check_events<'a>(
     let mut verdicts = Vec::with_capacity(events.len());
     let mut first_index: HashMap<EventKey, (usize, PayloadFingerprint)> =
         HashMap::with_capacity(events.len());
+    let mut looked_up = None;
     for (index, &bytes) in events.iter().enumerate() {
         let identity = identity(bytes);
         if let Some(source) = &identity.source {
@@ -110,8 +111,9 @@ pub fn check_events<'a>(
                 }),
                 None => {
                     first_index.insert(event.key, (index, event.payload));
+                    let unbilled = Unbilled::of(config, &event);
                     VerdictKind::Accept {
-                        unbilled: Unbilled::of(config, &event),
+                        unbilled: unbilled.map(|u| u.suggest(config, &mut looked_up)),
                         subject: event.subject,
                     }
                 }
@@ -232,6 +234,28 @@ plan = "pro"
             }
         );
         assert_eq!(verdicts[3].bytes, other_source.as_bytes());
+    }
+
+    #[test]
+    fn only_the_first_unknown_subject_of_a_request_is_matched_to_a_customer() {
+        let stranger = |id: &str, subject: &str| event(id, "s", "1").replace("cust_a", subject);
+        let events = [
+            stranger("a", "cust-a"),
+            stranger("b", "cust-a"),
+            stranger("c", "CUST_A"),
+        ];
+        let events: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
+        let suggested: Vec<Option<String>> = (check(&events, &key(None)).unwrap().into_iter())
+            .map(|verdict| match verdict.kind {
+                VerdictKind::Accept {
+                    unbilled: Some(Unbilled::UnknownCustomer { likely_meant, .. }),
+                    ..
+                } => likely_meant,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let cust_a = Some("cust_a".to_owned());
+        assert_eq!(suggested, [cust_a.clone(), cust_a, None]);
     }
 
     #[test]

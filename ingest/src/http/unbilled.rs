@@ -41,7 +41,7 @@ impl Unbilled {
         let Some(customer) = config.customers.get(&*event.subject) else {
             return Some(Unbilled::UnknownCustomer {
                 subject: event.subject.clone().into_owned(),
-                likely_meant: config.likely_customer(&event.subject).map(str::to_owned),
+                likely_meant: None,
             });
         };
         let period = Period::containing(event.time);
@@ -69,6 +69,31 @@ impl Unbilled {
             plan: plan.id.clone(),
             usage: usage.join(", "),
         })
+    }
+
+    /// Names the customer an unknown subject likely meant, looked up for the first
+    /// unknown subject of a request only (`looked_up` holds it): a lookup compares the
+    /// subject with every customer, too slow to repeat for each event of a batch of
+    /// strangers in a large book, and one suggestion shows the sender the mistake.
+    pub fn suggest(
+        mut self,
+        config: &Config,
+        looked_up: &mut Option<(String, Option<String>)>,
+    ) -> Self {
+        if let Unbilled::UnknownCustomer {
+            subject,
+            likely_meant,
+        } = &mut self
+        {
+            let (asked, meant) = looked_up.get_or_insert_with(|| {
+                let meant = config.likely_customer(subject).map(str::to_owned);
+                (subject.clone(), meant)
+            });
+            if asked == subject {
+                likely_meant.clone_from(meant);
+            }
+        }
+        self
     }
 
     /// A stable code for programs.
@@ -156,7 +181,9 @@ through = "2026-10"
         let event = EventDecoder::new(&config, now)
             .decode(raw.as_bytes())
             .unwrap();
-        Unbilled::of(&config, &event).map(|u| format!("{}: {}", u.code(), u.reason()))
+        Unbilled::of(&config, &event)
+            .map(|u| u.suggest(&config, &mut None))
+            .map(|u| format!("{}: {}", u.code(), u.reason()))
     }
 
     #[test]

@@ -463,10 +463,12 @@ fn kafka(check: &mut Check<'_>, spec: &KafkaSpec) -> KafkaSettings {
     // What Tally sets itself because exactly-once or its topics depend on it.
     let reserved = [
         "bootstrap.servers",
+        "metadata.broker.list",
         "group.id",
         "transactional.id",
         "enable.idempotence",
         "acks",
+        "request.required.acks",
         "isolation.level",
         "enable.auto.commit",
         "enable.auto.offset.store",
