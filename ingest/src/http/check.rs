@@ -39,8 +39,10 @@ pub enum VerdictKind<'a> {
         unbilled: Option<Unbilled>,
     },
     /// Same `(source, id)` and content as the event at index `of`: not produced again.
-    /// (Other content is a conflict, rejected.)
     Duplicate { of: usize },
+    /// Same `(source, id)` as the event at index `of`, other content: rejected, the
+    /// first counts, as the aggregator would have it.
+    Conflict { of: usize },
     /// Invalid, as `tally rate` would reject it.
     Reject(EventError),
 }
@@ -103,12 +105,7 @@ pub fn check_events<'a>(
             }
             Ok(event) => match first_index.get(&event.key) {
                 Some(&(of, payload)) if payload == event.payload => VerdictKind::Duplicate { of },
-                // Other content under an id already used in this request: the first
-                // counts, as the aggregator would have it, and the sender is told.
-                Some(_) => VerdictKind::Reject(EventError {
-                    field: "id".to_owned(),
-                    problem: Problem::Conflict,
-                }),
+                Some(&(of, _)) => VerdictKind::Conflict { of },
                 None => {
                     first_index.insert(event.key, (index, event.payload));
                     let unbilled = Unbilled::of(config, &event);
@@ -208,10 +205,7 @@ plan = "pro"
                     subject: "cust_a".into(),
                     unbilled: None,
                 },
-                VerdictKind::Reject(EventError {
-                    field: "id".to_owned(),
-                    problem: Problem::Conflict
-                }),
+                VerdictKind::Conflict { of: 0 },
             ]
         );
         let ids: Vec<_> = verdicts.iter().map(|v| v.id.as_deref()).collect();

@@ -32,7 +32,7 @@ use tally_runtime::metrics::Metrics;
 use tally_runtime::ops::{BindError, Readiness};
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, ServiceSettings};
-use tally_schemas::event::EventDecoder;
+use tally_schemas::event::{EventDecoder, EventError, Problem};
 use tokio::task::JoinHandle;
 
 use super::auth::{why_unauthorized, ApiKeys, Caller};
@@ -508,6 +508,19 @@ async fn ingest(
             VerdictKind::Duplicate { of } => {
                 duplicates += 1;
                 EventStatus::DuplicateInBatch { duplicate_of: of }
+            }
+            VerdictKind::Conflict { of } => {
+                rejected += 1;
+                let error = EventError {
+                    field: "id".to_owned(),
+                    problem: Problem::Conflict,
+                };
+                app.metrics.rejected(&error);
+                EventStatus::Rejected {
+                    field: error.field,
+                    code: error.problem.code(),
+                    reason: format!("event {of} of this request has this source and id and other content; the first one counts (send a correction under a new id)"),
+                }
             }
             VerdictKind::Reject(error) => {
                 rejected += 1;
