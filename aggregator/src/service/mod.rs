@@ -336,15 +336,12 @@ impl PartitionState {
                 // zero-usage lines by the partitioner's choice: an event of another
                 // partition (a producer partitioning otherwise) is counted there.
                 let home = partition_for_key(event.subject.as_bytes(), partition_count);
-                // A build before forwarding counted misplaced events where they were
-                // read: a retry of one is a retry here, not an event to forward.
-                let counted_here = (home != message.partition())
-                    .then(|| self.aggregator.counted_before(&event))
-                    .flatten();
-                if let Some(outcome) = counted_here {
-                    return processed.count(message, verdict(outcome, event.time));
-                }
                 if home != message.partition() {
+                    // A build before forwarding counted misplaced events where they were
+                    // read: a retry of one is a retry here, not an event to forward.
+                    if let Some(outcome) = self.aggregator.counted_before(&event) {
+                        return processed.count(message, verdict(outcome, event.time));
+                    }
                     let bytes = forwarded_bytes(message);
                     if bytes > MAX_FORWARDED_BYTES {
                         return processed.count(message, refused(
