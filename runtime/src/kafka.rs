@@ -736,6 +736,12 @@ pub fn positions_ahead<C: ConsumerContext>(
         .collect()
 }
 
+/// How long [`read_partition`] keeps asking for a partition's end that Kafka reports
+/// before its `known_end`, and how often. A broker that has just started does so for
+/// moments; one that still does after this lost the records.
+const KNOWN_END_PATIENCE: Duration = Duration::from_secs(30);
+const KNOWN_END_RETRY: Duration = Duration::from_millis(500);
+
 /// Why a partition could not be read to its end.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -751,6 +757,14 @@ pub enum ReadError {
         partition: i32,
         timeout: Duration,
     },
+    #[error("Kafka still says {topic}[{partition}] ends at offset {reported} after {waited:?}, yet offsets up to {known_end} were committed: the brokers lost records (an unclean leader election, a data directory lost). What was built from the lost records cannot be rebuilt from Kafka; to start the partition again from what the topic holds, reset the group's offset of this partition (kafka-consumer-groups.sh --reset-offsets)")]
+    EndBehind {
+        topic: String,
+        partition: i32,
+        reported: i64,
+        known_end: i64,
+        waited: Duration,
+    },
 }
 
 /// Reads one partition from offset `from` (its beginning, if that is earlier) to its
@@ -758,11 +772,17 @@ pub enum ReadError {
 /// offset order. This is how state kept in Kafka (a changelog, a compacted topic) is
 /// rebuilt. `base` carries the brokers and pass-through properties; transient broker
 /// errors are retried until `timeout`.
+///
+/// `known_end` is an offset the caller knows the partition's committed records reach
+/// (a group's committed offset; 0 when it knows none). The read does not end before
+/// it: a broker that has just started can report its end too early for a moment, and a
+/// state rebuilt from part of its records would look complete.
 pub fn read_partition(
     mut base: ClientConfig,
     topic: &str,
     partition: i32,
     from: i64,
+    known_end: i64,
     timeout: Duration,
     mut on_record: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> Result<(), ReadError> {
@@ -784,15 +804,41 @@ pub fn read_partition(
         .create_with_context(EndIsNoError::default())
         .map_err(fail)?;
     // One deadline for the whole read, waiting for the broker included.
-    let deadline = std::time::Instant::now() + timeout;
-    let (low, high) = retry_while_unavailable("read the partition's watermarks", timeout, || {
-        // The topic's metadata asked for again on every try: a client whose first
-        // answer lacked the partition (a broker restarting while the topic was made)
-        // otherwise keeps answering "unknown partition" from its cache.
-        reader.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        reader.fetch_watermarks(topic, partition, Duration::from_secs(10))
-    })
-    .map_err(fail)?;
+    let started = std::time::Instant::now();
+    let deadline = started + timeout;
+    let (low, high) = loop {
+        let (low, high) =
+            retry_while_unavailable("read the partition's watermarks", timeout, || {
+                // The topic's metadata asked for again on every try: a client whose
+                // first answer lacked the partition (a broker restarting while the
+                // topic was made) otherwise keeps answering "unknown partition" from
+                // its cache.
+                reader.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+                reader.fetch_watermarks(topic, partition, Duration::from_secs(10))
+            })
+            .map_err(fail)?;
+        if high >= known_end {
+            break (low, high);
+        }
+        let give_up = (started + KNOWN_END_PATIENCE).min(deadline);
+        if std::time::Instant::now() + KNOWN_END_RETRY > give_up {
+            return Err(ReadError::EndBehind {
+                topic: topic.to_owned(),
+                partition,
+                reported: high,
+                known_end,
+                waited: started.elapsed(),
+            });
+        }
+        tracing::warn!(
+            topic,
+            partition,
+            reported = high,
+            known_end,
+            "Kafka reports the partition ending before offsets known to be committed (a broker just started?); asking again"
+        );
+        std::thread::sleep(KNOWN_END_RETRY);
+    };
     // Records are read until the end-of-partition event, which comes only for a fetch
     // within the partition (librdkafka resets an offset out of range).
     let from = from.max(low);
@@ -815,7 +861,23 @@ pub fn read_partition(
         match reader.poll(Duration::from_millis(500)) {
             None => {}
             Some(Ok(message)) => on_record(&message),
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(()),
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                // A fetch's end is the broker's high watermark at that moment, which a
+                // just-started broker can report too early: librdkafka reports the end
+                // again once it has fetched past it.
+                let position = (reader.position().ok())
+                    .and_then(|positions| offset_of(&positions, topic, partition));
+                match position {
+                    Some(position) if position < known_end => tracing::warn!(
+                        topic,
+                        partition,
+                        position,
+                        known_end,
+                        "the partition's end reported before offsets known to be committed; reading on"
+                    ),
+                    _ => return Ok(()),
+                }
+            }
             Some(Err(e)) if is_permanent(&e) => return Err(fail(e)),
             Some(Err(e)) => {
                 tracing::warn!(topic, partition, error = %e, "reading to the end; retrying")

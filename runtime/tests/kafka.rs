@@ -19,7 +19,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, 
 use rdkafka::ClientConfig;
 use tally_runtime::kafka::{
     ensure_topics, partition_for_key, read_partition, record_lag, wait_until_caught_up,
-    CatchUpError, KafkaSetupError, MAX_RECORD_BYTES,
+    CatchUpError, KafkaSetupError, ReadError, MAX_RECORD_BYTES,
 };
 use tally_schemas::config::{KafkaSettings, Topic};
 
@@ -95,7 +95,10 @@ fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
         let topic = topic.clone();
         std::thread::spawn(move || {
             let mut keys = Vec::new();
-            let read = read_partition(config(), &topic, 0, 0, Duration::from_secs(120), |m| {
+            // As a rater rebuilding from its committed offset: the reader knows the
+            // records reach offset 1000.
+            let timeout = Duration::from_secs(120);
+            let read = read_partition(config(), &topic, 0, 0, 1000, timeout, |m| {
                 keys.push(rdkafka::Message::key(m).unwrap().to_vec());
             });
             (read, keys)
@@ -113,7 +116,7 @@ fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
     // From an offset: the records from there on; from the end or past it, none.
     let read_from = |from: i64| {
         let mut offsets = Vec::new();
-        read_partition(config(), &topic, 0, from, Duration::from_secs(60), |m| {
+        read_partition(config(), &topic, 0, from, 0, Duration::from_secs(60), |m| {
             offsets.push(rdkafka::Message::offset(m));
         })
         .unwrap();
@@ -123,6 +126,30 @@ fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
     assert!(read_from(1000).is_empty());
     assert!(read_from(5000).is_empty());
     assert_eq!(read_from(-3).len(), 1000);
+
+    // Records known to be committed that the broker does not have (it lost them) are
+    // an error naming both offsets, not a shorter read that looks complete.
+    let mut read = 0;
+    let short = read_partition(config(), &topic, 0, 0, 1500, Duration::from_secs(3), |_| {
+        read += 1;
+    });
+    assert_eq!(
+        read, 0,
+        "nothing handed on from a partition that lost records"
+    );
+    let error = short.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ReadError::EndBehind {
+                reported: 1000,
+                known_end: 1500,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("--reset-offsets"), "{error}");
 }
 
 #[test]
@@ -264,7 +291,7 @@ fn records_compressed_with_every_codec_kafka_offers_are_read() {
         producer.flush(Duration::from_secs(30)).unwrap();
     }
     let mut read = Vec::new();
-    read_partition(config(), &topic, 0, 0, Duration::from_secs(60), |m| {
+    read_partition(config(), &topic, 0, 0, 0, Duration::from_secs(60), |m| {
         let payload = rdkafka::Message::payload(m).unwrap();
         read.push(String::from_utf8(payload.to_vec()).unwrap());
     })

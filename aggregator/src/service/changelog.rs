@@ -186,7 +186,9 @@ pub(super) fn restore(
     // Gathered apart from the usage, which a snapshot resets; merged at the end.
     let mut keys: BTreeMap<Vec<u8>, (Kind, Snapshot)> = BTreeMap::new();
     let mut corrupt = None;
-    read_partition(base, topic, partition, 0, timeout, |message| {
+    // Nothing tells where the changelog ends: `load` reads it again while the state
+    // is behind the committed input offsets.
+    read_partition(base, topic, partition, 0, 0, timeout, |message| {
         if corrupt.is_some() {
             return;
         }

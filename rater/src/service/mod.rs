@@ -803,6 +803,7 @@ impl Worker {
             &self.topic,
             partition,
             from,
+            committed,
             REBUILD_TIMEOUT,
             |message| {
                 // Counts a record read and notes whose usage it carries.
