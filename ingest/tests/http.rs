@@ -627,7 +627,7 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
             {"index": 1, "id": "m-2", "status": "rejected", "field": "time",
              "code": "missing_field", "reason": "required field is missing"},
             {"index": 2, "id": "m-3", "status": "rejected", "field": "data.tokens",
-             "code": "negative_value", "reason": "usage must not be negative"},
+             "code": "negative_value", "reason": "usage must not be negative (only a sum meter with allow_negative_values = true takes corrections)"},
             {"index": 3, "status": "rejected", "field": "event",
              "code": "not_an_object", "reason": "expected a CloudEvent JSON object"},
             {"index": 4, "id": "m-5", "status": "accepted"},
@@ -675,7 +675,7 @@ fn a_repeated_source_and_id_in_one_batch_is_stored_once_and_other_content_refuse
             {"index": 1, "id": "d-2", "status": "accepted"},
             {"index": 2, "id": "d-1", "status": "duplicate_in_batch", "duplicate_of": 0},
             {"index": 3, "id": "d-1", "status": "rejected", "field": "id", "code": "conflict",
-             "reason": "event 0 of this request has this source and id and other content; the first one counts (send a correction under a new id)"},
+             "reason": "event 0 of this request has this source and id and other content; the first one counts: a resend cannot change it (send the difference as a new event, with a new id)"},
             {"index": 4, "id": "d-1", "status": "accepted"},
         ]})
     );

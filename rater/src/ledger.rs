@@ -514,7 +514,15 @@ fn rate_values(
     let quantity = combine(kind, values)
         .map_err(|e| LineError::new(customer, price, period, e))?
         .value;
-    invoice_line(config, customer, price_index, period, quantity)
+    // A month whose corrections (a sum meter's negative values) outweigh its usage
+    // bills zero usage, never a negative quantity through the tiers.
+    invoice_line(
+        config,
+        customer,
+        price_index,
+        period,
+        quantity.max(Decimal::ZERO),
+    )
 }
 
 /// The values a line of a closed month is rated from: each series', but for a latest
@@ -1120,6 +1128,39 @@ mod tests {
                 tier.amount
             );
         }
+    }
+
+    #[test]
+    fn corrections_lower_a_line_to_no_less_than_zero_usage_and_late_ones_are_credits() {
+        let october = Period::from_str("2026-10").unwrap();
+        let mut ledger = Ledger::new(config());
+        // A sum meter taking corrections: 4000 llama tokens, and gpt-x usage whose
+        // corrections outweigh it by 500.
+        ledger.record(&series("tokens", &["llama"]), october, value(4000));
+        ledger.record(&series("tokens", &["gpt-x"]), october, value(-500));
+        let closed = ledger.flush().unwrap();
+        let line = |lines: &[RatedLine], price: &str| {
+            let line = &lines.iter().find(|l| l.line.price == price).unwrap().line;
+            (line.quantity.to_string(), line.amount.to_string())
+        };
+        // The gpt-x line bills zero usage, not a negative quantity through its tiers.
+        assert_eq!(line(&closed, "gpt-tokens"), ("0".into(), "0.00".into()));
+        // The line of all models nets the correction: 3500 * 0.0003.
+        assert_eq!(line(&closed, "all-tokens"), ("3500".into(), "1.05".into()));
+        // A correction of 2000 read after October closed is a credit in November:
+        // 1500 * 0.0003 = 0.45 where 1.05 was billed.
+        let late = Arc::new(SeriesKey {
+            adjusts: Some(october),
+            ..SeriesKey::clone(&series("tokens", &["llama"]))
+        });
+        ledger.record(&late, november(), value(-2000));
+        let adjustments = ledger.flush().unwrap();
+        assert_eq!(
+            line(&adjustments, "all-tokens"),
+            ("-2000".into(), "-0.60".into())
+        );
+        // The llama correction is not gpt-x usage: that line has nothing to adjust.
+        assert_eq!(adjustments.len(), 1);
     }
 
     fn value(v: i64) -> MeterValue {

@@ -91,7 +91,8 @@ impl Reading<'_> {
 pub enum ReadingValue {
     /// A count meter: the event itself is the unit.
     Event,
-    /// A non-negative exact number, for sum, max and latest.
+    /// An exact number, for sum, max and latest; negative only for a sum meter that
+    /// allows corrections.
     Number(Decimal),
     /// A fingerprint of a distinct value, for unique_count.
     Distinct(u64),
@@ -206,7 +207,7 @@ impl fmt::Display for Problem {
                 humantime::format_duration(*skew)
             ),
             Problem::NotANumber => f.write_str("expected a number (or a numeric string)"),
-            Problem::Negative => f.write_str("usage must not be negative"),
+            Problem::Negative => f.write_str("usage must not be negative (only a sum meter with allow_negative_values = true takes corrections)"),
             Problem::TooLarge => write!(
                 f,
                 "usage values must be below 10^18 (a larger one is a unit error, and would put exact totals at risk)"
@@ -222,7 +223,7 @@ impl fmt::Display for Problem {
             ),
             Problem::Refused(reason) => f.write_str(reason),
             Problem::Conflict => f.write_str(
-                "an event with this source and id but different content was already counted; the first one wins (send a correction under a new id)",
+                "an event with this source and id but different content was already counted; the first one wins: a resend cannot change it (send the difference as a new event, with a new id; a negative difference needs a sum meter with allow_negative_values = true)",
             ),
             Problem::TooLargeForKafka { bytes, limit } => write!(
                 f,
@@ -362,18 +363,19 @@ impl<'c> EventDecoder<'c> {
                     None => Cow::Borrowed(""),
                 });
             }
+            let required = |p: &JsonPath| {
+                lookup(members.as_ref(), p)?.ok_or_else(|| error(p.field_name(), Problem::Missing))
+            };
             let value = match &meter.aggregation {
                 Aggregation::Count => ReadingValue::Event,
-                Aggregation::Sum(p) | Aggregation::Max(p) | Aggregation::Latest(p) => {
-                    let raw = lookup(members.as_ref(), p)?
-                        .ok_or_else(|| error(p.field_name(), Problem::Missing))?;
-                    ReadingValue::Number(number(raw, p)?)
+                Aggregation::Sum {
+                    value: p,
+                    negative_allowed,
+                } => ReadingValue::Number(number(required(p)?, p, *negative_allowed)?),
+                Aggregation::Max(p) | Aggregation::Latest(p) => {
+                    ReadingValue::Number(number(required(p)?, p, false)?)
                 }
-                Aggregation::UniqueCount(p) => {
-                    let raw = lookup(members.as_ref(), p)?
-                        .ok_or_else(|| error(p.field_name(), Problem::Missing))?;
-                    ReadingValue::Distinct(distinct(raw, p)?)
-                }
+                Aggregation::UniqueCount(p) => ReadingValue::Distinct(distinct(required(p)?, p)?),
             };
             readings.push(Reading {
                 meter: meter_id,
@@ -543,8 +545,9 @@ fn parse_number(text: &str) -> Option<Result<Decimal, Problem>> {
 /// the 28 digits an exact decimal holds.
 const MAX_VALUE: Decimal = Decimal::from_parts(0xA764_0000, 0x0DE0_B6B3, 0, false, 0);
 
-/// An exact, non-negative number from a JSON number or a numeric string.
-fn number(raw: &str, path: &JsonPath) -> Result<Decimal, EventError> {
+/// An exact number from a JSON number or a numeric string; negative only where
+/// `negative_allowed`.
+fn number(raw: &str, path: &JsonPath, negative_allowed: bool) -> Result<Decimal, EventError> {
     let field = || path.field_name();
     let text: Cow<str> = match string_at(raw, field)? {
         Some(s) => Cow::Owned(s.trim().to_owned()),
@@ -553,10 +556,10 @@ fn number(raw: &str, path: &JsonPath) -> Result<Decimal, EventError> {
     let value = parse_number(&text)
         .ok_or_else(|| error(field(), Problem::NotANumber))?
         .map_err(|p| error(field(), p))?;
-    if value.is_sign_negative() && !value.is_zero() {
+    if value.is_sign_negative() && !value.is_zero() && !negative_allowed {
         return Err(error(field(), Problem::Negative));
     }
-    if value >= MAX_VALUE {
+    if value.abs() >= MAX_VALUE {
         return Err(error(field(), Problem::TooLarge));
     }
     Ok(value)
@@ -656,13 +659,25 @@ mod tests {
         assert_eq!(MAX_VALUE, Decimal::from(1_000_000_000_000_000_000_u64));
         let path: JsonPath = "$.tokens".parse().unwrap();
         assert_eq!(
-            number("999999999999999999.5", &path).unwrap().to_string(),
+            number("999999999999999999.5", &path, false)
+                .unwrap()
+                .to_string(),
             "999999999999999999.5"
         );
         assert_eq!(
-            number("1e18", &path).unwrap_err().problem,
+            number("1e18", &path, false).unwrap_err().problem,
             Problem::TooLarge
         );
-        assert_eq!(number("\"7\"", &path).unwrap(), Decimal::from(7));
+        assert_eq!(number("\"7\"", &path, false).unwrap(), Decimal::from(7));
+        // A correction's bound is the same, below zero.
+        assert_eq!(number("-7.5", &path, true).unwrap().to_string(), "-7.5");
+        assert_eq!(
+            number("-1e18", &path, true).unwrap_err().problem,
+            Problem::TooLarge
+        );
+        assert_eq!(
+            number("-1", &path, false).unwrap_err().problem,
+            Problem::Negative
+        );
     }
 }

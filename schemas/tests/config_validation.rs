@@ -7,7 +7,7 @@
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
-use tally_schemas::config::{AggregationKind, Config, ConfigError};
+use tally_schemas::config::{Aggregation, AggregationKind, Config, ConfigError};
 use tally_schemas::money::RoundingMode;
 use tally_schemas::price::{Discount, PackageRounding, Rate, TiersMode, UpTo};
 use tally_schemas::time::Period;
@@ -550,6 +550,39 @@ fn value_property_is_required_except_for_count() {
         ),
         "meters[resolutions].value_property",
         "a count meter counts events",
+    );
+}
+
+#[test]
+fn only_a_sum_meter_may_allow_negative_values() {
+    let sum = with(
+        r#"value_property = "$.tokens""#,
+        "value_property = \"$.tokens\"\nallow_negative_values = true",
+    );
+    let config = parse(&sum);
+    assert!(matches!(
+        config.meters[1].aggregation,
+        Aggregation::Sum {
+            negative_allowed: true,
+            ..
+        }
+    ));
+    // Left out, it stays off; set, it is part of the price book's hash.
+    assert!(matches!(
+        parse(BASE).meters[1].aggregation,
+        Aggregation::Sum {
+            negative_allowed: false,
+            ..
+        }
+    ));
+    assert_ne!(config.hash, parse(BASE).hash);
+    assert_only_issue(
+        &with(
+            r#"aggregation = "count""#,
+            "aggregation = \"count\"\nallow_negative_values = true",
+        ),
+        "meters[resolutions].allow_negative_values",
+        "only a sum meter takes negative values",
     );
 }
 

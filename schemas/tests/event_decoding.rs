@@ -225,6 +225,32 @@ fn negative_zero_is_zero_not_negative() {
 }
 
 #[test]
+fn a_sum_meter_allowing_negative_values_takes_corrections_and_the_others_refuse_them() {
+    let config = Config::parse(
+        &CONFIG.replace(
+            "value_property = \"$.tokens\"",
+            "value_property = \"$.tokens\"\nallow_negative_values = true",
+        ),
+        "test",
+    )
+    .unwrap();
+    let correction = decode_with(&config, tokens(r#""-1500.5""#).as_bytes()).unwrap();
+    assert_eq!(
+        correction.readings[0].value,
+        ReadingValue::Number(dec("-1500.5"))
+    );
+    // Bounded below as above: a correction past -10^18 is a unit error too.
+    let too_large = decode_with(&config, tokens("-1e18").as_bytes()).unwrap_err();
+    assert_eq!(too_large.problem, Problem::TooLarge);
+    // The other meters of the type-sharing pair (latest and max) still refuse them.
+    let seats = event("app.seats", Some(r#"{"seat-count":-2}"#));
+    assert_eq!(
+        decode_with(&config, seats.as_bytes()).unwrap_err().problem,
+        Problem::Negative
+    );
+}
+
+#[test]
 fn non_numeric_values_are_rejected_naming_the_field() {
     for raw in [
         r#""abc""#,
@@ -592,7 +618,10 @@ fn errors_read_as_field_then_reason() {
         "data.tokens: expected a number (or a numeric string)"
     );
     let err = decode(&tokens("-3")).unwrap_err();
-    assert_eq!(err.to_string(), "data.tokens: usage must not be negative");
+    assert_eq!(
+        err.to_string(),
+        "data.tokens: usage must not be negative (only a sum meter with allow_negative_values = true takes corrections)"
+    );
     let err = decode(&SAMPLE.replace(r#""1.0""#, r#""0.3""#)).unwrap_err();
     assert_eq!(
         err.to_string(),

@@ -655,7 +655,7 @@ fn write_usage(
     let kind = meter.aggregation.kind();
     let additive = matches!(
         meter.aggregation,
-        Aggregation::Count | Aggregation::Sum(_) | Aggregation::Max(_)
+        Aggregation::Count | Aggregation::Sum { .. } | Aggregation::Max(_)
     );
     let combined = |windows: &mut dyn Iterator<Item = &WindowUsage>| {
         let combined = combine(kind, windows.map(|w| w.value)).ok()?;
@@ -718,6 +718,13 @@ fn write_usage(
     for (row, chunk) in days.chunks(DAYS_PER_ROW).enumerate() {
         let label = if row == 0 { "by day:" } else { "" };
         writeln!(out, "            {label:<8}{}", chunk.join(", "))?;
+    }
+    if month.is_some_and(|m| m.is_sign_negative() && line.quantity.is_zero()) {
+        return writeln!(
+            out,
+            "            corrections outweigh the month's usage ({}): a month bills no less than zero",
+            month.unwrap_or_default()
+        );
     }
     if month.is_some_and(|m| m != line.quantity.normalize()) {
         writeln!(
@@ -785,7 +792,19 @@ fn meter_text(meter: &Meter) -> String {
     let slug = &meter.slug;
     match &meter.aggregation {
         Aggregation::Count => format!("meter {slug} counts {events} events"),
-        Aggregation::Sum(path) => format!("meter {slug} sums {} of {events} events", path.as_str()),
+        Aggregation::Sum {
+            value,
+            negative_allowed,
+        } => {
+            let corrections = match negative_allowed {
+                true => " (negative values are corrections)",
+                false => "",
+            };
+            format!(
+                "meter {slug} sums {} of {events} events{corrections}",
+                value.as_str()
+            )
+        }
         Aggregation::Max(path) => format!(
             "meter {slug} takes the largest {} of {events} events",
             path.as_str()

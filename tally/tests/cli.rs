@@ -575,6 +575,48 @@ fn token_packages_round_up_or_down_and_prices_filter_by_model() {
     );
 }
 
+#[test]
+fn negative_corrections_lower_a_sum_meters_line_to_no_less_than_zero() {
+    let f = Fixture::new(&PRO.replace(
+        "value_property = \"$.tokens\"",
+        "value_property = \"$.tokens\"\nallow_negative_values = true",
+    ));
+    let events = vec![
+        tokens("t1", "cust_acme", "gpt-x", json!(4000)),
+        // A gateway reported 1500 too many: the correction under a new id.
+        tokens("t1-fix", "cust_acme", "gpt-x", json!("-1500")),
+        // Corrections of claude-y usage reported in another month outweigh its usage.
+        tokens("t2", "cust_acme", "claude-y", json!(1000)),
+        tokens("t2-fix", "cust_acme", "claude-y", json!(-3000)),
+    ];
+    let run = f.rate(&events, &[]).succeeded();
+    let lines = run.lines();
+    // 2500 tokens: 3 packages (rounded up) x 0.02.
+    assert_eq!(
+        money(line(&lines, "cust_acme", "gpt-tokens")),
+        ["2500", "0.06", "0.00", "0.06"]
+    );
+    // -2000 bills as zero usage, never as a credit through the tiers.
+    assert_eq!(
+        money(line(&lines, "cust_acme", "claude-tokens")),
+        ["0", "0.00", "0.00", "0.00"]
+    );
+    assert_eq!(f.summary()["accepted"], 4, "{}", f.summary());
+    let explained = f
+        .explain("cust_acme", &["--price", "claude-tokens"])
+        .succeeded();
+    assert!(
+        explained
+            .stdout
+            .contains("(negative values are corrections)")
+            && explained.stdout.contains(
+                "corrections outweigh the month's usage (-2000): a month bills no less than zero"
+            ),
+        "{}",
+        explained.stdout
+    );
+}
+
 const VOLUME: &str = r#"
 [[meters]]
 slug = "seats"
@@ -1605,7 +1647,10 @@ fn every_kind_of_bad_line_is_rejected_with_line_field_and_code_and_the_run_conti
         rejects[0]["raw"],
         "{\"specversion\":\"1.0\", this is not json"
     );
-    assert_eq!(rejects[5]["reason"], "usage must not be negative");
+    assert_eq!(
+        rejects[5]["reason"],
+        "usage must not be negative (only a sum meter with allow_negative_values = true takes corrections)"
+    );
     // The raw line is kept, lossily; the reason gives the offset of the bad byte.
     let raw = rejects[1]["raw"].as_str().unwrap();
     assert!(raw.contains("\"subject\":\"cust\u{fffd}acme\""), "{raw}");

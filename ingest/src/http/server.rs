@@ -519,7 +519,7 @@ async fn ingest(
                 EventStatus::Rejected {
                     field: error.field,
                     code: error.problem.code(),
-                    reason: format!("event {of} of this request has this source and id and other content; the first one counts (send a correction under a new id)"),
+                    reason: format!("event {of} of this request has this source and id and other content; the first one counts: a resend cannot change it (send the difference as a new event, with a new id)"),
                 }
             }
             VerdictKind::Reject(error) => {

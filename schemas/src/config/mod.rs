@@ -84,6 +84,10 @@ pub struct MeterSpec {
     /// Dimensions: name -> JSONPath into `data`, e.g. `{ model = "$.model" }`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub group_by: BTreeMap<String, JsonPath>,
+    /// A sum meter only: negative values are accepted, as corrections of usage reported
+    /// too high (sent under new ids). Default `false`: a negative value is rejected.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_negative_values: bool,
     /// Free text for people reading invoices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -307,7 +311,11 @@ pub struct Meter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Aggregation {
     Count,
-    Sum(JsonPath),
+    /// With whether negative values (corrections) are accepted.
+    Sum {
+        value: JsonPath,
+        negative_allowed: bool,
+    },
     Max(JsonPath),
     UniqueCount(JsonPath),
     Latest(JsonPath),
@@ -317,7 +325,7 @@ impl Aggregation {
     pub fn kind(&self) -> AggregationKind {
         match self {
             Aggregation::Count => AggregationKind::Count,
-            Aggregation::Sum(_) => AggregationKind::Sum,
+            Aggregation::Sum { .. } => AggregationKind::Sum,
             Aggregation::Max(_) => AggregationKind::Max,
             Aggregation::UniqueCount(_) => AggregationKind::UniqueCount,
             Aggregation::Latest(_) => AggregationKind::Latest,
@@ -327,7 +335,7 @@ impl Aggregation {
     pub fn value_property(&self) -> Option<&JsonPath> {
         match self {
             Aggregation::Count => None,
-            Aggregation::Sum(p)
+            Aggregation::Sum { value: p, .. }
             | Aggregation::Max(p)
             | Aggregation::UniqueCount(p)
             | Aggregation::Latest(p) => Some(p),

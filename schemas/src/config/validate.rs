@@ -193,11 +193,23 @@ fn validate_meters(specs: &[MeterSpec], issues: &mut Issues) -> Vec<Meter> {
                 );
                 Aggregation::Count
             }
-            (AggregationKind::Sum, Some(p)) => Aggregation::Sum(p),
+            (AggregationKind::Sum, Some(p)) => Aggregation::Sum {
+                value: p,
+                negative_allowed: spec.allow_negative_values,
+            },
             (AggregationKind::Max, Some(p)) => Aggregation::Max(p),
             (AggregationKind::UniqueCount, Some(p)) => Aggregation::UniqueCount(p),
             (AggregationKind::Latest, Some(p)) => Aggregation::Latest(p),
         };
+        if spec.allow_negative_values && spec.aggregation != AggregationKind::Sum {
+            issues.add(
+                format!("{at}.allow_negative_values"),
+                format!(
+                    "only a sum meter takes negative values (corrections add up with the usage they correct); a {} cannot be corrected that way: remove it",
+                    spec.aggregation.as_str()
+                ),
+            );
+        }
         for key in spec.group_by.keys() {
             if key.trim().is_empty() {
                 issues.add(
