@@ -42,6 +42,9 @@ pub struct Summary {
     pub rejected_by_reason: BTreeMap<String, u64>,
     /// Valid events dated outside the period.
     pub outside_period: u64,
+    /// The same by the month of their event time (`2026-10`): late usage of a month
+    /// already billed shows as its month.
+    pub outside_period_by_month: BTreeMap<String, u64>,
     /// Valid events in the period whose type no meter reads, by type.
     pub unknown_event_types: BTreeMap<String, u64>,
     /// Metered events in the period for customers not in the configuration, by customer.
@@ -248,7 +251,11 @@ impl Summary {
             Bucket::Conflict => self.conflicts += 1,
             Bucket::Refused => self.refused += 1,
             Bucket::TooLate => self.too_late += 1,
-            Bucket::OutsidePeriod => self.outside_period += 1,
+            Bucket::OutsidePeriod => {
+                self.outside_period += 1;
+                let month = Period::containing(event.time).to_string();
+                *self.outside_period_by_month.entry(month).or_default() += 1;
+            }
             Bucket::Unmetered => {
                 *self
                     .unknown_event_types
@@ -317,6 +324,21 @@ impl Summary {
             self.too_late,
             self.refused,
         );
+        if !self.outside_period_by_month.is_empty() {
+            let months: Vec<String> = (self.outside_period_by_month.iter())
+                .map(|(month, n)| format!("{month}: {n}"))
+                .collect();
+            // Months sort as text; an earlier one may have been billed without these.
+            let earlier = (self.outside_period_by_month.keys()).any(|month| *month < self.period);
+            let hint = match earlier {
+                true => " (an earlier month billed before these arrived lacks them: rate it again and compare the two with `tally reconcile`)",
+                false => "",
+            };
+            out.push_str(&format!(
+                "  outside the period, by month: {}{hint}\n",
+                months.join(", ")
+            ));
+        }
         if self.unfinished {
             out.push_str(&format!(
                 "  warning: {} has not ended: these lines bill its usage so far, not the month (to bill last month, give its --period)\n",

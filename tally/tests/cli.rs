@@ -1492,6 +1492,7 @@ fn the_summary_reconciles_every_line_read() {
             "rejected": 1,
             "rejected_by_reason": {"invalid_json": 1},
             "outside_period": 1,
+            "outside_period_by_month": {"2026-10": 1},
             "unknown_event_types": {"ai.handoff": 1},
             "unknown_customers": {"cust_ghost": 2},
             "too_late": 0,
@@ -1503,6 +1504,14 @@ fn the_summary_reconciles_every_line_read() {
     assert!(
         run.stderr.contains(
             "period 2026-11: 10 events read = 3 counted + 1 duplicates + 1 conflicts + 1 rejected + 1 outside the period + 1 of unknown types + 2 of unknown customers"
+        ),
+        "{}",
+        run.stderr
+    );
+    // October's event arrived after October was billed: finance is told where it is.
+    assert!(
+        run.stderr.contains(
+            "outside the period, by month: 2026-10: 1 (an earlier month billed before these arrived lacks them: rate it again and compare the two with `tally reconcile`)"
         ),
         "{}",
         run.stderr
