@@ -1247,7 +1247,7 @@ impl<'l> Reconciliation<'l> {
         let differing: Vec<Vec<String>> = (self.invoices.iter())
             .filter(|(_, (expected, actual))| expected != actual)
             .map(|((customer, currency), (expected, actual))| {
-                let difference = exact_add(*actual, -*expected)
+                let difference = difference(*actual, *expected)
                     .map_or_else(|| "-".to_owned(), |d| d.to_string());
                 vec![
                     customer.to_string(),
@@ -1272,7 +1272,7 @@ impl<'l> Reconciliation<'l> {
         writeln!(out)?;
         writeln!(out, "Totals (actual - expected):")?;
         for (currency, (expected, actual)) in &self.totals {
-            let difference = exact_add(*actual, -*expected).map_or_else(
+            let difference = difference(*actual, *expected).map_or_else(
                 || "more than an exact decimal holds".into(),
                 |d| d.to_string(),
             );
@@ -1328,6 +1328,16 @@ impl<'l> Reconciliation<'l> {
     }
 }
 
+/// `actual - expected`, exact (`None` past a decimal's digits); a zero difference is
+/// written `0.00`, never `-0.00`, however the two zeros were signed.
+fn difference(actual: Decimal, expected: Decimal) -> Option<Decimal> {
+    let mut difference = exact_add(actual, -expected)?;
+    if difference.is_zero() {
+        difference.set_sign_positive(true);
+    }
+    Some(difference)
+}
+
 /// The columns of `--differences`: the line, what differs (`only_expected`,
 /// `only_actual`, `currency`, `quantity`, `quantity_and_amount`, `discount` or
 /// `amount`), both sides' figures, actual minus
@@ -1370,8 +1380,8 @@ impl Difference<'_> {
     fn amount_difference(&self) -> Option<(Decimal, &str)> {
         match (self.expected, self.actual) {
             (Some(e), Some(a)) if e.currency != a.currency => None,
-            (Some(e), Some(a)) => Some((exact_add(a.amount, -e.amount)?, &a.currency)),
-            (Some(e), None) => Some((-e.amount, &e.currency)),
+            (Some(e), Some(a)) => Some((difference(a.amount, e.amount)?, &a.currency)),
+            (Some(e), None) => Some((difference(Decimal::ZERO, e.amount)?, &e.currency)),
             (None, Some(a)) => Some((a.amount, &a.currency)),
             (None, None) => None,
         }
@@ -1452,6 +1462,26 @@ mod tests {
             .write_report(&mut out, november(), expected, actual)
             .unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_zero_difference_is_never_written_negative() {
+        let d = |text: &str| Decimal::from_str(text).unwrap();
+        let shown =
+            |actual: &str, expected: &str| difference(d(actual), d(expected)).unwrap().to_string();
+        assert_eq!(shown("0.00", "0.00"), "0.00");
+        assert_eq!(shown("0.00", "-0.00"), "0.00");
+        assert_eq!(shown("-0.00", "0.00"), "0.00");
+        assert_eq!(shown("1.50", "2.00"), "-0.50");
+        // A line of 0.00 only the expected side has, with a discount the other lacks.
+        let expected = json(concat!(
+            r#"{"customer":"a","price":"tokens","quantity":"5","subtotal":"0.00","discount":"0.00","amount":"0.00","currency":"usd"}"#,
+        ));
+        let actual = json(concat!(
+            r#"{"customer":"a","price":"tokens","quantity":"7","subtotal":"0.00","discount":"0.00","amount":"0.00","currency":"usd"}"#,
+        ));
+        let text = report(&expected, &actual);
+        assert!(!text.contains("-0.00"), "{text}");
     }
 
     #[test]
