@@ -864,19 +864,21 @@ pub fn read_partition(
             Some(Err(KafkaError::PartitionEOF(_))) => {
                 // A fetch's end is the broker's high watermark at that moment, which a
                 // just-started broker can report too early: librdkafka reports the end
-                // again once it has fetched past it.
+                // again once it has fetched past it. Before anything was delivered
+                // the position is unset: the read is still where it started.
                 let position = (reader.position().ok())
-                    .and_then(|positions| offset_of(&positions, topic, partition));
-                match position {
-                    Some(position) if position < known_end => tracing::warn!(
-                        topic,
-                        partition,
-                        position,
-                        known_end,
-                        "the partition's end reported before offsets known to be committed; reading on"
-                    ),
-                    _ => return Ok(()),
+                    .and_then(|positions| offset_of(&positions, topic, partition))
+                    .unwrap_or(from);
+                if position >= known_end {
+                    return Ok(());
                 }
+                tracing::warn!(
+                    topic,
+                    partition,
+                    position,
+                    known_end,
+                    "the partition's end reported before offsets known to be committed; reading on"
+                );
             }
             Some(Err(e)) if is_permanent(&e) => return Err(fail(e)),
             Some(Err(e)) => {
