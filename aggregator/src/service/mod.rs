@@ -42,9 +42,9 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value,
-    idempotent_producer_config, leave_group, offset_of, partition_count, partition_for_key,
-    poll_group, positions_ahead, send, tunable, DeliveryReports, GroupContext, KafkaProducer,
-    PartitionOwner, MAX_RECORD_BYTES,
+    idempotent_producer_config, is_permanent, leave_group, offset_of, partition_count,
+    partition_for_key, poll_group, positions_ahead, send, tunable, DeliveryReports, GroupContext,
+    KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -103,6 +103,8 @@ pub enum AggregatorError {
         transactional_id: String,
         instance_id: String,
     },
+    #[error("Kafka refused a record the aggregator must write, and would refuse it again after every recovery: {source}. Give the aggregator's principal Write on the events, windows, rejected and changelog topics (forwarding misplaced events writes to the events topic) and make their max.message.bytes at least 1048576 (the windows and changelog topics {MAX_RECORD_BYTES}); the aggregator stops rather than retry in a loop")]
+    Unwritable { source: KafkaError },
     #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed or its aggregation changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
         topic: String,
@@ -197,10 +199,15 @@ impl<'m> Processed<'m> {
     }
 }
 
-/// The most a forwarded event may hold, headers included: librdkafka's default
-/// `message.max.bytes`, below the broker's default topic limit. A larger one could be
-/// refused by the broker at commit, stopping the partition.
-const MAX_FORWARDED_BYTES: usize = 1_000_000;
+/// The most a record carrying an event (forwarded, or copied to the rejected topic)
+/// may hold, headers included: librdkafka's default `message.max.bytes`, below the
+/// broker's default topic limit. A larger one could be refused by the broker at
+/// commit, and again after every recovery.
+const MAX_EVENT_RECORD_BYTES: usize = 1_000_000;
+
+/// Room left in a rejected record for its headers: a payload past
+/// [`MAX_EVENT_RECORD_BYTES`] less this is cut to fit.
+const REJECTION_HEADERS_BYTES: usize = 16 * 1024;
 
 /// The bytes of `message` forwarded: key, payload, headers and the forward's own, with
 /// a few bytes of framing apiece.
@@ -212,6 +219,17 @@ fn forwarded_bytes(message: &BorrowedMessage<'_>) -> usize {
     let key = message.key().map_or(0, <[u8]>::len);
     let forward = FORWARDED_FROM_HEADER.len() + FORWARDED_TIMESTAMP_HEADER.len() + 2 * (20 + 10);
     message.payload().map_or(0, <[u8]>::len) + key + headers + forward
+}
+
+/// Whether Kafka refused a write in a way no retry mends: the principal may not write
+/// the topic, or the record is larger than the topic takes.
+fn refused_for_good(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as Code;
+    is_permanent(error)
+        || matches!(
+            error.rdkafka_error_code(),
+            Some(Code::MessageSizeTooLarge | Code::MessageBatchTooLarge | Code::InvalidRecord)
+        )
 }
 
 /// An outcome that sends the message to the rejected topic, saying why.
@@ -343,7 +361,7 @@ impl PartitionState {
                         return processed.count(message, verdict(outcome, event.time));
                     }
                     let bytes = forwarded_bytes(message);
-                    if bytes > MAX_FORWARDED_BYTES {
+                    if bytes > MAX_EVENT_RECORD_BYTES {
                         return processed.count(message, refused(
                             EventOutcome::Invalid,
                             "wrong_partition",
@@ -1191,8 +1209,20 @@ impl Worker {
                 key: "tally.source.offset",
                 value: Some(&message.offset().to_string()),
             });
+        // Cut to fit, the whole event staying at its offset in the events topic.
+        let payload = message.payload().unwrap_or_default();
+        let kept = payload
+            .len()
+            .min(MAX_EVENT_RECORD_BYTES - REJECTION_HEADERS_BYTES);
+        let headers = match kept < payload.len() {
+            true => headers.insert(Header {
+                key: "tally.source.bytes",
+                value: Some(&payload.len().to_string()),
+            }),
+            false => headers,
+        };
         let mut record = BaseRecord::<[u8], [u8]>::to(&self.topics.rejected)
-            .payload(message.payload().unwrap_or_default())
+            .payload(&payload[..kept])
             .headers(headers);
         if let Some(key) = message.key() {
             record = record.key(key);
@@ -1300,6 +1330,17 @@ impl Worker {
             }
             Err(e) => {
                 self.metrics.transactions_aborted.inc();
+                // A refusal no retry mends: the recovery would replay the same records
+                // into the same refusal, for ever, every partition standing still.
+                let delivery = self.producer.context().failure().cloned();
+                if let Some(source) = [Some(e.clone()), delivery]
+                    .into_iter()
+                    .flatten()
+                    .find(refused_for_good)
+                {
+                    self.abandon_transaction();
+                    return Err(AggregatorError::Unwritable { source });
+                }
                 tracing::warn!(error = %e, "transaction failed; aborting and rebuilding state from the changelog");
                 self.note_fencing(&e)?;
                 for partition in leaving {
@@ -1480,23 +1521,28 @@ impl Worker {
         }
     }
 
-    /// Back to exactly what Kafka holds: abort, new producer, states rebuilt, consumer
-    /// rewound to where each state ends.
-    fn recover(&mut self, consumer: &GroupConsumer) -> Result<(), AggregatorError> {
-        self.readiness
-            .not_ready("recovering from a failed transaction");
+    /// Aborts the open transaction and drops every partition's state, returning the
+    /// partitions held. The states hold the aborted transaction's changes: none of
+    /// them may be committed, even if rebuilding fails and the service stops (closing
+    /// the consumer revokes, and a revocation commits what the partitions hold).
+    fn abandon_transaction(&mut self) -> Vec<i32> {
         if let Err(e) = self.producer.abort_transaction(TRANSACTION_TIMEOUT) {
-            tracing::warn!(error = %e, "abort failed; the new producer's fencing will abort it");
+            tracing::warn!(error = %e, "abort failed; a new producer's fencing or the broker's timeout ends it");
         }
         self.transaction_open = false;
         self.transaction_events = 0;
         self.oldest_event_ms = None;
         self.broken = None;
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        // The states hold the aborted transaction's changes: none of them may be
-        // committed, even if rebuilding fails below and the service stops (closing the
-        // consumer revokes, and a revocation commits what the partitions hold).
-        let owned: Vec<i32> = std::mem::take(&mut self.partitions).into_keys().collect();
+        std::mem::take(&mut self.partitions).into_keys().collect()
+    }
+
+    /// Back to exactly what Kafka holds: abort, new producer, states rebuilt, consumer
+    /// rewound to where each state ends.
+    fn recover(&mut self, consumer: &GroupConsumer) -> Result<(), AggregatorError> {
+        self.readiness
+            .not_ready("recovering from a failed transaction");
+        let owned = self.abandon_transaction();
         let mut attempt = 0u32;
         loop {
             match new_producer(&self.kafka) {

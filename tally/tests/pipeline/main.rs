@@ -806,6 +806,58 @@ fn a_rated_topic_refusing_lines_stops_the_rater_until_a_restart_delivers_them() 
     p.wait_for_rated(&expected, Duration::from_secs(60));
 }
 
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_rejected_topic_refusing_records_stops_the_aggregator_until_a_restart_writes_them() {
+    let _serial = serial();
+    let p = Pipeline::new("rejected_refused", 2_000, 10, "");
+    // An operator's rejected topic that takes less than a refused event: Kafka refuses
+    // its copy for good, and every recovery would replay it into the same refusal.
+    p.set_topic_config("rejected", "max.message.bytes", "200");
+    let poison = format!("not json {}", "x".repeat(1000)).into_bytes();
+    let mut lines = p.lines();
+    lines.insert(700, poison.clone());
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(&lines);
+    let (status, log) = p.wait_exit("agg-a", Duration::from_secs(120));
+    assert!(!status.success(), "the aggregator stopped with an error");
+    assert!(
+        log.contains("Kafka refused a record the aggregator must write")
+            && log.contains("max.message.bytes"),
+        "the aggregator says why it stopped and what to change:\n{log}"
+    );
+    assert_eq!(
+        log.matches("rebuilding state from the changelog").count(),
+        0,
+        "no recovery loop before stopping:\n{log}"
+    );
+    p.set_topic_config("rejected", "max.message.bytes", "1048588");
+    p.start("aggregator", "agg-a");
+    p.wait_for(&p.expected(), Duration::from_secs(120));
+    let rejected = p.read_topic("rejected");
+    let copies = rejected.iter().filter(|(payload, _)| *payload == poison);
+    assert_eq!(copies.count(), 1, "the refused event is kept once");
+
+    // An event nearly as large as a record may be (librdkafka's 1,000,000 bytes): its
+    // copy with the reason in headers would not fit, so the copy keeps its first bytes
+    // and says how large it was.
+    let huge = format!("not json {}", "y".repeat(999_850)).into_bytes();
+    p.produce_to(0, "cust_00001", &huge);
+    harness::eventually(
+        "the huge event's cut copy is in the rejected topic",
+        Duration::from_secs(60),
+        || {
+            (p.read_topic("rejected").iter()).any(|(payload, headers)| {
+                huge.starts_with(payload)
+                    && payload.len() < huge.len()
+                    && headers.get("tally.source.bytes") == Some(&huge.len().to_string())
+            })
+        },
+    );
+    p.assert_running();
+}
+
 /// An explanation's lines and total: what `tally explain` shows alike whether it
 /// rated an events file or read the pipeline's lines (the events and unbilled usage
 /// only a file shows left out).
