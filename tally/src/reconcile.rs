@@ -1473,13 +1473,13 @@ mod tests {
         assert_eq!(shown("0.00", "-0.00"), "0.00");
         assert_eq!(shown("-0.00", "0.00"), "0.00");
         assert_eq!(shown("1.50", "2.00"), "-0.50");
-        // A line of 0.00 only the expected side has, with a discount the other lacks.
-        let expected = json(concat!(
+        // Two lines of 0.00 that differ in quantity only.
+        let expected = json(
             r#"{"customer":"a","price":"tokens","quantity":"5","subtotal":"0.00","discount":"0.00","amount":"0.00","currency":"usd"}"#,
-        ));
-        let actual = json(concat!(
+        );
+        let actual = json(
             r#"{"customer":"a","price":"tokens","quantity":"7","subtotal":"0.00","discount":"0.00","amount":"0.00","currency":"usd"}"#,
-        ));
+        );
         let text = report(&expected, &actual);
         assert!(!text.contains("-0.00"), "{text}");
     }
