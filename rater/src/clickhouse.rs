@@ -92,6 +92,11 @@ pub struct ClickHouse {
     credentials: ClickHouseCredentials,
 }
 
+/// Rows per insert: a batch of a rater far behind (after a long outage) can hold
+/// millions, and one insert of them all could outlast the HTTP timeout on every retry.
+/// 50,000 lines are about 25 MB of JSON, seconds to send and parse.
+const INSERT_ROWS: usize = 50_000;
+
 /// `rated_lines`' columns and types, in order, but for `superseded`. The view shows
 /// these; a tombstone copies them.
 const COLUMNS: [(&str, &str); 17] = [
@@ -575,13 +580,9 @@ impl ClickHouse {
         )
     }
 
-    /// Writes lines, each with its own version, in one insert.
+    /// Writes lines, each with its own version.
     pub fn insert_versioned(&self, lines: &[(u64, &InvoiceLine)]) -> Result<(), ClickHouseError> {
-        if lines.is_empty() {
-            return Ok(());
-        }
-        let mut body = Vec::with_capacity(lines.len() * 512);
-        for &(version, line) in lines {
+        let rows = lines.iter().map(|&(version, line)| {
             let amount_minor =
                 line.amount_minor()
                     .ok_or_else(|| ClickHouseError::AmountTooLarge {
@@ -589,7 +590,7 @@ impl ClickHouse {
                         amount: line.amount.to_string(),
                         currency: line.currency.clone(),
                     })?;
-            let row = Row {
+            Ok(Row {
                 id: &line.id,
                 version,
                 config_hash: &line.config_hash,
@@ -611,28 +612,19 @@ impl ClickHouse {
                     .map(|p| p.to_string())
                     .unwrap_or_default(),
                 superseded: 0,
-            };
-            // Plain data: a failure is a bug, never a row written empty.
-            serde_json::to_writer(&mut body, &row).expect("a row serialises");
-            body.push(b'\n');
-        }
-        let query = format!(
-            "INSERT INTO {}.rated_lines FORMAT JSONEachRow",
-            self.database
-        );
-        self.send("insert rated lines", Some(&query), body)
-            .map(drop)
+            })
+        });
+        self.insert_rows("insert rated lines", "rated_lines", rows)
     }
 
-    /// Writes windows, each row with its version, in one insert.
+    /// Writes windows, each row with its version.
     pub fn insert_windows<'w>(
         &self,
         windows: impl IntoIterator<Item = &'w StoredWindow>,
     ) -> Result<(), ClickHouseError> {
-        let mut body = Vec::new();
-        for stored in windows {
+        let rows = windows.into_iter().map(|stored| {
             let series = &stored.series;
-            let row = WindowRow {
+            Ok(WindowRow {
                 customer: &series.customer,
                 meter: &series.meter,
                 dimensions: serde_json::to_string(&series.group).expect("strings serialise"),
@@ -644,18 +636,37 @@ impl ClickHouse {
                 value: stored.window.value.value.normalize().to_string(),
                 revision: stored.window.revision,
                 version: stored.version,
-            };
-            serde_json::to_writer(&mut body, &row).expect("a row serialises");
+            })
+        });
+        self.insert_rows("insert windows", "window_revisions", rows)
+    }
+
+    /// Inserts `rows` into `table` as JSON, in inserts of at most [`INSERT_ROWS`]
+    /// rows. A failure may leave the earlier inserts stored: writing them again is
+    /// harmless, as every row carries its id and version.
+    fn insert_rows<R: Serialize>(
+        &self,
+        what: &'static str,
+        table: &str,
+        rows: impl Iterator<Item = Result<R, ClickHouseError>>,
+    ) -> Result<(), ClickHouseError> {
+        let query = format!("INSERT INTO {}.{table} FORMAT JSONEachRow", self.database);
+        let mut body = Vec::new();
+        let mut in_body = 0;
+        for row in rows {
+            // Plain data: a failure is a bug, never a row written empty.
+            serde_json::to_writer(&mut body, &row?).expect("a row serialises");
             body.push(b'\n');
+            in_body += 1;
+            if in_body == INSERT_ROWS {
+                self.send(what, Some(&query), std::mem::take(&mut body))?;
+                in_body = 0;
+            }
         }
-        if body.is_empty() {
-            return Ok(());
+        if in_body > 0 {
+            self.send(what, Some(&query), body)?;
         }
-        let query = format!(
-            "INSERT INTO {}.window_revisions FORMAT JSONEachRow",
-            self.database
-        );
-        self.send("insert windows", Some(&query), body).map(drop)
+        Ok(())
     }
 
     fn execute(&self, what: &'static str, sql: &str) -> Result<(), ClickHouseError> {

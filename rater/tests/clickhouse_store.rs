@@ -147,6 +147,28 @@ fn stale_lines_are_found_by_book_and_period_and_retired_in_chunks() {
 
 #[test]
 #[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
+fn a_batch_larger_than_one_insert_is_stored_whole_and_once() {
+    // A rater far behind stores millions of lines at once, sent in inserts of 50,000:
+    // two full inserts and a row, with nothing lost or written twice at their edges.
+    let (store, database) = store("chunks");
+    let november = Period::from_str("2026-11").unwrap();
+    let lines: Vec<InvoiceLine> = (0..100_001)
+        .map(|i| line(&format!("cust_{i:06}"), november, None, "book"))
+        .collect();
+    let rows: Vec<(u64, &InvoiceLine)> = lines.iter().map(|l| (1, l)).collect();
+    store.insert_versioned(&rows).unwrap();
+    let counted = query(&format!(
+        "SELECT count(), uniqExact(customer), min(customer), max(customer) FROM {database}.rated_lines"
+    ));
+    assert_eq!(
+        counted.trim(),
+        "100001\t100001\tcust_000000\tcust_100000"
+    );
+    query(&format!("DROP DATABASE {database}"));
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
 fn answers_of_more_than_ten_mebibytes_are_read_whole() {
     // ureq caps a body at 10 MiB unless told otherwise: a large book's stale lines,
     // read after every price-book change, are more than that.
