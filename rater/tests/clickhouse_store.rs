@@ -160,10 +160,7 @@ fn a_batch_larger_than_one_insert_is_stored_whole_and_once() {
     let counted = query(&format!(
         "SELECT count(), uniqExact(customer), min(customer), max(customer) FROM {database}.rated_lines"
     ));
-    assert_eq!(
-        counted.trim(),
-        "100001\t100001\tcust_000000\tcust_100000"
-    );
+    assert_eq!(counted.trim(), "100001\t100001\tcust_000000\tcust_100000");
     query(&format!("DROP DATABASE {database}"));
 }
 

@@ -245,10 +245,13 @@ impl PartitionState {
     }
 
     /// Where the partition's next owner rebuilds its ledger from, as of `next_offset`,
-    /// its lines stored with price book `book`.
+    /// its lines stored with this rater's price book `book`: unless lines another book
+    /// stored await re-rating (the check deferred, say). Then the point names no book,
+    /// so a next owner re-rates them all whatever its book, as this one would have.
     fn rebuild_point(&self, book: &str) -> RebuildPoint {
         let settled = self.ledger.settled_through();
-        (self.first_offsets).point(settled, self.next_offset, book.to_owned())
+        let book = (!self.stored_with_another_book).then(|| book.to_owned());
+        (self.first_offsets).point(settled, self.next_offset, book)
     }
 
     /// This partition's lines among `stale`: another's would have it re-rate everything
@@ -1495,6 +1498,29 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_names_the_book_only_once_lines_of_another_are_re_rated() {
+        let config =
+            Arc::new(Config::parse(include_str!("../../../examples/tally.toml"), "test").unwrap());
+        let mut state = PartitionState {
+            ledger: Ledger::new(config),
+            opened: BTreeSet::new(),
+            next_offset: 40,
+            uncommitted: true,
+            customers_with_usage: HashSet::new(),
+            unchecked: true,
+            stored_with_another_book: true,
+            check_deferred: Some(Instant::now()),
+            restated: HashMap::new(),
+            first_offsets: FirstOffsets::default(),
+        };
+        // Its check deferred, the partition still holds the old book's lines: a next
+        // owner with the new book must re-rate them all, as this one would have.
+        assert_eq!(state.rebuild_point("new").book, None);
+        state.stored_with_another_book = false;
+        assert_eq!(state.rebuild_point("new").book.as_deref(), Some("new"));
+    }
+
+    #[test]
     fn a_partition_let_go_takes_its_rows_and_offset_out_of_the_batch() {
         let book = include_str!("../../../examples/tally.toml");
         let period: Period = "2026-11".parse().unwrap();
@@ -1523,7 +1549,7 @@ mod tests {
                 };
                 (version, stored)
             }));
-            let point = FirstOffsets::default().point(None, version as i64, "b00c".into());
+            let point = FirstOffsets::default().point(None, version as i64, Some("b00c".into()));
             batch.offsets.insert(partition, (version as i64, point));
         }
         let per_partition = lines_of(book, period).len();

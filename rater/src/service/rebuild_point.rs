@@ -30,8 +30,9 @@ pub(super) struct RebuildPoint {
     /// The latest settled period: its usage, and earlier periods', is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settled_through: Option<Period>,
-    /// The hash of the price book the partition's lines were stored with (`None` in a
-    /// commit of a build before 2026-12-05's evening, which did not say).
+    /// The hash of the price book the partition's lines were stored with (`None` when
+    /// lines another book stored were not re-rated yet, and in a commit of a build
+    /// before 2026-12-05's evening, which did not say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub book: Option<String>,
 }
@@ -71,18 +72,18 @@ impl FirstOffsets {
     }
 
     /// The point of a ledger that settled through `settled_through` and has read up to
-    /// `next_offset`, its lines stored with price book `book`.
+    /// `next_offset`, its lines stored with price book `book` (`None`: not all of them).
     pub fn point(
         &self,
         settled_through: Option<Period>,
         next_offset: i64,
-        book: String,
+        book: Option<String>,
     ) -> RebuildPoint {
         let open = (self.0.iter()).filter(|(period, _)| line_open(settled_through, **period, None));
         RebuildPoint {
             from: open.map(|(_, offset)| *offset).min().unwrap_or(next_offset),
             settled_through,
-            book: Some(book),
+            book,
         }
     }
 }
@@ -119,7 +120,9 @@ mod tests {
     fn the_point_moves_past_a_month_once_it_settled() {
         let mut offsets = FirstOffsets::default();
         let from = |offsets: &FirstOffsets, settled: Option<&str>, next: i64| {
-            offsets.point(settled.map(month), next, "b00c".into()).from
+            offsets
+                .point(settled.map(month), next, Some("b00c".into()))
+                .from
         };
         assert_eq!(from(&offsets, None, 0), 0);
         offsets.note(&usage("2026-10", None), 5);
@@ -128,7 +131,7 @@ mod tests {
         // Late October usage billed in November goes with October's lines.
         offsets.note(&usage("2026-11", Some("2026-10")), 12);
         assert_eq!(
-            offsets.point(None, 20, "b00c".into()),
+            offsets.point(None, 20, Some("b00c".into())),
             RebuildPoint {
                 from: 5,
                 settled_through: None,
