@@ -87,6 +87,9 @@ const IDLE_CLOSE_BACKOFF: Duration = Duration::from_secs(60);
 /// default `max.poll.interval.ms` (15 min), as restores run in the rebalance callback
 /// (several of them one after another on a thread, which may add up to more).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a restore that ends before the committed offset is read again, waiting
+/// for the last transaction's markers.
+const RESTORE_BEHIND_PATIENCE: Duration = Duration::from_secs(5);
 /// A producer fenced again this soon after the last time was fenced by another live
 /// process with its transactional id, not by a transaction the broker timed out.
 const FENCED_AGAIN_WITHIN: Duration = Duration::from_secs(600);
@@ -1022,8 +1025,8 @@ impl Worker {
         let started = Instant::now();
         // A transaction's markers reach the changelog shortly after its commit returns:
         // a restore right after a handover can end just before them. Read again until
-        // the state reaches the committed offset, for a few seconds.
-        let mut attempts = 0;
+        // the state reaches the committed offset, for a few seconds: each read is of
+        // the whole changelog, and all of them happen inside the rebalance.
         let Restored {
             aggregator,
             next_offset,
@@ -1043,8 +1046,7 @@ impl Worker {
                 RESTORE_TIMEOUT,
             )?;
             let behind = committed.is_some_and(|c| c > restored.next_offset.unwrap_or(0));
-            attempts += 1;
-            if !behind || attempts >= 20 {
+            if !behind || started.elapsed() >= RESTORE_BEHIND_PATIENCE {
                 break restored;
             }
             std::thread::sleep(Duration::from_millis(250));
