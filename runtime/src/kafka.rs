@@ -1073,12 +1073,14 @@ pub fn wait_until_caught_up(
 }
 
 /// One poll of a [`group_consumer`]. `Ok(Some)`: a message; `Ok(None)`: nothing within
-/// `wait`, or a consumer error that passes (logged; librdkafka retries). `Err`: what
-/// ends the consume loop, a rebalance step the owner failed, or a fatal consumer error
-/// made the owner's by `fatal`.
+/// `wait`, or a consumer error that passes (logged; librdkafka retries, and `health`
+/// tells readiness once they have gone on too long). `Err`: what ends the consume
+/// loop, a rebalance step the owner failed, or a fatal consumer error made the
+/// owner's by `fatal`.
 pub fn poll_group<'c, O: PartitionOwner>(
     consumer: &'c BaseConsumer<GroupContext<O>>,
     wait: Duration,
+    health: &mut ConsumerHealth,
     fatal: impl FnOnce(KafkaError) -> O::Error,
 ) -> Result<Option<BorrowedMessage<'c>>, O::Error> {
     let polled = consumer.poll(wait);
@@ -1086,13 +1088,71 @@ pub fn poll_group<'c, O: PartitionOwner>(
         return Err(failure);
     }
     match polled {
-        Some(Ok(message)) => Ok(Some(message)),
+        Some(Ok(message)) => {
+            health.succeeded();
+            Ok(Some(message))
+        }
         Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => Err(fatal(e)),
         Some(Err(e)) => {
             log_consumer_error(&e);
+            health.failed(&e, Instant::now());
             Ok(None)
         }
-        None => Ok(None),
+        None => {
+            health.quiet(Instant::now());
+            Ok(None)
+        }
+    }
+}
+
+/// How long a group consumer's polls may keep failing before its service says it is
+/// not ready: longer than a broker takes to restart, so routine restarts do not flap.
+const CONSUMER_FAILING_AFTER: Duration = Duration::from_secs(30);
+
+/// A run of consumer errors ends after this long without one (librdkafka retries a
+/// lost broker at most every 10 s), or at the next message.
+const CONSUMER_QUIET_AFTER: Duration = Duration::from_secs(15);
+
+/// Whether a group consumer keeps failing: a consumer that cannot join its group (a
+/// session timeout the broker refuses, a missing ACL) or reach its brokers makes no
+/// progress, and its service must not report ready while it bills nothing.
+#[derive(Debug)]
+pub struct ConsumerHealth {
+    readiness: crate::ops::Readiness,
+    /// The first and the latest error of the current run of them.
+    failing: Option<(Instant, Instant)>,
+}
+
+impl ConsumerHealth {
+    pub fn new(readiness: crate::ops::Readiness) -> Self {
+        ConsumerHealth {
+            readiness,
+            failing: None,
+        }
+    }
+
+    fn failed(&mut self, error: &KafkaError, now: Instant) {
+        let since = self.failing.map_or(now, |(since, _)| since);
+        self.failing = Some((since, now));
+        let failing_for = now - since;
+        if failing_for >= CONSUMER_FAILING_AFTER {
+            self.readiness.consumer_failing(format!(
+                "the Kafka consumer has failed for {} s, and consumes nothing: {error}",
+                failing_for.as_secs()
+            ));
+        }
+    }
+
+    fn succeeded(&mut self) {
+        if self.failing.take().is_some() {
+            self.readiness.consumer_recovered();
+        }
+    }
+
+    fn quiet(&mut self, now: Instant) {
+        if (self.failing).is_some_and(|(_, last)| now - last >= CONSUMER_QUIET_AFTER) {
+            self.succeeded();
+        }
     }
 }
 
@@ -1153,6 +1213,39 @@ pub fn group_consumer<W: PartitionOwner>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_consumer_failing_for_long_makes_its_service_not_ready_until_it_recovers() {
+        let readiness = crate::ops::Readiness::new("starting");
+        readiness.ready();
+        let mut health = super::ConsumerHealth::new(readiness.clone());
+        let error = KafkaError::MessageConsumption(RDKafkaErrorCode::InvalidSessionTimeout);
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        // Errors every 2 s: ready for the first 30 s (a broker restart), then not.
+        for seconds in (0..30).step_by(2) {
+            health.failed(&error, at(seconds));
+        }
+        assert_eq!(readiness.reason(), None);
+        health.failed(&error, at(30));
+        let reason = readiness.reason().expect("not ready");
+        assert!(
+            reason.contains("failed for 30 s") && reason.contains("session timeout"),
+            "{reason}"
+        );
+        // The service's own reasons do not clear it.
+        readiness.ready();
+        assert!(readiness.reason().is_some());
+        // Quiet for less than 15 s: still failing; for 15 s: recovered.
+        health.quiet(at(44));
+        assert!(readiness.reason().is_some());
+        health.quiet(at(45));
+        assert_eq!(readiness.reason(), None);
+        // A new run of errors counts from its own start.
+        health.failed(&error, at(50));
+        health.failed(&error, at(79));
+        assert_eq!(readiness.reason(), None);
+    }
+
     #[test]
     fn a_group_behind_is_told_in_whole_seconds() {
         let behind = super::CatchUpError::Behind {

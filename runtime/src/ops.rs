@@ -16,10 +16,13 @@ use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 use crate::metrics::Metrics;
 use crate::Shutdown;
 
-/// Whether a service is ready, and if not, why.
+/// Whether a service is ready, and if not, why. Two reasons are kept apart, so that
+/// neither clears the other: the service's own (restoring partitions, ClickHouse
+/// down), and its Kafka consumer failing ([`crate::kafka::ConsumerHealth`]).
 #[derive(Debug, Clone)]
 pub struct Readiness {
     not_ready: Arc<Mutex<Option<String>>>,
+    consumer_failing: Arc<Mutex<Option<String>>>,
 }
 
 impl Readiness {
@@ -27,30 +30,44 @@ impl Readiness {
     pub fn new(reason: &str) -> Self {
         Readiness {
             not_ready: Arc::new(Mutex::new(Some(reason.to_owned()))),
+            consumer_failing: Arc::new(Mutex::new(None)),
         }
     }
 
     pub fn ready(&self) {
-        self.set(None);
+        set_reason(&self.not_ready, None);
     }
 
     pub fn not_ready(&self, reason: impl Into<String>) {
-        self.set(Some(reason.into()));
+        set_reason(&self.not_ready, Some(reason.into()));
     }
 
-    fn set(&self, value: Option<String>) {
-        match self.not_ready.lock() {
-            Ok(mut guard) => *guard = value,
-            Err(poisoned) => *poisoned.into_inner() = value,
-        }
+    /// The service's consumer has kept failing: not ready, whatever the service says.
+    pub fn consumer_failing(&self, reason: impl Into<String>) {
+        set_reason(&self.consumer_failing, Some(reason.into()));
+    }
+
+    pub fn consumer_recovered(&self) {
+        set_reason(&self.consumer_failing, None);
     }
 
     /// `None` when ready, else the reason.
     pub fn reason(&self) -> Option<String> {
-        match self.not_ready.lock() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        reason_in(&self.not_ready).or_else(|| reason_in(&self.consumer_failing))
+    }
+}
+
+fn set_reason(slot: &Mutex<Option<String>>, value: Option<String>) {
+    match slot.lock() {
+        Ok(mut guard) => *guard = value,
+        Err(poisoned) => *poisoned.into_inner() = value,
+    }
+}
+
+fn reason_in(slot: &Mutex<Option<String>>) -> Option<String> {
+    match slot.lock() {
+        Ok(guard) => guard.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
     }
 }
 

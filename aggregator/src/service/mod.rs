@@ -42,8 +42,8 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value,
-    idempotent_producer_config, is_permanent, leave_group, offset_of, partition_count,
-    partition_for_key, poll_group, positions_ahead, send, tunable, DeliveryReports, GroupContext,
+    idempotent_producer_config, leave_group, offset_of, partition_count, partition_for_key,
+    poll_group, positions_ahead, send, tunable, ConsumerHealth, DeliveryReports, GroupContext,
     KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
@@ -225,14 +225,21 @@ fn forwarded_bytes(message: &BorrowedMessage<'_>) -> usize {
 }
 
 /// Whether Kafka refused a write in a way no retry mends: the principal may not write
-/// the topic, or the record is larger than the topic takes.
+/// the topic, or the record is larger than the topic takes. (Not a fatal producer
+/// error as such: a fenced producer's is one, and a single fence is recovered from.)
 fn refused_for_good(error: &KafkaError) -> bool {
     use RDKafkaErrorCode as Code;
-    is_permanent(error)
-        || matches!(
-            error.rdkafka_error_code(),
-            Some(Code::MessageSizeTooLarge | Code::MessageBatchTooLarge | Code::InvalidRecord)
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::TopicAuthorizationFailed
+                | Code::ClusterAuthorizationFailed
+                | Code::TransactionalIdAuthorizationFailed
+                | Code::MessageSizeTooLarge
+                | Code::MessageBatchTooLarge
+                | Code::InvalidRecord
         )
+    )
 }
 
 /// An outcome that sends the message to the rejected topic, saying why.
@@ -798,6 +805,7 @@ pub fn run(
     tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), transactional_id = %transactional_id(kafka), "aggregator started");
     let commit_interval = settings.aggregator.commit_interval;
     let epoch = Arc::clone(&lock(&worker).epoch);
+    let mut health = ConsumerHealth::new(readiness);
     let mut last_lag = Instant::now();
     // One batch is processed on its own thread while the next is read.
     std::thread::scope(|scope| -> Result<(), AggregatorError> {
@@ -805,7 +813,7 @@ pub fn run(
         let mut processing: Option<std::thread::ScopedJoinHandle<'_, Vec<BorrowedMessage<'_>>>> =
             None;
         while !shutdown.is_requested() {
-            let read_in = read_batch(&consumer, &mut batch, &epoch)?;
+            let read_in = read_batch(&consumer, &mut batch, &mut health, &epoch)?;
             let mut spare = match processing.take() {
                 Some(handle) => handle
                     .join()
@@ -873,13 +881,19 @@ pub fn run(
 fn read_batch<'c>(
     consumer: &'c GroupConsumer,
     batch: &mut Vec<BorrowedMessage<'c>>,
+    health: &mut ConsumerHealth,
     epoch: &AtomicU64,
 ) -> Result<u64, AggregatorError> {
     let mut read_in = epoch.load(Ordering::SeqCst);
     let mut wait = Duration::from_millis(100);
     let mut linger_until = None;
     while batch.len() < MAX_BATCH_EVENTS {
-        let polled = poll_group(consumer, wait, kafka_error("consume the events topic"))?;
+        let polled = poll_group(
+            consumer,
+            wait,
+            health,
+            kafka_error("consume the events topic"),
+        )?;
         let now = epoch.load(Ordering::SeqCst);
         if now != read_in {
             read_in = now;

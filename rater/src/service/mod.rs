@@ -48,8 +48,8 @@ use serde::{Deserialize, Serialize};
 use tally_runtime::kafka::{
     client_config, committed_offsets, flush, group_consumer, header_value,
     idempotent_producer_config, leave_group, offset_of, partition_for_key, poll_group,
-    positions_ahead, read_partition, send_until, tunable, DeliveryReports, GroupContext,
-    KafkaProducer, PartitionOwner,
+    positions_ahead, read_partition, send_until, tunable, ConsumerHealth, DeliveryReports,
+    GroupContext, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::ops::Readiness;
@@ -730,10 +730,16 @@ pub fn run(
             .map_err(kafka("join the rater group on the windows topic"))?;
     readiness.ready();
     tracing::info!(%topic, group = %kafka_settings.group("rater"), "rater started");
+    let mut health = ConsumerHealth::new(readiness);
     let mut last_lag = Instant::now();
     let mut poll_wait = IDLE_POLL_WAIT;
     while !shutdown.is_requested() {
-        let polled = poll_group(&consumer, poll_wait, kafka("consume the windows topic"))?;
+        let polled = poll_group(
+            &consumer,
+            poll_wait,
+            &mut health,
+            kafka("consume the windows topic"),
+        )?;
         let caught_up = polled.is_none();
         let mut worker = lock(&worker);
         match polled {

@@ -858,6 +858,59 @@ fn a_rejected_topic_refusing_records_stops_the_aggregator_until_a_restart_writes
     p.assert_running();
 }
 
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn an_aggregator_whose_consumer_cannot_join_its_group_says_it_is_not_ready() {
+    let _serial = serial();
+    // A session timeout below the broker's minimum (6 s): the consumer is refused
+    // every time it tries to join, and counts nothing.
+    let p = Pipeline::new(
+        "cannot_join",
+        200,
+        5,
+        "[kafka.properties]\n\"session.timeout.ms\" = \"3000\"",
+    );
+    p.start("aggregator", "agg-a");
+    let mut port = None;
+    harness::eventually(
+        "the aggregator serves its metrics",
+        Duration::from_secs(30),
+        || {
+            let log = p.log("agg-a");
+            port = log
+                .contains("what=\"aggregator metrics\"")
+                .then(|| harness::metrics_port(&log, "aggregator metrics"));
+            port.is_some()
+        },
+    );
+    let port = port.expect("found above");
+    let readyz = || {
+        let response = ureq::get(&format!("http://127.0.0.1:{port}/readyz"))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.into_body().read_to_string().ok()?))
+    };
+    let mut last = None;
+    harness::eventually(
+        "the aggregator says it is not ready once joining has failed for 30 s",
+        Duration::from_secs(120),
+        || {
+            last = readyz();
+            last.as_ref().is_some_and(|(status, body)| {
+                *status == 503 && body.contains("the Kafka consumer has failed for")
+            })
+        },
+    );
+    let (_, body) = last.expect("answered");
+    assert!(body.contains("session timeout"), "/readyz says why: {body}");
+    assert_eq!(harness::metric(port, "tally_service_ready"), Some(0.0));
+    p.assert_running();
+}
+
 /// An explanation's lines and total: what `tally explain` shows alike whether it
 /// rated an events file or read the pipeline's lines (the events and unbilled usage
 /// only a file shows left out).
