@@ -14,13 +14,14 @@
 use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::core::Collector;
 use prometheus::IntGaugeVec;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::Client;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -151,18 +152,30 @@ pub fn tunable<'c>(
 }
 
 /// librdkafka's error callback, logged without flooding: while the brokers are out of
-/// reach it reports "all brokers down" many times a second, and the services'
-/// readiness already says so. Each kind of error (its code) is logged at most once a
-/// minute ([`LogThrottle`]), with how many like it were left out since.
+/// reach it reports "all brokers down" many times a second, for every client, and the
+/// services' readiness already says so (after 30 s). Each kind of error (its code) is
+/// logged at most once a minute in the whole process ([`LogThrottle`]), with how many
+/// like it were left out since; a lost connection as a warning, as librdkafka retries
+/// it and a broker restart is ridden out.
 #[derive(Debug, Default)]
-pub struct ClientErrors {
-    logged: LogThrottle<Option<RDKafkaErrorCode>>,
-}
+pub struct ClientErrors;
 
 impl ClientErrors {
     pub fn log(&self, error: &KafkaError, reason: &str) {
-        if let Some(left_out) = (self.logged).due(error.rdkafka_error_code(), Instant::now()) {
-            tracing::error!(%error, reason, left_out, "librdkafka error (each kind at most once a minute; left_out: as many since)");
+        static LOGGED: LazyLock<LogThrottle<Option<RDKafkaErrorCode>>> =
+            LazyLock::new(LogThrottle::default);
+        let code = error.rdkafka_error_code();
+        let Some(left_out) = LOGGED.due(code, Instant::now()) else {
+            return;
+        };
+        let message = "librdkafka error (each kind at most once a minute; left_out: as many since)";
+        match code {
+            Some(
+                RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::Resolve,
+            ) => tracing::warn!(%error, reason, left_out, "{message}"),
+            _ => tracing::error!(%error, reason, left_out, "{message}"),
         }
     }
 }
@@ -172,6 +185,36 @@ impl ClientErrors {
 impl ClientContext for ClientErrors {
     fn error(&self, error: KafkaError, reason: &str) {
         self.log(&error, reason);
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka(level, facility, message);
+    }
+}
+
+/// librdkafka's own log lines, for every client's context. librdkafka logs each
+/// failed connection (`FAIL`: refused, reset, timed out) as an error, for every client
+/// and every reconnect attempt: a broker restart the services ride out made hundreds
+/// of ERROR lines, paging whoever alerts on them. Here they are warnings, at most one
+/// a minute in the whole process, with how many were left out since.
+fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    static CONNECTION_FAILURES: LazyLock<LogThrottle<()>> = LazyLock::new(LogThrottle::default);
+    use RDKafkaLogLevel as Level;
+    if facility == "FAIL" {
+        if let Some(left_out) = CONNECTION_FAILURES.due((), Instant::now()) {
+            tracing::warn!(target: "librdkafka", left_out, "librdkafka: {facility} {message} (connection failures at most once a minute; left_out: as many since)");
+        }
+        return;
+    }
+    match level {
+        Level::Emerg | Level::Alert | Level::Critical | Level::Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        Level::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}"),
+        Level::Notice | Level::Info => {
+            tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        Level::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}"),
     }
 }
 
@@ -562,6 +605,10 @@ impl<W: PartitionOwner> ClientContext for GroupContext<W> {
     fn error(&self, error: KafkaError, reason: &str) {
         self.errors.log(&error, reason);
     }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka(level, facility, message);
+    }
 }
 
 impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
@@ -633,6 +680,10 @@ impl DeliveryReports {
 impl ClientContext for DeliveryReports {
     fn error(&self, error: KafkaError, reason: &str) {
         self.errors.log(&error, reason);
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka(level, facility, message);
     }
 }
 
@@ -901,6 +952,10 @@ impl ClientContext for EndIsNoError {
         } else {
             self.0.log(&error, reason);
         }
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka(level, facility, message);
     }
 }
 

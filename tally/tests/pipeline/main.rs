@@ -686,6 +686,26 @@ fn a_broker_restart_mid_run_neither_loses_nor_hangs() {
     p.wait_for(&expected, Duration::from_secs(300));
     // Downstream consumers of the rated topic miss nothing either.
     p.wait_for_rated(&expected, Duration::from_secs(60));
+    // Connections lost to a broker restart they ride out are no errors to page anyone
+    // with: warnings, at most one a minute per process. (A transaction the outage
+    // failed is still an error, as is any other Kafka error.)
+    for service in ["agg-a", "rater-a"] {
+        let log = p.log(service);
+        let errors: Vec<&str> = (log.lines())
+            .filter(|l| {
+                l.contains(" ERROR ")
+                    && (l.contains("librdkafka: FAIL") || l.contains("BrokerTransportFailure"))
+            })
+            .collect();
+        assert!(errors.is_empty(), "{service} logged errors: {errors:#?}");
+        let connection_failures = log
+            .matches("connection failures at most once a minute")
+            .count();
+        assert!(
+            (1..=6).contains(&connection_failures),
+            "{service}: {connection_failures} connection-failure warnings in a run of a few minutes"
+        );
+    }
 }
 
 #[test]
