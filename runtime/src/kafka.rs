@@ -266,7 +266,7 @@ type Admin = AdminClient<ClientErrors>;
 /// partition count. Safe to run from every instance at every start.
 pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box<KafkaSetupError>> {
     let admin: Admin = client_config(settings)
-        .create_with_context(ClientErrors::default())
+        .create_with_context(ClientErrors)
         .map_err(setup_error(settings, "create an admin client"))?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     create_topics(&admin, settings, &options).await?;
@@ -591,7 +591,7 @@ impl<W: PartitionOwner> GroupContext<W> {
             owner,
             failure: Mutex::new(None),
             leaving: AtomicBool::new(false),
-            errors: ClientErrors::default(),
+            errors: ClientErrors,
         }
     }
 

@@ -142,7 +142,7 @@ impl EventProducer {
             .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
             .saturating_sub(RECORD_FRAMING_BYTES);
         let producer: FutureProducer<ClientErrors> = config
-            .create_with_context(ClientErrors::default())
+            .create_with_context(ClientErrors)
             .map_err(|source| IngestError::KafkaProducer {
                 brokers: settings.brokers.clone(),
                 source,
