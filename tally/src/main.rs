@@ -248,7 +248,11 @@ fn validate(path: &Path) -> anyhow::Result<()> {
     let services = config.services(&path.display().to_string(), &environment)?;
     tally_runtime::kafka::check_properties(&services.kafka)?;
     let prices: usize = config.plans.iter().map(|p| p.prices.len()).sum();
-    println!(
+    // Written, not printed: a reader gone away (`| head -1`) is an error the caller
+    // turns into SIGPIPE's status, where `println!` would panic.
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{} is valid: {} meters, {} plans with {} prices, {} customers; price book hash {}",
         path.display(),
         config.meters.len(),
@@ -256,8 +260,9 @@ fn validate(path: &Path) -> anyhow::Result<()> {
         prices,
         config.customers.len(),
         config.hash
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "services: Kafka {} (topics {}.*), ClickHouse {} database {}, ingest on {} with {} API key(s), instance id {}",
         services.kafka.brokers,
         services.kafka.topic_prefix,
@@ -266,12 +271,15 @@ fn validate(path: &Path) -> anyhow::Result<()> {
         services.ingest.listen,
         services.ingest.api_keys.len(),
         services.kafka.instance_id,
-    );
+    )?;
     for (at, message) in &services.ingest.unresolved_keys {
-        println!("warning: {at}: {message} (only `tally serve ingest` needs it)");
+        writeln!(
+            out,
+            "warning: {at}: {message} (only `tally serve ingest` needs it)"
+        )?;
     }
     for warning in &config.warnings {
-        println!("warning: {warning}");
+        writeln!(out, "warning: {warning}")?;
     }
     Ok(())
 }
@@ -302,10 +310,12 @@ fn close_period(
     );
     let kafka = &settings.kafka;
     let partitions = tally_aggregator::service::close_period(kafka, period)?;
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "closed {period} and every month before it: a control record is in each of the {partitions} partitions of {}; usage of those months the aggregators read after it is billed as an adjustment in a later month",
         kafka.topic(Topic::Events)
-    );
+    )?;
     let Some(limit) = wait else {
         return Ok(());
     };
@@ -327,12 +337,13 @@ fn close_period(
     ] {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         wait_until_caught_up(kafka, &kafka.group(group), &kafka.topic(topic), left)?;
-        println!("{done}");
+        writeln!(out, "{done}")?;
     }
-    println!(
+    writeln!(
+        out,
         "{period}'s invoice lines in ClickHouse database {} hold every event that arrived before the close",
         settings.clickhouse.database
-    );
+    )?;
     Ok(())
 }
 

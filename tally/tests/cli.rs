@@ -2728,19 +2728,23 @@ fn output_cut_short_by_its_reader_ends_quietly_with_sigpipes_status() {
         "events.jsonl",
         (resolutions("r", "cust_acme", 3).join("\n") + "\n").as_bytes(),
     );
-    let mut args = month_args("explain");
-    args.extend(["--customer", "cust_acme"]);
-    let mut child = f
-        .tally()
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The reader goes away before anything is written, as `| head` does after its lines.
-    drop(child.stdout.take());
-    let run = Run::from(child.wait_with_output().unwrap());
-    assert_eq!((run.code, run.stderr.as_str()), (141, ""));
+    let mut explain = month_args("explain");
+    explain.extend(["--customer", "cust_acme"]);
+    let validate = vec!["validate", "--config", "tally.toml"];
+    for args in [explain, validate] {
+        let mut child = f
+            .tally()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before anything is written, as `| head` does after its
+        // lines.
+        drop(child.stdout.take());
+        let run = Run::from(child.wait_with_output().unwrap());
+        assert_eq!((run.code, run.stderr.as_str()), (141, ""), "{args:?}");
+    }
 }
 
 #[test]
