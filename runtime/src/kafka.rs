@@ -296,6 +296,21 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box
     Ok(expected_count)
 }
 
+/// Whether the brokers answer a metadata request within `timeout`: asked before the
+/// topic requests, which wait out their own timeouts (30 s and more) before failing,
+/// and then say "timed out" where the brokers refused the connection.
+pub fn brokers_answer(
+    settings: &KafkaSettings,
+    timeout: Duration,
+) -> Result<(), Box<KafkaSetupError>> {
+    let admin: Admin = client_config(settings)
+        .create_with_context(ClientErrors)
+        .map_err(setup_error(settings, "create an admin client"))?;
+    (admin.inner().fetch_metadata(None, timeout))
+        .map(drop)
+        .map_err(setup_error(settings, "reach the brokers"))
+}
+
 /// Maps a Kafka error to a setup error, saying what was being done.
 fn setup_error<'s>(
     settings: &'s KafkaSettings,

@@ -127,10 +127,31 @@ async fn serve(
             problems.join("\n")
         );
     }
-    let partition_count = if runs(Service::Aggregator) || runs(Service::Rater) {
-        Some(ensure_topics(&settings, &shutdown).await?)
-    } else {
-        None
+    // Their endpoints first: a service waiting for Kafka answers probes, and says why
+    // it is not ready.
+    let aggregator = match runs(Service::Aggregator) {
+        true => Some(
+            Endpoint::open(
+                settings.aggregator.metrics_listen,
+                "aggregator metrics",
+                &shutdown,
+            )
+            .await?,
+        ),
+        false => None,
+    };
+    let rater = match runs(Service::Rater) {
+        true => {
+            Some(Endpoint::open(settings.rater.metrics_listen, "rater metrics", &shutdown).await?)
+        }
+        false => None,
+    };
+    let waiting: Vec<&Readiness> = (aggregator.iter().chain(&rater))
+        .map(|endpoint| &endpoint.readiness)
+        .collect();
+    let partition_count = match waiting.is_empty() {
+        true => None,
+        false => Some(ensure_topics(&settings, &shutdown, &waiting).await?),
     };
     let mut tasks = tokio::task::JoinSet::new();
     if runs(Service::Ingest) {
@@ -149,38 +170,13 @@ async fn serve(
             partition_count,
             shutdown: &shutdown,
         };
-        let started = async {
-            if runs(Service::Aggregator) {
-                let listen = settings.aggregator.metrics_listen;
-                let (metrics, run) = (AggregatorMetrics::new, tally_aggregator::service::run);
-                stream
-                    .spawn(
-                        &mut tasks,
-                        "aggregator",
-                        "aggregator metrics",
-                        listen,
-                        metrics,
-                        run,
-                    )
-                    .await?;
-            }
-            if runs(Service::Rater) {
-                let listen = settings.rater.metrics_listen;
-                let (metrics, run) = (RaterMetrics::new, tally_rater::service::run);
-                stream
-                    .spawn(&mut tasks, "rater", "rater metrics", listen, metrics, run)
-                    .await?;
-            }
-            anyhow::Ok(())
+        if let Some(endpoint) = aggregator {
+            let (metrics, run) = (AggregatorMetrics::new, tally_aggregator::service::run);
+            stream.spawn(&mut tasks, "aggregator", endpoint, metrics, run);
         }
-        .await;
-        if let Err(e) = started {
-            // The services already running (on blocking threads, which nothing else
-            // can stop) are stopped and waited for, so the error is reported and the
-            // process ends rather than running on half started.
-            shutdown.request();
-            while tasks.join_next().await.is_some() {}
-            return Err(e);
+        if let Some(endpoint) = rater {
+            let (metrics, run) = (RaterMetrics::new, tally_rater::service::run);
+            stream.spawn(&mut tasks, "rater", endpoint, metrics, run);
         }
     }
     // The first service to stop, with or without an error, stops the others.
@@ -215,31 +211,47 @@ struct StreamServiceContext<'a> {
 type RunService<M, E> =
     fn(Arc<Config>, &ServiceSettings, NonZeroUsize, M, Readiness, Shutdown) -> Result<(), E>;
 
+/// A Kafka service's `/metrics`, `/healthz` and `/readyz`, served from before it
+/// starts: its registry and its readiness.
+struct Endpoint {
+    registry: Registry,
+    readiness: Readiness,
+}
+
+impl Endpoint {
+    /// Serves them on `listen` (`what` names them in the log) until shutdown.
+    async fn open(
+        listen: SocketAddr,
+        what: &'static str,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Self> {
+        let endpoint = Endpoint {
+            registry: Registry::new(),
+            readiness: Readiness::new("starting: preparing Kafka's topics"),
+        };
+        let router = ops::router(endpoint.registry.clone(), endpoint.readiness.clone());
+        ops::serve(listen, what, router, shutdown.clone()).await?;
+        Ok(endpoint)
+    }
+}
+
 impl StreamServiceContext<'_> {
-    /// Serves the service's metrics and health (`endpoint`) on `metrics_listen`, then
-    /// runs it on a blocking thread of `tasks`.
-    async fn spawn<M, E>(
+    /// Runs the service on a blocking thread of `tasks`, its metrics in `endpoint`.
+    fn spawn<M, E>(
         &self,
         tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
         name: &'static str,
-        endpoint: &'static str,
-        metrics_listen: SocketAddr,
+        endpoint: Endpoint,
         new_metrics: fn(Registry) -> M,
         run: RunService<M, E>,
-    ) -> anyhow::Result<()>
-    where
+    ) where
         M: Send + 'static,
         E: std::error::Error + Send + Sync + 'static,
     {
-        let registry = Registry::new();
-        let readiness = Readiness::new("starting");
-        ops::serve(
-            metrics_listen,
-            endpoint,
-            ops::router(registry.clone(), readiness.clone()),
-            self.shutdown.clone(),
-        )
-        .await?;
+        let Endpoint {
+            registry,
+            readiness,
+        } = endpoint;
         let metrics = new_metrics(registry);
         let (config, settings, partition_count, shutdown) = (
             Arc::clone(self.config),
@@ -258,28 +270,51 @@ impl StreamServiceContext<'_> {
             )
             .context(name)
         });
-        Ok(())
     }
 }
 
 /// Creates the topics, waiting for Kafka for up to two minutes (it may be starting
-/// alongside); returns their partition count.
+/// alongside), each service in `waiting` not ready meanwhile, saying why; returns
+/// their partition count.
 async fn ensure_topics(
     settings: &ServiceSettings,
     shutdown: &Shutdown,
+    waiting: &[&Readiness],
 ) -> anyhow::Result<NonZeroUsize> {
     let mut wait = Duration::from_millis(250);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let brokers = &settings.kafka.brokers;
     loop {
-        match tally_runtime::kafka::ensure_topics(&settings.kafka).await {
+        // The brokers asked first, briefly: the topic requests wait out their own
+        // timeouts before failing, and then say "timed out" for a refused connection.
+        let kafka = settings.kafka.clone();
+        let answered = tokio::task::spawn_blocking(move || {
+            tally_runtime::kafka::brokers_answer(&kafka, Duration::from_secs(5))
+        })
+        .await
+        .context("the Kafka probe panicked")?;
+        let prepared = match answered {
+            Ok(()) => tally_runtime::kafka::ensure_topics(&settings.kafka).await,
+            Err(e) => Err(e),
+        };
+        let error = match prepared {
             Ok(partitions) => return Ok(partitions),
             Err(e) if !e.is_unavailable() => return Err(e.into()),
-            Err(e) if tokio::time::Instant::now() < deadline && !shutdown.is_requested() => {
-                tracing::warn!(error = %e, "Kafka not ready; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e).context("cannot prepare Kafka's topics"),
+            Err(e) => e,
+        };
+        if shutdown.is_requested() {
+            return Err(error).context("stopped while waiting for Kafka");
         }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(error).with_context(|| {
+                format!("Kafka at {brokers} did not answer within 2 minutes; is it running, and are [kafka] brokers and properties right?")
+            });
+        }
+        tracing::warn!(error = %error, "waiting for Kafka; retrying");
+        for readiness in waiting {
+            readiness.not_ready(format!("waiting for Kafka: {error}"));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
     }
 }

@@ -3543,6 +3543,62 @@ fn validate_refuses_a_kafka_property_librdkafka_refuses_without_showing_its_valu
 }
 
 #[test]
+fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Nothing listens on port 1: the brokers refuse every connection.
+    let f = Fixture::new(&format!(
+        "{PRO}\n[kafka]\nbrokers = \"127.0.0.1:1\"\n[aggregator]\nmetrics_listen = \"127.0.0.1:{port}\"\n"
+    ));
+    let mut child = f
+        .tally()
+        .args(["serve", "aggregator", "--config", "tally.toml"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| {
+        let response = ureq::get(&format!("http://127.0.0.1:{port}{path}"))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.into_body().read_to_string().ok()?))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let readyz = loop {
+        match get("/readyz") {
+            Some((503, body)) if body.contains("waiting for Kafka") => break body,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            other => panic!("/readyz did not say it waits for Kafka: {other:?}"),
+        }
+    };
+    assert!(readyz.contains("BrokerTransportFailure"), "{readyz}");
+    assert_eq!(get("/healthz").map(|(status, _)| status), Some(200));
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM did not stop it");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("stopped while waiting for Kafka"), "{log}");
+}
+
+#[test]
 fn a_second_signal_stops_a_service_that_is_still_finishing_its_work() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
