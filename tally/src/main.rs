@@ -183,7 +183,7 @@ fn main() -> ExitCode {
         ),
         Command::Demo(args) => (done(demo::run(args)), 1),
         Command::Generate(args) => (done(demo::generate_command(args)), 1),
-        Command::Serve(args) => (done(serve::run(args)), 1),
+        Command::Serve(args) => (Ok(serve::run(args)), 1),
         Command::ClosePeriod {
             config,
             period,

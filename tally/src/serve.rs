@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,9 +54,21 @@ pub struct ServeArgs {
     log_format: LogFormat,
 }
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// Runs `tally serve` to its end. Its error is logged, as everything else the services
+/// say (one JSON object per line with `--log-format json`), not printed apart.
+pub fn run(args: ServeArgs) -> ExitCode {
     init_logs(args.log_format);
     abort_on_panic();
+    match start(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = crate::describe(&e), "stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start(args: ServeArgs) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(&args.config)?);
     for warning in &config.warnings {
         tracing::warn!(at = %warning.at, "{}", warning.message);
@@ -188,9 +201,11 @@ async fn serve(
             shutdown.request();
         }
         if let Err(e) = result {
-            tracing::error!(error = crate::describe(&e), "service failed");
+            // The first is the cause; the others stopped because it did.
             if outcome.is_ok() {
                 outcome = Err(e);
+            } else {
+                tracing::warn!(error = crate::describe(&e), "another service failed too");
             }
         }
     }

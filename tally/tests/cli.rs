@@ -3599,6 +3599,34 @@ fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready()
 }
 
 #[test]
+fn a_service_that_cannot_start_says_why_in_its_log_format() {
+    let f = Fixture::new(&format!(
+        "{PRO}\n[[ingest.api_keys]]\nkey_env = \"TALLY_TEST_KEY_NOBODY_SET\"\ntenant = \"t\"\nsources = [\"*\"]\n"
+    ));
+    let run = Run::from(
+        f.tally()
+            .args(["serve", "ingest", "--config", "tally.toml"])
+            .env("TALLY_LOG_FORMAT", "json")
+            .env_remove("TALLY_TEST_KEY_NOBODY_SET")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, 1);
+    // Every line a JSON object, the error among them: a log shipper parses them all.
+    let lines: Vec<Value> = (run.stderr.lines())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let error = (lines.iter())
+        .find(|l| l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no error in {lines:#?}"));
+    let said = error["error"].as_str().unwrap();
+    assert!(
+        said.contains("API keys are missing") && said.contains("TALLY_TEST_KEY_NOBODY_SET"),
+        "{said}"
+    );
+}
+
+#[test]
 fn a_second_signal_stops_a_service_that_is_still_finishing_its_work() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
