@@ -71,6 +71,45 @@ pub struct ReconcileArgs {
     /// its own). Quantities are still shown.
     #[arg(long)]
     amounts_only: bool,
+    /// Read a CSV file's column HEADER as Tally's column NAME (customer, price,
+    /// quantity, amount, currency, period_start, adjusts_period, invoice, subtotal or
+    /// discount), e.g. `--column period_start=billing_month --column
+    /// amount="Net Amount"`; repeat for each. Headers match whatever their case.
+    #[arg(long = "column", value_name = "NAME=HEADER", value_parser = column_name)]
+    columns: Vec<(String, String)>,
+}
+
+/// How a CSV file's headers are read: each one `--column` names as Tally's column.
+#[derive(Debug, Default)]
+struct ColumnNames(Vec<(String, String)>);
+
+impl ColumnNames {
+    /// The column a header (lower case, trimmed) is read as.
+    fn name_of(&self, header: String) -> String {
+        (self.0.iter())
+            .find(|(_, their)| *their == header)
+            .map_or(header, |(name, _)| name.clone())
+    }
+}
+
+/// `NAME=HEADER` of `--column`: NAME one of Tally's columns, HEADER kept lower case.
+fn column_name(text: &str) -> Result<(String, String), String> {
+    let (name, header) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=HEADER"))?;
+    let name = name.trim().to_ascii_lowercase();
+    if !(REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| *c == name) {
+        return Err(format!(
+            "{name:?} is not a column Tally reads; it reads {} and {}",
+            REQUIRED_COLUMNS.join(", "),
+            OPTIONAL_COLUMNS.join(", ")
+        ));
+    }
+    let header = header.trim().to_ascii_lowercase();
+    if header.is_empty() {
+        return Err(format!("{text:?} names no header"));
+    }
+    Ok((name, header))
 }
 
 /// What two lines of one customer and price must agree on.
@@ -100,8 +139,9 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
         Some(path) => IdMap::read(path)?,
         None => IdMap::default(),
     };
-    let mut expected = read_source(&args.expected, args.period, &args.config)?;
-    let mut actual = read_source(&args.actual, args.period, &args.config)?;
+    let columns = ColumnNames(args.columns.clone());
+    let mut expected = read_source(&args.expected, args.period, &args.config, &columns)?;
+    let mut actual = read_source(&args.actual, args.period, &args.config, &columns)?;
     ensure_something_to_compare(args.period, [&expected, &actual])?;
     match args.map_applies_to {
         Side::Expected => expected = expected.renamed(&map)?,
@@ -572,12 +612,17 @@ fn adjusts_text(adjusts: Option<Period>) -> String {
     adjusts.map_or_else(String::new, |p| format!(", adjusting {p}"))
 }
 
-fn read_source(source: &str, period: Period, config: &Path) -> anyhow::Result<Lines> {
+fn read_source(
+    source: &str,
+    period: Period,
+    config: &Path,
+    columns: &ColumnNames,
+) -> anyhow::Result<Lines> {
     match source.strip_prefix("clickhouse") {
         Some(rest) if rest.is_empty() || rest.starts_with(':') => {
             read_clickhouse(rest.strip_prefix(':'), period, config)
         }
-        _ => read_file(source, period),
+        _ => read_file(source, period, columns),
     }
 }
 
@@ -617,7 +662,7 @@ fn read_clickhouse(database: Option<&str>, period: Period, config: &Path) -> any
     Ok(lines)
 }
 
-fn read_file(path: &str, period: Period) -> anyhow::Result<Lines> {
+fn read_file(path: &str, period: Period, columns: &ColumnNames) -> anyhow::Result<Lines> {
     let mut text = String::new();
     if path == "-" {
         io::stdin()
@@ -628,7 +673,7 @@ fn read_file(path: &str, period: Period) -> anyhow::Result<Lines> {
     }
     let name = if path == "-" { "stdin" } else { path };
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    lines_of_text(name, text, FileFormat::of(text), period)
+    lines_of_text(name, text, FileFormat::of(text), period, columns)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -654,11 +699,12 @@ fn lines_of_text(
     text: &str,
     format: FileFormat,
     period: Period,
+    columns: &ColumnNames,
 ) -> anyhow::Result<Lines> {
     let mut lines = Lines::named(name.to_owned());
     let (rows, dialect) = match format {
         FileFormat::Csv => {
-            let (rows, dialect, ignored) = csv_rows(name, text)?;
+            let (rows, dialect, ignored) = csv_rows(name, text, columns)?;
             lines.ignored_columns = ignored;
             (rows, Some(dialect))
         }
@@ -838,7 +884,11 @@ impl Dialect {
 /// is the first of `,`, `;` and tab that splits the header row into those columns; a
 /// file separated otherwise than by `,` has decimal commas if any of its figures has a
 /// comma. Also returns the columns not read, but for those of Tally's own CSV.
-fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect, Vec<String>)> {
+fn csv_rows(
+    name: &str,
+    text: &str,
+    columns: &ColumnNames,
+) -> anyhow::Result<(Vec<NumberedRow>, Dialect, Vec<String>)> {
     let header_row = |separator: u8| -> anyhow::Result<csv::StringRecord> {
         let mut reader = csv::ReaderBuilder::new()
             .delimiter(separator)
@@ -847,7 +897,7 @@ fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect
             (reader.headers()).with_context(|| format!("{name}: cannot read the header row"))?;
         Ok(headers
             .iter()
-            .map(|h| h.trim().to_ascii_lowercase())
+            .map(|h| columns.name_of(h.trim().to_ascii_lowercase()))
             .collect())
     };
     let has_columns = |headers: &csv::StringRecord| {
@@ -882,6 +932,17 @@ fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect
     let mut rows: Vec<NumberedRow> = Vec::new();
     let mut record = csv::StringRecord::new();
     let mut lines = LineNumbers::of(text);
+    // A month under another name (even Tally's period_end) would let other months'
+    // lines in: such a column's values are watched.
+    let has_month = headers.iter().any(|c| c == "period_start");
+    let read =
+        |column: &str| (REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| *c == column);
+    let mut month_like: Vec<(usize, BTreeSet<String>)> = (headers.iter().enumerate())
+        .filter(|(_, column)| {
+            !has_month && !read(column) && (column.contains("period") || column.contains("month"))
+        })
+        .map(|(index, _)| (index, BTreeSet::new()))
+        .collect();
     loop {
         match reader.read_record(&mut record) {
             Ok(false) => {
@@ -892,17 +953,22 @@ fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect
                     separator,
                     decimal_comma,
                 };
-                // A month under another name (even Tally's period_end) would let other
-                // months' lines in.
-                let has_month = headers.iter().any(|c| c == "period_start");
+                if let Some((index, values)) =
+                    month_like.iter().find(|(_, values)| values.len() > 1)
+                {
+                    let column = &headers[*index];
+                    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                    bail!(
+                        "{name}: its column {column} has several values ({}, ...) and no period_start says which month each line is of, so lines of other months would be compared as this one's: give --column period_start={column} if it is the month (or leave the column out)",
+                        values.join(", ")
+                    );
+                }
                 let ignored = (headers.iter())
-                    .filter(|column| {
-                        !(REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| c == column)
-                    })
+                    .filter(|column| !read(column))
                     .filter_map(|column| {
                         if !has_month && (column.contains("period") || column.contains("month")) {
                             return Some(format!(
-                                "{column} (if it is the month, name it period_start)"
+                                "{column} (if it is the month, give --column period_start={column})"
                             ));
                         }
                         let tallys = CSV_HEADER.split(',').any(|c| c == column);
@@ -912,6 +978,13 @@ fn csv_rows(name: &str, text: &str) -> anyhow::Result<(Vec<NumberedRow>, Dialect
                 return Ok((rows, dialect, ignored));
             }
             Ok(true) => {
+                for (index, values) in &mut month_like {
+                    if let Some(value) = record.get(*index).map(str::trim) {
+                        if values.len() < 3 && !value.is_empty() {
+                            values.insert(value.to_owned());
+                        }
+                    }
+                }
                 let at = format!("{name} line {}", lines.at(record.position()));
                 match record.deserialize::<Row>(Some(&headers)) {
                     Ok(row) => rows.push((at, row)),
@@ -1444,15 +1517,30 @@ mod tests {
     }
 
     fn json(text: &str) -> Lines {
-        lines_of_text("a.jsonl", text, FileFormat::JsonLines, november()).unwrap()
+        lines_of_text(
+            "a.jsonl",
+            text,
+            FileFormat::JsonLines,
+            november(),
+            &ColumnNames::default(),
+        )
+        .unwrap()
     }
 
     fn csv(text: &str) -> Lines {
-        lines_of_text("b.csv", text, FileFormat::Csv, november()).unwrap()
+        lines_of_text(
+            "b.csv",
+            text,
+            FileFormat::Csv,
+            november(),
+            &ColumnNames::default(),
+        )
+        .unwrap()
     }
 
     fn error(name: &str, text: &str, format: FileFormat) -> String {
-        let error = lines_of_text(name, text, format, november()).unwrap_err();
+        let error =
+            lines_of_text(name, text, format, november(), &ColumnNames::default()).unwrap_err();
         format!("{error:#}")
     }
 
@@ -1720,6 +1808,30 @@ mod tests {
     }
 
     #[test]
+    fn column_names_read_another_billers_headers_as_tallys() {
+        let named = ColumnNames(vec![
+            column_name("customer=Account").unwrap(),
+            column_name("amount= Net Amount ").unwrap(),
+            column_name("quantity=qty").unwrap(),
+        ]);
+        let export = "Account,Price,Qty,Net Amount,Currency\nacme,tokens,3,4.50,usd\n";
+        let read = lines_of_text("old.csv", export, FileFormat::Csv, november(), &named).unwrap();
+        let (key, figures) = read.by_key.iter().next().unwrap();
+        assert_eq!(
+            (
+                key.customer.as_str(),
+                figures.quantity.to_string(),
+                figures.amount.to_string()
+            ),
+            ("acme", "3".to_owned(), "4.50".to_owned())
+        );
+        assert!(column_name("total=Sum")
+            .unwrap_err()
+            .contains("not a column Tally reads"));
+        assert!(column_name("amount").unwrap_err().contains("NAME=HEADER"));
+    }
+
+    #[test]
     fn what_a_file_holds_besides_lines_is_left_out_and_named_in_the_report() {
         let export = csv(concat!(
             "customer,price,quantity,amount,currency,period,notes,period_end\n",
@@ -1732,15 +1844,28 @@ mod tests {
         );
         let shown = report(&export, &tallys);
         assert!(
-            shown.contains("  expected b.csv: 1 line; 1 row naming neither customer nor price (totals) left out; columns not read: period (if it is the month, name it period_start), notes, period_end (if it is the month, name it period_start)\n"),
+            shown.contains("  expected b.csv: 1 line; 1 row naming neither customer nor price (totals) left out; columns not read: period (if it is the month, give --column period_start=period), notes, period_end (if it is the month, give --column period_start=period_end)\n"),
             "{shown}"
         );
         // Even a column of Tally's own CSV, when it is the only month there is.
         let by_end = csv("customer,price,quantity,amount,currency,period_end\nacme,tokens,1,1.00,sek,2026-12-01\n");
         assert_eq!(
             by_end.ignored_columns,
-            ["period_end (if it is the month, name it period_start)"]
+            ["period_end (if it is the month, give --column period_start=period_end)"]
         );
+        // A column like a month with several months in it is refused: its lines of
+        // another month would be compared as this one's.
+        let months = "customer,price,quantity,amount,currency,billing_month\nacme,tokens,1,1.00,usd,2026-11\nacme,tokens,2,2.00,usd,2026-10\n";
+        let refused = error("old.csv", months, FileFormat::Csv);
+        assert!(
+            refused.contains("its column billing_month has several values (2026-10, 2026-11, ...)")
+                && refused.contains("--column period_start=billing_month"),
+            "{refused}"
+        );
+        // Named so, it is the month: October's line is left out.
+        let named = ColumnNames(vec![("period_start".into(), "billing_month".into())]);
+        let read = lines_of_text("old.csv", months, FileFormat::Csv, november(), &named).unwrap();
+        assert_eq!((read.by_key.len(), read.other_periods), (1, 1));
         // A day is a month's start as well as its midnight is.
         let by_day = csv("customer,price,quantity,amount,currency,period_start\nacme,tokens,1,1,usd,2026-11-01\nacme,tokens,1,1,usd,2026-10-01\n");
         assert_eq!((by_day.by_key.len(), by_day.other_periods), (1, 1));
@@ -1838,7 +1963,14 @@ mod tests {
 
     fn mapped_csv(text: &str, map: &str) -> anyhow::Result<Lines> {
         let map = IdMap::parse("map.csv", map)?;
-        lines_of_text("old.csv", text, FileFormat::Csv, november())?.renamed(&map)
+        lines_of_text(
+            "old.csv",
+            text,
+            FileFormat::Csv,
+            november(),
+            &ColumnNames::default(),
+        )?
+        .renamed(&map)
     }
 
     #[test]
