@@ -374,24 +374,16 @@ fn write_events(out: &mut impl Write, name: &str, events: &CustomerEvents) -> io
             by_type.join(", ")
         )?;
     }
-    // Which resends were dropped, by line, so support can show the customer.
-    let conflict_lines = match listed(&events.conflicts) {
-        None => String::new(),
-        Some((shown, more)) => {
-            let shown: Vec<String> = shown.iter().map(u64::to_string).collect();
-            let more = match more {
-                0 => String::new(),
-                n => format!(" and {n} more"),
-            };
-            format!(": line {}{more}", shown.join(", "))
-        }
-    };
+    // Which resends were dropped, by line, with the line each resent, so support can
+    // show the customer both.
+    let retry_lines = resent_lines(&events.retries, |of| format!("of line {of}"));
+    let conflict_lines = resent_lines(&events.conflicts, |of| format!("line {of} counts"));
     for (n, what, why, lines) in [
         (
-            events.duplicates,
+            events.retries.len() as u64,
             "retries",
             "same (source, id) and content as a counted event",
-            "",
+            retry_lines.as_str(),
         ),
         (
             events.conflicts.len() as u64,
@@ -440,6 +432,30 @@ fn write_events(out: &mut impl Write, name: &str, events: &CustomerEvents) -> io
         out,
         "    `tally rate` lists every line that fails validation in its rejects file (one whose subject cannot be read names no customer)"
     )
+}
+
+/// `: line 3, 9 (of line 2)`: resends by line, each with the line it resent (`first`
+/// says it), once at the end when they all resent one (a client retrying one event).
+fn resent_lines(resends: &[(u64, Option<u64>)], first: fn(u64) -> String) -> String {
+    let Some((shown, more)) = listed(resends) else {
+        return String::new();
+    };
+    let one_resent = (shown.iter().all(|(_, of)| *of == shown[0].1)).then_some(shown[0].1);
+    let lines: Vec<String> = (shown.iter())
+        .map(|&(line, of)| match of.filter(|_| one_resent.is_none()) {
+            Some(of) => format!("{line} ({})", first(of)),
+            None => line.to_string(),
+        })
+        .collect();
+    let more = match more {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    let resent = match one_resent.flatten() {
+        Some(of) => format!(" ({})", first(of)),
+        None => String::new(),
+    };
+    format!(": line {}{more}{resent}", lines.join(", "))
 }
 
 /// The first of `items` to show, and how many more there are; `None` when empty.
@@ -892,6 +908,22 @@ fn snake_case(value: impl Serialize) -> String {
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
+
+    #[test]
+    fn resends_name_the_line_they_resent() {
+        let of = |line: u64| format!("of line {line}");
+        assert_eq!(resent_lines(&[], of), "");
+        // Of one event: said once.
+        assert_eq!(
+            resent_lines(&[(3, Some(2)), (5, Some(2))], of),
+            ": line 3, 5 (of line 2)"
+        );
+        // Of several, or of an event another customer's line holds: each its own.
+        assert_eq!(
+            resent_lines(&[(3, Some(2)), (9, Some(7)), (12, None)], of),
+            ": line 3 (of line 2), 9 (of line 7), 12"
+        );
+    }
 
     use tally_rater::line::adjustment_line;
     use tally_schemas::records::{MeterValue, SeriesKey};

@@ -5,7 +5,7 @@
 //! unbilled usage by customer and type, on stderr as text and as JSON. `tally rate` and
 //! the embedded pipeline count the same way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use rust_decimal::Decimal;
@@ -15,6 +15,7 @@ use tally_ingest::{Line, LineReject};
 use tally_rater::Recorded;
 use tally_schemas::config::Config;
 use tally_schemas::event::{DecodedEvent, EventError, Problem};
+use tally_schemas::ids::EventKey;
 use tally_schemas::records::SeriesKey;
 use tally_schemas::time::Period;
 
@@ -76,9 +77,14 @@ pub struct CustomerEvents {
     pub rejected: Vec<(u64, String)>,
     /// Counted towards the period's usage, by event type.
     pub counted: BTreeMap<String, u64>,
-    pub duplicates: u64,
-    /// The lines of the conflicting resends (the file's, from 1), for support to look up.
-    pub conflicts: Vec<u64>,
+    /// The lines of the retries (the file's, from 1), each with the line of the event
+    /// it repeats where that named this customer too.
+    pub retries: Vec<(u64, Option<u64>)>,
+    /// The lines of the conflicting resends, each with the line of the event that
+    /// counts, alike: for support to look both up.
+    pub conflicts: Vec<(u64, Option<u64>)>,
+    /// The line each of the customer's events was first read on, by key.
+    first_lines: HashMap<EventKey, u64>,
     pub outside_period: u64,
     /// In the period, of a type no meter reads.
     pub unmetered: u64,
@@ -95,9 +101,18 @@ impl CustomerEvents {
     }
 
     fn record(&mut self, bucket: Bucket, event: &DecodedEvent<'_>, line: u64) {
+        let first = self.first_lines.get(&event.key).copied();
         match bucket {
-            Bucket::Duplicate => self.duplicates += 1,
-            Bucket::Conflict => self.conflicts.push(line),
+            Bucket::Duplicate => self.retries.push((line, first)),
+            Bucket::Conflict => self.conflicts.push((line, first)),
+            // Not a resend: the line its resends point to.
+            _ if first.is_none() => {
+                self.first_lines.insert(event.key, line);
+            }
+            _ => {}
+        }
+        match bucket {
+            Bucket::Duplicate | Bucket::Conflict => {}
             Bucket::Refused => self.refused += 1,
             Bucket::OutsidePeriod => self.outside_period += 1,
             Bucket::Unmetered => self.unmetered += 1,

@@ -2768,7 +2768,7 @@ fn explain_names_the_lines_of_the_conflicting_resends_it_dropped() {
     let explained = f.explain("c", &[]).succeeded();
     assert_shows(
         &explained.stdout,
-        &["conflicting resends  12 (same (source, id) as a counted event, other content: the first one counts; not counted): line 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 2 more"],
+        &["conflicting resends  12 (same (source, id) as a counted event, other content: the first one counts; not counted): line 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 2 more (line 1 counts)\n"],
     );
 }
 
