@@ -1201,6 +1201,98 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
 /// Waits until November's lines with usage are two `resolutions` per customer (`first`
 /// for the first customer) and the first customer's adjustment for one late October
 /// resolution.
+/// A tokens event of `tokens` (negative: a correction) for `customer`'s `model`.
+fn tokens_event(id: &str, customer: &str, model: &str, tokens: i64, time: &str) -> Vec<u8> {
+    format!(
+        r#"{{"specversion":"1.0","id":"{id}","source":"corrections-test","type":"llm.tokens","subject":"{customer}","time":"{time}","data":{{"model":"{model}","tokens":{tokens}}}}}"#
+    )
+    .into_bytes()
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn corrections_lower_lines_as_tally_rate_does_and_a_late_one_is_a_credit() {
+    let _serial = serial();
+    let mut p = Pipeline::new(
+        "corrections",
+        5_000,
+        10,
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\nperiod_close_grace = \"1h\"\ndedupe_horizon = \"35d\"",
+    );
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let book = edited(
+        &book,
+        r#"value_property = "$.tokens""#,
+        "value_property = \"$.tokens\"\nallow_negative_values = true",
+    );
+    std::fs::write(&p.config, book).unwrap();
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    // A gateway's over-reports corrected, on every plan; and cust_00004's llama-z
+    // usage corrected by far more than it had: its line bills zero usage.
+    let mut october = p.lines();
+    for customer in ["cust_00000", "cust_00001", "cust_00002", "cust_00003"] {
+        let fix = tokens_event(
+            &format!("fix-{customer}"),
+            customer,
+            "gpt-x",
+            -500,
+            "2026-10-20T00:00:00Z",
+        );
+        october.push(fix);
+    }
+    october.push(tokens_event(
+        "fix-big",
+        "cust_00004",
+        "llama-z",
+        -100_000_000,
+        "2026-10-21T00:00:00Z",
+    ));
+    p.produce(&october);
+    let expected = p.expected_for(&october, "2026-10");
+    assert_eq!(
+        line_for(&expected, "cust_00004", "llama-z-tokens").2,
+        "0",
+        "the over-corrected line bills zero usage"
+    );
+    p.period = "2026-10";
+    p.wait_for(&expected, Duration::from_secs(180));
+
+    // October closes; then cust_00001 (pro: tokens by volume) corrects 200,000 more of
+    // its October tokens: a credit in November, what October would have billed less.
+    p.produce(&resolution_each("close", "2026-11-01T02:00:00Z"));
+    let late = tokens_event(
+        "late-fix",
+        "cust_00001",
+        "gpt-x",
+        -200_000,
+        "2026-10-15T08:00:00Z",
+    );
+    p.produce(std::slice::from_ref(&late));
+    let mut with_late = october.clone();
+    with_late.push(late);
+    let rerated = p.expected_for(&with_late, "2026-10");
+    let amount = |lines: &[harness::Line]| -> Decimal {
+        line_for(lines, "cust_00001", "tokens").3.parse().unwrap()
+    };
+    let credit = amount(&rerated) - amount(&expected);
+    assert!(credit < Decimal::ZERO, "{credit}");
+    let query = format!(
+        "SELECT quantity, amount FROM {}.invoice_lines WHERE customer = 'cust_00001' \
+         AND price = 'tokens' AND period_start = '2026-11-01 00:00:00' \
+         AND adjusts_period = '2026-10' FORMAT TSV",
+        p.database
+    );
+    let wanted = format!("-200000\t{credit}\n");
+    harness::eventually(
+        "the late correction is a credit in November",
+        Duration::from_secs(60),
+        || p.query(&query) == wanted,
+    );
+    // October itself stays as billed.
+    p.wait_for(&expected, Duration::from_secs(30));
+}
+
 fn wait_for_november_resolutions(p: &Pipeline, first: u32) {
     let customers = customers();
     let sql = format!(
