@@ -64,6 +64,10 @@ enum Command {
         /// The configuration file.
         #[arg(long, default_value = "tally.toml")]
         config: PathBuf,
+        /// Also fail where this service could not start in this environment (ingest
+        /// without its API keys' secrets), as `tally serve` would.
+        #[arg(long, value_enum)]
+        service: Option<serve::Service>,
     },
     /// Rate one calendar month (UTC) of usage events into invoice lines.
     Rate(RateArgs),
@@ -173,7 +177,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     let (result, on_error) = match cli.command {
-        Command::Validate { config } => (done(validate(&config)), 1),
+        Command::Validate { config, service } => (done(validate(&config, service)), 1),
         Command::Rate(args) => (done(rate(args)), 1),
         Command::Explain(args) => (done(explain::run(args)), 1),
         // `diff`'s convention: 1 says the two differ, so an error must say 2.
@@ -242,11 +246,14 @@ pub fn environment(name: &str) -> Option<String> {
     })
 }
 
-fn validate(path: &Path) -> anyhow::Result<()> {
+fn validate(path: &Path, service: Option<serve::Service>) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     // The services' sections too, with this environment's overrides and secrets.
     let services = config.services(&path.display().to_string(), &environment)?;
     tally_runtime::kafka::check_properties(&services.kafka)?;
+    if let Some(service) = service {
+        serve::check_can_start(service, &services)?;
+    }
     let prices: usize = config.plans.iter().map(|p| p.prices.len()).sum();
     // Written, not printed: a reader gone away (`| head -1`) is an error the caller
     // turns into SIGPIPE's status, where `println!` would panic.

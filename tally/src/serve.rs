@@ -35,6 +35,30 @@ pub enum Service {
     All,
 }
 
+impl Service {
+    /// Whether running `self` runs `service`.
+    fn runs(self, service: Service) -> bool {
+        self == service || self == Service::All
+    }
+}
+
+/// What `service` needs of the settings that their validation leaves to the services
+/// that need it: ingest's API keys, whose secrets only ingest's environment holds.
+/// `tally validate --service` asks the same, so a deployment's check fails as the
+/// start would.
+pub fn check_can_start(service: Service, settings: &ServiceSettings) -> anyhow::Result<()> {
+    if service.runs(Service::Ingest) && !settings.ingest.unresolved_keys.is_empty() {
+        let problems: Vec<String> = (settings.ingest.unresolved_keys.iter())
+            .map(|(at, message)| format!("  - {at}: {message}"))
+            .collect();
+        anyhow::bail!(
+            "ingest cannot start: API keys are missing:\n{}",
+            problems.join("\n")
+        );
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -127,19 +151,8 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals();
-    let runs = |s: Service| service == s || service == Service::All;
-    if runs(Service::Ingest) && !settings.ingest.unresolved_keys.is_empty() {
-        let problems: Vec<String> = settings
-            .ingest
-            .unresolved_keys
-            .iter()
-            .map(|(at, message)| format!("  - {at}: {message}"))
-            .collect();
-        anyhow::bail!(
-            "ingest cannot start: API keys are missing:\n{}",
-            problems.join("\n")
-        );
-    }
+    let runs = |s: Service| service.runs(s);
+    check_can_start(service, &settings)?;
     // Their endpoints first: a service waiting for Kafka answers probes, and says why
     // it is not ready.
     let aggregator = match runs(Service::Aggregator) {

@@ -3624,6 +3624,30 @@ fn a_service_that_cannot_start_says_why_in_its_log_format() {
         said.contains("API keys are missing") && said.contains("TALLY_TEST_KEY_NOBODY_SET"),
         "{said}"
     );
+    // `tally validate --service` fails as the start does; without it, it warns.
+    let validate = |service: &[&str]| {
+        Run::from(
+            f.tally()
+                .args(["validate", "--config", "tally.toml"])
+                .args(service)
+                .env_remove("TALLY_TEST_KEY_NOBODY_SET")
+                .output()
+                .unwrap(),
+        )
+    };
+    let warned = validate(&[]).succeeded();
+    assert!(warned.stdout.contains("warning:"), "{}", warned.stdout);
+    let refused = validate(&["--service", "ingest"]);
+    assert_eq!(refused.code, 1);
+    assert_shows(
+        &refused.stderr,
+        &[
+            "ingest cannot start: API keys are missing",
+            "TALLY_TEST_KEY_NOBODY_SET",
+        ],
+    );
+    assert_eq!(validate(&["--service", "all"]).code, 1);
+    validate(&["--service", "rater"]).succeeded();
 }
 
 #[test]
