@@ -388,14 +388,16 @@ impl Ledger {
             }
         }
         let price = &plan_of(&self.config, customer, closed).prices[key.price_index];
-        let latest = self.config.meter(price.meter).aggregation.kind() == AggregationKind::Latest;
+        let kind = self.config.meter(price.meter).aggregation.kind();
         let rate_with = |values: &[(&[String], MeterValue)]| {
+            let failed = |e| LineError::new(customer, price, closed, e);
+            let grouped = group_values(values, kind).map_err(failed)?;
             rate_values(
                 &self.config,
                 customer,
                 key.price_index,
                 closed,
-                group_values(values, latest).into_iter(),
+                grouped.into_iter(),
             )
         };
         let priced = rate_with(&billed).and_then(|before| {
@@ -501,7 +503,9 @@ fn price_line(
 }
 
 /// The customer's line of one price for `period`, its meter's `values` (one per
-/// series) taken together as the quantity.
+/// series) taken together as the quantity. A sum meter's series whose corrections
+/// outweigh its usage counts as none: a correction of one model's tokens must not
+/// take another's off a line that bills both.
 fn rate_values(
     config: &Config,
     customer: &Customer,
@@ -511,33 +515,53 @@ fn rate_values(
 ) -> Result<InvoiceLine, LineError> {
     let price = &plan_of(config, customer, period).prices[price_index];
     let kind = config.meter(price.meter).aggregation.kind();
+    let values = values.map(|value| match kind {
+        AggregationKind::Sum => value.at_least_zero(),
+        _ => value,
+    });
     let quantity = combine(kind, values)
         .map_err(|e| LineError::new(customer, price, period, e))?
         .value;
-    // A month whose corrections (a sum meter's negative values) outweigh its usage
-    // bills zero usage, never a negative quantity through the tiers.
-    invoice_line(
-        config,
-        customer,
-        price_index,
-        period,
-        quantity.max(Decimal::ZERO),
-    )
+    invoice_line(config, customer, price_index, period, quantity)
 }
 
-/// The values a line of a closed month is rated from: each series', but for a latest
-/// meter one per group, the later reading, so late usage of a group replaces its
-/// month's value instead of adding to it.
-fn group_values(values: &[(&[String], MeterValue)], latest: bool) -> Vec<MeterValue> {
-    if !latest {
-        return values.iter().map(|(_, value)| *value).collect();
+/// The values a line of a closed month is rated from, one per group: of a latest
+/// meter the later reading, so late usage of a group replaces its month's value
+/// instead of adding to it; of a sum meter the month's and the late usage added up, so
+/// a late correction is weighed against its group's usage as a whole; of the others,
+/// each series'.
+fn group_values(
+    values: &[(&[String], MeterValue)],
+    kind: AggregationKind,
+) -> Result<Vec<MeterValue>, RateError> {
+    match kind {
+        AggregationKind::Latest => {
+            let mut by_group: HashMap<&[String], MeterValue> = HashMap::new();
+            for &(group, value) in values {
+                let held = by_group.entry(group).or_insert(value);
+                *held = held.later(value);
+            }
+            Ok(by_group.into_values().collect())
+        }
+        AggregationKind::Sum => {
+            let mut by_group: HashMap<&[String], ExactSum> = HashMap::new();
+            for &(group, value) in values {
+                by_group.entry(group).or_default().add(value.value);
+            }
+            (by_group.into_values())
+                .map(|sum| {
+                    let value = sum.fitted_total().ok_or(RateError::TotalTooLarge)?;
+                    Ok(MeterValue {
+                        value,
+                        latest: None,
+                    })
+                })
+                .collect()
+        }
+        AggregationKind::Count | AggregationKind::Max | AggregationKind::UniqueCount => {
+            Ok(values.iter().map(|(_, value)| *value).collect())
+        }
     }
-    let mut by_group: HashMap<&[String], MeterValue> = HashMap::new();
-    for &(group, value) in values {
-        let held = by_group.entry(group).or_insert(value);
-        *held = held.later(value);
-    }
-    by_group.into_values().collect()
 }
 
 /// The value of several series of one meter taken together (also several windows of
@@ -1145,15 +1169,18 @@ mod tests {
         };
         // The gpt-x line bills zero usage, not a negative quantity through its tiers.
         assert_eq!(line(&closed, "gpt-tokens"), ("0".into(), "0.00".into()));
-        // The line of all models nets the correction: 3500 * 0.0003.
-        assert_eq!(line(&closed, "all-tokens"), ("3500".into(), "1.05".into()));
-        // A correction of 2000 read after October closed is a credit in November:
-        // 1500 * 0.0003 = 0.45 where 1.05 was billed.
-        let late = Arc::new(SeriesKey {
-            adjusts: Some(october),
-            ..SeriesKey::clone(&series("tokens", &["llama"]))
-        });
-        ledger.record(&late, november(), value(-2000));
+        // The line of all models bills llama's 4000 (4000 * 0.0003): gpt-x's
+        // over-correction takes none of llama's usage off it.
+        assert_eq!(line(&closed, "all-tokens"), ("4000".into(), "1.20".into()));
+        // A correction of 2000 llama tokens read after October closed is a credit in
+        // November: 2000 * 0.0003 = 0.60 where 1.20 was billed.
+        let late = |group: &str| {
+            Arc::new(SeriesKey {
+                adjusts: Some(october),
+                ..SeriesKey::clone(&series("tokens", &[group]))
+            })
+        };
+        ledger.record(&late("llama"), november(), value(-2000));
         let adjustments = ledger.flush().unwrap();
         assert_eq!(
             line(&adjustments, "all-tokens"),
@@ -1161,6 +1188,22 @@ mod tests {
         );
         // The llama correction is not gpt-x usage: that line has nothing to adjust.
         assert_eq!(adjustments.len(), 1);
+        // Late gpt-x usage of 300 leaves gpt-x at -200 in all: still none billed.
+        ledger.record(&late("gpt-x"), november(), value(300));
+        let unchanged = ledger.flush().unwrap();
+        assert_eq!(line(&unchanged, "gpt-tokens"), ("0".into(), "0.00".into()));
+        assert_eq!(
+            line(&unchanged, "all-tokens"),
+            ("-2000".into(), "-0.60".into())
+        );
+        // A late llama correction larger than what is left: October's llama usage
+        // counts as zero, so the credit is at most what October billed of it (2000).
+        ledger.record(&late("llama"), november(), value(-5000));
+        let floored = ledger.flush().unwrap();
+        assert_eq!(
+            line(&floored, "all-tokens"),
+            ("-4000".into(), "-1.20".into())
+        );
     }
 
     fn value(v: i64) -> MeterValue {

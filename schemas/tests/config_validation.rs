@@ -584,6 +584,15 @@ fn only_a_sum_meter_may_allow_negative_values() {
         "meters[resolutions].allow_negative_values",
         "only a sum meter takes negative values",
     );
+    // Another meter of the corrected meter's type would count each correction.
+    let shared = format!(
+        "{sum}\n[[meters]]\nslug = \"requests\"\nevent_type = \"llm.tokens\"\naggregation = \"count\"\n"
+    );
+    assert_only_issue(
+        &shared,
+        "meters[tokens].allow_negative_values",
+        "meter \"requests\" reads \"llm.tokens\" events too",
+    );
 }
 
 #[test]

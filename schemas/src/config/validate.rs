@@ -210,6 +210,20 @@ fn validate_meters(specs: &[MeterSpec], issues: &mut Issues) -> Vec<Meter> {
                 ),
             );
         }
+        // Every meter of a type reads each of its events: a correction would be
+        // counted as an event, taken as a maximum or a latest value, or rejected.
+        let sharing = (specs.iter().enumerate())
+            .filter(|&(j, other)| j != i && other.event_type == spec.event_type)
+            .map(|(_, other)| other.slug.as_str());
+        if let (true, Some(other)) = (spec.allow_negative_values, sharing.min()) {
+            issues.add(
+                format!("{at}.allow_negative_values"),
+                format!(
+                    "meter {other:?} reads {:?} events too, and would take each correction as an event of its own (a count, a maximum, a latest or distinct value) or reject it: give the corrected meter an event type of its own",
+                    spec.event_type
+                ),
+            );
+        }
         for key in spec.group_by.keys() {
             if key.trim().is_empty() {
                 issues.add(
