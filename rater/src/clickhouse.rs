@@ -614,7 +614,14 @@ impl ClickHouse {
                 superseded: 0,
             })
         });
-        self.insert_rows("insert rated lines", "rated_lines", rows)
+        // Every row made before the first is sent: one that cannot be would fail the
+        // batch again on every retry, after the inserts before it.
+        let rows: Vec<Row<'_>> = rows.collect::<Result<_, _>>()?;
+        self.insert_rows(
+            "insert rated lines",
+            "rated_lines",
+            rows.into_iter().map(Ok),
+        )
     }
 
     /// Writes windows, each row with its version.

@@ -151,12 +151,19 @@ fn a_batch_larger_than_one_insert_is_stored_whole_and_once() {
     // A rater far behind stores millions of lines at once, sent in inserts of 50,000:
     // two full inserts and a row, with nothing lost or written twice at their edges.
     let (store, database) = store("chunks");
+    // Each insert makes a part of its own (one month, one partition), which merges
+    // would combine: stopped, the parts count the inserts.
+    query(&format!("SYSTEM STOP MERGES {database}.rated_lines"));
     let november = Period::from_str("2026-11").unwrap();
     let lines: Vec<InvoiceLine> = (0..100_001)
         .map(|i| line(&format!("cust_{i:06}"), november, None, "book"))
         .collect();
     let rows: Vec<(u64, &InvoiceLine)> = lines.iter().map(|l| (1, l)).collect();
     store.insert_versioned(&rows).unwrap();
+    let parts = query(&format!(
+        "SELECT count() FROM system.parts WHERE database = '{database}' AND table = 'rated_lines' AND active"
+    ));
+    assert_eq!(parts.trim(), "3", "three inserts");
     let counted = query(&format!(
         "SELECT count(), uniqExact(customer), min(customer), max(customer) FROM {database}.rated_lines"
     ));

@@ -1291,8 +1291,8 @@ impl Worker {
         self.metrics.ledger_lines.set(held as i64);
     }
 
-    /// Inserts the batch's lines into ClickHouse in one insert, retires the stale ones,
-    /// then inserts the batch's windows.
+    /// Inserts the batch's lines into ClickHouse, retires the stale ones, then inserts
+    /// the batch's windows.
     fn write_batch(&mut self, batch: &Pending) -> Result<(), ClickHouseError> {
         let rows: Vec<(u64, &InvoiceLine)> = (batch.opening().map(|line| (0, line)))
             .chain(batch.lines().map(|(v, l)| (*v, &l.line)))
