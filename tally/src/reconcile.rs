@@ -704,7 +704,7 @@ fn lines_of_text(
     let mut lines = Lines::named(name.to_owned());
     let (rows, dialect) = match format {
         FileFormat::Csv => {
-            let (rows, dialect, ignored) = csv_rows(name, text, columns)?;
+            let (rows, dialect, ignored) = csv_rows(name, text, period, columns)?;
             lines.ignored_columns = ignored;
             (rows, Some(dialect))
         }
@@ -887,6 +887,7 @@ impl Dialect {
 fn csv_rows(
     name: &str,
     text: &str,
+    period: Period,
     columns: &ColumnNames,
 ) -> anyhow::Result<(Vec<NumberedRow>, Dialect, Vec<String>)> {
     let header_row = |separator: u8| -> anyhow::Result<csv::StringRecord> {
@@ -933,15 +934,18 @@ fn csv_rows(
     let mut record = csv::StringRecord::new();
     let mut lines = LineNumbers::of(text);
     // A month under another name (even Tally's period_end) would let other months'
-    // lines in: such a column's values are watched.
+    // lines in: a column named like a month whose values all are months is watched.
     let has_month = headers.iter().any(|c| c == "period_start");
     let read =
         |column: &str| (REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| *c == column);
-    let mut month_like: Vec<(usize, BTreeSet<String>)> = (headers.iter().enumerate())
+    let named_like_month = |column: &str| column.contains("period") || column.contains("month");
+    // (column, whether every value is a month, months other than `period` in it)
+    let mut month_like: Vec<(usize, bool, BTreeSet<String>)> = (headers.iter().enumerate())
         .filter(|(_, column)| {
-            !has_month && !read(column) && (column.contains("period") || column.contains("month"))
+            // An end (Tally's period_end) is the next month's start.
+            !has_month && !read(column) && named_like_month(column) && !column.contains("end")
         })
-        .map(|(index, _)| (index, BTreeSet::new()))
+        .map(|(index, _)| (index, true, BTreeSet::new()))
         .collect();
     loop {
         match reader.read_record(&mut record) {
@@ -953,20 +957,20 @@ fn csv_rows(
                     separator,
                     decimal_comma,
                 };
-                if let Some((index, values)) =
-                    month_like.iter().find(|(_, values)| values.len() > 1)
-                {
+                let other_months = (month_like.iter())
+                    .find(|(_, all_months, others)| *all_months && !others.is_empty());
+                if let Some((index, _, others)) = other_months {
                     let column = &headers[*index];
-                    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                    let others: Vec<&str> = others.iter().map(String::as_str).collect();
                     bail!(
-                        "{name}: its column {column} has several values ({}, ...) and no period_start says which month each line is of, so lines of other months would be compared as this one's: give --column period_start={column} if it is the month (or leave the column out)",
-                        values.join(", ")
+                        "{name}: its column {column} gives each line a month, some of them not {period} ({}), and no period_start column says which month a line is of, so lines of other months would be compared as {period}'s: give --column period_start={column}",
+                        others.join(", ")
                     );
                 }
                 let ignored = (headers.iter())
                     .filter(|column| !read(column))
                     .filter_map(|column| {
-                        if !has_month && (column.contains("period") || column.contains("month")) {
+                        if !has_month && named_like_month(column) {
                             return Some(format!(
                                 "{column} (if it is the month, give --column period_start={column})"
                             ));
@@ -978,11 +982,16 @@ fn csv_rows(
                 return Ok((rows, dialect, ignored));
             }
             Ok(true) => {
-                for (index, values) in &mut month_like {
-                    if let Some(value) = record.get(*index).map(str::trim) {
-                        if values.len() < 3 && !value.is_empty() {
-                            values.insert(value.to_owned());
+                for (index, all_months, others) in &mut month_like {
+                    let value = record.get(*index).map_or("", str::trim);
+                    match period_of(value) {
+                        _ if value.is_empty() => {}
+                        Ok(month) if month == period => {}
+                        Ok(_) if others.len() < 3 => {
+                            others.insert(value.to_owned());
                         }
+                        Ok(_) => {}
+                        Err(_) => *all_months = false,
                     }
                 }
                 let at = format!("{name} line {}", lines.at(record.position()));
@@ -1853,15 +1862,21 @@ mod tests {
             by_end.ignored_columns,
             ["period_end (if it is the month, give --column period_start=period_end)"]
         );
-        // A column like a month with several months in it is refused: its lines of
-        // another month would be compared as this one's.
+        // A column like a month with other months in it is refused: their lines
+        // would be compared as this one's. So is one of another month only.
         let months = "customer,price,quantity,amount,currency,billing_month\nacme,tokens,1,1.00,usd,2026-11\nacme,tokens,2,2.00,usd,2026-10\n";
         let refused = error("old.csv", months, FileFormat::Csv);
         assert!(
-            refused.contains("its column billing_month has several values (2026-10, 2026-11, ...)")
+            refused.contains("its column billing_month gives each line a month, some of them not 2026-11 (2026-10)")
                 && refused.contains("--column period_start=billing_month"),
             "{refused}"
         );
+        let october = "customer,price,quantity,amount,currency,billing_month\nacme,tokens,2,2.00,usd,2026-10-01\n";
+        assert!(error("old.csv", october, FileFormat::Csv).contains("not 2026-11 (2026-10-01)"));
+        // A column named so whose values are not months (a fee, a unit) is read as
+        // before, named among the columns not read.
+        let fee = csv("customer,price,quantity,amount,currency,monthly fee\nacme,tokens,1,1.00,usd,20\nacme,seats,1,1.00,usd,30\n");
+        assert_eq!(fee.by_key.len(), 2);
         // Named so, it is the month: October's line is left out.
         let named = ColumnNames(vec![("period_start".into(), "billing_month".into())]);
         let read = lines_of_text("old.csv", months, FileFormat::Csv, november(), &named).unwrap();
