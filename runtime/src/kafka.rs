@@ -157,34 +157,32 @@ pub fn tunable<'c>(
 /// logged at most once a minute in the whole process ([`LogThrottle`]), with how many
 /// like it were left out since; a lost connection as a warning, as librdkafka retries
 /// it and a broker restart is ridden out.
-#[derive(Debug, Default)]
-pub struct ClientErrors;
-
-impl ClientErrors {
-    pub fn log(&self, error: &KafkaError, reason: &str) {
-        static LOGGED: LazyLock<LogThrottle<Option<RDKafkaErrorCode>>> =
-            LazyLock::new(LogThrottle::default);
-        let code = error.rdkafka_error_code();
-        let Some(left_out) = LOGGED.due(code, Instant::now()) else {
-            return;
-        };
-        let message = "librdkafka error (each kind at most once a minute; left_out: as many since)";
-        match code {
-            Some(
-                RDKafkaErrorCode::AllBrokersDown
-                | RDKafkaErrorCode::BrokerTransportFailure
-                | RDKafkaErrorCode::Resolve,
-            ) => tracing::warn!(%error, reason, left_out, "{message}"),
-            _ => tracing::error!(%error, reason, left_out, "{message}"),
-        }
+fn log_client_error(error: &KafkaError, reason: &str) {
+    static LOGGED: LazyLock<LogThrottle<Option<RDKafkaErrorCode>>> =
+        LazyLock::new(LogThrottle::default);
+    let code = error.rdkafka_error_code();
+    let Some(left_out) = LOGGED.due(code, Instant::now()) else {
+        return;
+    };
+    let message = "librdkafka error (each kind at most once a minute; left_out: as many since)";
+    match code {
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::Resolve,
+        ) => tracing::warn!(%error, reason, left_out, "{message}"),
+        _ => tracing::error!(%error, reason, left_out, "{message}"),
     }
 }
 
 /// The context of clients with nothing else to handle (an admin client, ingest's
 /// producer): their errors, logged as above.
+#[derive(Debug, Default)]
+pub struct ClientErrors;
+
 impl ClientContext for ClientErrors {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.log(&error, reason);
+        log_client_error(&error, reason);
     }
 
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -296,19 +294,42 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box
     Ok(expected_count)
 }
 
-/// Whether the brokers answer a metadata request within `timeout`: asked before the
-/// topic requests, which wait out their own timeouts (30 s and more) before failing,
-/// and then say "timed out" where the brokers refused the connection.
-pub fn brokers_answer(
-    settings: &KafkaSettings,
-    timeout: Duration,
-) -> Result<(), Box<KafkaSetupError>> {
-    let admin: Admin = client_config(settings)
-        .create_with_context(ClientErrors)
-        .map_err(setup_error(settings, "create an admin client"))?;
-    (admin.inner().fetch_metadata(None, timeout))
-        .map(drop)
-        .map_err(setup_error(settings, "reach the brokers"))
+/// Asks the brokers whether they answer, before the topic requests, which wait out
+/// their own timeouts (30 s and more) before failing, and then say "timed out" where
+/// the brokers refused the connection. One client for every attempt, so that a slow
+/// first connection (TLS, a SASL token to fetch) goes on between them.
+pub struct BrokerProbe {
+    admin: Admin,
+    settings: KafkaSettings,
+}
+
+impl std::fmt::Debug for BrokerProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerProbe")
+            .field("brokers", &self.settings.brokers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BrokerProbe {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, Box<KafkaSetupError>> {
+        let admin = client_config(settings)
+            .create_with_context(ClientErrors)
+            .map_err(setup_error(settings, "create an admin client"))?;
+        Ok(BrokerProbe {
+            admin,
+            settings: settings.clone(),
+        })
+    }
+
+    /// Whether the brokers answer a metadata request (of the events topic) within
+    /// `timeout`. Blocking.
+    pub fn answers(&self, timeout: Duration) -> Result<(), Box<KafkaSetupError>> {
+        let events = self.settings.topic(Topic::Events);
+        (self.admin.inner().fetch_metadata(Some(&events), timeout))
+            .map(drop)
+            .map_err(setup_error(&self.settings, "reach the brokers"))
+    }
 }
 
 /// Maps a Kafka error to a setup error, saying what was being done.
@@ -597,7 +618,6 @@ pub struct GroupContext<W: PartitionOwner> {
     /// Set by [`leave_group`]: partitions assigned while the consumer closes go to the
     /// group's next owner without being restored here.
     leaving: AtomicBool,
-    errors: ClientErrors,
 }
 
 impl<W: PartitionOwner> GroupContext<W> {
@@ -606,7 +626,6 @@ impl<W: PartitionOwner> GroupContext<W> {
             owner,
             failure: Mutex::new(None),
             leaving: AtomicBool::new(false),
-            errors: ClientErrors,
         }
     }
 
@@ -618,7 +637,7 @@ impl<W: PartitionOwner> GroupContext<W> {
 
 impl<W: PartitionOwner> ClientContext for GroupContext<W> {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.errors.log(&error, reason);
+        log_client_error(&error, reason);
     }
 
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -682,7 +701,6 @@ pub type KafkaProducer = ThreadedProducer<DeliveryReports>;
 #[derive(Debug, Default)]
 pub struct DeliveryReports {
     failure: std::sync::OnceLock<KafkaError>,
-    errors: ClientErrors,
 }
 
 impl DeliveryReports {
@@ -694,7 +712,7 @@ impl DeliveryReports {
 
 impl ClientContext for DeliveryReports {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.errors.log(&error, reason);
+        log_client_error(&error, reason);
     }
 
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -867,7 +885,7 @@ pub fn read_partition(
         .set("fetch.wait.max.ms", "10")
         .set("fetch.max.bytes", "104857600")
         .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
-        .create_with_context(EndIsNoError::default())
+        .create_with_context(EndIsNoError)
         .map_err(fail)?;
     // One deadline for the whole read, waiting for the broker included.
     let started = std::time::Instant::now();
@@ -958,14 +976,14 @@ pub fn read_partition(
 /// what the reader is for, yet librdkafka also reports it to the client's error
 /// callback, whose default logs an ERROR: one for every restore, alarming operators.
 #[derive(Default)]
-struct EndIsNoError(ClientErrors);
+struct EndIsNoError;
 
 impl ClientContext for EndIsNoError {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
             tracing::debug!(reason, "state reader reached the end of the partition");
         } else {
-            self.0.log(&error, reason);
+            log_client_error(&error, reason);
         }
     }
 
@@ -1179,9 +1197,10 @@ pub fn poll_group<'c, O: PartitionOwner>(
 /// not ready: longer than a broker takes to restart, so routine restarts do not flap.
 const CONSUMER_FAILING_AFTER: Duration = Duration::from_secs(30);
 
-/// A run of consumer errors ends after this long without one (librdkafka retries a
-/// lost broker at most every 10 s), or at the next message.
-const CONSUMER_QUIET_AFTER: Duration = Duration::from_secs(15);
+/// A run of consumer errors ends after this long without one, or at the next message.
+/// librdkafka reports an error that repeats (a broker still refusing connections) once
+/// every 30 s, so a run must outlast that to be seen as one.
+const CONSUMER_QUIET_AFTER: Duration = Duration::from_secs(60);
 
 /// Whether a group consumer keeps failing: a consumer that cannot join its group (a
 /// session timeout the broker refuses, a missing ACL) or reach its brokers makes no
@@ -1305,14 +1324,20 @@ mod tests {
         // The service's own reasons do not clear it.
         readiness.ready();
         assert!(readiness.reason().is_some());
-        // Quiet for less than 15 s: still failing; for 15 s: recovered.
-        health.quiet(at(44));
+        // Quiet for less than a minute: still failing (librdkafka repeats an error
+        // every 30 s); for a minute: recovered.
+        health.quiet(at(89));
         assert!(readiness.reason().is_some());
-        health.quiet(at(45));
+        health.quiet(at(90));
         assert_eq!(readiness.reason(), None);
-        // A new run of errors counts from its own start.
-        health.failed(&error, at(50));
-        health.failed(&error, at(79));
+        // A new run of errors counts from its own start: errors 30 s apart are one.
+        health.failed(&error, at(100));
+        health.failed(&error, at(129));
+        assert_eq!(readiness.reason(), None);
+        health.failed(&error, at(130));
+        assert!(readiness.reason().is_some());
+        // A message ends it at once.
+        health.succeeded();
         assert_eq!(readiness.reason(), None);
     }
 

@@ -83,7 +83,7 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> ExitCode {
     init_logs(args.log_format);
     abort_on_panic();
-    match start(args) {
+    match serve_until_stopped(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = crate::describe(&e), "stopped with an error");
@@ -92,7 +92,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn start(args: ServeArgs) -> anyhow::Result<()> {
+fn serve_until_stopped(args: ServeArgs) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(&args.config)?);
     for warning in &config.warnings {
         tracing::warn!(at = %warning.at, "{}", warning.message);
@@ -177,7 +177,13 @@ async fn serve(
         .collect();
     let partition_count = match waiting.is_empty() {
         true => None,
-        false => Some(ensure_topics(&settings, &shutdown, &waiting).await?),
+        false => match ensure_topics(&settings, &shutdown, &waiting).await? {
+            Some(count) => Some(count),
+            None => {
+                tracing::info!("stopped before Kafka answered");
+                return Ok(());
+            }
+        },
     };
     let mut tasks = tokio::task::JoinSet::new();
     if runs(Service::Ingest) {
@@ -303,35 +309,32 @@ impl StreamServiceContext<'_> {
 
 /// Creates the topics, waiting for Kafka for up to two minutes (it may be starting
 /// alongside), each service in `waiting` not ready meanwhile, saying why; returns
-/// their partition count.
+/// their partition count, or `None` when asked to stop meanwhile.
 async fn ensure_topics(
     settings: &ServiceSettings,
     shutdown: &Shutdown,
     waiting: &[&Readiness],
-) -> anyhow::Result<NonZeroUsize> {
+) -> anyhow::Result<Option<NonZeroUsize>> {
     let mut wait = Duration::from_millis(250);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let brokers = &settings.kafka.brokers;
+    let probe = Arc::new(tally_runtime::kafka::BrokerProbe::new(&settings.kafka)?);
     loop {
-        // The brokers asked first, briefly: the topic requests wait out their own
-        // timeouts before failing, and then say "timed out" for a refused connection.
-        let kafka = settings.kafka.clone();
-        let answered = tokio::task::spawn_blocking(move || {
-            tally_runtime::kafka::brokers_answer(&kafka, Duration::from_secs(5))
-        })
-        .await
-        .context("the Kafka probe panicked")?;
+        let asking = Arc::clone(&probe);
+        let answered = tokio::task::spawn_blocking(move || asking.answers(Duration::from_secs(5)))
+            .await
+            .context("the Kafka probe panicked")?;
         let prepared = match answered {
             Ok(()) => tally_runtime::kafka::ensure_topics(&settings.kafka).await,
             Err(e) => Err(e),
         };
         let error = match prepared {
-            Ok(partitions) => return Ok(partitions),
+            Ok(partitions) => return Ok(Some(partitions)),
             Err(e) if !e.is_unavailable() => return Err(e.into()),
             Err(e) => e,
         };
         if shutdown.is_requested() {
-            return Err(error).context("stopped while waiting for Kafka");
+            return Ok(None);
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(error).with_context(|| {
