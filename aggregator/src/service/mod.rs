@@ -6,7 +6,8 @@
 //! [`close_period`] writes). Out, per transaction: a usage update per changed series and
 //! period (its period-to-date value and changed windows) to `<prefix>.windows`, and a
 //! control record there when a month has settled (see [`SETTLED_HEADER`]),
-//! refused events (original bytes, reason in headers) to `<prefix>.rejected`, events
+//! refused events (original bytes, cut to fit a record; reason in headers) to
+//! `<prefix>.rejected`, events
 //! read on another partition than Kafka's Java partitioner gives their subject back to
 //! `<prefix>.events`, on that partition (see [`FORWARDED_FROM_HEADER`]), the
 //! state changes to `<prefix>.aggregator-changelog`, and the offsets of the events
@@ -106,7 +107,7 @@ pub enum AggregatorError {
         transactional_id: String,
         instance_id: String,
     },
-    #[error("Kafka refused a record the aggregator must write, and would refuse it again after every recovery: {source}. Give the aggregator's principal Write on the events, windows, rejected and changelog topics (forwarding misplaced events writes to the events topic) and make their max.message.bytes at least 1048576 (the windows and changelog topics {MAX_RECORD_BYTES}); the aggregator stops rather than retry in a loop")]
+    #[error("Kafka refused a record the aggregator must write, and would refuse it again after every recovery: {source}. Give the aggregator's principal Write on the events, windows, rejected and changelog topics (forwarding misplaced events writes to the events topic), make their max.message.bytes at least 1048576 (the windows and changelog topics {MAX_RECORD_BYTES}), and leave the rejected topic uncompacted (a compacted topic refuses its records without a key); the aggregator stops rather than retry in a loop")]
     Unwritable { source: KafkaError },
     #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed or its aggregation changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
@@ -209,7 +210,7 @@ impl<'m> Processed<'m> {
 const MAX_EVENT_RECORD_BYTES: usize = 1_000_000;
 
 /// Room left in a rejected record for its headers: a payload past
-/// [`MAX_EVENT_RECORD_BYTES`] less this is cut to fit.
+/// [`MAX_EVENT_RECORD_BYTES`] less this and the key is cut to fit.
 const REJECTION_HEADERS_BYTES: usize = 16 * 1024;
 
 /// The bytes of `message` forwarded: key, payload, headers and the forward's own, with
@@ -1176,8 +1177,8 @@ impl Worker {
         }
     }
 
-    /// Writes a refused event to the rejected topic: its original bytes, the reason in
-    /// headers.
+    /// Writes a refused event to the rejected topic: its original bytes (their first
+    /// ones, if all would not fit a record with the headers), the reason in headers.
     fn reject(
         &self,
         message: &BorrowedMessage<'_>,
@@ -1227,9 +1228,9 @@ impl Worker {
             });
         // Cut to fit, the whole event staying at its offset in the events topic.
         let payload = message.payload().unwrap_or_default();
-        let kept = payload
-            .len()
-            .min(MAX_EVENT_RECORD_BYTES - REJECTION_HEADERS_BYTES);
+        let key_bytes = message.key().map_or(0, <[u8]>::len);
+        let room = MAX_EVENT_RECORD_BYTES.saturating_sub(REJECTION_HEADERS_BYTES + key_bytes);
+        let kept = payload.len().min(room);
         let headers = match kept < payload.len() {
             true => headers.insert(Header {
                 key: "tally.source.bytes",
