@@ -435,12 +435,13 @@ fn write_events(out: &mut impl Write, name: &str, events: &CustomerEvents) -> io
 }
 
 /// `: line 3, 9 (of line 2)`: resends by line, each with the line it resent (`first`
-/// says it), once at the end when they all resent one (a client retrying one event).
+/// says it), once at the end when all of them, shown or not, resent one (a client
+/// retrying one event).
 fn resent_lines(resends: &[(u64, Option<u64>)], first: fn(u64) -> String) -> String {
     let Some((shown, more)) = listed(resends) else {
         return String::new();
     };
-    let one_resent = (shown.iter().all(|(_, of)| *of == shown[0].1)).then_some(shown[0].1);
+    let one_resent = (resends.iter().all(|(_, of)| *of == resends[0].1)).then_some(resends[0].1);
     let lines: Vec<String> = (shown.iter())
         .map(|&(line, of)| match of.filter(|_| one_resent.is_none()) {
             Some(of) => format!("{line} ({})", first(of)),
@@ -678,15 +679,24 @@ fn write_usage(
         // Normalised: stored windows are written without trailing zeros.
         Some(combined.value.normalize())
     };
+    // A sum meter's group whose corrections outweigh its usage counts as none, as the
+    // rater rates it.
+    let outweighed = |value: Decimal| match meter.aggregation {
+        Aggregation::Sum { .. } if value.is_sign_negative() && !value.is_zero() => {
+            " (corrections outweigh its usage: it counts as 0)"
+        }
+        _ => "",
+    };
     if !meter.group_by.is_empty() {
         for (key, windows) in &series {
             let group = group_text(e.config, &key.meter, &key.group);
             match combined(&mut windows.iter()).filter(|_| additive) {
                 Some(value) => writeln!(
                     out,
-                    "            {}: {value} in {} windows",
+                    "            {}: {value} in {} windows{}",
                     group.trim_start(),
-                    windows.len()
+                    windows.len(),
+                    outweighed(value)
                 )?,
                 None => writeln!(
                     out,
@@ -710,15 +720,18 @@ fn write_usage(
         // Late usage is kept in one window at the start of the month it is billed in,
         // not on the days it happened.
         let total = month.map_or_else(String::new, |m| m.to_string());
-        let max_note = match meter.aggregation {
+        let note = match meter.aggregation {
             Aggregation::Max(_) => {
                 format!("; the quantity is how much it raised {closed}'s billed maximum")
+            }
+            Aggregation::Sum { .. } if month.is_some_and(|m| m != line.quantity.normalize()) => {
+                format!("; a group of {closed} counts no less than zero usage, so the quantity is how much it changed {closed}'s billed usage")
             }
             _ => String::new(),
         };
         return writeln!(
             out,
-            "            late usage of {closed}, read after it closed: {total} (its days are not kept){max_note}"
+            "            late usage of {closed}, read after it closed: {total} (its days are not kept){note}"
         );
     }
     let mut by_day: BTreeMap<NaiveDate, Vec<&WindowUsage>> = BTreeMap::new();
@@ -735,18 +748,29 @@ fn write_usage(
         let label = if row == 0 { "by day:" } else { "" };
         writeln!(out, "            {label:<8}{}", chunk.join(", "))?;
     }
-    if month.is_some_and(|m| m.is_sign_negative() && line.quantity.is_zero()) {
-        return writeln!(
-            out,
-            "            corrections outweigh the month's usage ({}): a month bills no less than zero",
-            month.unwrap_or_default()
-        );
+    // What the rater makes of the windows: each series floored at zero where
+    // corrections outweigh its usage.
+    let billed = match meter.aggregation {
+        Aggregation::Sum { .. } => (series.iter())
+            .map(|(_, windows)| combined(&mut windows.iter()).map(|v| v.max(Decimal::ZERO)))
+            .sum::<Option<Decimal>>()
+            .map(|billed| billed.normalize()),
+        _ => month,
+    };
+    if meter.group_by.is_empty() {
+        if let Some(note) = month.map(outweighed).filter(|note| !note.is_empty()) {
+            writeln!(
+                out,
+                "            the month's total is {}{note}",
+                month.unwrap_or_default()
+            )?;
+        }
     }
-    if month.is_some_and(|m| m != line.quantity.normalize()) {
+    if billed.is_some_and(|b| b != line.quantity.normalize()) {
         writeln!(
             out,
             "            the stored windows make {}, not the line's {}: windows are stored from when `store_windows` is set, and while the month is open they can be a batch ahead of its line",
-            month.unwrap_or_default(),
+            billed.unwrap_or_default(),
             line.quantity
         )?;
     }

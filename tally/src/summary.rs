@@ -346,7 +346,7 @@ impl Summary {
             // Months sort as text; an earlier one may have been billed without these.
             let earlier = (self.outside_period_by_month.keys()).any(|month| *month < self.period);
             let hint = match earlier {
-                true => " (an earlier month billed before these arrived lacks them: rate it again and compare the two with `tally reconcile`)",
+                true => " (an earlier month's events may be late usage that the run which billed it lacked: if so, rate it again and compare the two with `tally reconcile`)",
                 false => "",
             };
             out.push_str(&format!(

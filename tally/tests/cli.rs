@@ -610,7 +610,7 @@ fn negative_corrections_lower_a_sum_meters_line_to_no_less_than_zero() {
             .stdout
             .contains("(negative values are corrections)")
             && explained.stdout.contains(
-                "corrections outweigh the month's usage (-2000): a month bills no less than zero"
+                "model = claude-y: -2000 in 1 windows (corrections outweigh its usage: it counts as 0)"
             ),
         "{}",
         explained.stdout
@@ -1511,7 +1511,7 @@ fn the_summary_reconciles_every_line_read() {
     // October's event arrived after October was billed: finance is told where it is.
     assert!(
         run.stderr.contains(
-            "outside the period, by month: 2026-10: 1 (an earlier month billed before these arrived lacks them: rate it again and compare the two with `tally reconcile`)"
+            "outside the period, by month: 2026-10: 1 (an earlier month's events may be late usage that the run which billed it lacked: if so, rate it again and compare the two with `tally reconcile`)"
         ),
         "{}",
         run.stderr
@@ -3592,10 +3592,12 @@ fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready()
         assert!(Instant::now() < deadline, "SIGTERM did not stop it");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(!status.success());
+    // A stop asked for is no error, waiting or not.
+    assert!(status.success());
     let mut log = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
-    assert!(log.contains("stopped while waiting for Kafka"), "{log}");
+    assert!(log.contains("stopped before Kafka answered"), "{log}");
+    assert!(!log.contains(" ERROR "), "{log}");
 }
 
 #[test]
@@ -3616,10 +3618,9 @@ fn a_service_that_cannot_start_says_why_in_its_log_format() {
     let lines: Vec<Value> = (run.stderr.lines())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    let error = (lines.iter())
-        .find(|l| l["level"] == "ERROR")
-        .unwrap_or_else(|| panic!("no error in {lines:#?}"));
-    let said = error["error"].as_str().unwrap();
+    let errors: Vec<&Value> = lines.iter().filter(|l| l["level"] == "ERROR").collect();
+    assert_eq!(errors.len(), 1, "the error logged once: {lines:#?}");
+    let said = errors[0]["error"].as_str().unwrap();
     assert!(
         said.contains("API keys are missing") && said.contains("TALLY_TEST_KEY_NOBODY_SET"),
         "{said}"

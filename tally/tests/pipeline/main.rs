@@ -1198,9 +1198,6 @@ fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
     assert_eq!(rejection_code(&p, &too_old), "too_late");
 }
 
-/// Waits until November's lines with usage are two `resolutions` per customer (`first`
-/// for the first customer) and the first customer's adjustment for one late October
-/// resolution.
 /// A tokens event of `tokens` (negative: a correction) for `customer`'s `model`.
 fn tokens_event(id: &str, customer: &str, model: &str, tokens: i64, time: &str) -> Vec<u8> {
     format!(
@@ -1293,6 +1290,9 @@ fn corrections_lower_lines_as_tally_rate_does_and_a_late_one_is_a_credit() {
     p.wait_for(&expected, Duration::from_secs(30));
 }
 
+/// Waits until November's lines with usage are two `resolutions` per customer (`first`
+/// for the first customer) and the first customer's adjustment for one late October
+/// resolution.
 fn wait_for_november_resolutions(p: &Pipeline, first: u32) {
     let customers = customers();
     let sql = format!(
