@@ -8,6 +8,8 @@
 // Helpers panic on unexpected input: that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -3559,16 +3561,7 @@ fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready()
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let get = |path: &str| {
-        let response = ureq::get(&format!("http://127.0.0.1:{port}{path}"))
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .call()
-            .ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.into_body().read_to_string().ok()?))
-    };
+    let get = |path: &str| common::get(port, path);
     let deadline = Instant::now() + Duration::from_secs(30);
     let readyz = loop {
         match get("/readyz") {

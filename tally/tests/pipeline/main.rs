@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)] // a test: a failed call should fail it
 
+#[path = "../common/mod.rs"]
+mod common;
 mod harness;
 
 use std::collections::BTreeMap;
@@ -904,22 +906,12 @@ fn an_aggregator_whose_consumer_cannot_join_its_group_says_it_is_not_ready() {
         },
     );
     let port = port.expect("found above");
-    let readyz = || {
-        let response = ureq::get(&format!("http://127.0.0.1:{port}/readyz"))
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .call()
-            .ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.into_body().read_to_string().ok()?))
-    };
     let mut last = None;
     harness::eventually(
         "the aggregator says it is not ready once joining has failed for 30 s",
         Duration::from_secs(120),
         || {
-            last = readyz();
+            last = common::get(port, "/readyz");
             last.as_ref().is_some_and(|(status, body)| {
                 *status == 503 && body.contains("the Kafka consumer has failed for")
             })
