@@ -583,13 +583,6 @@ impl ClickHouse {
     /// Writes lines, each with its own version.
     pub fn insert_versioned(&self, lines: &[(u64, &InvoiceLine)]) -> Result<(), ClickHouseError> {
         let rows = lines.iter().map(|&(version, line)| {
-            let amount_minor =
-                line.amount_minor()
-                    .ok_or_else(|| ClickHouseError::AmountTooLarge {
-                        id: line.id.clone(),
-                        amount: line.amount.to_string(),
-                        currency: line.currency.clone(),
-                    })?;
             Ok(Row {
                 id: &line.id,
                 version,
@@ -604,7 +597,7 @@ impl ClickHouse {
                 subtotal: line.subtotal.to_string(),
                 discount: line.discount.to_string(),
                 amount: line.amount.to_string(),
-                amount_minor,
+                amount_minor: amount_minor(line)?,
                 currency: &line.currency,
                 tiers: serde_json::to_string(&line.tiers).expect("tiers serialise"),
                 adjusts_period: line
@@ -614,14 +607,12 @@ impl ClickHouse {
                 superseded: 0,
             })
         });
-        // Every row made before the first is sent: one that cannot be would fail the
-        // batch again on every retry, after the inserts before it.
-        let rows: Vec<Row<'_>> = rows.collect::<Result<_, _>>()?;
-        self.insert_rows(
-            "insert rated lines",
-            "rated_lines",
-            rows.into_iter().map(Ok),
-        )
+        // Every line checked before the first insert is sent: one that cannot be
+        // stored would fail the batch again on every retry, after the inserts before.
+        for (_, line) in lines {
+            amount_minor(line)?;
+        }
+        self.insert_rows("insert rated lines", "rated_lines", rows)
     }
 
     /// Writes windows, each row with its version.
@@ -747,6 +738,16 @@ impl ClickHouse {
             body: body.trim().to_owned(),
         })
     }
+}
+
+/// A line's amount in minor units, as `rated_lines` stores it.
+fn amount_minor(line: &InvoiceLine) -> Result<i64, ClickHouseError> {
+    line.amount_minor()
+        .ok_or_else(|| ClickHouseError::AmountTooLarge {
+            id: line.id.clone(),
+            amount: line.amount.to_string(),
+            currency: line.currency.clone(),
+        })
 }
 
 /// The HTTP client: statuses are answers, not errors, and TLS goes through the system's

@@ -593,6 +593,11 @@ fn only_a_sum_meter_may_allow_negative_values() {
         "meters[tokens].allow_negative_values",
         "meter \"requests\" reads \"llm.tokens\" events too",
     );
+    // Another sum meter taking corrections reads its own value of them: both valid.
+    let both = format!(
+        "{sum}\n[[meters]]\nslug = \"input_tokens\"\nevent_type = \"llm.tokens\"\naggregation = \"sum\"\nvalue_property = \"$.input\"\nallow_negative_values = true\n"
+    );
+    parse(&both);
 }
 
 #[test]

@@ -682,7 +682,10 @@ fn write_usage(
     // A sum meter's group whose corrections outweigh its usage counts as none, as the
     // rater rates it.
     let outweighed = |value: Decimal| match meter.aggregation {
-        Aggregation::Sum { .. } if value.is_sign_negative() && !value.is_zero() => {
+        // A late group's negative value is a credit, not usage outweighed.
+        Aggregation::Sum { .. }
+            if line.adjusts_period.is_none() && value.is_sign_negative() && !value.is_zero() =>
+        {
             " (corrections outweigh its usage: it counts as 0)"
         }
         _ => "",

@@ -73,11 +73,16 @@ pub struct ReconcileArgs {
     amounts_only: bool,
     /// Read a CSV file's column HEADER as Tally's column NAME (customer, price,
     /// quantity, amount, currency, period_start, adjusts_period, invoice, subtotal or
-    /// discount), e.g. `--column period_start=billing_month --column
-    /// amount="Net Amount"`; repeat for each. Headers match whatever their case.
+    /// discount), or `ignore` to leave it out, e.g. `--column period_start=billing_month
+    /// --column amount="Net Amount"`; repeat for each. Headers match whatever their
+    /// case.
     #[arg(long = "column", value_name = "NAME=HEADER", value_parser = column_name)]
     columns: Vec<(String, String)>,
 }
+
+/// The name `--column` gives a header to leave its column out unchecked (a cohort's
+/// month, say, that is not the line's).
+const IGNORED_COLUMN: &str = "ignore";
 
 /// How a CSV file's headers are read: each one `--column` names as Tally's column.
 #[derive(Debug, Default)]
@@ -98,9 +103,10 @@ fn column_name(text: &str) -> Result<(String, String), String> {
         .split_once('=')
         .ok_or_else(|| format!("{text:?} is not NAME=HEADER"))?;
     let name = name.trim().to_ascii_lowercase();
-    if !(REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| *c == name) {
+    let known = (REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| *c == name);
+    if !known && name != IGNORED_COLUMN {
         return Err(format!(
-            "{name:?} is not a column Tally reads; it reads {} and {}",
+            "{name:?} is not a column Tally reads; it reads {} and {} (or `{IGNORED_COLUMN}` to leave a column out)",
             REQUIRED_COLUMNS.join(", "),
             OPTIONAL_COLUMNS.join(", ")
         ));
@@ -943,7 +949,10 @@ fn csv_rows(
     let mut month_like: Vec<(usize, bool, BTreeSet<String>)> = (headers.iter().enumerate())
         .filter(|(_, column)| {
             // An end (Tally's period_end) is the next month's start.
-            !has_month && !read(column) && named_like_month(column) && !column.contains("end")
+            let an_end = column
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .any(|w| w == "end");
+            !has_month && !read(column) && named_like_month(column) && !an_end
         })
         .map(|(index, _)| (index, true, BTreeSet::new()))
         .collect();
@@ -963,7 +972,7 @@ fn csv_rows(
                     let column = &headers[*index];
                     let others: Vec<&str> = others.iter().map(String::as_str).collect();
                     bail!(
-                        "{name}: its column {column} gives each line a month, some of them not {period} ({}), and no period_start column says which month a line is of, so lines of other months would be compared as {period}'s: give --column period_start={column}",
+                        "{name}: its column {column} gives each line a month, some of them not {period} ({}), and no period_start column says which month a line is of, so lines of other months would be compared as {period}'s: give --column period_start={column} if it is the line's month, or --column ignore={column} if it is not",
                         others.join(", ")
                     );
                 }
@@ -1877,6 +1886,16 @@ mod tests {
         // before, named among the columns not read.
         let fee = csv("customer,price,quantity,amount,currency,monthly fee\nacme,tokens,1,1.00,usd,20\nacme,seats,1,1.00,usd,30\n");
         assert_eq!(fee.by_key.len(), 2);
+        // A month that is not the line's (a cohort's) is left out when named so.
+        let cohort = "customer,price,quantity,amount,currency,cohort_month\nacme,tokens,2,2.00,usd,2025-01\n";
+        assert!(error("old.csv", cohort, FileFormat::Csv).contains("--column ignore=cohort_month"));
+        let ignored = ColumnNames(vec![column_name("ignore=cohort_month").unwrap()]);
+        let read = lines_of_text("old.csv", cohort, FileFormat::Csv, november(), &ignored).unwrap();
+        assert_eq!(read.by_key.len(), 1);
+        // "end" is a word of its own: a calendar month is watched.
+        let calendar = "customer,price,quantity,amount,currency,calendar_month\nacme,tokens,2,2.00,usd,2026-10\n";
+        assert!(error("old.csv", calendar, FileFormat::Csv)
+            .contains("calendar_month gives each line a month"));
         // Named so, it is the month: October's line is left out.
         let named = ColumnNames(vec![("period_start".into(), "billing_month".into())]);
         let read = lines_of_text("old.csv", months, FileFormat::Csv, november(), &named).unwrap();

@@ -225,6 +225,15 @@ fn forwarded_bytes(message: &BorrowedMessage<'_>) -> usize {
     message.payload().map_or(0, <[u8]>::len) + key + headers + forward
 }
 
+/// `text`'s first `bytes` bytes at most, cut at a character's boundary.
+fn at_most(text: &str, bytes: usize) -> &str {
+    let mut end = text.len().min(bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Whether Kafka refused a write in a way no retry mends: the principal may not write
 /// the topic, or the record is larger than the topic takes. (Not a fatal producer
 /// error as such: a fenced producer's is one, and a single fence is recovered from.)
@@ -1201,6 +1210,9 @@ impl Worker {
                 "event refused, kept in the rejected topic (each code logged at most once a minute; left_out: as many since)"
             );
         }
+        // A field names what the sender wrote (a data key), so its length is theirs:
+        // field and reason are cut to keep the headers within their room.
+        let (field, reason) = (at_most(&field, 1024), at_most(&reason, 4096));
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "tally.error.code",
@@ -1208,11 +1220,11 @@ impl Worker {
             })
             .insert(Header {
                 key: "tally.error.field",
-                value: Some(&field),
+                value: Some(field),
             })
             .insert(Header {
                 key: "tally.error.reason",
-                value: Some(&reason),
+                value: Some(reason),
             })
             .insert(Header {
                 key: "tally.source.topic",
@@ -1648,6 +1660,15 @@ fn write_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_from_what_a_sender_wrote_are_cut_at_a_character() {
+        assert_eq!(at_most("data.tokens", 1024), "data.tokens");
+        // "é" is two bytes: a cut inside it keeps the character before.
+        assert_eq!(at_most("data.é", 6), "data.");
+        assert_eq!(at_most("data.é", 7), "data.é");
+        assert_eq!(at_most(&"k".repeat(20_000), 1024).len(), 1024);
+    }
     use crate::state::StateError;
 
     #[test]

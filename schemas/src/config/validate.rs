@@ -212,8 +212,12 @@ fn validate_meters(specs: &[MeterSpec], issues: &mut Issues) -> Vec<Meter> {
         }
         // Every meter of a type reads each of its events: a correction would be
         // counted as an event, taken as a maximum or a latest value, or rejected.
+        // (Another sum meter that takes corrections reads its own value of them.)
         let sharing = (specs.iter().enumerate())
             .filter(|&(j, other)| j != i && other.event_type == spec.event_type)
+            .filter(|(_, other)| {
+                !(other.allow_negative_values && other.aggregation == AggregationKind::Sum)
+            })
             .map(|(_, other)| other.slug.as_str());
         if let (true, Some(other)) = (spec.allow_negative_values, sharing.min()) {
             issues.add(
