@@ -502,10 +502,21 @@ fn price_line(
     )
 }
 
+/// What a line bills of one series' (or, for a closed month, one group's) value: a
+/// sum meter's series whose corrections outweigh its usage counts as none, so a
+/// correction of one model's tokens never takes another's off a line that bills both.
+pub fn billed_value(kind: AggregationKind, value: MeterValue) -> MeterValue {
+    match kind {
+        AggregationKind::Sum => MeterValue {
+            value: value.value.max(Decimal::ZERO),
+            ..value
+        },
+        _ => value,
+    }
+}
+
 /// The customer's line of one price for `period`, its meter's `values` (one per
-/// series) taken together as the quantity. A sum meter's series whose corrections
-/// outweigh its usage counts as none: a correction of one model's tokens must not
-/// take another's off a line that bills both.
+/// series) taken together as the quantity, each as [`billed_value`] counts it.
 fn rate_values(
     config: &Config,
     customer: &Customer,
@@ -515,10 +526,7 @@ fn rate_values(
 ) -> Result<InvoiceLine, LineError> {
     let price = &plan_of(config, customer, period).prices[price_index];
     let kind = config.meter(price.meter).aggregation.kind();
-    let values = values.map(|value| match kind {
-        AggregationKind::Sum => value.at_least_zero(),
-        _ => value,
-    });
+    let values = values.map(|value| billed_value(kind, value));
     let quantity = combine(kind, values)
         .map_err(|e| LineError::new(customer, price, period, e))?
         .value;

@@ -219,15 +219,6 @@ impl MeterValue {
         latest: None,
     };
 
-    /// The value, or zero where corrections (a sum meter's negative values) outweigh
-    /// the usage: usage billed is never negative.
-    pub fn at_least_zero(self) -> MeterValue {
-        MeterValue {
-            value: self.value.max(Decimal::ZERO),
-            ..self
-        }
-    }
-
     /// The later of two `latest` values.
     pub fn later(self, other: MeterValue) -> MeterValue {
         match self.latest.cmp(&other.latest) {

@@ -17,7 +17,7 @@ use chrono::{NaiveDate, Utc};
 use clap::Args;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use tally_rater::ledger::combine;
+use tally_rater::ledger::{billed_value, combine};
 use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
 use tally_schemas::decimal::{exact_add, ExactAmount};
@@ -679,17 +679,24 @@ fn write_usage(
         // Normalised: stored windows are written without trailing zeros.
         Some(combined.value.normalize())
     };
-    // A sum meter's group whose corrections outweigh its usage counts as none, as the
-    // rater rates it.
-    let outweighed = |value: Decimal| match meter.aggregation {
-        // A late group's negative value is a credit, not usage outweighed.
-        Aggregation::Sum { .. }
-            if line.adjusts_period.is_none() && value.is_sign_negative() && !value.is_zero() =>
-        {
-            " (corrections outweigh its usage: it counts as 0)"
-        }
-        _ => "",
+    // What the rater bills of a series' month (a sum meter's outweighed by its
+    // corrections counts as none).
+    let billed_of = |value: Decimal| {
+        billed_value(
+            kind,
+            MeterValue {
+                value,
+                latest: None,
+            },
+        )
+        .value
     };
+    // A late group's negative value is a credit, not usage outweighed.
+    let outweighed =
+        |value: Decimal| match line.adjusts_period.is_none() && billed_of(value) != value {
+            true => " (corrections outweigh its usage: it counts as 0)",
+            false => "",
+        };
     if !meter.group_by.is_empty() {
         for (key, windows) in &series {
             let group = group_text(e.config, &key.meter, &key.group);
@@ -755,7 +762,7 @@ fn write_usage(
     // corrections outweigh its usage.
     let billed = match meter.aggregation {
         Aggregation::Sum { .. } => (series.iter())
-            .map(|(_, windows)| combined(&mut windows.iter()).map(|v| v.max(Decimal::ZERO)))
+            .map(|(_, windows)| combined(&mut windows.iter()).map(billed_of))
             .sum::<Option<Decimal>>()
             .map(|billed| billed.normalize()),
         _ => month,
