@@ -103,8 +103,7 @@ fn column_name(text: &str) -> Result<(String, String), String> {
         .split_once('=')
         .ok_or_else(|| format!("{text:?} is not NAME=HEADER"))?;
     let name = name.trim().to_ascii_lowercase();
-    let known = (REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| *c == name);
-    if !known && name != IGNORED_COLUMN {
+    if !reads_column(&name) && name != IGNORED_COLUMN {
         return Err(format!(
             "{name:?} is not a column Tally reads; it reads {} and {} (or `{IGNORED_COLUMN}` to leave a column out)",
             REQUIRED_COLUMNS.join(", "),
@@ -818,6 +817,11 @@ const OPTIONAL_COLUMNS: [&str; 5] = [
     "discount",
 ];
 
+/// Whether `column` is one of the columns a CSV file's lines are read from.
+fn reads_column(column: &str) -> bool {
+    (REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| *c == column)
+}
+
 /// A row and where it was read.
 type NumberedRow = (String, Row);
 
@@ -942,8 +946,6 @@ fn csv_rows(
     // A month under another name (even Tally's period_end) would let other months'
     // lines in: a column named like a month whose values all are months is watched.
     let has_month = headers.iter().any(|c| c == "period_start");
-    let read =
-        |column: &str| (REQUIRED_COLUMNS.iter().chain(&OPTIONAL_COLUMNS)).any(|c| *c == column);
     let named_like_month = |column: &str| column.contains("period") || column.contains("month");
     // (column, whether every value is a month, months other than `period` in it)
     let mut month_like: Vec<(usize, bool, BTreeSet<String>)> = (headers.iter().enumerate())
@@ -952,7 +954,7 @@ fn csv_rows(
             let an_end = column
                 .split(|c: char| !c.is_ascii_alphanumeric())
                 .any(|w| w == "end");
-            !has_month && !read(column) && named_like_month(column) && !an_end
+            !has_month && !reads_column(column) && named_like_month(column) && !an_end
         })
         .map(|(index, _)| (index, true, BTreeSet::new()))
         .collect();
@@ -977,7 +979,7 @@ fn csv_rows(
                     );
                 }
                 let ignored = (headers.iter())
-                    .filter(|column| !read(column))
+                    .filter(|column| !reads_column(column))
                     .filter_map(|column| {
                         if !has_month && named_like_month(column) {
                             return Some(format!(
