@@ -35,7 +35,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tally_schemas::config::{ClickHouseCredentials, ClickHouseSettings};
+use tally_schemas::config::{
+    ClickHouseCredentials, ClickHouseSettings, DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT,
+};
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 use ureq::tls::{parse_pem, Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
@@ -78,6 +80,9 @@ fn reach_hint(error: &ureq::Error) -> &'static str {
         ureq::Error::NativeTls(_) | ureq::Error::Tls(_) => {
             "is its certificate signed by an authority Tally trusts (the system's, or clickhouse.ca_file's), for its name?"
         }
+        ureq::Error::Timeout(_) => {
+            "it did not answer within clickhouse.request_timeout: is it overloaded, or does this request need longer?"
+        }
         _ => "is it running?",
     }
 }
@@ -86,6 +91,10 @@ fn reach_hint(error: &ureq::Error) -> &'static str {
 #[derive(Debug)]
 pub struct ClickHouse {
     agent: ureq::Agent,
+    /// Whom the agent trusts and how long it waits, kept to make it again when either
+    /// changes.
+    roots: RootCerts,
+    request_timeout: Duration,
     url: String,
     database: String,
     /// Sent as ClickHouse's `X-ClickHouse-User`/`-Key` headers when either is set.
@@ -196,8 +205,12 @@ impl ClickHouse {
         if !ClickHouseSettings::is_database_name(database) {
             return Err(ClickHouseError::DatabaseName(database.to_owned()));
         }
+        let roots = RootCerts::PlatformVerifier;
+        let request_timeout = DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT;
         Ok(ClickHouse {
-            agent: agent(RootCerts::PlatformVerifier),
+            agent: agent(roots.clone(), request_timeout),
+            roots,
+            request_timeout,
             url: url.trim_end_matches('/').to_owned(),
             database: database.to_owned(),
             credentials: ClickHouseCredentials::default(),
@@ -217,10 +230,19 @@ impl ClickHouse {
                     url: self.url.clone(),
                 });
             }
-            self.agent = agent(RootCerts::Specific(Arc::new(authorities(path)?)));
+            self.roots = RootCerts::Specific(Arc::new(authorities(path)?));
+            self.agent = agent(self.roots.clone(), self.request_timeout);
         }
         self.credentials = credentials.clone();
         Ok(self)
+    }
+
+    /// Fails a request (answer included) that takes longer than `timeout`
+    /// ([`DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT`] unless set).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self.agent = agent(self.roots.clone(), timeout);
+        self
     }
 
     /// Creates the database, the table and the view if they do not exist.
@@ -752,14 +774,14 @@ fn amount_minor(line: &InvoiceLine) -> Result<i64, ClickHouseError> {
 
 /// The HTTP client: statuses are answers, not errors, and TLS goes through the system's
 /// OpenSSL, trusting `roots`.
-fn agent(roots: RootCerts) -> ureq::Agent {
+fn agent(roots: RootCerts, request_timeout: Duration) -> ureq::Agent {
     let tls = TlsConfig::builder()
         .provider(TlsProvider::NativeTls)
         .root_certs(roots)
         .build();
     ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
+        .timeout_global(Some(request_timeout))
         .tls_config(tls)
         .build()
         .into()
@@ -908,7 +930,38 @@ fn clickhouse_time(time: DateTime<Utc>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::ClickHouseError;
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::{ClickHouse, ClickHouseError};
+
+    #[test]
+    fn a_server_that_never_answers_fails_the_request_after_the_request_timeout() {
+        // Connections are taken into the listen queue and never read, let alone
+        // answered: a server hung mid-query, as far as the client can tell.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let client = ClickHouse::new(&url, "tally")
+            .unwrap()
+            .with_request_timeout(Duration::from_millis(300));
+        let (done, answer) = mpsc::channel();
+        std::thread::spawn(move || done.send(client.ensure_schema()));
+        let error = answer
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the request waited for an answer past its timeout")
+            .unwrap_err();
+        assert!(
+            matches!(error, ClickHouseError::Unreachable { .. }),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("did not answer within clickhouse.request_timeout"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn a_dropped_database_or_table_is_told_from_other_refusals() {

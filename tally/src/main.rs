@@ -372,7 +372,8 @@ impl ConfiguredClickHouse {
         let database = database.map_or(store.database, str::to_owned);
         let client = ClickHouse::new(&store.url, &database)
             .with_context(|| format!("database {database:?}"))?
-            .with_credentials(&store.credentials)?;
+            .with_credentials(&store.credentials)?
+            .with_request_timeout(store.request_timeout);
         Ok(ConfiguredClickHouse {
             client,
             url: store.url,
@@ -418,12 +419,19 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
     let config = Arc::new(load_config(&args.month.config)?);
     let clickhouse = match args.clickhouse.as_deref() {
         Some(url) => {
-            // The URL and database are the flags'; the user, password and CA file
-            // the [clickhouse] section's or the environment's.
+            // The URL and database are the flags'; the user, password, CA file and
+            // request timeout the [clickhouse] section's or the environment's.
             let credentials = config.clickhouse_credentials(&environment);
+            let request_timeout = config.clickhouse_request_timeout().map_err(|why| {
+                anyhow::anyhow!(
+                    "{}: clickhouse.request_timeout {why}",
+                    args.month.config.display()
+                )
+            })?;
             let store = ClickHouse::new(url, &args.clickhouse_database)
                 .context("--clickhouse-database")?
-                .with_credentials(&credentials)?;
+                .with_credentials(&credentials)?
+                .with_request_timeout(request_timeout);
             // Before rating: a wrong URL or password should not cost a month's run.
             store.ensure_schema()?;
             Some(store)

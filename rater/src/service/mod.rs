@@ -683,7 +683,8 @@ pub fn run(
 ) -> Result<(), RaterError> {
     let kafka_settings = &settings.kafka;
     let clickhouse = ClickHouse::new(&settings.clickhouse.url, &settings.clickhouse.database)?
-        .with_credentials(&settings.clickhouse.credentials)?;
+        .with_credentials(&settings.clickhouse.credentials)?
+        .with_request_timeout(settings.clickhouse.request_timeout);
     // ClickHouse may be starting too: wait for it rather than fail the service.
     let mut wait = Duration::from_millis(200);
     while let Err(e) = clickhouse.ensure_schema() {

@@ -78,6 +78,10 @@ pub const DEFAULT_INSTANCE_ID: &str = "0";
 pub const DEFAULT_CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
 /// `[clickhouse] database`.
 pub const DEFAULT_CLICKHOUSE_DATABASE: &str = "tally";
+/// `[clickhouse] request_timeout`: one request, answer included. An insert is at most
+/// 50,000 rows (seconds); the rater's price-book check reads every open line rated with
+/// another book in one answer, which for millions of lines can take longer.
+pub const DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// `[ingest] listen`: the HTTP API.
 pub const DEFAULT_INGEST_LISTEN: &str = "127.0.0.1:9101";
 /// `[ingest] max_body_bytes`: 1 MiB.

@@ -19,10 +19,11 @@ use std::collections::BTreeMap;
 use hashbrown::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use defaults::Settings;
+pub use defaults::{Settings, DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT};
 pub use services::{
     AggregatorServiceSettings, ApiKey, ApiKeySpec, ClickHouseCredentials, ClickHouseSettings,
     ClickHouseSpec, IngestSettings, IngestSpec, KafkaSettings, KafkaSpec, RaterSettings, RaterSpec,
@@ -461,6 +462,11 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> ClickHouseCredentials {
         self.service_specs.clickhouse.credentials(env)
+    }
+
+    /// `[clickhouse] request_timeout`, or why it cannot be used.
+    pub fn clickhouse_request_timeout(&self) -> Result<Duration, &'static str> {
+        self.service_specs.clickhouse.request_timeout()
     }
 
     /// The services' settings, with overrides and secrets from `env` (pass

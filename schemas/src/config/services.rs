@@ -69,6 +69,10 @@ pub struct ClickHouseSpec {
     /// instead of the system's (a private CA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// Longest one request may take, answer included; a request that takes longer
+    /// fails and is retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -224,6 +228,7 @@ pub struct ClickHouseSettings {
     pub url: String,
     pub database: String,
     pub credentials: ClickHouseCredentials,
+    pub request_timeout: Duration,
 }
 
 /// Who Tally is to ClickHouse (user and password; both `None`, ClickHouse's `default`
@@ -260,6 +265,19 @@ impl ClickHouseSpec {
                 .map(PathBuf::from),
         }
     }
+
+    /// `request_timeout`, or its default; refused when zero. Like the credentials,
+    /// read on its own by a batch run that only stores lines.
+    pub fn request_timeout(&self) -> Result<Duration, &'static str> {
+        let timeout = self
+            .request_timeout
+            .map_or(d::DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT, |t| t.0);
+        if timeout.is_zero() {
+            Err("must be above zero")
+        } else {
+            Ok(timeout)
+        }
+    }
 }
 
 impl ClickHouseSettings {
@@ -281,6 +299,7 @@ impl fmt::Debug for ClickHouseSettings {
             .field("url", &self.url)
             .field("database", &self.database)
             .field("credentials", &self.credentials)
+            .field("request_timeout", &self.request_timeout)
             .finish()
     }
 }
@@ -567,10 +586,15 @@ fn clickhouse(check: &mut Check<'_>, spec: &ClickHouseSpec) -> ClickHouseSetting
             ),
         );
     }
+    let request_timeout = spec.request_timeout().unwrap_or_else(|why| {
+        check.issue("clickhouse.request_timeout", why);
+        d::DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT
+    });
     ClickHouseSettings {
         url,
         database,
         credentials: spec.credentials(check.env),
+        request_timeout,
     }
 }
 
@@ -762,6 +786,7 @@ aggregation = "count"
         assert_eq!(s.kafka.topic(super::Topic::Events), "tally.events");
         assert_eq!(s.kafka.group("aggregator"), "tally-aggregator");
         assert_eq!(s.clickhouse.database, "tally");
+        assert_eq!(s.clickhouse.request_timeout.as_secs(), 60);
         assert_eq!(s.ingest.max_body_bytes, 1 << 20);
         assert_eq!(s.ingest.max_batch_events, 1000);
         assert!(s.ingest.api_keys.is_empty());
@@ -774,6 +799,8 @@ aggregation = "count"
         assert!(!s.rater.store_windows);
         let short = services("[rater]\nflush_interval = \"100ms\"\n", &[]).unwrap();
         assert_eq!(short.rater.min_insert_interval.as_millis(), 100);
+        let patient = services("[clickhouse]\nrequest_timeout = \"5m\"\n", &[]).unwrap();
+        assert_eq!(patient.clickhouse.request_timeout.as_secs(), 300);
         let idle = services("[aggregator]\nclose_idle_after = \"30m\"\n", &[]).unwrap();
         assert_eq!(
             idle.aggregator.close_idle_after.map(|d| d.as_secs()),
@@ -866,6 +893,7 @@ partitions = 0
 properties = { "group.id" = "mine", "delivery.timeout.ms" = "0" }
 [clickhouse]
 url = "127.0.0.1:8123"
+request_timeout = "0s"
 [ingest]
 listen = "localhost"
 [[ingest.api_keys]]
@@ -894,6 +922,7 @@ price_book_check_interval = "0s"
             "kafka.properties.\"group.id\"",
             "kafka.properties.\"delivery.timeout.ms\": 0 is librdkafka's \"wait forever\"",
             "clickhouse.url",
+            "clickhouse.request_timeout: must be above zero",
             "ingest.listen",
             "ingest.api_keys[1]: the key is shorter",
             "ingest.api_keys[1].sources",
