@@ -17,6 +17,7 @@ use chrono::{NaiveDate, Utc};
 use clap::Args;
 use rust_decimal::Decimal;
 use serde::Serialize;
+use tally_rater::clickhouse::ClickHouse;
 use tally_rater::ledger::{billed_value, combine};
 use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
@@ -113,6 +114,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 lines: lines.iter().filter(asked).collect(),
                 usage: &usage,
                 unfinished: month.period.end() > Utc::now(),
+                billed_before: billed_before(clickhouse, &args.customer, month.period, &lines)?,
             };
             write_explanation(&mut out, &explanation)?;
         }
@@ -177,6 +179,67 @@ pub struct Explanation<'a> {
     pub usage: &'a [SeriesWindows],
     /// The period had not ended at the clock: the lines bill its usage so far.
     pub unfinished: bool,
+    /// For each adjustment line, by the closed period and price it adjusts: what that
+    /// period's line had billed before (only the pipeline's lines have adjustments).
+    pub billed_before: BTreeMap<(Period, String), Billed>,
+}
+
+/// A closed period's line as billed so far: its own line and the adjustments of it
+/// billed in the months before an adjustment's, added up. An adjustment bills that
+/// line rated again with the late usage, less this.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Billed {
+    pub quantity: Decimal,
+    pub subtotal: Decimal,
+    pub discount: Decimal,
+    pub amount: Decimal,
+}
+
+impl Billed {
+    fn add(&mut self, line: &InvoiceLine) {
+        self.quantity += line.quantity;
+        self.subtotal += line.subtotal;
+        self.discount += line.discount;
+        self.amount += line.amount;
+    }
+
+    /// What `adjustment` makes of it: the closed line rated again with the late usage.
+    fn adjusted_by(&self, adjustment: &InvoiceLine) -> Billed {
+        Billed {
+            quantity: self.quantity + adjustment.quantity,
+            subtotal: self.subtotal + adjustment.subtotal,
+            discount: self.discount + adjustment.discount,
+            amount: self.amount + adjustment.amount,
+        }
+    }
+}
+
+/// What the closed periods that `lines` adjust had billed before `period`, read from
+/// the pipeline's ClickHouse: each one's own line and its adjustments in the months
+/// between.
+fn billed_before(
+    clickhouse: &ClickHouse,
+    customer: &str,
+    period: Period,
+    lines: &[InvoiceLine],
+) -> anyhow::Result<BTreeMap<(Period, String), Billed>> {
+    let mut billed = BTreeMap::new();
+    let closed_periods: std::collections::BTreeSet<Period> =
+        lines.iter().filter_map(|l| l.adjusts_period).collect();
+    for closed in closed_periods {
+        let mut month = closed;
+        while month < period {
+            for line in clickhouse.lines(month, Some(customer))? {
+                let own = month == closed && line.adjusts_period.is_none();
+                if own || line.adjusts_period == Some(closed) {
+                    let key = (closed, line.price.clone());
+                    billed.entry(key).or_insert_with(Billed::default).add(&line);
+                }
+            }
+            month = month.next();
+        }
+    }
+    Ok(billed)
 }
 
 impl<'a> Explanation<'a> {
@@ -211,6 +274,7 @@ impl<'a> Explanation<'a> {
                 .collect(),
             usage: &result.explained_usage,
             unfinished: result.summary.unfinished,
+            billed_before: BTreeMap::new(),
         })
     }
 }
@@ -546,7 +610,7 @@ fn write_worked_line(
     write_usage(out, e, meter, price, line)?;
     write_charge(out, price, line)?;
     if let Some(closed) = line.adjusts_period {
-        return write_adjustment_amount(out, line, closed, Some(plan));
+        return write_adjustment_amount(out, e, line, closed, Some((plan, *discount)));
     }
     let mut charge = ExactAmount::default();
     for tier in &line.tiers {
@@ -559,21 +623,32 @@ fn write_worked_line(
         plan.currency.decimals(),
         line.subtotal
     )?;
-    let discount = match discount {
+    writeln!(
+        out,
+        "  discount  {}",
+        discount_text(*discount, plan, line.subtotal, line.discount)
+    )?;
+    write_amount(out, line)
+}
+
+/// How a line's `discount` comes from its rounded `subtotal`.
+fn discount_text(
+    discount: Option<&Discount>,
+    plan: &Plan,
+    subtotal: Decimal,
+    discounted: Decimal,
+) -> String {
+    match discount {
         None => "none".to_owned(),
         Some(Discount::PercentOff(percent)) => format!(
-            "{percent} % of {} = {}, rounded {} = {}",
-            line.subtotal,
-            ExactAmount::percent_of(line.subtotal, *percent),
+            "{percent} % of {subtotal} = {}, rounded {} = {discounted}",
+            ExactAmount::percent_of(subtotal, *percent),
             snake_case(plan.rounding),
-            line.discount
         ),
         Some(Discount::AmountOff(off)) => {
-            format!("{off} off, at most the subtotal = {}", line.discount)
+            format!("{off} off, at most the subtotal = {discounted}")
         }
-    };
-    writeln!(out, "  discount  {discount}")?;
-    write_amount(out, line)
+    }
 }
 
 /// A line this configuration would not rate as it was rated (another price book's
@@ -599,7 +674,7 @@ fn write_stored_line(
         writeln!(out, "            {}", tier_text(tier))?;
     }
     if let Some(closed) = line.adjusts_period {
-        return write_adjustment_amount(out, line, closed, None);
+        return write_adjustment_amount(out, e, line, closed, None);
     }
     writeln!(
         out,
@@ -618,16 +693,19 @@ fn write_amount(out: &mut impl Write, line: &InvoiceLine) -> io::Result<()> {
     )
 }
 
-/// An adjustment's amount; `plan` (the adjusted month's, when this configuration
-/// rated the line) says how both of the closed line's figures were rounded, which may
-/// differ from the month's own plan in the heading.
+/// An adjustment's amount; `rules` (the adjusted month's plan and the line's discount,
+/// when this configuration rated the line) say how the closed line's figures were
+/// rounded, which may differ from the month's own plan in the heading. With what the
+/// closed line had billed, both of its versions are shown, so the differences can be
+/// redone: a discount is rounded on each version's subtotal, not on the difference.
 fn write_adjustment_amount(
     out: &mut impl Write,
+    e: &Explanation<'_>,
     line: &InvoiceLine,
     closed: Period,
-    plan: Option<&Plan>,
+    rules: Option<(&Plan, Option<&Discount>)>,
 ) -> io::Result<()> {
-    let rounded = plan.map_or_else(String::new, |plan| {
+    let rounded = rules.map_or_else(String::new, |(plan, _)| {
         format!(
             ", each rounded {} to {} decimals as plan {} rounds",
             snake_case(plan.rounding),
@@ -635,10 +713,50 @@ fn write_adjustment_amount(
             plan.id
         )
     });
+    let Some(before) = e.billed_before.get(&(closed, line.price.clone())) else {
+        return writeln!(
+            out,
+            "  amount    what the late usage adds to {closed}'s line: that line rated again with it, less the line as billed{rounded} (subtotal {}, discount {}) = {} {}",
+            line.subtotal, line.discount, line.amount, line.currency
+        );
+    };
+    let after = before.adjusted_by(line);
     writeln!(
         out,
-        "  amount    what the late usage adds to {closed}'s line: that line rated again with it, less the line as billed{rounded} (subtotal {}, discount {}) = {} {}",
-        line.subtotal, line.discount, line.amount, line.currency
+        "  amount    what the late usage adds to {closed}'s line: that line rated again with it, less the line as billed{rounded}:"
+    )?;
+    let discount = rules.map_or_else(
+        || after.discount.to_string(),
+        |(plan, discount)| discount_text(discount, plan, after.subtotal, after.discount),
+    );
+    writeln!(
+        out,
+        "            rated again  quantity {}, subtotal {}, discount {discount}, amount {}",
+        after.quantity.normalize(),
+        after.subtotal,
+        after.amount
+    )?;
+    writeln!(
+        out,
+        "            as billed    quantity {}, subtotal {}, discount {}, amount {} ({closed}'s line and any earlier adjustment of it)",
+        before.quantity.normalize(),
+        before.subtotal,
+        before.discount,
+        before.amount
+    )?;
+    writeln!(
+        out,
+        "            difference   subtotal {} - {} = {}, discount {} - {} = {}: {} - {} = {} {}",
+        after.subtotal,
+        before.subtotal,
+        line.subtotal,
+        after.discount,
+        before.discount,
+        line.discount,
+        line.subtotal,
+        line.discount,
+        line.amount,
+        line.currency
     )
 }
 
@@ -1007,6 +1125,11 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
 id = "cust_gone"
 plan = "starter"
 through = "2026-10"
+
+[[customers]]
+id = "cust_pro"
+plan = "pro"
+discounts = [{ price = "resolutions", percent_off = "12.5" }]
 "#;
 
     fn config() -> Config {
@@ -1038,6 +1161,17 @@ through = "2026-10"
         lines: &[InvoiceLine],
         usage: &[SeriesWindows],
     ) -> String {
+        explained_after(config, customer, lines, usage, BTreeMap::new())
+    }
+
+    /// As [`explained`], with what the closed months' lines had billed.
+    fn explained_after(
+        config: &Config,
+        customer: &str,
+        lines: &[InvoiceLine],
+        usage: &[SeriesWindows],
+        billed_before: BTreeMap<(Period, String), Billed>,
+    ) -> String {
         let explanation = Explanation {
             config,
             period: month("2026-11"),
@@ -1049,6 +1183,7 @@ through = "2026-10"
             lines: lines.iter().collect(),
             usage,
             unfinished: false,
+            billed_before,
         };
         let mut out = Vec::new();
         write_explanation(&mut out, &explanation).unwrap();
@@ -1087,6 +1222,28 @@ through = "2026-10"
             "{shown}"
         );
         assert_eq!(shown.matches("\ntotal ").count(), 1, "{shown}");
+    }
+
+    #[test]
+    fn an_adjustment_shows_both_versions_of_the_closed_line_so_its_discount_can_be_redone() {
+        // October closed at 150 resolutions; 900 more arrived late. 12.5 % of the
+        // adjustment's subtotal (801.00) would round to 100.13: the discount billed is
+        // the re-rated line's (111.81) less the one billed (11.69).
+        let config = config();
+        let closed = line(&config, "cust_pro", "2026-10", 150);
+        let mut billed = Billed::default();
+        billed.add(&closed);
+        let adjustment = adjustment(&config, "cust_pro", 150, 1050);
+        let before = BTreeMap::from([((month("2026-10"), "resolutions".to_owned()), billed)]);
+        let shown = explained_after(&config, "cust_pro", &[adjustment], &[], before);
+        for expected in [
+            "  amount    what the late usage adds to 2026-10's line: that line rated again with it, less the line as billed, each rounded half_up to 2 decimals as plan pro rounds:\n",
+            "            rated again  quantity 1050, subtotal 894.50, discount 12.5 % of 894.50 = 111.8125, rounded half_up = 111.81, amount 782.69\n",
+            "            as billed    quantity 150, subtotal 93.50, discount 11.69, amount 81.81 (2026-10's line and any earlier adjustment of it)\n",
+            "            difference   subtotal 894.50 - 93.50 = 801.00, discount 111.81 - 11.69 = 100.12: 801.00 - 100.12 = 700.88 usd\n",
+        ] {
+            assert!(shown.contains(expected), "{expected:?} in:\n{shown}");
+        }
     }
 
     #[test]

@@ -1021,6 +1021,31 @@ fn the_pipelines_lines_are_explained_as_tally_rate_explains_the_same_events() {
     for text in shown {
         assert!(november.contains(text), "{text:?} in:\n{november}");
     }
+    // Both versions of October's resolutions line, so its figures can be redone: as
+    // ClickHouse holds it, and with the late resolution.
+    let october = p.query(&format!(
+        "SELECT quantity, subtotal, discount, amount FROM {}.invoice_lines \
+         WHERE customer = 'cust_00000' AND price = 'resolutions' \
+         AND period_start = '2026-10-01 00:00:00' AND adjusts_period = ''",
+        p.database
+    ));
+    let billed: Vec<&str> = october.trim().split('\t').collect();
+    let [quantity, subtotal, discount, amount] = billed[..] else {
+        panic!("october's resolutions line: {october:?}");
+    };
+    let as_billed = format!(
+        "            as billed    quantity {quantity}, subtotal {subtotal}, discount {discount}, amount {amount} (2026-10's line and any earlier adjustment of it)\n"
+    );
+    assert!(
+        november.contains(&as_billed),
+        "{as_billed:?} in:\n{november}"
+    );
+    let one_more = quantity.parse::<u64>().unwrap() + 1;
+    let rated_again = format!("            rated again  quantity {one_more}, subtotal ");
+    assert!(
+        november.contains(&rated_again),
+        "{rated_again:?} in:\n{november}"
+    );
     assert!(!november.contains("rated with price book"), "{november}");
     let totals: Vec<&str> = november
         .lines()
