@@ -1,6 +1,8 @@
 //! Pricing one quantity: `(rate, quantity) -> charge with its tier breakdown`.
 //!
-//! Stripe Billing's semantics, exactly:
+//! Stripe Billing's semantics, exactly, on what Stripe can take; Tally also takes
+//! fractional bounds, package sizes and amounts finer than Stripe's (validation warns of
+//! each), and rates them by the same rules:
 //! - per_unit: `quantity * unit_amount`; with `transform_quantity`, the quantity is
 //!   first divided by `divide_by` and rounded up or down to whole packages.
 //! - graduated: each unit is priced at the tier it falls in; every tier the quantity

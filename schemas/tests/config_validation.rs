@@ -507,6 +507,45 @@ fn two_prices_that_bill_the_same_usage_are_warned_about() {
 }
 
 #[test]
+fn prices_stripe_cannot_take_as_written_are_warned_about() {
+    let warnings = |from: &str, to: &str| -> Vec<(String, String)> {
+        (parse(&with(from, to)).warnings.into_iter())
+            .map(|w| (w.at, w.message))
+            .collect()
+    };
+    let tiers = "{ up_to = 100, flat_amount = \"49\" }";
+    assert_eq!(
+        warnings(tiers, "{ up_to = \"99.5\", flat_amount = \"49.005\" }"),
+        [
+            (
+                "plans[pro].prices[resolutions].tiers[0].flat_amount".to_owned(),
+                "49.005 is finer than a usd minor unit: Tally bills it as written, but Stripe takes only whole minor units as a flat amount".to_owned()
+            ),
+            (
+                "plans[pro].prices[resolutions].tiers[0].up_to".to_owned(),
+                "99.5 is not a whole number: Tally bills it as written, but Stripe takes only whole-number tier bounds".to_owned()
+            ),
+        ]
+    );
+    // 12 decimals of a cent are 14 of a dollar: the 15th is one too many.
+    let per_unit = "unit_amount = \"0.002\"";
+    assert!(warnings(per_unit, "unit_amount = \"0.00000000000001\"").is_empty());
+    assert_eq!(
+        warnings(per_unit, "unit_amount = \"0.000000000000001\""),
+        [(
+            "plans[pro].prices[gpt-tokens].unit_amount".to_owned(),
+            "0.000000000000001 has more than 14 decimals: Tally bills it as written, but Stripe takes only 12 decimals of a usd minor unit".to_owned()
+        )]
+    );
+    assert_eq!(
+        warnings("divide_by = 1000", "divide_by = \"2.5\"")[0].0,
+        "plans[pro].prices[gpt-tokens].transform_quantity.divide_by"
+    );
+    // The example book is Stripe's to the letter.
+    assert!(parse(BASE).warnings.is_empty());
+}
+
+#[test]
 fn unique_count_prices_must_pin_every_dimension() {
     let text = with(
         "[[plans]]",

@@ -893,6 +893,11 @@ fn write_usage(
                 month.unwrap_or_default()
             )?;
         }
+    } else if let Some((month, billed)) = month.zip(billed).filter(|(m, b)| m != b) {
+        writeln!(
+            out,
+            "            the days add up to {month}; each group counted no less than zero (above), the month bills {billed}"
+        )?;
     }
     if billed.is_some_and(|b| b != line.quantity.normalize()) {
         writeln!(

@@ -579,10 +579,22 @@ fn token_packages_round_up_or_down_and_prices_filter_by_model() {
 
 #[test]
 fn negative_corrections_lower_a_sum_meters_line_to_no_less_than_zero() {
-    let f = Fixture::new(&PRO.replace(
-        "value_property = \"$.tokens\"",
-        "value_property = \"$.tokens\"\nallow_negative_values = true",
-    ));
+    // Also a price of every model's tokens, whose line adds the models up.
+    let all_tokens = r#"[[plans.prices]]
+id = "all-tokens"
+meter = "tokens"
+billing_scheme = "per_unit"
+unit_amount = "0.00001"
+
+[[customers]]
+id = "cust_acme""#;
+    let f = Fixture::new(
+        &PRO.replace(
+            "value_property = \"$.tokens\"",
+            "value_property = \"$.tokens\"\nallow_negative_values = true",
+        )
+        .replacen("[[customers]]\nid = \"cust_acme\"", all_tokens, 1),
+    );
     let events = vec![
         tokens("t1", "cust_acme", "gpt-x", json!(4000)),
         // A gateway reported 1500 too many: the correction under a new id.
@@ -616,6 +628,22 @@ fn negative_corrections_lower_a_sum_meters_line_to_no_less_than_zero() {
             ),
         "{}",
         explained.stdout
+    );
+    // Each model on its own: claude-y's -2000 takes nothing off gpt-x's 2500, and the
+    // days, which add both up, are said not to make the quantity.
+    assert_eq!(
+        money(line(&lines, "cust_acme", "all-tokens")),
+        ["2500", "0.03", "0.00", "0.03"]
+    );
+    let all = f
+        .explain("cust_acme", &["--price", "all-tokens"])
+        .succeeded();
+    assert!(
+        all.stdout.contains(
+            "            by day: Nov 10: 500\n            the days add up to 500; each group counted no less than zero (above), the month bills 2500\n"
+        ),
+        "{}",
+        all.stdout
     );
 }
 

@@ -40,6 +40,7 @@ impl ConfigFile {
         let mut warnings = Issues(Vec::new());
         check_filter_values(&self.plans, &mut warnings);
         check_overlapping_prices(&plans, &meters, &mut warnings);
+        check_stripe_can_take(&plans, &mut warnings);
         let customers = validate_customers(
             &self.customers,
             &self.plans,
@@ -322,6 +323,68 @@ fn check_overlapping_prices(plans: &[Plan], meters: &[Meter], warnings: &mut Iss
                         first.id, second.id
                     ),
                 );
+            }
+        }
+    }
+}
+
+/// Stripe's smallest `unit_amount_decimal`: 12 decimals of the currency's minor unit.
+const STRIPE_UNIT_AMOUNT_MINOR_DECIMALS: u32 = 12;
+
+/// Warns of what Tally bills as written but Stripe cannot take (fractional tier bounds
+/// and package sizes, a flat amount finer than the minor unit, a unit amount finer
+/// than Stripe's 12 decimals of it): a company migrating to or from Stripe, running
+/// both side by side, cannot enter such a price there as it stands.
+fn check_stripe_can_take(plans: &[Plan], warnings: &mut Issues) {
+    let outside = "Tally bills it as written, but Stripe takes only";
+    for (i, plan) in plans.iter().enumerate() {
+        let at = format!("{}.prices", item_at("plans", i, &plan.id));
+        let minor = plan.currency.minor_units();
+        let unit_decimals = minor + STRIPE_UNIT_AMOUNT_MINOR_DECIMALS;
+        let code = plan.currency.code();
+        for (j, price) in plan.prices.iter().enumerate() {
+            let at = item_at(&at, j, &price.id);
+            let unit_amount = |warnings: &mut Issues, at: String, amount: Decimal| {
+                if amount.normalize().scale() > unit_decimals {
+                    warnings.add(at, format!("{amount} has more than {unit_decimals} decimals: {outside} 12 decimals of a {code} minor unit"));
+                }
+            };
+            match &price.rate {
+                Rate::PerUnit {
+                    unit_amount: amount,
+                    package,
+                } => {
+                    unit_amount(warnings, format!("{at}.unit_amount"), *amount);
+                    if let Some(p) = package.filter(|p| !p.divide_by.fract().is_zero()) {
+                        warnings.add(
+                            format!("{at}.transform_quantity.divide_by"),
+                            format!(
+                                "{} is not a whole number: {outside} whole package sizes",
+                                p.divide_by
+                            ),
+                        );
+                    }
+                }
+                Rate::Tiered { tiers, .. } => {
+                    for (k, tier) in tiers.iter().enumerate() {
+                        let at = format!("{at}.tiers[{k}]");
+                        unit_amount(warnings, format!("{at}.unit_amount"), tier.unit_amount);
+                        if tier.flat_amount.normalize().scale() > minor {
+                            warnings.add(
+                                format!("{at}.flat_amount"),
+                                format!("{} is finer than a {code} minor unit: {outside} whole minor units as a flat amount", tier.flat_amount),
+                            );
+                        }
+                        if let UpTo::Finite(bound) = tier.up_to {
+                            if !bound.fract().is_zero() {
+                                warnings.add(
+                                    format!("{at}.up_to"),
+                                    format!("{bound} is not a whole number: {outside} whole-number tier bounds"),
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
     }
