@@ -15,8 +15,9 @@
 //! The topics and the offsets commit or abort together, so downstream
 //! `read_committed` consumers see every event's effect exactly once.
 //!
-//! Each partition has its own [`Aggregator`]; the windows and changes of events
-//! partition p go to partition p of the other two topics. On assignment a partition's
+//! Each partition has its own [`Aggregator`]; the windows and state changes of events
+//! partition p go to partition p of `<prefix>.windows` and of the changelog (rejected
+//! copies are keyed like the event and partitioned by Kafka). On assignment a partition's
 //! state is rebuilt from its changelog before any of its events is read, and reading
 //! starts where that state ends; on revocation the open transaction is committed
 //! first. After any failed commit the transaction is aborted, the producer recreated
@@ -190,7 +191,8 @@ struct Processed<'m> {
 }
 
 impl<'m> Processed<'m> {
-    /// Counts an event's outcome, and sends it to the rejected topic if it is refused.
+    /// Counts an event's outcome, and keeps its rejection, if any, for the transaction
+    /// to write to the rejected topic.
     fn count(
         &mut self,
         message: &'m BorrowedMessage<'m>,
@@ -253,7 +255,7 @@ fn refused_for_good(error: &KafkaError) -> bool {
 }
 
 /// An outcome that sends the message to the rejected topic, saying why.
-fn refused(
+fn rejection(
     outcome: EventOutcome,
     code: &'static str,
     field: impl Into<String>,
@@ -276,13 +278,13 @@ fn verdict(outcome: Outcome, time: chrono::DateTime<Utc>) -> (EventOutcome, Opti
         Outcome::Accepted | Outcome::Late | Outcome::Adjusted => (EventOutcome::Accepted, None),
         Outcome::Unmetered => (EventOutcome::Unmetered, None),
         Outcome::Retry => (EventOutcome::Duplicate, None),
-        Outcome::Conflict => refused(
+        Outcome::Conflict => rejection(
             EventOutcome::Conflict,
             Problem::Conflict.code(),
             "id",
             Problem::Conflict.to_string(),
         ),
-        Outcome::TooLate => refused(
+        Outcome::TooLate => rejection(
             EventOutcome::TooLate,
             "too_late",
             "time",
@@ -290,7 +292,7 @@ fn verdict(outcome: Outcome, time: chrono::DateTime<Utc>) -> (EventOutcome, Opti
         ),
         Outcome::Refused(e) => {
             let EventError { field, problem } = e.as_event_error();
-            refused(EventOutcome::Refused, problem.code(), field, problem.to_string())
+            rejection(EventOutcome::Refused, problem.code(), field, problem.to_string())
         }
     }
 }
@@ -347,7 +349,7 @@ impl PartitionState {
                 } else {
                     ""
                 };
-                refused(
+                rejection(
                     EventOutcome::Invalid,
                     e.problem.code(),
                     e.field.clone(),
@@ -359,7 +361,7 @@ impl PartitionState {
                     || "not keyed".to_owned(),
                     |key| format!("keyed {:?}", String::from_utf8_lossy(key)),
                 );
-                refused(
+                rejection(
                     EventOutcome::Invalid,
                     "wrong_key",
                     "subject",
@@ -382,7 +384,7 @@ impl PartitionState {
                     }
                     let bytes = forwarded_bytes(message);
                     if bytes > MAX_EVENT_RECORD_BYTES {
-                        return processed.count(message, refused(
+                        return processed.count(message, rejection(
                             EventOutcome::Invalid,
                             "wrong_partition",
                             "subject",

@@ -4,8 +4,9 @@
 //! In: `<prefix>.windows`, read committed, as a member of group `<prefix>-rater`. Out:
 //! every changed line, rated with the rater core from its period-to-date usage, to
 //! `<prefix>.rated` for downstream consumers, then into `<database>.rated_lines` (see
-//! [`crate::clickhouse`]) in batched inserts, with the windows the updates changed
-//! into `<database>.window_revisions`; then the offsets, synchronously. Offsets are
+//! [`crate::clickhouse`]) in batched inserts (with `[rater] store_windows`, also the
+//! windows the updates changed, into `<database>.window_revisions`); then the offsets,
+//! synchronously. Offsets are
 //! committed only after Kafka confirmed and ClickHouse stored the rows they account
 //! for, so a crash re-reads, never skips; rows are versioned by the windows offset they
 //! account for, so re-reading writes the same rows again and nothing is counted twice.
@@ -193,9 +194,13 @@ impl Rebuilt {
                 record(&mut self.ledger, &update);
             }
             Change::Settled(period) => {
-                // Rated and let go now: a rebuild holds open periods only.
+                // Rated and let go now: a rebuild holds open periods only. Its lines
+                // were stored already, so only a failure to rate one is news.
                 self.ledger.settle_through(period);
-                self.ledger.flush_available();
+                let (_, failures) = self.ledger.flush_available();
+                for error in failures {
+                    tracing::warn!(%error, settled = %period, "a settled line could not be rated again while rebuilding; its stored version stands");
+                }
                 self.first_offsets.settle_through(period);
             }
         }
@@ -1413,7 +1418,11 @@ impl Worker {
         });
         if self.retry_at.is_none() {
             tracing::warn!(%error, "{what}; pausing and retrying");
-            let _ = consumer.assignment().map(|a| consumer.pause(&a));
+            // Unpaused, the rater goes on reading and holds what it reads until
+            // ClickHouse is back: memory, not correctness, is at stake.
+            if let Err(error) = consumer.assignment().and_then(|a| consumer.pause(&a)) {
+                tracing::warn!(%error, "cannot pause the partitions; reading on while the writes are retried");
+            }
         }
         self.readiness.not_ready(format!("{what}: {error}"));
         self.retry_at = Some((Instant::now() + backoff, backoff));
@@ -1421,10 +1430,21 @@ impl Worker {
 
     /// Ends a pause after a failed write, if there is one.
     fn resume(&mut self, consumer: &GroupConsumer) {
-        if self.retry_at.take().is_some() {
-            tracing::info!("lines stored again; resuming");
-            let _ = consumer.assignment().map(|a| consumer.resume(&a));
-            self.readiness.ready();
+        if self.retry_at.is_none() {
+            return;
+        }
+        match consumer.assignment().and_then(|a| consumer.resume(&a)) {
+            Ok(()) => {
+                tracing::info!("lines stored again; resuming");
+                self.retry_at = None;
+                self.readiness.ready();
+            }
+            // Still paused: tried again after the backoff.
+            Err(error) => {
+                let what = "lines stored again, but the partitions cannot be resumed";
+                tracing::warn!(%error, "{what}; retrying");
+                self.hold(consumer, what, error.to_string());
+            }
         }
     }
 }
