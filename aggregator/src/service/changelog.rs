@@ -24,12 +24,18 @@
 //! merged at the end, and a tombstone drops the key record it names. Values are
 //! MessagePack (compact, and self-describing as decimals and instants need).
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::BaseRecord;
+use tally_runtime::kafka::{send, KafkaProducer};
 
 use crate::aggregator::{Aggregator, Snapshot};
-use crate::service::AggregatorError;
-use rdkafka::message::Message;
+
+use super::{AggregatorError, PartitionState};
+
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use tally_runtime::kafka::read_partition;
@@ -256,6 +262,125 @@ pub(super) fn restore(
         let _ = restored.aggregator.merge(changes);
     }
     Ok(restored)
+}
+
+/// Deletes a changelog record (compaction drops it), in the open transaction.
+pub(super) fn tombstone(
+    producer: &KafkaProducer,
+    topic: &str,
+    partition: i32,
+    key: &str,
+) -> Result<(), KafkaError> {
+    send(
+        producer,
+        BaseRecord::<[u8], [u8]>::to(topic)
+            .partition(partition)
+            .key(key.as_bytes()),
+    )
+}
+
+/// Writes the partition's usage state (no dedupe keys) as the changelog's snapshot, in parts, and
+/// tombstones the deltas it covers and any parts of the previous snapshot beyond this
+/// one's, in the open transaction.
+pub(super) fn write_snapshot(
+    producer: &KafkaProducer,
+    topic: &str,
+    partition: i32,
+    state: &mut PartitionState,
+) -> Result<(), KafkaError> {
+    let started = Instant::now();
+    let parts = state
+        .aggregator
+        .usage_snapshot()
+        .split(SNAPSHOT_PART_ENTRIES);
+    let count = parts.len();
+    let mut bytes = 0;
+    for (i, changes) in parts.into_iter().enumerate() {
+        bytes += state.write_changelog(producer, topic, partition, &snapshot_key(i), &changes)?;
+    }
+    let stale = (count..state.snapshot_parts).map(snapshot_key);
+    for key in state.deltas.drain(..).chain(stale) {
+        tombstone(producer, topic, partition, &key)?;
+    }
+    tracing::info!(
+        partition,
+        parts = count,
+        bytes,
+        seconds = started.elapsed().as_secs_f64(),
+        "changelog snapshot written"
+    );
+    state.delta_bytes = 0;
+    state.snapshot_parts = count;
+    state.snapshot_bytes = bytes;
+    Ok(())
+}
+
+impl PartitionState {
+    /// By how many bytes the changelog deltas since the last snapshot are past the size
+    /// that calls for a new one, if they are: past the setting, and past the last
+    /// snapshot's own size, so a large state is not rewritten more often than its
+    /// changes would fill it again, and a restore still reads at most about two
+    /// snapshots' worth.
+    pub(super) fn snapshot_overdue(&self, snapshot_after_bytes: usize) -> Option<usize> {
+        self.delta_bytes
+            .checked_sub(snapshot_after_bytes.max(self.snapshot_bytes))
+            .filter(|&over| over > 0)
+    }
+
+    /// Writes the keys of the backlog's small records as parts of up to
+    /// [`SNAPSHOT_PART_ENTRIES`] keys and tombstones those records, in the open
+    /// transaction. Each key is so written twice at most, not once per snapshot.
+    pub(super) fn gather_keys(
+        &mut self,
+        producer: &KafkaProducer,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(), KafkaError> {
+        let backlog = std::mem::take(&mut self.backlog);
+        let gathered = Snapshot::gather_dedupe(backlog.keys);
+        for (i, part) in gathered
+            .split(SNAPSHOT_PART_ENTRIES)
+            .into_iter()
+            .enumerate()
+        {
+            let Some(newest_day) = part.newest_dedupe_day() else {
+                continue;
+            };
+            let key = keyset_key(self.next_offset, self.generation, i);
+            self.write_changelog(producer, topic, partition, &key, &part)?;
+            self.key_records.push((key, newest_day));
+        }
+        let small: BTreeSet<&String> = backlog.records.iter().collect();
+        self.key_records.retain(|(key, _)| !small.contains(key));
+        for key in &backlog.records {
+            tombstone(producer, topic, partition, key)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one changelog record for the partition's next offset; returns its size.
+    pub(super) fn write_changelog(
+        &self,
+        producer: &KafkaProducer,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        changes: &Snapshot,
+    ) -> Result<usize, KafkaError> {
+        let record = ChangelogRecord {
+            next_offset: self.next_offset,
+            changes,
+        }
+        .encode();
+        send(
+            producer,
+            BaseRecord::to(topic)
+                .partition(partition)
+                .key(key.as_bytes())
+                .payload(&record),
+        )?;
+        Ok(record.len())
+    }
 }
 
 #[cfg(test)]

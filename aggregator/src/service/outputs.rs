@@ -1,0 +1,172 @@
+//! The records that carry an event on: a refused event's copy to `<prefix>.rejected`
+//! (its original bytes, cut to fit a record, and why in headers), and an event read on
+//! another partition than its subject's, forwarded to that one.
+//!
+//! Both are written in the open transaction, so they commit or abort with the offsets
+//! of the events they carry.
+
+use std::time::Instant;
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::BaseRecord;
+use tally_runtime::kafka::send;
+use tally_schemas::records::{FORWARDED_FROM_HEADER, FORWARDED_TIMESTAMP_HEADER};
+
+use super::route::Rejection;
+use super::Worker;
+
+/// The most a record carrying an event (forwarded, or copied to the rejected topic)
+/// may hold, headers included: librdkafka's default `message.max.bytes`, below the
+/// broker's default topic limit. A larger one could be refused by the broker at
+/// commit, and again after every recovery.
+pub(super) const MAX_EVENT_RECORD_BYTES: usize = 1_000_000;
+
+/// Room left in a rejected record for its headers: a payload past
+/// [`MAX_EVENT_RECORD_BYTES`] less this and the key is cut to fit.
+pub(super) const REJECTION_HEADERS_BYTES: usize = 16 * 1024;
+
+/// The bytes of `message` forwarded: key, payload, headers and the forward's own, with
+/// a few bytes of framing apiece.
+pub(super) fn forwarded_bytes(message: &BorrowedMessage<'_>) -> usize {
+    let headers: usize = (message.headers().into_iter())
+        .flat_map(|h| h.iter())
+        .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 10)
+        .sum();
+    let key = message.key().map_or(0, <[u8]>::len);
+    let forward = FORWARDED_FROM_HEADER.len() + FORWARDED_TIMESTAMP_HEADER.len() + 2 * (20 + 10);
+    message.payload().map_or(0, <[u8]>::len) + key + headers + forward
+}
+
+/// `text`'s first `bytes` bytes at most, cut at a character's boundary.
+pub(super) fn at_most(text: &str, bytes: usize) -> &str {
+    let mut end = text.len().min(bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+impl Worker {
+    /// Writes a refused event to the rejected topic: its original bytes (their first
+    /// ones, if all would not fit a record with the headers), the reason in headers.
+    pub(super) fn reject(
+        &self,
+        message: &BorrowedMessage<'_>,
+        rejection: Rejection,
+    ) -> Result<(), KafkaError> {
+        let Rejection {
+            code,
+            field,
+            reason,
+        } = rejection;
+        self.metrics.rejected.with_label_values(&[code]).inc();
+        if let Some(left_out) = self.refusals_logged.due(code, Instant::now()) {
+            tracing::warn!(
+                code,
+                field,
+                reason,
+                partition = message.partition(),
+                offset = message.offset(),
+                left_out,
+                "event refused, kept in the rejected topic (each code logged at most once a minute; left_out: as many since)"
+            );
+        }
+        // A field names what the sender wrote (a data key), so its length is theirs:
+        // field and reason are cut to keep the headers within their room.
+        let (field, reason) = (at_most(&field, 1024), at_most(&reason, 4096));
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "tally.error.code",
+                value: Some(code),
+            })
+            .insert(Header {
+                key: "tally.error.field",
+                value: Some(field),
+            })
+            .insert(Header {
+                key: "tally.error.reason",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "tally.source.topic",
+                value: Some(message.topic()),
+            })
+            .insert(Header {
+                key: "tally.source.partition",
+                value: Some(&message.partition().to_string()),
+            })
+            .insert(Header {
+                key: "tally.source.offset",
+                value: Some(&message.offset().to_string()),
+            });
+        // Cut to fit, the whole event staying at its offset in the events topic.
+        let payload = message.payload().unwrap_or_default();
+        let key_bytes = message.key().map_or(0, <[u8]>::len);
+        let room = MAX_EVENT_RECORD_BYTES.saturating_sub(REJECTION_HEADERS_BYTES + key_bytes);
+        let kept = payload.len().min(room);
+        let headers = match kept < payload.len() {
+            true => headers.insert(Header {
+                key: "tally.source.bytes",
+                value: Some(&payload.len().to_string()),
+            }),
+            false => headers,
+        };
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.topics.rejected)
+            .payload(&payload[..kept])
+            .headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        send(&self.producer, record)
+    }
+
+    /// Writes an event read on another partition than its subject's to that one, in
+    /// the open transaction, with its key, payload and headers, and where and when it
+    /// was read here; it is counted there, so a customer's events share one
+    /// partition's dedupe and totals.
+    pub(super) fn forward(
+        &self,
+        message: &BorrowedMessage<'_>,
+        home: i32,
+        received_ms: i64,
+    ) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new();
+        for header in message.headers().into_iter().flat_map(|h| h.iter()) {
+            if header.key != FORWARDED_FROM_HEADER && header.key != FORWARDED_TIMESTAMP_HEADER {
+                headers = headers.insert(header);
+            }
+        }
+        let headers = headers
+            .insert(Header {
+                key: FORWARDED_FROM_HEADER,
+                value: Some(&format!("{}@{}", message.partition(), message.offset())),
+            })
+            .insert(Header {
+                key: FORWARDED_TIMESTAMP_HEADER,
+                value: Some(&received_ms.to_string()),
+            });
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.topics.events)
+            .partition(home)
+            .payload(message.payload().unwrap_or_default())
+            .headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        send(&self.producer, record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::at_most;
+
+    #[test]
+    fn headers_from_what_a_sender_wrote_are_cut_at_a_character() {
+        assert_eq!(at_most("data.tokens", 1024), "data.tokens");
+        // "é" is two bytes: a cut inside it keeps the character before.
+        assert_eq!(at_most("data.é", 6), "data.");
+        assert_eq!(at_most("data.é", 7), "data.é");
+        assert_eq!(at_most(&"k".repeat(20_000), 1024).len(), 1024);
+    }
+}

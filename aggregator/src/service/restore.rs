@@ -1,0 +1,206 @@
+//! A partition's state when it is assigned (or recovered): rebuilt from its changelog
+//! before any of its events is read.
+//!
+//! In: the changelog partition, read up to its end (at least to the committed offset
+//! of the events it accounts for). Out: the partition's [`PartitionState`], and the
+//! events offset to read from; events the topic deleted before they were counted are
+//! reported.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::Offset;
+use tally_runtime::kafka::{client_config, committed_offsets, offset_of};
+use tally_runtime::threads::on_threads;
+
+use crate::aggregator::Aggregator;
+
+use super::changelog::Restored;
+use super::{
+    kafka_error, AggregatorError, GroupConsumer, PartitionState, Worker, RESTORE_BEHIND_PATIENCE,
+    RESTORE_TIMEOUT,
+};
+
+impl Worker {
+    pub(super) fn assign_restored(
+        &mut self,
+        consumer: &GroupConsumer,
+        partitions: &mut TopicPartitionList,
+    ) -> Result<(), AggregatorError> {
+        // Restoring can take a while: the open transaction must not time out meanwhile.
+        self.commit_or_recover(consumer, &[])?;
+        self.readiness.not_ready("restoring partitions");
+        let committed = committed_offsets(consumer, partitions).map_err(kafka_error(
+            "read the committed offsets of the assigned partitions",
+        ))?;
+        let wanted = partitions
+            .elements()
+            .iter()
+            .map(|e| {
+                let partition = e.partition();
+                (
+                    partition,
+                    offset_of(&committed, &self.topics.events, partition),
+                )
+            })
+            .collect();
+        for (partition, state) in self.load_all(wanted)? {
+            self.check_retention(consumer, partition, state.next_offset);
+            let start = match state.next_offset {
+                0 => Offset::Beginning,
+                o => Offset::Offset(o),
+            };
+            partitions
+                .set_partition_offset(&self.topics.events, partition, start)
+                .map_err(kafka_error(format!(
+                    "start {}[{partition}]",
+                    self.topics.events
+                )))?;
+            self.partitions.insert(partition, state);
+        }
+        consumer
+            .incremental_assign(partitions)
+            .map_err(kafka_error("take the assigned partitions"))?;
+        self.record_held_state();
+        self.readiness.ready();
+        Ok(())
+    }
+
+    /// Says, loudly, when the events a partition's state resumes at are gone: Kafka's
+    /// retention deleted them while the aggregator was down or behind, and the consumer
+    /// will start at the oldest it still holds. Nothing can bill them any more, but
+    /// finance must hear of it (an error log, a counter and its alert), not find a
+    /// quiet gap.
+    pub(super) fn check_retention(
+        &self,
+        consumer: &GroupConsumer,
+        partition: i32,
+        next_offset: i64,
+    ) {
+        let topic = &self.topics.events;
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok((oldest, _)) if oldest > next_offset => {
+                let lost = oldest - next_offset;
+                self.metrics.lost_to_retention.inc_by(lost.unsigned_abs());
+                tracing::error!(
+                    partition,
+                    resumes_at = next_offset,
+                    oldest_held = oldest,
+                    lost,
+                    "{lost} events of {topic}[{partition}] were deleted by the topic's retention before they were counted: they will not be billed. Raise retention.ms of {topic} above the longest outage"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                partition,
+                error = %e,
+                "cannot read the oldest offset {topic} holds; events deleted by retention would go unreported"
+            ),
+        }
+    }
+
+    /// [`Worker::load`] for several partitions at once: a restore mostly waits on the
+    /// broker, and a rebalance or recovery waits for all of them.
+    pub(super) fn load_all(
+        &self,
+        wanted: Vec<(i32, Option<i64>)>,
+    ) -> Result<Vec<(i32, PartitionState)>, AggregatorError> {
+        on_threads(wanted, |(partition, committed)| {
+            self.load(partition, committed)
+                .map(|state| (partition, state))
+        })
+        .into_iter()
+        .collect()
+    }
+
+    /// Rebuilds a partition's state from its changelog and decides where to read from.
+    pub(super) fn load(
+        &self,
+        partition: i32,
+        committed: Option<i64>,
+    ) -> Result<PartitionState, AggregatorError> {
+        let started = Instant::now();
+        // A transaction's markers reach the changelog shortly after its commit returns:
+        // a restore right after a handover can end just before them. Read again until
+        // the state reaches the committed offset, for a few seconds: each read is of
+        // the whole changelog, and all of them happen inside the rebalance.
+        let Restored {
+            aggregator,
+            next_offset,
+            deltas,
+            key_records,
+            backlog,
+            delta_bytes,
+            snapshot_parts,
+            snapshot_bytes,
+            records,
+        } = loop {
+            let restored = super::changelog::restore(
+                || Aggregator::streaming(&self.config).with_period_close(self.period_close_grace),
+                client_config(&self.kafka),
+                &self.topics.changelog,
+                partition,
+                RESTORE_TIMEOUT,
+            )?;
+            let behind = committed.is_some_and(|c| c > restored.next_offset.unwrap_or(0));
+            if !behind || started.elapsed() >= RESTORE_BEHIND_PATIENCE {
+                break restored;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        let restored = next_offset.unwrap_or(0);
+        // The changelog and the offsets commit together, so they agree. An offset
+        // behind the state is an operator's reset to replay: the state's keys turn the
+        // replayed events into retries. An offset ahead of the state means changelog
+        // records were lost: read from where the state ends rather than skip events.
+        let next_offset = match committed {
+            Some(c) if c < restored => {
+                tracing::info!(
+                    partition,
+                    committed = c,
+                    state = restored,
+                    "offsets reset behind the state: replaying, duplicates will be dropped"
+                );
+                c
+            }
+            Some(c) if c > restored => {
+                tracing::error!(
+                    partition,
+                    committed = c,
+                    state = restored,
+                    "changelog ends before the committed offset; reading from where the state ends"
+                );
+                restored
+            }
+            _ => restored,
+        };
+        self.metrics
+            .restore_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            partition,
+            records,
+            next_offset,
+            dedupe_keys = aggregator.dedupe_keys(),
+            seconds = started.elapsed().as_secs_f64(),
+            "partition state restored from the changelog"
+        );
+        Ok(PartitionState {
+            aggregator,
+            next_offset,
+            touched: false,
+            deltas,
+            key_records,
+            backlog,
+            delta_bytes,
+            snapshot_parts,
+            snapshot_bytes,
+            generation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            last_read: Instant::now(),
+            close_requested: None,
+        })
+    }
+}

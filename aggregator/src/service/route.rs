@@ -1,0 +1,305 @@
+//! One record of an owned events partition, and what becomes of it.
+//!
+//! In: a message read from `<prefix>.events`. Out, into [`Processed`]: its outcome
+//! (accepted, duplicate, conflict, too late, refused, unmetered), counted; a
+//! [`Rejection`] with code, field and reason for one the rejected topic keeps; an event
+//! of another partition's subject, to forward there; or a control record's effect
+//! (a period closed). The aggregator core does the deduping and windowing; this decides
+//! how each message meets it.
+
+use std::num::NonZeroUsize;
+
+use chrono::Utc;
+use rdkafka::message::{BorrowedMessage, Message};
+use tally_runtime::kafka::{header_value, partition_for_key};
+use tally_schemas::config::Config;
+use tally_schemas::event::{EventDecoder, EventError, Problem};
+use tally_schemas::records::{CLOSE_PERIOD_HEADER, FORWARDED_TIMESTAMP_HEADER};
+use tally_schemas::time::Period;
+
+use crate::aggregator::Outcome;
+
+use super::metrics::{EventOutcome, OutcomeCounts};
+use super::outputs::{forwarded_bytes, MAX_EVENT_RECORD_BYTES};
+use super::PartitionState;
+
+/// Why an event goes to the rejected topic.
+#[derive(Debug)]
+pub(super) struct Rejection {
+    pub(super) code: &'static str,
+    /// The field at fault, or `event` for the message as a whole.
+    pub(super) field: String,
+    pub(super) reason: String,
+}
+
+/// What processing one partition's share of a batch produced, for the worker to add up.
+#[derive(Debug, Default)]
+pub(super) struct Processed<'m> {
+    pub(super) events: usize,
+    /// Kafka timestamp (ms) of the oldest event processed.
+    pub(super) oldest_event_ms: Option<i64>,
+    pub(super) outcomes: OutcomeCounts,
+    pub(super) rejections: Vec<(&'m BorrowedMessage<'m>, Rejection)>,
+    /// Events read on another partition than their subject's, with that partition and
+    /// the "now" they were judged by here.
+    pub(super) forwards: Vec<(&'m BorrowedMessage<'m>, i32, i64)>,
+}
+
+impl<'m> Processed<'m> {
+    /// Counts an event's outcome, and keeps its rejection, if any, for the transaction
+    /// to write to the rejected topic.
+    pub(super) fn count(
+        &mut self,
+        message: &'m BorrowedMessage<'m>,
+        (outcome, rejection): (EventOutcome, Option<Rejection>),
+    ) {
+        self.outcomes.add(outcome);
+        if let Some(rejection) = rejection {
+            self.rejections.push((message, rejection));
+        }
+    }
+}
+
+/// An outcome that sends the message to the rejected topic, saying why.
+pub(super) fn rejection(
+    outcome: EventOutcome,
+    code: &'static str,
+    field: impl Into<String>,
+    reason: String,
+) -> (EventOutcome, Option<Rejection>) {
+    (
+        outcome,
+        Some(Rejection {
+            code,
+            field: field.into(),
+            reason,
+        }),
+    )
+}
+
+/// How an event the core has applied is counted, and why it goes to the rejected
+/// topic if it does. `time` is the event's, for the too-late reason.
+pub(super) fn verdict(
+    outcome: Outcome,
+    time: chrono::DateTime<Utc>,
+) -> (EventOutcome, Option<Rejection>) {
+    match outcome {
+        Outcome::Accepted | Outcome::Late | Outcome::Adjusted => (EventOutcome::Accepted, None),
+        Outcome::Unmetered => (EventOutcome::Unmetered, None),
+        Outcome::Retry => (EventOutcome::Duplicate, None),
+        Outcome::Conflict => rejection(
+            EventOutcome::Conflict,
+            Problem::Conflict.code(),
+            "id",
+            Problem::Conflict.to_string(),
+        ),
+        Outcome::TooLate => rejection(
+            EventOutcome::TooLate,
+            "too_late",
+            "time",
+            format!("the event's time {} is older than the dedupe horizon allows behind the newest event seen; it can no longer be deduplicated safely", time.to_rfc3339()),
+        ),
+        Outcome::Refused(e) => {
+            let EventError { field, problem } = e.as_event_error();
+            rejection(EventOutcome::Refused, problem.code(), field, problem.to_string())
+        }
+    }
+}
+
+impl PartitionState {
+    /// Dedupes and aggregates one event of this partition.
+    pub(super) fn process<'m>(
+        &mut self,
+        config: &Config,
+        partition_count: NonZeroUsize,
+        message: &'m BorrowedMessage<'m>,
+        processed: &mut Processed<'m>,
+    ) {
+        if message.offset() < self.next_offset {
+            return; // already counted before a recovery rewound the consumer
+        }
+        self.next_offset = message.offset() + 1;
+        self.touched = true;
+        processed.events += 1;
+        let timestamp = message.timestamp().to_millis();
+        processed.oldest_event_ms = processed.oldest_event_ms.into_iter().chain(timestamp).min();
+        // The event's "now" is when it reached Kafka, so a replay judges its time exactly
+        // as the first reading did. A forwarded event's is when it first reached Kafka,
+        // never later than this record's, so a forged header cannot move the clock on.
+        let forwarded_ms = header_value(message, FORWARDED_TIMESTAMP_HEADER)
+            .and_then(|value| std::str::from_utf8(value).ok()?.parse::<i64>().ok());
+        let received_ms = match (forwarded_ms, timestamp) {
+            (Some(first), Some(this)) => Some(first.min(this)),
+            (first, this) => this.or(first),
+        };
+        let at = |ms: Option<i64>| {
+            ms.and_then(chrono::DateTime::from_timestamp_millis)
+                .unwrap_or_else(Utc::now)
+        };
+        let now = at(received_ms);
+        if let Some(value) = header_value(message, CLOSE_PERIOD_HEADER) {
+            // A control record is judged by its own record's time alone.
+            let rejection = self.close_period(message, value, at(timestamp));
+            processed.outcomes.add(match rejection {
+                Some(_) => EventOutcome::Invalid,
+                None => EventOutcome::Control,
+            });
+            processed.rejections.extend(rejection.map(|r| (message, r)));
+            return;
+        }
+        let (outcome, rejection) = match EventDecoder::new(config, now)
+            .decode(message.payload().unwrap_or_default())
+        {
+            Err(e) => {
+                // A CloudEvents SDK's Kafka binary mode puts the attributes in headers.
+                let binary = header_value(message, "ce_specversion").is_some();
+                let hint = if binary {
+                    "; the record has ce_ headers (CloudEvents binary mode), which Tally does not read: produce each event as structured JSON, the whole event as the record's value (the SDKs' to_structured)"
+                } else {
+                    ""
+                };
+                rejection(
+                    EventOutcome::Invalid,
+                    e.problem.code(),
+                    e.field.clone(),
+                    format!("{e}{hint}"),
+                )
+            }
+            Ok(event) if message.key() != Some(event.subject.as_bytes()) => {
+                let keyed = message.key().map_or_else(
+                    || "not keyed".to_owned(),
+                    |key| format!("keyed {:?}", String::from_utf8_lossy(key)),
+                );
+                rejection(
+                    EventOutcome::Invalid,
+                    "wrong_key",
+                    "subject",
+                    format!(
+                        "the Kafka message is {keyed}, not by the event's subject {:?}: key every event by its subject so a customer's events share a partition (and its dedupe)",
+                        event.subject
+                    ),
+                )
+            }
+            Ok(event) => {
+                // A customer's line is its partition's total, and the rater finds its
+                // zero-usage lines by the partitioner's choice: an event of another
+                // partition (a producer partitioning otherwise) is counted there.
+                let home = partition_for_key(event.subject.as_bytes(), partition_count);
+                if home != message.partition() {
+                    // A build before forwarding counted misplaced events where they were
+                    // read: a retry of one is a retry here, not an event to forward.
+                    if let Some(outcome) = self.aggregator.counted_before(&event) {
+                        return processed.count(message, verdict(outcome, event.time));
+                    }
+                    let bytes = forwarded_bytes(message);
+                    if bytes > MAX_EVENT_RECORD_BYTES {
+                        return processed.count(message, rejection(
+                            EventOutcome::Invalid,
+                            "wrong_partition",
+                            "subject",
+                            format!("the event is on partition {} but Kafka's Java partitioner (murmur2) gives its subject partition {home}, and at {bytes} bytes it is too large to forward there: produce with partitioner=murmur2_random", message.partition()),
+                        ));
+                    }
+                    let received_ms = received_ms.unwrap_or_else(|| now.timestamp_millis());
+                    processed.forwards.push((message, home, received_ms));
+                    processed.outcomes.add(EventOutcome::Forwarded);
+                    return;
+                }
+                let outcome = self.aggregator.apply(&event);
+                match outcome {
+                    Outcome::Late => processed.outcomes.late_revised += 1,
+                    Outcome::Adjusted => processed.outcomes.late_adjusted += 1,
+                    _ => {}
+                }
+                verdict(outcome, event.time)
+            }
+        };
+        processed.count(message, (outcome, rejection));
+    }
+
+    /// Closes the period a control record names, or tells why it cannot. A close cannot
+    /// be undone, so one naming a period that had not ended when it was written (`now`)
+    /// is refused, the same on a replay.
+    pub(super) fn close_period(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        value: &[u8],
+        now: chrono::DateTime<Utc>,
+    ) -> Option<Rejection> {
+        let refuse = |reason: String| {
+            Some(Rejection {
+                code: "invalid_control",
+                field: format!("header {CLOSE_PERIOD_HEADER}"),
+                reason,
+            })
+        };
+        match std::str::from_utf8(value).map(str::parse::<Period>) {
+            Ok(Ok(period)) if period.end() > now => refuse(format!(
+                "{period} had not ended when the control record was written ({}); only a period that has ended can be closed",
+                now.to_rfc3339()
+            )),
+            Ok(Ok(period)) => {
+                self.aggregator.close_through(period);
+                tracing::info!(
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    %period,
+                    "period closed by a control record; its later usage becomes adjustments"
+                );
+                None
+            }
+            _ => refuse(format!(
+                "{:?} is not a period like 2026-10; the control record closes nothing",
+                String::from_utf8_lossy(value)
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StateError;
+
+    #[test]
+    fn each_core_outcome_maps_to_one_counted_outcome_and_refusals_to_a_rejection_reason() {
+        let time = chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap_or_default();
+        let table = [
+            (Outcome::Accepted, EventOutcome::Accepted, None),
+            (Outcome::Late, EventOutcome::Accepted, None),
+            (Outcome::Adjusted, EventOutcome::Accepted, None),
+            (Outcome::Unmetered, EventOutcome::Unmetered, None),
+            (Outcome::Retry, EventOutcome::Duplicate, None),
+            (
+                Outcome::Conflict,
+                EventOutcome::Conflict,
+                Some(("conflict", "id")),
+            ),
+            (
+                Outcome::TooLate,
+                EventOutcome::TooLate,
+                Some(("too_late", "time")),
+            ),
+            (
+                Outcome::Refused(StateError::Overflow),
+                EventOutcome::Refused,
+                Some(("refused", "data")),
+            ),
+        ];
+        for (outcome, counted, rejected) in table {
+            let name = format!("{outcome:?}");
+            let (got, rejection) = verdict(outcome, time);
+            assert_eq!(got, counted, "{name}");
+            assert_eq!(
+                rejection.as_ref().map(|r| (r.code, r.field.as_str())),
+                rejected,
+                "{name}"
+            );
+        }
+        let (_, too_late) = verdict(Outcome::TooLate, time);
+        assert!(
+            too_late.is_some_and(|r| r.reason.contains(&time.to_rfc3339())),
+            "the too-late reason names the event's time"
+        );
+    }
+}
