@@ -5,11 +5,11 @@
 //! `<prefix>-aggregator`, and control records among them (a period close that
 //! [`close_period`] writes). Out, per transaction: a usage update per changed series and
 //! period (its period-to-date value and changed windows) to `<prefix>.windows`, and a
-//! control record there when a month has settled (see [`SETTLED_HEADER`]),
+//! control record there when a month has settled (see [`SETTLED_HEADER`](tally_schemas::records::SETTLED_HEADER)),
 //! refused events (original bytes, cut to fit a record; reason in headers) to
 //! `<prefix>.rejected`, events
 //! read on another partition than Kafka's Java partitioner gives their subject back to
-//! `<prefix>.events`, on that partition (see [`FORWARDED_FROM_HEADER`]), the
+//! `<prefix>.events`, on that partition (see [`FORWARDED_FROM_HEADER`](tally_schemas::records::FORWARDED_FROM_HEADER)), the
 //! state changes to `<prefix>.aggregator-changelog`, and the offsets of the events
 //! they account for.
 //! The topics and the offsets commit or abort together, so downstream
@@ -25,6 +25,12 @@
 //! rebuilt from its changelog, so memory never runs ahead of what Kafka holds. Fenced
 //! twice within ten minutes, the service stops: another live process has
 //! its instance id, and recovering would only fence that one in turn.
+//!
+//! Layout: this module holds the worker, its consume loop and the rebalance callbacks;
+//! [`route`] decides what becomes of each record, [`outputs`] writes rejected copies
+//! and forwards, [`transaction`] publishes a batch's changes and commits or recovers,
+//! [`restore`] rebuilds an assigned partition from [`changelog`], and [`close`] closes
+//! billing periods by control record.
 
 mod changelog;
 mod close;
