@@ -3600,25 +3600,64 @@ fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready()
     };
     assert!(readyz.contains("BrokerTransportFailure"), "{readyz}");
     assert_eq!(get("/healthz").map(|(status, _)| status), Some(200));
-    let stopped = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(stopped.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "SIGTERM did not stop it");
-        std::thread::sleep(Duration::from_millis(50));
-    };
     // A stop asked for is no error, waiting or not.
-    assert!(status.success());
+    assert!(terminate(&mut child).success());
     let mut log = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
     assert!(log.contains("stopped before Kafka answered"), "{log}");
     assert!(!log.contains(" ERROR "), "{log}");
+}
+
+/// Sends SIGTERM and waits up to 15 s for the process to end.
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM did not stop it");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_service_whose_log_cannot_be_written_goes_on_serving() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Kafka refuses every connection, so the aggregator logs while it waits; its log
+    // goes to a full disk (every write fails with ENOSPC).
+    let f = Fixture::new(&format!(
+        "{PRO}\n[kafka]\nbrokers = \"127.0.0.1:1\"\n[aggregator]\nmetrics_listen = \"127.0.0.1:{port}\"\n"
+    ));
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut child = f
+        .tally()
+        .args(["serve", "aggregator", "--config", "tally.toml"])
+        .stderr(full)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match common::get(port, "/readyz") {
+            Some((503, body)) if body.contains("waiting for Kafka") => break,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            other => panic!("/readyz did not say it waits for Kafka: {other:?}"),
+        }
+    }
+    // Its start and the failed connections were logged (and lost) by now.
+    assert!(child.try_wait().unwrap().is_none(), "it stopped");
+    assert!(terminate(&mut child).success());
 }
 
 #[test]
