@@ -179,17 +179,9 @@ async fn serve(
     let waiting: Vec<&Readiness> = (aggregator.iter().chain(&rater))
         .map(|endpoint| &endpoint.readiness)
         .collect();
-    let partition_count = match waiting.is_empty() {
-        true => None,
-        false => match ensure_topics(&settings, &shutdown, &waiting).await? {
-            Some(count) => Some(count),
-            None => {
-                tracing::info!("stopped before Kafka answered");
-                return Ok(());
-            }
-        },
-    };
     let mut tasks = tokio::task::JoinSet::new();
+    // Ingest first: while Kafka is awaited it listens, answering 503 with Retry-After,
+    // as it does when Kafka goes away later.
     if runs(Service::Ingest) {
         let (config, settings, shutdown) =
             (Arc::clone(&config), settings.clone(), shutdown.clone());
@@ -198,6 +190,31 @@ async fn serve(
                 .await
                 .context("ingest")
         });
+    }
+    let mut outcome = Ok(());
+    let partition_count = match waiting.is_empty() {
+        true => None,
+        false => tokio::select! {
+            found = ensure_topics(&settings, &shutdown, &waiting) => match found {
+                Ok(Some(count)) => Some(count),
+                Ok(None) => {
+                    tracing::info!("stopped before Kafka answered");
+                    None
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    None
+                }
+            },
+            // Ingest stopped while Kafka was awaited (it could not listen, say).
+            Some(joined) = tasks.join_next() => {
+                outcome = joined.context("a service panicked").and_then(|r| r);
+                None
+            }
+        },
+    };
+    if outcome.is_err() {
+        shutdown.request();
     }
     if let Some(partition_count) = partition_count {
         let stream = StreamServiceContext {
@@ -216,7 +233,6 @@ async fn serve(
         }
     }
     // The first service to stop, with or without an error, stops the others.
-    let mut outcome = Ok(());
     while let Some(joined) = tasks.join_next().await {
         let result = joined.context("a service panicked").and_then(|r| r);
         if !shutdown.is_requested() {

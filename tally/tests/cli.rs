@@ -3608,6 +3608,60 @@ fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready()
     assert!(!log.contains(" ERROR "), "{log}");
 }
 
+#[test]
+fn serve_all_takes_events_with_503_and_retry_after_while_kafka_is_awaited() {
+    let free_port = || {
+        (std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (ingest, aggregator, rater) = (free_port(), free_port(), free_port());
+    let f = Fixture::new(&format!(
+        "{PRO}\n[kafka]\nbrokers = \"127.0.0.1:1\"\n\
+         [ingest]\nlisten = \"127.0.0.1:{ingest}\"\n\
+         [[ingest.api_keys]]\nkey = \"cli-test-key-0123456789\"\ntenant = \"t\"\nsources = [\"*\"]\n\
+         [aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator}\"\n\
+         [rater]\nmetrics_listen = \"127.0.0.1:{rater}\"\n"
+    ));
+    let mut child = f
+        .tally()
+        .args(["serve", "all", "--config", "tally.toml"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let send = || {
+        ureq::post(&format!("http://127.0.0.1:{ingest}/v1/events"))
+            .header("Authorization", "Bearer cli-test-key-0123456789")
+            .header("Content-Type", "application/cloudevents+json")
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send(event(
+                "r-1",
+                "ai.resolution",
+                "cust_acme",
+                "2026-11-02T10:00:00Z",
+                None,
+            ))
+            .ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        match send() {
+            Some(response) if response.status() == 503 => break response,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            other => panic!("ingest did not answer 503: {:?}", other.map(|r| r.status())),
+        }
+    };
+    assert!(refused.headers().contains_key("retry-after"), "{refused:?}");
+    let (status, body) = common::get(aggregator, "/readyz").unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("waiting for Kafka"), "{body}");
+    assert_eq!(common::get(ingest, "/healthz").map(|(s, _)| s), Some(200));
+    assert!(terminate(&mut child).success());
+}
+
 /// Sends SIGTERM and waits up to 15 s for the process to end.
 fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     let sent = std::process::Command::new("kill")
