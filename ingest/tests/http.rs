@@ -1217,6 +1217,10 @@ fn metrics_count_requests_events_and_acks_with_bounded_labels() {
         r#"tally_ingest_events_total{outcome="duplicate_in_batch"} 1"#,
         r#"tally_ingest_events_total{outcome="rejected"} 1"#,
         r#"tally_ingest_rejected_events_total{reason="missing_field"} 1"#,
+        // cust_secret_customer is no customer of the price book; its repeat is not
+        // counted twice.
+        r#"tally_ingest_unbilled_events_total{reason="unknown_customer"} 1"#,
+        r#"tally_ingest_unbilled_events_total{reason="not_priced"} 0"#,
         "tally_ingest_kafka_produce_duration_seconds_count 1",
     ] {
         assert!(

@@ -1,7 +1,8 @@
 //! The ingest service's metrics, and one function per thing worth counting.
 //!
 //! Labels are bounded: `route` is a route template (`/v1/events`), `status` an HTTP
-//! status code, `outcome` one of three words and `reason` a decoder error code. No
+//! status code, `outcome` one of three words and `reason` a decoder error code or an
+//! accepted event's warning code. No
 //! label ever holds a customer, a key, a tenant or an event id.
 
 use std::time::Duration;
@@ -9,6 +10,8 @@ use std::time::Duration;
 use prometheus::{Histogram, HistogramVec, IntCounterVec};
 use tally_runtime::metrics::Metrics;
 use tally_schemas::event::EventError;
+
+use super::unbilled::Unbilled;
 
 /// What happened to one event of a request that got an answer from Kafka.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +37,7 @@ pub struct IngestMetrics {
     request_duration: HistogramVec,
     events: IntCounterVec,
     rejected: IntCounterVec,
+    unbilled: IntCounterVec,
     produce_duration: Histogram,
 }
 
@@ -52,7 +56,16 @@ impl IngestMetrics {
         ] {
             events.with_label_values(&[outcome.as_str()]);
         }
+        let unbilled = metrics.counter_vec(
+            "tally_ingest_unbilled_events_total",
+            "Events accepted with a warning that they bill nothing as the price book stands, by reason (the warning's code: unmetered_type, unknown_customer, not_subscribed, not_priced).",
+            &["reason"],
+        );
+        for code in Unbilled::CODES {
+            unbilled.with_label_values(&[code]);
+        }
         IngestMetrics {
+            unbilled,
             requests: metrics.counter_vec(
                 "tally_http_requests_total",
                 "HTTP requests answered, by route template and status code.",
@@ -100,6 +113,11 @@ impl IngestMetrics {
         self.rejected
             .with_label_values(&[error.problem.code()])
             .inc();
+    }
+
+    /// One event accepted with a warning that it bills nothing.
+    pub fn unbilled(&self, unbilled: &Unbilled) {
+        self.unbilled.with_label_values(&[unbilled.code()]).inc();
     }
 
     /// Kafka acknowledged every event of a request after `elapsed`.

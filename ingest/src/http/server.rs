@@ -503,6 +503,9 @@ async fn ingest(
         let status = match verdict.kind {
             VerdictKind::Accept { unbilled, .. } => {
                 accepted += 1;
+                if let Some(unbilled) = &unbilled {
+                    app.metrics.unbilled(unbilled);
+                }
                 EventStatus::accepted(unbilled.as_ref())
             }
             VerdictKind::Duplicate { of } => {

@@ -96,6 +96,14 @@ impl Unbilled {
         self
     }
 
+    /// Every [`Unbilled::code`].
+    pub const CODES: [&'static str; 4] = [
+        "unmetered_type",
+        "unknown_customer",
+        "not_subscribed",
+        "not_priced",
+    ];
+
     /// A stable code for programs.
     pub fn code(&self) -> &'static str {
         match self {
