@@ -625,7 +625,7 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
         json!({"accepted": 4, "rejected": 3, "duplicates": 0, "results": [
             {"index": 0, "id": "m-1", "status": "accepted"},
             {"index": 1, "id": "m-2", "status": "rejected", "field": "time",
-             "code": "missing_field", "reason": "required field is missing"},
+             "code": "missing_field", "reason": "required field is missing or null"},
             {"index": 2, "id": "m-3", "status": "rejected", "field": "data.tokens",
              "code": "negative_value", "reason": "usage must not be negative (only a sum meter with allow_negative_values = true takes corrections)"},
             {"index": 3, "status": "rejected", "field": "event",

@@ -187,7 +187,7 @@ impl fmt::Display for Problem {
             Problem::DuplicateField => {
                 f.write_str("field appears twice; which one counts would be a guess")
             }
-            Problem::Missing => f.write_str("required field is missing"),
+            Problem::Missing => f.write_str("required field is missing or null"),
             Problem::WrongType { expected, found } => {
                 write!(f, "expected {expected}, found {found}")
             }
@@ -233,8 +233,8 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Why a time is not RFC 3339, in words: chrono's for a time without a zone is
-/// "premature end of input".
+/// Why a time is not RFC 3339, in words a sender can act on: chrono's own are a
+/// parser's ("premature end of input" for a time without a zone, or for any word).
 fn time_problem(text: &str, error: chrono::ParseError) -> String {
     let local = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
         .iter()
@@ -246,7 +246,22 @@ fn time_problem(text: &str, error: chrono::ParseError) -> String {
     } else if colonless {
         "its offset has no colon: RFC 3339 writes +01:00, not +0100".into()
     } else {
-        error.to_string()
+        use chrono::format::ParseErrorKind as Kind;
+        let starts_with_year = text.len() >= 5
+            && text.as_bytes()[..4].iter().all(u8::is_ascii_digit)
+            && text.as_bytes()[4] == b'-';
+        match error.kind() {
+            _ if chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_ok() => {
+                "it is a date without a time: write e.g. 2026-11-24T00:00:00Z".into()
+            }
+            _ if !starts_with_year => "it does not start with a date, YYYY-MM-DD".into(),
+            Kind::TooShort => "it ends before the timestamp does".into(),
+            Kind::OutOfRange | Kind::Impossible | Kind::NotEnough => {
+                "a part of it is out of range, such as a month 13 or a 31 November".into()
+            }
+            Kind::TooLong => "something follows the timestamp".into(),
+            _ => "a character is not where RFC 3339 puts one".into(),
+        }
     }
 }
 

@@ -586,8 +586,30 @@ fn a_time_without_a_zone_is_told_so() {
             "{local}"
         );
     }
-    let err = decode(&SAMPLE.replace("2026-11-24T10:15:00Z", "yesterday")).unwrap_err();
-    assert!(!err.to_string().contains("time zone"), "{err}");
+    // Other mistakes, each in words, not the parser's.
+    for (written, told) in [
+        ("yesterday", "it does not start with a date, YYYY-MM-DD"),
+        (
+            "2026-11-24",
+            "it is a date without a time: write e.g. 2026-11-24T00:00:00Z",
+        ),
+        (
+            "2026-11-31T10:15:00Z",
+            "a part of it is out of range, such as a month 13 or a 31 November",
+        ),
+        ("2026-11-24T10:15", "it ends before the timestamp does"),
+        ("2026-11-24T10:15:00Zulu", "something follows the timestamp"),
+        (
+            "2026-11-24T10h15:00Z",
+            "a character is not where RFC 3339 puts one",
+        ),
+    ] {
+        let err = decode(&SAMPLE.replace("2026-11-24T10:15:00Z", written)).unwrap_err();
+        assert!(
+            err.to_string().ends_with(&format!("({told})")),
+            "{written}: {err}"
+        );
+    }
     let err =
         decode(&SAMPLE.replace("2026-11-24T10:15:00Z", "2026-11-24T11:15:00+0100")).unwrap_err();
     assert!(

@@ -1763,7 +1763,7 @@ fn strict_mode_stops_at_the_first_bad_line_naming_it() {
     assert_eq!(run.code, 1);
     assert!(
         run.stderr
-            .contains("line 3: subject: required field is missing"),
+            .contains("line 3: subject: required field is missing or null"),
         "{}",
         run.stderr
     );

@@ -192,7 +192,7 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_string(&body).unwrap(),
-            r#"{"accepted":2,"rejected":1,"duplicates":1,"results":[{"index":0,"id":"a","status":"accepted"},{"index":1,"status":"rejected","field":"time","code":"missing_field","reason":"required field is missing"},{"index":2,"id":"a","status":"duplicate_in_batch","duplicate_of":0},{"index":3,"id":"b","status":"accepted","warning":"unmetered_type","reason":"no meter reads it"}]}"#
+            r#"{"accepted":2,"rejected":1,"duplicates":1,"results":[{"index":0,"id":"a","status":"accepted"},{"index":1,"status":"rejected","field":"time","code":"missing_field","reason":"required field is missing or null"},{"index":2,"id":"a","status":"duplicate_in_batch","duplicate_of":0},{"index":3,"id":"b","status":"accepted","warning":"unmetered_type","reason":"no meter reads it"}]}"#
         );
     }
 

@@ -14,7 +14,8 @@ impl Config {
 
 /// The one id of `known` that `asked` is most likely a slip of: the same but for case,
 /// `-` for `_` or surrounding spaces, or else the one nearest within two edits (and a
-/// third of its length, so short ids are not matched to anything).
+/// quarter of its length, so short ids are not matched to anything, and `cust_x0`
+/// is not taken for `cust_jp`).
 fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     let normal = |id: &str| -> Vec<char> {
         (id.trim().chars())
@@ -25,7 +26,7 @@ fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Option
             .collect()
     };
     let asked = normal(asked);
-    let limit = (asked.len() / 3).min(2);
+    let limit = (asked.len() / 4).min(2);
     let mut best: Option<(usize, &str)> = None;
     let mut tied = false;
     for id in known {
@@ -73,6 +74,7 @@ mod tests {
         assert_eq!(meant("initech_u"), None);
         // Too far, or too short to tell.
         assert_eq!(meant("umbrella"), None);
+        assert_eq!(meant("acme_xy"), None);
         assert_eq!(meant("ax"), None);
     }
 }
