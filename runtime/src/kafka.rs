@@ -553,6 +553,22 @@ pub fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, lag: &IntGauge
     let Ok(positions) = consumer.position() else {
         return;
     };
+    // A partition read nothing from since it was assigned (idle since a restart) has
+    // no position yet: its lag counts from the group's committed offset, so every
+    // held partition has a series.
+    let mut unread = TopicPartitionList::new();
+    for elem in assignment.elements() {
+        if offset_of(&positions, elem.topic(), elem.partition()).is_none() {
+            unread.add_partition(elem.topic(), elem.partition());
+        }
+    }
+    let committed = (unread.count() > 0)
+        .then(|| {
+            consumer
+                .committed_offsets(unread, Duration::from_secs(1))
+                .ok()
+        })
+        .flatten();
     let held: HashSet<(String, String)> = (assignment.elements().iter())
         .map(|elem| (elem.topic().to_owned(), elem.partition().to_string()))
         .collect();
@@ -577,7 +593,10 @@ pub fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, lag: &IntGauge
         else {
             continue;
         };
-        if let Some(position) = offset_of(&positions, elem.topic(), elem.partition()) {
+        let (topic, partition) = (elem.topic(), elem.partition());
+        let position = offset_of(&positions, topic, partition)
+            .or_else(|| offset_of(committed.as_ref()?, topic, partition));
+        if let Some(position) = position {
             lag.with_label_values(&[elem.topic(), &elem.partition().to_string()])
                 .set((high - position).max(0));
         }

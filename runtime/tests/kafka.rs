@@ -214,6 +214,64 @@ fn lag_is_kept_while_the_broker_is_away_and_dropped_for_partitions_let_go() {
 
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn every_held_partition_has_a_lag_before_anything_is_read_from_it() {
+    let _serial = serial();
+    let topic = unique("lag-unread");
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    create_topic(&admin, NewTopic::new(&topic, 2, TopicReplication::Fixed(1)));
+    drop(admin);
+    let producer: BaseProducer = config().create().unwrap();
+    for (partition, records) in [(0, 5), (1, 3)] {
+        for _ in 0..records {
+            (producer.send(
+                BaseRecord::<(), _>::to(&topic)
+                    .partition(partition)
+                    .payload("v"),
+            ))
+            .unwrap();
+        }
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    // The group had read all of partition 0 and one record of partition 1.
+    let group = unique("lag-unread-group");
+    let offsets = |p0, p1| {
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition_offset(&topic, 0, p0).unwrap();
+        list.add_partition_offset(&topic, 1, p1).unwrap();
+        list
+    };
+    let earlier: rdkafka::consumer::BaseConsumer =
+        config().set("group.id", &group).create().unwrap();
+    rdkafka::consumer::Consumer::commit(
+        &earlier,
+        &offsets(rdkafka::Offset::Offset(5), rdkafka::Offset::Offset(1)),
+        rdkafka::consumer::CommitMode::Sync,
+    )
+    .unwrap();
+    drop(earlier);
+    // A new member takes both and has not read a record of either (it never polls).
+    let consumer: rdkafka::consumer::BaseConsumer =
+        config().set("group.id", &group).create().unwrap();
+    let assignment = offsets(rdkafka::Offset::Stored, rdkafka::Offset::Stored);
+    rdkafka::consumer::Consumer::assign(&consumer, &assignment).unwrap();
+    let registry = prometheus::Registry::new();
+    let lag = tally_runtime::metrics::Metrics::new(registry.clone()).consumer_lag();
+    record_lag(&consumer, &lag);
+    let mut exported: Vec<(String, f64)> = (registry.gather()[0].get_metric().iter())
+        .map(|m| {
+            let partition = (m.get_label().iter()).find(|l| l.name() == "partition");
+            (
+                partition.unwrap().value().to_owned(),
+                m.get_gauge().get_value(),
+            )
+        })
+        .collect();
+    exported.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(exported, [("0".to_owned(), 0.0), ("1".to_owned(), 2.0)]);
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_group_is_caught_up_once_it_committed_each_partitions_end() {
     let _serial = serial();
     let topic = unique("caught_up");
