@@ -165,6 +165,7 @@ async fn serve(
                 settings.aggregator.metrics_listen,
                 "aggregator metrics",
                 &shutdown,
+                AggregatorMetrics::new,
             )
             .await?,
         ),
@@ -172,12 +173,13 @@ async fn serve(
     };
     let rater = match runs(Service::Rater) {
         true => {
-            Some(Endpoint::open(settings.rater.metrics_listen, "rater metrics", &shutdown).await?)
+            let listen = settings.rater.metrics_listen;
+            Some(Endpoint::open(listen, "rater metrics", &shutdown, RaterMetrics::new).await?)
         }
         false => None,
     };
-    let waiting: Vec<&Readiness> = (aggregator.iter().chain(&rater))
-        .map(|endpoint| &endpoint.readiness)
+    let waiting: Vec<&Readiness> = (aggregator.iter().map(|e| &e.readiness))
+        .chain(rater.iter().map(|e| &e.readiness))
         .collect();
     let mut tasks = tokio::task::JoinSet::new();
     // Ingest first: while Kafka is awaited it listens, answering 503 with Retry-After,
@@ -224,12 +226,11 @@ async fn serve(
             shutdown: &shutdown,
         };
         if let Some(endpoint) = aggregator {
-            let (metrics, run) = (AggregatorMetrics::new, tally_aggregator::service::run);
-            stream.spawn(&mut tasks, "aggregator", endpoint, metrics, run);
+            let run = tally_aggregator::service::run;
+            stream.spawn(&mut tasks, "aggregator", endpoint, run);
         }
         if let Some(endpoint) = rater {
-            let (metrics, run) = (RaterMetrics::new, tally_rater::service::run);
-            stream.spawn(&mut tasks, "rater", endpoint, metrics, run);
+            stream.spawn(&mut tasks, "rater", endpoint, tally_rater::service::run);
         }
     }
     // The first service to stop, with or without an error, stops the others.
@@ -266,26 +267,29 @@ type RunService<M, E> =
     fn(Arc<Config>, &ServiceSettings, NonZeroUsize, M, Readiness, Shutdown) -> Result<(), E>;
 
 /// A Kafka service's `/metrics`, `/healthz` and `/readyz`, served from before it
-/// starts: its registry and its readiness.
-struct Endpoint {
-    registry: Registry,
+/// starts: its metrics (exported from the start, the counters at 0, so alerts and
+/// dashboards see them while it waits for Kafka) and its readiness.
+struct Endpoint<M> {
+    metrics: M,
     readiness: Readiness,
 }
 
-impl Endpoint {
+impl<M> Endpoint<M> {
     /// Serves them on `listen` (`what` names them in the log) until shutdown.
     async fn open(
         listen: SocketAddr,
         what: &'static str,
         shutdown: &Shutdown,
+        new_metrics: fn(Registry) -> M,
     ) -> anyhow::Result<Self> {
-        let endpoint = Endpoint {
-            registry: Registry::new(),
-            readiness: Readiness::new("starting: preparing Kafka's topics"),
-        };
-        let router = ops::router(endpoint.registry.clone(), endpoint.readiness.clone());
+        let registry = Registry::new();
+        let readiness = Readiness::new("starting: preparing Kafka's topics");
+        let router = ops::router(registry.clone(), readiness.clone());
         ops::serve(listen, what, router, shutdown.clone()).await?;
-        Ok(endpoint)
+        Ok(Endpoint {
+            metrics: new_metrics(registry),
+            readiness,
+        })
     }
 }
 
@@ -295,18 +299,13 @@ impl StreamServiceContext<'_> {
         &self,
         tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
         name: &'static str,
-        endpoint: Endpoint,
-        new_metrics: fn(Registry) -> M,
+        endpoint: Endpoint<M>,
         run: RunService<M, E>,
     ) where
         M: Send + 'static,
         E: std::error::Error + Send + Sync + 'static,
     {
-        let Endpoint {
-            registry,
-            readiness,
-        } = endpoint;
-        let metrics = new_metrics(registry);
+        let Endpoint { metrics, readiness } = endpoint;
         let (config, settings, partition_count, shutdown) = (
             Arc::clone(self.config),
             self.settings.clone(),

@@ -3600,6 +3600,14 @@ fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready()
     };
     assert!(readyz.contains("BrokerTransportFailure"), "{readyz}");
     assert_eq!(get("/healthz").map(|(status, _)| status), Some(200));
+    // The counters alerts watch are exported at 0 already.
+    let (_, metrics) = get("/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tally_aggregator_events_lost_to_retention_total 0"),
+        "{metrics}"
+    );
     // A stop asked for is no error, waiting or not.
     assert!(terminate(&mut child).success());
     let mut log = String::new();
