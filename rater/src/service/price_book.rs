@@ -1,0 +1,266 @@
+//! Keeping stored lines on the current price book: a partition whose open months' lines
+//! another book rated is re-rated with this one, and lines this book no longer makes
+//! are retired.
+//!
+//! In: ClickHouse's lines of open months rated with another book (checked when a
+//! partition is assigned and every `price_book_check_interval`). Out: the partition's
+//! lines re-rated, its zero-usage (opening) lines queued, stale lines retired, all in
+//! the next batch. A line's partition is the one its customer's usage lives in; a
+//! customer without usage is judged by the partition its id hashes to.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
+
+use tally_runtime::kafka::partition_for_key;
+use tally_schemas::records::InvoiceLine;
+use tally_schemas::time::Period;
+
+use crate::clickhouse::{ClickHouseError, StoredLine};
+use crate::ledger::{line_open, RatedLine};
+
+use super::store::PartitionRows;
+use super::{PartitionState, Worker, MAX_CHECK_DEFERRAL};
+
+/// Which partition judges a customer's zero-usage lines: the one Kafka's partitioner
+/// sends its events to, so they are judged by that partition's open periods and
+/// written once.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ZeroUsageJudge {
+    pub(super) partition: i32,
+    pub(super) partition_count: NonZeroUsize,
+}
+
+impl ZeroUsageJudge {
+    pub(super) fn owns(&self, customer: &str) -> bool {
+        partition_for_key(customer.as_bytes(), self.partition_count) == self.partition
+    }
+}
+
+/// What a partition's price-book check found to re-rate.
+pub(super) struct Rerate<'a> {
+    /// The partition's own lines another book rated.
+    pub(super) stale: Vec<&'a StoredLine>,
+    /// Its last commit names another book.
+    pub(super) stored_with_another_book: bool,
+    /// Every partition's stale lines, by id.
+    pub(super) all_stale_ids: &'a HashSet<&'a str>,
+    pub(super) judge: ZeroUsageJudge,
+}
+
+impl PartitionState {
+    /// This partition's lines among `stale`: another's would have it re-rate everything
+    /// at every check without fixing them (one settled in its own partition, say).
+    pub(super) fn own_stale_lines<'a>(
+        &self,
+        stale: &'a [StoredLine],
+        judge: ZeroUsageJudge,
+    ) -> Vec<&'a StoredLine> {
+        let settled = self.ledger.settled_through();
+        (stale.iter())
+            .filter(|line| line_open(settled, line.period, line.adjusts))
+            .filter(|line| {
+                if line.version == 0 {
+                    judge.owns(&line.customer)
+                } else {
+                    self.customers_with_usage.contains(&line.customer)
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the price-book check waits: a stale row newer than the partition's
+    /// position was stored by a rater before this one that stopped before committing
+    /// (its versions count the transaction markers it had stepped over). Rated now,
+    /// this book's rows would be older and lose to it, so the check waits for the
+    /// position to pass, for [`MAX_CHECK_DEFERRAL`] at most.
+    pub(super) fn check_waits_for_position(
+        &mut self,
+        partition: i32,
+        stale: &[&StoredLine],
+    ) -> bool {
+        let version = self.row_version();
+        if !stale.iter().any(|line| line.version > version) {
+            return false;
+        }
+        if self.check_deferred.is_none() {
+            tracing::info!(partition, position = version, "stored lines newer than the partition's position (a rater before this one stored them and stopped before committing): checking the price book once it has read that far");
+        }
+        let since = *self.check_deferred.get_or_insert_with(Instant::now);
+        since.elapsed() < MAX_CHECK_DEFERRAL
+    }
+
+    /// Re-rates the partition's open periods with this rater's book
+    /// ([`Worker::check_price_book`]): every line it holds, the opening lines of the
+    /// periods concerned, and each stale line without usage here replaced by its
+    /// zero-usage line or retired, all into `rows`.
+    pub(super) fn rerate_for_book(&mut self, rerate: Rerate<'_>, rows: &mut PartitionRows) {
+        let settled = self.ledger.settled_through();
+        let version = self.row_version();
+        self.ledger.rerate_all();
+        self.uncommitted = true;
+        let with_usage: HashSet<String> = self.ledger.line_ids().collect();
+        let mut periods: BTreeSet<Period> = rerate.stale.iter().map(|line| line.period).collect();
+        if rerate.stored_with_another_book {
+            let open = (self.opened.iter()).filter(|&&p| line_open(settled, p, None));
+            periods.extend(open);
+        }
+        let zero_usage = self.queue_opening_lines(&periods, &with_usage, &rerate, rows);
+        let before = rows.retired.len();
+        let stale_lines = rerate.stale.len();
+        // Those with usage the ledger re-rates; the others are replaced or retired.
+        let (restated, without_usage): (Vec<&StoredLine>, Vec<&StoredLine>) = (rerate.stale)
+            .into_iter()
+            .partition(|line| with_usage.contains(&line.id));
+        (self.restated).extend(restated.iter().map(|line| (line.id.clone(), line.amount)));
+        for line in without_usage {
+            let at = if line.version == 0 {
+                0
+            } else if line.version <= version {
+                version
+            } else {
+                // A row newer than this partition's offsets: not its to replace.
+                continue;
+            };
+            match zero_usage.get(&line.id) {
+                // Replaced by the opening line queued above.
+                Some(_) if at == 0 => {}
+                // Usage the book no longer prices on this line (its filter or
+                // meter changed): the line is now its opening line, at zero usage.
+                Some(zero) => rows.lines.push((
+                    at,
+                    RatedLine {
+                        line: zero.clone(),
+                        revision: 0,
+                        delta: zero.amount - line.amount,
+                    },
+                )),
+                None => rows.retired.push((at, (*line).clone())),
+            }
+        }
+        tracing::info!(
+            partition = rerate.judge.partition,
+            stale = stale_lines,
+            stored_with_another_book = rerate.stored_with_another_book,
+            rerated = self.ledger.lines_held(),
+            retired = rows.retired.len() - before,
+            "lines an earlier price book rated: re-rating the partition's open periods"
+        );
+    }
+
+    /// Queues the opening (zero-usage) lines of `periods` that are this partition's to
+    /// write, and returns every opening line of them by id.
+    pub(super) fn queue_opening_lines(
+        &self,
+        periods: &BTreeSet<Period>,
+        with_usage: &HashSet<String>,
+        rerate: &Rerate<'_>,
+        rows: &mut PartitionRows,
+    ) -> HashMap<String, InvoiceLine> {
+        let mut zero_usage = HashMap::new();
+        for &period in periods {
+            match self.ledger.opening_lines(period) {
+                Ok(lines) => {
+                    // The partition's own customers', and any customer's that no book
+                    // has stored yet: one the book added may belong to a partition that
+                    // has read nothing of the period. A stored line of another
+                    // partition's customer is that partition's to judge (it may be
+                    // settled there); a line with usage here is re-rated above version
+                    // 0 instead.
+                    let opening = lines.iter().filter(|l| {
+                        !with_usage.contains(&l.id)
+                            && (rerate.judge.owns(&l.customer)
+                                || !rerate.all_stale_ids.contains(l.id.as_str()))
+                    });
+                    rows.opening.extend(opening.cloned());
+                    zero_usage.extend(lines.into_iter().map(|line| (line.id.clone(), line)));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, %period, "cannot rate a period's opening lines")
+                }
+            }
+        }
+        zero_usage
+    }
+}
+
+impl Worker {
+    /// Schedules every held partition for a price-book check once `interval` has
+    /// passed since the last time, and a store to run it: lines another rater wrote
+    /// with another book meanwhile (a rolling restart, say) are then re-rated, even in
+    /// partitions that stayed here.
+    pub(super) fn schedule_price_book_check(&mut self, interval: Duration) {
+        if self.check_scheduled.elapsed() < interval || self.partitions.is_empty() {
+            return;
+        }
+        self.check_scheduled = Instant::now();
+        for state in self.partitions.values_mut() {
+            state.unchecked = true;
+        }
+        self.pending.started.get_or_insert_with(Instant::now);
+    }
+
+    /// Checks the stored lines of partitions newly assigned, or scheduled for a check,
+    /// against the price book. A stale line (rated by another book, in an open period)
+    /// is its customer's partition's: if it never had usage (version 0), the one Kafka's
+    /// partitioner names; else the one that saw the customer's usage. A partition with
+    /// stale lines of its own is re-rated: every line it holds, and the zero-usage lines
+    /// of those periods of its partitioner-named customers (version 0, as when a period
+    /// opens), go with the next batch. Each of its other stale lines is replaced, at
+    /// version 0 or the batch's version, with its zero-usage line if the book still
+    /// makes it (its usage no longer priced there), or else retired (a customer removed,
+    /// a price renamed). Lines of periods settled in their partition stay as billed.
+    /// A partition whose last commit names another book is re-rated as well. One with
+    /// a stale row past its position waits (up to [`MAX_CHECK_DEFERRAL`]) until it has
+    /// read that far, so its rows are not older than the row they replace.
+    pub(super) fn check_price_book(&mut self) -> Result<(), ClickHouseError> {
+        let checking: Vec<i32> = (self.partitions.iter())
+            .filter(|(_, state)| state.unchecked)
+            .map(|(&partition, _)| partition)
+            .collect();
+        let Some(oldest_open) = (checking.iter())
+            .map(|p| {
+                self.partitions[p]
+                    .ledger
+                    .settled_through()
+                    .map(|s| s.next())
+            })
+            .min()
+        else {
+            return Ok(());
+        };
+        let stale = (self.clickhouse).lines_rated_with_another_book(&self.book, oldest_open)?;
+        let stale_ids: HashSet<&str> = stale.iter().map(|line| line.id.as_str()).collect();
+        let mut deferred = false;
+        for partition in checking {
+            let state = self.partitions.get_mut(&partition).expect("listed above");
+            let judge = ZeroUsageJudge {
+                partition,
+                partition_count: self.partition_count,
+            };
+            let own_stale = state.own_stale_lines(&stale, judge);
+            if state.check_waits_for_position(partition, &own_stale) {
+                deferred = true;
+                continue;
+            }
+            state.check_deferred = None;
+            state.unchecked = false;
+            let another_book = std::mem::take(&mut state.stored_with_another_book);
+            if own_stale.is_empty() && !another_book {
+                continue;
+            }
+            let rerate = Rerate {
+                stale: own_stale,
+                stored_with_another_book: another_book,
+                all_stale_ids: &stale_ids,
+                judge,
+            };
+            state.rerate_for_book(rerate, self.pending.rows(partition));
+        }
+        if deferred {
+            // Checked again at the next store, which this makes due.
+            self.pending.started.get_or_insert_with(Instant::now);
+        }
+        Ok(())
+    }
+}

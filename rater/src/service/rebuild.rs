@@ -1,0 +1,219 @@
+//! A partition's ledger when it is assigned: rebuilt from `<prefix>.windows`.
+//!
+//! In: the windows partition, from the committed rebuild point up to the committed
+//! offset (the lines of those records are stored already), and ClickHouse's stored lines
+//! of the partition's open months. Out: the partition's ledger, the periods it opened,
+//! and whether its lines were lost from ClickHouse (then rated again from the topic's
+//! beginning).
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdkafka::message::Message;
+use serde::de::IgnoredAny;
+use tally_runtime::kafka::{client_config, read_partition};
+use tally_schemas::time::Period;
+
+use crate::ledger::Ledger;
+
+use super::rebuild_point::{FirstOffsets, RebuildPoint};
+use super::records::{decode, decode_with_windows, record, Change, WindowsRecord};
+use super::{RaterError, Worker, LOST_LINES_SAMPLE, REBUILD_TIMEOUT};
+
+/// A partition's ledger as of its committed offset, and the updates after it.
+#[derive(Debug)]
+pub(super) struct Rebuilt {
+    pub(super) ledger: Ledger,
+    pub(super) opened: BTreeSet<Period>,
+    pub(super) after_committed: Vec<WindowsRecord<'static>>,
+    /// Every customer with usage in the partition's open periods, known to the price
+    /// book or not.
+    pub(super) customers: HashSet<String>,
+    pub(super) first_offsets: FirstOffsets,
+    /// Where the partition is read from after the rebuild: the committed offset, or
+    /// past the months a replay found already billed.
+    pub(super) resume_at: i64,
+}
+
+impl Rebuilt {
+    /// Adds a record whose lines are stored already to the ledger.
+    pub(super) fn stored<W>(&mut self, change: Change<'_, W>, offset: i64) {
+        match change {
+            Change::Usage(update) => {
+                self.opened.insert(Period::containing(update.period_start));
+                self.first_offsets.note(&update, offset);
+                record(&mut self.ledger, &update);
+            }
+            Change::Settled(period) => {
+                // Rated and let go now: a rebuild holds open periods only. Its lines
+                // were stored already, so only a failure to rate one is news.
+                self.ledger.settle_through(period);
+                let (_, failures) = self.ledger.flush_available();
+                for error in failures {
+                    tracing::warn!(%error, settled = %period, "a settled line could not be rated again while rebuilding; its stored version stands");
+                }
+                self.first_offsets.settle_through(period);
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Reads a windows partition to its end, from the committed `point` if there is
+    /// one (its settled periods settled in the ledger from the start), else from its
+    /// beginning. Records before `committed` build the ledger the stored lines were
+    /// rated from; the later ones are returned to be processed as new. (Reading past
+    /// `committed` matters: compaction may have removed a record before it whose newer
+    /// version lies after it.)
+    pub(super) fn rebuild(
+        &self,
+        partition: i32,
+        committed: i64,
+        point: Option<RebuildPoint>,
+    ) -> Result<Rebuilt, RaterError> {
+        let started = Instant::now();
+        let mut rebuilt = Rebuilt {
+            ledger: Ledger::new(Arc::clone(&self.config)),
+            opened: BTreeSet::new(),
+            after_committed: Vec::new(),
+            customers: HashSet::new(),
+            first_offsets: FirstOffsets::default(),
+            resume_at: committed,
+        };
+        if let Some(settled) = point.as_ref().and_then(|point| point.settled_through) {
+            rebuilt.ledger.settle_through(settled);
+            rebuilt.first_offsets.settle_through(settled);
+        }
+        let from = point.map_or(0, |point| point.from.min(committed));
+        let mut read = 0u64;
+        read_partition(
+            client_config(&self.kafka),
+            &self.topic,
+            partition,
+            from,
+            committed,
+            REBUILD_TIMEOUT,
+            |message| {
+                // Counts a record read and notes whose usage it carries.
+                let mut count_record = |customer: Option<&str>| {
+                    read += 1;
+                    if let Some(customer) = customer.filter(|c| !rebuilt.customers.contains(*c)) {
+                        rebuilt.customers.insert(customer.to_owned());
+                    }
+                };
+                if message.offset() >= committed {
+                    // Not stored yet: its windows are, with its lines.
+                    let Some(change) = decode_with_windows(message, self.store_windows) else {
+                        return;
+                    };
+                    count_record(change.customer());
+                    rebuilt.after_committed.push(WindowsRecord {
+                        offset: message.offset(),
+                        appended_ms: message.timestamp().to_millis(),
+                        change: change.into_owned(),
+                    });
+                    return;
+                }
+                let Some(change) = decode::<IgnoredAny>(message) else {
+                    return;
+                };
+                count_record(change.customer());
+                rebuilt.stored(change, message.offset());
+            },
+        )?;
+        if committed == 0 {
+            self.skip_billed_months(partition, &mut rebuilt)?;
+        }
+        // Marks the lines as stored as of `committed` and lets settled periods go; one
+        // that fails to rate stays pending and is retried with its next update.
+        let (_, failures) = rebuilt.ledger.flush_available();
+        if !failures.is_empty() {
+            tracing::warn!(
+                partition,
+                lines = failures.len(),
+                "lines could not be rated while rebuilding; they stay pending"
+            );
+        }
+        tracing::info!(
+            partition,
+            from,
+            records = read,
+            lines = rebuilt.ledger.lines_held(),
+            after_committed = rebuilt.after_committed.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "ledger rebuilt from the windows topic"
+        );
+        Ok(rebuilt)
+    }
+
+    /// Whether ClickHouse has none of the lines `ledger` holds as stored (a sample of
+    /// them): its database was dropped or emptied while the group's offsets stayed, so
+    /// those lines would never be written again. The tables gone altogether stop the
+    /// rater ([`RaterError::TablesGone`]): its restart makes them and checks again.
+    pub(super) fn stored_lines_lost(
+        &self,
+        partition: i32,
+        ledger: &Ledger,
+    ) -> Result<bool, RaterError> {
+        let sample: Vec<String> = ledger.line_ids().take(LOST_LINES_SAMPLE).collect();
+        if sample.is_empty() {
+            return Ok(false);
+        }
+        let oldest_open = ledger.settled_through().map(|settled| settled.next());
+        match self.clickhouse.lines_stored_of(&sample, oldest_open) {
+            Ok(0) => {
+                self.metrics.lost_line_replays.inc();
+                tracing::error!(
+                    partition,
+                    sampled = sample.len(),
+                    "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped or emptied): rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
+                );
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(error) if error.is_missing_table() => Err(RaterError::TablesGone(error)),
+            Err(error) => {
+                tracing::warn!(partition, %error, "cannot check that the partition's stored lines are in ClickHouse; going on as if they were");
+                Ok(false)
+            }
+        }
+    }
+
+    /// A partition with nothing committed (a new group, offsets expired, or reset to
+    /// the earliest) whose records settle months ClickHouse already bills: a replay.
+    /// Those months stay as they were billed, whatever book this rater has, so the
+    /// records through the last settled month's count as stored, as a rebuild counts
+    /// them. Into an empty database every record is rated, settled months included.
+    pub(super) fn skip_billed_months(
+        &self,
+        partition: i32,
+        rebuilt: &mut Rebuilt,
+    ) -> Result<(), RaterError> {
+        let settled_at = |(i, record): (usize, &WindowsRecord<'_>)| match record.change {
+            Change::Settled(period) => Some((i, period)),
+            Change::Usage(_) => None,
+        };
+        let records = rebuilt.after_committed.iter().enumerate();
+        let last_settled = records.rev().find_map(settled_at);
+        let Some((last_settled, period)) = last_settled else {
+            return Ok(());
+        };
+        if !self.clickhouse.has_lines(period)? {
+            return Ok(());
+        }
+        let replayed: Vec<WindowsRecord<'static>> =
+            rebuilt.after_committed.drain(..=last_settled).collect();
+        rebuilt.resume_at = replayed.last().map_or(0, |record| record.offset + 1);
+        tracing::info!(
+            partition,
+            settled_through = %period,
+            records = replayed.len(),
+            "nothing committed, and ClickHouse bills the months this partition settled: a replay; those months stay as billed"
+        );
+        for record in replayed {
+            rebuilt.stored(record.change, record.offset);
+        }
+        Ok(())
+    }
+}
