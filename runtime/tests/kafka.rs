@@ -104,8 +104,9 @@ fn a_partition_read_started_while_the_broker_is_down_ends_once_it_is_back() {
             (read, keys)
         })
     };
-    // Long enough for the reader's first requests to fail.
+    // Long enough for the reader's first requests to fail; it is still waiting.
     std::thread::sleep(Duration::from_secs(3));
+    assert!(!reader.is_finished(), "the read ended with the broker down");
     kafka("start");
     let (read, keys) = reader.join().unwrap();
     read.unwrap();

@@ -31,6 +31,8 @@ pub struct RaterMetrics {
     pub insert_failures: IntCounter,
     pub query_failures: IntCounter,
     pub rating_failures: IntCounter,
+    /// Partitions whose stored lines were checked against the price book.
+    pub price_book_checks: IntCounter,
     /// Stored lines retired after a price-book change no longer makes them.
     pub lines_retired: IntCounter,
     /// Partitions rated again from their beginning because ClickHouse had lost their
@@ -85,6 +87,10 @@ impl RaterMetrics {
             rating_failures: m.counter(
                 "tally_rater_rating_failures_total",
                 "Flushes in which a line could not be rated (it stays pending).",
+            ),
+            price_book_checks: m.counter(
+                "tally_rater_price_book_checks_total",
+                "Partitions whose stored lines were checked against the price book (each when assigned, and every price_book_check_interval).",
             ),
             lines_retired: m.counter(
                 "tally_rater_lines_retired_total",

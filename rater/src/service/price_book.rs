@@ -245,6 +245,7 @@ impl Worker {
             }
             state.check_deferred = None;
             state.unchecked = false;
+            self.metrics.price_book_checks.inc();
             let another_book = std::mem::take(&mut state.stored_with_another_book);
             if own_stale.is_empty() && !another_book {
                 continue;

@@ -315,6 +315,8 @@ fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
                 Duration::from_secs(120),
                 || committed() > before,
             );
+            // Into the next second-long transaction, so the kill mostly finds one open
+            // (not a race the test waits out: either way events are still in flight).
             std::thread::sleep(Duration::from_millis(700));
             assert!(
                 chunks_sent.load(Ordering::SeqCst) < lines.len().div_ceil(chunk),
@@ -1957,7 +1959,15 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
             .count()
     };
     let settled_down = rerates();
-    std::thread::sleep(Duration::from_secs(3));
+    let port = harness::metrics_port(&p.log("rater-b"), "rater metrics");
+    let checks = || harness::metric(port, "tally_rater_price_book_checks_total").unwrap_or(0.0);
+    let checked = checks();
+    // Two more rounds of checks of every partition, at least.
+    harness::eventually(
+        "two more checks of every partition",
+        Duration::from_secs(60),
+        || checks() >= checked + 2.0 * f64::from(harness::PARTITIONS),
+    );
     assert_eq!(rerates(), settled_down, "{}", p.log("rater-b"));
 }
 
