@@ -43,6 +43,24 @@ pub const FORWARDED_TIMESTAMP_HEADER: &str = "tally-forwarded-timestamp";
 /// The aggregator writes one ([`settled_record`]) each time a month settles.
 pub const SETTLED_HEADER: &str = "tally-settled";
 
+/// Kafka headers of a refused event's copy in the rejected topic: why it was refused
+/// (a stable code, the field at fault or `event`, and a reason for people) and where
+/// the event is (its topic, partition and offset); the copy is cut to fit a record
+/// when [`REJECTED_SOURCE_BYTES_HEADER`] gives the event's full size.
+pub const REJECTED_CODE_HEADER: &str = "tally.error.code";
+/// See [`REJECTED_CODE_HEADER`].
+pub const REJECTED_FIELD_HEADER: &str = "tally.error.field";
+/// See [`REJECTED_CODE_HEADER`].
+pub const REJECTED_REASON_HEADER: &str = "tally.error.reason";
+/// See [`REJECTED_CODE_HEADER`].
+pub const REJECTED_SOURCE_TOPIC_HEADER: &str = "tally.source.topic";
+/// See [`REJECTED_CODE_HEADER`].
+pub const REJECTED_SOURCE_PARTITION_HEADER: &str = "tally.source.partition";
+/// See [`REJECTED_CODE_HEADER`].
+pub const REJECTED_SOURCE_OFFSET_HEADER: &str = "tally.source.offset";
+/// On a cut copy only: the event's size in bytes.
+pub const REJECTED_SOURCE_BYTES_HEADER: &str = "tally.source.bytes";
+
 /// Key and value of the windows-topic record saying `period` has settled (its header is
 /// [`SETTLED_HEADER`]): one key per period, so compaction keeps every month's record.
 pub fn settled_record(period: Period) -> (String, String) {

@@ -67,6 +67,7 @@ pub use metrics::{AggregatorMetrics, EventOutcome};
 
 use crate::aggregator::Aggregator;
 use changelog::KeyBacklog;
+use outputs::MAX_EVENT_RECORD_BYTES;
 use route::Processed;
 use transaction::{new_producer, transactional_id};
 
@@ -107,7 +108,7 @@ pub enum AggregatorError {
         transactional_id: String,
         instance_id: String,
     },
-    #[error("Kafka refused a record the aggregator must write, and would refuse it again after every recovery: {source}. Give the aggregator's principal Write on the events, windows, rejected and changelog topics (forwarding misplaced events writes to the events topic), make their max.message.bytes at least 1048576 (the windows and changelog topics {MAX_RECORD_BYTES}), and leave the rejected topic uncompacted (a compacted topic refuses its records without a key); the aggregator stops rather than retry in a loop")]
+    #[error("Kafka refused a record the aggregator must write, and would refuse it again after every recovery: {source}. Give the aggregator's principal Write on the events, windows, rejected and changelog topics (forwarding misplaced events writes to the events topic), make their max.message.bytes at least Kafka's default of 1048588, which takes a rejected copy or a forwarded event (at most {MAX_EVENT_RECORD_BYTES} bytes; the windows and changelog topics {MAX_RECORD_BYTES}), and leave the rejected topic uncompacted (a compacted topic refuses its records without a key); the aggregator stops rather than retry in a loop")]
     Unwritable { source: KafkaError },
     #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed or its aggregation changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {

@@ -11,7 +11,11 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use tally_runtime::kafka::send;
-use tally_schemas::records::{FORWARDED_FROM_HEADER, FORWARDED_TIMESTAMP_HEADER};
+use tally_schemas::records::{
+    FORWARDED_FROM_HEADER, FORWARDED_TIMESTAMP_HEADER, REJECTED_CODE_HEADER, REJECTED_FIELD_HEADER,
+    REJECTED_REASON_HEADER, REJECTED_SOURCE_BYTES_HEADER, REJECTED_SOURCE_OFFSET_HEADER,
+    REJECTED_SOURCE_PARTITION_HEADER, REJECTED_SOURCE_TOPIC_HEADER,
+};
 
 use super::route::Rejection;
 use super::Worker;
@@ -77,27 +81,27 @@ impl Worker {
         let (field, reason) = (at_most(&field, 1024), at_most(&reason, 4096));
         let headers = OwnedHeaders::new()
             .insert(Header {
-                key: "tally.error.code",
+                key: REJECTED_CODE_HEADER,
                 value: Some(code),
             })
             .insert(Header {
-                key: "tally.error.field",
+                key: REJECTED_FIELD_HEADER,
                 value: Some(field),
             })
             .insert(Header {
-                key: "tally.error.reason",
+                key: REJECTED_REASON_HEADER,
                 value: Some(reason),
             })
             .insert(Header {
-                key: "tally.source.topic",
+                key: REJECTED_SOURCE_TOPIC_HEADER,
                 value: Some(message.topic()),
             })
             .insert(Header {
-                key: "tally.source.partition",
+                key: REJECTED_SOURCE_PARTITION_HEADER,
                 value: Some(&message.partition().to_string()),
             })
             .insert(Header {
-                key: "tally.source.offset",
+                key: REJECTED_SOURCE_OFFSET_HEADER,
                 value: Some(&message.offset().to_string()),
             });
         // Cut to fit, the whole event staying at its offset in the events topic.
@@ -107,7 +111,7 @@ impl Worker {
         let kept = payload.len().min(room);
         let headers = match kept < payload.len() {
             true => headers.insert(Header {
-                key: "tally.source.bytes",
+                key: REJECTED_SOURCE_BYTES_HEADER,
                 value: Some(&payload.len().to_string()),
             }),
             false => headers,
