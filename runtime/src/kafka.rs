@@ -540,6 +540,10 @@ pub fn partition_count<C: ClientContext>(
     }
 }
 
+/// How often a service calls [`record_lag`]: a scrape interval's worth, so dashboards
+/// see each step and the watermark requests stay few.
+pub const LAG_RECORD_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Sets `lag{topic, partition}` (a service's `*_consumer_lag_messages`) to how far
 /// each assigned partition's position is behind its high watermark, and removes the
 /// series of partitions no longer assigned. A partition whose watermark cannot be read

@@ -344,7 +344,7 @@ pub fn run(
                 if due {
                     worker.commit_or_recover(&consumer, &[])?;
                 }
-                if last_lag.elapsed() >= Duration::from_secs(5) {
+                if last_lag.elapsed() >= tally_runtime::kafka::LAG_RECORD_INTERVAL {
                     last_lag = Instant::now();
                     tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag);
                     worker.close_idle_partitions(Utc::now());

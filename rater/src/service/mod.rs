@@ -446,7 +446,7 @@ pub fn run(
             (Some(_), None) => CATCH_UP_POLL_WAIT,
             _ => IDLE_POLL_WAIT,
         };
-        if last_lag.elapsed() >= Duration::from_secs(5) {
+        if last_lag.elapsed() >= tally_runtime::kafka::LAG_RECORD_INTERVAL {
             last_lag = Instant::now();
             tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag);
         }
