@@ -1,5 +1,7 @@
-//! Every default of tally.toml, in one place. The README's configuration table is
-//! written from this file.
+//! Every default of tally.toml, in one place. The README's configuration table
+//! restates them for people: a change here is a change there. (librdkafka's tunables
+//! that Tally sets are the runtime's, beside the client configuration that applies
+//! them.)
 
 use std::time::Duration;
 
