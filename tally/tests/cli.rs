@@ -3572,23 +3572,27 @@ fn validate_refuses_a_kafka_property_librdkafka_refuses_without_showing_its_valu
     }
 }
 
-#[test]
-fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    // Nothing listens on port 1: the brokers refuse every connection.
+/// `tally serve aggregator` with brokers that refuse every connection (nothing
+/// listens on port 1), its endpoint on the port returned, its log to `log`.
+fn aggregator_without_kafka(
+    log: impl Into<std::process::Stdio>,
+) -> (Fixture, std::process::Child, u16) {
+    let port = common::free_port();
     let f = Fixture::new(&format!(
         "{PRO}\n[kafka]\nbrokers = \"127.0.0.1:1\"\n[aggregator]\nmetrics_listen = \"127.0.0.1:{port}\"\n"
     ));
-    let mut child = f
+    let child = f
         .tally()
         .args(["serve", "aggregator", "--config", "tally.toml"])
-        .stderr(std::process::Stdio::piped())
+        .stderr(log)
         .spawn()
         .unwrap();
+    (f, child, port)
+}
+
+#[test]
+fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready() {
+    let (_f, mut child, port) = aggregator_without_kafka(std::process::Stdio::piped());
     let get = |path: &str| common::get(port, path);
     let deadline = Instant::now() + Duration::from_secs(30);
     let readyz = loop {
@@ -3618,12 +3622,7 @@ fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready()
 
 #[test]
 fn serve_all_takes_events_with_503_and_retry_after_while_kafka_is_awaited() {
-    let free_port = || {
-        (std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let free_port = common::free_port;
     let (ingest, aggregator, rater) = (free_port(), free_port(), free_port());
     let f = Fixture::new(&format!(
         "{PRO}\n[kafka]\nbrokers = \"127.0.0.1:1\"\n\
@@ -3689,26 +3688,13 @@ fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
 
 #[test]
 fn a_service_whose_log_cannot_be_written_goes_on_serving() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     // Kafka refuses every connection, so the aggregator logs while it waits; its log
     // goes to a full disk (every write fails with ENOSPC).
-    let f = Fixture::new(&format!(
-        "{PRO}\n[kafka]\nbrokers = \"127.0.0.1:1\"\n[aggregator]\nmetrics_listen = \"127.0.0.1:{port}\"\n"
-    ));
     let full = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let mut child = f
-        .tally()
-        .args(["serve", "aggregator", "--config", "tally.toml"])
-        .stderr(full)
-        .spawn()
-        .unwrap();
+    let (_f, mut child, port) = aggregator_without_kafka(full);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match common::get(port, "/readyz") {
@@ -3775,11 +3761,7 @@ fn a_service_that_cannot_start_says_why_in_its_log_format() {
 
 #[test]
 fn a_second_signal_stops_a_service_that_is_still_finishing_its_work() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     // No Kafka is needed to listen: ingest connects in the background.
     let f = Fixture::new(&format!(
         "{PRO}\n[kafka]\nbrokers = \"127.0.0.1:1\"\n[ingest]\nlisten = \"127.0.0.1:{port}\"\n\

@@ -929,15 +929,6 @@ fn committed_on(
         .collect())
 }
 
-/// A port free on loopback right now (the OS picks it; it is released for the caller).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub const API_KEY: &str = "pipeline-test-key-0123456789";
 
 /// `[ingest]` listening on `port`, with one key allowed any source and limits out of

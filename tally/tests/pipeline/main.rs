@@ -45,8 +45,8 @@ fn poison() -> Vec<(Vec<u8>, &'static str, &'static str)> {
 fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     let _serial = serial();
     let _ = NEEDS;
-    let aggregator_port = harness::free_port();
-    let rater_port = harness::free_port();
+    let aggregator_port = common::free_port();
+    let rater_port = common::free_port();
     let p = Pipeline::new(
         "equivalence",
         20_000,
@@ -1132,7 +1132,7 @@ fn assert_resolution_adjustments(p: &Pipeline, expected_october: &[harness::Line
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
     let _serial = serial();
-    let rater_port = harness::free_port();
+    let rater_port = common::free_port();
     let mut p = Pipeline::new(
         "late",
         5_000,
@@ -1336,7 +1336,7 @@ fn wait_for_november_resolutions(p: &Pipeline, first: u32) {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_stay() {
     let _serial = serial();
-    let (aggregator_port, rater_port) = (harness::free_port(), harness::free_port());
+    let (aggregator_port, rater_port) = (common::free_port(), common::free_port());
     // A 5-day horizon (the generated month has events up to 4 days late): October
     // settles in a partition once its events reach November 6, 01:00.
     let p = Pipeline::new(
@@ -1681,7 +1681,7 @@ fn a_rater_restarted_after_its_database_was_lost_stores_every_line_again() {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_the_rest() {
     let _serial = serial();
-    let rater_port = harness::free_port();
+    let rater_port = common::free_port();
     let p = Pipeline::new(
         "reprice",
         20_000,
@@ -2274,7 +2274,7 @@ fn a_changed_book_rerates_a_row_stored_past_the_committed_offset() {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
     let _serial = serial();
-    let port = harness::free_port();
+    let port = common::free_port();
     let p = Pipeline::new("http", 20_000, 40, &harness::ingest_section(port));
     // JSON logs, with each request's outcome (debug), as a log pipeline would take them.
     p.start_with(
@@ -2374,9 +2374,9 @@ fn prometheus(query: &str) -> Vec<(serde_json::Value, f64)> {
 fn prometheus_scrapes_every_service_of_serve_all() {
     let _serial = serial();
     let (ingest, aggregator, rater) = (
-        harness::free_port(),
-        harness::free_port(),
-        harness::free_port(),
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
     );
     let extra = format!(
         "{}\n[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator}\"\ncommit_interval = \"100ms\"\n\
@@ -2606,7 +2606,7 @@ fn prometheus_scrapes_every_service_of_serve_all() {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_deleted_by_retention_before_they_were_counted_are_reported_not_skipped_quietly() {
     let _serial = serial();
-    let aggregator_port = harness::free_port();
+    let aggregator_port = common::free_port();
     let p = Pipeline::new(
         "retention",
         3_000,
