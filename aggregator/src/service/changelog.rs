@@ -148,23 +148,36 @@ fn snapshot_part(key: &[u8]) -> Option<usize> {
         .ok()
 }
 
+/// What writing a partition's next changelog records needs to know of those already
+/// written: the records a snapshot makes obsolete, and the sizes that say when one is
+/// due.
+#[derive(Debug, Default)]
+pub(super) struct ChangelogState {
+    /// Keys of the deltas since the last snapshot, to tombstone after the next one.
+    pub deltas: Vec<String>,
+    /// Records of dedupe keys still live, with the newest event day of their keys:
+    /// each is tombstoned once the aggregator has forgotten that day.
+    pub key_records: Vec<(String, u16)>,
+    /// The per-transaction records of keys among them, gathered into parts now and
+    /// then so a partition does not collect one record per transaction for the whole
+    /// dedupe horizon.
+    pub backlog: KeyBacklog,
+    /// Bytes of the deltas since the last snapshot (key records not included: a
+    /// snapshot does not rewrite keys).
+    pub delta_bytes: usize,
+    /// Parts of the last snapshot, so a smaller next one can tombstone the rest.
+    pub snapshot_parts: usize,
+    /// Size of the last snapshot's records.
+    pub snapshot_bytes: usize,
+}
+
 /// A partition's state as the changelog has it.
 #[derive(Debug)]
 pub(super) struct Restored {
     pub aggregator: Aggregator,
     /// `None` if the changelog is empty: nothing was ever committed for the partition.
     pub next_offset: Option<i64>,
-    /// Keys of the deltas since the last snapshot, to tombstone after the next one.
-    pub deltas: Vec<String>,
-    /// Key records still live, with the newest event day of their keys.
-    pub key_records: Vec<(String, u16)>,
-    /// The per-transaction key records among them, with their keys.
-    pub backlog: KeyBacklog,
-    pub delta_bytes: usize,
-    /// Parts of the last snapshot, so a smaller next one can tombstone the rest.
-    pub snapshot_parts: usize,
-    /// Size of the last snapshot's records.
-    pub snapshot_bytes: usize,
+    pub changelog: ChangelogState,
     pub records: u64,
 }
 
@@ -181,12 +194,7 @@ pub(super) fn restore(
     let mut restored = Restored {
         aggregator: fresh(),
         next_offset: None,
-        deltas: Vec::new(),
-        key_records: Vec::new(),
-        backlog: KeyBacklog::default(),
-        delta_bytes: 0,
-        snapshot_parts: 0,
-        snapshot_bytes: 0,
+        changelog: ChangelogState::default(),
         records: 0,
     };
     // Gathered apart from the usage, which a snapshot resets; merged at the end.
@@ -219,18 +227,19 @@ pub(super) fn restore(
                 if let Kind::Snapshot(part) = kind {
                     if part == 0 {
                         restored.aggregator = fresh();
-                        restored.deltas.clear();
-                        restored.delta_bytes = 0;
-                        restored.snapshot_parts = 0;
-                        restored.snapshot_bytes = 0;
+                        restored.changelog.deltas.clear();
+                        restored.changelog.delta_bytes = 0;
+                        restored.changelog.snapshot_parts = 0;
+                        restored.changelog.snapshot_bytes = 0;
                     }
-                    restored.snapshot_parts += 1;
-                    restored.snapshot_bytes += value.len();
+                    restored.changelog.snapshot_parts += 1;
+                    restored.changelog.snapshot_bytes += value.len();
                 } else {
                     restored
+                        .changelog
                         .deltas
                         .push(String::from_utf8_lossy(key).into_owned());
-                    restored.delta_bytes += value.len();
+                    restored.changelog.delta_bytes += value.len();
                 }
                 restored
                     .aggregator
@@ -252,11 +261,11 @@ pub(super) fn restore(
     for (key, (kind, changes)) in keys {
         let key = String::from_utf8_lossy(&key).into_owned();
         if let Some(day) = changes.newest_dedupe_day() {
-            restored.key_records.push((key.clone(), day));
+            restored.changelog.key_records.push((key.clone(), day));
         }
         if kind == Kind::Keys {
-            restored.backlog.keys.push(changes.clone());
-            restored.backlog.records.push(key);
+            restored.changelog.backlog.keys.push(changes.clone());
+            restored.changelog.backlog.records.push(key);
         }
         // Keys only: merging them cannot fail.
         let _ = restored.aggregator.merge(changes);
@@ -298,8 +307,8 @@ pub(super) fn write_snapshot(
     for (i, changes) in parts.into_iter().enumerate() {
         bytes += state.write_changelog(producer, topic, partition, &snapshot_key(i), &changes)?;
     }
-    let stale = (count..state.snapshot_parts).map(snapshot_key);
-    for key in state.deltas.drain(..).chain(stale) {
+    let stale = (count..state.changelog.snapshot_parts).map(snapshot_key);
+    for key in state.changelog.deltas.drain(..).chain(stale) {
         tombstone(producer, topic, partition, &key)?;
     }
     tracing::info!(
@@ -309,9 +318,9 @@ pub(super) fn write_snapshot(
         seconds = started.elapsed().as_secs_f64(),
         "changelog snapshot written"
     );
-    state.delta_bytes = 0;
-    state.snapshot_parts = count;
-    state.snapshot_bytes = bytes;
+    state.changelog.delta_bytes = 0;
+    state.changelog.snapshot_parts = count;
+    state.changelog.snapshot_bytes = bytes;
     Ok(())
 }
 
@@ -322,8 +331,9 @@ impl PartitionState {
     /// changes would fill it again, and a restore still reads at most about two
     /// snapshots' worth.
     pub(super) fn snapshot_overdue(&self, snapshot_after_bytes: usize) -> Option<usize> {
-        self.delta_bytes
-            .checked_sub(snapshot_after_bytes.max(self.snapshot_bytes))
+        self.changelog
+            .delta_bytes
+            .checked_sub(snapshot_after_bytes.max(self.changelog.snapshot_bytes))
             .filter(|&over| over > 0)
     }
 
@@ -336,7 +346,7 @@ impl PartitionState {
         topic: &str,
         partition: i32,
     ) -> Result<(), KafkaError> {
-        let backlog = std::mem::take(&mut self.backlog);
+        let backlog = std::mem::take(&mut self.changelog.backlog);
         let gathered = Snapshot::gather_dedupe(backlog.keys);
         for (i, part) in gathered
             .split(SNAPSHOT_PART_ENTRIES)
@@ -348,10 +358,12 @@ impl PartitionState {
             };
             let key = keyset_key(self.next_offset, self.generation, i);
             self.write_changelog(producer, topic, partition, &key, &part)?;
-            self.key_records.push((key, newest_day));
+            self.changelog.key_records.push((key, newest_day));
         }
         let small: BTreeSet<&String> = backlog.records.iter().collect();
-        self.key_records.retain(|(key, _)| !small.contains(key));
+        self.changelog
+            .key_records
+            .retain(|(key, _)| !small.contains(key));
         for key in &backlog.records {
             tombstone(producer, topic, partition, key)?;
         }

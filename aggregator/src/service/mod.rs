@@ -66,7 +66,7 @@ pub use close::close_period;
 pub use metrics::{AggregatorMetrics, EventOutcome};
 
 use crate::aggregator::Aggregator;
-use changelog::KeyBacklog;
+use changelog::ChangelogState;
 use outputs::MAX_EVENT_RECORD_BYTES;
 use route::Processed;
 use transaction::{new_producer, transactional_id};
@@ -142,21 +142,8 @@ struct PartitionState {
     next_offset: i64,
     /// Read something since the last commit.
     touched: bool,
-    /// Changelog deltas since the last snapshot, to tombstone after the next one.
-    deltas: Vec<String>,
-    /// Changelog records of dedupe keys, with the newest event day of their keys: each
-    /// is tombstoned once the aggregator has forgotten that day.
-    key_records: Vec<(String, u16)>,
-    /// The per-transaction records of keys among them, gathered into parts now and
-    /// then so a partition does not collect one record per transaction for the whole
-    /// dedupe horizon.
-    backlog: KeyBacklog,
-    /// Bytes of the deltas since the last snapshot (key records not included: a
-    /// snapshot does not rewrite keys).
-    delta_bytes: usize,
-    /// Parts of the partition's last snapshot in the changelog, and their size.
-    snapshot_parts: usize,
-    snapshot_bytes: usize,
+    /// What the partition's changelog records written so far mean for the next ones.
+    changelog: ChangelogState,
     /// Tells this ownership's delta keys from an earlier one's: after a replay the same
     /// offsets are committed again, and compaction must not let the new (empty) delta
     /// replace the original under the same key.

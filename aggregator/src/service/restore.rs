@@ -128,12 +128,7 @@ impl Worker {
         let Restored {
             aggregator,
             next_offset,
-            deltas,
-            key_records,
-            backlog,
-            delta_bytes,
-            snapshot_parts,
-            snapshot_bytes,
+            changelog,
             records,
         } = loop {
             let restored = super::changelog::restore(
@@ -190,12 +185,7 @@ impl Worker {
             aggregator,
             next_offset,
             touched: false,
-            deltas,
-            key_records,
-            backlog,
-            delta_bytes,
-            snapshot_parts,
-            snapshot_bytes,
+            changelog,
             generation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),

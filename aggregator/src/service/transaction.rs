@@ -124,19 +124,20 @@ impl PartitionState {
             )?;
         }
         if let Some(newest_day) = keys.newest_dedupe_day() {
-            self.backlog.keys.push(keys);
-            if self.backlog.full(gather_after_keys) {
+            self.changelog.backlog.keys.push(keys);
+            if self.changelog.backlog.full(gather_after_keys) {
                 self.gather_keys(producer, &topics.changelog, partition)?;
             } else {
                 let key = keys_key(self.next_offset, self.generation);
-                if let Some(keys) = self.backlog.keys.last() {
+                if let Some(keys) = self.changelog.backlog.keys.last() {
                     self.write_changelog(producer, &topics.changelog, partition, &key, keys)?;
                 }
-                self.key_records.push((key.clone(), newest_day));
-                self.backlog.records.push(key);
+                self.changelog.key_records.push((key.clone(), newest_day));
+                self.changelog.backlog.records.push(key);
             }
         }
         let expired: Vec<String> = self
+            .changelog
             .key_records
             .extract_if(.., |(_, day)| self.aggregator.has_forgotten_day(*day))
             .map(|(key, _)| key)
@@ -145,9 +146,9 @@ impl PartitionState {
             tombstone(producer, &topics.changelog, partition, &key)?;
         }
         let key = delta_key(self.next_offset, self.generation);
-        self.delta_bytes +=
+        self.changelog.delta_bytes +=
             self.write_changelog(producer, &topics.changelog, partition, &key, &changes)?;
-        self.deltas.push(key);
+        self.changelog.deltas.push(key);
         if with_snapshot {
             write_snapshot(producer, &topics.changelog, partition, self)?;
         }
