@@ -220,8 +220,10 @@ impl Ledger {
         let plan = plan_of(&self.config, customer, rated_in);
         let mut billed = 0;
         for (price_index, price) in plan.prices.iter().enumerate() {
-            if self.config.meter(price.meter).slug != *series.meter || !price.matches(&series.group)
-            {
+            let bills = (price.usage.as_ref()).is_some_and(|usage| {
+                self.config.meter(usage.meter).slug == *series.meter && usage.matches(&series.group)
+            });
+            if !bills {
                 continue;
             }
             billed += 1;
@@ -388,7 +390,12 @@ impl Ledger {
             }
         }
         let price = &plan_of(&self.config, customer, closed).prices[key.price_index];
-        let kind = self.config.meter(price.meter).aggregation.kind();
+        // Only usage makes adjustments: a flat fee has none.
+        let kind = self
+            .config
+            .meter(price.usage.as_ref()?.meter)
+            .aggregation
+            .kind();
         let rate_with = |values: &[(&[String], MeterValue)]| {
             let failed = |e| LineError::new(customer, price, closed, e);
             let grouped = group_values(values, kind).map_err(failed)?;
@@ -525,7 +532,11 @@ fn rate_values(
     values: impl Iterator<Item = MeterValue>,
 ) -> Result<InvoiceLine, LineError> {
     let price = &plan_of(config, customer, period).prices[price_index];
-    let kind = config.meter(price.meter).aggregation.kind();
+    let Some(usage) = &price.usage else {
+        // A flat fee: no usage to add up.
+        return invoice_line(config, customer, price_index, period, Decimal::ZERO);
+    };
+    let kind = config.meter(usage.meter).aggregation.kind();
     let values = values.map(|value| billed_value(kind, value));
     let quantity = combine(kind, values)
         .map_err(|e| LineError::new(customer, price, period, e))?
@@ -833,6 +844,59 @@ mod tests {
                 ("team", "platform", "20.00")
             ])
         );
+    }
+
+    #[test]
+    fn a_flat_fee_is_one_line_at_quantity_one_in_each_billed_month_whatever_the_usage() {
+        let book = r#"
+        [[meters]]
+        slug = "resolutions"
+        event_type = "ai.resolution"
+        aggregation = "count"
+
+        [[plans]]
+        id = "pro"
+        currency = "usd"
+
+        [[plans.prices]]
+        id = "platform"
+        billing_scheme = "flat"
+        unit_amount = "500"
+
+        [[plans.prices]]
+        id = "resolutions"
+        meter = "resolutions"
+        billing_scheme = "per_unit"
+        unit_amount = "0.99"
+
+        [[customers]]
+        id = "acme"
+        plan = "pro"
+        through = "2026-11"
+        "#;
+        let mut ledger = Ledger::new(Arc::new(Config::parse(book, "test").unwrap()));
+        let opening = ledger.opening_lines(november()).unwrap();
+        let fee = opening.iter().find(|l| l.price == "platform").unwrap();
+        let shown = |l: &InvoiceLine| {
+            (
+                l.meter.clone(),
+                l.quantity.to_string(),
+                l.amount.to_string(),
+            )
+        };
+        assert_eq!(shown(fee), (String::new(), "1".into(), "500.00".into()));
+        // Usage bills the resolutions line alone; the fee stays as it opened.
+        let resolutions = series("resolutions", &[]);
+        assert_eq!(
+            ledger.record(&resolutions, november(), value(3)),
+            Recorded::Billed(1)
+        );
+        let rated: Vec<String> = (ledger.flush().unwrap().into_iter())
+            .map(|r| r.line.price)
+            .collect();
+        assert_eq!(rated, ["resolutions"]);
+        // Not billed in December: no fee.
+        assert!(ledger.opening_lines(november().next()).unwrap().is_empty());
     }
 
     #[test]

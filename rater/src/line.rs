@@ -83,7 +83,9 @@ pub fn line_id(customer: &str, price: &str, period: Period, adjusts: Option<Peri
     Hex128(fingerprint.finish()).to_string()
 }
 
-/// Prices one line. `price_index` indexes the prices of the customer's plan in `period`.
+/// Prices one line. `price_index` indexes the prices of the customer's plan in `period`;
+/// `quantity` is the usage the price selects (a flat fee's line bills one of itself,
+/// whatever it is, and names no meter).
 pub fn invoice_line(
     config: &Config,
     customer: &Customer,
@@ -95,6 +97,7 @@ pub fn invoice_line(
     let plan = config.plan(subscription.plan);
     let price: &Price = &plan.prices[price_index];
     let failed = |source| LineError::new(customer, price, period, source);
+    let quantity = price.quantity(quantity);
     let charge = rate(&price.rate, quantity).map_err(failed)?;
     let (billed, minor) = (plan.currency.decimals(), plan.currency.minor_units());
     // Rounded to the minor unit, an amount past about 7.9e26 (usd) has no decimal.
@@ -122,7 +125,8 @@ pub fn invoice_line(
         customer: customer.id.clone(),
         plan: plan.id.clone(),
         price: price.id.clone(),
-        meter: config.meter(price.meter).slug.clone(),
+        meter: (price.usage.as_ref())
+            .map_or_else(String::new, |u| config.meter(u.meter).slug.clone()),
         period_start: period.start(),
         period_end: period.end(),
         quantity: quantity.normalize(),

@@ -4,7 +4,8 @@
 //! fractional bounds, package sizes and amounts finer than Stripe's (validation warns of
 //! each), and rates them by the same rules:
 //! - per_unit: `quantity * unit_amount`; with `transform_quantity`, the quantity is
-//!   first divided by `divide_by` and rounded up or down to whole packages.
+//!   first divided by `divide_by` and rounded up or down to whole packages. A flat fee
+//!   is a per-unit price whose line's quantity is 1 (`Price::quantity`).
 //! - graduated: each unit is priced at the tier it falls in; every tier the quantity
 //!   reaches adds its flat amount, and the first tier is always reached, so its flat
 //!   amount is billed even at zero usage.

@@ -1,7 +1,8 @@
 //! Validated price books: what a plan charges for each meter.
 //!
 //! The vocabulary is Stripe Billing's (per_unit, tiered graduated|volume, package via
-//! transform_quantity, flat and unit amounts per tier, line-item discounts). These types
+//! transform_quantity, flat and unit amounts per tier, flat-rate fees, line-item
+//! discounts). These types
 //! only hold tables that passed validation: tiers are non-empty and strictly increasing,
 //! only the last is open-ended, amounts are non-negative, a package divisor is positive.
 //! The arithmetic lives in the rater.
@@ -21,24 +22,48 @@ pub struct Plan {
     pub prices: Vec<Price>,
 }
 
-/// One priced usage item of a plan; each subscribed customer gets one invoice line per
-/// price per period, zero usage included.
+/// One priced item of a plan; each subscribed customer gets one invoice line per price
+/// per period, zero usage included.
 #[derive(Debug, Clone)]
 pub struct Price {
     pub id: String,
-    pub meter: MeterId,
-    /// `(group_by index, value)` pairs the usage must match; empty matches all usage.
-    pub filter: Vec<(usize, String)>,
+    /// The usage the price bills; `None` for a flat fee, billed once in each month the
+    /// customer is billed, whatever its usage (Stripe's flat-rate price: quantity 1).
+    pub usage: Option<Usage>,
     pub rate: Rate,
 }
 
-impl Price {
+/// The usage a price bills: its meter's, matching its filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub meter: MeterId,
+    /// `(group_by index, value)` pairs the usage must match; empty matches all usage.
+    pub filter: Vec<(usize, String)>,
+}
+
+impl Usage {
     /// Whether usage with these group_by values (in the meter's group_by order) counts
-    /// towards this price.
+    /// towards the price.
     pub fn matches<S: AsRef<str>>(&self, group: &[S]) -> bool {
         self.filter
             .iter()
             .all(|(i, v)| group.get(*i).is_some_and(|g| g.as_ref() == v))
+    }
+}
+
+impl Price {
+    /// Whether usage of `meter` with these group_by values counts towards this price.
+    pub fn bills<S: AsRef<str>>(&self, meter: MeterId, group: &[S]) -> bool {
+        (self.usage.as_ref()).is_some_and(|u| u.meter == meter && u.matches(group))
+    }
+
+    /// The quantity a line of this price bills for `usage` (its meter's, combined):
+    /// a flat fee bills one, whatever the usage.
+    pub fn quantity(&self, usage: Decimal) -> Decimal {
+        match self.usage {
+            Some(_) => usage,
+            None => Decimal::ONE,
+        }
     }
 }
 

@@ -137,9 +137,14 @@ fn the_issue_sample_config_is_valid_and_means_what_it_says() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(plan.prices[1].filter, [(0, "gpt-x".to_owned())]);
-    assert!(plan.prices[1].matches(&["gpt-x".to_owned()]));
-    assert!(!plan.prices[1].matches(&["gpt-y".to_owned()]));
+    let tokens = config.meters_for("llm.tokens")[0];
+    let usage = plan.prices[1].usage.as_ref().unwrap();
+    assert_eq!(
+        (usage.meter, &usage.filter[..]),
+        (tokens, &[(0, "gpt-x".to_owned())][..])
+    );
+    assert!(plan.prices[1].bills(tokens, &["gpt-x".to_owned()]));
+    assert!(!plan.prices[1].bills(tokens, &["gpt-y".to_owned()]));
 
     let acme = config.customers["cust_acme"].subscription(november());
     assert_eq!(config.plan(acme.plan).id, "pro");
@@ -504,6 +509,57 @@ fn two_prices_that_bill_the_same_usage_are_warned_about() {
     assert_eq!(warnings(r#"filter = { model = "gpt-x" }"#), twice);
     // Another model: each bills its own.
     assert!(warnings(r#"filter = { model = "claude" }"#).is_empty());
+}
+
+#[test]
+fn a_flat_fee_bills_one_of_itself_and_names_no_meter() {
+    let flat = "[[plans.prices]]\nid = \"platform\"\nbilling_scheme = \"flat\"\nunit_amount = \"500\"\n\n[[customers]]";
+    let config = parse(&with("[[customers]]", flat));
+    let price = &config.plans[0].prices[2];
+    assert_eq!(price.id, "platform");
+    assert!(price.usage.is_none());
+    assert_eq!(
+        price.rate,
+        Rate::PerUnit {
+            unit_amount: dec("500"),
+            package: None
+        }
+    );
+    assert_eq!(price.quantity(dec("1234")), Decimal::ONE);
+    let tokens = config.meters_for("llm.tokens")[0];
+    assert!(!price.bills(tokens, &["gpt-x".to_owned()]));
+
+    let at = "plans[pro].prices[platform]";
+    let refused = |extra: &str, at: &str, fragment: &str| {
+        let text = with(
+            "[[customers]]",
+            &flat.replace("unit_amount = \"500\"", extra),
+        );
+        assert_only_issue(&text, at, fragment);
+    };
+    refused(
+        "unit_amount = \"500\"\nmeter = \"tokens\"",
+        &format!("{at}.meter"),
+        "a flat fee bills no meter's usage",
+    );
+    refused(
+        "unit_amount = \"500\"\nfilter = { model = \"gpt-x\" }",
+        &format!("{at}.filter"),
+        "no filter",
+    );
+    refused(
+        "unit_amount = \"500\"\ntransform_quantity = { divide_by = 2, round = \"up\" }",
+        at,
+        "a flat fee is unit_amount alone",
+    );
+    refused(
+        "",
+        &format!("{at}.unit_amount"),
+        "the fee each billed month",
+    );
+    // A price of usage needs its meter.
+    let text = with("meter = \"tokens\"\n", "");
+    assert_has_issue(&text, "plans[pro].prices[gpt-tokens].meter", "required");
 }
 
 #[test]

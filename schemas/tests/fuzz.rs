@@ -249,7 +249,9 @@ fn check_parse(text: &str) {
             for plan in &config.plans {
                 assert!(!plan.prices.is_empty());
                 for price in &plan.prices {
-                    assert!((price.meter.0 as usize) < config.meters.len());
+                    if let Some(usage) = &price.usage {
+                        assert!((usage.meter.0 as usize) < config.meters.len());
+                    }
                     match &price.rate {
                         Rate::PerUnit {
                             unit_amount,

@@ -22,7 +22,7 @@ use tally_rater::ledger::{billed_value, combine};
 use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
 use tally_schemas::decimal::{exact_add, ExactAmount};
-use tally_schemas::price::{Discount, Plan, Price, Rate, TiersMode};
+use tally_schemas::price::{Discount, Plan, Price, Rate, TiersMode, Usage};
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
@@ -599,15 +599,24 @@ fn write_worked_line(
             line.config_hash
         )?;
     }
-    let meter = e.config.meter(price.meter);
-    writeln!(
-        out,
-        "  quantity  {}: {}{}",
-        line.quantity,
-        meter_text(meter),
-        filter_text(meter, price)
-    )?;
-    write_usage(out, e, meter, price, line)?;
+    match &price.usage {
+        Some(usage) => {
+            let meter = e.config.meter(usage.meter);
+            writeln!(
+                out,
+                "  quantity  {}: {}{}",
+                line.quantity,
+                meter_text(meter),
+                filter_text(meter, usage)
+            )?;
+            write_usage(out, e, meter, usage, line)?;
+        }
+        None => writeln!(
+            out,
+            "  quantity  {}: a flat fee, one in each month the customer is billed, whatever its usage",
+            line.quantity
+        )?,
+    }
     write_charge(out, price, line)?;
     if let Some(closed) = line.adjusts_period {
         return write_adjustment_amount(out, e, line, closed, Some((plan, *discount)));
@@ -766,11 +775,11 @@ fn write_usage(
     out: &mut impl Write,
     e: &Explanation<'_>,
     meter: &Meter,
-    price: &Price,
+    usage: &Usage,
     line: &InvoiceLine,
 ) -> io::Result<()> {
     let series: Vec<&SeriesWindows> = (e.usage.iter())
-        .filter(|(key, _)| key.meter == meter.slug && price.matches(&key.group))
+        .filter(|(key, _)| key.meter == meter.slug && usage.matches(&key.group))
         .filter(|(key, _)| key.adjusts == line.adjusts_period)
         .collect();
     if series.is_empty() {
@@ -913,6 +922,7 @@ fn write_usage(
 /// How the quantity becomes the charge, tier by tier.
 fn write_charge(out: &mut impl Write, price: &Price, line: &InvoiceLine) -> io::Result<()> {
     let how = match &price.rate {
+        Rate::PerUnit { package: None, .. } if price.usage.is_none() => "flat fee".to_owned(),
         Rate::PerUnit { package: None, .. } => "per unit".to_owned(),
         Rate::PerUnit {
             package: Some(package),
@@ -998,8 +1008,8 @@ fn meter_text(meter: &Meter) -> String {
 }
 
 /// `, where model = gpt-x`, or nothing for a price without a filter.
-fn filter_text(meter: &Meter, price: &Price) -> String {
-    let conditions: Vec<String> = (price.filter.iter())
+fn filter_text(meter: &Meter, usage: &Usage) -> String {
+    let conditions: Vec<String> = (usage.filter.iter())
         .map(|(dimension, value)| format!("{} = {value}", meter.group_by[*dimension].0))
         .collect();
     if conditions.is_empty() {

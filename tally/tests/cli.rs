@@ -3053,6 +3053,43 @@ through = "2026-10"
 }
 
 #[test]
+fn a_flat_fee_bills_one_in_each_billed_month_with_its_discount_and_is_explained() {
+    let flat = r#"
+[[plans.prices]]
+id = "platform"
+billing_scheme = "flat"
+unit_amount = "500"
+
+[[customers]]
+id = "cust_acme""#;
+    let f = Fixture::new(
+        &PRO.replacen("\n[[customers]]\nid = \"cust_acme\"", flat, 1)
+            .replace(
+                "discounts = [{ price = \"resolutions\", percent_off = \"12.5\" }]",
+                "discounts = [{ price = \"platform\", amount_off = \"50\" }]",
+            ),
+    );
+    let run = f.rate(&[], &[]).succeeded();
+    let lines = run.lines();
+    // No usage at all: the fee all the same, less its coupon.
+    assert_eq!(
+        money(line(&lines, "cust_acme", "platform")),
+        ["1", "500.00", "50.00", "450.00"]
+    );
+    assert_eq!(line(&lines, "cust_acme", "platform")["meter"], "");
+    let shown = f.explain("cust_acme", &["--price", "platform"]).succeeded();
+    assert_shows(
+        &shown.stdout,
+        &[
+            "  quantity  1: a flat fee, one in each month the customer is billed, whatever its usage\n",
+            "  charge    flat fee\n            1 x 500 = 500\n",
+            "  discount  50 off, at most the subtotal = 50.00\n",
+            "  amount    500.00 - 50.00 = 450.00 usd\n",
+        ],
+    );
+}
+
+#[test]
 fn explain_splits_a_customers_usage_into_utc_days() {
     let f = Fixture::new(&per_event_config(
         "usd",

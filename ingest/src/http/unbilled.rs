@@ -50,9 +50,8 @@ impl Unbilled {
             return Some(Unbilled::NotSubscribed { customer, period });
         }
         let plan = config.plan(customer.subscription(period).plan);
-        let priced = (event.readings.iter()).any(|reading| {
-            (plan.prices.iter()).any(|p| p.meter == reading.meter && p.matches(&reading.group))
-        });
+        let priced = (event.readings.iter())
+            .any(|reading| (plan.prices.iter()).any(|p| p.bills(reading.meter, &reading.group)));
         if priced {
             return None;
         }

@@ -142,8 +142,10 @@ pub struct PlanSpec {
 pub struct PriceSpec {
     /// Unique within the plan; names the invoice line.
     pub id: String,
-    /// Slug of the meter whose usage this price bills.
-    pub meter: String,
+    /// Slug of the meter whose usage this price bills; none for `billing_scheme =
+    /// "flat"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meter: Option<String>,
     pub billing_scheme: BillingScheme,
     /// Required with `billing_scheme = "tiered"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,7 +153,8 @@ pub struct PriceSpec {
     /// Required with `billing_scheme = "tiered"`; the last `up_to` is `"inf"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiers: Option<Vec<TierSpec>>,
-    /// Price per unit in the currency's major unit, with `billing_scheme = "per_unit"`.
+    /// Price per unit in the currency's major unit, with `billing_scheme = "per_unit"`;
+    /// with `"flat"`, the fee each billed month.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit_amount: Option<ExactDecimal>,
     /// Package pricing, with `billing_scheme = "per_unit"` only.
@@ -169,6 +172,9 @@ pub struct PriceSpec {
 pub enum BillingScheme {
     PerUnit,
     Tiered,
+    /// A fee each month the customer is billed, whatever its usage: `unit_amount` at
+    /// quantity 1, as Stripe bills a flat-rate price. No meter.
+    Flat,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

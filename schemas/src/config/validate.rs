@@ -15,7 +15,7 @@ use super::{
 };
 use crate::decimal::{exact_add, parse_exact};
 use crate::money::Currency;
-use crate::price::{Discount, Package, Plan, Price, Rate, Tier, Tiers, TiersMode, UpTo};
+use crate::price::{Discount, Package, Plan, Price, Rate, Tier, Tiers, TiersMode, UpTo, Usage};
 use crate::time::WindowSize;
 
 /// Collects issues under a path prefix.
@@ -308,14 +308,21 @@ fn check_overlapping_prices(plans: &[Plan], meters: &[Meter], warnings: &mut Iss
     for (i, plan) in plans.iter().enumerate() {
         let at = format!("{}.prices", item_at("plans", i, &plan.id));
         for (j, first) in plan.prices.iter().enumerate() {
+            // A flat fee bills no usage, so none twice.
+            let Some(first_usage) = &first.usage else {
+                continue;
+            };
             for second in &plan.prices[j + 1..] {
-                let disjoint = (first.filter.iter()).any(|(dimension, value)| {
-                    (second.filter.iter()).any(|(d, v)| d == dimension && v != value)
+                let Some(second_usage) = &second.usage else {
+                    continue;
+                };
+                let disjoint = (first_usage.filter.iter()).any(|(dimension, value)| {
+                    (second_usage.filter.iter()).any(|(d, v)| d == dimension && v != value)
                 });
-                if first.meter != second.meter || disjoint {
+                if first_usage.meter != second_usage.meter || disjoint {
                     continue;
                 }
-                let meter = &meters[first.meter.0 as usize].slug;
+                let meter = &meters[first_usage.meter.0 as usize].slug;
                 warnings.add(
                     item_at(&at, j, &first.id),
                     format!(
@@ -426,25 +433,49 @@ fn validate_price(
     meters: &[Meter],
     issues: &mut Issues,
 ) -> Option<Price> {
-    let meter_index = meters.iter().position(|m| m.slug == spec.meter);
-    if meter_index.is_none() {
-        let known: Vec<&str> = meters.iter().map(|m| m.slug.as_str()).collect();
-        issues.add(
-            format!("{at}.meter"),
-            format!(
-                "unknown meter {:?}; known meters: {}",
-                spec.meter,
-                known.join(", ")
-            ),
-        );
-    }
-    let filter =
-        meter_index.map_or_else(Vec::new, |i| validate_filter(spec, at, &meters[i], issues));
+    let usage = match (spec.billing_scheme, &spec.meter) {
+        (BillingScheme::Flat, None) => {
+            if !spec.filter.is_empty() {
+                issues.add(
+                    format!("{at}.filter"),
+                    "a flat fee bills no usage, so it has no filter; leave filter out",
+                );
+            }
+            None
+        }
+        (BillingScheme::Flat, Some(_)) => {
+            issues.add(
+                format!("{at}.meter"),
+                "a flat fee bills no meter's usage; leave meter out (or bill the usage with per_unit or tiered)",
+            );
+            None
+        }
+        (_, None) => {
+            issues.add(
+                format!("{at}.meter"),
+                "required: the slug of the meter whose usage this price bills (or billing_scheme = \"flat\" for a fee without usage)",
+            );
+            return None;
+        }
+        (_, Some(slug)) => {
+            let Some(index) = meters.iter().position(|m| m.slug == *slug) else {
+                let known: Vec<&str> = meters.iter().map(|m| m.slug.as_str()).collect();
+                issues.add(
+                    format!("{at}.meter"),
+                    format!("unknown meter {slug:?}; known meters: {}", known.join(", ")),
+                );
+                return None;
+            };
+            Some(Usage {
+                meter: MeterId(index as u32),
+                filter: validate_filter(spec, at, &meters[index], issues),
+            })
+        }
+    };
     let rate = validate_rate(spec, at, issues);
     Some(Price {
         id: spec.id.clone(),
-        meter: MeterId(meter_index? as u32),
-        filter,
+        usage,
         rate: rate?,
     })
 }
@@ -491,6 +522,31 @@ fn validate_filter(
 /// The price's billing scheme and amounts; `None` when its tiers are unusable.
 fn validate_rate(spec: &PriceSpec, at: &str, issues: &mut Issues) -> Option<Rate> {
     let rate = match spec.billing_scheme {
+        BillingScheme::Flat => {
+            if spec.tiers.is_some()
+                || spec.tiers_mode.is_some()
+                || spec.transform_quantity.is_some()
+            {
+                issues.add(
+                    at,
+                    "a flat fee is unit_amount alone: tiers, tiers_mode and transform_quantity price usage, which it has none of",
+                );
+            }
+            let unit_amount = match spec.unit_amount {
+                Some(a) => non_negative(a.0, &format!("{at}.unit_amount"), issues),
+                None => {
+                    issues.add(
+                        format!("{at}.unit_amount"),
+                        "required with billing_scheme = \"flat\": the fee each billed month",
+                    );
+                    Decimal::ZERO
+                }
+            };
+            Rate::PerUnit {
+                unit_amount,
+                package: None,
+            }
+        }
         BillingScheme::PerUnit => {
             if spec.tiers.is_some() || spec.tiers_mode.is_some() {
                 issues.add(
@@ -610,22 +666,28 @@ fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Vec<Tier
     tiers
 }
 
-/// A price's flat fees, billed even without usage, must fit a line: its amount is
+/// A price's flat fees (a tier's flat amounts, or a flat-rate fee), billed even without
+/// usage, must fit a line: its amount is
 /// stored as a 64-bit count of minor units. Found at rating time instead, one such
 /// price would stop the period's opening lines for every customer.
 fn check_flat_amounts_storable(price: &Price, currency: Currency, at: &str, issues: &mut Issues) {
-    let Rate::Tiered { mode, tiers } = &price.rate else {
-        return;
-    };
-    let mut flat = tiers.iter().map(|t| t.flat_amount);
-    let most = match mode {
-        TiersMode::Graduated => flat.try_fold(Decimal::ZERO, exact_add),
-        TiersMode::Volume => flat.max(),
+    let (most, field) = match (&price.rate, &price.usage) {
+        (Rate::Tiered { mode, tiers }, _) => {
+            let mut flat = tiers.iter().map(|t| t.flat_amount);
+            let most = match mode {
+                TiersMode::Graduated => flat.try_fold(Decimal::ZERO, exact_add),
+                TiersMode::Volume => flat.max(),
+            };
+            (most, "tiers")
+        }
+        // A flat fee: its unit amount, once.
+        (Rate::PerUnit { unit_amount, .. }, None) => (Some(*unit_amount), "unit_amount"),
+        (Rate::PerUnit { .. }, Some(_)) => return,
     };
     if most.and_then(|most| currency.to_minor(most)).is_none() {
         let storable = Decimal::new(i64::MAX, currency.minor_units());
         issues.add(
-            format!("{at}.prices[{}].tiers", price.id),
+            format!("{at}.prices[{}].{field}", price.id),
             format!(
                 "flat amounts of up to {} {currency} could not be stored on a line (at most {} {currency}, a 64-bit count of minor units); is a digit too many?",
                 most.map_or_else(|| "more than".to_owned(), |m| m.to_string()),

@@ -40,6 +40,23 @@ fn poison() -> Vec<(Vec<u8>, &'static str, &'static str)> {
     ]
 }
 
+/// A plan of a flat fee alone, and a customer on it with an amount off it.
+const FLAT_FEE_PLAN: &str = r#"
+[[plans]]
+id = "platform_only"
+currency = "eur"
+
+[[plans.prices]]
+id = "platform"
+billing_scheme = "flat"
+unit_amount = "250"
+
+[[customers]]
+id = "cust_platform"
+plan = "platform_only"
+discounts = [{ price = "platform", amount_off = "20" }]
+"#;
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
@@ -53,7 +70,8 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
         40,
         &format!(
             "[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_port}\"\ncommit_interval = \"100ms\"\n\
-             [rater]\nmetrics_listen = \"127.0.0.1:{rater_port}\"\nflush_interval = \"200ms\"\nstore_windows = true"
+             [rater]\nmetrics_listen = \"127.0.0.1:{rater_port}\"\nflush_interval = \"200ms\"\nstore_windows = true\n\
+             {FLAT_FEE_PLAN}"
         ),
     );
     p.start("aggregator", "agg-a");
@@ -66,6 +84,9 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     p.produce(&lines);
     let expected = p.expected();
     assert!(expected.len() > 40, "a real month has many lines");
+    // The flat fee, less its coupon, at quantity 1 without any usage.
+    let fee = line_for(&expected, "cust_platform", "platform");
+    assert_eq!((&fee.2[..], &fee.3[..], &fee.4[..]), ("1", "230.00", "eur"));
     p.wait_for(&expected, Duration::from_secs(180));
     p.wait_for_rated(&expected, Duration::from_secs(60));
     assert_windows_add_up_to_lines(&p, &expected);
