@@ -1204,6 +1204,7 @@ fn metrics_count_requests_events_and_acks_with_bounded_labels() {
     assert_eq!(service.post(BATCH, Some(KEY), &body).status, 202);
     assert_eq!(service.post(BATCH, None, &body).status, 401);
     assert_eq!(service.get("/healthz").status, 200);
+    assert_eq!(service.get("/v1/event").status, 404);
 
     let metrics = service.get("/metrics");
     assert_eq!(metrics.status, 200);
@@ -1212,6 +1213,8 @@ fn metrics_count_requests_events_and_acks_with_bounded_labels() {
         r#"tally_http_requests_total{route="/v1/events",status="202"} 1"#,
         r#"tally_http_requests_total{route="/v1/events",status="401"} 1"#,
         r#"tally_http_requests_total{route="/healthz",status="200"} 1"#,
+        // A wrong path, counted without it.
+        r#"tally_http_requests_total{route="unmatched",status="404"} 1"#,
         r#"tally_http_request_duration_seconds_count{route="/v1/events"} 2"#,
         r#"tally_ingest_events_total{outcome="accepted"} 2"#,
         r#"tally_ingest_events_total{outcome="duplicate_in_batch"} 1"#,
@@ -1228,7 +1231,13 @@ fn metrics_count_requests_events_and_acks_with_bounded_labels() {
             "no line {line:?} in:\n{text}"
         );
     }
-    for secret in [KEY, "platform", "cust_secret_customer", "x-1"] {
+    for secret in [
+        KEY,
+        "platform",
+        "cust_secret_customer",
+        "x-1",
+        "/v1/event\"",
+    ] {
         assert!(!text.contains(secret), "{secret} appears in the metrics");
     }
 }

@@ -212,14 +212,15 @@ fn router(app: Arc<App>, registry: Registry, readiness: Readiness) -> Router {
         .route(EVENTS_ROUTE, post(post_events))
         .with_state(app)
         .merge(tally_runtime::ops::router(registry, readiness))
-        .route_layer(middleware::from_fn_with_state(metrics, track))
+        .layer(middleware::from_fn_with_state(metrics, track))
         // The handler reads the body under its own cap; this one guards any extractor
         // added later.
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
-/// Counts and times every request to a route, by its template (as a route layer, it
-/// does not see requests that match no route).
+/// Counts and times every request, by its route's template; one that matches no route
+/// (a 404) as `unmatched`, so a sender posting to a wrong path shows on the dashboard
+/// without its path as a label.
 async fn track(State(metrics): State<IngestMetrics>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
