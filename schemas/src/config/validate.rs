@@ -532,18 +532,8 @@ fn validate_rate(spec: &PriceSpec, at: &str, issues: &mut Issues) -> Option<Rate
                     "a flat fee is unit_amount alone: tiers, tiers_mode and transform_quantity price usage, which it has none of",
                 );
             }
-            let unit_amount = match spec.unit_amount {
-                Some(a) => non_negative(a.0, &format!("{at}.unit_amount"), issues),
-                None => {
-                    issues.add(
-                        format!("{at}.unit_amount"),
-                        "required with billing_scheme = \"flat\": the fee each billed month",
-                    );
-                    Decimal::ZERO
-                }
-            };
             Rate::PerUnit {
-                unit_amount,
+                unit_amount: unit_amount(spec, at, "\"flat\": the fee each billed month", issues),
                 package: None,
             }
         }
@@ -554,16 +544,7 @@ fn validate_rate(spec: &PriceSpec, at: &str, issues: &mut Issues) -> Option<Rate
                     "tiers and tiers_mode belong to billing_scheme = \"tiered\", not \"per_unit\"",
                 );
             }
-            let unit_amount = match spec.unit_amount {
-                Some(a) => non_negative(a.0, &format!("{at}.unit_amount"), issues),
-                None => {
-                    issues.add(
-                        format!("{at}.unit_amount"),
-                        "required with billing_scheme = \"per_unit\"",
-                    );
-                    Decimal::ZERO
-                }
-            };
+            let unit_amount = unit_amount(spec, at, "\"per_unit\"", issues);
             let package = spec.transform_quantity.as_ref().map(|t| {
                 if t.divide_by.0 <= Decimal::ZERO {
                     issues.add(
@@ -610,6 +591,19 @@ fn validate_rate(spec: &PriceSpec, at: &str, issues: &mut Issues) -> Option<Rate
         }
     };
     Some(rate)
+}
+
+/// A per-unit or flat price's `unit_amount`, which its `scheme` (as the message names
+/// it) requires.
+fn unit_amount(spec: &PriceSpec, at: &str, scheme: &str, issues: &mut Issues) -> Decimal {
+    let at = format!("{at}.unit_amount");
+    match spec.unit_amount {
+        Some(a) => non_negative(a.0, &at, issues),
+        None => {
+            issues.add(at, format!("required with billing_scheme = {scheme}"));
+            Decimal::ZERO
+        }
+    }
 }
 
 fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Vec<Tier> {
