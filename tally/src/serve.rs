@@ -102,6 +102,7 @@ fn serve_until_stopped(args: ServeArgs) -> anyhow::Result<()> {
     tally_runtime::kafka::check_properties(&settings.kafka)?;
     tracing::info!(
         service = ?args.service,
+        instance = %settings.kafka.instance_id,
         version = %*crate::VERSION,
         config = %origin,
         price_book = %config.hash,
