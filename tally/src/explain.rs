@@ -22,7 +22,7 @@ use tally_rater::ledger::{billed_value, combine};
 use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
 use tally_schemas::decimal::{exact_add, ExactAmount};
-use tally_schemas::price::{Discount, Plan, Price, Rate, TiersMode, Usage};
+use tally_schemas::price::{Discount, Plan, Price, Rate, Tier, TiersMode, Usage};
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
@@ -327,15 +327,22 @@ fn write_heading(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
         let before = Period::latest_ended_by(period.start());
         if e.customer.bills(before) {
             let earlier = e.customer.subscription(before);
+            let earlier_plan = e.config.plan(earlier.plan);
+            let discounts_before = discounts_text(earlier_plan, &earlier.discounts);
+            let discounts_now = discounts_text(plan, &subscription.discounts);
             if earlier.plan != subscription.plan {
                 writeln!(
                     out,
                     "  moved to plan {} this month by a plan change; {before} was billed on plan {}",
-                    plan.id,
-                    e.config.plan(earlier.plan).id
+                    plan.id, earlier_plan.id
                 )?;
-            } else if earlier.discounts != subscription.discounts {
-                writeln!(out, "  its discounts changed this month by a plan change")?;
+            }
+            // Told by what they are, not by index: another plan's indices differ.
+            if discounts_before != discounts_now {
+                writeln!(
+                    out,
+                    "  its discounts changed this month by a plan change: {discounts_now} (in {before}: {discounts_before})"
+                )?;
             }
         }
     } else if e.lines.is_empty() {
@@ -350,6 +357,25 @@ fn write_heading(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// A subscription's discounts in words: `12.5 % off resolutions, 50 off platform`, or
+/// `none`.
+fn discounts_text(plan: &Plan, discounts: &BTreeMap<usize, Discount>) -> String {
+    let each: Vec<String> = (discounts.iter())
+        .map(|(&index, discount)| {
+            let price = &plan.prices[index].id;
+            match discount {
+                Discount::PercentOff(percent) => format!("{percent} % off {price}"),
+                Discount::AmountOff(off) => format!("{off} off {price}"),
+            }
+        })
+        .collect();
+    if each.is_empty() {
+        "none".to_owned()
+    } else {
+        each.join(", ")
+    }
 }
 
 pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
@@ -919,6 +945,15 @@ fn write_usage(
     Ok(())
 }
 
+/// `text` when a tier of `tiers` has a flat fee, else nothing: a table without any need
+/// not be read around.
+fn flat_fees<'t>(tiers: &[Tier], text: &'t str) -> &'t str {
+    match tiers.iter().any(|t| !t.flat_amount.is_zero()) {
+        true => text,
+        false => "",
+    }
+}
+
 /// How the quantity becomes the charge, tier by tier.
 fn write_charge(out: &mut impl Write, price: &Price, line: &InvoiceLine) -> io::Result<()> {
     let how = match &price.rate {
@@ -949,12 +984,18 @@ fn write_charge(out: &mut impl Write, price: &Price, line: &InvoiceLine) -> io::
         }
         Rate::Tiered {
             mode: TiersMode::Graduated,
-            ..
-        } => "graduated: each unit at the price of the tier it falls in, plus the flat fee of every tier reached".to_owned(),
+            tiers,
+        } => format!(
+            "graduated: each unit at the price of the tier it falls in{}",
+            flat_fees(tiers, ", plus the flat fee of every tier reached")
+        ),
         Rate::Tiered {
             mode: TiersMode::Volume,
-            ..
-        } => "volume: every unit at the price of the tier the whole quantity falls in, plus that tier's flat fee".to_owned(),
+            tiers,
+        } => format!(
+            "volume: every unit at the price of the tier the whole quantity falls in{}",
+            flat_fees(tiers, ", plus that tier's flat fee")
+        ),
     };
     writeln!(out, "  charge    {how}")?;
     // A per-unit price is one tier up to infinity: its tier number says nothing.
@@ -1225,6 +1266,10 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
             shown.ends_with("\ntotal 44.85 usd (42.87 + 1.98)\n"),
             "{shown}"
         );
+        assert!(
+            shown.contains("  its discounts changed this month by a plan change: 12.5 % off resolutions (in 2026-10: none)\n"),
+            "{shown}"
+        );
         // The month's lines are rounded as pro rounds; the adjustment as starter does.
         assert!(
             shown.contains(
@@ -1306,7 +1351,7 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
         ] {
             assert!(shown.contains(expected), "{expected:?} in:\n{shown}");
         }
-        assert!(!shown.contains("12.5 %"), "{shown}");
+        assert!(!shown.contains("  discount  12.5 %"), "{shown}");
     }
 
     #[test]

@@ -978,8 +978,9 @@ fn csv_rows(
                         others.join(", ")
                     );
                 }
+                // Columns left out by --column ignore= are not news to the user.
                 let ignored = (headers.iter())
-                    .filter(|column| !reads_column(column))
+                    .filter(|column| !reads_column(column) && *column != IGNORED_COLUMN)
                     .filter_map(|column| {
                         if !has_month && named_like_month(column) {
                             return Some(format!(
@@ -1894,6 +1895,11 @@ mod tests {
         let ignored = ColumnNames(vec![column_name("ignore=cohort_month").unwrap()]);
         let read = lines_of_text("old.csv", cohort, FileFormat::Csv, november(), &ignored).unwrap();
         assert_eq!(read.by_key.len(), 1);
+        assert!(
+            read.ignored_columns.is_empty(),
+            "{:?}",
+            read.ignored_columns
+        );
         // "end" is a word of its own: a calendar month is watched.
         let calendar = "customer,price,quantity,amount,currency,calendar_month\nacme,tokens,2,2.00,usd,2026-10\n";
         assert!(error("old.csv", calendar, FileFormat::Csv)
