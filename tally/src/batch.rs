@@ -33,6 +33,9 @@ pub struct BatchOptions {
     /// Also count this customer's events (`summary.customer`) and keep its windows
     /// (`explained_usage`): for `tally explain`.
     pub explained_customer: Option<String>,
+    /// Also keep each event of the explained customer that counts (`tally explain
+    /// --list-events`): a big customer's month is many of them.
+    pub keep_counted_events: bool,
 }
 
 pub struct BatchResult {
@@ -57,7 +60,8 @@ pub fn rate_events(
     let mut summary = Summary {
         period: period.to_string(),
         unfinished: period.end() > options.now,
-        customer: options.explained_customer.clone().map(CustomerEvents::new),
+        customer: (options.explained_customer.clone())
+            .map(|c| CustomerEvents::new(c, options.keep_counted_events)),
         ..Summary::default()
     };
     let mut first_bad = None;

@@ -22,13 +22,14 @@ use tally_rater::ledger::{billed_value, combine};
 use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
 use tally_schemas::decimal::{exact_add, ExactAmount};
+use tally_schemas::event::ReadingValue;
 use tally_schemas::price::{Discount, Plan, Price, Rate, Tier, TiersMode, Usage};
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesWindows, WindowUsage};
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchResult};
 use crate::report::{packages, tier_arithmetic, tier_text, total_too_large};
-use crate::summary::{CustomerEvents, UnbilledUsage};
+use crate::summary::{CountedEvent, CustomerEvents, UnbilledUsage};
 use crate::{ConfiguredClickHouse, RatedMonth};
 
 #[derive(Debug, Args)]
@@ -44,6 +45,10 @@ pub struct ExplainArgs {
     /// CloudEvents JSON lines, rated as `tally rate` rates them; `-` reads stdin.
     #[arg(long, required_unless_present = "pipeline")]
     events: Option<String>,
+    /// Under each line, the events it counts: their line in the file, id, time and
+    /// value (the resolutions or requests a customer may ask about).
+    #[arg(long, conflicts_with = "pipeline")]
+    list_events: bool,
     /// Explain the lines the streaming rater stored instead: read from the ClickHouse
     /// of the configuration's `[clickhouse]` section (`invoice_lines`, and the usage
     /// from `window_usage` when the rater stores windows).
@@ -76,10 +81,11 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
     match &args.events {
         Some(events) => {
             let input = read_input(events)?;
-            let options = month.options(Utc::now(), false, Some(args.customer.clone()));
+            let mut options = month.options(Utc::now(), false, Some(args.customer.clone()));
+            options.keep_counted_events = args.list_events;
             let result = rate_events(&config, &input, &options, |_| Ok(()))?;
             let name = if events == "-" { "stdin" } else { events };
-            let explanation = Explanation::of_batch(
+            let mut explanation = Explanation::of_batch(
                 &config,
                 month.period,
                 customer,
@@ -87,6 +93,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 &result,
                 args.price.as_deref(),
             )?;
+            explanation.list_events = args.list_events;
             write_explanation(&mut out, &explanation)?;
         }
         None => {
@@ -115,6 +122,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 usage: &usage,
                 unfinished: month.period.end() > Utc::now(),
                 billed_before: billed_before(clickhouse, &args.customer, month.period, &lines)?,
+                list_events: false,
             };
             write_explanation(&mut out, &explanation)?;
         }
@@ -182,6 +190,8 @@ pub struct Explanation<'a> {
     /// For each adjustment line, by the closed period and price it adjusts: what that
     /// period's line had billed before (only the pipeline's lines have adjustments).
     pub billed_before: BTreeMap<(Period, String), Billed>,
+    /// List the events each line counts (a batch run's only: the pipeline keeps none).
+    pub list_events: bool,
 }
 
 /// A closed period's line as billed so far: its own line and the adjustments of it
@@ -275,6 +285,7 @@ impl<'a> Explanation<'a> {
             usage: &result.explained_usage,
             unfinished: result.summary.unfinished,
             billed_before: BTreeMap::new(),
+            list_events: false,
         })
     }
 }
@@ -636,6 +647,9 @@ fn write_worked_line(
                 filter_text(meter, usage)
             )?;
             write_usage(out, e, meter, usage, line)?;
+            if let (true, Source::Events { events, .. }) = (e.list_events, &e.source) {
+                write_counted_events(out, events, usage)?;
+            }
         }
         None => writeln!(
             out,
@@ -945,6 +959,38 @@ fn write_usage(
     Ok(())
 }
 
+/// The events a line of `usage` counts, one a row: line, id, time and value.
+fn write_counted_events(
+    out: &mut impl Write,
+    events: &CustomerEvents,
+    usage: &Usage,
+) -> io::Result<()> {
+    let kept = events.counted_events.as_deref().unwrap_or_default();
+    let counted: Vec<(&CountedEvent, &ReadingValue)> = (kept.iter())
+        .filter_map(|event| {
+            let (_, _, value) = (event.readings.iter())
+                .find(|(meter, group, _)| *meter == usage.meter && usage.matches(group))?;
+            Some((event, value))
+        })
+        .collect();
+    writeln!(out, "            events counted ({}):", counted.len())?;
+    for (event, value) in counted {
+        let value = match value {
+            ReadingValue::Event => "1 event".to_owned(),
+            ReadingValue::Number(n) => n.normalize().to_string(),
+            ReadingValue::Distinct(_) => "a distinct value".to_owned(),
+        };
+        writeln!(
+            out,
+            "              line {}  id {}  {}  {value}",
+            event.line,
+            event.id,
+            tally_schemas::time::rfc3339(event.time)
+        )?;
+    }
+    Ok(())
+}
+
 /// `text` when a tier of `tiers` has a flat fee, else nothing: a table without any need
 /// not be read around.
 fn flat_fees<'t>(tiers: &[Tier], text: &'t str) -> &'t str {
@@ -1240,6 +1286,7 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
             usage,
             unfinished: false,
             billed_before,
+            list_events: false,
         };
         let mut out = Vec::new();
         write_explanation(&mut out, &explanation).unwrap();

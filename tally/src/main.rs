@@ -135,6 +135,7 @@ impl RatedMonth {
             workers: self.threads.unwrap_or_else(default_threads),
             strict,
             explained_customer,
+            keep_counted_events: false,
         }
     }
 }

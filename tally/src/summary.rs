@@ -8,13 +8,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use tally_aggregator::{Aggregator, Outcome};
 use tally_ingest::{Line, LineReject};
 use tally_rater::Recorded;
-use tally_schemas::config::Config;
-use tally_schemas::event::{DecodedEvent, EventError, Problem};
+use tally_schemas::config::{Config, MeterId};
+use tally_schemas::event::{DecodedEvent, EventError, Problem, ReadingValue};
 use tally_schemas::ids::EventKey;
 use tally_schemas::records::SeriesKey;
 use tally_schemas::time::Period;
@@ -77,6 +78,9 @@ pub struct CustomerEvents {
     pub rejected: Vec<(u64, String)>,
     /// Counted towards the period's usage, by event type.
     pub counted: BTreeMap<String, u64>,
+    /// The counted events themselves, in file order, when asked for: for support to
+    /// name each resolution or request a line bills (`tally explain --list-events`).
+    pub counted_events: Option<Vec<CountedEvent>>,
     /// The lines of the retries (the file's, from 1), each with the line of the event
     /// it repeats where that named this customer too.
     pub retries: Vec<(u64, Option<u64>)>,
@@ -92,15 +96,55 @@ pub struct CustomerEvents {
     pub refused: u64,
 }
 
+/// One event a line may count: where it is, its id and time, and what each meter read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountedEvent {
+    /// Its line in the events file, from 1.
+    pub line: u64,
+    /// Its CloudEvents `id` as sent (empty when the line cannot be read again).
+    pub id: String,
+    pub time: DateTime<Utc>,
+    pub readings: Vec<(MeterId, Vec<String>, ReadingValue)>,
+}
+
+impl CountedEvent {
+    fn of(event: &DecodedEvent<'_>, line: u64, raw: &[u8]) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Id<'a> {
+            #[serde(borrow)]
+            id: std::borrow::Cow<'a, str>,
+        }
+        // The line decoded already: only its id is read again.
+        let id = serde_json::from_slice::<Id<'_>>(raw)
+            .map_or_else(|_| String::new(), |e| e.id.into_owned());
+        CountedEvent {
+            line,
+            id,
+            time: event.time,
+            readings: (event.readings.iter())
+                .map(|r| {
+                    (
+                        r.meter,
+                        r.group.iter().map(|g| g.to_string()).collect(),
+                        r.value,
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 impl CustomerEvents {
-    pub fn new(customer: String) -> Self {
+    /// `keep_counted`: keep each counted event too.
+    pub fn new(customer: String, keep_counted: bool) -> Self {
         CustomerEvents {
             customer,
+            counted_events: keep_counted.then(Vec::new),
             ..CustomerEvents::default()
         }
     }
 
-    fn record(&mut self, bucket: Bucket, event: &DecodedEvent<'_>, line: u64) {
+    fn record(&mut self, bucket: Bucket, event: &DecodedEvent<'_>, line: u64, raw: &[u8]) {
         let first = self.first_lines.get(&event.key).copied();
         match bucket {
             Bucket::Duplicate => self.retries.push((line, first)),
@@ -121,6 +165,9 @@ impl CustomerEvents {
                     .counted
                     .entry(event.event_type.to_string())
                     .or_default() += 1;
+                if let Some(kept) = &mut self.counted_events {
+                    kept.push(CountedEvent::of(event, line, raw));
+                }
             }
             // A batch run keeps every key, and the customer is one the book knows.
             Bucket::TooLate | Bucket::UnknownCustomer => {}
@@ -248,7 +295,7 @@ impl Summary {
                     }))),
                     _ => None,
                 };
-                self.record(outcome, event, period, *line);
+                self.record(outcome, event, period, *line, raw);
                 bad
             }
             Line::Rejected(reject) => {
@@ -259,7 +306,14 @@ impl Summary {
     }
 
     /// Puts one decoded event in its bucket, given what the aggregator made of it.
-    fn record(&mut self, outcome: Outcome, event: &DecodedEvent<'_>, period: Period, line: u64) {
+    fn record(
+        &mut self,
+        outcome: Outcome,
+        event: &DecodedEvent<'_>,
+        period: Period,
+        line: u64,
+        raw: &[u8],
+    ) {
         let bucket = Bucket::of(&outcome, event, period);
         match bucket {
             Bucket::Duplicate => self.duplicates += 1,
@@ -287,7 +341,7 @@ impl Summary {
         }
         if let Some(customer) = &mut self.customer {
             if customer.customer == event.subject {
-                customer.record(bucket, event, line);
+                customer.record(bucket, event, line, raw);
             }
         }
     }

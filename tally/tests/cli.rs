@@ -3090,6 +3090,30 @@ id = "cust_acme""#;
 }
 
 #[test]
+fn explain_lists_the_events_each_line_counts_when_asked() {
+    let f = Fixture::new(PRO);
+    let events = vec![
+        tokens("t1", "cust_acme", "gpt-x", json!(1200)),
+        tokens("c1", "cust_acme", "claude-y", json!(700)),
+        // A retry: counted once, under the line it first came on.
+        tokens("t1", "cust_acme", "gpt-x", json!(1200)),
+        tokens("t2", "cust_acme", "gpt-x", json!("300")),
+        tokens("o1", "cust_idle", "gpt-x", json!(5)),
+    ];
+    f.rate(&events, &[]).succeeded();
+    let listed = f
+        .explain("cust_acme", &["--price", "gpt-tokens", "--list-events"])
+        .succeeded();
+    assert_shows(
+        &listed.stdout,
+        &["            events counted (2):\n              line 1  id t1  2026-11-10T08:00:00Z  1200\n              line 4  id t2  2026-11-10T08:00:00Z  300\n"],
+    );
+    // Without the flag, no list.
+    let plain = f.explain("cust_acme", &["--price", "gpt-tokens"]).succeeded();
+    assert!(!plain.stdout.contains("events counted"), "{}", plain.stdout);
+}
+
+#[test]
 fn explain_splits_a_customers_usage_into_utc_days() {
     let f = Fixture::new(&per_event_config(
         "usd",

@@ -212,6 +212,7 @@ fn check_against_batch(
             workers: crate::default_threads(),
             strict: false,
             explained_customer: explained.map(|customer| customer.id.clone()),
+            keep_counted_events: false,
         },
         |_| Ok(()),
     )?;

@@ -180,6 +180,7 @@ mod tests {
             workers: 2,
             strict: false,
             explained_customer: None,
+            keep_counted_events: false,
         };
         let batch = rate_events(&config, &input, &options, |_| Ok(())).unwrap();
 
