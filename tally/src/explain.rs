@@ -583,6 +583,8 @@ fn write_line(out: &mut impl Write, e: &Explanation<'_>, line: &InvoiceLine) -> 
 /// each step can be shown with them.
 struct Rules<'c> {
     plan: &'c Plan,
+    /// The price's index among the plan's prices.
+    index: usize,
     price: &'c Price,
     discount: Option<&'c Discount>,
 }
@@ -611,6 +613,7 @@ impl<'c> Rules<'c> {
         }?;
         Some(Rules {
             plan,
+            index,
             price,
             discount: subscription.discounts.get(&index),
         })
@@ -628,6 +631,7 @@ fn write_worked_line(
         plan,
         price,
         discount,
+        ..
     } = rules;
     if line.config_hash != e.config.hash.to_string() {
         writeln!(
@@ -659,7 +663,7 @@ fn write_worked_line(
     }
     write_charge(out, price, line)?;
     if let Some(closed) = line.adjusts_period {
-        return write_adjustment_amount(out, e, line, closed, Some((plan, *discount)));
+        return write_adjustment_amount(out, e, line, closed, Some(rules));
     }
     let mut charge = ExactAmount::default();
     for tier in &line.tiers {
@@ -752,9 +756,9 @@ fn write_adjustment_amount(
     e: &Explanation<'_>,
     line: &InvoiceLine,
     closed: Period,
-    rules: Option<(&Plan, Option<&Discount>)>,
+    rules: Option<&Rules<'_>>,
 ) -> io::Result<()> {
-    let rounded = rules.map_or_else(String::new, |(plan, _)| {
+    let rounded = rules.map_or_else(String::new, |Rules { plan, .. }| {
         format!(
             ", each rounded {} to {} decimals as plan {} rounds",
             snake_case(plan.rounding),
@@ -774,10 +778,26 @@ fn write_adjustment_amount(
         out,
         "  amount    what the late usage adds to {closed}'s line: that line rated again with it, less the line as billed{rounded}:"
     )?;
-    let discount = rules.map_or_else(
-        || after.discount.to_string(),
-        |(plan, discount)| discount_text(discount, plan, after.subtotal, after.discount),
-    );
+    // The closed line rated again here, with this book: its discount can be worked
+    // through only if the stored lines add up to it (all rated with this book, none
+    // missing); else the stored sums are shown as they are.
+    let rated_again = rules.and_then(|rules| {
+        let rated = invoice_line(e.config, e.customer, rules.index, closed, after.quantity);
+        rated
+            .ok()
+            .filter(|rated| (rated.subtotal, rated.discount) == (after.subtotal, after.discount))?;
+        Some(rules)
+    });
+    let discount = match rated_again {
+        Some(rules) => discount_text(rules.discount, rules.plan, after.subtotal, after.discount),
+        None => after.discount.to_string(),
+    };
+    if rules.is_some() && rated_again.is_none() {
+        writeln!(
+            out,
+            "            (the stored lines do not add up to {closed}'s line as this price book rates it with the late usage: one was rated with another book, or is missing from ClickHouse; the figures are the stored ones)"
+        )?;
+    }
     writeln!(
         out,
         "            rated again  quantity {}, subtotal {}, discount {discount}, amount {}",
@@ -1340,14 +1360,32 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
         let closed = line(&config, "cust_pro", "2026-10", 150);
         let mut billed = Billed::default();
         billed.add(&closed);
-        let adjustment = adjustment(&config, "cust_pro", 150, 1050);
+        let late = adjustment(&config, "cust_pro", 150, 1050);
         let before = BTreeMap::from([((month("2026-10"), "resolutions".to_owned()), billed)]);
-        let shown = explained_after(&config, "cust_pro", &[adjustment], &[], before);
+        let shown = explained_after(&config, "cust_pro", &[late.clone()], &[], before);
         for expected in [
             "  amount    what the late usage adds to 2026-10's line: that line rated again with it, less the line as billed, each rounded half_up to 2 decimals as plan pro rounds:\n",
             "            rated again  quantity 1050, subtotal 894.50, discount 12.5 % of 894.50 = 111.8125, rounded half_up = 111.81, amount 782.69\n",
             "            as billed    quantity 150, subtotal 93.50, discount 11.69, amount 81.81 (2026-10's line and any earlier adjustment of it)\n",
             "            difference   subtotal 894.50 - 93.50 = 801.00, discount 111.81 - 11.69 = 100.12: 801.00 - 100.12 = 700.88 usd\n",
+        ] {
+            assert!(shown.contains(expected), "{expected:?} in:\n{shown}");
+        }
+        assert!(!shown.contains("do not add up"), "{shown}");
+
+        // October's stored line as another book rated it (a 10 % discount): the sums are
+        // shown as stored, and no arithmetic is claimed that this book does not make.
+        let mut other = Billed::default();
+        other.add(&InvoiceLine {
+            discount: Decimal::new(935, 2),
+            amount: Decimal::new(8415, 2),
+            ..closed
+        });
+        let before = BTreeMap::from([((month("2026-10"), "resolutions".to_owned()), other)]);
+        let shown = explained_after(&config, "cust_pro", &[late], &[], before);
+        for expected in [
+            "            (the stored lines do not add up to 2026-10's line as this price book rates it with the late usage: one was rated with another book, or is missing from ClickHouse; the figures are the stored ones)\n",
+            "            rated again  quantity 1050, subtotal 894.50, discount 109.47, amount 785.03\n",
         ] {
             assert!(shown.contains(expected), "{expected:?} in:\n{shown}");
         }

@@ -3109,7 +3109,9 @@ fn explain_lists_the_events_each_line_counts_when_asked() {
         &["            events counted (2):\n              line 1  id t1  2026-11-10T08:00:00Z  1200\n              line 4  id t2  2026-11-10T08:00:00Z  300\n"],
     );
     // Without the flag, no list.
-    let plain = f.explain("cust_acme", &["--price", "gpt-tokens"]).succeeded();
+    let plain = f
+        .explain("cust_acme", &["--price", "gpt-tokens"])
+        .succeeded();
     assert!(!plain.stdout.contains("events counted"), "{}", plain.stdout);
 }
 
