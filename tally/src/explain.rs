@@ -1362,7 +1362,13 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
         billed.add(&closed);
         let late = adjustment(&config, "cust_pro", 150, 1050);
         let before = BTreeMap::from([((month("2026-10"), "resolutions".to_owned()), billed)]);
-        let shown = explained_after(&config, "cust_pro", &[late.clone()], &[], before);
+        let shown = explained_after(
+            &config,
+            "cust_pro",
+            std::slice::from_ref(&late),
+            &[],
+            before,
+        );
         for expected in [
             "  amount    what the late usage adds to 2026-10's line: that line rated again with it, less the line as billed, each rounded half_up to 2 decimals as plan pro rounds:\n",
             "            rated again  quantity 1050, subtotal 894.50, discount 12.5 % of 894.50 = 111.8125, rounded half_up = 111.81, amount 782.69\n",
