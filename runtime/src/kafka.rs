@@ -546,33 +546,23 @@ pub const LAG_RECORD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Sets `lag{topic, partition}` (a service's `*_consumer_lag_messages`) to how far
 /// each assigned partition's position is behind its high watermark, and removes the
-/// series of partitions no longer assigned. A partition whose watermark cannot be read
-/// this time keeps its last value: a scrape never sees a held partition vanish and come
-/// back, which would restart a lag alert's `for`. Cheap enough to call every few
-/// seconds.
-pub fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, lag: &IntGaugeVec) {
+/// series of partitions no longer assigned. A partition read nothing from since it
+/// was assigned (idle since a restart) has no position yet: `next_offset` gives where
+/// its owner starts it (the service chose that offset at assignment), so every held
+/// partition has a series. A partition whose watermark cannot be read this time keeps
+/// its last value: a scrape never sees a held partition vanish and come back, which
+/// would restart a lag alert's `for`. Cheap enough to call every few seconds.
+pub fn record_lag<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    lag: &IntGaugeVec,
+    next_offset: impl Fn(i32) -> Option<i64>,
+) {
     let Ok(assignment) = consumer.assignment() else {
         return;
     };
     let Ok(positions) = consumer.position() else {
         return;
     };
-    // A partition read nothing from since it was assigned (idle since a restart) has
-    // no position yet: its lag counts from the group's committed offset, so every
-    // held partition has a series.
-    let mut unread = TopicPartitionList::new();
-    for elem in assignment.elements() {
-        if offset_of(&positions, elem.topic(), elem.partition()).is_none() {
-            unread.add_partition(elem.topic(), elem.partition());
-        }
-    }
-    let committed = (unread.count() > 0)
-        .then(|| {
-            consumer
-                .committed_offsets(unread, Duration::from_secs(1))
-                .ok()
-        })
-        .flatten();
     let held: HashSet<(String, String)> = (assignment.elements().iter())
         .map(|elem| (elem.topic().to_owned(), elem.partition().to_string()))
         .collect();
@@ -598,8 +588,7 @@ pub fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, lag: &IntGauge
             continue;
         };
         let (topic, partition) = (elem.topic(), elem.partition());
-        let position = offset_of(&positions, topic, partition)
-            .or_else(|| offset_of(committed.as_ref()?, topic, partition));
+        let position = offset_of(&positions, topic, partition).or_else(|| next_offset(partition));
         if let Some(position) = position {
             lag.with_label_values(&[elem.topic(), &elem.partition().to_string()])
                 .set((high - position).max(0));

@@ -202,12 +202,12 @@ fn lag_is_kept_while_the_broker_is_away_and_dropped_for_partitions_let_go() {
             })
             .collect::<Vec<_>>()
     };
-    record_lag(&consumer, &lag);
+    record_lag(&consumer, &lag, |_| None);
     assert_eq!(exported(), [(topic.clone(), 6.0)]);
 
     // With the broker away, no watermark can be read: the last value stays.
     kafka("stop");
-    record_lag(&consumer, &lag);
+    record_lag(&consumer, &lag, |_| None);
     let kept = exported();
     kafka("start");
     assert_eq!(kept, [(topic.clone(), 6.0)]);
@@ -233,31 +233,23 @@ fn every_held_partition_has_a_lag_before_anything_is_read_from_it() {
         }
     }
     producer.flush(Duration::from_secs(30)).unwrap();
-    // The group had read all of partition 0 and one record of partition 1.
-    let group = unique("lag-unread-group");
-    let offsets = |p0, p1| {
-        let mut list = rdkafka::TopicPartitionList::new();
-        list.add_partition_offset(&topic, 0, p0).unwrap();
-        list.add_partition_offset(&topic, 1, p1).unwrap();
-        list
-    };
-    let earlier: rdkafka::consumer::BaseConsumer =
-        config().set("group.id", &group).create().unwrap();
-    rdkafka::consumer::Consumer::commit(
-        &earlier,
-        &offsets(rdkafka::Offset::Offset(5), rdkafka::Offset::Offset(1)),
-        rdkafka::consumer::CommitMode::Sync,
-    )
-    .unwrap();
-    drop(earlier);
-    // A new member takes both and has not read a record of either (it never polls).
-    let consumer: rdkafka::consumer::BaseConsumer =
-        config().set("group.id", &group).create().unwrap();
-    let assignment = offsets(rdkafka::Offset::Stored, rdkafka::Offset::Stored);
+    // An owner that starts partition 0 at its end and partition 1 after one record
+    // (as a service restoring its state would), and has not read a record of either
+    // (it never polls): no position yet.
+    let starts = std::collections::HashMap::from([(0, 5), (1, 1)]);
+    let consumer: rdkafka::consumer::BaseConsumer = config()
+        .set("group.id", unique("lag-unread-group"))
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for (&partition, &offset) in &starts {
+        (assignment.add_partition_offset(&topic, partition, rdkafka::Offset::Offset(offset)))
+            .unwrap();
+    }
     rdkafka::consumer::Consumer::assign(&consumer, &assignment).unwrap();
     let registry = prometheus::Registry::new();
     let lag = tally_runtime::metrics::Metrics::new(registry.clone()).consumer_lag();
-    record_lag(&consumer, &lag);
+    record_lag(&consumer, &lag, |p| starts.get(&p).copied());
     let mut exported: Vec<(String, f64)> = (registry.gather()[0].get_metric().iter())
         .map(|m| {
             let partition = (m.get_label().iter()).find(|l| l.name() == "partition");

@@ -333,7 +333,11 @@ pub fn run(
                 }
                 if last_lag.elapsed() >= tally_runtime::kafka::LAG_RECORD_INTERVAL {
                     last_lag = Instant::now();
-                    tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag);
+                    tally_runtime::kafka::record_lag(
+                        &consumer,
+                        &worker.metrics.consumer_lag,
+                        |p| worker.partitions.get(&p).map(|state| state.next_offset),
+                    );
                     worker.close_idle_partitions(Utc::now());
                 }
             }

@@ -448,7 +448,9 @@ pub fn run(
         };
         if last_lag.elapsed() >= tally_runtime::kafka::LAG_RECORD_INTERVAL {
             last_lag = Instant::now();
-            tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag);
+            tally_runtime::kafka::record_lag(&consumer, &worker.metrics.consumer_lag, |p| {
+                worker.partitions.get(&p).map(|state| state.next_offset)
+            });
         }
     }
     tracing::info!("rater stopping: storing what was read");
