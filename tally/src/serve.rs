@@ -209,9 +209,14 @@ async fn serve(
                     None
                 }
             },
-            // Ingest stopped while Kafka was awaited (it could not listen, say).
+            // Ingest stopped while Kafka was awaited (it could not listen, say): the
+            // others are not started.
             Some(joined) = tasks.join_next() => {
+                if !shutdown.is_requested() {
+                    tracing::info!("a service stopped; stopping the others");
+                }
                 outcome = joined.context("a service panicked").and_then(|r| r);
+                shutdown.request();
                 None
             }
         },

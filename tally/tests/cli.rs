@@ -3732,6 +3732,29 @@ fn serve_all_takes_events_with_503_and_retry_after_while_kafka_is_awaited() {
     assert!(terminate(&mut child).success());
 }
 
+#[test]
+fn serve_all_whose_ingest_cannot_listen_while_kafka_is_awaited_exits_with_why() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ingest = taken.local_addr().unwrap().port();
+    let (aggregator, rater) = (common::free_port(), common::free_port());
+    let f = Fixture::new(&format!(
+        "{PRO}\n[kafka]\nbrokers = \"127.0.0.1:1\"\n\
+         [ingest]\nlisten = \"127.0.0.1:{ingest}\"\n\
+         [[ingest.api_keys]]\nkey = \"cli-test-key-0123456789\"\ntenant = \"t\"\nsources = [\"*\"]\n\
+         [aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator}\"\n\
+         [rater]\nmetrics_listen = \"127.0.0.1:{rater}\"\n"
+    ));
+    let run = Run::from(
+        f.tally()
+            .args(["serve", "all", "--config", "tally.toml"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_shows(&run.stderr, &[&format!("127.0.0.1:{ingest}")]);
+    drop(taken);
+}
+
 /// Sends SIGTERM and waits up to 15 s for the process to end.
 fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     let sent = std::process::Command::new("kill")
