@@ -251,7 +251,16 @@ fn time_problem(text: &str, error: chrono::ParseError) -> String {
             && text.as_bytes()[..4].iter().all(u8::is_ascii_digit)
             && text.as_bytes()[4] == b'-';
         match error.kind() {
-            _ if chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_ok() => {
+            // By its shape: an impossible date (2026-02-30) is still a date alone.
+            _ if text.len() == 10
+                && (text.bytes().enumerate()).all(|(i, b)| {
+                    if i == 4 || i == 7 {
+                        b == b'-'
+                    } else {
+                        b.is_ascii_digit()
+                    }
+                }) =>
+            {
                 "it is a date without a time: write e.g. 2026-11-24T00:00:00Z".into()
             }
             _ if !starts_with_year => "it does not start with a date, YYYY-MM-DD".into(),

@@ -594,6 +594,10 @@ fn a_time_without_a_zone_is_told_so() {
             "it is a date without a time: write e.g. 2026-11-24T00:00:00Z",
         ),
         (
+            "2026-02-30",
+            "it is a date without a time: write e.g. 2026-11-24T00:00:00Z",
+        ),
+        (
             "2026-11-31T10:15:00Z",
             "a part of it is out of range, such as a month 13 or a 31 November",
         ),

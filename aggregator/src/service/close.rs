@@ -39,7 +39,7 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
 
 /// A producer for control records, outside any transaction: they are input, as an
 /// event is.
-pub(super) fn control_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
+fn control_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     // A mistyped prefix fails rather than create a topic no aggregator reads: no
     // Tally client may create topics.
     idempotent_producer_config(kafka)
@@ -49,7 +49,7 @@ pub(super) fn control_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, A
 
 /// Writes the control record that closes `period` to each of `partitions` of the events
 /// `topic`, and waits up to `wait` until Kafka has them all.
-pub(super) fn write_close_records(
+fn write_close_records(
     producer: &KafkaProducer,
     topic: &str,
     period: Period,

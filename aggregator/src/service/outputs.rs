@@ -28,7 +28,7 @@ pub(super) const MAX_EVENT_RECORD_BYTES: usize = 1_000_000;
 
 /// Room left in a rejected record for its headers: a payload past
 /// [`MAX_EVENT_RECORD_BYTES`] less this and the key is cut to fit.
-pub(super) const REJECTION_HEADERS_BYTES: usize = 16 * 1024;
+const REJECTION_HEADERS_BYTES: usize = 16 * 1024;
 
 /// The bytes of `message` forwarded: key, payload, headers and the forward's own, with
 /// a few bytes of framing apiece.
@@ -43,7 +43,7 @@ pub(super) fn forwarded_bytes(message: &BorrowedMessage<'_>) -> usize {
 }
 
 /// `text`'s first `bytes` bytes at most, cut at a character's boundary.
-pub(super) fn at_most(text: &str, bytes: usize) -> &str {
+fn at_most(text: &str, bytes: usize) -> &str {
     let mut end = text.len().min(bytes);
     while !text.is_char_boundary(end) {
         end -= 1;

@@ -79,10 +79,7 @@ pub(super) fn rejection(
 
 /// How an event the core has applied is counted, and why it goes to the rejected
 /// topic if it does. `time` is the event's, for the too-late reason.
-pub(super) fn verdict(
-    outcome: Outcome,
-    time: chrono::DateTime<Utc>,
-) -> (EventOutcome, Option<Rejection>) {
+fn verdict(outcome: Outcome, time: chrono::DateTime<Utc>) -> (EventOutcome, Option<Rejection>) {
     match outcome {
         Outcome::Accepted | Outcome::Late | Outcome::Adjusted => (EventOutcome::Accepted, None),
         Outcome::Unmetered => (EventOutcome::Unmetered, None),

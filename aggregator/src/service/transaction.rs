@@ -35,7 +35,7 @@ use super::{
 /// Whether Kafka refused a write in a way no retry mends: the principal may not write
 /// the topic, or the record is larger than the topic takes. (Not a fatal producer
 /// error as such: a fenced producer's is one, and a single fence is recovered from.)
-pub(super) fn refused_for_good(error: &KafkaError) -> bool {
+fn refused_for_good(error: &KafkaError) -> bool {
     use RDKafkaErrorCode as Code;
     matches!(
         error.rdkafka_error_code(),
@@ -82,7 +82,7 @@ impl PartitionState {
     /// dedupe keys (gathered with earlier ones once `gather_after_keys` are waiting),
     /// tombstones for expired key records and, if `with_snapshot`, a usage snapshot.
     /// Returns the number of windows the updates carry.
-    pub(super) fn publish(
+    fn publish(
         &mut self,
         partition: i32,
         producer: &KafkaProducer,
@@ -249,7 +249,7 @@ impl Worker {
     /// would keep aborting the other's transactions: this one stops instead. A single
     /// fence (a newer run of this instance that then stopped, or a transaction the
     /// broker timed out during an outage) is recovered from.
-    pub(super) fn note_fencing(&mut self, error: &KafkaError) -> Result<(), AggregatorError> {
+    fn note_fencing(&mut self, error: &KafkaError) -> Result<(), AggregatorError> {
         let fenced = error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fenced)
             || (self.producer.client().fatal_error())
                 .is_some_and(|(code, _)| code == RDKafkaErrorCode::Fenced);
@@ -333,7 +333,7 @@ impl Worker {
     /// partitions held. The states hold the aborted transaction's changes: none of
     /// them may be committed, even if rebuilding fails and the service stops (closing
     /// the consumer revokes, and a revocation commits what the partitions hold).
-    pub(super) fn abandon_transaction(&mut self) -> Vec<i32> {
+    fn abandon_transaction(&mut self) -> Vec<i32> {
         if let Err(e) = self.producer.abort_transaction(TRANSACTION_TIMEOUT) {
             tracing::warn!(error = %e, "abort failed; a new producer's fencing or the broker's timeout ends it");
         }

@@ -213,4 +213,19 @@ through = "2026-10"
             "not_priced: no price of customer \"cust_acme\"'s plan \"pro\" bills this usage (meter tokens model = \"GPT-X\"): the event is stored, but bills nothing (a misspelt dimension value?)"
         );
     }
+
+    #[test]
+    fn every_code_is_listed_for_the_metric_to_export_at_zero() {
+        let told = [
+            ("llm.token", "cust_acme", "gpt-x"),
+            ("llm.tokens", "cust-acme", "gpt-x"),
+            ("llm.tokens", "cust_gone", "gpt-x"),
+            ("llm.tokens", "cust_acme", "GPT-X"),
+        ]
+        .map(|(event_type, subject, model)| {
+            let reason = unbilled(event_type, subject, model).unwrap();
+            reason.split(':').next().unwrap().to_owned()
+        });
+        assert_eq!(told, Unbilled::CODES);
+    }
 }

@@ -18,7 +18,7 @@
 //! compacted: each series' latest period-to-date value of each period is kept), from
 //! where the commit's metadata says the oldest open month's records begin
 //! ([`rebuild_point`]; from the beginning for a commit without it). A settled record
-//! ([`SETTLED_HEADER`]) says a month and those before it can no longer change: the
+//! ([`SETTLED_HEADER`](tally_schemas::records::SETTLED_HEADER)) says a month and those before it can no longer change: the
 //! partition's lines of them are rated one last time and let go, so a ledger holds
 //! open periods only (while rebuilt too, up to the committed offset), and later usage
 //! of them (an aggregator replaying) is refused. A partition

@@ -26,19 +26,19 @@ use super::{PartitionState, Worker, MAX_CHECK_DEFERRAL};
 /// sends its events to, so they are judged by that partition's open periods and
 /// written once.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct ZeroUsageJudge {
+struct ZeroUsageJudge {
     pub(super) partition: i32,
     pub(super) partition_count: NonZeroUsize,
 }
 
 impl ZeroUsageJudge {
-    pub(super) fn owns(&self, customer: &str) -> bool {
+    fn owns(&self, customer: &str) -> bool {
         partition_for_key(customer.as_bytes(), self.partition_count) == self.partition
     }
 }
 
 /// What a partition's price-book check found to re-rate.
-pub(super) struct Rerate<'a> {
+struct Rerate<'a> {
     /// The partition's own lines another book rated.
     pub(super) stale: Vec<&'a StoredLine>,
     /// Its last commit names another book.
@@ -51,7 +51,7 @@ pub(super) struct Rerate<'a> {
 impl PartitionState {
     /// This partition's lines among `stale`: another's would have it re-rate everything
     /// at every check without fixing them (one settled in its own partition, say).
-    pub(super) fn own_stale_lines<'a>(
+    fn own_stale_lines<'a>(
         &self,
         stale: &'a [StoredLine],
         judge: ZeroUsageJudge,
@@ -74,11 +74,7 @@ impl PartitionState {
     /// (its versions count the transaction markers it had stepped over). Rated now,
     /// this book's rows would be older and lose to it, so the check waits for the
     /// position to pass, for [`MAX_CHECK_DEFERRAL`] at most.
-    pub(super) fn check_waits_for_position(
-        &mut self,
-        partition: i32,
-        stale: &[&StoredLine],
-    ) -> bool {
+    fn check_waits_for_position(&mut self, partition: i32, stale: &[&StoredLine]) -> bool {
         let version = self.row_version();
         if !stale.iter().any(|line| line.version > version) {
             return false;
@@ -94,7 +90,7 @@ impl PartitionState {
     /// ([`Worker::check_price_book`]): every line it holds, the opening lines of the
     /// periods concerned, and each stale line without usage here replaced by its
     /// zero-usage line or retired, all into `rows`.
-    pub(super) fn rerate_for_book(&mut self, rerate: Rerate<'_>, rows: &mut PartitionRows) {
+    fn rerate_for_book(&mut self, rerate: Rerate<'_>, rows: &mut PartitionRows) {
         let settled = self.ledger.settled_through();
         let version = self.row_version();
         self.ledger.rerate_all();
@@ -150,7 +146,7 @@ impl PartitionState {
 
     /// Queues the opening (zero-usage) lines of `periods` that are this partition's to
     /// write, and returns every opening line of them by id.
-    pub(super) fn queue_opening_lines(
+    fn queue_opening_lines(
         &self,
         periods: &BTreeSet<Period>,
         with_usage: &HashSet<String>,

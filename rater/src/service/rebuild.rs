@@ -185,11 +185,7 @@ impl Worker {
     /// Those months stay as they were billed, whatever book this rater has, so the
     /// records through the last settled month's count as stored, as a rebuild counts
     /// them. Into an empty database every record is rated, settled months included.
-    pub(super) fn skip_billed_months(
-        &self,
-        partition: i32,
-        rebuilt: &mut Rebuilt,
-    ) -> Result<(), RaterError> {
+    fn skip_billed_months(&self, partition: i32, rebuilt: &mut Rebuilt) -> Result<(), RaterError> {
         let settled_at = |(i, record): (usize, &WindowsRecord<'_>)| match record.change {
             Change::Settled(period) => Some((i, period)),
             Change::Usage(_) => None,

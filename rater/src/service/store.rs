@@ -162,7 +162,7 @@ impl Worker {
 
     /// Takes the batch in flight, if any, through its remaining steps ([`InFlight`]);
     /// on a failure it stays in flight for the retry.
-    pub(super) fn finish(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
+    fn finish(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
         let Some(mut in_flight) = self.in_flight.take() else {
             return Ok(());
         };
@@ -178,7 +178,7 @@ impl Worker {
     /// stored, stored before the offsets move on. Not confirmed yet (a broker restart,
     /// say): librdkafka keeps the lines and keeps sending them, and the wait is retried
     /// later.
-    pub(super) fn deliver_store_commit(
+    fn deliver_store_commit(
         &mut self,
         consumer: &GroupConsumer,
         in_flight: &mut InFlight,
@@ -232,7 +232,7 @@ impl Worker {
 
     /// Inserts the batch's lines into ClickHouse, retires the stale ones, then inserts
     /// the batch's windows.
-    pub(super) fn write_batch(&mut self, batch: &Pending) -> Result<(), ClickHouseError> {
+    fn write_batch(&mut self, batch: &Pending) -> Result<(), ClickHouseError> {
         let rows: Vec<(u64, &InvoiceLine)> = (batch.opening().map(|line| (0, line)))
             .chain(batch.lines().map(|(v, l)| (*v, &l.line)))
             .collect();
@@ -280,7 +280,7 @@ impl Worker {
     /// larger than the queue), it fails so the loop can pause and poll; the retry
     /// queues the batch from its start, and consumers see those lines twice, at the
     /// same version.
-    pub(super) fn queue_rated_lines(&self, batch: &Pending) -> Result<(), RaterError> {
+    fn queue_rated_lines(&self, batch: &Pending) -> Result<(), RaterError> {
         let mut deadline = Instant::now() + DELIVERY_WAIT;
         // Stored at version 0, as they are in ClickHouse.
         let opening = batch.opening().map(|line| RatedRecord {
@@ -337,7 +337,7 @@ impl Worker {
 
     /// The error that stops the rater when Kafka, or the producer itself, refuses a
     /// rated line.
-    pub(super) fn refused_line(&self, source: KafkaError) -> RaterError {
+    fn refused_line(&self, source: KafkaError) -> RaterError {
         RaterError::Undelivered {
             topic: self.rated_topic.clone(),
             source,

@@ -70,7 +70,7 @@ pub struct ClickHouseSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
     /// Longest one request may take, answer included; a request that takes longer
-    /// fails and is retried.
+    /// fails (the rater retries it; a command reports it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_timeout: Option<HumanDuration>,
 }
