@@ -1128,10 +1128,35 @@ plan = "pro"
 }
 
 #[test]
+fn a_plan_change_to_a_plan_that_bills_less_of_the_usage_is_warned_about() {
+    let warned = |changes: &str| -> Vec<(String, String)> {
+        (parse(&with_plan_changes(changes)).warnings.into_iter())
+            .filter(|w| w.at.ends_with(".plan"))
+            .map(|w| (w.at, w.message))
+            .collect()
+    };
+    // pro bills gpt-x tokens; pro_2027 bills resolutions alone.
+    let to_2027 =
+        "[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"pro_2027\"\ndiscounts = []\n";
+    assert_eq!(
+        warned(to_2027),
+        [(
+            "customers[cust_acme].plan_changes[0].plan".to_owned(),
+            "plan \"pro\" bills usage that no price of plan \"pro_2027\" bills (\"pro\"'s prices gpt-tokens): from 2026-12 it is reported as unbilled, never billed; add such a price to \"pro_2027\" if the usage should still be billed".to_owned()
+        )]
+    );
+    // Back to pro: it bills all pro_2027 did, and more.
+    let and_back =
+        format!("{to_2027}\n[[customers.plan_changes]]\nfrom = \"2027-03\"\nplan = \"pro\"\n");
+    assert_eq!(warned(&and_back).len(), 1, "{:?}", warned(&and_back));
+}
+
+#[test]
 fn a_plan_change_that_ends_discounts_without_saying_so_is_warned_about() {
     // cust_acme has 12.5 % off resolutions on pro.
     let warnings = |changes: &str| -> Vec<(String, String)> {
         (parse(&with_plan_changes(changes)).warnings.into_iter())
+            .filter(|w| w.at.ends_with(".discounts"))
             .map(|w| (w.at, w.message))
             .collect()
     };

@@ -16,7 +16,7 @@ use super::{
 use crate::decimal::{exact_add, parse_exact};
 use crate::money::Currency;
 use crate::price::{Discount, Package, Plan, Price, Rate, Tier, Tiers, TiersMode, UpTo, Usage};
-use crate::time::WindowSize;
+use crate::time::{Period, WindowSize};
 
 /// Collects issues under a path prefix.
 struct Issues(Vec<ConfigIssue>);
@@ -757,6 +757,14 @@ fn validate_customers(
                 );
                 continue;
             }
+            let before = changes.last().map(|(_, s)| s).or(first.as_ref());
+            if let Some(before) = before {
+                let (old, new) = (
+                    &plans[before.plan.0 as usize],
+                    &plans[subscription.plan.0 as usize],
+                );
+                warn_if_usage_unpriced(old, new, change.from, &at, warnings);
+            }
             if misplaced.is_none() {
                 changes.push((change.from, subscription));
             }
@@ -822,6 +830,38 @@ fn warn_if_discounts_end(spec: &CustomerSpec, k: usize, at: &str, warnings: &mut
             format!(
                 "the discounts before this change ({}) end with it, as discounts do not carry over to a new plan; list them here again to keep them, or write discounts = [] to end them and silence this",
                 prices.join(", ")
+            ),
+        );
+    }
+}
+
+/// Warns of usage the plan before a change bills and the plan after it does not: from
+/// the change on it is reported as unbilled, never billed, which a new plan rarely
+/// means (a price forgotten when the plan was copied).
+fn warn_if_usage_unpriced(old: &Plan, new: &Plan, from: Period, at: &str, warnings: &mut Issues) {
+    // A price selects at least what `usage` selects when it reads the same meter and
+    // pins no dimension `usage` leaves open or pins otherwise.
+    let covers = |price: &Price, usage: &Usage| {
+        (price.usage.as_ref()).is_some_and(|p| {
+            p.meter == usage.meter && p.filter.iter().all(|pin| usage.filter.contains(pin))
+        })
+    };
+    let dropped: Vec<&str> = (old.prices.iter())
+        .filter(|price| {
+            (price.usage.as_ref()).is_some_and(|usage| !new.prices.iter().any(|p| covers(p, usage)))
+        })
+        .map(|price| price.id.as_str())
+        .collect();
+    if !dropped.is_empty() {
+        warnings.add(
+            format!("{at}.plan"),
+            format!(
+                "plan {:?} bills usage that no price of plan {:?} bills ({:?}'s prices {}): from {from} it is reported as unbilled, never billed; add such a price to {:?} if the usage should still be billed",
+                old.id,
+                new.id,
+                old.id,
+                dropped.join(", "),
+                new.id
             ),
         );
     }
