@@ -27,6 +27,8 @@ pub struct Plan {
 #[derive(Debug, Clone)]
 pub struct Price {
     pub id: String,
+    /// For people: shown where a line of the price is explained.
+    pub description: Option<String>,
     /// The usage the price bills; `None` for a flat fee, billed once in each month the
     /// customer is billed, whatever its usage (Stripe's flat-rate price: quantity 1).
     pub usage: Option<Usage>,

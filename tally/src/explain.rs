@@ -309,7 +309,10 @@ pub enum Source<'a> {
 
 /// Whose month it is, whether it has ended, and the plan (or why none bills it).
 fn write_heading(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
-    let customer = &e.customer.id;
+    let customer = match &e.customer.name {
+        Some(name) => format!("{} ({name})", e.customer.id),
+        None => e.customer.id.clone(),
+    };
     let period = e.period;
     writeln!(
         out,
@@ -569,11 +572,17 @@ fn listed<T>(items: &[T]) -> Option<(&[T], usize)> {
 
 fn write_line(out: &mut impl Write, e: &Explanation<'_>, line: &InvoiceLine) -> io::Result<()> {
     let amount = format!("{} {}   (line {})", line.amount, line.currency, line.id);
+    let rules = Rules::of(e, line);
+    // The price's description, where this book is the one that rated the line.
+    let price = match rules.as_ref().and_then(|r| r.price.description.as_ref()) {
+        Some(description) => format!("{} ({description})", line.price),
+        None => line.price.clone(),
+    };
     match line.adjusts_period {
-        None => writeln!(out, "{}: {amount}", line.price)?,
-        Some(closed) => writeln!(out, "{}, late usage of {closed}: {amount}", line.price)?,
+        None => writeln!(out, "{price}: {amount}")?,
+        Some(closed) => writeln!(out, "{price}, late usage of {closed}: {amount}")?,
     }
-    match Rules::of(e, line) {
+    match rules {
         Some(rules) => write_worked_line(out, e, line, &rules),
         None => write_stored_line(out, e, line),
     }

@@ -3059,9 +3059,11 @@ fn a_flat_fee_bills_one_in_each_billed_month_with_its_discount_and_is_explained(
 id = "platform"
 billing_scheme = "flat"
 unit_amount = "500"
+description = "Platform fee, monthly"
 
 [[customers]]
-id = "cust_acme""#;
+id = "cust_acme"
+name = "Acme Inc""#;
     let f = Fixture::new(
         &PRO.replacen("\n[[customers]]\nid = \"cust_acme\"", flat, 1)
             .replace(
@@ -3081,6 +3083,9 @@ id = "cust_acme""#;
     assert_shows(
         &shown.stdout,
         &[
+            // The customer's name and the price's description, for people.
+            "cust_acme (Acme Inc), 2026-11 (",
+            "platform (Platform fee, monthly): 450.00 usd   (line ",
             "  quantity  1: a flat fee, one in each month the customer is billed, whatever its usage\n",
             "  charge    flat fee\n            1 x 500 = 500\n",
             "  discount  50 off, at most the subtotal = 50.00\n",

@@ -355,6 +355,8 @@ impl Aggregation {
 #[derive(Debug, Clone)]
 pub struct Customer {
     pub id: String,
+    /// For people: shown where the customer's invoice is explained.
+    pub name: Option<String>,
     /// The first period billed, if not every one.
     from: Option<Period>,
     /// The last period billed, if any.

@@ -475,6 +475,7 @@ fn validate_price(
     let rate = validate_rate(spec, at, issues);
     Some(Price {
         id: spec.id.clone(),
+        description: spec.description.clone(),
         usage,
         rate: rate?,
     })
@@ -774,6 +775,7 @@ fn validate_customers(
                 spec.id.clone(),
                 Customer {
                     id: spec.id.clone(),
+                    name: spec.name.clone(),
                     from: spec.from,
                     through: spec.through,
                     first,
