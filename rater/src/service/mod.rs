@@ -283,7 +283,7 @@ impl PartitionOwner for Worker {
                 .map_or(committed, |s| s.next_offset);
             partitions
                 .set_partition_offset(&self.topic, partition, Offset::Offset(start))
-                .map_err(kafka("start an assigned partition"))?;
+                .map_err(kafka(format!("start {}[{partition}]", self.topic)))?;
         }
         self.count_held_lines();
         consumer
@@ -343,9 +343,10 @@ impl PartitionOwner for Worker {
     }
 }
 
-fn kafka(what: &'static str) -> impl Fn(KafkaError) -> RaterError {
+fn kafka(what: impl Into<String>) -> impl Fn(KafkaError) -> RaterError {
+    let what = what.into();
     move |source| RaterError::Kafka {
-        what: what.to_owned(),
+        what: what.clone(),
         source,
     }
 }
@@ -407,8 +408,9 @@ pub fn run(
         store_windows: settings.rater.store_windows,
     }));
     let consumer: GroupConsumer =
-        group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker))
-            .map_err(kafka("join the rater group on the windows topic"))?;
+        group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker)).map_err(kafka(
+            format!("join group {} on {topic}", kafka_settings.group("rater")),
+        ))?;
     readiness.ready();
     tracing::info!(%topic, group = %kafka_settings.group("rater"), "rater started");
     let mut health = ConsumerHealth::new(readiness);
@@ -419,7 +421,7 @@ pub fn run(
             &consumer,
             poll_wait,
             &mut health,
-            kafka("consume the windows topic"),
+            kafka(format!("consume {topic}")),
         )?;
         let caught_up = polled.is_none();
         let mut worker = lock(&worker);

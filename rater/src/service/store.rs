@@ -223,7 +223,9 @@ impl Worker {
                 // Kept in flight: a partition with no later updates would otherwise
                 // stay behind its stored lines until the rater restarts.
                 self.hold(consumer, "Kafka refused the windows offsets", e.to_string());
-                return Err(kafka("commit the windows offsets")(e));
+                return Err(kafka(format!("commit the offsets read of {}", self.topic))(
+                    e,
+                ));
             }
         }
         self.resume(consumer);
