@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use tally_aggregator::{Aggregator, Outcome};
+use tally_ingest::http::identity;
 use tally_ingest::{Line, LineReject};
 use tally_rater::Recorded;
 use tally_schemas::config::{Config, MeterId};
@@ -109,14 +110,8 @@ pub struct CountedEvent {
 
 impl CountedEvent {
     fn of(event: &DecodedEvent<'_>, line: u64, raw: &[u8]) -> Self {
-        #[derive(serde::Deserialize)]
-        struct Id<'a> {
-            #[serde(borrow)]
-            id: std::borrow::Cow<'a, str>,
-        }
         // The line decoded already: only its id is read again.
-        let id = serde_json::from_slice::<Id<'_>>(raw)
-            .map_or_else(|_| String::new(), |e| e.id.into_owned());
+        let id = identity(raw).id.unwrap_or_default().into_owned();
         CountedEvent {
             line,
             id,

@@ -35,4 +35,5 @@ mod server;
 mod unbilled;
 
 pub use error::IngestError;
+pub use request::{identity, Identity};
 pub use server::{serve, start, Running, EVENTS_ROUTE, ROUTES};

@@ -317,9 +317,9 @@ pub fn split_events(
     ))
 }
 
-/// An event's `source` and `id` as strings, when it has them: what the source check
-/// and the per-event results need, read apart from the decoder (which keeps only a
-/// fingerprint of the pair).
+/// An event's `source` and `id` as strings, when it has them: what the source check,
+/// the per-event results and `tally explain`'s list of events need, read apart from
+/// the decoder (which keeps only a fingerprint of the pair).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity<'a> {
     pub source: Option<Cow<'a, str>>,
