@@ -790,18 +790,17 @@ fn write_adjustment_amount(
     // The closed line rated again here, with this book: its discount can be worked
     // through only if the stored lines add up to it (all rated with this book, none
     // missing); else the stored sums are shown as they are.
-    let rated_again = rules.and_then(|rules| {
+    let adds_up = rules.map(|rules| {
         let rated = invoice_line(e.config, e.customer, rules.index, closed, after.quantity);
-        rated
-            .ok()
-            .filter(|rated| (rated.subtotal, rated.discount) == (after.subtotal, after.discount))?;
-        Some(rules)
+        rated.is_ok_and(|r| (r.subtotal, r.discount) == (after.subtotal, after.discount))
     });
-    let discount = match rated_again {
-        Some(rules) => discount_text(rules.discount, rules.plan, after.subtotal, after.discount),
-        None => after.discount.to_string(),
+    let discount = match (rules, adds_up) {
+        (Some(rules), Some(true)) => {
+            discount_text(rules.discount, rules.plan, after.subtotal, after.discount)
+        }
+        _ => after.discount.to_string(),
     };
-    if rules.is_some() && rated_again.is_none() {
+    if adds_up == Some(false) {
         writeln!(
             out,
             "            (the stored lines do not add up to {closed}'s line as this price book rates it with the late usage: one was rated with another book, or is missing from ClickHouse; the figures are the stored ones)"

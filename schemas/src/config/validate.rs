@@ -351,7 +351,7 @@ fn check_stripe_can_take(plans: &[Plan], warnings: &mut Issues) {
         let code = plan.currency.code();
         for (j, price) in plan.prices.iter().enumerate() {
             let at = item_at(&at, j, &price.id);
-            let unit_amount = |warnings: &mut Issues, at: String, amount: Decimal| {
+            let check_unit_amount = |warnings: &mut Issues, at: String, amount: Decimal| {
                 if amount.normalize().scale() > unit_decimals {
                     warnings.add(at, format!("{amount} has more than {unit_decimals} decimals: {outside} 12 decimals of a {code} minor unit"));
                 }
@@ -361,7 +361,7 @@ fn check_stripe_can_take(plans: &[Plan], warnings: &mut Issues) {
                     unit_amount: amount,
                     package,
                 } => {
-                    unit_amount(warnings, format!("{at}.unit_amount"), *amount);
+                    check_unit_amount(warnings, format!("{at}.unit_amount"), *amount);
                     if let Some(p) = package.filter(|p| !p.divide_by.fract().is_zero()) {
                         warnings.add(
                             format!("{at}.transform_quantity.divide_by"),
@@ -375,7 +375,7 @@ fn check_stripe_can_take(plans: &[Plan], warnings: &mut Issues) {
                 Rate::Tiered { tiers, .. } => {
                     for (k, tier) in tiers.iter().enumerate() {
                         let at = format!("{at}.tiers[{k}]");
-                        unit_amount(warnings, format!("{at}.unit_amount"), tier.unit_amount);
+                        check_unit_amount(warnings, format!("{at}.unit_amount"), tier.unit_amount);
                         if tier.flat_amount.normalize().scale() > minor {
                             warnings.add(
                                 format!("{at}.flat_amount"),
