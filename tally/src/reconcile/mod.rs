@@ -1,0 +1,245 @@
+//! `tally reconcile`: two sets of one month's invoice lines compared line by line, for
+//! finance running two billing systems side by side while customers move over, or
+//! checking the streaming pipeline against a batch run of the same events.
+//!
+//! In: two sources of lines, each a file (JSON lines as `tally rate --format json`
+//! writes them, or CSV with a header row, as `--format csv` writes them or another
+//! biller exports them) or a ClickHouse database's `invoice_lines`, the other biller's
+//! customer and price ids translated by an optional map (`--map`), and optionally only
+//! the customers one source bills (`--customers`: the cohort still on the other biller).
+//! Lines are matched on (customer, price, the closed month an adjustment is for). Out:
+//! the lines whose quantity, amount or currency differ, the lines only one source has,
+//! the invoices (a customer's lines in one currency) and currencies whose totals
+//! differ; the exit status says whether they agree.
+//!
+//! A source is read by [`files`] (or from ClickHouse here) into [`lines::Lines`],
+//! renamed by [`map`], and the two are compared and reported by [`report`].
+
+mod files;
+mod lines;
+mod map;
+mod report;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tally_schemas::time::Period;
+
+use crate::ConfiguredClickHouse;
+use files::{column_name, read_file, ColumnNames};
+use lines::Lines;
+use map::IdMap;
+use report::Reconciliation;
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The month whose lines to compare, e.g. 2026-11. Lines of other months in a file
+    /// (by its `period_start`) are left out and counted.
+    #[arg(long)]
+    period: Period,
+    /// The reference lines (the biller customers were invoiced by, say): a file (JSON
+    /// lines when it starts with `{`, otherwise CSV; `-` reads stdin), `clickhouse` (the
+    /// `invoice_lines` of the configuration's `[clickhouse]` database) or
+    /// `clickhouse:DATABASE` (another database on that server, e.g. `tally_batch`).
+    expected: String,
+    /// The lines to check against them, in the same forms.
+    actual: String,
+    /// The configuration whose `[clickhouse]` section (with its environment overrides)
+    /// a `clickhouse` source reads; only read for one.
+    #[arg(long, default_value = "tally.toml")]
+    config: PathBuf,
+    /// Also write every line that does not agree to this CSV file.
+    #[arg(long, value_name = "PATH")]
+    differences: Option<PathBuf>,
+    /// The other biller's customer and price ids as Tally's: a CSV file with the header
+    /// `kind,from,to` (`kind` is `customer` or `price`), applied to the source
+    /// `--map-applies-to` names. Lines the map gives one customer and price are added
+    /// together.
+    #[arg(long, value_name = "PATH")]
+    map: Option<PathBuf>,
+    /// The source whose ids `--map` translates: the other biller's. Only that one, so
+    /// that a Tally id that happens to be one of the other biller's is left alone.
+    #[arg(long, value_enum, default_value = "expected", requires = "map")]
+    map_applies_to: Side,
+    /// Which customers to compare: all, or only those with lines in `expected`, in
+    /// `actual`, or in `both` (a cohort still on the other biller, say); the others'
+    /// lines are left out and counted.
+    #[arg(long, value_enum, default_value = "all")]
+    customers: CustomerScope,
+    /// Compare amounts and currencies only, not quantities: for a biller whose
+    /// quantities count something else (a platform fee as 1, a discount as a line of
+    /// its own). Quantities are still shown.
+    #[arg(long)]
+    amounts_only: bool,
+    /// Read a CSV file's column HEADER as Tally's column NAME (customer, price,
+    /// quantity, amount, currency, period_start, adjusts_period, invoice, subtotal or
+    /// discount), or `ignore` to leave it out, e.g. `--column period_start=billing_month
+    /// --column amount="Net Amount"`; repeat for each. Headers match whatever their
+    /// case.
+    #[arg(long = "column", value_name = "NAME=HEADER", value_parser = column_name)]
+    columns: Vec<(String, String)>,
+}
+
+/// What two lines of one customer and price must agree on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compared {
+    QuantitiesAndAmounts,
+    Amounts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Side {
+    Expected,
+    Actual,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CustomerScope {
+    All,
+    Expected,
+    Actual,
+    Both,
+}
+
+/// Compares the two sources and prints the report; `Ok(false)` when they differ.
+pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
+    let map = match &args.map {
+        Some(path) => IdMap::read(path)?,
+        None => IdMap::default(),
+    };
+    let columns = ColumnNames(args.columns.clone());
+    let mut expected = read_source(&args.expected, args.period, &args.config, &columns)?;
+    let mut actual = read_source(&args.actual, args.period, &args.config, &columns)?;
+    ensure_something_to_compare(args.period, [&expected, &actual])?;
+    match args.map_applies_to {
+        Side::Expected => expected = expected.renamed(&map)?,
+        Side::Actual => actual = actual.renamed(&map)?,
+    }
+    keep_customers(args.customers, &mut expected, &mut actual)?;
+    let compared = match args.amounts_only {
+        true => Compared::Amounts,
+        false => Compared::QuantitiesAndAmounts,
+    };
+    let reconciliation = Reconciliation::of(&expected, &actual, compared)?;
+    let mut out = io::stdout().lock();
+    reconciliation.write_report(&mut out, args.period, &expected, &actual)?;
+    out.flush()?;
+    if let Some(path) = &args.differences {
+        let mut file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        reconciliation
+            .write_differences(&mut file)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(reconciliation.agrees())
+}
+
+/// Narrows both sources to the customers `scope` names; none is an error, as
+/// nothing would be compared.
+fn keep_customers(
+    scope: CustomerScope,
+    expected: &mut Lines,
+    actual: &mut Lines,
+) -> anyhow::Result<()> {
+    let compared = match scope {
+        CustomerScope::All => return Ok(()),
+        CustomerScope::Expected => expected.customers(),
+        CustomerScope::Actual => actual.customers(),
+        CustomerScope::Both => (expected.customers())
+            .intersection(&actual.customers())
+            .cloned()
+            .collect(),
+    };
+    if compared.is_empty() {
+        let some = |lines: &Lines| {
+            let customers = lines.customers();
+            format!(
+                "{} has {} ({})",
+                lines.name,
+                count(customers.len(), "customer"),
+                listed(&customers)
+            )
+        };
+        bail!(
+            "no customer has lines in both sources, so nothing would be compared: {}, {}. Do the two name customers differently? --map translates the other biller's ids",
+            some(expected),
+            some(actual)
+        );
+    }
+    expected.keep_customers(&compared);
+    actual.keep_customers(&compared);
+    Ok(())
+}
+
+/// Up to five of `names`, then how many more.
+fn listed(names: &BTreeSet<String>) -> String {
+    const SHOWN: usize = 5;
+    let shown: Vec<&str> = names.iter().take(SHOWN).map(String::as_str).collect();
+    match names.len().saturating_sub(SHOWN) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
+}
+
+fn read_source(
+    source: &str,
+    period: Period,
+    config: &Path,
+    columns: &ColumnNames,
+) -> anyhow::Result<Lines> {
+    match source.strip_prefix("clickhouse") {
+        Some(rest) if rest.is_empty() || rest.starts_with(':') => {
+            read_clickhouse(rest.strip_prefix(':'), period, config)
+        }
+        _ => read_file(source, period, columns),
+    }
+}
+
+/// Refuses to compare nothing, which would "agree": a source with lines of other
+/// months only (a mistyped `--period`), or two sources without a line of the month.
+/// One empty source is fine: a biller that leaves out zero lines may bill nothing.
+fn ensure_something_to_compare(period: Period, sources: [&Lines; 2]) -> anyhow::Result<()> {
+    for lines in sources {
+        if lines.by_key.is_empty() && lines.other_periods > 0 {
+            bail!(
+                "{} has no line of {period} (only {} of other months): is --period right?",
+                lines.name,
+                count(lines.other_periods, "line")
+            );
+        }
+    }
+    if sources.iter().all(|lines| lines.by_key.is_empty()) {
+        bail!(
+            "neither {} nor {} has a line of {period}, so nothing would be compared: is --period right, and are these the sources you meant?",
+            sources[0].name,
+            sources[1].name
+        );
+    }
+    Ok(())
+}
+
+/// The current lines billed in `period` of `invoice_lines`, in the configuration's
+/// database or `database` on the same server.
+fn read_clickhouse(database: Option<&str>, period: Period, config: &Path) -> anyhow::Result<Lines> {
+    let store = ConfiguredClickHouse::of(&crate::load_config(config)?, config, database)?;
+    let place = format!("{}.invoice_lines at {}", store.database, store.url);
+    let mut lines = Lines::named(format!("ClickHouse {place}"));
+    for line in store.client.lines(period, None)? {
+        let at = format!("{place}, line {}", line.id);
+        lines.add_invoice_line(line, at)?;
+    }
+    Ok(lines)
+}
+
+/// `1 line`, `2 lines`.
+fn count(n: usize, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
