@@ -1,0 +1,260 @@
+//! `tally validate`, and how every command refuses a bad configuration, a missing file
+//! or a malformed argument: where, what, why, and the exit status.
+
+use super::*;
+
+#[test]
+fn validate_accepts_a_good_config_and_summarises_it() {
+    let f = Fixture::new(PRO);
+    let run = f.validate().succeeded();
+    let first = run.stdout.lines().next().unwrap();
+    let hash = first.rsplit(' ').next().unwrap().to_owned();
+    assert_eq!(
+        run.stdout,
+        format!(
+            "tally.toml is valid: 2 meters, 1 plans with 3 prices, 2 customers; price book hash {hash}\n\
+             services: Kafka 127.0.0.1:9092 (topics tally.*), ClickHouse http://127.0.0.1:8123 database tally, \
+             ingest on 127.0.0.1:9101 with 0 API key(s), instance id agg-1\n"
+        )
+    );
+}
+
+#[test]
+fn the_instance_id_defaults_to_the_host_name_even_where_hostname_is_not_exported() {
+    // systemd exports no HOSTNAME: every host would share the id `0`, and so one
+    // transactional id, fencing each other's aggregators.
+    let f = Fixture::new(PRO);
+    let run: Run = (f.tally())
+        .args(["validate", "--config", "tally.toml"])
+        .env_remove("TALLY_INSTANCE_ID")
+        .env_remove("HOSTNAME")
+        .output()
+        .unwrap()
+        .into();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let shown = run.succeeded().stdout;
+    assert!(
+        shown.ends_with(&format!("instance id {}\n", host.trim())),
+        "{shown}"
+    );
+    let run: Run = (f.tally())
+        .args(["validate", "--config", "tally.toml"])
+        .env_remove("TALLY_INSTANCE_ID")
+        .env("HOSTNAME", "exported-host")
+        .output()
+        .unwrap()
+        .into();
+    assert!(run
+        .succeeded()
+        .stdout
+        .ends_with("instance id exported-host\n"));
+}
+
+#[test]
+fn validate_names_the_place_of_every_problem_and_exits_1() {
+    let bad = PRO
+        .replace("up_to = 1000,", "up_to = 100,")
+        .replace(r#"up_to = "inf""#, "up_to = 5000")
+        .replacen(r#"meter = "tokens""#, r#"meter = "tokenz""#, 1)
+        .replace(r#"percent_off = "12.5""#, r#"percent_off = "112.5""#)
+        .replace(r#"currency = "usd""#, r#"currency = "dollars""#);
+    let f = Fixture::new(&bad);
+    let run = f.validate();
+    assert_eq!(run.code, 1);
+    assert_eq!(run.stdout, "");
+    for expected in [
+        "tally.toml has 5 problem(s):",
+        r#"  - plans[pro].currency: unknown currency "dollars""#,
+        "  - plans[pro].prices[resolutions].tiers[1].up_to: tiers must strictly increase: 100 follows 100",
+        r#"  - plans[pro].prices[resolutions].tiers[2].up_to: the last tier must have up_to = "inf" (found 5000)"#,
+        r#"  - plans[pro].prices[gpt-tokens].meter: unknown meter "tokenz"; known meters: resolutions, tokens"#,
+        "  - customers[cust_acme].discounts[0].percent_off: must be between 0 and 100 (found 112.5)",
+    ] {
+        assert!(run.stderr.contains(expected), "{expected:?} not in:\n{}", run.stderr);
+    }
+}
+
+#[test]
+fn validate_refuses_floats_unknown_fields_and_missing_value_properties() {
+    let cases = [
+        (
+            PRO.replace(r#"unit_amount = "0.89""#, "unit_amount = 0.89"),
+            "write decimal amounts as strings",
+        ),
+        (
+            PRO.replace(
+                r#"currency = "usd""#,
+                "currency = \"usd\"\ncolour = \"red\"",
+            ),
+            "unknown field `colour`",
+        ),
+        (
+            PRO.replace("value_property = \"$.tokens\"\n", ""),
+            r#"meters[tokens].value_property: required for aggregation = "sum""#,
+        ),
+        (
+            PRO.replace(r#"price = "resolutions""#, r#"price = "resolution""#),
+            r#"customers[cust_acme].discounts[0].price: plan "pro" has no price "resolution""#,
+        ),
+        (
+            format!("{PRO}\n[[customers]]\nid = \"cust_idle\"\nplan = \"pro\"\n"),
+            "customers[cust_idle].id: duplicate customer id; ids must be unique",
+        ),
+        (
+            PRO.replace(r#"flat_amount = "49""#, r#"flat_amount = "-49""#),
+            "plans[pro].prices[resolutions].tiers[0].flat_amount: amounts must not be negative",
+        ),
+    ];
+    for (config, expected) in cases {
+        let run = Fixture::new(&config).validate();
+        assert_eq!(run.code, 1, "{expected}");
+        assert!(
+            run.stderr.contains(expected),
+            "{expected:?} not in:\n{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn validate_reports_a_missing_file() {
+    let f = Fixture::new(PRO);
+    let run: Run = f
+        .tally()
+        .args(["validate", "--config", "nope.toml"])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("cannot read configuration nope.toml"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn rate_validates_the_config_first() {
+    let f = Fixture::new(&PRO.replace("up_to = 1000,", "up_to = 100,"));
+    let run = f.rate(&resolutions("r", "cust_acme", 1), &[]);
+    assert_eq!(run.code, 1);
+    assert_eq!(run.stdout, "");
+    assert!(
+        run.stderr.contains(
+            "plans[pro].prices[resolutions].tiers[1].up_to: tiers must strictly increase"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(!f.path("summary.json").exists());
+}
+
+#[test]
+fn rate_fails_with_exit_1_on_a_missing_events_file() {
+    let f = Fixture::new(PRO);
+    let run: Run = f
+        .tally()
+        .args([
+            "rate",
+            "--config",
+            "tally.toml",
+            "--events",
+            "missing.jsonl",
+            "--period",
+            "2026-11",
+            "--now",
+            NOW,
+        ])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("events file missing.jsonl: No such file"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_malformed_period_or_clock_is_a_usage_error_with_exit_2() {
+    let f = Fixture::new(PRO);
+    f.write("events.jsonl", b"");
+    for (period, now) in [("2026-13", NOW), ("2026-11", "yesterday")] {
+        let run: Run = f
+            .tally()
+            .args([
+                "rate",
+                "--config",
+                "tally.toml",
+                "--events",
+                "events.jsonl",
+                "--period",
+                period,
+                "--now",
+                now,
+            ])
+            .output()
+            .unwrap()
+            .into();
+        // Like other command-line tools, tally exits 2 when its arguments are wrong and
+        // 1 when a run fails.
+        assert_eq!(run.code, 2, "--period {period} --now {now}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn rate_fails_with_exit_1_when_the_rejects_file_cannot_be_created() {
+    let f = Fixture::new(PRO);
+    f.write("events.jsonl", b"");
+    let run: Run = f
+        .tally()
+        .args([
+            "rate",
+            "--config",
+            "tally.toml",
+            "--events",
+            "events.jsonl",
+            "--period",
+            "2026-11",
+            "--now",
+            NOW,
+        ])
+        .args(["--rejects", "no/such/dir/rejects.jsonl"])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("cannot create rejects file no/such/dir/rejects.jsonl"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn validate_refuses_a_kafka_property_librdkafka_refuses_without_showing_its_value() {
+    for (property, shown) in [
+        (
+            r#""sasl.pasword" = "hunter2-secret""#,
+            r#"[kafka] properties."sasl.pasword": No such configuration property: "sasl.pasword""#,
+        ),
+        (
+            r#""socket.timeout.ms" = "hunter2-secret""#,
+            r#"[kafka] properties."socket.timeout.ms": Invalid value for configuration property "socket.timeout.ms""#,
+        ),
+    ] {
+        let f = Fixture::new(&format!("{PRO}\n[kafka]\nproperties = {{ {property} }}\n"));
+        let run = Run::from(
+            f.tally()
+                .args(["validate", "--config", "tally.toml"])
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(run.code, 1, "{}", run.stdout);
+        assert_shows(&run.stderr, &[shown, "its value is not shown"]);
+        assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+    }
+}
