@@ -226,7 +226,7 @@ proptest! {
         std::fs::write(dir.path().join("tally.toml"), CONFIG).unwrap();
         std::fs::write(dir.path().join("events.jsonl"), &input).unwrap();
         // A second process (its hash maps seeded anew) gives the same output. These
-        // files fit one decoding chunk: the threads are compared in cli.rs, on a file
+        // files fit one decoding chunk: the threads are compared in cli/input.rs, on a file
         // of several chunks.
         // The lines the binary reads: split at \n, a trailing \r dropped, blank skipped.
         let lines: Vec<&[u8]> = input.split(|&b| b == b'\n').collect();
