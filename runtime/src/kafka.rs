@@ -218,9 +218,13 @@ fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) {
 
 /// [`client_config`] for a producer that writes each record once, in order, to every
 /// in-sync replica: what every Tally producer needs, as money rides on its records.
-pub fn idempotent_producer_config(settings: &KafkaSettings) -> ClientConfig {
+/// Records wait up to `linger` to travel in batches, lz4-compressed; `[kafka]
+/// properties` may set either tunable.
+pub fn idempotent_producer_config(settings: &KafkaSettings, linger: Duration) -> ClientConfig {
     let mut config = client_config(settings);
     config.set("enable.idempotence", "true").set("acks", "all");
+    tunable(&mut config, "linger.ms", &linger.as_millis().to_string());
+    tunable(&mut config, "compression.type", "lz4");
     config
 }
 

@@ -42,7 +42,7 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
 fn control_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     // A mistyped prefix fails rather than create a topic no aggregator reads: no
     // Tally client may create topics.
-    idempotent_producer_config(kafka)
+    idempotent_producer_config(kafka, Duration::from_millis(5))
         .create_with_context(DeliveryReports::default())
         .map_err(kafka_error("create a producer for the control records"))
 }

@@ -18,8 +18,8 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    flush, idempotent_producer_config, positions_ahead, send, tunable, DeliveryReports,
-    KafkaProducer, MAX_RECORD_BYTES,
+    flush, idempotent_producer_config, positions_ahead, send, DeliveryReports, KafkaProducer,
+    MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::threads::on_threads;
@@ -56,10 +56,7 @@ pub(super) fn transactional_id(kafka: &KafkaSettings) -> String {
 
 pub(super) fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     let transactional_id = transactional_id(kafka);
-    let mut config = idempotent_producer_config(kafka);
-    tunable(&mut config, "linger.ms", "5");
-    tunable(&mut config, "compression.type", "lz4");
-    let producer: KafkaProducer = config
+    let producer: KafkaProducer = idempotent_producer_config(kafka, Duration::from_millis(5))
         .set("transactional.id", &transactional_id)
         .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
         .set("transaction.timeout.ms", "60000")

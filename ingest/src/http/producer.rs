@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tally_runtime::kafka::{tunable, ClientErrors};
+use tally_runtime::kafka::ClientErrors;
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::lock;
 use tally_runtime::Shutdown;
@@ -113,13 +113,12 @@ pub const TENANT_HEADER: &str = "tally.tenant";
 impl EventProducer {
     /// Creates the producer; it connects to the brokers in the background.
     pub fn new(settings: &KafkaSettings) -> Result<Self, IngestError> {
-        let mut config = tally_runtime::kafka::idempotent_producer_config(settings);
+        // A few ms of batching: a request's events travel in few produce requests.
+        let linger = Duration::from_millis(5);
+        let mut config = tally_runtime::kafka::idempotent_producer_config(settings, linger);
         // murmur2: the partitioner of Kafka's Java clients, so a customer's events land
         // on the same partition whether ingest or a Java/Go service produced them.
         config.set("partitioner", "murmur2_random");
-        // A few ms of batching: a request's events travel in few produce requests.
-        tunable(&mut config, "linger.ms", "5");
-        tunable(&mut config, "compression.type", "lz4");
         // How long a request waits for Kafka's acknowledgement, under either of
         // librdkafka's two names for it: setting the default beside an operator's
         // `delivery.timeout.ms` would leave which one applies to chance.

@@ -54,8 +54,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use tally_runtime::kafka::{
     committed_offsets, group_consumer, idempotent_producer_config, leave_group, offset_of,
-    poll_group, positions_ahead, tunable, ConsumerHealth, DeliveryReports, GroupContext,
-    KafkaProducer, PartitionOwner,
+    poll_group, positions_ahead, ConsumerHealth, DeliveryReports, GroupContext, KafkaProducer,
+    PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
@@ -93,6 +93,9 @@ const CATCH_UP_POLL_WAIT: Duration = Duration::from_millis(10);
 
 /// Stored lines a new owner looks up in ClickHouse to tell they are there.
 const LOST_LINES_SAMPLE: usize = 100;
+/// How long a rated line waits to be sent with others to `tally.rated`: lines come a
+/// batch at a time, and a downstream consumer does not need them to the millisecond.
+const RATED_LINES_LINGER: Duration = Duration::from_millis(20);
 
 /// Where the rater service failed.
 #[derive(Debug, thiserror::Error)]
@@ -377,10 +380,7 @@ pub fn run(
         std::thread::sleep(wait);
         wait = (wait * 2).min(Duration::from_secs(5));
     }
-    let mut producer_config = idempotent_producer_config(kafka_settings);
-    tunable(&mut producer_config, "linger.ms", "20");
-    tunable(&mut producer_config, "compression.type", "lz4");
-    let producer: KafkaProducer = producer_config
+    let producer: KafkaProducer = idempotent_producer_config(kafka_settings, RATED_LINES_LINGER)
         // Queued lines are sent until delivered, however long Kafka is away: one given
         // up on would be missing downstream once its offset was committed.
         .set("message.timeout.ms", "0")
