@@ -227,18 +227,7 @@ cmd_stop() {
 }
 
 cmd_status() {
-  local pid
-  if ! pid="$(pid_of "$PIDFILE" "$MARKER")"; then
-    log "stopped"
-    exit 3
-  fi
-  if answers; then
-    print_where "$pid"
-    log "listening on: $(listening_addresses "$pid" | tr '\n' ' ')"
-  else
-    log "process $pid runs but does not answer on $URL (see $LOGFILE)"
-    exit 1
-  fi
+  report_status "does not answer on $URL"
 }
 
 cmd_reset() {

@@ -253,20 +253,9 @@ cmd_stop() {
 }
 
 cmd_status() {
-  local pid
-  if ! pid="$(pid_of "$PIDFILE" "$MARKER")"; then
-    log "stopped"
-    exit 3
-  fi
   JAVA="$(find_java)" || die "no Java 17 found"
   write_tools_log_config
-  if answers; then
-    print_where "$pid"
-    log "listening on: $(listening_addresses "$pid" | tr '\n' ' ')"
-  else
-    log "process $pid runs but does not answer on 127.0.0.1:$KAFKA_PORT (see $LOGFILE)"
-    exit 1
-  fi
+  report_status "does not answer on 127.0.0.1:$KAFKA_PORT"
 }
 
 cmd_reset() {

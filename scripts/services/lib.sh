@@ -180,6 +180,24 @@ listening_addresses() {
   ss -ltnpH 2>/dev/null | awk -v pid="pid=$1," 'index($0, pid) { print $4 }' | sort -u
 }
 
+# report_status WHAT_DOES_NOT_ANSWER: the `status` command of a script that defines
+# PIDFILE, MARKER, LOGFILE, answers and print_where. Exits 3 when the server is stopped,
+# 1 when it runs but does not answer ("process PID runs but WHAT_DOES_NOT_ANSWER").
+report_status() {
+  local pid
+  if ! pid="$(pid_of "$PIDFILE" "$MARKER")"; then
+    log "stopped"
+    exit 3
+  fi
+  if answers; then
+    print_where "$pid"
+    log "listening on: $(listening_addresses "$pid" | tr '\n' ' ')"
+  else
+    log "process $pid runs but $1 (see $LOGFILE)"
+    exit 1
+  fi
+}
+
 usage_exit() {
   echo "usage: $0 {install|start|stop|status|restart|reset}" >&2
   exit 2

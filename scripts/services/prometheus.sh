@@ -142,18 +142,7 @@ cmd_stop() {
 }
 
 cmd_status() {
-  local pid
-  if ! pid="$(pid_of "$PIDFILE" "$MARKER")"; then
-    log "stopped"
-    exit 3
-  fi
-  if answers; then
-    print_where "$pid"
-    log "listening on: $(listening_addresses "$pid" | tr '\n' ' ')"
-  else
-    log "process $pid runs but $URL/-/ready does not answer (see $LOGFILE)"
-    exit 1
-  fi
+  report_status "$URL/-/ready does not answer"
 }
 
 cmd_reset() {
