@@ -217,6 +217,19 @@ impl ClickHouse {
         })
     }
 
+    /// The client of a `[clickhouse]` section, in `database` (the section's unless
+    /// another is given): its credentials (the CA file read now) and request timeout.
+    pub fn configured(
+        settings: &ClickHouseSettings,
+        database: Option<&str>,
+    ) -> Result<Self, ClickHouseError> {
+        Ok(
+            ClickHouse::new(&settings.url, database.unwrap_or(&settings.database))?
+                .with_credentials(&settings.credentials)?
+                .with_request_timeout(settings.request_timeout),
+        )
+    }
+
     /// Authenticates as `credentials.user` (ClickHouse's `default` when `None`), and
     /// over https trusts the authorities of `credentials.ca_file` instead of the
     /// system's.

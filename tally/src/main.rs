@@ -370,15 +370,12 @@ impl ConfiguredClickHouse {
     pub fn of(config: &Config, path: &Path, database: Option<&str>) -> anyhow::Result<Self> {
         let settings = config.services(&path.display().to_string(), &environment)?;
         let store = settings.clickhouse;
-        let database = database.map_or(store.database, str::to_owned);
-        let client = ClickHouse::new(&store.url, &database)
-            .with_context(|| format!("database {database:?}"))?
-            .with_credentials(&store.credentials)?
-            .with_request_timeout(store.request_timeout);
+        let client = ClickHouse::configured(&store, database)
+            .with_context(|| format!("database {:?}", database.unwrap_or(&store.database)))?;
         Ok(ConfiguredClickHouse {
             client,
+            database: database.map_or(store.database, str::to_owned),
             url: store.url,
-            database,
         })
     }
 }

@@ -18,6 +18,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use prometheus::Registry;
 use tally_aggregator::service::AggregatorMetrics;
+use tally_rater::clickhouse::ClickHouse;
 use tally_rater::service::RaterMetrics;
 use tally_runtime::ops::{self, Readiness};
 use tally_runtime::Shutdown;
@@ -43,9 +44,9 @@ impl Service {
 }
 
 /// What `service` needs of the settings that their validation leaves to the services
-/// that need it: ingest's API keys, whose secrets only ingest's environment holds.
-/// `tally validate --service` asks the same, so a deployment's check fails as the
-/// start would.
+/// that need it: ingest's API keys, whose secrets only ingest's environment holds, and
+/// the rater's ClickHouse CA file, which only its host has. `tally validate --service`
+/// asks the same, so a deployment's check fails as the start would.
 pub fn check_can_start(service: Service, settings: &ServiceSettings) -> anyhow::Result<()> {
     if service.runs(Service::Ingest) && !settings.ingest.unresolved_keys.is_empty() {
         let problems: Vec<String> = (settings.ingest.unresolved_keys.iter())
@@ -55,6 +56,9 @@ pub fn check_can_start(service: Service, settings: &ServiceSettings) -> anyhow::
             "ingest cannot start: API keys are missing:\n{}",
             problems.join("\n")
         );
+    }
+    if service.runs(Service::Rater) {
+        ClickHouse::configured(&settings.clickhouse, None).context("the rater cannot start")?;
     }
     Ok(())
 }

@@ -366,9 +366,7 @@ pub fn run(
     shutdown: Shutdown,
 ) -> Result<(), RaterError> {
     let kafka_settings = &settings.kafka;
-    let clickhouse = ClickHouse::new(&settings.clickhouse.url, &settings.clickhouse.database)?
-        .with_credentials(&settings.clickhouse.credentials)?
-        .with_request_timeout(settings.clickhouse.request_timeout);
+    let clickhouse = ClickHouse::configured(&settings.clickhouse, None)?;
     // ClickHouse may be starting too: wait for it rather than fail the service.
     let mut wait = Duration::from_millis(200);
     while let Err(e) = clickhouse.ensure_schema() {

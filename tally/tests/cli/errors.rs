@@ -258,3 +258,35 @@ fn validate_refuses_a_kafka_property_librdkafka_refuses_without_showing_its_valu
         assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
     }
 }
+
+#[test]
+fn validate_for_the_rater_reads_its_clickhouse_ca_file_as_its_start_would() {
+    let f = Fixture::new(&format!(
+        "{PRO}\n[clickhouse]\nurl = \"https://127.0.0.1:8443\"\nca_file = \"missing-ca.pem\"\n"
+    ));
+    let validate = |service: &str| {
+        Run::from(
+            f.tally()
+                .args(["validate", "--config", "tally.toml", "--service", service])
+                .output()
+                .unwrap(),
+        )
+    };
+    for service in ["rater", "all"] {
+        let run = validate(service);
+        assert_eq!(run.code, 1, "{service}: {}", run.stdout);
+        assert_shows(
+            &run.stderr,
+            &[
+                "the rater cannot start",
+                "cannot use missing-ca.pem as clickhouse.ca_file",
+            ],
+        );
+    }
+    // Only the rater reads the file: another service's host need not have it.
+    validate("ingest").succeeded();
+    f.write("missing-ca.pem", b"not a certificate\n");
+    let run = validate("rater");
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_shows(&run.stderr, &["missing-ca.pem"]);
+}
