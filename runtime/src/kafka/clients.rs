@@ -1,0 +1,209 @@
+//! Client configuration every Tally client shares. In: [`KafkaSettings`]; out: a
+//! librdkafka configuration with the brokers, the operator's `[kafka] properties` (TLS,
+//! SASL, tunables) and what Tally sets itself, the producer and fetch tuning, and
+//! librdkafka's errors and logs routed to tracing.
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
+use tally_schemas::config::KafkaSettings;
+
+use crate::throttle::LogThrottle;
+
+/// Brokers and pass-through properties; each client adds its own settings: those Tally
+/// needs for correctness with `set` (validation refuses them in `[kafka] properties`),
+/// tunables with [`tunable`], which leaves an operator's value in place.
+pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (name, value) in &settings.properties {
+        config.set(name, value);
+    }
+    config.set("bootstrap.servers", &settings.brokers);
+    // Tally creates its topics with the partitions and retention they need
+    // (`ensure_topics`); a producer must not have the broker make one with its defaults
+    // (librdkafka lets producers do so unless told otherwise).
+    config.set("allow.auto.create.topics", "false");
+    config
+}
+
+/// librdkafka's other names for the tunables: set under either, a value is the
+/// operator's.
+const TUNABLE_ALIASES: &[(&str, &str)] = &[
+    ("linger.ms", "queue.buffering.max.ms"),
+    ("compression.type", "compression.codec"),
+    ("max.partition.fetch.bytes", "fetch.message.max.bytes"),
+];
+
+/// Sets Tally's default for a tunable, unless `[kafka] properties` set it (under
+/// either of its names).
+pub fn tunable<'c>(
+    config: &'c mut ClientConfig,
+    name: &str,
+    default: &str,
+) -> &'c mut ClientConfig {
+    let alias = (TUNABLE_ALIASES.iter()).find_map(|&(n, alias)| (n == name).then_some(alias));
+    if config.get(name).is_none() && alias.and_then(|a| config.get(a)).is_none() {
+        config.set(name, default);
+    }
+    config
+}
+
+/// librdkafka's error callback, logged without flooding: while the brokers are out of
+/// reach it reports "all brokers down" many times a second, for every client, and the
+/// services' readiness already says so (after 30 s). Each kind of error (its code) is
+/// logged at most once a minute in the whole process ([`LogThrottle`]), with how many
+/// like it were left out since; a lost connection as a warning, as librdkafka retries
+/// it and a broker restart is ridden out.
+pub(super) fn log_client_error(error: &KafkaError, reason: &str) {
+    static LOGGED: LazyLock<LogThrottle<Option<RDKafkaErrorCode>>> =
+        LazyLock::new(LogThrottle::default);
+    let code = error.rdkafka_error_code();
+    let Some(left_out) = LOGGED.due(code, Instant::now()) else {
+        return;
+    };
+    let message = "librdkafka error (each kind at most once a minute; left_out: as many since)";
+    match code {
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::Resolve,
+        ) => tracing::warn!(%error, reason, left_out, "{message}"),
+        _ => tracing::error!(%error, reason, left_out, "{message}"),
+    }
+}
+
+/// The context of clients with nothing else to handle (an admin client, ingest's
+/// producer): their errors, logged as above.
+#[derive(Debug, Default)]
+pub struct ClientErrors;
+
+impl ClientContext for ClientErrors {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(&error, reason);
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka(level, facility, message);
+    }
+}
+
+/// librdkafka's own log lines, for every client's context. librdkafka logs each
+/// failed connection (`FAIL`: refused, reset, timed out) as an error, for every client
+/// and every reconnect attempt: a broker restart the services ride out made hundreds
+/// of ERROR lines, paging whoever alerts on them. Here they are warnings, at most one
+/// a minute in the whole process, with how many were left out since.
+pub(super) fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    static CONNECTION_FAILURES: LazyLock<LogThrottle<()>> = LazyLock::new(LogThrottle::default);
+    use RDKafkaLogLevel as Level;
+    if facility == "FAIL" {
+        if let Some(left_out) = CONNECTION_FAILURES.due((), Instant::now()) {
+            tracing::warn!(target: "librdkafka", left_out, "librdkafka: {facility} {message} (connection failures at most once a minute; left_out: as many since)");
+        }
+        return;
+    }
+    match level {
+        Level::Emerg | Level::Alert | Level::Critical | Level::Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        Level::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}"),
+        Level::Notice | Level::Info => {
+            tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        Level::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}"),
+    }
+}
+
+/// [`client_config`] for a producer that writes each record once, in order, to every
+/// in-sync replica: what every Tally producer needs, as money rides on its records.
+/// Records wait up to `linger` to travel in batches, lz4-compressed; `[kafka]
+/// properties` may set either tunable.
+pub fn idempotent_producer_config(settings: &KafkaSettings, linger: Duration) -> ClientConfig {
+    let mut config = client_config(settings);
+    config.set("enable.idempotence", "true").set("acks", "all");
+    tunable(&mut config, "linger.ms", &linger.as_millis().to_string());
+    tunable(&mut config, "compression.type", "lz4");
+    config
+}
+
+/// A `[kafka] properties` entry librdkafka refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("[kafka] properties.\"{name}\": {description} (its value is not shown: it may be a secret); fix or remove it")]
+pub struct PropertyError {
+    pub name: String,
+    pub description: String,
+}
+
+/// Checks every `[kafka] properties` entry with librdkafka, without creating a client,
+/// so a mistyped or unsupported property is refused at start. librdkafka's own error
+/// would print the value, and a mistyped `sasl.password` holds the password.
+pub fn check_properties(settings: &KafkaSettings) -> Result<(), PropertyError> {
+    for (name, value) in &settings.properties {
+        let mut one = ClientConfig::new();
+        one.set(name, value);
+        if let Err(e) = one.create_native_config() {
+            let description = match e {
+                KafkaError::ClientConfig(_, description, _, _) => description,
+                other => other.to_string(),
+            };
+            let description = match value.is_empty() {
+                true => description,
+                false => description.replace(value.as_str(), "…"),
+            };
+            return Err(PropertyError {
+                name: name.clone(),
+                description,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// How the services' group consumers fetch: set on any consumer that should read a
+/// topic as fast as they do (the streaming benchmark's plain consumer too).
+pub fn tune_fetching(config: &mut ClientConfig) -> &mut ClientConfig {
+    // Once its prefetch queue is full librdkafka waits this long before fetching again
+    // (default 1 s); a loop that drains the queue sooner would sit idle.
+    tunable(config, "fetch.queue.backoff.ms", "10");
+    // Partitions follow each other in the fetched stream in runs of at most this many
+    // bytes (default 1 MB, some 20,000 compressed events): smaller runs spread each
+    // batch the aggregator reads over its partitions' threads.
+    tunable(config, "max.partition.fetch.bytes", "262144")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tunable_keeps_the_operators_value_and_tallys_own_settings_win() {
+        let settings = KafkaSettings {
+            properties: [
+                ("linger.ms", "50"),
+                ("compression.codec", "zstd"),
+                ("allow.auto.create.topics", "true"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            brokers: "127.0.0.1:9092".to_owned(),
+            topic_prefix: "tally".to_owned(),
+            partitions: 1,
+            replication_factor: 1,
+            instance_id: "0".to_owned(),
+        };
+        let mut config = client_config(&settings);
+        tunable(&mut config, "linger.ms", "5");
+        tunable(&mut config, "compression.type", "lz4");
+        assert_eq!(config.get("linger.ms"), Some("50"));
+        // Given under its other name, it is not set twice.
+        assert_eq!(config.get("compression.type"), None);
+        assert_eq!(config.get("compression.codec"), Some("zstd"));
+        tunable(&mut config, "session.timeout.ms", "10000");
+        assert_eq!(config.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(config.get("allow.auto.create.topics"), Some("false"));
+    }
+}

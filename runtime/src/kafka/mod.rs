@@ -1,0 +1,28 @@
+//! Kafka clients as every service configures them, and the topic layout.
+//!
+//! In: [`KafkaSettings`](tally_schemas::config::KafkaSettings). Out: client
+//! configurations (brokers plus the pass-through librdkafka properties, so TLS and
+//! SASL work everywhere alike); on start, the topics
+//! created if missing; group membership for a service that owns partitions
+//! ([`PartitionOwner`], [`group_consumer`]); producing that waits out a full queue and
+//! keeps delivery failures ([`send`], [`flush`], [`DeliveryReports`]); and reading a
+//! partition to its end ([`read_partition`]), for restores and rebuilds.
+//!
+//! `events`, `windows` and `aggregator-changelog` must have the same number of
+//! partitions: the aggregator writes partition p's windows and state changes to
+//! partition p, so a customer's usage stays in one partition end to end.
+//!
+//! `clients` configures every client, `topics` makes and checks the topics,
+//! `group` runs a service's group membership, `produce` and `read` write and read.
+
+mod clients;
+mod group;
+mod produce;
+mod read;
+mod topics;
+
+pub use clients::*;
+pub use group::*;
+pub use produce::*;
+pub use read::*;
+pub use topics::*;
