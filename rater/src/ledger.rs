@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use rust_decimal::Decimal;
 use tally_schemas::config::{AggregationKind, Config, Customer};
 use tally_schemas::decimal::ExactSum;
@@ -256,15 +256,6 @@ impl Ledger {
         }
     }
 
-    /// Re-rates every line changed since the last flush; fails if any line cannot be
-    /// rated (it stays pending).
-    pub fn flush(&mut self) -> Result<Vec<RatedLine>, LineError> {
-        match self.flush_available() {
-            (rated, failures) if failures.is_empty() => Ok(rated),
-            (_, mut failures) => Err(failures.swap_remove(0)),
-        }
-    }
-
     /// Re-rates every changed line that can be rated; a line that cannot (its amount
     /// overflows) stays pending, with its error returned, and does not hold up the
     /// others.
@@ -434,16 +425,26 @@ impl Ledger {
     /// stay pending). A line that never had usage is its opening line, at revision 0
     /// with its whole amount as `delta`; for the others `delta` is the change since the
     /// previous flush (zero for lines that did not change).
-    pub fn close(&mut self, period: Period) -> Result<Vec<RatedLine>, LineError> {
+    ///
+    /// A line that cannot be rated (its amount is more minor units than a line holds)
+    /// is left out, with its error among those returned: the others are the period's
+    /// all the same.
+    pub fn close(&mut self, period: Period) -> (Vec<RatedLine>, Vec<LineError>) {
         let (flushed, mut failures) = self.flush_where(|key| key.period == period);
-        if !failures.is_empty() {
-            return Err(failures.swap_remove(0));
-        }
+        let failed: HashSet<(String, String)> = (failures.iter())
+            .filter(|e| e.adjusts.is_none())
+            .map(|e| (e.customer.clone(), e.price.clone()))
+            .collect();
         let flushed: HashMap<String, Decimal> =
             flushed.into_iter().map(|r| (r.line.id, r.delta)).collect();
         let config = Arc::clone(&self.config);
         let mut lines = Vec::new();
+        let mut unrated = Vec::new();
         for (customer, price_index) in subscribed_prices(&config, period) {
+            let price = &plan_of(&config, customer, period).prices[price_index];
+            if !failed.is_empty() && failed.contains(&(customer.id.clone(), price.id.clone())) {
+                continue;
+            }
             let key = LineKey {
                 price_index,
                 period,
@@ -455,12 +456,17 @@ impl Ledger {
                     line.clone(),
                     flushed.get(&line.id).copied().unwrap_or_default(),
                 ),
-                None => {
-                    let line = price_line(&config, customer, key, state)?;
-                    state.rated = Some(line.clone());
-                    let delta = line.amount;
-                    (line, delta)
-                }
+                None => match price_line(&config, customer, key, state) {
+                    Ok(line) => {
+                        state.rated = Some(line.clone());
+                        let delta = line.amount;
+                        (line, delta)
+                    }
+                    Err(e) => {
+                        unrated.push(e);
+                        continue;
+                    }
+                },
             };
             lines.push(RatedLine {
                 line,
@@ -468,7 +474,8 @@ impl Ledger {
                 delta,
             });
         }
-        Ok(lines)
+        failures.append(&mut unrated);
+        (lines, failures)
     }
 }
 
@@ -616,6 +623,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::str::FromStr;
+
+    /// The changed lines rated, none of which may fail to rate.
+    fn flushed(ledger: &mut Ledger) -> Vec<RatedLine> {
+        let (lines, unrated) = ledger.flush_available();
+        assert!(unrated.is_empty(), "{unrated:?}");
+        lines
+    }
+
+    /// The period's lines, none of which may fail to rate.
+    fn closed(ledger: &mut Ledger, period: Period) -> Vec<RatedLine> {
+        let (lines, unrated) = ledger.close(period);
+        assert!(unrated.is_empty(), "{unrated:?}");
+        lines
+    }
 
     const CONFIG: &str = r#"
         [[meters]]
@@ -786,12 +807,8 @@ mod tests {
             ledger.record(&late, december, value(20)),
             Recorded::Billed(1)
         );
-        let mut rated: Vec<InvoiceLine> = ledger
-            .flush()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.line)
-            .collect();
+        let mut rated: Vec<InvoiceLine> =
+            flushed(&mut ledger).into_iter().map(|r| r.line).collect();
         rated.sort_by_key(|l| (l.period_start, l.adjusts_period, l.price.clone()));
         let rows: Vec<_> = (rated.iter())
             .map(|l| {
@@ -834,7 +851,7 @@ mod tests {
             ]
         );
         // December's invoice: team's lines, the platform fee included.
-        let december_lines: Vec<_> = (ledger.close(december).unwrap().into_iter())
+        let december_lines: Vec<_> = (closed(&mut ledger, december).into_iter())
             .map(|r| (r.line.plan, r.line.price, r.line.amount.to_string()))
             .collect();
         assert_eq!(
@@ -891,7 +908,7 @@ mod tests {
             ledger.record(&resolutions, november(), value(3)),
             Recorded::Billed(1)
         );
-        let rated: Vec<String> = (ledger.flush().unwrap().into_iter())
+        let rated: Vec<String> = (flushed(&mut ledger).into_iter())
             .map(|r| r.line.price)
             .collect();
         assert_eq!(rated, ["resolutions"]);
@@ -933,7 +950,7 @@ mod tests {
             ledger.record(&late, period("2027-01"), value(1)),
             Recorded::Billed(1)
         );
-        let adjustments: Vec<_> = (ledger.flush().unwrap().into_iter())
+        let adjustments: Vec<_> = (flushed(&mut ledger).into_iter())
             .filter(|r| r.line.adjusts_period.is_some())
             .map(|r| (r.line.period_start, r.line.adjusts_period, r.line.quantity))
             .collect();
@@ -945,7 +962,7 @@ mod tests {
                 Decimal::ONE
             )]
         );
-        assert!(ledger.close(period("2027-01")).unwrap().is_empty());
+        assert!(closed(&mut ledger, period("2027-01")).is_empty());
         let october = Arc::new(SeriesKey {
             adjusts: Some(period("2026-10")),
             ..SeriesKey::clone(&resolutions)
@@ -962,18 +979,18 @@ mod tests {
         let december = Period::from_str("2026-12").unwrap();
         let mut ledger = Ledger::new(config());
         ledger.record(&series("resolutions", &[]), october, value(90));
-        ledger.flush().unwrap();
+        flushed(&mut ledger);
         let late = Arc::new(SeriesKey {
             adjusts: Some(october),
             ..SeriesKey::clone(&series("resolutions", &[]))
         });
         // 20 late in November: 90 -> 110, ten of them past the first tier.
         ledger.record(&late, november(), value(20));
-        let first = ledger.flush().unwrap().remove(0).line;
+        let first = flushed(&mut ledger).remove(0).line;
         assert_eq!(first.subtotal.to_string(), "8.90");
         // 20 more in December: 110 -> 130, all twenty in the second tier.
         ledger.record(&late, december, value(20));
-        let second = ledger.flush().unwrap().remove(0).line;
+        let second = flushed(&mut ledger).remove(0).line;
         assert_eq!(second.period_start, december.start());
         assert_eq!(second.subtotal.to_string(), "17.80");
         assert_ne!(first.id, second.id);
@@ -1022,7 +1039,7 @@ mod tests {
         let mut ledger = Ledger::new(config);
         ledger.record(&series("seats", &["a"]), october, reading("10", 50));
         ledger.record(&series("seats", &["b"]), october, reading("12", 2));
-        let closed = ledger.flush().unwrap().remove(0).line;
+        let closed = flushed(&mut ledger).remove(0).line;
         assert_eq!(closed.quantity, Decimal::from(52));
         // Team a's reading of the 25th arrives after October closed: 55 seats, not 105.
         let late = Arc::new(SeriesKey {
@@ -1030,7 +1047,7 @@ mod tests {
             ..SeriesKey::clone(&series("seats", &["a"]))
         });
         ledger.record(&late, november(), reading("25", 55));
-        let adjustment = ledger.flush().unwrap().remove(0).line;
+        let adjustment = flushed(&mut ledger).remove(0).line;
         assert_eq!(adjustment.quantity, Decimal::from(5));
         assert_eq!(adjustment.subtotal.to_string(), "50.00");
     }
@@ -1102,7 +1119,7 @@ mod tests {
         ledger.record(&resolutions, october, value(10));
         ledger.record(&late_october, november(), value(1));
         ledger.record(&resolutions, november(), value(3));
-        ledger.flush().unwrap();
+        flushed(&mut ledger);
         // The same prices bill each period and the adjustment.
         let per_period = ledger.lines_held() / 4;
         assert!(per_period >= 1 && ledger.lines_held() == 4 * per_period);
@@ -1110,7 +1127,7 @@ mod tests {
         // still rated before the lines go.
         ledger.record(&resolutions, october, value(12));
         ledger.settle_through(october);
-        let last = ledger.flush().unwrap();
+        let last = flushed(&mut ledger);
         assert_eq!(last.len(), per_period);
         for rated in &last {
             assert_eq!(rated.line.period_start, october.start());
@@ -1129,7 +1146,7 @@ mod tests {
             Recorded::SettledPeriod
         );
         ledger.record(&resolutions, november(), value(5));
-        let next = ledger.flush().unwrap();
+        let next = flushed(&mut ledger);
         assert_eq!(next.len(), per_period);
         for rated in &next {
             assert_eq!(rated.line.period_start, november().start());
@@ -1146,7 +1163,7 @@ mod tests {
         let mut ledger = Ledger::new(config());
         // October closed at 150 resolutions: 49 + 50 * 0.89 = 93.50, less 12.5 %.
         ledger.record(&series("resolutions", &[]), october, value(150));
-        let closed = ledger.flush().unwrap();
+        let closed = flushed(&mut ledger);
         assert_eq!(closed[0].line.amount.to_string(), "81.81");
         // 900 late October resolutions arrive in November: 150 -> 1050 crosses into
         // the third tier: 850 more at 0.89 and 50 at 0.69 = 791.00.
@@ -1155,7 +1172,7 @@ mod tests {
             ..SeriesKey::clone(&series("resolutions", &[]))
         });
         ledger.record(&late, november(), value(900));
-        let adjustment = ledger.flush().unwrap().remove(0).line;
+        let adjustment = flushed(&mut ledger).remove(0).line;
         assert_eq!(adjustment.adjusts_period, Some(october));
         assert_eq!(adjustment.period_start, november().start());
         assert_eq!(adjustment.quantity, Decimal::from(900));
@@ -1176,7 +1193,7 @@ mod tests {
             ]
         );
         // The closed line itself is untouched, and November's own line is separate.
-        assert!(ledger.flush().unwrap().is_empty());
+        assert!(flushed(&mut ledger).is_empty());
     }
 
     #[test]
@@ -1185,14 +1202,14 @@ mod tests {
         let mut ledger = Ledger::new(config());
         // October closed at 4000 tokens, volume tier 1: 4000 * 0.0003 = 1.20.
         ledger.record(&series("tokens", &["llama"]), october, value(4000));
-        ledger.flush().unwrap();
+        flushed(&mut ledger);
         // 2000 late tokens put all 6000 in tier 2: 6000 * 0.0001 + 0.5 = 1.10.
         let late = Arc::new(SeriesKey {
             adjusts: Some(october),
             ..SeriesKey::clone(&series("tokens", &["llama"]))
         });
         ledger.record(&late, november(), value(2000));
-        let lines = ledger.flush().unwrap();
+        let lines = flushed(&mut ledger);
         let adjustment = &lines
             .iter()
             .find(|l| l.line.price == "all-tokens")
@@ -1234,7 +1251,7 @@ mod tests {
         // corrections outweigh it by 500.
         ledger.record(&series("tokens", &["llama"]), october, value(4000));
         ledger.record(&series("tokens", &["gpt-x"]), october, value(-500));
-        let closed = ledger.flush().unwrap();
+        let closed = flushed(&mut ledger);
         let line = |lines: &[RatedLine], price: &str| {
             let line = &lines.iter().find(|l| l.line.price == price).unwrap().line;
             (line.quantity.to_string(), line.amount.to_string())
@@ -1253,7 +1270,7 @@ mod tests {
             })
         };
         ledger.record(&late("llama"), november(), value(-2000));
-        let adjustments = ledger.flush().unwrap();
+        let adjustments = flushed(&mut ledger);
         assert_eq!(
             line(&adjustments, "all-tokens"),
             ("-2000".into(), "-0.60".into())
@@ -1262,7 +1279,7 @@ mod tests {
         assert_eq!(adjustments.len(), 1);
         // Late gpt-x usage of 300 leaves gpt-x at -200 in all: still none billed.
         ledger.record(&late("gpt-x"), november(), value(300));
-        let unchanged = ledger.flush().unwrap();
+        let unchanged = flushed(&mut ledger);
         assert_eq!(line(&unchanged, "gpt-tokens"), ("0".into(), "0.00".into()));
         assert_eq!(
             line(&unchanged, "all-tokens"),
@@ -1271,7 +1288,7 @@ mod tests {
         // A late llama correction larger than what is left: October's llama usage
         // counts as zero, so the credit is at most what October billed of it (2000).
         ledger.record(&late("llama"), november(), value(-5000));
-        let floored = ledger.flush().unwrap();
+        let floored = flushed(&mut ledger);
         assert_eq!(
             line(&floored, "all-tokens"),
             ("-4000".into(), "-1.20".into())
@@ -1308,13 +1325,40 @@ mod tests {
     }
 
     #[test]
+    fn a_line_too_large_to_store_is_left_out_of_the_close_and_the_others_kept() {
+        let mut ledger = Ledger::new(config());
+        ledger.record(&series("seats", &["a"]), november(), value(3));
+        let huge = MeterValue {
+            value: Decimal::from_str("10000000000000000000000").unwrap(),
+            ..value(0)
+        };
+        ledger.record(&series("tokens", &["gpt-x"]), november(), huge);
+        ledger.record(&series("tokens", &["llama"]), november(), value(4000));
+        let (lines, unrated) = ledger.close(november());
+        let failed: Vec<(&str, &str)> = (unrated.iter())
+            .map(|e| (e.customer.as_str(), e.price.as_str()))
+            .collect();
+        // 10^22 tokens: gpt-tokens (10^19 packages at 0.002, 2 x 10^18 cents) fits in
+        // a 64-bit count of minor units, all-tokens (10^22 at 0.0001: 10^20 cents)
+        // does not.
+        assert_eq!(failed, [("acme", "all-tokens")]);
+        assert!(matches!(
+            unrated[0].source,
+            RateError::AmountTooLarge { .. }
+        ));
+        let prices: Vec<&str> = lines.iter().map(|l| l.line.price.as_str()).collect();
+        assert_eq!(prices, ["resolutions", "gpt-tokens", "seats"]);
+        assert_eq!(lines[2].line.amount.to_string(), "30.00");
+    }
+
+    #[test]
     fn a_line_combines_the_series_its_price_selects() {
         let mut ledger = Ledger::new(config());
         ledger.record(&series("tokens", &["gpt-x"]), november(), value(1500));
         ledger.record(&series("tokens", &["llama"]), november(), value(4000));
         ledger.record(&series("seats", &["a"]), november(), value(3));
         ledger.record(&series("seats", &["b"]), november(), value(5));
-        let lines = ledger.close(november()).unwrap();
+        let lines = closed(&mut ledger, november());
         let by_price = |id: &str| {
             lines
                 .iter()
@@ -1372,7 +1416,7 @@ mod tests {
         let mut ledger = Ledger::new(config());
         let res = series("resolutions", &[]);
         ledger.record(&res, november(), value(150));
-        let first = ledger.flush().unwrap();
+        let first = flushed(&mut ledger);
         assert_eq!(
             (first[0].revision, first[0].line.amount.to_string()),
             (1, "81.81".to_string())
@@ -1385,9 +1429,9 @@ mod tests {
         assert_eq!(first[0].delta.to_string(), "38.94");
         // The same value again changes nothing.
         ledger.record(&res, november(), value(150));
-        assert!(ledger.flush().unwrap().is_empty());
+        assert!(flushed(&mut ledger).is_empty());
         ledger.record(&res, november(), value(151));
-        let second = ledger.flush().unwrap();
+        let second = flushed(&mut ledger);
         assert_eq!(second[0].revision, 2);
         assert_eq!(second[0].delta.to_string(), "0.78");
     }
@@ -1403,11 +1447,11 @@ mod tests {
             ..SeriesKey::clone(&series("resolutions", &[]))
         });
         ledger.record(&late, november(), value(20));
-        let first = ledger.flush().unwrap();
-        assert!(ledger.flush().unwrap().is_empty());
+        let first = flushed(&mut ledger);
+        assert!(flushed(&mut ledger).is_empty());
 
         ledger.rerate_all();
-        let again = ledger.flush().unwrap();
+        let again = flushed(&mut ledger);
         let ids = |lines: &[RatedLine]| {
             let mut ids: Vec<String> = lines.iter().map(|l| l.line.id.clone()).collect();
             ids.sort();
@@ -1421,13 +1465,13 @@ mod tests {
         assert_eq!(ids(&again), listed);
         assert_eq!(ids(&first), listed);
         assert!(again.iter().all(|l| l.revision == 2 && l.delta.is_zero()));
-        assert!(ledger.flush().unwrap().is_empty(), "each line once");
+        assert!(flushed(&mut ledger).is_empty(), "each line once");
 
         // October settles; until the next flush lets its lines go, they are held but
         // not re-rated: a settled month stays as billed.
         ledger.settle_through(october);
         ledger.rerate_all();
-        let open_only = ledger.flush().unwrap();
+        let open_only = flushed(&mut ledger);
         assert_eq!(open_only.len(), 2, "November's two token lines");
         assert!(open_only
             .iter()
@@ -1439,22 +1483,24 @@ mod tests {
         let mut ledger = Ledger::new(config());
         let res = series("resolutions", &[]);
         ledger.record(&res, november(), value(100));
-        ledger.flush().unwrap();
+        flushed(&mut ledger);
         let huge = MeterValue {
             value: Decimal::MAX,
             latest: None,
         };
         ledger.record(&res, november(), huge);
-        assert!(ledger.flush().is_err());
+        let (rated, unrated) = ledger.flush_available();
+        assert!(rated.is_empty() && unrated.len() == 1, "{unrated:?}");
         ledger.record(&res, november(), value(200));
-        let rated = ledger.flush().unwrap();
+        let rated = flushed(&mut ledger);
         assert_eq!(rated.len(), 1);
         assert_eq!(rated[0].line.quantity, Decimal::from(200));
         // Two series whose sum overflows are an error, not a panic.
         let mut ledger = Ledger::new(config());
         ledger.record(&series("tokens", &["a"]), november(), huge);
         ledger.record(&series("tokens", &["b"]), november(), huge);
-        let error = ledger.flush().unwrap_err();
+        let (_, mut unrated) = ledger.flush_available();
+        let error = unrated.pop().expect("a line that cannot be rated");
         assert!(matches!(error.source, RateError::TotalTooLarge));
         assert_eq!(
             error.to_string(),
@@ -1474,7 +1520,7 @@ mod tests {
             let mut ledger = Ledger::new(config());
             ledger.record(&series("tokens", &["a"]), november(), a);
             ledger.record(&series("tokens", &["b"]), november(), b);
-            let rated = ledger.flush().unwrap();
+            let rated = flushed(&mut ledger);
             assert_eq!(
                 rated[0].line.quantity.to_string(),
                 "5000.1234567890123456789012346"
@@ -1503,12 +1549,12 @@ mod tests {
                 ledger.record(&series("tokens", &[models[model]]), november(), MeterValue { value: to_date[model], latest: None });
                 ledger.record(&series("resolutions", &[]), november(), MeterValue { value: resolutions, latest: None });
                 if flush_mask & (1 << (i % 64)) != 0 {
-                    for r in ledger.flush().unwrap() {
+                    for r in flushed(&mut ledger) {
                         *deltas.entry(r.line.price.clone()).or_default() += r.delta;
                     }
                 }
             }
-            let closed = ledger.close(november()).unwrap();
+            let closed = closed(&mut ledger, november());
             let customer = &config.customers["acme"];
             let totals = [
                 ("resolutions", resolutions),

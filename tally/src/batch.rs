@@ -109,12 +109,9 @@ pub fn rate_events(
         let recorded = ledger.record(&series, period, value);
         summary.note_unbilled(recorded, &series, value.value);
     }
-    let lines = ledger
-        .close(period)
-        .context("rating failed")?
-        .into_iter()
-        .map(|rated| rated.line)
-        .collect();
+    let (rated, unrated) = ledger.close(period);
+    summary.note_not_rated(&unrated);
+    let lines = rated.into_iter().map(|rated| rated.line).collect();
     let explained_usage = (options.explained_customer.as_deref())
         .map(|customer| aggregator.windows_of(customer, period))
         .unwrap_or_default();

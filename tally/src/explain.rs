@@ -29,7 +29,7 @@ use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchResult};
 use crate::report::{packages, tier_arithmetic, tier_text, total_too_large};
-use crate::summary::{CountedEvent, CustomerEvents, UnbilledUsage};
+use crate::summary::{CountedEvent, CustomerEvents, LineNotRated, UnbilledUsage};
 use crate::{ConfiguredClickHouse, RatedMonth};
 
 #[derive(Debug, Args)]
@@ -95,6 +95,15 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             )?;
             explanation.list_events = args.list_events;
             write_explanation(&mut out, &explanation)?;
+            out.flush()?;
+            let not_rated = (result.summary.lines_not_rated.iter())
+                .filter(|line| line.customer == args.customer)
+                .count();
+            anyhow::ensure!(
+                not_rated == 0,
+                "{not_rated} of {}'s lines could not be rated (shown above), so the invoice is incomplete",
+                args.customer
+            );
         }
         None => {
             let store = ConfiguredClickHouse::of(&config, &month.config, None)?;
@@ -277,6 +286,10 @@ impl<'a> Explanation<'a> {
                     .chain(&result.summary.unsubscribed_usage)
                     .filter(|u| u.customer == customer.id && price.is_none())
                     .collect(),
+                not_rated: (result.summary.lines_not_rated.iter())
+                    .filter(|l| l.customer == customer.id)
+                    .filter(|l| price.is_none_or(|p| l.price == p))
+                    .collect(),
             },
             lines: (result.lines.iter())
                 .filter(|l| l.customer == customer.id)
@@ -301,6 +314,8 @@ pub enum Source<'a> {
         events: &'a CustomerEvents,
         /// The customer's usage of the period that no line bills.
         unbilled: Vec<&'a UnbilledUsage>,
+        /// The customer's lines that could not be rated, so the invoice lacks them.
+        not_rated: Vec<&'a LineNotRated>,
     },
     /// Stored by the streaming rater: `invoice_lines` and `window_usage` of this
     /// ClickHouse database.
@@ -396,24 +411,25 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
     write_heading(out, e)?;
     let period = e.period;
     writeln!(out, "  price book {}", e.config.hash)?;
-    let unbilled = match &e.source {
+    let (unbilled, not_rated) = match &e.source {
         Source::Events {
             name,
             events,
             unbilled,
+            not_rated,
         } => {
             write_events(out, name, events)?;
-            unbilled.as_slice()
+            (unbilled.as_slice(), not_rated.as_slice())
         }
         Source::Pipeline { url, database } => {
             writeln!(
                 out,
                 "  lines as the streaming rater stored them: {database}.invoice_lines at {url}, usage from {database}.window_usage"
             )?;
-            &[]
+            (&[][..], &[][..])
         }
     };
-    if e.lines.is_empty() {
+    if e.lines.is_empty() && not_rated.is_empty() {
         match &e.source {
             Source::Events { .. } => writeln!(out, "  no lines")?,
             Source::Pipeline { database, .. } => writeln!(
@@ -425,6 +441,14 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
     for line in &e.lines {
         writeln!(out)?;
         write_line(out, e, line)?;
+    }
+    for line in not_rated {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{}: not rated, so the invoice lacks this line: {}",
+            line.price, line.reason
+        )?;
     }
     if !unbilled.is_empty() {
         writeln!(out)?;

@@ -473,15 +473,25 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
             out.flush()?;
         }
     }
-    if let Some(store) = &clickhouse {
-        // Later runs must win: the run's start in milliseconds orders them.
-        let version = u64::try_from(started.timestamp_millis()).unwrap_or_default();
-        store.replace_period(version, options.period, &result.lines)?;
-        eprintln!(
-            "stored {} lines in ClickHouse database {} (version {version})",
-            result.lines.len(),
+    let not_rated = result.summary.lines_not_rated.len();
+    match &clickhouse {
+        // The run's lines replace the period's: an incomplete set would hide a line
+        // an earlier run stored.
+        Some(_) if not_rated > 0 => eprintln!(
+            "not stored in ClickHouse database {}: {not_rated} of the month's lines could not be rated",
             args.clickhouse_database
-        );
+        ),
+        Some(store) => {
+            // Later runs must win: the run's start in milliseconds orders them.
+            let version = u64::try_from(started.timestamp_millis()).unwrap_or_default();
+            store.replace_period(version, options.period, &result.lines)?;
+            eprintln!(
+                "stored {} lines in ClickHouse database {} (version {version})",
+                result.lines.len(),
+                args.clickhouse_database
+            );
+        }
+        None => {}
     }
     if let Some(path) = &args.summary {
         std::fs::write(path, serde_json::to_string_pretty(&result.summary)?)
@@ -506,6 +516,10 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
             true => String::new(),
             false => format!(" ({})", valid.join("; ")),
         }
+    );
+    anyhow::ensure!(
+        not_rated == 0,
+        "{not_rated} line(s) could not be rated (listed above as \"not rated\"), so their customers' invoices are incomplete; the other lines were written. Check the usage that made them so large, and the prices"
     );
     Ok(())
 }

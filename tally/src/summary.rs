@@ -14,7 +14,7 @@ use serde::Serialize;
 use tally_aggregator::{Aggregator, Outcome};
 use tally_ingest::http::identity;
 use tally_ingest::{Line, LineReject};
-use tally_rater::Recorded;
+use tally_rater::{LineError, Recorded};
 use tally_schemas::config::{Config, MeterId};
 use tally_schemas::event::{DecodedEvent, EventError, Problem, ReadingValue};
 use tally_schemas::ids::EventKey;
@@ -61,6 +61,9 @@ pub struct Summary {
     /// Usage of known customers in a period they are not billed in (before their
     /// `from`, after their `through`).
     pub unsubscribed_usage: Vec<UnbilledUsage>,
+    /// Lines that cannot be rated (their amount is more minor units than a line
+    /// holds): their invoices lack them, so the run fails once the others are written.
+    pub lines_not_rated: Vec<LineNotRated>,
     /// For unknown customers listed on stderr, the configured id each likely meant.
     #[serde(skip)]
     pub likely_meant: BTreeMap<String, String>,
@@ -208,6 +211,14 @@ pub struct UnbilledUsage {
     pub meter: String,
     pub group: Vec<String>,
     pub quantity: String,
+}
+
+/// A line the rater could not rate, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LineNotRated {
+    pub customer: String,
+    pub price: String,
+    pub reason: String,
 }
 
 impl UnbilledUsage {
@@ -372,6 +383,16 @@ impl Summary {
         self.unknown_event_types.values().sum()
     }
 
+    /// Lists the lines the rater could not rate.
+    pub fn note_not_rated(&mut self, errors: &[LineError]) {
+        self.lines_not_rated
+            .extend(errors.iter().map(|e| LineNotRated {
+                customer: e.customer.clone(),
+                price: e.price.clone(),
+                reason: e.source.to_string(),
+            }));
+    }
+
     /// The lines finance reads on stderr.
     pub fn render(&self) -> String {
         let mut out = format!(
@@ -486,6 +507,12 @@ impl Summary {
                 "  unbilled: ... and {} more series of customers not billed in {} (all listed in the JSON summary)\n",
                 self.unsubscribed_usage.len() - LISTED,
                 self.period
+            ));
+        }
+        for line in &self.lines_not_rated {
+            out.push_str(&format!(
+                "  not rated: customer {:?}'s line for price {:?}, which its invoice lacks: {}\n",
+                line.customer, line.price, line.reason
             ));
         }
         out

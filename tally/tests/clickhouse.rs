@@ -221,6 +221,33 @@ fn a_rerun_retires_the_lines_it_no_longer_makes() {
 
 #[test]
 #[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
+fn a_run_with_a_line_it_cannot_rate_leaves_the_stored_month_as_it_was() {
+    let db = Database::new("not_rated");
+    let lines = rate_into(&db, &examples().join("tally.toml"));
+    // A price whose line is more minor units than a line can store: the run writes
+    // the other line to stdout, but storing that one alone would hide the stored
+    // gpt-tokens line.
+    let dir = tempfile::tempdir().unwrap();
+    let too_dear = example_config_with(
+        dir.path(),
+        "unit_amount = \"0.002\"",
+        "unit_amount = \"1000000000000000000\"",
+    );
+    let output = run_rate(&db, &too_dear, &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "not stored in ClickHouse database {}: 1 of the month's lines could not be rated",
+            db.0
+        )),
+        "{stderr}"
+    );
+    assert_eq!(invoice_rows(&db), expected_rows(&lines));
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
 fn tally_rate_sends_the_configured_clickhouse_credentials() {
     // scripts/services/clickhouse.sh creates user tally_test with this password.
     let db = Database::new("credentials");

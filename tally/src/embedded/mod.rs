@@ -18,7 +18,6 @@ use std::ops::ControlFlow;
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use tally_aggregator::Aggregator;
 use tally_ingest::{decode_lines, Line, LineReject};
@@ -111,11 +110,12 @@ pub fn run(
                 }
                 window_updates += u.windows.len() as u64;
             }
-            let rated = ledger.flush().context("rating failed")?;
+            // A line that cannot be rated stays pending: the close reports it.
+            let (rated, _) = ledger.flush_available();
             store.write(&updates, &rated)?;
             line_revisions += rated.len() as u64;
         }
-        let lines = ledger.close(period).context("rating failed")?;
+        let (lines, unrated) = ledger.close(period);
         store.write(&[], &lines)?;
 
         ingest
@@ -129,6 +129,7 @@ pub fn run(
         for (series, (recorded, quantity)) in unbilled {
             summary.note_unbilled(recorded, &series, quantity);
         }
+        summary.note_not_rated(&unrated);
         Ok(PipelineRun {
             summary,
             lines,

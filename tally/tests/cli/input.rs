@@ -151,6 +151,7 @@ fn the_summary_reconciles_every_line_read() {
             "refused": 0,
             "unpriced_usage": [{"customer": "cust_acme", "meter": "tokens", "group": ["llama-z"], "quantity": "10"}],
             "unsubscribed_usage": [{"customer": "cust_later", "meter": "resolutions", "group": [], "quantity": "1"}],
+            "lines_not_rated": [],
         })
     );
     assert!(

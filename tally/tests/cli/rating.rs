@@ -984,3 +984,74 @@ fn a_total_needing_more_digits_than_a_decimal_bills_every_event_rounded_at_its_l
         events.reverse();
     }
 }
+
+#[test]
+fn a_line_too_large_to_store_is_listed_and_fails_the_run_once_the_others_are_written() {
+    let f = Fixture::new(
+        r#"
+[[meters]]
+slug = "tokens"
+event_type = "llm.tokens"
+aggregation = "sum"
+value_property = "$.tokens"
+
+[[plans]]
+id = "p"
+currency = "usd"
+
+[[plans.prices]]
+id = "tokens"
+meter = "tokens"
+billing_scheme = "per_unit"
+unit_amount = "0.1"
+
+[[customers]]
+id = "cust_a"
+plan = "p"
+
+[[customers]]
+id = "cust_b"
+plan = "p"
+"#,
+    );
+    // A valid value (under 10^18), but 10^17 usd is 10^19 cents: more than a line's
+    // 64-bit count of minor units holds.
+    let events = [
+        tokens("a1", "cust_a", "m", json!(1000)),
+        tokens("b1", "cust_b", "m", json!(999_999_999_999_999_999_u64)),
+    ];
+    let run = f.rate(&events, &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let lines = run.lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(money(line(&lines, "cust_a", "tokens"))[3], "100.00");
+    let not_rated = &f.summary()["lines_not_rated"];
+    assert_eq!(not_rated.as_array().map(Vec::len), Some(1), "{not_rated}");
+    assert_eq!(
+        (&not_rated[0]["customer"], &not_rated[0]["price"]),
+        (&json!("cust_b"), &json!("tokens"))
+    );
+    let reason = "amount 99999999999999999.90 is more minor units than a line can store";
+    assert!(
+        not_rated[0]["reason"].as_str().unwrap().starts_with(reason),
+        "{not_rated}"
+    );
+    assert_shows(
+        &run.stderr,
+        &[
+            "not rated: customer \"cust_b\"'s line for price \"tokens\", which its invoice lacks",
+            "error: 1 line(s) could not be rated",
+            "the other lines were written",
+        ],
+    );
+    let explained = f.explain("cust_b", &[]);
+    assert_eq!(explained.code, 1, "{}", explained.stderr);
+    assert_shows(
+        &explained.stdout,
+        &[
+            "tokens: not rated, so the invoice lacks this line: ",
+            reason,
+        ],
+    );
+    f.explain("cust_a", &[]).succeeded();
+}
