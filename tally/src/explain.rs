@@ -8,7 +8,8 @@
 //! tier's arithmetic, the rounding, the discount and the amount; then the invoice's
 //! total. Every figure shown is the line's own, so it is the cent that was billed.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 use std::sync::Arc;
 
@@ -1018,19 +1019,30 @@ fn write_counted_events(
     usage: &Usage,
 ) -> io::Result<()> {
     let kept = events.counted_events.as_deref().unwrap_or_default();
-    let counted: Vec<(&CountedEvent, &ReadingValue)> = (kept.iter())
+    let counted: Vec<(&CountedEvent, &[String], &ReadingValue)> = (kept.iter())
         .filter_map(|event| {
-            let (_, _, value) = (event.readings.iter())
+            let (_, group, value) = (event.readings.iter())
                 .find(|(meter, group, _)| *meter == usage.meter && usage.matches(group))?;
-            Some((event, value))
+            Some((event, group.as_slice(), value))
         })
         .collect();
     writeln!(out, "            events counted ({}):", counted.len())?;
-    for (event, value) in counted {
+    // A unique_count meter counts a value once per group: the first event with it,
+    // in the file's order, as the aggregator read them.
+    let mut first_with: HashMap<(&[String], u64), u64> = HashMap::new();
+    for (event, group, value) in counted {
         let value = match value {
             ReadingValue::Event => "1 event".to_owned(),
             ReadingValue::Number(n) => n.normalize().to_string(),
-            ReadingValue::Distinct(_) => "a distinct value".to_owned(),
+            ReadingValue::Distinct(fingerprint) => match first_with.entry((group, *fingerprint)) {
+                Entry::Vacant(first) => {
+                    first.insert(event.line);
+                    "a new distinct value".to_owned()
+                }
+                Entry::Occupied(first) => {
+                    format!("line {}'s value again, not counted again", first.get())
+                }
+            },
         };
         writeln!(
             out,

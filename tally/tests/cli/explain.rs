@@ -455,6 +455,37 @@ fn explain_lists_the_events_each_line_counts_when_asked() {
 }
 
 #[test]
+fn explain_marks_a_distinct_value_listed_again_as_not_counted_again() {
+    let f = Fixture::new(COMPUTE);
+    let active = |id: &str, user: &str| {
+        event(
+            id,
+            "app.active",
+            "c",
+            "2026-11-06T00:00:00Z",
+            Some(json!({ "user": user })),
+        )
+    };
+    let events = vec![
+        active("a1", "alice"),
+        active("a2", "alice"),
+        active("a3", "bob"),
+    ];
+    f.rate(&events, &[]).succeeded();
+    let listed = f
+        .explain("c", &["--price", "users", "--list-events"])
+        .succeeded();
+    // Three events, two users: alice's second event adds nothing.
+    assert_shows(
+        &listed.stdout,
+        &[
+            "  quantity  2: ",
+            "            events counted (3):\n              line 1  id a1  2026-11-06T00:00:00Z  a new distinct value\n              line 2  id a2  2026-11-06T00:00:00Z  line 1's value again, not counted again\n              line 3  id a3  2026-11-06T00:00:00Z  a new distinct value\n",
+        ],
+    );
+}
+
+#[test]
 fn explain_splits_a_customers_usage_into_utc_days() {
     let f = Fixture::new(&per_event_config(
         "usd",
