@@ -354,8 +354,8 @@ pub struct TierCharge {
 /// One invoice line: a customer's charge for one price in one period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InvoiceLine {
-    /// Deterministic: the same customer, price and period always give the same id, so a
-    /// re-rated line replaces its earlier version.
+    /// Deterministic: the same customer, price, period and (for an adjustment) adjusted
+    /// period always give the same id, so a re-rated line replaces its earlier version.
     pub id: String,
     /// Fingerprint of the price book the line was rated with.
     pub config_hash: String,
