@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
@@ -446,6 +446,72 @@ fn a_single_event_is_stored_as_sent_keyed_by_its_subject() {
         service.stored_with_tenants(),
         vec![(stored("cust_acme", &sent), Some("platform".to_owned()))]
     );
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn events_keep_to_the_pipelines_partitions_after_some_were_added_to_the_topic() {
+    // The client's metadata is refreshed every second, so it sees the added partition
+    // at once (by default within five minutes).
+    let setup = Setup {
+        kafka: "properties = { \"topic.metadata.refresh.interval.ms\" = \"1000\" }",
+        ..Setup::default()
+    };
+    let service = Service::with_kafka("grown", setup);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while service.get("/readyz").status != 200 {
+        assert!(Instant::now() < deadline, "ingest never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Someone adds a partition to the events topic; the pipeline (its windows and
+    // changelog topics, its aggregators' state) still has two.
+    let topic = service.topic();
+    let admin: AdminClient<DefaultClientContext> =
+        tally_runtime::kafka::client_config(&service.settings.kafka)
+            .create()
+            .unwrap();
+    for created in service
+        .runtime
+        .block_on(admin.create_partitions(&[NewPartitions::new(&topic, 3)], &AdminOptions::new()))
+        .unwrap()
+    {
+        created.unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let subjects: Vec<String> = (0..60).map(|n| format!("cust_{n:03}")).collect();
+    let events: Vec<String> = (subjects.iter().enumerate())
+        .map(|(n, subject)| event(&format!("grown-{n}"), "agent", subject, 1))
+        .collect();
+    let events: Vec<&str> = events.iter().map(String::as_str).collect();
+    let reply = service.post(BATCH, Some(KEY), &batch(&events));
+    assert_eq!(reply.status, 202, "{reply:?}");
+    // Each on its subject's partition among the pipeline's two, none on the third.
+    let consumer: BaseConsumer = tally_runtime::kafka::client_config(&service.settings.kafka)
+        .set("group.id", format!("{topic}-reader"))
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..3 {
+        assignment
+            .add_partition_offset(&topic, partition, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut placed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while placed.len() < subjects.len() {
+        assert!(Instant::now() < deadline, "read {} records", placed.len());
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message.unwrap();
+            let key = String::from_utf8(message.key().unwrap().to_vec()).unwrap();
+            placed.push((key, message.partition()));
+        }
+    }
+    let two = std::num::NonZeroUsize::new(2).unwrap();
+    for (subject, partition) in placed {
+        let home = tally_runtime::kafka::partition_for_key(subject.as_bytes(), two);
+        assert_eq!(partition, home, "{subject}");
+    }
 }
 
 #[test]

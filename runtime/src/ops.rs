@@ -81,9 +81,11 @@ struct OpsState {
 
 /// `/metrics`, `/healthz` and `/readyz` for one service; `/metrics` also shows the
 /// readiness as `tally_service_ready`, so an alert sees a service that is up but stuck
-/// (a rater waiting for ClickHouse at start, say), which `up` does not, and the build
-/// as `tally_build_info`, since upgrade rules are stated per build.
-pub fn router(registry: Registry, readiness: Readiness) -> Router {
+/// (a rater waiting for ClickHouse at start, say), which `up` does not, the build as
+/// `tally_build_info`, since upgrade rules are stated per build, and the hash of the
+/// price book the service runs as `tally_price_book_info`, so a dashboard sees services
+/// on different books (a rollout half done).
+pub fn router(registry: Registry, readiness: Readiness, price_book: &str) -> Router {
     let gauges = Metrics::new(registry.clone());
     let ready = gauges.gauge(
         "tally_service_ready",
@@ -96,6 +98,14 @@ pub fn router(registry: Registry, readiness: Readiness) -> Router {
             &["version", "commit"],
         )
         .with_label_values(&[crate::VERSION, crate::COMMIT])
+        .set(1);
+    gauges
+        .gauge_vec(
+            "tally_price_book_info",
+            "1, labelled with the hash of the price book the service runs (as `tally validate` prints it and lines carry it as config_hash).",
+            &["hash"],
+        )
+        .with_label_values(&[price_book])
         .set(1);
     Router::new()
         .route("/metrics", get(metrics))

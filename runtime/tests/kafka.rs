@@ -12,14 +12,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+    AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier,
+    TopicReplication,
 };
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use tally_runtime::kafka::{
-    ensure_topics, partition_for_key, read_partition, record_lag, wait_until_caught_up,
-    CatchUpError, KafkaSetupError, ReadError, MAX_RECORD_BYTES,
+    ensure_topics, partition_for_key, partitions_beyond, read_partition, record_lag,
+    wait_until_caught_up, CatchUpError, KafkaSetupError, ReadError, MAX_RECORD_BYTES,
 };
 use tally_schemas::config::{KafkaSettings, Topic};
 
@@ -303,17 +304,17 @@ fn a_group_is_caught_up_once_it_committed_each_partitions_end() {
         .unwrap();
     };
     commit(3);
-    let behind = wait_until_caught_up(&settings, &group, &topic, Duration::from_secs(1));
+    let behind = wait_until_caught_up(&settings, &group, &topic, 2, Duration::from_secs(1));
     match behind {
         Err(CatchUpError::Behind { short, .. }) => assert_eq!(short, [(0, 2)]),
         other => panic!("{other:?}"),
     }
-    let error = wait_until_caught_up(&settings, &group, &topic, Duration::from_millis(300))
+    let error = wait_until_caught_up(&settings, &group, &topic, 2, Duration::from_millis(300))
         .unwrap_err()
         .to_string();
     assert!(error.contains("partition 0 is 2 records short"), "{error}");
     commit(5);
-    wait_until_caught_up(&settings, &group, &topic, Duration::from_secs(10)).unwrap();
+    wait_until_caught_up(&settings, &group, &topic, 2, Duration::from_secs(10)).unwrap();
 }
 
 #[test]
@@ -437,6 +438,67 @@ fn topics_an_operator_made_without_the_settings_tally_needs_are_refused() {
     };
     block_on(ensure_topics(&fresh)).unwrap();
     block_on(ensure_topics(&fresh)).unwrap();
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn partitions_added_to_the_events_topic_leave_the_pipelines_count_and_are_named() {
+    let _serial = serial();
+    let settings = KafkaSettings {
+        brokers: BROKERS.to_owned(),
+        topic_prefix: unique("grown"),
+        partitions: 2,
+        replication_factor: 1,
+        properties: Default::default(),
+        instance_id: "0".to_owned(),
+    };
+    let two = NonZeroUsize::new(2).unwrap();
+    assert_eq!(block_on(ensure_topics(&settings)).unwrap(), two);
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    let grow = |topic: &str| {
+        for grown in
+            block_on(admin.create_partitions(&[NewPartitions::new(topic, 3)], &options())).unwrap()
+        {
+            grown.unwrap();
+        }
+    };
+    let events = settings.topic(Topic::Events);
+    let client: BaseProducer = config().create().unwrap();
+    assert_eq!(partitions_beyond(client.client(), &events, two), 2..2);
+    grow(&events);
+    // The pipeline keeps its two partitions; the third is named, for the aggregators
+    // to leave unread and to report.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while partitions_beyond(client.client(), &events, two) != (2..3) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the third partition never showed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(block_on(ensure_topics(&settings)).unwrap(), two);
+    // A changelog grown too no longer matches the pipeline's state: refused.
+    let changelog = settings.topic(Topic::AggregatorChangelog);
+    grow(&changelog);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match block_on(ensure_topics(&settings)).map_err(|e| *e) {
+            Err(KafkaSetupError::PartitionMismatch {
+                topic,
+                found,
+                expected_count,
+                ..
+            }) => {
+                assert_eq!(
+                    (topic.as_str(), found, expected_count),
+                    (changelog.as_str(), 3, 2)
+                );
+                break;
+            }
+            other => assert!(std::time::Instant::now() < deadline, "{other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

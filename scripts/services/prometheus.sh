@@ -161,7 +161,14 @@ restart)
   cmd_start
   ;;
 reset) cmd_reset ;;
-targets) write_targets "${2:-$DEFAULT_TARGETS}" ;;
+targets)
+  write_targets "${2:-$DEFAULT_TARGETS}"
+  # A running server reads the alerting rules again too, so it evaluates the
+  # repository's current deploy/prometheus/alerts.yml (targets it reads by itself).
+  if answers; then
+    curl -s -X POST --max-time 10 "$URL/-/reload" >/dev/null || log "could not reload the rules at $URL/-/reload"
+  fi
+  ;;
 *)
   echo "usage: $0 {install|start|stop|status|restart|reset|targets [job=host:port,...]}" >&2
   exit 2

@@ -344,7 +344,8 @@ fn close_period(
         ),
     ] {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        wait_until_caught_up(kafka, &kafka.group(group), &kafka.topic(topic), left)?;
+        let (group, topic) = (kafka.group(group), kafka.topic(topic));
+        wait_until_caught_up(kafka, &group, &topic, partitions, left)?;
         writeln!(out, "{done}")?;
     }
     writeln!(

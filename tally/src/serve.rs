@@ -162,6 +162,7 @@ async fn serve(
     shutdown.on_signals();
     let runs = |s: Service| service.runs(s);
     check_can_start(service, &settings)?;
+    let price_book = config.hash.to_string();
     // Their endpoints first: a service waiting for Kafka answers probes, and says why
     // it is not ready.
     let aggregator = match runs(Service::Aggregator) {
@@ -169,6 +170,7 @@ async fn serve(
             Endpoint::open(
                 settings.aggregator.metrics_listen,
                 "aggregator metrics",
+                &price_book,
                 &shutdown,
                 AggregatorMetrics::new,
             )
@@ -179,7 +181,8 @@ async fn serve(
     let rater = match runs(Service::Rater) {
         true => {
             let listen = settings.rater.metrics_listen;
-            Some(Endpoint::open(listen, "rater metrics", &shutdown, RaterMetrics::new).await?)
+            let metrics = RaterMetrics::new;
+            Some(Endpoint::open(listen, "rater metrics", &price_book, &shutdown, metrics).await?)
         }
         false => None,
     };
@@ -289,12 +292,13 @@ impl<M> Endpoint<M> {
     async fn open(
         listen: SocketAddr,
         what: &'static str,
+        price_book: &str,
         shutdown: &Shutdown,
         new_metrics: fn(Registry) -> M,
     ) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let readiness = Readiness::new("starting: preparing Kafka's topics");
-        let router = ops::router(registry.clone(), readiness.clone());
+        let router = ops::router(registry.clone(), readiness.clone(), price_book);
         ops::serve(listen, what, router, shutdown.clone()).await?;
         Ok(Endpoint {
             metrics: new_metrics(registry),

@@ -21,16 +21,18 @@ use super::{
     kafka_error, AggregatorError, Worker, IDLE_CLOSE_BACKOFF, IDLE_CLOSE_WAIT, TRANSACTION_TIMEOUT,
 };
 
-/// Closes `period` and every earlier one in every partition of the events topic: writes
-/// a control record ([`CLOSE_PERIOD_HEADER`]) to each partition and waits until Kafka
-/// has them all. Each partition's aggregator closes the period where it reads the
-/// record, so the close has one place in the partition's order and a replay closes it
-/// at the same place. Returns how many partitions were written to.
+/// Closes `period` and every earlier one in every partition of the pipeline: writes a
+/// control record ([`CLOSE_PERIOD_HEADER`]) to each partition of the events topic the
+/// aggregators read (as many as the windows topic has) and waits until Kafka has them
+/// all. Each partition's aggregator closes the period where it reads the record, so
+/// the close has one place in the partition's order and a replay closes it at the same
+/// place. Returns how many partitions were written to.
 pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, AggregatorError> {
     let topic = kafka.topic(Topic::Events);
+    let windows = kafka.topic(Topic::Windows);
     let producer = control_producer(kafka)?;
-    let partitions = partition_count(producer.client(), &topic).map_err(kafka_error(format!(
-        "find topic {topic} (is the topic prefix the pipeline's?)"
+    let partitions = partition_count(producer.client(), &windows).map_err(kafka_error(format!(
+        "find topic {windows} (is the topic prefix the pipeline's?)"
     )))?;
     let all = 0..i32::try_from(partitions).unwrap_or(i32::MAX);
     write_close_records(&producer, &topic, period, all, TRANSACTION_TIMEOUT)?;

@@ -89,6 +89,8 @@ pub struct AggregatorMetrics {
     pub dedupe_keys: IntGauge,
     pub series: IntGauge,
     pub assigned_partitions: IntGauge,
+    /// Partitions added to the events topic after the pipeline was made.
+    pub unread_partitions: IntGauge,
     pub restore_duration: Histogram,
     pub consumer_lag: IntGaugeVec,
     /// `partition`: the newest event time seen, and the time periods ending at or
@@ -153,6 +155,10 @@ impl AggregatorMetrics {
             assigned_partitions: m.gauge(
                 "tally_aggregator_assigned_partitions",
                 "Partitions of the events topic this instance owns.",
+            ),
+            unread_partitions: m.gauge(
+                "tally_aggregator_unread_partitions",
+                "Partitions of the events topic past the pipeline's partition count (added after it was made): no aggregator reads them, so events written there are not billed. Checked every minute.",
             ),
             restore_duration: m.latency(
                 "tally_aggregator_restore_duration_seconds",

@@ -92,6 +92,9 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a restore that ends before the committed offset is read again, waiting
 /// for the last transaction's markers.
 const RESTORE_BEHIND_PATIENCE: Duration = Duration::from_secs(5);
+/// How often the consume loop asks Kafka whether partitions were added to the events
+/// topic (a metadata request, which holds the loop while Kafka is slow to answer).
+const PARTITION_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// A producer fenced again this soon after the last time was fenced by another live
 /// process with its transactional id, not by a transaction the broker timed out.
 const FENCED_AGAIN_WITHIN: Duration = Duration::from_secs(600);
@@ -308,6 +311,7 @@ pub fn run(
     let epoch = Arc::clone(&lock(&worker).epoch);
     let mut health = ConsumerHealth::new(readiness);
     let mut last_lag = Instant::now();
+    let mut last_partition_check: Option<Instant> = None;
     // One batch is processed on its own thread while the next is read.
     std::thread::scope(|scope| -> Result<(), AggregatorError> {
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH_EVENTS);
@@ -339,6 +343,10 @@ pub fn run(
                         |p| worker.partitions.get(&p).map(|state| state.next_offset),
                     );
                     worker.close_idle_partitions(Utc::now());
+                }
+                if last_partition_check.is_none_or(|at| at.elapsed() >= PARTITION_CHECK_INTERVAL) {
+                    last_partition_check = Some(Instant::now());
+                    worker.check_unread_partitions(&consumer);
                 }
             }
             // A recovery since the batch was read rewound the consumer to before it.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
-use tally_runtime::kafka::{client_config, committed_offsets, offset_of};
+use tally_runtime::kafka::{client_config, committed_offsets, offset_of, partitions_beyond};
 use tally_runtime::threads::on_threads;
 
 use crate::aggregator::Aggregator;
@@ -34,9 +34,8 @@ impl Worker {
         let committed = committed_offsets(consumer, partitions).map_err(kafka_error(
             "read the committed offsets of the assigned partitions",
         ))?;
-        let wanted = partitions
-            .elements()
-            .iter()
+        let pipeline = i32::try_from(self.partition_count.get()).unwrap_or(i32::MAX);
+        let (wanted, beyond): (Vec<_>, Vec<_>) = (partitions.elements().iter())
             .map(|e| {
                 let partition = e.partition();
                 (
@@ -44,7 +43,7 @@ impl Worker {
                     offset_of(&committed, &self.topics.events, partition),
                 )
             })
-            .collect();
+            .partition(|(partition, _)| *partition < pipeline);
         for (partition, state) in self.load_all(wanted)? {
             self.check_retention(consumer, partition, state.next_offset);
             let start = match state.next_offset {
@@ -62,9 +61,41 @@ impl Worker {
         consumer
             .incremental_assign(partitions)
             .map_err(kafka_error("take the assigned partitions"))?;
+        if !beyond.is_empty() {
+            // Partitions added to the events topic after the pipeline was made: their
+            // events' customers live in other partitions, so they are held unread
+            // (paused) rather than counted here.
+            let mut unread = TopicPartitionList::new();
+            for (partition, _) in &beyond {
+                unread.add_partition(&self.topics.events, *partition);
+            }
+            consumer
+                .pause(&unread)
+                .map_err(kafka_error("hold the partitions past the pipeline's"))?;
+            let beyond: Vec<i32> = beyond.iter().map(|(partition, _)| *partition).collect();
+            tracing::error!(partitions = ?beyond, pipeline_partitions = pipeline, "assigned partitions of the events topic past the pipeline's; they are left unread, and events written to them are not billed (README, \"Changing the partition count\")");
+        }
         self.record_held_state();
         self.readiness.ready();
         Ok(())
+    }
+
+    /// Counts, and says loudly, the partitions added to the events topic after the
+    /// pipeline was made, which no aggregator reads.
+    pub(super) fn check_unread_partitions(&self, consumer: &GroupConsumer) {
+        let unread =
+            partitions_beyond(consumer.client(), &self.topics.events, self.partition_count);
+        self.metrics
+            .unread_partitions
+            .set(i64::from(unread.end - unread.start));
+        if !unread.is_empty() {
+            tracing::error!(
+                topic = %self.topics.events,
+                unread = ?unread,
+                pipeline_partitions = self.partition_count.get(),
+                "partitions were added to the events topic: ingest does not write to them and no aggregator reads them, so events other producers write there are not billed; a pipeline's partition count cannot change (README, \"Changing the partition count\")"
+            );
+        }
     }
 
     /// Says, loudly, when the events a partition's state resumes at are gone: Kafka's

@@ -8,13 +8,15 @@
 //! promised, and resending the whole request is safe because the aggregator dedupes on
 //! `(source, id)`.
 
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tally_runtime::kafka::ClientErrors;
+use tally_runtime::kafka::{partition_count, partition_for_key, ClientErrors};
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::lock;
 use tally_runtime::Shutdown;
@@ -67,6 +69,12 @@ pub struct EventProducer {
     /// a row, until one succeeds: requests are then answered 503 at once rather than
     /// after the acknowledgement timeout.
     unreachable: Arc<Mutex<Option<String>>>,
+    /// The pipeline's partition count (its windows topic's), once a probe found it:
+    /// events go to `murmur2(subject) % count`, also after partitions were added to
+    /// the events topic, which no aggregator reads (`0` until known: librdkafka's
+    /// murmur2 partitioner over the topic's partitions, the same while none were added).
+    pipeline_partitions: Arc<AtomicUsize>,
+    windows_topic: String,
 }
 
 impl std::fmt::Debug for EventProducer {
@@ -153,6 +161,8 @@ impl EventProducer {
             ack_timeout,
             max_record_bytes,
             unreachable: Arc::new(Mutex::new(None)),
+            pipeline_partitions: Arc::new(AtomicUsize::new(0)),
+            windows_topic: settings.topic(Topic::Windows),
         })
     }
 
@@ -180,18 +190,22 @@ impl EventProducer {
             return Err(ProduceError::Unreachable(reason));
         }
         let mut deliveries = Vec::with_capacity(records.len());
+        let pipeline_partitions =
+            NonZeroUsize::new(self.pipeline_partitions.load(Ordering::Relaxed));
         for record in records {
+            let mut to = FutureRecord::to(&self.topic)
+                .key(record.key)
+                .payload(record.value)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: TENANT_HEADER,
+                    value: Some(record.tenant),
+                }));
+            if let Some(count) = pipeline_partitions {
+                to = to.partition(partition_for_key(record.key, count));
+            }
             let delivery = self
                 .producer
-                .send_result(
-                    FutureRecord::to(&self.topic)
-                        .key(record.key)
-                        .payload(record.value)
-                        .headers(OwnedHeaders::new().insert(Header {
-                            key: TENANT_HEADER,
-                            value: Some(record.tenant),
-                        })),
-                )
+                .send_result(to)
                 .map_err(|(e, _)| ProduceError::Enqueue(e))?;
             deliveries.push(delivery);
         }
@@ -233,9 +247,9 @@ impl EventProducer {
         }
     }
 
-    /// Asks Kafka for the events topic (blocking): `Ok` when it exists with partitions,
-    /// else why not.
-    fn probe(&self) -> Result<(), String> {
+    /// Asks Kafka for the events topic (blocking): `Ok` with its partition count when
+    /// it exists with partitions, else why not.
+    fn probe(&self) -> Result<usize, String> {
         let metadata = self
             .producer
             .client()
@@ -244,7 +258,7 @@ impl EventProducer {
         let topic = metadata.topics().iter().find(|t| t.name() == self.topic);
         let error = topic.and_then(|t| t.error()).map(RDKafkaErrorCode::from);
         match (topic, error) {
-            (Some(t), None) if !t.partitions().is_empty() => Ok(()),
+            (Some(t), None) if !t.partitions().is_empty() => Ok(t.partitions().len()),
             (Some(_), Some(error)) if error != RDKafkaErrorCode::UnknownTopicOrPartition => {
                 Err(format!("topic {} is not usable: {error}", self.topic))
             }
@@ -252,6 +266,24 @@ impl EventProducer {
                 "topic {} does not exist on {}: start the aggregator or the rater once (they create Tally's topics), or create them as the README says",
                 self.topic, self.brokers
             )),
+        }
+    }
+
+    /// Asks Kafka for the windows topic's partition count (blocking), the pipeline's,
+    /// and routes events by it from now on; says loudly when the events topic, with
+    /// `events` partitions, has more. Kafka not answering changes nothing.
+    fn learn_pipeline_partitions(&self, events: usize) {
+        let Ok(pipeline) = partition_count(self.producer.client(), &self.windows_topic) else {
+            return;
+        };
+        let known = self.pipeline_partitions.swap(pipeline, Ordering::Relaxed);
+        if events > pipeline && known != pipeline {
+            tracing::error!(
+                topic = %self.topic,
+                partitions = events,
+                pipeline_partitions = pipeline,
+                "the events topic has more partitions than the pipeline: ingest writes each customer's events to its partition among the first {pipeline}, where the aggregators read them; events other producers write to the others are not billed (README, \"Changing the partition count\")"
+            );
         }
     }
 
@@ -268,9 +300,13 @@ impl EventProducer {
             let mut failed_in_a_row = 0;
             loop {
                 let probing = producer.clone();
-                let result = tokio::task::spawn_blocking(move || probing.probe())
-                    .await
-                    .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")));
+                let result = tokio::task::spawn_blocking(move || {
+                    let events = probing.probe()?;
+                    probing.learn_pipeline_partitions(events);
+                    Ok(events)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")));
                 let ready = result.is_ok();
                 failed_in_a_row = if ready { 0 } else { failed_in_a_row + 1 };
                 *lock(&producer.unreachable) = match &result {
@@ -278,7 +314,7 @@ impl EventProducer {
                     _ => None,
                 };
                 match result {
-                    Ok(()) => readiness.ready(),
+                    Ok(_) => readiness.ready(),
                     Err(reason) => {
                         if was_ready != Some(false) {
                             tracing::warn!(%reason, "ingest not ready");

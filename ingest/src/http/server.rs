@@ -208,10 +208,11 @@ pub async fn start(
 fn router(app: Arc<App>, registry: Registry, readiness: Readiness) -> Router {
     let metrics = app.metrics.clone();
     let max_body_bytes = app.max_body_bytes;
+    let price_book = app.config.hash.to_string();
     Router::new()
         .route(EVENTS_ROUTE, post(post_events))
         .with_state(app)
-        .merge(tally_runtime::ops::router(registry, readiness))
+        .merge(tally_runtime::ops::router(registry, readiness, &price_book))
         .layer(middleware::from_fn_with_state(metrics, track))
         // The handler reads the body under its own cap; this one guards any extractor
         // added later.

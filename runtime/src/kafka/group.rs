@@ -20,7 +20,6 @@ use tally_schemas::config::KafkaSettings;
 
 use super::clients::{client_config, log_client_error, log_librdkafka, tunable, tune_fetching};
 use super::read::retry_while_unavailable;
-use super::topics::partition_count;
 use crate::threads::lock;
 
 /// How often a service calls [`record_lag`]: a scrape interval's worth, so dashboards
@@ -265,15 +264,18 @@ fn short_partitions(short: &[(i32, i64)]) -> String {
     named.join(", ")
 }
 
-/// Waits until consumer group `group` has committed, on every partition of `topic`,
-/// the end the partition had when this was called (its high watermark): everything
-/// written to the topic before then is read, and what the group makes of it stored
-/// (Tally's services commit only what they stored). An empty partition counts as read.
-/// The group is only asked, never joined. `Behind` after `patience`.
+/// Waits until consumer group `group` has committed, on each of the first `partitions`
+/// partitions of `topic` (the pipeline's: partitions added to the events topic later
+/// are read by no aggregator), the end the partition had when this was called (its
+/// high watermark): everything written there before then is read, and what the group
+/// makes of it stored (Tally's services commit only what they stored). An empty
+/// partition counts as read. The group is only asked, never joined. `Behind` after
+/// `patience`.
 pub fn wait_until_caught_up(
     settings: &KafkaSettings,
     group: &str,
     topic: &str,
+    partitions: usize,
     patience: Duration,
 ) -> Result<(), CatchUpError> {
     let failed = |what: &str| {
@@ -285,8 +287,6 @@ pub fn wait_until_caught_up(
         .set("enable.auto.commit", "false")
         .create()
         .map_err(failed("create a consumer to read committed offsets"))?;
-    let partitions = partition_count(consumer.client(), topic)
-        .map_err(failed(&format!("find topic {topic}")))?;
     let mut ends = Vec::new();
     let mut asked = TopicPartitionList::new();
     for partition in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {

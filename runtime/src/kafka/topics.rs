@@ -24,7 +24,7 @@ pub enum KafkaSetupError {
         brokers: String,
         source: KafkaError,
     },
-    #[error("topic {topic} has {found} partitions but {expected} has {expected_count}: the aggregator needs them equal; add partitions to the smaller one")]
+    #[error("topic {topic} has {found} partitions but {expected} has {expected_count}: a pipeline's windows and changelog topics have its partition count, and its events topic at least as many. Partitions are never added to a running pipeline's topics (a customer's usage lives in the partition murmur2 gives its subject over that count): to have more, start a new pipeline (README, \"Changing the partition count\")")]
     PartitionMismatch {
         topic: String,
         found: usize,
@@ -98,16 +98,48 @@ fn events_topic_settings() -> [NeededSetting; 1] {
 type Admin = AdminClient<ClientErrors>;
 
 /// Creates Tally's topics if they do not exist, then checks that the co-partitioned
-/// ones agree and that the state topics keep what a restore needs. Returns their
-/// partition count. Safe to run from every instance at every start.
+/// ones agree and that the state topics keep what a restore needs. Returns the
+/// pipeline's partition count: its windows topic's. Safe to run from every instance at
+/// every start.
+///
+/// An events topic with more partitions than that (someone added some) is accepted and
+/// said loudly: ingest writes to the pipeline's partitions only and the aggregators
+/// leave the others unread ([`partitions_beyond`]), so a grown topic bills what it
+/// billed before instead of splitting customers' usage.
 pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box<KafkaSetupError>> {
     let admin: Admin = client_config(settings)
         .create_with_context(ClientErrors)
         .map_err(setup_error(settings, "create an admin client"))?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     create_topics(&admin, settings, &options).await?;
+    let windows = settings.topic(Topic::Windows);
+    let pipeline_count = partitions_once_known(&admin, settings, &windows).await?;
+    let mismatch = |topic: String, found: NonZeroUsize| {
+        Box::new(KafkaSetupError::PartitionMismatch {
+            topic,
+            found: found.get(),
+            expected: windows.clone(),
+            expected_count: pipeline_count.get(),
+        })
+    };
+    let changelog = settings.topic(Topic::AggregatorChangelog);
+    let found = partitions_once_known(&admin, settings, &changelog).await?;
+    if found != pipeline_count {
+        return Err(mismatch(changelog, found));
+    }
     let events = settings.topic(Topic::Events);
-    let expected_count = partitions_once_known(&admin, settings, &events).await?;
+    let found = partitions_once_known(&admin, settings, &events).await?;
+    if found < pipeline_count {
+        return Err(mismatch(events, found));
+    }
+    if found > pipeline_count {
+        tracing::error!(
+            topic = %events,
+            partitions = found.get(),
+            pipeline_partitions = pipeline_count.get(),
+            "the events topic has more partitions than the pipeline: ingest writes to the first {pipeline_count} only and the aggregators leave the others unread, so events another producer writes there are not billed (README, \"Changing the partition count\")"
+        );
+    }
     check_topic(
         &admin,
         settings,
@@ -116,20 +148,24 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box
         &events_topic_settings(),
     )
     .await?;
-    for topic in [Topic::Windows, Topic::AggregatorChangelog] {
-        let name = settings.topic(topic);
-        let found = partitions_once_known(&admin, settings, &name).await?;
-        if found != expected_count {
-            return Err(Box::new(KafkaSetupError::PartitionMismatch {
-                topic: name,
-                found: found.get(),
-                expected: events,
-                expected_count: expected_count.get(),
-            }));
-        }
+    for name in [windows, changelog] {
         check_topic(&admin, settings, &options, &name, &state_topic_settings()).await?;
     }
-    Ok(expected_count)
+    Ok(pipeline_count)
+}
+
+/// The partitions of the events topic at and past `pipeline_count` (added to it after
+/// the pipeline was made): no aggregator reads them. Empty when Kafka does not answer.
+pub fn partitions_beyond<C: ClientContext>(
+    client: &Client<C>,
+    events_topic: &str,
+    pipeline_count: NonZeroUsize,
+) -> std::ops::Range<i32> {
+    let pipeline = i32::try_from(pipeline_count.get()).unwrap_or(i32::MAX);
+    match partition_count(client, events_topic) {
+        Ok(found) => pipeline..i32::try_from(found).unwrap_or(i32::MAX).max(pipeline),
+        Err(_) => pipeline..pipeline,
+    }
 }
 
 /// Asks the brokers whether they answer, before the topic requests, which wait out

@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -138,6 +140,28 @@ database = "{database}"
         format!("{}.{suffix}", self.prefix)
     }
 
+    /// Grows topic `suffix` to `partitions` partitions, as an operator's
+    /// `kafka-topics.sh --alter --partitions` would.
+    pub fn add_partitions(&self, suffix: &str, partitions: usize) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", BROKERS)
+            .create()
+            .unwrap();
+        let topic = self.topic(suffix);
+        let grown = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(admin.create_partitions(
+                &[NewPartitions::new(&topic, partitions)],
+                &AdminOptions::new(),
+            ))
+            .unwrap();
+        for result in grown {
+            result.unwrap();
+        }
+    }
+
     /// Starts `tally serve <service>` as instance `name`, logging to `<name>.log`.
     pub fn start(&self, service: &str, name: &str) {
         self.start_with(service, name, &[]);
@@ -245,8 +269,8 @@ database = "{database}"
     /// Sets a topic's configuration (replacing its dynamic settings), as an operator
     /// would with `kafka-configs`.
     pub fn set_topic_config(&self, suffix: &str, name: &str, value: &str) {
-        use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", BROKERS)
             .create()
             .unwrap();
@@ -421,11 +445,10 @@ database = "{database}"
     /// Deletes the events topic's records of `partition` before `offset`, as its
     /// retention would; returns the offset the partition now starts at.
     pub fn delete_events_before(&self, partition: i32, offset: i64) -> i64 {
-        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-            ClientConfig::new()
-                .set("bootstrap.servers", BROKERS)
-                .create()
-                .unwrap();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", BROKERS)
+            .create()
+            .unwrap();
         let mut offsets = TopicPartitionList::new();
         offsets
             .add_partition_offset(&self.topic("events"), partition, Offset::Offset(offset))

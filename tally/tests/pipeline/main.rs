@@ -1514,7 +1514,7 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
     );
     assert!(!astray.status.success());
     assert!(
-        String::from_utf8_lossy(&astray.stderr).contains(&format!("find topic {prefix}.events"))
+        String::from_utf8_lossy(&astray.stderr).contains(&format!("find topic {prefix}.windows"))
     );
     // With --wait it returns once October's lines hold every event before the close.
     let closed = p.tally(
@@ -2360,6 +2360,50 @@ fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
     }
 }
 
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_partition_added_to_the_events_topic_is_left_unread_and_reported_and_totals_stay_exact() {
+    let _serial = serial();
+    let port = common::free_port();
+    let p = Pipeline::new("grown", 10_000, 40, &harness::ingest_section(port));
+    // Someone adds a partition to the events topic of a running pipeline, as one
+    // scales out a stateless consumer. A customer's usage, dedupe keys and lines live
+    // in the partition murmur2 gives its subject over the pipeline's four.
+    let grown = harness::PARTITIONS as usize + 1;
+    p.add_partitions("events", grown);
+    p.start("ingest", "ingest-a");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    // A producer writing straight to the new partition: nothing reads it, so it is not
+    // billed, and that is said (below) rather than its events split from their
+    // customers' state.
+    let stray = resolution("stray-1", "cust_00000", "2026-10-20T10:00:00Z");
+    p.produce_to(harness::PARTITIONS as i32, "cust_00000", &stray);
+    let lines = p.lines();
+    harness::post_events(port, &lines, 500);
+    p.wait_for(&p.expected(), Duration::from_secs(180));
+
+    let log = p.log("agg-a");
+    let aggregator = harness::metrics_port(&log, "aggregator metrics");
+    harness::eventually(
+        "the unread partition counted",
+        Duration::from_secs(30),
+        || harness::metric(aggregator, "tally_aggregator_unread_partitions") == Some(1.0),
+    );
+    assert!(
+        log.contains("partitions were added to the events topic"),
+        "{log}"
+    );
+    // Closing a month waits for the pipeline's partitions, not the unread one.
+    let closed = p.tally(
+        &["close-period", "--period", "2026-10", "--wait", "2m"],
+        &[],
+    );
+    assert!(closed.status.success(), "{closed:?}");
+    p.wait_for(&p.expected(), Duration::from_secs(60));
+    p.assert_running();
+}
+
 /// Prometheus's answer to an instant query: `(labels, value)` per series.
 fn prometheus(query: &str) -> Vec<(serde_json::Value, f64)> {
     let url = format!(
@@ -2445,6 +2489,16 @@ fn prometheus_scrapes_every_service_of_serve_all() {
         )
         .into_boxed_str(),
     );
+    // The book every service runs: the hash `tally validate` prints.
+    let validated = p.tally(&["validate"], &[]);
+    let validated = String::from_utf8(validated.stdout).unwrap();
+    let hash = (validated.split("price book hash ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no hash in {validated}"));
+    let book_info: &'static str = Box::leak(
+        format!(r#"tally_price_book_info{{job=~"ingest|aggregator|rater",hash="{hash}"}}"#)
+            .into_boxed_str(),
+    );
     type Check = (&'static str, Box<dyn Fn(f64) -> bool>);
     let checks: Vec<Check> = vec![
         (
@@ -2457,6 +2511,8 @@ fn prometheus_scrapes_every_service_of_serve_all() {
         ),
         // Each service says which build it is, as `tally --version` does.
         (build_info, Box::new(|v| v == 3.0)),
+        // And which price book.
+        (book_info, Box::new(|v| v == 3.0)),
         (
             r#"tally_ingest_events_total{job="ingest",outcome="accepted"}"#,
             Box::new(move |v| v == accepted),
