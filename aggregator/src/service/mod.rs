@@ -113,6 +113,16 @@ pub enum AggregatorError {
     },
     #[error("Kafka refused a record the aggregator must write, and would refuse it again after every recovery: {source}. Give the aggregator's principal Write on the events, windows, rejected and changelog topics (forwarding misplaced events writes to the events topic), make their max.message.bytes at least Kafka's default of 1048588, which takes a rejected copy or a forwarded event (at most {MAX_EVENT_RECORD_BYTES} bytes; the windows and changelog topics {MAX_RECORD_BYTES}), and leave the rejected topic uncompacted (a compacted topic refuses its records without a key); the aggregator stops rather than retry in a loop")]
     Unwritable { source: KafkaError },
+    #[error("partition {partition}'s state, restored from {changelog}, is of other partitions' customers ({foreign} of its {customers}, {example} among them, whose events murmur2 sends to partition {home} of {partitions}): partitions were added to the topics after the state was written. A pipeline's partition count cannot change: start a new pipeline for more partitions (README, \"Changing the partition count\")")]
+    PartitionCountChanged {
+        changelog: String,
+        partition: i32,
+        partitions: usize,
+        customers: usize,
+        foreign: usize,
+        example: String,
+        home: i32,
+    },
     #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed or its aggregation changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
         topic: String,

@@ -6,12 +6,15 @@
 //! events offset to read from; events the topic deleted before they were counted are
 //! reported.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
-use tally_runtime::kafka::{client_config, committed_offsets, offset_of, partitions_beyond};
+use tally_runtime::kafka::{
+    client_config, committed_offsets, offset_of, partition_for_key, partitions_beyond,
+};
 use tally_runtime::threads::on_threads;
 
 use crate::aggregator::Aggregator;
@@ -78,6 +81,36 @@ impl Worker {
         self.record_held_state();
         self.readiness.ready();
         Ok(())
+    }
+
+    /// Refuses a restored state most of whose customers murmur2 sends to other
+    /// partitions: written before the topics' partition count changed, it would bill
+    /// them apart from their new events. A few such customers are no sign of it: a
+    /// build before forwarding counted misrouted events where they were read.
+    fn check_customers_belong(
+        &self,
+        partition: i32,
+        aggregator: &Aggregator,
+    ) -> Result<(), AggregatorError> {
+        let customers: BTreeSet<&str> = aggregator.customers().collect();
+        let home = |customer: &str| partition_for_key(customer.as_bytes(), self.partition_count);
+        let foreign: Vec<&str> = (customers.iter().copied())
+            .filter(|customer| home(customer) != partition)
+            .collect();
+        match foreign.first() {
+            Some(example) if customers.len() >= 3 && 2 * foreign.len() > customers.len() => {
+                Err(AggregatorError::PartitionCountChanged {
+                    changelog: self.topics.changelog.clone(),
+                    partition,
+                    partitions: self.partition_count.get(),
+                    customers: customers.len(),
+                    foreign: foreign.len(),
+                    example: (*example).to_owned(),
+                    home: home(example),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Counts, and says loudly, the partitions added to the events topic after the
@@ -201,6 +234,7 @@ impl Worker {
             }
             _ => restored,
         };
+        self.check_customers_belong(partition, &aggregator)?;
         self.metrics
             .restore_duration
             .observe(started.elapsed().as_secs_f64());

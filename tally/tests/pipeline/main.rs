@@ -2404,6 +2404,30 @@ fn a_partition_added_to_the_events_topic_is_left_unread_and_reported_and_totals_
     p.assert_running();
 }
 
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn an_aggregator_whose_state_is_of_fewer_partitions_than_its_topics_stops_saying_why() {
+    let _serial = serial();
+    let p = Pipeline::new("regrown", 3_000, 40, "");
+    p.start("aggregator", "agg-a");
+    p.produce(&p.lines());
+    p.wait_caught_up("aggregator", Duration::from_secs(120));
+    p.stop("agg-a");
+    // Every topic grown while the pipeline was stopped: the changelog's partitions hold
+    // the customers murmur2 gave them over four, most of whom it now gives others.
+    for suffix in ["events", "windows", "aggregator-changelog"] {
+        p.add_partitions(suffix, harness::PARTITIONS as usize + 2);
+    }
+    p.start("aggregator", "agg-b");
+    let (status, log) = p.wait_exit("agg-b", Duration::from_secs(120));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("is of other partitions' customers")
+            && log.contains("Changing the partition count"),
+        "{log}"
+    );
+}
+
 /// Prometheus's answer to an instant query: `(labels, value)` per series.
 fn prometheus(query: &str) -> Vec<(serde_json::Value, f64)> {
     let url = format!(
