@@ -14,7 +14,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use tally_runtime::kafka::{flush, send_until};
+use tally_runtime::kafka::{flush, is_rebalancing, send_until};
 use tally_runtime::metrics::observe_age;
 use tally_schemas::config::RaterSettings;
 use tally_schemas::records::{InvoiceLine, SeriesKey};
@@ -222,7 +222,12 @@ impl Worker {
             if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
                 // Kept in flight: a partition with no later updates would otherwise
                 // stay behind its stored lines until the rater restarts.
-                self.hold(consumer, "Kafka refused the windows offsets", e.to_string());
+                match is_rebalancing(&e) {
+                    true => self.hold_while_rebalancing(consumer, e.to_string()),
+                    false => {
+                        self.hold(consumer, "Kafka refused the windows offsets", e.to_string())
+                    }
+                }
                 return Err(kafka(format!("commit the offsets read of {}", self.topic))(
                     e,
                 ));
@@ -348,11 +353,27 @@ impl Worker {
 
     /// Pauses the partitions until a retry, later each time, after a write failed.
     pub(super) fn hold(&mut self, consumer: &GroupConsumer, what: &str, error: String) {
+        if self.retry_at.is_none() {
+            tracing::warn!(%error, "{what}; pausing and retrying");
+        }
+        self.pause_and_retry(consumer, what, error);
+    }
+
+    /// [`Self::hold`] for offsets refused because the group is rebalancing (a rater
+    /// joined or left): routine, so said without a warning.
+    fn hold_while_rebalancing(&mut self, consumer: &GroupConsumer, error: String) {
+        let what = "the group is rebalancing; the windows offsets wait for it";
+        if self.retry_at.is_none() {
+            tracing::info!(%error, "{what}; pausing and retrying");
+        }
+        self.pause_and_retry(consumer, what, error);
+    }
+
+    fn pause_and_retry(&mut self, consumer: &GroupConsumer, what: &str, error: String) {
         let backoff = self.retry_at.map_or(Duration::from_millis(500), |(_, b)| {
             (b * 2).min(Duration::from_secs(10))
         });
         if self.retry_at.is_none() {
-            tracing::warn!(%error, "{what}; pausing and retrying");
             // Unpaused, the rater goes on reading and holds what it reads until
             // ClickHouse is back: memory, not correctness, is at stake.
             if let Err(error) = consumer.assignment().and_then(|a| consumer.pause(&a)) {

@@ -392,8 +392,9 @@ impl ConsumerHealth {
         let failing_for = now - since;
         if failing_for >= CONSUMER_FAILING_AFTER {
             self.readiness.consumer_failing(format!(
-                "the Kafka consumer has failed for {} s, and consumes nothing: {error}",
-                failing_for.as_secs()
+                "the Kafka consumer failed for {} s, consuming nothing, up to its latest error: {error}. Ready again once it consumes, or after {} s without an error",
+                failing_for.as_secs(),
+                CONSUMER_QUIET_AFTER.as_secs()
             ));
         }
     }

@@ -222,6 +222,20 @@ pub fn retry_while_unavailable<T>(
     }
 }
 
+/// Whether Kafka refused a group's request (an offset commit, say) because the group is
+/// rebalancing or has just done so: routine while members come and go, and the request
+/// succeeds once the member has its new assignment.
+pub fn is_rebalancing(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::UnknownMemberId
+        )
+    )
+}
+
 /// Whether `error` stays until someone changes the configuration, the credentials or
 /// the cluster: retrying it would only delay the message that says so. Anything else
 /// (unknown partitions and leaders during an election, lost connections, time-outs) can
@@ -267,6 +281,24 @@ mod tests {
             errors.get(calls.get() - 1).cloned().map_or(Ok(()), Err)
         });
         (calls.get(), result)
+    }
+
+    #[test]
+    fn a_commit_refused_during_a_rebalance_is_told_from_a_refusal() {
+        let commit = |code| KafkaError::ConsumerCommit(code);
+        for routine in [
+            RDKafkaErrorCode::IllegalGeneration,
+            RDKafkaErrorCode::RebalanceInProgress,
+            RDKafkaErrorCode::UnknownMemberId,
+        ] {
+            assert!(is_rebalancing(&commit(routine)), "{routine:?}");
+        }
+        for refusal in [
+            RDKafkaErrorCode::GroupAuthorizationFailed,
+            RDKafkaErrorCode::OffsetMetadataTooLarge,
+        ] {
+            assert!(!is_rebalancing(&commit(refusal)), "{refusal:?}");
+        }
     }
 
     #[test]

@@ -936,7 +936,7 @@ fn an_aggregator_whose_consumer_cannot_join_its_group_says_it_is_not_ready() {
         || {
             last = common::get(port, "/readyz");
             last.as_ref().is_some_and(|(status, body)| {
-                *status == 503 && body.contains("the Kafka consumer has failed for")
+                *status == 503 && body.contains("the Kafka consumer failed for")
             })
         },
     );
