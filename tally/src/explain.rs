@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use anyhow::Context;
-use chrono::{NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use clap::Args;
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -120,6 +120,8 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 (line.adjusts_period, position(line), line.price.clone())
             });
             let usage = clickhouse.windows(month.period, &args.customer)?;
+            let mut later = billed_later(clickhouse, &args.customer, month.period, Utc::now())?;
+            later.retain(|line| asked(&line));
             let explanation = Explanation {
                 config: &config,
                 period: month.period,
@@ -127,6 +129,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 source: Source::Pipeline {
                     url: &store.url,
                     database: &store.database,
+                    billed_later: &later,
                 },
                 lines: lines.iter().filter(asked).collect(),
                 usage: &usage,
@@ -262,6 +265,28 @@ fn billed_before(
     Ok(billed)
 }
 
+/// The customer's adjustment lines of `period` billed in the months after it, up to
+/// the one `now` is in: its usage that arrived after it closed.
+fn billed_later(
+    clickhouse: &ClickHouse,
+    customer: &str,
+    period: Period,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<InvoiceLine>> {
+    let mut later = Vec::new();
+    let mut month = period.next();
+    while month.start() <= now {
+        let lines = clickhouse.lines(month, Some(customer))?;
+        later.extend(
+            lines
+                .into_iter()
+                .filter(|l| l.adjusts_period == Some(period)),
+        );
+        month = month.next();
+    }
+    Ok(later)
+}
+
 impl<'a> Explanation<'a> {
     /// `customer`'s lines (of `price`, if given) of a batch run over the events file
     /// `name` that counted the customer's events (`explained_customer`).
@@ -320,7 +345,12 @@ pub enum Source<'a> {
     },
     /// Stored by the streaming rater: `invoice_lines` and `window_usage` of this
     /// ClickHouse database.
-    Pipeline { url: &'a str, database: &'a str },
+    Pipeline {
+        url: &'a str,
+        database: &'a str,
+        /// Adjustment lines of the period billed in later months (its late usage).
+        billed_later: &'a [InvoiceLine],
+    },
 }
 
 /// Whose month it is, whether it has ended, and the plan (or why none bills it).
@@ -422,7 +452,7 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
             write_events(out, name, events)?;
             (unbilled.as_slice(), not_rated.as_slice())
         }
-        Source::Pipeline { url, database } => {
+        Source::Pipeline { url, database, .. } => {
             writeln!(
                 out,
                 "  lines as the streaming rater stored them: {database}.invoice_lines at {url}, usage from {database}.window_usage"
@@ -482,6 +512,45 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
     for (currency, (total, amounts)) in totals {
         writeln!(out)?;
         writeln!(out, "total {total} {currency} ({})", amounts.join(" + "))?;
+    }
+    if let Source::Pipeline { billed_later, .. } = &e.source {
+        write_billed_later(out, period, billed_later, e.unfinished)?;
+    }
+    Ok(())
+}
+
+/// The period's late usage billed in later months, so support can tell a customer
+/// where it went: nothing while the period is open, as its own lines take it.
+fn write_billed_later(
+    out: &mut impl Write,
+    period: Period,
+    billed_later: &[InvoiceLine],
+    unfinished: bool,
+) -> io::Result<()> {
+    if unfinished {
+        return Ok(());
+    }
+    writeln!(out)?;
+    if billed_later.is_empty() {
+        return writeln!(
+            out,
+            "no usage of {period} has been billed in a later month (late usage arriving after its close would be, as an adjustment line)"
+        );
+    }
+    writeln!(
+        out,
+        "usage of {period} that arrived after its close, billed in later months as adjustment lines (`tally explain --period` of that month works each through):"
+    )?;
+    for line in billed_later {
+        writeln!(
+            out,
+            "  {}  {}  quantity {}  amount {} {}",
+            Period::containing(line.period_start),
+            line.price,
+            line.quantity,
+            line.amount,
+            line.currency
+        )?;
     }
     Ok(())
 }
@@ -1345,6 +1414,7 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
             source: Source::Pipeline {
                 url: "http://clickhouse:8123",
                 database: "tally",
+                billed_later: &[],
             },
             lines: lines.iter().collect(),
             usage,
@@ -1374,7 +1444,7 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
             "{shown}"
         );
         assert!(
-            shown.ends_with("\ntotal 44.85 usd (42.87 + 1.98)\n"),
+            shown.contains("\ntotal 44.85 usd (42.87 + 1.98)\n"),
             "{shown}"
         );
         assert!(
@@ -1442,6 +1512,27 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
     }
 
     #[test]
+    fn a_closed_months_late_usage_billed_later_is_listed_and_its_absence_said() {
+        let config = config();
+        let shown = |later: &[InvoiceLine], unfinished: bool| {
+            let mut out = Vec::new();
+            write_billed_later(&mut out, month("2026-10"), later, unfinished).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            shown(&[], false),
+            "\nno usage of 2026-10 has been billed in a later month (late usage arriving after its close would be, as an adjustment line)\n"
+        );
+        let late = adjustment(&config, "cust_acme", 10, 12);
+        assert_eq!(
+            shown(&[late], false),
+            "\nusage of 2026-10 that arrived after its close, billed in later months as adjustment lines (`tally explain --period` of that month works each through):\n  2026-11  resolutions  quantity 2  amount 1.98 usd\n"
+        );
+        // An open month's late usage is its own lines'.
+        assert_eq!(shown(&[], true), "");
+    }
+
+    #[test]
     fn a_customer_no_longer_billed_shows_the_late_usage_it_is_still_billed_for() {
         let config = config();
         let lines = [adjustment(&config, "cust_gone", 3, 4)];
@@ -1450,7 +1541,7 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
             shown.contains("  not billed in 2026-11 (its `from` or `through` in the price book): its usage of the month is unbilled; the lines below bill late usage of months it was billed in\n"),
             "{shown}"
         );
-        assert!(shown.ends_with("\ntotal 0.99 usd (0.99)\n"), "{shown}");
+        assert!(shown.contains("\ntotal 0.99 usd (0.99)\n"), "{shown}");
         let gone = &config.customers["cust_gone"];
         check_price(&config, gone, month("2026-11"), "resolutions", true).unwrap();
         let refused = check_price(&config, gone, month("2026-11"), "resolutions", false);

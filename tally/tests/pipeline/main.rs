@@ -952,14 +952,19 @@ fn an_aggregator_whose_consumer_cannot_join_its_group_says_it_is_not_ready() {
 fn worked_lines(explanation: &str) -> String {
     let mut kept = String::new();
     let mut unbilled = false;
-    for row in explanation.lines().skip_while(|l| !l.contains("   (line ")) {
+    // The pipeline's explanation ends with the month's usage billed later.
+    let rows = explanation.lines().skip_while(|l| !l.contains("   (line "));
+    for row in rows.take_while(|row| {
+        !row.starts_with("no usage of") && !row.contains("arrived after its close")
+    }) {
         unbilled = row.starts_with("usage no line bills") || (unbilled && !row.is_empty());
         if !unbilled {
             kept.push_str(row);
             kept.push('\n');
         }
     }
-    kept
+    // The blank line before that tail.
+    format!("{}\n", kept.trim_end())
 }
 
 #[test]
@@ -1070,6 +1075,15 @@ fn the_pipelines_lines_are_explained_as_tally_rate_explains_the_same_events() {
         "{rated_again:?} in:\n{november}"
     );
     assert!(!november.contains("rated with price book"), "{november}");
+    // October's explanation says where its late usage went.
+    let october = explain_in(p.period, "cust_00000", &["--pipeline"]);
+    for text in [
+        "usage of 2026-10 that arrived after its close, billed in later months as adjustment lines",
+        "  2026-11  resolutions  quantity 1  amount ",
+        "  2026-11  gpt-x-tokens  quantity 600  amount ",
+    ] {
+        assert!(october.contains(text), "{text:?} in:\n{october}");
+    }
     let totals: Vec<&str> = november
         .lines()
         .filter(|l| l.starts_with("total "))
