@@ -30,6 +30,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use prometheus::Registry;
 use tally_runtime::metrics::Metrics;
 use tally_runtime::ops::{BindError, Readiness};
+use tally_runtime::throttle::LogThrottle;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{Config, ServiceSettings};
 use tally_schemas::event::{EventDecoder, EventError, Problem};
@@ -89,6 +90,10 @@ struct App {
     keys: ApiKeys,
     /// One token bucket per key, indexed like `keys`.
     limiter: RateLimiter,
+    /// `[ingest] rate_limit_per_second`, for the log line of a key over it.
+    rate_limit_per_second: u32,
+    /// Keys (by index) over their rate limit, logged once a minute each.
+    rate_limited: LogThrottle<usize>,
     producer: EventProducer,
     metrics: IngestMetrics,
     /// `[ingest] max_body_bytes`.
@@ -168,6 +173,8 @@ pub async fn start(
             ingest.rate_limit_burst,
             Instant::now(),
         ),
+        rate_limit_per_second: ingest.rate_limit_per_second,
+        rate_limited: LogThrottle::default(),
         producer: producer.clone(),
         metrics: metrics.clone(),
         max_body_bytes: ingest.max_body_bytes,
@@ -327,6 +334,14 @@ fn admit<'a>(app: &'a App, headers: &HeaderMap) -> Result<(Caller<'a>, BodyKind)
     if let Err(wait) = app.limiter.check(caller.index, Instant::now()) {
         let seconds = retry_after_seconds(wait);
         tracing::debug!(tenant, retry_after = seconds, "events refused: rate limit");
+        if let Some(left_out) = app.rate_limited.due(caller.index, Instant::now()) {
+            tracing::warn!(
+                tenant,
+                limit_per_second = app.rate_limit_per_second,
+                refused_since_last_logged = left_out,
+                "an API key is over its rate limit: its requests are refused with 429 until it slows down; send events in batches, or raise [ingest] rate_limit_per_second"
+            );
+        }
         let body = ErrorBody::new(
             "rate_limited",
             format!(
