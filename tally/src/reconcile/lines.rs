@@ -76,6 +76,8 @@ pub(super) struct Lines {
     invoices: BTreeMap<LineKey, BTreeSet<Option<String>>>,
     /// Lines of customers `--customers` leaves out, and those customers.
     other_customers_lines: usize,
+    /// Adjustment lines `--without-adjustments` leaves out.
+    adjustments_left_out: usize,
     other_customers: BTreeSet<String>,
     /// How a CSV file was read, when not as Tally writes it.
     pub(super) dialect: Option<Dialect>,
@@ -231,6 +233,12 @@ impl Lines {
                 listed(&self.unused_map_entries)
             ));
         }
+        if self.adjustments_left_out > 0 {
+            notes.push(format!(
+                "{} of earlier months left out (--without-adjustments)",
+                count(self.adjustments_left_out, "adjustment line")
+            ));
+        }
         if self.other_customers_lines > 0 {
             notes.push(format!(
                 "{} of {} not compared (--customers) left out: {}",
@@ -247,6 +255,13 @@ impl Lines {
     }
 
     /// Leaves out, and counts, the lines of customers not in `compared`.
+    /// Leaves out, and counts, the adjustment lines.
+    pub(super) fn leave_out_adjustments(&mut self) {
+        let before = self.by_key.len();
+        self.by_key.retain(|key, _| key.adjusts.is_none());
+        self.adjustments_left_out += before - self.by_key.len();
+    }
+
     pub(super) fn keep_customers(&mut self, compared: &BTreeSet<String>) {
         let (kept, left_out) = std::mem::take(&mut self.by_key)
             .into_iter()

@@ -71,6 +71,11 @@ pub struct ReconcileArgs {
     /// lines are left out and counted.
     #[arg(long, value_enum, default_value = "all")]
     customers: CustomerScope,
+    /// Leave out adjustment lines (late usage of an earlier month, billed in this one)
+    /// on both sides, and count them: to compare the streaming pipeline's month with
+    /// `tally rate` of it, which bills late usage in its own month instead.
+    #[arg(long)]
+    without_adjustments: bool,
     /// Compare amounts and currencies only, not quantities: for a biller whose
     /// quantities count something else (a platform fee as 1, a discount as a line of
     /// its own). Quantities are still shown.
@@ -119,6 +124,10 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
     match args.map_applies_to {
         Side::Expected => expected = expected.renamed(&map)?,
         Side::Actual => actual = actual.renamed(&map)?,
+    }
+    if args.without_adjustments {
+        expected.leave_out_adjustments();
+        actual.leave_out_adjustments();
     }
     keep_customers(args.customers, &mut expected, &mut actual)?;
     let compared = match args.amounts_only {

@@ -273,6 +273,26 @@ fn an_adjustment_is_its_own_line_and_the_table_names_the_month_it_adjusts() {
 }
 
 #[test]
+fn adjustments_left_out_on_both_sides_are_counted_and_the_months_own_lines_compared() {
+    let mut pipeline = json(concat!(
+        r#"{"customer":"acme","price":"tokens","quantity":"10","amount":"1.00","currency":"usd"}"#,
+        "\n",
+        r#"{"customer":"acme","price":"tokens","quantity":"2","amount":"0.20","currency":"usd","adjusts_period":"2026-10"}"#,
+    ));
+    let mut batch = json(
+        r#"{"customer":"acme","price":"tokens","quantity":"10","amount":"1.00","currency":"usd"}"#,
+    );
+    pipeline.leave_out_adjustments();
+    batch.leave_out_adjustments();
+    let shown = report(&batch, &pipeline);
+    assert!(shown.contains("Agree: 1 line. Differ: 0 lines."), "{shown}");
+    assert!(
+        shown.contains("a.jsonl: 1 line; 1 adjustment line of earlier months left out (--without-adjustments)"),
+        "{shown}"
+    );
+}
+
+#[test]
 fn json_numbers_are_read_digit_for_digit() {
     let lines = json(
         r#"{"customer":"acme","price":"tokens","quantity":12345678901234567.891,"amount":0.1000000000000000000000000001,"currency":"usd"}"#,
