@@ -8,8 +8,8 @@
 //! - [`lines`]: JSON-lines input decoded on several threads, delivered in file order.
 //! - [`http`]: the HTTP ingest service (`tally serve ingest`): `POST /v1/events`
 //!   validates CloudEvents and produces them to Kafka, with API keys, per-key rate
-//!   limits, `/healthz`, `/readyz` and `/metrics`; entry points [`http::serve`] and
-//!   [`http::start`].
+//!   limits (its keys replaceable while it runs), `/healthz`, `/readyz` and
+//!   `/metrics`; entry point [`http::start`].
 
 pub mod http;
 pub mod lines;

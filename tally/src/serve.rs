@@ -18,11 +18,12 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use prometheus::Registry;
 use tally_aggregator::service::AggregatorMetrics;
+use tally_ingest::http::KeyReloader;
 use tally_rater::clickhouse::ClickHouse;
 use tally_rater::service::RaterMetrics;
 use tally_runtime::ops::{self, Readiness};
 use tally_runtime::Shutdown;
-use tally_schemas::config::{Config, ServiceSettings};
+use tally_schemas::config::{ApiKey, Config, ServiceSettings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Service {
@@ -118,7 +119,51 @@ fn serve_until_stopped(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(args.service, config, settings))
+    runtime.block_on(serve(args.service, config, settings, args.config))
+}
+
+/// Reads ingest's API keys again from the configuration at `path` (with the
+/// environment's key variables) at each SIGHUP, until shutdown, and puts them in use:
+/// a key is rotated or revoked without a restart. A configuration that cannot be read,
+/// or names a key variable that is not set, leaves the keys in use as they are. Only
+/// the keys are read again; other changes take effect at the next start.
+async fn reload_keys_on_hangup(path: PathBuf, keys: KeyReloader, shutdown: Shutdown) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP: API keys are read at start only");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.requested() => return,
+            received = hangups.recv() => if received.is_none() { return },
+        }
+        let read = || -> anyhow::Result<Vec<ApiKey>> {
+            let config = Config::load(&path)?;
+            let settings = config.services(&path.display().to_string(), &crate::environment)?;
+            check_can_start(Service::Ingest, &settings)?;
+            Ok(settings.ingest.api_keys)
+        };
+        match read() {
+            Ok(api_keys) => {
+                let tenants: std::collections::BTreeSet<&str> =
+                    api_keys.iter().map(|key| key.tenant.as_str()).collect();
+                tracing::info!(
+                    keys = api_keys.len(),
+                    ?tenants,
+                    "SIGHUP: API keys read again and in use"
+                );
+                keys.replace(api_keys);
+            }
+            Err(e) => tracing::error!(
+                error = crate::describe(&e),
+                "SIGHUP: API keys not read again; the ones in use stay"
+            ),
+        }
+    }
 }
 
 /// A panic in a service stops the process at once, as a crash does. Unwinding would
@@ -157,6 +202,7 @@ async fn serve(
     service: Service,
     config: Arc<Config>,
     settings: ServiceSettings,
+    path: PathBuf,
 ) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals();
@@ -196,9 +242,14 @@ async fn serve(
         let (config, settings, shutdown) =
             (Arc::clone(&config), settings.clone(), shutdown.clone());
         tasks.spawn(async move {
-            tally_ingest::http::serve(config, settings, shutdown)
+            let running = tally_ingest::http::start(config, settings, shutdown.clone())
                 .await
-                .context("ingest")
+                .context("ingest")?;
+            let reloading =
+                tokio::spawn(reload_keys_on_hangup(path, running.keys.clone(), shutdown));
+            let stopped = running.wait().await.context("ingest");
+            reloading.abort();
+            stopped
         });
     }
     let mut outcome = Ok(());

@@ -5,34 +5,42 @@
 //! on how many leading bytes match, and every key is compared, so timing tells nothing
 //! about which key came close. Keys are never logged: callers log the key's tenant.
 
+use std::sync::Arc;
+
 use axum::http::{header, HeaderMap};
 use tally_schemas::config::ApiKey;
 
 /// The configured keys.
 #[derive(Debug)]
 pub struct ApiKeys {
-    keys: Vec<ApiKey>,
+    keys: Vec<Arc<ApiKey>>,
 }
 
-/// A configured key that matched, by its index in `[ingest] api_keys`.
-#[derive(Debug, Clone, Copy)]
-pub struct Caller<'a> {
+/// A configured key that matched, by its index in `[ingest] api_keys`. Its own, so a
+/// request keeps the key it was admitted with while the keys are reloaded.
+#[derive(Debug, Clone)]
+pub struct Caller {
     pub index: usize,
-    pub key: &'a ApiKey,
+    pub key: Arc<ApiKey>,
 }
 
 impl ApiKeys {
     pub fn new(keys: Vec<ApiKey>) -> Self {
-        ApiKeys { keys }
+        ApiKeys {
+            keys: keys.into_iter().map(Arc::new).collect(),
+        }
     }
 
     /// The key the request presents, if it is a configured one.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Caller<'_>> {
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Caller> {
         let presented = presented_key(headers)?;
         let mut found = None;
         for (index, key) in self.keys.iter().enumerate() {
             if constant_time_eq(presented, key.secret.as_bytes()) {
-                found = Some(Caller { index, key });
+                found = Some(Caller {
+                    index,
+                    key: Arc::clone(key),
+                });
             }
         }
         found

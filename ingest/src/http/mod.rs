@@ -9,7 +9,7 @@
 //! `/readyz` (Kafka answers and the topic exists) and `/metrics` are served beside it.
 //! The API is described in `ingest/openapi.json`.
 //!
-//! - `server`: routes, the handler, [`start`] and [`serve`].
+//! - `server`: routes, the handler, [`start`] and the [`KeyReloader`] of a running service.
 //! - `connections`: the accept loop, with its header-read timeout and connection cap.
 //! - `request`: content types, cutting a batch into its events' raw text, and the
 //!   structured event a binary-mode request stands for.
@@ -36,4 +36,4 @@ mod unbilled;
 
 pub use error::IngestError;
 pub use request::{identity, Identity};
-pub use server::{serve, start, Running, EVENTS_ROUTE, ROUTES};
+pub use server::{start, KeyReloader, Running, EVENTS_ROUTE, ROUTES};

@@ -16,7 +16,7 @@
 //! flushes the producer, so a stalled client cannot hold the service up.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -32,7 +32,7 @@ use tally_runtime::metrics::Metrics;
 use tally_runtime::ops::{BindError, Readiness};
 use tally_runtime::throttle::LogThrottle;
 use tally_runtime::Shutdown;
-use tally_schemas::config::{Config, ServiceSettings};
+use tally_schemas::config::{ApiKey, Config, ServiceSettings};
 use tally_schemas::event::{EventDecoder, EventError, Problem};
 use tokio::task::JoinHandle;
 
@@ -87,19 +87,56 @@ const LOGGED_SOURCE_CHARS: usize = 200;
 struct App {
     /// The price book the events are validated against.
     config: Arc<Config>,
-    keys: ApiKeys,
-    /// One token bucket per key, indexed like `keys`.
-    limiter: RateLimiter,
-    /// `[ingest] rate_limit_per_second`, for the log line of a key over it.
-    rate_limit_per_second: u32,
-    /// Keys (by index) over their rate limit, logged once a minute each.
-    rate_limited: LogThrottle<usize>,
+    /// Replaced whole when the keys are reloaded; a request keeps the one it read.
+    key_ring: RwLock<Arc<KeyRing>>,
+    /// `[ingest] rate_limit_per_second` and `rate_limit_burst`.
+    rate_limit: (u32, u32),
     producer: EventProducer,
     metrics: IngestMetrics,
     /// `[ingest] max_body_bytes`.
     max_body_bytes: usize,
     /// `[ingest] max_batch_events`.
     max_batch_events: usize,
+}
+
+/// The API keys and their rate limits, which change together.
+#[derive(Debug)]
+struct KeyRing {
+    keys: ApiKeys,
+    /// One token bucket per key, indexed like `keys`.
+    limiter: RateLimiter,
+    /// Keys (by index) over their rate limit, logged once a minute each.
+    rate_limited: LogThrottle<usize>,
+}
+
+impl KeyRing {
+    /// `keys`, each with a full bucket of `(per second, burst)` requests.
+    fn new(keys: Vec<ApiKey>, (per_second, burst): (u32, u32)) -> Arc<Self> {
+        Arc::new(KeyRing {
+            limiter: RateLimiter::new(keys.len(), per_second, burst, Instant::now()),
+            keys: ApiKeys::new(keys),
+            rate_limited: LogThrottle::default(),
+        })
+    }
+}
+
+impl App {
+    fn key_ring(&self) -> Arc<KeyRing> {
+        Arc::clone(&self.key_ring.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Replaces a running service's API keys (`tally serve` does on SIGHUP), so a key is
+/// rotated or revoked without a restart. Requests already admitted finish with the key
+/// they came with; every key's rate limit starts again full.
+#[derive(Debug, Clone)]
+pub struct KeyReloader(Arc<App>);
+
+impl KeyReloader {
+    pub fn replace(&self, keys: Vec<ApiKey>) {
+        let ring = KeyRing::new(keys, self.0.rate_limit);
+        *self.0.key_ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
+    }
 }
 
 /// The service, started: where it listens, and the task that serves until shutdown.
@@ -110,6 +147,8 @@ pub struct Running {
     /// Ends after shutdown was requested, requests in flight were answered and the
     /// producer was flushed.
     pub handle: JoinHandle<Result<(), IngestError>>,
+    /// Replaces the API keys while it runs.
+    pub keys: KeyReloader,
 }
 
 impl Running {
@@ -125,20 +164,11 @@ impl Running {
     }
 }
 
-/// Serves the ingest API on `settings.ingest.listen` until `shutdown` is requested,
-/// then stops accepting connections, lets requests in flight finish and flushes the
-/// Kafka producer. Fails at once when the address cannot be bound or the producer
-/// cannot be created.
-pub async fn serve(
-    config: Arc<Config>,
-    settings: ServiceSettings,
-    shutdown: Shutdown,
-) -> Result<(), IngestError> {
-    start(config, settings, shutdown).await?.wait().await
-}
-
-/// Starts the service and returns once it listens: [`serve`] without the waiting, so a
-/// caller (a test with `listen = "127.0.0.1:0"`) learns the bound address.
+/// Starts the ingest API on `settings.ingest.listen` and returns once it listens (with
+/// `listen = "127.0.0.1:0"`, the bound address is in [`Running`]); it serves until
+/// `shutdown` is requested, then stops accepting connections, lets requests in flight
+/// finish and flushes the Kafka producer ([`Running::wait`]). Fails at once when the
+/// address cannot be bound or the producer cannot be created.
 pub async fn start(
     config: Arc<Config>,
     settings: ServiceSettings,
@@ -164,22 +194,17 @@ pub async fn start(
             "no [[ingest.api_keys]] configured: every POST /v1/events is refused with 401"
         );
     }
+    let rate_limit = (ingest.rate_limit_per_second, ingest.rate_limit_burst);
     let app = Arc::new(App {
         config,
-        keys: ApiKeys::new(ingest.api_keys.clone()),
-        limiter: RateLimiter::new(
-            ingest.api_keys.len(),
-            ingest.rate_limit_per_second,
-            ingest.rate_limit_burst,
-            Instant::now(),
-        ),
-        rate_limit_per_second: ingest.rate_limit_per_second,
-        rate_limited: LogThrottle::default(),
+        key_ring: RwLock::new(KeyRing::new(ingest.api_keys.clone(), rate_limit)),
+        rate_limit,
         producer: producer.clone(),
         metrics: metrics.clone(),
         max_body_bytes: ingest.max_body_bytes,
         max_batch_events: ingest.max_batch_events,
     });
+    let keys = KeyReloader(Arc::clone(&app));
     let router = router(app, registry, readiness);
     tracing::info!(%local_addr, topic = producer.topic(), "ingest API listening");
 
@@ -209,7 +234,11 @@ pub async fn start(
         tracing::info!(%local_addr, "ingest API stopped");
         Ok(())
     });
-    Ok(Running { local_addr, handle })
+    Ok(Running {
+        local_addr,
+        handle,
+        keys,
+    })
 }
 
 fn router(app: Arc<App>, registry: Registry, readiness: Readiness) -> Router {
@@ -315,8 +344,9 @@ enum Refusal {
 
 /// The checks a request's headers decide: key, rate limit, content type and announced
 /// size.
-fn admit<'a>(app: &'a App, headers: &HeaderMap) -> Result<(Caller<'a>, BodyKind), Refusal> {
-    let Some(caller) = app.keys.authenticate(headers) else {
+fn admit(app: &App, headers: &HeaderMap) -> Result<(Caller, BodyKind), Refusal> {
+    let ring = app.key_ring();
+    let Some(caller) = ring.keys.authenticate(headers) else {
         let why = why_unauthorized(headers);
         tracing::debug!(why, "events refused: no valid API key");
         let mut response = ErrorBody::new(
@@ -331,13 +361,13 @@ fn admit<'a>(app: &'a App, headers: &HeaderMap) -> Result<(Caller<'a>, BodyKind)
         return Err(Refusal::BodyUnread(Box::new(response)));
     };
     let tenant = caller.key.tenant.as_str();
-    if let Err(wait) = app.limiter.check(caller.index, Instant::now()) {
+    if let Err(wait) = ring.limiter.check(caller.index, Instant::now()) {
         let seconds = retry_after_seconds(wait);
         tracing::debug!(tenant, retry_after = seconds, "events refused: rate limit");
-        if let Some(left_out) = app.rate_limited.due(caller.index, Instant::now()) {
+        if let Some(left_out) = ring.rate_limited.due(caller.index, Instant::now()) {
             tracing::warn!(
                 tenant,
-                limit_per_second = app.rate_limit_per_second,
+                limit_per_second = app.rate_limit.0,
                 refused_since_last_logged = left_out,
                 "an API key is over its rate limit: its requests are refused with 429 until it slows down; send events in batches, or raise [ingest] rate_limit_per_second"
             );
@@ -455,19 +485,14 @@ fn close_after(response: &mut Response) {
 
 /// Checks, produces and answers for the events of one request.
 /// `hint` is added to a single event's rejection (see [`single_event_hint`]).
-async fn ingest(
-    app: &App,
-    caller: Caller<'_>,
-    events: &Events<'_>,
-    hint: Option<&str>,
-) -> Response {
+async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&str>) -> Response {
     let tenant = caller.key.tenant.as_str();
     let decoder = EventDecoder::new(&app.config, chrono::Utc::now());
     let largest = app.producer.max_record_bytes(tenant);
     let verdicts = match check_events(
         &app.config,
         &decoder,
-        caller.key,
+        &caller.key,
         largest,
         events.as_slice(),
     ) {

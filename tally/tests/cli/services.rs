@@ -285,3 +285,75 @@ fn a_second_signal_stops_a_service_that_is_still_finishing_its_work() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
     assert!(log.contains("second signal: stopping at once"), "{log}");
 }
+
+#[test]
+fn ingest_reads_its_api_keys_again_on_sighup_without_a_restart() {
+    let port = common::free_port();
+    let section = |keys: &[&str]| {
+        let keys: String = (keys.iter())
+            .map(|key| {
+                format!("[[ingest.api_keys]]\nkey = \"{key}\"\ntenant = \"t\"\nsources = [\"*\"]\n")
+            })
+            .collect();
+        format!("{PRO}\n[kafka]\nbrokers = \"127.0.0.1:1\"\n[ingest]\nlisten = \"127.0.0.1:{port}\"\n{keys}")
+    };
+    let (old, new) = ("old-key-0123456789abcdef", "new-key-0123456789abcdef");
+    let f = Fixture::new(&section(&[old]));
+    let mut child = f
+        .tally()
+        .args(["serve", "ingest", "--config", "tally.toml"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kafka is away: a valid key gets 503, an unknown one 401.
+    let status = |key: &str| {
+        ureq::post(&format!("http://127.0.0.1:{port}/v1/events"))
+            .header("Authorization", &format!("Bearer {key}"))
+            .header("Content-Type", "application/cloudevents+json")
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send(event(
+                "r-1",
+                "ai.resolution",
+                "cust_acme",
+                "2026-11-02T10:00:00Z",
+                None,
+            ))
+            .ok()
+            .map(|response| response.status().as_u16())
+    };
+    let until = |what: &str, expected: [Option<u16>; 2]| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while [status(old), status(new)] != expected {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:?}",
+                [status(old), status(new)]
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let hangup = |child: &std::process::Child| {
+        let sent = std::process::Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    until("the old key only", [Some(503), Some(401)]);
+    // Both keys for the rotation, then the old one revoked.
+    f.write("tally.toml", section(&[old, new]).as_bytes());
+    hangup(&child);
+    until("both keys", [Some(503), Some(503)]);
+    f.write("tally.toml", section(&[new]).as_bytes());
+    hangup(&child);
+    until("the new key only", [Some(401), Some(503)]);
+    // A configuration that cannot be read changes nothing.
+    f.write("tally.toml", b"[[ingest.api_keys]]\nkey = ");
+    hangup(&child);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!([status(old), status(new)], [Some(401), Some(503)]);
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped it");
+    assert!(terminate(&mut child).success());
+}
