@@ -477,6 +477,8 @@ fn events_keep_to_the_pipelines_partitions_after_some_were_added_to_the_topic() 
     {
         created.unwrap();
     }
+    // Past the producer's next metadata refresh (every second here), after which
+    // librdkafka's own partitioner would use the third partition.
     std::thread::sleep(Duration::from_secs(3));
     let subjects: Vec<String> = (0..60).map(|n| format!("cust_{n:03}")).collect();
     let events: Vec<String> = (subjects.iter().enumerate())

@@ -83,9 +83,15 @@ struct OpsState {
 /// readiness as `tally_service_ready`, so an alert sees a service that is up but stuck
 /// (a rater waiting for ClickHouse at start, say), which `up` does not, the build as
 /// `tally_build_info`, since upgrade rules are stated per build, and the hash of the
-/// price book the service runs as `tally_price_book_info`, so a dashboard sees services
-/// on different books (a rollout half done).
-pub fn router(registry: Registry, readiness: Readiness, price_book: &str) -> Router {
+/// price book the service runs as `tally_price_book_info` (with the pipeline's topic
+/// prefix), so a dashboard sees a pipeline's services on different books (a rollout
+/// half done).
+pub fn router(
+    registry: Registry,
+    readiness: Readiness,
+    price_book: &str,
+    topic_prefix: &str,
+) -> Router {
     let gauges = Metrics::new(registry.clone());
     let ready = gauges.gauge(
         "tally_service_ready",
@@ -102,10 +108,10 @@ pub fn router(registry: Registry, readiness: Readiness, price_book: &str) -> Rou
     gauges
         .gauge_vec(
             "tally_price_book_info",
-            "1, labelled with the hash of the price book the service runs (as `tally validate` prints it and lines carry it as config_hash).",
-            &["hash"],
+            "1, labelled with the hash of the price book the service runs (as `tally validate` prints it and lines carry it as config_hash) and its pipeline's topic prefix.",
+            &["hash", "topic_prefix"],
         )
-        .with_label_values(&[price_book])
+        .with_label_values(&[price_book, topic_prefix])
         .set(1);
     Router::new()
         .route("/metrics", get(metrics))

@@ -464,12 +464,15 @@ fn partitions_added_to_the_events_topic_leave_the_pipelines_count_and_are_named(
     };
     let events = settings.topic(Topic::Events);
     let client: BaseProducer = config().create().unwrap();
-    assert_eq!(partitions_beyond(client.client(), &events, two), 2..2);
+    assert_eq!(
+        partitions_beyond(client.client(), &events, two).unwrap(),
+        2..2
+    );
     grow(&events);
     // The pipeline keeps its two partitions; the third is named, for the aggregators
     // to leave unread and to report.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while partitions_beyond(client.client(), &events, two) != (2..3) {
+    while partitions_beyond(client.client(), &events, two).unwrap() != (2..3) {
         assert!(
             std::time::Instant::now() < deadline,
             "the third partition never showed"
@@ -477,6 +480,19 @@ fn partitions_added_to_the_events_topic_leave_the_pipelines_count_and_are_named(
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(block_on(ensure_topics(&settings)).unwrap(), two);
+    // An events topic an operator made beforehand with more partitions than
+    // `[kafka] partitions`: the pipeline takes its count, so all of it is read.
+    let premade = KafkaSettings {
+        topic_prefix: unique("premade"),
+        ..settings.clone()
+    };
+    create_topic(
+        &admin,
+        NewTopic::new(&premade.topic(Topic::Events), 3, TopicReplication::Fixed(1))
+            .set("message.timestamp.type", "LogAppendTime"),
+    );
+    let three = NonZeroUsize::new(3).unwrap();
+    assert_eq!(block_on(ensure_topics(&premade)).unwrap(), three);
     // A changelog grown too no longer matches the pipeline's state: refused.
     let changelog = settings.topic(Topic::AggregatorChangelog);
     grow(&changelog);

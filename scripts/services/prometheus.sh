@@ -166,7 +166,7 @@ targets)
   # A running server reads the alerting rules again too, so it evaluates the
   # repository's current deploy/prometheus/alerts.yml (targets it reads by itself).
   if answers; then
-    curl -s -X POST --max-time 10 "$URL/-/reload" >/dev/null || log "could not reload the rules at $URL/-/reload"
+    curl -sf -X POST --max-time 10 "$URL/-/reload" >/dev/null || log "could not reload the rules at $URL/-/reload (see $LOGFILE)"
   fi
   ;;
 *)

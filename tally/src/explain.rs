@@ -99,6 +99,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             out.flush()?;
             let not_rated = (result.summary.lines_not_rated.iter())
                 .filter(|line| line.customer == args.customer)
+                .filter(|line| args.price.as_ref().is_none_or(|p| &line.price == p))
                 .count();
             anyhow::ensure!(
                 not_rated == 0,

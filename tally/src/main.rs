@@ -31,7 +31,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tally_rater::clickhouse::ClickHouse;
-use tally_schemas::config::Config;
+use tally_schemas::config::{ClickHouseSettings, Config};
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchOptions};
@@ -371,8 +371,7 @@ impl ConfiguredClickHouse {
     pub fn of(config: &Config, path: &Path, database: Option<&str>) -> anyhow::Result<Self> {
         let settings = config.services(&path.display().to_string(), &environment)?;
         let store = settings.clickhouse;
-        let client = ClickHouse::configured(&store, database)
-            .with_context(|| format!("database {:?}", database.unwrap_or(&store.database)))?;
+        let client = ClickHouse::configured(&store, database)?;
         Ok(ConfiguredClickHouse {
             client,
             database: database.map_or(store.database, str::to_owned),
@@ -427,10 +426,13 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
                     args.month.config.display()
                 )
             })?;
-            let store = ClickHouse::new(url, &args.clickhouse_database)
-                .context("--clickhouse-database")?
-                .with_credentials(&credentials)?
-                .with_request_timeout(request_timeout);
+            let settings = ClickHouseSettings {
+                url: url.to_owned(),
+                database: args.clickhouse_database.clone(),
+                credentials,
+                request_timeout,
+            };
+            let store = ClickHouse::configured(&settings, None)?;
             // Before rating: a wrong URL or password should not cost a month's run.
             store.ensure_schema()?;
             Some(store)

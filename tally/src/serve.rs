@@ -209,6 +209,8 @@ async fn serve(
     let runs = |s: Service| service.runs(s);
     check_can_start(service, &settings)?;
     let price_book = config.hash.to_string();
+    // What each service's tally_price_book_info names.
+    let pipeline = (price_book.as_str(), settings.kafka.topic_prefix.as_str());
     // Their endpoints first: a service waiting for Kafka answers probes, and says why
     // it is not ready.
     let aggregator = match runs(Service::Aggregator) {
@@ -216,7 +218,7 @@ async fn serve(
             Endpoint::open(
                 settings.aggregator.metrics_listen,
                 "aggregator metrics",
-                &price_book,
+                pipeline,
                 &shutdown,
                 AggregatorMetrics::new,
             )
@@ -228,7 +230,7 @@ async fn serve(
         true => {
             let listen = settings.rater.metrics_listen;
             let metrics = RaterMetrics::new;
-            Some(Endpoint::open(listen, "rater metrics", &price_book, &shutdown, metrics).await?)
+            Some(Endpoint::open(listen, "rater metrics", pipeline, &shutdown, metrics).await?)
         }
         false => None,
     };
@@ -343,13 +345,18 @@ impl<M> Endpoint<M> {
     async fn open(
         listen: SocketAddr,
         what: &'static str,
-        price_book: &str,
+        (price_book, topic_prefix): (&str, &str),
         shutdown: &Shutdown,
         new_metrics: fn(Registry) -> M,
     ) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let readiness = Readiness::new("starting: preparing Kafka's topics");
-        let router = ops::router(registry.clone(), readiness.clone(), price_book);
+        let router = ops::router(
+            registry.clone(),
+            readiness.clone(),
+            price_book,
+            topic_prefix,
+        );
         ops::serve(listen, what, router, shutdown.clone()).await?;
         Ok(Endpoint {
             metrics: new_metrics(registry),

@@ -12,6 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 use tally_runtime::kafka::{
     flush, idempotent_producer_config, partition_count, send, DeliveryReports, KafkaProducer,
+    LINGER,
 };
 use tally_schemas::config::{KafkaSettings, Topic};
 use tally_schemas::records::CLOSE_PERIOD_HEADER;
@@ -44,7 +45,7 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
 fn control_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     // A mistyped prefix fails rather than create a topic no aggregator reads: no
     // Tally client may create topics.
-    idempotent_producer_config(kafka, Duration::from_millis(5))
+    idempotent_producer_config(kafka, LINGER)
         .create_with_context(DeliveryReports::default())
         .map_err(kafka_error("create a producer for the control records"))
 }

@@ -104,7 +104,7 @@ impl AggregatorMetrics {
         let m = Metrics::new(registry.clone());
         let events = m.counter_vec(
             "tally_aggregator_events_total",
-            "Events read from the events topic, by what became of them. `forwarded`: read on another partition than Kafka's Java partitioner (murmur2) gives their subject (their producer partitions otherwise, as librdkafka's default does) and written to that one, where they are counted again; set partitioner=murmur2_random in that producer.",
+            "Events read from the events topic, by what became of them. `forwarded`: read on another partition than Kafka's Java partitioner (murmur2) gives their subject (their producer partitions otherwise, as librdkafka's default does) and written to that one, where they are counted again; set partitioner=murmur2_random in that producer (if partitions were added to the events topic, key to murmur2 over the pipeline's count: README, \"Changing the partition count\").",
             &["outcome"],
         );
         let late = m.counter_vec(

@@ -47,13 +47,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use prometheus::IntGauge;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use tally_runtime::kafka::{
-    group_consumer, leave_group, poll_group, ConsumerHealth, GroupContext, KafkaProducer,
-    PartitionOwner, MAX_RECORD_BYTES,
+    group_consumer, leave_group, partitions_beyond, poll_group, ConsumerHealth, GroupContext,
+    KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
@@ -106,6 +107,8 @@ pub enum AggregatorError {
     Kafka { what: String, source: KafkaError },
     #[error("cannot restore a partition's state: {0}")]
     Restore(#[from] tally_runtime::kafka::ReadError),
+    #[error(transparent)]
+    InstanceInUse(#[from] Box<tally_runtime::kafka::InstanceInUse>),
     #[error("fenced twice within {} minutes: another process initialised transactions as {transactional_id}, so another aggregator runs with TALLY_INSTANCE_ID {instance_id} (a newer run of this instance, or a second one configured alike). This one stops, so the two do not abort each other's transactions in turn; if both should run, give each its own TALLY_INSTANCE_ID (the default, the host name, differs per host).", FENCED_AGAIN_WITHIN.as_secs() / 60)]
     Fenced {
         transactional_id: String,
@@ -113,15 +116,11 @@ pub enum AggregatorError {
     },
     #[error("Kafka refused a record the aggregator must write, and would refuse it again after every recovery: {source}. Give the aggregator's principal Write on the events, windows, rejected and changelog topics (forwarding misplaced events writes to the events topic), make their max.message.bytes at least Kafka's default of 1048588, which takes a rejected copy or a forwarded event (at most {MAX_EVENT_RECORD_BYTES} bytes; the windows and changelog topics {MAX_RECORD_BYTES}), and leave the rejected topic uncompacted (a compacted topic refuses its records without a key); the aggregator stops rather than retry in a loop")]
     Unwritable { source: KafkaError },
-    #[error("partition {partition}'s state, restored from {changelog}, is of other partitions' customers ({foreign} of its {customers}, {example} among them, whose events murmur2 sends to partition {home} of {partitions}): partitions were added to the topics after the state was written. A pipeline's partition count cannot change: start a new pipeline for more partitions (README, \"Changing the partition count\")")]
+    #[error("partition {partition}'s state was committed by a pipeline of {committed} partitions, but the topics now have {partitions}: partitions were added to them, and the state holds the customers murmur2 gave that partition over {committed}. A pipeline's partition count cannot change: start a new pipeline for more partitions (README, \"Changing the partition count\")")]
     PartitionCountChanged {
-        changelog: String,
         partition: i32,
+        committed: usize,
         partitions: usize,
-        customers: usize,
-        foreign: usize,
-        example: String,
-        home: i32,
     },
     #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed or its aggregation changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
@@ -130,6 +129,26 @@ pub enum AggregatorError {
         offset: i64,
         problem: String,
     },
+}
+
+/// The pipeline's partition count, committed with each partition's offset: a state
+/// is of the customers murmur2 gives a partition over that count, so a new owner with
+/// another count (partitions added to every topic) must not resume it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PartitionCount(NonZeroUsize);
+
+impl PartitionCount {
+    const PREFIX: &'static str = "partitions=";
+
+    fn to_metadata(self) -> String {
+        format!("{}{}", Self::PREFIX, self.0)
+    }
+
+    /// `None` for offsets committed without it (by a build before it was written).
+    fn from_metadata(metadata: &str) -> Option<Self> {
+        let count = metadata.strip_prefix(Self::PREFIX)?.parse().ok()?;
+        Some(PartitionCount(count))
+    }
 }
 
 /// Maps a Kafka error to the service's, saying what was being done.
@@ -171,7 +190,9 @@ struct PartitionState {
 /// Everything the consume loop and the rebalance callback share.
 struct Worker {
     config: Arc<Config>,
-    /// The events topic's partition count.
+    /// The pipeline's partition count (its windows topic's): events go to
+    /// `murmur2(subject) % count`, and partitions of the events topic past it are
+    /// left unread.
     partition_count: NonZeroUsize,
     period_close_grace: Duration,
     /// `[aggregator] close_idle_after`.
@@ -284,7 +305,11 @@ pub fn run(
         rejected: kafka.topic(Topic::Rejected),
         changelog: kafka.topic(Topic::AggregatorChangelog),
     };
+    // Before initialising transactions, which would fence a live instance of the same
+    // id (a misconfigured second process) rather than a dead one.
+    tally_runtime::kafka::wait_until_instance_free(kafka, "aggregator")?;
     let producer = new_producer(kafka)?;
+    let unread = metrics.unread_partitions.clone();
     let worker = Arc::new(Mutex::new(Worker {
         config,
         partition_count,
@@ -354,10 +379,11 @@ pub fn run(
                     );
                     worker.close_idle_partitions(Utc::now());
                 }
-                if last_partition_check.is_none_or(|at| at.elapsed() >= PARTITION_CHECK_INTERVAL) {
-                    last_partition_check = Some(Instant::now());
-                    worker.check_unread_partitions(&consumer);
-                }
+            }
+            // Outside the worker's lock: Kafka may be slow to answer.
+            if last_partition_check.is_none_or(|at| at.elapsed() >= PARTITION_CHECK_INTERVAL) {
+                last_partition_check = Some(Instant::now());
+                count_unread_partitions(&consumer, &topics.events, partition_count, &unread);
             }
             // A recovery since the batch was read rewound the consumer to before it.
             if epoch.load(Ordering::SeqCst) != read_in {
@@ -395,6 +421,29 @@ pub fn run(
     lock(&worker).commit_or_recover(&consumer, &[])?;
     leave_group(&consumer);
     Ok(())
+}
+
+/// Counts, and says loudly, the partitions added to the events topic after the
+/// pipeline was made, which no aggregator reads; keeps the count while Kafka does not
+/// answer.
+fn count_unread_partitions(
+    consumer: &GroupConsumer,
+    events: &str,
+    partition_count: NonZeroUsize,
+    unread: &IntGauge,
+) {
+    let Ok(beyond) = partitions_beyond(consumer.client(), events, partition_count) else {
+        return;
+    };
+    unread.set(i64::from(beyond.end - beyond.start));
+    if !beyond.is_empty() {
+        tracing::error!(
+            topic = %events,
+            unread = ?beyond,
+            pipeline_partitions = partition_count.get(),
+            "partitions were added to the events topic: ingest does not write to them and no aggregator reads them, so events other producers write there are not billed; a pipeline's partition count cannot change (README, \"Changing the partition count\")"
+        );
+    }
 }
 
 /// Reads events into `batch`: up to [`MAX_BATCH_EVENTS`], waiting up to 100 ms for the
@@ -528,5 +577,21 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_partition_count_travels_as_commit_metadata() {
+        let four = PartitionCount(NonZeroUsize::new(4).unwrap());
+        assert_eq!(four.to_metadata(), "partitions=4");
+        assert_eq!(PartitionCount::from_metadata("partitions=4"), Some(four));
+        // Offsets committed without it (an earlier build), or by hand.
+        assert_eq!(PartitionCount::from_metadata(""), None);
+        assert_eq!(PartitionCount::from_metadata("partitions=0"), None);
+        assert_eq!(PartitionCount::from_metadata("{\"from\":1}"), None);
     }
 }

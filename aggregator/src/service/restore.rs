@@ -6,23 +6,20 @@
 //! events offset to read from; events the topic deleted before they were counted are
 //! reported.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
-use tally_runtime::kafka::{
-    client_config, committed_offsets, offset_of, partition_for_key, partitions_beyond,
-};
+use tally_runtime::kafka::{client_config, committed_offsets, offset_of};
 use tally_runtime::threads::on_threads;
 
 use crate::aggregator::Aggregator;
 
 use super::changelog::Restored;
 use super::{
-    kafka_error, AggregatorError, GroupConsumer, PartitionState, Worker, RESTORE_BEHIND_PATIENCE,
-    RESTORE_TIMEOUT,
+    kafka_error, AggregatorError, GroupConsumer, PartitionCount, PartitionState, Worker,
+    RESTORE_BEHIND_PATIENCE, RESTORE_TIMEOUT,
 };
 
 impl Worker {
@@ -37,6 +34,7 @@ impl Worker {
         let committed = committed_offsets(consumer, partitions).map_err(kafka_error(
             "read the committed offsets of the assigned partitions",
         ))?;
+        self.check_committed_partition_count(&committed)?;
         let pipeline = i32::try_from(self.partition_count.get()).unwrap_or(i32::MAX);
         let (wanted, beyond): (Vec<_>, Vec<_>) = (partitions.elements().iter())
             .map(|e| {
@@ -83,52 +81,27 @@ impl Worker {
         Ok(())
     }
 
-    /// Refuses a restored state most of whose customers murmur2 sends to other
-    /// partitions: written before the topics' partition count changed, it would bill
-    /// them apart from their new events. A few such customers are no sign of it: a
-    /// build before forwarding counted misrouted events where they were read.
-    fn check_customers_belong(
+    /// Refuses partitions whose offsets were committed with another partition count
+    /// ([`PartitionCount`]): their state is of other customers than murmur2 now gives
+    /// them, and resumed it would bill those customers' months in two pieces.
+    fn check_committed_partition_count(
         &self,
-        partition: i32,
-        aggregator: &Aggregator,
+        committed: &TopicPartitionList,
     ) -> Result<(), AggregatorError> {
-        let customers: BTreeSet<&str> = aggregator.customers().collect();
-        let home = |customer: &str| partition_for_key(customer.as_bytes(), self.partition_count);
-        let foreign: Vec<&str> = (customers.iter().copied())
-            .filter(|customer| home(customer) != partition)
-            .collect();
-        match foreign.first() {
-            Some(example) if customers.len() >= 3 && 2 * foreign.len() > customers.len() => {
-                Err(AggregatorError::PartitionCountChanged {
-                    changelog: self.topics.changelog.clone(),
-                    partition,
-                    partitions: self.partition_count.get(),
-                    customers: customers.len(),
-                    foreign: foreign.len(),
-                    example: (*example).to_owned(),
-                    home: home(example),
-                })
+        let ours = PartitionCount(self.partition_count);
+        for element in committed.elements() {
+            match PartitionCount::from_metadata(element.metadata()) {
+                Some(theirs) if theirs != ours => {
+                    return Err(AggregatorError::PartitionCountChanged {
+                        partition: element.partition(),
+                        committed: theirs.0.get(),
+                        partitions: ours.0.get(),
+                    })
+                }
+                _ => {}
             }
-            _ => Ok(()),
         }
-    }
-
-    /// Counts, and says loudly, the partitions added to the events topic after the
-    /// pipeline was made, which no aggregator reads.
-    pub(super) fn check_unread_partitions(&self, consumer: &GroupConsumer) {
-        let unread =
-            partitions_beyond(consumer.client(), &self.topics.events, self.partition_count);
-        self.metrics
-            .unread_partitions
-            .set(i64::from(unread.end - unread.start));
-        if !unread.is_empty() {
-            tracing::error!(
-                topic = %self.topics.events,
-                unread = ?unread,
-                pipeline_partitions = self.partition_count.get(),
-                "partitions were added to the events topic: ingest does not write to them and no aggregator reads them, so events other producers write there are not billed; a pipeline's partition count cannot change (README, \"Changing the partition count\")"
-            );
-        }
+        Ok(())
     }
 
     /// Says, loudly, when the events a partition's state resumes at are gone: Kafka's
@@ -234,7 +207,6 @@ impl Worker {
             }
             _ => restored,
         };
-        self.check_customers_belong(partition, &aggregator)?;
         self.metrics
             .restore_duration
             .observe(started.elapsed().as_secs_f64());

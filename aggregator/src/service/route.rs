@@ -194,7 +194,7 @@ impl PartitionState {
                             EventOutcome::Invalid,
                             "wrong_partition",
                             "subject",
-                            format!("the event is on partition {} but Kafka's Java partitioner (murmur2) gives its subject partition {home}, and at {bytes} bytes it is too large to forward there: produce with partitioner=murmur2_random", message.partition()),
+                            format!("the event is on partition {} but Kafka's Java partitioner (murmur2) gives its subject partition {home}, and at {bytes} bytes it is too large to forward there: produce with partitioner=murmur2_random (or, if partitions were added to the events topic, to partition {home}: murmur2 over the pipeline's count)", message.partition()),
                         ));
                     }
                     let received_ms = received_ms.unwrap_or_else(|| now.timestamp_millis());

@@ -19,7 +19,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
     flush, idempotent_producer_config, positions_ahead, send, DeliveryReports, KafkaProducer,
-    MAX_RECORD_BYTES,
+    LINGER, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::threads::on_threads;
@@ -28,7 +28,7 @@ use tally_schemas::records::{settled_record, SETTLED_HEADER};
 
 use super::changelog::{delta_key, keys_key, tombstone, write_snapshot};
 use super::{
-    kafka_error, AggregatorError, GroupConsumer, PartitionState, Topics, Worker,
+    kafka_error, AggregatorError, GroupConsumer, PartitionCount, PartitionState, Topics, Worker,
     FENCED_AGAIN_WITHIN, TRANSACTION_TIMEOUT,
 };
 
@@ -56,7 +56,7 @@ pub(super) fn transactional_id(kafka: &KafkaSettings) -> String {
 
 pub(super) fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     let transactional_id = transactional_id(kafka);
-    let producer: KafkaProducer = idempotent_producer_config(kafka, Duration::from_millis(5))
+    let producer: KafkaProducer = idempotent_producer_config(kafka, LINGER)
         .set("transactional.id", &transactional_id)
         .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
         .set("transaction.timeout.ms", "60000")
@@ -303,11 +303,10 @@ impl Worker {
         for result in published {
             let (partition, next_offset, updates) = result?;
             self.metrics.window_updates.inc_by(updates as u64);
-            offsets.add_partition_offset(
-                &self.topics.events,
-                partition,
-                Offset::Offset(next_offset),
-            )?;
+            let mut committing = offsets.add_partition(&self.topics.events, partition);
+            committing.set_offset(Offset::Offset(next_offset))?;
+            // The partition count the state is of, for a later owner to check.
+            committing.set_metadata(PartitionCount(self.partition_count).to_metadata());
         }
         let group = consumer
             .group_metadata()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tally_runtime::kafka::{partition_count, partition_for_key, ClientErrors};
+use tally_runtime::kafka::{partition_count, partition_for_key, ClientErrors, LINGER};
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::lock;
 use tally_runtime::Shutdown;
@@ -69,12 +69,21 @@ pub struct EventProducer {
     /// a row, until one succeeds: requests are then answered 503 at once rather than
     /// after the acknowledgement timeout.
     unreachable: Arc<Mutex<Option<String>>>,
-    /// The pipeline's partition count (its windows topic's), once a probe found it:
-    /// events go to `murmur2(subject) % count`, also after partitions were added to
-    /// the events topic, which no aggregator reads (`0` until known: librdkafka's
-    /// murmur2 partitioner over the topic's partitions, the same while none were added).
-    pipeline_partitions: Arc<AtomicUsize>,
+    /// Where events go, once a probe learned it.
+    partitioning: Arc<Partitioning>,
     windows_topic: String,
+}
+
+/// The pipeline's partition count, its windows topic's when ingest first found it
+/// (`0` until then): each event goes to `murmur2(subject) % count`, also after
+/// partitions were added to the events topic (which no aggregator reads) or to every
+/// topic (which the aggregators refuse). The topics' counts as last seen, so a change
+/// is logged once.
+#[derive(Debug, Default)]
+struct Partitioning {
+    pipeline: AtomicUsize,
+    events_seen: AtomicUsize,
+    windows_seen: AtomicUsize,
 }
 
 impl std::fmt::Debug for EventProducer {
@@ -121,9 +130,7 @@ pub const TENANT_HEADER: &str = "tally.tenant";
 impl EventProducer {
     /// Creates the producer; it connects to the brokers in the background.
     pub fn new(settings: &KafkaSettings) -> Result<Self, IngestError> {
-        // A few ms of batching: a request's events travel in few produce requests.
-        let linger = Duration::from_millis(5);
-        let mut config = tally_runtime::kafka::idempotent_producer_config(settings, linger);
+        let mut config = tally_runtime::kafka::idempotent_producer_config(settings, LINGER);
         // murmur2: the partitioner of Kafka's Java clients, so a customer's events land
         // on the same partition whether ingest or a Java/Go service produced them.
         config.set("partitioner", "murmur2_random");
@@ -161,7 +168,7 @@ impl EventProducer {
             ack_timeout,
             max_record_bytes,
             unreachable: Arc::new(Mutex::new(None)),
-            pipeline_partitions: Arc::new(AtomicUsize::new(0)),
+            partitioning: Arc::default(),
             windows_topic: settings.topic(Topic::Windows),
         })
     }
@@ -189,20 +196,17 @@ impl EventProducer {
         if let Some(reason) = lock(&self.unreachable).clone() {
             return Err(ProduceError::Unreachable(reason));
         }
+        let pipeline = self.pipeline_partitions().await?;
         let mut deliveries = Vec::with_capacity(records.len());
-        let pipeline_partitions =
-            NonZeroUsize::new(self.pipeline_partitions.load(Ordering::Relaxed));
         for record in records {
-            let mut to = FutureRecord::to(&self.topic)
+            let to = FutureRecord::to(&self.topic)
                 .key(record.key)
                 .payload(record.value)
                 .headers(OwnedHeaders::new().insert(Header {
                     key: TENANT_HEADER,
                     value: Some(record.tenant),
-                }));
-            if let Some(count) = pipeline_partitions {
-                to = to.partition(partition_for_key(record.key, count));
-            }
+                }))
+                .partition(partition_for_key(record.key, pipeline));
             let delivery = self
                 .producer
                 .send_result(to)
@@ -223,6 +227,33 @@ impl EventProducer {
         tokio::time::timeout(limit, all)
             .await
             .map_err(|_| ProduceError::TimedOut(limit))?
+    }
+
+    /// The pipeline's partition count: known after a readiness probe, else asked for
+    /// now (off the async threads), so the requests of a service that has just started
+    /// do not wait for the next probe.
+    async fn pipeline_partitions(&self) -> Result<NonZeroUsize, ProduceError> {
+        let known = |producer: &EventProducer| {
+            NonZeroUsize::new(producer.partitioning.pipeline.load(Ordering::Relaxed))
+        };
+        if let Some(pipeline) = known(self) {
+            return Ok(pipeline);
+        }
+        let asking = self.clone();
+        let learned = tokio::task::spawn_blocking(move || {
+            let events = asking.probe()?;
+            asking.learn_pipeline_partitions(events)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the partition count probe failed: {e}")));
+        match (learned, known(self)) {
+            (Ok(()), Some(pipeline)) => Ok(pipeline),
+            (Err(reason), _) => Err(ProduceError::Unreachable(reason)),
+            (Ok(()), None) => Err(ProduceError::Unreachable(format!(
+                "{} shows no partitions",
+                self.windows_topic
+            ))),
+        }
     }
 
     /// Waits (off the async threads) until every queued event is delivered or failed,
@@ -269,26 +300,43 @@ impl EventProducer {
         }
     }
 
-    /// Asks Kafka for the windows topic's partition count (blocking), the pipeline's,
-    /// and routes events by it from now on; says loudly when the events topic, with
-    /// `events` partitions, has more. Kafka not answering changes nothing.
-    fn learn_pipeline_partitions(&self, events: usize) {
-        let Ok(pipeline) = partition_count(self.producer.client(), &self.windows_topic) else {
-            return;
+    /// Asks Kafka for the windows topic's partition count (blocking): the first one
+    /// found is the pipeline's, which events are routed by from then on. Says loudly
+    /// when the events topic, with `events` partitions, or the windows topic grows
+    /// past it. Not ready while the windows topic cannot be described.
+    fn learn_pipeline_partitions(&self, events: usize) -> Result<(), String> {
+        let windows = partition_count(self.producer.client(), &self.windows_topic).map_err(|e| {
+            format!(
+                "topic {} cannot be described ({e}): ingest routes events by its partition count, so it needs Describe on it; start the aggregator or the rater once (they create Tally's topics)",
+                self.windows_topic
+            )
+        })?;
+        let seen = &self.partitioning;
+        let pipeline =
+            match seen
+                .pipeline
+                .compare_exchange(0, windows, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => windows,
+                Err(known) => known,
+            };
+        let grew = |count: usize, last: &AtomicUsize| {
+            let before = last.swap(count, Ordering::Relaxed);
+            count > pipeline && count != before
         };
-        let known = self.pipeline_partitions.swap(pipeline, Ordering::Relaxed);
-        if events > pipeline && known != pipeline {
+        if grew(events, &seen.events_seen) || grew(windows, &seen.windows_seen) {
             tracing::error!(
-                topic = %self.topic,
-                partitions = events,
+                events_partitions = events,
+                windows_partitions = windows,
                 pipeline_partitions = pipeline,
-                "the events topic has more partitions than the pipeline: ingest writes each customer's events to its partition among the first {pipeline}, where the aggregators read them; events other producers write to the others are not billed (README, \"Changing the partition count\")"
+                "partitions were added to the pipeline's topics: ingest goes on writing each customer's events to its partition among the first {pipeline}, where the aggregators read them; events other producers write to the others are not billed (README, \"Changing the partition count\")"
             );
         }
+        Ok(())
     }
 
-    /// Keeps `readiness` up to date until shutdown: ready while Kafka answers and the
-    /// events topic exists.
+    /// Keeps `readiness` up to date until shutdown: ready while Kafka answers, the
+    /// events topic exists and the windows topic tells the pipeline's partition count.
     pub fn watch_readiness(
         &self,
         readiness: Readiness,
@@ -302,8 +350,7 @@ impl EventProducer {
                 let probing = producer.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     let events = probing.probe()?;
-                    probing.learn_pipeline_partitions(events);
-                    Ok(events)
+                    probing.learn_pipeline_partitions(events)
                 })
                 .await
                 .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")));

@@ -205,7 +205,7 @@ pub async fn start(
         max_batch_events: ingest.max_batch_events,
     });
     let keys = KeyReloader(Arc::clone(&app));
-    let router = router(app, registry, readiness);
+    let router = router(app, registry, readiness, &settings.kafka.topic_prefix);
     tracing::info!(%local_addr, topic = producer.topic(), "ingest API listening");
 
     let drain = shutdown_drain(&producer);
@@ -241,14 +241,19 @@ pub async fn start(
     })
 }
 
-fn router(app: Arc<App>, registry: Registry, readiness: Readiness) -> Router {
+fn router(app: Arc<App>, registry: Registry, readiness: Readiness, topic_prefix: &str) -> Router {
     let metrics = app.metrics.clone();
     let max_body_bytes = app.max_body_bytes;
     let price_book = app.config.hash.to_string();
     Router::new()
         .route(EVENTS_ROUTE, post(post_events))
         .with_state(app)
-        .merge(tally_runtime::ops::router(registry, readiness, &price_book))
+        .merge(tally_runtime::ops::router(
+            registry,
+            readiness,
+            &price_book,
+            topic_prefix,
+        ))
         .layer(middleware::from_fn_with_state(metrics, track))
         // The handler reads the body under its own cap; this one guards any extractor
         // added later.

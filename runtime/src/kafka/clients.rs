@@ -117,6 +117,10 @@ pub(super) fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &s
     }
 }
 
+/// How long a record of ingest's or the aggregator's waits to travel with others: a few
+/// ms put a request's events, or a transaction's records, in few produce requests.
+pub const LINGER: Duration = Duration::from_millis(5);
+
 /// [`client_config`] for a producer that writes each record once, in order, to every
 /// in-sync replica: what every Tally producer needs, as money rides on its records.
 /// Records wait up to `linger` to travel in batches, lz4-compressed; `[kafka]

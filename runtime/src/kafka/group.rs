@@ -424,6 +424,69 @@ fn log_consumer_error(error: &KafkaError) {
     }
 }
 
+/// The `client.id` of a service instance's group consumer (unless `[kafka] properties`
+/// sets one for every client): how the group's member list tells instances apart.
+fn member_client_id(settings: &KafkaSettings, service: &str) -> String {
+    format!("tally-{service}-{}", settings.instance_id)
+}
+
+/// Why a service instance did not start.
+#[derive(Debug, thiserror::Error)]
+#[error("another {service} with TALLY_INSTANCE_ID {instance_id} is a live member of group {group} (its client {client_id} on {host}, still there after {} s): two with one id would fence each other in turn. This one does not start; give each instance its own TALLY_INSTANCE_ID (the default, the host name, is the same for two processes on one host)", .waited.as_secs())]
+pub struct InstanceInUse {
+    pub service: String,
+    pub instance_id: String,
+    pub group: String,
+    pub client_id: String,
+    pub host: String,
+    pub waited: Duration,
+}
+
+/// Waits until no live member of `service`'s group is this instance (the same client
+/// id), for at most the group's session timeout and 5 s: a previous run that died is
+/// dropped from the group once its session expires, but a member still there after
+/// that is another process with this instance id. Kafka not answering, or a
+/// `client.id` of the operator's (shared by every instance), passes.
+pub fn wait_until_instance_free(
+    settings: &KafkaSettings,
+    service: &str,
+) -> Result<(), Box<InstanceInUse>> {
+    if settings.properties.contains_key("client.id") {
+        return Ok(());
+    }
+    let session_ms = (settings.properties.get("session.timeout.ms"))
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .unwrap_or(10_000);
+    let patience = Duration::from_millis(session_ms) + Duration::from_secs(5);
+    let (group, client_id) = (settings.group(service), member_client_id(settings, service));
+    let Ok(consumer) = client_config(settings).create::<BaseConsumer>() else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    loop {
+        let Ok(groups) = consumer.fetch_group_list(Some(&group), Duration::from_secs(10)) else {
+            return Ok(());
+        };
+        let same = (groups.groups().iter())
+            .flat_map(|g| g.members())
+            .find(|member| member.client_id() == client_id);
+        let Some(member) = same else {
+            return Ok(());
+        };
+        if started.elapsed() >= patience {
+            return Err(Box::new(InstanceInUse {
+                service: service.to_owned(),
+                instance_id: settings.instance_id.clone(),
+                group,
+                client_id,
+                host: member.client_host().to_owned(),
+                waited: started.elapsed(),
+            }));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// A consumer-group member for a [`PartitionOwner`]: cooperative-sticky assignment,
 /// read committed, offsets committed only by the owner (never automatically), reading
 /// from the beginning when the group has no offsets, and subscribed to `topic`.
@@ -441,6 +504,11 @@ pub fn group_consumer<W: PartitionOwner>(
     // A member that died is noticed within 10 s, its partitions moved on.
     tunable(&mut config, "session.timeout.ms", "10000");
     tunable(&mut config, "heartbeat.interval.ms", "1000");
+    tunable(
+        &mut config,
+        "client.id",
+        &member_client_id(settings, service),
+    );
     let consumer: BaseConsumer<GroupContext<W>> = tune_fetching(
         config
             .set("group.id", settings.group(service))

@@ -8,9 +8,10 @@
 //! keeps delivery failures ([`send`], [`flush`], [`DeliveryReports`]); and reading a
 //! partition to its end ([`read_partition`]), for restores and rebuilds.
 //!
-//! `events`, `windows` and `aggregator-changelog` must have the same number of
-//! partitions: the aggregator writes partition p's windows and state changes to
-//! partition p, so a customer's usage stays in one partition end to end.
+//! `windows` and `aggregator-changelog` have the pipeline's partition count, and
+//! `events` at least as many (partitions added to it later are read by no one): the
+//! aggregator writes partition p's windows and state changes to partition p, so a
+//! customer's usage stays in one partition end to end.
 //!
 //! `clients` configures every client, `topics` makes and checks the topics,
 //! `group` runs a service's group membership, `produce` and `read` write and read.

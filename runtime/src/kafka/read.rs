@@ -224,15 +224,13 @@ pub fn retry_while_unavailable<T>(
 
 /// Whether Kafka refused a group's request (an offset commit, say) because the group is
 /// rebalancing or has just done so: routine while members come and go, and the request
-/// succeeds once the member has its new assignment.
+/// succeeds once the member has its new assignment. Not an unknown member: that one
+/// was evicted (it missed its session or `max.poll.interval.ms`), which is worth a
+/// warning.
 pub fn is_rebalancing(error: &KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::IllegalGeneration
-                | RDKafkaErrorCode::RebalanceInProgress
-                | RDKafkaErrorCode::UnknownMemberId
-        )
+        Some(RDKafkaErrorCode::IllegalGeneration | RDKafkaErrorCode::RebalanceInProgress)
     )
 }
 
@@ -289,11 +287,11 @@ mod tests {
         for routine in [
             RDKafkaErrorCode::IllegalGeneration,
             RDKafkaErrorCode::RebalanceInProgress,
-            RDKafkaErrorCode::UnknownMemberId,
         ] {
             assert!(is_rebalancing(&commit(routine)), "{routine:?}");
         }
         for refusal in [
+            RDKafkaErrorCode::UnknownMemberId,
             RDKafkaErrorCode::GroupAuthorizationFailed,
             RDKafkaErrorCode::OffsetMetadataTooLarge,
         ] {

@@ -155,17 +155,16 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box
 }
 
 /// The partitions of the events topic at and past `pipeline_count` (added to it after
-/// the pipeline was made): no aggregator reads them. Empty when Kafka does not answer.
+/// the pipeline was made): no aggregator reads them. Kafka's error when it does not
+/// answer, so a caller keeps what it knew rather than report none.
 pub fn partitions_beyond<C: ClientContext>(
     client: &Client<C>,
     events_topic: &str,
     pipeline_count: NonZeroUsize,
-) -> std::ops::Range<i32> {
+) -> Result<std::ops::Range<i32>, KafkaError> {
     let pipeline = i32::try_from(pipeline_count.get()).unwrap_or(i32::MAX);
-    match partition_count(client, events_topic) {
-        Ok(found) => pipeline..i32::try_from(found).unwrap_or(i32::MAX).max(pipeline),
-        Err(_) => pipeline..pipeline,
-    }
+    let found = partition_count(client, events_topic)?;
+    Ok(pipeline..i32::try_from(found).unwrap_or(i32::MAX).max(pipeline))
 }
 
 /// Asks the brokers whether they answer, before the topic requests, which wait out
@@ -222,7 +221,8 @@ fn setup_error<'s>(
 }
 
 /// Creates every topic of the pipeline that does not exist yet, the state topics with
-/// the settings they need.
+/// the settings they need. They get `[kafka] partitions` partitions, or as many as an
+/// events topic an operator made beforehand has, so the pipeline reads all of it.
 async fn create_topics(
     admin: &Admin,
     settings: &KafkaSettings,
@@ -244,7 +244,15 @@ async fn create_topics(
     // of them, so losing the leader cannot lose what it acknowledged; with fewer, one
     // (Kafka's default), or every write would stop while one replica is down.
     let min_insync = if replicas >= 3 { "2" } else { "1" };
-    let partitions = i32::try_from(settings.partitions).unwrap_or(i32::MAX);
+    let events = settings.topic(Topic::Events);
+    let configured = i32::try_from(settings.partitions).unwrap_or(i32::MAX);
+    let existing = (partition_count(admin.inner(), &events).ok())
+        .and_then(|n| i32::try_from(n).ok())
+        .filter(|n| *n > 0);
+    if let Some(count) = existing.filter(|n| *n != configured) {
+        tracing::info!(topic = %events, partitions = count, "the events topic exists: Tally's other topics are made with its partition count, not [kafka] partitions");
+    }
+    let partitions = existing.unwrap_or(configured);
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|(name, topic)| {

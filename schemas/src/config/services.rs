@@ -590,21 +590,10 @@ fn clickhouse(check: &mut Check<'_>, spec: &ClickHouseSpec) -> ClickHouseSetting
         check.issue("clickhouse.request_timeout", why);
         d::DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT
     });
-    let credentials = spec.credentials(check.env);
-    if credentials.ca_file.is_some() && url.starts_with("http://") {
-        let ca_file_at = match check.var("TALLY_CLICKHOUSE_CA_FILE") {
-            Some(_) => "TALLY_CLICKHOUSE_CA_FILE",
-            None => "clickhouse.ca_file",
-        };
-        check.issue(
-            ca_file_at,
-            format!("a CA file is for https, but the url {url:?} is http: write it with https://, or leave ca_file out"),
-        );
-    }
     ClickHouseSettings {
         url,
         database,
-        credentials,
+        credentials: spec.credentials(check.env),
         request_timeout,
     }
 }
@@ -955,30 +944,6 @@ price_book_check_interval = "0s"
         for good in ["tally", "_t", "tally_2026"] {
             assert!(super::ClickHouseSettings::is_database_name(good), "{good}");
         }
-    }
-
-    #[test]
-    fn a_ca_file_for_a_plain_http_url_is_refused_where_it_was_given() {
-        let http = "[clickhouse]\nurl = \"http://ch:8123\"\n";
-        let refusal = |at: &str| {
-            format!("{at}: a CA file is for https, but the url \"http://ch:8123\" is http: write it with https://, or leave ca_file out")
-        };
-        let in_file = format!("{http}ca_file = \"/etc/ca.pem\"\n");
-        assert_eq!(
-            services(&in_file, &[]).unwrap_err(),
-            [refusal("clickhouse.ca_file")]
-        );
-        let from_env = [("TALLY_CLICKHOUSE_CA_FILE", "/etc/ca.pem")];
-        assert_eq!(
-            services(http, &from_env).unwrap_err(),
-            [refusal("TALLY_CLICKHOUSE_CA_FILE")]
-        );
-        let https = "[clickhouse]\nurl = \"https://ch:8443\"\nca_file = \"/etc/ca.pem\"\n";
-        let settings = services(https, &[]).unwrap();
-        assert_eq!(
-            settings.clickhouse.credentials.ca_file.as_deref(),
-            Some(std::path::Path::new("/etc/ca.pem"))
-        );
     }
 
     #[test]

@@ -124,12 +124,18 @@ pub fn run(
         let (mut summary, rejects) = aggregator
             .join()
             .map_err(|_| anyhow::anyhow!("the aggregator stage panicked"))?;
-        // Only a run that read the whole file becomes the store's current one.
+        // Only a run that read the whole file, and rated every line, becomes the
+        // store's current one: a line that cannot be rated would show its last rating.
+        if let Some(first) = unrated.first() {
+            anyhow::bail!(
+                "{} line(s) could not be rated, the first: {first}; the run is not made the store's current one",
+                unrated.len()
+            );
+        }
         store.finish()?;
         for (series, (recorded, quantity)) in unbilled {
             summary.note_unbilled(recorded, &series, quantity);
         }
-        summary.note_not_rated(&unrated);
         Ok(PipelineRun {
             summary,
             lines,

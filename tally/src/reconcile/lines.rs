@@ -254,7 +254,6 @@ impl Lines {
         self.by_key.keys().map(|key| key.customer.clone()).collect()
     }
 
-    /// Leaves out, and counts, the lines of customers not in `compared`.
     /// Leaves out, and counts, the adjustment lines.
     pub(super) fn leave_out_adjustments(&mut self) {
         let before = self.by_key.len();
@@ -262,6 +261,7 @@ impl Lines {
         self.adjustments_left_out += before - self.by_key.len();
     }
 
+    /// Leaves out, and counts, the lines of customers not in `compared`.
     pub(super) fn keep_customers(&mut self, compared: &BTreeSet<String>) {
         let (kept, left_out) = std::mem::take(&mut self.by_key)
             .into_iter()

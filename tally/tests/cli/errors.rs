@@ -289,4 +289,16 @@ fn validate_for_the_rater_reads_its_clickhouse_ca_file_as_its_start_would() {
     let run = validate("rater");
     assert_eq!(run.code, 1, "{}", run.stdout);
     assert_shows(&run.stderr, &["missing-ca.pem"]);
+    // A CA file with a plain http url: the rater's start refuses it, no other's.
+    f.write(
+        "tally.toml",
+        format!(
+            "{PRO}\n[clickhouse]\nurl = \"http://127.0.0.1:8123\"\nca_file = \"missing-ca.pem\"\n"
+        )
+        .as_bytes(),
+    );
+    let run = validate("rater");
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_shows(&run.stderr, &["is not an https:// url"]);
+    validate("ingest").succeeded();
 }

@@ -94,9 +94,18 @@ fn serve_all_takes_events_with_503_and_retry_after_while_kafka_is_awaited() {
         }
     };
     assert!(refused.headers().contains_key("retry-after"), "{refused:?}");
-    let (status, body) = common::get(aggregator, "/readyz").unwrap();
-    assert_eq!(status, 503);
-    assert!(body.contains("waiting for Kafka"), "{body}");
+    // The aggregator says why it is not ready once its first attempt to reach Kafka
+    // has failed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = common::get(aggregator, "/readyz").unwrap();
+        assert_eq!(status, 503);
+        if body.contains("waiting for Kafka") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(common::get(ingest, "/healthz").map(|(s, _)| s), Some(200));
     assert!(terminate(&mut child).success());
 }

@@ -647,6 +647,31 @@ fn of_two_aggregators_with_one_instance_id_one_stops_and_totals_stay_exact() {
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_second_aggregator_with_a_live_ones_instance_id_does_not_start_and_the_first_goes_on() {
+    let _serial = serial();
+    let p = Pipeline::new("dup_id", 3_000, 10, "");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    harness::eventually("agg-a holds partitions", Duration::from_secs(60), || {
+        p.log("agg-a").contains("partition state restored")
+    });
+    // Misconfigured: a second process with agg-a's id, while agg-a is alive. It would
+    // fence agg-a by initialising transactions; it waits out agg-a's session instead,
+    // finds it still there, and does not start.
+    p.start_with("aggregator", "agg-b", &[("TALLY_INSTANCE_ID", "agg-a")]);
+    let (status, log) = p.wait_exit("agg-b", Duration::from_secs(60));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("another aggregator with TALLY_INSTANCE_ID agg-a is a live member of group"),
+        "{log}"
+    );
+    p.produce(&p.lines());
+    p.wait_for(&p.expected(), Duration::from_secs(120));
+    assert!(!p.log("agg-a").contains("fenced"), "{}", p.log("agg-a"));
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_written_in_kafka_transactions_count_once_committed_and_offsets_reach_the_end() {
     let _serial = serial();
     let p = Pipeline::new("transactional_events", 10_000, 20, "");
@@ -2428,7 +2453,8 @@ fn an_aggregator_whose_state_is_of_fewer_partitions_than_its_topics_stops_saying
     p.wait_caught_up("aggregator", Duration::from_secs(120));
     p.stop("agg-a");
     // Every topic grown while the pipeline was stopped: the changelog's partitions hold
-    // the customers murmur2 gave them over four, most of whom it now gives others.
+    // the customers murmur2 gave them over four, many of whom it now gives others; the
+    // committed offsets say over how many partitions their state was made.
     for suffix in ["events", "windows", "aggregator-changelog"] {
         p.add_partitions(suffix, harness::PARTITIONS as usize + 2);
     }
@@ -2436,8 +2462,11 @@ fn an_aggregator_whose_state_is_of_fewer_partitions_than_its_topics_stops_saying
     let (status, log) = p.wait_exit("agg-b", Duration::from_secs(120));
     assert!(!status.success(), "{log}");
     assert!(
-        log.contains("is of other partitions' customers")
-            && log.contains("Changing the partition count"),
+        log.contains(&format!(
+            "state was committed by a pipeline of {} partitions, but the topics now have {}",
+            harness::PARTITIONS,
+            harness::PARTITIONS + 2
+        )) && log.contains("Changing the partition count"),
         "{log}"
     );
 }
