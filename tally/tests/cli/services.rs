@@ -52,6 +52,25 @@ fn an_aggregator_waiting_for_kafka_answers_probes_and_says_why_it_is_not_ready()
     assert!(!log.contains(" ERROR "), "{log}");
 }
 
+/// A resolution of cust_acme posted to ingest on `port` with `key`; `None` while
+/// nothing answers there.
+fn post_resolution(port: u16, key: &str) -> Option<ureq::http::Response<ureq::Body>> {
+    ureq::post(&format!("http://127.0.0.1:{port}/v1/events"))
+        .header("Authorization", &format!("Bearer {key}"))
+        .header("Content-Type", "application/cloudevents+json")
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(event(
+            "r-1",
+            "ai.resolution",
+            "cust_acme",
+            "2026-11-02T10:00:00Z",
+            None,
+        ))
+        .ok()
+}
+
 #[test]
 fn serve_all_takes_events_with_503_and_retry_after_while_kafka_is_awaited() {
     let free_port = common::free_port;
@@ -69,22 +88,7 @@ fn serve_all_takes_events_with_503_and_retry_after_while_kafka_is_awaited() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let send = || {
-        ureq::post(&format!("http://127.0.0.1:{ingest}/v1/events"))
-            .header("Authorization", "Bearer cli-test-key-0123456789")
-            .header("Content-Type", "application/cloudevents+json")
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .send(event(
-                "r-1",
-                "ai.resolution",
-                "cust_acme",
-                "2026-11-02T10:00:00Z",
-                None,
-            ))
-            .ok()
-    };
+    let send = || post_resolution(ingest, "cli-test-key-0123456789");
     let deadline = Instant::now() + Duration::from_secs(60);
     let refused = loop {
         match send() {
@@ -315,23 +319,7 @@ fn ingest_reads_its_api_keys_again_on_sighup_without_a_restart() {
         .spawn()
         .unwrap();
     // Kafka is away: a valid key gets 503, an unknown one 401.
-    let status = |key: &str| {
-        ureq::post(&format!("http://127.0.0.1:{port}/v1/events"))
-            .header("Authorization", &format!("Bearer {key}"))
-            .header("Content-Type", "application/cloudevents+json")
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .send(event(
-                "r-1",
-                "ai.resolution",
-                "cust_acme",
-                "2026-11-02T10:00:00Z",
-                None,
-            ))
-            .ok()
-            .map(|response| response.status().as_u16())
-    };
+    let status = |key: &str| post_resolution(port, key).map(|r| r.status().as_u16());
     let until = |what: &str, expected: [Option<u16>; 2]| {
         let deadline = Instant::now() + Duration::from_secs(30);
         while [status(old), status(new)] != expected {
