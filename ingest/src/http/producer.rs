@@ -239,14 +239,7 @@ impl EventProducer {
         if let Some(pipeline) = known(self) {
             return Ok(pipeline);
         }
-        let asking = self.clone();
-        let learned = tokio::task::spawn_blocking(move || {
-            let events = asking.probe()?;
-            asking.learn_pipeline_partitions(events)
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("the partition count probe failed: {e}")));
-        match (learned, known(self)) {
+        match (self.probe_off_thread().await, known(self)) {
             (Ok(()), Some(pipeline)) => Ok(pipeline),
             (Err(reason), _) => Err(ProduceError::Unreachable(reason)),
             (Ok(()), None) => Err(ProduceError::Unreachable(format!(
@@ -335,6 +328,17 @@ impl EventProducer {
         Ok(())
     }
 
+    /// [`Self::probe`] and [`Self::learn_pipeline_partitions`], on a blocking thread.
+    async fn probe_off_thread(&self) -> Result<(), String> {
+        let probing = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let events = probing.probe()?;
+            probing.learn_pipeline_partitions(events)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the Kafka probe failed: {e}")))
+    }
+
     /// Keeps `readiness` up to date until shutdown: ready while Kafka answers, the
     /// events topic exists and the windows topic tells the pipeline's partition count.
     pub fn watch_readiness(
@@ -347,13 +351,7 @@ impl EventProducer {
             let mut was_ready = None;
             let mut failed_in_a_row = 0;
             loop {
-                let probing = producer.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    let events = probing.probe()?;
-                    probing.learn_pipeline_partitions(events)
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")));
+                let result = producer.probe_off_thread().await;
                 let ready = result.is_ok();
                 failed_in_a_row = if ready { 0 } else { failed_in_a_row + 1 };
                 *lock(&producer.unreachable) = match &result {
