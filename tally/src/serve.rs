@@ -24,6 +24,7 @@ use tally_rater::service::RaterMetrics;
 use tally_runtime::ops::{self, Readiness};
 use tally_runtime::Shutdown;
 use tally_schemas::config::{ApiKey, Config, ServiceSettings};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Service {
@@ -127,15 +128,12 @@ fn serve_until_stopped(args: ServeArgs) -> anyhow::Result<()> {
 /// a key is rotated or revoked without a restart. A configuration that cannot be read,
 /// or names a key variable that is not set, leaves the keys in use as they are. Only
 /// the keys are read again; other changes take effect at the next start.
-async fn reload_keys_on_hangup(path: PathBuf, keys: KeyReloader, shutdown: Shutdown) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(hangups) => hangups,
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGHUP: API keys are read at start only");
-            return;
-        }
-    };
+async fn reload_keys_on_hangup(
+    mut hangups: Signal,
+    path: PathBuf,
+    keys: KeyReloader,
+    shutdown: Shutdown,
+) {
     loop {
         tokio::select! {
             () = shutdown.requested() => return,
@@ -151,11 +149,10 @@ async fn reload_keys_on_hangup(path: PathBuf, keys: KeyReloader, shutdown: Shutd
             Ok(api_keys) => {
                 let tenants: std::collections::BTreeSet<&str> =
                     api_keys.iter().map(|key| key.tenant.as_str()).collect();
-                tracing::info!(
-                    keys = api_keys.len(),
-                    ?tenants,
-                    "SIGHUP: API keys read again and in use"
-                );
+                match api_keys.is_empty() {
+                    true => tracing::warn!("SIGHUP: API keys read again: there are none, so every POST /v1/events is refused with 401"),
+                    false => tracing::info!(keys = api_keys.len(), ?tenants, "SIGHUP: API keys read again and in use (every key's rate limit starts again full)"),
+                }
                 keys.replace(api_keys);
             }
             Err(e) => tracing::error!(
@@ -206,6 +203,8 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals();
+    // Taken over at once: SIGHUP's default would end the process without a commit.
+    let hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     let runs = |s: Service| service.runs(s);
     check_can_start(service, &settings)?;
     let price_book = config.hash.to_string();
@@ -247,11 +246,18 @@ async fn serve(
             let running = tally_ingest::http::start(config, settings, shutdown.clone())
                 .await
                 .context("ingest")?;
-            let reloading =
-                tokio::spawn(reload_keys_on_hangup(path, running.keys.clone(), shutdown));
+            let reload = reload_keys_on_hangup(hangups, path, running.keys.clone(), shutdown);
+            let reloading = tokio::spawn(reload);
             let stopped = running.wait().await.context("ingest");
             reloading.abort();
             stopped
+        });
+    } else {
+        tokio::spawn(async move {
+            let mut hangups = hangups;
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP ignored: only ingest reads anything again (its API keys)");
+            }
         });
     }
     let mut outcome = Ok(());

@@ -53,8 +53,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use tally_runtime::kafka::{
-    group_consumer, leave_group, partitions_beyond, poll_group, ConsumerHealth, GroupContext,
-    KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
+    group_consumer, leave_group, partition_count as partition_count_of, partitions_beyond,
+    poll_group, ConsumerHealth, GroupContext, KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
@@ -116,6 +116,12 @@ pub enum AggregatorError {
     },
     #[error("Kafka refused a record the aggregator must write, and would refuse it again after every recovery: {source}. Give the aggregator's principal Write on the events, windows, rejected and changelog topics (forwarding misplaced events writes to the events topic), make their max.message.bytes at least Kafka's default of 1048588, which takes a rejected copy or a forwarded event (at most {MAX_EVENT_RECORD_BYTES} bytes; the windows and changelog topics {MAX_RECORD_BYTES}), and leave the rejected topic uncompacted (a compacted topic refuses its records without a key); the aggregator stops rather than retry in a loop")]
     Unwritable { source: KafkaError },
+    #[error("topic {topic} now has {found} partitions where the pipeline has {partitions}: partitions were added to it while the aggregator ran, and a state topic's partitions hold the customers murmur2 gives them over the pipeline's count. A pipeline's partition count cannot change; the aggregator stops rather than bill customers' months in two pieces: start a new pipeline for more partitions (README, \"Changing the partition count\")")]
+    StateTopicGrew {
+        topic: String,
+        found: usize,
+        partitions: usize,
+    },
     #[error("partition {partition}'s state was committed by a pipeline of {committed} partitions, but the topics now have {partitions}: partitions were added to them, and the state holds the customers murmur2 gave that partition over {committed}. A pipeline's partition count cannot change: start a new pipeline for more partitions (README, \"Changing the partition count\")")]
     PartitionCountChanged {
         partition: i32,
@@ -307,7 +313,7 @@ pub fn run(
     };
     // Before initialising transactions, which would fence a live instance of the same
     // id (a misconfigured second process) rather than a dead one.
-    tally_runtime::kafka::wait_until_instance_free(kafka, "aggregator")?;
+    tally_runtime::kafka::wait_until_instance_free(kafka, "aggregator", &shutdown)?;
     let producer = new_producer(kafka)?;
     let unread = metrics.unread_partitions.clone();
     let worker = Arc::new(Mutex::new(Worker {
@@ -384,6 +390,7 @@ pub fn run(
             if last_partition_check.is_none_or(|at| at.elapsed() >= PARTITION_CHECK_INTERVAL) {
                 last_partition_check = Some(Instant::now());
                 count_unread_partitions(&consumer, &topics.events, partition_count, &unread);
+                check_state_topics(&consumer, &topics, partition_count)?;
             }
             // A recovery since the batch was read rewound the consumer to before it.
             if epoch.load(Ordering::SeqCst) != read_in {
@@ -444,6 +451,29 @@ fn count_unread_partitions(
             "partitions were added to the events topic: ingest does not write to them and no aggregator reads them, so events other producers write there are not billed; a pipeline's partition count cannot change (README, \"Changing the partition count\")"
         );
     }
+}
+
+/// Stops the aggregator when partitions were added to the windows or the changelog
+/// topic while it ran (every topic grown alike): its partitions' states would no longer
+/// be the customers murmur2 sends there. Kafka not answering passes.
+fn check_state_topics(
+    consumer: &GroupConsumer,
+    topics: &Topics,
+    partition_count: NonZeroUsize,
+) -> Result<(), AggregatorError> {
+    for topic in [&topics.windows, &topics.changelog] {
+        match partition_count_of(consumer.client(), topic) {
+            Ok(found) if found != partition_count.get() => {
+                return Err(AggregatorError::StateTopicGrew {
+                    topic: topic.clone(),
+                    found,
+                    partitions: partition_count.get(),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Reads events into `batch`: up to [`MAX_BATCH_EVENTS`], waiting up to 100 ms for the

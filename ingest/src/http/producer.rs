@@ -71,6 +71,9 @@ pub struct EventProducer {
     unreachable: Arc<Mutex<Option<String>>>,
     /// Where events go, once a probe learned it.
     partitioning: Arc<Partitioning>,
+    /// Held by the one request that asks for the count before any probe learned it:
+    /// the others wait for its answer instead of asking Kafka too.
+    first_probe: Arc<tokio::sync::Mutex<()>>,
     windows_topic: String,
 }
 
@@ -169,6 +172,7 @@ impl EventProducer {
             max_record_bytes,
             unreachable: Arc::new(Mutex::new(None)),
             partitioning: Arc::default(),
+            first_probe: Arc::default(),
             windows_topic: settings.topic(Topic::Windows),
         })
     }
@@ -236,6 +240,10 @@ impl EventProducer {
         let known = |producer: &EventProducer| {
             NonZeroUsize::new(producer.partitioning.pipeline.load(Ordering::Relaxed))
         };
+        if let Some(pipeline) = known(self) {
+            return Ok(pipeline);
+        }
+        let _asking = self.first_probe.lock().await;
         if let Some(pipeline) = known(self) {
             return Ok(pipeline);
         }

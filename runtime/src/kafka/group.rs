@@ -445,11 +445,14 @@ pub struct InstanceInUse {
 /// Waits until no live member of `service`'s group is this instance (the same client
 /// id), for at most the group's session timeout and 5 s: a previous run that died is
 /// dropped from the group once its session expires, but a member still there after
-/// that is another process with this instance id. Kafka not answering, or a
-/// `client.id` of the operator's (shared by every instance), passes.
+/// that, in a stable group, is another process with this instance id. A group still
+/// rebalancing then (a member that died while joining stays until the join ends) is
+/// given the benefit of the doubt, as are Kafka not answering, a `client.id` of the
+/// operator's (shared by every instance) and a shutdown requested meanwhile.
 pub fn wait_until_instance_free(
     settings: &KafkaSettings,
     service: &str,
+    shutdown: &crate::Shutdown,
 ) -> Result<(), Box<InstanceInUse>> {
     if settings.properties.contains_key("client.id") {
         return Ok(());
@@ -463,17 +466,21 @@ pub fn wait_until_instance_free(
         return Ok(());
     };
     let started = Instant::now();
-    loop {
+    while !shutdown.is_requested() {
         let Ok(groups) = consumer.fetch_group_list(Some(&group), Duration::from_secs(10)) else {
             return Ok(());
         };
-        let same = (groups.groups().iter())
-            .flat_map(|g| g.members())
-            .find(|member| member.client_id() == client_id);
-        let Some(member) = same else {
+        let found = (groups.groups().iter()).find_map(|g| {
+            let member = g.members().iter().find(|m| m.client_id() == client_id)?;
+            Some((g.state() == "Stable", member))
+        });
+        let Some((stable, member)) = found else {
             return Ok(());
         };
         if started.elapsed() >= patience {
+            if !stable {
+                return Ok(());
+            }
             return Err(Box::new(InstanceInUse {
                 service: service.to_owned(),
                 instance_id: settings.instance_id.clone(),
@@ -485,6 +492,7 @@ pub fn wait_until_instance_free(
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+    Ok(())
 }
 
 /// A consumer-group member for a [`PartitionOwner`]: cooperative-sticky assignment,

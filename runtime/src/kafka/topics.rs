@@ -220,6 +220,21 @@ fn setup_error<'s>(
     }
 }
 
+/// `topic`'s partition count, `None` when it does not exist; other errors are Kafka's.
+fn existing_partitions(
+    admin: &Admin,
+    settings: &KafkaSettings,
+    topic: &str,
+) -> Result<Option<i32>, Box<KafkaSetupError>> {
+    match partition_count(admin.inner(), topic) {
+        Ok(count) => Ok(i32::try_from(count).ok().filter(|n| *n > 0)),
+        Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition,
+        )) => Ok(None),
+        Err(e) => Err(setup_error(settings, &format!("describe topic {topic}"))(e)),
+    }
+}
+
 /// Creates every topic of the pipeline that does not exist yet, the state topics with
 /// the settings they need. They get `[kafka] partitions` partitions, or as many as an
 /// events topic an operator made beforehand has, so the pipeline reads all of it.
@@ -244,13 +259,23 @@ async fn create_topics(
     // of them, so losing the leader cannot lose what it acknowledged; with fewer, one
     // (Kafka's default), or every write would stop while one replica is down.
     let min_insync = if replicas >= 3 { "2" } else { "1" };
-    let events = settings.topic(Topic::Events);
     let configured = i32::try_from(settings.partitions).unwrap_or(i32::MAX);
-    let existing = (partition_count(admin.inner(), &events).ok())
-        .and_then(|n| i32::try_from(n).ok())
-        .filter(|n| *n > 0);
+    // A pipeline not made yet (no windows topic) whose events topic an operator made
+    // beforehand takes that topic's count, so it reads all of it.
+    let (events, windows) = (
+        settings.topic(Topic::Events),
+        settings.topic(Topic::Windows),
+    );
+    let existing = match existing_partitions(admin, settings, &windows)? {
+        Some(_) => None,
+        None => existing_partitions(admin, settings, &events)?,
+    };
     if let Some(count) = existing.filter(|n| *n != configured) {
-        tracing::info!(topic = %events, partitions = count, "the events topic exists: Tally's other topics are made with its partition count, not [kafka] partitions");
+        let why = "the events topic exists and the windows topic does not: Tally's other topics are made with the events topic's partition count, not [kafka] partitions, which is the pipeline's for good";
+        match count < configured {
+            true => tracing::warn!(topic = %events, partitions = count, configured, "{why}"),
+            false => tracing::info!(topic = %events, partitions = count, configured, "{why}"),
+        }
     }
     let partitions = existing.unwrap_or(configured);
     let topics: Vec<NewTopic<'_>> = names

@@ -354,3 +354,30 @@ fn ingest_reads_its_api_keys_again_on_sighup_without_a_restart() {
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped it");
     assert!(terminate(&mut child).success());
 }
+
+#[test]
+fn an_aggregator_ignores_sighup_and_says_so() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let (_f, mut child, port) = aggregator_without_kafka(log.reopen().unwrap());
+    // Its signal handlers are in place once it answers probes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::get(port, "/readyz").is_none() {
+        assert!(Instant::now() < deadline, "no answer on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(log.path())
+        .unwrap()
+        .contains("SIGHUP ignored")
+    {
+        assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped it");
+        assert!(Instant::now() < deadline, "no line about SIGHUP");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(terminate(&mut child).success());
+}
