@@ -97,10 +97,12 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             explanation.list_events = args.list_events;
             write_explanation(&mut out, &explanation)?;
             out.flush()?;
-            let not_rated = (result.summary.lines_not_rated.iter())
-                .filter(|line| line.customer == args.customer)
-                .filter(|line| args.price.as_ref().is_none_or(|p| &line.price == p))
-                .count();
+            // The lines the explanation showed as not rated: the customer's, of the price
+            // asked for.
+            let not_rated = match &explanation.source {
+                Source::Events { not_rated, .. } => not_rated.len(),
+                Source::Pipeline { .. } => 0,
+            };
             anyhow::ensure!(
                 not_rated == 0,
                 "{not_rated} of {}'s lines could not be rated (shown above), so the invoice is incomplete",

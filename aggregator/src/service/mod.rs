@@ -53,8 +53,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use tally_runtime::kafka::{
-    group_consumer, leave_group, partition_count as partition_count_of, partitions_beyond,
-    poll_group, ConsumerHealth, GroupContext, KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
+    group_consumer, leave_group, partition_count, partitions_beyond, poll_group, ConsumerHealth,
+    GroupContext, KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
@@ -389,8 +389,7 @@ pub fn run(
             // Outside the worker's lock: Kafka may be slow to answer.
             if last_partition_check.is_none_or(|at| at.elapsed() >= PARTITION_CHECK_INTERVAL) {
                 last_partition_check = Some(Instant::now());
-                count_unread_partitions(&consumer, &topics.events, partition_count, &unread);
-                check_state_topics(&consumer, &topics, partition_count)?;
+                check_partitions(&consumer, &topics, partition_count, &unread)?;
             }
             // A recovery since the batch was read rewound the consumer to before it.
             if epoch.load(Ordering::SeqCst) != read_in {
@@ -430,44 +429,35 @@ pub fn run(
     Ok(())
 }
 
-/// Counts, and says loudly, the partitions added to the events topic after the
-/// pipeline was made, which no aggregator reads; keeps the count while Kafka does not
-/// answer.
-fn count_unread_partitions(
-    consumer: &GroupConsumer,
-    events: &str,
-    partition_count: NonZeroUsize,
-    unread: &IntGauge,
-) {
-    let Ok(beyond) = partitions_beyond(consumer.client(), events, partition_count) else {
-        return;
-    };
-    unread.set(i64::from(beyond.end - beyond.start));
-    if !beyond.is_empty() {
-        tracing::error!(
-            topic = %events,
-            unread = ?beyond,
-            pipeline_partitions = partition_count.get(),
-            "partitions were added to the events topic: ingest does not write to them and no aggregator reads them, so events other producers write there are not billed; a pipeline's partition count cannot change (README, \"Changing the partition count\")"
-        );
-    }
-}
-
-/// Stops the aggregator when partitions were added to the windows or the changelog
-/// topic while it ran (every topic grown alike): its partitions' states would no longer
-/// be the customers murmur2 sends there. Kafka not answering passes.
-fn check_state_topics(
+/// Asks Kafka whether partitions were added to the pipeline's topics. Added to the
+/// events topic, they are counted in `unread` and said loudly: ingest does not write
+/// to them and no aggregator reads them. Added to the windows or the changelog topic
+/// (every topic grown alike), the aggregator stops: its partitions' states would no
+/// longer be of the customers murmur2 sends there. Kafka not answering changes nothing.
+fn check_partitions(
     consumer: &GroupConsumer,
     topics: &Topics,
-    partition_count: NonZeroUsize,
+    pipeline: NonZeroUsize,
+    unread: &IntGauge,
 ) -> Result<(), AggregatorError> {
+    if let Ok(beyond) = partitions_beyond(consumer.client(), &topics.events, pipeline) {
+        unread.set(i64::from(beyond.end - beyond.start));
+        if !beyond.is_empty() {
+            tracing::error!(
+                topic = %topics.events,
+                unread = ?beyond,
+                pipeline_partitions = pipeline.get(),
+                "partitions were added to the events topic: ingest does not write to them and no aggregator reads them, so events other producers write there are not billed; a pipeline's partition count cannot change (README, \"Changing the partition count\")"
+            );
+        }
+    }
     for topic in [&topics.windows, &topics.changelog] {
-        match partition_count_of(consumer.client(), topic) {
-            Ok(found) if found != partition_count.get() => {
+        match partition_count(consumer.client(), topic) {
+            Ok(found) if found != pipeline.get() => {
                 return Err(AggregatorError::StateTopicGrew {
                     topic: topic.clone(),
                     found,
-                    partitions: partition_count.get(),
+                    partitions: pipeline.get(),
                 })
             }
             _ => {}
