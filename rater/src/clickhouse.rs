@@ -428,6 +428,37 @@ impl ClickHouse {
         period: Period,
         customer: Option<&str>,
     ) -> Result<Vec<InvoiceLine>, ClickHouseError> {
+        let billed_in = format!(
+            "period_start = toDateTime('{}', 'UTC')",
+            clickhouse_time(period.start())
+        );
+        self.current_lines(&billed_in, customer)
+    }
+
+    /// The current adjustment lines of the closed `period` billed in the months after
+    /// it: its usage that arrived late. One customer's, or every customer's.
+    pub fn adjustments_of(
+        &self,
+        period: Period,
+        customer: Option<&str>,
+    ) -> Result<Vec<InvoiceLine>, ClickHouseError> {
+        // A line's id names the period it adjusts, so `adjusts_period` is the same in
+        // every version of a row and may filter inside FINAL.
+        let adjusting = format!(
+            "{} AND adjusts_period = {}",
+            billed_from(period.next()),
+            string_literal(&period.to_string())
+        );
+        self.current_lines(&adjusting, customer)
+    }
+
+    /// The current lines of the rows `filter` (columns a row's versions share) picks,
+    /// as `invoice_lines` shows them.
+    fn current_lines(
+        &self,
+        filter: &str,
+        customer: Option<&str>,
+    ) -> Result<Vec<InvoiceLine>, ClickHouseError> {
         let of_customer = customer
             .map(|c| format!("AND customer = {}", string_literal(c)))
             .unwrap_or_default();
@@ -438,14 +469,13 @@ impl ClickHouse {
             "read invoice lines",
             &format!(
                 "SELECT {} FROM (SELECT * FROM {}.rated_lines FINAL \
-                 WHERE period_start = toDateTime('{}', 'UTC') {of_customer}) \
+                 WHERE {filter} {of_customer}) \
                  WHERE superseded = 0 FORMAT JSONEachRow",
                 column_names(|name| match name {
                     "period_start" | "period_end" => format!("toUnixTimestamp({name}) AS {name}"),
                     name => name.to_owned(),
                 }),
                 self.database,
-                clickhouse_time(period.start())
             ),
         )?;
         let rows: Vec<LineRow> = self.rows("invoice_lines", &answer)?;

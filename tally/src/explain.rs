@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use anyhow::Context;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{NaiveDate, Utc};
 use clap::Args;
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -123,8 +123,10 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 (line.adjusts_period, position(line), line.price.clone())
             });
             let usage = clickhouse.windows(month.period, &args.customer)?;
-            let mut later = billed_later(clickhouse, &args.customer, month.period, Utc::now())?;
+            let mut later = clickhouse.adjustments_of(month.period, Some(&args.customer))?;
             later.retain(|line| asked(&line));
+            later
+                .sort_by_cached_key(|line| (line.period_start, position(line), line.price.clone()));
             let explanation = Explanation {
                 config: &config,
                 period: month.period,
@@ -266,28 +268,6 @@ fn billed_before(
         }
     }
     Ok(billed)
-}
-
-/// The customer's adjustment lines of `period` billed in the months after it, up to
-/// the one `now` is in: its usage that arrived after it closed.
-fn billed_later(
-    clickhouse: &ClickHouse,
-    customer: &str,
-    period: Period,
-    now: DateTime<Utc>,
-) -> anyhow::Result<Vec<InvoiceLine>> {
-    let mut later = Vec::new();
-    let mut month = period.next();
-    while month.start() <= now {
-        let lines = clickhouse.lines(month, Some(customer))?;
-        later.extend(
-            lines
-                .into_iter()
-                .filter(|l| l.adjusts_period == Some(period)),
-        );
-        month = month.next();
-    }
-    Ok(later)
 }
 
 impl<'a> Explanation<'a> {
