@@ -478,12 +478,28 @@ fn object_members<'a>(raw: &'a str, field: &str) -> Result<json::Members<'a>, Ev
     }
     let members =
         json::members(raw).map_err(|e| error(field, Problem::InvalidJson(e.to_string())))?;
-    for (i, (key, _)) in members.iter().enumerate() {
-        if members[..i].iter().any(|(k, _)| k == key) {
-            return Err(error(format!("{field}.{key}"), Problem::DuplicateField));
-        }
+    if let Some(key) = first_repeated_key(&members) {
+        return Err(error(format!("{field}.{key}"), Problem::DuplicateField));
     }
     Ok(members)
+}
+
+/// The first key an earlier member has too. A sender chooses how many members an
+/// object has, so past a few the check hashes instead of comparing each pair: an
+/// object of 85,000 members took seconds of CPU per event in ingest, the aggregator
+/// and `tally rate`.
+fn first_repeated_key<'m>(members: &'m json::Members<'_>) -> Option<&'m str> {
+    const COMPARED_PAIRWISE: usize = 16;
+    let repeated = if members.len() <= COMPARED_PAIRWISE {
+        let mut earlier = members.iter().enumerate();
+        earlier
+            .find(|(i, (key, _))| members[..*i].iter().any(|(k, _)| k == key))
+            .map(|(_, member)| member)
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(members.len());
+        members.iter().find(|(key, _)| !seen.insert(key))
+    };
+    repeated.map(|(key, _)| key.as_ref())
 }
 
 /// Follows a path through `data`; `Ok(None)` when a key is absent or null on the way.

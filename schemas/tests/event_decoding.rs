@@ -555,9 +555,36 @@ fn every_kind_of_bad_envelope_is_rejected_with_its_field_and_code() {
             "data",
             "duplicate_field",
         ),
+        (
+            s.replace(r#""c-9""#, r#""c-9","conversation_id":"c-10""#),
+            "data.conversation_id",
+            "duplicate_field",
+        ),
     ];
     for (line, field, code) in cases {
         assert_eq!(reject(&line), (field.to_owned(), code), "{line}");
+    }
+}
+
+#[test]
+fn a_key_repeated_among_many_members_of_data_is_found() {
+    // Past a few members the check hashes instead of comparing pairs; both must
+    // find the first key given twice, and only that.
+    for members in [3, 16, 17, 5000] {
+        let distinct: Vec<String> = (0..members).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let with = |extra: &str| {
+            SAMPLE.replace(
+                r#""c-9""#,
+                &format!(r#""c-9",{}{extra}"#, distinct.join(",")),
+            )
+        };
+        decode_with(&config(), with("").as_bytes())
+            .unwrap_or_else(|e| panic!("{members} distinct members: {e}"));
+        assert_eq!(
+            reject(&with(r#","k1":0,"k0":0"#)),
+            ("data.k1".to_owned(), "duplicate_field"),
+            "{members} members"
+        );
     }
 }
 
