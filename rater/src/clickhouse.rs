@@ -635,10 +635,14 @@ impl ClickHouse {
             "version" => format!("toUInt64({version})"),
             name => name.to_owned(),
         });
+        // Columns by name: a table a DBA made with more columns (an insert time, say)
+        // takes the tombstones too.
+        let columns = column_names(str::to_owned);
         self.execute(
             what,
             &format!(
-                "INSERT INTO {db}.rated_lines SELECT {tombstone}, toUInt8(1) \
+                "INSERT INTO {db}.rated_lines ({columns}, superseded) \
+                 SELECT {tombstone}, toUInt8(1) \
                  FROM (SELECT * FROM {db}.rated_lines FINAL WHERE {chosen}) \
                  WHERE version {compared} {version} AND superseded = 0"
             ),
@@ -714,6 +718,7 @@ impl ClickHouse {
         rows: impl Iterator<Item = Result<R, ClickHouseError>>,
     ) -> Result<(), ClickHouseError> {
         let query = format!("INSERT INTO {}.{table} FORMAT JSONEachRow", self.database);
+        let insert = [("query", query.as_str())];
         let mut body = Vec::new();
         let mut in_body = 0;
         for row in rows {
@@ -722,12 +727,12 @@ impl ClickHouse {
             body.push(b'\n');
             in_body += 1;
             if in_body == INSERT_ROWS {
-                self.send(what, Some(&query), std::mem::take(&mut body))?;
+                self.send(what, &insert, std::mem::take(&mut body))?;
                 in_body = 0;
             }
         }
         if in_body > 0 {
-            self.send(what, Some(&query), body)?;
+            self.send(what, &insert, body)?;
         }
         Ok(())
     }
@@ -751,18 +756,19 @@ impl ClickHouse {
         Ok(found.trim() != "0")
     }
 
-    /// Runs one statement, sent as the request body (long ones, such as a list of
-    /// ids, fit there and not in a URL); returns what ClickHouse answered.
+    /// Runs one query, sent as the request body (long ones, such as a list of ids, fit
+    /// there and not in a URL); returns what ClickHouse answered. It sets nothing, so
+    /// a read-only user (`readonly = 1`, which refuses any setting) may run it.
     fn post(&self, what: &'static str, sql: &str) -> Result<String, ClickHouseError> {
-        self.send(what, None, sql.as_bytes().to_vec())
+        self.send(what, &[], sql.as_bytes().to_vec())
     }
 
-    /// Sends `insert` (if any) as the URL's query parameter and `body` as the request
+    /// Sends `parameters` in the URL (an insert's `query`) and `body` as the request
     /// body: an insert's rows, or the whole statement.
     fn send(
         &self,
         what: &'static str,
-        insert: Option<&str>,
+        parameters: &[(&str, &str)],
         body: Vec<u8>,
     ) -> Result<String, ClickHouseError> {
         let unreachable = |source| ClickHouseError::Unreachable {
@@ -772,11 +778,7 @@ impl ClickHouse {
         let mut request = self
             .agent
             .post(&format!("{}/", self.url))
-            // 64-bit integers as JSON numbers, as `StoredLine` reads them.
-            .query("output_format_json_quote_64bit_integers", "0");
-        if let Some(insert) = insert {
-            request = request.query("query", insert);
-        }
+            .query_pairs(parameters.iter().copied());
         let ClickHouseCredentials { user, password, .. } = &self.credentials;
         if user.is_some() || password.is_some() {
             request = request
@@ -892,6 +894,7 @@ struct WindowRowRead {
     window_start: i64,
     window_end: i64,
     value: rust_decimal::Decimal,
+    #[serde(deserialize_with = "uint64")]
     revision: u64,
 }
 
@@ -901,6 +904,7 @@ pub struct StoredLine {
     pub id: String,
     pub customer: String,
     pub price: String,
+    #[serde(deserialize_with = "uint64")]
     pub version: u64,
     /// The amount the row bills.
     pub amount: rust_decimal::Decimal,
@@ -909,6 +913,21 @@ pub struct StoredLine {
     /// For an adjustment line, the closed period it adjusts.
     #[serde(rename = "adjusts_period", deserialize_with = "period_or_empty")]
     pub adjusts: Option<Period>,
+}
+
+/// A `UInt64` as JSON: ClickHouse quotes 64-bit integers unless told not to (the
+/// default changed in 2025), and a read-only user may not tell it.
+fn uint64<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Number(u64),
+        Quoted(String),
+    }
+    match Written::deserialize(deserializer)? {
+        Written::Number(n) => Ok(n),
+        Written::Quoted(text) => text.parse().map_err(serde::de::Error::custom),
+    }
 }
 
 /// `adjusts_period` as stored: `YYYY-MM`, or empty.

@@ -47,8 +47,8 @@ cmd_install() {
   log "installed: clickhouse-server $(dpkg-query -W -f='${Version}' clickhouse-server)"
 }
 
-# loopback_user NAME PASSWORD: a users.xml entry for a user who may connect from this
-# machine only, with the default profile and quota.
+# loopback_user NAME PASSWORD PROFILE: a users.xml entry for a user who may connect
+# from this machine only, with that profile and the default quota.
 loopback_user() {
   cat <<EOF
         <$1>
@@ -57,7 +57,7 @@ loopback_user() {
                 <ip>127.0.0.1</ip>
                 <ip>::1</ip>
             </networks>
-            <profile>default</profile>
+            <profile>$3</profile>
             <quota>default</quota>
         </$1>
 EOF
@@ -146,7 +146,8 @@ EOF
     cat <<'EOF'
 <?xml version="1.0"?>
 <!-- Written by scripts/services/clickhouse.sh, loopback only: user default with no
-     password, and tally_test with one, for the tests of credentials. -->
+     password, and for the tests of credentials tally_test with one and tally_reader,
+     read-only (readonly = 1: it may change no setting either), with none. -->
 <yandex>
     <profiles>
         <default>
@@ -154,11 +155,15 @@ EOF
             <use_uncompressed_cache>0</use_uncompressed_cache>
             <load_balancing>random</load_balancing>
         </default>
+        <readonly>
+            <readonly>1</readonly>
+        </readonly>
     </profiles>
     <users>
 EOF
-    loopback_user default ""
-    loopback_user tally_test tally-test-password
+    loopback_user default "" default
+    loopback_user tally_test tally-test-password default
+    loopback_user tally_reader "" readonly
     cat <<'EOF'
     </users>
     <quotas>
@@ -203,14 +208,16 @@ cmd_start() {
   cmd_install
   local pid
   if pid="$(pid_of "$PIDFILE" "$MARKER")"; then
-    if grep -q "<https_port>$CH_HTTPS_PORT</https_port>" "$CONFIG"; then
+    if grep -q "<https_port>$CH_HTTPS_PORT</https_port>" "$CONFIG" &&
+      grep -q "<tally_reader>" "$DIR/users.xml"; then
       log "already running (pid $pid)"
       wait_ready ClickHouse "$PIDFILE" "$MARKER" "$LOGFILE" answers
       print_where "$pid"
       return 0
     fi
-    # Started by an earlier version of this script, without HTTPS on this port.
-    log "running (pid $pid) without HTTPS on $CH_HTTPS_PORT: restarting it with this configuration"
+    # Started by an earlier version of this script (without HTTPS on this port, or
+    # without the read-only test user).
+    log "running (pid $pid) with an earlier configuration: restarting it with this one"
     cmd_stop
   fi
   require_free_ports "$CH_HTTP_PORT" "$CH_HTTPS_PORT" "$CH_TCP_PORT"

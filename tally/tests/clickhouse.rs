@@ -176,6 +176,22 @@ fn clickhouse_invoice_lines_equal_tally_rate_and_rerating_replaces_them() {
 
 #[test]
 #[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
+fn a_rerun_retires_lines_in_a_table_a_dba_added_a_column_to() {
+    let db = Database::new("retire_extra_column");
+    let lines = rate_into(&db, &examples().join("tally.toml"));
+    db.query(&format!(
+        "ALTER TABLE {}.rated_lines ADD COLUMN inserted_at DateTime DEFAULT now()",
+        db.0
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let renamed = example_config_with(dir.path(), "id = \"gpt-tokens\"", "id = \"gpt-x-tokens\"");
+    let rerated = rate_into(&db, &renamed);
+    assert_ne!(expected_rows(&lines), expected_rows(&rerated));
+    assert_eq!(invoice_rows(&db), expected_rows(&rerated));
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
 fn a_rerun_retires_the_lines_it_no_longer_makes() {
     let db = Database::new("retire");
     // October first: its lines (no usage, the flat fee) are another period's, which a
@@ -424,18 +440,74 @@ fn a_database_made_before_superseded_existed_is_brought_up_to_date() {
 /// `tally reconcile` of `expected` against `actual` for November, with the example
 /// configuration's `[clickhouse]` pointed at the test server and `db`.
 fn reconcile(db: &Database, dir: &Path, expected: &str, actual: &str) -> (i32, String) {
+    let args = ["reconcile", "--period", "2026-11", expected, actual];
+    tally_reading(db, dir, &args, &[])
+}
+
+/// `tally args` with the example config, reading ClickHouse's `db` with `env` set:
+/// its exit code, and what it printed.
+fn tally_reading(db: &Database, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_tally"))
         .current_dir(dir)
-        .args(["reconcile", "--period", "2026-11", expected, actual])
+        .args(args)
         .arg("--config")
         .arg(examples().join("tally.toml"))
         .env("TALLY_CLICKHOUSE_URL", url())
         .env("TALLY_CLICKHOUSE_DATABASE", &db.0)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
     let stderr = String::from_utf8(output.stderr).unwrap();
     (output.status.code().unwrap(), format!("{stdout}{stderr}"))
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
+fn finance_reads_the_pipelines_lines_with_read_only_credentials() {
+    // scripts/services/clickhouse.sh creates tally_reader with `readonly = 1`, the
+    // usual profile of a finance login: it may not change any setting either.
+    let db = Database::new("read_only");
+    let dir = tempfile::tempdir().unwrap();
+    let lines = rate_into(&db, &examples().join("tally.toml"));
+    let as_rated: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.path().join("rated.jsonl"), as_rated).unwrap();
+    let reader = [("TALLY_CLICKHOUSE_USER", "tally_reader")];
+
+    let args = [
+        "reconcile",
+        "--period",
+        "2026-11",
+        "rated.jsonl",
+        "clickhouse",
+    ];
+    let (code, shown) = tally_reading(&db, dir.path(), &args, &reader);
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains("Agree: 2 lines. Differ: 0 lines."),
+        "{shown}"
+    );
+
+    let args = [
+        "explain",
+        "--period",
+        "2026-11",
+        "--customer",
+        "cust_acme",
+        "--pipeline",
+    ];
+    let (code, shown) = tally_reading(&db, dir.path(), &args, &reader);
+    assert_eq!(code, 0, "{shown}");
+    let total: rust_decimal::Decimal = (lines.iter())
+        .map(|l| {
+            l["amount"]
+                .as_str()
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert!(shown.contains(&format!("total {total} usd")), "{shown}");
 }
 
 #[test]
