@@ -121,6 +121,8 @@ pub enum Problem {
         found: &'static str,
     },
     Empty,
+    /// A character the CloudEvents spec forbids in an attribute.
+    ForbiddenCharacter(char),
     UnsupportedSpecVersion(String),
     InvalidTime(String),
     InFuture {
@@ -157,6 +159,7 @@ impl Problem {
             Problem::Missing => "missing_field",
             Problem::WrongType { .. } => "wrong_type",
             Problem::Empty => "empty_field",
+            Problem::ForbiddenCharacter(_) => "forbidden_character",
             Problem::UnsupportedSpecVersion(_) => "unsupported_specversion",
             Problem::InvalidTime(_) => "invalid_time",
             Problem::InFuture { .. } => "time_in_future",
@@ -192,6 +195,11 @@ impl fmt::Display for Problem {
                 write!(f, "expected {expected}, found {found}")
             }
             Problem::Empty => f.write_str("must not be empty"),
+            Problem::ForbiddenCharacter(c) => write!(
+                f,
+                "contains U+{:04X}; CloudEvents attributes may not hold control characters or noncharacters",
+                u32::from(*c)
+            ),
             Problem::UnsupportedSpecVersion(v) => {
                 write!(f, "specversion {v:?} is not supported; send \"1.0\"")
             }
@@ -565,7 +573,24 @@ fn required_string<'a>(raw: Option<&'a str>, field: &str) -> Result<Cow<'a, str>
     if s.bytes().all(|b| b.is_ascii_whitespace()) {
         return Err(error(field, Problem::Empty));
     }
+    if let Some(c) = forbidden_character(&s) {
+        return Err(error(field, Problem::ForbiddenCharacter(c)));
+    }
     Ok(s)
+}
+
+/// The first character of an attribute that the CloudEvents spec forbids in strings:
+/// a control character (U+0000 to U+001F, U+007F to U+009F), which would also end a
+/// log line or break a header, or a noncharacter.
+fn forbidden_character(s: &str) -> Option<char> {
+    if s.bytes().all(|b| (b' '..b'\x7f').contains(&b)) {
+        return None;
+    }
+    let noncharacter = |c: char| {
+        let code = u32::from(c);
+        (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
+    };
+    s.chars().find(|&c| c.is_control() || noncharacter(c))
 }
 
 /// An exact decimal from text in JSON number syntax; `None` when it is not a number.

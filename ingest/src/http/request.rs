@@ -46,7 +46,7 @@ pub fn single_event_hint(kind: BodyKind, headers: &HeaderMap, body: &[u8]) -> Op
     }
     if headers.contains_key("ce-specversion") {
         Some("the ce- headers were not read: with Content-Type application/cloudevents+json the body is the whole event; for binary mode send the data as application/json")
-    } else if body.trim_ascii().starts_with(b"[") {
+    } else if json_text(body).starts_with(b"[") {
         Some("the body is a JSON array: send a batch as application/cloudevents-batch+json (or application/json)")
     } else {
         None
@@ -219,7 +219,7 @@ pub fn binary_event(headers: &HeaderMap, body: &[u8]) -> Result<Vec<u8>, BinaryE
             })?;
         attributes.insert(attribute, value);
     }
-    let data = body.trim_ascii();
+    let data = json_text(body);
     let mut members: Vec<(&str, Cow<'_, str>)> = attributes
         .into_iter()
         .map(|(name, value)| (name, Cow::Owned(value)))
@@ -290,7 +290,7 @@ pub fn split_events(
     body: &[u8],
     max_events: usize,
 ) -> Result<Events<'_>, BodyError> {
-    let body = body.trim_ascii();
+    let body = json_text(body);
     let first = *body.first().ok_or(BodyError::Empty)?;
     let batch = match kind {
         BodyKind::Single | BodyKind::Binary => false,
@@ -315,6 +315,24 @@ pub fn split_events(
     Ok(Events::Batch(
         elements.into_iter().map(|e| e.get().as_bytes()).collect(),
     ))
+}
+
+/// A body's JSON text: without a leading byte order mark (RFC 8259 lets a parser
+/// ignore one, and `tally rate` ignores it at the start of a file) and without JSON's
+/// whitespace around it (not all ASCII whitespace: `tally rate` rejects a line ending
+/// in a form feed as JSON does, and ingest must judge an event as it does).
+fn json_text(body: &[u8]) -> &[u8] {
+    let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
+    let json_whitespace = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let start = body
+        .iter()
+        .position(|b| !json_whitespace(b))
+        .unwrap_or(body.len());
+    let end = body
+        .iter()
+        .rposition(|b| !json_whitespace(b))
+        .map_or(start, |i| i + 1);
+    &body[start..end]
 }
 
 /// An event's `source` and `id` as strings, when it has them: what the source check,
@@ -590,6 +608,19 @@ mod tests {
         // Not JSON at all: still one event, which the decoder will reject with a reason.
         let junk = split_events(BodyKind::Either, b"id=a", 10).unwrap();
         assert_eq!(junk, Events::Single(b"id=a"));
+    }
+
+    #[test]
+    fn a_body_is_read_as_tally_rate_reads_a_file_a_byte_order_mark_and_json_whitespace_aside() {
+        let marked = split_events(BodyKind::Either, b"\xef\xbb\xbf[{\"id\":\"a\"}]\r\n", 10);
+        assert_eq!(
+            marked.unwrap(),
+            Events::Batch(vec![b"{\"id\":\"a\"}".as_slice()])
+        );
+        // A form feed is ASCII whitespace but not JSON's: kept, for the decoder to
+        // reject, as it rejects a line of a file ending in one.
+        let fed = split_events(BodyKind::Single, b"\t{\"id\":\"a\"}\x0c", 10);
+        assert_eq!(fed.unwrap(), Events::Single(b"{\"id\":\"a\"}\x0c"));
     }
 
     #[test]

@@ -575,7 +575,7 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
             VerdictKind::Reject(error) => {
                 rejected += 1;
                 app.metrics.rejected(&error);
-                tracing::debug!(tenant, index, field = %error.field, code = error.problem.code(), "event rejected");
+                tracing::debug!(tenant, index, field = ?error.field, code = error.problem.code(), "event rejected");
                 EventStatus::rejected(&error, hint)
             }
         };
