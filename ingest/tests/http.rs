@@ -254,6 +254,15 @@ impl Service {
         reply(request.send(body).unwrap())
     }
 
+    fn delete(&self, path: &str) -> Reply {
+        reply(
+            self.agent
+                .delete(&format!("{}{path}", self.base))
+                .call()
+                .unwrap(),
+        )
+    }
+
     fn get(&self, path: &str) -> Reply {
         reply(
             self.agent
@@ -1260,6 +1269,29 @@ fn health_and_readiness_answer_200_with_kafka_up() {
         let ready = service.get("/readyz");
         ready.status == 200 && ready.body == "ready\n"
     });
+}
+
+#[test]
+fn wrong_paths_and_methods_are_answered_in_json_with_what_to_do() {
+    let service = Service::without_kafka("wrong_route", Setup::default());
+    let missing = service.get("/v1/event");
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.header("content-type"), Some("application/json"));
+    assert_eq!(missing.json()["error"], "not_found");
+    assert!(missing.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("POST /v1/events"));
+
+    let wrong = service.get("/v1/events");
+    assert_eq!(wrong.status, 405);
+    assert_eq!(wrong.header("allow"), Some("POST"));
+    assert_eq!(wrong.json()["error"], "method_not_allowed");
+    let wrong = service.delete("/healthz");
+    assert_eq!(
+        (wrong.status, wrong.header("allow")),
+        (405, Some("GET,HEAD"))
+    );
 }
 
 #[test]

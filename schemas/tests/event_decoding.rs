@@ -567,11 +567,31 @@ fn every_kind_of_bad_envelope_is_rejected_with_its_field_and_code() {
             "subject",
             "forbidden_character",
         ),
-        (s.replace("evt-81", r"evt\u0000"), "id", "forbidden_character"),
-        (s.replace("fin-agent", "fin\u{7f}"), "source", "forbidden_character"),
-        (s.replace("ai.resolution", "ai\u{85}"), "type", "forbidden_character"),
-        (s.replace("cust_acme", "cust\u{fffe}"), "subject", "forbidden_character"),
-        (s.replace("cust_acme", "cust\u{10ffff}"), "subject", "forbidden_character"),
+        (
+            s.replace("evt-81", r"evt\u0000"),
+            "id",
+            "forbidden_character",
+        ),
+        (
+            s.replace("fin-agent", "fin\u{7f}"),
+            "source",
+            "forbidden_character",
+        ),
+        (
+            s.replace("ai.resolution", "ai\u{85}"),
+            "type",
+            "forbidden_character",
+        ),
+        (
+            s.replace("cust_acme", "cust\u{fffe}"),
+            "subject",
+            "forbidden_character",
+        ),
+        (
+            s.replace("cust_acme", "cust\u{10ffff}"),
+            "subject",
+            "forbidden_character",
+        ),
     ];
     for (line, field, code) in cases {
         assert_eq!(reject(&line), (field.to_owned(), code), "{line}");
@@ -582,8 +602,8 @@ fn every_kind_of_bad_envelope_is_rejected_with_its_field_and_code() {
 fn attributes_take_any_other_character() {
     for subject in ["kund_åäö", "客户-7", "cust 🚀", "a\u{a0}b", "cust\u{fffd}"] {
         let line = SAMPLE.replace("cust_acme", subject);
-        let event = decode_with(&config(), line.as_bytes())
-            .unwrap_or_else(|e| panic!("{subject:?}: {e}"));
+        let event =
+            decode_with(&config(), line.as_bytes()).unwrap_or_else(|e| panic!("{subject:?}: {e}"));
         assert_eq!(event.subject, subject);
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::post;
@@ -254,10 +254,24 @@ fn router(app: Arc<App>, registry: Registry, readiness: Readiness, topic_prefix:
             &price_book,
             topic_prefix,
         ))
+        .fallback(no_such_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(metrics, track))
         // The handler reads the body under its own cap; this one guards any extractor
         // added later.
         .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// A path no route serves, answered in JSON as the API's other errors are.
+async fn no_such_route() -> Response {
+    let message = format!("no such path; events go to POST {EVENTS_ROUTE}");
+    ErrorBody::new("not_found", message).into_response(StatusCode::NOT_FOUND)
+}
+
+/// A method the path does not take; the `Allow` header lists those it does.
+async fn wrong_method(method: Method) -> Response {
+    let message = format!("{method} is not served here: the Allow header says what is");
+    ErrorBody::new("method_not_allowed", message).into_response(StatusCode::METHOD_NOT_ALLOWED)
 }
 
 /// Counts and times every request, by its route's template; one that matches no route
