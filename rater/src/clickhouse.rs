@@ -258,23 +258,32 @@ impl ClickHouse {
         self
     }
 
-    /// Creates the database, the table and the view if they do not exist.
+    /// Creates the database, the tables and the views that do not exist. Only those:
+    /// a schema a DBA made beforehand (replicated tables, say) is used as it is, by a
+    /// user who may not create anything, as `CREATE ... IF NOT EXISTS` needs the
+    /// privilege to create even when there is nothing to do.
     pub fn ensure_schema(&self) -> Result<(), ClickHouseError> {
         let db = &self.database;
-        self.execute(
-            "create the database",
-            &format!("CREATE DATABASE IF NOT EXISTS {db}"),
-        )?;
-        self.execute(
-            "create the rated_lines table",
-            &format!(
-                "CREATE TABLE IF NOT EXISTS {db}.rated_lines ({}, superseded UInt8)
-                ENGINE = ReplacingMergeTree(version)
-                PARTITION BY toYYYYMM(period_start)
-                ORDER BY (period_start, customer, price, id)",
-                definitions(&COLUMNS)
-            ),
-        )?;
+        let existing = self.tables()?;
+        let missing = |name: &str| !existing.iter().any(|table| table == name);
+        if !self.database_exists()? {
+            self.execute(
+                "create the database",
+                &format!("CREATE DATABASE IF NOT EXISTS {db}"),
+            )?;
+        }
+        if missing("rated_lines") {
+            self.execute(
+                "create the rated_lines table",
+                &format!(
+                    "CREATE TABLE IF NOT EXISTS {db}.rated_lines ({}, superseded UInt8)
+                    ENGINE = ReplacingMergeTree(version)
+                    PARTITION BY toYYYYMM(period_start)
+                    ORDER BY (period_start, customer, price, id)",
+                    definitions(&COLUMNS)
+                ),
+            )?;
+        }
         // A database made before `superseded` existed: its view, which shows retired
         // lines, goes first, then the table gains the column, then the view below is
         // made anew; a start stopped half way finds one of those steps still to do.
@@ -289,38 +298,68 @@ impl ClickHouse {
                 &format!("ALTER TABLE {db}.rated_lines ADD COLUMN superseded UInt8"),
             )?;
         }
-        self.execute(
-            "create the window_revisions table",
+        if missing("window_revisions") {
+            self.execute(
+                "create the window_revisions table",
+                &format!(
+                    "CREATE TABLE IF NOT EXISTS {db}.window_revisions ({}, version UInt64)
+                    ENGINE = ReplacingMergeTree(version)
+                    PARTITION BY toYYYYMM(period_start)
+                    ORDER BY (period_start, customer, meter, dimensions, adjusts_period, window_start)",
+                    definitions(&WINDOW_COLUMNS)
+                ),
+            )?;
+        }
+        if missing("window_usage") {
+            let window_names: Vec<&str> = WINDOW_COLUMNS.iter().map(|(name, _)| *name).collect();
+            self.execute(
+                "create the window_usage view",
+                // FINAL in a subquery, as for invoice_lines: a filter on a column
+                // outside the sorting key then sees merged rows only.
+                &format!(
+                    "CREATE VIEW IF NOT EXISTS {db}.window_usage AS SELECT {} \
+                     FROM (SELECT * FROM {db}.window_revisions FINAL)",
+                    window_names.join(", ")
+                ),
+            )?;
+        }
+        // Asked again: the migration above may have dropped it.
+        if !self.tables()?.iter().any(|table| table == "invoice_lines") {
+            // FINAL in a subquery, so `superseded` is filtered after the rows of a line
+            // are merged: filtered first (as a PREWHERE may be), a retired line would
+            // show its older row instead.
+            self.execute(
+                "create the invoice_lines view",
+                &format!(
+                    "CREATE VIEW IF NOT EXISTS {db}.invoice_lines AS SELECT {} \
+                     FROM (SELECT * FROM {db}.rated_lines FINAL) WHERE superseded = 0",
+                    column_names(|name| name.to_owned())
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn database_exists(&self) -> Result<bool, ClickHouseError> {
+        self.counts_any(
+            "read the schema",
             &format!(
-                "CREATE TABLE IF NOT EXISTS {db}.window_revisions ({}, version UInt64)
-                ENGINE = ReplacingMergeTree(version)
-                PARTITION BY toYYYYMM(period_start)
-                ORDER BY (period_start, customer, meter, dimensions, adjusts_period, window_start)",
-                definitions(&WINDOW_COLUMNS)
-            ),
-        )?;
-        let window_names: Vec<&str> = WINDOW_COLUMNS.iter().map(|(name, _)| *name).collect();
-        self.execute(
-            "create the window_usage view",
-            // FINAL in a subquery, as for invoice_lines: a filter on a column outside
-            // the sorting key then sees merged rows only.
-            &format!(
-                "CREATE VIEW IF NOT EXISTS {db}.window_usage AS SELECT {} \
-                 FROM (SELECT * FROM {db}.window_revisions FINAL)",
-                window_names.join(", ")
-            ),
-        )?;
-        // FINAL in a subquery, so `superseded` is filtered after the rows of a line are
-        // merged: filtered first (as a PREWHERE may be), a retired line would show its
-        // older row instead.
-        self.execute(
-            "create the invoice_lines view",
-            &format!(
-                "CREATE VIEW IF NOT EXISTS {db}.invoice_lines AS SELECT {} \
-                 FROM (SELECT * FROM {db}.rated_lines FINAL) WHERE superseded = 0",
-                column_names(|name| name.to_owned())
+                "SELECT count() FROM system.databases WHERE name = {}",
+                string_literal(&self.database)
             ),
         )
+    }
+
+    /// The names of this database's tables and views (none when it does not exist).
+    fn tables(&self) -> Result<Vec<String>, ClickHouseError> {
+        let answer = self.post(
+            "read the schema",
+            &format!(
+                "SELECT name FROM system.tables WHERE database = {}",
+                string_literal(&self.database)
+            ),
+        )?;
+        Ok(answer.lines().map(str::to_owned).collect())
     }
 
     /// Writes a run's lines of `period`, all with one version, in one insert, then
@@ -349,15 +388,14 @@ impl ClickHouse {
 
     /// Whether any line of `period` was ever stored, current or not.
     pub fn has_lines(&self, period: Period) -> Result<bool, ClickHouseError> {
-        let answer = self.post(
+        self.counts_any(
             "check for stored lines of a period",
             &format!(
                 "SELECT count() FROM {}.rated_lines WHERE period_start = toDateTime('{}', 'UTC')",
                 self.database,
                 clickhouse_time(period.start())
             ),
-        )?;
-        Ok(answer.trim() != "0")
+        )
     }
 
     /// How many of the lines `ids` name, billed in `from` or later, have a row in
@@ -743,7 +781,7 @@ impl ClickHouse {
 
     /// Whether `table` of this database exists and has `column`.
     fn has_column(&self, table: &str, column: &str) -> Result<bool, ClickHouseError> {
-        let found = self.post(
+        self.counts_any(
             "read the schema",
             &format!(
                 "SELECT count() FROM system.columns \
@@ -752,8 +790,12 @@ impl ClickHouse {
                 string_literal(table),
                 string_literal(column)
             ),
-        )?;
-        Ok(found.trim() != "0")
+        )
+    }
+
+    /// Whether the `SELECT count() ...` `sql` counts anything.
+    fn counts_any(&self, what: &'static str, sql: &str) -> Result<bool, ClickHouseError> {
+        Ok(self.post(what, sql)?.trim() != "0")
     }
 
     /// Runs one query, sent as the request body (long ones, such as a list of ids, fit

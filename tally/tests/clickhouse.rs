@@ -278,8 +278,8 @@ fn tally_rate_sends_the_configured_clickhouse_credentials() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     // 18.16 answers 401, current releases 403; both name the user.
     assert!(
-        (stderr.contains("refused to create the database: HTTP 401")
-            || stderr.contains("refused to create the database: HTTP 403"))
+        (stderr.contains("refused to read the schema: HTTP 401")
+            || stderr.contains("refused to read the schema: HTTP 403"))
             && stderr.contains("tally_test"),
         "{stderr}"
     );
