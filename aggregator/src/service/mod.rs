@@ -229,6 +229,9 @@ struct Worker {
     /// Refused events are logged, each code at most once a minute: a sender's bug
     /// can refuse every event it sends.
     refusals_logged: LogThrottle<&'static str>,
+    /// Forwarded events are logged at most once a minute: a producer partitioning
+    /// otherwise misplaces most of its events.
+    forwards_logged: LogThrottle<()>,
     /// Counts recoveries: messages read before one are read again after it. Read by
     /// the consume loop without the lock, while a batch is processed.
     epoch: Arc<AtomicU64>,
@@ -336,6 +339,7 @@ pub fn run(
         broken: None,
         fenced_at: None,
         refusals_logged: LogThrottle::default(),
+        forwards_logged: LogThrottle::default(),
         epoch: Arc::new(AtomicU64::new(0)),
     }));
     let consumer: GroupConsumer =

@@ -33,13 +33,28 @@ const REJECTION_HEADERS_BYTES: usize = 16 * 1024;
 /// The bytes of `message` forwarded: key, payload, headers and the forward's own, with
 /// a few bytes of framing apiece.
 pub(super) fn forwarded_bytes(message: &BorrowedMessage<'_>) -> usize {
-    let headers: usize = (message.headers().into_iter())
-        .flat_map(|h| h.iter())
-        .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 10)
-        .sum();
     let key = message.key().map_or(0, <[u8]>::len);
     let forward = FORWARDED_FROM_HEADER.len() + FORWARDED_TIMESTAMP_HEADER.len() + 2 * (20 + 10);
-    message.payload().map_or(0, <[u8]>::len) + key + headers + forward
+    message.payload().map_or(0, <[u8]>::len) + key + headers_bytes(message) + forward
+}
+
+/// The bytes of `message`'s headers, with a few bytes of framing apiece.
+fn headers_bytes(message: &BorrowedMessage<'_>) -> usize {
+    (message.headers().into_iter())
+        .flat_map(|h| h.iter())
+        .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 10)
+        .sum()
+}
+
+/// `message`'s headers but those named `replaced`, which the copy sets itself.
+fn headers_but(message: &BorrowedMessage<'_>, replaced: &[&str]) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    for header in message.headers().into_iter().flat_map(|h| h.iter()) {
+        if !replaced.contains(&header.key) {
+            headers = headers.insert(header);
+        }
+    }
+    headers
 }
 
 /// `text`'s first `bytes` bytes at most, cut at a character's boundary.
@@ -79,7 +94,18 @@ impl Worker {
         // A field names what the sender wrote (a data key), so its length is theirs:
         // field and reason are cut to keep the headers within their room.
         let (field, reason) = (at_most(&field, 1024), at_most(&reason, 4096));
-        let headers = OwnedHeaders::new()
+        // The event's own headers come along (a CloudEvents binary-mode record's
+        // attributes are there), so the copy can be read, and replayed, as it was.
+        const OURS: [&str; 7] = [
+            REJECTED_CODE_HEADER,
+            REJECTED_FIELD_HEADER,
+            REJECTED_REASON_HEADER,
+            REJECTED_SOURCE_TOPIC_HEADER,
+            REJECTED_SOURCE_PARTITION_HEADER,
+            REJECTED_SOURCE_OFFSET_HEADER,
+            REJECTED_SOURCE_BYTES_HEADER,
+        ];
+        let headers = headers_but(message, &OURS)
             .insert(Header {
                 key: REJECTED_CODE_HEADER,
                 value: Some(code),
@@ -107,7 +133,8 @@ impl Worker {
         // Cut to fit, the whole event staying at its offset in the events topic.
         let payload = message.payload().unwrap_or_default();
         let key_bytes = message.key().map_or(0, <[u8]>::len);
-        let room = MAX_EVENT_RECORD_BYTES.saturating_sub(REJECTION_HEADERS_BYTES + key_bytes);
+        let room = MAX_EVENT_RECORD_BYTES
+            .saturating_sub(REJECTION_HEADERS_BYTES + headers_bytes(message) + key_bytes);
         let kept = payload.len().min(room);
         let headers = match kept < payload.len() {
             true => headers.insert(Header {
@@ -135,21 +162,29 @@ impl Worker {
         home: i32,
         received_ms: i64,
     ) -> Result<(), KafkaError> {
-        let mut headers = OwnedHeaders::new();
-        for header in message.headers().into_iter().flat_map(|h| h.iter()) {
-            if header.key != FORWARDED_FROM_HEADER && header.key != FORWARDED_TIMESTAMP_HEADER {
-                headers = headers.insert(header);
-            }
+        if let Some(left_out) = self.forwards_logged.due((), Instant::now()) {
+            let key = message.key().map(String::from_utf8_lossy);
+            tracing::warn!(
+                partition = message.partition(),
+                offset = message.offset(),
+                key = ?key,
+                subjects_partition = home,
+                left_out,
+                "an event was read on another partition than its subject's and is forwarded there, an extra write: its producer should key events by subject and partition with murmur2 (README, \"Producing to Kafka directly\"); logged at most once a minute, left_out: as many since"
+            );
         }
-        let headers = headers
-            .insert(Header {
-                key: FORWARDED_FROM_HEADER,
-                value: Some(&format!("{}@{}", message.partition(), message.offset())),
-            })
-            .insert(Header {
-                key: FORWARDED_TIMESTAMP_HEADER,
-                value: Some(&received_ms.to_string()),
-            });
+        let headers = headers_but(
+            message,
+            &[FORWARDED_FROM_HEADER, FORWARDED_TIMESTAMP_HEADER],
+        )
+        .insert(Header {
+            key: FORWARDED_FROM_HEADER,
+            value: Some(&format!("{}@{}", message.partition(), message.offset())),
+        })
+        .insert(Header {
+            key: FORWARDED_TIMESTAMP_HEADER,
+            value: Some(&received_ms.to_string()),
+        });
         let mut record = BaseRecord::<[u8], [u8]>::to(&self.topics.events)
             .partition(home)
             .payload(message.payload().unwrap_or_default())

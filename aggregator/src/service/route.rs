@@ -162,25 +162,11 @@ impl PartitionState {
                     format!("{e}{hint}"),
                 )
             }
-            Ok(event) if message.key() != Some(event.subject.as_bytes()) => {
-                let keyed = message.key().map_or_else(
-                    || "not keyed".to_owned(),
-                    |key| format!("keyed {:?}", String::from_utf8_lossy(key)),
-                );
-                rejection(
-                    EventOutcome::Invalid,
-                    "wrong_key",
-                    "subject",
-                    format!(
-                        "the Kafka message is {keyed}, not by the event's subject {:?}: key every event by its subject so a customer's events share a partition (and its dedupe)",
-                        event.subject
-                    ),
-                )
-            }
             Ok(event) => {
                 // A customer's line is its partition's total, and the rater finds its
                 // zero-usage lines by the partitioner's choice: an event of another
-                // partition (a producer partitioning otherwise) is counted there.
+                // partition (a producer partitioning otherwise, or keying by something
+                // else or nothing) is counted there. Its Kafka key plays no part.
                 let home = partition_for_key(event.subject.as_bytes(), partition_count);
                 if home != message.partition() {
                     // A build before forwarding counted misplaced events where they were

@@ -160,6 +160,12 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     assert_eq!(headers["tally.error.code"], "missing_field");
     let reason = &headers["tally.error.reason"];
     assert!(reason.contains("the record has ce_ headers"), "{reason}");
+    // Its attributes, in headers, come along: the copy can be replayed as it was.
+    assert_eq!(
+        headers.get("ce_id").map(String::as_str),
+        Some("b-1"),
+        "{headers:?}"
+    );
     // The log says so too, once per code: two invalid_json messages, one line.
     let log = p.log("agg-a");
     let refused = |code: &str| {
@@ -182,11 +188,32 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     let elsewhere = (home + 1) % harness::PARTITIONS as i32;
     let misplaced = resolution("misplaced-1", customer, "2026-10-20T10:00:00Z");
     p.produce_to(elsewhere, customer, &misplaced);
+    // Keyed by something else than the subject: billed all the same, where it was
+    // read when that is the subject's partition, else forwarded there too.
+    let keyed_otherwise = [
+        (
+            home,
+            resolution("keyed-1", customer, "2026-10-20T10:00:00Z"),
+        ),
+        (
+            elsewhere,
+            resolution("keyed-2", customer, "2026-10-20T10:00:00Z"),
+        ),
+    ];
+    for (partition, event) in &keyed_otherwise {
+        p.produce_to(*partition, &format!("tenant-a:{customer}"), event);
+    }
     let mut with_misplaced = p.lines();
     with_misplaced.push(misplaced.clone());
+    with_misplaced.extend(keyed_otherwise.iter().map(|(_, event)| event.clone()));
     let expected = p.expected_for(&with_misplaced, p.period);
     p.wait_for(&expected, Duration::from_secs(30));
-    assert_eq!(harness::metric(aggregator_port, forwarded), Some(1.0));
+    assert_eq!(harness::metric(aggregator_port, forwarded), Some(2.0));
+    let log = p.log("agg-a");
+    let forwards_logged = (log.lines())
+        .filter(|line| line.contains("is forwarded there"))
+        .count();
+    assert_eq!(forwards_logged, 1, "once a minute at most:\n{log}");
     let copies: Vec<BTreeMap<String, String>> = (p.read_records("events").into_iter())
         .filter(|(_, payload, _)| *payload == misplaced)
         .map(|(_, _, headers)| headers)
@@ -221,7 +248,7 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     p.wait_caught_up("aggregator", Duration::from_secs(180));
     p.wait_caught_up("rater", Duration::from_secs(60));
     p.wait_for(&expected, Duration::from_secs(60));
-    assert_eq!(harness::metric(aggregator_port, forwarded), Some(1.0));
+    assert_eq!(harness::metric(aggregator_port, forwarded), Some(2.0));
     assert_windows_add_up_to_lines(&p, &expected);
 
     // So does the rater's: it reads every usage update again and writes the same rows.
