@@ -11,6 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus::process_collector::ProcessCollector;
 use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 
 use crate::metrics::Metrics;
@@ -113,6 +114,13 @@ pub fn router(
         )
         .with_label_values(&[price_book, topic_prefix])
         .set(1);
+    // The process's memory, CPU, open files and start time (`process_*`), which the
+    // state a service holds shows in; once per registry (`tally serve all` gives
+    // its three services one process).
+    match registry.register(Box::new(ProcessCollector::for_self())) {
+        Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+        Err(e) => tracing::warn!(error = %e, "process metrics not exported"),
+    }
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
