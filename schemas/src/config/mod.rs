@@ -277,7 +277,7 @@ pub struct AggregatorSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
     /// Changelog bytes written since a partition's last snapshot that trigger the
-    /// next one; default 32 MiB.
+    /// next one (or the last snapshot's size, if larger); default 4 MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changelog_snapshot_bytes: Option<usize>,
     /// How long a partition must have read no event (wall clock) before it closes the
