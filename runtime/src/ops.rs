@@ -52,9 +52,10 @@ impl Readiness {
         set_reason(&self.consumer_failing, None);
     }
 
-    /// `None` when ready, else the reason.
+    /// `None` when ready, else the reason: a failing consumer's first, as it explains
+    /// the service's own (still joining its group, say).
     pub fn reason(&self) -> Option<String> {
-        reason_in(&self.not_ready).or_else(|| reason_in(&self.consumer_failing))
+        reason_in(&self.consumer_failing).or_else(|| reason_in(&self.not_ready))
     }
 }
 

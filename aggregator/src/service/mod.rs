@@ -350,7 +350,12 @@ pub fn run(
                 topics.events
             )),
         )?;
-    readiness.ready();
+    // Ready once the group's first assignment to it (even of no partition) is
+    // restored.
+    readiness.not_ready(format!(
+        "joining consumer group {}: no partitions assigned yet",
+        kafka.group("aggregator")
+    ));
     tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), transactional_id = %transactional_id(kafka), "aggregator started");
     let commit_interval = settings.aggregator.commit_interval;
     let epoch = Arc::clone(&lock(&worker).epoch);

@@ -409,7 +409,12 @@ pub fn run(
         group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker)).map_err(kafka(
             format!("join group {} on {topic}", kafka_settings.group("rater")),
         ))?;
-    readiness.ready();
+    // Ready once the group's first assignment to it (even of no partition) is
+    // rebuilt: after a crash, Kafka waits out the dead member's session first.
+    readiness.not_ready(format!(
+        "joining consumer group {}: no partitions assigned yet",
+        kafka_settings.group("rater")
+    ));
     tracing::info!(%topic, group = %kafka_settings.group("rater"), "rater started");
     let mut health = ConsumerHealth::new(readiness);
     let mut last_lag = Instant::now();

@@ -1016,10 +1016,11 @@ pub fn restored_some_state(log: &str) -> bool {
 }
 
 /// The port a service's log says it serves `what` on (`listening local=...
-/// what="aggregator metrics"`), for a service given port 0.
+/// what="aggregator metrics"`), for a service given port 0: its latest start's.
 pub fn metrics_port(log: &str, what: &str) -> u16 {
     let line = (log.lines())
-        .find(|l| l.contains("listening") && l.contains(&format!("what=\"{what}\"")))
+        .filter(|l| l.contains("listening") && l.contains(&format!("what=\"{what}\"")))
+        .last()
         .unwrap_or_else(|| panic!("no {what} in:\n{log}"));
     let address = line
         .split("local=")

@@ -839,8 +839,23 @@ fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
     };
     // rater-a killed, restarted; rater-b joins; both rebuild what they hold.
     let rebuilt_before = rebuilds("rater-a");
+    let listening = |log: &str| log.matches("what=\"rater metrics\"").count();
+    let started_before = listening(&p.log("rater-a"));
     p.kill("rater-a");
     p.start("rater", "rater-a");
+    // Not ready until the group has assigned it its partitions, which waits out the
+    // killed member's session: a rolling restart waiting for /readyz waits for that.
+    harness::eventually(
+        "the restarted rater-a says it is joining its group",
+        Duration::from_secs(30),
+        || {
+            let log = p.log("rater-a");
+            listening(&log) > started_before
+                && common::get(harness::metrics_port(&log, "rater metrics"), "/readyz").is_some_and(
+                    |(status, body)| status == 503 && body.contains("joining consumer group"),
+                )
+        },
+    );
     p.start("rater", "rater-b");
     harness::eventually(
         "both raters hold partitions",
