@@ -1019,8 +1019,8 @@ pub fn restored_some_state(log: &str) -> bool {
 /// what="aggregator metrics"`), for a service given port 0: its latest start's.
 pub fn metrics_port(log: &str, what: &str) -> u16 {
     let line = (log.lines())
-        .filter(|l| l.contains("listening") && l.contains(&format!("what=\"{what}\"")))
-        .last()
+        .rev()
+        .find(|l| l.contains("listening") && l.contains(&format!("what=\"{what}\"")))
         .unwrap_or_else(|| panic!("no {what} in:\n{log}"));
     let address = line
         .split("local=")
