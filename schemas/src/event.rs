@@ -123,6 +123,8 @@ pub enum Problem {
     Empty,
     /// A character the CloudEvents spec forbids in an attribute.
     ForbiddenCharacter(char),
+    /// A meter reads `data`, and the event has `data_base64` in its place.
+    Base64Data,
     UnsupportedSpecVersion(String),
     InvalidTime(String),
     InFuture {
@@ -160,6 +162,7 @@ impl Problem {
             Problem::WrongType { .. } => "wrong_type",
             Problem::Empty => "empty_field",
             Problem::ForbiddenCharacter(_) => "forbidden_character",
+            Problem::Base64Data => "base64_data",
             Problem::UnsupportedSpecVersion(_) => "unsupported_specversion",
             Problem::InvalidTime(_) => "invalid_time",
             Problem::InFuture { .. } => "time_in_future",
@@ -195,6 +198,9 @@ impl fmt::Display for Problem {
                 write!(f, "expected {expected}, found {found}")
             }
             Problem::Empty => f.write_str("must not be empty"),
+            Problem::Base64Data => f.write_str(
+                "a meter reads data, which came as data_base64 and is not decoded: send the usage as JSON in data (the CloudEvents SDKs do so for an object, not for bytes)",
+            ),
             Problem::ForbiddenCharacter(c) => write!(
                 f,
                 "contains U+{:04X}; CloudEvents attributes may not hold control characters or noncharacters",
@@ -358,7 +364,7 @@ impl<'c> EventDecoder<'c> {
             ));
         }
         let data = envelope.data.filter(|d| *d != "null");
-        let readings = self.readings(&subject, &event_type, data)?;
+        let readings = self.readings(&subject, &event_type, data, envelope.data_base64)?;
         let payload = payload_fingerprint(&event_type, &subject, time, data);
         Ok(DecodedEvent {
             subscribed: self.config.is_customer(&subject),
@@ -371,20 +377,26 @@ impl<'c> EventDecoder<'c> {
         })
     }
 
+    /// What the meters of `event_type` read of the event. `data` is read only when one
+    /// of them reads a value or a group from it: a count meter's event may carry any
+    /// data, or data_base64 (`base64`).
     fn readings<'a>(
         &self,
         subject: &str,
         event_type: &str,
         data: Option<&'a str>,
+        base64: bool,
     ) -> Result<Readings<'a>, EventError> {
         let meters = self.config.meters_for(event_type);
         let mut readings = Readings::new();
-        if meters.is_empty() {
-            return Ok(readings);
-        }
+        let reads_data = meters.iter().any(|&id| {
+            let meter = self.config.meter(id);
+            !meter.group_by.is_empty() || !matches!(meter.aggregation, Aggregation::Count)
+        });
         let members = match data {
-            Some(d) => Some(object_members(d, "data")?),
-            None => None,
+            Some(d) if reads_data => Some(object_members(d, "data")?),
+            None if reads_data && base64 => return Err(error("data_base64", Problem::Base64Data)),
+            _ => None,
         };
         for &meter_id in meters {
             let meter = self.config.meter(meter_id);
@@ -432,6 +444,8 @@ struct Envelope<'a> {
     subject: Option<&'a str>,
     time: Option<&'a str>,
     data: Option<&'a str>,
+    /// Whether the event has `data_base64`, which is not read.
+    data_base64: bool,
     /// The first problem met while collecting: a field given twice, or a key that
     /// cannot be unescaped.
     problem: Option<EventError>,
@@ -456,6 +470,10 @@ impl<'a> Envelope<'a> {
             "subject" => (&mut self.subject, "subject"),
             "time" => (&mut self.time, "time"),
             "data" => (&mut self.data, "data"),
+            "data_base64" => {
+                self.data_base64 = true;
+                return;
+            }
             _ => return,
         };
         if slot.replace(value).is_some() {

@@ -556,8 +556,8 @@ fn every_kind_of_bad_envelope_is_rejected_with_its_field_and_code() {
             "duplicate_field",
         ),
         (
-            s.replace(r#""c-9""#, r#""c-9","conversation_id":"c-10""#),
-            "data.conversation_id",
+            tokens("5").replace(r#""gpt-x""#, r#""gpt-x","model":"gpt-y""#),
+            "data.model",
             "duplicate_field",
         ),
         // Characters CloudEvents forbids in attributes: a newline would forge a log
@@ -609,15 +609,35 @@ fn attributes_take_any_other_character() {
 }
 
 #[test]
+fn data_is_read_only_when_a_meter_reads_a_value_or_a_group_from_it() {
+    // Only a count meter without groups reads ai.resolution: any data, or none but
+    // data_base64, counts the event.
+    for data in [
+        r#""data":"hello""#,
+        r#""data":[1,2]"#,
+        r#""data":{"a":1,"a":2}"#,
+    ] {
+        let line = SAMPLE.replace(r#""data":{"conversation_id":"c-9"}"#, data);
+        decode_with(&config(), line.as_bytes()).unwrap_or_else(|e| panic!("{data}: {e}"));
+    }
+    let base64 = r#""data_base64":"eyJ0b2tlbnMiOjV9""#;
+    let counted = SAMPLE.replace(r#""data":{"conversation_id":"c-9"}"#, base64);
+    assert!(decode_with(&config(), counted.as_bytes()).is_ok());
+    // A meter reading a value says why it finds none.
+    let unread = tokens("5").replace(r#""data":{"tokens":5,"model":"gpt-x"}"#, base64);
+    assert_eq!(reject(&unread), ("data_base64".to_owned(), "base64_data"));
+}
+
+#[test]
 fn a_key_repeated_among_many_members_of_data_is_found() {
     // Past a few members the check hashes instead of comparing pairs; both must
     // find the first key given twice, and only that.
     for members in [3, 16, 17, 5000] {
         let distinct: Vec<String> = (0..members).map(|i| format!(r#""k{i}":{i}"#)).collect();
         let with = |extra: &str| {
-            SAMPLE.replace(
-                r#""c-9""#,
-                &format!(r#""c-9",{}{extra}"#, distinct.join(",")),
+            tokens("5").replace(
+                r#""gpt-x""#,
+                &format!(r#""gpt-x",{}{extra}"#, distinct.join(",")),
             )
         };
         decode_with(&config(), with("").as_bytes())
@@ -694,10 +714,7 @@ fn a_time_without_a_zone_is_told_so() {
 
 #[test]
 fn data_sent_as_json_text_in_a_string_is_told_so() {
-    let encoded = SAMPLE.replace(
-        r#""data":{"#,
-        r#""data":"{\"conversation_id\":\"c\"}","x":{"#,
-    );
+    let encoded = tokens("5").replace(r#""data":{"#, r#""data":"{\"tokens\":5}","x":{"#);
     let err = decode(&encoded).unwrap_err();
     assert_eq!(
         err.to_string(),
