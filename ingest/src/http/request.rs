@@ -68,14 +68,18 @@ pub fn is_binary_mode(headers: &HeaderMap) -> bool {
 /// case-insensitive. The CloudEvents content types mean structured mode whatever else
 /// is sent; otherwise a `ce-specversion` header means binary mode, whose data Tally
 /// reads as JSON: `application/json`, another `+json` type, or no `Content-Type` at all
-/// (the CloudEvents SDKs send none for JSON data).
+/// (the CloudEvents SDKs send none for JSON data), and any type for no data (a body of
+/// `Content-Length: 0`: Java's HTTP client sends a form type with an empty POST).
 pub fn body_kind(headers: &HeaderMap) -> Option<BodyKind> {
     let binary = is_binary_mode(headers);
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
         .map(|v| v.to_str().ok());
+    let no_data = (headers.get(axum::http::header::CONTENT_LENGTH))
+        .is_some_and(|length| length.as_bytes() == b"0");
     match content_type {
         None if binary => Some(BodyKind::Binary),
+        Some(_) if binary && no_data => Some(BodyKind::Binary),
         None | Some(None) => None,
         Some(Some(content_type)) => content_type_kind(content_type, binary),
     }
@@ -472,6 +476,13 @@ mod tests {
         ] {
             assert_eq!(binary_kind(Some(other)), None, "{other}");
         }
+        // Unless there is no data: its type says nothing then.
+        let empty_form = headers(&[
+            ("ce-specversion", "1.0"),
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("content-length", "0"),
+        ]);
+        assert_eq!(body_kind(&empty_form), Some(BodyKind::Binary));
     }
 
     fn binary(pairs: &[(&'static str, &str)], body: &str) -> Result<String, BinaryError> {
