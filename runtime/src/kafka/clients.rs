@@ -97,11 +97,19 @@ impl ClientContext for ClientErrors {
 /// of ERROR lines, paging whoever alerts on them. Here they are warnings, at most one
 /// a minute in the whole process, with how many were left out since.
 pub(super) fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) {
-    static CONNECTION_FAILURES: LazyLock<LogThrottle<()>> = LazyLock::new(LogThrottle::default);
+    static CONNECTION_FAILURES: LazyLock<LogThrottle<&'static str>> =
+        LazyLock::new(LogThrottle::default);
     use RDKafkaLogLevel as Level;
-    if facility == "FAIL" {
-        if let Some(left_out) = CONNECTION_FAILURES.due((), Instant::now()) {
-            tracing::warn!(target: "librdkafka", left_out, "librdkafka: {facility} {message} (connection failures at most once a minute; left_out: as many since)");
+    // A broker away fails every connection and times out every request in flight,
+    // many a second: each kind is logged at most once a minute.
+    let connection_failure = match facility {
+        "FAIL" => Some("FAIL"),
+        "REQTMOUT" => Some("REQTMOUT"),
+        _ => None,
+    };
+    if let Some(kind) = connection_failure {
+        if let Some(left_out) = CONNECTION_FAILURES.due(kind, Instant::now()) {
+            tracing::warn!(target: "librdkafka", left_out, "librdkafka: {facility} {message} (connection failures and request timeouts at most once a minute each; left_out: as many since)");
         }
         return;
     }
