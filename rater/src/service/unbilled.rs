@@ -66,7 +66,7 @@ impl UnbilledLog {
             meter = %series.meter,
             dimensions = ?series.group.iter().map(|g| &**g).collect::<Vec<&str>>(),
             %period,
-            "usage no invoice line bills: {why}; add the customer or the price to bill it (logged once per customer, meter and reason)"
+            "usage no invoice line bills: {why}; add the customer or the price to bill it (logged once per customer, meter and reason while this rater runs)"
         );
         true
     }
