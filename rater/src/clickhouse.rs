@@ -273,15 +273,11 @@ impl ClickHouse {
             )?;
         }
         if missing("rated_lines") {
-            self.execute(
+            self.create_table(
                 "create the rated_lines table",
-                &format!(
-                    "CREATE TABLE IF NOT EXISTS {db}.rated_lines ({}, superseded UInt8)
-                    ENGINE = ReplacingMergeTree(version)
-                    PARTITION BY toYYYYMM(period_start)
-                    ORDER BY (period_start, customer, price, id)",
-                    definitions(&COLUMNS)
-                ),
+                "rated_lines",
+                &format!("{}, superseded UInt8", definitions(&COLUMNS)),
+                "period_start, customer, price, id",
             )?;
         }
         // A database made before `superseded` existed: its view, which shows retired
@@ -299,15 +295,11 @@ impl ClickHouse {
             )?;
         }
         if missing("window_revisions") {
-            self.execute(
+            self.create_table(
                 "create the window_revisions table",
-                &format!(
-                    "CREATE TABLE IF NOT EXISTS {db}.window_revisions ({}, version UInt64)
-                    ENGINE = ReplacingMergeTree(version)
-                    PARTITION BY toYYYYMM(period_start)
-                    ORDER BY (period_start, customer, meter, dimensions, adjusts_period, window_start)",
-                    definitions(&WINDOW_COLUMNS)
-                ),
+                "window_revisions",
+                &format!("{}, version UInt64", definitions(&WINDOW_COLUMNS)),
+                "period_start, customer, meter, dimensions, adjusts_period, window_start",
             )?;
         }
         if missing("window_usage") {
@@ -338,6 +330,27 @@ impl ClickHouse {
             )?;
         }
         Ok(())
+    }
+
+    /// Creates `table` with `columns` as Tally's tables are: a row's latest `version`
+    /// replaces the others of its sorting key, partitioned by the month billed.
+    fn create_table(
+        &self,
+        what: &'static str,
+        table: &str,
+        columns: &str,
+        order_by: &str,
+    ) -> Result<(), ClickHouseError> {
+        self.execute(
+            what,
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {}.{table} ({columns}) \
+                 ENGINE = ReplacingMergeTree(version) \
+                 PARTITION BY toYYYYMM(period_start) \
+                 ORDER BY ({order_by})",
+                self.database
+            ),
+        )
     }
 
     fn database_exists(&self) -> Result<bool, ClickHouseError> {
