@@ -67,6 +67,8 @@ pub enum ClickHouseError {
         row: String,
         error: String,
     },
+    #[error("ClickHouse database {database} at {url} holds the streaming rater's lines (versioned by windows offsets), which a batch run's rows, versioned by its start time, would outrank for good; store the run in a database of its own (--clickhouse-database, tally_batch unless given)")]
+    PipelineDatabase { url: String, database: String },
     #[error("line {id}: amount {amount} {currency} does not fit a 64-bit count of minor units")]
     AmountTooLarge {
         id: String,
@@ -141,6 +143,10 @@ const WINDOW_COLUMNS: [(&str, &str); 9] = [
     ("value", "String"),
     ("revision", "UInt64"),
 ];
+
+/// The lowest version of a batch run's rows: its start in Unix milliseconds, past
+/// 10^12 since 2001. The streaming rater's are windows offsets, far below.
+const BATCH_VERSIONS_FROM: u64 = 1_000_000_000_000;
 
 /// Most lines retired by one statement.
 const RETIRE_CHUNK: usize = 2000;
@@ -379,12 +385,27 @@ impl ClickHouse {
     /// retires the period's lines the run did not make: each gets a `superseded` row
     /// at this version. A line's row with the highest `version` is current; writing
     /// the same version again replaces nothing and adds nothing to the view.
+    /// A database the streaming rater writes is refused: its versions are windows
+    /// offsets, far below a run's.
     pub fn replace_period(
         &self,
         version: u64,
         period: Period,
         lines: &[InvoiceLine],
     ) -> Result<(), ClickHouseError> {
+        let streamed = self.counts_any(
+            "check whose lines the database holds",
+            &format!(
+                "SELECT count() FROM (SELECT 1 FROM {}.rated_lines WHERE version < {BATCH_VERSIONS_FROM} LIMIT 1)",
+                self.database
+            ),
+        )?;
+        if streamed {
+            return Err(ClickHouseError::PipelineDatabase {
+                url: self.url.clone(),
+                database: self.database.clone(),
+            });
+        }
         let rows: Vec<_> = lines.iter().map(|line| (version, line)).collect();
         self.insert_versioned(&rows)?;
         // The run's own lines are at `version`: only older ones are retired.

@@ -29,18 +29,23 @@ impl Database {
 
     /// Runs SQL and returns the JSONEachRow rows it printed.
     fn query(&self, sql: &str) -> Vec<Value> {
+        let text = self.execute(&format!("{sql} FORMAT JSONEachRow"));
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Runs a statement; returns what ClickHouse answered.
+    fn execute(&self, sql: &str) -> String {
         let mut response = ureq::post(&format!("{}/", url()))
-            .send(format!("{sql} FORMAT JSONEachRow"))
+            .send(sql)
             .unwrap_or_else(|e| {
                 panic!(
                     "ClickHouse at {} (start it with scripts/services/up.sh clickhouse): {e}",
                     url()
                 )
             });
-        let text = response.body_mut().read_to_string().unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        response.body_mut().read_to_string().unwrap()
     }
 }
 
@@ -179,7 +184,7 @@ fn clickhouse_invoice_lines_equal_tally_rate_and_rerating_replaces_them() {
 fn a_rerun_retires_lines_in_a_table_a_dba_added_a_column_to() {
     let db = Database::new("retire_extra_column");
     let lines = rate_into(&db, &examples().join("tally.toml"));
-    db.query(&format!(
+    db.execute(&format!(
         "ALTER TABLE {}.rated_lines ADD COLUMN inserted_at DateTime DEFAULT now()",
         db.0
     ));
@@ -188,6 +193,30 @@ fn a_rerun_retires_lines_in_a_table_a_dba_added_a_column_to() {
     let rerated = rate_into(&db, &renamed);
     assert_ne!(expected_rows(&lines), expected_rows(&rerated));
     assert_eq!(invoice_rows(&db), expected_rows(&rerated));
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
+fn a_run_is_not_stored_in_a_streaming_pipelines_database() {
+    let db = Database::new("pipeline_database");
+    let lines = rate_into(&db, &examples().join("tally.toml"));
+    // A row as the streaming rater writes it: versioned by a windows offset.
+    db.execute(&format!(
+        "INSERT INTO {}.rated_lines (id, version, customer, price, period_start, period_end, amount, currency, superseded) \
+         VALUES ('streamed', 42, 'cust_acme', 'resolutions', toDateTime('2026-11-01 00:00:00', 'UTC'), toDateTime('2026-12-01 00:00:00', 'UTC'), '1.00', 'usd', 0)",
+        db.0
+    ));
+    let before = db.query(&format!("SELECT count() AS n FROM {}.rated_lines", db.0));
+    let refused = run_rate(&db, &examples().join("tally.toml"), &[]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("holds the streaming rater's lines"),
+        "{stderr}"
+    );
+    let after = db.query(&format!("SELECT count() AS n FROM {}.rated_lines", db.0));
+    assert_eq!(before, after, "nothing written");
+    assert!(!lines.is_empty());
 }
 
 #[test]
