@@ -707,13 +707,14 @@ impl Aggregator {
         found
     }
 
-    /// What `event` would be to this state's dedupe, without counting it: a retry or a
-    /// conflict of an event it counted, or `None` if it counted none with its key.
-    pub fn counted_before(&self, event: &DecodedEvent<'_>) -> Option<Outcome> {
-        Some(match self.dedupe.seen(event.key, event.payload)? {
-            Seen::Conflict => Outcome::Conflict,
-            Seen::First | Seen::Retry => Outcome::Retry,
-        })
+    /// Whether this state counted an event with `event`'s key and content (so `event` is
+    /// a retry of it), without counting anything. Another content under the key is not
+    /// that: it may be another customer's event, whose partition this is not.
+    pub fn counted_same(&self, event: &DecodedEvent<'_>) -> bool {
+        matches!(
+            self.dedupe.seen(event.key, event.payload),
+            Some(Seen::First | Seen::Retry)
+        )
     }
 
     /// Number of `(source, id)` keys remembered for dedupe.
@@ -1310,17 +1311,17 @@ mod tests {
     }
 
     #[test]
-    fn counted_before_tells_a_retry_or_conflict_without_counting() {
+    fn counted_same_tells_a_retry_without_counting() {
         let mut agg = Aggregator::streaming(&config());
         let first = tokens("e1", "2026-11-02T10:00:00Z", "gpt", 5, 1);
-        assert_eq!(agg.counted_before(&first), None);
+        assert!(!agg.counted_same(&first));
         assert_eq!(agg.apply(&first), Outcome::Accepted);
-        assert_eq!(agg.counted_before(&first), Some(Outcome::Retry));
+        assert!(agg.counted_same(&first));
         let other = tokens("e1", "2026-11-02T10:00:00Z", "gpt", 6, 1);
-        assert_eq!(agg.counted_before(&other), Some(Outcome::Conflict));
+        assert!(!agg.counted_same(&other));
         // Asking counted nothing: a new key is still new.
         let new = tokens("e2", "2026-11-02T10:00:00Z", "gpt", 5, 1);
-        assert_eq!(agg.counted_before(&new), None);
+        assert!(!agg.counted_same(&new));
         assert_eq!(agg.apply(&new), Outcome::Accepted);
     }
 

@@ -171,8 +171,10 @@ impl PartitionState {
                 if home != message.partition() {
                     // A build before forwarding counted misplaced events where they were
                     // read: a retry of one is a retry here, not an event to forward.
-                    if let Some(outcome) = self.aggregator.counted_before(&event) {
-                        return processed.count(message, verdict(outcome, event.time));
+                    // Only a retry: another content under its key here is as likely
+                    // another customer's event, dedupe being per partition.
+                    if self.aggregator.counted_same(&event) {
+                        return processed.count(message, verdict(Outcome::Retry, event.time));
                     }
                     let bytes = forwarded_bytes(message);
                     if bytes > MAX_EVENT_RECORD_BYTES {

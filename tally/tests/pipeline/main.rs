@@ -203,12 +203,25 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     for (partition, event) in &keyed_otherwise {
         p.produce_to(*partition, &format!("tenant-a:{customer}"), event);
     }
+    // Dedupe is per partition, so two customers may use one (source, id): a misplaced
+    // event is forwarded even where the other customer's was counted.
+    let neighbour = (customers().into_iter())
+        .find(|c| partition_for_key(c.as_bytes(), partitions) == elsewhere)
+        .expect("a customer of the other partition");
+    let theirs = resolution("shared-1", &neighbour, "2026-10-20T10:00:00Z");
+    p.produce_to(elsewhere, &neighbour, &theirs);
+    let ours = resolution("shared-1", customer, "2026-10-20T10:00:00Z");
+    p.produce_to(elsewhere, customer, &ours);
     let mut with_misplaced = p.lines();
     with_misplaced.push(misplaced.clone());
     with_misplaced.extend(keyed_otherwise.iter().map(|(_, event)| event.clone()));
+    // `tally rate`, one dedupe over the file, would call ours a conflict of theirs:
+    // the pipeline bills what it bills for ours under an id of its own.
+    let ours_apart = resolution("shared-1-apart", customer, "2026-10-20T10:00:00Z");
+    with_misplaced.extend([theirs, ours_apart]);
     let expected = p.expected_for(&with_misplaced, p.period);
     p.wait_for(&expected, Duration::from_secs(30));
-    assert_eq!(harness::metric(aggregator_port, forwarded), Some(2.0));
+    assert_eq!(harness::metric(aggregator_port, forwarded), Some(3.0));
     let log = p.log("agg-a");
     let forwards_logged = (log.lines())
         .filter(|line| line.contains("is forwarded there"))
@@ -248,7 +261,7 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     p.wait_caught_up("aggregator", Duration::from_secs(180));
     p.wait_caught_up("rater", Duration::from_secs(60));
     p.wait_for(&expected, Duration::from_secs(60));
-    assert_eq!(harness::metric(aggregator_port, forwarded), Some(2.0));
+    assert_eq!(harness::metric(aggregator_port, forwarded), Some(3.0));
     assert_windows_add_up_to_lines(&p, &expected);
 
     // So does the rater's: it reads every usage update again and writes the same rows.
