@@ -60,6 +60,9 @@ pub const REJECTED_SOURCE_PARTITION_HEADER: &str = "tally.source.partition";
 pub const REJECTED_SOURCE_OFFSET_HEADER: &str = "tally.source.offset";
 /// On a cut copy only: the event's size in bytes.
 pub const REJECTED_SOURCE_BYTES_HEADER: &str = "tally.source.bytes";
+/// On a copy without the event's own headers only (they would not fit a record with
+/// the reasons): their size in bytes.
+pub const REJECTED_SOURCE_HEADERS_BYTES_HEADER: &str = "tally.source.headers_bytes";
 
 /// Key and value of the windows-topic record saying `period` has settled (its header is
 /// [`SETTLED_HEADER`]): one key per period, so compaction keeps every month's record.

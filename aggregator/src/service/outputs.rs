@@ -13,8 +13,8 @@ use rdkafka::producer::BaseRecord;
 use tally_runtime::kafka::send;
 use tally_schemas::records::{
     FORWARDED_FROM_HEADER, FORWARDED_TIMESTAMP_HEADER, REJECTED_CODE_HEADER, REJECTED_FIELD_HEADER,
-    REJECTED_REASON_HEADER, REJECTED_SOURCE_BYTES_HEADER, REJECTED_SOURCE_OFFSET_HEADER,
-    REJECTED_SOURCE_PARTITION_HEADER, REJECTED_SOURCE_TOPIC_HEADER,
+    REJECTED_REASON_HEADER, REJECTED_SOURCE_BYTES_HEADER, REJECTED_SOURCE_HEADERS_BYTES_HEADER,
+    REJECTED_SOURCE_OFFSET_HEADER, REJECTED_SOURCE_PARTITION_HEADER, REJECTED_SOURCE_TOPIC_HEADER,
 };
 
 use super::route::Rejection;
@@ -57,6 +57,14 @@ fn headers_but(message: &BorrowedMessage<'_>, replaced: &[&str]) -> OwnedHeaders
     headers
 }
 
+/// Whether a rejected copy carries the event's own headers (`headers` bytes, with a
+/// key of `key` bytes): only when they fit a record beside the reasons, or a copy of an
+/// event whose headers fill a record would be refused by Kafka, stopping the
+/// aggregator at that event after every restart.
+fn copies_headers(headers: usize, key: usize) -> bool {
+    headers + key + REJECTION_HEADERS_BYTES <= MAX_EVENT_RECORD_BYTES
+}
+
 /// `text`'s first `bytes` bytes at most, cut at a character's boundary.
 fn at_most(text: &str, bytes: usize) -> &str {
     let mut end = text.len().min(bytes);
@@ -96,7 +104,7 @@ impl Worker {
         let (field, reason) = (at_most(&field, 1024), at_most(&reason, 4096));
         // The event's own headers come along (a CloudEvents binary-mode record's
         // attributes are there), so the copy can be read, and replayed, as it was.
-        const OURS: [&str; 7] = [
+        const OURS: [&str; 8] = [
             REJECTED_CODE_HEADER,
             REJECTED_FIELD_HEADER,
             REJECTED_REASON_HEADER,
@@ -104,8 +112,21 @@ impl Worker {
             REJECTED_SOURCE_PARTITION_HEADER,
             REJECTED_SOURCE_OFFSET_HEADER,
             REJECTED_SOURCE_BYTES_HEADER,
+            REJECTED_SOURCE_HEADERS_BYTES_HEADER,
         ];
-        let headers = headers_but(message, &OURS)
+        let key_bytes = message.key().map_or(0, <[u8]>::len);
+        let own_headers = headers_bytes(message);
+        let (headers, own_headers) = match copies_headers(own_headers, key_bytes) {
+            true => (headers_but(message, &OURS), own_headers),
+            false => (
+                OwnedHeaders::new().insert(Header {
+                    key: REJECTED_SOURCE_HEADERS_BYTES_HEADER,
+                    value: Some(&own_headers.to_string()),
+                }),
+                0,
+            ),
+        };
+        let headers = headers
             .insert(Header {
                 key: REJECTED_CODE_HEADER,
                 value: Some(code),
@@ -132,9 +153,8 @@ impl Worker {
             });
         // Cut to fit, the whole event staying at its offset in the events topic.
         let payload = message.payload().unwrap_or_default();
-        let key_bytes = message.key().map_or(0, <[u8]>::len);
         let room = MAX_EVENT_RECORD_BYTES
-            .saturating_sub(REJECTION_HEADERS_BYTES + headers_bytes(message) + key_bytes);
+            .saturating_sub(REJECTION_HEADERS_BYTES + own_headers + key_bytes);
         let kept = payload.len().min(room);
         let headers = match kept < payload.len() {
             true => headers.insert(Header {
@@ -198,7 +218,16 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::at_most;
+    use super::{at_most, copies_headers, MAX_EVENT_RECORD_BYTES, REJECTION_HEADERS_BYTES};
+
+    #[test]
+    fn a_rejected_copy_takes_the_events_headers_only_where_they_fit_beside_the_reasons() {
+        let room = MAX_EVENT_RECORD_BYTES - REJECTION_HEADERS_BYTES;
+        assert!(copies_headers(200, 9));
+        assert!(copies_headers(room - 9, 9));
+        assert!(!copies_headers(room - 8, 9));
+        assert!(!copies_headers(1_048_300, 0));
+    }
 
     #[test]
     fn headers_from_what_a_sender_wrote_are_cut_at_a_character() {
