@@ -227,7 +227,7 @@ impl fmt::Display for Problem {
                 "usage values must be below 10^18 (a larger one is a unit error, and would put exact totals at risk)"
             ),
             Problem::TooPrecise => {
-                f.write_str("number cannot be held exactly: a value has at most 28 significant digits, and at most 28 of them after the decimal point")
+                f.write_str("number cannot be held exactly: a value has at most 28 significant digits (29 when they stay below about 7.9e28 read as an integer), and at most 28 of them after the decimal point")
             }
             Problem::NotAScalar => f.write_str("expected a string, number or boolean"),
             Problem::BeforeFirstYear => write!(

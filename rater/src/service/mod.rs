@@ -218,7 +218,12 @@ impl PartitionOwner for Worker {
         consumer: &GroupConsumer,
         partitions: &mut TopicPartitionList,
     ) -> Result<(), RaterError> {
-        self.readiness.not_ready("rebuilding partitions");
+        // Held after a failed write (ClickHouse down, say), the rater stays not ready
+        // for that reason through the rebuild and after it.
+        let held = self.retry_at.is_some();
+        if !held {
+            self.readiness.not_ready("rebuilding partitions");
+        }
         let committed = committed_offsets(consumer, partitions).map_err(kafka(
             "read the committed offsets of the assigned partitions",
         ))?;
@@ -303,7 +308,9 @@ impl PartitionOwner for Worker {
                 .resume(partitions)
                 .map_err(kafka("resume the assigned partitions"))?;
         }
-        self.readiness.ready();
+        if !held {
+            self.readiness.ready();
+        }
         Ok(())
     }
 
