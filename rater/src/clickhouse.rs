@@ -310,32 +310,39 @@ impl ClickHouse {
         }
         if missing("window_usage") {
             let window_names: Vec<&str> = WINDOW_COLUMNS.iter().map(|(name, _)| *name).collect();
-            self.execute(
-                "create the window_usage view",
-                // FINAL in a subquery, as for invoice_lines: a filter on a column
-                // outside the sorting key then sees merged rows only.
-                &format!(
-                    "CREATE VIEW IF NOT EXISTS {db}.window_usage AS SELECT {} \
-                     FROM (SELECT * FROM {db}.window_revisions FINAL)",
-                    window_names.join(", ")
-                ),
-            )?;
+            let columns = window_names.join(", ");
+            let what = "create the window_usage view";
+            self.create_view(what, "window_usage", &columns, "window_revisions", None)?;
         }
         // Asked again: the migration above may have dropped it.
         if !self.tables()?.iter().any(|table| table == "invoice_lines") {
-            // FINAL in a subquery, so `superseded` is filtered after the rows of a line
-            // are merged: filtered first (as a PREWHERE may be), a retired line would
-            // show its older row instead.
-            self.execute(
-                "create the invoice_lines view",
-                &format!(
-                    "CREATE VIEW IF NOT EXISTS {db}.invoice_lines AS SELECT {} \
-                     FROM (SELECT * FROM {db}.rated_lines FINAL) WHERE superseded = 0",
-                    column_names(|name| name.to_owned())
-                ),
-            )?;
+            let columns = column_names(|name| name.to_owned());
+            let (what, current) = ("create the invoice_lines view", Some("superseded = 0"));
+            self.create_view(what, "invoice_lines", &columns, "rated_lines", current)?;
         }
         Ok(())
+    }
+
+    /// Creates `view` of `columns` of `table`'s current rows (for which `filter`
+    /// holds). FINAL is in a subquery, so a filter sees merged rows only: filtered
+    /// first (as a PREWHERE may be), a retired line would show its older row instead.
+    fn create_view(
+        &self,
+        what: &'static str,
+        view: &str,
+        columns: &str,
+        table: &str,
+        filter: Option<&str>,
+    ) -> Result<(), ClickHouseError> {
+        let db = &self.database;
+        let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
+        self.execute(
+            what,
+            &format!(
+                "CREATE VIEW IF NOT EXISTS {db}.{view} AS SELECT {columns} \
+                 FROM (SELECT * FROM {db}.{table} FINAL){filter}"
+            ),
+        )
     }
 
     /// Creates `table` with `columns` as Tally's tables are: a row's latest `version`

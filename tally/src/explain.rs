@@ -114,19 +114,22 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             let clickhouse = &store.client;
             let mut lines = clickhouse.lines(month.period, Some(&args.customer))?;
             // As `tally rate` lists them: the period's own, then adjustments, each in
-            // its plan's price order.
-            let position = |line: &InvoiceLine| {
-                let plan = config.plans.iter().find(|p| p.id == line.plan);
-                plan.and_then(|p| p.prices.iter().position(|price| price.id == line.price))
+            // its plan's price order (and later adjustments by the month billing them).
+            let in_price_order = |lines: &mut Vec<InvoiceLine>| {
+                let position = |line: &InvoiceLine| {
+                    let plan = config.plans.iter().find(|p| p.id == line.plan);
+                    plan.and_then(|p| p.prices.iter().position(|price| price.id == line.price))
+                };
+                lines.sort_by_cached_key(|line| {
+                    let month = (line.period_start, line.adjusts_period);
+                    (month, position(line), line.price.clone())
+                });
             };
-            lines.sort_by_cached_key(|line| {
-                (line.adjusts_period, position(line), line.price.clone())
-            });
+            in_price_order(&mut lines);
             let usage = clickhouse.windows(month.period, &args.customer)?;
             let mut later = clickhouse.adjustments_of(month.period, Some(&args.customer))?;
             later.retain(|line| asked(&line));
-            later
-                .sort_by_cached_key(|line| (line.period_start, position(line), line.price.clone()));
+            in_price_order(&mut later);
             let explanation = Explanation {
                 config: &config,
                 period: month.period,

@@ -2635,7 +2635,7 @@ fn prometheus_scrapes_every_service_of_serve_all() {
         (build_info, Box::new(|v| v == 3.0)),
         // And which price book.
         (book_info, Box::new(|v| v == 3.0)),
-        // And the memory of its process.
+        // And its process's metrics (any process holds a few MiB).
         (
             r#"process_resident_memory_bytes{job=~"ingest|aggregator|rater"}"#,
             Box::new(|v| v > 3.0 * 1024.0 * 1024.0),
