@@ -109,7 +109,7 @@ pub(super) fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &s
     };
     if let Some(kind) = connection_failure {
         if let Some(left_out) = CONNECTION_FAILURES.due(kind, Instant::now()) {
-            tracing::warn!(target: "librdkafka", left_out, "librdkafka: {facility} {message} (connection failures and request timeouts at most once a minute each; left_out: as many since)");
+            tracing::warn!(target: "librdkafka", left_out, "librdkafka: {facility} {message} (connection failures at most once a minute, and request timeouts; left_out: as many since of this kind)");
         }
         return;
     }
