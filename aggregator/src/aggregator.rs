@@ -723,13 +723,6 @@ impl Aggregator {
     }
 
     /// Number of series held: those with a window or a period not yet let go.
-    /// The customers of the series held, once per series.
-    pub fn customers(&self) -> impl Iterator<Item = &str> {
-        self.series
-            .iter()
-            .map(|series| series.key.customer.as_str())
-    }
-
     pub fn series_count(&self) -> usize {
         self.series.len()
     }

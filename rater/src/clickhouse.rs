@@ -290,7 +290,8 @@ impl ClickHouse {
         // lines, goes first, then the table gains the column, then the view below is
         // made anew; a start stopped half way finds one of those steps still to do.
         // ClickHouse 18.16 has no ADD COLUMN IF NOT EXISTS.
-        if !self.has_column("rated_lines", "superseded")? {
+        let view_dropped = !self.has_column("rated_lines", "superseded")?;
+        if view_dropped {
             self.execute(
                 "drop the invoice_lines view of an earlier version",
                 &format!("DROP TABLE IF EXISTS {db}.invoice_lines"),
@@ -314,8 +315,7 @@ impl ClickHouse {
             let what = "create the window_usage view";
             self.create_view(what, "window_usage", &columns, "window_revisions", None)?;
         }
-        // Asked again: the migration above may have dropped it.
-        if !self.tables()?.iter().any(|table| table == "invoice_lines") {
+        if missing("invoice_lines") || view_dropped {
             let columns = column_names(|name| name.to_owned());
             let (what, current) = ("create the invoice_lines view", Some("superseded = 0"));
             self.create_view(what, "invoice_lines", &columns, "rated_lines", current)?;
