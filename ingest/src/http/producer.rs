@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tally_runtime::kafka::{partition_count, partition_for_key, ClientErrors, LINGER};
+use tally_runtime::kafka::{
+    configured, partition_count, partition_for_key, tunable, ClientErrors, LINGER,
+};
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::lock;
 use tally_runtime::Shutdown;
@@ -137,19 +139,13 @@ impl EventProducer {
         // murmur2: the partitioner of Kafka's Java clients, so a customer's events land
         // on the same partition whether ingest or a Java/Go service produced them.
         config.set("partitioner", "murmur2_random");
-        // How long a request waits for Kafka's acknowledgement, under either of
-        // librdkafka's two names for it: setting the default beside an operator's
-        // `delivery.timeout.ms` would leave which one applies to chance.
-        let configured_ack_timeout = ["message.timeout.ms", "delivery.timeout.ms"]
-            .into_iter()
-            .find_map(|name| settings.properties.get(name));
-        if configured_ack_timeout.is_none() {
-            config.set(
-                "message.timeout.ms",
-                DEFAULT_ACK_TIMEOUT.as_millis().to_string(),
-            );
-        }
-        let ack_timeout = configured_ack_timeout
+        // How long a request waits for Kafka's acknowledgement.
+        tunable(
+            &mut config,
+            "message.timeout.ms",
+            &DEFAULT_ACK_TIMEOUT.as_millis().to_string(),
+        );
+        let ack_timeout = configured(settings, "message.timeout.ms")
             .and_then(|ms| ms.trim().parse::<u64>().ok())
             .map_or(DEFAULT_ACK_TIMEOUT, Duration::from_millis);
         let max_record_bytes = settings
@@ -217,7 +213,7 @@ impl EventProducer {
                 .map_err(|(e, _)| ProduceError::Enqueue(e))?;
             deliveries.push(delivery);
         }
-        let limit = self.ack_timeout + ACK_GRACE;
+        let limit = self.request_timeout();
         let all = async {
             for delivery in deliveries {
                 match delivery.await {
@@ -258,10 +254,10 @@ impl EventProducer {
     }
 
     /// Waits (off the async threads) until every queued event is delivered or failed,
-    /// at most the acknowledgement timeout.
+    /// at most [`Self::request_timeout`].
     pub async fn flush(&self) {
         let producer = self.producer.clone();
-        let timeout = self.ack_timeout + ACK_GRACE;
+        let timeout = self.request_timeout();
         let started = Instant::now();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
         match flushed {

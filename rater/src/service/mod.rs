@@ -53,7 +53,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use tally_runtime::kafka::{
-    committed_offsets, group_consumer, idempotent_producer_config, leave_group, offset_of,
+    committed_offsets, force, group_consumer, idempotent_producer_config, leave_group, offset_of,
     poll_group, positions_ahead, ConsumerHealth, DeliveryReports, GroupContext, KafkaProducer,
     PartitionOwner,
 };
@@ -385,10 +385,10 @@ pub fn run(
         std::thread::sleep(wait);
         wait = (wait * 2).min(Duration::from_secs(5));
     }
-    let producer: KafkaProducer = idempotent_producer_config(kafka_settings, RATED_LINES_LINGER)
-        // Queued lines are sent until delivered, however long Kafka is away: one given
-        // up on would be missing downstream once its offset was committed.
-        .set("message.timeout.ms", "0")
+    let mut producer_config = idempotent_producer_config(kafka_settings, RATED_LINES_LINGER);
+    // Queued lines are sent until delivered, however long Kafka is away: one given up on
+    // would be missing downstream once its offset was committed.
+    let producer: KafkaProducer = force(&mut producer_config, "message.timeout.ms", "0")
         .create_with_context(DeliveryReports::default())
         .map_err(kafka("create the rated-lines producer"))?;
     let topic = kafka_settings.topic(Topic::Windows);

@@ -30,13 +30,30 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
-/// librdkafka's other names for the tunables: set under either, a value is the
-/// operator's.
-const TUNABLE_ALIASES: &[(&str, &str)] = &[
+/// librdkafka's other names for the properties Tally sets or reads: given under
+/// either, a value is the operator's. (When both names are set, librdkafka keeps the
+/// one set last, and rust-rdkafka sets them in hash-map order: which one applies would
+/// differ from one start to the next.)
+const ALIASES: &[(&str, &str)] = &[
     ("linger.ms", "queue.buffering.max.ms"),
     ("compression.type", "compression.codec"),
     ("max.partition.fetch.bytes", "fetch.message.max.bytes"),
+    ("message.timeout.ms", "delivery.timeout.ms"),
 ];
+
+fn alias_of(name: &str) -> Option<&'static str> {
+    ALIASES
+        .iter()
+        .find_map(|&(n, alias)| (n == name).then_some(alias))
+}
+
+/// The value `[kafka] properties` gives `name`, under either of its names.
+pub fn configured<'s>(settings: &'s KafkaSettings, name: &str) -> Option<&'s str> {
+    let alias = alias_of(name);
+    (settings.properties.get(name))
+        .or_else(|| alias.and_then(|a| settings.properties.get(a)))
+        .map(String::as_str)
+}
 
 /// Sets Tally's default for a tunable, unless `[kafka] properties` set it (under
 /// either of its names).
@@ -45,11 +62,21 @@ pub fn tunable<'c>(
     name: &str,
     default: &str,
 ) -> &'c mut ClientConfig {
-    let alias = (TUNABLE_ALIASES.iter()).find_map(|&(n, alias)| (n == name).then_some(alias));
+    let alias = alias_of(name);
     if config.get(name).is_none() && alias.and_then(|a| config.get(a)).is_none() {
         config.set(name, default);
     }
     config
+}
+
+/// Sets a property a client depends on whatever `[kafka] properties` gives it, under
+/// either of its names: the operator's value under the other name is removed, or it
+/// could be the one librdkafka keeps.
+pub fn force<'c>(config: &'c mut ClientConfig, name: &str, value: &str) -> &'c mut ClientConfig {
+    if let Some(alias) = alias_of(name) {
+        config.remove(alias);
+    }
+    config.set(name, value)
 }
 
 /// librdkafka's error callback, logged without flooding: while the brokers are out of
@@ -217,5 +244,27 @@ mod tests {
         tunable(&mut config, "session.timeout.ms", "10000");
         assert_eq!(config.get("session.timeout.ms"), Some("10000"));
         assert_eq!(config.get("allow.auto.create.topics"), Some("false"));
+    }
+
+    #[test]
+    fn a_forced_setting_wins_over_the_operators_value_under_either_name() {
+        let settings = KafkaSettings {
+            properties: [("delivery.timeout.ms", "30000")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            brokers: "127.0.0.1:9092".to_owned(),
+            topic_prefix: "tally".to_owned(),
+            partitions: 1,
+            replication_factor: 1,
+            instance_id: "0".to_owned(),
+        };
+        assert_eq!(configured(&settings, "message.timeout.ms"), Some("30000"));
+        let mut config = client_config(&settings);
+        force(&mut config, "message.timeout.ms", "0");
+        assert_eq!(config.get("delivery.timeout.ms"), None);
+        // What librdkafka itself holds, whatever order the names were set in.
+        let native = config.create_native_config().unwrap();
+        assert_eq!(native.get("message.timeout.ms").unwrap(), "0");
     }
 }

@@ -18,7 +18,9 @@ use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tally_schemas::config::KafkaSettings;
 
-use super::clients::{client_config, log_client_error, log_librdkafka, tunable, tune_fetching};
+use super::clients::{
+    client_config, configured, log_client_error, log_librdkafka, tunable, tune_fetching,
+};
 use super::read::retry_while_unavailable;
 use crate::threads::lock;
 
@@ -457,10 +459,10 @@ pub fn wait_until_instance_free(
     if settings.properties.contains_key("client.id") {
         return Ok(());
     }
-    let session_ms = (settings.properties.get("session.timeout.ms"))
-        .and_then(|ms| ms.parse::<u64>().ok())
-        .unwrap_or(10_000);
-    let patience = Duration::from_millis(session_ms) + Duration::from_secs(5);
+    let session = configured(settings, "session.timeout.ms")
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+        .map_or(SESSION_TIMEOUT, Duration::from_millis);
+    let patience = session + Duration::from_secs(5);
     let (group, client_id) = (settings.group(service), member_client_id(settings, service));
     let Ok(consumer) = client_config(settings).create::<BaseConsumer>() else {
         return Ok(());
@@ -495,6 +497,10 @@ pub fn wait_until_instance_free(
     Ok(())
 }
 
+/// The group consumers' `session.timeout.ms` unless `[kafka] properties` sets it: a
+/// member that died is noticed within it, and its partitions move on.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A consumer-group member for a [`PartitionOwner`]: cooperative-sticky assignment,
 /// read committed, offsets committed only by the owner (never automatically), reading
 /// from the beginning when the group has no offsets, and subscribed to `topic`.
@@ -509,8 +515,11 @@ pub fn group_consumer<W: PartitionOwner>(
     // event, so they count against this: allow them time before the group gives up on
     // the member. `[kafka] properties` may raise it for states that take longer.
     tunable(&mut config, "max.poll.interval.ms", "900000");
-    // A member that died is noticed within 10 s, its partitions moved on.
-    tunable(&mut config, "session.timeout.ms", "10000");
+    tunable(
+        &mut config,
+        "session.timeout.ms",
+        &SESSION_TIMEOUT.as_millis().to_string(),
+    );
     tunable(&mut config, "heartbeat.interval.ms", "1000");
     tunable(
         &mut config,

@@ -11,7 +11,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-use super::clients::{log_client_error, log_librdkafka};
+use super::clients::{force, log_client_error, log_librdkafka};
 use super::group::offset_of;
 use super::topics::MAX_RECORD_BYTES;
 
@@ -77,6 +77,9 @@ pub fn read_partition(
         partition,
         source,
     };
+    // A record of any size the writers allow is read, whatever `[kafka] properties`
+    // gives the fetch size.
+    force(&mut base, "max.partition.fetch.bytes", &MAX_RECORD_BYTES.to_string());
     let reader: BaseConsumer<EndIsNoError> = base
         .set("group.id", "tally-state-reader")
         .set("enable.auto.commit", "false")
@@ -86,7 +89,6 @@ pub fn read_partition(
         // the broker otherwise holds for 500 ms in case records arrive.
         .set("fetch.wait.max.ms", "10")
         .set("fetch.max.bytes", "104857600")
-        .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
         .create_with_context(EndIsNoError)
         .map_err(fail)?;
     // One deadline for the whole read, waiting for the broker included.
