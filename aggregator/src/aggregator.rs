@@ -711,10 +711,7 @@ impl Aggregator {
     /// a retry of it), without counting anything. Another content under the key is not
     /// that: it may be another customer's event, whose partition this is not.
     pub fn counted_same(&self, event: &DecodedEvent<'_>) -> bool {
-        matches!(
-            self.dedupe.seen(event.key, event.payload),
-            Some(Seen::First | Seen::Retry)
-        )
+        self.dedupe.holds(event.key, event.payload)
     }
 
     /// Number of `(source, id)` keys remembered for dedupe.
@@ -749,7 +746,14 @@ impl Aggregator {
             .map(|s| SeriesSnapshot {
                 key: SeriesKey::clone(&s.key),
                 periods: s.periods.to_vec(),
-                windows: s.windows.clone(),
+                // Whether a window awaits the next drain is this aggregator's business,
+                // not state: a snapshot's windows say no, as restored ones do.
+                windows: (s.windows.iter())
+                    .map(|w| Window {
+                        dirty: false,
+                        ..w.clone()
+                    })
+                    .collect(),
             })
             .collect();
         self.snapshot_of(Vec::new(), series)
@@ -836,7 +840,6 @@ impl Aggregator {
                 let slot = series.window_slot(window.start);
                 let held = &mut series.windows[slot];
                 held.revision = window.revision;
-                held.dirty = window.dirty;
                 held.state.merge(window.state);
             }
         }
@@ -1211,6 +1214,24 @@ mod tests {
                 (vec!["llama".to_string()], "3".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn a_window_changed_before_a_merge_is_drained_once() {
+        let mut other = Aggregator::streaming(&config());
+        other.apply(&tokens("o1", "2026-11-02T10:00:00Z", "gpt", 5, 1));
+        let mut agg = Aggregator::streaming(&config());
+        agg.apply(&tokens("a1", "2026-11-02T10:10:00Z", "gpt", 7, 2));
+        agg.merge(other.snapshot()).unwrap();
+        agg.apply(&tokens("a2", "2026-11-02T10:20:00Z", "gpt", 1, 3));
+        let updates = agg.drain_updates();
+        let mut windows: Vec<_> = (updates.iter())
+            .filter(|u| u.series.meter == "tokens")
+            .flat_map(|u| u.windows.iter().map(|w| (w.window_start, w.revision)))
+            .collect();
+        windows.sort();
+        let ten = "2026-11-02T10:00:00Z".parse().unwrap();
+        assert_eq!(windows, [(ten, 1)]);
     }
 
     #[test]

@@ -164,15 +164,12 @@ impl DedupeSet {
         }
     }
 
-    /// What an event with `key` and `payload` would be, without recording it: `None` when
-    /// the key is new.
-    pub fn seen(&self, key: EventKey, payload: PayloadFingerprint) -> Option<Seen> {
+    /// Whether the set holds `key` with `payload` (an event with both would be a
+    /// retry), without recording anything.
+    pub fn holds(&self, key: EventKey, payload: PayloadFingerprint) -> bool {
         let probe = DedupeEntry::new(key, payload, 0);
-        let held = self.table.find(probe.key_high, |e| e.same_key(&probe))?;
-        Some(match held.payload == probe.payload {
-            true => Seen::Retry,
-            false => Seen::Conflict,
-        })
+        (self.table.find(probe.key_high, |e| e.same_key(&probe)))
+            .is_some_and(|held| held.payload == probe.payload)
     }
 
     /// Forgets keys of events dated before `day`, returning how many, and gives the
@@ -248,6 +245,9 @@ mod tests {
         );
         assert_eq!(set.observe(key(2), PayloadFingerprint(7), 10), Seen::First);
         assert_eq!(set.len(), 2);
+        assert!(set.holds(key(1), PayloadFingerprint(7)));
+        assert!(!set.holds(key(1), PayloadFingerprint(8)));
+        assert!(!set.holds(key(3), PayloadFingerprint(7)));
     }
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
