@@ -146,6 +146,7 @@ pub struct WindowSize {
 
 impl WindowSize {
     const DAY: u32 = 86_400;
+    pub const HOUR: WindowSize = WindowSize { seconds: 3600 };
 
     /// `None` when `d` is not a whole number of seconds dividing 24 hours.
     pub fn new(d: Duration) -> Option<Self> {
@@ -161,12 +162,6 @@ impl WindowSize {
     /// Start of the window containing `t`, in Unix seconds.
     pub fn start_of(&self, unix_seconds: i64) -> i64 {
         unix_seconds - unix_seconds.rem_euclid(i64::from(self.seconds))
-    }
-}
-
-impl Default for WindowSize {
-    fn default() -> Self {
-        WindowSize { seconds: 3600 }
     }
 }
 
@@ -375,7 +370,7 @@ mod tests {
         assert!(WindowSize::new(Duration::from_secs(7 * 3600)).is_none());
         assert!(WindowSize::new(Duration::from_millis(1500)).is_none());
         assert!(WindowSize::new(Duration::ZERO).is_none());
-        let hour = WindowSize::default();
+        let hour = WindowSize::HOUR;
         assert_eq!(hour.start_of(7199), 3600);
         assert_eq!(hour.start_of(-1), -3600);
     }

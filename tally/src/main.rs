@@ -5,7 +5,7 @@
 //! - `rate`: batch-rate one month of events for finance (`batch.rs`, `summary.rs`,
 //!   `report.rs`).
 //! - `explain`: one customer's invoice of a month worked through (`explain.rs`).
-//! - `reconcile`: two sets of a month's invoice lines compared (`reconcile.rs`).
+//! - `reconcile`: two sets of a month's invoice lines compared (`reconcile/`).
 //! - `demo`: generate a realistic month and run it through the embedded pipeline
 //!   (`demo/`, `embedded/`).
 //! - `generate`: the demo's deterministic event generator on its own, for benchmarks.

@@ -6,7 +6,8 @@
 //! validates it -> valid, new events produced to `<prefix>.events` as their senders'
 //! bytes (a binary-mode event structured), keyed by `subject` -> once
 //! Kafka acknowledged all of them, a 202 with one result per event. `/healthz`,
-//! `/readyz` (Kafka answers and the topic exists) and `/metrics` are served beside it.
+//! `/readyz` (Kafka answers, the events topic exists and the windows topic gives the
+//! pipeline's partition count) and `/metrics` are served beside it.
 //! The API is described in `ingest/openapi.json`.
 //!
 //! - `server`: routes, the handler, [`start`] and the [`KeyReloader`] of a running service.

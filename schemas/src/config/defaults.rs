@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::time::WindowSize;
 
 /// Length of the event-time tumbling windows usage is grouped into: `[aggregator] window`.
-pub const DEFAULT_WINDOW: Duration = Duration::from_secs(3600);
+pub const DEFAULT_WINDOW: WindowSize = WindowSize::HOUR;
 
 /// How long, in event time, an event's `(source, id)` is remembered for dedupe, and so
 /// the oldest an event may be (relative to the newest event time seen) and still be
@@ -108,19 +108,9 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            window: WindowSize::default(),
+            window: DEFAULT_WINDOW,
             dedupe_horizon: DEFAULT_DEDUPE_HORIZON,
             max_future_skew: DEFAULT_MAX_FUTURE_SKEW,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_window_is_the_default_window_size() {
-        assert_eq!(WindowSize::new(DEFAULT_WINDOW), Some(WindowSize::default()));
     }
 }

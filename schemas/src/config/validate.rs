@@ -7,7 +7,7 @@ use hashbrown::HashMap;
 
 use rust_decimal::Decimal;
 
-use super::defaults::{DEFAULT_DEDUPE_HORIZON, DEFAULT_MAX_FUTURE_SKEW, DEFAULT_WINDOW};
+use super::defaults::{DEFAULT_DEDUPE_HORIZON, DEFAULT_MAX_FUTURE_SKEW};
 use super::{
     Aggregation, AggregationKind, BillingScheme, Config, ConfigFile, ConfigHash, ConfigIssue,
     Customer, CustomerSpec, DiscountSpec, Meter, MeterId, MeterSpec, PlanId, PlanSpec, PriceSpec,
@@ -80,16 +80,17 @@ impl ConfigFile {
 
 fn validate_settings(file: &ConfigFile, issues: &mut Issues) -> Settings {
     let mut settings = Settings::default();
-    let window = file.aggregator.window.map_or(DEFAULT_WINDOW, |d| d.0);
-    match WindowSize::new(window) {
-        Some(w) => settings.window = w,
-        None => issues.add(
-            "aggregator.window",
-            format!(
-                "{} does not divide a day into whole windows; use e.g. \"1m\", \"15m\", \"1h\" or \"1d\"",
-                humantime::format_duration(window)
+    if let Some(window) = file.aggregator.window {
+        match WindowSize::new(window.0) {
+            Some(w) => settings.window = w,
+            None => issues.add(
+                "aggregator.window",
+                format!(
+                    "{} does not divide a day into whole windows; use e.g. \"1m\", \"15m\", \"1h\" or \"1d\"",
+                    humantime::format_duration(window.0)
+                ),
             ),
-        ),
+        }
     }
     let horizon = file
         .aggregator
