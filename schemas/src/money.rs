@@ -77,15 +77,21 @@ impl fmt::Display for Currency {
 
 /// How a line's exact amount is rounded to the minor unit. `rust_decimal`'s own default
 /// is banker's rounding, so the mode is always passed explicitly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RoundingMode {
     /// 0.125 -> 0.13, 0.135 -> 0.14 (ties away from zero). The default, and what invoices
     /// are usually expected to do.
-    #[default]
     HalfUp,
     /// 0.125 -> 0.12, 0.135 -> 0.14 (ties to even, "banker's rounding").
     HalfEven,
+}
+
+/// `plans.rounding` when a plan gives none.
+impl Default for RoundingMode {
+    fn default() -> Self {
+        crate::config::defaults::DEFAULT_ROUNDING
+    }
 }
 
 impl RoundingMode {

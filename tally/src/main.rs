@@ -164,8 +164,9 @@ struct RateArgs {
     /// Also store the lines in ClickHouse, e.g. http://127.0.0.1:8123 (its HTTP
     /// interface). Lines are keyed by id and versioned by the run's start, so the view
     /// `invoice_lines` always shows the latest run's lines of the period, and none it
-    /// no longer makes. The user and password are tally.toml's [clickhouse] ones, or
-    /// TALLY_CLICKHOUSE_USER and TALLY_CLICKHOUSE_PASSWORD.
+    /// no longer makes. The user, password and CA file (for https) are tally.toml's
+    /// [clickhouse] ones, or TALLY_CLICKHOUSE_USER, TALLY_CLICKHOUSE_PASSWORD and
+    /// TALLY_CLICKHOUSE_CA_FILE.
     #[arg(long, value_name = "URL")]
     clickhouse: Option<String>,
     /// The ClickHouse database the lines go to. Not the streaming rater's (`tally`):
@@ -175,6 +176,11 @@ struct RateArgs {
 }
 
 fn main() -> ExitCode {
+    // Empty counts as unset for every variable Tally reads; clap would refuse this one
+    // without naming it. (Nothing else runs yet to read the environment meanwhile.)
+    if std::env::var_os("TALLY_LOG_FORMAT").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("TALLY_LOG_FORMAT");
+    }
     let cli = Cli::parse();
     let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     let (result, on_error) = match cli.command {

@@ -5,7 +5,11 @@
 
 use std::time::Duration;
 
+use crate::money::RoundingMode;
 use crate::time::WindowSize;
+
+/// How a plan's lines are rounded to the minor unit: `plans.rounding`.
+pub const DEFAULT_ROUNDING: RoundingMode = RoundingMode::HalfUp;
 
 /// Length of the event-time tumbling windows usage is grouped into: `[aggregator] window`.
 pub const DEFAULT_WINDOW: WindowSize = WindowSize::HOUR;

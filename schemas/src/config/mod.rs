@@ -6,7 +6,7 @@
 //! fields, so a typo is an error rather than a silently ignored setting. Every default is
 //! in `defaults.rs`.
 
-mod defaults;
+pub(crate) mod defaults;
 mod likely;
 mod services;
 mod validate;

@@ -53,12 +53,16 @@ pub struct GenerateArgs {
     /// Where to write the configuration that prices them.
     #[arg(long)]
     config_out: PathBuf,
+    /// How many events to write (retries, conflicts and late events included).
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
+    /// How many customers, spread over four plans in usd, eur and jpy.
     #[arg(long, default_value_t = 400)]
     customers: u32,
-    #[arg(long)]
+    /// The month the events fall in, as YYYY-MM (a few late ones arrive after it).
+    #[arg(long, value_name = "YYYY-MM")]
     period: Period,
+    /// The same seed writes the same events.
     #[arg(long, default_value_t = 2026)]
     seed: u64,
     /// Malformed lines to mix in.

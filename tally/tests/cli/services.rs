@@ -177,6 +177,25 @@ fn a_service_whose_log_cannot_be_written_goes_on_serving() {
 }
 
 #[test]
+fn an_empty_log_format_variable_counts_as_unset() {
+    let f = Fixture::new(&format!(
+        "{PRO}\n[[ingest.api_keys]]\nkey_env = \"TALLY_TEST_KEY_NOBODY_SET\"\ntenant = \"t\"\nsources = [\"*\"]\n"
+    ));
+    let run = Run::from(
+        f.tally()
+            .args(["serve", "ingest", "--config", "tally.toml"])
+            .env("TALLY_LOG_FORMAT", "")
+            .env_remove("TALLY_TEST_KEY_NOBODY_SET")
+            .output()
+            .unwrap(),
+    );
+    // The service's own refusal, in text logs, not an argument error.
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("API keys are missing"), "{}", run.stderr);
+    assert!(!run.stderr.trim_start().starts_with('{'), "{}", run.stderr);
+}
+
+#[test]
 fn a_service_that_cannot_start_says_why_in_its_log_format() {
     let f = Fixture::new(&format!(
         "{PRO}\n[[ingest.api_keys]]\nkey_env = \"TALLY_TEST_KEY_NOBODY_SET\"\ntenant = \"t\"\nsources = [\"*\"]\n"
