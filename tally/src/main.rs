@@ -31,7 +31,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tally_rater::clickhouse::ClickHouse;
-use tally_schemas::config::{ClickHouseSettings, Config};
+use tally_schemas::config::Config;
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchOptions};
@@ -375,8 +375,7 @@ pub struct ConfiguredClickHouse {
 impl ConfiguredClickHouse {
     /// `config`, loaded from `path`; `database` instead of the section's, if given.
     pub fn of(config: &Config, path: &Path, database: Option<&str>) -> anyhow::Result<Self> {
-        let settings = config.services(&path.display().to_string(), &environment)?;
-        let store = settings.clickhouse;
+        let store = config.clickhouse(&path.display().to_string(), None, &environment)?;
         let client = ClickHouse::configured(&store, database)?;
         Ok(ConfiguredClickHouse {
             client,
@@ -425,20 +424,9 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
         Some(url) => {
             // The URL and database are the flags'; the user, password, CA file and
             // request timeout the [clickhouse] section's or the environment's.
-            let credentials = config.clickhouse_credentials(&environment);
-            let request_timeout = config.clickhouse_request_timeout().map_err(|why| {
-                anyhow::anyhow!(
-                    "{}: clickhouse.request_timeout {why}",
-                    args.month.config.display()
-                )
-            })?;
-            let settings = ClickHouseSettings {
-                url: url.to_owned(),
-                database: args.clickhouse_database.clone(),
-                credentials,
-                request_timeout,
-            };
-            let store = ClickHouse::configured(&settings, None)?;
+            let origin = args.month.config.display().to_string();
+            let settings = config.clickhouse(&origin, Some(url), &environment)?;
+            let store = ClickHouse::configured(&settings, Some(&args.clickhouse_database))?;
             // Before rating: a wrong URL or password should not cost a month's run.
             store.ensure_schema()?;
             Some(store)

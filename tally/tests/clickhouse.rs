@@ -501,7 +501,12 @@ fn finance_reads_the_pipelines_lines_with_read_only_credentials() {
     let lines = rate_into(&db, &examples().join("tally.toml"));
     let as_rated: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(dir.path().join("rated.jsonl"), as_rated).unwrap();
-    let reader = [("TALLY_CLICKHOUSE_USER", "tally_reader")];
+    // A finance laptop's host name would be no service's instance id: only
+    // [clickhouse] matters to these commands.
+    let reader = [
+        ("TALLY_CLICKHOUSE_USER", "tally_reader"),
+        ("HOSTNAME", "Jane's laptop"),
+    ];
 
     let args = [
         "reconcile",

@@ -19,7 +19,6 @@ use std::collections::BTreeMap;
 use hashbrown::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -463,18 +462,19 @@ impl Config {
         self.customer_ids.contains(subject)
     }
 
-    /// The ClickHouse user and password, from the environment or `[clickhouse]`; the
-    /// rest of the services' sections is not read.
-    pub fn clickhouse_credentials(
+    /// `[clickhouse]` with the environment's overrides and secrets, `url` (a command's
+    /// flag) in place of its URL if given. The rest of the services' sections is not
+    /// read: a command that only reads or writes ClickHouse needs nothing else valid.
+    pub fn clickhouse(
         &self,
+        origin: &str,
+        url: Option<&str>,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> ClickHouseCredentials {
-        self.service_specs.clickhouse.credentials(env)
-    }
-
-    /// `[clickhouse] request_timeout`, or why it cannot be used.
-    pub fn clickhouse_request_timeout(&self) -> Result<Duration, &'static str> {
-        self.service_specs.clickhouse.request_timeout()
+    ) -> Result<ClickHouseSettings, ConfigError> {
+        let mut found = Vec::new();
+        let settings =
+            services::validate_clickhouse(&self.service_specs.clickhouse, url, env, &mut found);
+        found_nothing(origin, found).map(|()| settings)
     }
 
     /// The services' settings, with overrides and secrets from `env` (pass
@@ -503,16 +503,7 @@ impl Config {
             env,
             &mut found,
         );
-        if found.is_empty() {
-            return Ok(settings);
-        }
-        Err(ConfigError::Invalid {
-            origin: origin.to_owned(),
-            issues: found
-                .into_iter()
-                .map(|(at, message)| ConfigIssue { at, message })
-                .collect(),
-        })
+        found_nothing(origin, found).map(|()| settings)
     }
 
     pub fn meter(&self, id: MeterId) -> &Meter {
@@ -522,6 +513,20 @@ impl Config {
     pub fn plan(&self, id: PlanId) -> &Plan {
         &self.plans[id.0 as usize]
     }
+}
+
+/// The issues `(at, message)` validating the services' sections found, as an error.
+fn found_nothing(origin: &str, found: Vec<(String, String)>) -> Result<(), ConfigError> {
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        origin: origin.to_owned(),
+        issues: found
+            .into_iter()
+            .map(|(at, message)| ConfigIssue { at, message })
+            .collect(),
+    })
 }
 
 /// The version of the rating rules, how a price book turns usage into amounts: part of

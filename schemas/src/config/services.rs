@@ -254,28 +254,14 @@ impl fmt::Debug for ClickHouseCredentials {
 impl ClickHouseSpec {
     /// The user, password and CA file: `TALLY_CLICKHOUSE_USER`,
     /// `TALLY_CLICKHOUSE_PASSWORD` and `TALLY_CLICKHOUSE_CA_FILE`, else the section's.
-    /// Nothing else of the services is read, so a batch run that only stores lines
-    /// needs nothing else to be valid.
-    pub fn credentials(&self, env: &dyn Fn(&str) -> Option<String>) -> ClickHouseCredentials {
-        let var = |name: &str| env(name).filter(|v| !v.is_empty());
+    fn credentials(&self, check: &Check<'_>) -> ClickHouseCredentials {
         ClickHouseCredentials {
-            user: var("TALLY_CLICKHOUSE_USER").or_else(|| self.user.clone()),
-            password: var("TALLY_CLICKHOUSE_PASSWORD").or_else(|| self.password.clone()),
-            ca_file: (var("TALLY_CLICKHOUSE_CA_FILE").or_else(|| self.ca_file.clone()))
+            user: check.var("TALLY_CLICKHOUSE_USER").or_else(|| self.user.clone()),
+            password: (check.var("TALLY_CLICKHOUSE_PASSWORD"))
+                .or_else(|| self.password.clone()),
+            ca_file: (check.var("TALLY_CLICKHOUSE_CA_FILE"))
+                .or_else(|| self.ca_file.clone())
                 .map(PathBuf::from),
-        }
-    }
-
-    /// `request_timeout`, or its default; refused when zero. Like the credentials,
-    /// read on its own by a batch run that only stores lines.
-    pub fn request_timeout(&self) -> Result<Duration, &'static str> {
-        let timeout = self
-            .request_timeout
-            .map_or(d::DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT, |t| t.0);
-        if timeout.is_zero() {
-            Err("must be above zero")
-        } else {
-            Ok(timeout)
         }
     }
 }
@@ -384,6 +370,27 @@ pub(super) struct ServiceSpecs<'a> {
     pub ingest: &'a IngestSpec,
     pub aggregator: AggregatorStreamSpec<'a>,
     pub rater: &'a RaterSpec,
+}
+
+/// `[clickhouse]` alone, with the environment's overrides, or `url` (a command's flag)
+/// in place of the section's and the environment's URL.
+pub(super) fn validate_clickhouse(
+    spec: &ClickHouseSpec,
+    url: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+    issues: &mut Vec<(String, String)>,
+) -> ClickHouseSettings {
+    let flag_env = |name: &str| match (name, url) {
+        ("TALLY_CLICKHOUSE_URL", Some(url)) => Some(url.to_owned()),
+        _ => env(name),
+    };
+    clickhouse(
+        &mut Check {
+            env: &flag_env,
+            issues,
+        },
+        spec,
+    )
 }
 
 /// Applies the environment overrides and checks every value; issues are `(at, message)`.
@@ -586,14 +593,15 @@ fn clickhouse(check: &mut Check<'_>, spec: &ClickHouseSpec) -> ClickHouseSetting
             ),
         );
     }
-    let request_timeout = spec.request_timeout().unwrap_or_else(|why| {
-        check.issue("clickhouse.request_timeout", why);
-        d::DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT
-    });
+    let request_timeout = check.above_zero(
+        "clickhouse.request_timeout",
+        spec.request_timeout.map(|t| t.0),
+        d::DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT,
+    );
     ClickHouseSettings {
         url,
         database,
-        credentials: spec.credentials(check.env),
+        credentials: spec.credentials(check),
         request_timeout,
     }
 }
