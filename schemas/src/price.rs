@@ -113,21 +113,77 @@ pub enum TiersMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tiers(Vec<Tier>);
 
+/// A rule a tier table breaks: the tier (`None`: the table) and its field, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierProblem {
+    pub tier: Option<usize>,
+    pub field: &'static str,
+    pub message: String,
+}
+
 impl Tiers {
-    /// `None` when a rule is broken (validation reports which, and where).
-    pub fn new(tiers: Vec<Tier>) -> Option<Self> {
-        let (last, rest) = tiers.split_last()?;
-        let mut previous = Decimal::ZERO;
-        for tier in rest {
-            match tier.up_to {
-                UpTo::Finite(bound) if bound > previous => previous = bound,
-                _ => return None,
+    /// The table, or every rule it breaks (validation reports them where they are).
+    pub fn new(tiers: Vec<Tier>) -> Result<Self, Vec<TierProblem>> {
+        let mut problems = Vec::new();
+        let mut problem = |tier: Option<usize>, field, message: String| {
+            problems.push(TierProblem {
+                tier,
+                field,
+                message,
+            })
+        };
+        if tiers.is_empty() {
+            problem(
+                None,
+                "tiers",
+                "a tiered price needs at least one tier, the last with up_to = \"inf\"".into(),
+            );
+        }
+        let mut previous: Option<Decimal> = None;
+        for (k, tier) in tiers.iter().enumerate() {
+            let last = k + 1 == tiers.len();
+            match (tier.up_to, last) {
+                (UpTo::Inf, false) => problem(
+                    Some(k),
+                    "up_to",
+                    "only the last tier may be \"inf\"".into(),
+                ),
+                (UpTo::Finite(bound), true) => problem(
+                    Some(k),
+                    "up_to",
+                    format!("the last tier must have up_to = \"inf\" (found {bound}), so every quantity has a tier"),
+                ),
+                (UpTo::Finite(bound), false) => {
+                    if bound <= Decimal::ZERO {
+                        problem(Some(k), "up_to", "must be positive".into());
+                    } else if let Some(prev) = previous.filter(|p| bound <= *p) {
+                        problem(
+                            Some(k),
+                            "up_to",
+                            format!("tiers must strictly increase: {bound} follows {prev}"),
+                        );
+                    }
+                    previous = Some(bound);
+                }
+                (UpTo::Inf, true) => {}
+            }
+            for (field, amount) in [
+                ("unit_amount", tier.unit_amount),
+                ("flat_amount", tier.flat_amount),
+            ] {
+                if amount < Decimal::ZERO {
+                    problem(
+                        Some(k),
+                        field,
+                        format!("amounts must not be negative (found {amount})"),
+                    );
+                }
             }
         }
-        let amounts_ok = tiers
-            .iter()
-            .all(|t| t.unit_amount >= Decimal::ZERO && t.flat_amount >= Decimal::ZERO);
-        (last.up_to == UpTo::Inf && amounts_ok).then_some(Tiers(tiers))
+        match problems.is_empty() {
+            true => Ok(Tiers(tiers)),
+            false => Err(problems),
+        }
     }
 
     /// The last tier, which covers every quantity above the others.
@@ -203,27 +259,27 @@ mod tests {
 
     #[test]
     fn only_rateable_tier_tables_can_be_made() {
-        assert!(Tiers::new(vec![tier(Some(10), 1), tier(None, 1)]).is_some());
-        assert!(Tiers::new(vec![tier(None, 0)]).is_some());
-        assert!(Tiers::new(vec![]).is_none(), "empty");
+        assert!(Tiers::new(vec![tier(Some(10), 1), tier(None, 1)]).is_ok());
+        assert!(Tiers::new(vec![tier(None, 0)]).is_ok());
+        assert!(Tiers::new(vec![]).is_err(), "empty");
         assert!(
-            Tiers::new(vec![tier(Some(10), 1)]).is_none(),
+            Tiers::new(vec![tier(Some(10), 1)]).is_err(),
             "last not inf"
         );
         assert!(
-            Tiers::new(vec![tier(None, 1), tier(None, 1)]).is_none(),
+            Tiers::new(vec![tier(None, 1), tier(None, 1)]).is_err(),
             "inf before last"
         );
         assert!(
-            Tiers::new(vec![tier(Some(10), 1), tier(Some(10), 1), tier(None, 1)]).is_none(),
+            Tiers::new(vec![tier(Some(10), 1), tier(Some(10), 1), tier(None, 1)]).is_err(),
             "not increasing"
         );
         assert!(
-            Tiers::new(vec![tier(Some(0), 1), tier(None, 1)]).is_none(),
+            Tiers::new(vec![tier(Some(0), 1), tier(None, 1)]).is_err(),
             "bound not positive"
         );
         assert!(
-            Tiers::new(vec![tier(None, -1)]).is_none(),
+            Tiers::new(vec![tier(None, -1)]).is_err(),
             "negative amount"
         );
     }

@@ -584,12 +584,8 @@ fn validate_rate(spec: &PriceSpec, at: &str, issues: &mut Issues) -> Option<Rate
                 );
                 TiersMode::Graduated
             });
-            let tiers = validate_tiers(spec.tiers.as_deref().unwrap_or_default(), at, issues);
-            // A table validate_tiers found wrong has its issues reported already.
-            Rate::Tiered {
-                mode,
-                tiers: Tiers::new(tiers)?,
-            }
+            let tiers = validate_tiers(spec.tiers.as_deref().unwrap_or_default(), at, issues)?;
+            Rate::Tiered { mode, tiers }
         }
     };
     Some(rate)
@@ -608,58 +604,35 @@ fn unit_amount(spec: &PriceSpec, at: &str, scheme: &str, issues: &mut Issues) ->
     }
 }
 
-fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Vec<Tier> {
-    if specs.is_empty() {
-        issues.add(
-            format!("{at}.tiers"),
-            "a tiered price needs at least one tier, the last with up_to = \"inf\"",
-        );
-        return Vec::new();
-    }
-    let mut previous: Option<Decimal> = None;
+/// The tier table, its rules checked by [`Tiers::new`]; `None` when it breaks one
+/// (each reported where it is).
+fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Option<Tiers> {
     let mut tiers = Vec::with_capacity(specs.len());
     for (k, spec) in specs.iter().enumerate() {
-        let at = format!("{at}.tiers[{k}]");
-        let last = k + 1 == specs.len();
-        match (spec.up_to.0, last) {
-            (UpTo::Inf, false) => issues.add(
-                format!("{at}.up_to"),
-                "only the last tier may be \"inf\"",
-            ),
-            (UpTo::Finite(bound), true) => issues.add(
-                format!("{at}.up_to"),
-                format!("the last tier must have up_to = \"inf\" (found {bound}), so every quantity has a tier"),
-            ),
-            (UpTo::Finite(bound), false) => {
-                if bound <= Decimal::ZERO {
-                    issues.add(format!("{at}.up_to"), "must be positive");
-                } else if let Some(prev) = previous.filter(|p| bound <= *p) {
-                    issues.add(
-                        format!("{at}.up_to"),
-                        format!("tiers must strictly increase: {bound} follows {prev}"),
-                    );
-                }
-                previous = Some(bound);
-            }
-            (UpTo::Inf, true) => {}
-        }
         if spec.unit_amount.is_none() && spec.flat_amount.is_none() {
             issues.add(
-                &at,
+                format!("{at}.tiers[{k}]"),
                 "set unit_amount, flat_amount or both (use unit_amount = \"0\" for a free tier)",
             );
         }
         tiers.push(Tier {
             up_to: spec.up_to.0,
-            unit_amount: spec.unit_amount.map_or(Decimal::ZERO, |a| {
-                non_negative(a.0, &format!("{at}.unit_amount"), issues)
-            }),
-            flat_amount: spec.flat_amount.map_or(Decimal::ZERO, |a| {
-                non_negative(a.0, &format!("{at}.flat_amount"), issues)
-            }),
+            unit_amount: spec.unit_amount.map_or(Decimal::ZERO, |a| a.0),
+            flat_amount: spec.flat_amount.map_or(Decimal::ZERO, |a| a.0),
         });
     }
-    tiers
+    match Tiers::new(tiers) {
+        Ok(tiers) => Some(tiers),
+        Err(problems) => {
+            for p in problems {
+                match p.tier {
+                    Some(k) => issues.add(format!("{at}.tiers[{k}].{}", p.field), p.message),
+                    None => issues.add(format!("{at}.{}", p.field), p.message),
+                }
+            }
+            None
+        }
+    }
 }
 
 /// A price's flat fees (a tier's flat amounts, or a flat-rate fee), billed even without
