@@ -136,7 +136,7 @@ impl PartitionState {
         let now = at(received_ms);
         if let Some(value) = header_value(message, CLOSE_PERIOD_HEADER) {
             // A control record is judged by its own record's time alone.
-            let rejection = self.close_period(message, value, at(timestamp));
+            let rejection = self.apply_close_record(message, value, at(timestamp));
             processed.outcomes.add(match rejection {
                 Some(_) => EventOutcome::Invalid,
                 None => EventOutcome::Control,
@@ -205,7 +205,7 @@ impl PartitionState {
     /// Closes the period a control record names, or tells why it cannot. A close cannot
     /// be undone, so one naming a period that had not ended when it was written (`now`)
     /// is refused, the same on a replay.
-    pub(super) fn close_period(
+    pub(super) fn apply_close_record(
         &mut self,
         message: &BorrowedMessage<'_>,
         value: &[u8],
