@@ -61,7 +61,8 @@ pub enum Outcome {
     /// Counted as an adjustment: its period had closed, so its usage was carried into
     /// the earliest open period.
     Adjusted,
-    /// New, but no meter reads its type: remembered for dedupe, billed nowhere.
+    /// No meter reads its type: billed nowhere, and not remembered for dedupe (a replay
+    /// under a price book with a meter for it counts it then).
     Unmetered,
     /// An identical retry of an event already counted.
     Retry,
@@ -331,6 +332,12 @@ impl Aggregator {
             && self.watermark.is_some_and(|w| {
                 self.window.start_of(event.time.timestamp()) < self.window.start_of(w.timestamp())
             });
+        if event.readings.is_empty() {
+            // Not remembered: nothing was counted, so once a meter reads its type (a
+            // price book that lacked one, fixed), a replay of the events counts it.
+            self.advance_watermark(event.time);
+            return Outcome::Unmetered;
+        }
         let day = day_of(event.time);
         match self.dedupe.observe(event.key, event.payload, day) {
             Seen::First => {
@@ -343,9 +350,6 @@ impl Aggregator {
             Seen::Conflict => return Outcome::Conflict,
         }
         self.advance_watermark(event.time);
-        if event.readings.is_empty() {
-            return Outcome::Unmetered;
-        }
         // An adjustment is windowed at the start of the period it is billed in.
         let window_start = match carried_into {
             Some(open) => open.start().timestamp(),
@@ -1214,6 +1218,21 @@ mod tests {
                 (vec!["llama".to_string()], "3".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn an_unmetered_event_is_not_remembered_so_a_replay_that_meters_it_counts_it() {
+        let mut agg = Aggregator::streaming(&config());
+        let mut event = tokens("u1", "2026-11-02T10:00:00Z", "gpt", 5, 1);
+        // As decoded under a price book without a meter for its type.
+        let readings = std::mem::take(&mut event.readings);
+        assert_eq!(agg.apply(&event), Outcome::Unmetered);
+        assert_eq!(agg.apply(&event), Outcome::Unmetered);
+        assert_eq!(agg.dedupe_keys(), 0);
+        event.readings = readings;
+        assert_eq!(agg.apply(&event), Outcome::Accepted);
+        assert_eq!(agg.apply(&event), Outcome::Retry);
+        assert_eq!(agg.dedupe_keys(), 1);
     }
 
     #[test]

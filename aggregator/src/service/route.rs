@@ -8,10 +8,13 @@
 //! how each message meets it.
 
 use std::num::NonZeroUsize;
+use std::sync::LazyLock;
+use std::time::Instant;
 
 use chrono::Utc;
 use rdkafka::message::{BorrowedMessage, Message};
 use tally_runtime::kafka::{header_value, partition_for_key};
+use tally_runtime::throttle::LogThrottle;
 use tally_schemas::config::Config;
 use tally_schemas::event::{EventDecoder, EventError, Problem};
 use tally_schemas::records::{CLOSE_PERIOD_HEADER, FORWARDED_TIMESTAMP_HEADER};
@@ -100,6 +103,22 @@ fn verdict(outcome: Outcome, time: chrono::DateTime<Utc>) -> (EventOutcome, Opti
             let EventError { field, problem } = e.as_event_error();
             rejection(EventOutcome::Refused, problem.code(), field, problem.to_string())
         }
+    }
+}
+
+/// Says, at most once a minute in the process, that events of a type no meter reads
+/// are read: the product may send such events on purpose, but an aggregator whose
+/// price book lacks a meter the others have bills nothing of its type.
+fn log_unmetered(event_type: &str, message: &BorrowedMessage<'_>) {
+    static LOGGED: LazyLock<LogThrottle<()>> = LazyLock::new(LogThrottle::default);
+    if let Some(left_out) = LOGGED.due((), Instant::now()) {
+        tracing::warn!(
+            event_type,
+            partition = message.partition(),
+            offset = message.offset(),
+            left_out,
+            "an event of a type no meter of this price book reads: not billed (logged at most once a minute; left_out: as many since). If it should be, see the README's \"A meter missing from the price book\""
+        );
     }
 }
 
@@ -194,6 +213,7 @@ impl PartitionState {
                 match outcome {
                     Outcome::Late => processed.outcomes.late_revised += 1,
                     Outcome::Adjusted => processed.outcomes.late_adjusted += 1,
+                    Outcome::Unmetered => log_unmetered(&event.event_type, message),
                     _ => {}
                 }
                 verdict(outcome, event.time)

@@ -29,6 +29,9 @@ pub struct Spec {
 pub struct Generated {
     pub lines: u64,
     pub retries: u64,
+    /// Of the retries, those of feedback events, which no meter reads: not remembered
+    /// for dedupe, they count as unmetered again rather than as duplicates.
+    pub unmetered_retries: u64,
     pub conflicts: u64,
     pub late: u64,
     pub malformed: u64,
@@ -251,6 +254,9 @@ pub fn generate(
             // A client retry: the same event again, byte for byte.
             line.push_str(&recent[rng.below(recent.len() as u64) as usize]);
             stats.retries += 1;
+            if line.contains(r#""type":"ai.feedback""#) {
+                stats.unmetered_retries += 1;
+            }
         } else if !recent.is_empty() && rng.chance(100) {
             // A resend with the same id but different content: a conflict.
             let original = &recent[rng.below(recent.len() as u64) as usize];

@@ -194,7 +194,10 @@ mod tests {
         let streamed: Vec<_> = pipeline.lines.iter().map(|r| r.line.clone()).collect();
         assert_eq!(streamed, batch.lines);
         assert_eq!(pipeline.summary, batch.summary);
-        assert_eq!(pipeline.summary.duplicates, made.retries);
+        assert_eq!(
+            pipeline.summary.duplicates,
+            made.retries - made.unmetered_retries
+        );
         assert_eq!(pipeline.summary.rejected, 16);
         assert_eq!(pipeline.summary.conflicts, made.conflicts);
         // Conflicting resends are kept with the rejected lines, as in the rejected topic.

@@ -2191,6 +2191,48 @@ fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
     );
 }
 
+/// An aggregator ran a book whose token meter names a mistyped event type: it counted
+/// the month's token events as unmetered. With the book fixed, a replay of the events
+/// topic bills them, and the events it did count stay counted once.
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn events_read_while_their_meter_was_missing_are_billed_by_a_replay() {
+    let _serial = serial();
+    let p = Pipeline::new("missing_meter", 3_000, 10, "");
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let typo = edited(
+        &book,
+        r#"event_type = "llm.tokens""#,
+        r#"event_type = "llm.token""#,
+    );
+    std::fs::write(&p.config, typo).unwrap();
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(&p.lines());
+    p.wait_caught_up("aggregator", Duration::from_secs(120));
+    let port = harness::metrics_port(&p.log("agg-a"), "aggregator metrics");
+    let unmetered = "tally_aggregator_events_total{outcome=\"unmetered\"}";
+    assert!(
+        harness::metric(port, unmetered).is_some_and(|n| n > 1000.0),
+        "the token events went unmetered"
+    );
+    assert!(
+        p.log("agg-a").contains("no meter of this price book reads"),
+        "{}",
+        p.log("agg-a")
+    );
+
+    // The README's way out: stop the pipeline, fix the book, start the raters, replay
+    // the events topic into the aggregators.
+    p.stop("agg-a");
+    p.stop("rater-a");
+    std::fs::write(&p.config, book).unwrap();
+    p.reset_group_to_earliest("aggregator");
+    p.start("rater", "rater-b");
+    p.start("aggregator", "agg-b");
+    p.wait_for(&p.expected(), Duration::from_secs(180));
+}
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_as_billed() {
