@@ -4,6 +4,7 @@
 //! partition still restoring). The ingest service mounts the same routes on its API.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -24,6 +25,8 @@ use crate::Shutdown;
 pub struct Readiness {
     not_ready: Arc<Mutex<Option<String>>>,
     consumer_failing: Arc<Mutex<Option<String>>>,
+    /// The service's reason is that it holds no partitions ([`Readiness::ready_holding`]).
+    holds_none: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -32,15 +35,40 @@ impl Readiness {
         Readiness {
             not_ready: Arc::new(Mutex::new(Some(reason.to_owned()))),
             consumer_failing: Arc::new(Mutex::new(None)),
+            holds_none: Arc::new(AtomicBool::new(false)),
         }
     }
 
     pub fn ready(&self) {
+        self.holds_none.store(false, Ordering::Relaxed);
         set_reason(&self.not_ready, None);
     }
 
     pub fn not_ready(&self, reason: impl Into<String>) {
+        self.holds_none.store(false, Ordering::Relaxed);
         set_reason(&self.not_ready, Some(reason.into()));
+    }
+
+    /// A consumer-group member that has restored what it was assigned: ready if it
+    /// holds `held` > 0 partitions. One holding none is ready only once its consumer
+    /// finds the group settled with it as a standby ([`crate::kafka::ConsumerHealth`]):
+    /// while a group moves partitions to a member that joined, the member holds none
+    /// between the rebalance's two steps, and a rolling restart that waited for it
+    /// would stop the next instance before this one works.
+    pub fn ready_holding(&self, held: usize) {
+        if held > 0 {
+            return self.ready();
+        }
+        set_reason(
+            &self.not_ready,
+            Some("a member of its consumer group holding no partitions yet: ready once it restored some, or once the group has settled with this instance as a standby".to_owned()),
+        );
+        self.holds_none.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the only reason is [`Readiness::ready_holding`]'s, none held.
+    pub(crate) fn holds_none(&self) -> bool {
+        self.holds_none.load(Ordering::Relaxed)
     }
 
     /// The service's consumer has kept failing: not ready, whatever the service says.

@@ -350,8 +350,8 @@ pub fn run(
                 topics.events
             )),
         )?;
-    // Ready once the group's first assignment to it (even of no partition) is
-    // restored.
+    // Ready once the group's first assignment to it is restored, or once it is a
+    // standby.
     readiness.not_ready(format!(
         "joining consumer group {}: no partitions assigned yet",
         kafka.group("aggregator")
@@ -359,7 +359,11 @@ pub fn run(
     tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), transactional_id = %transactional_id(kafka), "aggregator started");
     let commit_interval = settings.aggregator.commit_interval;
     let epoch = Arc::clone(&lock(&worker).epoch);
-    let mut health = ConsumerHealth::new(readiness);
+    let mut health = ConsumerHealth::new(
+        readiness,
+        kafka.group("aggregator"),
+        partition_count.get(),
+    );
     let mut last_lag = Instant::now();
     let mut last_partition_check: Option<Instant> = None;
     // One batch is processed on its own thread while the next is read.

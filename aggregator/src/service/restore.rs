@@ -77,7 +77,7 @@ impl Worker {
             tracing::error!(partitions = ?beyond, pipeline_partitions = pipeline, "assigned partitions of the events topic past the pipeline's; they are left unread, and events written to them are not billed (README, \"Changing the partition count\")");
         }
         self.record_held_state();
-        self.readiness.ready();
+        self.readiness.ready_holding(self.partitions.len());
         Ok(())
     }
 

@@ -391,7 +391,7 @@ impl Worker {
                 )))?;
             }
         }
-        self.readiness.ready();
+        self.readiness.ready_holding(self.partitions.len());
         Ok(())
     }
 }

@@ -309,7 +309,7 @@ impl PartitionOwner for Worker {
                 .map_err(kafka("resume the assigned partitions"))?;
         }
         if !held {
-            self.readiness.ready();
+            self.readiness.ready_holding(self.partitions.len());
         }
         Ok(())
     }
@@ -416,14 +416,18 @@ pub fn run(
         group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker)).map_err(kafka(
             format!("join group {} on {topic}", kafka_settings.group("rater")),
         ))?;
-    // Ready once the group's first assignment to it (even of no partition) is
-    // rebuilt: after a crash, Kafka waits out the dead member's session first.
+    // Ready once the group's first assignment to it is rebuilt (after a crash, Kafka
+    // waits out the dead member's session first), or once it is a standby.
     readiness.not_ready(format!(
         "joining consumer group {}: no partitions assigned yet",
         kafka_settings.group("rater")
     ));
     tracing::info!(%topic, group = %kafka_settings.group("rater"), "rater started");
-    let mut health = ConsumerHealth::new(readiness);
+    let mut health = ConsumerHealth::new(
+        readiness,
+        kafka_settings.group("rater"),
+        partition_count.get(),
+    );
     let mut last_lag = Instant::now();
     let mut poll_wait = IDLE_POLL_WAIT;
     while !shutdown.is_requested() {

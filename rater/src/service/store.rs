@@ -393,7 +393,7 @@ impl Worker {
             Ok(()) => {
                 tracing::info!("lines stored again; resuming");
                 self.retry_at = None;
-                self.readiness.ready();
+                self.readiness.ready_holding(self.partitions.len());
             }
             // Still paused: tried again after the backoff.
             Err(error) => {

@@ -356,10 +356,14 @@ pub fn poll_group<'c, O: PartitionOwner>(
         }
         None => {
             health.quiet(Instant::now());
+            health.settle_standby(consumer, Instant::now());
             Ok(None)
         }
     }
 }
+
+/// How often a member holding no partitions asks whether its group has settled.
+const STANDBY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// How long a group consumer's polls may keep failing before its service says it is
 /// not ready: longer than a broker takes to restart, so routine restarts do not flap.
@@ -378,13 +382,49 @@ pub struct ConsumerHealth {
     readiness: crate::ops::Readiness,
     /// The first and the latest error of the current run of them.
     failing: Option<(Instant, Instant)>,
+    /// The consumer's group, and the partitions of the topic it reads.
+    group: String,
+    partitions: usize,
+    /// When a member holding no partitions last asked about its group.
+    standby_checked: Option<Instant>,
 }
 
 impl ConsumerHealth {
-    pub fn new(readiness: crate::ops::Readiness) -> Self {
+    pub fn new(readiness: crate::ops::Readiness, group: String, partitions: usize) -> Self {
         ConsumerHealth {
             readiness,
             failing: None,
+            group,
+            partitions,
+            standby_checked: None,
+        }
+    }
+
+    /// Makes a member holding no partitions ready once it is a standby: its group
+    /// stable, with more members than partitions. With as many members or fewer, the
+    /// group's cooperative assignment gives each member some, so a member holding none
+    /// is between the two steps of a rebalance and becomes ready when it has restored
+    /// its partitions.
+    fn settle_standby<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, now: Instant) {
+        if !self.readiness.holds_none()
+            || (self.standby_checked).is_some_and(|at| now - at < STANDBY_CHECK_EVERY)
+        {
+            return;
+        }
+        self.standby_checked = Some(now);
+        let holds_none = consumer.assignment().is_ok_and(|a| a.count() == 0);
+        let standby = consumer
+            .fetch_group_list(Some(&self.group), Duration::from_secs(2))
+            .is_ok_and(|list| {
+                (list.groups().iter()).any(|g| {
+                    g.name() == self.group
+                        && g.state() == "Stable"
+                        && g.members().len() > self.partitions
+                })
+            });
+        if holds_none && standby {
+            tracing::info!(group = %self.group, partitions = self.partitions, "a standby: the group is stable with more members than partitions, and this one holds none");
+            self.readiness.ready();
         }
     }
 
@@ -553,7 +593,7 @@ mod tests {
     fn a_consumer_failing_for_long_makes_its_service_not_ready_until_it_recovers() {
         let readiness = crate::ops::Readiness::new("starting");
         readiness.ready();
-        let mut health = ConsumerHealth::new(readiness.clone());
+        let mut health = ConsumerHealth::new(readiness.clone(), "group".to_owned(), 1);
         let error = KafkaError::MessageConsumption(RDKafkaErrorCode::InvalidSessionTimeout);
         let start = Instant::now();
         let at = |seconds: u64| start + Duration::from_secs(seconds);

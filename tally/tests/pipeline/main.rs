@@ -12,7 +12,7 @@ mod harness;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use harness::{serial, Pipeline};
 use rust_decimal::Decimal;
@@ -2189,6 +2189,68 @@ fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
         Duration::from_secs(60),
         || p.query(&idle_november_fees) == fees("59.00"),
     );
+}
+
+/// A rolling restart goes by /readyz: an aggregator joining a running group says ready
+/// only once it holds restored partitions (not at the rebalance's first step, which
+/// gives a joining member none), and one beyond the partition count once the group
+/// has settled with it as a standby.
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn an_aggregator_joining_its_group_is_ready_once_it_holds_partitions_or_stands_by() {
+    let _serial = serial();
+    let p = Pipeline::new("joining", 3_000, 10, "");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(&p.lines());
+    p.wait_caught_up("aggregator", Duration::from_secs(120));
+    let port_of = |name: &str| {
+        let mut port = None;
+        harness::eventually("its metrics listener", Duration::from_secs(30), || {
+            let log = p.log(name);
+            port = log
+                .contains("what=\"aggregator metrics\"")
+                .then(|| harness::metrics_port(&log, "aggregator metrics"));
+            port.is_some()
+        });
+        port.unwrap_or_default()
+    };
+    let ready = |port: u16| common::get(port, "/readyz").is_some_and(|(status, _)| status == 200);
+
+    p.start("aggregator", "agg-b");
+    let port = port_of("agg-b");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready(port) {
+        assert!(Instant::now() < deadline, "agg-b never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held = harness::metric(port, "tally_aggregator_assigned_partitions");
+    assert!(
+        held.is_some_and(|n| n > 0.0),
+        "ready holding {held:?} partitions:\n{}",
+        p.log("agg-b")
+    );
+
+    // More aggregators than partitions: the one left without any is ready too.
+    let others = ["agg-c", "agg-d", "agg-e"];
+    for name in others {
+        p.start("aggregator", name);
+    }
+    let ports: Vec<u16> = others.iter().map(|name| port_of(name)).collect();
+    harness::eventually(
+        "every aggregator ready, one of five a standby",
+        Duration::from_secs(90),
+        || ports.iter().all(|&port| ready(port)),
+    );
+    let holding: Vec<Option<f64>> = (ports.iter())
+        .map(|&port| harness::metric(port, "tally_aggregator_assigned_partitions"))
+        .collect();
+    assert!(holding.contains(&Some(0.0)), "no standby: {holding:?}");
+    p.produce(&resolution_each("20", "2026-10-20T00:00:00Z"));
+    p.wait_caught_up("aggregator", Duration::from_secs(120));
+    let mut lines = p.lines();
+    lines.extend(resolution_each("20", "2026-10-20T00:00:00Z"));
+    p.wait_for(&p.expected_for(&lines, p.period), Duration::from_secs(120));
 }
 
 /// An aggregator ran a book whose token meter names a mistyped event type: it counted
