@@ -262,10 +262,7 @@ mod tests {
         assert!(Tiers::new(vec![tier(Some(10), 1), tier(None, 1)]).is_ok());
         assert!(Tiers::new(vec![tier(None, 0)]).is_ok());
         assert!(Tiers::new(vec![]).is_err(), "empty");
-        assert!(
-            Tiers::new(vec![tier(Some(10), 1)]).is_err(),
-            "last not inf"
-        );
+        assert!(Tiers::new(vec![tier(Some(10), 1)]).is_err(), "last not inf");
         assert!(
             Tiers::new(vec![tier(None, 1), tier(None, 1)]).is_err(),
             "inf before last"
@@ -278,9 +275,6 @@ mod tests {
             Tiers::new(vec![tier(Some(0), 1), tier(None, 1)]).is_err(),
             "bound not positive"
         );
-        assert!(
-            Tiers::new(vec![tier(None, -1)]).is_err(),
-            "negative amount"
-        );
+        assert!(Tiers::new(vec![tier(None, -1)]).is_err(), "negative amount");
     }
 }

@@ -359,11 +359,8 @@ pub fn run(
     tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), transactional_id = %transactional_id(kafka), "aggregator started");
     let commit_interval = settings.aggregator.commit_interval;
     let epoch = Arc::clone(&lock(&worker).epoch);
-    let mut health = ConsumerHealth::new(
-        readiness,
-        kafka.group("aggregator"),
-        partition_count.get(),
-    );
+    let mut health =
+        ConsumerHealth::new(readiness, kafka.group("aggregator"), partition_count.get());
     let mut last_lag = Instant::now();
     let mut last_partition_check: Option<Instant> = None;
     // One batch is processed on its own thread while the next is read.

@@ -141,6 +141,12 @@ pub(super) fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &s
         return;
     }
     match level {
+        // A failed transaction (a rebalance's new generation fails the open one's
+        // offsets, as every deploy does) is the aggregator's to judge, and it logs
+        // what it does about it.
+        Level::Emerg | Level::Alert | Level::Critical | Level::Error if facility == "TXNERR" => {
+            tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
         Level::Emerg | Level::Alert | Level::Critical | Level::Error => {
             tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
         }

@@ -79,7 +79,11 @@ pub fn read_partition(
     };
     // A record of any size the writers allow is read, whatever `[kafka] properties`
     // gives the fetch size.
-    force(&mut base, "max.partition.fetch.bytes", &MAX_RECORD_BYTES.to_string());
+    force(
+        &mut base,
+        "max.partition.fetch.bytes",
+        &MAX_RECORD_BYTES.to_string(),
+    );
     let reader: BaseConsumer<EndIsNoError> = base
         .set("group.id", "tally-state-reader")
         .set("enable.auto.commit", "false")

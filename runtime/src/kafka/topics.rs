@@ -2,6 +2,7 @@
 //! (co-partitioned, state topics compacted and kept), a probe that tells whether the
 //! brokers answer, and the partition a key goes to (murmur2, as Kafka's Java clients).
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use rdkafka::client::Client;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
-use tally_schemas::config::{KafkaSettings, Topic};
+use tally_schemas::config::{likely_meant, KafkaSettings, Topic};
 
 use super::clients::{client_config, ClientErrors};
 use super::read::is_permanent;
@@ -111,9 +112,33 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box
         .create_with_context(ClientErrors)
         .map_err(setup_error(settings, "create an admin client"))?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    create_topics(&admin, settings, &options).await?;
+    let made = create_topics(&admin, settings, &options).await?;
     let windows = settings.topic(Topic::Windows);
     let pipeline_count = partitions_once_known(&admin, settings, &windows).await?;
+    if made {
+        // A new pipeline beside running ones is as likely a mistyped prefix of theirs,
+        // which would bill nothing of what they hold with every probe healthy.
+        let others = other_pipelines(&admin, settings);
+        let likely_meant = likely_meant(&settings.topic_prefix, others.iter().map(String::as_str));
+        match (others.len(), likely_meant) {
+            (0, _) => {
+                tracing::info!(topic_prefix = %settings.topic_prefix, partitions = pipeline_count.get(), "made the pipeline's topics")
+            }
+            (other_pipelines, likely_meant) => tracing::warn!(
+                topic_prefix = %settings.topic_prefix,
+                partitions = pipeline_count.get(),
+                other_pipelines,
+                likely_meant,
+                "made a new pipeline's topics beside other pipelines on these brokers (likely_meant: the one whose topic prefix this one's is a slip of, if any): if this service was meant to join one of them, its [kafka] topic_prefix is wrong; stop it, and delete the new topics"
+            ),
+        }
+    } else if usize::try_from(settings.partitions).ok() != Some(pipeline_count.get()) {
+        tracing::warn!(
+            configured = settings.partitions,
+            partitions = pipeline_count.get(),
+            "[kafka] partitions applies when a pipeline is made: this one has {pipeline_count} for good, and more instances than that leave some without partitions (README, \"Changing the partition count\")"
+        );
+    }
     let mismatch = |topic: String, found: NonZeroUsize| {
         Box::new(KafkaSetupError::PartitionMismatch {
             topic,
@@ -238,11 +263,12 @@ fn existing_partitions(
 /// Creates every topic of the pipeline that does not exist yet, the state topics with
 /// the settings they need. They get `[kafka] partitions` partitions, or as many as an
 /// events topic an operator made beforehand has, so the pipeline reads all of it.
+/// Whether this call made the pipeline: its windows topic.
 async fn create_topics(
     admin: &Admin,
     settings: &KafkaSettings,
     options: &AdminOptions,
-) -> Result<(), Box<KafkaSetupError>> {
+) -> Result<bool, Box<KafkaSetupError>> {
     let names: Vec<(String, Topic)> = [
         Topic::Events,
         Topic::Windows,
@@ -314,9 +340,11 @@ async fn create_topics(
         .create_topics(&topics, options)
         .await
         .map_err(setup_error(settings, "create topics"))?;
+    let mut made = false;
     for result in results {
         match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(topic) => made |= topic == windows,
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(setup_error(settings, &format!("create topic {topic}"))(
                     KafkaError::AdminOp(code),
@@ -324,7 +352,29 @@ async fn create_topics(
             }
         }
     }
-    Ok(())
+    Ok(made)
+}
+
+/// The topic prefixes of the other Tally pipelines the brokers hold (those with a
+/// windows and a changelog topic), as far as their metadata tells.
+fn other_pipelines(admin: &Admin, settings: &KafkaSettings) -> Vec<String> {
+    let Ok(metadata) = admin.inner().fetch_metadata(None, Duration::from_secs(10)) else {
+        return Vec::new();
+    };
+    let names: HashSet<&str> = metadata.topics().iter().map(|t| t.name()).collect();
+    let suffix = |topic: Topic| {
+        let ours = settings.topic(topic);
+        ours[settings.topic_prefix.len()..].to_owned()
+    };
+    let (windows, changelog) = (suffix(Topic::Windows), suffix(Topic::AggregatorChangelog));
+    let mut others: Vec<String> = (names.iter())
+        .filter_map(|name| name.strip_suffix(windows.as_str()))
+        .filter(|prefix| *prefix != settings.topic_prefix)
+        .filter(|prefix| names.contains(format!("{prefix}{changelog}").as_str()))
+        .map(str::to_owned)
+        .collect();
+    others.sort();
+    others
 }
 
 /// The partitions of `topic`, asking again for up to 30 s while there are none: a topic

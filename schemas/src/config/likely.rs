@@ -1,6 +1,6 @@
 //! Which customer of the price book a mistyped id likely meant, for the messages that
 //! name an unknown customer (ingest's warnings, `tally rate`'s summary, `tally
-//! explain`).
+//! explain`), and which pipeline a mistyped topic prefix did.
 
 use super::Config;
 
@@ -16,7 +16,7 @@ impl Config {
 /// `-` for `_` or surrounding spaces, or else the one nearest within two edits (and a
 /// quarter of its length, so short ids are not matched to anything, and `cust_x0`
 /// is not taken for `cust_jp`).
-fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+pub fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     let normal = |id: &str| -> Vec<char> {
         (id.trim().chars())
             .map(|c| match c {

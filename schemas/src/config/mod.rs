@@ -23,6 +23,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use defaults::{Settings, DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT};
+pub use likely::likely_meant;
 pub use services::{
     AggregatorServiceSettings, ApiKey, ApiKeySpec, ClickHouseCredentials, ClickHouseSettings,
     ClickHouseSpec, IngestSettings, IngestSpec, KafkaSettings, KafkaSpec, RaterSettings, RaterSpec,

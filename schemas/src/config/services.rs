@@ -256,9 +256,10 @@ impl ClickHouseSpec {
     /// `TALLY_CLICKHOUSE_PASSWORD` and `TALLY_CLICKHOUSE_CA_FILE`, else the section's.
     fn credentials(&self, check: &Check<'_>) -> ClickHouseCredentials {
         ClickHouseCredentials {
-            user: check.var("TALLY_CLICKHOUSE_USER").or_else(|| self.user.clone()),
-            password: (check.var("TALLY_CLICKHOUSE_PASSWORD"))
-                .or_else(|| self.password.clone()),
+            user: check
+                .var("TALLY_CLICKHOUSE_USER")
+                .or_else(|| self.user.clone()),
+            password: (check.var("TALLY_CLICKHOUSE_PASSWORD")).or_else(|| self.password.clone()),
             ca_file: (check.var("TALLY_CLICKHOUSE_CA_FILE"))
                 .or_else(|| self.ca_file.clone())
                 .map(PathBuf::from),

@@ -191,7 +191,11 @@ fn an_empty_log_format_variable_counts_as_unset() {
     );
     // The service's own refusal, in text logs, not an argument error.
     assert_eq!(run.code, 1, "{}", run.stderr);
-    assert!(run.stderr.contains("API keys are missing"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("API keys are missing"),
+        "{}",
+        run.stderr
+    );
     assert!(!run.stderr.trim_start().starts_with('{'), "{}", run.stderr);
 }
 

@@ -2253,6 +2253,50 @@ fn an_aggregator_joining_its_group_is_ready_once_it_holds_partitions_or_stands_b
     p.wait_for(&p.expected_for(&lines, p.period), Duration::from_secs(120));
 }
 
+/// Deploy mistakes the operator is told of: an instance whose `[kafka] partitions` is
+/// not its pipeline's (it cannot change it), and one whose mistyped topic prefix makes
+/// a new pipeline beside the running one (it would bill none of its events).
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_deploy_with_another_partition_count_or_a_mistyped_prefix_is_told_so() {
+    let _serial = serial();
+    let p = Pipeline::new("deploy_mistakes", 10, 1, "");
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let pipeline_partitions = format!("partitions = {}", harness::PARTITIONS);
+    std::fs::write(
+        &p.config,
+        edited(&book, &pipeline_partitions, "partitions = 12"),
+    )
+    .unwrap();
+    p.start("aggregator", "agg-a");
+    harness::eventually(
+        "agg-a says the partition count is the pipeline's",
+        Duration::from_secs(60),
+        || {
+            p.log("agg-a")
+                .contains("[kafka] partitions applies when a pipeline is made")
+        },
+    );
+    std::fs::write(&p.config, &book).unwrap();
+
+    let mistyped = format!("{}x", p.prefix);
+    p.start_with(
+        "aggregator",
+        "agg-b",
+        &[("TALLY_KAFKA_TOPIC_PREFIX", mistyped.as_str())],
+    );
+    harness::eventually(
+        "agg-b says it made a pipeline beside the running one",
+        Duration::from_secs(60),
+        || {
+            let log = p.log("agg-b");
+            log.contains("made a new pipeline's topics beside other pipelines")
+                && log.contains(&format!("likely_meant=\"{}\"", p.prefix))
+        },
+    );
+    assert!(!p.log("agg-a").contains("made a new pipeline"));
+}
+
 /// An aggregator ran a book whose token meter names a mistyped event type: it counted
 /// the month's token events as unmetered. With the book fixed, a replay of the events
 /// topic bills them, and the events it did count stay counted once.
