@@ -11,16 +11,14 @@ use chrono::Utc;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 use tally_runtime::kafka::{
-    flush, idempotent_producer_config, partition_count, send, DeliveryReports, KafkaProducer,
-    LINGER,
+    failed_to, flush, idempotent_producer_config, partition_count, send, DeliveryReports,
+    KafkaProducer, LINGER,
 };
 use tally_schemas::config::{KafkaSettings, Topic};
 use tally_schemas::records::CLOSE_PERIOD_HEADER;
 use tally_schemas::time::Period;
 
-use super::{
-    kafka_error, AggregatorError, Worker, IDLE_CLOSE_BACKOFF, IDLE_CLOSE_WAIT, TRANSACTION_TIMEOUT,
-};
+use super::{AggregatorError, Worker, IDLE_CLOSE_BACKOFF, IDLE_CLOSE_WAIT, TRANSACTION_TIMEOUT};
 
 /// Closes `period` and every earlier one in every partition of the pipeline: writes a
 /// control record ([`CLOSE_PERIOD_HEADER`]) to each partition of the events topic the
@@ -32,7 +30,7 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
     let topic = kafka.topic(Topic::Events);
     let windows = kafka.topic(Topic::Windows);
     let producer = control_producer(kafka)?;
-    let partitions = partition_count(producer.client(), &windows).map_err(kafka_error(format!(
+    let partitions = partition_count(producer.client(), &windows).map_err(failed_to(format!(
         "find topic {windows} (is the topic prefix the pipeline's?)"
     )))?;
     let all = 0..i32::try_from(partitions).unwrap_or(i32::MAX);
@@ -45,9 +43,10 @@ pub fn close_period(kafka: &KafkaSettings, period: Period) -> Result<usize, Aggr
 fn control_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     // A mistyped prefix fails rather than create a topic no aggregator reads: no
     // Tally client may create topics.
-    idempotent_producer_config(kafka, LINGER)
+    let producer = idempotent_producer_config(kafka, LINGER)
         .create_with_context(DeliveryReports::default())
-        .map_err(kafka_error("create a producer for the control records"))
+        .map_err(failed_to("create a producer for the control records"))?;
+    Ok(producer)
 }
 
 /// Writes the control record that closes `period` to each of `partitions` of the events
@@ -71,14 +70,12 @@ fn write_close_records(
                     value: Some(&value),
                 })),
         )
-        .map_err(kafka_error(format!("write a control record to {topic}")))?;
+        .map_err(failed_to(format!("write a control record to {topic}")))?;
     }
-    flush(producer, wait).map_err(kafka_error(format!(
-        "deliver the control records to {topic}"
-    )))?;
+    flush(producer, wait).map_err(failed_to(format!("deliver the control records to {topic}")))?;
     match producer.context().failure() {
         Some(refused) => {
-            Err(kafka_error(format!("write the control records to {topic}"))(refused.clone()))
+            Err(failed_to(format!("write the control records to {topic}"))(refused.clone()).into())
         }
         None => Ok(()),
     }

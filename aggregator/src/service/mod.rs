@@ -53,8 +53,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use tally_runtime::kafka::{
-    group_consumer, leave_group, partition_count, partitions_beyond, poll_group, ConsumerHealth,
-    GroupContext, KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
+    failed_to, group_consumer, leave_group, partition_count, partitions_beyond, poll_group,
+    ConsumerHealth, GroupContext, KafkaOpError, KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
@@ -103,8 +103,8 @@ const FENCED_AGAIN_WITHIN: Duration = Duration::from_secs(600);
 /// Where the aggregator service failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AggregatorError {
-    #[error("cannot {what}: {source}")]
-    Kafka { what: String, source: KafkaError },
+    #[error(transparent)]
+    Kafka(#[from] KafkaOpError),
     #[error("cannot restore a partition's state: {0}")]
     Restore(#[from] tally_runtime::kafka::ReadError),
     #[error(transparent)]
@@ -155,12 +155,6 @@ impl PartitionCount {
         let count = metadata.strip_prefix(Self::PREFIX)?.parse().ok()?;
         Some(PartitionCount(count))
     }
-}
-
-/// Maps a Kafka error to the service's, saying what was being done.
-fn kafka_error(what: impl Into<String>) -> impl FnOnce(KafkaError) -> AggregatorError {
-    let what = what.into();
-    move |source| AggregatorError::Kafka { what, source }
 }
 
 /// Topic names, resolved once.
@@ -292,7 +286,8 @@ impl PartitionOwner for Worker {
         self.record_held_state();
         consumer
             .incremental_unassign(partitions)
-            .map_err(kafka_error("release the revoked partitions"))
+            .map_err(failed_to("release the revoked partitions"))?;
+        Ok(())
     }
 }
 
@@ -344,7 +339,7 @@ pub fn run(
     }));
     let consumer: GroupConsumer =
         group_consumer(kafka, "aggregator", &topics.events, Arc::clone(&worker)).map_err(
-            kafka_error(format!(
+            failed_to(format!(
                 "join group {} on {}",
                 kafka.group("aggregator"),
                 topics.events
@@ -494,7 +489,7 @@ fn read_batch<'c>(
             consumer,
             wait,
             health,
-            kafka_error("consume the events topic"),
+            failed_to("consume the events topic"),
         )?;
         let now = epoch.load(Ordering::SeqCst);
         if now != read_in {

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
-use tally_runtime::kafka::{client_config, committed_offsets, offset_of};
+use tally_runtime::kafka::{client_config, committed_offsets, failed_to, offset_of};
 use tally_runtime::threads::on_threads;
 
 use crate::aggregator::Aggregator;
 
 use super::changelog::Restored;
 use super::{
-    kafka_error, AggregatorError, GroupConsumer, PartitionCount, PartitionState, Worker,
+    AggregatorError, GroupConsumer, PartitionCount, PartitionState, Worker,
     RESTORE_BEHIND_PATIENCE, RESTORE_TIMEOUT,
 };
 
@@ -31,7 +31,7 @@ impl Worker {
         // Restoring can take a while: the open transaction must not time out meanwhile.
         self.commit_or_recover(consumer, &[])?;
         self.readiness.not_ready("restoring partitions");
-        let committed = committed_offsets(consumer, partitions).map_err(kafka_error(
+        let committed = committed_offsets(consumer, partitions).map_err(failed_to(
             "read the committed offsets of the assigned partitions",
         ))?;
         self.check_committed_partition_count(&committed)?;
@@ -53,7 +53,7 @@ impl Worker {
             };
             partitions
                 .set_partition_offset(&self.topics.events, partition, start)
-                .map_err(kafka_error(format!(
+                .map_err(failed_to(format!(
                     "start {}[{partition}]",
                     self.topics.events
                 )))?;
@@ -61,7 +61,7 @@ impl Worker {
         }
         consumer
             .incremental_assign(partitions)
-            .map_err(kafka_error("take the assigned partitions"))?;
+            .map_err(failed_to("take the assigned partitions"))?;
         if !beyond.is_empty() {
             // Partitions added to the events topic after the pipeline was made: their
             // events' customers live in other partitions, so they are held unread
@@ -72,7 +72,7 @@ impl Worker {
             }
             consumer
                 .pause(&unread)
-                .map_err(kafka_error("hold the partitions past the pipeline's"))?;
+                .map_err(failed_to("hold the partitions past the pipeline's"))?;
             let beyond: Vec<i32> = beyond.iter().map(|(partition, _)| *partition).collect();
             tracing::error!(partitions = ?beyond, pipeline_partitions = pipeline, "assigned partitions of the events topic past the pipeline's; they are left unread, and events written to them are not billed (README, \"Changing the partition count\")");
         }

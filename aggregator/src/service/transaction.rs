@@ -18,8 +18,8 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    flush, idempotent_producer_config, positions_ahead, send, DeliveryReports, KafkaProducer,
-    LINGER, MAX_RECORD_BYTES,
+    failed_to, flush, idempotent_producer_config, positions_ahead, send, DeliveryReports,
+    KafkaProducer, LINGER, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::threads::on_threads;
@@ -28,7 +28,7 @@ use tally_schemas::records::{settled_record, SETTLED_HEADER};
 
 use super::changelog::{delta_key, keys_key, tombstone, write_snapshot};
 use super::{
-    kafka_error, AggregatorError, GroupConsumer, PartitionCount, PartitionState, Topics, Worker,
+    AggregatorError, GroupConsumer, PartitionCount, PartitionState, Topics, Worker,
     FENCED_AGAIN_WITHIN, TRANSACTION_TIMEOUT,
 };
 
@@ -61,12 +61,12 @@ pub(super) fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, Aggre
         .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
         .set("transaction.timeout.ms", "60000")
         .create_with_context(DeliveryReports::default())
-        .map_err(kafka_error("create the transactional producer"))?;
+        .map_err(failed_to("create the transactional producer"))?;
     // Fences any earlier producer with this id (a previous run of this instance) and
     // aborts its open transaction.
     producer
         .init_transactions(TRANSACTION_TIMEOUT)
-        .map_err(kafka_error(format!(
+        .map_err(failed_to(format!(
             "initialise transactions as {transactional_id}"
         )))?;
     Ok(producer)
@@ -372,18 +372,18 @@ impl Worker {
                     partition,
                     Offset::Offset(state.next_offset),
                 )
-                .map_err(kafka_error("rewind the consumer"))?;
+                .map_err(failed_to("rewind the consumer"))?;
             self.partitions.insert(partition, state);
         }
         if rewind.count() > 0 {
             let sought = consumer
                 .seek_partitions(rewind, Duration::from_secs(10))
-                .map_err(kafka_error("rewind the consumer"))?;
+                .map_err(failed_to("rewind the consumer"))?;
             // A partition left where it was would go on past the events its rebuilt
             // state has not counted, and they would never be billed: stop instead, and
             // the restarted service resumes from the committed offsets.
             for element in sought.elements() {
-                element.error().map_err(kafka_error(format!(
+                element.error().map_err(failed_to(format!(
                     "rewind {}[{}] to {:?}; the aggregator stops, and restarted it resumes from the committed offsets",
                     element.topic(),
                     element.partition(),

@@ -53,9 +53,9 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use tally_runtime::kafka::{
-    committed_offsets, force, group_consumer, idempotent_producer_config, leave_group, offset_of,
-    poll_group, positions_ahead, ConsumerHealth, DeliveryReports, GroupContext, KafkaProducer,
-    PartitionOwner,
+    committed_offsets, failed_to, force, group_consumer, idempotent_producer_config, leave_group,
+    offset_of, poll_group, positions_ahead, ConsumerHealth, DeliveryReports, GroupContext,
+    KafkaOpError, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
@@ -100,8 +100,8 @@ const RATED_LINES_LINGER: Duration = Duration::from_millis(20);
 /// Where the rater service failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RaterError {
-    #[error("cannot {what}: {source}")]
-    Kafka { what: String, source: KafkaError },
+    #[error(transparent)]
+    Kafka(#[from] KafkaOpError),
     #[error(transparent)]
     ClickHouse(#[from] ClickHouseError),
     #[error("cannot rebuild a partition's ledger: {0}")]
@@ -224,7 +224,7 @@ impl PartitionOwner for Worker {
         if !held {
             self.readiness.not_ready("rebuilding partitions");
         }
-        let committed = committed_offsets(consumer, partitions).map_err(kafka(
+        let committed = committed_offsets(consumer, partitions).map_err(failed_to(
             "read the committed offsets of the assigned partitions",
         ))?;
         let wanted: Vec<(i32, i64, Option<RebuildPoint>)> = (partitions.elements().iter())
@@ -291,22 +291,22 @@ impl PartitionOwner for Worker {
                 .map_or(committed, |s| s.next_offset);
             partitions
                 .set_partition_offset(&self.topic, partition, Offset::Offset(start))
-                .map_err(kafka(format!("start {}[{partition}]", self.topic)))?;
+                .map_err(failed_to(format!("start {}[{partition}]", self.topic)))?;
         }
         self.count_held_lines();
         consumer
             .incremental_assign(partitions)
-            .map_err(kafka("take the assigned partitions"))?;
+            .map_err(failed_to("take the assigned partitions"))?;
         // Pausing outlives an assignment in librdkafka: a partition paused for a retry
         // and then lost comes back paused unless it is resumed here.
         if self.retry_at.is_some() {
             consumer
                 .pause(partitions)
-                .map_err(kafka("pause the assigned partitions"))?;
+                .map_err(failed_to("pause the assigned partitions"))?;
         } else {
             consumer
                 .resume(partitions)
-                .map_err(kafka("resume the assigned partitions"))?;
+                .map_err(failed_to("resume the assigned partitions"))?;
         }
         if !held {
             self.readiness.ready_holding(self.partitions.len());
@@ -349,15 +349,8 @@ impl PartitionOwner for Worker {
         self.count_held_lines();
         consumer
             .incremental_unassign(partitions)
-            .map_err(kafka("release the revoked partitions"))
-    }
-}
-
-fn kafka(what: impl Into<String>) -> impl Fn(KafkaError) -> RaterError {
-    let what = what.into();
-    move |source| RaterError::Kafka {
-        what: what.clone(),
-        source,
+            .map_err(failed_to("release the revoked partitions"))?;
+        Ok(())
     }
 }
 
@@ -390,7 +383,7 @@ pub fn run(
     // would be missing downstream once its offset was committed.
     let producer: KafkaProducer = force(&mut producer_config, "message.timeout.ms", "0")
         .create_with_context(DeliveryReports::default())
-        .map_err(kafka("create the rated-lines producer"))?;
+        .map_err(failed_to("create the rated-lines producer"))?;
     let topic = kafka_settings.topic(Topic::Windows);
     let worker = Arc::new(Mutex::new(Worker {
         book: config.hash.to_string(),
@@ -413,7 +406,7 @@ pub fn run(
         store_windows: settings.rater.store_windows,
     }));
     let consumer: GroupConsumer =
-        group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker)).map_err(kafka(
+        group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker)).map_err(failed_to(
             format!("join group {} on {topic}", kafka_settings.group("rater")),
         ))?;
     // Ready once the group's first assignment to it is rebuilt (after a crash, Kafka
@@ -435,7 +428,7 @@ pub fn run(
             &consumer,
             poll_wait,
             &mut health,
-            kafka(format!("consume {topic}")),
+            failed_to(format!("consume {topic}")),
         )?;
         let caught_up = polled.is_none();
         let mut worker = lock(&worker);

@@ -14,7 +14,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use tally_runtime::kafka::{flush, is_rebalancing, send_until};
+use tally_runtime::kafka::{failed_to, flush, is_rebalancing, send_until};
 use tally_runtime::metrics::observe_age;
 use tally_schemas::config::RaterSettings;
 use tally_schemas::records::{InvoiceLine, SeriesKey};
@@ -24,7 +24,7 @@ use crate::ledger::RatedLine;
 
 use super::rebuild_point::RebuildPoint;
 use super::records::{RatedRecord, RetiredRecord};
-use super::{kafka, GroupConsumer, RaterError, Worker, DELIVERY_WAIT, MAX_BATCH_UPDATES};
+use super::{GroupConsumer, RaterError, Worker, DELIVERY_WAIT, MAX_BATCH_UPDATES};
 
 /// Lines rated but not yet stored, with the offsets they account for.
 #[derive(Debug, Default)]
@@ -193,10 +193,7 @@ impl Worker {
                 "Kafka has not confirmed the rated lines",
                 e.to_string(),
             );
-            return Err(RaterError::Kafka {
-                what: "deliver rated lines to the rated topic".to_owned(),
-                source: e,
-            });
+            return Err(failed_to("deliver rated lines to the rated topic")(e).into());
         }
         if !in_flight.stored {
             if let Err(e) = self.write_batch(&in_flight.batch) {
@@ -213,7 +210,7 @@ impl Worker {
         for (&partition, (offset, point)) in &in_flight.batch.offsets {
             let mut committing = offsets.add_partition(&self.topic, partition);
             (committing.set_offset(Offset::Offset(*offset)))
-                .map_err(kafka("list the offsets to commit"))?;
+                .map_err(failed_to("list the offsets to commit"))?;
             committing.set_metadata(point.to_metadata());
         }
         // The partitions may have been revoked meanwhile (nothing to commit then):
@@ -228,9 +225,9 @@ impl Worker {
                         self.hold(consumer, "Kafka refused the windows offsets", e.to_string())
                     }
                 }
-                return Err(kafka(format!("commit the offsets read of {}", self.topic))(
-                    e,
-                ));
+                return Err(
+                    failed_to(format!("commit the offsets read of {}", self.topic))(e).into(),
+                );
             }
         }
         self.resume(consumer);
@@ -327,7 +324,10 @@ impl Worker {
                 // The wait bounds a stall of the queue, not the whole batch.
                 Ok(()) => deadline = Instant::now() + DELIVERY_WAIT,
                 Err(full @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                    return Err(kafka("queue rated lines: the producer's queue stayed full")(full))
+                    return Err(
+                        failed_to("queue rated lines: the producer's queue stayed full")(full)
+                            .into(),
+                    )
                 }
                 Err(refused) => return Err(self.refused_line(refused)),
             }

@@ -174,6 +174,22 @@ pub fn idempotent_producer_config(settings: &KafkaSettings, linger: Duration) ->
     config
 }
 
+/// A Kafka request that failed, and what Tally was doing: every service's Kafka
+/// error, so each says what it was about in the same words.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what}: {source}")]
+pub struct KafkaOpError {
+    pub what: String,
+    pub source: KafkaError,
+}
+
+/// Maps a Kafka error to a [`KafkaOpError`] saying what was being done (`what`, in
+/// the infinitive: "commit the offsets"); `?` makes it the service's error.
+pub fn failed_to(what: impl Into<String>) -> impl FnOnce(KafkaError) -> KafkaOpError {
+    let what = what.into();
+    move |source| KafkaOpError { what, source }
+}
+
 /// A `[kafka] properties` entry librdkafka refuses.
 #[derive(Debug, thiserror::Error)]
 #[error("[kafka] properties.\"{name}\": {description} (its value is not shown: it may be a secret); fix or remove it")]

@@ -19,7 +19,8 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tally_schemas::config::KafkaSettings;
 
 use super::clients::{
-    client_config, configured, log_client_error, log_librdkafka, tunable, tune_fetching,
+    client_config, configured, failed_to, log_client_error, log_librdkafka, tunable, tune_fetching,
+    KafkaOpError,
 };
 use super::read::retry_while_unavailable;
 use crate::threads::lock;
@@ -243,8 +244,8 @@ fn whole_seconds(duration: Duration) -> Duration {
 /// Why a consumer group was not found caught up with a topic.
 #[derive(Debug, thiserror::Error)]
 pub enum CatchUpError {
-    #[error("cannot {what}: {source}")]
-    Kafka { what: String, source: KafkaError },
+    #[error(transparent)]
+    Kafka(#[from] KafkaOpError),
     #[error(
         "group {group} has not read and committed all of {topic} within {}: {}; is it running?",
         humantime::format_duration(whole_seconds(*.patience)),
@@ -280,22 +281,18 @@ pub fn wait_until_caught_up(
     partitions: usize,
     patience: Duration,
 ) -> Result<(), CatchUpError> {
-    let failed = |what: &str| {
-        let what = what.to_owned();
-        move |source| CatchUpError::Kafka { what, source }
-    };
     let consumer: BaseConsumer = client_config(settings)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
-        .map_err(failed("create a consumer to read committed offsets"))?;
+        .map_err(failed_to("create a consumer to read committed offsets"))?;
     let mut ends = Vec::new();
     let mut asked = TopicPartitionList::new();
     for partition in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
         let (low, high) = retry_while_unavailable("read a partition's end", patience, || {
             consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))
         })
-        .map_err(failed(&format!(
+        .map_err(failed_to(format!(
             "read the end of {topic} partition {partition}"
         )))?;
         if high > low {
@@ -306,7 +303,7 @@ pub fn wait_until_caught_up(
     let deadline = std::time::Instant::now() + patience;
     loop {
         let committed = committed_offsets(&consumer, &asked)
-            .map_err(failed(&format!("read group {group}'s committed offsets")))?;
+            .map_err(failed_to(format!("read group {group}'s committed offsets")))?;
         let short: Vec<(i32, i64)> = (ends.iter())
             .filter_map(|&(partition, end)| {
                 let at = offset_of(&committed, topic, partition).unwrap_or(0);
@@ -333,11 +330,11 @@ pub fn wait_until_caught_up(
 /// tells readiness once they have gone on too long). `Err`: what ends the consume
 /// loop, a rebalance step the owner failed, or a fatal consumer error made the
 /// owner's by `fatal`.
-pub fn poll_group<'c, O: PartitionOwner>(
+pub fn poll_group<'c, O: PartitionOwner, E: Into<O::Error>>(
     consumer: &'c BaseConsumer<GroupContext<O>>,
     wait: Duration,
     health: &mut ConsumerHealth,
-    fatal: impl FnOnce(KafkaError) -> O::Error,
+    fatal: impl FnOnce(KafkaError) -> E,
 ) -> Result<Option<BorrowedMessage<'c>>, O::Error> {
     let polled = consumer.poll(wait);
     if let Some(failure) = consumer.context().take_failure() {
@@ -348,7 +345,7 @@ pub fn poll_group<'c, O: PartitionOwner>(
             health.succeeded();
             Ok(Some(message))
         }
-        Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => Err(fatal(e)),
+        Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => Err(fatal(e).into()),
         Some(Err(e)) => {
             log_consumer_error(&e);
             health.failed(&e, Instant::now());
