@@ -440,7 +440,10 @@ impl ClickHouse {
     }
 
     /// How many of the lines `ids` name, billed in `from` or later, have a row in
-    /// `rated_lines`, current or not.
+    /// `rated_lines` that usage wrote, current or not. Opening (zero-usage) rows, at
+    /// version 0, do not count: after a loss, one partition's replay writes them for
+    /// customers no line of its own has stored yet, other partitions' customers
+    /// among them, which would hide those partitions' loss.
     pub fn lines_stored_of(
         &self,
         ids: &[String],
@@ -458,7 +461,7 @@ impl ClickHouse {
         let answer = self.post(
             "check that stored lines are there",
             &format!(
-                "SELECT uniqExact(id) FROM {}.rated_lines WHERE {months}id IN ({})",
+                "SELECT uniqExact(id) FROM {}.rated_lines WHERE {months}version > 0 AND id IN ({})",
                 self.database,
                 listed.join(", ")
             ),

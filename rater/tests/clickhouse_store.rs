@@ -456,3 +456,22 @@ fn tls_trusts_the_authorities_of_the_ca_file_and_says_what_is_wrong_with_one() {
         Err(ClickHouseError::CaFileWithoutTls { .. })
     ));
 }
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
+fn a_lines_look_up_counts_rows_usage_wrote_not_opening_rows() {
+    let (store, database) = store("lookup");
+    let november = Period::from_str("2026-11").unwrap();
+    let (opened, used) = (
+        line("cust_opened", november, None, "book"),
+        line("cust_used", november, None, "book"),
+    );
+    // An opening (zero-usage) row is stored at version 0; usage writes its record's.
+    store
+        .insert_versioned(&[(0, &opened), (12, &used)])
+        .unwrap();
+    let ids = [opened.id.clone(), used.id.clone()];
+    assert_eq!(store.lines_stored_of(&ids, Some(november)).unwrap(), 1);
+    assert_eq!(store.lines_stored_of(&ids[..1], None).unwrap(), 0);
+    query(&format!("DROP DATABASE {database}"));
+}

@@ -110,6 +110,8 @@ pub enum RaterError {
     Undelivered { topic: String, source: KafkaError },
     #[error("ClickHouse's tables are gone ({0}): the rater stops, as the lines they held are lost; started again it makes the tables and rates again every partition whose stored lines are missing")]
     TablesGone(ClickHouseError),
+    #[error("none of the stored lines of partition {partition} is in ClickHouse, found after the rater had taken it (ClickHouse did not answer then): the rater stops, and started again it rates the partition again from its beginning")]
+    StoredLinesLost { partition: i32 },
 }
 
 #[derive(Debug)]
@@ -130,6 +132,10 @@ struct PartitionState {
     /// From assignment, or a scheduled check, until the partition's stored lines were
     /// checked against the price book ([`Worker::check_price_book`]).
     unchecked: bool,
+    /// ClickHouse did not answer when the partition's stored lines were looked up at
+    /// its assignment: looked up before anything of it is stored
+    /// ([`Worker::verify_stored_lines`]).
+    lines_unverified: bool,
     /// Its committed lines were stored with another price book (or by a build that did
     /// not say which): the check re-rates all of them, and writes its customers'
     /// opening lines, also where no stale row shows it. A line the old book never
@@ -253,18 +259,26 @@ impl PartitionOwner for Worker {
                 let rebuilt = self.rebuild(partition, committed, point)?;
                 // With another book, stored lines may have other ids: the check of the
                 // price book sees to those.
-                if committed > 0
-                    && !another_book
-                    && self.stored_lines_lost(partition, &rebuilt.ledger)?
-                {
-                    let replayed = self.rebuild(partition, 0, None)?;
-                    return Ok((partition, 0, false, replayed));
+                if committed == 0 || another_book {
+                    return Ok((partition, committed, another_book, false, rebuilt));
                 }
-                Ok((partition, committed, another_book, rebuilt))
+                match self.stored_lines_lost(partition, &rebuilt.ledger) {
+                    Ok(true) => {
+                        let replayed = self.rebuild(partition, 0, None)?;
+                        Ok((partition, 0, false, false, replayed))
+                    }
+                    Ok(false) => Ok((partition, committed, false, false, rebuilt)),
+                    Err(error) if error.is_missing_table() => Err(RaterError::TablesGone(error)),
+                    Err(error) => {
+                        tracing::warn!(partition, %error, "cannot look the partition's stored lines up in ClickHouse; looked up again before anything of the partition is stored");
+                        Ok((partition, committed, false, true, rebuilt))
+                    }
+                }
             },
         );
         for rebuilt in rebuilt_all {
-            let (partition, committed, stored_with_another_book, rebuilt) = rebuilt?;
+            let (partition, committed, stored_with_another_book, lines_unverified, rebuilt) =
+                rebuilt?;
             self.partitions.insert(
                 partition,
                 PartitionState {
@@ -274,6 +288,7 @@ impl PartitionOwner for Worker {
                     uncommitted: false,
                     customers_with_usage: rebuilt.customers,
                     unchecked: true,
+                    lines_unverified,
                     stored_with_another_book,
                     check_deferred: None,
                     restated: HashMap::new(),
@@ -441,8 +456,11 @@ pub fn run(
             // Any other failure paused the partitions (`hold` logged it) and is retried
             // at its backoff; the loop keeps polling so the group does not consider
             // this member dead.
-            if let Err(stop @ (RaterError::Undelivered { .. } | RaterError::TablesGone(_))) =
-                worker.store(&consumer)
+            if let Err(
+                stop @ (RaterError::Undelivered { .. }
+                | RaterError::TablesGone(_)
+                | RaterError::StoredLinesLost { .. }),
+            ) = worker.store(&consumer)
             {
                 return Err(stop);
             }

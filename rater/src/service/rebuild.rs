@@ -15,6 +15,7 @@ use serde::de::IgnoredAny;
 use tally_runtime::kafka::{client_config, read_partition};
 use tally_schemas::time::Period;
 
+use crate::clickhouse::ClickHouseError;
 use crate::ledger::Ledger;
 
 use super::rebuild_point::{FirstOffsets, RebuildPoint};
@@ -149,35 +150,49 @@ impl Worker {
 
     /// Whether ClickHouse has none of the lines `ledger` holds as stored (a sample of
     /// them): its database was dropped or emptied while the group's offsets stayed, so
-    /// those lines would never be written again. The tables gone altogether stop the
-    /// rater ([`RaterError::TablesGone`]): its restart makes them and checks again.
+    /// those lines would never be written again. Counted (and said) when they are lost.
     pub(super) fn stored_lines_lost(
         &self,
         partition: i32,
         ledger: &Ledger,
-    ) -> Result<bool, RaterError> {
+    ) -> Result<bool, ClickHouseError> {
         let sample: Vec<String> = ledger.line_ids().take(LOST_LINES_SAMPLE).collect();
         if sample.is_empty() {
             return Ok(false);
         }
         let oldest_open = ledger.settled_through().map(|settled| settled.next());
-        match self.clickhouse.lines_stored_of(&sample, oldest_open) {
-            Ok(0) => {
-                self.metrics.lost_line_replays.inc();
-                tracing::error!(
-                    partition,
-                    sampled = sample.len(),
-                    "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped or emptied): rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
-                );
-                Ok(true)
+        let found = self.clickhouse.lines_stored_of(&sample, oldest_open)?;
+        if found == 0 {
+            self.metrics.lost_line_replays.inc();
+            tracing::error!(
+                partition,
+                sampled = sample.len(),
+                "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped or emptied): rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
+            );
+        }
+        Ok(found == 0)
+    }
+
+    /// Looks up the stored lines of the partitions whose look-up failed when they were
+    /// assigned (ClickHouse not answering), before anything of theirs is stored: one
+    /// whose lines are lost stops the rater ([`RaterError::StoredLinesLost`]), whose
+    /// restart rates it again from the beginning; one still not answered is looked up
+    /// at the next store.
+    pub(super) fn verify_stored_lines(&mut self) -> Result<(), RaterError> {
+        let unverified: Vec<i32> = (self.partitions.iter())
+            .filter(|(_, state)| state.lines_unverified)
+            .map(|(&partition, _)| partition)
+            .collect();
+        for partition in unverified {
+            let state = &self.partitions[&partition];
+            if self.stored_lines_lost(partition, &state.ledger)? {
+                return Err(RaterError::StoredLinesLost { partition });
             }
-            Ok(_) => Ok(false),
-            Err(error) if error.is_missing_table() => Err(RaterError::TablesGone(error)),
-            Err(error) => {
-                tracing::warn!(partition, %error, "cannot check that the partition's stored lines are in ClickHouse; going on as if they were");
-                Ok(false)
+            if let Some(state) = self.partitions.get_mut(&partition) {
+                state.lines_unverified = false;
             }
         }
+        Ok(())
     }
 
     /// A partition with nothing committed (a new group, offsets expired, or reset to

@@ -124,16 +124,18 @@ impl Worker {
     /// later with backoff; nothing is written twice to `rated` by a retry.
     pub(super) fn store(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
         self.finish(consumer)?;
-        if let Err(e) = self.check_price_book() {
+        let checked = match self.verify_stored_lines() {
+            Err(RaterError::ClickHouse(e)) => Err(("look the stored lines up", e)),
+            Err(other) => return Err(other),
+            Ok(()) => (self.check_price_book())
+                .map_err(|e| ("check the stored lines against the price book", e)),
+        };
+        if let Err((what, e)) = checked {
             self.metrics.query_failures.inc();
             if e.is_missing_table() {
                 return Err(RaterError::TablesGone(e));
             }
-            self.hold(
-                consumer,
-                "cannot check the stored lines against the price book",
-                e.to_string(),
-            );
+            self.hold(consumer, &format!("cannot {what}"), e.to_string());
             return Err(e.into());
         }
         self.collect_changed_lines();

@@ -2253,6 +2253,51 @@ fn an_aggregator_joining_its_group_is_ready_once_it_holds_partitions_or_stands_b
     p.wait_for(&p.expected_for(&lines, p.period), Duration::from_secs(120));
 }
 
+/// A rater takes partitions while ClickHouse does not answer, so it cannot look their
+/// stored lines up, which are lost (a restore from an empty backup, say): it looks them
+/// up again before it stores anything, and finding them lost stops; restarted, it rates
+/// the partitions again from the beginning.
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn lines_lost_while_clickhouse_did_not_answer_are_found_before_anything_is_stored() {
+    let _serial = serial();
+    let p = Pipeline::new("lookup_later", 3_000, 10, "");
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.start("rater", "rater-b");
+    p.produce(&p.lines());
+    let expected = p.expected();
+    p.wait_for(&expected, Duration::from_secs(120));
+    let rebuilds = |name: &str| (p.log(name)).matches("ledger rebuilt from").count();
+    harness::eventually(
+        "both raters hold partitions",
+        Duration::from_secs(60),
+        || rebuilds("rater-a") > 0 && rebuilds("rater-b") > 0,
+    );
+    p.query(&format!("TRUNCATE TABLE {}.rated_lines", p.database));
+    let _clickhouse_back = Restart("clickhouse");
+    harness::service("clickhouse", "stop");
+    // rater-b takes rater-a's partitions while ClickHouse is away.
+    p.kill("rater-a");
+    harness::eventually(
+        "rater-b could not look the stored lines up",
+        Duration::from_secs(60),
+        || {
+            p.log("rater-b")
+                .contains("cannot look the partition's stored lines up in ClickHouse")
+        },
+    );
+    harness::service("clickhouse", "start");
+    let (status, log) = p.wait_exit("rater-b", Duration::from_secs(120));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("none of the stored lines of partition"),
+        "{log}"
+    );
+    p.start("rater", "rater-c");
+    p.wait_for(&expected, Duration::from_secs(180));
+}
+
 /// Deploy mistakes the operator is told of: an instance whose `[kafka] partitions` is
 /// not its pipeline's (it cannot change it), and one whose mistyped topic prefix makes
 /// a new pipeline beside the running one (it would bill none of its events).
