@@ -657,6 +657,7 @@ mod tests {
             uncommitted: true,
             customers_with_usage: HashSet::new(),
             unchecked: true,
+            lines_unverified: false,
             stored_with_another_book: true,
             check_deferred: Some(Instant::now()),
             restated: HashMap::new(),
