@@ -103,6 +103,12 @@ pub fn check_events<'a>(
                     },
                 })
             }
+            // No meter reads it: neither remembered nor compared, as the aggregator
+            // does not remember it either (it bills nothing, whatever its pair).
+            Ok(event) if event.readings.is_empty() => VerdictKind::Accept {
+                unbilled: (Unbilled::of(config, &event)).map(|u| u.suggest(config, &mut looked_up)),
+                subject: event.subject,
+            },
             Ok(event) => match first_index.get(&event.key) {
                 Some(&(of, payload)) if payload == event.payload => VerdictKind::Duplicate { of },
                 Some(&(of, _)) => VerdictKind::Conflict { of },
@@ -281,6 +287,20 @@ plan = "pro"
         let verdicts = check(&[bad.as_bytes(), good.as_bytes()], &key(None)).unwrap();
         assert!(matches!(verdicts[0].kind, VerdictKind::Reject(_)));
         assert!(matches!(verdicts[1].kind, VerdictKind::Accept { .. }));
+    }
+
+    #[test]
+    fn an_unmetered_event_is_neither_remembered_nor_compared_as_the_aggregator_does() {
+        let unmetered = event("a", "s", "5").replace("llm.tokens", "ai.feedback");
+        let metered = event("a", "s", "5");
+        let verdicts = check(
+            &[unmetered.as_bytes(), metered.as_bytes(), unmetered.as_bytes()],
+            &key(None),
+        )
+        .unwrap();
+        assert!(verdicts
+            .iter()
+            .all(|v| matches!(v.kind, VerdictKind::Accept { .. })));
     }
 
     #[test]
