@@ -31,7 +31,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tally_rater::clickhouse::ClickHouse;
-use tally_schemas::config::Config;
+use tally_schemas::config::{ClickHouseFlags, Config};
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchOptions};
@@ -373,13 +373,18 @@ pub struct ConfiguredClickHouse {
 }
 
 impl ConfiguredClickHouse {
-    /// `config`, loaded from `path`; `database` instead of the section's, if given.
+    /// `config`, loaded from `path`; `database` (`tally reconcile`'s
+    /// `clickhouse:<database>`) instead of the section's, if given.
     pub fn of(config: &Config, path: &Path, database: Option<&str>) -> anyhow::Result<Self> {
-        let store = config.clickhouse(&path.display().to_string(), None, &environment)?;
-        let client = ClickHouse::configured(&store, database)?;
+        let flags = ClickHouseFlags {
+            database: database.map(|database| ("clickhouse:<database>", database)),
+            ..ClickHouseFlags::default()
+        };
+        let store = config.clickhouse(&path.display().to_string(), flags, &environment)?;
+        let client = ClickHouse::configured(&store, None)?;
         Ok(ConfiguredClickHouse {
             client,
-            database: database.map_or(store.database, str::to_owned),
+            database: store.database,
             url: store.url,
         })
     }
@@ -425,8 +430,12 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
             // The URL and database are the flags'; the user, password, CA file and
             // request timeout the [clickhouse] section's or the environment's.
             let origin = args.month.config.display().to_string();
-            let settings = config.clickhouse(&origin, Some(url), &environment)?;
-            let store = ClickHouse::configured(&settings, Some(&args.clickhouse_database))?;
+            let flags = ClickHouseFlags {
+                url: Some(("--clickhouse", url)),
+                database: Some(("--clickhouse-database", &args.clickhouse_database)),
+            };
+            let settings = config.clickhouse(&origin, flags, &environment)?;
+            let store = ClickHouse::configured(&settings, None)?;
             // Before rating: a wrong URL or password should not cost a month's run.
             store.ensure_schema()?;
             Some(store)

@@ -592,3 +592,25 @@ fn reconcile_checks_a_file_of_lines_against_those_stored_in_clickhouse() {
     assert_eq!(code, 2, "{shown}");
     assert!(shown.starts_with("error: "), "{shown}");
 }
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/test.sh starts it and runs this"]
+fn tally_rate_judges_the_clickhouse_its_flags_name_not_the_sections_it_replaces() {
+    let db = Database::new("flags");
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(examples().join("tally.toml")).unwrap();
+    let config = dir.path().join("tally.toml");
+    // The services' database: not a usable name, but the flag names another.
+    std::fs::write(&config, format!("{text}\n[clickhouse]\ndatabase = \"1bad\"\n")).unwrap();
+    let stored = run_rate(&db, &config, &[]);
+    assert!(stored.status.success(), "{stored:?}");
+    assert_eq!(invoice_rows(&db).len(), 2);
+    // A URL without its scheme is said to be the flag's.
+    let refused = run_rate_at("127.0.0.1:8123", &db, &config, "2026-11", &[]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("--clickhouse: \"127.0.0.1:8123\" is not ClickHouse's HTTP interface"),
+        "{said}"
+    );
+}

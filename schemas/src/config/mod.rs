@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 pub use defaults::{Settings, DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT};
 pub use likely::likely_meant;
 pub use services::{
-    AggregatorServiceSettings, ApiKey, ApiKeySpec, ClickHouseCredentials, ClickHouseSettings,
-    ClickHouseSpec, IngestSettings, IngestSpec, KafkaSettings, KafkaSpec, RaterSettings, RaterSpec,
-    ServiceSettings, Topic,
+    AggregatorServiceSettings, ApiKey, ApiKeySpec, ClickHouseCredentials, ClickHouseFlags,
+    ClickHouseSettings, ClickHouseSpec, IngestSettings, IngestSpec, KafkaSettings, KafkaSpec,
+    RaterSettings, RaterSpec, ServiceSettings, Topic,
 };
 pub use values::{ExactDecimal, HumanDuration, JsonPath, UpToInput};
 
@@ -463,18 +463,18 @@ impl Config {
         self.customer_ids.contains(subject)
     }
 
-    /// `[clickhouse]` with the environment's overrides and secrets, `url` (a command's
-    /// flag) in place of its URL if given. The rest of the services' sections is not
-    /// read: a command that only reads or writes ClickHouse needs nothing else valid.
+    /// `[clickhouse]` with the environment's overrides and secrets, and a command's
+    /// `flags` in place of its URL or database. The rest of the services' sections is
+    /// not read: a command that only reads or writes ClickHouse needs nothing else valid.
     pub fn clickhouse(
         &self,
         origin: &str,
-        url: Option<&str>,
+        flags: ClickHouseFlags<'_>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<ClickHouseSettings, ConfigError> {
         let mut found = Vec::new();
         let settings =
-            services::validate_clickhouse(&self.service_specs.clickhouse, url, env, &mut found);
+            services::validate_clickhouse(&self.service_specs.clickhouse, flags, env, &mut found);
         found_nothing(origin, found).map(|()| settings)
     }
 

@@ -373,25 +373,22 @@ pub(super) struct ServiceSpecs<'a> {
     pub rater: &'a RaterSpec,
 }
 
-/// `[clickhouse]` alone, with the environment's overrides, or `url` (a command's flag)
-/// in place of the section's and the environment's URL.
+/// A command's flags naming ClickHouse's URL or database, each as `(flag, value)`, in
+/// place of `[clickhouse]`'s and the environment's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClickHouseFlags<'a> {
+    pub url: Option<(&'a str, &'a str)>,
+    pub database: Option<(&'a str, &'a str)>,
+}
+
+/// `[clickhouse]` alone, with the environment's overrides and a command's `flags`.
 pub(super) fn validate_clickhouse(
     spec: &ClickHouseSpec,
-    url: Option<&str>,
+    flags: ClickHouseFlags<'_>,
     env: &dyn Fn(&str) -> Option<String>,
     issues: &mut Vec<(String, String)>,
 ) -> ClickHouseSettings {
-    let flag_env = |name: &str| match (name, url) {
-        ("TALLY_CLICKHOUSE_URL", Some(url)) => Some(url.to_owned()),
-        _ => env(name),
-    };
-    clickhouse(
-        &mut Check {
-            env: &flag_env,
-            issues,
-        },
-        spec,
-    )
+    clickhouse(&mut Check { env, issues }, spec, flags)
 }
 
 /// Applies the environment overrides and checks every value; issues are `(at, message)`.
@@ -403,7 +400,7 @@ pub(super) fn validate(
     let mut check = Check { env, issues };
     ServiceSettings {
         kafka: kafka(&mut check, specs.kafka),
-        clickhouse: clickhouse(&mut check, specs.clickhouse),
+        clickhouse: clickhouse(&mut check, specs.clickhouse, ClickHouseFlags::default()),
         ingest: ingest(&mut check, specs.ingest),
         aggregator: aggregator(&mut check, specs.aggregator),
         rater: rater(&mut check, specs.rater),
@@ -561,33 +558,43 @@ fn kafka(check: &mut Check<'_>, spec: &KafkaSpec) -> KafkaSettings {
     }
 }
 
-fn clickhouse(check: &mut Check<'_>, spec: &ClickHouseSpec) -> ClickHouseSettings {
-    let url = check.setting(
+fn clickhouse(
+    check: &mut Check<'_>,
+    spec: &ClickHouseSpec,
+    flags: ClickHouseFlags<'_>,
+) -> ClickHouseSettings {
+    // A flag's value, else the environment's, else the file's, else the default; said
+    // to be wrong where it was given.
+    let given = |flag: Option<(&str, &str)>, var: &str, field: &str, written, default| match flag {
+        Some((at, value)) => (at.to_owned(), value.to_owned()),
+        None if check.var(var).is_some() => (var.to_owned(), check.setting(var, written, default)),
+        None => (field.to_owned(), check.setting(var, written, default)),
+    };
+    let (url_at, url) = given(
+        flags.url,
         "TALLY_CLICKHOUSE_URL",
+        "clickhouse.url",
         spec.url.as_deref(),
         d::DEFAULT_CLICKHOUSE_URL,
     );
+    let (database_at, database) = given(
+        flags.database,
+        "TALLY_CLICKHOUSE_DATABASE",
+        "clickhouse.database",
+        spec.database.as_deref(),
+        d::DEFAULT_CLICKHOUSE_DATABASE,
+    );
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         check.issue(
-            "clickhouse.url",
+            &url_at,
             format!(
                 "{url:?} is not ClickHouse's HTTP interface: write e.g. \"http://127.0.0.1:8123\""
             ),
         );
     }
-    let database_at = if check.var("TALLY_CLICKHOUSE_DATABASE").is_some() {
-        "TALLY_CLICKHOUSE_DATABASE"
-    } else {
-        "clickhouse.database"
-    };
-    let database = check.setting(
-        "TALLY_CLICKHOUSE_DATABASE",
-        spec.database.as_deref(),
-        d::DEFAULT_CLICKHOUSE_DATABASE,
-    );
     if !ClickHouseSettings::is_database_name(&database) {
         check.issue(
-            database_at,
+            &database_at,
             format!(
                 "{database:?} is not a usable database name: {}",
                 ClickHouseSettings::DATABASE_NAME_RULE
