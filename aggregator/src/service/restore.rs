@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
-use tally_runtime::kafka::{client_config, committed_offsets, failed_to, offset_of};
+use tally_runtime::kafka::{
+    client_config, committed_offsets, failed_to, held_partitions, offset_of,
+};
 use tally_runtime::threads::on_threads;
 
 use crate::aggregator::Aggregator;
@@ -77,7 +79,7 @@ impl Worker {
             tracing::error!(partitions = ?beyond, pipeline_partitions = pipeline, "assigned partitions of the events topic past the pipeline's; they are left unread, and events written to them are not billed (README, \"Changing the partition count\")");
         }
         self.record_held_state();
-        self.readiness.ready_holding(self.partitions.len());
+        self.readiness.ready_holding(held_partitions(consumer));
         Ok(())
     }
 

@@ -18,8 +18,8 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    failed_to, flush, idempotent_producer_config, positions_ahead, send, DeliveryReports,
-    KafkaProducer, LINGER, MAX_RECORD_BYTES,
+    failed_to, flush, held_partitions, idempotent_producer_config, positions_ahead, send,
+    DeliveryReports, KafkaProducer, LINGER, MAX_RECORD_BYTES,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::threads::on_threads;
@@ -391,7 +391,7 @@ impl Worker {
                 )))?;
             }
         }
-        self.readiness.ready_holding(self.partitions.len());
+        self.readiness.ready_holding(held_partitions(consumer));
         Ok(())
     }
 }

@@ -294,7 +294,11 @@ plan = "pro"
         let unmetered = event("a", "s", "5").replace("llm.tokens", "ai.feedback");
         let metered = event("a", "s", "5");
         let verdicts = check(
-            &[unmetered.as_bytes(), metered.as_bytes(), unmetered.as_bytes()],
+            &[
+                unmetered.as_bytes(),
+                metered.as_bytes(),
+                unmetered.as_bytes(),
+            ],
             &key(None),
         )
         .unwrap();

@@ -53,9 +53,9 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use tally_runtime::kafka::{
-    committed_offsets, failed_to, force, group_consumer, idempotent_producer_config, leave_group,
-    offset_of, poll_group, positions_ahead, ConsumerHealth, DeliveryReports, GroupContext,
-    KafkaOpError, KafkaProducer, PartitionOwner,
+    committed_offsets, failed_to, force, group_consumer, held_partitions,
+    idempotent_producer_config, leave_group, offset_of, poll_group, positions_ahead,
+    ConsumerHealth, DeliveryReports, GroupContext, KafkaOpError, KafkaProducer, PartitionOwner,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
@@ -324,7 +324,7 @@ impl PartitionOwner for Worker {
                 .map_err(failed_to("resume the assigned partitions"))?;
         }
         if !held {
-            self.readiness.ready_holding(self.partitions.len());
+            self.readiness.ready_holding(held_partitions(consumer));
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use tally_runtime::kafka::{failed_to, flush, is_rebalancing, send_until};
+use tally_runtime::kafka::{failed_to, flush, held_partitions, is_rebalancing, send_until};
 use tally_runtime::metrics::observe_age;
 use tally_schemas::config::RaterSettings;
 use tally_schemas::records::{InvoiceLine, SeriesKey};
@@ -395,7 +395,7 @@ impl Worker {
             Ok(()) => {
                 tracing::info!("lines stored again; resuming");
                 self.retry_at = None;
-                self.readiness.ready_holding(self.partitions.len());
+                self.readiness.ready_holding(held_partitions(consumer));
             }
             // Still paused: tried again after the backoff.
             Err(error) => {

@@ -141,10 +141,10 @@ pub(super) fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &s
         return;
     }
     match level {
-        // A failed transaction (a rebalance's new generation fails the open one's
-        // offsets, as every deploy does) is the aggregator's to judge, and it logs
-        // what it does about it.
-        Level::Emerg | Level::Alert | Level::Critical | Level::Error if facility == "TXNERR" => {
+        // An abortable transaction error (a rebalance's new generation fails the open
+        // transaction's offsets, as every deploy does) is the aggregator's to judge,
+        // and it logs what it does about it; a fatal one librdkafka logs as an alert.
+        Level::Error if facility == "TXNERR" => {
             tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
         }
         Level::Emerg | Level::Alert | Level::Critical | Level::Error => {

@@ -362,6 +362,15 @@ pub fn poll_group<'c, O: PartitionOwner, E: Into<O::Error>>(
 /// How often a member holding no partitions asks whether its group has settled.
 const STANDBY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
+/// How long a member holds none before it is a standby when its group's state cannot
+/// be read: longer than the two steps of a rebalance take.
+const STANDBY_WITHOUT_ANSWER: Duration = Duration::from_secs(30);
+
+/// The partitions a group consumer holds, paused ones included.
+pub fn held_partitions<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> usize {
+    consumer.assignment().map_or(0, |a| a.count())
+}
+
 /// How long a group consumer's polls may keep failing before its service says it is
 /// not ready: longer than a broker takes to restart, so routine restarts do not flap.
 const CONSUMER_FAILING_AFTER: Duration = Duration::from_secs(30);
@@ -382,8 +391,9 @@ pub struct ConsumerHealth {
     /// The consumer's group, and the partitions of the topic it reads.
     group: String,
     partitions: usize,
-    /// When a member holding no partitions last asked about its group.
-    standby_checked: Option<Instant>,
+    /// Since when the member has held no partitions, and when it last asked about its
+    /// group.
+    holding_none: Option<(Instant, Instant)>,
 }
 
 impl ConsumerHealth {
@@ -393,7 +403,7 @@ impl ConsumerHealth {
             failing: None,
             group,
             partitions,
-            standby_checked: None,
+            holding_none: None,
         }
     }
 
@@ -401,26 +411,33 @@ impl ConsumerHealth {
     /// stable, with more members than partitions. With as many members or fewer, the
     /// group's cooperative assignment gives each member some, so a member holding none
     /// is between the two steps of a rebalance and becomes ready when it has restored
-    /// its partitions.
+    /// its partitions. The group is first asked about [`STANDBY_CHECK_EVERY`] after
+    /// the member was left with none (the group is stable for a moment between the
+    /// two steps). If its state cannot be read (a broker of several not answering),
+    /// holding none for [`STANDBY_WITHOUT_ANSWER`] makes it a standby too.
     fn settle_standby<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, now: Instant) {
-        if !self.readiness.holds_none()
-            || (self.standby_checked).is_some_and(|at| now - at < STANDBY_CHECK_EVERY)
-        {
+        if !self.readiness.holds_none() {
+            self.holding_none = None;
             return;
         }
-        self.standby_checked = Some(now);
-        let holds_none = consumer.assignment().is_ok_and(|a| a.count() == 0);
-        let standby = consumer
-            .fetch_group_list(Some(&self.group), Duration::from_secs(2))
-            .is_ok_and(|list| {
-                (list.groups().iter()).any(|g| {
-                    g.name() == self.group
-                        && g.state() == "Stable"
-                        && g.members().len() > self.partitions
-                })
-            });
-        if holds_none && standby {
-            tracing::info!(group = %self.group, partitions = self.partitions, "a standby: the group is stable with more members than partitions, and this one holds none");
+        let (since, asked) = *self.holding_none.get_or_insert((now, now));
+        if now - asked < STANDBY_CHECK_EVERY {
+            return;
+        }
+        self.holding_none = Some((since, now));
+        if held_partitions(consumer) > 0 {
+            return;
+        }
+        let stable = match consumer.fetch_group_list(Some(&self.group), Duration::from_secs(1)) {
+            Ok(list) => (list.groups().iter()).any(|g| {
+                g.name() == self.group
+                    && g.state() == "Stable"
+                    && g.members().len() > self.partitions
+            }),
+            Err(_) => now - since >= STANDBY_WITHOUT_ANSWER,
+        };
+        if stable {
+            tracing::info!(group = %self.group, partitions = self.partitions, "a standby: the group is stable with more members than partitions (or did not say for a while), and this one holds none");
             self.readiness.ready();
         }
     }
