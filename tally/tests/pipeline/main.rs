@@ -2688,6 +2688,26 @@ fn a_partition_added_to_the_events_topic_is_left_unread_and_reported_and_totals_
     );
     assert!(closed.status.success(), "{closed:?}");
     p.wait_for(&p.expected(), Duration::from_secs(60));
+
+    // As many aggregators as the grown topic has partitions: the one left with only
+    // the unread partition holds it (paused), and is ready like the others.
+    let others = ["agg-b", "agg-c", "agg-d", "agg-e"];
+    for name in others {
+        p.start("aggregator", name);
+    }
+    harness::eventually(
+        "every aggregator ready",
+        Duration::from_secs(90),
+        || {
+            (std::iter::once("agg-a").chain(others)).all(|name| {
+                let log = p.log(name);
+                log.contains("what=\"aggregator metrics\"")
+                    && common::get(harness::metrics_port(&log, "aggregator metrics"), "/readyz")
+                        .is_some_and(|(status, _)| status == 200)
+            })
+        },
+    );
+    p.wait_for(&p.expected(), Duration::from_secs(60));
     p.assert_running();
 }
 
