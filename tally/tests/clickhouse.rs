@@ -601,7 +601,11 @@ fn tally_rate_judges_the_clickhouse_its_flags_name_not_the_sections_it_replaces(
     let text = std::fs::read_to_string(examples().join("tally.toml")).unwrap();
     let config = dir.path().join("tally.toml");
     // The services' database: not a usable name, but the flag names another.
-    std::fs::write(&config, format!("{text}\n[clickhouse]\ndatabase = \"1bad\"\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[clickhouse]\ndatabase = \"1bad\"\n"),
+    )
+    .unwrap();
     let stored = run_rate(&db, &config, &[]);
     assert!(stored.status.success(), "{stored:?}");
     assert_eq!(invoice_rows(&db).len(), 2);

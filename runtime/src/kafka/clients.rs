@@ -41,10 +41,13 @@ const ALIASES: &[(&str, &str)] = &[
     ("message.timeout.ms", "delivery.timeout.ms"),
 ];
 
+/// librdkafka's other name for `name`, whichever of the two it is.
 fn alias_of(name: &str) -> Option<&'static str> {
-    ALIASES
-        .iter()
-        .find_map(|&(n, alias)| (n == name).then_some(alias))
+    ALIASES.iter().find_map(|&(one, other)| match name {
+        _ if name == one => Some(other),
+        _ if name == other => Some(one),
+        _ => None,
+    })
 }
 
 /// The value `[kafka] properties` gives `name`, under either of its names.
@@ -282,11 +285,15 @@ mod tests {
             instance_id: "0".to_owned(),
         };
         assert_eq!(configured(&settings, "message.timeout.ms"), Some("30000"));
+        assert_eq!(configured(&settings, "delivery.timeout.ms"), Some("30000"));
         let mut config = client_config(&settings);
         force(&mut config, "message.timeout.ms", "0");
         assert_eq!(config.get("delivery.timeout.ms"), None);
         // What librdkafka itself holds, whatever order the names were set in.
         let native = config.create_native_config().unwrap();
         assert_eq!(native.get("message.timeout.ms").unwrap(), "0");
+        // Forced under the other name, the same.
+        force(&mut config, "delivery.timeout.ms", "5000");
+        assert_eq!(config.get("message.timeout.ms"), None);
     }
 }

@@ -119,24 +119,25 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<NonZeroUsize, Box
         // A new pipeline beside running ones is as likely a mistyped prefix of theirs,
         // which would bill nothing of what they hold with every probe healthy.
         let others = other_pipelines(&admin, settings);
-        let likely_meant = likely_meant(&settings.topic_prefix, others.iter().map(String::as_str));
-        match (others.len(), likely_meant) {
-            (0, _) => {
-                tracing::info!(topic_prefix = %settings.topic_prefix, partitions = pipeline_count.get(), "made the pipeline's topics")
-            }
-            (other_pipelines, likely_meant) => tracing::warn!(
+        match likely_meant(&settings.topic_prefix, others.iter().map(String::as_str)) {
+            Some(likely_meant) => tracing::warn!(
                 topic_prefix = %settings.topic_prefix,
                 partitions = pipeline_count.get(),
-                other_pipelines,
                 likely_meant,
-                "made a new pipeline's topics beside other pipelines on these brokers (likely_meant: the one whose topic prefix this one's is a slip of, if any): if this service was meant to join one of them, its [kafka] topic_prefix is wrong; stop it, and delete the new topics"
+                "made a new pipeline's topics beside other pipelines on these brokers, one of which has a topic prefix this one's is likely a slip of: if this service was meant to join that one, its [kafka] topic_prefix is wrong; stop it, and delete the new topics"
+            ),
+            None => tracing::info!(
+                topic_prefix = %settings.topic_prefix,
+                partitions = pipeline_count.get(),
+                other_pipelines = others.len(),
+                "made the pipeline's topics"
             ),
         }
-    } else if usize::try_from(settings.partitions).ok() != Some(pipeline_count.get()) {
+    } else if usize::try_from(settings.partitions).is_ok_and(|n| n > pipeline_count.get()) {
         tracing::warn!(
             configured = settings.partitions,
             partitions = pipeline_count.get(),
-            "[kafka] partitions applies when a pipeline is made: this one has {pipeline_count} for good, and more instances than that leave some without partitions (README, \"Changing the partition count\")"
+            "[kafka] partitions applies when a pipeline is made: this one has {pipeline_count} for good, and instances beyond that many hold none (README, \"Changing the partition count\")"
         );
     }
     let mismatch = |topic: String, found: NonZeroUsize| {

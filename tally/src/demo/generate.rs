@@ -29,10 +29,12 @@ pub struct Spec {
 pub struct Generated {
     pub lines: u64,
     pub retries: u64,
-    /// Of the retries, those of feedback events, which no meter reads: not remembered
-    /// for dedupe, they count as unmetered again rather than as duplicates.
-    pub unmetered_retries: u64,
     pub conflicts: u64,
+    /// Of the retries and the conflicting resends, those of feedback events, which no
+    /// meter reads: not remembered for dedupe, they count as unmetered again rather
+    /// than as duplicates or conflicts.
+    pub unmetered_retries: u64,
+    pub unmetered_conflicts: u64,
     pub late: u64,
     pub malformed: u64,
 }
@@ -235,7 +237,8 @@ pub fn generate(
     }
     let start = spec.period.start();
     let month_ms = (spec.period.end() - start).num_milliseconds();
-    let mut recent: Vec<String> = Vec::with_capacity(1024);
+    // Recent events, each with whether a meter reads it.
+    let mut recent: Vec<(String, bool)> = Vec::with_capacity(1024);
     let malformed_every = spec
         .events
         .checked_div(spec.malformed)
@@ -252,16 +255,16 @@ pub fn generate(
             stats.malformed += 1;
         } else if !recent.is_empty() && rng.chance(50_000) {
             // A client retry: the same event again, byte for byte.
-            line.push_str(&recent[rng.below(recent.len() as u64) as usize]);
+            let (original, metered) = &recent[rng.below(recent.len() as u64) as usize];
+            line.push_str(original);
             stats.retries += 1;
-            if line.contains(r#""type":"ai.feedback""#) {
-                stats.unmetered_retries += 1;
-            }
+            stats.unmetered_retries += u64::from(!metered);
         } else if !recent.is_empty() && rng.chance(100) {
             // A resend with the same id but different content: a conflict.
-            let original = &recent[rng.below(recent.len() as u64) as usize];
+            let (original, metered) = &recent[rng.below(recent.len() as u64) as usize];
             line.push_str(&original.replacen("\"data\":{", "\"data\":{\"resent\":true,", 1));
             stats.conflicts += 1;
+            stats.unmetered_conflicts += u64::from(!metered);
         } else {
             let mut offset_ms = (i as i64 * month_ms) / spec.events as i64;
             offset_ms += rng.below(3_600_000) as i64 - 1_800_000;
@@ -270,7 +273,7 @@ pub fn generate(
                 stats.late += 1;
             }
             let time = start + Duration::milliseconds(offset_ms.clamp(0, month_ms - 1));
-            write_event(
+            let metered = write_event(
                 &mut line,
                 &mut rng,
                 i,
@@ -280,10 +283,10 @@ pub fn generate(
                 spec.customers,
             );
             if recent.len() < 1024 {
-                recent.push(line.clone());
+                recent.push((line.clone(), metered));
             } else {
                 let slot = rng.below(1024) as usize;
-                recent[slot].clone_from(&line);
+                recent[slot] = (line.clone(), metered);
             }
         }
         out.write_all(line.as_bytes())?;
@@ -293,6 +296,8 @@ pub fn generate(
     Ok(stats)
 }
 
+/// Writes one new event of a customer drawn by `cumulative`: a resolution, tokens or
+/// feedback. Whether a meter reads it.
 fn write_event(
     line: &mut String,
     rng: &mut Rng,
@@ -301,7 +306,7 @@ fn write_event(
     cumulative: &[u64],
     total: u64,
     customers: u32,
-) {
+) -> bool {
     use std::fmt::Write as _;
     let draw = rng.below(total);
     let c = cumulative.partition_point(|&w| w <= draw) as u32;
@@ -334,6 +339,8 @@ fn write_event(
             1 + rng.below(5)
         )
     };
+    // Feedback is the one kind no meter reads.
+    kind < 99
 }
 
 /// One malformed line of each kind in turn, as real senders get them wrong.

@@ -199,7 +199,10 @@ mod tests {
             made.retries - made.unmetered_retries
         );
         assert_eq!(pipeline.summary.rejected, 16);
-        assert_eq!(pipeline.summary.conflicts, made.conflicts);
+        assert_eq!(
+            pipeline.summary.conflicts,
+            made.conflicts - made.unmetered_conflicts
+        );
         // Conflicting resends are kept with the rejected lines, as in the rejected topic.
         let conflicts = pipeline
             .rejects

@@ -2335,7 +2335,7 @@ fn a_deploy_with_another_partition_count_or_a_mistyped_prefix_is_told_so() {
         Duration::from_secs(60),
         || {
             let log = p.log("agg-b");
-            log.contains("made a new pipeline's topics beside other pipelines")
+            log.contains("made a new pipeline's topics beside other pipelines on these brokers, one of which")
                 && log.contains(&format!("likely_meant=\"{}\"", p.prefix))
         },
     );
@@ -2695,18 +2695,14 @@ fn a_partition_added_to_the_events_topic_is_left_unread_and_reported_and_totals_
     for name in others {
         p.start("aggregator", name);
     }
-    harness::eventually(
-        "every aggregator ready",
-        Duration::from_secs(90),
-        || {
-            (std::iter::once("agg-a").chain(others)).all(|name| {
-                let log = p.log(name);
-                log.contains("what=\"aggregator metrics\"")
-                    && common::get(harness::metrics_port(&log, "aggregator metrics"), "/readyz")
-                        .is_some_and(|(status, _)| status == 200)
-            })
-        },
-    );
+    harness::eventually("every aggregator ready", Duration::from_secs(90), || {
+        (std::iter::once("agg-a").chain(others)).all(|name| {
+            let log = p.log(name);
+            log.contains("what=\"aggregator metrics\"")
+                && common::get(harness::metrics_port(&log, "aggregator metrics"), "/readyz")
+                    .is_some_and(|(status, _)| status == 200)
+        })
+    });
     p.wait_for(&p.expected(), Duration::from_secs(60));
     p.assert_running();
 }
