@@ -242,23 +242,27 @@ pub fn tune_fetching(config: &mut ClientConfig) -> &mut ClientConfig {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_tunable_keeps_the_operators_value_and_tallys_own_settings_win() {
-        let settings = KafkaSettings {
-            properties: [
-                ("linger.ms", "50"),
-                ("compression.codec", "zstd"),
-                ("allow.auto.create.topics", "true"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
+    /// Settings whose `[kafka] properties` are `properties`.
+    fn with_properties(properties: &[(&str, &str)]) -> KafkaSettings {
+        KafkaSettings {
+            properties: (properties.iter())
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             brokers: "127.0.0.1:9092".to_owned(),
             topic_prefix: "tally".to_owned(),
             partitions: 1,
             replication_factor: 1,
             instance_id: "0".to_owned(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_tunable_keeps_the_operators_value_and_tallys_own_settings_win() {
+        let settings = with_properties(&[
+            ("linger.ms", "50"),
+            ("compression.codec", "zstd"),
+            ("allow.auto.create.topics", "true"),
+        ]);
         let mut config = client_config(&settings);
         tunable(&mut config, "linger.ms", "5");
         tunable(&mut config, "compression.type", "lz4");
@@ -273,17 +277,7 @@ mod tests {
 
     #[test]
     fn a_forced_setting_wins_over_the_operators_value_under_either_name() {
-        let settings = KafkaSettings {
-            properties: [("delivery.timeout.ms", "30000")]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-            brokers: "127.0.0.1:9092".to_owned(),
-            topic_prefix: "tally".to_owned(),
-            partitions: 1,
-            replication_factor: 1,
-            instance_id: "0".to_owned(),
-        };
+        let settings = with_properties(&[("delivery.timeout.ms", "30000")]);
         assert_eq!(configured(&settings, "message.timeout.ms"), Some("30000"));
         assert_eq!(configured(&settings, "delivery.timeout.ms"), Some("30000"));
         let mut config = client_config(&settings);

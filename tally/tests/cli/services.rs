@@ -176,19 +176,26 @@ fn a_service_whose_log_cannot_be_written_goes_on_serving() {
     assert!(terminate(&mut child).success());
 }
 
-#[test]
-fn an_empty_log_format_variable_counts_as_unset() {
+/// A config whose API key's variable nobody set, and `tally serve ingest` run on it
+/// with `TALLY_LOG_FORMAT` set to `log_format`: it cannot start.
+fn ingest_without_its_key(log_format: &str) -> (Fixture, Run) {
     let f = Fixture::new(&format!(
         "{PRO}\n[[ingest.api_keys]]\nkey_env = \"TALLY_TEST_KEY_NOBODY_SET\"\ntenant = \"t\"\nsources = [\"*\"]\n"
     ));
     let run = Run::from(
         f.tally()
             .args(["serve", "ingest", "--config", "tally.toml"])
-            .env("TALLY_LOG_FORMAT", "")
+            .env("TALLY_LOG_FORMAT", log_format)
             .env_remove("TALLY_TEST_KEY_NOBODY_SET")
             .output()
             .unwrap(),
     );
+    (f, run)
+}
+
+#[test]
+fn an_empty_log_format_variable_counts_as_unset() {
+    let (_f, run) = ingest_without_its_key("");
     // The service's own refusal, in text logs, not an argument error.
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(
@@ -201,17 +208,7 @@ fn an_empty_log_format_variable_counts_as_unset() {
 
 #[test]
 fn a_service_that_cannot_start_says_why_in_its_log_format() {
-    let f = Fixture::new(&format!(
-        "{PRO}\n[[ingest.api_keys]]\nkey_env = \"TALLY_TEST_KEY_NOBODY_SET\"\ntenant = \"t\"\nsources = [\"*\"]\n"
-    ));
-    let run = Run::from(
-        f.tally()
-            .args(["serve", "ingest", "--config", "tally.toml"])
-            .env("TALLY_LOG_FORMAT", "json")
-            .env_remove("TALLY_TEST_KEY_NOBODY_SET")
-            .output()
-            .unwrap(),
-    );
+    let (f, run) = ingest_without_its_key("json");
     assert_eq!(run.code, 1);
     // Every line a JSON object, the error among them: a log shipper parses them all.
     let lines: Vec<Value> = (run.stderr.lines())
