@@ -66,6 +66,15 @@ impl Readiness {
         self.holds_none.store(true, Ordering::Relaxed);
     }
 
+    /// A member's partitions changed without an assignment (revoked, or lost with its
+    /// session): as [`Readiness::ready_holding`] says for `held`, unless the service is
+    /// not ready for a reason of its own (restoring, ClickHouse down), which stands.
+    pub fn held_changed(&self, held: usize) {
+        if self.holds_none() || reason_in(&self.not_ready).is_none() {
+            self.ready_holding(held);
+        }
+    }
+
     /// Whether the only reason is [`Readiness::ready_holding`]'s, none held.
     pub(crate) fn holds_none(&self) -> bool {
         self.holds_none.load(Ordering::Relaxed)

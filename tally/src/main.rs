@@ -376,8 +376,9 @@ impl ConfiguredClickHouse {
     /// `config`, loaded from `path`; `database` (`tally reconcile`'s
     /// `clickhouse:<database>`) instead of the section's, if given.
     pub fn of(config: &Config, path: &Path, database: Option<&str>) -> anyhow::Result<Self> {
+        let given = database.map(|database| format!("clickhouse:{database}"));
         let flags = ClickHouseFlags {
-            database: database.map(|database| ("clickhouse:<database>", database)),
+            database: given.as_deref().zip(database),
             ..ClickHouseFlags::default()
         };
         let store = config.clickhouse(&path.display().to_string(), flags, &environment)?;

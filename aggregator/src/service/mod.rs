@@ -53,8 +53,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use tally_runtime::kafka::{
-    failed_to, group_consumer, leave_group, partition_count, partitions_beyond, poll_group,
-    ConsumerHealth, GroupContext, KafkaOpError, KafkaProducer, PartitionOwner, MAX_RECORD_BYTES,
+    failed_to, group_consumer, held_partitions, leave_group, partition_count, partitions_beyond,
+    poll_group, ConsumerHealth, GroupContext, KafkaOpError, KafkaProducer, PartitionOwner,
+    MAX_RECORD_BYTES,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
@@ -287,6 +288,7 @@ impl PartitionOwner for Worker {
         consumer
             .incremental_unassign(partitions)
             .map_err(failed_to("release the revoked partitions"))?;
+        self.readiness.held_changed(held_partitions(consumer));
         Ok(())
     }
 }

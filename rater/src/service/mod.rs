@@ -67,6 +67,7 @@ pub use metrics::RaterMetrics;
 
 use crate::clickhouse::{ClickHouse, ClickHouseError, StoredWindow};
 use crate::ledger::{line_open, Ledger, Recorded};
+use rebuild::StoredSample;
 use rebuild_point::{FirstOffsets, RebuildPoint};
 use records::{decode_with_windows, record, Change, WindowsRecord};
 use store::{InFlight, Pending};
@@ -133,9 +134,9 @@ struct PartitionState {
     /// checked against the price book ([`Worker::check_price_book`]).
     unchecked: bool,
     /// ClickHouse did not answer when the partition's stored lines were looked up at
-    /// its assignment: looked up before anything of it is stored
-    /// ([`Worker::verify_stored_lines`]).
-    lines_unverified: bool,
+    /// its assignment: this sample of them is looked up before anything of it is
+    /// stored ([`Worker::verify_stored_lines`]).
+    lines_unverified: Option<StoredSample>,
     /// Its committed lines were stored with another price book (or by a build that did
     /// not say which): the check re-rates all of them, and writes its customers'
     /// opening lines, also where no stale row shows it. A line the old book never
@@ -260,18 +261,24 @@ impl PartitionOwner for Worker {
                 // With another book, stored lines may have other ids: the check of the
                 // price book sees to those.
                 if committed == 0 || another_book {
-                    return Ok((partition, committed, another_book, false, rebuilt));
+                    return Ok((partition, committed, another_book, None, rebuilt));
                 }
-                match self.stored_lines_lost(partition, &rebuilt.ledger) {
+                let sample = StoredSample::of(&rebuilt.ledger);
+                match self.stored_lines_lost(&sample) {
                     Ok(true) => {
+                        self.metrics.lost_line_replays.inc();
+                        tracing::error!(
+                            partition,
+                            "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped or emptied): rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
+                        );
                         let replayed = self.rebuild(partition, 0, None)?;
-                        Ok((partition, 0, false, false, replayed))
+                        Ok((partition, 0, false, None, replayed))
                     }
-                    Ok(false) => Ok((partition, committed, false, false, rebuilt)),
+                    Ok(false) => Ok((partition, committed, false, None, rebuilt)),
                     Err(error) if error.is_missing_table() => Err(RaterError::TablesGone(error)),
                     Err(error) => {
                         tracing::warn!(partition, %error, "cannot look the partition's stored lines up in ClickHouse; looked up again before anything of the partition is stored");
-                        Ok((partition, committed, false, true, rebuilt))
+                        Ok((partition, committed, false, Some(sample), rebuilt))
                     }
                 }
             },
@@ -365,6 +372,7 @@ impl PartitionOwner for Worker {
         consumer
             .incremental_unassign(partitions)
             .map_err(failed_to("release the revoked partitions"))?;
+        self.readiness.held_changed(held_partitions(consumer));
         Ok(())
     }
 }
@@ -657,7 +665,7 @@ mod tests {
             uncommitted: true,
             customers_with_usage: HashSet::new(),
             unchecked: true,
-            lines_unverified: false,
+            lines_unverified: None,
             stored_with_another_book: true,
             check_deferred: Some(Instant::now()),
             restated: HashMap::new(),

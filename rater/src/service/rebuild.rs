@@ -60,6 +60,24 @@ impl Rebuilt {
     }
 }
 
+/// Some of the lines a partition's committed offset accounts for, taken from its
+/// ledger as rebuilt to that offset: what a look-up of its stored lines asks for.
+#[derive(Debug)]
+pub(super) struct StoredSample {
+    ids: Vec<String>,
+    /// Only lines of open months are looked up (settled ones may be archived).
+    oldest_open: Option<Period>,
+}
+
+impl StoredSample {
+    pub(super) fn of(ledger: &Ledger) -> Self {
+        StoredSample {
+            ids: ledger.line_ids().take(LOST_LINES_SAMPLE).collect(),
+            oldest_open: ledger.settled_through().map(|settled| settled.next()),
+        }
+    }
+}
+
 impl Worker {
     /// Reads a windows partition to its end, from the committed `point` if there is
     /// one (its settled periods settled in the ledger from the start), else from its
@@ -148,48 +166,39 @@ impl Worker {
         Ok(rebuilt)
     }
 
-    /// Whether ClickHouse has none of the lines `ledger` holds as stored (a sample of
-    /// them): its database was dropped or emptied while the group's offsets stayed, so
-    /// those lines would never be written again. Counted (and said) when they are lost.
-    pub(super) fn stored_lines_lost(
-        &self,
-        partition: i32,
-        ledger: &Ledger,
-    ) -> Result<bool, ClickHouseError> {
-        let sample: Vec<String> = ledger.line_ids().take(LOST_LINES_SAMPLE).collect();
-        if sample.is_empty() {
+    /// Whether ClickHouse has none of the lines of `sample`: its database was dropped
+    /// or emptied while the group's offsets stayed, so those lines would never be
+    /// written again.
+    pub(super) fn stored_lines_lost(&self, sample: &StoredSample) -> Result<bool, ClickHouseError> {
+        if sample.ids.is_empty() {
             return Ok(false);
         }
-        let oldest_open = ledger.settled_through().map(|settled| settled.next());
-        let found = self.clickhouse.lines_stored_of(&sample, oldest_open)?;
-        if found == 0 {
-            self.metrics.lost_line_replays.inc();
-            tracing::error!(
-                partition,
-                sampled = sample.len(),
-                "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped or emptied): rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
-            );
-        }
-        Ok(found == 0)
+        Ok(self
+            .clickhouse
+            .lines_stored_of(&sample.ids, sample.oldest_open)?
+            == 0)
     }
 
     /// Looks up the stored lines of the partitions whose look-up failed when they were
-    /// assigned (ClickHouse not answering), before anything of theirs is stored: one
-    /// whose lines are lost stops the rater ([`RaterError::StoredLinesLost`]), whose
-    /// restart rates it again from the beginning; one still not answered is looked up
-    /// at the next store.
+    /// assigned (ClickHouse not answering), before anything of theirs is stored, by
+    /// the sample taken then: one whose lines are lost stops the rater
+    /// ([`RaterError::StoredLinesLost`]), whose restart rates it again from the
+    /// beginning; one still not answered is looked up at the next store.
     pub(super) fn verify_stored_lines(&mut self) -> Result<(), RaterError> {
         let unverified: Vec<i32> = (self.partitions.iter())
-            .filter(|(_, state)| state.lines_unverified)
+            .filter(|(_, state)| state.lines_unverified.is_some())
             .map(|(&partition, _)| partition)
             .collect();
         for partition in unverified {
-            let state = &self.partitions[&partition];
-            if self.stored_lines_lost(partition, &state.ledger)? {
+            let lost = match &self.partitions[&partition].lines_unverified {
+                Some(sample) => self.stored_lines_lost(sample)?,
+                None => false,
+            };
+            if lost {
                 return Err(RaterError::StoredLinesLost { partition });
             }
             if let Some(state) = self.partitions.get_mut(&partition) {
-                state.lines_unverified = false;
+                state.lines_unverified = None;
             }
         }
         Ok(())
