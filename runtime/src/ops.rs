@@ -4,8 +4,8 @@
 //! partition still restoring). The ingest service mounts the same routes on its API.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -16,6 +16,7 @@ use prometheus::process_collector::ProcessCollector;
 use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 
 use crate::metrics::Metrics;
+use crate::threads::lock;
 use crate::Shutdown;
 
 /// Whether a service is ready, and if not, why. Two reasons are kept apart, so that
@@ -25,8 +26,9 @@ use crate::Shutdown;
 pub struct Readiness {
     not_ready: Arc<Mutex<Option<String>>>,
     consumer_failing: Arc<Mutex<Option<String>>>,
-    /// The service's reason is that it holds no partitions ([`Readiness::ready_holding`]).
-    holds_none: Arc<AtomicBool>,
+    /// Since when the service's reason has been that it holds no partitions
+    /// ([`Readiness::ready_holding`]).
+    holds_none: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Readiness {
@@ -35,17 +37,17 @@ impl Readiness {
         Readiness {
             not_ready: Arc::new(Mutex::new(Some(reason.to_owned()))),
             consumer_failing: Arc::new(Mutex::new(None)),
-            holds_none: Arc::new(AtomicBool::new(false)),
+            holds_none: Arc::new(Mutex::new(None)),
         }
     }
 
     pub fn ready(&self) {
-        self.holds_none.store(false, Ordering::Relaxed);
+        *lock(&self.holds_none) = None;
         set_reason(&self.not_ready, None);
     }
 
     pub fn not_ready(&self, reason: impl Into<String>) {
-        self.holds_none.store(false, Ordering::Relaxed);
+        *lock(&self.holds_none) = None;
         set_reason(&self.not_ready, Some(reason.into()));
     }
 
@@ -63,21 +65,21 @@ impl Readiness {
             &self.not_ready,
             Some("a member of its consumer group holding no partitions yet: ready once it restored some, or once the group has settled with this instance as a standby".to_owned()),
         );
-        self.holds_none.store(true, Ordering::Relaxed);
+        lock(&self.holds_none).get_or_insert_with(Instant::now);
     }
 
     /// A member's partitions changed without an assignment (revoked, or lost with its
     /// session): as [`Readiness::ready_holding`] says for `held`, unless the service is
     /// not ready for a reason of its own (restoring, ClickHouse down), which stands.
     pub fn held_changed(&self, held: usize) {
-        if self.holds_none() || reason_in(&self.not_ready).is_none() {
+        if self.holding_none_since().is_some() || reason_in(&self.not_ready).is_none() {
             self.ready_holding(held);
         }
     }
 
-    /// Whether the only reason is [`Readiness::ready_holding`]'s, none held.
-    pub(crate) fn holds_none(&self) -> bool {
-        self.holds_none.load(Ordering::Relaxed)
+    /// Since when the only reason has been [`Readiness::ready_holding`]'s, none held.
+    pub(crate) fn holding_none_since(&self) -> Option<Instant> {
+        *lock(&self.holds_none)
     }
 
     /// The service's consumer has kept failing: not ready, whatever the service says.
@@ -97,17 +99,11 @@ impl Readiness {
 }
 
 fn set_reason(slot: &Mutex<Option<String>>, value: Option<String>) {
-    match slot.lock() {
-        Ok(mut guard) => *guard = value,
-        Err(poisoned) => *poisoned.into_inner() = value,
-    }
+    *lock(slot) = value;
 }
 
 fn reason_in(slot: &Mutex<Option<String>>) -> Option<String> {
-    match slot.lock() {
-        Ok(guard) => guard.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
-    }
+    lock(slot).clone()
 }
 
 #[derive(Debug, Clone)]
@@ -230,4 +226,37 @@ pub async fn serve(
             tracing::error!(error = %e, what, "HTTP server stopped");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_holding_none_waits_and_a_reason_of_its_own_outlasts_a_revoke() {
+        let readiness = Readiness::new("joining");
+        readiness.ready_holding(0);
+        let since = readiness.holding_none_since().expect("holding none");
+        assert!(readiness.reason().is_some());
+        // Still none held: it has held none since the first time.
+        readiness.held_changed(0);
+        assert_eq!(readiness.holding_none_since(), Some(since));
+        readiness.ready_holding(2);
+        assert_eq!(
+            (readiness.reason(), readiness.holding_none_since()),
+            (None, None)
+        );
+        // Every partition revoked: holding none again, from now.
+        readiness.held_changed(0);
+        assert!(readiness
+            .holding_none_since()
+            .is_some_and(|now| now >= since));
+        // A reason of the service's own stands through a revoke.
+        readiness.not_ready("ClickHouse refused the write");
+        readiness.held_changed(1);
+        assert_eq!(
+            readiness.reason().as_deref(),
+            Some("ClickHouse refused the write")
+        );
+    }
 }

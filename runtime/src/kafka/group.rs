@@ -393,7 +393,7 @@ pub struct ConsumerHealth {
     partitions: usize,
     /// Since when the member has held no partitions, and when it last asked about its
     /// group.
-    holding_none: Option<(Instant, Instant)>,
+    standby_asked: Option<Instant>,
 }
 
 impl ConsumerHealth {
@@ -403,7 +403,7 @@ impl ConsumerHealth {
             failing: None,
             group,
             partitions,
-            holding_none: None,
+            standby_asked: None,
         }
     }
 
@@ -416,15 +416,17 @@ impl ConsumerHealth {
     /// two steps). If its state cannot be read (a broker of several not answering),
     /// holding none for [`STANDBY_WITHOUT_ANSWER`] makes it a standby too.
     fn settle_standby<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, now: Instant) {
-        if !self.readiness.holds_none() {
-            self.holding_none = None;
+        let Some(since) = self.readiness.holding_none_since() else {
+            return;
+        };
+        let last = self
+            .standby_asked
+            .filter(|&asked| asked > since)
+            .unwrap_or(since);
+        if now.saturating_duration_since(last) < STANDBY_CHECK_EVERY {
             return;
         }
-        let (since, asked) = *self.holding_none.get_or_insert((now, now));
-        if now - asked < STANDBY_CHECK_EVERY {
-            return;
-        }
-        self.holding_none = Some((since, now));
+        self.standby_asked = Some(now);
         if held_partitions(consumer) > 0 {
             return;
         }
@@ -434,7 +436,7 @@ impl ConsumerHealth {
                     && g.state() == "Stable"
                     && g.members().len() > self.partitions
             }),
-            Err(_) => now - since >= STANDBY_WITHOUT_ANSWER,
+            Err(_) => now.saturating_duration_since(since) >= STANDBY_WITHOUT_ANSWER,
         };
         if stable {
             tracing::info!(group = %self.group, partitions = self.partitions, "a standby: the group is stable with more members than partitions (or did not say for a while), and this one holds none");
