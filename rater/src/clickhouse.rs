@@ -223,17 +223,12 @@ impl ClickHouse {
         })
     }
 
-    /// The client of a `[clickhouse]` section, in `database` (the section's unless
-    /// another is given): its credentials (the CA file read now) and request timeout.
-    pub fn configured(
-        settings: &ClickHouseSettings,
-        database: Option<&str>,
-    ) -> Result<Self, ClickHouseError> {
-        Ok(
-            ClickHouse::new(&settings.url, database.unwrap_or(&settings.database))?
-                .with_credentials(&settings.credentials)?
-                .with_request_timeout(settings.request_timeout),
-        )
+    /// The client of a `[clickhouse]` section: its database, its credentials (the CA
+    /// file read now) and its request timeout.
+    pub fn configured(settings: &ClickHouseSettings) -> Result<Self, ClickHouseError> {
+        Ok(ClickHouse::new(&settings.url, &settings.database)?
+            .with_credentials(&settings.credentials)?
+            .with_request_timeout(settings.request_timeout))
     }
 
     /// Authenticates as `credentials.user` (ClickHouse's `default` when `None`), and

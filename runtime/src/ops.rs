@@ -28,7 +28,7 @@ pub struct Readiness {
     consumer_failing: Arc<Mutex<Option<String>>>,
     /// Since when the service's reason has been that it holds no partitions
     /// ([`Readiness::ready_holding`]).
-    holds_none: Arc<Mutex<Option<Instant>>>,
+    holding_none_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Readiness {
@@ -37,17 +37,17 @@ impl Readiness {
         Readiness {
             not_ready: Arc::new(Mutex::new(Some(reason.to_owned()))),
             consumer_failing: Arc::new(Mutex::new(None)),
-            holds_none: Arc::new(Mutex::new(None)),
+            holding_none_since: Arc::new(Mutex::new(None)),
         }
     }
 
     pub fn ready(&self) {
-        *lock(&self.holds_none) = None;
+        *lock(&self.holding_none_since) = None;
         set_reason(&self.not_ready, None);
     }
 
     pub fn not_ready(&self, reason: impl Into<String>) {
-        *lock(&self.holds_none) = None;
+        *lock(&self.holding_none_since) = None;
         set_reason(&self.not_ready, Some(reason.into()));
     }
 
@@ -65,7 +65,7 @@ impl Readiness {
             &self.not_ready,
             Some("a member of its consumer group holding no partitions yet: ready once it restored some, or once the group has settled with this instance as a standby".to_owned()),
         );
-        lock(&self.holds_none).get_or_insert_with(Instant::now);
+        lock(&self.holding_none_since).get_or_insert_with(Instant::now);
     }
 
     /// A member's partitions changed without an assignment (revoked, or lost with its
@@ -79,7 +79,7 @@ impl Readiness {
 
     /// Since when the only reason has been [`Readiness::ready_holding`]'s, none held.
     pub(crate) fn holding_none_since(&self) -> Option<Instant> {
-        *lock(&self.holds_none)
+        *lock(&self.holding_none_since)
     }
 
     /// The service's consumer has kept failing: not ready, whatever the service says.

@@ -382,7 +382,7 @@ impl ConfiguredClickHouse {
             ..ClickHouseFlags::default()
         };
         let store = config.clickhouse(&path.display().to_string(), flags, &environment)?;
-        let client = ClickHouse::configured(&store, None)?;
+        let client = ClickHouse::configured(&store)?;
         Ok(ConfiguredClickHouse {
             client,
             database: store.database,
@@ -436,7 +436,7 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
                 database: Some(("--clickhouse-database", &args.clickhouse_database)),
             };
             let settings = config.clickhouse(&origin, flags, &environment)?;
-            let store = ClickHouse::configured(&settings, None)?;
+            let store = ClickHouse::configured(&settings)?;
             // Before rating: a wrong URL or password should not cost a month's run.
             store.ensure_schema()?;
             Some(store)

@@ -60,7 +60,7 @@ pub fn check_can_start(service: Service, settings: &ServiceSettings) -> anyhow::
         );
     }
     if service.runs(Service::Rater) {
-        ClickHouse::configured(&settings.clickhouse, None).context("the rater cannot start")?;
+        ClickHouse::configured(&settings.clickhouse).context("the rater cannot start")?;
     }
     Ok(())
 }

@@ -103,24 +103,28 @@ pub fn check_events<'a>(
                     },
                 })
             }
-            // No meter reads it: neither remembered nor compared, as the aggregator
-            // does not remember it either (it bills nothing, whatever its pair).
-            Ok(event) if event.readings.is_empty() => VerdictKind::Accept {
-                unbilled: (Unbilled::of(config, &event)).map(|u| u.suggest(config, &mut looked_up)),
-                subject: event.subject,
-            },
-            Ok(event) => match first_index.get(&event.key) {
-                Some(&(of, payload)) if payload == event.payload => VerdictKind::Duplicate { of },
-                Some(&(of, _)) => VerdictKind::Conflict { of },
-                None => {
-                    first_index.insert(event.key, (index, event.payload));
-                    let unbilled = Unbilled::of(config, &event);
-                    VerdictKind::Accept {
-                        unbilled: unbilled.map(|u| u.suggest(config, &mut looked_up)),
-                        subject: event.subject,
+            Ok(event) => {
+                // An event no meter reads is neither remembered nor compared, as the
+                // aggregator does not remember it either (it bills nothing, whatever
+                // its pair).
+                let metered = !event.readings.is_empty();
+                match first_index.get(&event.key).filter(|_| metered) {
+                    Some(&(of, payload)) if payload == event.payload => {
+                        VerdictKind::Duplicate { of }
+                    }
+                    Some(&(of, _)) => VerdictKind::Conflict { of },
+                    None => {
+                        if metered {
+                            first_index.insert(event.key, (index, event.payload));
+                        }
+                        let unbilled = Unbilled::of(config, &event);
+                        VerdictKind::Accept {
+                            unbilled: unbilled.map(|u| u.suggest(config, &mut looked_up)),
+                            subject: event.subject,
+                        }
                     }
                 }
-            },
+            }
         };
         verdicts.push(Verdict {
             bytes,

@@ -389,7 +389,7 @@ pub fn run(
     shutdown: Shutdown,
 ) -> Result<(), RaterError> {
     let kafka_settings = &settings.kafka;
-    let clickhouse = ClickHouse::configured(&settings.clickhouse, None)?;
+    let clickhouse = ClickHouse::configured(&settings.clickhouse)?;
     // ClickHouse may be starting too: wait for it rather than fail the service.
     let mut wait = Duration::from_millis(200);
     while let Err(e) = clickhouse.ensure_schema() {

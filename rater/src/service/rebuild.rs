@@ -180,28 +180,22 @@ impl Worker {
     }
 
     /// Looks up the stored lines of the partitions whose look-up failed when they were
-    /// assigned (ClickHouse not answering), before anything of theirs is stored, by
-    /// the sample taken then: one whose lines are lost stops the rater
-    /// ([`RaterError::StoredLinesLost`]), whose restart rates it again from the
-    /// beginning; one still not answered is looked up at the next store.
-    pub(super) fn verify_stored_lines(&mut self) -> Result<(), RaterError> {
-        let unverified: Vec<i32> = (self.partitions.iter())
-            .filter(|(_, state)| state.lines_unverified.is_some())
-            .map(|(&partition, _)| partition)
-            .collect();
-        for partition in unverified {
-            let lost = match &self.partitions[&partition].lines_unverified {
-                Some(sample) => self.stored_lines_lost(sample)?,
-                None => false,
-            };
-            if lost {
-                return Err(RaterError::StoredLinesLost { partition });
-            }
-            if let Some(state) = self.partitions.get_mut(&partition) {
-                state.lines_unverified = None;
+    /// assigned (ClickHouse not answering), by the sample taken then, before anything
+    /// of theirs is stored: the first partition whose lines are lost, if any (the
+    /// rater stops, and its restart rates it again from the beginning). Not answered
+    /// again, every one is looked up at the next store.
+    pub(super) fn verify_stored_lines(&mut self) -> Result<Option<i32>, ClickHouseError> {
+        for (&partition, state) in &self.partitions {
+            if let Some(sample) = &state.lines_unverified {
+                if self.stored_lines_lost(sample)? {
+                    return Ok(Some(partition));
+                }
             }
         }
-        Ok(())
+        for state in self.partitions.values_mut() {
+            state.lines_unverified = None;
+        }
+        Ok(None)
     }
 
     /// A partition with nothing committed (a new group, offsets expired, or reset to

@@ -125,10 +125,10 @@ impl Worker {
     pub(super) fn store(&mut self, consumer: &GroupConsumer) -> Result<(), RaterError> {
         self.finish(consumer)?;
         let checked = match self.verify_stored_lines() {
-            Err(RaterError::ClickHouse(e)) => Err(("look the stored lines up", e)),
-            Err(other) => return Err(other),
-            Ok(()) => (self.check_price_book())
+            Ok(Some(partition)) => return Err(RaterError::StoredLinesLost { partition }),
+            Ok(None) => (self.check_price_book())
                 .map_err(|e| ("check the stored lines against the price book", e)),
+            Err(e) => Err(("look the stored lines up", e)),
         };
         if let Err((what, e)) = checked {
             self.metrics.query_failures.inc();

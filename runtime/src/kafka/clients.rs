@@ -43,10 +43,14 @@ const ALIASES: &[(&str, &str)] = &[
 
 /// librdkafka's other name for `name`, whichever of the two it is.
 fn alias_of(name: &str) -> Option<&'static str> {
-    ALIASES.iter().find_map(|&(one, other)| match name {
-        _ if name == one => Some(other),
-        _ if name == other => Some(one),
-        _ => None,
+    ALIASES.iter().find_map(|&(one, other)| {
+        if name == one {
+            Some(other)
+        } else if name == other {
+            Some(one)
+        } else {
+            None
+        }
     })
 }
 

@@ -391,8 +391,8 @@ pub struct ConsumerHealth {
     /// The consumer's group, and the partitions of the topic it reads.
     group: String,
     partitions: usize,
-    /// Since when the member has held no partitions, and when it last asked about its
-    /// group.
+    /// When a member holding no partitions last asked its group whether it is a
+    /// standby.
     standby_asked: Option<Instant>,
 }
 

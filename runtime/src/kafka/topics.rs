@@ -363,19 +363,13 @@ fn other_pipelines(admin: &Admin, settings: &KafkaSettings) -> Vec<String> {
         return Vec::new();
     };
     let names: HashSet<&str> = metadata.topics().iter().map(|t| t.name()).collect();
-    let suffix = |topic: Topic| {
-        let ours = settings.topic(topic);
-        ours[settings.topic_prefix.len()..].to_owned()
-    };
-    let (windows, changelog) = (suffix(Topic::Windows), suffix(Topic::AggregatorChangelog));
-    let mut others: Vec<String> = (names.iter())
-        .filter_map(|name| name.strip_suffix(windows.as_str()))
+    let (windows, changelog) = (Topic::Windows.suffix(), Topic::AggregatorChangelog.suffix());
+    (names.iter())
+        .filter_map(|name| name.strip_suffix(windows)?.strip_suffix('.'))
         .filter(|prefix| *prefix != settings.topic_prefix)
-        .filter(|prefix| names.contains(format!("{prefix}{changelog}").as_str()))
+        .filter(|prefix| names.contains(format!("{prefix}.{changelog}").as_str()))
         .map(str::to_owned)
-        .collect();
-    others.sort();
-    others
+        .collect()
 }
 
 /// The partitions of `topic`, asking again for up to 30 s while there are none: a topic

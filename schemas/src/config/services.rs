@@ -211,7 +211,8 @@ pub enum Topic {
 }
 
 impl Topic {
-    fn suffix(self) -> &'static str {
+    /// What follows the pipeline's prefix and a dot in the topic's name.
+    pub fn suffix(self) -> &'static str {
         match self {
             Topic::Events => "events",
             Topic::Windows => "windows",
@@ -567,8 +568,10 @@ fn clickhouse(
     // to be wrong where it was given.
     let given = |flag: Option<(&str, &str)>, var: &str, field: &str, written, default| match flag {
         Some((at, value)) => (at.to_owned(), value.to_owned()),
-        None if check.var(var).is_some() => (var.to_owned(), check.setting(var, written, default)),
-        None => (field.to_owned(), check.setting(var, written, default)),
+        None => {
+            let at = if check.var(var).is_some() { var } else { field };
+            (at.to_owned(), check.setting(var, written, default))
+        }
     };
     let (url_at, url) = given(
         flags.url,
