@@ -20,9 +20,8 @@ use std::sync::Arc;
 
 use hashbrown::{HashMap, HashSet};
 use rust_decimal::Decimal;
-use tally_schemas::config::{AggregationKind, Config, Customer};
+use tally_schemas::config::{AggregationKind, Config, Customer, NoPlan};
 use tally_schemas::decimal::ExactSum;
-use tally_schemas::price::Plan;
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, SeriesKeyRef};
 use tally_schemas::time::Period;
 
@@ -154,11 +153,7 @@ impl Ledger {
     /// [`Ledger::rerate_all`], the lines that replace what an earlier price book made.
     pub fn line_ids(&self) -> impl Iterator<Item = String> + '_ {
         self.lines.keys().map(|(customer, key)| {
-            let plan = plan_of(
-                &self.config,
-                &self.config.customers[customer],
-                key.rated_in(),
-            );
+            let plan = (self.config).plan_of(&self.config.customers[customer], key.rated_in());
             line_id(
                 customer,
                 &plan.prices[key.price_index].id,
@@ -208,16 +203,14 @@ impl Ledger {
         }) {
             return Recorded::SettledPeriod;
         }
-        let Some(customer) = self.config.customers.get(&*series.customer) else {
-            return Recorded::UnknownCustomer;
-        };
         // An adjustment's usage is priced as the closed period's plan would have, and
         // billed if that period was, wherever the customer is now.
         let rated_in = series.adjusts.unwrap_or(period);
-        if !customer.bills(rated_in) {
-            return Recorded::NotSubscribed;
-        }
-        let plan = plan_of(&self.config, customer, rated_in);
+        let (customer, plan) = match self.config.billing(&series.customer, rated_in) {
+            Ok(billing) => billing,
+            Err(NoPlan::UnknownCustomer) => return Recorded::UnknownCustomer,
+            Err(NoPlan::NotSubscribed) => return Recorded::NotSubscribed,
+        };
         let mut billed = 0;
         for (price_index, price) in plan.prices.iter().enumerate() {
             let bills = (price.usage.as_ref()).is_some_and(|usage| {
@@ -380,7 +373,7 @@ impl Ledger {
                 break;
             }
         }
-        let price = &plan_of(&self.config, customer, closed).prices[key.price_index];
+        let price = &self.config.plan_of(customer, closed).prices[key.price_index];
         // Only usage makes adjustments: a flat fee has none.
         let kind = self
             .config
@@ -441,7 +434,7 @@ impl Ledger {
         let mut lines = Vec::new();
         let mut unrated = Vec::new();
         for (customer, price_index) in subscribed_prices(&config, period) {
-            let price = &plan_of(&config, customer, period).prices[price_index];
+            let price = &config.plan_of(customer, period).prices[price_index];
             if !failed.is_empty() && failed.contains(&(customer.id.clone(), price.id.clone())) {
                 continue;
             }
@@ -491,16 +484,12 @@ pub fn line_open(settled: Option<Period>, period: Period, adjusts: Option<Period
 fn subscribed_prices(config: &Config, period: Period) -> impl Iterator<Item = (&Customer, usize)> {
     let billed = config.customers.values().filter(move |c| c.bills(period));
     billed.flat_map(move |customer| {
-        (0..plan_of(config, customer, period).prices.len())
+        (0..config.plan_of(customer, period).prices.len())
             .map(move |price_index| (customer, price_index))
     })
 }
 
 /// The customer's plan in `period`.
-fn plan_of<'c>(config: &'c Config, customer: &Customer, period: Period) -> &'c Plan {
-    config.plan(customer.subscription(period).plan)
-}
-
 fn price_line(
     config: &Config,
     customer: &Customer,
@@ -538,7 +527,7 @@ fn rate_values(
     period: Period,
     values: impl Iterator<Item = MeterValue>,
 ) -> Result<InvoiceLine, LineError> {
-    let price = &plan_of(config, customer, period).prices[price_index];
+    let price = &config.plan_of(customer, period).prices[price_index];
     let Some(usage) = &price.usage else {
         // A flat fee: no usage to add up.
         return invoice_line(config, customer, price_index, period, Decimal::ZERO);
@@ -1563,7 +1552,7 @@ mod tests {
                 ("seats", Decimal::ZERO),
             ];
             for (price, quantity) in totals {
-                let index = plan_of(&config, customer, november()).prices.iter().position(|p| p.id == price).unwrap();
+                let index = config.plan_of(customer, november()).prices.iter().position(|p| p.id == price).unwrap();
                 let at_once = invoice_line(&config, customer, index, november(), quantity).unwrap();
                 let rated = closed.iter().find(|r| r.line.price == price).unwrap();
                 prop_assert_eq!(&rated.line, &at_once);

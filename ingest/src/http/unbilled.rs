@@ -7,7 +7,7 @@
 //! say). The event is accepted all the same: the book may change while its month is
 //! open, and ingest does not judge usage by it. Pure.
 
-use tally_schemas::config::Config;
+use tally_schemas::config::{Config, NoPlan};
 use tally_schemas::event::DecodedEvent;
 use tally_schemas::time::Period;
 
@@ -38,18 +38,20 @@ impl Unbilled {
             let event_type = event.event_type.clone().into_owned();
             return Some(Unbilled::UnmeteredType { event_type });
         }
-        let Some(customer) = config.customers.get(&*event.subject) else {
-            return Some(Unbilled::UnknownCustomer {
-                subject: event.subject.clone().into_owned(),
-                likely_meant: None,
-            });
-        };
         let period = Period::containing(event.time);
-        if !customer.bills(period) {
-            let customer = customer.id.clone();
-            return Some(Unbilled::NotSubscribed { customer, period });
-        }
-        let plan = config.plan(customer.subscription(period).plan);
+        let (customer, plan) = match config.billing(&event.subject, period) {
+            Ok(billing) => billing,
+            Err(NoPlan::UnknownCustomer) => {
+                return Some(Unbilled::UnknownCustomer {
+                    subject: event.subject.clone().into_owned(),
+                    likely_meant: None,
+                })
+            }
+            Err(NoPlan::NotSubscribed) => {
+                let customer = event.subject.clone().into_owned();
+                return Some(Unbilled::NotSubscribed { customer, period });
+            }
+        };
         let priced = (event.readings.iter())
             .any(|reading| (plan.prices.iter()).any(|p| p.bills(reading.meter, &reading.group)));
         if priced {

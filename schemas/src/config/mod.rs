@@ -514,6 +514,30 @@ impl Config {
     pub fn plan(&self, id: PlanId) -> &Plan {
         &self.plans[id.0 as usize]
     }
+
+    /// The plan `customer` is on in `period`, whether or not it [`Customer::bills`] it.
+    pub fn plan_of(&self, customer: &Customer, period: Period) -> &Plan {
+        self.plan(customer.subscription(period).plan)
+    }
+
+    /// The customer `id` and the plan that bills its usage of `period`, or why no plan
+    /// does: the one decision ingest warns senders by and the rater bills by.
+    pub fn billing(&self, id: &str, period: Period) -> Result<(&Customer, &Plan), NoPlan> {
+        let customer = self.customers.get(id).ok_or(NoPlan::UnknownCustomer)?;
+        if !customer.bills(period) {
+            return Err(NoPlan::NotSubscribed);
+        }
+        Ok((customer, self.plan_of(customer, period)))
+    }
+}
+
+/// Why no plan bills a customer's usage of a month ([`Config::billing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPlan {
+    /// The id is no customer of the price book.
+    UnknownCustomer,
+    /// The customer is not billed in that month (its `from` or `through`).
+    NotSubscribed,
 }
 
 /// The issues `(at, message)` validating the services' sections found, as an error.
