@@ -692,14 +692,16 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
     let misspelt = event("m-6", "agent", "cust_b", 1).replace("llm.tokens", "llm.token");
     // Valid, but for no customer of the price book: stored, with a warning.
     let stranger = event("m-7", "agent", "cust-b", 1);
+    // Valid, but further back than the dedupe horizon: stored, with a warning.
+    let ancient = r#"{"specversion":"1.0","id":"m-8","source":"agent","type":"llm.tokens","subject":"cust_a","time":"2020-01-01T00:00:00Z","data":{"tokens":3,"model":"gpt-x"}}"#;
     let body = batch(&[
-        &good_1, no_time, &negative, "7", &good_2, &misspelt, &stranger,
+        &good_1, no_time, &negative, "7", &good_2, &misspelt, &stranger, ancient,
     ]);
     let reply = service.post(BATCH, Some(KEY), &body);
     assert_eq!(reply.status, 202, "{reply:?}");
     assert_eq!(
         reply.json(),
-        json!({"accepted": 4, "rejected": 3, "duplicates": 0, "results": [
+        json!({"accepted": 5, "rejected": 3, "duplicates": 0, "results": [
             {"index": 0, "id": "m-1", "status": "accepted"},
             {"index": 1, "id": "m-2", "status": "rejected", "field": "time",
              "code": "missing_field", "reason": "required field is missing or null"},
@@ -709,9 +711,11 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
              "code": "not_an_object", "reason": "expected a CloudEvent JSON object"},
             {"index": 4, "id": "m-5", "status": "accepted"},
             {"index": 5, "id": "m-6", "status": "accepted", "warning": "unmetered_type",
-             "reason": "no meter reads type \"llm.token\": the event is stored, but bills nothing, even if such a meter is added later (a misspelt type?)"},
+             "reason": "no meter reads type \"llm.token\": the event is stored, but bills nothing unless such a meter is added and the events are read again (a misspelt type?)"},
             {"index": 6, "id": "m-7", "status": "accepted", "warning": "unknown_customer",
              "reason": "subject \"cust-b\" is no customer of the price book (did you mean \"cust_b\"?): the event is stored, and billed only if the customer is added while its month is open"},
+            {"index": 7, "id": "m-8", "status": "accepted", "warning": "too_late",
+             "reason": "time 2020-01-01T00:00:00Z is more than the dedupe horizon (35d) ago: the event is stored, but the aggregator will most likely refuse it as too_late and bill nothing (bill such usage with tally rate, or send usage sooner)"},
         ]})
     );
     assert_eq!(
@@ -720,7 +724,8 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
             stored("cust_a", &good_1),
             stored("cust_b", &good_2),
             stored("cust_b", &misspelt),
-            stored("cust-b", &stranger)
+            stored("cust-b", &stranger),
+            stored("cust_a", ancient)
         ])
     );
 }

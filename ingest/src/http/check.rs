@@ -1,7 +1,8 @@
 //! The verdict on each event of a request, before anything reaches Kafka.
 //!
-//! In: the raw events of one request, the decoder `tally rate` uses, the caller's API
-//! key and the largest event a Kafka message can hold. Out: for each event, accept
+//! In: the raw events of one request, the price book and the clock (`tally rate`'s
+//! decoder is made of them), the caller's API key and the largest event a Kafka
+//! message can hold. Out: for each event, accept
 //! (with the key to produce it under), reject (with the decoder's error, as too large
 //! for Kafka, or as a conflicting resend of an earlier event of the same request) or
 //! duplicate (of an earlier event of the same request, content and all), an accepted
@@ -11,6 +12,8 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
 
 use tally_schemas::config::{ApiKey, Config};
 use tally_schemas::event::{EventDecoder, EventError, Problem};
@@ -60,7 +63,7 @@ pub struct Forbidden {
 /// allowed.
 pub fn check_events<'a>(
     config: &Config,
-    decoder: &EventDecoder<'_>,
+    now: DateTime<Utc>,
     key: &ApiKey,
     max_record_bytes: usize,
     events: &[&'a [u8]],
@@ -68,6 +71,7 @@ pub fn check_events<'a>(
     let mut verdicts = Vec::with_capacity(events.len());
     let mut first_index: HashMap<EventKey, (usize, PayloadFingerprint)> =
         HashMap::with_capacity(events.len());
+    let decoder = EventDecoder::new(config, now);
     let mut looked_up = None;
     for (index, &bytes) in events.iter().enumerate() {
         let identity = identity(bytes);
@@ -117,7 +121,7 @@ pub fn check_events<'a>(
                         if metered {
                             first_index.insert(event.key, (index, event.payload));
                         }
-                        let unbilled = Unbilled::of(config, &event);
+                        let unbilled = Unbilled::of(config, &event, now);
                         VerdictKind::Accept {
                             unbilled: unbilled.map(|u| u.suggest(config, &mut looked_up)),
                             subject: event.subject,
@@ -180,7 +184,7 @@ plan = "pro"
     fn check<'a>(events: &[&'a [u8]], key: &ApiKey) -> Result<Vec<Verdict<'a>>, Forbidden> {
         let config = Config::parse(CONFIG, "test.toml").unwrap();
         let now = Utc.with_ymd_and_hms(2026, 11, 3, 0, 0, 0).unwrap();
-        check_events(&config, &EventDecoder::new(&config, now), key, 4096, events)
+        check_events(&config, now, key, 4096, events)
     }
 
     #[test]

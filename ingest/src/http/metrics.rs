@@ -58,7 +58,7 @@ impl IngestMetrics {
         }
         let unbilled = metrics.counter_vec(
             "tally_ingest_unbilled_events_total",
-            "Events accepted with a warning that they bill nothing as the price book stands, by reason (the warning's code: unmetered_type, unknown_customer, not_subscribed, not_priced).",
+            "Events accepted with a warning that they bill nothing as the price book stands, by reason (the warning's code: unmetered_type, too_late, unknown_customer, not_subscribed, not_priced).",
             &["reason"],
         );
         for code in Unbilled::CODES {

@@ -43,7 +43,7 @@ pub struct EventResult<'a> {
 pub enum EventStatus {
     Accepted {
         /// Set when the event is stored but bills nothing as the price book stands:
-        /// `unmetered_type`, `unknown_customer`, `not_subscribed` or `not_priced`.
+        /// `unmetered_type`, `too_late`, `unknown_customer`, `not_subscribed` or `not_priced`.
         #[serde(skip_serializing_if = "Option::is_none")]
         warning: Option<&'static str>,
         /// Why, for people, with the warning.

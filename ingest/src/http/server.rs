@@ -33,7 +33,7 @@ use tally_runtime::ops::{BindError, Readiness};
 use tally_runtime::throttle::LogThrottle;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{ApiKey, Config, ServiceSettings};
-use tally_schemas::event::{EventDecoder, EventError, Problem};
+use tally_schemas::event::{EventError, Problem};
 use tokio::task::JoinHandle;
 
 use super::auth::{why_unauthorized, ApiKeys, Caller};
@@ -506,11 +506,10 @@ fn close_after(response: &mut Response) {
 /// `hint` is added to a single event's rejection (see [`single_event_hint`]).
 async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&str>) -> Response {
     let tenant = caller.key.tenant.as_str();
-    let decoder = EventDecoder::new(&app.config, chrono::Utc::now());
     let largest = app.producer.max_record_bytes(tenant);
     let verdicts = match check_events(
         &app.config,
-        &decoder,
+        chrono::Utc::now(),
         &caller.key,
         largest,
         events.as_slice(),

@@ -1,13 +1,14 @@
 //! Why a valid event would bill nothing as the price book stands, told to its sender.
 //!
-//! In: the price book and one decoded event. Out: nothing when some price of the
-//! customer's plan bills its usage, else the reason: no meter reads its type, its
-//! subject is no customer (with the id it likely meant), the customer is not billed in
-//! its month, or no price of the plan selects its usage (a misspelt dimension value,
-//! say). The event is accepted all the same: the book may change while its month is
+//! In: the price book, one decoded event and the clock. Out: nothing when some price
+//! of the customer's plan bills its usage, else the reason: no meter reads its type,
+//! it is older than the aggregator's dedupe horizon (which refuses it), its subject is
+//! no customer (with the id it likely meant), the customer is not billed in its month,
+//! or no price of the plan selects its usage (a misspelt dimension value, say). The event is accepted all the same: the book may change while its month is
 //! open, and ingest does not judge usage by it. Pure.
 
-use tally_schemas::config::{Config, NoPlan};
+use chrono::{DateTime, Utc};
+use tally_schemas::config::{Config, HumanDuration, NoPlan};
 use tally_schemas::event::DecodedEvent;
 use tally_schemas::time::Period;
 
@@ -16,6 +17,13 @@ use tally_schemas::time::Period;
 pub enum Unbilled {
     /// No meter reads its `type`.
     UnmeteredType { event_type: String },
+    /// Its `time` is more than the dedupe horizon before now: the aggregator refuses
+    /// events that far behind the newest of their partition (`too_late`), and a
+    /// partition's newest event is rarely older than the clock.
+    TooLate {
+        time: DateTime<Utc>,
+        horizon: HumanDuration,
+    },
     /// Its `subject` is no customer of the price book.
     UnknownCustomer {
         subject: String,
@@ -32,11 +40,19 @@ pub enum Unbilled {
 }
 
 impl Unbilled {
-    /// Why `event` would bill nothing under `config`, if it would.
-    pub fn of(config: &Config, event: &DecodedEvent<'_>) -> Option<Unbilled> {
+    /// Why `event` would bill nothing under `config` at `now`, if it would.
+    pub fn of(config: &Config, event: &DecodedEvent<'_>, now: DateTime<Utc>) -> Option<Unbilled> {
         if event.readings.is_empty() {
             let event_type = event.event_type.clone().into_owned();
             return Some(Unbilled::UnmeteredType { event_type });
+        }
+        let horizon = config.settings.dedupe_horizon;
+        if (now - event.time).to_std().is_ok_and(|age| age > horizon) {
+            let horizon = HumanDuration(horizon);
+            return Some(Unbilled::TooLate {
+                time: event.time,
+                horizon,
+            });
         }
         let period = Period::containing(event.time);
         let (customer, plan) = match config.billing(&event.subject, period) {
@@ -98,8 +114,9 @@ impl Unbilled {
     }
 
     /// Every [`Unbilled::code`].
-    pub const CODES: [&'static str; 4] = [
+    pub const CODES: [&'static str; 5] = [
         "unmetered_type",
+        "too_late",
         "unknown_customer",
         "not_subscribed",
         "not_priced",
@@ -109,6 +126,7 @@ impl Unbilled {
     pub fn code(&self) -> &'static str {
         match self {
             Unbilled::UnmeteredType { .. } => "unmetered_type",
+            Unbilled::TooLate { .. } => "too_late",
             Unbilled::UnknownCustomer { .. } => "unknown_customer",
             Unbilled::NotSubscribed { .. } => "not_subscribed",
             Unbilled::NotPriced { .. } => "not_priced",
@@ -119,7 +137,11 @@ impl Unbilled {
     pub fn reason(&self) -> String {
         match self {
             Unbilled::UnmeteredType { event_type } => format!(
-                "no meter reads type {event_type:?}: the event is stored, but bills nothing, even if such a meter is added later (a misspelt type?)"
+                "no meter reads type {event_type:?}: the event is stored, but bills nothing unless such a meter is added and the events are read again (a misspelt type?)"
+            ),
+            Unbilled::TooLate { time, horizon } => format!(
+                "time {time} is more than the dedupe horizon ({horizon}) ago: the event is stored, but the aggregator will most likely refuse it as too_late and bill nothing (bill such usage with tally rate, or send usage sooner)",
+                time = time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
             ),
             Unbilled::UnknownCustomer {
                 subject,
@@ -181,16 +203,21 @@ plan = "pro"
 through = "2026-10"
 "#;
 
+    /// Why an event of 2026-11-02T10:00Z would bill nothing, told on 2026-11-03.
     fn unbilled(event_type: &str, subject: &str, model: &str) -> Option<String> {
+        unbilled_at("2026-11-02T10:00:00Z", (event_type, subject, model))
+    }
+
+    fn unbilled_at(time: &str, (event_type, subject, model): (&str, &str, &str)) -> Option<String> {
         let config = Config::parse(CONFIG, "tally.toml").unwrap();
         let now = Utc.with_ymd_and_hms(2026, 11, 3, 0, 0, 0).unwrap();
         let raw = format!(
-            r#"{{"specversion":"1.0","id":"e","source":"s","type":"{event_type}","subject":"{subject}","time":"2026-11-02T10:00:00Z","data":{{"tokens":5,"model":"{model}"}}}}"#
+            r#"{{"specversion":"1.0","id":"e","source":"s","type":"{event_type}","subject":"{subject}","time":"{time}","data":{{"tokens":5,"model":"{model}"}}}}"#
         );
         let event = EventDecoder::new(&config, now)
             .decode(raw.as_bytes())
             .unwrap();
-        Unbilled::of(&config, &event)
+        Unbilled::of(&config, &event, now)
             .map(|u| u.suggest(&config, &mut None))
             .map(|u| format!("{}: {}", u.code(), u.reason()))
     }
@@ -200,8 +227,15 @@ through = "2026-10"
         assert_eq!(unbilled("llm.tokens", "cust_acme", "gpt-x"), None);
         assert_eq!(
             unbilled("llm.token", "cust_acme", "gpt-x").unwrap(),
-            "unmetered_type: no meter reads type \"llm.token\": the event is stored, but bills nothing, even if such a meter is added later (a misspelt type?)"
+            "unmetered_type: no meter reads type \"llm.token\": the event is stored, but bills nothing unless such a meter is added and the events are read again (a misspelt type?)"
         );
+        let billed = ("llm.tokens", "cust_acme", "gpt-x");
+        assert_eq!(
+            unbilled_at("2026-09-28T23:59:59Z", billed).unwrap(),
+            "too_late: time 2026-09-28T23:59:59Z is more than the dedupe horizon (35d) ago: the event is stored, but the aggregator will most likely refuse it as too_late and bill nothing (bill such usage with tally rate, or send usage sooner)"
+        );
+        // The horizon (35 days) to the second is not too late, as in the aggregator.
+        assert_eq!(unbilled_at("2026-09-29T00:00:00Z", billed), None);
         assert_eq!(
             unbilled("llm.tokens", "cust-acme", "gpt-x").unwrap(),
             "unknown_customer: subject \"cust-acme\" is no customer of the price book (did you mean \"cust_acme\"?): the event is stored, and billed only if the customer is added while its month is open"
@@ -218,14 +252,16 @@ through = "2026-10"
 
     #[test]
     fn every_code_is_listed_for_the_metric_to_export_at_zero() {
+        let recent = "2026-11-02T10:00:00Z";
         let told = [
-            ("llm.token", "cust_acme", "gpt-x"),
-            ("llm.tokens", "cust-acme", "gpt-x"),
-            ("llm.tokens", "cust_gone", "gpt-x"),
-            ("llm.tokens", "cust_acme", "GPT-X"),
+            (recent, ("llm.token", "cust_acme", "gpt-x")),
+            ("2026-09-01T00:00:00Z", ("llm.tokens", "cust_acme", "gpt-x")),
+            (recent, ("llm.tokens", "cust-acme", "gpt-x")),
+            (recent, ("llm.tokens", "cust_gone", "gpt-x")),
+            (recent, ("llm.tokens", "cust_acme", "GPT-X")),
         ]
-        .map(|(event_type, subject, model)| {
-            let reason = unbilled(event_type, subject, model).unwrap();
+        .map(|(time, event)| {
+            let reason = unbilled_at(time, event).unwrap();
             reason.split(':').next().unwrap().to_owned()
         });
         assert_eq!(told, Unbilled::CODES);

@@ -113,9 +113,29 @@ impl<'de> Deserialize<'de> for UpToInput {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
+/// In the largest unit that divides it, as people write it in `tally.toml` (`"35d"`,
+/// `"90m"`, `"250ms"`), not split into humantime's 30.44-day months.
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let millis = self.0.as_millis();
+        let unit = [
+            (86_400_000, "d"),
+            (3_600_000, "h"),
+            (60_000, "m"),
+            (1_000, "s"),
+        ]
+        .into_iter()
+        .find(|(size, _)| millis != 0 && millis.is_multiple_of(*size));
+        match unit {
+            Some((size, name)) => write!(f, "{}{name}", millis / size),
+            None => write!(f, "{millis}ms"),
+        }
+    }
+}
+
 impl Serialize for HumanDuration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(self.0))
+        s.collect_str(self)
     }
 }
 
@@ -243,5 +263,21 @@ mod tests {
         assert_eq!(b.v.0, Decimal::from(49));
         let err = toml::from_str::<Amount>("v = 0.1").unwrap_err().to_string();
         assert!(err.contains("write decimal amounts as strings"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_written_in_the_largest_unit_that_divides_them_and_read_back() {
+        for (secs, millis, text) in [
+            (35 * 86_400, 0, "35d"),
+            (90 * 60, 0, "90m"),
+            (3_600, 0, "1h"),
+            (86_400 + 1, 0, "86401s"),
+            (0, 250, "250ms"),
+            (0, 0, "0ms"),
+        ] {
+            let duration = Duration::from_secs(secs) + Duration::from_millis(millis);
+            assert_eq!(HumanDuration(duration).to_string(), text);
+            assert_eq!(humantime::parse_duration(text).unwrap(), duration, "{text}");
+        }
     }
 }
