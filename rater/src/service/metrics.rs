@@ -35,6 +35,8 @@ pub struct RaterMetrics {
     pub price_book_checks: IntCounter,
     /// Stored lines retired after a price-book change no longer makes them.
     pub lines_retired: IntCounter,
+    /// Stored lines of months that have ended whose amount a price-book check changed.
+    pub ended_month_lines_repriced: IntCounter,
     /// Partitions rated again from their beginning because ClickHouse had lost their
     /// stored lines.
     pub lost_line_replays: IntCounter,
@@ -95,6 +97,10 @@ impl RaterMetrics {
             lines_retired: m.counter(
                 "tally_rater_lines_retired_total",
                 "Stored invoice lines retired because the current price book no longer makes them.",
+            ),
+            ended_month_lines_repriced: m.counter(
+                "tally_rater_ended_month_lines_repriced_total",
+                "Stored invoice lines of months that have ended whose amount a new price book changed (they may have been invoiced as they were).",
             ),
             lost_line_replays: m.counter(
                 "tally_rater_lost_line_replays_total",

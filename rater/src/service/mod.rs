@@ -67,6 +67,7 @@ pub use metrics::RaterMetrics;
 
 use crate::clickhouse::{ClickHouse, ClickHouseError, StoredWindow};
 use crate::ledger::{line_open, Ledger, Recorded};
+use price_book::EndedMonthsRepriced;
 use rebuild::StoredSample;
 use rebuild_point::{FirstOffsets, RebuildPoint};
 use records::{decode_with_windows, record, Change, WindowsRecord};
@@ -149,6 +150,8 @@ struct PartitionState {
     /// Lines with usage another price book rated, by id, with the amount stored: their
     /// next revision's delta moves from it (the rebuilt ledger holds this book's).
     restated: HashMap<String, Decimal>,
+    /// Lines of ended months the last price-book check re-priced, told with the batch.
+    ended_months_repriced: EndedMonthsRepriced,
     /// Where the records of the open periods begin: committed with the offsets.
     first_offsets: FirstOffsets,
 }
@@ -299,6 +302,7 @@ impl PartitionOwner for Worker {
                     stored_with_another_book,
                     check_deferred: None,
                     restated: HashMap::new(),
+                    ended_months_repriced: EndedMonthsRepriced::default(),
                     first_offsets: rebuilt.first_offsets,
                 },
             );
@@ -623,16 +627,20 @@ impl Worker {
                 self.metrics.rating_failures.inc();
                 tracing::error!(error = %e, partition, "a line cannot be rated; it stays pending, the partition's other lines go on");
             }
-            let restated = &mut state.restated;
+            let (restated, repriced) = (&mut state.restated, &mut state.ended_months_repriced);
             self.pending
                 .rows(partition)
                 .lines
                 .extend(lines.into_iter().map(|mut rated| {
                     if let Some(stored) = restated.remove(&rated.line.id) {
                         rated.delta = rated.line.amount - stored;
+                        let line = &rated.line;
+                        let period = Period::containing(line.period_start);
+                        repriced.note((&line.customer, &line.price), period, stored, line.amount);
                     }
                     (version, rated)
                 }));
+            repriced.report(partition, &self.metrics.ended_month_lines_repriced);
             let point = state.rebuild_point(&self.book);
             (self.pending.offsets).insert(partition, (state.next_offset, point));
             state.uncommitted = false;
@@ -669,6 +677,7 @@ mod tests {
             stored_with_another_book: true,
             check_deferred: Some(Instant::now()),
             restated: HashMap::new(),
+            ended_months_repriced: EndedMonthsRepriced::default(),
             first_offsets: FirstOffsets::default(),
         };
         // Its check deferred, the partition still holds the old book's lines: a next

@@ -12,6 +12,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
+use prometheus::IntCounter;
+use rust_decimal::Decimal;
 use tally_runtime::kafka::partition_for_key;
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
@@ -34,6 +37,59 @@ struct ZeroUsageJudge {
 impl ZeroUsageJudge {
     fn owns(&self, customer: &str) -> bool {
         partition_for_key(customer.as_bytes(), self.partition_count) == self.partition
+    }
+}
+
+/// Stored lines of months that have ended (by the clock) whose amount this price book
+/// changes: finance may have invoiced them as they were. Gathered while a partition is
+/// re-rated and told once per batch, as a count and a warning naming the months and one
+/// line; not refused, as correcting a month until it settles is what an edited book is
+/// for (README, "A new price book").
+#[derive(Debug, Default)]
+pub(super) struct EndedMonthsRepriced {
+    lines: u64,
+    months: BTreeSet<Period>,
+    example: Option<String>,
+}
+
+impl EndedMonthsRepriced {
+    /// A line (customer, price) billed in `period`, stored at `stored`, now `amount`.
+    pub(super) fn note(
+        &mut self,
+        (customer, price): (&str, &str),
+        period: Period,
+        stored: Decimal,
+        amount: Decimal,
+    ) {
+        if stored == amount || period.end() > Utc::now() {
+            return;
+        }
+        self.lines += 1;
+        self.months.insert(period);
+        (self.example).get_or_insert_with(|| {
+            format!("{customer:?} {price:?} of {period}: {stored} before, {amount} now")
+        });
+    }
+
+    /// Counts and logs what was noted since the last report.
+    pub(super) fn report(&mut self, partition: i32, repriced: &IntCounter) {
+        let EndedMonthsRepriced {
+            lines,
+            months,
+            example,
+        } = std::mem::take(self);
+        if lines == 0 {
+            return;
+        }
+        repriced.inc_by(lines);
+        let months: Vec<String> = months.iter().map(Period::to_string).collect();
+        tracing::warn!(
+            partition,
+            lines,
+            months = %months.join(", "),
+            example = example.unwrap_or_default(),
+            "the price book changed the amounts of lines of months that have ended, which may have been invoiced as they were: if that was not meant, run the raters with the book before (the lines go back); prices meant from a month on belong in a new plan with a plan change from that month"
+        );
     }
 }
 
@@ -118,7 +174,15 @@ impl PartitionState {
                 // A row newer than this partition's offsets: not its to replace.
                 continue;
             };
-            match zero_usage.get(&line.id) {
+            let now = zero_usage.get(&line.id);
+            let amount = now.map_or(Decimal::ZERO, |zero| zero.amount);
+            (self.ended_months_repriced).note(
+                (&line.customer, &line.price),
+                line.period,
+                line.amount,
+                amount,
+            );
+            match now {
                 // Replaced by the opening line queued above.
                 Some(_) if at == 0 => {}
                 // Usage the book no longer prices on this line (its filter or
@@ -259,5 +323,34 @@ impl Worker {
             self.pending.started.get_or_insert_with(Instant::now);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_changed_lines_of_ended_months_are_told() {
+        let repriced = IntCounter::new("repriced", "test").unwrap();
+        let ended: Period = "2026-10".parse().unwrap();
+        let open = Period::containing(Utc::now());
+        let mut told = EndedMonthsRepriced::default();
+        let line = ("cust_acme", "resolutions");
+        told.note(line, ended, Decimal::new(198, 2), Decimal::new(218, 2));
+        told.note(line, ended, Decimal::new(5, 0), Decimal::new(5, 0));
+        told.note(line, open, Decimal::new(198, 2), Decimal::new(218, 2));
+        told.note(line, ended.next(), Decimal::ZERO, Decimal::new(1, 0));
+        assert_eq!(told.lines, 2);
+        assert_eq!(told.months, BTreeSet::from([ended, ended.next()]));
+        assert_eq!(
+            told.example.as_deref(),
+            Some("\"cust_acme\" \"resolutions\" of 2026-10: 1.98 before, 2.18 now")
+        );
+        told.report(0, &repriced);
+        assert_eq!(repriced.get(), 2);
+        // Told once: the next batch reports only what it notes.
+        told.report(0, &repriced);
+        assert_eq!(repriced.get(), 2);
     }
 }

@@ -1578,6 +1578,25 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
         p.database
     ));
     assert_eq!(other_starters, "2.18\n");
+    // November has ended by the clock, so finance may have invoiced it: each line the
+    // new book changed is counted, and the log names the month.
+    let repriced = p.query(&format!(
+        "SELECT count() FROM {}.invoice_lines WHERE period_start = '2026-11-01 00:00:00' \
+         AND plan = 'starter' AND price = 'resolutions' AND adjusts_period = '' \
+         AND quantity != '0' FORMAT TSV",
+        p.database
+    ));
+    assert_eq!(
+        harness::metric(rater_port, "tally_rater_ended_month_lines_repriced_total"),
+        Some(repriced.trim().parse::<f64>().unwrap())
+    );
+    assert!(
+        (p.log("rater-b").lines()).any(|line| line.contains("WARN")
+            && line.contains("lines of months that have ended")
+            && line.contains("months=2026-11")),
+        "{}",
+        p.log("rater-b")
+    );
 }
 
 #[test]
