@@ -474,6 +474,15 @@ impl Aggregator {
             return;
         }
         self.watermark = Some(time);
+        // A month the watermark closes stays closed, as if closed explicitly: a longer
+        // grace after a restart would otherwise reopen it, and its late usage, billed
+        // as an adjustment already, would change the closed line too.
+        let by_watermark =
+            (self.period_close_grace).and_then(|grace| time.checked_sub_signed(grace));
+        if let Some(closing) = by_watermark {
+            let closed = Period::containing(closing).start();
+            self.closed_before = self.closed_before.max(Some(closed));
+        }
         // A key of day d is forgotten once all of day d is older than the oldest
         // acceptable time, so no event still accepted can have lost its key.
         if let Some(oldest) = self.oldest_acceptable() {
@@ -958,8 +967,9 @@ pub struct Snapshot {
     series: Vec<SeriesSnapshot>,
     watermark: Option<DateTime<Utc>>,
     expired_before_day: u16,
-    /// Last, left out until a period is closed explicitly and empty when missing:
-    /// records of builds from before explicit closes and of this one read both ways.
+    /// Last, left out until a period is closed (explicitly, or by the watermark since
+    /// 2026-12-07) and empty when missing: records of builds from before explicit
+    /// closes and of this one read both ways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     closed_before: Option<DateTime<Utc>>,
 }
@@ -1496,15 +1506,51 @@ mod tests {
         assert_eq!(adjustment.period_to_date.value, Decimal::from(8));
     }
 
+    /// The period-to-date tokens of `period`, or of the adjustment of `adjusts` in it.
+    fn tokens_of(agg: &Aggregator, period: &str, adjusts: Option<Period>) -> Option<String> {
+        agg.period_usage(Period::from_str(period).unwrap())
+            .into_iter()
+            .find(|(key, _)| key.meter == "tokens" && key.adjusts == adjusts)
+            .map(|(_, usage)| usage.value.to_string())
+    }
+
+    #[test]
+    fn a_month_the_watermark_closed_stays_closed_under_a_longer_grace() {
+        let october = Period::from_str("2026-10").unwrap();
+        let closing = |grace_days: u64| {
+            Aggregator::streaming(&config())
+                .with_period_close(Duration::from_secs(grace_days * 86_400))
+        };
+        let mut agg = closing(1);
+        agg.apply(&tokens("1", "2026-10-31T10:00:00Z", "gpt", 5, 1));
+        agg.apply(&tokens("2", "2026-11-02T12:00:00Z", "gpt", 1, 1));
+        assert_eq!(
+            agg.apply(&tokens("3", "2026-10-31T12:00:00Z", "gpt", 2, 1)),
+            Outcome::Adjusted
+        );
+        // Restarted with a grace of 3 days: by the watermark alone October would be
+        // open again (November 2 less 3 days), and its line would take late usage that
+        // an adjustment already billed part of.
+        let mut rebuilt = closing(3);
+        rebuilt.merge(agg.drain().1).unwrap();
+        let restored = closing(3).restore(agg.snapshot()).unwrap();
+        for mut agg in [rebuilt, restored] {
+            assert_eq!(agg.closed_before(), Some(at("2026-11-01T00:00:00Z")));
+            assert_eq!(
+                agg.apply(&tokens("4", "2026-10-31T14:00:00Z", "gpt", 3, 1)),
+                Outcome::Adjusted
+            );
+            assert_eq!(tokens_of(&agg, "2026-10", None).as_deref(), Some("5"));
+            assert_eq!(
+                tokens_of(&agg, "2026-11", Some(october)).as_deref(),
+                Some("5")
+            );
+        }
+    }
+
     #[test]
     fn an_explicit_close_turns_later_usage_into_adjustments_whatever_the_watermark() {
         let october = Period::from_str("2026-10").unwrap();
-        let tokens_of = |agg: &Aggregator, period: &str, adjusts: Option<Period>| {
-            agg.period_usage(Period::from_str(period).unwrap())
-                .into_iter()
-                .find(|(key, _)| key.meter == "tokens" && key.adjusts == adjusts)
-                .map(|(_, usage)| usage.value.to_string())
-        };
         let mut agg = Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
         agg.apply(&tokens("1", "2026-10-31T20:00:00Z", "gpt", 5, 1));
         // No event of November yet: by its watermark October is open.

@@ -943,6 +943,7 @@ fn write_usage(
     if let Aggregation::Latest(_) = meter.aggregation {
         return write_latest_values(out, e, &series);
     }
+    let windows_counted = |n: usize| format!("{n} window{}", if n == 1 { "" } else { "s" });
     // Meters whose windows add up to their days and month, as the rater combines them.
     let kind = meter.aggregation.kind();
     let additive = matches!(
@@ -978,16 +979,16 @@ fn write_usage(
             match combined(&mut windows.iter()).filter(|_| additive) {
                 Some(value) => writeln!(
                     out,
-                    "            {}: {value} in {} windows{}",
+                    "            {}: {value} in {}{}",
                     group.trim_start(),
-                    windows.len(),
+                    windows_counted(windows.len()),
                     outweighed(value)
                 )?,
                 None => writeln!(
                     out,
-                    "            {}: {} windows",
+                    "            {}: {}",
                     group.trim_start(),
-                    windows.len()
+                    windows_counted(windows.len())
                 )?,
             }
         }

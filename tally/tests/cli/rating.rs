@@ -272,7 +272,7 @@ id = "cust_acme""#;
             .stdout
             .contains("(negative values are corrections)")
             && explained.stdout.contains(
-                "model = claude-y: -2000 in 1 windows (corrections outweigh its usage: it counts as 0)"
+                "model = claude-y: -2000 in 1 window (corrections outweigh its usage: it counts as 0)"
             ),
         "{}",
         explained.stdout
