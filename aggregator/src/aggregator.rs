@@ -197,11 +197,12 @@ pub struct Aggregator {
     horizon: Option<Duration>,
     /// How long after its end a period closes; `None`: periods never close.
     period_close_grace: Option<chrono::Duration>,
-    /// Periods ending at or before this have been closed explicitly, whatever the
-    /// watermark.
+    /// Periods ending at or before this have been closed, explicitly or by an earlier
+    /// watermark, whatever the grace is now.
     closed_before: Option<DateTime<Utc>>,
-    /// Per meter: slug and aggregation, by `MeterId`.
-    meters: Vec<(String, AggregationKind)>,
+    /// Per meter, by `MeterId`: its slug, aggregation and number of `group_by`
+    /// dimensions, which restored state must have been built with.
+    meters: Vec<(String, AggregationKind, usize)>,
     dedupe: DedupeSet,
     series: Vec<Series>,
     /// Finds a series by the fingerprint the decoder computed.
@@ -294,7 +295,7 @@ impl Aggregator {
             meters: config
                 .meters
                 .iter()
-                .map(|m| (m.slug.clone(), m.aggregation.kind()))
+                .map(|m| (m.slug.clone(), m.aggregation.kind(), m.group_by.len()))
                 .collect(),
             dedupe: DedupeSet::new(),
             series: Vec::new(),
@@ -585,7 +586,7 @@ impl Aggregator {
         group: &[S],
         adjusts: Option<Period>,
     ) -> SeriesId {
-        let (slug, kind) = &self.meters[meter.0 as usize];
+        let (slug, kind, _) = &self.meters[meter.0 as usize];
         let id = self.series.len() as SeriesId;
         self.series.push(Series {
             key: Arc::new(SeriesKey {
@@ -809,9 +810,16 @@ impl Aggregator {
             let meter = self
                 .meters
                 .iter()
-                .position(|(slug, _)| *slug == s.key.meter)
+                .position(|(slug, _, _)| *slug == s.key.meter)
                 .ok_or_else(|| RestoreError::UnknownMeter(s.key.meter.clone()))?;
-            let kind = self.meters[meter].1;
+            let (_, kind, dimensions) = self.meters[meter];
+            if s.key.group.len() != dimensions {
+                return Err(RestoreError::GroupingChanged {
+                    meter: s.key.meter.clone(),
+                    stored: s.key.group.len(),
+                    configured: dimensions,
+                });
+            }
             let states = s
                 .periods
                 .iter()
@@ -951,6 +959,12 @@ pub enum RestoreError {
     UnknownMeter(String),
     #[error("meter {0:?} aggregates differently than when the snapshot was taken; restore with the configuration it was taken with")]
     AggregationChanged(String),
+    #[error("meter {meter:?} has usage grouped by {stored} group_by dimension(s) and is now grouped by {configured}: that usage would no longer match the prices' filters and bill nothing; restore with the configuration it was taken with, and put the new grouping in a new meter (another slug) with prices from the month it starts")]
+    GroupingChanged {
+        meter: String,
+        stored: usize,
+        configured: usize,
+    },
 }
 
 /// Days since 1970-01-01, clamped to what a dedupe entry holds (until year 2149).
@@ -1867,6 +1881,23 @@ mod tests {
                 .restore(original.snapshot())
                 .unwrap_err(),
             RestoreError::UnknownMeter("seats".into())
+        );
+        // Nor one that groups a meter by other dimensions: the usage held would match
+        // no price's filter any more.
+        let regrouped = CONFIG.replace(
+            "group_by = { model = \"$.model\" }",
+            "group_by = { model = \"$.model\", region = \"$.region\" }",
+        );
+        let regrouped = Config::parse(&regrouped, "test").unwrap();
+        assert_eq!(
+            Aggregator::streaming(&regrouped)
+                .restore(original.snapshot())
+                .unwrap_err(),
+            RestoreError::GroupingChanged {
+                meter: "tokens".into(),
+                stored: 1,
+                configured: 2
+            }
         );
     }
 

@@ -129,7 +129,7 @@ pub enum AggregatorError {
         committed: usize,
         partitions: usize,
     },
-    #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed or its aggregation changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
+    #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed, or its aggregation or group_by changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
         topic: String,
         partition: i32,
