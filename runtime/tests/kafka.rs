@@ -19,8 +19,9 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use tally_runtime::kafka::{
-    ensure_topics, partition_for_key, partitions_beyond, read_partition, record_lag,
-    wait_until_caught_up, CatchUpError, KafkaSetupError, ReadError, MAX_RECORD_BYTES,
+    ensure_topics, group_consumer, partition_for_key, partitions_beyond, read_partition,
+    record_lag, wait_until_caught_up, CatchUpError, GroupContext, KafkaSetupError, PartitionOwner,
+    ReadError, MAX_RECORD_BYTES,
 };
 use tally_schemas::config::{KafkaSettings, Topic};
 
@@ -553,4 +554,77 @@ fn partition_for_key_names_the_partition_the_murmur2_partitioner_chose() {
     }
     assert_eq!(used.len(), 7, "the keys reach every partition");
     block_on(admin.delete_topics(&[&topic], &options())).unwrap();
+}
+
+/// Counts the revocations it is told of, and takes and releases partitions as told.
+#[derive(Default)]
+struct CountingOwner {
+    revoked: usize,
+}
+
+impl PartitionOwner for CountingOwner {
+    type Error = rdkafka::error::KafkaError;
+
+    fn assign(
+        &mut self,
+        consumer: &rdkafka::consumer::BaseConsumer<GroupContext<Self>>,
+        partitions: &mut rdkafka::TopicPartitionList,
+    ) -> Result<(), Self::Error> {
+        rdkafka::consumer::Consumer::incremental_assign(consumer, partitions)
+    }
+
+    fn revoke(
+        &mut self,
+        consumer: &rdkafka::consumer::BaseConsumer<GroupContext<Self>>,
+        partitions: &rdkafka::TopicPartitionList,
+    ) -> Result<(), Self::Error> {
+        self.revoked += 1;
+        rdkafka::consumer::Consumer::incremental_unassign(consumer, partitions)
+    }
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_consumer_dropped_by_a_panic_releases_its_partitions_without_the_owner_committing() {
+    let _serial = serial();
+    let topic = unique("panic");
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    create_topic(&admin, NewTopic::new(&topic, 1, TopicReplication::Fixed(1)));
+    drop(admin);
+    let settings = KafkaSettings {
+        brokers: BROKERS.to_owned(),
+        topic_prefix: unique("panic"),
+        partitions: 1,
+        replication_factor: 1,
+        properties: Default::default(),
+        instance_id: "0".to_owned(),
+    };
+    // Each consumer joins its own group and holds the partition; one is dropped as
+    // usual, the other by a panic unwinding through it.
+    let revocations = |panics: bool| {
+        let owner = std::sync::Arc::new(std::sync::Mutex::new(CountingOwner::default()));
+        let service = unique("panic-service");
+        let consumer = group_consumer(&settings, &service, &topic, owner.clone()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while rdkafka::consumer::Consumer::assignment(&consumer)
+            .unwrap()
+            .count()
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no partition assigned"
+            );
+            assert!(consumer.poll(Duration::from_millis(100)).is_none());
+        }
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = consumer;
+            assert!(!panics, "a bug in the middle of a batch");
+        }));
+        assert_eq!(dropped.is_err(), panics);
+        let revoked = owner.lock().unwrap().revoked;
+        revoked
+    };
+    assert_eq!(revocations(false), 1);
+    assert_eq!(revocations(true), 0);
 }

@@ -160,6 +160,21 @@ impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 owner.assign(consumer, partitions)
             }
+            // A panic unwinding through the consumer's drop, which closes it and so
+            // revokes its partitions: the owner's state may be half-applied (an event
+            // counted, its offset passed, its windows not updated), and a revoke
+            // commits it. Nothing is committed; the partitions' next owner reads from
+            // the last commit.
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS if std::thread::panicking() => {
+                tracing::error!("partitions released without committing, as this thread panicked");
+                consumer
+                    .incremental_unassign(partitions)
+                    .map_err(
+                        |e| tracing::debug!(error = %e, "releasing partitions while panicking"),
+                    )
+                    .ok();
+                Ok(())
+            }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked = owner.revoke(consumer, partitions);
                 // The owner stops on its error, but the partitions must go all the
