@@ -322,6 +322,12 @@ pub struct UsageRecord<'a, W = Vec<WindowUsage>> {
 }
 
 impl<W> UsageRecord<'_, W> {
+    /// The periods whose lines the update bills or is priced against: its own, and for
+    /// an adjustment the closed period it adjusts.
+    pub fn periods(&self) -> impl Iterator<Item = Period> {
+        std::iter::once(Period::containing(self.period_start)).chain(self.series.adjusts)
+    }
+
     /// The same, holding its strings: to keep past the record it was read from.
     pub fn into_owned(self) -> UsageRecord<'static, W> {
         UsageRecord {

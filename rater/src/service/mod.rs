@@ -569,14 +569,19 @@ impl Worker {
         };
         self.metrics.usage_updates.inc();
         state.first_offsets.note(&update, offset);
-        let period = Period::containing(update.period_start);
         // A settled period's usage read again is refused below; its lines stay as billed.
-        let open = line_open(state.ledger.settled_through(), period, None);
-        if open && state.opened.insert(period) {
-            match state.ledger.opening_lines(period) {
-                Ok(lines) => self.pending.rows(partition).opening.extend(lines),
-                Err(e) => {
-                    tracing::error!(error = %e, %period, "cannot rate a period's opening lines")
+        // A closed period first seen through an adjustment (the partition read nothing
+        // of it before it closed: a month backfilled late) is opened too: the
+        // adjustment is priced against its zero-usage lines, tiers' flat amounts and
+        // flat fees included, which must then be billed.
+        for period in update.periods() {
+            let open = line_open(state.ledger.settled_through(), period, None);
+            if open && state.opened.insert(period) {
+                match state.ledger.opening_lines(period) {
+                    Ok(lines) => self.pending.rows(partition).opening.extend(lines),
+                    Err(e) => {
+                        tracing::error!(error = %e, %period, "cannot rate a period's opening lines")
+                    }
                 }
             }
         }

@@ -42,7 +42,7 @@ impl Rebuilt {
     pub(super) fn stored<W>(&mut self, change: Change<'_, W>, offset: i64) {
         match change {
             Change::Usage(update) => {
-                self.opened.insert(Period::containing(update.period_start));
+                self.opened.extend(update.periods());
                 self.first_offsets.note(&update, offset);
                 record(&mut self.ledger, &update);
             }

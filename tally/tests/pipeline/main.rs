@@ -1678,6 +1678,74 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_month_closed_before_any_of_its_usage_arrived_bills_what_tally_rate_does() {
+    let _serial = serial();
+    let p = Pipeline::new(
+        "backfill",
+        3_000,
+        10,
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"",
+    );
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    // October is closed before any of its usage reaches the pipeline (a month
+    // backfilled after the cut-over): every event of it is late, an adjustment.
+    let closed = p.tally(
+        &["close-period", "--period", "2026-10", "--wait", "2m"],
+        &[],
+    );
+    assert!(closed.status.success(), "{closed:?}");
+    let october = p.lines();
+    p.produce(&october);
+    // October's own lines, opened by its first adjustment (flat fees and the tiers'
+    // flat amounts the adjustments are priced above), and the adjustments of it
+    // billed in November add up to what tally rate bills for October.
+    type Totals = std::collections::BTreeMap<(String, String), (Decimal, Decimal, String)>;
+    let add = |totals: &mut Totals, line: (&str, &str, &str, &str, &str)| {
+        let (customer, price, quantity, amount, currency) = line;
+        let total = (totals.entry((customer.to_owned(), price.to_owned())))
+            .or_insert_with(|| (Decimal::ZERO, Decimal::ZERO, currency.to_owned()));
+        total.0 += quantity.parse::<Decimal>().unwrap();
+        total.1 += amount.parse::<Decimal>().unwrap();
+    };
+    let mut expected = Totals::new();
+    for (customer, price, quantity, amount, currency) in p.expected_for(&october, "2026-10") {
+        add(
+            &mut expected,
+            (&customer, &price, &quantity, &amount, &currency),
+        );
+    }
+    let sql = format!(
+        "SELECT customer, price, quantity, amount, currency FROM {}.invoice_lines \
+         WHERE (period_start = '2026-10-01 00:00:00' AND adjusts_period = '') \
+         OR adjusts_period = '2026-10' FORMAT TSV",
+        p.database
+    );
+    let mut billed = Totals::new();
+    harness::eventually(
+        "October's lines and adjustments add up to tally rate's",
+        Duration::from_secs(120),
+        || {
+            billed = Totals::new();
+            for row in p.query(&sql).lines() {
+                let cells: Vec<&str> = row.split('\t').collect();
+                add(
+                    &mut billed,
+                    (cells[0], cells[1], cells[2], cells[3], cells[4]),
+                );
+            }
+            billed == expected
+        },
+    );
+    let adjusted = p.query(&format!(
+        "SELECT count() FROM {}.invoice_lines WHERE adjusts_period = '2026-10' FORMAT TSV",
+        p.database
+    ));
+    assert!(adjusted.trim().parse::<u32>().unwrap() > 10, "{adjusted}");
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn idle_partitions_close_the_months_that_ended_by_themselves() {
     let _serial = serial();
     let p = Pipeline::new(
