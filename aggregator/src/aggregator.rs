@@ -453,7 +453,7 @@ impl Aggregator {
 
     /// The oldest event time still accepted: the watermark less the horizon. `None`
     /// in batch runs and before the first event.
-    fn oldest_acceptable(&self) -> Option<DateTime<Utc>> {
+    pub fn oldest_acceptable(&self) -> Option<DateTime<Utc>> {
         let horizon = chrono::Duration::from_std(self.horizon?).unwrap_or(chrono::Duration::MAX);
         Some(
             self.watermark?

@@ -11,7 +11,7 @@ use std::num::NonZeroUsize;
 use std::sync::LazyLock;
 use std::time::Instant;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rdkafka::message::{BorrowedMessage, Message};
 use tally_runtime::kafka::{header_value, partition_for_key};
 use tally_runtime::throttle::LogThrottle;
@@ -81,8 +81,13 @@ pub(super) fn rejection(
 }
 
 /// How an event the core has applied is counted, and why it goes to the rejected
-/// topic if it does. `time` is the event's, for the too-late reason.
-fn verdict(outcome: Outcome, time: chrono::DateTime<Utc>) -> (EventOutcome, Option<Rejection>) {
+/// topic if it does. For the too-late reason: the event's `time`, and how far back
+/// dedupe reached then (the oldest time accepted, the partition's newest event time).
+fn verdict(
+    outcome: Outcome,
+    time: DateTime<Utc>,
+    reach: Option<(DateTime<Utc>, DateTime<Utc>)>,
+) -> (EventOutcome, Option<Rejection>) {
     match outcome {
         Outcome::Accepted | Outcome::Late | Outcome::Adjusted => (EventOutcome::Accepted, None),
         Outcome::Unmetered => (EventOutcome::Unmetered, None),
@@ -97,13 +102,34 @@ fn verdict(outcome: Outcome, time: chrono::DateTime<Utc>) -> (EventOutcome, Opti
             EventOutcome::TooLate,
             "too_late",
             "time",
-            format!("the event's time {} is older than the dedupe horizon allows behind the newest event seen; it can no longer be deduplicated safely", time.to_rfc3339()),
+            too_late_reason(time, reach),
         ),
         Outcome::Refused(e) => {
             let EventError { field, problem } = e.as_event_error();
-            rejection(EventOutcome::Refused, problem.code(), field, problem.to_string())
+            rejection(
+                EventOutcome::Refused,
+                problem.code(),
+                field,
+                problem.to_string(),
+            )
         }
     }
+}
+
+/// Why an event is too late, for whoever bills what it carried.
+fn too_late_reason(time: DateTime<Utc>, reach: Option<(DateTime<Utc>, DateTime<Utc>)>) -> String {
+    let how_far = match reach {
+        Some((oldest, newest)) if time < oldest => format!(
+            "is before {}, the dedupe horizon behind its partition's newest event ({})",
+            oldest.to_rfc3339(),
+            newest.to_rfc3339()
+        ),
+        _ => "is of a day whose dedupe keys were let go under a shorter dedupe horizon".to_owned(),
+    };
+    format!(
+        "the event's time {} {how_far}: a retry of it can no longer be told from new usage, so it bills nothing. Bill new usage among such events by hand (tally rate prices them); senders this late need a longer [aggregator] dedupe_horizon",
+        time.to_rfc3339()
+    )
 }
 
 /// Says, at most once a minute in the process, that events of a type no meter reads
@@ -193,7 +219,7 @@ impl PartitionState {
                     // Only a retry: another content under its key here is as likely
                     // another customer's event, dedupe being per partition.
                     if self.aggregator.counted_same(&event) {
-                        return processed.count(message, verdict(Outcome::Retry, event.time));
+                        return processed.count(message, verdict(Outcome::Retry, event.time, None));
                     }
                     let bytes = forwarded_bytes(message);
                     if bytes > MAX_EVENT_RECORD_BYTES {
@@ -216,7 +242,8 @@ impl PartitionState {
                     Outcome::Unmetered => log_unmetered(&event.event_type, message),
                     _ => {}
                 }
-                verdict(outcome, event.time)
+                let reach = (self.aggregator.oldest_acceptable()).zip(self.aggregator.watermark());
+                verdict(outcome, event.time, reach)
             }
         };
         processed.count(message, (outcome, rejection));
@@ -293,7 +320,7 @@ mod tests {
         ];
         for (outcome, counted, rejected) in table {
             let name = format!("{outcome:?}");
-            let (got, rejection) = verdict(outcome, time);
+            let (got, rejection) = verdict(outcome, time, None);
             assert_eq!(got, counted, "{name}");
             assert_eq!(
                 rejection.as_ref().map(|r| (r.code, r.field.as_str())),
@@ -301,10 +328,17 @@ mod tests {
                 "{name}"
             );
         }
-        let (_, too_late) = verdict(Outcome::TooLate, time);
-        assert!(
-            too_late.is_some_and(|r| r.reason.contains(&time.to_rfc3339())),
-            "the too-late reason names the event's time"
+        let newest = time + chrono::Duration::days(40);
+        let reach = Some((newest - chrono::Duration::days(35), newest));
+        let (_, too_late) = verdict(Outcome::TooLate, time, reach);
+        assert_eq!(
+            too_late.unwrap().reason,
+            format!(
+                "the event's time {} is before {}, the dedupe horizon behind its partition's newest event ({}): a retry of it can no longer be told from new usage, so it bills nothing. Bill new usage among such events by hand (tally rate prices them); senders this late need a longer [aggregator] dedupe_horizon",
+                time.to_rfc3339(),
+                (newest - chrono::Duration::days(35)).to_rfc3339(),
+                newest.to_rfc3339()
+            )
         );
     }
 }
