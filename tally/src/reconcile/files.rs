@@ -123,6 +123,10 @@ pub(super) fn lines_of_text(
     }
     };
     for (at, row) in rows {
+        if row.adds_up_others() {
+            lines.unnamed_rows += 1;
+            continue;
+        }
         let in_period = match given(&row.period_start) {
             None => true,
             Some(start) => {
@@ -136,10 +140,6 @@ pub(super) fn lines_of_text(
             continue;
         }
         let (customer, price) = (row.customer.trim(), row.price.trim());
-        if customer.is_empty() && price.is_empty() {
-            lines.unnamed_rows += 1;
-            continue;
-        }
         for (column, id) in [("customer", customer), ("price", price)] {
             anyhow::ensure!(
                 !id.is_empty(),
@@ -197,6 +197,21 @@ struct Row {
     /// The amount before its discount, and the discount, where the source gives them.
     subtotal: Option<String>,
     discount: Option<String>,
+}
+
+impl Row {
+    /// A total row, not a line: it names no price, and no customer or a word such as
+    /// "Total" where the customer or the month would be (a spreadsheet's sum row).
+    fn adds_up_others(&self) -> bool {
+        let total_word = |cell: &str| {
+            let word = cell.trim().to_ascii_lowercase();
+            ["total", "totals", "subtotal", "grand total", "sum"].contains(&word.as_str())
+        };
+        self.price.trim().is_empty()
+            && (self.customer.trim().is_empty()
+                || total_word(&self.customer)
+                || given(&self.period_start).is_some_and(total_word))
+    }
 }
 
 /// The columns a CSV file must have.

@@ -83,7 +83,7 @@ pub(super) struct Lines {
     pub(super) dialect: Option<Dialect>,
     /// A CSV file's columns that are neither read nor Tally's own.
     pub(super) ignored_columns: Vec<String>,
-    /// Rows naming neither customer nor price (a total row), left out.
+    /// Total rows ([`super::files`]), left out.
     pub(super) unnamed_rows: usize,
     /// Map entries (`kind id`) that renamed none of the source's lines.
     pub(super) unused_map_entries: BTreeSet<String>,
@@ -216,7 +216,7 @@ impl Lines {
         }
         if self.unnamed_rows > 0 {
             notes.push(format!(
-                "{} naming neither customer nor price (totals) left out",
+                "{} naming no price and no customer, or Total in its place (totals) left out",
                 count(self.unnamed_rows, "row")
             ));
         }
