@@ -1187,6 +1187,137 @@ fn a_plan_change_that_ends_discounts_without_saying_so_is_warned_about() {
     );
 }
 
+/// `with_plan_changes`, with `pro` replaced by `pro_2027` from `from`.
+fn with_replacement(from: &str, changes: &str) -> String {
+    let pro = "id = \"pro\"\ncurrency = \"usd\"\n";
+    let replaced = format!("{pro}replaced_by = {{ plan = \"pro_2027\", from = \"{from}\" }}\n");
+    let text = with_plan_changes(changes);
+    assert!(text.contains(pro));
+    text.replacen(pro, &replaced, 1)
+}
+
+/// The plan and discounts `config` bills `cust_acme` by in each of `periods`.
+fn plans_of(config: &Config, periods: &[&str]) -> Vec<(String, Vec<Discount>)> {
+    let acme = &config.customers["cust_acme"];
+    (periods.iter())
+        .map(|period| {
+            let subscription = acme.subscription(period.parse().unwrap());
+            let plan = config.plan(subscription.plan).id.clone();
+            (plan, subscription.discounts.values().copied().collect())
+        })
+        .collect()
+}
+
+#[test]
+fn a_replaced_plan_bills_its_customers_by_its_successor_from_its_period_on() {
+    let off = || vec![Discount::PercentOff(dec("12.5"))];
+    let on = |plan: &str, discounts: Vec<Discount>| (plan.to_owned(), discounts);
+    // cust_acme, on pro with 12.5 % off resolutions: pro_2027 from 2027-01, its
+    // discount carried to pro_2027's price of the same id.
+    let config = parse(&with_replacement("2027-01", ""));
+    assert_eq!(
+        plans_of(&config, &["2026-12", "2027-01", "2099-12"]),
+        [
+            on("pro", off()),
+            on("pro_2027", off()),
+            on("pro_2027", off())
+        ]
+    );
+    // The book's hash changes with it; a book without it hashes as before.
+    assert_ne!(config.hash, parse(&with_plan_changes("")).hash);
+    // Replaced from 2026-11: its own change to pro_2027 in 2026-12 ends the discount,
+    // and its change back to pro in 2027-03 is to pro_2027, as pro is replaced then.
+    let to_2027 =
+        "[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"pro_2027\"\ndiscounts = []\n";
+    let back = "[[customers.plan_changes]]\nfrom = \"2027-03\"\nplan = \"pro\"\ndiscounts = []\n";
+    assert_eq!(
+        plans_of(
+            &parse(&with_replacement("2026-11", &format!("{to_2027}\n{back}"))),
+            &["2026-10", "2026-11", "2026-12", "2027-03"]
+        ),
+        [
+            on("pro", off()),
+            on("pro_2027", off()),
+            on("pro_2027", vec![]),
+            on("pro_2027", vec![])
+        ]
+    );
+    // A customer that starts after the replacement starts on the successor; one whose
+    // last month is before it never moves.
+    let starts_late = parse(&with_replacement("2027-01", "").replace(
+        "plan = \"pro\"\ndiscounts",
+        "plan = \"pro\"\nfrom = \"2027-02\"\ndiscounts",
+    ));
+    assert_eq!(
+        plans_of(&starts_late, &["2027-02"]),
+        [on("pro_2027", off())]
+    );
+    assert!(
+        starts_late.customers["cust_acme"]
+            .subscriptions_until("2099-12".parse().unwrap())
+            .count()
+            == 1
+    );
+    let ends_early = parse(&with_replacement("2027-01", "").replace(
+        "plan = \"pro\"\ndiscounts",
+        "plan = \"pro\"\nthrough = \"2026-12\"\ndiscounts",
+    ));
+    assert_eq!(plans_of(&ends_early, &["2026-12"]), [on("pro", off())]);
+    assert!(
+        ends_early.customers["cust_acme"]
+            .subscriptions_until("2099-12".parse().unwrap())
+            .count()
+            == 1
+    );
+}
+
+#[test]
+fn a_replacement_is_checked_and_says_what_it_drops() {
+    let at = "plans[pro].replaced_by";
+    let text = with_replacement("2027-01", "");
+    assert_only_issue(
+        &text.replace("plan = \"pro_2027\", from", "plan = \"pro_2028\", from"),
+        &format!("{at}.plan"),
+        r#"unknown plan "pro_2028": name the plan that bills this plan's customers from 2027-01 on"#,
+    );
+    assert_only_issue(
+        &text.replace("plan = \"pro_2027\", from", "plan = \"euro\", from"),
+        &format!("{at}.plan"),
+        r#"plan "euro" bills in eur, but this plan's customers are billed in usd"#,
+    );
+    let looped = text.replacen(
+        "id = \"pro_2027\"\ncurrency = \"usd\"\n",
+        "id = \"pro_2027\"\ncurrency = \"usd\"\nreplaced_by = { plan = \"pro\", from = \"2028-01\" }\n",
+        1,
+    );
+    let found = issues(&looped);
+    let places: Vec<&str> = found.iter().map(|(at, _)| at.as_str()).collect();
+    assert_eq!(places, [at, "plans[pro_2027].replaced_by"], "{found:?}");
+    assert!(found[0].1.contains("comes back to it"), "{found:?}");
+    // pro_2027 bills resolutions alone: pro's gpt-x tokens go unbilled from then on,
+    // and a discount on a price it lacks ends.
+    let gpt_off = with_replacement("2027-01", "").replace(
+        "discounts = [{ price = \"resolutions\", percent_off = \"12.5\" }]",
+        "discounts = [{ price = \"gpt-tokens\", percent_off = \"10\" }]",
+    );
+    let warnings: Vec<(String, String)> = (parse(&gpt_off).warnings.into_iter())
+        .map(|w| (w.at, w.message))
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            (
+                format!("{at}.plan"),
+                "plan \"pro\" bills usage that no price of plan \"pro_2027\" bills (\"pro\"'s prices gpt-tokens): from 2027-01 it is reported as unbilled, never billed; add such a price to \"pro_2027\" if the usage should still be billed".to_owned()
+            ),
+            (
+                "customers[cust_acme].discounts".to_owned(),
+                "the discount on price \"gpt-tokens\" ends in 2027-01, when plan \"pro_2027\" replaces \"pro\" (replaced_by) and has no price \"gpt-tokens\"".to_owned()
+            ),
+        ]
+    );
+}
+
 #[test]
 fn plan_changes_are_checked_like_the_plan_they_follow() {
     assert_only_issue(

@@ -135,6 +135,21 @@ pub struct PlanSpec {
     pub prices: Vec<PriceSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// From a period on, every customer on this plan is billed by another: a price
+    /// change for everyone on the plan, without a plan change per customer.
+    // Left out when not set, so a book without it hashes as before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_by: Option<ReplacementSpec>,
+}
+
+/// The plan that bills a plan's customers from a period on ([`PlanSpec::replaced_by`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacementSpec {
+    /// Id of the plan billed from then on; in the same currency.
+    pub plan: String,
+    /// The first period it bills, like `"2027-01"`.
+    pub from: Period,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

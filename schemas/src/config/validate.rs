@@ -11,7 +11,7 @@ use super::defaults::{DEFAULT_DEDUPE_HORIZON, DEFAULT_MAX_FUTURE_SKEW};
 use super::{
     Aggregation, AggregationKind, BillingScheme, Config, ConfigFile, ConfigHash, ConfigIssue,
     Customer, CustomerSpec, DiscountSpec, Meter, MeterId, MeterSpec, PlanId, PlanSpec, PriceSpec,
-    Settings, Subscription, TierSpec,
+    ReplacementSpec, Settings, Subscription, TierSpec,
 };
 use crate::decimal::{exact_add, parse_exact};
 use crate::money::Currency;
@@ -680,6 +680,7 @@ fn validate_customers(
     issues: &mut Issues,
     warnings: &mut Issues,
 ) -> BTreeMap<String, Customer> {
+    let replacements = validate_replacements(plan_specs, plans, issues, warnings);
     let mut customers = BTreeMap::new();
     let mut seen = HashSet::new();
     for (i, spec) in specs.iter().enumerate() {
@@ -700,6 +701,7 @@ fn validate_customers(
             }
         }
         let mut changes = Vec::with_capacity(spec.plan_changes.len());
+        let mut discount_specs = vec![spec.discounts.as_slice()];
         for (k, change) in spec.plan_changes.iter().enumerate() {
             let at = format!("{at}.plan_changes[{k}]");
             let misplaced = misplaced_plan_change(spec, k);
@@ -742,9 +744,17 @@ fn validate_customers(
             }
             if misplaced.is_none() {
                 changes.push((change.from, subscription));
+                discount_specs.push(discounts);
             }
         }
         if let Some(first) = first {
+            let subscriptions = Subscriptions {
+                first,
+                changes,
+                discount_specs,
+            };
+            let (first, changes) =
+                subscriptions.replaced(spec, &replacements, (plan_specs, plans), &at, warnings);
             customers.insert(
                 spec.id.clone(),
                 Customer {
@@ -759,6 +769,196 @@ fn validate_customers(
         }
     }
     customers
+}
+
+/// Each replaced plan's successor and the first period it bills (`replaced_by`), once
+/// every one names a plan in the same currency and no plan comes back to itself.
+fn validate_replacements(
+    plan_specs: &[PlanSpec],
+    plans: &[Plan],
+    issues: &mut Issues,
+    warnings: &mut Issues,
+) -> HashMap<PlanId, (Period, PlanId)> {
+    let mut replacements = HashMap::new();
+    for (i, spec) in plan_specs.iter().enumerate() {
+        let Some(ReplacementSpec { plan, from }) = &spec.replaced_by else {
+            continue;
+        };
+        let at = format!("{}.replaced_by", item_at("plans", i, &spec.id));
+        let Some(j) = plans.iter().position(|p| &p.id == plan) else {
+            issues.add(
+                format!("{at}.plan"),
+                format!("unknown plan {plan:?}: name the plan that bills this plan's customers from {from} on"),
+            );
+            continue;
+        };
+        let (old, new) = (&plans[i], &plans[j]);
+        if old.currency != new.currency {
+            issues.add(
+                format!("{at}.plan"),
+                format!(
+                    "plan {plan:?} bills in {}, but this plan's customers are billed in {}: a customer keeps one currency, so name a plan in {}",
+                    new.currency, old.currency, old.currency
+                ),
+            );
+            continue;
+        }
+        warn_if_usage_unpriced(old, new, *from, &at, warnings);
+        replacements.insert(PlanId(i as u32), (*from, PlanId(j as u32)));
+    }
+    // A loop would replace a plan forever; it is refused, with the chain left out.
+    let mut looped: Vec<PlanId> = (replacements.keys().copied())
+        .filter(|&start| {
+            let (mut plan, mut seen) = (start, HashSet::from([start]));
+            while let Some(&(_, next)) = replacements.get(&plan) {
+                if !seen.insert(next) {
+                    return true;
+                }
+                plan = next;
+            }
+            false
+        })
+        .collect();
+    looped.sort_unstable();
+    for plan in &looped {
+        let id = &plans[plan.0 as usize].id;
+        issues.add(
+            format!("{}.replaced_by", item_at("plans", plan.0 as usize, id)),
+            format!("plan {id:?} is replaced by a chain of plans that comes back to it: end the chain of replaced_by"),
+        );
+    }
+    if !looped.is_empty() {
+        replacements.clear();
+    }
+    replacements
+}
+
+/// A customer's subscriptions as its own entry gives them, each with the discounts it
+/// was written with (to carry them to a plan that replaces its plan).
+struct Subscriptions<'s> {
+    first: Subscription,
+    changes: Vec<(Period, Subscription)>,
+    discount_specs: Vec<&'s [DiscountSpec]>,
+}
+
+impl Subscriptions<'_> {
+    /// The subscriptions with the plans' replacements in: a subscription to a replaced
+    /// plan bills its successor from the successor's first period, with its discounts
+    /// on the successor's prices (a discount on a price the successor has not ends
+    /// then, with a warning). Replacements after the customer's `through` never bill.
+    fn replaced(
+        self,
+        customer: &CustomerSpec,
+        replacements: &HashMap<PlanId, (Period, PlanId)>,
+        plans: (&[PlanSpec], &[Plan]),
+        at: &str,
+        warnings: &mut Issues,
+    ) -> (Subscription, Vec<(Period, Subscription)>) {
+        // Each subscription bills until the next one starts; the last, with no end.
+        let ends: Vec<Option<Period>> = (self.changes.iter().map(|(from, _)| Some(*from)))
+            .chain([None])
+            .collect();
+        let mut discounts = self.discount_specs.into_iter();
+        let mut replace = |start, subscription, end| {
+            let discounts = discounts.next().unwrap_or_default();
+            let segment = Segment {
+                start,
+                end,
+                discounts,
+            };
+            segment.replaced(
+                subscription,
+                customer,
+                replacements,
+                plans,
+                (at, &mut *warnings),
+            )
+        };
+        let (first, mut changes) = replace(customer.from, self.first, ends[0]);
+        for ((from, subscription), &end) in self.changes.into_iter().zip(&ends[1..]) {
+            let (at_start, later) = replace(Some(from), subscription, end);
+            changes.push((from, at_start));
+            changes.extend(later);
+        }
+        (first, changes)
+    }
+}
+
+/// The periods one subscription of a customer bills, `start` (none: from the first)
+/// until `end` (none: no end), and the discounts it was written with.
+struct Segment<'s> {
+    start: Option<Period>,
+    end: Option<Period>,
+    discounts: &'s [DiscountSpec],
+}
+
+impl Segment<'_> {
+    /// What bills the segment's first period (`subscription`'s plan, or its successor
+    /// that starts by then), and each successor that starts later in the segment, with
+    /// its first period.
+    fn replaced(
+        &self,
+        subscription: Subscription,
+        customer: &CustomerSpec,
+        replacements: &HashMap<PlanId, (Period, PlanId)>,
+        (plan_specs, plans): (&[PlanSpec], &[Plan]),
+        (at, warnings): (&str, &mut Issues),
+    ) -> (Subscription, Vec<(Period, Subscription)>) {
+        let mut at_start = subscription;
+        let mut later: Vec<(Period, Subscription)> = Vec::new();
+        loop {
+            let (position, plan) = match later.last() {
+                Some((from, current)) => (Some(*from), current.plan),
+                None => (self.start, at_start.plan),
+            };
+            let Some(&(from, successor)) = replacements.get(&plan) else {
+                break;
+            };
+            let billed = self.end.is_none_or(|end| from < end)
+                && customer.through.is_none_or(|through| from <= through);
+            if !billed {
+                break;
+            }
+            let (old, new) = (&plans[plan.0 as usize], &plans[successor.0 as usize]);
+            let kept: Vec<DiscountSpec> = (self.discounts.iter())
+                .filter(|d| {
+                    let Some(price) = &d.price else {
+                        return true;
+                    };
+                    let priced = new.prices.iter().any(|p| &p.id == price);
+                    if !priced {
+                        warnings.add(
+                            format!("{at}.discounts"),
+                            format!(
+                                "the discount on price {price:?} ends in {from}, when plan {:?} replaces {:?} (replaced_by) and has no price {price:?}",
+                                new.id, old.id
+                            ),
+                        );
+                    }
+                    priced
+                })
+                .cloned()
+                .collect();
+            // Its problems are the original's, reported with it.
+            let Some(carried) = validate_subscription(
+                &new.id,
+                &kept,
+                at,
+                plan_specs,
+                plans,
+                &mut Issues(Vec::new()),
+            ) else {
+                break;
+            };
+            // A successor that starts by the time its predecessor does bills in its place.
+            match later.last_mut() {
+                _ if position.is_none_or(|position| from > position) => later.push((from, carried)),
+                Some(last) => last.1 = carried,
+                None => at_start = carried,
+            }
+        }
+        (at_start, later)
+    }
 }
 
 /// Why the customer's plan change `k` cannot take effect where it is, if it cannot: at

@@ -959,6 +959,93 @@ plan = "pro_2027"
 }
 
 #[test]
+fn a_replaced_plan_rates_its_customers_on_its_successor_from_its_period_on() {
+    // From November pro is replaced by pro_2027 (resolutions at 0.50 each, no platform
+    // fee or token prices): every pro customer moves, with its discount on the price
+    // of the same id.
+    let pro = "id = \"pro\"\ncurrency = \"usd\"\n";
+    assert!(PRO.contains(pro));
+    let f = Fixture::new(&format!(
+        r#"{}
+[[plans]]
+id = "pro_2027"
+currency = "usd"
+
+[[plans.prices]]
+id = "resolutions"
+meter = "resolutions"
+billing_scheme = "per_unit"
+unit_amount = "0.50"
+"#,
+        PRO.replacen(
+            pro,
+            &format!("{pro}replaced_by = {{ plan = \"pro_2027\", from = \"2026-11\" }}\n"),
+            1
+        )
+    ));
+    let events: Vec<String> = ["2026-10-20T10:00:00Z", "2026-11-03T10:00:00Z"]
+        .iter()
+        .enumerate()
+        .flat_map(|(month, time)| {
+            (0..3).map(move |i| {
+                event(
+                    &format!("{month}-{i}"),
+                    "ai.resolution",
+                    "cust_acme",
+                    time,
+                    None,
+                )
+            })
+        })
+        .collect();
+    f.write(
+        "events.jsonl",
+        format!("{}\n", events.join("\n")).as_bytes(),
+    );
+    let rate = |period: &str| -> Vec<(String, String, Vec<String>)> {
+        let run: Run = (f.tally())
+            .args(["rate", "--config", "tally.toml", "--events", "events.jsonl"])
+            .args(["--period", period, "--format", "json", "--now", NOW])
+            .output()
+            .unwrap()
+            .into();
+        (run.succeeded().lines().iter())
+            .map(|l| {
+                let (customer, plan) = (l["customer"].to_string(), l["plan"].to_string());
+                (customer, plan, money(l).map(str::to_owned).to_vec())
+            })
+            .collect()
+    };
+    let october = rate("2026-10");
+    assert!(
+        october.iter().all(|(_, plan, _)| plan == "\"pro\""),
+        "{october:?}"
+    );
+    // 3 resolutions within pro's platform fee of 49.00, 12.5 % off: 6.125 rounds to 6.13.
+    assert!(october.contains(&(
+        "\"cust_acme\"".to_owned(),
+        "\"pro\"".to_owned(),
+        ["3", "49.00", "6.13", "42.87"].map(str::to_owned).to_vec()
+    )));
+    // 3 at 0.50 = 1.50, 12.5 % off: 0.1875 rounds to 0.19; cust_idle has no discount.
+    assert_eq!(
+        rate("2026-11"),
+        [
+            (
+                "\"cust_acme\"".to_owned(),
+                "\"pro_2027\"".to_owned(),
+                ["3", "1.50", "0.19", "1.31"].map(str::to_owned).to_vec()
+            ),
+            (
+                "\"cust_idle\"".to_owned(),
+                "\"pro_2027\"".to_owned(),
+                ["0", "0.00", "0.00", "0.00"].map(str::to_owned).to_vec()
+            ),
+        ]
+    );
+}
+
+#[test]
 fn a_total_needing_more_digits_than_a_decimal_bills_every_event_rounded_at_its_last_digit() {
     let f = Fixture::new(PRO);
     // Together they need 46 significant digits: every event is counted, and the total
