@@ -116,6 +116,25 @@ fn verdict(
     }
 }
 
+/// What a record that could not be read as an event most likely is, added to its
+/// rejection's reason for whoever produced it straight to Kafka: `value`, and whether
+/// it has CloudEvents binary-mode headers.
+fn record_hint(value: &[u8], binary: bool) -> &'static str {
+    if binary {
+        "; the record has ce_ headers (CloudEvents binary mode), which Tally does not read: produce each event as structured JSON, the whole event as the record's value (the SDKs' to_structured)"
+    } else if value.is_empty() {
+        "; the record has no value (a tombstone, or a producer that sent only a key): each record's value is one CloudEvent as JSON"
+    } else if value.starts_with(&[0x1f, 0x8b]) {
+        "; the value is gzip-compressed: produce the JSON itself, and let the producer compress its batches (compression.type)"
+    } else if value.starts_with("\u{feff}".as_bytes()) {
+        "; the value starts with a byte-order mark: produce the JSON without it"
+    } else if value.trim_ascii_start().starts_with(b"[") {
+        "; the value is a JSON array: produce one event per record (batches are for ingest's HTTP API)"
+    } else {
+        ""
+    }
+}
+
 /// Why an event is too late, for whoever bills what it carried.
 fn too_late_reason(time: DateTime<Utc>, reach: Option<(DateTime<Utc>, DateTime<Utc>)>) -> String {
     let how_far = match reach {
@@ -195,11 +214,7 @@ impl PartitionState {
             Err(e) => {
                 // A CloudEvents SDK's Kafka binary mode puts the attributes in headers.
                 let binary = header_value(message, "ce_specversion").is_some();
-                let hint = if binary {
-                    "; the record has ce_ headers (CloudEvents binary mode), which Tally does not read: produce each event as structured JSON, the whole event as the record's value (the SDKs' to_structured)"
-                } else {
-                    ""
-                };
+                let hint = record_hint(message.payload().unwrap_or_default(), binary);
                 rejection(
                     EventOutcome::Invalid,
                     e.problem.code(),
@@ -291,6 +306,32 @@ impl PartitionState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_that_is_no_event_is_told_what_it_looks_like() {
+        let hint = |value: &[u8], binary: bool| {
+            let hint = record_hint(value, binary);
+            hint.split(':').next().unwrap_or_default().to_owned()
+        };
+        assert_eq!(
+            hint(b"{}", true),
+            "; the record has ce_ headers (CloudEvents binary mode), which Tally does not read"
+        );
+        assert_eq!(
+            hint(b"", false),
+            "; the record has no value (a tombstone, or a producer that sent only a key)"
+        );
+        assert_eq!(
+            hint(&[0x1f, 0x8b, 8, 0], false),
+            "; the value is gzip-compressed"
+        );
+        assert_eq!(
+            hint("\u{feff}{}".as_bytes(), false),
+            "; the value starts with a byte-order mark"
+        );
+        assert_eq!(hint(b" [{}]", false), "; the value is a JSON array");
+        assert_eq!(hint(b"{\"id\":", false), "");
+    }
     use crate::state::StateError;
 
     #[test]
