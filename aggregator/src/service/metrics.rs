@@ -125,11 +125,17 @@ impl AggregatorMetrics {
                 "tally_aggregator_events_lost_to_retention_total",
                 "Events the events topic no longer held when a partition's state resumed (deleted by retention while the aggregator was down or behind): never billed. Raise the topic's retention.ms above the longest outage.",
             ),
-            rejected: m.counter_vec(
-                "tally_aggregator_rejected_events_total",
-                "Events written to the rejected topic, by reason.",
-                &["reason"],
-            ),
+            rejected: {
+                let rejected = m.counter_vec(
+                    "tally_aggregator_rejected_events_total",
+                    "Events written to the rejected topic, by reason.",
+                    &["reason"],
+                );
+                // Exported from the start, so TallyEventsTooLate's increase() sees the
+                // first one: such usage bills nothing unless someone looks.
+                rejected.with_label_values(&["too_late"]);
+                rejected
+            },
             transactions_committed: transactions.with_label_values(&["committed"]),
             transactions_aborted: transactions.with_label_values(&["aborted"]),
             transaction_duration: m.latency(

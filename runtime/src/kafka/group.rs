@@ -149,6 +149,10 @@ impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
         err: RDKafkaRespErr,
         partitions: &mut TopicPartitionList,
     ) {
+        // A panic, on this thread or on one that held the owner (a batch applied on a
+        // thread of its own): the owner's state may be half-applied (an event counted,
+        // its offset passed, its windows not updated), and a revoke would commit it.
+        let panicked = std::thread::panicking() || self.owner.is_poisoned();
         let mut owner = lock(&self.owner);
         let result = match err {
             // Restoring would wait for committed offsets a leaving member cannot read.
@@ -160,13 +164,11 @@ impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 owner.assign(consumer, partitions)
             }
-            // A panic unwinding through the consumer's drop, which closes it and so
-            // revokes its partitions: the owner's state may be half-applied (an event
-            // counted, its offset passed, its windows not updated), and a revoke
-            // commits it. Nothing is committed; the partitions' next owner reads from
-            // the last commit.
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS if std::thread::panicking() => {
-                tracing::error!("partitions released without committing, as this thread panicked");
+            // Nothing is committed; the partitions' next owner reads from the last
+            // commit. (`tally serve` aborts on a panic before anything unwinds: this
+            // guards the library's other users, tests among them.)
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS if panicked => {
+                tracing::error!("partitions released without committing, as the owner panicked");
                 consumer
                     .incremental_unassign(partitions)
                     .map_err(
