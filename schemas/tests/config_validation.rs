@@ -1252,23 +1252,113 @@ fn a_replaced_plan_bills_its_customers_by_its_successor_from_its_period_on() {
         plans_of(&starts_late, &["2027-02"]),
         [on("pro_2027", off())]
     );
-    assert!(
-        starts_late.customers["cust_acme"]
-            .subscriptions_until("2099-12".parse().unwrap())
-            .count()
-            == 1
-    );
+    let subscriptions = |config: &Config| {
+        let acme = &config.customers["cust_acme"];
+        acme.subscriptions_until("2099-12".parse().unwrap()).count()
+    };
+    assert_eq!(subscriptions(&starts_late), 1);
     let ends_early = parse(&with_replacement("2027-01", "").replace(
         "plan = \"pro\"\ndiscounts",
         "plan = \"pro\"\nthrough = \"2026-12\"\ndiscounts",
     ));
     assert_eq!(plans_of(&ends_early, &["2026-12"]), [on("pro", off())]);
-    assert!(
-        ends_early.customers["cust_acme"]
-            .subscriptions_until("2099-12".parse().unwrap())
-            .count()
-            == 1
+    assert_eq!(subscriptions(&ends_early), 1);
+    // Its own change in the month of the replacement wins: to pro_2027 without the
+    // discount.
+    let same_month =
+        "[[customers.plan_changes]]\nfrom = \"2027-01\"\nplan = \"pro_2027\"\ndiscounts = []\n";
+    assert_eq!(
+        plans_of(
+            &parse(&with_replacement("2027-01", same_month)),
+            &["2026-12", "2027-01"]
+        ),
+        [on("pro", off()), on("pro_2027", vec![])]
     );
+}
+
+#[test]
+fn a_chain_of_replacements_bills_each_plan_in_turn_and_an_ended_discount_stays_ended() {
+    // pro_2028 bills resolutions and gpt-x tokens again, from 2027-06.
+    let pro_2028 = r#"
+[[plans]]
+id = "pro_2028"
+currency = "usd"
+
+[[plans.prices]]
+id = "resolutions"
+meter = "resolutions"
+billing_scheme = "per_unit"
+unit_amount = "0.49"
+
+[[plans.prices]]
+id = "gpt-tokens"
+meter = "tokens"
+billing_scheme = "per_unit"
+unit_amount = "0.001"
+filter = { model = "gpt-x" }
+"#;
+    let chained = |discounts: &str| {
+        with_replacement("2027-01", "")
+            .replacen(
+                "id = \"pro_2027\"\ncurrency = \"usd\"\n",
+                "id = \"pro_2027\"\ncurrency = \"usd\"\nreplaced_by = { plan = \"pro_2028\", from = \"2027-06\" }\n",
+                1,
+            )
+            .replacen("[[customers]]", &format!("{pro_2028}\n[[customers]]"), 1)
+            .replace(
+                "discounts = [{ price = \"resolutions\", percent_off = \"12.5\" }]",
+                discounts,
+            )
+    };
+    let both = "discounts = [{ price = \"resolutions\", percent_off = \"12.5\" }, { price = \"gpt-tokens\", percent_off = \"10\" }]";
+    let config = parse(&chained(both));
+    let plans: Vec<(String, usize)> = plans_of(&config, &["2026-12", "2027-01", "2027-06"])
+        .into_iter()
+        .map(|(plan, discounts)| (plan, discounts.len()))
+        .collect();
+    // The gpt-x discount ends with pro_2027, which has no such price, and does not come
+    // back with pro_2028, which has.
+    assert_eq!(
+        plans,
+        [
+            ("pro".to_owned(), 2),
+            ("pro_2027".to_owned(), 1),
+            ("pro_2028".to_owned(), 1)
+        ]
+    );
+    let ended: Vec<String> = (config.warnings.iter())
+        .filter(|w| w.message.contains("ends in"))
+        .map(|w| format!("{}: {}", w.at, w.message))
+        .collect();
+    assert_eq!(
+        ended,
+        ["customers[cust_acme].discounts: the discount on price \"gpt-tokens\" ends in 2027-01, when plan \"pro_2027\" replaces \"pro\" (replaced_by) and has no price \"gpt-tokens\""]
+    );
+    // pro_2028 replacing pro_2027 before pro_2027 would bill: pro_2028 takes pro's
+    // customers over in 2027-01, handed every discount, and none ends.
+    let earlier = parse(&chained(both).replace(
+        "plan = \"pro_2028\", from = \"2027-06\"",
+        "plan = \"pro_2028\", from = \"2026-12\"",
+    ));
+    let plans: Vec<(String, usize)> = plans_of(&earlier, &["2026-12", "2027-01"])
+        .into_iter()
+        .map(|(plan, discounts)| (plan, discounts.len()))
+        .collect();
+    assert_eq!(plans, [("pro".to_owned(), 2), ("pro_2028".to_owned(), 2)]);
+    assert!(!earlier
+        .warnings
+        .iter()
+        .any(|w| w.message.contains("ends in")));
+    // A discount a plan change wrote is warned of where that change is.
+    let changed = format!(
+        "{}\n[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"pro\"\n{both}\n",
+        chained("discounts = []")
+    );
+    let at: Vec<String> = (parse(&changed).warnings.into_iter())
+        .filter(|w| w.message.contains("ends in"))
+        .map(|w| w.at)
+        .collect();
+    assert_eq!(at, ["customers[cust_acme].plan_changes[0].discounts"]);
 }
 
 #[test]

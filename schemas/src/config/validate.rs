@@ -701,7 +701,7 @@ fn validate_customers(
             }
         }
         let mut changes = Vec::with_capacity(spec.plan_changes.len());
-        let mut discount_specs = vec![spec.discounts.as_slice()];
+        let mut discount_specs = vec![(at.clone(), spec.discounts.as_slice())];
         for (k, change) in spec.plan_changes.iter().enumerate() {
             let at = format!("{at}.plan_changes[{k}]");
             let misplaced = misplaced_plan_change(spec, k);
@@ -744,7 +744,7 @@ fn validate_customers(
             }
             if misplaced.is_none() {
                 changes.push((change.from, subscription));
-                discount_specs.push(discounts);
+                discount_specs.push((at, discounts));
             }
         }
         if let Some(first) = first {
@@ -754,7 +754,7 @@ fn validate_customers(
                 discount_specs,
             };
             let (first, changes) =
-                subscriptions.replaced(spec, &replacements, (plan_specs, plans), &at, warnings);
+                subscriptions.replaced(spec, &replacements, (plan_specs, plans), warnings);
             customers.insert(
                 spec.id.clone(),
                 Customer {
@@ -806,15 +806,18 @@ fn validate_replacements(
         warn_if_usage_unpriced(old, new, *from, &at, warnings);
         replacements.insert(PlanId(i as u32), (*from, PlanId(j as u32)));
     }
-    // A loop would replace a plan forever; it is refused, with the chain left out.
+    // A loop would replace a plan forever; it is refused, naming the plans on it, and
+    // no replacement is expanded.
     let mut looped: Vec<PlanId> = (replacements.keys().copied())
         .filter(|&start| {
-            let (mut plan, mut seen) = (start, HashSet::from([start]));
-            while let Some(&(_, next)) = replacements.get(&plan) {
-                if !seen.insert(next) {
-                    return true;
+            let mut plan = start;
+            // Each plan replaces at most one other: a chain longer than the map loops.
+            for _ in 0..replacements.len() {
+                match replacements.get(&plan) {
+                    Some(&(_, next)) if next == start => return true,
+                    Some(&(_, next)) => plan = next,
+                    None => return false,
                 }
-                plan = next;
             }
             false
         })
@@ -833,12 +836,13 @@ fn validate_replacements(
     replacements
 }
 
-/// A customer's subscriptions as its own entry gives them, each with the discounts it
-/// was written with (to carry them to a plan that replaces its plan).
+/// A customer's subscriptions as its own entry gives them, each with where it was
+/// written and the discounts it was written with (to carry them to a plan that
+/// replaces its plan).
 struct Subscriptions<'s> {
     first: Subscription,
     changes: Vec<(Period, Subscription)>,
-    discount_specs: Vec<&'s [DiscountSpec]>,
+    discount_specs: Vec<(String, &'s [DiscountSpec])>,
 }
 
 impl Subscriptions<'_> {
@@ -851,7 +855,6 @@ impl Subscriptions<'_> {
         customer: &CustomerSpec,
         replacements: &HashMap<PlanId, (Period, PlanId)>,
         plans: (&[PlanSpec], &[Plan]),
-        at: &str,
         warnings: &mut Issues,
     ) -> (Subscription, Vec<(Period, Subscription)>) {
         // Each subscription bills until the next one starts; the last, with no end.
@@ -860,7 +863,7 @@ impl Subscriptions<'_> {
             .collect();
         let mut discounts = self.discount_specs.into_iter();
         let mut replace = |start, subscription, end| {
-            let discounts = discounts.next().unwrap_or_default();
+            let (at, discounts) = discounts.next().unwrap_or_default();
             let segment = Segment {
                 start,
                 end,
@@ -871,7 +874,7 @@ impl Subscriptions<'_> {
                 customer,
                 replacements,
                 plans,
-                (at, &mut *warnings),
+                (&at, &mut *warnings),
             )
         };
         let (first, mut changes) = replace(customer.from, self.first, ends[0]);
@@ -904,14 +907,30 @@ impl Segment<'_> {
         (plan_specs, plans): (&[PlanSpec], &[Plan]),
         (at, warnings): (&str, &mut Issues),
     ) -> (Subscription, Vec<(Period, Subscription)>) {
-        let mut at_start = subscription;
-        let mut later: Vec<(Period, Subscription)> = Vec::new();
-        loop {
-            let (position, plan) = match later.last() {
-                Some((from, current)) => (Some(*from), current.plan),
-                None => (self.start, at_start.plan),
-            };
-            let Some(&(from, successor)) = replacements.get(&plan) else {
+        /// One plan billing from `start`, and the discounts it was handed: it keeps
+        /// those on prices it has (and those on every price).
+        struct Billed {
+            start: Option<Period>,
+            plan: PlanId,
+            handed: Vec<DiscountSpec>,
+        }
+        let priced = |plan: PlanId, discount: &DiscountSpec| {
+            let prices = &plans[plan.0 as usize].prices;
+            (discount.price.as_ref()).is_none_or(|id| prices.iter().any(|p| &p.id == id))
+        };
+        let kept = |billed: &Billed| -> Vec<DiscountSpec> {
+            (billed.handed.iter())
+                .filter(|d| priced(billed.plan, d))
+                .cloned()
+                .collect()
+        };
+        let mut timeline = vec![Billed {
+            start: self.start,
+            plan: subscription.plan,
+            handed: self.discounts.to_vec(),
+        }];
+        while let Some(last) = timeline.last() {
+            let Some(&(from, successor)) = replacements.get(&last.plan) else {
                 break;
             };
             let billed = self.end.is_none_or(|end| from < end)
@@ -919,45 +938,63 @@ impl Segment<'_> {
             if !billed {
                 break;
             }
-            let (old, new) = (&plans[plan.0 as usize], &plans[successor.0 as usize]);
-            let kept: Vec<DiscountSpec> = (self.discounts.iter())
-                .filter(|d| {
-                    let Some(price) = &d.price else {
-                        return true;
-                    };
-                    let priced = new.prices.iter().any(|p| &p.id == price);
-                    if !priced {
-                        warnings.add(
-                            format!("{at}.discounts"),
-                            format!(
-                                "the discount on price {price:?} ends in {from}, when plan {:?} replaces {:?} (replaced_by) and has no price {price:?}",
-                                new.id, old.id
-                            ),
-                        );
-                    }
-                    priced
-                })
-                .cloned()
-                .collect();
-            // Its problems are the original's, reported with it.
-            let Some(carried) = validate_subscription(
-                &new.id,
-                &kept,
+            // A successor that starts by the time its predecessor does bills in its
+            // place, handed what its predecessor was.
+            let next = if last.start.is_some_and(|start| from <= start) {
+                let Some(last) = timeline.pop() else { break };
+                Billed {
+                    plan: successor,
+                    ..last
+                }
+            } else {
+                Billed {
+                    start: Some(from),
+                    plan: successor,
+                    handed: kept(last),
+                }
+            };
+            timeline.push(next);
+        }
+        // Said once the plans that bill are known: a discount a replacement ends.
+        let mut before = subscription.plan;
+        for billed in &timeline {
+            let (old, new) = (&plans[before.0 as usize], &plans[billed.plan.0 as usize]);
+            let ended = (billed.handed.iter()).filter(|d| !priced(billed.plan, d));
+            for price in ended.filter_map(|d| d.price.as_ref()) {
+                let from = billed
+                    .start
+                    .map_or_else(|| "its first period".to_owned(), |p| p.to_string());
+                warnings.add(
+                    format!("{at}.discounts"),
+                    format!(
+                        "the discount on price {price:?} ends in {from}, when plan {:?} replaces {:?} (replaced_by) and has no price {price:?}",
+                        new.id, old.id
+                    ),
+                );
+            }
+            before = billed.plan;
+        }
+        // Its problems are the original's, reported with it.
+        let subscribe = |billed: &Billed| {
+            validate_subscription(
+                &plans[billed.plan.0 as usize].id,
+                &kept(billed),
                 at,
                 plan_specs,
                 plans,
                 &mut Issues(Vec::new()),
-            ) else {
-                break;
-            };
-            // A successor that starts by the time its predecessor does bills in its place.
-            match later.last_mut() {
-                _ if position.is_none_or(|position| from > position) => later.push((from, carried)),
-                Some(last) => last.1 = carried,
-                None => at_start = carried,
-            }
-        }
-        (at_start, later)
+            )
+        };
+        let mut timeline = timeline.into_iter();
+        let first = timeline
+            .next()
+            .filter(|b| b.plan != subscription.plan)
+            .and_then(|b| subscribe(&b))
+            .unwrap_or(subscription);
+        let later = timeline
+            .filter_map(|b| Some((b.start?, subscribe(&b)?)))
+            .collect();
+        (first, later)
     }
 }
 
