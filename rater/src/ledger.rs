@@ -489,7 +489,6 @@ fn subscribed_prices(config: &Config, period: Period) -> impl Iterator<Item = (&
     })
 }
 
-/// The customer's plan in `period`.
 fn price_line(
     config: &Config,
     customer: &Customer,

@@ -613,6 +613,7 @@ impl Worker {
     /// Moves each partition's changed lines, rated, into the pending batch, with the
     /// offset they account for.
     fn collect_changed_lines(&mut self) {
+        let now = chrono::Utc::now();
         for (&partition, state) in &mut self.partitions {
             if !state.uncommitted {
                 continue;
@@ -641,7 +642,8 @@ impl Worker {
                         rated.delta = rated.line.amount - stored;
                         let line = &rated.line;
                         let period = Period::containing(line.period_start);
-                        repriced.note((&line.customer, &line.price), period, stored, line.amount);
+                        let amounts = (stored, line.amount);
+                        repriced.note((&line.customer, &line.price), period, amounts, now);
                     }
                     (version, rated)
                 }));

@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use prometheus::IntCounter;
 use rust_decimal::Decimal;
 use tally_runtime::kafka::partition_for_key;
@@ -53,15 +53,16 @@ pub(super) struct EndedMonthsRepriced {
 }
 
 impl EndedMonthsRepriced {
-    /// A line (customer, price) billed in `period`, stored at `stored`, now `amount`.
+    /// A line (customer, price) billed in `period`, stored at `stored`, now `amount`,
+    /// noted at `now`.
     pub(super) fn note(
         &mut self,
         (customer, price): (&str, &str),
         period: Period,
-        stored: Decimal,
-        amount: Decimal,
+        (stored, amount): (Decimal, Decimal),
+        now: DateTime<Utc>,
     ) {
-        if stored == amount || period.end() > Utc::now() {
+        if stored == amount || period.end() > now {
             return;
         }
         self.lines += 1;
@@ -179,8 +180,8 @@ impl PartitionState {
             (self.ended_months_repriced).note(
                 (&line.customer, &line.price),
                 line.period,
-                line.amount,
-                amount,
+                (line.amount, amount),
+                Utc::now(),
             );
             match now {
                 // Replaced by the opening line queued above.
@@ -334,13 +335,15 @@ mod tests {
     fn only_changed_lines_of_ended_months_are_told() {
         let repriced = IntCounter::new("repriced", "test").unwrap();
         let ended: Period = "2026-10".parse().unwrap();
-        let open = Period::containing(Utc::now());
+        let now: DateTime<Utc> = "2026-12-07T00:00:00Z".parse().unwrap();
+        let open = Period::containing(now);
         let mut told = EndedMonthsRepriced::default();
         let line = ("cust_acme", "resolutions");
-        told.note(line, ended, Decimal::new(198, 2), Decimal::new(218, 2));
-        told.note(line, ended, Decimal::new(5, 0), Decimal::new(5, 0));
-        told.note(line, open, Decimal::new(198, 2), Decimal::new(218, 2));
-        told.note(line, ended.next(), Decimal::ZERO, Decimal::new(1, 0));
+        let (cents_198, cents_218) = (Decimal::new(198, 2), Decimal::new(218, 2));
+        told.note(line, ended, (cents_198, cents_218), now);
+        told.note(line, ended, (Decimal::ONE, Decimal::ONE), now);
+        told.note(line, open, (cents_198, cents_218), now);
+        told.note(line, ended.next(), (Decimal::ZERO, Decimal::ONE), now);
         assert_eq!(told.lines, 2);
         assert_eq!(told.months, BTreeSet::from([ended, ended.next()]));
         assert_eq!(

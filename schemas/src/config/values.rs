@@ -114,9 +114,13 @@ impl<'de> Deserialize<'de> for UpToInput {
 pub struct HumanDuration(pub Duration);
 
 /// In the largest unit that divides it, as people write it in `tally.toml` (`"35d"`,
-/// `"90m"`, `"250ms"`), not split into humantime's 30.44-day months.
+/// `"90m"`, `"250ms"`), not split into humantime's 30.44-day months; finer than a
+/// millisecond, as humantime writes it.
 impl std::fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.0.subsec_nanos().is_multiple_of(1_000_000) {
+            return humantime::format_duration(self.0).fmt(f);
+        }
         let millis = self.0.as_millis();
         let unit = [
             (86_400_000, "d"),
@@ -279,5 +283,8 @@ mod tests {
             assert_eq!(HumanDuration(duration).to_string(), text);
             assert_eq!(humantime::parse_duration(text).unwrap(), duration, "{text}");
         }
+        let fine = Duration::from_micros(1_500);
+        let text = HumanDuration(fine).to_string();
+        assert_eq!(humantime::parse_duration(&text).unwrap(), fine, "{text}");
     }
 }
