@@ -35,7 +35,8 @@ pub struct RaterMetrics {
     pub price_book_checks: IntCounter,
     /// Stored lines retired after a price-book change no longer makes them.
     pub lines_retired: IntCounter,
-    /// Stored lines of months that have ended whose amount a price-book check changed.
+    /// Lines of months that have ended whose amount a price-book check changed, or
+    /// that it added.
     pub ended_month_lines_repriced: IntCounter,
     /// Partitions rated again from their beginning because ClickHouse had lost their
     /// stored lines.
@@ -100,7 +101,7 @@ impl RaterMetrics {
             ),
             ended_month_lines_repriced: m.counter(
                 "tally_rater_ended_month_lines_repriced_total",
-                "Stored invoice lines of months that have ended whose amount a new price book changed (they may have been invoiced as they were).",
+                "Invoice lines of months that have ended whose amount a new price book changed, or that it added (a price or a customer billed in such a month): they may have been invoiced as they were.",
             ),
             lost_line_replays: m.counter(
                 "tally_rater_lost_line_replays_total",

@@ -152,6 +152,9 @@ struct PartitionState {
     restated: HashMap<String, Decimal>,
     /// Lines of ended months the last price-book check re-priced, told with the batch.
     ended_months_repriced: EndedMonthsRepriced,
+    /// The last check re-rated the partition for a book its commit did not name: a
+    /// line with usage the next batch rates that is not `restated` is new.
+    lines_new_unless_restated: bool,
     /// Where the records of the open periods begin: committed with the offsets.
     first_offsets: FirstOffsets,
 }
@@ -303,6 +306,7 @@ impl PartitionOwner for Worker {
                     check_deferred: None,
                     restated: HashMap::new(),
                     ended_months_repriced: EndedMonthsRepriced::default(),
+                    lines_new_unless_restated: false,
                     first_offsets: rebuilt.first_offsets,
                 },
             );
@@ -634,15 +638,19 @@ impl Worker {
                 tracing::error!(error = %e, partition, "a line cannot be rated; it stays pending, the partition's other lines go on");
             }
             let (restated, repriced) = (&mut state.restated, &mut state.ended_months_repriced);
+            let new_unless_restated = std::mem::take(&mut state.lines_new_unless_restated);
             self.pending
                 .rows(partition)
                 .lines
                 .extend(lines.into_iter().map(|mut rated| {
-                    if let Some(stored) = restated.remove(&rated.line.id) {
+                    let stored = restated.remove(&rated.line.id);
+                    if let Some(stored) = stored {
                         rated.delta = rated.line.amount - stored;
+                    }
+                    if stored.is_some() || new_unless_restated {
                         let line = &rated.line;
                         let period = Period::containing(line.period_start);
-                        let amounts = (stored, line.amount);
+                        let amounts = (stored.unwrap_or_default(), line.amount);
                         repriced.note((&line.customer, &line.price), period, amounts, now);
                     }
                     (version, rated)
@@ -685,6 +693,7 @@ mod tests {
             check_deferred: Some(Instant::now()),
             restated: HashMap::new(),
             ended_months_repriced: EndedMonthsRepriced::default(),
+            lines_new_unless_restated: false,
             first_offsets: FirstOffsets::default(),
         };
         // Its check deferred, the partition still holds the old book's lines: a next

@@ -40,8 +40,8 @@ impl ZeroUsageJudge {
     }
 }
 
-/// Stored lines of months that have ended (by the clock) whose amount this price book
-/// changes: finance may have invoiced them as they were. Gathered while a partition is
+/// Lines of months that have ended (by the clock) whose amount this price book changes,
+/// or that it adds: finance may have invoiced those months as they were. Gathered while a partition is
 /// re-rated and told once per batch, as a count and a warning naming the months and one
 /// line; not refused, as correcting a month until it settles is what an edited book is
 /// for (README, "A new price book").
@@ -158,7 +158,28 @@ impl PartitionState {
             let open = (self.opened.iter()).filter(|&&p| line_open(settled, p, None));
             periods.extend(open);
         }
+        let opening_before = rows.opening.len();
         let zero_usage = self.queue_opening_lines(&periods, &with_usage, &rerate, rows);
+        if rerate.stored_with_another_book {
+            // Every line the partition stored was another book's, so one whose id no
+            // stale row has is new: a price or a customer this book adds to a month.
+            let now = Utc::now();
+            let added = (rows.opening[opening_before..].iter()).filter(|line| {
+                rerate.judge.owns(&line.customer)
+                    && !rerate.all_stale_ids.contains(line.id.as_str())
+            });
+            for line in added {
+                let period = Period::containing(line.period_start);
+                let amounts = (Decimal::ZERO, line.amount);
+                (self.ended_months_repriced).note(
+                    (&line.customer, &line.price),
+                    period,
+                    amounts,
+                    now,
+                );
+            }
+            self.lines_new_unless_restated = true;
+        }
         let before = rows.retired.len();
         let stale_lines = rerate.stale.len();
         // Those with usage the ledger re-rates; the others are replaced or retired.

@@ -1431,8 +1431,8 @@ fn wait_for_november_resolutions(p: &Pipeline, first: u32) {
     let customers = customers();
     let sql = format!(
         "SELECT customer, price, quantity, adjusts_period FROM {}.invoice_lines \
-         WHERE period_start = '2026-11-01 00:00:00' AND quantity != '0' \
-         ORDER BY customer, adjusts_period FORMAT TSV",
+         WHERE period_start = '2026-11-01 00:00:00' AND price = 'resolutions' \
+         AND quantity != '0' ORDER BY customer, adjusts_period FORMAT TSV",
         p.database
     );
     let mut expected = format!("{}\tresolutions\t{first}\t\n", customers[0]);
@@ -1524,11 +1524,17 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
 
     // A new rater rebuilds from the windows topic: the settled records let October
     // and its adjustment go there too, and November goes on. It starts with the
-    // starter plan's resolutions repriced: November's lines are re-rated, settled
-    // October's, and the adjustment of it billed in November, stay as billed.
+    // starter plan's resolutions repriced and a support fee added: November's lines
+    // are re-rated, settled October's, and the adjustment of it billed in November,
+    // stay as billed.
     p.stop("rater-a");
     let book = std::fs::read_to_string(&p.config).unwrap();
     let book = edited(&book, r#"unit_amount = "0.99""#, r#"unit_amount = "1.09""#);
+    let book = edited(
+        &book,
+        "id = \"starter\"\ncurrency = \"usd\"\n",
+        "id = \"starter\"\ncurrency = \"usd\"\n\n[[plans.prices]]\nid = \"support\"\nbilling_scheme = \"flat\"\nunit_amount = \"5\"\n",
+    );
     std::fs::write(&p.config, book).unwrap();
     p.start("rater", "rater-b");
     harness::eventually(
@@ -1579,16 +1585,23 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
     ));
     assert_eq!(other_starters, "2.18\n");
     // November has ended by the clock, so finance may have invoiced it: each line the
-    // new book changed is counted, and the log names the month.
-    let repriced = p.query(&format!(
-        "SELECT count() FROM {}.invoice_lines WHERE period_start = '2026-11-01 00:00:00' \
-         AND plan = 'starter' AND price = 'resolutions' AND adjusts_period = '' \
-         AND quantity != '0' FORMAT TSV",
-        p.database
-    ));
+    // new book changed or added is counted, and the log names the month.
+    let count = |price: &str, usage: &str| {
+        let sql = format!(
+            "SELECT count() FROM {}.invoice_lines WHERE period_start = '2026-11-01 00:00:00' \
+             AND plan = 'starter' AND price = '{price}' AND adjusts_period = '' {usage} FORMAT TSV",
+            p.database
+        );
+        p.query(&sql).trim().parse::<f64>().unwrap()
+    };
+    let (repriced, added) = (
+        count("resolutions", "AND quantity != '0'"),
+        count("support", ""),
+    );
+    assert!(added > 0.0);
     assert_eq!(
         harness::metric(rater_port, "tally_rater_ended_month_lines_repriced_total"),
-        Some(repriced.trim().parse::<f64>().unwrap())
+        Some(repriced + added)
     );
     assert!(
         (p.log("rater-b").lines()).any(|line| line.contains("WARN")
