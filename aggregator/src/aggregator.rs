@@ -982,8 +982,8 @@ pub struct Snapshot {
     watermark: Option<DateTime<Utc>>,
     expired_before_day: u16,
     /// Last, left out until a period is closed (explicitly, or by the watermark since
-    /// 2026-12-07) and empty when missing: records of builds from before explicit
-    /// closes and of this one read both ways.
+    /// `ab76708`) and empty when missing: records of builds from before explicit closes
+    /// and of this one read both ways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     closed_before: Option<DateTime<Utc>>,
 }

@@ -41,10 +41,10 @@ impl ZeroUsageJudge {
 }
 
 /// Lines of months that have ended (by the clock) whose amount this price book changes,
-/// or that it adds: finance may have invoiced those months as they were. Gathered while a partition is
-/// re-rated and told once per batch, as a count and a warning naming the months and one
-/// line; not refused, as correcting a month until it settles is what an edited book is
-/// for (README, "A new price book").
+/// or that it adds: finance may have invoiced those months as they were. Gathered while
+/// a partition is re-rated and told once per batch, as a count and a warning naming the
+/// months and one line; not refused, as correcting a month until it settles is what an
+/// edited book is for (README, "A new price book").
 #[derive(Debug, Default)]
 pub(super) struct EndedMonthsRepriced {
     lines: u64,
@@ -89,7 +89,7 @@ impl EndedMonthsRepriced {
             lines,
             months = %months.join(", "),
             example = example.unwrap_or_default(),
-            "the price book changed the amounts of lines of months that have ended, which may have been invoiced as they were: if that was not meant, run the raters with the book before (the lines go back); prices meant from a month on belong in a new plan with a plan change from that month"
+            "the price book changed, added or retired lines of months that have ended, which may have been invoiced as they were: if that was not meant, run the raters with the book before (the lines go back); prices meant from a month on belong in a new plan with a plan change from that month"
         );
     }
 }
@@ -148,6 +148,7 @@ impl PartitionState {
     /// periods concerned, and each stale line without usage here replaced by its
     /// zero-usage line or retired, all into `rows`.
     fn rerate_for_book(&mut self, rerate: Rerate<'_>, rows: &mut PartitionRows) {
+        let now = Utc::now();
         let settled = self.ledger.settled_through();
         let version = self.row_version();
         self.ledger.rerate_all();
@@ -163,7 +164,6 @@ impl PartitionState {
         if rerate.stored_with_another_book {
             // Every line the partition stored was another book's, so one whose id no
             // stale row has is new: a price or a customer this book adds to a month.
-            let now = Utc::now();
             let added = (rows.opening[opening_before..].iter()).filter(|line| {
                 rerate.judge.owns(&line.customer)
                     && !rerate.all_stale_ids.contains(line.id.as_str())
@@ -196,15 +196,15 @@ impl PartitionState {
                 // A row newer than this partition's offsets: not its to replace.
                 continue;
             };
-            let now = zero_usage.get(&line.id);
-            let amount = now.map_or(Decimal::ZERO, |zero| zero.amount);
+            let zero = zero_usage.get(&line.id);
+            let amount = zero.map_or(Decimal::ZERO, |zero| zero.amount);
             (self.ended_months_repriced).note(
                 (&line.customer, &line.price),
                 line.period,
                 (line.amount, amount),
-                Utc::now(),
+                now,
             );
-            match now {
+            match zero {
                 // Replaced by the opening line queued above.
                 Some(_) if at == 0 => {}
                 // Usage the book no longer prices on this line (its filter or

@@ -811,7 +811,7 @@ fn validate_replacements(
     let mut looped: Vec<PlanId> = (replacements.keys().copied())
         .filter(|&start| {
             let mut plan = start;
-            // Each plan replaces at most one other: a chain longer than the map loops.
+            // A plan has one successor at most: a walk longer than the map has looped.
             for _ in 0..replacements.len() {
                 match replacements.get(&plan) {
                     Some(&(_, next)) if next == start => return true,

@@ -853,12 +853,9 @@ fn other_periods_are_rated_with_their_own_bounds() {
     assert_eq!(l["quantity"], "2");
 }
 
-#[test]
-fn a_plan_change_rates_each_period_with_the_plan_of_that_period() {
-    // From November cust_acme is on pro_2027, resolutions at 0.50 each without the
-    // platform fee and without pro's discount; cust_idle stays on pro.
-    let f = Fixture::new(&format!(
-        r#"{PRO}
+/// A plan that bills resolutions at 0.50 each, nothing else: what `pro`'s customers
+/// move to.
+const PRO_2027: &str = r#"
 [[plans]]
 id = "pro_2027"
 currency = "usd"
@@ -868,7 +865,34 @@ id = "resolutions"
 meter = "resolutions"
 billing_scheme = "per_unit"
 unit_amount = "0.50"
+"#;
 
+/// Writes `events.jsonl`: three resolutions of `customer` on 2026-10-20 and three on
+/// 2026-11-03.
+fn three_resolutions_a_month(f: &Fixture, customer: &str) {
+    let events: Vec<String> = ["2026-10-20T10:00:00Z", "2026-11-03T10:00:00Z"]
+        .iter()
+        .enumerate()
+        .flat_map(|(month, time)| {
+            (0..3).map(move |i| {
+                let id = format!("{month}-{i}");
+                event(&id, "ai.resolution", customer, time, None)
+            })
+        })
+        .collect();
+    f.write(
+        "events.jsonl",
+        format!("{}\n", events.join("\n")).as_bytes(),
+    );
+}
+
+#[test]
+fn a_plan_change_rates_each_period_with_the_plan_of_that_period() {
+    // From November cust_acme is on pro_2027, resolutions at 0.50 each without the
+    // platform fee and without pro's discount; cust_idle stays on pro.
+    let f = Fixture::new(&format!(
+        r#"{PRO}
+{PRO_2027}
 [[customers]]
 id = "cust_moved"
 plan = "pro"
@@ -879,25 +903,7 @@ from = "2026-11"
 plan = "pro_2027"
 "#
     ));
-    let events: Vec<String> = ["2026-10-20T10:00:00Z", "2026-11-03T10:00:00Z"]
-        .iter()
-        .enumerate()
-        .flat_map(|(month, time)| {
-            (0..3).map(move |i| {
-                event(
-                    &format!("{month}-{i}"),
-                    "ai.resolution",
-                    "cust_moved",
-                    time,
-                    None,
-                )
-            })
-        })
-        .collect();
-    f.write(
-        "events.jsonl",
-        format!("{}\n", events.join("\n")).as_bytes(),
-    );
+    three_resolutions_a_month(&f, "cust_moved");
     let rate = |period: &str| -> Vec<Value> {
         let run: Run = (f.tally())
             .args(["rate", "--config", "tally.toml", "--events", "events.jsonl"])
@@ -967,41 +973,14 @@ fn a_replaced_plan_rates_its_customers_on_its_successor_from_its_period_on() {
     assert!(PRO.contains(pro));
     let f = Fixture::new(&format!(
         r#"{}
-[[plans]]
-id = "pro_2027"
-currency = "usd"
-
-[[plans.prices]]
-id = "resolutions"
-meter = "resolutions"
-billing_scheme = "per_unit"
-unit_amount = "0.50"
-"#,
+{PRO_2027}"#,
         PRO.replacen(
             pro,
             &format!("{pro}replaced_by = {{ plan = \"pro_2027\", from = \"2026-11\" }}\n"),
             1
         )
     ));
-    let events: Vec<String> = ["2026-10-20T10:00:00Z", "2026-11-03T10:00:00Z"]
-        .iter()
-        .enumerate()
-        .flat_map(|(month, time)| {
-            (0..3).map(move |i| {
-                event(
-                    &format!("{month}-{i}"),
-                    "ai.resolution",
-                    "cust_acme",
-                    time,
-                    None,
-                )
-            })
-        })
-        .collect();
-    f.write(
-        "events.jsonl",
-        format!("{}\n", events.join("\n")).as_bytes(),
-    );
+    three_resolutions_a_month(&f, "cust_acme");
     let rate = |period: &str| -> Vec<(String, String, Vec<String>)> {
         let run: Run = (f.tally())
             .args(["rate", "--config", "tally.toml", "--events", "events.jsonl"])
