@@ -10,6 +10,7 @@ use proptest::prelude::*;
 use tally_schemas::config::{Config, ConfigError};
 use tally_schemas::event::{EventDecoder, ReadingValue};
 use tally_schemas::price::{Rate, UpTo};
+use tally_schemas::time::Period;
 
 const CASES: u32 = 2000;
 
@@ -546,4 +547,95 @@ fn number_spans(text: &str) -> Vec<(usize, usize)> {
         }
     }
     spans
+}
+
+/// A month of 2026 (1 to 12), or of its neighbours (0 is 2025-12, 13 is 2027-01).
+fn month(m: u32) -> Period {
+    let (year, month) = match m {
+        0 => (2025, 12),
+        13 => (2027, 1),
+        m => (2026, m),
+    };
+    format!("{year}-{month:02}").parse().unwrap()
+}
+
+/// A price book of plans p0 to p3 (p_i replaced, if `replaced[i]` says so, by a later
+/// plan from a month) and one customer on `plan` from `from` through `through`, with
+/// its plan changes.
+fn replacement_book(
+    replaced: &[Option<(usize, u32)>],
+    (plan, from, through): (usize, Option<u32>, Option<u32>),
+    changes: &[(u32, usize)],
+) -> String {
+    let mut toml = String::from(METERS);
+    for (i, replacement) in replaced.iter().enumerate() {
+        toml.push_str(&format!("\n[[plans]]\nid = \"p{i}\"\ncurrency = \"usd\"\n"));
+        if let Some((successor, from)) = replacement {
+            let from = month(*from);
+            toml.push_str(&format!(
+                "replaced_by = {{ plan = \"p{successor}\", from = \"{from}\" }}\n"
+            ));
+        }
+        toml.push_str(&format!(
+            "\n[[plans.prices]]\nid = \"resolutions\"\nmeter = \"resolutions\"\nbilling_scheme = \"per_unit\"\nunit_amount = \"0.{i}9\"\n"
+        ));
+    }
+    toml.push_str(&format!(
+        "\n[[customers]]\nid = \"cust\"\nplan = \"p{plan}\"\n"
+    ));
+    for (key, m) in [("from", from), ("through", through)] {
+        if let Some(m) = m {
+            toml.push_str(&format!("{key} = \"{}\"\n", month(m)));
+        }
+    }
+    for (from, plan) in changes {
+        let from = month(*from);
+        toml.push_str(&format!(
+            "\n[[customers.plan_changes]]\nfrom = \"{from}\"\nplan = \"p{plan}\"\ndiscounts = []\n"
+        ));
+    }
+    toml
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Whatever the replacements, the plan changes and the customer's months, each
+    /// month is billed by the plan its own entry names then, followed along the
+    /// replacements that have started by that month.
+    #[test]
+    fn replaced_plans_bill_each_month_by_the_plan_the_chain_reaches_then(
+        // p_i is replaced by a later plan (so no loop), from a month of 2026.
+        replaced in proptest::collection::vec(proptest::option::of((1usize..4, 1u32..13)), 4),
+        plan in 0usize..4,
+        from in proptest::option::of(0u32..7),
+        through in proptest::option::of(6u32..14),
+        change_months in proptest::collection::btree_set(1u32..13, 0..4),
+        change_plans in proptest::collection::vec(0usize..4, 4),
+    ) {
+        let replaced: Vec<Option<(usize, u32)>> = (replaced.iter().enumerate())
+            .map(|(i, r)| r.filter(|&(successor, _)| successor > i))
+            .collect();
+        // Plan changes must come after `from` and not after `through`.
+        let changes: Vec<(u32, usize)> = (change_months.iter().copied())
+            .filter(|&m| from.is_none_or(|from| m > from) && through.is_none_or(|through| m <= through))
+            .zip(change_plans.iter().copied())
+            .collect();
+        let config = Config::parse(&replacement_book(&replaced, (plan, from, through), &changes), "book.toml")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let customer = &config.customers["cust"];
+        for m in 0..14 {
+            let period = month(m);
+            if !customer.bills(period) {
+                continue;
+            }
+            let own = (changes.iter().rev()).find(|&&(from, _)| from <= m).map_or(plan, |&(_, plan)| plan);
+            let mut expected = own;
+            while let Some((successor, _)) = replaced[expected].filter(|&(_, from)| from <= m) {
+                expected = successor;
+            }
+            let billed = &config.plan(customer.subscription(period).plan).id;
+            prop_assert_eq!(billed, &format!("p{expected}"), "{}", period);
+        }
+    }
 }
