@@ -208,6 +208,8 @@ struct Worker {
     check_scheduled: Instant,
     /// `[rater] store_windows`: the updates' windows go to ClickHouse too.
     store_windows: bool,
+    /// `[aggregator] period_close_grace`: a month that ended this long ago is closed.
+    close_grace: chrono::Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -435,6 +437,8 @@ pub fn run(
         last_insert: None,
         check_scheduled: Instant::now(),
         store_windows: settings.rater.store_windows,
+        close_grace: chrono::Duration::from_std(settings.aggregator.period_close_grace)
+            .unwrap_or(chrono::Duration::MAX),
     }));
     let consumer: GroupConsumer =
         group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker)).map_err(failed_to(
@@ -616,8 +620,15 @@ impl Worker {
 
     /// Moves each partition's changed lines, rated, into the pending batch, with the
     /// offset they account for.
-    fn collect_changed_lines(&mut self) {
+    /// Months that ended by now less the close grace have closed, unless the
+    /// aggregators lag ([`price_book::EndedMonthsRepriced`]).
+    fn months_ended_by(&self) -> chrono::DateTime<chrono::Utc> {
         let now = chrono::Utc::now();
+        now.checked_sub_signed(self.close_grace).unwrap_or(now)
+    }
+
+    fn collect_changed_lines(&mut self) {
+        let ended_by = self.months_ended_by();
         for (&partition, state) in &mut self.partitions {
             if !state.uncommitted {
                 continue;
@@ -651,7 +662,7 @@ impl Worker {
                         let line = &rated.line;
                         let period = Period::containing(line.period_start);
                         let amounts = (stored.unwrap_or_default(), line.amount);
-                        repriced.note((&line.customer, &line.price), period, amounts, now);
+                        repriced.note((&line.customer, &line.price), period, amounts, ended_by);
                     }
                     (version, rated)
                 }));

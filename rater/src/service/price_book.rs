@@ -40,11 +40,13 @@ impl ZeroUsageJudge {
     }
 }
 
-/// Lines of months that have ended (by the clock) whose amount this price book changes,
-/// or that it adds: finance may have invoiced those months as they were. Gathered while
-/// a partition is re-rated and told once per batch, as a count and a warning naming the
-/// months and one line; not refused, as correcting a month until it settles is what an
-/// edited book is for (README, "A new price book").
+/// Lines of months that have ended (by the clock, `period_close_grace` ago: closed)
+/// whose amount this price book changes, or that it adds: finance may have invoiced
+/// those months as they were. Gathered while a partition is re-rated and told once per
+/// batch, as a count and a warning naming the months and one line; not refused, as
+/// correcting a month until it settles is what an edited book is for (README, "A new
+/// price book"). A month still in its grace takes usage yet: a line of it that changed
+/// is not put down to the book.
 #[derive(Debug, Default)]
 pub(super) struct EndedMonthsRepriced {
     lines: u64,
@@ -53,16 +55,16 @@ pub(super) struct EndedMonthsRepriced {
 }
 
 impl EndedMonthsRepriced {
-    /// A line (customer, price) billed in `period`, stored at `stored`, now `amount`,
-    /// noted at `now`.
+    /// A line (customer, price) billed in `period`, stored at `stored`, now `amount`;
+    /// months that ended by `ended_by` count.
     pub(super) fn note(
         &mut self,
         (customer, price): (&str, &str),
         period: Period,
         (stored, amount): (Decimal, Decimal),
-        now: DateTime<Utc>,
+        ended_by: DateTime<Utc>,
     ) {
-        if stored == amount || period.end() > now {
+        if stored == amount || period.end() > ended_by {
             return;
         }
         self.lines += 1;
@@ -103,6 +105,8 @@ struct Rerate<'a> {
     /// Every partition's stale lines, by id.
     pub(super) all_stale_ids: &'a HashSet<&'a str>,
     pub(super) judge: ZeroUsageJudge,
+    /// Months that ended by then count as ended ([`EndedMonthsRepriced`]).
+    pub(super) ended_by: DateTime<Utc>,
 }
 
 impl PartitionState {
@@ -148,7 +152,6 @@ impl PartitionState {
     /// periods concerned, and each stale line without usage here replaced by its
     /// zero-usage line or retired, all into `rows`.
     fn rerate_for_book(&mut self, rerate: Rerate<'_>, rows: &mut PartitionRows) {
-        let now = Utc::now();
         let settled = self.ledger.settled_through();
         let version = self.row_version();
         self.ledger.rerate_all();
@@ -175,7 +178,7 @@ impl PartitionState {
                     (&line.customer, &line.price),
                     period,
                     amounts,
-                    now,
+                    rerate.ended_by,
                 );
             }
             self.lines_new_unless_restated = true;
@@ -202,7 +205,7 @@ impl PartitionState {
                 (&line.customer, &line.price),
                 line.period,
                 (line.amount, amount),
-                now,
+                rerate.ended_by,
             );
             match zero {
                 // Replaced by the opening line queued above.
@@ -313,6 +316,7 @@ impl Worker {
         };
         let stale = (self.clickhouse).lines_rated_with_another_book(&self.book, oldest_open)?;
         let stale_ids: HashSet<&str> = stale.iter().map(|line| line.id.as_str()).collect();
+        let ended_by = self.months_ended_by();
         let mut deferred = false;
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
@@ -337,6 +341,7 @@ impl Worker {
                 stored_with_another_book: another_book,
                 all_stale_ids: &stale_ids,
                 judge,
+                ended_by,
             };
             state.rerate_for_book(rerate, self.pending.rows(partition));
         }

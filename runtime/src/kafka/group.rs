@@ -150,14 +150,18 @@ impl<W: PartitionOwner> ConsumerContext for GroupContext<W> {
         partitions: &mut TopicPartitionList,
     ) {
         // A panic, on this thread or on one that held the owner (a batch applied on a
-        // thread of its own): the owner's state may be half-applied (an event counted,
-        // its offset passed, its windows not updated), and a revoke would commit it.
-        let panicked = std::thread::panicking() || self.owner.is_poisoned();
-        let mut owner = lock(&self.owner);
+        // thread of its own, found once its lock is ours): the owner's state may be
+        // half-applied (an event counted, its offset passed, its windows not updated),
+        // and a revoke, or the commit an assignment begins with, would commit it.
+        let (mut owner, panicked) = match self.owner.lock() {
+            Ok(owner) => (owner, std::thread::panicking()),
+            Err(poisoned) => (poisoned.into_inner(), true),
+        };
         let result = match err {
-            // Restoring would wait for committed offsets a leaving member cannot read.
+            // Restoring would wait for committed offsets a leaving member cannot read;
+            // an owner that panicked takes nothing.
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS
-                if self.leaving.load(Ordering::SeqCst) =>
+                if panicked || self.leaving.load(Ordering::SeqCst) =>
             {
                 Ok(())
             }

@@ -204,7 +204,11 @@ impl Row {
     /// "Total" where the customer or the month would be (a spreadsheet's sum row).
     fn adds_up_others(&self) -> bool {
         let total_word = |cell: &str| {
-            let word = cell.trim().trim_end_matches(':').to_ascii_lowercase();
+            let word = cell
+                .trim()
+                .trim_end_matches(':')
+                .trim_end()
+                .to_ascii_lowercase();
             ["total", "totals", "subtotal", "grand total", "sum"].contains(&word.as_str())
         };
         self.price.trim().is_empty()

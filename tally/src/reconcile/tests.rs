@@ -313,8 +313,8 @@ fn lines_of_other_months_are_left_out_and_counted_and_adjustments_kept_apart() {
         "acme,seats,3,3,usd,2026-11,\n",
         "acme,tokens,4,4,usd,2026-10-01T00:00:00Z,\n",
         "acme,tokens,5,5,usd,2026-12-01 00:00:00,\n",
-        ",,6,6,usd,TOTAL,\n",
-        "Total:,,21,21,usd,,\n",
+        "acme,,6,6,usd,TOTAL,\n",
+        "Total :,,21,21,usd,,\n",
     ));
     assert_eq!(lines.other_periods, 2);
     assert_eq!(lines.unnamed_rows, 2);
