@@ -867,6 +867,17 @@ billing_scheme = "per_unit"
 unit_amount = "0.50"
 "#;
 
+/// `tally rate`'s JSON lines of `period` for `f`'s `events.jsonl`.
+fn rated(f: &Fixture, period: &str) -> Vec<Value> {
+    let run: Run = (f.tally())
+        .args(["rate", "--config", "tally.toml", "--events", "events.jsonl"])
+        .args(["--period", period, "--format", "json", "--now", NOW])
+        .output()
+        .unwrap()
+        .into();
+    run.succeeded().lines()
+}
+
 /// Writes `events.jsonl`: three resolutions of `customer` on 2026-10-20 and three on
 /// 2026-11-03.
 fn three_resolutions_a_month(f: &Fixture, customer: &str) {
@@ -904,15 +915,7 @@ plan = "pro_2027"
 "#
     ));
     three_resolutions_a_month(&f, "cust_moved");
-    let rate = |period: &str| -> Vec<Value> {
-        let run: Run = (f.tally())
-            .args(["rate", "--config", "tally.toml", "--events", "events.jsonl"])
-            .args(["--period", period, "--format", "json", "--now", NOW])
-            .output()
-            .unwrap()
-            .into();
-        run.succeeded().lines()
-    };
+    let rate = |period: &str| rated(&f, period);
     let prices = |lines: &[Value], customer: &str| -> Vec<(String, String)> {
         (lines.iter())
             .filter(|l| l["customer"] == customer)
@@ -982,13 +985,7 @@ fn a_replaced_plan_rates_its_customers_on_its_successor_from_its_period_on() {
     ));
     three_resolutions_a_month(&f, "cust_acme");
     let rate = |period: &str| -> Vec<(String, String, Vec<String>)> {
-        let run: Run = (f.tally())
-            .args(["rate", "--config", "tally.toml", "--events", "events.jsonl"])
-            .args(["--period", period, "--format", "json", "--now", NOW])
-            .output()
-            .unwrap()
-            .into();
-        (run.succeeded().lines().iter())
+        (rated(&f, period).iter())
             .map(|l| {
                 let (customer, plan) = (l["customer"].to_string(), l["plan"].to_string());
                 (customer, plan, money(l).map(str::to_owned).to_vec())
