@@ -1409,6 +1409,53 @@ fn a_replacement_is_checked_and_says_what_it_drops() {
 }
 
 #[test]
+fn a_plan_change_after_a_replacement_is_warned_about_against_the_plan_that_bills() {
+    let plan_warnings = |text: &str| -> Vec<(String, String)> {
+        (parse(text).warnings.into_iter())
+            .filter(|w| w.at.starts_with("customers[") && w.at.ends_with(".plan"))
+            .map(|w| (w.at, w.message))
+            .collect()
+    };
+    // pro is replaced by pro_2027 from 2027-01, which the replacement warns about; a
+    // move to pro_2027 in 2027-03 changes nothing the customer is billed by.
+    let to_2027 = "[[customers.plan_changes]]\nfrom = \"2027-03\"\nplan = \"pro_2027\"\n";
+    let replaced = with_replacement("2027-01", to_2027);
+    assert_eq!(plan_warnings(&replaced), []);
+    assert!(
+        (parse(&replaced).warnings.iter()).any(|w| w.at == "plans[pro].replaced_by.plan"),
+        "{:?}",
+        parse(&replaced).warnings
+    );
+
+    // The customer moves to pro_2027 in 2026-12 (which drops gpt-x tokens), pro_2027 is
+    // replaced by pro (which bills them again) from 2027-01, and the customer moves to
+    // basic (resolutions only) in 2027-03: that move, from pro, drops the tokens again.
+    let basic = "[[plans]]\nid = \"basic\"\ncurrency = \"usd\"\n\n[[plans.prices]]\nid = \"resolutions\"\nmeter = \"resolutions\"\nbilling_scheme = \"per_unit\"\nunit_amount = \"1.10\"\n";
+    let moves = "[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"pro_2027\"\ndiscounts = []\n\n[[customers.plan_changes]]\nfrom = \"2027-03\"\nplan = \"basic\"\n";
+    let pro_2027 = "id = \"pro_2027\"\ncurrency = \"usd\"\n";
+    let text = with_plan_changes(moves)
+        .replacen(
+            pro_2027,
+            &format!("{pro_2027}replaced_by = {{ plan = \"pro\", from = \"2027-01\" }}\n"),
+            1,
+        )
+        .replacen("[[customers]]", &format!("{basic}\n[[customers]]"), 1);
+    let unpriced = |at: &str, old: &str, new: &str, from: &str| {
+        (
+            format!("customers[cust_acme].plan_changes[{at}].plan"),
+            format!("plan \"{old}\" bills usage that no price of plan \"{new}\" bills (\"{old}\"'s prices gpt-tokens): from {from} it is reported as unbilled, never billed; add such a price to \"{new}\" if the usage should still be billed"),
+        )
+    };
+    assert_eq!(
+        plan_warnings(&text),
+        [
+            unpriced("0", "pro", "pro_2027", "2026-12"),
+            unpriced("1", "pro", "basic", "2027-03"),
+        ]
+    );
+}
+
+#[test]
 fn plan_changes_are_checked_like_the_plan_they_follow() {
     assert_only_issue(
         &with_plan_changes("[[customers.plan_changes]]\nfrom = \"2026-12\"\nplan = \"team\""),

@@ -736,11 +736,14 @@ fn validate_customers(
             }
             let before = changes.last().map(|(_, s)| s).or(first.as_ref());
             if let Some(before) = before {
-                let (old, new) = (
-                    &plans[before.plan.0 as usize],
-                    &plans[subscription.plan.0 as usize],
-                );
-                warn_if_usage_unpriced(old, new, change.from, &at, warnings);
+                // Between the plans that bill the month before and the month of the
+                // change, as replacements (replaced_by) have them by then.
+                let old = billing_in_place(before.plan, &replacements, |f| f < change.from);
+                let new = billing_in_place(subscription.plan, &replacements, |f| f <= change.from);
+                if old != new {
+                    let (old, new) = (&plans[old.0 as usize], &plans[new.0 as usize]);
+                    warn_if_usage_unpriced(old, new, change.from, &at, warnings);
+                }
             }
             if misplaced.is_none() {
                 changes.push((change.from, subscription));
@@ -834,6 +837,23 @@ fn validate_replacements(
         replacements.clear();
     }
     replacements
+}
+
+/// The plan that bills in place of `plan`: its successor (replaced_by) if that has
+/// `started`, that one's if it has too, and so on.
+fn billing_in_place(
+    mut plan: PlanId,
+    replacements: &HashMap<PlanId, (Period, PlanId)>,
+    started: impl Fn(Period) -> bool,
+) -> PlanId {
+    // Loops were refused, so a walk ends within as many steps as there are successors.
+    for _ in 0..replacements.len() {
+        match replacements.get(&plan) {
+            Some(&(from, successor)) if started(from) => plan = successor,
+            _ => break,
+        }
+    }
+    plan
 }
 
 /// A customer's subscriptions as its own entry gives them, each with where it was
