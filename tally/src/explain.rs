@@ -140,6 +140,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                     billed_later: &later,
                 },
                 lines: lines.iter().filter(asked).collect(),
+                price: args.price.as_deref(),
                 usage: &usage,
                 unfinished: month.period.end() > Utc::now(),
                 billed_before: billed_before(clickhouse, &args.customer, month.period, &lines)?,
@@ -205,6 +206,8 @@ pub struct Explanation<'a> {
     /// The customer's lines to explain (all of them, or the one price asked for), its
     /// own before adjustments of closed periods, each in its plan's price order.
     pub lines: Vec<&'a InvoiceLine>,
+    /// The one price asked for (`--price`): the total is that price's, not the invoice's.
+    pub price: Option<&'a str>,
     pub usage: &'a [SeriesWindows],
     /// The period had not ended at the clock: the lines bill its usage so far.
     pub unfinished: bool,
@@ -282,7 +285,7 @@ impl<'a> Explanation<'a> {
         customer: &'a Customer,
         name: &'a str,
         result: &'a BatchResult,
-        price: Option<&str>,
+        price: Option<&'a str>,
     ) -> anyhow::Result<Self> {
         let events = (result.summary.customer.as_ref())
             .filter(|events| events.customer == customer.id)
@@ -307,6 +310,7 @@ impl<'a> Explanation<'a> {
                 .filter(|l| l.customer == customer.id)
                 .filter(|l| price.is_none_or(|p| l.price == p))
                 .collect(),
+            price,
             usage: &result.explained_usage,
             unfinished: result.summary.unfinished,
             billed_before: BTreeMap::new(),
@@ -495,9 +499,17 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
         *total = exact_add(*total, line.amount).ok_or_else(total_too_large)?;
         amounts.push(line.amount.to_string());
     }
+    let of = e
+        .price
+        .map(|p| format!(" of price {p}"))
+        .unwrap_or_default();
     for (currency, (total, amounts)) in totals {
         writeln!(out)?;
-        writeln!(out, "total {total} {currency} ({})", amounts.join(" + "))?;
+        writeln!(
+            out,
+            "total{of} {total} {currency} ({})",
+            amounts.join(" + ")
+        )?;
     }
     if let Source::Pipeline { billed_later, .. } = &e.source {
         write_billed_later(out, period, billed_later, e.unfinished)?;
@@ -1404,6 +1416,7 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
                 billed_later: &[],
             },
             lines: lines.iter().collect(),
+            price: None,
             usage,
             unfinished: false,
             billed_before,

@@ -252,7 +252,8 @@ fn explain_names_what_it_cannot_find() {
         ],
     );
     assert!(
-        idle.stdout.ends_with("total 49.00 usd (49.00)\n"),
+        idle.stdout
+            .ends_with("total of price resolutions 49.00 usd (49.00)\n"),
         "{}",
         idle.stdout
     );
