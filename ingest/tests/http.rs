@@ -163,6 +163,14 @@ struct Stored {
     value: String,
 }
 
+/// A record read back from any topic, with its headers.
+#[derive(Debug)]
+struct Record {
+    key: Option<String>,
+    value: String,
+    headers: BTreeMap<String, String>,
+}
+
 /// The service under test, on its own runtime; stopped (and its topics deleted) on drop.
 struct Service {
     runtime: tokio::runtime::Runtime,
@@ -283,7 +291,25 @@ impl Service {
 
     /// The records with their `tally.tenant` headers.
     fn stored_with_tenants(&self) -> Vec<(Stored, Option<String>)> {
-        let topic = self.topic();
+        (self.records(Topic::Events).into_iter())
+            .map(|mut record| {
+                let tenant = record.headers.remove("tally.tenant");
+                let key = record.key.expect("events are keyed by subject");
+                (
+                    Stored {
+                        key,
+                        value: record.value,
+                    },
+                    tenant,
+                )
+            })
+            .collect()
+    }
+
+    /// Everything in one of the pipeline's topics, read from the beginning up to the
+    /// high watermarks as they are now.
+    fn records(&self, topic: Topic) -> Vec<Record> {
+        let topic = self.settings.kafka.topic(topic);
         let consumer: BaseConsumer = tally_runtime::kafka::client_config(&self.settings.kafka)
             .set("group.id", format!("{topic}-reader"))
             .set("enable.auto.commit", "false")
@@ -316,31 +342,29 @@ impl Service {
                 .unwrap();
         }
         consumer.assign(&assignment).unwrap();
-        let mut stored = Vec::new();
+        let mut records = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while stored.len() < remaining as usize {
+        while records.len() < remaining as usize {
             assert!(
                 Instant::now() < deadline,
                 "read {} of {remaining} records of {topic}",
-                stored.len()
+                records.len()
             );
             if let Some(message) = consumer.poll(Duration::from_millis(200)) {
                 let message = message.unwrap();
-                let text = |b: Option<&[u8]>| String::from_utf8(b.unwrap().to_vec()).unwrap();
-                let tenant = (message.headers().into_iter())
+                let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+                let headers = (message.headers().into_iter())
                     .flat_map(|headers| headers.iter())
-                    .find(|header| header.key == "tally.tenant")
-                    .map(|header| text(header.value));
-                stored.push((
-                    Stored {
-                        key: text(message.key()),
-                        value: text(message.payload()),
-                    },
-                    tenant,
-                ));
+                    .map(|h| (h.key.to_owned(), text(h.value.unwrap_or_default())))
+                    .collect();
+                records.push(Record {
+                    key: message.key().map(text),
+                    value: text(message.payload().unwrap_or_default()),
+                    headers,
+                });
             }
         }
-        stored
+        records
     }
 
     /// Requests shutdown and waits for the service to stop.
@@ -728,6 +752,45 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
             stored("cust_a", ancient)
         ])
     );
+    // The refused events are kept in the rejected topic as sent, with the answer's
+    // reasons, their index in the request and the tenant that sent them.
+    let kept = |service: &Service| -> Vec<[String; 5]> {
+        let mut kept: Vec<[String; 5]> = (service.records(Topic::Rejected).into_iter())
+            .map(|r| {
+                let header = |name: &str| r.headers.get(name).cloned().unwrap_or_default();
+                [
+                    header("tally.source.request_index"),
+                    r.value.clone(),
+                    header("tally.error.code"),
+                    header("tally.error.field"),
+                    header("tally.tenant"),
+                ]
+            })
+            .collect();
+        kept.sort();
+        kept
+    };
+    let copy = |index: &str, value: &str, code: &str, field: &str| {
+        [index, value, code, field, "platform"].map(str::to_owned)
+    };
+    eventually("the refused events are in the rejected topic", || {
+        kept(&service).len() == 3
+    });
+    assert_eq!(
+        kept(&service),
+        [
+            copy("1", no_time, "missing_field", "time"),
+            copy("2", &negative, "negative_value", "data.tokens"),
+            copy("3", "7", "not_an_object", "event"),
+        ]
+    );
+    let reasons: Vec<String> = (service.records(Topic::Rejected).into_iter())
+        .map(|r| r.headers["tally.error.reason"].clone())
+        .collect();
+    assert!(
+        reasons.contains(&"required field is missing or null".to_owned()),
+        "{reasons:?}"
+    );
 }
 
 #[test]
@@ -792,6 +855,21 @@ fn a_single_invalid_event_is_refused_with_422_and_its_reason() {
     assert_eq!(reply.status, 422, "{reply:?}");
     assert_eq!(reply.json()["results"][0]["code"], "invalid_json");
     assert_eq!(service.stored(), vec![]);
+    // Kept, to be found where the sender did not keep its answers.
+    eventually("the two refused events are in the rejected topic", || {
+        service.records(Topic::Rejected).len() == 2
+    });
+    let mut kept: Vec<(String, String)> = (service.records(Topic::Rejected).into_iter())
+        .map(|r| (r.value, r.headers["tally.error.code"].clone()))
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [
+            ("{\"id\":".to_owned(), "invalid_json".to_owned()),
+            (future.to_owned(), "time_in_future".to_owned()),
+        ]
+    );
 }
 
 #[test]

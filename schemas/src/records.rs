@@ -45,8 +45,10 @@ pub const SETTLED_HEADER: &str = "tally-settled";
 
 /// Kafka headers of a refused event's copy in the rejected topic: why it was refused
 /// (a stable code, the field at fault or `event`, and a reason for people) and where
-/// the event is (its topic, partition and offset); the copy is cut to fit a record
-/// when [`REJECTED_SOURCE_BYTES_HEADER`] gives the event's full size.
+/// the event is: its topic, partition and offset when the aggregator refused it, its
+/// index in its request ([`REJECTED_REQUEST_INDEX_HEADER`]) and its sender's tenant
+/// (`tally.tenant`) when ingest did; the copy is cut to fit a record when
+/// [`REJECTED_SOURCE_BYTES_HEADER`] gives the event's full size.
 pub const REJECTED_CODE_HEADER: &str = "tally.error.code";
 /// See [`REJECTED_CODE_HEADER`].
 pub const REJECTED_FIELD_HEADER: &str = "tally.error.field";
@@ -58,6 +60,9 @@ pub const REJECTED_SOURCE_TOPIC_HEADER: &str = "tally.source.topic";
 pub const REJECTED_SOURCE_PARTITION_HEADER: &str = "tally.source.partition";
 /// See [`REJECTED_CODE_HEADER`].
 pub const REJECTED_SOURCE_OFFSET_HEADER: &str = "tally.source.offset";
+/// On a copy ingest wrote: the event's index in its request, which ingest refused
+/// (the event is in no other topic).
+pub const REJECTED_REQUEST_INDEX_HEADER: &str = "tally.source.request_index";
 /// On a cut copy only: the event's size in bytes.
 pub const REJECTED_SOURCE_BYTES_HEADER: &str = "tally.source.bytes";
 /// On a copy without the event's own headers only (they would not fit a record with

@@ -10,7 +10,7 @@ use std::time::Instant;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
-use tally_runtime::kafka::send;
+use tally_runtime::kafka::{fitted, send, with_refusal, REJECTION_HEADERS_BYTES};
 use tally_schemas::records::{
     FORWARDED_FROM_HEADER, FORWARDED_TIMESTAMP_HEADER, REJECTED_CODE_HEADER, REJECTED_FIELD_HEADER,
     REJECTED_REASON_HEADER, REJECTED_SOURCE_BYTES_HEADER, REJECTED_SOURCE_HEADERS_BYTES_HEADER,
@@ -25,10 +25,6 @@ use super::Worker;
 /// broker's default topic limit. A larger one could be refused by the broker at
 /// commit, and again after every recovery.
 pub(super) const MAX_EVENT_RECORD_BYTES: usize = 1_000_000;
-
-/// Room left in a rejected record for its headers: a payload past
-/// [`MAX_EVENT_RECORD_BYTES`] less this and the key is cut to fit.
-const REJECTION_HEADERS_BYTES: usize = 16 * 1024;
 
 /// The bytes of `message` forwarded: key, payload, headers and the forward's own, with
 /// a few bytes of framing apiece.
@@ -65,15 +61,6 @@ fn copies_headers(headers: usize, key: usize) -> bool {
     headers + key + REJECTION_HEADERS_BYTES <= MAX_EVENT_RECORD_BYTES
 }
 
-/// `text`'s first `bytes` bytes at most, cut at a character's boundary.
-fn at_most(text: &str, bytes: usize) -> &str {
-    let mut end = text.len().min(bytes);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 impl Worker {
     /// Writes a refused event to the rejected topic: its original bytes (their first
     /// ones, if all would not fit a record with the headers), the reason in headers.
@@ -99,9 +86,6 @@ impl Worker {
                 "event refused, kept in the rejected topic (each code logged at most once a minute; left_out: as many since)"
             );
         }
-        // A field names what the sender wrote (a data key), so its length is theirs:
-        // field and reason are cut to keep the headers within their room.
-        let (field, reason) = (at_most(&field, 1024), at_most(&reason, 4096));
         // The event's own headers come along (a CloudEvents binary-mode record's
         // attributes are there), so the copy can be read, and replayed, as it was.
         const OURS: [&str; 8] = [
@@ -126,19 +110,7 @@ impl Worker {
                 0,
             ),
         };
-        let headers = headers
-            .insert(Header {
-                key: REJECTED_CODE_HEADER,
-                value: Some(code),
-            })
-            .insert(Header {
-                key: REJECTED_FIELD_HEADER,
-                value: Some(field),
-            })
-            .insert(Header {
-                key: REJECTED_REASON_HEADER,
-                value: Some(reason),
-            })
+        let headers = with_refusal(headers, code, &field, &reason)
             .insert(Header {
                 key: REJECTED_SOURCE_TOPIC_HEADER,
                 value: Some(message.topic()),
@@ -153,18 +125,14 @@ impl Worker {
             });
         // Cut to fit, the whole event staying at its offset in the events topic.
         let payload = message.payload().unwrap_or_default();
-        let room = MAX_EVENT_RECORD_BYTES
-            .saturating_sub(REJECTION_HEADERS_BYTES + own_headers + key_bytes);
-        let kept = payload.len().min(room);
-        let headers = match kept < payload.len() {
-            true => headers.insert(Header {
-                key: REJECTED_SOURCE_BYTES_HEADER,
-                value: Some(&payload.len().to_string()),
-            }),
-            false => headers,
-        };
+        let (payload, headers) = fitted(
+            payload,
+            headers,
+            MAX_EVENT_RECORD_BYTES,
+            own_headers + key_bytes,
+        );
         let mut record = BaseRecord::<[u8], [u8]>::to(&self.topics.rejected)
-            .payload(&payload[..kept])
+            .payload(payload)
             .headers(headers);
         if let Some(key) = message.key() {
             record = record.key(key);
@@ -218,7 +186,7 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::{at_most, copies_headers, MAX_EVENT_RECORD_BYTES, REJECTION_HEADERS_BYTES};
+    use super::{copies_headers, MAX_EVENT_RECORD_BYTES, REJECTION_HEADERS_BYTES};
 
     #[test]
     fn a_rejected_copy_takes_the_events_headers_only_where_they_fit_beside_the_reasons() {
@@ -227,14 +195,5 @@ mod tests {
         assert!(copies_headers(room - 9, 9));
         assert!(!copies_headers(room - 8, 9));
         assert!(!copies_headers(1_048_300, 0));
-    }
-
-    #[test]
-    fn headers_from_what_a_sender_wrote_are_cut_at_a_character() {
-        assert_eq!(at_most("data.tokens", 1024), "data.tokens");
-        // "é" is two bytes: a cut inside it keeps the character before.
-        assert_eq!(at_most("data.é", 6), "data.");
-        assert_eq!(at_most("data.é", 7), "data.é");
-        assert_eq!(at_most(&"k".repeat(20_000), 1024).len(), 1024);
     }
 }

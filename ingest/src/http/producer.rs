@@ -7,6 +7,10 @@
 //! every one of its events is acknowledged, or failed; after a failure nothing of it is
 //! promised, and resending the whole request is safe because the aggregator dedupes on
 //! `(source, id)`.
+//!
+//! Events a request refused are kept in the rejected topic, each with why and which
+//! tenant sent it, in the background: the sender has the reasons in the answer, so the
+//! answer does not wait for them.
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,12 +21,14 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tally_runtime::kafka::{
-    configured, partition_count, partition_for_key, tunable, ClientErrors, LINGER,
+    configured, fitted, partition_count, partition_for_key, tunable, with_refusal, ClientErrors,
+    LINGER,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::lock;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{KafkaSettings, Topic};
+use tally_schemas::records::REJECTED_REQUEST_INDEX_HEADER;
 
 use super::error::IngestError;
 
@@ -77,6 +83,8 @@ pub struct EventProducer {
     /// the others wait for its answer instead of asking Kafka too.
     first_probe: Arc<tokio::sync::Mutex<()>>,
     windows_topic: String,
+    /// Where refused events are kept.
+    rejected_topic: String,
 }
 
 /// The pipeline's partition count, its windows topic's when ingest first found it
@@ -128,6 +136,19 @@ pub struct Record<'a> {
     pub tenant: &'a str,
 }
 
+/// An event a request refused, to keep in the rejected topic with why.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused<'a> {
+    /// The event as its sender wrote it.
+    pub value: &'a [u8],
+    pub tenant: &'a str,
+    /// Its index in the request.
+    pub index: usize,
+    pub code: &'a str,
+    pub field: &'a str,
+    pub reason: &'a str,
+}
+
 /// The header naming the tenant whose API key sent an event (the aggregator ignores
 /// it; a billing dispute or a key's misuse can be traced by it).
 pub const TENANT_HEADER: &str = "tally.tenant";
@@ -170,6 +191,7 @@ impl EventProducer {
             partitioning: Arc::default(),
             first_probe: Arc::default(),
             windows_topic: settings.topic(Topic::Windows),
+            rejected_topic: settings.topic(Topic::Rejected),
         })
     }
 
@@ -227,6 +249,52 @@ impl EventProducer {
         tokio::time::timeout(limit, all)
             .await
             .map_err(|_| ProduceError::TimedOut(limit))?
+    }
+
+    /// Keeps `refused` in the rejected topic, in the background: the copies are
+    /// queued now and a copy Kafka does not take is logged. Nothing is tried while the
+    /// readiness probe finds Kafka unusable.
+    pub fn keep_refused(&self, refused: &[Refused<'_>]) {
+        if refused.is_empty() || lock(&self.unreachable).is_some() {
+            return;
+        }
+        let mut deliveries = Vec::with_capacity(refused.len());
+        let mut lost = 0;
+        for copy in refused {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: TENANT_HEADER,
+                    value: Some(copy.tenant),
+                })
+                .insert(Header {
+                    key: REJECTED_REQUEST_INDEX_HEADER,
+                    value: Some(&copy.index.to_string()),
+                });
+            let headers = with_refusal(headers, copy.code, copy.field, copy.reason);
+            let (value, headers) = fitted(copy.value, headers, self.max_record_bytes, 0);
+            let record = FutureRecord::<(), [u8]>::to(&self.rejected_topic)
+                .payload(value)
+                .headers(headers);
+            match self.producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err(_) => lost += 1,
+            }
+        }
+        let topic = self.rejected_topic.clone();
+        tokio::spawn(async move {
+            for delivery in deliveries {
+                if !matches!(delivery.await, Ok(Ok(_))) {
+                    lost += 1;
+                }
+            }
+            if lost > 0 {
+                tracing::warn!(
+                    topic,
+                    lost,
+                    "refused events not kept in the rejected topic: Kafka did not take their copies (their senders had the reasons in the answer)"
+                );
+            }
+        });
     }
 
     /// The pipeline's partition count: known after a readiness probe, else asked for

@@ -41,7 +41,7 @@ use super::check::{check_events, Forbidden, VerdictKind};
 use super::connections::serve_connections;
 use super::error::IngestError;
 use super::metrics::{IngestMetrics, Outcome};
-use super::producer::{EventProducer, ProduceError, Record};
+use super::producer::{EventProducer, ProduceError, Record, Refused};
 use super::rate_limit::{retry_after_seconds, RateLimiter};
 use super::request::{
     binary_event, body_kind, is_binary_mode, single_event_hint, split_events, BodyError, BodyKind,
@@ -559,7 +559,9 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
 
     let mut results = Vec::with_capacity(verdicts.len());
     let (mut accepted, mut rejected, mut duplicates) = (0, 0, 0);
+    let mut bytes_of = Vec::with_capacity(verdicts.len());
     for (index, verdict) in verdicts.into_iter().enumerate() {
+        bytes_of.push(verdict.bytes);
         let status = match verdict.kind {
             VerdictKind::Accept { unbilled, .. } => {
                 accepted += 1;
@@ -598,6 +600,26 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
             status,
         });
     }
+    // Kept once the request's events are stored: a request answered 503 is sent again,
+    // and its refusals with it.
+    let refused: Vec<Refused<'_>> = (results.iter())
+        .filter_map(|result| match &result.status {
+            EventStatus::Rejected {
+                field,
+                code,
+                reason,
+            } => Some(Refused {
+                value: bytes_of[result.index],
+                tenant,
+                index: result.index,
+                code,
+                field,
+                reason,
+            }),
+            _ => None,
+        })
+        .collect();
+    app.producer.keep_refused(&refused);
     app.metrics.events(Outcome::Accepted, accepted);
     app.metrics.events(Outcome::DuplicateInBatch, duplicates);
     app.metrics.events(Outcome::Rejected, rejected);
