@@ -103,9 +103,10 @@ pub(super) fn lines_of_text(
     let mut lines = Lines::named(name.to_owned());
     let (rows, dialect) = match format {
         FileFormat::Csv => {
-            let (rows, dialect, ignored) = csv_rows(name, text, period, columns)?;
-            lines.ignored_columns = ignored;
-            (rows, Some(dialect))
+            let csv = csv_rows(name, text, period, columns)?;
+            lines.ignored_columns = csv.ignored;
+            lines.csv_headers = csv.headers;
+            (csv.rows, Some(csv.dialect))
         }
         FileFormat::JsonLines => (json_rows(name, text)?, None),
     };
@@ -302,27 +303,39 @@ impl Dialect {
     }
 }
 
+/// A CSV file's lines as read.
+struct CsvRows {
+    rows: Vec<NumberedRow>,
+    dialect: Dialect,
+    /// The columns not read, but for those of Tally's own CSV.
+    ignored: Vec<String>,
+    /// The header row as written, lower case.
+    headers: Vec<String>,
+}
+
 /// A header row naming at least customer, price, quantity, amount and currency (in any
 /// order and case; other columns are ignored), then one row per line. The separator
 /// is the first of `,`, `;` and tab that splits the header row into those columns; a
 /// file separated otherwise than by `,` has decimal commas if any of its figures has a
-/// comma. Also returns the columns not read, but for those of Tally's own CSV.
+/// comma.
 fn csv_rows(
     name: &str,
     text: &str,
     period: Period,
     columns: &ColumnNames,
-) -> anyhow::Result<(Vec<NumberedRow>, Dialect, Vec<String>)> {
-    let header_row = |separator: u8| -> anyhow::Result<csv::StringRecord> {
+) -> anyhow::Result<CsvRows> {
+    // The header row as written (lower case, trimmed), and as read.
+    let header_row = |separator: u8| -> anyhow::Result<(Vec<String>, csv::StringRecord)> {
         let mut reader = csv::ReaderBuilder::new()
             .delimiter(separator)
             .from_reader(text.as_bytes());
         let headers =
             (reader.headers()).with_context(|| format!("{name}: cannot read the header row"))?;
-        Ok(headers
-            .iter()
-            .map(|h| columns.name_of(h.trim().to_ascii_lowercase()))
-            .collect())
+        let written: Vec<String> = (headers.iter())
+            .map(|h| h.trim().to_ascii_lowercase())
+            .collect();
+        let read = written.iter().map(|h| columns.name_of(h.clone())).collect();
+        Ok((written, read))
     };
     let has_columns = |headers: &csv::StringRecord| {
         REQUIRED_COLUMNS
@@ -330,14 +343,14 @@ fn csv_rows(
             .all(|column| headers.iter().any(|h| h == *column))
     };
     let mut separator = Dialect::TALLYS.separator;
-    let mut headers = header_row(separator)?;
+    let (mut written, mut headers) = header_row(separator)?;
     for other in &Dialect::SEPARATORS[1..] {
         if has_columns(&headers) {
             break;
         }
         let tried = header_row(*other)?;
-        if has_columns(&tried) {
-            (separator, headers) = (*other, tried);
+        if has_columns(&tried.1) {
+            (separator, (written, headers)) = (*other, tried);
         }
     }
     let mut reader = csv::ReaderBuilder::new()
@@ -404,7 +417,12 @@ fn csv_rows(
                         (!tallys).then(|| column.to_owned())
                     })
                     .collect();
-                return Ok((rows, dialect, ignored));
+                return Ok(CsvRows {
+                    rows,
+                    dialect,
+                    ignored,
+                    headers: written,
+                });
             }
             Ok(true) => {
                 for (index, all_months, others) in &mut month_like {

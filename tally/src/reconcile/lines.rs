@@ -83,6 +83,8 @@ pub(super) struct Lines {
     pub(super) dialect: Option<Dialect>,
     /// A CSV file's columns that are neither read nor Tally's own.
     pub(super) ignored_columns: Vec<String>,
+    /// A CSV file's header row as written, lower case (none for other sources).
+    pub(super) csv_headers: Vec<String>,
     /// Total rows ([`super::files`]), left out.
     pub(super) unnamed_rows: usize,
     /// Map entries (`kind id`) that renamed none of the source's lines.

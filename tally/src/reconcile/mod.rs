@@ -120,6 +120,7 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
     let columns = ColumnNames(args.columns.clone());
     let mut expected = read_source(&args.expected, args.period, &args.config, &columns)?;
     let mut actual = read_source(&args.actual, args.period, &args.config, &columns)?;
+    ensure_columns_found(&args.columns, [&expected, &actual])?;
     ensure_something_to_compare(args.period, [&expected, &actual])?;
     match args.map_applies_to {
         Side::Expected => expected = expected.renamed(&map)?,
@@ -207,6 +208,31 @@ fn read_source(
         }
         _ => read_file(source, period, columns),
     }
+}
+
+/// Refuses a `--column` whose header no CSV source has: a mistyped header would
+/// leave the column it names read from the file's own column of that name, or not at
+/// all (a month, say), without a word.
+fn ensure_columns_found(columns: &[(String, String)], sources: [&Lines; 2]) -> anyhow::Result<()> {
+    let csv: Vec<&Lines> = (sources.into_iter())
+        .filter(|lines| !lines.csv_headers.is_empty())
+        .collect();
+    for (name, header) in columns {
+        if csv.iter().any(|lines| lines.csv_headers.contains(header)) {
+            continue;
+        }
+        let headers: Vec<String> = (csv.iter())
+            .map(|lines| format!("{} has {}", lines.name, lines.csv_headers.join(", ")))
+            .collect();
+        bail!(
+            "--column {name}={header}: no CSV source has a column {header:?} ({}); check the header's spelling",
+            match headers.is_empty() {
+                true => "neither source is a CSV file".to_owned(),
+                false => headers.join("; "),
+            }
+        );
+    }
+    Ok(())
 }
 
 /// Refuses to compare nothing, which would "agree": a source with lines of other

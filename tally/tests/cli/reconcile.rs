@@ -321,3 +321,47 @@ fn reconcile_maps_only_the_other_billers_ids_and_never_calls_nothing_compared_ag
         &["error: no customer has lines in both sources, so nothing would be compared"],
     );
 }
+
+#[test]
+fn reconcile_reads_another_billers_headers_by_column_and_refuses_one_no_file_has() {
+    let f = Fixture::new("");
+    f.write(
+        "old.csv",
+        b"Account,Price,Qty,Net Amount,Currency,Billing Month\nacme,fee,1,10.00,USD,2026-11\n",
+    );
+    f.write(
+        "tally.csv",
+        b"customer,price,quantity,amount,currency\nacme,fee,1,10.00,usd\n",
+    );
+    let named = [
+        "--column",
+        "customer=Account",
+        "--column",
+        "quantity=qty",
+        "--column",
+        "amount=Net Amount",
+        "--column",
+        "period_start=billing month",
+    ];
+    let mut args = vec!["old.csv", "tally.csv"];
+    args.extend(named);
+    let read = reconcile(&f, &args).succeeded();
+    assert_shows(&read.stdout, &["The two agree on every line."]);
+
+    // A mistyped header would leave the month unread, or the amount read from another
+    // column of that name: refused, naming each file's headers.
+    for (slip, column) in [
+        ("amount=Net Amunt", "amount=net amunt"),
+        ("period_start=Billing_Month", "period_start=billing_month"),
+    ] {
+        let mut args = vec!["old.csv", "tally.csv"];
+        args.extend(named);
+        args.extend(["--column", slip]);
+        let refused = reconcile(&f, &args);
+        assert_eq!(refused.code, 2, "{}", refused.stderr);
+        assert_shows(
+            &refused.stderr,
+            &[&format!("--column {column}: no CSV source has a column \"{}\" (old.csv has account, price, qty, net amount, currency, billing month; tally.csv has customer, price, quantity, amount, currency); check the header's spelling", column.split_once('=').unwrap().1)],
+        );
+    }
+}
