@@ -383,8 +383,8 @@ fn write_heading(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
             if earlier.plan != subscription.plan {
                 writeln!(
                     out,
-                    "  moved to plan {} this month by a plan change; {before} was billed on plan {}",
-                    plan.id, earlier_plan.id
+                    "  moved to plan {} this month; {before} was billed on plan {} (a plan takes effect at a month's start and Tally does not prorate, so all of the month is billed on {})",
+                    plan.id, earlier_plan.id, plan.id
                 )?;
             }
             // Told by what they are, not by index: another plan's indices differ.

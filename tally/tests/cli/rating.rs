@@ -953,7 +953,7 @@ plan = "pro_2027"
     let november = rate("2026-11");
     let explained = f.explain("cust_moved", &[]).succeeded().stdout;
     assert!(
-        explained.contains("  plan pro_2027, usd; each line of the month rounded half_up to 2 decimals\n  moved to plan pro_2027 this month by a plan change; 2026-10 was billed on plan pro\n"),
+        explained.contains("  plan pro_2027, usd; each line of the month rounded half_up to 2 decimals\n  moved to plan pro_2027 this month; 2026-10 was billed on plan pro (a plan takes effect at a month's start and Tally does not prorate, so all of the month is billed on pro_2027)\n"),
         "{explained}"
     );
     assert_eq!(
