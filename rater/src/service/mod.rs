@@ -294,6 +294,7 @@ impl PartitionOwner for Worker {
         for rebuilt in rebuilt_all {
             let (partition, committed, stored_with_another_book, lines_unverified, rebuilt) =
                 rebuilt?;
+            let restate_open_months = rebuilt.restate_open_months;
             self.partitions.insert(
                 partition,
                 PartitionState {
@@ -312,6 +313,9 @@ impl PartitionOwner for Worker {
                     first_offsets: rebuilt.first_offsets,
                 },
             );
+            if restate_open_months {
+                self.restate_open_months(partition);
+            }
             // A store is due soon: it checks the price book first.
             self.pending.started.get_or_insert_with(Instant::now);
             for update in rebuilt.after_committed {

@@ -163,7 +163,15 @@ impl PartitionState {
             periods.extend(open);
         }
         let opening_before = rows.opening.len();
-        let zero_usage = self.queue_opening_lines(&periods, &with_usage, &rerate, rows);
+        // The partition's own customers', and any customer's that no book has stored
+        // yet: one the book added may belong to a partition that has read nothing of
+        // the period. A stored line of another partition's customer is that
+        // partition's to judge (it may be settled there); a line with usage here is
+        // re-rated above version 0 instead.
+        let zero_usage = self.queue_opening_lines(&periods, rows, |l| {
+            !with_usage.contains(&l.id)
+                && (rerate.judge.owns(&l.customer) || !rerate.all_stale_ids.contains(l.id.as_str()))
+        });
         if rerate.stored_with_another_book {
             // Every line the partition stored was another book's, so one whose id no
             // stale row has is new: a price or a customer this book adds to a month.
@@ -233,31 +241,20 @@ impl PartitionState {
         );
     }
 
-    /// Queues the opening (zero-usage) lines of `periods` that are this partition's to
-    /// write, and returns every opening line of them by id.
+    /// Queues the opening (zero-usage) lines of `periods` that `queued` picks, and
+    /// returns every opening line of them by id.
     fn queue_opening_lines(
         &self,
         periods: &BTreeSet<Period>,
-        with_usage: &HashSet<String>,
-        rerate: &Rerate<'_>,
         rows: &mut PartitionRows,
+        queued: impl Fn(&InvoiceLine) -> bool,
     ) -> HashMap<String, InvoiceLine> {
         let mut zero_usage = HashMap::new();
         for &period in periods {
             match self.ledger.opening_lines(period) {
                 Ok(lines) => {
-                    // The partition's own customers', and any customer's that no book
-                    // has stored yet: one the book added may belong to a partition that
-                    // has read nothing of the period. A stored line of another
-                    // partition's customer is that partition's to judge (it may be
-                    // settled there); a line with usage here is re-rated above version
-                    // 0 instead.
-                    let opening = lines.iter().filter(|l| {
-                        !with_usage.contains(&l.id)
-                            && (rerate.judge.owns(&l.customer)
-                                || !rerate.all_stale_ids.contains(l.id.as_str()))
-                    });
-                    rows.opening.extend(opening.cloned());
+                    rows.opening
+                        .extend(lines.iter().filter(|l| queued(l)).cloned());
                     zero_usage.extend(lines.into_iter().map(|line| (line.id.clone(), line)));
                 }
                 Err(e) => {
@@ -270,6 +267,38 @@ impl PartitionState {
 }
 
 impl Worker {
+    /// Stores again every line of `partition`'s open months, and the open months'
+    /// zero-usage lines of the customers it judges, with the next batch: a replay that
+    /// found its months billed counted their records as stored, but the rows of the
+    /// months still open may be what was lost (a month's partition dropped, a backup
+    /// restored), and nothing else would write them before their usage changes.
+    pub(super) fn restate_open_months(&mut self, partition: i32) {
+        let judge = ZeroUsageJudge {
+            partition,
+            partition_count: self.partition_count,
+        };
+        let Some(state) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        state.ledger.rerate_all();
+        state.uncommitted = true;
+        let settled = state.ledger.settled_through();
+        let open: BTreeSet<Period> = (state.opened.iter())
+            .filter(|&&period| line_open(settled, period, None))
+            .copied()
+            .collect();
+        let with_usage: HashSet<String> = state.ledger.line_ids().collect();
+        let rows = self.pending.rows(partition);
+        state.queue_opening_lines(&open, rows, |l| {
+            judge.owns(&l.customer) && !with_usage.contains(&l.id)
+        });
+        tracing::info!(
+            partition,
+            lines = state.ledger.lines_held(),
+            "a replay: the lines of the partition's open months are stored again"
+        );
+    }
+
     /// Schedules every held partition for a price-book check once `interval` has
     /// passed since the last time, and a store to run it: lines another rater wrote
     /// with another book meanwhile (a rolling restart, say) are then re-rated, even in

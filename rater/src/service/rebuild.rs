@@ -35,6 +35,9 @@ pub(super) struct Rebuilt {
     /// Where the partition is read from after the rebuild: the committed offset, or
     /// past the months a replay found already billed.
     pub(super) resume_at: i64,
+    /// A replay counted the records up to its last settled month as stored: lines of
+    /// open months among them are stored again ([`Worker::restate_open_months`]).
+    pub(super) restate_open_months: bool,
 }
 
 impl Rebuilt {
@@ -99,6 +102,7 @@ impl Worker {
             customers: HashSet::new(),
             first_offsets: FirstOffsets::default(),
             resume_at: committed,
+            restate_open_months: false,
         };
         if let Some(settled) = point.as_ref().and_then(|point| point.settled_through) {
             rebuilt.ledger.settle_through(settled);
@@ -202,7 +206,9 @@ impl Worker {
     /// the earliest) whose records settle months ClickHouse already bills: a replay.
     /// Those months stay as they were billed, whatever book this rater has, so the
     /// records through the last settled month's count as stored, as a rebuild counts
-    /// them. Into an empty database every record is rated, settled months included.
+    /// them; the open months' usage among them is stored again, as rows of theirs may
+    /// be what the replay is for. Into an empty database every record is rated,
+    /// settled months included.
     fn skip_billed_months(&self, partition: i32, rebuilt: &mut Rebuilt) -> Result<(), RaterError> {
         let settled_at = |(i, record): (usize, &WindowsRecord<'_>)| match record.change {
             Change::Settled(period) => Some((i, period)),
@@ -219,6 +225,7 @@ impl Worker {
         let replayed: Vec<WindowsRecord<'static>> =
             rebuilt.after_committed.drain(..=last_settled).collect();
         rebuilt.resume_at = replayed.last().map_or(0, |record| record.offset + 1);
+        rebuilt.restate_open_months = true;
         tracing::info!(
             partition,
             settled_through = %period,

@@ -2546,6 +2546,67 @@ fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_replay_from_the_earliest_offset_stores_the_open_months_lost_lines_again() {
+    let _serial = serial();
+    let p = Pipeline::new(
+        "replay_lost_open",
+        3_000,
+        10,
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\ndedupe_horizon = \"5d\"\n\
+         [rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\"\n",
+    );
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(&p.lines());
+    let october = p.expected();
+    p.wait_for(&october, Duration::from_secs(120));
+    // Resolutions on November 7 in every partition: October settles everywhere, and
+    // November's usage comes before the records that settle it.
+    let november = resolution_each("07", "2026-11-07T00:00:00Z");
+    p.produce(&november);
+    harness::eventually(
+        "October settled in every partition",
+        Duration::from_secs(120),
+        || partitions_settled(&p, "2026-10") == harness::PARTITIONS as usize,
+    );
+    p.wait_caught_up("rater", Duration::from_secs(60));
+    // What November billed before the loss: a resolution each (the harness's `tally
+    // rate` runs at a clock before November 7).
+    let expected_november = p.invoice_lines_of("2026-11");
+    let resolutions = (expected_november.iter()).filter(|l| l.1 == "resolutions" && l.2 == "1");
+    assert_eq!(
+        resolutions.count(),
+        customers().len(),
+        "{expected_november:?}"
+    );
+    p.stop("rater-a");
+
+    // November's rows are lost (its partition dropped, a backup restored), and the
+    // operator replays the windows topic from its start, as the README says.
+    p.query(&format!(
+        "ALTER TABLE {}.rated_lines DROP PARTITION 202611",
+        p.database
+    ));
+    assert_eq!(p.invoice_lines_of("2026-11"), []);
+    p.reset_group_to_earliest("rater");
+    p.start("rater", "rater-b");
+    harness::eventually(
+        "November's lines stored again",
+        Duration::from_secs(120),
+        || p.invoice_lines_of("2026-11") == expected_november,
+    );
+    // Settled October stays as billed.
+    assert_eq!(p.invoice_lines(), october);
+    assert!(
+        p.log("rater-b")
+            .contains("the lines of the partition's open months are stored again"),
+        "{}",
+        p.log("rater-b")
+    );
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_customer_added_to_the_price_book_is_billed_its_usage_of_the_open_month() {
     let _serial = serial();
     // A book of one customer: the other partitions hold no customer of it, so none of
