@@ -2,7 +2,7 @@
 //!
 //! In: each series' period-to-date value (from the aggregator's usage updates, in any
 //! order, any number of times), and the periods that settled (can no longer change).
-//! Out: on [`Ledger::flush`], one [`RatedLine`] per line whose usage changed, with a
+//! Out: on [`Ledger::flush_available`], one [`RatedLine`] per line whose usage changed, with a
 //! revision and the change in amount, after which settled periods' lines are let go;
 //! on [`Ledger::close`], every line of a period, including zero-usage lines for every
 //! subscribed customer and price (revision 0, the opening line).

@@ -6,9 +6,9 @@
 //! lines where finance queries them; `service` is the thin Kafka stage around the core.
 //!
 //! Layout:
-//! - [`rate`]: one quantity priced by one rate (per_unit, package, graduated, volume),
+//! - [`rate`](mod@rate): one quantity priced by one rate (per_unit, package, graduated, volume),
 //!   with its tier breakdown.
-//! - [`line`]: rounding, discounts and deterministic ids: one invoice line.
+//! - [`line`](mod@line): rounding, discounts and deterministic ids: one invoice line.
 //! - [`ledger`]: incremental rating of period-to-date usage into revised lines.
 //! - [`clickhouse`]: the store: idempotent, versioned rows and the `invoice_lines` view.
 //! - [`service`]: windows from Kafka, lines to ClickHouse and `<prefix>.rated`.

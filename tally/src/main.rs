@@ -165,7 +165,7 @@ struct RateArgs {
     /// interface). Lines are keyed by id and versioned by the run's start, so the view
     /// `invoice_lines` always shows the latest run's lines of the period, and none it
     /// no longer makes. The user, password and CA file (for https) are tally.toml's
-    /// [clickhouse] ones, or TALLY_CLICKHOUSE_USER, TALLY_CLICKHOUSE_PASSWORD and
+    /// `[clickhouse]` ones, or TALLY_CLICKHOUSE_USER, TALLY_CLICKHOUSE_PASSWORD and
     /// TALLY_CLICKHOUSE_CA_FILE.
     #[arg(long, value_name = "URL")]
     clickhouse: Option<String>,

@@ -577,7 +577,7 @@ fn found_nothing(origin: &str, found: Vec<(String, String)>) -> Result<(), Confi
 const RATING_RULES: &[u8] = b"2026-12-07";
 
 /// Fingerprint of a price book's canonical form (comments and layout do not count) and
-/// of the [`RATING_RULES`] it is rated by.
+/// of the rating rules it is rated by (a version this build names, `RATING_RULES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConfigHash(pub u64);
 

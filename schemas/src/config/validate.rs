@@ -41,10 +41,11 @@ impl ConfigFile {
         check_filter_values(&self.plans, &mut warnings);
         check_overlapping_prices(&plans, &meters, &mut warnings);
         check_stripe_can_take(&plans, &mut warnings);
+        let replacements = validate_replacements(&self.plans, &plans, &mut issues, &mut warnings);
         let customers = validate_customers(
             &self.customers,
-            &self.plans,
-            &plans,
+            (&self.plans, &plans),
+            &replacements,
             &mut issues,
             &mut warnings,
         );
@@ -675,12 +676,11 @@ fn non_negative(amount: Decimal, at: &str, issues: &mut Issues) -> Decimal {
 
 fn validate_customers(
     specs: &[CustomerSpec],
-    plan_specs: &[PlanSpec],
-    plans: &[Plan],
+    (plan_specs, plans): (&[PlanSpec], &[Plan]),
+    replacements: &HashMap<PlanId, (Period, PlanId)>,
     issues: &mut Issues,
     warnings: &mut Issues,
 ) -> BTreeMap<String, Customer> {
-    let replacements = validate_replacements(plan_specs, plans, issues, warnings);
     let mut customers = BTreeMap::new();
     let mut seen = HashSet::new();
     for (i, spec) in specs.iter().enumerate() {
@@ -738,8 +738,8 @@ fn validate_customers(
             if let Some(before) = before {
                 // Between the plans that bill the month before and the month of the
                 // change, as replacements (replaced_by) have them by then.
-                let old = billing_in_place(before.plan, &replacements, |f| f < change.from);
-                let new = billing_in_place(subscription.plan, &replacements, |f| f <= change.from);
+                let old = billing_in_place(before.plan, replacements, |f| f < change.from);
+                let new = billing_in_place(subscription.plan, replacements, |f| f <= change.from);
                 if old != new {
                     let (old, new) = (&plans[old.0 as usize], &plans[new.0 as usize]);
                     warn_if_usage_unpriced(old, new, change.from, &at, warnings);
@@ -757,7 +757,7 @@ fn validate_customers(
                 discount_specs,
             };
             let (first, changes) =
-                subscriptions.replaced(spec, &replacements, (plan_specs, plans), warnings);
+                subscriptions.replaced(spec, replacements, (plan_specs, plans), warnings);
             customers.insert(
                 spec.id.clone(),
                 Customer {
