@@ -15,8 +15,11 @@ use tally_schemas::config::KafkaSettings;
 use crate::throttle::LogThrottle;
 
 /// Brokers and pass-through properties; each client adds its own settings: those Tally
-/// needs for correctness with `set` (validation refuses them in `[kafka] properties`),
-/// tunables with [`tunable`], which leaves an operator's value in place.
+/// needs for correctness with `set` or [`force`], which replace an operator's value
+/// (validation refuses in `[kafka] properties` the ones every client needs; one
+/// client's own, such as the state reader's fetch settings or the transactional
+/// producer's record size, apply to that client only and leave the others to the
+/// operator's), tunables with [`tunable`], which leaves an operator's value in place.
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     for (name, value) in &settings.properties {
