@@ -144,6 +144,22 @@ const WINDOW_COLUMNS: [(&str, &str); 9] = [
     ("revision", "UInt64"),
 ];
 
+/// `line_repricings`' columns and types, in order, but for `version`: each time a new
+/// price book changed a stored line of a month not yet settled, what it billed before
+/// and after, and with which books, so support can tell why a line changed.
+const REPRICING_COLUMNS: [(&str, &str); 10] = [
+    ("id", "String"),
+    ("customer", "String"),
+    ("price", "String"),
+    ("period_start", "DateTime('UTC')"),
+    ("adjusts_period", "String"),
+    ("repriced_at", "DateTime('UTC')"),
+    ("book_before", "String"),
+    ("book_after", "String"),
+    ("amount_before", "String"),
+    ("amount_after", "String"),
+];
+
 /// The lowest version of a batch run's rows: its start in Unix milliseconds, past
 /// 10^12 since 2001. The streaming rater's are windows offsets, far below.
 const BATCH_VERSIONS_FROM: u64 = 1_000_000_000_000;
@@ -203,6 +219,56 @@ struct WindowRow<'a> {
     value: String,
     revision: u64,
     version: u64,
+}
+
+/// A stored line a new price book changed: what it billed before and after. `after`
+/// is zero for a line the book retired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repricing {
+    pub id: String,
+    pub customer: String,
+    pub price: String,
+    pub period: Period,
+    pub adjusts: Option<Period>,
+    pub repriced_at: DateTime<Utc>,
+    pub book_before: String,
+    pub book_after: String,
+    pub amount_before: rust_decimal::Decimal,
+    pub amount_after: rust_decimal::Decimal,
+}
+
+/// One row of `line_repricings`, as JSONEachRow.
+#[derive(Serialize)]
+struct RepricingRow<'a> {
+    id: &'a str,
+    customer: &'a str,
+    price: &'a str,
+    period_start: String,
+    adjusts_period: String,
+    repriced_at: String,
+    book_before: &'a str,
+    book_after: &'a str,
+    amount_before: String,
+    amount_after: String,
+    version: u64,
+}
+
+/// A row of `line_repricings` as [`ClickHouse::repricings_of`] reads it.
+#[derive(Deserialize)]
+struct RepricingRead {
+    id: String,
+    customer: String,
+    price: String,
+    #[serde(deserialize_with = "period_or_empty")]
+    period: Option<Period>,
+    #[serde(deserialize_with = "period_or_empty")]
+    adjusts_period: Option<Period>,
+    /// Unix seconds.
+    repriced_at: i64,
+    book_before: String,
+    book_after: String,
+    amount_before: rust_decimal::Decimal,
+    amount_after: rust_decimal::Decimal,
 }
 
 impl ClickHouse {
@@ -294,6 +360,15 @@ impl ClickHouse {
             self.execute(
                 "add the superseded column to rated_lines",
                 &format!("ALTER TABLE {db}.rated_lines ADD COLUMN superseded UInt8"),
+            )?;
+        }
+        if missing("line_repricings") {
+            // Keyed by what changed, so a batch written again adds no row.
+            self.create_table(
+                "create the line_repricings table",
+                "line_repricings",
+                &format!("{}, version UInt64", definitions(&REPRICING_COLUMNS)),
+                "period_start, customer, id, book_before, book_after, amount_before, amount_after",
             )?;
         }
         if missing("window_revisions") {
@@ -488,7 +563,7 @@ impl ClickHouse {
         let answer = self.post(
             "read the lines an earlier price book rated",
             &format!(
-                "SELECT id, customer, price, version, amount, \
+                "SELECT id, customer, price, version, amount, config_hash, \
                  substring(toString(period_start), 1, 7) AS period, adjusts_period \
                  FROM (SELECT * FROM {db}.rated_lines FINAL {periods}) \
                  WHERE superseded = 0 AND config_hash != {} FORMAT JSONEachRow",
@@ -785,6 +860,67 @@ impl ClickHouse {
         self.insert_rows("insert windows", "window_revisions", rows)
     }
 
+    /// Writes what new price books changed, each row at its version.
+    pub fn insert_repricings<'r>(
+        &self,
+        repricings: impl IntoIterator<Item = &'r (u64, Repricing)>,
+    ) -> Result<(), ClickHouseError> {
+        let rows = (repricings.into_iter()).map(|(version, r)| {
+            Ok(RepricingRow {
+                id: &r.id,
+                customer: &r.customer,
+                price: &r.price,
+                period_start: clickhouse_time(r.period.start()),
+                adjusts_period: r.adjusts.map(|p| p.to_string()).unwrap_or_default(),
+                repriced_at: clickhouse_time(r.repriced_at),
+                book_before: &r.book_before,
+                book_after: &r.book_after,
+                amount_before: r.amount_before.to_string(),
+                amount_after: r.amount_after.to_string(),
+                version: *version,
+            })
+        });
+        self.insert_rows("insert line repricings", "line_repricings", rows)
+    }
+
+    /// What new price books changed of `customer`'s lines billed in `period`, oldest
+    /// first.
+    pub fn repricings_of(
+        &self,
+        period: Period,
+        customer: &str,
+    ) -> Result<Vec<Repricing>, ClickHouseError> {
+        let answer = self.post(
+            "read line repricings",
+            &format!(
+                "SELECT id, customer, price, substring(toString(period_start), 1, 7) AS period, \
+                 adjusts_period, toUnixTimestamp(repriced_at) AS repriced_at, book_before, \
+                 book_after, amount_before, amount_after \
+                 FROM {}.line_repricings FINAL \
+                 WHERE period_start = toDateTime('{}', 'UTC') AND customer = {} \
+                 ORDER BY repriced_at, id FORMAT JSONEachRow",
+                self.database,
+                clickhouse_time(period.start()),
+                string_literal(customer),
+            ),
+        )?;
+        let read: Vec<RepricingRead> = self.rows("line_repricings", &answer)?;
+        Ok((read.into_iter())
+            .map(|r| Repricing {
+                id: r.id,
+                customer: r.customer,
+                price: r.price,
+                period: r.period.unwrap_or(period),
+                adjusts: r.adjusts_period,
+                repriced_at: DateTime::from_timestamp(r.repriced_at, 0).unwrap_or_default(),
+                book_before: r.book_before,
+                book_after: r.book_after,
+                amount_before: r.amount_before,
+                amount_after: r.amount_after,
+            })
+            .collect())
+    }
+
     /// Inserts `rows` into `table` as JSON, in inserts of at most [`INSERT_ROWS`]
     /// rows. A failure may leave the earlier inserts stored: writing them again is
     /// harmless, as every row carries its id and version.
@@ -989,6 +1125,9 @@ pub struct StoredLine {
     pub version: u64,
     /// The amount the row bills.
     pub amount: rust_decimal::Decimal,
+    /// The price book that rated it (read only where it is asked for).
+    #[serde(default)]
+    pub config_hash: String,
     /// The period the line is billed in.
     pub period: Period,
     /// For an adjustment line, the closed period it adjusts.

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use std::sync::Arc;
 
-use tally_rater::clickhouse::{ClickHouse, ClickHouseError, StoredWindow};
+use tally_rater::clickhouse::{ClickHouse, ClickHouseError, Repricing, StoredWindow};
 use tally_rater::line::line_id;
 use tally_schemas::config::ClickHouseCredentials;
 use tally_schemas::records::{InvoiceLine, MeterValue, SeriesKey, WindowUsage};
@@ -142,6 +142,83 @@ fn stale_lines_are_found_by_book_and_period_and_retired_in_chunks() {
         .lines_rated_with_another_book("current", Some(november))
         .unwrap()
         .is_empty());
+    query(&format!("DROP DATABASE {database}"));
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
+fn repricings_read_back_by_customer_and_month_once_each_however_often_written() {
+    let (store, database) = store("repricings");
+    let (october, november) = (
+        Period::from_str("2026-10").unwrap(),
+        Period::from_str("2026-11").unwrap(),
+    );
+    let at = |time: &str| time.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    let repricing =
+        |customer: &str, period, adjusts, (before, after): (&str, &str), when| Repricing {
+            id: format!("{customer}-{period}"),
+            customer: customer.to_owned(),
+            price: "resolutions".to_owned(),
+            period,
+            adjusts,
+            repriced_at: at(when),
+            book_before: "old".to_owned(),
+            book_after: "new".to_owned(),
+            amount_before: before.parse().unwrap(),
+            amount_after: after.parse().unwrap(),
+        };
+    let rows = [
+        (
+            9,
+            repricing(
+                "acme",
+                november,
+                None,
+                ("495.00", "425.00"),
+                "2026-12-07T10:00:00Z",
+            ),
+        ),
+        (
+            3,
+            repricing(
+                "acme",
+                november,
+                Some(october),
+                ("1.98", "0"),
+                "2026-12-07T09:00:00Z",
+            ),
+        ),
+        (
+            9,
+            repricing(
+                "acme",
+                october,
+                None,
+                ("1.00", "2.00"),
+                "2026-12-07T10:00:00Z",
+            ),
+        ),
+        (
+            9,
+            repricing(
+                "globex",
+                november,
+                None,
+                ("1.00", "2.00"),
+                "2026-12-07T10:00:00Z",
+            ),
+        ),
+    ];
+    // A batch written again (a retry after a failure) adds nothing.
+    store.insert_repricings(&rows).unwrap();
+    store.insert_repricings(&rows[..2]).unwrap();
+    let read = store.repricings_of(november, "acme").unwrap();
+    assert_eq!(read, [rows[1].1.clone(), rows[0].1.clone()], "oldest first");
+    assert_eq!(
+        store.repricings_of(october, "acme").unwrap(),
+        [rows[2].1.clone()]
+    );
+    assert_eq!(store.repricings_of(november, "initech").unwrap(), []);
     query(&format!("DROP DATABASE {database}"));
 }
 

@@ -18,7 +18,7 @@ use chrono::{NaiveDate, Utc};
 use clap::Args;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use tally_rater::clickhouse::ClickHouse;
+use tally_rater::clickhouse::{ClickHouse, Repricing};
 use tally_rater::ledger::{billed_value, combine};
 use tally_rater::line::invoice_line;
 use tally_schemas::config::{Aggregation, Config, Customer, Meter};
@@ -130,6 +130,8 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             let mut later = clickhouse.adjustments_of(month.period, Some(&args.customer))?;
             later.retain(|line| asked(&line));
             in_price_order(&mut later);
+            let mut repricings = clickhouse.repricings_of(month.period, &args.customer)?;
+            repricings.retain(|r| args.price.as_ref().is_none_or(|p| &r.price == p));
             let explanation = Explanation {
                 config: &config,
                 period: month.period,
@@ -138,6 +140,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                     url: &store.url,
                     database: &store.database,
                     billed_later: &later,
+                    repricings: &repricings,
                 },
                 lines: lines.iter().filter(asked).collect(),
                 price: args.price.as_deref(),
@@ -340,6 +343,9 @@ pub enum Source<'a> {
         database: &'a str,
         /// Adjustment lines of the period billed in later months (its late usage).
         billed_later: &'a [InvoiceLine],
+        /// What new price books changed of the customer's lines of the period after
+        /// they were stored, oldest first.
+        repricings: &'a [Repricing],
     },
 }
 
@@ -511,8 +517,15 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
             amounts.join(" + ")
         )?;
     }
-    if let Source::Pipeline { billed_later, .. } = &e.source {
+    if let Source::Pipeline {
+        billed_later,
+        repricings,
+        ..
+    } = &e.source
+    {
         write_billed_later(out, period, billed_later, e.unfinished)?;
+        let currency = e.lines.first().map(|l| l.currency.as_str());
+        write_repricings(out, period, repricings, currency)?;
     }
     Ok(())
 }
@@ -548,6 +561,43 @@ fn write_billed_later(
             line.quantity,
             line.amount,
             line.currency
+        )?;
+    }
+    Ok(())
+}
+
+/// The customer's lines of `period` that a new price book changed after they were
+/// stored: when, from what to what and by which books, so support can say why a line
+/// is not what an earlier look (or an exported invoice) showed.
+fn write_repricings(
+    out: &mut impl Write,
+    period: Period,
+    repricings: &[Repricing],
+    currency: Option<&str>,
+) -> io::Result<()> {
+    if repricings.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "lines of {period} a new price book changed after they were stored (the lines above are as the latest book rates them):"
+    )?;
+    let currency = currency.map(|c| format!(" {c}")).unwrap_or_default();
+    for r in repricings {
+        let late = r
+            .adjusts
+            .map(|closed| format!(" (late usage of {closed})"))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "  {}  {}{late}  {}{currency} -> {}{currency}  price book {} -> {}",
+            r.repriced_at.format("%Y-%m-%d %H:%M UTC"),
+            r.price,
+            r.amount_before,
+            r.amount_after,
+            r.book_before,
+            r.book_after
         )?;
     }
     Ok(())
@@ -1414,6 +1464,7 @@ discounts = [{ price = "resolutions", percent_off = "12.5" }]
                 url: "http://clickhouse:8123",
                 database: "tally",
                 billed_later: &[],
+                repricings: &[],
             },
             lines: lines.iter().collect(),
             price: None,

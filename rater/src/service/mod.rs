@@ -65,7 +65,7 @@ use tally_schemas::time::Period;
 
 pub use metrics::RaterMetrics;
 
-use crate::clickhouse::{ClickHouse, ClickHouseError, StoredWindow};
+use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine, StoredWindow};
 use crate::ledger::{line_open, Ledger, Recorded};
 use price_book::EndedMonthsRepriced;
 use rebuild::StoredSample;
@@ -147,9 +147,9 @@ struct PartitionState {
     /// Since when the check has waited for the partition's position to pass a stored
     /// row of it ([`MAX_CHECK_DEFERRAL`]).
     check_deferred: Option<Instant>,
-    /// Lines with usage another price book rated, by id, with the amount stored: their
-    /// next revision's delta moves from it (the rebuilt ledger holds this book's).
-    restated: HashMap<String, Decimal>,
+    /// Lines with usage another price book rated, by id, as stored: their next
+    /// revision's delta moves from its amount (the rebuilt ledger holds this book's).
+    restated: HashMap<String, StoredLine>,
     /// Lines of ended months the last price-book check re-priced, told with the batch.
     ended_months_repriced: EndedMonthsRepriced,
     /// The last check re-rated the partition for a book its commit did not name: a
@@ -622,17 +622,17 @@ impl Worker {
         self.metrics.count_unbilled(recorded);
     }
 
-    /// Moves each partition's changed lines, rated, into the pending batch, with the
-    /// offset they account for.
-    /// Months that ended by now less the close grace have closed, unless the
+    /// Months that ended by `now` less the close grace have closed, unless the
     /// aggregators lag ([`price_book::EndedMonthsRepriced`]).
-    fn months_ended_by(&self) -> chrono::DateTime<chrono::Utc> {
-        let now = chrono::Utc::now();
+    fn months_ended_by(&self, now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
         now.checked_sub_signed(self.close_grace).unwrap_or(now)
     }
 
+    /// Moves each partition's changed lines, rated, into the pending batch, with the
+    /// offset they account for, and what a new price book changed of stored ones.
     fn collect_changed_lines(&mut self) {
-        let ended_by = self.months_ended_by();
+        let now = chrono::Utc::now();
+        let ended_by = self.months_ended_by(now);
         for (&partition, state) in &mut self.partitions {
             if !state.uncommitted {
                 continue;
@@ -654,22 +654,23 @@ impl Worker {
             }
             let (restated, repriced) = (&mut state.restated, &mut state.ended_months_repriced);
             let new_unless_restated = std::mem::take(&mut state.lines_new_unless_restated);
-            self.pending
-                .rows(partition)
-                .lines
-                .extend(lines.into_iter().map(|mut rated| {
-                    let stored = restated.remove(&rated.line.id);
-                    if let Some(stored) = stored {
-                        rated.delta = rated.line.amount - stored;
-                    }
-                    if stored.is_some() || new_unless_restated {
-                        let line = &rated.line;
-                        let period = Period::containing(line.period_start);
-                        let amounts = (stored.unwrap_or_default(), line.amount);
-                        repriced.note((&line.customer, &line.price), period, amounts, ended_by);
-                    }
-                    (version, rated)
-                }));
+            let rows = self.pending.rows(partition);
+            for mut rated in lines {
+                let stored = restated.remove(&rated.line.id);
+                let line = &rated.line;
+                if let Some(stored) = &stored {
+                    rated.delta = line.amount - stored.amount;
+                    let repricing = price_book::repricing(stored, line.amount, &self.book, now);
+                    rows.repricings.extend(repricing.map(|r| (version, r)));
+                }
+                if stored.is_some() || new_unless_restated {
+                    let period = Period::containing(line.period_start);
+                    let before = stored.as_ref().map_or(Decimal::ZERO, |s| s.amount);
+                    let amounts = (before, line.amount);
+                    repriced.note((&line.customer, &line.price), period, amounts, ended_by);
+                }
+                rows.lines.push((version, rated));
+            }
             repriced.report(partition, &self.metrics.ended_month_lines_repriced);
             let point = state.rebuild_point(&self.book);
             (self.pending.offsets).insert(partition, (state.next_offset, point));

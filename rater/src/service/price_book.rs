@@ -19,7 +19,7 @@ use tally_runtime::kafka::partition_for_key;
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
-use crate::clickhouse::{ClickHouseError, StoredLine};
+use crate::clickhouse::{ClickHouseError, Repricing, StoredLine};
 use crate::ledger::{line_open, RatedLine};
 
 use super::store::PartitionRows;
@@ -107,6 +107,30 @@ struct Rerate<'a> {
     pub(super) judge: ZeroUsageJudge,
     /// Months that ended by then count as ended ([`EndedMonthsRepriced`]).
     pub(super) ended_by: DateTime<Utc>,
+    /// This rater's book, and the time of the check: what a repricing row says.
+    pub(super) book: &'a str,
+    pub(super) now: DateTime<Utc>,
+}
+
+/// What `book` made of `stored` at `at`: a repricing, unless the amount is the same.
+pub(super) fn repricing(
+    stored: &StoredLine,
+    amount_after: Decimal,
+    book: &str,
+    at: DateTime<Utc>,
+) -> Option<Repricing> {
+    (stored.amount != amount_after).then(|| Repricing {
+        id: stored.id.clone(),
+        customer: stored.customer.clone(),
+        price: stored.price.clone(),
+        period: stored.period,
+        adjusts: stored.adjusts,
+        repriced_at: at,
+        book_before: stored.config_hash.clone(),
+        book_after: book.to_owned(),
+        amount_before: stored.amount,
+        amount_after,
+    })
 }
 
 impl PartitionState {
@@ -197,7 +221,11 @@ impl PartitionState {
         let (restated, without_usage): (Vec<&StoredLine>, Vec<&StoredLine>) = (rerate.stale)
             .into_iter()
             .partition(|line| with_usage.contains(&line.id));
-        (self.restated).extend(restated.iter().map(|line| (line.id.clone(), line.amount)));
+        (self.restated).extend(
+            restated
+                .iter()
+                .map(|line| (line.id.clone(), (*line).clone())),
+        );
         for line in without_usage {
             let at = if line.version == 0 {
                 0
@@ -209,6 +237,9 @@ impl PartitionState {
             };
             let zero = zero_usage.get(&line.id);
             let amount = zero.map_or(Decimal::ZERO, |zero| zero.amount);
+            if let Some(repriced) = repricing(line, amount, rerate.book, rerate.now) {
+                rows.repricings.push((at, repriced));
+            }
             (self.ended_months_repriced).note(
                 (&line.customer, &line.price),
                 line.period,
@@ -345,7 +376,8 @@ impl Worker {
         };
         let stale = (self.clickhouse).lines_rated_with_another_book(&self.book, oldest_open)?;
         let stale_ids: HashSet<&str> = stale.iter().map(|line| line.id.as_str()).collect();
-        let ended_by = self.months_ended_by();
+        let now = Utc::now();
+        let ended_by = self.months_ended_by(now);
         let mut deferred = false;
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
@@ -371,6 +403,8 @@ impl Worker {
                 all_stale_ids: &stale_ids,
                 judge,
                 ended_by,
+                book: &self.book,
+                now,
             };
             state.rerate_for_book(rerate, self.pending.rows(partition));
         }

@@ -19,7 +19,7 @@ use tally_runtime::metrics::observe_age;
 use tally_schemas::config::RaterSettings;
 use tally_schemas::records::{InvoiceLine, SeriesKey};
 
-use crate::clickhouse::{ClickHouseError, StoredLine, StoredWindow};
+use crate::clickhouse::{ClickHouseError, Repricing, StoredLine, StoredWindow};
 use crate::ledger::RatedLine;
 
 use super::rebuild_point::RebuildPoint;
@@ -51,6 +51,8 @@ pub(super) struct PartitionRows {
     pub(super) lines: Vec<(u64, RatedLine)>,
     /// Stored lines the price book no longer makes, to retire at these versions.
     pub(super) retired: Vec<(u64, StoredLine)>,
+    /// What a new price book changed of stored lines, kept for support.
+    pub(super) repricings: Vec<(u64, Repricing)>,
 }
 
 impl Pending {
@@ -73,6 +75,10 @@ impl Pending {
 
     pub(super) fn retired(&self) -> impl Iterator<Item = &(u64, StoredLine)> {
         self.rows.values().flat_map(|rows| &rows.retired)
+    }
+
+    pub(super) fn repricings(&self) -> impl Iterator<Item = &(u64, Repricing)> {
+        self.rows.values().flat_map(|rows| &rows.repricings)
     }
 
     /// Leaves out a partition given up before its rows were stored: its next owner
@@ -244,13 +250,17 @@ impl Worker {
             .collect();
         let retiring = batch.retired().count();
         let windows = batch.windows().count();
-        if rows.is_empty() && retiring == 0 && windows == 0 {
+        let repricings = batch.repricings().count();
+        if rows.is_empty() && retiring == 0 && windows == 0 && repricings == 0 {
             // Records that changed nothing stored (a settled record, usage of unknown
             // customers without its windows): their offsets move on without an insert.
             return Ok(());
         }
         let started = Instant::now();
         self.last_insert = Some(started);
+        // Before the lines they explain: a retry after a failure writes them again,
+        // keyed by what changed, so no row is added twice.
+        self.clickhouse.insert_repricings(batch.repricings())?;
         self.clickhouse.insert_versioned(&rows)?;
         // After the lines: a retry after a failure here writes both again, unchanged.
         let mut retired: BTreeMap<u64, Vec<&StoredLine>> = BTreeMap::new();
@@ -271,6 +281,7 @@ impl Worker {
         };
         inserted("rated_lines", rows.len());
         inserted("window_revisions", windows);
+        inserted("line_repricings", repricings);
         self.metrics.lines_retired.inc_by(retiring as u64);
         (self.metrics.lines_rated).inc_by(batch.lines().count() as u64);
         if let Some(ms) = batch.oldest_update_ms {
@@ -449,6 +460,7 @@ mod tests {
                     price: line.price.clone(),
                     version,
                     amount: line.amount,
+                    config_hash: line.config_hash.clone(),
                     period,
                     adjusts: None,
                 };

@@ -45,12 +45,12 @@ pub fn with_refusal(headers: OwnedHeaders, code: &str, field: &str, reason: &str
 /// [`REJECTION_HEADERS_BYTES`] and `other_bytes` (the key, the event's own headers), and
 /// `headers` with the payload's full size when it was cut: the copy must fit, or Kafka
 /// would refuse it on every retry.
-pub fn fitted<'p>(
-    payload: &'p [u8],
+pub fn fitted(
+    payload: &[u8],
     headers: OwnedHeaders,
     max_record_bytes: usize,
     other_bytes: usize,
-) -> (&'p [u8], OwnedHeaders) {
+) -> (&[u8], OwnedHeaders) {
     let room = max_record_bytes.saturating_sub(REJECTION_HEADERS_BYTES + other_bytes);
     if payload.len() <= room {
         return (payload, headers);

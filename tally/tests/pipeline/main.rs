@@ -1839,6 +1839,91 @@ fn raise_prices(p: &Pipeline) {
     std::fs::write(&p.config, book).unwrap();
 }
 
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn lines_a_new_price_book_changes_are_kept_with_what_they_billed_before_and_explained() {
+    let _serial = serial();
+    let p = Pipeline::new(
+        "repricings",
+        2_000,
+        4,
+        "[rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\"\n",
+    );
+    p.produce(&p.lines());
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let before = p.expected();
+    p.wait_for(&before, Duration::from_secs(120));
+    let books = |p: &Pipeline| {
+        p.query(&format!(
+            "SELECT DISTINCT config_hash FROM {}.invoice_lines FORMAT TSV",
+            p.database
+        ))
+    };
+    let book_before = books(&p).trim().to_owned();
+    p.stop("rater-a");
+
+    // The starter resolution price and the pro platform fee go up.
+    raise_prices(&p);
+    p.start("rater", "rater-b");
+    let after = p.expected();
+    p.wait_for(&after, Duration::from_secs(120));
+    let book_after = books(&p).trim().to_owned();
+    assert_ne!(book_before, book_after);
+
+    // Every line whose amount changed has its row: before, after, both books.
+    let mut changed: Vec<String> = (before.iter().zip(&after))
+        .filter(|(b, a)| b.3 != a.3)
+        .map(|(b, a)| {
+            assert_eq!((&b.0, &b.1), (&a.0, &a.1));
+            format!(
+                "{}\t{}\t{}\t{}\t{book_before}\t{book_after}\n",
+                b.0, b.1, b.3, a.3
+            )
+        })
+        .collect();
+    changed.sort();
+    assert!(!changed.is_empty());
+    let kept = p.query(&format!(
+        "SELECT customer, price, amount_before, amount_after, book_before, book_after \
+         FROM {}.line_repricings FINAL ORDER BY customer, price FORMAT TSV",
+        p.database
+    ));
+    assert_eq!(kept, changed.concat());
+
+    // Support sees it under the customer's month.
+    let (customer, price, amount_before, amount_after) = (before.iter().zip(&after))
+        .find(|(b, a)| b.3 != a.3)
+        .map(|(b, a)| (&b.0, &b.1, &b.3, &a.3))
+        .unwrap();
+    let output = p.tally(
+        &[
+            "explain",
+            "--pipeline",
+            "--period",
+            p.period,
+            "--customer",
+            customer,
+        ],
+        &[],
+    );
+    let shown = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "lines of {} a new price book changed after they were stored",
+            p.period
+        )),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!(
+            "  {price}  {amount_before} usd -> {amount_after} usd  price book {book_before} -> {book_after}\n"
+        )),
+        "{shown}"
+    );
+}
+
 /// The line of `customer` for `price` among `lines`.
 fn line_for<'a>(lines: &'a [harness::Line], customer: &str, price: &str) -> &'a harness::Line {
     lines
