@@ -68,7 +68,7 @@ pub use metrics::RaterMetrics;
 use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine, StoredWindow};
 use crate::ledger::{line_open, Ledger, Recorded};
 use price_book::EndedMonthsRepriced;
-use rebuild::StoredSample;
+use rebuild::{StoredSample, Taken};
 use rebuild_point::{FirstOffsets, RebuildPoint};
 use records::{decode_with_windows, record, Change, WindowsRecord};
 use store::{InFlight, Pending};
@@ -259,41 +259,17 @@ impl PartitionOwner for Worker {
                 (partition, offset.unwrap_or(0), point)
             })
             .collect();
-        let rebuilt_all = on_threads(
-            wanted,
-            |(partition, committed, point)| -> Result<_, RaterError> {
-                // Nothing committed, nothing stored: every line is new to this rater.
-                let another_book = committed > 0
-                    && point.as_ref().and_then(|p| p.book.as_deref()) != Some(self.book.as_str());
-                let rebuilt = self.rebuild(partition, committed, point)?;
-                // With another book, stored lines may have other ids: the check of the
-                // price book sees to those.
-                if committed == 0 || another_book {
-                    return Ok((partition, committed, another_book, None, rebuilt));
-                }
-                let sample = StoredSample::of(&rebuilt.ledger);
-                match self.stored_lines_lost(&sample) {
-                    Ok(true) => {
-                        self.metrics.lost_line_replays.inc();
-                        tracing::error!(
-                            partition,
-                            "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped or emptied): rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
-                        );
-                        let replayed = self.rebuild(partition, 0, None)?;
-                        Ok((partition, 0, false, None, replayed))
-                    }
-                    Ok(false) => Ok((partition, committed, false, None, rebuilt)),
-                    Err(error) if error.is_missing_table() => Err(RaterError::TablesGone(error)),
-                    Err(error) => {
-                        tracing::warn!(partition, %error, "cannot look the partition's stored lines up in ClickHouse; looked up again before anything of the partition is stored");
-                        Ok((partition, committed, false, Some(sample), rebuilt))
-                    }
-                }
-            },
-        );
-        for rebuilt in rebuilt_all {
-            let (partition, committed, stored_with_another_book, lines_unverified, rebuilt) =
-                rebuilt?;
+        let taken_all = on_threads(wanted, |(partition, committed, point)| {
+            self.take(partition, committed, point)
+        });
+        for taken in taken_all {
+            let Taken {
+                partition,
+                committed,
+                stored_with_another_book,
+                lines_unverified,
+                rebuilt,
+            } = taken?;
             let restate_open_months = rebuilt.restate_open_months;
             self.partitions.insert(
                 partition,

@@ -63,6 +63,21 @@ impl Rebuilt {
     }
 }
 
+/// A partition this rater takes: its ledger rebuilt to its committed offset, and what
+/// the rebuild found of its stored lines.
+#[derive(Debug)]
+pub(super) struct Taken {
+    pub(super) partition: i32,
+    /// Where its rebuild ends: the committed offset, or 0 for a replay.
+    pub(super) committed: i64,
+    /// Its committed lines were stored with another price book.
+    pub(super) stored_with_another_book: bool,
+    /// The look-up of its stored lines ClickHouse did not answer, made again before
+    /// anything of the partition is stored.
+    pub(super) lines_unverified: Option<StoredSample>,
+    pub(super) rebuilt: Rebuilt,
+}
+
 /// Some of the lines a partition's committed offset accounts for, taken from its
 /// ledger as rebuilt to that offset: what a look-up of its stored lines asks for.
 #[derive(Debug)]
@@ -200,6 +215,50 @@ impl Worker {
             state.lines_unverified = None;
         }
         Ok(None)
+    }
+
+    /// Rebuilds `partition`'s ledger up to `committed` (from `point`), and checks that
+    /// ClickHouse still holds some of the lines that offset accounts for: where none is
+    /// there (its database dropped or emptied), the partition is rated again from its
+    /// beginning. Nothing committed, nothing stored: every line is new to this rater;
+    /// with another book, stored lines may have other ids, which the price-book check
+    /// sees to.
+    pub(super) fn take(
+        &self,
+        partition: i32,
+        committed: i64,
+        point: Option<RebuildPoint>,
+    ) -> Result<Taken, RaterError> {
+        let another_book = committed > 0
+            && point.as_ref().and_then(|p| p.book.as_deref()) != Some(self.book.as_str());
+        let rebuilt = self.rebuild(partition, committed, point)?;
+        let taken = |committed, lines_unverified, rebuilt| Taken {
+            partition,
+            committed,
+            stored_with_another_book: another_book,
+            lines_unverified,
+            rebuilt,
+        };
+        if committed == 0 || another_book {
+            return Ok(taken(committed, None, rebuilt));
+        }
+        let sample = StoredSample::of(&rebuilt.ledger);
+        match self.stored_lines_lost(&sample) {
+            Ok(true) => {
+                self.metrics.lost_line_replays.inc();
+                tracing::error!(
+                    partition,
+                    "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped or emptied): rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
+                );
+                Ok(taken(0, None, self.rebuild(partition, 0, None)?))
+            }
+            Ok(false) => Ok(taken(committed, None, rebuilt)),
+            Err(error) if error.is_missing_table() => Err(RaterError::TablesGone(error)),
+            Err(error) => {
+                tracing::warn!(partition, %error, "cannot look the partition's stored lines up in ClickHouse; looked up again before anything of the partition is stored");
+                Ok(taken(committed, Some(sample), rebuilt))
+            }
+        }
     }
 
     /// A partition with nothing committed (a new group, offsets expired, or reset to
