@@ -27,8 +27,9 @@ done
 echo "== lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
-# Links in doc comments name the code they describe: one left behind by a rename fails.
-# (Links to private items are the module docs' way of naming their parts.)
+# Links in the public docs name the code they describe: one left behind by a rename
+# fails. (Links to private items are the module docs' way of naming their parts; the
+# docs of private items themselves are not built, so their links go unchecked.)
 RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links -A rustdoc::private_intra_doc_links" \
   cargo doc --workspace --no-deps --locked --quiet
 echo "== docker-compose.yml"

@@ -144,9 +144,11 @@ const WINDOW_COLUMNS: [(&str, &str); 9] = [
     ("revision", "UInt64"),
 ];
 
-/// `line_repricings`' columns and types, in order, but for `version`: each time a new
-/// price book changed a stored line of a month not yet settled, what it billed before
-/// and after, and with which books, so support can tell why a line changed.
+/// `line_repricings`' columns and types, in order, but for `version`: a stored line of
+/// a month not yet settled that a new price book changed, what it billed before and
+/// what the new book bills for the same usage, and the two books, so support can tell
+/// why a line changed. One row per line and pair of books (a change made again, after
+/// a roll-back, keeps the latest).
 const REPRICING_COLUMNS: [(&str, &str); 10] = [
     ("id", "String"),
     ("customer", "String"),
@@ -221,8 +223,8 @@ struct WindowRow<'a> {
     version: u64,
 }
 
-/// A stored line a new price book changed: what it billed before and after. `after`
-/// is zero for a line the book retired.
+/// A stored line a new price book changed: what it billed before, and what the new book
+/// bills for the same usage (zero for a line the book retired).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Repricing {
     pub id: String,
@@ -363,12 +365,13 @@ impl ClickHouse {
             )?;
         }
         if missing("line_repricings") {
-            // Keyed by what changed, so a batch written again adds no row.
+            // Keyed by the line, its stored figure and the two books: a batch made
+            // again (a retry, a new owner of the partition) replaces its row.
             self.create_table(
                 "create the line_repricings table",
                 "line_repricings",
                 &format!("{}, version UInt64", definitions(&REPRICING_COLUMNS)),
-                "period_start, customer, id, book_before, book_after, amount_before, amount_after",
+                "period_start, customer, id, book_before, book_after, amount_before",
             )?;
         }
         if missing("window_revisions") {
@@ -563,7 +566,7 @@ impl ClickHouse {
         let answer = self.post(
             "read the lines an earlier price book rated",
             &format!(
-                "SELECT id, customer, price, version, amount, config_hash, \
+                "SELECT id, customer, price, version, amount, quantity, config_hash, \
                  substring(toString(period_start), 1, 7) AS period, adjusts_period \
                  FROM (SELECT * FROM {db}.rated_lines FINAL {periods}) \
                  WHERE superseded = 0 AND config_hash != {} FORMAT JSONEachRow",
@@ -1125,9 +1128,12 @@ pub struct StoredLine {
     pub version: u64,
     /// The amount the row bills.
     pub amount: rust_decimal::Decimal,
-    /// The price book that rated it (read only where it is asked for).
+    /// The price book that rated it, and the quantity it bills (read only where they
+    /// are asked for: [`ClickHouse::lines_rated_with_another_book`]).
     #[serde(default)]
     pub config_hash: String,
+    #[serde(default)]
+    pub quantity: Option<rust_decimal::Decimal>,
     /// The period the line is billed in.
     pub period: Period,
     /// For an adjustment line, the closed period it adjusts.

@@ -130,7 +130,11 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             let mut later = clickhouse.adjustments_of(month.period, Some(&args.customer))?;
             later.retain(|line| asked(&line));
             in_price_order(&mut later);
-            let mut repricings = clickhouse.repricings_of(month.period, &args.customer)?;
+            // A rater of a build before the table made none: no repricings kept.
+            let mut repricings = match clickhouse.repricings_of(month.period, &args.customer) {
+                Err(e) if e.is_missing_table() => Vec::new(),
+                read => read?,
+            };
             repricings.retain(|r| args.price.as_ref().is_none_or(|p| &r.price == p));
             let explanation = Explanation {
                 config: &config,

@@ -55,7 +55,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use tally_runtime::kafka::{
     failed_to, group_consumer, held_partitions, leave_group, partition_count, partitions_beyond,
     poll_group, ConsumerHealth, GroupContext, KafkaOpError, KafkaProducer, PartitionOwner,
-    MAX_RECORD_BYTES,
+    MAX_EVENT_RECORD_BYTES, MAX_RECORD_BYTES,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
@@ -69,7 +69,6 @@ pub use metrics::{AggregatorMetrics, EventOutcome};
 
 use crate::aggregator::Aggregator;
 use changelog::ChangelogState;
-use outputs::MAX_EVENT_RECORD_BYTES;
 use route::Processed;
 use transaction::{new_producer, transactional_id};
 

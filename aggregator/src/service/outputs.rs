@@ -10,7 +10,9 @@ use std::time::Instant;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
-use tally_runtime::kafka::{fitted, send, with_refusal, REJECTION_HEADERS_BYTES};
+use tally_runtime::kafka::{
+    fitted, send, with_refusal, MAX_EVENT_RECORD_BYTES, REJECTION_HEADERS_BYTES,
+};
 use tally_schemas::records::{
     FORWARDED_FROM_HEADER, FORWARDED_TIMESTAMP_HEADER, REJECTED_CODE_HEADER, REJECTED_FIELD_HEADER,
     REJECTED_REASON_HEADER, REJECTED_SOURCE_BYTES_HEADER, REJECTED_SOURCE_HEADERS_BYTES_HEADER,
@@ -19,12 +21,6 @@ use tally_schemas::records::{
 
 use super::route::Rejection;
 use super::Worker;
-
-/// The most a record carrying an event (forwarded, or copied to the rejected topic)
-/// may hold, headers included: librdkafka's default `message.max.bytes`, below the
-/// broker's default topic limit. A larger one could be refused by the broker at
-/// commit, and again after every recovery.
-pub(super) const MAX_EVENT_RECORD_BYTES: usize = 1_000_000;
 
 /// The bytes of `message` forwarded: key, payload, headers and the forward's own, with
 /// a few bytes of framing apiece.

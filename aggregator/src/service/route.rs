@@ -23,8 +23,9 @@ use tally_schemas::time::Period;
 use crate::aggregator::Outcome;
 
 use super::metrics::{EventOutcome, OutcomeCounts};
-use super::outputs::{forwarded_bytes, MAX_EVENT_RECORD_BYTES};
+use super::outputs::forwarded_bytes;
 use super::PartitionState;
+use tally_runtime::kafka::MAX_EVENT_RECORD_BYTES;
 
 /// Why an event goes to the rejected topic.
 #[derive(Debug)]

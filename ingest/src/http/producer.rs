@@ -9,20 +9,23 @@
 //! `(source, id)`.
 //!
 //! Events a request refused are kept in the rejected topic, each with why and which
-//! tenant sent it, in the background: the sender has the reasons in the answer, so the
-//! answer does not wait for them.
+//! tenant sent it, in the background and through a producer of their own with a small
+//! queue: the sender has the reasons in the answer, so the answer does not wait for
+//! them, and a rejected topic that does not take them cannot fill the queue accepted
+//! events need (copies that do not fit are dropped, and logged).
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tally_runtime::kafka::{
-    configured, fitted, partition_count, partition_for_key, tunable, with_refusal, ClientErrors,
-    LINGER,
+    client_config, configured, fitted, force, partition_count, partition_for_key, tunable,
+    with_refusal, ClientErrors, LINGER, MAX_EVENT_RECORD_BYTES,
 };
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::lock;
@@ -48,6 +51,9 @@ const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// What librdkafka adds to a record's key and value when it checks them against
 /// `message.max.bytes` (its largest v2 record framing is 36 bytes), with room to spare.
 const RECORD_FRAMING_BYTES: usize = 64;
+
+/// The most refused events' copies waiting for Kafka: past it, copies are dropped.
+const COPIES_QUEUE: &str = "10000";
 
 /// How often readiness asks Kafka for the events topic's metadata.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
@@ -83,8 +89,9 @@ pub struct EventProducer {
     /// the others wait for its answer instead of asking Kafka too.
     first_probe: Arc<tokio::sync::Mutex<()>>,
     windows_topic: String,
-    /// Where refused events are kept.
+    /// Where refused events are kept, and the producer that keeps them.
     rejected_topic: String,
+    copies: FutureProducer<ClientErrors>,
 }
 
 /// The pipeline's partition count, its windows topic's when ingest first found it
@@ -175,12 +182,26 @@ impl EventProducer {
             .and_then(|bytes| bytes.trim().parse::<usize>().ok())
             .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
             .saturating_sub(RECORD_FRAMING_BYTES);
-        let producer: FutureProducer<ClientErrors> = config
-            .create_with_context(ClientErrors)
-            .map_err(|source| IngestError::KafkaProducer {
-                brokers: settings.brokers.clone(),
-                source,
-            })?;
+        let created = |config: &ClientConfig| {
+            config
+                .create_with_context(ClientErrors)
+                .map_err(|source| IngestError::KafkaProducer {
+                    brokers: settings.brokers.clone(),
+                    source,
+                })
+        };
+        let producer: FutureProducer<ClientErrors> = created(&config)?;
+        let mut copies = client_config(settings);
+        copies.set("acks", "all");
+        tunable(&mut copies, "linger.ms", &LINGER.as_millis().to_string());
+        tunable(&mut copies, "compression.type", "lz4");
+        tunable(
+            &mut copies,
+            "message.timeout.ms",
+            &DEFAULT_ACK_TIMEOUT.as_millis().to_string(),
+        );
+        force(&mut copies, "queue.buffering.max.messages", COPIES_QUEUE);
+        let copies = created(&copies)?;
         Ok(EventProducer {
             producer,
             topic: settings.topic(Topic::Events),
@@ -192,6 +213,7 @@ impl EventProducer {
             first_probe: Arc::default(),
             windows_topic: settings.topic(Topic::Windows),
             rejected_topic: settings.topic(Topic::Rejected),
+            copies,
         })
     }
 
@@ -271,11 +293,11 @@ impl EventProducer {
                     value: Some(&copy.index.to_string()),
                 });
             let headers = with_refusal(headers, copy.code, copy.field, copy.reason);
-            let (value, headers) = fitted(copy.value, headers, self.max_record_bytes, 0);
+            let (value, headers) = fitted(copy.value, headers, MAX_EVENT_RECORD_BYTES, 0);
             let record = FutureRecord::<(), [u8]>::to(&self.rejected_topic)
                 .payload(value)
                 .headers(headers);
-            match self.producer.send_result(record) {
+            match self.copies.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err(_) => lost += 1,
             }
@@ -324,10 +346,17 @@ impl EventProducer {
     /// Waits (off the async threads) until every queued event is delivered or failed,
     /// at most [`Self::request_timeout`].
     pub async fn flush(&self) {
-        let producer = self.producer.clone();
+        let (producer, copies) = (self.producer.clone(), self.copies.clone());
         let timeout = self.request_timeout();
         let started = Instant::now();
-        let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        let flushed = tokio::task::spawn_blocking(move || {
+            let events = producer.flush(timeout);
+            if let Err(e) = copies.flush(timeout) {
+                tracing::warn!(error = %e, "refused events' copies not all kept in the rejected topic on shutdown");
+            }
+            events
+        })
+        .await;
         match flushed {
             Ok(Ok(())) => {
                 tracing::info!(

@@ -636,7 +636,9 @@ impl Worker {
                 let line = &rated.line;
                 if let Some(stored) = &stored {
                     rated.delta = line.amount - stored.amount;
-                    let repricing = price_book::repricing(stored, line.amount, &self.book, now);
+                    let repriced = price_book::repriced_amount(&self.config, stored, line);
+                    let repricing = repriced
+                        .and_then(|amount| price_book::repricing(stored, amount, &self.book, now));
                     rows.repricings.extend(repricing.map(|r| (version, r)));
                 }
                 if stored.is_some() || new_unless_restated {

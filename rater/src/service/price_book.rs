@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use prometheus::IntCounter;
 use rust_decimal::Decimal;
 use tally_runtime::kafka::partition_for_key;
+use tally_schemas::config::Config;
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
@@ -110,6 +111,30 @@ struct Rerate<'a> {
     /// This rater's book, and the time of the check: what a repricing row says.
     pub(super) book: &'a str,
     pub(super) now: DateTime<Utc>,
+}
+
+/// What this price book bills for `stored`'s usage, `line` being what it bills for the
+/// usage read by now: the book's change alone, not the usage that arrived meanwhile.
+/// None for an adjustment whose usage changed (it is the difference of two ratings of
+/// its closed month, which this does not redo) or a line that cannot be rated.
+pub(super) fn repriced_amount(
+    config: &Config,
+    stored: &StoredLine,
+    line: &InvoiceLine,
+) -> Option<Decimal> {
+    let quantity = stored.quantity?;
+    if quantity == line.quantity {
+        return Some(line.amount);
+    }
+    if line.adjusts_period.is_some() {
+        return None;
+    }
+    let customer = config.customers.get(&line.customer)?;
+    let period = Period::containing(line.period_start);
+    let plan = config.plan(customer.subscription(period).plan);
+    let price = plan.prices.iter().position(|p| p.id == line.price)?;
+    let rated = crate::line::invoice_line(config, customer, price, period, quantity).ok()?;
+    Some(rated.amount)
 }
 
 /// What `book` made of `stored` at `at`: a repricing, unless the amount is the same.
@@ -298,16 +323,14 @@ impl PartitionState {
 }
 
 impl Worker {
-    /// Stores again every line of `partition`'s open months, and the open months'
-    /// zero-usage lines of the customers it judges, with the next batch: a replay that
-    /// found its months billed counted their records as stored, but the rows of the
-    /// months still open may be what was lost (a month's partition dropped, a backup
-    /// restored), and nothing else would write them before their usage changes.
+    /// Stores again every line of `partition`'s open months, and every customer's
+    /// zero-usage lines of those months, with the next batch: a replay that found its
+    /// months billed counted their records as stored, but the rows of the months still
+    /// open may be what was lost (a month's partition dropped, a backup restored), and
+    /// nothing else would write them before their usage changes. Every customer's, as
+    /// when a partition opens a month: a partition that opened none of them in the
+    /// replayed records writes none (version 0 replaces no row usage wrote).
     pub(super) fn restate_open_months(&mut self, partition: i32) {
-        let judge = ZeroUsageJudge {
-            partition,
-            partition_count: self.partition_count,
-        };
         let Some(state) = self.partitions.get_mut(&partition) else {
             return;
         };
@@ -320,9 +343,7 @@ impl Worker {
             .collect();
         let with_usage: HashSet<String> = state.ledger.line_ids().collect();
         let rows = self.pending.rows(partition);
-        state.queue_opening_lines(&open, rows, |l| {
-            judge.owns(&l.customer) && !with_usage.contains(&l.id)
-        });
+        state.queue_opening_lines(&open, rows, |l| !with_usage.contains(&l.id));
         tracing::info!(
             partition,
             lines = state.ledger.lines_held(),
@@ -419,6 +440,59 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repricing_is_the_new_books_amount_for_the_stored_usage() {
+        let config = Config::parse(include_str!("../../../examples/tally.toml"), "test").unwrap();
+        let acme = &config.customers["cust_acme"];
+        let november: Period = "2026-11".parse().unwrap();
+        let rated = |quantity: u32| {
+            crate::line::invoice_line(&config, acme, 0, november, quantity.into()).unwrap()
+        };
+        // Stored at 120 resolutions by another book; 150 read by now.
+        let now = rated(150);
+        let stored = StoredLine {
+            id: now.id.clone(),
+            customer: now.customer.clone(),
+            price: now.price.clone(),
+            version: 7,
+            amount: "70.00".parse().unwrap(),
+            config_hash: "old".into(),
+            quantity: Some(120.into()),
+            period: november,
+            adjusts: None,
+        };
+        let at_120 = rated(120).amount;
+        assert_ne!(at_120, now.amount);
+        assert_eq!(repriced_amount(&config, &stored, &now), Some(at_120));
+        let unchanged = StoredLine {
+            quantity: Some(150.into()),
+            ..stored.clone()
+        };
+        assert_eq!(repriced_amount(&config, &unchanged, &now), Some(now.amount));
+        // An adjustment whose usage changed, or a row read without its quantity: the
+        // book's share cannot be told.
+        let adjustment = InvoiceLine {
+            adjusts_period: Some("2026-10".parse().unwrap()),
+            ..now.clone()
+        };
+        assert_eq!(repriced_amount(&config, &stored, &adjustment), None);
+        let unread = StoredLine {
+            quantity: None,
+            ..stored.clone()
+        };
+        assert_eq!(repriced_amount(&config, &unread, &now), None);
+        let told = repricing(
+            &stored,
+            at_120,
+            "new",
+            "2026-12-07T00:00:00Z".parse().unwrap(),
+        );
+        assert_eq!(
+            told.map(|r| (r.amount_before, r.amount_after, r.book_before, r.book_after)),
+            Some(("70.00".parse().unwrap(), at_120, "old".into(), "new".into()))
+        );
+    }
 
     #[test]
     fn only_changed_lines_of_ended_months_are_told() {

@@ -258,8 +258,8 @@ impl Worker {
         }
         let started = Instant::now();
         self.last_insert = Some(started);
-        // Before the lines they explain: a retry after a failure writes them again,
-        // keyed by what changed, so no row is added twice.
+        // Before the lines they explain: a retry after a failure, or the partition's
+        // next owner, makes the same rows again, which replace these.
         self.clickhouse.insert_repricings(batch.repricings())?;
         self.clickhouse.insert_versioned(&rows)?;
         // After the lines: a retry after a failure here writes both again, unchanged.
@@ -461,6 +461,7 @@ mod tests {
                     version,
                     amount: line.amount,
                     config_hash: line.config_hash.clone(),
+                    quantity: Some(line.quantity),
                     period,
                     adjusts: None,
                 };

@@ -9,6 +9,12 @@ use tally_schemas::records::{
     REJECTED_SOURCE_BYTES_HEADER,
 };
 
+/// The most a record carrying an event (forwarded, or copied to the rejected topic)
+/// may hold, headers included: librdkafka's default `message.max.bytes`, below the
+/// broker's default topic limit. A larger one could be refused by the broker, the
+/// aggregator's at commit and again after every recovery.
+pub const MAX_EVENT_RECORD_BYTES: usize = 1_000_000;
+
 /// Room kept in a rejected record for the headers a copy adds (the reasons, where the
 /// event came from): the event's bytes are cut to leave it.
 pub const REJECTION_HEADERS_BYTES: usize = 16 * 1024;

@@ -350,12 +350,14 @@ fn reconcile_reads_another_billers_headers_by_column_and_refuses_one_no_file_has
 
     // A mistyped header would leave the month unread, or the amount read from another
     // column of that name: refused, naming each file's headers.
+    // The month alone misspelt would go unread without a word: its months are all
+    // November here.
     for (slip, column) in [
         ("amount=Net Amunt", "amount=net amunt"),
         ("period_start=Billing_Month", "period_start=billing_month"),
     ] {
         let mut args = vec!["old.csv", "tally.csv"];
-        args.extend(named);
+        args.extend(&named[..6]);
         args.extend(["--column", slip]);
         let refused = reconcile(&f, &args);
         assert_eq!(refused.code, 2, "{}", refused.stderr);
