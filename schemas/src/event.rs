@@ -5,7 +5,8 @@
 //! [`Reading`] per meter that reads its `type`), or an [`EventError`] naming the field
 //! and the reason. Numbers are read from their JSON text as exact decimals: `5.001`
 //! never passes through f64. Strings are borrowed from the line where they need no
-//! unescaping, so decoding allocates little.
+//! unescaping, so decoding allocates little. [`identity`] reads an event's `source`
+//! and `id` as text, which the decoder keeps only as a fingerprint.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -733,6 +734,41 @@ fn payload_fingerprint(
     PayloadFingerprint(fp.finish_64() as u32)
 }
 
+/// An event's `source` and `id` as strings, when it has them: what ingest's source
+/// check and per-event results and `tally explain`'s list of events need, read apart
+/// from the decoder (which keeps only a fingerprint of the pair).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity<'a> {
+    pub source: Option<Cow<'a, str>>,
+    pub id: Option<Cow<'a, str>>,
+}
+
+/// Reads `source` and `id` from one event's JSON; each is `None` when absent or not a
+/// string, and both are `None` when the event is not a JSON object with at most one of
+/// each (the decoder then rejects it, so it is never produced).
+pub fn identity<'a>(event: &'a [u8]) -> Identity<'a> {
+    #[derive(serde::Deserialize)]
+    struct Attributes<'a> {
+        #[serde(borrow, default)]
+        source: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default)]
+        id: Option<&'a serde_json::value::RawValue>,
+    }
+    let Ok(attributes) = serde_json::from_slice::<Attributes<'_>>(event) else {
+        return Identity::default();
+    };
+    let text = |raw: Option<&'a serde_json::value::RawValue>| -> Option<Cow<'a, str>> {
+        let raw = raw?.get();
+        raw.starts_with('"')
+            .then(|| serde_json::from_str::<Cow<'a, str>>(raw).ok())
+            .flatten()
+    };
+    Identity {
+        source: text(attributes.source),
+        id: text(attributes.id),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -761,6 +797,27 @@ mod tests {
         assert_eq!(
             number("-1", &path, false).unwrap_err().problem,
             Problem::Negative
+        );
+    }
+
+    #[test]
+    fn identity_reads_source_and_id_strings_unescaped() {
+        let event = br#"{"id":"evt-\u0031","data":{"source":"inner"},"source":"a\/b"}"#;
+        let identity = identity(event);
+        assert_eq!(identity.source.as_deref(), Some("a/b"));
+        assert_eq!(identity.id.as_deref(), Some("evt-1"));
+    }
+
+    #[test]
+    fn identity_is_partial_or_empty_for_events_the_decoder_will_reject() {
+        let numeric_id = identity(br#"{"id":7,"source":"s"}"#);
+        assert_eq!(numeric_id.source.as_deref(), Some("s"));
+        assert_eq!(numeric_id.id, None);
+        assert_eq!(identity(b"[1]"), Identity::default());
+        assert_eq!(identity(b"not json"), Identity::default());
+        assert_eq!(
+            identity(br#"{"source":"a","source":"b"}"#),
+            Identity::default()
         );
     }
 }

@@ -19,8 +19,8 @@ use tally_schemas::config::{ApiKey, Config};
 use tally_schemas::event::{EventDecoder, EventError, Problem};
 use tally_schemas::ids::{EventKey, PayloadFingerprint};
 
-use super::request::identity;
 use super::unbilled::Unbilled;
+use tally_schemas::event::identity;
 
 /// One event and what to do with it.
 #[derive(Debug, Clone, PartialEq)]

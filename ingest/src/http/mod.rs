@@ -36,5 +36,4 @@ mod server;
 mod unbilled;
 
 pub use error::IngestError;
-pub use request::{identity, Identity};
 pub use server::{start, KeyReloader, Running, EVENTS_ROUTE, ROUTES};

@@ -11,7 +11,6 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use axum::http::HeaderMap;
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// What the `Content-Type` header announces.
@@ -339,41 +338,6 @@ fn json_text(body: &[u8]) -> &[u8] {
     &body[start..end]
 }
 
-/// An event's `source` and `id` as strings, when it has them: what the source check,
-/// the per-event results and `tally explain`'s list of events need, read apart from
-/// the decoder (which keeps only a fingerprint of the pair).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Identity<'a> {
-    pub source: Option<Cow<'a, str>>,
-    pub id: Option<Cow<'a, str>>,
-}
-
-/// Reads `source` and `id` from one event's JSON; each is `None` when absent or not a
-/// string, and both are `None` when the event is not a JSON object with at most one of
-/// each (the decoder then rejects it, so it is never produced).
-pub fn identity<'a>(event: &'a [u8]) -> Identity<'a> {
-    #[derive(Deserialize)]
-    struct Attributes<'a> {
-        #[serde(borrow, default)]
-        source: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        id: Option<&'a RawValue>,
-    }
-    let Ok(attributes) = serde_json::from_slice::<Attributes<'_>>(event) else {
-        return Identity::default();
-    };
-    let text = |raw: Option<&'a RawValue>| -> Option<Cow<'a, str>> {
-        let raw = raw?.get();
-        raw.starts_with('"')
-            .then(|| serde_json::from_str::<Cow<'a, str>>(raw).ok())
-            .flatten()
-    };
-    Identity {
-        source: text(attributes.source),
-        id: text(attributes.id),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,26 +639,5 @@ mod tests {
             Err(BodyError::TooManyEvents { count: 3, max: 2 })
         );
         assert!(split_events(BodyKind::Batch, b"[1,2]", 2).is_ok());
-    }
-
-    #[test]
-    fn identity_reads_source_and_id_strings_unescaped() {
-        let event = br#"{"id":"evt-\u0031","data":{"source":"inner"},"source":"a\/b"}"#;
-        let identity = identity(event);
-        assert_eq!(identity.source.as_deref(), Some("a/b"));
-        assert_eq!(identity.id.as_deref(), Some("evt-1"));
-    }
-
-    #[test]
-    fn identity_is_partial_or_empty_for_events_the_decoder_will_reject() {
-        let numeric_id = identity(br#"{"id":7,"source":"s"}"#);
-        assert_eq!(numeric_id.source.as_deref(), Some("s"));
-        assert_eq!(numeric_id.id, None);
-        assert_eq!(identity(b"[1]"), Identity::default());
-        assert_eq!(identity(b"not json"), Identity::default());
-        assert_eq!(
-            identity(br#"{"source":"a","source":"b"}"#),
-            Identity::default()
-        );
     }
 }
