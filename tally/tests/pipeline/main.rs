@@ -2569,12 +2569,12 @@ fn events_read_while_their_meter_was_missing_are_billed_by_a_replay() {
     p.wait_for(&p.expected(), Duration::from_secs(180));
 }
 
-#[test]
-#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
-fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_as_billed() {
-    let _serial = serial();
+/// A pipeline (5-day dedupe horizon) that billed October's generated month and then
+/// read a resolution of November 7 in every partition, so October settled everywhere
+/// and November is open; its rater caught up. Returns it and October's lines.
+fn october_settled_everywhere(name: &str) -> (Pipeline, Vec<harness::Line>) {
     let p = Pipeline::new(
-        "replay_settled",
+        name,
         3_000,
         10,
         "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\ndedupe_horizon = \"5d\"\n\
@@ -2585,15 +2585,21 @@ fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_
     p.produce(&p.lines());
     let october = p.expected();
     p.wait_for(&october, Duration::from_secs(120));
-    // Resolutions on November 7 in every partition: October settles everywhere.
-    let november = resolution_each("07", "2026-11-07T00:00:00Z");
-    p.produce(&november);
+    p.produce(&resolution_each("07", "2026-11-07T00:00:00Z"));
     harness::eventually(
         "October settled in every partition",
         Duration::from_secs(120),
         || partitions_settled(&p, "2026-10") == harness::PARTITIONS as usize,
     );
     p.wait_caught_up("rater", Duration::from_secs(60));
+    (p, october)
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_as_billed() {
+    let _serial = serial();
+    let (p, october) = october_settled_everywhere("replay_settled");
     let fee = |p: &Pipeline| {
         let lines = p.invoice_lines_of("2026-11");
         line_for(&lines, "cust_00001", "resolutions").3.clone()
@@ -2633,28 +2639,8 @@ fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_replay_from_the_earliest_offset_stores_the_open_months_lost_lines_again() {
     let _serial = serial();
-    let p = Pipeline::new(
-        "replay_lost_open",
-        3_000,
-        10,
-        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\ndedupe_horizon = \"5d\"\n\
-         [rater]\nmetrics_listen = \"127.0.0.1:0\"\nflush_interval = \"200ms\"\n",
-    );
-    p.start("aggregator", "agg-a");
-    p.start("rater", "rater-a");
-    p.produce(&p.lines());
-    let october = p.expected();
-    p.wait_for(&october, Duration::from_secs(120));
-    // Resolutions on November 7 in every partition: October settles everywhere, and
-    // November's usage comes before the records that settle it.
-    let november = resolution_each("07", "2026-11-07T00:00:00Z");
-    p.produce(&november);
-    harness::eventually(
-        "October settled in every partition",
-        Duration::from_secs(120),
-        || partitions_settled(&p, "2026-10") == harness::PARTITIONS as usize,
-    );
-    p.wait_caught_up("rater", Duration::from_secs(60));
+    // November's usage comes before the records that settle October.
+    let (p, october) = october_settled_everywhere("replay_lost_open");
     // What November billed before the loss: a resolution each (the harness's `tally
     // rate` runs at a clock before November 7).
     let expected_november = p.invoice_lines_of("2026-11");
