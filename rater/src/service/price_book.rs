@@ -261,7 +261,8 @@ impl PartitionState {
                 continue;
             };
             let zero = zero_usage.get(&line.id);
-            let amount = zero.map_or(Decimal::ZERO, |zero| zero.amount);
+            // A retired line bills nothing, written in its currency's decimals.
+            let amount = zero.map_or(Decimal::new(0, line.amount.scale()), |zero| zero.amount);
             if let Some(repriced) = repricing(line, amount, rerate.book, rerate.now) {
                 rows.repricings.push((at, repriced));
             }

@@ -359,12 +359,18 @@ fn csv_rows(
     let missing: Vec<&str> = (REQUIRED_COLUMNS.iter().copied())
         .filter(|column| !headers.iter().any(|h| h == *column))
         .collect();
+    // A `--column` that was to give one of them, under a header this file lacks.
+    let slips: Vec<String> = (columns.0.iter())
+        .filter(|(column, header)| missing.contains(&column.as_str()) && !written.contains(header))
+        .map(|(column, header)| format!("--column {column}={header} names no header of it; "))
+        .collect();
     anyhow::ensure!(
         missing.is_empty(),
-        "{name}: the header row has no column {}; it needs {} (other columns are ignored), and has {}",
+        "{name}: the header row has no column {}; {}it needs {} (other columns are ignored), and has {}",
         missing.join(", "),
+        slips.concat(),
         REQUIRED_COLUMNS.join(", "),
-        headers.iter().collect::<Vec<_>>().join(", ")
+        written.join(", ")
     );
     let mut rows: Vec<NumberedRow> = Vec::new();
     let mut record = csv::StringRecord::new();

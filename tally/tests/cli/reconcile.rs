@@ -350,6 +350,17 @@ fn reconcile_reads_another_billers_headers_by_column_and_refuses_one_no_file_has
 
     // A mistyped header would leave the month unread, or the amount read from another
     // column of that name: refused, naming each file's headers.
+    // A required column's header misspelt: the file lacks that column, and the
+    // mapping is named.
+    let mut args = vec!["old.csv", "tally.csv"];
+    args.extend(&named[2..]);
+    args.extend(["--column", "customer=Acount"]);
+    let refused = reconcile(&f, &args);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert_shows(
+        &refused.stderr,
+        &["old.csv: the header row has no column customer; --column customer=acount names no header of it; it needs customer, price, quantity, amount, currency (other columns are ignored), and has account, price, qty, net amount, currency, billing month"],
+    );
     // The month alone misspelt would go unread without a word: its months are all
     // November here.
     for (slip, column) in [
