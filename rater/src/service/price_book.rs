@@ -328,9 +328,10 @@ impl Worker {
     /// zero-usage lines of those months, with the next batch: a replay that found its
     /// months billed counted their records as stored, but the rows of the months still
     /// open may be what was lost (a month's partition dropped, a backup restored), and
-    /// nothing else would write them before their usage changes. Every customer's, as
-    /// when a partition opens a month: a partition that opened none of them in the
-    /// replayed records writes none (version 0 replaces no row usage wrote).
+    /// nothing else would write them before their usage changes. The zero-usage lines
+    /// are every customer's, as when a partition first opens a month, because a
+    /// partition whose replayed records opened no month writes none for its own
+    /// customers; written at version 0, they replace no row that usage wrote.
     pub(super) fn restate_open_months(&mut self, partition: i32) {
         let Some(state) = self.partitions.get_mut(&partition) else {
             return;
