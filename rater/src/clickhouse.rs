@@ -262,8 +262,6 @@ struct RepricingRead {
     customer: String,
     price: String,
     #[serde(deserialize_with = "period_or_empty")]
-    period: Option<Period>,
-    #[serde(deserialize_with = "period_or_empty")]
     adjusts_period: Option<Period>,
     /// Unix seconds.
     repriced_at: i64,
@@ -896,8 +894,8 @@ impl ClickHouse {
         let answer = self.post(
             "read line repricings",
             &format!(
-                "SELECT id, customer, price, substring(toString(period_start), 1, 7) AS period, \
-                 adjusts_period, toUnixTimestamp(repriced_at) AS repriced_at, book_before, \
+                "SELECT id, customer, price, adjusts_period, \
+                 toUnixTimestamp(repriced_at) AS repriced_at, book_before, \
                  book_after, amount_before, amount_after \
                  FROM {}.line_repricings FINAL \
                  WHERE period_start = toDateTime('{}', 'UTC') AND customer = {} \
@@ -913,7 +911,7 @@ impl ClickHouse {
                 id: r.id,
                 customer: r.customer,
                 price: r.price,
-                period: r.period.unwrap_or(period),
+                period,
                 adjusts: r.adjusts_period,
                 repriced_at: DateTime::from_timestamp(r.repriced_at, 0).unwrap_or_default(),
                 book_before: r.book_before,

@@ -270,28 +270,25 @@ impl PartitionOwner for Worker {
                 lines_unverified,
                 rebuilt,
             } = taken?;
-            let restate_open_months = rebuilt.restate_open_months;
-            self.partitions.insert(
-                partition,
-                PartitionState {
-                    ledger: rebuilt.ledger,
-                    opened: rebuilt.opened,
-                    next_offset: rebuilt.resume_at,
-                    uncommitted: false,
-                    customers_with_usage: rebuilt.customers,
-                    unchecked: true,
-                    lines_unverified,
-                    stored_with_another_book,
-                    check_deferred: None,
-                    restated: HashMap::new(),
-                    ended_months_repriced: EndedMonthsRepriced::default(),
-                    lines_new_unless_restated: false,
-                    first_offsets: rebuilt.first_offsets,
-                },
-            );
-            if restate_open_months {
-                self.restate_open_months(partition);
+            let mut state = PartitionState {
+                ledger: rebuilt.ledger,
+                opened: rebuilt.opened,
+                next_offset: rebuilt.resume_at,
+                uncommitted: false,
+                customers_with_usage: rebuilt.customers,
+                unchecked: true,
+                lines_unverified,
+                stored_with_another_book,
+                check_deferred: None,
+                restated: HashMap::new(),
+                ended_months_repriced: EndedMonthsRepriced::default(),
+                lines_new_unless_restated: false,
+                first_offsets: rebuilt.first_offsets,
+            };
+            if rebuilt.restate_open_months {
+                state.restate_open_months(partition, self.pending.rows(partition));
             }
+            self.partitions.insert(partition, state);
             // A store is due soon: it checks the price book first.
             self.pending.started.get_or_insert_with(Instant::now);
             for update in rebuilt.after_committed {

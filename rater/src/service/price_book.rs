@@ -201,15 +201,11 @@ impl PartitionState {
     /// periods concerned, and each stale line without usage here replaced by its
     /// zero-usage line or retired, all into `rows`.
     fn rerate_for_book(&mut self, rerate: Rerate<'_>, rows: &mut PartitionRows) {
-        let settled = self.ledger.settled_through();
         let version = self.row_version();
-        self.ledger.rerate_all();
-        self.uncommitted = true;
-        let with_usage: HashSet<String> = self.ledger.line_ids().collect();
+        let with_usage = self.rerate_held();
         let mut periods: BTreeSet<Period> = rerate.stale.iter().map(|line| line.period).collect();
         if rerate.stored_with_another_book {
-            let open = (self.opened.iter()).filter(|&&p| line_open(settled, p, None));
-            periods.extend(open);
+            periods.extend(self.open_periods());
         }
         let opening_before = rows.opening.len();
         // The partition's own customers', and any customer's that no book has stored
@@ -298,6 +294,41 @@ impl PartitionState {
         );
     }
 
+    /// Marks every line it holds of an open period to be rated again with the next
+    /// batch, and returns their ids (the lines with usage here).
+    fn rerate_held(&mut self) -> HashSet<String> {
+        self.ledger.rerate_all();
+        self.uncommitted = true;
+        self.ledger.line_ids().collect()
+    }
+
+    /// The periods it opened that have not settled.
+    fn open_periods(&self) -> impl Iterator<Item = Period> + '_ {
+        let settled = self.ledger.settled_through();
+        (self.opened.iter())
+            .copied()
+            .filter(move |&period| line_open(settled, period, None))
+    }
+
+    /// Stores again every line of its open months, and every customer's zero-usage
+    /// lines of those months, with the next batch (`rows`): a replay that found its
+    /// months billed counted their records as stored, but the rows of the months still
+    /// open may be what was lost (a month's partition dropped, a backup restored), and
+    /// nothing else would write them before their usage changes. The zero-usage lines
+    /// are every customer's, as when a partition first opens a month, because a
+    /// partition whose replayed records opened no month writes none for its own
+    /// customers; written at version 0, they replace no row that usage wrote.
+    pub(super) fn restate_open_months(&mut self, partition: i32, rows: &mut PartitionRows) {
+        let with_usage = self.rerate_held();
+        let open: BTreeSet<Period> = self.open_periods().collect();
+        self.queue_opening_lines(&open, rows, |l| !with_usage.contains(&l.id));
+        tracing::info!(
+            partition,
+            lines = self.ledger.lines_held(),
+            "a replay: the lines of the partition's open months are stored again"
+        );
+    }
+
     /// Queues the opening (zero-usage) lines of `periods` that `queued` picks, and
     /// returns every opening line of them by id.
     fn queue_opening_lines(
@@ -324,35 +355,6 @@ impl PartitionState {
 }
 
 impl Worker {
-    /// Stores again every line of `partition`'s open months, and every customer's
-    /// zero-usage lines of those months, with the next batch: a replay that found its
-    /// months billed counted their records as stored, but the rows of the months still
-    /// open may be what was lost (a month's partition dropped, a backup restored), and
-    /// nothing else would write them before their usage changes. The zero-usage lines
-    /// are every customer's, as when a partition first opens a month, because a
-    /// partition whose replayed records opened no month writes none for its own
-    /// customers; written at version 0, they replace no row that usage wrote.
-    pub(super) fn restate_open_months(&mut self, partition: i32) {
-        let Some(state) = self.partitions.get_mut(&partition) else {
-            return;
-        };
-        state.ledger.rerate_all();
-        state.uncommitted = true;
-        let settled = state.ledger.settled_through();
-        let open: BTreeSet<Period> = (state.opened.iter())
-            .filter(|&&period| line_open(settled, period, None))
-            .copied()
-            .collect();
-        let with_usage: HashSet<String> = state.ledger.line_ids().collect();
-        let rows = self.pending.rows(partition);
-        state.queue_opening_lines(&open, rows, |l| !with_usage.contains(&l.id));
-        tracing::info!(
-            partition,
-            lines = state.ledger.lines_held(),
-            "a replay: the lines of the partition's open months are stored again"
-        );
-    }
-
     /// Schedules every held partition for a price-book check once `interval` has
     /// passed since the last time, and a store to run it: lines another rater wrote
     /// with another book meanwhile (a rolling restart, say) are then re-rated, even in

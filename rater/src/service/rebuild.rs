@@ -36,7 +36,7 @@ pub(super) struct Rebuilt {
     /// past the months a replay found already billed.
     pub(super) resume_at: i64,
     /// A replay counted the records up to its last settled month as stored: lines of
-    /// open months among them are stored again ([`Worker::restate_open_months`]).
+    /// open months among them are stored again ([`super::PartitionState::restate_open_months`]).
     pub(super) restate_open_months: bool,
 }
 
