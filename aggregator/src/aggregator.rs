@@ -31,7 +31,7 @@
 //! period whose end is that far behind has settled: its state and its adjustments' are
 //! let go, and [`Aggregator::take_settled`] tells a store it can let go of them too.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +48,7 @@ use tally_schemas::records::{
 use tally_schemas::time::{Period, WindowSize};
 
 use crate::dedupe::{DedupeEntry, DedupeSet, Seen};
+use crate::meter::{DefinitionChange, MeterDefinition};
 use crate::state::{AggState, StateError};
 
 /// What happened to one event.
@@ -200,9 +201,9 @@ pub struct Aggregator {
     /// Periods ending at or before this have been closed, explicitly or by an earlier
     /// watermark, whatever the grace is now.
     closed_before: Option<DateTime<Utc>>,
-    /// Per meter, by `MeterId`: its slug, aggregation and number of `group_by`
-    /// dimensions, which restored state must have been built with.
-    meters: Vec<(String, AggregationKind, usize)>,
+    /// Per meter, by `MeterId`: its slug and what it reads, which restored state must
+    /// have been built with.
+    meters: Vec<(String, MeterDefinition)>,
     dedupe: DedupeSet,
     series: Vec<Series>,
     /// Finds a series by the fingerprint the decoder computed.
@@ -295,7 +296,7 @@ impl Aggregator {
             meters: config
                 .meters
                 .iter()
-                .map(|m| (m.slug.clone(), m.aggregation.kind(), m.group_by.len()))
+                .map(|m| (m.slug.clone(), MeterDefinition::of(m)))
                 .collect(),
             dedupe: DedupeSet::new(),
             series: Vec::new(),
@@ -586,7 +587,8 @@ impl Aggregator {
         group: &[S],
         adjusts: Option<Period>,
     ) -> SeriesId {
-        let (slug, kind, _) = &self.meters[meter.0 as usize];
+        let (slug, definition) = &self.meters[meter.0 as usize];
+        let kind = definition.aggregation;
         let id = self.series.len() as SeriesId;
         self.series.push(Series {
             key: Arc::new(SeriesKey {
@@ -595,7 +597,7 @@ impl Aggregator {
                 group: group.iter().map(|g| g.as_ref().to_owned()).collect(),
                 adjusts,
             }),
-            kind: *kind,
+            kind,
             periods: SmallVec::new(),
             windows: Vec::new(),
             recent: 0,
@@ -799,6 +801,39 @@ impl Aggregator {
         Ok(aggregator)
     }
 
+    /// The definitions of the meters whose usage `changes` holds, by slug: stored
+    /// beside it, so that a restore can tell whether its configuration reads them
+    /// alike.
+    pub fn definitions_of(&self, changes: &Snapshot) -> BTreeMap<&str, &MeterDefinition> {
+        let held = meters_of(changes.series.iter().map(|s| &s.key));
+        (self.meters.iter())
+            .filter(|(slug, _)| held.contains(slug.as_str()))
+            .map(|(slug, definition)| (slug.as_str(), definition))
+            .collect()
+    }
+
+    /// Refuses the restored state if it holds usage of a meter that `stored` says was
+    /// read otherwise than this configuration reads it. Meters without a stored
+    /// definition (records of builds before definitions were stored) are not checked.
+    pub fn check_definitions(
+        &self,
+        stored: &BTreeMap<String, MeterDefinition>,
+    ) -> Result<(), RestoreError> {
+        let held = meters_of(self.series.iter().map(|s| &*s.key));
+        for (slug, configured) in &self.meters {
+            let Some(before) = stored.get(slug).filter(|_| held.contains(slug.as_str())) else {
+                continue;
+            };
+            if let Some(change) = before.change_to(configured) {
+                return Err(RestoreError::DefinitionChanged {
+                    meter: slug.clone(),
+                    change,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Applies a snapshot or the changes of a drain: keys are added, the windows and
     /// periods it holds replace their earlier versions (a unique count's values are
     /// added to those held, [`AggState::merge`]), the watermark moves forward, and
@@ -810,9 +845,10 @@ impl Aggregator {
             let meter = self
                 .meters
                 .iter()
-                .position(|(slug, _, _)| *slug == s.key.meter)
+                .position(|(slug, _)| *slug == s.key.meter)
                 .ok_or_else(|| RestoreError::UnknownMeter(s.key.meter.clone()))?;
-            let (_, kind, dimensions) = self.meters[meter];
+            let (_, definition) = &self.meters[meter];
+            let (kind, dimensions) = (definition.aggregation, definition.group_by.len());
             if s.key.group.len() != dimensions {
                 return Err(RestoreError::GroupingChanged {
                     meter: s.key.meter.clone(),
@@ -965,6 +1001,16 @@ pub enum RestoreError {
         stored: usize,
         configured: usize,
     },
+    #[error("meter {meter:?} holds usage read with {} = {}, and this configuration sets {}: the open months would be billed partly one way and partly the other, which `tally rate` of them with either price book does not bill; restore with the configuration the usage was read with, and put the new definition in a new meter (another slug) with prices from the month it starts", change.setting, change.stored, change.configured)]
+    DefinitionChanged {
+        meter: String,
+        change: DefinitionChange,
+    },
+}
+
+/// The slugs of the meters these series are of.
+fn meters_of<'a>(series: impl Iterator<Item = &'a SeriesKey>) -> BTreeSet<&'a str> {
+    series.map(|key| key.meter.as_str()).collect()
 }
 
 /// Days since 1970-01-01, clamped to what a dedupe entry holds (until year 2149).
@@ -1898,6 +1944,56 @@ mod tests {
                 stored: 1,
                 configured: 2
             }
+        );
+    }
+
+    #[test]
+    fn a_state_is_refused_by_a_configuration_that_reads_a_meter_it_holds_usage_of_otherwise() {
+        let config = config();
+        let mut original = Aggregator::streaming(&config);
+        original.apply(&tokens("1", "2026-11-01T00:10:00Z", "gpt", 100, 1));
+        original.drain_updates();
+        let snapshot = original.snapshot();
+        // A tokens event is read by both meters of its type; seats holds nothing.
+        let stored: BTreeMap<String, MeterDefinition> = (original.definitions_of(&snapshot))
+            .into_iter()
+            .map(|(slug, definition)| (slug.to_owned(), definition.clone()))
+            .collect();
+        assert_eq!(
+            stored.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["tokens", "users"]
+        );
+        let restored_with = |book: &str| {
+            let config = Config::parse(book, "test").unwrap();
+            let restored = Aggregator::streaming(&config).restore(snapshot.clone());
+            restored.unwrap().check_definitions(&stored)
+        };
+        assert_eq!(restored_with(CONFIG), Ok(()));
+        assert_eq!(
+            restored_with(&CONFIG.replace("\"$.tokens\"", "\"$.usage.tokens\"")),
+            Err(RestoreError::DefinitionChanged {
+                meter: "tokens".into(),
+                change: DefinitionChange {
+                    setting: "value_property".into(),
+                    stored: "\"$.tokens\"".into(),
+                    configured: "\"$.usage.tokens\"".into(),
+                }
+            })
+        );
+        // Renamed: the same number of dimensions, which the restore alone lets through.
+        assert!(matches!(
+            restored_with(&CONFIG.replace("{ model = ", "{ engine = ")),
+            Err(RestoreError::DefinitionChanged { meter, .. }) if meter == "tokens"
+        ));
+        // Both meters of the type read it; the first in the book is named.
+        assert!(matches!(
+            restored_with(&CONFIG.replace("\"llm.tokens\"", "\"llm.tokens.v2\"")),
+            Err(RestoreError::DefinitionChanged { meter, .. }) if meter == "tokens"
+        ));
+        // A meter with no usage held may read otherwise from now on.
+        assert_eq!(
+            restored_with(&CONFIG.replace("\"$.seats\"", "\"$.seat_count\"")),
+            Ok(())
         );
     }
 

@@ -9,10 +9,12 @@
 //! - [`dedupe`]: the `(source, id)` set, at most 40 bytes per key held.
 //! - [`state`]: count, sum, max, unique_count and latest as order-independent states.
 //! - [`aggregator`]: dedupe, lateness and tumbling windows per (customer, meter, group).
+//! - [`meter`]: what a meter reads from events, stored beside the usage it read.
 //! - [`service`]: the core on Kafka with transactions and a changelog.
 
 pub mod aggregator;
 pub mod dedupe;
+pub mod meter;
 pub mod service;
 pub mod state;
 

@@ -23,12 +23,18 @@
 //! resets the usage, other parts and deltas are merged, key records are gathered and
 //! merged at the end, and a tombstone drops the key record it names. Values are
 //! MessagePack (compact, and self-describing as decimals and instants need).
+//!
+//! A usage record also carries, in header [`METER_DEFINITIONS_HEADER`], the
+//! definitions of the meters it holds usage of (JSON, as `tally.toml` names their
+//! settings). A restore refuses a state holding usage of a meter the configuration
+//! reads otherwise ([`Aggregator::check_definitions`]). A header rather than a field
+//! of the value, so that builds from before it read these records as they did.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use tally_runtime::kafka::{send, KafkaProducer};
 
@@ -38,7 +44,13 @@ use super::{AggregatorError, PartitionState};
 
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
-use tally_runtime::kafka::read_partition;
+use tally_runtime::kafka::{header_value, read_partition};
+
+use crate::meter::MeterDefinition;
+
+/// Header of a usage record: the definitions of the meters whose usage it holds, by
+/// slug.
+pub(super) const METER_DEFINITIONS_HEADER: &str = "tally.meters";
 
 /// Dedupe keys, or windows, periods and unique counts' values, per snapshot part: 800 KB
 /// of keys, a few MB of windows.
@@ -199,6 +211,8 @@ pub(super) fn restore(
     };
     // Gathered apart from the usage, which a snapshot resets; merged at the end.
     let mut keys: BTreeMap<Vec<u8>, (Kind, Snapshot)> = BTreeMap::new();
+    // Of the usage read since the last snapshot began, as its records' headers say.
+    let mut definitions: BTreeMap<String, MeterDefinition> = BTreeMap::new();
     let mut corrupt = None;
     // Nothing tells where the changelog ends: `load` reads it again while the state
     // is behind the committed input offsets.
@@ -224,9 +238,18 @@ pub(super) fn restore(
                     keys.insert(key.to_vec(), (kind, record.changes));
                     return Ok(());
                 }
+                let stored = header_value(message, METER_DEFINITIONS_HEADER)
+                    .map(serde_json::from_slice::<BTreeMap<String, MeterDefinition>>)
+                    .transpose()
+                    .map_err(|e| {
+                        format!(
+                            "its header {METER_DEFINITIONS_HEADER} is not meter definitions: {e}"
+                        )
+                    })?;
                 if let Kind::Snapshot(part) = kind {
                     if part == 0 {
                         restored.aggregator = fresh();
+                        definitions.clear();
                         restored.changelog.deltas.clear();
                         restored.changelog.delta_bytes = 0;
                         restored.changelog.snapshot_parts = 0;
@@ -241,6 +264,7 @@ pub(super) fn restore(
                         .push(String::from_utf8_lossy(key).into_owned());
                     restored.changelog.delta_bytes += value.len();
                 }
+                definitions.extend(stored.into_iter().flatten());
                 restored
                     .aggregator
                     .merge(record.changes)
@@ -270,6 +294,13 @@ pub(super) fn restore(
         // Keys only: merging them cannot fail.
         let _ = restored.aggregator.merge(changes);
     }
+    (restored.aggregator.check_definitions(&definitions)).map_err(|source| {
+        AggregatorError::MeterChanged {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        }
+    })?;
     Ok(restored)
 }
 
@@ -384,13 +415,21 @@ impl PartitionState {
             changes,
         }
         .encode();
-        send(
-            producer,
-            BaseRecord::to(topic)
-                .partition(partition)
-                .key(key.as_bytes())
-                .payload(&record),
-        )?;
+        let mut message = BaseRecord::to(topic)
+            .partition(partition)
+            .key(key.as_bytes())
+            .payload(&record);
+        let definitions = self.aggregator.definitions_of(changes);
+        let header;
+        if !definitions.is_empty() {
+            // Plain data with string keys: a failure is a bug.
+            header = serde_json::to_vec(&definitions).expect("meter definitions serialise");
+            message = message.headers(OwnedHeaders::new().insert(Header {
+                key: METER_DEFINITIONS_HEADER,
+                value: Some(&header),
+            }));
+        }
+        send(producer, message)?;
         Ok(record.len())
     }
 }

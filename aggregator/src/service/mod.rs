@@ -128,6 +128,12 @@ pub enum AggregatorError {
         committed: usize,
         partitions: usize,
     },
+    #[error("partition {partition}'s state in changelog {topic} cannot be restored with this price book: {source}")]
+    MeterChanged {
+        topic: String,
+        partition: i32,
+        source: crate::RestoreError,
+    },
     #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed, or its aggregation or group_by changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
         topic: String,

@@ -2967,6 +2967,53 @@ fn an_aggregator_whose_state_is_of_fewer_partitions_than_its_topics_stops_saying
     );
 }
 
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn an_aggregator_restarted_with_a_meter_that_reads_otherwise_stops_and_the_book_before_goes_on() {
+    let _serial = serial();
+    let p = Pipeline::new("redefined", 3_000, 20, "");
+    let lines = p.lines();
+    let (first, rest) = lines.split_at(lines.len() / 2);
+    p.start("rater", "rater-a");
+    p.start("aggregator", "agg-a");
+    p.produce(first);
+    p.wait_caught_up("aggregator", Duration::from_secs(120));
+    p.stop("agg-a");
+    let definitions: Vec<String> = (p.read_topic("aggregator-changelog").into_iter())
+        .filter_map(|(_, headers)| headers.get("tally.meters").cloned())
+        .collect();
+    assert!(
+        definitions.iter().any(|d| d.contains(
+            r#""tokens":{"event_type":"llm.tokens","aggregation":"sum","value_property":"$.tokens""#
+        )),
+        "{definitions:?}"
+    );
+
+    // The month's tokens so far were read from `$.tokens`: the rest would be read from
+    // another field and added to them.
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let moved = edited(
+        &book,
+        r#"value_property = "$.tokens""#,
+        r#"value_property = "$.usage.tokens""#,
+    );
+    std::fs::write(&p.config, moved).unwrap();
+    p.start("aggregator", "agg-b");
+    let (status, log) = p.wait_exit("agg-b", Duration::from_secs(120));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("holds usage read with value_property = ")
+            && log.contains("$.usage.tokens")
+            && log.contains("new meter (another slug)"),
+        "{log}"
+    );
+
+    std::fs::write(&p.config, book).unwrap();
+    p.start("aggregator", "agg-c");
+    p.produce(rest);
+    p.wait_for(&p.expected(), Duration::from_secs(180));
+}
+
 /// Prometheus's answer to an instant query: `(labels, value)` per series.
 fn prometheus(query: &str) -> Vec<(serde_json::Value, f64)> {
     let url = format!(
