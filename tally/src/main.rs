@@ -4,7 +4,7 @@
 //! - `validate`: lint a tally.toml ([`tally_schemas::config`]).
 //! - `rate`: batch-rate one month of events for finance (`batch.rs`, `summary.rs`,
 //!   `report.rs`).
-//! - `explain`: one customer's invoice of a month worked through (`explain.rs`).
+//! - `explain`: one customer's invoice of a month worked through (`explain/`).
 //! - `reconcile`: two sets of a month's invoice lines compared (`reconcile/`).
 //! - `demo`: generate a realistic month and run it through the embedded pipeline
 //!   (`demo/`, `embedded/`).
