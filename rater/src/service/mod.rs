@@ -155,6 +155,9 @@ struct PartitionState {
     /// The last check re-rated the partition for a book its commit did not name: a
     /// line with usage the next batch rates that is not `restated` is new.
     lines_new_unless_restated: bool,
+    /// The price book of the newest stored line that check found stale: the book the
+    /// lines it adds were added to, as their repricing rows say.
+    stale_book: Option<String>,
     /// Where the records of the open periods begin: committed with the offsets.
     first_offsets: FirstOffsets,
 }
@@ -283,6 +286,7 @@ impl PartitionOwner for Worker {
                 restated: HashMap::new(),
                 ended_months_repriced: EndedMonthsRepriced::default(),
                 lines_new_unless_restated: false,
+                stale_book: None,
                 first_offsets: rebuilt.first_offsets,
             };
             if rebuilt.restate_open_months {
@@ -627,17 +631,24 @@ impl Worker {
             }
             let (restated, repriced) = (&mut state.restated, &mut state.ended_months_repriced);
             let new_unless_restated = std::mem::take(&mut state.lines_new_unless_restated);
+            let stale_book = std::mem::take(&mut state.stale_book);
             let rows = self.pending.rows(partition);
             for mut rated in lines {
                 let stored = restated.remove(&rated.line.id);
                 let line = &rated.line;
-                if let Some(stored) = &stored {
-                    rated.delta = line.amount - stored.amount;
-                    let repriced = price_book::repriced_amount(&self.config, stored, line);
-                    let repricing = repriced
-                        .and_then(|amount| price_book::repricing(stored, amount, &self.book, now));
-                    rows.repricings.extend(repricing.map(|r| (version, r)));
-                }
+                let repricing = match &stored {
+                    Some(stored) => {
+                        rated.delta = line.amount - stored.amount;
+                        price_book::repriced_amount(&self.config, stored, line).and_then(|amount| {
+                            price_book::repricing(stored, amount, &self.book, now)
+                        })
+                    }
+                    None if new_unless_restated => stale_book
+                        .as_deref()
+                        .and_then(|before| price_book::addition(line, before, &self.book, now)),
+                    None => None,
+                };
+                rows.repricings.extend(repricing.map(|r| (version, r)));
                 if stored.is_some() || new_unless_restated {
                     let period = Period::containing(line.period_start);
                     let before = stored.as_ref().map_or(Decimal::ZERO, |s| s.amount);
@@ -685,6 +696,7 @@ mod tests {
             restated: HashMap::new(),
             ended_months_repriced: EndedMonthsRepriced::default(),
             lines_new_unless_restated: false,
+            stale_book: None,
             first_offsets: FirstOffsets::default(),
         };
         // Its check deferred, the partition still holds the old book's lines: a next

@@ -158,6 +158,28 @@ pub(super) fn repricing(
     })
 }
 
+/// What `book` added at `at` to the lines book `before` had stored: a repricing from
+/// nothing, unless the line bills nothing.
+pub(super) fn addition(
+    line: &InvoiceLine,
+    before: &str,
+    book: &str,
+    at: DateTime<Utc>,
+) -> Option<Repricing> {
+    (!line.amount.is_zero()).then(|| Repricing {
+        id: line.id.clone(),
+        customer: line.customer.clone(),
+        price: line.price.clone(),
+        period: Period::containing(line.period_start),
+        adjusts: line.adjusts_period,
+        repriced_at: at,
+        book_before: before.to_owned(),
+        book_after: book.to_owned(),
+        amount_before: Decimal::new(0, line.amount.scale()),
+        amount_after: line.amount,
+    })
+}
+
 impl PartitionState {
     /// This partition's lines among `stale`: another's would have it re-rate everything
     /// at every check without fixing them (one settled in its own partition, say).
@@ -220,11 +242,18 @@ impl PartitionState {
         if rerate.stored_with_another_book {
             // Every line the partition stored was another book's, so one whose id no
             // stale row has is new: a price or a customer this book adds to a month.
+            let stale_book = (rerate.stale.iter())
+                .max_by_key(|line| line.version)
+                .map(|line| line.config_hash.clone());
             let added = (rows.opening[opening_before..].iter()).filter(|line| {
                 rerate.judge.owns(&line.customer)
                     && !rerate.all_stale_ids.contains(line.id.as_str())
             });
             for line in added {
+                if let Some(before) = &stale_book {
+                    let added = addition(line, before, rerate.book, rerate.now);
+                    rows.repricings.extend(added.map(|r| (version, r)));
+                }
                 let period = Period::containing(line.period_start);
                 let amounts = (Decimal::ZERO, line.amount);
                 (self.ended_months_repriced).note(
@@ -235,6 +264,7 @@ impl PartitionState {
                 );
             }
             self.lines_new_unless_restated = true;
+            self.stale_book = stale_book;
         }
         let before = rows.retired.len();
         let stale_lines = rerate.stale.len();

@@ -250,7 +250,7 @@ fn write_repricings(
     writeln!(out)?;
     writeln!(
         out,
-        "lines of {period} a new price book changed after they were stored (the lines above are as the latest book rates them):"
+        "lines of {period} a new price book changed after they were stored, or added from 0 (the lines above are as the latest book rates them):"
     )?;
     let currency = currency.map(|c| format!(" {c}")).unwrap_or_default();
     for r in repricings {

@@ -1863,27 +1863,47 @@ fn lines_a_new_price_book_changes_are_kept_with_what_they_billed_before_and_expl
     let book_before = books(&p).trim().to_owned();
     p.stop("rater-a");
 
-    // The starter resolution price and the pro platform fee go up.
+    // The starter resolution price and the pro platform fee go up, and the euro plan
+    // gets a support fee.
     raise_prices(&p);
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let eu = "id = \"scale-eu\"\ncurrency = \"eur\"\nrounding = \"half_even\"\n";
+    let support =
+        "\n[[plans.prices]]\nid = \"support\"\nbilling_scheme = \"flat\"\nunit_amount = \"20\"\n";
+    std::fs::write(&p.config, edited(&book, eu, &format!("{eu}{support}"))).unwrap();
     p.start("rater", "rater-b");
     let after = p.expected();
     p.wait_for(&after, Duration::from_secs(120));
     let book_after = books(&p).trim().to_owned();
     assert_ne!(book_before, book_after);
 
-    // Every line whose amount changed has its row: before, after, both books.
-    let mut changed: Vec<String> = (before.iter().zip(&after))
-        .filter(|(b, a)| b.3 != a.3)
-        .map(|(b, a)| {
-            assert_eq!((&b.0, &b.1), (&a.0, &a.1));
-            format!(
-                "{}\t{}\t{}\t{}\t{book_before}\t{book_after}\n",
-                b.0, b.1, b.3, a.3
-            )
+    // Every line whose amount changed, and every line added, has its row: before
+    // (0 when added), after, both books.
+    let amounts = |lines: &[harness::Line]| -> BTreeMap<(String, String), (String, String)> {
+        (lines.iter())
+            .map(|l| ((l.0.clone(), l.1.clone()), (l.3.clone(), l.4.clone())))
+            .collect()
+    };
+    let was = amounts(&before);
+    let mut changed: Vec<String> = (amounts(&after).into_iter())
+        .filter_map(|((customer, price), (amount, currency))| {
+            let zero = if currency == "jpy" { "0" } else { "0.00" };
+            let before = was.get(&(customer.clone(), price.clone()));
+            let before = before
+                .map_or(zero, |(amount, _)| amount.as_str())
+                .to_owned();
+            (before != amount).then(|| {
+                format!("{customer}\t{price}\t{before}\t{amount}\t{book_before}\t{book_after}\n")
+            })
         })
         .collect();
     changed.sort();
-    assert!(!changed.is_empty());
+    assert!(
+        changed
+            .iter()
+            .any(|row| row.contains("\tsupport\t0.00\t20.00\t")),
+        "{changed:?}"
+    );
     let kept = p.query(&format!(
         "SELECT customer, price, amount_before, amount_after, book_before, book_after \
          FROM {}.line_repricings FINAL ORDER BY customer, price FORMAT TSV",
@@ -1892,10 +1912,12 @@ fn lines_a_new_price_book_changes_are_kept_with_what_they_billed_before_and_expl
     assert_eq!(kept, changed.concat());
 
     // Support sees it under the customer's month.
-    let (customer, price, amount_before, amount_after) = (before.iter().zip(&after))
-        .find(|(b, a)| b.3 != a.3)
-        .map(|(b, a)| (&b.0, &b.1, &b.3, &a.3))
+    let ((customer, price), (amount_after, _)) = (amounts(&after).into_iter())
+        .find(|(key, (amount, currency))| {
+            currency == "usd" && was.get(key).is_some_and(|(before, _)| before != amount)
+        })
         .unwrap();
+    let amount_before = &was[&(customer.clone(), price.clone())].0;
     let output = p.tally(
         &[
             "explain",
@@ -1903,7 +1925,7 @@ fn lines_a_new_price_book_changes_are_kept_with_what_they_billed_before_and_expl
             "--period",
             p.period,
             "--customer",
-            customer,
+            &customer,
         ],
         &[],
     );
@@ -1911,7 +1933,7 @@ fn lines_a_new_price_book_changes_are_kept_with_what_they_billed_before_and_expl
     assert!(output.status.success(), "{shown}");
     assert!(
         shown.contains(&format!(
-            "lines of {} a new price book changed after they were stored",
+            "lines of {} a new price book changed after they were stored, or added from 0",
             p.period
         )),
         "{shown}"
