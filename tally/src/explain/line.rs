@@ -614,7 +614,13 @@ fn write_latest_values(
     series: &[&SeriesWindows],
 ) -> io::Result<()> {
     for (key, windows) in series {
-        let latest = (windows.iter()).fold(MeterValue::ZERO, |held, w| held.later(w.value));
+        // Windows read from ClickHouse carry no event order; they come in time order,
+        // so the last one's value is the series' latest.
+        let latest = if windows.iter().all(|w| w.value.latest.is_none()) {
+            windows.last().map_or(MeterValue::ZERO, |w| w.value)
+        } else {
+            (windows.iter()).fold(MeterValue::ZERO, |held, w| held.later(w.value))
+        };
         let group = group_text(e.config, &key.meter, &key.group);
         let group = match group.trim_start() {
             "" => "latest".to_owned(),

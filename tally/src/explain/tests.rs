@@ -312,3 +312,63 @@ fn stored_windows_that_do_not_make_the_quantity_are_pointed_out() {
         "{shown}"
     );
 }
+
+#[test]
+fn a_latest_meters_stored_windows_show_each_groups_last_value() {
+    let config = Config::parse(
+        r#"
+[[meters]]
+slug = "seats"
+event_type = "seats.snapshot"
+aggregation = "latest"
+value_property = "$.seats"
+group_by = { team = "$.team" }
+
+[[plans]]
+id = "seats"
+currency = "usd"
+
+[[plans.prices]]
+id = "seats"
+meter = "seats"
+billing_scheme = "per_unit"
+unit_amount = "25"
+
+[[customers]]
+id = "cust_acme"
+plan = "seats"
+"#,
+        "test.toml",
+    )
+    .unwrap();
+    let lines = [line(&config, "cust_acme", "2026-11", 13)];
+    let start = month("2026-11").start();
+    // As the pipeline stores them: in time order, without the events' order.
+    let team = |name: &str, values: &[(i64, i64)]| {
+        let key = Arc::new(SeriesKey {
+            customer: "cust_acme".to_owned(),
+            meter: "seats".to_owned(),
+            group: vec![name.to_owned()],
+            adjusts: None,
+        });
+        let windows = (values.iter())
+            .map(|&(hour, seats)| WindowUsage {
+                window_start: start + chrono::Duration::hours(hour),
+                window_end: start + chrono::Duration::hours(hour + 1),
+                value: MeterValue {
+                    value: Decimal::from(seats),
+                    latest: None,
+                },
+                revision: 1,
+            })
+            .collect();
+        (key, windows)
+    };
+    let usage = [
+        team("a", &[(3, 5), (50, 8), (400, 7)]),
+        team("b", &[(10, 3), (90, 6)]),
+    ];
+    let shown = explained(&config, "cust_acme", &lines, &usage);
+    assert!(shown.contains("            team = a: 7\n"), "{shown}");
+    assert!(shown.contains("            team = b: 6\n"), "{shown}");
+}
