@@ -21,7 +21,7 @@ use rdkafka::ClientConfig;
 use tally_runtime::kafka::{
     ensure_topics, group_consumer, partition_for_key, partitions_beyond, read_partition,
     record_lag, wait_until_caught_up, CatchUpError, GroupContext, KafkaSetupError, PartitionOwner,
-    ReadError, MAX_RECORD_BYTES,
+    ReadError, MAX_RECORD_BYTES, REJECTED_RETENTION_MS,
 };
 use tally_schemas::config::{KafkaSettings, Topic};
 
@@ -439,6 +439,16 @@ fn topics_an_operator_made_without_the_settings_tally_needs_are_refused() {
     };
     block_on(ensure_topics(&fresh)).unwrap();
     block_on(ensure_topics(&fresh)).unwrap();
+    // The rejected topic keeps refused events a quarter, not the broker's week.
+    let rejected = fresh.topic(Topic::Rejected);
+    let described =
+        block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&rejected)], &options()))
+            .unwrap();
+    let resource = described.into_iter().next().unwrap().unwrap();
+    let retention = resource
+        .get("retention.ms")
+        .and_then(|e| e.value.as_deref());
+    assert_eq!(retention, Some(REJECTED_RETENTION_MS));
 }
 
 #[test]

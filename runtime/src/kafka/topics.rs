@@ -57,6 +57,9 @@ impl KafkaSetupError {
 /// large transaction); the topics they write to must accept it.
 pub const MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
 
+/// How long Tally creates the rejected topic to keep its records: 90 days.
+pub const REJECTED_RETENTION_MS: &str = "7776000000";
+
 /// A topic setting the pipeline's correctness rests on: set when Tally creates the
 /// topic, checked at every start (an operator may have created it beforehand).
 struct NeededSetting {
@@ -322,6 +325,10 @@ async fn create_topics(
                     ("segment.ms", "3600000"),
                     ("min.cleanable.dirty.ratio", "0.1"),
                 ],
+                // Refused events are the evidence for a sender's "I sent it", and
+                // too-late usage waits there to be billed by hand: kept a quarter, not
+                // the broker's default week.
+                Topic::Rejected => &[("retention.ms", REJECTED_RETENTION_MS)],
                 _ => &[],
             };
             let new = tuning.iter().fold(
