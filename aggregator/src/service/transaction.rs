@@ -18,8 +18,8 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tally_runtime::kafka::{
-    failed_to, flush, held_partitions, idempotent_producer_config, positions_ahead, send,
-    DeliveryReports, KafkaProducer, LINGER, MAX_RECORD_BYTES,
+    failed_to, flush, held_partitions, positions_ahead, send, transactional_producer_config,
+    DeliveryReports, KafkaProducer,
 };
 use tally_runtime::metrics::observe_age;
 use tally_runtime::threads::on_threads;
@@ -56,10 +56,7 @@ pub(super) fn transactional_id(kafka: &KafkaSettings) -> String {
 
 pub(super) fn new_producer(kafka: &KafkaSettings) -> Result<KafkaProducer, AggregatorError> {
     let transactional_id = transactional_id(kafka);
-    let producer: KafkaProducer = idempotent_producer_config(kafka, LINGER)
-        .set("transactional.id", &transactional_id)
-        .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
-        .set("transaction.timeout.ms", "60000")
+    let producer: KafkaProducer = transactional_producer_config(kafka, &transactional_id)
         .create_with_context(DeliveryReports::default())
         .map_err(failed_to("create the transactional producer"))?;
     // Fences any earlier producer with this id (a previous run of this instance) and

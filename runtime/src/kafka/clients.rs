@@ -7,12 +7,16 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::BaseProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext};
 use tally_schemas::config::KafkaSettings;
 
 use crate::throttle::LogThrottle;
+
+use super::MAX_RECORD_BYTES;
 
 /// Brokers and pass-through properties; each client adds its own settings: those Tally
 /// needs for correctness with `set` or [`force`], which replace an operator's value
@@ -184,6 +188,18 @@ pub fn idempotent_producer_config(settings: &KafkaSettings, linger: Duration) ->
     config
 }
 
+/// [`idempotent_producer_config`] for the aggregator's transactional producer, `id` its
+/// transactional id: records up to [`MAX_RECORD_BYTES`], and a transaction the broker
+/// aborts after a minute open.
+pub fn transactional_producer_config(settings: &KafkaSettings, id: &str) -> ClientConfig {
+    let mut config = idempotent_producer_config(settings, LINGER);
+    config
+        .set("transactional.id", id)
+        .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
+        .set("transaction.timeout.ms", "60000");
+    config
+}
+
 /// A Kafka request that failed, and what Tally was doing: every service's Kafka
 /// error, so each says what it was about in the same words.
 #[derive(Debug, thiserror::Error)]
@@ -200,12 +216,14 @@ pub fn failed_to(what: impl Into<String>) -> impl FnOnce(KafkaError) -> KafkaOpE
     move |source| KafkaOpError { what, source }
 }
 
-/// A `[kafka] properties` entry librdkafka refuses.
+/// `[kafka] properties` librdkafka refuses.
 #[derive(Debug, thiserror::Error)]
-#[error("[kafka] properties.\"{name}\": {description} (its value is not shown: it may be a secret); fix or remove it")]
-pub struct PropertyError {
-    pub name: String,
-    pub description: String,
+pub enum PropertyError {
+    #[error("[kafka] properties.\"{name}\": {description} (its value is not shown: it may be a secret); fix or remove it")]
+    Refused { name: String, description: String },
+    /// Each is accepted, but not together with the others or with what Tally sets.
+    #[error("[kafka] properties: {description}, with the settings Tally's clients add (linger.ms 5 and transaction.timeout.ms 60000 on its producers, unless the first is set); change the properties it names")]
+    Combination { description: String },
 }
 
 /// Checks every `[kafka] properties` entry with librdkafka, without creating a client,
@@ -224,13 +242,30 @@ pub fn check_properties(settings: &KafkaSettings) -> Result<(), PropertyError> {
                 true => description,
                 false => description.replace(value.as_str(), "…"),
             };
-            return Err(PropertyError {
+            return Err(PropertyError::Refused {
                 name: name.clone(),
                 description,
             });
         }
     }
-    Ok(())
+    // Some librdkafka checks only when a client is made (message.timeout.ms above
+    // linger.ms and at most transaction.timeout.ms, say): make the clients the
+    // services make, with no brokers to connect to.
+    let mut producer = transactional_producer_config(settings, "tally-validate");
+    let mut consumer = client_config(settings);
+    consumer.set("group.id", "tally-validate");
+    tune_fetching(&mut consumer);
+    for config in [&mut producer, &mut consumer] {
+        config.remove("bootstrap.servers");
+    }
+    let made = (producer.create::<BaseProducer>().map(drop))
+        .and_then(|()| consumer.create::<BaseConsumer>().map(drop));
+    made.map_err(|e| PropertyError::Combination {
+        description: match e {
+            KafkaError::ClientCreation(description) => description,
+            other => other.to_string(),
+        },
+    })
 }
 
 /// How the services' group consumers fetch: set on any consumer that should read a
@@ -261,6 +296,25 @@ mod tests {
             replication_factor: 1,
             instance_id: "0".to_owned(),
         }
+    }
+
+    #[test]
+    fn properties_refused_only_together_or_with_tallys_settings_are_refused_before_a_start() {
+        let refused =
+            |properties: &[(&str, &str)]| match check_properties(&with_properties(properties)) {
+                Err(PropertyError::Combination { description }) => description,
+                other => panic!("{properties:?}: {other:?}"),
+            };
+        // Below Tally's linger of 5 ms, or above the transactions' timeout.
+        assert!(refused(&[("message.timeout.ms", "1")]).contains("linger.ms"));
+        assert!(refused(&[("message.timeout.ms", "1"), ("linger.ms", "50")]).contains("linger.ms"));
+        assert!(refused(&[("message.timeout.ms", "120000")]).contains("transaction.timeout.ms"));
+        let fine = [("message.timeout.ms", "30000"), ("linger.ms", "20")];
+        assert!(check_properties(&with_properties(&fine)).is_ok());
+        assert!(matches!(
+            check_properties(&with_properties(&[("linger.ms", "soon")])),
+            Err(PropertyError::Refused { name, .. }) if name == "linger.ms"
+        ));
     }
 
     #[test]

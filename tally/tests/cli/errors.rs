@@ -260,6 +260,28 @@ fn validate_refuses_a_kafka_property_librdkafka_refuses_without_showing_its_valu
 }
 
 #[test]
+fn validate_refuses_kafka_properties_librdkafka_refuses_only_when_a_client_is_made() {
+    let f = Fixture::new(&format!(
+        "{PRO}\n[kafka]\nproperties = {{ \"message.timeout.ms\" = \"1\" }}\n"
+    ));
+    let run = Run::from(
+        f.tally()
+            .args(["validate", "--config", "tally.toml"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_shows(
+        &run.stderr,
+        &[
+            "[kafka] properties: ",
+            "linger.ms",
+            "change the properties it names",
+        ],
+    );
+}
+
+#[test]
 fn validate_for_the_rater_reads_its_clickhouse_ca_file_as_its_start_would() {
     let f = Fixture::new(&format!(
         "{PRO}\n[clickhouse]\nurl = \"https://127.0.0.1:8443\"\nca_file = \"missing-ca.pem\"\n"
