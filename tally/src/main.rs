@@ -31,7 +31,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tally_rater::clickhouse::ClickHouse;
-use tally_schemas::config::{ClickHouseFlags, Config};
+use tally_schemas::config::{book_changes, ClickHouseFlags, Config, ConfigFile};
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchOptions};
@@ -68,6 +68,10 @@ enum Command {
         /// without its API keys' secrets), as `tally serve` would.
         #[arg(long, value_enum)]
         service: Option<serve::Service>,
+        /// The price book the pipeline runs now: list what this one changes of it, and
+        /// what each change does to the pipeline's months, before it is deployed.
+        #[arg(long, value_name = "TOML")]
+        deployed: Option<PathBuf>,
     },
     /// Rate one calendar month (UTC) of usage events into invoice lines.
     Rate(RateArgs),
@@ -184,7 +188,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     let (result, on_error) = match cli.command {
-        Command::Validate { config, service } => (done(validate(&config, service)), 1),
+        Command::Validate {
+            config,
+            service,
+            deployed,
+        } => (done(validate(&config, service, deployed.as_deref())), 1),
         Command::Rate(args) => (done(rate(args)), 1),
         Command::Explain(args) => (done(explain::run(args)), 1),
         // `diff`'s convention: 1 says the two differ, so an error must say 2.
@@ -253,7 +261,11 @@ pub fn environment(name: &str) -> Option<String> {
     })
 }
 
-fn validate(path: &Path, service: Option<serve::Service>) -> anyhow::Result<()> {
+fn validate(
+    path: &Path,
+    service: Option<serve::Service>,
+    deployed: Option<&Path>,
+) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     // The services' sections too, with this environment's overrides and secrets.
     let services = config.services(&path.display().to_string(), &environment)?;
@@ -294,6 +306,27 @@ fn validate(path: &Path, service: Option<serve::Service>) -> anyhow::Result<()> 
     }
     for warning in &config.warnings {
         writeln!(out, "warning: {warning}")?;
+    }
+    if let Some(deployed) = deployed {
+        let running = Config::load(deployed)?;
+        let changes = book_changes(
+            &ConfigFile::load(deployed)?,
+            &ConfigFile::load(path)?,
+            Period::containing(Utc::now()),
+        );
+        writeln!(
+            out,
+            "against {} (price book hash {} -> {}):",
+            deployed.display(),
+            running.hash,
+            config.hash
+        )?;
+        if changes.is_empty() {
+            writeln!(out, "  no change to meters, plans or customers")?;
+        }
+        for change in changes {
+            writeln!(out, "  {change}")?;
+        }
     }
     Ok(())
 }

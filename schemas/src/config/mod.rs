@@ -6,6 +6,7 @@
 //! fields, so a typo is an error rather than a silently ignored setting. Every default is
 //! in `defaults.rs`.
 
+mod changes;
 pub(crate) mod defaults;
 mod likely;
 mod services;
@@ -22,6 +23,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use changes::{book_changes, BookChange, Effect};
 pub use defaults::{Settings, DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT};
 pub use likely::likely_meant;
 pub use services::{
@@ -443,22 +445,37 @@ struct ServiceSpecsOwned {
     rater: RaterSpec,
 }
 
-impl Config {
-    /// Reads and validates a file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+impl ConfigFile {
+    /// Reads a file as written, its syntax checked and nothing else: what
+    /// [`book_changes`] compares. [`Config::load`] validates it.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        ConfigFile::parse(&text, &path.display().to_string())
+    }
+
+    fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::validated(ConfigFile::load(path)?, &path.display().to_string())
     }
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            origin: origin.to_owned(),
-            message: e.to_string(),
-        })?;
+        Config::validated(ConfigFile::parse(text, origin)?, origin)
+    }
+
+    fn validated(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
         file.validate().map_err(|issues| ConfigError::Invalid {
             origin: origin.to_owned(),
             issues,

@@ -20,6 +20,62 @@ fn validate_accepts_a_good_config_and_summarises_it() {
 }
 
 #[test]
+fn validate_against_the_deployed_book_lists_what_the_new_one_changes_and_what_that_does() {
+    let f = Fixture::new(PRO);
+    f.write("deployed.toml", PRO.as_bytes());
+    let against = |book: &str| {
+        f.write("tally.toml", book.as_bytes());
+        let run: Run = (f.tally())
+            .args([
+                "validate",
+                "--config",
+                "tally.toml",
+                "--deployed",
+                "deployed.toml",
+            ])
+            .output()
+            .unwrap()
+            .into();
+        run.succeeded().stdout
+    };
+    let same = against(PRO);
+    assert!(
+        same.ends_with("  no change to meters, plans or customers\n"),
+        "{same}"
+    );
+    let new = PRO
+        .replacen(
+            r#"value_property = "$.tokens""#,
+            r#"value_property = "$.usage""#,
+            1,
+        )
+        .replacen(r#"unit_amount = "0.02""#, r#"unit_amount = "0.025""#, 1);
+    let shown = against(&new);
+    let hash = |book: &str| {
+        f.write("other.toml", book.as_bytes());
+        let run: Run = (f.tally())
+            .args(["validate", "--config", "other.toml"])
+            .output()
+            .unwrap()
+            .into();
+        let first = run.succeeded().stdout.lines().next().unwrap().to_owned();
+        first.rsplit(' ').next().unwrap().to_owned()
+    };
+    assert_shows(
+        &shown,
+        &[
+            &format!(
+                "against deployed.toml (price book hash {} -> {}):\n",
+                hash(PRO),
+                hash(&new)
+            ),
+            "  meter \"tokens\": value_property \"$.tokens\" -> \"$.usage\": an aggregator holding usage of this meter refuses to start with this book",
+            "  plan \"pro\" price \"gpt-tokens\": unit_amount \"0.02\" -> \"0.025\": every month not yet settled is billed anew, ended months that may have been invoiced included",
+        ],
+    );
+}
+
+#[test]
 fn the_instance_id_defaults_to_the_host_name_even_where_hostname_is_not_exported() {
     // systemd exports no HOSTNAME: every host would share the id `0`, and so one
     // transactional id, fencing each other's aggregators.
