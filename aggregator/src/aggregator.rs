@@ -812,6 +812,16 @@ impl Aggregator {
             .collect()
     }
 
+    /// The fingerprints of the definitions of the meters this state holds usage of,
+    /// by slug ([`MeterDefinition::fingerprint`]).
+    pub fn held_fingerprints(&self) -> BTreeMap<String, u64> {
+        let held = meters_of(self.series.iter().map(|s| &*s.key));
+        (self.meters.iter())
+            .filter(|(slug, _)| held.contains(slug.as_str()))
+            .map(|(slug, definition)| (slug.clone(), definition.fingerprint()))
+            .collect()
+    }
+
     /// Refuses the restored state if it holds usage of a meter that `stored` says was
     /// read otherwise than this configuration reads it. Meters without a stored
     /// definition (records of builds before definitions were stored) are not checked.

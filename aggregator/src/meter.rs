@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tally_schemas::config::{AggregationKind, Meter};
+use tally_schemas::config::{AggregationKind, Config, Meter};
+use tally_schemas::ids::Fingerprinter;
 
 /// Every setting of a meter that decides which events count and what each adds,
 /// named as in `tally.toml`; a meter's `description` is not part of it.
@@ -56,6 +57,14 @@ impl MeterDefinition {
                 .map(|(name, path)| (name.clone(), path.as_str().to_owned()))
                 .collect(),
         }
+    }
+
+    /// A digest of the definition, where the whole does not fit (a commit's offset
+    /// metadata): equal for equal definitions, in every build that writes them alike.
+    pub fn fingerprint(&self) -> u64 {
+        // Plain data with string keys: a failure is a bug.
+        let written = serde_json::to_vec(self).expect("a meter definition serialises");
+        Fingerprinter::new(b"meter").part(&written).finish_64()
     }
 
     /// The first setting in which `configured` reads events differently from `self`,
@@ -107,6 +116,24 @@ impl MeterDefinition {
             })
         })
     }
+}
+
+/// Each meter's definition's [`MeterDefinition::fingerprint`], by slug.
+pub fn fingerprints(config: &Config) -> BTreeMap<String, u64> {
+    (config.meters.iter())
+        .map(|meter| (meter.slug.clone(), MeterDefinition::of(meter).fingerprint()))
+        .collect()
+}
+
+/// The first meter of `held` (fingerprints of the meters whose usage a state holds, by
+/// slug) that `configured` does not define alike: removed, or defined otherwise.
+pub fn first_redefined<'h>(
+    held: &'h BTreeMap<String, u64>,
+    configured: &BTreeMap<String, u64>,
+) -> Option<&'h str> {
+    (held.iter())
+        .find(|(slug, fingerprint)| configured.get(*slug) != Some(fingerprint))
+        .map(|(slug, _)| slug.as_str())
 }
 
 #[cfg(test)]
@@ -194,6 +221,37 @@ mod tests {
         assert!(definition(BOOK, "resolutions")
             .change_to(&definition(&other, "resolutions"))
             .is_some());
+    }
+
+    #[test]
+    fn usage_held_under_a_definition_the_configuration_lacks_is_named() {
+        let configured = fingerprints(&Config::parse(BOOK, "test").unwrap());
+        let edited = BOOK.replacen("\"$.tokens\"", "\"$.usage\"", 1);
+        let redefined = fingerprints(&Config::parse(&edited, "test").unwrap());
+        assert_ne!(configured["tokens"], redefined["tokens"]);
+        assert_eq!(configured["resolutions"], redefined["resolutions"]);
+        let held = |slugs: &[&str]| -> BTreeMap<String, u64> {
+            slugs
+                .iter()
+                .map(|s| ((*s).to_owned(), configured[*s]))
+                .collect()
+        };
+        assert_eq!(
+            first_redefined(&held(&["resolutions", "tokens"]), &configured),
+            None
+        );
+        assert_eq!(
+            first_redefined(&held(&["resolutions", "tokens"]), &redefined),
+            Some("tokens")
+        );
+        // A meter no usage is held of may change.
+        assert_eq!(first_redefined(&held(&["resolutions"]), &redefined), None);
+        let mut removed = configured.clone();
+        removed.remove("resolutions");
+        assert_eq!(
+            first_redefined(&held(&["resolutions"]), &removed),
+            Some("resolutions")
+        );
     }
 
     #[test]

@@ -134,6 +134,8 @@ pub enum AggregatorError {
         partition: i32,
         source: crate::RestoreError,
     },
+    #[error("partition {partition}'s state holds usage of meter {meter:?} counted under a definition this price book does not have (the meter removed, or its event_type, aggregation, value_property, allow_negative_values or group_by changed), as its last commit says: another aggregator of the group runs another book, or ran it last. This one stops rather than count that meter's events two ways at once. Run every aggregator with one book, the one that usage was counted with (stop them all, then start them all), and put a new definition in a new meter (another slug) with prices from the month it starts; `tally validate --deployed` lists what a book changes")]
+    MeterRedefined { meter: String, partition: i32 },
     #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed, or its aggregation or group_by changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
         topic: String,
@@ -158,9 +160,83 @@ impl PartitionCount {
 
     /// `None` for offsets committed without it (by a build before it was written).
     fn from_metadata(metadata: &str) -> Option<Self> {
-        let count = metadata.strip_prefix(Self::PREFIX)?.parse().ok()?;
+        let (count, _) = metadata.split_once(' ').unwrap_or((metadata, ""));
+        let count = count.strip_prefix(Self::PREFIX)?.parse().ok()?;
         Some(PartitionCount(count))
     }
+}
+
+/// The meters whose usage a partition's state holds, as fingerprints of their
+/// definitions by slug ([`MeterDefinition::fingerprint`]), committed with its offset
+/// beside its [`PartitionCount`]: `partitions=4 meters={"tokens":"0f3a…"}`. Every
+/// member of the group reads every partition's, so an aggregator whose book defines
+/// such a meter otherwise stops before it counts anything, even where its own
+/// partitions hold none of that meter's usage (a rolling restart with a meter changed).
+///
+/// [`MeterDefinition::fingerprint`]: crate::meter::MeterDefinition::fingerprint
+struct HeldMeters;
+
+impl HeldMeters {
+    const SEPARATOR: &'static str = " meters=";
+    /// Kafka refuses a commit whose metadata is longer than `offset.metadata.max.bytes`
+    /// (4096 by default): past this, the meters are left out, and not checked, rather
+    /// than the commit refused.
+    const MOST_BYTES: usize = 3000;
+
+    /// `count`'s metadata with the meters `held`.
+    fn metadata(count: PartitionCount, held: &BTreeMap<String, u64>) -> String {
+        let mut metadata = count.to_metadata();
+        let fingerprints: BTreeMap<&str, String> = (held.iter())
+            .map(|(slug, fingerprint)| (slug.as_str(), format!("{fingerprint:016x}")))
+            .collect();
+        // Plain data with string keys: a failure is a bug.
+        let meters = serde_json::to_string(&fingerprints).expect("fingerprints serialise");
+        if !held.is_empty()
+            && metadata.len() + Self::SEPARATOR.len() + meters.len() <= Self::MOST_BYTES
+        {
+            metadata.push_str(Self::SEPARATOR);
+            metadata.push_str(&meters);
+        }
+        metadata
+    }
+
+    /// `None` where the commit names none (no usage held, too many meters, or a build
+    /// before they were committed).
+    fn from_metadata(metadata: &str) -> Option<BTreeMap<String, u64>> {
+        let (_, meters) = metadata.split_once(Self::SEPARATOR)?;
+        let fingerprints: BTreeMap<String, String> = serde_json::from_str(meters).ok()?;
+        (fingerprints.into_iter())
+            .map(|(slug, hex)| Some((slug, u64::from_str_radix(&hex, 16).ok()?)))
+            .collect()
+    }
+}
+
+/// Reads every partition's committed offset and refuses to go on where one's state
+/// holds usage of a meter this book removed or defines otherwise ([`HeldMeters`]).
+fn check_held_meters(
+    consumer: &GroupConsumer,
+    topics: &Topics,
+    pipeline: NonZeroUsize,
+    configured: &BTreeMap<String, u64>,
+) -> Result<(), AggregatorError> {
+    let mut every = TopicPartitionList::new();
+    for partition in 0..i32::try_from(pipeline.get()).unwrap_or(i32::MAX) {
+        every.add_partition(&topics.events, partition);
+    }
+    let committed = tally_runtime::kafka::committed_offsets(consumer, &every)
+        .map_err(failed_to("read every partition's committed offset"))?;
+    for element in committed.elements() {
+        let Some(held) = HeldMeters::from_metadata(element.metadata()) else {
+            continue;
+        };
+        if let Some(meter) = crate::meter::first_redefined(&held, configured) {
+            return Err(AggregatorError::MeterRedefined {
+                meter: meter.to_owned(),
+                partition: element.partition(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Topic names, resolved once.
@@ -203,6 +279,8 @@ struct Worker {
     period_close_grace: Duration,
     /// `[aggregator] close_idle_after`.
     close_idle_after: Option<Duration>,
+    /// The book's meters' definitions' fingerprints, by slug ([`HeldMeters`]).
+    meter_fingerprints: Arc<BTreeMap<String, u64>>,
     /// After a failed attempt to write idle partitions' close records, none before
     /// this: each attempt holds the consume loop up to [`IDLE_CLOSE_WAIT`].
     idle_close_not_before: Option<Instant>,
@@ -321,7 +399,9 @@ pub fn run(
     tally_runtime::kafka::wait_until_instance_free(kafka, "aggregator", &shutdown)?;
     let producer = new_producer(kafka)?;
     let unread = metrics.unread_partitions.clone();
+    let meter_fingerprints = Arc::new(crate::meter::fingerprints(&config));
     let worker = Arc::new(Mutex::new(Worker {
+        meter_fingerprints: Arc::clone(&meter_fingerprints),
         config,
         partition_count,
         period_close_grace: settings.aggregator.period_close_grace,
@@ -402,6 +482,7 @@ pub fn run(
             if last_partition_check.is_none_or(|at| at.elapsed() >= PARTITION_CHECK_INTERVAL) {
                 last_partition_check = Some(Instant::now());
                 check_partitions(&consumer, &topics, partition_count, &unread)?;
+                check_held_meters(&consumer, &topics, partition_count, &meter_fingerprints)?;
             }
             // A recovery since the batch was read rewound the consumer to before it.
             if epoch.load(Ordering::SeqCst) != read_in {
@@ -625,5 +706,28 @@ mod tests {
         assert_eq!(PartitionCount::from_metadata(""), None);
         assert_eq!(PartitionCount::from_metadata("partitions=0"), None);
         assert_eq!(PartitionCount::from_metadata("{\"from\":1}"), None);
+    }
+
+    #[test]
+    fn the_meters_a_state_holds_travel_beside_the_partition_count() {
+        let four = PartitionCount(NonZeroUsize::new(4).unwrap());
+        let held: BTreeMap<String, u64> = [
+            ("tokens".to_owned(), 0x0f3a),
+            ("odd \"slug\" name".to_owned(), u64::MAX),
+        ]
+        .into();
+        let metadata = HeldMeters::metadata(four, &held);
+        assert_eq!(
+            metadata,
+            r#"partitions=4 meters={"odd \"slug\" name":"ffffffffffffffff","tokens":"0000000000000f3a"}"#
+        );
+        assert_eq!(PartitionCount::from_metadata(&metadata), Some(four));
+        assert_eq!(HeldMeters::from_metadata(&metadata), Some(held));
+        // Nothing held, or an earlier build's commit: no meters to check.
+        assert_eq!(HeldMeters::metadata(four, &BTreeMap::new()), "partitions=4");
+        assert_eq!(HeldMeters::from_metadata("partitions=4"), None);
+        // Too many to fit Kafka's limit: left out rather than the commit refused.
+        let many: BTreeMap<String, u64> = (0..200).map(|i| (format!("meter_{i:03}"), i)).collect();
+        assert_eq!(HeldMeters::metadata(four, &many), "partitions=4");
     }
 }

@@ -20,7 +20,7 @@ use crate::aggregator::Aggregator;
 
 use super::changelog::Restored;
 use super::{
-    AggregatorError, GroupConsumer, PartitionCount, PartitionState, Worker,
+    check_held_meters, AggregatorError, GroupConsumer, PartitionCount, PartitionState, Worker,
     RESTORE_BEHIND_PATIENCE, RESTORE_TIMEOUT,
 };
 
@@ -47,7 +47,12 @@ impl Worker {
                 )
             })
             .partition(|(partition, _)| *partition < pipeline);
-        for (partition, state) in self.load_all(wanted)? {
+        let loaded = self.load_all(wanted)?;
+        // After the restores, which name the setting where this member's own
+        // partitions hold the meter's usage: this finds it held by any partition.
+        let fingerprints = &self.meter_fingerprints;
+        check_held_meters(consumer, &self.topics, self.partition_count, fingerprints)?;
+        for (partition, state) in loaded {
             self.check_retention(consumer, partition, state.next_offset);
             let start = match state.next_offset {
                 0 => Offset::Beginning,

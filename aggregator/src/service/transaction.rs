@@ -28,7 +28,7 @@ use tally_schemas::records::{settled_record, SETTLED_HEADER};
 
 use super::changelog::{delta_key, keys_key, tombstone, write_snapshot};
 use super::{
-    AggregatorError, GroupConsumer, PartitionCount, PartitionState, Topics, Worker,
+    AggregatorError, GroupConsumer, HeldMeters, PartitionCount, PartitionState, Topics, Worker,
     FENCED_AGAIN_WITHIN, TRANSACTION_TIMEOUT,
 };
 
@@ -302,8 +302,14 @@ impl Worker {
             self.metrics.window_updates.inc_by(updates as u64);
             let mut committing = offsets.add_partition(&self.topics.events, partition);
             committing.set_offset(Offset::Offset(next_offset))?;
-            // The partition count the state is of, for a later owner to check.
-            committing.set_metadata(PartitionCount(self.partition_count).to_metadata());
+            // The partition count the state is of, and the meters it holds usage of,
+            // for the group to check.
+            let held = self
+                .partitions
+                .get(&partition)
+                .map(|state| state.aggregator.held_fingerprints());
+            let count = PartitionCount(self.partition_count);
+            committing.set_metadata(HeldMeters::metadata(count, &held.unwrap_or_default()));
         }
         let group = consumer
             .group_metadata()

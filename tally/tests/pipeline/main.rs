@@ -3036,6 +3036,58 @@ fn an_aggregator_restarted_with_a_meter_that_reads_otherwise_stops_and_the_book_
     p.wait_for(&p.expected(), Duration::from_secs(180));
 }
 
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn an_aggregator_joining_with_a_meter_defined_otherwise_stops_though_its_partitions_hold_none_of_it(
+) {
+    let _serial = serial();
+    let p = Pipeline::new("redefined_elsewhere", 1_000, 10, "");
+    // Tokens in one partition only: a member on another book given only the others
+    // would restore nothing of that meter's usage.
+    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
+    let home = partition_for_key(b"cust_00000", partitions);
+    let mut events = resolution_each("r", "2026-10-10T10:00:00Z");
+    events.extend(
+        (customers().iter())
+            .filter(|c| partition_for_key(c.as_bytes(), partitions) == home)
+            .map(|c| tokens_event(&format!("t-{c}"), c, "gpt-x", 1000, "2026-10-10T11:00:00Z")),
+    );
+    p.start("rater", "rater-a");
+    p.start("aggregator", "agg-a");
+    p.produce(&events);
+    p.wait_caught_up("aggregator", Duration::from_secs(120));
+
+    // A rolling restart's first new instance, on a book that reads tokens otherwise.
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let moved = edited(
+        &book,
+        r#"value_property = "$.tokens""#,
+        r#"value_property = "$.usage.tokens""#,
+    );
+    std::fs::write(&p.config, moved).unwrap();
+    p.start("aggregator", "agg-b");
+    let (status, log) = p.wait_exit("agg-b", Duration::from_secs(120));
+    assert!(!status.success(), "{log}");
+    // Refused by the group's check, or by its own restore where the rebalance gave
+    // it the partition holding the tokens (the assignor's choice).
+    assert!(
+        log.contains("meter \\\"tokens\\\"")
+            && (log.contains("counted under a definition this price book does not have")
+                || log.contains("holds usage read with value_property = ")),
+        "{log}"
+    );
+
+    // The first goes on with every partition, as the book it read them with bills them.
+    std::fs::write(&p.config, book).unwrap();
+    let more = resolution_each("r2", "2026-10-11T10:00:00Z");
+    p.produce(&more);
+    events.extend(more);
+    p.wait_for(
+        &p.expected_for(&events, "2026-10"),
+        Duration::from_secs(180),
+    );
+}
+
 /// Prometheus's answer to an instant query: `(labels, value)` per series.
 fn prometheus(query: &str) -> Vec<(serde_json::Value, f64)> {
     let url = format!(
