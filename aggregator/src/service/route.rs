@@ -281,6 +281,14 @@ impl PartitionState {
                 reason,
             })
         };
+        // `tally close-period` writes none: an event a producer gave Tally's header
+        // (copied with others, say) is kept in the rejected topic, not taken as a close.
+        let payload = message.payload().map_or(0, <[u8]>::len);
+        if payload > 0 {
+            return refuse(format!(
+                "a control record has no payload, and this one carries {payload} bytes: neither a close nor an event, it is kept here; send the event without the {CLOSE_PERIOD_HEADER} header"
+            ));
+        }
         match std::str::from_utf8(value).map(str::parse::<Period>) {
             Ok(Ok(period)) if period.end() > now => refuse(format!(
                 "{period} had not ended when the control record was written ({}); only a period that has ended can be closed",

@@ -1663,6 +1663,10 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
     // close cannot be undone); their partitions go on.
     p.produce_header(1, "tally-close-period", "October");
     p.produce_header(2, "tally-close-period", "2099-01");
+    // An event carrying the header (copied with others by a mirroring producer, say)
+    // is neither a close nor counted: kept with its bytes.
+    let copied = resolution("copied-header", "cust_00001", "2026-10-31T23:40:00Z");
+    p.produce_with_headers("cust_00001", &copied, &[("tally-close-period", "2026-10")]);
     p.produce(&resolution_each("after-close", "2026-10-31T23:30:00Z"));
 
     assert_resolution_adjustments(&p, &expected_october, 1);
@@ -1677,7 +1681,9 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
         .iter()
         .map(|(_, headers)| headers["tally.error.reason"].as_str())
         .collect();
-    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(refused.iter().any(|(payload, headers)| *payload == copied
+        && headers["tally.error.reason"].contains("a control record has no payload")));
     assert!(reasons
         .iter()
         .any(|r| r.contains("\"October\" is not a period")));
