@@ -38,6 +38,9 @@ pub struct RaterMetrics {
     /// Lines of months that have ended whose amount a price-book check changed, or
     /// that it added.
     pub ended_month_lines_repriced: IntCounter,
+    /// Lines with an amount of months that had ended when their first usage here
+    /// opened them.
+    pub ended_month_lines_opened: IntCounter,
     /// Partitions rated again from their beginning because ClickHouse had lost their
     /// stored lines.
     pub lost_line_replays: IntCounter,
@@ -102,6 +105,10 @@ impl RaterMetrics {
             ended_month_lines_repriced: m.counter(
                 "tally_rater_ended_month_lines_repriced_total",
                 "Invoice lines of months that have ended whose amount a new price book changed, or that it added (a price or a customer billed in such a month): they may have been invoiced as they were.",
+            ),
+            ended_month_lines_opened: m.counter(
+                "tally_rater_ended_month_lines_opened_total",
+                "Invoice lines with an amount (flat fees, first tiers' flat amounts) of months that had ended when their first usage reached the rater, which opened them: a month backfilled or sent late, or a pipeline started after it. They may not have been invoiced, or invoiced by another biller.",
             ),
             lost_line_replays: m.counter(
                 "tally_rater_lost_line_replays_total",

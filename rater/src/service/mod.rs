@@ -67,7 +67,7 @@ pub use metrics::RaterMetrics;
 
 use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine, StoredWindow};
 use crate::ledger::{line_open, Ledger, Recorded};
-use price_book::EndedMonthsRepriced;
+use price_book::{EndedMonthsRepriced, ZeroUsageJudge};
 use rebuild::{StoredSample, Taken};
 use rebuild_point::{FirstOffsets, RebuildPoint};
 use records::{decode_with_windows, record, Change, WindowsRecord};
@@ -532,6 +532,7 @@ impl Worker {
             change,
         }: WindowsRecord<'_>,
     ) {
+        let ended_by = self.months_ended_by(chrono::Utc::now());
         let Some(state) = self.partitions.get_mut(&partition) else {
             return;
         };
@@ -567,7 +568,17 @@ impl Worker {
             let open = line_open(state.ledger.settled_through(), period, None);
             if open && state.opened.insert(period) {
                 match state.ledger.opening_lines(period) {
-                    Ok(lines) => self.pending.rows(partition).opening.extend(lines),
+                    Ok(lines) => {
+                        if period.end() <= ended_by {
+                            let judge = ZeroUsageJudge {
+                                partition,
+                                partition_count: self.partition_count,
+                            };
+                            let billed = judge.ended_month_opened(period, &lines);
+                            self.metrics.ended_month_lines_opened.inc_by(billed);
+                        }
+                        self.pending.rows(partition).opening.extend(lines);
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, %period, "cannot rate a period's opening lines")
                     }

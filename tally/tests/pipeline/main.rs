@@ -1703,7 +1703,8 @@ fn a_month_closed_before_any_of_its_usage_arrived_bills_what_tally_rate_does() {
         "backfill",
         3_000,
         10,
-        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"",
+        "[aggregator]\nmetrics_listen = \"127.0.0.1:0\"\ncommit_interval = \"100ms\"\n\
+         [rater]\nmetrics_listen = \"127.0.0.1:0\"",
     );
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
@@ -1761,6 +1762,17 @@ fn a_month_closed_before_any_of_its_usage_arrived_bills_what_tally_rate_does() {
         p.database
     ));
     assert!(adjusted.trim().parse::<u32>().unwrap() > 10, "{adjusted}");
+    // October had ended by the clock too: finance hears that its flat fees and first
+    // tiers were billed now, once per customer's line.
+    let port = harness::metrics_port(&p.log("rater-a"), "rater metrics");
+    let counted = harness::metric(port, "tally_rater_ended_month_lines_opened_total");
+    assert!(counted.is_some_and(|n| n > 0.0), "{counted:?}");
+    assert!(
+        p.log("rater-a")
+            .contains("usage of a month that had ended opened it here"),
+        "{}",
+        p.log("rater-a")
+    );
 }
 
 #[test]
