@@ -396,6 +396,11 @@ pub fn run(
     };
     // Before initialising transactions, which would fence a live instance of the same
     // id (a misconfigured second process) rather than a dead one.
+    readiness.not_ready(format!(
+        "starting: waiting for an earlier run of instance {} to leave group {} (a run that died leaves once its session expires)",
+        kafka.instance_id,
+        kafka.group("aggregator")
+    ));
     tally_runtime::kafka::wait_until_instance_free(kafka, "aggregator", &shutdown)?;
     let producer = new_producer(kafka)?;
     let unread = metrics.unread_partitions.clone();

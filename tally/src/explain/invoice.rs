@@ -120,7 +120,7 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
         Source::Pipeline { url, database, .. } => {
             writeln!(
                 out,
-                "  lines as the streaming rater stored them: {database}.invoice_lines at {url}, usage from {database}.window_usage"
+                "  lines as the streaming rater stored them: {database}.invoice_lines at {url}, usage by window from {database}.window_usage where the rater stores windows (store_windows)"
             )?;
             (&[][..], &[][..])
         }
