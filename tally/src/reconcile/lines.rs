@@ -78,6 +78,9 @@ pub(super) struct Lines {
     other_customers_lines: usize,
     /// Adjustment lines `--without-adjustments` leaves out.
     adjustments_left_out: usize,
+    /// Adjustment lines of the month billed in later ones, added to its own lines
+    /// (`--with-later-adjustments`).
+    later_adjustments_added: usize,
     other_customers: BTreeSet<String>,
     /// How a CSV file was read, when not as Tally writes it.
     pub(super) dialect: Option<Dialect>,
@@ -166,22 +169,37 @@ impl Lines {
     }
 
     pub(super) fn add_invoice_line(&mut self, line: InvoiceLine, at: String) -> anyhow::Result<()> {
-        let key = LineKey {
-            customer: line.customer,
-            price: line.price,
-            adjusts: line.adjusts_period,
-        };
-        let figures = Figures {
-            quantity: line.quantity,
-            amount: line.amount,
-            currency: line.currency.to_ascii_lowercase(),
-            parts: Some(AmountParts {
-                subtotal: line.subtotal,
-                discount: line.discount,
-            }),
-            at,
-        };
+        let (key, figures) = key_and_figures(line, at);
         self.add(key, figures, None)
+    }
+
+    /// Adds `line`, an adjustment of this month billed in a later one (its usage that
+    /// arrived after it closed), to the month's own line of its customer and price:
+    /// an adjustment bills that line rated again less what it had billed, so the two
+    /// add up to the month as `tally rate` bills it.
+    pub(super) fn add_later_adjustment(
+        &mut self,
+        line: InvoiceLine,
+        at: String,
+    ) -> anyhow::Result<()> {
+        let (mut key, figures) = key_and_figures(line, at);
+        key.adjusts = None;
+        match self.by_key.entry(key) {
+            btree_map::Entry::Vacant(entry) => {
+                entry.insert(figures);
+            }
+            btree_map::Entry::Occupied(entry) => {
+                let key = entry.key().clone();
+                add_to(
+                    entry.into_mut(),
+                    figures,
+                    &key,
+                    "an adjustment billed later adds",
+                )?;
+            }
+        }
+        self.later_adjustments_added += 1;
+        Ok(())
     }
 
     /// How the source was read, and what of it was left out or changed on the way, for
@@ -237,8 +255,14 @@ impl Lines {
         }
         if self.adjustments_left_out > 0 {
             notes.push(format!(
-                "{} of earlier months left out (--without-adjustments)",
+                "{} of earlier months left out",
                 count(self.adjustments_left_out, "adjustment line")
+            ));
+        }
+        if self.later_adjustments_added > 0 {
+            notes.push(format!(
+                "{} of this month billed in later ones (its late usage) added to its lines",
+                count(self.later_adjustments_added, "adjustment line")
             ));
         }
         if self.other_customers_lines > 0 {
@@ -273,6 +297,26 @@ impl Lines {
         self.other_customers_lines += left_out.len();
         (self.other_customers).extend(left_out.into_keys().map(|key| key.customer));
     }
+}
+
+/// A Tally line's key and what it bills; `at` says where it was read.
+fn key_and_figures(line: InvoiceLine, at: String) -> (LineKey, Figures) {
+    let key = LineKey {
+        customer: line.customer,
+        price: line.price,
+        adjusts: line.adjusts_period,
+    };
+    let figures = Figures {
+        quantity: line.quantity,
+        amount: line.amount,
+        currency: line.currency.to_ascii_lowercase(),
+        parts: Some(AmountParts {
+            subtotal: line.subtotal,
+            discount: line.discount,
+        }),
+        at,
+    };
+    (key, figures)
 }
 
 /// Adds `figures` to `first`, a line of the same `key`; `how` says why they share it

@@ -24,7 +24,7 @@ mod tests;
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -76,6 +76,12 @@ pub struct ReconcileArgs {
     /// `tally rate` of it, which bills late usage in its own month instead.
     #[arg(long)]
     without_adjustments: bool,
+    /// The month as `tally rate` bills it, late usage included: leave out adjustment
+    /// lines of earlier months on both sides, and add to a `clickhouse` source's lines
+    /// of the month the adjustments of it the pipeline billed in later months (its
+    /// usage that arrived after it closed).
+    #[arg(long, conflicts_with = "without_adjustments")]
+    with_later_adjustments: bool,
     /// Compare amounts and currencies only, not quantities: for a biller whose
     /// quantities count something else (a platform fee as 1, a discount as a line of
     /// its own). Quantities are still shown.
@@ -118,8 +124,8 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<bool> {
         None => IdMap::default(),
     };
     let columns = ColumnNames(args.columns.clone());
-    let mut expected = read_source(&args.expected, args.period, &args.config, &columns)?;
-    let mut actual = read_source(&args.actual, args.period, &args.config, &columns)?;
+    let read = |source| read_source(source, args, &columns);
+    let (mut expected, mut actual) = (read(&args.expected)?, read(&args.actual)?);
     ensure_columns_found(&args.columns, [&expected, &actual])?;
     ensure_something_to_compare(args.period, [&expected, &actual])?;
     match args.map_applies_to {
@@ -196,18 +202,17 @@ fn listed(names: &BTreeSet<String>) -> String {
     }
 }
 
-fn read_source(
-    source: &str,
-    period: Period,
-    config: &Path,
-    columns: &ColumnNames,
-) -> anyhow::Result<Lines> {
-    match source.strip_prefix("clickhouse") {
+fn read_source(source: &str, args: &ReconcileArgs, columns: &ColumnNames) -> anyhow::Result<Lines> {
+    let mut lines = match source.strip_prefix("clickhouse") {
         Some(rest) if rest.is_empty() || rest.starts_with(':') => {
-            read_clickhouse(rest.strip_prefix(':'), period, config)
+            read_clickhouse(rest.strip_prefix(':'), args)?
         }
-        _ => read_file(source, period, columns),
+        _ => read_file(source, args.period, columns)?,
+    };
+    if args.with_later_adjustments {
+        lines.leave_out_adjustments();
     }
+    Ok(lines)
 }
 
 /// Refuses a `--column` whose header no CSV source has: a mistyped header would
@@ -259,14 +264,26 @@ fn ensure_something_to_compare(period: Period, sources: [&Lines; 2]) -> anyhow::
 }
 
 /// The current lines billed in `period` of `invoice_lines`, in the configuration's
-/// database or `database` on the same server.
-fn read_clickhouse(database: Option<&str>, period: Period, config: &Path) -> anyhow::Result<Lines> {
+/// database or `database` on the same server; with `--with-later-adjustments`, the
+/// period's adjustments billed in later months added to them.
+fn read_clickhouse(database: Option<&str>, args: &ReconcileArgs) -> anyhow::Result<Lines> {
+    let (config, period) = (&args.config, args.period);
     let store = ConfiguredClickHouse::of(&crate::load_config(config)?, config, database)?;
     let place = format!("{}.invoice_lines at {}", store.database, store.url);
     let mut lines = Lines::named(format!("ClickHouse {place}"));
     for line in store.client.lines(period, None)? {
         let at = format!("{place}, line {}", line.id);
         lines.add_invoice_line(line, at)?;
+    }
+    if args.with_later_adjustments {
+        for line in store.client.adjustments_of(period, None)? {
+            let at = format!(
+                "{place}, line {} of {}",
+                line.id,
+                line.period_start.format("%Y-%m")
+            );
+            lines.add_later_adjustment(line, at)?;
+        }
     }
     Ok(lines)
 }

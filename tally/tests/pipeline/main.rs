@@ -1762,6 +1762,30 @@ fn a_month_closed_before_any_of_its_usage_arrived_bills_what_tally_rate_does() {
         p.database
     ));
     assert!(adjusted.trim().parse::<u32>().unwrap() > 10, "{adjusted}");
+    // Finance compares the month as tally rate bills it (expected.jsonl, written by
+    // expected_for above): its lines apart from their adjustments differ, with them
+    // they agree.
+    let expected = p.dir.path().join("expected.jsonl");
+    let reconcile = |with: &[&str]| {
+        let mut args = vec![
+            "reconcile",
+            "--period",
+            "2026-10",
+            expected.to_str().unwrap(),
+        ];
+        args.extend(["clickhouse"].iter().chain(with));
+        let output = p.tally(&args, &[]);
+        let report = String::from_utf8_lossy(&output.stdout).into_owned();
+        (output.status.code(), report)
+    };
+    let (apart, report) = reconcile(&[]);
+    assert_eq!(apart, Some(1), "{report}");
+    let (together, report) = reconcile(&["--with-later-adjustments"]);
+    assert_eq!(together, Some(0), "{report}");
+    assert!(
+        report.contains("of this month billed in later ones (its late usage) added to its lines"),
+        "{report}"
+    );
     // October had ended by the clock too: finance hears that its flat fees and first
     // tiers were billed now, once per customer's line.
     let port = harness::metrics_port(&p.log("rater-a"), "rater metrics");
