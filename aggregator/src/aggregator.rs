@@ -115,6 +115,7 @@ type SeriesId = u32;
 #[derive(Debug, Clone)]
 struct Series {
     key: Arc<SeriesKey>,
+    meter: MeterId,
     kind: AggregationKind,
     /// The series' state per billing period; rarely more than one is open, and keeping
     /// it inline saves a memory access per event.
@@ -204,6 +205,9 @@ pub struct Aggregator {
     /// Per meter, by `MeterId`: its slug and what it reads, which restored state must
     /// have been built with.
     meters: Vec<(String, MeterDefinition)>,
+    /// Per meter, by `MeterId`: how many series hold its usage. Asked at every commit
+    /// ([`Aggregator::held_fingerprints`]), where counting the series would cost.
+    held_series: Vec<usize>,
     dedupe: DedupeSet,
     series: Vec<Series>,
     /// Finds a series by the fingerprint the decoder computed.
@@ -298,6 +302,7 @@ impl Aggregator {
                 .iter()
                 .map(|m| (m.slug.clone(), MeterDefinition::of(m)))
                 .collect(),
+            held_series: vec![0; config.meters.len()],
             dedupe: DedupeSet::new(),
             series: Vec::new(),
             series_index: HashTable::new(),
@@ -549,6 +554,9 @@ impl Aggregator {
                 })
             })
             .collect();
+        for dropped in self.series.iter().filter(|s| is_empty(s)) {
+            self.held_series[dropped.meter.0 as usize] -= 1;
+        }
         self.series.retain(|s| !is_empty(s));
         self.series_index
             .retain(|(_, id)| match renumbered[*id as usize] {
@@ -597,11 +605,13 @@ impl Aggregator {
                 group: group.iter().map(|g| g.as_ref().to_owned()).collect(),
                 adjusts,
             }),
+            meter,
             kind,
             periods: SmallVec::new(),
             windows: Vec::new(),
             recent: 0,
         });
+        self.held_series[meter.0 as usize] += 1;
         // The fingerprint is uniformly distributed: its low bits are a good hash.
         self.series_index
             .insert_unique(fingerprint.0 as u64, (fingerprint, id), |(fp, _)| {
@@ -805,7 +815,9 @@ impl Aggregator {
     /// beside it, so that a restore can tell whether its configuration reads them
     /// alike.
     pub fn definitions_of(&self, changes: &Snapshot) -> BTreeMap<&str, &MeterDefinition> {
-        let held = meters_of(changes.series.iter().map(|s| &s.key));
+        let held: BTreeSet<&str> = (changes.series.iter())
+            .map(|s| s.key.meter.as_str())
+            .collect();
         (self.meters.iter())
             .filter(|(slug, _)| held.contains(slug.as_str()))
             .map(|(slug, definition)| (slug.as_str(), definition))
@@ -815,10 +827,9 @@ impl Aggregator {
     /// The fingerprints of the definitions of the meters this state holds usage of,
     /// by slug ([`MeterDefinition::fingerprint`]).
     pub fn held_fingerprints(&self) -> BTreeMap<String, u64> {
-        let held = meters_of(self.series.iter().map(|s| &*s.key));
-        (self.meters.iter())
-            .filter(|(slug, _)| held.contains(slug.as_str()))
-            .map(|(slug, definition)| (slug.clone(), definition.fingerprint()))
+        (self.meters.iter().zip(&self.held_series))
+            .filter(|(_, &series)| series > 0)
+            .map(|((slug, definition), _)| (slug.clone(), definition.fingerprint()))
             .collect()
     }
 
@@ -829,9 +840,8 @@ impl Aggregator {
         &self,
         stored: &BTreeMap<String, MeterDefinition>,
     ) -> Result<(), RestoreError> {
-        let held = meters_of(self.series.iter().map(|s| &*s.key));
-        for (slug, configured) in &self.meters {
-            let Some(before) = stored.get(slug).filter(|_| held.contains(slug.as_str())) else {
+        for ((slug, configured), &series) in self.meters.iter().zip(&self.held_series) {
+            let Some(before) = stored.get(slug).filter(|_| series > 0) else {
                 continue;
             };
             if let Some(change) = before.change_to(configured) {
@@ -1016,11 +1026,6 @@ pub enum RestoreError {
         meter: String,
         change: DefinitionChange,
     },
-}
-
-/// The slugs of the meters these series are of.
-fn meters_of<'a>(series: impl Iterator<Item = &'a SeriesKey>) -> BTreeSet<&'a str> {
-    series.map(|key| key.meter.as_str()).collect()
 }
 
 /// Days since 1970-01-01, clamped to what a dedupe entry holds (until year 2149).
@@ -1955,6 +1960,24 @@ mod tests {
                 configured: 2
             }
         );
+    }
+
+    #[test]
+    fn the_meters_held_are_those_whose_series_are_not_let_go() {
+        let mut agg = Aggregator::streaming(&config()).with_period_close(Duration::from_secs(3600));
+        agg.apply(&seats("s", "2026-10-31T10:00:00Z", 4));
+        agg.apply(&tokens("1", "2026-11-01T10:00:00Z", "gpt", 5, 1));
+        agg.drain_updates();
+        let held = |agg: &Aggregator| agg.held_fingerprints().into_keys().collect::<Vec<_>>();
+        assert_eq!(held(&agg), ["seats", "tokens", "users"]);
+        // October settles (horizon 2 days): seats held only October's usage.
+        agg.apply(&tokens("2", "2026-11-04T10:00:00Z", "gpt", 5, 2));
+        agg.drain_updates();
+        assert_eq!(held(&agg), ["tokens", "users"]);
+        let restored = Aggregator::streaming(&config())
+            .restore(agg.snapshot())
+            .unwrap();
+        assert_eq!(held(&restored), ["tokens", "users"]);
     }
 
     #[test]

@@ -238,14 +238,12 @@ pub(super) fn restore(
                     keys.insert(key.to_vec(), (kind, record.changes));
                     return Ok(());
                 }
-                let stored = header_value(message, METER_DEFINITIONS_HEADER)
-                    .map(serde_json::from_slice::<BTreeMap<String, MeterDefinition>>)
-                    .transpose()
-                    .map_err(|e| {
-                        format!(
-                            "its header {METER_DEFINITIONS_HEADER} is not meter definitions: {e}"
-                        )
-                    })?;
+                // One this build cannot read (a later build's) is not checked: the
+                // usage itself is read all the same.
+                let stored = header_value(message, METER_DEFINITIONS_HEADER).and_then(|header| {
+                    let read = serde_json::from_slice::<BTreeMap<String, MeterDefinition>>(header);
+                    read.inspect_err(|e| tracing::warn!(partition, offset = message.offset(), error = %e, "a changelog record's meter definitions cannot be read; its meters are not checked")).ok()
+                });
                 if let Kind::Snapshot(part) = kind {
                     if part == 0 {
                         restored.aggregator = fresh();

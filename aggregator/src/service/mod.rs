@@ -213,18 +213,24 @@ impl HeldMeters {
 
 /// Reads every partition's committed offset and refuses to go on where one's state
 /// holds usage of a meter this book removed or defines otherwise ([`HeldMeters`]).
+/// `patient`: Kafka not answering is waited out (at an assignment, which cannot go on
+/// without it), else tried once.
 fn check_held_meters(
     consumer: &GroupConsumer,
     topics: &Topics,
     pipeline: NonZeroUsize,
     configured: &BTreeMap<String, u64>,
+    patient: bool,
 ) -> Result<(), AggregatorError> {
     let mut every = TopicPartitionList::new();
     for partition in 0..i32::try_from(pipeline.get()).unwrap_or(i32::MAX) {
         every.add_partition(&topics.events, partition);
     }
-    let committed = tally_runtime::kafka::committed_offsets(consumer, &every)
-        .map_err(failed_to("read every partition's committed offset"))?;
+    let committed = match patient {
+        true => tally_runtime::kafka::committed_offsets(consumer, &every),
+        false => consumer.committed_offsets(every, Duration::from_secs(10)),
+    };
+    let committed = committed.map_err(failed_to("read every partition's committed offset"))?;
     for element in committed.elements() {
         let Some(held) = HeldMeters::from_metadata(element.metadata()) else {
             continue;
@@ -487,7 +493,19 @@ pub fn run(
             if last_partition_check.is_none_or(|at| at.elapsed() >= PARTITION_CHECK_INTERVAL) {
                 last_partition_check = Some(Instant::now());
                 check_partitions(&consumer, &topics, partition_count, &unread)?;
-                check_held_meters(&consumer, &topics, partition_count, &meter_fingerprints)?;
+                match check_held_meters(
+                    &consumer,
+                    &topics,
+                    partition_count,
+                    &meter_fingerprints,
+                    false,
+                ) {
+                    Err(e @ AggregatorError::MeterRedefined { .. }) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot check the meters the group's partitions hold; checked again in a minute")
+                    }
+                    Ok(()) => {}
+                }
             }
             // A recovery since the batch was read rewound the consumer to before it.
             if epoch.load(Ordering::SeqCst) != read_in {

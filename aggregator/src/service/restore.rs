@@ -50,8 +50,13 @@ impl Worker {
         let loaded = self.load_all(wanted)?;
         // After the restores, which name the setting where this member's own
         // partitions hold the meter's usage: this finds it held by any partition.
-        let fingerprints = &self.meter_fingerprints;
-        check_held_meters(consumer, &self.topics, self.partition_count, fingerprints)?;
+        check_held_meters(
+            consumer,
+            &self.topics,
+            self.partition_count,
+            &self.meter_fingerprints,
+            true,
+        )?;
         for (partition, state) in loaded {
             self.check_retention(consumer, partition, state.next_offset);
             let start = match state.next_offset {

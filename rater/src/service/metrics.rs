@@ -108,7 +108,7 @@ impl RaterMetrics {
             ),
             ended_month_lines_opened: m.counter(
                 "tally_rater_ended_month_lines_opened_total",
-                "Invoice lines with an amount (flat fees, first tiers' flat amounts) of months that had ended when their first usage reached the rater, which opened them: a month backfilled or sent late, or a pipeline started after it. They may not have been invoiced, or invoiced by another biller.",
+                "Invoice lines with an amount (flat fees, first tiers' flat amounts) of months that had ended, and had no stored line, when usage of them first reached a partition, which opened them: a month backfilled or sent late, or a pipeline started after it. They may have been invoiced already, or by another biller.",
             ),
             lost_line_replays: m.counter(
                 "tally_rater_lost_line_replays_total",

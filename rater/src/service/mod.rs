@@ -67,7 +67,7 @@ pub use metrics::RaterMetrics;
 
 use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine, StoredWindow};
 use crate::ledger::{line_open, Ledger, Recorded};
-use price_book::{EndedMonthsRepriced, ZeroUsageJudge};
+use price_book::EndedMonthsRepriced;
 use rebuild::{StoredSample, Taken};
 use rebuild_point::{FirstOffsets, RebuildPoint};
 use records::{decode_with_windows, record, Change, WindowsRecord};
@@ -569,12 +569,17 @@ impl Worker {
             if open && state.opened.insert(period) {
                 match state.ledger.opening_lines(period) {
                     Ok(lines) => {
-                        if period.end() <= ended_by {
-                            let judge = ZeroUsageJudge {
-                                partition,
-                                partition_count: self.partition_count,
-                            };
-                            let billed = judge.ended_month_opened(period, &lines);
+                        // Where another partition stored the month's lines already,
+                        // nothing is billed anew: they are every customer's.
+                        let stored = || match self.clickhouse.has_lines(period) {
+                            Ok(stored) => stored,
+                            Err(e) => {
+                                tracing::warn!(error = %e, %period, "cannot tell whether lines of an ended month were stored before; counting its opening lines as new");
+                                false
+                            }
+                        };
+                        if period.end() <= ended_by && !stored() {
+                            let billed = price_book::ended_month_opened(partition, period, &lines);
                             self.metrics.ended_month_lines_opened.inc_by(billed);
                         }
                         self.pending.rows(partition).opening.extend(lines);

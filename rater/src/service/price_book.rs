@@ -30,7 +30,7 @@ use super::{PartitionState, Worker, MAX_CHECK_DEFERRAL};
 /// sends its events to, so they are judged by that partition's open periods and
 /// written once.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct ZeroUsageJudge {
+struct ZeroUsageJudge {
     pub(super) partition: i32,
     pub(super) partition_count: NonZeroUsize,
 }
@@ -39,27 +39,26 @@ impl ZeroUsageJudge {
     fn owns(&self, customer: &str) -> bool {
         partition_for_key(customer.as_bytes(), self.partition_count) == self.partition
     }
+}
 
-    /// Says that usage opened `period`, a month that had ended, in this partition:
-    /// `opening`'s lines with an amount (flat fees, first tiers' flat amounts) are
-    /// billed now, in a month finance may have invoiced or another biller billed.
-    /// Returns how many of them are of the customers this partition judges, so the
-    /// group counts each customer's once.
-    pub(super) fn ended_month_opened(&self, period: Period, opening: &[InvoiceLine]) -> u64 {
-        let billed: Vec<&InvoiceLine> = (opening.iter())
-            .filter(|line| self.owns(&line.customer) && !line.amount.is_zero())
-            .collect();
-        if let Some(line) = billed.first() {
-            tracing::warn!(
-                partition = self.partition,
-                %period,
-                lines = billed.len(),
-                example = format!("{:?} {:?}: {} {}", line.customer, line.price, line.amount, line.currency),
-                "usage of a month that had ended opened it here (a month backfilled or sent late, or a pipeline started after it): its customers' flat fees and first tiers are billed now; if that month was invoiced, or billed by another biller, give the customers `from` (the first month Tally bills) and credit what was billed twice"
-            );
-        }
-        billed.len() as u64
+/// Says that usage opened `period`, a month that had ended and of which ClickHouse
+/// held no line, in `partition`: `opening`'s lines with an amount (flat fees, first
+/// tiers' flat amounts), every customer's, are billed now, in a month finance may have
+/// invoiced or another biller billed. Returns how many.
+pub(super) fn ended_month_opened(partition: i32, period: Period, opening: &[InvoiceLine]) -> u64 {
+    let billed: Vec<&InvoiceLine> = (opening.iter())
+        .filter(|line| !line.amount.is_zero())
+        .collect();
+    if let Some(line) = billed.first() {
+        tracing::warn!(
+            partition,
+            %period,
+            lines = billed.len(),
+            example = format!("{:?} {:?}: {} {}", line.customer, line.price, line.amount, line.currency),
+            "usage of a month that had ended, of which no line was stored, opened it (a month backfilled or sent late, or a pipeline started after it): its customers' flat fees and first tiers are billed now; if that month was invoiced, or billed by another biller, give the customers `from` (the first month Tally bills) and credit what was billed twice"
+        );
     }
+    billed.len() as u64
 }
 
 /// Lines of months that have ended (by the clock, `period_close_grace` ago: closed)

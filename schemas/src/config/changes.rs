@@ -41,12 +41,13 @@ pub enum Effect {
     PlanAdded,
     /// Lines of months not yet settled are retired.
     Retired,
-    /// A new customer without `from`: billed in every month still open.
+    /// A new customer without `from`, or from a month that has ended: billed in every
+    /// month still open from then.
     BilledEveryOpenMonth,
-    /// A new customer billed from a month that has begun.
+    /// A new customer billed from the month now running.
     CustomerAdded,
-    /// A plan change or replacement from a month that has begun: billed whole on the
-    /// new plan.
+    /// A plan change or replacement from the month now running: billed whole as the
+    /// new book says.
     MonthBegun,
     /// From a month still to come: nothing billed so far changes.
     Scheduled,
@@ -60,9 +61,9 @@ impl fmt::Display for Effect {
             Effect::Repriced => "every month not yet settled is billed anew, ended months that may have been invoiced included (TallyEndedMonthRepriced tells finance); to change prices from a month on, put them in a new plan and move customers by a plan change, or the plan's replaced_by, from that month",
             Effect::PlanAdded => "it bills only the customers this book puts on it, listed below",
             Effect::Retired => "its lines of every month not yet settled are retired (billed 0), ended months included",
-            Effect::BilledEveryOpenMonth => "without `from` it is billed in every month still open, flat fees included, ended ones too: give it `from`, the month its billing starts",
+            Effect::BilledEveryOpenMonth => "it is billed in every month still open from its `from` on (every one without it), flat fees included, ended months that may have been invoiced too: give it `from`, the month its billing starts",
             Effect::CustomerAdded => "billed from its `from` on, a month that has begun billed whole (Tally does not prorate: flat fees in full)",
-            Effect::MonthBegun => "that month has begun and is billed whole on the new plan, from its first day (Tally does not prorate); date such changes at the next month",
+            Effect::MonthBegun => "the month now running is billed whole as this book says, from its first day (Tally does not prorate); date such changes at the next month",
             Effect::Scheduled => "from a month still to come: nothing billed so far changes",
         })
     }
@@ -138,10 +139,10 @@ pub fn book_changes(before: &ConfigFile, after: &ConfigFile, running: Period) ->
         let customer = after.customers.iter().find(|c| c.id == id);
         let effect = match (&change, customer) {
             (Difference::Removed, _) => Effect::Retired,
-            (Difference::Added, Some(c)) if c.from.is_none() => Effect::BilledEveryOpenMonth,
             (Difference::Added, Some(c)) => match c.from {
                 Some(from) if from > running => Effect::Scheduled,
-                _ => Effect::CustomerAdded,
+                Some(from) if from == running => Effect::CustomerAdded,
+                _ => Effect::BilledEveryOpenMonth,
             },
             (Difference::Changed(settings), Some(c)) if only(settings, "plan_changes") => {
                 let deployed = before.customers.iter().find(|d| d.id == id);
@@ -155,11 +156,14 @@ pub fn book_changes(before: &ConfigFile, after: &ConfigFile, running: Period) ->
     changes
 }
 
-/// `from` on: [`Effect::MonthBegun`] unless it is still to come.
+/// What a change from `from` on does: nothing billed yet if it is still to come, the
+/// month now running billed whole, or every month not yet settled from an ended one on
+/// billed anew.
 fn begun_or_scheduled(from: Option<Period>, running: Period) -> Effect {
     match from {
         Some(from) if from > running => Effect::Scheduled,
-        _ => Effect::MonthBegun,
+        Some(from) if from == running => Effect::MonthBegun,
+        _ => Effect::Repriced,
     }
 }
 
@@ -414,7 +418,7 @@ plan = "pro"
         };
         let effect = |from: &str| changes(&[("plan = \"pro\"\n", &change(from))])[0].2;
         assert_eq!(effect("2026-12"), Effect::MonthBegun);
-        assert_eq!(effect("2026-11"), Effect::MonthBegun);
+        assert_eq!(effect("2026-11"), Effect::Repriced);
         assert_eq!(effect("2027-01"), Effect::Scheduled);
         let replaced = |from: &str| {
             let by = format!("id = \"pro\"\ncurrency = \"usd\"\nreplaced_by = {{ plan = \"pro-2027\", from = \"{from}\" }}");
@@ -449,6 +453,7 @@ plan = "pro"
         assert_eq!(effect(""), Effect::BilledEveryOpenMonth);
         assert_eq!(effect("from = \"2027-01\""), Effect::Scheduled);
         assert_eq!(effect("from = \"2026-12\""), Effect::CustomerAdded);
+        assert_eq!(effect("from = \"2026-10\""), Effect::BilledEveryOpenMonth);
         let removed = changes(&[("[[customers]]\nid = \"cust_acme\"\nplan = \"pro\"\n", "")]);
         assert_eq!(
             removed,

@@ -1787,13 +1787,13 @@ fn a_month_closed_before_any_of_its_usage_arrived_bills_what_tally_rate_does() {
         "{report}"
     );
     // October had ended by the clock too: finance hears that its flat fees and first
-    // tiers were billed now, once per customer's line.
+    // tiers were billed now.
     let port = harness::metrics_port(&p.log("rater-a"), "rater metrics");
     let counted = harness::metric(port, "tally_rater_ended_month_lines_opened_total");
     assert!(counted.is_some_and(|n| n > 0.0), "{counted:?}");
     assert!(
         p.log("rater-a")
-            .contains("usage of a month that had ended opened it here"),
+            .contains("usage of a month that had ended, of which no line was stored, opened it"),
         "{}",
         p.log("rater-a")
     );
