@@ -148,24 +148,28 @@ impl Lines {
                 continue;
             }
             self.mapped += usize::from(renamed);
-            match self.by_key.entry(key) {
-                btree_map::Entry::Vacant(entry) => {
-                    entry.insert(figures);
-                }
-                btree_map::Entry::Occupied(entry) => {
-                    let key = entry.key().clone();
-                    add_to(
-                        entry.into_mut(),
-                        figures,
-                        &key,
-                        "the map makes it a line of",
-                    )?;
-                    self.added_together += 1;
-                }
+            if self.insert_or_add(key, figures, "the map makes it a line of")? {
+                self.added_together += 1;
             }
         }
         self.unused_map_entries = map.entries().filter(|e| !used.contains(e)).collect();
         Ok(self)
+    }
+
+    /// Adds `figures` as `key`'s line, or to the line `key` has ([`add_to`], `how`
+    /// saying why); whether it had one.
+    fn insert_or_add(&mut self, key: LineKey, figures: Figures, how: &str) -> anyhow::Result<bool> {
+        match self.by_key.entry(key) {
+            btree_map::Entry::Vacant(entry) => {
+                entry.insert(figures);
+                Ok(false)
+            }
+            btree_map::Entry::Occupied(entry) => {
+                let key = entry.key().clone();
+                add_to(entry.into_mut(), figures, &key, how)?;
+                Ok(true)
+            }
+        }
     }
 
     pub(super) fn add_invoice_line(&mut self, line: InvoiceLine, at: String) -> anyhow::Result<()> {
@@ -184,20 +188,7 @@ impl Lines {
     ) -> anyhow::Result<()> {
         let (mut key, figures) = key_and_figures(line, at);
         key.adjusts = None;
-        match self.by_key.entry(key) {
-            btree_map::Entry::Vacant(entry) => {
-                entry.insert(figures);
-            }
-            btree_map::Entry::Occupied(entry) => {
-                let key = entry.key().clone();
-                add_to(
-                    entry.into_mut(),
-                    figures,
-                    &key,
-                    "an adjustment billed later adds",
-                )?;
-            }
-        }
+        self.insert_or_add(key, figures, "an adjustment billed later adds")?;
         self.later_adjustments_added += 1;
         Ok(())
     }
