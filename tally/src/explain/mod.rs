@@ -9,7 +9,7 @@
 //! total. Every figure shown is the line's own, so it is the cent that was billed.
 //!
 //! Layout: this module gathers the inputs ([`Explanation`]); [`invoice`] writes the
-//! invoice's heading, events, later billing and repricings around its lines; [`line`]
+//! invoice's heading, events, later billing and repricings around its lines; [`line`](mod@line)
 //! works each line through.
 
 mod invoice;
