@@ -93,7 +93,8 @@ pub struct CustomerEvents {
     pub conflicts: Vec<(u64, Option<u64>)>,
     /// The line each of the customer's events was first read on, by key.
     first_lines: HashMap<EventKey, u64>,
-    pub outside_period: u64,
+    /// The lines of its events dated in another month, each with that month.
+    pub outside_period: Vec<(u64, Period)>,
     /// In the period, of a type no meter reads.
     pub unmetered: u64,
     /// Refused because a total would pass the largest decimal.
@@ -156,7 +157,9 @@ impl CustomerEvents {
         match bucket {
             Bucket::Duplicate | Bucket::Conflict => {}
             Bucket::Refused => self.refused += 1,
-            Bucket::OutsidePeriod => self.outside_period += 1,
+            Bucket::OutsidePeriod => {
+                (self.outside_period).push((line, Period::containing(event.time)))
+            }
             Bucket::Unmetered => self.unmetered += 1,
             Bucket::Counted => {
                 *self

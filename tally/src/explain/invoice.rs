@@ -293,6 +293,12 @@ fn write_events(out: &mut impl Write, name: &str, events: &CustomerEvents) -> io
     // show the customer both.
     let retry_lines = resent_lines(&events.retries, |of| format!("of line {of}"));
     let conflict_lines = resent_lines(&events.conflicts, |of| format!("line {of} counts"));
+    let outside_lines = listed(&events.outside_period).map_or_else(String::new, |(shown, more)| {
+        let lines: Vec<String> = (shown.iter())
+            .map(|(line, month)| format!("{line} ({month})"))
+            .collect();
+        format!(": line {}{}", lines.join(", "), and_more(more))
+    });
     for (n, what, why, lines) in [
         (
             events.retries.len() as u64,
@@ -307,10 +313,10 @@ fn write_events(out: &mut impl Write, name: &str, events: &CustomerEvents) -> io
             conflict_lines.as_str(),
         ),
         (
-            events.outside_period,
+            events.outside_period.len() as u64,
             "outside the month",
             "by event time",
-            "",
+            outside_lines.as_str(),
         ),
         (
             events.unmetered,
@@ -363,15 +369,19 @@ pub(super) fn resent_lines(resends: &[(u64, Option<u64>)], first: fn(u64) -> Str
             None => line.to_string(),
         })
         .collect();
-    let more = match more {
-        0 => String::new(),
-        n => format!(" and {n} more"),
-    };
     let resent = match one_resent.flatten() {
         Some(of) => format!(" ({})", first(of)),
         None => String::new(),
     };
-    format!(": line {}{more}{resent}", lines.join(", "))
+    format!(": line {}{}{resent}", lines.join(", "), and_more(more))
+}
+
+/// ` and 3 more` after a list cut short, or nothing.
+fn and_more(more: usize) -> String {
+    match more {
+        0 => String::new(),
+        more => format!(" and {more} more"),
+    }
 }
 
 /// The first of `items` to show, and how many more there are; `None` when empty.
