@@ -186,18 +186,18 @@ pub(super) fn addition(
     book: &str,
     at: DateTime<Utc>,
 ) -> Option<Repricing> {
-    (!line.amount.is_zero()).then(|| Repricing {
+    let nothing = StoredLine {
         id: line.id.clone(),
         customer: line.customer.clone(),
         price: line.price.clone(),
+        version: 0,
+        amount: Decimal::new(0, line.amount.scale()),
+        config_hash: before.to_owned(),
+        quantity: None,
         period: Period::containing(line.period_start),
         adjusts: line.adjusts_period,
-        repriced_at: at,
-        book_before: before.to_owned(),
-        book_after: book.to_owned(),
-        amount_before: Decimal::new(0, line.amount.scale()),
-        amount_after: line.amount,
-    })
+    };
+    repricing(&nothing, line.amount, book, at)
 }
 
 impl PartitionState {
