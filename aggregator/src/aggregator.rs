@@ -834,24 +834,31 @@ impl Aggregator {
     }
 
     /// Refuses the restored state if it holds usage of a meter that `stored` says was
-    /// read otherwise than this configuration reads it. Meters without a stored
+    /// read otherwise than this configuration reads it, unless `accepted` names that
+    /// meter: those changes are returned, to be told. Meters without a stored
     /// definition (records of builds before definitions were stored) are not checked.
     pub fn check_definitions(
         &self,
         stored: &BTreeMap<String, MeterDefinition>,
-    ) -> Result<(), RestoreError> {
+        accepted: &BTreeSet<String>,
+    ) -> Result<Vec<(String, DefinitionChange)>, RestoreError> {
+        let mut let_through = Vec::new();
         for ((slug, configured), &series) in self.meters.iter().zip(&self.held_series) {
             let Some(before) = stored.get(slug).filter(|_| series > 0) else {
                 continue;
             };
-            if let Some(change) = before.change_to(configured) {
+            let Some(change) = before.change_to(configured) else {
+                continue;
+            };
+            if !accepted.contains(slug) {
                 return Err(RestoreError::DefinitionChanged {
                     meter: slug.clone(),
                     change,
                 });
             }
+            let_through.push((slug.clone(), change));
         }
-        Ok(())
+        Ok(let_through)
     }
 
     /// Applies a snapshot or the changes of a drain: keys are added, the windows and
@@ -1021,7 +1028,7 @@ pub enum RestoreError {
         stored: usize,
         configured: usize,
     },
-    #[error("meter {meter:?} holds usage read with {} = {}, and this configuration sets {}: the open months would be billed partly one way and partly the other, which `tally rate` of them with either price book does not bill; restore with the configuration the usage was read with, and put the new definition in a new meter (another slug) with prices from the month it starts", change.setting, change.stored, change.configured)]
+    #[error("meter {meter:?} holds usage read with {} = {}, and this configuration sets {}: the open months would be billed partly one way and partly the other, which `tally rate` of them with either price book does not bill; restore with the configuration the usage was read with, and put the new definition in a new meter (another slug) with prices from the month it starts (or, where no book restores every partition, list the meter in [aggregator] accept_redefined_meters: README, \"A new price book\")", change.setting, change.stored, change.configured)]
     DefinitionChanged {
         meter: String,
         change: DefinitionChange,
@@ -1996,23 +2003,36 @@ mod tests {
             stored.keys().map(String::as_str).collect::<Vec<_>>(),
             ["tokens", "users"]
         );
-        let restored_with = |book: &str| {
+        let restored_accepting = |book: &str, accepted: &[&str]| {
             let config = Config::parse(book, "test").unwrap();
             let restored = Aggregator::streaming(&config).restore(snapshot.clone());
-            restored.unwrap().check_definitions(&stored)
+            let accepted = accepted.iter().map(|&slug| slug.to_owned()).collect();
+            restored.unwrap().check_definitions(&stored, &accepted)
         };
-        assert_eq!(restored_with(CONFIG), Ok(()));
+        let restored_with = |book: &str| restored_accepting(book, &[]);
+        assert_eq!(restored_with(CONFIG), Ok(vec![]));
+        let moved = CONFIG.replace("\"$.tokens\"", "\"$.usage.tokens\"");
+        let moved_tokens = DefinitionChange {
+            setting: "value_property".into(),
+            stored: "\"$.tokens\"".into(),
+            configured: "\"$.usage.tokens\"".into(),
+        };
         assert_eq!(
-            restored_with(&CONFIG.replace("\"$.tokens\"", "\"$.usage.tokens\"")),
+            restored_with(&moved),
             Err(RestoreError::DefinitionChanged {
                 meter: "tokens".into(),
-                change: DefinitionChange {
-                    setting: "value_property".into(),
-                    stored: "\"$.tokens\"".into(),
-                    configured: "\"$.usage.tokens\"".into(),
-                }
+                change: moved_tokens.clone(),
             })
         );
+        // Listed in accept_redefined_meters, the change is let through and told.
+        assert_eq!(
+            restored_accepting(&moved, &["tokens"]),
+            Ok(vec![("tokens".to_owned(), moved_tokens)])
+        );
+        assert!(matches!(
+            restored_accepting(&moved, &["users"]),
+            Err(RestoreError::DefinitionChanged { meter, .. }) if meter == "tokens"
+        ));
         // Renamed: the same number of dimensions, which the restore alone lets through.
         assert!(matches!(
             restored_with(&CONFIG.replace("{ model = ", "{ engine = ")),
@@ -2026,7 +2046,7 @@ mod tests {
         // A meter with no usage held may read otherwise from now on.
         assert_eq!(
             restored_with(&CONFIG.replace("\"$.seats\"", "\"$.seat_count\"")),
-            Ok(())
+            Ok(vec![])
         );
     }
 

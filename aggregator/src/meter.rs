@@ -7,7 +7,7 @@
 //! one way and partly the other (which `tally rate` of that month could not
 //! reproduce).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use tally_schemas::config::{AggregationKind, Config, Meter};
@@ -118,22 +118,39 @@ impl MeterDefinition {
     }
 }
 
-/// Each meter's definition's [`MeterDefinition::fingerprint`], by slug.
-pub fn fingerprints(config: &Config) -> BTreeMap<String, u64> {
-    (config.meters.iter())
-        .map(|meter| (meter.slug.clone(), MeterDefinition::of(meter).fingerprint()))
-        .collect()
+/// What the meters whose usage a state holds are checked against: the book's
+/// definitions, and the meters whose usage may have been read otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfiguredMeters {
+    /// Each meter's [`MeterDefinition::fingerprint`], by slug.
+    pub fingerprints: BTreeMap<String, u64>,
+    /// `[aggregator] accept_redefined_meters`: usage of these, read with an earlier
+    /// definition, is kept as counted.
+    pub accepted: BTreeSet<String>,
 }
 
-/// The first meter of `held` (fingerprints of the meters whose usage a state holds, by
-/// slug) that `configured` does not define alike: removed, or defined otherwise.
-pub fn first_redefined<'h>(
-    held: &'h BTreeMap<String, u64>,
-    configured: &BTreeMap<String, u64>,
-) -> Option<&'h str> {
-    (held.iter())
-        .find(|(slug, fingerprint)| configured.get(*slug) != Some(fingerprint))
-        .map(|(slug, _)| slug.as_str())
+impl ConfiguredMeters {
+    pub fn new(config: &Config, accepted: BTreeSet<String>) -> Self {
+        let fingerprints = (config.meters.iter())
+            .map(|meter| (meter.slug.clone(), MeterDefinition::of(meter).fingerprint()))
+            .collect();
+        ConfiguredMeters {
+            fingerprints,
+            accepted,
+        }
+    }
+
+    /// The first meter of `held` (fingerprints of the meters whose usage a state holds,
+    /// by slug) that this book does not define alike: removed, or defined otherwise and
+    /// not accepted.
+    pub fn first_redefined<'h>(&self, held: &'h BTreeMap<String, u64>) -> Option<&'h str> {
+        (held.iter())
+            .find(|(slug, fingerprint)| match self.fingerprints.get(*slug) {
+                None => true,
+                Some(configured) => configured != *fingerprint && !self.accepted.contains(*slug),
+            })
+            .map(|(slug, _)| slug.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -224,32 +241,41 @@ mod tests {
     }
 
     #[test]
-    fn usage_held_under_a_definition_the_configuration_lacks_is_named() {
-        let configured = fingerprints(&Config::parse(BOOK, "test").unwrap());
+    fn usage_held_under_a_definition_the_configuration_lacks_is_named_unless_accepted() {
+        let book = |text: &str, accepted: &[&str]| {
+            let config = Config::parse(text, "test").unwrap();
+            ConfiguredMeters::new(&config, accepted.iter().map(|&s| s.to_owned()).collect())
+        };
+        let configured = book(BOOK, &[]);
         let edited = BOOK.replacen("\"$.tokens\"", "\"$.usage\"", 1);
-        let redefined = fingerprints(&Config::parse(&edited, "test").unwrap());
-        assert_ne!(configured["tokens"], redefined["tokens"]);
-        assert_eq!(configured["resolutions"], redefined["resolutions"]);
+        let redefined = book(&edited, &[]);
+        let fingerprints = &configured.fingerprints;
+        assert_ne!(fingerprints["tokens"], redefined.fingerprints["tokens"]);
+        assert_eq!(
+            fingerprints["resolutions"],
+            redefined.fingerprints["resolutions"]
+        );
         let held = |slugs: &[&str]| -> BTreeMap<String, u64> {
             slugs
                 .iter()
-                .map(|s| ((*s).to_owned(), configured[*s]))
+                .map(|s| ((*s).to_owned(), fingerprints[*s]))
                 .collect()
         };
+        let both = held(&["resolutions", "tokens"]);
+        assert_eq!(configured.first_redefined(&both), None);
+        assert_eq!(redefined.first_redefined(&both), Some("tokens"));
+        assert_eq!(book(&edited, &["tokens"]).first_redefined(&both), None);
         assert_eq!(
-            first_redefined(&held(&["resolutions", "tokens"]), &configured),
-            None
-        );
-        assert_eq!(
-            first_redefined(&held(&["resolutions", "tokens"]), &redefined),
+            book(&edited, &["resolutions"]).first_redefined(&both),
             Some("tokens")
         );
         // A meter no usage is held of may change.
-        assert_eq!(first_redefined(&held(&["resolutions"]), &redefined), None);
-        let mut removed = configured.clone();
-        removed.remove("resolutions");
+        assert_eq!(redefined.first_redefined(&held(&["resolutions"])), None);
+        // A removed meter is named, listed or not.
+        let mut removed = book(BOOK, &["resolutions"]);
+        removed.fingerprints.remove("resolutions");
         assert_eq!(
-            first_redefined(&held(&["resolutions"]), &removed),
+            removed.first_redefined(&held(&["resolutions"])),
             Some("resolutions")
         );
     }

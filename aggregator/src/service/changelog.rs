@@ -195,13 +195,15 @@ pub(super) struct Restored {
 
 /// Reads changelog partition `partition` to its end (committed records only) and
 /// rebuilds the state on aggregators made by `fresh`. `base` carries the brokers and
-/// pass-through properties.
+/// pass-through properties; usage of the `accepted` meters may have been read with
+/// another definition ([`Aggregator::check_definitions`]).
 pub(super) fn restore(
     fresh: impl Fn() -> Aggregator,
     base: ClientConfig,
     topic: &str,
     partition: i32,
     timeout: Duration,
+    accepted: &BTreeSet<String>,
 ) -> Result<Restored, AggregatorError> {
     let mut restored = Restored {
         aggregator: fresh(),
@@ -292,13 +294,24 @@ pub(super) fn restore(
         // Keys only: merging them cannot fail.
         let _ = restored.aggregator.merge(changes);
     }
-    (restored.aggregator.check_definitions(&definitions)).map_err(|source| {
-        AggregatorError::MeterChanged {
-            topic: topic.to_owned(),
-            partition,
-            source,
-        }
+    let accepted = (restored
+        .aggregator
+        .check_definitions(&definitions, accepted))
+    .map_err(|source| AggregatorError::MeterChanged {
+        topic: topic.to_owned(),
+        partition,
+        source,
     })?;
+    for (meter, change) in accepted {
+        tracing::warn!(
+            partition,
+            meter,
+            setting = change.setting,
+            counted_with = change.stored,
+            now = change.configured,
+            "the partition holds usage of a meter read otherwise than this price book reads it, kept as counted as [aggregator] accept_redefined_meters lists the meter: its open months are billed partly each way, and tally rate of them gives other quantities with either book; events from now on are read the new way"
+        );
+    }
     Ok(restored)
 }
 

@@ -68,6 +68,7 @@ pub use close::close_period;
 pub use metrics::{AggregatorMetrics, EventOutcome};
 
 use crate::aggregator::Aggregator;
+use crate::meter::ConfiguredMeters;
 use changelog::ChangelogState;
 use route::Processed;
 use transaction::{new_producer, transactional_id};
@@ -134,7 +135,7 @@ pub enum AggregatorError {
         partition: i32,
         source: crate::RestoreError,
     },
-    #[error("partition {partition}'s state holds usage of meter {meter:?} counted under a definition this price book does not have (the meter removed, or its event_type, aggregation, value_property, allow_negative_values or group_by changed), as its last commit says: another aggregator of the group runs another book, or ran it last. This one stops rather than count that meter's events two ways at once. Run every aggregator with one book, the one that usage was counted with (stop them all, then start them all), and put a new definition in a new meter (another slug) with prices from the month it starts; `tally validate --deployed` lists what a book changes")]
+    #[error("partition {partition}'s state holds usage of meter {meter:?} counted under a definition this price book does not have (the meter removed, or its event_type, aggregation, value_property, allow_negative_values or group_by changed), as its last commit says: another aggregator of the group runs another book, or ran it last. This one stops rather than count that meter's events two ways at once. Run every aggregator with one book, the one that usage was counted with (stop them all, then start them all), and put a new definition in a new meter (another slug) with prices from the month it starts; `tally validate --deployed` lists what a book changes. Where no book restores every partition (the meter's first usage counted both ways), list it in [aggregator] accept_redefined_meters on every aggregator to keep what was counted (README, \"A new price book\")")]
     MeterRedefined { meter: String, partition: i32 },
     #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed, or its aggregation or group_by changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
@@ -219,7 +220,7 @@ fn check_held_meters(
     consumer: &GroupConsumer,
     topics: &Topics,
     pipeline: NonZeroUsize,
-    configured: &BTreeMap<String, u64>,
+    configured: &ConfiguredMeters,
     patient: bool,
 ) -> Result<(), AggregatorError> {
     let mut every = TopicPartitionList::new();
@@ -235,7 +236,7 @@ fn check_held_meters(
         let Some(held) = HeldMeters::from_metadata(element.metadata()) else {
             continue;
         };
-        if let Some(meter) = crate::meter::first_redefined(&held, configured) {
+        if let Some(meter) = configured.first_redefined(&held) {
             return Err(AggregatorError::MeterRedefined {
                 meter: meter.to_owned(),
                 partition: element.partition(),
@@ -286,7 +287,7 @@ struct Worker {
     /// `[aggregator] close_idle_after`.
     close_idle_after: Option<Duration>,
     /// The book's meters' definitions' fingerprints, by slug ([`HeldMeters`]).
-    meter_fingerprints: Arc<BTreeMap<String, u64>>,
+    meters: Arc<ConfiguredMeters>,
     /// After a failed attempt to write idle partitions' close records, none before
     /// this: each attempt holds the consume loop up to [`IDLE_CLOSE_WAIT`].
     idle_close_not_before: Option<Instant>,
@@ -410,9 +411,12 @@ pub fn run(
     tally_runtime::kafka::wait_until_instance_free(kafka, "aggregator", &shutdown)?;
     let producer = new_producer(kafka)?;
     let unread = metrics.unread_partitions.clone();
-    let meter_fingerprints = Arc::new(crate::meter::fingerprints(&config));
+    let meters = Arc::new(ConfiguredMeters::new(
+        &config,
+        settings.aggregator.accept_redefined_meters.clone(),
+    ));
     let worker = Arc::new(Mutex::new(Worker {
-        meter_fingerprints: Arc::clone(&meter_fingerprints),
+        meters: Arc::clone(&meters),
         config,
         partition_count,
         period_close_grace: settings.aggregator.period_close_grace,
@@ -493,13 +497,7 @@ pub fn run(
             if last_partition_check.is_none_or(|at| at.elapsed() >= PARTITION_CHECK_INTERVAL) {
                 last_partition_check = Some(Instant::now());
                 check_partitions(&consumer, &topics, partition_count, &unread)?;
-                match check_held_meters(
-                    &consumer,
-                    &topics,
-                    partition_count,
-                    &meter_fingerprints,
-                    false,
-                ) {
+                match check_held_meters(&consumer, &topics, partition_count, &meters, false) {
                     Err(e @ AggregatorError::MeterRedefined { .. }) => return Err(e),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot check the meters the group's partitions hold; checked again in a minute")

@@ -54,7 +54,7 @@ impl Worker {
             consumer,
             &self.topics,
             self.partition_count,
-            &self.meter_fingerprints,
+            &self.meters,
             true,
         )?;
         for (partition, state) in loaded {
@@ -186,6 +186,7 @@ impl Worker {
                 &self.topics.changelog,
                 partition,
                 RESTORE_TIMEOUT,
+                &self.meters.accepted,
             )?;
             let behind = committed.is_some_and(|c| c > restored.next_offset.unwrap_or(0));
             if !behind || started.elapsed() >= RESTORE_BEHIND_PATIENCE {

@@ -33,6 +33,9 @@ pub struct BookChange {
 pub enum Effect {
     /// Aggregators holding the meter's usage refuse to restore under the new book.
     MeterRefused,
+    /// Redefined, and listed in the new book's `[aggregator] accept_redefined_meters`:
+    /// usage held is kept as counted, events are read the new way.
+    MeterAccepted,
     /// Events of a new meter are unmetered by aggregators still on the old book.
     MeterAdded,
     /// Every month not yet settled is billed anew, ended ones included.
@@ -57,6 +60,7 @@ impl fmt::Display for Effect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Effect::MeterRefused => "an aggregator holding usage of this meter refuses to start with this book (it names the setting); keep the meter as it is and put the new definition in a new meter (another slug) with prices from the month it starts",
+            Effect::MeterAccepted => "aggregators keep the usage they hold of it as it was counted and read its events the new way from their restart, as [aggregator] accept_redefined_meters lists it: months open then are billed partly each way, which tally rate of them with either book does not reproduce",
             Effect::MeterAdded => "restart the aggregators and ingest with this book before senders send its events: one on the old book counts them as unmetered",
             Effect::Repriced => "every month not yet settled is billed anew, ended months that may have been invoiced included (TallyEndedMonthRepriced tells finance); to change prices from a month on, put them in a new plan and move customers by a plan change, or the plan's replaced_by, from that month",
             Effect::PlanAdded => "it bills only the customers this book puts on it, listed below",
@@ -83,6 +87,9 @@ pub fn book_changes(before: &ConfigFile, after: &ConfigFile, running: Period) ->
     for (slug, change) in differences(&meters(before), &meters(after)) {
         let effect = match change {
             Difference::Added => Effect::MeterAdded,
+            Difference::Changed(_) if after.aggregator.accept_redefined_meters.contains(&slug) => {
+                Effect::MeterAccepted
+            }
             _ => Effect::MeterRefused,
         };
         changes.push(change.told(format!("meter {slug:?}"), effect));
@@ -352,6 +359,22 @@ plan = "pro"
         assert_eq!(
             changes(&[("[[plans]]", added)]),
             one("meter \"seats\"", "added", Effect::MeterAdded)
+        );
+    }
+
+    #[test]
+    fn a_meter_read_otherwise_and_accepted_by_the_new_book_is_told_so() {
+        let accepted = "[aggregator]\naccept_redefined_meters = [\"tokens\"]\n\n[[plans]]";
+        assert_eq!(
+            changes(&[
+                (r#""$.tokens""#, r#""$.usage.tokens""#),
+                ("[[plans]]", accepted)
+            ]),
+            one(
+                "meter \"tokens\"",
+                "value_property \"$.tokens\" -> \"$.usage.tokens\"",
+                Effect::MeterAccepted
+            )
         );
     }
 

@@ -302,6 +302,11 @@ pub struct AggregatorSpec {
     /// does not (periods close by event time or `tally close-period`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub close_idle_after: Option<HumanDuration>,
+    /// Meters of this book whose usage a partition's state may hold as read with an
+    /// earlier definition: kept as counted, and events from then on read with this
+    /// one's, where the aggregator would otherwise refuse the state; default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accept_redefined_meters: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -524,13 +529,8 @@ impl Config {
                 kafka: &specs.kafka,
                 clickhouse: &specs.clickhouse,
                 ingest: &specs.ingest,
-                aggregator: services::AggregatorStreamSpec {
-                    period_close_grace: specs.aggregator.period_close_grace.map(|d| d.0),
-                    commit_interval: specs.aggregator.commit_interval.map(|d| d.0),
-                    metrics_listen: specs.aggregator.metrics_listen.as_deref(),
-                    changelog_snapshot_bytes: specs.aggregator.changelog_snapshot_bytes,
-                    close_idle_after: specs.aggregator.close_idle_after.map(|d| d.0),
-                },
+                aggregator: &specs.aggregator,
+                meters: &self.meters,
                 rater: &specs.rater,
             },
             env,

@@ -16,7 +16,7 @@
 //! `sasl.username`, `sasl.password` and `ssl.key.password`). An API key's secret is read
 //! from the variable its `key_env` names.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::defaults as d;
 use super::values::HumanDuration;
+use super::{AggregatorSpec, Meter};
 
 /// The shortest `[aggregator] close_idle_after`.
 const MIN_CLOSE_IDLE_AFTER: Duration = Duration::from_secs(1);
@@ -144,17 +145,6 @@ pub struct RaterSpec {
     /// Whether the windows of each usage update are stored in ClickHouse too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_windows: Option<bool>,
-}
-
-/// The streaming settings of `[aggregator]` (its `window` and `dedupe_horizon` are the
-/// price book's: they change what is billed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AggregatorStreamSpec<'a> {
-    pub period_close_grace: Option<Duration>,
-    pub commit_interval: Option<Duration>,
-    pub metrics_listen: Option<&'a str>,
-    pub changelog_snapshot_bytes: Option<usize>,
-    pub close_idle_after: Option<Duration>,
 }
 
 /// Validated `[kafka]`.
@@ -333,8 +323,9 @@ pub struct IngestSettings {
     pub unresolved_keys: Vec<(String, String)>,
 }
 
-/// Validated streaming settings of `[aggregator]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Validated streaming settings of `[aggregator]` (its `window` and `dedupe_horizon`
+/// are the price book's: they change what is billed).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AggregatorServiceSettings {
     pub period_close_grace: Duration,
     pub commit_interval: Duration,
@@ -342,6 +333,8 @@ pub struct AggregatorServiceSettings {
     pub changelog_snapshot_bytes: usize,
     /// Close ended periods in partitions idle this long (`None`: never by the clock).
     pub close_idle_after: Option<Duration>,
+    /// Slugs of meters of the book whose held usage may have been read otherwise.
+    pub accept_redefined_meters: BTreeSet<String>,
 }
 
 /// Validated `[rater]`.
@@ -370,8 +363,10 @@ pub(super) struct ServiceSpecs<'a> {
     pub kafka: &'a KafkaSpec,
     pub clickhouse: &'a ClickHouseSpec,
     pub ingest: &'a IngestSpec,
-    pub aggregator: AggregatorStreamSpec<'a>,
+    pub aggregator: &'a AggregatorSpec,
     pub rater: &'a RaterSpec,
+    /// The book's meters, which `[aggregator] accept_redefined_meters` names.
+    pub meters: &'a [Meter],
 }
 
 /// A command's flags naming ClickHouse's URL or database, each as `(flag, value)`, in
@@ -403,7 +398,7 @@ pub(super) fn validate(
         kafka: kafka(&mut check, specs.kafka),
         clickhouse: clickhouse(&mut check, specs.clickhouse, ClickHouseFlags::default()),
         ingest: ingest(&mut check, specs.ingest),
-        aggregator: aggregator(&mut check, specs.aggregator),
+        aggregator: aggregator(&mut check, specs.aggregator, specs.meters),
         rater: rater(&mut check, specs.rater),
     }
 }
@@ -702,8 +697,15 @@ fn api_keys(check: &mut Check<'_>, specs: &[ApiKeySpec]) -> (Vec<ApiKey>, Vec<(S
     (api_keys, unresolved_keys)
 }
 
-fn aggregator(check: &mut Check<'_>, spec: AggregatorStreamSpec<'_>) -> AggregatorServiceSettings {
-    let close_idle_after = spec.close_idle_after.or(d::DEFAULT_CLOSE_IDLE_AFTER);
+fn aggregator(
+    check: &mut Check<'_>,
+    spec: &AggregatorSpec,
+    meters: &[Meter],
+) -> AggregatorServiceSettings {
+    let close_idle_after = spec
+        .close_idle_after
+        .map(|d| d.0)
+        .or(d::DEFAULT_CLOSE_IDLE_AFTER);
     if close_idle_after.is_some_and(|idle| idle < MIN_CLOSE_IDLE_AFTER) {
         check.issue(
             "aggregator.close_idle_after",
@@ -713,25 +715,38 @@ fn aggregator(check: &mut Check<'_>, spec: AggregatorStreamSpec<'_>) -> Aggregat
             ),
         );
     }
+    for (i, slug) in spec.accept_redefined_meters.iter().enumerate() {
+        if !meters.iter().any(|meter| meter.slug == *slug) {
+            check.issue(
+                &format!("aggregator.accept_redefined_meters[{i}]"),
+                format!("{slug:?} is not a meter of this price book: a removed meter's usage has nothing left to bill it; list meters the book redefines, and restore a removed one with the book that has it"),
+            );
+        }
+    }
     AggregatorServiceSettings {
-        period_close_grace: spec
-            .period_close_grace
-            .unwrap_or(d::DEFAULT_PERIOD_CLOSE_GRACE),
+        period_close_grace: (spec.period_close_grace)
+            .map_or(d::DEFAULT_PERIOD_CLOSE_GRACE, |d| d.0),
         commit_interval: check.above_zero(
             "aggregator.commit_interval",
-            spec.commit_interval,
+            spec.commit_interval.map(|d| d.0),
             d::DEFAULT_COMMIT_INTERVAL,
         ),
         metrics_listen: check.listen_address(
             "aggregator.metrics_listen",
             "TALLY_AGGREGATOR_METRICS_LISTEN",
-            spec.metrics_listen,
+            spec.metrics_listen.as_deref(),
             d::DEFAULT_AGGREGATOR_METRICS_LISTEN,
         ),
         changelog_snapshot_bytes: spec
             .changelog_snapshot_bytes
             .unwrap_or(d::DEFAULT_CHANGELOG_SNAPSHOT_BYTES),
         close_idle_after,
+        accept_redefined_meters: match spec.accept_redefined_meters.as_slice() {
+            [] => (d::DEFAULT_ACCEPT_REDEFINED_METERS.iter())
+                .map(|&slug| slug.to_owned())
+                .collect(),
+            written => written.iter().cloned().collect(),
+        },
     }
 }
 
@@ -811,6 +826,7 @@ aggregation = "count"
         assert!(s.ingest.api_keys.is_empty());
         assert_eq!(s.aggregator.period_close_grace.as_secs(), 3600);
         assert_eq!(s.aggregator.close_idle_after, None);
+        assert!(s.aggregator.accept_redefined_meters.is_empty());
         assert_eq!(s.rater.metrics_listen.port(), 9103);
         assert_eq!(s.rater.flush_interval.as_millis(), 500);
         assert_eq!(s.rater.min_insert_interval.as_millis(), 200);
@@ -824,6 +840,23 @@ aggregation = "count"
         assert_eq!(
             idle.aggregator.close_idle_after.map(|d| d.as_secs()),
             Some(1800)
+        );
+    }
+
+    #[test]
+    fn only_meters_of_the_book_can_be_accepted_as_redefined() {
+        let accepted = services("[aggregator]\naccept_redefined_meters = [\"calls\"]\n", &[]);
+        assert_eq!(
+            accepted.unwrap().aggregator.accept_redefined_meters,
+            ["calls".to_owned()].into()
+        );
+        let removed = services(
+            "[aggregator]\naccept_redefined_meters = [\"calls\", \"tokens\"]\n",
+            &[],
+        );
+        assert_eq!(
+            removed.unwrap_err(),
+            ["aggregator.accept_redefined_meters[1]: \"tokens\" is not a meter of this price book: a removed meter's usage has nothing left to bill it; list meters the book redefines, and restore a removed one with the book that has it"]
         );
     }
 

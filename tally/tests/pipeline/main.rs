@@ -3080,6 +3080,69 @@ fn an_aggregator_restarted_with_a_meter_that_reads_otherwise_stops_and_the_book_
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_meter_listed_as_accepted_keeps_its_usage_as_counted_and_reads_events_the_new_way() {
+    let _serial = serial();
+    let p = Pipeline::new("redefined_accepted", 3_000, 20, "");
+    let lines = p.lines();
+    let (first, rest) = lines.split_at(lines.len() / 2);
+    p.start("rater", "rater-a");
+    p.start("aggregator", "agg-a");
+    p.produce(first);
+    p.wait_caught_up("aggregator", Duration::from_secs(120));
+    p.stop("agg-a");
+
+    // The senders move tokens into `usage`, and the book follows; the month's tokens
+    // so far stay as they were read from `$.tokens`.
+    // Each tokens event of the rest reads as many tokens from `$.usage.tokens` as the
+    // book before read from `$.tokens`: the month bills what the whole file bills with
+    // that book.
+    let expected = p.expected();
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let moved = edited(
+        &book,
+        r#"value_property = "$.tokens""#,
+        r#"value_property = "$.usage.tokens""#,
+    );
+    let accepting = edited(
+        &moved,
+        "[aggregator]\n",
+        "[aggregator]\naccept_redefined_meters = [\"tokens\"]\n",
+    );
+    std::fs::write(&p.config, accepting).unwrap();
+    p.start("aggregator", "agg-b");
+    let rest: Vec<Vec<u8>> = rest
+        .iter()
+        .map(|line| tokens_moved_into_usage(line))
+        .collect();
+    p.produce(&rest);
+    p.wait_for(&expected, Duration::from_secs(180));
+    let log = p.log("agg-b");
+    assert!(
+        log.contains("kept as counted as [aggregator] accept_redefined_meters lists the meter"),
+        "{log}"
+    );
+}
+
+/// An event line with `data.tokens` moved to `data.usage.tokens`; other lines (and
+/// lines that are not JSON) as they are.
+fn tokens_moved_into_usage(line: &[u8]) -> Vec<u8> {
+    let Ok(mut event) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return line.to_vec();
+    };
+    let Some(data) = event.get_mut("data").and_then(|d| d.as_object_mut()) else {
+        return line.to_vec();
+    };
+    match data.remove("tokens") {
+        Some(tokens) => {
+            data.insert("usage".into(), serde_json::json!({ "tokens": tokens }));
+            serde_json::to_vec(&event).unwrap()
+        }
+        None => line.to_vec(),
+    }
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_aggregator_joining_with_a_meter_defined_otherwise_stops_though_its_partitions_hold_none_of_it(
 ) {
     let _serial = serial();
