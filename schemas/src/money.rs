@@ -63,6 +63,18 @@ impl Currency {
         i64::try_from(amount.mantissa()).ok()
     }
 
+    /// Why an amount is billed coarser than the minor unit, for currencies that are
+    /// (kwd to 2 decimals of its 3, isk to 0 of its 2); empty for the others.
+    pub fn coarser_billing_note(&self) -> String {
+        match self.decimals < self.minor_units {
+            true => format!(
+                " ({} has {} decimals, but card payments take no finer than {}, as Stripe requires)",
+                self.code, self.minor_units, self.decimals
+            ),
+            false => String::new(),
+        }
+    }
+
     /// Rounds an exact amount to what this currency is billed in ([`Currency::decimals`]).
     pub fn round(&self, amount: Decimal, mode: RoundingMode) -> Decimal {
         amount.round_dp_with_strategy(self.decimals, mode.strategy())
@@ -85,6 +97,16 @@ pub enum RoundingMode {
     HalfUp,
     /// 0.125 -> 0.12, 0.135 -> 0.14 (ties to even, "banker's rounding").
     HalfEven,
+}
+
+/// As `tally.toml` names it: `half_up`, `half_even`.
+impl fmt::Display for RoundingMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RoundingMode::HalfUp => "half_up",
+            RoundingMode::HalfEven => "half_even",
+        })
+    }
 }
 
 /// `plans.rounding` when a plan gives none.
@@ -175,6 +197,11 @@ mod tests {
         let half_up = RoundingMode::HalfUp;
         // 5.124 kwd is billed 5.12, 5120 fils; 0.0125 kwd is 0.01.
         assert_eq!(currency("kwd").round(d("5.124"), half_up), d("5.12"));
+        assert_eq!(
+            currency("kwd").coarser_billing_note(),
+            " (kwd has 3 decimals, but card payments take no finer than 2, as Stripe requires)"
+        );
+        assert_eq!(currency("usd").coarser_billing_note(), "");
         assert_eq!(currency("kwd").to_minor(d("5.12")), Some(5120));
         assert_eq!(currency("bhd").round(d("0.0125"), half_up), d("0.01"));
         // 40.10 isk is billed 40, written 4000 (Stripe's hundredths).

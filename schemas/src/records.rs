@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::decimal::ExactAmount;
 use crate::ids::EventKey;
 use crate::money::Currency;
 use crate::time::Period;
@@ -363,6 +364,16 @@ pub struct TierCharge {
     /// than 28 decimals is the nearest decimal with as many as fit (the line's subtotal
     /// is rounded from the exact charge, not from these).
     pub amount: Decimal,
+}
+
+impl TierCharge {
+    /// `quantity * unit_amount + flat_amount`, every digit: `amount` itself wherever a
+    /// decimal holds it.
+    pub fn exact_amount(&self) -> ExactAmount {
+        let mut amount = ExactAmount::product(self.quantity, self.unit_amount);
+        amount.add(&ExactAmount::from(self.flat_amount));
+        amount
+    }
 }
 
 /// One invoice line: a customer's charge for one price in one period.

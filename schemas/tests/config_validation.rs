@@ -602,6 +602,39 @@ fn prices_stripe_cannot_take_as_written_are_warned_about() {
 }
 
 #[test]
+fn a_flat_fee_finer_than_its_currency_is_billed_in_is_warned_about() {
+    let fee = |currency: &str, amount: &str| -> Vec<(String, String)> {
+        let text = with(
+            "[[customers]]",
+            &format!("[[plans.prices]]\nid = \"platform\"\nbilling_scheme = \"flat\"\nunit_amount = \"{amount}\"\n\n[[customers]]"),
+        )
+        .replace(r#"currency = "usd""#, &format!("currency = \"{currency}\""));
+        (parse(&text).warnings.into_iter())
+            .map(|w| (w.at, w.message))
+            .collect()
+    };
+    let at = "plans[pro].prices[platform].unit_amount".to_owned();
+    assert!(fee("usd", "1.01").is_empty());
+    assert_eq!(
+        fee("usd", "1.005"),
+        [(
+            at.clone(),
+            "1.005 usd is billed as 1.01 each month: lines are rounded half_up to 2 decimals"
+                .to_owned()
+        )]
+    );
+    // A kwd amount of whole fils is billed in tens of them.
+    assert!(fee("kwd", "1.01").is_empty());
+    assert_eq!(
+        fee("kwd", "1.005"),
+        [(
+            at,
+            "1.005 kwd is billed as 1.01 each month: lines are rounded half_up to 2 decimals (kwd has 3 decimals, but card payments take no finer than 2, as Stripe requires)".to_owned()
+        )]
+    );
+}
+
+#[test]
 fn unique_count_prices_must_pin_every_dimension() {
     let text = with(
         "[[plans]]",

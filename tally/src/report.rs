@@ -97,7 +97,14 @@ pub fn tier_arithmetic(tier: &TierCharge) -> String {
         Some(size) => format!("{} of {size}", packages(tier.quantity)),
         None => tier.quantity.to_string(),
     };
-    format!("{units} x {}{flat} = {}", tier.unit_amount, tier.amount)
+    // A charge finer than 28 decimals is stored as the nearest decimal: shown so, it
+    // could round to another cent than the line does.
+    let exact = tier.exact_amount();
+    let amount = match exact.to_decimal() == Some(tier.amount) {
+        true => tier.amount.to_string(),
+        false => exact.to_string(),
+    };
+    format!("{units} x {}{flat} = {amount}", tier.unit_amount)
 }
 
 /// `1 package`, `3 packages`.
@@ -224,6 +231,25 @@ mod tests {
         assert_eq!(
             tier_arithmetic(&tier(3, None, 49)),
             "3 x 0.002 + 49 = 49.006"
+        );
+    }
+
+    #[test]
+    fn a_tier_charge_no_decimal_holds_is_shown_with_every_digit() {
+        let unit_amount: Decimal = "2.0009999999999999999999999999".parse().unwrap();
+        let tier = TierCharge {
+            tier: 1,
+            up_to: "inf".to_owned(),
+            quantity: Decimal::from(5),
+            package_size: None,
+            unit_amount,
+            flat_amount: Decimal::ZERO,
+            // What the line stores: the nearest decimal, which would round to 10.01.
+            amount: "10.005".parse().unwrap(),
+        };
+        assert_eq!(
+            tier_arithmetic(&tier),
+            "5 x 2.0009999999999999999999999999 = 10.0049999999999999999999999995"
         );
     }
 }

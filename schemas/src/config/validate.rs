@@ -41,6 +41,7 @@ impl ConfigFile {
         check_filter_values(&self.plans, &mut warnings);
         check_overlapping_prices(&plans, &meters, &mut warnings);
         check_stripe_can_take(&plans, &mut warnings);
+        check_flat_fees_billable(&plans, &mut warnings);
         let replacements = validate_replacements(&self.plans, &plans, &mut issues, &mut warnings);
         let customers = validate_customers(
             &self.customers,
@@ -333,6 +334,38 @@ fn check_overlapping_prices(plans: &[Plan], meters: &[Meter], warnings: &mut Iss
                     ),
                 );
             }
+        }
+    }
+}
+
+/// Warns of a flat fee written finer than its currency is billed in (a usd fee of
+/// 1.005, a kwd one of 1.005 where kwd lines are billed in tens of fils): its line is
+/// rounded, every month, to other than what the book says.
+fn check_flat_fees_billable(plans: &[Plan], warnings: &mut Issues) {
+    for (i, plan) in plans.iter().enumerate() {
+        let at = format!("{}.prices", item_at("plans", i, &plan.id));
+        let currency = plan.currency;
+        for (j, price) in plan.prices.iter().enumerate() {
+            let Rate::PerUnit {
+                unit_amount: amount,
+                ..
+            } = price.rate
+            else {
+                continue;
+            };
+            if price.usage.is_some() || amount.normalize().scale() <= currency.decimals() {
+                continue;
+            }
+            let billed = currency.round(amount, plan.rounding);
+            warnings.add(
+                format!("{}.unit_amount", item_at(&at, j, &price.id)),
+                format!(
+                    "{amount} {currency} is billed as {billed} each month: lines are rounded {} to {} decimals{}",
+                    plan.rounding,
+                    currency.decimals(),
+                    currency.coarser_billing_note()
+                ),
+            );
         }
     }
 }

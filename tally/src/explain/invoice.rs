@@ -15,7 +15,7 @@ use tally_schemas::time::Period;
 use crate::report::total_too_large;
 use crate::summary::CustomerEvents;
 
-use super::line::{group_text, snake_case, write_line};
+use super::line::{group_text, write_line};
 use super::{Explanation, Source};
 
 /// Whose month it is, whether it has ended, and the plan (or why none bills it).
@@ -42,11 +42,12 @@ fn write_heading(out: &mut impl Write, e: &Explanation<'_>) -> io::Result<()> {
         let plan = e.config.plan(subscription.plan);
         writeln!(
             out,
-            "  plan {}, {}; each line of the month rounded {} to {} decimals",
+            "  plan {}, {}; each line of the month rounded {} to {} decimals{}",
             plan.id,
             plan.currency.code(),
-            snake_case(plan.rounding),
-            plan.currency.decimals()
+            plan.rounding,
+            plan.currency.decimals(),
+            plan.currency.coarser_billing_note()
         )?;
         // Why this month's invoice may look unlike the last one's.
         let before = Period::latest_ended_by(period.start());

@@ -136,14 +136,15 @@ fn write_worked_line(
     }
     let mut charge = ExactAmount::default();
     for tier in &line.tiers {
-        charge.add(&ExactAmount::from(tier.amount));
+        charge.add(&tier.exact_amount());
     }
     writeln!(
         out,
-        "  subtotal  {charge} rounded {} to {} decimals = {}",
-        snake_case(plan.rounding),
+        "  subtotal  {charge} rounded {} to {} decimals = {}{}",
+        plan.rounding,
         plan.currency.decimals(),
-        line.subtotal
+        line.subtotal,
+        plan.currency.coarser_billing_note()
     )?;
     writeln!(
         out,
@@ -165,7 +166,7 @@ fn discount_text(
         Some(Discount::PercentOff(percent)) => format!(
             "{percent} % of {subtotal} = {}, rounded {} = {discounted}",
             ExactAmount::percent_of(subtotal, *percent),
-            snake_case(plan.rounding),
+            plan.rounding,
         ),
         Some(Discount::AmountOff(off)) => {
             format!("{off} off, at most the subtotal = {discounted}")
@@ -230,7 +231,7 @@ fn write_adjustment_amount(
     let rounded = rules.map_or_else(String::new, |Rules { plan, .. }| {
         format!(
             ", each rounded {} to {} decimals as plan {} rounds",
-            snake_case(plan.rounding),
+            plan.rounding,
             plan.currency.decimals(),
             plan.id
         )
