@@ -9,7 +9,7 @@
 //! in 16 bytes (80 bits of the 128-bit event fingerprint, the event day, 32 bits of
 //! payload fingerprint) in an open-addressing table with one control byte per slot and
 //! a load factor between 7/16 and 7/8, so a held key costs 17 to 39 bytes, never more
-//! than 40. The truncation is safe: with 80 bits, the chance that any two of 100
+//! than 40 (58.3 for the moment the table doubles, old and new held at once). The truncation is safe: with 80 bits, the chance that any two of 100
 //! million keys in one partition collide is about 4 in a billion; a 32-bit payload
 //! fingerprint misses one conflicting retry in four billion, and misses only its report,
 //! never its dedupe.

@@ -1,4 +1,5 @@
-//! The ingest stage: usage events in, validated and decoded events out.
+//! The ingest stage: usage events in; validated and decoded events out of a file or
+//! stdin, and validated events' bytes out to Kafka from HTTP.
 //!
 //! Every event passes the same validation whether it comes from a file, stdin or HTTP.
 //! A bad line never stops a run: it becomes a reject that names the line, the field and

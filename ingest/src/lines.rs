@@ -50,8 +50,6 @@ impl LineReject {
 }
 
 /// One line's fate.
-// Events are nearly every line: boxing them would cost an allocation per line, so the
-// rare rejects are boxed instead.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Line<'a> {

@@ -820,7 +820,7 @@ fn a_repeated_source_and_id_in_one_batch_is_stored_once_and_other_content_refuse
             {"index": 1, "id": "d-2", "status": "accepted"},
             {"index": 2, "id": "d-1", "status": "duplicate_in_batch", "duplicate_of": 0},
             {"index": 3, "id": "d-1", "status": "rejected", "field": "id", "code": "conflict",
-             "reason": "event 0 of this request has this source and id and other content; the first one counts: a resend cannot change it (send the difference as a new event, with a new id)"},
+             "reason": "event 0 of this request has this source and id and other content; the first one counts: a resend cannot change it (send the difference as a new event, with a new id; a negative difference needs a sum meter with allow_negative_values = true)"},
             {"index": 4, "id": "d-1", "status": "accepted"},
         ]})
     );

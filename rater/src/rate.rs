@@ -20,7 +20,7 @@
 
 use rust_decimal::Decimal;
 use tally_schemas::decimal::{whole_packages, ExactAmount};
-use tally_schemas::price::{Package, PackageRounding, Rate, Tier, Tiers, TiersMode, UpTo};
+use tally_schemas::price::{Package, Rate, Tier, Tiers, TiersMode, UpTo};
 use tally_schemas::records::TierCharge;
 
 /// An exact amount and how it was reached.
@@ -96,7 +96,7 @@ fn per_unit(
 ) -> Result<Charge, RateError> {
     let units = match package {
         None => quantity,
-        Some(p) => whole_packages(quantity, p.divide_by, p.round == PackageRounding::Up)
+        Some(p) => whole_packages(quantity, p.divide_by, p.round)
             .ok_or(RateError::Overflow { quantity })?,
     };
     let tier = Tier {
@@ -158,6 +158,7 @@ mod tests {
     use proptest::prelude::*;
     use std::str::FromStr;
     use tally_schemas::money::RoundingMode;
+    use tally_schemas::price::PackageRounding;
 
     fn d(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()

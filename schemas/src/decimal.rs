@@ -18,6 +18,7 @@ use num_bigint::{BigInt, Sign};
 use rust_decimal::Decimal;
 
 use crate::money::RoundingMode;
+use crate::price::PackageRounding;
 
 /// The most fractional digits a [`Decimal`] holds.
 const MAX_SCALE: i64 = 28;
@@ -288,17 +289,17 @@ impl fmt::Display for ExactAmount {
     }
 }
 
-/// How many whole packages of `size` hold `quantity` (both positive), rounded up or
-/// down, without the rounding of a 28-digit quotient: the whole packages come from
+/// How many whole packages of `size` hold `quantity` (both positive), rounded as
+/// `round` says, without the rounding of a 28-digit quotient: the whole packages come from
 /// exact remainder arithmetic, so a quantity a hair over a package boundary still
 /// needs one more. `None` past the largest decimal, or for a quantity of about 29
 /// digits, whose remainder cannot be taken off exactly.
-pub fn whole_packages(quantity: Decimal, size: Decimal, round_up: bool) -> Option<Decimal> {
+pub fn whole_packages(quantity: Decimal, size: Decimal, round: PackageRounding) -> Option<Decimal> {
     let remainder = quantity.checked_rem(size)?;
     // Exactly a multiple of `size`, so the quotient is a whole number; a subtraction
     // that would round (a quantity of about 29 digits) is refused instead.
     let whole = exact_add(quantity, -remainder)?.checked_div(size)?.trunc();
-    match round_up && !remainder.is_zero() {
+    match round == PackageRounding::Up && !remainder.is_zero() {
         true => whole.checked_add(Decimal::ONE),
         false => Some(whole),
     }
@@ -661,8 +662,10 @@ mod tests {
 
     #[test]
     fn packages_are_counted_exactly_at_any_size() {
-        let up = |q: &str, size: &str| whole_packages(dec(q), dec(size), true).unwrap();
-        let down = |q: &str, size: &str| whole_packages(dec(q), dec(size), false).unwrap();
+        let up =
+            |q: &str, size: &str| whole_packages(dec(q), dec(size), PackageRounding::Up).unwrap();
+        let down =
+            |q: &str, size: &str| whole_packages(dec(q), dec(size), PackageRounding::Down).unwrap();
         assert_eq!(up("1001", "1000"), dec("2"));
         assert_eq!(down("1001", "1000"), dec("1"));
         assert_eq!(up("1000", "1000"), dec("1"));
@@ -680,7 +683,11 @@ mod tests {
         );
         // Where taking the remainder off would round, there is no exact count.
         assert_eq!(
-            whole_packages(dec("10000000000000000000000000001"), dec("0.3"), true),
+            whole_packages(
+                dec("10000000000000000000000000001"),
+                dec("0.3"),
+                PackageRounding::Up
+            ),
             None
         );
     }
@@ -775,8 +782,8 @@ mod tests {
         #[test]
         fn whole_packages_bracket_the_quantity(q in 0i64..=i64::MAX, sq in 0u32..=12, size in 1i64..=1_000_000, ss in 0u32..=6) {
             let (q, size) = (Decimal::new(q, sq), Decimal::new(size, ss));
-            let up = whole_packages(q, size, true).unwrap();
-            let down = whole_packages(q, size, false).unwrap();
+            let up = whole_packages(q, size, PackageRounding::Up).unwrap();
+            let down = whole_packages(q, size, PackageRounding::Down).unwrap();
             prop_assert!(up * size >= q && (up - Decimal::ONE) * size < q || q.is_zero());
             prop_assert!(down * size <= q && (down + Decimal::ONE) * size > q);
             prop_assert_eq!(up.scale(), 0);

@@ -151,6 +151,10 @@ pub enum Problem {
     },
 }
 
+/// What a sender of a conflicting event (its `(source, id)` counted with other content)
+/// can do, wherever the conflict is found.
+pub const RESEND_ADVICE: &str = "the first one counts: a resend cannot change it (send the difference as a new event, with a new id; a negative difference needs a sum meter with allow_negative_values = true)";
+
 impl Problem {
     /// A short stable name, for counting rejects by reason (a bounded metric label).
     pub fn code(&self) -> &'static str {
@@ -237,8 +241,9 @@ impl fmt::Display for Problem {
                 crate::time::FIRST_YEAR
             ),
             Problem::Refused(reason) => f.write_str(reason),
-            Problem::Conflict => f.write_str(
-                "an event with this source and id but different content was already counted; the first one wins: a resend cannot change it (send the difference as a new event, with a new id; a negative difference needs a sum meter with allow_negative_values = true)",
+            Problem::Conflict => write!(
+                f,
+                "an event with this source and id but different content was already counted; {RESEND_ADVICE}"
             ),
             Problem::TooLargeForKafka { bytes, limit } => write!(
                 f,
@@ -395,7 +400,7 @@ impl<'c> EventDecoder<'c> {
             !meter.group_by.is_empty() || !matches!(meter.aggregation, Aggregation::Count)
         });
         let members = match data {
-            Some(d) if reads_data => Some(object_members(d, "data")?),
+            Some(d) if reads_data => Some(object_members(d, || "data".to_owned())?),
             None if reads_data && base64 => return Err(error("data_base64", Problem::Base64Data)),
             _ => None,
         };
@@ -484,8 +489,12 @@ impl<'a> Envelope<'a> {
     }
 }
 
-/// The members of an object-valued field, refusing a key given twice.
-fn object_members<'a>(raw: &'a str, field: &str) -> Result<json::Members<'a>, EventError> {
+/// The members of an object-valued field, refusing a key given twice. `field` names it,
+/// called only on failure: naming a nested field allocates.
+fn object_members<'a>(
+    raw: &'a str,
+    field: impl Fn() -> String,
+) -> Result<json::Members<'a>, EventError> {
     if !raw.starts_with('{') {
         // A serializer run twice writes an object as the JSON text of one.
         let encoded = raw
@@ -496,7 +505,7 @@ fn object_members<'a>(raw: &'a str, field: &str) -> Result<json::Members<'a>, Ev
             false => "an object",
         };
         return Err(error(
-            field,
+            field(),
             Problem::WrongType {
                 expected,
                 found: json_kind(raw),
@@ -504,9 +513,9 @@ fn object_members<'a>(raw: &'a str, field: &str) -> Result<json::Members<'a>, Ev
         ));
     }
     let members =
-        json::members(raw).map_err(|e| error(field, Problem::InvalidJson(e.to_string())))?;
+        json::members(raw).map_err(|e| error(field(), Problem::InvalidJson(e.to_string())))?;
     if let Some(key) = first_repeated_key(&members) {
-        return Err(error(format!("{field}.{key}"), Problem::DuplicateField));
+        return Err(error(format!("{}.{key}", field()), Problem::DuplicateField));
     }
     Ok(members)
 }
@@ -547,8 +556,8 @@ fn lookup<'a>(
         if current == "null" {
             return Ok(None);
         }
-        let field = format!("data.{}", segments[..depth].join("."));
-        match get(&object_members(current, &field)?, key) {
+        let field = || format!("data.{}", segments[..depth].join("."));
+        match get(&object_members(current, field)?, key) {
             Some(v) => current = v,
             None => return Ok(None),
         }
@@ -634,7 +643,8 @@ const MAX_VALUE: Decimal = Decimal::from_parts(0xA764_0000, 0x0DE0_B6B3, 0, fals
 fn number(raw: &str, path: &JsonPath, negative_allowed: bool) -> Result<Decimal, EventError> {
     let field = || path.field_name();
     let text: Cow<str> = match string_at(raw, field)? {
-        Some(s) => Cow::Owned(s.trim().to_owned()),
+        Some(Cow::Borrowed(s)) => Cow::Borrowed(s.trim()),
+        Some(Cow::Owned(s)) => Cow::Owned(s.trim().to_owned()),
         None => Cow::Borrowed(raw),
     };
     let value = parse_number(&text)

@@ -180,7 +180,7 @@ pub(super) struct ChangelogState {
     /// Parts of the last snapshot, so a smaller next one can tombstone the rest.
     pub snapshot_parts: usize,
     /// Size of the last snapshot's records.
-    pub snapshot_bytes: usize,
+    pub last_snapshot_bytes: usize,
 }
 
 /// A partition's state as the changelog has it.
@@ -253,10 +253,10 @@ pub(super) fn restore(
                         restored.changelog.deltas.clear();
                         restored.changelog.delta_bytes = 0;
                         restored.changelog.snapshot_parts = 0;
-                        restored.changelog.snapshot_bytes = 0;
+                        restored.changelog.last_snapshot_bytes = 0;
                     }
                     restored.changelog.snapshot_parts += 1;
-                    restored.changelog.snapshot_bytes += value.len();
+                    restored.changelog.last_snapshot_bytes += value.len();
                 } else {
                     restored
                         .changelog
@@ -362,7 +362,7 @@ pub(super) fn write_snapshot(
     );
     state.changelog.delta_bytes = 0;
     state.changelog.snapshot_parts = count;
-    state.changelog.snapshot_bytes = bytes;
+    state.changelog.last_snapshot_bytes = bytes;
     Ok(())
 }
 
@@ -375,7 +375,7 @@ impl PartitionState {
     pub(super) fn snapshot_overdue(&self, snapshot_after_bytes: usize) -> Option<usize> {
         self.changelog
             .delta_bytes
-            .checked_sub(snapshot_after_bytes.max(self.changelog.snapshot_bytes))
+            .checked_sub(snapshot_after_bytes.max(self.changelog.last_snapshot_bytes))
             .filter(|&over| over > 0)
     }
 

@@ -33,7 +33,7 @@ use tally_runtime::ops::{BindError, Readiness};
 use tally_runtime::throttle::LogThrottle;
 use tally_runtime::Shutdown;
 use tally_schemas::config::{ApiKey, Config, ServiceSettings};
-use tally_schemas::event::{EventError, Problem};
+use tally_schemas::event::{EventError, Problem, RESEND_ADVICE};
 use tokio::task::JoinHandle;
 
 use super::auth::{why_unauthorized, ApiKeys, Caller};
@@ -584,7 +584,7 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
                 EventStatus::Rejected {
                     field: error.field,
                     code: error.problem.code(),
-                    reason: format!("event {of} of this request has this source and id and other content; the first one counts: a resend cannot change it (send the difference as a new event, with a new id)"),
+                    reason: format!("event {of} of this request has this source and id and other content; {RESEND_ADVICE}"),
                 }
             }
             VerdictKind::Reject(error) => {
