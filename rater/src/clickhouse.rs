@@ -1181,18 +1181,56 @@ fn definitions(columns: &[(&str, &str)]) -> String {
     definitions.join(", ")
 }
 
+/// ClickHouse's error codes for a request it will refuse however often it is sent: the
+/// rows or the query do not fit the table (a column changed or dropped by hand, a
+/// type), or the login may not do it. Other refusals (memory, too many parts or
+/// queries, a timeout, a replica or keeper away) pass.
+const REFUSED_FOR_GOOD: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    43,  // ILLEGAL_TYPE_OF_ARGUMENT
+    47,  // UNKNOWN_IDENTIFIER
+    53,  // TYPE_MISMATCH
+    62,  // SYNTAX_ERROR
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    164, // READONLY
+    192, // UNKNOWN_USER
+    193, // WRONG_PASSWORD
+    497, // ACCESS_DENIED
+    516, // AUTHENTICATION_FAILED
+];
+
 impl ClickHouseError {
+    /// The code of ClickHouse's exception where it refused: its answer begins `Code:
+    /// 60,` (18.16) or `Code: 60.` (current releases).
+    fn exception_code(&self) -> Option<u32> {
+        let ClickHouseError::Refused { body, .. } = self else {
+            return None;
+        };
+        let digits = body.trim_start().strip_prefix("Code: ")?;
+        let end = digits
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(digits.len());
+        digits[..end].parse().ok()
+    }
+
     /// Whether ClickHouse answered that the database or a table does not exist
     /// (`UNKNOWN_DATABASE`, `UNKNOWN_TABLE`): dropped while Tally ran.
     pub fn is_missing_table(&self) -> bool {
-        match self {
-            ClickHouseError::Refused { body, .. } => ["Code: 60", "Code: 81"].iter().any(|code| {
-                body.match_indices(code).any(|(at, _)| {
-                    !body[at + code.len()..].starts_with(|c: char| c.is_ascii_digit())
-                })
-            }),
-            _ => false,
-        }
+        matches!(self.exception_code(), Some(60 | 81))
+    }
+
+    /// Whether ClickHouse refused the request itself, which no retry changes until the
+    /// table, the login or Tally is fixed ([`REFUSED_FOR_GOOD`]).
+    pub fn is_refused_for_good(&self) -> bool {
+        self.exception_code()
+            .is_some_and(|code| REFUSED_FOR_GOOD.contains(&code))
     }
 }
 
@@ -1268,8 +1306,36 @@ mod tests {
             "Code: 241. DB::Exception: Memory limit exceeded",
             "Code: 605, e.displayText() = something else",
             "Code: 6",
+            "no code: Code: 60",
         ] {
             assert!(!refused(other).is_missing_table(), "{other}");
+        }
+    }
+
+    #[test]
+    fn rows_the_table_cannot_take_are_told_from_refusals_that_pass() {
+        let refused = |body: &str| ClickHouseError::Refused {
+            url: "http://ch:8123".to_owned(),
+            what: "insert rated lines",
+            status: 500,
+            body: body.to_owned(),
+        };
+        // ClickHouse 18.16's answer to a value of the wrong type, and a current
+        // release's to a column dropped by hand.
+        for for_good in [
+            "Code: 27, e.displayText() = DB::Exception: Cannot parse input: expected \" before: x\"}: (while read the value of key a): (at row 1)\n, e.what() = DB::Exception",
+            "Code: 16. DB::Exception: No such column amount_minor in table tally.rated_lines. (NO_SUCH_COLUMN_IN_TABLE)",
+            "Code: 516. DB::Exception: tally: Authentication failed. (AUTHENTICATION_FAILED)",
+        ] {
+            assert!(refused(for_good).is_refused_for_good(), "{for_good}");
+        }
+        for passing in [
+            "Code: 241. DB::Exception: Memory limit (total) exceeded. (MEMORY_LIMIT_EXCEEDED)",
+            "Code: 252, e.displayText() = DB::Exception: Too many parts (300)",
+            "Code: 60. DB::Exception: Table tally.rated_lines does not exist. (UNKNOWN_TABLE)",
+            "502 Bad Gateway",
+        ] {
+            assert!(!refused(passing).is_refused_for_good(), "{passing}");
         }
     }
 }

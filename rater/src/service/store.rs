@@ -138,11 +138,7 @@ impl Worker {
         };
         if let Err((what, e)) = checked {
             self.metrics.query_failures.inc();
-            if e.is_missing_table() {
-                return Err(RaterError::TablesGone(e));
-            }
-            self.hold(consumer, &format!("cannot {what}"), e.to_string());
-            return Err(e.into());
+            return Err(self.clickhouse_failed(consumer, &format!("cannot {what}"), e));
         }
         self.collect_changed_lines();
         if self.pending.offsets.is_empty() {
@@ -206,11 +202,7 @@ impl Worker {
         if !in_flight.stored {
             if let Err(e) = self.write_batch(&in_flight.batch) {
                 self.metrics.insert_failures.inc();
-                if e.is_missing_table() {
-                    return Err(RaterError::TablesGone(e));
-                }
-                self.hold(consumer, "ClickHouse refused the write", e.to_string());
-                return Err(e.into());
+                return Err(self.clickhouse_failed(consumer, "ClickHouse refused the write", e));
             }
             in_flight.stored = true;
         }
@@ -362,6 +354,27 @@ impl Worker {
             topic: self.rated_topic.clone(),
             source,
         }
+    }
+
+    /// What a failed read or write of ClickHouse stops or holds. Tables dropped stop
+    /// the rater (its restart makes them). Anything else holds the partitions and is
+    /// retried, a refusal no retry changes included: its rows are billed money, and
+    /// the offsets stay behind them until they are stored (said as an error, so it is
+    /// fixed rather than waited out).
+    fn clickhouse_failed(
+        &mut self,
+        consumer: &GroupConsumer,
+        what: &str,
+        e: ClickHouseError,
+    ) -> RaterError {
+        if e.is_missing_table() {
+            return RaterError::TablesGone(e);
+        }
+        if e.is_refused_for_good() && self.retry_at.is_none() {
+            tracing::error!(error = %e, "{what}, and will refuse it again however often it is retried: the rows or the query do not fit the table (a column dropped or changed by hand?) or the login may not do it. The rater holds its partitions, losing nothing, and retries until the table or the login is fixed (compare SHOW CREATE TABLE with a database a rater of this build made)");
+        }
+        self.hold(consumer, what, e.to_string());
+        e.into()
     }
 
     /// Pauses the partitions until a retry, later each time, after a write failed.

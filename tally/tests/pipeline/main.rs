@@ -826,6 +826,34 @@ fn clickhouse_down_for_30_seconds_delays_but_does_not_change_totals() {
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_column_dropped_by_hand_holds_the_rater_with_an_error_until_it_is_back() {
+    let _serial = serial();
+    let p = Pipeline::new("column_dropped", 2_000, 10, "");
+    let lines = p.lines();
+    let (first, rest) = lines.split_at(lines.len() / 2);
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(first);
+    p.wait_for(&p.expected_for(first, "2026-10"), Duration::from_secs(120));
+
+    let table = format!("{}.rated_lines", p.database);
+    p.query(&format!("ALTER TABLE {table} DROP COLUMN tiers"));
+    p.produce(rest);
+    harness::eventually(
+        "the rater to say no retry stores its rows",
+        Duration::from_secs(60),
+        || {
+            p.log("rater-a")
+                .contains("will refuse it again however often it is retried")
+        },
+    );
+    p.assert_running();
+    p.query(&format!("ALTER TABLE {table} ADD COLUMN tiers String"));
+    p.wait_for(&p.expected(), Duration::from_secs(120));
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
     let _serial = serial();
     // With windows stored: they are written, like the lines, by whichever rater holds
