@@ -23,7 +23,7 @@ use tally_runtime::kafka::{
     record_lag, wait_until_caught_up, CatchUpError, GroupContext, KafkaSetupError, PartitionOwner,
     ReadError, MAX_RECORD_BYTES, REJECTED_RETENTION_MS,
 };
-use tally_schemas::config::{KafkaSettings, Topic};
+use tally_schemas::config::{Group, KafkaSettings, Topic};
 
 const BROKERS: &str = "127.0.0.1:9092";
 
@@ -601,20 +601,19 @@ fn a_consumer_dropped_by_a_panic_releases_its_partitions_without_the_owner_commi
     let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
     create_topic(&admin, NewTopic::new(&topic, 1, TopicReplication::Fixed(1)));
     drop(admin);
-    let settings = KafkaSettings {
-        brokers: BROKERS.to_owned(),
-        topic_prefix: unique("panic"),
-        partitions: 1,
-        replication_factor: 1,
-        properties: Default::default(),
-        instance_id: "0".to_owned(),
-    };
-    // Each consumer joins its own group and holds the partition; one is dropped as
-    // usual, the other by a panic unwinding through it.
+    // Each consumer joins its own group (its own prefix) and holds the partition; one
+    // is dropped as usual, the other by a panic unwinding through it.
     let revocations = |panics: bool| {
+        let settings = KafkaSettings {
+            brokers: BROKERS.to_owned(),
+            topic_prefix: unique("panic"),
+            partitions: 1,
+            replication_factor: 1,
+            properties: Default::default(),
+            instance_id: "0".to_owned(),
+        };
         let owner = std::sync::Arc::new(std::sync::Mutex::new(CountingOwner::default()));
-        let service = unique("panic-service");
-        let consumer = group_consumer(&settings, &service, &topic, owner.clone()).unwrap();
+        let consumer = group_consumer(&settings, Group::Aggregator, &topic, owner.clone()).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while rdkafka::consumer::Consumer::assignment(&consumer)
             .unwrap()

@@ -31,7 +31,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tally_rater::clickhouse::ClickHouse;
-use tally_schemas::config::{book_changes, ClickHouseFlags, Config, ConfigFile};
+use tally_schemas::config::{book_changes, ClickHouseFlags, Config, ConfigFile, Group};
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchOptions};
@@ -372,12 +372,12 @@ fn close_period(
     // past that, stored.
     for (group, topic, done) in [
         (
-            "aggregator",
+            Group::Aggregator,
             Topic::Events,
             "the aggregators have read the close",
         ),
         (
-            "rater",
+            Group::Rater,
             Topic::Windows,
             "the raters have stored what the aggregators wrote before it",
         ),

@@ -61,7 +61,7 @@ use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::throttle::LogThrottle;
 use tally_runtime::Shutdown;
-use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
+use tally_schemas::config::{Config, Group, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::time::Period;
 
 pub use close::close_period;
@@ -406,9 +406,9 @@ pub fn run(
     readiness.not_ready(format!(
         "starting: waiting for an earlier run of instance {} to leave group {} (a run that died leaves once its session expires)",
         kafka.instance_id,
-        kafka.group("aggregator")
+        kafka.group(Group::Aggregator)
     ));
-    tally_runtime::kafka::wait_until_instance_free(kafka, "aggregator", &shutdown)?;
+    tally_runtime::kafka::wait_until_instance_free(kafka, Group::Aggregator, &shutdown)?;
     let producer = new_producer(kafka)?;
     let unread = metrics.unread_partitions.clone();
     let meters = Arc::new(ConfiguredMeters::new(
@@ -439,25 +439,31 @@ pub fn run(
         forwards_logged: LogThrottle::default(),
         epoch: Arc::new(AtomicU64::new(0)),
     }));
-    let consumer: GroupConsumer =
-        group_consumer(kafka, "aggregator", &topics.events, Arc::clone(&worker)).map_err(
-            failed_to(format!(
-                "join group {} on {}",
-                kafka.group("aggregator"),
-                topics.events
-            )),
-        )?;
+    let consumer: GroupConsumer = group_consumer(
+        kafka,
+        Group::Aggregator,
+        &topics.events,
+        Arc::clone(&worker),
+    )
+    .map_err(failed_to(format!(
+        "join group {} on {}",
+        kafka.group(Group::Aggregator),
+        topics.events
+    )))?;
     // Ready once the group's first assignment to it is restored, or once it is a
     // standby.
     readiness.not_ready(format!(
         "joining consumer group {}: no partitions assigned yet",
-        kafka.group("aggregator")
+        kafka.group(Group::Aggregator)
     ));
-    tracing::info!(topic = %topics.events, group = %kafka.group("aggregator"), transactional_id = %transactional_id(kafka), "aggregator started");
+    tracing::info!(topic = %topics.events, group = %kafka.group(Group::Aggregator), transactional_id = %transactional_id(kafka), "aggregator started");
     let commit_interval = settings.aggregator.commit_interval;
     let epoch = Arc::clone(&lock(&worker).epoch);
-    let mut health =
-        ConsumerHealth::new(readiness, kafka.group("aggregator"), partition_count.get());
+    let mut health = ConsumerHealth::new(
+        readiness,
+        kafka.group(Group::Aggregator),
+        partition_count.get(),
+    );
     let mut last_lag = Instant::now();
     let mut last_partition_check: Option<Instant> = None;
     // One batch is processed on its own thread while the next is read.

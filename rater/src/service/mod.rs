@@ -60,7 +60,7 @@ use tally_runtime::kafka::{
 use tally_runtime::ops::Readiness;
 use tally_runtime::threads::{lock, on_threads};
 use tally_runtime::Shutdown;
-use tally_schemas::config::{Config, KafkaSettings, ServiceSettings, Topic};
+use tally_schemas::config::{Config, Group, KafkaSettings, ServiceSettings, Topic};
 use tally_schemas::time::Period;
 
 pub use metrics::RaterMetrics;
@@ -422,19 +422,22 @@ pub fn run(
             .unwrap_or(chrono::Duration::MAX),
     }));
     let consumer: GroupConsumer =
-        group_consumer(kafka_settings, "rater", &topic, Arc::clone(&worker)).map_err(failed_to(
-            format!("join group {} on {topic}", kafka_settings.group("rater")),
-        ))?;
+        group_consumer(kafka_settings, Group::Rater, &topic, Arc::clone(&worker)).map_err(
+            failed_to(format!(
+                "join group {} on {topic}",
+                kafka_settings.group(Group::Rater)
+            )),
+        )?;
     // Ready once the group's first assignment to it is rebuilt (after a crash, Kafka
     // waits out the dead member's session first), or once it is a standby.
     readiness.not_ready(format!(
         "joining consumer group {}: no partitions assigned yet",
-        kafka_settings.group("rater")
+        kafka_settings.group(Group::Rater)
     ));
-    tracing::info!(%topic, group = %kafka_settings.group("rater"), "rater started");
+    tracing::info!(%topic, group = %kafka_settings.group(Group::Rater), "rater started");
     let mut health = ConsumerHealth::new(
         readiness,
-        kafka_settings.group("rater"),
+        kafka_settings.group(Group::Rater),
         partition_count.get(),
     );
     let mut last_lag = Instant::now();

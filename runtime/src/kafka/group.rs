@@ -16,7 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tally_schemas::config::KafkaSettings;
+use tally_schemas::config::{Group, KafkaSettings};
 
 use super::clients::{
     client_config, configured, failed_to, log_client_error, log_librdkafka, tunable, tune_fetching,
@@ -505,7 +505,7 @@ fn log_consumer_error(error: &KafkaError) {
 
 /// The `client.id` of a service instance's group consumer (unless `[kafka] properties`
 /// sets one for every client): how the group's member list tells instances apart.
-fn member_client_id(settings: &KafkaSettings, service: &str) -> String {
+fn member_client_id(settings: &KafkaSettings, service: Group) -> String {
     format!("tally-{service}-{}", settings.instance_id)
 }
 
@@ -513,7 +513,7 @@ fn member_client_id(settings: &KafkaSettings, service: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 #[error("another {service} with TALLY_INSTANCE_ID {instance_id} is a live member of group {group} (its client {client_id} on {host}, still there after {} s): two with one id would fence each other in turn. This one does not start; give each instance its own TALLY_INSTANCE_ID (the default, the host name, is the same for two processes on one host)", .waited.as_secs())]
 pub struct InstanceInUse {
-    pub service: String,
+    pub service: Group,
     pub instance_id: String,
     pub group: String,
     pub client_id: String,
@@ -530,7 +530,7 @@ pub struct InstanceInUse {
 /// operator's (shared by every instance) and a shutdown requested meanwhile.
 pub fn wait_until_instance_free(
     settings: &KafkaSettings,
-    service: &str,
+    service: Group,
     shutdown: &crate::Shutdown,
 ) -> Result<(), Box<InstanceInUse>> {
     if settings.properties.contains_key("client.id") {
@@ -561,7 +561,7 @@ pub fn wait_until_instance_free(
                 return Ok(());
             }
             return Err(Box::new(InstanceInUse {
-                service: service.to_owned(),
+                service,
                 instance_id: settings.instance_id.clone(),
                 group,
                 client_id,
@@ -583,7 +583,7 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// from the beginning when the group has no offsets, and subscribed to `topic`.
 pub fn group_consumer<W: PartitionOwner>(
     settings: &KafkaSettings,
-    service: &str,
+    service: Group,
     topic: &str,
     owner: Arc<Mutex<W>>,
 ) -> Result<BaseConsumer<GroupContext<W>>, KafkaError> {

@@ -28,8 +28,8 @@ pub use defaults::{Settings, DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT};
 pub use likely::likely_meant;
 pub use services::{
     AggregatorServiceSettings, ApiKey, ApiKeySpec, ClickHouseCredentials, ClickHouseFlags,
-    ClickHouseSettings, ClickHouseSpec, IngestSettings, IngestSpec, KafkaSettings, KafkaSpec,
-    RaterSettings, RaterSpec, ServiceSettings, Topic,
+    ClickHouseSettings, ClickHouseSpec, Group, IngestSettings, IngestSpec, KafkaSettings,
+    KafkaSpec, RaterSettings, RaterSpec, ServiceSettings, Topic,
 };
 pub use values::{ExactDecimal, HumanDuration, JsonPath, UpToInput};
 

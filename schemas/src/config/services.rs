@@ -165,9 +165,28 @@ impl KafkaSettings {
         format!("{}.{}", self.topic_prefix, topic.suffix())
     }
 
-    /// Consumer group of a service: `<prefix>-aggregator`, `<prefix>-rater`.
-    pub fn group(&self, service: &str) -> String {
-        format!("{}-{service}", self.topic_prefix)
+    /// A consumer group: `<prefix>-aggregator`, `<prefix>-rater`.
+    pub fn group(&self, group: Group) -> String {
+        format!("{}-{group}", self.topic_prefix)
+    }
+}
+
+/// The services that read Kafka as members of a consumer group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Reads the events topic.
+    Aggregator,
+    /// Reads the windows topic.
+    Rater,
+}
+
+/// The service's name, as in its group and its members' client ids.
+impl fmt::Display for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Group::Aggregator => "aggregator",
+            Group::Rater => "rater",
+        })
     }
 }
 
@@ -818,7 +837,7 @@ aggregation = "count"
         let s = services("", &[]).unwrap();
         assert_eq!(s.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(s.kafka.topic(super::Topic::Events), "tally.events");
-        assert_eq!(s.kafka.group("aggregator"), "tally-aggregator");
+        assert_eq!(s.kafka.group(super::Group::Aggregator), "tally-aggregator");
         assert_eq!(s.clickhouse.database, "tally");
         assert_eq!(s.clickhouse.request_timeout.as_secs(), 60);
         assert_eq!(s.ingest.max_body_bytes, 1 << 20);
