@@ -51,7 +51,7 @@ pub enum ClickHouseError {
     CaFile { path: PathBuf, why: String },
     #[error("clickhouse.ca_file (or TALLY_CLICKHOUSE_CA_FILE) is set, but {url} is not an https:// url; write it with https://, or leave ca_file out")]
     CaFileWithoutTls { url: String },
-    #[error("ClickHouse at {url} refused to {what}: HTTP {status}: {body}")]
+    #[error("ClickHouse at {url} refused to {what}: HTTP {status}: {body}{}", refusal_hint(.body))]
     Refused {
         url: String,
         what: &'static str,
@@ -75,6 +75,31 @@ pub enum ClickHouseError {
         amount: String,
         currency: String,
     },
+}
+
+/// The code of the exception in ClickHouse's answer, which begins `Code: 60,` (18.16)
+/// or `Code: 60.` (current releases).
+fn exception_code(body: &str) -> Option<u32> {
+    let digits = body.trim_start().strip_prefix("Code: ")?;
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// What to check, for the refusals whose fix is Tally's configuration.
+fn refusal_hint(body: &str) -> &'static str {
+    match exception_code(body) {
+        // UNKNOWN_USER, WRONG_PASSWORD, AUTHENTICATION_FAILED
+        Some(192 | 193 | 516) => {
+            "; are [clickhouse] user (TALLY_CLICKHOUSE_USER) and TALLY_CLICKHOUSE_PASSWORD right?"
+        }
+        // READONLY, ACCESS_DENIED
+        Some(164 | 497) => {
+            "; the login in [clickhouse] user needs CREATE, INSERT and SELECT on the database"
+        }
+        _ => "",
+    }
 }
 
 fn reach_hint(error: &ureq::Error) -> &'static str {
@@ -1207,17 +1232,12 @@ const REFUSED_FOR_GOOD: &[u32] = &[
 ];
 
 impl ClickHouseError {
-    /// The code of ClickHouse's exception where it refused: its answer begins `Code:
-    /// 60,` (18.16) or `Code: 60.` (current releases).
+    /// The code of ClickHouse's exception, where it refused.
     fn exception_code(&self) -> Option<u32> {
-        let ClickHouseError::Refused { body, .. } = self else {
-            return None;
-        };
-        let digits = body.trim_start().strip_prefix("Code: ")?;
-        let end = digits
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(digits.len());
-        digits[..end].parse().ok()
+        match self {
+            ClickHouseError::Refused { body, .. } => exception_code(body),
+            _ => None,
+        }
     }
 
     /// Whether ClickHouse answered that the database or a table does not exist
@@ -1329,6 +1349,9 @@ mod tests {
         ] {
             assert!(refused(for_good).is_refused_for_good(), "{for_good}");
         }
+        assert!(refused("Code: 516. DB::Exception: tally: Authentication failed")
+            .to_string()
+            .ends_with("are [clickhouse] user (TALLY_CLICKHOUSE_USER) and TALLY_CLICKHOUSE_PASSWORD right?"));
         for passing in [
             "Code: 241. DB::Exception: Memory limit (total) exceeded. (MEMORY_LIMIT_EXCEEDED)",
             "Code: 252, e.displayText() = DB::Exception: Too many parts (300)",

@@ -252,11 +252,11 @@ mod tests {
             .holding_none_since()
             .is_some_and(|now| now >= since));
         // A reason of the service's own stands through a revoke.
-        readiness.not_ready("ClickHouse refused the write");
+        readiness.not_ready("cannot store the lines in ClickHouse");
         readiness.held_changed(1);
         assert_eq!(
             readiness.reason().as_deref(),
-            Some("ClickHouse refused the write")
+            Some("cannot store the lines in ClickHouse")
         );
     }
 }

@@ -39,6 +39,16 @@ pub enum Service {
 }
 
 impl Service {
+    /// As `tally serve` names it.
+    fn name(self) -> &'static str {
+        match self {
+            Service::Ingest => "ingest",
+            Service::Aggregator => "aggregator",
+            Service::Rater => "rater",
+            Service::All => "all",
+        }
+    }
+
     /// Whether running `self` runs `service`.
     fn runs(self, service: Service) -> bool {
         self == service || self == Service::All
@@ -55,7 +65,7 @@ pub fn check_can_start(service: Service, settings: &ServiceSettings) -> anyhow::
             .map(|(at, message)| format!("  - {at}: {message}"))
             .collect();
         anyhow::bail!(
-            "ingest cannot start: API keys are missing:\n{}",
+            "ingest's API keys are missing (a key_env variable is read from the environment ingest started with):\n{}",
             problems.join("\n")
         );
     }
@@ -107,7 +117,7 @@ fn serve_until_stopped(args: ServeArgs) -> anyhow::Result<()> {
     let settings = config.services(&origin, &crate::environment)?;
     tally_runtime::kafka::check_properties(&settings.kafka)?;
     tracing::info!(
-        service = ?args.service,
+        service = args.service.name(),
         instance = %settings.kafka.instance_id,
         version = %*crate::VERSION,
         config = %origin,
@@ -149,9 +159,10 @@ async fn reload_keys_on_hangup(
             Ok(api_keys) => {
                 let tenants: std::collections::BTreeSet<&str> =
                     api_keys.iter().map(|key| key.tenant.as_str()).collect();
+                let tenants = tenants.into_iter().collect::<Vec<_>>().join(", ");
                 match api_keys.is_empty() {
                     true => tracing::warn!("SIGHUP: API keys read again: there are none, so every POST /v1/events is refused with 401"),
-                    false => tracing::info!(keys = api_keys.len(), ?tenants, "SIGHUP: API keys read again and in use (every key's rate limit starts again full)"),
+                    false => tracing::info!(keys = api_keys.len(), %tenants, "SIGHUP: API keys read again and in use (every key's rate limit starts again full)"),
                 }
                 keys.replace(api_keys);
             }

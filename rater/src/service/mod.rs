@@ -206,6 +206,10 @@ struct Worker {
     /// While set, a step of storing failed (Kafka's confirmation, ClickHouse's insert,
     /// the offset commit): partitions are paused and the step is retried at this time.
     retry_at: Option<(Instant, Duration)>,
+    /// Set when the rater stops while a store is failing: what is not stored is left
+    /// for the partitions' next owner without another try, each of which could wait
+    /// out `request_timeout` on a ClickHouse that does not answer.
+    stopping_unstored: bool,
     last_insert: Option<Instant>,
     /// When every held partition was last scheduled for a price-book check.
     check_scheduled: Instant,
@@ -342,6 +346,8 @@ impl PartitionOwner for Worker {
                 partitions = partitions.count(),
                 "partitions lost to the group; their next owner re-reads what was not stored"
             );
+        } else if self.stopping_unstored {
+            // Said when the stop began.
         } else if let Err(e) = self.store(consumer) {
             tracing::warn!(error = %e, "cannot store before giving partitions up; their next owner re-reads them");
         }
@@ -415,6 +421,7 @@ pub fn run(
         unbilled: UnbilledLog::default(),
         readiness: readiness.clone(),
         retry_at: None,
+        stopping_unstored: false,
         last_insert: None,
         check_scheduled: Instant::now(),
         store_windows: settings.rater.store_windows,
@@ -434,7 +441,7 @@ pub fn run(
         "joining consumer group {}: no partitions assigned yet",
         kafka_settings.group(Group::Rater)
     ));
-    tracing::info!(%topic, group = %kafka_settings.group(Group::Rater), "rater started");
+    tracing::info!(%topic, group = %kafka_settings.group(Group::Rater), clickhouse = %settings.clickhouse.url, database = %settings.clickhouse.database, "rater started");
     let mut health = ConsumerHealth::new(
         readiness,
         kafka_settings.group(Group::Rater),
@@ -484,10 +491,16 @@ pub fn run(
             });
         }
     }
-    tracing::info!("rater stopping: storing what was read");
     let mut worker = lock(&worker);
-    // Stores what is pending and waits for its rated lines: nothing is left in flight.
-    worker.store(&consumer)?;
+    if worker.retry_at.is_some() {
+        worker.stopping_unstored = true;
+        tracing::warn!("rater stopping without storing what was read: storing it is failing (logged above); the partitions' next owner reads it again");
+    } else {
+        tracing::info!("rater stopping: storing what was read");
+        // Stores what is pending and waits for its rated lines: nothing is left in
+        // flight.
+        worker.store(&consumer)?;
+    }
     drop(worker);
     leave_group(&consumer);
     Ok(())

@@ -202,7 +202,11 @@ impl Worker {
         if !in_flight.stored {
             if let Err(e) = self.write_batch(&in_flight.batch) {
                 self.metrics.insert_failures.inc();
-                return Err(self.clickhouse_failed(consumer, "ClickHouse refused the write", e));
+                return Err(self.clickhouse_failed(
+                    consumer,
+                    "cannot store the lines in ClickHouse",
+                    e,
+                ));
             }
             in_flight.stored = true;
         }
@@ -371,7 +375,7 @@ impl Worker {
             return RaterError::TablesGone(e);
         }
         if e.is_refused_for_good() && self.retry_at.is_none() {
-            tracing::error!(error = %e, "{what}, and will refuse it again however often it is retried: the rows or the query do not fit the table (a column dropped or changed by hand?) or the login may not do it. The rater holds its partitions, losing nothing, and retries until the table or the login is fixed (compare SHOW CREATE TABLE with a database a rater of this build made)");
+            tracing::error!(error = %e, "{what}: ClickHouse refuses the request, and will refuse it again however often it is retried: the rows or the query do not fit the table (a column dropped or changed by hand?) or the login may not do it. The rater holds its partitions, losing nothing, and retries until the table or the login is fixed (compare SHOW CREATE TABLE with a database a rater of this build made)");
         }
         self.hold(consumer, what, e.to_string());
         e.into()

@@ -62,7 +62,7 @@ impl UnbilledLog {
         }
         tracing::warn!(
             reason,
-            customer = ?series.customer,
+            customer = &*series.customer,
             meter = %series.meter,
             dimensions = ?series.group.iter().map(|g| &**g).collect::<Vec<&str>>(),
             %period,

@@ -452,6 +452,11 @@ impl Check<'_> {
         default: &str,
     ) -> SocketAddr {
         let text = self.setting(env_name, written, default);
+        // Said to be wrong where it was given.
+        let at = match self.var(env_name) {
+            Some(_) => env_name,
+            None => at,
+        };
         text.parse::<SocketAddr>().unwrap_or_else(|_| {
             self.issue(
                 at,
@@ -601,13 +606,24 @@ fn clickhouse(
         spec.database.as_deref(),
         d::DEFAULT_CLICKHOUSE_DATABASE,
     );
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        check.issue(
+    let scheme_less = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match scheme_less {
+        None => check.issue(
             &url_at,
             format!(
                 "{url:?} is not ClickHouse's HTTP interface: write e.g. \"http://127.0.0.1:8123\""
             ),
-        );
+        ),
+        // The URL is shown in logs, readiness texts and `tally validate`: it must hold
+        // no secret, and is not echoed here.
+        Some(rest) if rest.split('/').next().is_some_and(|host| host.contains('@')) => check
+            .issue(
+                &url_at,
+                "holds a login (user@ or user:password@ before the host), and the URL is shown in logs and readiness texts: write the URL without it, and the login in [clickhouse] user and TALLY_CLICKHOUSE_PASSWORD",
+            ),
+        Some(_) => {}
     }
     if !ClickHouseSettings::is_database_name(&database) {
         check.issue(
@@ -860,6 +876,41 @@ aggregation = "count"
             idle.aggregator.close_idle_after.map(|d| d.as_secs()),
             Some(1800)
         );
+    }
+
+    #[test]
+    fn a_wrong_listen_address_from_the_environment_is_said_to_be_the_variables() {
+        let issues = services(
+            "[ingest]\nlisten = \"127.0.0.1:9101\"\n",
+            &[("TALLY_INGEST_LISTEN", "localhost:9101")],
+        );
+        assert_eq!(
+            issues.unwrap_err(),
+            ["TALLY_INGEST_LISTEN: \"localhost:9101\" is not an address to listen on: write ip:port, e.g. \"127.0.0.1:8080\""]
+        );
+    }
+
+    #[test]
+    fn a_login_in_the_clickhouse_url_is_refused_without_being_shown() {
+        for (file, env) in [
+            (
+                "[clickhouse]\nurl = \"http://default:hunter2@ch:8123\"\n",
+                vec![],
+            ),
+            (
+                "",
+                vec![("TALLY_CLICKHOUSE_URL", "https://default:hunter2@ch:8443/")],
+            ),
+        ] {
+            let issues = services(file, &env).unwrap_err();
+            assert_eq!(issues.len(), 1, "{issues:?}");
+            assert!(
+                issues[0].contains("holds a login") && !issues[0].contains("hunter2"),
+                "{issues:?}"
+            );
+        }
+        // An @ in the path is not a login.
+        assert!(services("[clickhouse]\nurl = \"http://ch:8123/a@b\"\n", &[]).is_ok());
     }
 
     #[test]

@@ -238,10 +238,7 @@ fn a_service_that_cannot_start_says_why_in_its_log_format() {
     assert_eq!(refused.code, 1);
     assert_shows(
         &refused.stderr,
-        &[
-            "ingest cannot start: API keys are missing",
-            "TALLY_TEST_KEY_NOBODY_SET",
-        ],
+        &["ingest's API keys are missing", "TALLY_TEST_KEY_NOBODY_SET"],
     );
     assert_eq!(validate(&["--service", "all"]).code, 1);
     validate(&["--service", "rater"]).succeeded();

@@ -819,7 +819,8 @@ fn clickhouse_down_for_30_seconds_delays_but_does_not_change_totals() {
     let expected = p.expected();
     p.wait_for(&expected, Duration::from_secs(180));
     assert!(
-        p.log("rater-a").contains("ClickHouse refused the write"),
+        p.log("rater-a")
+            .contains("cannot store the lines in ClickHouse"),
         "the rater saw the outage"
     );
 }
@@ -850,6 +851,41 @@ fn a_column_dropped_by_hand_holds_the_rater_with_an_error_until_it_is_back() {
     p.assert_running();
     p.query(&format!("ALTER TABLE {table} ADD COLUMN tiers String"));
     p.wait_for(&p.expected(), Duration::from_secs(120));
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_rater_stopped_while_clickhouse_is_down_stops_cleanly_and_its_successor_stores_all() {
+    let _serial = serial();
+    let p = Pipeline::new("stop_during_outage", 2_000, 10, "");
+    let lines = p.lines();
+    let (first, rest) = lines.split_at(lines.len() / 2);
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(first);
+    p.wait_for(&p.expected_for(first, "2026-10"), Duration::from_secs(120));
+    let _clickhouse_back = Restart("clickhouse");
+    harness::service("clickhouse", "stop");
+    p.produce(rest);
+    harness::eventually(
+        "the rater to hold lines ClickHouse does not take",
+        Duration::from_secs(60),
+        || {
+            p.log("rater-a")
+                .contains("cannot store the lines in ClickHouse; pausing and retrying")
+        },
+    );
+    // A stop asked for ends with exit code 0, without trying again what is failing.
+    p.stop("rater-a");
+    assert!(
+        p.log("rater-a")
+            .contains("rater stopping without storing what was read"),
+        "{}",
+        p.log("rater-a")
+    );
+    harness::service("clickhouse", "start");
+    p.start("rater", "rater-b");
+    p.wait_for(&p.expected(), Duration::from_secs(180));
 }
 
 #[test]
@@ -907,7 +943,7 @@ fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
     let _clickhouse_back = Restart("clickhouse");
     harness::service("clickhouse", "stop");
     p.produce(rest);
-    let refused = "ClickHouse refused the write; pausing and retrying";
+    let refused = "cannot store the lines in ClickHouse; pausing and retrying";
     harness::eventually(
         "both raters hold lines ClickHouse refused",
         Duration::from_secs(60),
