@@ -212,11 +212,9 @@ impl Ledger {
             Err(NoPlan::NotSubscribed) => return Recorded::NotSubscribed,
         };
         let mut billed = 0;
+        let meter = self.config.meter_id(&series.meter);
         for (price_index, price) in plan.prices.iter().enumerate() {
-            let bills = (price.usage.as_ref()).is_some_and(|usage| {
-                self.config.meter(usage.meter).slug == *series.meter && usage.matches(&series.group)
-            });
-            if !bills {
+            if !meter.is_some_and(|meter| price.bills(meter, &series.group)) {
                 continue;
             }
             billed += 1;

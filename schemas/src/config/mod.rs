@@ -539,6 +539,12 @@ impl Config {
         found_nothing(origin, found).map(|()| settings)
     }
 
+    /// The meter with this slug, if the book has one.
+    pub fn meter_id(&self, slug: &str) -> Option<MeterId> {
+        let index = self.meters.iter().position(|meter| meter.slug == slug)?;
+        Some(MeterId(u32::try_from(index).ok()?))
+    }
+
     pub fn meter(&self, id: MeterId) -> &Meter {
         &self.meters[id.0 as usize]
     }
