@@ -286,7 +286,7 @@ fn a_group_is_caught_up_once_it_committed_each_partitions_end() {
         brokers: BROKERS.to_owned(),
         topic_prefix: unique("caught_up"),
         partitions: 2,
-        replication_factor: 1,
+        replication_factor: std::num::NonZeroU16::MIN,
         properties: Default::default(),
         instance_id: "0".to_owned(),
     };
@@ -367,7 +367,7 @@ fn topics_an_operator_made_without_the_settings_tally_needs_are_refused() {
         brokers: BROKERS.to_owned(),
         topic_prefix: unique("setup"),
         partitions: 2,
-        replication_factor: 1,
+        replication_factor: std::num::NonZeroU16::MIN,
         properties: Default::default(),
         instance_id: "0".to_owned(),
     };
@@ -459,7 +459,7 @@ fn partitions_added_to_the_events_topic_leave_the_pipelines_count_and_are_named(
         brokers: BROKERS.to_owned(),
         topic_prefix: unique("grown"),
         partitions: 2,
-        replication_factor: 1,
+        replication_factor: std::num::NonZeroU16::MIN,
         properties: Default::default(),
         instance_id: "0".to_owned(),
     };
@@ -608,7 +608,7 @@ fn a_consumer_dropped_by_a_panic_releases_its_partitions_without_the_owner_commi
             brokers: BROKERS.to_owned(),
             topic_prefix: unique("panic"),
             partitions: 1,
-            replication_factor: 1,
+            replication_factor: std::num::NonZeroU16::MIN,
             properties: Default::default(),
             instance_id: "0".to_owned(),
         };

@@ -496,7 +496,7 @@ mod tests {
             brokers: "127.0.0.1:1".to_owned(),
             topic_prefix: "tally".to_owned(),
             partitions: 1,
-            replication_factor: 1,
+            replication_factor: std::num::NonZeroU16::MIN,
             properties: properties
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

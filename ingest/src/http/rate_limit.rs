@@ -7,6 +7,7 @@
 //! [`RateLimiter`] holds one per configured key behind a lock taken only for that
 //! arithmetic (never across an await).
 
+use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -30,12 +31,11 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket at `now`. Zero rates or bursts (which validation refuses) count
-    /// as 1, so a bucket always refills.
-    pub fn new(per_second: u32, burst: u32, now: Instant) -> Self {
-        let capacity = u128::from(burst.max(1)) * UNIT;
+    /// A full bucket at `now`.
+    pub fn new(per_second: NonZeroU32, burst: NonZeroU32, now: Instant) -> Self {
+        let capacity = u128::from(burst.get()) * UNIT;
         TokenBucket {
-            per_second: u128::from(per_second.max(1)),
+            per_second: u128::from(per_second.get()),
             capacity,
             level: capacity,
             updated: now,
@@ -77,7 +77,7 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn new(keys: usize, per_second: u32, burst: u32, now: Instant) -> Self {
+    pub fn new(keys: usize, per_second: NonZeroU32, burst: NonZeroU32, now: Instant) -> Self {
         RateLimiter {
             buckets: Mutex::new(vec![TokenBucket::new(per_second, burst, now); keys]),
         }
@@ -102,10 +102,14 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn n(count: u32) -> NonZeroU32 {
+        NonZeroU32::new(count).unwrap()
+    }
+
     #[test]
     fn a_full_bucket_allows_the_burst_at_once_then_refuses() {
         let t0 = Instant::now();
-        let mut bucket = TokenBucket::new(10, 3, t0);
+        let mut bucket = TokenBucket::new(n(10), n(3), t0);
         for _ in 0..3 {
             assert_eq!(bucket.try_take(t0), Ok(()));
         }
@@ -116,7 +120,7 @@ mod tests {
     #[test]
     fn tokens_come_back_at_the_sustained_rate() {
         let t0 = Instant::now();
-        let mut bucket = TokenBucket::new(10, 1, t0);
+        let mut bucket = TokenBucket::new(n(10), n(1), t0);
         assert_eq!(bucket.try_take(t0), Ok(()));
         assert_eq!(bucket.try_take(t0 + ms(40)), Err(ms(60)));
         assert_eq!(bucket.try_take(t0 + ms(99)), Err(ms(1)));
@@ -127,7 +131,7 @@ mod tests {
     #[test]
     fn a_steady_sender_at_the_rate_is_never_refused() {
         let t0 = Instant::now();
-        let mut bucket = TokenBucket::new(7, 1, t0);
+        let mut bucket = TokenBucket::new(n(7), n(1), t0);
         // 7 a second, one every 1/7 s (rounded up to the nanosecond), for a minute.
         let step = Duration::from_nanos(1_000_000_000_u64.div_ceil(7));
         for i in 0..420 {
@@ -138,7 +142,7 @@ mod tests {
     #[test]
     fn an_idle_bucket_fills_only_up_to_the_burst() {
         let t0 = Instant::now();
-        let mut bucket = TokenBucket::new(100, 2, t0);
+        let mut bucket = TokenBucket::new(n(100), n(2), t0);
         assert_eq!(bucket.try_take(t0), Ok(()));
         assert_eq!(bucket.try_take(t0), Ok(()));
         let later = t0 + Duration::from_secs(3600);
@@ -150,7 +154,7 @@ mod tests {
     #[test]
     fn a_slow_rate_says_how_many_seconds_to_wait() {
         let t0 = Instant::now();
-        let mut bucket = TokenBucket::new(1, 1, t0);
+        let mut bucket = TokenBucket::new(n(1), n(1), t0);
         assert_eq!(bucket.try_take(t0), Ok(()));
         let wait = bucket.try_take(t0 + ms(250)).unwrap_err();
         assert_eq!(wait, ms(750));
@@ -160,7 +164,7 @@ mod tests {
     #[test]
     fn an_earlier_instant_adds_no_tokens() {
         let t0 = Instant::now() + Duration::from_secs(10);
-        let mut bucket = TokenBucket::new(1, 1, t0);
+        let mut bucket = TokenBucket::new(n(1), n(1), t0);
         assert_eq!(bucket.try_take(t0), Ok(()));
         assert_eq!(bucket.try_take(t0 - ms(500)), Err(Duration::from_secs(1)));
     }
@@ -177,7 +181,7 @@ mod tests {
     #[test]
     fn each_key_has_its_own_bucket() {
         let t0 = Instant::now();
-        let limiter = RateLimiter::new(2, 1, 1, t0);
+        let limiter = RateLimiter::new(2, n(1), n(1), t0);
         assert_eq!(limiter.check(0, t0), Ok(()));
         assert!(limiter.check(0, t0).is_err());
         assert_eq!(limiter.check(1, t0), Ok(()));

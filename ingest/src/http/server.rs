@@ -16,6 +16,7 @@
 //! flushes the producer, so a stalled client cannot hold the service up.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -90,7 +91,7 @@ struct App {
     /// Replaced whole when the keys are reloaded; a request keeps the one it read.
     key_ring: RwLock<Arc<KeyRing>>,
     /// `[ingest] rate_limit_per_second` and `rate_limit_burst`.
-    rate_limit: (u32, u32),
+    rate_limit: (NonZeroU32, NonZeroU32),
     producer: EventProducer,
     metrics: IngestMetrics,
     /// `[ingest] max_body_bytes`.
@@ -111,7 +112,7 @@ struct KeyRing {
 
 impl KeyRing {
     /// `keys`, each with a full bucket of `(per second, burst)` requests.
-    fn new(keys: Vec<ApiKey>, (per_second, burst): (u32, u32)) -> Arc<Self> {
+    fn new(keys: Vec<ApiKey>, (per_second, burst): (NonZeroU32, NonZeroU32)) -> Arc<Self> {
         Arc::new(KeyRing {
             limiter: RateLimiter::new(keys.len(), per_second, burst, Instant::now()),
             keys: ApiKeys::new(keys),
@@ -201,8 +202,8 @@ pub async fn start(
         rate_limit,
         producer: producer.clone(),
         metrics: metrics.clone(),
-        max_body_bytes: ingest.max_body_bytes,
-        max_batch_events: ingest.max_batch_events,
+        max_body_bytes: ingest.max_body_bytes.get(),
+        max_batch_events: ingest.max_batch_events.get(),
     });
     let keys = KeyReloader(Arc::clone(&app));
     let router = router(app, registry, readiness, &settings.kafka.topic_prefix);

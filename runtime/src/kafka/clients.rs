@@ -303,7 +303,7 @@ mod tests {
             brokers: "127.0.0.1:9092".to_owned(),
             topic_prefix: "tally".to_owned(),
             partitions: 1,
-            replication_factor: 1,
+            replication_factor: std::num::NonZeroU16::MIN,
             instance_id: "0".to_owned(),
         }
     }

@@ -284,7 +284,7 @@ async fn create_topics(
     .map(|t| (settings.topic(t), t))
     .collect();
     let (events_needs, state_needs) = (events_topic_settings(), state_topic_settings());
-    let replicas = i32::from(settings.replication_factor);
+    let replicas = i32::from(settings.replication_factor.get());
     // With three or more replicas a write (acks=all, a transaction's commit) needs two
     // of them, so losing the leader cannot lose what it acknowledged; with fewer, one
     // (Kafka's default), or every write would stop while one replica is down.

@@ -3,6 +3,7 @@
 //! that Tally sets are the runtime's, beside the client configuration that applies
 //! them.)
 
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use crate::money::RoundingMode;
@@ -77,9 +78,9 @@ pub const DEFAULT_KAFKA_BROKERS: &str = "127.0.0.1:9092";
 /// `[kafka] topic_prefix`.
 pub const DEFAULT_TOPIC_PREFIX: &str = "tally";
 /// `[kafka] partitions`, for the topics Tally creates.
-pub const DEFAULT_PARTITIONS: u32 = 6;
+pub const DEFAULT_PARTITIONS: NonZeroU32 = NonZeroU32::new(6).unwrap();
 /// `[kafka] replication_factor`, for the topics Tally creates; use 3 in production.
-pub const DEFAULT_REPLICATION_FACTOR: u16 = 1;
+pub const DEFAULT_REPLICATION_FACTOR: NonZeroU16 = NonZeroU16::MIN;
 /// `TALLY_INSTANCE_ID` when neither it nor `HOSTNAME` is set (the `tally` binary falls
 /// back from `HOSTNAME` to the kernel's host name, so this is rare): fine for one
 /// aggregator; each of several needs its own (two with one id fence each other's
@@ -96,13 +97,13 @@ pub const DEFAULT_CLICKHOUSE_REQUEST_TIMEOUT: Duration = Duration::from_secs(60)
 /// `[ingest] listen`: the HTTP API.
 pub const DEFAULT_INGEST_LISTEN: &str = "127.0.0.1:9101";
 /// `[ingest] max_body_bytes`: 1 MiB.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+pub const DEFAULT_MAX_BODY_BYTES: NonZeroUsize = NonZeroUsize::new(1 << 20).unwrap();
 /// `[ingest] max_batch_events`.
-pub const DEFAULT_MAX_BATCH_EVENTS: usize = 1000;
+pub const DEFAULT_MAX_BATCH_EVENTS: NonZeroUsize = NonZeroUsize::new(1000).unwrap();
 /// `[ingest] rate_limit_per_second`, per API key.
-pub const DEFAULT_RATE_LIMIT_PER_SECOND: u32 = 100;
+pub const DEFAULT_RATE_LIMIT_PER_SECOND: NonZeroU32 = NonZeroU32::new(100).unwrap();
 /// `[ingest] rate_limit_burst`, per API key.
-pub const DEFAULT_RATE_LIMIT_BURST: u32 = 200;
+pub const DEFAULT_RATE_LIMIT_BURST: NonZeroU32 = NonZeroU32::new(200).unwrap();
 
 /// Validated runtime settings with defaults applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

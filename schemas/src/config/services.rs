@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -153,7 +154,7 @@ pub struct KafkaSettings {
     pub brokers: String,
     pub topic_prefix: String,
     pub partitions: u32,
-    pub replication_factor: u16,
+    pub replication_factor: NonZeroU16,
     pub properties: BTreeMap<String, String>,
     /// Names this process among the aggregator instances: its transactional id is
     /// derived from it, so a restarted instance fences its previous incarnation.
@@ -332,10 +333,10 @@ impl fmt::Debug for ApiKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngestSettings {
     pub listen: SocketAddr,
-    pub max_body_bytes: usize,
-    pub max_batch_events: usize,
-    pub rate_limit_per_second: u32,
-    pub rate_limit_burst: u32,
+    pub max_body_bytes: NonZeroUsize,
+    pub max_batch_events: NonZeroUsize,
+    pub rate_limit_per_second: NonZeroU32,
+    pub rate_limit_burst: NonZeroU32,
     pub api_keys: Vec<ApiKey>,
     /// Keys whose `key_env` variable is not set, as `(at, message)`: only the ingest
     /// service needs them, so only it refuses to start over them.
@@ -466,17 +467,17 @@ impl Check<'_> {
         })
     }
 
-    fn at_least_one<T: Copy + Default + PartialEq>(
-        &mut self,
-        at: &str,
-        written: Option<T>,
-        default: T,
-    ) -> T {
-        let value = written.unwrap_or(default);
-        if value == T::default() {
-            self.issue(at, "must be at least 1");
+    /// A count of at least one, as its type holds it; a zero is an issue (and the
+    /// default stands in for it).
+    fn at_least_one<N: Count>(&mut self, at: &str, written: Option<N::Raw>, default: N) -> N {
+        match written.map(N::new) {
+            None => default,
+            Some(Some(value)) => value,
+            Some(None) => {
+                self.issue(at, "must be at least 1");
+                default
+            }
         }
-        value
     }
 
     fn above_zero(&mut self, at: &str, written: Option<Duration>, default: Duration) -> Duration {
@@ -487,6 +488,25 @@ impl Check<'_> {
         value
     }
 }
+
+/// The types settings counted from one are held in: zero is not among their values.
+trait Count: Copy {
+    type Raw;
+    fn new(raw: Self::Raw) -> Option<Self>;
+}
+
+macro_rules! count {
+    ($($count:ty: $raw:ty),*) => {$(
+        impl Count for $count {
+            type Raw = $raw;
+            fn new(raw: $raw) -> Option<Self> {
+                <$count>::new(raw)
+            }
+        }
+    )*};
+}
+
+count!(NonZeroU16: u16, NonZeroU32: u32, NonZeroUsize: usize);
 
 /// Kafka topic names (and so prefixes and the instance id in transactional ids) take
 /// these characters only.
@@ -567,7 +587,12 @@ fn kafka(check: &mut Check<'_>, spec: &KafkaSpec) -> KafkaSettings {
     KafkaSettings {
         brokers,
         topic_prefix,
-        partitions: check.at_least_one("kafka.partitions", spec.partitions, d::DEFAULT_PARTITIONS),
+        partitions: (check.at_least_one(
+            "kafka.partitions",
+            spec.partitions,
+            d::DEFAULT_PARTITIONS,
+        ))
+        .get(),
         replication_factor: check.at_least_one(
             "kafka.replication_factor",
             spec.replication_factor,
@@ -856,8 +881,8 @@ aggregation = "count"
         assert_eq!(s.kafka.group(super::Group::Aggregator), "tally-aggregator");
         assert_eq!(s.clickhouse.database, "tally");
         assert_eq!(s.clickhouse.request_timeout.as_secs(), 60);
-        assert_eq!(s.ingest.max_body_bytes, 1 << 20);
-        assert_eq!(s.ingest.max_batch_events, 1000);
+        assert_eq!(s.ingest.max_body_bytes.get(), 1 << 20);
+        assert_eq!(s.ingest.max_batch_events.get(), 1000);
         assert!(s.ingest.api_keys.is_empty());
         assert_eq!(s.aggregator.period_close_grace.as_secs(), 3600);
         assert_eq!(s.aggregator.close_idle_after, None);
