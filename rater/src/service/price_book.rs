@@ -432,7 +432,9 @@ impl Worker {
     /// a price renamed). Lines of periods settled in their partition stay as billed.
     /// A partition whose last commit names another book is re-rated as well. One with
     /// a stale row past its position waits (up to [`MAX_CHECK_DEFERRAL`]) until it has
-    /// read that far, so its rows are not older than the row they replace.
+    /// read that far, so its rows are not older than the row they replace. A held
+    /// partition not due for a check is checked along when the answer holds stale lines
+    /// of its own.
     pub(super) fn check_price_book(&mut self) -> Result<(), ClickHouseError> {
         let checking: Vec<i32> = (self.partitions.iter())
             .filter(|(_, state)| state.unchecked)
@@ -451,6 +453,24 @@ impl Worker {
         };
         let stale = (self.clickhouse).lines_rated_with_another_book(&self.book, oldest_open)?;
         let stale_ids: HashSet<&str> = stale.iter().map(|line| line.id.as_str()).collect();
+        // The answer covers every partition: a held one not due has its stale lines
+        // re-rated now too, rather than at its next scheduled check (a rater on another
+        // book writes every customer's opening lines, from whichever partition it held,
+        // and they outlive it).
+        let partition_count = self.partition_count;
+        let mut checking = checking;
+        checking.extend(
+            (self.partitions.iter())
+                .filter(|(_, state)| !state.unchecked)
+                .filter(|(&partition, state)| {
+                    let judge = ZeroUsageJudge {
+                        partition,
+                        partition_count,
+                    };
+                    !state.own_stale_lines(&stale, judge).is_empty()
+                })
+                .map(|(&partition, _)| partition),
+        );
         let now = Utc::now();
         let ended_by = self.months_ended_by(now);
         let mut deferred = false;
