@@ -110,7 +110,7 @@ pub enum AggregatorError {
     Restore(#[from] tally_runtime::kafka::ReadError),
     #[error(transparent)]
     InstanceInUse(#[from] Box<tally_runtime::kafka::InstanceInUse>),
-    #[error("fenced twice within {} minutes: another process initialised transactions as {transactional_id}, so another aggregator runs with TALLY_INSTANCE_ID {instance_id} (a newer run of this instance, or a second one configured alike). This one stops, so the two do not abort each other's transactions in turn; if both should run, give each its own TALLY_INSTANCE_ID (the default, the host name, differs per host).", FENCED_AGAIN_WITHIN.as_secs() / 60)]
+    #[error("fenced twice within {} minutes: another process initialised transactions as {transactional_id}, so another aggregator runs with TALLY_INSTANCE_ID {instance_id} (a run of this instance started while this one was frozen or unreachable, a frozen one that woke, or a second one configured alike). This one stops, so the two do not abort each other's transactions in turn; if both should run, give each its own TALLY_INSTANCE_ID (the default, the host name, differs per host).", FENCED_AGAIN_WITHIN.as_secs() / 60)]
     Fenced {
         transactional_id: String,
         instance_id: String,
