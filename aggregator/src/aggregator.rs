@@ -856,6 +856,13 @@ impl Aggregator {
                     change,
                 });
             }
+            if before.shape() != configured.shape() {
+                return Err(RestoreError::AcceptedShapeChanged {
+                    meter: slug.clone(),
+                    stored: before.shape().to_string(),
+                    configured: configured.shape().to_string(),
+                });
+            }
             let_through.push((slug.clone(), change));
         }
         Ok(let_through)
@@ -1032,6 +1039,12 @@ pub enum RestoreError {
     DefinitionChanged {
         meter: String,
         change: DefinitionChange,
+    },
+    #[error("meter {meter:?} is listed in [aggregator] accept_redefined_meters, but its held usage was counted as {stored} and this configuration counts it as {configured}: held usage is kept by its aggregation and dimension names, which no entry lets change (it would be added up otherwise, or its group values read as other dimensions); restore with the configuration the usage was read with, and put the new definition in a new meter (another slug) with prices from the month it starts")]
+    AcceptedShapeChanged {
+        meter: String,
+        stored: String,
+        configured: String,
     },
 }
 
@@ -2033,6 +2046,15 @@ mod tests {
             restored_accepting(&moved, &["users"]),
             Err(RestoreError::DefinitionChanged { meter, .. }) if meter == "tokens"
         ));
+        // A renamed dimension would read the held group values as another one's.
+        assert_eq!(
+            restored_accepting(&CONFIG.replace("{ model = ", "{ engine = "), &["tokens"]),
+            Err(RestoreError::AcceptedShapeChanged {
+                meter: "tokens".into(),
+                stored: "sum by model".into(),
+                configured: "sum by engine".into(),
+            })
+        );
         // Renamed: the same number of dimensions, which the restore alone lets through.
         assert!(matches!(
             restored_with(&CONFIG.replace("{ model = ", "{ engine = ")),

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use tally_schemas::config::{AggregationKind, Config, Meter};
+use tally_schemas::config::{AggregationKind, Config, Meter, MeterShape};
 use tally_schemas::ids::Fingerprinter;
 
 /// Every setting of a meter that decides which events count and what each adds,
@@ -56,6 +56,13 @@ impl MeterDefinition {
             group_by: (meter.group_by.iter())
                 .map(|(name, path)| (name.clone(), path.as_str().to_owned()))
                 .collect(),
+        }
+    }
+
+    pub fn shape(&self) -> MeterShape<'_> {
+        MeterShape {
+            aggregation: self.aggregation,
+            dimensions: self.group_by.keys().map(String::as_str).collect(),
         }
     }
 

@@ -51,11 +51,13 @@ pub enum ClickHouseError {
     CaFile { path: PathBuf, why: String },
     #[error("clickhouse.ca_file (or TALLY_CLICKHOUSE_CA_FILE) is set, but {url} is not an https:// url; write it with https://, or leave ca_file out")]
     CaFileWithoutTls { url: String },
-    #[error("ClickHouse at {url} refused to {what}: HTTP {status}: {body}{}", refusal_hint(.body))]
+    #[error("ClickHouse at {url} refused to {what}: HTTP {status}: {body}{}", refusal_hint(code.or_else(|| body_exception_code(body))))]
     Refused {
         url: String,
         what: &'static str,
         status: u16,
+        /// The exception's code, where ClickHouse's answer names it in a header.
+        code: Option<u32>,
         body: String,
     },
     #[error("{0:?} is not a usable database name: {rule}", rule = ClickHouseSettings::DATABASE_NAME_RULE)]
@@ -77,19 +79,19 @@ pub enum ClickHouseError {
     },
 }
 
-/// The code of the exception in ClickHouse's answer, which begins `Code: 60,` (18.16)
-/// or `Code: 60.` (current releases).
-fn exception_code(body: &str) -> Option<u32> {
-    let digits = body.trim_start().strip_prefix("Code: ")?;
-    let end = digits
+/// The code of the exception in ClickHouse's answer, which says `Code: 60,` (18.16) or
+/// `Code: 60.` (current releases), after whatever a proxy put before it.
+fn body_exception_code(body: &str) -> Option<u32> {
+    let (_, after) = body.split_once("Code: ")?;
+    let end = after
         .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(digits.len());
-    digits[..end].parse().ok()
+        .unwrap_or(after.len());
+    after[..end].parse().ok()
 }
 
 /// What to check, for the refusals whose fix is Tally's configuration.
-fn refusal_hint(body: &str) -> &'static str {
-    match exception_code(body) {
+fn refusal_hint(code: Option<u32>) -> &'static str {
+    match code {
         // UNKNOWN_USER, WRONG_PASSWORD, AUTHENTICATION_FAILED
         Some(192 | 193 | 516) => {
             "; are [clickhouse] user (TALLY_CLICKHOUSE_USER) and TALLY_CLICKHOUSE_PASSWORD right?"
@@ -957,7 +959,12 @@ impl ClickHouse {
         rows: impl Iterator<Item = Result<R, ClickHouseError>>,
     ) -> Result<(), ClickHouseError> {
         let query = format!("INSERT INTO {}.{table} FORMAT JSONEachRow", self.database);
-        let insert = [("query", query.as_str())];
+        // A profile may skip fields the table lacks: a column dropped by hand would
+        // then lose its values silently, where this insert is to be refused.
+        let insert = [
+            ("query", query.as_str()),
+            ("input_format_skip_unknown_fields", "0"),
+        ];
         let mut body = Vec::new();
         let mut in_body = 0;
         for row in rows {
@@ -1030,6 +1037,9 @@ impl ClickHouse {
         }
         let mut response = request.send(&body[..]).map_err(unreachable)?;
         let status = response.status().as_u16();
+        // Current releases name the exception's code in a header; 18.16 only in the body.
+        let code = (response.headers().get("X-ClickHouse-Exception-Code"))
+            .and_then(|code| code.to_str().ok()?.trim().parse().ok());
         // No cap on the answer's size: ureq's default (10 MiB) would fail every check
         // of a large book's stale lines, the same way on every retry.
         let answer = response
@@ -1045,6 +1055,7 @@ impl ClickHouse {
             url: self.url.clone(),
             what,
             status,
+            code,
             body: body.trim().to_owned(),
         })
     }
@@ -1235,7 +1246,9 @@ impl ClickHouseError {
     /// The code of ClickHouse's exception, where it refused.
     fn exception_code(&self) -> Option<u32> {
         match self {
-            ClickHouseError::Refused { body, .. } => exception_code(body),
+            ClickHouseError::Refused { code, body, .. } => {
+                code.or_else(|| body_exception_code(body))
+            }
             _ => None,
         }
     }
@@ -1313,20 +1326,30 @@ mod tests {
             url: "http://ch:8123".to_owned(),
             what: "insert rated lines",
             status: 404,
+            code: None,
             body: body.to_owned(),
         };
         // ClickHouse 18.16's words, and a current release's.
         for gone in [
             "Code: 81, e.displayText() = DB::Exception: Database tally doesn't exist, e.what() = DB::Exception",
             "Code: 60. DB::Exception: Table tally.rated_lines does not exist. (UNKNOWN_TABLE)",
+            "proxy: upstream answered: Code: 60. DB::Exception: Table tally.rated_lines does not exist.",
         ] {
             assert!(refused(gone).is_missing_table(), "{gone}");
         }
+        // Named in the header, whatever the body says.
+        let headed = ClickHouseError::Refused {
+            url: "http://ch:8123".to_owned(),
+            what: "insert rated lines",
+            status: 404,
+            code: Some(60),
+            body: "{\"exception\": \"...\"}".to_owned(),
+        };
+        assert!(headed.is_missing_table());
         for other in [
             "Code: 241. DB::Exception: Memory limit exceeded",
             "Code: 605, e.displayText() = something else",
             "Code: 6",
-            "no code: Code: 60",
         ] {
             assert!(!refused(other).is_missing_table(), "{other}");
         }
@@ -1338,6 +1361,7 @@ mod tests {
             url: "http://ch:8123".to_owned(),
             what: "insert rated lines",
             status: 500,
+            code: None,
             body: body.to_owned(),
         };
         // ClickHouse 18.16's answer to a value of the wrong type, and a current

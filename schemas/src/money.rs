@@ -68,7 +68,7 @@ impl Currency {
     pub fn coarser_billing_note(&self) -> String {
         match self.decimals < self.minor_units {
             true => format!(
-                " ({} has {} decimals, but card payments take no finer than {}, as Stripe requires)",
+                " ({} is written with {} decimals, but card payments take no finer than {}, as Stripe requires)",
                 self.code, self.minor_units, self.decimals
             ),
             false => String::new(),
@@ -199,7 +199,7 @@ mod tests {
         assert_eq!(currency("kwd").round(d("5.124"), half_up), d("5.12"));
         assert_eq!(
             currency("kwd").coarser_billing_note(),
-            " (kwd has 3 decimals, but card payments take no finer than 2, as Stripe requires)"
+            " (kwd is written with 3 decimals, but card payments take no finer than 2, as Stripe requires)"
         );
         assert_eq!(currency("usd").coarser_billing_note(), "");
         assert_eq!(currency("kwd").to_minor(d("5.12")), Some(5120));

@@ -629,7 +629,7 @@ fn a_flat_fee_finer_than_its_currency_is_billed_in_is_warned_about() {
         fee("kwd", "1.005"),
         [(
             at,
-            "1.005 kwd is billed as 1.01 each month: lines are rounded half_up to 2 decimals (kwd has 3 decimals, but card payments take no finer than 2, as Stripe requires)".to_owned()
+            "1.005 kwd is billed as 1.01 each month: lines are rounded half_up to 2 decimals (kwd is written with 3 decimals, but card payments take no finer than 2, as Stripe requires)".to_owned()
         )]
     );
 }

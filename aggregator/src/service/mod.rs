@@ -415,6 +415,10 @@ pub fn run(
         &config,
         settings.aggregator.accept_redefined_meters.clone(),
     ));
+    if !meters.accepted.is_empty() {
+        let listed: Vec<&str> = meters.accepted.iter().map(String::as_str).collect();
+        tracing::warn!(meters = %listed.join(", "), "[aggregator] accept_redefined_meters lists meters whose usage held under another definition is kept as counted: while listed, a change of their event_type, value_property, allow_negative_values or dimension paths is not refused; remove the entry once the month it was added for has settled");
+    }
     let worker = Arc::new(Mutex::new(Worker {
         meters: Arc::clone(&meters),
         config,

@@ -206,9 +206,11 @@ struct Worker {
     /// While set, a step of storing failed (Kafka's confirmation, ClickHouse's insert,
     /// the offset commit): partitions are paused and the step is retried at this time.
     retry_at: Option<(Instant, Duration)>,
-    /// Set when the rater stops while a store is failing: what is not stored is left
-    /// for the partitions' next owner without another try, each of which could wait
-    /// out `request_timeout` on a ClickHouse that does not answer.
+    /// While reads or writes of ClickHouse fail (cleared once lines are stored again).
+    clickhouse_trouble: Option<ClickHouseTrouble>,
+    /// Set when the rater stops while ClickHouse fails: what is not stored is left for
+    /// the partitions' next owner without another try, each of which could wait out
+    /// `request_timeout` on a ClickHouse that does not answer.
     stopping_unstored: bool,
     last_insert: Option<Instant>,
     /// When every held partition was last scheduled for a price-book check.
@@ -421,6 +423,7 @@ pub fn run(
         unbilled: UnbilledLog::default(),
         readiness: readiness.clone(),
         retry_at: None,
+        clickhouse_trouble: None,
         stopping_unstored: false,
         last_insert: None,
         check_scheduled: Instant::now(),
@@ -492,9 +495,9 @@ pub fn run(
         }
     }
     let mut worker = lock(&worker);
-    if worker.retry_at.is_some() {
+    if worker.clickhouse_trouble.is_some() {
         worker.stopping_unstored = true;
-        tracing::warn!("rater stopping without storing what was read: storing it is failing (logged above); the partitions' next owner reads it again");
+        tracing::warn!("rater stopping without storing what was read: ClickHouse fails (logged above); the partitions' next owner reads it again");
     } else {
         tracing::info!("rater stopping: storing what was read");
         // Stores what is pending and waits for its rated lines: nothing is left in
@@ -504,6 +507,15 @@ pub fn run(
     drop(worker);
     leave_group(&consumer);
     Ok(())
+}
+
+/// How ClickHouse fails, while it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClickHouseTrouble {
+    /// Down, slow, or refusing for a reason that passes.
+    Failing,
+    /// Refusing what no retry changes, which was said as an error.
+    RefusedForGood,
 }
 
 impl Worker {

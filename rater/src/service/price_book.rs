@@ -434,43 +434,35 @@ impl Worker {
     /// a stale row past its position waits (up to [`MAX_CHECK_DEFERRAL`]) until it has
     /// read that far, so its rows are not older than the row they replace. A held
     /// partition not due for a check is checked along when the answer holds stale lines
-    /// of its own.
+    /// of its own (and so retried like a due one, if it waits).
     pub(super) fn check_price_book(&mut self) -> Result<(), ClickHouseError> {
+        if !self.partitions.values().any(|state| state.unchecked) {
+            return Ok(());
+        }
+        // Asked from the oldest month open in any held partition, the answer names the
+        // stale lines of partitions not due as well: those with lines of their own in it
+        // are checked along (a rater on another book writes every customer's opening
+        // lines, from whichever partition it held, and they outlive it).
+        let oldest_open = (self.partitions.values())
+            .map(|state| state.ledger.settled_through().map(|s| s.next()))
+            .min()
+            .flatten();
+        let stale = (self.clickhouse).lines_rated_with_another_book(&self.book, oldest_open)?;
+        let stale_ids: HashSet<&str> = stale.iter().map(|line| line.id.as_str()).collect();
+        let partition_count = self.partition_count;
+        for (&partition, state) in &mut self.partitions {
+            let judge = ZeroUsageJudge {
+                partition,
+                partition_count,
+            };
+            if !state.unchecked && !state.own_stale_lines(&stale, judge).is_empty() {
+                state.unchecked = true;
+            }
+        }
         let checking: Vec<i32> = (self.partitions.iter())
             .filter(|(_, state)| state.unchecked)
             .map(|(&partition, _)| partition)
             .collect();
-        let Some(oldest_open) = (checking.iter())
-            .map(|p| {
-                self.partitions[p]
-                    .ledger
-                    .settled_through()
-                    .map(|s| s.next())
-            })
-            .min()
-        else {
-            return Ok(());
-        };
-        let stale = (self.clickhouse).lines_rated_with_another_book(&self.book, oldest_open)?;
-        let stale_ids: HashSet<&str> = stale.iter().map(|line| line.id.as_str()).collect();
-        // The answer covers every partition: a held one not due has its stale lines
-        // re-rated now too, rather than at its next scheduled check (a rater on another
-        // book writes every customer's opening lines, from whichever partition it held,
-        // and they outlive it).
-        let partition_count = self.partition_count;
-        let mut checking = checking;
-        checking.extend(
-            (self.partitions.iter())
-                .filter(|(_, state)| !state.unchecked)
-                .filter(|(&partition, state)| {
-                    let judge = ZeroUsageJudge {
-                        partition,
-                        partition_count,
-                    };
-                    !state.own_stale_lines(&stale, judge).is_empty()
-                })
-                .map(|(&partition, _)| partition),
-        );
         let now = Utc::now();
         let ended_by = self.months_ended_by(now);
         let mut deferred = false;
@@ -478,7 +470,7 @@ impl Worker {
             let state = self.partitions.get_mut(&partition).expect("listed above");
             let judge = ZeroUsageJudge {
                 partition,
-                partition_count: self.partition_count,
+                partition_count,
             };
             let own_stale = state.own_stale_lines(&stale, judge);
             if state.check_waits_for_position(partition, &own_stale) {

@@ -24,7 +24,9 @@ use crate::ledger::RatedLine;
 
 use super::rebuild_point::RebuildPoint;
 use super::records::{RatedRecord, RetiredRecord};
-use super::{GroupConsumer, RaterError, Worker, DELIVERY_WAIT, MAX_BATCH_UPDATES};
+use super::{
+    ClickHouseTrouble, GroupConsumer, RaterError, Worker, DELIVERY_WAIT, MAX_BATCH_UPDATES,
+};
 
 /// Lines rated but not yet stored, with the offsets they account for.
 #[derive(Debug, Default)]
@@ -374,7 +376,12 @@ impl Worker {
         if e.is_missing_table() {
             return RaterError::TablesGone(e);
         }
-        if e.is_refused_for_good() && self.retry_at.is_none() {
+        let told = self.clickhouse_trouble == Some(ClickHouseTrouble::RefusedForGood);
+        self.clickhouse_trouble = Some(match e.is_refused_for_good() {
+            true => ClickHouseTrouble::RefusedForGood,
+            false => ClickHouseTrouble::Failing,
+        });
+        if e.is_refused_for_good() && !told {
             tracing::error!(error = %e, "{what}: ClickHouse refuses the request, and will refuse it again however often it is retried: the rows or the query do not fit the table (a column dropped or changed by hand?) or the login may not do it. The rater holds its partitions, losing nothing, and retries until the table or the login is fixed (compare SHOW CREATE TABLE with a database a rater of this build made)");
         }
         self.hold(consumer, what, e.to_string());
@@ -423,6 +430,7 @@ impl Worker {
             Ok(()) => {
                 tracing::info!("lines stored again; resuming");
                 self.retry_at = None;
+                self.clickhouse_trouble = None;
                 self.readiness.ready_holding(held_partitions(consumer));
             }
             // Still paused: tried again after the backoff.

@@ -14,7 +14,7 @@ use std::fmt;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{ConfigFile, PlanChangeSpec};
+use super::{ConfigFile, MeterShape, MeterSpec, PlanChangeSpec};
 use crate::time::Period;
 
 /// One difference between the deployed book and the new one.
@@ -59,7 +59,7 @@ pub enum Effect {
 impl fmt::Display for Effect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Effect::MeterRefused => "an aggregator holding usage of this meter refuses to start with this book (it names the setting); keep the meter as it is and put the new definition in a new meter (another slug) with prices from the month it starts",
+            Effect::MeterRefused => "an aggregator holding usage of this meter refuses to start with this book (it names the setting); keep the meter as it is and put the new definition in a new meter (another slug) with prices from the month it starts (listed in [aggregator] accept_redefined_meters, a change of aggregation or of dimension names is refused still)",
             Effect::MeterAccepted => "aggregators keep the usage they hold of it as it was counted and read its events the new way from their restart, as [aggregator] accept_redefined_meters lists it: months open then are billed partly each way, which tally rate of them with either book does not reproduce",
             Effect::MeterAdded => "restart the aggregators and ingest with this book before senders send its events: one on the old book counts them as unmetered",
             Effect::Repriced => "every month not yet settled is billed anew, ended months that may have been invoiced included (TallyEndedMonthRepriced tells finance); to change prices from a month on, put them in a new plan and move customers by a plan change, or the plan's replaced_by, from that month",
@@ -84,12 +84,17 @@ impl fmt::Display for BookChange {
 pub fn book_changes(before: &ConfigFile, after: &ConfigFile, running: Period) -> Vec<BookChange> {
     let mut changes = Vec::new();
     let meters = |book: &ConfigFile| keyed(&book.meters, |m| &m.slug, &["description"]);
+    fn shape<'b>(book: &'b ConfigFile, slug: &str) -> Option<MeterShape<'b>> {
+        (book.meters.iter())
+            .find(|meter| meter.slug == slug)
+            .map(MeterSpec::shape)
+    }
     for (slug, change) in differences(&meters(before), &meters(after)) {
+        let accepted = after.aggregator.accept_redefined_meters.contains(&slug)
+            && shape(before, &slug) == shape(after, &slug);
         let effect = match change {
             Difference::Added => Effect::MeterAdded,
-            Difference::Changed(_) if after.aggregator.accept_redefined_meters.contains(&slug) => {
-                Effect::MeterAccepted
-            }
+            Difference::Changed(_) if accepted => Effect::MeterAccepted,
             _ => Effect::MeterRefused,
         };
         changes.push(change.told(format!("meter {slug:?}"), effect));
@@ -376,6 +381,9 @@ plan = "pro"
                 Effect::MeterAccepted
             )
         );
+        // Held usage keeps its aggregation and dimension names, listed or not.
+        let changed = changes(&[(r#""sum""#, r#""max""#), ("[[plans]]", accepted)]);
+        assert_eq!(changed[0].2, Effect::MeterRefused, "{changed:?}");
     }
 
     #[test]

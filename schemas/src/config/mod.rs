@@ -96,6 +96,36 @@ pub struct MeterSpec {
     pub description: Option<String>,
 }
 
+impl MeterSpec {
+    pub fn shape(&self) -> MeterShape<'_> {
+        MeterShape {
+            aggregation: self.aggregation,
+            dimensions: self.group_by.keys().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// What usage an aggregator holds of a meter is kept by: its aggregation, and its
+/// dimensions' names (a series holds its group values by position, in name order).
+/// `[aggregator] accept_redefined_meters` lets the rest of a meter (`event_type`,
+/// `value_property`, `allow_negative_values`, the dimensions' paths) change under held
+/// usage, never its shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterShape<'a> {
+    pub aggregation: AggregationKind,
+    pub dimensions: Vec<&'a str>,
+}
+
+/// `sum by model, region`, `count without dimensions`.
+impl fmt::Display for MeterShape<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.dimensions.as_slice() {
+            [] => write!(f, "{} without dimensions", self.aggregation.as_str()),
+            names => write!(f, "{} by {}", self.aggregation.as_str(), names.join(", ")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AggregationKind {

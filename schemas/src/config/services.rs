@@ -631,24 +631,23 @@ fn clickhouse(
         spec.database.as_deref(),
         d::DEFAULT_CLICKHOUSE_DATABASE,
     );
-    let scheme_less = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"));
-    match scheme_less {
-        None => check.issue(
+    // The URL is shown in logs, readiness texts and `tally validate`: a login in it
+    // would be too, so it is refused, and a URL holding one is not echoed.
+    let authority = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let has_login =
+        (authority.split(['/', '?', '#']).next()).is_some_and(|host| host.contains('@'));
+    if has_login {
+        check.issue(
+            &url_at,
+            "holds a login (user@ or user:password@ before the host), and the URL is shown in logs and readiness texts: write the URL without it, and the login in [clickhouse] user and TALLY_CLICKHOUSE_PASSWORD",
+        );
+    } else if !(url.starts_with("http://") || url.starts_with("https://")) {
+        check.issue(
             &url_at,
             format!(
                 "{url:?} is not ClickHouse's HTTP interface: write e.g. \"http://127.0.0.1:8123\""
             ),
-        ),
-        // The URL is shown in logs, readiness texts and `tally validate`: it must hold
-        // no secret, and is not echoed here.
-        Some(rest) if rest.split('/').next().is_some_and(|host| host.contains('@')) => check
-            .issue(
-                &url_at,
-                "holds a login (user@ or user:password@ before the host), and the URL is shown in logs and readiness texts: write the URL without it, and the login in [clickhouse] user and TALLY_CLICKHOUSE_PASSWORD",
-            ),
-        Some(_) => {}
+        );
     }
     if !ClickHouseSettings::is_database_name(&database) {
         check.issue(
@@ -926,6 +925,12 @@ aggregation = "count"
                 "",
                 vec![("TALLY_CLICKHOUSE_URL", "https://default:hunter2@ch:8443/")],
             ),
+            // Not an http URL either: still not echoed.
+            (
+                "[clickhouse]\nurl = \"clickhouse://default:hunter2@ch:9000\"\n",
+                vec![],
+            ),
+            ("[clickhouse]\nurl = \"default:hunter2@ch:8123\"\n", vec![]),
         ] {
             let issues = services(file, &env).unwrap_err();
             assert_eq!(issues.len(), 1, "{issues:?}");
@@ -934,8 +939,9 @@ aggregation = "count"
                 "{issues:?}"
             );
         }
-        // An @ in the path is not a login.
+        // An @ in the path or the query is not a login.
         assert!(services("[clickhouse]\nurl = \"http://ch:8123/a@b\"\n", &[]).is_ok());
+        assert!(services("[clickhouse]\nurl = \"http://[::1]:8123?x=a@b\"\n", &[]).is_ok());
     }
 
     #[test]

@@ -121,7 +121,7 @@ fn write_worked_line(
             )?;
             write_usage(out, e, meter, usage, line)?;
             if let (true, Source::Events { events, .. }) = (e.list_events, &e.source) {
-                write_counted_events(out, events, usage)?;
+                write_counted_events(out, e.config, meter, events, usage)?;
             }
         }
         None => writeln!(
@@ -452,6 +452,8 @@ fn write_usage(
 /// The events a line of `usage` counts, one a row: line, id, time and value.
 fn write_counted_events(
     out: &mut impl Write,
+    config: &Config,
+    meter: &Meter,
     events: &CustomerEvents,
     usage: &Usage,
 ) -> io::Result<()> {
@@ -481,9 +483,14 @@ fn write_counted_events(
                 }
             },
         };
+        // Which group it counted in, where the meter has dimensions.
+        let group = match group_text(config, &meter.slug, group) {
+            text if text.is_empty() => text,
+            text => format!("  ({})", text.trim_start()),
+        };
         writeln!(
             out,
-            "              line {}  id {}  {}  {value}",
+            "              line {}  id {}  {}  {value}{group}",
             event.line,
             event.id,
             tally_schemas::time::rfc3339(event.time)

@@ -446,7 +446,7 @@ fn explain_lists_the_events_each_line_counts_when_asked() {
         .succeeded();
     assert_shows(
         &listed.stdout,
-        &["            events counted (2):\n              line 1  id t1  2026-11-10T08:00:00Z  1200\n              line 4  id t2  2026-11-10T08:00:00Z  300\n"],
+        &["            events counted (2):\n              line 1  id t1  2026-11-10T08:00:00Z  1200  (model = gpt-x)\n              line 4  id t2  2026-11-10T08:00:00Z  300  (model = gpt-x)\n"],
     );
     // Without the flag, no list.
     let plain = f
