@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::BaseProducer;
+use rdkafka::producer::{BaseProducer, DeliveryResult, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext};
 use tally_schemas::config::KafkaSettings;
@@ -130,6 +130,13 @@ impl ClientContext for ClientErrors {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         log_librdkafka(level, facility, message);
     }
+}
+
+/// For a producer that is never given a record (a probe of the brokers).
+impl ProducerContext for ClientErrors {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
 /// librdkafka's own log lines, for every client's context. librdkafka logs each

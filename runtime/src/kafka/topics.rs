@@ -9,6 +9,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::Client;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use tally_schemas::config::{likely_meant, KafkaSettings, Topic};
@@ -201,7 +202,11 @@ pub fn partitions_beyond<C: ClientContext>(
 /// the brokers refused the connection. One client for every attempt, so that a slow
 /// first connection (TLS, a SASL token to fetch) goes on between them.
 pub struct BrokerProbe {
-    admin: Admin,
+    /// A producer, which is never given a record: unlike an admin client's, its
+    /// librdkafka log lines and errors are served when it is polled, and they say why
+    /// a connection failed (a TLS or SASL setting, say) where the answer says only
+    /// that the brokers were not reached.
+    client: BaseProducer<ClientErrors>,
     settings: KafkaSettings,
 }
 
@@ -215,11 +220,11 @@ impl std::fmt::Debug for BrokerProbe {
 
 impl BrokerProbe {
     pub fn new(settings: &KafkaSettings) -> Result<Self, Box<KafkaSetupError>> {
-        let admin = client_config(settings)
+        let client = client_config(settings)
             .create_with_context(ClientErrors)
-            .map_err(setup_error(settings, "create an admin client"))?;
+            .map_err(setup_error(settings, "create a client"))?;
         Ok(BrokerProbe {
-            admin,
+            client,
             settings: settings.clone(),
         })
     }
@@ -228,7 +233,10 @@ impl BrokerProbe {
     /// `timeout`. Blocking.
     pub fn answers(&self, timeout: Duration) -> Result<(), Box<KafkaSetupError>> {
         let events = self.settings.topic(Topic::Events);
-        (self.admin.inner().fetch_metadata(Some(&events), timeout))
+        let answer = self.client.client().fetch_metadata(Some(&events), timeout);
+        // Logs librdkafka's reasons for what failed meanwhile.
+        self.client.poll(Duration::ZERO);
+        answer
             .map(drop)
             .map_err(setup_error(&self.settings, "reach the brokers"))
     }
