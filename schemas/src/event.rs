@@ -323,6 +323,15 @@ impl<'c> EventDecoder<'c> {
 
     /// Decodes one line (without its newline).
     pub fn decode<'a>(&self, line: &'a [u8]) -> Result<DecodedEvent<'a>, EventError> {
+        self.decode_with_identity(line).map(|(event, _)| event)
+    }
+
+    /// [`Self::decode`], with the event's `source` and `id` as text, read once: ingest
+    /// checks the source against the sender's key and answers with the id.
+    pub fn decode_with_identity<'a>(
+        &self,
+        line: &'a [u8],
+    ) -> Result<(DecodedEvent<'a>, Identity<'a>), EventError> {
         let text = std::str::from_utf8(line).map_err(|e| {
             error(
                 "event",
@@ -372,7 +381,7 @@ impl<'c> EventDecoder<'c> {
         let data = envelope.data.filter(|d| *d != "null");
         let readings = self.readings(&subject, &event_type, data, envelope.data_base64)?;
         let payload = payload_fingerprint(&event_type, &subject, time, data);
-        Ok(DecodedEvent {
+        let event = DecodedEvent {
             subscribed: self.config.is_customer(&subject),
             key: EventKey::new(&source, &id),
             payload,
@@ -380,7 +389,12 @@ impl<'c> EventDecoder<'c> {
             subject,
             event_type,
             readings,
-        })
+        };
+        let identity = Identity {
+            source: Some(source),
+            id: Some(id),
+        };
+        Ok((event, identity))
     }
 
     /// What the meters of `event_type` read of the event. `data` is read only when one
@@ -745,8 +759,10 @@ fn payload_fingerprint(
 }
 
 /// An event's `source` and `id` as strings, when it has them: what ingest's source
-/// check and per-event results and `tally explain`'s list of events need, read apart
-/// from the decoder (which keeps only a fingerprint of the pair).
+/// check and per-event results and `tally explain`'s list of events need. The decoder
+/// keeps only a fingerprint of the pair in the event; it gives them for a valid event
+/// ([`EventDecoder::decode_with_identity`]), and [`identity`] reads them apart, of one
+/// it refuses too.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity<'a> {
     pub source: Option<Cow<'a, str>>,

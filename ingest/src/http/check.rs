@@ -74,7 +74,12 @@ pub fn check_events<'a>(
     let decoder = EventDecoder::new(config, now);
     let mut looked_up = None;
     for (index, &bytes) in events.iter().enumerate() {
-        let identity = identity(bytes);
+        // The source the aggregator will read, as the decoder reads it; an invalid
+        // event's is read apart, where it can be.
+        let (decoded, identity) = match decoder.decode_with_identity(bytes) {
+            Ok((event, identity)) => (Ok(event), identity),
+            Err(error) => (Err(error), identity(bytes)),
+        };
         if let Some(source) = &identity.source {
             if !key.may_send(source) {
                 return Err(Forbidden {
@@ -83,19 +88,8 @@ pub fn check_events<'a>(
                 });
             }
         }
-        let kind = match decoder.decode(bytes) {
+        let kind = match decoded {
             Err(error) => VerdictKind::Reject(error),
-            // The decoder accepted it, so it is an object with string `source` and
-            // `id`; a parser disagreement would land here, and such an event is not
-            // produced unchecked.
-            Ok(_) if identity.source.is_none() || identity.id.is_none() => {
-                VerdictKind::Reject(EventError {
-                    field: "event".to_owned(),
-                    problem: Problem::InvalidJson(
-                        "source and id cannot be read as JSON strings".to_owned(),
-                    ),
-                })
-            }
             // Kafka would refuse it on every retry: a 503 would have the sender retry
             // forever, so it is this event's fault, said as such.
             Ok(event) if event.subject.len() + bytes.len() > max_record_bytes => {
