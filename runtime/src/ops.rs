@@ -12,7 +12,9 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus::core::{Collector, Desc};
 use prometheus::process_collector::ProcessCollector;
+use prometheus::proto::MetricFamily;
 use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 
 use crate::metrics::Metrics;
@@ -151,7 +153,7 @@ pub fn router(
     // The process's memory, CPU, open files and start time (`process_*`), which the
     // state a service holds shows in; once per registry (`tally serve all` gives
     // its three services one process).
-    match registry.register(Box::new(ProcessCollector::for_self())) {
+    match registry.register(Box::new(ProcessMetrics(ProcessCollector::for_self()))) {
         Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
         Err(e) => tracing::warn!(error = %e, "process metrics not exported"),
     }
@@ -164,6 +166,40 @@ pub fn router(
             readiness,
             ready,
         })
+}
+
+/// prometheus' process metrics, with `process_cpu_seconds_total` to the clock tick:
+/// its own counts whole seconds, so a service's `rate()` of it moved in steps of a
+/// core and read 0 for a process younger than a second of CPU.
+struct ProcessMetrics(ProcessCollector);
+
+impl Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families = self.0.collect();
+        let Some(seconds) = cpu_seconds() else {
+            return families;
+        };
+        let cpu = (families.iter_mut()).find(|f| f.name() == "process_cpu_seconds_total");
+        for metric in cpu.into_iter().flat_map(|family| family.mut_metric()) {
+            let mut counter = metric.get_counter().clone();
+            counter.set_value(seconds);
+            metric.set_counter(counter);
+        }
+        families
+    }
+}
+
+/// The CPU time this process used, user and system, in seconds.
+// A metric's seconds, which Prometheus holds as a float: no money passes here.
+#[allow(clippy::float_arithmetic)]
+fn cpu_seconds() -> Option<f64> {
+    let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
+    let ticks = stat.utime + stat.stime;
+    Some(ticks as f64 / procfs::ticks_per_second() as f64)
 }
 
 async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
@@ -231,6 +267,29 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::float_arithmetic)]
+    fn process_cpu_seconds_are_counted_to_the_tick_not_the_second() {
+        // Spin until the CPU time is mid-second, where whole seconds are 0.3 s off.
+        let mut spun = 0u64;
+        while !cpu_seconds().is_some_and(|s| (0.3..0.7).contains(&s.fract())) {
+            spun = std::hint::black_box(spun.wrapping_add(1));
+        }
+        let registry = Registry::new();
+        registry
+            .register(Box::new(ProcessMetrics(ProcessCollector::for_self())))
+            .unwrap();
+        let exported = (registry.gather().iter())
+            .find(|family| family.name() == "process_cpu_seconds_total")
+            .map(|family| family.get_metric()[0].get_counter().get_value())
+            .unwrap();
+        let used = cpu_seconds().unwrap();
+        assert!(
+            (used - exported).abs() < 0.2,
+            "{exported} s exported, {used} s used"
+        );
+    }
 
     #[test]
     fn a_member_holding_none_waits_and_a_reason_of_its_own_outlasts_a_revoke() {
