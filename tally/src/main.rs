@@ -273,6 +273,16 @@ fn validate(
     if let Some(service) = service {
         serve::check_can_start(service, &services)?;
     }
+    // Read before anything is said: a deployed book that cannot be read fails the
+    // command before it says the new one is valid.
+    let running = match deployed {
+        Some(deployed) => Some((
+            deployed,
+            Config::load(deployed)?,
+            ConfigFile::load(deployed)?,
+        )),
+        None => None,
+    };
     let prices: usize = config.plans.iter().map(|p| p.prices.len()).sum();
     // Written, not printed: a reader gone away (`| head -1`) is an error the caller
     // turns into SIGPIPE's status, where `println!` would panic.
@@ -307,10 +317,9 @@ fn validate(
     for warning in &config.warnings {
         writeln!(out, "warning: {warning}")?;
     }
-    if let Some(deployed) = deployed {
-        let running = Config::load(deployed)?;
+    if let Some((deployed, running, running_file)) = running {
         let changes = book_changes(
-            &ConfigFile::load(deployed)?,
+            &running_file,
             &ConfigFile::load(path)?,
             Period::containing(Utc::now()),
         );

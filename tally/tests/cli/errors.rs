@@ -73,6 +73,20 @@ fn validate_against_the_deployed_book_lists_what_the_new_one_changes_and_what_th
             "  plan \"pro\" price \"gpt-tokens\": unit_amount \"0.02\" -> \"0.025\": every month not yet settled is billed anew, ended months that may have been invoiced included",
         ],
     );
+    // A deployed book that cannot be read fails before the new one is said valid.
+    let missing: Run = (f.tally())
+        .args([
+            "validate",
+            "--config",
+            "tally.toml",
+            "--deployed",
+            "gone.toml",
+        ])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!((missing.code, missing.stdout.as_str()), (1, ""));
+    assert!(missing.stderr.contains("gone.toml"), "{}", missing.stderr);
 }
 
 #[test]
