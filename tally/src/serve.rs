@@ -188,10 +188,18 @@ fn abort_on_panic() {
 
 fn init_logs(format: LogFormat) {
     // An empty RUST_LOG would be a filter with no directives, logging nothing.
-    let filter = (std::env::var("RUST_LOG").ok())
-        .filter(|directives| !directives.trim().is_empty())
-        .and_then(|directives| tracing_subscriber::EnvFilter::try_new(directives).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let directives = (std::env::var("RUST_LOG").ok()).filter(|d| !d.trim().is_empty());
+    let parsed = directives
+        .as_deref()
+        .map(|d| (d, tracing_subscriber::EnvFilter::try_new(d)));
+    let (filter, refused) = match parsed {
+        Some((_, Ok(filter))) => (filter, None),
+        Some((directives, Err(e))) => (
+            tracing_subscriber::EnvFilter::new("info"),
+            Some((directives, e)),
+        ),
+        None => (tracing_subscriber::EnvFilter::new("info"), None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -203,6 +211,9 @@ fn init_logs(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    if let Some((directives, error)) = refused {
+        tracing::warn!(rust_log = directives, %error, "RUST_LOG cannot be read, so the services log at info; write it as e.g. \"info,tally_aggregator=debug\"");
     }
 }
 

@@ -398,3 +398,22 @@ fn an_aggregator_ignores_sighup_and_says_so() {
     }
     assert!(terminate(&mut child).success());
 }
+
+#[test]
+fn a_rust_log_that_cannot_be_read_is_said_and_the_services_log_at_info() {
+    let f = Fixture::new(PRO);
+    let run: Run = (f.tally())
+        .args(["serve", "ingest", "--config", "gone.toml"])
+        .env("RUST_LOG", "nonsense===")
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1);
+    assert_shows(
+        &run.stderr,
+        &[
+            "RUST_LOG cannot be read, so the services log at info",
+            "gone.toml",
+        ],
+    );
+}
