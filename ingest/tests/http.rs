@@ -1408,6 +1408,7 @@ fn metrics_count_requests_events_and_acks_with_bounded_labels() {
         r#"tally_ingest_unbilled_events_total{reason="unknown_customer"} 1"#,
         r#"tally_ingest_unbilled_events_total{reason="not_priced"} 0"#,
         "tally_ingest_kafka_produce_duration_seconds_count 1",
+        "tally_ingest_rejected_copies_lost_total 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),
@@ -1513,6 +1514,17 @@ fn kafka_not_acknowledging_gets_503_with_retry_after_and_not_ready() {
         message
             .starts_with("not sent, as Kafka cannot be used: Kafka at 127.0.0.1:1 does not answer"),
         "{message}"
+    );
+    // An invalid event is still answered, and its copy, which Kafka cannot keep in
+    // the rejected topic, counted as lost.
+    let invalid = service.post(SINGLE, Some(KEY), r#"{"specversion":"1.0"}"#);
+    assert_eq!(invalid.status, 422, "{invalid:?}");
+    let metrics = service.get("/metrics").body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tally_ingest_rejected_copies_lost_total 1"),
+        "{metrics}"
     );
     // Shutdown flushes what is left and returns.
     service.stop().unwrap();

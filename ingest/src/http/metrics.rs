@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramVec, IntCounterVec};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 use tally_runtime::metrics::Metrics;
 use tally_schemas::event::EventError;
 
@@ -39,6 +39,8 @@ pub struct IngestMetrics {
     rejected: IntCounterVec,
     unbilled: IntCounterVec,
     produce_duration: Histogram,
+    /// Counted where the copies' deliveries end, in the producer's background task.
+    pub rejected_copies_lost: IntCounter,
 }
 
 impl IngestMetrics {
@@ -85,6 +87,10 @@ impl IngestMetrics {
             produce_duration: metrics.latency(
                 "tally_ingest_kafka_produce_duration_seconds",
                 "Time from producing a request's events to Kafka acknowledging all of them.",
+            ),
+            rejected_copies_lost: metrics.counter(
+                "tally_ingest_rejected_copies_lost_total",
+                "Copies of refused events not kept in the rejected topic (Kafka did not take them, or was unusable); their senders had the reasons in the answers.",
             ),
         }
     }

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus::IntCounter;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -274,10 +275,14 @@ impl EventProducer {
     }
 
     /// Keeps `refused` in the rejected topic, in the background: the copies are
-    /// queued now and a copy Kafka does not take is logged. Nothing is tried while the
-    /// readiness probe finds Kafka unusable.
-    pub fn keep_refused(&self, refused: &[Refused<'_>]) {
-        if refused.is_empty() || lock(&self.unreachable).is_some() {
+    /// queued now and a copy Kafka does not take is logged and counted in `lost`.
+    /// Nothing is tried while the readiness probe finds Kafka unusable (counted too).
+    pub fn keep_refused(&self, refused: &[Refused<'_>], lost_copies: &IntCounter) {
+        if refused.is_empty() {
+            return;
+        }
+        if lock(&self.unreachable).is_some() {
+            lost_copies.inc_by(refused.len() as u64);
             return;
         }
         let mut deliveries = Vec::with_capacity(refused.len());
@@ -303,6 +308,7 @@ impl EventProducer {
             }
         }
         let topic = self.rejected_topic.clone();
+        let lost_copies = lost_copies.clone();
         tokio::spawn(async move {
             for delivery in deliveries {
                 if !matches!(delivery.await, Ok(Ok(_))) {
@@ -310,6 +316,7 @@ impl EventProducer {
                 }
             }
             if lost > 0 {
+                lost_copies.inc_by(lost);
                 tracing::warn!(
                     topic,
                     lost,

@@ -620,7 +620,7 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
             _ => None,
         })
         .collect();
-    app.producer.keep_refused(&refused);
+    (app.producer).keep_refused(&refused, &app.metrics.rejected_copies_lost);
     app.metrics.events(Outcome::Accepted, accepted);
     app.metrics.events(Outcome::DuplicateInBatch, duplicates);
     app.metrics.events(Outcome::Rejected, rejected);
