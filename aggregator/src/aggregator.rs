@@ -856,11 +856,12 @@ impl Aggregator {
                     change,
                 });
             }
-            if before.shape() != configured.shape() {
+            let (stored_shape, configured_shape) = (before.shape(), configured.shape());
+            if stored_shape != configured_shape {
                 return Err(RestoreError::AcceptedShapeChanged {
                     meter: slug.clone(),
-                    stored: before.shape().to_string(),
-                    configured: configured.shape().to_string(),
+                    stored: stored_shape.to_string(),
+                    configured: configured_shape.to_string(),
                 });
             }
             let_through.push((slug.clone(), change));

@@ -51,7 +51,7 @@ pub enum ClickHouseError {
     CaFile { path: PathBuf, why: String },
     #[error("clickhouse.ca_file (or TALLY_CLICKHOUSE_CA_FILE) is set, but {url} is not an https:// url; write it with https://, or leave ca_file out")]
     CaFileWithoutTls { url: String },
-    #[error("ClickHouse at {url} refused to {what}: HTTP {status}: {body}{}", refusal_hint(code.or_else(|| body_exception_code(body))))]
+    #[error("ClickHouse at {url} refused to {what}: HTTP {status}: {body}{}", refusal_hint(self.exception_code()))]
     Refused {
         url: String,
         what: &'static str,
@@ -1320,15 +1320,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_dropped_database_or_table_is_told_from_other_refusals() {
-        let refused = |body: &str| ClickHouseError::Refused {
+    /// ClickHouse's refusal of an insert, its code in a header or not.
+    fn refused_with(code: Option<u32>, body: &str) -> ClickHouseError {
+        ClickHouseError::Refused {
             url: "http://ch:8123".to_owned(),
             what: "insert rated lines",
-            status: 404,
-            code: None,
+            status: 500,
+            code,
             body: body.to_owned(),
-        };
+        }
+    }
+
+    fn refused(body: &str) -> ClickHouseError {
+        refused_with(None, body)
+    }
+
+    #[test]
+    fn a_dropped_database_or_table_is_told_from_other_refusals() {
         // ClickHouse 18.16's words, and a current release's.
         for gone in [
             "Code: 81, e.displayText() = DB::Exception: Database tally doesn't exist, e.what() = DB::Exception",
@@ -1338,14 +1346,7 @@ mod tests {
             assert!(refused(gone).is_missing_table(), "{gone}");
         }
         // Named in the header, whatever the body says.
-        let headed = ClickHouseError::Refused {
-            url: "http://ch:8123".to_owned(),
-            what: "insert rated lines",
-            status: 404,
-            code: Some(60),
-            body: "{\"exception\": \"...\"}".to_owned(),
-        };
-        assert!(headed.is_missing_table());
+        assert!(refused_with(Some(60), "{\"exception\": \"...\"}").is_missing_table());
         for other in [
             "Code: 241. DB::Exception: Memory limit exceeded",
             "Code: 605, e.displayText() = something else",
@@ -1357,13 +1358,6 @@ mod tests {
 
     #[test]
     fn rows_the_table_cannot_take_are_told_from_refusals_that_pass() {
-        let refused = |body: &str| ClickHouseError::Refused {
-            url: "http://ch:8123".to_owned(),
-            what: "insert rated lines",
-            status: 500,
-            code: None,
-            body: body.to_owned(),
-        };
         // ClickHouse 18.16's answer to a value of the wrong type, and a current
         // release's to a column dropped by hand.
         for for_good in [

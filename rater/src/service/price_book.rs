@@ -450,12 +450,12 @@ impl Worker {
         let stale = (self.clickhouse).lines_rated_with_another_book(&self.book, oldest_open)?;
         let stale_ids: HashSet<&str> = stale.iter().map(|line| line.id.as_str()).collect();
         let partition_count = self.partition_count;
+        let judge = |partition| ZeroUsageJudge {
+            partition,
+            partition_count,
+        };
         for (&partition, state) in &mut self.partitions {
-            let judge = ZeroUsageJudge {
-                partition,
-                partition_count,
-            };
-            if !state.unchecked && !state.own_stale_lines(&stale, judge).is_empty() {
+            if !state.unchecked && !state.own_stale_lines(&stale, judge(partition)).is_empty() {
                 state.unchecked = true;
             }
         }
@@ -468,10 +468,7 @@ impl Worker {
         let mut deferred = false;
         for partition in checking {
             let state = self.partitions.get_mut(&partition).expect("listed above");
-            let judge = ZeroUsageJudge {
-                partition,
-                partition_count,
-            };
+            let judge = judge(partition);
             let own_stale = state.own_stale_lines(&stale, judge);
             if state.check_waits_for_position(partition, &own_stale) {
                 deferred = true;

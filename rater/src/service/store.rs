@@ -377,11 +377,12 @@ impl Worker {
             return RaterError::TablesGone(e);
         }
         let told = self.clickhouse_trouble == Some(ClickHouseTrouble::RefusedForGood);
-        self.clickhouse_trouble = Some(match e.is_refused_for_good() {
+        let for_good = e.is_refused_for_good();
+        self.clickhouse_trouble = Some(match for_good {
             true => ClickHouseTrouble::RefusedForGood,
             false => ClickHouseTrouble::Failing,
         });
-        if e.is_refused_for_good() && !told {
+        if for_good && !told {
             tracing::error!(error = %e, "{what}: ClickHouse refuses the request, and will refuse it again however often it is retried: the rows or the query do not fit the table (a column dropped or changed by hand?) or the login may not do it. The rater holds its partitions, losing nothing, and retries until the table or the login is fixed (compare SHOW CREATE TABLE with a database a rater of this build made)");
         }
         self.hold(consumer, what, e.to_string());

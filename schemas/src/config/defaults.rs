@@ -46,9 +46,8 @@ pub const DEFAULT_CHANGELOG_SNAPSHOT_BYTES: usize = 4 << 20;
 /// for that long closes every period that ended at least the grace and that long ago
 /// by writing `tally close-period`'s control record to itself.
 pub const DEFAULT_CLOSE_IDLE_AFTER: Option<Duration> = None;
-/// `[aggregator] accept_redefined_meters`: none, so a partition's state holding usage of
-/// a meter the book reads otherwise than when it was counted is refused.
-pub const DEFAULT_ACCEPT_REDEFINED_METERS: &[&str] = &[];
+// `[aggregator] accept_redefined_meters`: none (an empty list), so a partition's state
+// holding usage of a meter the book reads otherwise than when it was counted is refused.
 /// `[aggregator] metrics_listen`.
 pub const DEFAULT_AGGREGATOR_METRICS_LISTEN: &str = "127.0.0.1:9102";
 /// `[rater] flush_interval`: the longest rated lines wait before they are written.

@@ -445,6 +445,22 @@ impl Check<'_> {
             .unwrap_or_else(|| written.unwrap_or(default).to_owned())
     }
 
+    /// [`Self::setting`], with where it was given, to say it is wrong there: the
+    /// variable's name when the environment set it, else `field`.
+    fn setting_at<'n>(
+        &self,
+        env_name: &'n str,
+        field: &'n str,
+        written: Option<&str>,
+        default: &str,
+    ) -> (&'n str, String) {
+        let at = match self.var(env_name) {
+            Some(_) => env_name,
+            None => field,
+        };
+        (at, self.setting(env_name, written, default))
+    }
+
     fn listen_address(
         &mut self,
         at: &str,
@@ -452,12 +468,7 @@ impl Check<'_> {
         written: Option<&str>,
         default: &str,
     ) -> SocketAddr {
-        let text = self.setting(env_name, written, default);
-        // Said to be wrong where it was given.
-        let at = match self.var(env_name) {
-            Some(_) => env_name,
-            None => at,
-        };
+        let (at, text) = self.setting_at(env_name, at, written, default);
         text.parse::<SocketAddr>().unwrap_or_else(|_| {
             self.issue(
                 at,
@@ -613,8 +624,8 @@ fn clickhouse(
     let given = |flag: Option<(&str, &str)>, var: &str, field: &str, written, default| match flag {
         Some((at, value)) => (at.to_owned(), value.to_owned()),
         None => {
-            let at = if check.var(var).is_some() { var } else { field };
-            (at.to_owned(), check.setting(var, written, default))
+            let (at, value) = check.setting_at(var, field, written, default);
+            (at.to_owned(), value)
         }
     };
     let (url_at, url) = given(
@@ -800,12 +811,8 @@ fn aggregator(
             .changelog_snapshot_bytes
             .unwrap_or(d::DEFAULT_CHANGELOG_SNAPSHOT_BYTES),
         close_idle_after,
-        accept_redefined_meters: match spec.accept_redefined_meters.as_slice() {
-            [] => (d::DEFAULT_ACCEPT_REDEFINED_METERS.iter())
-                .map(|&slug| slug.to_owned())
-                .collect(),
-            written => written.iter().cloned().collect(),
-        },
+        // Unset is empty: none accepted (defaults.rs).
+        accept_redefined_meters: spec.accept_redefined_meters.iter().cloned().collect(),
     }
 }
 

@@ -162,7 +162,10 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
                 out,
                 "  meter {}{}: {}",
                 usage.meter,
-                group_text(e.config, &usage.meter, &usage.group),
+                (e.config.meter_id(&usage.meter)).map_or_else(String::new, |id| group_text(
+                    e.config.meter(id),
+                    &usage.group
+                )),
                 usage.quantity
             )?;
         }

@@ -11,7 +11,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use tally_rater::ledger::{billed_value, combine};
 use tally_rater::line::invoice_line;
-use tally_schemas::config::{Aggregation, Config, Meter};
+use tally_schemas::config::{Aggregation, Meter};
 use tally_schemas::decimal::ExactAmount;
 use tally_schemas::event::ReadingValue;
 use tally_schemas::price::{Discount, Plan, Price, Rate, Tier, TiersMode, Usage};
@@ -121,7 +121,7 @@ fn write_worked_line(
             )?;
             write_usage(out, e, meter, usage, line)?;
             if let (true, Source::Events { events, .. }) = (e.list_events, &e.source) {
-                write_counted_events(out, e.config, meter, events, usage)?;
+                write_counted_events(out, meter, events, usage)?;
             }
         }
         None => writeln!(
@@ -322,7 +322,7 @@ fn write_usage(
         };
     }
     if let Aggregation::Latest(_) = meter.aggregation {
-        return write_latest_values(out, e, &series);
+        return write_latest_values(out, meter, &series);
     }
     let windows_counted = |n: usize| format!("{n} window{}", if n == 1 { "" } else { "s" });
     // Meters whose windows add up to their days and month, as the rater combines them.
@@ -356,7 +356,7 @@ fn write_usage(
         };
     if !meter.group_by.is_empty() {
         for (key, windows) in &series {
-            let group = group_text(e.config, &key.meter, &key.group);
+            let group = group_text(meter, &key.group);
             match combined(&mut windows.iter()).filter(|_| additive) {
                 Some(value) => writeln!(
                     out,
@@ -452,7 +452,6 @@ fn write_usage(
 /// The events a line of `usage` counts, one a row: line, id, time and value.
 fn write_counted_events(
     out: &mut impl Write,
-    config: &Config,
     meter: &Meter,
     events: &CustomerEvents,
     usage: &Usage,
@@ -484,7 +483,7 @@ fn write_counted_events(
             },
         };
         // Which group it counted in, where the meter has dimensions.
-        let group = match group_text(config, &meter.slug, group) {
+        let group = match group_text(meter, group) {
             text if text.is_empty() => text,
             text => format!("  ({})", text.trim_start()),
         };
@@ -618,7 +617,7 @@ fn filter_text(meter: &Meter, usage: &Usage) -> String {
 /// gauge per group.
 fn write_latest_values(
     out: &mut impl Write,
-    e: &Explanation<'_>,
+    meter: &Meter,
     series: &[&SeriesWindows],
 ) -> io::Result<()> {
     for (key, windows) in series {
@@ -629,7 +628,7 @@ fn write_latest_values(
         } else {
             (windows.iter()).fold(MeterValue::ZERO, |held, w| held.later(w.value))
         };
-        let group = group_text(e.config, &key.meter, &key.group);
+        let group = group_text(meter, &key.group);
         let group = match group.trim_start() {
             "" => "latest".to_owned(),
             group => group.to_owned(),
@@ -652,10 +651,7 @@ fn write_latest_values(
 /// ` model = gpt-x` for a series' group values, or nothing for a meter without
 /// dimensions; a value the events did not send (or sent as null) is said so, as it is
 /// the likeliest reason no price selects the usage.
-pub(super) fn group_text(config: &Config, meter: &str, group: &[String]) -> String {
-    let Some(meter) = config.meters.iter().find(|m| m.slug == meter) else {
-        return String::new();
-    };
+pub(super) fn group_text(meter: &Meter, group: &[String]) -> String {
     (meter.group_by.iter().zip(group))
         .map(|((name, path), value)| match value.is_empty() {
             true => format!(" {name} = (missing: the events have no {})", path.as_str()),

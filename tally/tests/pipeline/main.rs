@@ -825,21 +825,28 @@ fn clickhouse_down_for_30_seconds_delays_but_does_not_change_totals() {
     );
 }
 
+/// A pipeline of 2,000 events whose aggregator `agg-a` and rater `rater-a` have stored
+/// the lines of the first half of its month; the rest of the events, still to send.
+fn half_of_the_month_stored(name: &str) -> (Pipeline, Vec<Vec<u8>>) {
+    let p = Pipeline::new(name, 2_000, 10, "");
+    let mut first = p.lines();
+    let rest = first.split_off(first.len() / 2);
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(&first);
+    p.wait_for(&p.expected_for(&first, "2026-10"), Duration::from_secs(120));
+    (p, rest)
+}
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_column_dropped_by_hand_holds_the_rater_with_an_error_until_it_is_back() {
     let _serial = serial();
-    let p = Pipeline::new("column_dropped", 2_000, 10, "");
-    let lines = p.lines();
-    let (first, rest) = lines.split_at(lines.len() / 2);
-    p.start("aggregator", "agg-a");
-    p.start("rater", "rater-a");
-    p.produce(first);
-    p.wait_for(&p.expected_for(first, "2026-10"), Duration::from_secs(120));
+    let (p, rest) = half_of_the_month_stored("column_dropped");
 
     let table = format!("{}.rated_lines", p.database);
     p.query(&format!("ALTER TABLE {table} DROP COLUMN tiers"));
-    p.produce(rest);
+    p.produce(&rest);
     harness::eventually(
         "the rater to say no retry stores its rows",
         Duration::from_secs(60),
@@ -857,16 +864,10 @@ fn a_column_dropped_by_hand_holds_the_rater_with_an_error_until_it_is_back() {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rater_stopped_while_clickhouse_is_down_stops_cleanly_and_its_successor_stores_all() {
     let _serial = serial();
-    let p = Pipeline::new("stop_during_outage", 2_000, 10, "");
-    let lines = p.lines();
-    let (first, rest) = lines.split_at(lines.len() / 2);
-    p.start("aggregator", "agg-a");
-    p.start("rater", "rater-a");
-    p.produce(first);
-    p.wait_for(&p.expected_for(first, "2026-10"), Duration::from_secs(120));
+    let (p, rest) = half_of_the_month_stored("stop_during_outage");
     let _clickhouse_back = Restart("clickhouse");
     harness::service("clickhouse", "stop");
-    p.produce(rest);
+    p.produce(&rest);
     harness::eventually(
         "the rater to hold lines ClickHouse does not take",
         Duration::from_secs(60),
