@@ -3093,18 +3093,35 @@ fn an_aggregator_whose_state_is_of_fewer_partitions_than_its_topics_stops_saying
     );
 }
 
+/// A pipeline of 3,000 events whose aggregator `agg-a` counted the first half of its
+/// month and was stopped (rater `rater-a` runs on); the rest of the events, still to
+/// send.
+fn half_of_the_month_counted_and_the_aggregator_stopped(name: &str) -> (Pipeline, Vec<Vec<u8>>) {
+    let p = Pipeline::new(name, 3_000, 20, "");
+    let mut first = p.lines();
+    let rest = first.split_off(first.len() / 2);
+    p.start("rater", "rater-a");
+    p.start("aggregator", "agg-a");
+    p.produce(&first);
+    p.wait_caught_up("aggregator", Duration::from_secs(120));
+    p.stop("agg-a");
+    (p, rest)
+}
+
+/// `book` with its tokens meter reading `$.usage.tokens`, not `$.tokens`.
+fn tokens_read_from_usage(book: &str) -> String {
+    edited(
+        book,
+        r#"value_property = "$.tokens""#,
+        r#"value_property = "$.usage.tokens""#,
+    )
+}
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_aggregator_restarted_with_a_meter_that_reads_otherwise_stops_and_the_book_before_goes_on() {
     let _serial = serial();
-    let p = Pipeline::new("redefined", 3_000, 20, "");
-    let lines = p.lines();
-    let (first, rest) = lines.split_at(lines.len() / 2);
-    p.start("rater", "rater-a");
-    p.start("aggregator", "agg-a");
-    p.produce(first);
-    p.wait_caught_up("aggregator", Duration::from_secs(120));
-    p.stop("agg-a");
+    let (p, rest) = half_of_the_month_counted_and_the_aggregator_stopped("redefined");
     let definitions: Vec<String> = (p.read_topic("aggregator-changelog").into_iter())
         .filter_map(|(_, headers)| headers.get("tally.meters").cloned())
         .collect();
@@ -3118,11 +3135,7 @@ fn an_aggregator_restarted_with_a_meter_that_reads_otherwise_stops_and_the_book_
     // The month's tokens so far were read from `$.tokens`: the rest would be read from
     // another field and added to them.
     let book = std::fs::read_to_string(&p.config).unwrap();
-    let moved = edited(
-        &book,
-        r#"value_property = "$.tokens""#,
-        r#"value_property = "$.usage.tokens""#,
-    );
+    let moved = tokens_read_from_usage(&book);
     std::fs::write(&p.config, moved).unwrap();
     p.start("aggregator", "agg-b");
     let (status, log) = p.wait_exit("agg-b", Duration::from_secs(120));
@@ -3136,7 +3149,7 @@ fn an_aggregator_restarted_with_a_meter_that_reads_otherwise_stops_and_the_book_
 
     std::fs::write(&p.config, book).unwrap();
     p.start("aggregator", "agg-c");
-    p.produce(rest);
+    p.produce(&rest);
     p.wait_for(&p.expected(), Duration::from_secs(180));
 }
 
@@ -3144,14 +3157,7 @@ fn an_aggregator_restarted_with_a_meter_that_reads_otherwise_stops_and_the_book_
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_meter_listed_as_accepted_keeps_its_usage_as_counted_and_reads_events_the_new_way() {
     let _serial = serial();
-    let p = Pipeline::new("redefined_accepted", 3_000, 20, "");
-    let lines = p.lines();
-    let (first, rest) = lines.split_at(lines.len() / 2);
-    p.start("rater", "rater-a");
-    p.start("aggregator", "agg-a");
-    p.produce(first);
-    p.wait_caught_up("aggregator", Duration::from_secs(120));
-    p.stop("agg-a");
+    let (p, rest) = half_of_the_month_counted_and_the_aggregator_stopped("redefined_accepted");
 
     // The senders move tokens into `usage`, and the book follows; the month's tokens
     // so far stay as they were read from `$.tokens`.
@@ -3160,11 +3166,7 @@ fn a_meter_listed_as_accepted_keeps_its_usage_as_counted_and_reads_events_the_ne
     // that book.
     let expected = p.expected();
     let book = std::fs::read_to_string(&p.config).unwrap();
-    let moved = edited(
-        &book,
-        r#"value_property = "$.tokens""#,
-        r#"value_property = "$.usage.tokens""#,
-    );
+    let moved = tokens_read_from_usage(&book);
     let accepting = edited(
         &moved,
         "[aggregator]\n",
@@ -3226,11 +3228,7 @@ fn an_aggregator_joining_with_a_meter_defined_otherwise_stops_though_its_partiti
 
     // A rolling restart's first new instance, on a book that reads tokens otherwise.
     let book = std::fs::read_to_string(&p.config).unwrap();
-    let moved = edited(
-        &book,
-        r#"value_property = "$.tokens""#,
-        r#"value_property = "$.usage.tokens""#,
-    );
+    let moved = tokens_read_from_usage(&book);
     std::fs::write(&p.config, moved).unwrap();
     p.start("aggregator", "agg-b");
     let (status, log) = p.wait_exit("agg-b", Duration::from_secs(120));
