@@ -31,7 +31,9 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tally_rater::clickhouse::ClickHouse;
-use tally_schemas::config::{book_changes, ClickHouseFlags, Config, ConfigFile, Group};
+use tally_schemas::config::{
+    book_changes, ClickHouseFlags, Config, ConfigError, ConfigFile, Group,
+};
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchOptions};
@@ -266,7 +268,14 @@ fn validate(
     service: Option<serve::Service>,
     deployed: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(ConfigError::Invalid { origin, mut issues }) => {
+            issues.extend(ConfigFile::load(path)?.service_issues(&environment));
+            return Err(ConfigError::Invalid { origin, issues }.into());
+        }
+        Err(error) => return Err(error.into()),
+    };
     // The services' sections too, with this environment's overrides and secrets.
     let services = config.services(&path.display().to_string(), &environment)?;
     tally_runtime::kafka::check_properties(&services.kafka)?;

@@ -615,11 +615,14 @@ fn found_nothing(origin: &str, found: Vec<(String, String)>) -> Result<(), Confi
     }
     Err(ConfigError::Invalid {
         origin: origin.to_owned(),
-        issues: found
-            .into_iter()
-            .map(|(at, message)| ConfigIssue { at, message })
-            .collect(),
+        issues: config_issues(found),
     })
+}
+
+fn config_issues(found: Vec<(String, String)>) -> Vec<ConfigIssue> {
+    (found.into_iter())
+        .map(|(at, message)| ConfigIssue { at, message })
+        .collect()
 }
 
 /// The version of the rating rules, how a price book turns usage into amounts: part of

@@ -80,6 +80,30 @@ impl ConfigFile {
     }
 }
 
+impl ConfigFile {
+    /// The services' sections' issues in this environment, for a file whose price book
+    /// has issues of its own: `tally validate` lists both at once, where fixing the book
+    /// would only then show the sections' problems. The meters as written stand in for
+    /// the book's (`[aggregator] accept_redefined_meters` names them).
+    pub fn service_issues(&self, env: &dyn Fn(&str) -> Option<String>) -> Vec<ConfigIssue> {
+        let meters = validate_meters(&self.meters, &mut Issues(Vec::new()));
+        let mut found = Vec::new();
+        super::services::validate(
+            super::services::ServiceSpecs {
+                kafka: &self.kafka,
+                clickhouse: &self.clickhouse,
+                ingest: &self.ingest,
+                aggregator: &self.aggregator,
+                rater: &self.rater,
+                meters: &meters,
+            },
+            env,
+            &mut found,
+        );
+        super::config_issues(found)
+    }
+}
+
 fn validate_settings(file: &ConfigFile, issues: &mut Issues) -> Settings {
     let mut settings = Settings::default();
     if let Some(window) = file.aggregator.window {

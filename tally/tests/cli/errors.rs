@@ -145,6 +145,25 @@ fn validate_names_the_place_of_every_problem_and_exits_1() {
 }
 
 #[test]
+fn validate_lists_the_services_problems_with_the_price_books() {
+    let bad = PRO.replace(r#"currency = "usd""#, r#"currency = "dollars""#)
+        + "\n[ingest]\nlisten = \"nowhere\"\n";
+    let run = Fixture::new(&bad).validate();
+    assert_eq!(run.code, 1);
+    for expected in [
+        "tally.toml has 2 problem(s):",
+        r#"  - plans[pro].currency: unknown currency "dollars""#,
+        r#"  - ingest.listen: "nowhere" is not an address to listen on"#,
+    ] {
+        assert!(
+            run.stderr.contains(expected),
+            "{expected:?} not in:\n{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
 fn validate_refuses_floats_unknown_fields_and_missing_value_properties() {
     let cases = [
         (
