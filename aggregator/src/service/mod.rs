@@ -255,6 +255,17 @@ struct Topics {
     changelog: String,
 }
 
+impl Topics {
+    fn of(kafka: &KafkaSettings) -> Topics {
+        Topics {
+            events: kafka.topic(Topic::Events),
+            windows: kafka.topic(Topic::Windows),
+            rejected: kafka.topic(Topic::Rejected),
+            changelog: kafka.topic(Topic::AggregatorChangelog),
+        }
+    }
+}
+
 /// One owned partition of the events topic.
 #[derive(Debug)]
 struct PartitionState {
@@ -320,6 +331,42 @@ struct Worker {
     /// Counts recoveries: messages read before one are read again after it. Read by
     /// the consume loop without the lock, while a batch is processed.
     epoch: Arc<AtomicU64>,
+}
+
+impl Worker {
+    fn new(
+        config: Arc<Config>,
+        meters: Arc<ConfiguredMeters>,
+        settings: &ServiceSettings,
+        partition_count: NonZeroUsize,
+        metrics: AggregatorMetrics,
+        readiness: Readiness,
+    ) -> Result<Worker, AggregatorError> {
+        Ok(Worker {
+            meters,
+            config,
+            partition_count,
+            period_close_grace: settings.aggregator.period_close_grace,
+            close_idle_after: settings.aggregator.close_idle_after,
+            idle_close_not_before: None,
+            snapshot_after_bytes: settings.aggregator.changelog_snapshot_bytes,
+            kafka: settings.kafka.clone(),
+            topics: Topics::of(&settings.kafka),
+            producer: new_producer(&settings.kafka)?,
+            partitions: BTreeMap::new(),
+            transaction_open: false,
+            oldest_event_ms: None,
+            transaction_events: 0,
+            transaction_started: Instant::now(),
+            metrics,
+            readiness,
+            broken: None,
+            fenced_at: None,
+            refusals_logged: LogThrottle::default(),
+            forwards_logged: LogThrottle::default(),
+            epoch: Arc::new(AtomicU64::new(0)),
+        })
+    }
 }
 
 impl std::fmt::Debug for Worker {
@@ -395,12 +442,7 @@ pub fn run(
     shutdown: Shutdown,
 ) -> Result<(), AggregatorError> {
     let kafka = &settings.kafka;
-    let topics = Topics {
-        events: kafka.topic(Topic::Events),
-        windows: kafka.topic(Topic::Windows),
-        rejected: kafka.topic(Topic::Rejected),
-        changelog: kafka.topic(Topic::AggregatorChangelog),
-    };
+    let topics = Topics::of(kafka);
     // Before initialising transactions, which would fence a live instance of the same
     // id (a misconfigured second process) rather than a dead one.
     readiness.not_ready(format!(
@@ -409,40 +451,28 @@ pub fn run(
         kafka.group(Group::Aggregator)
     ));
     tally_runtime::kafka::wait_until_instance_free(kafka, Group::Aggregator, &shutdown)?;
-    let producer = new_producer(kafka)?;
-    let unread = metrics.unread_partitions.clone();
     let meters = Arc::new(ConfiguredMeters::new(
         &config,
         settings.aggregator.accept_redefined_meters.clone(),
     ));
-    if !meters.accepted.is_empty() {
-        let listed: Vec<&str> = meters.accepted.iter().map(String::as_str).collect();
-        tracing::warn!(meters = %listed.join(", "), "[aggregator] accept_redefined_meters lists meters whose usage held under another definition is kept as counted: while listed, a change of their event_type, value_property, allow_negative_values or dimension paths is not refused; remove the entry once the month it was added for has settled");
-    }
-    let worker = Arc::new(Mutex::new(Worker {
-        meters: Arc::clone(&meters),
-        config,
+    warn_of_accepted_meters(&meters);
+    let mut chores = Chores {
+        commit_interval: settings.aggregator.commit_interval,
         partition_count,
-        period_close_grace: settings.aggregator.period_close_grace,
-        close_idle_after: settings.aggregator.close_idle_after,
-        idle_close_not_before: None,
-        snapshot_after_bytes: settings.aggregator.changelog_snapshot_bytes,
-        kafka: kafka.clone(),
-        topics: topics.clone(),
-        producer,
-        partitions: BTreeMap::new(),
-        transaction_open: false,
-        oldest_event_ms: None,
-        transaction_events: 0,
-        transaction_started: Instant::now(),
+        unread: metrics.unread_partitions.clone(),
+        meters: Arc::clone(&meters),
+        last_lag: Instant::now(),
+        last_partition_check: None,
+    };
+    let worker = Worker::new(
+        config,
+        meters,
+        settings,
+        partition_count,
         metrics,
-        readiness: readiness.clone(),
-        broken: None,
-        fenced_at: None,
-        refusals_logged: LogThrottle::default(),
-        forwards_logged: LogThrottle::default(),
-        epoch: Arc::new(AtomicU64::new(0)),
-    }));
+        readiness.clone(),
+    )?;
+    let worker = Arc::new(Mutex::new(worker));
     let consumer: GroupConsumer = group_consumer(
         kafka,
         Group::Aggregator,
@@ -461,15 +491,12 @@ pub fn run(
         kafka.group(Group::Aggregator)
     ));
     tracing::info!(topic = %topics.events, group = %kafka.group(Group::Aggregator), transactional_id = %transactional_id(kafka), "aggregator started");
-    let commit_interval = settings.aggregator.commit_interval;
     let epoch = Arc::clone(&lock(&worker).epoch);
     let mut health = ConsumerHealth::new(
         readiness,
         kafka.group(Group::Aggregator),
         partition_count.get(),
     );
-    let mut last_lag = Instant::now();
-    let mut last_partition_check: Option<Instant> = None;
     // One batch is processed on its own thread while the next is read.
     std::thread::scope(|scope| -> Result<(), AggregatorError> {
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH_EVENTS);
@@ -484,37 +511,7 @@ pub fn run(
                 None => Vec::with_capacity(MAX_BATCH_EVENTS),
             };
             spare.clear();
-            {
-                let mut worker = lock(&worker);
-                let due = worker.broken.is_some()
-                    || worker.transaction_open
-                        && (worker.transaction_events >= MAX_TRANSACTION_EVENTS
-                            || worker.transaction_started.elapsed() >= commit_interval);
-                if due {
-                    worker.commit_or_recover(&consumer, &[])?;
-                }
-                if last_lag.elapsed() >= tally_runtime::kafka::LAG_RECORD_INTERVAL {
-                    last_lag = Instant::now();
-                    tally_runtime::kafka::record_lag(
-                        &consumer,
-                        &worker.metrics.consumer_lag,
-                        |p| worker.partitions.get(&p).map(|state| state.next_offset),
-                    );
-                    worker.close_idle_partitions(Utc::now());
-                }
-            }
-            // Outside the worker's lock: Kafka may be slow to answer.
-            if last_partition_check.is_none_or(|at| at.elapsed() >= PARTITION_CHECK_INTERVAL) {
-                last_partition_check = Some(Instant::now());
-                check_partitions(&consumer, &topics, partition_count, &unread)?;
-                match check_held_meters(&consumer, &topics, partition_count, &meters, false) {
-                    Err(e @ AggregatorError::MeterRedefined { .. }) => return Err(e),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot check the meters the group's partitions hold; checked again in a minute")
-                    }
-                    Ok(()) => {}
-                }
-            }
+            chores.run_due(&worker, &consumer, &topics)?;
             // A recovery since the batch was read rewound the consumer to before it.
             if epoch.load(Ordering::SeqCst) != read_in {
                 batch.clear();
@@ -551,6 +548,70 @@ pub fn run(
     lock(&worker).commit_or_recover(&consumer, &[])?;
     leave_group(&consumer);
     Ok(())
+}
+
+/// Says at start that `[aggregator] accept_redefined_meters` lists meters, so the entry
+/// is not forgotten once the month it was added for has settled.
+fn warn_of_accepted_meters(meters: &ConfiguredMeters) {
+    if !meters.accepted.is_empty() {
+        let listed: Vec<&str> = meters.accepted.iter().map(String::as_str).collect();
+        tracing::warn!(meters = %listed.join(", "), "[aggregator] accept_redefined_meters lists meters whose usage held under another definition is kept as counted: while listed, a change of their event_type, value_property, allow_negative_values or dimension paths is not refused; remove the entry once the month it was added for has settled");
+    }
+}
+
+/// What the consume loop does between batches, each when it is due: commit the open
+/// transaction, record the consumer lag and close idle partitions, and ask Kafka about
+/// the group's topics and meters.
+struct Chores {
+    commit_interval: Duration,
+    partition_count: NonZeroUsize,
+    /// `tally_aggregator_unread_partitions`, set by the partition check.
+    unread: IntGauge,
+    meters: Arc<ConfiguredMeters>,
+    last_lag: Instant,
+    last_partition_check: Option<Instant>,
+}
+
+impl Chores {
+    fn run_due(
+        &mut self,
+        worker: &Mutex<Worker>,
+        consumer: &GroupConsumer,
+        topics: &Topics,
+    ) -> Result<(), AggregatorError> {
+        {
+            let mut worker = lock(worker);
+            let due = worker.broken.is_some()
+                || worker.transaction_open
+                    && (worker.transaction_events >= MAX_TRANSACTION_EVENTS
+                        || worker.transaction_started.elapsed() >= self.commit_interval);
+            if due {
+                worker.commit_or_recover(consumer, &[])?;
+            }
+            if self.last_lag.elapsed() >= tally_runtime::kafka::LAG_RECORD_INTERVAL {
+                self.last_lag = Instant::now();
+                tally_runtime::kafka::record_lag(consumer, &worker.metrics.consumer_lag, |p| {
+                    worker.partitions.get(&p).map(|state| state.next_offset)
+                });
+                worker.close_idle_partitions(Utc::now());
+            }
+        }
+        // Outside the worker's lock: Kafka may be slow to answer.
+        let partition_check_due =
+            (self.last_partition_check).is_none_or(|at| at.elapsed() >= PARTITION_CHECK_INTERVAL);
+        if partition_check_due {
+            self.last_partition_check = Some(Instant::now());
+            check_partitions(consumer, topics, self.partition_count, &self.unread)?;
+            match check_held_meters(consumer, topics, self.partition_count, &self.meters, false) {
+                Err(e @ AggregatorError::MeterRedefined { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check the meters the group's partitions hold; checked again in a minute")
+                }
+                Ok(()) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Asks Kafka whether partitions were added to the pipeline's topics. Added to the
