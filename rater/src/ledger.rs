@@ -109,6 +109,9 @@ pub struct Ledger {
     config: Arc<Config>,
     lines: HashMap<(String, LineKey), LineState>,
     dirty: Vec<(String, LineKey)>,
+    /// Lines whose last rating failed: pending until they rate, or let go with their
+    /// settled period.
+    failing: HashSet<(String, LineKey)>,
     /// This period and earlier ones have settled: usage of them is refused.
     settled_through: Option<Period>,
     /// Lines of this period and earlier ones are let go at the next
@@ -122,6 +125,7 @@ impl Ledger {
             config,
             lines: HashMap::new(),
             dirty: Vec::new(),
+            failing: HashSet::new(),
             settled_through: None,
             let_go_through: None,
         }
@@ -142,6 +146,12 @@ impl Ledger {
     /// How many lines the ledger holds.
     pub fn lines_held(&self) -> usize {
         self.lines.len()
+    }
+
+    /// How many lines held could not be rated the last time they changed (their
+    /// errors were returned then): each stays at its last stored amount meanwhile.
+    pub fn lines_failing(&self) -> usize {
+        self.failing.len()
     }
 
     /// The latest settled period, if any: later ones are open.
@@ -260,6 +270,7 @@ impl Ledger {
             let open = |key: &LineKey| line_open(Some(settled), key.period, key.adjusts);
             self.lines.retain(|(_, key), _| open(key));
             self.dirty.retain(|(_, key)| open(key));
+            self.failing.retain(|(_, key)| open(key));
         }
         flushed
     }
@@ -295,11 +306,13 @@ impl Ledger {
                 Err(e) => {
                     // Pending, so a later flush rates it again rather than serving its
                     // old version.
+                    self.failing.insert(key.clone());
                     self.dirty.push(key);
                     failures.push(e);
                     continue;
                 }
             };
+            self.failing.remove(&key);
             state.dirty = false;
             state.revision += 1;
             let delta = line.amount - previous;
@@ -1085,10 +1098,17 @@ mod tests {
         assert_eq!(rated.len(), 1);
         assert_eq!(rated[0].line.price, "resolutions");
         assert_eq!(failures.len(), 1);
+        assert_eq!(ledger.lines_failing(), 1);
         // The failed line stays pending; the rated one does not come back.
         let (rated, failures) = ledger.flush_available();
         assert!(rated.is_empty());
         assert_eq!(failures.len(), 1);
+        // Usage that makes it fit again rates it, and it no longer counts as failing.
+        ledger.record(&series("seats", &["a"]), november(), value(3));
+        let (rated, failures) = ledger.flush_available();
+        assert_eq!((rated.len(), failures.len()), (1, 0));
+        assert_eq!(rated[0].line.price, "seats");
+        assert_eq!(ledger.lines_failing(), 0);
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct RaterMetrics {
     pub lost_line_replays: IntCounter,
     /// Lines held in the assigned partitions' ledgers: the open periods'.
     pub ledger_lines: IntGauge,
+    /// Lines held whose last rating failed: each stays at its last stored amount.
+    pub unrated_lines: IntGauge,
     pub consumer_lag: IntGaugeVec,
 }
 
@@ -117,6 +119,10 @@ impl RaterMetrics {
             ledger_lines: m.gauge(
                 "tally_rater_ledger_lines",
                 "Invoice lines held in memory across assigned partitions; a settled period's are let go.",
+            ),
+            unrated_lines: m.gauge(
+                "tally_rater_unrated_lines",
+                "Invoice lines held that could not be rated the last time their usage changed (an amount past what a line stores); ClickHouse and the rated topic hold each at its last stored amount until it rates.",
             ),
             consumer_lag: m.consumer_lag(),
             registry,

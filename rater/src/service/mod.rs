@@ -710,12 +710,12 @@ impl Worker {
     }
 
     fn count_held_lines(&self) {
-        let held: usize = self
-            .partitions
-            .values()
-            .map(|p| p.ledger.lines_held())
-            .sum();
-        self.metrics.ledger_lines.set(held as i64);
+        let count = |lines: fn(&Ledger) -> usize| -> i64 {
+            let held: usize = self.partitions.values().map(|p| lines(&p.ledger)).sum();
+            held as i64
+        };
+        self.metrics.ledger_lines.set(count(Ledger::lines_held));
+        (self.metrics.unrated_lines).set(count(Ledger::lines_failing));
     }
 }
 

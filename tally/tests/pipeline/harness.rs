@@ -517,23 +517,28 @@ database = "{database}"
 
     /// `tally rate`'s lines for the period: what ClickHouse must end up with.
     pub fn expected(&self) -> Vec<Line> {
-        self.rate(&self.events, self.period)
+        self.rate(&self.config, &self.events, self.period)
+    }
+
+    /// `tally rate`'s lines of these events priced by another price book.
+    pub fn expected_with(&self, config: &Path) -> Vec<Line> {
+        self.rate(config, &self.events, self.period)
     }
 
     /// `tally rate`'s lines for `period` of these events.
     pub fn expected_for(&self, lines: &[Vec<u8>], period: &str) -> Vec<Line> {
         let path = self.dir.path().join("expected-events.jsonl");
         fs::write(&path, lines.join(&b'\n')).unwrap();
-        self.rate(&path, period)
+        self.rate(&self.config, &path, period)
     }
 
-    fn rate(&self, events: &Path, period: &str) -> Vec<Line> {
+    fn rate(&self, config: &Path, events: &Path, period: &str) -> Vec<Line> {
         let out = self.dir.path().join("expected.jsonl");
         let status = Command::new(env!("CARGO_BIN_EXE_tally"))
             .args(["rate", "--format", "json", "--period", period])
             .args(["--now", "2026-11-01T00:00:00Z"])
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .arg("--events")
             .arg(events)
             .arg("--output")

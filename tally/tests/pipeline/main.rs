@@ -3643,3 +3643,52 @@ fn serve_all_whose_rater_cannot_listen_stops_the_started_aggregator_and_exits_wi
     );
     drop(taken);
 }
+
+/// A price whose every line with usage is past what a line stores (1e19 yen a
+/// resolution): added to the generated book's last plan, enterprise-jp's.
+const UNRATEABLE_PRICE: &str = r#"
+[[plans.prices]]
+id = "unrateable"
+meter = "resolutions"
+billing_scheme = "per_unit"
+unit_amount = "10000000000000000000"
+"#;
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_line_too_large_to_rate_stays_in_the_unrated_gauge_while_the_others_are_billed() {
+    let _serial = serial();
+    let p = Pipeline::new("unrateable", 2_000, 4, UNRATEABLE_PRICE);
+    // Every other line as tally rate prices it without that price, and that price's
+    // opening line (cust_00003 is enterprise-jp's), which ClickHouse holds meanwhile.
+    let book = std::fs::read_to_string(&p.config).unwrap();
+    let without = p.dir.path().join("without-unrateable.toml");
+    std::fs::write(&without, book.replace(UNRATEABLE_PRICE, "")).unwrap();
+    let mut expected = p.expected_with(&without);
+    expected.push((
+        "cust_00003".into(),
+        "unrateable".into(),
+        "0".into(),
+        "0".into(),
+        "jpy".into(),
+    ));
+    expected.sort();
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    p.produce(&p.lines());
+    p.wait_for(&expected, Duration::from_secs(120));
+    let port = harness::metrics_port(&p.log("rater-a"), "rater metrics");
+    // Held for as long as the line is, with no more usage coming: an alert on the
+    // failures counter alone would clear while the line shows 0.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        harness::metric(port, "tally_rater_unrated_lines"),
+        Some(1.0)
+    );
+    assert!(harness::metric(port, "tally_rater_rating_failures_total").is_some_and(|n| n >= 1.0));
+    assert!(
+        p.log("rater-a").contains("a line cannot be rated"),
+        "{}",
+        p.log("rater-a")
+    );
+}
