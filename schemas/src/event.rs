@@ -122,8 +122,13 @@ pub enum Problem {
         found: &'static str,
     },
     Empty,
-    /// A character the CloudEvents spec forbids in an attribute.
+    /// A character the CloudEvents spec forbids in an attribute, refused in a group
+    /// value too.
     ForbiddenCharacter(char),
+    /// A group value longer than [`MAX_GROUP_VALUE_CHARS`].
+    TooLong {
+        chars: usize,
+    },
     /// A meter reads `data`, and the event has `data_base64` in its place.
     Base64Data,
     UnsupportedSpecVersion(String),
@@ -167,6 +172,7 @@ impl Problem {
             Problem::WrongType { .. } => "wrong_type",
             Problem::Empty => "empty_field",
             Problem::ForbiddenCharacter(_) => "forbidden_character",
+            Problem::TooLong { .. } => "too_long",
             Problem::Base64Data => "base64_data",
             Problem::UnsupportedSpecVersion(_) => "unsupported_specversion",
             Problem::InvalidTime(_) => "invalid_time",
@@ -208,8 +214,12 @@ impl fmt::Display for Problem {
             ),
             Problem::ForbiddenCharacter(c) => write!(
                 f,
-                "contains U+{:04X}; CloudEvents attributes may not hold control characters or noncharacters",
+                "contains U+{:04X}; CloudEvents attributes may not hold control characters or noncharacters, nor may group_by values (they reach invoices, logs and terminals)",
                 u32::from(*c)
+            ),
+            Problem::TooLong { chars } => write!(
+                f,
+                "is {chars} characters long; a group_by value is at most {MAX_GROUP_VALUE_CHARS} (a model, a region, an id: each distinct value is a series held for the month, and shown on invoice lines)"
             ),
             Problem::UnsupportedSpecVersion(v) => {
                 write!(f, "specversion {v:?} is not supported; send \"1.0\"")
@@ -698,10 +708,25 @@ fn distinct(raw: &str, path: &JsonPath) -> Result<u64, EventError> {
     }
 }
 
-/// A group_by value as text: strings as they are, numbers normalised, booleans as
-/// `true`/`false`.
+/// The longest group_by value, in characters: a sender's payload read as a dimension
+/// would otherwise be held, as a series of its own, for the month.
+pub const MAX_GROUP_VALUE_CHARS: usize = 256;
+
+/// A group_by value as text: strings as they are (without control characters or
+/// noncharacters, at most [`MAX_GROUP_VALUE_CHARS`] long), numbers normalised,
+/// booleans as `true`/`false`.
 fn group_value<'a>(raw: &'a str, path: &JsonPath) -> Result<Cow<'a, str>, EventError> {
     if let Some(s) = string_at(raw, || path.field_name())? {
+        if let Some(c) = forbidden_character(&s) {
+            return Err(error(path.field_name(), Problem::ForbiddenCharacter(c)));
+        }
+        // Bytes bound characters: most values are checked without counting.
+        if s.len() > MAX_GROUP_VALUE_CHARS {
+            let chars = s.chars().count();
+            if chars > MAX_GROUP_VALUE_CHARS {
+                return Err(error(path.field_name(), Problem::TooLong { chars }));
+            }
+        }
         return Ok(s);
     }
     match raw {

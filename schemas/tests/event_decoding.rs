@@ -149,6 +149,41 @@ fn group(raw_model: Option<&str>) -> Vec<String> {
 }
 
 #[test]
+fn group_values_refuse_control_characters_and_more_than_256_characters() {
+    // A terminal escape or a newline would reach explain's text, CSV cells and logs.
+    let with = |model: &str| {
+        event(
+            "llm.tokens",
+            Some(&format!(r#"{{"tokens":1,"model":"{model}"}}"#)),
+        )
+    };
+    assert_eq!(
+        reject(&with(r"x\u001b[2J\nfake line")),
+        ("data.model".to_owned(), "forbidden_character")
+    );
+    assert_eq!(
+        reject(&with(r"gpt-x\u0000")),
+        ("data.model".to_owned(), "forbidden_character")
+    );
+    // Counted in characters: 256 two-byte ones are a value, 257 plain ones are not.
+    assert_eq!(
+        group(Some(&format!("\"{}\"", "é".repeat(256)))),
+        ["é".repeat(256)]
+    );
+    let error = decode(&with(&"m".repeat(257))).unwrap_err();
+    assert_eq!(
+        (error.field.as_str(), error.problem.code()),
+        ("data.model", "too_long")
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("is 257 characters long; a group_by value is at most 256"),
+        "{error}"
+    );
+}
+
+#[test]
 fn the_issue_sample_event_decodes_to_its_customer_time_and_key() {
     let e = decode(SAMPLE).unwrap();
     assert_eq!(e.subject, "cust_acme");
@@ -1016,7 +1051,9 @@ fn whitespace_allowed_by_json_is_accepted_around_every_token() {
 fn valid_json_edge_cases_are_accepted() {
     for data in [
         r#"{"tokens":0.5E+2,"model":"\u00e9\ud83d\ude00"}"#,
-        r#"{"tokens":-0e0,"model":"\"\\\/\b\f\n\r\t"}"#,
+        // Control characters escaped in a field no meter reads (a group value
+        // refuses them).
+        r#"{"tokens":-0e0,"model":"\"\\\/","note":"\b\f\n\r\t"}"#,
         r#"{"tokens":1,"model":"x","extra":[[],{},[{"a":[null,true,false,1.5e-3]}]]}"#,
         r#"{"":1,"tokens":2,"model":""}"#,
     ] {
