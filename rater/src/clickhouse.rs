@@ -29,6 +29,7 @@
 //! decimals and its `sum` of decimals can overflow silently), with `amount_minor`, the
 //! amount in whole minor units, for exact sums in SQL.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -537,18 +538,25 @@ impl ClickHouse {
         )
     }
 
-    /// How many of the lines `ids` name, billed in `from` or later, have a row in
-    /// `rated_lines` that usage wrote, current or not. Opening (zero-usage) rows, at
-    /// version 0, do not count: after a loss, one partition's replay writes them for
-    /// customers no line of its own has stored yet, other partitions' customers
-    /// among them, which would hide those partitions' loss.
-    pub fn lines_stored_of(
+    /// The highest version of each of the lines `ids` name, billed in `from` or later,
+    /// among the rows of `rated_lines` that usage wrote, current or not. Lines without
+    /// such a row are left out. Opening (zero-usage) rows, at version 0, do not count:
+    /// after a loss, one partition's replay writes them for customers no line of its
+    /// own has stored yet, other partitions' customers among them, which would hide
+    /// those partitions' loss.
+    pub fn stored_versions_of(
         &self,
         ids: &[String],
         from: Option<Period>,
-    ) -> Result<u64, ClickHouseError> {
+    ) -> Result<HashMap<String, u64>, ClickHouseError> {
+        #[derive(Deserialize)]
+        struct Stored {
+            id: String,
+            #[serde(deserialize_with = "uint64")]
+            newest: u64,
+        }
         if ids.is_empty() {
-            return Ok(0);
+            return Ok(HashMap::new());
         }
         let listed: Vec<String> = ids.iter().map(|id| string_literal(id)).collect();
         // The months first: they lead the sorting key and the partitioning, so only
@@ -559,20 +567,14 @@ impl ClickHouse {
         let answer = self.post(
             "check that stored lines are there",
             &format!(
-                "SELECT uniqExact(id) FROM {}.rated_lines WHERE {months}version > 0 AND id IN ({})",
+                "SELECT id, max(version) AS newest FROM {}.rated_lines \
+                 WHERE {months}version > 0 AND id IN ({}) GROUP BY id FORMAT JSONEachRow",
                 self.database,
                 listed.join(", ")
             ),
         )?;
-        answer
-            .trim()
-            .parse()
-            .map_err(|e: std::num::ParseIntError| ClickHouseError::Unreadable {
-                url: self.url.clone(),
-                table: "rated_lines",
-                row: answer.trim().to_owned(),
-                error: e.to_string(),
-            })
+        let stored: Vec<Stored> = self.rows("rated_lines", &answer)?;
+        Ok(stored.into_iter().map(|row| (row.id, row.newest)).collect())
     }
 
     /// The current lines billed in `from` or later that a price book other than the

@@ -101,6 +101,10 @@ struct LineState {
     rated: Option<InvoiceLine>,
     revision: u64,
     dirty: bool,
+    /// The offset of the windows record that last changed its usage, where the
+    /// records come from a topic ([`Ledger::record_at`]): a store of the line after
+    /// it has a higher version.
+    changed_at: Option<i64>,
 }
 
 /// Rated state for every customer's lines.
@@ -162,15 +166,33 @@ impl Ledger {
     /// The ids of the lines the ledger holds, which its flushes rate: after
     /// [`Ledger::rerate_all`], the lines that replace what an earlier price book made.
     pub fn line_ids(&self) -> impl Iterator<Item = String> + '_ {
-        self.lines.keys().map(|(customer, key)| {
-            let plan = (self.config).plan_of(&self.config.customers[customer], key.rated_in());
-            line_id(
-                customer,
-                &plan.prices[key.price_index].id,
-                key.period,
-                key.adjusts,
-            )
-        })
+        self.lines
+            .keys()
+            .map(|(customer, key)| self.id_of(customer, *key))
+    }
+
+    fn id_of(&self, customer: &str, key: LineKey) -> String {
+        let plan = (self.config).plan_of(&self.config.customers[customer], key.rated_in());
+        line_id(
+            customer,
+            &plan.prices[key.price_index].id,
+            key.period,
+            key.adjusts,
+        )
+    }
+
+    /// The `most` lines a windows record changed last ([`Ledger::record_at`]), newest
+    /// first, each with that record's offset; lines pending (changed since the last
+    /// flush, or failing to rate) are left out, as they were not stored since.
+    pub fn newest_changes(&self, most: usize) -> Vec<(String, i64)> {
+        let mut changed: Vec<(i64, &(String, LineKey))> = (self.lines.iter())
+            .filter(|(key, state)| !state.dirty && !self.failing.contains(*key))
+            .filter_map(|(key, state)| Some((state.changed_at?, key)))
+            .collect();
+        changed.sort_unstable_by_key(|&(offset, _)| std::cmp::Reverse(offset));
+        (changed.into_iter().take(most))
+            .map(|(offset, (customer, key))| (self.id_of(customer, *key), offset))
+            .collect()
     }
 
     /// Marks every held line of an open period changed, so the next flush rates each
@@ -197,16 +219,28 @@ impl Ledger {
         period: Period,
         value: MeterValue,
     ) -> Recorded {
-        self.record_ref(&series.into(), period, value)
+        self.record_update(&series.into(), period, value, None)
     }
 
-    /// [`Ledger::record`] of a borrowed key, which the caller keeps (to report what
-    /// became of it).
-    pub fn record_ref(
+    /// [`Ledger::record`] of the windows record at `offset`, by a borrowed key, which
+    /// the caller keeps (to report what became of it): the lines it changes remember
+    /// the offset ([`Ledger::newest_changes`]).
+    pub fn record_at(
         &mut self,
         series: &SeriesKeyRef<'_>,
         period: Period,
         value: MeterValue,
+        offset: i64,
+    ) -> Recorded {
+        self.record_update(series, period, value, Some(offset))
+    }
+
+    fn record_update(
+        &mut self,
+        series: &SeriesKeyRef<'_>,
+        period: Period,
+        value: MeterValue,
+        offset: Option<i64>,
     ) -> Recorded {
         if self.settled_through.is_some_and(|settled| {
             period <= settled || series.adjusts.is_some_and(|closed| closed <= settled)
@@ -245,6 +279,7 @@ impl Ledger {
                     state.series.insert(Arc::new(series.to_owned()), value);
                 }
             }
+            state.changed_at = offset.or(state.changed_at);
             if !state.dirty {
                 state.dirty = true;
                 self.dirty.push((customer.id.clone(), line));
@@ -1080,6 +1115,51 @@ mod tests {
             ),
             "{adjustment}"
         );
+    }
+
+    #[test]
+    fn the_newest_changes_name_the_record_that_last_changed_each_stored_line() {
+        let mut ledger = Ledger::new(config());
+        let (resolutions, seats) = (series("resolutions", &[]), series("seats", &["a"]));
+        let (resolutions, seats) = (
+            SeriesKeyRef::from(&*resolutions),
+            SeriesKeyRef::from(&*seats),
+        );
+        ledger.record_at(&resolutions, november(), value(5), 10);
+        ledger.record_at(&seats, november(), value(2), 11);
+        // Pending lines were not stored since their change: none is named yet.
+        assert!(ledger.newest_changes(10).is_empty());
+        flushed(&mut ledger);
+        // A record that changes nothing (a window of a max meter below its month's
+        // max, say) writes no row, so it does not move the line's offset.
+        ledger.record_at(&resolutions, november(), value(5), 12);
+        ledger.record_at(&seats, november(), value(3), 13);
+        flushed(&mut ledger);
+        let offset_of = |ledger: &Ledger, price: &str| {
+            let id = line_id("acme", price, november(), None);
+            let changes = ledger.newest_changes(10);
+            changes
+                .into_iter()
+                .find(|(line, _)| *line == id)
+                .map(|(_, at)| at)
+        };
+        assert_eq!(
+            (
+                offset_of(&ledger, "resolutions"),
+                offset_of(&ledger, "seats")
+            ),
+            (Some(10), Some(13))
+        );
+        assert_eq!(ledger.newest_changes(1).len(), 1);
+        // A line that fails to rate was not stored: it is left out.
+        let huge = MeterValue {
+            value: Decimal::MAX,
+            latest: None,
+        };
+        ledger.record_at(&seats, november(), huge, 14);
+        let (_, failures) = ledger.flush_available();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(offset_of(&ledger, "seats"), None);
     }
 
     #[test]

@@ -536,7 +536,7 @@ fn tls_trusts_the_authorities_of_the_ca_file_and_says_what_is_wrong_with_one() {
 
 #[test]
 #[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
-fn a_lines_look_up_counts_rows_usage_wrote_not_opening_rows() {
+fn a_lines_look_up_gives_the_newest_version_usage_wrote_not_opening_rows() {
     let (store, database) = store("lookup");
     let november = Period::from_str("2026-11").unwrap();
     let (opened, used) = (
@@ -545,10 +545,19 @@ fn a_lines_look_up_counts_rows_usage_wrote_not_opening_rows() {
     );
     // An opening (zero-usage) row is stored at version 0; usage writes its record's.
     store
-        .insert_versioned(&[(0, &opened), (12, &used)])
+        .insert_versioned(&[(0, &opened), (12, &used), (0, &used), (40, &used)])
         .unwrap();
     let ids = [opened.id.clone(), used.id.clone()];
-    assert_eq!(store.lines_stored_of(&ids, Some(november)).unwrap(), 1);
-    assert_eq!(store.lines_stored_of(&ids[..1], None).unwrap(), 0);
+    let stored = store.stored_versions_of(&ids, Some(november)).unwrap();
+    assert_eq!(stored, [(used.id.clone(), 40)].into_iter().collect());
+    assert!(store
+        .stored_versions_of(&ids[..1], None)
+        .unwrap()
+        .is_empty());
+    let december = Period::from_str("2026-12").unwrap();
+    assert!(store
+        .stored_versions_of(&ids, Some(december))
+        .unwrap()
+        .is_empty());
     query(&format!("DROP DATABASE {database}"));
 }

@@ -44,6 +44,9 @@ pub struct RaterMetrics {
     /// Partitions rated again from their beginning because ClickHouse had lost their
     /// stored lines.
     pub lost_line_replays: IntCounter,
+    /// Partitions whose newest lines ClickHouse held in older versions than their
+    /// committed offsets account for; their open months were stored again.
+    pub stale_partitions_restated: IntCounter,
     /// Lines held in the assigned partitions' ledgers: the open periods'.
     pub ledger_lines: IntGauge,
     /// Lines held whose last rating failed: each stays at its last stored amount.
@@ -114,7 +117,11 @@ impl RaterMetrics {
             ),
             lost_line_replays: m.counter(
                 "tally_rater_lost_line_replays_total",
-                "Partitions rated again from their beginning because ClickHouse had none of their stored lines (a database dropped, emptied or restored from an older backup).",
+                "Partitions rated again from their beginning because ClickHouse had none of their stored lines (a database dropped or emptied, or restored from a backup older than those lines).",
+            ),
+            stale_partitions_restated: m.counter(
+                "tally_rater_stale_partitions_restated_total",
+                "Partitions whose newest stored lines ClickHouse held only in versions older than their committed offsets account for (a database restored from an older backup, or a rater that wrote to another database meanwhile): their open months' lines were stored again.",
             ),
             ledger_lines: m.gauge(
                 "tally_rater_ledger_lines",

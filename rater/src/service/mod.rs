@@ -622,7 +622,7 @@ impl Worker {
         let windows = std::mem::take(&mut update.windows);
         let series = (!windows.is_empty()).then(|| Arc::new(update.series.to_owned()));
         let period_start = update.period_start;
-        let recorded = record(&mut state.ledger, &update);
+        let recorded = record(&mut state.ledger, &update, offset);
         self.unbilled
             .note(recorded, &update.series, Period::containing(period_start));
         // Usage of a settled month is an aggregator replaying what it had billed:

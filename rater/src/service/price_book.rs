@@ -364,7 +364,8 @@ impl PartitionState {
     /// lines of those months, with the next batch (`rows`): a replay that found its
     /// months billed counted their records as stored, but the rows of the months still
     /// open may be what was lost (a month's partition dropped, a backup restored), and
-    /// nothing else would write them before their usage changes. The zero-usage lines
+    /// a partition whose stored lines ClickHouse holds in older versions has them
+    /// stale; nothing else would write them before their usage changes. The zero-usage lines
     /// are every customer's, as when a partition first opens a month, because a
     /// partition whose replayed records opened no month writes none for its own
     /// customers; written at version 0, they replace no row that usage wrote.
@@ -375,7 +376,7 @@ impl PartitionState {
         tracing::info!(
             partition,
             lines = self.ledger.lines_held(),
-            "a replay: the lines of the partition's open months are stored again"
+            "the lines of the partition's open months are stored again"
         );
     }
 

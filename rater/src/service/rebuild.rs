@@ -47,7 +47,7 @@ impl Rebuilt {
             Change::Usage(update) => {
                 self.opened.extend(update.periods());
                 self.first_offsets.note(&update, offset);
-                record(&mut self.ledger, &update);
+                record(&mut self.ledger, &update, offset);
             }
             Change::Settled(period) => {
                 // Rated and let go now: a rebuild holds open periods only. Its lines
@@ -78,11 +78,14 @@ pub(super) struct Taken {
     pub(super) rebuilt: Rebuilt,
 }
 
-/// Some of the lines a partition's committed offset accounts for, taken from its
-/// ledger as rebuilt to that offset: what a look-up of its stored lines asks for.
+/// The lines windows records changed last before a partition's committed offset,
+/// taken from its ledger as rebuilt to that offset: what a look-up of its stored lines
+/// asks for. Each was stored after that change, at a higher version than the record's
+/// offset (a row's version is the offset its batch accounts for).
 #[derive(Debug)]
 pub(super) struct StoredSample {
-    ids: Vec<String>,
+    /// Line ids, each with the offset of the record that last changed it.
+    newest: Vec<(String, i64)>,
     /// Only lines of open months are looked up (settled ones may be archived).
     oldest_open: Option<Period>,
 }
@@ -90,10 +93,25 @@ pub(super) struct StoredSample {
 impl StoredSample {
     pub(super) fn of(ledger: &Ledger) -> Self {
         StoredSample {
-            ids: ledger.line_ids().take(LOST_LINES_SAMPLE).collect(),
+            newest: ledger.newest_changes(LOST_LINES_SAMPLE),
             oldest_open: ledger.settled_through().map(|settled| settled.next()),
         }
     }
+}
+
+/// What ClickHouse holds of a partition's [`StoredSample`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StoredLines {
+    /// Every sampled line, at the version that stored its last change or later.
+    Current,
+    /// This many sampled lines only in versions from before their last change:
+    /// ClickHouse is behind the committed offset (a database restored from an older
+    /// backup, or the rater wrote to another database meanwhile). The partition's
+    /// open months are stored again.
+    Behind(usize),
+    /// None of them: its database dropped or emptied. The partition is rated again
+    /// from its beginning.
+    Lost,
 }
 
 impl Worker {
@@ -185,42 +203,80 @@ impl Worker {
         Ok(rebuilt)
     }
 
-    /// Whether ClickHouse has none of the lines of `sample`: its database was dropped
-    /// or emptied while the group's offsets stayed, so those lines would never be
-    /// written again.
-    pub(super) fn stored_lines_lost(&self, sample: &StoredSample) -> Result<bool, ClickHouseError> {
-        if sample.ids.is_empty() {
-            return Ok(false);
+    /// Whether ClickHouse holds the lines of `sample` as the committed offset accounts
+    /// for them: where it lost them (its database dropped or emptied), or holds older
+    /// versions, while the group's offsets stayed, nothing else would write them again
+    /// before their usage changes.
+    pub(super) fn stored_lines(
+        &self,
+        sample: &StoredSample,
+    ) -> Result<StoredLines, ClickHouseError> {
+        if sample.newest.is_empty() {
+            return Ok(StoredLines::Current);
         }
-        Ok(self
+        let ids: Vec<String> = sample.newest.iter().map(|(id, _)| id.clone()).collect();
+        let stored = self
             .clickhouse
-            .lines_stored_of(&sample.ids, sample.oldest_open)?
-            == 0)
+            .stored_versions_of(&ids, sample.oldest_open)?;
+        if stored.is_empty() {
+            return Ok(StoredLines::Lost);
+        }
+        let behind = (sample.newest.iter())
+            .filter(|(id, changed_at)| {
+                let changed_at = u64::try_from(*changed_at).unwrap_or_default();
+                stored.get(id).is_none_or(|&version| version <= changed_at)
+            })
+            .count();
+        Ok(match behind {
+            0 => StoredLines::Current,
+            behind => StoredLines::Behind(behind),
+        })
     }
 
     /// Looks up the stored lines of the partitions whose look-up failed when they were
     /// assigned (ClickHouse not answering), by the sample taken then, before anything
     /// of theirs is stored: the first partition whose lines are lost, if any (the
-    /// rater stops, and its restart rates it again from the beginning). Not answered
-    /// again, every one is looked up at the next store.
+    /// rater stops, and its restart rates it again from the beginning). A partition
+    /// ClickHouse is behind on stores its open months again with the next batch. Not
+    /// answered again, every one is looked up at the next store.
     pub(super) fn verify_stored_lines(&mut self) -> Result<Option<i32>, ClickHouseError> {
+        let mut behind = Vec::new();
         for (&partition, state) in &self.partitions {
             if let Some(sample) = &state.lines_unverified {
-                if self.stored_lines_lost(sample)? {
-                    return Ok(Some(partition));
+                match self.stored_lines(sample)? {
+                    StoredLines::Lost => return Ok(Some(partition)),
+                    StoredLines::Behind(lines) => behind.push((partition, lines)),
+                    StoredLines::Current => {}
                 }
             }
         }
         for state in self.partitions.values_mut() {
             state.lines_unverified = None;
         }
+        for (partition, lines) in behind {
+            self.stored_lines_behind(partition, lines);
+            if let Some(state) = self.partitions.get_mut(&partition) {
+                state.restate_open_months(partition, self.pending.rows(partition));
+            }
+        }
         Ok(None)
     }
 
+    /// Says that ClickHouse holds `lines` of `partition`'s sampled lines in versions
+    /// older than its committed offset accounts for.
+    fn stored_lines_behind(&self, partition: i32, lines: usize) {
+        self.metrics.stale_partitions_restated.inc();
+        tracing::error!(
+            partition,
+            lines,
+            "ClickHouse holds older versions of lines than the partition's committed offset accounts for (the database restored from an older backup, or a rater wrote to another database meanwhile): the lines of its open months are stored again; lines of its settled months stay as ClickHouse holds them"
+        );
+    }
+
     /// Rebuilds `partition`'s ledger up to `committed` (from `point`), and checks that
-    /// ClickHouse still holds some of the lines that offset accounts for: where none is
-    /// there (its database dropped or emptied), the partition is rated again from its
-    /// beginning. Nothing committed, nothing stored: every line is new to this rater;
+    /// ClickHouse holds the lines that offset accounts for ([`StoredLines`]): where none
+    /// is there (its database dropped or emptied), the partition is rated again from
+    /// its beginning; where it holds older versions, its open months are stored again. Nothing committed, nothing stored: every line is new to this rater;
     /// with another book, stored lines may have other ids, which the price-book check
     /// sees to.
     pub(super) fn take(
@@ -243,8 +299,8 @@ impl Worker {
             return Ok(taken(committed, None, rebuilt));
         }
         let sample = StoredSample::of(&rebuilt.ledger);
-        match self.stored_lines_lost(&sample) {
-            Ok(true) => {
+        match self.stored_lines(&sample) {
+            Ok(StoredLines::Lost) => {
                 self.metrics.lost_line_replays.inc();
                 tracing::error!(
                     partition,
@@ -252,7 +308,13 @@ impl Worker {
                 );
                 Ok(taken(0, None, self.rebuild(partition, 0, None)?))
             }
-            Ok(false) => Ok(taken(committed, None, rebuilt)),
+            Ok(StoredLines::Behind(lines)) => {
+                self.stored_lines_behind(partition, lines);
+                let mut rebuilt = rebuilt;
+                rebuilt.restate_open_months = true;
+                Ok(taken(committed, None, rebuilt))
+            }
+            Ok(StoredLines::Current) => Ok(taken(committed, None, rebuilt)),
             Err(error) if error.is_missing_table() => Err(RaterError::TablesGone(error)),
             Err(error) => {
                 tracing::warn!(partition, %error, "cannot look the partition's stored lines up in ClickHouse; looked up again before anything of the partition is stored");

@@ -141,10 +141,12 @@ pub(super) fn decode<'m, W: Deserialize<'m> + Default>(
     }
 }
 
-pub(super) fn record<W>(ledger: &mut Ledger, update: &UsageRecord<'_, W>) -> Recorded {
-    ledger.record_ref(
+/// Records the usage update read at `offset` in the partition's ledger.
+pub(super) fn record<W>(ledger: &mut Ledger, update: &UsageRecord<'_, W>, offset: i64) -> Recorded {
+    ledger.record_at(
         &update.series,
         Period::containing(update.period_start),
         update.period_to_date,
+        offset,
     )
 }

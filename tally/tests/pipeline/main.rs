@@ -3692,3 +3692,34 @@ fn a_line_too_large_to_rate_stays_in_the_unrated_gauge_while_the_others_are_bill
         p.log("rater-a")
     );
 }
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_rater_back_on_its_database_after_writing_to_another_stores_the_stale_lines_again() {
+    let _serial = serial();
+    let (p, rest) = half_of_the_month_stored("database_typo");
+    // A rater started with a mistyped database stores the rest of the month there,
+    // and commits the offsets.
+    p.stop("rater-a");
+    let typo = format!("{}_typo", p.database);
+    p.start_with("rater", "rater-b", &[("TALLY_CLICKHOUSE_DATABASE", &typo)]);
+    p.produce(&rest);
+    // Every usage record written first, so none is left for the next rater to
+    // correct the lines by.
+    p.wait_caught_up("aggregator", Duration::from_secs(120));
+    p.wait_caught_up("rater", Duration::from_secs(120));
+    p.stop("rater-b");
+    // Back on the right one, whose lines are half a month old.
+    p.start("rater", "rater-c");
+    p.wait_for(&p.expected(), Duration::from_secs(120));
+    let port = harness::metrics_port(&p.log("rater-c"), "rater metrics");
+    let restated = harness::metric(port, "tally_rater_stale_partitions_restated_total");
+    assert!(restated.is_some_and(|n| n >= 1.0), "{restated:?}");
+    assert!(
+        p.log("rater-c")
+            .contains("ClickHouse holds older versions of lines than the partition's committed offset accounts for"),
+        "{}",
+        p.log("rater-c")
+    );
+    p.query(&format!("DROP DATABASE IF EXISTS {typo}"));
+}
