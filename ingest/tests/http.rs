@@ -1398,6 +1398,10 @@ fn metrics_count_requests_events_and_acks_with_bounded_labels() {
         r#"tally_http_requests_total{route="/healthz",status="200"} 1"#,
         // A wrong path, counted without it.
         r#"tally_http_requests_total{route="unmatched",status="404"} 1"#,
+        // Refusals not answered yet are there at zero, so a sender's first ones count
+        // in increase().
+        r#"tally_http_requests_total{route="/v1/events",status="403"} 0"#,
+        r#"tally_http_requests_total{route="unmatched",status="405"} 0"#,
         r#"tally_http_request_duration_seconds_count{route="/v1/events"} 2"#,
         r#"tally_ingest_events_total{outcome="accepted"} 2"#,
         r#"tally_ingest_events_total{outcome="duplicate_in_batch"} 1"#,

@@ -11,6 +11,7 @@ use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 use tally_runtime::metrics::Metrics;
 use tally_schemas::event::EventError;
 
+use super::server::{EVENTS_ROUTE, UNMATCHED_ROUTE};
 use super::unbilled::Unbilled;
 
 /// What happened to one event of a request that got an answer from Kafka.
@@ -66,13 +67,29 @@ impl IngestMetrics {
         for code in Unbilled::CODES {
             unbilled.with_label_values(&[code]);
         }
+        let requests = metrics.counter_vec(
+            "tally_http_requests_total",
+            "HTTP requests answered, by route template and status code.",
+            &["route", "status"],
+        );
+        // A sender's first refused requests count in increase() only if their series
+        // was there before them (an alert watches these).
+        for (route, statuses) in [
+            (
+                EVENTS_ROUTE,
+                &[
+                    "202", "400", "401", "403", "413", "415", "422", "429", "503",
+                ][..],
+            ),
+            (UNMATCHED_ROUTE, &["404", "405"][..]),
+        ] {
+            for status in statuses {
+                requests.with_label_values(&[route, status]);
+            }
+        }
         IngestMetrics {
             unbilled,
-            requests: metrics.counter_vec(
-                "tally_http_requests_total",
-                "HTTP requests answered, by route template and status code.",
-                &["route", "status"],
-            ),
+            requests,
             request_duration: metrics.latency_vec(
                 "tally_http_request_duration_seconds",
                 "Time to answer an HTTP request, by route template.",

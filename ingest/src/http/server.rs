@@ -54,6 +54,8 @@ use super::response::{
 
 /// The events endpoint.
 pub const EVENTS_ROUTE: &str = "/v1/events";
+/// The `route` label of a request no route matched (another path, or method).
+pub const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// Every route the service serves (the API's and the operational ones), as the
 /// OpenAPI document must list them.
@@ -282,7 +284,7 @@ async fn track(State(metrics): State<IngestMetrics>, request: Request, next: Nex
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        .map_or_else(|| UNMATCHED_ROUTE.to_owned(), |p| p.as_str().to_owned());
     let started = Instant::now();
     let response = next.run(request).await;
     metrics.request(&route, response.status().as_u16(), started.elapsed());
