@@ -6,6 +6,7 @@ use std::io::{self, Write};
 
 use clap::ValueEnum;
 use rust_decimal::Decimal;
+use tally_schemas::config::SPREADSHEET_FORMULA_STARTS;
 use tally_schemas::decimal::exact_add;
 use tally_schemas::records::{InvoiceLine, TierCharge};
 use tally_schemas::time::rfc3339;
@@ -60,6 +61,17 @@ pub fn write_csv(lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()> 
         writeln!(out, "{}", row.join(","))?;
     }
     Ok(())
+}
+
+/// Text another system wrote (an old biller's ids), as a CSV cell's text for a
+/// spreadsheet: one that would be read as a formula (CSV injection) starts with `'`,
+/// which spreadsheets show as text. Tally's own ids cannot start so (validation).
+pub fn spreadsheet_text(field: &str) -> String {
+    if field.starts_with(SPREADSHEET_FORMULA_STARTS) {
+        format!("'{field}")
+    } else {
+        field.to_owned()
+    }
 }
 
 pub fn csv_field(field: &str) -> String {
@@ -207,6 +219,22 @@ mod tests {
         assert_eq!(csv_field("plain"), "plain");
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
+
+    #[test]
+    fn text_a_spreadsheet_would_run_as_a_formula_is_shown_as_text() {
+        for formula in [
+            "=HYPERLINK(\"x\")",
+            "+cust",
+            "-2+3",
+            "@SUM(1)",
+            "\tx",
+            "\rx",
+        ] {
+            assert_eq!(spreadsheet_text(formula), format!("'{formula}"));
+        }
+        assert_eq!(spreadsheet_text("cust_acme"), "cust_acme");
+        assert_eq!(spreadsheet_text("a=b"), "a=b");
     }
 
     #[test]

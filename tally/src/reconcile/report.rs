@@ -12,7 +12,7 @@ use tally_schemas::time::Period;
 
 use super::lines::{Figures, LineKey, Lines};
 use super::{count, Compared};
-use crate::report::csv_field;
+use crate::report::{csv_field, spreadsheet_text};
 
 /// Aligned columns under `header`, each row indented by two spaces.
 fn write_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
@@ -346,8 +346,8 @@ impl Difference<'_> {
             f.map_or_else(missing, |f| format!("{} {}", f.amount, f.currency))
         };
         [
-            self.key.customer.clone(),
-            self.key.price.clone(),
+            spreadsheet_text(&self.key.customer),
+            spreadsheet_text(&self.key.price),
             self.key.adjusts.map_or_else(String::new, |p| p.to_string()),
             self.what().to_owned(),
             quantity(self.expected),
@@ -365,11 +365,11 @@ impl Difference<'_> {
         let cell = |f: Option<&Figures>, of: fn(&Figures) -> String| f.map_or_else(String::new, of);
         let quantity = |f: &Figures| f.quantity.to_string();
         let amount = |f: &Figures| f.amount.to_string();
-        let currency = |f: &Figures| f.currency.clone();
-        let at = |f: &Figures| f.at.clone();
+        let currency = |f: &Figures| spreadsheet_text(&f.currency);
+        let at = |f: &Figures| spreadsheet_text(&f.at);
         [
-            self.key.customer.clone(),
-            self.key.price.clone(),
+            spreadsheet_text(&self.key.customer),
+            spreadsheet_text(&self.key.price),
             self.key.adjusts.map_or_else(String::new, |p| p.to_string()),
             self.what().replace(' ', "_"),
             cell(expected, quantity),

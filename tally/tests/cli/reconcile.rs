@@ -378,3 +378,31 @@ fn reconcile_reads_another_billers_headers_by_column_and_refuses_one_no_file_has
         );
     }
 }
+
+#[test]
+fn an_old_billers_ids_a_spreadsheet_would_run_are_written_as_text_in_the_differences() {
+    let f = Fixture::generated(9);
+    f.write(
+        "old-biller.csv",
+        b"currency,customer,price,amount,quantity,period_start\n\
+          USD,\"=HYPERLINK(\"\"http://x/\"\",\"\"y\"\")\",-2+3,10.0000,10,2026-11\n",
+    );
+    f.write("tally.jsonl", b"");
+    let run = reconcile(
+        &f,
+        &[
+            "old-biller.csv",
+            "tally.jsonl",
+            "--differences",
+            "differences.csv",
+        ],
+    );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let differences = f.read("differences.csv");
+    let row = differences.lines().nth(1).unwrap_or_default();
+    // Each id starts with ', which spreadsheets show as text; the figures stay numbers.
+    assert!(
+        row.starts_with("\"'=HYPERLINK(\"\"http://x/\"\",\"\"y\"\")\",'-2+3,,only_expected,10,,10.0000,usd,,,-10.0000,"),
+        "{differences}"
+    );
+}
