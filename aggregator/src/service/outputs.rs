@@ -147,11 +147,16 @@ impl Worker {
         received_ms: i64,
     ) -> Result<(), KafkaError> {
         if let Some(left_out) = self.forwards_logged.due((), Instant::now()) {
-            let key = message.key().map(String::from_utf8_lossy);
+            // Escaped, not Debug-quoted: a producer's bytes must not write lines of
+            // their own into the log, and JSON logs would quote a Debug text again.
+            let key = message.key().map_or_else(
+                || "(none)".to_owned(),
+                |key| String::from_utf8_lossy(key).escape_debug().to_string(),
+            );
             tracing::warn!(
                 partition = message.partition(),
                 offset = message.offset(),
-                key = ?key,
+                key = %key,
                 subjects_partition = home,
                 left_out,
                 "an event was read on another partition than its subject's and is forwarded there, an extra write: its producer should key events by subject and partition with murmur2 (README, \"Producing to Kafka directly\"); logged at most once a minute, left_out: as many since"

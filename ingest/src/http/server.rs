@@ -593,7 +593,7 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
             VerdictKind::Reject(error) => {
                 rejected += 1;
                 app.metrics.rejected(&error);
-                tracing::debug!(tenant, index, field = ?error.field, code = error.problem.code(), "event rejected");
+                tracing::debug!(tenant, index, field = %error.field, code = error.problem.code(), "event rejected");
                 EventStatus::rejected(&error, hint)
             }
         };
@@ -647,11 +647,12 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
 /// key's tenant, as a sender on the wrong key is an operator's to find.
 fn forbidden_source(tenant: &str, forbidden: &Forbidden) -> Response {
     let logged: String = forbidden.source.chars().take(LOGGED_SOURCE_CHARS).collect();
-    // Debug-quoted: the sender's text must not write lines of its own into the log (a
-    // newline, a terminal's escape codes).
+    // Escaped: the sender's text must not write lines of its own into the log (a
+    // newline, a terminal's escape codes). Not Debug-quoted, which JSON logs would
+    // quote again.
     tracing::warn!(
         tenant,
-        source = ?logged,
+        source = %logged.escape_debug(),
         index = forbidden.index,
         "events refused: source not allowed for the key"
     );
