@@ -93,7 +93,7 @@ impl RaterMetrics {
             ),
             query_failures: m.counter(
                 "tally_clickhouse_query_failures_total",
-                "Price-book checks of the stored lines in ClickHouse that failed (and were retried).",
+                "ClickHouse queries that failed and were retried: the price-book checks of the stored lines, and at start making the schema (a wrong login or database counts here from the first try).",
             ),
             rating_failures: m.counter(
                 "tally_rater_rating_failures_total",

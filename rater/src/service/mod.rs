@@ -396,6 +396,7 @@ pub fn run(
             return Ok(());
         }
         readiness.not_ready(format!("ClickHouse: {e}"));
+        metrics.query_failures.inc();
         tracing::warn!(error = %e, "cannot create the ClickHouse schema yet; retrying");
         std::thread::sleep(wait);
         wait = (wait * 2).min(Duration::from_secs(5));

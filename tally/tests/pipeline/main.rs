@@ -3723,3 +3723,31 @@ fn a_rater_back_on_its_database_after_writing_to_another_stores_the_stale_lines_
     );
     p.query(&format!("DROP DATABASE IF EXISTS {typo}"));
 }
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_rater_clickhouse_refuses_at_start_counts_each_try_and_says_which_setting_to_fix() {
+    let _serial = serial();
+    let p = Pipeline::new("wrong_login", 200, 2, "");
+    p.start_with("rater", "rater-a", &[("TALLY_CLICKHOUSE_USER", "nobody")]);
+    harness::eventually(
+        "the rater to serve its metrics",
+        Duration::from_secs(30),
+        || p.log("rater-a").contains("what=\"rater metrics\""),
+    );
+    let port = harness::metrics_port(&p.log("rater-a"), "rater metrics");
+    // A dashboard's failure panels and the ClickHouse alert see the refusals from the
+    // first try, though no insert was attempted.
+    harness::eventually(
+        "the refused tries counted as failed queries",
+        Duration::from_secs(30),
+        || harness::metric(port, "tally_clickhouse_query_failures_total").is_some_and(|n| n >= 2.0),
+    );
+    let ready = common::get(port, "/readyz");
+    assert!(
+        ready
+            .as_ref()
+            .is_some_and(|(status, body)| *status == 503 && body.contains("[clickhouse] user")),
+        "{ready:?}"
+    );
+}
