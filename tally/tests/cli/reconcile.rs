@@ -10,6 +10,13 @@ fn reconcile(f: &Fixture, sources: &[&str]) -> Run {
     f.tally().args(args).output().unwrap().into()
 }
 
+/// `tally reconcile` of `expected` and `actual` writing `--differences`: the run, and
+/// the differences file.
+fn reconcile_differences(f: &Fixture, expected: &str, actual: &str) -> (Run, String) {
+    let run = reconcile(f, &[expected, actual, "--differences", "differences.csv"]);
+    (run, f.read("differences.csv"))
+}
+
 #[test]
 fn reconcile_agrees_on_tally_rates_own_formats_and_lists_what_another_biller_bills_differently() {
     let f = Fixture::generated(9);
@@ -75,15 +82,7 @@ fn reconcile_agrees_on_tally_rates_own_formats_and_lists_what_another_biller_bil
     export.push_str("USD,cust_unknown,resolutions,99.0000,99,2026-10\n");
     f.write("old-biller.csv", export.as_bytes());
 
-    let run = reconcile(
-        &f,
-        &[
-            "old-biller.csv",
-            "tally.jsonl",
-            "--differences",
-            "differences.csv",
-        ],
-    );
+    let (run, differences) = reconcile_differences(&f, "old-biller.csv", "tally.jsonl");
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     let agreeing = lines.len() - 2;
     let zero_lines = lines.len() - billed.len();
@@ -95,7 +94,6 @@ fn reconcile_agrees_on_tally_rates_own_formats_and_lists_what_another_biller_bil
             "They differ in 3 lines.",
         ],
     );
-    let differences = f.read("differences.csv");
     let rows: Vec<Vec<&str>> = differences
         .lines()
         .map(|l| l.split(',').collect())
@@ -388,17 +386,8 @@ fn an_old_billers_ids_a_spreadsheet_would_run_are_written_as_text_in_the_differe
           USD,\"=HYPERLINK(\"\"http://x/\"\",\"\"y\"\")\",-2+3,10.0000,10,2026-11\n",
     );
     f.write("tally.jsonl", b"");
-    let run = reconcile(
-        &f,
-        &[
-            "old-biller.csv",
-            "tally.jsonl",
-            "--differences",
-            "differences.csv",
-        ],
-    );
+    let (run, differences) = reconcile_differences(&f, "old-biller.csv", "tally.jsonl");
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
-    let differences = f.read("differences.csv");
     let row = differences.lines().nth(1).unwrap_or_default();
     // Each id starts with ', which spreadsheets show as text; the figures stay numbers.
     assert!(
