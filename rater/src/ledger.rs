@@ -101,9 +101,9 @@ struct LineState {
     rated: Option<InvoiceLine>,
     revision: u64,
     dirty: bool,
-    /// The offset of the windows record that last changed its usage, where the
-    /// records come from a topic ([`Ledger::record_at`]): a store of the line after
-    /// it has a higher version.
+    /// The offset of the last windows record seen to change the usage of one of its
+    /// series from an earlier record's value ([`Ledger::record_at`]): a store of the
+    /// line after it has a higher version.
     changed_at: Option<i64>,
 }
 
@@ -115,7 +115,7 @@ pub struct Ledger {
     dirty: Vec<(String, LineKey)>,
     /// Lines whose last rating failed: pending until they rate, or let go with their
     /// settled period.
-    failing: HashSet<(String, LineKey)>,
+    unrated: HashSet<(String, LineKey)>,
     /// This period and earlier ones have settled: usage of them is refused.
     settled_through: Option<Period>,
     /// Lines of this period and earlier ones are let go at the next
@@ -129,7 +129,7 @@ impl Ledger {
             config,
             lines: HashMap::new(),
             dirty: Vec::new(),
-            failing: HashSet::new(),
+            unrated: HashSet::new(),
             settled_through: None,
             let_go_through: None,
         }
@@ -154,8 +154,8 @@ impl Ledger {
 
     /// How many lines held could not be rated the last time they changed (their
     /// errors were returned then): each stays at its last stored amount meanwhile.
-    pub fn lines_failing(&self) -> usize {
-        self.failing.len()
+    pub fn lines_unrated(&self) -> usize {
+        self.unrated.len()
     }
 
     /// The latest settled period, if any: later ones are open.
@@ -181,12 +181,13 @@ impl Ledger {
         )
     }
 
-    /// The `most` lines a windows record changed last ([`Ledger::record_at`]), newest
+    /// The `most` lines a windows record was seen to change last ([`Ledger::record_at`]:
+    /// a series' value changed from an earlier record's, not its first record), newest
     /// first, each with that record's offset; lines pending (changed since the last
     /// flush, or failing to rate) are left out, as they were not stored since.
     pub fn newest_changes(&self, most: usize) -> Vec<(String, i64)> {
         let mut changed: Vec<(i64, &(String, LineKey))> = (self.lines.iter())
-            .filter(|(key, state)| !state.dirty && !self.failing.contains(*key))
+            .filter(|(key, state)| !state.dirty && !self.unrated.contains(*key))
             .filter_map(|(key, state)| Some((state.changed_at?, key)))
             .collect();
         changed.sort_unstable_by_key(|&(offset, _)| std::cmp::Reverse(offset));
@@ -274,12 +275,19 @@ impl Ledger {
                 .or_default();
             match state.series.get_mut(series) {
                 Some(held) if *held == value => continue,
-                Some(held) => *held = value,
+                Some(held) => {
+                    *held = value;
+                    // A change from a value a record of the same key showed: that
+                    // record was not compacted away, so neither was any between (a
+                    // topic is cleaned from its start), and this one changed the line
+                    // when it was first read too. A series' first record may follow
+                    // a compacted one of the same value, and then changed nothing.
+                    state.changed_at = offset.or(state.changed_at);
+                }
                 None => {
                     state.series.insert(Arc::new(series.to_owned()), value);
                 }
             }
-            state.changed_at = offset.or(state.changed_at);
             if !state.dirty {
                 state.dirty = true;
                 self.dirty.push((customer.id.clone(), line));
@@ -305,7 +313,7 @@ impl Ledger {
             let open = |key: &LineKey| line_open(Some(settled), key.period, key.adjusts);
             self.lines.retain(|(_, key), _| open(key));
             self.dirty.retain(|(_, key)| open(key));
-            self.failing.retain(|(_, key)| open(key));
+            self.unrated.retain(|(_, key)| open(key));
         }
         flushed
     }
@@ -341,13 +349,13 @@ impl Ledger {
                 Err(e) => {
                     // Pending, so a later flush rates it again rather than serving its
                     // old version.
-                    self.failing.insert(key.clone());
+                    self.unrated.insert(key.clone());
                     self.dirty.push(key);
                     failures.push(e);
                     continue;
                 }
             };
-            self.failing.remove(&key);
+            self.unrated.remove(&key);
             state.dirty = false;
             state.revision += 1;
             let delta = line.amount - previous;
@@ -1118,23 +1126,13 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_changes_name_the_record_that_last_changed_each_stored_line() {
+    fn the_newest_changes_name_the_record_seen_to_change_each_stored_line() {
         let mut ledger = Ledger::new(config());
         let (resolutions, seats) = (series("resolutions", &[]), series("seats", &["a"]));
         let (resolutions, seats) = (
             SeriesKeyRef::from(&*resolutions),
             SeriesKeyRef::from(&*seats),
         );
-        ledger.record_at(&resolutions, november(), value(5), 10);
-        ledger.record_at(&seats, november(), value(2), 11);
-        // Pending lines were not stored since their change: none is named yet.
-        assert!(ledger.newest_changes(10).is_empty());
-        flushed(&mut ledger);
-        // A record that changes nothing (a window of a max meter below its month's
-        // max, say) writes no row, so it does not move the line's offset.
-        ledger.record_at(&resolutions, november(), value(5), 12);
-        ledger.record_at(&seats, november(), value(3), 13);
-        flushed(&mut ledger);
         let offset_of = |ledger: &Ledger, price: &str| {
             let id = line_id("acme", price, november(), None);
             let changes = ledger.newest_changes(10);
@@ -1143,20 +1141,39 @@ mod tests {
                 .find(|(line, _)| *line == id)
                 .map(|(_, at)| at)
         };
+        // A series' first record may follow a compacted one of the same value, which
+        // was the change (stored at a version below this offset): it names nothing.
+        ledger.record_at(&resolutions, november(), value(5), 20);
+        ledger.record_at(&seats, november(), value(2), 21);
+        flushed(&mut ledger);
+        assert!(ledger.newest_changes(10).is_empty());
+        // A record that changes nothing (a window of a max meter below its month's
+        // max, say) writes no row, so it names nothing either.
+        ledger.record_at(&resolutions, november(), value(5), 22);
+        ledger.record_at(&seats, november(), value(3), 23);
+        // Pending lines were not stored since their change: none is named yet.
+        assert!(ledger.newest_changes(10).is_empty());
+        flushed(&mut ledger);
         assert_eq!(
             (
                 offset_of(&ledger, "resolutions"),
                 offset_of(&ledger, "seats")
             ),
-            (Some(10), Some(13))
+            (None, Some(23))
         );
-        assert_eq!(ledger.newest_changes(1).len(), 1);
+        ledger.record_at(&resolutions, november(), value(6), 24);
+        flushed(&mut ledger);
+        assert_eq!(offset_of(&ledger, "resolutions"), Some(24));
+        assert_eq!(
+            ledger.newest_changes(1),
+            [(line_id("acme", "resolutions", november(), None), 24)]
+        );
         // A line that fails to rate was not stored: it is left out.
         let huge = MeterValue {
             value: Decimal::MAX,
             latest: None,
         };
-        ledger.record_at(&seats, november(), huge, 14);
+        ledger.record_at(&seats, november(), huge, 25);
         let (_, failures) = ledger.flush_available();
         assert_eq!(failures.len(), 1);
         assert_eq!(offset_of(&ledger, "seats"), None);
@@ -1178,17 +1195,17 @@ mod tests {
         assert_eq!(rated.len(), 1);
         assert_eq!(rated[0].line.price, "resolutions");
         assert_eq!(failures.len(), 1);
-        assert_eq!(ledger.lines_failing(), 1);
+        assert_eq!(ledger.lines_unrated(), 1);
         // The failed line stays pending; the rated one does not come back.
         let (rated, failures) = ledger.flush_available();
         assert!(rated.is_empty());
         assert_eq!(failures.len(), 1);
-        // Usage that makes it fit again rates it, and it no longer counts as failing.
+        // Usage that makes it fit again rates it, and it is no longer unrated.
         ledger.record(&series("seats", &["a"]), november(), value(3));
         let (rated, failures) = ledger.flush_available();
         assert_eq!((rated.len(), failures.len()), (1, 0));
         assert_eq!(rated[0].line.price, "seats");
-        assert_eq!(ledger.lines_failing(), 0);
+        assert_eq!(ledger.lines_unrated(), 0);
     }
 
     #[test]

@@ -312,7 +312,7 @@ impl PartitionOwner for Worker {
                 .set_partition_offset(&self.topic, partition, Offset::Offset(start))
                 .map_err(failed_to(format!("start {}[{partition}]", self.topic)))?;
         }
-        self.count_held_lines();
+        self.set_line_gauges();
         consumer
             .incremental_assign(partitions)
             .map_err(failed_to("take the assigned partitions"))?;
@@ -367,7 +367,7 @@ impl PartitionOwner for Worker {
         if (self.in_flight.as_ref()).is_some_and(|f| !f.stored && f.batch.offsets.is_empty()) {
             self.in_flight = None;
         }
-        self.count_held_lines();
+        self.set_line_gauges();
         consumer
             .incremental_unassign(partitions)
             .map_err(failed_to("release the revoked partitions"))?;
@@ -707,16 +707,18 @@ impl Worker {
             (self.pending.offsets).insert(partition, (state.next_offset, point));
             state.uncommitted = false;
         }
-        self.count_held_lines();
+        self.set_line_gauges();
     }
 
-    fn count_held_lines(&self) {
+    /// Sets the gauges of the lines the held partitions' ledgers hold, and of those
+    /// not rated.
+    fn set_line_gauges(&self) {
         let count = |lines: fn(&Ledger) -> usize| -> i64 {
             let held: usize = self.partitions.values().map(|p| lines(&p.ledger)).sum();
             held as i64
         };
         self.metrics.ledger_lines.set(count(Ledger::lines_held));
-        (self.metrics.unrated_lines).set(count(Ledger::lines_failing));
+        (self.metrics.unrated_lines).set(count(Ledger::lines_unrated));
     }
 }
 

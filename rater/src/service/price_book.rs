@@ -365,8 +365,8 @@ impl PartitionState {
     /// months billed counted their records as stored, but the rows of the months still
     /// open may be what was lost (a month's partition dropped, a backup restored), and
     /// a partition whose stored lines ClickHouse holds in older versions has them
-    /// stale; nothing else would write them before their usage changes. The zero-usage lines
-    /// are every customer's, as when a partition first opens a month, because a
+    /// stale; nothing else would write them before their usage changes. The zero-usage
+    /// lines are every customer's, as when a partition first opens a month, because a
     /// partition whose replayed records opened no month writes none for its own
     /// customers; written at version 0, they replace no row that usage wrote.
     pub(super) fn restate_open_months(&mut self, partition: i32, rows: &mut PartitionRows) {

@@ -3,10 +3,10 @@
 //! In: the windows partition, from the committed rebuild point up to the committed
 //! offset (the lines of those records are stored already), and ClickHouse's stored lines
 //! of the partition's open months. Out: the partition's ledger, the periods it opened,
-//! and whether its lines were lost from ClickHouse (then rated again from the topic's
-//! beginning).
+//! and whether ClickHouse lost its lines (then rated again from the topic's beginning)
+//! or holds them stale (then its open months are stored again).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -78,13 +78,17 @@ pub(super) struct Taken {
     pub(super) rebuilt: Rebuilt,
 }
 
-/// The lines windows records changed last before a partition's committed offset,
-/// taken from its ledger as rebuilt to that offset: what a look-up of its stored lines
-/// asks for. Each was stored after that change, at a higher version than the record's
-/// offset (a row's version is the offset its batch accounts for).
+/// Lines a partition's committed offset accounts for, taken from its ledger as
+/// rebuilt to that offset: what a look-up of its stored lines asks for. Some of them,
+/// of which none stored is a loss; and those windows records were seen to change last,
+/// each stored after that change, at a higher version than the record's offset (a
+/// row's version is the offset its batch accounts for). Compaction can hide a line's
+/// last change only where a record of the same series after the committed offset
+/// supersedes it, and that record stores the line again.
 #[derive(Debug)]
 pub(super) struct StoredSample {
-    /// Line ids, each with the offset of the record that last changed it.
+    held: Vec<String>,
+    /// Line ids, each with the offset of the record seen to change it last.
     newest: Vec<(String, i64)>,
     /// Only lines of open months are looked up (settled ones may be archived).
     oldest_open: Option<Period>,
@@ -93,8 +97,34 @@ pub(super) struct StoredSample {
 impl StoredSample {
     pub(super) fn of(ledger: &Ledger) -> Self {
         StoredSample {
+            held: ledger.line_ids().take(LOST_LINES_SAMPLE).collect(),
             newest: ledger.newest_changes(LOST_LINES_SAMPLE),
             oldest_open: ledger.settled_through().map(|settled| settled.next()),
+        }
+    }
+
+    /// Every line the look-up asks for, once.
+    fn ids(&self) -> Vec<String> {
+        let newest = self.newest.iter().map(|(id, _)| id);
+        let ids: BTreeSet<&String> = self.held.iter().chain(newest).collect();
+        ids.into_iter().cloned().collect()
+    }
+
+    /// What ClickHouse holds of the sample, given the highest version usage wrote of
+    /// each of its lines that it has.
+    fn judge(&self, stored: &HashMap<String, u64>) -> StoredLines {
+        if stored.is_empty() {
+            return StoredLines::Lost;
+        }
+        let behind = (self.newest.iter())
+            .filter(|(id, changed_at)| {
+                let changed_at = u64::try_from(*changed_at).unwrap_or_default();
+                stored.get(id).is_none_or(|&version| version <= changed_at)
+            })
+            .count();
+        match behind {
+            0 => StoredLines::Current,
+            behind => StoredLines::Behind(behind),
         }
     }
 }
@@ -104,13 +134,13 @@ impl StoredSample {
 pub(super) enum StoredLines {
     /// Every sampled line, at the version that stored its last change or later.
     Current,
-    /// This many sampled lines only in versions from before their last change:
-    /// ClickHouse is behind the committed offset (a database restored from an older
+    /// This many of the lines changed last missing, or only in versions from before
+    /// their last change: ClickHouse is behind the committed offset (a database restored from an older
     /// backup, or the rater wrote to another database meanwhile). The partition's
     /// open months are stored again.
     Behind(usize),
-    /// None of them: its database dropped or emptied. The partition is rated again
-    /// from its beginning.
+    /// None of the sample's lines: its database dropped or emptied. The partition is
+    /// rated again from its beginning.
     Lost,
 }
 
@@ -211,26 +241,14 @@ impl Worker {
         &self,
         sample: &StoredSample,
     ) -> Result<StoredLines, ClickHouseError> {
-        if sample.newest.is_empty() {
+        let ids = sample.ids();
+        if ids.is_empty() {
             return Ok(StoredLines::Current);
         }
-        let ids: Vec<String> = sample.newest.iter().map(|(id, _)| id.clone()).collect();
         let stored = self
             .clickhouse
             .stored_versions_of(&ids, sample.oldest_open)?;
-        if stored.is_empty() {
-            return Ok(StoredLines::Lost);
-        }
-        let behind = (sample.newest.iter())
-            .filter(|(id, changed_at)| {
-                let changed_at = u64::try_from(*changed_at).unwrap_or_default();
-                stored.get(id).is_none_or(|&version| version <= changed_at)
-            })
-            .count();
-        Ok(match behind {
-            0 => StoredLines::Current,
-            behind => StoredLines::Behind(behind),
-        })
+        Ok(sample.judge(&stored))
     }
 
     /// Looks up the stored lines of the partitions whose look-up failed when they were
@@ -276,9 +294,9 @@ impl Worker {
     /// Rebuilds `partition`'s ledger up to `committed` (from `point`), and checks that
     /// ClickHouse holds the lines that offset accounts for ([`StoredLines`]): where none
     /// is there (its database dropped or emptied), the partition is rated again from
-    /// its beginning; where it holds older versions, its open months are stored again. Nothing committed, nothing stored: every line is new to this rater;
-    /// with another book, stored lines may have other ids, which the price-book check
-    /// sees to.
+    /// its beginning; where it holds older versions, its open months are stored again.
+    /// Nothing committed, nothing stored: every line is new to this rater; with another
+    /// book, stored lines may have other ids, which the price-book check sees to.
     pub(super) fn take(
         &self,
         partition: i32,
@@ -357,5 +375,48 @@ impl Worker {
             rebuilt.stored(record.change, record.offset);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(held: &[&str], newest: &[(&str, i64)]) -> StoredSample {
+        StoredSample {
+            held: held.iter().map(|id| id.to_string()).collect(),
+            newest: (newest.iter())
+                .map(|&(id, offset)| (id.to_owned(), offset))
+                .collect(),
+            oldest_open: None,
+        }
+    }
+
+    fn stored(rows: &[(&str, u64)]) -> HashMap<String, u64> {
+        rows.iter().map(|&(id, v)| (id.to_owned(), v)).collect()
+    }
+
+    #[test]
+    fn a_sample_is_judged_by_the_versions_clickhouse_holds() {
+        let sample = sample(&["a", "b"], &[("b", 40), ("c", 50)]);
+        assert_eq!(sample.ids(), ["a", "b", "c"]);
+        for (rows, judged) in [
+            // Stored after each change, or after it again (a crash before the commit).
+            (&[("a", 3), ("b", 41), ("c", 90)][..], StoredLines::Current),
+            // A version from before a change, or none of a line that has one held
+            // elsewhere: a restored backup, a rater on another database meanwhile.
+            (
+                &[("a", 3), ("b", 40), ("c", 51)][..],
+                StoredLines::Behind(1),
+            ),
+            (&[("a", 3)][..], StoredLines::Behind(2)),
+            // Lines of the new month missing where the old month's are there is stale,
+            // not lost.
+            (&[("a", 3), ("b", 12)][..], StoredLines::Behind(2)),
+            // Nothing of the sample: the database dropped or emptied.
+            (&[][..], StoredLines::Lost),
+        ] {
+            assert_eq!(sample.judge(&stored(rows)), judged, "{rows:?}");
+        }
     }
 }

@@ -520,16 +520,20 @@ database = "{database}"
         self.rate(&self.config, &self.events, self.period)
     }
 
-    /// `tally rate`'s lines of these events priced by another price book.
-    pub fn expected_with(&self, config: &Path) -> Vec<Line> {
-        self.rate(config, &self.events, self.period)
+    /// `tally rate`'s lines of the month of these events priced by another price book.
+    pub fn expected_with(&self, config: &Path, lines: &[Vec<u8>]) -> Vec<Line> {
+        self.rate(config, &self.events_file(lines), self.period)
     }
 
     /// `tally rate`'s lines for `period` of these events.
     pub fn expected_for(&self, lines: &[Vec<u8>], period: &str) -> Vec<Line> {
+        self.rate(&self.config, &self.events_file(lines), period)
+    }
+
+    fn events_file(&self, lines: &[Vec<u8>]) -> PathBuf {
         let path = self.dir.path().join("expected-events.jsonl");
         fs::write(&path, lines.join(&b'\n')).unwrap();
-        self.rate(&self.config, &path, period)
+        path
     }
 
     fn rate(&self, config: &Path, events: &Path, period: &str) -> Vec<Line> {

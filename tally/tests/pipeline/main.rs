@@ -3664,28 +3664,42 @@ fn a_line_too_large_to_rate_stays_in_the_unrated_gauge_while_the_others_are_bill
     let book = std::fs::read_to_string(&p.config).unwrap();
     let without = p.dir.path().join("without-unrateable.toml");
     std::fs::write(&without, book.replace(UNRATEABLE_PRICE, "")).unwrap();
-    let mut expected = p.expected_with(&without);
-    expected.push((
-        "cust_00003".into(),
-        "unrateable".into(),
-        "0".into(),
-        "0".into(),
-        "jpy".into(),
-    ));
-    expected.sort();
+    let expected = |lines: &[Vec<u8>]| {
+        let mut expected = p.expected_with(&without, lines);
+        let opening = ("cust_00003", "unrateable", "0", "0", "jpy");
+        let (customer, price, quantity, amount, currency) = opening;
+        expected.push((
+            customer.into(),
+            price.into(),
+            quantity.into(),
+            amount.into(),
+            currency.into(),
+        ));
+        expected.sort();
+        expected
+    };
+    let mut lines = p.lines();
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
-    p.produce(&p.lines());
-    p.wait_for(&expected, Duration::from_secs(120));
+    p.produce(&lines);
+    p.wait_for(&expected(&lines), Duration::from_secs(120));
     let port = harness::metrics_port(&p.log("rater-a"), "rater metrics");
-    // Held for as long as the line is, with no more usage coming: an alert on the
+    harness::eventually(
+        "the line held in tally_rater_unrated_lines",
+        Duration::from_secs(30),
+        || harness::metric(port, "tally_rater_unrated_lines") == Some(1.0),
+    );
+    // Held while the line is, through the partition's later batches: an alert on the
     // failures counter alone would clear while the line shows 0.
-    std::thread::sleep(Duration::from_secs(3));
+    let more = br#"{"specversion":"1.0","id":"more-1","source":"test","type":"llm.tokens","subject":"cust_00003","time":"2026-10-30T10:00:00Z","data":{"model":"gpt-x","tokens":1000}}"#.to_vec();
+    lines.push(more.clone());
+    p.produce(&[more]);
+    p.wait_for(&expected(&lines), Duration::from_secs(60));
     assert_eq!(
         harness::metric(port, "tally_rater_unrated_lines"),
         Some(1.0)
     );
-    assert!(harness::metric(port, "tally_rater_rating_failures_total").is_some_and(|n| n >= 1.0));
+    assert!(harness::metric(port, "tally_rater_rating_failures_total").is_some_and(|n| n >= 2.0));
     assert!(
         p.log("rater-a").contains("a line cannot be rated"),
         "{}",
@@ -3721,6 +3735,25 @@ fn a_rater_back_on_its_database_after_writing_to_another_stores_the_stale_lines_
         "{}",
         p.log("rater-c")
     );
+    // An ordinary handover finds the database current: nothing is stored again.
+    p.stop("rater-c");
+    p.start("rater", "rater-d");
+    harness::eventually(
+        "rater-d to take every partition",
+        Duration::from_secs(60),
+        || {
+            p.log("rater-d")
+                .matches("ledger rebuilt from the windows topic")
+                .count()
+                == harness::PARTITIONS as usize
+        },
+    );
+    let port = harness::metrics_port(&p.log("rater-d"), "rater metrics");
+    assert_eq!(
+        harness::metric(port, "tally_rater_stale_partitions_restated_total"),
+        Some(0.0)
+    );
+    p.wait_for(&p.expected(), Duration::from_secs(30));
     p.query(&format!("DROP DATABASE IF EXISTS {typo}"));
 }
 
