@@ -1401,7 +1401,7 @@ fn metrics_count_requests_events_and_acks_with_bounded_labels() {
         // Refusals not answered yet are there at zero, so a sender's first ones count
         // in increase().
         r#"tally_http_requests_total{route="/v1/events",status="403"} 0"#,
-        r#"tally_http_requests_total{route="unmatched",status="405"} 0"#,
+        r#"tally_http_requests_total{route="/v1/events",status="405"} 0"#,
         r#"tally_http_request_duration_seconds_count{route="/v1/events"} 2"#,
         r#"tally_ingest_events_total{outcome="accepted"} 2"#,
         r#"tally_ingest_events_total{outcome="duplicate_in_batch"} 1"#,

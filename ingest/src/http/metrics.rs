@@ -73,15 +73,16 @@ impl IngestMetrics {
             &["route", "status"],
         );
         // A sender's first refused requests count in increase() only if their series
-        // was there before them (an alert watches these).
+        // was there before them (an alert watches these). A wrong method is counted
+        // under the route its path matched.
         for (route, statuses) in [
             (
                 EVENTS_ROUTE,
                 &[
-                    "202", "400", "401", "403", "413", "415", "422", "429", "503",
+                    "202", "400", "401", "403", "405", "413", "415", "422", "429", "503",
                 ][..],
             ),
-            (UNMATCHED_ROUTE, &["404", "405"][..]),
+            (UNMATCHED_ROUTE, &["404"][..]),
         ] {
             for status in statuses {
                 requests.with_label_values(&[route, status]);
