@@ -831,21 +831,6 @@ fn ids_must_be_unique() {
 }
 
 #[test]
-fn ids_a_spreadsheet_would_read_as_formulas_are_refused() {
-    let customer = format!("{BASE}\n[[customers]]\nid = \"=HYPERLINK(1)\"\nplan = \"pro\"\n");
-    assert_only_issue(
-        &customer,
-        "customers[=HYPERLINK(1)].id",
-        "must not start with =, +, -, @, a tab or a carriage return",
-    );
-    assert_has_issue(
-        &with(r#"slug = "tokens""#, r#"slug = "@tokens""#),
-        "meters[@tokens].slug",
-        "a spreadsheet opening tally's CSV would read the id as a formula",
-    );
-}
-
-#[test]
 fn empty_names_are_reported_by_position() {
     assert_has_issue(
         &with(r#"slug = "tokens""#, r#"slug = """#),

@@ -6,7 +6,6 @@ use std::io::{self, Write};
 
 use clap::ValueEnum;
 use rust_decimal::Decimal;
-use tally_schemas::config::SPREADSHEET_FORMULA_STARTS;
 use tally_schemas::decimal::exact_add;
 use tally_schemas::records::{InvoiceLine, TierCharge};
 use tally_schemas::time::rfc3339;
@@ -63,9 +62,13 @@ pub fn write_csv(lines: &[InvoiceLine], out: &mut impl Write) -> io::Result<()> 
     Ok(())
 }
 
+/// What a cell a spreadsheet reads as a formula starts with (CSV injection).
+const SPREADSHEET_FORMULA_STARTS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
 /// Text another system wrote (an old biller's ids), as a CSV cell's text for a
 /// spreadsheet: one that would be read as a formula (CSV injection) starts with `'`,
-/// which spreadsheets show as text. Tally's own ids cannot start so (validation).
+/// which spreadsheets show as text. A price book's ids are the operator's own, written
+/// as they are (a customer id may be a phone number, `+4670...`).
 pub fn spreadsheet_text(field: &str) -> String {
     if field.starts_with(SPREADSHEET_FORMULA_STARTS) {
         format!("'{field}")

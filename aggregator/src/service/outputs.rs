@@ -147,11 +147,9 @@ impl Worker {
         received_ms: i64,
     ) -> Result<(), KafkaError> {
         if let Some(left_out) = self.forwards_logged.due((), Instant::now()) {
-            // Escaped, not Debug-quoted: a producer's bytes must not write lines of
-            // their own into the log, and JSON logs would quote a Debug text again.
             let key = message.key().map_or_else(
                 || "(none)".to_owned(),
-                |key| String::from_utf8_lossy(key).escape_debug().to_string(),
+                |key| tally_runtime::loggable(&String::from_utf8_lossy(key)),
             );
             tracing::warn!(
                 partition = message.partition(),

@@ -647,12 +647,9 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
 /// key's tenant, as a sender on the wrong key is an operator's to find.
 fn forbidden_source(tenant: &str, forbidden: &Forbidden) -> Response {
     let logged: String = forbidden.source.chars().take(LOGGED_SOURCE_CHARS).collect();
-    // Escaped: the sender's text must not write lines of its own into the log (a
-    // newline, a terminal's escape codes). Not Debug-quoted, which JSON logs would
-    // quote again.
     tracing::warn!(
         tenant,
-        source = %logged.escape_debug(),
+        source = %tally_runtime::loggable(&logged),
         index = forbidden.index,
         "events refused: source not allowed for the key"
     );

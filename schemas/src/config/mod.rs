@@ -31,7 +31,6 @@ pub use services::{
     ClickHouseSettings, ClickHouseSpec, Group, IngestSettings, IngestSpec, KafkaSettings,
     KafkaSpec, RaterSettings, RaterSpec, ServiceSettings, Topic,
 };
-pub use validate::SPREADSHEET_FORMULA_STARTS;
 pub use values::{ExactDecimal, HumanDuration, JsonPath, UpToInput};
 
 use crate::ids::Fingerprinter;

@@ -175,9 +175,6 @@ fn item_at(list: &str, index: usize, id: &str) -> String {
 
 /// Checks that an item's id is set and not taken by an earlier item; false when it is
 /// not usable.
-/// What a cell a spreadsheet reads as a formula starts with (CSV injection).
-pub const SPREADSHEET_FORMULA_STARTS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
-
 fn check_id<'a>(
     id: &'a str,
     at: &str,
@@ -187,8 +184,6 @@ fn check_id<'a>(
 ) -> bool {
     let problem = if id.trim().is_empty() {
         rule.empty
-    } else if id.starts_with(SPREADSHEET_FORMULA_STARTS) {
-        "must not start with =, +, -, @, a tab or a carriage return: a spreadsheet opening tally's CSV would read the id as a formula"
     } else if !seen.insert(id) {
         rule.duplicate
     } else {

@@ -346,8 +346,8 @@ impl Difference<'_> {
             f.map_or_else(missing, |f| format!("{} {}", f.amount, f.currency))
         };
         [
-            spreadsheet_text(&self.key.customer),
-            spreadsheet_text(&self.key.price),
+            self.key.customer.clone(),
+            self.key.price.clone(),
             self.key.adjusts.map_or_else(String::new, |p| p.to_string()),
             self.what().to_owned(),
             quantity(self.expected),
