@@ -214,7 +214,7 @@ impl fmt::Display for Problem {
             ),
             Problem::ForbiddenCharacter(c) => write!(
                 f,
-                "contains U+{:04X}; CloudEvents attributes may not hold control characters or noncharacters, nor may group_by values (they reach invoices, logs and terminals)",
+                "contains U+{:04X}; CloudEvents attributes may not hold control characters or noncharacters, nor may group_by values, which also may not hold line separators or bidirectional overrides (they reach invoices, logs and terminals)",
                 u32::from(*c)
             ),
             Problem::TooLong { chars } => write!(
@@ -712,12 +712,21 @@ fn distinct(raw: &str, path: &JsonPath) -> Result<u64, EventError> {
 /// would otherwise be held, as a series of its own, for the month.
 pub const MAX_GROUP_VALUE_CHARS: usize = 256;
 
-/// A group_by value as text: strings as they are (without control characters or
-/// noncharacters, at most [`MAX_GROUP_VALUE_CHARS`] long), numbers normalised,
-/// booleans as `true`/`false`.
+/// A group_by value as text: strings as they are (without control characters,
+/// noncharacters, line separators or bidirectional overrides, at most
+/// [`MAX_GROUP_VALUE_CHARS`] long), numbers normalised, booleans as `true`/`false`.
 fn group_value<'a>(raw: &'a str, path: &JsonPath) -> Result<Cow<'a, str>, EventError> {
     if let Some(s) = string_at(raw, || path.field_name())? {
-        if let Some(c) = forbidden_character(&s) {
+        // Shown on invoice lines: nor may it break a line or reorder what follows it
+        // (U+2028 and U+2029, bidirectional overrides and isolates).
+        let reorders = |c: char| matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+        let forbidden = forbidden_character(&s).or_else(|| {
+            // ASCII holds none of them: most values are checked by their bytes alone.
+            (!s.is_ascii())
+                .then(|| s.chars().find(|&c| reorders(c)))
+                .flatten()
+        });
+        if let Some(c) = forbidden {
             return Err(error(path.field_name(), Problem::ForbiddenCharacter(c)));
         }
         // Bytes bound characters: most values are checked without counting.

@@ -165,6 +165,15 @@ fn group_values_refuse_control_characters_and_more_than_256_characters() {
         reject(&with(r"gpt-x\u0000")),
         ("data.model".to_owned(), "forbidden_character")
     );
+    // Nor a line separator, nor an override that shows what follows it reversed.
+    for c in [r"\u2028", r"\u202e", r"\u2066"] {
+        assert_eq!(
+            reject(&with(&format!("gpt{c}x"))),
+            ("data.model".to_owned(), "forbidden_character"),
+            "{c}"
+        );
+    }
+    assert_eq!(group(Some(r#""gpt-x \u00e9\u200e""#)), ["gpt-x é\u{200e}"]);
     // Counted in characters: 256 two-byte ones are a value, 257 plain ones are not.
     assert_eq!(
         group(Some(&format!("\"{}\"", "é".repeat(256)))),
