@@ -42,7 +42,7 @@ mod records;
 mod store;
 mod unbilled;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,9 +65,9 @@ use tally_schemas::time::Period;
 
 pub use metrics::RaterMetrics;
 
-use crate::clickhouse::{ClickHouse, ClickHouseError, StoredLine, StoredWindow};
+use crate::clickhouse::{ClickHouse, ClickHouseError, StoredWindow};
 use crate::ledger::{line_open, Ledger, Recorded};
-use price_book::EndedMonthsRepriced;
+use price_book::BookCheck;
 use rebuild::{StoredSample, Taken};
 use rebuild_point::{FirstOffsets, RebuildPoint};
 use records::{decode_with_windows, record, Change, WindowsRecord};
@@ -126,38 +126,12 @@ struct PartitionState {
     /// Read past the last commit: `next_offset` is to be committed once the lines it
     /// accounts for are stored.
     uncommitted: bool,
-    /// Every customer with usage in the partition's unsettled months when it was
-    /// assigned (known to the price book or not): the partition replaces their stale
-    /// lines with usage (only open months' lines are checked). Lines
-    /// with usage written since are this rater's, rated with its book.
-    customers_with_usage: HashSet<String>,
-    /// From assignment, or a scheduled check, until the partition's stored lines were
-    /// checked against the price book ([`Worker::check_price_book`]).
-    unchecked: bool,
     /// ClickHouse did not answer when the partition's stored lines were looked up at
     /// its assignment: this sample of them is looked up before anything of it is
     /// stored ([`Worker::verify_stored_lines`]).
     lines_unverified: Option<StoredSample>,
-    /// Its committed lines were stored with another price book (or by a build that did
-    /// not say which): the check re-rates all of them, and writes its customers'
-    /// opening lines, also where no stale row shows it. A line the old book never
-    /// stored (a customer the new book adds, whose usage the old one left unbilled)
-    /// has no row to be found stale.
-    stored_with_another_book: bool,
-    /// Since when the check has waited for the partition's position to pass a stored
-    /// row of it ([`MAX_CHECK_DEFERRAL`]).
-    check_deferred: Option<Instant>,
-    /// Lines with usage another price book rated, by id, as stored: their next
-    /// revision's delta moves from its amount (the rebuilt ledger holds this book's).
-    restated: HashMap<String, StoredLine>,
-    /// Lines of ended months the last price-book check re-priced, told with the batch.
-    ended_months_repriced: EndedMonthsRepriced,
-    /// The last check re-rated the partition for a book its commit did not name: a
-    /// line with usage the next batch rates that is not `restated` is new.
-    lines_new_unless_restated: bool,
-    /// The price book of the newest stored line that check found stale: the book the
-    /// lines it adds were added to, as their repricing rows say.
-    stale_book: Option<String>,
+    /// Where its stored lines stand against this rater's price book.
+    book_check: BookCheck,
     /// Where the records of the open periods begin: committed with the offsets.
     first_offsets: FirstOffsets,
 }
@@ -176,7 +150,7 @@ impl PartitionState {
     /// so a next owner re-rates them all whatever its book, as this one would have.
     fn rebuild_point(&self, book: &str) -> RebuildPoint {
         let settled = self.ledger.settled_through();
-        let book = (!self.stored_with_another_book).then(|| book.to_owned());
+        let book = (!self.book_check.stored_with_another_book).then(|| book.to_owned());
         (self.first_offsets).point(settled, self.next_offset, book)
     }
 }
@@ -284,15 +258,8 @@ impl PartitionOwner for Worker {
                 opened: rebuilt.opened,
                 next_offset: rebuilt.resume_at,
                 uncommitted: false,
-                customers_with_usage: rebuilt.customers,
-                unchecked: true,
                 lines_unverified,
-                stored_with_another_book,
-                check_deferred: None,
-                restated: HashMap::new(),
-                ended_months_repriced: EndedMonthsRepriced::default(),
-                lines_new_unless_restated: false,
-                stale_book: None,
+                book_check: BookCheck::on_assignment(rebuilt.customers, stored_with_another_book),
                 first_offsets: rebuilt.first_offsets,
             };
             if rebuilt.restate_open_months {
@@ -674,9 +641,13 @@ impl Worker {
                 self.metrics.rating_failures.inc();
                 tracing::error!(error = %e, partition, "a line cannot be rated; it stays pending, the partition's other lines go on");
             }
-            let (restated, repriced) = (&mut state.restated, &mut state.ended_months_repriced);
-            let new_unless_restated = std::mem::take(&mut state.lines_new_unless_restated);
-            let stale_book = std::mem::take(&mut state.stale_book);
+            let (restated, repriced) = (
+                &mut state.book_check.restated,
+                &mut state.book_check.ended_months_repriced,
+            );
+            let new_unless_restated =
+                std::mem::take(&mut state.book_check.lines_new_unless_restated);
+            let stale_book = std::mem::take(&mut state.book_check.stale_book);
             let rows = self.pending.rows(partition);
             for mut rated in lines {
                 let stored = restated.remove(&rated.line.id);
@@ -735,21 +706,17 @@ mod tests {
             opened: BTreeSet::new(),
             next_offset: 40,
             uncommitted: true,
-            customers_with_usage: HashSet::new(),
-            unchecked: true,
             lines_unverified: None,
-            stored_with_another_book: true,
-            check_deferred: Some(Instant::now()),
-            restated: HashMap::new(),
-            ended_months_repriced: EndedMonthsRepriced::default(),
-            lines_new_unless_restated: false,
-            stale_book: None,
+            book_check: BookCheck {
+                check_deferred: Some(Instant::now()),
+                ..BookCheck::on_assignment(Default::default(), true)
+            },
             first_offsets: FirstOffsets::default(),
         };
         // Its check deferred, the partition still holds the old book's lines: a next
         // owner with the new book must re-rate them all, as this one would have.
         assert_eq!(state.rebuild_point("new").book, None);
-        state.stored_with_another_book = false;
+        state.book_check.stored_with_another_book = false;
         assert_eq!(state.rebuild_point("new").book.as_deref(), Some("new"));
     }
 }

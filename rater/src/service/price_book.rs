@@ -26,6 +26,61 @@ use crate::ledger::{line_open, RatedLine};
 use super::store::PartitionRows;
 use super::{PartitionState, Worker, MAX_CHECK_DEFERRAL};
 
+/// Where a partition's stored lines stand against this rater's price book: what
+/// [`Worker::check_price_book`] checks and re-rates, and what the lines of the next
+/// batch owe to a re-rating.
+#[derive(Debug)]
+pub(super) struct BookCheck {
+    /// Every customer with usage in the partition's unsettled months when it was
+    /// assigned (known to the price book or not): the partition replaces their stale
+    /// lines with usage (only open months' lines are checked). Lines
+    /// with usage written since are this rater's, rated with its book.
+    pub(super) customers_with_usage: HashSet<String>,
+    /// From assignment, or a scheduled check, until the partition's stored lines were
+    /// checked against the price book ([`Worker::check_price_book`]).
+    pub(super) unchecked: bool,
+    /// Its committed lines were stored with another price book (or by a build that did
+    /// not say which): the check re-rates all of them, and writes its customers'
+    /// opening lines, also where no stale row shows it. A line the old book never
+    /// stored (a customer the new book adds, whose usage the old one left unbilled)
+    /// has no row to be found stale.
+    pub(super) stored_with_another_book: bool,
+    /// Since when the check has waited for the partition's position to pass a stored
+    /// row of it ([`MAX_CHECK_DEFERRAL`]).
+    pub(super) check_deferred: Option<Instant>,
+    /// Lines with usage another price book rated, by id, as stored: their next
+    /// revision's delta moves from its amount (the rebuilt ledger holds this book's).
+    pub(super) restated: HashMap<String, StoredLine>,
+    /// Lines of ended months the last price-book check re-priced, told with the batch.
+    pub(super) ended_months_repriced: EndedMonthsRepriced,
+    /// The last check re-rated the partition for a book its commit did not name: a
+    /// line with usage the next batch rates that is not `restated` is new.
+    pub(super) lines_new_unless_restated: bool,
+    /// The price book of the newest stored line that check found stale: the book the
+    /// lines it adds were added to, as their repricing rows say.
+    pub(super) stale_book: Option<String>,
+}
+
+impl BookCheck {
+    /// A partition just assigned: unchecked, with the customers that had usage in its
+    /// unsettled months, and whether its last commit names another book.
+    pub(super) fn on_assignment(
+        customers_with_usage: HashSet<String>,
+        stored_with_another_book: bool,
+    ) -> Self {
+        BookCheck {
+            customers_with_usage,
+            unchecked: true,
+            stored_with_another_book,
+            check_deferred: None,
+            restated: HashMap::new(),
+            ended_months_repriced: EndedMonthsRepriced::default(),
+            lines_new_unless_restated: false,
+            stale_book: None,
+        }
+    }
+}
+
 /// Which partition judges a customer's zero-usage lines: the one Kafka's partitioner
 /// sends its events to, so they are judged by that partition's open periods and
 /// written once.
@@ -215,7 +270,9 @@ impl PartitionState {
                 if line.version == 0 {
                     judge.owns(&line.customer)
                 } else {
-                    self.customers_with_usage.contains(&line.customer)
+                    self.book_check
+                        .customers_with_usage
+                        .contains(&line.customer)
                 }
             })
             .collect()
@@ -231,10 +288,13 @@ impl PartitionState {
         if !stale.iter().any(|line| line.version > version) {
             return false;
         }
-        if self.check_deferred.is_none() {
+        if self.book_check.check_deferred.is_none() {
             tracing::info!(partition, position = version, "stored lines newer than the partition's position (a rater before this one stored them and stopped before committing): checking the price book once it has read that far");
         }
-        let since = *self.check_deferred.get_or_insert_with(Instant::now);
+        let since = *self
+            .book_check
+            .check_deferred
+            .get_or_insert_with(Instant::now);
         since.elapsed() < MAX_CHECK_DEFERRAL
     }
 
@@ -276,15 +336,15 @@ impl PartitionState {
                 }
                 let period = Period::containing(line.period_start);
                 let amounts = (Decimal::ZERO, line.amount);
-                (self.ended_months_repriced).note(
+                (self.book_check.ended_months_repriced).note(
                     (&line.customer, &line.price),
                     period,
                     amounts,
                     rerate.ended_by,
                 );
             }
-            self.lines_new_unless_restated = true;
-            self.stale_book = stale_book;
+            self.book_check.lines_new_unless_restated = true;
+            self.book_check.stale_book = stale_book;
         }
         let before = rows.retired.len();
         let stale_lines = rerate.stale.len();
@@ -292,7 +352,7 @@ impl PartitionState {
         let (restated, without_usage): (Vec<&StoredLine>, Vec<&StoredLine>) = (rerate.stale)
             .into_iter()
             .partition(|line| with_usage.contains(&line.id));
-        (self.restated).extend(
+        (self.book_check.restated).extend(
             restated
                 .iter()
                 .map(|line| (line.id.clone(), (*line).clone())),
@@ -312,7 +372,7 @@ impl PartitionState {
             if let Some(repriced) = repricing(line, amount, rerate.book, rerate.now) {
                 rows.repricings.push((at, repriced));
             }
-            (self.ended_months_repriced).note(
+            (self.book_check.ended_months_repriced).note(
                 (&line.customer, &line.price),
                 line.period,
                 (line.amount, amount),
@@ -416,7 +476,7 @@ impl Worker {
         }
         self.check_scheduled = Instant::now();
         for state in self.partitions.values_mut() {
-            state.unchecked = true;
+            state.book_check.unchecked = true;
         }
         self.pending.started.get_or_insert_with(Instant::now);
     }
@@ -437,7 +497,11 @@ impl Worker {
     /// partition not due for a check is checked along when the answer holds stale lines
     /// of its own (and so retried like a due one, if it waits).
     pub(super) fn check_price_book(&mut self) -> Result<(), ClickHouseError> {
-        if !self.partitions.values().any(|state| state.unchecked) {
+        if !self
+            .partitions
+            .values()
+            .any(|state| state.book_check.unchecked)
+        {
             return Ok(());
         }
         // Asked from the oldest month open in any held partition, the answer names the
@@ -456,12 +520,14 @@ impl Worker {
             partition_count,
         };
         for (&partition, state) in &mut self.partitions {
-            if !state.unchecked && !state.own_stale_lines(&stale, judge(partition)).is_empty() {
-                state.unchecked = true;
+            if !state.book_check.unchecked
+                && !state.own_stale_lines(&stale, judge(partition)).is_empty()
+            {
+                state.book_check.unchecked = true;
             }
         }
         let checking: Vec<i32> = (self.partitions.iter())
-            .filter(|(_, state)| state.unchecked)
+            .filter(|(_, state)| state.book_check.unchecked)
             .map(|(&partition, _)| partition)
             .collect();
         let now = Utc::now();
@@ -475,10 +541,10 @@ impl Worker {
                 deferred = true;
                 continue;
             }
-            state.check_deferred = None;
-            state.unchecked = false;
+            state.book_check.check_deferred = None;
+            state.book_check.unchecked = false;
             self.metrics.price_book_checks.inc();
-            let another_book = std::mem::take(&mut state.stored_with_another_book);
+            let another_book = std::mem::take(&mut state.book_check.stored_with_another_book);
             if own_stale.is_empty() && !another_book {
                 continue;
             }
