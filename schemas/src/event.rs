@@ -631,18 +631,26 @@ fn required_string<'a>(raw: Option<&'a str>, field: &str) -> Result<Cow<'a, str>
     Ok(s)
 }
 
-/// The first character of an attribute that the CloudEvents spec forbids in strings:
-/// a control character (U+0000 to U+001F, U+007F to U+009F), which would also end a
-/// log line or break a header, or a noncharacter.
+/// The first character of an attribute that the CloudEvents spec forbids in strings.
 fn forbidden_character(s: &str) -> Option<char> {
+    first_refused(s, forbidden_in_attribute)
+}
+
+/// Whether the CloudEvents spec forbids `c` in a string attribute: a control character
+/// (U+0000 to U+001F, U+007F to U+009F), which would also end a log line or break a
+/// header, or a noncharacter.
+fn forbidden_in_attribute(c: char) -> bool {
+    let code = u32::from(c);
+    c.is_control() || (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
+}
+
+/// The first character of `s` that `refused` refuses, which printable ASCII never is:
+/// most strings are checked by their bytes alone.
+fn first_refused(s: &str, refused: impl Fn(char) -> bool) -> Option<char> {
     if s.bytes().all(|b| (b' '..b'\x7f').contains(&b)) {
         return None;
     }
-    let noncharacter = |c: char| {
-        let code = u32::from(c);
-        (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
-    };
-    s.chars().find(|&c| c.is_control() || noncharacter(c))
+    s.chars().find(|&c| refused(c))
 }
 
 /// An exact decimal from text in JSON number syntax; `None` when it is not a number.
@@ -720,13 +728,7 @@ fn group_value<'a>(raw: &'a str, path: &JsonPath) -> Result<Cow<'a, str>, EventE
         // Shown on invoice lines: nor may it break a line or reorder what follows it
         // (U+2028 and U+2029, bidirectional overrides and isolates).
         let reorders = |c: char| matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
-        let forbidden = forbidden_character(&s).or_else(|| {
-            // ASCII holds none of them: most values are checked by their bytes alone.
-            (!s.is_ascii())
-                .then(|| s.chars().find(|&c| reorders(c)))
-                .flatten()
-        });
-        if let Some(c) = forbidden {
+        if let Some(c) = first_refused(&s, |c| forbidden_in_attribute(c) || reorders(c)) {
             return Err(error(path.field_name(), Problem::ForbiddenCharacter(c)));
         }
         // Bytes bound characters: most values are checked without counting.
