@@ -234,6 +234,12 @@ database = "{database}"
     }
 
     /// Waits for `name` to exit on its own and returns how it ended and its log.
+    /// Fails, showing the service's log, unless it logged `text`.
+    pub fn assert_logged(&self, name: &str, text: &str) {
+        let log = self.log(name);
+        assert!(log.contains(text), "{log}");
+    }
+
     pub fn wait_exit(&self, name: &str, timeout: Duration) -> (std::process::ExitStatus, String) {
         let (_, status, log) = self.wait_first_exit(&[name], timeout);
         (status, log)

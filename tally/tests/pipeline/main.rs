@@ -878,12 +878,7 @@ fn a_rater_stopped_while_clickhouse_is_down_stops_cleanly_and_its_successor_stor
     );
     // A stop asked for ends with exit code 0, without trying again what is failing.
     p.stop("rater-a");
-    assert!(
-        p.log("rater-a")
-            .contains("rater stopping without storing what was read"),
-        "{}",
-        p.log("rater-a")
-    );
+    p.assert_logged("rater-a", "rater stopping without storing what was read");
     harness::service("clickhouse", "start");
     p.start("rater", "rater-b");
     p.wait_for(&p.expected(), Duration::from_secs(180));
@@ -1753,11 +1748,7 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
         .iter()
         .any(|r| r.contains("\"October\" is not a period")));
     assert!(reasons.iter().any(|r| r.contains("2099-01 had not ended")));
-    assert!(
-        p.log("agg-a").contains("period closed by a control record"),
-        "{}",
-        p.log("agg-a")
-    );
+    p.assert_logged("agg-a", "period closed by a control record");
 }
 
 #[test]
@@ -1856,11 +1847,9 @@ fn a_month_closed_before_any_of_its_usage_arrived_bills_what_tally_rate_does() {
     let port = harness::metrics_port(&p.log("rater-a"), "rater metrics");
     let counted = harness::metric(port, "tally_rater_ended_month_lines_opened_total");
     assert!(counted.is_some_and(|n| n > 0.0), "{counted:?}");
-    assert!(
-        p.log("rater-a")
-            .contains("usage of a month that had ended, of which no line was stored, opened it"),
-        "{}",
-        p.log("rater-a")
+    p.assert_logged(
+        "rater-a",
+        "usage of a month that had ended, of which no line was stored, opened it",
     );
 }
 
@@ -2098,12 +2087,7 @@ fn a_rater_restarted_after_its_database_was_lost_stores_every_line_again() {
     p.start("rater", "rater-b");
     lines.extend(later);
     p.wait_for(&p.expected_for(&lines, p.period), Duration::from_secs(180));
-    assert!(
-        p.log("rater-b")
-            .contains("rating the partition again from its beginning"),
-        "{}",
-        p.log("rater-b")
-    );
+    p.assert_logged("rater-b", "rating the partition again from its beginning");
 }
 
 #[test]
@@ -2225,12 +2209,7 @@ fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_th
         current("cust_new", "resolutions"),
         (0, Decimal::from(49), Decimal::from(49))
     );
-    assert!(
-        p.log("rater-b")
-            .contains("lines an earlier price book rated"),
-        "{}",
-        p.log("rater-b")
-    );
+    p.assert_logged("rater-b", "lines an earlier price book rated");
     // Every line the new book no longer makes was retired, once: by its customer's
     // partition.
     let gone = before
@@ -2678,11 +2657,7 @@ fn events_read_while_their_meter_was_missing_are_billed_by_a_replay() {
         harness::metric(port, unmetered).is_some_and(|n| n > 1000.0),
         "the token events went unmetered"
     );
-    assert!(
-        p.log("agg-a").contains("no meter of this price book reads"),
-        "{}",
-        p.log("agg-a")
-    );
+    p.assert_logged("agg-a", "no meter of this price book reads");
 
     // The README's way out: stop the pipeline, fix the book, start the raters, replay
     // the events topic into the aggregators.
@@ -2753,12 +2728,7 @@ fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_
         "the new book prices October differently"
     );
     assert_eq!(p.invoice_lines(), october);
-    assert!(
-        p.log("rater-b")
-            .contains("a replay; those months stay as billed"),
-        "{}",
-        p.log("rater-b")
-    );
+    p.assert_logged("rater-b", "a replay; those months stay as billed");
 }
 
 #[test]
@@ -2794,11 +2764,9 @@ fn a_replay_from_the_earliest_offset_stores_the_open_months_lost_lines_again() {
     );
     // Settled October stays as billed.
     assert_eq!(p.invoice_lines(), october);
-    assert!(
-        p.log("rater-b")
-            .contains("the lines of the partition's open months are stored again"),
-        "{}",
-        p.log("rater-b")
+    p.assert_logged(
+        "rater-b",
+        "the lines of the partition's open months are stored again",
     );
 }
 
@@ -3700,11 +3668,7 @@ fn a_line_too_large_to_rate_stays_in_the_unrated_gauge_while_the_others_are_bill
         Some(1.0)
     );
     assert!(harness::metric(port, "tally_rater_rating_failures_total").is_some_and(|n| n >= 2.0));
-    assert!(
-        p.log("rater-a").contains("a line cannot be rated"),
-        "{}",
-        p.log("rater-a")
-    );
+    p.assert_logged("rater-a", "a line cannot be rated");
 }
 
 #[test]
@@ -3729,12 +3693,7 @@ fn a_rater_back_on_its_database_after_writing_to_another_stores_the_stale_lines_
     let port = harness::metrics_port(&p.log("rater-c"), "rater metrics");
     let restated = harness::metric(port, "tally_rater_stale_partitions_restated_total");
     assert!(restated.is_some_and(|n| n >= 1.0), "{restated:?}");
-    assert!(
-        p.log("rater-c")
-            .contains("ClickHouse holds older versions of lines than the partition's committed offset accounts for"),
-        "{}",
-        p.log("rater-c")
-    );
+    p.assert_logged("rater-c", "ClickHouse holds older versions of lines than the partition's committed offset accounts for");
     // An ordinary handover finds the database current: nothing is stored again.
     p.stop("rater-c");
     p.start("rater", "rater-d");
