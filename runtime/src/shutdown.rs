@@ -3,8 +3,13 @@
 //! and by async tasks through [`Shutdown::requested`].
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+/// How often [`Shutdown::sleep`] looks for a request: well within what an operator or
+/// an orchestrator's stop notices.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct Shutdown {
@@ -30,6 +35,21 @@ impl Shutdown {
 
     pub fn is_requested(&self) -> bool {
         *self.sender.borrow()
+    }
+
+    /// Sleeps for `duration`, or less if shutdown is requested meanwhile, for a
+    /// synchronous loop's wait between retries: a SIGTERM during a 5 s back-off stops
+    /// the service at once rather than after it. Returns whether shutdown was requested.
+    pub fn sleep(&self, duration: Duration) -> bool {
+        let until = Instant::now() + duration;
+        while !self.is_requested() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            std::thread::sleep(left.min(SHUTDOWN_POLL));
+        }
+        true
     }
 
     /// Resolves once shutdown is requested.
@@ -88,5 +108,33 @@ impl Signals {
             return;
         }
         let _ = interrupt.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sleep_ends_when_shutdown_is_requested_and_says_so() {
+        let shutdown = Shutdown::new();
+        let requester = shutdown.clone();
+        let started = Instant::now();
+        let signal = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            requester.request();
+        });
+        assert!(shutdown.sleep(Duration::from_secs(60)));
+        assert!(started.elapsed() < Duration::from_secs(60));
+        signal.join().expect("the requesting thread");
+        // Once requested, a sleep does not wait at all.
+        assert!(shutdown.sleep(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_sleep_without_a_request_lasts_its_duration() {
+        let started = Instant::now();
+        assert!(!Shutdown::new().sleep(Duration::from_millis(120)));
+        assert!(started.elapsed() >= Duration::from_millis(120));
     }
 }

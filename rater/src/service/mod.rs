@@ -359,13 +359,12 @@ pub fn run(
     // ClickHouse may be starting too: wait for it rather than fail the service.
     let mut wait = Duration::from_millis(200);
     while let Err(e) = clickhouse.ensure_schema() {
-        if shutdown.is_requested() {
-            return Ok(());
-        }
         readiness.not_ready(format!("ClickHouse: {e}"));
         metrics.query_failures.inc();
         tracing::warn!(error = %e, "cannot create the ClickHouse schema yet; retrying");
-        std::thread::sleep(wait);
+        if shutdown.sleep(wait) {
+            return Ok(());
+        }
         wait = (wait * 2).min(Duration::from_secs(5));
     }
     let mut producer_config = idempotent_producer_config(kafka_settings, RATED_LINES_LINGER);
