@@ -35,14 +35,8 @@ impl UnbilledLog {
         let Some(reason) = unbilled_reason(recorded) else {
             return false;
         };
-        let why = match recorded {
-            Recorded::UnknownCustomer => "the customer is not in the price book",
-            Recorded::NotPriced => {
-                "the customer's plan has no price for this meter and these dimensions"
-            }
-            Recorded::NotSubscribed => "the month is outside the customer's from and through",
-            // A settled month's usage an aggregator replays: billed already.
-            Recorded::SettledPeriod | Recorded::Billed(_) => return false,
+        let Some(why) = why_unbilled(recorded, series.adjusts, period) else {
+            return false;
         };
         if self.logged.len() >= MOST_LOGGED {
             if !std::mem::replace(&mut self.full, true) {
@@ -66,10 +60,31 @@ impl UnbilledLog {
             meter = %series.meter,
             dimensions = ?series.group.iter().map(|g| &**g).collect::<Vec<&str>>(),
             %period,
+            adjusts = series.adjusts.map(|p| p.to_string()),
             "usage no invoice line bills: {why}; add the customer or the price to bill it (logged once per customer, meter and reason while this rater runs)"
         );
         true
     }
+}
+
+/// Why no line bills usage `recorded` so, for the log; `None` for usage that is billed
+/// or was billed already (a settled month's usage an aggregator replays).
+fn why_unbilled(recorded: Recorded, adjusts: Option<Period>, period: Period) -> Option<String> {
+    Some(match (recorded, adjusts) {
+        (Recorded::UnknownCustomer, _) => "the customer is not in the price book".to_owned(),
+        (Recorded::NotPriced, _) => {
+            "the customer's plan has no price for this meter and these dimensions".to_owned()
+        }
+        // A late adjustment is judged by the month it belongs to, not the one it is
+        // carried into: a customer billed from that one was not yet billed then.
+        (Recorded::NotSubscribed, Some(belongs_to)) => format!(
+            "it is late usage of {belongs_to}, carried into {period} as an adjustment, and {belongs_to} is outside the customer's from and through"
+        ),
+        (Recorded::NotSubscribed, None) => {
+            "the month is outside the customer's from and through".to_owned()
+        }
+        (Recorded::SettledPeriod | Recorded::Billed(_), _) => return None,
+    })
 }
 
 #[cfg(test)]
@@ -110,5 +125,24 @@ mod tests {
         }
         assert_eq!(log.logged.len(), MOST_LOGGED);
         assert!(log.full);
+    }
+
+    #[test]
+    fn late_usage_outside_the_customers_months_names_the_month_it_belongs_to() {
+        let (october, november) = ("2026-10".parse().unwrap(), "2026-11".parse().unwrap());
+        let why = why_unbilled(Recorded::NotSubscribed, Some(october), november);
+        assert_eq!(
+            why.as_deref(),
+            Some("it is late usage of 2026-10, carried into 2026-11 as an adjustment, and 2026-10 is outside the customer's from and through")
+        );
+        let why = why_unbilled(Recorded::NotSubscribed, None, november);
+        assert_eq!(
+            why.as_deref(),
+            Some("the month is outside the customer's from and through")
+        );
+        assert_eq!(
+            why_unbilled(Recorded::Billed(1), Some(october), november),
+            None
+        );
     }
 }
