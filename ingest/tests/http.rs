@@ -739,7 +739,7 @@ fn a_mixed_batch_stores_its_good_events_and_names_each_bad_field() {
             {"index": 6, "id": "m-7", "status": "accepted", "warning": "unknown_customer",
              "reason": "subject \"cust-b\" is no customer of the price book (did you mean \"cust_b\"?): the event is stored, and billed only if the customer is added while its month is open"},
             {"index": 7, "id": "m-8", "status": "accepted", "warning": "too_late",
-             "reason": "time 2020-01-01T00:00:00Z is more than the dedupe horizon (35d) ago: the event is stored, but the aggregator will most likely refuse it as too_late and bill nothing, as it refuses events that far behind the newest of their partition and live usage keeps that near the clock (a backfill of old months sent alone is billed; else bill such usage with tally rate, or send usage sooner)"},
+             "reason": "time 2020-01-01T00:00:00Z is more than the dedupe horizon (35d) ago: the event is stored, and billed only if the aggregator reads it within the dedupe horizon of the newest event of its partition: once live usage has reached that partition it refuses it as too_late and bills nothing (a backfill of old months sent before live usage, or alone, is billed; else bill such usage with tally rate, or send usage sooner)"},
         ]})
     );
     assert_eq!(

@@ -140,7 +140,7 @@ impl Unbilled {
                 "no meter reads type {event_type:?}: the event is stored, but bills nothing unless such a meter is added and the events are read again (a misspelt type?)"
             ),
             Unbilled::TooLate { time, horizon } => format!(
-                "time {time} is more than the dedupe horizon ({horizon}) ago: the event is stored, but the aggregator will most likely refuse it as too_late and bill nothing, as it refuses events that far behind the newest of their partition and live usage keeps that near the clock (a backfill of old months sent alone is billed; else bill such usage with tally rate, or send usage sooner)",
+                "time {time} is more than the dedupe horizon ({horizon}) ago: the event is stored, and billed only if the aggregator reads it within the dedupe horizon of the newest event of its partition: once live usage has reached that partition it refuses it as too_late and bills nothing (a backfill of old months sent before live usage, or alone, is billed; else bill such usage with tally rate, or send usage sooner)",
                 time = time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
             ),
             Unbilled::UnknownCustomer {
@@ -232,7 +232,7 @@ through = "2026-10"
         let billed = ("llm.tokens", "cust_acme", "gpt-x");
         assert_eq!(
             unbilled_at("2026-09-28T23:59:59Z", billed).unwrap(),
-            "too_late: time 2026-09-28T23:59:59Z is more than the dedupe horizon (35d) ago: the event is stored, but the aggregator will most likely refuse it as too_late and bill nothing, as it refuses events that far behind the newest of their partition and live usage keeps that near the clock (a backfill of old months sent alone is billed; else bill such usage with tally rate, or send usage sooner)"
+            "too_late: time 2026-09-28T23:59:59Z is more than the dedupe horizon (35d) ago: the event is stored, and billed only if the aggregator reads it within the dedupe horizon of the newest event of its partition: once live usage has reached that partition it refuses it as too_late and bills nothing (a backfill of old months sent before live usage, or alone, is billed; else bill such usage with tally rate, or send usage sooner)"
         );
         // The horizon (35 days) to the second is not too late, as in the aggregator.
         assert_eq!(unbilled_at("2026-09-29T00:00:00Z", billed), None);
