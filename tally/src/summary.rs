@@ -101,12 +101,15 @@ pub struct CustomerEvents {
     pub refused: u64,
 }
 
-/// One event a line may count: where it is, its id and time, and what each meter read.
+/// One event a line may count: where it is, its source, id and time, and what each
+/// meter read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CountedEvent {
     /// Its line in the events file, from 1.
     pub line: u64,
-    /// Its CloudEvents `id` as sent (empty when the line cannot be read again).
+    /// Its CloudEvents `source` and `id` as sent (empty when the line cannot be read
+    /// again): together they name it, as dedupe does.
+    pub source: String,
     pub id: String,
     pub time: DateTime<Utc>,
     pub readings: Vec<(MeterId, Vec<String>, ReadingValue)>,
@@ -114,11 +117,12 @@ pub struct CountedEvent {
 
 impl CountedEvent {
     fn of(event: &DecodedEvent<'_>, line: u64, raw: &[u8]) -> Self {
-        // The line decoded already: only its id is read again.
-        let id = identity(raw).id.unwrap_or_default().into_owned();
+        // The line decoded already: only its source and id are read again.
+        let identity = identity(raw);
         CountedEvent {
             line,
-            id,
+            source: identity.source.unwrap_or_default().into_owned(),
+            id: identity.id.unwrap_or_default().into_owned(),
             time: event.time,
             readings: (event.readings.iter())
                 .map(|r| {

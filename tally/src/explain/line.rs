@@ -449,7 +449,8 @@ fn write_usage(
     Ok(())
 }
 
-/// The events a line of `usage` counts, one a row: line, id, time and value.
+/// The events a line of `usage` counts, one a row: line, source, id, time and value
+/// (an id alone may name two events of different sources).
 fn write_counted_events(
     out: &mut impl Write,
     meter: &Meter,
@@ -489,8 +490,9 @@ fn write_counted_events(
         };
         writeln!(
             out,
-            "              line {}  id {}  {}  {value}{group}",
+            "              line {}  source {}  id {}  {}  {value}{group}",
             event.line,
+            event.source,
             event.id,
             tally_schemas::time::rfc3339(event.time)
         )?;

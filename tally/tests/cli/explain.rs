@@ -439,6 +439,10 @@ fn explain_lists_the_events_each_line_counts_when_asked() {
         tokens("t1", "cust_acme", "gpt-x", json!(1200)),
         tokens("t2", "cust_acme", "gpt-x", json!("300")),
         tokens("o1", "cust_idle", "gpt-x", json!(5)),
+        // Another sender's event of the same id: another event, counted too, and
+        // listed under its source so the two do not read as one billed twice.
+        tokens("t1", "cust_acme", "gpt-x", json!(50))
+            .replace(r#""source":"test""#, r#""source":"eu""#),
     ];
     f.rate(&events, &[]).succeeded();
     let listed = f
@@ -446,7 +450,7 @@ fn explain_lists_the_events_each_line_counts_when_asked() {
         .succeeded();
     assert_shows(
         &listed.stdout,
-        &["            events counted (2):\n              line 1  id t1  2026-11-10T08:00:00Z  1200  (model = gpt-x)\n              line 4  id t2  2026-11-10T08:00:00Z  300  (model = gpt-x)\n"],
+        &["            events counted (3):\n              line 1  source test  id t1  2026-11-10T08:00:00Z  1200  (model = gpt-x)\n              line 4  source test  id t2  2026-11-10T08:00:00Z  300  (model = gpt-x)\n              line 6  source eu  id t1  2026-11-10T08:00:00Z  50  (model = gpt-x)\n"],
     );
     // Without the flag, no list.
     let plain = f
@@ -481,7 +485,7 @@ fn explain_marks_a_distinct_value_listed_again_as_not_counted_again() {
         &listed.stdout,
         &[
             "  quantity  2: ",
-            "            events counted (3):\n              line 1  id a1  2026-11-06T00:00:00Z  a new distinct value\n              line 2  id a2  2026-11-06T00:00:00Z  line 1's value again, not counted again\n              line 3  id a3  2026-11-06T00:00:00Z  a new distinct value\n",
+            "            events counted (3):\n              line 1  source test  id a1  2026-11-06T00:00:00Z  a new distinct value\n              line 2  source test  id a2  2026-11-06T00:00:00Z  line 1's value again, not counted again\n              line 3  source test  id a3  2026-11-06T00:00:00Z  a new distinct value\n",
         ],
     );
 }
