@@ -15,24 +15,32 @@ impl Config {
 /// The one id of `known` that `asked` is most likely a slip of: the same but for case,
 /// `-` for `_` or surrounding spaces, or else the one nearest within two edits (and a
 /// quarter of its length, so short ids are not matched to anything, and `cust_x0`
-/// is not taken for `cust_jp`).
+/// is not taken for `cust_jp`). Linear in the book: an id whose length is further off
+/// than the edits allowed is passed over by its length alone, so a sender's long
+/// unknown subject costs one pass over the ids, not a distance to each.
 pub fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let normal = |id: &str| -> Vec<char> {
-        (id.trim().chars())
-            .map(|c| match c {
-                '-' | ' ' => '_',
-                c => c.to_ascii_lowercase(),
-            })
-            .collect()
+    let normal = |id: &str, into: &mut Vec<char>| {
+        into.clear();
+        into.extend(id.trim().chars().map(|c| match c {
+            '-' | ' ' => '_',
+            c => c.to_ascii_lowercase(),
+        }));
     };
-    let asked = normal(asked);
-    let limit = (asked.len() / 4).min(2);
+    let mut asked_normal = Vec::new();
+    normal(asked, &mut asked_normal);
+    let limit = (asked_normal.len() / 4).min(2);
+    let (mut id_normal, mut rows) = (Vec::new(), EditRows::default());
     let mut best: Option<(usize, &str)> = None;
     let mut tied = false;
     for id in known {
-        let distance = edit_distance(&asked, &normal(id));
+        if id.trim().chars().count().abs_diff(asked_normal.len()) > limit {
+            continue;
+        }
+        normal(id, &mut id_normal);
+        let Some(distance) = rows.distance_within(&asked_normal, &id_normal, limit) else {
+            continue;
+        };
         match best {
-            _ if distance > limit => {}
             Some((nearest, _)) if distance > nearest => {}
             Some((nearest, _)) if distance == nearest => tied = true,
             _ => {
@@ -44,18 +52,35 @@ pub fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Op
     best.filter(|_| !tied).map(|(_, id)| id)
 }
 
-/// Levenshtein distance: insertions, deletions and substitutions.
-fn edit_distance(a: &[char], b: &[char]) -> usize {
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut current = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = previous[j] + usize::from(ca != cb);
-            current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
+/// The two rows of a Levenshtein table, kept between ids.
+#[derive(Debug, Default)]
+struct EditRows {
+    previous: Vec<usize>,
+    current: Vec<usize>,
+}
+
+impl EditRows {
+    /// The Levenshtein distance (insertions, deletions and substitutions) of `a` and
+    /// `b` if it is at most `limit`; `None` as soon as every path is over it.
+    fn distance_within(&mut self, a: &[char], b: &[char], limit: usize) -> Option<usize> {
+        let (previous, current) = (&mut self.previous, &mut self.current);
+        previous.clear();
+        previous.extend(0..=b.len());
+        for (i, ca) in a.iter().enumerate() {
+            current.clear();
+            current.push(i + 1);
+            for (j, cb) in b.iter().enumerate() {
+                let substitute = previous[j] + usize::from(ca != cb);
+                current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
+            }
+            // A row's least value never falls in the rows below it.
+            if current.iter().min().is_some_and(|least| *least > limit) {
+                return None;
+            }
+            std::mem::swap(previous, current);
         }
-        previous = current;
+        Some(previous[b.len()]).filter(|distance| *distance <= limit)
     }
-    previous[b.len()]
 }
 
 #[cfg(test)]
@@ -76,5 +101,49 @@ mod tests {
         assert_eq!(meant("umbrella"), None);
         assert_eq!(meant("acme_xy"), None);
         assert_eq!(meant("ax"), None);
+        // A sender's long subject is nobody's slip.
+        assert_eq!(meant(&"initech_us".repeat(50_000)), None);
+    }
+
+    #[test]
+    fn the_distance_within_a_limit_is_levenshteins_or_none() {
+        let chars = |s: &str| s.chars().collect::<Vec<char>>();
+        let mut rows = EditRows::default();
+        let mut within =
+            |a: &str, b: &str, limit| rows.distance_within(&chars(a), &chars(b), limit);
+        assert_eq!(within("kitten", "sitting", 3), Some(3));
+        assert_eq!(within("kitten", "sitting", 2), None);
+        assert_eq!(within("acme_se", "acme_se", 0), Some(0));
+        assert_eq!(within("", "ab", 2), Some(2));
+        assert_eq!(within("abcd", "", 3), None);
+        assert_eq!(within("flaw", "lawn", 2), Some(2));
+    }
+
+    /// Levenshtein distance by the whole table: what the bounded one must agree with.
+    fn full_distance(a: &[char], b: &[char]) -> usize {
+        let mut previous: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.iter().enumerate() {
+            let mut current = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let substitute = previous[j] + usize::from(ca != cb);
+                current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
+            }
+            previous = current;
+        }
+        previous[b.len()]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_bounded_distance_agrees_with_the_whole_table(
+            a in "[ab_-]{0,9}",
+            b in "[ab_-]{0,9}",
+            limit in 0usize..4,
+        ) {
+            let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+            let full = full_distance(&a, &b);
+            let bounded = EditRows::default().distance_within(&a, &b, limit);
+            proptest::prop_assert_eq!(bounded, Some(full).filter(|d| *d <= limit));
+        }
     }
 }
