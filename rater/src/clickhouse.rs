@@ -72,6 +72,15 @@ pub enum ClickHouseError {
     },
     #[error("ClickHouse database {database} at {url} holds the streaming rater's lines (versioned by windows offsets), which a batch run's rows, versioned by its start time, would outrank for good; store the run in a database of its own (--clickhouse-database, tally_batch unless given)")]
     PipelineDatabase { url: String, database: String },
+    #[error("ClickHouse database {database} at {url} holds the lines of the pipeline of topic prefix {owner}, and this rater is of topic prefix {topic_prefix}: two pipelines' lines in one database overwrite each other (a line's id does not name its pipeline). Give each pipeline its own [clickhouse] database (TALLY_CLICKHOUSE_DATABASE), or set [kafka] topic_prefix right; if this pipeline's prefix changed on purpose, hand the database over with DROP TABLE {database}.pipeline_claims")]
+    ClaimedByAnotherPipeline {
+        url: String,
+        database: String,
+        owner: String,
+        topic_prefix: String,
+    },
+    #[error("ClickHouse database {database} at {url} holds lines of `tally rate --clickhouse` runs (versioned by their start time), which would outrank the streaming rater's for good; give the pipeline a database of its own ([clickhouse] database, TALLY_CLICKHOUSE_DATABASE)")]
+    BatchDatabase { url: String, database: String },
     #[error("line {id}: amount {amount} {currency} does not fit a 64-bit count of minor units")]
     AmountTooLarge {
         id: String,
@@ -418,6 +427,69 @@ impl ClickHouse {
             let columns = column_names(|name| name.to_owned());
             let (what, current) = ("create the invoice_lines view", Some("superseded = 0"));
             self.create_view(what, "invoice_lines", &columns, "rated_lines", current)?;
+        }
+        Ok(())
+    }
+
+    /// Claims this database for the pipeline of `topic_prefix`, or says whose it is.
+    /// Line ids do not name a pipeline, so a second pipeline writing here (a
+    /// staging and a production one both on the default database, a prefix mistyped
+    /// in one service) would overwrite the first one's lines, whichever's windows
+    /// offsets are higher winning. The first claim wins, so two raters of different
+    /// pipelines starting at once agree on it. A database of batch runs is refused
+    /// too: their versions outrank every offset. After [`Self::ensure_schema`].
+    pub fn claim_for_pipeline(&self, topic_prefix: &str) -> Result<(), ClickHouseError> {
+        let db = &self.database;
+        self.execute(
+            "create the pipeline_claims table",
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {db}.pipeline_claims \
+                 (topic_prefix String, claimed_at DateTime) \
+                 ENGINE = MergeTree ORDER BY (claimed_at, topic_prefix)"
+            ),
+        )?;
+        let first_claim = || -> Result<Option<String>, ClickHouseError> {
+            let answer = self.post(
+                "read whose database this is",
+                &format!(
+                    "SELECT topic_prefix FROM {db}.pipeline_claims \
+                     ORDER BY claimed_at, topic_prefix LIMIT 1"
+                ),
+            )?;
+            Ok(answer.lines().next().map(str::to_owned))
+        };
+        let owner = match first_claim()? {
+            Some(owner) => owner,
+            None => {
+                let batch_lines = self.counts_any(
+                    "check whose lines the database holds",
+                    &format!(
+                        "SELECT count() FROM (SELECT 1 FROM {db}.rated_lines WHERE version >= {BATCH_VERSIONS_FROM} LIMIT 1)"
+                    ),
+                )?;
+                if batch_lines {
+                    return Err(ClickHouseError::BatchDatabase {
+                        url: self.url.clone(),
+                        database: db.clone(),
+                    });
+                }
+                self.execute(
+                    "claim the database for this pipeline",
+                    &format!(
+                        "INSERT INTO {db}.pipeline_claims VALUES ({}, now())",
+                        string_literal(topic_prefix)
+                    ),
+                )?;
+                first_claim()?.unwrap_or_else(|| topic_prefix.to_owned())
+            }
+        };
+        if owner != topic_prefix {
+            return Err(ClickHouseError::ClaimedByAnotherPipeline {
+                url: self.url.clone(),
+                database: db.clone(),
+                owner,
+                topic_prefix: topic_prefix.to_owned(),
+            });
         }
         Ok(())
     }
@@ -1259,6 +1331,16 @@ impl ClickHouseError {
     /// (`UNKNOWN_DATABASE`, `UNKNOWN_TABLE`): dropped while Tally ran.
     pub fn is_missing_table(&self) -> bool {
         matches!(self.exception_code(), Some(60 | 81))
+    }
+
+    /// Whether the database belongs to another pipeline or to batch runs
+    /// ([`ClickHouse::claim_for_pipeline`]): only an operator can mend that.
+    pub fn is_anothers_database(&self) -> bool {
+        matches!(
+            self,
+            ClickHouseError::ClaimedByAnotherPipeline { .. }
+                | ClickHouseError::BatchDatabase { .. }
+        )
     }
 
     /// Whether ClickHouse refused the request itself, which no retry changes until the

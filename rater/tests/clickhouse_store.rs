@@ -561,3 +561,50 @@ fn a_lines_look_up_gives_the_newest_version_usage_wrote_not_opening_rows() {
         .is_empty());
     query(&format!("DROP DATABASE {database}"));
 }
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
+fn a_database_is_its_first_pipelines_and_refuses_another_or_batch_runs() {
+    let (claimed, database) = store("claims");
+    claimed.claim_for_pipeline("prod").unwrap();
+    // The same pipeline again (a restart, a second rater): its own.
+    claimed.claim_for_pipeline("prod").unwrap();
+    let error = claimed.claim_for_pipeline("staging").unwrap_err();
+    assert!(error.is_anothers_database(), "{error}");
+    assert!(
+        error.to_string().contains(&format!(
+            "ClickHouse database {database} at {} holds the lines of the pipeline of topic prefix prod, and this rater is of topic prefix staging:",
+            url()
+        )),
+        "{error}"
+    );
+    // Handed over as the error says: the next pipeline to start claims it.
+    query(&format!("DROP TABLE {database}.pipeline_claims"));
+    claimed.claim_for_pipeline("staging").unwrap();
+    assert!(claimed
+        .claim_for_pipeline("prod")
+        .unwrap_err()
+        .is_anothers_database());
+    query(&format!("DROP DATABASE {database}"));
+
+    // A database of `tally rate --clickhouse` runs, whose versions outrank every
+    // windows offset, is no pipeline's to claim.
+    let (batch, database) = store("batch_claim");
+    let november = Period::from_str("2026-11").unwrap();
+    batch
+        .replace_period(
+            1_796_000_000_000,
+            november,
+            &[line("acme", november, None, "book")],
+        )
+        .unwrap();
+    let error = batch.claim_for_pipeline("prod").unwrap_err();
+    assert!(error.is_anothers_database(), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("holds lines of `tally rate --clickhouse` runs"),
+        "{error}"
+    );
+    query(&format!("DROP DATABASE {database}"));
+}

@@ -356,9 +356,16 @@ pub fn run(
 ) -> Result<(), RaterError> {
     let kafka_settings = &settings.kafka;
     let clickhouse = ClickHouse::configured(&settings.clickhouse)?;
-    // ClickHouse may be starting too: wait for it rather than fail the service.
+    // ClickHouse may be starting too: wait for it rather than fail the service. A
+    // database another pipeline claimed is this one's configuration to fix.
     let mut wait = Duration::from_millis(200);
-    while let Err(e) = clickhouse.ensure_schema() {
+    let prefix = &kafka_settings.topic_prefix;
+    while let Err(e) =
+        (clickhouse.ensure_schema()).and_then(|()| clickhouse.claim_for_pipeline(prefix))
+    {
+        if e.is_anothers_database() {
+            return Err(e.into());
+        }
         readiness.not_ready(format!("ClickHouse: {e}"));
         metrics.query_failures.inc();
         tracing::warn!(error = %e, "cannot create the ClickHouse schema yet; retrying");

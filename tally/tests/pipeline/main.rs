@@ -2589,8 +2589,10 @@ fn lines_lost_while_clickhouse_did_not_answer_are_found_before_anything_is_store
 }
 
 /// Deploy mistakes the operator is told of: an instance whose `[kafka] partitions` is
-/// not its pipeline's (it cannot change it), and one whose mistyped topic prefix makes
-/// a new pipeline beside the running one (it would bill none of its events).
+/// not its pipeline's (it cannot change it), one whose mistyped topic prefix makes
+/// a new pipeline beside the running one (it would bill none of its events), and a
+/// rater of that other pipeline on the running one's database (it would overwrite its
+/// lines: the rater stops instead).
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_deploy_with_another_partition_count_or_a_mistyped_prefix_is_told_so() {
@@ -2630,6 +2632,40 @@ fn a_deploy_with_another_partition_count_or_a_mistyped_prefix_is_told_so() {
         },
     );
     assert!(!p.log("agg-a").contains("made a new pipeline"));
+
+    p.start("rater", "rater-a");
+    harness::eventually(
+        "rater-a claims its database",
+        Duration::from_secs(60),
+        || {
+            let made = format!(
+                "SELECT count() FROM system.tables WHERE database = '{}' AND name = 'pipeline_claims'",
+                p.database
+            );
+            p.query(&made).trim() == "1"
+                && p.query(&format!(
+                    "SELECT topic_prefix FROM {}.pipeline_claims",
+                    p.database
+                ))
+                .trim()
+                    == p.prefix
+        },
+    );
+    p.start_with(
+        "rater",
+        "rater-b",
+        &[("TALLY_KAFKA_TOPIC_PREFIX", mistyped.as_str())],
+    );
+    let (status, log) = p.wait_exit("rater-b", Duration::from_secs(120));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "holds the lines of the pipeline of topic prefix {}, and this rater is of topic prefix {mistyped}:",
+            p.prefix
+        )),
+        "{log}"
+    );
+    p.assert_running();
 }
 
 /// An aggregator ran a book whose token meter names a mistyped event type: it counted
