@@ -152,6 +152,12 @@ impl Ledger {
         self.lines.len()
     }
 
+    /// How many usage series the held lines hold, a series once under each line that
+    /// selects it: what grows with a sender's distinct `group_by` values.
+    pub fn series_held(&self) -> usize {
+        self.lines.values().map(|line| line.series.len()).sum()
+    }
+
     /// How many lines held could not be rated the last time they changed (their
     /// errors were returned then): each stays at its last stored amount meanwhile.
     pub fn lines_unrated(&self) -> usize {
@@ -1226,6 +1232,8 @@ mod tests {
         // The same prices bill each period and the adjustment.
         let per_period = ledger.lines_held() / 4;
         assert!(per_period >= 1 && ledger.lines_held() == 4 * per_period);
+        // Each line holds its one series.
+        assert_eq!(ledger.series_held(), 4 * per_period);
         // October's last update and its settling come in one batch: the update is
         // still rated before the lines go.
         ledger.record(&resolutions, october, value(12));
@@ -1240,6 +1248,7 @@ mod tests {
         // own lines go on where they were. October's usage repeated (an aggregator
         // replaying) bills nothing: its line would lack the other series' usage.
         assert_eq!(ledger.lines_held(), per_period);
+        assert_eq!(ledger.series_held(), per_period);
         assert_eq!(
             ledger.record(&resolutions, october, value(7)),
             Recorded::SettledPeriod

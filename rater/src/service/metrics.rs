@@ -49,6 +49,7 @@ pub struct RaterMetrics {
     pub stale_partitions_restated: IntCounter,
     /// Lines held in the assigned partitions' ledgers: the open periods'.
     pub ledger_lines: IntGauge,
+    pub ledger_series: IntGauge,
     /// Lines held whose last rating failed: each stays at its last stored amount.
     pub unrated_lines: IntGauge,
     pub consumer_lag: IntGaugeVec,
@@ -126,6 +127,10 @@ impl RaterMetrics {
             ledger_lines: m.gauge(
                 "tally_rater_ledger_lines",
                 "Invoice lines held in memory across assigned partitions; a settled period's are let go.",
+            ),
+            ledger_series: m.gauge(
+                "tally_rater_ledger_series",
+                "Usage series (customer, meter, group_by values) the held lines hold, one under each line that selects it; a settled period's are let go.",
             ),
             unrated_lines: m.gauge(
                 "tally_rater_unrated_lines",

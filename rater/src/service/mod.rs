@@ -695,6 +695,7 @@ impl Worker {
             held as i64
         };
         self.metrics.ledger_lines.set(count(Ledger::lines_held));
+        (self.metrics.ledger_series).set(count(Ledger::series_held));
         (self.metrics.unrated_lines).set(count(Ledger::lines_unrated));
     }
 }

@@ -1532,9 +1532,10 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
     let gauge = |port: u16, name: &str| harness::metric(port, name).unwrap_or(-1.0);
     let october_series = gauge(aggregator_port, "tally_aggregator_series");
     let october_lines = gauge(rater_port, "tally_rater_ledger_lines");
+    let october_rater_series = gauge(rater_port, "tally_rater_ledger_series");
     assert!(
-        october_series > 10.0 && october_lines > 10.0,
-        "{october_series} series, {october_lines} lines"
+        october_series > 10.0 && october_lines > 10.0 && october_rater_series >= october_lines,
+        "{october_series} series, {october_lines} lines, {october_rater_series} series in the rater"
     );
 
     // A resolution per customer on November 2 closes October everywhere (grace 1 h);
@@ -1550,6 +1551,7 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
         || {
             gauge(aggregator_port, "tally_aggregator_series") == 10.0
                 && gauge(rater_port, "tally_rater_ledger_lines") == 10.0
+                && gauge(rater_port, "tally_rater_ledger_series") == 10.0
         },
     );
     // Each partition told the rater, after its last October update, that October has
