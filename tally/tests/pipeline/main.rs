@@ -3437,6 +3437,10 @@ fn prometheus_scrapes_every_service_of_serve_all() {
             Box::new(|v| v >= 10.0),
         ),
         (
+            r#"tally_rater_ledger_series{job="rater"}"#,
+            Box::new(|v| v >= 10.0),
+        ),
+        (
             r#"tally_rater_lines_rated_total{job="rater"}"#,
             Box::new(|v| v >= 1.0),
         ),
