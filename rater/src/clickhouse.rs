@@ -366,6 +366,11 @@ impl ClickHouse {
     /// a schema a DBA made beforehand (replicated tables, say) is used as it is, by a
     /// user who may not create anything, as `CREATE ... IF NOT EXISTS` needs the
     /// privilege to create even when there is nothing to do.
+    /// The database this store reads and writes, for messages.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
     pub fn ensure_schema(&self) -> Result<(), ClickHouseError> {
         let db = &self.database;
         let existing = self.tables()?;

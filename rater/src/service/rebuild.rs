@@ -287,6 +287,7 @@ impl Worker {
         tracing::error!(
             partition,
             lines,
+            database = self.clickhouse.database(),
             "ClickHouse holds older versions of lines than the partition's committed offset accounts for (the database restored from an older backup, or a rater wrote to another database meanwhile): the lines of its open months are stored again; lines of its settled months stay as ClickHouse holds them"
         );
     }
@@ -322,7 +323,8 @@ impl Worker {
                 self.metrics.lost_line_replays.inc();
                 tracing::error!(
                     partition,
-                    "none of the lines the partition's committed offset accounts for is in ClickHouse (its database was dropped or emptied): rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
+                    database = self.clickhouse.database(),
+                    "none of the lines the partition's committed offset accounts for is in this ClickHouse database: it was dropped or emptied, or it is not the one they were stored in (this rater's [clickhouse] database mistyped, or not the other raters'); rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
                 );
                 Ok(taken(0, None, self.rebuild(partition, 0, None)?))
             }
