@@ -100,6 +100,10 @@ struct App {
     max_body_bytes: usize,
     /// `[ingest] max_batch_events`.
     max_batch_events: usize,
+    /// Requests without a valid key (answered 401), by why, logged at most once a
+    /// minute each with how many were left out since: a sender whose events never
+    /// arrive is an operator's to find, and a flood of guesses must not fill the log.
+    unauthorized: LogThrottle<&'static str>,
 }
 
 /// The API keys and their rate limits, which change together.
@@ -206,6 +210,7 @@ pub async fn start(
         metrics: metrics.clone(),
         max_body_bytes: ingest.max_body_bytes.get(),
         max_batch_events: ingest.max_batch_events.get(),
+        unauthorized: LogThrottle::default(),
     });
     let keys = KeyReloader(Arc::clone(&app));
     let router = router(app, registry, readiness, &settings.kafka.topic_prefix);
@@ -370,7 +375,13 @@ fn admit(app: &App, headers: &HeaderMap) -> Result<(Caller, BodyKind), Refusal> 
     let ring = app.key_ring();
     let Some(caller) = ring.keys.authenticate(headers) else {
         let why = why_unauthorized(headers);
-        tracing::debug!(why, "events refused: no valid API key");
+        if let Some(left_out) = app.unauthorized.due(why, Instant::now()) {
+            tracing::warn!(
+                why,
+                refused_since_last_logged = left_out,
+                "events refused: no valid API key"
+            );
+        }
         let mut response = ErrorBody::new(
             "unauthorized",
             format!("{why}: send a valid API key as `Authorization: Bearer <key>` or `X-Api-Key: <key>`"),

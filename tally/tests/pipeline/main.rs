@@ -3006,6 +3006,14 @@ fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
             .any(|r| r["message"] == "events ingested" && r["tenant"] == "pipeline-test"),
         "requests are logged by tenant:\n{log}"
     );
+    // A refused key is a warning with why, for the operator of a sender whose events
+    // never arrive.
+    assert!(
+        records.iter().any(|r| r["message"] == "events refused: no valid API key"
+            && r["level"] == "WARN"
+            && r["why"] == "the API key sent is not one of the configured keys (rotated, or mistyped?)"),
+        "{log}"
+    );
     for key in [harness::API_KEY, guessed] {
         assert!(!log.contains(key), "an API key in the log:\n{log}");
     }
