@@ -70,9 +70,9 @@ pub enum ClickHouseError {
         row: String,
         error: String,
     },
-    #[error("ClickHouse database {database} at {url} holds the streaming rater's lines (versioned by windows offsets), which a batch run's rows, versioned by its start time, would outrank for good; store the run in a database of its own (--clickhouse-database, tally_batch unless given)")]
+    #[error("ClickHouse database {database} at {url} is a streaming pipeline's (it holds its rater's lines, versioned by windows offsets, or its claim), whose lines a batch run's rows, versioned by the run's start time, would outrank for good; store the run in a database of its own (--clickhouse-database, tally_batch unless given)")]
     PipelineDatabase { url: String, database: String },
-    #[error("ClickHouse database {database} at {url} holds the lines of the pipeline of topic prefix {owner}, and this rater is of topic prefix {topic_prefix}: two pipelines' lines in one database overwrite each other (a line's id does not name its pipeline). Give each pipeline its own [clickhouse] database (TALLY_CLICKHOUSE_DATABASE), or set [kafka] topic_prefix right; if this pipeline's prefix changed on purpose, hand the database over with DROP TABLE {database}.pipeline_claims")]
+    #[error("ClickHouse database {database} at {url} holds the lines of the pipeline of topic prefix {owner}, and this rater is of topic prefix {topic_prefix}: two pipelines' lines in one database overwrite each other (a line's id does not name its pipeline). Set [kafka] topic_prefix (TALLY_KAFKA_TOPIC_PREFIX) right, or give this pipeline a database of its own ([clickhouse] database, TALLY_CLICKHOUSE_DATABASE); a pipeline renamed on purpose needs a new database too, as its windows offsets, which version its lines, start again at 0, below the old lines'")]
     ClaimedByAnotherPipeline {
         url: String,
         database: String,
@@ -202,6 +202,11 @@ const REPRICING_COLUMNS: [(&str, &str); 10] = [
 /// The lowest version of a batch run's rows: its start in Unix milliseconds, past
 /// 10^12 since 2001. The streaming rater's are windows offsets, far below.
 const BATCH_VERSIONS_FROM: u64 = 1_000_000_000_000;
+
+/// How long a rater that claimed a database waits before reading the claims again
+/// ([`ClickHouse::claim_for_pipeline`]): far longer than a query's round trip, so
+/// another pipeline's rater that found no claim at the same time has made its own.
+const CLAIM_SETTLES: Duration = Duration::from_secs(1);
 
 /// Most lines retired by one statement.
 const RETIRE_CHUNK: usize = 2000;
@@ -362,15 +367,15 @@ impl ClickHouse {
         self
     }
 
-    /// Creates the database, the tables and the views that do not exist. Only those:
-    /// a schema a DBA made beforehand (replicated tables, say) is used as it is, by a
-    /// user who may not create anything, as `CREATE ... IF NOT EXISTS` needs the
-    /// privilege to create even when there is nothing to do.
     /// The database this store reads and writes, for messages.
     pub fn database(&self) -> &str {
         &self.database
     }
 
+    /// Creates the database, the tables and the views that do not exist. Only those:
+    /// a schema a DBA made beforehand (replicated tables, say) is used as it is, by a
+    /// user who may not create anything, as `CREATE ... IF NOT EXISTS` needs the
+    /// privilege to create even when there is nothing to do.
     pub fn ensure_schema(&self) -> Result<(), ClickHouseError> {
         let db = &self.database;
         let existing = self.tables()?;
@@ -402,6 +407,17 @@ impl ClickHouse {
             self.execute(
                 "add the superseded column to rated_lines",
                 &format!("ALTER TABLE {db}.rated_lines ADD COLUMN superseded UInt8"),
+            )?;
+        }
+        if missing("pipeline_claims") {
+            // Which pipeline's lines the database holds ([`Self::claim_for_pipeline`]).
+            self.execute(
+                "create the pipeline_claims table",
+                &format!(
+                    "CREATE TABLE IF NOT EXISTS {db}.pipeline_claims \
+                     (topic_prefix String, claimed_at DateTime) \
+                     ENGINE = MergeTree ORDER BY (claimed_at, topic_prefix)"
+                ),
             )?;
         }
         if missing("line_repricings") {
@@ -440,19 +456,14 @@ impl ClickHouse {
     /// Line ids do not name a pipeline, so a second pipeline writing here (a
     /// staging and a production one both on the default database, a prefix mistyped
     /// in one service) would overwrite the first one's lines, whichever's windows
-    /// offsets are higher winning. The first claim wins, so two raters of different
-    /// pipelines starting at once agree on it. A database of batch runs is refused
-    /// too: their versions outrank every offset. After [`Self::ensure_schema`].
+    /// offsets are higher winning. The first claim (by time, then prefix) is the
+    /// owner. A rater that finds none claims it and reads the claims again only after
+    /// [`CLAIM_SETTLES`]: another pipeline's rater that also found none has made its
+    /// claim by then (a query's round trip after looking), so the two read the same
+    /// claims and agree on the owner. A database of batch runs is refused too: their
+    /// versions outrank every offset. After [`Self::ensure_schema`].
     pub fn claim_for_pipeline(&self, topic_prefix: &str) -> Result<(), ClickHouseError> {
         let db = &self.database;
-        self.execute(
-            "create the pipeline_claims table",
-            &format!(
-                "CREATE TABLE IF NOT EXISTS {db}.pipeline_claims \
-                 (topic_prefix String, claimed_at DateTime) \
-                 ENGINE = MergeTree ORDER BY (claimed_at, topic_prefix)"
-            ),
-        )?;
         let first_claim = || -> Result<Option<String>, ClickHouseError> {
             let answer = self.post(
                 "read whose database this is",
@@ -485,6 +496,7 @@ impl ClickHouse {
                         string_literal(topic_prefix)
                     ),
                 )?;
+                std::thread::sleep(CLAIM_SETTLES);
                 first_claim()?.unwrap_or_else(|| topic_prefix.to_owned())
             }
         };
@@ -576,10 +588,17 @@ impl ClickHouse {
         period: Period,
         lines: &[InvoiceLine],
     ) -> Result<(), ClickHouseError> {
+        // A pipeline's lines, or a pipeline's claim made before it stored any.
         let streamed = self.counts_any(
             "check whose lines the database holds",
             &format!(
-                "SELECT count() FROM (SELECT 1 FROM {}.rated_lines WHERE version < {BATCH_VERSIONS_FROM} LIMIT 1)",
+                "SELECT count() FROM (SELECT 1 FROM {db}.rated_lines WHERE version < {BATCH_VERSIONS_FROM} LIMIT 1)",
+                db = self.database
+            ),
+        )? || self.counts_any(
+            "check whose lines the database holds",
+            &format!(
+                "SELECT count() FROM (SELECT 1 FROM {}.pipeline_claims LIMIT 1)",
                 self.database
             ),
         )?;

@@ -578,25 +578,24 @@ fn a_database_is_its_first_pipelines_and_refuses_another_or_batch_runs() {
         )),
         "{error}"
     );
-    // Handed over as the error says: the next pipeline to start claims it.
-    query(&format!("DROP TABLE {database}.pipeline_claims"));
-    claimed.claim_for_pipeline("staging").unwrap();
-    assert!(claimed
-        .claim_for_pipeline("prod")
-        .unwrap_err()
-        .is_anothers_database());
+    // A batch run may not write there either, lines or none yet: its versions would
+    // outrank the pipeline's for good.
+    let november = Period::from_str("2026-11").unwrap();
+    let batch_lines = [line("acme", november, None, "book")];
+    let error = claimed
+        .replace_period(1_796_000_000_000, november, &batch_lines)
+        .unwrap_err();
+    assert!(
+        matches!(error, ClickHouseError::PipelineDatabase { .. }),
+        "{error}"
+    );
     query(&format!("DROP DATABASE {database}"));
 
     // A database of `tally rate --clickhouse` runs, whose versions outrank every
     // windows offset, is no pipeline's to claim.
     let (batch, database) = store("batch_claim");
-    let november = Period::from_str("2026-11").unwrap();
     batch
-        .replace_period(
-            1_796_000_000_000,
-            november,
-            &[line("acme", november, None, "book")],
-        )
+        .replace_period(1_796_000_000_000, november, &batch_lines)
         .unwrap();
     let error = batch.claim_for_pipeline("prod").unwrap_err();
     assert!(error.is_anothers_database(), "{error}");
@@ -607,4 +606,39 @@ fn a_database_is_its_first_pipelines_and_refuses_another_or_batch_runs() {
         "{error}"
     );
     query(&format!("DROP DATABASE {database}"));
+}
+
+#[test]
+#[ignore = "needs ClickHouse: scripts/services/up.sh clickhouse"]
+fn two_pipelines_claiming_a_database_at_once_agree_on_one_owner() {
+    // Claims made within the same second, each rater having found none: without
+    // waiting for the other's claim, each could read itself as the first.
+    for round in 0..3 {
+        let (_, database) = store(&format!("claim_race_{round}"));
+        let start = std::sync::Barrier::new(2);
+        let owners: Vec<bool> = std::thread::scope(|scope| {
+            let claims: Vec<_> = ["blue", "green"]
+                .map(|prefix| {
+                    let (start, database) = (&start, &database);
+                    scope.spawn(move || {
+                        let store = ClickHouse::new(&url(), database).unwrap();
+                        start.wait();
+                        match store.claim_for_pipeline(prefix) {
+                            Ok(()) => true,
+                            Err(e) if e.is_anothers_database() => false,
+                            Err(e) => panic!("{e}"),
+                        }
+                    })
+                })
+                .into_iter()
+                .collect();
+            claims.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        assert_eq!(
+            owners.iter().filter(|owns| **owns).count(),
+            1,
+            "round {round}: {owners:?}"
+        );
+        query(&format!("DROP DATABASE {database}"));
+    }
 }
