@@ -116,6 +116,9 @@ pub struct Ledger {
     /// Lines whose last rating failed: pending until they rate, or let go with their
     /// settled period.
     unrated: HashSet<(String, LineKey)>,
+    /// The series the lines hold, a series once under each line: kept as they come
+    /// and go, for a gauge read after every batch.
+    series_held: usize,
     /// This period and earlier ones have settled: usage of them is refused.
     settled_through: Option<Period>,
     /// Lines of this period and earlier ones are let go at the next
@@ -130,6 +133,7 @@ impl Ledger {
             lines: HashMap::new(),
             dirty: Vec::new(),
             unrated: HashSet::new(),
+            series_held: 0,
             settled_through: None,
             let_go_through: None,
         }
@@ -155,7 +159,7 @@ impl Ledger {
     /// How many usage series the held lines hold, a series once under each line that
     /// selects it: what grows with a sender's distinct `group_by` values.
     pub fn series_held(&self) -> usize {
-        self.lines.values().map(|line| line.series.len()).sum()
+        self.series_held
     }
 
     /// How many lines held could not be rated the last time they changed (their
@@ -292,6 +296,7 @@ impl Ledger {
                 }
                 None => {
                     state.series.insert(Arc::new(series.to_owned()), value);
+                    self.series_held += 1;
                 }
             }
             if !state.dirty {
@@ -317,7 +322,15 @@ impl Ledger {
         let flushed = self.flush_where(|_| true);
         if let Some(settled) = self.let_go_through.take() {
             let open = |key: &LineKey| line_open(Some(settled), key.period, key.adjusts);
-            self.lines.retain(|(_, key), _| open(key));
+            let mut let_go = 0;
+            self.lines.retain(|(_, key), state| {
+                let keep = open(key);
+                if !keep {
+                    let_go += state.series.len();
+                }
+                keep
+            });
+            self.series_held -= let_go;
             self.dirty.retain(|(_, key)| open(key));
             self.unrated.retain(|(_, key)| open(key));
         }

@@ -49,6 +49,8 @@ pub struct RaterMetrics {
     pub stale_partitions_restated: IntCounter,
     /// Lines held in the assigned partitions' ledgers: the open periods'.
     pub ledger_lines: IntGauge,
+    /// Usage series the held lines hold: what a sender's distinct `group_by` values
+    /// grow, where lines do not.
     pub ledger_series: IntGauge,
     /// Lines held whose last rating failed: each stays at its last stored amount.
     pub unrated_lines: IntGauge,
