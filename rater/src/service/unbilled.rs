@@ -61,7 +61,7 @@ impl UnbilledLog {
             dimensions = ?series.group.iter().map(|g| &**g).collect::<Vec<&str>>(),
             %period,
             adjusts = series.adjusts.map(|p| p.to_string()),
-            "usage no invoice line bills: {why}; add the customer or the price to bill it (logged once per customer, meter and reason while this rater runs)"
+            "usage no invoice line bills: {why} (logged once per customer, meter and reason while this rater runs)"
         );
         true
     }
@@ -71,17 +71,19 @@ impl UnbilledLog {
 /// or was billed already (a settled month's usage an aggregator replays).
 fn why_unbilled(recorded: Recorded, adjusts: Option<Period>, period: Period) -> Option<String> {
     Some(match (recorded, adjusts) {
-        (Recorded::UnknownCustomer, _) => "the customer is not in the price book".to_owned(),
+        (Recorded::UnknownCustomer, _) => {
+            "the customer is not in the price book; add the customer to bill it".to_owned()
+        }
         (Recorded::NotPriced, _) => {
-            "the customer's plan has no price for this meter and these dimensions".to_owned()
+            "the customer's plan has no price for this meter and these dimensions; add the price to bill it".to_owned()
         }
         // A late adjustment is judged by the month it belongs to, not the one it is
         // carried into: a customer billed from that one was not yet billed then.
         (Recorded::NotSubscribed, Some(belongs_to)) => format!(
-            "it is late usage of {belongs_to}, carried into {period} as an adjustment, and {belongs_to} is outside the customer's from and through"
+            "it is late usage of {belongs_to}, carried into {period} as an adjustment, and {belongs_to} is outside the customer's from and through; move them to bill it"
         ),
         (Recorded::NotSubscribed, None) => {
-            "the month is outside the customer's from and through".to_owned()
+            "the month is outside the customer's from and through; move them to bill it".to_owned()
         }
         (Recorded::SettledPeriod | Recorded::Billed(_), _) => return None,
     })
@@ -133,12 +135,12 @@ mod tests {
         let why = why_unbilled(Recorded::NotSubscribed, Some(october), november);
         assert_eq!(
             why.as_deref(),
-            Some("it is late usage of 2026-10, carried into 2026-11 as an adjustment, and 2026-10 is outside the customer's from and through")
+            Some("it is late usage of 2026-10, carried into 2026-11 as an adjustment, and 2026-10 is outside the customer's from and through; move them to bill it")
         );
         let why = why_unbilled(Recorded::NotSubscribed, None, november);
         assert_eq!(
             why.as_deref(),
-            Some("the month is outside the customer's from and through")
+            Some("the month is outside the customer's from and through; move them to bill it")
         );
         assert_eq!(
             why_unbilled(Recorded::Billed(1), Some(october), november),
