@@ -376,8 +376,16 @@ fn admit(app: &App, headers: &HeaderMap) -> Result<(Caller, BodyKind), Refusal> 
     let Some(caller) = ring.keys.authenticate(headers) else {
         let why = why_unauthorized(headers);
         if let Some(left_out) = app.unauthorized.due(why, Instant::now()) {
+            // Which sender, as far as its headers tell: its client and version.
+            let user_agent: String = (headers.get(header::USER_AGENT))
+                .map(|agent| String::from_utf8_lossy(agent.as_bytes()).into_owned())
+                .unwrap_or_default()
+                .chars()
+                .take(LOGGED_SOURCE_CHARS)
+                .collect();
             tracing::warn!(
                 why,
+                user_agent = %tally_runtime::loggable(&user_agent),
                 refused_since_last_logged = left_out,
                 "events refused: no valid API key"
             );

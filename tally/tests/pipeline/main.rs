@@ -3009,9 +3009,15 @@ fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
     // A refused key is a warning with why, for the operator of a sender whose events
     // never arrive.
     assert!(
-        records.iter().any(|r| r["message"] == "events refused: no valid API key"
-            && r["level"] == "WARN"
-            && r["why"] == "the API key sent is not one of the configured keys (rotated, or mistyped?)"),
+        records
+            .iter()
+            .any(|r| r["message"] == "events refused: no valid API key"
+                && r["level"] == "WARN"
+                && r["why"]
+                    == "the API key sent is not one of the configured keys (rotated, or mistyped?)"
+                && r["user_agent"]
+                    .as_str()
+                    .is_some_and(|agent| agent.starts_with("ureq"))),
         "{log}"
     );
     for key in [harness::API_KEY, guessed] {
