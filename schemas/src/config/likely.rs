@@ -133,7 +133,42 @@ mod tests {
         previous[b.len()]
     }
 
+    /// `likely_meant` as it was before the length filter and the bounded distance.
+    fn likely_meant_by_whole_tables<'a>(asked: &str, known: &[&'a str]) -> Option<&'a str> {
+        let normal = |id: &str| -> Vec<char> {
+            (id.trim().chars())
+                .map(|c| match c {
+                    '-' | ' ' => '_',
+                    c => c.to_ascii_lowercase(),
+                })
+                .collect()
+        };
+        let asked = normal(asked);
+        let limit = (asked.len() / 4).min(2);
+        let mut distances: Vec<(usize, &str)> = (known.iter())
+            .map(|id| (full_distance(&asked, &normal(id)), *id))
+            .filter(|(distance, _)| *distance <= limit)
+            .collect();
+        distances.sort_by_key(|(distance, _)| *distance);
+        match distances.as_slice() {
+            [(nearest, id), rest @ ..] if rest.first().is_none_or(|(d, _)| d > nearest) => Some(id),
+            _ => None,
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn a_guess_is_the_one_the_whole_tables_give(
+            asked in "[aB_ -]{0,10}",
+            known in proptest::collection::vec("[ab_-]{0,10}", 0..8),
+        ) {
+            let known: Vec<&str> = known.iter().map(String::as_str).collect();
+            proptest::prop_assert_eq!(
+                likely_meant(&asked, known.iter().copied()),
+                likely_meant_by_whole_tables(&asked, &known)
+            );
+        }
+
         #[test]
         fn the_bounded_distance_agrees_with_the_whole_table(
             a in "[ab_-]{0,9}",
