@@ -93,6 +93,21 @@ impl From<&CustomerLine<'_>> for (String, LineKey) {
     }
 }
 
+/// Series counts of one line at which it is reported, once each: a line's series are
+/// its `group_by` values' combinations, and this many are a sender putting something
+/// of many values (a request id, a user) in a dimension, each a series the aggregator
+/// and the rater hold for the month.
+pub const CROWDED_LINE_SERIES: [usize; 4] = [1_000, 10_000, 100_000, 1_000_000];
+
+/// A line that has just reached one of [`CROWDED_LINE_SERIES`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrowdedLine {
+    pub customer: String,
+    pub price: String,
+    pub period: Period,
+    pub series: usize,
+}
+
 #[derive(Debug, Default)]
 struct LineState {
     /// Period-to-date value of each series the price selects.
@@ -119,6 +134,9 @@ pub struct Ledger {
     /// The series the lines hold, a series once under each line: kept as they come
     /// and go, for a gauge read after every batch.
     series_held: usize,
+    /// Lines that have just reached one of [`CROWDED_LINE_SERIES`], for the log
+    /// ([`Ledger::take_crowded`]).
+    crowded: Vec<CrowdedLine>,
     /// This period and earlier ones have settled: usage of them is refused.
     settled_through: Option<Period>,
     /// Lines of this period and earlier ones are let go at the next
@@ -134,6 +152,7 @@ impl Ledger {
             dirty: Vec::new(),
             unrated: HashSet::new(),
             series_held: 0,
+            crowded: Vec::new(),
             settled_through: None,
             let_go_through: None,
         }
@@ -160,6 +179,11 @@ impl Ledger {
     /// selects it: what grows with a sender's distinct `group_by` values.
     pub fn series_held(&self) -> usize {
         self.series_held
+    }
+
+    /// The lines that reached a count of [`CROWDED_LINE_SERIES`] since the last call.
+    pub fn take_crowded(&mut self) -> Vec<CrowdedLine> {
+        std::mem::take(&mut self.crowded)
     }
 
     /// How many lines held could not be rated the last time they changed (their
@@ -297,6 +321,14 @@ impl Ledger {
                 None => {
                     state.series.insert(Arc::new(series.to_owned()), value);
                     self.series_held += 1;
+                    if CROWDED_LINE_SERIES.contains(&state.series.len()) {
+                        self.crowded.push(CrowdedLine {
+                            customer: customer.id.clone(),
+                            price: price.id.clone(),
+                            period,
+                            series: state.series.len(),
+                        });
+                    }
                 }
             }
             if !state.dirty {
@@ -775,6 +807,33 @@ mod tests {
             group: group.iter().map(|g| g.to_string()).collect(),
             adjusts: None,
         })
+    }
+
+    #[test]
+    fn a_line_is_reported_as_it_reaches_each_crowded_count_of_series() {
+        let mut ledger = Ledger::new(config());
+        // A request id as the model: each event its own series, summed by all-tokens
+        // (gpt-tokens selects gpt-x only).
+        for i in 0..1_500 {
+            ledger.record(
+                &series("tokens", &[&format!("req-{i}")]),
+                november(),
+                value(1),
+            );
+            // A series already held is no new one.
+            ledger.record(&series("tokens", &["req-0"]), november(), value(2));
+        }
+        assert_eq!(
+            ledger.take_crowded(),
+            [CrowdedLine {
+                customer: "acme".into(),
+                price: "all-tokens".into(),
+                period: november(),
+                series: 1_000,
+            }]
+        );
+        assert_eq!(ledger.take_crowded(), []);
+        assert_eq!(ledger.series_held(), 1_500);
     }
 
     #[test]

@@ -228,6 +228,7 @@ impl Worker {
             records,
             next_offset,
             dedupe_keys = aggregator.dedupe_keys(),
+            series = aggregator.series_count(),
             seconds = started.elapsed().as_secs_f64(),
             "partition state restored from the changelog"
         );

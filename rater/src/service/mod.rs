@@ -643,6 +643,17 @@ impl Worker {
                     "lines of settled periods rated one last time and let go"
                 );
             }
+            for crowded in state.ledger.take_crowded() {
+                tracing::warn!(
+                    partition,
+                    customer = crowded.customer,
+                    price = crowded.price,
+                    period = %crowded.period,
+                    series = crowded.series,
+                    logged_at = ?crate::ledger::CROWDED_LINE_SERIES,
+                    "an invoice line sums this many usage series, one per combination of its meter's group_by values: a dimension of many values (a request id, a user id?) is a series per value that the aggregator and the rater hold for the month; count such ids with a unique_count meter instead (logged as a line reaches each of logged_at)"
+                );
+            }
             for e in failures {
                 self.metrics.rating_failures.inc();
                 tracing::error!(error = %e, partition, "a line cannot be rated; it stays pending, the partition's other lines go on");
