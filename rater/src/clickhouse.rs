@@ -72,7 +72,7 @@ pub enum ClickHouseError {
     },
     #[error("ClickHouse database {database} at {url} is a streaming pipeline's (it holds its rater's lines, versioned by windows offsets, or its claim), whose lines a batch run's rows, versioned by the run's start time, would outrank for good; store the run in a database of its own (--clickhouse-database, tally_batch unless given)")]
     PipelineDatabase { url: String, database: String },
-    #[error("ClickHouse database {database} at {url} holds the lines of the pipeline of topic prefix {owner}, and this rater is of topic prefix {topic_prefix}: two pipelines' lines in one database overwrite each other (a line's id does not name its pipeline). Set [kafka] topic_prefix (TALLY_KAFKA_TOPIC_PREFIX) right, or give this pipeline a database of its own ([clickhouse] database, TALLY_CLICKHOUSE_DATABASE); a pipeline renamed on purpose needs a new database too, as its windows offsets, which version its lines, start again at 0, below the old lines'")]
+    #[error("ClickHouse database {database} at {url} is claimed by the pipeline of topic prefix {owner}, and this rater is of topic prefix {topic_prefix}: two pipelines' lines in one database overwrite each other (a line's id does not name its pipeline). Set [kafka] topic_prefix (TALLY_KAFKA_TOPIC_PREFIX) right, or give this pipeline a database of its own ([clickhouse] database, TALLY_CLICKHOUSE_DATABASE); a pipeline renamed on purpose needs a new database too, as its windows offsets, which version its lines, start again at 0, below the old lines'. A claim made by mistake (a rater started once with a mistyped prefix) before any line was stored is undone with DROP TABLE {database}.pipeline_claims, the raters stopped")]
     ClaimedByAnotherPipeline {
         url: String,
         database: String,
@@ -204,9 +204,10 @@ const REPRICING_COLUMNS: [(&str, &str); 10] = [
 const BATCH_VERSIONS_FROM: u64 = 1_000_000_000_000;
 
 /// How long a rater that claimed a database waits before reading the claims again
-/// ([`ClickHouse::claim_for_pipeline`]): far longer than a query's round trip, so
-/// another pipeline's rater that found no claim at the same time has made its own.
-const CLAIM_SETTLES: Duration = Duration::from_secs(1);
+/// ([`ClickHouse::claim_for_pipeline`]): a claim that sorts before its own was stamped
+/// within the same whole second at the latest, so it was made by the end of that
+/// second; the second one more is for its insert to finish.
+const CLAIM_SETTLES: Duration = Duration::from_secs(2);
 
 /// Most lines retired by one statement.
 const RETIRE_CHUNK: usize = 2000;
@@ -456,12 +457,13 @@ impl ClickHouse {
     /// Line ids do not name a pipeline, so a second pipeline writing here (a
     /// staging and a production one both on the default database, a prefix mistyped
     /// in one service) would overwrite the first one's lines, whichever's windows
-    /// offsets are higher winning. The first claim (by time, then prefix) is the
-    /// owner. A rater that finds none claims it and reads the claims again only after
-    /// [`CLAIM_SETTLES`]: another pipeline's rater that also found none has made its
-    /// claim by then (a query's round trip after looking), so the two read the same
-    /// claims and agree on the owner. A database of batch runs is refused too: their
-    /// versions outrank every offset. After [`Self::ensure_schema`].
+    /// offsets are higher winning. The first claim (by its server time, in whole
+    /// seconds, then by prefix) is the owner. A rater that finds none claims it and
+    /// reads the claims again only after [`CLAIM_SETTLES`]: any claim that sorts
+    /// before its own is in the table by then, so raters of two pipelines claiming at
+    /// once agree on the owner (of one server: replicas' clocks and lag are not
+    /// covered). A database of batch runs is refused too: their versions outrank every
+    /// offset. After [`Self::ensure_schema`].
     pub fn claim_for_pipeline(&self, topic_prefix: &str) -> Result<(), ClickHouseError> {
         let db = &self.database;
         let first_claim = || -> Result<Option<String>, ClickHouseError> {
@@ -580,8 +582,9 @@ impl ClickHouse {
     /// retires the period's lines the run did not make: each gets a `superseded` row
     /// at this version. A line's row with the highest `version` is current; writing
     /// the same version again replaces nothing and adds nothing to the view.
-    /// A database the streaming rater writes is refused: its versions are windows
-    /// offsets, far below a run's.
+    /// A database of a streaming pipeline is refused, whether its rater stored lines
+    /// there yet or only claimed it: its versions are windows offsets, far below a
+    /// run's.
     pub fn replace_period(
         &self,
         version: u64,
@@ -596,7 +599,7 @@ impl ClickHouse {
                 db = self.database
             ),
         )? || self.counts_any(
-            "check whose lines the database holds",
+            "check whether a pipeline claimed the database",
             &format!(
                 "SELECT count() FROM (SELECT 1 FROM {}.pipeline_claims LIMIT 1)",
                 self.database

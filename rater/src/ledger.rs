@@ -93,10 +93,10 @@ impl From<&CustomerLine<'_>> for (String, LineKey) {
     }
 }
 
-/// Series counts of one line at which it is reported, once each: a line's series are
-/// its `group_by` values' combinations, and this many are a sender putting something
-/// of many values (a request id, a user) in a dimension, each a series the aggregator
-/// and the rater hold for the month.
+/// Series counts of one line at which it is reported, once each as live records reach
+/// them: a line's series are its `group_by` values' combinations, and this many are a
+/// sender putting something of many values (a request id, a user) in a dimension, each
+/// a series the aggregator and the rater hold for the month.
 pub const CROWDED_LINE_SERIES: [usize; 4] = [1_000, 10_000, 100_000, 1_000_000];
 
 /// A line that has just reached one of [`CROWDED_LINE_SERIES`].
@@ -104,7 +104,11 @@ pub const CROWDED_LINE_SERIES: [usize; 4] = [1_000, 10_000, 100_000, 1_000_000];
 pub struct CrowdedLine {
     pub customer: String,
     pub price: String,
+    /// The month the line bills.
     pub period: Period,
+    /// For an adjustment line, the closed month its usage belongs to.
+    pub adjusts: Option<Period>,
+    /// The series it sums: the count it has just reached.
     pub series: usize,
 }
 
@@ -326,6 +330,7 @@ impl Ledger {
                             customer: customer.id.clone(),
                             price: price.id.clone(),
                             period,
+                            adjusts: series.adjusts,
                             series: state.series.len(),
                         });
                     }
@@ -829,6 +834,7 @@ mod tests {
                 customer: "acme".into(),
                 price: "all-tokens".into(),
                 period: november(),
+                adjusts: None,
                 series: 1_000,
             }]
         );

@@ -573,7 +573,7 @@ fn a_database_is_its_first_pipelines_and_refuses_another_or_batch_runs() {
     assert!(error.is_anothers_database(), "{error}");
     assert!(
         error.to_string().contains(&format!(
-            "ClickHouse database {database} at {} holds the lines of the pipeline of topic prefix prod, and this rater is of topic prefix staging:",
+            "ClickHouse database {database} at {} is claimed by the pipeline of topic prefix prod, and this rater is of topic prefix staging:",
             url()
         )),
         "{error}"

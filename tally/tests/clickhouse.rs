@@ -211,7 +211,7 @@ fn a_run_is_not_stored_in_a_streaming_pipelines_database() {
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        stderr.contains("holds the streaming rater's lines"),
+        stderr.contains("is a streaming pipeline's (it holds its rater's lines"),
         "{stderr}"
     );
     let after = db.query(&format!("SELECT count() AS n FROM {}.rated_lines", db.0));

@@ -649,9 +649,10 @@ impl Worker {
                     customer = crowded.customer,
                     price = crowded.price,
                     period = %crowded.period,
+                    adjusts = crowded.adjusts.map(|p| p.to_string()),
                     series = crowded.series,
                     logged_at = ?crate::ledger::CROWDED_LINE_SERIES,
-                    "an invoice line sums this many usage series, one per combination of its meter's group_by values: a dimension of many values (a request id, a user id?) is a series per value that the aggregator and the rater hold for the month; count such ids with a unique_count meter instead (logged as a line reaches each of logged_at)"
+                    "an invoice line sums this many usage series, one per combination of its meter's group_by values: a dimension of many values (a request id, a user id) is a series per value that the aggregator and the rater hold for the month; take such a key out of the meter's group_by, or, to bill how many distinct ids there are, count them with a unique_count meter (logged as a line reaches each of logged_at)"
                 );
             }
             for e in failures {

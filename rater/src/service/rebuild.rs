@@ -214,6 +214,10 @@ impl Worker {
         // Marks the lines as stored as of `committed` and lets settled periods go; one
         // that fails to rate stays pending and is retried with its next update.
         let (_, failures) = rebuilt.ledger.flush_available();
+        // Lines the records before the committed offset crowded were reported when those
+        // records were first read, by this rater or an earlier one; settled months'
+        // lines, let go just now, are no sender's news either.
+        rebuilt.ledger.take_crowded();
         if !failures.is_empty() {
             tracing::warn!(
                 partition,

@@ -2663,7 +2663,7 @@ fn a_deploy_with_another_partition_count_or_a_mistyped_prefix_is_told_so() {
     assert!(!status.success(), "{log}");
     assert!(
         log.contains(&format!(
-            "holds the lines of the pipeline of topic prefix {}, and this rater is of topic prefix {mistyped}:",
+            "is claimed by the pipeline of topic prefix {}, and this rater is of topic prefix {mistyped}:",
             p.prefix
         )),
         "{log}"
