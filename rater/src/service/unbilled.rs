@@ -5,6 +5,7 @@
 //! customer sending usage all day is one line, and a flood of unknown ones cannot fill
 //! the log or the memory.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use tally_schemas::records::SeriesKeyRef;
@@ -69,21 +70,28 @@ impl UnbilledLog {
 
 /// Why no line bills usage `recorded` so, for the log; `None` for usage that is billed
 /// or was billed already (a settled month's usage an aggregator replays).
-fn why_unbilled(recorded: Recorded, adjusts: Option<Period>, period: Period) -> Option<String> {
+/// Asked of every unbilled update, logged or not, so only a late adjustment's reason
+/// is written out anew.
+fn why_unbilled(
+    recorded: Recorded,
+    adjusts: Option<Period>,
+    period: Period,
+) -> Option<Cow<'static, str>> {
     Some(match (recorded, adjusts) {
         (Recorded::UnknownCustomer, _) => {
-            "the customer is not in the price book; add the customer to bill it".to_owned()
+            "the customer is not in the price book; add the customer to bill it".into()
         }
         (Recorded::NotPriced, _) => {
-            "the customer's plan has no price for this meter and these dimensions; add the price to bill it".to_owned()
+            "the customer's plan has no price for this meter and these dimensions; add the price to bill it".into()
         }
         // A late adjustment is judged by the month it belongs to, not the one it is
         // carried into: a customer billed from that one was not yet billed then.
         (Recorded::NotSubscribed, Some(belongs_to)) => format!(
             "it is late usage of {belongs_to}, carried into {period} as an adjustment, and {belongs_to} is outside the customer's from and through; move them to bill it"
-        ),
+        )
+        .into(),
         (Recorded::NotSubscribed, None) => {
-            "the month is outside the customer's from and through; move them to bill it".to_owned()
+            "the month is outside the customer's from and through; move them to bill it".into()
         }
         (Recorded::SettledPeriod | Recorded::Billed(_), _) => return None,
     })
