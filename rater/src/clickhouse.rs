@@ -479,11 +479,9 @@ impl ClickHouse {
         let owner = match first_claim()? {
             Some(owner) => owner,
             None => {
-                let batch_lines = self.counts_any(
+                let batch_lines = self.has_any(
                     "check whose lines the database holds",
-                    &format!(
-                        "SELECT count() FROM (SELECT 1 FROM {db}.rated_lines WHERE version >= {BATCH_VERSIONS_FROM} LIMIT 1)"
-                    ),
+                    &format!("rated_lines WHERE version >= {BATCH_VERSIONS_FROM}"),
                 )?;
                 if batch_lines {
                     return Err(ClickHouseError::BatchDatabase {
@@ -592,18 +590,12 @@ impl ClickHouse {
         lines: &[InvoiceLine],
     ) -> Result<(), ClickHouseError> {
         // A pipeline's lines, or a pipeline's claim made before it stored any.
-        let streamed = self.counts_any(
+        let streamed = self.has_any(
             "check whose lines the database holds",
-            &format!(
-                "SELECT count() FROM (SELECT 1 FROM {db}.rated_lines WHERE version < {BATCH_VERSIONS_FROM} LIMIT 1)",
-                db = self.database
-            ),
-        )? || self.counts_any(
+            &format!("rated_lines WHERE version < {BATCH_VERSIONS_FROM}"),
+        )? || self.has_any(
             "check whether a pipeline claimed the database",
-            &format!(
-                "SELECT count() FROM (SELECT 1 FROM {}.pipeline_claims LIMIT 1)",
-                self.database
-            ),
+            "pipeline_claims",
         )?;
         if streamed {
             return Err(ClickHouseError::PipelineDatabase {
@@ -1098,6 +1090,18 @@ impl ClickHouse {
                 string_literal(&self.database),
                 string_literal(table),
                 string_literal(column)
+            ),
+        )
+    }
+
+    /// Whether `rows`, a table of this database with an optional `WHERE` condition, has
+    /// a row: the query stops at the first.
+    fn has_any(&self, what: &'static str, rows: &str) -> Result<bool, ClickHouseError> {
+        self.counts_any(
+            what,
+            &format!(
+                "SELECT count() FROM (SELECT 1 FROM {}.{rows} LIMIT 1)",
+                self.database
             ),
         )
     }

@@ -82,8 +82,14 @@ fn shutdown_drain(producer: &EventProducer) -> Duration {
     producer.request_timeout() + BODY_READ_WAIT.max(DISCARD_BODY_WAIT)
 }
 
-/// Longest a rejected `source` is written to the log: it is the sender's text.
-const LOGGED_SOURCE_CHARS: usize = 200;
+/// Longest a sender's text (a refused `source`, a `User-Agent`) is written to the log.
+const LOGGED_SENDER_CHARS: usize = 200;
+
+/// A sender's text as the log takes it: cut to [`LOGGED_SENDER_CHARS`], its control
+/// characters escaped.
+fn sender_text(text: &str) -> String {
+    tally_runtime::loggable(&text.chars().take(LOGGED_SENDER_CHARS).collect::<String>())
+}
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -377,15 +383,12 @@ fn admit(app: &App, headers: &HeaderMap) -> Result<(Caller, BodyKind), Refusal> 
         let why = why_unauthorized(headers);
         if let Some(left_out) = app.unauthorized.due(why, Instant::now()) {
             // Which sender, as far as its headers tell: its client and version.
-            let user_agent: String = (headers.get(header::USER_AGENT))
+            let user_agent = (headers.get(header::USER_AGENT))
                 .map(|agent| String::from_utf8_lossy(agent.as_bytes()).into_owned())
-                .unwrap_or_default()
-                .chars()
-                .take(LOGGED_SOURCE_CHARS)
-                .collect();
+                .unwrap_or_default();
             tracing::warn!(
                 why,
-                user_agent = %tally_runtime::loggable(&user_agent),
+                user_agent = %sender_text(&user_agent),
                 refused_since_last_logged = left_out,
                 "events refused: no valid API key"
             );
@@ -665,10 +668,9 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
 /// 403 for a request with an event of a source its key may not send: logged with the
 /// key's tenant, as a sender on the wrong key is an operator's to find.
 fn forbidden_source(tenant: &str, forbidden: &Forbidden) -> Response {
-    let logged: String = forbidden.source.chars().take(LOGGED_SOURCE_CHARS).collect();
     tracing::warn!(
         tenant,
-        source = %tally_runtime::loggable(&logged),
+        source = %sender_text(&forbidden.source),
         index = forbidden.index,
         "events refused: source not allowed for the key"
     );

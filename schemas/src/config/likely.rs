@@ -19,13 +19,6 @@ impl Config {
 /// than the edits allowed is passed over by its length alone, so a sender's long
 /// unknown subject costs one pass over the ids, not a distance to each.
 pub fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let normal = |id: &str, into: &mut Vec<char>| {
-        into.clear();
-        into.extend(id.trim().chars().map(|c| match c {
-            '-' | ' ' => '_',
-            c => c.to_ascii_lowercase(),
-        }));
-    };
     let mut asked_normal = Vec::new();
     normal(asked, &mut asked_normal);
     let limit = (asked_normal.len() / 4).min(2);
@@ -50,6 +43,16 @@ pub fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Op
         }
     }
     best.filter(|_| !tied).map(|(_, id)| id)
+}
+
+/// `id` as compared, into `into`: trimmed, lower case, `-` and spaces as `_`; one
+/// character for each of the trimmed id's.
+fn normal(id: &str, into: &mut Vec<char>) {
+    into.clear();
+    into.extend(id.trim().chars().map(|c| match c {
+        '-' | ' ' => '_',
+        c => c.to_ascii_lowercase(),
+    }));
 }
 
 /// The two rows of a Levenshtein table, kept between ids.
@@ -135,13 +138,10 @@ mod tests {
 
     /// `likely_meant` as it was before the length filter and the bounded distance.
     fn likely_meant_by_whole_tables<'a>(asked: &str, known: &[&'a str]) -> Option<&'a str> {
-        let normal = |id: &str| -> Vec<char> {
-            (id.trim().chars())
-                .map(|c| match c {
-                    '-' | ' ' => '_',
-                    c => c.to_ascii_lowercase(),
-                })
-                .collect()
+        let normal = |id: &str| {
+            let mut chars = Vec::new();
+            normal(id, &mut chars);
+            chars
         };
         let asked = normal(asked);
         let limit = (asked.len() / 4).min(2);
