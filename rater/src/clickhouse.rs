@@ -72,12 +72,19 @@ pub enum ClickHouseError {
     },
     #[error("ClickHouse database {database} at {url} is a streaming pipeline's (it holds its rater's lines, versioned by windows offsets, or its claim), whose lines a batch run's rows, versioned by the run's start time, would outrank for good; store the run in a database of its own (--clickhouse-database, tally_batch unless given)")]
     PipelineDatabase { url: String, database: String },
-    #[error("ClickHouse database {database} at {url} is claimed by the pipeline of topic prefix {owner}, and this rater is of topic prefix {topic_prefix}: two pipelines' lines in one database overwrite each other (a line's id does not name its pipeline). Set [kafka] topic_prefix (TALLY_KAFKA_TOPIC_PREFIX) right, or give this pipeline a database of its own ([clickhouse] database, TALLY_CLICKHOUSE_DATABASE); a pipeline renamed on purpose needs a new database too, as its windows offsets, which version its lines, start again at 0, below the old lines'. A claim made by mistake (a rater started once with a mistyped prefix) before any line was stored is undone with DROP TABLE {database}.pipeline_claims, the raters stopped")]
+    #[error("ClickHouse database {database} at {url} is claimed by the pipeline of topic prefix {owner}, and this rater is of topic prefix {topic_prefix}: two pipelines' lines in one database overwrite each other (a line's id does not name its pipeline). Set [kafka] topic_prefix (TALLY_KAFKA_TOPIC_PREFIX) right, or give this pipeline a database of its own ([clickhouse] database, TALLY_CLICKHOUSE_DATABASE); a pipeline renamed on purpose needs a new database too, as its windows offsets, which version its lines, start again at 0, below the old lines'. A claim made by mistake (a rater started once with a mistyped prefix) before any line was stored is undone with TRUNCATE TABLE {database}.pipeline_claims, the raters stopped")]
     ClaimedByAnotherPipeline {
         url: String,
         database: String,
         owner: String,
         topic_prefix: String,
+    },
+    #[error("ClickHouse database {database} at {url}: this rater claimed it for topic prefix {topic_prefix} but does not read its claim back {settled:?} later, so it cannot tell whether another pipeline claimed it too. Inserts are not visible to the next read: [clickhouse] url (TALLY_CLICKHOUSE_URL) likely balances over replicas, or the login's profile makes inserts asynchronous; point it at one server, with synchronous inserts")]
+    ClaimNotReadBack {
+        url: String,
+        database: String,
+        topic_prefix: String,
+        settled: Duration,
     },
     #[error("ClickHouse database {database} at {url} holds lines of `tally rate --clickhouse` runs (versioned by their start time), which would outrank the streaming rater's for good; give the pipeline a database of its own ([clickhouse] database, TALLY_CLICKHOUSE_DATABASE)")]
     BatchDatabase { url: String, database: String },
@@ -206,7 +213,8 @@ const BATCH_VERSIONS_FROM: u64 = 1_000_000_000_000;
 /// How long a rater that claimed a database waits before reading the claims again
 /// ([`ClickHouse::claim_for_pipeline`]): a claim that sorts before its own was stamped
 /// within the same whole second at the latest, so it was made by the end of that
-/// second; the second one more is for its insert to finish.
+/// second; the second one more is a bet that its insert finishes within it (an insert
+/// of one row on one server takes milliseconds), not a guarantee.
 const CLAIM_SETTLES: Duration = Duration::from_secs(2);
 
 /// Most lines retired by one statement.
@@ -459,11 +467,12 @@ impl ClickHouse {
     /// in one service) would overwrite the first one's lines, whichever's windows
     /// offsets are higher winning. The first claim (by its server time, in whole
     /// seconds, then by prefix) is the owner. A rater that finds none claims it and
-    /// reads the claims again only after [`CLAIM_SETTLES`]: any claim that sorts
-    /// before its own is in the table by then, so raters of two pipelines claiming at
+    /// reads the claims again only after [`CLAIM_SETTLES`], by when a claim that sorts
+    /// before its own is in the table too, so raters of two pipelines claiming at
     /// once agree on the owner (of one server: replicas' clocks and lag are not
-    /// covered). A database of batch runs is refused too: their versions outrank every
-    /// offset. After [`Self::ensure_schema`].
+    /// covered, and a claim not read back at all is refused as a sign of them). A
+    /// database of batch runs is refused too: their versions outrank every offset.
+    /// After [`Self::ensure_schema`].
     pub fn claim_for_pipeline(&self, topic_prefix: &str) -> Result<(), ClickHouseError> {
         let db = &self.database;
         let first_claim = || -> Result<Option<String>, ClickHouseError> {
@@ -497,7 +506,12 @@ impl ClickHouse {
                     ),
                 )?;
                 std::thread::sleep(CLAIM_SETTLES);
-                first_claim()?.unwrap_or_else(|| topic_prefix.to_owned())
+                first_claim()?.ok_or_else(|| ClickHouseError::ClaimNotReadBack {
+                    url: self.url.clone(),
+                    database: db.clone(),
+                    topic_prefix: topic_prefix.to_owned(),
+                    settled: CLAIM_SETTLES,
+                })?
             }
         };
         if owner != topic_prefix {
@@ -1364,13 +1378,15 @@ impl ClickHouseError {
         matches!(self.exception_code(), Some(60 | 81))
     }
 
-    /// Whether the database belongs to another pipeline or to batch runs
-    /// ([`ClickHouse::claim_for_pipeline`]): only an operator can mend that.
-    pub fn is_anothers_database(&self) -> bool {
+    /// Whether the database belongs to another pipeline or to batch runs, or the url
+    /// cannot show whose it is ([`ClickHouse::claim_for_pipeline`]): only an operator
+    /// can mend that.
+    pub fn is_unusable_for_this_pipeline(&self) -> bool {
         matches!(
             self,
             ClickHouseError::ClaimedByAnotherPipeline { .. }
                 | ClickHouseError::BatchDatabase { .. }
+                | ClickHouseError::ClaimNotReadBack { .. }
         )
     }
 

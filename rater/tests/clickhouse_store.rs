@@ -570,7 +570,7 @@ fn a_database_is_its_first_pipelines_and_refuses_another_or_batch_runs() {
     // The same pipeline again (a restart, a second rater): its own.
     claimed.claim_for_pipeline("prod").unwrap();
     let error = claimed.claim_for_pipeline("staging").unwrap_err();
-    assert!(error.is_anothers_database(), "{error}");
+    assert!(error.is_unusable_for_this_pipeline(), "{error}");
     assert!(
         error.to_string().contains(&format!(
             "ClickHouse database {database} at {} is claimed by the pipeline of topic prefix prod, and this rater is of topic prefix staging:",
@@ -598,7 +598,7 @@ fn a_database_is_its_first_pipelines_and_refuses_another_or_batch_runs() {
         .replace_period(1_796_000_000_000, november, &batch_lines)
         .unwrap();
     let error = batch.claim_for_pipeline("prod").unwrap_err();
-    assert!(error.is_anothers_database(), "{error}");
+    assert!(error.is_unusable_for_this_pipeline(), "{error}");
     assert!(
         error
             .to_string()
@@ -625,7 +625,7 @@ fn two_pipelines_claiming_a_database_at_once_agree_on_one_owner() {
                         start.wait();
                         match store.claim_for_pipeline(prefix) {
                             Ok(()) => true,
-                            Err(e) if e.is_anothers_database() => false,
+                            Err(e) if e.is_unusable_for_this_pipeline() => false,
                             Err(e) => panic!("{e}"),
                         }
                     })

@@ -363,12 +363,12 @@ pub fn run(
     while let Err(e) =
         (clickhouse.ensure_schema()).and_then(|()| clickhouse.claim_for_pipeline(prefix))
     {
-        if e.is_anothers_database() {
+        if e.is_unusable_for_this_pipeline() {
             return Err(e.into());
         }
         readiness.not_ready(format!("ClickHouse: {e}"));
         metrics.query_failures.inc();
-        tracing::warn!(error = %e, "cannot create the ClickHouse schema yet; retrying");
+        tracing::warn!(error = %e, "cannot prepare the ClickHouse database yet (its schema, this pipeline's claim); retrying");
         if shutdown.sleep(wait) {
             return Ok(());
         }
