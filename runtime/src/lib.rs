@@ -19,17 +19,28 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The commit the build is from (`build.rs`): git's, `TALLY_COMMIT`'s, or `unknown`.
 pub const COMMIT: &str = env!("TALLY_COMMIT");
 
-/// A sender's text as a log field: its control characters escaped (`\n`, `\u{1b}`), so
-/// it cannot write lines of its own into a text log nor a terminal's escape codes, and
-/// nothing else, so a JSON log quotes it once.
+/// Longest a sender's text (a refused `source`, a `User-Agent`, a Kafka key) is written
+/// to the log, in characters: enough to tell one sender from another, not a payload.
+pub const LOGGED_SENDER_CHARS: usize = 200;
+
+/// A sender's text as a log field: cut to [`LOGGED_SENDER_CHARS`], the cut said, and
+/// its control characters, line separators and bidirectional overrides escaped (`\n`,
+/// `\u{1b}`, `\u{202e}`), so it can neither write lines of its own into a text log, nor
+/// send a terminal escape codes, nor reorder what a viewer shows after it; nothing
+/// else, so a JSON log quotes it once.
 pub fn loggable(text: &str) -> String {
-    let mut logged = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() {
+    let mut logged = String::with_capacity(text.len().min(4 * LOGGED_SENDER_CHARS));
+    let mut chars = text.chars();
+    for c in chars.by_ref().take(LOGGED_SENDER_CHARS) {
+        if c.is_control() || tally_schemas::event::reorders_text(c) {
             logged.extend(c.escape_debug());
         } else {
             logged.push(c);
         }
+    }
+    let left_out = chars.count();
+    if left_out > 0 {
+        logged.push_str(&format!("... ({left_out} more characters)"));
     }
     logged
 }
@@ -37,11 +48,24 @@ pub fn loggable(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn only_control_characters_are_escaped_for_a_log() {
+    fn only_what_breaks_or_reorders_a_line_is_escaped_for_a_log() {
         assert_eq!(super::loggable("we\"ird café"), "we\"ird café");
         assert_eq!(
             super::loggable("a\nERROR forged\u{1b}[2J"),
             "a\\nERROR forged\\u{1b}[2J"
         );
+        assert_eq!(
+            super::loggable("invoice \u{202e}fdp.exe\u{2028}next"),
+            "invoice \\u{202e}fdp.exe\\u{2028}next"
+        );
+    }
+
+    #[test]
+    fn a_long_text_is_cut_and_the_cut_said() {
+        let long = "é".repeat(super::LOGGED_SENDER_CHARS + 5);
+        let logged = super::loggable(&long);
+        let kept = "é".repeat(super::LOGGED_SENDER_CHARS);
+        assert_eq!(logged, format!("{kept}... (5 more characters)"));
+        assert_eq!(super::loggable(&kept), kept);
     }
 }

@@ -644,6 +644,13 @@ fn forbidden_in_attribute(c: char) -> bool {
     c.is_control() || (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
 }
 
+/// Whether `c` breaks a line or reorders what follows it where text is shown (U+2028
+/// and U+2029, bidirectional overrides and isolates), which a terminal, a log viewer or
+/// an invoice would do with a sender's text.
+pub fn reorders_text(c: char) -> bool {
+    matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 /// The first character of `s` that `refused` refuses, which printable ASCII never is:
 /// most strings are checked by their bytes alone.
 fn first_refused(s: &str, refused: impl Fn(char) -> bool) -> Option<char> {
@@ -725,10 +732,8 @@ pub const MAX_GROUP_VALUE_CHARS: usize = 256;
 /// [`MAX_GROUP_VALUE_CHARS`] long), numbers normalised, booleans as `true`/`false`.
 fn group_value<'a>(raw: &'a str, path: &JsonPath) -> Result<Cow<'a, str>, EventError> {
     if let Some(s) = string_at(raw, || path.field_name())? {
-        // Shown on invoice lines: nor may it break a line or reorder what follows it
-        // (U+2028 and U+2029, bidirectional overrides and isolates).
-        let reorders = |c: char| matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
-        if let Some(c) = first_refused(&s, |c| forbidden_in_attribute(c) || reorders(c)) {
+        // Shown on invoice lines: nor may it break a line or reorder what follows it.
+        if let Some(c) = first_refused(&s, |c| forbidden_in_attribute(c) || reorders_text(c)) {
             return Err(error(path.field_name(), Problem::ForbiddenCharacter(c)));
         }
         // Bytes bound characters: most values are checked without counting.

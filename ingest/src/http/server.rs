@@ -82,15 +82,6 @@ fn shutdown_drain(producer: &EventProducer) -> Duration {
     producer.request_timeout() + BODY_READ_WAIT.max(DISCARD_BODY_WAIT)
 }
 
-/// Longest a sender's text (a refused `source`, a `User-Agent`) is written to the log.
-const LOGGED_SENDER_CHARS: usize = 200;
-
-/// A sender's text as the log takes it: cut to [`LOGGED_SENDER_CHARS`], its control
-/// characters escaped.
-fn sender_text(text: &str) -> String {
-    tally_runtime::loggable(&text.chars().take(LOGGED_SENDER_CHARS).collect::<String>())
-}
-
 /// What every request handler shares.
 #[derive(Debug)]
 struct App {
@@ -388,7 +379,7 @@ fn admit(app: &App, headers: &HeaderMap) -> Result<(Caller, BodyKind), Refusal> 
                 .unwrap_or_default();
             tracing::warn!(
                 why,
-                user_agent = %sender_text(&user_agent),
+                user_agent = %tally_runtime::loggable(&user_agent),
                 refused_since_last_logged = left_out,
                 "events refused: no valid API key"
             );
@@ -670,7 +661,7 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
 fn forbidden_source(tenant: &str, forbidden: &Forbidden) -> Response {
     tracing::warn!(
         tenant,
-        source = %sender_text(&forbidden.source),
+        source = %tally_runtime::loggable(&forbidden.source),
         index = forbidden.index,
         "events refused: source not allowed for the key"
     );
