@@ -1140,6 +1140,13 @@ fn bodies_over_the_byte_or_event_limit_get_413_and_store_nothing() {
         .unwrap()
         .contains("2048 bytes"));
 
+    // A client that sends its whole body before it reads the answer (Python's urllib)
+    // gets the 413 too, rather than a connection reset under it, which it would retry.
+    let bigger = format!("[{}]", vec![e(1); 60_000].join(","));
+    assert!(bigger.len() > 8 << 20);
+    let reply = post_whole_then_read(service.addr(), KEY, bigger.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+
     // Streamed in chunks with no Content-Length: cut off once past the limit.
     let reply = post_chunked(service.addr(), KEY, big.as_bytes());
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
@@ -1157,6 +1164,30 @@ fn bodies_over_the_byte_or_event_limit_get_413_and_store_nothing() {
                "message": "the batch holds 4 events, more than the 3 allowed in one request; split it"})
     );
     assert_eq!(service.stored(), vec![]);
+}
+
+/// Sends `body` with its `Content-Length` on a raw connection, all of it before reading
+/// anything; returns the whole answer as text, or what went wrong.
+fn post_whole_then_read(addr: SocketAddr, key: &str, body: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/cloudevents-batch+json\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    if let Err(e) = stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(body))
+    {
+        return format!("sending failed: {e}");
+    }
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => String::from_utf8_lossy(&answer).into_owned(),
+        Err(e) => format!("reading failed: {e}; read {:?}", String::from_utf8_lossy(&answer)),
+    }
 }
 
 /// Sends `body` with `Transfer-Encoding: chunked` on a raw connection; returns the

@@ -8,12 +8,14 @@
 //! Kafka. The answer (202, or 422 for a single invalid event) is
 //! sent only after Kafka acknowledged every accepted event; if it does not, 503 and
 //! nothing is promised. A request refused on its headers (401, 429, 415) is answered
-//! once its body is read and dropped, so the client's connection stays usable. One
-//! whose body is announced too large or held back for `100 Continue` is answered at
-//! once, one whose body takes over 5 s after 5 s; both, and a 413, close the
-//! connection. On shutdown, requests in flight get [`shutdown_drain`] to finish; then
-//! the service stops waiting for them (their connections end with the process) and
-//! flushes the producer, so a stalled client cannot hold the service up.
+//! once its body is read and dropped, so the client's connection stays usable, and so
+//! is a 413 whose body is at most [`OVER_LIMIT_READ`] bytes, so a client that sends its
+//! whole body first still reads the answer. One whose body is announced larger than
+//! that or held back for `100 Continue` is answered at once, one whose body takes over
+//! 5 s after 5 s; both, and a 413, close the connection. On shutdown, requests in
+//! flight get [`shutdown_drain`] to finish; then the service stops waiting for them
+//! (their connections end with the process) and flushes the producer, so a stalled
+//! client cannot hold the service up.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -69,6 +71,13 @@ const KAFKA_RETRY_AFTER_SECONDS: u64 = 5;
 /// connection stays usable) before the answer goes out and closes the connection: a
 /// client without a valid key cannot hold a handler longer than this.
 const DISCARD_BODY_WAIT: Duration = Duration::from_secs(5);
+
+/// How much of a body over the limit is still read, and thrown away, before the 413
+/// goes out (within [`DISCARD_BODY_WAIT`]): a client that sends its whole body before
+/// it reads the answer (Python's urllib, many SDKs) then gets the 413, where a
+/// connection closed under it would be a network error it retries. A body announced
+/// larger, or still coming past it, is answered at once.
+const OVER_LIMIT_READ: usize = 16 << 20;
 
 /// Longest the body of an admitted request may take to arrive: a sender with a valid
 /// key cannot hold the memory of a part-sent body longer (1 MiB in this time is
@@ -299,7 +308,10 @@ async fn post_events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         Err(Refusal::BodyUnread(response)) => {
             return discard_body(&headers, body, app.max_body_bytes, *response).await
         }
-        Err(Refusal::BodyTooLarge) => return too_large(app.max_body_bytes),
+        Err(Refusal::BodyTooLarge) => {
+            let response = too_large(app.max_body_bytes);
+            return discard_body(&headers, body, OVER_LIMIT_READ, response).await;
+        }
     };
     let bytes = match read_body(body, app.max_body_bytes).await {
         Ok(bytes) => bytes,
@@ -676,12 +688,12 @@ fn forbidden_source(tenant: &str, forbidden: &Forbidden) -> Response {
     .into_response(StatusCode::FORBIDDEN)
 }
 
-/// 413 for a body over the limit. The rest of the body stays unread, so the connection
-/// is closed after the answer.
+/// 413 for a body over the limit, after which the connection is closed: what is left
+/// of the body past [`OVER_LIMIT_READ`] stays unread.
 fn too_large(max_body_bytes: usize) -> Response {
     let mut response = ErrorBody::new(
         "payload_too_large",
-        format!("the request body is larger than the {max_body_bytes} bytes allowed; send fewer events per request"),
+        format!("the request body is larger than the {max_body_bytes} bytes allowed; send fewer events per request (an event this large on its own is refused however it is sent: usage data is a few numbers and names, not a payload)"),
     )
     .into_response(StatusCode::PAYLOAD_TOO_LARGE);
     close_after(&mut response);
@@ -694,14 +706,21 @@ enum ReadError {
     Failed(String),
 }
 
-/// Reads the body, stopping as soon as it passes `limit` bytes, whatever
-/// `Content-Length` said (or if it said nothing, as with chunked bodies), or once it
-/// has taken [`BODY_READ_WAIT`].
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ReadError> {
-    match tokio::time::timeout(BODY_READ_WAIT, Limited::new(body, limit).collect()).await {
+/// Reads the body, keeping none of it once it passes `limit` bytes, whatever
+/// `Content-Length` said (or if it said nothing, as with chunked bodies), and reading
+/// on to throw away up to [`OVER_LIMIT_READ`] more; or stops once it has taken
+/// [`BODY_READ_WAIT`].
+async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ReadError> {
+    let read = Limited::new(&mut body, limit).collect();
+    match tokio::time::timeout(BODY_READ_WAIT, read).await {
         Err(_) => Err(ReadError::TooSlow),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ReadError::TooLarge),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            // Whether the rest all came does not change the answer.
+            let rest = drain(body, OVER_LIMIT_READ);
+            let _ = tokio::time::timeout(DISCARD_BODY_WAIT, rest).await;
+            Err(ReadError::TooLarge)
+        }
         Ok(Err(e)) => Err(ReadError::Failed(e.to_string())),
     }
 }
