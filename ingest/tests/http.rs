@@ -1186,7 +1186,10 @@ fn post_whole_then_read(addr: SocketAddr, key: &str, body: &[u8]) -> String {
     let mut answer = Vec::new();
     match stream.read_to_end(&mut answer) {
         Ok(_) => String::from_utf8_lossy(&answer).into_owned(),
-        Err(e) => format!("reading failed: {e}; read {:?}", String::from_utf8_lossy(&answer)),
+        Err(e) => format!(
+            "reading failed: {e}; read {:?}",
+            String::from_utf8_lossy(&answer)
+        ),
     }
 }
 

@@ -753,6 +753,16 @@ fn api_keys(check: &mut Check<'_>, specs: &[ApiKeySpec]) -> (Vec<ApiKey>, Vec<(S
                 "lists no source: name the CloudEvents sources this key may send, or \"*\"",
             );
         }
+        // A sender's source is compared whole: a wildcard in a name would silently
+        // match only a source spelled with the asterisk.
+        for (i, source) in key.sources.iter().enumerate() {
+            if source != "*" && source.contains('*') {
+                check.issue(
+                    &format!("{at}.sources[{i}]"),
+                    &format!("{source:?} is not a pattern: a source is matched whole, and only \"*\" alone allows every source; list the sources by name"),
+                );
+            }
+        }
         if let Some(secret) = secret {
             if api_keys.iter().any(|k| k.secret == secret) {
                 check.issue(&at, "the same key is configured twice");
@@ -1059,7 +1069,7 @@ listen = "localhost"
 [[ingest.api_keys]]
 key_env = "MISSING_KEY"
 tenant = "a"
-sources = ["x"]
+sources = ["x", "svc-*"]
 [[ingest.api_keys]]
 key = "short"
 tenant = "b"
@@ -1086,6 +1096,7 @@ price_book_check_interval = "0s"
             "ingest.listen",
             "ingest.api_keys[1]: the key is shorter",
             "ingest.api_keys[1].sources",
+            "ingest.api_keys[0].sources[1]: \"svc-*\" is not a pattern",
         ] {
             assert!(
                 issues.iter().any(|i| i.starts_with(expected)),
