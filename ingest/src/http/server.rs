@@ -23,8 +23,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::post;
@@ -62,6 +62,9 @@ pub const UNMATCHED_ROUTE: &str = "unmatched";
 /// Every route the service serves (the API's and the operational ones), as the
 /// OpenAPI document must list them.
 pub const ROUTES: &[&str] = &[EVENTS_ROUTE, "/healthz", "/readyz", "/metrics"];
+
+/// The header a proxy in front of ingest names the client's address in.
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// What `Retry-After` says when Kafka did not acknowledge a request: long enough for a
 /// broker restart or leader election to finish, short enough not to build a backlog.
@@ -302,8 +305,13 @@ async fn track(State(metrics): State<IngestMetrics>, request: Request, next: Nex
     response
 }
 
-async fn post_events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    let (caller, kind) = match admit(&app, &headers) {
+async fn post_events(
+    State(app): State<Arc<App>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let (caller, kind) = match admit(&app, client, &headers) {
         Ok(admitted) => admitted,
         Err(Refusal::BodyUnread(response)) => {
             return discard_body(&headers, body, app.max_body_bytes, *response).await
@@ -379,21 +387,32 @@ enum Refusal {
 }
 
 /// The checks a request's headers decide: key, rate limit, content type and announced
-/// size.
-fn admit(app: &App, headers: &HeaderMap) -> Result<(Caller, BodyKind), Refusal> {
+/// size. `client` is the connection's peer, for the log.
+fn admit(
+    app: &App,
+    client: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(Caller, BodyKind), Refusal> {
     let ring = app.key_ring();
     let Some(caller) = ring.keys.authenticate(headers) else {
         let why = why_unauthorized(headers);
         if let Some(left_out) = app.unauthorized.due(why, Instant::now()) {
-            // Which sender, as far as its headers tell: its client and version.
-            let user_agent = (headers.get(header::USER_AGENT))
-                .map(|agent| String::from_utf8_lossy(agent.as_bytes()).into_owned())
-                .unwrap_or_default();
+            // Which sender, as far as the request tells: where it came from (through
+            // a proxy, as the proxy says), its client and version.
+            let header_text = |name: HeaderName| {
+                (headers.get(name))
+                    .map(|value| {
+                        tally_runtime::loggable(&String::from_utf8_lossy(value.as_bytes()))
+                    })
+                    .unwrap_or_default()
+            };
             tracing::warn!(
                 why,
-                user_agent = %tally_runtime::loggable(&user_agent),
-                refused_since_last_logged = left_out,
-                "events refused: no valid API key"
+                %client,
+                forwarded_for = %header_text(FORWARDED_FOR),
+                user_agent = %header_text(header::USER_AGENT),
+                left_out,
+                "events refused: no valid API key (logged at most once a minute for each why; left_out: as many since)"
             );
         }
         let mut response = ErrorBody::new(
@@ -415,8 +434,8 @@ fn admit(app: &App, headers: &HeaderMap) -> Result<(Caller, BodyKind), Refusal> 
             tracing::warn!(
                 tenant,
                 limit_per_second = app.rate_limit.0,
-                refused_since_last_logged = left_out,
-                "an API key is over its rate limit: its requests are refused with 429 until it slows down; send events in batches, or raise [ingest] rate_limit_per_second"
+                left_out,
+                "an API key is over its rate limit: its requests are refused with 429 until it slows down; send events in batches, or raise [ingest] rate_limit_per_second (logged at most once a minute for each key; left_out: as many since)"
             );
         }
         let body = ErrorBody::new(

@@ -2972,6 +2972,7 @@ fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
     let refused = ureq::post(&format!("http://127.0.0.1:{port}/v1/events"))
         .header("Authorization", &format!("Bearer {guessed}"))
         .header("Content-Type", "application/cloudevents+json")
+        .header("X-Forwarded-For", "203.0.113.7")
         .send(&lines[0][..]);
     assert!(
         matches!(refused, Err(ureq::Error::StatusCode(401))),
@@ -2988,14 +2989,20 @@ fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
                 .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"))
         })
         .collect();
+    let unauthorized = "events refused: no valid API key";
+    let says = |record: &serde_json::Value, message: &str| {
+        record["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(message))
+    };
     for message in [
         "ingest API listening",
         "events ingested",
-        "events refused: no valid API key",
+        unauthorized,
         "ingest API stopped",
     ] {
         let record = (records.iter())
-            .find(|r| r["message"] == message)
+            .find(|r| says(r, message))
             .unwrap_or_else(|| panic!("no {message:?} record in\n{log}"));
         assert!(
             record["timestamp"].is_string() && record["level"].is_string(),
@@ -3007,18 +3014,20 @@ fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
             .any(|r| r["message"] == "events ingested" && r["tenant"] == "pipeline-test"),
         "requests are logged by tenant:\n{log}"
     );
-    // A refused key is a warning with why, for the operator of a sender whose events
-    // never arrive.
+    // A refused key is a warning with why and who sent it, for the operator of a
+    // sender whose events never arrive.
     assert!(
-        records
-            .iter()
-            .any(|r| r["message"] == "events refused: no valid API key"
-                && r["level"] == "WARN"
-                && r["why"]
-                    == "the API key sent is not one of the configured keys (rotated, or mistyped?)"
-                && r["user_agent"]
-                    .as_str()
-                    .is_some_and(|agent| agent.starts_with("ureq"))),
+        records.iter().any(|r| says(r, unauthorized)
+            && r["level"] == "WARN"
+            && r["why"]
+                == "the API key sent is not one of the configured keys (rotated, or mistyped?)"
+            && r["client"]
+                .as_str()
+                .is_some_and(|client| client.starts_with("127.0.0.1:"))
+            && r["forwarded_for"] == "203.0.113.7"
+            && r["user_agent"]
+                .as_str()
+                .is_some_and(|agent| agent.starts_with("ureq"))),
         "{log}"
     );
     for key in [harness::API_KEY, guessed] {
