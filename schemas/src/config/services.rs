@@ -759,7 +759,7 @@ fn api_keys(check: &mut Check<'_>, specs: &[ApiKeySpec]) -> (Vec<ApiKey>, Vec<(S
             if source != "*" && source.contains('*') {
                 check.issue(
                     &format!("{at}.sources[{i}]"),
-                    &format!("{source:?} is not a pattern: a source is matched whole, and only \"*\" alone allows every source; list the sources by name"),
+                    format!("{source:?} is not a pattern: a source is matched whole, and only \"*\" alone allows every source; list the sources by name"),
                 );
             }
         }
