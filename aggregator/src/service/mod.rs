@@ -137,6 +137,15 @@ pub enum AggregatorError {
     },
     #[error("partition {partition}'s state holds usage of meter {meter:?} counted under a definition this price book does not have (the meter removed, or its event_type, aggregation, value_property, allow_negative_values or group_by changed), as its last commit says: another aggregator of the group runs another book, or ran it last. This one stops rather than count that meter's events two ways at once. Run every aggregator with one book, the one that usage was counted with (stop them all, then start them all), and put a new definition in a new meter (another slug) with prices from the month it starts; `tally validate --deployed` lists what a book changes. Where no book restores every partition (the meter's first usage counted both ways), list it in [aggregator] accept_redefined_meters on every aggregator to keep what was counted (README, \"A new price book\")")]
     MeterRedefined { meter: String, partition: i32 },
+    #[error("the state of {events}[{partition}] cannot be rebuilt: changelog {changelog} ends at events offset {state_ends}, before the committed offset {committed} (records of it were lost: the topic deleted, or a broker's log), and {events}'s retention deleted the events from {state_ends} up to {oldest_held}, counted once and billed. Counted on from what is left, the partition's open months would be billed from part of their usage, and lines already stored would go down. The aggregator stops. Restore {changelog} if there is a copy; else set [aggregator] accept_lost_state = true on the aggregators to count on from offset {oldest_held}, knowing those months' lines go down by the deleted events' usage (README, \"A lost changelog\"), and take it out again once the partition counts")]
+    StateLost {
+        events: String,
+        changelog: String,
+        partition: i32,
+        state_ends: i64,
+        committed: i64,
+        oldest_held: i64,
+    },
     #[error("changelog {topic}[{partition}] at offset {offset} cannot be read: {problem}. The state of that partition cannot be rebuilt; was a meter removed, or its aggregation or group_by changed? Restore with the price book the state was built with, or start over with a new topic prefix and a new ClickHouse database.")]
     CorruptChangelog {
         topic: String,
@@ -295,6 +304,8 @@ struct Worker {
     /// left unread.
     partition_count: NonZeroUsize,
     period_close_grace: Duration,
+    /// `[aggregator] accept_lost_state`.
+    accept_lost_state: bool,
     /// `[aggregator] close_idle_after`.
     close_idle_after: Option<Duration>,
     /// The book's meters' definitions' fingerprints, by slug ([`HeldMeters`]).
@@ -348,6 +359,7 @@ impl Worker {
             config,
             partition_count,
             period_close_grace: settings.aggregator.period_close_grace,
+            accept_lost_state: settings.aggregator.accept_lost_state,
             close_idle_after: settings.aggregator.close_idle_after,
             idle_close_not_before: None,
             snapshot_after_bytes: settings.aggregator.changelog_snapshot_bytes,

@@ -4,7 +4,9 @@
 //! In: the changelog partition, read up to its end (at least to the committed offset
 //! of the events it accounts for). Out: the partition's [`PartitionState`], and the
 //! events offset to read from; events the topic deleted before they were counted are
-//! reported.
+//! reported, and a state that cannot be rebuilt (its changelog records lost, and the
+//! events that would count them again deleted) is refused unless the operator accepts
+//! the loss.
 
 use std::time::{Duration, Instant};
 
@@ -47,7 +49,7 @@ impl Worker {
                 )
             })
             .partition(|(partition, _)| *partition < pipeline);
-        let loaded = self.load_all(wanted)?;
+        let loaded = self.load_all(consumer, wanted)?;
         // After the restores, which name the setting where this member's own
         // partitions hold the meter's usage: this finds it held by any partition.
         check_held_meters(
@@ -58,7 +60,6 @@ impl Worker {
             true,
         )?;
         for (partition, state) in loaded {
-            self.check_retention(consumer, partition, state.next_offset);
             let start = match state.next_offset {
                 0 => Offset::Beginning,
                 o => Offset::Offset(o),
@@ -120,52 +121,86 @@ impl Worker {
     /// retention deleted them while the aggregator was down or behind, and the consumer
     /// will start at the oldest it still holds. Nothing can bill them any more, but
     /// finance must hear of it (an error log, a counter and its alert), not find a
-    /// quiet gap.
-    pub(super) fn check_retention(
+    /// quiet gap. Where they had been counted (`counted_to`: the committed offset,
+    /// when the changelog lost the state since `next_offset`), going on would bill
+    /// the open months from part of their usage: refused, unless
+    /// `[aggregator] accept_lost_state` says to go on.
+    fn check_retention(
         &self,
         consumer: &GroupConsumer,
         partition: i32,
         next_offset: i64,
-    ) {
+        counted_to: Option<i64>,
+    ) -> Result<(), AggregatorError> {
         let topic = &self.topics.events;
-        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
-            Ok((oldest, _)) if oldest > next_offset => {
-                let lost = oldest - next_offset;
-                self.metrics.lost_to_retention.inc_by(lost.unsigned_abs());
-                tracing::error!(
+        let oldest = match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok((oldest, _)) => oldest,
+            Err(e) => {
+                tracing::warn!(
                     partition,
-                    resumes_at = next_offset,
-                    oldest_held = oldest,
-                    lost,
-                    "{lost} events of {topic}[{partition}] were deleted by the topic's retention before they were counted: they will not be billed. Raise retention.ms of {topic} above the longest outage"
+                    error = %e,
+                    "cannot read the oldest offset {topic} holds; events deleted by retention would go unreported"
                 );
+                return Ok(());
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(
-                partition,
-                error = %e,
-                "cannot read the oldest offset {topic} holds; events deleted by retention would go unreported"
-            ),
+        };
+        if oldest <= next_offset {
+            return Ok(());
         }
+        let lost = oldest - next_offset;
+        if let Some(committed) = counted_to {
+            if !self.accept_lost_state {
+                return Err(AggregatorError::StateLost {
+                    events: topic.clone(),
+                    changelog: self.topics.changelog.clone(),
+                    partition,
+                    state_ends: next_offset,
+                    committed,
+                    oldest_held: oldest,
+                });
+            }
+            self.metrics.lost_to_retention.inc_by(lost.unsigned_abs());
+            tracing::error!(
+                partition,
+                state_ends = next_offset,
+                committed,
+                oldest_held = oldest,
+                lost,
+                "{lost} events of {topic}[{partition}], counted once, are in neither its changelog nor the topic any more: counting on from the oldest held, as [aggregator] accept_lost_state says, so the open months' lines of its customers go down by their usage. Take the setting out again"
+            );
+            return Ok(());
+        }
+        self.metrics.lost_to_retention.inc_by(lost.unsigned_abs());
+        tracing::error!(
+            partition,
+            resumes_at = next_offset,
+            oldest_held = oldest,
+            lost,
+            "{lost} events of {topic}[{partition}] were deleted by the topic's retention before they were counted: they will not be billed. Raise retention.ms of {topic} above the longest outage"
+        );
+        Ok(())
     }
 
     /// [`Worker::load`] for several partitions at once: a restore mostly waits on the
     /// broker, and a rebalance or recovery waits for all of them.
     pub(super) fn load_all(
         &self,
+        consumer: &GroupConsumer,
         wanted: Vec<(i32, Option<i64>)>,
     ) -> Result<Vec<(i32, PartitionState)>, AggregatorError> {
         on_threads(wanted, |(partition, committed)| {
-            self.load(partition, committed)
+            self.load(consumer, partition, committed)
                 .map(|state| (partition, state))
         })
         .into_iter()
         .collect()
     }
 
-    /// Rebuilds a partition's state from its changelog and decides where to read from.
-    pub(super) fn load(
+    /// Rebuilds a partition's state from its changelog and decides where to read from
+    /// ([`Self::check_retention`] of that offset).
+    fn load(
         &self,
+        consumer: &GroupConsumer,
         partition: i32,
         committed: Option<i64>,
     ) -> Result<PartitionState, AggregatorError> {
@@ -198,7 +233,9 @@ impl Worker {
         // The changelog and the offsets commit together, so they agree. An offset
         // behind the state is an operator's reset to replay: the state's keys turn the
         // replayed events into retries. An offset ahead of the state means changelog
-        // records were lost: read from where the state ends rather than skip events.
+        // records were lost: read from where the state ends rather than skip events,
+        // if the topic still holds them.
+        let mut counted_to = None;
         let next_offset = match committed {
             Some(c) if c < restored => {
                 tracing::info!(
@@ -216,10 +253,12 @@ impl Worker {
                     state = restored,
                     "changelog ends before the committed offset; reading from where the state ends"
                 );
+                counted_to = Some(c);
                 restored
             }
             _ => restored,
         };
+        self.check_retention(consumer, partition, next_offset, counted_to)?;
         self.metrics
             .restore_duration
             .observe(started.elapsed().as_secs_f64());

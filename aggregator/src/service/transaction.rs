@@ -367,8 +367,7 @@ impl Worker {
         }
         let wanted = owned.into_iter().map(|p| (p, None)).collect();
         let mut rewind = TopicPartitionList::new();
-        for (partition, state) in self.load_all(wanted)? {
-            self.check_retention(consumer, partition, state.next_offset);
+        for (partition, state) in self.load_all(consumer, wanted)? {
             rewind
                 .add_partition_offset(
                     &self.topics.events,

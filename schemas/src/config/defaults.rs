@@ -48,6 +48,11 @@ pub const DEFAULT_CHANGELOG_SNAPSHOT_BYTES: usize = 4 << 20;
 pub const DEFAULT_CLOSE_IDLE_AFTER: Option<Duration> = None;
 // `[aggregator] accept_redefined_meters`: none (an empty list), so a partition's state
 // holding usage of a meter the book reads otherwise than when it was counted is refused.
+/// `[aggregator] accept_lost_state`: false, so an aggregator stops rather than count a
+/// partition on from part of its usage, where the partition's changelog lost records
+/// (it ends before the committed offset) and retention deleted the events that would
+/// rebuild them: its open months' lines, billed from all of it, would go down.
+pub const DEFAULT_ACCEPT_LOST_STATE: bool = false;
 /// `[aggregator] metrics_listen`.
 pub const DEFAULT_AGGREGATOR_METRICS_LISTEN: &str = "127.0.0.1:9102";
 /// `[rater] flush_interval`: the longest rated lines wait before they are written.

@@ -337,6 +337,11 @@ pub struct AggregatorSpec {
     /// one's, where the aggregator would otherwise refuse the state; default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accept_redefined_meters: Vec<String>,
+    /// Count on a partition whose changelog lost records and whose events to rebuild
+    /// them from are deleted, from the oldest event held, lowering its open months'
+    /// lines; default `false`: the aggregator stops and says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_lost_state: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -355,6 +355,8 @@ pub struct AggregatorServiceSettings {
     pub close_idle_after: Option<Duration>,
     /// Slugs of meters of the book whose held usage may have been read otherwise.
     pub accept_redefined_meters: BTreeSet<String>,
+    /// Count on from the oldest event held where a partition's state is lost for good.
+    pub accept_lost_state: bool,
 }
 
 /// Validated `[rater]`.
@@ -823,6 +825,9 @@ fn aggregator(
         close_idle_after,
         // Unset is empty: none accepted (defaults.rs).
         accept_redefined_meters: spec.accept_redefined_meters.iter().cloned().collect(),
+        accept_lost_state: spec
+            .accept_lost_state
+            .unwrap_or(d::DEFAULT_ACCEPT_LOST_STATE),
     }
 }
 

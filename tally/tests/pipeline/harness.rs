@@ -143,15 +143,9 @@ database = "{database}"
     /// Grows topic `suffix` to `partitions` partitions, as an operator's
     /// `kafka-topics.sh --alter --partitions` would.
     pub fn add_partitions(&self, suffix: &str, partitions: usize) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", BROKERS)
-            .create()
-            .unwrap();
+        let (admin, runtime) = admin();
         let topic = self.topic(suffix);
-        let grown = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
+        let grown = runtime
             .block_on(admin.create_partitions(
                 &[NewPartitions::new(&topic, partitions)],
                 &AdminOptions::new(),
@@ -160,6 +154,33 @@ database = "{database}"
         for result in grown {
             result.unwrap();
         }
+    }
+
+    /// Deletes topic `suffix`, as an operator's `kafka-topics.sh --delete` would (or a
+    /// broker losing its log), and waits until the brokers no longer list it.
+    pub fn delete_topic(&self, suffix: &str) {
+        let (admin, runtime) = admin();
+        let topic = self.topic(suffix);
+        let deleted = runtime
+            .block_on(admin.delete_topics(&[&topic], &AdminOptions::new()))
+            .unwrap();
+        for result in deleted {
+            result.unwrap();
+        }
+        eventually(&format!("{topic} deleted"), Duration::from_secs(60), || {
+            let metadata = (admin.inner())
+                .fetch_metadata(None, Duration::from_secs(10))
+                .unwrap();
+            !metadata.topics().iter().any(|t| t.name() == topic)
+        });
+    }
+
+    /// Replaces `from` with `to` in the pipeline's tally.toml, for the services
+    /// started after.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = fs::read_to_string(&self.config).unwrap();
+        assert!(text.contains(from), "no {from:?} in\n{text}");
+        fs::write(&self.config, text.replacen(from, to, 1)).unwrap();
     }
 
     /// Starts `tally serve <service>` as instance `name`, logging to `<name>.log`.
@@ -233,13 +254,13 @@ database = "{database}"
         fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    /// Waits for `name` to exit on its own and returns how it ended and its log.
     /// Fails, showing the service's log, unless it logged `text`.
     pub fn assert_logged(&self, name: &str, text: &str) {
         let log = self.log(name);
         assert!(log.contains(text), "{log}");
     }
 
+    /// Waits for `name` to exit on its own and returns how it ended and its log.
     pub fn wait_exit(&self, name: &str, timeout: Duration) -> (std::process::ExitStatus, String) {
         let (_, status, log) = self.wait_first_exit(&[name], timeout);
         (status, log)
@@ -276,15 +297,8 @@ database = "{database}"
     /// would with `kafka-configs`.
     pub fn set_topic_config(&self, suffix: &str, name: &str, value: &str) {
         use rdkafka::admin::{AlterConfig, ResourceSpecifier};
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", BROKERS)
-            .create()
-            .unwrap();
+        let (admin, runtime) = admin();
         let topic = self.topic(suffix);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         let results = runtime
             .block_on(admin.alter_configs(
                 &[AlterConfig::new(ResourceSpecifier::Topic(&topic)).set(name, value)],
@@ -451,18 +465,12 @@ database = "{database}"
     /// Deletes the events topic's records of `partition` before `offset`, as its
     /// retention would; returns the offset the partition now starts at.
     pub fn delete_events_before(&self, partition: i32, offset: i64) -> i64 {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", BROKERS)
-            .create()
-            .unwrap();
+        let (admin, runtime) = admin();
         let mut offsets = TopicPartitionList::new();
         offsets
             .add_partition_offset(&self.topic("events"), partition, Offset::Offset(offset))
             .unwrap();
-        let deleted = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
+        let deleted = runtime
             .block_on(admin.delete_records(&offsets, &rdkafka::admin::AdminOptions::new()))
             .unwrap();
         let elements = deleted.elements();
@@ -882,6 +890,19 @@ fn tail(text: &str, lines: usize) -> String {
 }
 
 /// Runs `scripts/services/<name>.sh <action>` (stop, start, restart) and waits for it.
+/// An admin client of the test brokers, and a runtime to wait for its answers on.
+fn admin() -> (AdminClient<DefaultClientContext>, tokio::runtime::Runtime) {
+    let admin = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (admin, runtime)
+}
+
 pub fn service(name: &str, action: &str) {
     service_with(name, &[action]);
 }

@@ -3617,6 +3617,69 @@ fn events_deleted_by_retention_before_they_were_counted_are_reported_not_skipped
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_changelog_lost_with_events_retention_deleted_stops_the_aggregator_until_accepted() {
+    let _serial = serial();
+    let aggregator_port = common::free_port();
+    let p = Pipeline::new(
+        "lost_state",
+        3_000,
+        10,
+        &format!(
+            "[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_port}\"\ncommit_interval = \"100ms\"\n"
+        ),
+    );
+    p.produce(&p.lines());
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let billed = p.expected();
+    p.wait_for(&billed, Duration::from_secs(120));
+    p.stop("agg-a");
+
+    // The changelog goes (the topic deleted, a broker's log lost), and so does the
+    // first half of partition 0's events, counted and billed (retention).
+    p.delete_topic("aggregator-changelog");
+    let (oldest, next) = p.event_offsets(0);
+    let cut = oldest + (next - oldest) / 2;
+    assert_eq!(p.delete_events_before(0, cut), cut);
+    let held: Vec<Vec<u8>> = (p.read_topic("events").into_iter())
+        .map(|(payload, _)| payload)
+        .collect();
+    let lowered = p.expected_for(&held, p.period);
+    assert_ne!(lowered, billed, "the deleted events were billed");
+
+    // Counted on, partition 0 would lower its customers' lines: the aggregator stops
+    // instead, naming the way out, and the lines stay as billed.
+    p.start("aggregator", "agg-b");
+    let (status, log) = p.wait_exit("agg-b", Duration::from_secs(120));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("the state of") && log.contains("[0] cannot be rebuilt"),
+        "{log}"
+    );
+    assert!(log.contains("accept_lost_state = true"), "{log}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(p.invoice_lines(), billed);
+
+    // Accepted by the operator: counted on from the oldest event held, the loss
+    // counted for finance.
+    p.edit_config(
+        "commit_interval = \"100ms\"\n",
+        "commit_interval = \"100ms\"\naccept_lost_state = true\n",
+    );
+    p.start("aggregator", "agg-c");
+    p.wait_for(&lowered, Duration::from_secs(120));
+    assert_eq!(
+        harness::metric(
+            aggregator_port,
+            "tally_aggregator_events_lost_to_retention_total"
+        ),
+        Some((cut - oldest) as f64)
+    );
+    p.assert_logged("agg-c", "as [aggregator] accept_lost_state says");
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_event_its_producer_stamps_ahead_is_judged_by_the_brokers_clock() {
     let _serial = serial();
     let p = Pipeline::new(
