@@ -322,28 +322,31 @@ impl PartitionState {
         if rerate.stored_with_another_book {
             // Every line the partition stored was another book's, so one whose id no
             // stale row has is new: a price or a customer this book adds to a month.
+            // Unless no stored row is another book's: the commit named no book because
+            // its metadata is gone (the offsets set by Kafka's own tool), and the lines
+            // stored are this book's, none of them added.
             let stale_book = (rerate.stale.iter())
                 .max_by_key(|line| line.version)
                 .map(|line| line.config_hash.clone());
-            let added = (rows.opening[opening_before..].iter()).filter(|line| {
-                rerate.judge.owns(&line.customer)
-                    && !rerate.all_stale_ids.contains(line.id.as_str())
-            });
-            for line in added {
-                if let Some(before) = &stale_book {
+            if let Some(before) = &stale_book {
+                let added = (rows.opening[opening_before..].iter()).filter(|line| {
+                    rerate.judge.owns(&line.customer)
+                        && !rerate.all_stale_ids.contains(line.id.as_str())
+                });
+                for line in added {
                     let added = addition(line, before, rerate.book, rerate.now);
                     rows.repricings.extend(added.map(|r| (version, r)));
+                    let period = Period::containing(line.period_start);
+                    let amounts = (Decimal::ZERO, line.amount);
+                    (self.book_check.ended_months_repriced).note(
+                        (&line.customer, &line.price),
+                        period,
+                        amounts,
+                        rerate.ended_by,
+                    );
                 }
-                let period = Period::containing(line.period_start);
-                let amounts = (Decimal::ZERO, line.amount);
-                (self.book_check.ended_months_repriced).note(
-                    (&line.customer, &line.price),
-                    period,
-                    amounts,
-                    rerate.ended_by,
-                );
+                self.book_check.lines_new_unless_restated = true;
             }
-            self.book_check.lines_new_unless_restated = true;
             self.book_check.stale_book = stale_book;
         }
         let before = rows.retired.len();

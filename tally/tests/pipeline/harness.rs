@@ -803,7 +803,19 @@ database = "{database}"
     /// Sets the service's group offsets back to the beginning of every partition, as
     /// an operator replaying would (`kafka-consumer-groups --reset-offsets
     /// --to-earliest`); the group must have no members.
+    /// Sets the service's group's offsets to the oldest its topic holds, as Kafka's
+    /// `kafka-consumer-groups.sh --reset-offsets --to-earliest` would (without
+    /// metadata).
     pub fn reset_group_to_earliest(&self, service: &str) {
+        self.reset_group(service, |(oldest, _)| oldest);
+    }
+
+    /// As [`Self::reset_group_to_earliest`], to the next offset (`--to-latest`).
+    pub fn reset_group_to_latest(&self, service: &str) {
+        self.reset_group(service, |(_, next)| next);
+    }
+
+    fn reset_group(&self, service: &str, to: fn((i64, i64)) -> i64) {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", BROKERS)
             .set("group.id", format!("{}-{service}", self.prefix))
@@ -817,11 +829,11 @@ database = "{database}"
             "windows"
         });
         for p in 0..PARTITIONS as i32 {
-            let (low, _) = consumer
+            let watermarks = consumer
                 .fetch_watermarks(&topic, p, Duration::from_secs(10))
                 .unwrap();
             offsets
-                .add_partition_offset(&topic, p, Offset::Offset(low))
+                .add_partition_offset(&topic, p, Offset::Offset(to(watermarks)))
                 .unwrap();
         }
         consumer

@@ -3680,6 +3680,41 @@ fn a_changelog_lost_with_events_retention_deleted_stops_the_aggregator_until_acc
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
+fn a_rater_group_moved_by_kafkas_own_tool_re_rates_without_reporting_repricings() {
+    let _serial = serial();
+    let p = Pipeline::new("moved_rater_group", 2_000, 20, "");
+    p.produce(&p.lines());
+    p.start("aggregator", "agg-a");
+    p.start("rater", "rater-a");
+    let billed = p.expected();
+    p.wait_for(&billed, Duration::from_secs(120));
+    p.stop("rater-a");
+
+    // Kafka's kafka-consumer-groups.sh commits offsets without the metadata that names
+    // the book the lines were rated with: the rater re-rates the open month, stores its
+    // lines again, and finds them what they were. October has ended, so a line taken
+    // for one the book added would be reported to finance as a re-priced ended month.
+    p.reset_group_to_latest("rater");
+    p.start("rater", "rater-b");
+    harness::eventually("rater-b serving metrics", Duration::from_secs(30), || {
+        p.log("rater-b").contains("what=\"rater metrics\"")
+    });
+    let port = harness::metrics_port(&p.log("rater-b"), "rater metrics");
+    harness::eventually("the lines stored again", Duration::from_secs(60), || {
+        harness::metric(port, "tally_clickhouse_inserted_rows_total")
+            .is_some_and(|rows| rows >= billed.len() as f64)
+    });
+    assert_eq!(p.invoice_lines(), billed);
+    assert_eq!(
+        harness::metric(port, "tally_rater_ended_month_lines_repriced_total"),
+        Some(0.0),
+        "{}",
+        p.log("rater-b")
+    );
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_event_its_producer_stamps_ahead_is_judged_by_the_brokers_clock() {
     let _serial = serial();
     let p = Pipeline::new(
