@@ -134,6 +134,9 @@ struct PartitionState {
     book_check: BookCheck,
     /// Where the records of the open periods begin: committed with the offsets.
     first_offsets: FirstOffsets,
+    /// Records before this offset were rated and stored before, into a database since
+    /// lost, which the partition is rated again into: a month they open is no news.
+    stored_before_loss: i64,
 }
 
 impl PartitionState {
@@ -251,6 +254,7 @@ impl PartitionOwner for Worker {
                 committed,
                 stored_with_another_book,
                 lines_unverified,
+                stored_before_loss,
                 rebuilt,
             } = taken?;
             let mut state = PartitionState {
@@ -261,6 +265,7 @@ impl PartitionOwner for Worker {
                 lines_unverified,
                 book_check: BookCheck::on_assignment(rebuilt.customers, stored_with_another_book),
                 first_offsets: rebuilt.first_offsets,
+                stored_before_loss,
             };
             if rebuilt.restate_open_months {
                 state.restate_open_months(partition, self.pending.rows(partition));
@@ -580,7 +585,8 @@ impl Worker {
                                 false
                             }
                         };
-                        if period.end() <= ended_by && !stored() {
+                        let rated_before = offset < state.stored_before_loss;
+                        if period.end() <= ended_by && !rated_before && !stored() {
                             let billed = price_book::ended_month_opened(partition, period, &lines);
                             self.metrics.ended_month_lines_opened.inc_by(billed);
                         }
@@ -731,6 +737,7 @@ mod tests {
                 ..BookCheck::on_assignment(Default::default(), true)
             },
             first_offsets: FirstOffsets::default(),
+            stored_before_loss: 0,
         };
         // Its check deferred, the partition still holds the old book's lines: a next
         // owner with the new book must re-rate them all, as this one would have.

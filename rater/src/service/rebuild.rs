@@ -75,6 +75,9 @@ pub(super) struct Taken {
     /// The look-up of its stored lines ClickHouse did not answer, made again before
     /// anything of the partition is stored.
     pub(super) lines_unverified: Option<StoredSample>,
+    /// Where the lines were found lost: the committed offset, which the partition is
+    /// rated again from its beginning up to; else 0.
+    pub(super) stored_before_loss: i64,
     pub(super) rebuilt: Rebuilt,
 }
 
@@ -316,6 +319,7 @@ impl Worker {
             committed,
             stored_with_another_book: another_book,
             lines_unverified,
+            stored_before_loss: 0,
             rebuilt,
         };
         if committed == 0 || another_book {
@@ -330,7 +334,11 @@ impl Worker {
                     database = self.clickhouse.database(),
                     "none of the lines the partition's committed offset accounts for is in this ClickHouse database: it was dropped or emptied, or it is not the one they were stored in (this rater's [clickhouse] database mistyped, or not the other raters'); rating the partition again from its beginning with this rater's price book (settled months too, where ClickHouse has no lines of them)"
                 );
-                Ok(taken(0, None, self.rebuild(partition, 0, None)?))
+                let replay = self.rebuild(partition, 0, None)?;
+                Ok(Taken {
+                    stored_before_loss: committed,
+                    ..taken(0, None, replay)
+                })
             }
             Ok(StoredLines::Behind(lines)) => {
                 self.stored_lines_behind(partition, lines);

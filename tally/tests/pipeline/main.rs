@@ -2091,6 +2091,15 @@ fn a_rater_restarted_after_its_database_was_lost_stores_every_line_again() {
     lines.extend(later);
     p.wait_for(&p.expected_for(&lines, p.period), Duration::from_secs(180));
     p.assert_logged("rater-b", "rating the partition again from its beginning");
+    // October ended before the loss and was billed then: rated again, it is no month
+    // that usage opened late, of which finance must hear.
+    let port = harness::metrics_port(&p.log("rater-b"), "rater metrics");
+    assert_eq!(
+        harness::metric(port, "tally_rater_ended_month_lines_opened_total"),
+        Some(0.0),
+        "{}",
+        p.log("rater-b")
+    );
 }
 
 #[test]
