@@ -6,8 +6,8 @@
 //! the log or the memory.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 
+use hashbrown::HashSet;
 use tally_schemas::records::SeriesKeyRef;
 use tally_schemas::time::Period;
 
@@ -19,9 +19,27 @@ const MOST_LOGGED: usize = 1000;
 
 #[derive(Debug, Default)]
 pub(super) struct UnbilledLog {
+    /// (reason, customer, meter) logged.
     logged: HashSet<(&'static str, String, String)>,
     /// Whether the log said it stops naming them.
     full: bool,
+}
+
+/// A `logged` key by reference, so usage named already allocates nothing: hashes and
+/// compares as the owned `(reason, customer, meter)`.
+#[derive(Hash)]
+struct Logged<'a>(&'static str, &'a str, &'a str);
+
+impl hashbrown::Equivalent<(&'static str, String, String)> for Logged<'_> {
+    fn equivalent(&self, (reason, customer, meter): &(&'static str, String, String)) -> bool {
+        self.0 == *reason && self.1 == customer && self.2 == meter
+    }
+}
+
+impl From<&Logged<'_>> for (&'static str, String, String) {
+    fn from(key: &Logged<'_>) -> Self {
+        (key.0, key.1.to_owned(), key.2.to_owned())
+    }
 }
 
 impl UnbilledLog {
@@ -36,9 +54,10 @@ impl UnbilledLog {
         let Some(reason) = unbilled_reason(recorded) else {
             return false;
         };
-        let Some(why) = why_unbilled(recorded, series.adjusts, period) else {
+        let key = Logged(reason, &series.customer, &series.meter);
+        if self.logged.contains(&key) {
             return false;
-        };
+        }
         if self.logged.len() >= MOST_LOGGED {
             if !std::mem::replace(&mut self.full, true) {
                 tracing::warn!(
@@ -47,14 +66,11 @@ impl UnbilledLog {
             }
             return false;
         }
-        let key = (
-            reason,
-            series.customer.to_string(),
-            series.meter.to_string(),
-        );
-        if !self.logged.insert(key) {
+        // Written out only for what is logged: a late adjustment's names its months.
+        let Some(why) = why_unbilled(recorded, series.adjusts, period) else {
             return false;
-        }
+        };
+        self.logged.insert((&key).into());
         tracing::warn!(
             reason,
             customer = &*series.customer,
@@ -70,8 +86,6 @@ impl UnbilledLog {
 
 /// Why no line bills usage `recorded` so, for the log; `None` for usage that is billed
 /// or was billed already (a settled month's usage an aggregator replays).
-/// Asked of every unbilled update, logged or not, so only a late adjustment's reason
-/// is written out anew.
 fn why_unbilled(
     recorded: Recorded,
     adjusts: Option<Period>,
