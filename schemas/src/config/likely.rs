@@ -13,7 +13,7 @@ impl Config {
 }
 
 /// The one id of `known` that `asked` is most likely a slip of: the same but for case,
-/// `-` for `_` or surrounding spaces, or else the one nearest within two edits (and a
+/// `-` or a space for `_`, or surrounding spaces, or else the one nearest within two edits (and a
 /// quarter of its length, so short ids are not matched to anything, and `cust_x0`
 /// is not taken for `cust_jp`). Linear in the book: an id whose length is further off
 /// than the edits allowed is passed over by its length alone, so a sender's long
@@ -156,11 +156,18 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_id_is_compared_trimmed_in_lower_case_with_dashes_and_spaces_as_underscores() {
+        let mut normalised = Vec::new();
+        normal("  Cust-Acme EU\t", &mut normalised);
+        assert_eq!(normalised.iter().collect::<String>(), "cust_acme_eu");
+    }
+
     proptest::proptest! {
         #[test]
         fn a_guess_is_the_one_the_whole_tables_give(
             asked in "[aB_ -]{0,10}",
-            known in proptest::collection::vec("[ab_-]{0,10}", 0..8),
+            known in proptest::collection::vec("[aB_ -]{0,10}", 0..8),
         ) {
             let known: Vec<&str> = known.iter().map(String::as_str).collect();
             proptest::prop_assert_eq!(
