@@ -23,6 +23,12 @@
 //! An adjustment line (late usage of a closed period, billed in a later one) has
 //! `adjusts_period` set to that closed period (`YYYY-MM`); other lines have it empty.
 //!
+//! A database is one pipeline's: `<database>.pipeline_claims` names the topic prefix
+//! whose rater claimed it first ([`ClickHouse::claim_for_pipeline`]), as line ids do
+//! not name a pipeline. A rater of another prefix is refused it, and so is one on a
+//! database of batch runs ([`ClickHouse::replace_period`]), whose row versions would
+//! outrank the pipeline's; a batch run is refused a pipeline's database likewise.
+//!
 //! The SQL runs on ClickHouse 18.16 (Debian's) as well as current releases: plain
 //! `DateTime('UTC')`, no `DateTime64`, no `LowCardinality`. Decimal values are stored
 //! as the exact text `tally rate` prints (ClickHouse 18.16's JSON input refuses quoted

@@ -5,7 +5,9 @@
 //! Out: on [`Ledger::flush_available`], one [`RatedLine`] per line whose usage changed, with a
 //! revision and the change in amount, after which settled periods' lines are let go;
 //! on [`Ledger::close`], every line of a period, including zero-usage lines for every
-//! subscribed customer and price (revision 0, the opening line).
+//! subscribed customer and price (revision 0, the opening line). Also the count of
+//! series held ([`Ledger::series_held`]), and the lines whose series reached one of
+//! [`CROWDED_LINE_SERIES`] since last asked ([`Ledger::take_crowded`]).
 //!
 //! A line's quantity combines the values of the series its price selects (meter and
 //! filter): sums for count and sum meters, the largest for max, the sum of each

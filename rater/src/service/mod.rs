@@ -27,12 +27,19 @@
 //! re-rated with the current one, and its stale lines that book no longer makes are
 //! retired (`Worker::check_price_book`).
 //! While ClickHouse is down the rater pauses its partitions, keeps the unwritten
-//! lines, and retries with backoff.
+//! lines, and retries with backoff. Before it reads anything it claims its database
+//! for its topic prefix ([`ClickHouse::claim_for_pipeline`]), and stops where the
+//! database is another pipeline's or batch runs'. Besides the lines, it logs usage that
+//! bills nothing (once per customer, meter and reason) and a line whose series reach
+//! each of [`CROWDED_LINE_SERIES`](crate::ledger::CROWDED_LINE_SERIES), naming the
+//! customer, price and month.
 //!
 //! Layout: this module holds the worker, its consume loop and the rebalance callbacks;
 //! [`records`] reads and writes the Kafka records, [`rebuild`] rebuilds an assigned
-//! partition's ledger, [`price_book`] keeps stored lines on the current book, and
-//! [`store`] writes each batch to the rated topic and ClickHouse before the offsets.
+//! partition's ledger (from where [`rebuild_point`] says), [`price_book`] keeps stored
+//! lines on the current book, [`store`] writes each batch to the rated topic and
+//! ClickHouse before the offsets, [`unbilled`] says why usage bills nothing, and
+//! [`metrics`] names what the rater exports.
 
 mod metrics;
 mod price_book;
