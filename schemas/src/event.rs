@@ -117,6 +117,8 @@ pub enum Problem {
     NotAnObject,
     DuplicateField,
     Missing,
+    /// Missing, and the event has a member of its name in other case (`"Subject"`).
+    MissingButCased(String),
     WrongType {
         expected: &'static str,
         found: &'static str,
@@ -168,7 +170,7 @@ impl Problem {
             Problem::InvalidJson(_) => "invalid_json",
             Problem::NotAnObject => "not_an_object",
             Problem::DuplicateField => "duplicate_field",
-            Problem::Missing => "missing_field",
+            Problem::Missing | Problem::MissingButCased(_) => "missing_field",
             Problem::WrongType { .. } => "wrong_type",
             Problem::Empty => "empty_field",
             Problem::ForbiddenCharacter(_) => "forbidden_character",
@@ -205,10 +207,14 @@ impl fmt::Display for Problem {
                 f.write_str("field appears twice; which one counts would be a guess")
             }
             Problem::Missing => f.write_str("required field is missing or null"),
+            Problem::MissingButCased(found) => write!(
+                f,
+                "required field is missing or null; the event has {found:?}, and CloudEvents attribute names are lower case"
+            ),
             Problem::WrongType { expected, found } => {
                 write!(f, "expected {expected}, found {found}")
             }
-            Problem::Empty => f.write_str("must not be empty"),
+            Problem::Empty => f.write_str("must not be empty or only whitespace"),
             Problem::Base64Data => f.write_str(
                 "a meter reads data, which came as data_base64 and is not decoded: send the usage as JSON in data (the CloudEvents SDKs do so for an object, not for bytes)",
             ),
@@ -359,18 +365,19 @@ impl<'c> EventDecoder<'c> {
         if let Some(problem) = envelope.problem {
             return Err(problem);
         }
-        let specversion = required_string(envelope.specversion, "specversion")?;
+        let required = |raw, field| required_string(raw, field).map_err(|e| envelope.hinted(e));
+        let specversion = required(envelope.specversion, "specversion")?;
         if specversion != "1.0" {
             return Err(error(
                 "specversion",
                 Problem::UnsupportedSpecVersion(specversion.into_owned()),
             ));
         }
-        let id = required_string(envelope.id, "id")?;
-        let source = required_string(envelope.source, "source")?;
-        let event_type = required_string(envelope.event_type, "type")?;
-        let subject = required_string(envelope.subject, "subject")?;
-        let time_text = required_string(envelope.time, "time")?;
+        let id = required(envelope.id, "id")?;
+        let source = required(envelope.source, "source")?;
+        let event_type = required(envelope.event_type, "type")?;
+        let subject = required(envelope.subject, "subject")?;
+        let time_text = required(envelope.time, "time")?;
         let time = match crate::time::parse_utc_fast(&time_text) {
             Some(time) => time,
             None => DateTime::parse_from_rfc3339(&time_text)
@@ -476,12 +483,28 @@ struct Envelope<'a> {
     data: Option<&'a str>,
     /// Whether the event has `data_base64`, which is not read.
     data_base64: bool,
+    /// The first member named as an attribute but for case (`"Subject"`), and that
+    /// attribute, for the hint when it is missing.
+    miscased: Option<(&'static str, String)>,
     /// The first problem met while collecting: a field given twice, or a key that
     /// cannot be unescaped.
     problem: Option<EventError>,
 }
 
+/// The attributes an event's members are matched to, by their exact names.
+const ATTRIBUTES: [&str; 6] = ["specversion", "id", "source", "type", "subject", "time"];
+
 impl<'a> Envelope<'a> {
+    /// `error`, with the hint that a missing attribute is there in other case.
+    fn hinted(&self, mut error: EventError) -> EventError {
+        if let (Problem::Missing, Some((name, found))) = (&error.problem, &self.miscased) {
+            if error.field == *name {
+                error.problem = Problem::MissingButCased(found.clone());
+            }
+        }
+        error
+    }
+
     /// Takes one member of the event object (key text still quoted and escaped).
     fn set(&mut self, key_text: &'a str, value: &'a str) {
         let key = match json::string_contents(key_text) {
@@ -504,7 +527,14 @@ impl<'a> Envelope<'a> {
                 self.data_base64 = true;
                 return;
             }
-            _ => return,
+            other => {
+                if self.miscased.is_none() {
+                    self.miscased = (ATTRIBUTES.iter())
+                        .find(|name| name.eq_ignore_ascii_case(other))
+                        .map(|name| (*name, other.to_owned()));
+                }
+                return;
+            }
         };
         if slot.replace(value).is_some() {
             self.problem

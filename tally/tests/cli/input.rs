@@ -390,6 +390,23 @@ fn strict_mode_stops_at_the_first_bad_line_naming_it() {
         "{}",
         run.stderr
     );
+
+    // Sent under another case, it is named.
+    let cased = event(
+        "x",
+        "ai.resolution",
+        "cust_acme",
+        "2026-11-10T08:00:00Z",
+        None,
+    )
+    .replace(r#""subject":"#, r#""Subject":"#);
+    let run = f.rate_bytes(format!("{cased}\n").as_bytes(), &["--strict"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains(r#"line 1: subject: required field is missing or null; the event has "Subject", and CloudEvents attribute names are lower case"#),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
