@@ -112,6 +112,10 @@ pub struct CrowdedLine {
     pub adjusts: Option<Period>,
     /// The series it sums: the count it has just reached.
     pub series: usize,
+    /// The meter of the series that reached it, and its group_by values: which
+    /// dimension takes so many values shows in them.
+    pub meter: String,
+    pub example_group: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -334,6 +338,8 @@ impl Ledger {
                             period,
                             adjusts: series.adjusts,
                             series: state.series.len(),
+                            meter: series.meter.to_string(),
+                            example_group: series.group.iter().map(|g| g.to_string()).collect(),
                         });
                     }
                 }
@@ -821,27 +827,32 @@ mod tests {
         let mut ledger = Ledger::new(config());
         // A request id as the model: each event its own series, summed by all-tokens
         // (gpt-tokens selects gpt-x only).
-        for i in 0..1_500 {
-            ledger.record(
-                &series("tokens", &[&format!("req-{i}")]),
-                november(),
-                value(1),
-            );
-            // A series already held is no new one.
-            ledger.record(&series("tokens", &["req-0"]), november(), value(2));
-        }
-        assert_eq!(
-            ledger.take_crowded(),
-            [CrowdedLine {
-                customer: "acme".into(),
-                price: "all-tokens".into(),
-                period: november(),
-                adjusts: None,
-                series: 1_000,
-            }]
-        );
+        let record = |ledger: &mut Ledger, from: usize, to: usize| {
+            for i in from..to {
+                ledger.record(
+                    &series("tokens", &[&format!("req-{i}")]),
+                    november(),
+                    value(1),
+                );
+                // A series already held is no new one.
+                ledger.record(&series("tokens", &["req-0"]), november(), value(2));
+            }
+        };
+        record(&mut ledger, 0, 1_500);
+        let crowded = |series: usize| CrowdedLine {
+            customer: "acme".into(),
+            price: "all-tokens".into(),
+            period: november(),
+            adjusts: None,
+            series,
+            meter: "tokens".into(),
+            example_group: vec![format!("req-{}", series - 1)],
+        };
+        assert_eq!(ledger.take_crowded(), [crowded(1_000)]);
         assert_eq!(ledger.take_crowded(), []);
-        assert_eq!(ledger.series_held(), 1_500);
+        record(&mut ledger, 1_500, 10_001);
+        assert_eq!(ledger.take_crowded(), [crowded(10_000)]);
+        assert_eq!(ledger.series_held(), 10_001);
     }
 
     #[test]

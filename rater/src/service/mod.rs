@@ -664,8 +664,10 @@ impl Worker {
                     period = %crowded.period,
                     adjusts = crowded.adjusts.map(|p| p.to_string()),
                     series = crowded.series,
+                    meter = crowded.meter,
+                    example_group = ?crowded.example_group,
                     logged_at = ?crate::ledger::CROWDED_LINE_SERIES,
-                    "an invoice line sums this many usage series, one per combination of its meter's group_by values: a dimension of many values (a request id, a user id) is a series per value that the aggregator and the rater hold for the month; take such a key out of the meter's group_by, or, to bill how many distinct ids there are, count them with a unique_count meter (logged as a line reaches each of logged_at)"
+                    "an invoice line sums this many usage series, one per combination of its meter's group_by values (example_group: the latest series' values, in the order of the meter's dimension names): a dimension of many values (a request id, a user id) is a series per value that the aggregator and the rater hold for the month; take such a key out of the meter's group_by, or, to bill how many distinct ids there are, count them with a unique_count meter (logged as a line reaches each of logged_at)"
                 );
             }
             for e in failures {

@@ -16,7 +16,7 @@ use tally_runtime::kafka::{client_config, read_partition};
 use tally_schemas::time::Period;
 
 use crate::clickhouse::ClickHouseError;
-use crate::ledger::Ledger;
+use crate::ledger::{line_open, CrowdedLine, Ledger};
 
 use super::rebuild_point::{FirstOffsets, RebuildPoint};
 use super::records::{decode, decode_with_windows, record, Change, WindowsRecord};
@@ -217,10 +217,31 @@ impl Worker {
         // Marks the lines as stored as of `committed` and lets settled periods go; one
         // that fails to rate stays pending and is retried with its next update.
         let (_, failures) = rebuilt.ledger.flush_available();
-        // Lines the records before the committed offset crowded were reported when those
-        // records were first read, by this rater or an earlier one; settled months'
-        // lines, let go just now, are no sender's news either.
-        rebuilt.ledger.take_crowded();
+        // Lines the records before the committed offset crowded were named when those
+        // records were first read, by this rater or an earlier one, maybe weeks ago and
+        // out of the logs since: the held ones are summed up once, as memory that runs
+        // out runs out again at every restart. Settled months' lines, let go just now,
+        // are no sender's news.
+        let settled = rebuilt.ledger.settled_through();
+        let held: Vec<CrowdedLine> = (rebuilt.ledger.take_crowded().into_iter())
+            .filter(|line| line_open(settled, line.period, line.adjusts))
+            .collect();
+        if let Some(largest) = held.iter().max_by_key(|line| line.series) {
+            let lines: HashSet<_> = (held.iter())
+                .map(|line| (&line.customer, &line.price, line.period, line.adjusts))
+                .collect();
+            tracing::warn!(
+                partition,
+                lines = lines.len(),
+                customer = largest.customer,
+                price = largest.price,
+                period = %largest.period,
+                series = largest.series,
+                meter = largest.meter,
+                example_group = ?largest.example_group,
+                "the partition holds lines that sum 1,000 usage series or more each (the one of most named, with the count it reached): see the warning \"an invoice line sums this many usage series\""
+            );
+        }
         if !failures.is_empty() {
             tracing::warn!(
                 partition,
