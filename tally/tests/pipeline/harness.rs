@@ -7,7 +7,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
@@ -26,10 +26,21 @@ pub fn clickhouse_url() -> String {
     std::env::var("TALLY_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
 }
 
-/// The tests stop and restart shared servers and measure exact totals: one at a time.
-pub fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+/// The servers the tests share. Each test bills in topics and a database of its own, so
+/// most run side by side ([`shared`]); one that stops or restarts a server, or whose
+/// timing a busy machine would change, runs alone ([`alone`]).
+static SERVERS: RwLock<()> = RwLock::new(());
+
+/// Held by a test that leaves the servers running and others' runs alone.
+pub fn shared() -> RwLockReadGuard<'static, ()> {
+    SERVERS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a test that stops or restarts a server, loads the machine on its own (a
+/// long run of its own), or waits out Kafka's timeouts of a frozen process: no other
+/// test runs meanwhile.
+pub fn alone() -> RwLockWriteGuard<'static, ()> {
+    SERVERS.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A Kafka record: key, payload, headers.

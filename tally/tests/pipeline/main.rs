@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use harness::{serial, Pipeline};
+use harness::Pipeline;
 use rust_decimal::Decimal;
 use tally_runtime::kafka::partition_for_key;
 
@@ -60,7 +60,7 @@ discounts = [{ price = "platform", amount_off = "20" }]
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let _ = NEEDS;
     let aggregator_port = common::free_port();
     let rater_port = common::free_port();
@@ -327,7 +327,7 @@ fn with_duplicates(mut lines: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn killing_the_aggregator_repeatedly_loses_and_doubles_nothing() {
-    let _serial = serial();
+    let _servers = harness::alone();
     // Small snapshots: restores go through snapshot parts, tombstones, deltas and
     // dedupe keys both in per-transaction records and gathered into key sets. Commits
     // a second apart: a kill mostly finds a transaction open, and always events unread.
@@ -468,7 +468,7 @@ fn active(id: &str, customer: &str, user: u32, day: u32) -> Vec<u8> {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn unique_counts_restored_from_the_changelog_count_each_user_once() {
-    let _serial = serial();
+    let _servers = harness::shared();
     // Small snapshots: the big customer's set (60,000 users) is snapshotted in parts.
     let p = Pipeline::new(
         "unique",
@@ -536,7 +536,7 @@ fn unique_counts_restored_from_the_changelog_count_each_user_once() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_second_aggregator_joining_and_the_first_leaving_keep_totals_exact() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("rebalance", 100_000, 100, "");
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
@@ -571,7 +571,7 @@ fn a_second_aggregator_joining_and_the_first_leaving_keep_totals_exact() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_aggregator_frozen_past_its_session_is_fenced_when_it_wakes_and_totals_stay_exact() {
-    let _serial = serial();
+    let _servers = harness::alone();
     // Transactions held open for two seconds: the freeze all but surely catches one.
     let p = Pipeline::new(
         "zombie",
@@ -641,7 +641,7 @@ fn an_aggregator_frozen_past_its_session_is_fenced_when_it_wakes_and_totals_stay
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn of_two_aggregators_with_one_instance_id_one_stops_and_totals_stay_exact() {
-    let _serial = serial();
+    let _servers = harness::alone();
     let p = Pipeline::new(
         "same_id",
         100_000,
@@ -689,7 +689,7 @@ fn of_two_aggregators_with_one_instance_id_one_stops_and_totals_stay_exact() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_second_aggregator_with_a_live_ones_instance_id_does_not_start_and_the_first_goes_on() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("dup_id", 3_000, 10, "");
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
@@ -714,7 +714,7 @@ fn a_second_aggregator_with_a_live_ones_instance_id_does_not_start_and_the_first
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_written_in_kafka_transactions_count_once_committed_and_offsets_reach_the_end() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("transactional_events", 10_000, 20, "");
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
@@ -743,7 +743,7 @@ fn events_written_in_kafka_transactions_count_once_committed_and_offsets_reach_t
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_broker_restart_mid_run_neither_loses_nor_hangs() {
-    let _serial = serial();
+    let _servers = harness::alone();
     let p = Pipeline::new("broker_restart", 100_000, 100, "");
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
@@ -802,7 +802,7 @@ fn a_broker_restart_mid_run_neither_loses_nor_hangs() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn clickhouse_down_for_30_seconds_delays_but_does_not_change_totals() {
-    let _serial = serial();
+    let _servers = harness::alone();
     let p = Pipeline::new("clickhouse_down", 50_000, 60, "");
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
@@ -839,7 +839,7 @@ fn half_of_the_month_stored(name: &str) -> (Pipeline, Vec<Vec<u8>>) {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_column_dropped_by_hand_holds_the_rater_with_an_error_until_it_is_back() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let (p, rest) = half_of_the_month_stored("column_dropped");
 
     let table = format!("{}.rated_lines", p.database);
@@ -861,7 +861,7 @@ fn a_column_dropped_by_hand_holds_the_rater_with_an_error_until_it_is_back() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rater_stopped_while_clickhouse_is_down_stops_cleanly_and_its_successor_stores_all() {
-    let _serial = serial();
+    let _servers = harness::alone();
     let (p, rest) = half_of_the_month_stored("stop_during_outage");
     let _clickhouse_back = Restart("clickhouse");
     harness::service("clickhouse", "stop");
@@ -885,7 +885,7 @@ fn a_rater_stopped_while_clickhouse_is_down_stops_cleanly_and_its_successor_stor
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
-    let _serial = serial();
+    let _servers = harness::alone();
     // With windows stored: they are written, like the lines, by whichever rater holds
     // the partition, after a rebuild, and again after a failed insert.
     let p = Pipeline::new(
@@ -963,7 +963,7 @@ fn raters_killed_and_rebalanced_during_a_clickhouse_outage_lose_nothing() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rated_topic_refusing_lines_stops_the_rater_until_a_restart_delivers_them() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("rated_refused", 5_000, 20, "");
     // Every rated line is larger than this: Kafka refuses them for good.
     p.set_topic_config("rated", "max.message.bytes", "200");
@@ -992,7 +992,7 @@ fn a_rated_topic_refusing_lines_stops_the_rater_until_a_restart_delivers_them() 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rejected_topic_refusing_records_stops_the_aggregator_until_a_restart_writes_them() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("rejected_refused", 2_000, 10, "");
     // An operator's rejected topic that takes less than a refused event: Kafka refuses
     // its copy for good, and every recovery would replay it into the same refusal.
@@ -1044,7 +1044,7 @@ fn a_rejected_topic_refusing_records_stops_the_aggregator_until_a_restart_writes
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_aggregator_whose_consumer_cannot_join_its_group_says_it_is_not_ready() {
-    let _serial = serial();
+    let _servers = harness::shared();
     // A session timeout below the broker's minimum (6 s): the consumer is refused
     // every time it tries to join, and counts nothing.
     let p = Pipeline::new(
@@ -1108,7 +1108,7 @@ fn worked_lines(explanation: &str) -> String {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn the_pipelines_lines_are_explained_as_tally_rate_explains_the_same_events() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new(
         "explain",
         5_000,
@@ -1304,7 +1304,7 @@ fn assert_resolution_adjustments(p: &Pipeline, expected_october: &[harness::Line
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn late_events_revise_an_open_period_and_become_adjustments_once_it_closed() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let rater_port = common::free_port();
     let mut p = Pipeline::new(
         "late",
@@ -1401,7 +1401,7 @@ fn tokens_event(id: &str, customer: &str, model: &str, tokens: i64, time: &str) 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn corrections_lower_lines_as_tally_rate_does_and_a_late_one_is_a_credit() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let mut p = Pipeline::new(
         "corrections",
         5_000,
@@ -1511,7 +1511,7 @@ fn wait_for_november_resolutions(p: &Pipeline, first: u32) {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_line_of_a_thousand_series_is_named_as_it_crowds_and_after_a_restart() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("crowded", 100, 2, "");
     // cust_00001 is on pro, whose tokens price takes every model.
     let crowding: Vec<Vec<u8>> = (0..1_000)
@@ -1561,7 +1561,7 @@ fn a_line_of_a_thousand_series_is_named_as_it_crowds_and_after_a_restart() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_stay() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let (aggregator_port, rater_port) = (common::free_port(), common::free_port());
     // A 5-day horizon (the generated month has events up to 4 days late): October
     // settles in a partition once its events reach November 6, 01:00.
@@ -1728,7 +1728,7 @@ fn a_settled_month_is_let_go_by_the_aggregator_and_the_rater_while_its_lines_sta
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_partition() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new(
         "close",
         3_000,
@@ -1807,7 +1807,7 @@ fn closing_a_month_by_command_turns_its_later_usage_into_adjustments_in_every_pa
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_month_closed_before_any_of_its_usage_arrived_bills_what_tally_rate_does() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new(
         "backfill",
         3_000,
@@ -1909,7 +1909,7 @@ fn a_month_closed_before_any_of_its_usage_arrived_bills_what_tally_rate_does() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn idle_partitions_close_the_months_that_ended_by_themselves() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new(
         "idle_close",
         3_000,
@@ -1991,7 +1991,7 @@ fn raise_prices(p: &Pipeline) {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn lines_a_new_price_book_changes_are_kept_with_what_they_billed_before_and_explained() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new(
         "repricings",
         2_000,
@@ -2110,7 +2110,7 @@ fn line_for<'a>(lines: &'a [harness::Line], customer: &str, price: &str) -> &'a 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rater_restarted_after_its_database_was_lost_stores_every_line_again() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new(
         "lostdb",
         10_000,
@@ -2155,7 +2155,7 @@ fn a_rater_restarted_after_its_database_was_lost_stores_every_line_again() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_the_rest() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let rater_port = common::free_port();
     let p = Pipeline::new(
         "reprice",
@@ -2297,7 +2297,7 @@ fn a_rater_restarted_with_a_changed_price_book_rerates_open_lines_and_retires_th
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_repricing_the_rated_topic_refuses_is_stored_and_delivered_after_a_restart() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("reprice_refused", 5_000, 20, "");
     p.produce(&p.lines());
     p.start("aggregator", "agg-a");
@@ -2341,7 +2341,7 @@ fn partitions_settled(p: &Pipeline, period: &str) -> usize {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_billed() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new(
         "reprice_settled",
         3_000,
@@ -2460,7 +2460,7 @@ fn rebuilt_partitions(p: &Pipeline, rater: &str) -> std::collections::BTreeSet<i
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
-    let _serial = serial();
+    let _servers = harness::shared();
     // The scheduled check (price_book_check_interval) comes only after 10 minutes.
     let p = Pipeline::new("rolling_book", 3_000, 10, "");
     // A pro customer without usage in every partition: whichever partitions a rater
@@ -2550,7 +2550,7 @@ fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_aggregator_joining_its_group_is_ready_once_it_holds_partitions_or_stands_by() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("joining", 3_000, 10, "");
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
@@ -2612,7 +2612,7 @@ fn an_aggregator_joining_its_group_is_ready_once_it_holds_partitions_or_stands_b
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn lines_lost_while_clickhouse_did_not_answer_are_found_before_anything_is_stored() {
-    let _serial = serial();
+    let _servers = harness::alone();
     let p = Pipeline::new("lookup_later", 3_000, 10, "");
     p.start("aggregator", "agg-a");
     p.start("rater", "rater-a");
@@ -2658,7 +2658,7 @@ fn lines_lost_while_clickhouse_did_not_answer_are_found_before_anything_is_store
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_deploy_with_another_partition_count_or_a_mistyped_prefix_is_told_so() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("deploy_mistakes", 10, 1, "");
     let book = std::fs::read_to_string(&p.config).unwrap();
     let pipeline_partitions = format!("partitions = {}", harness::PARTITIONS);
@@ -2736,7 +2736,7 @@ fn a_deploy_with_another_partition_count_or_a_mistyped_prefix_is_told_so() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_read_while_their_meter_was_missing_are_billed_by_a_replay() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("missing_meter", 3_000, 10, "");
     let book = std::fs::read_to_string(&p.config).unwrap();
     let typo = edited(
@@ -2797,7 +2797,7 @@ fn october_settled_everywhere(name: &str) -> (Pipeline, Vec<harness::Line>) {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_as_billed() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let (p, october) = october_settled_everywhere("replay_settled");
     let fee = |p: &Pipeline| {
         let lines = p.invoice_lines_of("2026-11");
@@ -2832,7 +2832,7 @@ fn a_replay_from_the_earliest_offset_after_a_price_change_leaves_settled_months_
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_replay_from_the_earliest_offset_stores_the_open_months_lost_lines_again() {
-    let _serial = serial();
+    let _servers = harness::shared();
     // November's usage comes before the records that settle October.
     let (p, october) = october_settled_everywhere("replay_lost_open");
     // What November billed before the loss: a resolution each (the harness's `tally
@@ -2871,7 +2871,7 @@ fn a_replay_from_the_earliest_offset_stores_the_open_months_lost_lines_again() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_customer_added_to_the_price_book_is_billed_its_usage_of_the_open_month() {
-    let _serial = serial();
+    let _servers = harness::shared();
     // A book of one customer: the other partitions hold no customer of it, so none of
     // their stored lines is stale once the book changes.
     let p = Pipeline::new("added_customer", 10, 1, "");
@@ -2930,7 +2930,7 @@ fn a_customer_added_to_the_price_book_is_billed_its_usage_of_the_open_month() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_changed_book_rerates_a_row_stored_past_the_committed_offset() {
-    let _serial = serial();
+    let _servers = harness::shared();
     // No scheduled check within the test: only the check after assignment re-rates.
     let p = Pipeline::new(
         "rows_ahead",
@@ -3005,7 +3005,7 @@ fn a_changed_book_rerates_a_row_stored_past_the_committed_offset() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let port = common::free_port();
     let p = Pipeline::new("http", 20_000, 40, &harness::ingest_section(port));
     // JSON logs, with each request's outcome (debug), as a log pipeline would take them.
@@ -3097,7 +3097,7 @@ fn events_sent_over_http_are_billed_exactly_as_tally_rate_bills_them() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_partition_added_to_the_events_topic_is_left_unread_and_reported_and_totals_stay_exact() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let port = common::free_port();
     let p = Pipeline::new("grown", 10_000, 40, &harness::ingest_section(port));
     // Someone adds a partition to the events topic of a running pipeline, as one
@@ -3157,7 +3157,7 @@ fn a_partition_added_to_the_events_topic_is_left_unread_and_reported_and_totals_
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_aggregator_whose_state_is_of_fewer_partitions_than_its_topics_stops_saying_why() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("regrown", 3_000, 40, "");
     p.start("aggregator", "agg-a");
     p.produce(&p.lines());
@@ -3209,7 +3209,7 @@ fn tokens_read_from_usage(book: &str) -> String {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_aggregator_restarted_with_a_meter_that_reads_otherwise_stops_and_the_book_before_goes_on() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let (p, rest) = half_of_the_month_counted_and_the_aggregator_stopped("redefined");
     let definitions: Vec<String> = (p.read_topic("aggregator-changelog").into_iter())
         .filter_map(|(_, headers)| headers.get("tally.meters").cloned())
@@ -3245,7 +3245,7 @@ fn an_aggregator_restarted_with_a_meter_that_reads_otherwise_stops_and_the_book_
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_meter_listed_as_accepted_keeps_its_usage_as_counted_and_reads_events_the_new_way() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let (p, rest) = half_of_the_month_counted_and_the_aggregator_stopped("redefined_accepted");
 
     // The senders move tokens into `usage`, and the book follows; the month's tokens
@@ -3298,7 +3298,7 @@ fn tokens_moved_into_usage(line: &[u8]) -> Vec<u8> {
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_aggregator_joining_with_a_meter_defined_otherwise_stops_though_its_partitions_hold_none_of_it(
 ) {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("redefined_elsewhere", 1_000, 10, "");
     // Tokens in one partition only: a member on another book given only the others
     // would restore nothing of that meter's usage.
@@ -3375,7 +3375,7 @@ fn prometheus(query: &str) -> Vec<(serde_json::Value, f64)> {
 #[test]
 #[ignore = "needs Kafka, ClickHouse and Prometheus: scripts/services/up.sh"]
 fn prometheus_scrapes_every_service_of_serve_all() {
-    let _serial = serial();
+    let _servers = harness::alone();
     let (ingest, aggregator, rater) = (
         common::free_port(),
         common::free_port(),
@@ -3629,7 +3629,7 @@ fn prometheus_scrapes_every_service_of_serve_all() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn events_deleted_by_retention_before_they_were_counted_are_reported_not_skipped_quietly() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let aggregator_port = common::free_port();
     let p = Pipeline::new(
         "retention",
@@ -3677,7 +3677,7 @@ fn events_deleted_by_retention_before_they_were_counted_are_reported_not_skipped
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_changelog_lost_with_events_retention_deleted_stops_the_aggregator_until_accepted() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let aggregator_port = common::free_port();
     let p = Pipeline::new(
         "lost_state",
@@ -3740,7 +3740,7 @@ fn a_changelog_lost_with_events_retention_deleted_stops_the_aggregator_until_acc
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rater_group_moved_by_kafkas_own_tool_re_rates_without_reporting_repricings() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("moved_rater_group", 2_000, 20, "");
     p.produce(&p.lines());
     p.start("aggregator", "agg-a");
@@ -3775,7 +3775,7 @@ fn a_rater_group_moved_by_kafkas_own_tool_re_rates_without_reporting_repricings(
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn an_event_its_producer_stamps_ahead_is_judged_by_the_brokers_clock() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new(
         "stamped",
         2_000,
@@ -3811,7 +3811,7 @@ fn an_event_its_producer_stamps_ahead_is_judged_by_the_brokers_clock() {
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn serve_all_whose_rater_cannot_listen_stops_the_started_aggregator_and_exits_with_the_error() {
-    let _serial = serial();
+    let _servers = harness::shared();
     // The rater's metrics port is taken; the aggregator starts before the rater binds.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
@@ -3848,7 +3848,7 @@ unit_amount = "10000000000000000000"
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_line_too_large_to_rate_stays_in_the_unrated_gauge_while_the_others_are_billed() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("unrateable", 2_000, 4, UNRATEABLE_PRICE);
     // Every other line as tally rate prices it without that price, and that price's
     // opening line (cust_00003 is enterprise-jp's), which ClickHouse holds meanwhile.
@@ -3897,7 +3897,7 @@ fn a_line_too_large_to_rate_stays_in_the_unrated_gauge_while_the_others_are_bill
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rater_back_on_its_database_after_writing_to_another_stores_the_stale_lines_again() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let (p, rest) = half_of_the_month_stored("database_typo");
     // A rater started with a mistyped database stores the rest of the month there,
     // and commits the offsets.
@@ -3942,7 +3942,7 @@ fn a_rater_back_on_its_database_after_writing_to_another_stores_the_stale_lines_
 #[test]
 #[ignore = "needs Kafka and ClickHouse: scripts/services/up.sh kafka clickhouse"]
 fn a_rater_clickhouse_refuses_at_start_counts_each_try_and_says_which_setting_to_fix() {
-    let _serial = serial();
+    let _servers = harness::shared();
     let p = Pipeline::new("wrong_login", 200, 2, "");
     p.start_with("rater", "rater-a", &[("TALLY_CLICKHOUSE_USER", "nobody")]);
     harness::eventually(
