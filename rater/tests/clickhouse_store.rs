@@ -625,7 +625,7 @@ fn two_pipelines_claiming_a_database_at_once_agree_on_one_owner() {
                         start.wait();
                         match store.claim_for_pipeline(prefix) {
                             Ok(()) => true,
-                            Err(e) if e.is_unusable_for_this_pipeline() => false,
+                            Err(ClickHouseError::ClaimedByAnotherPipeline { .. }) => false,
                             Err(e) => panic!("{e}"),
                         }
                     })

@@ -7,7 +7,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
@@ -26,21 +26,82 @@ pub fn clickhouse_url() -> String {
     std::env::var("TALLY_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
 }
 
-/// The servers the tests share. Each test bills in topics and a database of its own, so
-/// most run side by side ([`shared`]); one that stops or restarts a server, or whose
-/// timing a busy machine would change, runs alone ([`alone`]).
-static SERVERS: RwLock<()> = RwLock::new(());
+/// Tests that run side by side at most, whatever the test harness's thread count (the
+/// machine's cores): the servers share the machine with them, and the tests' waits are
+/// sized for this many.
+const SIDE_BY_SIDE: usize = 2;
+
+/// Who holds the servers the tests share. Each test bills in topics and a database of
+/// its own, so most run side by side ([`shared`]); one that stops or restarts a
+/// server, or whose timing a busy machine would change, runs alone ([`alone`]), and
+/// is let in before any more shared ones.
+#[derive(Debug)]
+struct Servers {
+    shared: usize,
+    alone: bool,
+    waiting_alone: usize,
+}
+
+static SERVERS: Mutex<Servers> = Mutex::new(Servers {
+    shared: 0,
+    alone: false,
+    waiting_alone: 0,
+});
+static SERVERS_CHANGED: Condvar = Condvar::new();
+
+/// A test's hold on the servers, let go when it ends (or fails).
+#[must_use]
+#[derive(Debug)]
+pub struct ServersHeld {
+    alone: bool,
+}
+
+impl Drop for ServersHeld {
+    fn drop(&mut self) {
+        let mut servers = servers();
+        match self.alone {
+            true => servers.alone = false,
+            false => servers.shared -= 1,
+        }
+        SERVERS_CHANGED.notify_all();
+    }
+}
+
+fn servers() -> MutexGuard<'static, Servers> {
+    SERVERS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits until `ready` holds of the servers, then takes them as `take` says.
+fn hold(ready: fn(&Servers) -> bool, take: fn(&mut Servers)) {
+    let mut servers = servers();
+    while !ready(&servers) {
+        servers = (SERVERS_CHANGED.wait(servers)).unwrap_or_else(|e| e.into_inner());
+    }
+    take(&mut servers);
+}
 
 /// Held by a test that leaves the servers running and others' runs alone.
-pub fn shared() -> RwLockReadGuard<'static, ()> {
-    SERVERS.read().unwrap_or_else(|e| e.into_inner())
+pub fn shared() -> ServersHeld {
+    hold(
+        |s| !s.alone && s.waiting_alone == 0 && s.shared < SIDE_BY_SIDE,
+        |s| s.shared += 1,
+    );
+    ServersHeld { alone: false }
 }
 
 /// Held by a test that stops or restarts a server, loads the machine on its own (a
 /// long run of its own), or waits out Kafka's timeouts of a frozen process: no other
 /// test runs meanwhile.
-pub fn alone() -> RwLockWriteGuard<'static, ()> {
-    SERVERS.write().unwrap_or_else(|e| e.into_inner())
+pub fn alone() -> ServersHeld {
+    servers().waiting_alone += 1;
+    hold(
+        |s| !s.alone && s.shared == 0,
+        |s| {
+            s.waiting_alone -= 1;
+            s.alone = true;
+        },
+    );
+    ServersHeld { alone: true }
 }
 
 /// A Kafka record: key, payload, headers.
@@ -811,12 +872,9 @@ database = "{database}"
         records
     }
 
-    /// Sets the service's group offsets back to the beginning of every partition, as
-    /// an operator replaying would (`kafka-consumer-groups --reset-offsets
-    /// --to-earliest`); the group must have no members.
-    /// Sets the service's group's offsets to the oldest its topic holds, as Kafka's
-    /// `kafka-consumer-groups.sh --reset-offsets --to-earliest` would (without
-    /// metadata).
+    /// Sets the service's group's offsets to the oldest its topic holds, as an operator
+    /// replaying would with Kafka's `kafka-consumer-groups.sh --reset-offsets
+    /// --to-earliest` (which commits no metadata); the group must have no members.
     pub fn reset_group_to_earliest(&self, service: &str) {
         self.reset_group(service, |(oldest, _)| oldest);
     }
@@ -912,7 +970,6 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Runs `scripts/services/<name>.sh <action>` (stop, start, restart) and waits for it.
 /// An admin client of the test brokers, and a runtime to wait for its answers on.
 fn admin() -> (AdminClient<DefaultClientContext>, tokio::runtime::Runtime) {
     let admin = ClientConfig::new()
@@ -926,6 +983,7 @@ fn admin() -> (AdminClient<DefaultClientContext>, tokio::runtime::Runtime) {
     (admin, runtime)
 }
 
+/// Runs `scripts/services/<name>.sh <action>` (stop, start, restart) and waits for it.
 pub fn service(name: &str, action: &str) {
     service_with(name, &[action]);
 }
