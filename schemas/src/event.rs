@@ -483,9 +483,9 @@ struct Envelope<'a> {
     data: Option<&'a str>,
     /// Whether the event has `data_base64`, which is not read.
     data_base64: bool,
-    /// The first member named as an attribute but for case (`"Subject"`), and that
-    /// attribute, for the hint when it is missing.
-    miscased: Option<(&'static str, String)>,
+    /// Members named as an attribute but for case (`"Subject"`), with that attribute,
+    /// for the hint when it is missing.
+    miscased: Vec<(&'static str, String)>,
     /// The first problem met while collecting: a field given twice, or a key that
     /// cannot be unescaped.
     problem: Option<EventError>,
@@ -497,8 +497,9 @@ const ATTRIBUTES: [&str; 6] = ["specversion", "id", "source", "type", "subject",
 impl<'a> Envelope<'a> {
     /// `error`, with the hint that a missing attribute is there in other case.
     fn hinted(&self, mut error: EventError) -> EventError {
-        if let (Problem::Missing, Some((name, found))) = (&error.problem, &self.miscased) {
-            if error.field == *name {
+        if error.problem == Problem::Missing {
+            let found = self.miscased.iter().find(|(name, _)| error.field == *name);
+            if let Some((_, found)) = found {
                 error.problem = Problem::MissingButCased(found.clone());
             }
         }
@@ -528,10 +529,11 @@ impl<'a> Envelope<'a> {
                 return;
             }
             other => {
-                if self.miscased.is_none() {
-                    self.miscased = (ATTRIBUTES.iter())
-                        .find(|name| name.eq_ignore_ascii_case(other))
-                        .map(|name| (*name, other.to_owned()));
+                let attribute = ATTRIBUTES
+                    .iter()
+                    .find(|name| name.eq_ignore_ascii_case(other));
+                if let Some(attribute) = attribute {
+                    self.miscased.push((attribute, other.to_owned()));
                 }
                 return;
             }

@@ -16,7 +16,7 @@ use tally_runtime::kafka::{client_config, read_partition};
 use tally_schemas::time::Period;
 
 use crate::clickhouse::ClickHouseError;
-use crate::ledger::{line_open, CrowdedLine, Ledger};
+use crate::ledger::{line_open, CrowdedLine, Ledger, CROWDED_LINE_SERIES};
 
 use super::rebuild_point::{FirstOffsets, RebuildPoint};
 use super::records::{decode, decode_with_windows, record, Change, WindowsRecord};
@@ -239,7 +239,8 @@ impl Worker {
                 series = largest.series,
                 meter = largest.meter,
                 example_group = ?largest.example_group,
-                "the partition holds lines that sum 1,000 usage series or more each (the one of most named, with the count it reached): see the warning \"an invoice line sums this many usage series\""
+                least = CROWDED_LINE_SERIES[0],
+                "the partition holds lines that sum at least this many usage series each (the one of most named, with the count it reached): see the warning \"an invoice line sums this many usage series\""
             );
         }
         if !failures.is_empty() {

@@ -399,6 +399,7 @@ fn strict_mode_stops_at_the_first_bad_line_naming_it() {
         "2026-11-10T08:00:00Z",
         None,
     )
+    .replace(r#""time":"#, r#""Time":"#)
     .replace(r#""subject":"#, r#""Subject":"#);
     let run = f.rate_bytes(format!("{cased}\n").as_bytes(), &["--strict"]);
     assert_eq!(run.code, 1);
