@@ -247,14 +247,6 @@ database = "{database}"
         });
     }
 
-    /// Replaces `from` with `to` in the pipeline's tally.toml, for the services
-    /// started after.
-    pub fn edit_config(&self, from: &str, to: &str) {
-        let text = fs::read_to_string(&self.config).unwrap();
-        assert!(text.contains(from), "no {from:?} in\n{text}");
-        fs::write(&self.config, text.replacen(from, to, 1)).unwrap();
-    }
-
     /// Starts `tally serve <service>` as instance `name`, logging to `<name>.log`.
     pub fn start(&self, service: &str, name: &str) {
         self.start_with(service, name, &[]);

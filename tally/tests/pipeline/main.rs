@@ -3720,10 +3720,13 @@ fn a_changelog_lost_with_events_retention_deleted_stops_the_aggregator_until_acc
 
     // Accepted by the operator: counted on from the oldest event held, the loss
     // counted for finance.
-    p.edit_config(
+    let config = std::fs::read_to_string(&p.config).unwrap();
+    let accepting = edited(
+        &config,
         "commit_interval = \"100ms\"\n",
         "commit_interval = \"100ms\"\naccept_lost_state = true\n",
     );
+    std::fs::write(&p.config, accepting).unwrap();
     p.start("aggregator", "agg-c");
     p.wait_for(&lowered, Duration::from_secs(120));
     assert_eq!(
