@@ -841,8 +841,16 @@ database = "{database}"
                 }
                 continue;
             };
+            // An error of the read (a partition's start just deleted, a broker just
+            // started) is the consumer's to recover from; the deadline above holds.
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    eprintln!("reading {topic}: {error}; reading on");
+                    continue;
+                }
+            };
             last_read = Instant::now();
-            let message = message.unwrap();
             let mut headers = BTreeMap::new();
             if let Some(h) = message.headers() {
                 for header in h.iter() {
