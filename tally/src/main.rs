@@ -32,12 +32,12 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tally_rater::clickhouse::ClickHouse;
 use tally_schemas::config::{
-    book_changes, ClickHouseFlags, Config, ConfigError, ConfigFile, Group,
+    book_changes, ClickHouseFlags, Config, ConfigError, ConfigFile, ConfigIssue, Group,
 };
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, read_input, BatchOptions};
-use crate::report::{write_lines, Format};
+use crate::report::{counted, write_lines, Format};
 
 /// The release and the commit it was built from.
 pub static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -263,6 +263,14 @@ pub fn environment(name: &str) -> Option<String> {
     })
 }
 
+/// [`Config::unread_variables`] of this process's environment.
+pub fn unread_variables(config: &Config) -> Vec<ConfigIssue> {
+    let names: Vec<String> = (std::env::vars_os())
+        .filter_map(|(name, _)| name.into_string().ok())
+        .collect();
+    config.unread_variables(names.iter().map(String::as_str))
+}
+
 fn validate(
     path: &Path,
     service: Option<serve::Service>,
@@ -298,23 +306,28 @@ fn validate(
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{} is valid: {} meters, {} plans with {} prices, {} customers; price book hash {}",
+        "{} is valid: {}, {} with {}, {}; price book hash {}",
         path.display(),
-        config.meters.len(),
-        config.plans.len(),
-        prices,
-        config.customers.len(),
+        counted(config.meters.len(), "meter"),
+        counted(config.plans.len(), "plan"),
+        counted(prices, "price"),
+        counted(config.customers.len(), "customer"),
         config.hash
     )?;
+    let unresolved_keys = services.ingest.unresolved_keys.len();
     writeln!(
         out,
-        "services: Kafka {} (topics {}.*), ClickHouse {} database {}, ingest on {} with {} API key(s), instance id {}",
+        "services: Kafka {} (topics {}.*), ClickHouse {} database {}, ingest on {} with {}{}, instance id {}",
         services.kafka.brokers,
         services.kafka.topic_prefix,
         services.clickhouse.url,
         services.clickhouse.database,
         services.ingest.listen,
-        services.ingest.api_keys.len(),
+        counted(services.ingest.api_keys.len() + unresolved_keys, "API key"),
+        match unresolved_keys {
+            0 => String::new(),
+            n => format!(" ({n} of them without their secret, below)"),
+        },
         services.kafka.instance_id,
     )?;
     for (at, message) in &services.ingest.unresolved_keys {
@@ -323,7 +336,7 @@ fn validate(
             "warning: {at}: {message} (only `tally serve ingest` needs it)"
         )?;
     }
-    for warning in &config.warnings {
+    for warning in config.warnings.iter().chain(&unread_variables(&config)) {
         writeln!(out, "warning: {warning}")?;
     }
     if let Some((deployed, running, running_file)) = running {
@@ -355,6 +368,9 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     let config = Config::load(path)?;
     for warning in &config.warnings {
         eprintln!("warning: {}: {warning}", path.display());
+    }
+    for warning in unread_variables(&config) {
+        eprintln!("warning: {warning}");
     }
     Ok(config)
 }

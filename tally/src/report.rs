@@ -122,6 +122,14 @@ pub fn tier_arithmetic(tier: &TierCharge) -> String {
     format!("{units} x {}{flat} = {amount}", tier.unit_amount)
 }
 
+/// `1 meter`, `3 meters`: `noun` (whose plural takes an `s`) counted.
+pub fn counted(n: usize, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 /// `1 package`, `3 packages`.
 pub fn packages(n: Decimal) -> String {
     match n == Decimal::ONE {

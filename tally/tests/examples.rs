@@ -265,7 +265,7 @@ fn the_compose_deployments_configuration_is_valid_with_the_environment_compose_s
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        shown.contains("services: Kafka kafka:29092 (topics tally.*), ClickHouse http://clickhouse:8123 database tally, ingest on 0.0.0.0:9101 with 1 API key(s)"),
+        shown.contains("services: Kafka kafka:29092 (topics tally.*), ClickHouse http://clickhouse:8123 database tally, ingest on 0.0.0.0:9101 with 1 API key"),
         "{shown}"
     );
     assert!(!shown.contains("warning"), "{shown}");

@@ -574,6 +574,29 @@ impl Config {
         found_nothing(origin, found).map(|()| settings)
     }
 
+    /// A warning for each `TALLY_` variable of `names` (the environment's) that Tally
+    /// does not read, with the one it likely meant: a misspelt override changes nothing,
+    /// and a misspelt `TALLY_KAFKA_TOPIC_PREFIX` would join the default pipeline.
+    pub fn unread_variables<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Vec<ConfigIssue> {
+        let key_envs: Vec<&str> = (self.service_specs.ingest.api_keys.iter())
+            .filter_map(|key| key.key_env.as_deref())
+            .collect();
+        let read = || services::VARIABLES.iter().copied().chain(key_envs.iter().copied());
+        (names.into_iter())
+            .filter(|name| name.starts_with("TALLY_") && !read().any(|known| known == *name))
+            .map(|name| {
+                let meant = likely_meant(name, read())
+                    .map_or_else(String::new, |meant| format!(" (did you mean {meant}?)"));
+                ConfigIssue {
+                    at: name.to_owned(),
+                    message: format!(
+                        "is set, but Tally reads no such variable{meant}: it changes nothing"
+                    ),
+                }
+            })
+            .collect()
+    }
+
     /// The meter with this slug, if the book has one.
     pub fn meter_id(&self, slug: &str) -> Option<MeterId> {
         let index = self.meters.iter().position(|meter| meter.slug == slug)?;

@@ -32,6 +32,28 @@ use super::{AggregatorSpec, Meter};
 /// The shortest `[aggregator] close_idle_after`.
 const MIN_CLOSE_IDLE_AFTER: Duration = Duration::from_secs(1);
 
+/// Every `TALLY_` variable Tally reads, besides those API keys' `key_env` name: the
+/// overrides above, `TALLY_LOG_FORMAT` (`tally serve --log-format`) and `TALLY_COMMIT`
+/// (the commit a build without `.git` names, read when it is built).
+pub(super) const VARIABLES: [&str; 16] = [
+    "TALLY_KAFKA_BROKERS",
+    "TALLY_KAFKA_TOPIC_PREFIX",
+    "TALLY_KAFKA_SASL_USERNAME",
+    "TALLY_KAFKA_SASL_PASSWORD",
+    "TALLY_KAFKA_SSL_KEY_PASSWORD",
+    "TALLY_CLICKHOUSE_URL",
+    "TALLY_CLICKHOUSE_DATABASE",
+    "TALLY_CLICKHOUSE_USER",
+    "TALLY_CLICKHOUSE_PASSWORD",
+    "TALLY_CLICKHOUSE_CA_FILE",
+    "TALLY_INGEST_LISTEN",
+    "TALLY_AGGREGATOR_METRICS_LISTEN",
+    "TALLY_RATER_METRICS_LISTEN",
+    "TALLY_INSTANCE_ID",
+    "TALLY_LOG_FORMAT",
+    "TALLY_COMMIT",
+];
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSpec {
@@ -892,6 +914,49 @@ aggregation = "count"
             ConfigError::Invalid { issues, .. } => issues.iter().map(|i| i.to_string()).collect(),
             other => vec![other.to_string()],
         })
+    }
+
+    #[test]
+    fn every_variable_the_settings_read_is_one_tally_reads() {
+        let config = Config::parse(
+            &format!("{PRICE_BOOK}\n[[ingest.api_keys]]\nkey_env = \"TALLY_SUPPORT_KEY\"\ntenant = \"support\"\nsources = [\"*\"]\n"),
+            "test.toml",
+        )
+        .unwrap();
+        let asked = std::cell::RefCell::new(Vec::new());
+        let lookup = |name: &str| {
+            asked.borrow_mut().push(name.to_owned());
+            None
+        };
+        config.services("test.toml", &lookup).unwrap();
+        let asked = asked.into_inner();
+        let unread = config.unread_variables(asked.iter().map(String::as_str));
+        assert_eq!(unread, Vec::new(), "asked for {asked:?}");
+        assert!(asked.iter().any(|name| name == "TALLY_KAFKA_SASL_PASSWORD"));
+    }
+
+    #[test]
+    fn a_misspelt_variable_is_named_with_the_one_it_likely_meant() {
+        let config = Config::parse(PRICE_BOOK, "test.toml").unwrap();
+        let environment = [
+            "PATH",
+            "TALLY_KAFKA_TOPIC_PREFX",
+            "TALLY_CLICKHOUSE_DATABSE",
+            "TALLY_KAFKA_BROKERS",
+            "TALLY_SOMETHING_ELSE",
+        ];
+        let unread: Vec<String> = (config.unread_variables(environment))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            unread,
+            [
+                "TALLY_KAFKA_TOPIC_PREFX: is set, but Tally reads no such variable (did you mean TALLY_KAFKA_TOPIC_PREFIX?): it changes nothing",
+                "TALLY_CLICKHOUSE_DATABSE: is set, but Tally reads no such variable (did you mean TALLY_CLICKHOUSE_DATABASE?): it changes nothing",
+                "TALLY_SOMETHING_ELSE: is set, but Tally reads no such variable: it changes nothing",
+            ]
+        );
     }
 
     #[test]

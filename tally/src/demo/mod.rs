@@ -19,13 +19,14 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use rust_decimal::Decimal;
 use tally_schemas::config::{Config, Customer};
+use tally_schemas::event::Problem;
 use tally_schemas::records::InvoiceLine;
 use tally_schemas::time::Period;
 
 use crate::batch::{rate_events, BatchOptions, BatchResult};
 use crate::embedded::{self, store::Store, PipelineRun};
 use crate::explain::{write_explanation, Explanation};
-use crate::report::{write_csv, Totals};
+use crate::report::{counted, write_csv, Totals};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -134,10 +135,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     eprint!("\r");
     let config = Arc::new(Config::load(&config_path)?);
     println!(
-        "1/4 configuration: {} meters, {} plans in usd, eur and jpy, {} customers -> {}",
-        config.meters.len(),
-        config.plans.len(),
-        config.customers.len(),
+        "1/4 configuration: {}, {} in usd, eur and jpy, {} -> {}",
+        counted(config.meters.len(), "meter"),
+        counted(config.plans.len(), "plan"),
+        counted(config.customers.len(), "customer"),
         config_path.display()
     );
     println!(
@@ -358,9 +359,13 @@ fn show_invoices(
 }
 
 fn show_rejects(rejects: &[tally_ingest::LineReject], path: &Path) {
+    // The summary counts conflicting resends apart from the rejected; the file has both.
+    let conflicts = (rejects.iter())
+        .filter(|r| r.error.problem == Problem::Conflict)
+        .count();
     println!(
-        "Rejected lines ({}, all kept in {}):",
-        rejects.len(),
+        "Rejected lines ({} rejected and {conflicts} conflicting resends, all kept in {}):",
+        rejects.len() - conflicts,
         path.display()
     );
     for r in rejects.iter().take(8) {

@@ -12,9 +12,9 @@ fn validate_accepts_a_good_config_and_summarises_it() {
     assert_eq!(
         run.stdout,
         format!(
-            "tally.toml is valid: 2 meters, 1 plans with 3 prices, 2 customers; price book hash {hash}\n\
+            "tally.toml is valid: 2 meters, 1 plan with 3 prices, 2 customers; price book hash {hash}\n\
              services: Kafka 127.0.0.1:9092 (topics tally.*), ClickHouse http://127.0.0.1:8123 database tally, \
-             ingest on 127.0.0.1:9101 with 0 API key(s), instance id agg-1\n"
+             ingest on 127.0.0.1:9101 with 0 API keys, instance id agg-1\n"
         )
     );
 }
@@ -87,6 +87,40 @@ fn validate_against_the_deployed_book_lists_what_the_new_one_changes_and_what_th
         .into();
     assert_eq!((missing.code, missing.stdout.as_str()), (1, ""));
     assert!(missing.stderr.contains("gone.toml"), "{}", missing.stderr);
+}
+
+#[test]
+fn validate_names_a_misspelt_variable_and_a_key_whose_secret_is_not_set() {
+    let book = format!(
+        "{PRO}\n[[ingest.api_keys]]\nkey_env = \"TALLY_SUPPORT_KEY\"\ntenant = \"support\"\nsources = [\"*\"]\n"
+    );
+    let f = Fixture::new(&book);
+    let validate = |secret: Option<&str>| {
+        let mut command = f.tally();
+        command
+            .args(["validate", "--config", "tally.toml"])
+            .env("TALLY_KAFKA_TOPIC_PREFX", "billing");
+        match secret {
+            Some(secret) => command.env("TALLY_SUPPORT_KEY", secret),
+            None => command.env_remove("TALLY_SUPPORT_KEY"),
+        };
+        Run::from(command.output().unwrap()).succeeded().stdout
+    };
+    let misspelt = "warning: TALLY_KAFKA_TOPIC_PREFX: is set, but Tally reads no such variable (did you mean TALLY_KAFKA_TOPIC_PREFIX?): it changes nothing\n";
+    let unset = validate(None);
+    for expected in [
+        "(topics tally.*)",
+        "with 1 API key (1 of them without their secret, below)",
+        "warning: ingest.api_keys[0].key_env: ",
+        misspelt,
+    ] {
+        assert!(unset.contains(expected), "{expected:?} not in {unset}");
+    }
+    // The variable a key_env names is read: only the misspelt one is warned about.
+    let set = validate(Some("s3cret-support-key"));
+    assert!(set.contains("with 1 API key, instance id"), "{set}");
+    assert_eq!(set.matches("warning: ").count(), 1, "{set}");
+    assert!(set.ends_with(misspelt), "{set}");
 }
 
 #[test]
