@@ -487,6 +487,29 @@ fn filter_values_no_json_number_or_boolean_reads_as_are_warned_about() {
 }
 
 #[test]
+fn a_percentage_written_as_a_fraction_is_warned_about() {
+    let warnings = |percent: &str| -> Vec<(String, String)> {
+        let text = with(
+            r#"percent_off = "12.5""#,
+            &format!("percent_off = {percent:?}"),
+        );
+        (parse(&text).warnings.into_iter())
+            .map(|w| (w.at, w.message))
+            .collect()
+    };
+    assert_eq!(
+        warnings("0.125"),
+        [(
+            "customers[cust_acme].discounts[0].percent_off".to_owned(),
+            r#"0.125 takes 0.125 % off, not 12.5 %: percent_off is a percentage ("12.5" takes 12.5 % off); write "12.5" if 12.5 % is meant"#.to_owned()
+        )]
+    );
+    for percent in ["0", "1", "12.5", "100"] {
+        assert!(warnings(percent).is_empty(), "{percent}");
+    }
+}
+
+#[test]
 fn two_prices_that_bill_the_same_usage_are_warned_about() {
     let warnings = |filter: &str| -> Vec<(String, String)> {
         // A second price on tokens beside gpt-tokens (filtered to gpt-x).

@@ -110,7 +110,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
 
 fn serve_until_stopped(args: ServeArgs) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(&args.config)?);
-    for warning in config.warnings.iter().chain(&crate::unread_variables(&config)) {
+    for warning in config
+        .warnings
+        .iter()
+        .chain(&crate::unread_variables(&config))
+    {
         tracing::warn!(at = %warning.at, "{}", warning.message);
     }
     let origin = args.config.display().to_string();

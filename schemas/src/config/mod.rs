@@ -577,11 +577,19 @@ impl Config {
     /// A warning for each `TALLY_` variable of `names` (the environment's) that Tally
     /// does not read, with the one it likely meant: a misspelt override changes nothing,
     /// and a misspelt `TALLY_KAFKA_TOPIC_PREFIX` would join the default pipeline.
-    pub fn unread_variables<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Vec<ConfigIssue> {
+    pub fn unread_variables<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<ConfigIssue> {
         let key_envs: Vec<&str> = (self.service_specs.ingest.api_keys.iter())
             .filter_map(|key| key.key_env.as_deref())
             .collect();
-        let read = || services::VARIABLES.iter().copied().chain(key_envs.iter().copied());
+        let read = || {
+            services::VARIABLES
+                .iter()
+                .copied()
+                .chain(key_envs.iter().copied())
+        };
         (names.into_iter())
             .filter(|name| name.starts_with("TALLY_") && !read().any(|known| known == *name))
             .map(|name| {

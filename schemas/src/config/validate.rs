@@ -42,6 +42,7 @@ impl ConfigFile {
         check_overlapping_prices(&plans, &meters, &mut warnings);
         check_stripe_can_take(&plans, &mut warnings);
         check_flat_fees_billable(&plans, &mut warnings);
+        check_percentages_written_as_fractions(&self.customers, &mut warnings);
         let replacements = validate_replacements(&self.plans, &plans, &mut issues, &mut warnings);
         let customers = validate_customers(
             &self.customers,
@@ -390,6 +391,35 @@ fn check_flat_fees_billable(plans: &[Plan], warnings: &mut Issues) {
                     currency.coarser_billing_note()
                 ),
             );
+        }
+    }
+}
+
+/// A `percent_off` above 0 and below 1 is a percentage all the same (`"0.125"` takes
+/// 0.125 % off), but far more likely a fraction meant as one: 12.5 % written as a
+/// share. Valid, as small discounts exist, so warned about.
+fn check_percentages_written_as_fractions(customers: &[CustomerSpec], warnings: &mut Issues) {
+    for (i, customer) in customers.iter().enumerate() {
+        let at = item_at("customers", i, &customer.id);
+        let changes = customer.plan_changes.iter().enumerate();
+        let discounts = (customer.discounts.iter().enumerate())
+            .map(|(k, d)| (format!("{at}.discounts[{k}]"), d))
+            .chain(changes.flat_map(|(c, change)| {
+                let at = &at;
+                (change.discounts.iter().flatten().enumerate())
+                    .map(move |(k, d)| (format!("{at}.plan_changes[{c}].discounts[{k}]"), d))
+            }));
+        for (at, discount) in discounts {
+            let Some(percent) = discount.percent_off.map(|p| p.0) else {
+                continue;
+            };
+            if percent > Decimal::ZERO && percent < Decimal::ONE {
+                let meant = (percent * Decimal::ONE_HUNDRED).normalize();
+                warnings.add(
+                    format!("{at}.percent_off"),
+                    format!("{percent} takes {percent} % off, not {meant} %: percent_off is a percentage (\"12.5\" takes 12.5 % off); write \"{meant}\" if {meant} % is meant"),
+                );
+            }
         }
     }
 }
