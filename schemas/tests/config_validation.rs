@@ -307,6 +307,17 @@ fn the_last_tier_must_be_inf_and_only_the_last() {
         "plans[pro].prices[resolutions].tiers[1].up_to",
         "only the last tier may be \"inf\"",
     );
+    // Left out, it is told as the same rule, not as a field the parser missed.
+    assert_only_issue(
+        &with(r#"up_to = "inf", "#, ""),
+        "plans[pro].prices[resolutions].tiers[2].up_to",
+        "required: the last tier takes up_to = \"inf\", so every quantity has a tier",
+    );
+    assert_only_issue(
+        &with("up_to = 1000, ", ""),
+        "plans[pro].prices[resolutions].tiers[1].up_to",
+        "required: the tier's inclusive upper bound, e.g. up_to = 1000",
+    );
     assert_only_issue(
         &with("up_to = 100,", "up_to = 0,"),
         "plans[pro].prices[resolutions].tiers[0].up_to",

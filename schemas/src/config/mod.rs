@@ -228,7 +228,9 @@ pub enum BillingScheme {
 #[serde(deny_unknown_fields)]
 pub struct TierSpec {
     /// Inclusive upper bound in the meter's unit, or `"inf"` for the last tier.
-    pub up_to: UpToInput,
+    /// Required; optional here so that one left out is told as the tier table's rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_to: Option<UpToInput>,
     /// Price of each unit in the tier, in the currency's major unit; default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit_amount: Option<ExactDecimal>,

@@ -696,6 +696,7 @@ fn unit_amount(spec: &PriceSpec, at: &str, scheme: &str, issues: &mut Issues) ->
 /// (each reported where it is).
 fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Option<Tiers> {
     let mut tiers = Vec::with_capacity(specs.len());
+    let mut bounded = true;
     for (k, spec) in specs.iter().enumerate() {
         if spec.unit_amount.is_none() && spec.flat_amount.is_none() {
             issues.add(
@@ -703,11 +704,23 @@ fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Option<T
                 "set unit_amount, flat_amount or both (use unit_amount = \"0\" for a free tier)",
             );
         }
+        let Some(up_to) = spec.up_to else {
+            let rule = match k + 1 == specs.len() {
+                true => "the last tier takes up_to = \"inf\", so every quantity has a tier",
+                false => "the tier's inclusive upper bound, e.g. up_to = 1000 (the last tier takes up_to = \"inf\")",
+            };
+            issues.add(format!("{at}.tiers[{k}].up_to"), format!("required: {rule}"));
+            bounded = false;
+            continue;
+        };
         tiers.push(Tier {
-            up_to: spec.up_to.0,
+            up_to: up_to.0,
             unit_amount: spec.unit_amount.map_or(Decimal::ZERO, |a| a.0),
             flat_amount: spec.flat_amount.map_or(Decimal::ZERO, |a| a.0),
         });
+    }
+    if !bounded {
+        return None;
     }
     match Tiers::new(tiers) {
         Ok(tiers) => Some(tiers),
