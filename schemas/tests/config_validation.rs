@@ -824,7 +824,7 @@ fn discounts_and_customers_must_name_known_prices_and_plans() {
     assert_only_issue(
         &with(r#"price = "resolutions""#, r#"price = "resolution""#),
         "customers[cust_acme].discounts[0].price",
-        r#"plan "pro" has no price "resolution""#,
+        r#"plan "pro" has no price "resolution" (did you mean "resolutions"?); its prices: resolutions, gpt-tokens"#,
     );
     assert_only_issue(
         &with(r#"plan = "pro""#, r#"plan = "enterprise""#),
@@ -1012,6 +1012,24 @@ fn unknown_fields_are_refused_everywhere() {
     assert!(top.contains("unknown field `pricing`"), "{top}");
     let section = syntax_error(&format!("{BASE}\n[events]\nmax_skew = \"5m\"\n"));
     assert!(section.contains("unknown field `max_skew`"), "{section}");
+}
+
+#[test]
+fn a_misspelt_field_is_told_the_one_it_likely_meant() {
+    let misspelt = syntax_error(&with(r#"percent_off = "12.5""#, r#"precent_off = "12.5""#));
+    assert!(
+        misspelt
+            .contains("unknown field `precent_off` (did you mean `percent_off`?), expected one of"),
+        "{misspelt}"
+    );
+    let section = syntax_error(&format!("{BASE}\n[agregator]\nwindow = \"1h\"\n"));
+    assert!(
+        section.contains("unknown field `agregator` (did you mean `aggregator`?)"),
+        "{section}"
+    );
+    // Nothing near enough: no guess.
+    let top = syntax_error(&format!("{BASE}\n[pricing]\nx = 1\n"));
+    assert!(!top.contains("did you mean"), "{top}");
 }
 
 #[test]

@@ -13,7 +13,8 @@ impl Config {
 }
 
 /// The one id of `known` that `asked` is most likely a slip of: the same but for case,
-/// `-` or a space for `_`, or surrounding spaces, or else the one nearest within two edits (and a
+/// `-` or a space for `_`, or surrounding spaces, or else the one nearest within two edits (a
+/// swap of neighbours is one; and a
 /// quarter of its length, so short ids are not matched to anything, and `cust_x0`
 /// is not taken for `cust_jp`). Linear in the book: an id whose length is further off
 /// than the edits allowed is passed over by its length alone, so a sender's long
@@ -55,18 +56,21 @@ fn normal(id: &str, into: &mut Vec<char>) {
     }));
 }
 
-/// The two rows of a Levenshtein table, kept between ids.
+/// The last three rows of an edit table, kept between ids.
 #[derive(Debug, Default)]
 struct EditRows {
+    before: Vec<usize>,
     previous: Vec<usize>,
     current: Vec<usize>,
 }
 
 impl EditRows {
-    /// The Levenshtein distance (insertions, deletions and substitutions) of `a` and
-    /// `b` if it is at most `limit`; `None` as soon as every path is over it.
+    /// The edit distance of `a` and `b` if it is at most `limit`; `None` as soon as
+    /// every path is over it. Edits are insertions, deletions, substitutions and swaps
+    /// of two neighbours (the optimal string alignment distance), as `thruogh` is one
+    /// slip of `through`, not two.
     fn distance_within(&mut self, a: &[char], b: &[char], limit: usize) -> Option<usize> {
-        let (previous, current) = (&mut self.previous, &mut self.current);
+        let (before, previous, current) = (&mut self.before, &mut self.previous, &mut self.current);
         previous.clear();
         previous.extend(0..=b.len());
         for (i, ca) in a.iter().enumerate() {
@@ -74,12 +78,18 @@ impl EditRows {
             current.push(i + 1);
             for (j, cb) in b.iter().enumerate() {
                 let substitute = previous[j] + usize::from(ca != cb);
-                current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
+                let mut least = substitute.min(previous[j + 1] + 1).min(current[j] + 1);
+                if i > 0 && j > 0 && a[i - 1] == *cb && *ca == b[j - 1] {
+                    least = least.min(before[j - 1] + 1);
+                }
+                current.push(least);
             }
-            // A row's least value never falls in the rows below it.
+            // A row's least value never falls in the rows below it by more than the
+            // row above it allows: a swap reaches back one row, at a cost of one.
             if current.iter().min().is_some_and(|least| *least > limit) {
                 return None;
             }
+            std::mem::swap(before, previous);
             std::mem::swap(previous, current);
         }
         Some(previous[b.len()]).filter(|distance| *distance <= limit)
@@ -98,6 +108,7 @@ mod tests {
         assert_eq!(meant(" Initech_US "), Some("initech_us"));
         assert_eq!(meant("acme_sw"), Some("acme_se"));
         assert_eq!(meant("globex_deu"), Some("globex_de"));
+        assert_eq!(meant("acme_es"), Some("acme_se"));
         // Nearest to two alike: no guess.
         assert_eq!(meant("initech_u"), None);
         // Too far, or too short to tell.
@@ -109,7 +120,7 @@ mod tests {
     }
 
     #[test]
-    fn the_distance_within_a_limit_is_levenshteins_or_none() {
+    fn the_distance_within_a_limit_counts_a_swap_of_neighbours_as_one_edit_or_is_none() {
         let chars = |s: &str| s.chars().collect::<Vec<char>>();
         let mut rows = EditRows::default();
         let mut within =
@@ -120,20 +131,36 @@ mod tests {
         assert_eq!(within("", "ab", 2), Some(2));
         assert_eq!(within("abcd", "", 3), None);
         assert_eq!(within("flaw", "lawn", 2), Some(2));
+        assert_eq!(within("thruogh", "through", 1), Some(1));
+        assert_eq!(within("ab", "ba", 0), None);
+        // A swap is of neighbours only, and each character is edited once.
+        assert_eq!(within("abc", "cba", 3), Some(2));
+        assert_eq!(within("ca", "abc", 3), Some(3));
     }
 
-    /// Levenshtein distance by the whole table: what the bounded one must agree with.
+    /// The optimal string alignment distance by the whole table, as textbooks write
+    /// it: what the bounded one must agree with.
     fn full_distance(a: &[char], b: &[char]) -> usize {
-        let mut previous: Vec<usize> = (0..=b.len()).collect();
-        for (i, ca) in a.iter().enumerate() {
-            let mut current = vec![i + 1];
-            for (j, cb) in b.iter().enumerate() {
-                let substitute = previous[j] + usize::from(ca != cb);
-                current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
-            }
-            previous = current;
+        let mut table = vec![vec![0; b.len() + 1]; a.len() + 1];
+        for (i, row) in table.iter_mut().enumerate() {
+            row[0] = i;
         }
-        previous[b.len()]
+        for (j, cell) in table[0].iter_mut().enumerate() {
+            *cell = j;
+        }
+        for i in 1..=a.len() {
+            for j in 1..=b.len() {
+                let cost = usize::from(a[i - 1] != b[j - 1]);
+                let mut d = (table[i - 1][j - 1] + cost)
+                    .min(table[i - 1][j] + 1)
+                    .min(table[i][j - 1] + 1);
+                if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                    d = d.min(table[i - 2][j - 2] + 1);
+                }
+                table[i][j] = d;
+            }
+        }
+        table[a.len()][b.len()]
     }
 
     /// `likely_meant` as it was before the length filter and the bounded distance.

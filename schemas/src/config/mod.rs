@@ -501,8 +501,28 @@ impl ConfigFile {
     fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Syntax {
             origin: origin.to_owned(),
-            message: e.to_string(),
+            message: with_likely_field(e.to_string(), e.message()),
         })
+    }
+}
+
+/// The parser's `message` with the field an unknown one likely meant, where `reason`
+/// (the parser's reason alone) names an unknown field and the ones expected there:
+/// "unknown field `topic_prefx` (did you mean `topic_prefix`?), expected one of ...".
+fn with_likely_field(message: String, reason: &str) -> String {
+    let Some(rest) = reason.strip_prefix("unknown field `") else {
+        return message;
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message;
+    };
+    let known = expected.split('`').skip(1).step_by(2);
+    match likely_meant(unknown, known) {
+        Some(meant) => {
+            let said = format!("unknown field `{unknown}`");
+            message.replacen(&said, &format!("{said} (did you mean `{meant}`?)"), 1)
+        }
+        None => message,
     }
 }
 

@@ -709,7 +709,10 @@ fn validate_tiers(specs: &[TierSpec], at: &str, issues: &mut Issues) -> Option<T
                 true => "the last tier takes up_to = \"inf\", so every quantity has a tier",
                 false => "the tier's inclusive upper bound, e.g. up_to = 1000 (the last tier takes up_to = \"inf\")",
             };
-            issues.add(format!("{at}.tiers[{k}].up_to"), format!("required: {rule}"));
+            issues.add(
+                format!("{at}.tiers[{k}].up_to"),
+                format!("required: {rule}"),
+            );
             bounded = false;
             continue;
         };
@@ -1263,7 +1266,20 @@ fn validate_subscription(
                     if !declared {
                         issues.add(
                             format!("{at}.price"),
-                            format!("plan {:?} has no price {price:?}", plan.id),
+                            format!(
+                                "plan {:?} has no price {price:?}{}; its prices: {}",
+                                plan.id,
+                                (super::likely_meant(
+                                    price,
+                                    plan.prices.iter().map(|p| p.id.as_str())
+                                ))
+                                .map_or_else(String::new, |meant| format!(
+                                    " (did you mean {meant:?}?)"
+                                )),
+                                (plan.prices.iter().map(|p| p.id.as_str()))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
                         );
                     }
                     continue;
