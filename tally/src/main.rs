@@ -286,7 +286,8 @@ fn validate(
     };
     // The services' sections too, with this environment's overrides and secrets.
     let services = config.services(&path.display().to_string(), &environment)?;
-    tally_runtime::kafka::check_properties(&services.kafka)?;
+    tally_runtime::kafka::check_properties(&services.kafka)
+        .with_context(|| format!("{} is not valid", path.display()))?;
     if let Some(service) = service {
         serve::check_can_start(service, &services)?;
     }

@@ -377,7 +377,10 @@ fn validate_refuses_a_kafka_property_librdkafka_refuses_without_showing_its_valu
                 .unwrap(),
         );
         assert_eq!(run.code, 1, "{}", run.stdout);
-        assert_shows(&run.stderr, &[shown, "its value is not shown"]);
+        assert_shows(
+            &run.stderr,
+            &["tally.toml is not valid: ", shown, "its value is not shown"],
+        );
         assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
     }
 }
