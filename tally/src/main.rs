@@ -33,6 +33,7 @@ use clap::{Args, Parser, Subcommand};
 use tally_rater::clickhouse::ClickHouse;
 use tally_schemas::config::{
     book_changes, ClickHouseFlags, Config, ConfigError, ConfigFile, ConfigIssue, Group,
+    HumanDuration,
 };
 use tally_schemas::time::Period;
 
@@ -330,6 +331,47 @@ fn validate(
             n => format!(" ({n} of them without their secret, below)"),
         },
         services.kafka.instance_id,
+    )?;
+    let (book, aggregator, rater) = (&config.settings, &services.aggregator, &services.rater);
+    let duration = |d: std::time::Duration| HumanDuration(d).to_string();
+    writeln!(
+        out,
+        "aggregator: windows of {}, dedupe horizon {}, events at most {} ahead, months closed {} after they end{}, commits every {}, metrics on {}{}{}",
+        duration(std::time::Duration::from_secs(book.window.seconds().into())),
+        duration(book.dedupe_horizon),
+        duration(book.max_future_skew),
+        duration(aggregator.period_close_grace),
+        aggregator.close_idle_after.map_or_else(String::new, |idle| format!(
+            " (or once their partition is idle for {})",
+            duration(idle)
+        )),
+        duration(aggregator.commit_interval),
+        aggregator.metrics_listen,
+        match aggregator.accept_redefined_meters.is_empty() {
+            true => String::new(),
+            false => format!(
+                ", accepting redefined meters {}",
+                (aggregator.accept_redefined_meters.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+        match aggregator.accept_lost_state {
+            true => ", accepting lost state",
+            false => "",
+        },
+    )?;
+    writeln!(
+        out,
+        "rater: lines written every {} (at least {} apart once caught up), stored lines checked against the book every {}, windows {}, metrics on {}",
+        duration(rater.flush_interval),
+        duration(rater.min_insert_interval),
+        duration(rater.price_book_check_interval),
+        match rater.store_windows {
+            true => "stored",
+            false => "not stored",
+        },
+        rater.metrics_listen,
     )?;
     for (at, message) in &services.ingest.unresolved_keys {
         writeln!(
