@@ -1088,6 +1088,46 @@ fn idle_and_trickling_clients_are_cut_off_after_the_servers_wait() {
 
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_client_that_stops_reading_its_answers_is_cut_off_after_the_servers_wait() {
+    let service = Service::with_kafka("unread", Setup::default());
+    let addr = service.addr();
+    // Pipelined requests for /metrics, whose answers are far larger than the requests:
+    // they fill both sides' socket buffers long before all are answered.
+    let requests = 2_000;
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let mut sender = stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        // Blocks once the server, its answers stuck, stops reading requests.
+        for _ in 0..requests {
+            if sender
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    // Past ingest's 10 s write timeout, without reading a byte.
+    std::thread::sleep(Duration::from_secs(15));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answers = Vec::new();
+    // Ends at the server's close: the end of the stream, or a reset.
+    let _ = stream.read_to_end(&mut answers);
+    let answered = (answers.windows(12))
+        .filter(|w| w == b"HTTP/1.1 200")
+        .count();
+    assert!(
+        (1..requests).contains(&answered),
+        "{answered} of {requests} answered: the connection was not cut off"
+    );
+    // Others are served all along.
+    drop(served_connection(addr));
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_source_the_key_may_not_use_refuses_the_whole_request_and_stores_nothing() {
     let service = Service::with_kafka("forbidden", Setup::default());
     let allowed = event("s-1", "agent", "cust_a", 1);

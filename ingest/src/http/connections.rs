@@ -3,9 +3,9 @@
 //! In: the bound listener and the router. Out: each connection served (HTTP/1.1)
 //! until it ends; once shutdown is requested, no new connections, and those open
 //! finish the request they are on. A client that sends nothing, or its headers a few
-//! bytes at a time, is closed after [`HEADER_READ_TIMEOUT`], and at most
-//! [`MAX_CONNECTIONS`] are served at once, so idle or slow clients cannot use up the
-//! process's file descriptors.
+//! bytes at a time, is closed after [`HEADER_READ_TIMEOUT`], one that stops reading its
+//! answers after [`WRITE_TIMEOUT`], and at most [`MAX_CONNECTIONS`] are served at
+//! once, so idle or slow clients cannot use up the process's file descriptors.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,12 +21,19 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_io_timeout::TimeoutWriter;
 use tower::ServiceExt;
 
 /// Longest a client may take to send a request's headers, counted from when the
 /// connection opens or its previous answer was sent: it closes an idle keep-alive
 /// connection as well.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest an answer's write may wait for the client to read. A client that pipelines
+/// requests and never reads the answers (`/metrics`', say, far larger than the
+/// request) would otherwise hold its connection, and a slot of [`MAX_CONNECTIONS`],
+/// for ever.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections served at once. Past it the listener stops accepting until one closes
 /// (new ones wait in the kernel's backlog). The process's file-descriptor limit must
@@ -80,7 +87,10 @@ pub async fn serve_connections(
                 request
             },
         ));
-        let connection = open.watch(http.serve_connection(TokioIo::new(stream), service));
+        let mut stream = TimeoutWriter::new(stream);
+        stream.set_timeout(Some(WRITE_TIMEOUT));
+        let stream = TokioIo::new(Box::pin(stream));
+        let connection = open.watch(http.serve_connection(stream, service));
         tokio::spawn(async move {
             // A client that went away or timed out: nothing to answer.
             if let Err(error) = connection.await {
