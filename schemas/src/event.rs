@@ -131,6 +131,10 @@ pub enum Problem {
     TooLong {
         chars: usize,
     },
+    /// A subject longer than [`MAX_SUBJECT_CHARS`].
+    SubjectTooLong {
+        chars: usize,
+    },
     /// A meter reads `data`, and the event has `data_base64` in its place.
     Base64Data,
     UnsupportedSpecVersion(String),
@@ -174,7 +178,7 @@ impl Problem {
             Problem::WrongType { .. } => "wrong_type",
             Problem::Empty => "empty_field",
             Problem::ForbiddenCharacter(_) => "forbidden_character",
-            Problem::TooLong { .. } => "too_long",
+            Problem::TooLong { .. } | Problem::SubjectTooLong { .. } => "too_long",
             Problem::Base64Data => "base64_data",
             Problem::UnsupportedSpecVersion(_) => "unsupported_specversion",
             Problem::InvalidTime(_) => "invalid_time",
@@ -226,6 +230,10 @@ impl fmt::Display for Problem {
             Problem::TooLong { chars } => write!(
                 f,
                 "is {chars} characters long; a group_by value is at most {MAX_GROUP_VALUE_CHARS} (a model, a region, an id: each distinct value is a series held for the month, and shown on invoice lines)"
+            ),
+            Problem::SubjectTooLong { chars } => write!(
+                f,
+                "is {chars} characters long; a subject is at most {MAX_SUBJECT_CHARS}: it is the customer's id, and each distinct subject is held, with its usage, for the month"
             ),
             Problem::UnsupportedSpecVersion(v) => {
                 write!(f, "specversion {v:?} is not supported; send \"1.0\"")
@@ -377,6 +385,9 @@ impl<'c> EventDecoder<'c> {
         let source = required(envelope.source, "source")?;
         let event_type = required(envelope.event_type, "type")?;
         let subject = required(envelope.subject, "subject")?;
+        if let Some(chars) = chars_over(&subject, MAX_SUBJECT_CHARS) {
+            return Err(error("subject", Problem::SubjectTooLong { chars }));
+        }
         let time_text = required(envelope.time, "time")?;
         let time = match crate::time::parse_utc_fast(&time_text) {
             Some(time) => time,
@@ -759,6 +770,20 @@ fn distinct(raw: &str, path: &JsonPath) -> Result<u64, EventError> {
 /// would otherwise be held, as a series of its own, for the month.
 pub const MAX_GROUP_VALUE_CHARS: usize = 256;
 
+/// The longest subject, in characters, and so the longest customer id: as for group
+/// values, a payload or a token sent as the subject would be held for the month (an
+/// unknown customer's usage is kept, in case the customer is added while it is open).
+pub const MAX_SUBJECT_CHARS: usize = 256;
+
+/// How many characters `s` has, where that is more than `limit`.
+fn chars_over(s: &str, limit: usize) -> Option<usize> {
+    // Bytes bound characters: most texts are checked without counting.
+    if s.len() <= limit {
+        return None;
+    }
+    Some(s.chars().count()).filter(|chars| *chars > limit)
+}
+
 /// A group_by value as text: strings as they are (without control characters,
 /// noncharacters, line separators or bidirectional overrides, at most
 /// [`MAX_GROUP_VALUE_CHARS`] long), numbers normalised, booleans as `true`/`false`.
@@ -768,12 +793,8 @@ fn group_value<'a>(raw: &'a str, path: &JsonPath) -> Result<Cow<'a, str>, EventE
         if let Some(c) = first_refused(&s, |c| forbidden_in_attribute(c) || reorders_text(c)) {
             return Err(error(path.field_name(), Problem::ForbiddenCharacter(c)));
         }
-        // Bytes bound characters: most values are checked without counting.
-        if s.len() > MAX_GROUP_VALUE_CHARS {
-            let chars = s.chars().count();
-            if chars > MAX_GROUP_VALUE_CHARS {
-                return Err(error(path.field_name(), Problem::TooLong { chars }));
-            }
+        if let Some(chars) = chars_over(&s, MAX_GROUP_VALUE_CHARS) {
+            return Err(error(path.field_name(), Problem::TooLong { chars }));
         }
         return Ok(s);
     }

@@ -498,6 +498,16 @@ fn filter_values_no_json_number_or_boolean_reads_as_are_warned_about() {
 }
 
 #[test]
+fn a_customer_id_no_subject_could_name_is_refused() {
+    let long = "c".repeat(257);
+    assert_only_issue(
+        &with(r#"id = "cust_acme""#, &format!("id = {long:?}")),
+        &format!("customers[{long}].id"),
+        "is 257 characters long, and an event's subject is at most 256: no event could name this customer",
+    );
+}
+
+#[test]
 fn a_percentage_written_as_a_fraction_is_warned_about() {
     let warnings = |percent: &str| -> Vec<(String, String)> {
         let text = with(

@@ -193,6 +193,27 @@ fn group_values_refuse_control_characters_and_more_than_256_characters() {
 }
 
 #[test]
+fn a_subject_of_more_than_256_characters_is_refused_as_too_long() {
+    let with = |subject: &str| SAMPLE.replace("\"cust_acme\"", &format!("{subject:?}"));
+    // Counted in characters, as group values are.
+    assert_eq!(
+        decode(&with(&"é".repeat(256))).unwrap().subject,
+        "é".repeat(256)
+    );
+    let error = decode(&with(&"c".repeat(257))).unwrap_err();
+    assert_eq!(
+        (error.field.as_str(), error.problem.code()),
+        ("subject", "too_long")
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("is 257 characters long; a subject is at most 256"),
+        "{error}"
+    );
+}
+
+#[test]
 fn the_issue_sample_event_decodes_to_its_customer_time_and_key() {
     let e = decode(SAMPLE).unwrap();
     assert_eq!(e.subject, "cust_acme");

@@ -14,6 +14,7 @@ use super::{
     ReplacementSpec, Settings, Subscription, TierSpec,
 };
 use crate::decimal::{exact_add, parse_exact};
+use crate::event::MAX_SUBJECT_CHARS;
 use crate::money::Currency;
 use crate::price::{Discount, Package, Plan, Price, Rate, Tier, Tiers, TiersMode, UpTo, Usage};
 use crate::time::{Period, WindowSize};
@@ -790,6 +791,13 @@ fn validate_customers(
         let at = item_at("customers", i, &spec.id);
         if !check_id(&spec.id, &at, &CUSTOMER_ID, &mut seen, issues) {
             continue;
+        }
+        let chars = spec.id.chars().count();
+        if chars > MAX_SUBJECT_CHARS {
+            issues.add(
+                format!("{at}.id"),
+                format!("is {chars} characters long, and an event's subject is at most {MAX_SUBJECT_CHARS}: no event could name this customer"),
+            );
         }
         let subscribe = |plan: &str, discounts: &[DiscountSpec], at: &str, issues: &mut Issues| {
             validate_subscription(plan, discounts, at, plan_specs, plans, issues)
