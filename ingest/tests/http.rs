@@ -1088,6 +1088,58 @@ fn idle_and_trickling_clients_are_cut_off_after_the_servers_wait() {
 
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn a_header_that_decides_who_sends_or_how_the_body_reads_is_refused_when_repeated() {
+    let service = Service::with_kafka("repeated", Setup::default());
+    let body = event("r-1", "agent", "cust_a", 1);
+    let json = || ("content-type", "application/json".to_owned());
+    let bearer = |key: &str| ("authorization", format!("Bearer {key}"));
+    for (repeated, headers) in [
+        (
+            "Authorization",
+            vec![json(), bearer(KEY), bearer(AGENT_KEY)],
+        ),
+        (
+            "X-Api-Key",
+            vec![
+                json(),
+                ("x-api-key", KEY.to_owned()),
+                ("x-api-key", KEY.to_owned()),
+            ],
+        ),
+        (
+            "Content-Type",
+            vec![
+                json(),
+                ("content-type", "text/plain".to_owned()),
+                bearer(KEY),
+            ],
+        ),
+        (
+            "Content-Encoding",
+            vec![
+                json(),
+                ("content-encoding", "identity".to_owned()),
+                ("content-encoding", "gzip".to_owned()),
+                bearer(KEY),
+            ],
+        ),
+    ] {
+        let reply = service.post_with(&headers, &body);
+        assert_eq!(reply.status, 400, "{repeated}: {reply:?}");
+        assert_eq!(reply.json()["error"], "invalid_header", "{reply:?}");
+        let message = reply.json()["message"].as_str().unwrap().to_owned();
+        assert!(
+            message.starts_with(&format!("header {repeated} is sent more than once")),
+            "{message}"
+        );
+    }
+    assert_eq!(service.stored(), vec![]);
+    let once = service.post_with(&[json(), bearer(KEY)], &body);
+    assert_eq!(once.status, 202, "{once:?}");
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_client_that_stops_reading_its_answers_is_cut_off_after_the_servers_wait() {
     let service = Service::with_kafka("unread", Setup::default());
     let addr = service.addr();

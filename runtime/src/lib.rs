@@ -27,7 +27,9 @@ pub const LOGGED_SENDER_CHARS: usize = 200;
 /// its control characters, line separators and bidirectional overrides escaped (`\n`,
 /// `\u{1b}`, `\u{202e}`), so it can neither write lines of its own into a text log, nor
 /// send a terminal escape codes, nor reorder what a viewer shows after it; nothing
-/// else, so a JSON log quotes it once.
+/// else. Log it as a plain `&str` field (`source = text.as_str()`, not `%text`): a
+/// text log writes such a field quoted, so its spaces and quotes cannot pass for
+/// fields of their own, and a JSON log as a string, quoted once.
 pub fn loggable(text: &str) -> String {
     let mut logged = String::with_capacity(text.len().min(4 * LOGGED_SENDER_CHARS));
     let mut chars = text.chars();

@@ -154,7 +154,7 @@ impl Worker {
             tracing::warn!(
                 partition = message.partition(),
                 offset = message.offset(),
-                key = %key,
+                key = key.as_str(),
                 subjects_partition = home,
                 left_out,
                 "an event was read on another partition than its subject's and is forwarded there, an extra write: its producer should key events by subject and partition with murmur2 (README, \"Producing to Kafka directly\"); logged at most once a minute, left_out: as many since"

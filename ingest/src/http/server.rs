@@ -393,6 +393,12 @@ fn admit(
     client: SocketAddr,
     headers: &HeaderMap,
 ) -> Result<(Caller, BodyKind), Refusal> {
+    if let Some(name) = repeated_header(headers) {
+        let message = format!("header {name} is sent more than once; send it once (a proxy in front may read another of them than ingest does)");
+        return Err(Refusal::BodyUnread(Box::new(
+            ErrorBody::new("invalid_header", message).into_response(StatusCode::BAD_REQUEST),
+        )));
+    }
     let ring = app.key_ring();
     let Some(caller) = ring.keys.authenticate(headers) else {
         let why = why_unauthorized(headers);
@@ -406,11 +412,13 @@ fn admit(
                     })
                     .unwrap_or_default()
             };
+            let (forwarded_for, user_agent) =
+                (header_text(FORWARDED_FOR), header_text(header::USER_AGENT));
             tracing::warn!(
                 why,
                 %client,
-                forwarded_for = %header_text(FORWARDED_FOR),
-                user_agent = %header_text(header::USER_AGENT),
+                forwarded_for = forwarded_for.as_str(),
+                user_agent = user_agent.as_str(),
                 left_out,
                 "events refused: no valid API key (logged at most once a minute for each why; left_out: as many since)"
             );
@@ -488,6 +496,20 @@ fn admit(
         return Err(Refusal::BodyTooLarge);
     }
     Ok((caller, kind))
+}
+
+/// A header that decides who sends or how the body is read, sent more than once:
+/// ingest reads the first, and a proxy in front of it may read another.
+fn repeated_header(headers: &HeaderMap) -> Option<&'static str> {
+    let decisive = [
+        ("Authorization", header::AUTHORIZATION),
+        ("X-Api-Key", HeaderName::from_static("x-api-key")),
+        ("Content-Type", header::CONTENT_TYPE),
+        ("Content-Encoding", header::CONTENT_ENCODING),
+    ];
+    (decisive.into_iter())
+        .find(|(_, name)| headers.get_all(name).iter().nth(1).is_some())
+        .map(|(shown, _)| shown)
 }
 
 /// Whether `Content-Length` announces more than `limit` bytes.
@@ -690,9 +712,10 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
 /// 403 for a request with an event of a source its key may not send: logged with the
 /// key's tenant, as a sender on the wrong key is an operator's to find.
 fn forbidden_source(tenant: &str, forbidden: &Forbidden) -> Response {
+    let source = tally_runtime::loggable(&forbidden.source);
     tracing::warn!(
         tenant,
-        source = %tally_runtime::loggable(&forbidden.source),
+        source = source.as_str(),
         index = forbidden.index,
         "events refused: source not allowed for the key"
     );
