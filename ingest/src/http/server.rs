@@ -123,6 +123,9 @@ struct KeyRing {
     limiter: RateLimiter,
     /// Keys (by index) over their rate limit, logged once a minute each.
     rate_limited: LogThrottle<usize>,
+    /// Keys (by index) sending a source they may not use (403), logged once a minute
+    /// each: a sender retrying the same refused request would fill the log.
+    forbidden: LogThrottle<usize>,
 }
 
 impl KeyRing {
@@ -132,6 +135,7 @@ impl KeyRing {
             limiter: RateLimiter::new(keys.len(), per_second, burst, Instant::now()),
             keys: ApiKeys::new(keys),
             rate_limited: LogThrottle::default(),
+            forbidden: LogThrottle::default(),
         })
     }
 }
@@ -584,7 +588,19 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
         events.as_slice(),
     ) {
         Ok(verdicts) => verdicts,
-        Err(forbidden) => return forbidden_source(tenant, &forbidden),
+        Err(forbidden) => {
+            if let Some(left_out) = app.key_ring().forbidden.due(caller.index, Instant::now()) {
+                let source = tally_runtime::loggable(&forbidden.source);
+                tracing::warn!(
+                    tenant,
+                    source = source.as_str(),
+                    index = forbidden.index,
+                    left_out,
+                    "events refused: source not allowed for the key (logged at most once a minute for each key; left_out: as many since)"
+                );
+            }
+            return forbidden_source(&forbidden);
+        }
     };
 
     let records: Vec<Record<'_>> = verdicts
@@ -709,16 +725,8 @@ async fn ingest(app: &App, caller: Caller, events: &Events<'_>, hint: Option<&st
     )
 }
 
-/// 403 for a request with an event of a source its key may not send: logged with the
-/// key's tenant, as a sender on the wrong key is an operator's to find.
-fn forbidden_source(tenant: &str, forbidden: &Forbidden) -> Response {
-    let source = tally_runtime::loggable(&forbidden.source);
-    tracing::warn!(
-        tenant,
-        source = source.as_str(),
-        index = forbidden.index,
-        "events refused: source not allowed for the key"
-    );
+/// 403 for a request with an event of a source its key may not send.
+fn forbidden_source(forbidden: &Forbidden) -> Response {
     ErrorBody::new(
         "forbidden_source",
         format!(
