@@ -90,7 +90,13 @@ pub struct ServeArgs {
     #[arg(long, default_value = "tally.toml")]
     config: PathBuf,
     /// Log lines as text or as JSON objects (one per line). Levels: RUST_LOG.
-    #[arg(long, value_enum, env = "TALLY_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        value_enum,
+        env = "TALLY_LOG_FORMAT",
+        default_value = "text",
+        ignore_case = true
+    )]
     log_format: LogFormat,
 }
 
