@@ -944,6 +944,15 @@ aggregation = "count"
             "TALLY_CLICKHOUSE_DATABSE",
             "TALLY_KAFKA_BROKERS",
             "TALLY_SOMETHING_ELSE",
+            // Kubernetes's links to services called tally and tally-ingest.
+            "TALLY_SERVICE_HOST",
+            "TALLY_SERVICE_PORT",
+            "TALLY_SERVICE_PORT_HTTP",
+            "TALLY_PORT",
+            "TALLY_INGEST_PORT_9101_TCP",
+            "TALLY_INGEST_PORT_9101_TCP_ADDR",
+            "TALLY_INGEST_PORT_9101_TCP_PROTO",
+            "TALLY_INGEST_PORT_9101_TCP_PORT",
         ];
         let unread: Vec<String> = (config.unread_variables(environment))
             .iter()
