@@ -13,10 +13,9 @@ impl Config {
 }
 
 /// The one id of `known` that `asked` is most likely a slip of: the same but for case,
-/// `-` or a space for `_`, or surrounding spaces, or else the one nearest within two edits (a
-/// swap of neighbours is one; and a
-/// quarter of its length, so short ids are not matched to anything, and `cust_x0`
-/// is not taken for `cust_jp`). Linear in the book: an id whose length is further off
+/// `-` or a space for `_`, or surrounding spaces, or else the one nearest within two
+/// edits, a swap of neighbours counting as one (and a quarter of its length, so short
+/// ids are not matched to anything, and `cust_x0` is not taken for `cust_jp`). Linear in the book: an id whose length is further off
 /// than the edits allowed is passed over by its length alone, so a sender's long
 /// unknown subject costs one pass over the ids, not a distance to each.
 pub fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {

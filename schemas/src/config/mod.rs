@@ -506,25 +506,6 @@ impl ConfigFile {
     }
 }
 
-/// Whether `name` is one of the variables Kubernetes sets for each service of the
-/// namespace (`TALLY_SERVICE_HOST`, `TALLY_INGEST_PORT_9101_TCP_ADDR`, ...): a service
-/// called `tally` or `tally-ingest` gives every pod such `TALLY_` variables.
-fn is_service_link(name: &str) -> bool {
-    if name.ends_with("_SERVICE_HOST") || name.contains("_SERVICE_PORT") || name.ends_with("_PORT")
-    {
-        return true;
-    }
-    // <NAME>_PORT_<port>_<protocol>, and its _PROTO, _PORT and _ADDR.
-    name.split("_PORT_").skip(1).any(|rest| {
-        let mut parts = rest.split('_');
-        let port = parts.next().unwrap_or_default();
-        let protocol = parts.next().unwrap_or_default();
-        !port.is_empty()
-            && port.bytes().all(|b| b.is_ascii_digit())
-            && matches!(protocol, "TCP" | "UDP" | "SCTP")
-    })
-}
-
 /// The parser's `message` with the field an unknown one likely meant, where `reason`
 /// (the parser's reason alone) names an unknown field and the ones expected there:
 /// "unknown field `topic_prefx` (did you mean `topic_prefix`?), expected one of ...".
@@ -633,7 +614,7 @@ impl Config {
         };
         (names.into_iter())
             .filter(|name| name.starts_with("TALLY_") && !read().any(|known| known == *name))
-            .filter(|name| !is_service_link(name))
+            .filter(|name| !services::is_service_link(name))
             .map(|name| {
                 let meant = likely_meant(name, read())
                     .map_or_else(String::new, |meant| format!(" (did you mean {meant}?)"));

@@ -54,6 +54,25 @@ pub(super) const VARIABLES: [&str; 16] = [
     "TALLY_COMMIT",
 ];
 
+/// Whether `name` is one of the variables Kubernetes sets for each service of the
+/// namespace (`TALLY_SERVICE_HOST`, `TALLY_INGEST_PORT_9101_TCP_ADDR`, ...): a service
+/// called `tally` or `tally-ingest` gives every pod such `TALLY_` variables.
+pub(super) fn is_service_link(name: &str) -> bool {
+    if name.ends_with("_SERVICE_HOST") || name.contains("_SERVICE_PORT") || name.ends_with("_PORT")
+    {
+        return true;
+    }
+    // <NAME>_PORT_<port>_<protocol>, and its _PROTO, _PORT and _ADDR.
+    name.split("_PORT_").skip(1).any(|rest| {
+        let mut parts = rest.split('_');
+        let port = parts.next().unwrap_or_default();
+        let protocol = parts.next().unwrap_or_default();
+        !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && matches!(protocol, "TCP" | "UDP" | "SCTP")
+    })
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSpec {
