@@ -603,20 +603,21 @@ impl Config {
         &self,
         names: impl IntoIterator<Item = &'a str>,
     ) -> Vec<ConfigIssue> {
-        let key_envs: Vec<&str> = (self.service_specs.ingest.api_keys.iter())
-            .filter_map(|key| key.key_env.as_deref())
+        let names: Vec<&str> = names.into_iter().collect();
+        let key_envs =
+            (self.service_specs.ingest.api_keys.iter()).filter_map(|key| key.key_env.as_deref());
+        let read: Vec<&str> = (services::VARIABLES.iter().copied())
+            .chain(services::DEVELOPERS_VARIABLES.iter().copied())
+            .chain(key_envs)
             .collect();
-        let read = || {
-            services::VARIABLES
-                .iter()
-                .copied()
-                .chain(key_envs.iter().copied())
-        };
-        (names.into_iter())
-            .filter(|name| name.starts_with("TALLY_") && !read().any(|known| known == *name))
-            .filter(|name| !services::is_service_link(name))
+        // In any case: `tally_kafka_brokers` is as much a slip as a misspelt name.
+        let is_tallys =
+            |name: &&str| (name.get(..6)).is_some_and(|start| start.eq_ignore_ascii_case("TALLY_"));
+        (names.iter().copied())
+            .filter(is_tallys)
+            .filter(|name| !read.contains(name) && !services::is_service_link(name, &names))
             .map(|name| {
-                let meant = likely_meant(name, read())
+                let meant = likely_meant(name, read.iter().copied())
                     .map_or_else(String::new, |meant| format!(" (did you mean {meant}?)"));
                 ConfigIssue {
                     at: name.to_owned(),

@@ -54,22 +54,40 @@ pub(super) const VARIABLES: [&str; 16] = [
     "TALLY_COMMIT",
 ];
 
-/// Whether `name` is one of the variables Kubernetes sets for each service of the
-/// namespace (`TALLY_SERVICE_HOST`, `TALLY_INGEST_PORT_9101_TCP_ADDR`, ...): a service
-/// called `tally` or `tally-ingest` gives every pod such `TALLY_` variables.
-pub(super) fn is_service_link(name: &str) -> bool {
-    if name.ends_with("_SERVICE_HOST") || name.contains("_SERVICE_PORT") || name.ends_with("_PORT")
-    {
-        return true;
-    }
-    // <NAME>_PORT_<port>_<protocol>, and its _PROTO, _PORT and _ADDR.
-    name.split("_PORT_").skip(1).any(|rest| {
-        let mut parts = rest.split('_');
-        let port = parts.next().unwrap_or_default();
-        let protocol = parts.next().unwrap_or_default();
+/// `TALLY_` variables this repository's scripts and tests read
+/// (`scripts/services/lib.sh`, the pipeline tests' harness), which a developer's
+/// shell, and so every `tally` it starts, may hold: not slips.
+pub(super) const DEVELOPERS_VARIABLES: [&str; 4] = [
+    "TALLY_SERVICES_DIR",
+    "TALLY_START_TIMEOUT",
+    "TALLY_STOP_TIMEOUT",
+    "TALLY_TEST_KEEP_LOGS",
+];
+
+/// Whether `name` is one of the variables Kubernetes sets in every pod for each
+/// service of its namespace (`<SERVICE>_SERVICE_HOST`, `_SERVICE_PORT`,
+/// `_SERVICE_PORT_<NAME>`, `_PORT`, `_PORT_<port>_<protocol>` and its `_PROTO`,
+/// `_PORT`, `_ADDR`): a service called `tally` or `tally-ingest` makes `TALLY_` ones.
+/// Only where the environment (`names`) has that service's `_SERVICE_HOST`, so a
+/// guessed `TALLY_KAFKA_PORT` is still a slip.
+pub(super) fn is_service_link(name: &str, names: &[&str]) -> bool {
+    let mut services = (names.iter()).filter_map(|n| n.strip_suffix("_SERVICE_HOST"));
+    services.any(|service| {
+        let Some(rest) = name.strip_prefix(service) else {
+            return false;
+        };
+        if matches!(rest, "_SERVICE_HOST" | "_SERVICE_PORT" | "_PORT")
+            || rest.starts_with("_SERVICE_PORT_")
+        {
+            return true;
+        }
+        let mut parts = rest.strip_prefix("_PORT_").unwrap_or_default().split('_');
+        let (port, protocol) = (parts.next().unwrap_or_default(), parts.next());
         !port.is_empty()
             && port.bytes().all(|b| b.is_ascii_digit())
-            && matches!(protocol, "TCP" | "UDP" | "SCTP")
+            && matches!(protocol, Some("TCP" | "UDP" | "SCTP"))
+            && matches!(parts.next(), None | Some("PROTO" | "PORT" | "ADDR"))
+            && parts.next().is_none()
     })
 }
 
@@ -968,10 +986,16 @@ aggregation = "count"
             "TALLY_SERVICE_PORT",
             "TALLY_SERVICE_PORT_HTTP",
             "TALLY_PORT",
+            "TALLY_INGEST_SERVICE_HOST",
             "TALLY_INGEST_PORT_9101_TCP",
             "TALLY_INGEST_PORT_9101_TCP_ADDR",
             "TALLY_INGEST_PORT_9101_TCP_PROTO",
             "TALLY_INGEST_PORT_9101_TCP_PORT",
+            // Read by the repository's scripts.
+            "TALLY_SERVICES_DIR",
+            // A guess, with no service of that name, and a name in lower case.
+            "TALLY_KAFKA_PORT",
+            "tally_kafka_brokers",
         ];
         let unread: Vec<String> = (config.unread_variables(environment))
             .iter()
@@ -983,6 +1007,8 @@ aggregation = "count"
                 "TALLY_KAFKA_TOPIC_PREFX: is set, but Tally reads no such variable (did you mean TALLY_KAFKA_TOPIC_PREFIX?): it changes nothing",
                 "TALLY_CLICKHOUSE_DATABSE: is set, but Tally reads no such variable (did you mean TALLY_CLICKHOUSE_DATABASE?): it changes nothing",
                 "TALLY_SOMETHING_ELSE: is set, but Tally reads no such variable: it changes nothing",
+                "TALLY_KAFKA_PORT: is set, but Tally reads no such variable: it changes nothing",
+                "tally_kafka_brokers: is set, but Tally reads no such variable (did you mean TALLY_KAFKA_BROKERS?): it changes nothing",
             ]
         );
     }
