@@ -1086,6 +1086,83 @@ fn idle_and_trickling_clients_are_cut_off_after_the_servers_wait() {
     assert_eq!(service.stored(), [stored("cust_a", &event)]);
 }
 
+/// What the services of this test binary log, as a text log writes it. One global
+/// subscriber for all: the services log from their runtimes' threads, and the tests
+/// run side by side, so a test finds its own lines by what only it sent.
+fn text_log() -> String {
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    let captured = CAPTURED.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        captured
+    });
+    String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned()
+}
+
+#[test]
+#[ignore = "needs Kafka: scripts/services/up.sh kafka"]
+fn refusals_are_logged_with_the_senders_text_quoted_and_403s_once_a_minute_for_each_key() {
+    text_log();
+    let service = Service::with_kafka("refusals-logged", Setup::default());
+    let json = || ("content-type", "application/json".to_owned());
+    // A sender's text that would pass for fields of their own, unquoted.
+    let agent = "probe-7f3a\" tenant=\"evil";
+    let refused = service.post_with(
+        &[
+            json(),
+            (
+                "authorization",
+                "Bearer not-a-key-of-this-service".to_owned(),
+            ),
+            ("user-agent", agent.to_owned()),
+        ],
+        &event("l-1", "agent", "cust_a", 1),
+    );
+    assert_eq!(refused.status, 401, "{refused:?}");
+    let source = "elsewhere-7f3a";
+    for i in 0..3 {
+        let forbidden = service.post_with(
+            &[json(), ("authorization", format!("Bearer {AGENT_KEY}"))],
+            &event(&format!("l-{i}"), source, "cust_a", 1),
+        );
+        assert_eq!(forbidden.status, 403, "{forbidden:?}");
+    }
+    let log = text_log();
+    let lines =
+        |needle: &str| -> Vec<&str> { log.lines().filter(|line| line.contains(needle)).collect() };
+    let unauthorized = lines("probe-7f3a");
+    assert_eq!(unauthorized.len(), 1, "{log}");
+    assert!(
+        unauthorized[0].contains(r#"user_agent="probe-7f3a\" tenant=\"evil""#),
+        "{}",
+        unauthorized[0]
+    );
+    let forbidden = lines(source);
+    assert_eq!(forbidden.len(), 1, "logged once a minute: {log}");
+    assert!(
+        forbidden[0].contains(&format!("source=\"{source}\""))
+            && forbidden[0].contains("left_out=0"),
+        "{}",
+        forbidden[0]
+    );
+    assert_eq!(service.stored(), vec![]);
+}
+
 #[test]
 #[ignore = "needs Kafka: scripts/services/up.sh kafka"]
 fn a_header_that_decides_who_sends_or_how_the_body_reads_is_refused_when_repeated() {

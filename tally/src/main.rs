@@ -328,7 +328,7 @@ fn validate(
         counted(services.ingest.api_keys.len() + unresolved_keys, "API key"),
         match unresolved_keys {
             0 => String::new(),
-            n => format!(" ({n} of them without their secret, below)"),
+            n => format!(" ({n} without its secret set, below)"),
         },
         services.kafka.instance_id,
     )?;

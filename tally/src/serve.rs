@@ -126,7 +126,7 @@ fn serve_until_stopped(args: ServeArgs) -> anyhow::Result<()> {
     let origin = args.config.display().to_string();
     let settings = config.services(&origin, &crate::environment)?;
     tally_runtime::kafka::check_properties(&settings.kafka)
-        .with_context(|| format!("{} is not valid", origin))?;
+        .with_context(|| format!("{origin} is not valid"))?;
     tracing::info!(
         service = args.service.name(),
         instance = %settings.kafka.instance_id,

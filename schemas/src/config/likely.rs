@@ -15,9 +15,10 @@ impl Config {
 /// The one id of `known` that `asked` is most likely a slip of: the same but for case,
 /// `-` or a space for `_`, or surrounding spaces, or else the one nearest within two
 /// edits, a swap of neighbours counting as one (and a quarter of its length, so short
-/// ids are not matched to anything, and `cust_x0` is not taken for `cust_jp`). Linear in the book: an id whose length is further off
-/// than the edits allowed is passed over by its length alone, so a sender's long
-/// unknown subject costs one pass over the ids, not a distance to each.
+/// ids are not matched to anything, and `cust_x0` is not taken for `cust_jp`). Linear
+/// in the book: an id whose length is further off than the edits allowed is passed
+/// over by its length alone, so a sender's long unknown subject costs one pass over
+/// the ids, not a distance to each.
 pub fn likely_meant<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     let mut asked_normal = Vec::new();
     normal(asked, &mut asked_normal);
@@ -83,8 +84,9 @@ impl EditRows {
                 }
                 current.push(least);
             }
-            // A row's least value never falls in the rows below it by more than the
-            // row above it allows: a swap reaches back one row, at a cost of one.
+            // Every later cell is at least this row's least value: no cell is below
+            // the one diagonally above it (a row's first is its number), and a swap
+            // adds one to a cell of the row above, at most one below this row's least.
             if current.iter().min().is_some_and(|least| *least > limit) {
                 return None;
             }

@@ -1272,21 +1272,15 @@ fn validate_subscription(
                     // own issue already; only a price that is not there is news.
                     let declared = plan_specs[plan_index].prices.iter().any(|p| &p.id == price);
                     if !declared {
+                        let ids = || plan.prices.iter().map(|p| p.id.as_str());
+                        let meant = (super::likely_meant(price, ids()))
+                            .map_or_else(String::new, |id| format!(" (did you mean {id:?}?)"));
+                        let prices = ids().collect::<Vec<_>>().join(", ");
                         issues.add(
                             format!("{at}.price"),
                             format!(
-                                "plan {:?} has no price {price:?}{}; its prices: {}",
-                                plan.id,
-                                (super::likely_meant(
-                                    price,
-                                    plan.prices.iter().map(|p| p.id.as_str())
-                                ))
-                                .map_or_else(String::new, |meant| format!(
-                                    " (did you mean {meant:?}?)"
-                                )),
-                                (plan.prices.iter().map(|p| p.id.as_str()))
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
+                                "plan {:?} has no price {price:?}{meant}; its prices: {prices}",
+                                plan.id
                             ),
                         );
                     }

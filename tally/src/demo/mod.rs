@@ -364,8 +364,9 @@ fn show_rejects(rejects: &[tally_ingest::LineReject], path: &Path) {
         .filter(|r| r.error.problem == Problem::Conflict)
         .count();
     println!(
-        "Rejected lines ({} rejected and {conflicts} conflicting resends, all kept in {}):",
-        rejects.len() - conflicts,
+        "Rejected lines ({} and {}, all kept in {}):",
+        counted(rejects.len() - conflicts, "rejected line"),
+        counted(conflicts, "conflicting resend"),
         path.display()
     );
     for r in rejects.iter().take(8) {

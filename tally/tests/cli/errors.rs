@@ -125,7 +125,7 @@ fn validate_names_a_misspelt_variable_and_a_key_whose_secret_is_not_set() {
     let unset = validate(None);
     for expected in [
         "(topics tally.*)",
-        "with 1 API key (1 of them without their secret, below)",
+        "with 1 API key (1 without its secret set, below)",
         "warning: ingest.api_keys[0].key_env: ",
         misspelt,
     ] {
