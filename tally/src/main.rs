@@ -266,10 +266,14 @@ pub fn environment(name: &str) -> Option<String> {
 
 /// [`Config::unread_variables`] of this process's environment.
 pub fn unread_variables(config: &Config) -> Vec<ConfigIssue> {
-    let names: Vec<String> = (std::env::vars_os())
+    config.unread_variables(variable_names().iter().map(String::as_str))
+}
+
+/// The names of this process's environment variables.
+fn variable_names() -> Vec<String> {
+    (std::env::vars_os())
         .filter_map(|(name, _)| name.into_string().ok())
-        .collect();
-    config.unread_variables(names.iter().map(String::as_str))
+        .collect()
 }
 
 fn validate(
@@ -280,7 +284,12 @@ fn validate(
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(ConfigError::Invalid { origin, mut issues }) => {
-            issues.extend(ConfigFile::load(path)?.service_issues(&environment));
+            let file = ConfigFile::load(path)?;
+            // Said with the problems: a misspelt override may be one of their causes.
+            for warning in file.unread_variables(variable_names().iter().map(String::as_str)) {
+                eprintln!("warning: {warning}");
+            }
+            issues.extend(file.service_issues(&environment));
             return Err(ConfigError::Invalid { origin, issues }.into());
         }
         Err(error) => return Err(error.into()),

@@ -498,6 +498,14 @@ impl ConfigFile {
         ConfigFile::parse(&text, &path.display().to_string())
     }
 
+    /// [`Config::unread_variables`], for a file that does not validate.
+    pub fn unread_variables<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<ConfigIssue> {
+        services::unread_variables(names, &self.ingest.api_keys)
+    }
+
     fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Syntax {
             origin: origin.to_owned(),
@@ -603,30 +611,7 @@ impl Config {
         &self,
         names: impl IntoIterator<Item = &'a str>,
     ) -> Vec<ConfigIssue> {
-        let names: Vec<&str> = names.into_iter().collect();
-        let key_envs =
-            (self.service_specs.ingest.api_keys.iter()).filter_map(|key| key.key_env.as_deref());
-        let read: Vec<&str> = (services::VARIABLES.iter().copied())
-            .chain(services::DEVELOPERS_VARIABLES.iter().copied())
-            .chain(key_envs)
-            .collect();
-        // In any case: `tally_kafka_brokers` is as much a slip as a misspelt name.
-        let is_tallys =
-            |name: &&str| (name.get(..6)).is_some_and(|start| start.eq_ignore_ascii_case("TALLY_"));
-        (names.iter().copied())
-            .filter(is_tallys)
-            .filter(|name| !read.contains(name) && !services::is_service_link(name, &names))
-            .map(|name| {
-                let meant = likely_meant(name, read.iter().copied())
-                    .map_or_else(String::new, |meant| format!(" (did you mean {meant}?)"));
-                ConfigIssue {
-                    at: name.to_owned(),
-                    message: format!(
-                        "is set, but Tally reads no such variable{meant}: it changes nothing"
-                    ),
-                }
-            })
-            .collect()
+        services::unread_variables(names, &self.service_specs.ingest.api_keys)
     }
 
     /// The meter with this slug, if the book has one.

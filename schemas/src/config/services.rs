@@ -91,6 +91,36 @@ pub(super) fn is_service_link(name: &str, names: &[&str]) -> bool {
     })
 }
 
+/// [`super::Config::unread_variables`], with the API keys whose `key_env` variables are read.
+pub(super) fn unread_variables<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    api_keys: &[ApiKeySpec],
+) -> Vec<super::ConfigIssue> {
+    let names: Vec<&str> = names.into_iter().collect();
+    let key_envs = (api_keys.iter()).filter_map(|key| key.key_env.as_deref());
+    let read: Vec<&str> = (VARIABLES.iter().copied())
+        .chain(DEVELOPERS_VARIABLES.iter().copied())
+        .chain(key_envs)
+        .collect();
+    // In any case: `tally_kafka_brokers` is as much a slip as a misspelt name.
+    let is_tallys =
+        |name: &&str| (name.get(..6)).is_some_and(|start| start.eq_ignore_ascii_case("TALLY_"));
+    (names.iter().copied())
+        .filter(is_tallys)
+        .filter(|name| !read.contains(name) && !is_service_link(name, &names))
+        .map(|name| {
+            let meant = super::likely_meant(name, read.iter().copied())
+                .map_or_else(String::new, |meant| format!(" (did you mean {meant}?)"));
+            super::ConfigIssue {
+                at: name.to_owned(),
+                message: format!(
+                    "is set, but Tally reads no such variable{meant}: it changes nothing"
+                ),
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSpec {

@@ -136,6 +136,20 @@ fn validate_names_a_misspelt_variable_and_a_key_whose_secret_is_not_set() {
     assert!(set.contains("with 1 API key, instance id"), "{set}");
     assert_eq!(set.matches("warning: ").count(), 1, "{set}");
     assert!(set.ends_with(misspelt), "{set}");
+    // Said with a book's problems too, as the slip may be one of their causes.
+    f.write(
+        "tally.toml",
+        book.replace("plan = \"pro\"", "plan = \"pr\"").as_bytes(),
+    );
+    let invalid = Run::from(
+        (f.tally())
+            .args(["validate", "--config", "tally.toml"])
+            .env("TALLY_KAFKA_TOPIC_PREFX", "billing")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(invalid.code, 1, "{}", invalid.stderr);
+    assert!(invalid.stderr.starts_with(misspelt), "{}", invalid.stderr);
 }
 
 #[test]
