@@ -13,7 +13,8 @@ use tally_schemas::time::Period;
 
 use super::files::Dialect;
 use super::map::IdMap;
-use super::{count, listed, Compared};
+use super::{listed, Compared};
+use crate::report::counted;
 
 /// What identifies a line across billers.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -204,31 +205,31 @@ impl Lines {
             };
             notes.push(format!(
                 "{} renamed by the map{added}",
-                count(self.mapped, "line")
+                counted(self.mapped, "line")
             ));
         }
         if self.left_out_by_map > 0 {
             notes.push(format!(
                 "{} of prices the map leaves out",
-                count(self.left_out_by_map, "line")
+                counted(self.left_out_by_map, "line")
             ));
         }
         if self.netted > 0 {
             notes.push(format!(
                 "{} added to another invoice's line of the same customer and price",
-                count(self.netted, "line")
+                counted(self.netted, "line")
             ));
         }
         if self.other_periods > 0 {
             notes.push(format!(
                 "{} of other months left out",
-                count(self.other_periods, "line")
+                counted(self.other_periods, "line")
             ));
         }
         if self.unnamed_rows > 0 {
             notes.push(format!(
                 "{} naming no price and no customer, or Total in its place (totals) left out",
-                count(self.unnamed_rows, "row")
+                counted(self.unnamed_rows, "row")
             ));
         }
         if !self.ignored_columns.is_empty() {
@@ -247,20 +248,20 @@ impl Lines {
         if self.adjustments_left_out > 0 {
             notes.push(format!(
                 "{} of earlier months left out",
-                count(self.adjustments_left_out, "adjustment line")
+                counted(self.adjustments_left_out, "adjustment line")
             ));
         }
         if self.later_adjustments_added > 0 {
             notes.push(format!(
                 "{} of this month billed in later ones (its late usage) added to its lines",
-                count(self.later_adjustments_added, "adjustment line")
+                counted(self.later_adjustments_added, "adjustment line")
             ));
         }
         if self.other_customers_lines > 0 {
             notes.push(format!(
                 "{} of {} not compared (--customers) left out: {}",
-                count(self.other_customers_lines, "line"),
-                count(self.other_customers.len(), "customer"),
+                counted(self.other_customers_lines, "line"),
+                counted(self.other_customers.len(), "customer"),
                 listed(&self.other_customers)
             ));
         }

@@ -30,6 +30,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tally_schemas::time::Period;
 
+use crate::report::counted;
 use crate::ConfiguredClickHouse;
 use files::{column_name, read_file, ColumnNames};
 use lines::Lines;
@@ -177,7 +178,7 @@ fn keep_customers(
             format!(
                 "{} has {} ({})",
                 lines.name,
-                count(customers.len(), "customer"),
+                counted(customers.len(), "customer"),
                 listed(&customers)
             )
         };
@@ -249,7 +250,7 @@ fn ensure_something_to_compare(period: Period, sources: [&Lines; 2]) -> anyhow::
             bail!(
                 "{} has no line of {period} (only {} of other months): is --period right?",
                 lines.name,
-                count(lines.other_periods, "line")
+                counted(lines.other_periods, "line")
             );
         }
     }
@@ -286,12 +287,4 @@ fn read_clickhouse(database: Option<&str>, args: &ReconcileArgs) -> anyhow::Resu
         }
     }
     Ok(lines)
-}
-
-/// `1 line`, `2 lines`.
-fn count(n: usize, noun: &str) -> String {
-    match n {
-        1 => format!("1 {noun}"),
-        n => format!("{n} {noun}s"),
-    }
 }

@@ -11,8 +11,8 @@ use tally_schemas::decimal::{exact_add, ExactSum};
 use tally_schemas::time::Period;
 
 use super::lines::{Figures, LineKey, Lines};
-use super::{count, Compared};
-use crate::report::{csv_field, spreadsheet_text};
+use super::Compared;
+use crate::report::{counted, csv_field, spreadsheet_text};
 
 /// Aligned columns under `header`, each row indented by two spaces.
 fn write_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
@@ -173,7 +173,7 @@ impl<'l> Reconciliation<'l> {
             let notes: String = (lines.notes().iter())
                 .map(|note| format!("; {note}"))
                 .collect();
-            let read = count(lines.by_key.len(), "line");
+            let read = counted(lines.by_key.len(), "line");
             writeln!(out, "  {role:<8} {}: {read}{notes}", lines.name)?;
         }
         if self.compared == Compared::Amounts {
@@ -187,8 +187,8 @@ impl<'l> Reconciliation<'l> {
         writeln!(
             out,
             "Agree: {}{zero}. Differ: {}.",
-            count(self.agreed + self.zero_on_one_side, "line"),
-            count(self.differences.len(), "line"),
+            counted(self.agreed + self.zero_on_one_side, "line"),
+            counted(self.differences.len(), "line"),
         )?;
         if !self.differences.is_empty() {
             writeln!(out)?;
@@ -237,7 +237,7 @@ impl<'l> Reconciliation<'l> {
             false => writeln!(
                 out,
                 "They differ in {}.",
-                count(self.differences.len(), "line")
+                counted(self.differences.len(), "line")
             ),
         }
     }
