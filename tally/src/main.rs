@@ -168,6 +168,12 @@ struct RateArgs {
     /// Stop with an error at the first bad line instead of rejecting it.
     #[arg(long)]
     strict: bool,
+    /// Rate every customer as if billed in the month, whatever its `from` and
+    /// `through`: what Tally would bill a cohort another biller still invoices, to
+    /// compare with that biller's lines (`tally reconcile`) while both run. Not for
+    /// invoicing, so not with --clickhouse.
+    #[arg(long, conflicts_with = "clickhouse")]
+    shadow: bool,
     /// Also store the lines in ClickHouse, e.g. http://127.0.0.1:8123 (its HTTP
     /// interface). Lines are keyed by id and versioned by the run's start, so the view
     /// `invoice_lines` always shows the latest run's lines of the period, and none it
@@ -544,7 +550,11 @@ pub fn default_threads() -> usize {
 
 fn rate(args: RateArgs) -> anyhow::Result<()> {
     let started = Utc::now();
-    let config = Arc::new(load_config(&args.month.config)?);
+    let config = load_config(&args.month.config)?;
+    let config = Arc::new(match args.shadow {
+        true => config.shadow(),
+        false => config,
+    });
     let clickhouse = match args.clickhouse.as_deref() {
         Some(url) => {
             // The URL and database are the flags'; the user, password, CA file and
@@ -643,6 +653,9 @@ fn rate(args: RateArgs) -> anyhow::Result<()> {
             false => format!(" ({})", valid.join("; ")),
         }
     );
+    if args.shadow {
+        eprintln!("shadow run (--shadow): every customer rated as if billed in {}, whatever its from and through; for comparing with another biller, not for invoicing", options.period);
+    }
     anyhow::ensure!(
         not_rated == 0,
         "{not_rated} line(s) could not be rated (listed above as \"not rated\"), so their customers' invoices are incomplete; the other lines were written. Check the usage that made them so large, and the prices"

@@ -443,6 +443,15 @@ impl Customer {
             && self.through.is_none_or(|through| period <= through)
     }
 
+    /// The customer billed in every month, its `from` and `through` lifted.
+    fn billed_every_month(&self) -> Customer {
+        Customer {
+            from: None,
+            through: None,
+            ..self.clone()
+        }
+    }
+
     /// Every subscription the customer has had up to `period`: the plans its lines of
     /// `period` can be on, adjustments of earlier months included.
     pub fn subscriptions_until(&self, period: Period) -> impl Iterator<Item = &Subscription> {
@@ -550,6 +559,20 @@ impl Config {
             origin: origin.to_owned(),
             issues,
         })
+    }
+
+    /// This book with every customer billed in every month, `from` and `through`
+    /// lifted: what Tally would bill a cohort another biller still invoices, for a
+    /// parallel run's comparison (`tally rate --shadow`, then `tally reconcile`). Not
+    /// for invoicing. The hash is the book's: the prices are.
+    pub fn shadow(&self) -> Config {
+        let customers = (self.customers.iter())
+            .map(|(id, customer)| (id.clone(), customer.billed_every_month()))
+            .collect();
+        Config {
+            customers,
+            ..self.clone()
+        }
     }
 
     /// Meters that read events of this CloudEvents `type`.

@@ -195,6 +195,73 @@ fn the_summary_reconciles_every_line_read() {
     assert!(lines.iter().all(|l| l["customer"] != "cust_later"));
 }
 
+#[test]
+fn a_shadow_run_rates_a_customer_before_its_from_for_comparing_with_another_biller() {
+    // cust_later is still the old biller's in November: Tally bills it from December.
+    let f = Fixture::new(&format!(
+        "{PRO}\n[[customers]]\nid = \"cust_later\"\nplan = \"pro\"\nfrom = \"2026-12\"\n"
+    ));
+    let events = vec![
+        event(
+            "e1",
+            "ai.resolution",
+            "cust_acme",
+            "2026-11-02T00:00:00Z",
+            None,
+        ),
+        event(
+            "e2",
+            "ai.resolution",
+            "cust_later",
+            "2026-11-03T00:00:00Z",
+            None,
+        ),
+        event(
+            "e3",
+            "ai.resolution",
+            "cust_later",
+            "2026-11-04T00:00:00Z",
+            None,
+        ),
+    ];
+    let billed = f.rate(&events, &[]).succeeded();
+    let shadow = f.rate(&events, &["--shadow"]).succeeded();
+    let later = |run: &Run| -> Vec<(String, String)> {
+        (run.lines().iter())
+            .filter(|l| l["customer"] == "cust_later")
+            .map(|l| (l["price"].to_string(), l["quantity"].to_string()))
+            .collect()
+    };
+    assert_eq!(later(&billed), []);
+    assert!(
+        later(&shadow).contains(&(r#""resolutions""#.to_owned(), r#""2""#.to_owned())),
+        "{:?}",
+        later(&shadow)
+    );
+    // The billed customers' lines are the same either way.
+    let acme = |run: &Run| -> Vec<Value> {
+        (run.lines().into_iter())
+            .filter(|l| l["customer"] == "cust_acme")
+            .collect()
+    };
+    assert_eq!(acme(&shadow), acme(&billed));
+    assert!(
+        shadow
+            .stderr
+            .contains("shadow run (--shadow): every customer rated as if billed in 2026-11"),
+        "{}",
+        shadow.stderr
+    );
+    // Not for invoicing: never stored.
+    let stored = f.rate(&events, &["--shadow", "--clickhouse", "http://127.0.0.1:1"]);
+    assert_eq!(stored.code, 2, "{}", stored.stderr);
+    assert!(
+        stored.stderr.contains("cannot be used with"),
+        "{}",
+        stored.stderr
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Bad lines
 // ---------------------------------------------------------------------------------------
