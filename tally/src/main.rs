@@ -452,7 +452,7 @@ fn close_period(
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "closed {period} and every month before it: a control record is in each of the {partitions} partitions of {}; usage of those months the aggregators read after it is billed as an adjustment in a later month",
+        "closed {period} and every month before it: a control record is in each of the {partitions} partitions of {}; usage of those months the aggregators read after it is billed as an adjustment in a later month (a partition that had read an event past the month's grace had closed it already, by itself)",
         kafka.topic(Topic::Events)
     )?;
     let Some(limit) = wait else {
@@ -481,7 +481,7 @@ fn close_period(
     }
     writeln!(
         out,
-        "{period}'s invoice lines in ClickHouse database {} hold every event that arrived before the close",
+        "{period}'s invoice lines in ClickHouse database {} hold every event each partition read before it closed the month (here, or by itself earlier); what came later is billed as adjustments, which tally reconcile --with-later-adjustments adds back",
         settings.clickhouse.database
     )?;
     Ok(())
