@@ -82,6 +82,9 @@ pub(super) struct Lines {
     /// Adjustment lines of the month billed in later ones, added to its own lines
     /// (`--with-later-adjustments`).
     later_adjustments_added: usize,
+    /// Adjustment lines of the month billed in later ones, not added (a `clickhouse`
+    /// source without `--with-later-adjustments`).
+    pub(super) later_adjustments_not_added: usize,
     other_customers: BTreeSet<String>,
     /// How a CSV file was read, when not as Tally writes it.
     pub(super) dialect: Option<Dialect>,
@@ -249,6 +252,12 @@ impl Lines {
             notes.push(format!(
                 "{} of earlier months left out",
                 counted(self.adjustments_left_out, "adjustment line")
+            ));
+        }
+        if self.later_adjustments_not_added > 0 {
+            notes.push(format!(
+                "{} of this month billed in later ones (its late usage) not added: --with-later-adjustments adds them, as tally rate bills the month",
+                counted(self.later_adjustments_not_added, "adjustment line")
             ));
         }
         if self.later_adjustments_added > 0 {

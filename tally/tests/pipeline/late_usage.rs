@@ -571,6 +571,11 @@ fn a_month_closed_before_any_of_its_usage_arrived_bills_what_tally_rate_does() {
     };
     let (apart, report) = reconcile(&[]);
     assert_eq!(apart, Some(1), "{report}");
+    // The report says why, and what would compare the month as tally rate bills it.
+    assert!(
+        report.contains("of this month billed in later ones (its late usage) not added: --with-later-adjustments adds them"),
+        "{report}"
+    );
     let (together, report) = reconcile(&["--with-later-adjustments"]);
     assert_eq!(together, Some(0), "{report}");
     assert!(
