@@ -126,7 +126,8 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
             (&[][..], &[][..])
         }
     };
-    if e.lines.is_empty() && not_rated.is_empty() {
+    // A customer not billed in the month has no lines to wait for: the heading said so.
+    if e.lines.is_empty() && not_rated.is_empty() && e.customer.bills(period) {
         match &e.source {
             Source::Events { .. } => writeln!(out, "  no lines")?,
             Source::Pipeline { database, .. } => writeln!(
@@ -196,7 +197,11 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
         ..
     } = &e.source
     {
-        write_billed_later(out, period, billed_later, e.unfinished)?;
+        // Late usage of a month the customer is not billed in is not billed later
+        // either: nothing to tell.
+        if e.customer.bills(period) {
+            write_billed_later(out, period, billed_later, e.unfinished)?;
+        }
         let currency = e.lines.first().map(|l| l.currency.as_str());
         write_repricings(out, period, repricings, currency)?;
     }

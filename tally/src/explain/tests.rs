@@ -259,6 +259,30 @@ fn a_customer_no_longer_billed_shows_the_late_usage_it_is_still_billed_for() {
 }
 
 #[test]
+fn a_customer_not_billed_in_the_month_is_not_said_to_wait_for_lines_or_late_usage() {
+    let config = config();
+    let shown = explained(&config, "cust_gone", &[], &[]);
+    assert!(
+        shown.contains("  not billed in 2026-11 (its `from` or `through` in the price book): it has no lines, and its usage of the month is unbilled\n"),
+        "{shown}"
+    );
+    // Neither a rater that has not rated it yet, nor late usage billed later: neither
+    // can come of a month the customer is not billed in.
+    assert!(!shown.contains("has not rated"), "{shown}");
+    assert!(!shown.contains("billed in a later month"), "{shown}");
+    // A billed customer without lines is told both.
+    let waiting = explained(&config, "cust_pro", &[], &[]);
+    assert!(
+        waiting.contains("the streaming rater has not rated this customer's month yet"),
+        "{waiting}"
+    );
+    assert!(
+        waiting.contains("no usage of 2026-11 has been billed in a later month"),
+        "{waiting}"
+    );
+}
+
+#[test]
 fn a_line_of_an_earlier_book_is_worked_through_only_where_this_book_rates_it_the_same() {
     let config = config();
     let mut same = line(&config, "cust_acme", "2026-11", 2);
