@@ -65,12 +65,16 @@ fn duplicates_and_conflicts_are_counted_and_the_first_event_wins() {
     );
 }
 
+/// The book with `cust_later`, billed from December on, beside its customers.
+fn with_a_customer_billed_from_december() -> Fixture {
+    Fixture::new(&format!(
+        "{PRO}\n[[customers]]\nid = \"cust_later\"\nplan = \"pro\"\nfrom = \"2026-12\"\n"
+    ))
+}
+
 #[test]
 fn the_summary_reconciles_every_line_read() {
-    // cust_later is billed from December on.
-    let f = Fixture::new(&format!(
-        "{PRO}\n[[customers]]\nid = \"cust_later\"\nplan = \"pro\"\nfrom = \"2026-12\"\n"
-    ));
+    let f = with_a_customer_billed_from_december();
     let events = vec![
         event(
             "e1",
@@ -197,10 +201,8 @@ fn the_summary_reconciles_every_line_read() {
 
 #[test]
 fn a_shadow_run_rates_a_customer_before_its_from_for_comparing_with_another_biller() {
-    // cust_later is still the old biller's in November: Tally bills it from December.
-    let f = Fixture::new(&format!(
-        "{PRO}\n[[customers]]\nid = \"cust_later\"\nplan = \"pro\"\nfrom = \"2026-12\"\n"
-    ));
+    // cust_later is still the old biller's in November.
+    let f = with_a_customer_billed_from_december();
     let events = vec![
         event(
             "e1",
