@@ -126,10 +126,13 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
             (&[][..], &[][..])
         }
     };
-    // A customer not billed in the month has no lines to wait for: the heading said so.
-    if e.lines.is_empty() && not_rated.is_empty() && e.customer.bills(period) {
+    if e.lines.is_empty() && not_rated.is_empty() {
         match &e.source {
             Source::Events { .. } => writeln!(out, "  no lines")?,
+            // A customer not billed in the month has no lines to wait for.
+            Source::Pipeline { .. } if !e.customer.bills(period) => {
+                writeln!(out, "  no lines")?
+            }
             Source::Pipeline { database, .. } => writeln!(
                 out,
                 "  no lines of {period} in {database}.invoice_lines: the streaming rater has not rated this customer's month yet, or the configuration names another database"

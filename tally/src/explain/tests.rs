@@ -268,6 +268,7 @@ fn a_customer_not_billed_in_the_month_is_not_said_to_wait_for_lines_or_late_usag
     );
     // Neither a rater that has not rated it yet, nor late usage billed later: neither
     // can come of a month the customer is not billed in.
+    assert!(shown.contains("\n  no lines\n"), "{shown}");
     assert!(!shown.contains("has not rated"), "{shown}");
     assert!(!shown.contains("billed in a later month"), "{shown}");
     // A billed customer without lines is told both.
