@@ -32,6 +32,10 @@ use super::{
     FENCED_AGAIN_WITHIN, TRANSACTION_TIMEOUT,
 };
 
+/// How long a failed transaction waits for the delivery report of the record that
+/// broke it: Kafka answers a refusal in milliseconds.
+const REPORTS_WAIT: Duration = Duration::from_secs(5);
+
 /// Whether Kafka refused a write in a way no retry mends: the principal may not write
 /// the topic, or the record is larger than the topic takes. (Not a fatal producer
 /// error as such: a fenced producer's is one, and a single fence is recovered from.)
@@ -218,7 +222,13 @@ impl Worker {
                 self.metrics.transactions_aborted.inc();
                 // A refusal no retry mends: the recovery would replay the same records
                 // into the same refusal, for ever, every partition standing still.
-                let delivery = self.producer.context().failure().cloned();
+                // A send that failed on a transaction another record's refusal broke
+                // (librdkafka's "erroneous state") can come before that record's
+                // report: wait for the report, within a bound.
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::State) {
+                    self.await_a_refusal();
+                }
+                let delivery = self.producer.context().refusal().cloned();
                 if let Some(source) = [Some(e.clone()), delivery]
                     .into_iter()
                     .flatten()
@@ -234,6 +244,16 @@ impl Worker {
                 }
                 self.recover(consumer)
             }
+        }
+    }
+
+    /// Waits until a record's refusal has been reported, or [`REPORTS_WAIT`] has
+    /// passed. Not until nothing is in flight: librdkafka counts a record out
+    /// before the producer's thread has handed its report over.
+    fn await_a_refusal(&self) {
+        let deadline = Instant::now() + REPORTS_WAIT;
+        while self.producer.context().refusal().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

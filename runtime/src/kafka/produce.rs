@@ -16,16 +16,25 @@ use super::clients::{log_client_error, log_librdkafka};
 pub type KafkaProducer = ThreadedProducer<DeliveryReports>;
 
 /// A producer context that keeps the first record Kafka refused for good, so that a
-/// caller who waited for the queue to empty can tell delivered from given up on.
+/// caller who waited for the queue to empty can tell delivered from given up on, and
+/// the first refused by Kafka itself, so that a failed transaction can tell why.
 #[derive(Debug, Default)]
 pub struct DeliveryReports {
     failure: std::sync::OnceLock<KafkaError>,
+    refusal: std::sync::OnceLock<KafkaError>,
 }
 
 impl DeliveryReports {
     /// The first delivery failure, if a record was ever refused.
     pub fn failure(&self) -> Option<&KafkaError> {
         self.failure.get()
+    }
+
+    /// The first delivery failure that was Kafka's refusal of the record itself, not
+    /// a consequence of a transaction another record broke or that was aborted: what
+    /// tells why a transaction failed.
+    pub fn refusal(&self) -> Option<&KafkaError> {
+        self.refusal.get()
     }
 }
 
@@ -43,8 +52,20 @@ impl ProducerContext for DeliveryReports {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((error, _)) = result {
-            let _ = self.failure.set(error.clone());
+        use RDKafkaErrorCode as Code;
+        let Err((error, _)) = result else {
+            return;
+        };
+        let _ = self.failure.set(error.clone());
+        // Not refusals but their consequences: records failed because a transaction
+        // was already broken (by a refusal, whose report may come after theirs) or
+        // aborted.
+        let consequence = matches!(
+            error.rdkafka_error_code(),
+            Some(Code::State | Code::PurgeQueue | Code::PurgeInflight)
+        );
+        if !consequence {
+            let _ = self.refusal.set(error.clone());
         }
     }
 }
