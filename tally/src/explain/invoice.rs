@@ -126,11 +126,12 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
             (&[][..], &[][..])
         }
     };
+    let billed = e.customer.bills(period);
     if e.lines.is_empty() && not_rated.is_empty() {
         match &e.source {
             Source::Events { .. } => writeln!(out, "  no lines")?,
             // A customer not billed in the month has no lines to wait for.
-            Source::Pipeline { .. } if !e.customer.bills(period) => {
+            Source::Pipeline { .. } if !billed => {
                 writeln!(out, "  no lines")?
             }
             Source::Pipeline { database, .. } => writeln!(
@@ -153,7 +154,7 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
     }
     if !unbilled.is_empty() {
         writeln!(out)?;
-        if e.customer.bills(period) {
+        if billed {
             writeln!(
                 out,
                 "usage no line bills (no price of the plan selects it):"
@@ -202,7 +203,7 @@ pub fn write_explanation(out: &mut impl Write, e: &Explanation<'_>) -> io::Resul
     {
         // Late usage of a month the customer is not billed in is not billed later
         // either: nothing to tell.
-        if e.customer.bills(period) {
+        if billed {
             write_billed_later(out, period, billed_later, e.unfinished)?;
         }
         let currency = e.lines.first().map(|l| l.currency.as_str());

@@ -203,29 +203,10 @@ fn the_summary_reconciles_every_line_read() {
 fn a_shadow_run_rates_a_customer_before_its_from_for_comparing_with_another_biller() {
     // cust_later is still the old biller's in November.
     let f = with_a_customer_billed_from_december();
-    let events = vec![
-        event(
-            "e1",
-            "ai.resolution",
-            "cust_acme",
-            "2026-11-02T00:00:00Z",
-            None,
-        ),
-        event(
-            "e2",
-            "ai.resolution",
-            "cust_later",
-            "2026-11-03T00:00:00Z",
-            None,
-        ),
-        event(
-            "e3",
-            "ai.resolution",
-            "cust_later",
-            "2026-11-04T00:00:00Z",
-            None,
-        ),
-    ];
+    let events = concat(&[
+        resolutions("acme", "cust_acme", 1),
+        resolutions("later", "cust_later", 2),
+    ]);
     let billed = f.rate(&events, &[]).succeeded();
     let shadow = f.rate(&events, &["--shadow"]).succeeded();
     let later = |run: &Run| -> Vec<(String, String)> {

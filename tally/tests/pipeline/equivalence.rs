@@ -5,8 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tally_runtime::kafka::partition_for_key;
-
 use crate::harness::{self, Pipeline};
 use crate::{
     assert_windows_add_up_to_lines, common, customers, line_for, poison, rejection_code,
@@ -155,9 +153,8 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     // An event a producer put on another partition than Kafka's Java partitioner
     // would is forwarded to that one, and billed there with the customer's others.
     let forwarded = r#"tally_aggregator_events_total{outcome="forwarded"}"#;
-    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
     let customer = "cust_00001";
-    let home = partition_for_key(customer.as_bytes(), partitions);
+    let home = harness::partition_of(customer);
     let elsewhere = (home + 1) % harness::PARTITIONS as i32;
     let misplaced = resolution("misplaced-1", customer, "2026-10-20T10:00:00Z");
     p.produce_to(elsewhere, customer, &misplaced);
@@ -179,7 +176,7 @@ fn streamed_lines_equal_tally_rate_and_survive_poison_and_replay() {
     // Dedupe is per partition, so two customers may use one (source, id): a misplaced
     // event is forwarded even where the other customer's was counted.
     let neighbour = (customers().into_iter())
-        .find(|c| partition_for_key(c.as_bytes(), partitions) == elsewhere)
+        .find(|c| harness::partition_of(c) == elsewhere)
         .expect("a customer of the other partition");
     let theirs = resolution("shared-1", &neighbour, "2026-10-20T10:00:00Z");
     p.produce_to(elsewhere, &neighbour, &theirs);

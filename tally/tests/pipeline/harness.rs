@@ -22,6 +22,12 @@ use tally_schemas::config::Config;
 pub const BROKERS: &str = "127.0.0.1:9092";
 pub const PARTITIONS: u32 = 4;
 
+/// The partition of a pipeline's topics that holds `customer`'s events and lines.
+pub fn partition_of(customer: &str) -> i32 {
+    let partitions = std::num::NonZeroUsize::new(PARTITIONS as usize).unwrap();
+    tally_runtime::kafka::partition_for_key(customer.as_bytes(), partitions)
+}
+
 pub fn clickhouse_url() -> String {
     std::env::var("TALLY_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
 }

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use tally_runtime::kafka::partition_for_key;
 
 use crate::harness::{self, Pipeline};
 use crate::{
@@ -318,18 +317,16 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
         book + "\n[[customers]]\nid = \"cust_idle\"\nplan = \"pro\"\n",
     )
     .unwrap();
-    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
-    let partition_of = |customer: &str| partition_for_key(customer.as_bytes(), partitions);
-    let idle_partition = partition_of("cust_idle");
+    let idle_partition = harness::partition_of("cust_idle");
     assert!(
         customers()
             .iter()
-            .any(|c| partition_of(c) == idle_partition),
+            .any(|c| harness::partition_of(c) == idle_partition),
         "cust_idle's partition must get traffic for October to settle there"
     );
     let quiet = customers()
         .iter()
-        .map(|c| partition_of(c))
+        .map(|c| harness::partition_of(c))
         .find(|&partition| partition != idle_partition)
         .unwrap();
     p.start("aggregator", "agg-a");
@@ -343,7 +340,7 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
     // horizon) everywhere except in that quiet partition.
     let november: Vec<Vec<u8>> = customers()
         .iter()
-        .filter(|c| partition_of(c) != quiet)
+        .filter(|c| harness::partition_of(c) != quiet)
         .map(|c| resolution(&format!("07-{c}"), c, "2026-11-07T00:00:00Z"))
         .collect();
     p.produce(&november);
@@ -362,8 +359,12 @@ fn a_price_book_check_leaves_a_month_settled_in_the_customers_partition_as_bille
     // October is open in the quiet partition only: its customers' lines are re-rated,
     // every other customer's October, cust_idle's platform fee included, stays billed.
     let mut expected: Vec<harness::Line> = (repriced.iter())
-        .filter(|l| partition_of(&l.0) == quiet)
-        .chain(billed.iter().filter(|l| partition_of(&l.0) != quiet))
+        .filter(|l| harness::partition_of(&l.0) == quiet)
+        .chain(
+            billed
+                .iter()
+                .filter(|l| harness::partition_of(&l.0) != quiet),
+        )
         .cloned()
         .collect();
     expected.sort();
@@ -420,13 +421,11 @@ fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
     let p = Pipeline::new("rolling_book", 3_000, 10, "");
     // A pro customer without usage in every partition: whichever partitions a rater
     // holds, some customers of theirs have zero-usage lines only (the platform fee).
-    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
-    let partition_of = |customer: &str| partition_for_key(customer.as_bytes(), partitions);
     let idle: std::collections::BTreeSet<String> = (0..harness::PARTITIONS as i32)
         .map(|partition| {
             (0..)
                 .map(|i| format!("cust_idle_{i}"))
-                .find(|c| partition_of(c) == partition)
+                .find(|c| harness::partition_of(c) == partition)
                 .unwrap()
         })
         .collect();
@@ -465,7 +464,7 @@ fn raters_on_two_price_books_converge_on_the_new_one_once_the_old_one_stops() {
     // partitions' customers included.
     let november: Vec<Vec<u8>> = customers()
         .iter()
-        .filter(|c| !taken.contains(&partition_of(c)))
+        .filter(|c| !taken.contains(&harness::partition_of(c)))
         .map(|c| resolution(&format!("nov-{c}"), c, "2026-11-02T00:00:00Z"))
         .collect();
     p.produce(&november);
@@ -643,12 +642,10 @@ fn a_customer_added_to_the_price_book_is_billed_its_usage_of_the_open_month() {
     // A book of one customer: the other partitions hold no customer of it, so none of
     // their stored lines is stale once the book changes.
     let p = Pipeline::new("added_customer", 10, 1, "");
-    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
-    let partition_of = |customer: &str| partition_for_key(customer.as_bytes(), partitions);
     let known = "cust_00000";
     let added = (0..)
         .map(|i| format!("cust_added_{i}"))
-        .find(|c| partition_of(c) != partition_of(known))
+        .find(|c| harness::partition_of(c) != harness::partition_of(known))
         .unwrap();
     let events: Vec<Vec<u8>> = [known, added.as_str()]
         .iter()
@@ -671,7 +668,10 @@ fn a_customer_added_to_the_price_book_is_billed_its_usage_of_the_open_month() {
     // is billed all the same.
     let quiet = (0..)
         .map(|i| format!("cust_quiet_{i}"))
-        .find(|c| ![partition_of(known), partition_of(&added)].contains(&partition_of(c)))
+        .find(|c| {
+            ![harness::partition_of(known), harness::partition_of(&added)]
+                .contains(&harness::partition_of(c))
+        })
         .unwrap();
     let mut book = std::fs::read_to_string(&p.config).unwrap();
     for customer in [&added, &quiet] {
@@ -717,23 +717,22 @@ fn a_changed_book_rerates_a_row_stored_past_the_committed_offset() {
 
     raise_prices(&p);
     // A line the new book changes, of a customer with a neighbour in its partition.
-    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
-    let partition_of = |customer: &str| partition_for_key(customer.as_bytes(), partitions);
     let changed = p
         .expected()
         .into_iter()
         .filter(|line| !before.contains(line));
     let (line, neighbour) = changed
         .filter_map(|line| {
-            let neighbour = (customers().into_iter())
-                .find(|c| *c != line.0 && partition_of(c) == partition_of(&line.0))?;
+            let neighbour = (customers().into_iter()).find(|c| {
+                *c != line.0 && harness::partition_of(c) == harness::partition_of(&line.0)
+            })?;
             Some((line, neighbour))
         })
         .next()
         .expect("a changed line with a neighbour");
     // What a rater leaves that stored its batch and died before committing: a row
     // (here, the old book's row again) at a version past the committed offset.
-    let partition = partition_of(&line.0);
+    let partition = harness::partition_of(&line.0);
     let committed = p.committed("rater")[&partition];
     let columns = "id, version, config_hash, customer, plan, price, meter, period_start, \
                    period_end, quantity, subtotal, discount, amount, amount_minor, currency, \
@@ -890,12 +889,11 @@ fn an_aggregator_joining_with_a_meter_defined_otherwise_stops_though_its_partiti
     let p = Pipeline::new("redefined_elsewhere", 1_000, 10, "");
     // Tokens in one partition only: a member on another book given only the others
     // would restore nothing of that meter's usage.
-    let partitions = std::num::NonZeroUsize::new(harness::PARTITIONS as usize).unwrap();
-    let home = partition_for_key(b"cust_00000", partitions);
+    let home = harness::partition_of("cust_00000");
     let mut events = resolution_each("r", "2026-10-10T10:00:00Z");
     events.extend(
         (customers().iter())
-            .filter(|c| partition_for_key(c.as_bytes(), partitions) == home)
+            .filter(|c| harness::partition_of(c) == home)
             .map(|c| tokens_event(&format!("t-{c}"), c, "gpt-x", 1000, "2026-10-10T11:00:00Z")),
     );
     p.start("rater", "rater-a");
